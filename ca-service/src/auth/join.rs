@@ -1,0 +1,272 @@
+//! One-time join tokens for workloads outside Kubernetes.
+//!
+//! `meshid-ca token create` writes `join-tokens/<sha256(token)>.json` (the token itself is printed once
+//! and never stored). Redeeming renames that file to `<hash>.used`: the rename is the atomic claim, so a
+//! token works once even when several requests race, and a reuse can be told apart from a typo.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use meshid_proto::{SpiffeId, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+use super::{AuthError, Reason};
+use crate::serial::sha256_hex;
+
+const PREFIX: &str = "meshid-join-";
+/// 32 random bytes, base64url without padding.
+const SECRET_LEN: usize = 43;
+/// How long redeemed and expired records are kept (so reuse gets a clear answer), then pruned.
+const KEEP_USED: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    id: String,
+    expires_at_unix: u64,
+}
+
+/// Errors of the token store's own files (not of a presented token).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinStoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("join token identity {0} is not in this CA's trust domain {1}")]
+    WrongTrustDomain(SpiffeId, TrustDomain),
+    #[error("no randomness available")]
+    Random,
+}
+
+/// The join tokens of a CA directory.
+#[derive(Debug, Clone)]
+pub struct JoinTokenStore {
+    dir: PathBuf,
+    trust_domain: TrustDomain,
+}
+
+/// A token that was found and is still valid, not yet consumed.
+#[derive(Debug)]
+pub struct PendingJoin {
+    pub id: SpiffeId,
+    hash: String,
+}
+
+impl JoinTokenStore {
+    /// The store under `<ca dir>/join-tokens`.
+    pub fn new(ca_dir: &Path, trust_domain: TrustDomain) -> Self {
+        Self {
+            dir: ca_dir.join("join-tokens"),
+            trust_domain,
+        }
+    }
+
+    /// Creates a token for `id` valid for `ttl`; returns the token (shown once, stored only hashed).
+    pub fn create(&self, id: &SpiffeId, ttl: Duration) -> Result<String, JoinStoreError> {
+        if id.trust_domain() != self.trust_domain {
+            return Err(JoinStoreError::WrongTrustDomain(
+                id.clone(),
+                self.trust_domain.clone(),
+            ));
+        }
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| JoinStoreError::Io { path, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        self.prune();
+        let mut secret = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut secret).map_err(|_| JoinStoreError::Random)?;
+        let token = format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+        );
+        let record = Record {
+            id: id.to_string(),
+            expires_at_unix: unix(SystemTime::now() + ttl),
+        };
+        let hash = sha256_hex(token.as_bytes());
+        let tmp = self.dir.join(format!(".{hash}.tmp"));
+        let path = self.dir.join(format!("{hash}.json"));
+        let json = serde_json::to_vec(&record).unwrap_or_default();
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(&json).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(token)
+    }
+
+    /// Finds a presented token and checks it is unused and unexpired, without consuming it.
+    pub fn lookup(&self, token: &str) -> Result<PendingJoin, AuthError> {
+        let secret = token.strip_prefix(PREFIX).unwrap_or("");
+        if secret.len() != SECRET_LEN
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AuthError::unauthenticated(
+                Reason::UnknownJoinToken,
+                "join token is malformed",
+            ));
+        }
+        let hash = sha256_hex(token.as_bytes());
+        let record = match fs::read(self.dir.join(format!("{hash}.json"))) {
+            Ok(bytes) => bytes,
+            Err(_) if self.dir.join(format!("{hash}.used")).exists() => {
+                return Err(AuthError::unauthenticated(
+                    Reason::JoinTokenUsed,
+                    "join token was already used",
+                ));
+            }
+            Err(_) => {
+                return Err(AuthError::unauthenticated(
+                    Reason::UnknownJoinToken,
+                    "join token is not known",
+                ));
+            }
+        };
+        let record: Record = serde_json::from_slice(&record).map_err(|_| {
+            AuthError::unauthenticated(Reason::UnknownJoinToken, "join token record is corrupt")
+        })?;
+        if unix(SystemTime::now()) >= record.expires_at_unix {
+            return Err(AuthError::unauthenticated(
+                Reason::JoinTokenExpired,
+                "join token has expired",
+            ));
+        }
+        let id = SpiffeId::parse(&record.id).map_err(|_| {
+            AuthError::unauthenticated(Reason::UnknownJoinToken, "join token record is corrupt")
+        })?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(AuthError::permission_denied(
+                Reason::WrongTrustDomain,
+                "join token identity is outside this trust domain",
+            ));
+        }
+        Ok(PendingJoin { id, hash })
+    }
+
+    /// Consumes a looked-up token. Fails if another request consumed it first.
+    pub fn redeem(&self, pending: PendingJoin) -> Result<SpiffeId, AuthError> {
+        let from = self.dir.join(format!("{}.json", pending.hash));
+        let to = self.dir.join(format!("{}.used", pending.hash));
+        fs::rename(&from, &to).map_err(|_| {
+            AuthError::unauthenticated(Reason::JoinTokenUsed, "join token was already used")
+        })?;
+        Ok(pending.id)
+    }
+
+    /// Removes expired records and old tombstones. Best effort.
+    fn prune(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        let now = SystemTime::now();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| now.duration_since(t).unwrap_or_default() > KEEP_USED)
+                .unwrap_or(false);
+            let expired_json = path.extension().is_some_and(|e| e == "json")
+                && fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                    .is_some_and(|r| unix(now) >= r.expires_at_unix + KEEP_USED.as_secs());
+            if old && path.extension().is_some_and(|e| e == "used") || expired_json {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, JoinTokenStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = JoinTokenStore::new(dir.path(), TrustDomain::new("td").unwrap());
+        (dir, s)
+    }
+
+    #[test]
+    fn token_works_once() {
+        let (dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let token = s.create(&id, Duration::from_secs(600)).unwrap();
+        // Only the hash is on disk.
+        for e in fs::read_dir(dir.path().join("join-tokens")).unwrap() {
+            let content = fs::read_to_string(e.unwrap().path()).unwrap();
+            assert!(!content.contains(&token[PREFIX.len()..]));
+        }
+        let p = s.lookup(&token).unwrap();
+        assert_eq!(s.redeem(p).unwrap(), id);
+        let again = s.lookup(&token).unwrap_err();
+        assert_eq!(again.reason, Reason::JoinTokenUsed);
+    }
+
+    #[test]
+    fn racing_redeems_consume_once() {
+        let (_dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let token = s.create(&id, Duration::from_secs(600)).unwrap();
+        let a = s.lookup(&token).unwrap();
+        let b = s.lookup(&token).unwrap();
+        assert!(s.redeem(a).is_ok());
+        assert_eq!(s.redeem(b).unwrap_err().reason, Reason::JoinTokenUsed);
+    }
+
+    #[test]
+    fn expired_unknown_and_malformed_tokens() {
+        let (_dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let token = s.create(&id, Duration::from_secs(0)).unwrap();
+        assert_eq!(
+            s.lookup(&token).unwrap_err().reason,
+            Reason::JoinTokenExpired
+        );
+        let unknown = format!("{PREFIX}{}", "A".repeat(SECRET_LEN));
+        assert_eq!(
+            s.lookup(&unknown).unwrap_err().reason,
+            Reason::UnknownJoinToken
+        );
+        for bad in [
+            "",
+            "meshid-join-",
+            "../../etc/passwd",
+            &format!("{PREFIX}{}/", "a".repeat(42)),
+        ] {
+            assert_eq!(s.lookup(bad).unwrap_err().reason, Reason::UnknownJoinToken);
+        }
+    }
+
+    #[test]
+    fn refuses_other_trust_domains() {
+        let (_dir, s) = store();
+        let id = SpiffeId::parse("spiffe://other/vm/db").unwrap();
+        assert!(matches!(
+            s.create(&id, Duration::from_secs(60)),
+            Err(JoinStoreError::WrongTrustDomain(..))
+        ));
+    }
+}

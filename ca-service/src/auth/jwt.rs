@@ -1,0 +1,340 @@
+//! Kubernetes projected service-account tokens, verified offline against the cluster's JWKS.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use meshid_proto::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+use super::{AuthError, Reason};
+
+/// The largest token accepted, in bytes. Real projected tokens are about 1 KiB.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// How far the token's times may be off from ours.
+pub const MAX_SKEW: Duration = Duration::from_secs(60);
+/// How often the JWKS file is checked for changes.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Settings for service-account token verification.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// The cluster's service-account issuer keys (JWKS, as served at `/openid/v1/jwks`).
+    pub jwks_path: PathBuf,
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+    /// When set, only these namespaces may get identities.
+    pub allowed_namespaces: Option<BTreeSet<String>>,
+}
+
+/// Problems with the JWKS file itself (not with a token).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwksError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a JWKS document: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+struct Keys {
+    by_kid: HashMap<String, (Algorithm, DecodingKey)>,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+}
+
+/// Verifies service-account tokens. The JWKS file is re-read when it changes; a broken new file keeps
+/// the last good keys (and is logged).
+pub struct JwtAuthenticator {
+    config: JwtConfig,
+    trust_domain: TrustDomain,
+    keys: RwLock<Keys>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    iat: Option<i64>,
+    #[serde(default, rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaims {
+    namespace: Option<String>,
+    serviceaccount: Option<NamedRef>,
+}
+
+#[derive(Deserialize)]
+struct NamedRef {
+    name: Option<String>,
+}
+
+impl JwtAuthenticator {
+    /// Loads the JWKS; fails if the file is missing, unreadable, or holds no usable key.
+    pub fn new(config: JwtConfig, trust_domain: TrustDomain) -> Result<Self, JwksError> {
+        let (by_kid, stamp) = load_jwks(&config.jwks_path)?;
+        Ok(Self {
+            config,
+            trust_domain,
+            keys: RwLock::new(Keys {
+                by_kid,
+                stamp,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// Verifies a token and returns the SPIFFE ID of its service account.
+    pub fn authenticate(&self, token: &str) -> Result<SpiffeId, AuthError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(AuthError::unauthenticated(
+                Reason::MalformedToken,
+                "token is too large",
+            ));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            AuthError::unauthenticated(Reason::MalformedToken, format!("token header: {e}"))
+        })?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenAlgorithm,
+                format!(
+                    "token algorithm {:?} is not accepted (RS256 or ES256)",
+                    header.alg
+                ),
+            ));
+        }
+        let kid = header.kid.ok_or_else(|| {
+            AuthError::unauthenticated(Reason::UnknownKey, "token header has no kid")
+        })?;
+        self.refresh_if_changed();
+        let (alg, key) = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            keys.by_kid.get(&kid).cloned().ok_or_else(|| {
+                AuthError::unauthenticated(Reason::UnknownKey, "token kid is not in the JWKS")
+            })?
+        };
+        if alg != header.alg {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenAlgorithm,
+                "token algorithm does not match its key",
+            ));
+        }
+
+        let mut validation = Validation::new(alg);
+        validation.leeway = MAX_SKEW.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
+            let reason = match e.kind() {
+                ErrorKind::ExpiredSignature => Reason::TokenExpired,
+                ErrorKind::ImmatureSignature => Reason::TokenNotYetValid,
+                ErrorKind::InvalidAudience => Reason::WrongAudience,
+                ErrorKind::InvalidIssuer => Reason::WrongIssuer,
+                ErrorKind::InvalidSignature => Reason::BadSignature,
+                ErrorKind::InvalidAlgorithm => Reason::TokenAlgorithm,
+                _ => Reason::MalformedToken,
+            };
+            AuthError::unauthenticated(reason, format!("token rejected: {e}"))
+        })?;
+        let claims = data.claims;
+
+        let now = unix_now();
+        if let Some(iat) = claims.iat
+            && iat > now + MAX_SKEW.as_secs() as i64
+        {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenNotYetValid,
+                "token was issued in the future",
+            ));
+        }
+
+        let (ns, sa) = parse_sub(&claims.sub).ok_or_else(|| {
+            AuthError::unauthenticated(
+                Reason::MalformedSubject,
+                "token sub is not system:serviceaccount:<namespace>:<name>",
+            )
+        })?;
+        if let Some(k) = &claims.kubernetes {
+            let ns_claim = k.namespace.as_deref();
+            let sa_claim = k.serviceaccount.as_ref().and_then(|s| s.name.as_deref());
+            if ns_claim.is_some_and(|n| n != ns) || sa_claim.is_some_and(|n| n != sa) {
+                return Err(AuthError::unauthenticated(
+                    Reason::MalformedSubject,
+                    "token sub disagrees with its kubernetes.io claims",
+                ));
+            }
+        }
+        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa).map_err(|e| {
+            AuthError::unauthenticated(Reason::MalformedSubject, format!("token sub: {e}"))
+        })?;
+        self.check_namespace(ns)?;
+        Ok(id)
+    }
+
+    /// Fails with `PermissionDenied` when a namespace allow-list is set and `ns` is not on it.
+    pub fn check_namespace(&self, ns: &str) -> Result<(), AuthError> {
+        match &self.config.allowed_namespaces {
+            Some(allowed) if !allowed.contains(ns) => Err(AuthError::permission_denied(
+                Reason::NamespaceNotAllowed,
+                format!("namespace {ns:?} is not allowed to get identities"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn refresh_if_changed(&self) {
+        {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            if keys.checked.elapsed() < RECHECK_EVERY {
+                return;
+            }
+        }
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if keys.checked.elapsed() < RECHECK_EVERY {
+            return;
+        }
+        keys.checked = Instant::now();
+        let stamp = file_stamp(&self.config.jwks_path);
+        if stamp.is_some() && stamp == keys.stamp {
+            return;
+        }
+        match load_jwks(&self.config.jwks_path) {
+            Ok((by_kid, stamp)) => {
+                tracing::info!(path = %self.config.jwks_path.display(), keys = by_kid.len(), "reloaded JWKS");
+                keys.by_kid = by_kid;
+                keys.stamp = stamp;
+            }
+            Err(error) => {
+                // Remember the stamp so a broken file is reported once, not on every request.
+                keys.stamp = stamp;
+                tracing::error!(%error, "JWKS reload failed; keeping the previous keys");
+            }
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+type KeyMap = HashMap<String, (Algorithm, DecodingKey)>;
+
+fn load_jwks(path: &Path) -> Result<(KeyMap, Option<(SystemTime, u64)>), JwksError> {
+    let stamp = file_stamp(path);
+    let bytes = std::fs::read(path).map_err(|source| JwksError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |reason: String| JwksError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let mut by_kid = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
+            continue;
+        }
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                Algorithm::ES256
+            }
+            _ => continue,
+        };
+        let declared = jwk.common.key_algorithm;
+        let agrees = match declared {
+            None => true,
+            Some(KeyAlgorithm::RS256) => alg == Algorithm::RS256,
+            Some(KeyAlgorithm::ES256) => alg == Algorithm::ES256,
+            Some(_) => false,
+        };
+        if !agrees {
+            continue;
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("key {kid}: {e}")))?;
+        by_kid.insert(kid, (alg, key));
+    }
+    if by_kid.is_empty() {
+        return Err(invalid(
+            "no usable key (RS256 or ES256 with a kid)".to_owned(),
+        ));
+    }
+    Ok((by_kid, stamp))
+}
+
+/// `system:serviceaccount:<ns>:<sa>` with Kubernetes name rules for both parts.
+fn parse_sub(sub: &str) -> Option<(&str, &str)> {
+    let rest = sub.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    (is_dns_label(ns) && is_dns_subdomain(sa)).then_some((ns, sa))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_parsing() {
+        assert_eq!(
+            parse_sub("system:serviceaccount:shop:frontend"),
+            Some(("shop", "frontend"))
+        );
+        assert_eq!(
+            parse_sub("system:serviceaccount:shop:front.end-1"),
+            Some(("shop", "front.end-1"))
+        );
+        for bad in [
+            "system:serviceaccount:shop",
+            "system:serviceaccount::x",
+            "system:serviceaccount:shop:",
+            "system:serviceaccount:shop:a:b",
+            "system:serviceaccount:Shop:a",
+            "system:serviceaccount:shop:..",
+            "system:serviceaccount:-x:a",
+            "system:node:x",
+            "frontend",
+            "",
+        ] {
+            assert_eq!(parse_sub(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The CA's key material on disk: `meshid-ca init` writes it, `meshid-ca serve` loads it.
+//!
+//! Layout of the CA directory:
+//!
+//! | file | content |
+//! | --- | --- |
+//! | `ca.json` | trust domain and format version |
+//! | `root.pem` | the root certificate |
+//! | `root.key` | the root key (0600; absent when the root was imported) |
+//! | `intermediate.pem` | the signing intermediate (path length 0), signed by the root |
+//! | `intermediate.key` | its key (0600) |
+//! | `bundle.pem` | the trust bundle: every root workloads must trust |
+//! | `join-tokens/` | hashes of outstanding join tokens |
+//!
+//! `serve` reads only `ca.json`, `bundle.pem`, `intermediate.pem` and `intermediate.key`: the root key may
+//! stay offline.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use meshid_proto::TrustDomain;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::serial::random_serial;
+
+const ROOT_LIFETIME: Duration = Duration::days(3650);
+const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
+const FORMAT_VERSION: u32 = 1;
+
+/// Errors reading or writing the CA directory. Each names the file involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthorityError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}: a CA already exists here; refusing to overwrite it")]
+    AlreadyExists(PathBuf),
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("generating CA material: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
+    move |source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
+    AuthorityError::Invalid {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaFile {
+    version: u32,
+    trust_domain: String,
+}
+
+/// An existing root to import instead of generating one (enterprise PKI).
+pub struct ImportedRoot {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// What `init` wrote, for the command's output.
+#[derive(Debug)]
+pub struct InitReport {
+    pub root_fingerprint: String,
+    pub root_not_after: OffsetDateTime,
+    pub intermediate_not_after: OffsetDateTime,
+}
+
+/// Creates a new CA in `dir`: a root (generated, or imported), a signing intermediate and the bundle.
+pub fn init(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+    import: Option<ImportedRoot>,
+) -> Result<InitReport, AuthorityError> {
+    let ca_file = dir.join("ca.json");
+    if ca_file.exists() || dir.join("intermediate.key").exists() {
+        return Err(AuthorityError::AlreadyExists(dir.to_owned()));
+    }
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let now = OffsetDateTime::now_utc();
+
+    let (root_der, root_issuer, root_key_pem) = match import {
+        Some(imported) => {
+            let der =
+                CertificateDer::from_pem_slice(imported.cert_pem.as_bytes()).map_err(|e| {
+                    invalid(
+                        Path::new("--root-cert"),
+                        format!("not a PEM certificate: {e}"),
+                    )
+                })?;
+            check_is_ca(&der).map_err(|r| invalid(Path::new("--root-cert"), r))?;
+            let key = KeyPair::from_pem(&imported.key_pem).map_err(|e| {
+                invalid(
+                    Path::new("--root-key"),
+                    format!("not a PEM private key: {e}"),
+                )
+            })?;
+            if !key_matches_cert(&key, &der) {
+                return Err(invalid(
+                    Path::new("--root-key"),
+                    "the key does not belong to the root certificate",
+                ));
+            }
+            let issuer = Issuer::from_ca_cert_der(&der, key)?;
+            (der, issuer, None)
+        }
+        None => {
+            let key = KeyPair::generate()?;
+            let mut params = ca_params(&format!("meshid root CA {trust_domain}"), 1);
+            params.not_before = now - Duration::minutes(5);
+            params.not_after = now + ROOT_LIFETIME;
+            let cert = params.self_signed(&key)?;
+            let key_pem = key.serialize_pem();
+            (cert.der().clone(), Issuer::new(params, key), Some(key_pem))
+        }
+    };
+    let root_not_after = not_after_of(&root_der).map_err(|r| invalid(Path::new("root"), r))?;
+
+    let inter_key = KeyPair::generate()?;
+    let mut params = ca_params(&format!("meshid intermediate CA {trust_domain}"), 0);
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after);
+    params.use_authority_key_identifier_extension = true;
+    let inter = params.signed_by(&inter_key, &root_issuer)?;
+
+    let root_pem = pem_cert(&root_der);
+    write_file(&dir.join("root.pem"), root_pem.as_bytes(), false)?;
+    if let Some(key_pem) = root_key_pem {
+        write_file(&dir.join("root.key"), key_pem.as_bytes(), true)?;
+    }
+    write_file(&dir.join("intermediate.pem"), inter.pem().as_bytes(), false)?;
+    write_file(
+        &dir.join("intermediate.key"),
+        inter_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
+    let tokens = dir.join("join-tokens");
+    fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
+    let meta = CaFile {
+        version: FORMAT_VERSION,
+        trust_domain: trust_domain.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&ca_file, e.to_string()))?;
+    // ca.json last: its presence marks a complete CA.
+    write_file(&ca_file, &json, false)?;
+
+    Ok(InitReport {
+        root_fingerprint: crate::serial::sha256_hex(&root_der),
+        root_not_after,
+        intermediate_not_after: params.not_after,
+    })
+}
+
+fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "meshid");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial());
+    params
+}
+
+/// The material `serve` signs with.
+pub struct Authority {
+    pub trust_domain: TrustDomain,
+    /// The signing intermediate, DER.
+    pub intermediate_der: CertificateDer<'static>,
+    pub intermediate_not_after: OffsetDateTime,
+    /// Signs leaves.
+    pub issuer: Issuer<'static, KeyPair>,
+    /// The trust bundle's roots, DER.
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("intermediate_not_after", &self.intermediate_not_after)
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the trust domain from `ca.json`.
+pub fn read_trust_domain(dir: &Path) -> Result<TrustDomain, AuthorityError> {
+    let path = dir.join("ca.json");
+    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let meta: CaFile = serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
+    if meta.version != FORMAT_VERSION {
+        return Err(invalid(
+            &path,
+            format!("unsupported format version {}", meta.version),
+        ));
+    }
+    TrustDomain::new(&meta.trust_domain).map_err(|e| invalid(&path, e.to_string()))
+}
+
+impl Authority {
+    /// Loads the signing material and bundle from a CA directory, checking that they fit together.
+    pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
+        let trust_domain = read_trust_domain(dir)?;
+        let inter_path = dir.join("intermediate.pem");
+        let inter_pem = fs::read(&inter_path).map_err(io_err(&inter_path))?;
+        let intermediate_der = CertificateDer::from_pem_slice(&inter_pem)
+            .map_err(|e| invalid(&inter_path, format!("not a PEM certificate: {e}")))?;
+        check_is_ca(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
+        let intermediate_not_after =
+            not_after_of(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
+
+        let key_path = dir.join("intermediate.key");
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
+        if !key_matches_cert(&key, &intermediate_der) {
+            return Err(invalid(
+                &key_path,
+                "the key does not belong to intermediate.pem",
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_der(&intermediate_der, key)?;
+
+        let roots = read_bundle(&dir.join("bundle.pem"))?;
+        Ok(Self {
+            trust_domain,
+            intermediate_der,
+            intermediate_not_after,
+            issuer,
+            roots,
+        })
+    }
+}
+
+/// Reads a PEM bundle of root certificates (at least one).
+pub fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
+    let pem = fs::read(path).map_err(io_err(path))?;
+    let roots = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(path, format!("not a PEM bundle: {e}")))?;
+    if roots.is_empty() {
+        return Err(invalid(path, "the bundle holds no certificate"));
+    }
+    for root in &roots {
+        check_is_ca(root).map_err(|r| invalid(path, r))?;
+    }
+    Ok(roots)
+}
+
+fn check_is_ca(der: &[u8]) -> Result<(), String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    if !cert.is_ca() {
+        return Err("not a CA certificate (basicConstraints CA:TRUE is missing)".into());
+    }
+    Ok(())
+}
+
+fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, String> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
+fn key_matches_cert(key: &KeyPair, der: &[u8]) -> bool {
+    match X509Certificate::from_der(der) {
+        Ok((_, cert)) => cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw(),
+        Err(_) => false,
+    }
+}
+
+/// PEM text of a DER certificate.
+pub fn pem_cert(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + 64);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        // Base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Writes a file that must not exist yet; `secret` files get mode 0600.
+fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), AuthorityError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    opts.mode(if secret { 0o600 } else { 0o644 });
+    let mut f = opts.open(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn init_then_load_and_refuse_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        for secret in ["root.key", "intermediate.key"] {
+            let mode = fs::metadata(dir.path().join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        let auth = Authority::load(dir.path()).unwrap();
+        assert_eq!(auth.trust_domain, td);
+        assert_eq!(auth.roots.len(), 1);
+        assert!(matches!(
+            init(dir.path(), &td, None),
+            Err(AuthorityError::AlreadyExists(_))
+        ));
+    }
+
+    #[test]
+    fn import_root_and_reject_mismatched_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("corp.example").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = ca_params("enterprise root", 2);
+        let cert = params.self_signed(&key).unwrap();
+        let other = KeyPair::generate().unwrap();
+        let bad = init(
+            dir.path(),
+            &td,
+            Some(ImportedRoot {
+                cert_pem: cert.pem(),
+                key_pem: other.serialize_pem(),
+            }),
+        );
+        assert!(bad.is_err());
+        init(
+            dir.path(),
+            &td,
+            Some(ImportedRoot {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            }),
+        )
+        .unwrap();
+        assert!(!dir.path().join("root.key").exists());
+        let auth = Authority::load(dir.path()).unwrap();
+        assert_eq!(auth.roots[0].as_ref(), cert.der().as_ref());
+    }
+
+    #[test]
+    fn load_rejects_a_swapped_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let key_path = dir.path().join("intermediate.key");
+        fs::remove_file(&key_path).unwrap();
+        fs::write(&key_path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("does not belong"), "{err}");
+    }
+}

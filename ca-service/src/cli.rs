@@ -1,0 +1,319 @@
+//! Command line of `meshid-ca`: flags with `MESHID_*` environment twins, checked all at once into typed
+//! configuration.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use meshid_proto::{SpiffeId, TrustDomain, parse_duration};
+
+use crate::auth::JwtConfig;
+use crate::ratelimit::RateLimit;
+use crate::server::ServeConfig;
+use crate::signer::LifetimePolicy;
+use crate::tls::ListenerLimits;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshid-ca",
+    version,
+    about = "meshid certificate authority: short-lived SPIFFE certificates for authenticated workloads"
+)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new CA (root, signing intermediate, trust bundle) in a directory.
+    Init(InitArgs),
+    /// Serve the CA's gRPC API and its admin endpoints.
+    Serve(Box<ServeArgs>),
+    /// Manage join tokens for workloads outside Kubernetes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// CA directory to create.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// Trust domain of the identities this CA issues.
+    #[arg(long, env = "MESHID_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Import this root certificate (PEM) instead of generating one.
+    #[arg(long, requires = "root_key")]
+    pub root_cert: Option<PathBuf>,
+    /// The imported root's private key (PEM). Used once to sign the intermediate, never stored.
+    #[arg(long, requires = "root_cert")]
+    pub root_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a one-time join token bound to one identity; prints the token once.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// The identity the token grants, e.g. spiffe://cluster.local/ns/vm/sa/db.
+    #[arg(long)]
+    pub id: String,
+    /// How long the token stays redeemable.
+    #[arg(long, default_value = "10m")]
+    pub ttl: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// CA directory (from `meshid-ca init`).
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// gRPC (TLS) listen address.
+    #[arg(long, env = "MESHID_CA_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// Admin (plain HTTP: /healthz, /readyz, /metrics) listen address.
+    #[arg(long, env = "MESHID_CA_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: String,
+    /// DNS name or IP for the CA's serving certificate (repeatable). Default: localhost, 127.0.0.1.
+    #[arg(long, env = "MESHID_CA_SANS", value_delimiter = ',')]
+    pub san: Vec<String>,
+    /// JWKS of the cluster's service-account issuer; enables service-account tokens.
+    #[arg(long, env = "MESHID_CA_JWKS")]
+    pub jwks: Option<PathBuf>,
+    /// Expected token issuer (`iss`).
+    #[arg(
+        long,
+        env = "MESHID_CA_ISSUER",
+        default_value = "https://kubernetes.default.svc.cluster.local"
+    )]
+    pub issuer: String,
+    /// Expected token audience (`aud`).
+    #[arg(long, env = "MESHID_CA_AUDIENCE", default_value = "meshid-ca")]
+    pub audience: String,
+    /// Only these namespaces may get identities (repeatable; default: all).
+    #[arg(long, env = "MESHID_CA_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    pub allowed_namespace: Vec<String>,
+    /// Default certificate lifetime.
+    #[arg(long, env = "MESHID_CA_TTL", default_value = "1h")]
+    pub ttl: String,
+    /// Longest lifetime a caller may ask for.
+    #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
+    pub max_ttl: String,
+    /// Sustained certificates per second per identity.
+    #[arg(long, env = "MESHID_CA_RATE_LIMIT", default_value = "50")]
+    pub rate_limit: String,
+    /// Certificates per identity allowed in a burst.
+    #[arg(long, env = "MESHID_CA_RATE_BURST", default_value = "200")]
+    pub rate_burst: String,
+    /// Time allowed for a TLS handshake.
+    #[arg(long, env = "MESHID_CA_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Most concurrent connections.
+    #[arg(long, env = "MESHID_CA_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
+    /// How long in-flight calls may take to finish on SIGTERM.
+    #[arg(long, env = "MESHID_CA_GRACE", default_value = "30s")]
+    pub grace: String,
+}
+
+/// Collects every problem instead of stopping at the first.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T, E: std::fmt::Display>(&mut self, flag: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.0.push(format!("{flag}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+impl ServeArgs {
+    /// Checks every setting; returns all problems at once.
+    pub fn into_config(self) -> Result<ServeConfig, Vec<String>> {
+        let mut p = Problems::default();
+        let listen = p.check("--listen", self.listen.parse::<SocketAddr>());
+        let admin = p.check("--admin-listen", self.admin_listen.parse::<SocketAddr>());
+        let ttl = p.check("--ttl", parse_duration(&self.ttl));
+        let max_ttl = p.check("--max-ttl", parse_duration(&self.max_ttl));
+        let rate = p.check("--rate-limit", self.rate_limit.parse::<f64>());
+        let burst = p.check("--rate-burst", self.rate_burst.parse::<u32>());
+        let handshake = p.check(
+            "--handshake-timeout",
+            parse_duration(&self.handshake_timeout),
+        );
+        let max_conns = p.check("--max-connections", self.max_connections.parse::<usize>());
+        let grace = p.check("--grace", parse_duration(&self.grace));
+        if let Some(ttl) = ttl {
+            if ttl < Duration::from_secs(1) {
+                p.0.push("--ttl: must be at least 1s".into());
+            }
+            if let Some(max) = max_ttl
+                && ttl > max
+            {
+                p.0.push(format!(
+                    "--ttl: {} is longer than --max-ttl {}",
+                    self.ttl, self.max_ttl
+                ));
+            }
+        }
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            p.0.push("--rate-limit: must be a positive number".into());
+        }
+        if burst == Some(0) {
+            p.0.push("--rate-burst: must be at least 1".into());
+        }
+        if max_conns == Some(0) {
+            p.0.push("--max-connections: must be at least 1".into());
+        }
+        let mut namespaces = BTreeSet::new();
+        for ns in self.allowed_namespace.iter().filter(|n| !n.is_empty()) {
+            namespaces.insert(ns.clone());
+        }
+        if !namespaces.is_empty() && self.jwks.is_none() {
+            p.0.push("--allowed-namespace: needs --jwks (service-account tokens)".into());
+        }
+        if let Some(jwks) = &self.jwks
+            && !jwks.is_file()
+        {
+            p.0.push(format!("--jwks: {} is not a readable file", jwks.display()));
+        }
+        if !self.dir.join("ca.json").is_file() {
+            p.0.push(format!(
+                "--dir: {} holds no CA (run `meshid-ca init --dir {}` first)",
+                self.dir.display(),
+                self.dir.display()
+            ));
+        }
+        let sans: Vec<String> = if self.san.iter().all(|s| s.is_empty()) {
+            vec!["localhost".into(), "127.0.0.1".into()]
+        } else {
+            self.san.into_iter().filter(|s| !s.is_empty()).collect()
+        };
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        // Every Option below is Some: a None pushed a problem and returned above.
+        let (
+            Some(listen),
+            Some(admin_listen),
+            Some(ttl),
+            Some(max_ttl),
+            Some(rate),
+            Some(burst),
+            Some(handshake),
+            Some(max_conns),
+            Some(grace),
+        ) = (
+            listen, admin, ttl, max_ttl, rate, burst, handshake, max_conns, grace,
+        )
+        else {
+            return Err(vec!["internal: unchecked setting".into()]);
+        };
+        Ok(ServeConfig {
+            dir: self.dir,
+            listen,
+            admin_listen,
+            sans,
+            jwt: self.jwks.map(|jwks_path| JwtConfig {
+                jwks_path,
+                issuer: self.issuer,
+                audience: self.audience,
+                allowed_namespaces: (!namespaces.is_empty()).then_some(namespaces),
+            }),
+            lifetimes: LifetimePolicy {
+                default: ttl,
+                max: max_ttl,
+            },
+            rate_limit: RateLimit {
+                per_second: rate,
+                burst,
+            },
+            limits: ListenerLimits {
+                handshake_timeout: handshake,
+                max_connections: max_conns,
+            },
+            grace,
+        })
+    }
+}
+
+impl TokenCreateArgs {
+    /// Checks the identity and lifetime.
+    pub fn parse(&self) -> Result<(SpiffeId, Duration), Vec<String>> {
+        let mut p = Problems::default();
+        let id = p.check("--id", SpiffeId::parse(&self.id));
+        let ttl = p.check("--ttl", parse_duration(&self.ttl));
+        match (id, ttl) {
+            (Some(id), Some(ttl)) if p.0.is_empty() => Ok((id, ttl)),
+            _ => Err(p.0),
+        }
+    }
+}
+
+impl InitArgs {
+    /// Checks the trust domain.
+    pub fn trust_domain(&self) -> Result<TrustDomain, Vec<String>> {
+        TrustDomain::new(&self.trust_domain).map_err(|e| vec![format!("--trust-domain: {e}")])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_bad_setting_at_once() {
+        let cli = Cli::try_parse_from([
+            "meshid-ca",
+            "serve",
+            "--dir",
+            "/nonexistent",
+            "--listen",
+            "nope",
+            "--ttl",
+            "2x",
+            "--rate-limit=-1",
+            "--max-connections",
+            "0",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let problems = args.into_config().unwrap_err();
+        let joined = problems.join("\n");
+        for flag in [
+            "--listen",
+            "--ttl",
+            "--rate-limit",
+            "--max-connections",
+            "--dir",
+        ] {
+            assert!(joined.contains(flag), "{flag} missing from {joined}");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! meshid certificate authority: authenticates workloads and issues short-lived SPIFFE X.509
+//! certificates over gRPC.
+//!
+//! The binary `meshid-ca` is a thin shell over [`cli`] and [`server`].
+
+pub mod admin;
+pub mod auth;
+pub mod authority;
+pub mod cli;
+pub mod csr;
+pub mod metrics;
+pub mod ratelimit;
+pub mod serial;
+pub mod server;
+pub mod service;
+pub mod signer;
+pub mod tls;
+
+pub use server::{RunningCa, ServeConfig, start};

@@ -1,0 +1,93 @@
+//! The CA's Prometheus metrics, registered into a registry the caller passes in.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an issuance decision: how the caller authenticated and the outcome (`issued` or a reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssueLabels {
+    pub method: &'static str,
+    pub result: &'static str,
+}
+
+/// Every metric the CA exports.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub issue_requests: Family<IssueLabels, Counter>,
+    pub issue_duration: Histogram,
+    pub watch_streams: Gauge,
+    pub bundle_version: Gauge,
+    pub bundle_roots: Gauge,
+    pub intermediate_expiry: Gauge,
+    pub connections_open: Gauge,
+    pub handshake_failures: Counter,
+    pub connections_refused: Counter,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under `meshid_ca_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            issue_requests: Family::default(),
+            issue_duration: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            watch_streams: Gauge::default(),
+            bundle_version: Gauge::default(),
+            bundle_roots: Gauge::default(),
+            intermediate_expiry: Gauge::default(),
+            connections_open: Gauge::default(),
+            handshake_failures: Counter::default(),
+            connections_refused: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("meshid_ca");
+        r.register(
+            "issue_requests",
+            "Issue calls by authentication method and result",
+            m.issue_requests.clone(),
+        );
+        r.register(
+            "issue_duration_seconds",
+            "Time to decide and sign an Issue call",
+            m.issue_duration.clone(),
+        );
+        r.register(
+            "watch_streams",
+            "Open WatchTrustBundle streams",
+            m.watch_streams.clone(),
+        );
+        r.register(
+            "bundle_version",
+            "Version of the trust bundle being served",
+            m.bundle_version.clone(),
+        );
+        r.register(
+            "bundle_roots",
+            "Roots in the trust bundle",
+            m.bundle_roots.clone(),
+        );
+        r.register(
+            "intermediate_expiry_timestamp_seconds",
+            "Not-after of the signing intermediate, seconds since the epoch",
+            m.intermediate_expiry.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Open gRPC connections",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections refused because the connection limit was reached",
+            m.connections_refused.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,266 @@
+//! Putting the CA together: load the directory, bind, serve gRPC and admin, follow bundle changes,
+//! shut down gracefully.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use meshid_proto::ca::v1::certificate_authority_server::CertificateAuthorityServer;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::{JoinTokenStore, JwtAuthenticator, JwtConfig};
+use crate::authority::{Authority, read_bundle};
+use crate::metrics::Metrics;
+use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::service::{Bundle, CaService, CaState};
+use crate::signer::LifetimePolicy;
+use crate::tls::{self, ListenerLimits};
+
+/// The largest gRPC message accepted (a CSR plus a token fit in a few KiB).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How often the bundle file is checked for changes.
+const BUNDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Everything `meshid-ca serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// DNS names and IPs of the CA's serving certificate.
+    pub sans: Vec<String>,
+    pub jwt: Option<JwtConfig>,
+    pub lifetimes: LifetimePolicy,
+    pub rate_limit: RateLimit,
+    pub limits: ListenerLimits,
+    /// How long in-flight calls may take to finish after shutdown starts.
+    pub grace: Duration,
+}
+
+/// Why the CA could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error(transparent)]
+    Authority(#[from] crate::authority::AuthorityError),
+    #[error(transparent)]
+    Jwks(#[from] crate::auth::JwksError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running CA.
+pub struct RunningCa {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    grace: Duration,
+}
+
+impl RunningCa {
+    /// Stops accepting, lets in-flight calls finish (up to the grace period), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        match tokio::time::timeout(self.grace, self.grpc).await {
+            Ok(Ok(Ok(()))) => tracing::info!("CA stopped"),
+            Ok(Ok(Err(error))) => tracing::error!(%error, "gRPC server failed"),
+            Ok(Err(error)) => tracing::error!(%error, "gRPC server task failed"),
+            Err(_) => tracing::warn!("grace period over; closing remaining connections"),
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Loads the CA directory, binds both listeners and starts serving.
+pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<RunningCa, StartError> {
+    let authority = Authority::load(&config.dir)?;
+    let trust_domain = authority.trust_domain.clone();
+    let jwt = match &config.jwt {
+        Some(jwt) => Some(JwtAuthenticator::new(jwt.clone(), trust_domain.clone())?),
+        None => None,
+    };
+    let tls_config = Arc::new(ArcSwap::new(tls::server_config(
+        &authority,
+        &authority.roots,
+        &config.sans,
+    )?));
+    let metrics = Metrics::register(registry);
+    metrics
+        .intermediate_expiry
+        .set(authority.intermediate_not_after.unix_timestamp());
+    metrics.bundle_version.set(1);
+    metrics.bundle_roots.set(authority.roots.len() as i64);
+
+    let listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
+        version: 1,
+        roots: authority.roots.clone(),
+    }));
+    let state = Arc::new(CaState {
+        authority: ArcSwap::from_pointee(authority),
+        bundle: bundle_tx,
+        jwt,
+        join: JoinTokenStore::new(&config.dir, trust_domain),
+        lifetimes: config.lifetimes,
+        limiter: RateLimiter::new(config.rate_limit),
+        metrics: metrics.clone(),
+        shutdown: shutdown_rx.clone(),
+    });
+
+    tokio::spawn(follow_bundle(
+        config.dir.clone(),
+        config.sans.clone(),
+        state.clone(),
+        tls_config.clone(),
+        shutdown_rx.clone(),
+    ));
+    tokio::spawn(refresh_serving_cert(
+        config.sans.clone(),
+        state.clone(),
+        tls_config.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CertificateAuthorityServer<CaService>>()
+        .await;
+    let ca = CertificateAuthorityServer::new(CaService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tls::incoming(listener, tls_config, config.limits, metrics);
+    let mut stop = shutdown_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(256)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(ca)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }),
+    );
+
+    let (ready_tx, ready_rx) = watch::channel(true);
+    let registry = Arc::new(std::mem::take(registry));
+    tokio::spawn(async move {
+        crate::admin::serve(admin_listener, registry, ready_rx, shutdown_rx).await;
+        drop(ready_tx);
+    });
+
+    tracing::info!(%addr, %admin_addr, "CA serving");
+    Ok(RunningCa {
+        addr,
+        admin_addr,
+        shutdown: shutdown_tx,
+        grpc,
+        grace: config.grace,
+    })
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Reloads `bundle.pem` when it changes: new version to every watcher, new roots for client
+/// certificates. A broken file is logged and the current bundle kept.
+async fn follow_bundle(
+    dir: PathBuf,
+    sans: Vec<String>,
+    state: Arc<CaState>,
+    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let path = dir.join("bundle.pem");
+    let mut last = stamp(&path);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(BUNDLE_POLL) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let roots = match read_bundle(&path) {
+            Ok(roots) => roots,
+            Err(error) => {
+                tracing::error!(%error, "trust bundle reload failed; keeping the current bundle");
+                continue;
+            }
+        };
+        let current = state.bundle.borrow().clone();
+        if current.roots == roots {
+            continue;
+        }
+        let version = current.version + 1;
+        match tls::server_config(&state.authority.load(), &roots, &sans) {
+            Ok(cfg) => tls_config.store(cfg),
+            Err(error) => {
+                tracing::error!(%error, "rebuilding TLS for the new bundle failed; keeping the current bundle");
+                continue;
+            }
+        }
+        state.metrics.bundle_version.set(version as i64);
+        state.metrics.bundle_roots.set(roots.len() as i64);
+        state
+            .bundle
+            .send_replace(Arc::new(Bundle { version, roots }));
+        tracing::info!(version, "trust bundle updated");
+    }
+}
+
+/// Re-issues the CA's own serving certificate at half its lifetime.
+async fn refresh_serving_cert(
+    sans: Vec<String>,
+    state: Arc<CaState>,
+    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tls::SERVING_CERT_LIFETIME / 2) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let roots = state.bundle.borrow().roots.clone();
+        match tls::server_config(&state.authority.load(), &roots, &sans) {
+            Ok(cfg) => {
+                tls_config.store(cfg);
+                tracing::info!("serving certificate re-issued");
+            }
+            Err(error) => tracing::error!(%error, "re-issuing the serving certificate failed"),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Writing workload certificates: everything in them comes from the authenticated identity and the CA's
+//! own settings; only the public key comes from the caller.
+
+use std::time::Duration as StdDuration;
+
+use meshid_proto::SpiffeId;
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::CertificateDer;
+use time::{Duration, OffsetDateTime};
+
+use crate::authority::Authority;
+use crate::csr::CsrPublicKey;
+use crate::serial::random_serial;
+
+/// The most a leaf's not-before is backdated for clock skew (also capped at 10% of the lifetime).
+pub const MAX_BACKDATE: StdDuration = StdDuration::from_secs(60);
+
+/// Lifetimes the CA hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifetimePolicy {
+    /// Used when the caller asks for none.
+    pub default: StdDuration,
+    /// The most a caller may ask for.
+    pub max: StdDuration,
+}
+
+impl LifetimePolicy {
+    /// The lifetime for a request: the default for 0, else the request capped by the maximum.
+    pub fn lifetime_for(&self, requested_secs: u32) -> StdDuration {
+        if requested_secs == 0 {
+            self.default.min(self.max)
+        } else {
+            StdDuration::from_secs(u64::from(requested_secs)).min(self.max)
+        }
+    }
+}
+
+impl Default for LifetimePolicy {
+    fn default() -> Self {
+        Self {
+            default: StdDuration::from_secs(3600),
+            max: StdDuration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A freshly signed leaf.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf, then the intermediate.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+/// Why a leaf could not be signed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignError {
+    #[error("the signing intermediate has expired")]
+    IntermediateExpired,
+    #[error("signing failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// Signs a workload certificate for `id` over `key`, valid for `lifetime` from `now` (capped by the
+/// intermediate's expiry), not-before backdated by at most 60 s and 10% of the lifetime.
+pub fn sign_leaf(
+    authority: &Authority,
+    id: &SpiffeId,
+    key: &CsrPublicKey,
+    lifetime: StdDuration,
+    now: OffsetDateTime,
+) -> Result<Issued, SignError> {
+    let not_after = (now + lifetime).min(authority.intermediate_not_after);
+    if not_after <= now {
+        return Err(SignError::IntermediateExpired);
+    }
+    let backdate = MAX_BACKDATE.min(lifetime / 10);
+    let not_before = now - backdate;
+
+    let mut params = CertificateParams::default();
+    // No subject: the identity is the URI SAN alone (rcgen then marks the SAN critical, as RFC 5280
+    // requires for an empty subject).
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = not_before;
+    params.not_after = not_after;
+
+    let cert = params.signed_by(key, &authority.issuer)?;
+    Ok(Issued {
+        chain: vec![cert.der().clone(), authority.intermediate_der.clone()],
+        not_before: truncate_secs(not_before),
+        not_after: truncate_secs(not_after),
+    })
+}
+
+/// X.509 times have whole seconds.
+fn truncate_secs(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
+/// Lifetimes as `time` durations.
+pub fn to_time(d: StdDuration) -> Duration {
+    Duration::try_from(d).unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_proto::TrustDomain;
+    use rcgen::KeyPair;
+
+    fn authority() -> (tempfile::TempDir, Authority) {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("cluster.local").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        let a = Authority::load(dir.path()).unwrap();
+        (dir, a)
+    }
+
+    fn csr_key() -> (KeyPair, CsrPublicKey) {
+        let key = KeyPair::generate().unwrap();
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let pk = CsrPublicKey::from_csr_der(csr.der()).unwrap();
+        (key, pk)
+    }
+
+    #[test]
+    fn leaf_carries_only_what_the_ca_decides() {
+        let (_dir, auth) = authority();
+        let (key, pk) = csr_key();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let issued = sign_leaf(&auth, &id, &pk, StdDuration::from_secs(3600), now).unwrap();
+        assert_eq!(issued.chain.len(), 2);
+        let leaf = &issued.chain[0];
+        assert_eq!(meshid_proto::spiffe_id_from_der(leaf).unwrap(), id);
+
+        use x509_parser::prelude::*;
+        let (_, cert) = X509Certificate::from_der(leaf).unwrap();
+        assert!(!cert.is_ca());
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(cert.subject_alternative_name().unwrap().unwrap().critical);
+        assert_eq!(cert.raw_serial().len(), 16);
+        let lifetime = cert.validity().not_after.timestamp() - now.unix_timestamp();
+        assert!((3599..=3600).contains(&lifetime), "{lifetime}");
+        let backdate = now.unix_timestamp() - cert.validity().not_before.timestamp();
+        assert!((59..=61).contains(&backdate), "{backdate}");
+    }
+
+    #[test]
+    fn short_lifetimes_backdate_at_most_a_tenth() {
+        let (_dir, auth) = authority();
+        let (_, pk) = csr_key();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let issued = sign_leaf(&auth, &id, &pk, StdDuration::from_secs(20), now).unwrap();
+        let backdate = (now - issued.not_before).whole_seconds();
+        assert!((1..=2).contains(&backdate), "{backdate}");
+    }
+
+    #[test]
+    fn lifetime_is_capped_by_the_intermediate() {
+        let (_dir, auth) = authority();
+        let (_, pk) = csr_key();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let late = auth.intermediate_not_after - Duration::seconds(30);
+        let issued = sign_leaf(&auth, &id, &pk, StdDuration::from_secs(3600), late).unwrap();
+        assert_eq!(issued.not_after, truncate_secs(auth.intermediate_not_after));
+        let after = auth.intermediate_not_after + Duration::seconds(1);
+        assert!(matches!(
+            sign_leaf(&auth, &id, &pk, StdDuration::from_secs(3600), after),
+            Err(SignError::IntermediateExpired)
+        ));
+    }
+
+    #[test]
+    fn lifetime_policy() {
+        let p = LifetimePolicy {
+            default: StdDuration::from_secs(3600),
+            max: StdDuration::from_secs(7200),
+        };
+        assert_eq!(p.lifetime_for(0), StdDuration::from_secs(3600));
+        assert_eq!(p.lifetime_for(60), StdDuration::from_secs(60));
+        assert_eq!(p.lifetime_for(100_000), StdDuration::from_secs(7200));
+    }
+}
