@@ -40,6 +40,7 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(route(&req, &registry, ready)) }
             });
             let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .max_buf_size(16 * 1024)
                 .header_read_timeout(std::time::Duration::from_secs(5))
                 .serve_connection(TokioIo::new(tcp), svc);

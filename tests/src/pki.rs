@@ -1,0 +1,107 @@
+//! Certificate fixtures made in code: workload keys and CSRs, and foreign CAs that are not ours.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// A workload key and a CSR for it (the CSR asks for nothing in particular).
+pub struct WorkloadKey {
+    pub key: KeyPair,
+    pub csr: Vec<u8>,
+}
+
+impl WorkloadKey {
+    /// A fresh ECDSA P-256 key and its CSR.
+    pub fn new() -> Self {
+        let key = KeyPair::generate().expect("keygen");
+        let csr = CertificateParams::default()
+            .serialize_request(&key)
+            .expect("csr")
+            .der()
+            .to_vec();
+        Self { key, csr }
+    }
+
+    /// A key whose CSR asks for a different identity (the CA must ignore it).
+    pub fn asking_for(uri: &str, dns: &str) -> Self {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "admin");
+        params.subject_alt_names = vec![
+            SanType::URI(uri.try_into().expect("uri")),
+            SanType::DnsName(dns.try_into().expect("dns")),
+        ];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).expect("csr").der().to_vec();
+        Self { key, csr }
+    }
+
+    /// The private key in the form rustls takes.
+    pub fn private_key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+}
+
+impl Default for WorkloadKey {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A CA that is not ours, issuing certificates that look like ours.
+pub struct ForeignCa {
+    pub root_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ForeignCa {
+    pub fn new() -> Self {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "foreign root");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("self-signed");
+        Self {
+            root_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A workload certificate for `spiffe_id` with a fresh key.
+    pub fn workload(
+        &self,
+        spiffe_id: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+impl Default for ForeignCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// PEM text of a DER certificate.
+pub fn pem(der: &[u8]) -> String {
+    meshid_ca::authority::pem_cert(der)
+}

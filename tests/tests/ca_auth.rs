@@ -1,0 +1,397 @@
+//! Who may get which identity: every way of authenticating to the CA, good and hostile, over real
+//! gRPC and TLS to an in-process CA. Each case states the exact answer it expects.
+
+use std::time::Duration;
+
+use meshid_ca::signer::sign_leaf;
+use meshid_proto::SpiffeId;
+use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::fake_cluster::{KeyKind, unix_now};
+use meshid_tests::pki::{ForeignCa, WorkloadKey};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use time::OffsetDateTime;
+use tonic::Code;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+#[derive(Debug)]
+enum Expect {
+    /// A certificate for this identity.
+    Issued(&'static str),
+    /// This gRPC status code.
+    Status(Code),
+    /// The TLS layer refuses the client certificate: no answer at the gRPC level.
+    TlsRefused,
+}
+
+enum Cred {
+    Token(String),
+    Join(String),
+    Cert(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    Nothing,
+}
+
+struct Case {
+    name: &'static str,
+    cred: Cred,
+    expected: Expect,
+}
+
+async fn issue(ca: &TestCa, cred: Cred) -> Result<String, Result<Code, String>> {
+    let workload = WorkloadKey::new();
+    let (credential, client) = match cred {
+        Cred::Token(t) => (Some(Credential::ServiceAccountToken(t)), ca.client().await),
+        Cred::Join(t) => (Some(Credential::JoinToken(t)), ca.client().await),
+        Cred::Nothing => (None, ca.client().await),
+        Cred::Cert(chain, key) => match ca.client_with_cert(chain, key).await {
+            Ok(c) => (None, c),
+            Err(e) => return Err(Err(format!("connect: {e}"))),
+        },
+    };
+    let mut client = client;
+    let resp = client
+        .issue(IssueRequest {
+            csr: workload.csr.clone(),
+            credential,
+            ttl_seconds: 0,
+        })
+        .await;
+    match resp {
+        Ok(r) => Ok(r.into_inner().spiffe_id),
+        // Transport failures (the server's TLS alert) surface as Unavailable, Unknown or Cancelled; the
+        // service itself never answers with either.
+        Err(s)
+            if matches!(
+                s.code(),
+                Code::Unavailable | Code::Unknown | Code::Cancelled
+            ) =>
+        {
+            Err(Err(format!("{:?}: {}", s.code(), s.message())))
+        }
+        Err(s) => Err(Ok(s.code())),
+    }
+}
+
+/// Mints a certificate for `id` directly with the CA's key, valid from `start` for `lifetime`.
+fn direct_cert(
+    ca: &TestCa,
+    id: &str,
+    start: OffsetDateTime,
+    lifetime: Duration,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let w = WorkloadKey::new();
+    let key = meshid_ca::csr::CsrPublicKey::from_csr_der(&w.csr).unwrap();
+    let issued = sign_leaf(
+        &ca.authority(),
+        &SpiffeId::parse(id).unwrap(),
+        &key,
+        lifetime,
+        start,
+    )
+    .unwrap();
+    (issued.chain, w.private_key_der())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_cases() {
+    let mut ca = TestCa::start(CaOptions {
+        allowed_namespaces: Some(vec!["shop".into(), "ops".into()]),
+        ..CaOptions::default()
+    })
+    .await;
+    let c = &ca.cluster;
+    let now = unix_now();
+
+    let valid = c.spec("shop", "frontend", KeyKind::Rsa);
+    let with = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut s = valid.clone();
+        f(&mut s.claims);
+        c.sign(&s)
+    };
+    let with_header = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut s = valid.clone();
+        f(&mut s.header);
+        c.sign(&s)
+    };
+
+    let used_join = ca.join_token(
+        "spiffe://cluster.local/ns/vm/sa/db",
+        Duration::from_secs(600),
+    );
+    let expired_join = ca.join_token("spiffe://cluster.local/ns/vm/sa/db", Duration::ZERO);
+    let fresh_join = ca.join_token(
+        "spiffe://cluster.local/ns/vm/sa/db",
+        Duration::from_secs(600),
+    );
+    // Spend `used_join` once before the table runs.
+    assert!(issue(&ca, Cred::Join(used_join.clone())).await.is_ok());
+
+    let foreign = ForeignCa::new();
+    let (foreign_chain, foreign_key) = foreign.workload(FRONTEND);
+    let (valid_chain, valid_key) = direct_cert(
+        &ca,
+        FRONTEND,
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    );
+    let (expired_chain, expired_key) = direct_cert(
+        &ca,
+        FRONTEND,
+        OffsetDateTime::now_utc() - time::Duration::hours(3),
+        Duration::from_secs(3600),
+    );
+    let (denied_ns_chain, denied_ns_key) = direct_cert(
+        &ca,
+        "spiffe://cluster.local/ns/kube-system/sa/default",
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    );
+
+    let cases = vec![
+        Case {
+            name: "valid RS256 token",
+            cred: Cred::Token(c.sign(&valid)),
+            expected: Expect::Issued(FRONTEND),
+        },
+        Case {
+            name: "valid ES256 token",
+            cred: Cred::Token(c.sign(&c.spec("ops", "metrics", KeyKind::Ec))),
+            expected: Expect::Issued("spiffe://cluster.local/ns/ops/sa/metrics"),
+        },
+        Case {
+            name: "expired token",
+            cred: Cred::Token(with(&|cl| cl["exp"] = json!(now - 120))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "expired within the allowed skew",
+            cred: Cred::Token(with(&|cl| cl["exp"] = json!(now - 20))),
+            expected: Expect::Issued(FRONTEND),
+        },
+        Case {
+            name: "not yet valid (nbf)",
+            cred: Cred::Token(with(&|cl| cl["nbf"] = json!(now + 300))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "issued in the future (iat)",
+            cred: Cred::Token(with(&|cl| cl["iat"] = json!(now + 300))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "wrong audience",
+            cred: Cred::Token(with(&|cl| {
+                cl["aud"] = json!(["https://kubernetes.default.svc"])
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "no audience",
+            cred: Cred::Token(with(&|cl| {
+                cl.as_object_mut().unwrap().remove("aud");
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "wrong issuer",
+            cred: Cred::Token(with(&|cl| cl["iss"] = json!("https://evil.example"))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "no expiry",
+            cred: Cred::Token(with(&|cl| {
+                cl.as_object_mut().unwrap().remove("exp");
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "alg none",
+            cred: Cred::Token(c.forge_alg_none(&valid)),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "HS256 signed with the public key as secret",
+            cred: Cred::Token(c.forge_hs256_with_public_key(&valid)),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "unknown kid",
+            cred: Cred::Token(with_header(&|h| h["kid"] = json!("rotated-away"))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "no kid",
+            cred: Cred::Token(with_header(&|h| {
+                h.as_object_mut().unwrap().remove("kid");
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "RS256 header with the EC key's kid",
+            cred: Cred::Token(with_header(&|h| h["kid"] = json!(c.ec_kid))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "tampered payload",
+            cred: Cred::Token({
+                let mut evil = valid.claims.clone();
+                evil["sub"] = json!("system:serviceaccount:ops:admin");
+                evil["kubernetes.io"]["namespace"] = json!("ops");
+                evil["kubernetes.io"]["serviceaccount"]["name"] = json!("admin");
+                c.tamper(&c.sign(&valid), &evil)
+            }),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "malformed sub",
+            cred: Cred::Token(with(&|cl| cl["sub"] = json!("system:serviceaccount:shop"))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "sub not a service account",
+            cred: Cred::Token(with(&|cl| cl["sub"] = json!("system:node:node-1"))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "sub disagrees with kubernetes.io claims",
+            cred: Cred::Token(with(&|cl| {
+                cl["sub"] = json!("system:serviceaccount:shop:admin")
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "namespace not allowed",
+            cred: Cred::Token(c.token("kube-system", "default")),
+            expected: Expect::Status(Code::PermissionDenied),
+        },
+        Case {
+            name: "garbage token",
+            cred: Cred::Token("not.a.jwt".into()),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "huge token",
+            cred: Cred::Token("a".repeat(40_000)),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "join token",
+            cred: Cred::Join(fresh_join),
+            expected: Expect::Issued("spiffe://cluster.local/ns/vm/sa/db"),
+        },
+        Case {
+            name: "join token reused",
+            cred: Cred::Join(used_join),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "join token expired",
+            cred: Cred::Join(expired_join),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "join token unknown",
+            cred: Cred::Join(format!("meshid-join-{}", "x".repeat(43))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "renewal with a valid certificate",
+            cred: Cred::Cert(valid_chain, valid_key),
+            expected: Expect::Issued(FRONTEND),
+        },
+        Case {
+            name: "renewal from a namespace no longer allowed",
+            cred: Cred::Cert(denied_ns_chain, denied_ns_key),
+            expected: Expect::Status(Code::PermissionDenied),
+        },
+        Case {
+            name: "renewal with an expired certificate",
+            cred: Cred::Cert(expired_chain, expired_key),
+            expected: Expect::TlsRefused,
+        },
+        Case {
+            name: "renewal with a certificate from another CA",
+            cred: Cred::Cert(foreign_chain, foreign_key),
+            expected: Expect::TlsRefused,
+        },
+        Case {
+            name: "no credential at all",
+            cred: Cred::Nothing,
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+    ];
+
+    let mut failures = Vec::new();
+    for case in cases {
+        let got = issue(&ca, case.cred).await;
+        let ok = match (&case.expected, &got) {
+            (Expect::Issued(id), Ok(got_id)) => got_id == id,
+            (Expect::Status(code), Err(Ok(got_code))) => code == got_code,
+            (Expect::TlsRefused, Err(Err(_))) => true,
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!(
+                "{}: expected {:?}, got {:?}",
+                case.name, case.expected, got
+            ));
+        }
+    }
+    ca.stop().await;
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_from_another_cluster_is_unauthenticated() {
+    // Same kid, same claims, but signed by another cluster's key.
+    let ca = TestCa::start(CaOptions::default()).await;
+    let other = meshid_tests::fake_cluster::FakeCluster::new();
+    let got = issue(&ca, Cred::Token(other.token("shop", "frontend"))).await;
+    assert_eq!(got, Err(Ok(Code::Unauthenticated)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_rotation_is_picked_up_without_restart() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let new_cluster = meshid_tests::fake_cluster::FakeCluster::new();
+    let token = new_cluster.token("shop", "frontend");
+    assert_eq!(
+        issue(&ca, Cred::Token(token.clone())).await,
+        Err(Ok(Code::Unauthenticated))
+    );
+    // The cluster rotates its service-account signing keys; the JWKS file is replaced.
+    let mut jwks = new_cluster.jwks();
+    jwks["keys"][0]["kid"] = json!(new_cluster.rsa_kid.clone());
+    std::fs::write(ca.dir.path().join("jwks.json.tmp"), jwks.to_string()).unwrap();
+    std::fs::rename(
+        ca.dir.path().join("jwks.json.tmp"),
+        ca.dir.path().join("jwks.json"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match issue(&ca, Cred::Token(token.clone())).await {
+            Ok(id) => {
+                assert_eq!(id, FRONTEND);
+                break;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("new JWKS never picked up: {e:?}"),
+        }
+    }
+    // A broken JWKS file keeps the last good keys.
+    std::fs::write(ca.dir.path().join("jwks.json"), "{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        issue(&ca, Cred::Token(new_cluster.token("shop", "frontend"))).await,
+        Ok(FRONTEND.to_owned())
+    );
+}

@@ -1,0 +1,113 @@
+//! The real `meshid-ca` binary, as a platform engineer runs it: init, token create, serve on its own
+//! "host" address, issue, and a graceful SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use meshid_proto::ca::v1::{IssueRequest, WatchTrustBundleRequest, issue_request::Credential};
+use meshid_tests::pki::WorkloadKey;
+use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
+use meshid_tests::tools::workspace_bin;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_token_serve_issue_and_sigterm() {
+    let ca_bin = workspace_bin("meshid-ca");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let ca_dir_s = ca_dir.to_str().unwrap();
+    let out = Command::new(&ca_bin)
+        .args(["init", "--dir", ca_dir_s])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(&ca_bin)
+        .args([
+            "token",
+            "create",
+            "--dir",
+            ca_dir_s,
+            "--id",
+            "spiffe://cluster.local/ns/vm/sa/db",
+            "--ttl",
+            "5m",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(token.starts_with("meshid-join-"), "{token}");
+
+    let grpc = free_addr("127.0.0.2");
+    let admin = free_addr("127.0.0.2");
+    let mut proc = Proc::spawn(
+        "meshid-ca",
+        Command::new(&ca_bin).args([
+            "serve",
+            "--dir",
+            ca_dir_s,
+            "--listen",
+            &grpc.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+            "--grace",
+            "5s",
+        ]),
+    );
+    assert!(
+        wait_http_ok(admin, "/readyz", Duration::from_secs(10)),
+        "CA never became ready"
+    );
+
+    let roots = meshid_ca::authority::read_bundle(&ca_dir.join("bundle.pem")).unwrap();
+    let mut client = meshid_tests::ca::connect(grpc, &roots, None).await.unwrap();
+    let resp = client
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::JoinToken(token.clone())),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.spiffe_id, "spiffe://cluster.local/ns/vm/sa/db");
+    // The token is single-use, and the file on disk never held it.
+    let again = client
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::JoinToken(token.clone())),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unauthenticated);
+    for entry in std::fs::read_dir(ca_dir.join("join-tokens")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains(&token["meshid-join-".len()..]));
+    }
+
+    let (code, metrics) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains(r#"result="issued"} 1"#), "{metrics}");
+
+    // A long-lived bundle stream is open when SIGTERM arrives: the CA ends it and exits 0.
+    let mut stream = client
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    proc.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let s = proc.wait_timeout(Duration::from_secs(10));
+        (s, proc)
+    })
+    .await
+    .unwrap();
+    let exit = status.0.expect("CA exits after SIGTERM");
+    assert!(exit.success(), "exit status {exit:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+    assert!(
+        matches!(end, Ok(Ok(None)) | Ok(Err(_))),
+        "stream ends: {end:?}"
+    );
+}
