@@ -2,28 +2,24 @@
 //! real TLS (optionally presenting a client certificate).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use meshid_ca::auth::{JoinTokenStore, JwtConfig};
 use meshid_ca::authority::{self, Authority};
 use meshid_ca::ratelimit::RateLimit;
 use meshid_ca::server::{RunningCa, ServeConfig};
 use meshid_ca::signer::LifetimePolicy;
 use meshid_ca::tls::ListenerLimits;
-use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
 use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_sidecar::ca_client::CaEndpoint;
 use prometheus_client::registry::Registry;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
-use tokio::net::TcpStream;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::fake_cluster::{self, FakeCluster};
 
 /// A gRPC client of the CA.
-pub type Client = CertificateAuthorityClient<Channel>;
+pub type Client = meshid_sidecar::ca_client::CaClient;
 
 /// Settings for a test CA.
 #[derive(Debug, Clone)]
@@ -121,7 +117,7 @@ impl TestCa {
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
-    ) -> Result<Client, tonic::transport::Error> {
+    ) -> Result<Client, meshid_sidecar::ca_client::CaClientError> {
         connect(self.addr, &self.roots, Some((chain, key))).await
     }
 
@@ -144,35 +140,11 @@ pub async fn connect(
     addr: SocketAddr,
     roots: &[CertificateDer<'static>],
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<Client, tonic::transport::Error> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(store);
-    let mut config = match client_cert {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .expect("client cert"),
-        None => builder.with_no_client_auth(),
+) -> Result<Client, meshid_sidecar::ca_client::CaClientError> {
+    let endpoint = CaEndpoint {
+        addr: addr.to_string(),
+        server_name: Some("localhost".into()),
+        roots: roots.to_vec(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let connector = connector.clone();
-            async move {
-                let tcp = TcpStream::connect(addr).await?;
-                let name = ServerName::try_from("localhost").expect("server name");
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
-        }))
-        .await?;
-    Ok(CertificateAuthorityClient::new(channel))
+    meshid_sidecar::ca_client::connect(&endpoint, client_cert).await
 }

@@ -1,0 +1,369 @@
+//! End-to-end CA issuance benchmark: N concurrent gRPC clients over TLS, each sending Issue calls with a
+//! Kubernetes service-account token and a CSR prepared before the clock starts.
+//!
+//! Reports certificates per second, latency percentiles, the CA process's CPU time per certificate,
+//! and — side by side — this machine's own `openssl speed ecdsap256` sign+verify ceiling.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_sidecar::ca_client::{self, CaEndpoint};
+use meshid_tests::fake_cluster::FakeCluster;
+use meshid_tests::pki::WorkloadKey;
+use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent clients (one connection each).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Certificates to issue in the measured run.
+    #[arg(long, default_value_t = 20_000)]
+    count: usize,
+    /// A few hundred certificates only (CI smoke run).
+    #[arg(long)]
+    smoke: bool,
+    /// Directory holding the meshid-ca binary.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Pin the CA to this CPU (taskset), the load to the others.
+    #[arg(long, default_value_t = 1)]
+    ca_cpu: usize,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Record a CPU profile of the CA during the measured run with `perf record` into this file.
+    #[arg(long)]
+    perf: Option<PathBuf>,
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    let tck = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    Ok((utime + stime) / tck)
+}
+
+/// Signs/s and verifies/s of `openssl speed ecdsap256` on one core.
+fn openssl_ceiling() -> Option<(f64, f64)> {
+    let out = Command::new("openssl")
+        .args(["speed", "-seconds", "2", "ecdsap256"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("ecdsa (nistp256)"))?;
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect();
+    // "256 bits ecdsa (nistp256)   0.0000s   0.0001s  40000.0  13000.0"
+    let n = nums.len();
+    (n >= 2).then(|| (nums[n - 2], nums[n - 1]))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.count = args.count.min(400);
+        args.concurrency = args.concurrency.min(8);
+    }
+    let ca_bin = args.bin_dir.join("meshid-ca");
+    if !ca_bin.exists() {
+        bail!("{} not found (run bench/ca.sh)", ca_bin.display());
+    }
+    let work = tempdir()?;
+    let ca_dir = work.join("ca");
+    let st = Command::new(&ca_bin)
+        .args(["init", "--dir"])
+        .arg(&ca_dir)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("meshid-ca init failed");
+    }
+    let cluster = FakeCluster::new();
+    let jwks = work.join("jwks.json");
+    cluster.write_jwks(&jwks);
+
+    let grpc = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
+    let mut cmd = if have("taskset") {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &args.ca_cpu.to_string()]).arg(&ca_bin);
+        c
+    } else {
+        Command::new(&ca_bin)
+    };
+    cmd.args(["serve", "--dir"])
+        .arg(&ca_dir)
+        .args([
+            "--listen",
+            &grpc.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .arg("--jwks")
+        .arg(&jwks)
+        .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
+        .env("MESHID_LOG", "error");
+    let ca = Proc::spawn("meshid-ca", &mut cmd);
+    if !wait_http_ok(admin, "/readyz", Duration::from_secs(10)) {
+        bail!("CA did not become ready");
+    }
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&std::fs::read(ca_dir.join("bundle.pem"))?)
+            .collect::<Result<_, _>>()?;
+    let endpoint = CaEndpoint {
+        addr: grpc.to_string(),
+        server_name: Some("localhost".into()),
+        roots,
+    };
+
+    let ceiling = openssl_ceiling();
+    let mut results = serde_json::Map::new();
+    for mode in [Mode::Renewal, Mode::Token] {
+        let stats = measure(&args, &endpoint, &cluster, &ca, mode).await?;
+        results.insert(mode.name().into(), stats.report(&args, mode, ceiling));
+    }
+    drop(ca);
+    if let Some(out) = &args.out {
+        let json = serde_json::json!({
+            "concurrency": args.concurrency,
+            "count": args.count,
+            "openssl_ecdsap256": ceiling.map(|(s, v)| serde_json::json!({
+                "sign_per_second": s, "verify_per_second": v,
+                "sign_plus_verify_per_second": 1.0 / (1.0 / s + 1.0 / v),
+            })),
+            "runs": results,
+        });
+        std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
+        println!("\nresults: {}", out.display());
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// How the benchmark's clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The steady state of a mesh: renewing with the current certificate over mTLS.
+    Renewal,
+    /// First issuance with a Kubernetes service-account token (an RS256 verify per call).
+    Token,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Renewal => "renewal",
+            Self::Token => "service_account_token",
+        }
+    }
+}
+
+struct Stats {
+    latencies: Vec<Duration>,
+    errors: usize,
+    wall: f64,
+    cpu: f64,
+}
+
+impl Stats {
+    fn report(&self, args: &Args, mode: Mode, ceiling: Option<(f64, f64)>) -> serde_json::Value {
+        let issued = self.latencies.len() - self.errors;
+        let per_sec = issued as f64 / self.wall;
+        let per_cpu_sec = if self.cpu > 0.0 {
+            issued as f64 / self.cpu
+        } else {
+            0.0
+        };
+        let (p50, p99) = (
+            percentile(&self.latencies, 0.50),
+            percentile(&self.latencies, 0.99),
+        );
+        println!(
+            "\nCA issuance over gRPC/TLS ({}), {} clients, {} certificates",
+            mode.name(),
+            args.concurrency,
+            self.latencies.len()
+        );
+        println!("  errors:                       {}", self.errors);
+        println!("  throughput:                   {per_sec:.0} certs/s (wall clock)");
+        println!("  latency p50 / p99:            {p50:.2} ms / {p99:.2} ms");
+        println!(
+            "  CA CPU time:                  {:.2} s ({:.1} us per certificate)",
+            self.cpu,
+            self.cpu * 1e6 / issued.max(1) as f64
+        );
+        println!("  per core of CA CPU:           {per_cpu_sec:.0} certs/s   (target >= 8000)");
+        let mut json = serde_json::json!({
+            "issued": issued,
+            "errors": self.errors,
+            "wall_seconds": self.wall,
+            "certs_per_second": per_sec,
+            "ca_cpu_seconds": self.cpu,
+            "certs_per_ca_cpu_second": per_cpu_sec,
+            "latency_ms": { "p50": p50, "p99": p99 },
+        });
+        match ceiling {
+            Some((sign, verify)) => {
+                let ceil = 1.0 / (1.0 / sign + 1.0 / verify);
+                println!(
+                    "  openssl speed ecdsap256:      {sign:.0} sign/s, {verify:.0} verify/s -> {ceil:.0} sign+verify/s per core"
+                );
+                println!(
+                    "  ratio to that ceiling:        {:.2}   (target >= 0.6)",
+                    per_cpu_sec / ceil
+                );
+                json["ratio_to_openssl_ceiling"] = serde_json::json!(per_cpu_sec / ceil);
+            }
+            None => println!("  openssl speed:                unavailable (install openssl)"),
+        }
+        json
+    }
+}
+
+/// Prepares every request, then issues `args.count` certificates with `args.concurrency` clients.
+async fn measure(
+    args: &Args,
+    endpoint: &CaEndpoint,
+    cluster: &FakeCluster,
+    ca: &Proc,
+    mode: Mode,
+) -> Result<Stats> {
+    // Everything a request needs is prepared before the clock starts.
+    println!(
+        "\npreparing {} CSRs for {} clients ({}) ...",
+        args.count,
+        args.concurrency,
+        mode.name()
+    );
+    let per_worker = args.count.div_ceil(args.concurrency);
+    let mut work_items = Vec::new();
+    for w in 0..args.concurrency {
+        let token = cluster.token("bench", &format!("worker-{w}"));
+        let csrs: Vec<Vec<u8>> = (0..per_worker).map(|_| WorkloadKey::new().csr).collect();
+        let mut client = ca_client::connect(endpoint, None).await?;
+        let first = WorkloadKey::new();
+        let resp = client
+            .issue(IssueRequest {
+                csr: first.csr.clone(),
+                credential: Some(Credential::ServiceAccountToken(token.clone())),
+                ttl_seconds: 0,
+            })
+            .await?
+            .into_inner();
+        let credential = match mode {
+            Mode::Token => Some(Credential::ServiceAccountToken(token)),
+            Mode::Renewal => {
+                let chain = resp
+                    .cert_chain
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect();
+                client =
+                    ca_client::connect(endpoint, Some((chain, first.private_key_der()))).await?;
+                None
+            }
+        };
+        work_items.push((client, credential, csrs));
+    }
+
+    let profiler = args.perf.as_ref().map(|file| {
+        Proc::spawn(
+            "perf",
+            Command::new("perf")
+                .args([
+                    "record",
+                    "-F",
+                    "999",
+                    "-g",
+                    "-p",
+                    &ca.pid().to_string(),
+                    "-o",
+                ])
+                .arg(file.with_extension(mode.name()))
+                .stderr(Stdio::null()),
+        )
+    });
+    let cpu_before = cpu_seconds(ca.pid())?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut client, credential, csrs) in work_items {
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(csrs.len());
+            let mut errors = 0;
+            for csr in csrs {
+                let t = Instant::now();
+                let r = client
+                    .issue(IssueRequest {
+                        csr,
+                        credential: credential.clone(),
+                        ttl_seconds: 0,
+                    })
+                    .await;
+                if r.is_err() {
+                    errors += 1;
+                }
+                lat.push(t.elapsed());
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(ca.pid())? - cpu_before;
+    if let Some(mut p) = profiler {
+        p.signal("INT");
+        let _ = p.wait_timeout(Duration::from_secs(30));
+    }
+    latencies.sort();
+    Ok(Stats {
+        latencies,
+        errors,
+        wall,
+        cpu,
+    })
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("meshid-ca-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
