@@ -57,6 +57,16 @@ pub async fn connect(
     endpoint: &CaEndpoint,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<CaClient, CaClientError> {
+    Ok(CertificateAuthorityClient::new(
+        channel(endpoint, client_cert).await?,
+    ))
+}
+
+/// A gRPC channel to the CA's TLS port (for the CA API or its health service).
+pub async fn channel(
+    endpoint: &CaEndpoint,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Channel, CaClientError> {
     let host = endpoint.host()?.to_owned();
     let name = endpoint.server_name.clone().unwrap_or_else(|| host.clone());
     let server_name =
@@ -94,5 +104,5 @@ pub async fn connect(
             }
         }))
         .await?;
-    Ok(CertificateAuthorityClient::new(channel))
+    Ok(channel)
 }

@@ -1,6 +1,20 @@
 //! meshid sidecar: holds a workload's identity and enforces who may talk to it.
 //!
-//! This release has the CA client; the data plane (mTLS in and out, allow-lists) and the identity
-//! lifecycle (renewal, bundle following) come next.
+//! Inbound listeners terminate mTLS, verify the peer's chain against the trust bundle, extract its
+//! SPIFFE ID, apply the allow-list, and only then forward to the app on localhost. Outbound listeners
+//! take the app's plaintext calls on 127.0.0.1 and originate mTLS to a peer whose identity must be the
+//! expected one. Credentials enter through one seam, [`creds::CredentialStore`].
 
+pub mod admin;
 pub mod ca_client;
+pub mod config;
+pub mod conn;
+pub mod creds;
+pub mod files;
+pub mod http;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod policy;
+pub mod run;
+pub mod verify;

@@ -1,43 +1,84 @@
-//! `meshid-sidecar`: one per pod. This skeleton parses its command line; `run` (the data plane) is
-//! built in the next issues.
+//! `meshid-sidecar run`: one per pod. Bad configuration exits 64 after naming every bad setting.
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "meshid-sidecar",
-    version,
-    about = "meshid sidecar: mTLS in and out, SPIFFE identity, allow-lists"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the sidecar.
-    Run,
-}
+use clap::Parser;
+use meshid_sidecar::config::{Cli, Command, EXIT_USAGE};
+use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(64);
+            return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
     };
-    match cli.command {
-        Command::Run => {
-            eprintln!("meshid-sidecar: the data plane is not built yet (see the open issues)");
-            ExitCode::from(69)
+    init_tracing(&cli.log_format);
+    let Command::Run(args) = cli.command;
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("meshid-sidecar: invalid configuration:");
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_USAGE);
         }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshid-sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let mut registry = Registry::default();
+        let sidecar = match meshid_sidecar::run::start(config, &mut registry).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("meshid-sidecar: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = wait_for_signal().await {
+            eprintln!("meshid-sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        sidecar.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }

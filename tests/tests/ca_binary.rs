@@ -37,21 +37,24 @@ async fn init_token_serve_issue_and_sigterm() {
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(token.starts_with("meshid-join-"), "{token}");
 
+    let log_path = dir.path().join("ca.log");
     let grpc = free_addr("127.0.0.2");
     let admin = free_addr("127.0.0.2");
     let mut proc = Proc::spawn(
         "meshid-ca",
-        Command::new(&ca_bin).args([
-            "serve",
-            "--dir",
-            ca_dir_s,
-            "--listen",
-            &grpc.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-            "--grace",
-            "5s",
-        ]),
+        Command::new(&ca_bin)
+            .args([
+                "serve",
+                "--dir",
+                ca_dir_s,
+                "--listen",
+                &grpc.to_string(),
+                "--admin-listen",
+                &admin.to_string(),
+                "--grace",
+                "5s",
+            ])
+            .stderr(std::fs::File::create(&log_path).unwrap()),
     );
     assert!(
         wait_http_ok(admin, "/readyz", Duration::from_secs(10)),
@@ -110,4 +113,15 @@ async fn init_token_serve_issue_and_sigterm() {
         matches!(end, Ok(Ok(None)) | Ok(Err(_))),
         "stream ends: {end:?}"
     );
+
+    // Every decision is in the audit log; no credential is.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("certificate issued"), "{log}");
+    assert!(log.contains("join_token_used"), "{log}");
+    assert!(log.contains("spiffe://cluster.local/ns/vm/sa/db"), "{log}");
+    assert!(
+        !log.contains(&token["meshid-join-".len()..]),
+        "token leaked into the log"
+    );
+    assert!(!log.contains("PRIVATE KEY"), "key leaked into the log");
 }

@@ -466,3 +466,31 @@ async fn garbage_on_the_grpc_port_does_not_disturb_service() {
     .expect("server closes a stalled handshake");
     assert!(matches!(read, Ok(0) | Err(_)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let ca = TestCa::start(CaOptions::default()).await;
+    // The health service shares the CA's TLS port; reuse the CA client's channel setup.
+    let endpoint = meshid_sidecar::ca_client::CaEndpoint {
+        addr: ca.addr.to_string(),
+        server_name: Some("localhost".into()),
+        roots: ca.roots.clone(),
+    };
+    let channel = meshid_sidecar::ca_client::channel(&endpoint, None)
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "meshid.ca.v1.CertificateAuthority"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}

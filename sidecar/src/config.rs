@@ -1,0 +1,422 @@
+//! `meshid-sidecar run` configuration: flags with `MESHID_*` environment twins, parsed once into typed
+//! settings, with every bad setting reported at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use meshid_proto::{SpiffeId, parse_duration};
+
+use crate::policy::Protocol;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshid-sidecar",
+    version,
+    about = "meshid sidecar: mTLS in and out, SPIFFE identity, allow-lists"
+)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Inbound listener: LISTEN=TARGET[,tcp|http], e.g. 0.0.0.0:15443=127.0.0.1:8080,http (repeatable).
+    #[arg(long, env = "MESHID_INBOUND", value_delimiter = ' ')]
+    pub inbound: Vec<String>,
+    /// Upstream: LOCAL=REMOTE,SPIFFE_ID[,tcp|http], e.g.
+    /// 127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http (repeatable).
+    #[arg(long, env = "MESHID_OUTBOUND", value_delimiter = ' ')]
+    pub outbound: Vec<String>,
+    /// Allow-list file (YAML), watched and hot-reloaded. Without one every inbound peer is denied.
+    #[arg(long, env = "MESHID_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Admin server (probes, /metrics, /identity).
+    #[arg(long, env = "MESHID_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
+    pub admin_listen: String,
+    /// Certificate chain (PEM, leaf first).
+    #[arg(long, env = "MESHID_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, env = "MESHID_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust bundle (PEM roots).
+    #[arg(long, env = "MESHID_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// Allow inbound targets that are not loopback (the app is then reachable without the sidecar).
+    #[arg(long, env = "MESHID_DANGEROUS_ALLOW_NON_LOCAL_TARGET")]
+    pub dangerous_allow_non_local_target: bool,
+    /// Time allowed for a TLS handshake.
+    #[arg(long, env = "MESHID_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Close a connection with no traffic either way for this long.
+    #[arg(long, env = "MESHID_IDLE_TIMEOUT", default_value = "5m")]
+    pub idle_timeout: String,
+    /// Most concurrent connections per listener; excess ones are refused.
+    #[arg(long, env = "MESHID_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
+    /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
+    #[arg(long, env = "MESHID_MAX_HEADER_BYTES", default_value = "16384")]
+    pub max_header_bytes: String,
+    /// Time the app (or upstream) has to answer with response headers.
+    #[arg(long, env = "MESHID_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: String,
+    /// Time allowed to connect to the app or an upstream.
+    #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: String,
+    /// On SIGTERM, how long in-flight requests and connections may take to finish.
+    #[arg(long, env = "MESHID_GRACE", default_value = "20s")]
+    pub grace: String,
+}
+
+/// An inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// An upstream the app reaches through a local plaintext listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub local: SocketAddr,
+    /// `host:port` of the peer sidecar's inbound listener.
+    pub remote: String,
+    pub expected: SpiffeId,
+    pub protocol: Protocol,
+}
+
+/// Credential files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCreds {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Limits on everything a peer controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Everything `run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub inbound: Vec<Inbound>,
+    pub outbound: Vec<Outbound>,
+    pub policy: Option<PathBuf>,
+    pub admin_listen: SocketAddr,
+    pub creds: FileCreds,
+    pub limits: Limits,
+}
+
+fn parse_protocol(s: Option<&str>) -> Result<Protocol, String> {
+    match s {
+        None | Some("tcp") => Ok(Protocol::Tcp),
+        Some("http") => Ok(Protocol::Http),
+        Some(other) => Err(format!("protocol {other:?} is not tcp or http")),
+    }
+}
+
+/// Parses `LISTEN=TARGET[,tcp|http]`.
+pub fn parse_inbound(s: &str, allow_non_local: bool) -> Result<Inbound, String> {
+    let (listen, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not LISTEN=TARGET[,tcp|http]"))?;
+    let mut parts = rest.split(',');
+    let target = parts.next().unwrap_or_default();
+    let protocol = parse_protocol(parts.next())?;
+    if parts.next().is_some() {
+        return Err(format!("{s:?} has too many fields"));
+    }
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| format!("target {target:?} is not IP:PORT"))?;
+    if !target.ip().is_loopback() && !allow_non_local {
+        return Err(format!(
+            "target {target} is not loopback (the app must listen on localhost; \
+             --dangerous-allow-non-local-target overrides)"
+        ));
+    }
+    if listen.port() == 0 || target.port() == 0 {
+        return Err(format!("{s:?}: port 0 is not allowed"));
+    }
+    Ok(Inbound {
+        listen,
+        target,
+        protocol,
+    })
+}
+
+/// Parses `LOCAL=REMOTE,SPIFFE_ID[,tcp|http]`.
+pub fn parse_outbound(s: &str, allow_non_local: bool) -> Result<Outbound, String> {
+    let (local, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not LOCAL=REMOTE,SPIFFE_ID[,tcp|http]"))?;
+    let mut parts = rest.split(',');
+    let remote = parts.next().unwrap_or_default();
+    let id = parts
+        .next()
+        .ok_or_else(|| format!("{s:?} has no expected SPIFFE ID"))?;
+    let protocol = parse_protocol(parts.next())?;
+    if parts.next().is_some() {
+        return Err(format!("{s:?} has too many fields"));
+    }
+    let local: SocketAddr = local
+        .parse()
+        .map_err(|_| format!("local address {local:?} is not IP:PORT"))?;
+    if !local.ip().is_loopback() && !allow_non_local {
+        return Err(format!(
+            "local address {local} is not loopback (anyone who reaches it would borrow this \
+             workload's identity)"
+        ));
+    }
+    let (host, port) = remote
+        .rsplit_once(':')
+        .ok_or_else(|| format!("remote {remote:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+        return Err(format!("remote {remote:?} is not HOST:PORT"));
+    }
+    let expected = SpiffeId::parse(id).map_err(|e| format!("expected id {id:?}: {e}"))?;
+    Ok(Outbound {
+        local,
+        remote: remote.to_owned(),
+        expected,
+        protocol,
+    })
+}
+
+impl RunArgs {
+    /// Checks every setting; returns all problems at once.
+    pub fn into_config(self) -> Result<RunConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut check = |flag: &str, r: Result<Duration, String>| match r {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("--{flag}: {e}"));
+                Duration::ZERO
+            }
+        };
+        let handshake_timeout = check("handshake-timeout", parse_duration(&self.handshake_timeout));
+        let idle_timeout = check("idle-timeout", parse_duration(&self.idle_timeout));
+        let request_timeout = check("request-timeout", parse_duration(&self.request_timeout));
+        let connect_timeout = check("connect-timeout", parse_duration(&self.connect_timeout));
+        let grace = check("grace", parse_duration(&self.grace));
+        let allow = self.dangerous_allow_non_local_target;
+        let mut inbound = Vec::new();
+        for s in self.inbound.iter().filter(|s| !s.is_empty()) {
+            match parse_inbound(s, allow) {
+                Ok(i) => inbound.push(i),
+                Err(e) => problems.push(format!("--inbound: {e}")),
+            }
+        }
+        let mut outbound = Vec::new();
+        for s in self.outbound.iter().filter(|s| !s.is_empty()) {
+            match parse_outbound(s, allow) {
+                Ok(o) => outbound.push(o),
+                Err(e) => problems.push(format!("--outbound: {e}")),
+            }
+        }
+        let admin_listen = self.admin_listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.push(format!(
+                "--admin-listen: {:?} is not IP:PORT",
+                self.admin_listen
+            ));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        });
+        let mut seen = std::collections::HashSet::new();
+        for addr in inbound
+            .iter()
+            .map(|i| i.listen)
+            .chain(outbound.iter().map(|o| o.local))
+            .chain(std::iter::once(admin_listen))
+        {
+            if addr.port() != 0 && !seen.insert(addr) {
+                problems.push(format!("{addr} is used by more than one listener"));
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for i in &inbound {
+            if !ports.insert(i.listen.port()) {
+                problems.push(format!(
+                    "--inbound: port {} is used twice (policy rules are per port)",
+                    i.listen.port()
+                ));
+            }
+        }
+        let max_connections = match self.max_connections.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                problems.push("--max-connections: must be a positive number".into());
+                0
+            }
+        };
+        let max_header_bytes = match self.max_header_bytes.parse::<usize>() {
+            Ok(n) if n >= 8192 => n,
+            _ => {
+                problems.push("--max-header-bytes: must be a number of at least 8192".into());
+                0
+            }
+        };
+        if inbound.is_empty() && outbound.is_empty() {
+            problems.push("no --inbound or --outbound listener: nothing to do".into());
+        }
+        if let Some(p) = &self.policy
+            && !p.exists()
+        {
+            problems.push(format!("--policy: {} does not exist", p.display()));
+        }
+        let mut file = |flag: &str, p: &Option<PathBuf>| match p {
+            Some(p) if p.is_file() => p.clone(),
+            Some(p) => {
+                problems.push(format!("--{flag}: {} is not a readable file", p.display()));
+                PathBuf::new()
+            }
+            None => {
+                problems.push(format!("--{flag} is required"));
+                PathBuf::new()
+            }
+        };
+        let creds = FileCreds {
+            cert: file("cert", &self.cert),
+            key: file("key", &self.key),
+            bundle: file("bundle", &self.bundle),
+        };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(RunConfig {
+            inbound,
+            outbound,
+            policy: self.policy,
+            admin_listen,
+            creds,
+            limits: Limits {
+                handshake_timeout,
+                idle_timeout,
+                max_connections,
+                max_header_bytes,
+                request_timeout,
+                connect_timeout,
+                grace,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_and_outbound_syntax() {
+        let i = parse_inbound("0.0.0.0:15443=127.0.0.1:8080,http", false).unwrap();
+        assert_eq!(i.listen.port(), 15443);
+        assert_eq!(i.protocol, Protocol::Http);
+        assert_eq!(
+            parse_inbound("127.0.0.1:1=127.0.0.1:2", false)
+                .unwrap()
+                .protocol,
+            Protocol::Tcp
+        );
+        assert!(parse_inbound("0.0.0.0:1=10.0.0.1:2", false).is_err());
+        assert!(parse_inbound("0.0.0.0:1=10.0.0.1:2", true).is_ok());
+        for bad in [
+            "x",
+            "0.0.0.0:1=",
+            "0.0.0.0:1=127.0.0.1:2,udp",
+            "a=b",
+            "0.0.0.0:1=127.0.0.1:2,http,x",
+        ] {
+            assert!(parse_inbound(bad, false).is_err(), "{bad}");
+        }
+        let o = parse_outbound(
+            "127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http",
+            false,
+        )
+        .unwrap();
+        assert_eq!(o.remote, "payments.shop.svc:15443");
+        assert_eq!(o.protocol, Protocol::Http);
+        for bad in [
+            "127.0.0.1:9001=host:1",
+            "127.0.0.1:9001=host,spiffe://td/a",
+            "127.0.0.1:9001=host:1,spiffe://td/../a",
+            "0.0.0.0:9001=host:1,spiffe://td/a",
+            "127.0.0.1:9001=:1,spiffe://td/a",
+        ] {
+            assert!(parse_outbound(bad, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_bad_setting_is_reported() {
+        let cli = Cli::try_parse_from([
+            "meshid-sidecar",
+            "run",
+            "--inbound",
+            "0.0.0.0:1=10.1.1.1:80",
+            "--outbound",
+            "nope",
+            "--idle-timeout",
+            "x",
+            "--max-header-bytes",
+            "100",
+            "--admin-listen",
+            "bad",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        let problems = args.into_config().unwrap_err().join("\n");
+        for needle in [
+            "--inbound",
+            "--outbound",
+            "--idle-timeout",
+            "--max-header-bytes",
+            "--admin-listen",
+            "--cert",
+            "--key",
+            "--bundle",
+        ] {
+            assert!(problems.contains(needle), "{needle} missing in {problems}");
+        }
+    }
+}

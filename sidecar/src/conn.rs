@@ -1,0 +1,177 @@
+//! Pieces every listener shares: the per-listener context, connection permits, and a bidirectional
+//! copy with half-close and an idle timeout.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::config::Limits;
+use crate::creds::CredentialStore;
+use crate::metrics::Metrics;
+use crate::policy::PolicyStore;
+
+/// What every listener needs.
+#[derive(Clone)]
+pub struct Shared {
+    pub creds: Arc<CredentialStore>,
+    pub policy: PolicyStore,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    /// Turns true on SIGTERM: listeners stop accepting, HTTP connections drain.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Resolves once shutdown has started (holds no lock across awaits, unlike `wait_for`'s guard).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Counts a listener's connections: a permit per connection, refused past the limit; draining waits
+/// until every permit is back.
+#[derive(Clone, Debug)]
+pub struct ConnLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A permit, or None when the limit is reached.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits until no connection holds a permit.
+    pub async fn drained(&self) {
+        let max = u32::try_from(self.max).unwrap_or(u32::MAX);
+        if let Ok(all) = self.permits.acquire_many(max).await {
+            drop(all);
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+}
+
+fn now_millis(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: Arc<AtomicU64>,
+    start: Instant,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the other side learns there is no more data, but may keep sending.
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        activity.store(now_millis(start), Ordering::Relaxed);
+    }
+}
+
+/// Copies both ways until both directions finish, propagating half-close; gives up when neither side
+/// has sent anything for `idle`.
+pub async fn copy_bidirectional_idle<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let start = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let a_to_b = pump(ar, bw, activity.clone(), start);
+    let b_to_a = pump(br, aw, activity.clone(), start);
+    let both = async { tokio::try_join!(a_to_b, b_to_a) };
+    tokio::pin!(both);
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let last = activity.load(Ordering::Relaxed);
+        let elapsed = now_millis(start).saturating_sub(last);
+        let wait = Duration::from_millis(idle_ms.saturating_sub(elapsed).max(1));
+        tokio::select! {
+            r = &mut both => return r,
+            () = tokio::time::sleep(wait) => {
+                let last = activity.load(Ordering::Relaxed);
+                if now_millis(start).saturating_sub(last) >= idle_ms {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn copies_both_ways_with_half_close() {
+        let (mut client, proxy_a) = duplex(64);
+        let (proxy_b, mut server) = duplex(64);
+        let task = tokio::spawn(copy_bidirectional_idle(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(5),
+        ));
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        // The server can still answer after the client half-closed.
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong");
+        assert_eq!(task.await.unwrap().unwrap(), (4, 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed() {
+        let (_client, proxy_a) = duplex(64);
+        let (proxy_b, _server) = duplex(64);
+        let err = copy_bidirectional_idle(proxy_a, proxy_b, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn limit_refuses_past_max_and_drains() {
+        let limit = ConnLimit::new(2);
+        let a = limit.try_acquire().unwrap();
+        let _b = limit.try_acquire().unwrap();
+        assert!(limit.try_acquire().is_none());
+        assert_eq!(limit.open(), 2);
+        drop(a);
+        assert!(limit.try_acquire().is_some());
+    }
+}

@@ -1,0 +1,245 @@
+//! The one seam where credentials enter the data plane.
+//!
+//! Every source (PEM files today; the CA client and file watcher next) calls
+//! [`CredentialStore::set_certificate`]. A new set is validated — the key matches the leaf, the chain
+//! verifies to the bundle, the identity is a valid SPIFFE ID — before anything is published; then the
+//! TLS configs for every listener and upstream are built once and swapped in atomically. New
+//! handshakes use them at once; live connections keep theirs. Until the first set arrives, handshakes
+//! are refused; a rejected set leaves the last good one serving.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use meshid_proto::{CertIdentity, IdentityError, SpiffeId, cert_identity_from_der};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::sync::watch;
+
+use crate::policy::Protocol;
+use crate::verify::{Anchors, SpiffeClientVerifier, SpiffeServerVerifier};
+
+/// A certificate chain (leaf first), its private key, and the trust bundle, as one set.
+pub struct Credentials {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("Credentials")
+            .field("chain", &self.chain.len())
+            .field("key", &"<redacted>")
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+/// Why a credential set was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredError {
+    #[error("certificate chain is empty")]
+    EmptyChain,
+    #[error("trust bundle is empty")]
+    EmptyBundle,
+    #[error("certificate identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("trust bundle: {0:?}")]
+    Bundle(webpki::Error),
+    #[error("private key: {0}")]
+    Key(rustls::Error),
+    #[error("certificate does not verify against the trust bundle: {0}")]
+    Chain(rustls::Error),
+    #[error("tls configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// One upstream's expectations, fixed at start.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub expected: SpiffeId,
+    pub protocol: Protocol,
+}
+
+/// A validated credential set with every TLS config built from it.
+pub struct Snapshot {
+    pub identity: CertIdentity,
+    pub anchors: Anchors,
+    /// SHA-256 fingerprints of the trust anchors (hex), for `/identity`.
+    pub anchor_fingerprints: Vec<String>,
+    pub server_tcp: Arc<ServerConfig>,
+    pub server_http: Arc<ServerConfig>,
+    /// Indexed like the store's upstreams.
+    pub clients: Vec<Arc<ClientConfig>>,
+    /// SHA-256 (hex) of our own leaf, for `x-forwarded-client-cert`-style headers.
+    pub leaf_sha256: String,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("identity", &self.identity)
+            .field("anchors", &self.anchors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// The server config for an inbound listener of `protocol`.
+    pub fn server(&self, protocol: Protocol) -> &Arc<ServerConfig> {
+        match protocol {
+            Protocol::Tcp => &self.server_tcp,
+            Protocol::Http => &self.server_http,
+        }
+    }
+
+    /// Whether the leaf is valid at `now` (seconds since the epoch).
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.identity.not_before <= now && now < self.identity.not_after
+    }
+}
+
+/// The credential store shared by every listener.
+pub struct CredentialStore {
+    provider: Arc<CryptoProvider>,
+    upstreams: Vec<UpstreamSpec>,
+    current: ArcSwapOption<Snapshot>,
+    generation: watch::Sender<u64>,
+}
+
+impl fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field(
+                "current",
+                &self.current.load().as_ref().map(|s| s.identity.id.clone()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The crypto provider used everywhere: aws-lc-rs.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl CredentialStore {
+    pub fn new(upstreams: Vec<UpstreamSpec>) -> Self {
+        Self {
+            provider: provider(),
+            upstreams,
+            current: ArcSwapOption::empty(),
+            generation: watch::channel(0).0,
+        }
+    }
+
+    /// The current snapshot, if any set was ever accepted.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Notified with a new generation number on every accepted set.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Validates a credential set, builds every TLS config from it, and publishes it.
+    pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
+        let snapshot = Arc::new(self.build(creds)?);
+        self.current.store(Some(snapshot.clone()));
+        self.generation.send_modify(|g| *g += 1);
+        Ok(snapshot)
+    }
+
+    fn build(&self, creds: Credentials) -> Result<Snapshot, CredError> {
+        let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
+        if creds.roots.is_empty() {
+            return Err(CredError::EmptyBundle);
+        }
+        let identity = cert_identity_from_der(&leaf)?;
+        let anchors =
+            Anchors::new(&creds.roots, identity.id.trust_domain()).map_err(CredError::Bundle)?;
+        let key = CertifiedKey::from_der(creds.chain.clone(), creds.key, &self.provider)
+            .map_err(CredError::Key)?;
+        let key = Arc::new(key);
+
+        // Our own chain must verify exactly as peers will verify it, both ways.
+        let own_server =
+            SpiffeServerVerifier::new(anchors.clone(), identity.id.clone(), &self.provider);
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &own_server,
+            &leaf,
+            &creds.chain[1..],
+            &rustls::pki_types::ServerName::try_from("meshid.invalid")
+                .map_err(|_| CredError::EmptyChain)?,
+            &[],
+            UnixTime::now(),
+        )
+        .map_err(CredError::Chain)?;
+        let client_verifier = Arc::new(SpiffeClientVerifier::new(anchors.clone(), &self.provider));
+        rustls::server::danger::ClientCertVerifier::verify_client_cert(
+            client_verifier.as_ref(),
+            &leaf,
+            &creds.chain[1..],
+            UnixTime::now(),
+        )
+        .map_err(CredError::Chain)?;
+
+        let server = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, CredError> {
+            let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(client_verifier.clone())
+                .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key.clone())));
+            config.alpn_protocols = alpn;
+            // No resumption: every connection proves its peer's certificate against the current
+            // bundle, so a rotation or an expiry can never be skipped by a resumed session.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            Ok(Arc::new(config))
+        };
+        let server_tcp = server(Vec::new())?;
+        let server_http = server(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
+
+        let mut clients = Vec::with_capacity(self.upstreams.len());
+        for up in &self.upstreams {
+            let verifier =
+                SpiffeServerVerifier::new(anchors.clone(), up.expected.clone(), &self.provider);
+            // `dangerous()` is how rustls admits a custom verifier; ours is not weaker than webpki's
+            // hostname check: it verifies the chain and then demands the exact SPIFFE ID.
+            let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                    key.clone(),
+                )));
+            config.resumption = rustls::client::Resumption::disabled();
+            if up.protocol == Protocol::Http {
+                config.alpn_protocols = vec![b"h2".to_vec()];
+            }
+            clients.push(Arc::new(config));
+        }
+
+        let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
+        Ok(Snapshot {
+            identity,
+            anchors,
+            anchor_fingerprints,
+            server_tcp,
+            server_http,
+            clients,
+            leaf_sha256: sha256_hex(&leaf),
+        })
+    }
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use aws_lc_rs::digest;
+    meshid_proto::identity::hex(digest::digest(&digest::SHA256, bytes).as_ref())
+}

@@ -1,0 +1,515 @@
+//! Hot reload: a thread that keeps a [`PolicyStore`] in step with the policy file.
+//!
+//! The file's parent directory is watched (inotify, non-recursive), which sees in-place writes,
+//! atomic renames over the file, and Kubernetes volume updates, where `policy.yaml` is a symlink to
+//! `..data/policy.yaml` and `..data` is a symlink swapped atomically to a new timestamped directory.
+//! Any event re-reads the path (following symlinks) once events have been quiet for a moment, and
+//! only content that differs from the last content seen is parsed. A slow periodic re-read covers
+//! whatever inotify misses: a symlink target in another directory, a replaced parent directory, an
+//! exhausted inotify limit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+
+use super::{Policy, PolicyError, parse};
+
+/// The current policy, shared with the data plane (readers never block). `None` until one loads.
+pub type PolicyStore = Arc<ArcSwapOption<Policy>>;
+
+/// What a re-read of the policy file found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// A new valid policy is now in the store.
+    Applied,
+    /// The file changed but cannot be used (the reason names the path); the last good policy stays.
+    Rejected(String),
+    /// The file has the content already seen.
+    Unchanged,
+}
+
+/// Watches the policy file until dropped; dropping it stops the watch thread and waits for it.
+pub struct PolicyWatcher {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    wake: Sender<Message>,
+    thread: Option<JoinHandle<()>>,
+    _inotify: Option<RecommendedWatcher>,
+}
+
+/// Loads the policy file into `store`, then keeps it up to date.
+///
+/// A missing or invalid file at start is returned as `Err` and the store is left as it was. After
+/// that, a valid new file is applied at once; an invalid (or unreadable) one keeps the last good
+/// policy, is logged with `tracing::error!` and reported as [`ReloadOutcome::Rejected`]. `on_reload`
+/// is not called for the first load; it is called after every event-triggered re-read (including
+/// [`ReloadOutcome::Unchanged`]) and after a periodic re-read that found something new. It runs on
+/// the watch thread.
+pub fn watch_policy_file(
+    path: PathBuf,
+    store: PolicyStore,
+    on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
+) -> Result<PolicyWatcher, PolicyError> {
+    watch_with_timing(path, store, on_reload, Timing::DEFAULT)
+}
+
+/// How long to wait: for events to go quiet, at most after the first event of a burst, and between
+/// periodic re-reads.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    quiet: Duration,
+    max_delay: Duration,
+    poll: Duration,
+}
+
+impl Timing {
+    const DEFAULT: Timing = Timing {
+        quiet: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+        poll: Duration::from_secs(2),
+    };
+}
+
+enum Message {
+    /// Something happened in the directory.
+    Changed,
+    /// The watcher is being dropped.
+    Stop,
+}
+
+fn watch_with_timing(
+    path: PathBuf,
+    store: PolicyStore,
+    on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
+    timing: Timing,
+) -> Result<PolicyWatcher, PolicyError> {
+    let reloader = Reloader::load(path.clone(), store, on_reload)?;
+    let (wake, events) = mpsc::channel();
+    let inotify = watch_directory(&path, wake.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
+    let thread = thread::Builder::new()
+        .name("policy-watch".to_owned())
+        .spawn(move || run(reloader, &events, &thread_stop, timing))
+        .map_err(PolicyError::Watch)?;
+    Ok(PolicyWatcher {
+        path,
+        stop,
+        wake,
+        thread: Some(thread),
+        _inotify: inotify,
+    })
+}
+
+/// Watches the parent directory, or returns `None` (after a warning) and leaves it to polling.
+fn watch_directory(path: &Path, wake: Sender<Message>) -> Option<RecommendedWatcher> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let handler = move |event: notify::Result<notify::Event>| {
+        match event {
+            // Opening or reading files (our own re-reads included) changes nothing.
+            Ok(event) if is_read_only(&event.kind) => return,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "policy watch error, re-reading the file"),
+        }
+        // A send fails only once the watch thread has stopped.
+        let _ = wake.send(Message::Changed);
+    };
+    let watched = notify::recommended_watcher(handler)
+        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w));
+    match watched {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!(%error, dir = %dir.display(), "cannot watch the policy directory, polling only");
+            None
+        }
+    }
+}
+
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
+/// The watch thread: re-read after a burst of events goes quiet, or when the poll interval passes.
+fn run(mut reloader: Reloader, events: &Receiver<Message>, stop: &AtomicBool, timing: Timing) {
+    // (first, last) event of the current burst.
+    let mut burst: Option<(Instant, Instant)> = None;
+    let mut next_poll = Instant::now() + timing.poll;
+    while !stop.load(Ordering::Acquire) {
+        let due = match burst {
+            Some((first, last)) => (last + timing.quiet).min(first + timing.max_delay),
+            None => next_poll,
+        };
+        let now = Instant::now();
+        if now >= due {
+            let from_event = burst.take().is_some();
+            let outcome = reloader.check();
+            if from_event || outcome != ReloadOutcome::Unchanged {
+                (reloader.on_reload)(&outcome);
+            }
+            next_poll = Instant::now() + timing.poll;
+            continue;
+        }
+        match events.recv_timeout(due - now) {
+            Ok(Message::Changed) => {
+                let now = Instant::now();
+                burst = Some((burst.map_or(now, |(first, _)| first), now));
+            }
+            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// The file and the state of the last read.
+struct Reloader {
+    path: PathBuf,
+    store: PolicyStore,
+    on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
+    last_seen: Seen,
+}
+
+/// What the last read found, applied or not, so that one bad file is reported once.
+#[derive(PartialEq, Eq)]
+enum Seen {
+    Content(Vec<u8>),
+    ReadError(String),
+}
+
+impl Reloader {
+    /// The first load: every failure is an error for the caller.
+    fn load(
+        path: PathBuf,
+        store: PolicyStore,
+        on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
+    ) -> Result<Self, PolicyError> {
+        let loaded = parse::read_file(&path)
+            .and_then(|bytes| Ok((Policy::parse_bytes(&bytes)?, bytes)))
+            .map_err(|error| in_file(&path, error))?;
+        let (policy, bytes) = loaded;
+        store.store(Some(Arc::new(policy)));
+        tracing::info!(path = %path.display(), "policy loaded");
+        Ok(Self {
+            path,
+            store,
+            on_reload,
+            last_seen: Seen::Content(bytes),
+        })
+    }
+
+    /// Re-reads the file; applies it when it is new and valid.
+    fn check(&mut self) -> ReloadOutcome {
+        let seen = match parse::read_file(&self.path) {
+            Ok(bytes) => Seen::Content(bytes),
+            Err(error) => Seen::ReadError(in_file(&self.path, error).to_string()),
+        };
+        if seen == self.last_seen {
+            return ReloadOutcome::Unchanged;
+        }
+        let result = match &seen {
+            Seen::Content(bytes) => {
+                Policy::parse_bytes(bytes).map_err(|error| in_file(&self.path, error).to_string())
+            }
+            Seen::ReadError(reason) => Err(reason.clone()),
+        };
+        self.last_seen = seen;
+        match result {
+            Ok(policy) => {
+                self.store.store(Some(Arc::new(policy)));
+                tracing::info!(path = %self.path.display(), "policy reloaded");
+                ReloadOutcome::Applied
+            }
+            Err(reason) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %reason,
+                    "policy rejected, keeping the last good policy"
+                );
+                ReloadOutcome::Rejected(reason)
+            }
+        }
+    }
+}
+
+fn in_file(path: &Path, error: PolicyError) -> PolicyError {
+    PolicyError::File {
+        path: path.to_owned(),
+        error: Box::new(error),
+    }
+}
+
+impl Drop for PolicyWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // A failed send means the thread is already gone.
+        let _ = self.wake.send(Message::Stop);
+        if let Some(thread) = self.thread.take() {
+            // Joining from the watch thread itself (a callback dropping its own watcher) would hang.
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for PolicyWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyWatcher")
+            .field("path", &self.path)
+            .field("inotify", &self._inotify.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Periodic re-reads effectively off, so that these tests see inotify at work.
+    const INOTIFY_ONLY: Timing = Timing {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+        poll: Duration::from_secs(3600),
+    };
+
+    fn policy_for(port: u16) -> String {
+        format!("inbound:\n  - port: {port}\n    allow: []\n")
+    }
+
+    /// The one port of the current policy.
+    fn current_port(store: &PolicyStore) -> Option<u16> {
+        store
+            .load()
+            .as_ref()
+            .and_then(|p| p.ports.first().map(|p| p.port))
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    struct Harness {
+        store: PolicyStore,
+        outcomes: Arc<Mutex<Vec<ReloadOutcome>>>,
+        watcher: PolicyWatcher,
+    }
+
+    fn start(path: &Path, timing: Timing) -> Harness {
+        let store = PolicyStore::default();
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let record = outcomes.clone();
+        let on_reload = Box::new(move |o: &ReloadOutcome| record.lock().unwrap().push(o.clone()));
+        let watcher = watch_with_timing(path.to_owned(), store.clone(), on_reload, timing).unwrap();
+        assert!(watcher._inotify.is_some(), "inotify is not available");
+        Harness {
+            store,
+            outcomes,
+            watcher,
+        }
+    }
+
+    impl Harness {
+        fn wait_for_port(&self, port: u16) {
+            wait_for(&format!("port {port}"), || {
+                current_port(&self.store) == Some(port)
+            });
+        }
+        fn rejections(&self) -> Vec<String> {
+            let outcomes = self.outcomes.lock().unwrap();
+            outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    ReloadOutcome::Rejected(reason) => Some(reason.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_bad_file_at_start_is_an_error_and_leaves_the_store_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        let store = PolicyStore::default();
+        let error = watch_policy_file(path.clone(), store.clone(), Box::new(|_| {})).unwrap_err();
+        assert!(
+            error.to_string().contains("policy.yaml: cannot read"),
+            "{error}"
+        );
+        fs::write(&path, "inbound:\n  - port: 0\n    allow: []\n").unwrap();
+        let error = watch_policy_file(path, store.clone(), Box::new(|_| {})).unwrap_err();
+        assert!(error.to_string().contains("line 2 column 11"), "{error}");
+        assert!(store.load().is_none());
+    }
+
+    #[test]
+    fn in_place_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let h = start(&path, INOTIFY_ONLY);
+        assert_eq!(current_port(&h.store), Some(1));
+        fs::write(&path, policy_for(2)).unwrap();
+        h.wait_for_port(2);
+        assert!(h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied));
+    }
+
+    #[test]
+    fn atomic_rename_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let h = start(&path, INOTIFY_ONLY);
+        let tmp = dir.path().join(".policy.yaml.tmp");
+        fs::write(&tmp, policy_for(2)).unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        h.wait_for_port(2);
+        assert!(h.rejections().is_empty(), "{:?}", h.rejections());
+    }
+
+    /// Exactly the steps of kubelet's atomic writer for ConfigMap and downward-API volumes.
+    #[test]
+    fn kubernetes_data_symlink_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::create_dir(d.join("..2026_11_22_12_00_00.123")).unwrap();
+        fs::write(
+            d.join("..2026_11_22_12_00_00.123/policy.yaml"),
+            policy_for(1),
+        )
+        .unwrap();
+        symlink("..2026_11_22_12_00_00.123", d.join("..data")).unwrap();
+        symlink("..data/policy.yaml", d.join("policy.yaml")).unwrap();
+        let h = start(&d.join("policy.yaml"), INOTIFY_ONLY);
+        assert_eq!(current_port(&h.store), Some(1));
+
+        fs::create_dir(d.join("..2026_11_22_12_05_00.456")).unwrap();
+        fs::write(
+            d.join("..2026_11_22_12_05_00.456/policy.yaml"),
+            policy_for(2),
+        )
+        .unwrap();
+        symlink("..2026_11_22_12_05_00.456", d.join("..data_tmp")).unwrap();
+        fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        fs::remove_dir_all(d.join("..2026_11_22_12_00_00.123")).unwrap();
+        h.wait_for_port(2);
+        assert!(h.rejections().is_empty(), "{:?}", h.rejections());
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_good_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let h = start(&path, INOTIFY_ONLY);
+        fs::write(&path, "inbound:\n  - port: 2\n    allow: [\n").unwrap();
+        wait_for("a rejection", || !h.rejections().is_empty());
+        let reason = &h.rejections()[0];
+        assert!(reason.contains("policy.yaml: line "), "{reason}");
+        assert_eq!(current_port(&h.store), Some(1));
+        fs::write(&path, policy_for(3)).unwrap();
+        h.wait_for_port(3);
+    }
+
+    /// A symlink to a file in another directory: inotify on the link's directory does not see writes
+    /// to the target, the periodic re-read does.
+    #[test]
+    fn periodic_reread_catches_what_inotify_misses() {
+        let (link_dir, target_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let target = target_dir.path().join("real.yaml");
+        fs::write(&target, policy_for(1)).unwrap();
+        let path = link_dir.path().join("policy.yaml");
+        symlink(&target, &path).unwrap();
+        let h = start(
+            &path,
+            Timing {
+                poll: Duration::from_millis(100),
+                ..INOTIFY_ONLY
+            },
+        );
+        fs::write(&target, policy_for(2)).unwrap();
+        h.wait_for_port(2);
+        // Found by a periodic re-read, so reported although no event came.
+        assert!(h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied));
+    }
+
+    #[test]
+    fn dropping_the_watcher_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let h = start(
+            &path,
+            Timing {
+                poll: Duration::from_millis(10),
+                ..INOTIFY_ONLY
+            },
+        );
+        drop(h.watcher); // joins the thread
+        fs::write(&path, policy_for(2)).unwrap();
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(current_port(&h.store), Some(1));
+    }
+
+    /// The re-read logic on its own: each new state is reported once.
+    #[test]
+    fn each_change_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let store = PolicyStore::default();
+        let mut r = Reloader::load(path.clone(), store.clone(), Box::new(|_| {})).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        fs::write(&path, "inbound: 7\n").unwrap();
+        let rejected = r.check();
+        assert!(
+            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains("line 1 column 10")),
+            "{rejected:?}"
+        );
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        fs::remove_file(&path).unwrap();
+        let rejected = r.check();
+        assert!(
+            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains("cannot read")),
+            "{rejected:?}"
+        );
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        assert_eq!(current_port(&store), Some(1));
+        fs::write(&path, policy_for(1)).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Applied);
+        fs::write(&path, policy_for(4)).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Applied);
+        assert_eq!(current_port(&store), Some(4));
+    }
+
+    #[test]
+    fn reads_are_not_changes() {
+        assert!(is_read_only(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(is_read_only(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(!is_read_only(&EventKind::Any));
+    }
+}

@@ -1,0 +1,189 @@
+//! Assembling a running sidecar: credentials, policy, listeners, admin; and draining on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::RunConfig;
+use crate::conn::{ConnLimit, Shared};
+use crate::creds::{CredentialStore, UpstreamSpec};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::policy::{PolicyStore, PolicyWatcher, ReloadOutcome, watch_policy_file};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("credentials: {0}")]
+    Files(#[from] crate::files::FileError),
+    #[error("credentials: {0}")]
+    Creds(#[from] crate::creds::CredError),
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running sidecar.
+pub struct RunningSidecar {
+    pub admin_addr: SocketAddr,
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub shared: Shared,
+    shutdown: watch::Sender<bool>,
+    limits: Vec<ConnLimit>,
+    grace: Duration,
+    _policy: Option<PolicyWatcher>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((l, local))
+}
+
+/// Loads credentials and policy, binds every listener, and starts serving.
+pub async fn start(
+    config: RunConfig,
+    registry: &mut Registry,
+) -> Result<RunningSidecar, StartError> {
+    let metrics = Metrics::register(registry);
+    let upstreams = config
+        .outbound
+        .iter()
+        .map(|o| UpstreamSpec {
+            expected: o.expected.clone(),
+            protocol: o.protocol,
+        })
+        .collect();
+    let creds = Arc::new(CredentialStore::new(upstreams));
+    let snapshot = creds.set_certificate(crate::files::load(&config.creds)?)?;
+    metrics
+        .credential_updates
+        .get_or_create(&ResultLabels { result: "applied" })
+        .inc();
+    metrics.cert_expiry.set(snapshot.identity.not_after);
+    tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
+
+    let policy: PolicyStore = Default::default();
+    let watcher = match &config.policy {
+        Some(path) => {
+            let m = metrics.clone();
+            let on_reload = Box::new(move |outcome: &ReloadOutcome| {
+                let result = match outcome {
+                    ReloadOutcome::Applied => "applied",
+                    ReloadOutcome::Rejected(_) => "rejected",
+                    ReloadOutcome::Unchanged => return,
+                };
+                m.policy_reloads
+                    .get_or_create(&ResultLabels { result })
+                    .inc();
+            });
+            let w = watch_policy_file(path.clone(), policy.clone(), on_reload)?;
+            metrics.policy_loaded.set(1);
+            Some(w)
+        }
+        None => {
+            if !config.inbound.is_empty() {
+                tracing::warn!("no --policy: every inbound peer is denied (default deny)");
+            }
+            None
+        }
+    };
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Shared {
+        creds,
+        policy,
+        metrics,
+        limits: config.limits,
+        shutdown: shutdown_rx,
+    };
+
+    let (admin, admin_addr) = bind(config.admin_listen).await?;
+    let mut limits = Vec::new();
+    let mut inbound_addrs = Vec::new();
+    let mut inbound_listeners = Vec::new();
+    for spec in &config.inbound {
+        let (l, addr) = bind(spec.listen).await?;
+        inbound_addrs.push(addr);
+        inbound_listeners.push((l, spec.clone()));
+    }
+    let mut outbound_addrs = Vec::new();
+    let mut outbound_listeners = Vec::new();
+    for spec in &config.outbound {
+        let (l, addr) = bind(spec.local).await?;
+        outbound_addrs.push(addr);
+        outbound_listeners.push((l, spec.clone()));
+    }
+    for (l, mut spec) in inbound_listeners {
+        // The policy is keyed by the port actually bound (it may have been 0 in tests).
+        if let Ok(addr) = l.local_addr() {
+            spec.listen = addr;
+        }
+        let limit = ConnLimit::new(config.limits.max_connections);
+        limits.push(limit.clone());
+        tokio::spawn(crate::inbound::serve(l, spec, shared.clone(), limit));
+    }
+    for (index, (l, mut spec)) in outbound_listeners.into_iter().enumerate() {
+        if let Ok(addr) = l.local_addr() {
+            spec.local = addr;
+        }
+        let limit = ConnLimit::new(config.limits.max_connections);
+        limits.push(limit.clone());
+        tokio::spawn(crate::outbound::serve(
+            l,
+            spec,
+            index,
+            shared.clone(),
+            limit,
+        ));
+    }
+    let registry = Arc::new(std::mem::take(registry));
+    tokio::spawn(crate::admin::serve(
+        admin,
+        registry,
+        shared.clone(),
+        !config.inbound.is_empty() && config.policy.is_some(),
+    ));
+    tracing::info!(%admin_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
+    Ok(RunningSidecar {
+        admin_addr,
+        inbound_addrs,
+        outbound_addrs,
+        shared,
+        shutdown: shutdown_tx,
+        limits,
+        grace: config.limits.grace,
+        _policy: watcher,
+    })
+}
+
+impl RunningSidecar {
+    /// Stops accepting, lets in-flight requests and connections finish (up to the grace period).
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let drained = async {
+            for l in &self.limits {
+                l.drained().await;
+            }
+        };
+        if tokio::time::timeout(self.grace, drained).await.is_err() {
+            let open: usize = self.limits.iter().map(ConnLimit::open).sum();
+            tracing::warn!(open, "grace period over; closing remaining connections");
+        } else {
+            tracing::info!("drained; exiting");
+        }
+    }
+}

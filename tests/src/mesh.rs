@@ -1,0 +1,458 @@
+//! Data-plane fixtures: a CA directory that mints workload certificates (good and hostile), in-process
+//! sidecars, example apps (TCP echo, HTTP echo), and mTLS clients.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshid_ca::authority::{self, Authority, pem_cert};
+use meshid_ca::csr::CsrPublicKey;
+use meshid_ca::signer::sign_leaf;
+use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_sidecar::config::{FileCreds, Inbound, Limits, Outbound, RunConfig};
+use meshid_sidecar::policy::Protocol;
+use meshid_sidecar::run::RunningSidecar;
+use meshid_sidecar::verify::{Anchors, SpiffeServerVerifier};
+use prometheus_client::registry::Registry;
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tempfile::TempDir;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::pki::WorkloadKey;
+
+/// A certificate and key, in memory and as PEM files.
+#[derive(Clone)]
+pub struct Workload {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+impl Workload {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+/// A CA directory that mints certificates for tests.
+pub struct TestPki {
+    pub dir: TempDir,
+    pub authority: Authority,
+    pub trust_domain: TrustDomain,
+    pub bundle_path: PathBuf,
+    counter: std::sync::atomic::AtomicUsize,
+}
+
+impl TestPki {
+    /// A fresh CA for `cluster.local`.
+    pub fn new() -> Self {
+        Self::with_trust_domain("cluster.local")
+    }
+
+    pub fn with_trust_domain(td: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trust_domain = TrustDomain::new(td).expect("td");
+        authority::init(&dir.path().join("ca"), &trust_domain, None).expect("init");
+        let authority = Authority::load(&dir.path().join("ca")).expect("load");
+        let bundle_path = dir.path().join("ca/bundle.pem");
+        Self {
+            dir,
+            authority,
+            trust_domain,
+            bundle_path,
+            counter: Default::default(),
+        }
+    }
+
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.authority.roots.clone()
+    }
+
+    fn write(&self, chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Workload {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cert_path = self.dir.path().join(format!("w{n}.pem"));
+        let key_path = self.dir.path().join(format!("w{n}.key"));
+        let pem: String = chain.iter().map(|c| pem_cert(c)).collect();
+        std::fs::write(&cert_path, pem).expect("write cert");
+        let key_pem = rcgen::KeyPair::try_from(key_der.as_slice())
+            .expect("key")
+            .serialize_pem();
+        std::fs::write(&key_path, key_pem).expect("write key");
+        Workload {
+            chain,
+            key_der,
+            cert_path,
+            key_path,
+        }
+    }
+
+    /// A certificate for `id`, valid now for an hour.
+    pub fn workload(&self, id: &str) -> Workload {
+        self.workload_at(id, OffsetDateTime::now_utc(), Duration::from_secs(3600))
+    }
+
+    /// A certificate for `id` valid from `start` for `lifetime` (backdated as the CA does).
+    pub fn workload_at(&self, id: &str, start: OffsetDateTime, lifetime: Duration) -> Workload {
+        let w = WorkloadKey::new();
+        let key = CsrPublicKey::from_csr_der(&w.csr).expect("csr");
+        let issued = sign_leaf(
+            &self.authority,
+            &SpiffeId::parse(id).expect("id"),
+            &key,
+            lifetime,
+            start,
+        )
+        .expect("sign");
+        self.write(issued.chain, w.key.serialize_der())
+    }
+
+    /// A certificate signed by this CA with arbitrary SANs (to forge hostile identities).
+    pub fn with_sans(&self, sans: Vec<SanType>) -> Workload {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &self.authority.issuer)
+            .expect("sign");
+        self.write(
+            vec![cert.der().clone(), self.authority.intermediate_der.clone()],
+            key.serialize_der(),
+        )
+    }
+
+    /// The intermediate CA's own certificate and key, to present a CA certificate as a leaf.
+    pub fn intermediate_as_leaf(&self) -> Workload {
+        let key_pem =
+            std::fs::read_to_string(self.dir.path().join("ca/intermediate.key")).expect("key");
+        let key = KeyPair::from_pem(&key_pem).expect("key");
+        self.write(
+            vec![self.authority.intermediate_der.clone()],
+            key.serialize_der(),
+        )
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A sidecar running in this process.
+pub struct TestSidecar {
+    pub running: Option<RunningSidecar>,
+    pub admin: SocketAddr,
+    pub inbound: Vec<SocketAddr>,
+    pub outbound: Vec<SocketAddr>,
+    pub policy_path: PathBuf,
+    pub id: SpiffeId,
+    _dir: TempDir,
+}
+
+/// What a test sidecar serves.
+#[derive(Default, Clone)]
+pub struct SidecarSpec {
+    /// (listen ip, app target, protocol); the port is chosen by the OS.
+    pub inbound: Vec<(&'static str, SocketAddr, Protocol)>,
+    /// (remote, expected id, protocol)
+    pub outbound: Vec<(String, String, Protocol)>,
+    /// Policy YAML; `None` starts with no policy file. Use `{port0}` for the first inbound port.
+    pub policy: Option<String>,
+    pub limits: Option<Limits>,
+}
+
+/// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl TestSidecar {
+    /// Starts a sidecar with `workload`'s credentials.
+    pub async fn start(pki: &TestPki, workload: &Workload, id: &str, spec: SidecarSpec) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inbound: Vec<Inbound> = spec
+            .inbound
+            .iter()
+            .map(|(ip, target, protocol)| Inbound {
+                listen: SocketAddr::new(ip.parse().expect("ip"), free_port(ip)),
+                target: *target,
+                protocol: *protocol,
+            })
+            .collect();
+        let policy_path = dir.path().join("policy.yaml");
+        let policy = spec.policy.as_ref().map(|p| {
+            let text = match inbound.first() {
+                Some(i) => p.replace("{port0}", &i.listen.port().to_string()),
+                None => p.clone(),
+            };
+            std::fs::write(&policy_path, text).expect("write policy");
+            policy_path.clone()
+        });
+        let outbound = spec
+            .outbound
+            .iter()
+            .map(|(remote, expected, protocol)| Outbound {
+                local: SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1"))),
+                remote: remote.clone(),
+                expected: SpiffeId::parse(expected).expect("expected id"),
+                protocol: *protocol,
+            })
+            .collect();
+        let config = RunConfig {
+            inbound,
+            outbound,
+            policy,
+            admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            creds: FileCreds {
+                cert: workload.cert_path.clone(),
+                key: workload.key_path.clone(),
+                bundle: pki.bundle_path.clone(),
+            },
+            limits: spec.limits.unwrap_or_default(),
+        };
+        let mut registry = Registry::default();
+        let running = meshid_sidecar::run::start(config, &mut registry)
+            .await
+            .expect("start sidecar");
+        Self {
+            admin: running.admin_addr,
+            inbound: running.inbound_addrs.clone(),
+            outbound: running.outbound_addrs.clone(),
+            running: Some(running),
+            policy_path,
+            id: SpiffeId::parse(id).expect("id"),
+            _dir: dir,
+        }
+    }
+
+    /// Replaces the policy file atomically (as a ConfigMap update would).
+    pub fn write_policy(&self, yaml: &str) {
+        let yaml = yaml.replace("{port0}", &self.inbound[0].port().to_string());
+        let tmp = self.policy_path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).expect("write");
+        std::fs::rename(&tmp, &self.policy_path).expect("rename");
+    }
+
+    /// The admin server's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let admin = self.admin;
+        tokio::task::spawn_blocking(move || crate::process::http_get(admin, "/metrics"))
+            .await
+            .expect("join")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// An mTLS client config presenting `client` (if any) and accepting only a server with `server_id`.
+pub fn client_config(
+    pki_roots: &[CertificateDer<'static>],
+    trust_domain: &TrustDomain,
+    client: Option<&Workload>,
+    server_id: &SpiffeId,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let anchors = Anchors::new(pki_roots, trust_domain.clone()).expect("anchors");
+    let verifier = SpiffeServerVerifier::new(anchors, server_id.clone(), &provider);
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match client {
+        Some(w) => builder
+            .with_client_auth_cert(w.chain.clone(), w.key())
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Connects with mTLS and returns the stream, or the handshake error text.
+pub async fn mtls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("sidecar.invalid").expect("name"), tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Sends `msg` over a TLS connection, half-closes, and reads everything back. In TLS 1.3 the server
+/// judges the client certificate after the client's handshake finished, so a refusal shows up here.
+pub async fn echo_roundtrip(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    msg: &[u8],
+) -> Result<Vec<u8>, String> {
+    let mut tls = mtls_connect(addr, config).await?;
+    tls.write_all(msg).await.map_err(|e| e.to_string())?;
+    tls.shutdown().await.map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut back)).await {
+        Ok(Ok(_)) => Ok(back),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+/// A TCP echo app on 127.0.0.1.
+pub async fn tcp_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP app (HTTP/1.1 and h2c) on 127.0.0.1: answers `<method> <path> xfcc=<header>` and serves
+/// `/slow?ms=N` after a delay.
+pub async fn http_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let xfcc = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let version = format!("{:?}", req.version());
+                    if req.uri().path() == "/slow" {
+                        let ms: u64 = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("ms="))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1000);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let line = format!(
+                        "{} {} version={version} host={host} xfcc={xfcc}\n",
+                        req.method(),
+                        req.uri().path()
+                    );
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let mut out = line.into_bytes();
+                    if let Ok(b) = body {
+                        out.extend_from_slice(&b);
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(out))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends one HTTP request over an established stream with HTTP/1.1 or h2.
+pub async fn http_request<IO>(
+    io: IO,
+    h2: bool,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, hyper::HeaderMap, String), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A GET request for `path` with extra headers.
+pub fn get(path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().uri(path).header("host", "app.example");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Reads a PEM bundle path into DER roots.
+pub fn read_roots(path: &Path) -> Vec<CertificateDer<'static>> {
+    authority::read_bundle(path).expect("bundle")
+}

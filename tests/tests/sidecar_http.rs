@@ -1,0 +1,465 @@
+//! HTTP mode over real sockets: allow/deny per peer, method and path; XFCC set and spoofs stripped;
+//! 403/502/504/431 answers; WebSocket-style upgrades; policy hot reload under traffic; graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshid_sidecar::config::Limits;
+use meshid_sidecar::policy::Protocol;
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, get, http_echo,
+    http_request, mtls_connect,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const STRANGER: &str = "spiffe://cluster.local/ns/shop/sa/stranger";
+const PROM: &str = "spiffe://cluster.local/ns/ops/sa/prometheus";
+
+fn policy() -> String {
+    format!(
+        "mode: enforce
+inbound:
+  - port: {{port0}}
+    protocol: http
+    allow:
+      - id: {CLIENT}
+        methods: [GET, PUT]
+        paths: [/api/*, /slow]
+      - id: spiffe://cluster.local/ns/ops/sa/*
+        methods: [GET]
+        paths: [/metrics]
+"
+    )
+}
+
+struct Env {
+    pki: TestPki,
+    sidecar: TestSidecar,
+}
+
+async fn env(limits: Limits, app: SocketAddr) -> Env {
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.5", app, Protocol::Http)],
+            policy: Some(policy()),
+            limits: Some(limits),
+            ..Default::default()
+        },
+    )
+    .await;
+    Env { pki, sidecar }
+}
+
+impl Env {
+    async fn call(
+        &self,
+        who: &Workload,
+        h2: bool,
+        req: hyper::Request<http_body_util::Full<bytes::Bytes>>,
+    ) -> Result<(u16, hyper::HeaderMap, String), String> {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let cfg = client_config(
+            &self.pki.roots(),
+            &self.pki.trust_domain,
+            Some(who),
+            &self.sidecar.id,
+            alpn,
+        );
+        let tls = mtls_connect(self.sidecar.inbound[0], cfg).await?;
+        http_request(tls, h2, req).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_deny_and_identity_header() {
+    let app = http_echo().await;
+    let e = env(Limits::default(), app).await;
+    let client = e.pki.workload(CLIENT);
+    let stranger = e.pki.workload(STRANGER);
+    let prom = e.pki.workload(PROM);
+    let client_hash = meshid_sidecar::creds::sha256_hex(&client.chain[0]);
+
+    struct Case<'a> {
+        name: &'a str,
+        who: &'a Workload,
+        method: &'a str,
+        path: &'a str,
+        status: u16,
+        reason_has: &'a str,
+    }
+    let cases = [
+        Case {
+            name: "allowed GET",
+            who: &client,
+            method: "GET",
+            path: "/api/orders",
+            status: 200,
+            reason_has: "",
+        },
+        Case {
+            name: "allowed PUT",
+            who: &client,
+            method: "PUT",
+            path: "/api/orders/1",
+            status: 200,
+            reason_has: "",
+        },
+        Case {
+            name: "method not allowed",
+            who: &client,
+            method: "DELETE",
+            path: "/api/orders/1",
+            status: 403,
+            reason_has: "no rule matched",
+        },
+        Case {
+            name: "path not allowed",
+            who: &client,
+            method: "GET",
+            path: "/admin",
+            status: 403,
+            reason_has: "no rule matched",
+        },
+        Case {
+            name: "dot-dot path",
+            who: &client,
+            method: "GET",
+            path: "/api/../admin",
+            status: 403,
+            reason_has: "",
+        },
+        Case {
+            name: "encoded slash",
+            who: &client,
+            method: "GET",
+            path: "/api/%2e%2e/admin",
+            status: 403,
+            reason_has: "",
+        },
+        Case {
+            name: "peer not listed",
+            who: &stranger,
+            method: "GET",
+            path: "/api/orders",
+            status: 403,
+            reason_has: STRANGER,
+        },
+        Case {
+            name: "wildcard peer, allowed path",
+            who: &prom,
+            method: "GET",
+            path: "/metrics",
+            status: 200,
+            reason_has: "",
+        },
+        Case {
+            name: "wildcard peer, other path",
+            who: &prom,
+            method: "GET",
+            path: "/api/orders",
+            status: 403,
+            reason_has: "",
+        },
+    ];
+    let mut failures = Vec::new();
+    for h2 in [false, true] {
+        for c in &cases {
+            let req = hyper::Request::builder()
+                .method(c.method)
+                .uri(c.path)
+                .header("host", "app.example")
+                .header(
+                    "x-forwarded-client-cert",
+                    "By=spiffe://evil/x;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+                )
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            match e.call(c.who, h2, req).await {
+                Ok((status, headers, body)) => {
+                    let reason = headers
+                        .get("x-meshid-reason")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let ok = status == c.status
+                        && reason.contains(c.reason_has)
+                        && (status != 200
+                            || (body.contains(
+                                "xfcc=By=spiffe://cluster.local/ns/shop/sa/server;Hash=",
+                            ) && !body.contains("evil")
+                                && !body.contains("kube-system")
+                                && body.contains("host=app.example")));
+                    if !ok {
+                        failures.push(format!(
+                            "{} (h2={h2}): got {status} reason={reason:?} body={body:?}",
+                            c.name
+                        ));
+                    }
+                }
+                Err(err) => failures.push(format!("{} (h2={h2}): {err}", c.name)),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // XFCC names exactly the peer and its certificate hash.
+    let (_, _, body) = e.call(&client, false, get("/api/x", &[])).await.unwrap();
+    assert!(
+        body.contains(&format!("Hash={client_hash};URI={CLIENT}")),
+        "{body}"
+    );
+    let metrics = e.sidecar.metrics().await;
+    assert!(
+        metrics.contains(r#"decision="deny",rule="no-rule-matched""#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"decision="allow",rule="rule-1""#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"code="403""#), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_down_slow_and_oversized_headers() {
+    // A port nothing listens on: the app is down.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let e = env(Limits::default(), dead).await;
+    let client = e.pki.workload(CLIENT);
+    let (status, headers, _) = e.call(&client, false, get("/api/x", &[])).await.unwrap();
+    assert_eq!(status, 502);
+    assert!(
+        headers
+            .get("x-meshid-reason")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("unreachable")
+    );
+
+    let app = http_echo().await;
+    let e = env(
+        Limits {
+            request_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        },
+        app,
+    )
+    .await;
+    let (status, _, _) = e
+        .call(&client_of(&e), false, get("/slow?ms=3000", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status, 504);
+    let (status, _, _) = e
+        .call(&client_of(&e), false, get("/slow?ms=10", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    // A header larger than the limit never reaches the app.
+    let big = "x".repeat(40_000);
+    for h2 in [false, true] {
+        let got = e
+            .call(&client_of(&e), h2, get("/api/x", &[("x-big", &big)]))
+            .await;
+        assert!(
+            !matches!(got, Ok((200, _, _))),
+            "h2={h2}: oversized header passed: {got:?}"
+        );
+    }
+}
+
+fn client_of(e: &Env) -> Workload {
+    e.pki.workload(CLIENT)
+}
+
+/// An app that accepts one HTTP/1.1 Upgrade and then echoes raw bytes.
+async fn upgrade_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_passes_through() {
+    let app = upgrade_app().await;
+    let e = env(Limits::default(), app).await;
+    let client = e.pki.workload(CLIENT);
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&client),
+        &e.sidecar.id,
+        &[b"http/1.1"],
+    );
+    let mut tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    tls.write_all(
+        b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tls.read(&mut b).await.unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tls.write_all(b"frames both ways").await.unwrap();
+    let mut back = [0u8; 16];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"frames both ways");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_hot_reload_under_traffic_fails_no_allowed_request() {
+    let app = http_echo().await;
+    let e = Arc::new(env(Limits::default(), app).await);
+    let client = e.pki.workload(CLIENT);
+    let stranger = e.pki.workload(STRANGER);
+    let failed = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut traffic = Vec::new();
+    for _ in 0..2 {
+        let (e, client, failed, done, stop) = (
+            e.clone(),
+            client.clone(),
+            failed.clone(),
+            done.clone(),
+            stop.clone(),
+        );
+        traffic.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match e.call(&client, true, get("/api/x", &[])).await {
+                    Ok((200, _, _)) => {}
+                    other => {
+                        eprintln!("allowed request failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Add the stranger, then a broken file (kept out), then remove the stranger again.
+    let with_stranger = policy().replace(
+        "      - id: spiffe://cluster.local/ns/ops/sa/*",
+        &format!("      - id: {STRANGER}\n      - id: spiffe://cluster.local/ns/ops/sa/*"),
+    );
+    e.sidecar.write_policy(&with_stranger);
+    let allowed = eventually(Duration::from_secs(10), || async {
+        matches!(
+            e.call(&stranger, false, get("/anything", &[])).await,
+            Ok((200, _, _))
+        )
+    })
+    .await;
+    assert!(allowed, "new policy applied");
+    e.sidecar
+        .write_policy("mode: enforce\ninbound:\n  - port: {port0}\n    bogus_field: 1\n");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        matches!(
+            e.call(&stranger, false, get("/anything", &[])).await,
+            Ok((200, _, _))
+        ),
+        "a broken policy keeps the last good one"
+    );
+    let rejected = e.sidecar.metrics().await;
+    assert!(
+        rejected.contains(r#"meshid_sidecar_policy_reloads_total{result="rejected"}"#),
+        "{rejected}"
+    );
+    e.sidecar.write_policy(&policy());
+    let denied = eventually(Duration::from_secs(10), || async {
+        matches!(
+            e.call(&stranger, false, get("/anything", &[])).await,
+            Ok((403, _, _))
+        )
+    })
+    .await;
+    assert!(denied, "stranger removed again");
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        t.await.unwrap();
+    }
+    assert!(done.load(Ordering::Relaxed) > 10, "traffic kept flowing");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no allowed request failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_lets_in_flight_requests_finish() {
+    let app = http_echo().await;
+    let mut e = env(Limits::default(), app).await;
+    let client = e.pki.workload(CLIENT);
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&client),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let addr = e.sidecar.inbound[0];
+    let tls = mtls_connect(addr, cfg.clone()).await.unwrap();
+    let slow = tokio::spawn(http_request(tls, true, get("/slow?ms=1500", &[])));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let shutdown = {
+        let running = e.sidecar.running.take().unwrap();
+        tokio::spawn(running.shutdown())
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are no longer accepted.
+    let refused = mtls_connect(addr, cfg).await;
+    assert!(refused.is_err(), "listener closed during drain");
+    let (status, _, body) = slow.await.unwrap().unwrap();
+    assert_eq!(status, 200, "{body}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("drain finishes")
+        .unwrap();
+}

@@ -1,0 +1,283 @@
+//! Inbound mTLS over real sockets: every hostile peer is refused with a reason in the metrics, and the
+//! sidecar keeps serving the peers it should.
+
+use std::time::Duration;
+
+use meshid_sidecar::config::Limits;
+use meshid_sidecar::policy::Protocol;
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
+    tcp_echo,
+};
+use meshid_tests::pki::ForeignCa;
+use rcgen::SanType;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const STRANGER: &str = "spiffe://cluster.local/ns/shop/sa/stranger";
+
+fn policy() -> String {
+    format!(
+        "mode: enforce\ninbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {CLIENT}\n"
+    )
+}
+
+enum Client {
+    Cert(Workload),
+    NoCert,
+}
+
+struct Case {
+    name: &'static str,
+    client: Client,
+    /// `None`: the echo comes back. `Some(reason)`: refused, counted under this reason label.
+    refused: Option<&'static str>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peers_are_refused_and_others_served() {
+    let pki = TestPki::new();
+    let app = tcp_echo().await;
+    let server_cert = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server_cert,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.3", app, Protocol::Tcp)],
+            policy: Some(policy()),
+            limits: Some(Limits {
+                handshake_timeout: Duration::from_secs(1),
+                max_connections: 20,
+                ..Limits::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = sidecar.inbound[0];
+    let roots = pki.roots();
+    let now = OffsetDateTime::now_utc();
+
+    let cases = vec![
+        Case {
+            name: "allowed peer",
+            client: Client::Cert(pki.workload(CLIENT)),
+            refused: None,
+        },
+        Case {
+            name: "no client certificate",
+            client: Client::NoCert,
+            refused: Some("no_client_cert"),
+        },
+        Case {
+            name: "certificate from another CA",
+            client: Client::Cert({
+                let foreign = ForeignCa::new();
+                let (chain, key) = foreign.workload(CLIENT);
+                workload_from(&pki, chain, key)
+            }),
+            refused: Some("unknown_ca"),
+        },
+        Case {
+            name: "other trust domain",
+            client: Client::Cert(pki.workload("spiffe://evil.example/ns/shop/sa/client")),
+            refused: Some("wrong_trust_domain"),
+        },
+        Case {
+            name: "expired peer",
+            client: Client::Cert(pki.workload_at(
+                CLIENT,
+                now - time::Duration::hours(3),
+                Duration::from_secs(3600),
+            )),
+            refused: Some("expired"),
+        },
+        Case {
+            name: "not yet valid peer",
+            client: Client::Cert(pki.workload_at(
+                CLIENT,
+                now + time::Duration::hours(3),
+                Duration::from_secs(3600),
+            )),
+            refused: Some("not_yet_valid"),
+        },
+        Case {
+            name: "no URI SAN",
+            client: Client::Cert(pki.with_sans(vec![SanType::DnsName(
+                "client.shop.svc".try_into().unwrap(),
+            )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "two URI SANs",
+            client: Client::Cert(pki.with_sans(vec![
+                SanType::URI(CLIENT.try_into().unwrap()),
+                SanType::URI(STRANGER.try_into().unwrap()),
+            ])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "CA certificate used as a leaf",
+            client: Client::Cert(pki.intermediate_as_leaf()),
+            refused: Some("ca_as_leaf"),
+        },
+    ];
+
+    let mut failures = Vec::new();
+    for case in cases {
+        let cfg = match &case.client {
+            Client::Cert(w) => client_config(&roots, &pki.trust_domain, Some(w), &sidecar.id, &[]),
+            Client::NoCert => client_config(&roots, &pki.trust_domain, None, &sidecar.id, &[]),
+        };
+        let got = echo_roundtrip(addr, cfg, b"hello").await;
+        match (case.refused, got) {
+            (None, Ok(back)) if back == b"hello" => {}
+            (Some(reason), Err(_)) => {
+                let label = format!("reason=\"{reason}\"");
+                let counted = eventually(Duration::from_secs(5), || async {
+                    sidecar.metrics().await.lines().any(|l| {
+                        l.starts_with("meshid_sidecar_tls_handshake_failures_total")
+                            && l.contains(&label)
+                    })
+                })
+                .await;
+                if !counted {
+                    failures.push(format!("{}: refused but {label} not counted", case.name));
+                }
+            }
+            (want, got) => failures.push(format!(
+                "{}: expected {}, got {:?}",
+                case.name,
+                want.map_or("echo".to_string(), |r| format!("refusal ({r})")),
+                got.map(|b| String::from_utf8_lossy(&b).into_owned())
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
+
+    // A peer the policy does not list gets through TLS but is denied, named in the metrics.
+    let stranger = pki.workload(STRANGER);
+    let cfg = client_config(&roots, &pki.trust_domain, Some(&stranger), &sidecar.id, &[]);
+    let back = echo_roundtrip(addr, cfg, b"hello").await;
+    assert!(
+        !matches!(&back, Ok(b) if b == b"hello"),
+        "stranger must not reach the app: {back:?}"
+    );
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains(r#"decision="deny",rule="no-rule-matched""#),
+        "{metrics}"
+    );
+
+    // The allowed peer is still served after all of that.
+    let client = pki.workload(CLIENT);
+    let cfg = client_config(&roots, &pki.trust_domain, Some(&client), &sidecar.id, &[]);
+    assert_eq!(echo_roundtrip(addr, cfg, b"still").await.unwrap(), b"still");
+}
+
+fn workload_from(
+    pki: &TestPki,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+) -> Workload {
+    let _ = pki;
+    Workload {
+        chain,
+        key_der: key.secret_der().to_vec(),
+        cert_path: Default::default(),
+        key_path: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_slowloris_and_floods_do_not_stop_service() {
+    let pki = TestPki::new();
+    let app = tcp_echo().await;
+    let server_cert = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server_cert,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.4", app, Protocol::Tcp)],
+            policy: Some(policy()),
+            limits: Some(Limits {
+                handshake_timeout: Duration::from_millis(800),
+                max_connections: 8,
+                ..Limits::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = sidecar.inbound[0];
+
+    // Plaintext HTTP and random bytes on the TLS port.
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x02, 0x03][..],
+        &[0u8; 512][..],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(junk).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "the sidecar closes a garbage connection");
+        assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 200"));
+    }
+    // A ClientHello that never finishes is cut at the handshake timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "slowloris closed: {r:?}"
+    );
+
+    // A flood past max connections: the excess is refused and counted; nothing crashes.
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let counted = eventually(Duration::from_secs(5), || async {
+        sidecar
+            .metrics()
+            .await
+            .contains(r#"reason="max_connections""#)
+    })
+    .await;
+    assert!(counted, "{}", sidecar.metrics().await);
+    drop(idle);
+
+    let metrics = sidecar.metrics().await;
+    assert!(metrics.contains(r#"reason="protocol""#), "{metrics}");
+    assert!(metrics.contains(r#"reason="timeout""#), "{metrics}");
+
+    // The allowed peer is served once the flood is gone.
+    let client = pki.workload(CLIENT);
+    let cfg = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&client),
+        &sidecar.id,
+        &[],
+    );
+    let ok = eventually(Duration::from_secs(5), || {
+        let cfg = cfg.clone();
+        async move {
+            echo_roundtrip(addr, cfg, b"after")
+                .await
+                .is_ok_and(|b| b == b"after")
+        }
+    })
+    .await;
+    assert!(ok, "allowed peer served after the flood");
+}
