@@ -318,9 +318,7 @@ async fn inbound_request(
     } else {
         Version::HTTP_11
     };
-    if to_h2 {
-        req.headers_mut().remove(header::HOST);
-    }
+    // For h2 the original host travels as a `host` header beside `:authority` (the app's address).
     let sent = if to_h2 {
         http.h2.request(req)
     } else {

@@ -1,6 +1,6 @@
-//! The inbound allow-list: which peers (by SPIFFE ID) may connect to which inbound port, and on HTTP
-//! ports with which methods and paths. Default deny; `audit` mode computes the same decisions but
-//! allows, so that a new policy can be tried out against live traffic.
+//! The inbound allow-list: which peers (by SPIFFE ID) may connect to which inbound port, and on
+//! HTTP ports with which methods and paths. Default deny; `audit` mode computes the same decisions
+//! but allows, so that a new policy can be tried out against live traffic.
 //!
 //! Parsing and deciding are pure; [`watch_policy_file`] keeps a [`PolicyStore`] up to date with the
 //! file on disk.
@@ -14,11 +14,12 @@
 //!       - id: spiffe://cluster.local/ns/shop/sa/frontend
 //!       - id: spiffe://cluster.local/ns/ops/sa/*     # '*' matches exactly one whole path segment
 //!         methods: [GET]                             # optional, http only; exact, case-sensitive
-//!         paths: [/metrics, /api/*]                  # optional, http only; exact, or prefix with '/*'
+//!         paths: [/metrics, /api/*]                  # optional, http only; exact, or '/prefix/*'
 //! ```
 
 mod parse;
 mod pattern;
+mod reload;
 pub mod watch;
 
 pub use watch::{PolicyStore, PolicyWatcher, ReloadOutcome, watch_policy_file};
@@ -86,13 +87,16 @@ pub enum RuleRef {
     PortNotInPolicy,
     /// No policy is loaded.
     NoPolicy,
-    /// The request path is one that cannot be matched safely (see the module docs of the matcher).
+    /// The request path cannot be matched safely, so it is denied whatever the rules say: it does
+    /// not start with '/', or it has a `.` or `..` segment (also as `..;x`), `//`, a backslash, a
+    /// NUL, or a percent-encoded `/`, `\` or `.` (`%2f`, `%5c`, `%2e`, any case). The application
+    /// might resolve such a path to another one than the path matched (`/public/%2e%2e/admin`).
     UnsafePath,
 }
 
 impl RuleRef {
-    /// A low-cardinality metric label: `rule-0`, `no-rule-matched`, `port-not-in-policy`, `no-policy`
-    /// or `unsafe-path`.
+    /// A low-cardinality metric label: `rule-0`, `no-rule-matched`, `port-not-in-policy`,
+    /// `no-policy` or `unsafe-path`.
     pub fn label(&self) -> String {
         match self {
             Self::Rule(i) => format!("rule-{i}"),
@@ -189,7 +193,7 @@ impl Policy {
             })
     }
 
-    pub(crate) fn parse_bytes(bytes: &[u8]) -> Result<Policy, PolicyError> {
+    fn parse_bytes(bytes: &[u8]) -> Result<Policy, PolicyError> {
         Self::parse(std::str::from_utf8(bytes).map_err(|_| PolicyError::NotUtf8)?)
     }
 
@@ -212,8 +216,8 @@ impl Policy {
     }
 
     /// The request-level decision on an HTTP port: the first rule whose ID, methods and paths all
-    /// match. Anything from a '?' in `path` is ignored. An unsafe path (see [`RuleRef::UnsafePath`])
-    /// is denied whatever the rules say. On a TCP port this is [`Policy::decide_connection`].
+    /// match. Anything from a '?' in `path` is ignored. An unsafe path is denied whatever the rules
+    /// say (see [`RuleRef::UnsafePath`]). On a TCP port this is [`Policy::decide_connection`].
     pub fn decide_request(&self, port: u16, peer: &SpiffeId, method: &str, path: &str) -> Decision {
         let Some(port_policy) = self.port(port) else {
             return self.decision(false, RuleRef::PortNotInPolicy);

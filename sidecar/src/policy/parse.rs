@@ -1,5 +1,5 @@
-//! The policy document: its YAML shape, read strictly (unknown fields are errors), and the checks that
-//! span several fields.
+//! The policy document: its YAML shape, read strictly (unknown fields are errors), and the checks
+//! that span several fields.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -124,8 +124,8 @@ fn nonzero_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Er
     NonZeroU16::deserialize(deserializer).map(NonZeroU16::get)
 }
 
-/// An optional list whose key, when present, must hold a list: `methods:` with no value (null) is an
-/// error rather than a silent "any method".
+/// An optional list whose key, when present, must hold a non-empty list: `methods:` with no value
+/// (null) is an error rather than a silent "any method".
 fn present_list<'de, D, T>(deserializer: D) -> Result<Option<NonEmpty<T>>, D::Error>
 where
     D: Deserializer<'de>,
@@ -200,159 +200,40 @@ inbound:
             format!("inbound:\n  - port: 80\n    allow:\n      - id: spiffe://td/a\n{extra}")
         };
         let http = |extra: &str| rule(extra).replace("allow:", "protocol: http\n    allow:");
+        #[rustfmt::skip]
         let cases: Vec<(&str, String, &[&str])> = vec![
             ("empty", String::new(), &["empty"]),
             ("blank", " \n\t\n".into(), &["empty"]),
             ("only comments", "# nothing yet\n".into(), &["empty"]),
             ("null", "~".into(), &["empty"]),
             ("bad yaml", "inbound: [\n".into(), &["line 2 column 1"]),
-            (
-                "not a mapping",
-                "hello".into(),
-                &["line 1 column 1", "invalid type"],
-            ),
-            (
-                "unknown top field",
-                "mode: enforce\ninbond: []\n".into(),
-                &["line 2 column 1", "unknown field `inbond`"],
-            ),
-            (
-                "missing inbound",
-                "mode: audit\n".into(),
-                &["missing field `inbound`"],
-            ),
-            (
-                "bad mode",
-                "mode: strict\ninbound: []\n".into(),
-                &["line 1 column 7", "mode", "unknown variant `strict`"],
-            ),
-            (
-                "unknown port field",
-                "inbound:\n  - port: 80\n    alow: []\n".into(),
-                &["line 3 column 5", "inbound[0]", "unknown field `alow`"],
-            ),
-            (
-                "unknown rule field",
-                rule("        method: [GET]\n"),
-                &["line 5 column 9", "unknown field `method`"],
-            ),
-            (
-                "bad protocol",
-                "inbound:\n  - port: 80\n    protocol: grpc\n    allow: []\n".into(),
-                &["line 3 column 15", "inbound[0].protocol", "grpc"],
-            ),
-            (
-                "port 0",
-                "inbound:\n  - port: 0\n    allow: []\n".into(),
-                &["line 2 column 11", "inbound[0].port", "nonzero"],
-            ),
-            (
-                "port too big",
-                "inbound:\n  - port: 65536\n    allow: []\n".into(),
-                &["line 2 column 11", "inbound[0].port"],
-            ),
-            (
-                "port a string",
-                "inbound:\n  - port: http\n    allow: []\n".into(),
-                &["line 2 column 11", "inbound[0].port"],
-            ),
-            (
-                "missing allow",
-                "inbound:\n  - port: 80\n".into(),
-                &["missing field `allow`"],
-            ),
-            (
-                "duplicate key",
-                "inbound: []\ninbound: []\n".into(),
-                &["duplicate"],
-            ),
-            (
-                "duplicate port",
-                "inbound:\n  - port: 80\n    allow: []\n  - port: 80\n    allow: []\n".into(),
-                &["inbound[1].port", "already listed at inbound[0]"],
-            ),
-            (
-                "bad id",
-                rule("").replace("spiffe://td/a", "spiffe://td/a/"),
-                &["line 4 column 13", "inbound[0].allow[0].id", "trailing"],
-            ),
-            (
-                "partial wildcard",
-                rule("").replace("td/a", "td/a*"),
-                &["line 4 column 13", "whole path segment"],
-            ),
-            (
-                "wildcard trust domain",
-                rule("").replace("td/a", "*/a"),
-                &["line 4 column 13", "trust domain"],
-            ),
-            (
-                "methods on tcp",
-                rule("        methods: [GET]\n"),
-                &["inbound[0].allow[0].methods", "protocol: http"],
-            ),
-            (
-                "paths on tcp",
-                rule("        paths: [/x]\n"),
-                &["inbound[0].allow[0].paths", "protocol: http"],
-            ),
-            (
-                "empty methods",
-                http("        methods: []\n"),
-                &[
-                    "line 6 column 18",
-                    "inbound[0].allow[0].methods",
-                    "must not be empty",
-                ],
-            ),
-            (
-                "empty paths",
-                http("        paths: []\n"),
-                &[
-                    "line 6 column 16",
-                    "inbound[0].allow[0].paths",
-                    "must not be empty",
-                ],
-            ),
-            (
-                "null methods",
-                http("        methods:\n"),
-                &["inbound[0].allow[0].methods"],
-            ),
-            (
-                "methods not a list",
-                http("        methods: GET\n"),
-                &["line 6 column 18", "methods", "invalid type"],
-            ),
-            (
-                "bad method",
-                http("        methods: [GET, \"PO ST\"]\n"),
-                &[
-                    "line 6 column 24",
-                    "inbound[0].allow[0].methods[1]",
-                    "ascii letters",
-                ],
-            ),
-            (
-                "relative path",
-                http("        paths: [metrics]\n"),
-                &["line 6 column 17", "paths[0]", "start with '/'"],
-            ),
-            (
-                "inner wildcard",
-                http("        paths: [/a/*/b]\n"),
-                &["line 6 column 17", "\"/*\""],
-            ),
-            (
-                "unsafe path",
-                http("        paths: [/a/../b]\n"),
-                &["line 6 column 17", "never matches"],
-            ),
-            (
-                "two documents",
-                "inbound: []\n---\ninbound: []\n".into(),
-                &["more than one document"],
-            ),
+            ("not a mapping", "hello".into(), &["line 1 column 1", "invalid type"]),
+            ("unknown top field", "mode: enforce\ninbond: []\n".into(), &["line 2 column 1", "unknown field `inbond`"]),
+            ("missing inbound", "mode: audit\n".into(), &["missing field `inbound`"]),
+            ("bad mode", "mode: strict\ninbound: []\n".into(), &["line 1 column 7", "mode", "unknown variant `strict`"]),
+            ("unknown port field", "inbound:\n  - port: 80\n    alow: []\n".into(), &["line 3 column 5", "inbound[0]", "unknown field `alow`"]),
+            ("unknown rule field", rule("        method: [GET]\n"), &["line 5 column 9", "unknown field `method`"]),
+            ("bad protocol", "inbound:\n  - port: 80\n    protocol: grpc\n    allow: []\n".into(), &["line 3 column 15", "inbound[0].protocol", "grpc"]),
+            ("port 0", "inbound:\n  - port: 0\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port", "nonzero"]),
+            ("port too big", "inbound:\n  - port: 65536\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
+            ("port a string", "inbound:\n  - port: http\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
+            ("missing allow", "inbound:\n  - port: 80\n".into(), &["missing field `allow`"]),
+            ("duplicate key", "inbound: []\ninbound: []\n".into(), &["duplicate"]),
+            ("duplicate port", "inbound:\n  - port: 80\n    allow: []\n  - port: 80\n    allow: []\n".into(), &["inbound[1].port", "already listed at inbound[0]"]),
+            ("bad id", rule("").replace("spiffe://td/a", "spiffe://td/a/"), &["line 4 column 13", "inbound[0].allow[0].id", "trailing"]),
+            ("partial wildcard", rule("").replace("td/a", "td/a*"), &["line 4 column 13", "whole path segment"]),
+            ("wildcard trust domain", rule("").replace("td/a", "*/a"), &["line 4 column 13", "trust domain"]),
+            ("methods on tcp", rule("        methods: [GET]\n"), &["inbound[0].allow[0].methods", "protocol: http"]),
+            ("paths on tcp", rule("        paths: [/x]\n"), &["inbound[0].allow[0].paths", "protocol: http"]),
+            ("empty methods", http("        methods: []\n"), &["line 6 column 18", "inbound[0].allow[0].methods", "must not be empty"]),
+            ("empty paths", http("        paths: []\n"), &["line 6 column 16", "inbound[0].allow[0].paths", "must not be empty"]),
+            ("null methods", http("        methods:\n"), &["line 6 column 17", "inbound[0].allow[0].methods"]),
+            ("methods not a list", http("        methods: GET\n"), &["line 6 column 18", "methods", "invalid type"]),
+            ("bad method", http("        methods: [GET, \"PO ST\"]\n"), &["line 6 column 24", "inbound[0].allow[0].methods[1]", "ascii letters"]),
+            ("relative path", http("        paths: [metrics]\n"), &["line 6 column 17", "paths[0]", "start with '/'"]),
+            ("inner wildcard", http("        paths: [/a/*/b]\n"), &["line 6 column 17", "\"/*\""]),
+            ("unsafe path", http("        paths: [/a/../b]\n"), &["line 6 column 17", "never matches"]),
+            ("two documents", "inbound: []\n---\ninbound: []\n".into(), &["more than one document"]),
         ];
         for (name, yaml, expected) in cases {
             let error = Policy::parse(&yaml).expect_err(name).to_string();

@@ -1,10 +1,10 @@
-//! The parts of a rule: SPIFFE ID patterns, HTTP methods and request-path patterns. Each one is parsed
-//! while the YAML is read, so a bad value is reported with its own line and column.
+//! The parts of a rule: SPIFFE ID patterns, HTTP methods and request-path patterns. Each one is
+//! parsed while the YAML is read, so a bad value is reported with its own line and column.
 //!
-//! Request paths are matched byte for byte, never decoded. Because every rule allows, a path spelled
-//! differently from the rule (say `/%61pi` for `/api`) simply does not match and is denied. The
-//! dangerous spellings are the ones that match a rule here but mean another path to the application
-//! after it normalizes or decodes them (`/public/../admin`, `/public/%2e%2e/admin`,
+//! Request paths are matched byte for byte, never decoded. Because every rule allows, a path
+//! spelled differently from the rule (say `/%61pi` for `/api`) simply does not match and is denied.
+//! The dangerous spellings are the ones that match a rule here but mean another path to the
+//! application after it normalizes or decodes them (`/public/../admin`, `/public/%2e%2e/admin`,
 //! `/public/..%2fadmin`, `/public\..\admin`); [`is_safe_path`] rejects those outright.
 
 use std::fmt;
@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use meshid_proto::{SpiffeId, SpiffeIdError};
 use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
-/// Why a pattern in a rule is invalid. Shown after the value, e.g. `"/a*": '*' is only allowed ...`.
+/// Why a pattern in a rule is invalid; shown after the value, as in `"/a*": '*' is only ...`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(super) enum PatternError {
     #[error("'*' is not allowed in the trust domain")]
@@ -31,7 +31,8 @@ pub(super) enum PatternError {
     #[error("a path may only have printable ascii characters other than '?' and '#'")]
     PathChar,
     #[error(
-        "a path with a '.' or '..' segment, \"//\", '\\' or an encoded '/', '\\' or '.' never matches"
+        "a path with a '.' or '..' segment, \"//\", '\\' or an encoded '/', '\\' or '.' \
+        never matches"
     )]
     UnsafePath,
 }
@@ -71,9 +72,12 @@ impl IdPattern {
         let segments = id
             .segments()
             .enumerate()
-            .map(|(i, s)| match wildcards.contains(&i) {
-                true => Segment::Any,
-                false => Segment::Exact(s.to_owned()),
+            .map(|(i, s)| {
+                if wildcards.contains(&i) {
+                    Segment::Any
+                } else {
+                    Segment::Exact(s.to_owned())
+                }
             })
             .collect();
         Ok(Self {
@@ -111,10 +115,10 @@ pub(super) struct Method(String);
 
 impl Method {
     pub(super) fn parse(text: &str) -> Result<Self, PatternError> {
-        match !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphabetic()) {
-            true => Ok(Self(text.to_owned())),
-            false => Err(PatternError::Method),
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(PatternError::Method);
         }
+        Ok(Self(text.to_owned()))
     }
 
     pub(super) fn as_str(&self) -> &str {
@@ -153,9 +157,11 @@ impl PathPattern {
         if !is_safe_path(body) {
             return Err(PatternError::UnsafePath);
         }
-        Ok(match prefix {
-            true => Self::Prefix(body.to_owned()),
-            false => Self::Exact(body.to_owned()),
+        let body = body.to_owned();
+        Ok(if prefix {
+            Self::Prefix(body)
+        } else {
+            Self::Exact(body)
         })
     }
 
@@ -170,11 +176,11 @@ impl PathPattern {
 
 /// Whether a request path (without its query) can be matched without being misread.
 ///
-/// Deliberately strict: it must start with '/', and it must not contain a `.` or `..` segment (also
-/// when followed by `;params`, as some servers strip those), an empty segment (`//`), a backslash, a
-/// NUL, or a percent-encoded `/`, `\` or `.` (`%2f`, `%5c`, `%2e`, any case). Such a path is denied
-/// whatever the rules say, because the application may resolve it to a different path than the one
-/// matched here.
+/// Deliberately strict: it must start with '/', and it must not contain a `.` or `..` segment
+/// (also when followed by `;params`, as some servers strip those), an empty segment (`//`), a
+/// backslash, a NUL, or a percent-encoded `/`, `\` or `.` (`%2f`, `%5c`, `%2e`, any case). Such a
+/// path is denied whatever the rules say, because the application may resolve it to a different
+/// path than the one matched here.
 pub(super) fn is_safe_path(path: &str) -> bool {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') || path.contains("//") || path.contains(['\\', '\0']) {
@@ -256,12 +262,11 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
                 while let Some(item) = seq.next_element()? {
                     items.push(item);
                 }
-                match items.is_empty() {
-                    true => Err(de::Error::custom(
-                        "the list must not be empty (leave the key out to allow any)",
-                    )),
-                    false => Ok(NonEmpty(items)),
+                if items.is_empty() {
+                    let message = "the list must not be empty (leave the key out to allow any)";
+                    return Err(de::Error::custom(message));
                 }
+                Ok(NonEmpty(items))
             }
         }
         deserializer.deserialize_seq(ListVisitor(PhantomData))
@@ -291,103 +296,30 @@ mod tests {
 
     #[test]
     fn id_pattern_matching() {
-        struct Case {
-            pattern: &'static str,
-            peer: &'static str,
-            expected: bool,
-        }
+        // (pattern, peer, matches)
+        #[rustfmt::skip]
         let cases = [
-            Case {
-                pattern: "spiffe://td/ns/a/sa/b",
-                peer: "spiffe://td/ns/a/sa/b",
-                expected: true,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/b",
-                peer: "spiffe://td/ns/a/sa/B",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/b",
-                peer: "spiffe://other/ns/a/sa/b",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/b",
-                peer: "spiffe://td/ns/a/sa/b/c",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/*",
-                peer: "spiffe://td/ns/a/sa/x",
-                expected: true,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/*",
-                peer: "spiffe://td/ns/a/sa",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/*",
-                peer: "spiffe://td/ns/a/sa/x/y",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/a/sa/*",
-                peer: "spiffe://td2/ns/a/sa/x",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/ns/*/sa/x",
-                peer: "spiffe://td/ns/q/sa/x",
-                expected: true,
-            },
-            Case {
-                pattern: "spiffe://td/ns/*/sa/x",
-                peer: "spiffe://td/ns/q/r/sa/x",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/*",
-                peer: "spiffe://td/a",
-                expected: true,
-            },
-            Case {
-                pattern: "spiffe://td/*",
-                peer: "spiffe://td/a/b",
-                expected: false,
-            },
-            Case {
-                pattern: "spiffe://td/*/*",
-                peer: "spiffe://td/a/b",
-                expected: true,
-            },
-            Case {
-                pattern: "spiffe://td/x",
-                peer: "spiffe://td/*",
-                expected: false,
-            },
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b", true),
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/B", false),
+            ("spiffe://td/ns/a/sa/b", "spiffe://other/ns/a/sa/b", false),
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b/c", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa/x", true),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa/x/y", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td2/ns/a/sa/x", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td.evil/ns/a/sa/x", false),
+            ("spiffe://td/ns/*/sa/x", "spiffe://td/ns/q/sa/x", true),
+            ("spiffe://td/ns/*/sa/x", "spiffe://td/ns/q/r/sa/x", false),
+            ("spiffe://td/ns/*/sa/x", "spiffe://td/ns/sa/x", false),
+            ("spiffe://td/*", "spiffe://td/a", true),
+            ("spiffe://td/*", "spiffe://td/a/b", false),
+            ("spiffe://td/*/*", "spiffe://td/a/b", true),
+            ("spiffe://td/*/*", "spiffe://td/a", false),
         ];
-        for c in cases {
-            // A peer ID can never contain '*', so build that case's peer by hand.
-            let Ok(peer) = SpiffeId::parse(c.peer) else {
-                assert!(!c.expected, "{}", c.peer);
-                continue;
-            };
-            let pattern = IdPattern::parse(c.pattern).unwrap();
-            assert_eq!(
-                pattern.matches(&peer),
-                c.expected,
-                "{} vs {}",
-                c.pattern,
-                c.peer
-            );
+        for (pattern, peer, expected) in cases {
+            let matches = IdPattern::parse(pattern).unwrap().matches(&id(peer));
+            assert_eq!(matches, expected, "{pattern} vs {peer}");
         }
-        assert!(
-            IdPattern::parse("spiffe://td/*/b")
-                .unwrap()
-                .matches(&id("spiffe://td/a/b"))
-        );
     }
 
     #[test]
@@ -408,11 +340,8 @@ mod tests {
             ("", Id(SpiffeIdError::Empty)),
         ];
         for (text, want) in cases {
-            assert_eq!(
-                IdPattern::parse(text).as_ref().err(),
-                Some(want),
-                "{text:?}"
-            );
+            let got = IdPattern::parse(text);
+            assert_eq!(got.as_ref().err(), Some(want), "{text:?}");
         }
     }
 
@@ -438,11 +367,8 @@ mod tests {
         assert!(prefix.matches("/api/v1/x"));
         assert!(!prefix.matches("/api"));
         assert!(!prefix.matches("/apix/y"));
-        assert!(
-            PathPattern::parse("/*")
-                .unwrap()
-                .matches("/anything/at/all")
-        );
+        let everything = PathPattern::parse("/*").unwrap();
+        assert!(everything.matches("/anything/at/all"));
         let bad: &[(&str, PatternError)] = &[
             ("metrics", PathStart),
             ("", PathStart),
@@ -459,52 +385,24 @@ mod tests {
             ("/a/%2e/*", UnsafePath),
         ];
         for (text, want) in bad {
-            assert_eq!(
-                PathPattern::parse(text).as_ref().err(),
-                Some(want),
-                "{text:?}"
-            );
+            let got = PathPattern::parse(text);
+            assert_eq!(got.as_ref().err(), Some(want), "{text:?}");
         }
     }
 
     #[test]
     fn safe_paths() {
-        for ok in [
-            "/",
-            "/a",
-            "/a/",
-            "/a/b.c",
-            "/.well-known/x",
-            "/a..b",
-            "/a/...",
-            "/%41",
-            "/a;b",
-        ] {
+        #[rustfmt::skip]
+        let safe = ["/", "/a", "/a/", "/a/b.c", "/.well-known/x", "/a..b", "/a/...", "/%41", "/a;b"];
+        for ok in safe {
             assert!(is_safe_path(ok), "{ok:?}");
         }
-        let unsafe_paths = [
-            "",
-            "a",
-            "*",
-            "/.",
-            "/..",
-            "/a/./b",
-            "/a/../b",
-            "/a/..;x/b",
-            "/a/.;/b",
-            "//a",
-            "/a//b",
-            "/a\\b",
-            "/a\0b",
-            "/a%2fb",
-            "/a%2Fb",
-            "/a%5cb",
-            "/a%5Cb",
-            "/%2e%2e/x",
-            "/%2E",
-            "/..%2f",
+        #[rustfmt::skip]
+        let not_safe = [
+            "", "a", "*", "/.", "/..", "/a/./b", "/a/../b", "/a/..;x/b", "/a/.;/b", "//a", "/a//b",
+            "/a\\b", "/a\0b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a%5Cb", "/%2e%2e/x", "/%2E", "/..%2f",
         ];
-        for bad in unsafe_paths {
+        for bad in not_safe {
             assert!(!is_safe_path(bad), "{bad:?}");
         }
     }

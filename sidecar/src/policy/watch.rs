@@ -1,8 +1,9 @@
 //! Hot reload: a thread that keeps a [`PolicyStore`] in step with the policy file.
 //!
 //! The file's parent directory is watched (inotify, non-recursive), which sees in-place writes,
-//! atomic renames over the file, and Kubernetes volume updates, where `policy.yaml` is a symlink to
-//! `..data/policy.yaml` and `..data` is a symlink swapped atomically to a new timestamped directory.
+//! atomic renames over the file, and Kubernetes volume updates, where `policy.yaml` is a symlink
+//! to `..data/policy.yaml` and `..data` is a symlink swapped atomically to a new timestamped
+//! directory.
 //! Any event re-reads the path (following symlinks) once events have been quiet for a moment, and
 //! only content that differs from the last content seen is parsed. A slow periodic re-read covers
 //! whatever inotify misses: a symlink target in another directory, a replaced parent directory, an
@@ -19,7 +20,8 @@ use arc_swap::ArcSwapOption;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
-use super::{Policy, PolicyError, parse};
+use super::reload::Reloader;
+use super::{Policy, PolicyError};
 
 /// The current policy, shared with the data plane (readers never block). `None` until one loads.
 pub type PolicyStore = Arc<ArcSwapOption<Policy>>;
@@ -41,17 +43,17 @@ pub struct PolicyWatcher {
     stop: Arc<AtomicBool>,
     wake: Sender<Message>,
     thread: Option<JoinHandle<()>>,
-    _inotify: Option<RecommendedWatcher>,
+    inotify: Option<RecommendedWatcher>,
 }
 
 /// Loads the policy file into `store`, then keeps it up to date.
 ///
 /// A missing or invalid file at start is returned as `Err` and the store is left as it was. After
 /// that, a valid new file is applied at once; an invalid (or unreadable) one keeps the last good
-/// policy, is logged with `tracing::error!` and reported as [`ReloadOutcome::Rejected`]. `on_reload`
-/// is not called for the first load; it is called after every event-triggered re-read (including
-/// [`ReloadOutcome::Unchanged`]) and after a periodic re-read that found something new. It runs on
-/// the watch thread.
+/// policy, is logged with `tracing::error!` and reported as [`ReloadOutcome::Rejected`].
+/// `on_reload` is not called for the first load; it is called after every event-triggered re-read
+/// (including [`ReloadOutcome::Unchanged`]) and after a periodic re-read that found something new.
+/// It runs on the watch thread.
 pub fn watch_policy_file(
     path: PathBuf,
     store: PolicyStore,
@@ -90,21 +92,21 @@ fn watch_with_timing(
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
     timing: Timing,
 ) -> Result<PolicyWatcher, PolicyError> {
-    let reloader = Reloader::load(path.clone(), store, on_reload)?;
+    let reloader = Reloader::load(path.clone(), store)?;
     let (wake, events) = mpsc::channel();
     let inotify = watch_directory(&path, wake.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = stop.clone();
     let thread = thread::Builder::new()
         .name("policy-watch".to_owned())
-        .spawn(move || run(reloader, &events, &thread_stop, timing))
+        .spawn(move || run(reloader, on_reload.as_ref(), &events, &thread_stop, timing))
         .map_err(PolicyError::Watch)?;
     Ok(PolicyWatcher {
         path,
         stop,
         wake,
         thread: Some(thread),
-        _inotify: inotify,
+        inotify: inotify,
     })
 }
 
@@ -129,7 +131,8 @@ fn watch_directory(path: &Path, wake: Sender<Message>) -> Option<RecommendedWatc
     match watched {
         Ok(watcher) => Some(watcher),
         Err(error) => {
-            tracing::warn!(%error, dir = %dir.display(), "cannot watch the policy directory, polling only");
+            let dir = dir.display();
+            tracing::warn!(%error, %dir, "cannot watch the policy directory, polling only");
             None
         }
     }
@@ -140,7 +143,13 @@ fn is_read_only(kind: &EventKind) -> bool {
 }
 
 /// The watch thread: re-read after a burst of events goes quiet, or when the poll interval passes.
-fn run(mut reloader: Reloader, events: &Receiver<Message>, stop: &AtomicBool, timing: Timing) {
+fn run(
+    mut reloader: Reloader,
+    on_reload: &(dyn Fn(&ReloadOutcome) + Send + Sync),
+    events: &Receiver<Message>,
+    stop: &AtomicBool,
+    timing: Timing,
+) {
     // (first, last) event of the current burst.
     let mut burst: Option<(Instant, Instant)> = None;
     let mut next_poll = Instant::now() + timing.poll;
@@ -154,7 +163,7 @@ fn run(mut reloader: Reloader, events: &Receiver<Message>, stop: &AtomicBool, ti
             let from_event = burst.take().is_some();
             let outcome = reloader.check();
             if from_event || outcome != ReloadOutcome::Unchanged {
-                (reloader.on_reload)(&outcome);
+                on_reload(&outcome);
             }
             next_poll = Instant::now() + timing.poll;
             continue;
@@ -170,90 +179,13 @@ fn run(mut reloader: Reloader, events: &Receiver<Message>, stop: &AtomicBool, ti
     }
 }
 
-/// The file and the state of the last read.
-struct Reloader {
-    path: PathBuf,
-    store: PolicyStore,
-    on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
-    last_seen: Seen,
-}
-
-/// What the last read found, applied or not, so that one bad file is reported once.
-#[derive(PartialEq, Eq)]
-enum Seen {
-    Content(Vec<u8>),
-    ReadError(String),
-}
-
-impl Reloader {
-    /// The first load: every failure is an error for the caller.
-    fn load(
-        path: PathBuf,
-        store: PolicyStore,
-        on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
-    ) -> Result<Self, PolicyError> {
-        let loaded = parse::read_file(&path)
-            .and_then(|bytes| Ok((Policy::parse_bytes(&bytes)?, bytes)))
-            .map_err(|error| in_file(&path, error))?;
-        let (policy, bytes) = loaded;
-        store.store(Some(Arc::new(policy)));
-        tracing::info!(path = %path.display(), "policy loaded");
-        Ok(Self {
-            path,
-            store,
-            on_reload,
-            last_seen: Seen::Content(bytes),
-        })
-    }
-
-    /// Re-reads the file; applies it when it is new and valid.
-    fn check(&mut self) -> ReloadOutcome {
-        let seen = match parse::read_file(&self.path) {
-            Ok(bytes) => Seen::Content(bytes),
-            Err(error) => Seen::ReadError(in_file(&self.path, error).to_string()),
-        };
-        if seen == self.last_seen {
-            return ReloadOutcome::Unchanged;
-        }
-        let result = match &seen {
-            Seen::Content(bytes) => {
-                Policy::parse_bytes(bytes).map_err(|error| in_file(&self.path, error).to_string())
-            }
-            Seen::ReadError(reason) => Err(reason.clone()),
-        };
-        self.last_seen = seen;
-        match result {
-            Ok(policy) => {
-                self.store.store(Some(Arc::new(policy)));
-                tracing::info!(path = %self.path.display(), "policy reloaded");
-                ReloadOutcome::Applied
-            }
-            Err(reason) => {
-                tracing::error!(
-                    path = %self.path.display(),
-                    error = %reason,
-                    "policy rejected, keeping the last good policy"
-                );
-                ReloadOutcome::Rejected(reason)
-            }
-        }
-    }
-}
-
-fn in_file(path: &Path, error: PolicyError) -> PolicyError {
-    PolicyError::File {
-        path: path.to_owned(),
-        error: Box::new(error),
-    }
-}
-
 impl Drop for PolicyWatcher {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         // A failed send means the thread is already gone.
         let _ = self.wake.send(Message::Stop);
         if let Some(thread) = self.thread.take() {
-            // Joining from the watch thread itself (a callback dropping its own watcher) would hang.
+            // Joining from the watch thread itself (a callback dropping its watcher) would hang.
             if thread.thread().id() != thread::current().id() {
                 let _ = thread.join();
             }
@@ -265,7 +197,7 @@ impl std::fmt::Debug for PolicyWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyWatcher")
             .field("path", &self.path)
-            .field("inotify", &self._inotify.is_some())
+            .field("inotify", &self.inotify.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -317,7 +249,7 @@ mod tests {
         let record = outcomes.clone();
         let on_reload = Box::new(move |o: &ReloadOutcome| record.lock().unwrap().push(o.clone()));
         let watcher = watch_with_timing(path.to_owned(), store.clone(), on_reload, timing).unwrap();
-        assert!(watcher._inotify.is_some(), "inotify is not available");
+        assert!(watcher.inotify.is_some(), "inotify is not available");
         Harness {
             store,
             outcomes,
@@ -428,10 +360,10 @@ mod tests {
         h.wait_for_port(3);
     }
 
-    /// A symlink to a file in another directory: inotify on the link's directory does not see writes
-    /// to the target, the periodic re-read does.
+    /// A symlink to a file in another directory: inotify on the link's directory does not see
+    /// writes to the target, the periodic re-read does.
     #[test]
-    fn periodic_reread_catches_what_inotify_misses() {
+    fn periodic_reread_catches_whatinotify_misses() {
         let (link_dir, target_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let target = target_dir.path().join("real.yaml");
         fs::write(&target, policy_for(1)).unwrap();
@@ -466,37 +398,6 @@ mod tests {
         fs::write(&path, policy_for(2)).unwrap();
         thread::sleep(Duration::from_millis(200));
         assert_eq!(current_port(&h.store), Some(1));
-    }
-
-    /// The re-read logic on its own: each new state is reported once.
-    #[test]
-    fn each_change_is_reported_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("policy.yaml");
-        fs::write(&path, policy_for(1)).unwrap();
-        let store = PolicyStore::default();
-        let mut r = Reloader::load(path.clone(), store.clone(), Box::new(|_| {})).unwrap();
-        assert_eq!(r.check(), ReloadOutcome::Unchanged);
-        fs::write(&path, "inbound: 7\n").unwrap();
-        let rejected = r.check();
-        assert!(
-            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains("line 1 column 10")),
-            "{rejected:?}"
-        );
-        assert_eq!(r.check(), ReloadOutcome::Unchanged);
-        fs::remove_file(&path).unwrap();
-        let rejected = r.check();
-        assert!(
-            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains("cannot read")),
-            "{rejected:?}"
-        );
-        assert_eq!(r.check(), ReloadOutcome::Unchanged);
-        assert_eq!(current_port(&store), Some(1));
-        fs::write(&path, policy_for(1)).unwrap();
-        assert_eq!(r.check(), ReloadOutcome::Applied);
-        fs::write(&path, policy_for(4)).unwrap();
-        assert_eq!(r.check(), ReloadOutcome::Applied);
-        assert_eq!(current_port(&store), Some(4));
     }
 
     #[test]

@@ -1,0 +1,127 @@
+//! One re-read of the policy file: read (following symlinks), compare with what the last read
+//! found, and parse and apply what is new. Each new state of the file, good or bad, is reported once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Policy, PolicyError, PolicyStore, ReloadOutcome, parse};
+
+/// The policy file, the store it feeds, and what the last read found.
+pub(super) struct Reloader {
+    path: PathBuf,
+    store: PolicyStore,
+    last_seen: Seen,
+}
+
+/// What the last read found, applied or not, so that one bad file is reported once.
+#[derive(PartialEq, Eq)]
+enum Seen {
+    Content(Vec<u8>),
+    ReadError(String),
+}
+
+impl Reloader {
+    /// The first load: every failure is an error for the caller.
+    pub(super) fn load(path: PathBuf, store: PolicyStore) -> Result<Self, PolicyError> {
+        let loaded = parse::read_file(&path)
+            .and_then(|bytes| Ok((Policy::parse_bytes(&bytes)?, bytes)))
+            .map_err(|error| in_file(&path, error))?;
+        let (policy, bytes) = loaded;
+        store.store(Some(Arc::new(policy)));
+        tracing::info!(path = %path.display(), "policy loaded");
+        Ok(Self {
+            path,
+            store,
+            last_seen: Seen::Content(bytes),
+        })
+    }
+
+    /// Re-reads the file; applies it when it is new and valid.
+    pub(super) fn check(&mut self) -> ReloadOutcome {
+        let seen = match parse::read_file(&self.path) {
+            Ok(bytes) => Seen::Content(bytes),
+            Err(error) => Seen::ReadError(in_file(&self.path, error).to_string()),
+        };
+        if seen == self.last_seen {
+            return ReloadOutcome::Unchanged;
+        }
+        let result = match &seen {
+            Seen::Content(bytes) => {
+                Policy::parse_bytes(bytes).map_err(|error| in_file(&self.path, error).to_string())
+            }
+            Seen::ReadError(reason) => Err(reason.clone()),
+        };
+        self.last_seen = seen;
+        match result {
+            Ok(policy) => {
+                self.store.store(Some(Arc::new(policy)));
+                tracing::info!(path = %self.path.display(), "policy reloaded");
+                ReloadOutcome::Applied
+            }
+            Err(reason) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %reason,
+                    "policy rejected, keeping the last good policy"
+                );
+                ReloadOutcome::Rejected(reason)
+            }
+        }
+    }
+}
+
+fn in_file(path: &Path, error: PolicyError) -> PolicyError {
+    PolicyError::File {
+        path: path.to_owned(),
+        error: Box::new(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    fn policy_for(port: u16) -> String {
+        format!("inbound:\n  - port: {port}\n    allow: []\n")
+    }
+
+    fn current_port(store: &PolicyStore) -> Option<u16> {
+        store
+            .load()
+            .as_ref()
+            .and_then(|p| p.ports.first().map(|p| p.port))
+    }
+
+    #[test]
+    fn each_change_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        fs::write(&path, policy_for(1)).unwrap();
+        let store = PolicyStore::default();
+        let mut r = Reloader::load(path.clone(), store.clone()).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        fs::write(&path, "inbound: 7\n").unwrap();
+        let rejected = r.check();
+        let at = "line 1 column 10";
+        assert!(
+            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains(at)),
+            "{rejected:?}"
+        );
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        fs::remove_file(&path).unwrap();
+        let rejected = r.check();
+        assert!(
+            matches!(&rejected, ReloadOutcome::Rejected(reason) if reason.contains("cannot read")),
+            "{rejected:?}"
+        );
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        assert_eq!(current_port(&store), Some(1));
+        fs::write(&path, policy_for(1)).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Applied);
+        fs::write(&path, policy_for(4)).unwrap();
+        assert_eq!(r.check(), ReloadOutcome::Applied);
+        assert_eq!(current_port(&store), Some(4));
+    }
+}
