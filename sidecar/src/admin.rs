@@ -109,6 +109,7 @@ fn route(
                     "not_before": s.identity.not_before,
                     "not_after": s.identity.not_after,
                     "issuer": s.identity.issuer,
+                    "public_key_sha256": s.public_key_sha256,
                     "trust_anchors_sha256": s.anchor_fingerprints,
                 });
                 with_type(StatusCode::OK, format!("{json}\n"), "application/json")

@@ -57,6 +57,25 @@ pub struct RunArgs {
     /// Trust bundle (PEM roots).
     #[arg(long, env = "MESHID_BUNDLE")]
     pub bundle: Option<PathBuf>,
+    /// CA mode: the CA's gRPC address (HOST:PORT). Needs --ca-bundle and --token-file or
+    /// --join-token-file; replaces --cert/--key/--bundle.
+    #[arg(long, env = "MESHID_CA_ADDR")]
+    pub ca_addr: Option<String>,
+    /// Roots the CA's serving certificate chains to (PEM).
+    #[arg(long, env = "MESHID_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Name to verify the CA's certificate against (default: the host of --ca-addr).
+    #[arg(long, env = "MESHID_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// Kubernetes projected service-account token (re-read at every request).
+    #[arg(long, env = "MESHID_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// One-time join token (first certificate only; renewals use the certificate).
+    #[arg(long, env = "MESHID_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// Certificate lifetime to ask the CA for (default: the CA's).
+    #[arg(long, env = "MESHID_TTL")]
+    pub ttl: Option<String>,
     /// Allow inbound targets that are not loopback (the app is then reachable without the sidecar).
     #[arg(long, env = "MESHID_DANGEROUS_ALLOW_NON_LOCAL_TARGET")]
     pub dangerous_allow_non_local_target: bool,
@@ -78,6 +97,10 @@ pub struct RunArgs {
     /// Time allowed to connect to the app or an upstream.
     #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s")]
     pub connect_timeout: String,
+    /// Keep inbound connections open past the peer certificate's expiry (by default they are closed
+    /// gracefully then, so no connection outlives the identity that opened it).
+    #[arg(long, env = "MESHID_NO_CONNECTION_AGE_CAP")]
+    pub no_connection_age_cap: bool,
     /// On SIGTERM, how long in-flight requests and connections may take to finish.
     #[arg(long, env = "MESHID_GRACE", default_value = "20s")]
     pub grace: String,
@@ -119,6 +142,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub grace: Duration,
+    /// Close inbound connections when the peer's certificate expires.
+    pub cap_connection_age: bool,
 }
 
 impl Default for Limits {
@@ -131,8 +156,18 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             grace: Duration::from_secs(20),
+            cap_connection_age: true,
         }
     }
+}
+
+/// Where credentials come from.
+#[derive(Debug, Clone)]
+pub enum CredSource {
+    /// PEM files (`--cert`, `--key`, `--bundle`).
+    Files(FileCreds),
+    /// The meshid CA (`--ca-addr` ...).
+    Ca(crate::identity::CaMode),
 }
 
 /// Everything `run` needs, checked.
@@ -142,7 +177,7 @@ pub struct RunConfig {
     pub outbound: Vec<Outbound>,
     pub policy: Option<PathBuf>,
     pub admin_listen: SocketAddr,
-    pub creds: FileCreds,
+    pub creds: CredSource,
     pub limits: Limits,
 }
 
@@ -305,7 +340,7 @@ impl RunArgs {
         {
             problems.push(format!("--policy: {} does not exist", p.display()));
         }
-        let mut file = |flag: &str, p: &Option<PathBuf>| match p {
+        let file = |problems: &mut Vec<String>, flag: &str, p: &Option<PathBuf>| match p {
             Some(p) if p.is_file() => p.clone(),
             Some(p) => {
                 problems.push(format!("--{flag}: {} is not a readable file", p.display()));
@@ -316,10 +351,73 @@ impl RunArgs {
                 PathBuf::new()
             }
         };
-        let creds = FileCreds {
-            cert: file("cert", &self.cert),
-            key: file("key", &self.key),
-            bundle: file("bundle", &self.bundle),
+        let creds = match &self.ca_addr {
+            None => CredSource::Files(FileCreds {
+                cert: file(&mut problems, "cert", &self.cert),
+                key: file(&mut problems, "key", &self.key),
+                bundle: file(&mut problems, "bundle", &self.bundle),
+            }),
+            Some(addr) => {
+                if self.cert.is_some() || self.key.is_some() || self.bundle.is_some() {
+                    problems.push(
+                        "--ca-addr and --cert/--key/--bundle are two ways to get credentials; use one"
+                            .into(),
+                    );
+                }
+                let ca_bundle = file(&mut problems, "ca-bundle", &self.ca_bundle);
+                let bootstrap = match (&self.token_file, &self.join_token_file) {
+                    (Some(t), None) => Some(crate::identity::Bootstrap::TokenFile(t.clone())),
+                    (None, Some(j)) => Some(crate::identity::Bootstrap::JoinTokenFile(j.clone())),
+                    _ => {
+                        problems.push(
+                            "CA mode needs exactly one of --token-file and --join-token-file"
+                                .into(),
+                        );
+                        None
+                    }
+                };
+                let ttl = match self.ttl.as_deref().map(parse_duration) {
+                    None => None,
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(e)) => {
+                        problems.push(format!("--ttl: {e}"));
+                        None
+                    }
+                };
+                let valid_addr = addr
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                if !valid_addr {
+                    problems.push(format!("--ca-addr: {addr:?} is not HOST:PORT"));
+                }
+                let roots = if ca_bundle.is_file() {
+                    match crate::files::certs(&ca_bundle) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            problems.push(format!("--ca-bundle: {e}"));
+                            Vec::new()
+                        }
+                    }
+                } else {
+                    Vec::new()
+                };
+                match bootstrap {
+                    Some(bootstrap) => CredSource::Ca(crate::identity::CaMode {
+                        endpoint: crate::ca_client::CaEndpoint {
+                            addr: addr.clone(),
+                            server_name: self.ca_server_name.clone(),
+                            roots,
+                        },
+                        bootstrap,
+                        ttl,
+                    }),
+                    None => CredSource::Files(FileCreds {
+                        cert: PathBuf::new(),
+                        key: PathBuf::new(),
+                        bundle: PathBuf::new(),
+                    }),
+                }
+            }
         };
         if !problems.is_empty() {
             return Err(problems);
@@ -338,6 +436,7 @@ impl RunArgs {
                 request_timeout,
                 connect_timeout,
                 grace,
+                cap_connection_age: !self.no_connection_age_cap,
             },
         })
     }

@@ -72,12 +72,16 @@ pub struct Snapshot {
     pub anchors: Anchors,
     /// SHA-256 fingerprints of the trust anchors (hex), for `/identity`.
     pub anchor_fingerprints: Vec<String>,
+    /// Not-after of each trust anchor (seconds since the epoch).
+    pub anchor_not_after: Vec<i64>,
     pub server_tcp: Arc<ServerConfig>,
     pub server_http: Arc<ServerConfig>,
     /// Indexed like the store's upstreams.
     pub clients: Vec<Arc<ClientConfig>>,
-    /// SHA-256 (hex) of our own leaf, for `x-forwarded-client-cert`-style headers.
+    /// SHA-256 (hex) of our own leaf.
     pub leaf_sha256: String,
+    /// SHA-256 (hex) of our public key (changes at every renewal: a fresh key each time).
+    pub public_key_sha256: String,
 }
 
 impl fmt::Debug for Snapshot {
@@ -110,6 +114,15 @@ pub struct CredentialStore {
     upstreams: Vec<UpstreamSpec>,
     current: ArcSwapOption<Snapshot>,
     generation: watch::Sender<u64>,
+    /// The accepted chain and key, kept (in memory only) to rebuild configs when the bundle changes
+    /// and to authenticate renewals.
+    held: std::sync::Mutex<Option<Held>>,
+}
+
+struct Held {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for CredentialStore {
@@ -135,7 +148,42 @@ impl CredentialStore {
             upstreams,
             current: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
+            held: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Our current chain and key (to present when renewing), if any set was accepted.
+    pub fn chain_and_key(&self) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| (h.chain.clone(), h.key.clone_key()))
+    }
+
+    /// The trust bundle's roots as last accepted.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| h.roots.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the trust bundle, keeping our certificate and key. New handshakes trust exactly the
+    /// new roots at once; live connections are untouched. Our own chain need not verify against the
+    /// new bundle (after a forced root retirement it will not, until the next renewal).
+    pub fn set_bundle(
+        &self,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Arc<Snapshot>, CredError> {
+        let (chain, key) = self.chain_and_key().ok_or(CredError::EmptyChain)?;
+        let snapshot = Arc::new(self.build(
+            Credentials {
+                chain: chain.clone(),
+                key: key.clone_key(),
+                roots: roots.clone(),
+            },
+            false,
+        )?);
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held { chain, key, roots });
+        self.current.store(Some(snapshot.clone()));
+        self.generation.send_modify(|g| *g += 1);
+        Ok(snapshot)
     }
 
     /// The current snapshot, if any set was ever accepted.
@@ -150,13 +198,19 @@ impl CredentialStore {
 
     /// Validates a credential set, builds every TLS config from it, and publishes it.
     pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
-        let snapshot = Arc::new(self.build(creds)?);
+        let held = Held {
+            chain: creds.chain.clone(),
+            key: creds.key.clone_key(),
+            roots: creds.roots.clone(),
+        };
+        let snapshot = Arc::new(self.build(creds, true)?);
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
         self.current.store(Some(snapshot.clone()));
         self.generation.send_modify(|g| *g += 1);
         Ok(snapshot)
     }
 
-    fn build(&self, creds: Credentials) -> Result<Snapshot, CredError> {
+    fn build(&self, creds: Credentials, check_own_chain: bool) -> Result<Snapshot, CredError> {
         let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
         if creds.roots.is_empty() {
             return Err(CredError::EmptyBundle);
@@ -168,27 +222,29 @@ impl CredentialStore {
             .map_err(CredError::Key)?;
         let key = Arc::new(key);
 
-        // Our own chain must verify exactly as peers will verify it, both ways.
-        let own_server =
-            SpiffeServerVerifier::new(anchors.clone(), identity.id.clone(), &self.provider);
-        rustls::client::danger::ServerCertVerifier::verify_server_cert(
-            &own_server,
-            &leaf,
-            &creds.chain[1..],
-            &rustls::pki_types::ServerName::try_from("meshid.invalid")
-                .map_err(|_| CredError::EmptyChain)?,
-            &[],
-            UnixTime::now(),
-        )
-        .map_err(CredError::Chain)?;
         let client_verifier = Arc::new(SpiffeClientVerifier::new(anchors.clone(), &self.provider));
-        rustls::server::danger::ClientCertVerifier::verify_client_cert(
-            client_verifier.as_ref(),
-            &leaf,
-            &creds.chain[1..],
-            UnixTime::now(),
-        )
-        .map_err(CredError::Chain)?;
+        if check_own_chain {
+            // Our own chain must verify exactly as peers will verify it, both ways.
+            let own_server =
+                SpiffeServerVerifier::new(anchors.clone(), identity.id.clone(), &self.provider);
+            rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                &own_server,
+                &leaf,
+                &creds.chain[1..],
+                &rustls::pki_types::ServerName::try_from("meshid.invalid")
+                    .map_err(|_| CredError::EmptyChain)?,
+                &[],
+                UnixTime::now(),
+            )
+            .map_err(CredError::Chain)?;
+            rustls::server::danger::ClientCertVerifier::verify_client_cert(
+                client_verifier.as_ref(),
+                &leaf,
+                &creds.chain[1..],
+                UnixTime::now(),
+            )
+            .map_err(CredError::Chain)?;
+        }
 
         let server = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, CredError> {
             let mut config = ServerConfig::builder_with_provider(self.provider.clone())
@@ -226,13 +282,30 @@ impl CredentialStore {
         }
 
         let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
+        let anchor_not_after = creds
+            .roots
+            .iter()
+            .filter_map(|r| {
+                use x509_parser::prelude::FromDer;
+                x509_parser::certificate::X509Certificate::from_der(r)
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+            })
+            .collect();
         Ok(Snapshot {
             identity,
             anchors,
             anchor_fingerprints,
+            anchor_not_after,
             server_tcp,
             server_http,
             clients,
+            public_key_sha256: {
+                use x509_parser::prelude::FromDer;
+                x509_parser::certificate::X509Certificate::from_der(&leaf)
+                    .map(|(_, c)| sha256_hex(c.public_key().raw))
+                    .unwrap_or_default()
+            },
             leaf_sha256: sha256_hex(&leaf),
         })
     }

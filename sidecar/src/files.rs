@@ -23,7 +23,8 @@ fn err(path: &Path, reason: impl Into<String>) -> FileError {
     }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError> {
+/// Reads every PEM certificate in a file (at least one).
+pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError> {
     let pem = std::fs::read(path).map_err(|e| err(path, e.to_string()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -178,9 +178,13 @@ fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves one HTTP connection with `svc`, draining it gracefully on shutdown.
-async fn serve_connection<IO, S, F>(io: IO, shared: &Shared, svc: S)
-where
+/// Serves one HTTP connection with `svc`, draining it gracefully on shutdown or at `deadline`.
+async fn serve_connection<IO, S, F>(
+    io: IO,
+    shared: &Shared,
+    deadline: Option<tokio::time::Instant>,
+    svc: S,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
@@ -189,6 +193,12 @@ where
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(svc));
     tokio::pin!(conn);
     let mut shutdown = shared.shutdown.clone();
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(error) = r {
@@ -197,6 +207,7 @@ where
             return;
         }
         () = crate::conn::stopped(&mut shutdown) => {}
+        () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
     }
     // Finish in-flight requests; h2 peers get GOAWAY, HTTP/1.1 closes after the current response.
     conn.as_mut().graceful_shutdown();
@@ -237,6 +248,7 @@ pub async fn serve_inbound<IO>(io: IO, peer: Peer, http: Arc<InboundHttp>, share
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = peer.deadline(shared.limits.cap_connection_age);
     let peer = Arc::new(peer);
     let ctx = shared.clone();
     let svc = move |req| {
@@ -245,7 +257,7 @@ where
         let shared = ctx.clone();
         async move { Ok::<_, Infallible>(inbound_request(req, &peer, &http, &shared).await) }
     };
-    serve_connection(io, shared, svc).await;
+    serve_connection(io, shared, deadline, svc).await;
 }
 
 async fn inbound_request(
@@ -415,7 +427,7 @@ where
         let shared = ctx.clone();
         async move { Ok::<_, Infallible>(outbound_request(req, &out, &shared).await) }
     };
-    serve_connection(io, shared, svc).await;
+    serve_connection(io, shared, None, svc).await;
 }
 
 async fn outbound_request(

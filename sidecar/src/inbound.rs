@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use meshid_proto::{SpiffeId, spiffe_id_from_der};
+use meshid_proto::{SpiffeId, cert_identity_from_der};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
@@ -24,6 +24,18 @@ pub struct Peer {
     /// SHA-256 (hex) of the peer's leaf certificate.
     pub cert_sha256: String,
     pub addr: SocketAddr,
+    /// The peer certificate's not-after (seconds since the epoch).
+    pub not_after: i64,
+}
+
+impl Peer {
+    /// When this connection must end: the peer certificate's expiry, unless the cap is off.
+    pub fn deadline(&self, cap: bool) -> Option<tokio::time::Instant> {
+        cap.then(|| {
+            let left = (self.not_after - unix_now()).max(0) as u64;
+            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+        })
+    }
 }
 
 /// Runs one inbound listener until shutdown; returns its connection limit for draining.
@@ -113,10 +125,12 @@ async fn handle(
     // The verifier accepted the chain and the identity; read the identity back for the policy.
     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
     let Some(peer) = leaf.and_then(|leaf| {
+        let info = cert_identity_from_der(leaf).ok()?;
         Some(Peer {
-            id: spiffe_id_from_der(leaf).ok()?,
+            id: info.id,
             cert_sha256: crate::creds::sha256_hex(leaf),
             addr,
+            not_after: info.not_after,
         })
     }) else {
         shared
@@ -163,9 +177,20 @@ async fn tcp_proxy(
         }
     };
     let _ = app.set_nodelay(true);
-    match copy_bidirectional_idle(tls, app, shared.limits.idle_timeout).await {
-        Ok((up, down)) => tracing::debug!(peer = %peer.id, up, down, "tcp connection closed"),
-        Err(error) => tracing::debug!(%error, peer = %peer.id, "tcp connection ended"),
+    let copy = copy_bidirectional_idle(tls, app, shared.limits.idle_timeout);
+    let deadline = peer.deadline(shared.limits.cap_connection_age);
+    let ended = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = copy => match r {
+            Ok((up, down)) => tracing::debug!(peer = %peer.id, up, down, "tcp connection closed"),
+            Err(error) => tracing::debug!(%error, peer = %peer.id, "tcp connection ended"),
+        },
+        () = ended => tracing::info!(peer = %peer.id, "closing: the peer's certificate expired"),
     }
 }
 

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub credential_updates: Family<ResultLabels, Counter>,
     pub cert_expiry: Gauge,
     pub policy_loaded: Gauge,
+    pub renewals: Family<ResultLabels, Counter>,
+    pub last_renewal: Gauge,
+    pub bundle_updates: Family<ResultLabels, Counter>,
+    pub trust_anchors: Gauge,
+    pub anchor_oldest_expiry: Gauge,
+    pub anchor_newest_expiry: Gauge,
 }
 
 impl Metrics {
@@ -106,7 +112,49 @@ impl Metrics {
             "1 when a valid policy is loaded",
             m.policy_loaded.clone(),
         );
+        r.register(
+            "renewals",
+            "Certificate requests to the CA by result",
+            m.renewals.clone(),
+        );
+        r.register(
+            "last_renewal_timestamp_seconds",
+            "When the last certificate was issued, seconds since the epoch",
+            m.last_renewal.clone(),
+        );
+        r.register(
+            "bundle_updates",
+            "Trust bundle updates from the CA by result",
+            m.bundle_updates.clone(),
+        );
+        r.register(
+            "trust_anchors",
+            "Roots in the trust bundle held",
+            m.trust_anchors.clone(),
+        );
+        r.register(
+            "trust_anchor_oldest_expiry_timestamp_seconds",
+            "Earliest not-after among the trust anchors",
+            m.anchor_oldest_expiry.clone(),
+        );
+        r.register(
+            "trust_anchor_newest_expiry_timestamp_seconds",
+            "Latest not-after among the trust anchors",
+            m.anchor_newest_expiry.clone(),
+        );
         m
+    }
+
+    /// Publishes what a newly accepted credential set says.
+    pub fn record_snapshot(&self, s: &crate::creds::Snapshot) {
+        self.cert_expiry.set(s.identity.not_after);
+        self.trust_anchors.set(s.anchors.len() as i64);
+        if let Some(min) = s.anchor_not_after.iter().min() {
+            self.anchor_oldest_expiry.set(*min);
+        }
+        if let Some(max) = s.anchor_not_after.iter().max() {
+            self.anchor_newest_expiry.set(*max);
+        }
     }
 
     pub fn refused(&self, direction: &'static str, port: u16, reason: &'static str) {

@@ -35,6 +35,11 @@ pub async fn dial(
         .creds
         .current()
         .ok_or_else(|| io::Error::other("no certificate loaded yet"))?;
+    if !snapshot.valid_at(crate::inbound::unix_now()) {
+        return Err(io::Error::other(
+            "our certificate is not valid now (failing closed)",
+        ));
+    }
     let config = snapshot
         .clients
         .get(index)

@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::RunConfig;
+use crate::config::{CredSource, RunConfig};
 use crate::conn::{ConnLimit, Shared};
 use crate::creds::{CredentialStore, UpstreamSpec};
 use crate::metrics::{Metrics, ResultLabels};
@@ -68,13 +68,15 @@ pub async fn start(
         })
         .collect();
     let creds = Arc::new(CredentialStore::new(upstreams));
-    let snapshot = creds.set_certificate(crate::files::load(&config.creds)?)?;
-    metrics
-        .credential_updates
-        .get_or_create(&ResultLabels { result: "applied" })
-        .inc();
-    metrics.cert_expiry.set(snapshot.identity.not_after);
-    tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
+    if let CredSource::Files(files) = &config.creds {
+        let snapshot = creds.set_certificate(crate::files::load(files)?)?;
+        metrics
+            .credential_updates
+            .get_or_create(&ResultLabels { result: "applied" })
+            .inc();
+        metrics.record_snapshot(&snapshot);
+        tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
+    }
 
     let policy: PolicyStore = Default::default();
     let watcher = match &config.policy {
@@ -110,6 +112,21 @@ pub async fn start(
         limits: config.limits,
         shutdown: shutdown_rx,
     };
+
+    if let CredSource::Ca(mode) = &config.creds {
+        tokio::spawn(crate::identity::run_issuer(
+            mode.clone(),
+            shared.creds.clone(),
+            shared.metrics.clone(),
+            shared.shutdown.clone(),
+        ));
+        tokio::spawn(crate::identity::run_bundle_watch(
+            mode.clone(),
+            shared.creds.clone(),
+            shared.metrics.clone(),
+            shared.shutdown.clone(),
+        ));
+    }
 
     let (admin, admin_addr) = bind(config.admin_listen).await?;
     let mut limits = Vec::new();

@@ -1,6 +1,8 @@
 //! The `meshid-sidecar` binary: bad configuration exits 64 naming every problem; a good one serves
 //! its admin endpoints and exits 0 on SIGTERM.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

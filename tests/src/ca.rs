@@ -52,6 +52,7 @@ pub struct TestCa {
     pub cluster: FakeCluster,
     pub trust_domain: TrustDomain,
     running: Option<RunningCa>,
+    config: ServeConfig,
 }
 
 impl TestCa {
@@ -83,7 +84,7 @@ impl TestCa {
             grace: Duration::from_secs(5),
         };
         let mut registry = Registry::default();
-        let running = meshid_ca::start(config, &mut registry)
+        let running = meshid_ca::start(config.clone(), &mut registry)
             .await
             .expect("start CA");
         let roots = authority::read_bundle(&dir.path().join("bundle.pem")).expect("bundle");
@@ -95,7 +96,21 @@ impl TestCa {
             cluster,
             trust_domain: td,
             running: Some(running),
+            config,
         }
+    }
+
+    /// Starts the CA again on the same addresses (after [`TestCa::stop`]).
+    pub async fn restart(&mut self) {
+        let mut config = self.config.clone();
+        config.listen = self.addr;
+        config.admin_listen = self.admin_addr;
+        let mut registry = Registry::default();
+        self.running = Some(
+            meshid_ca::start(config, &mut registry)
+                .await
+                .expect("restart CA"),
+        );
     }
 
     /// Stops the CA gracefully.

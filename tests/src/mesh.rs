@@ -15,7 +15,7 @@ use meshid_ca::authority::{self, Authority, pem_cert};
 use meshid_ca::csr::CsrPublicKey;
 use meshid_ca::signer::sign_leaf;
 use meshid_proto::{SpiffeId, TrustDomain};
-use meshid_sidecar::config::{FileCreds, Inbound, Limits, Outbound, RunConfig};
+use meshid_sidecar::config::{CredSource, FileCreds, Inbound, Limits, Outbound, RunConfig};
 use meshid_sidecar::policy::Protocol;
 use meshid_sidecar::run::RunningSidecar;
 use meshid_sidecar::verify::{Anchors, SpiffeServerVerifier};
@@ -175,6 +175,8 @@ pub struct SidecarSpec {
     /// Policy YAML; `None` starts with no policy file. Use `{port0}` for the first inbound port.
     pub policy: Option<String>,
     pub limits: Option<Limits>,
+    /// Credentials from somewhere else than the workload's files (CA mode).
+    pub creds: Option<CredSource>,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -222,11 +224,13 @@ impl TestSidecar {
             outbound,
             policy,
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
-            creds: FileCreds {
-                cert: workload.cert_path.clone(),
-                key: workload.key_path.clone(),
-                bundle: pki.bundle_path.clone(),
-            },
+            creds: spec.creds.clone().unwrap_or_else(|| {
+                CredSource::Files(FileCreds {
+                    cert: workload.cert_path.clone(),
+                    key: workload.key_path.clone(),
+                    bundle: pki.bundle_path.clone(),
+                })
+            }),
             limits: spec.limits.unwrap_or_default(),
         };
         let mut registry = Registry::default();

@@ -1,0 +1,294 @@
+//! CA mode: get a certificate at start, renew it well before expiry with a fresh key, follow the trust
+//! bundle stream, and survive CA outages. Everything lands in the [`CredentialStore`].
+//!
+//! Keys are ECDSA P-256, generated in memory for every CSR; they never touch disk or logs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_proto::ca::v1::{IssueRequest, WatchTrustBundleRequest, issue_request::Credential};
+use rcgen::{CertificateParams, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+
+use crate::ca_client::{self, CaEndpoint};
+use crate::conn::stopped;
+use crate::creds::{CredentialStore, Credentials, Snapshot};
+use crate::inbound::unix_now;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::timing::{Backoff, random_unit, refresh_in};
+
+/// How the first certificate is obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A projected service-account token, re-read at every request (the kubelet rotates it).
+    TokenFile(PathBuf),
+    /// A one-time join token (first certificate only).
+    JoinTokenFile(PathBuf),
+}
+
+/// CA mode settings.
+#[derive(Debug, Clone)]
+pub struct CaMode {
+    /// The CA's address; `roots` are the `--ca-bundle` roots its serving certificate chains to.
+    pub endpoint: CaEndpoint,
+    pub bootstrap: Bootstrap,
+    /// Lifetime to ask for (`None`: the CA's default).
+    pub ttl: Option<Duration>,
+}
+
+/// Why one issuance attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error("{0}")]
+    Connect(#[from] ca_client::CaClientError),
+    #[error("CA answered {code:?}: {message}")]
+    Status {
+        code: tonic::Code,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("reading {path}: {source}")]
+    Credential {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the join token was already spent and there is no valid certificate to renew with")]
+    JoinTokenSpent,
+    #[error("CA response: {0}")]
+    Response(String),
+    #[error("generating a key: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("{0}")]
+    Store(#[from] crate::creds::CredError),
+}
+
+impl IssueError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The CA's roots plus the trust bundle we hold (the CA's certificate moves to a new root during a
+/// rotation; the bundle stream brings that root before the CA switches).
+fn endpoint_with_bundle(mode: &CaMode, store: &CredentialStore) -> CaEndpoint {
+    let mut endpoint = mode.endpoint.clone();
+    for root in store.roots() {
+        if !endpoint.roots.contains(&root) {
+            endpoint.roots.push(root);
+        }
+    }
+    endpoint
+}
+
+/// One issuance: a fresh key, a CSR, and whichever credential fits (our valid certificate first).
+pub async fn issue_once(
+    mode: &CaMode,
+    store: &CredentialStore,
+    use_bootstrap: bool,
+    join_spent: bool,
+) -> Result<Arc<Snapshot>, IssueError> {
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    let valid = store
+        .current()
+        .is_some_and(|s| s.identity.not_after > unix_now() + 1);
+    let (client_cert, credential) = if valid && !use_bootstrap {
+        (store.chain_and_key(), None)
+    } else {
+        let credential = match &mode.bootstrap {
+            Bootstrap::TokenFile(path) => Credential::ServiceAccountToken(read_secret(path).await?),
+            Bootstrap::JoinTokenFile(_) if join_spent => return Err(IssueError::JoinTokenSpent),
+            Bootstrap::JoinTokenFile(path) => Credential::JoinToken(read_secret(path).await?),
+        };
+        (None, Some(credential))
+    };
+    let mut client = ca_client::connect(&endpoint_with_bundle(mode, store), client_cert).await?;
+    let resp = client
+        .issue(IssueRequest {
+            csr: csr.der().to_vec(),
+            credential,
+            ttl_seconds: mode
+                .ttl
+                .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+                .unwrap_or(0),
+        })
+        .await
+        .map_err(|s| IssueError::Status {
+            code: s.code(),
+            message: s.message().to_owned(),
+            retry_after: s
+                .metadata()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        })?
+        .into_inner();
+    if resp.cert_chain.is_empty() || resp.trust_anchors.is_empty() {
+        return Err(IssueError::Response("empty chain or bundle".into()));
+    }
+    let creds = Credentials {
+        chain: resp
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        roots: resp
+            .trust_anchors
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    };
+    Ok(store.set_certificate(creds)?)
+}
+
+async fn read_secret(path: &PathBuf) -> Result<String, IssueError> {
+    tokio::fs::read_to_string(path)
+        .await
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| IssueError::Credential {
+            path: path.clone(),
+            source,
+        })
+}
+
+/// Keeps a valid certificate in the store for as long as the sidecar runs.
+pub async fn run_issuer(
+    mode: CaMode,
+    store: Arc<CredentialStore>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::for_lifetime(mode.ttl.unwrap_or(Duration::from_secs(3600)));
+    let mut use_bootstrap = false;
+    let mut join_spent = false;
+    loop {
+        let wait = match issue_once(&mode, &store, use_bootstrap, join_spent).await {
+            Ok(snapshot) => {
+                let id = &snapshot.identity;
+                let lifetime = Duration::from_secs((id.not_after - unix_now()).max(1) as u64);
+                backoff = Backoff::for_lifetime(lifetime);
+                use_bootstrap = false;
+                if matches!(mode.bootstrap, Bootstrap::JoinTokenFile(_)) {
+                    join_spent = true;
+                }
+                metrics
+                    .renewals
+                    .get_or_create(&ResultLabels { result: "success" })
+                    .inc();
+                metrics.last_renewal.set(unix_now());
+                metrics.record_snapshot(&snapshot);
+                let wait = refresh_in(unix_now(), id.not_after, random_unit() * 2.0 - 1.0);
+                tracing::info!(
+                    id = %id.id,
+                    serial = %id.serial_hex,
+                    not_after = id.not_after,
+                    renew_in_s = wait.as_secs_f64(),
+                    "certificate issued"
+                );
+                wait
+            }
+            Err(error) => {
+                metrics
+                    .renewals
+                    .get_or_create(&ResultLabels { result: "failure" })
+                    .inc();
+                // A refused renewal (our certificate no longer accepted) falls back to the
+                // bootstrap credential when it can be used again.
+                if let IssueError::Status { code, .. } = &error
+                    && matches!(
+                        code,
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    )
+                {
+                    use_bootstrap = matches!(mode.bootstrap, Bootstrap::TokenFile(_));
+                }
+                let wait = backoff.next_delay(random_unit(), error.retry_after());
+                let valid = store.current().is_some_and(|s| s.valid_at(unix_now()));
+                tracing::warn!(
+                    %error,
+                    retry_in_s = wait.as_secs_f64(),
+                    holding_valid_certificate = valid,
+                    "certificate request failed"
+                );
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Follows the CA's trust bundle stream, reconnecting with backoff when it breaks.
+pub async fn run_bundle_watch(
+    mode: CaMode,
+    store: Arc<CredentialStore>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let result = async {
+            let mut client = ca_client::connect(&endpoint_with_bundle(&mode, &store), None).await?;
+            let mut stream = client
+                .watch_trust_bundle(WatchTrustBundleRequest {})
+                .await
+                .map_err(|s| IssueError::Response(s.message().to_owned()))?
+                .into_inner();
+            loop {
+                let msg = tokio::select! {
+                    m = stream.message() => m,
+                    () = stopped(&mut shutdown) => return Ok(()),
+                };
+                let bundle = match msg {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
+                    Err(s) => return Err(IssueError::Response(s.message().to_owned())),
+                };
+                backoff.reset();
+                let roots: Vec<CertificateDer<'static>> =
+                    bundle.roots.into_iter().map(CertificateDer::from).collect();
+                if roots.is_empty() || roots == store.roots() || store.current().is_none() {
+                    continue;
+                }
+                match store.set_bundle(roots) {
+                    Ok(snapshot) => {
+                        metrics
+                            .bundle_updates
+                            .get_or_create(&ResultLabels { result: "applied" })
+                            .inc();
+                        metrics.record_snapshot(&snapshot);
+                        tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
+                    }
+                    Err(error) => {
+                        metrics
+                            .bundle_updates
+                            .get_or_create(&ResultLabels { result: "rejected" })
+                            .inc();
+                        tracing::error!(%error, "trust bundle update rejected; keeping the current one");
+                    }
+                }
+            }
+        }
+        .await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(error) = result {
+            tracing::warn!(%error, "trust bundle stream broken; reconnecting");
+        }
+        let wait = backoff.next_delay(random_unit(), None);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! CA mode over real sockets with short lifetimes: renewal under traffic with a new key each time, a
+//! CA outage, expiry failing closed, and trust bundle changes applied without restart.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshid_ca::signer::LifetimePolicy;
+use meshid_sidecar::ca_client::CaEndpoint;
+use meshid_sidecar::config::CredSource;
+use meshid_sidecar::identity::{Bootstrap, CaMode};
+use meshid_sidecar::policy::Protocol;
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
+};
+use meshid_tests::pki::{ForeignCa, pem};
+use meshid_tests::process::http_get;
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+
+fn ca_mode(ca: &TestCa, ns: &str, sa: &str, ttl: Duration) -> CredSource {
+    let token = ca.dir.path().join(format!("{ns}-{sa}.token"));
+    std::fs::write(&token, ca.cluster.token(ns, sa)).unwrap();
+    CredSource::Ca(CaMode {
+        endpoint: CaEndpoint {
+            addr: ca.addr.to_string(),
+            server_name: Some("localhost".into()),
+            roots: ca.roots.clone(),
+        },
+        bootstrap: Bootstrap::TokenFile(token),
+        ttl: Some(ttl),
+    })
+}
+
+async fn identity(sidecar: &TestSidecar) -> Option<serde_json::Value> {
+    let admin = sidecar.admin;
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(admin, "/identity"))
+        .await
+        .ok()?
+        .ok()?;
+    if code != 200 {
+        return None;
+    }
+    let json = body.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(json.trim()).ok()
+}
+
+async fn ready(sidecar: &TestSidecar) -> bool {
+    let admin = sidecar.admin;
+    matches!(
+        tokio::task::spawn_blocking(move || http_get(admin, "/readyz")).await,
+        Ok(Ok((200, _)))
+    )
+}
+
+/// Sidecar B (inbound HTTP in front of an echo app) and A (outbound to B), both in CA mode.
+async fn pair(ca: &TestCa, ttl: Duration) -> (TestSidecar, TestSidecar) {
+    // The sidecars' PEM files are unused in CA mode; a TestPki only supplies paths.
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let app = http_echo().await;
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.8", app, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca_mode(ca, "shop", "backend", ttl)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
+            creds: Some(ca_mode(ca, "shop", "frontend", ttl)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ready(&a).await && ready(&b).await
+        })
+        .await,
+        "both sidecars get certificates and become ready"
+    );
+    (a, b)
+}
+
+/// Continuous traffic from app A through the pair; counts successes and failures.
+fn traffic(
+    a: &TestSidecar,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let local = a.outbound[0];
+    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        while !s.load(Ordering::Relaxed) {
+            let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
+                f.fetch_add(1, Ordering::Relaxed);
+                break;
+            };
+            match http_request(tcp, false, get("/orders", &[])).await {
+                Ok((200, _, body)) if body.contains(&format!("URI={A}")) => {
+                    o.fetch_add(1, Ordering::Relaxed);
+                }
+                other => {
+                    eprintln!("request failed: {other:?}");
+                    f.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (stop, ok, failed, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_under_traffic_fail_nothing_and_use_fresh_keys() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(4),
+            max: Duration::from_secs(4),
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, b) = pair(&ca, Duration::from_secs(4)).await;
+    let (stop, ok, failed, task) = traffic(&a);
+    let mut serials = HashSet::new();
+    let mut keys = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while serials.len() < 4 && tokio::time::Instant::now() < deadline {
+        if let Some(id) = identity(&b).await {
+            let serial = id["serial"].as_str().unwrap_or_default().to_owned();
+            let key = id["public_key_sha256"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            if serials.insert(serial) {
+                assert!(keys.insert(key), "a renewal reused the previous key");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+    assert!(
+        serials.len() >= 4,
+        "at least three renewals seen: {serials:?}"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20, "traffic flowed");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed across renewals"
+    );
+    let m = b.metrics().await;
+    assert!(
+        m.contains(r#"meshid_sidecar_renewals_total{result="success"}"#),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_outage_keeps_traffic_then_expiry_fails_closed() {
+    let mut ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, b) = pair(&ca, Duration::from_secs(10)).await;
+    let (stop, ok, failed, task) = traffic(&a);
+
+    // The CA goes away for longer than half a lifetime: traffic keeps flowing on current certs.
+    ca.stop().await;
+    let serial_before = identity(&b).await.unwrap()["serial"].clone();
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let failed_during_outage = failed.load(Ordering::Relaxed);
+    assert_eq!(
+        failed_during_outage, 0,
+        "no failure while the CA is down and certs are valid"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 10);
+    let m = b.metrics().await;
+    assert!(
+        m.contains(r#"meshid_sidecar_renewals_total{result="failure"}"#),
+        "renewal attempts failed: {m}"
+    );
+
+    // The CA comes back: renewal succeeds before expiry.
+    ca.restart().await;
+    let renewed = eventually(Duration::from_secs(3), || async {
+        identity(&b)
+            .await
+            .is_some_and(|id| id["serial"] != serial_before)
+    })
+    .await;
+    assert!(renewed, "renewed after the CA came back");
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+
+    // The CA goes away for good: past expiry the sidecar is not ready and refuses new connections.
+    ca.stop().await;
+    let not_ready = eventually(Duration::from_secs(20), || async { !ready(&b).await }).await;
+    assert!(not_ready, "not ready once the certificate expired");
+    let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    let got = http_request(tcp, false, get("/orders", &[])).await;
+    assert!(
+        !matches!(got, Ok((200, _, _))),
+        "fails closed after expiry: {got:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_stream_adds_and_removes_roots_without_restart() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let (_a, b) = pair(&ca, Duration::from_secs(3600)).await;
+    let foreign = ForeignCa::new();
+    let (chain, key) = foreign.workload(A);
+    let client = meshid_tests::mesh::Workload {
+        chain,
+        key_der: key.secret_der().to_vec(),
+        cert_path: Default::default(),
+        key_path: Default::default(),
+    };
+    let roots_now = ca.roots.clone();
+    let try_new_root_peer = || {
+        let mut roots = roots_now.clone();
+        roots.push(foreign.root_der.clone());
+        let cfg = meshid_tests::mesh::client_config(
+            &roots,
+            &ca.trust_domain,
+            Some(&client),
+            &meshid_proto::SpiffeId::parse(B).unwrap(),
+            &[b"http/1.1"],
+        );
+        let addr = b.inbound[0];
+        async move {
+            match meshid_tests::mesh::mtls_connect(addr, cfg).await {
+                Ok(tls) => matches!(
+                    http_request(tls, false, get("/x", &[])).await,
+                    Ok((200, _, _))
+                ),
+                Err(_) => false,
+            }
+        }
+    };
+    assert!(
+        !try_new_root_peer().await,
+        "a peer under an unknown root is refused"
+    );
+
+    // The new root joins the bundle; the stream brings it; the peer is accepted, no restart.
+    let bundle = ca.dir.path().join("bundle.pem");
+    let original = std::fs::read_to_string(&bundle).unwrap();
+    std::fs::write(
+        bundle.with_extension("tmp"),
+        format!("{original}{}", pem(&foreign.root_der)),
+    )
+    .unwrap();
+    std::fs::rename(bundle.with_extension("tmp"), &bundle).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), try_new_root_peer).await,
+        "peer under the new root accepted once the bundle arrived"
+    );
+    let m = b.metrics().await;
+    assert!(m.contains("meshid_sidecar_trust_anchors 2"), "{m}");
+
+    // The root leaves the bundle: new handshakes from peers under it are refused again.
+    std::fs::write(bundle.with_extension("tmp"), original).unwrap();
+    std::fs::rename(bundle.with_extension("tmp"), &bundle).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !try_new_root_peer().await
+        })
+        .await,
+        "peer refused once its root left the bundle"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_close_at_the_peer_certificate_expiry() {
+    let pki = TestPki::new();
+    let app = meshid_tests::mesh::tcp_echo().await;
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.9", app, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    // A peer certificate with 3 seconds left.
+    let short = pki.workload_at(
+        A,
+        time::OffsetDateTime::now_utc() - time::Duration::seconds(57),
+        Duration::from_secs(60),
+    );
+    let cfg = meshid_tests::mesh::client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&short),
+        &b.id,
+        &[],
+    );
+    let mut tls = meshid_tests::mesh::mtls_connect(b.inbound[0], cfg)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"alive").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "connection closed by the sidecar");
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_secs(1) && lived < Duration::from_secs(10),
+        "closed at the peer certificate's expiry, after {lived:?}"
+    );
+}
