@@ -1,12 +1,30 @@
-//! Credentials from PEM files (`--cert`, `--key`, `--bundle`).
+//! Credentials from PEM files (`--cert`, `--key`, `--bundle`), loaded once or kept live.
+//!
+//! [`watch_credential_files`] keeps the [`CredentialStore`] in step with the files, as cert-manager's
+//! CSI driver or a Kubernetes Secret volume updates them. The parent directory of each file is
+//! watched (inotify, non-recursive), which sees in-place writes, atomic renames, and the kubelet's
+//! `..data` symlink swap. Once events have been quiet for a moment, the three files are re-read
+//! (following symlinks); only contents that differ from the last contents seen are parsed and handed
+//! to [`CredentialStore::set_certificate`], which publishes them only if the key matches the leaf
+//! and the chain verifies to the bundle. A half-written or inconsistent set is rejected and logged,
+//! and the last good one keeps serving; a later consistent set is applied. A periodic re-read covers
+//! whatever inotify misses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::FileCreds;
-use crate::creds::Credentials;
+use crate::creds::{CredentialStore, Credentials};
+use crate::metrics::{Metrics, ResultLabels};
 
 /// Why the credential files could not be read. Names the file.
 #[derive(Debug, thiserror::Error)]
@@ -23,10 +41,17 @@ fn err(path: &Path, reason: impl Into<String>) -> FileError {
     }
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, FileError> {
+    std::fs::read(path).map_err(|e| err(path, e.to_string()))
+}
+
 /// Reads every PEM certificate in a file (at least one).
 pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError> {
-    let pem = std::fs::read(path).map_err(|e| err(path, e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    certs_from_pem(path, &read(path)?)
+}
+
+fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, FileError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(path, format!("not PEM certificates: {e}")))?;
     if certs.is_empty() {
@@ -39,8 +64,378 @@ pub fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, FileError> {
 pub fn load(files: &FileCreds) -> Result<Credentials, FileError> {
     let chain = certs(&files.cert)?;
     let roots = certs(&files.bundle)?;
-    let key_pem = std::fs::read(&files.key).map_err(|e| err(&files.key, e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|_| err(&files.key, "no PEM private key in the file"))?;
+    let key = key_from_pem(&files.key, &read(&files.key)?)?;
     Ok(Credentials { chain, key, roots })
+}
+
+fn key_from_pem(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, FileError> {
+    // The parser's error is not repeated: it could quote the file.
+    PrivateKeyDer::from_pem_slice(pem).map_err(|_| err(path, "no PEM private key in the file"))
+}
+
+/// Keeps the credential store in step with the files until dropped; dropping it stops the watch
+/// thread and waits for it.
+pub struct CredWatcher {
+    files: FileCreds,
+    stop: Arc<AtomicBool>,
+    wake: Sender<Message>,
+    thread: Option<JoinHandle<()>>,
+    inotify: Option<RecommendedWatcher>,
+}
+
+/// Watches the three files; publishes a new set only when cert, key and bundle are consistent.
+///
+/// Call it once the first set from `files` is in `store`. Every later set is counted in
+/// `credential_updates{result="applied"|"rejected"}`. Errors only if the watch thread cannot start;
+/// a directory that cannot be watched is left to the periodic re-read (with a warning).
+pub fn watch_credential_files(
+    files: FileCreds,
+    store: Arc<CredentialStore>,
+    metrics: Metrics,
+) -> Result<CredWatcher, FileError> {
+    watch_with_timing(files, store, metrics, Timing::DEFAULT)
+}
+
+/// How long to wait: for events to go quiet, at most after the first event of a burst, and between
+/// periodic re-reads.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    quiet: Duration,
+    max_delay: Duration,
+    poll: Duration,
+}
+
+impl Timing {
+    const DEFAULT: Timing = Timing {
+        quiet: Duration::from_millis(150),
+        max_delay: Duration::from_secs(1),
+        poll: Duration::from_secs(2),
+    };
+}
+
+enum Message {
+    /// Something happened in a watched directory.
+    Changed,
+    /// The watcher is being dropped.
+    Stop,
+}
+
+fn watch_with_timing(
+    files: FileCreds,
+    store: Arc<CredentialStore>,
+    metrics: Metrics,
+    timing: Timing,
+) -> Result<CredWatcher, FileError> {
+    let (wake, events) = mpsc::channel();
+    // Watch first, then read: a change in between is seen either by the read or as an event.
+    let inotify = watch_directories(&files, wake.clone());
+    let mut tracker = Tracker {
+        files: files.clone(),
+        store,
+        metrics,
+        last: None,
+    };
+    tracker.check();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
+    let thread = thread::Builder::new()
+        .name("cred-watch".to_owned())
+        .spawn(move || run(tracker, &events, &thread_stop, timing))
+        .map_err(|e| err(&files.cert, format!("cannot start the watch thread: {e}")))?;
+    Ok(CredWatcher {
+        files,
+        stop,
+        wake,
+        thread: Some(thread),
+        inotify,
+    })
+}
+
+/// The parent directory of a file (`.` for a bare name).
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Watches each distinct parent directory, or returns `None` (after a warning) and leaves it to
+/// polling. A directory that alone cannot be watched is also left to polling.
+fn watch_directories(files: &FileCreds, wake: Sender<Message>) -> Option<RecommendedWatcher> {
+    let handler = move |event: notify::Result<notify::Event>| {
+        match event {
+            // Opening or reading files (our own re-reads included) changes nothing.
+            Ok(event) if is_read_only(&event.kind) => return,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "credential watch error, re-reading the files"),
+        }
+        // A send fails only once the watch thread has stopped.
+        let _ = wake.send(Message::Changed);
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch the credential files, polling only");
+            return None;
+        }
+    };
+    let mut seen = Vec::new();
+    for file in [&files.cert, &files.key, &files.bundle] {
+        let dir = parent(file);
+        let key = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            let dir = dir.display();
+            tracing::warn!(%error, %dir, "cannot watch a credential directory, polling it");
+        }
+    }
+    Some(watcher)
+}
+
+fn is_read_only(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
+/// The bytes of the three files as read at one moment, or why one could not be read.
+type Contents = [Result<Vec<u8>, String>; 3];
+
+/// Remembers the last contents seen, so that only a change is parsed, applied or logged.
+struct Tracker {
+    files: FileCreds,
+    store: Arc<CredentialStore>,
+    metrics: Metrics,
+    last: Option<Contents>,
+}
+
+impl Tracker {
+    fn read(&self) -> Contents {
+        [&self.files.cert, &self.files.key, &self.files.bundle]
+            .map(|path| std::fs::read(path).map_err(|e| e.to_string()))
+    }
+
+    /// Parses exactly the bytes that were compared (a second read could see another write).
+    fn parse(&self, contents: &Contents) -> Result<Credentials, FileError> {
+        let [cert, key, bundle] = contents;
+        let bytes = |path: &Path, read: &Result<Vec<u8>, String>| match read {
+            Ok(bytes) => Ok(bytes.clone()),
+            Err(reason) => Err(err(path, reason.clone())),
+        };
+        let chain = certs_from_pem(&self.files.cert, &bytes(&self.files.cert, cert)?)?;
+        let key = key_from_pem(&self.files.key, &bytes(&self.files.key, key)?)?;
+        let roots = certs_from_pem(&self.files.bundle, &bytes(&self.files.bundle, bundle)?)?;
+        Ok(Credentials { chain, key, roots })
+    }
+
+    /// Whether the store already holds exactly `creds` (the set loaded before watching began).
+    fn held(&self, creds: &Credentials) -> bool {
+        let same_key = |key: &PrivateKeyDer<'_>| key.secret_der() == creds.key.secret_der();
+        self.store
+            .chain_and_key()
+            .is_some_and(|(chain, key)| chain == creds.chain && same_key(&key))
+            && self.store.roots() == creds.roots
+    }
+
+    /// Re-reads the files and applies them if they changed.
+    fn check(&mut self) {
+        let contents = self.read();
+        if self.last.as_ref() == Some(&contents) {
+            return;
+        }
+        let first = self.last.is_none();
+        let parsed = self.parse(&contents);
+        self.last = Some(contents);
+        let creds = match parsed {
+            Ok(creds) if first && self.held(&creds) => return,
+            Ok(creds) => creds,
+            Err(error) => return self.rejected(&error),
+        };
+        match self.store.set_certificate(creds) {
+            Ok(snapshot) => {
+                self.count("applied");
+                self.metrics.record_snapshot(&snapshot);
+                let identity = &snapshot.identity;
+                tracing::info!(
+                    id = %identity.id,
+                    serial = %identity.serial_hex,
+                    not_after = identity.not_after,
+                    "certificate files applied"
+                );
+            }
+            Err(error) => self.rejected(&error),
+        }
+    }
+
+    fn rejected(&self, error: &dyn std::error::Error) {
+        self.count("rejected");
+        tracing::error!(
+            %error,
+            cert = %self.files.cert.display(),
+            "certificate files rejected, keeping the last good certificate"
+        );
+    }
+
+    fn count(&self, result: &'static str) {
+        self.metrics
+            .credential_updates
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
+
+/// The watch thread: re-read after a burst of events goes quiet, or when the poll interval passes.
+fn run(mut tracker: Tracker, events: &Receiver<Message>, stop: &AtomicBool, timing: Timing) {
+    // (first, last) event of the current burst.
+    let mut burst: Option<(Instant, Instant)> = None;
+    let mut next_poll = Instant::now() + timing.poll;
+    while !stop.load(Ordering::Acquire) {
+        let due = match burst {
+            Some((first, last)) => (last + timing.quiet).min(first + timing.max_delay),
+            None => next_poll,
+        };
+        let now = Instant::now();
+        if now >= due {
+            burst = None;
+            tracker.check();
+            next_poll = Instant::now() + timing.poll;
+            continue;
+        }
+        match events.recv_timeout(due - now) {
+            Ok(Message::Changed) => {
+                let now = Instant::now();
+                burst = Some((burst.map_or(now, |(first, _)| first), now));
+            }
+            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+impl Drop for CredWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // A failed send means the thread is already gone.
+        let _ = self.wake.send(Message::Stop);
+        if let Some(thread) = self.thread.take() {
+            if thread.thread().id() != thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for CredWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredWatcher")
+            .field("files", &self.files)
+            .field("inotify", &self.inotify.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    fn files(dir: &Path) -> FileCreds {
+        FileCreds {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            bundle: dir.join("ca.crt"),
+        }
+    }
+
+    fn updates(metrics: &Metrics, result: &'static str) -> u64 {
+        metrics
+            .credential_updates
+            .get_or_create(&ResultLabels { result })
+            .get()
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    const FAST: Timing = Timing {
+        quiet: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+        poll: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn file_mode_garbage_is_rejected_once_and_reported_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        for path in [&files.cert, &files.key, &files.bundle] {
+            fs::write(path, "garbage").unwrap();
+        }
+        let store = Arc::new(CredentialStore::new(Vec::new()));
+        let metrics = Metrics::default();
+        let watcher =
+            watch_with_timing(files.clone(), store.clone(), metrics.clone(), FAST).unwrap();
+        assert!(watcher.inotify.is_some(), "inotify is not available");
+        assert_eq!(updates(&metrics, "rejected"), 1);
+        fs::write(&files.key, "more garbage").unwrap();
+        wait_for("a second rejection", || updates(&metrics, "rejected") == 2);
+        assert!(store.current().is_none());
+        assert_eq!(updates(&metrics, "applied"), 0);
+
+        let tracker = Tracker {
+            files: files.clone(),
+            store,
+            metrics,
+            last: None,
+        };
+        let error = tracker.parse(&tracker.read()).err().unwrap().to_string();
+        assert!(
+            error.contains("tls.crt: no certificate in the file"),
+            "{error}"
+        );
+        fs::remove_file(&files.cert).unwrap();
+        let error = tracker.parse(&tracker.read()).err().unwrap().to_string();
+        assert!(error.contains("tls.crt: No such file"), "{error}");
+    }
+
+    #[test]
+    fn file_mode_dropping_the_watcher_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        let metrics = Metrics::default();
+        let store = Arc::new(CredentialStore::new(Vec::new()));
+        let poll_often = Timing {
+            poll: Duration::from_millis(10),
+            ..FAST
+        };
+        let watcher = watch_with_timing(files.clone(), store, metrics.clone(), poll_often).unwrap();
+        drop(watcher); // joins the thread
+        let before = updates(&metrics, "rejected");
+        fs::write(&files.cert, "garbage").unwrap();
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(updates(&metrics, "rejected"), before);
+    }
+
+    #[test]
+    fn file_mode_parent_directories_and_read_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = FileCreds {
+            cert: PathBuf::from("tls.crt"),
+            ..files(dir.path())
+        };
+        assert_eq!(parent(&files.cert), PathBuf::from("."));
+        assert_eq!(parent(&files.key), dir.path());
+        assert!(is_read_only(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+    }
 }

@@ -41,6 +41,7 @@ pub struct RunningSidecar {
     limits: Vec<ConnLimit>,
     grace: Duration,
     _policy: Option<PolicyWatcher>,
+    _cred_watcher: Option<crate::files::CredWatcher>,
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -68,6 +69,7 @@ pub async fn start(
         })
         .collect();
     let creds = Arc::new(CredentialStore::new(upstreams));
+    let mut cred_watcher = None;
     if let CredSource::Files(files) = &config.creds {
         let snapshot = creds.set_certificate(crate::files::load(files)?)?;
         metrics
@@ -76,6 +78,11 @@ pub async fn start(
             .inc();
         metrics.record_snapshot(&snapshot);
         tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
+        cred_watcher = Some(crate::files::watch_credential_files(
+            files.clone(),
+            creds.clone(),
+            metrics.clone(),
+        )?);
     }
 
     let policy: PolicyStore = Default::default();
@@ -184,6 +191,7 @@ pub async fn start(
         limits,
         grace: config.limits.grace,
         _policy: watcher,
+        _cred_watcher: cred_watcher,
     })
 }
 

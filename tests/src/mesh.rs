@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshid_ca::authority::{self, Authority, pem_cert};
 use meshid_ca::csr::CsrPublicKey;
@@ -329,71 +328,20 @@ pub async fn echo_roundtrip(
     }
 }
 
-/// A TCP echo app on 127.0.0.1.
+/// A TCP echo app on 127.0.0.1 (the example app).
 pub async fn tcp_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    tokio::spawn(meshid_examples::tcp_echo(l));
     addr
 }
 
-/// An HTTP app (HTTP/1.1 and h2c) on 127.0.0.1: answers `<method> <path> xfcc=<header>` and serves
-/// `/slow?ms=N` after a delay.
+/// The example HTTP app (HTTP/1.1 and h2c) on 127.0.0.1: answers
+/// `<method> <path> version=<v> host=<host> xfcc=<header> caller=<id>` and serves `/slow?ms=N` late.
 pub async fn http_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                    let xfcc = req
-                        .headers()
-                        .get("x-forwarded-client-cert")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
-                    let host = req
-                        .headers()
-                        .get("host")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
-                    let version = format!("{:?}", req.version());
-                    if req.uri().path() == "/slow" {
-                        let ms: u64 = req
-                            .uri()
-                            .query()
-                            .and_then(|q| q.strip_prefix("ms="))
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(1000);
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    let line = format!(
-                        "{} {} version={version} host={host} xfcc={xfcc}\n",
-                        req.method(),
-                        req.uri().path()
-                    );
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                    let mut out = line.into_bytes();
-                    if let Ok(b) = body {
-                        out.extend_from_slice(&b);
-                    }
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(out))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(meshid_examples::http_echo(l));
     addr
 }
 

@@ -1,22 +1,24 @@
-//! The local mesh demo: everything on loopback, generated in a temporary directory.
+//! The local mesh demo: the whole loop on loopback, everything generated in a temporary directory.
 //!
-//! Today it runs the CA stage of the mesh: `meshid-ca init`, two join tokens, `meshid-ca serve`, and
-//! two workloads getting their SPIFFE certificates with fresh in-memory keys. The sidecars and example
-//! apps join the demo as they are built.
+//! `meshid-ca init` + `serve`; two example apps (an HTTP echo that reports the caller identity it
+//! got from `x-forwarded-client-cert`, and a TCP echo); a sidecar in front of each, getting
+//! certificates from the CA with join tokens. Then: an allowed call, a denied call, a TCP call, the
+//! certificates' identities and expiries, and where to look. Ctrl-C stops everything and cleans up.
 //!
 //! `--check` runs the same steps non-interactively and ends with `N passed, M failed`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use meshid_proto::ca::v1::{GetTrustBundleRequest, IssueRequest, issue_request::Credential};
-use meshid_sidecar::ca_client::{self, CaEndpoint};
-use rcgen::{CertificateParams, KeyPair};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/demo/sa/frontend";
+const BACKEND: &str = "spiffe://cluster.local/ns/demo/sa/backend";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,15 +29,17 @@ struct Args {
     /// Run every step once, print `N passed, M failed`, and exit (0 only if all passed).
     #[arg(long)]
     check: bool,
-    /// Certificate lifetime to request (e.g. 30s to watch renewals once sidecars run).
+    /// Certificate lifetime (e.g. 30s to watch renewals happen).
     #[arg(long, default_value = "1h")]
     ttl: String,
-    /// Directory holding meshid-ca (default: next to this program, built if missing).
+    /// Directory holding meshid-ca and meshid-sidecar (default: next to this program, built by
+    /// cargo when run through it).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
 }
 
-/// Kills and reaps the child on drop, so Ctrl-C or a failed step never leaves a process behind.
+/// Stops (SIGTERM, then SIGKILL) and reaps the child on drop, so Ctrl-C or a failed step never
+/// leaves a process behind.
 struct Guard(Child);
 
 impl Drop for Guard {
@@ -43,7 +47,7 @@ impl Drop for Guard {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.0.try_wait() {
                 return;
@@ -62,15 +66,17 @@ struct Tally {
 }
 
 impl Tally {
-    fn step(&mut self, name: &str, result: Result<String>) {
+    fn step(&mut self, name: &str, result: Result<String>) -> bool {
         match result {
             Ok(detail) => {
                 self.passed += 1;
                 println!("  ok    {name}: {detail}");
+                true
             }
             Err(e) => {
                 self.failed += 1;
                 println!("  FAIL  {name}: {e:#}");
+                false
             }
         }
     }
@@ -82,26 +88,25 @@ fn bin_dir(args: &Args) -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("locating this program")?;
     let dir = exe.parent().context("program directory")?.to_owned();
-    if !dir.join("meshid-ca").exists() {
-        let release = dir.ends_with("release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let missing = !dir.join("meshid-ca").exists() || !dir.join("meshid-sidecar").exists();
+    // Under `cargo run`, make sure the binaries match the source (a no-op when up to date).
+    if let Ok(cargo) =
+        std::env::var("CARGO").or_else(|e| if missing { Ok("cargo".into()) } else { Err(e) })
+    {
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "meshid-ca", "--bin", "meshid-ca"]);
-        if release {
+        cmd.args(["build", "-q", "-p", "meshid-ca", "-p", "meshid-sidecar"]);
+        if dir.ends_with("release") {
             cmd.arg("--release");
         }
-        println!("building meshid-ca ...");
         if !cmd.status().context("running cargo build")?.success() {
-            bail!("cargo build of meshid-ca failed");
+            bail!("building meshid-ca and meshid-sidecar failed");
         }
     }
     Ok(dir)
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+fn free_addr() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 fn run_ok(cmd: &mut Command) -> Result<String> {
@@ -112,207 +117,373 @@ fn run_ok(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-fn wait_ready(admin: &str, timeout: Duration) -> Result<()> {
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    let reason = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-meshid-reason: "))
+        .map(str::to_owned);
+    Ok((code, reason.unwrap_or(body)))
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: backend.demo\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let reason = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-meshid-reason: "))
+        .map(str::to_owned);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
+    Ok((code, reason.unwrap_or(body)))
+}
+
+fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
+    let mut last = String::new();
     while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect(admin) {
-            let _ = write!(
-                s,
-                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            );
-            let mut body = String::new();
-            let _ = s.read_to_string(&mut body);
-            if body.starts_with("HTTP/1.1 200") {
-                return Ok(());
-            }
+        match http_get(admin, "/readyz") {
+            Ok((200, _)) => return Ok(()),
+            Ok((_, body)) => last = body.trim().to_owned(),
+            Err(e) => last = e.to_string(),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("not ready after {timeout:?}")
+    bail!("not ready after {timeout:?}: {last}")
 }
 
-async fn get_certificate(
-    endpoint: &CaEndpoint,
-    token: &str,
-    ttl: Duration,
-) -> Result<(String, i64, String)> {
-    // The key lives only in this process's memory, as a sidecar's does.
-    let key = KeyPair::generate()?;
-    let csr = CertificateParams::default().serialize_request(&key)?;
-    let mut client = ca_client::connect(endpoint, None).await?;
-    let resp = client
-        .issue(IssueRequest {
-            csr: csr.der().to_vec(),
-            credential: Some(Credential::JoinToken(token.to_owned())),
-            ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    let leaf = resp.cert_chain.first().context("empty chain")?;
-    let info = meshid_proto::cert_identity_from_der(leaf)?;
-    if info.id.as_str() != resp.spiffe_id {
-        bail!(
-            "certificate says {} but the CA said {}",
-            info.id,
-            resp.spiffe_id
-        );
+/// `(spiffe_id, serial, seconds left)` from a sidecar's `/identity`.
+fn identity(admin: SocketAddr) -> Result<(String, String, i64)> {
+    let (code, body) = http_get(admin, "/identity")?;
+    if code != 200 {
+        bail!("/identity answered {code}");
     }
-    Ok((resp.spiffe_id, resp.not_after_unix, info.serial_hex))
+    let v: serde_json::Value = serde_json::from_str(body.trim()).context("parsing /identity")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Ok((
+        v["spiffe_id"].as_str().unwrap_or_default().to_owned(),
+        v["serial"].as_str().unwrap_or_default().to_owned(),
+        v["not_after"].as_i64().unwrap_or(0) - now,
+    ))
 }
 
-async fn demo(args: &Args, work: &Path, tally: &mut Tally) -> Result<Option<Guard>> {
-    let ttl = meshid_proto::parse_duration(&args.ttl).map_err(anyhow::Error::msg)?;
+struct Mesh {
+    _procs: Vec<Guard>,
+    ca_admin: SocketAddr,
+    frontend_admin: SocketAddr,
+    backend_admin: SocketAddr,
+    http_local: SocketAddr,
+    tcp_local: SocketAddr,
+}
+
+async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
     let bins = bin_dir(args)?;
-    let ca_bin = bins.join("meshid-ca");
+    let (ca_bin, sidecar_bin) = (bins.join("meshid-ca"), bins.join("meshid-sidecar"));
     let ca_dir = work.join("ca");
     let ca_dir_s = ca_dir.to_string_lossy().into_owned();
+    let ttl = meshid_proto::parse_duration(&args.ttl).map_err(anyhow::Error::msg)?;
+    let mut procs = Vec::new();
 
     println!("\n== certificate authority");
-    tally.step(
+    let init = run_ok(Command::new(&ca_bin).args(["init", "--dir", &ca_dir_s]));
+    if !tally.step(
         "meshid-ca init",
-        run_ok(Command::new(&ca_bin).args(["init", "--dir", &ca_dir_s]))
-            .map(|out| out.lines().next().unwrap_or_default().to_owned()),
-    );
-    let mut tokens = Vec::new();
-    for id in [
-        "spiffe://cluster.local/ns/demo/sa/frontend",
-        "spiffe://cluster.local/ns/demo/sa/backend",
-    ] {
+        init.map(|o| o.lines().next().unwrap_or_default().to_owned()),
+    ) {
+        bail!("cannot continue without a CA");
+    }
+    let (ca_grpc, ca_admin) = (free_addr()?, free_addr()?);
+    procs.push(Guard(
+        Command::new(&ca_bin)
+            .args([
+                "serve",
+                "--dir",
+                &ca_dir_s,
+                "--listen",
+                &ca_grpc.to_string(),
+            ])
+            .args(["--admin-listen", &ca_admin.to_string(), "--max-ttl", "24h"])
+            .stdin(Stdio::null())
+            .stderr(std::fs::File::create(work.join("ca.log"))?)
+            .spawn()
+            .context("starting meshid-ca serve")?,
+    ));
+    if !tally.step(
+        "meshid-ca serve",
+        wait_ready(ca_admin, Duration::from_secs(15)).map(|()| format!("gRPC on {ca_grpc}")),
+    ) {
+        bail!(
+            "the CA did not start; see {}",
+            work.join("ca.log").display()
+        );
+    }
+    let mut token_files = Vec::new();
+    for (name, id) in [("frontend", FRONTEND), ("backend", BACKEND)] {
         let token = run_ok(Command::new(&ca_bin).args([
             "token", "create", "--dir", &ca_dir_s, "--id", id, "--ttl", "10m",
         ]));
-        tally.step(
-            &format!("join token for {id}"),
-            token
-                .as_ref()
-                .map(|_| "created (shown once, stored hashed)".to_owned())
-                .map_err(|e| anyhow::anyhow!("{e:#}")),
-        );
-        if let Ok(t) = token {
-            tokens.push((id, t));
-        }
+        let file = work.join(format!("{name}.join-token"));
+        let ok = token.and_then(|t| {
+            std::fs::write(&file, t)?;
+            Ok(format!("one-time join token for {id}"))
+        });
+        tally.step(&format!("join token ({name})"), ok);
+        token_files.push(file);
     }
 
-    let grpc = format!("127.0.0.1:{}", free_port()?);
-    let admin = format!("127.0.0.1:{}", free_port()?);
-    let child = Command::new(&ca_bin)
-        .args([
-            "serve",
-            "--dir",
-            &ca_dir_s,
-            "--listen",
-            &grpc,
-            "--admin-listen",
-            &admin,
-            "--max-ttl",
-            "24h",
-        ])
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(work.join("ca.log")).context("creating ca.log")?)
-        .spawn()
-        .context("starting meshid-ca serve")?;
-    let guard = Guard(child);
-    tally.step(
-        "meshid-ca serve",
-        wait_ready(&admin, Duration::from_secs(10))
-            .map(|()| format!("gRPC on {grpc}, admin on {admin}")),
+    println!("\n== apps and their sidecars");
+    let http_app = TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_app = TcpListener::bind("127.0.0.1:0").await?;
+    let (http_app_addr, tcp_app_addr) = (http_app.local_addr()?, tcp_app.local_addr()?);
+    tokio::spawn(meshid_examples::http_echo(http_app));
+    tokio::spawn(meshid_examples::tcp_echo(tcp_app));
+    println!(
+        "  app   backend HTTP echo on {http_app_addr}, TCP echo on {tcp_app_addr} (localhost only)"
     );
 
-    let bundle_pem = std::fs::read(ca_dir.join("bundle.pem"))?;
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&bundle_pem).collect::<Result<_, _>>()?;
-    let endpoint = CaEndpoint {
-        addr: grpc.clone(),
-        server_name: Some("localhost".into()),
-        roots,
-    };
-
-    println!("\n== workloads get their identities");
-    for (id, token) in &tokens {
-        let got = get_certificate(&endpoint, token, ttl).await;
+    let (b_http, b_tcp, b_admin) = (free_addr()?, free_addr()?, free_addr()?);
+    let policy = work.join("backend-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "mode: enforce\ninbound:\n  - port: {}\n    protocol: http\n    allow:\n      - id: {FRONTEND}\n        methods: [GET]\n        paths: [/hello, /api/*]\n  - port: {}\n    protocol: tcp\n    allow:\n      - id: {FRONTEND}\n",
+            b_http.port(),
+            b_tcp.port()
+        ),
+    )?;
+    let (f_http, f_tcp, f_admin) = (free_addr()?, free_addr()?, free_addr()?);
+    let ca_bundle = ca_dir.join("bundle.pem");
+    let ttl_arg = format!("{}s", ttl.as_secs());
+    let sidecar =
+        |name: &str, token: &Path, admin: SocketAddr, extra: Vec<String>| -> Result<Guard> {
+            let mut cmd = Command::new(&sidecar_bin);
+            cmd.arg("run")
+                .args([
+                    "--ca-addr",
+                    &ca_grpc.to_string(),
+                    "--ca-server-name",
+                    "localhost",
+                ])
+                .arg("--ca-bundle")
+                .arg(&ca_bundle)
+                .arg("--join-token-file")
+                .arg(token)
+                .args(["--ttl", &ttl_arg, "--admin-listen", &admin.to_string()])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(work.join(format!("{name}.log")))?);
+            Ok(Guard(
+                cmd.spawn()
+                    .with_context(|| format!("starting the {name} sidecar"))?,
+            ))
+        };
+    procs.push(sidecar(
+        "backend",
+        &token_files[1],
+        b_admin,
+        vec![
+            "--inbound".into(),
+            format!("{b_http}={http_app_addr},http"),
+            "--inbound".into(),
+            format!("{b_tcp}={tcp_app_addr},tcp"),
+            "--policy".into(),
+            policy.to_string_lossy().into_owned(),
+        ],
+    )?);
+    procs.push(sidecar(
+        "frontend",
+        &token_files[0],
+        f_admin,
+        vec![
+            "--outbound".into(),
+            format!("{f_http}={b_http},{BACKEND},http"),
+            "--outbound".into(),
+            format!("{f_tcp}={b_tcp},{BACKEND},tcp"),
+        ],
+    )?);
+    for (name, admin) in [("backend", b_admin), ("frontend", f_admin)] {
+        let ready = wait_ready(admin, Duration::from_secs(15)).and_then(|()| identity(admin));
         tally.step(
-            &format!("certificate for {id}"),
-            got.and_then(|(got_id, not_after, serial)| {
-                if got_id != *id {
-                    bail!("got {got_id}");
-                }
-                let left = not_after - unix_now();
-                Ok(format!("issued, serial {serial}, expires in {left}s"))
+            &format!("{name} sidecar"),
+            ready.map(|(id, serial, left)| {
+                format!(
+                    "ready as {id} (serial {}..., expires in {left}s)",
+                    &serial[..8.min(serial.len())]
+                )
             }),
         );
-        let reuse = get_certificate(&endpoint, token, ttl).await;
-        tally.step(
-            "the same join token again",
-            match reuse {
-                Ok(_) => Err(anyhow::anyhow!("a used join token was accepted")),
-                Err(e) => Ok(format!("refused ({e:#})")),
-            },
-        );
     }
-    let bundle = async {
-        let mut c = ca_client::connect(&endpoint, None).await?;
-        let b = c
-            .get_trust_bundle(GetTrustBundleRequest {})
-            .await?
-            .into_inner();
-        Ok::<_, anyhow::Error>(format!(
-            "trust domain {}, {} root(s), version {}",
-            b.trust_domain,
-            b.roots.len(),
-            b.version
-        ))
-    }
-    .await;
-    tally.step("trust bundle", bundle);
-
-    println!("\n== where to look");
-    println!("  CA metrics:  http://{admin}/metrics");
-    println!("  CA health:   http://{admin}/healthz");
-    println!("  CA files:    {}", ca_dir.display());
-    println!(
-        "  CA log:      {} (audit events included)",
-        work.join("ca.log").display()
-    );
-    Ok(Some(guard))
+    Ok(Mesh {
+        _procs: procs,
+        ca_admin,
+        frontend_admin: f_admin,
+        backend_admin: b_admin,
+        http_local: f_http,
+        tcp_local: f_tcp,
+    })
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+async fn calls(mesh: &Mesh, tally: &mut Tally) {
+    println!("\n== calls from the frontend app, through both sidecars (mTLS between them)");
+    let local = mesh.http_local;
+    let allowed = tokio::task::spawn_blocking(move || http_request(local, "GET", "/hello")).await;
+    tally.step(
+        "allowed: GET /hello",
+        allowed
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .and_then(|(code, body)| {
+                let caller = body
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("caller="))
+                    .unwrap_or("-")
+                    .to_owned();
+                if code == 200 && caller == FRONTEND {
+                    Ok(format!("200, the backend app saw caller {caller}"))
+                } else {
+                    bail!("expected 200 from {FRONTEND}, got {code}: {body}")
+                }
+            }),
+    );
+    let denied = tokio::task::spawn_blocking(move || http_request(local, "DELETE", "/admin")).await;
+    tally.step(
+        "denied: DELETE /admin",
+        denied
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .and_then(|(code, reason)| {
+                if code == 403 {
+                    Ok(format!("403, {reason}"))
+                } else {
+                    bail!("expected 403, got {code}: {reason}")
+                }
+            }),
+    );
+    let tcp = async {
+        let mut s = tokio::net::TcpStream::connect(mesh.tcp_local).await?;
+        s.write_all(b"ping over mTLS").await?;
+        s.shutdown().await?;
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await??;
+        if back == b"ping over mTLS" {
+            Ok("the TCP echo answered \"ping over mTLS\"".to_owned())
+        } else {
+            bail!("echo returned {:?}", String::from_utf8_lossy(&back))
+        }
+    }
+    .await;
+    tally.step("TCP call", tcp);
+}
+
+fn where_to_look(mesh: &Mesh, work: &Path) {
+    println!("\n== where to look");
+    println!(
+        "  frontend app's upstream:  http://{}/hello (plain HTTP on localhost)",
+        mesh.http_local
+    );
+    for (name, admin) in [
+        ("CA", mesh.ca_admin),
+        ("backend sidecar", mesh.backend_admin),
+        ("frontend sidecar", mesh.frontend_admin),
+    ] {
+        println!("  {name:<17} http://{admin}/metrics");
+    }
+    println!(
+        "  identities:       http://{}/identity, http://{}/identity",
+        mesh.backend_admin, mesh.frontend_admin
+    );
+    println!("  logs and files:   {}", work.display());
+}
+
+/// Prints a line whenever a sidecar's certificate changes, until Ctrl-C.
+async fn watch_renewals(mesh: &Mesh) {
+    let admins = [
+        ("backend", mesh.backend_admin),
+        ("frontend", mesh.frontend_admin),
+    ];
+    let mut serials: Vec<String> = admins
+        .iter()
+        .map(|(_, a)| identity(*a).map(|i| i.1).unwrap_or_default())
+        .collect();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for (i, (name, admin)) in admins.iter().enumerate() {
+            let admin = *admin;
+            if let Ok(Ok((_, serial, left))) =
+                tokio::task::spawn_blocking(move || identity(admin)).await
+                && serial != serials[i]
+            {
+                println!(
+                    "  renewed  {name}: new certificate (serial {}...), expires in {left}s",
+                    &serial[..8.min(serial.len())]
+                );
+                serials[i] = serial;
+            }
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let work = match tempfile_dir() {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("local-mesh: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let work = std::env::temp_dir().join(format!("meshid-local-mesh-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&work) {
+        eprintln!("local-mesh: creating {}: {e}", work.display());
+        return ExitCode::FAILURE;
+    }
     println!(
         "meshid local mesh (loopback only), working in {}",
         work.display()
     );
     let mut tally = Tally::default();
-    let guard = match demo(&args, &work, &mut tally).await {
-        Ok(g) => g,
+    match start(&args, &work, &mut tally).await {
+        Ok(mesh) => {
+            calls(&mesh, &mut tally).await;
+            where_to_look(&mesh, &work);
+            if !args.check {
+                println!(
+                    "\nrunning; certificates renew on their own (try --ttl 30s); Ctrl-C stops everything"
+                );
+                watch_renewals(&mesh).await;
+                println!("\nstopping");
+            }
+            drop(mesh);
+        }
         Err(e) => {
             tally.step("demo setup", Err(e));
-            None
         }
-    };
-    if !args.check && tally.failed == 0 {
-        println!("\nrunning; press Ctrl-C to stop");
-        let _ = tokio::signal::ctrl_c().await;
-        println!("\nstopping");
     }
-    drop(guard);
     let _ = std::fs::remove_dir_all(&work);
     println!("\n{} passed, {} failed", tally.passed, tally.failed);
     if tally.failed == 0 {
@@ -320,10 +491,4 @@ async fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("meshid-local-mesh-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }

@@ -165,6 +165,14 @@ pub enum PolicyError {
     Invalid { field: String, message: String },
 }
 
+/// Names the file in an error about its content.
+fn in_file(path: &Path, error: PolicyError) -> PolicyError {
+    PolicyError::File {
+        path: path.to_owned(),
+        error: Box::new(error),
+    }
+}
+
 struct LineColumn<'a>(&'a Option<(usize, usize)>);
 
 impl fmt::Display for LineColumn<'_> {
@@ -177,7 +185,7 @@ impl fmt::Display for LineColumn<'_> {
 }
 
 impl Policy {
-    /// Parses and validates a policy document.
+    /// Parses and validates a policy document (at most [`MAX_POLICY_BYTES`] and [`MAX_RULES`]).
     pub fn parse(yaml: &str) -> Result<Policy, PolicyError> {
         let (mode, ports) = parse::parse_document(yaml)?;
         Ok(Policy { mode, ports })
@@ -187,10 +195,7 @@ impl Policy {
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
         parse::read_file(path)
             .and_then(|bytes| Self::parse_bytes(&bytes))
-            .map_err(|error| PolicyError::File {
-                path: path.to_owned(),
-                error: Box::new(error),
-            })
+            .map_err(|error| in_file(path, error))
     }
 
     fn parse_bytes(bytes: &[u8]) -> Result<Policy, PolicyError> {
@@ -230,15 +235,7 @@ impl Policy {
             return self.decision(false, RuleRef::UnsafePath);
         }
         self.first_match(port_policy, |rule| {
-            rule.id.matches(peer)
-                && rule
-                    .methods
-                    .as_ref()
-                    .is_none_or(|m| m.0.iter().any(|m| m.as_str() == method))
-                && rule
-                    .paths
-                    .as_ref()
-                    .is_none_or(|p| p.0.iter().any(|p| p.matches(path)))
+            rule.id.matches(peer) && rule.allows_method(method) && rule.allows_path(path)
         })
     }
 

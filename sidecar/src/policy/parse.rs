@@ -43,6 +43,24 @@ pub(super) struct Rule {
     pub(super) paths: Option<NonEmpty<PathPattern>>,
 }
 
+impl Rule {
+    /// Whether the rule allows `method` (exact, case-sensitive); no `methods` allows any.
+    pub(super) fn allows_method(&self, method: &str) -> bool {
+        let Some(methods) = &self.methods else {
+            return true;
+        };
+        methods.0.iter().any(|m| m.as_str() == method)
+    }
+
+    /// Whether the rule allows `path`, which must already be safe and without its query.
+    pub(super) fn allows_path(&self, path: &str) -> bool {
+        let Some(paths) = &self.paths else {
+            return true;
+        };
+        paths.0.iter().any(|p| p.matches(path))
+    }
+}
+
 /// Parses a document into its mode and its ports, sorted by port.
 pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), PolicyError> {
     if yaml.len() > MAX_POLICY_BYTES {
@@ -64,18 +82,15 @@ pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), Poli
 /// [`MAX_POLICY_BYTES`].
 pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
     // Checked before opening: opening a FIFO would block until someone writes to it.
-    if !std::fs::metadata(path)
-        .map_err(PolicyError::Read)?
-        .is_file()
-    {
+    let metadata = std::fs::metadata(path).map_err(PolicyError::Read)?;
+    if !metadata.is_file() {
         return Err(PolicyError::NotAFile);
     }
+    let file = File::open(path).map_err(PolicyError::Read)?;
     let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|file| {
-            file.take(MAX_POLICY_BYTES as u64 + 1)
-                .read_to_end(&mut bytes)
-        })
+    let limit = MAX_POLICY_BYTES as u64 + 1;
+    file.take(limit)
+        .read_to_end(&mut bytes)
         .map_err(PolicyError::Read)?;
     if bytes.len() > MAX_POLICY_BYTES {
         return Err(PolicyError::TooLarge);
@@ -244,6 +259,31 @@ inbound:
                 assert!(error.starts_with(position), "{name}: {error:?}");
                 assert_eq!(error.matches(position).count(), 1, "{name}: {error:?}");
             }
+        }
+    }
+
+    /// Every prefix of a good file (what a torn write leaves) and some hostile YAML: an error or a
+    /// policy, never a panic.
+    #[test]
+    fn hostile_input_never_panics() {
+        for cut in 0..=GOOD.len() {
+            let _ = Policy::parse(&GOOD[..cut]);
+        }
+        let nested = format!("inbound: {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let laughs = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n\
+                      c: &c [*b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c]\n";
+        let hostile = [
+            &nested,
+            laughs,
+            "inbound: !!binary AAAA",
+            "\u{feff}inbound: []",
+            "- - -",
+        ];
+        for yaml in hostile {
+            assert!(
+                Policy::parse(yaml).is_err() || yaml.contains('\u{feff}'),
+                "{yaml:.40}"
+            );
         }
     }
 

@@ -1,10 +1,10 @@
 //! One re-read of the policy file: read (following symlinks), compare with what the last read
 //! found, and parse and apply what is new. Each new state of the file, good or bad, is reported once.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Policy, PolicyError, PolicyStore, ReloadOutcome, parse};
+use super::{Policy, PolicyError, PolicyStore, ReloadOutcome, in_file, parse};
 
 /// The policy file, the store it feeds, and what the last read found.
 pub(super) struct Reloader {
@@ -23,10 +23,9 @@ enum Seen {
 impl Reloader {
     /// The first load: every failure is an error for the caller.
     pub(super) fn load(path: PathBuf, store: PolicyStore) -> Result<Self, PolicyError> {
-        let loaded = parse::read_file(&path)
+        let (policy, bytes) = parse::read_file(&path)
             .and_then(|bytes| Ok((Policy::parse_bytes(&bytes)?, bytes)))
             .map_err(|error| in_file(&path, error))?;
-        let (policy, bytes) = loaded;
         store.store(Some(Arc::new(policy)));
         tracing::info!(path = %path.display(), "policy loaded");
         Ok(Self {
@@ -67,13 +66,6 @@ impl Reloader {
                 ReloadOutcome::Rejected(reason)
             }
         }
-    }
-}
-
-fn in_file(path: &Path, error: PolicyError) -> PolicyError {
-    PolicyError::File {
-        path: path.to_owned(),
-        error: Box::new(error),
     }
 }
 

@@ -362,7 +362,7 @@ mod tests {
     /// A symlink to a file in another directory: inotify on the link's directory does not see
     /// writes to the target, the periodic re-read does.
     #[test]
-    fn periodic_reread_catches_whatinotify_misses() {
+    fn periodic_reread_catches_what_inotify_misses() {
         let (link_dir, target_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let target = target_dir.path().join("real.yaml");
         fs::write(&target, policy_for(1)).unwrap();

@@ -1,0 +1,13 @@
+//! The example http echo app on its own: `http-echo [ADDR]` (default 127.0.0.1:8080). Put a
+//! meshid sidecar in front of it; it listens on localhost only.
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    eprintln!("http-echo listening on {}", listener.local_addr()?);
+    meshid_examples::http_echo(listener).await;
+    Ok(())
+}
