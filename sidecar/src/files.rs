@@ -318,10 +318,11 @@ impl Drop for CredWatcher {
         self.stop.store(true, Ordering::Release);
         // A failed send means the thread is already gone.
         let _ = self.wake.send(Message::Stop);
-        if let Some(thread) = self.thread.take() {
-            if thread.thread().id() != thread::current().id() {
-                let _ = thread.join();
-            }
+        // Joining from the watch thread itself would hang.
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != thread::current().id()
+        {
+            let _ = thread.join();
         }
     }
 }

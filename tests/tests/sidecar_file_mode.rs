@@ -1,0 +1,307 @@
+//! File mode kept live: the sidecar follows its `--cert`/`--key`/`--bundle` files as cert-manager or
+//! a Kubernetes Secret volume rewrites them, publishes only a consistent set, and keeps serving the
+//! last good one through torn writes, mismatched keys and foreign certificates.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshid_ca::authority::pem_cert;
+use meshid_ca::csr::CsrPublicKey;
+use meshid_ca::signer::sign_leaf;
+use meshid_proto::{SpiffeId, cert_identity_from_der};
+use meshid_sidecar::config::{CredSource, FileCreds};
+use meshid_sidecar::policy::Protocol;
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
+    mtls_connect, tcp_echo,
+};
+use meshid_tests::pki::ForeignCa;
+use meshid_tests::process::http_get;
+use rustls::pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A sidecar serving inbound TCP to an echo app from credential files the test rewrites.
+struct Mesh {
+    pki: TestPki,
+    sidecar: TestSidecar,
+    client: Workload,
+}
+
+impl Mesh {
+    /// Starts a sidecar on `files`, which must hold a set for [`SERVER`] from `pki`.
+    async fn start(pki: TestPki, first: &Workload, files: FileCreds) -> Self {
+        let app = tcp_echo().await;
+        let policy = format!(
+            "mode: enforce\ninbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {CLIENT}\n"
+        );
+        let sidecar = TestSidecar::start(
+            &pki,
+            first,
+            SERVER,
+            SidecarSpec {
+                inbound: vec![("127.0.0.1", app, Protocol::Tcp)],
+                policy: Some(policy),
+                creds: Some(CredSource::Files(files)),
+                ..Default::default()
+            },
+        )
+        .await;
+        let client = pki.workload(CLIENT);
+        Self {
+            pki,
+            sidecar,
+            client,
+        }
+    }
+
+    /// The serial in `/identity`.
+    async fn serial(&self) -> Option<String> {
+        let admin = self.sidecar.admin;
+        let (code, body) = tokio::task::spawn_blocking(move || http_get(admin, "/identity"))
+            .await
+            .ok()?
+            .ok()?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(body.split("\r\n\r\n").nth(1)?).ok()?;
+        assert_eq!(json["spiffe_id"], SERVER);
+        json["serial"].as_str().map(str::to_owned)
+    }
+
+    /// `meshid_sidecar_credential_updates_total{result="<result>"}`.
+    async fn updates(&self, result: &str) -> u64 {
+        let prefix = format!("meshid_sidecar_credential_updates_total{{result=\"{result}\"}} ");
+        let text = self.sidecar.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    async fn wait_for_updates(&self, result: &str, at_least: u64) {
+        let counted = eventually(PATIENCE, || async {
+            self.updates(result).await >= at_least
+        })
+        .await;
+        assert!(
+            counted,
+            "credential_updates{{result={result}}} never reached {at_least}"
+        );
+    }
+
+    async fn wait_for_serial(&self, serial: &str) {
+        let seen = eventually(PATIENCE, || async {
+            self.serial().await.as_deref() == Some(serial)
+        })
+        .await;
+        assert!(
+            seen,
+            "serial {serial} never served: {:?}",
+            self.serial().await
+        );
+    }
+
+    /// Proves mTLS through the sidecar works and that it presents `leaf`.
+    async fn serves(&self, leaf: &CertificateDer<'_>) {
+        let config = client_config(
+            &self.pki.roots(),
+            &self.pki.trust_domain,
+            Some(&self.client),
+            &SpiffeId::parse(SERVER).unwrap(),
+            &[],
+        );
+        let addr = self.sidecar.inbound[0];
+        let tls = mtls_connect(addr, config.clone()).await.unwrap();
+        let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        assert!(presented == *leaf, "the sidecar presents another leaf");
+        let back = echo_roundtrip(addr, config, b"ping").await.unwrap();
+        assert_eq!(back, b"ping");
+    }
+}
+
+fn serial_of(w: &Workload) -> String {
+    cert_identity_from_der(&w.chain[0]).unwrap().serial_hex
+}
+
+fn cert_pem(chain: &[CertificateDer<'_>]) -> Vec<u8> {
+    chain.iter().map(|c| pem_cert(c)).collect::<String>().into()
+}
+
+fn key_pem(key_der: &[u8]) -> Vec<u8> {
+    rcgen::KeyPair::try_from(key_der)
+        .unwrap()
+        .serialize_pem()
+        .into()
+}
+
+/// Replaces `path` atomically (write a temporary file, rename it over).
+fn install(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// `tls.crt`, `tls.key` and `ca.crt` in `dir`, written from `w` and the CA's bundle.
+fn plain_files(pki: &TestPki, dir: &Path, w: &Workload) -> FileCreds {
+    let files = FileCreds {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        bundle: dir.join("ca.crt"),
+    };
+    fs::write(&files.cert, cert_pem(&w.chain)).unwrap();
+    fs::write(&files.key, key_pem(&w.key_der)).unwrap();
+    fs::copy(&pki.bundle_path, &files.bundle).unwrap();
+    files
+}
+
+/// A renewed certificate for `w`'s key (cert-manager with `rotationPolicy: Never`).
+fn renew_same_key(pki: &TestPki, w: &Workload) -> Workload {
+    let key = rcgen::KeyPair::try_from(w.key_der.as_slice()).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap();
+    let issued = sign_leaf(
+        &pki.authority,
+        &SpiffeId::parse(SERVER).unwrap(),
+        &CsrPublicKey::from_csr_der(csr.der()).unwrap(),
+        Duration::from_secs(3600),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    Workload {
+        chain: issued.chain,
+        ..w.clone()
+    }
+}
+
+/// (a) An updater that renames the new key into place, then (later) the new certificate: the
+/// half-updated pair is never published, the complete one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_atomic_rename_of_a_new_pair() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let old = pki.workload(SERVER);
+    let files = plain_files(&pki, dir.path(), &old);
+    let mesh = Mesh::start(pki, &old, files.clone()).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+
+    let new = mesh.pki.workload(SERVER);
+    install(&files.key, &key_pem(&new.key_der));
+    // The old certificate with the new key: refused, the old pair keeps serving.
+    mesh.wait_for_updates("rejected", 1).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+
+    install(&files.cert, &cert_pem(&new.chain));
+    mesh.wait_for_serial(&serial_of(&new)).await;
+    mesh.serves(&new.chain[0]).await;
+    assert_eq!(
+        mesh.updates("applied").await,
+        2,
+        "the first load and the new pair"
+    );
+}
+
+/// Writes one kubelet payload directory for `w` under `dir` (not yet visible).
+fn kubelet_payload(pki: &TestPki, dir: &Path, name: &str, w: &Workload) {
+    let payload = dir.join(name);
+    fs::create_dir(&payload).unwrap();
+    fs::write(payload.join("tls.crt"), cert_pem(&w.chain)).unwrap();
+    fs::write(payload.join("tls.key"), key_pem(&w.key_der)).unwrap();
+    fs::copy(&pki.bundle_path, payload.join("ca.crt")).unwrap();
+}
+
+/// (b) A Secret volume update exactly as kubelet's atomic writer does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_kubernetes_data_symlink_swap() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let old = pki.workload(SERVER);
+    kubelet_payload(&pki, d, "..2026_11_22_12_00_00.1", &old);
+    symlink("..2026_11_22_12_00_00.1", d.join("..data")).unwrap();
+    for name in ["tls.crt", "tls.key", "ca.crt"] {
+        symlink(PathBuf::from("..data").join(name), d.join(name)).unwrap();
+    }
+    let files = FileCreds {
+        cert: d.join("tls.crt"),
+        key: d.join("tls.key"),
+        bundle: d.join("ca.crt"),
+    };
+    let mesh = Mesh::start(pki, &old, files).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+
+    let new = mesh.pki.workload(SERVER);
+    kubelet_payload(&mesh.pki, d, "..2026_11_22_13_00_00.1", &new);
+    symlink("..2026_11_22_13_00_00.1", d.join("..data_tmp")).unwrap();
+    fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    fs::remove_dir_all(d.join("..2026_11_22_12_00_00.1")).unwrap();
+
+    mesh.wait_for_serial(&serial_of(&new)).await;
+    mesh.serves(&new.chain[0]).await;
+    mesh.wait_for_updates("applied", 2).await;
+}
+
+/// (c) A certificate rewritten in place by a writer that stops half-way: refused and counted; once
+/// the writer finishes, the new certificate is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_torn_write_is_rejected_then_completed() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let old = pki.workload(SERVER);
+    let files = plain_files(&pki, dir.path(), &old);
+    let mesh = Mesh::start(pki, &old, files.clone()).await;
+    assert_eq!(mesh.updates("rejected").await, 0);
+
+    let renewed = renew_same_key(&mesh.pki, &old);
+    assert_ne!(serial_of(&renewed), serial_of(&old));
+    let pem = cert_pem(&renewed.chain);
+    let (head, tail) = pem.split_at(pem.len() / 3);
+    let mut writer = fs::File::create(&files.cert).unwrap(); // truncates
+    writer.write_all(head).unwrap();
+    writer.flush().unwrap();
+
+    mesh.wait_for_updates("rejected", 1).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+
+    writer.write_all(tail).unwrap();
+    drop(writer);
+    mesh.wait_for_serial(&serial_of(&renewed)).await;
+    mesh.serves(&renewed.chain[0]).await;
+    mesh.wait_for_updates("applied", 2).await;
+}
+
+/// (d) A key that does not match the certificate, then a consistent pair from a CA outside the
+/// bundle: both refused, one at a time, while the last good identity keeps serving mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_mismatched_key_and_foreign_cert_keep_the_last_good_set() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let old = pki.workload(SERVER);
+    let files = plain_files(&pki, dir.path(), &old);
+    let mesh = Mesh::start(pki, &old, files.clone()).await;
+
+    let (foreign_chain, foreign_key) = ForeignCa::new().workload(SERVER);
+    install(&files.key, &key_pem(foreign_key.secret_der()));
+    mesh.wait_for_updates("rejected", 1).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+
+    // Now the key matches the certificate, but the certificate does not chain to the bundle.
+    install(&files.cert, &cert_pem(&foreign_chain));
+    mesh.wait_for_updates("rejected", 2).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+    assert_eq!(mesh.updates("applied").await, 1, "only the first load");
+}
