@@ -463,3 +463,25 @@ async fn sigterm_drain_lets_in_flight_requests_finish() {
         .expect("drain finishes")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_lets_denials_through_and_counts_them() {
+    let app = http_echo().await;
+    let e = env(Limits::default(), app).await;
+    e.sidecar
+        .write_policy(&policy().replace("mode: enforce", "mode: audit"));
+    let stranger = e.pki.workload(STRANGER);
+    let through = eventually(Duration::from_secs(10), || async {
+        matches!(
+            e.call(&stranger, false, get("/api/x", &[])).await,
+            Ok((200, _, _))
+        )
+    })
+    .await;
+    assert!(through, "audit mode allows what enforce would deny");
+    let m = e.sidecar.metrics().await;
+    assert!(
+        m.contains(r#"decision="audit_deny",rule="no-rule-matched""#),
+        "{m}"
+    );
+}
