@@ -13,12 +13,16 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Produces the `/rotation` JSON document.
+pub type RotationJson = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
 /// Serves admin requests until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
+    rotation: RotationJson,
 ) {
     loop {
         let (tcp, _) = tokio::select! {
@@ -33,11 +37,13 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let ready = ready.clone();
+        let rotation = rotation.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let registry = registry.clone();
                 let ready = *ready.borrow();
-                async move { Ok::<_, Infallible>(route(&req, &registry, ready)) }
+                let rotation = rotation.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry, ready, &rotation)) }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -49,7 +55,12 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, registry: &Registry, ready: bool) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    ready: bool,
+    rotation: &RotationJson,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -70,6 +81,16 @@ fn route(req: &Request<Incoming>, registry: &Registry, ready: bool) -> Response<
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
             }
         }
+        "/rotation" => match rotation() {
+            Ok(json) => Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(json)))
+                .unwrap_or_default(),
+            Err(_) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rotation state unreadable\n",
+            ),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -100,6 +100,33 @@ pub fn init(
         return Err(AuthorityError::AlreadyExists(dir.to_owned()));
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let report = create_authority_files(dir, trust_domain, import)?;
+    let root_pem =
+        fs::read_to_string(dir.join("root.pem")).map_err(io_err(&dir.join("root.pem")))?;
+    write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
+    let tokens = dir.join("join-tokens");
+    fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
+    let meta = CaFile {
+        version: FORMAT_VERSION,
+        trust_domain: trust_domain.to_string(),
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&ca_file, e.to_string()))?;
+    // ca.json last: its presence marks a complete CA.
+    write_file(&ca_file, &json, false)?;
+    Ok(report)
+}
+
+/// Writes one authority into `dir`: a root (generated, or imported: its key is then not stored) and a
+/// signing intermediate with path length 0. Used by `init` and by `rotate prepare`.
+pub fn create_authority_files(
+    dir: &Path,
+    trust_domain: &TrustDomain,
+    import: Option<ImportedRoot>,
+) -> Result<InitReport, AuthorityError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    if dir.join("intermediate.key").exists() {
+        return Err(AuthorityError::AlreadyExists(dir.to_owned()));
+    }
     let now = OffsetDateTime::now_utc();
 
     let (root_der, root_issuer, root_key_pem) = match import {
@@ -157,22 +184,50 @@ pub fn init(
         inter_key.serialize_pem().as_bytes(),
         true,
     )?;
-    write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
-    let tokens = dir.join("join-tokens");
-    fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
-    let meta = CaFile {
-        version: FORMAT_VERSION,
-        trust_domain: trust_domain.to_string(),
-    };
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&ca_file, e.to_string()))?;
-    // ca.json last: its presence marks a complete CA.
-    write_file(&ca_file, &json, false)?;
-
     Ok(InitReport {
         root_fingerprint: crate::serial::sha256_hex(&root_der),
         root_not_after,
         intermediate_not_after: params.not_after,
     })
+}
+
+/// Replaces the signing intermediate of the authority in `dir` with a new one under the same root
+/// (which needs `root.key` in `dir`). Files are replaced atomically, key last.
+pub fn renew_intermediate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), AuthorityError> {
+    let root_path = dir.join("root.pem");
+    let root_pem = fs::read_to_string(&root_path).map_err(io_err(&root_path))?;
+    let key_path = dir.join("root.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(|_| {
+        invalid(
+            &key_path,
+            "the root key is needed to sign a new intermediate (imported roots keep theirs offline)",
+        )
+    })?;
+    let root_key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
+    let root_der = CertificateDer::from_pem_slice(root_pem.as_bytes())
+        .map_err(|e| invalid(&root_path, format!("not a PEM certificate: {e}")))?;
+    let root_not_after = not_after_of(&root_der).map_err(|r| invalid(&root_path, r))?;
+    let issuer = Issuer::from_ca_cert_der(&root_der, root_key)?;
+    let now = OffsetDateTime::now_utc();
+    let inter_key = KeyPair::generate()?;
+    let mut params = ca_params(&format!("meshid intermediate CA {trust_domain}"), 0);
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after);
+    params.use_authority_key_identifier_extension = true;
+    let inter = params.signed_by(&inter_key, &issuer)?;
+    crate::rotation::state::write_atomic(&dir.join("intermediate.pem"), inter.pem().as_bytes())?;
+    write_secret_atomic(
+        &dir.join("intermediate.key"),
+        inter_key.serialize_pem().as_bytes(),
+    )
+}
+
+fn write_secret_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
+    let tmp = path.with_extension("key.tmp");
+    let _ = fs::remove_file(&tmp);
+    write_file(&tmp, bytes, true)?;
+    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
@@ -194,6 +249,8 @@ fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
 /// The material `serve` signs with.
 pub struct Authority {
     pub trust_domain: TrustDomain,
+    /// The active authority's name (see `authorities.json`).
+    pub name: String,
     /// The signing intermediate, DER.
     pub intermediate_der: CertificateDer<'static>,
     pub intermediate_not_after: OffsetDateTime,
@@ -201,6 +258,11 @@ pub struct Authority {
     pub issuer: Issuer<'static, KeyPair>,
     /// The trust bundle's roots, DER.
     pub roots: Vec<CertificateDer<'static>>,
+    /// Every authority still in the bundle, by name, with its root.
+    pub authority_roots: Vec<(String, CertificateDer<'static>)>,
+    pub bundle_version: u64,
+    /// Sidecars should renew at once (after a forced retirement).
+    pub renew_now: bool,
 }
 
 impl std::fmt::Debug for Authority {
@@ -231,7 +293,10 @@ impl Authority {
     /// Loads the signing material and bundle from a CA directory, checking that they fit together.
     pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
         let trust_domain = read_trust_domain(dir)?;
-        let inter_path = dir.join("intermediate.pem");
+        let state = crate::rotation::RotationState::load(dir)?;
+        let active = state.active().clone();
+        let adir = state.dir_of(dir, &active);
+        let inter_path = adir.join("intermediate.pem");
         let inter_pem = fs::read(&inter_path).map_err(io_err(&inter_path))?;
         let intermediate_der = CertificateDer::from_pem_slice(&inter_pem)
             .map_err(|e| invalid(&inter_path, format!("not a PEM certificate: {e}")))?;
@@ -239,7 +304,7 @@ impl Authority {
         let intermediate_not_after =
             not_after_of(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
 
-        let key_path = dir.join("intermediate.key");
+        let key_path = adir.join("intermediate.key");
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
@@ -251,13 +316,30 @@ impl Authority {
         }
         let issuer = Issuer::from_ca_cert_der(&intermediate_der, key)?;
 
+        // bundle.pem is what is served (rotation commands write it from the state; an operator may
+        // also add roots by hand, e.g. during a migration).
         let roots = read_bundle(&dir.join("bundle.pem"))?;
+        let authority_roots = state
+            .authorities
+            .iter()
+            .filter(|a| a.state != crate::rotation::AuthorityState::Gone)
+            .filter_map(|a| {
+                read_bundle(&state.dir_of(dir, a).join("root.pem"))
+                    .ok()
+                    .and_then(|r| r.into_iter().next())
+                    .map(|r| (a.name.clone(), r))
+            })
+            .collect();
         Ok(Self {
             trust_domain,
+            name: active.name,
             intermediate_der,
             intermediate_not_after,
             issuer,
             roots,
+            authority_roots,
+            bundle_version: state.bundle_version,
+            renew_now: state.renew_now_at == Some(state.bundle_version),
         })
     }
 }

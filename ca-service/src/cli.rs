@@ -43,6 +43,88 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Rotate the CA without restarting anything: prepare, activate, retire (each gated).
+    Rotate {
+        #[command(subcommand)]
+        command: RotateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// A new root (generated or imported) joins the trust bundle; signing continues as before.
+    Prepare {
+        #[command(flatten)]
+        target: RotateTarget,
+        /// Import this root certificate (PEM) instead of generating one.
+        #[arg(long, requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The imported root's private key (PEM); used once, never stored.
+        #[arg(long, requires = "root_cert")]
+        root_key: Option<PathBuf>,
+    },
+    /// The CA signs with the new authority. Refuses until every connected sidecar acknowledged a
+    /// bundle with the new root.
+    Activate {
+        #[command(flatten)]
+        target: RotateTarget,
+        /// Skip the convergence check (loudly audited).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The old root leaves the bundle. Refuses while certificates under it are live or served.
+    /// With --force, connected sidecars are told to renew at once.
+    Retire {
+        #[command(flatten)]
+        target: RotateTarget,
+        #[arg(long)]
+        force: bool,
+    },
+    /// A new signing intermediate under the active root (no bundle change).
+    Intermediate {
+        #[command(flatten)]
+        target: RotateTarget,
+    },
+    /// Authorities, acknowledged bundle versions, live certificates, and what the next step waits for.
+    Status {
+        #[command(flatten)]
+        target: RotateTarget,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RotateTarget {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// Admin address of every running CA on this directory (repeatable), e.g. 127.0.0.1:9090.
+    #[arg(long = "admin", env = "MESHID_CA_ADMIN", value_delimiter = ',')]
+    pub admins: Vec<String>,
+}
+
+impl RotateTarget {
+    /// The admin addresses, checked.
+    pub fn admin_addrs(&self) -> Result<Vec<SocketAddr>, Vec<String>> {
+        let mut out = Vec::new();
+        let mut problems = Vec::new();
+        for a in self.admins.iter().filter(|a| !a.is_empty()) {
+            match a.parse() {
+                Ok(addr) => out.push(addr),
+                Err(_) => problems.push(format!("--admin: {a:?} is not IP:PORT")),
+            }
+        }
+        if !self.dir.join("ca.json").is_file() {
+            problems.push(format!("--dir: {} holds no CA", self.dir.display()));
+        }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 #[derive(Debug, Args)]

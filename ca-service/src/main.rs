@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshid_ca::auth::JoinTokenStore;
 use meshid_ca::authority::{self, ImportedRoot};
-use meshid_ca::cli::{Cli, Command, EXIT_USAGE, TokenCommand};
+use meshid_ca::cli::{Cli, Command, EXIT_USAGE, RotateCommand, TokenCommand};
+use meshid_ca::rotation;
 use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
@@ -88,6 +89,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{token}");
             Ok(())
         }
+        Command::Rotate { command } => rotate(command),
         Command::Serve(args) => {
             let config = args.into_config().map_err(Failure::Usage)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -104,6 +106,83 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn rotate(command: RotateCommand) -> Result<(), Failure> {
+    let refused = |e: rotation::RotateError| match e {
+        rotation::RotateError::Refused(why) => Failure::Runtime(anyhow::anyhow!("refusing: {why}")),
+        other => Failure::Runtime(other.into()),
+    };
+    match command {
+        RotateCommand::Prepare {
+            target,
+            root_cert,
+            root_key,
+        } => {
+            target.admin_addrs().map_err(Failure::Usage)?;
+            let import = match (root_cert, root_key) {
+                (Some(c), Some(k)) => Some(ImportedRoot {
+                    cert_pem: std::fs::read_to_string(&c)?,
+                    key_pem: std::fs::read_to_string(&k)?,
+                }),
+                _ => None,
+            };
+            let name = rotation::prepare(&target.dir, import).map_err(refused)?;
+            println!(
+                "prepared authority {name}: its root is in the bundle; signing continues with the active one"
+            );
+            println!(
+                "next: wait until `meshid-ca rotate status` says every sidecar acknowledged, then `rotate activate`"
+            );
+        }
+        RotateCommand::Activate { target, force } => {
+            let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            let name = rotation::activate(&target.dir, &admins, force).map_err(refused)?;
+            println!("authority {name} now signs; the previous one is retiring");
+        }
+        RotateCommand::Retire { target, force } => {
+            let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            let name = rotation::retire(&target.dir, &admins, force).map_err(refused)?;
+            println!("authority {name} retired: its root left the bundle");
+        }
+        RotateCommand::Intermediate { target } => {
+            target.admin_addrs().map_err(Failure::Usage)?;
+            rotation::intermediate(&target.dir).map_err(refused)?;
+            println!("new signing intermediate under the active root");
+        }
+        RotateCommand::Status { target, json } => {
+            let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            let report = rotation::status(&target.dir, &admins).map_err(refused)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("bundle version {}", report.bundle_version);
+                for a in &report.authorities {
+                    println!(
+                        "  authority {:<3} {:<9} root sha256 {}..  root expires {}  live certs {} (latest {})",
+                        a.name,
+                        a.state,
+                        &a.root_sha256[..16.min(a.root_sha256.len())],
+                        a.root_not_after,
+                        a.live_certificates,
+                        a.latest_certificate_expiry
+                    );
+                }
+                for s in &report.sidecars {
+                    println!(
+                        "  sidecar {} {} acked v{} serving under {}{}",
+                        s.identity,
+                        s.instance,
+                        s.acked_version,
+                        s.serving_authority.as_deref().unwrap_or("unknown"),
+                        if s.connected { "" } else { " (disconnected)" }
+                    );
+                }
+                println!("next step: {}", report.next_step);
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::{JoinTokenStore, JwtAuthenticator, JwtConfig};
-use crate::authority::{Authority, read_bundle};
+use crate::authority::Authority;
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::service::{Bundle, CaService, CaState};
@@ -104,7 +104,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     metrics
         .intermediate_expiry
         .set(authority.intermediate_not_after.unix_timestamp());
-    metrics.bundle_version.set(1);
+    metrics.bundle_version.set(authority.bundle_version as i64);
     metrics.bundle_roots.set(authority.roots.len() as i64);
 
     let listener = bind(config.listen).await?;
@@ -122,8 +122,9 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
-        version: 1,
+        version: authority.bundle_version,
         roots: authority.roots.clone(),
+        renew_now: authority.renew_now,
     }));
     let state = Arc::new(CaState {
         authority: ArcSwap::from_pointee(authority),
@@ -134,6 +135,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         limiter: RateLimiter::new(config.rate_limit),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
+        fleet: Default::default(),
     });
 
     tokio::spawn(follow_bundle(
@@ -154,6 +156,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     health_reporter
         .set_serving::<CertificateAuthorityServer<CaService>>()
         .await;
+    let rotation_state = state.clone();
     let ca = CertificateAuthorityServer::new(CaService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tls::incoming(listener, tls_config, config.limits, metrics);
@@ -172,9 +175,20 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     );
 
     let (ready_tx, ready_rx) = watch::channel(true);
+    let rotation: crate::admin::RotationJson = {
+        let state = rotation_state;
+        let dir = config.dir.clone();
+        Arc::new(move || {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let (sidecars, issued) = state.fleet.report(now);
+            let rotation = crate::rotation::RotationState::load(&dir).map_err(|e| e.to_string())?;
+            let report = crate::rotation::report(&dir, &rotation, sidecars, &issued);
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
+        })
+    };
     let registry = Arc::new(std::mem::take(registry));
     tokio::spawn(async move {
-        crate::admin::serve(admin_listener, registry, ready_rx, shutdown_rx).await;
+        crate::admin::serve(admin_listener, registry, ready_rx, shutdown_rx, rotation).await;
         drop(ready_tx);
     });
 
@@ -193,8 +207,24 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Reloads `bundle.pem` when it changes: new version to every watcher, new roots for client
-/// certificates. A broken file is logged and the current bundle kept.
+/// The files whose changes make the CA reload: the bundle, the rotation state, and the active
+/// authority's intermediate (a `rotate intermediate` replaces it).
+fn stamps(dir: &Path, state: &CaState) -> Vec<Option<(SystemTime, u64)>> {
+    let active_dir = crate::rotation::RotationState::load(dir)
+        .map(|s| s.dir_of(dir, s.active()))
+        .unwrap_or_else(|_| dir.to_owned());
+    let _ = state;
+    vec![
+        stamp(&dir.join("bundle.pem")),
+        stamp(&dir.join(crate::rotation::state::STATE_FILE)),
+        stamp(&active_dir.join("intermediate.pem")),
+        stamp(&active_dir.join("intermediate.key")),
+    ]
+}
+
+/// Follows the CA directory: a changed bundle goes to every watcher with a new version; a changed
+/// rotation state or intermediate swaps the signing authority. Broken files are logged and the current
+/// material kept. Every CA process on the directory follows it the same way.
 async fn follow_bundle(
     dir: PathBuf,
     sans: Vec<String>,
@@ -202,43 +232,63 @@ async fn follow_bundle(
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let path = dir.join("bundle.pem");
-    let mut last = stamp(&path);
+    let mut last = stamps(&dir, &state);
     loop {
         tokio::select! {
             () = tokio::time::sleep(BUNDLE_POLL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let now = stamp(&path);
+        let now = stamps(&dir, &state);
         if now == last {
             continue;
         }
         last = now;
-        let roots = match read_bundle(&path) {
-            Ok(roots) => roots,
+        let authority = match Authority::load(&dir) {
+            Ok(a) => a,
             Err(error) => {
-                tracing::error!(%error, "trust bundle reload failed; keeping the current bundle");
+                tracing::error!(%error, "reloading the CA directory failed; keeping the current material");
                 continue;
             }
         };
-        let current = state.bundle.borrow().clone();
-        if current.roots == roots {
-            continue;
-        }
-        let version = current.version + 1;
-        match tls::server_config(&state.authority.load(), &roots, &sans) {
+        let roots = authority.roots.clone();
+        match tls::server_config(&authority, &roots, &sans) {
             Ok(cfg) => tls_config.store(cfg),
             Err(error) => {
-                tracing::error!(%error, "rebuilding TLS for the new bundle failed; keeping the current bundle");
+                tracing::error!(%error, "rebuilding TLS failed; keeping the current material");
                 continue;
             }
         }
+        let previous = state.authority.load();
+        if previous.name != authority.name
+            || previous.intermediate_der != authority.intermediate_der
+        {
+            tracing::info!(authority = %authority.name, "signing authority changed");
+        }
+        state
+            .metrics
+            .intermediate_expiry
+            .set(authority.intermediate_not_after.unix_timestamp());
+        let renew_now = authority.renew_now;
+        let state_version = authority.bundle_version;
+        state.authority.store(Arc::new(authority));
+        let current = state.bundle.borrow().clone();
+        if current.roots == roots && current.version >= state_version {
+            continue;
+        }
+        // The directory's version, or one past ours when the bundle changed by hand.
+        let version = if state_version > current.version {
+            state_version
+        } else {
+            current.version + 1
+        };
         state.metrics.bundle_version.set(version as i64);
         state.metrics.bundle_roots.set(roots.len() as i64);
-        state
-            .bundle
-            .send_replace(Arc::new(Bundle { version, roots }));
-        tracing::info!(version, "trust bundle updated");
+        state.bundle.send_replace(Arc::new(Bundle {
+            version,
+            roots,
+            renew_now,
+        }));
+        tracing::info!(version, renew_now, "trust bundle updated");
     }
 }
 

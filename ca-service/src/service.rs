@@ -9,8 +9,8 @@ use arc_swap::ArcSwap;
 use meshid_proto::SpiffeId;
 use meshid_proto::ca::v1::certificate_authority_server::CertificateAuthority;
 use meshid_proto::ca::v1::{
-    GetTrustBundleRequest, IssueRequest, IssueResponse, TrustBundle, WatchTrustBundleRequest,
-    issue_request::Credential,
+    AckTrustBundleRequest, AckTrustBundleResponse, GetTrustBundleRequest, IssueRequest,
+    IssueResponse, TrustBundle, WatchTrustBundleRequest, issue_request::Credential,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -31,6 +31,8 @@ use crate::tls::PeerInfo;
 pub struct Bundle {
     pub version: u64,
     pub roots: Vec<CertificateDer<'static>>,
+    /// Tell sidecars to renew at once (after a forced root retirement).
+    pub renew_now: bool,
 }
 
 /// Everything an Issue call needs.
@@ -44,6 +46,8 @@ pub struct CaState {
     pub metrics: Metrics,
     /// Flips to true when the server shuts down, ending bundle streams.
     pub shutdown: watch::Receiver<bool>,
+    /// Connected sidecars, their acknowledgements, and live certificates per authority.
+    pub fleet: crate::rotation::Fleet,
 }
 
 /// The gRPC service.
@@ -193,6 +197,11 @@ impl CaState {
                 return (method, Some(id), Err(refusal));
             }
         };
+        self.fleet.issued(
+            &authority.name,
+            issued.not_after.unix_timestamp(),
+            OffsetDateTime::now_utc().unix_timestamp(),
+        );
         let bundle = self.bundle.borrow().clone();
         let response = IssueResponse {
             cert_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -210,7 +219,56 @@ impl CaState {
             trust_domain: self.authority.load().trust_domain.to_string(),
             roots: bundle.roots.iter().map(|c| c.to_vec()).collect(),
             version: bundle.version,
+            renew_now: bundle.renew_now,
         }
+    }
+
+    /// Records a sidecar's acknowledgement; the caller must prove it holds the certificate it
+    /// reports (the chain's leaf is the TLS client certificate of the call).
+    fn ack(&self, req: &AckTrustBundleRequest, peer: Option<&PeerInfo>) -> Result<(), Status> {
+        if req.instance_id.is_empty() || req.instance_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "instance_id must be 1 to 128 bytes",
+            ));
+        }
+        if req.serving_chain.is_empty() || req.serving_chain.len() > 4 {
+            return Err(Status::invalid_argument(
+                "serving_chain must hold 1 to 4 certificates",
+            ));
+        }
+        let presented = peer
+            .and_then(|p| p.certificates.as_ref())
+            .and_then(|c| c.first())
+            .ok_or_else(|| {
+                Status::unauthenticated("acknowledge over mTLS with your certificate")
+            })?;
+        if presented.as_ref() != req.serving_chain[0].as_slice() {
+            return Err(Status::permission_denied(
+                "the reported certificate is not the one presented on this connection",
+            ));
+        }
+        let info = meshid_proto::cert_identity_from_der(&req.serving_chain[0])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> = req
+            .serving_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let authority = crate::rotation::fleet::authority_of(
+            &chain,
+            &self.authority.load().authority_roots,
+            now,
+        );
+        self.fleet.ack(
+            &req.instance_id,
+            req.bundle_version,
+            info.id.to_string(),
+            authority,
+            info.not_after,
+            now,
+        );
+        Ok(())
     }
 }
 
@@ -285,16 +343,38 @@ impl CertificateAuthority for CaService {
 
     type WatchTrustBundleStream = BundleStream;
 
+    async fn ack_trust_bundle(
+        &self,
+        request: Request<AckTrustBundleRequest>,
+    ) -> Result<Response<AckTrustBundleResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        self.state.ack(request.get_ref(), peer.as_ref())?;
+        Ok(Response::new(AckTrustBundleResponse {}))
+    }
+
     async fn watch_trust_bundle(
         &self,
-        _request: Request<WatchTrustBundleRequest>,
+        request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
+        // Only authenticated sidecars count as connected (an anonymous stream cannot hold a
+        // rotation step hostage).
+        let authenticated = request
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.certificates.is_some());
+        let instance = request.into_inner().instance_id;
+        let instance =
+            (authenticated && !instance.is_empty() && instance.len() <= 128).then_some(instance);
         let state = self.state.clone();
         let mut bundles = state.bundle.subscribe();
         let mut shutdown = state.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             state.metrics.watch_streams.inc();
+            let now = || OffsetDateTime::now_utc().unix_timestamp();
+            if let Some(i) = &instance {
+                state.fleet.stream_opened(i, now());
+            }
             loop {
                 let current = bundles.borrow_and_update().clone();
                 if tx.send(Ok(state.trust_bundle(&current))).await.is_err() {
@@ -305,6 +385,9 @@ impl CertificateAuthority for CaService {
                     _ = shutdown.wait_for(|stop| *stop) => break,
                     () = tx.closed() => break,
                 }
+            }
+            if let Some(i) = &instance {
+                state.fleet.stream_closed(i, now());
             }
             state.metrics.watch_streams.dec();
         });

@@ -45,6 +45,16 @@ pub struct RunArgs {
     /// Allow-list file (YAML), watched and hot-reloaded. Without one every inbound peer is denied.
     #[arg(long, env = "MESHID_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Kubernetes downward-API file of the pod's annotations (`meshid.io/inbound`, `allow-<port>`,
+    /// `outbound`, `mode`): adds the inbound listeners (on --pod-ip) and upstreams they declare,
+    /// and is the watched policy (so `kubectl annotate` changes the allow-list live). Replaces
+    /// --policy.
+    #[arg(long, env = "MESHID_ANNOTATIONS")]
+    pub annotations: Option<PathBuf>,
+    /// The pod's IP (downward API `status.podIP`): inbound ports from --annotations listen on it and
+    /// forward to 127.0.0.1 on the same port.
+    #[arg(long, env = "MESHID_POD_IP")]
+    pub pod_ip: Option<String>,
     /// Admin server (probes, /metrics, /identity).
     #[arg(long, env = "MESHID_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
     pub admin_listen: String,
@@ -261,6 +271,50 @@ pub fn parse_outbound(s: &str, allow_non_local: bool) -> Result<Outbound, String
 }
 
 impl RunArgs {
+    /// The `--inbound` and `--outbound` values the `--annotations` file declares.
+    fn annotation_listeners(&self, problems: &mut Vec<String>) -> (Vec<String>, Vec<String>) {
+        let Some(path) = &self.annotations else {
+            if self.pod_ip.is_some() {
+                problems.push("--pod-ip is only used with --annotations".into());
+            }
+            return (Vec::new(), Vec::new());
+        };
+        if self.policy.is_some() {
+            problems.push(
+                "--annotations and --policy are two sources of the allow-list; use one".into(),
+            );
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                problems.push(format!("--annotations: {}: {e}", path.display()));
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let parsed = match crate::annotations::MeshAnnotations::from_downward_api(&text) {
+            Ok(a) => a,
+            Err(errors) => {
+                problems.extend(errors.iter().map(|e| format!("--annotations: {e}")));
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let pod_ip = match self.pod_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+            Some(Ok(ip)) => Some(ip),
+            Some(Err(_)) => {
+                problems.push(format!("--pod-ip: {:?} is not an IP address", self.pod_ip));
+                None
+            }
+            None if parsed.inbound.is_empty() => None,
+            None => {
+                problems
+                    .push("--pod-ip is required when the annotations declare inbound ports".into());
+                None
+            }
+        };
+        let inbound = pod_ip.map(|ip| parsed.inbound_args(ip)).unwrap_or_default();
+        (inbound, parsed.outbound_args())
+    }
+
     /// Checks every setting; returns all problems at once.
     pub fn into_config(self) -> Result<RunConfig, Vec<String>> {
         let mut problems = Vec::new();
@@ -277,6 +331,7 @@ impl RunArgs {
         let connect_timeout = check("connect-timeout", parse_duration(&self.connect_timeout));
         let grace = check("grace", parse_duration(&self.grace));
         let allow = self.dangerous_allow_non_local_target;
+        let (from_annotations_in, from_annotations_out) = self.annotation_listeners(&mut problems);
         let mut inbound = Vec::new();
         for s in self.inbound.iter().filter(|s| !s.is_empty()) {
             match parse_inbound(s, allow) {
@@ -284,11 +339,23 @@ impl RunArgs {
                 Err(e) => problems.push(format!("--inbound: {e}")),
             }
         }
+        for s in &from_annotations_in {
+            match parse_inbound(s, false) {
+                Ok(i) => inbound.push(i),
+                Err(e) => problems.push(format!("--annotations: {e}")),
+            }
+        }
         let mut outbound = Vec::new();
         for s in self.outbound.iter().filter(|s| !s.is_empty()) {
             match parse_outbound(s, allow) {
                 Ok(o) => outbound.push(o),
                 Err(e) => problems.push(format!("--outbound: {e}")),
+            }
+        }
+        for s in &from_annotations_out {
+            match parse_outbound(s, false) {
+                Ok(o) => outbound.push(o),
+                Err(e) => problems.push(format!("--annotations: {e}")),
             }
         }
         let admin_listen = self.admin_listen.parse::<SocketAddr>().unwrap_or_else(|_| {
@@ -425,7 +492,8 @@ impl RunArgs {
         Ok(RunConfig {
             inbound,
             outbound,
-            policy: self.policy,
+            // The policy watcher reads a downward-API file as annotations (see run.rs).
+            policy: self.annotations.or(self.policy),
             admin_listen,
             creds,
             limits: Limits {

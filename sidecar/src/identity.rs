@@ -19,6 +19,67 @@ use crate::inbound::unix_now;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::timing::{Backoff, random_unit, refresh_in};
 
+/// What the issuer and the bundle watcher share.
+#[derive(Debug)]
+pub struct Lifecycle {
+    /// A random ID for this sidecar process, so the CA can count it once.
+    pub instance_id: String,
+    /// The bundle version applied to new handshakes (0: none yet).
+    pub applied_version: std::sync::atomic::AtomicU64,
+    /// Signalled by the bundle stream when the CA asks everyone to renew now.
+    pub renew_now: tokio::sync::Notify,
+    /// Signalled by the issuer after each new certificate (so it is acknowledged).
+    pub renewed: tokio::sync::Notify,
+}
+
+impl Lifecycle {
+    pub fn new() -> Self {
+        let mut b = [0u8; 16];
+        let _ = aws_lc_rs::rand::fill(&mut b);
+        Self {
+            instance_id: meshid_proto::identity::hex(&b),
+            applied_version: Default::default(),
+            renew_now: Default::default(),
+            renewed: Default::default(),
+        }
+    }
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Tells the CA which bundle version we use and which certificate we serve, over a connection that
+/// presents that certificate (the CA checks they are the same).
+pub async fn acknowledge(
+    mode: &CaMode,
+    store: &CredentialStore,
+    life: &Lifecycle,
+) -> Result<(), IssueError> {
+    let Some((chain, key)) = store.chain_and_key() else {
+        return Ok(());
+    };
+    let version = life
+        .applied_version
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut client = ca_client::connect(
+        &endpoint_with_bundle(mode, store),
+        Some((chain.clone(), key)),
+    )
+    .await?;
+    client
+        .ack_trust_bundle(meshid_proto::ca::v1::AckTrustBundleRequest {
+            instance_id: life.instance_id.clone(),
+            bundle_version: version,
+            serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+        })
+        .await
+        .map_err(|s| IssueError::Response(s.message().to_owned()))?;
+    Ok(())
+}
+
 /// How the first certificate is obtained.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -91,7 +152,7 @@ pub async fn issue_once(
     store: &CredentialStore,
     use_bootstrap: bool,
     join_spent: bool,
-) -> Result<Arc<Snapshot>, IssueError> {
+) -> Result<(Arc<Snapshot>, u64), IssueError> {
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
     let valid = store
@@ -145,7 +206,7 @@ pub async fn issue_once(
             .map(CertificateDer::from)
             .collect(),
     };
-    Ok(store.set_certificate(creds)?)
+    Ok((store.set_certificate(creds)?, resp.bundle_version))
 }
 
 async fn read_secret(path: &PathBuf) -> Result<String, IssueError> {
@@ -163,6 +224,7 @@ pub async fn run_issuer(
     mode: CaMode,
     store: Arc<CredentialStore>,
     metrics: Metrics,
+    life: Arc<Lifecycle>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::for_lifetime(mode.ttl.unwrap_or(Duration::from_secs(3600)));
@@ -170,7 +232,10 @@ pub async fn run_issuer(
     let mut join_spent = false;
     loop {
         let wait = match issue_once(&mode, &store, use_bootstrap, join_spent).await {
-            Ok(snapshot) => {
+            Ok((snapshot, bundle_version)) => {
+                // The response's trust anchors are that bundle version; it is in use from now on.
+                life.applied_version
+                    .fetch_max(bundle_version, std::sync::atomic::Ordering::Relaxed);
                 let id = &snapshot.identity;
                 let lifetime = Duration::from_secs((id.not_after - unix_now()).max(1) as u64);
                 backoff = Backoff::for_lifetime(lifetime);
@@ -184,6 +249,7 @@ pub async fn run_issuer(
                     .inc();
                 metrics.last_renewal.set(unix_now());
                 metrics.record_snapshot(&snapshot);
+                life.renewed.notify_one();
                 let wait = refresh_in(unix_now(), id.not_after, random_unit() * 2.0 - 1.0);
                 tracing::info!(
                     id = %id.id,
@@ -222,6 +288,9 @@ pub async fn run_issuer(
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = life.renew_now.notified() => {
+                tracing::warn!("the CA asked for an immediate renewal");
+            }
             () = stopped(&mut shutdown) => return,
         }
     }
@@ -232,20 +301,31 @@ pub async fn run_bundle_watch(
     mode: CaMode,
     store: Arc<CredentialStore>,
     metrics: Metrics,
+    life: Arc<Lifecycle>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let result = async {
-            let mut client = ca_client::connect(&endpoint_with_bundle(&mode, &store), None).await?;
+            // Present our certificate (if any yet) so the CA counts this sidecar as connected.
+            let mut client =
+                ca_client::connect(&endpoint_with_bundle(&mode, &store), store.chain_and_key()).await?;
             let mut stream = client
-                .watch_trust_bundle(WatchTrustBundleRequest {})
+                .watch_trust_bundle(WatchTrustBundleRequest {
+                    instance_id: life.instance_id.clone(),
+                })
                 .await
                 .map_err(|s| IssueError::Response(s.message().to_owned()))?
                 .into_inner();
             loop {
                 let msg = tokio::select! {
                     m = stream.message() => m,
+                    () = life.renewed.notified() => {
+                        if let Err(error) = acknowledge(&mode, &store, &life).await {
+                            tracing::warn!(%error, "acknowledging the new certificate failed");
+                        }
+                        continue;
+                    }
                     () = stopped(&mut shutdown) => return Ok(()),
                 };
                 let bundle = match msg {
@@ -254,9 +334,20 @@ pub async fn run_bundle_watch(
                     Err(s) => return Err(IssueError::Response(s.message().to_owned())),
                 };
                 backoff.reset();
+                if bundle.renew_now {
+                    life.renew_now.notify_one();
+                }
                 let roots: Vec<CertificateDer<'static>> =
                     bundle.roots.into_iter().map(CertificateDer::from).collect();
-                if roots.is_empty() || roots == store.roots() || store.current().is_none() {
+                if store.current().is_none() {
+                    continue;
+                }
+                if roots.is_empty() || roots == store.roots() {
+                    life.applied_version
+                        .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(error) = acknowledge(&mode, &store, &life).await {
+                        tracing::warn!(%error, "acknowledging the trust bundle failed");
+                    }
                     continue;
                 }
                 match store.set_bundle(roots) {
@@ -267,6 +358,11 @@ pub async fn run_bundle_watch(
                             .inc();
                         metrics.record_snapshot(&snapshot);
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
+                        life.applied_version
+                            .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(error) = acknowledge(&mode, &store, &life).await {
+                            tracing::warn!(%error, "acknowledging the trust bundle failed");
+                        }
                     }
                     Err(error) => {
                         metrics

@@ -6,6 +6,7 @@
 //! expected one. Credentials enter through one seam, [`creds::CredentialStore`].
 
 pub mod admin;
+pub mod annotations;
 pub mod ca_client;
 pub mod config;
 pub mod conn;

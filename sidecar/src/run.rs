@@ -12,7 +12,7 @@ use crate::config::{CredSource, RunConfig};
 use crate::conn::{ConnLimit, Shared};
 use crate::creds::{CredentialStore, UpstreamSpec};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::policy::{PolicyStore, PolicyWatcher, ReloadOutcome, watch_policy_file};
+use crate::policy::{PolicyStore, PolicyWatcher, ReloadOutcome};
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,13 @@ pub async fn start(
                     .get_or_create(&ResultLabels { result })
                     .inc();
             });
-            let w = watch_policy_file(path.clone(), policy.clone(), on_reload)?;
+            // A downward-API annotations file (--annotations) or a policy document (--policy).
+            let w = crate::policy::watch::watch_policy_file_with(
+                path.clone(),
+                policy.clone(),
+                on_reload,
+                crate::annotations::policy_or_annotations,
+            )?;
             metrics.policy_loaded.set(1);
             Some(w)
         }
@@ -121,16 +127,19 @@ pub async fn start(
     };
 
     if let CredSource::Ca(mode) = &config.creds {
+        let life = Arc::new(crate::identity::Lifecycle::new());
         tokio::spawn(crate::identity::run_issuer(
             mode.clone(),
             shared.creds.clone(),
             shared.metrics.clone(),
+            life.clone(),
             shared.shutdown.clone(),
         ));
         tokio::spawn(crate::identity::run_bundle_watch(
             mode.clone(),
             shared.creds.clone(),
             shared.metrics.clone(),
+            life,
             shared.shutdown.clone(),
         ));
     }

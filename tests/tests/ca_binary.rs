@@ -94,7 +94,7 @@ async fn init_token_serve_issue_and_sigterm() {
 
     // A long-lived bundle stream is open when SIGTERM arrives: the CA ends it and exits 0.
     let mut stream = client
-        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -331,7 +331,7 @@ async fn trust_bundle_is_served_and_streamed_on_change() {
     let mut stream = ca
         .client()
         .await
-        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
         .await
         .unwrap()
         .into_inner();

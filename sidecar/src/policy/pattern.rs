@@ -178,7 +178,7 @@ impl PathPattern {
 ///
 /// Deliberately strict: it must start with '/', and it must not contain a `.` or `..` segment
 /// (also when followed by `;params`, as some servers strip those), an empty segment (`//`), a
-/// backslash, a NUL, or a percent-encoded `/`, `\` or `.` (`%2f`, `%5c`, `%2e`, any case). Such a
+/// backslash, a NUL, or a percent-encoded `/`, `\`, `.` or `%` (`%2f`, `%5c`, `%2e`, `%25`, any case). Such a
 /// path is denied whatever the rules say, because the application may resolve it to a different
 /// path than the one matched here.
 pub(super) fn is_safe_path(path: &str) -> bool {
@@ -190,7 +190,8 @@ pub(super) fn is_safe_path(path: &str) -> bool {
         w[0] == b'%'
             && matches!(
                 (w[1], w[2].to_ascii_lowercase()),
-                (b'2', b'f') | (b'5', b'c') | (b'2', b'e')
+                // %2f '/', %5c '\\', %2e '.', and %25 '%' (double encoding, for apps that decode twice)
+                (b'2', b'f') | (b'5', b'c') | (b'2', b'e') | (b'2', b'5')
             )
     });
     if encoded_separator {
@@ -400,7 +401,7 @@ mod tests {
         #[rustfmt::skip]
         let not_safe = [
             "", "a", "*", "/.", "/..", "/a/./b", "/a/../b", "/a/..;x/b", "/a/.;/b", "//a", "/a//b",
-            "/a\\b", "/a\0b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a%5Cb", "/%2e%2e/x", "/%2E", "/..%2f",
+            "/a\\b", "/a\0b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a%5Cb", "/%2e%2e/x", "/%2E", "/..%2f", "/a%252fb",
         ];
         for bad in not_safe {
             assert!(!is_safe_path(bad), "{bad:?}");

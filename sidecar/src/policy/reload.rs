@@ -11,7 +11,11 @@ pub(super) struct Reloader {
     path: PathBuf,
     store: PolicyStore,
     last_seen: Seen,
+    parse: ParseFn,
 }
+
+/// Turns a file's text into a policy: [`Policy::parse`], or another format's parser.
+pub type ParseFn = fn(&str) -> Result<Policy, PolicyError>;
 
 /// What the last read found, applied or not, so that one bad file is reported once.
 #[derive(PartialEq, Eq)]
@@ -22,9 +26,19 @@ enum Seen {
 
 impl Reloader {
     /// The first load: every failure is an error for the caller.
+    #[cfg(test)]
     pub(super) fn load(path: PathBuf, store: PolicyStore) -> Result<Self, PolicyError> {
+        Self::load_with(path, store, Policy::parse)
+    }
+
+    /// The first load, with `parse` for this and every later read.
+    pub(super) fn load_with(
+        path: PathBuf,
+        store: PolicyStore,
+        parse: ParseFn,
+    ) -> Result<Self, PolicyError> {
         let (policy, bytes) = parse::read_file(&path)
-            .and_then(|bytes| Ok((Policy::parse_bytes(&bytes)?, bytes)))
+            .and_then(|bytes| Ok((parse_bytes(parse, &bytes)?, bytes)))
             .map_err(|error| in_file(&path, error))?;
         store.store(Some(Arc::new(policy)));
         tracing::info!(path = %path.display(), "policy loaded");
@@ -32,6 +46,7 @@ impl Reloader {
             path,
             store,
             last_seen: Seen::Content(bytes),
+            parse,
         })
     }
 
@@ -45,9 +60,8 @@ impl Reloader {
             return ReloadOutcome::Unchanged;
         }
         let result = match &seen {
-            Seen::Content(bytes) => {
-                Policy::parse_bytes(bytes).map_err(|error| in_file(&self.path, error).to_string())
-            }
+            Seen::Content(bytes) => parse_bytes(self.parse, bytes)
+                .map_err(|error| in_file(&self.path, error).to_string()),
             Seen::ReadError(reason) => Err(reason.clone()),
         };
         self.last_seen = seen;
@@ -67,6 +81,10 @@ impl Reloader {
             }
         }
     }
+}
+
+fn parse_bytes(parse: ParseFn, bytes: &[u8]) -> Result<Policy, PolicyError> {
+    parse(std::str::from_utf8(bytes).map_err(|_| PolicyError::NotUtf8)?)
 }
 
 #[cfg(test)]

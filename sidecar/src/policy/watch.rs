@@ -19,6 +19,7 @@ use arc_swap::ArcSwapOption;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
+pub use super::reload::ParseFn;
 use super::reload::Reloader;
 use super::{Policy, PolicyError};
 
@@ -58,7 +59,18 @@ pub fn watch_policy_file(
     store: PolicyStore,
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
 ) -> Result<PolicyWatcher, PolicyError> {
-    watch_with_timing(path, store, on_reload, Timing::DEFAULT)
+    watch_with_timing(path, store, on_reload, Timing::DEFAULT, Policy::parse)
+}
+
+/// [`watch_policy_file`] for a file in another format: `parse` turns its text into a policy (e.g.
+/// [`crate::annotations::policy_from_downward_api`] for a downward-API annotations file).
+pub fn watch_policy_file_with(
+    path: PathBuf,
+    store: PolicyStore,
+    on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
+    parse: ParseFn,
+) -> Result<PolicyWatcher, PolicyError> {
+    watch_with_timing(path, store, on_reload, Timing::DEFAULT, parse)
 }
 
 /// How long to wait: for events to go quiet, at most after the first event of a burst, and between
@@ -90,8 +102,9 @@ fn watch_with_timing(
     store: PolicyStore,
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
     timing: Timing,
+    parse: ParseFn,
 ) -> Result<PolicyWatcher, PolicyError> {
-    let reloader = Reloader::load(path.clone(), store)?;
+    let reloader = Reloader::load_with(path.clone(), store, parse)?;
     let (wake, events) = mpsc::channel();
     let inotify = watch_directory(&path, wake.clone());
     let stop = Arc::new(AtomicBool::new(false));
@@ -247,7 +260,14 @@ mod tests {
         let outcomes = Arc::new(Mutex::new(Vec::new()));
         let record = outcomes.clone();
         let on_reload = Box::new(move |o: &ReloadOutcome| record.lock().unwrap().push(o.clone()));
-        let watcher = watch_with_timing(path.to_owned(), store.clone(), on_reload, timing).unwrap();
+        let watcher = watch_with_timing(
+            path.to_owned(),
+            store.clone(),
+            on_reload,
+            timing,
+            Policy::parse,
+        )
+        .unwrap();
         assert!(watcher.inotify.is_some(), "inotify is not available");
         Harness {
             store,

@@ -1,0 +1,153 @@
+//! `bench-run`: the benchmark harness behind `bench/run.sh`. Starts meshid, nginx and haproxy pairs
+//! (and the app alone) on CPU 1, drives them from CPU 0, and writes `bench/results/latest.json` and
+//! `docs/benchmarks.md`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use meshid_bench::harness::pki::BenchPki;
+use meshid_bench::harness::report::ScenarioResult;
+use meshid_bench::harness::{Ctx, Settings, ca, machine, markdown, scenarios};
+
+const ALL: [&str; 6] = [
+    "throughput",
+    "latency",
+    "handshakes",
+    "memory",
+    "startup",
+    "ca",
+];
+
+#[derive(Debug, Parser)]
+#[command(name = "bench-run", about = "meshid vs nginx vs haproxy, side by side")]
+struct Args {
+    /// Directory with the release binaries (meshid-sidecar, meshid-ca, meshload, bench-app, ca-bench).
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// A few seconds per scenario and one run (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Runs per figure (default 3; smoke 1).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Threads per proxy: tokio workers, nginx worker processes, haproxy threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Measured window per load run (default 10s; smoke 2s).
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+    /// Warm-up before each window (default 2s; smoke 500ms).
+    #[arg(long, value_parser = duration)]
+    warmup: Option<Duration>,
+    /// Scenarios to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ALL.map(String::from))]
+    scenarios: Vec<String>,
+    /// Results file.
+    #[arg(long, default_value = "bench/results/latest.json")]
+    out: PathBuf,
+    /// Markdown report (with SVG plots next to the results file).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    docs: PathBuf,
+    /// Keep the work directory (configs, logs) instead of deleting it.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    meshid_proto::parse_duration(s)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    for s in &args.scenarios {
+        if !ALL.contains(&s.as_str()) {
+            bail!("unknown scenario {s:?} (known: {})", ALL.join(", "));
+        }
+    }
+    for bin in [
+        "meshid-sidecar",
+        "meshid-ca",
+        "meshload",
+        "bench-app",
+        "ca-bench",
+    ] {
+        if !args.bin_dir.join(bin).exists() {
+            bail!(
+                "{} missing (cargo build --release -p meshid-ca -p meshid-sidecar -p meshid-bench)",
+                args.bin_dir.join(bin).display()
+            );
+        }
+    }
+    let smoke = args.smoke;
+    let work = std::env::temp_dir().join(format!("meshid-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let settings = Settings {
+        bin_dir: std::fs::canonicalize(&args.bin_dir)?,
+        work: work.clone(),
+        smoke,
+        runs: args.runs.unwrap_or(if smoke { 1 } else { 3 }).max(1),
+        workers: args.workers.max(1),
+        duration: args
+            .duration
+            .unwrap_or(Duration::from_secs(if smoke { 2 } else { 10 })),
+        warmup: args.warmup.unwrap_or(if smoke {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(2)
+        }),
+        connections: 32,
+        rate: 1000.0,
+        idle_connections: if smoke { 300 } else { 2000 },
+        ca_count: if smoke { 200 } else { 4000 },
+        ca_concurrency: vec![1, 8, 64],
+        scenarios: args.scenarios.clone(),
+    };
+    let ctx = Ctx::new(settings);
+    let pki = BenchPki::new()?;
+    let started = Instant::now();
+    let mut report = markdown::Results::new(
+        &ctx,
+        machine::machine(),
+        machine::versions(&ctx.settings.bin_dir),
+    );
+    for name in &args.scenarios {
+        eprintln!("== {name}");
+        let result: ScenarioResult = match name.as_str() {
+            "throughput" => scenarios::throughput(&ctx, &pki),
+            "latency" => scenarios::latency(&ctx, &pki),
+            "handshakes" => scenarios::handshakes(&ctx, &pki),
+            "memory" => scenarios::memory(&ctx, &pki),
+            "startup" => ca::startup(&ctx, &pki),
+            _ => ca::ca_issuance(&ctx),
+        };
+        for c in &result.checks {
+            eprintln!(
+                "   {} {}: {}",
+                match c.met {
+                    Some(true) => "MET    ",
+                    Some(false) => "NOT MET",
+                    None => "FAILED ",
+                },
+                c.target,
+                c.measured
+            );
+        }
+        report.push(result);
+        report.finish(&ctx, started.elapsed());
+        report.write(&args.out, &args.docs)?;
+    }
+    eprintln!(
+        "results: {} and {}",
+        args.out.display(),
+        args.docs.display()
+    );
+    drop(pki);
+    if args.keep {
+        eprintln!("work directory kept: {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}

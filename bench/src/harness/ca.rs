@@ -1,0 +1,242 @@
+//! Control-plane scenarios: sidecar start-to-ready with a reachable CA, and CA issuance at several
+//! client concurrencies (through `ca-bench`).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::pki::{BenchPki, SERVER_ID};
+use super::report::{Figures, ScenarioResult};
+use super::scenarios::{Round, rounds};
+use super::topology::{Contender, policy_yaml, sidecar_cmd, start_app};
+use super::{Ctx, Guard, LOAD_CPU, SERVER_CPU, free_addr, pinned, wait_http_ok};
+use crate::procfs::mem;
+use crate::stats::summarize;
+
+/// A running CA (serve pinned to the load core, as if on another machine).
+struct Ca {
+    _serve: Guard,
+    dir: std::path::PathBuf,
+    grpc: SocketAddr,
+}
+
+fn start_ca(ctx: &Ctx, work: &Path) -> Result<Ca> {
+    let dir = work.join("ca");
+    ctx.output(
+        Command::new(ctx.bin("meshid-ca"))
+            .args(["init", "--dir"])
+            .arg(&dir),
+    )?;
+    let (grpc, admin) = (free_addr(), free_addr());
+    let mut cmd = pinned(LOAD_CPU, ctx.bin("meshid-ca"));
+    cmd.args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &grpc.to_string()])
+        .args(["--admin-listen", &admin.to_string()]);
+    let serve = ctx.spawn("meshid-ca serve", &mut cmd, &work.join("ca.log"))?;
+    if !wait_http_ok(admin, "/readyz", Duration::from_secs(15)) {
+        bail!("the CA did not become ready: {}", serve.log_tail());
+    }
+    Ok(Ca {
+        _serve: serve,
+        dir,
+        grpc,
+    })
+}
+
+/// Polls `/readyz` every millisecond; the time from `t0` to the first 200.
+fn time_to_ready(admin: SocketAddr, t0: Instant, g: &mut Guard) -> Result<f64> {
+    let deadline = t0 + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if meshid_tests::process::http_get(admin, "/readyz").is_ok_and(|(c, _)| c == 200) {
+            return Ok(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+        if !g.running() {
+            bail!("sidecar exited: {}", g.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("sidecar not ready after 15 s: {}", g.log_tail())
+}
+
+/// One CA-mode start: (ms to ready, idle memory once ready).
+fn ca_start(ctx: &Ctx, ca: &Ca, work: &Path, app: SocketAddr, i: usize) -> Result<(f64, Value)> {
+    let token = ctx.output(
+        Command::new(ctx.bin("meshid-ca"))
+            .args(["token", "create", "--dir"])
+            .arg(&ca.dir)
+            .args(["--id", SERVER_ID, "--ttl", "10m"]),
+    )?;
+    let token_file = work.join(format!("join-token-{i}"));
+    std::fs::write(&token_file, token.trim())?;
+    let (inb, admin) = (free_addr(), free_addr());
+    let policy = work.join(format!("policy-{i}.yaml"));
+    std::fs::write(&policy, policy_yaml(inb.port()))?;
+    let mut cmd = sidecar_cmd(ctx);
+    cmd.args([
+        "--ca-addr",
+        &ca.grpc.to_string(),
+        "--ca-server-name",
+        "localhost",
+    ])
+    .arg("--ca-bundle")
+    .arg(ca.dir.join("bundle.pem"))
+    .arg("--join-token-file")
+    .arg(&token_file)
+    .args(["--inbound", &format!("{inb}={app},http")])
+    .arg("--policy")
+    .arg(&policy)
+    .args(["--admin-listen", &admin.to_string()]);
+    let t0 = Instant::now();
+    let mut g = ctx.spawn(
+        "meshid-sidecar (CA mode)",
+        &mut cmd,
+        &work.join(format!("ca-sidecar-{i}.log")),
+    )?;
+    let ready = time_to_ready(admin, t0, &mut g)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let m = mem(g.pid())?;
+    Ok((ready, json!(m)))
+}
+
+fn file_start(ctx: &Ctx, pki: &BenchPki, work: &Path, app: SocketAddr, i: usize) -> Result<f64> {
+    let (inb, admin) = (free_addr(), free_addr());
+    let policy = work.join(format!("policy-file-{i}.yaml"));
+    std::fs::write(&policy, policy_yaml(inb.port()))?;
+    let mut cmd = sidecar_cmd(ctx);
+    cmd.arg("--cert")
+        .arg(&pki.server.cert)
+        .arg("--key")
+        .arg(&pki.server.key)
+        .arg("--bundle")
+        .arg(&pki.bundle)
+        .args(["--inbound", &format!("{inb}={app},http")])
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--admin-listen", &admin.to_string()]);
+    let t0 = Instant::now();
+    let mut g = ctx.spawn(
+        "meshid-sidecar (files)",
+        &mut cmd,
+        &work.join(format!("file-sidecar-{i}.log")),
+    )?;
+    time_to_ready(admin, t0, &mut g)
+}
+
+/// Sidecar start-to-ready, with a reachable CA (join token) and with certificate files.
+pub fn startup(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let samples = if ctx.settings.smoke { 2 } else { 5 };
+    let runs = rounds(ctx, "startup", &[Contender::Meshid], |_| {
+        let work = ctx.dir("startup")?;
+        let ca = start_ca(ctx, &work)?;
+        let (_app, app) = start_app(ctx, &work)?;
+        let mut ca_ms = Vec::new();
+        let mut file_ms = Vec::new();
+        let mut mems = Vec::new();
+        for i in 0..samples {
+            let (ms, m) = ca_start(ctx, &ca, &work, app, i)?;
+            ca_ms.push(ms);
+            mems.push(m);
+            file_ms.push(file_start(ctx, pki, &work, app, i)?);
+        }
+        let t0 = Instant::now();
+        ctx.output(&mut pinned(SERVER_CPU, "true"))?;
+        let taskset_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let med = |v: &[f64]| summarize(v).map(|s| s.median).unwrap_or(f64::NAN);
+        let kib = |k: &str| -> Vec<f64> { mems.iter().filter_map(|m| m[k].as_f64()).collect() };
+        let mut f = Figures::new();
+        f.insert("ca_start_to_ready_ms".into(), med(&ca_ms));
+        f.insert("file_start_to_ready_ms".into(), med(&file_ms));
+        f.insert("ca_idle_rss_kib".into(), med(&kib("rss_kib")));
+        f.insert("ca_idle_private_kib".into(), med(&kib("private_kib")));
+        f.insert("taskset_exec_ms".into(), taskset_ms);
+        Ok((
+            f,
+            json!({ "ca_start_to_ready_ms": ca_ms, "file_start_to_ready_ms": file_ms, "ca_mode_memory": mems }),
+        ))
+    });
+    let mut res = ScenarioResult::new(
+        "startup",
+        "Sidecar start-to-ready",
+        format!(
+            "meshid-ca serve on CPU {LOAD_CPU}; a sidecar (one HTTP inbound listener + policy) started on CPU {SERVER_CPU} under taskset, timed from spawn to the first 200 from /readyz (polled every 1 ms); CA mode: join token, fresh P-256 key, CSR, issuance over gRPC/TLS; files: PEM cert/key/bundle; median of {samples} starts per run, {} run(s)",
+            ctx.settings.runs
+        ),
+        &runs,
+    );
+    let v = res.median("meshid", "ca_start_to_ready_ms");
+    res.check(
+        "sidecar start-to-ready with a reachable CA < 50 ms",
+        v,
+        format!("{:.1} ms", v.unwrap_or(0.0)),
+        |x| x < 50.0,
+    );
+    res.notes.push("Start-to-ready includes exec through taskset (`taskset_exec_ms`: the time to run `taskset -c 1 true`).".into());
+    res
+}
+
+/// CA issuance: certificates per second and p99 at each concurrency.
+pub fn ca_issuance(ctx: &Ctx) -> ScenarioResult {
+    let s = &ctx.settings;
+    let runs: Vec<Round> = rounds(ctx, "ca", &[Contender::Meshid], |_| {
+        let work = ctx.dir("ca-bench")?;
+        let mut f = Figures::new();
+        let mut detail = serde_json::Map::new();
+        for &c in &s.ca_concurrency {
+            let out = work.join(format!("ca-bench-c{c}.json"));
+            let mut cmd = pinned(LOAD_CPU, ctx.bin("ca-bench"));
+            cmd.arg("--bin-dir")
+                .arg(&s.bin_dir)
+                .args(["--ca-cpu", &SERVER_CPU.to_string()])
+                .args(["--concurrency", &c.to_string()])
+                .args(["--count", &s.ca_count.max(c).to_string()])
+                .arg("--skip-ceiling")
+                .arg("--out")
+                .arg(&out);
+            ctx.output(&mut cmd)?;
+            let v: Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+            for (mode, key) in [("renewal", "renewal"), ("service_account_token", "token")] {
+                let r = &v["runs"][mode];
+                let errors = r["errors"].as_f64().unwrap_or(0.0);
+                if errors > 0.0 {
+                    bail!("{errors} failed issuances ({mode}, {c} clients)");
+                }
+                let g = |p: &str| {
+                    r.pointer(p)
+                        .and_then(Value::as_f64)
+                        .context("ca-bench output")
+                };
+                f.insert(
+                    format!("{key}_c{c}_certs_per_second"),
+                    g("/certs_per_second")?,
+                );
+                f.insert(format!("{key}_c{c}_p50_ms"), g("/latency_ms/p50")?);
+                f.insert(format!("{key}_c{c}_p99_ms"), g("/latency_ms/p99")?);
+                f.insert(
+                    format!("{key}_c{c}_ca_cpu_us_per_cert"),
+                    1e6 / g("/certs_per_ca_cpu_second")?,
+                );
+            }
+            detail.insert(format!("c{c}"), v);
+        }
+        Ok((f, Value::Object(detail)))
+    });
+    let mut res = ScenarioResult::new(
+        "ca",
+        "CA issuance",
+        format!(
+            "ca-bench: meshid-ca serve on CPU {SERVER_CPU}, clients on CPU {LOAD_CPU}, one gRPC/TLS connection per client, {} certificates per run per mode, CSRs prepared before the clock; renewal = mTLS with the current certificate, token = Kubernetes service-account token (RS256); {} run(s)",
+            s.ca_count, s.runs
+        ),
+        &runs,
+    );
+    res.notes.push(
+        "No target in the benchmark issue for these figures; reported for capacity planning."
+            .into(),
+    );
+    res
+}

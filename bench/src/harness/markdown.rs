@@ -1,0 +1,501 @@
+//! `bench/results/latest.json` and `docs/benchmarks.md` (with SVG plots beside the JSON).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::Ctx;
+use super::report::{Check, ScenarioResult};
+use super::svg::{bars, number};
+use crate::stats::Summary;
+
+/// Everything one harness run produced.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub generated_unix: u64,
+    pub mode: String,
+    pub settings: Value,
+    pub machine: Value,
+    pub versions: Value,
+    pub elapsed_seconds: f64,
+    pub scenarios: Vec<ScenarioResult>,
+    pub checks: Vec<Check>,
+    pub commands: Vec<String>,
+    pub configs: BTreeMap<String, String>,
+}
+
+impl Results {
+    pub fn new(ctx: &Ctx, machine: Value, versions: Value) -> Self {
+        let s = &ctx.settings;
+        Self {
+            generated_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            mode: if s.smoke { "smoke" } else { "full" }.into(),
+            settings: json!({
+                "runs": s.runs,
+                "workers_per_proxy": s.workers,
+                "duration_seconds": s.duration.as_secs_f64(),
+                "warmup_seconds": s.warmup.as_secs_f64(),
+                "throughput_connections": s.connections,
+                "latency_rate": s.rate,
+                "idle_connections": s.idle_connections,
+                "ca_count": s.ca_count,
+                "ca_concurrency": s.ca_concurrency,
+                "scenarios": s.scenarios,
+                "load_cpu": super::LOAD_CPU,
+                "server_cpu": super::SERVER_CPU,
+            }),
+            machine,
+            versions,
+            elapsed_seconds: 0.0,
+            scenarios: Vec::new(),
+            checks: Vec::new(),
+            commands: Vec::new(),
+            configs: BTreeMap::new(),
+        }
+    }
+
+    pub fn push(&mut self, r: ScenarioResult) {
+        self.checks.extend(r.checks.iter().cloned());
+        self.scenarios.push(r);
+    }
+
+    /// Copies the commands and configs recorded so far.
+    pub fn finish(&mut self, ctx: &Ctx, elapsed: Duration) {
+        self.elapsed_seconds = elapsed.as_secs_f64();
+        self.commands = ctx.commands.borrow().clone();
+        self.configs = ctx.configs.borrow().clone();
+    }
+
+    /// Writes the JSON, the plots (beside it) and the markdown.
+    pub fn write(&self, json_path: &Path, md_path: &Path) -> Result<()> {
+        if let Some(d) = json_path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(json_path, serde_json::to_vec_pretty(self)?)?;
+        let plot_dir = json_path.parent().unwrap_or(Path::new("."));
+        let plots = self.plots(plot_dir)?;
+        let rel = relative(md_path, plot_dir);
+        if let Some(d) = md_path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(md_path, self.markdown(&plots, &rel))?;
+        Ok(())
+    }
+
+    fn scenario(&self, id: &str) -> Option<&ScenarioResult> {
+        self.scenarios.iter().find(|s| s.id == id)
+    }
+
+    /// Writes the SVG plots; returns scenario id -> file names.
+    fn plots(&self, dir: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let specs: [(&str, &str, &str, &str, &[&str]); 6] = [
+            (
+                "throughput",
+                "requests_per_second",
+                "Max throughput",
+                "req/s",
+                &["direct", "meshid", "nginx", "haproxy"],
+            ),
+            (
+                "throughput",
+                "proxy_cpu_us_per_request",
+                "Proxy CPU per request (both proxies)",
+                "us",
+                &["meshid", "nginx", "haproxy"],
+            ),
+            (
+                "latency",
+                "added_p50_us",
+                "Added p50 latency at fixed rate",
+                "us",
+                &["meshid", "nginx", "haproxy"],
+            ),
+            (
+                "handshakes",
+                "handshakes_per_second",
+                "New mTLS handshakes at the terminator",
+                "per s",
+                &["meshid", "nginx", "haproxy"],
+            ),
+            (
+                "handshakes",
+                "terminator_cpu_us_per_handshake",
+                "Terminator CPU per handshake",
+                "us",
+                &["meshid", "nginx", "haproxy"],
+            ),
+            (
+                "memory",
+                "per_connection_rss_kib",
+                "Memory per idle mTLS connection",
+                "KiB",
+                &["meshid", "nginx", "haproxy"],
+            ),
+        ];
+        for (id, figure, title, unit, who) in specs {
+            let Some(s) = self.scenario(id) else { continue };
+            let items: Vec<(String, Option<Summary>)> = who
+                .iter()
+                .map(|c| {
+                    let v = s
+                        .contenders
+                        .get(*c)
+                        .filter(|r| !r.failed)
+                        .and_then(|r| r.summary.get(figure))
+                        .copied();
+                    ((*c).to_owned(), v)
+                })
+                .collect();
+            let name = format!("{}.svg", figure.replace('_', "-"));
+            std::fs::write(dir.join(&name), bars(title, unit, &items))?;
+            out.entry(id.into()).or_default().push(name);
+        }
+        Ok(out)
+    }
+
+    fn markdown(&self, plots: &BTreeMap<String, Vec<String>>, plot_rel: &str) -> String {
+        let mut md = String::new();
+        md.push_str(INTRO);
+        if self.mode == "smoke" {
+            md.push_str("\n> **This is a smoke run** (one short run per scenario, for CI): the figures below only show that the harness works. Run `bench/run.sh` for real figures.\n");
+        }
+        let _ = writeln!(md, "\n## This run\n");
+        let _ = writeln!(md, "| | |\n| --- | --- |");
+        let m = &self.machine;
+        let v = &self.versions;
+        let row = |md: &mut String, k: &str, val: &Value| {
+            let s = match val {
+                Value::String(s) => s.clone(),
+                Value::Null => "unknown".into(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(md, "| {k} | {} |", s.replace('|', "/").replace('\n', " "));
+        };
+        row(&mut md, "mode", &json!(self.mode));
+        row(
+            &mut md,
+            "generated (unix time)",
+            &json!(self.generated_unix),
+        );
+        row(
+            &mut md,
+            "duration of the whole run",
+            &json!(format!("{:.0} s", self.elapsed_seconds)),
+        );
+        row(&mut md, "CPU", &m["cpu_model"]);
+        row(&mut md, "CPUs", &m["cpus"]);
+        row(&mut md, "memory (KiB)", &m["memory_kib"]);
+        row(&mut md, "kernel", &m["kernel"]);
+        row(&mut md, "OS", &m["os"]);
+        row(&mut md, "load average at start", &m["loadavg_at_start"]);
+        for k in [
+            "meshid_sidecar",
+            "meshid_git_commit",
+            "meshid_git_dirty",
+            "rustc",
+            "nginx",
+            "haproxy",
+            "openssl",
+            "tls_load_generator",
+        ] {
+            row(&mut md, k, &v[k]);
+        }
+        let s = &self.settings;
+        row(&mut md, "runs per figure", &s["runs"]);
+        row(&mut md, "threads per proxy", &s["workers_per_proxy"]);
+
+        let _ = writeln!(md, "\n## Targets\n");
+        let _ = writeln!(
+            md,
+            "| scenario | target | measured | met |\n| --- | --- | --- | --- |"
+        );
+        for c in &self.checks {
+            let met = match c.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "**failed**",
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {met} |",
+                c.scenario, c.target, c.measured
+            );
+        }
+
+        for s in &self.scenarios {
+            let _ = writeln!(md, "\n## {}\n\n{}.\n", s.title, s.setup);
+            if s.id == "ca" {
+                ca_table(&mut md, s);
+            } else {
+                figure_table(&mut md, s, columns(&s.id));
+            }
+            if !s.ratios.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "\nRatios, computed within each round then summarised:\n"
+                );
+                let _ = writeln!(
+                    md,
+                    "| ratio | median | min | max |\n| --- | --- | --- | --- |"
+                );
+                for (k, r) in &s.ratios {
+                    let _ = writeln!(
+                        md,
+                        "| {k} | {:.2} | {:.2} | {:.2} |",
+                        r.median, r.min, r.max
+                    );
+                }
+            }
+            for (name, c) in &s.contenders {
+                for r in c.runs.iter().filter(|r| r.error.is_some()) {
+                    let _ = writeln!(
+                        md,
+                        "\n- **{name} failed** in round {}: `{}`",
+                        r.round + 1,
+                        r.error
+                            .as_deref()
+                            .unwrap_or_default()
+                            .replace('`', "'")
+                            .replace('\n', " ")
+                    );
+                }
+            }
+            for n in &s.notes {
+                let _ = writeln!(md, "\n- {n}");
+            }
+            if let Some(files) = plots.get(&s.id) {
+                md.push('\n');
+                for f in files {
+                    let _ = writeln!(md, "![{f}]({plot_rel}/{f})");
+                }
+            }
+        }
+        md.push_str(METHOD);
+        let _ = writeln!(
+            md,
+            "\n## Configs of this run\n\nThe rendered files (later runs differ only in ports and paths). Every command line is in `bench/results/latest.json` (`commands`).\n"
+        );
+        for (name, text) in &self.configs {
+            let lang = if name.ends_with(".yaml") { "yaml" } else { "" };
+            let _ = writeln!(
+                md,
+                "<details><summary><code>{name}</code></summary>\n\n```{lang}\n{}\n```\n\n</details>\n",
+                text.trim_end()
+            );
+        }
+        md
+    }
+}
+
+/// (figure, column header) per scenario.
+fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
+    match id {
+        "throughput" => &[
+            ("requests_per_second", "req/s"),
+            ("p50_us", "p50 us"),
+            ("p99_us", "p99 us"),
+            ("app_cpu_us_per_request", "app CPU us/req"),
+            ("outbound_cpu_us_per_request", "outbound CPU us/req"),
+            ("inbound_cpu_us_per_request", "inbound CPU us/req"),
+            ("proxy_cpu_us_per_request", "proxies CPU us/req"),
+            ("proxy_app_cpu_ratio", "proxies/app CPU"),
+            ("server_core_accounted", "CPU 1 used by these"),
+            ("loadgen_cpu_utilization", "load gen CPU"),
+        ],
+        "latency" => &[
+            ("p50_us", "p50 us"),
+            ("p90_us", "p90 us"),
+            ("p99_us", "p99 us"),
+            ("p999_us", "p99.9 us"),
+            ("added_p50_us", "added p50 us"),
+            ("added_p90_us", "added p90 us"),
+            ("added_p99_us", "added p99 us"),
+            ("completed_share", "completed/due"),
+            ("proxy_cpu_us_per_request", "proxies CPU us/req"),
+        ],
+        "handshakes" => &[
+            ("handshakes_per_second", "handshakes/s"),
+            (
+                "terminator_cpu_us_per_handshake",
+                "terminator CPU us/handshake",
+            ),
+            ("terminator_core_share", "terminator share of CPU 1"),
+            ("app_cpu_us_per_request", "app CPU us/req"),
+            ("p50_us", "p50 us (connect+handshake+GET)"),
+            ("loadgen_cpu_utilization", "load gen CPU"),
+        ],
+        "memory" => &[
+            ("idle_rss_kib", "idle RSS KiB"),
+            ("idle_private_kib", "idle private KiB"),
+            ("per_connection_rss_kib", "RSS KiB per idle conn"),
+            ("per_connection_private_kib", "private KiB per idle conn"),
+            ("outbound_idle_rss_kib", "outbound idle RSS KiB"),
+            ("outbound_idle_private_kib", "outbound idle private KiB"),
+        ],
+        "startup" => &[
+            ("ca_start_to_ready_ms", "start-to-ready, CA mode, ms"),
+            ("file_start_to_ready_ms", "start-to-ready, files, ms"),
+            ("ca_idle_rss_kib", "idle RSS KiB (CA mode)"),
+            ("ca_idle_private_kib", "idle private KiB (CA mode)"),
+            ("taskset_exec_ms", "taskset exec ms"),
+        ],
+        _ => &[],
+    }
+}
+
+fn cell(s: Option<&Summary>) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n > 1 => format!("{} ({}–{})", number(s.median), number(s.min), number(s.max)),
+        Some(s) => number(s.median),
+    }
+}
+
+fn figure_table(md: &mut String, s: &ScenarioResult, cols: &[(&str, &str)]) {
+    let _ = write!(md, "| contender |");
+    for (_, h) in cols {
+        let _ = write!(md, " {h} |");
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in cols {
+        let _ = write!(md, " --- |");
+    }
+    md.push('\n');
+    for name in ["direct", "meshid", "nginx", "haproxy"] {
+        let Some(c) = s.contenders.get(name) else {
+            continue;
+        };
+        if c.failed {
+            let _ = writeln!(
+                md,
+                "| {name} | **failed** ({} of {} runs) |",
+                c.failed_runs,
+                c.runs.len()
+            );
+            continue;
+        }
+        let _ = write!(md, "| {name} |");
+        for (k, _) in cols {
+            let _ = write!(md, " {} |", cell(c.summary.get(*k)));
+        }
+        md.push('\n');
+    }
+    md.push_str("\nCells: median (min–max) over the runs.\n");
+}
+
+fn ca_table(md: &mut String, s: &ScenarioResult) {
+    let Some(c) = s.contenders.get("meshid") else {
+        return;
+    };
+    if c.failed {
+        let _ = writeln!(
+            md,
+            "**failed** ({} of {} runs)",
+            c.failed_runs,
+            c.runs.len()
+        );
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| credential | clients | certs/s | p50 ms | p99 ms | CA CPU us/cert |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    let mut conc: Vec<u64> = c
+        .summary
+        .keys()
+        .filter_map(|k| k.strip_prefix("renewal_c")?.split('_').next()?.parse().ok())
+        .collect();
+    conc.sort_unstable();
+    conc.dedup();
+    for mode in ["renewal", "token"] {
+        for n in &conc {
+            let g = |f: &str| cell(c.summary.get(&format!("{mode}_c{n}_{f}")));
+            let _ = writeln!(
+                md,
+                "| {mode} | {n} | {} | {} | {} | {} |",
+                g("certs_per_second"),
+                g("p50_ms"),
+                g("p99_ms"),
+                g("ca_cpu_us_per_cert")
+            );
+        }
+    }
+    md.push_str("\nCells: median (min–max) over the runs.\n");
+}
+
+/// The path from `md`'s directory to `dir`, both relative to the working directory.
+fn relative(md: &Path, dir: &Path) -> String {
+    let depth = md.parent().map(|p| p.components().count()).unwrap_or(0);
+    let mut s = "../".repeat(depth);
+    s.push_str(&dir.to_string_lossy());
+    s.trim_end_matches('/').to_owned()
+}
+
+const INTRO: &str = "# Benchmarks: meshid against a direct path, nginx and haproxy
+
+_This file is generated by `bench/run.sh` (`bench-run` in the `meshid-bench` crate); edits are
+overwritten. The raw figures, every run, the exact commands and configs are in
+[`bench/results/latest.json`](../bench/results/latest.json)._
+
+Absolute times on a shared 2-core VM drift by tens of percent between runs, so the headline figures
+are ratios measured within the same round, and every CPU figure comes with the proxies' CPU per
+request divided by the app's own CPU per request in the same run.
+
+## How to run
+
+```sh
+bench/run.sh            # everything: 3 runs per figure, ~15-25 minutes
+bench/run.sh --smoke    # one short run per scenario (CI), about 2-3 minutes once built
+bench/run.sh --runs 5 --scenarios throughput,latency   # any bench-run flag passes through
+```
+
+`bench/run.sh` installs `nginx`, `libnginx-mod-stream` and `haproxy` with apt if they are missing,
+builds the release binaries once, runs `target/release/bench-run` pinned to CPU 0, and rewrites
+`bench/results/latest.json`, the SVG plots beside it and this file.
+";
+
+const METHOD: &str = "
+## Method
+
+- **Topologies** (same app, same certificates: one root, one intermediate, ECDSA P-256 leaves with
+  one URI SAN each; same thread budget per proxy):
+  1. direct: load -> app;
+  2. meshid: load -> outbound sidecar (plaintext on 127.0.0.1, HTTP mode) -> mTLS (h2, pooled) ->
+     inbound sidecar (allow-list enforced, `x-forwarded-client-cert` added) -> app;
+  3. nginx pair: nginx (`proxy_ssl_certificate`, upstream keep-alive) -> nginx
+     (`ssl_verify_client on`, upstream keep-alive) -> app;
+  4. haproxy pair: haproxy (`ssl crt ... verify required`) -> haproxy (`verify required`, peer SPIFFE
+     ID matched in `ssl_c_der`) -> app.
+- **Pinning**: the load generator (`meshload`, one thread) runs on CPU 0; the app (`bench-app`, one
+  thread, fixed 64-byte response) and every proxy run on CPU 1 (`taskset`), so a pair's throughput is
+  what one core pushes through app + outbound + inbound. meshid runs with `TOKIO_WORKER_THREADS=1`,
+  nginx with `worker_processes 1`, haproxy with `nbthread 1`. The load generator's own CPU share is
+  reported; above 90% its figures may be limited by the load, not the server.
+- **CPU** is utime+stime from `/proc/<pid>/stat` (nginx: master + worker) read when the measured
+  window opens and closes; per request = CPU / successful requests in the window.
+- **Latency** at a fixed rate is measured from each request's due time (open loop, as wrk2), so a
+  stall is charged to every request it delayed. Added latency = contender - direct in the same round.
+- **Handshakes**: TLS 1.3, X25519, full handshakes only (the client never resumes; nginx and haproxy
+  have session caches and tickets off, meshid never resumes), one GET per connection, client
+  certificate verified by the terminator.
+- **Memory**: RSS and private (Private_Clean + Private_Dirty from `smaps_rollup`); nginx counts
+  master + worker.
+- **Rounds**: each figure is the median of the runs (min and max shown); each round starts every
+  contender fresh, in a rotated order, with the same warm-up and load. A contender that fails a run
+  is listed as failed, never dropped.
+- **Known differences between contenders**, none in meshid's favour:
+  - nginx cannot verify a server certificate that has only a URI SAN (`proxy_ssl_verify` always
+    checks a host name), so the nginx originating side does not verify the terminator; nginx's
+    terminator checks the chain but cannot match the peer's SPIFFE ID (no URI SAN variable), while
+    meshid and haproxy check it;
+  - nginx and haproxy speak HTTP/1.1 between the pair; meshid multiplexes h2 between sidecars.
+";

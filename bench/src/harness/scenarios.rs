@@ -1,0 +1,545 @@
+//! The data-plane scenarios: max throughput, fixed-rate latency, handshake rate, memory. Each runs
+//! every contender once per round, in a rotated order, from a freshly started topology, with the same
+//! load (connections, payload, warm-up) for all.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use super::drive::{self, Window};
+use super::pki::BenchPki;
+use super::report::{Figures, Run, ScenarioResult, fig, ratio_of};
+use super::topology::{BODY_BYTES, Contender, Running, start};
+use super::{Ctx, Guard, LOAD_CPU, pinned};
+use crate::load::Report;
+use crate::procfs::tree_mem;
+
+/// One round: contender name -> its run.
+pub type Round = BTreeMap<String, Run>;
+
+/// A load generator above this share of its core may have been the bottleneck.
+const LOADGEN_SATURATED: f64 = 0.9;
+/// Runs with more failed requests than this share are failed runs.
+const MAX_ERROR_SHARE: f64 = 0.01;
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// Runs `f` for every contender in every round (order rotated each round).
+pub fn rounds(
+    ctx: &Ctx,
+    id: &str,
+    contenders: &[Contender],
+    mut f: impl FnMut(Contender) -> Result<(Figures, Value)>,
+) -> Vec<Round> {
+    let runs = ctx.settings.runs;
+    let mut out = Vec::new();
+    for round in 0..runs {
+        let mut map = Round::new();
+        for i in 0..contenders.len() {
+            let c = contenders[(i + round) % contenders.len()];
+            let t0 = Instant::now();
+            let run = match f(c) {
+                Ok((figures, detail)) => Run {
+                    round,
+                    figures,
+                    error: None,
+                    detail,
+                },
+                Err(e) => Run {
+                    round,
+                    figures: Figures::new(),
+                    error: Some(format!("{e:#}")),
+                    detail: Value::Null,
+                },
+            };
+            let brief = match &run.error {
+                Some(e) => format!("FAILED: {e}"),
+                None => run
+                    .figures
+                    .iter()
+                    .filter(|(k, _)| HEADLINE.contains(&k.as_str()))
+                    .map(|(k, v)| format!("{k}={v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            eprintln!(
+                "[{id}] round {}/{runs} {:<8} {brief} ({:.1}s)",
+                round + 1,
+                c.name(),
+                t0.elapsed().as_secs_f64()
+            );
+            map.insert(c.name().to_owned(), run);
+        }
+        out.push(map);
+    }
+    out
+}
+
+const HEADLINE: [&str; 8] = [
+    "requests_per_second",
+    "proxy_cpu_us_per_request",
+    "p50_us",
+    "p90_us",
+    "handshakes_per_second",
+    "terminator_cpu_us_per_handshake",
+    "idle_rss_kib",
+    "per_connection_rss_kib",
+];
+
+/// Figures every load run reports.
+fn load_figures(f: &mut Figures, r: &Report, w: &Window) -> Result<()> {
+    let total = r.count + r.errors;
+    if r.count == 0 {
+        bail!(
+            "no successful requests ({} errors: {:?})",
+            r.errors,
+            r.error_kinds
+        );
+    }
+    if r.errors as f64 > MAX_ERROR_SHARE * total as f64 {
+        bail!(
+            "{} of {total} requests failed: {:?}",
+            r.errors,
+            r.error_kinds
+        );
+    }
+    f.insert("requests_per_second".into(), r.requests_per_second);
+    f.insert("count".into(), r.count as f64);
+    f.insert("errors".into(), r.errors as f64);
+    f.insert("p50_us".into(), r.latency_us.p50);
+    f.insert("p90_us".into(), r.latency_us.p90);
+    f.insert("p99_us".into(), r.latency_us.p99);
+    f.insert("p999_us".into(), r.latency_us.p999);
+    f.insert("max_us".into(), r.latency_us.max);
+    f.insert("loadgen_cpu_utilization".into(), r.loadgen_cpu_utilization);
+    for (i, b) in w.core_busy.iter().enumerate() {
+        f.insert(format!("core{i}_busy"), *b);
+    }
+    Ok(())
+}
+
+/// CPU per request of each role, and the proxies' CPU relative to the app's.
+fn cpu_figures(f: &mut Figures, w: &Window, requests: u64) {
+    let per = |cpu: f64| cpu * 1e6 / requests.max(1) as f64;
+    let mut proxies = 0.0;
+    let mut accounted = 0.0;
+    for (role, cpu) in &w.cpu {
+        f.insert(format!("{role}_cpu_us_per_request"), per(*cpu));
+        accounted += cpu;
+        if role != "app" {
+            proxies += cpu;
+        }
+    }
+    if w.cpu.len() > 1 {
+        f.insert("proxy_cpu_us_per_request".into(), per(proxies));
+        if let Some(app) = w.cpu.get("app").filter(|a| **a > 0.0) {
+            f.insert("proxy_app_cpu_ratio".into(), proxies / app);
+        }
+    }
+    if w.seconds > 0.0 {
+        f.insert("server_core_accounted".into(), accounted / w.seconds);
+    }
+}
+
+fn window_json(w: &Window) -> Value {
+    json!({ "seconds": w.seconds, "cpu_seconds": w.cpu, "core_busy": w.core_busy })
+}
+
+fn setup_line(ctx: &Ctx, what: &str) -> String {
+    let s = &ctx.settings;
+    format!(
+        "{what}; {} s measured after {} s warm-up; {} run(s); {BODY_BYTES}-byte response; {} worker thread(s) per proxy; load on CPU {LOAD_CPU}, app and proxies on CPU {}",
+        s.duration.as_secs_f64(),
+        s.warmup.as_secs_f64(),
+        s.runs,
+        s.workers,
+        super::SERVER_CPU
+    )
+}
+
+/// Max throughput, HTTP/1.1 keep-alive, closed loop.
+pub fn throughput(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let s = &ctx.settings;
+    let conns = s.connections.to_string();
+    let runs = rounds(ctx, "throughput", &Contender::ALL, |c| {
+        let mut t = start(ctx, pki, c)?;
+        let a = drive::args(&[
+            "--target",
+            &t.entry.to_string(),
+            "--connections",
+            &conns,
+            "--warmup",
+            &ms(s.warmup),
+            "--duration",
+            &ms(s.duration),
+        ]);
+        let (r, w) = drive::meshload(ctx, &t.dir, &a, &t.roles())?;
+        t.check_alive()?;
+        let mut f = Figures::new();
+        load_figures(&mut f, &r, &w)?;
+        cpu_figures(&mut f, &w, r.count);
+        Ok((f, json!({ "load": r, "window": window_json(&w) })))
+    });
+    let mut res = ScenarioResult::new(
+        "throughput",
+        "Max throughput, HTTP/1.1 keep-alive",
+        setup_line(
+            ctx,
+            &format!("closed loop, {} connections, GET /", s.connections),
+        ),
+        &runs,
+    );
+    for other in ["nginx", "haproxy"] {
+        res.add_ratio(&format!("meshid/{other} requests_per_second"), &runs, |r| {
+            ratio_of(r, "meshid", other, "requests_per_second")
+        });
+        res.add_ratio(
+            &format!("meshid/{other} proxy_cpu_us_per_request"),
+            &runs,
+            |r| ratio_of(r, "meshid", other, "proxy_cpu_us_per_request"),
+        );
+        res.add_ratio(&format!("meshid/{other} proxy_app_cpu_ratio"), &runs, |r| {
+            ratio_of(r, "meshid", other, "proxy_app_cpu_ratio")
+        });
+    }
+    for c in Contender::PROXIES {
+        res.add_ratio(
+            &format!("{}/direct requests_per_second", c.name()),
+            &runs,
+            |r| ratio_of(r, c.name(), "direct", "requests_per_second"),
+        );
+    }
+    let v = res
+        .ratios
+        .get("meshid/nginx requests_per_second")
+        .map(|s| s.median);
+    res.check(
+        "meshid pair req/s >= 1.3x nginx pair",
+        v,
+        format!("{:.2}x", v.unwrap_or(0.0)),
+        |x| x >= 1.3,
+    );
+    for role in ["outbound", "inbound"] {
+        let v = res.median("meshid", &format!("{role}_cpu_us_per_request"));
+        res.check(
+            &format!("CPU per request at saturation, {role} sidecar <= 20 us"),
+            v,
+            format!("{:.1} us", v.unwrap_or(0.0)),
+            |x| x <= 20.0,
+        );
+    }
+    let v = res
+        .ratios
+        .get("meshid/nginx proxy_app_cpu_ratio")
+        .map(|s| s.median);
+    res.check(
+        "proxy-CPU/app-CPU ratio <= 0.65x nginx's",
+        v,
+        format!("{:.2}x", v.unwrap_or(0.0)),
+        |x| x <= 0.65,
+    );
+    saturation_notes(&mut res, &["meshid", "nginx", "haproxy"]);
+    res
+}
+
+/// Notes any contender whose measurement may have been limited by the load generator.
+fn saturation_notes(res: &mut ScenarioResult, contenders: &[&str]) {
+    for (name, c) in &res.contenders {
+        if let Some(u) = c.summary.get("loadgen_cpu_utilization")
+            && u.max > LOADGEN_SATURATED
+        {
+            let pair = if contenders.contains(&name.as_str()) {
+                "its figures may understate what the server core can do"
+            } else {
+                "expected for the direct baseline (the app alone is cheaper than the load)"
+            };
+            res.notes.push(format!(
+                "{name}: the load generator used up to {:.0}% of its core: {pair}.",
+                u.max * 100.0
+            ));
+        }
+    }
+}
+
+/// Fixed request rate, open loop: latency added over direct.
+pub fn latency(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let s = &ctx.settings;
+    let rate = s.rate.to_string();
+    let mut runs = rounds(ctx, "latency", &Contender::ALL, |c| {
+        let mut t = start(ctx, pki, c)?;
+        let a = drive::args(&[
+            "--target",
+            &t.entry.to_string(),
+            "--rate",
+            &rate,
+            "--connections",
+            "16",
+            "--warmup",
+            &ms(s.warmup),
+            "--duration",
+            &ms(s.duration),
+        ]);
+        let (r, w) = drive::meshload(ctx, &t.dir, &a, &t.roles())?;
+        t.check_alive()?;
+        let mut f = Figures::new();
+        load_figures(&mut f, &r, &w)?;
+        cpu_figures(&mut f, &w, r.count);
+        if let Some(i) = r.intended {
+            f.insert("completed_share".into(), r.count as f64 / i.max(1) as f64);
+        }
+        Ok((f, json!({ "load": r, "window": window_json(&w) })))
+    });
+    for round in &mut runs {
+        for p in ["p50", "p90", "p99", "p999"] {
+            let key = format!("{p}_us");
+            let Some(direct) = fig(round, "direct", &key) else {
+                continue;
+            };
+            for c in Contender::PROXIES {
+                if let Some(run) = round.get_mut(c.name()).filter(|r| r.error.is_none())
+                    && let Some(v) = run.figures.get(&key).copied()
+                {
+                    run.figures.insert(format!("added_{p}_us"), v - direct);
+                }
+            }
+        }
+    }
+    let mut res = ScenarioResult::new(
+        "latency",
+        "Fixed rate: latency added over direct",
+        setup_line(
+            ctx,
+            &format!(
+                "open loop at {} req/s over 16 keep-alive connections, latency from each request's due time",
+                s.rate
+            ),
+        ),
+        &runs,
+    );
+    for p in ["p50", "p90"] {
+        let key = format!("added_{p}_us");
+        let (m, n) = (res.median("meshid", &key), res.median("nginx", &key));
+        let v = m.zip(n).map(|(m, n)| m - n);
+        res.check(
+            &format!("meshid added {p} <= nginx pair's"),
+            v,
+            format!(
+                "{:.0} us vs {:.0} us",
+                m.unwrap_or(f64::NAN),
+                n.unwrap_or(f64::NAN)
+            ),
+            |d| d <= 0.0,
+        );
+    }
+    res.notes.push(
+        "p99 and above on a shared 2-core VM are mostly scheduler noise: reported, not a target."
+            .into(),
+    );
+    res
+}
+
+/// New mTLS connections per second at the terminating proxy, one request each.
+pub fn handshakes(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let s = &ctx.settings;
+    let runs = rounds(ctx, "handshakes", &Contender::PROXIES, |c| {
+        let mut t = start(ctx, pki, c)?;
+        let term = t.terminator.context("no terminator")?;
+        let a = tls_args(
+            pki,
+            term,
+            &[
+                "--new-conn",
+                "--connections",
+                "16",
+                "--warmup",
+                &ms(s.warmup),
+                "--duration",
+                &ms(s.duration),
+            ],
+        );
+        let roles: Vec<_> = t
+            .roles()
+            .into_iter()
+            .filter(|(r, _)| *r != "outbound")
+            .collect();
+        let (r, w) = drive::meshload(ctx, &t.dir, &a, &roles)?;
+        t.check_alive()?;
+        let mut f = Figures::new();
+        load_figures(&mut f, &r, &w)?;
+        let secs = w.seconds.max(1e-9);
+        let inbound = w.cpu.get("inbound").copied().unwrap_or(0.0);
+        f.insert("handshakes_per_second".into(), r.count as f64 / r.seconds);
+        f.insert(
+            "terminator_cpu_us_per_handshake".into(),
+            inbound * 1e6 / r.count as f64,
+        );
+        f.insert("terminator_core_share".into(), inbound / secs);
+        let app = w.cpu.get("app").copied().unwrap_or(0.0);
+        f.insert("app_cpu_us_per_request".into(), app * 1e6 / r.count as f64);
+        Ok((f, json!({ "load": r, "window": window_json(&w) })))
+    });
+    let mut res = ScenarioResult::new(
+        "handshakes",
+        "New mTLS handshakes per second at the terminating side",
+        setup_line(
+            ctx,
+            "closed loop, 16 concurrent clients, a new TLS 1.3 connection (full handshake, client certificate, X25519, resumption off everywhere) and one GET per connection, straight to the terminating proxy; the load generator does not verify the server chain (it still checks the handshake signature) so that its core is not the limit",
+        ),
+        &runs,
+    );
+    for other in ["nginx", "haproxy"] {
+        res.add_ratio(
+            &format!("meshid/{other} handshakes_per_second"),
+            &runs,
+            |r| ratio_of(r, "meshid", other, "handshakes_per_second"),
+        );
+        res.add_ratio(
+            &format!("{other}/meshid terminator_cpu_us_per_handshake"),
+            &runs,
+            |r| ratio_of(r, other, "meshid", "terminator_cpu_us_per_handshake"),
+        );
+    }
+    let v = res
+        .ratios
+        .get("meshid/nginx handshakes_per_second")
+        .map(|s| s.median);
+    res.check(
+        "new handshakes/s at the terminator >= 3x nginx",
+        v,
+        format!("{:.2}x", v.unwrap_or(0.0)),
+        |x| x >= 3.0,
+    );
+    let v = res
+        .ratios
+        .get("nginx/meshid terminator_cpu_us_per_handshake")
+        .map(|s| s.median);
+    res.check(
+        "terminator CPU per handshake <= 1/3 of nginx's",
+        v,
+        format!("nginx needs {:.2}x meshid's", v.unwrap_or(0.0)),
+        |x| x >= 3.0,
+    );
+    saturation_notes(&mut res, &["meshid", "nginx", "haproxy"]);
+    res
+}
+
+fn tls_args(pki: &BenchPki, target: std::net::SocketAddr, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--target".to_owned(),
+        target.to_string(),
+        "--tls".into(),
+        "--cert".into(),
+        pki.client.cert.display().to_string(),
+        "--key".into(),
+        pki.client.key.display().to_string(),
+        "--dangerous-skip-verify".into(),
+    ];
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+/// Idle memory of the terminating proxy, then with many idle mTLS connections.
+pub fn memory(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let n = ctx.settings.idle_connections;
+    let runs = rounds(ctx, "memory", &Contender::PROXIES, |c| {
+        let mut t = start(ctx, pki, c)?;
+        memory_run(ctx, pki, &mut t, n)
+    });
+    let mut res = ScenarioResult::new(
+        "memory",
+        "Memory: idle proxy and per idle mTLS connection",
+        format!(
+            "fresh pair, 1 s idle: RSS and private memory (smaps_rollup) of the terminating proxy (nginx: master + worker); then {n} mTLS connections opened to it (one request each, 16 at a time) and left idle; per connection = growth / {n}; {} run(s)",
+            ctx.settings.runs
+        ),
+        &runs,
+    );
+    let v = res.median("meshid", "idle_rss_kib");
+    res.check(
+        "idle sidecar RSS <= 8 MB (8,000,000 bytes)",
+        v,
+        format!("{:.2} MB", v.unwrap_or(0.0) * 1024.0 / 1e6),
+        |x| x * 1024.0 <= 8e6,
+    );
+    let v = res.median("meshid", "per_connection_rss_kib");
+    res.check(
+        "memory per idle mTLS connection at the terminator <= 16 KiB",
+        v,
+        format!("{:.1} KiB", v.unwrap_or(0.0)),
+        |x| x <= 16.0,
+    );
+    res
+}
+
+fn memory_run(ctx: &Ctx, pki: &BenchPki, t: &mut Running, n: usize) -> Result<(Figures, Value)> {
+    let term = t.terminator.context("no terminator")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let inbound = t.inbound.as_ref().context("no inbound")?.pid();
+    let outbound = t.outbound.as_ref().context("no outbound")?.pid();
+    let idle = tree_mem(inbound)?;
+    let idle_out = tree_mem(outbound)?;
+    let mut cmd = pinned(LOAD_CPU, ctx.bin("meshload"));
+    cmd.args(tls_args(
+        pki,
+        term,
+        &["--hold", &n.to_string(), "--hold-for", "10m"],
+    ));
+    ctx.record(&cmd);
+    let log = t.dir.join("meshload-hold.log");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut load = Guard {
+        name: "meshload --hold".into(),
+        child: Some(child),
+        log,
+    };
+    let stdout = load
+        .child
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let held: Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("meshload --hold: {}", load.log_tail()))?;
+    let held_n = held["held"].as_u64().unwrap_or(0);
+    if (held_n as f64) < 0.99 * n as f64 {
+        bail!("only {held_n} of {n} connections could be opened: {held}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let loaded = tree_mem(inbound)?;
+    t.check_alive()?;
+    drop(load);
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / held_n as f64;
+    let mut f = Figures::new();
+    f.insert("idle_rss_kib".into(), idle.rss_kib as f64);
+    f.insert("idle_private_kib".into(), idle.private_kib as f64);
+    f.insert("idle_pss_kib".into(), idle.pss_kib as f64);
+    f.insert("outbound_idle_rss_kib".into(), idle_out.rss_kib as f64);
+    f.insert(
+        "outbound_idle_private_kib".into(),
+        idle_out.private_kib as f64,
+    );
+    f.insert("held_connections".into(), held_n as f64);
+    f.insert(
+        "per_connection_rss_kib".into(),
+        per(idle.rss_kib, loaded.rss_kib),
+    );
+    f.insert(
+        "per_connection_private_kib".into(),
+        per(idle.private_kib, loaded.private_kib),
+    );
+    Ok((
+        f,
+        json!({ "idle": idle, "idle_outbound": idle_out, "with_connections": loaded, "hold": held }),
+    ))
+}

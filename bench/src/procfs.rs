@@ -1,0 +1,133 @@
+//! CPU time and memory of processes (and their descendants) from `/proc`.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 on Linux when unknown).
+pub fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// The fields after the command name of `/proc/<pid>/stat` (field 3 of proc(5) is index 0).
+fn stat_fields(pid: &str) -> Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').context("stat format")?.1;
+    Ok(after.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of one process (all its threads), in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    cpu_of(&pid.to_string())
+}
+
+/// utime + stime of this process, in seconds.
+pub fn self_cpu_seconds() -> Result<f64> {
+    cpu_of("self")
+}
+
+fn cpu_of(pid: &str) -> Result<f64> {
+    let f = stat_fields(pid)?;
+    let utime: f64 = f.get(11).context("utime")?.parse()?;
+    let stime: f64 = f.get(12).context("stime")?.parse()?;
+    Ok((utime + stime) / clk_tck())
+}
+
+/// `pid` and all its descendants (nginx's master forks its workers).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(p) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(f) = stat_fields(&p.to_string())
+                && let Some(ppid) = f.get(1).and_then(|s| s.parse::<u32>().ok())
+            {
+                children.entry(ppid).or_default().push(p);
+            }
+        }
+    }
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        if let Some(c) = children.get(&out[i]) {
+            out.extend(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// CPU seconds of `pid` and its descendants.
+pub fn tree_cpu_seconds(pid: u32) -> Result<f64> {
+    let mut total = 0.0;
+    for p in tree(pid) {
+        total += cpu_seconds(p)?;
+    }
+    Ok(total)
+}
+
+/// Resident and private memory, in KiB.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Mem {
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+    pub private_kib: u64,
+}
+
+impl std::ops::Add for Mem {
+    type Output = Mem;
+    fn add(self, o: Mem) -> Mem {
+        Mem {
+            rss_kib: self.rss_kib + o.rss_kib,
+            pss_kib: self.pss_kib + o.pss_kib,
+            private_kib: self.private_kib + o.private_kib,
+        }
+    }
+}
+
+/// Memory of one process from `/proc/<pid>/smaps_rollup`.
+pub fn mem(pid: u32) -> Result<Mem> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    let mut m = Mem::default();
+    for line in text.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(key), Some(val)) = (it.next(), it.next()) else {
+            continue;
+        };
+        let v: u64 = val.parse().unwrap_or(0);
+        match key {
+            "Rss:" => m.rss_kib = v,
+            "Pss:" => m.pss_kib = v,
+            "Private_Clean:" | "Private_Dirty:" | "Private_Hugetlb:" => m.private_kib += v,
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
+/// Memory of `pid` and its descendants, summed.
+pub fn tree_mem(pid: u32) -> Result<Mem> {
+    let mut total = Mem::default();
+    for p in tree(pid) {
+        total = total + mem(p)?;
+    }
+    Ok(total)
+}

@@ -1,0 +1,119 @@
+//! The webhook's HTTPS server: `POST /inject` (namespace not opted in) and `POST /inject-namespace`
+//! (namespace labelled `meshid.io/inject=enabled`) answer AdmissionReviews; `GET /healthz` answers
+//! probes. Its serving certificate is issued by our CA's intermediate, so the webhook
+//! configuration's `caBundle` is the mesh trust bundle.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::{InjectConfig, Scope, review};
+use crate::authority::Authority;
+use crate::tls::{TlsSetupError, provider, serving_cert};
+
+/// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS config with a serving certificate for `sans` from the CA's intermediate.
+pub fn tls_config(
+    authority: &Authority,
+    sans: &[String],
+) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let (chain, key) = serving_cert(authority, sans)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves the webhook on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, config: Arc<InjectConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %peer, "tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = service_fn(move |req| handle(req, config.clone(), peer));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    config: Arc<InjectConfig>,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let scope = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::POST, "/inject") => Scope::Pod,
+        (&Method::POST, "/inject-namespace") => Scope::Namespace,
+        _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+    };
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n")),
+    };
+    let Ok(input) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return Ok(text(StatusCode::BAD_REQUEST, "not JSON\n"));
+    };
+    let output = review(&config, scope, &input);
+    let response = &output["response"];
+    tracing::info!(
+        %peer,
+        uid = %response["uid"],
+        namespace = %input.pointer("/request/namespace").unwrap_or(&serde_json::Value::Null),
+        allowed = %response["allowed"],
+        patched = response.get("patch").is_some(),
+        message = %response.pointer("/status/message").unwrap_or(&serde_json::Value::Null),
+        "admission review"
+    );
+    let mut out = Response::new(Full::new(Bytes::from(output.to_string())));
+    out.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(out)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,193 @@
+//! What the CA knows about the fleet, measured rather than assumed: which sidecars are connected, which
+//! bundle version each acknowledged, which authority each one's certificate chains to, and the live
+//! certificates each authority has issued.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use serde::Serialize;
+
+/// Forget sidecars that have been disconnected this long.
+const FORGET_AFTER_SECS: i64 = 600;
+
+/// One sidecar as last reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct SidecarView {
+    pub instance: String,
+    pub identity: String,
+    pub connected: bool,
+    pub acked_version: u64,
+    /// The authority its serving certificate chains to (`None`: unknown to this CA).
+    pub serving_authority: Option<String>,
+    pub serving_not_after: i64,
+}
+
+#[derive(Debug, Default)]
+struct Sidecar {
+    identity: String,
+    streams: u32,
+    acked_version: u64,
+    serving_authority: Option<String>,
+    serving_not_after: i64,
+    last_seen: i64,
+}
+
+/// Live certificates one authority issued (as far as this CA process knows).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IssuedView {
+    pub live: usize,
+    pub latest_not_after: i64,
+}
+
+/// The fleet tracker.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sidecars: HashMap<String, Sidecar>,
+    /// authority name -> not-after of each certificate issued.
+    issued: HashMap<String, Vec<i64>>,
+}
+
+/// The authority a chain belongs to: the first whose root verifies it.
+pub fn authority_of(
+    chain: &[CertificateDer<'_>],
+    authorities: &[(String, CertificateDer<'static>)],
+    now: i64,
+) -> Option<String> {
+    let (leaf, rest) = chain.split_first()?;
+    let ee = webpki::EndEntityCert::try_from(leaf).ok()?;
+    let algs = rustls::crypto::aws_lc_rs::default_provider()
+        .signature_verification_algorithms
+        .all;
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+    authorities.iter().find_map(|(name, root)| {
+        let anchor: TrustAnchor<'_> = webpki::anchor_from_trusted_cert(root).ok()?;
+        ee.verify_for_usage(
+            algs,
+            &[anchor],
+            rest,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .ok()
+        .map(|_| name.clone())
+    })
+}
+
+impl Fleet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stream_opened(&self, instance: &str, now: i64) {
+        let mut inner = self.lock();
+        let s = inner.sidecars.entry(instance.to_owned()).or_default();
+        s.streams += 1;
+        s.last_seen = now;
+    }
+
+    pub fn stream_closed(&self, instance: &str, now: i64) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sidecars.get_mut(instance) {
+            s.streams = s.streams.saturating_sub(1);
+            s.last_seen = now;
+        }
+    }
+
+    /// Records an acknowledgement.
+    pub fn ack(
+        &self,
+        instance: &str,
+        version: u64,
+        identity: String,
+        authority: Option<String>,
+        not_after: i64,
+        now: i64,
+    ) {
+        let mut inner = self.lock();
+        let s = inner.sidecars.entry(instance.to_owned()).or_default();
+        s.identity = identity;
+        s.acked_version = s.acked_version.max(version);
+        s.serving_authority = authority;
+        s.serving_not_after = not_after;
+        s.last_seen = now;
+    }
+
+    /// Records a certificate issued under `authority`.
+    pub fn issued(&self, authority: &str, not_after: i64, now: i64) {
+        let mut inner = self.lock();
+        let list = inner.issued.entry(authority.to_owned()).or_default();
+        list.retain(|t| *t > now);
+        list.push(not_after);
+    }
+
+    /// The connected sidecars and the live certificates per authority.
+    pub fn report(&self, now: i64) -> (Vec<SidecarView>, HashMap<String, IssuedView>) {
+        let mut inner = self.lock();
+        inner
+            .sidecars
+            .retain(|_, s| s.streams > 0 || now - s.last_seen < FORGET_AFTER_SECS);
+        let mut sidecars: Vec<SidecarView> = inner
+            .sidecars
+            .iter()
+            .map(|(id, s)| SidecarView {
+                instance: id.clone(),
+                identity: s.identity.clone(),
+                connected: s.streams > 0,
+                acked_version: s.acked_version,
+                serving_authority: s.serving_authority.clone(),
+                serving_not_after: s.serving_not_after,
+            })
+            .collect();
+        sidecars.sort_by(|a, b| {
+            a.identity
+                .cmp(&b.identity)
+                .then(a.instance.cmp(&b.instance))
+        });
+        let issued = inner
+            .issued
+            .iter_mut()
+            .map(|(name, list)| {
+                list.retain(|t| *t > now);
+                (
+                    name.clone(),
+                    IssuedView {
+                        live: list.len(),
+                        latest_not_after: list.iter().copied().max().unwrap_or(0),
+                    },
+                )
+            })
+            .collect();
+        (sidecars, issued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracks_streams_acks_and_live_certificates() {
+        let f = Fleet::default();
+        f.stream_opened("a", 100);
+        f.ack("a", 3, "spiffe://td/a".into(), Some("1".into()), 500, 100);
+        f.issued("1", 500, 100);
+        f.issued("1", 150, 100);
+        let (s, i) = f.report(200);
+        assert_eq!(s.len(), 1);
+        assert!(s[0].connected);
+        assert_eq!(s[0].acked_version, 3);
+        assert_eq!(i["1"].live, 1);
+        assert_eq!(i["1"].latest_not_after, 500);
+        f.stream_closed("a", 200);
+        let (s, _) = f.report(200 + FORGET_AFTER_SECS + 1);
+        assert!(s.is_empty(), "disconnected sidecars are forgotten");
+    }
+}

