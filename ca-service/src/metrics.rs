@@ -14,6 +14,19 @@ pub struct IssueLabels {
     pub result: &'static str,
 }
 
+/// Labels of per-authority metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabels {
+    pub authority: String,
+    pub state: &'static str,
+}
+
+/// Labels of the per-bundle-version sidecar count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub acked_version: u64,
+}
+
 /// Every metric the CA exports.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -26,6 +39,10 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub handshake_failures: Counter,
     pub connections_refused: Counter,
+    pub authority_root_expiry: Family<AuthorityLabels, Gauge>,
+    pub authority_intermediate_expiry: Family<AuthorityLabels, Gauge>,
+    pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
+    pub sidecars_by_version: Family<VersionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -41,6 +58,10 @@ impl Metrics {
             connections_open: Gauge::default(),
             handshake_failures: Counter::default(),
             connections_refused: Counter::default(),
+            authority_root_expiry: Family::default(),
+            authority_intermediate_expiry: Family::default(),
+            authority_live_certificates: Family::default(),
+            sidecars_by_version: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
@@ -88,6 +109,62 @@ impl Metrics {
             "Connections refused because the connection limit was reached",
             m.connections_refused.clone(),
         );
+        r.register(
+            "authority_root_expiry_timestamp_seconds",
+            "Not-after of each authority's root, by authority and rotation state",
+            m.authority_root_expiry.clone(),
+        );
+        r.register(
+            "authority_intermediate_expiry_timestamp_seconds",
+            "Not-after of each authority's signing intermediate",
+            m.authority_intermediate_expiry.clone(),
+        );
+        r.register(
+            "authority_live_certificates",
+            "Live certificates issued under each authority (by this CA process)",
+            m.authority_live_certificates.clone(),
+        );
+        r.register(
+            "sidecars",
+            "Connected sidecars by the bundle version they acknowledged",
+            m.sidecars_by_version.clone(),
+        );
         m
+    }
+
+    /// Publishes a rotation report as gauges (replacing the previous set of labels).
+    pub fn record_rotation(&self, report: &crate::rotation::RotationReport) {
+        self.authority_root_expiry.clear();
+        self.authority_intermediate_expiry.clear();
+        self.authority_live_certificates.clear();
+        self.sidecars_by_version.clear();
+        for a in &report.authorities {
+            let state = match a.state.as_str() {
+                "prepared" => "prepared",
+                "active" => "active",
+                "retiring" => "retiring",
+                _ => "gone",
+            };
+            let labels = AuthorityLabels {
+                authority: a.name.clone(),
+                state,
+            };
+            self.authority_root_expiry
+                .get_or_create(&labels)
+                .set(a.root_not_after);
+            self.authority_intermediate_expiry
+                .get_or_create(&labels)
+                .set(a.intermediate_not_after);
+            self.authority_live_certificates
+                .get_or_create(&labels)
+                .set(a.live_certificates as i64);
+        }
+        for s in report.sidecars.iter().filter(|s| s.connected) {
+            self.sidecars_by_version
+                .get_or_create(&VersionLabels {
+                    acked_version: s.acked_version,
+                })
+                .inc();
+        }
     }
 }

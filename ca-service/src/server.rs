@@ -238,6 +238,12 @@ async fn follow_bundle(
             () = tokio::time::sleep(BUNDLE_POLL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        if let Ok(rotation) = crate::rotation::RotationState::load(&dir) {
+            let t = time::OffsetDateTime::now_utc().unix_timestamp();
+            let (sidecars, issued) = state.fleet.report(t);
+            let report = crate::rotation::report(&dir, &rotation, sidecars, &issued);
+            state.metrics.record_rotation(&report);
+        }
         let now = stamps(&dir, &state);
         if now == last {
             continue;

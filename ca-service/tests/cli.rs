@@ -110,3 +110,92 @@ fn bad_trust_domain_and_token_identity_exit_64() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--id") && err.contains("--ttl"), "{err}");
 }
+
+#[test]
+fn rotate_commands_against_a_running_ca() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_s = ca.to_str().unwrap();
+    assert!(
+        bin()
+            .args(["init", "--dir", ca_s])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (grpc, admin) = (free(), free());
+    let mut serve = bin()
+        .args([
+            "serve",
+            "--dir",
+            ca_s,
+            "--listen",
+            &grpc,
+            "--admin-listen",
+            &admin,
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect(&admin)
+            .and_then(|mut s| {
+                write!(
+                    s,
+                    "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false)
+    });
+    let run = |args: &[&str]| {
+        let out = bin().args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let result = std::panic::catch_unwind(|| {
+        assert!(ready, "CA ready");
+        let (ok, out) = run(&["rotate", "activate", "--dir", ca_s, "--admin", &admin]);
+        assert!(!ok && out.contains("no prepared authority"), "{out}");
+        let (ok, out) = run(&["rotate", "prepare", "--dir", ca_s]);
+        assert!(ok, "{out}");
+        let bundle = std::fs::read_to_string(ca.join("bundle.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+        let (ok, out) = run(&["rotate", "prepare", "--dir", ca_s]);
+        assert!(!ok && out.contains("finish that rotation first"), "{out}");
+        let (ok, out) = run(&[
+            "rotate", "status", "--dir", ca_s, "--admin", &admin, "--json",
+        ]);
+        assert!(ok && out.contains("\"prepared\""), "{out}");
+        let (ok, out) = run(&["rotate", "activate", "--dir", ca_s, "--admin", &admin]);
+        assert!(ok, "{out}");
+        let (ok, out) = run(&["rotate", "retire", "--dir", ca_s, "--admin", &admin]);
+        assert!(ok, "{out}");
+        let bundle = std::fs::read_to_string(ca.join("bundle.pem")).unwrap();
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+        let (ok, out) = run(&["rotate", "status", "--dir", ca_s, "--admin", "not-an-addr"]);
+        assert!(!ok && out.contains("--admin"), "{out}");
+    });
+    let _ = serve.kill();
+    let _ = serve.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

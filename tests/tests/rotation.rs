@@ -279,3 +279,124 @@ async fn root_rotation_under_traffic_with_gates() {
         "no request failed during the rotation"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediate_rotation_and_forced_retire_renew_at_once() {
+    // Long lifetimes: nothing renews on its own during this test.
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let long = |sa: &str| match ca_mode(&ca, sa) {
+        CredSource::Ca(mut m) => {
+            m.ttl = Some(Duration::from_secs(3600));
+            CredSource::Ca(m)
+        }
+        other => other,
+    };
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.12", http_echo().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(long("backend")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
+            creds: Some(long("frontend")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let local = a.outbound[0];
+    let works = || async move {
+        let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
+            return false;
+        };
+        matches!(
+            http_request(tcp, false, get("/x", &[])).await,
+            Ok((200, _, _))
+        )
+    };
+    assert!(eventually(Duration::from_secs(10), works).await);
+
+    // A new signing intermediate under the same root: no bundle change, traffic unaffected.
+    let before = std::fs::read(dir.join("intermediate.pem")).unwrap();
+    rotation::intermediate(&dir).unwrap();
+    assert_ne!(std::fs::read(dir.join("intermediate.pem")).unwrap(), before);
+    let new_inter = meshid_ca::authority::Authority::load(&dir)
+        .unwrap()
+        .intermediate_der;
+    let signed_by_new = eventually(Duration::from_secs(10), || async {
+        let w = WorkloadKey::new();
+        let resp = ca
+            .client()
+            .await
+            .issue(IssueRequest {
+                csr: w.csr,
+                credential: Some(Credential::ServiceAccountToken(
+                    ca.cluster.token("shop", "probe"),
+                )),
+                ttl_seconds: 0,
+            })
+            .await;
+        resp.is_ok_and(|r| r.into_inner().cert_chain[1] == new_inter.to_vec())
+    })
+    .await;
+    assert!(
+        signed_by_new,
+        "the CA signs with the new intermediate without a restart"
+    );
+    assert!(works().await);
+
+    // Root rotation with a forced retirement: sidecars are told to renew at once.
+    let new_name = rotation::prepare(&dir, None).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            anchors(&a).await == Some(2) && anchors(&b).await == Some(2)
+        })
+        .await
+    );
+    let mut activated = false;
+    for _ in 0..100 {
+        if rotation::activate(&dir, &admins, false).is_ok() {
+            activated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(activated);
+    assert!(matches!(
+        rotation::retire(&dir, &admins, false),
+        Err(RotateError::Refused(_))
+    ));
+    rotation::retire(&dir, &admins, true).unwrap();
+    let converged = eventually(Duration::from_secs(15), || async {
+        let report = rotation::status(&dir, &admins).unwrap();
+        anchors(&a).await == Some(1)
+            && anchors(&b).await == Some(1)
+            && report
+                .sidecars
+                .iter()
+                .filter(|s| s.connected)
+                .all(|s| s.serving_authority.as_deref() == Some(new_name.as_str()))
+    })
+    .await;
+    assert!(converged, "{:?}", rotation::status(&dir, &admins));
+    assert!(
+        eventually(Duration::from_secs(10), works).await,
+        "traffic under the new root"
+    );
+}

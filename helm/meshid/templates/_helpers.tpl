@@ -1,0 +1,103 @@
+{{/* Resource-name prefix. */}}
+{{- define "meshid.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshid.labels" -}}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: meshid
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: include "meshid.selector" (list . "ca"). */}}
+{{- define "meshid.selector" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ default $root.Chart.Name $root.Values.nameOverride }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "meshid.caImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.caDigest -}}
+{{ .Values.image.repository }}/ca@{{ .Values.image.caDigest }}
+{{- else -}}
+{{ .Values.image.repository }}/ca:{{ $tag }}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshid.sidecarImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.sidecarDigest -}}
+{{ .Values.image.repository }}/sidecar@{{ .Values.image.sidecarDigest }}
+{{- else -}}
+{{ .Values.image.repository }}/sidecar:{{ $tag }}
+{{- end -}}
+{{- end -}}
+
+{{- define "meshid.caService" -}}
+{{ include "meshid.fullname" . }}-ca
+{{- end -}}
+
+{{- define "meshid.injectorService" -}}
+{{ include "meshid.fullname" . }}-injector
+{{- end -}}
+
+{{/* Restricted pod security, for every container. */}}
+{{- define "meshid.containerSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 65532
+  allowPrivilegeEscalation: false
+  privileged: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "meshid.podSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 65532
+  fsGroup: 65532
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "meshid.pullSecrets" -}}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Fails rendering with a clear message when a required value is missing. */}}
+{{- define "meshid.required" -}}
+{{- if not .Values.ca.existingSecret -}}
+{{- fail "ca.existingSecret is required: create a Secret from `meshid-ca init` output (see the chart README)" -}}
+{{- end -}}
+{{- if not .Values.ca.trustBundle -}}
+{{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
+{{- end -}}
+{{- if not .Values.ca.jwks -}}
+{{- fail "ca.jwks is required: kubectl get --raw /openid/v1/jwks > jwks.json; --set-file ca.jwks=jwks.json" -}}
+{{- end -}}
+{{- end -}}
