@@ -137,11 +137,13 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
         }
         RotateCommand::Activate { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            require_admins(&admins, force)?;
             let name = rotation::activate(&target.dir, &admins, force).map_err(refused)?;
             println!("authority {name} now signs; the previous one is retiring");
         }
         RotateCommand::Retire { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            require_admins(&admins, force)?;
             let name = rotation::retire(&target.dir, &admins, force).map_err(refused)?;
             println!("authority {name} retired: its root left the bundle");
         }
@@ -181,6 +183,18 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                 println!("next step: {}", report.next_step);
             }
         }
+    }
+    Ok(())
+}
+
+/// Gates measure convergence through the running CAs; without one, only `--force` may proceed.
+fn require_admins(admins: &[std::net::SocketAddr], force: bool) -> Result<(), Failure> {
+    if admins.is_empty() && !force {
+        return Err(Failure::Usage(vec![
+            "--admin: name every running CA's admin address so the step can check convergence \
+             (or use --force to skip the check)"
+                .into(),
+        ]));
     }
     Ok(())
 }

@@ -100,6 +100,17 @@ impl TestCa {
         }
     }
 
+    /// Starts another CA process-equivalent on the same directory (new ports): a replica.
+    pub async fn start_replica(&self) -> RunningCa {
+        let mut config = self.config.clone();
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        config.admin_listen = "127.0.0.1:0".parse().expect("addr");
+        let mut registry = Registry::default();
+        meshid_ca::start(config, &mut registry)
+            .await
+            .expect("start replica")
+    }
+
     /// Starts the CA again on the same addresses (after [`TestCa::stop`]).
     pub async fn restart(&mut self) {
         let mut config = self.config.clone();

@@ -400,3 +400,170 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
         "traffic under the new root"
     );
 }
+
+async fn bundle_of(addr: std::net::SocketAddr, roots: &[CertificateDer<'static>]) -> (u64, usize) {
+    let mut c = meshid_tests::ca::connect(addr, roots, None).await.unwrap();
+    let b = c
+        .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    (b.version, b.roots.len())
+}
+
+async fn issuing_root(
+    ca: &TestCa,
+    addr: std::net::SocketAddr,
+    roots: &[CertificateDer<'static>],
+) -> Option<String> {
+    let mut c = meshid_tests::ca::connect(addr, roots, None).await.ok()?;
+    let resp = c
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "probe"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let authorities = meshid_ca::authority::Authority::load(ca.dir.path())
+        .ok()?
+        .authority_roots;
+    meshid_ca::rotation::fleet::authority_of(
+        &chain,
+        &authorities,
+        meshid_tests::fake_cluster::unix_now(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cas_on_one_directory_agree_and_a_restart_keeps_the_state() {
+    let mut ca = TestCa::start(CaOptions::default()).await;
+    let replica = ca.start_replica().await;
+    let dir = ca.dir.path().to_owned();
+    let roots_v1 = ca.roots.clone();
+    let new_name = rotation::prepare(&dir, None).unwrap();
+    // Both processes serve the same new bundle version, with both roots.
+    let agreed = eventually(Duration::from_secs(10), || async {
+        bundle_of(ca.addr, &roots_v1).await == (2, 2)
+            && bundle_of(replica.addr, &roots_v1).await == (2, 2)
+    })
+    .await;
+    assert!(agreed);
+    // A restart in the middle of the rotation keeps the state.
+    ca.stop().await;
+    ca.restart().await;
+    assert_eq!(bundle_of(ca.addr, &roots_v1).await, (2, 2));
+    assert_eq!(
+        issuing_root(&ca, ca.addr, &roots_v1).await.as_deref(),
+        Some("1")
+    );
+    // Activate with both CAs' views (no sidecar connected): both switch to the new authority.
+    rotation::activate(&dir, &[ca.admin_addr, replica.admin_addr], false).unwrap();
+    let all_roots = meshid_ca::authority::read_bundle(&dir.join("bundle.pem")).unwrap();
+    let switched = eventually(Duration::from_secs(10), || async {
+        issuing_root(&ca, ca.addr, &all_roots).await.as_deref() == Some(new_name.as_str())
+            && issuing_root(&ca, replica.addr, &all_roots).await.as_deref()
+                == Some(new_name.as_str())
+    })
+    .await;
+    assert!(switched, "both CA processes sign with the new authority");
+    replica.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_root_can_still_be_replaced() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    // An enterprise root that expired yesterday.
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(400);
+    params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let cert = params.self_signed(&key).unwrap();
+    meshid_ca::authority::init(
+        &ca_dir,
+        &meshid_proto::TrustDomain::new("cluster.local").unwrap(),
+        Some(meshid_ca::authority::ImportedRoot {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }),
+    )
+    .unwrap();
+    // The CA starts, but cannot sign: its intermediate died with the root.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let cluster = meshid_tests::fake_cluster::FakeCluster::new();
+    cluster.write_jwks(&ca_dir.join("jwks.json"));
+    let config = meshid_ca::ServeConfig {
+        dir: ca_dir.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        sans: vec!["localhost".into()],
+        jwt: Some(meshid_ca::auth::JwtConfig {
+            jwks_path: ca_dir.join("jwks.json"),
+            issuer: meshid_tests::fake_cluster::ISSUER.into(),
+            audience: meshid_tests::fake_cluster::AUDIENCE.into(),
+            allowed_namespaces: None,
+        }),
+        lifetimes: Default::default(),
+        rate_limit: Default::default(),
+        limits: Default::default(),
+        grace: Duration::from_secs(2),
+    };
+    // The serving certificate is capped by the (expired) intermediate too, so recovery is done on
+    // the directory first, then the CA starts with the new authority.
+    let started = meshid_ca::start(config.clone(), &mut registry).await;
+    if let Ok(ca) = started {
+        ca.shutdown().await;
+    }
+    let name = rotation::prepare(&ca_dir, None).unwrap();
+    rotation::activate(&ca_dir, &[], false).unwrap();
+    rotation::retire(&ca_dir, &[], false).unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let ca = meshid_ca::start(config, &mut registry)
+        .await
+        .expect("CA starts on the new root");
+    let roots = meshid_ca::authority::read_bundle(&ca_dir.join("bundle.pem")).unwrap();
+    assert_eq!(roots.len(), 1);
+    let mut c = meshid_tests::ca::connect(ca.addr, &roots, None)
+        .await
+        .unwrap();
+    let resp = c
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::ServiceAccountToken(
+                cluster.token("shop", "frontend"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .expect("issues under the replacement root")
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let authorities = meshid_ca::authority::Authority::load(&ca_dir)
+        .unwrap()
+        .authority_roots;
+    assert_eq!(
+        meshid_ca::rotation::fleet::authority_of(
+            &chain,
+            &authorities,
+            meshid_tests::fake_cluster::unix_now()
+        ),
+        Some(name)
+    );
+    ca.shutdown().await;
+}

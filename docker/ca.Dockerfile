@@ -1,0 +1,23 @@
+# syntax=docker/dockerfile:1
+# meshid-ca and meshid-injector (one image: both come from the ca-service package).
+# Build from the repository root:  docker build -f docker/ca.Dockerfile -t ghcr.io/meshid/ca:0.1.0 .
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# aws-lc-rs builds its C core with cmake and a C compiler.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake clang \
+ && rm -rf /var/lib/apt/lists/*
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p meshid-ca --bin meshid-ca --bin meshid-injector \
+ && install -D -m 0755 target/release/meshid-ca /out/meshid-ca \
+ && install -D -m 0755 target/release/meshid-injector /out/meshid-injector
+
+# distroless: glibc and CA certificates, no shell, no package manager; runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/meshid-ca /out/meshid-injector /usr/local/bin/
+USER 65532:65532
+EXPOSE 8443 9090 9443
+ENTRYPOINT ["/usr/local/bin/meshid-ca"]
+CMD ["--help"]

@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# meshid-sidecar. Build from the repository root:
+#   docker build -f docker/sidecar.Dockerfile -t ghcr.io/meshid/sidecar:0.1.0 .
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake clang \
+ && rm -rf /var/lib/apt/lists/*
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p meshid-sidecar --bin meshid-sidecar \
+ && install -D -m 0755 target/release/meshid-sidecar /out/meshid-sidecar
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/meshid-sidecar /usr/local/bin/meshid-sidecar
+USER 65532:65532
+EXPOSE 15021
+ENTRYPOINT ["/usr/local/bin/meshid-sidecar"]
+CMD ["run"]
