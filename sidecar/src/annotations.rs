@@ -35,6 +35,9 @@ pub const MODE: &str = "meshid.io/mode";
 pub const ALLOW_PREFIX: &str = "meshid.io/allow-";
 /// Set by the injector on pods it has changed.
 pub const INJECTED: &str = "meshid.io/injected";
+/// Set by the injector: the app's HTTP probes it moved to the sidecar's admin port, as JSON
+/// `{"CONTAINER/KIND": {"port": 8080, "path": "/ready", "scheme": "HTTP", "httpHeaders": [...]}}`.
+pub const APP_PROBES: &str = "meshid.io/app-probes";
 
 /// One problem with one annotation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,8 +129,11 @@ impl MeshAnnotations {
             };
             let ids: Vec<String> = split_list(value).map(str::to_owned).collect();
             // Each allow list is checked alone, so that an error names its annotation.
-            if let Err(e) = Policy::parse(&policy_json(false, &[declared.clone()], &[(port, &ids)]))
-            {
+            if let Err(e) = Policy::parse(&policy_json(
+                false,
+                std::slice::from_ref(declared),
+                &[(port, &ids)],
+            )) {
                 problems.push(problem(key, policy_problem(&e)));
                 continue;
             }
@@ -197,6 +203,53 @@ impl MeshAnnotations {
             })
             .collect()
     }
+}
+
+/// An app probe the sidecar's admin port answers at `/app-health/CONTAINER/KIND` by calling the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
+    /// `HTTP` or `HTTPS` (the app's own TLS, on localhost).
+    pub scheme: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// The app probe recorded for `CONTAINER/KIND` (e.g. `app/readiness`) in [`APP_PROBES`].
+pub fn app_probe(annotations: &BTreeMap<String, String>, key: &str) -> Option<AppProbe> {
+    let all: serde_json::Value = serde_json::from_str(annotations.get(APP_PROBES)?).ok()?;
+    let probe = all.get(key)?;
+    let port = u16::try_from(probe.get("port")?.as_u64()?).ok()?;
+    let path = probe
+        .get("path")
+        .and_then(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let scheme = probe
+        .get("scheme")
+        .and_then(|s| s.as_str())
+        .unwrap_or("HTTP")
+        .to_owned();
+    let headers = probe
+        .get("httpHeaders")
+        .and_then(|h| h.as_array())
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|h| {
+                    Some((
+                        h["name"].as_str()?.to_owned(),
+                        h["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(AppProbe {
+        port,
+        path,
+        scheme,
+        headers,
+    })
 }
 
 /// The policy in a downward-API annotations file: the parse function the sidecar's policy watcher
@@ -541,6 +594,21 @@ mod tests {
             text.starts_with("annotation meshid.io/allow-8080:"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn app_probes_are_read_back() {
+        let m = map(&[(
+            APP_PROBES,
+            r#"{"app/readiness":{"port":8080,"path":"/ready","httpHeaders":[{"name":"x","value":"1"}]}}"#,
+        )]);
+        let p = app_probe(&m, "app/readiness").unwrap();
+        assert_eq!(
+            (p.port, p.path.as_str(), p.scheme.as_str()),
+            (8080, "/ready", "HTTP")
+        );
+        assert_eq!(p.headers, [("x".to_owned(), "1".to_owned())]);
+        assert!(app_probe(&m, "app/liveness").is_none());
     }
 
     #[test]

@@ -33,7 +33,7 @@ fn start_ca(dir: &Path, grpc: SocketAddr, admin: SocketAddr, jwks: &Path) -> Pro
                 "--admin-listen",
                 &admin.to_string(),
             ])
-            .args(["--san", "localhost", "--ttl", "12s", "--max-ttl", "12s"])
+            .args(["--san", "localhost", "--ttl", "16s", "--max-ttl", "16s"])
             .arg("--jwks")
             .arg(jwks)
             .env("MESHID_LOG", "warn"),
@@ -220,7 +220,7 @@ async fn whole_mesh_over_real_processes() {
         "policy change applied without restart"
     );
 
-    // Renewal under traffic (12 s certificates) and a CA restart in the middle.
+    // Renewal under traffic (16 s certificates) and a CA restart in the middle.
     let serial = |admin: SocketAddr| {
         http_get(admin, "/identity")
             .ok()

@@ -14,8 +14,7 @@ pub const SIDECAR_NAME: &str = "meshid-sidecar";
 pub const ADMIN_PORT: u16 = 15021;
 /// Value of `meshid.io/injected`.
 pub(super) const INJECTED_VALUE: &str = "v1";
-/// Annotation recording the probes moved to the sidecar's admin port: `{"CONTAINER/KIND": httpGet}`.
-pub const APP_PROBES: &str = "meshid.io/app-probes";
+pub use meshid_sidecar::annotations::APP_PROBES;
 
 const TOKEN_VOLUME: &str = "meshid-token";
 const BUNDLE_VOLUME: &str = "meshid-bundle";
