@@ -272,6 +272,9 @@ impl CaState {
     }
 }
 
+/// Bundle streams one CA process serves at most (each is a task and a buffer).
+pub const MAX_WATCH_STREAMS: i64 = 50_000;
+
 type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -366,6 +369,11 @@ impl CertificateAuthority for CaService {
         let instance =
             (authenticated && !instance.is_empty() && instance.len() <= 128).then_some(instance);
         let state = self.state.clone();
+        if state.metrics.watch_streams.get() >= MAX_WATCH_STREAMS {
+            return Err(Status::resource_exhausted(
+                "too many trust bundle streams on this CA; retry later",
+            ));
+        }
         let mut bundles = state.bundle.subscribe();
         let mut shutdown = state.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);

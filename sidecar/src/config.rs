@@ -586,4 +586,50 @@ mod tests {
             assert!(problems.contains(needle), "{needle} missing in {problems}");
         }
     }
+
+    #[test]
+    fn annotations_file_declares_listeners_and_is_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("annotations");
+        let run = |annotations: &str, extra: &[&str]| {
+            std::fs::write(&file, annotations).unwrap();
+            let mut argv = vec![
+                "meshid-sidecar",
+                "run",
+                "--annotations",
+                file.to_str().unwrap(),
+                "--cert",
+                "/nonexistent",
+                "--key",
+                "/nonexistent",
+                "--bundle",
+                "/nonexistent",
+            ];
+            argv.extend(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+            args.into_config().map_err(|p| p.join("\n"))
+        };
+        let good = "meshid.io/inbound=\"8080=http\"\nmeshid.io/outbound=\"9001=b.ns.svc:80,spiffe://td/b\"\n";
+        let problems = run(good, &["--pod-ip", "10.0.0.7"]).unwrap_err();
+        // Only the credential files are wrong: the listeners were derived.
+        assert!(!problems.contains("--annotations"), "{problems}");
+        assert!(!problems.contains("--pod-ip"), "{problems}");
+        let problems = run(good, &[]).unwrap_err();
+        assert!(problems.contains("--pod-ip is required"), "{problems}");
+        let problems = run(
+            "meshid.io/inbound=\"8080=udp\"\n",
+            &["--pod-ip", "10.0.0.7"],
+        )
+        .unwrap_err();
+        assert!(
+            problems.contains("--annotations: annotation meshid.io/inbound"),
+            "{problems}"
+        );
+        let problems = run(good, &["--pod-ip", "x", "--policy", "/p.yaml"]).unwrap_err();
+        assert!(problems.contains("--pod-ip: "), "{problems}");
+        assert!(
+            problems.contains("--annotations and --policy"),
+            "{problems}"
+        );
+    }
 }
