@@ -62,7 +62,10 @@ fn random_bytes(rng: &mut Rng, count: usize) -> Vec<Vec<u8>> {
 #[test]
 fn certificates_and_identities() {
     let pki = TestPki::new();
-    let leaf = pki.workload("spiffe://cluster.local/ns/shop/sa/frontend").chain[0].to_vec();
+    let leaf = pki
+        .workload("spiffe://cluster.local/ns/shop/sa/frontend")
+        .chain[0]
+        .to_vec();
     let mut rng = Rng(0x5eed_0001);
     let mut inputs = mutations(&leaf, &mut rng, 3000);
     inputs.extend(random_bytes(&mut rng, 500));
@@ -139,7 +142,10 @@ fn service_account_tokens() {
             // Any change to a signed token is refused (a flip inside base64 padding bits aside,
             // which decodes to the same bytes and is still the genuine token).
             if auth.authenticate(&text).is_ok() {
-                assert!(text.len() == token.len(), "a mutated token was accepted: {text}");
+                assert!(
+                    text.len() == token.len(),
+                    "a mutated token was accepted: {text}"
+                );
             }
         }
     }

@@ -367,6 +367,11 @@ fn bad_annotations_deny_the_pod_naming_each_problem() {
             expected: &["meshid.io/allow-9000", "not declared"],
         },
         Case {
+            name: "the sidecar's admin port",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "15021=http"}),
+            expected: &["meshid.io/inbound", "admin port"],
+        },
+        Case {
             name: "bad inject value",
             annotations: json!({"meshid.io/inject": "yes"}),
             expected: &["meshid.io/inject", "\"yes\""],
@@ -413,6 +418,17 @@ fn already_injected_and_not_requested_pods_are_left_alone() {
     save("namespace-pod", patched.as_ref().unwrap());
     pod["metadata"]["annotations"]["meshid.io/inject"] = json!("disabled");
     assert!(inject(Scope::Namespace, &pod).1.is_none());
+
+    // hostNetwork pods share the node's ports: refused.
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["hostNetwork"] = json!(true);
+    let (response, _) = inject(Scope::Pod, &pod);
+    assert!(
+        response["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hostNetwork")
+    );
 
     // A pod without any annotations map gets one.
     let mut pod = deployment_pod(json!({}));

@@ -52,7 +52,9 @@ pub fn machine() -> Value {
         .unwrap_or_default();
     json!({
         "cpu_model": cpuinfo("model name"),
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": std::fs::read_to_string("/proc/cpuinfo")
+            .map(|t| t.lines().filter(|l| l.starts_with("processor")).count())
+            .unwrap_or(0),
         "memory_kib": meminfo_total_kib(),
         "kernel": run("uname", &["-srm"]),
         "os": os,

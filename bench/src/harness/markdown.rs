@@ -434,6 +434,9 @@ fn ca_table(md: &mut String, s: &ScenarioResult) {
 
 /// The path from `md`'s directory to `dir`, both relative to the working directory.
 fn relative(md: &Path, dir: &Path) -> String {
+    if dir.is_absolute() {
+        return dir.to_string_lossy().into_owned();
+    }
     let depth = md.parent().map(|p| p.components().count()).unwrap_or(0);
     let mut s = "../".repeat(depth);
     s.push_str(&dir.to_string_lossy());

@@ -57,11 +57,21 @@ pub struct JwtAuthenticator {
     config: JwtConfig,
     trust_domain: TrustDomain,
     keys: RwLock<Keys>,
+    /// Recently verified tokens (by SHA-256), as kube-apiserver caches token reviews: a pod that
+    /// retries with the same token costs one hash, not a signature check. Entries live at most
+    /// `CACHE_TTL` and never past the token's `exp`; a JWKS change empties the cache.
+    verified: std::sync::Mutex<HashMap<[u8; 32], (SpiffeId, Instant, i64)>>,
 }
+
+/// How long a verified token is remembered.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+/// The most tokens remembered.
+const CACHE_MAX: usize = 10_000;
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
+    exp: i64,
     #[serde(default)]
     iat: Option<i64>,
     #[serde(default, rename = "kubernetes.io")]
@@ -91,6 +101,7 @@ impl JwtAuthenticator {
                 stamp,
                 checked: Instant::now(),
             }),
+            verified: Default::default(),
         })
     }
 
@@ -101,6 +112,27 @@ impl JwtAuthenticator {
                 Reason::MalformedToken,
                 "token is too large",
             ));
+        }
+        self.refresh_if_changed();
+        let digest: [u8; 32] = {
+            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        };
+        let cached = {
+            let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(&digest).and_then(|(id, at, exp)| {
+                (at.elapsed() < CACHE_TTL && unix_now() < exp + MAX_SKEW.as_secs() as i64)
+                    .then(|| id.clone())
+            })
+        };
+        if let Some(id) = cached {
+            // Authorization is never cached: the namespace allow-list may have changed.
+            if let Some((ns, _)) = id.service_account() {
+                self.check_namespace(ns)?;
+            }
+            return Ok(id);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
             AuthError::unauthenticated(Reason::MalformedToken, format!("token header: {e}"))
@@ -117,7 +149,6 @@ impl JwtAuthenticator {
         let kid = header.kid.ok_or_else(|| {
             AuthError::unauthenticated(Reason::UnknownKey, "token header has no kid")
         })?;
-        self.refresh_if_changed();
         let (alg, key) = {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
             keys.by_kid.get(&kid).cloned().ok_or_else(|| {
@@ -151,6 +182,7 @@ impl JwtAuthenticator {
             AuthError::unauthenticated(reason, format!("token rejected: {e}"))
         })?;
         let claims = data.claims;
+        let claims_exp = claims.exp;
 
         let now = unix_now();
         if let Some(iat) = claims.iat
@@ -182,6 +214,14 @@ impl JwtAuthenticator {
             AuthError::unauthenticated(Reason::MalformedSubject, format!("token sub: {e}"))
         })?;
         self.check_namespace(ns)?;
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, (_, at, _)| at.elapsed() < CACHE_TTL);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (id.clone(), Instant::now(), claims_exp));
         Ok(id)
     }
 
@@ -217,6 +257,11 @@ impl JwtAuthenticator {
                 tracing::info!(path = %self.config.jwks_path.display(), keys = by_kid.len(), "reloaded JWKS");
                 keys.by_kid = by_kid;
                 keys.stamp = stamp;
+                // Tokens verified with the old keys must be verified again.
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
             }
             Err(error) => {
                 // Remember the stamp so a broken file is reported once, not on every request.

@@ -30,7 +30,8 @@ pub struct InjectConfig {
     pub image_pull_policy: String,
     /// The CA's gRPC address, e.g. `meshid-ca.meshid.svc:8443`.
     pub ca_addr: String,
-    /// ConfigMap (in every namespace... see the chart) holding `bundle.pem`.
+    /// ConfigMap holding `bundle.pem`, in the pod's namespace (the chart creates it in each
+    /// namespace listed in `trustBundle.namespaces`).
     pub bundle_config_map: String,
     /// Lifetime of the projected token (the kubelet refreshes it at 80%); at least 600.
     pub token_expiration_seconds: u32,
@@ -109,6 +110,11 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
         Ok(mesh) => mesh,
         Err(problems) => return Outcome::Deny(problems.iter().map(ToString::to_string).collect()),
     };
+    let asked = annotations.get(annotations::INJECT).map(String::as_str) == Some("enabled");
+    if mesh.inbound.is_empty() && mesh.outbound.is_empty() && !asked {
+        // Opted in only through its namespace: a pod without ports has no use for a sidecar.
+        return Outcome::Skip("no meshid ports declared");
+    }
     if mesh.inbound.is_empty() && mesh.outbound.is_empty() {
         return Outcome::Deny(vec![format!(
             "annotation {}: the pod declares no {} or {} port, so its sidecar would have \
@@ -120,6 +126,25 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
         )]);
     }
     let mut problems = Vec::new();
+    if pod.pointer("/spec/hostNetwork") == Some(&Value::Bool(true)) {
+        problems.push(format!(
+            "annotation {}: a hostNetwork pod cannot be injected (its sidecar would take ports on \
+             the node)",
+            annotations::INJECT
+        ));
+    }
+    if mesh.inbound.iter().any(|i| i.port == ADMIN_PORT) {
+        problems.push(format!(
+            "annotation {}: port {ADMIN_PORT} is the sidecar's admin port",
+            annotations::INBOUND
+        ));
+    }
+    if mesh.outbound.iter().any(|o| o.local_port == ADMIN_PORT) {
+        problems.push(format!(
+            "annotation {}: port {ADMIN_PORT} is the sidecar's admin port",
+            annotations::OUTBOUND
+        ));
+    }
     let mut ops = Vec::new();
     match meta_annotations {
         Some(Value::Object(_)) => ops.push(json!({
