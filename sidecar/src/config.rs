@@ -270,6 +270,20 @@ pub fn parse_outbound(s: &str, allow_non_local: bool) -> Result<Outbound, String
     })
 }
 
+/// The usual mistake with `--annotations`: the app listens on all addresses, so the sidecar cannot
+/// take the port on the pod IP (and the app would be reachable without it). Checked by a trial
+/// bind, released at once.
+fn app_took_the_port(ip: std::net::IpAddr, port: u16, problems: &mut Vec<String>) {
+    if let Err(e) = std::net::TcpListener::bind(SocketAddr::new(ip, port))
+        && e.kind() == std::io::ErrorKind::AddrInUse
+    {
+        problems.push(format!(
+            "--annotations: port {port} on the pod IP {ip} is taken, probably by the app listening \
+             on all addresses; the app must listen on 127.0.0.1:{port} only"
+        ));
+    }
+}
+
 impl RunArgs {
     /// The `--inbound` and `--outbound` values the `--annotations` file declares.
     fn annotation_listeners(&self, problems: &mut Vec<String>) -> (Vec<String>, Vec<String>) {
@@ -311,6 +325,11 @@ impl RunArgs {
                 None
             }
         };
+        if let Some(ip) = pod_ip {
+            for port in parsed.inbound.iter().map(|i| i.port) {
+                app_took_the_port(ip, port, problems);
+            }
+        }
         let inbound = pod_ip.map(|ip| parsed.inbound_args(ip)).unwrap_or_default();
         (inbound, parsed.outbound_args())
     }

@@ -413,7 +413,7 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 pub struct OutboundHttp {
     pub port: u16,
     pub remote: String,
-    pub client: Client<crate::outbound::MeshConnector, Incoming>,
+    pub upstream: crate::upstream::H2Upstream,
 }
 
 /// Serves the app's plaintext HTTP connection on an outbound listener.
@@ -473,29 +473,29 @@ async fn outbound_request(
         headers.insert(APP_H2_HINT, HeaderValue::from_static("1"));
     }
     *req.version_mut() = Version::HTTP_2;
-    let resp =
-        match tokio::time::timeout(shared.limits.request_timeout, out.client.request(req)).await {
-            Err(_) => {
-                shared.metrics.request("outbound", port, 504);
-                return reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "upstream {} did not answer within {:?}",
-                        out.remote, shared.limits.request_timeout
-                    ),
-                );
-            }
-            Ok(Err(error)) => {
-                let reason = root_cause(&error);
-                tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
-                shared.metrics.request("outbound", port, 502);
-                return reply(
-                    StatusCode::BAD_GATEWAY,
-                    format!("upstream {} refused: {reason}", out.remote),
-                );
-            }
-            Ok(Ok(resp)) => resp,
-        };
+    let resp = match tokio::time::timeout(shared.limits.request_timeout, out.upstream.request(req))
+        .await
+    {
+        Err(_) => {
+            shared.metrics.request("outbound", port, 504);
+            return reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "upstream {} did not answer within {:?}",
+                    out.remote, shared.limits.request_timeout
+                ),
+            );
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
+            shared.metrics.request("outbound", port, 502);
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {} refused: {reason}", out.remote),
+            );
+        }
+        Ok(Ok(resp)) => resp,
+    };
     finish_response(resp, None, shared, "outbound", port)
 }
 

@@ -20,4 +20,5 @@ pub mod outbound;
 pub mod policy;
 pub mod run;
 pub mod timing;
+pub mod upstream;
 pub mod verify;

@@ -1,16 +1,9 @@
 //! Outbound listeners: the app connects in plaintext to `127.0.0.1:<local>`; we originate mTLS to the
 //! upstream with our certificate and refuse any server whose SPIFFE ID is not the expected one.
 
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use http::Uri;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
@@ -96,14 +89,7 @@ pub async fn serve(
         Arc::new(OutboundHttp {
             port,
             remote: spec.remote.clone(),
-            client: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .pool_idle_timeout(std::time::Duration::from_secs(90))
-                .build(MeshConnector {
-                    spec: Arc::new(spec.clone()),
-                    index,
-                    shared: shared.clone(),
-                }),
+            upstream: crate::upstream::H2Upstream::new(spec.clone(), index, shared.clone()),
         })
     });
     let mut shutdown = shared.shutdown.clone();
@@ -156,90 +142,31 @@ async fn tcp_proxy(app: TcpStream, spec: &Outbound, index: usize, shared: &Share
             return;
         }
     };
-    if let Err(error) = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout).await {
-        tracing::debug!(%error, "tcp connection ended");
-    }
-}
-
-/// hyper connector: every connection goes to the configured upstream over mTLS.
-#[derive(Clone)]
-pub struct MeshConnector {
-    spec: Arc<Outbound>,
-    index: usize,
-    shared: Shared,
-}
-
-impl tower::Service<Uri> for MeshConnector {
-    type Response = MeshIo;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<MeshIo>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tls = dial(&this.spec, this.index, &this.shared).await?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok(MeshIo {
-                inner: TokioIo::new(tls),
-                h2,
-            })
-        })
-    }
-}
-
-/// An mTLS connection to an upstream sidecar, as hyper sees it.
-pub struct MeshIo {
-    inner: TokioIo<TlsStream<TcpStream>>,
-    h2: bool,
-}
-
-impl Connection for MeshIo {
-    fn connected(&self) -> Connected {
-        let c = Connected::new();
-        if self.h2 { c.negotiated_h2() } else { c }
-    }
-}
-
-impl hyper::rt::Read for MeshIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for MeshIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    // No connection outlives the upstream identity that opened it.
+    let deadline = shared.limits.cap_connection_age.then(|| {
+        let not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| meshid_proto::cert_identity_from_der(leaf).ok())
+            .map(|i| i.not_after)
+            .unwrap_or(0);
+        let left = (not_after - crate::inbound::unix_now()).max(0) as u64;
+        tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+    });
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout) => {
+            if let Err(error) = r {
+                tracing::debug!(%error, "tcp connection ended");
+            }
+        }
+        () = expired => tracing::info!("closing: the upstream's certificate expired"),
     }
 }

@@ -304,6 +304,29 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         metrics.contains("rejected"),
         "the rejected reload is counted"
     );
+
+    // An app that listens on all addresses leaves its sidecar no port: a clear startup error.
+    let greedy = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let taken = greedy.local_addr().unwrap().port();
+    let greedy_pod = inject(
+        &config,
+        &pod(
+            "greedy",
+            json!({"meshid.io/inject": "enabled", "meshid.io/inbound": format!("{taken}=http")}),
+        ),
+    );
+    let (mut c, _) = run_sidecar(
+        &greedy_pod,
+        &dir.path().join("pod-c"),
+        "127.0.0.5",
+        &cluster,
+        &bundle_pem,
+        free_addr("127.0.0.5"),
+    );
+    let status = c
+        .wait_timeout(Duration::from_secs(10))
+        .expect("sidecar exits");
+    assert_eq!(status.code(), Some(64), "bad configuration");
 }
 
 fn eventually(check: impl Fn() -> bool) -> bool {

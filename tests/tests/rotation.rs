@@ -48,17 +48,6 @@ async fn anchors(sidecar: &TestSidecar) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn serving_root_sha(sidecar: &TestSidecar) -> String {
-    let admin = sidecar.admin;
-    let body =
-        tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, "/identity"))
-            .await
-            .unwrap()
-            .map(|(_, b)| b)
-            .unwrap_or_default();
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_under_traffic_with_gates() {
     let ca = TestCa::start(CaOptions {
@@ -268,7 +257,6 @@ async fn root_rotation_under_traffic_with_gates() {
             .all(|s| s.serving_authority.as_deref() == Some(new_name.as_str())),
         "{report:?}"
     );
-    let _ = serving_root_sha(&b).await;
 
     stop.store(true, Ordering::Relaxed);
     traffic.await.unwrap();

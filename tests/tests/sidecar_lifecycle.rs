@@ -347,3 +347,57 @@ async fn connections_close_at_the_peer_certificate_expiry() {
         "closed at the peer certificate's expiry, after {lived:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
+    let pki = TestPki::new();
+    let app = meshid_tests::mesh::tcp_echo().await;
+    // The upstream's certificate has 3 seconds left.
+    let short = pki.workload_at(
+        B,
+        time::OffsetDateTime::now_utc() - time::Duration::seconds(57),
+        Duration::from_secs(60),
+    );
+    let b = TestSidecar::start(
+        &pki,
+        &short,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.13", app, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
+            )),
+            limits: Some(meshid_sidecar::config::Limits {
+                // Only the outbound side's cap is under test here.
+                cap_connection_age: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Tcp)],
+            ..Default::default()
+        },
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    s.write_all(b"alive").await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "closed by the outbound sidecar");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

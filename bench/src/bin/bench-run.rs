@@ -50,6 +50,10 @@ struct Args {
     /// Markdown report (with SVG plots next to the results file).
     #[arg(long, default_value = "docs/benchmarks.md")]
     docs: PathBuf,
+    /// Also record CPU profiles of every proxy under the throughput load (extra, unscored runs)
+    /// into this directory, with `perf report` summaries.
+    #[arg(long)]
+    perf: Option<PathBuf>,
     /// Keep the work directory (configs, logs) instead of deleting it.
     #[arg(long)]
     keep: bool,

@@ -9,6 +9,7 @@ pub mod drive;
 pub mod machine;
 pub mod markdown;
 pub mod pki;
+pub mod profile;
 pub mod report;
 pub mod scenarios;
 pub mod svg;

@@ -1,0 +1,94 @@
+//! Optional CPU profiles (`bench-run --perf DIR`): one extra, unscored throughput run per proxy with
+//! `perf record` attached to each proxy process, and a `perf report` summary beside each profile.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::pki::BenchPki;
+use super::topology::{Contender, start};
+use super::{Ctx, Guard, drive};
+
+/// Profiles every proxy contender under the throughput load; writes into `out`.
+pub fn profile(ctx: &Ctx, pki: &BenchPki, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    for c in Contender::PROXIES {
+        if let Err(e) = profile_one(ctx, pki, c, out) {
+            eprintln!("[perf] {}: {e:#}", c.name());
+        }
+    }
+    Ok(())
+}
+
+fn profile_one(ctx: &Ctx, pki: &BenchPki, c: Contender, out: &Path) -> Result<()> {
+    let t = start(ctx, pki, c)?;
+    let s = &ctx.settings;
+    let mut perfs = Vec::new();
+    for (role, g) in [("outbound", &t.outbound), ("inbound", &t.inbound)] {
+        let g = g.as_ref().context("no proxy")?;
+        let pids: Vec<String> = g.pids().iter().map(u32::to_string).collect();
+        let file = out.join(format!("{}-{role}.perf.data", c.name()));
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-F", "2000", "-g", "-p", &pids.join(","), "-o"])
+            .arg(&file);
+        perfs.push((
+            ctx.spawn(
+                "perf",
+                &mut cmd,
+                &out.join(format!("{}-{role}.perf.log", c.name())),
+            )?,
+            file,
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let a = drive::args(&[
+        "--target",
+        &t.entry.to_string(),
+        "--connections",
+        &s.connections.to_string(),
+        "--warmup",
+        "0ms",
+        "--duration",
+        &format!("{}ms", s.duration.as_millis()),
+    ]);
+    let (r, _) = drive::meshload(ctx, &t.dir, &a, &t.roles())?;
+    eprintln!(
+        "[perf] {}: {:.0} req/s while profiled",
+        c.name(),
+        r.requests_per_second
+    );
+    for (g, file) in perfs {
+        stop(g);
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--percent-limit",
+                "0.7",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&file)
+            .stderr(Stdio::null())
+            .output()?;
+        std::fs::write(file.with_extension("txt"), report.stdout)?;
+    }
+    Ok(())
+}
+
+/// Stops `perf record` with SIGINT so it writes its file.
+fn stop(mut g: Guard) {
+    let _ = Command::new("kill")
+        .args(["-INT", &g.pid().to_string()])
+        .status();
+    for _ in 0..200 {
+        if !g.running() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
