@@ -17,12 +17,14 @@ use tokio::net::TcpListener;
 use crate::conn::Shared;
 use crate::inbound::unix_now;
 
-/// Serves admin requests until shutdown.
+/// Serves admin requests until shutdown. `annotations` is the downward-API annotations file, whose
+/// `meshid.io/app-probes` lets `/app-health/<container>/<kind>` forward kubelet probes to the app.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     shared: Shared,
     needs_policy: bool,
+    annotations: Option<std::path::PathBuf>,
 ) {
     let mut shutdown = shared.shutdown.clone();
     loop {
@@ -35,10 +37,26 @@ pub async fn serve(
         };
         let registry = registry.clone();
         let shared = shared.clone();
+        let annotations = annotations.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let resp = route(&req, &registry, &shared, needs_policy);
-                async move { Ok::<_, Infallible>(resp) }
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let probe = req
+                    .uri()
+                    .path()
+                    .strip_prefix("/app-health/")
+                    .map(str::to_owned);
+                let resp = match probe {
+                    Some(_) => None,
+                    None => Some(route(&req, &registry, &shared, needs_policy)),
+                };
+                let annotations = annotations.clone();
+                async move {
+                    Ok::<_, Infallible>(match (resp, probe) {
+                        (Some(r), _) => r,
+                        (None, Some(key)) => app_health(annotations.as_deref(), &key).await,
+                        (None, None) => text(StatusCode::NOT_FOUND, "not found\n".into()),
+                    })
+                }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -120,6 +138,61 @@ fn route(
             ),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// Forwards a kubelet probe, moved here by the injector, to the app's original probe endpoint.
+async fn app_health(annotations: Option<&std::path::Path>, key: &str) -> Response<Full<Bytes>> {
+    let probe = annotations
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| crate::annotations::parse_downward_api(&t).ok())
+        .and_then(|a| crate::annotations::app_probe(&a, key));
+    let Some(probe) = probe else {
+        return text(StatusCode::NOT_FOUND, format!("no app probe {key:?}\n"));
+    };
+    if !probe.scheme.eq_ignore_ascii_case("http") {
+        return text(
+            StatusCode::BAD_GATEWAY,
+            "only HTTP app probes are forwarded\n".into(),
+        );
+    }
+    let request = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", probe.port)).await?;
+        let mut head = format!(
+            "GET {} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n",
+            probe.path, probe.port
+        );
+        for (k, v) in &probe.headers {
+            if !k.contains(['\r', '\n']) && !v.contains(['\r', '\n']) {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await?;
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await?;
+        let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+        Ok::<_, std::io::Error>(
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse::<u16>().ok())
+                .unwrap_or(502),
+        )
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), request).await {
+        Ok(Ok(code)) => text(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+            format!("app answered {code}\n"),
+        ),
+        Ok(Err(e)) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("app unreachable: {e}\n"),
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "app probe timed out\n".into(),
+        ),
     }
 }
 

@@ -189,6 +189,7 @@ pub async fn start(
         registry,
         shared.clone(),
         !config.inbound.is_empty() && config.policy.is_some(),
+        config.policy.clone(),
     ));
     tracing::info!(%admin_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
     Ok(RunningSidecar {

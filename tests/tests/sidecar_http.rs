@@ -485,3 +485,49 @@ async fn audit_mode_lets_denials_through_and_counts_them() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_probes_moved_to_the_admin_port_reach_the_app() {
+    let app = http_echo().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    // The downward-API annotations file, as the injector writes it (values in Go's %q quoting).
+    let probes = format!(
+        r#"{{"app/readiness":{{"port":{},"path":"/ready"}},"app/liveness":{{"port":1,"path":"/"}}}}"#,
+        app.port()
+    );
+    let quoted = format!("{probes:?}");
+    let annotations = format!(
+        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
+    );
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.14", app, Protocol::Http)],
+            policy: Some(annotations),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = sidecar.admin;
+    let (ready, live, unknown) = tokio::task::spawn_blocking(move || {
+        (
+            meshid_tests::process::http_get(admin, "/app-health/app/readiness")
+                .unwrap()
+                .0,
+            meshid_tests::process::http_get(admin, "/app-health/app/liveness")
+                .unwrap()
+                .0,
+            meshid_tests::process::http_get(admin, "/app-health/other/readiness")
+                .unwrap()
+                .0,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready, 200, "forwarded to the app");
+    assert_eq!(live, 503, "nothing listens on the app's liveness port");
+    assert_eq!(unknown, 404);
+}

@@ -142,6 +142,10 @@ fn main() -> Result<()> {
         report.finish(&ctx, started.elapsed());
         report.write(&args.out, &args.docs)?;
     }
+    if let Some(dir) = &args.perf {
+        eprintln!("== perf profiles into {}", dir.display());
+        meshid_bench::harness::profile::profile(&ctx, &pki, dir)?;
+    }
     eprintln!(
         "results: {} and {}",
         args.out.display(),
