@@ -29,6 +29,6 @@ VENV="$TOOLS/venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/checkov" ]; then
   echo "installing kubernetes-validate and checkov (pip, into $VENV)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check kubernetes-validate checkov
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "checkov==3.3.30"
 fi
 echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version)"
