@@ -59,6 +59,27 @@ fn profile_one(ctx: &Ctx, pki: &BenchPki, c: Contender, out: &Path) -> Result<()
         c.name(),
         r.requests_per_second
     );
+    let requests = r.count.max(1) as f64;
+    let mut summary = String::new();
+    for (role, g, file) in stats {
+        stop(g);
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let f: Vec<&str> = line.split(',').collect();
+            if let (Some(v), Some(event)) = (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2)) {
+                summary.push_str(&format!(
+                    "{} {role}: {event} per request: {:.3}\n",
+                    c.name(),
+                    v / requests
+                ));
+            }
+        }
+    }
+    eprint!("{summary}");
+    let path = out.join("per-request.txt");
+    let mut all = std::fs::read_to_string(&path).unwrap_or_default();
+    all.push_str(&summary);
+    std::fs::write(path, all)?;
     for (g, file) in perfs {
         stop(g);
         let report = Command::new("perf")
