@@ -84,12 +84,15 @@ pub fn tree_cpu_seconds(pid: u32) -> Result<f64> {
     Ok(total)
 }
 
-/// Resident and private memory, in KiB.
+/// Resident memory, in KiB: all of it (RSS), proportional (PSS), private (clean + dirty, which
+/// counts binary pages no other process maps), and anonymous (heap and stacks: what another
+/// instance of the same binary adds).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Mem {
     pub rss_kib: u64,
     pub pss_kib: u64,
     pub private_kib: u64,
+    pub anon_kib: u64,
 }
 
 impl std::ops::Add for Mem {
@@ -99,6 +102,7 @@ impl std::ops::Add for Mem {
             rss_kib: self.rss_kib + o.rss_kib,
             pss_kib: self.pss_kib + o.pss_kib,
             private_kib: self.private_kib + o.private_kib,
+            anon_kib: self.anon_kib + o.anon_kib,
         }
     }
 }
@@ -116,6 +120,7 @@ pub fn mem(pid: u32) -> Result<Mem> {
         match key {
             "Rss:" => m.rss_kib = v,
             "Pss:" => m.pss_kib = v,
+            "Anonymous:" => m.anon_kib = v,
             "Private_Clean:" | "Private_Dirty:" | "Private_Hugetlb:" => m.private_kib += v,
             _ => {}
         }

@@ -100,7 +100,11 @@ pub fn init(
         return Err(AuthorityError::AlreadyExists(dir.to_owned()));
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let report = create_authority_files(dir, trust_domain, import)?;
+    let report = create_authority_files(
+        &crate::rotation::state::AuthorityFiles::plain(dir),
+        trust_domain,
+        import,
+    )?;
     let root_pem =
         fs::read_to_string(dir.join("root.pem")).map_err(io_err(&dir.join("root.pem")))?;
     write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
@@ -119,13 +123,16 @@ pub fn init(
 /// Writes one authority into `dir`: a root (generated, or imported: its key is then not stored) and a
 /// signing intermediate with path length 0. Used by `init` and by `rotate prepare`.
 pub fn create_authority_files(
-    dir: &Path,
+    files: &crate::rotation::state::AuthorityFiles,
     trust_domain: &TrustDomain,
     import: Option<ImportedRoot>,
 ) -> Result<InitReport, AuthorityError> {
+    let dir = &files.dir;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    if dir.join("intermediate.key").exists() {
-        return Err(AuthorityError::AlreadyExists(dir.to_owned()));
+    if files.path("intermediate.key").exists() {
+        return Err(AuthorityError::AlreadyExists(
+            files.path("intermediate.key"),
+        ));
     }
     let now = OffsetDateTime::now_utc();
 
@@ -174,13 +181,17 @@ pub fn create_authority_files(
     let inter = params.signed_by(&inter_key, &root_issuer)?;
 
     let root_pem = pem_cert(&root_der);
-    write_file(&dir.join("root.pem"), root_pem.as_bytes(), false)?;
+    write_file(&files.path("root.pem"), root_pem.as_bytes(), false)?;
     if let Some(key_pem) = root_key_pem {
-        write_file(&dir.join("root.key"), key_pem.as_bytes(), true)?;
+        write_file(&files.path("root.key"), key_pem.as_bytes(), true)?;
     }
-    write_file(&dir.join("intermediate.pem"), inter.pem().as_bytes(), false)?;
     write_file(
-        &dir.join("intermediate.key"),
+        &files.path("intermediate.pem"),
+        inter.pem().as_bytes(),
+        false,
+    )?;
+    write_file(
+        &files.path("intermediate.key"),
         inter_key.serialize_pem().as_bytes(),
         true,
     )?;
@@ -193,10 +204,13 @@ pub fn create_authority_files(
 
 /// Replaces the signing intermediate of the authority in `dir` with a new one under the same root
 /// (which needs `root.key` in `dir`). Files are replaced atomically, key last.
-pub fn renew_intermediate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), AuthorityError> {
-    let root_path = dir.join("root.pem");
+pub fn renew_intermediate(
+    files: &crate::rotation::state::AuthorityFiles,
+    trust_domain: &TrustDomain,
+) -> Result<(), AuthorityError> {
+    let root_path = files.path("root.pem");
     let root_pem = fs::read_to_string(&root_path).map_err(io_err(&root_path))?;
-    let key_path = dir.join("root.key");
+    let key_path = files.path("root.key");
     let key_pem = fs::read_to_string(&key_path).map_err(|_| {
         invalid(
             &key_path,
@@ -216,9 +230,9 @@ pub fn renew_intermediate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), 
     params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after);
     params.use_authority_key_identifier_extension = true;
     let inter = params.signed_by(&inter_key, &issuer)?;
-    crate::rotation::state::write_atomic(&dir.join("intermediate.pem"), inter.pem().as_bytes())?;
+    crate::rotation::state::write_atomic(&files.path("intermediate.pem"), inter.pem().as_bytes())?;
     write_secret_atomic(
-        &dir.join("intermediate.key"),
+        &files.path("intermediate.key"),
         inter_key.serialize_pem().as_bytes(),
     )
 }
@@ -295,8 +309,8 @@ impl Authority {
         let trust_domain = read_trust_domain(dir)?;
         let state = crate::rotation::RotationState::load(dir)?;
         let active = state.active().clone();
-        let adir = state.dir_of(dir, &active);
-        let inter_path = adir.join("intermediate.pem");
+        let files = state.files_of(dir, &active);
+        let inter_path = files.path("intermediate.pem");
         let inter_pem = fs::read(&inter_path).map_err(io_err(&inter_path))?;
         let intermediate_der = CertificateDer::from_pem_slice(&inter_pem)
             .map_err(|e| invalid(&inter_path, format!("not a PEM certificate: {e}")))?;
@@ -304,7 +318,7 @@ impl Authority {
         let intermediate_not_after =
             not_after_of(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
 
-        let key_path = adir.join("intermediate.key");
+        let key_path = files.path("intermediate.key");
         let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
@@ -324,7 +338,7 @@ impl Authority {
             .iter()
             .filter(|a| a.state != crate::rotation::AuthorityState::Gone)
             .filter_map(|a| {
-                read_bundle(&state.dir_of(dir, a).join("root.pem"))
+                read_bundle(&state.files_of(dir, a).path("root.pem"))
                     .ok()
                     .and_then(|r| r.into_iter().next())
                     .map(|r| (a.name.clone(), r))

@@ -210,15 +210,15 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// The files whose changes make the CA reload: the bundle, the rotation state, and the active
 /// authority's intermediate (a `rotate intermediate` replaces it).
 fn stamps(dir: &Path, state: &CaState) -> Vec<Option<(SystemTime, u64)>> {
-    let active_dir = crate::rotation::RotationState::load(dir)
-        .map(|s| s.dir_of(dir, s.active()))
-        .unwrap_or_else(|_| dir.to_owned());
+    let active = crate::rotation::RotationState::load(dir)
+        .map(|s| s.files_of(dir, s.active()))
+        .unwrap_or_else(|_| crate::rotation::state::AuthorityFiles::plain(dir));
     let _ = state;
     vec![
         stamp(&dir.join("bundle.pem")),
         stamp(&dir.join(crate::rotation::state::STATE_FILE)),
-        stamp(&active_dir.join("intermediate.pem")),
-        stamp(&active_dir.join("intermediate.key")),
+        stamp(&active.path("intermediate.pem")),
+        stamp(&active.path("intermediate.key")),
     ]
 }
 

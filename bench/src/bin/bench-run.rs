@@ -11,8 +11,9 @@ use meshid_bench::harness::pki::BenchPki;
 use meshid_bench::harness::report::ScenarioResult;
 use meshid_bench::harness::{Ctx, Settings, ca, machine, markdown, scenarios};
 
-const ALL: [&str; 6] = [
+const ALL: [&str; 7] = [
     "throughput",
+    "throughput_tcp",
     "latency",
     "handshakes",
     "memory",
@@ -54,6 +55,10 @@ struct Args {
     /// into this directory, with `perf report` summaries.
     #[arg(long)]
     perf: Option<PathBuf>,
+    /// Start one contender (direct, meshid, nginx, haproxy), print its addresses and the client
+    /// certificate to use, and keep it running for manual measurement (until killed).
+    #[arg(long)]
+    serve: Option<String>,
     /// Keep the work directory (configs, logs) instead of deleting it.
     #[arg(long)]
     keep: bool,
@@ -110,6 +115,9 @@ fn main() -> Result<()> {
     };
     let ctx = Ctx::new(settings);
     let pki = BenchPki::new()?;
+    if let Some(name) = &args.serve {
+        return serve(&ctx, &pki, name, &work);
+    }
     let started = Instant::now();
     let mut report = markdown::Results::new(
         &ctx,
@@ -120,6 +128,7 @@ fn main() -> Result<()> {
         eprintln!("== {name}");
         let result: ScenarioResult = match name.as_str() {
             "throughput" => scenarios::throughput(&ctx, &pki),
+            "throughput_tcp" => scenarios::throughput_tcp(&ctx, &pki),
             "latency" => scenarios::latency(&ctx, &pki),
             "handshakes" => scenarios::handshakes(&ctx, &pki),
             "memory" => scenarios::memory(&ctx, &pki),
@@ -158,4 +167,30 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
+}
+
+/// `--serve`: one contender, kept up for manual poking.
+fn serve(ctx: &Ctx, pki: &BenchPki, name: &str, work: &std::path::Path) -> Result<()> {
+    use meshid_bench::harness::topology::{Contender, start};
+    let Some(c) = Contender::ALL.into_iter().find(|c| c.name() == name) else {
+        bail!("unknown contender {name:?} (direct, meshid, nginx, haproxy)");
+    };
+    let t = start(ctx, pki, c)?;
+    println!("{name}: plaintext entry {}", t.entry);
+    if let Some(term) = t.terminator {
+        println!(
+            "terminator (mTLS) {term}: --tls --cert {} --key {} --bundle {} --expect-id {}",
+            pki.client.cert.display(),
+            pki.client.key.display(),
+            pki.bundle.display(),
+            meshid_bench::harness::pki::SERVER_ID
+        );
+    }
+    for (role, pids) in t.roles() {
+        println!("{role}: pids {pids:?}");
+    }
+    println!("work directory: {}", work.display());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }

@@ -153,6 +153,7 @@ pub fn startup(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         f.insert("file_start_to_ready_ms".into(), med(&file_ms));
         f.insert("ca_idle_rss_kib".into(), med(&kib("rss_kib")));
         f.insert("ca_idle_private_kib".into(), med(&kib("private_kib")));
+        f.insert("ca_idle_anon_kib".into(), med(&kib("anon_kib")));
         f.insert("taskset_exec_ms".into(), taskset_ms);
         Ok((
             f,

@@ -299,7 +299,7 @@ impl Results {
 /// (figure, column header) per scenario.
 fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
     match id {
-        "throughput" => &[
+        "throughput" | "throughput_tcp" => &[
             ("requests_per_second", "req/s"),
             ("p50_us", "p50 us"),
             ("p99_us", "p99 us"),
@@ -328,6 +328,10 @@ fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
                 "terminator_cpu_us_per_handshake",
                 "terminator CPU us/handshake",
             ),
+            (
+                "handshakes_per_terminator_cpu_second",
+                "handshakes per terminator CPU-second",
+            ),
             ("terminator_core_share", "terminator share of CPU 1"),
             ("app_cpu_us_per_request", "app CPU us/req"),
             ("p50_us", "p50 us (connect+handshake+GET)"),
@@ -335,16 +339,18 @@ fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
         ],
         "memory" => &[
             ("idle_rss_kib", "idle RSS KiB"),
+            ("idle_anon_kib", "idle anonymous KiB"),
             ("idle_private_kib", "idle private KiB"),
             ("per_connection_rss_kib", "RSS KiB per idle conn"),
-            ("per_connection_private_kib", "private KiB per idle conn"),
+            ("per_connection_anon_kib", "anonymous KiB per idle conn"),
             ("outbound_idle_rss_kib", "outbound idle RSS KiB"),
-            ("outbound_idle_private_kib", "outbound idle private KiB"),
+            ("outbound_idle_anon_kib", "outbound idle anonymous KiB"),
         ],
         "startup" => &[
             ("ca_start_to_ready_ms", "start-to-ready, CA mode, ms"),
             ("file_start_to_ready_ms", "start-to-ready, files, ms"),
             ("ca_idle_rss_kib", "idle RSS KiB (CA mode)"),
+            ("ca_idle_anon_kib", "idle anonymous KiB (CA mode)"),
             ("ca_idle_private_kib", "idle private KiB (CA mode)"),
             ("taskset_exec_ms", "taskset exec ms"),
         ],
@@ -490,8 +496,10 @@ const METHOD: &str = "
 - **Handshakes**: TLS 1.3, X25519, full handshakes only (the client never resumes; nginx and haproxy
   have session caches and tickets off, meshid never resumes), one GET per connection, client
   certificate verified by the terminator.
-- **Memory**: RSS and private (Private_Clean + Private_Dirty from `smaps_rollup`); nginx counts
-  master + worker.
+- **Memory** from `smaps_rollup`: RSS (includes the pages of the binary and libraries it touched),
+  anonymous (heap and stacks: what one more instance adds) and private (clean + dirty: also counts
+  binary pages no other process maps, so a lone sidecar's private memory includes its code);
+  nginx counts master + worker.
 - **Rounds**: each figure is the median of the runs (min and max shown); each round starts every
   contender fresh, in a rotated order, with the same warm-up and load. A contender that fails a run
   is listed as failed, never dropped.

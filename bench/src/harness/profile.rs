@@ -15,48 +15,82 @@ use super::{Ctx, Guard, drive};
 pub fn profile(ctx: &Ctx, pki: &BenchPki, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)?;
     for c in Contender::PROXIES {
-        if let Err(e) = profile_one(ctx, pki, c, out) {
-            eprintln!("[perf] {}: {e:#}", c.name());
+        for rate in [None, Some(ctx.settings.rate)] {
+            if let Err(e) = profile_one(ctx, pki, c, out, rate) {
+                eprintln!("[perf] {}: {e:#}", c.name());
+            }
         }
     }
     Ok(())
 }
 
-fn profile_one(ctx: &Ctx, pki: &BenchPki, c: Contender, out: &Path) -> Result<()> {
+/// One profiled run: closed loop at max throughput, or open loop at `rate`.
+fn profile_one(
+    ctx: &Ctx,
+    pki: &BenchPki,
+    c: Contender,
+    out: &Path,
+    rate: Option<f64>,
+) -> Result<()> {
     let t = start(ctx, pki, c)?;
+    let load = match rate {
+        Some(r) => format!("{}-rate{r}", c.name()),
+        None => format!("{}-max", c.name()),
+    };
     let s = &ctx.settings;
     let mut perfs = Vec::new();
+    let mut stats = Vec::new();
     for (role, g) in [("outbound", &t.outbound), ("inbound", &t.inbound)] {
         let g = g.as_ref().context("no proxy")?;
         let pids: Vec<String> = g.pids().iter().map(u32::to_string).collect();
-        let file = out.join(format!("{}-{role}.perf.data", c.name()));
+        let base = out.join(format!("{load}-{role}"));
+        let file = base.with_extension("perf.data");
         let mut cmd = Command::new("perf");
         cmd.args(["record", "-F", "2000", "-g", "-p", &pids.join(","), "-o"])
             .arg(&file);
         perfs.push((
-            ctx.spawn(
-                "perf",
-                &mut cmd,
-                &out.join(format!("{}-{role}.perf.log", c.name())),
-            )?,
+            ctx.spawn("perf", &mut cmd, &base.with_extension("perf.log"))?,
             file,
+        ));
+        let stat_file = base.with_extension("stat.csv");
+        let mut cmd = Command::new("perf");
+        cmd.args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches,task-clock",
+            "-p",
+            &pids.join(","),
+            "-o",
+        ])
+        .arg(&stat_file);
+        stats.push((
+            role,
+            ctx.spawn("perf stat", &mut cmd, &base.with_extension("stat.log"))?,
+            stat_file,
         ));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let a = drive::args(&[
+    let mut a = drive::args(&[
         "--target",
         &t.entry.to_string(),
-        "--connections",
-        &s.connections.to_string(),
         "--warmup",
         "0ms",
         "--duration",
         &format!("{}ms", s.duration.as_millis()),
     ]);
+    match rate {
+        Some(r) => a.extend(drive::args(&[
+            "--rate",
+            &r.to_string(),
+            "--connections",
+            "16",
+        ])),
+        None => a.extend(drive::args(&["--connections", &s.connections.to_string()])),
+    }
     let (r, _) = drive::meshload(ctx, &t.dir, &a, &t.roles())?;
     eprintln!(
-        "[perf] {}: {:.0} req/s while profiled",
-        c.name(),
+        "[perf] {load}: {:.0} req/s while profiled",
         r.requests_per_second
     );
     let requests = r.count.max(1) as f64;
@@ -64,12 +98,16 @@ fn profile_one(ctx: &Ctx, pki: &BenchPki, c: Contender, out: &Path) -> Result<()
     for (role, g, file) in stats {
         stop(g);
         let text = std::fs::read_to_string(&file).unwrap_or_default();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let f: Vec<&str> = line.split(',').collect();
-            if let (Some(v), Some(event)) = (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2)) {
+            if let (Some(v), Some(event)) =
+                (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2))
+            {
                 summary.push_str(&format!(
-                    "{} {role}: {event} per request: {:.3}\n",
-                    c.name(),
+                    "{load} {role}: {event} per request: {:.3}\n",
                     v / requests
                 ));
             }

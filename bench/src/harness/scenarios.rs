@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::drive::{self, Window};
 use super::pki::BenchPki;
 use super::report::{Figures, Run, ScenarioResult, fig, ratio_of};
-use super::topology::{BODY_BYTES, Contender, Running, start};
+use super::topology::{BODY_BYTES, Contender, Mode, Running, start, start_mode};
 use super::{Ctx, Guard, LOAD_CPU, pinned};
 use crate::load::Report;
 use crate::procfs::tree_mem;
@@ -165,10 +165,26 @@ fn setup_line(ctx: &Ctx, what: &str) -> String {
 
 /// Max throughput, HTTP/1.1 keep-alive, closed loop.
 pub fn throughput(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    throughput_in(ctx, pki, Mode::Http)
+}
+
+/// Max throughput with the proxies in TCP mode (HTTP/1.1 keep-alive load through opaque streams).
+pub fn throughput_tcp(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    throughput_in(ctx, pki, Mode::Tcp)
+}
+
+fn throughput_in(ctx: &Ctx, pki: &BenchPki, mode: Mode) -> ScenarioResult {
     let s = &ctx.settings;
     let conns = s.connections.to_string();
-    let runs = rounds(ctx, "throughput", &Contender::ALL, |c| {
-        let mut t = start(ctx, pki, c)?;
+    let (id, title) = match mode {
+        Mode::Http => ("throughput", "Max throughput, HTTP/1.1 keep-alive"),
+        Mode::Tcp => (
+            "throughput_tcp",
+            "Max throughput, proxies in TCP mode (HTTP/1.1 keep-alive load)",
+        ),
+    };
+    let runs = rounds(ctx, id, &Contender::ALL, |c| {
+        let mut t = start_mode(ctx, pki, c, mode)?;
         let a = drive::args(&[
             "--target",
             &t.entry.to_string(),
@@ -186,15 +202,14 @@ pub fn throughput(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         cpu_figures(&mut f, &w, r.count);
         Ok((f, json!({ "load": r, "window": window_json(&w) })))
     });
-    let mut res = ScenarioResult::new(
-        "throughput",
-        "Max throughput, HTTP/1.1 keep-alive",
-        setup_line(
-            ctx,
-            &format!("closed loop, {} connections, GET /", s.connections),
+    let what = match mode {
+        Mode::Http => format!("closed loop, {} connections, GET /", s.connections),
+        Mode::Tcp => format!(
+            "closed loop, {} connections, GET /; every proxy in TCP mode (meshid `,tcp` listeners, nginx `stream`, haproxy `mode tcp`), so each load connection is one mTLS connection end to end",
+            s.connections
         ),
-        &runs,
-    );
+    };
+    let mut res = ScenarioResult::new(id, title, setup_line(ctx, &what), &runs);
     for other in ["nginx", "haproxy"] {
         res.add_ratio(&format!("meshid/{other} requests_per_second"), &runs, |r| {
             ratio_of(r, "meshid", other, "requests_per_second")
@@ -214,6 +229,10 @@ pub fn throughput(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
             &runs,
             |r| ratio_of(r, c.name(), "direct", "requests_per_second"),
         );
+    }
+    if mode == Mode::Tcp {
+        saturation_notes(&mut res, &["meshid", "nginx", "haproxy"]);
+        return res;
     }
     let v = res
         .ratios
@@ -380,6 +399,12 @@ pub fn handshakes(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
             inbound * 1e6 / r.count as f64,
         );
         f.insert("terminator_core_share".into(), inbound / secs);
+        if inbound > 0.0 {
+            f.insert(
+                "handshakes_per_terminator_cpu_second".into(),
+                r.count as f64 / inbound,
+            );
+        }
         let app = w.cpu.get("app").copied().unwrap_or(0.0);
         f.insert("app_cpu_us_per_request".into(), app * 1e6 / r.count as f64);
         Ok((f, json!({ "load": r, "window": window_json(&w) })))
@@ -389,7 +414,7 @@ pub fn handshakes(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         "New mTLS handshakes per second at the terminating side",
         setup_line(
             ctx,
-            "closed loop, 16 concurrent clients, a new TLS 1.3 connection (full handshake, client certificate, X25519, resumption off everywhere) and one GET per connection, straight to the terminating proxy; the load generator does not verify the server chain (it still checks the handshake signature) so that its core is not the limit",
+            "closed loop, 16 concurrent clients, a new TLS 1.3 connection (full handshake, client certificate, X25519, resumption off everywhere) and one GET per connection, straight to the terminating proxy; the load generator signs with its client key but verifies neither the server chain nor its signature, so that its core is not the limit (the terminator's work is unchanged)",
         ),
         &runs,
     );
@@ -455,7 +480,7 @@ pub fn memory(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         "memory",
         "Memory: idle proxy and per idle mTLS connection",
         format!(
-            "fresh pair, 1 s idle: RSS and private memory (smaps_rollup) of the terminating proxy (nginx: master + worker); then {n} mTLS connections opened to it (one request each, 16 at a time) and left idle; per connection = growth / {n}; {} run(s)",
+            "fresh pair, 1 s idle: RSS and anonymous memory (heap + stacks, from smaps_rollup) of the terminating proxy (nginx: master + worker); then {n} mTLS connections opened to it (one request each, 16 at a time) and left idle; per connection = growth / {n}; {} run(s)",
             ctx.settings.runs
         ),
         &runs,
@@ -524,6 +549,8 @@ fn memory_run(ctx: &Ctx, pki: &BenchPki, t: &mut Running, n: usize) -> Result<(F
     f.insert("idle_rss_kib".into(), idle.rss_kib as f64);
     f.insert("idle_private_kib".into(), idle.private_kib as f64);
     f.insert("idle_pss_kib".into(), idle.pss_kib as f64);
+    f.insert("idle_anon_kib".into(), idle.anon_kib as f64);
+    f.insert("outbound_idle_anon_kib".into(), idle_out.anon_kib as f64);
     f.insert("outbound_idle_rss_kib".into(), idle_out.rss_kib as f64);
     f.insert(
         "outbound_idle_private_kib".into(),
@@ -537,6 +564,10 @@ fn memory_run(ctx: &Ctx, pki: &BenchPki, t: &mut Running, n: usize) -> Result<(F
     f.insert(
         "per_connection_private_kib".into(),
         per(idle.private_kib, loaded.private_kib),
+    );
+    f.insert(
+        "per_connection_anon_kib".into(),
+        per(idle.anon_kib, loaded.anon_kib),
     );
     Ok((
         f,

@@ -17,6 +17,26 @@ const NGINX_SERVER: &str = include_str!("../../nginx/server.conf");
 const NGINX_CLIENT: &str = include_str!("../../nginx/client.conf");
 const HAPROXY_SERVER: &str = include_str!("../../haproxy/server.cfg");
 const HAPROXY_CLIENT: &str = include_str!("../../haproxy/client.cfg");
+const NGINX_SERVER_TCP: &str = include_str!("../../nginx/server-tcp.conf");
+const NGINX_CLIENT_TCP: &str = include_str!("../../nginx/client-tcp.conf");
+const HAPROXY_SERVER_TCP: &str = include_str!("../../haproxy/server-tcp.cfg");
+const HAPROXY_CLIENT_TCP: &str = include_str!("../../haproxy/client-tcp.cfg");
+
+/// What the proxies see: HTTP requests (the default) or opaque TCP streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Http,
+    Tcp,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Tcp => "tcp",
+        }
+    }
+}
 
 /// Response body of the app, in bytes.
 pub const BODY_BYTES: usize = 64;
@@ -122,20 +142,25 @@ pub fn start_app(ctx: &Ctx, dir: &Path) -> Result<(Guard, SocketAddr)> {
 
 /// Starts `contender` (app included).
 pub fn start(ctx: &Ctx, pki: &BenchPki, contender: Contender) -> Result<Running> {
+    start_mode(ctx, pki, contender, Mode::Http)
+}
+
+/// Starts `contender` (app included) with its proxies in `mode`.
+pub fn start_mode(ctx: &Ctx, pki: &BenchPki, contender: Contender, mode: Mode) -> Result<Running> {
     let dir = ctx.dir(contender.name())?;
     let (app, app_addr) = start_app(ctx, &dir)?;
     let (outbound, inbound, entry, terminator) = match contender {
         Contender::Direct => (None, None, app_addr, None),
         Contender::Meshid => {
-            let (o, i, e, t) = meshid(ctx, pki, &dir, app_addr)?;
+            let (o, i, e, t) = meshid(ctx, pki, &dir, app_addr, mode)?;
             (Some(o), Some(i), e, Some(t))
         }
         Contender::Nginx => {
-            let (o, i, e, t) = nginx(ctx, pki, &dir, app_addr)?;
+            let (o, i, e, t) = nginx(ctx, pki, &dir, app_addr, mode)?;
             (Some(o), Some(i), e, Some(t))
         }
         Contender::Haproxy => {
-            let (o, i, e, t) = haproxy(ctx, pki, &dir, app_addr)?;
+            let (o, i, e, t) = haproxy(ctx, pki, &dir, app_addr, mode)?;
             (Some(o), Some(i), e, Some(t))
         }
     };
@@ -162,16 +187,27 @@ pub fn sidecar_cmd(ctx: &Ctx) -> Command {
 
 /// The allow-list of the inbound sidecar: the client identity, on `port`.
 pub fn policy_yaml(port: u16) -> String {
+    policy_for(port, Mode::Http)
+}
+
+fn policy_for(port: u16, mode: Mode) -> String {
+    let protocol = mode.name();
     format!(
-        "mode: enforce\ninbound:\n  - port: {port}\n    protocol: http\n    allow:\n      - id: {CLIENT_ID}\n"
+        "mode: enforce\ninbound:\n  - port: {port}\n    protocol: {protocol}\n    allow:\n      - id: {CLIENT_ID}\n"
     )
 }
 
-fn meshid(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair> {
+fn meshid(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr, mode: Mode) -> Result<Pair> {
+    let proto = mode.name();
     let (inb, inb_admin, out, out_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let policy = write_config(ctx, dir, "meshid-policy.yaml", policy_yaml(inb.port()))?;
+    let policy = write_config(
+        ctx,
+        dir,
+        &format!("meshid-policy-{proto}.yaml"),
+        policy_for(inb.port(), mode),
+    )?;
     let mut cmd = sidecar_cmd(ctx);
-    cmd.args(["--inbound", &format!("{inb}={app},http")])
+    cmd.args(["--inbound", &format!("{inb}={app},{proto}")])
         .arg("--policy")
         .arg(&policy)
         .arg("--cert")
@@ -183,7 +219,7 @@ fn meshid(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair
         .args(["--admin-listen", &inb_admin.to_string()]);
     let inbound = ctx.spawn("meshid inbound", &mut cmd, &dir.join("inbound.log"))?;
     let mut cmd = sidecar_cmd(ctx);
-    cmd.args(["--outbound", &format!("{out}={inb},{SERVER_ID},http")])
+    cmd.args(["--outbound", &format!("{out}={inb},{SERVER_ID},{proto}")])
         .arg("--cert")
         .arg(&pki.client.cert)
         .arg("--key")
@@ -200,7 +236,11 @@ fn meshid(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair
     Ok((outbound, inbound, out, inb))
 }
 
-fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair> {
+fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr, mode: Mode) -> Result<Pair> {
+    let (server_t, client_t, suffix) = match mode {
+        Mode::Http => (NGINX_SERVER, NGINX_CLIENT, ""),
+        Mode::Tcp => (NGINX_SERVER_TCP, NGINX_CLIENT_TCP, "-tcp"),
+    };
     let (inb, out) = (free_addr(), free_addr());
     let workers = ctx.settings.workers.to_string();
     let start = |name: &str, template: &str, vars: Vec<(&str, String)>, listen| {
@@ -212,7 +252,7 @@ fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair>
         let conf = write_config(
             ctx,
             &d,
-            &format!("nginx-{name}.conf"),
+            &format!("nginx-{name}{suffix}.conf"),
             render(template, &vars),
         )?;
         let mut cmd = pinned(SERVER_CPU, "nginx");
@@ -231,7 +271,7 @@ fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair>
     };
     let inbound = start(
         "server",
-        NGINX_SERVER,
+        server_t,
         vec![
             ("LISTEN", inb.to_string()),
             ("APP", app.to_string()),
@@ -243,7 +283,7 @@ fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair>
     )?;
     let outbound = start(
         "client",
-        NGINX_CLIENT,
+        client_t,
         vec![
             ("LISTEN", out.to_string()),
             ("UPSTREAM", inb.to_string()),
@@ -255,7 +295,11 @@ fn nginx(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair>
     Ok((outbound, inbound, out, inb))
 }
 
-fn haproxy(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pair> {
+fn haproxy(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr, mode: Mode) -> Result<Pair> {
+    let (server_t, client_t, suffix) = match mode {
+        Mode::Http => (HAPROXY_SERVER, HAPROXY_CLIENT, ""),
+        Mode::Tcp => (HAPROXY_SERVER_TCP, HAPROXY_CLIENT_TCP, "-tcp"),
+    };
     let (inb, out) = (free_addr(), free_addr());
     let workers = ctx.settings.workers.to_string();
     let start = |name: &str, template: &str, mut vars: Vec<(&str, String)>, listen| {
@@ -263,7 +307,7 @@ fn haproxy(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pai
         let conf = write_config(
             ctx,
             dir,
-            &format!("haproxy-{name}.cfg"),
+            &format!("haproxy-{name}{suffix}.cfg"),
             render(template, &vars),
         )?;
         let mut cmd = pinned(SERVER_CPU, "haproxy");
@@ -280,7 +324,7 @@ fn haproxy(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pai
     };
     let inbound = start(
         "server",
-        HAPROXY_SERVER,
+        server_t,
         vec![
             ("LISTEN", inb.to_string()),
             ("APP", app.to_string()),
@@ -292,7 +336,7 @@ fn haproxy(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr) -> Result<Pai
     )?;
     let outbound = start(
         "client",
-        HAPROXY_CLIENT,
+        client_t,
         vec![
             ("LISTEN", out.to_string()),
             ("UPSTREAM", inb.to_string()),

@@ -67,11 +67,11 @@ pub fn report(
         .iter()
         .filter(|a| a.state != AuthorityState::Gone)
         .map(|a| {
-            let dir = state.dir_of(ca_dir, a);
-            let root = authority::read_bundle(&dir.join("root.pem"))
+            let files = state.files_of(ca_dir, a);
+            let root = authority::read_bundle(&files.path("root.pem"))
                 .ok()
                 .and_then(|r| r.into_iter().next());
-            let inter = std::fs::read(dir.join("intermediate.pem"))
+            let inter = std::fs::read(files.path("intermediate.pem"))
                 .ok()
                 .and_then(|pem| {
                     use rustls_pki_types::pem::PemObject;
@@ -300,12 +300,19 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
         .unwrap_or(0)
         + 1;
     let name = next.to_string();
-    let rel = format!("authorities/{name}");
-    authority::create_authority_files(&ca_dir.join(&rel), &td, import)?;
+    let prefix = format!("a{name}-");
+    authority::create_authority_files(
+        &state::AuthorityFiles {
+            dir: ca_dir.to_owned(),
+            prefix: prefix.clone(),
+        },
+        &td,
+        import,
+    )?;
     state.bundle_version += 1;
     state.authorities.push(AuthorityRecord {
         name: name.clone(),
-        dir: rel,
+        prefix,
         state: AuthorityState::Prepared,
         in_bundle_since: state.bundle_version,
     });
@@ -375,8 +382,8 @@ pub fn retire(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Strin
 pub fn intermediate(ca_dir: &Path) -> Result<(), RotateError> {
     let state = RotationState::load(ca_dir)?;
     let active = state.active().clone();
-    let dir = state.dir_of(ca_dir, &active);
-    authority::renew_intermediate(&dir, &authority::read_trust_domain(ca_dir)?)?;
+    let files = state.files_of(ca_dir, &active);
+    authority::renew_intermediate(&files, &authority::read_trust_domain(ca_dir)?)?;
     // Touch the state so running CAs reload the signing material.
     state.save(ca_dir)?;
     Ok(())
@@ -405,7 +412,7 @@ mod tests {
                 .iter()
                 .map(|(n, s, v)| AuthorityRecord {
                     name: (*n).into(),
-                    dir: ".".into(),
+                    prefix: String::new(),
                     state: *s,
                     in_bundle_since: *v,
                 })

@@ -1,7 +1,8 @@
 //! The rotation state in the CA directory: which authorities exist and what each one does.
 //!
-//! `authorities.json` lists authorities (a root and its signing intermediate, each in its own
-//! directory) with a state: `prepared` (root in the bundle, not signing), `active` (signing; exactly
+//! `authorities.json` lists authorities (a root and its signing intermediate, whose files sit in the
+//! CA directory under a per-authority prefix: `root.pem` for the first, `a2-root.pem` for the next;
+//! flat, so the whole directory fits a Kubernetes Secret) with a state: `prepared` (root in the bundle, not signing), `active` (signing; exactly
 //! one), `retiring` (root in the bundle, not signing, leaves still live) or `gone`. Without the file the
 //! CA has one active authority: the directory's own `root.pem`/`intermediate.*`. `bundle.pem` is
 //! rewritten from the roots of every authority that is not gone, and `bundle_version` increases with
@@ -44,9 +45,9 @@ impl AuthorityState {
 #[serde(deny_unknown_fields)]
 pub struct AuthorityRecord {
     pub name: String,
-    /// Directory holding `root.pem`, `intermediate.pem`, `intermediate.key` (and maybe `root.key`),
-    /// relative to the CA directory.
-    pub dir: String,
+    /// File-name prefix of `root.pem`, `intermediate.pem`, `intermediate.key` (and maybe
+    /// `root.key`) in the CA directory: empty for the first authority, `a<n>-` for later ones.
+    pub prefix: String,
     pub state: AuthorityState,
     /// The bundle version that first contained this authority's root.
     pub in_bundle_since: u64,
@@ -82,7 +83,7 @@ impl RotationState {
                     renew_now_at: None,
                     authorities: vec![AuthorityRecord {
                         name: "1".into(),
-                        dir: ".".into(),
+                        prefix: String::new(),
                         state: AuthorityState::Active,
                         in_bundle_since: 1,
                     }],
@@ -113,9 +114,13 @@ impl RotationState {
             if !names.insert(&a.name) {
                 return Err(format!("authority {:?} is listed twice", a.name));
             }
-            if a.dir.contains("..") || a.dir.starts_with('/') {
+            let safe = a
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !safe {
                 return Err(format!(
-                    "authority {:?}: directory must be inside the CA directory",
+                    "authority {:?}: prefix may hold only lowercase letters, digits and '-'",
                     a.name
                 ));
             }
@@ -135,8 +140,12 @@ impl RotationState {
         self.authorities.iter().find(|a| a.state == state)
     }
 
-    pub fn dir_of(&self, ca_dir: &Path, record: &AuthorityRecord) -> PathBuf {
-        ca_dir.join(&record.dir)
+    /// Where an authority's files are.
+    pub fn files_of(&self, ca_dir: &Path, record: &AuthorityRecord) -> AuthorityFiles {
+        AuthorityFiles {
+            dir: ca_dir.to_owned(),
+            prefix: record.prefix.clone(),
+        }
     }
 
     /// Roots of every authority that is not gone, in list order.
@@ -150,7 +159,7 @@ impl RotationState {
             .iter()
             .filter(|a| a.state != AuthorityState::Gone)
         {
-            roots.extend(read_bundle(&self.dir_of(ca_dir, a).join("root.pem"))?);
+            roots.extend(read_bundle(&self.files_of(ca_dir, a).path("root.pem"))?);
         }
         Ok(roots)
     }
@@ -169,6 +178,27 @@ impl RotationState {
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| invalid(&ca_dir.join(STATE_FILE), e.to_string()))?;
         write_atomic(&ca_dir.join(STATE_FILE), &json)
+    }
+}
+
+/// An authority's files: `<dir>/<prefix><name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityFiles {
+    pub dir: PathBuf,
+    pub prefix: String,
+}
+
+impl AuthorityFiles {
+    /// The files of an authority with no prefix in `dir` (what `meshid-ca init` writes).
+    pub fn plain(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            prefix: String::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{}{name}", self.prefix))
     }
 }
 
@@ -195,7 +225,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
         let state = RotationState::load(dir.path()).unwrap();
-        assert_eq!(state.active().dir, ".");
+        assert_eq!(state.active().prefix, "");
         assert_eq!(state.bundle_roots(dir.path()).unwrap().len(), 1);
         state.save(dir.path()).unwrap();
         assert_eq!(RotationState::load(dir.path()).unwrap(), state);
@@ -206,8 +236,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for bad in [
             r#"{"bundle_version":1,"authorities":[]}"#,
-            r#"{"bundle_version":1,"authorities":[{"name":"a","dir":".","state":"prepared","in_bundle_since":1}]}"#,
-            r#"{"bundle_version":1,"authorities":[{"name":"a","dir":"../x","state":"active","in_bundle_since":1}]}"#,
+            r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"","state":"prepared","in_bundle_since":1}]}"#,
+            r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"../x","state":"active","in_bundle_since":1}]}"#,
             r#"{"bundle_version":1,"authorities":[],"extra":1}"#,
             "garbage",
         ] {
