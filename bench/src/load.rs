@@ -550,3 +550,123 @@ pub async fn hold(target: Arc<Target>, n: usize, concurrency: usize) -> (Vec<Con
     }
     (all, failed)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::Response;
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    use hyper_util::server::conn::auto;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A fixed-response app (HTTP/1.1 and h2c) on a free port.
+    async fn app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn target(addr: SocketAddr, h2: bool) -> Arc<Target> {
+        let uri = if h2 { "http://bench/" } else { "/" };
+        Arc::new(Target {
+            addr,
+            tls: None,
+            server_name: ServerName::try_from("localhost").unwrap(),
+            h2,
+            uri: uri.parse().unwrap(),
+            host: HeaderValue::from_static("bench"),
+        })
+    }
+
+    fn plan(connections: usize, schedule: Schedule) -> Plan {
+        Plan {
+            connections,
+            streams: 1,
+            schedule,
+            new_conn: false,
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(400),
+            markers: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_loop_keeps_connections_and_counts_answers() {
+        let r = run(target(app().await, false), plan(4, Schedule::Closed)).await;
+        assert!(r.count > 50, "{r:?}");
+        assert_eq!(r.errors, 0, "{r:?}");
+        assert_eq!(
+            r.connections_opened, 0,
+            "connections are opened before the window"
+        );
+        assert!(r.latency_us.p50 <= r.latency_us.p99 && r.latency_us.p99 <= r.latency_us.max);
+    }
+
+    #[tokio::test]
+    async fn open_loop_sends_at_the_rate() {
+        let r = run(
+            target(app().await, false),
+            plan(4, Schedule::Open { rate: 500.0 }),
+        )
+        .await;
+        assert_eq!(r.intended, Some(200));
+        assert!((190..=200).contains(&r.count), "{r:?}");
+        assert_eq!(r.errors, 0);
+    }
+
+    #[tokio::test]
+    async fn h2_streams_share_a_connection() {
+        let mut p = plan(2, Schedule::Closed);
+        p.streams = 4;
+        let r = run(target(app().await, true), p).await;
+        assert_eq!(r.protocol, "h2");
+        assert!(r.count > 50 && r.errors == 0, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn new_connection_per_request() {
+        let mut p = plan(2, Schedule::Closed);
+        p.new_conn = true;
+        let r = run(target(app().await, false), p).await;
+        assert!(r.count > 20, "{r:?}");
+        // One connection per request (those straddling the window edges aside).
+        assert!(r.connections_opened.abs_diff(r.count) <= 4, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_errors() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let r = run(target(closed, false), plan(2, Schedule::Closed)).await;
+        assert_eq!(r.count, 0);
+        assert!(
+            r.error_kinds.get("connect").copied().unwrap_or(0) > 0,
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn hold_keeps_connections_open() {
+        let (held, failed) = hold(target(app().await, false), 10, 3).await;
+        assert_eq!((held.len(), failed), (10, 0));
+        assert!(held.iter().all(|c| !c.is_closed()));
+    }
+}

@@ -1,6 +1,6 @@
 //! Percentiles of one run and median/min/max across runs.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The value at quantile `q` (0..=1) of sorted samples, nearest rank.
 pub fn quantile(sorted: &[u64], q: f64) -> u64 {
@@ -12,7 +12,7 @@ pub fn quantile(sorted: &[u64], q: f64) -> u64 {
 }
 
 /// Median, min and max of one figure over the runs.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub median: f64,
     pub min: f64,

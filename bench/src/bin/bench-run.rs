@@ -21,6 +21,14 @@ const ALL: [&str; 7] = [
     "ca",
 ];
 
+const BINARIES: [&str; 5] = [
+    "meshid-sidecar",
+    "meshid-ca",
+    "meshload",
+    "bench-app",
+    "ca-bench",
+];
+
 #[derive(Debug, Parser)]
 #[command(name = "bench-run", about = "meshid vs nginx vs haproxy, side by side")]
 struct Args {
@@ -45,12 +53,14 @@ struct Args {
     /// Scenarios to run (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = ALL.map(String::from))]
     scenarios: Vec<String>,
-    /// Results file.
-    #[arg(long, default_value = "bench/results/latest.json")]
-    out: PathBuf,
-    /// Markdown report (with SVG plots next to the results file).
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    docs: PathBuf,
+    /// Results file (default bench/results/latest.json; with --smoke bench/results/smoke/latest.json,
+    /// so a smoke run never replaces the published figures).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Markdown report, SVG plots go next to the results file (default docs/benchmarks.md; with
+    /// --smoke bench/results/smoke/benchmarks.md).
+    #[arg(long)]
+    docs: Option<PathBuf>,
     /// Also record CPU profiles of every proxy under the throughput load (extra, unscored runs)
     /// into this directory, with `perf report` summaries.
     #[arg(long)]
@@ -59,6 +69,9 @@ struct Args {
     /// certificate to use, and keep it running for manual measurement (until killed).
     #[arg(long)]
     serve: Option<String>,
+    /// Only regenerate the markdown and plots from an existing results file (no measurement).
+    #[arg(long)]
+    render: Option<PathBuf>,
     /// Keep the work directory (configs, logs) instead of deleting it.
     #[arg(long)]
     keep: bool,
@@ -70,18 +83,46 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let (out, docs) = if args.smoke {
+        (
+            args.out
+                .clone()
+                .unwrap_or_else(|| "bench/results/smoke/latest.json".into()),
+            args.docs
+                .clone()
+                .unwrap_or_else(|| "bench/results/smoke/benchmarks.md".into()),
+        )
+    } else {
+        (
+            args.out
+                .clone()
+                .unwrap_or_else(|| "bench/results/latest.json".into()),
+            args.docs
+                .clone()
+                .unwrap_or_else(|| "docs/benchmarks.md".into()),
+        )
+    };
+    if let Some(json) = &args.render {
+        let mut results = markdown::Results::read(json)?;
+        let before = serde_json::to_value(&results)?;
+        for s in &mut results.scenarios {
+            let id = s.id.clone();
+            s.add_meshid_ratios(scenarios::ratio_figures(&id));
+        }
+        if serde_json::to_value(&results)? != before {
+            // Only ratios derived from the recorded runs were added.
+            std::fs::write(json, serde_json::to_vec_pretty(&results)?)?;
+        }
+        results.render(json, &docs)?;
+        eprintln!("rendered {} from {}", docs.display(), json.display());
+        return Ok(());
+    }
     for s in &args.scenarios {
         if !ALL.contains(&s.as_str()) {
             bail!("unknown scenario {s:?} (known: {})", ALL.join(", "));
         }
     }
-    for bin in [
-        "meshid-sidecar",
-        "meshid-ca",
-        "meshload",
-        "bench-app",
-        "ca-bench",
-    ] {
+    for bin in BINARIES {
         if !args.bin_dir.join(bin).exists() {
             bail!(
                 "{} missing (cargo build --release -p meshid-ca -p meshid-sidecar -p meshid-bench)",
@@ -92,8 +133,15 @@ fn main() -> Result<()> {
     let smoke = args.smoke;
     let work = std::env::temp_dir().join(format!("meshid-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
+    // A private copy of the binaries: a rebuild in the workspace during a long run must not
+    // change what is measured halfway through.
+    let bin_dir = work.join("bin");
+    std::fs::create_dir_all(&bin_dir)?;
+    for bin in BINARIES {
+        std::fs::copy(args.bin_dir.join(bin), bin_dir.join(bin))?;
+    }
     let settings = Settings {
-        bin_dir: std::fs::canonicalize(&args.bin_dir)?,
+        bin_dir,
         work: work.clone(),
         smoke,
         runs: args.runs.unwrap_or(if smoke { 1 } else { 3 }).max(1),
@@ -114,7 +162,12 @@ fn main() -> Result<()> {
         scenarios: args.scenarios.clone(),
     };
     let ctx = Ctx::new(settings);
+    meshid_bench::harness::clean_up_on_signal();
     let pki = BenchPki::new()?;
+    meshid_bench::harness::remove_on_signal(&pki.dir());
+    if !args.keep {
+        meshid_bench::harness::remove_on_signal(&work);
+    }
     if let Some(name) = &args.serve {
         return serve(&ctx, &pki, name, &work);
     }
@@ -149,17 +202,13 @@ fn main() -> Result<()> {
         }
         report.push(result);
         report.finish(&ctx, started.elapsed());
-        report.write(&args.out, &args.docs)?;
+        report.write(&out, &docs)?;
     }
     if let Some(dir) = &args.perf {
         eprintln!("== perf profiles into {}", dir.display());
         meshid_bench::harness::profile::profile(&ctx, &pki, dir)?;
     }
-    eprintln!(
-        "results: {} and {}",
-        args.out.display(),
-        args.docs.display()
-    );
+    eprintln!("results: {} and {}", out.display(), docs.display());
     drop(pki);
     if args.keep {
         eprintln!("work directory kept: {}", work.display());
@@ -190,6 +239,7 @@ fn serve(ctx: &Ctx, pki: &BenchPki, name: &str, work: &std::path::Path) -> Resul
         println!("{role}: pids {pids:?}");
     }
     println!("work directory: {}", work.display());
+    println!("running until interrupted (Ctrl-C or SIGTERM stops everything)");
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -77,11 +77,7 @@ pub fn meshload(
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("starting meshload")?;
-    let mut guard = Guard {
-        name: "meshload".into(),
-        child: Some(child),
-        log,
-    };
+    let mut guard = Guard::new("meshload", child, &log);
     let stdout = guard
         .child
         .as_mut()

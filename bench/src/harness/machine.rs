@@ -65,7 +65,16 @@ pub fn machine() -> Value {
 /// Versions of the contenders and tools.
 pub fn versions(bin_dir: &std::path::Path) -> Value {
     let sidecar = bin_dir.join("meshid-sidecar");
-    let git_dirty = !run("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let git_dirty = !run(
+        "git",
+        &[
+            "--no-optional-locks",
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ],
+    )
+    .is_empty();
     json!({
         "meshid_sidecar": first_line(run(&sidecar.to_string_lossy(), &["--version"])),
         "meshid_git_commit": run("git", &["rev-parse", "HEAD"]),

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Ctx;
@@ -15,7 +15,7 @@ use super::svg::{bars, number};
 use crate::stats::Summary;
 
 /// Everything one harness run produced.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub generated_unix: u64,
     pub mode: String,
@@ -74,12 +74,13 @@ impl Results {
         self.configs = ctx.configs.borrow().clone();
     }
 
-    /// Writes the JSON, the plots (beside it) and the markdown.
-    pub fn write(&self, json_path: &Path, md_path: &Path) -> Result<()> {
-        if let Some(d) = json_path.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(json_path, serde_json::to_vec_pretty(self)?)?;
+    /// Reads a results file written by `write`.
+    pub fn read(json_path: &Path) -> Result<Self> {
+        Ok(serde_json::from_slice(&std::fs::read(json_path)?)?)
+    }
+
+    /// Writes the plots (beside `json_path`) and the markdown, from these results.
+    pub fn render(&self, json_path: &Path, md_path: &Path) -> Result<()> {
         let plot_dir = json_path.parent().unwrap_or(Path::new("."));
         let plots = self.plots(plot_dir)?;
         let rel = relative(md_path, plot_dir);
@@ -90,6 +91,15 @@ impl Results {
         Ok(())
     }
 
+    /// Writes the JSON, the plots (beside it) and the markdown.
+    pub fn write(&self, json_path: &Path, md_path: &Path) -> Result<()> {
+        if let Some(d) = json_path.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(json_path, serde_json::to_vec_pretty(self)?)?;
+        self.render(json_path, md_path)
+    }
+
     fn scenario(&self, id: &str) -> Option<&ScenarioResult> {
         self.scenarios.iter().find(|s| s.id == id)
     }
@@ -97,48 +107,70 @@ impl Results {
     /// Writes the SVG plots; returns scenario id -> file names.
     fn plots(&self, dir: &Path) -> Result<BTreeMap<String, Vec<String>>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let specs: [(&str, &str, &str, &str, &[&str]); 6] = [
+        const P: &[&str] = &["meshid", "nginx", "haproxy"];
+        let specs: [(&str, &str, &str, &str, &[&str]); 9] = [
             (
                 "throughput",
                 "requests_per_second",
-                "Max throughput",
+                "Max throughput, pair",
                 "req/s",
-                &["direct", "meshid", "nginx", "haproxy"],
+                P,
             ),
             (
                 "throughput",
                 "proxy_cpu_us_per_request",
                 "Proxy CPU per request (both proxies)",
                 "us",
-                &["meshid", "nginx", "haproxy"],
+                P,
+            ),
+            (
+                "throughput_tcp",
+                "requests_per_second",
+                "Max throughput, pair in TCP mode",
+                "req/s",
+                P,
             ),
             (
                 "latency",
                 "added_p50_us",
-                "Added p50 latency at fixed rate",
+                "Added p50 latency at 1000 req/s",
                 "us",
-                &["meshid", "nginx", "haproxy"],
+                P,
+            ),
+            (
+                "latency",
+                "added_p90_us",
+                "Added p90 latency at 1000 req/s",
+                "us",
+                P,
             ),
             (
                 "handshakes",
                 "handshakes_per_second",
                 "New mTLS handshakes at the terminator",
                 "per s",
-                &["meshid", "nginx", "haproxy"],
+                P,
             ),
             (
                 "handshakes",
                 "terminator_cpu_us_per_handshake",
                 "Terminator CPU per handshake",
                 "us",
-                &["meshid", "nginx", "haproxy"],
+                P,
+            ),
+            (
+                "memory",
+                "idle_rss_kib",
+                "Idle RSS of the terminating proxy",
+                "KiB",
+                P,
             ),
             (
                 "memory",
                 "per_connection_rss_kib",
                 "Memory per idle mTLS connection",
                 "KiB",
-                &["meshid", "nginx", "haproxy"],
+                P,
             ),
         ];
         for (id, figure, title, unit, who) in specs {
@@ -155,7 +187,7 @@ impl Results {
                     ((*c).to_owned(), v)
                 })
                 .collect();
-            let name = format!("{}.svg", figure.replace('_', "-"));
+            let name = format!("{}-{}.svg", id.replace('_', "-"), figure.replace('_', "-"));
             std::fs::write(dir.join(&name), bars(title, unit, &items))?;
             out.entry(id.into()).or_default().push(name);
         }
@@ -462,14 +494,19 @@ request divided by the app's own CPU per request in the same run.
 ## How to run
 
 ```sh
-bench/run.sh            # everything: 3 runs per figure, ~15-25 minutes
-bench/run.sh --smoke    # one short run per scenario (CI), about 2-3 minutes once built
+bench/run.sh            # everything: 3 runs per figure, about 15 minutes
+bench/run.sh --smoke    # one short run per scenario (CI), into bench/results/smoke/: ~1 min once built
 bench/run.sh --runs 5 --scenarios throughput,latency   # any bench-run flag passes through
+bench/run.sh --perf /tmp/prof   # also: perf profiles + syscalls per request of every proxy
+target/release/bench-run --serve meshid   # start one contender and keep it up, for manual poking
+target/release/meshload --help            # the load generator on its own
 ```
 
 `bench/run.sh` installs `nginx`, `libnginx-mod-stream` and `haproxy` with apt if they are missing,
-builds the release binaries once, runs `target/release/bench-run` pinned to CPU 0, and rewrites
-`bench/results/latest.json`, the SVG plots beside it and this file.
+builds the release binaries once, runs `target/release/bench-run` pinned to CPU 0 (at a raised
+priority when allowed, inherited by everything it starts), and rewrites
+`bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
+`throughput_tcp`, `latency`, `handshakes`, `memory`, `startup`, `ca`.
 ";
 
 const METHOD: &str = "
@@ -484,29 +521,89 @@ const METHOD: &str = "
      (`ssl_verify_client on`, upstream keep-alive) -> app;
   4. haproxy pair: haproxy (`ssl crt ... verify required`) -> haproxy (`verify required`, peer SPIFFE
      ID matched in `ssl_c_der`) -> app.
-- **Pinning**: the load generator (`meshload`, one thread) runs on CPU 0; the app (`bench-app`, one
-  thread, fixed 64-byte response) and every proxy run on CPU 1 (`taskset`), so a pair's throughput is
-  what one core pushes through app + outbound + inbound. meshid runs with `TOKIO_WORKER_THREADS=1`,
-  nginx with `worker_processes 1`, haproxy with `nbthread 1`. The load generator's own CPU share is
-  reported; above 90% its figures may be limited by the load, not the server.
+
+  `throughput_tcp` runs the same pairs in TCP mode (meshid `,tcp` listeners, nginx `stream` from
+  `libnginx-mod-stream`, haproxy `mode tcp`).
+- **Load generator**: `meshload` (this crate; hyper 1 + rustls with aws-lc-rs, one thread): closed
+  loop over N keep-alive connections, or open loop at a fixed rate with latency measured from each
+  request's due time (as wrk2: no coordinated omission), HTTP/1.1 or h2, optionally a new TLS
+  connection per request with a client certificate. It reports count, errors, req/s,
+  p50/p90/p99/p99.9/max and its own CPU share.
+- **Pinning**: the load generator runs on CPU 0; the app (`bench-app`, one thread, fixed 64-byte
+  response) and every proxy run on CPU 1 (`taskset`), so a pair's throughput is what one core
+  pushes through app + outbound + inbound. meshid runs with `TOKIO_WORKER_THREADS=1`, nginx with
+  `worker_processes 1`, haproxy with `nbthread 1`. The load generator's own CPU share is reported;
+  above 90% its figures may be limited by the load, not the server (expected for direct).
 - **CPU** is utime+stime from `/proc/<pid>/stat` (nginx: master + worker) read when the measured
-  window opens and closes; per request = CPU / successful requests in the window.
-- **Latency** at a fixed rate is measured from each request's due time (open loop, as wrk2), so a
-  stall is charged to every request it delayed. Added latency = contender - direct in the same round.
+  window opens and closes; per request = CPU / successful requests in the window. `CPU 1 used by
+  these` is the share of CPU 1 that the app and proxies got: below 1 at saturation, the rest went to
+  the kernel's softirq work or to other jobs on the machine.
+- **Latency** at a fixed rate is measured from each request's due time (open loop), so a stall is
+  charged to every request it delayed. Added latency = contender - direct in the same round.
 - **Handshakes**: TLS 1.3, X25519, full handshakes only (the client never resumes; nginx and haproxy
   have session caches and tickets off, meshid never resumes), one GET per connection, client
   certificate verified by the terminator.
 - **Memory** from `smaps_rollup`: RSS (includes the pages of the binary and libraries it touched),
   anonymous (heap and stacks: what one more instance adds) and private (clean + dirty: also counts
   binary pages no other process maps, so a lone sidecar's private memory includes its code);
-  nginx counts master + worker.
+  nginx counts master + worker (its anonymous figure counts the pages they share copy-on-write
+  twice; private does not).
 - **Rounds**: each figure is the median of the runs (min and max shown); each round starts every
   contender fresh, in a rotated order, with the same warm-up and load. A contender that fails a run
-  is listed as failed, never dropped.
-- **Known differences between contenders**, none in meshid's favour:
+  is listed as failed, never dropped. The binaries are copied at the start, so a rebuild during the
+  run cannot change what is measured.
+- **Known differences between contenders** (each proxy's own features or design, not tuning):
   - nginx cannot verify a server certificate that has only a URI SAN (`proxy_ssl_verify` always
     checks a host name), so the nginx originating side does not verify the terminator; nginx's
     terminator checks the chain but cannot match the peer's SPIFFE ID (no URI SAN variable), while
     meshid and haproxy check it;
-  - nginx and haproxy speak HTTP/1.1 between the pair; meshid multiplexes h2 between sidecars.
+  - the identity header: meshid adds `x-forwarded-client-cert` with its own ID, the peer ID and the
+    certificate hash; nginx and haproxy add only the certificate hash;
+  - nginx and haproxy speak HTTP/1.1 between the pair (their usual upstream protocol); meshid
+    multiplexes h2 between sidecars, by design (fewer connections and syscalls per request).
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::report::Run;
+
+    #[test]
+    fn failed_contenders_are_listed() {
+        let mut round = BTreeMap::new();
+        let mut figures = BTreeMap::new();
+        figures.insert("requests_per_second".to_owned(), 1234.5);
+        round.insert(
+            "meshid".to_owned(),
+            Run {
+                round: 0,
+                figures,
+                error: None,
+                detail: Value::Null,
+            },
+        );
+        round.insert(
+            "nginx".to_owned(),
+            Run {
+                round: 0,
+                figures: BTreeMap::new(),
+                error: Some("nginx server did not listen".into()),
+                detail: Value::Null,
+            },
+        );
+        let s = ScenarioResult::new("throughput", "T", "setup".into(), &[round]);
+        let mut md = String::new();
+        figure_table(&mut md, &s, columns("throughput"));
+        assert!(md.contains("| meshid | 1,234 |"), "{md}");
+        assert!(md.contains("| nginx | **failed** (1 of 1 runs) |"), "{md}");
+    }
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(number(123456.7), "123,457");
+        assert_eq!(number(-1500.0), "-1,500");
+        assert_eq!(number(15.25), "15.2");
+        assert_eq!(number(0.5), "0.50");
+        assert_eq!(number(f64::NAN), "n/a");
+    }
+}

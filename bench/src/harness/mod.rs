@@ -120,11 +120,7 @@ impl Ctx {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Guard {
-            name: name.into(),
-            child: Some(child),
-            log: log.to_path_buf(),
-        })
+        Ok(Guard::new(name, child, log))
     }
 
     /// Runs `cmd` (recorded) to completion and returns its stdout.
@@ -167,7 +163,77 @@ pub struct Guard {
     pub log: PathBuf,
 }
 
+/// Pids of every process the harness started and has not stopped yet.
+static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Directories to delete if the run is interrupted.
+static TEMP_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Deletes `dir` if the run is interrupted by a signal (a finished run cleans up by itself).
+pub fn remove_on_signal(dir: &Path) {
+    if let Ok(mut d) = TEMP_DIRS.lock() {
+        d.push(dir.to_path_buf());
+    }
+}
+
+/// Kills `pid` and its descendants.
+fn kill_tree(pid: u32) {
+    for p in crate::procfs::tree(pid).into_iter().rev() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// On SIGINT or SIGTERM, kills everything the harness started (nginx workers included), then exits:
+/// an interrupted run leaves no proxy behind.
+pub fn clean_up_on_signal() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let pids = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+            for pid in pids {
+                kill_tree(pid);
+            }
+            for dir in TEMP_DIRS.lock().map(|d| d.clone()).unwrap_or_default() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            eprintln!("bench-run: interrupted; stopped everything it had started");
+            std::process::exit(130);
+        });
+    });
+}
+
 impl Guard {
+    /// Takes charge of `child` (registered for clean-up on a signal).
+    pub fn new(name: &str, child: Child, log: &Path) -> Self {
+        if let Ok(mut l) = LIVE.lock() {
+            l.push(child.id());
+        }
+        Self {
+            name: name.into(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
@@ -204,6 +270,9 @@ impl Drop for Guard {
                     .status();
             }
             let _ = c.wait();
+            if let Ok(mut l) = LIVE.lock() {
+                l.retain(|p| *p != c.id());
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stats::{Summary, summarize};
 
@@ -11,18 +11,18 @@ use crate::stats::{Summary, summarize};
 pub type Figures = BTreeMap<String, f64>;
 
 /// One run of one contender.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub round: usize,
     pub figures: Figures,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub detail: serde_json::Value,
 }
 
 /// Every run of one contender and the summary of each figure.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ContenderResult {
     pub runs: Vec<Run>,
     pub summary: BTreeMap<String, Summary>,
@@ -32,7 +32,7 @@ pub struct ContenderResult {
 }
 
 /// A target from the issue, checked.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     pub scenario: String,
     pub target: String,
@@ -43,7 +43,7 @@ pub struct Check {
 }
 
 /// One scenario's results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     pub id: String,
     pub title: String,
@@ -97,6 +97,33 @@ impl ScenarioResult {
             ratio_runs: BTreeMap::new(),
             checks: Vec::new(),
             notes: Vec::new(),
+        }
+    }
+
+    /// The runs regrouped by round (`rounds[round][contender]`).
+    pub fn rounds(&self) -> Vec<BTreeMap<String, Run>> {
+        let mut out: Vec<BTreeMap<String, Run>> = Vec::new();
+        for (name, c) in &self.contenders {
+            for r in &c.runs {
+                if out.len() <= r.round {
+                    out.resize_with(r.round + 1, BTreeMap::new);
+                }
+                out[r.round].insert(name.clone(), r.clone());
+            }
+        }
+        out
+    }
+
+    /// Adds `meshid/<other> <figure>` for nginx and haproxy, per round, unless already there.
+    pub fn add_meshid_ratios(&mut self, figures: &[&str]) {
+        let rounds = self.rounds();
+        for other in ["nginx", "haproxy"] {
+            for f in figures {
+                let name = format!("meshid/{other} {f}");
+                if !self.ratio_runs.contains_key(&name) {
+                    self.add_ratio(&name, &rounds, |r| ratio_of(r, "meshid", other, f));
+                }
+            }
         }
     }
 
@@ -163,4 +190,56 @@ pub fn fig(round: &BTreeMap<String, Run>, contender: &str, fig: &str) -> Option<
 pub fn ratio_of(round: &BTreeMap<String, Run>, a: &str, b: &str, f: &str) -> Option<f64> {
     let (x, y) = (fig(round, a, f)?, fig(round, b, f)?);
     (y != 0.0).then(|| x / y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(round: usize, figs: &[(&str, f64)], error: Option<&str>) -> Run {
+        Run {
+            round,
+            figures: figs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            error: error.map(str::to_owned),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    fn rounds() -> Vec<BTreeMap<String, Run>> {
+        (0..3)
+            .map(|i| {
+                let mut r = BTreeMap::new();
+                r.insert("meshid".into(), run(i, &[("rps", 30.0 + i as f64)], None));
+                r.insert("nginx".into(), run(i, &[("rps", 20.0)], None));
+                r.insert("haproxy".into(), run(i, &[], Some("did not listen")));
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn summaries_ratios_and_failures() {
+        let runs = rounds();
+        let mut s = ScenarioResult::new("t", "T", "setup".into(), &runs);
+        assert_eq!(s.median("meshid", "rps"), Some(31.0));
+        assert!(s.contenders["haproxy"].failed);
+        assert_eq!(s.contenders["haproxy"].failed_runs, 3);
+        assert_eq!(s.median("haproxy", "rps"), None);
+
+        let r = s.add_ratio("meshid/nginx rps", &runs, |r| {
+            ratio_of(r, "meshid", "nginx", "rps")
+        });
+        assert_eq!(r.map(|r| (r.min, r.median, r.max)), Some((1.5, 1.55, 1.6)));
+        let none = s.add_ratio("meshid/haproxy rps", &runs, |r| {
+            ratio_of(r, "meshid", "haproxy", "rps")
+        });
+        assert!(none.is_none(), "a failed contender gives no ratio");
+
+        s.check("x >= 1.3", r.map(|r| r.median), "1.55x".into(), |x| {
+            x >= 1.3
+        });
+        s.check("y", none.map(|r| r.median), String::new(), |x| x >= 1.0);
+        assert_eq!(s.checks[0].met, Some(true));
+        assert_eq!(s.checks[1].met, None, "reported as failed, not dropped");
+    }
 }

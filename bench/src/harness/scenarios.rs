@@ -223,6 +223,7 @@ fn throughput_in(ctx: &Ctx, pki: &BenchPki, mode: Mode) -> ScenarioResult {
             ratio_of(r, "meshid", other, "proxy_app_cpu_ratio")
         });
     }
+    res.add_meshid_ratios(ratio_figures(id));
     for c in Contender::PROXIES {
         res.add_ratio(
             &format!("{}/direct requests_per_second", c.name()),
@@ -265,6 +266,26 @@ fn throughput_in(ctx: &Ctx, pki: &BenchPki, mode: Mode) -> ScenarioResult {
     );
     saturation_notes(&mut res, &["meshid", "nginx", "haproxy"]);
     res
+}
+
+/// The figures reported as meshid/nginx and meshid/haproxy ratios, per scenario.
+pub fn ratio_figures(id: &str) -> &'static [&'static str] {
+    match id {
+        "throughput" | "throughput_tcp" => &[
+            "requests_per_second",
+            "proxy_cpu_us_per_request",
+            "proxy_app_cpu_ratio",
+        ],
+        "latency" => &["added_p50_us", "added_p90_us", "added_p99_us"],
+        "handshakes" => &["handshakes_per_second", "terminator_cpu_us_per_handshake"],
+        "memory" => &[
+            "idle_rss_kib",
+            "idle_anon_kib",
+            "per_connection_rss_kib",
+            "per_connection_anon_kib",
+        ],
+        _ => &[],
+    }
 }
 
 /// Notes any contender whose measurement may have been limited by the load generator.
@@ -341,6 +362,7 @@ pub fn latency(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         ),
         &runs,
     );
+    res.add_meshid_ratios(ratio_figures("latency"));
     for p in ["p50", "p90"] {
         let key = format!("added_{p}_us");
         let (m, n) = (res.median("meshid", &key), res.median("nginx", &key));
@@ -430,6 +452,7 @@ pub fn handshakes(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
             |r| ratio_of(r, other, "meshid", "terminator_cpu_us_per_handshake"),
         );
     }
+    res.add_meshid_ratios(ratio_figures("handshakes"));
     let v = res
         .ratios
         .get("meshid/nginx handshakes_per_second")
@@ -485,6 +508,7 @@ pub fn memory(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         ),
         &runs,
     );
+    res.add_meshid_ratios(ratio_figures("memory"));
     let v = res.median("meshid", "idle_rss_kib");
     res.check(
         "idle sidecar RSS <= 8 MB (8,000,000 bytes)",
@@ -522,11 +546,7 @@ fn memory_run(ctx: &Ctx, pki: &BenchPki, t: &mut Running, n: usize) -> Result<(F
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
-    let mut load = Guard {
-        name: "meshload --hold".into(),
-        child: Some(child),
-        log,
-    };
+    let mut load = Guard::new("meshload --hold", child, &log);
     let stdout = load
         .child
         .as_mut()
