@@ -108,10 +108,7 @@ impl CaState {
                 Method::JoinToken,
                 self.join.lookup(token).map(Authenticated::Join),
             ),
-            None => match peer
-                .and_then(|p| p.certificates.as_ref())
-                .and_then(|c| c.first())
-            {
+            None => match peer.and_then(|p| p.leaf_identity.as_deref()) {
                 Some(leaf) => {
                     let td = self.authority.load().trust_domain.clone();
                     let result = auth::authenticate_renewal(leaf, &td, OffsetDateTime::now_utc())

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use meshid_proto::io::Coalesce;
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -55,11 +56,23 @@ pub fn serving_cert(
     authority: &Authority,
     sans: &[String],
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
+    issue_serving_cert(authority, sans, "meshid-ca", SERVING_CERT_LIFETIME)
+}
+
+/// Issues a serverAuth certificate for `sans` (DNS names or IPs) from the active intermediate, with
+/// a fresh P-256 key: (leaf + intermediate, key). Its lifetime is `lifetime`, capped by the
+/// intermediate's not-after.
+pub fn issue_serving_cert(
+    authority: &Authority,
+    sans: &[String],
+    common_name: &str,
+    lifetime: Duration,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsSetupError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params
         .distinguished_name
-        .push(DnType::CommonName, "meshid-ca");
+        .push(DnType::CommonName, common_name);
     for san in sans {
         let entry = match san.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
@@ -77,8 +90,11 @@ pub fn serving_cert(
     params.serial_number = Some(random_serial());
     let now = OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(1);
-    params.not_after =
-        (now + crate::signer::to_time(SERVING_CERT_LIFETIME)).min(authority.intermediate_not_after);
+    params.not_after = now
+        .checked_add(crate::signer::to_time(lifetime))
+        .map_or(authority.intermediate_not_after, |t| {
+            t.min(authority.intermediate_not_after)
+        });
     let cert = params.signed_by(&key, &authority.issuer)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     Ok((
@@ -117,11 +133,14 @@ pub struct PeerInfo {
     pub remote_addr: SocketAddr,
     /// The client's verified certificate chain (leaf first), if it sent one.
     pub certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The leaf's identity, parsed once per connection (renewals on one connection reuse it).
+    pub leaf_identity: Option<Arc<Result<meshid_proto::CertIdentity, String>>>,
 }
 
 /// An accepted TLS connection, handed to tonic.
 pub struct TlsConn {
-    stream: TlsStream<TcpStream>,
+    /// Writes coalesced until h2 flushes: one TLS record and one `writev` per response, not three.
+    stream: Coalesce<TlsStream<TcpStream>>,
     info: PeerInfo,
     _permit: tokio::sync::OwnedSemaphorePermit,
     metrics: Metrics,
@@ -241,17 +260,21 @@ pub fn incoming(
                         return;
                     }
                 };
-                let certificates = stream
+                let certificates: Option<Arc<Vec<CertificateDer<'static>>>> = stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                let leaf_identity = certificates.as_ref().and_then(|c| c.first()).map(|leaf| {
+                    Arc::new(meshid_proto::cert_identity_from_der(leaf).map_err(|e| e.to_string()))
+                });
                 metrics.connections_open.inc();
                 let conn = TlsConn {
-                    stream,
+                    stream: Coalesce::new(stream),
                     info: PeerInfo {
                         remote_addr,
                         certificates,
+                        leaf_identity,
                     },
                     _permit: permit,
                     metrics,

@@ -1,8 +1,10 @@
 //! The meshid contract: the CA's gRPC API, the SPIFFE ID type, and reading a workload's identity out
-//! of its certificate. Pure code (no sockets, no runtime) shared by the CA and the sidecar.
+//! of its certificate, shared by the CA and the sidecar; plus the one I/O adapter both put under their TLS
+//! streams ([`io::Coalesce`]). No sockets, no runtime.
 
 pub mod duration;
 pub mod identity;
+pub mod io;
 pub mod spiffe;
 
 pub use duration::parse_duration;

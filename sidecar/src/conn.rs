@@ -89,6 +89,8 @@ where
             return Ok(total);
         }
         to.write_all(&buf[..n]).await?;
+        // Writers may buffer (TLS records, coalescing): what was read is sent now.
+        to.flush().await?;
         total += n as u64;
         activity.store(now_millis(start), Ordering::Relaxed);
     }

@@ -257,6 +257,8 @@ where
         let shared = ctx.clone();
         async move { Ok::<_, Infallible>(inbound_request(req, &peer, &http, &shared).await) }
     };
+    // One TLS record per flush instead of one per h2 frame or h1 head/body write.
+    let io = meshid_proto::io::Coalesce::new(io);
     serve_connection(io, shared, deadline, svc).await;
 }
 

@@ -77,7 +77,7 @@ impl H2Upstream {
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(meshid_proto::io::Coalesce::new(tls)))
             .await
             .map_err(io::Error::other)?;
         let upstream = self.spec.remote.clone();

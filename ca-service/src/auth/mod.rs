@@ -111,11 +111,11 @@ impl AuthError {
 /// Renewal: the caller's current certificate, whose chain the TLS layer already verified against the
 /// bundle. Checks it is a workload identity of this trust domain and still valid now.
 pub fn authenticate_renewal(
-    leaf_der: &[u8],
+    leaf: &Result<meshid_proto::CertIdentity, String>,
     trust_domain: &TrustDomain,
     now: OffsetDateTime,
 ) -> Result<SpiffeId, AuthError> {
-    let info = meshid_proto::cert_identity_from_der(leaf_der).map_err(|e| {
+    let info = leaf.as_ref().map_err(|e| {
         AuthError::unauthenticated(
             Reason::CertificateIdentity,
             format!("client certificate: {e}"),
@@ -133,5 +133,5 @@ pub fn authenticate_renewal(
             "client certificate identity is outside this trust domain",
         ));
     }
-    Ok(info.id)
+    Ok(info.id.clone())
 }

@@ -2,7 +2,7 @@
 //! bundle version each acknowledged, which authority each one's certificate chains to, and the live
 //! certificates each authority has issued.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
@@ -49,8 +49,36 @@ pub struct Fleet {
 #[derive(Debug, Default)]
 struct Inner {
     sidecars: HashMap<String, Sidecar>,
-    /// authority name -> not-after of each certificate issued.
-    issued: HashMap<String, Vec<i64>>,
+    /// authority name -> live certificates it issued, counted per not-after second.
+    issued: HashMap<String, Expiries>,
+}
+
+/// Certificates counted by their not-after second: recording one and dropping the expired ones cost
+/// O(log n), however many certificates are live (a busy CA issues thousands per second).
+#[derive(Debug, Default)]
+struct Expiries {
+    by_second: BTreeMap<i64, u64>,
+    live: u64,
+}
+
+impl Expiries {
+    fn prune(&mut self, now: i64) {
+        while let Some(entry) = self.by_second.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            self.live -= entry.remove();
+        }
+    }
+
+    fn add(&mut self, not_after: i64) {
+        *self.by_second.entry(not_after).or_default() += 1;
+        self.live += 1;
+    }
+
+    fn latest(&self) -> i64 {
+        self.by_second.last_key_value().map_or(0, |(t, _)| *t)
+    }
 }
 
 /// The authority a chain belongs to: the first whose root verifies it.
@@ -123,9 +151,18 @@ impl Fleet {
     /// Records a certificate issued under `authority`.
     pub fn issued(&self, authority: &str, not_after: i64, now: i64) {
         let mut inner = self.lock();
-        let list = inner.issued.entry(authority.to_owned()).or_default();
-        list.retain(|t| *t > now);
-        list.push(not_after);
+        if !inner.issued.contains_key(authority) {
+            inner
+                .issued
+                .insert(authority.to_owned(), Expiries::default());
+        }
+        let Some(expiries) = inner.issued.get_mut(authority) else {
+            return;
+        };
+        expiries.prune(now);
+        if not_after > now {
+            expiries.add(not_after);
+        }
     }
 
     /// The connected sidecars and the live certificates per authority.
@@ -154,13 +191,13 @@ impl Fleet {
         let issued = inner
             .issued
             .iter_mut()
-            .map(|(name, list)| {
-                list.retain(|t| *t > now);
+            .map(|(name, expiries)| {
+                expiries.prune(now);
                 (
                     name.clone(),
                     IssuedView {
-                        live: list.len(),
-                        latest_not_after: list.iter().copied().max().unwrap_or(0),
+                        live: usize::try_from(expiries.live).unwrap_or(usize::MAX),
+                        latest_not_after: expiries.latest(),
                     },
                 )
             })
@@ -180,6 +217,10 @@ mod tests {
         f.ack("a", 3, "spiffe://td/a".into(), Some("1".into()), 500, 100);
         f.issued("1", 500, 100);
         f.issued("1", 150, 100);
+        f.issued("1", 150, 100);
+        f.issued("1", 90, 100);
+        let (_, i) = f.report(120);
+        assert_eq!(i["1"].live, 3, "expired at issue time is not live");
         let (s, i) = f.report(200);
         assert_eq!(s.len(), 1);
         assert!(s[0].connected);
