@@ -3,10 +3,8 @@
 # Build from the repository root:  docker build -f docker/ca.Dockerfile -t ghcr.io/meshid/ca:0.1.0 .
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-# aws-lc-rs builds its C core with cmake and a C compiler.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake clang \
- && rm -rf /var/lib/apt/lists/*
+# No extra packages: aws-lc-sys builds its C core with the image's gcc through the cc crate
+# (no cmake, clang or bindgen on x86_64/aarch64 Linux), as on a plain Debian bookworm machine.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -3,9 +3,8 @@
 #   docker build -f docker/sidecar.Dockerfile -t ghcr.io/meshid/sidecar:0.1.0 .
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake clang \
- && rm -rf /var/lib/apt/lists/*
+# No extra packages: aws-lc-sys builds its C core with the image's gcc through the cc crate
+# (no cmake, clang or bindgen on x86_64/aarch64 Linux), as on a plain Debian bookworm machine.
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

@@ -48,6 +48,63 @@ pub enum Command {
         #[command(subcommand)]
         command: RotateCommand,
     },
+    /// Issue the sidecar injector's serving certificate (offline, from the active intermediate):
+    /// writes tls.crt (leaf + intermediate) and tls.key for `kubectl create secret tls`.
+    WebhookCert(WebhookCertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WebhookCertArgs {
+    /// CA directory (from `meshid-ca init`).
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// DNS name of the injector's Service (repeatable), e.g. meshid-injector.meshid.svc.
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns: Vec<String>,
+    /// Directory to write tls.crt and tls.key into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+    /// Certificate lifetime (capped by the intermediate's expiry).
+    #[arg(long, default_value = "365d")]
+    pub ttl: String,
+    /// Replace existing tls.crt/tls.key.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl WebhookCertArgs {
+    /// Checks the names, lifetime and CA directory; returns every problem at once.
+    pub fn parse(&self) -> Result<(Vec<String>, Duration), Vec<String>> {
+        let mut p = Problems::default();
+        let ttl = p.check("--ttl", parse_duration(&self.ttl));
+        if ttl.is_some_and(|t| t < Duration::from_secs(3600)) {
+            p.0.push("--ttl: must be at least 1h".into());
+        }
+        let dns: Vec<String> = self
+            .dns
+            .iter()
+            .map(|d| d.trim().to_owned())
+            .filter(|d| !d.is_empty())
+            .collect();
+        if dns.is_empty() {
+            p.0.push(
+                "--dns: name the injector's Service, e.g. --dns meshid-injector.meshid.svc".into(),
+            );
+        }
+        for d in &dns {
+            let syntactic = rustls_pki_types::DnsName::try_from(d.as_str()).is_ok();
+            if !syntactic || d.parse::<std::net::IpAddr>().is_ok() || d.ends_with('.') {
+                p.0.push(format!("--dns: {d:?} is not a DNS name"));
+            }
+        }
+        if !self.dir.join("ca.json").is_file() {
+            p.0.push(format!("--dir: {} holds no CA", self.dir.display()));
+        }
+        match ttl {
+            Some(ttl) if p.0.is_empty() => Ok((dns, ttl)),
+            _ => Err(p.0),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

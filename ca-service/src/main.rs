@@ -1,4 +1,4 @@
-//! `meshid-ca`: init a CA, serve it, create join tokens. Bad configuration exits with code 64 after
+//! `meshid-ca`: init a CA, serve it, create join tokens, rotate, issue the injector's certificate. Bad configuration exits with code 64 after
 //! naming every bad setting.
 
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use meshid_ca::auth::JoinTokenStore;
 use meshid_ca::authority::{self, ImportedRoot};
-use meshid_ca::cli::{Cli, Command, EXIT_USAGE, RotateCommand, TokenCommand};
+use meshid_ca::cli::{Cli, Command, EXIT_USAGE, RotateCommand, TokenCommand, WebhookCertArgs};
 use meshid_ca::rotation;
 use prometheus_client::registry::Registry;
 
@@ -90,6 +90,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Rotate { command } => rotate(command),
+        Command::WebhookCert(args) => webhook_cert(&args),
         Command::Serve(args) => {
             let config = args.into_config().map_err(Failure::Usage)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -106,6 +107,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn webhook_cert(args: &WebhookCertArgs) -> Result<(), Failure> {
+    use meshid_ca::inject::serving::{self, ServingError};
+    let (dns, ttl) = args.parse().map_err(Failure::Usage)?;
+    let authority = meshid_ca::authority::Authority::load(&args.dir)
+        .map_err(|e| Failure::Usage(vec![format!("--dir: {e}")]))?;
+    let usage = |flag: &str, e: ServingError| match e {
+        ServingError::Io { .. } => Failure::Runtime(e.into()),
+        e => Failure::Usage(vec![format!("{flag}: {e}")]),
+    };
+    let cert = serving::issue_webhook_cert(&authority, &dns, ttl).map_err(|e| usage("--dns", e))?;
+    let (crt, key) =
+        serving::write_pair(&args.out_dir, &cert, args.force).map_err(|e| usage("--out-dir", e))?;
+    println!(
+        "issued the injector's serving certificate for {}",
+        dns.join(", ")
+    );
+    println!("  certificate (leaf + intermediate): {}", crt.display());
+    println!("  private key (mode 0600):           {}", key.display());
+    println!("  expires:                           {}", cert.not_after);
+    if cert.not_after < authority.intermediate_not_after {
+        println!(
+            "renew it before then: run this command again with --force and replace the Secret"
+        );
+    } else {
+        println!(
+            "capped by the intermediate's expiry: renew it after the next `meshid-ca rotate intermediate`"
+        );
+    }
+    Ok(())
 }
 
 fn rotate(command: RotateCommand) -> Result<(), Failure> {

@@ -6,8 +6,14 @@
 #  2. helm lint --strict (each values set) and a values.schema.json check (wrong type, unknown key);
 #  3. kubernetes-validate --strict against Kubernetes 1.30 and the newest schema it ships (1.37),
 #     for every rendered object and for the pods the injector produces (inject_webhook test output);
-#  4. checkov (framework kubernetes) with zero failures outside the skip list below.
-# Needs scripts/k8s/install-tools.sh (run it first); uses cargo for the injected pods.
+#  4. checkov (framework kubernetes) with zero failures outside the skip list below;
+#  5. the Dockerfiles in docker/ without a Docker engine: hadolint (zero findings outside the ignore
+#     list below), checkov --framework dockerfile (zero failures outside its skip list), every
+#     binary the runtime stages copy is one the workspace builds (cargo metadata), the image
+#     entrypoints and the chart's commands name copied binaries, and the runtime user is a numeric
+#     non-root uid:gid.
+# Needs scripts/k8s/install-tools.sh (run it first); uses cargo for the injected pods (honours
+# CARGO_TARGET_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TOOLS="$PWD/.tools/k8s"
@@ -22,12 +28,20 @@ SKIPS=(
   CKV_K8S_43 # image digests: optional (image.caDigest/sidecarDigest); tags are the default
   CKV_K8S_15 # imagePullPolicy Always: a value (image.pullPolicy); IfNotPresent suits pinned tags
 )
+# hadolint rules ignored for docker/*.Dockerfile, each with the reason (empty: none needed).
+HADOLINT_IGNORES=(
+)
+# checkov dockerfile checks skipped, each with the reason:
+DOCKER_SKIPS=(
+  CKV_DOCKER_2 # HEALTHCHECK: Kubernetes ignores it and probes the pods (chart, injected sidecar);
+               # distroless images have no shell or curl to run one
+)
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 # Fixtures: a real CA's bundle and an (empty) JWKS, as the platform team would pass them.
 "${CARGO:-cargo}" build -q -p meshid-ca --bin meshid-ca
-target/debug/meshid-ca init --dir "$OUT/ca" --trust-domain cluster.local >/dev/null
+"${CARGO_TARGET_DIR:-target}/debug/meshid-ca" init --dir "$OUT/ca" --trust-domain cluster.local >/dev/null
 echo '{"keys":[]}' >"$OUT/jwks.json"
 REQUIRED=(--set ca.existingSecret=meshid-ca --set-file "ca.trustBundle=$OUT/ca/bundle.pem" --set-file "ca.jwks=$OUT/jwks.json")
 
@@ -61,6 +75,27 @@ expect_fail "no trust bundle" "ca.trustBundle is required" --set ca.existingSecr
 expect_fail "unknown key" "additional properties 'replica' not allowed\|replica" "${REQUIRED[@]}" --set ca.replica=2
 expect_fail "wrong type" "replicas" "${REQUIRED[@]}" --set ca.replicas=two
 expect_fail "bad enum" "failurePolicy" "${REQUIRED[@]}" --set injector.failurePolicy=Sometimes
+expect_fail "per-namespace bundles (gone)" "trustBundle.namespaces is gone" "${REQUIRED[@]}" --set 'trustBundle.namespaces={shop}'
+expect_fail "unknown injector.tls key" "injector" "${REQUIRED[@]}" --set injector.tls.secret=x
+
+echo "== injector: own TLS Secret, no CA key, one bundle ConfigMap"
+"$VENV/python" - "$OUT/render/defaults/all.yaml" <<'PY' || fail "injector wiring"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+inj = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-injector"))
+pod = inj["spec"]["template"]["spec"]
+secrets = [v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v]
+assert secrets == ["meshid-injector-tls"], secrets
+keys = [i["key"] for v in pod["volumes"] if "secret" in v for i in v["secret"]["items"]]
+assert sorted(keys) == ["tls.crt", "tls.key"], keys
+args = pod["containers"][0]["args"]
+assert not any(a.startswith(("--ca-dir", "--san")) for a in args), args
+for flag in ("--tls-cert=", "--tls-key=", "--trust-bundle="):
+    assert any(a.startswith(flag) for a in args), (flag, args)
+cms = [d for d in docs if d["kind"] == "ConfigMap" and "bundle.pem" in d.get("data", {})]
+assert [c["metadata"]["namespace"] for c in cms] == ["meshid"], cms
+print("injector mounts meshid-injector-tls (tls.crt, tls.key) and the bundle; no CA Secret; one bundle ConfigMap")
+PY
 
 echo "== injected pods (inject_webhook test output)"
 mkdir -p "$OUT/injected"
@@ -105,4 +140,81 @@ for d in "$OUT"/render/*; do
     --skip-download >"$OUT/checkov.txt" 2>"$OUT/checkov.err" || { cat "$OUT/checkov.txt"; fail "checkov $(basename "$d")"; }
   echo "checkov $(basename "$d"): $(grep -o 'Passed checks: [0-9]*, Failed checks: [0-9]*, Skipped checks: [0-9]*' "$OUT/checkov.txt")"
 done
+echo "== Dockerfiles (static: no Docker engine here)"
+ignore=()
+for r in "${HADOLINT_IGNORES[@]}"; do ignore+=(--ignore "$r"); done
+"$VENV/hadolint" --no-color --failure-threshold style "${ignore[@]}" docker/*.Dockerfile ||
+  fail "hadolint"
+echo "hadolint $("$VENV/hadolint" --version | grep -o '[0-9][0-9.]*' | head -1): no findings in $(ls docker/*.Dockerfile | wc -l) Dockerfiles (ignored: ${HADOLINT_IGNORES[*]:-none})"
+dskip="$(IFS=,; echo "${DOCKER_SKIPS[*]}")"
+"$VENV/checkov" -d docker/ --framework dockerfile --skip-check "$dskip" --compact --quiet \
+  --skip-download >"$OUT/checkov-docker.txt" 2>"$OUT/checkov-docker.err" || { cat "$OUT/checkov-docker.txt"; fail "checkov dockerfile"; }
+echo "checkov dockerfile: $(grep -o 'Passed checks: [0-9]*, Failed checks: [0-9]*, Skipped checks: [0-9]*' "$OUT/checkov-docker.txt")"
+"${CARGO:-cargo}" metadata --no-deps --format-version 1 >"$OUT/metadata.json"
+"$VENV/python" - "$OUT/metadata.json" "$OUT/render/defaults/all.yaml" docker/*.Dockerfile <<'PY' || fail "Dockerfile contents"
+import json, re, shlex, sys, yaml
+meta, rendered, dockerfiles = sys.argv[1], sys.argv[2], sys.argv[3:]
+bins = {t["name"] for p in json.load(open(meta))["packages"] for t in p["targets"] if "bin" in t["kind"]}
+problems, images = [], {}
+for path in dockerfiles:
+    text = re.sub(r"\\\n", " ", open(path).read())  # join continuation lines
+    lines = [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
+    stages, cur = [], None
+    for l in lines:
+        word, _, rest = l.partition(" ")
+        if word.upper() == "FROM":
+            cur = {"from": rest, "lines": []}
+            stages.append(cur)
+        elif cur is not None:
+            cur["lines"].append((word.upper(), rest.strip()))
+    build = " ".join(r for st in stages[:-1] for w, r in st["lines"] if w == "RUN")
+    built = set(re.findall(r"--bin\s+([A-Za-z0-9_-]+)", build))
+    runtime = stages[-1]
+    copied = {}
+    for w, r in runtime["lines"]:
+        if w != "COPY":
+            continue
+        args = shlex.split(r)
+        if not any(a.startswith("--from=") for a in args):
+            continue
+        paths = [a for a in args if not a.startswith("--")]
+        dest = paths[-1]
+        for src in paths[:-1]:
+            name = src.rstrip("/").rsplit("/", 1)[-1]
+            if name not in bins:
+                problems.append(f"{path}: COPY --from {src}: {name} is not a bin target of the workspace ({sorted(bins)})")
+            if name not in built:
+                problems.append(f"{path}: COPY --from {src}: the build stage does not build --bin {name}")
+            copied[dest.rstrip("/") + "/" + name if dest.endswith("/") else dest] = name
+    if not copied:
+        problems.append(f"{path}: the runtime stage copies no binary from the build stage")
+    users = [r for w, r in runtime["lines"] if w == "USER"]
+    if not users or not re.fullmatch(r"[1-9][0-9]*(:[1-9][0-9]*)?", users[-1]):
+        problems.append(f"{path}: runtime USER {users[-1] if users else None!r} is not a numeric non-root uid[:gid]")
+    entry = [r for w, r in runtime["lines"] if w == "ENTRYPOINT"]
+    if not entry:
+        problems.append(f"{path}: no ENTRYPOINT")
+    else:
+        exe = json.loads(entry[-1])[0]
+        if exe not in copied:
+            problems.append(f"{path}: ENTRYPOINT {exe} is not a copied binary ({sorted(copied)})")
+    images[path.rsplit("/", 1)[-1]] = copied
+    verdict = "problems below" if any(p.startswith(path) for p in problems) else "workspace bins, all built"
+    print(f"{path}: runtime copies {', '.join(sorted(copied.values()))} ({verdict}); USER {users[-1] if users else '-'}")
+# The chart runs the CA image with explicit commands: each must be in that image.
+ca = images.get("ca.Dockerfile", {})
+for d in yaml.safe_load_all(open(rendered)):
+    if not d or d.get("kind") != "Deployment":
+        continue
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        for exe in c.get("command", [])[:1]:
+            if exe not in ca:
+                problems.append(f"chart {d['metadata']['name']}: command {exe} is not in docker/ca.Dockerfile's image")
+sidecar = images.get("sidecar.Dockerfile", {})
+if "/usr/local/bin/meshid-sidecar" not in sidecar:
+    problems.append("docker/sidecar.Dockerfile: the injected sidecar relies on meshid-sidecar as the image's entrypoint")
+for p in problems:
+    print("FAIL:", p, file=sys.stderr)
+sys.exit(1 if problems else 0)
+PY
 echo "k8s check: all passed"

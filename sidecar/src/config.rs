@@ -67,13 +67,21 @@ pub struct RunArgs {
     /// Trust bundle (PEM roots).
     #[arg(long, env = "MESHID_BUNDLE")]
     pub bundle: Option<PathBuf>,
-    /// CA mode: the CA's gRPC address (HOST:PORT). Needs --ca-bundle and --token-file or
-    /// --join-token-file; replaces --cert/--key/--bundle.
+    /// CA mode: the CA's gRPC address (HOST:PORT). Needs --ca-bundle (or --ca-bundle-pem) and
+    /// --token-file or --join-token-file; replaces --cert/--key/--bundle.
     #[arg(long, env = "MESHID_CA_ADDR")]
     pub ca_addr: Option<String>,
     /// Roots the CA's serving certificate chains to (PEM).
     #[arg(long, env = "MESHID_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
+    /// The same roots as PEM text instead of a file (the injector sets MESHID_CA_BUNDLE_PEM).
+    #[arg(
+        long,
+        env = "MESHID_CA_BUNDLE_PEM",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
+    pub ca_bundle_pem: Option<String>,
     /// Name to verify the CA's certificate against (default: the host of --ca-addr).
     #[arg(long, env = "MESHID_CA_SERVER_NAME")]
     pub ca_server_name: Option<String>,
@@ -270,6 +278,27 @@ pub fn parse_outbound(s: &str, allow_non_local: bool) -> Result<Outbound, String
     })
 }
 
+/// Roots from PEM text (`--ca-bundle-pem`): only CERTIFICATE blocks, at least one, each X.509.
+fn roots_from_pem(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::FromDer;
+    if pem.matches("-----BEGIN ").count() != pem.matches("-----BEGIN CERTIFICATE-----").count() {
+        return Err("holds a PEM block that is not a CERTIFICATE".into());
+    }
+    let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if roots.is_empty() {
+        return Err("no PEM certificate in the value".into());
+    }
+    for (i, root) in roots.iter().enumerate() {
+        x509_parser::certificate::X509Certificate::from_der(root)
+            .map_err(|e| format!("certificate {} is not X.509: {e}", i + 1))?;
+    }
+    Ok(roots)
+}
+
 /// The usual mistake with `--annotations`: the app listens on all addresses, so the sidecar cannot
 /// take the port on the pod IP (and the app would be reachable without it). Checked by a trial
 /// bind, released at once.
@@ -450,7 +479,37 @@ impl RunArgs {
                             .into(),
                     );
                 }
-                let ca_bundle = file(&mut problems, "ca-bundle", &self.ca_bundle);
+                let roots = match (&self.ca_bundle, &self.ca_bundle_pem) {
+                    (Some(_), Some(_)) => {
+                        problems.push(
+                            "--ca-bundle and --ca-bundle-pem (MESHID_CA_BUNDLE_PEM) are two \
+                             sources of the CA's roots; use one"
+                                .into(),
+                        );
+                        Vec::new()
+                    }
+                    (None, Some(pem)) => match roots_from_pem(pem) {
+                        Ok(roots) => roots,
+                        Err(e) => {
+                            problems.push(format!("--ca-bundle-pem (MESHID_CA_BUNDLE_PEM): {e}"));
+                            Vec::new()
+                        }
+                    },
+                    (_, None) => {
+                        let ca_bundle = file(&mut problems, "ca-bundle", &self.ca_bundle);
+                        if ca_bundle.is_file() {
+                            match crate::files::certs(&ca_bundle) {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    problems.push(format!("--ca-bundle: {e}"));
+                                    Vec::new()
+                                }
+                            }
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                };
                 let bootstrap = match (&self.token_file, &self.join_token_file) {
                     (Some(t), None) => Some(crate::identity::Bootstrap::TokenFile(t.clone())),
                     (None, Some(j)) => Some(crate::identity::Bootstrap::JoinTokenFile(j.clone())),
@@ -476,17 +535,6 @@ impl RunArgs {
                 if !valid_addr {
                     problems.push(format!("--ca-addr: {addr:?} is not HOST:PORT"));
                 }
-                let roots = if ca_bundle.is_file() {
-                    match crate::files::certs(&ca_bundle) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            problems.push(format!("--ca-bundle: {e}"));
-                            Vec::new()
-                        }
-                    }
-                } else {
-                    Vec::new()
-                };
                 match bootstrap {
                     Some(bootstrap) => CredSource::Ca(crate::identity::CaMode {
                         endpoint: crate::ca_client::CaEndpoint {
@@ -604,6 +652,64 @@ mod tests {
         ] {
             assert!(problems.contains(needle), "{needle} missing in {problems}");
         }
+    }
+
+    #[test]
+    fn ca_bundle_from_pem_text() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let bundle_file = dir.path().join("bundle.pem");
+        std::fs::write(&bundle_file, &root).unwrap();
+        let run = |extra: &[&str]| {
+            let mut argv = vec![
+                "meshid-sidecar",
+                "run",
+                "--outbound",
+                "127.0.0.1:9001=b.ns.svc:80,spiffe://td/b",
+                "--ca-addr",
+                "ca.meshid.svc:8443",
+                "--token-file",
+                token.to_str().unwrap(),
+            ];
+            argv.extend(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+            args.into_config().map_err(|p| p.join("\n"))
+        };
+        let config = run(&["--ca-bundle-pem", &root]).unwrap();
+        let CredSource::Ca(ca) = config.creds else {
+            panic!("CA mode")
+        };
+        assert_eq!(ca.endpoint.roots.len(), 1);
+        let key_pem = key.serialize_pem();
+        for (bad, needle) in [
+            ("garbage", "no PEM certificate"),
+            ("", "no PEM certificate"),
+            (key_pem.as_str(), "not a CERTIFICATE"),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "not X.509",
+            ),
+        ] {
+            let problems = run(&["--ca-bundle-pem", bad]).unwrap_err();
+            assert!(problems.contains("--ca-bundle-pem"), "{problems}");
+            assert!(problems.contains(needle), "{bad:?}: {problems}");
+        }
+        let both = run(&[
+            "--ca-bundle-pem",
+            &root,
+            "--ca-bundle",
+            bundle_file.to_str().unwrap(),
+        ]);
+        assert!(both.unwrap_err().contains("use one"));
+        let neither = run(&[]).unwrap_err();
+        assert!(neither.contains("--ca-bundle is required"), "{neither}");
     }
 
     #[test]

@@ -1,17 +1,22 @@
-//! `meshid-injector` as the API server sees it: HTTPS with a serving certificate from the meshid CA
-//! (verified here against the trust bundle, which the chart puts in the webhook's `caBundle`), an
-//! AdmissionReview in, a JSONPatch out; bad flags exit 64 naming every problem.
+//! `meshid-injector` as the API server sees it: HTTPS with a serving certificate from
+//! `meshid-ca webhook-cert` (verified here against the trust bundle, which the chart puts in the
+//! webhook's `caBundle`, and independently with `openssl verify`), an AdmissionReview in, a
+//! JSONPatch out carrying the trust bundle; a replaced certificate or bundle is picked up without a
+//! restart, a broken one is refused (at start: exit 64) or ignored (while running); bad flags exit
+//! 64 naming every problem.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use meshid_tests::process::{Proc, free_addr};
-use meshid_tests::tools::workspace_bin;
+use meshid_tests::tools::{run, workspace_bin};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,35 +67,102 @@ async fn https(
     Ok((code, body))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = dir.path().join("ca");
+/// `meshid-ca init` into `dir/ca`.
+fn init_ca(dir: &Path) -> PathBuf {
+    let ca_dir = dir.join("ca");
     let out = Command::new(workspace_bin("meshid-ca"))
         .args(["init", "--dir"])
         .arg(&ca_dir)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(ca_dir.join("bundle.pem"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-    let addr = free_addr("127.0.0.1");
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        Command::new(workspace_bin("meshid-injector"))
-            .arg("--ca-dir")
-            .arg(&ca_dir)
-            .args(["--listen", &addr.to_string(), "--san", SAN])
-            .args(["--sidecar-image", "registry.example/meshid/sidecar:0.1.0"])
-            .args(["--ca-addr", "meshid-ca.meshid.svc:8443"])
-            .env("MESHID_LOG", "warn"),
-    );
+    ca_dir
+}
+
+fn roots_of(ca_dir: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(ca_dir.join("bundle.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// `meshid-ca webhook-cert --dir CA --dns SAN --out-dir OUT EXTRA...`.
+fn webhook_cert(ca_dir: &Path, out_dir: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("meshid-ca"))
+        .args(["webhook-cert", "--dir"])
+        .arg(ca_dir)
+        .args(["--dns", SAN, "--out-dir"])
+        .arg(out_dir)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// A Secret volume as the kubelet lays it out: `tls.crt -> ..data/tls.crt`, `..data` -> a
+/// timestamped directory, swapped atomically by [`SecretVolume::update`].
+struct SecretVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path, files: &[(&str, Vec<u8>)]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut v = Self {
+            dir: dir.to_owned(),
+            generation: 0,
+        };
+        v.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+        v
+    }
+
+    fn update(&mut self, files: &[(&str, Vec<u8>)]) {
+        self.generation += 1;
+        let name = format!("..2026_11_22_12_00_00.{}", self.generation);
+        std::fs::create_dir(self.dir.join(&name)).unwrap();
+        for (file, contents) in files {
+            std::fs::write(self.dir.join(&name).join(file), contents).unwrap();
+        }
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&name, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn pair_files(dir: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("tls.crt", std::fs::read(dir.join("tls.crt")).unwrap()),
+        ("tls.key", std::fs::read(dir.join("tls.key")).unwrap()),
+    ]
+}
+
+fn injector(cert: &Path, key: &Path, bundle: &Path, listen: &str) -> Command {
+    let mut cmd = Command::new(workspace_bin("meshid-injector"));
+    cmd.arg("--tls-cert")
+        .arg(cert)
+        .arg("--tls-key")
+        .arg(key)
+        .arg("--trust-bundle")
+        .arg(bundle)
+        .args(["--listen", listen, "--reload-interval", "200ms"])
+        .args(["--server-name", SAN])
+        .args(["--sidecar-image", "registry.example/meshid/sidecar:0.1.0"])
+        .args(["--ca-addr", "meshid-ca.meshid.svc:8443"])
+        .env("MESHID_LOG", "warn");
+    cmd
+}
+
+async fn wait_healthy(addr: SocketAddr, roots: &[CertificateDer<'static>]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match https(addr, &roots, "GET", "/healthz", "").await {
+        match https(addr, roots, "GET", "/healthz", "").await {
             Ok((200, _)) => break,
             other => assert!(
                 std::time::Instant::now() < deadline,
@@ -99,6 +171,95 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The leaf certificate the server at `addr` presents (verified against `roots` for [`SAN`]).
+async fn served_leaf(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+) -> CertificateDer<'static> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(SAN).unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn review(pod: &Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "abc", "namespace": "shop", "operation": "CREATE",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "object": pod}
+    })
+    .to_string()
+}
+
+fn annotated_pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "web-", "namespace": "other",
+            "annotations": {"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http"}},
+        "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]},
+    })
+}
+
+/// The `MESHID_CA_BUNDLE_PEM` value in the injector's answer for `pod` on `/inject`.
+async fn injected_bundle(addr: SocketAddr, roots: &[CertificateDer<'static>]) -> String {
+    let (code, body) = https(addr, roots, "POST", "/inject", &review(&annotated_pod()))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().unwrap())
+        .unwrap();
+    let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+    let sidecar = ops
+        .iter()
+        .find(|o| o["path"] == "/spec/initContainers")
+        .unwrap();
+    let env = sidecar["value"][0]["env"].as_array().unwrap();
+    env.iter()
+        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    let out = webhook_cert(&ca_dir, &tls, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let addr = free_addr("127.0.0.1");
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        &mut injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        ),
+    );
+    wait_healthy(addr, &roots).await;
 
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -106,16 +267,6 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
             "annotations": {"meshid.io/inbound": "8080=http"}},
         "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]},
     });
-    let review = |pod: &Value| {
-        json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {"uid": "abc", "namespace": "shop", "operation": "CREATE",
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "object": pod}
-        })
-        .to_string()
-    };
     // The namespace-wide entry injects a pod without its own annotation.
     let (code, body) = https(addr, &roots, "POST", "/inject-namespace", &review(&pod))
         .await
@@ -142,6 +293,23 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
             .unwrap()
             .contains(&json!("meshid-ca.meshid.svc:8443"))
     );
+    // The trust bundle travels in the sidecar's environment: no ConfigMap in the pod's namespace.
+    let bundle_pem = std::fs::read_to_string(ca_dir.join("bundle.pem")).unwrap();
+    let env = sidecar["value"][0]["env"].as_array().unwrap();
+    let injected = env
+        .iter()
+        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
+        .unwrap();
+    assert_eq!(
+        injected["value"].as_str().unwrap().trim(),
+        bundle_pem.trim()
+    );
+    assert!(
+        !sidecar["value"][0]["volumeMounts"]
+            .to_string()
+            .contains("bundle"),
+        "no bundle volume: {sidecar}"
+    );
     // The per-pod entry does not inject it: no annotation asks for it.
     let (_, body) = https(addr, &roots, "POST", "/inject", &review(&pod))
         .await
@@ -158,16 +326,368 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
 #[test]
 fn bad_flags_exit_64_naming_each() {
     let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
     let out = Command::new(workspace_bin("meshid-injector"))
-        .arg("--ca-dir")
-        .arg(dir.path().join("missing"))
-        .args(["--listen", "nope", "--san", SAN, "--sidecar-image", "x"])
-        .args(["--ca-addr", "ca:1", "--token-expiration-seconds", "60"])
+        .arg("--tls-cert")
+        .arg(missing.join("c"))
+        .arg("--tls-key")
+        .arg(missing.join("k"))
+        .arg("--trust-bundle")
+        .arg(missing.join("b"))
+        .args(["--listen", "nope", "--reload-interval", "0s"])
+        .args(["--sidecar-image", "x", "--ca-addr", "ca:1"])
+        .args(["--token-expiration-seconds", "60"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for flag in ["--listen", "--token-expiration-seconds", "--ca-dir"] {
+    for flag in [
+        "--listen",
+        "--token-expiration-seconds",
+        "--reload-interval",
+        "--tls-cert",
+        "--tls-key",
+        "--trust-bundle",
+    ] {
         assert!(stderr.contains(flag), "{flag} missing from {stderr}");
     }
+    // The CA directory is no longer an input.
+    let out = injector(
+        &missing.join("c"),
+        &missing.join("k"),
+        &missing.join("b"),
+        "nope",
+    )
+    .arg("--ca-dir")
+    .arg(&missing)
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+}
+
+#[cfg_attr(not(have_openssl), ignore = "openssl is not installed")]
+#[test]
+fn webhook_cert_passes_openssl_verify_with_the_dns_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let out_dir = dir.path().join("out");
+    let out = webhook_cert(
+        &ca_dir,
+        &out_dir,
+        &[
+            "--dns",
+            "meshid-injector.meshid.svc.cluster.local",
+            "--ttl",
+            "30d",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tls.crt"), "{stdout}");
+    for f in ["tls.crt", "tls.key"] {
+        let mode = std::fs::metadata(out_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(out_dir.join("tls.crt"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    assert_eq!(chain.len(), 2, "leaf + intermediate");
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    std::fs::write(path("leaf.pem"), meshid_tests::pki::pem(&chain[0])).unwrap();
+    std::fs::write(path("inter.pem"), meshid_tests::pki::pem(&chain[1])).unwrap();
+    for host in [SAN, "meshid-injector.meshid.svc.cluster.local"] {
+        let (ok, text) = run(Command::new("openssl").args([
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-verify_hostname",
+            host,
+            "-CAfile",
+            ca_dir.join("bundle.pem").to_str().unwrap(),
+            "-untrusted",
+            &path("inter.pem"),
+            &path("leaf.pem"),
+        ]));
+        assert!(ok, "openssl verify for {host}: {text}");
+    }
+    let (ok, text) = run(Command::new("openssl").args([
+        "verify",
+        "-verify_hostname",
+        "other.meshid.svc",
+        "-CAfile",
+        ca_dir.join("bundle.pem").to_str().unwrap(),
+        "-untrusted",
+        &path("inter.pem"),
+        &path("leaf.pem"),
+    ]));
+    assert!(!ok, "a name that was not asked for: {text}");
+    let (ok, text) = run(Command::new("openssl").args([
+        "x509",
+        "-noout",
+        "-ext",
+        "subjectAltName,extendedKeyUsage",
+        "-enddate",
+        "-in",
+        &path("leaf.pem"),
+    ]));
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("DNS:{SAN}")), "{text}");
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+    // The key matches the leaf.
+    let (ok, cert_pub) =
+        run(Command::new("openssl").args(["x509", "-noout", "-pubkey", "-in", &path("leaf.pem")]));
+    assert!(ok, "{cert_pub}");
+    let (ok, key_pub) = run(Command::new("openssl").args([
+        "pkey",
+        "-pubout",
+        "-in",
+        out_dir.join("tls.key").to_str().unwrap(),
+    ]));
+    assert!(ok, "{key_pub}");
+    assert_eq!(cert_pub, key_pub);
+}
+
+#[test]
+fn webhook_cert_refuses_bad_input_and_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let out_dir = dir.path().join("out");
+    assert!(webhook_cert(&ca_dir, &out_dir, &[]).status.success());
+    let first = std::fs::read(out_dir.join("tls.crt")).unwrap();
+    let out = webhook_cert(&ca_dir, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join("tls.crt")).unwrap(),
+        first,
+        "left alone"
+    );
+    let out = webhook_cert(&ca_dir, &out_dir, &["--force"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_ne!(
+        std::fs::read(out_dir.join("tls.crt")).unwrap(),
+        first,
+        "replaced"
+    );
+
+    let fresh = dir.path().join("fresh");
+    for (args, needle) in [
+        (vec!["--dns", "not a name"], "--dns"),
+        (vec!["--dns", "10.0.0.1"], "--dns"),
+        (vec!["--ttl", "soon"], "--ttl"),
+    ] {
+        let out = webhook_cert(&ca_dir, &fresh, &args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let out = webhook_cert(&dir.path().join("nope"), &fresh, &[]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--dir"),
+        "{out:?}"
+    );
+    let out = Command::new(workspace_bin("meshid-ca"))
+        .args(["webhook-cert", "--dir"])
+        .arg(&ca_dir)
+        .arg("--out-dir")
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "no --dns: {out:?}");
+    assert!(!fresh.exists(), "nothing written on bad input");
+}
+
+#[test]
+fn injector_refuses_a_mismatched_key_an_expired_certificate_or_a_wrong_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    assert!(webhook_cert(&ca_dir, &a, &[]).status.success());
+    assert!(webhook_cert(&ca_dir, &b, &[]).status.success());
+    let bundle = ca_dir.join("bundle.pem");
+    let out = injector(
+        &a.join("tls.crt"),
+        &b.join("tls.key"),
+        &bundle,
+        "127.0.0.1:0",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does not belong"), "{stderr}");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let expired = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("old.crt"), expired.pem()).unwrap();
+    std::fs::write(dir.path().join("old.key"), key.serialize_pem()).unwrap();
+    let out = injector(
+        &dir.path().join("old.crt"),
+        &dir.path().join("old.key"),
+        &bundle,
+        "127.0.0.1:0",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expired"), "{stderr}");
+
+    // A certificate for another name: the API server could not verify it.
+    let other = dir.path().join("other");
+    let out = Command::new(workspace_bin("meshid-ca"))
+        .args(["webhook-cert", "--dir"])
+        .arg(&ca_dir)
+        .args(["--dns", "other.meshid.svc", "--out-dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = injector(
+        &other.join("tls.crt"),
+        &other.join("tls.key"),
+        &bundle,
+        "127.0.0.1:0",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("not valid for {SAN}")), "{stderr}");
+
+    // A bundle without a certificate is refused too.
+    std::fs::write(dir.path().join("empty.pem"), "no roots here\n").unwrap();
+    let out = injector(
+        &a.join("tls.crt"),
+        &a.join("tls.key"),
+        &dir.path().join("empty.pem"),
+        "127.0.0.1:0",
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--trust-bundle"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let (first, second, third) = (
+        dir.path().join("1"),
+        dir.path().join("2"),
+        dir.path().join("3"),
+    );
+    for d in [&first, &second, &third] {
+        assert!(webhook_cert(&ca_dir, d, &[]).status.success());
+    }
+    // Mounted as Kubernetes mounts a Secret and a ConfigMap.
+    let mut secret = SecretVolume::new(&dir.path().join("secret"), &pair_files(&first));
+    let bundle_pem = std::fs::read(ca_dir.join("bundle.pem")).unwrap();
+    let mut config_map = SecretVolume::new(
+        &dir.path().join("bundle"),
+        &[("bundle.pem", bundle_pem.clone())],
+    );
+    let addr = free_addr("127.0.0.1");
+    let mut proc = Proc::spawn(
+        "meshid-injector",
+        &mut injector(
+            &secret.path("tls.crt"),
+            &secret.path("tls.key"),
+            &config_map.path("bundle.pem"),
+            &addr.to_string(),
+        ),
+    );
+    wait_healthy(addr, &roots).await;
+    let leaf = |d: &Path| -> CertificateDer<'static> {
+        CertificateDer::pem_file_iter(d.join("tls.crt"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(served_leaf(addr, &roots).await, leaf(&first));
+
+    let eventually_serves = |want: CertificateDer<'static>| {
+        let roots = roots.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if served_leaf(addr, &roots).await == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    secret.update(&pair_files(&second));
+    assert!(
+        eventually_serves(leaf(&second)).await,
+        "the replaced certificate is served"
+    );
+
+    // A broken pair (third's certificate, second's key) is rejected: the last good one stays.
+    let mut broken = pair_files(&third);
+    broken[1] = pair_files(&second)[1].clone();
+    secret.update(&broken);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        served_leaf(addr, &roots).await,
+        leaf(&second),
+        "broken pair ignored"
+    );
+    assert!(proc.running());
+    // Fixed: applied.
+    secret.update(&pair_files(&third));
+    assert!(
+        eventually_serves(leaf(&third)).await,
+        "a fixed pair is applied"
+    );
+    wait_healthy(addr, &roots).await;
+
+    // The bundle: a second root joins (as in `meshid-ca rotate prepare`); new pods get both.
+    let foreign = meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der);
+    assert_eq!(
+        injected_bundle(addr, &roots).await.trim(),
+        String::from_utf8_lossy(&bundle_pem).trim()
+    );
+    let mut two = bundle_pem.clone();
+    two.extend_from_slice(foreign.as_bytes());
+    config_map.update(&[("bundle.pem", two)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let injected = injected_bundle(addr, &roots).await;
+        if injected.contains(foreign.trim()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bundle not reloaded: {injected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A broken bundle is ignored.
+    config_map.update(&[("bundle.pem", b"garbage".to_vec())]);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(injected_bundle(addr, &roots).await.contains(foreign.trim()));
+    assert!(proc.running());
 }

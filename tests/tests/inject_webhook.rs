@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine;
-use meshid_ca::inject::{InjectConfig, Scope, apply_patch, review};
+use meshid_ca::inject::{InjectConfig, Scope, TrustBundle, apply_patch, review};
 use meshid_sidecar::annotations::{run_config_from_args, to_downward_api};
 use serde_json::{Value, json};
 
@@ -99,13 +99,18 @@ fn mesh_annotations() -> Value {
     })
 }
 
+/// The injector's configuration, with a trust bundle of two roots (as during a rotation).
+fn config() -> InjectConfig {
+    let roots = [
+        meshid_tests::pki::ForeignCa::new().root_der,
+        meshid_tests::pki::ForeignCa::new().root_der,
+    ];
+    InjectConfig::new(TrustBundle::from_der(&roots).unwrap())
+}
+
 /// Runs the review; returns the response and, if there was a patch, the patched pod.
 fn inject(scope: Scope, pod: &Value) -> (Value, Option<Value>) {
-    let out = review(
-        &InjectConfig::default(),
-        scope,
-        &admission_review("shop", pod.clone()),
-    );
+    let out = review(&config(), scope, &admission_review("shop", pod.clone()));
     assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(out["kind"], "AdmissionReview");
     let response = out["response"].clone();
@@ -175,7 +180,6 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::config::RunConfig {
     assert!(sat["expirationSeconds"].as_u64().unwrap() >= 600);
 
     // Files as the volumes would hold them, under a temporary root.
-    let bundle = meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der);
     let annotations: BTreeMap<String, String> =
         serde_json::from_value(pod["metadata"]["annotations"].clone()).unwrap();
     let root = dir.path();
@@ -198,7 +202,6 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::config::RunConfig {
         .collect();
     for (flag, content) in [
         ("--annotations", to_downward_api(&annotations)),
-        ("--ca-bundle", bundle),
         ("--token-file", "header.claims.signature".to_owned()),
     ] {
         let i = args
@@ -214,6 +217,24 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::config::RunConfig {
     let pod_ip = env.iter().find(|e| e["name"] == "MESHID_POD_IP").unwrap();
     assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     argv.extend(["--pod-ip".to_owned(), "10.244.1.17".to_owned()]);
+    // The trust bundle travels in MESHID_CA_BUNDLE_PEM (no volume, so no ConfigMap in the pod's
+    // namespace); passed here as its flag twin.
+    let bundle = env
+        .iter()
+        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
+        .expect("MESHID_CA_BUNDLE_PEM");
+    let bundle = bundle["value"].as_str().expect("a literal value");
+    assert_eq!(bundle.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+    assert!(
+        !argv.iter().any(|a| a == "--ca-bundle"),
+        "no bundle file: {argv:?}"
+    );
+    let volumes = pod["spec"]["volumes"].as_array().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.get("configMap").is_none()),
+        "no ConfigMap volume: {volumes:?}"
+    );
+    argv.extend(["--ca-bundle-pem".to_owned(), bundle.to_owned()]);
     run_config_from_args(&argv).unwrap_or_else(|problems| panic!("{argv:?}: {problems:?}"))
 }
 
@@ -449,17 +470,13 @@ fn already_injected_and_not_requested_pods_are_left_alone() {
 fn other_requests_pass_through() {
     let mut r = admission_review("shop", deployment_pod(mesh_annotations()));
     r["request"]["operation"] = json!("UPDATE");
-    let out = review(&InjectConfig::default(), Scope::Pod, &r);
+    let out = review(&config(), Scope::Pod, &r);
     assert_eq!(out["response"]["allowed"], true);
     assert!(out["response"].get("patch").is_none());
     r["request"]["operation"] = json!("CREATE");
     r["request"]["subResource"] = json!("ephemeralcontainers");
-    let out = review(&InjectConfig::default(), Scope::Pod, &r);
+    let out = review(&config(), Scope::Pod, &r);
     assert!(out["response"].get("patch").is_none());
-    let out = review(
-        &InjectConfig::default(),
-        Scope::Pod,
-        &json!({"kind": "AdmissionReview"}),
-    );
+    let out = review(&config(), Scope::Pod, &json!({"kind": "AdmissionReview"}));
     assert_eq!(out["response"]["allowed"], false);
 }

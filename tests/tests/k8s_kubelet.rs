@@ -1,8 +1,9 @@
 //! Playing kubelet: two pods are injected by the webhook, then run as a kubelet would run them, from
 //! the injected pod specs alone. The CA trusts a fake cluster's JWKS; each pod has its own
-//! 127.0.0.x "pod IP"; the projected token, trust bundle and downward-API annotations files are
-//! written where the injected volumes mount them (the annotations file as the kubelet's atomic
-//! `..data` symlink swap); the sidecars are started with the injected arguments and environment.
+//! 127.0.0.x "pod IP"; the projected token and downward-API annotations files are written where the
+//! injected volumes mount them (the annotations file as the kubelet's atomic `..data` symlink swap);
+//! the sidecars are started with the injected arguments and environment alone (the trust bundle
+//! comes in the `MESHID_CA_BUNDLE_PEM` variable: the pods' namespace has no meshid ConfigMap).
 //! Then: an allowed call, a denied one, and a live `kubectl annotate` that changes the allow-list of
 //! the running pod without a restart.
 
@@ -15,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use meshid_ca::inject::{InjectConfig, Scope, apply_patch, review};
+use meshid_ca::inject::{InjectConfig, Scope, TrustBundle, apply_patch, review};
 use meshid_sidecar::annotations::to_downward_api;
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
@@ -104,7 +105,6 @@ fn run_sidecar(
     root: &Path,
     pod_ip: &str,
     cluster: &FakeCluster,
-    bundle_pem: &str,
     admin: SocketAddr,
 ) -> (Proc, PodFiles) {
     let c = &pod["spec"]["initContainers"][0];
@@ -126,11 +126,10 @@ fn run_sidecar(
             assert_eq!(sat["audience"], "meshid-ca");
             let path = dir.join(sat["path"].as_str().unwrap());
             std::fs::write(path, cluster.token("shop", sa)).unwrap();
-        } else if let Some(cm) = volume.get("configMap") {
-            let path = dir.join(cm["items"][0]["path"].as_str().unwrap());
-            std::fs::write(path, bundle_pem).unwrap();
         } else if volume.get("downwardAPI").is_some() {
             files.annotations_dir = dir;
+        } else {
+            panic!("unexpected volume {volume}");
         }
     }
     files.write_annotations(&pod["metadata"]["annotations"]);
@@ -150,8 +149,22 @@ fn run_sidecar(
     // Every pod has its own IP in a cluster; here they share loopback, so the admin port moves.
     let i = args.iter().position(|a| a == "--admin-listen").unwrap();
     args[i + 1] = admin.to_string();
+    assert!(
+        !args.iter().any(|a| a == "--ca-bundle"),
+        "the bundle is not a file: {args:?}"
+    );
     let mut cmd = Command::new(workspace_bin("meshid-sidecar"));
-    cmd.args(&args).env("MESHID_LOG", "warn");
+    cmd.args(&args)
+        .env("MESHID_LOG", "warn")
+        .env_remove("MESHID_CA_BUNDLE_PEM");
+    let env = c["env"].as_array().unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "MESHID_CA_BUNDLE_PEM"
+            && e["value"]
+                .as_str()
+                .is_some_and(|v| v.contains("BEGIN CERTIFICATE"))),
+        "the trust bundle is in the sidecar's environment: {env:?}"
+    );
     for e in c["env"].as_array().unwrap() {
         let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
             Some("status.podIP") => pod_ip.to_owned(),
@@ -206,7 +219,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
 
     let config = InjectConfig {
         ca_addr: ca_grpc.to_string(),
-        ..InjectConfig::default()
+        ..InjectConfig::new(TrustBundle::from_pem(bundle_pem.as_bytes()).unwrap())
     };
     let backend_annotations = |allowed: &str| {
         json!({
@@ -233,7 +246,6 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         &dir.path().join("pod-b"),
         "127.0.0.3",
         &cluster,
-        &bundle_pem,
         b_admin,
     );
     let (_f, _f_files) = run_sidecar(
@@ -241,7 +253,6 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         &dir.path().join("pod-f"),
         "127.0.0.4",
         &cluster,
-        &bundle_pem,
         f_admin,
     );
     assert!(
@@ -320,7 +331,6 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         &dir.path().join("pod-c"),
         "127.0.0.5",
         &cluster,
-        &bundle_pem,
         free_addr("127.0.0.5"),
     );
     let status = c

@@ -5,13 +5,17 @@
 //! A pod is injected when its annotation `meshid.io/inject` is `enabled`, or when the webhook was
 //! called for a namespace labelled `meshid.io/inject=enabled` ([`Scope::Namespace`]) and the pod
 //! does not say `disabled`. The pod gets the sidecar as a native sidecar (an init container with
-//! `restartPolicy: Always`), a projected service-account token for the CA, the trust bundle, and a
-//! downward-API file of its annotations, from which the sidecar reads its listeners and its live
-//! allow-list. Already-injected pods are left alone.
+//! `restartPolicy: Always`), a projected service-account token for the CA, the trust bundle (as an
+//! environment variable, so no namespace needs a ConfigMap of its own), and a downward-API file of
+//! its annotations, from which the sidecar reads its listeners and its live allow-list.
+//! Already-injected pods are left alone.
 
+mod bundle;
 mod patch;
 mod pod;
+pub mod reload;
 pub mod server;
+pub mod serving;
 
 use std::collections::BTreeMap;
 
@@ -19,6 +23,7 @@ use base64::Engine;
 use meshid_sidecar::annotations::{self, MeshAnnotations};
 use serde_json::{Value, json};
 
+pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
 pub use patch::apply_patch;
 pub use pod::{ADMIN_PORT, APP_PROBES, SIDECAR_NAME, sidecar_args};
 
@@ -30,9 +35,9 @@ pub struct InjectConfig {
     pub image_pull_policy: String,
     /// The CA's gRPC address, e.g. `meshid-ca.meshid.svc:8443`.
     pub ca_addr: String,
-    /// ConfigMap holding `bundle.pem`, in the pod's namespace (the chart creates it in each
-    /// namespace listed in `trustBundle.namespaces`).
-    pub bundle_config_map: String,
+    /// The trust bundle, set as the sidecar's `MESHID_CA_BUNDLE_PEM` (its anchor for the CA's
+    /// serving certificate until the CA's bundle stream takes over).
+    pub trust_bundle: TrustBundle,
     /// Lifetime of the projected token (the kubelet refreshes it at 80%); at least 600.
     pub token_expiration_seconds: u32,
     /// Sidecar resources (`{requests: ..., limits: ...}`).
@@ -41,13 +46,14 @@ pub struct InjectConfig {
     pub log_format: String,
 }
 
-impl Default for InjectConfig {
-    fn default() -> Self {
+impl InjectConfig {
+    /// The defaults, with the trust bundle (which has none).
+    pub fn new(trust_bundle: TrustBundle) -> Self {
         Self {
             image: "meshid/sidecar:latest".to_owned(),
             image_pull_policy: "IfNotPresent".to_owned(),
             ca_addr: "meshid-ca.meshid.svc:8443".to_owned(),
-            bundle_config_map: "meshid-trust-bundle".to_owned(),
+            trust_bundle,
             token_expiration_seconds: 600,
             resources: json!({
                 "requests": {"cpu": "10m", "memory": "32Mi"},
@@ -249,7 +255,13 @@ mod tests {
     fn non_pod_requests_are_admitted() {
         let r = json!({"request": {"uid": "u1", "kind": {"kind": "Service"},
             "resource": {"resource": "services"}, "operation": "CREATE", "object": {}}});
-        let out = review(&InjectConfig::default(), Scope::Pod, &r);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = InjectConfig::new(TrustBundle::from_pem(root.pem().as_bytes()).unwrap());
+        let out = review(&config, Scope::Pod, &r);
         assert_eq!(out["response"]["allowed"], true);
         assert_eq!(out["response"]["uid"], "u1");
         assert!(out["response"].get("patch").is_none());

@@ -17,14 +17,13 @@ pub(super) const INJECTED_VALUE: &str = "v1";
 pub use meshid_sidecar::annotations::APP_PROBES;
 
 const TOKEN_VOLUME: &str = "meshid-token";
-const BUNDLE_VOLUME: &str = "meshid-bundle";
 const POD_VOLUME: &str = "meshid-pod";
 const TOKEN_DIR: &str = "/var/run/secrets/meshid/token";
-const BUNDLE_DIR: &str = "/var/run/secrets/meshid/bundle";
 const POD_DIR: &str = "/var/run/meshid/pod";
 
 /// The sidecar's arguments; its listeners and policy come from the annotations file, its pod IP from
-/// the `MESHID_POD_IP` environment variable (downward API `status.podIP`).
+/// the `MESHID_POD_IP` environment variable (downward API `status.podIP`), the trust bundle from
+/// `MESHID_CA_BUNDLE_PEM`.
 pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
     [
         "run",
@@ -32,8 +31,6 @@ pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
         &format!("{POD_DIR}/annotations"),
         "--ca-addr",
         &config.ca_addr,
-        "--ca-bundle",
-        &format!("{BUNDLE_DIR}/bundle.pem"),
         "--token-file",
         &format!("{TOKEN_DIR}/token"),
         "--admin-listen",
@@ -68,10 +65,6 @@ pub(super) fn add_volumes(
                 "expirationSeconds": config.token_expiration_seconds,
                 "path": "token",
             }}]},
-        }),
-        json!({
-            "name": BUNDLE_VOLUME,
-            "configMap": {"name": config.bundle_config_map, "items": [{"key": "bundle.pem", "path": "bundle.pem"}]},
         }),
         json!({
             "name": POD_VOLUME,
@@ -112,6 +105,7 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
         "env": [
             {"name": "MESHID_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "MESHID_LOG_FORMAT", "value": config.log_format},
+            {"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()},
         ],
         "ports": [{"name": "meshid-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
         // The app starts only once the sidecar has its certificate and policy.
@@ -131,7 +125,6 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
         },
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
-            {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true},
             {"name": POD_VOLUME, "mountPath": POD_DIR, "readOnly": true},
         ],
     });

@@ -1,13 +1,14 @@
 //! The webhook's HTTPS server: `POST /inject` (namespace not opted in) and `POST /inject-namespace`
 //! (namespace labelled `meshid.io/inject=enabled`) answer AdmissionReviews; `GET /healthz` answers
-//! probes. Its serving certificate is issued by our CA's intermediate, so the webhook
-//! configuration's `caBundle` is the mesh trust bundle.
+//! probes. Its serving certificate (from `meshid-ca webhook-cert`, see [`super::serving`]) chains
+//! to our CA's roots, so the webhook configuration's `caBundle` is the mesh trust bundle.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -19,29 +20,18 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{InjectConfig, Scope, review};
-use crate::authority::Authority;
-use crate::tls::{TlsSetupError, provider, serving_cert};
 
 /// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A TLS config with a serving certificate for `sans` from the CA's intermediate.
-pub fn tls_config(
-    authority: &Authority,
-    sans: &[String],
-) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let (chain, key) = serving_cert(authority, sans)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// Serves the webhook on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, config: Arc<InjectConfig>) {
+/// Serves the webhook on `listener` until the process ends. Each review uses the configuration
+/// current when it arrives (the trust bundle in it is reloaded while running).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    config: Arc<ArcSwap<InjectConfig>>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -74,7 +64,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, config: Arc<In
 
 async fn handle(
     req: Request<Incoming>,
-    config: Arc<InjectConfig>,
+    config: Arc<ArcSwap<InjectConfig>>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let scope = match (req.method(), req.uri().path()) {
@@ -93,7 +83,7 @@ async fn handle(
     let Ok(input) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return Ok(text(StatusCode::BAD_REQUEST, "not JSON\n"));
     };
-    let output = review(&config, scope, &input);
+    let output = review(&config.load(), scope, &input);
     let response = &output["response"];
     tracing::info!(
         %peer,
