@@ -203,14 +203,21 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                     );
                 }
                 for s in &report.sidecars {
+                    let acked = if s.file_mode {
+                        "file mode, trust unknown".to_owned()
+                    } else {
+                        format!("acked v{}", s.acked_version)
+                    };
                     println!(
-                        "  sidecar {} {} acked v{} serving under {}{}",
+                        "  sidecar {} {} {acked} serving under {}{}",
                         s.identity,
                         s.instance,
-                        s.acked_version,
                         s.serving_authority.as_deref().unwrap_or("unknown"),
                         if s.connected { "" } else { " (disconnected)" }
                     );
+                }
+                for u in &report.unknown {
+                    println!("unknown: {u}");
                 }
                 println!("next step: {}", report.next_step);
             }

@@ -257,14 +257,15 @@ impl CaState {
             &self.authority.load().authority_roots,
             now,
         );
-        self.fleet.ack(
-            &req.instance_id,
-            req.bundle_version,
-            info.id.to_string(),
+        let ack = crate::rotation::fleet::Ack {
+            // A file-mode sidecar's bundle version means nothing: its anchors come from files.
+            version: if req.file_mode { 0 } else { req.bundle_version },
+            identity: info.id.to_string(),
             authority,
-            info.not_after,
-            now,
-        );
+            not_after: info.not_after,
+            file_mode: req.file_mode,
+        };
+        self.fleet.ack(&req.instance_id, ack, now);
         Ok(())
     }
 }

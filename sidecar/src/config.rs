@@ -82,6 +82,10 @@ pub struct RunArgs {
         allow_hyphen_values = true
     )]
     pub ca_bundle_pem: Option<String>,
+    /// File mode: also report to the CA at HOST:PORT (its certificate verified against --bundle), so
+    /// the CA's rotation status lists this sidecar, as unknown: its trust comes from files.
+    #[arg(long, env = "MESHID_REPORT_CA_ADDR")]
+    pub report_ca_addr: Option<String>,
     /// Name to verify the CA's certificate against (default: the host of --ca-addr).
     #[arg(long, env = "MESHID_CA_SERVER_NAME")]
     pub ca_server_name: Option<String>,
@@ -196,7 +200,14 @@ pub struct RunConfig {
     pub policy: Option<PathBuf>,
     pub admin_listen: SocketAddr,
     pub creds: CredSource,
+    /// File mode: the CA to report to (`--report-ca-addr`); its roots come from the bundle file.
+    pub report_to: Option<crate::ca_client::CaEndpoint>,
     pub limits: Limits,
+}
+
+fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
 }
 
 fn parse_protocol(s: Option<&str>) -> Result<Protocol, String> {
@@ -529,10 +540,7 @@ impl RunArgs {
                         None
                     }
                 };
-                let valid_addr = addr
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !valid_addr {
+                if !is_host_port(addr) {
                     problems.push(format!("--ca-addr: {addr:?} is not HOST:PORT"));
                 }
                 match bootstrap {
@@ -553,10 +561,31 @@ impl RunArgs {
                 }
             }
         };
+        let report_to = match (&self.report_ca_addr, &self.ca_addr) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "--report-ca-addr is for file mode; in CA mode the sidecar reports to --ca-addr"
+                        .into(),
+                );
+                None
+            }
+            (Some(addr), None) => {
+                if !is_host_port(addr) {
+                    problems.push(format!("--report-ca-addr: {addr:?} is not HOST:PORT"));
+                }
+                Some(crate::ca_client::CaEndpoint {
+                    addr: addr.clone(),
+                    server_name: self.ca_server_name.clone(),
+                    roots: Vec::new(),
+                })
+            }
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
         Ok(RunConfig {
+            report_to,
             inbound,
             outbound,
             // The policy watcher reads a downward-API file as annotations (see run.rs).

@@ -58,26 +58,100 @@ pub async fn acknowledge(
     store: &CredentialStore,
     life: &Lifecycle,
 ) -> Result<(), IssueError> {
-    let Some((chain, key)) = store.chain_and_key() else {
-        return Ok(());
-    };
     let version = life
         .applied_version
         .load(std::sync::atomic::Ordering::Relaxed);
-    let mut client = ca_client::connect(
-        &endpoint_with_bundle(mode, store),
-        Some((chain.clone(), key)),
+    send_ack(
+        &endpoint_with_bundle(&mode.endpoint, store),
+        store,
+        life,
+        version,
+        false,
     )
-    .await?;
+    .await
+}
+
+async fn send_ack(
+    endpoint: &CaEndpoint,
+    store: &CredentialStore,
+    life: &Lifecycle,
+    version: u64,
+    file_mode: bool,
+) -> Result<(), IssueError> {
+    let Some((chain, key)) = store.chain_and_key() else {
+        return Ok(());
+    };
+    let mut client = ca_client::connect(endpoint, Some((chain.clone(), key))).await?;
     client
         .ack_trust_bundle(meshid_proto::ca::v1::AckTrustBundleRequest {
             instance_id: life.instance_id.clone(),
             bundle_version: version,
             serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            file_mode,
         })
         .await
         .map_err(|s| IssueError::Response(s.message().to_owned()))?;
     Ok(())
+}
+
+/// File mode with `--report-ca-addr`: keeps a bundle stream open so the CA counts this sidecar, and
+/// reports the certificate it serves (again whenever the files change it). Nothing from the CA is
+/// applied: certificate and anchors stay the files'. The CA lists the sidecar as unknown.
+pub async fn run_file_mode_report(
+    endpoint: CaEndpoint,
+    store: Arc<CredentialStore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let life = Lifecycle::new();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let result = async {
+            let endpoint = endpoint_with_bundle(&endpoint, &store);
+            let mut client = ca_client::connect(&endpoint, store.chain_and_key()).await?;
+            let mut stream = client
+                .watch_trust_bundle(WatchTrustBundleRequest {
+                    instance_id: life.instance_id.clone(),
+                })
+                .await
+                .map_err(|s| IssueError::Response(s.message().to_owned()))?
+                .into_inner();
+            let mut reported: Option<Vec<u8>> = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    m = stream.message() => match m {
+                        Ok(Some(_)) => reported = None,
+                        Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
+                        Err(s) => return Err(IssueError::Response(s.message().to_owned())),
+                    },
+                    _ = tick.tick() => {}
+                    () = stopped(&mut shutdown) => return Ok(()),
+                }
+                backoff.reset();
+                let leaf = store
+                    .chain_and_key()
+                    .and_then(|(c, _)| c.first().map(|l| l.to_vec()));
+                if leaf.is_some() && leaf != reported {
+                    match send_ack(&endpoint, &store, &life, 0, true).await {
+                        Ok(()) => reported = leaf,
+                        Err(error) => tracing::warn!(%error, "reporting to the CA failed"),
+                    }
+                }
+            }
+        }
+        .await;
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(error) = result {
+            tracing::warn!(%error, ca = %endpoint.addr, "report stream to the CA broken; reconnecting");
+        }
+        let wait = backoff.next_delay(random_unit(), None);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+    }
 }
 
 /// How the first certificate is obtained.
@@ -136,8 +210,8 @@ impl IssueError {
 
 /// The CA's roots plus the trust bundle we hold (the CA's certificate moves to a new root during a
 /// rotation; the bundle stream brings that root before the CA switches).
-fn endpoint_with_bundle(mode: &CaMode, store: &CredentialStore) -> CaEndpoint {
-    let mut endpoint = mode.endpoint.clone();
+fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
+    let mut endpoint = endpoint.clone();
     for root in store.roots() {
         if !endpoint.roots.contains(&root) {
             endpoint.roots.push(root);
@@ -168,7 +242,8 @@ pub async fn issue_once(
         };
         (None, Some(credential))
     };
-    let mut client = ca_client::connect(&endpoint_with_bundle(mode, store), client_cert).await?;
+    let mut client =
+        ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert).await?;
     let resp = client
         .issue(IssueRequest {
             csr: csr.der().to_vec(),
@@ -309,7 +384,7 @@ pub async fn run_bundle_watch(
         let result = async {
             // Present our certificate (if any yet) so the CA counts this sidecar as connected.
             let mut client =
-                ca_client::connect(&endpoint_with_bundle(&mode, &store), store.chain_and_key()).await?;
+                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, &store), store.chain_and_key()).await?;
             let mut stream = client
                 .watch_trust_bundle(WatchTrustBundleRequest {
                     instance_id: life.instance_id.clone(),

@@ -144,6 +144,14 @@ pub async fn start(
         ));
     }
 
+    if let (CredSource::Files(_), Some(endpoint)) = (&config.creds, &config.report_to) {
+        tokio::spawn(crate::identity::run_file_mode_report(
+            endpoint.clone(),
+            shared.creds.clone(),
+            shared.shutdown.clone(),
+        ));
+    }
+
     let (admin, admin_addr) = bind(config.admin_listen).await?;
     let mut limits = Vec::new();
     let mut inbound_addrs = Vec::new();

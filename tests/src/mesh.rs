@@ -176,6 +176,8 @@ pub struct SidecarSpec {
     pub limits: Option<Limits>,
     /// Credentials from somewhere else than the workload's files (CA mode).
     pub creds: Option<CredSource>,
+    /// File mode: the CA to report to (`--report-ca-addr`).
+    pub report_to: Option<meshid_sidecar::ca_client::CaEndpoint>,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -230,6 +232,7 @@ impl TestSidecar {
                     bundle: pki.bundle_path.clone(),
                 })
             }),
+            report_to: spec.report_to.clone(),
             limits: spec.limits.unwrap_or_default(),
         };
         let mut registry = Registry::default();

@@ -13,14 +13,14 @@ use meshid_proto::ca::v1::{
     AckTrustBundleRequest, IssueRequest, WatchTrustBundleRequest, issue_request::Credential,
 };
 use meshid_sidecar::ca_client::CaEndpoint;
-use meshid_sidecar::config::CredSource;
+use meshid_sidecar::config::{CredSource, FileCreds};
 use meshid_sidecar::identity::{Bootstrap, CaMode};
 use meshid_sidecar::policy::Protocol;
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
 };
-use meshid_tests::pki::WorkloadKey;
+use meshid_tests::pki::{WorkloadKey, pem};
 use rustls::pki_types::CertificateDer;
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -171,6 +171,7 @@ async fn root_rotation_under_traffic_with_gates() {
             instance_id: "lagging-1".into(),
             bundle_version: 1,
             serving_chain: resp.cert_chain.clone(),
+            file_mode: false,
         })
         .await
         .unwrap();
@@ -180,6 +181,7 @@ async fn root_rotation_under_traffic_with_gates() {
                 instance_id: "lagging-1".into(),
                 bundle_version: 99,
                 serving_chain: vec![ca.roots[0].to_vec()],
+                file_mode: false,
             })
             .await;
         assert!(forged.is_err());
@@ -554,4 +556,93 @@ async fn an_expired_root_can_still_be_replaced() {
         Some(name)
     );
     ca.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_sidecars_are_reported_as_unknown() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+    // Credentials issued by this CA but handed to the sidecar as files (operator tooling).
+    let w = WorkloadKey::new();
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "files"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let files = tempfile::tempdir().unwrap();
+    let cert = files.path().join("cert.pem");
+    let key = files.path().join("key.pem");
+    let bundle = files.path().join("bundle.pem");
+    let chain_pem: String = resp.cert_chain.iter().map(|c| pem(c)).collect();
+    std::fs::write(&cert, chain_pem).unwrap();
+    std::fs::write(&key, w.key.serialize_pem()).unwrap();
+    let roots_pem: String = ca.roots.iter().map(|c| pem(c)).collect();
+    std::fs::write(&bundle, roots_pem).unwrap();
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let id = "spiffe://cluster.local/ns/shop/sa/files";
+    let sidecar = TestSidecar::start(
+        &pki,
+        &dummy,
+        id,
+        SidecarSpec {
+            inbound: vec![("127.0.0.12", http_echo().await, Protocol::Http)],
+            creds: Some(CredSource::Files(FileCreds { cert, key, bundle })),
+            report_to: Some(CaEndpoint {
+                addr: ca.addr.to_string(),
+                server_name: Some("localhost".into()),
+                roots: Vec::new(),
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // The CA sees it, marked as file mode, serving under the active authority.
+    let seen = eventually(Duration::from_secs(10), || async {
+        rotation::status(&dir, &admins).is_ok_and(|r| {
+            r.sidecars
+                .iter()
+                .any(|s| s.identity == id && s.connected && s.file_mode)
+        })
+    })
+    .await;
+    assert!(seen, "{:?}", rotation::status(&dir, &admins));
+    let r = rotation::status(&dir, &admins).unwrap();
+    let s = r.sidecars.iter().find(|s| s.identity == id).unwrap();
+    assert_eq!(s.serving_authority.as_deref(), Some("1"));
+    assert_eq!(
+        s.acked_version, 0,
+        "a file-mode bundle version means nothing"
+    );
+    assert_eq!(r.unknown.len(), 1, "{:?}", r.unknown);
+
+    // Prepare: the CA cannot know whether the sidecar's bundle file holds the new root, so the
+    // sidecar does not block activate, and status says it is unknown.
+    rotation::prepare(&dir, None).unwrap();
+    let r = rotation::status(&dir, &admins).unwrap();
+    assert!(
+        r.next_step.starts_with("activate:")
+            && r.next_step.contains("1 file-mode sidecar(s) unknown"),
+        "{}",
+        r.next_step
+    );
+    assert!(r.unknown[0].contains(id), "{:?}", r.unknown);
+    rotation::activate(&dir, &admins, false).unwrap();
+
+    // Retire: what it serves is measured (it presented the chain), so it blocks, naming it.
+    match rotation::retire(&dir, &admins, false) {
+        Err(RotateError::Refused(why)) => assert!(why.contains(id), "{why}"),
+        other => panic!("retire should refuse: {other:?}"),
+    }
+    drop(sidecar);
 }

@@ -21,6 +21,19 @@ pub struct SidecarView {
     /// The authority its serving certificate chains to (`None`: unknown to this CA).
     pub serving_authority: Option<String>,
     pub serving_not_after: i64,
+    /// Certificate and trust anchors from files: what it trusts is unknown to the CA.
+    pub file_mode: bool,
+}
+
+/// What one acknowledgement says.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub version: u64,
+    pub identity: String,
+    /// The authority the serving chain verifies under (`None`: none this CA holds).
+    pub authority: Option<String>,
+    pub not_after: i64,
+    pub file_mode: bool,
 }
 
 #[derive(Debug, Default)]
@@ -30,6 +43,7 @@ struct Sidecar {
     acked_version: u64,
     serving_authority: Option<String>,
     serving_not_after: i64,
+    file_mode: bool,
     last_seen: i64,
 }
 
@@ -130,21 +144,14 @@ impl Fleet {
     }
 
     /// Records an acknowledgement.
-    pub fn ack(
-        &self,
-        instance: &str,
-        version: u64,
-        identity: String,
-        authority: Option<String>,
-        not_after: i64,
-        now: i64,
-    ) {
+    pub fn ack(&self, instance: &str, ack: Ack, now: i64) {
         let mut inner = self.lock();
         let s = inner.sidecars.entry(instance.to_owned()).or_default();
-        s.identity = identity;
-        s.acked_version = s.acked_version.max(version);
-        s.serving_authority = authority;
-        s.serving_not_after = not_after;
+        s.identity = ack.identity;
+        s.acked_version = s.acked_version.max(ack.version);
+        s.serving_authority = ack.authority;
+        s.serving_not_after = ack.not_after;
+        s.file_mode = ack.file_mode;
         s.last_seen = now;
     }
 
@@ -181,6 +188,7 @@ impl Fleet {
                 acked_version: s.acked_version,
                 serving_authority: s.serving_authority.clone(),
                 serving_not_after: s.serving_not_after,
+                file_mode: s.file_mode,
             })
             .collect();
         sidecars.sort_by(|a, b| {
@@ -214,7 +222,14 @@ mod tests {
     fn tracks_streams_acks_and_live_certificates() {
         let f = Fleet::default();
         f.stream_opened("a", 100);
-        f.ack("a", 3, "spiffe://td/a".into(), Some("1".into()), 500, 100);
+        let ack = Ack {
+            version: 3,
+            identity: "spiffe://td/a".into(),
+            authority: Some("1".into()),
+            not_after: 500,
+            file_mode: false,
+        };
+        f.ack("a", ack, 100);
         f.issued("1", 500, 100);
         f.issued("1", 150, 100);
         f.issued("1", 150, 100);

@@ -36,6 +36,9 @@ pub struct RotationReport {
     pub authorities: Vec<AuthorityView>,
     pub sidecars: Vec<SidecarReport>,
     pub next_step: String,
+    /// What the CA cannot measure (file-mode sidecars): reported, never silently counted as converged.
+    #[serde(default)]
+    pub unknown: Vec<String>,
 }
 
 /// A sidecar in the report.
@@ -47,6 +50,9 @@ pub struct SidecarReport {
     pub acked_version: u64,
     pub serving_authority: Option<String>,
     pub serving_not_after: i64,
+    /// Certificate and trust anchors from files: the CA cannot tell which roots it trusts.
+    #[serde(default)]
+    pub file_mode: bool,
 }
 
 fn not_after(der: &[u8]) -> i64 {
@@ -102,6 +108,7 @@ pub fn report(
             acked_version: s.acked_version,
             serving_authority: s.serving_authority,
             serving_not_after: s.serving_not_after,
+            file_mode: s.file_mode,
         })
         .collect();
     let mut r = RotationReport {
@@ -109,9 +116,33 @@ pub fn report(
         authorities,
         sidecars,
         next_step: String::new(),
+        unknown: Vec::new(),
     };
-    r.next_step = next_step(state, &r, unix_now());
+    r.refresh(state, unix_now());
     r
+}
+
+impl RotationReport {
+    /// Recomputes what follows from the sidecars: the next step and the unknowns.
+    fn refresh(&mut self, state: &RotationState, now: i64) {
+        self.unknown = unknown_sidecars(self);
+        self.next_step = next_step(state, self, now);
+    }
+}
+
+/// Sidecars whose trust the CA cannot measure: file mode takes its anchors from files.
+pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
+    r.sidecars
+        .iter()
+        .filter(|s| s.connected && s.file_mode)
+        .map(|s| {
+            format!(
+                "sidecar {} ({}) is in file mode: which roots it trusts is unknown to the CA; \
+                 check that its bundle file holds the roots before each step",
+                s.identity, s.instance
+            )
+        })
+        .collect()
 }
 
 fn unix_now() -> i64 {
@@ -128,7 +159,7 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport) -> Vec<Strin
     };
     r.sidecars
         .iter()
-        .filter(|s| s.connected && s.acked_version < prepared.in_bundle_since)
+        .filter(|s| s.connected && !s.file_mode && s.acked_version < prepared.in_bundle_since)
         .map(|s| {
             format!(
                 "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
@@ -167,6 +198,20 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
 }
 
 fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
+    let step = next_step_measured(state, r, now);
+    let unknown = r
+        .sidecars
+        .iter()
+        .filter(|s| s.connected && s.file_mode)
+        .count();
+    if unknown == 0 || step.starts_with("none") {
+        step
+    } else {
+        format!("{step} ({unknown} file-mode sidecar(s) unknown: not measured)")
+    }
+}
+
+fn next_step_measured(state: &RotationState, r: &RotationReport, now: i64) -> String {
     if state.find(AuthorityState::Prepared).is_some() {
         let b = activate_blockers(state, r);
         if b.is_empty() {
@@ -246,6 +291,7 @@ fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport
                 .or_insert_with(|| s.clone());
             e.connected |= s.connected;
             e.acked_version = e.acked_version.max(s.acked_version);
+            e.file_mode |= s.file_mode;
         }
         for a in &r.authorities {
             let e = live.entry(a.name.clone()).or_default();
@@ -258,6 +304,7 @@ fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport
         authorities: Vec::new(),
         sidecars: Vec::new(),
         next_step: String::new(),
+        unknown: Vec::new(),
     });
     for a in &mut base.authorities {
         if let Some((n, t)) = live.get(&a.name) {
@@ -267,7 +314,7 @@ fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport
     }
     base.sidecars = sidecars.into_values().collect();
     base.sidecars.sort_by(|a, b| a.identity.cmp(&b.identity));
-    base.next_step = next_step(state, &base, unix_now());
+    base.refresh(state, unix_now());
     base
 }
 
@@ -334,6 +381,9 @@ pub fn activate(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Str
         }
         tracing::warn!(target: "meshid_ca::audit", blockers = %blockers.join("; "), "rotate activate FORCED");
     }
+    for unknown in &report.unknown {
+        tracing::warn!(target: "meshid_ca::audit", %unknown, "rotate activate: not measured");
+    }
     let mut new_active = String::new();
     for a in &mut state.authorities {
         match a.state {
@@ -362,6 +412,9 @@ pub fn retire(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Strin
             return Err(RotateError::Refused(blockers.join("; ")));
         }
         tracing::warn!(target: "meshid_ca::audit", blockers = %blockers.join("; "), "rotate retire FORCED");
+    }
+    for unknown in &report.unknown {
+        tracing::warn!(target: "meshid_ca::audit", %unknown, "rotate retire: not measured");
     }
     let mut retired = String::new();
     for a in &mut state.authorities {
@@ -401,6 +454,7 @@ mod tests {
             acked_version: acked,
             serving_authority: Some(authority.into()),
             serving_not_after: not_after,
+            file_mode: false,
         }
     }
 
@@ -434,6 +488,7 @@ mod tests {
             authorities: vec![],
             sidecars: vec![sidecar("a", 2, "1", 0), sidecar("b", 1, "1", 0)],
             next_step: String::new(),
+            unknown: Vec::new(),
         };
         let b = activate_blockers(&st, &r);
         assert_eq!(b.len(), 1);
@@ -445,6 +500,22 @@ mod tests {
         assert!(
             activate_blockers(&st, &r).is_empty(),
             "disconnected sidecars do not block"
+        );
+        // A file-mode sidecar is unknown: it cannot be measured, so it is reported, not counted.
+        r.sidecars[1].connected = true;
+        r.sidecars[1].file_mode = true;
+        assert!(activate_blockers(&st, &r).is_empty());
+        r.refresh(&st, 0);
+        assert_eq!(r.unknown.len(), 1);
+        assert!(
+            r.unknown[0].contains("spiffe://td/b") && r.unknown[0].contains("file mode"),
+            "{:?}",
+            r.unknown
+        );
+        assert!(
+            r.next_step.contains("1 file-mode sidecar(s) unknown"),
+            "{}",
+            r.next_step
         );
     }
 
@@ -472,6 +543,7 @@ mod tests {
             }],
             sidecars: vec![sidecar("a", 2, "1", 1200), sidecar("b", 2, "2", 5000)],
             next_step: String::new(),
+            unknown: Vec::new(),
         };
         let b = retire_blockers(&st, &r, now);
         assert_eq!(b.len(), 2, "{b:?}");
@@ -479,6 +551,9 @@ mod tests {
             b[0].contains("1500") && b[1].contains("spiffe://td/a"),
             "{b:?}"
         );
+        // What a file-mode sidecar serves is measured (it presented the chain): it still blocks.
+        r.sidecars[0].file_mode = true;
+        assert_eq!(retire_blockers(&st, &r, now).len(), 2);
         r.authorities[0].live_certificates = 0;
         r.sidecars[0].serving_authority = Some("2".into());
         assert!(retire_blockers(&st, &r, now).is_empty());
