@@ -189,9 +189,13 @@ async fn serve_connection<IO, S, F>(
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let builder = http_builder(shared);
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service_fn(svc));
-    tokio::pin!(conn);
+    // Owned and boxed: the connection (h1 or h2 state) is allocated once at its own size rather than
+    // inline in every enclosing future, which matters for memory per idle connection.
+    let mut conn = Box::pin(
+        http_builder(shared)
+            .serve_connection_with_upgrades(TokioIo::new(io), service_fn(svc))
+            .into_owned(),
+    );
     let mut shutdown = shared.shutdown.clone();
     let expired = async {
         match deadline {

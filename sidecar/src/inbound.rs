@@ -103,25 +103,31 @@ async fn handle(
         return;
     }
     let acceptor = TlsAcceptor::from(snapshot.server(spec.protocol).clone());
-    let tls =
-        match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                let reason = error
-                    .get_ref()
-                    .and_then(|e| e.downcast_ref::<rustls::Error>())
-                    .map(failure_label)
-                    .unwrap_or("protocol");
-                shared.metrics.handshake_failed("inbound", port, reason);
-                tracing::info!(%error, reason, "tls handshake refused");
-                return;
-            }
-            Err(_) => {
-                shared.metrics.handshake_failed("inbound", port, "timeout");
-                tracing::info!("tls handshake timed out");
-                return;
-            }
-        };
+    // Boxed: the handshake state (a whole rustls connection mid-handshake) is freed when it ends
+    // instead of staying in this task's future for the life of the connection.
+    let handshake = Box::pin(tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        acceptor.accept(tcp),
+    ));
+    let tls = match handshake.await {
+        // Boxed: the stream moves through several futures below, which would each keep a dead copy.
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(error)) => {
+            let reason = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .map(failure_label)
+                .unwrap_or("protocol");
+            shared.metrics.handshake_failed("inbound", port, reason);
+            tracing::info!(%error, reason, "tls handshake refused");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("inbound", port, "timeout");
+            tracing::info!("tls handshake timed out");
+            return;
+        }
+    };
     // The verifier accepted the chain and the identity; read the identity back for the policy.
     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
     let Some(peer) = leaf.and_then(|leaf| {
@@ -146,7 +152,7 @@ async fn handle(
 }
 
 async fn tcp_proxy(
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: Peer,
     spec: &Inbound,
     shared: &Shared,
