@@ -8,9 +8,9 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p meshid-ca --bin meshid-ca --bin meshid-injector \
- && install -D -m 0755 target/release/meshid-ca /out/meshid-ca \
- && install -D -m 0755 target/release/meshid-injector /out/meshid-injector
+    cargo build --profile dist --locked -p meshid-ca --bin meshid-ca --bin meshid-injector \
+ && install -D -m 0755 target/dist/meshid-ca /out/meshid-ca \
+ && install -D -m 0755 target/dist/meshid-injector /out/meshid-injector
 
 # distroless: glibc and CA certificates, no shell, no package manager; runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -8,8 +8,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p meshid-sidecar --bin meshid-sidecar \
- && install -D -m 0755 target/release/meshid-sidecar /out/meshid-sidecar
+    cargo build --profile dist --locked -p meshid-sidecar --bin meshid-sidecar \
+ && install -D -m 0755 target/dist/meshid-sidecar /out/meshid-sidecar
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/meshid-sidecar /usr/local/bin/meshid-sidecar

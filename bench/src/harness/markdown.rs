@@ -498,12 +498,13 @@ bench/run.sh            # everything: 3 runs per figure, about 15 minutes
 bench/run.sh --smoke    # one short run per scenario (CI), into bench/results/smoke/: ~1 min once built
 bench/run.sh --runs 5 --scenarios throughput,latency   # any bench-run flag passes through
 bench/run.sh --perf /tmp/prof   # also: perf profiles + syscalls per request of every proxy
-target/release/bench-run --serve meshid   # start one contender and keep it up, for manual poking
-target/release/meshload --help            # the load generator on its own
+target/dist/bench-run --serve meshid   # start one contender and keep it up, for manual poking
+target/dist/meshload --help            # the load generator on its own
 ```
 
 `bench/run.sh` installs `nginx`, `libnginx-mod-stream` and `haproxy` with apt if they are missing,
-builds the release binaries once, runs `target/release/bench-run` pinned to CPU 0 (at a raised
+builds the binaries once in the `dist` profile (fat LTO, one codegen unit: what the Dockerfiles ship;
+`--smoke` uses `release`), runs `target/dist/bench-run` pinned to CPU 0 (at a raised
 priority when allowed, inherited by everything it starts), and rewrites
 `bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
 `throughput_tcp`, `latency`, `handshakes`, `memory`, `startup`, `ca`.
