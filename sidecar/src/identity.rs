@@ -107,14 +107,7 @@ pub async fn run_file_mode_report(
     loop {
         let result = async {
             let endpoint = endpoint_with_bundle(&endpoint, &store);
-            let mut client = ca_client::connect(&endpoint, store.chain_and_key()).await?;
-            let mut stream = client
-                .watch_trust_bundle(WatchTrustBundleRequest {
-                    instance_id: life.instance_id.clone(),
-                })
-                .await
-                .map_err(|s| IssueError::Response(s.message().to_owned()))?
-                .into_inner();
+            let mut stream = open_bundle_stream(&endpoint, &store, &life).await?;
             let mut reported: Option<Vec<u8>> = None;
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
@@ -210,6 +203,23 @@ impl IssueError {
 
 /// The CA's roots plus the trust bundle we hold (the CA's certificate moves to a new root during a
 /// rotation; the bundle stream brings that root before the CA switches).
+/// Opens the bundle stream, presenting our certificate (if any yet) so the CA counts this sidecar
+/// as connected.
+async fn open_bundle_stream(
+    endpoint: &CaEndpoint,
+    store: &CredentialStore,
+    life: &Lifecycle,
+) -> Result<tonic::Streaming<meshid_proto::ca::v1::TrustBundle>, IssueError> {
+    let mut client = ca_client::connect(endpoint, store.chain_and_key()).await?;
+    Ok(client
+        .watch_trust_bundle(WatchTrustBundleRequest {
+            instance_id: life.instance_id.clone(),
+        })
+        .await
+        .map_err(|s| IssueError::Response(s.message().to_owned()))?
+        .into_inner())
+}
+
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
     let mut endpoint = endpoint.clone();
     for root in store.roots() {
@@ -382,16 +392,8 @@ pub async fn run_bundle_watch(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let result = async {
-            // Present our certificate (if any yet) so the CA counts this sidecar as connected.
-            let mut client =
-                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, &store), store.chain_and_key()).await?;
-            let mut stream = client
-                .watch_trust_bundle(WatchTrustBundleRequest {
-                    instance_id: life.instance_id.clone(),
-                })
-                .await
-                .map_err(|s| IssueError::Response(s.message().to_owned()))?
-                .into_inner();
+            let endpoint = endpoint_with_bundle(&mode.endpoint, &store);
+            let mut stream = open_bundle_stream(&endpoint, &store, &life).await?;
             loop {
                 let msg = tokio::select! {
                     m = stream.message() => m,
