@@ -3,6 +3,7 @@
 
 pub mod load;
 pub mod procfs;
+pub mod simsidecar;
 pub mod stats;
 pub mod tlsconf;
 

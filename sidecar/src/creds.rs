@@ -158,6 +158,37 @@ impl CredentialStore {
         held.as_ref().map(|h| (h.chain.clone(), h.key.clone_key()))
     }
 
+    /// Whether our own chain still verifies against our trust bundle at `now` (after a forced root
+    /// retirement it does not: the CA will refuse it as a renewal credential).
+    pub fn own_chain_trusted(&self, now: i64) -> bool {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = held.as_ref() else {
+            return false;
+        };
+        let Some((leaf, intermediates)) = h.chain.split_first() else {
+            return false;
+        };
+        let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
+            return false;
+        };
+        let anchors: Vec<_> = h
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+        ee.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
+
     /// The trust bundle's roots as last accepted.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());

@@ -242,12 +242,18 @@ pub async fn issue_once(
     let valid = store
         .current()
         .is_some_and(|s| s.identity.not_after > unix_now() + 1);
-    let (client_cert, credential) = if valid && !use_bootstrap {
+    // After a forced root retirement our certificate no longer chains to the bundle and the CA
+    // refuses it at the handshake: prove who we are again with the bootstrap credential (a join
+    // token file is read again: the operator may have put a new token there).
+    let orphaned = valid && !store.own_chain_trusted(unix_now());
+    let (client_cert, credential) = if valid && !orphaned && !use_bootstrap {
         (store.chain_and_key(), None)
     } else {
         let credential = match &mode.bootstrap {
             Bootstrap::TokenFile(path) => Credential::ServiceAccountToken(read_secret(path).await?),
-            Bootstrap::JoinTokenFile(_) if join_spent => return Err(IssueError::JoinTokenSpent),
+            Bootstrap::JoinTokenFile(_) if join_spent && !orphaned => {
+                return Err(IssueError::JoinTokenSpent);
+            }
             Bootstrap::JoinTokenFile(path) => Credential::JoinToken(read_secret(path).await?),
         };
         (None, Some(credential))
@@ -390,6 +396,14 @@ pub async fn run_bundle_watch(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    // The CA counts a stream as a connected sidecar (the one the rotation gates wait for) only when
+    // it was opened with a certificate: open it once the first certificate is there.
+    while store.chain_and_key().is_none() {
+        tokio::select! {
+            () = life.renewed.notified() => {}
+            () = stopped(&mut shutdown) => return,
+        }
+    }
     loop {
         let result = async {
             let endpoint = endpoint_with_bundle(&mode.endpoint, &store);

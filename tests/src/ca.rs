@@ -116,12 +116,22 @@ impl TestCa {
         let mut config = self.config.clone();
         config.listen = self.addr;
         config.admin_listen = self.admin_addr;
-        let mut registry = Registry::default();
-        self.running = Some(
-            meshid_ca::start(config, &mut registry)
-                .await
-                .expect("restart CA"),
-        );
+        // The stopped CA's accept loop may still hold the port for a moment: retry the bind.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut registry = Registry::default();
+            match meshid_ca::start(config.clone(), &mut registry).await {
+                Ok(running) => {
+                    self.running = Some(running);
+                    return;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("restart CA: {e}; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("restart CA: {e}"),
+            }
+        }
     }
 
     /// Stops the CA gracefully.

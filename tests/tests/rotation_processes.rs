@@ -1,0 +1,589 @@
+//! Root rotation done by real processes only: two `meshid-ca serve` on one CA directory, three
+//! `meshid-sidecar` binaries in CA mode (a pair with an app behind the inbound, and a third one that
+//! lags), continuous HTTP traffic through the pair, and the rotation driven by the `meshid-ca rotate`
+//! command line, with one CA killed (-9) and restarted in the middle.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use meshid_ca::rotation::RotationReport;
+use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_tests::fake_cluster::{FakeCluster, unix_now};
+use meshid_tests::mesh::{client_config, get, http_request, mtls_connect};
+use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
+use meshid_tests::tools::workspace_bin;
+use rustls::pki_types::CertificateDer;
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+const LAGGING: &str = "spiffe://cluster.local/ns/shop/sa/lagging";
+/// Certificate lifetime: renewals (half-life) and expiries happen within the test.
+const TTL: &str = "8s";
+
+/// One `meshid-ca serve` process and the addresses it was started on (to restart it there).
+struct Ca {
+    proc: Proc,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn start_ca(dir: &Path, jwks: &Path, grpc: SocketAddr, admin: SocketAddr) -> Ca {
+    let proc = Proc::spawn(
+        "meshid-ca",
+        Command::new(workspace_bin("meshid-ca"))
+            .args(["serve", "--dir"])
+            .arg(dir)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--san", "localhost", "--ttl", TTL, "--max-ttl", TTL])
+            .arg("--jwks")
+            .arg(jwks)
+            .env("MESHID_LOG", "warn"),
+    );
+    assert!(
+        wait_http_ok(admin, "/readyz", Duration::from_secs(10)),
+        "CA on {grpc} ready"
+    );
+    Ca { proc, grpc, admin }
+}
+
+/// `meshid-ca <args>`: (exit code, stdout + stderr).
+fn meshid_ca(args: &[&str]) -> (i32, String) {
+    let out = Command::new(workspace_bin("meshid-ca"))
+        .args(args)
+        .env("MESHID_LOG", "warn")
+        .output()
+        .expect("run meshid-ca");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `meshid-ca rotate <step> --dir DIR --admin X --admin Y [extra]`.
+fn rotate(step: &str, dir: &Path, admins: &[SocketAddr], extra: &[&str]) -> (i32, String) {
+    let dir = dir.to_string_lossy().into_owned();
+    let admins: Vec<String> = admins.iter().map(|a| a.to_string()).collect();
+    let mut args = vec!["rotate", step, "--dir", dir.as_str()];
+    for a in &admins {
+        args.extend(["--admin", a.as_str()]);
+    }
+    args.extend(extra);
+    meshid_ca(&args)
+}
+
+/// `rotate status --json`, merged over both CAs.
+fn status(dir: &Path, admins: &[SocketAddr]) -> RotationReport {
+    let (code, out) = rotate("status", dir, admins, &["--json"]);
+    assert_eq!(code, 0, "rotate status: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
+}
+
+/// One CA process's own `/rotation` report.
+fn report_of(admin: SocketAddr) -> Option<RotationReport> {
+    let (code, body) = http_get(admin, "/rotation").ok()?;
+    let json = body.split_once("\r\n\r\n")?.1;
+    (code == 200).then(|| serde_json::from_str(json).ok())?
+}
+
+/// Polls `f` every 100 ms until it holds or `timeout` passes.
+fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a rotation step until it succeeds (or `timeout`), returning its last output.
+fn rotate_until_ok(step: &str, dir: &Path, admins: &[SocketAddr], timeout: Duration) -> String {
+    let mut last = String::new();
+    let ok = poll(timeout, || {
+        let (code, out) = rotate(step, dir, admins, &[]);
+        last = out;
+        code == 0
+    });
+    assert!(ok, "rotate {step} never passed; last answer: {last}");
+    last
+}
+
+/// A sidecar's `/identity` document.
+fn identity(admin: SocketAddr) -> serde_json::Value {
+    let (code, body) = http_get(admin, "/identity").unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(body.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+fn anchors(ident: &serde_json::Value) -> Vec<String> {
+    ident["trust_anchors_sha256"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_lowercase))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The trust bundle a CA process serves over gRPC: (version, roots).
+async fn served_bundle(
+    grpc: SocketAddr,
+    roots: &[CertificateDer<'static>],
+) -> (u64, Vec<CertificateDer<'static>>) {
+    let mut c = meshid_tests::ca::connect(grpc, roots, None).await.unwrap();
+    let b = c
+        .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        b.version,
+        b.roots.into_iter().map(CertificateDer::from).collect(),
+    )
+}
+
+fn read_roots(path: &Path) -> Vec<CertificateDer<'static>> {
+    meshid_ca::authority::read_bundle(path).unwrap()
+}
+
+fn root_sha(report: &RotationReport, name: &str) -> String {
+    report
+        .authorities
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.root_sha256.to_lowercase())
+        .unwrap_or_else(|| panic!("authority {name} in {report:?}"))
+}
+
+fn spawn_sidecar(
+    ca: SocketAddr,
+    ca_bundle: &Path,
+    token_flag: &str,
+    token: &Path,
+    admin: SocketAddr,
+    listeners: Vec<String>,
+) -> Proc {
+    Proc::spawn(
+        "meshid-sidecar",
+        Command::new(workspace_bin("meshid-sidecar"))
+            .arg("run")
+            .args([
+                "--ca-addr",
+                &ca.to_string(),
+                "--ca-server-name",
+                "localhost",
+            ])
+            .arg("--ca-bundle")
+            .arg(ca_bundle)
+            .arg(token_flag)
+            .arg(token)
+            .args(["--ttl", TTL, "--admin-listen", &admin.to_string()])
+            .args(listeners)
+            .env("MESHID_LOG", "warn"),
+    )
+}
+
+/// HTTP requests through the pair, one connection each, until stopped: (ok, failed).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(local: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = match tokio::net::TcpStream::connect(local).await {
+                        Ok(tcp) => http_request(tcp, false, get("/orders", &[])).await,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match r {
+                        Ok((200, _, body)) if body.contains(&format!("caller={A}")) => {
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        }
+                        other => {
+                            eprintln!("request failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_by_real_processes_under_traffic() {
+    let started = Instant::now();
+    let work = tempfile::tempdir().unwrap();
+    let dir: PathBuf = work.path().join("ca");
+    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}");
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+
+    // Two CA processes on one directory, each on its own "host".
+    let mut ca1 = start_ca(
+        &dir,
+        &jwks,
+        free_addr("127.0.0.21"),
+        free_addr("127.0.0.21"),
+    );
+    let ca2 = start_ca(
+        &dir,
+        &jwks,
+        free_addr("127.0.0.22"),
+        free_addr("127.0.0.22"),
+    );
+    let admins = [ca1.admin, ca2.admin];
+    let roots_v1 = read_roots(&dir.join("bundle.pem"));
+    assert_eq!(roots_v1.len(), 1);
+
+    // Credentials: B (service-account token) and the lagging sidecar talk to CA 1, A (join token) to
+    // CA 2. The CA bundle file is a copy: the directory's bundle.pem changes during the rotation.
+    let ca_bundle = work.path().join("ca-bundle.pem");
+    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
+    let b_token = work.path().join("backend.token");
+    std::fs::write(&b_token, cluster.token("shop", "backend")).unwrap();
+    let lag_token = work.path().join("lagging.token");
+    std::fs::write(&lag_token, cluster.token("shop", "lagging")).unwrap();
+    let join = Command::new(workspace_bin("meshid-ca"))
+        .args(["token", "create", "--dir"])
+        .arg(&dir)
+        .args(["--id", A])
+        .output()
+        .unwrap();
+    assert!(join.status.success(), "{join:?}");
+    let a_join = work.path().join("frontend.join");
+    std::fs::write(&a_join, &join.stdout).unwrap();
+
+    // The app behind B, and the pair.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(meshid_examples::http_echo(app));
+    let (b_in, b_admin) = (free_addr("127.0.0.23"), free_addr("127.0.0.23"));
+    let b_policy = work.path().join("b-policy.yaml");
+    std::fs::write(
+        &b_policy,
+        format!(
+            "inbound:\n  - port: {}\n    protocol: http\n    allow:\n      - id: {A}\n",
+            b_in.port()
+        ),
+    )
+    .unwrap();
+    let _b = spawn_sidecar(
+        ca1.grpc,
+        &ca_bundle,
+        "--token-file",
+        &b_token,
+        b_admin,
+        vec![
+            "--inbound".into(),
+            format!("{b_in}={app_addr},http"),
+            "--policy".into(),
+            b_policy.to_string_lossy().into_owned(),
+        ],
+    );
+    let (a_local, a_admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.24"));
+    let _a = spawn_sidecar(
+        ca2.grpc,
+        &ca_bundle,
+        "--join-token-file",
+        &a_join,
+        a_admin,
+        vec!["--outbound".into(), format!("{a_local}={b_in},{B},http")],
+    );
+    let (lag_local, lag_admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.25"));
+    let lagging = spawn_sidecar(
+        ca1.grpc,
+        &ca_bundle,
+        "--token-file",
+        &lag_token,
+        lag_admin,
+        vec!["--outbound".into(), format!("{lag_local}={b_in},{B},http")],
+    );
+    for (name, admin) in [("B", b_admin), ("A", a_admin), ("lagging", lag_admin)] {
+        assert!(
+            wait_http_ok(admin, "/readyz", Duration::from_secs(15)),
+            "sidecar {name} ready"
+        );
+    }
+    let traffic = Traffic::start(a_local);
+
+    // Every sidecar is connected to its CA and acknowledged bundle v1.
+    assert!(
+        poll(Duration::from_secs(15), || {
+            let r = status(&dir, &admins);
+            [A, B, LAGGING].iter().all(|id| {
+                r.sidecars
+                    .iter()
+                    .any(|s| s.identity == *id && s.connected && s.acked_version == 1)
+            })
+        }),
+        "all three sidecars acknowledged v1: {:?}",
+        status(&dir, &admins)
+    );
+
+    // Nothing to activate or retire yet.
+    let (code, out) = rotate("activate", &dir, &admins, &[]);
+    assert!(
+        code != 0 && out.contains("no prepared authority"),
+        "{code}: {out}"
+    );
+    let (code, out) = rotate("retire", &dir, &admins, &[]);
+    assert!(
+        code != 0 && out.contains("no retiring authority"),
+        "{code}: {out}"
+    );
+
+    // The lagging sidecar is frozen (SIGSTOP): its bundle stream stays open, it acknowledges nothing.
+    lagging.signal("STOP");
+    let (code, out) = meshid_ca(&["rotate", "prepare", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "prepare: {out}");
+    assert!(out.contains("prepared authority 2"), "{out}");
+    eprintln!("prepared at {:?}", started.elapsed());
+
+    // Both CA processes serve bundle v2 with both roots; A and B apply and acknowledge it.
+    let roots_v2 = read_roots(&dir.join("bundle.pem"));
+    assert_eq!(roots_v2.len(), 2);
+    for ca in [&ca1, &ca2] {
+        let mut served = (0, Vec::new());
+        let same = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                served = served_bundle(ca.grpc, &roots_v1).await;
+                if served == (2, roots_v2.clone()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(same.is_ok(), "CA {} serves v2: {served:?}", ca.grpc);
+    }
+    assert!(
+        poll(Duration::from_secs(15), || {
+            let r = status(&dir, &admins);
+            [A, B].iter().all(|id| {
+                r.sidecars
+                    .iter()
+                    .any(|s| s.identity == *id && s.connected && s.acked_version == 2)
+            })
+        }),
+        "A and B acknowledged v2: {:?}",
+        status(&dir, &admins)
+    );
+
+    // activate refuses, naming the one sidecar that has not acknowledged; status says the same.
+    let (code, out) = rotate("activate", &dir, &admins, &[]);
+    assert!(
+        code != 0,
+        "activate must refuse while a sidecar lags: {out}"
+    );
+    assert!(
+        out.contains(LAGGING) && out.contains("needs v2"),
+        "the refusal names the lagging sidecar: {out}"
+    );
+    assert!(
+        !out.contains(A) && !out.contains(B),
+        "only the lagging sidecar blocks: {out}"
+    );
+    let (code, out) = rotate("status", &dir, &admins, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("activate is waiting") && out.contains(LAGGING),
+        "{out}"
+    );
+
+    // Thawed, it acknowledges v2 (still connected), and activate passes.
+    lagging.signal("CONT");
+    assert!(
+        poll(Duration::from_secs(15), || {
+            status(&dir, &admins)
+                .sidecars
+                .iter()
+                .any(|s| s.identity == LAGGING && s.connected && s.acked_version == 2)
+        }),
+        "the lagging sidecar acknowledged v2: {:?}",
+        status(&dir, &admins)
+    );
+    let out = rotate_until_ok("activate", &dir, &admins, Duration::from_secs(10));
+    assert!(out.contains("authority 2 now signs"), "{out}");
+    eprintln!("activated at {:?}", started.elapsed());
+
+    // retire refuses while certificates under the old root are live, naming the authority and the
+    // latest expiry.
+    let (code, out) = rotate("retire", &dir, &admins, &[]);
+    assert!(code != 0, "retire must refuse right after activate: {out}");
+    assert!(
+        out.contains("authority 1") && out.contains("the last expires at"),
+        "{out}"
+    );
+
+    // kill -9 of CA 1 in the middle of the rotation; restarted on the same addresses, it keeps the
+    // state (bundle v2, authority 2 active, authority 1 retiring) and the sidecars come back to it.
+    let before = report_of(ca2.admin).expect("CA 2 report");
+    // The latest expiry of the old-root certificates CA 2 issued (CA 2 keeps running, so it never
+    // forgets them): retire must not pass before it.
+    let old_expiry_ca2 = before
+        .authorities
+        .iter()
+        .find(|a| a.name == "1")
+        .map(|a| a.latest_certificate_expiry)
+        .expect("authority 1 in CA 2's report");
+    assert!(old_expiry_ca2 > unix_now(), "{before:?}");
+    ca1.proc.signal("KILL");
+    assert!(
+        ca1.proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "CA 1 died"
+    );
+    ca1 = start_ca(&dir, &jwks, ca1.grpc, ca1.admin);
+    eprintln!("CA 1 killed and restarted at {:?}", started.elapsed());
+    let after = report_of(ca1.admin).expect("restarted CA 1 report");
+    assert_eq!(after.bundle_version, 2);
+    let states = |r: &RotationReport| -> Vec<(String, String, String)> {
+        r.authorities
+            .iter()
+            .map(|a| (a.name.clone(), a.state.clone(), a.root_sha256.clone()))
+            .collect()
+    };
+    assert_eq!(states(&after), states(&before));
+    assert!(
+        states(&after).contains(&("2".into(), "active".into(), root_sha(&before, "2")))
+            && states(&after)
+                .iter()
+                .any(|(n, s, _)| n == "1" && s == "retiring"),
+        "{after:?}"
+    );
+    assert!(
+        poll(Duration::from_secs(15), || {
+            report_of(ca1.admin).is_some_and(|r| {
+                [B, LAGGING].iter().all(|id| {
+                    r.sidecars
+                        .iter()
+                        .any(|s| s.identity == *id && s.connected && s.acked_version == 2)
+                })
+            })
+        }),
+        "B and the lagging sidecar reconnected to the restarted CA: {:?}",
+        report_of(ca1.admin)
+    );
+
+    // retire passes once every old certificate expired (the sidecars renewed under authority 2).
+    let out = rotate_until_ok("retire", &dir, &admins, Duration::from_secs(30));
+    assert!(out.contains("authority 1 retired"), "{out}");
+    assert!(
+        unix_now() >= old_expiry_ca2,
+        "retire passed before the old certificates expired ({old_expiry_ca2})"
+    );
+    let retired_at = started.elapsed();
+
+    // Both CA processes serve bundle v3 with only the new root.
+    let roots_v3 = read_roots(&dir.join("bundle.pem"));
+    assert_eq!(roots_v3.len(), 1);
+    assert_ne!(roots_v3[0], roots_v1[0]);
+    assert!(roots_v2.contains(&roots_v3[0]));
+    for ca in [&ca1, &ca2] {
+        let mut served = (0, Vec::new());
+        let same = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                served = served_bundle(ca.grpc, &roots_v3).await;
+                if served == (3, roots_v3.clone()) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(
+            same.is_ok(),
+            "CA {} serves v3 without the old root: {served:?}",
+            ca.grpc
+        );
+    }
+
+    // Every sidecar serves a certificate under the new root and trusts only the new root.
+    let report = status(&dir, &admins);
+    assert_eq!(report.bundle_version, 3);
+    assert!(
+        report.authorities.iter().all(|a| a.name == "2"),
+        "{report:?}"
+    );
+    let new_sha = root_sha(&report, "2");
+    let old_sha = meshid_ca::serial::sha256_hex(&roots_v1[0]).to_lowercase();
+    assert!(
+        poll(Duration::from_secs(10), || {
+            let r = status(&dir, &admins);
+            [A, B, LAGGING].iter().all(|id| {
+                r.sidecars.iter().any(|s| {
+                    s.identity == *id
+                        && s.connected
+                        && s.acked_version == 3
+                        && s.serving_authority.as_deref() == Some("2")
+                })
+            }) && [a_admin, b_admin, lag_admin]
+                .iter()
+                .all(|adm| anchors(&identity(*adm)) == vec![new_sha.clone()])
+        }),
+        "every sidecar acknowledged v3, serves under authority 2 and trusts only it: {:?} {:?}",
+        status(&dir, &admins),
+        [a_admin, b_admin, lag_admin].map(identity)
+    );
+    for adm in [a_admin, b_admin, lag_admin] {
+        let ident = identity(adm);
+        assert!(!anchors(&ident).contains(&old_sha), "{ident}");
+    }
+    // Independently of the CA's view: B's serving certificate verifies against the new root alone.
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let only_new = client_config(&roots_v3, &td, None, &SpiffeId::parse(B).unwrap(), &[]);
+    assert!(
+        mtls_connect(b_in, only_new).await.is_ok(),
+        "B's certificate chains to the new root"
+    );
+    let only_old = client_config(&roots_v1, &td, None, &SpiffeId::parse(B).unwrap(), &[]);
+    assert!(
+        mtls_connect(b_in, only_old).await.is_err(),
+        "B's certificate no longer chains to the old root"
+    );
+
+    // The traffic through the pair never failed.
+    let (ok, failed) = traffic.finish().await;
+    eprintln!(
+        "rotation by processes: retire passed at {retired_at:?}, {ok} requests ok, total {:?}",
+        started.elapsed()
+    );
+    assert!(ok > 100, "traffic flowed: {ok}");
+    assert_eq!(failed, 0, "no request failed during the rotation");
+}
