@@ -135,7 +135,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         limiter: RateLimiter::new(config.rate_limit),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
-        fleet: Default::default(),
+        fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
+            started_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+            max_ttl_seconds: config.lifetimes.max.as_secs(),
+        }),
     });
 
     tokio::spawn(follow_bundle(
@@ -182,7 +185,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, issued) = state.fleet.report(now);
             let rotation = crate::rotation::RotationState::load(&dir).map_err(|e| e.to_string())?;
-            let report = crate::rotation::report(&dir, &rotation, sidecars, &issued);
+            let report =
+                crate::rotation::report(&dir, &rotation, sidecars, &issued, state.fleet.process);
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
         })
     };
@@ -241,7 +245,8 @@ async fn follow_bundle(
         if let Ok(rotation) = crate::rotation::RotationState::load(&dir) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, issued) = state.fleet.report(t);
-            let report = crate::rotation::report(&dir, &rotation, sidecars, &issued);
+            let report =
+                crate::rotation::report(&dir, &rotation, sidecars, &issued, state.fleet.process);
             state.metrics.record_rotation(&report);
         }
         let now = stamps(&dir, &state);

@@ -58,6 +58,17 @@ pub struct IssuedView {
 #[derive(Debug, Default)]
 pub struct Fleet {
     inner: Mutex<Inner>,
+    /// This CA process: since when it tracks issuance, and its longest lifetime.
+    pub process: CaProcess,
+}
+
+/// One CA process as its report describes it: its live-certificate counts cover only what it issued
+/// since it started, so certificates an earlier process issued may be live until `started_unix` plus
+/// `max_ttl_seconds`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CaProcess {
+    pub started_unix: i64,
+    pub max_ttl_seconds: u64,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +135,13 @@ pub fn authority_of(
 }
 
 impl Fleet {
+    pub fn new(process: CaProcess) -> Self {
+        Self {
+            inner: Mutex::default(),
+            process,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::authority::{self, AuthorityError, ImportedRoot};
-pub use fleet::{Fleet, IssuedView, SidecarView};
+pub use fleet::{CaProcess, Fleet, IssuedView, SidecarView};
 pub use state::{AuthorityRecord, AuthorityState, RotationState};
 
 /// One authority as `status` shows it.
@@ -39,6 +39,9 @@ pub struct RotationReport {
     /// What the CA cannot measure (file-mode sidecars): reported, never silently counted as converged.
     #[serde(default)]
     pub unknown: Vec<String>,
+    /// The CA processes whose views this report merges (since when each tracks issuance).
+    #[serde(default)]
+    pub processes: Vec<CaProcess>,
 }
 
 /// A sidecar in the report.
@@ -67,6 +70,7 @@ pub fn report(
     state: &RotationState,
     sidecars: Vec<SidecarView>,
     issued: &HashMap<String, IssuedView>,
+    process: CaProcess,
 ) -> RotationReport {
     let authorities = state
         .authorities
@@ -117,6 +121,7 @@ pub fn report(
         sidecars,
         next_step: String::new(),
         unknown: Vec::new(),
+        processes: vec![process],
     };
     r.refresh(state, unix_now());
     r
@@ -183,6 +188,33 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
             a.live_certificates, a.name, a.latest_certificate_expiry
         ));
     }
+    // A CA process counts only what it issued since it started: what an earlier process issued under
+    // the retiring authority may be live until min(start, end of signing) + the longest lifetime.
+    let signed_until = retiring.signed_until.unwrap_or(now);
+    if let Some(until) = r
+        .processes
+        .iter()
+        // A process running since before the authority began signing saw all it issued.
+        .filter(|p| {
+            retiring
+                .signing_since
+                .is_none_or(|since| p.started_unix > since)
+        })
+        .map(|p| {
+            p.started_unix
+                .min(signed_until)
+                .saturating_add(i64::try_from(p.max_ttl_seconds).unwrap_or(i64::MAX))
+        })
+        .filter(|until| *until > now)
+        .max()
+    {
+        blockers.push(format!(
+            "a CA process started during authority {}'s lifetime and cannot know what an earlier \
+             process issued under it: such certificates may be live until {until} (start or end of \
+             signing + --max-ttl)",
+            retiring.name
+        ));
+    }
     for s in &r.sidecars {
         if s.connected
             && s.serving_authority.as_deref() == Some(retiring.name.as_str())
@@ -195,6 +227,18 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
         }
     }
     blockers
+}
+
+/// Blockers shown in a refusal or the next step: the first few and how many more (a fleet of
+/// thousands must not make a megabyte-long message; `rotate status` lists every sidecar).
+const SHOWN_BLOCKERS: usize = 10;
+
+fn summarize(blockers: &[String]) -> String {
+    let shown = blockers[..blockers.len().min(SHOWN_BLOCKERS)].join("; ");
+    match blockers.len().saturating_sub(SHOWN_BLOCKERS) {
+        0 => shown,
+        more => format!("{shown}; and {more} more (see `meshid-ca rotate status`)"),
+    }
 }
 
 fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
@@ -217,14 +261,14 @@ fn next_step_measured(state: &RotationState, r: &RotationReport, now: i64) -> St
         if b.is_empty() {
             "activate: every connected sidecar trusts the new root".into()
         } else {
-            format!("activate is waiting: {}", b.join("; "))
+            format!("activate is waiting: {}", summarize(&b))
         }
     } else if state.find(AuthorityState::Retiring).is_some() {
         let b = retire_blockers(state, r, now);
         if b.is_empty() {
             "retire: nothing live depends on the old root".into()
         } else {
-            format!("retire is waiting: {}", b.join("; "))
+            format!("retire is waiting: {}", summarize(&b))
         }
     } else {
         "none: run `rotate prepare` to start a root rotation".into()
@@ -289,6 +333,12 @@ fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport
             let e = sidecars
                 .entry(s.instance.clone())
                 .or_insert_with(|| s.clone());
+            // The newest report of what it serves wins (a sidecar may move between CA processes).
+            if s.serving_not_after > e.serving_not_after {
+                e.serving_authority = s.serving_authority.clone();
+                e.serving_not_after = s.serving_not_after;
+                e.identity = s.identity.clone();
+            }
             e.connected |= s.connected;
             e.acked_version = e.acked_version.max(s.acked_version);
             e.file_mode |= s.file_mode;
@@ -299,13 +349,16 @@ fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport
             e.1 = e.1.max(a.latest_certificate_expiry);
         }
     }
+    let processes: Vec<CaProcess> = reports.iter().flat_map(|r| r.processes.clone()).collect();
     let mut base = reports.into_iter().next().unwrap_or(RotationReport {
         bundle_version: state.bundle_version,
         authorities: Vec::new(),
         sidecars: Vec::new(),
         next_step: String::new(),
         unknown: Vec::new(),
+        processes: Vec::new(),
     });
+    base.processes = processes;
     for a in &mut base.authorities {
         if let Some((n, t)) = live.get(&a.name) {
             a.live_certificates = *n;
@@ -362,6 +415,8 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
         prefix,
         state: AuthorityState::Prepared,
         in_bundle_since: state.bundle_version,
+        signed_until: None,
+        signing_since: None,
     });
     state.save(ca_dir)?;
     Ok(name)
@@ -373,11 +428,11 @@ pub fn activate(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Str
     let report = merged(&state, fetch_reports(admins)?);
     let blockers = activate_blockers(&state, &report);
     if state.find(AuthorityState::Prepared).is_none() {
-        return Err(RotateError::Refused(blockers.join("; ")));
+        return Err(RotateError::Refused(summarize(&blockers)));
     }
     if !blockers.is_empty() {
         if !force {
-            return Err(RotateError::Refused(blockers.join("; ")));
+            return Err(RotateError::Refused(summarize(&blockers)));
         }
         tracing::warn!(target: "meshid_ca::audit", blockers = %blockers.join("; "), "rotate activate FORCED");
     }
@@ -387,9 +442,13 @@ pub fn activate(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Str
     let mut new_active = String::new();
     for a in &mut state.authorities {
         match a.state {
-            AuthorityState::Active => a.state = AuthorityState::Retiring,
+            AuthorityState::Active => {
+                a.state = AuthorityState::Retiring;
+                a.signed_until = Some(unix_now());
+            }
             AuthorityState::Prepared => {
                 a.state = AuthorityState::Active;
+                a.signing_since = Some(unix_now());
                 new_active = a.name.clone();
             }
             _ => {}
@@ -405,11 +464,11 @@ pub fn retire(ca_dir: &Path, admins: &[SocketAddr], force: bool) -> Result<Strin
     let report = merged(&state, fetch_reports(admins)?);
     let blockers = retire_blockers(&state, &report, unix_now());
     if state.find(AuthorityState::Retiring).is_none() {
-        return Err(RotateError::Refused(blockers.join("; ")));
+        return Err(RotateError::Refused(summarize(&blockers)));
     }
     if !blockers.is_empty() {
         if !force {
-            return Err(RotateError::Refused(blockers.join("; ")));
+            return Err(RotateError::Refused(summarize(&blockers)));
         }
         tracing::warn!(target: "meshid_ca::audit", blockers = %blockers.join("; "), "rotate retire FORCED");
     }
@@ -469,9 +528,26 @@ mod tests {
                     prefix: String::new(),
                     state: *s,
                     in_bundle_since: *v,
+                    signed_until: None,
+                    signing_since: None,
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn long_refusals_are_summarized() {
+        let many: Vec<String> = (0..25).map(|i| format!("sidecar {i}")).collect();
+        let text = summarize(&many);
+        assert!(
+            text.contains("sidecar 9;") && !text.contains("sidecar 10;"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("and 15 more (see `meshid-ca rotate status`)"),
+            "{text}"
+        );
+        assert_eq!(summarize(&many[..2]), "sidecar 0; sidecar 1");
     }
 
     #[test]
@@ -489,6 +565,7 @@ mod tests {
             sidecars: vec![sidecar("a", 2, "1", 0), sidecar("b", 1, "1", 0)],
             next_step: String::new(),
             unknown: Vec::new(),
+            processes: Vec::new(),
         };
         let b = activate_blockers(&st, &r);
         assert_eq!(b.len(), 1);
@@ -544,6 +621,7 @@ mod tests {
             sidecars: vec![sidecar("a", 2, "1", 1200), sidecar("b", 2, "2", 5000)],
             next_step: String::new(),
             unknown: Vec::new(),
+            processes: Vec::new(),
         };
         let b = retire_blockers(&st, &r, now);
         assert_eq!(b.len(), 2, "{b:?}");
@@ -557,5 +635,29 @@ mod tests {
         r.authorities[0].live_certificates = 0;
         r.sidecars[0].serving_authority = Some("2".into());
         assert!(retire_blockers(&st, &r, now).is_empty());
+        // A CA process that started 100 s ago (restarted mid-rotation) cannot vouch for what an
+        // earlier process issued: retire waits for start + the longest lifetime.
+        r.processes = vec![
+            CaProcess {
+                started_unix: 0,
+                max_ttl_seconds: 200,
+            },
+            CaProcess {
+                started_unix: 900,
+                max_ttl_seconds: 200,
+            },
+        ];
+        let b = retire_blockers(&st, &r, now);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(b[0].contains("1100"), "{b:?}");
+        assert!(retire_blockers(&st, &r, 1101).is_empty());
+        // ... unless the authority had stopped signing long before the process started,
+        let mut st2 = st.clone();
+        st2.authorities[0].signed_until = Some(500);
+        assert!(retire_blockers(&st2, &r, now).is_empty());
+        // or the process has been running since before the authority began signing.
+        let mut st3 = st.clone();
+        st3.authorities[0].signing_since = Some(950);
+        assert!(retire_blockers(&st3, &r, now).is_empty());
     }
 }

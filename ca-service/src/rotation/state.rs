@@ -51,6 +51,13 @@ pub struct AuthorityRecord {
     pub state: AuthorityState,
     /// The bundle version that first contained this authority's root.
     pub in_bundle_since: u64,
+    /// When it stopped signing (Unix seconds; set by `rotate activate`): every certificate it issued
+    /// expires by this plus the CA's maximum lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_until: Option<i64>,
+    /// When it started signing (set by `rotate activate`; unknown for the CA's first authority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_since: Option<i64>,
 }
 
 /// The whole rotation state.
@@ -86,6 +93,8 @@ impl RotationState {
                         prefix: String::new(),
                         state: AuthorityState::Active,
                         in_bundle_since: 1,
+                        signed_until: None,
+                        signing_since: None,
                     }],
                 });
             }
