@@ -411,3 +411,60 @@ where
 pub fn read_roots(path: &Path) -> Vec<CertificateDer<'static>> {
     authority::read_bundle(path).expect("bundle")
 }
+
+/// HTTP requests through a local listener, one connection each, every 25 ms until stopped; counts
+/// what succeeded (200, and the body holds `expect` when given) and what failed.
+pub struct Traffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicUsize>,
+    failed: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    pub fn start(local: SocketAddr, expect: Option<String>) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = match TcpStream::connect(local).await {
+                        Ok(tcp) => http_request(tcp, false, get("/orders", &[])).await,
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match r {
+                        Ok((200, _, body))
+                            if expect.as_deref().is_none_or(|e| body.contains(e)) =>
+                        {
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        }
+                        other => {
+                            eprintln!("request failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+        };
+        Self {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Stops the traffic and returns (succeeded, failed).
+    pub async fn finish(self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}

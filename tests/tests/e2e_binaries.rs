@@ -8,12 +8,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshid_tests::fake_cluster::FakeCluster;
-use meshid_tests::mesh::{eventually, get, http_request};
+use meshid_tests::mesh::{Traffic, eventually, get, http_request};
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -177,27 +175,7 @@ async fn whole_mesh_over_real_processes() {
     assert_eq!(back, b"tcp through the pair");
 
     // Continuous traffic from here on: it must never fail.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let r = match tokio::net::TcpStream::connect(a_http).await {
-                    Ok(tcp) => http_request(tcp, false, get("/orders", &[])).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                match r {
-                    Ok((200, _, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("request failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let traffic = Traffic::start(a_http, None);
 
     // Policy change applied live: /admin becomes allowed.
     std::fs::write(
@@ -254,12 +232,10 @@ async fn whole_mesh_over_real_processes() {
         .await,
         "B renews against the restarted CA"
     );
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    assert!(ok.load(Ordering::Relaxed) > 50, "traffic flowed");
+    let (ok, failed) = traffic.finish().await;
+    assert!(ok > 50, "traffic flowed");
     assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
+        failed, 0,
         "no request failed through renewals and a CA restart"
     );
 

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshid_ca::rotation::{self, RotateError};
@@ -18,7 +16,7 @@ use meshid_sidecar::identity::{Bootstrap, CaMode};
 use meshid_sidecar::policy::Protocol;
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
+    SidecarSpec, TestPki, TestSidecar, Traffic, eventually, get, http_echo, http_request,
 };
 use meshid_tests::pki::{WorkloadKey, pem};
 use rustls::pki_types::CertificateDer;
@@ -103,27 +101,7 @@ async fn root_rotation_under_traffic_with_gates() {
     );
 
     // Continuous traffic for the whole rotation.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let traffic = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let r = match tokio::net::TcpStream::connect(local).await {
-                    Ok(tcp) => http_request(tcp, false, get("/orders", &[])).await,
-                    Err(e) => Err(e.to_string()),
-                };
-                match r {
-                    Ok((200, _, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        eprintln!("request failed: {other:?}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        })
-    };
+    let traffic = Traffic::start(local, None);
 
     // Nothing to activate or retire yet.
     assert!(matches!(
@@ -260,14 +238,9 @@ async fn root_rotation_under_traffic_with_gates() {
         "{report:?}"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    assert!(ok.load(Ordering::Relaxed) > 50, "traffic flowed");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "no request failed during the rotation"
-    );
+    let (ok, failed) = traffic.finish().await;
+    assert!(ok > 50, "traffic flowed");
+    assert_eq!(failed, 0, "no request failed during the rotation");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,14 +8,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshid_ca::rotation::RotationReport;
 use meshid_proto::{SpiffeId, TrustDomain};
 use meshid_tests::fake_cluster::{FakeCluster, unix_now};
-use meshid_tests::mesh::{client_config, get, http_request, mtls_connect};
+use meshid_tests::mesh::{Traffic, client_config, mtls_connect};
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use rustls::pki_types::CertificateDer;
@@ -193,57 +191,6 @@ fn spawn_sidecar(
     )
 }
 
-/// HTTP requests through the pair, one connection each, until stopped: (ok, failed).
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    fn start(local: SocketAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let task = {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let r = match tokio::net::TcpStream::connect(local).await {
-                        Ok(tcp) => http_request(tcp, false, get("/orders", &[])).await,
-                        Err(e) => Err(e.to_string()),
-                    };
-                    match r {
-                        Ok((200, _, body)) if body.contains(&format!("caller={A}")) => {
-                            ok.fetch_add(1, Ordering::Relaxed)
-                        }
-                        other => {
-                            eprintln!("request failed: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            })
-        };
-        Self {
-            stop,
-            ok,
-            failed,
-            task,
-        }
-    }
-
-    async fn finish(self) -> (usize, usize) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.unwrap();
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_by_real_processes_under_traffic() {
     let started = Instant::now();
@@ -341,7 +288,7 @@ async fn root_rotation_by_real_processes_under_traffic() {
             "sidecar {name} ready"
         );
     }
-    let traffic = Traffic::start(a_local);
+    let traffic = Traffic::start(a_local, Some(format!("caller={A}")));
 
     // Every sidecar is connected to its CA and acknowledged bundle v1.
     assert!(
