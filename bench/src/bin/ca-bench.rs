@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use meshid_bench::benchca::{self, BenchCa};
 use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
 use meshid_sidecar::ca_client::{self, CaEndpoint};
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::pki::WorkloadKey;
-use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use meshid_tests::process::Proc;
 use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -89,10 +89,6 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -105,52 +101,12 @@ async fn main() -> Result<()> {
         bail!("{} not found (run bench/ca.sh)", ca_bin.display());
     }
     let work = tempdir()?;
-    let ca_dir = work.join("ca");
-    let st = Command::new(&ca_bin)
-        .args(["init", "--dir"])
-        .arg(&ca_dir)
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("meshid-ca init failed");
-    }
-    let cluster = FakeCluster::new();
-    let jwks = work.join("jwks.json");
-    cluster.write_jwks(&jwks);
-
-    let grpc = free_addr("127.0.0.1");
-    let admin = free_addr("127.0.0.1");
-    let mut cmd = if have("taskset") {
-        let mut c = Command::new("taskset");
-        c.args(["-c", &args.ca_cpu.to_string()]).arg(&ca_bin);
-        c
-    } else {
-        Command::new(&ca_bin)
-    };
-    cmd.args(["serve", "--dir"])
-        .arg(&ca_dir)
-        .args([
-            "--listen",
-            &grpc.to_string(),
-            "--admin-listen",
-            &admin.to_string(),
-        ])
-        .arg("--jwks")
-        .arg(&jwks)
-        .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
-        .env("MESHID_LOG", "error");
-    let ca = Proc::spawn("meshid-ca", &mut cmd);
-    if !wait_http_ok(admin, "/readyz", Duration::from_secs(10)) {
-        bail!("CA did not become ready");
-    }
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&std::fs::read(ca_dir.join("bundle.pem"))?)
-            .collect::<Result<_, _>>()?;
-    let endpoint = CaEndpoint {
-        addr: grpc.to_string(),
-        server_name: Some("localhost".into()),
-        roots,
-    };
+    let BenchCa {
+        proc: ca,
+        cluster,
+        endpoint,
+        ..
+    } = benchca::start(&ca_bin, &work, args.ca_cpu, &[])?;
 
     let ceiling = if args.skip_ceiling {
         None

@@ -6,20 +6,17 @@
 //! one, per sidecar, the renewals each sidecar made during the rotation, and the wall time of each step.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use meshid_bench::benchca::{self, BenchCa};
 use meshid_bench::procfs::cpu_seconds;
 use meshid_bench::simsidecar::{Sim, SimConfig, SimStats};
-use meshid_sidecar::ca_client::CaEndpoint;
-use meshid_tests::fake_cluster::FakeCluster;
-use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
+use meshid_tests::process::http_get;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -58,10 +55,6 @@ struct Rotation {
     until_converged: Duration,
     activated_at: Instant,
     retired_at: Instant,
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
 }
 
 /// `meshid-ca rotate <step> --dir DIR --admin ADDR`: (success, stdout + stderr).
@@ -177,49 +170,18 @@ async fn run(
     ca_bin: &Path,
     work: &Path,
 ) -> Result<()> {
-    let ca_dir = work.join("ca");
-    let st = Command::new(ca_bin)
-        .args(["init", "--dir"])
-        .arg(&ca_dir)
-        .stdout(Stdio::null())
-        .status()?;
-    if !st.success() {
-        bail!("meshid-ca init failed");
-    }
-    let cluster = FakeCluster::new();
-    let jwks = work.join("jwks.json");
-    cluster.write_jwks(&jwks);
-
-    let grpc = free_addr("127.0.0.1");
-    let admin = free_addr("127.0.0.1");
-    let mut cmd = if have("taskset") {
-        let mut c = Command::new("taskset");
-        c.args(["-c", &args.ca_cpu.to_string()]).arg(ca_bin);
-        c
-    } else {
-        Command::new(ca_bin)
-    };
-    cmd.args(["serve", "--dir"])
-        .arg(&ca_dir)
-        .args(["--listen", &grpc.to_string()])
-        .args(["--admin-listen", &admin.to_string()])
-        .args(["--ttl", &args.ttl, "--max-ttl", &args.ttl])
-        .arg("--jwks")
-        .arg(&jwks)
-        .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
-        .env("MESHID_LOG", "error");
-    let ca = Proc::spawn("meshid-ca", &mut cmd);
-    if !wait_http_ok(admin, "/readyz", Duration::from_secs(10)) {
-        bail!("CA did not become ready");
-    }
-    let roots: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&std::fs::read(ca_dir.join("bundle.pem"))?)
-            .collect::<Result<_, _>>()?;
-    let endpoint = CaEndpoint {
-        addr: grpc.to_string(),
-        server_name: Some("localhost".into()),
-        roots,
-    };
+    let BenchCa {
+        proc: ca,
+        dir: ca_dir,
+        admin,
+        cluster,
+        endpoint,
+    } = benchca::start(
+        ca_bin,
+        work,
+        args.ca_cpu,
+        &["--ttl", &args.ttl, "--max-ttl", &args.ttl],
+    )?;
 
     // The fleet: starts spread over half a lifetime, so renewals are spread as in a real fleet.
     let n = args.sidecars;

@@ -1,0 +1,83 @@
+//! A real `meshid-ca` for the CA benchmarks: initialised in a work directory, serving with a fake
+//! cluster's JWKS, rate limits out of the way, pinned to one CPU when `taskset` is there.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use meshid_sidecar::ca_client::CaEndpoint;
+use meshid_tests::fake_cluster::FakeCluster;
+use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// A running benchmark CA.
+pub struct BenchCa {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub admin: SocketAddr,
+    pub cluster: FakeCluster,
+    /// How clients reach and trust it.
+    pub endpoint: CaEndpoint,
+}
+
+/// Whether a tool runs here.
+pub fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok()
+}
+
+/// `meshid-ca init` in `work/ca`, then `serve` on CPU `cpu` with `extra` flags, ready when it returns.
+pub fn start(ca_bin: &Path, work: &Path, cpu: usize, extra: &[&str]) -> Result<BenchCa> {
+    let dir = work.join("ca");
+    let st = Command::new(ca_bin)
+        .args(["init", "--dir"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("meshid-ca init failed");
+    }
+    let cluster = FakeCluster::new();
+    let jwks = work.join("jwks.json");
+    cluster.write_jwks(&jwks);
+
+    let grpc = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
+    let mut cmd = if have("taskset") {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &cpu.to_string()]).arg(ca_bin);
+        c
+    } else {
+        Command::new(ca_bin)
+    };
+    cmd.args(["serve", "--dir"])
+        .arg(&dir)
+        .args(["--listen", &grpc.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(extra)
+        .arg("--jwks")
+        .arg(&jwks)
+        .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
+        .env("MESHID_LOG", "error");
+    let proc = Proc::spawn("meshid-ca", &mut cmd);
+    if !wait_http_ok(admin, "/readyz", Duration::from_secs(10)) {
+        bail!("CA did not become ready");
+    }
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&std::fs::read(dir.join("bundle.pem"))?)
+            .collect::<Result<_, _>>()?;
+    let endpoint = CaEndpoint {
+        addr: grpc.to_string(),
+        server_name: Some("localhost".into()),
+        roots,
+    };
+    Ok(BenchCa {
+        proc,
+        dir,
+        admin,
+        cluster,
+        endpoint,
+    })
+}
