@@ -44,6 +44,10 @@ struct Args {
     /// Record a CPU profile of the CA during the measured run with `perf record` into this file.
     #[arg(long)]
     perf: Option<PathBuf>,
+    /// Measured rounds per credential mode, each bracketed by its own `openssl speed` ceiling on the
+    /// CA's CPU (the machine's speed drifts; the ratio is taken within a round). Default 3, smoke 1.
+    #[arg(long)]
+    rounds: Option<usize>,
 }
 
 /// utime + stime of a process, in seconds.
@@ -64,8 +68,16 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 /// Signs/s and verifies/s of `openssl speed ecdsap256` on one core.
-fn openssl_ceiling() -> Option<(f64, f64)> {
-    let out = Command::new("openssl")
+fn openssl_ceiling(cpu: usize) -> Option<(f64, f64)> {
+    // On the CA's CPU, like the CA itself.
+    let mut cmd = if benchca::have("taskset") {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &cpu.to_string(), "openssl"]);
+        c
+    } else {
+        Command::new("openssl")
+    };
+    let out = cmd
         .args(["speed", "-seconds", "2", "ecdsap256"])
         .stderr(Stdio::null())
         .output()
@@ -79,6 +91,24 @@ fn openssl_ceiling() -> Option<(f64, f64)> {
     // "256 bits ecdsa (nistp256)   0.0000s   0.0001s  40000.0  13000.0"
     let n = nums.len();
     (n >= 2).then(|| (nums[n - 2], nums[n - 1]))
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// "median (min-max)", or "n/a".
+fn median_range(v: &[f64], decimals: usize) -> String {
+    let (Some(m), Some(lo), Some(hi)) = (
+        median(v),
+        v.iter().copied().min_by(f64::total_cmp),
+        v.iter().copied().max_by(f64::total_cmp),
+    ) else {
+        return "n/a".into();
+    };
+    format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -108,26 +138,52 @@ async fn main() -> Result<()> {
         ..
     } = benchca::start(&ca_bin, &work, args.ca_cpu, &[])?;
 
-    let ceiling = if args.skip_ceiling {
-        None
-    } else {
-        openssl_ceiling()
-    };
+    let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 3 }).max(1);
     let mut results = serde_json::Map::new();
+    let mut summary = Vec::new();
     for mode in [Mode::Renewal, Mode::Token] {
-        let stats = measure(&args, &endpoint, &cluster, &ca, mode).await?;
-        results.insert(mode.name().into(), stats.report(&args, mode, ceiling));
+        let mut runs = Vec::new();
+        let (mut per_core, mut ratios) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let ceiling = if args.skip_ceiling {
+                None
+            } else {
+                openssl_ceiling(args.ca_cpu)
+            };
+            println!("\n[{} round {round}/{rounds}]", mode.name());
+            let stats = measure(&args, &endpoint, &cluster, &ca, mode).await?;
+            let report = stats.report(&args, mode, ceiling);
+            per_core.extend(report["certs_per_ca_cpu_second"].as_f64());
+            ratios.extend(report["ratio_to_openssl_ceiling"].as_f64());
+            runs.push(report);
+        }
+        let line = format!(
+            "{:<22} per core of CA CPU {} certs/s (target >= 8000); ratio to openssl {} (target >= 0.6)",
+            mode.name(),
+            median_range(&per_core, 0),
+            median_range(&ratios, 2),
+        );
+        summary.push(line);
+        results.insert(
+            mode.name().into(),
+            serde_json::json!({
+                "rounds": runs,
+                "median_certs_per_ca_cpu_second": median(&per_core),
+                "median_ratio_to_openssl_ceiling": median(&ratios),
+            }),
+        );
     }
     drop(ca);
+    println!("\nmedian (min-max) over {rounds} round(s), each ratio within its own round:");
+    for line in &summary {
+        println!("  {line}");
+    }
     if let Some(out) = &args.out {
         let json = serde_json::json!({
             "concurrency": args.concurrency,
             "count": args.count,
-            "openssl_ecdsap256": ceiling.map(|(s, v)| serde_json::json!({
-                "sign_per_second": s, "verify_per_second": v,
-                "sign_plus_verify_per_second": 1.0 / (1.0 / s + 1.0 / v),
-            })),
-            "runs": results,
+            "rounds": rounds,
+            "results": results,
         });
         std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
         println!("\nresults: {}", out.display());

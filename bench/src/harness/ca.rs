@@ -196,12 +196,14 @@ pub fn ca_issuance(ctx: &Ctx) -> ScenarioResult {
                 .args(["--concurrency", &c.to_string()])
                 .args(["--count", &s.ca_count.max(c).to_string()])
                 .arg("--skip-ceiling")
+                // The harness repeats the whole scenario itself (one round per call).
+                .args(["--rounds", "1"])
                 .arg("--out")
                 .arg(&out);
             ctx.output(&mut cmd)?;
             let v: Value = serde_json::from_slice(&std::fs::read(&out)?)?;
             for (mode, key) in [("renewal", "renewal"), ("service_account_token", "token")] {
-                let r = &v["runs"][mode];
+                let r = &v["results"][mode]["rounds"][0];
                 let errors = r["errors"].as_f64().unwrap_or(0.0);
                 if errors > 0.0 {
                     bail!("{errors} failed issuances ({mode}, {c} clients)");
