@@ -16,6 +16,7 @@ mod pod;
 pub mod reload;
 pub mod server;
 pub mod serving;
+pub mod startup;
 
 use std::collections::BTreeMap;
 
