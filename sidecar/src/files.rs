@@ -10,21 +10,17 @@
 //! and the last good one keeps serving; a later consistent set is applied. A periodic re-read covers
 //! whatever inotify misses.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::FileCreds;
 use crate::creds::{CredentialStore, Credentials};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::watch::{DirWatcher, Timing};
 
 /// Why the credential files could not be read. Names the file.
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +73,7 @@ fn key_from_pem(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, FileE
 /// thread and waits for it.
 pub struct CredWatcher {
     files: FileCreds,
-    stop: Arc<AtomicBool>,
-    wake: Sender<Message>,
-    thread: Option<JoinHandle<()>>,
-    inotify: Option<RecommendedWatcher>,
+    watcher: DirWatcher,
 }
 
 /// Watches the three files; publishes a new set only when cert, key and bundle are consistent.
@@ -93,32 +86,15 @@ pub fn watch_credential_files(
     store: Arc<CredentialStore>,
     metrics: Metrics,
 ) -> Result<CredWatcher, FileError> {
-    watch_with_timing(files, store, metrics, Timing::DEFAULT)
+    watch_with_timing(files, store, metrics, CRED_TIMING)
 }
 
-/// How long to wait: for events to go quiet, at most after the first event of a burst, and between
-/// periodic re-reads.
-#[derive(Debug, Clone, Copy)]
-struct Timing {
-    quiet: Duration,
-    max_delay: Duration,
-    poll: Duration,
-}
-
-impl Timing {
-    const DEFAULT: Timing = Timing {
-        quiet: Duration::from_millis(150),
-        max_delay: Duration::from_secs(1),
-        poll: Duration::from_secs(2),
-    };
-}
-
-enum Message {
-    /// Something happened in a watched directory.
-    Changed,
-    /// The watcher is being dropped.
-    Stop,
-}
+/// A writer replaces three files one after another: wait a little longer for them to go quiet.
+const CRED_TIMING: Timing = Timing {
+    quiet: Duration::from_millis(150),
+    max_delay: Duration::from_secs(1),
+    poll: Duration::from_secs(2),
+};
 
 fn watch_with_timing(
     files: FileCreds,
@@ -126,77 +102,28 @@ fn watch_with_timing(
     metrics: Metrics,
     timing: Timing,
 ) -> Result<CredWatcher, FileError> {
-    let (wake, events) = mpsc::channel();
-    // Watch first, then read: a change in between is seen either by the read or as an event.
-    let inotify = watch_directories(&files, wake.clone());
     let mut tracker = Tracker {
         files: files.clone(),
         store,
         metrics,
         last: None,
     };
-    tracker.check();
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread_stop = stop.clone();
-    let thread = thread::Builder::new()
-        .name("cred-watch".to_owned())
-        .spawn(move || run(tracker, &events, &thread_stop, timing))
-        .map_err(|e| err(&files.cert, format!("cannot start the watch thread: {e}")))?;
-    Ok(CredWatcher {
-        files,
-        stop,
-        wake,
-        thread: Some(thread),
-        inotify,
-    })
-}
-
-/// The parent directory of a file (`.` for a bare name).
-fn parent(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Watches each distinct parent directory, or returns `None` (after a warning) and leaves it to
-/// polling. A directory that alone cannot be watched is also left to polling.
-fn watch_directories(files: &FileCreds, wake: Sender<Message>) -> Option<RecommendedWatcher> {
-    let handler = move |event: notify::Result<notify::Event>| {
-        match event {
-            // Opening or reading files (our own re-reads included) changes nothing.
-            Ok(event) if is_read_only(&event.kind) => return,
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "credential watch error, re-reading the files"),
-        }
-        // A send fails only once the watch thread has stopped.
-        let _ = wake.send(Message::Changed);
-    };
-    let mut watcher = match notify::recommended_watcher(handler) {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch the credential files, polling only");
-            return None;
-        }
-    };
-    let mut seen = Vec::new();
-    for file in [&files.cert, &files.key, &files.bundle] {
-        let dir = parent(file);
-        let key = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-        if seen.contains(&key) {
-            continue;
-        }
-        seen.push(key);
-        if let Err(error) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-            let dir = dir.display();
-            tracing::warn!(%error, %dir, "cannot watch a credential directory, polling it");
-        }
-    }
-    Some(watcher)
-}
-
-fn is_read_only(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+    // Watch first, then read: a change in between is seen either by the read or as an event.
+    let paths = [
+        files.cert.as_path(),
+        files.key.as_path(),
+        files.bundle.as_path(),
+    ];
+    let watcher = DirWatcher::spawn(
+        "cred-watch",
+        "credential files",
+        &paths,
+        timing,
+        true,
+        move |_| tracker.check(),
+    )
+    .map_err(|e| err(&files.cert, format!("cannot start the watch thread: {e}")))?;
+    Ok(CredWatcher { files, watcher })
 }
 
 /// The bytes of the three files as read at one moment, or why one could not be read.
@@ -285,53 +212,11 @@ impl Tracker {
     }
 }
 
-/// The watch thread: re-read after a burst of events goes quiet, or when the poll interval passes.
-fn run(mut tracker: Tracker, events: &Receiver<Message>, stop: &AtomicBool, timing: Timing) {
-    // (first, last) event of the current burst.
-    let mut burst: Option<(Instant, Instant)> = None;
-    let mut next_poll = Instant::now() + timing.poll;
-    while !stop.load(Ordering::Acquire) {
-        let due = match burst {
-            Some((first, last)) => (last + timing.quiet).min(first + timing.max_delay),
-            None => next_poll,
-        };
-        let now = Instant::now();
-        if now >= due {
-            burst = None;
-            tracker.check();
-            next_poll = Instant::now() + timing.poll;
-            continue;
-        }
-        match events.recv_timeout(due - now) {
-            Ok(Message::Changed) => {
-                let now = Instant::now();
-                burst = Some((burst.map_or(now, |(first, _)| first), now));
-            }
-            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-    }
-}
-
-impl Drop for CredWatcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // A failed send means the thread is already gone.
-        let _ = self.wake.send(Message::Stop);
-        // Joining from the watch thread itself would hang.
-        if let Some(thread) = self.thread.take()
-            && thread.thread().id() != thread::current().id()
-        {
-            let _ = thread.join();
-        }
-    }
-}
-
 impl std::fmt::Debug for CredWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredWatcher")
             .field("files", &self.files)
-            .field("inotify", &self.inotify.is_some())
+            .field("inotify", &self.watcher.inotify())
             .finish_non_exhaustive()
     }
 }
@@ -339,6 +224,8 @@ impl std::fmt::Debug for CredWatcher {
 #[cfg(test)]
 mod tests {
     use std::fs;
+    use std::thread;
+    use std::time::Instant;
 
     use super::*;
 
@@ -382,7 +269,7 @@ mod tests {
         let metrics = Metrics::default();
         let watcher =
             watch_with_timing(files.clone(), store.clone(), metrics.clone(), FAST).unwrap();
-        assert!(watcher.inotify.is_some(), "inotify is not available");
+        assert!(watcher.watcher.inotify(), "inotify is not available");
         assert_eq!(updates(&metrics, "rejected"), 1);
         fs::write(&files.key, "more garbage").unwrap();
         wait_for("a second rejection", || updates(&metrics, "rejected") == 2);
@@ -421,22 +308,5 @@ mod tests {
         fs::write(&files.cert, "garbage").unwrap();
         thread::sleep(Duration::from_millis(200));
         assert_eq!(updates(&metrics, "rejected"), before);
-    }
-
-    #[test]
-    fn file_mode_parent_directories_and_read_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let files = FileCreds {
-            cert: PathBuf::from("tls.crt"),
-            ..files(dir.path())
-        };
-        assert_eq!(parent(&files.cert), PathBuf::from("."));
-        assert_eq!(parent(&files.key), dir.path());
-        assert!(is_read_only(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
     }
 }

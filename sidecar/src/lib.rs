@@ -22,3 +22,4 @@ pub mod run;
 pub mod timing;
 pub mod upstream;
 pub mod verify;
+pub mod watch;

@@ -8,20 +8,16 @@
 //! content seen is parsed. A slow periodic re-read covers whatever inotify misses: a symlink target
 //! in another directory, a replaced parent directory, an exhausted inotify limit.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use notify::event::{AccessKind, AccessMode};
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 pub use super::reload::ParseFn;
 use super::reload::Reloader;
 use super::{Policy, PolicyError};
+use crate::watch::{DirWatcher, Timing};
 
 /// The current policy, shared with the data plane (readers never block). `None` until one loads.
 pub type PolicyStore = Arc<ArcSwapOption<Policy>>;
@@ -40,10 +36,7 @@ pub enum ReloadOutcome {
 /// Watches the policy file until dropped; dropping it stops the watch thread and waits for it.
 pub struct PolicyWatcher {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    wake: Sender<Message>,
-    thread: Option<JoinHandle<()>>,
-    inotify: Option<RecommendedWatcher>,
+    watcher: DirWatcher,
 }
 
 /// Loads the policy file into `store`, then keeps it up to date.
@@ -59,7 +52,7 @@ pub fn watch_policy_file(
     store: PolicyStore,
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
 ) -> Result<PolicyWatcher, PolicyError> {
-    watch_with_timing(path, store, on_reload, Timing::DEFAULT, Policy::parse)
+    watch_with_timing(path, store, on_reload, POLICY_TIMING, Policy::parse)
 }
 
 /// [`watch_policy_file`] for a file in another format: `parse` turns its text into a policy (e.g.
@@ -70,32 +63,14 @@ pub fn watch_policy_file_with(
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
     parse: ParseFn,
 ) -> Result<PolicyWatcher, PolicyError> {
-    watch_with_timing(path, store, on_reload, Timing::DEFAULT, parse)
+    watch_with_timing(path, store, on_reload, POLICY_TIMING, parse)
 }
 
-/// How long to wait: for events to go quiet, at most after the first event of a burst, and between
-/// periodic re-reads.
-#[derive(Debug, Clone, Copy)]
-struct Timing {
-    quiet: Duration,
-    max_delay: Duration,
-    poll: Duration,
-}
-
-impl Timing {
-    const DEFAULT: Timing = Timing {
-        quiet: Duration::from_millis(100),
-        max_delay: Duration::from_secs(1),
-        poll: Duration::from_secs(2),
-    };
-}
-
-enum Message {
-    /// Something happened in the directory.
-    Changed,
-    /// The watcher is being dropped.
-    Stop,
-}
+const POLICY_TIMING: Timing = Timing {
+    quiet: Duration::from_millis(100),
+    max_delay: Duration::from_secs(1),
+    poll: Duration::from_secs(2),
+};
 
 fn watch_with_timing(
     path: PathBuf,
@@ -104,112 +79,29 @@ fn watch_with_timing(
     timing: Timing,
     parse: ParseFn,
 ) -> Result<PolicyWatcher, PolicyError> {
-    let reloader = Reloader::load_with(path.clone(), store, parse)?;
-    let (wake, events) = mpsc::channel();
-    let inotify = watch_directory(&path, wake.clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread_stop = stop.clone();
-    let thread = thread::Builder::new()
-        .name("policy-watch".to_owned())
-        .spawn(move || run(reloader, on_reload.as_ref(), &events, &thread_stop, timing))
-        .map_err(PolicyError::Watch)?;
-    Ok(PolicyWatcher {
-        path,
-        stop,
-        wake,
-        thread: Some(thread),
-        inotify,
-    })
-}
-
-/// Watches the parent directory, or returns `None` (after a warning) and leaves it to polling.
-fn watch_directory(path: &Path, wake: Sender<Message>) -> Option<RecommendedWatcher> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let handler = move |event: notify::Result<notify::Event>| {
-        match event {
-            // Opening or reading files (our own re-reads included) changes nothing.
-            Ok(event) if is_read_only(&event.kind) => return,
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "policy watch error, re-reading the file"),
-        }
-        // A send fails only once the watch thread has stopped.
-        let _ = wake.send(Message::Changed);
-    };
-    let watched = notify::recommended_watcher(handler)
-        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w));
-    match watched {
-        Ok(watcher) => Some(watcher),
-        Err(error) => {
-            let dir = dir.display();
-            tracing::warn!(%error, %dir, "cannot watch the policy directory, polling only");
-            None
-        }
-    }
-}
-
-fn is_read_only(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
-}
-
-/// The watch thread: re-read after a burst of events goes quiet, or when the poll interval passes.
-fn run(
-    mut reloader: Reloader,
-    on_reload: &(dyn Fn(&ReloadOutcome) + Send + Sync),
-    events: &Receiver<Message>,
-    stop: &AtomicBool,
-    timing: Timing,
-) {
-    // (first, last) event of the current burst.
-    let mut burst: Option<(Instant, Instant)> = None;
-    let mut next_poll = Instant::now() + timing.poll;
-    while !stop.load(Ordering::Acquire) {
-        let due = match burst {
-            Some((first, last)) => (last + timing.quiet).min(first + timing.max_delay),
-            None => next_poll,
-        };
-        let now = Instant::now();
-        if now >= due {
-            let from_event = burst.take().is_some();
+    let mut reloader = Reloader::load_with(path.clone(), store, parse)?;
+    let watcher = DirWatcher::spawn(
+        "policy-watch",
+        "policy file",
+        &[path.as_path()],
+        timing,
+        false,
+        move |from_event| {
             let outcome = reloader.check();
             if from_event || outcome != ReloadOutcome::Unchanged {
                 on_reload(&outcome);
             }
-            next_poll = Instant::now() + timing.poll;
-            continue;
-        }
-        match events.recv_timeout(due - now) {
-            Ok(Message::Changed) => {
-                let now = Instant::now();
-                burst = Some((burst.map_or(now, |(first, _)| first), now));
-            }
-            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
-        }
-    }
-}
-
-impl Drop for PolicyWatcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        // A failed send means the thread is already gone.
-        let _ = self.wake.send(Message::Stop);
-        if let Some(thread) = self.thread.take() {
-            // Joining from the watch thread itself (a callback dropping its watcher) would hang.
-            if thread.thread().id() != thread::current().id() {
-                let _ = thread.join();
-            }
-        }
-    }
+        },
+    )
+    .map_err(PolicyError::Watch)?;
+    Ok(PolicyWatcher { path, watcher })
 }
 
 impl std::fmt::Debug for PolicyWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyWatcher")
             .field("path", &self.path)
-            .field("inotify", &self.inotify.is_some())
+            .field("inotify", &self.watcher.inotify())
             .finish_non_exhaustive()
     }
 }
@@ -218,7 +110,10 @@ impl std::fmt::Debug for PolicyWatcher {
 mod tests {
     use std::fs;
     use std::os::unix::fs::symlink;
+    use std::path::Path;
     use std::sync::Mutex;
+    use std::thread;
+    use std::time::Instant;
 
     use super::*;
 
@@ -268,7 +163,7 @@ mod tests {
             Policy::parse,
         )
         .unwrap();
-        assert!(watcher.inotify.is_some(), "inotify is not available");
+        assert!(watcher.watcher.inotify(), "inotify is not available");
         Harness {
             store,
             outcomes,
@@ -417,19 +312,5 @@ mod tests {
         fs::write(&path, policy_for(2)).unwrap();
         thread::sleep(Duration::from_millis(200));
         assert_eq!(current_port(&h.store), Some(1));
-    }
-
-    #[test]
-    fn reads_are_not_changes() {
-        assert!(is_read_only(&EventKind::Access(AccessKind::Open(
-            AccessMode::Any
-        ))));
-        assert!(is_read_only(&EventKind::Access(AccessKind::Close(
-            AccessMode::Read
-        ))));
-        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(
-            AccessMode::Write
-        ))));
-        assert!(!is_read_only(&EventKind::Any));
     }
 }
