@@ -6,4 +6,5 @@ pub mod fake_cluster;
 pub mod mesh;
 pub mod pki;
 pub mod process;
+pub mod rotation_cli;
 pub mod tools;

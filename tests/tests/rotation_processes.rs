@@ -14,9 +14,12 @@ use meshid_ca::rotation::RotationReport;
 use meshid_proto::{SpiffeId, TrustDomain};
 use meshid_tests::fake_cluster::{FakeCluster, unix_now};
 use meshid_tests::mesh::{Traffic, client_config, mtls_connect};
-use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
+use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use meshid_tests::rotation_cli::{
+    anchors, identity, meshid_ca, poll, read_roots, report_of, root_sha, rotate, rotate_until_ok,
+    served_bundle, status,
+};
 use meshid_tests::tools::workspace_bin;
-use rustls::pki_types::CertificateDer;
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
@@ -49,118 +52,6 @@ fn start_ca(dir: &Path, jwks: &Path, grpc: SocketAddr, admin: SocketAddr) -> Ca 
         "CA on {grpc} ready"
     );
     Ca { proc, grpc, admin }
-}
-
-/// `meshid-ca <args>`: (exit code, stdout + stderr).
-fn meshid_ca(args: &[&str]) -> (i32, String) {
-    let out = Command::new(workspace_bin("meshid-ca"))
-        .args(args)
-        .env("MESHID_LOG", "warn")
-        .output()
-        .expect("run meshid-ca");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// `meshid-ca rotate <step> --dir DIR --admin X --admin Y [extra]`.
-fn rotate(step: &str, dir: &Path, admins: &[SocketAddr], extra: &[&str]) -> (i32, String) {
-    let dir = dir.to_string_lossy().into_owned();
-    let admins: Vec<String> = admins.iter().map(|a| a.to_string()).collect();
-    let mut args = vec!["rotate", step, "--dir", dir.as_str()];
-    for a in &admins {
-        args.extend(["--admin", a.as_str()]);
-    }
-    args.extend(extra);
-    meshid_ca(&args)
-}
-
-/// `rotate status --json`, merged over both CAs.
-fn status(dir: &Path, admins: &[SocketAddr]) -> RotationReport {
-    let (code, out) = rotate("status", dir, admins, &["--json"]);
-    assert_eq!(code, 0, "rotate status: {out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
-}
-
-/// One CA process's own `/rotation` report.
-fn report_of(admin: SocketAddr) -> Option<RotationReport> {
-    let (code, body) = http_get(admin, "/rotation").ok()?;
-    let json = body.split_once("\r\n\r\n")?.1;
-    (code == 200).then(|| serde_json::from_str(json).ok())?
-}
-
-/// Polls `f` every 100 ms until it holds or `timeout` passes.
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Runs a rotation step until it succeeds (or `timeout`), returning its last output.
-fn rotate_until_ok(step: &str, dir: &Path, admins: &[SocketAddr], timeout: Duration) -> String {
-    let mut last = String::new();
-    let ok = poll(timeout, || {
-        let (code, out) = rotate(step, dir, admins, &[]);
-        last = out;
-        code == 0
-    });
-    assert!(ok, "rotate {step} never passed; last answer: {last}");
-    last
-}
-
-/// A sidecar's `/identity` document.
-fn identity(admin: SocketAddr) -> serde_json::Value {
-    let (code, body) = http_get(admin, "/identity").unwrap();
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(body.split_once("\r\n\r\n").unwrap().1).unwrap()
-}
-
-fn anchors(ident: &serde_json::Value) -> Vec<String> {
-    ident["trust_anchors_sha256"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_lowercase))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The trust bundle a CA process serves over gRPC: (version, roots).
-async fn served_bundle(
-    grpc: SocketAddr,
-    roots: &[CertificateDer<'static>],
-) -> (u64, Vec<CertificateDer<'static>>) {
-    let mut c = meshid_tests::ca::connect(grpc, roots, None).await.unwrap();
-    let b = c
-        .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        b.version,
-        b.roots.into_iter().map(CertificateDer::from).collect(),
-    )
-}
-
-fn read_roots(path: &Path) -> Vec<CertificateDer<'static>> {
-    meshid_ca::authority::read_bundle(path).unwrap()
-}
-
-fn root_sha(report: &RotationReport, name: &str) -> String {
-    report
-        .authorities
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.root_sha256.to_lowercase())
-        .unwrap_or_else(|| panic!("authority {name} in {report:?}"))
 }
 
 fn spawn_sidecar(
