@@ -31,11 +31,14 @@ pub struct Peer {
 impl Peer {
     /// When this connection must end: the peer certificate's expiry, unless the cap is off.
     pub fn deadline(&self, cap: bool) -> Option<tokio::time::Instant> {
-        cap.then(|| {
-            let left = (self.not_after - unix_now()).max(0) as u64;
-            tokio::time::Instant::now() + std::time::Duration::from_secs(left)
-        })
+        cap.then(|| expiry_instant(self.not_after))
     }
+}
+
+/// The monotonic instant at which Unix time `not_after` is reached (now, if it has passed).
+pub(crate) fn expiry_instant(not_after: i64) -> tokio::time::Instant {
+    let left = (not_after - unix_now()).max(0) as u64;
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left)
 }
 
 /// Runs one inbound listener until shutdown; returns its connection limit for draining.

@@ -143,18 +143,7 @@ async fn tcp_proxy(app: TcpStream, spec: &Outbound, index: usize, shared: &Share
         }
     };
     // No connection outlives the upstream identity that opened it.
-    let deadline = shared.limits.cap_connection_age.then(|| {
-        let not_after = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| meshid_proto::cert_identity_from_der(leaf).ok())
-            .map(|i| i.not_after)
-            .unwrap_or(0);
-        let left = (not_after - crate::inbound::unix_now()).max(0) as u64;
-        tokio::time::Instant::now() + std::time::Duration::from_secs(left)
-    });
+    let deadline = upstream_deadline(&tls, shared.limits.cap_connection_age);
     let expired = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -169,4 +158,21 @@ async fn tcp_proxy(app: TcpStream, spec: &Outbound, index: usize, shared: &Share
         }
         () = expired => tracing::info!("closing: the upstream's certificate expired"),
     }
+}
+
+/// When a connection to an upstream must end (its certificate's expiry), if ages are capped.
+pub(crate) fn upstream_deadline(
+    tls: &TlsStream<TcpStream>,
+    cap: bool,
+) -> Option<tokio::time::Instant> {
+    cap.then(|| {
+        let not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| meshid_proto::cert_identity_from_der(leaf).ok())
+            .map_or(0, |i| i.not_after);
+        crate::inbound::expiry_instant(not_after)
+    })
 }

@@ -61,18 +61,8 @@ impl H2Upstream {
         // Dropping our handle to the old connection lets it close once its streams are done.
         self.current.store(None);
         let tls = crate::outbound::dial(&self.spec, self.index, &self.shared).await?;
-        let retire_at = self.shared.limits.cap_connection_age.then(|| {
-            let not_after = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| meshid_proto::cert_identity_from_der(leaf).ok())
-                .map(|i| i.not_after)
-                .unwrap_or(0);
-            let left = (not_after - crate::inbound::unix_now()).max(0) as u64;
-            Instant::now() + std::time::Duration::from_secs(left)
-        });
+        let retire_at =
+            crate::outbound::upstream_deadline(&tls, self.shared.limits.cap_connection_age);
         let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
