@@ -1,4 +1,5 @@
-//! The plain-HTTP admin server: `/healthz`, `/readyz` and `/metrics` (Prometheus text).
+//! The plain-HTTP admin server: `/healthz`, `/readyz` and `/metrics` (Prometheus text), and the
+//! CA's `/rotation` JSON. The injector serves the same routes but `/rotation`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,13 +17,13 @@ use tokio::sync::watch;
 /// Produces the `/rotation` JSON document.
 pub type RotationJson = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
-/// Serves admin requests until `shutdown` turns true.
+/// Serves admin requests until `shutdown` turns true. Without `rotation`, `/rotation` is 404.
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
-    rotation: RotationJson,
+    rotation: Option<RotationJson>,
 ) {
     loop {
         let (tcp, _) = tokio::select! {
@@ -43,7 +44,7 @@ pub async fn serve(
                 let registry = registry.clone();
                 let ready = *ready.borrow();
                 let rotation = rotation.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry, ready, &rotation)) }
+                async move { Ok::<_, Infallible>(route(&req, &registry, ready, rotation.as_ref())) }
             });
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -59,7 +60,7 @@ fn route(
     req: &Request<Incoming>,
     registry: &Registry,
     ready: bool,
-    rotation: &RotationJson,
+    rotation: Option<&RotationJson>,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -81,12 +82,13 @@ fn route(
                 Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
             }
         }
-        "/rotation" => match rotation() {
-            Ok(json) => Response::builder()
+        "/rotation" => match rotation.map(|json| json()) {
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+            Some(Ok(json)) => Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(json)))
                 .unwrap_or_default(),
-            Err(_) => text(
+            Some(Err(_)) => text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "rotation state unreadable\n",
             ),

@@ -192,7 +192,14 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     };
     let registry = Arc::new(std::mem::take(registry));
     tokio::spawn(async move {
-        crate::admin::serve(admin_listener, registry, ready_rx, shutdown_rx, rotation).await;
+        crate::admin::serve(
+            admin_listener,
+            registry,
+            ready_rx,
+            shutdown_rx,
+            Some(rotation),
+        )
+        .await;
         drop(ready_tx);
     });
 

@@ -2,8 +2,9 @@
 //! `meshid-ca webhook-cert` (verified here against the trust bundle, which the chart puts in the
 //! webhook's `caBundle`, and independently with `openssl verify`), an AdmissionReview in, a
 //! JSONPatch out carrying the trust bundle; a replaced certificate or bundle is picked up without a
-//! restart, a broken one is refused (at start: exit 64) or ignored (while running); bad flags exit
-//! 64 naming every problem.
+//! restart, a broken one is refused (at start: exit 64) or ignored (while running), and the admin
+//! port's metrics follow (the serving certificate's expiry, reloads, reviews); bad flags exit 64
+//! naming every problem.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use meshid_tests::process::{Proc, free_addr};
+use meshid_tests::process::{Proc, free_addr, http_get};
 use meshid_tests::tools::{run, workspace_bin};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
@@ -197,6 +198,26 @@ async fn served_leaf(
     tls.get_ref().1.peer_certificates().unwrap()[0].clone()
 }
 
+/// One sample of the injector's `/metrics` on its admin port (`name{labels}` as printed), or 0.
+fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (code, body) = http_get(admin, "/metrics").unwrap();
+    assert_eq!(code, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The not-after of the first certificate in `cert_pem`, as Unix seconds.
+fn not_after(cert_pem: &Path) -> f64 {
+    let der = CertificateDer::pem_file_iter(cert_pem)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.validity().not_after.timestamp() as f64
+}
+
 fn review(pod: &Value) -> String {
     json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -335,6 +356,7 @@ fn bad_flags_exit_64_naming_each() {
         .arg("--trust-bundle")
         .arg(missing.join("b"))
         .args(["--listen", "nope", "--reload-interval", "0s"])
+        .args(["--admin-listen", "localhost"])
         .args(["--sidecar-image", "x", "--ca-addr", "ca:1"])
         .args(["--token-expiration-seconds", "60"])
         .output()
@@ -343,6 +365,7 @@ fn bad_flags_exit_64_naming_each() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     for flag in [
         "--listen",
+        "--admin-listen",
         "--token-expiration-seconds",
         "--reload-interval",
         "--tls-cert",
@@ -607,16 +630,29 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
         &[("bundle.pem", bundle_pem.clone())],
     );
     let addr = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
     let mut proc = Proc::spawn(
         "meshid-injector",
-        &mut injector(
+        injector(
             &secret.path("tls.crt"),
             &secret.path("tls.key"),
             &config_map.path("bundle.pem"),
             &addr.to_string(),
-        ),
+        )
+        .args(["--admin-listen", &admin.to_string()]),
     );
     wait_healthy(addr, &roots).await;
+    const EXPIRY: &str = "meshid_injector_serving_certificate_expiry_timestamp_seconds";
+    let reloads = |what: &str, result: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_reloads_total{{what=\"{what}\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(metric(admin, EXPIRY), not_after(&first.join("tls.crt")));
+    assert_eq!(metric(admin, "meshid_injector_trust_bundle_roots"), 1.0);
+    assert_eq!(http_get(admin, "/readyz").unwrap().0, 200);
+    assert_eq!(http_get(admin, "/rotation").unwrap().0, 404);
     let leaf = |d: &Path| -> CertificateDer<'static> {
         CertificateDer::pem_file_iter(d.join("tls.crt"))
             .unwrap()
@@ -644,6 +680,8 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
         eventually_serves(leaf(&second)).await,
         "the replaced certificate is served"
     );
+    assert_eq!(metric(admin, EXPIRY), not_after(&second.join("tls.crt")));
+    assert_eq!(reloads("serving_certificate", "applied"), 1.0);
 
     // A broken pair (third's certificate, second's key) is rejected: the last good one stays.
     let mut broken = pair_files(&third);
@@ -656,6 +694,8 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
         "broken pair ignored"
     );
     assert!(proc.running());
+    assert_eq!(reloads("serving_certificate", "rejected"), 1.0);
+    assert_eq!(metric(admin, EXPIRY), not_after(&second.join("tls.crt")));
     // Fixed: applied.
     secret.update(&pair_files(&third));
     assert!(
@@ -685,9 +725,19 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(metric(admin, "meshid_injector_trust_bundle_roots"), 2.0);
     // A broken bundle is ignored.
     config_map.update(&[("bundle.pem", b"garbage".to_vec())]);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(injected_bundle(addr, &roots).await.contains(foreign.trim()));
     assert!(proc.running());
+    assert_eq!(reloads("trust_bundle", "applied"), 1.0);
+    assert_eq!(reloads("trust_bundle", "rejected"), 1.0);
+    assert_eq!(metric(admin, "meshid_injector_trust_bundle_roots"), 2.0);
+    // Every review above patched a pod (injected_bundle asks for one each time).
+    assert!(metric(admin, "meshid_injector_reviews_total{result=\"injected\"}") >= 2.0);
+    assert_eq!(
+        metric(admin, "meshid_injector_reviews_total{result=\"denied\"}"),
+        0.0
+    );
 }

@@ -11,6 +11,7 @@
 //! Already-injected pods are left alone.
 
 mod bundle;
+pub mod metrics;
 mod patch;
 mod pod;
 pub mod reload;

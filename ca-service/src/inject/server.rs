@@ -19,6 +19,7 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use super::metrics::InjectorMetrics;
 use super::{InjectConfig, Scope, review};
 
 /// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
@@ -31,6 +32,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     config: Arc<ArcSwap<InjectConfig>>,
+    metrics: Arc<InjectorMetrics>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
@@ -44,6 +46,7 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let config = config.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -53,7 +56,7 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let service = service_fn(move |req| handle(req, config.clone(), peer));
+            let service = service_fn(move |req| handle(req, config.clone(), metrics.clone(), peer));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
                 tracing::debug!(%error, %peer, "connection ended with an error");
@@ -65,6 +68,7 @@ pub async fn serve(
 async fn handle(
     req: Request<Incoming>,
     config: Arc<ArcSwap<InjectConfig>>,
+    metrics: Arc<InjectorMetrics>,
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let scope = match (req.method(), req.uri().path()) {
@@ -78,12 +82,17 @@ async fn handle(
         .await
     {
         Ok(body) => body.to_bytes(),
-        Err(_) => return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n")),
+        Err(_) => {
+            metrics.bad_request();
+            return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"));
+        }
     };
     let Ok(input) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        metrics.bad_request();
         return Ok(text(StatusCode::BAD_REQUEST, "not JSON\n"));
     };
     let output = review(&config.load(), scope, &input);
+    metrics.review(&output);
     let response = &output["response"];
     tracing::info!(
         %peer,

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use clap::Parser;
 use time::OffsetDateTime;
 
+use super::metrics::InjectorMetrics;
 use super::serving::{self, ServingCert};
 use super::{InjectConfig, TrustBundle, reload, server};
 
@@ -42,6 +43,10 @@ pub struct InjectorArgs {
     /// HTTPS listener for the API server.
     #[arg(long, env = "MESHID_INJECTOR_LISTEN", default_value = "0.0.0.0:9443")]
     pub listen: String,
+    /// Plain-HTTP admin listener: `/healthz`, `/readyz` and `/metrics` (Prometheus text, including
+    /// the serving certificate's expiry). None unless set.
+    #[arg(long, env = "MESHID_INJECTOR_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Sidecar image.
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_IMAGE")]
     pub sidecar_image: String,
@@ -70,6 +75,7 @@ pub struct InjectorArgs {
 pub struct Startup {
     args: InjectorArgs,
     listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
     interval: Duration,
     pair: Arc<rustls::sign::CertifiedKey>,
     pair_files: Vec<Vec<u8>>,
@@ -85,6 +91,17 @@ impl InjectorArgs {
         if listen.is_none() {
             problems.push(format!("--listen: {:?} is not IP:PORT", self.listen));
         }
+        let admin_listen = match self.admin_listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => Some(None),
+            Some(Ok(addr)) => Some(Some(addr)),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "--admin-listen: {:?} is not IP:PORT",
+                    self.admin_listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
         if self.token_expiration_seconds < 600 {
             problems
                 .push("--token-expiration-seconds: Kubernetes requires at least 600".to_owned());
@@ -148,6 +165,7 @@ impl InjectorArgs {
         };
         let (
             Some(listen),
+            Some(admin_listen),
             Some(interval),
             Some(pair),
             Some(bundle),
@@ -156,6 +174,7 @@ impl InjectorArgs {
             true,
         ) = (
             listen,
+            admin_listen,
             interval,
             pair,
             bundle,
@@ -185,6 +204,7 @@ impl InjectorArgs {
         Ok(Startup {
             args: self,
             listen,
+            admin_listen,
             interval,
             pair,
             pair_files,
@@ -200,12 +220,20 @@ impl Startup {
         let Startup {
             args,
             listen,
+            admin_listen,
             interval,
             pair,
             pair_files,
             bundle_file,
             config,
         } = self;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(InjectorMetrics::register(&mut registry));
+        metrics.serving_cert(serving::not_after(&pair));
+        metrics
+            .trust_bundle_roots
+            .set(i64::try_from(config.trust_bundle.len()).unwrap_or(i64::MAX));
+        let registry = Arc::new(registry);
         let cert = ServingCert::new(pair);
         let tls = match serving::server_config(cert.clone()) {
             Ok(tls) => tls,
@@ -230,30 +258,59 @@ impl Startup {
                     return ExitCode::FAILURE;
                 }
             };
-            tracing::info!(%listen, "meshid-injector serving");
+            // Dropped when this function returns; the admin server stops with it.
+            let (_stop_admin, admin_shutdown) = tokio::sync::watch::channel(false);
+            if let Some(admin) = admin_listen {
+                let listener = match tokio::net::TcpListener::bind(admin).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!(
+                            "meshid-injector: cannot listen on {admin} (--admin-listen): {e}"
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let (_, ready) = tokio::sync::watch::channel(true);
+                tokio::spawn(crate::admin::serve(
+                    listener,
+                    registry,
+                    ready,
+                    admin_shutdown,
+                    None,
+                ));
+            }
+            tracing::info!(%listen, ?admin_listen, "meshid-injector serving");
             let pair_paths = vec![args.tls_cert.clone(), args.tls_key.clone()];
             let server_name = args.server_name.clone();
+            let m = metrics.clone();
             tokio::spawn(reload::watch_files(
                 "serving certificate",
                 pair_paths,
                 pair_files,
                 interval,
                 move |files| {
-                    let pair =
-                        load_pair(files, server_name.as_deref()).map_err(|e| e.to_string())?;
-                    let summary = format!("not after {:?}", serving::not_after(&pair));
+                    let loaded = load_pair(files, server_name.as_deref());
+                    m.reload("serving_certificate", loaded.is_ok());
+                    let pair = loaded.map_err(|e| e.to_string())?;
+                    let not_after = serving::not_after(&pair);
+                    m.serving_cert(not_after);
                     cert.set(pair);
-                    Ok(summary)
+                    Ok(format!("not after {not_after:?}"))
                 },
             ));
             let swap = config.clone();
+            let m = metrics.clone();
             tokio::spawn(reload::watch_files(
                 "trust bundle",
                 vec![args.trust_bundle.clone()],
                 bundle_file,
                 interval,
                 move |files| {
-                    let bundle = load_bundle(files)?;
+                    let loaded = load_bundle(files);
+                    m.reload("trust_bundle", loaded.is_ok());
+                    let bundle = loaded?;
+                    m.trust_bundle_roots
+                        .set(i64::try_from(bundle.len()).unwrap_or(i64::MAX));
                     let summary = format!("{} roots", bundle.len());
                     let mut next = InjectConfig::clone(&swap.load());
                     next.trust_bundle = bundle;
@@ -262,7 +319,7 @@ impl Startup {
                 },
             ));
             tokio::select! {
-                () = server::serve(listener, tls, config) => {}
+                () = server::serve(listener, tls, config, metrics) => {}
                 _ = shutdown_signal() => tracing::info!("signal received; exiting"),
             }
             ExitCode::SUCCESS

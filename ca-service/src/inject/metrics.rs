@@ -1,0 +1,101 @@
+//! The injector's Prometheus metrics (`meshid_injector_*`), served on its plain-HTTP admin port
+//! (`--admin-listen`). The serving certificate's expiry is the one that matters most: the API server
+//! calls the webhook with it, and when it lapses every pod creation in an opted-in namespace fails
+//! (or, with `failurePolicy: Ignore`, pods start without a sidecar).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// Labels of an admission review: `injected`, `unchanged`, `denied` or `bad_request`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    pub result: &'static str,
+}
+
+/// Labels of a reload: what (`serving_certificate`, `trust_bundle`) and the outcome (`applied`,
+/// `rejected`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub what: &'static str,
+    pub result: &'static str,
+}
+
+/// Every metric the injector exports.
+#[derive(Clone, Debug, Default)]
+pub struct InjectorMetrics {
+    pub reviews: Family<ReviewLabels, Counter>,
+    pub reloads: Family<ReloadLabels, Counter>,
+    pub serving_cert_expiry: Gauge,
+    pub trust_bundle_roots: Gauge,
+}
+
+impl InjectorMetrics {
+    /// Creates the metrics and registers them under `meshid_injector_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("meshid_injector");
+        r.register(
+            "reviews",
+            "Admission reviews answered, by result",
+            m.reviews.clone(),
+        );
+        r.register(
+            "reloads",
+            "Changed serving-certificate or trust-bundle files, applied or rejected",
+            m.reloads.clone(),
+        );
+        r.register(
+            "serving_certificate_expiry_timestamp_seconds",
+            "Not-after of the certificate the webhook serves (Unix seconds)",
+            m.serving_cert_expiry.clone(),
+        );
+        r.register(
+            "trust_bundle_roots",
+            "Roots in the trust bundle given to injected sidecars",
+            m.trust_bundle_roots.clone(),
+        );
+        m
+    }
+
+    /// Counts one answered review by what it did.
+    pub fn review(&self, output: &Value) {
+        let response = &output["response"];
+        let result = if response["allowed"] != Value::Bool(true) {
+            "denied"
+        } else if response.get("patch").is_some() {
+            "injected"
+        } else {
+            "unchanged"
+        };
+        self.reviews.get_or_create(&ReviewLabels { result }).inc();
+    }
+
+    /// Counts a request that was not an AdmissionReview at all.
+    pub fn bad_request(&self) {
+        self.reviews
+            .get_or_create(&ReviewLabels {
+                result: "bad_request",
+            })
+            .inc();
+    }
+
+    /// Records the serving certificate's not-after (`None`: unreadable, recorded as 0, which an
+    /// expiry alert treats as expired).
+    pub fn serving_cert(&self, not_after: Option<OffsetDateTime>) {
+        self.serving_cert_expiry
+            .set(not_after.map_or(0, OffsetDateTime::unix_timestamp));
+    }
+
+    /// Counts a reload of `what` (`applied` when `ok`, else `rejected`).
+    pub fn reload(&self, what: &'static str, ok: bool) {
+        let result = if ok { "applied" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ReloadLabels { what, result })
+            .inc();
+    }
+}
