@@ -15,7 +15,7 @@ use crate::conn::{ConnLimit, Shared, copy_bidirectional_idle};
 use crate::http::{OutboundHttp, root_cause};
 use crate::metrics::ConnLabels;
 use crate::policy::Protocol;
-use crate::verify::failure_label;
+use crate::verify::{describe, failure_label};
 
 /// Dials the upstream and completes mTLS with the current credentials, verifying its identity.
 pub async fn dial(
@@ -57,14 +57,16 @@ pub async fn dial(
     match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err(error)) => {
-            let reason = error
+            let tls_error = error
                 .get_ref()
-                .and_then(|e| e.downcast_ref::<rustls::Error>())
-                .map(failure_label)
-                .unwrap_or("protocol");
+                .and_then(|e| e.downcast_ref::<rustls::Error>());
+            let reason = tls_error.map(failure_label).unwrap_or("protocol");
             shared.metrics.handshake_failed("outbound", port, reason);
             tracing::warn!(upstream = %spec.remote, expected = %spec.expected, reason = %root_cause(&error), "upstream refused");
-            Err(error)
+            match tls_error {
+                Some(tls_error) => Err(io::Error::new(error.kind(), describe(tls_error))),
+                None => Err(error),
+            }
         }
         Err(_) => {
             shared.metrics.handshake_failed("outbound", port, "timeout");

@@ -116,6 +116,7 @@ fn pki_error(error: webpki::Error) -> rustls::Error {
         UnknownIssuer => CertificateError::UnknownIssuer,
         CertNotValidForName(_) => CertificateError::NotValidForName,
         CertRevoked => CertificateError::Revoked,
+        RequiredEkuNotFoundContext(_) | EmptyEkuExtension => CertificateError::InvalidPurpose,
         InvalidSignatureForPublicKey | UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
             CertificateError::BadSignature
         }
@@ -138,6 +139,18 @@ impl fmt::Display for PkiError {
 
 impl std::error::Error for PkiError {}
 
+/// A handshake failure as a person reads it (logs, `x-meshid-reason`): rustls prints errors it
+/// carries for a verifier with `Debug`; this prints ours with their own messages, then the label.
+pub fn describe(error: &rustls::Error) -> String {
+    let text = match error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            format!("invalid peer certificate: {inner}")
+        }
+        other => other.to_string(),
+    };
+    format!("{text} ({})", failure_label(error))
+}
+
 /// A short, fixed label for a handshake failure (metrics) — derived from the rustls error.
 pub fn failure_label(error: &rustls::Error) -> &'static str {
     match error {
@@ -150,13 +163,25 @@ pub fn failure_label(error: &rustls::Error) -> &'static str {
             CertificateError::UnknownIssuer => "unknown_ca",
             CertificateError::BadSignature => "bad_signature",
             CertificateError::BadEncoding => "bad_encoding",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_purpose"
+            }
             CertificateError::Other(OtherError(inner)) => {
                 match inner.downcast_ref::<PeerIdentityError>() {
                     Some(PeerIdentityError::WrongTrustDomain { .. }) => "wrong_trust_domain",
                     Some(PeerIdentityError::UnexpectedServer { .. }) => "unexpected_identity",
                     Some(PeerIdentityError::Identity(IdentityError::IsCa)) => "ca_as_leaf",
                     Some(PeerIdentityError::Identity(_)) => "bad_identity",
-                    None => "bad_certificate",
+                    None => match inner.downcast_ref::<PkiError>() {
+                        Some(PkiError(
+                            webpki::Error::EndEntityUsedAsCa
+                            | webpki::Error::PathLenConstraintViolated
+                            | webpki::Error::MaximumPathDepthExceeded
+                            | webpki::Error::MaximumPathBuildCallsExceeded
+                            | webpki::Error::MaximumSignatureChecksExceeded,
+                        )) => "bad_chain",
+                        _ => "bad_certificate",
+                    },
                 }
             }
             _ => "bad_certificate",

@@ -124,6 +124,90 @@ async fn hostile_peers_are_refused_and_others_served() {
             client: Client::Cert(pki.intermediate_as_leaf()),
             refused: Some("ca_as_leaf"),
         },
+        Case {
+            name: "SPIFFE ID with a dot-dot segment",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                "spiffe://cluster.local/ns/../sa/client".try_into().unwrap(),
+            )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID with a query",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                    "spiffe://cluster.local/ns/shop/sa/client?admin=1"
+                        .try_into()
+                        .unwrap(),
+                )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID with userinfo before the trust domain",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                    "spiffe://client@cluster.local/ns/shop/sa/client"
+                        .try_into()
+                        .unwrap(),
+                )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID with a port",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                    "spiffe://cluster.local:443/ns/shop/sa/client"
+                        .try_into()
+                        .unwrap(),
+                )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID with percent-encoding",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                    "spiffe://cluster.local/ns/shop/sa/cl%69ent"
+                        .try_into()
+                        .unwrap(),
+                )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID with an upper-case scheme",
+            client: Client::Cert(pki.with_sans(
+                vec![SanType::URI("SPIFFE://cluster.local/ns/shop/sa/client".try_into().unwrap())],
+            )),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "https URI instead of a SPIFFE ID",
+            client: Client::Cert(pki.with_sans(
+                vec![SanType::URI("https://cluster.local/ns/shop/sa/client".try_into().unwrap())],
+            )),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "SPIFFE ID over 2048 bytes",
+            client: Client::Cert(pki.with_sans(vec![SanType::URI(
+                format!("{CLIENT}/{}", "a".repeat(2100)).try_into().unwrap(),
+            )])),
+            refused: Some("bad_identity"),
+        },
+        Case {
+            name: "server-only certificate (EKU serverAuth) used as a client",
+            client: Client::Cert(pki.forge(|p| {
+                p.subject_alt_names = vec![SanType::URI(CLIENT.try_into().unwrap())];
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            })),
+            refused: Some("wrong_purpose"),
+        },
+        Case {
+            name: "leaf signed by another leaf",
+            client: Client::Cert(pki.under_extra_level(CLIENT, |_| {})),
+            refused: Some("bad_chain"),
+        },
+        Case {
+            name: "CA below the path-length-0 intermediate",
+            client: Client::Cert(pki.under_extra_level(CLIENT, |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            })),
+            refused: Some("bad_chain"),
+        },
     ];
 
     let mut failures = Vec::new();
@@ -132,20 +216,38 @@ async fn hostile_peers_are_refused_and_others_served() {
             Client::Cert(w) => client_config(&roots, &pki.trust_domain, Some(w), &sidecar.id, &[]),
             Client::NoCert => client_config(&roots, &pki.trust_domain, None, &sidecar.id, &[]),
         };
+        let count = |metrics: String, reason: &str| -> u64 {
+            let label = format!("reason=\"{reason}\"}}");
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
+                .filter(|l| l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        let before = match case.refused {
+            Some(reason) => count(sidecar.metrics().await, reason),
+            None => 0,
+        };
         let got = echo_roundtrip(addr, cfg, b"hello").await;
         match (case.refused, got) {
             (None, Ok(back)) if back == b"hello" => {}
             (Some(reason), Err(_)) => {
-                let label = format!("reason=\"{reason}\"");
+                // This case's own refusal, counted under its reason (not an earlier case's).
                 let counted = eventually(Duration::from_secs(5), || async {
-                    sidecar.metrics().await.lines().any(|l| {
-                        l.starts_with("meshid_sidecar_tls_handshake_failures_total")
-                            && l.contains(&label)
-                    })
+                    count(sidecar.metrics().await, reason) > before
                 })
                 .await;
                 if !counted {
-                    failures.push(format!("{}: refused but {label} not counted", case.name));
+                    let metrics = sidecar.metrics().await;
+                    let seen: Vec<&str> = metrics
+                        .lines()
+                        .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
+                        .collect();
+                    failures.push(format!(
+                        "{}: refused but not counted as {reason}; counted: {seen:?}",
+                        case.name
+                    ));
                 }
             }
             (want, got) => failures.push(format!(

@@ -1,13 +1,16 @@
 //! Traffic through a pair of sidecars: app A -> sidecar A (outbound, plaintext on 127.0.0.1) -> mTLS ->
-//! sidecar B (inbound) -> app B, for TCP, HTTP/1.1, h2 and gRPC; and an upstream with the wrong identity.
+//! sidecar B (inbound) -> app B, for TCP, HTTP/1.1, h2 and gRPC; and upstreams with the wrong
+//! identity or a hostile certificate, which the outbound side refuses.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_sidecar::policy::Protocol;
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, get, http_echo, http_request, tcp_echo,
+    SidecarSpec, TestPki, TestSidecar, Workload, get, http_echo, http_request, tcp_echo,
 };
+use meshid_tests::pki::ForeignCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -188,4 +191,186 @@ async fn grpc_unary_and_streaming_through_a_pair() {
         .unwrap()
         .unwrap();
     assert_eq!(first.status, ServingStatus::Serving as i32);
+}
+
+/// A TLS upstream that presents `workload`'s chain (whatever it is) and, once a handshake
+/// completes, answers HTTP (h2 or HTTP/1.1 by ALPN) with 200 "upstream".
+async fn forged_upstream(workload: Option<Workload>) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.map(|w| {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(w.chain.clone(), w.key())
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"upstream")),
+                    ))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(tcp).await {
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        }
+                    }
+                    // No TLS at all: a plaintext HTTP server where an upstream sidecar should be.
+                    None => {
+                        let _ = builder
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Every hostile upstream certificate is refused by the outbound side (502 naming why, counted
+/// by reason), and the one honest upstream among them is reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_upstreams_are_refused_by_the_outbound_side() {
+    let pki = TestPki::new();
+    let uri = |id: &str| rcgen::SanType::URI(id.try_into().unwrap());
+    let now = time::OffsetDateTime::now_utc();
+    let foreign = {
+        let f = ForeignCa::new();
+        let (chain, key) = f.workload(B);
+        Workload {
+            chain,
+            key_der: key.secret_der().to_vec(),
+            cert_path: Default::default(),
+            key_path: Default::default(),
+        }
+    };
+    // (case, upstream certificate, reason counted; None: served)
+    let cases: Vec<(&str, Option<Workload>, Option<&str>)> = vec![
+        ("the expected upstream", Some(pki.workload(B)), None),
+        (
+            "another workload of the same mesh",
+            Some(pki.workload(A)),
+            Some("unexpected_identity"),
+        ),
+        (
+            "certificate from another CA",
+            Some(foreign),
+            Some("unknown_ca"),
+        ),
+        (
+            "other trust domain",
+            Some(pki.workload("spiffe://evil.example/ns/shop/sa/backend")),
+            Some("wrong_trust_domain"),
+        ),
+        (
+            "expired",
+            Some(pki.workload_at(B, now - time::Duration::hours(3), Duration::from_secs(3600))),
+            Some("expired"),
+        ),
+        (
+            "client-only certificate (EKU clientAuth) as a server",
+            Some(pki.forge(|p| {
+                p.subject_alt_names = vec![uri(B)];
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            })),
+            Some("wrong_purpose"),
+        ),
+        (
+            "two URI SANs, the expected one among them",
+            Some(pki.with_sans(vec![uri(B), uri(A)])),
+            Some("bad_identity"),
+        ),
+        (
+            "CA certificate as the server's leaf",
+            Some(pki.intermediate_as_leaf()),
+            Some("ca_as_leaf"),
+        ),
+        (
+            "leaf signed by another leaf",
+            Some(pki.under_extra_level(B, |_| {})),
+            Some("bad_chain"),
+        ),
+        ("plaintext HTTP instead of TLS", None, Some("protocol")),
+    ];
+    let mut outbound = Vec::new();
+    for (_, workload, _) in &cases {
+        let upstream = forged_upstream(workload.clone()).await;
+        outbound.push((upstream.to_string(), B.to_string(), Protocol::Http));
+    }
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound,
+            ..Default::default()
+        },
+    )
+    .await;
+    let count = |metrics: &str, reason: &str| -> u64 {
+        let label = format!("reason=\"{reason}\"}}");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
+            .filter(|l| l.contains("direction=\"outbound\"") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let mut failures = Vec::new();
+    for (i, (name, _, refused)) in cases.iter().enumerate() {
+        let before = count(&a.metrics().await, refused.unwrap_or("none"));
+        let tcp = tokio::net::TcpStream::connect(a.outbound[i]).await.unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            http_request(tcp, false, get("/", &[])),
+        )
+        .await;
+        let after = count(&a.metrics().await, refused.unwrap_or("none"));
+        match (refused, got) {
+            (None, Ok(Ok((200, _, body)))) if body == "upstream" => {}
+            (Some(reason), Ok(Ok((502, headers, _)))) => {
+                let why = headers
+                    .get("x-meshid-reason")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                if after <= before {
+                    let m = a.metrics().await;
+                    let seen: Vec<&str> = m
+                        .lines()
+                        .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
+                        .collect();
+                    failures.push(format!(
+                        "{name}: 502 ({why}) but not counted as {reason}; counted: {seen:?}"
+                    ));
+                } else if !why.contains(&format!("({reason})")) || why.contains("OtherError") {
+                    failures.push(format!("{name}: x-meshid-reason does not say why: {why:?}"));
+                }
+            }
+            (want, got) => failures.push(format!(
+                "{name}: expected {}, got {got:?}",
+                want.map_or("200 from the upstream".to_owned(), |r| format!("502 ({r})"))
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failing cases:\n{}",
+        failures.join("\n")
+    );
 }
