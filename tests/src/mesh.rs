@@ -122,60 +122,20 @@ impl TestPki {
         self.forge(|params| params.subject_alt_names = sans)
     }
 
-    /// A leaf signed by this CA's intermediate from parameters the test shapes (`shape` starts
-    /// from a client+server leaf with no SANs): forged SANs, wrong key usages, odd extensions.
+    /// A leaf signed by this CA's intermediate, shaped by the test (see [`crate::pki::forge_leaf`]).
     pub fn forge(&self, shape: impl FnOnce(&mut CertificateParams)) -> Workload {
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        shape(&mut params);
-        let cert = params
-            .signed_by(&key, &self.authority.issuer)
-            .expect("sign");
-        self.write(
-            vec![cert.der().clone(), self.authority.intermediate_der.clone()],
-            key.serialize_der(),
-        )
+        let (chain, key) = crate::pki::forge_leaf(&self.authority, shape);
+        self.write(chain, key)
     }
 
-    /// A leaf for `id` one level below where it may be: signed by `middle` (a certificate this
-    /// CA's intermediate signs, shaped by `shape_middle`), presented with the whole chain. A
-    /// middle that is not a CA, or is one below the intermediate's path length 0, must not verify.
+    /// A leaf for `id` below an extra certificate (see [`crate::pki::forge_below_extra_level`]).
     pub fn under_extra_level(
         &self,
         id: &str,
         shape_middle: impl FnOnce(&mut CertificateParams),
     ) -> Workload {
-        let middle_key = KeyPair::generate().expect("keygen");
-        let mut middle = CertificateParams::default();
-        middle.distinguished_name = rcgen::DistinguishedName::new();
-        middle
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "middle");
-        shape_middle(&mut middle);
-        let middle_cert = middle
-            .signed_by(&middle_key, &self.authority.issuer)
-            .expect("sign middle");
-        let middle_issuer = rcgen::Issuer::new(middle, middle_key);
-        let key = KeyPair::generate().expect("keygen");
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(id.try_into().expect("uri"))];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let cert = params.signed_by(&key, &middle_issuer).expect("sign leaf");
-        self.write(
-            vec![
-                cert.der().clone(),
-                middle_cert.der().clone(),
-                self.authority.intermediate_der.clone(),
-            ],
-            key.serialize_der(),
-        )
+        let (chain, key) = crate::pki::forge_below_extra_level(&self.authority, id, shape_middle);
+        self.write(chain, key)
     }
 
     /// The intermediate CA's own certificate and key, to present a CA certificate as a leaf.

@@ -105,3 +105,59 @@ impl Default for ForeignCa {
 pub fn pem(der: &[u8]) -> String {
     meshid_ca::authority::pem_cert(der)
 }
+
+/// A leaf signed by `authority`'s intermediate from parameters the test shapes (`shape` starts from
+/// a client+server leaf with no SANs): forged SANs, wrong key usages, odd extensions. Returns the
+/// chain (leaf, intermediate) and the leaf's PKCS#8 key.
+pub fn forge_leaf(
+    authority: &meshid_ca::authority::Authority,
+    shape: impl FnOnce(&mut CertificateParams),
+) -> (Vec<CertificateDer<'static>>, Vec<u8>) {
+    let key = KeyPair::generate().expect("keygen");
+    let mut params = CertificateParams::default();
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    shape(&mut params);
+    let cert = params.signed_by(&key, &authority.issuer).expect("sign");
+    (
+        vec![cert.der().clone(), authority.intermediate_der.clone()],
+        key.serialize_der(),
+    )
+}
+
+/// A leaf for `id` one level below where it may be: signed by a middle certificate that
+/// `authority`'s intermediate signs (shaped by `shape_middle`), presented with the whole chain. A
+/// middle that is not a CA, or is one below a path-length-0 intermediate, must not verify.
+pub fn forge_below_extra_level(
+    authority: &meshid_ca::authority::Authority,
+    id: &str,
+    shape_middle: impl FnOnce(&mut CertificateParams),
+) -> (Vec<CertificateDer<'static>>, Vec<u8>) {
+    let middle_key = KeyPair::generate().expect("keygen");
+    let mut middle = CertificateParams::default();
+    middle.distinguished_name = rcgen::DistinguishedName::new();
+    middle.distinguished_name.push(DnType::CommonName, "middle");
+    shape_middle(&mut middle);
+    let middle_cert = middle
+        .signed_by(&middle_key, &authority.issuer)
+        .expect("sign middle");
+    let middle_issuer = Issuer::new(middle, middle_key);
+    let key = KeyPair::generate().expect("keygen");
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.try_into().expect("uri"))];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    let cert = params.signed_by(&key, &middle_issuer).expect("sign leaf");
+    (
+        vec![
+            cert.der().clone(),
+            middle_cert.der().clone(),
+            authority.intermediate_der.clone(),
+        ],
+        key.serialize_der(),
+    )
+}

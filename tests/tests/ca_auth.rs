@@ -9,12 +9,14 @@ use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::fake_cluster::{KeyKind, unix_now};
 use meshid_tests::pki::{ForeignCa, WorkloadKey};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
 use time::OffsetDateTime;
 use tonic::Code;
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const BACKEND: &str = "spiffe://cluster.local/ns/shop/sa/backend";
 
 #[derive(Debug)]
 enum Expect {
@@ -148,6 +150,79 @@ async fn authentication_cases() {
         OffsetDateTime::now_utc(),
         Duration::from_secs(3600),
     );
+
+    // Renewal certificates signed by this CA but shaped to attack it.
+    let authority = ca.authority();
+    let forged = |shape: &dyn Fn(&mut rcgen::CertificateParams)| {
+        let (chain, key) = meshid_tests::pki::forge_leaf(&authority, shape);
+        Cred::Cert(chain, PrivatePkcs8KeyDer::from(key).into())
+    };
+    let uri = |id: &str| rcgen::SanType::URI(id.try_into().unwrap());
+    let inter_key = PrivateKeyDer::from_pem_file(ca.dir.path().join("intermediate.key")).unwrap();
+    let below_leaf = {
+        let (chain, key) = meshid_tests::pki::forge_below_extra_level(&authority, FRONTEND, |_| {});
+        Cred::Cert(chain, PrivatePkcs8KeyDer::from(key).into())
+    };
+    let below_ca = {
+        let (chain, key) = meshid_tests::pki::forge_below_extra_level(&authority, FRONTEND, |p| {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        });
+        Cred::Cert(chain, PrivatePkcs8KeyDer::from(key).into())
+    };
+    let hostile_renewals = vec![
+        Case {
+            name: "renewal with two URI SANs",
+            cred: forged(&|p| p.subject_alt_names = vec![uri(FRONTEND), uri(BACKEND)]),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "renewal with no URI SAN",
+            cred: forged(&|p| {
+                p.subject_alt_names = vec![rcgen::SanType::DnsName(
+                    "frontend.shop.svc".try_into().unwrap(),
+                )];
+            }),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "renewal with a dot-dot SPIFFE ID",
+            cred: forged(&|p| {
+                p.subject_alt_names = vec![uri("spiffe://cluster.local/ns/../sa/frontend")];
+            }),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "renewal with another trust domain's ID signed by this CA",
+            cred: forged(&|p| {
+                p.subject_alt_names = vec![uri("spiffe://evil.example/ns/shop/sa/frontend")];
+            }),
+            // A genuine signature, an identity this CA does not serve.
+            expected: Expect::Status(Code::PermissionDenied),
+        },
+        Case {
+            name: "renewal with a server-only certificate (EKU serverAuth)",
+            cred: forged(&|p| {
+                p.subject_alt_names = vec![uri(FRONTEND)];
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            }),
+            expected: Expect::TlsRefused,
+        },
+        Case {
+            name: "renewal with the intermediate CA certificate as the leaf",
+            cred: Cred::Cert(vec![authority.intermediate_der.clone()], inter_key),
+            expected: Expect::TlsRefused,
+        },
+        Case {
+            name: "renewal with a leaf signed by another leaf",
+            cred: below_leaf,
+            expected: Expect::TlsRefused,
+        },
+        Case {
+            name: "renewal with a CA below the path-length-0 intermediate",
+            cred: below_ca,
+            expected: Expect::TlsRefused,
+        },
+    ];
 
     let cases = vec![
         Case {
@@ -324,7 +399,7 @@ async fn authentication_cases() {
     ];
 
     let mut failures = Vec::new();
-    for case in cases {
+    for case in cases.into_iter().chain(hostile_renewals) {
         let got = issue(&ca, case.cred).await;
         let ok = match (&case.expected, &got) {
             (Expect::Issued(id), Ok(got_id)) => got_id == id,
