@@ -1,7 +1,8 @@
 //! The whole loop over real processes: `meshid-ca` and two `meshid-sidecar`s, each on its own
 //! 127.0.0.x "host", one sidecar bootstrapped by a Kubernetes service-account token (fake cluster
 //! issuer), the other by a join token; short certificate lifetimes; traffic through the pair while the
-//! policy changes, certificates renew and the CA restarts; then a SIGTERM drain.
+//! policy changes, certificates renew and the CA restarts; then a SIGTERM drain. And every port of
+//! every binary under a battery of hostile bytes at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -253,4 +254,338 @@ async fn whole_mesh_over_real_processes() {
             .is_some_and(|s| s.success()),
         "B exits 0 after draining"
     );
+}
+
+/// What a port scanner, a fuzzer or a confused client sends: each payload on its own connection.
+fn hostile_payloads() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    let mut huge_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Junk: ".to_vec();
+    huge_header.extend(std::iter::repeat_n(b'a', 256 * 1024));
+    let h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut h2_bad_frames = h2_preface.clone();
+    // SETTINGS with a length that is not a multiple of 6, then a HEADERS frame claiming 16 MiB.
+    h2_bad_frames.extend([0, 0, 5, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5]);
+    h2_bad_frames.extend([0xff, 0xff, 0xff, 1, 4, 0, 0, 0, 1]);
+    h2_bad_frames.extend(random(4096));
+    let mut tls_huge_record = vec![0x16, 0x03, 0x01, 0xff, 0xff];
+    tls_huge_record.extend(random(8192));
+    // A ClientHello record whose handshake message claims far more than the record holds.
+    let tls_lying_hello = vec![
+        0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0xff, 0xff, 0xff, 0, 0, 0, 0,
+    ];
+    vec![
+        ("random bytes", random(64 * 1024)),
+        ("NUL bytes", vec![0; 4096]),
+        ("empty lines", b"\r\n".repeat(20_000)),
+        ("TLS record of maximum length", tls_huge_record),
+        ("TLS ClientHello that lies about its length", tls_lying_hello),
+        ("TLS 1.0 alert", vec![0x15, 0x03, 0x01, 0x00, 0x02, 0x02, 0x28]),
+        ("endless HTTP header", huge_header),
+        ("HTTP request smuggling attempt", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n".to_vec()),
+        ("HTTP with a bad method and target", b"\x00\xffGET \x7f\x7f HTTP/9.9\r\n\r\n".to_vec()),
+        ("h2 preface alone", h2_preface),
+        ("h2 preface and malformed frames", h2_bad_frames),
+        ("nothing at all", Vec::new()),
+    ]
+}
+
+/// Sends `payload` on a fresh connection, half-closes, and reads until the peer closes or 3 s pass.
+async fn throw(addr: SocketAddr, payload: Vec<u8>) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let _ = s.write_all(&payload).await;
+        let _ = s.shutdown().await;
+        let mut sink = vec![0u8; 16 * 1024];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// A TLS handshake with `addr` as `name`, trusting `roots`, completes.
+async fn tls_handshake_ok(
+    addr: SocketAddr,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    name: &str,
+) -> bool {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        let _ = store.add(r.clone());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
+/// Every listening port of every binary (CA gRPC and admin, a sidecar's inbound, outbound and
+/// admin ports, the injector's webhook and admin ports) gets the same battery of hostile bytes,
+/// all at once; afterwards every process is still running, nothing panicked, and each port still
+/// does its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bytes_on_every_port_of_the_real_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    let run = |args: &[&str]| {
+        let out = Command::new(workspace_bin("meshid-ca"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    };
+    let ca_dir_s = ca_dir.to_string_lossy().into_owned();
+    run(&["init", "--dir", &ca_dir_s]);
+    let cluster = FakeCluster::new();
+    let jwks = dir.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let log = |name: &str| std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+
+    let (ca_grpc, ca_admin) = (free_addr("127.0.0.2"), free_addr("127.0.0.2"));
+    let mut ca = Proc::spawn(
+        "meshid-ca",
+        Command::new(workspace_bin("meshid-ca"))
+            .args(["serve", "--dir", &ca_dir_s])
+            .args(["--listen", &ca_grpc.to_string()])
+            .args(["--admin-listen", &ca_admin.to_string()])
+            .args(["--san", "localhost", "--handshake-timeout", "2s"])
+            .arg("--jwks")
+            .arg(&jwks)
+            .env("MESHID_LOG", "warn")
+            .stderr(log("ca")),
+    );
+    assert!(wait_http_ok(ca_admin, "/readyz", Duration::from_secs(10)));
+
+    let http_app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_app_addr = http_app.local_addr().unwrap();
+    tokio::spawn(meshid_examples::http_echo(http_app));
+    let bundle = ca_dir.join("bundle.pem");
+    let sidecar = |name: &str, id: &str, admin: SocketAddr, args: Vec<String>| {
+        let join = dir.path().join(format!("{name}.join"));
+        std::fs::write(
+            &join,
+            run(&["token", "create", "--dir", &ca_dir_s, "--id", id]),
+        )
+        .unwrap();
+        Proc::spawn(
+            name,
+            Command::new(workspace_bin("meshid-sidecar"))
+                .arg("run")
+                .args([
+                    "--ca-addr",
+                    &ca_grpc.to_string(),
+                    "--ca-server-name",
+                    "localhost",
+                ])
+                .arg("--ca-bundle")
+                .arg(&bundle)
+                .arg("--join-token-file")
+                .arg(&join)
+                .args(["--admin-listen", &admin.to_string()])
+                .args(["--handshake-timeout", "2s"])
+                .args(args)
+                .env("MESHID_LOG", "warn")
+                .stderr(log(name)),
+        )
+    };
+    let (b_http, b_admin) = (free_addr("127.0.0.3"), free_addr("127.0.0.3"));
+    let b_policy = dir.path().join("b-policy.yaml");
+    std::fs::write(
+        &b_policy,
+        format!(
+            "inbound:\n  - port: {}\n    protocol: http\n    allow:\n      - id: {A}\n        paths: [/orders]\n",
+            b_http.port()
+        ),
+    )
+    .unwrap();
+    let mut b = sidecar(
+        "sidecar-b",
+        B,
+        b_admin,
+        vec![
+            "--inbound".into(),
+            format!("{b_http}={http_app_addr},http"),
+            "--policy".into(),
+            b_policy.to_string_lossy().into_owned(),
+        ],
+    );
+    let (a_http, a_tcp, a_admin) = (
+        free_addr("127.0.0.1"),
+        free_addr("127.0.0.1"),
+        free_addr("127.0.0.4"),
+    );
+    let mut a = sidecar(
+        "sidecar-a",
+        A,
+        a_admin,
+        vec![
+            "--outbound".into(),
+            format!("{a_http}={b_http},{B},http"),
+            "--outbound".into(),
+            format!("{a_tcp}={b_http},{B},tcp"),
+        ],
+    );
+
+    let tls_dir = dir.path().join("injector-tls");
+    run(&[
+        "webhook-cert",
+        "--dir",
+        &ca_dir_s,
+        "--dns",
+        "meshid-injector.meshid.svc",
+        "--out-dir",
+        &tls_dir.to_string_lossy(),
+    ]);
+    let (inj, inj_admin) = (free_addr("127.0.0.5"), free_addr("127.0.0.5"));
+    let mut injector = Proc::spawn(
+        "meshid-injector",
+        Command::new(workspace_bin("meshid-injector"))
+            .arg("--tls-cert")
+            .arg(tls_dir.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(tls_dir.join("tls.key"))
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            .args(["--listen", &inj.to_string()])
+            .args(["--admin-listen", &inj_admin.to_string()])
+            .args([
+                "--sidecar-image",
+                "meshid/sidecar:test",
+                "--ca-addr",
+                "ca:8443",
+            ])
+            .env("MESHID_LOG", "warn")
+            .stderr(log("injector")),
+    );
+    for admin in [b_admin, a_admin, inj_admin] {
+        assert!(
+            wait_http_ok(admin, "/readyz", Duration::from_secs(15)),
+            "{admin} ready"
+        );
+    }
+    let roots: Vec<_> = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::pem_file_iter(&bundle)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let through_pair = || async {
+        let tcp = tokio::net::TcpStream::connect(a_http).await.unwrap();
+        matches!(
+            http_request(tcp, false, get("/orders", &[])).await,
+            Ok((200, _, _))
+        )
+    };
+    assert!(through_pair().await, "the pair works before the attack");
+
+    let ports = [
+        ("CA gRPC", ca_grpc),
+        ("CA admin", ca_admin),
+        ("sidecar inbound (mTLS)", b_http),
+        ("sidecar admin", b_admin),
+        ("sidecar outbound (HTTP)", a_http),
+        ("sidecar outbound (TCP)", a_tcp),
+        ("sidecar admin (outbound side)", a_admin),
+        ("injector webhook (TLS)", inj),
+        ("injector admin", inj_admin),
+    ];
+    let mut attack = tokio::task::JoinSet::new();
+    for (_, addr) in ports {
+        for (_, payload) in hostile_payloads() {
+            attack.spawn(throw(addr, payload));
+        }
+    }
+    while attack.join_next().await.is_some() {}
+
+    for (name, p) in [
+        ("CA", &mut ca),
+        ("sidecar B", &mut b),
+        ("sidecar A", &mut a),
+        ("injector", &mut injector),
+    ] {
+        assert!(p.running(), "{name} died under hostile bytes");
+    }
+    // Each port still does its job.
+    assert!(wait_http_ok(ca_admin, "/readyz", Duration::from_secs(5)));
+    assert!(
+        tls_handshake_ok(ca_grpc, &roots, "localhost").await,
+        "CA TLS"
+    );
+    assert!(wait_http_ok(b_admin, "/readyz", Duration::from_secs(5)));
+    assert!(wait_http_ok(a_admin, "/readyz", Duration::from_secs(5)));
+    assert!(
+        through_pair().await,
+        "the pair still works (outbound, inbound)"
+    );
+    assert!(wait_http_ok(inj_admin, "/healthz", Duration::from_secs(5)));
+    assert!(
+        tls_handshake_ok(inj, &roots, "meshid-injector.meshid.svc").await,
+        "injector TLS"
+    );
+    // The bytes arrived: the TLS ports counted failed handshakes (not every payload gets that far:
+    // an empty connection is no handshake).
+    let counted = |admin: SocketAddr, series: &str| -> f64 {
+        let (_, body) = http_get(admin, "/metrics").unwrap();
+        body.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let ca_failures = counted(ca_admin, "meshid_ca_tls_handshake_failures_total");
+    let b_failures = counted(b_admin, "meshid_sidecar_tls_handshake_failures_total");
+    assert!(ca_failures >= 5.0, "CA handshake failures: {ca_failures}");
+    assert!(
+        b_failures >= 5.0,
+        "sidecar handshake failures: {b_failures}"
+    );
+    // The CA still issues: a new workload with a new join token gets its certificate.
+    let token =
+        String::from_utf8(run(&["token", "create", "--dir", &ca_dir_s, "--id", A])).unwrap();
+    let mut client = meshid_tests::ca::connect(ca_grpc, &roots, None)
+        .await
+        .unwrap();
+    let issued = client
+        .issue(meshid_proto::ca::v1::IssueRequest {
+            csr: meshid_tests::pki::WorkloadKey::new().csr,
+            credential: Some(meshid_proto::ca::v1::issue_request::Credential::JoinToken(
+                token.trim().to_owned(),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.spiffe_id, A);
+    for name in ["ca", "sidecar-a", "sidecar-b", "injector"] {
+        let text = std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
+        assert!(
+            !text.contains("panicked"),
+            "{name} panicked under hostile bytes:\n{text}"
+        );
+    }
 }
