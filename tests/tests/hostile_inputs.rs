@@ -117,6 +117,36 @@ fn policy_files() {
     }
 }
 
+/// YAML that costs a parser far more than its size: alias expansion ("billion laughs"), deep flow
+/// nesting (quadratic in the YAML parser), and a huge document. Each is refused with an error that
+/// says why, instead of being expanded, parsed for seconds, or read whole.
+#[test]
+fn policy_files_that_attack_the_yaml_parser() {
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    let mut laughs = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for pair in names.windows(2) {
+        let (prev, name) = (pair[0], pair[1]);
+        let refs = vec![format!("*{prev}"); 10].join(", ");
+        laughs.push_str(&format!("{name}: &{name} [{refs}]\n"));
+    }
+    laughs.push_str("inbound: *i\n");
+    let deep = format!("inbound: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = format!(
+        "inbound:\n{}",
+        "  - port: 8080\n    protocol: http\n    allow: []\n".repeat(200_000)
+    );
+    for (name, text, says) in [
+        ("billion laughs", laughs, "inbound"),
+        ("deep nesting", deep, "nested deeper"),
+        ("huge", huge, "larger than the limit"),
+    ] {
+        match Policy::parse(&text) {
+            Ok(_) => panic!("{name}: accepted"),
+            Err(e) => assert!(e.to_string().contains(says), "{name}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn service_account_tokens() {
     use meshid_ca::auth::{JwtAuthenticator, JwtConfig};

@@ -34,6 +34,10 @@ use parse::{PortPolicy, Rule};
 
 /// The largest policy file accepted, in bytes.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+/// How deep `[ ]` and `{ }` may nest in a policy. A policy needs two or three levels; the YAML
+/// parser's work grows with the depth times the length (100,000 nested brackets, 200 KB, kept a
+/// core busy for 17 s), so depth is checked before the parser sees the text.
+pub const MAX_FLOW_DEPTH: usize = 64;
 /// The most rules (over all ports) a policy may have.
 pub const MAX_RULES: usize = 10_000;
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 
 use super::pattern::{IdPattern, Method, NonEmpty, PathPattern};
-use super::{MAX_POLICY_BYTES, MAX_RULES, Mode, PolicyError, Protocol};
+use super::{MAX_FLOW_DEPTH, MAX_POLICY_BYTES, MAX_RULES, Mode, PolicyError, Protocol};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +61,90 @@ impl Rule {
     }
 }
 
+/// Refuses flow collections nested deeper than [`MAX_FLOW_DEPTH`], naming the line and column.
+///
+/// A light scan, not a YAML parser: brackets in comments and quoted scalars do not count, and a
+/// quote opens a scalar only where a node can start (line start, or after `[ { , : - ?`), as in
+/// YAML. Brackets inside plain scalars count, which errs on the side of refusing. It guards against
+/// mistakes and blunt attacks; a file crafted to fool it only slows its own reload, which runs on
+/// the watcher's thread, never on the data plane.
+fn check_flow_depth(yaml: &str) -> Result<(), PolicyError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        Code,
+        Single,
+        Double,
+        Comment,
+    }
+    let mut state = State::Code;
+    let mut depth = 0usize;
+    // The last character that was not a space or tab on this line, outside quotes and comments.
+    let mut last_significant: Option<char> = None;
+    let mut previous = '\n';
+    let (mut line, mut column) = (1usize, 0usize);
+    let mut chars = yaml.chars();
+    while let Some(c) = chars.next() {
+        column += 1;
+        match state {
+            State::Code => {
+                let node_may_start = matches!(
+                    last_significant,
+                    None | Some('[' | '{' | ',' | ':' | '-' | '?')
+                );
+                match c {
+                    '[' | '{' => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Err(PolicyError::Yaml {
+                                location: Some((line, column)),
+                                message: format!(
+                                    "collections nested deeper than {MAX_FLOW_DEPTH} levels"
+                                ),
+                            });
+                        }
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    '\'' if node_may_start => state = State::Single,
+                    '"' if node_may_start => state = State::Double,
+                    '#' if previous.is_whitespace() => state = State::Comment,
+                    _ => {}
+                }
+                if state == State::Code && !matches!(c, ' ' | '\t' | '\r' | '\n') {
+                    last_significant = Some(c);
+                }
+            }
+            State::Single if c == '\'' => {
+                state = State::Code;
+                last_significant = Some(c);
+            }
+            State::Double if c == '\\' => {
+                // An escaped character, whatever it is, does not end the scalar.
+                if chars.next() == Some('\n') {
+                    line += 1;
+                    column = 0;
+                } else {
+                    column += 1;
+                }
+            }
+            State::Double if c == '"' => {
+                state = State::Code;
+                last_significant = Some(c);
+            }
+            State::Comment if c == '\n' => state = State::Code,
+            _ => {}
+        }
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            if state == State::Code {
+                last_significant = None;
+            }
+        }
+        previous = c;
+    }
+    Ok(())
+}
+
 /// Parses a document into its mode and its ports, sorted by port.
 pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), PolicyError> {
     if yaml.len() > MAX_POLICY_BYTES {
@@ -69,6 +153,7 @@ pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), Poli
     if yaml.trim().is_empty() {
         return Err(PolicyError::Empty);
     }
+    check_flow_depth(yaml)?;
     // `Option` so that a document of only comments (or `null`) reads as empty, not as an odd error.
     let document: Option<PolicyDocument> = serde_yaml_ng::from_str(yaml).map_err(yaml_error)?;
     let document = document.ok_or(PolicyError::Empty)?;
@@ -289,6 +374,34 @@ inbound:
 
     #[test]
     fn size_and_rule_limits() {
+        // Deep flow nesting is refused before the YAML parser sees it (its cost is quadratic).
+        let deep = format!("inbound: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        match Policy::parse(&deep) {
+            Err(PolicyError::Yaml {
+                location: Some((1, column)),
+                message,
+            }) => {
+                assert_eq!(column, 10 + MAX_FLOW_DEPTH, "{message}");
+                assert!(message.contains("nested deeper"), "{message}");
+            }
+            other => panic!("deep nesting: {other:?}"),
+        }
+        // Brackets in comments, quoted scalars and plain words do not count; real nesting does.
+        let fine = format!(
+            "# {}\ninbound:\n  - port: 8080 # {}\n    protocol: http\n    allow:\n      - id: spiffe://td/a\n        paths: ['/{}', \"/{}\\\"\"]\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(Policy::parse(&fine).is_ok(), "{:?}", Policy::parse(&fine));
+        for hiding in ["\"x\", ", "it's, ", "x 'y, "] {
+            let nested = format!("inbound: [{hiding}{}]\n", "[".repeat(MAX_FLOW_DEPTH));
+            match Policy::parse(&nested) {
+                Err(PolicyError::Yaml { message, .. }) if message.contains("nested deeper") => {}
+                other => panic!("{hiding:?} hid the nesting: {other:?}"),
+            }
+        }
         let huge = format!("inbound: []\n#{}\n", "x".repeat(MAX_POLICY_BYTES));
         assert!(matches!(Policy::parse(&huge), Err(PolicyError::TooLarge)));
         let mut many = String::from("inbound:\n  - port: 1\n    allow:\n");
