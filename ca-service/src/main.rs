@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    init_tracing(&cli.log_format);
+    meshid_proto::process::init_tracing(&cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(problems)) => {
@@ -99,7 +99,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rt.block_on(async move {
                 let mut registry = Registry::default();
                 let ca = meshid_ca::start(config, &mut registry).await?;
-                wait_for_signal().await?;
+                meshid_proto::process::wait_for_signal().await?;
                 tracing::info!("shutting down: finishing in-flight calls");
                 ca.shutdown().await;
                 Ok::<(), anyhow::Error>(())
@@ -236,28 +236,4 @@ fn require_admins(admins: &[std::net::SocketAddr], force: bool) -> Result<(), Fa
         ]));
     }
     Ok(())
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-fn init_tracing(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

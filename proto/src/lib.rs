@@ -5,6 +5,7 @@
 pub mod duration;
 pub mod identity;
 pub mod io;
+pub mod process;
 pub mod spiffe;
 
 pub use duration::parse_duration;

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    init_tracing(&cli.log_format);
+    meshid_proto::process::init_tracing(&cli.log_format);
     let Command::Run(args) = cli.command;
     let config = match args.into_config() {
         Ok(c) => c,
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(e) = wait_for_signal().await {
+        if let Err(e) = meshid_proto::process::wait_for_signal().await {
             eprintln!("meshid-sidecar: {e}");
             return ExitCode::FAILURE;
         }
@@ -57,28 +57,4 @@ fn main() -> ExitCode {
         sidecar.shutdown().await;
         ExitCode::SUCCESS
     })
-}
-
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-fn init_tracing(format: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

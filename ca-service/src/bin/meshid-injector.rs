@@ -20,15 +20,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    let subscriber = tracing_subscriber::fmt().with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-    );
-    if args.log_format == "json" {
-        subscriber.json().init();
-    } else {
-        subscriber.init();
-    }
+    meshid_proto::process::init_tracing(&args.log_format);
     match args.into_startup() {
         Ok(startup) => startup.run(),
         Err(problems) => {

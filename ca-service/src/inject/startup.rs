@@ -320,7 +320,13 @@ impl Startup {
             ));
             tokio::select! {
                 () = server::serve(listener, tls, config, metrics) => {}
-                _ = shutdown_signal() => tracing::info!("signal received; exiting"),
+                stopped = meshid_proto::process::wait_for_signal() => match stopped {
+                    Ok(()) => tracing::info!("signal received; exiting"),
+                    Err(error) => {
+                        eprintln!("meshid-injector: cannot handle signals: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                },
             }
             ExitCode::SUCCESS
         })
@@ -364,20 +370,5 @@ fn read_all(paths: &[&Path], flags: &[&str]) -> Result<Vec<Vec<u8>>, Vec<String>
         Ok(out)
     } else {
         Err(problems)
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
