@@ -254,7 +254,8 @@ where
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     let peer = Arc::new(peer);
-    let ctx = shared.clone();
+    // Shared per connection, so a request clones one Arc, not every store and metric handle.
+    let ctx = Arc::new(shared.clone());
     let svc = move |req| {
         let peer = peer.clone();
         let http = http.clone();
@@ -427,7 +428,7 @@ pub async fn serve_outbound<IO>(io: IO, out: Arc<OutboundHttp>, shared: &Shared)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = shared.clone();
+    let ctx = Arc::new(shared.clone());
     let svc = move |req| {
         let out = out.clone();
         let shared = ctx.clone();
