@@ -471,3 +471,24 @@ impl Traffic {
         )
     }
 }
+
+/// The sidecar's `meshid_sidecar_tls_handshake_failures_total` lines in a `/metrics` text.
+pub fn handshake_failure_lines(metrics: &str) -> Vec<&str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
+        .collect()
+}
+
+/// Handshake failures counted for `direction` (`inbound`, `outbound`) and `reason`, over all ports.
+pub fn handshake_failures(metrics: &str, direction: &str, reason: &str) -> u64 {
+    let (direction, reason) = (
+        format!("direction=\"{direction}\""),
+        format!("reason=\"{reason}\"}}"),
+    );
+    handshake_failure_lines(metrics)
+        .into_iter()
+        .filter(|l| l.contains(&direction) && l.contains(&reason))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

@@ -44,6 +44,32 @@ fn start_ca(dir: &Path, grpc: SocketAddr, admin: SocketAddr, jwks: &Path) -> Pro
     p
 }
 
+/// `meshid-sidecar run` in CA mode: certificates from the CA at `ca` (its serving certificate
+/// checked against `bundle` for `localhost`), bootstrapped by `token_flag token`, admin on `admin`.
+fn ca_mode_sidecar(
+    ca: SocketAddr,
+    bundle: &Path,
+    token_flag: &str,
+    token: &Path,
+    admin: SocketAddr,
+) -> Command {
+    let mut cmd = Command::new(workspace_bin("meshid-sidecar"));
+    cmd.arg("run")
+        .args([
+            "--ca-addr",
+            &ca.to_string(),
+            "--ca-server-name",
+            "localhost",
+        ])
+        .arg("--ca-bundle")
+        .arg(bundle)
+        .arg(token_flag)
+        .arg(token)
+        .args(["--admin-listen", &admin.to_string()])
+        .env("MESHID_LOG", "warn");
+    cmd
+}
+
 fn policy(port: u16, tcp_port: u16, extra_path: &str) -> String {
     format!(
         "inbound:\n  - port: {port}\n    protocol: http\n    allow:\n      - id: {A}\n        paths: [/orders, /slow{extra_path}]\n  - port: {tcp_port}\n    protocol: tcp\n    allow:\n      - id: {A}\n"
@@ -100,21 +126,9 @@ async fn whole_mesh_over_real_processes() {
     let sidecar = |token_flag: &str, token: &Path, admin: SocketAddr, args: Vec<String>| {
         Proc::spawn(
             "meshid-sidecar",
-            Command::new(workspace_bin("meshid-sidecar"))
-                .arg("run")
-                .args([
-                    "--ca-addr",
-                    &ca_grpc.to_string(),
-                    "--ca-server-name",
-                    "localhost",
-                ])
-                .arg("--ca-bundle")
-                .arg(&ca_bundle)
-                .arg(token_flag)
-                .arg(token)
-                .args(["--admin-listen", &admin.to_string(), "--grace", "10s"])
-                .args(args)
-                .env("MESHID_LOG", "warn"),
+            ca_mode_sidecar(ca_grpc, &ca_bundle, token_flag, token, admin)
+                .args(["--grace", "10s"])
+                .args(args),
         )
     };
     let mut b = sidecar(
@@ -393,22 +407,9 @@ async fn hostile_bytes_on_every_port_of_the_real_binaries() {
         .unwrap();
         Proc::spawn(
             name,
-            Command::new(workspace_bin("meshid-sidecar"))
-                .arg("run")
-                .args([
-                    "--ca-addr",
-                    &ca_grpc.to_string(),
-                    "--ca-server-name",
-                    "localhost",
-                ])
-                .arg("--ca-bundle")
-                .arg(&bundle)
-                .arg("--join-token-file")
-                .arg(&join)
-                .args(["--admin-listen", &admin.to_string()])
+            ca_mode_sidecar(ca_grpc, &bundle, "--join-token-file", &join, admin)
                 .args(["--handshake-timeout", "2s"])
                 .args(args)
-                .env("MESHID_LOG", "warn")
                 .stderr(log(name)),
         )
     };

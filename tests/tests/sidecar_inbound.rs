@@ -7,7 +7,7 @@ use meshid_sidecar::config::Limits;
 use meshid_sidecar::policy::Protocol;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
-    tcp_echo,
+    handshake_failure_lines, handshake_failures, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use rcgen::SanType;
@@ -216,15 +216,7 @@ async fn hostile_peers_are_refused_and_others_served() {
             Client::Cert(w) => client_config(&roots, &pki.trust_domain, Some(w), &sidecar.id, &[]),
             Client::NoCert => client_config(&roots, &pki.trust_domain, None, &sidecar.id, &[]),
         };
-        let count = |metrics: String, reason: &str| -> u64 {
-            let label = format!("reason=\"{reason}\"}}");
-            metrics
-                .lines()
-                .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
-                .filter(|l| l.contains(&label))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .sum()
-        };
+        let count = |metrics: String, reason: &str| handshake_failures(&metrics, "inbound", reason);
         let before = match case.refused {
             Some(reason) => count(sidecar.metrics().await, reason),
             None => 0,
@@ -240,10 +232,7 @@ async fn hostile_peers_are_refused_and_others_served() {
                 .await;
                 if !counted {
                     let metrics = sidecar.metrics().await;
-                    let seen: Vec<&str> = metrics
-                        .lines()
-                        .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
-                        .collect();
+                    let seen = handshake_failure_lines(&metrics);
                     failures.push(format!(
                         "{}: refused but not counted as {reason}; counted: {seen:?}",
                         case.name

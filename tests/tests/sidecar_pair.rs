@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use meshid_sidecar::policy::Protocol;
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, Workload, get, http_echo, http_request, tcp_echo,
+    SidecarSpec, TestPki, TestSidecar, Workload, get, handshake_failure_lines, handshake_failures,
+    http_echo, http_request, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -323,15 +324,7 @@ async fn hostile_upstreams_are_refused_by_the_outbound_side() {
         },
     )
     .await;
-    let count = |metrics: &str, reason: &str| -> u64 {
-        let label = format!("reason=\"{reason}\"}}");
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
-            .filter(|l| l.contains("direction=\"outbound\"") && l.contains(&label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
+    let count = |metrics: &str, reason: &str| handshake_failures(metrics, "outbound", reason);
     let mut failures = Vec::new();
     for (i, (name, _, refused)) in cases.iter().enumerate() {
         let before = count(&a.metrics().await, refused.unwrap_or("none"));
@@ -351,10 +344,7 @@ async fn hostile_upstreams_are_refused_by_the_outbound_side() {
                     .unwrap_or_default();
                 if after <= before {
                     let m = a.metrics().await;
-                    let seen: Vec<&str> = m
-                        .lines()
-                        .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total"))
-                        .collect();
+                    let seen = handshake_failure_lines(&m);
                     failures.push(format!(
                         "{name}: 502 ({why}) but not counted as {reason}; counted: {seen:?}"
                     ));
