@@ -102,3 +102,29 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .unwrap_or(0);
     Ok((code, out))
 }
+
+/// `meshid-sidecar run` in CA mode: certificates from the CA at `ca` (its serving certificate
+/// checked against `bundle` for `localhost`), bootstrapped by `token_flag token`, admin on `admin`.
+pub fn ca_mode_sidecar(
+    ca: SocketAddr,
+    bundle: &std::path::Path,
+    token_flag: &str,
+    token: &std::path::Path,
+    admin: SocketAddr,
+) -> Command {
+    let mut cmd = Command::new(crate::tools::workspace_bin("meshid-sidecar"));
+    cmd.arg("run")
+        .args([
+            "--ca-addr",
+            &ca.to_string(),
+            "--ca-server-name",
+            "localhost",
+        ])
+        .arg("--ca-bundle")
+        .arg(bundle)
+        .arg(token_flag)
+        .arg(token)
+        .args(["--admin-listen", &admin.to_string()])
+        .env("MESHID_LOG", "warn");
+    cmd
+}

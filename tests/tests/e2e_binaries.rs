@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::mesh::{Traffic, eventually, get, http_request};
-use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -42,32 +42,6 @@ fn start_ca(dir: &Path, grpc: SocketAddr, admin: SocketAddr, jwks: &Path) -> Pro
         "CA ready"
     );
     p
-}
-
-/// `meshid-sidecar run` in CA mode: certificates from the CA at `ca` (its serving certificate
-/// checked against `bundle` for `localhost`), bootstrapped by `token_flag token`, admin on `admin`.
-fn ca_mode_sidecar(
-    ca: SocketAddr,
-    bundle: &Path,
-    token_flag: &str,
-    token: &Path,
-    admin: SocketAddr,
-) -> Command {
-    let mut cmd = Command::new(workspace_bin("meshid-sidecar"));
-    cmd.arg("run")
-        .args([
-            "--ca-addr",
-            &ca.to_string(),
-            "--ca-server-name",
-            "localhost",
-        ])
-        .arg("--ca-bundle")
-        .arg(bundle)
-        .arg(token_flag)
-        .arg(token)
-        .args(["--admin-listen", &admin.to_string()])
-        .env("MESHID_LOG", "warn");
-    cmd
 }
 
 fn policy(port: u16, tcp_port: u16, extra_path: &str) -> String {

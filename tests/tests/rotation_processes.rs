@@ -14,7 +14,7 @@ use meshid_ca::rotation::RotationReport;
 use meshid_proto::{SpiffeId, TrustDomain};
 use meshid_tests::fake_cluster::{FakeCluster, unix_now};
 use meshid_tests::mesh::{Traffic, client_config, mtls_connect};
-use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, wait_http_ok};
 use meshid_tests::rotation_cli::{
     anchors, identity, meshid_ca, poll, read_roots, report_of, root_sha, rotate, rotate_until_ok,
     served_bundle, status,
@@ -64,21 +64,9 @@ fn spawn_sidecar(
 ) -> Proc {
     Proc::spawn(
         "meshid-sidecar",
-        Command::new(workspace_bin("meshid-sidecar"))
-            .arg("run")
-            .args([
-                "--ca-addr",
-                &ca.to_string(),
-                "--ca-server-name",
-                "localhost",
-            ])
-            .arg("--ca-bundle")
-            .arg(ca_bundle)
-            .arg(token_flag)
-            .arg(token)
-            .args(["--ttl", TTL, "--admin-listen", &admin.to_string()])
-            .args(listeners)
-            .env("MESHID_LOG", "warn"),
+        ca_mode_sidecar(ca, ca_bundle, token_flag, token, admin)
+            .args(["--ttl", TTL])
+            .args(listeners),
     )
 }
 
