@@ -222,6 +222,8 @@ async fn serve_connection<IO, S, F>(
 pub struct InboundHttp {
     port: u16,
     target: SocketAddr,
+    /// `target` as a URI authority, parsed once (every request is re-addressed to it).
+    authority: http::uri::Authority,
     h1: Client<HttpConnector, Incoming>,
     h2: Client<HttpConnector, Incoming>,
 }
@@ -241,10 +243,17 @@ impl InboundHttp {
         Self {
             port: spec.listen.port(),
             target: spec.target,
+            authority: authority_of(spec.target),
             h1,
             h2,
         }
     }
+}
+
+/// `addr` as a URI authority (`IP:PORT`, IPv6 in brackets): always valid, so no error path.
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::from_maybe_shared(Bytes::from(addr.to_string()))
+        .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"))
 }
 
 /// Serves an authenticated inbound HTTP connection.
@@ -300,11 +309,8 @@ async fn inbound_request(
     headers.remove(APP_H2_HINT);
     // Only we say who the peer is.
     headers.remove(XFCC);
-    let own = shared
-        .creds
-        .current()
-        .map(|s| s.identity.id.to_string())
-        .unwrap_or_default();
+    let own = shared.creds.current();
+    let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
     if let Ok(v) = HeaderValue::from_str(&format!(
         "By={own};Hash={};URI={}",
         peer.cert_sha256, peer.id
@@ -322,9 +328,14 @@ async fn inbound_request(
     let pq = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    match format!("http://{}{pq}", http.target).parse() {
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(http.authority.clone())
+        .path_and_query(pq)
+        .build()
+    {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => {
             shared.metrics.request("inbound", port, 400);
