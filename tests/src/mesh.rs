@@ -492,3 +492,28 @@ pub fn handshake_failures(metrics: &str, direction: &str, reason: &str) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// TLS (no client certificate) to `addr` as the DNS name `name`, trusting only `roots`: how the API
+/// server reaches the injector, or any plain client the CA.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).map_err(std::io::Error::other)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let name = ServerName::try_from(name.to_owned()).map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}

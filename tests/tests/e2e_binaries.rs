@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshid_tests::fake_cluster::FakeCluster;
-use meshid_tests::mesh::{Traffic, eventually, get, http_request};
+use meshid_tests::mesh::{Traffic, eventually, get, http_request, tls_connect};
 use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -301,33 +301,6 @@ async fn throw(addr: SocketAddr, payload: Vec<u8>) {
     .await;
 }
 
-/// A TLS handshake with `addr` as `name`, trusting `roots`, completes.
-async fn tls_handshake_ok(
-    addr: SocketAddr,
-    roots: &[rustls_pki_types::CertificateDer<'static>],
-    name: &str,
-) -> bool {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        let _ = store.add(r.clone());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .is_ok()
-}
-
 /// Every listening port of every binary (CA gRPC and admin, a sidecar's inbound, outbound and
 /// admin ports, the injector's webhook and admin ports) gets the same battery of hostile bytes,
 /// all at once; afterwards every process is still running, nothing panicked, and each port still
@@ -508,7 +481,7 @@ async fn hostile_bytes_on_every_port_of_the_real_binaries() {
     // Each port still does its job.
     assert!(wait_http_ok(ca_admin, "/readyz", Duration::from_secs(5)));
     assert!(
-        tls_handshake_ok(ca_grpc, &roots, "localhost").await,
+        tls_connect(ca_grpc, &roots, "localhost").await.is_ok(),
         "CA TLS"
     );
     assert!(wait_http_ok(b_admin, "/readyz", Duration::from_secs(5)));
@@ -519,7 +492,9 @@ async fn hostile_bytes_on_every_port_of_the_real_binaries() {
     );
     assert!(wait_http_ok(inj_admin, "/healthz", Duration::from_secs(5)));
     assert!(
-        tls_handshake_ok(inj, &roots, "meshid-injector.meshid.svc").await,
+        tls_connect(inj, &roots, "meshid-injector.meshid.svc")
+            .await
+            .is_ok(),
         "injector TLS"
     );
     // The bytes arrived: the TLS ports counted failed handshakes (not every payload gets that far:

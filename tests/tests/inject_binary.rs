@@ -12,13 +12,13 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use meshid_tests::mesh::tls_connect;
 use meshid_tests::process::{Proc, free_addr, http_get};
 use meshid_tests::tools::{run, workspace_bin};
-use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,21 +32,7 @@ async fn https(
     path: &str,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(SAN).unwrap(), tcp)
-        .await?;
+    let mut tls = tls_connect(addr, roots, SAN).await?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -179,22 +165,7 @@ async fn served_leaf(
     addr: SocketAddr,
     roots: &[CertificateDer<'static>],
 ) -> CertificateDer<'static> {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(SAN).unwrap(), tcp)
-        .await
-        .unwrap();
+    let tls = tls_connect(addr, roots, SAN).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].clone()
 }
 

@@ -91,6 +91,12 @@ impl InjectorMetrics {
             .set(not_after.map_or(0, OffsetDateTime::unix_timestamp));
     }
 
+    /// Records how many roots the trust bundle given to sidecars has.
+    pub fn bundle_roots(&self, roots: usize) {
+        self.trust_bundle_roots
+            .set(i64::try_from(roots).unwrap_or(i64::MAX));
+    }
+
     /// Counts a reload of `what` (`applied` when `ok`, else `rejected`).
     pub fn reload(&self, what: &'static str, ok: bool) {
         let result = if ok { "applied" } else { "rejected" };

@@ -230,9 +230,7 @@ impl Startup {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(InjectorMetrics::register(&mut registry));
         metrics.serving_cert(serving::not_after(&pair));
-        metrics
-            .trust_bundle_roots
-            .set(i64::try_from(config.trust_bundle.len()).unwrap_or(i64::MAX));
+        metrics.bundle_roots(config.trust_bundle.len());
         let registry = Arc::new(registry);
         let cert = ServingCert::new(pair);
         let tls = match serving::server_config(cert.clone()) {
@@ -309,8 +307,7 @@ impl Startup {
                     let loaded = load_bundle(files);
                     m.reload("trust_bundle", loaded.is_ok());
                     let bundle = loaded?;
-                    m.trust_bundle_roots
-                        .set(i64::try_from(bundle.len()).unwrap_or(i64::MAX));
+                    m.bundle_roots(bundle.len());
                     let summary = format!("{} roots", bundle.len());
                     let mut next = InjectConfig::clone(&swap.load());
                     next.trust_bundle = bundle;
