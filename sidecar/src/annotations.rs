@@ -179,11 +179,7 @@ impl MeshAnnotations {
             .iter()
             .map(|i| {
                 let listen = SocketAddr::new(pod_ip, i.port);
-                format!(
-                    "{listen}=127.0.0.1:{},{}",
-                    i.port,
-                    protocol_name(i.protocol)
-                )
+                format!("{listen}=127.0.0.1:{},{}", i.port, i.protocol.as_str())
             })
             .collect()
     }
@@ -198,7 +194,7 @@ impl MeshAnnotations {
                     o.local_port,
                     o.remote,
                     o.expected.as_str(),
-                    protocol_name(o.protocol)
+                    o.protocol.as_str()
                 )
             })
             .collect()
@@ -301,14 +297,9 @@ where
 {
     use clap::Parser;
     let cli = crate::config::Cli::try_parse_from(argv).map_err(|e| vec![e.to_string()])?;
-    let crate::config::Command::Run(run) = cli.command;
-    run.into_config()
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Http => "http",
+    match cli.command {
+        crate::config::Command::Run(run) => run.into_config(),
+        crate::config::Command::CheckPolicy(_) => Err(vec!["not a `run` command line".to_owned()]),
     }
 }
 
@@ -408,7 +399,7 @@ fn policy_json(audit: bool, inbound: &[InboundPort], allow: &[(u16, &Vec<String>
                 .unwrap_or_else(Vec::new);
             serde_json::json!({
                 "port": i.port,
-                "protocol": protocol_name(i.protocol),
+                "protocol": i.protocol.as_str(),
                 "allow": ids,
             })
         })
@@ -514,7 +505,7 @@ pub fn to_downward_api(annotations: &BTreeMap<String, String>) -> String {
 
 impl fmt::Display for InboundPort {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}={}", self.port, protocol_name(self.protocol))
+        write!(f, "{}={}", self.port, self.protocol.as_str())
     }
 }
 

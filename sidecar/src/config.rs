@@ -31,6 +31,28 @@ pub struct Cli {
 pub enum Command {
     /// Run the sidecar.
     Run(Box<RunArgs>),
+    /// Check a policy file as the sidecar would load it and, with --peer and --port, say what it
+    /// decides for that caller. Exit 0: valid (and allowed); 1: invalid file; 2: denied.
+    CheckPolicy(CheckPolicyArgs),
+}
+
+/// `meshid-sidecar check-policy`.
+#[derive(Debug, Args)]
+pub struct CheckPolicyArgs {
+    /// The policy: a YAML policy file, or a pod's downward-API annotations file.
+    pub file: PathBuf,
+    /// Decide for this caller (a SPIFFE ID); needs --port.
+    #[arg(long, requires = "port")]
+    pub peer: Option<String>,
+    /// The inbound port the caller connects to.
+    #[arg(long, requires = "peer")]
+    pub port: Option<u16>,
+    /// The request's method, on an HTTP port.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The request's path, on an HTTP port; without it only the connection is decided.
+    #[arg(long)]
+    pub path: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -667,7 +689,9 @@ mod tests {
             "bad",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
         let problems = args.into_config().unwrap_err().join("\n");
         for needle in [
             "--inbound",
@@ -708,7 +732,9 @@ mod tests {
                 token.to_str().unwrap(),
             ];
             argv.extend(extra);
-            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
             args.into_config().map_err(|p| p.join("\n"))
         };
         let config = run(&["--ca-bundle-pem", &root]).unwrap();
@@ -760,7 +786,9 @@ mod tests {
                 "/nonexistent",
             ];
             argv.extend(extra);
-            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command;
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
             args.into_config().map_err(|p| p.join("\n"))
         };
         let good = "meshid.io/inbound=\"8080=http\"\nmeshid.io/outbound=\"9001=b.ns.svc:80,spiffe://td/b\"\n";

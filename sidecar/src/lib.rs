@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod annotations;
 pub mod ca_client;
+pub mod check;
 pub mod config;
 pub mod conn;
 pub mod creds;

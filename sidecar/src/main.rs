@@ -1,4 +1,5 @@
 //! `meshid-sidecar run`: one per pod. Bad configuration exits 64 after naming every bad setting.
+//! `meshid-sidecar check-policy`: a policy file checked, and a caller decided, without running.
 
 use std::process::ExitCode;
 
@@ -19,7 +20,10 @@ fn main() -> ExitCode {
         }
     };
     meshid_proto::process::init_tracing(&cli.log_format);
-    let Command::Run(args) = cli.command;
+    let args = match cli.command {
+        Command::Run(args) => args,
+        Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),
+    };
     let config = match args.into_config() {
         Ok(c) => c,
         Err(problems) => {

@@ -24,6 +24,9 @@ pub mod watch;
 
 pub use watch::{PolicyStore, PolicyWatcher, ReloadOutcome, watch_policy_file};
 
+/// Reads a policy file within [`MAX_POLICY_BYTES`], refusing what is not a regular file.
+pub(crate) use parse::read_file;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -59,6 +62,26 @@ pub enum Protocol {
     #[default]
     Tcp,
     Http,
+}
+
+impl Mode {
+    /// The word a policy file uses: `enforce` or `audit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+impl Protocol {
+    /// The word a policy file uses: `tcp` or `http`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+        }
+    }
 }
 
 /// A parsed and fully validated policy. Immutable; a new file makes a new `Policy`.
@@ -254,6 +277,13 @@ impl Policy {
             Some(r) => format!("{rule} ({})", r.id.as_str()),
             None => rule.to_string(),
         }
+    }
+
+    /// Each port in the policy with its protocol and number of rules, in port order.
+    pub fn ports(&self) -> impl Iterator<Item = (u16, Protocol, usize)> + '_ {
+        self.ports
+            .iter()
+            .map(|p| (p.port, p.protocol, p.rules.len()))
     }
 
     fn port(&self, port: u16) -> Option<&PortPolicy> {

@@ -165,7 +165,7 @@ pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), Poli
 
 /// Reads a policy file (following symlinks), refusing anything but a regular file of at most
 /// [`MAX_POLICY_BYTES`].
-pub(super) fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
     // Checked before opening: opening a FIFO would block until someone writes to it.
     let metadata = std::fs::metadata(path).map_err(PolicyError::Read)?;
     if !metadata.is_file() {
