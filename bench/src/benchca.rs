@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use meshid_sidecar::ca_client::CaEndpoint;
+use meshid_sidecar::settings::CaEndpoint;
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::process::{Proc, free_addr, wait_http_ok};
 use rustls_pki_types::CertificateDer;

@@ -4,16 +4,18 @@
 //! connection presenting the reported certificate) for every bundle received and after every renewal;
 //! renewal at half of the remaining lifetime (±10%), or at once when a bundle says `renew_now`.
 
+use meshid_runtime::time::unix_now;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use meshid_proto::ca::v1::{
     AckTrustBundleRequest, IssueRequest, TrustBundle, WatchTrustBundleRequest,
     issue_request::Credential,
 };
-use meshid_sidecar::ca_client::{self, CaEndpoint};
+use meshid_sidecar::creds::ca_client;
+use meshid_sidecar::settings::CaEndpoint;
 use meshid_tests::pki::WorkloadKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
@@ -77,13 +79,6 @@ impl Cert {
     fn pair(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         (self.chain.clone(), self.key.clone_key())
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// What woke the bundle loop.

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use meshid_proto::SpiffeId;
-use meshid_sidecar::verify::{Anchors, SpiffeServerVerifier};
+use meshid_identity::SpiffeId;
+use meshid_identity::verify::{Anchors, SpiffeServerVerifier};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{WebPkiSupportedAlgorithms, aws_lc_rs};
 use rustls::pki_types::pem::PemObject;

@@ -18,9 +18,9 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use meshid_proto::TrustDomain;
+use meshid_identity::TrustDomain;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -31,42 +31,16 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::authorities::{AuthorityState, RotationState};
+use crate::ca_dir::{AuthorityFiles, check_is_ca, invalid, io_err, write_atomic};
 use crate::serial::random_serial;
+
+pub use crate::ca_dir::{AuthorityError, read_bundle};
+pub use meshid_identity::pem::pem_cert;
 
 const ROOT_LIFETIME: Duration = Duration::days(3650);
 const INTERMEDIATE_LIFETIME: Duration = Duration::days(365);
 const FORMAT_VERSION: u32 = 1;
-
-/// Errors reading or writing the CA directory. Each names the file involved.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AuthorityError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}: a CA already exists here; refusing to overwrite it")]
-    AlreadyExists(PathBuf),
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-    #[error("generating CA material: {0}")]
-    Generate(#[from] rcgen::Error),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
-    move |source| AuthorityError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
-    AuthorityError::Invalid {
-        path: path.to_owned(),
-        reason: reason.into(),
-    }
-}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,11 +74,7 @@ pub fn init(
         return Err(AuthorityError::AlreadyExists(dir.to_owned()));
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let report = create_authority_files(
-        &crate::rotation::state::AuthorityFiles::plain(dir),
-        trust_domain,
-        import,
-    )?;
+    let report = create_authority_files(&AuthorityFiles::plain(dir), trust_domain, import)?;
     let root_pem =
         fs::read_to_string(dir.join("root.pem")).map_err(io_err(&dir.join("root.pem")))?;
     write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
@@ -123,7 +93,7 @@ pub fn init(
 /// Writes one authority into `dir`: a root (generated, or imported: its key is then not stored) and a
 /// signing intermediate with path length 0. Used by `init` and by `rotate prepare`.
 pub fn create_authority_files(
-    files: &crate::rotation::state::AuthorityFiles,
+    files: &AuthorityFiles,
     trust_domain: &TrustDomain,
     import: Option<ImportedRoot>,
 ) -> Result<InitReport, AuthorityError> {
@@ -205,7 +175,7 @@ pub fn create_authority_files(
 /// Replaces the signing intermediate of the authority in `dir` with a new one under the same root
 /// (which needs `root.key` in `dir`). Files are replaced atomically, key last.
 pub fn renew_intermediate(
-    files: &crate::rotation::state::AuthorityFiles,
+    files: &AuthorityFiles,
     trust_domain: &TrustDomain,
 ) -> Result<(), AuthorityError> {
     let root_path = files.path("root.pem");
@@ -230,7 +200,7 @@ pub fn renew_intermediate(
     params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after);
     params.use_authority_key_identifier_extension = true;
     let inter = params.signed_by(&inter_key, &issuer)?;
-    crate::rotation::state::write_atomic(&files.path("intermediate.pem"), inter.pem().as_bytes())?;
+    write_atomic(&files.path("intermediate.pem"), inter.pem().as_bytes())?;
     write_secret_atomic(
         &files.path("intermediate.key"),
         inter_key.serialize_pem().as_bytes(),
@@ -307,7 +277,7 @@ impl Authority {
     /// Loads the signing material and bundle from a CA directory, checking that they fit together.
     pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
         let trust_domain = read_trust_domain(dir)?;
-        let state = crate::rotation::RotationState::load(dir)?;
+        let state = RotationState::load(dir)?;
         let active = state.active().clone();
         let files = state.files_of(dir, &active);
         let inter_path = files.path("intermediate.pem");
@@ -336,7 +306,7 @@ impl Authority {
         let authority_roots = state
             .authorities
             .iter()
-            .filter(|a| a.state != crate::rotation::AuthorityState::Gone)
+            .filter(|a| a.state != AuthorityState::Gone)
             .filter_map(|a| {
                 read_bundle(&state.files_of(dir, a).path("root.pem"))
                     .ok()
@@ -358,30 +328,6 @@ impl Authority {
     }
 }
 
-/// Reads a PEM bundle of root certificates (at least one).
-pub fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
-    let pem = fs::read(path).map_err(io_err(path))?;
-    let roots = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("not a PEM bundle: {e}")))?;
-    if roots.is_empty() {
-        return Err(invalid(path, "the bundle holds no certificate"));
-    }
-    for root in &roots {
-        check_is_ca(root).map_err(|r| invalid(path, r))?;
-    }
-    Ok(roots)
-}
-
-fn check_is_ca(der: &[u8]) -> Result<(), String> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
-    if !cert.is_ca() {
-        return Err("not a CA certificate (basicConstraints CA:TRUE is missing)".into());
-    }
-    Ok(())
-}
-
 fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, String> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
@@ -393,21 +339,6 @@ fn key_matches_cert(key: &KeyPair, der: &[u8]) -> bool {
         Ok((_, cert)) => cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw(),
         Err(_) => false,
     }
-}
-
-/// PEM text of a DER certificate.
-pub fn pem_cert(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::with_capacity(b64.len() + 64);
-    out.push_str("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        // Base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
 }
 
 /// Writes a file that must not exist yet; `secret` files get mode 0600.

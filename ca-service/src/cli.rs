@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use meshid_proto::{SpiffeId, TrustDomain, parse_duration};
+use meshid_identity::{SpiffeId, TrustDomain, parse_duration};
 
 use crate::auth::JwtConfig;
 use crate::ratelimit::RateLimit;
@@ -15,8 +15,7 @@ use crate::server::ServeConfig;
 use crate::signer::LifetimePolicy;
 use crate::tls::ListenerLimits;
 
-/// Exit code for a bad configuration (EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+pub use meshid_runtime::EXIT_USAGE;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -5,10 +5,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authorities;
 pub mod authority;
+pub mod ca_dir;
 pub mod cli;
 pub mod csr;
-pub mod inject;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rotation;
@@ -17,5 +18,6 @@ pub mod server;
 pub mod service;
 pub mod signer;
 pub mod tls;
+pub mod webhook_cert;
 
 pub use server::{RunningCa, ServeConfig, start};

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    meshid_proto::process::init_tracing(&cli.log_format);
+    meshid_runtime::process::init_tracing(&cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(problems)) => {
@@ -99,7 +99,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             rt.block_on(async move {
                 let mut registry = Registry::default();
                 let ca = meshid_ca::start(config, &mut registry).await?;
-                meshid_proto::process::wait_for_signal().await?;
+                meshid_runtime::process::wait_for_signal().await?;
                 tracing::info!("shutting down: finishing in-flight calls");
                 ca.shutdown().await;
                 Ok::<(), anyhow::Error>(())
@@ -110,17 +110,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 fn webhook_cert(args: &WebhookCertArgs) -> Result<(), Failure> {
-    use meshid_ca::inject::serving::{self, ServingError};
+    use meshid_ca::webhook_cert::{self, WebhookCertError};
     let (dns, ttl) = args.parse().map_err(Failure::Usage)?;
     let authority = meshid_ca::authority::Authority::load(&args.dir)
         .map_err(|e| Failure::Usage(vec![format!("--dir: {e}")]))?;
-    let usage = |flag: &str, e: ServingError| match e {
-        ServingError::Io { .. } => Failure::Runtime(e.into()),
+    let usage = |flag: &str, e: WebhookCertError| match e {
+        WebhookCertError::Io { .. } => Failure::Runtime(e.into()),
         e => Failure::Usage(vec![format!("{flag}: {e}")]),
     };
-    let cert = serving::issue_webhook_cert(&authority, &dns, ttl).map_err(|e| usage("--dns", e))?;
-    let (crt, key) =
-        serving::write_pair(&args.out_dir, &cert, args.force).map_err(|e| usage("--out-dir", e))?;
+    let cert =
+        webhook_cert::issue_webhook_cert(&authority, &dns, ttl).map_err(|e| usage("--dns", e))?;
+    let (crt, key) = webhook_cert::write_pair(&args.out_dir, &cert, args.force)
+        .map_err(|e| usage("--out-dir", e))?;
     println!(
         "issued the injector's serving certificate for {}",
         dns.join(", ")
@@ -138,6 +139,14 @@ fn webhook_cert(args: &WebhookCertArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// Runs one fleet-measuring rotation step (it asks the CAs' admin ports) to completion.
+fn block_on<T>(step: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(step))
 }
 
 fn rotate(command: RotateCommand) -> Result<(), Failure> {
@@ -170,13 +179,14 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
         RotateCommand::Activate { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
             require_admins(&admins, force)?;
-            let name = rotation::activate(&target.dir, &admins, force).map_err(refused)?;
+            let name =
+                block_on(rotation::activate(&target.dir, &admins, force))?.map_err(refused)?;
             println!("authority {name} now signs; the previous one is retiring");
         }
         RotateCommand::Retire { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
             require_admins(&admins, force)?;
-            let name = rotation::retire(&target.dir, &admins, force).map_err(refused)?;
+            let name = block_on(rotation::retire(&target.dir, &admins, force))?.map_err(refused)?;
             println!("authority {name} retired: its root left the bundle");
         }
         RotateCommand::Intermediate { target } => {
@@ -186,7 +196,7 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
         }
         RotateCommand::Status { target, json } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
-            let report = rotation::status(&target.dir, &admins).map_err(refused)?;
+            let report = block_on(rotation::status(&target.dir, &admins))?.map_err(refused)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

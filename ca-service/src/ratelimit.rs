@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use meshid_proto::SpiffeId;
+use meshid_identity::SpiffeId;
 
 /// Past this many tracked identities, full (idle) buckets are dropped.
 const PRUNE_ABOVE: usize = 10_000;

@@ -1,6 +1,5 @@
 //! Random serial numbers and fingerprints.
 
-use aws_lc_rs::digest;
 use rcgen::SerialNumber;
 
 /// A 128-bit random, positive, non-zero certificate serial number (RFC 5280 allows up to 20 octets).
@@ -17,6 +16,4 @@ pub fn random_serial() -> SerialNumber {
 }
 
 /// Lowercase hex SHA-256 of some bytes (certificate fingerprints, token hashes).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    meshid_proto::identity::hex(digest::digest(&digest::SHA256, bytes).as_ref())
-}
+pub use meshid_identity::pem::sha256_hex;

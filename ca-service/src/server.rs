@@ -177,31 +177,30 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             }),
     );
 
-    let (ready_tx, ready_rx) = watch::channel(true);
     let rotation: crate::admin::RotationJson = {
         let state = rotation_state;
         let dir = config.dir.clone();
-        Arc::new(move || {
+        Box::new(move || {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, issued) = state.fleet.report(now);
-            let rotation = crate::rotation::RotationState::load(&dir).map_err(|e| e.to_string())?;
+            let rotation =
+                crate::authorities::RotationState::load(&dir).map_err(|e| e.to_string())?;
             let report =
                 crate::rotation::report(&dir, &rotation, sidecars, &issued, state.fleet.process);
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
         })
     };
     let registry = Arc::new(std::mem::take(registry));
-    tokio::spawn(async move {
-        crate::admin::serve(
-            admin_listener,
-            registry,
-            ready_rx,
-            shutdown_rx,
-            Some(rotation),
-        )
-        .await;
-        drop(ready_tx);
+    let routes = Arc::new(crate::admin::CaAdmin {
+        rotation,
+        shutdown: shutdown_rx.clone(),
     });
+    tokio::spawn(meshid_runtime::admin::serve(
+        admin_listener,
+        registry,
+        routes,
+        shutdown_rx,
+    ));
 
     tracing::info!(%addr, %admin_addr, "CA serving");
     Ok(RunningCa {
@@ -221,13 +220,13 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// The files whose changes make the CA reload: the bundle, the rotation state, and the active
 /// authority's intermediate (a `rotate intermediate` replaces it).
 fn stamps(dir: &Path, state: &CaState) -> Vec<Option<(SystemTime, u64)>> {
-    let active = crate::rotation::RotationState::load(dir)
+    let active = crate::authorities::RotationState::load(dir)
         .map(|s| s.files_of(dir, s.active()))
-        .unwrap_or_else(|_| crate::rotation::state::AuthorityFiles::plain(dir));
+        .unwrap_or_else(|_| crate::ca_dir::AuthorityFiles::plain(dir));
     let _ = state;
     vec![
         stamp(&dir.join("bundle.pem")),
-        stamp(&dir.join(crate::rotation::state::STATE_FILE)),
+        stamp(&dir.join(crate::authorities::STATE_FILE)),
         stamp(&active.path("intermediate.pem")),
         stamp(&active.path("intermediate.key")),
     ]
@@ -249,7 +248,7 @@ async fn follow_bundle(
             () = tokio::time::sleep(BUNDLE_POLL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        if let Ok(rotation) = crate::rotation::RotationState::load(&dir) {
+        if let Ok(rotation) = crate::authorities::RotationState::load(&dir) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, issued) = state.fleet.report(t);
             let report =

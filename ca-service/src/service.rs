@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use meshid_proto::SpiffeId;
+use meshid_identity::SpiffeId;
 use meshid_proto::ca::v1::certificate_authority_server::CertificateAuthority;
 use meshid_proto::ca::v1::{
     AckTrustBundleRequest, AckTrustBundleResponse, GetTrustBundleRequest, IssueRequest,
@@ -244,7 +244,7 @@ impl CaState {
                 "the reported certificate is not the one presented on this connection",
             ));
         }
-        let info = meshid_proto::cert_identity_from_der(&req.serving_chain[0])
+        let info = meshid_identity::cert_identity_from_der(&req.serving_chain[0])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let chain: Vec<CertificateDer<'static>> = req
             .serving_chain
@@ -400,5 +400,1330 @@ impl CertificateAuthority for CaService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The issuance and acknowledgement decisions, called directly on a `CaState` built as
+    //! `server::start` builds it (no network, no TLS: the `PeerInfo` a TLS handshake would attach is
+    //! made by hand from a chain).
+
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use meshid_identity::TrustDomain;
+    use meshid_identity::testing::{LeafShape, TestPki};
+    use prometheus_client::registry::Registry;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, PKCS_ED25519, SanType,
+        SignatureAlgorithm,
+    };
+    use rustls_pki_types::UnixTime;
+    use serde_json::{Value, json};
+    use tonic::Code;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::*;
+    use crate::auth::JwtConfig;
+    use crate::ratelimit::RateLimit;
+
+    const TD: &str = "cluster.local";
+    const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+    const BACKEND: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+    const VM: &str = "spiffe://cluster.local/vm/db";
+    const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+    const SA_AUDIENCE: &str = "meshid-ca";
+    /// The lifetimes every test CA hands out.
+    const LIFETIMES: LifetimePolicy = LifetimePolicy {
+        default: Duration::from_secs(600),
+        max: Duration::from_secs(3600),
+    };
+
+    // ---- fixture -----------------------------------------------------------------------------
+
+    #[derive(Default)]
+    struct Opts {
+        rate: Option<RateLimit>,
+        /// Accept service-account tokens (a JWKS of `TestCa::sa`'s key).
+        service_accounts: bool,
+        allowed_namespaces: Option<&'static [&'static str]>,
+    }
+
+    /// A CA directory made by `authority::init` and a `CaState` over it, as `server::start` builds.
+    struct TestCa {
+        dir: tempfile::TempDir,
+        state: CaState,
+        sa: ServiceAccountIssuer,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            Self::with(Opts::default())
+        }
+
+        fn with(opts: Opts) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let td = TrustDomain::new(TD).unwrap();
+            crate::authority::init(dir.path(), &td, None).unwrap();
+            let authority = Authority::load(dir.path()).unwrap();
+            let sa = ServiceAccountIssuer::new("sa-key-1");
+            let jwt = opts.service_accounts.then(|| {
+                let jwks_path = dir.path().join("jwks.json");
+                std::fs::write(&jwks_path, sa.jwks().to_string()).unwrap();
+                let config = JwtConfig {
+                    jwks_path,
+                    issuer: SA_ISSUER.into(),
+                    audience: SA_AUDIENCE.into(),
+                    allowed_namespaces: opts
+                        .allowed_namespaces
+                        .map(|ns| ns.iter().map(|n| (*n).to_owned()).collect::<BTreeSet<_>>()),
+                };
+                JwtAuthenticator::new(config, td.clone()).unwrap()
+            });
+            let metrics = Metrics::register(&mut Registry::default());
+            let (shutdown_tx, shutdown_rx) = watch::channel(false);
+            let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
+                version: authority.bundle_version,
+                roots: authority.roots.clone(),
+                renew_now: authority.renew_now,
+            }));
+            let state = CaState {
+                authority: ArcSwap::from_pointee(authority),
+                bundle: bundle_tx,
+                jwt,
+                join: JoinTokenStore::new(dir.path(), td),
+                lifetimes: LIFETIMES,
+                limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
+                metrics,
+                shutdown: shutdown_rx,
+                fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
+                    started_unix: OffsetDateTime::now_utc().unix_timestamp(),
+                    max_ttl_seconds: LIFETIMES.max.as_secs(),
+                }),
+            };
+            Self {
+                dir,
+                state,
+                sa,
+                _shutdown: shutdown_tx,
+            }
+        }
+
+        /// A join token for `id`, as `meshid-ca token create --id <id> --ttl <ttl>` makes it.
+        fn join_token(&self, id: &str, ttl: Duration) -> String {
+            let td = crate::authority::read_trust_domain(self.dir.path()).unwrap();
+            JoinTokenStore::new(self.dir.path(), td)
+                .create(&SpiffeId::parse(id).unwrap(), ttl)
+                .unwrap()
+        }
+
+        /// A one-hour workload certificate this CA signed for `id` at `at` (leaf, intermediate).
+        fn cert_at(&self, id: &str, at: OffsetDateTime) -> Vec<CertificateDer<'static>> {
+            let key = CsrPublicKey::from_csr_der(&csr()).unwrap();
+            let id = SpiffeId::parse(id).unwrap();
+            sign_leaf(
+                &self.state.authority.load(),
+                &id,
+                &key,
+                Duration::from_secs(3600),
+                at,
+            )
+            .unwrap()
+            .chain
+        }
+
+        /// A still-valid certificate this CA issued for `id`.
+        fn cert(&self, id: &str) -> Vec<CertificateDer<'static>> {
+            self.cert_at(id, OffsetDateTime::now_utc())
+        }
+
+        fn root(&self) -> CertificateDer<'static> {
+            self.state.authority.load().roots[0].clone()
+        }
+    }
+
+    /// A Kubernetes service-account token issuer with one ES256 key (tokens assembled by hand).
+    struct ServiceAccountIssuer {
+        key: EcdsaKeyPair,
+        kid: String,
+    }
+
+    impl ServiceAccountIssuer {
+        fn new(kid: &str) -> Self {
+            Self {
+                key: EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap(),
+                kid: kid.into(),
+            }
+        }
+
+        fn jwks(&self) -> Value {
+            let point = self.key.public_key().as_ref();
+            json!({ "keys": [{
+                "use": "sig", "kty": "EC", "kid": self.kid, "alg": "ES256", "crv": "P-256",
+                "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+                "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+            }]})
+        }
+
+        /// The claims of a valid projected token for `ns/sa`.
+        fn claims(ns: &str, sa: &str) -> Value {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            json!({
+                "aud": [SA_AUDIENCE], "iss": SA_ISSUER, "exp": now + 600, "iat": now, "nbf": now,
+                "sub": format!("system:serviceaccount:{ns}:{sa}"),
+                "kubernetes.io": { "namespace": ns, "serviceaccount": { "name": sa } },
+            })
+        }
+
+        fn sign(&self, claims: &Value) -> String {
+            let header = json!({ "alg": "ES256", "kid": self.kid });
+            let message = format!(
+                "{}.{}",
+                URL_SAFE_NO_PAD.encode(header.to_string()),
+                URL_SAFE_NO_PAD.encode(claims.to_string())
+            );
+            let sig = self
+                .key
+                .sign(&SystemRandom::new(), message.as_bytes())
+                .unwrap();
+            format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+        }
+
+        fn token(&self, ns: &str, sa: &str) -> String {
+            self.sign(&Self::claims(ns, sa))
+        }
+    }
+
+    /// A well-formed P-256 CSR asking for nothing.
+    fn csr() -> Vec<u8> {
+        csr_with(&CertificateParams::default(), &PKCS_ECDSA_P256_SHA256)
+    }
+
+    fn csr_with(params: &CertificateParams, alg: &'static SignatureAlgorithm) -> Vec<u8> {
+        let key = KeyPair::generate_for(alg).unwrap();
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    /// A CSR that asks for everything the CA must not grant: another identity, DNS names, a
+    /// subject, CA:TRUE with keyCertSign, codeSigning.
+    fn greedy_csr_params() -> CertificateParams {
+        let mut params =
+            CertificateParams::new(vec!["evil.example".to_owned(), "localhost".to_owned()])
+                .unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .unwrap(),
+        ));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "cluster-admin");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        params
+    }
+
+    fn request(csr: Vec<u8>, credential: Option<Credential>) -> IssueRequest {
+        IssueRequest {
+            csr,
+            credential,
+            ttl_seconds: 0,
+        }
+    }
+
+    fn join(token: impl Into<String>) -> Option<Credential> {
+        Some(Credential::JoinToken(token.into()))
+    }
+
+    fn service_account(token: impl Into<String>) -> Option<Credential> {
+        Some(Credential::ServiceAccountToken(token.into()))
+    }
+
+    /// What the TLS listener attaches to calls on a connection that presented `chain`.
+    fn peer(chain: &[CertificateDer<'static>]) -> PeerInfo {
+        let leaf_identity = chain.first().map(|leaf| {
+            Arc::new(meshid_identity::cert_identity_from_der(leaf).map_err(|e| e.to_string()))
+        });
+        PeerInfo {
+            remote_addr: "192.0.2.7:40000".parse().unwrap(),
+            certificates: Some(Arc::new(chain.to_vec())),
+            leaf_identity,
+        }
+    }
+
+    /// A TLS connection without a client certificate.
+    fn anonymous_peer() -> PeerInfo {
+        PeerInfo {
+            remote_addr: "192.0.2.7:40000".parse().unwrap(),
+            certificates: None,
+            leaf_identity: None,
+        }
+    }
+
+    /// Verifies an issued chain (leaf first) to `root` for both TLS usages.
+    fn verify_chain(chain: &[Vec<u8>], root: &CertificateDer<'_>) -> Result<(), webpki::Error> {
+        let leaf = CertificateDer::from(chain[0].as_slice());
+        let ee = webpki::EndEntityCert::try_from(&leaf)?;
+        let anchor = webpki::anchor_from_trusted_cert(root)?;
+        let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let algs = rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all;
+        for usage in [
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ] {
+            ee.verify_for_usage(
+                algs,
+                std::slice::from_ref(&anchor),
+                &intermediates,
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---- checking issue() --------------------------------------------------------------------
+
+    #[derive(Debug, Clone, Copy)]
+    enum Expected {
+        /// A certificate for this SPIFFE ID.
+        Issued(&'static str),
+        /// A refusal with this gRPC code and `result` label.
+        Refused(Code, &'static str),
+    }
+
+    type Decision = (Method, Option<SpiffeId>, Result<IssueResponse, Refusal>);
+
+    /// Checks one decision of `issue(req, ..)`; returns the response when one was issued. Every
+    /// issued certificate carries exactly the expected identity over the CSR's key.
+    fn check(
+        name: &str,
+        req: &IssueRequest,
+        (method, id, result): Decision,
+        want_method: Method,
+        expected: Expected,
+    ) -> Option<IssueResponse> {
+        assert_eq!(method, want_method, "{name}: method label");
+        match (expected, result) {
+            (Expected::Issued(want), Ok(resp)) => {
+                assert_eq!(id.as_ref().map(SpiffeId::as_str), Some(want), "{name}");
+                assert_eq!(resp.spiffe_id, want, "{name}");
+                let info = meshid_identity::cert_identity_from_der(&resp.cert_chain[0])
+                    .unwrap_or_else(|e| panic!("{name}: issued leaf: {e}"));
+                assert_eq!(info.id.as_str(), want, "{name}: leaf identity");
+                let (_, leaf) = X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
+                let csr_key = CsrPublicKey::from_csr_der(&req.csr).unwrap();
+                assert_eq!(
+                    leaf.public_key().subject_public_key.data.as_ref(),
+                    csr_key.raw(),
+                    "{name}: the leaf certifies the CSR's key"
+                );
+                Some(resp)
+            }
+            (Expected::Refused(code, label), Err(refusal)) => {
+                assert_eq!(refusal.status.code(), code, "{name}: {:?}", refusal.status);
+                assert_eq!(refusal.result, label, "{name}: {:?}", refusal.status);
+                if label != "rate_limited" {
+                    // Refused before anyone was authenticated: no identity to label.
+                    assert_eq!(id, None, "{name}: identity label");
+                }
+                None
+            }
+            (Expected::Issued(want), Err(refusal)) => {
+                panic!("{name}: expected {want} issued, got {:?}", refusal.status)
+            }
+            (Expected::Refused(code, label), Ok(resp)) => panic!(
+                "{name}: expected {code:?}/{label}, got {} issued",
+                resp.spiffe_id
+            ),
+        }
+    }
+
+    type Call = (IssueRequest, Option<PeerInfo>);
+
+    // ---- issue(): who gets what ----------------------------------------------------------------
+
+    #[test]
+    fn issue_decisions_by_credential() {
+        struct Case {
+            name: &'static str,
+            call: fn(&TestCa) -> Call,
+            method: Method,
+            expected: Expected,
+        }
+        use Expected::{Issued, Refused};
+        let cases = [
+            Case {
+                name: "no credential and no client certificate",
+                call: |_| (request(csr(), None), None),
+                method: Method::None,
+                expected: Refused(Code::Unauthenticated, "no_credential"),
+            },
+            Case {
+                name: "no credential on a TLS connection without a client certificate",
+                call: |_| (request(csr(), None), Some(anonymous_peer())),
+                method: Method::None,
+                expected: Refused(Code::Unauthenticated, "no_credential"),
+            },
+            Case {
+                name: "service-account token but the CA has no JWKS",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    (request(csr(), service_account(token)), None)
+                },
+                method: Method::ServiceAccountToken,
+                expected: Refused(Code::Unauthenticated, "service_account_tokens_disabled"),
+            },
+            Case {
+                name: "a refused service-account token does not fall back to the client certificate",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    let peer = peer(&ca.cert(FRONTEND));
+                    (request(csr(), service_account(token)), Some(peer))
+                },
+                method: Method::ServiceAccountToken,
+                expected: Refused(Code::Unauthenticated, "service_account_tokens_disabled"),
+            },
+            Case {
+                name: "malformed join token",
+                call: |_| (request(csr(), join("not-a-join-token")), None),
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "unknown_join_token"),
+            },
+            Case {
+                name: "forged join token (well-formed, never created)",
+                call: |_| {
+                    let forged = format!("meshid-join-{}", "A".repeat(43));
+                    (request(csr(), join(forged)), None)
+                },
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "unknown_join_token"),
+            },
+            Case {
+                name: "join token of another CA",
+                call: |_| {
+                    let other = TestCa::new();
+                    let token = other.join_token(VM, Duration::from_secs(600));
+                    (request(csr(), join(token)), None)
+                },
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "unknown_join_token"),
+            },
+            Case {
+                name: "expired join token",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::ZERO);
+                    (request(csr(), join(token)), None)
+                },
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "join_token_expired"),
+            },
+            Case {
+                name: "join token used a second time",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::from_secs(600));
+                    let first = request(csr(), join(token.clone()));
+                    let decision = ca.state.issue(&first, None);
+                    check("first use", &first, decision, Method::JoinToken, Issued(VM));
+                    (request(csr(), join(token)), None)
+                },
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "join_token_used"),
+            },
+            Case {
+                name: "a refused join token does not fall back to the client certificate",
+                call: |ca| {
+                    let forged = format!("meshid-join-{}", "A".repeat(43));
+                    (request(csr(), join(forged)), Some(peer(&ca.cert(FRONTEND))))
+                },
+                method: Method::JoinToken,
+                expected: Refused(Code::Unauthenticated, "unknown_join_token"),
+            },
+            Case {
+                name: "valid join token",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::from_secs(600));
+                    (request(csr(), join(token)), None)
+                },
+                method: Method::JoinToken,
+                expected: Issued(VM),
+            },
+            Case {
+                name: "a join token wins over the client certificate",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::from_secs(600));
+                    (request(csr(), join(token)), Some(peer(&ca.cert(FRONTEND))))
+                },
+                method: Method::JoinToken,
+                expected: Issued(VM),
+            },
+            Case {
+                name: "renewal with a valid certificate of this CA",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(FRONTEND)))),
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+            },
+            Case {
+                name: "renewal of a join-token identity",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(VM)))),
+                method: Method::Renewal,
+                expected: Issued(VM),
+            },
+            Case {
+                name: "renewal with an expired certificate of this CA",
+                call: |ca| {
+                    let two_hours_ago = OffsetDateTime::now_utc() - time::Duration::hours(2);
+                    let expired = ca.cert_at(FRONTEND, two_hours_ago);
+                    (request(csr(), None), Some(peer(&expired)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "certificate_expired"),
+            },
+            Case {
+                name: "renewal with a certificate of another trust domain",
+                call: |_| {
+                    let foreign =
+                        TestPki::new("other").leaf("spiffe://other.example/ns/shop/sa/frontend");
+                    (request(csr(), None), Some(peer(&foreign.chain)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::PermissionDenied, "wrong_trust_domain"),
+            },
+            Case {
+                name: "renewal with a CA certificate",
+                call: |_| {
+                    let shape = LeafShape {
+                        is_ca: true,
+                        ..LeafShape::default()
+                    };
+                    let leaf = TestPki::new("other").leaf_shaped(FRONTEND, &shape);
+                    (request(csr(), None), Some(peer(&leaf.chain)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "certificate_identity"),
+            },
+            Case {
+                name: "renewal with a certificate of two URI SANs",
+                call: |_| {
+                    let shape = LeafShape {
+                        uris: Some(vec![FRONTEND.into(), BACKEND.into()]),
+                        ..LeafShape::default()
+                    };
+                    let leaf = TestPki::new("other").leaf_shaped(FRONTEND, &shape);
+                    (request(csr(), None), Some(peer(&leaf.chain)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "certificate_identity"),
+            },
+            Case {
+                name: "malformed CSR with a valid client certificate",
+                call: |ca| {
+                    let req = request(b"not a csr".to_vec(), None);
+                    (req, Some(peer(&ca.cert(FRONTEND))))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::InvalidArgument, "invalid_csr"),
+            },
+            Case {
+                // The CSR is checked first, so the method label falls back to "renewal" even
+                // though nothing was presented.
+                name: "empty CSR, no credential at all",
+                call: |_| (request(Vec::new(), None), None),
+                method: Method::Renewal,
+                expected: Refused(Code::InvalidArgument, "invalid_csr"),
+            },
+            Case {
+                name: "empty CSR with a service-account token",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    (request(Vec::new(), service_account(token)), None)
+                },
+                method: Method::ServiceAccountToken,
+                expected: Refused(Code::InvalidArgument, "invalid_csr"),
+            },
+        ];
+        for case in cases {
+            let ca = TestCa::new();
+            let (req, peer) = (case.call)(&ca);
+            let decision = ca.state.issue(&req, peer.as_ref());
+            check(case.name, &req, decision, case.method, case.expected);
+        }
+    }
+
+    #[test]
+    fn invalid_csr_does_not_consume_the_join_token() {
+        struct Case {
+            name: &'static str,
+            csr: fn() -> Vec<u8>,
+        }
+        let cases = [
+            Case {
+                name: "empty",
+                csr: Vec::new,
+            },
+            Case {
+                name: "not DER",
+                csr: || b"-----BEGIN CERTIFICATE REQUEST-----".to_vec(),
+            },
+            Case {
+                name: "truncated",
+                csr: || {
+                    let good = csr();
+                    good[..good.len() / 2].to_vec()
+                },
+            },
+            Case {
+                name: "signature does not verify",
+                csr: || {
+                    let mut bad = csr();
+                    let last = bad.len() - 1;
+                    bad[last] ^= 0x01;
+                    bad
+                },
+            },
+            Case {
+                name: "trailing bytes",
+                csr: || {
+                    let mut bad = csr();
+                    bad.push(0);
+                    bad
+                },
+            },
+            Case {
+                name: "oversized",
+                csr: || vec![0x30; crate::csr::MAX_CSR_LEN + 1],
+            },
+        ];
+        for case in cases {
+            let ca = TestCa::new();
+            let token = ca.join_token(VM, Duration::from_secs(600));
+            let bad = request((case.csr)(), join(token.clone()));
+            let decision = ca.state.issue(&bad, None);
+            let expected = Expected::Refused(Code::InvalidArgument, "invalid_csr");
+            check(case.name, &bad, decision, Method::JoinToken, expected);
+            assert!(
+                ca.state.join.lookup(&token).is_ok(),
+                "{}: token still redeemable",
+                case.name
+            );
+            // The same token then works with a good CSR.
+            let good = request(csr(), join(token));
+            let decision = ca.state.issue(&good, None);
+            check(
+                case.name,
+                &good,
+                decision,
+                Method::JoinToken,
+                Expected::Issued(VM),
+            );
+        }
+    }
+
+    // ---- issue(): what is in the certificate ---------------------------------------------------
+
+    #[test]
+    fn join_token_certificate_carries_only_what_the_ca_decides() {
+        struct Case {
+            name: &'static str,
+            params: fn() -> CertificateParams,
+            key: &'static SignatureAlgorithm,
+            ttl_seconds: u32,
+            expected_lifetime: i64,
+        }
+        let cases = [
+            Case {
+                name: "plain CSR, no lifetime asked: the default",
+                params: CertificateParams::default,
+                key: &PKCS_ECDSA_P256_SHA256,
+                ttl_seconds: 0,
+                expected_lifetime: 600,
+            },
+            Case {
+                name: "CSR asking for another identity, DNS names, a subject and CA:TRUE",
+                params: greedy_csr_params,
+                key: &PKCS_ECDSA_P256_SHA256,
+                ttl_seconds: 60,
+                expected_lifetime: 60,
+            },
+            Case {
+                name: "P-384 key, lifetime above the maximum: the maximum",
+                params: greedy_csr_params,
+                key: &PKCS_ECDSA_P384_SHA384,
+                ttl_seconds: 100_000,
+                expected_lifetime: 3600,
+            },
+            Case {
+                name: "Ed25519 key, the maximum lifetime",
+                params: CertificateParams::default,
+                key: &PKCS_ED25519,
+                ttl_seconds: 3600,
+                expected_lifetime: 3600,
+            },
+        ];
+        let foreign = TestPki::new("foreign");
+        for case in cases {
+            let name = case.name;
+            let ca = TestCa::new();
+            let authority = ca.state.authority.load_full();
+            // Mid-rotation: the served bundle holds a second root and a newer version than the
+            // directory's; the response carries what is served.
+            let served = Bundle {
+                version: 7,
+                roots: vec![ca.root(), foreign.root.clone()],
+                renew_now: false,
+            };
+            ca.state.bundle.send_replace(Arc::new(served.clone()));
+            let token = ca.join_token(VM, Duration::from_secs(600));
+            let mut req = request(csr_with(&(case.params)(), case.key), join(token.clone()));
+            req.ttl_seconds = case.ttl_seconds;
+
+            let before = OffsetDateTime::now_utc().unix_timestamp();
+            let decision = ca.state.issue(&req, None);
+            let after = OffsetDateTime::now_utc().unix_timestamp();
+            let resp = check(
+                name,
+                &req,
+                decision,
+                Method::JoinToken,
+                Expected::Issued(VM),
+            )
+            .unwrap();
+
+            // The chain: leaf + this CA's intermediate, verifying to this CA's root only.
+            assert_eq!(resp.cert_chain.len(), 2, "{name}");
+            assert_eq!(
+                resp.cert_chain[1],
+                authority.intermediate_der.to_vec(),
+                "{name}"
+            );
+            verify_chain(&resp.cert_chain, &ca.root())
+                .unwrap_or_else(|e| panic!("{name}: chain does not verify: {e:?}"));
+            assert!(
+                verify_chain(&resp.cert_chain, &foreign.root).is_err(),
+                "{name}"
+            );
+
+            // The leaf: one URI SAN (the token's identity), nothing from the CSR but its key.
+            let (_, leaf) = X509Certificate::from_der(&resp.cert_chain[0]).unwrap();
+            let san = leaf.subject_alternative_name().unwrap().unwrap();
+            assert_eq!(
+                san.value.general_names,
+                vec![GeneralName::URI(VM)],
+                "{name}: SANs"
+            );
+            assert!(!leaf.is_ca(), "{name}: CA:TRUE granted");
+            let bc = leaf.basic_constraints().unwrap().map(|bc| bc.value.ca);
+            assert_ne!(bc, Some(true), "{name}");
+            let ku = leaf.key_usage().unwrap().unwrap().value;
+            assert!(
+                ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign(),
+                "{name}: key usage {ku:?}"
+            );
+            let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+            assert!(
+                eku.server_auth && eku.client_auth && !eku.code_signing,
+                "{name}: {eku:?}"
+            );
+            assert_eq!(
+                leaf.subject().iter_attributes().count(),
+                0,
+                "{name}: subject {}",
+                leaf.subject()
+            );
+            assert_eq!(
+                leaf.issuer().as_raw(),
+                X509Certificate::from_der(&authority.intermediate_der)
+                    .unwrap()
+                    .1
+                    .subject()
+                    .as_raw(),
+                "{name}: issuer"
+            );
+
+            // The lifetime the policy gives, stated alike in the response and the certificate.
+            let not_after = leaf.validity().not_after.timestamp();
+            let not_before = leaf.validity().not_before.timestamp();
+            assert_eq!(resp.not_after_unix, not_after, "{name}");
+            assert_eq!(resp.not_before_unix, not_before, "{name}");
+            assert!(
+                (before + case.expected_lifetime..=after + case.expected_lifetime)
+                    .contains(&not_after),
+                "{name}: not_after {not_after}, issued within [{before}, {after}]"
+            );
+            assert!(
+                not_before <= before && not_before >= before - 61,
+                "{name}: not_before {not_before}"
+            );
+
+            // The bundle as served.
+            let anchors: Vec<Vec<u8>> = served.roots.iter().map(|r| r.to_vec()).collect();
+            assert_eq!(resp.trust_anchors, anchors, "{name}");
+            assert_eq!(resp.bundle_version, 7, "{name}");
+
+            // The token is spent; the issuance is counted for the signing authority.
+            assert_eq!(
+                ca.state.join.lookup(&token).unwrap_err().reason,
+                Reason::JoinTokenUsed,
+                "{name}"
+            );
+            let (_, issued) = ca.state.fleet.report(after);
+            assert_eq!(issued[&authority.name].live, 1, "{name}");
+            assert_eq!(
+                issued[&authority.name].latest_not_after, not_after,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn renewal_issues_the_same_identity_over_the_new_key() {
+        let ca = TestCa::new();
+        let token = ca.join_token(VM, Duration::from_secs(600));
+        let first = request(csr(), join(token));
+        let decision = ca.state.issue(&first, None);
+        let issued = check(
+            "join",
+            &first,
+            decision,
+            Method::JoinToken,
+            Expected::Issued(VM),
+        )
+        .unwrap();
+        // Renew over the connection that presents what was just issued, with a fresh key.
+        let chain: Vec<CertificateDer<'static>> = issued
+            .cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let renew = request(csr(), None);
+        let decision = ca.state.issue(&renew, Some(&peer(&chain)));
+        let renewed = check(
+            "renew",
+            &renew,
+            decision,
+            Method::Renewal,
+            Expected::Issued(VM),
+        )
+        .unwrap();
+        assert_ne!(renewed.cert_chain[0], issued.cert_chain[0]);
+        verify_chain(&renewed.cert_chain, &ca.root()).unwrap();
+    }
+
+    // ---- issue(): service-account tokens ------------------------------------------------------
+
+    #[test]
+    fn service_account_decisions_with_a_namespace_allow_list() {
+        struct Case {
+            name: &'static str,
+            call: fn(&TestCa) -> Call,
+            method: Method,
+            expected: Expected,
+        }
+        use Expected::{Issued, Refused};
+        let sa = Method::ServiceAccountToken;
+        let cases = [
+            Case {
+                name: "valid token of an allowed namespace",
+                call: |ca| {
+                    (
+                        request(csr(), service_account(ca.sa.token("shop", "frontend"))),
+                        None,
+                    )
+                },
+                method: sa,
+                expected: Issued(FRONTEND),
+            },
+            Case {
+                name: "valid token of a namespace not on the allow-list",
+                call: |ca| {
+                    let token = ca.sa.token("kube-system", "default");
+                    (request(csr(), service_account(token)), None)
+                },
+                method: sa,
+                expected: Refused(Code::PermissionDenied, "namespace_not_allowed"),
+            },
+            Case {
+                name: "token signed by another key under the same kid",
+                call: |_| {
+                    let impostor = ServiceAccountIssuer::new("sa-key-1");
+                    let token = impostor.token("shop", "frontend");
+                    (request(csr(), service_account(token)), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "bad_signature"),
+            },
+            Case {
+                name: "token signed by a key not in the JWKS",
+                call: |_| {
+                    let stranger = ServiceAccountIssuer::new("sa-key-2");
+                    let token = stranger.token("shop", "frontend");
+                    (request(csr(), service_account(token)), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "unknown_key"),
+            },
+            Case {
+                name: "token for another audience",
+                call: |ca| {
+                    let mut claims = ServiceAccountIssuer::claims("shop", "frontend");
+                    claims["aud"] = json!(["https://kubernetes.default.svc"]);
+                    (request(csr(), service_account(ca.sa.sign(&claims))), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "wrong_audience"),
+            },
+            Case {
+                name: "token from another issuer",
+                call: |ca| {
+                    let mut claims = ServiceAccountIssuer::claims("shop", "frontend");
+                    claims["iss"] = json!("https://evil.example");
+                    (request(csr(), service_account(ca.sa.sign(&claims))), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "wrong_issuer"),
+            },
+            Case {
+                name: "expired token",
+                call: |ca| {
+                    let mut claims = ServiceAccountIssuer::claims("shop", "frontend");
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    claims["iat"] = json!(now - 7200);
+                    claims["nbf"] = json!(now - 7200);
+                    claims["exp"] = json!(now - 3600);
+                    (request(csr(), service_account(ca.sa.sign(&claims))), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "token_expired"),
+            },
+            Case {
+                name: "token whose sub disagrees with its kubernetes.io claims",
+                call: |ca| {
+                    let mut claims = ServiceAccountIssuer::claims("shop", "frontend");
+                    claims["kubernetes.io"]["namespace"] = json!("kube-system");
+                    (request(csr(), service_account(ca.sa.sign(&claims))), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "malformed_subject"),
+            },
+            Case {
+                name: "not a JWT",
+                call: |_| (request(csr(), service_account("hello")), None),
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "malformed_token"),
+            },
+            Case {
+                name: "renewal of an allowed namespace",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(FRONTEND)))),
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+            },
+            Case {
+                name: "renewal of a namespace not on the allow-list",
+                call: |ca| {
+                    let cert = ca.cert("spiffe://cluster.local/ns/kube-system/sa/default");
+                    (request(csr(), None), Some(peer(&cert)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::PermissionDenied, "namespace_not_allowed"),
+            },
+            Case {
+                name: "renewal of an identity outside ns/<ns>/sa/<sa>: not subject to the list",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(VM)))),
+                method: Method::Renewal,
+                expected: Issued(VM),
+            },
+            Case {
+                // As implemented: the allow-list is not applied to join tokens (an operator minted
+                // the token), although the renewal of the same identity is refused (case above).
+                name: "join token for a namespace not on the allow-list",
+                call: |ca| {
+                    let id = "spiffe://cluster.local/ns/kube-system/sa/default";
+                    let token = ca.join_token(id, Duration::from_secs(600));
+                    (request(csr(), join(token)), None)
+                },
+                method: Method::JoinToken,
+                expected: Issued("spiffe://cluster.local/ns/kube-system/sa/default"),
+            },
+        ];
+        for case in cases {
+            let ca = TestCa::with(Opts {
+                service_accounts: true,
+                allowed_namespaces: Some(&["shop"]),
+                ..Opts::default()
+            });
+            let (req, peer) = (case.call)(&ca);
+            let decision = ca.state.issue(&req, peer.as_ref());
+            check(case.name, &req, decision, case.method, case.expected);
+        }
+    }
+
+    // ---- issue(): rate limit -------------------------------------------------------------------
+
+    #[test]
+    fn rate_limit_is_per_identity_and_spares_join_tokens() {
+        #[derive(Clone, Copy)]
+        enum Via {
+            Renewal,
+            JoinToken,
+        }
+        struct Case {
+            name: &'static str,
+            id: &'static str,
+            via: Via,
+            expected: Expected,
+        }
+        use Expected::{Issued, Refused};
+        // Steps against one CA, in order: a burst of 2, then one token a minute.
+        let cases = [
+            Case {
+                name: "frontend, first",
+                id: FRONTEND,
+                via: Via::Renewal,
+                expected: Issued(FRONTEND),
+            },
+            Case {
+                name: "frontend, second (the burst)",
+                id: FRONTEND,
+                via: Via::Renewal,
+                expected: Issued(FRONTEND),
+            },
+            Case {
+                name: "frontend, third: over the limit",
+                id: FRONTEND,
+                via: Via::Renewal,
+                expected: Refused(Code::ResourceExhausted, "rate_limited"),
+            },
+            Case {
+                name: "backend is not affected",
+                id: BACKEND,
+                via: Via::Renewal,
+                expected: Issued(BACKEND),
+            },
+            Case {
+                name: "frontend by join token: limited too, the token is kept",
+                id: FRONTEND,
+                via: Via::JoinToken,
+                expected: Refused(Code::ResourceExhausted, "rate_limited"),
+            },
+        ];
+        let ca = TestCa::with(Opts {
+            rate: Some(RateLimit {
+                per_second: 1.0 / 60.0,
+                burst: 2,
+            }),
+            ..Opts::default()
+        });
+        for case in cases {
+            let name = case.name;
+            let (req, peer, token) = match case.via {
+                Via::Renewal => (request(csr(), None), Some(peer(&ca.cert(case.id))), None),
+                Via::JoinToken => {
+                    let token = ca.join_token(case.id, Duration::from_secs(600));
+                    (request(csr(), join(token.clone())), None, Some(token))
+                }
+            };
+            let method = match case.via {
+                Via::Renewal => Method::Renewal,
+                Via::JoinToken => Method::JoinToken,
+            };
+            let (m, id, result) = ca.state.issue(&req, peer.as_ref());
+            if let (Expected::Refused(..), Err(refusal)) = (case.expected, &result) {
+                // Rate-limited after authentication: the identity is known and labelled.
+                assert_eq!(id.as_ref().map(SpiffeId::as_str), Some(case.id), "{name}");
+                assert!(refusal.status.message().contains(case.id), "{name}");
+                let retry: u64 = refusal
+                    .status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .unwrap_or_else(|| panic!("{name}: no retry-after-ms"))
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                // One token a minute, the bucket empty: about a minute.
+                assert!((55_000..=60_000).contains(&retry), "{name}: {retry}");
+                if let Some(token) = &token {
+                    assert!(ca.state.join.lookup(token).is_ok(), "{name}: token spent");
+                }
+            }
+            check(name, &req, (m, id, result), method, case.expected);
+        }
+    }
+
+    // ---- ack() ---------------------------------------------------------------------------------
+
+    #[test]
+    fn ack_decisions() {
+        /// What the fleet then records for the instance.
+        #[derive(Debug)]
+        struct Recorded {
+            identity: &'static str,
+            acked_version: u64,
+            authority: Option<&'static str>,
+            file_mode: bool,
+        }
+        struct Case {
+            name: &'static str,
+            call: fn(&TestCa) -> (AckTrustBundleRequest, Option<PeerInfo>),
+            expected: Result<Recorded, Code>,
+        }
+        fn ack(instance: &str, chain: &[CertificateDer<'_>]) -> AckTrustBundleRequest {
+            AckTrustBundleRequest {
+                instance_id: instance.into(),
+                bundle_version: 3,
+                serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+                file_mode: false,
+            }
+        }
+        /// Reports the chain it presented.
+        fn honest(ca: &TestCa, instance: &str) -> (AckTrustBundleRequest, Option<PeerInfo>) {
+            let chain = ca.cert(FRONTEND);
+            (ack(instance, &chain), Some(peer(&chain)))
+        }
+        let cases = [
+            Case {
+                name: "the presented chain",
+                call: |ca| honest(ca, "pod-1"),
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 3,
+                    authority: Some("1"),
+                    file_mode: false,
+                }),
+            },
+            Case {
+                name: "file mode: the bundle version means nothing",
+                call: |ca| {
+                    let (mut req, peer) = honest(ca, "vm-1");
+                    req.file_mode = true;
+                    (req, peer)
+                },
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 0,
+                    authority: Some("1"),
+                    file_mode: true,
+                }),
+            },
+            Case {
+                name: "a 128-byte instance id",
+                call: |ca| honest(ca, &"i".repeat(128)),
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 3,
+                    authority: Some("1"),
+                    file_mode: false,
+                }),
+            },
+            Case {
+                name: "a chain of a PKI this CA does not hold",
+                call: |_| {
+                    let leaf = TestPki::new("other").leaf(FRONTEND);
+                    (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
+                },
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 3,
+                    authority: None,
+                    file_mode: false,
+                }),
+            },
+            Case {
+                name: "empty instance id",
+                call: |ca| honest(ca, ""),
+                expected: Err(Code::InvalidArgument),
+            },
+            Case {
+                name: "129-byte instance id",
+                call: |ca| honest(ca, &"i".repeat(129)),
+                expected: Err(Code::InvalidArgument),
+            },
+            Case {
+                name: "empty instance id and no client certificate: the request is checked first",
+                call: |ca| (ack("", &ca.cert(FRONTEND)), None),
+                expected: Err(Code::InvalidArgument),
+            },
+            Case {
+                name: "empty serving chain",
+                call: |ca| (ack("pod-1", &[]), Some(peer(&ca.cert(FRONTEND)))),
+                expected: Err(Code::InvalidArgument),
+            },
+            Case {
+                name: "five certificates",
+                call: |ca| {
+                    let mut chain = ca.cert(FRONTEND);
+                    let inter = chain[1].clone();
+                    chain.extend([inter.clone(), inter.clone(), inter]);
+                    (ack("pod-1", &chain), Some(peer(&chain[..2])))
+                },
+                expected: Err(Code::InvalidArgument),
+            },
+            Case {
+                name: "no client certificate",
+                call: |ca| (ack("pod-1", &ca.cert(FRONTEND)), None),
+                expected: Err(Code::Unauthenticated),
+            },
+            Case {
+                name: "TLS connection without a client certificate",
+                call: |ca| (ack("pod-1", &ca.cert(FRONTEND)), Some(anonymous_peer())),
+                expected: Err(Code::Unauthenticated),
+            },
+            Case {
+                name: "reported leaf is not the TLS client certificate",
+                call: |ca| {
+                    let presented = ca.cert(BACKEND);
+                    (ack("pod-1", &ca.cert(FRONTEND)), Some(peer(&presented)))
+                },
+                expected: Err(Code::PermissionDenied),
+            },
+            Case {
+                name: "reported chain starts with the intermediate",
+                call: |ca| {
+                    let chain = ca.cert(FRONTEND);
+                    let reversed: Vec<_> = chain.iter().rev().cloned().collect();
+                    (ack("pod-1", &reversed), Some(peer(&chain)))
+                },
+                expected: Err(Code::PermissionDenied),
+            },
+            Case {
+                name: "presented certificate carries no SPIFFE identity",
+                call: |_| {
+                    let shape = LeafShape {
+                        is_ca: true,
+                        ..LeafShape::default()
+                    };
+                    let leaf = TestPki::new("other").leaf_shaped(FRONTEND, &shape);
+                    (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
+                },
+                expected: Err(Code::InvalidArgument),
+            },
+        ];
+        for case in cases {
+            let name = case.name;
+            let ca = TestCa::new();
+            let (req, peer) = (case.call)(&ca);
+            let result = ca.state.ack(&req, peer.as_ref());
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let (sidecars, _) = ca.state.fleet.report(now);
+            match (case.expected, result) {
+                (Ok(want), Ok(())) => {
+                    assert_eq!(sidecars.len(), 1, "{name}");
+                    let s = &sidecars[0];
+                    assert_eq!(s.instance, req.instance_id, "{name}");
+                    let got = (
+                        s.identity.as_str(),
+                        s.acked_version,
+                        s.serving_authority.as_deref(),
+                        s.file_mode,
+                    );
+                    let want = (
+                        want.identity,
+                        want.acked_version,
+                        want.authority,
+                        want.file_mode,
+                    );
+                    assert_eq!(got, want, "{name}");
+                    let leaf = meshid_identity::cert_identity_from_der(&req.serving_chain[0]);
+                    assert_eq!(s.serving_not_after, leaf.unwrap().not_after, "{name}");
+                    assert!(!s.connected, "{name}: an ack opens no stream");
+                }
+                (Err(code), Err(status)) => {
+                    assert_eq!(status.code(), code, "{name}: {status:?}");
+                    assert!(sidecars.is_empty(), "{name}: refused ack recorded");
+                }
+                (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    // ---- the gRPC service around the decisions ----------------------------------------------
+
+    #[tokio::test]
+    async fn service_counts_every_decision_by_method_and_result() {
+        struct Case {
+            name: &'static str,
+            call: fn(&TestCa) -> Call,
+            expected: Result<(), Code>,
+            labels: (&'static str, &'static str),
+        }
+        let cases = [
+            Case {
+                name: "refused: nothing presented",
+                call: |_| (request(csr(), None), None),
+                expected: Err(Code::Unauthenticated),
+                labels: ("none", "no_credential"),
+            },
+            Case {
+                name: "issued by join token",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::from_secs(600));
+                    (request(csr(), join(token)), None)
+                },
+                expected: Ok(()),
+                labels: ("join_token", "issued"),
+            },
+            Case {
+                name: "the same identity again, over the burst of 1",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(VM)))),
+                expected: Err(Code::ResourceExhausted),
+                labels: ("renewal", "rate_limited"),
+            },
+            Case {
+                name: "refused: bad CSR",
+                call: |_| (request(vec![1, 2, 3], join("x")), None),
+                expected: Err(Code::InvalidArgument),
+                labels: ("join_token", "invalid_csr"),
+            },
+        ];
+        let ca = TestCa::with(Opts {
+            rate: Some(RateLimit {
+                per_second: 0.001,
+                burst: 1,
+            }),
+            ..Opts::default()
+        });
+        let metrics = ca.state.metrics.clone();
+        let calls: Vec<Call> = cases.iter().map(|c| (c.call)(&ca)).collect();
+        let service = CaService::new(Arc::new(ca.state));
+        for (case, (req, peer)) in cases.iter().zip(calls) {
+            let name = case.name;
+            let mut request = Request::new(req);
+            if let Some(peer) = peer {
+                request.extensions_mut().insert(peer);
+            }
+            let result = CertificateAuthority::issue(&service, request).await;
+            match (case.expected, result) {
+                (Ok(()), Ok(resp)) => assert_eq!(resp.get_ref().spiffe_id, VM, "{name}"),
+                (Err(code), Err(status)) => {
+                    assert_eq!(status.code(), code, "{name}: {status:?}");
+                    if code == Code::ResourceExhausted {
+                        assert!(status.metadata().get("retry-after-ms").is_some(), "{name}");
+                    }
+                }
+                (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
+            }
+            let (method, result) = case.labels;
+            let count = metrics
+                .issue_requests
+                .get_or_create(&IssueLabels { method, result })
+                .get();
+            assert_eq!(count, 1, "{name}: {method}/{result}");
+        }
     }
 }

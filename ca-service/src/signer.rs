@@ -3,7 +3,7 @@
 
 use std::time::Duration as StdDuration;
 
-use meshid_proto::SpiffeId;
+use meshid_identity::SpiffeId;
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
 };
@@ -118,7 +118,7 @@ pub fn to_time(d: StdDuration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshid_proto::TrustDomain;
+    use meshid_identity::TrustDomain;
     use rcgen::KeyPair;
 
     fn authority() -> (tempfile::TempDir, Authority) {
@@ -147,7 +147,7 @@ mod tests {
         let issued = sign_leaf(&auth, &id, &pk, StdDuration::from_secs(3600), now).unwrap();
         assert_eq!(issued.chain.len(), 2);
         let leaf = &issued.chain[0];
-        assert_eq!(meshid_proto::spiffe_id_from_der(leaf).unwrap(), id);
+        assert_eq!(meshid_identity::spiffe_id_from_der(leaf).unwrap(), id);
 
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(leaf).unwrap();

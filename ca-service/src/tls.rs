@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use meshid_proto::io::Coalesce;
+use meshid_runtime::io::Coalesce;
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -134,7 +134,7 @@ pub struct PeerInfo {
     /// The client's verified certificate chain (leaf first), if it sent one.
     pub certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// The leaf's identity, parsed once per connection (renewals on one connection reuse it).
-    pub leaf_identity: Option<Arc<Result<meshid_proto::CertIdentity, String>>>,
+    pub leaf_identity: Option<Arc<Result<meshid_identity::CertIdentity, String>>>,
 }
 
 /// An accepted TLS connection, handed to tonic.
@@ -224,14 +224,7 @@ pub fn incoming(
     tokio::spawn(async move {
         loop {
             let (tcp, remote_addr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                pair = meshid_runtime::net::accept_retrying(&listener, "ca") => pair,
                 () = tx.closed() => return,
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -266,7 +259,9 @@ pub fn incoming(
                     .peer_certificates()
                     .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
                 let leaf_identity = certificates.as_ref().and_then(|c| c.first()).map(|leaf| {
-                    Arc::new(meshid_proto::cert_identity_from_der(leaf).map_err(|e| e.to_string()))
+                    Arc::new(
+                        meshid_identity::cert_identity_from_der(leaf).map_err(|e| e.to_string()),
+                    )
                 });
                 metrics.connections_open.inc();
                 let conn = TlsConn {

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
-use meshid_sidecar::annotations::{
+use meshid_identity::annotations::{
     MeshAnnotations, app_probe, parse_downward_api, policy_or_annotations, to_downward_api,
 };
 

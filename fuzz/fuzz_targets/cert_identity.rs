@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshid_proto::{SpiffeId, cert_identity_from_der, spiffe_id_from_der};
+use meshid_identity::{SpiffeId, cert_identity_from_der, spiffe_id_from_der};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(id) = spiffe_id_from_der(data) {

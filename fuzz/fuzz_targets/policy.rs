@@ -2,8 +2,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshid_proto::SpiffeId;
-use meshid_sidecar::policy::Policy;
+use meshid_identity::SpiffeId;
+use meshid_identity::policy::Policy;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use base64::Engine;
 use libfuzzer_sys::fuzz_target;
 use meshid_ca::auth::{JwtAuthenticator, JwtConfig};
-use meshid_proto::TrustDomain;
+use meshid_identity::TrustDomain;
 
 fn authenticator() -> &'static JwtAuthenticator {
     static AUTH: OnceLock<(JwtAuthenticator, tempfile::TempDir)> = OnceLock::new();

@@ -1,16 +1,6 @@
-//! The meshid contract: the CA's gRPC API, the SPIFFE ID type, and reading a workload's identity out
-//! of its certificate, shared by the CA and the sidecar; plus the one I/O adapter both put under their TLS
-//! streams ([`io::Coalesce`]). No sockets, no runtime.
-
-pub mod duration;
-pub mod identity;
-pub mod io;
-pub mod process;
-pub mod spiffe;
-
-pub use duration::parse_duration;
-pub use identity::{CertIdentity, IdentityError, cert_identity_from_der, spiffe_id_from_der};
-pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+//! The meshid contract: the CA's gRPC API (`meshid/ca/v1/ca.proto`), compiled at build time with
+//! protox (no `protoc` needed). Generated code only: the types that give its strings meaning (SPIFFE
+//! IDs, certificate identities) live in `meshid-identity`.
 
 /// Generated gRPC code for `meshid/ca/v1/ca.proto`.
 pub mod ca {

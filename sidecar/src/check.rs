@@ -6,11 +6,13 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use meshid_proto::SpiffeId;
+use meshid_identity::SpiffeId;
 
-use crate::annotations::policy_or_annotations;
-use crate::config::{CheckPolicyArgs, EXIT_USAGE};
-use crate::policy::{Mode, Policy, PolicyError, Protocol, read_file};
+use meshid_identity::annotations::policy_or_annotations;
+use meshid_identity::policy::{Mode, Policy, PolicyError, Protocol, read_file};
+
+use crate::cli::{CheckPolicyArgs, EXIT_USAGE};
+use crate::settings::parse_inbound;
 
 /// What a check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub enum CheckError {
     Policy(#[from] PolicyError),
     #[error("--peer: {0}")]
     Peer(String),
+    #[error("--inbound: {0}")]
+    Inbound(String),
 }
 
 /// Runs the check, prints the report (stdout) or the problem (stderr), and maps the result to the
@@ -42,8 +46,8 @@ pub fn run(args: &CheckPolicyArgs) -> ExitCode {
                 Outcome::Denied => ExitCode::from(2),
             }
         }
-        Err(CheckError::Peer(e)) => {
-            eprintln!("meshid-sidecar check-policy: --peer: {e}");
+        Err(e @ (CheckError::Peer(_) | CheckError::Inbound(_))) => {
+            eprintln!("meshid-sidecar check-policy: {e}");
             ExitCode::from(EXIT_USAGE)
         }
         Err(e) => {
@@ -60,9 +64,20 @@ pub fn check_policy(args: &CheckPolicyArgs) -> Result<(String, Outcome), CheckEr
         .as_deref()
         .map(|p| SpiffeId::parse(p).map_err(|e| CheckError::Peer(e.to_string())))
         .transpose()?;
+    let listeners = args
+        .inbound
+        .iter()
+        .map(|s| {
+            parse_inbound(s, true)
+                .map(|i| (i.listen.port(), i.protocol))
+                .map_err(CheckError::Inbound)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let bytes = read_file(&args.file)?;
     let text = std::str::from_utf8(&bytes).map_err(|_| PolicyError::NotUtf8)?;
     let policy = policy_or_annotations(text)?;
+    // As the running sidecar refuses it: a port whose protocol disagrees with its listener.
+    policy.check_listeners(&listeners)?;
     let mut report = summary(&policy);
     let (Some(peer), Some(port)) = (peer, args.port) else {
         return Ok((report, Outcome::Allowed));

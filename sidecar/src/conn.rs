@@ -10,10 +10,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::config::Limits;
 use crate::creds::CredentialStore;
 use crate::metrics::Metrics;
 use crate::policy::PolicyStore;
+use crate::settings::Limits;
 
 /// What every listener needs.
 #[derive(Clone)]
@@ -24,11 +24,6 @@ pub struct Shared {
     pub limits: Limits,
     /// Turns true on SIGTERM: listeners stop accepting, HTTP connections drain.
     pub shutdown: watch::Receiver<bool>,
-}
-
-/// Resolves once shutdown has started (holds no lock across awaits, unlike `wait_for`'s guard).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 /// Counts a listener's connections: a permit per connection, refused past the limit; draining waits

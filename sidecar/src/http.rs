@@ -1,19 +1,9 @@
-//! HTTP mode, both directions.
-//!
-//! Inbound: a hyper server (HTTP/1.1 or h2 by ALPN) decides every request by port, peer, method and
-//! path; allowed requests go to the app on localhost through a pooled client with
-//! `x-forwarded-client-cert` set by us (any copy from the peer is removed). Denied: 403 with a short
-//! reason; app down: 502; app too slow: 504. HTTP/1.1 `Upgrade` (WebSocket) passes through.
-//!
-//! Outbound: the app speaks HTTP/1.1 or h2c to a local listener; requests travel over pooled h2 mTLS
-//! connections to the peer sidecar, whose identity must be the expected one (else 502 with reason).
-//!
-//! The app-side protocol: gRPC requests (and requests whose originating app spoke h2) reach the app as
-//! h2c; everything else as HTTP/1.1, which every HTTP app speaks.
+//! HTTP plumbing both directions share: the server builder and graceful connection loop, hop-by-hop
+//! header rules, upgrades, the sidecar's own short answers (`x-meshid-reason`), and error causes.
+//! Inbound requests are served by [`crate::inbound::http`], outbound ones by
+//! [`crate::outbound::http`].
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,18 +13,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use meshid_proto::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::config::Inbound;
 use crate::conn::Shared;
-use crate::inbound::Peer;
-use crate::metrics::AuthzLabels;
-use crate::policy::{Decision, no_policy_decision};
 
 /// The body of every response we return.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -74,41 +57,7 @@ pub fn reply(status: StatusCode, reason: String) -> Response<Body> {
     resp
 }
 
-/// Logs an allow-list decision and counts it (the deny names the rule, the peer and the port).
-pub fn record_decision(
-    shared: &Shared,
-    port: u16,
-    peer: &SpiffeId,
-    decision: &Decision,
-    request: Option<(&str, &str)>,
-) {
-    let kind = if decision.would_allow {
-        "allow"
-    } else if decision.allowed {
-        "audit_deny"
-    } else {
-        "deny"
-    };
-    shared
-        .metrics
-        .authz
-        .get_or_create(&AuthzLabels {
-            port,
-            decision: kind,
-            rule: decision.rule.label(),
-        })
-        .inc();
-    let (method, path) = request.unwrap_or(("", ""));
-    match kind {
-        "deny" => tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, "denied"),
-        "audit_deny" => {
-            tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, "audit: would deny")
-        }
-        _ => tracing::debug!(peer = %peer, port, rule = %decision.rule, method, path, "allowed"),
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers named by `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -140,7 +89,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -154,14 +103,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+pub(crate) fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     let limits = shared.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -179,7 +128,7 @@ fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown or at `deadline`.
-async fn serve_connection<IO, S, F>(
+pub(crate) async fn serve_connection<IO, S, F>(
     io: IO,
     shared: &Shared,
     deadline: Option<tokio::time::Instant>,
@@ -210,7 +159,7 @@ async fn serve_connection<IO, S, F>(
             }
             return;
         }
-        () = crate::conn::stopped(&mut shutdown) => {}
+        () = meshid_runtime::net::stopped(&mut shutdown) => {}
         () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
     }
     // Finish in-flight requests; h2 peers get GOAWAY, HTTP/1.1 closes after the current response.
@@ -218,167 +167,7 @@ async fn serve_connection<IO, S, F>(
     let _ = conn.await;
 }
 
-/// App-side HTTP clients of one inbound listener.
-pub struct InboundHttp {
-    port: u16,
-    target: SocketAddr,
-    /// `target` as a URI authority, parsed once (every request is re-addressed to it).
-    authority: http::uri::Authority,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
-}
-
-impl InboundHttp {
-    pub fn new(spec: &Inbound, shared: &Shared) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(shared.limits.connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
-        Self {
-            port: spec.listen.port(),
-            target: spec.target,
-            authority: authority_of(spec.target),
-            h1,
-            h2,
-        }
-    }
-}
-
-/// `addr` as a URI authority (`IP:PORT`, IPv6 in brackets): always valid, so no error path.
-fn authority_of(addr: SocketAddr) -> http::uri::Authority {
-    http::uri::Authority::from_maybe_shared(Bytes::from(addr.to_string()))
-        .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"))
-}
-
-/// Serves an authenticated inbound HTTP connection.
-pub async fn serve_inbound<IO>(io: IO, peer: Peer, http: Arc<InboundHttp>, shared: &Shared)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let deadline = peer.deadline(shared.limits.cap_connection_age);
-    let peer = Arc::new(peer);
-    // Shared per connection, so a request clones one Arc, not every store and metric handle.
-    let ctx = Arc::new(shared.clone());
-    let svc = move |req| {
-        let peer = peer.clone();
-        let http = http.clone();
-        let shared = ctx.clone();
-        async move { Ok::<_, Infallible>(inbound_request(req, &peer, &http, &shared).await) }
-    };
-    // One TLS record per flush instead of one per h2 frame or h1 head/body write.
-    let io = meshid_proto::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, svc).await;
-}
-
-async fn inbound_request(
-    mut req: Request<Incoming>,
-    peer: &Peer,
-    http: &InboundHttp,
-    shared: &Shared,
-) -> Response<Body> {
-    let port = http.port;
-    let decision = match shared.policy.load().as_ref() {
-        Some(p) => p.decide_request(port, &peer.id, req.method().as_str(), req.uri().path()),
-        None => no_policy_decision(),
-    };
-    record_decision(
-        shared,
-        port,
-        &peer.id,
-        &decision,
-        Some((req.method().as_str(), req.uri().path())),
-    );
-    if !decision.allowed {
-        shared.metrics.request("inbound", port, 403);
-        return reply(
-            StatusCode::FORBIDDEN,
-            format!("denied: {} on port {port}: {}", peer.id, decision.rule),
-        );
-    }
-
-    let upgrade = is_upgrade(&req);
-    let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(APP_H2_HINT);
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, upgrade);
-    headers.remove(APP_H2_HINT);
-    // Only we say who the peer is.
-    headers.remove(XFCC);
-    let own = shared.creds.current();
-    let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "By={own};Hash={};URI={}",
-        peer.cert_sha256, peer.id
-    )) {
-        headers.insert(XFCC, v);
-    }
-    if !headers.contains_key(header::HOST)
-        && let Some(v) = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        req.headers_mut().insert(header::HOST, v);
-    }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    match http::Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(http.authority.clone())
-        .path_and_query(pq)
-        .build()
-    {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => {
-            shared.metrics.request("inbound", port, 400);
-            return reply(StatusCode::BAD_REQUEST, "bad request target".into());
-        }
-    }
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    *req.version_mut() = if to_h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    // For h2 the original host travels as a `host` header beside `:authority` (the app's address).
-    let sent = if to_h2 {
-        http.h2.request(req)
-    } else {
-        http.h1.request(req)
-    };
-    let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
-        Err(_) => {
-            shared.metrics.request("inbound", port, 504);
-            return reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "the app did not answer within {:?}",
-                    shared.limits.request_timeout
-                ),
-            );
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(%error, target = %http.target, "app request failed");
-            shared.metrics.request("inbound", port, 502);
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("the app is unreachable: {}", root_cause(&error)),
-            );
-        }
-        Ok(Ok(resp)) => resp,
-    };
-    finish_response(resp, client_upgrade, shared, "inbound", port)
-}
-
-fn finish_response(
+pub(crate) fn finish_response(
     mut resp: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     shared: &Shared,
@@ -425,96 +214,6 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
             None => return current.to_string(),
         }
     }
-}
-
-/// One outbound HTTP listener's client: pooled h2 over mTLS to the peer sidecar.
-pub struct OutboundHttp {
-    pub port: u16,
-    pub remote: String,
-    pub upstream: crate::upstream::H2Upstream,
-}
-
-/// Serves the app's plaintext HTTP connection on an outbound listener.
-pub async fn serve_outbound<IO>(io: IO, out: Arc<OutboundHttp>, shared: &Shared)
-where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let ctx = Arc::new(shared.clone());
-    let svc = move |req| {
-        let out = out.clone();
-        let shared = ctx.clone();
-        async move { Ok::<_, Infallible>(outbound_request(req, &out, &shared).await) }
-    };
-    serve_connection(io, shared, None, svc).await;
-}
-
-async fn outbound_request(
-    mut req: Request<Incoming>,
-    out: &OutboundHttp,
-    shared: &Shared,
-) -> Response<Body> {
-    let port = out.port;
-    if is_upgrade(&req) {
-        shared.metrics.request("outbound", port, 501);
-        return reply(
-            StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades are not supported on outbound HTTP listeners; use a tcp upstream"
-                .into(),
-        );
-    }
-    let app_h2 = req.version() == Version::HTTP_2;
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| out.remote.clone());
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    match format!("http://{authority}{pq}").parse() {
-        Ok(uri) => *req.uri_mut() = uri,
-        Err(_) => {
-            shared.metrics.request("outbound", port, 400);
-            return reply(StatusCode::BAD_REQUEST, "bad request target".into());
-        }
-    }
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, false);
-    headers.remove(header::HOST);
-    headers.remove(APP_H2_HINT);
-    if app_h2 {
-        headers.insert(APP_H2_HINT, HeaderValue::from_static("1"));
-    }
-    *req.version_mut() = Version::HTTP_2;
-    let resp = match tokio::time::timeout(shared.limits.request_timeout, out.upstream.request(req))
-        .await
-    {
-        Err(_) => {
-            shared.metrics.request("outbound", port, 504);
-            return reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "upstream {} did not answer within {:?}",
-                    out.remote, shared.limits.request_timeout
-                ),
-            );
-        }
-        Ok(Err(reason)) => {
-            tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
-            shared.metrics.request("outbound", port, 502);
-            return reply(
-                StatusCode::BAD_GATEWAY,
-                format!("upstream {} refused: {reason}", out.remote),
-            );
-        }
-        Ok(Ok(resp)) => resp,
-    };
-    finish_response(resp, None, shared, "outbound", port)
 }
 
 #[cfg(test)]

@@ -1,26 +1,23 @@
 //! meshid sidecar: holds a workload's identity and enforces who may talk to it.
 //!
-//! Inbound listeners terminate mTLS, verify the peer's chain against the trust bundle, extract its
-//! SPIFFE ID, apply the allow-list, and only then forward to the app on localhost. Outbound listeners
-//! take the app's plaintext calls on 127.0.0.1 and originate mTLS to a peer whose identity must be the
-//! expected one. Credentials enter through one seam, [`creds::CredentialStore`].
+//! Settings are typed once at the edge ([`cli`] → [`settings`]). Credentials enter through one seam,
+//! [`creds::CredentialStore`], fed by PEM files or the CA. Inbound listeners terminate mTLS, take
+//! the peer identity the verifier established, and ask the one authorization point
+//! ([`inbound::authz`]) before anything reaches the app on localhost. Outbound listeners take the
+//! app's plaintext calls on 127.0.0.1 and originate mTLS to a peer whose identity must be the
+//! expected one. The policy model itself is pure and lives in `meshid-identity`; [`policy`] keeps
+//! it in step with the file on disk.
 
 pub mod admin;
-pub mod annotations;
-pub mod ca_client;
 pub mod check;
-pub mod config;
+pub mod cli;
 pub mod conn;
 pub mod creds;
-pub mod files;
 pub mod http;
-pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod run;
-pub mod timing;
-pub mod upstream;
-pub mod verify;
+pub mod settings;
 pub mod watch;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use meshid_sidecar::config::{Cli, Command, EXIT_USAGE};
+use meshid_sidecar::cli::{Cli, Command, EXIT_USAGE};
 use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    meshid_proto::process::init_tracing(&cli.log_format);
+    meshid_runtime::process::init_tracing(&cli.log_format);
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),
@@ -48,12 +48,16 @@ fn main() -> ExitCode {
         let mut registry = Registry::default();
         let sidecar = match meshid_sidecar::run::start(config, &mut registry).await {
             Ok(s) => s,
+            Err(e) if e.is_configuration() => {
+                eprintln!("meshid-sidecar: invalid configuration:\n  {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             Err(e) => {
                 eprintln!("meshid-sidecar: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        if let Err(e) = meshid_proto::process::wait_for_signal().await {
+        if let Err(e) = meshid_runtime::process::wait_for_signal().await {
             eprintln!("meshid-sidecar: {e}");
             return ExitCode::FAILURE;
         }

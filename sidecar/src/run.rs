@@ -8,27 +8,38 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{CredSource, RunConfig};
+use meshid_identity::annotations::policy_or_annotations;
+use meshid_identity::policy::Policy;
+
 use crate::conn::{ConnLimit, Shared};
-use crate::creds::{CredentialStore, UpstreamSpec};
+use crate::creds::{CredentialStore, UpstreamSpec, files};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::policy::{PolicyStore, PolicyWatcher, ReloadOutcome};
+use crate::settings::{CredSource, RunConfig};
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
     #[error("credentials: {0}")]
-    Files(#[from] crate::files::FileError),
+    Files(#[from] files::FileError),
     #[error("credentials: {0}")]
     Creds(#[from] crate::creds::CredError),
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::PolicyError),
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}: {source}{}", taken_hint(.addr, .source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl StartError {
+    /// Whether the configuration itself cannot work here (a listen address that cannot be bound,
+    /// e.g. an app that took the port on all addresses): the binary then exits 64, like a bad flag.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, Self::Bind { .. })
+    }
 }
 
 /// A running sidecar.
@@ -41,7 +52,17 @@ pub struct RunningSidecar {
     limits: Vec<ConnLimit>,
     grace: Duration,
     _policy: Option<PolicyWatcher>,
-    _cred_watcher: Option<crate::files::CredWatcher>,
+    _cred_watcher: Option<files::CredWatcher>,
+}
+
+/// The usual mistake in a pod: the app listens on all addresses, so the sidecar cannot take its
+/// port on the pod IP (and the app would be reachable without the sidecar).
+fn taken_hint(addr: &SocketAddr, error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::AddrInUse && !addr.ip().is_unspecified() {
+        " (is the app listening on all addresses? It must listen on 127.0.0.1 only)"
+    } else {
+        ""
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
@@ -71,20 +92,44 @@ pub async fn start(
     let creds = Arc::new(CredentialStore::new(upstreams));
     let mut cred_watcher = None;
     if let CredSource::Files(files) = &config.creds {
-        let snapshot = creds.set_certificate(crate::files::load(files)?)?;
+        let snapshot = creds.set_certificate(files::load(files)?)?;
         metrics
             .credential_updates
             .get_or_create(&ResultLabels { result: "applied" })
             .inc();
         metrics.record_snapshot(&snapshot);
         tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
-        cred_watcher = Some(crate::files::watch_credential_files(
+        cred_watcher = Some(files::watch_credential_files(
             files.clone(),
             creds.clone(),
             metrics.clone(),
         )?);
     }
 
+    // Listeners first: the policy is checked against the ports actually bound.
+    let (admin, admin_addr) = bind(config.admin_listen).await?;
+    let mut limits = Vec::new();
+    let mut inbound_addrs = Vec::new();
+    let mut inbound_listeners = Vec::new();
+    for spec in &config.inbound {
+        let (l, addr) = bind(spec.listen).await?;
+        inbound_addrs.push(addr);
+        let mut spec = spec.clone();
+        // The policy is keyed by the port actually bound (it may have been 0 in tests).
+        spec.listen = addr;
+        inbound_listeners.push((l, spec));
+    }
+    let mut outbound_addrs = Vec::new();
+    let mut outbound_listeners = Vec::new();
+    for spec in &config.outbound {
+        let (l, addr) = bind(spec.local).await?;
+        outbound_addrs.push(addr);
+        outbound_listeners.push((l, spec.clone()));
+    }
+    let listeners: Vec<(u16, meshid_identity::policy::Protocol)> = inbound_listeners
+        .iter()
+        .map(|(_, spec)| (spec.listen.port(), spec.protocol))
+        .collect();
     let policy: PolicyStore = Default::default();
     let watcher = match &config.policy {
         Some(path) => {
@@ -100,11 +145,19 @@ pub async fn start(
                     .inc();
             });
             // A downward-API annotations file (--annotations) or a policy document (--policy).
+            // A policy whose ports disagree with the listeners is refused like a broken file.
+            let parse = Arc::new(
+                move |text: &str| -> Result<Policy, crate::policy::PolicyError> {
+                    let policy = policy_or_annotations(text)?;
+                    policy.check_listeners(&listeners)?;
+                    Ok(policy)
+                },
+            );
             let w = crate::policy::watch::watch_policy_file_with(
                 path.clone(),
                 policy.clone(),
                 on_reload,
-                crate::annotations::policy_or_annotations,
+                parse,
             )?;
             metrics.policy_loaded.set(1);
             Some(w)
@@ -127,15 +180,15 @@ pub async fn start(
     };
 
     if let CredSource::Ca(mode) = &config.creds {
-        let life = Arc::new(crate::identity::Lifecycle::new());
-        tokio::spawn(crate::identity::run_issuer(
+        let life = Arc::new(crate::creds::ca::Lifecycle::new());
+        tokio::spawn(crate::creds::ca::run_issuer(
             mode.clone(),
             shared.creds.clone(),
             shared.metrics.clone(),
             life.clone(),
             shared.shutdown.clone(),
         ));
-        tokio::spawn(crate::identity::run_bundle_watch(
+        tokio::spawn(crate::creds::ca::run_bundle_watch(
             mode.clone(),
             shared.creds.clone(),
             shared.metrics.clone(),
@@ -145,34 +198,14 @@ pub async fn start(
     }
 
     if let (CredSource::Files(_), Some(endpoint)) = (&config.creds, &config.report_to) {
-        tokio::spawn(crate::identity::run_file_mode_report(
+        tokio::spawn(crate::creds::ca::run_file_mode_report(
             endpoint.clone(),
             shared.creds.clone(),
             shared.shutdown.clone(),
         ));
     }
 
-    let (admin, admin_addr) = bind(config.admin_listen).await?;
-    let mut limits = Vec::new();
-    let mut inbound_addrs = Vec::new();
-    let mut inbound_listeners = Vec::new();
-    for spec in &config.inbound {
-        let (l, addr) = bind(spec.listen).await?;
-        inbound_addrs.push(addr);
-        inbound_listeners.push((l, spec.clone()));
-    }
-    let mut outbound_addrs = Vec::new();
-    let mut outbound_listeners = Vec::new();
-    for spec in &config.outbound {
-        let (l, addr) = bind(spec.local).await?;
-        outbound_addrs.push(addr);
-        outbound_listeners.push((l, spec.clone()));
-    }
-    for (l, mut spec) in inbound_listeners {
-        // The policy is keyed by the port actually bound (it may have been 0 in tests).
-        if let Ok(addr) = l.local_addr() {
-            spec.listen = addr;
-        }
+    for (l, spec) in inbound_listeners {
         let limit = ConnLimit::new(config.limits.max_connections);
         limits.push(limit.clone());
         tokio::spawn(crate::inbound::serve(l, spec, shared.clone(), limit));
@@ -192,12 +225,16 @@ pub async fn start(
         ));
     }
     let registry = Arc::new(std::mem::take(registry));
-    tokio::spawn(crate::admin::serve(
+    let routes = Arc::new(crate::admin::SidecarAdmin {
+        shared: shared.clone(),
+        needs_policy: !config.inbound.is_empty() && config.policy.is_some(),
+        annotations: config.policy.clone(),
+    });
+    tokio::spawn(meshid_runtime::admin::serve(
         admin,
         registry,
-        shared.clone(),
-        !config.inbound.is_empty() && config.policy.is_some(),
-        config.policy.clone(),
+        routes,
+        shared.shutdown.clone(),
     ));
     tracing::info!(%admin_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
     Ok(RunningSidecar {

@@ -10,8 +10,8 @@ use meshid_ca::ratelimit::RateLimit;
 use meshid_ca::server::{RunningCa, ServeConfig};
 use meshid_ca::signer::LifetimePolicy;
 use meshid_ca::tls::ListenerLimits;
-use meshid_proto::{SpiffeId, TrustDomain};
-use meshid_sidecar::ca_client::CaEndpoint;
+use meshid_identity::{SpiffeId, TrustDomain};
+use meshid_sidecar::settings::CaEndpoint;
 use prometheus_client::registry::Registry;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use crate::fake_cluster::{self, FakeCluster};
 
 /// A gRPC client of the CA.
-pub type Client = meshid_sidecar::ca_client::CaClient;
+pub type Client = meshid_sidecar::creds::ca_client::CaClient;
 
 /// Settings for a test CA.
 #[derive(Debug, Clone)]
@@ -153,7 +153,7 @@ impl TestCa {
         &self,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
-    ) -> Result<Client, meshid_sidecar::ca_client::CaClientError> {
+    ) -> Result<Client, meshid_sidecar::creds::ca_client::CaClientError> {
         connect(self.addr, &self.roots, Some((chain, key))).await
     }
 
@@ -176,11 +176,11 @@ pub async fn connect(
     addr: SocketAddr,
     roots: &[CertificateDer<'static>],
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<Client, meshid_sidecar::ca_client::CaClientError> {
+) -> Result<Client, meshid_sidecar::creds::ca_client::CaClientError> {
     let endpoint = CaEndpoint {
         addr: addr.to_string(),
         server_name: Some("localhost".into()),
         roots: roots.to_vec(),
     };
-    meshid_sidecar::ca_client::connect(&endpoint, client_cert).await
+    meshid_sidecar::creds::ca_client::connect(&endpoint, client_cert).await
 }

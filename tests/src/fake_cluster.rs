@@ -4,7 +4,6 @@
 //! Tokens are assembled by hand (not with a JWT library) so tests can also forge hostile ones.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
@@ -42,13 +41,6 @@ pub struct TokenSpec {
     pub header: Value,
     pub claims: Value,
     pub key: KeyKind,
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -96,7 +88,7 @@ impl FakeCluster {
 
     /// A valid projected token for `namespace/service_account`, signed with `key`.
     pub fn spec(&self, namespace: &str, service_account: &str, key: KeyKind) -> TokenSpec {
-        let iat = now();
+        let iat = unix_now();
         let (alg, kid) = match key {
             KeyKind::Rsa => ("RS256", &self.rsa_kid),
             KeyKind::Ec => ("ES256", &self.ec_kid),
@@ -197,6 +189,4 @@ impl Default for FakeCluster {
 }
 
 /// Seconds since the epoch, for building claims.
-pub fn unix_now() -> i64 {
-    now()
-}
+pub use meshid_runtime::time::unix_now;

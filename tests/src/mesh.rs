@@ -13,11 +13,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshid_ca::authority::{self, Authority, pem_cert};
 use meshid_ca::csr::CsrPublicKey;
 use meshid_ca::signer::sign_leaf;
-use meshid_proto::{SpiffeId, TrustDomain};
-use meshid_sidecar::config::{CredSource, FileCreds, Inbound, Limits, Outbound, RunConfig};
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
+use meshid_identity::verify::{Anchors, SpiffeServerVerifier};
+use meshid_identity::{SpiffeId, TrustDomain};
 use meshid_sidecar::run::RunningSidecar;
-use meshid_sidecar::verify::{Anchors, SpiffeServerVerifier};
+use meshid_sidecar::settings::{CredSource, FileCreds, Inbound, Limits, Outbound, RunConfig};
 use prometheus_client::registry::Registry;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -180,7 +180,7 @@ pub struct SidecarSpec {
     /// Credentials from somewhere else than the workload's files (CA mode).
     pub creds: Option<CredSource>,
     /// File mode: the CA to report to (`--report-ca-addr`).
-    pub report_to: Option<meshid_sidecar::ca_client::CaEndpoint>,
+    pub report_to: Option<meshid_sidecar::settings::CaEndpoint>,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -194,6 +194,18 @@ pub fn free_port(ip: &str) -> u16 {
 impl TestSidecar {
     /// Starts a sidecar with `workload`'s credentials.
     pub async fn start(pki: &TestPki, workload: &Workload, id: &str, spec: SidecarSpec) -> Self {
+        Self::try_start(pki, workload, id, spec)
+            .await
+            .expect("start sidecar")
+    }
+
+    /// [`TestSidecar::start`], returning why it did not start.
+    pub async fn try_start(
+        pki: &TestPki,
+        workload: &Workload,
+        id: &str,
+        spec: SidecarSpec,
+    ) -> Result<Self, meshid_sidecar::run::StartError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let inbound: Vec<Inbound> = spec
             .inbound
@@ -239,10 +251,8 @@ impl TestSidecar {
             limits: spec.limits.unwrap_or_default(),
         };
         let mut registry = Registry::default();
-        let running = meshid_sidecar::run::start(config, &mut registry)
-            .await
-            .expect("start sidecar");
-        Self {
+        let running = meshid_sidecar::run::start(config, &mut registry).await?;
+        Ok(Self {
             admin: running.admin_addr,
             inbound: running.inbound_addrs.clone(),
             outbound: running.outbound_addrs.clone(),
@@ -250,7 +260,7 @@ impl TestSidecar {
             policy_path,
             id: SpiffeId::parse(id).expect("id"),
             _dir: dir,
-        }
+        })
     }
 
     /// Replaces the policy file atomically (as a ConfigMap update would).

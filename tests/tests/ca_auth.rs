@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use meshid_ca::signer::sign_leaf;
-use meshid_proto::SpiffeId;
+use meshid_identity::SpiffeId;
 use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::fake_cluster::{KeyKind, unix_now};

@@ -92,7 +92,7 @@ async fn csr_asking_for_another_identity_gets_the_authenticated_one() {
     let resp = issue_with_token(&ca, w.csr.clone()).await.unwrap();
     let leaf = &resp.cert_chain[0];
     assert_eq!(
-        meshid_proto::spiffe_id_from_der(leaf).unwrap().as_str(),
+        meshid_identity::spiffe_id_from_der(leaf).unwrap().as_str(),
         FRONTEND
     );
     use x509_parser::prelude::*;
@@ -473,12 +473,12 @@ async fn grpc_health_reports_serving() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let ca = TestCa::start(CaOptions::default()).await;
     // The health service shares the CA's TLS port; reuse the CA client's channel setup.
-    let endpoint = meshid_sidecar::ca_client::CaEndpoint {
+    let endpoint = meshid_sidecar::settings::CaEndpoint {
         addr: ca.addr.to_string(),
         server_name: Some("localhost".into()),
         roots: ca.roots.clone(),
     };
-    let channel = meshid_sidecar::ca_client::channel(&endpoint, None)
+    let channel = meshid_sidecar::creds::ca_client::channel(&endpoint, None)
         .await
         .unwrap();
     let mut health = HealthClient::new(channel);

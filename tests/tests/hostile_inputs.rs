@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use meshid_ca::csr::CsrPublicKey;
-use meshid_proto::{SpiffeId, cert_identity_from_der, spiffe_id_from_der};
-use meshid_sidecar::policy::Policy;
+use meshid_identity::policy::Policy;
+use meshid_identity::{SpiffeId, cert_identity_from_der, spiffe_id_from_der};
 use meshid_tests::mesh::TestPki;
 use meshid_tests::pki::WorkloadKey;
 
@@ -160,7 +160,7 @@ fn service_account_tokens() {
             audience: meshid_tests::fake_cluster::AUDIENCE.into(),
             allowed_namespaces: None,
         },
-        meshid_proto::TrustDomain::new("cluster.local").unwrap(),
+        meshid_identity::TrustDomain::new("cluster.local").unwrap(),
     )
     .unwrap();
     let token = cluster.token("shop", "frontend");

@@ -12,8 +12,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::Engine;
-use meshid_ca::inject::{InjectConfig, Scope, TrustBundle, apply_patch, review};
-use meshid_sidecar::annotations::{run_config_from_args, to_downward_api};
+use meshid_identity::annotations::to_downward_api;
+use meshid_injector::{InjectConfig, Scope, TrustBundle, apply_patch, review};
+use meshid_sidecar::cli::run_config_from_args;
 use serde_json::{Value, json};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -144,7 +145,7 @@ fn sidecar(pod: &Value) -> &Value {
 
 /// The injected arguments, with the kubelet's environment and the volumes' files, pass the
 /// sidecar's own parser and yield the listeners the annotations declare.
-fn check_sidecar_config(pod: &Value) -> meshid_sidecar::config::RunConfig {
+fn check_sidecar_config(pod: &Value) -> meshid_sidecar::settings::RunConfig {
     let dir = tempfile::tempdir().unwrap();
     let c = sidecar(pod);
     assert_eq!(c["restartPolicy"], "Always");

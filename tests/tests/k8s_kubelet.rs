@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
-use meshid_ca::inject::{InjectConfig, Scope, TrustBundle, apply_patch, review};
-use meshid_sidecar::annotations::to_downward_api;
+use meshid_identity::annotations::to_downward_api;
+use meshid_injector::{InjectConfig, Scope, TrustBundle, apply_patch, review};
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar, Workload, http_echo};
 use meshid_tests::tools::run;
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use meshid_ca::rotation::{self, RotateError};
 use meshid_ca::signer::LifetimePolicy;
+use meshid_identity::policy::Protocol;
 use meshid_proto::ca::v1::{
     AckTrustBundleRequest, IssueRequest, WatchTrustBundleRequest, issue_request::Credential,
 };
-use meshid_sidecar::ca_client::CaEndpoint;
-use meshid_sidecar::config::{CredSource, FileCreds};
-use meshid_sidecar::identity::{Bootstrap, CaMode};
-use meshid_sidecar::policy::Protocol;
+use meshid_sidecar::settings::CaEndpoint;
+use meshid_sidecar::settings::{Bootstrap, CaMode};
+use meshid_sidecar::settings::{CredSource, FileCreds};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Traffic, eventually, get, http_echo, http_request,
@@ -105,11 +105,11 @@ async fn root_rotation_under_traffic_with_gates() {
 
     // Nothing to activate or retire yet.
     assert!(matches!(
-        rotation::activate(&dir, &admins, false),
+        rotation::activate(&dir, &admins, false).await,
         Err(RotateError::Refused(_))
     ));
     assert!(matches!(
-        rotation::retire(&dir, &admins, false),
+        rotation::retire(&dir, &admins, false).await,
         Err(RotateError::Refused(_))
     ));
 
@@ -176,7 +176,7 @@ async fn root_rotation_under_traffic_with_gates() {
         "both sidecars trust both roots"
     );
     // The activate gate names the sidecar that has not acknowledged.
-    match rotation::activate(&dir, &admins, false) {
+    match rotation::activate(&dir, &admins, false).await {
         Err(RotateError::Refused(why)) => assert!(why.contains("lagging-1"), "{why}"),
         other => panic!("activate must wait for the lagging sidecar: {other:?}"),
     }
@@ -185,7 +185,7 @@ async fn root_rotation_under_traffic_with_gates() {
     let activated = {
         let mut result = None;
         for _ in 0..100 {
-            match rotation::activate(&dir, &admins, false) {
+            match rotation::activate(&dir, &admins, false).await {
                 Ok(name) => {
                     result = Some(name);
                     break;
@@ -198,7 +198,7 @@ async fn root_rotation_under_traffic_with_gates() {
     assert_eq!(activated, new_name);
 
     // Retire refuses while certificates under the old root are live, naming them...
-    match rotation::retire(&dir, &admins, false) {
+    match rotation::retire(&dir, &admins, false).await {
         Err(RotateError::Refused(why)) => assert!(why.contains("authority 1"), "{why}"),
         other => panic!("retire must wait for old certificates: {other:?}"),
     }
@@ -206,7 +206,7 @@ async fn root_rotation_under_traffic_with_gates() {
     let retired = {
         let mut result = None;
         for _ in 0..200 {
-            match rotation::retire(&dir, &admins, false) {
+            match rotation::retire(&dir, &admins, false).await {
                 Ok(name) => {
                     result = Some(name);
                     break;
@@ -224,7 +224,7 @@ async fn root_rotation_under_traffic_with_gates() {
         .await,
         "the old root left every sidecar's trust anchors"
     );
-    let report = rotation::status(&dir, &admins).unwrap();
+    let report = rotation::status(&dir, &admins).await.unwrap();
     assert!(
         report.authorities.iter().all(|x| x.name == new_name),
         "{report:?}"
@@ -334,7 +334,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
     );
     let mut activated = false;
     for _ in 0..100 {
-        if rotation::activate(&dir, &admins, false).is_ok() {
+        if rotation::activate(&dir, &admins, false).await.is_ok() {
             activated = true;
             break;
         }
@@ -342,12 +342,12 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
     }
     assert!(activated);
     assert!(matches!(
-        rotation::retire(&dir, &admins, false),
+        rotation::retire(&dir, &admins, false).await,
         Err(RotateError::Refused(_))
     ));
-    rotation::retire(&dir, &admins, true).unwrap();
+    rotation::retire(&dir, &admins, true).await.unwrap();
     let converged = eventually(Duration::from_secs(15), || async {
-        let report = rotation::status(&dir, &admins).unwrap();
+        let report = rotation::status(&dir, &admins).await.unwrap();
         anchors(&a).await == Some(1)
             && anchors(&b).await == Some(1)
             && report
@@ -357,7 +357,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
                 .all(|s| s.serving_authority.as_deref() == Some(new_name.as_str()))
     })
     .await;
-    assert!(converged, "{:?}", rotation::status(&dir, &admins));
+    assert!(converged, "{:?}", rotation::status(&dir, &admins).await);
     assert!(
         eventually(Duration::from_secs(10), works).await,
         "traffic under the new root"
@@ -429,7 +429,9 @@ async fn two_cas_on_one_directory_agree_and_a_restart_keeps_the_state() {
         Some("1")
     );
     // Activate with both CAs' views (no sidecar connected): both switch to the new authority.
-    rotation::activate(&dir, &[ca.admin_addr, replica.admin_addr], false).unwrap();
+    rotation::activate(&dir, &[ca.admin_addr, replica.admin_addr], false)
+        .await
+        .unwrap();
     let all_roots = meshid_ca::authority::read_bundle(&dir.join("bundle.pem")).unwrap();
     let switched = eventually(Duration::from_secs(10), || async {
         issuing_root(&ca, ca.addr, &all_roots).await.as_deref() == Some(new_name.as_str())
@@ -456,7 +458,7 @@ async fn an_expired_root_can_still_be_replaced() {
     let cert = params.self_signed(&key).unwrap();
     meshid_ca::authority::init(
         &ca_dir,
-        &meshid_proto::TrustDomain::new("cluster.local").unwrap(),
+        &meshid_identity::TrustDomain::new("cluster.local").unwrap(),
         Some(meshid_ca::authority::ImportedRoot {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -490,8 +492,8 @@ async fn an_expired_root_can_still_be_replaced() {
         ca.shutdown().await;
     }
     let name = rotation::prepare(&ca_dir, None).unwrap();
-    rotation::activate(&ca_dir, &[], false).unwrap();
-    rotation::retire(&ca_dir, &[], false).unwrap();
+    rotation::activate(&ca_dir, &[], false).await.unwrap();
+    rotation::retire(&ca_dir, &[], false).await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let ca = meshid_ca::start(config, &mut registry)
         .await
@@ -582,15 +584,15 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
 
     // The CA sees it, marked as file mode, serving under the active authority.
     let seen = eventually(Duration::from_secs(10), || async {
-        rotation::status(&dir, &admins).is_ok_and(|r| {
+        rotation::status(&dir, &admins).await.is_ok_and(|r| {
             r.sidecars
                 .iter()
                 .any(|s| s.identity == id && s.connected && s.file_mode)
         })
     })
     .await;
-    assert!(seen, "{:?}", rotation::status(&dir, &admins));
-    let r = rotation::status(&dir, &admins).unwrap();
+    assert!(seen, "{:?}", rotation::status(&dir, &admins).await);
+    let r = rotation::status(&dir, &admins).await.unwrap();
     let s = r.sidecars.iter().find(|s| s.identity == id).unwrap();
     assert_eq!(s.serving_authority.as_deref(), Some("1"));
     assert_eq!(
@@ -602,7 +604,7 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
     // Prepare: the CA cannot know whether the sidecar's bundle file holds the new root, so the
     // sidecar does not block activate, and status says it is unknown.
     rotation::prepare(&dir, None).unwrap();
-    let r = rotation::status(&dir, &admins).unwrap();
+    let r = rotation::status(&dir, &admins).await.unwrap();
     assert!(
         r.next_step.starts_with("activate:")
             && r.next_step.contains("1 file-mode sidecar(s) unknown"),
@@ -610,10 +612,10 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
         r.next_step
     );
     assert!(r.unknown[0].contains(id), "{:?}", r.unknown);
-    rotation::activate(&dir, &admins, false).unwrap();
+    rotation::activate(&dir, &admins, false).await.unwrap();
 
     // Retire: what it serves is measured (it presented the chain), so it blocks, naming it.
-    match rotation::retire(&dir, &admins, false) {
+    match rotation::retire(&dir, &admins, false).await {
         Err(RotateError::Refused(why)) => assert!(why.contains(id), "{why}"),
         other => panic!("retire should refuse: {other:?}"),
     }

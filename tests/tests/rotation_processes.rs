@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshid_ca::rotation::RotationReport;
-use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_identity::{SpiffeId, TrustDomain};
 use meshid_tests::fake_cluster::{FakeCluster, unix_now};
 use meshid_tests::mesh::{Traffic, client_config, mtls_connect};
 use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, wait_http_ok};

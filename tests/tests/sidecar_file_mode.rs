@@ -14,9 +14,9 @@ use std::time::Duration;
 use meshid_ca::authority::pem_cert;
 use meshid_ca::csr::CsrPublicKey;
 use meshid_ca::signer::sign_leaf;
-use meshid_proto::{SpiffeId, cert_identity_from_der};
-use meshid_sidecar::config::{CredSource, FileCreds};
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
+use meshid_identity::{SpiffeId, cert_identity_from_der};
+use meshid_sidecar::settings::{CredSource, FileCreds};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
     mtls_connect, tcp_echo,
@@ -416,6 +416,27 @@ fn check_policy_validates_files_and_decides_callers() {
     assert_eq!(code, Some(64), "{err}");
     let (code, _, _) = check(&[file, "--peer", prom]);
     assert_eq!(code, Some(64), "--peer needs --port");
+
+    // Checked against the sidecar's listeners: a port whose protocol disagrees is refused (exit 1,
+    // naming the port), as `run` refuses it; listeners that agree pass; bad listener syntax is 64.
+    let (code, out, err) = check(&[
+        file,
+        "--inbound",
+        "0.0.0.0:8080=127.0.0.1:8080,http",
+        "--inbound",
+        "0.0.0.0:9000=127.0.0.1:9000,tcp",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for (listener, port) in [
+        ("0.0.0.0:8080=127.0.0.1:8080,tcp", "8080"),
+        ("0.0.0.0:9000=127.0.0.1:9000,http", "9000"),
+    ] {
+        let (code, _, err) = check(&[file, "--inbound", listener]);
+        assert_eq!(code, Some(1), "{listener}: {err}");
+        assert!(err.contains(&format!("inbound port {port}")), "{err}");
+    }
+    let (code, _, err) = check(&[file, "--inbound", "nonsense"]);
+    assert_eq!(code, Some(64), "{err}");
 
     // A pod's downward-API annotations file, as the injected sidecar reads it.
     let annotations = dir.path().join("annotations");

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use meshid_sidecar::config::Limits;
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
+use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, get, http_echo,
     http_request, mtls_connect,

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use meshid_sidecar::config::Limits;
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
+use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
     handshake_failure_lines, handshake_failures, tcp_echo,
@@ -371,4 +371,59 @@ async fn garbage_slowloris_and_floods_do_not_stop_service() {
     })
     .await;
     assert!(ok, "allowed peer served after the flood");
+}
+
+/// A policy port must agree with its listener: HTTP rules (with paths) on a TCP listener would open a
+/// raw tunnel to any peer whose ID matches. Refused at start naming the port; refused on reload with
+/// the last good policy kept; a peer that only an HTTP rule names never gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_rules_never_open_a_tcp_tunnel() {
+    let pki = TestPki::new();
+    let app = tcp_echo().await;
+    let server_cert = pki.workload(SERVER);
+    let http_policy = format!(
+        "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {STRANGER}\n        paths: [/public]\n"
+    );
+    let spec = |policy: String| SidecarSpec {
+        inbound: vec![("127.0.0.3", app, Protocol::Tcp)],
+        policy: Some(policy),
+        ..Default::default()
+    };
+    let refused = TestSidecar::try_start(&pki, &server_cert, SERVER, spec(http_policy.clone()))
+        .await
+        .err()
+        .expect("a TCP listener with HTTP rules must not start");
+    let why = refused.to_string();
+    assert!(
+        why.contains("inbound port") && why.contains("protocol: http") && why.contains("tcp"),
+        "{why}"
+    );
+
+    let sidecar = TestSidecar::start(&pki, &server_cert, SERVER, spec(policy())).await;
+    let addr = sidecar.inbound[0];
+    let roots = pki.roots();
+    let passes = |who: &Workload| {
+        let cfg = client_config(&roots, &pki.trust_domain, Some(who), &sidecar.id, &[]);
+        async move {
+            echo_roundtrip(addr, cfg, b"hi")
+                .await
+                .is_ok_and(|b| b == b"hi")
+        }
+    };
+    let client = pki.workload(CLIENT);
+    let stranger = pki.workload(STRANGER);
+    assert!(passes(&client).await);
+    assert!(!passes(&stranger).await);
+    sidecar.write_policy(&http_policy);
+    let rejected = eventually(Duration::from_secs(10), || async {
+        sidecar
+            .metrics()
+            .await
+            .contains("meshid_sidecar_policy_reloads_total{result=\"rejected\"} 1")
+    })
+    .await;
+    assert!(rejected, "{}", sidecar.metrics().await);
+    // The last good policy still decides: the client passes, the stranger gets no tunnel.
+    assert!(passes(&client).await);
+    assert!(!passes(&stranger).await);
 }

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshid_ca::signer::LifetimePolicy;
-use meshid_sidecar::ca_client::CaEndpoint;
-use meshid_sidecar::config::CredSource;
-use meshid_sidecar::identity::{Bootstrap, CaMode};
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
+use meshid_sidecar::settings::CaEndpoint;
+use meshid_sidecar::settings::CredSource;
+use meshid_sidecar::settings::{Bootstrap, CaMode};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
@@ -253,7 +253,7 @@ async fn bundle_stream_adds_and_removes_roots_without_restart() {
             &roots,
             &ca.trust_domain,
             Some(&client),
-            &meshid_proto::SpiffeId::parse(B).unwrap(),
+            &meshid_identity::SpiffeId::parse(B).unwrap(),
             &[b"http/1.1"],
         );
         let addr = b.inbound[0];
@@ -367,7 +367,7 @@ async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
             policy: Some(format!(
                 "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
             )),
-            limits: Some(meshid_sidecar::config::Limits {
+            limits: Some(meshid_sidecar::settings::Limits {
                 // Only the outbound side's cap is under test here.
                 cap_connection_age: false,
                 ..Default::default()

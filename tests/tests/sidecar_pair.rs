@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshid_sidecar::policy::Protocol;
+use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, get, handshake_failure_lines, handshake_failures,
     http_echo, http_request, tcp_echo,

@@ -98,7 +98,7 @@ struct Args {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    meshid_proto::parse_duration(s)
+    meshid_identity::parse_duration(s)
 }
 
 fn main() -> Result<()> {

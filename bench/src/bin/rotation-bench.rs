@@ -143,11 +143,12 @@ async fn main() -> Result<()> {
     if args.sidecars == 0 {
         bail!("--sidecars: must be at least 1");
     }
-    let ttl = meshid_proto::parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+    let ttl =
+        meshid_identity::parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     if ttl < Duration::from_secs(4) || ttl > Duration::from_secs(3600) {
         bail!("--ttl: must be between 4s and 1h");
     }
-    let retry_every = meshid_proto::parse_duration(&args.retry_every)
+    let retry_every = meshid_identity::parse_duration(&args.retry_every)
         .map_err(|e| anyhow::anyhow!("--retry-every: {e}"))?;
     if retry_every < Duration::from_millis(50) {
         bail!("--retry-every: must be at least 50ms");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_identity::{SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use super::{AuthError, Reason};

@@ -1,5 +1,6 @@
 //! Kubernetes projected service-account tokens, verified offline against the cluster's JWKS.
 
+use meshid_runtime::time::unix_now;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
-use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
 use super::{AuthError, Reason};
@@ -270,13 +271,6 @@ impl JwtAuthenticator {
             }
         }
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {

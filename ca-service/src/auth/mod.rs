@@ -4,7 +4,7 @@
 pub mod join;
 pub mod jwt;
 
-use meshid_proto::{SpiffeId, TrustDomain};
+use meshid_identity::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
 pub use join::{JoinStoreError, JoinTokenStore, PendingJoin};
@@ -111,7 +111,7 @@ impl AuthError {
 /// Renewal: the caller's current certificate, whose chain the TLS layer already verified against the
 /// bundle. Checks it is a workload identity of this trust domain and still valid now.
 pub fn authenticate_renewal(
-    leaf: &Result<meshid_proto::CertIdentity, String>,
+    leaf: &Result<meshid_identity::CertIdentity, String>,
     trust_domain: &TrustDomain,
     now: OffsetDateTime,
 ) -> Result<SpiffeId, AuthError> {

@@ -209,7 +209,7 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
     let (ca_bin, sidecar_bin) = (bins.join("meshid-ca"), bins.join("meshid-sidecar"));
     let ca_dir = work.join("ca");
     let ca_dir_s = ca_dir.to_string_lossy().into_owned();
-    let ttl = meshid_proto::parse_duration(&args.ttl).map_err(anyhow::Error::msg)?;
+    let ttl = meshid_identity::parse_duration(&args.ttl).map_err(anyhow::Error::msg)?;
     let mut procs = Vec::new();
 
     println!("\n== certificate authority");

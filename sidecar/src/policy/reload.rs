@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{Policy, PolicyError, PolicyStore, ReloadOutcome, in_file, parse};
+use super::{Policy, PolicyError, PolicyStore, ReloadOutcome, in_file, read_file};
 
 /// The policy file, the store it feeds, and what the last read found.
 pub(super) struct Reloader {
@@ -15,7 +15,7 @@ pub(super) struct Reloader {
 }
 
 /// Turns a file's text into a policy: [`Policy::parse`], or another format's parser.
-pub type ParseFn = fn(&str) -> Result<Policy, PolicyError>;
+pub type ParseFn = Arc<dyn Fn(&str) -> Result<Policy, PolicyError> + Send + Sync>;
 
 /// What the last read found, applied or not, so that one bad file is reported once.
 #[derive(PartialEq, Eq)]
@@ -28,7 +28,7 @@ impl Reloader {
     /// The first load: every failure is an error for the caller.
     #[cfg(test)]
     pub(super) fn load(path: PathBuf, store: PolicyStore) -> Result<Self, PolicyError> {
-        Self::load_with(path, store, Policy::parse)
+        Self::load_with(path, store, Arc::new(Policy::parse))
     }
 
     /// The first load, with `parse` for this and every later read.
@@ -37,8 +37,8 @@ impl Reloader {
         store: PolicyStore,
         parse: ParseFn,
     ) -> Result<Self, PolicyError> {
-        let (policy, bytes) = parse::read_file(&path)
-            .and_then(|bytes| Ok((parse_bytes(parse, &bytes)?, bytes)))
+        let (policy, bytes) = read_file(&path)
+            .and_then(|bytes| Ok((parse_bytes(&parse, &bytes)?, bytes)))
             .map_err(|error| in_file(&path, error))?;
         store.store(Some(Arc::new(policy)));
         tracing::info!(path = %path.display(), "policy loaded");
@@ -52,7 +52,7 @@ impl Reloader {
 
     /// Re-reads the file; applies it when it is new and valid.
     pub(super) fn check(&mut self) -> ReloadOutcome {
-        let seen = match parse::read_file(&self.path) {
+        let seen = match read_file(&self.path) {
             Ok(bytes) => Seen::Content(bytes),
             Err(error) => Seen::ReadError(in_file(&self.path, error).to_string()),
         };
@@ -60,7 +60,7 @@ impl Reloader {
             return ReloadOutcome::Unchanged;
         }
         let result = match &seen {
-            Seen::Content(bytes) => parse_bytes(self.parse, bytes)
+            Seen::Content(bytes) => parse_bytes(&self.parse, bytes)
                 .map_err(|error| in_file(&self.path, error).to_string()),
             Seen::ReadError(reason) => Err(reason.clone()),
         };
@@ -83,7 +83,7 @@ impl Reloader {
     }
 }
 
-fn parse_bytes(parse: ParseFn, bytes: &[u8]) -> Result<Policy, PolicyError> {
+fn parse_bytes(parse: &ParseFn, bytes: &[u8]) -> Result<Policy, PolicyError> {
     parse(std::str::from_utf8(bytes).map_err(|_| PolicyError::NotUtf8)?)
 }
 
@@ -101,7 +101,7 @@ mod tests {
         store
             .load()
             .as_ref()
-            .and_then(|p| p.ports.first().map(|p| p.port))
+            .and_then(|p| p.ports().next().map(|(port, _, _)| port))
     }
 
     #[test]

@@ -52,11 +52,18 @@ pub fn watch_policy_file(
     store: PolicyStore,
     on_reload: Box<dyn Fn(&ReloadOutcome) + Send + Sync>,
 ) -> Result<PolicyWatcher, PolicyError> {
-    watch_with_timing(path, store, on_reload, POLICY_TIMING, Policy::parse)
+    watch_with_timing(
+        path,
+        store,
+        on_reload,
+        POLICY_TIMING,
+        Arc::new(Policy::parse),
+    )
 }
 
 /// [`watch_policy_file`] for a file in another format: `parse` turns its text into a policy (e.g.
-/// [`crate::annotations::policy_from_downward_api`] for a downward-API annotations file).
+/// `meshid_identity::annotations::policy_or_annotations` for a policy or a downward-API
+/// annotations file), and may check more than the text (e.g. that ports agree with listeners).
 pub fn watch_policy_file_with(
     path: PathBuf,
     store: PolicyStore,
@@ -133,7 +140,7 @@ mod tests {
         store
             .load()
             .as_ref()
-            .and_then(|p| p.ports.first().map(|p| p.port))
+            .and_then(|p| p.ports().next().map(|(port, _, _)| port))
     }
 
     fn wait_for(what: &str, done: impl Fn() -> bool) {
@@ -160,7 +167,7 @@ mod tests {
             store.clone(),
             on_reload,
             timing,
-            Policy::parse,
+            Arc::new(Policy::parse),
         )
         .unwrap();
         assert!(watcher.watcher.inotify(), "inotify is not available");

@@ -1,0 +1,224 @@
+//! The rotation state in the CA directory: which authorities exist and what each one does.
+//!
+//! `authorities.json` lists authorities (a root and its signing intermediate, whose files sit in the
+//! CA directory under a per-authority prefix: `root.pem` for the first, `a2-root.pem` for the next;
+//! flat, so the whole directory fits a Kubernetes Secret) with a state: `prepared` (root in the bundle, not signing), `active` (signing; exactly
+//! one), `retiring` (root in the bundle, not signing, leaves still live) or `gone`. Without the file the
+//! CA has one active authority: the directory's own `root.pem`/`intermediate.*`. `bundle.pem` is
+//! rewritten from the roots of every authority that is not gone, and `bundle_version` increases with
+//! every change, so every CA process on the directory serves the same version.
+
+use std::fs;
+use std::path::Path;
+
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+use meshid_identity::pem::pem_cert;
+
+use crate::ca_dir::{AuthorityError, AuthorityFiles, read_bundle, write_atomic};
+
+pub const STATE_FILE: &str = "authorities.json";
+
+/// What an authority does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthorityState {
+    Prepared,
+    Active,
+    Retiring,
+    Gone,
+}
+
+impl AuthorityState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retiring => "retiring",
+            Self::Gone => "gone",
+        }
+    }
+}
+
+/// One authority.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityRecord {
+    pub name: String,
+    /// File-name prefix of `root.pem`, `intermediate.pem`, `intermediate.key` (and maybe
+    /// `root.key`) in the CA directory: empty for the first authority, `a<n>-` for later ones.
+    pub prefix: String,
+    pub state: AuthorityState,
+    /// The bundle version that first contained this authority's root.
+    pub in_bundle_since: u64,
+    /// When it stopped signing (Unix seconds; set by `rotate activate`): every certificate it issued
+    /// expires by this plus the CA's maximum lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_until: Option<i64>,
+    /// When it started signing (set by `rotate activate`; unknown for the CA's first authority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_since: Option<i64>,
+}
+
+/// The whole rotation state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationState {
+    pub bundle_version: u64,
+    /// After a forced retirement: bundle messages of this version tell sidecars to renew at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_now_at: Option<u64>,
+    pub authorities: Vec<AuthorityRecord>,
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
+    AuthorityError::Invalid {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl RotationState {
+    /// Reads `authorities.json`, or the single-authority default when it does not exist.
+    pub fn load(ca_dir: &Path) -> Result<Self, AuthorityError> {
+        let path = ca_dir.join(STATE_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self {
+                    bundle_version: 1,
+                    renew_now_at: None,
+                    authorities: vec![AuthorityRecord {
+                        name: "1".into(),
+                        prefix: String::new(),
+                        state: AuthorityState::Active,
+                        in_bundle_since: 1,
+                        signed_until: None,
+                        signing_since: None,
+                    }],
+                });
+            }
+            Err(source) => return Err(AuthorityError::Io { path, source }),
+        };
+        let state: Self =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
+        state.check().map_err(|r| invalid(&path, r))?;
+        Ok(state)
+    }
+
+    /// Exactly one active authority; names unique; directories inside the CA directory.
+    fn check(&self) -> Result<(), String> {
+        let active = self
+            .authorities
+            .iter()
+            .filter(|a| a.state == AuthorityState::Active)
+            .count();
+        if active != 1 {
+            return Err(format!(
+                "{active} active authorities; exactly one must be active"
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for a in &self.authorities {
+            if !names.insert(&a.name) {
+                return Err(format!("authority {:?} is listed twice", a.name));
+            }
+            let safe = a
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !safe {
+                return Err(format!(
+                    "authority {:?}: prefix may hold only lowercase letters, digits and '-'",
+                    a.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn active(&self) -> &AuthorityRecord {
+        // `check` guarantees one; `load` and `save` run it.
+        self.authorities
+            .iter()
+            .find(|a| a.state == AuthorityState::Active)
+            .unwrap_or(&self.authorities[0])
+    }
+
+    pub fn find(&self, state: AuthorityState) -> Option<&AuthorityRecord> {
+        self.authorities.iter().find(|a| a.state == state)
+    }
+
+    /// Where an authority's files are.
+    pub fn files_of(&self, ca_dir: &Path, record: &AuthorityRecord) -> AuthorityFiles {
+        AuthorityFiles {
+            dir: ca_dir.to_owned(),
+            prefix: record.prefix.clone(),
+        }
+    }
+
+    /// Roots of every authority that is not gone, in list order.
+    pub fn bundle_roots(
+        &self,
+        ca_dir: &Path,
+    ) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
+        let mut roots = Vec::new();
+        for a in self
+            .authorities
+            .iter()
+            .filter(|a| a.state != AuthorityState::Gone)
+        {
+            roots.extend(read_bundle(&self.files_of(ca_dir, a).path("root.pem"))?);
+        }
+        Ok(roots)
+    }
+
+    /// Writes the state (atomically) and the bundle it implies. The bundle first, so a reader that
+    /// sees the new state also finds its bundle.
+    pub fn save(&self, ca_dir: &Path) -> Result<(), AuthorityError> {
+        self.check()
+            .map_err(|r| invalid(&ca_dir.join(STATE_FILE), r))?;
+        let bundle: String = self
+            .bundle_roots(ca_dir)?
+            .iter()
+            .map(|r| pem_cert(r))
+            .collect();
+        write_atomic(&ca_dir.join("bundle.pem"), bundle.as_bytes())?;
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| invalid(&ca_dir.join(STATE_FILE), e.to_string()))?;
+        write_atomic(&ca_dir.join(STATE_FILE), &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_identity::TrustDomain;
+
+    #[test]
+    fn default_state_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
+        let state = RotationState::load(dir.path()).unwrap();
+        assert_eq!(state.active().prefix, "");
+        assert_eq!(state.bundle_roots(dir.path()).unwrap().len(), 1);
+        state.save(dir.path()).unwrap();
+        assert_eq!(RotationState::load(dir.path()).unwrap(), state);
+    }
+
+    #[test]
+    fn rejects_broken_states() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            r#"{"bundle_version":1,"authorities":[]}"#,
+            r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"","state":"prepared","in_bundle_since":1}]}"#,
+            r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"../x","state":"active","in_bundle_since":1}]}"#,
+            r#"{"bundle_version":1,"authorities":[],"extra":1}"#,
+            "garbage",
+        ] {
+            fs::write(dir.path().join(STATE_FILE), bad).unwrap();
+            assert!(RotationState::load(dir.path()).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The rotation gates: what `activate` and `retire` wait for, decided from a report and the
+//! directory state alone (pure; the report is measured elsewhere).
+
+use super::report::RotationReport;
+use crate::authorities::{AuthorityState, RotationState};
+
+/// Recomputes what follows from the sidecars: the next step and the unknowns.
+pub fn refresh(r: &mut RotationReport, state: &RotationState, now: i64) {
+    r.unknown = unknown_sidecars(r);
+    r.next_step = next_step(state, r, now);
+}
+
+/// Sidecars whose trust the CA cannot measure: file mode takes its anchors from files.
+pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
+    r.sidecars
+        .iter()
+        .filter(|s| s.connected && s.file_mode)
+        .map(|s| {
+            format!(
+                "sidecar {} ({}) is in file mode: which roots it trusts is unknown to the CA; \
+                 check that its bundle file holds the roots before each step",
+                s.identity, s.instance
+            )
+        })
+        .collect()
+}
+
+/// What `activate` is waiting for (empty: it may run).
+pub fn activate_blockers(state: &RotationState, r: &RotationReport) -> Vec<String> {
+    let Some(prepared) = state.find(AuthorityState::Prepared) else {
+        return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
+    };
+    r.sidecars
+        .iter()
+        .filter(|s| s.connected && !s.file_mode && s.acked_version < prepared.in_bundle_since)
+        .map(|s| {
+            format!(
+                "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
+                s.identity, s.instance, s.acked_version, prepared.in_bundle_since
+            )
+        })
+        .collect()
+}
+
+/// What `retire` is waiting for (empty: it may run).
+pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
+    let Some(retiring) = state.find(AuthorityState::Retiring) else {
+        return vec!["no retiring authority: run `meshid-ca rotate activate` first".into()];
+    };
+    let mut blockers = Vec::new();
+    if let Some(a) = r.authorities.iter().find(|a| a.name == retiring.name)
+        && a.live_certificates > 0
+    {
+        blockers.push(format!(
+            "{} certificate(s) issued under authority {} are still live (the last expires at {})",
+            a.live_certificates, a.name, a.latest_certificate_expiry
+        ));
+    }
+    // A CA process counts only what it issued since it started: what an earlier process issued under
+    // the retiring authority may be live until min(start, end of signing) + the longest lifetime.
+    let signed_until = retiring.signed_until.unwrap_or(now);
+    if let Some(until) = r
+        .processes
+        .iter()
+        // A process running since before the authority began signing saw all it issued.
+        .filter(|p| {
+            retiring
+                .signing_since
+                .is_none_or(|since| p.started_unix > since)
+        })
+        .map(|p| {
+            p.started_unix
+                .min(signed_until)
+                .saturating_add(i64::try_from(p.max_ttl_seconds).unwrap_or(i64::MAX))
+        })
+        .filter(|until| *until > now)
+        .max()
+    {
+        blockers.push(format!(
+            "a CA process started during authority {}'s lifetime and cannot know what an earlier \
+             process issued under it: such certificates may be live until {until} (start or end of \
+             signing + --max-ttl)",
+            retiring.name
+        ));
+    }
+    for s in &r.sidecars {
+        if s.connected
+            && s.serving_authority.as_deref() == Some(retiring.name.as_str())
+            && s.serving_not_after > now
+        {
+            blockers.push(format!(
+                "sidecar {} ({}) still serves a certificate under authority {} until {}",
+                s.identity, s.instance, retiring.name, s.serving_not_after
+            ));
+        }
+    }
+    blockers
+}
+
+/// Blockers shown in a refusal or the next step: the first few and how many more (a fleet of
+/// thousands must not make a megabyte-long message; `rotate status` lists every sidecar).
+const SHOWN_BLOCKERS: usize = 10;
+
+pub fn summarize(blockers: &[String]) -> String {
+    let shown = blockers[..blockers.len().min(SHOWN_BLOCKERS)].join("; ");
+    match blockers.len().saturating_sub(SHOWN_BLOCKERS) {
+        0 => shown,
+        more => format!("{shown}; and {more} more (see `meshid-ca rotate status`)"),
+    }
+}
+
+fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
+    let step = next_step_measured(state, r, now);
+    let unknown = r
+        .sidecars
+        .iter()
+        .filter(|s| s.connected && s.file_mode)
+        .count();
+    if unknown == 0 || step.starts_with("none") {
+        step
+    } else {
+        format!("{step} ({unknown} file-mode sidecar(s) unknown: not measured)")
+    }
+}
+
+fn next_step_measured(state: &RotationState, r: &RotationReport, now: i64) -> String {
+    if state.find(AuthorityState::Prepared).is_some() {
+        let b = activate_blockers(state, r);
+        if b.is_empty() {
+            "activate: every connected sidecar trusts the new root".into()
+        } else {
+            format!("activate is waiting: {}", summarize(&b))
+        }
+    } else if state.find(AuthorityState::Retiring).is_some() {
+        let b = retire_blockers(state, r, now);
+        if b.is_empty() {
+            "retire: nothing live depends on the old root".into()
+        } else {
+            format!("retire is waiting: {}", summarize(&b))
+        }
+    } else {
+        "none: run `rotate prepare` to start a root rotation".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorities::AuthorityRecord;
+    use crate::rotation::fleet::CaProcess;
+    use crate::rotation::report::{AuthorityView, SidecarReport};
+
+    fn sidecar(instance: &str, acked: u64, authority: &str, not_after: i64) -> SidecarReport {
+        SidecarReport {
+            instance: instance.into(),
+            identity: format!("spiffe://td/{instance}"),
+            connected: true,
+            acked_version: acked,
+            serving_authority: Some(authority.into()),
+            serving_not_after: not_after,
+            file_mode: false,
+        }
+    }
+
+    fn state(states: &[(&str, AuthorityState, u64)], version: u64) -> RotationState {
+        RotationState {
+            bundle_version: version,
+            renew_now_at: None,
+            authorities: states
+                .iter()
+                .map(|(n, s, v)| AuthorityRecord {
+                    name: (*n).into(),
+                    prefix: String::new(),
+                    state: *s,
+                    in_bundle_since: *v,
+                    signed_until: None,
+                    signing_since: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn long_refusals_are_summarized() {
+        let many: Vec<String> = (0..25).map(|i| format!("sidecar {i}")).collect();
+        let text = summarize(&many);
+        assert!(
+            text.contains("sidecar 9;") && !text.contains("sidecar 10;"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("and 15 more (see `meshid-ca rotate status`)"),
+            "{text}"
+        );
+        assert_eq!(summarize(&many[..2]), "sidecar 0; sidecar 1");
+    }
+
+    #[test]
+    fn activate_waits_for_every_connected_sidecar() {
+        let st = state(
+            &[
+                ("1", AuthorityState::Active, 1),
+                ("2", AuthorityState::Prepared, 2),
+            ],
+            2,
+        );
+        let mut r = RotationReport {
+            bundle_version: 2,
+            authorities: vec![],
+            sidecars: vec![sidecar("a", 2, "1", 0), sidecar("b", 1, "1", 0)],
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: Vec::new(),
+        };
+        let b = activate_blockers(&st, &r);
+        assert_eq!(b.len(), 1);
+        assert!(
+            b[0].contains("spiffe://td/b") && b[0].contains("v1") && b[0].contains("v2"),
+            "{b:?}"
+        );
+        r.sidecars[1].connected = false;
+        assert!(
+            activate_blockers(&st, &r).is_empty(),
+            "disconnected sidecars do not block"
+        );
+        // A file-mode sidecar is unknown: it cannot be measured, so it is reported, not counted.
+        r.sidecars[1].connected = true;
+        r.sidecars[1].file_mode = true;
+        assert!(activate_blockers(&st, &r).is_empty());
+        refresh(&mut r, &st, 0);
+        assert_eq!(r.unknown.len(), 1);
+        assert!(
+            r.unknown[0].contains("spiffe://td/b") && r.unknown[0].contains("file mode"),
+            "{:?}",
+            r.unknown
+        );
+        assert!(
+            r.next_step.contains("1 file-mode sidecar(s) unknown"),
+            "{}",
+            r.next_step
+        );
+    }
+
+    #[test]
+    fn retire_waits_for_live_certificates_and_serving_sidecars() {
+        let st = state(
+            &[
+                ("1", AuthorityState::Retiring, 1),
+                ("2", AuthorityState::Active, 2),
+            ],
+            2,
+        );
+        let now = 1000;
+        let mut r = RotationReport {
+            bundle_version: 2,
+            authorities: vec![AuthorityView {
+                name: "1".into(),
+                state: "retiring".into(),
+                root_sha256: String::new(),
+                root_not_after: 0,
+                intermediate_not_after: 0,
+                in_bundle_since: 1,
+                live_certificates: 2,
+                latest_certificate_expiry: 1500,
+            }],
+            sidecars: vec![sidecar("a", 2, "1", 1200), sidecar("b", 2, "2", 5000)],
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: Vec::new(),
+        };
+        let b = retire_blockers(&st, &r, now);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert!(
+            b[0].contains("1500") && b[1].contains("spiffe://td/a"),
+            "{b:?}"
+        );
+        // What a file-mode sidecar serves is measured (it presented the chain): it still blocks.
+        r.sidecars[0].file_mode = true;
+        assert_eq!(retire_blockers(&st, &r, now).len(), 2);
+        r.authorities[0].live_certificates = 0;
+        r.sidecars[0].serving_authority = Some("2".into());
+        assert!(retire_blockers(&st, &r, now).is_empty());
+        // A CA process that started 100 s ago (restarted mid-rotation) cannot vouch for what an
+        // earlier process issued: retire waits for start + the longest lifetime.
+        r.processes = vec![
+            CaProcess {
+                started_unix: 0,
+                max_ttl_seconds: 200,
+            },
+            CaProcess {
+                started_unix: 900,
+                max_ttl_seconds: 200,
+            },
+        ];
+        let b = retire_blockers(&st, &r, now);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(b[0].contains("1100"), "{b:?}");
+        assert!(retire_blockers(&st, &r, 1101).is_empty());
+        // ... unless the authority had stopped signing long before the process started,
+        let mut st2 = st.clone();
+        st2.authorities[0].signed_until = Some(500);
+        assert!(retire_blockers(&st2, &r, now).is_empty());
+        // or the process has been running since before the authority began signing.
+        let mut st3 = st.clone();
+        st3.authorities[0].signing_since = Some(950);
+        assert!(retire_blockers(&st3, &r, now).is_empty());
+    }
+}

@@ -1,0 +1,49 @@
+//! The rotation report: what every rotation step decides on, served as JSON at the CA's admin
+//! `/rotation` and printed by `meshid-ca rotate status`. Data only; [`super::gates`] decides on it,
+//! [`super::view`] builds it.
+
+use serde::{Deserialize, Serialize};
+
+use super::fleet::CaProcess;
+
+/// One authority as `status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthorityView {
+    pub name: String,
+    pub state: String,
+    pub root_sha256: String,
+    pub root_not_after: i64,
+    pub intermediate_not_after: i64,
+    pub in_bundle_since: u64,
+    pub live_certificates: usize,
+    pub latest_certificate_expiry: i64,
+}
+
+/// Everything a rotation step decides on; served as JSON at the CA's admin `/rotation`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RotationReport {
+    pub bundle_version: u64,
+    pub authorities: Vec<AuthorityView>,
+    pub sidecars: Vec<SidecarReport>,
+    pub next_step: String,
+    /// What the CA cannot measure (file-mode sidecars): reported, never silently counted as converged.
+    #[serde(default)]
+    pub unknown: Vec<String>,
+    /// The CA processes whose views this report merges (since when each tracks issuance).
+    #[serde(default)]
+    pub processes: Vec<CaProcess>,
+}
+
+/// A sidecar in the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SidecarReport {
+    pub instance: String,
+    pub identity: String,
+    pub connected: bool,
+    pub acked_version: u64,
+    pub serving_authority: Option<String>,
+    pub serving_not_after: i64,
+    /// Certificate and trust anchors from files: the CA cannot tell which roots it trusts.
+    #[serde(default)]
+    pub file_mode: bool,
+}

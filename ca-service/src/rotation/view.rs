@@ -1,0 +1,130 @@
+//! Building the report: this CA's view of its authorities, sidecars and issuance, and the merge of
+//! several CA processes' views.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use meshid_runtime::time::unix_now;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::fleet::{CaProcess, IssuedView, SidecarView};
+use super::gates::refresh;
+use super::report::{AuthorityView, RotationReport, SidecarReport};
+use crate::authorities::{AuthorityState, RotationState};
+use crate::ca_dir::read_bundle;
+
+fn not_after(der: &[u8]) -> i64 {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .unwrap_or(0)
+}
+
+/// Builds the report from the directory state and this CA's fleet view.
+pub fn report(
+    ca_dir: &Path,
+    state: &RotationState,
+    sidecars: Vec<SidecarView>,
+    issued: &HashMap<String, IssuedView>,
+    process: CaProcess,
+) -> RotationReport {
+    let authorities = state
+        .authorities
+        .iter()
+        .filter(|a| a.state != AuthorityState::Gone)
+        .map(|a| {
+            let files = state.files_of(ca_dir, a);
+            let root = read_bundle(&files.path("root.pem"))
+                .ok()
+                .and_then(|r| r.into_iter().next());
+            let inter = std::fs::read(files.path("intermediate.pem"))
+                .ok()
+                .and_then(|pem| {
+                    use rustls_pki_types::pem::PemObject;
+                    rustls_pki_types::CertificateDer::from_pem_slice(&pem).ok()
+                });
+            let i = issued.get(&a.name).cloned().unwrap_or_default();
+            AuthorityView {
+                name: a.name.clone(),
+                state: a.state.as_str().into(),
+                root_sha256: root
+                    .as_ref()
+                    .map(|r| crate::serial::sha256_hex(r))
+                    .unwrap_or_default(),
+                root_not_after: root.as_ref().map(|r| not_after(r)).unwrap_or(0),
+                intermediate_not_after: inter.as_ref().map(|c| not_after(c)).unwrap_or(0),
+                in_bundle_since: a.in_bundle_since,
+                live_certificates: i.live,
+                latest_certificate_expiry: i.latest_not_after,
+            }
+        })
+        .collect();
+    let sidecars = sidecars
+        .into_iter()
+        .map(|s| SidecarReport {
+            instance: s.instance,
+            identity: s.identity,
+            connected: s.connected,
+            acked_version: s.acked_version,
+            serving_authority: s.serving_authority,
+            serving_not_after: s.serving_not_after,
+            file_mode: s.file_mode,
+        })
+        .collect();
+    let mut r = RotationReport {
+        bundle_version: state.bundle_version,
+        authorities,
+        sidecars,
+        next_step: String::new(),
+        unknown: Vec::new(),
+        processes: vec![process],
+    };
+    refresh(&mut r, state, unix_now());
+    r
+}
+
+/// Merges the fleet views of several CA processes (each knows the sidecars connected to it).
+pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport {
+    let mut sidecars: HashMap<String, SidecarReport> = HashMap::new();
+    let mut live: HashMap<String, (usize, i64)> = HashMap::new();
+    for r in &reports {
+        for s in &r.sidecars {
+            let e = sidecars
+                .entry(s.instance.clone())
+                .or_insert_with(|| s.clone());
+            // The newest report of what it serves wins (a sidecar may move between CA processes).
+            if s.serving_not_after > e.serving_not_after {
+                e.serving_authority = s.serving_authority.clone();
+                e.serving_not_after = s.serving_not_after;
+                e.identity = s.identity.clone();
+            }
+            e.connected |= s.connected;
+            e.acked_version = e.acked_version.max(s.acked_version);
+            e.file_mode |= s.file_mode;
+        }
+        for a in &r.authorities {
+            let e = live.entry(a.name.clone()).or_default();
+            e.0 += a.live_certificates;
+            e.1 = e.1.max(a.latest_certificate_expiry);
+        }
+    }
+    let processes: Vec<CaProcess> = reports.iter().flat_map(|r| r.processes.clone()).collect();
+    let mut base = reports.into_iter().next().unwrap_or(RotationReport {
+        bundle_version: state.bundle_version,
+        authorities: Vec::new(),
+        sidecars: Vec::new(),
+        next_step: String::new(),
+        unknown: Vec::new(),
+        processes: Vec::new(),
+    });
+    base.processes = processes;
+    for a in &mut base.authorities {
+        if let Some((n, t)) = live.get(&a.name) {
+            a.live_certificates = *n;
+            a.latest_certificate_expiry = *t;
+        }
+    }
+    base.sidecars = sidecars.into_values().collect();
+    base.sidecars.sort_by(|a, b| a.identity.cmp(&b.identity));
+    refresh(&mut base, state, unix_now());
+    base
+}

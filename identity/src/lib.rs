@@ -1,0 +1,23 @@
+//! meshid's pure identity core, shared by the CA, the injector and the sidecar: the SPIFFE ID type,
+//! reading a workload's identity out of its certificate, chain and identity verification for rustls,
+//! renewal timing, durations, the allow-list model and the pod-annotations contract.
+//!
+//! No runtime, no sockets: every function here is a decision or a parse, tested with certificates
+//! made in the test. `scripts/check-layers.sh` fails the build if tokio or hyper ever enter this
+//! crate's dependency tree.
+
+pub mod annotations;
+pub mod duration;
+pub mod identity;
+pub mod peer;
+pub mod pem;
+pub mod policy;
+pub mod spiffe;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod timing;
+pub mod verify;
+
+pub use duration::parse_duration;
+pub use identity::{CertIdentity, IdentityError, cert_identity_from_der, spiffe_id_from_der};
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -1,0 +1,458 @@
+//! The policy document: its YAML shape, read strictly (unknown fields are errors), and the checks
+//! that span several fields.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::num::NonZeroU16;
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+
+use super::pattern::{IdPattern, Method, NonEmpty, PathPattern};
+use super::{MAX_FLOW_DEPTH, MAX_POLICY_BYTES, MAX_RULES, Mode, PolicyError, Protocol};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDocument {
+    #[serde(default)]
+    mode: Mode,
+    inbound: Vec<PortPolicy>,
+}
+
+/// The rules of one inbound port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PortPolicy {
+    #[serde(deserialize_with = "nonzero_port")]
+    pub(super) port: u16,
+    #[serde(default)]
+    pub(super) protocol: Protocol,
+    #[serde(rename = "allow")]
+    pub(super) rules: Vec<Rule>,
+}
+
+/// One entry of an `allow` list. `None` means any method or path; an empty list is an error.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Rule {
+    pub(super) id: IdPattern,
+    #[serde(default, deserialize_with = "present_list")]
+    pub(super) methods: Option<NonEmpty<Method>>,
+    #[serde(default, deserialize_with = "present_list")]
+    pub(super) paths: Option<NonEmpty<PathPattern>>,
+}
+
+impl Rule {
+    /// Whether the rule allows `method` (exact, case-sensitive); no `methods` allows any.
+    pub(super) fn allows_method(&self, method: &str) -> bool {
+        let Some(methods) = &self.methods else {
+            return true;
+        };
+        methods.0.iter().any(|m| m.as_str() == method)
+    }
+
+    /// Whether the rule allows `path`, which must already be safe and without its query.
+    pub(super) fn allows_path(&self, path: &str) -> bool {
+        let Some(paths) = &self.paths else {
+            return true;
+        };
+        paths.0.iter().any(|p| p.matches(path))
+    }
+}
+
+/// Refuses flow collections nested deeper than [`MAX_FLOW_DEPTH`], naming the line and column.
+///
+/// A light scan, not a YAML parser: brackets in comments and quoted scalars do not count, and a
+/// quote opens a scalar only where a node can start (line start, or after `[ { , : - ?`), as in
+/// YAML. Brackets inside plain scalars count, which errs on the side of refusing. It guards against
+/// mistakes and blunt attacks; a file crafted to fool it only slows its own reload, which runs on
+/// the watcher's thread, never on the data plane.
+fn check_flow_depth(yaml: &str) -> Result<(), PolicyError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        Code,
+        Single,
+        Double,
+        Comment,
+    }
+    let mut state = State::Code;
+    let mut depth = 0usize;
+    // The last character that was not a space or tab on this line, outside quotes and comments.
+    let mut last_significant: Option<char> = None;
+    let mut previous = '\n';
+    let (mut line, mut column) = (1usize, 0usize);
+    let mut chars = yaml.chars();
+    while let Some(c) = chars.next() {
+        column += 1;
+        match state {
+            State::Code => {
+                let node_may_start = matches!(
+                    last_significant,
+                    None | Some('[' | '{' | ',' | ':' | '-' | '?')
+                );
+                match c {
+                    '[' | '{' => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Err(PolicyError::Yaml {
+                                location: Some((line, column)),
+                                message: format!(
+                                    "collections nested deeper than {MAX_FLOW_DEPTH} levels"
+                                ),
+                            });
+                        }
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    '\'' if node_may_start => state = State::Single,
+                    '"' if node_may_start => state = State::Double,
+                    '#' if previous.is_whitespace() => state = State::Comment,
+                    _ => {}
+                }
+                if state == State::Code && !matches!(c, ' ' | '\t' | '\r' | '\n') {
+                    last_significant = Some(c);
+                }
+            }
+            State::Single if c == '\'' => {
+                state = State::Code;
+                last_significant = Some(c);
+            }
+            State::Double if c == '\\' => {
+                // An escaped character, whatever it is, does not end the scalar.
+                if chars.next() == Some('\n') {
+                    line += 1;
+                    column = 0;
+                } else {
+                    column += 1;
+                }
+            }
+            State::Double if c == '"' => {
+                state = State::Code;
+                last_significant = Some(c);
+            }
+            State::Comment if c == '\n' => state = State::Code,
+            _ => {}
+        }
+        if c == '\n' {
+            line += 1;
+            column = 0;
+            if state == State::Code {
+                last_significant = None;
+            }
+        }
+        previous = c;
+    }
+    Ok(())
+}
+
+/// Parses a document into its mode and its ports, sorted by port.
+pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), PolicyError> {
+    if yaml.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge);
+    }
+    if yaml.trim().is_empty() {
+        return Err(PolicyError::Empty);
+    }
+    check_flow_depth(yaml)?;
+    // `Option` so that a document of only comments (or `null`) reads as empty, not as an odd error.
+    let document: Option<PolicyDocument> = serde_yaml_ng::from_str(yaml).map_err(yaml_error)?;
+    let document = document.ok_or(PolicyError::Empty)?;
+    check_ports(&document.inbound)?;
+    let mut ports = document.inbound;
+    ports.sort_by_key(|p| p.port);
+    Ok((document.mode, ports))
+}
+
+/// Reads a policy file (following symlinks), refusing anything but a regular file of at most
+/// [`MAX_POLICY_BYTES`].
+pub fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
+    // Checked before opening: opening a FIFO would block until someone writes to it.
+    let metadata = std::fs::metadata(path).map_err(PolicyError::Read)?;
+    if !metadata.is_file() {
+        return Err(PolicyError::NotAFile);
+    }
+    let file = File::open(path).map_err(PolicyError::Read)?;
+    let mut bytes = Vec::new();
+    let limit = MAX_POLICY_BYTES as u64 + 1;
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(PolicyError::Read)?;
+    if bytes.len() > MAX_POLICY_BYTES {
+        return Err(PolicyError::TooLarge);
+    }
+    Ok(bytes)
+}
+
+/// The checks serde cannot make field by field: unique ports, the rule limit, and methods and paths
+/// only on HTTP ports.
+fn check_ports(ports: &[PortPolicy]) -> Result<(), PolicyError> {
+    let total: usize = ports.iter().map(|p| p.rules.len()).sum();
+    if total > MAX_RULES {
+        return Err(PolicyError::Invalid {
+            field: "inbound".to_owned(),
+            message: format!("{total} rules is more than the limit of {MAX_RULES}"),
+        });
+    }
+    let mut seen = HashMap::new();
+    for (i, port) in ports.iter().enumerate() {
+        if let Some(first) = seen.insert(port.port, i) {
+            return Err(PolicyError::Invalid {
+                field: format!("inbound[{i}].port"),
+                message: format!("port {} is already listed at inbound[{first}]", port.port),
+            });
+        }
+        if port.protocol == Protocol::Http {
+            continue;
+        }
+        for (j, rule) in port.rules.iter().enumerate() {
+            let field = match (&rule.methods, &rule.paths) {
+                (Some(_), _) => "methods",
+                (None, Some(_)) => "paths",
+                (None, None) => continue,
+            };
+            return Err(PolicyError::Invalid {
+                field: format!("inbound[{i}].allow[{j}].{field}"),
+                message: format!("{field} are only allowed on a port with `protocol: http`"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Port 0 is refused with the value's line and column.
+fn nonzero_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    NonZeroU16::deserialize(deserializer).map(NonZeroU16::get)
+}
+
+/// An optional list whose key, when present, must hold a non-empty list: `methods:` with no value
+/// (null) is an error rather than a silent "any method".
+fn present_list<'de, D, T>(deserializer: D) -> Result<Option<NonEmpty<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    NonEmpty::deserialize(deserializer).map(Some)
+}
+
+/// Keeps the YAML library's message (which names the field, e.g. `inbound[0].allow[1].id: ...`) and
+/// moves its position to the front, where the Display of [`PolicyError::Yaml`] always shows it (the
+/// library leaves it out at line 1 column 1).
+fn yaml_error(error: serde_yaml_ng::Error) -> PolicyError {
+    let location = error.location().map(|l| (l.line(), l.column()));
+    let mut message = error.to_string();
+    if let Some((line, column)) = location {
+        message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
+    }
+    PolicyError::Yaml { location, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Policy;
+    use super::*;
+
+    const GOOD: &str = "\
+mode: audit
+inbound:
+  - port: 8080
+    protocol: http
+    allow:
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+      - id: spiffe://cluster.local/ns/ops/sa/*
+        methods: [GET]
+        paths: [/metrics, /api/*]
+  - port: 5432
+    allow: []
+";
+
+    #[test]
+    fn parses_a_good_policy() {
+        let policy = Policy::parse(GOOD).unwrap();
+        assert_eq!(policy.mode(), Mode::Audit);
+        assert_eq!(policy.port_protocol(8080), Some(Protocol::Http));
+        assert_eq!(policy.port_protocol(5432), Some(Protocol::Tcp));
+        assert_eq!(policy.port_protocol(80), None);
+        let (_, ports) = parse_document(GOOD).unwrap();
+        assert_eq!(
+            ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+            [5432, 8080]
+        );
+        assert_eq!(ports[1].rules.len(), 2);
+        assert_eq!(ports[1].rules[1].methods.as_ref().unwrap().0.len(), 1);
+        assert_eq!(ports[1].rules[1].paths.as_ref().unwrap().0.len(), 2);
+    }
+
+    #[test]
+    fn defaults() {
+        let policy = Policy::parse("inbound:\n  - port: 1\n    allow: []\n").unwrap();
+        assert_eq!(policy.mode(), Mode::Enforce);
+        assert_eq!(policy.port_protocol(1), Some(Protocol::Tcp));
+        assert!(Policy::parse("inbound: []").is_ok());
+        // `allow:` with no value is an empty list: it denies everything.
+        let policy = Policy::parse("inbound:\n  - port: 1\n    allow:\n").unwrap();
+        assert_eq!(policy.port_protocol(1), Some(Protocol::Tcp));
+    }
+
+    /// Each case: the document, and the pieces its error message must contain.
+    #[test]
+    fn rejections() {
+        let rule = |extra: &str| {
+            format!("inbound:\n  - port: 80\n    allow:\n      - id: spiffe://td/a\n{extra}")
+        };
+        let http = |extra: &str| rule(extra).replace("allow:", "protocol: http\n    allow:");
+        #[rustfmt::skip]
+        let cases: Vec<(&str, String, &[&str])> = vec![
+            ("empty", String::new(), &["empty"]),
+            ("blank", " \n\t\n".into(), &["empty"]),
+            ("only comments", "# nothing yet\n".into(), &["empty"]),
+            ("null", "~".into(), &["empty"]),
+            ("bad yaml", "inbound: [\n".into(), &["line 2 column 1"]),
+            ("not a mapping", "hello".into(), &["line 1 column 1", "invalid type"]),
+            ("unknown top field", "mode: enforce\ninbond: []\n".into(), &["line 2 column 1", "unknown field `inbond`"]),
+            ("missing inbound", "mode: audit\n".into(), &["missing field `inbound`"]),
+            ("bad mode", "mode: strict\ninbound: []\n".into(), &["line 1 column 7", "mode", "unknown variant `strict`"]),
+            ("unknown port field", "inbound:\n  - port: 80\n    alow: []\n".into(), &["line 3 column 5", "inbound[0]", "unknown field `alow`"]),
+            ("unknown rule field", rule("        method: [GET]\n"), &["line 5 column 9", "unknown field `method`"]),
+            ("bad protocol", "inbound:\n  - port: 80\n    protocol: grpc\n    allow: []\n".into(), &["line 3 column 15", "inbound[0].protocol", "grpc"]),
+            ("port 0", "inbound:\n  - port: 0\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port", "nonzero"]),
+            ("port too big", "inbound:\n  - port: 65536\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
+            ("port a string", "inbound:\n  - port: http\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
+            ("missing allow", "inbound:\n  - port: 80\n".into(), &["missing field `allow`"]),
+            ("duplicate key", "inbound: []\ninbound: []\n".into(), &["duplicate"]),
+            ("duplicate port", "inbound:\n  - port: 80\n    allow: []\n  - port: 80\n    allow: []\n".into(), &["inbound[1].port", "already listed at inbound[0]"]),
+            ("bad id", rule("").replace("spiffe://td/a", "spiffe://td/a/"), &["line 4 column 13", "inbound[0].allow[0].id", "trailing"]),
+            ("partial wildcard", rule("").replace("td/a", "td/a*"), &["line 4 column 13", "whole path segment"]),
+            ("wildcard trust domain", rule("").replace("td/a", "*/a"), &["line 4 column 13", "trust domain"]),
+            ("methods on tcp", rule("        methods: [GET]\n"), &["inbound[0].allow[0].methods", "protocol: http"]),
+            ("paths on tcp", rule("        paths: [/x]\n"), &["inbound[0].allow[0].paths", "protocol: http"]),
+            ("empty methods", http("        methods: []\n"), &["line 6 column 18", "inbound[0].allow[0].methods", "must not be empty"]),
+            ("empty paths", http("        paths: []\n"), &["line 6 column 16", "inbound[0].allow[0].paths", "must not be empty"]),
+            ("null methods", http("        methods:\n"), &["line 6 column 17", "inbound[0].allow[0].methods"]),
+            ("methods not a list", http("        methods: GET\n"), &["line 6 column 18", "methods", "invalid type"]),
+            ("bad method", http("        methods: [GET, \"PO ST\"]\n"), &["line 6 column 24", "inbound[0].allow[0].methods[1]", "ascii letters"]),
+            ("relative path", http("        paths: [metrics]\n"), &["line 6 column 17", "paths[0]", "start with '/'"]),
+            ("inner wildcard", http("        paths: [/a/*/b]\n"), &["line 6 column 17", "\"/*\""]),
+            ("unsafe path", http("        paths: [/a/../b]\n"), &["line 6 column 17", "never matches"]),
+            ("two documents", "inbound: []\n---\ninbound: []\n".into(), &["more than one document"]),
+        ];
+        for (name, yaml, expected) in cases {
+            let error = Policy::parse(&yaml).expect_err(name).to_string();
+            for piece in expected {
+                assert!(error.contains(piece), "{name}: {error:?} lacks {piece:?}");
+            }
+            if let Some(position) = expected.first().filter(|p| p.starts_with("line ")) {
+                assert!(error.starts_with(position), "{name}: {error:?}");
+                assert_eq!(error.matches(position).count(), 1, "{name}: {error:?}");
+            }
+        }
+    }
+
+    /// Every prefix of a good file (what a torn write leaves) and some hostile YAML: an error or a
+    /// policy, never a panic.
+    #[test]
+    fn hostile_input_never_panics() {
+        for cut in 0..=GOOD.len() {
+            let _ = Policy::parse(&GOOD[..cut]);
+        }
+        let nested = format!("inbound: {}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let laughs = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n\
+                      c: &c [*b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c]\n";
+        let hostile = [
+            &nested,
+            laughs,
+            "inbound: !!binary AAAA",
+            "\u{feff}inbound: []",
+            "- - -",
+        ];
+        for yaml in hostile {
+            assert!(
+                Policy::parse(yaml).is_err() || yaml.contains('\u{feff}'),
+                "{yaml:.40}"
+            );
+        }
+    }
+
+    #[test]
+    fn size_and_rule_limits() {
+        // Deep flow nesting is refused before the YAML parser sees it (its cost is quadratic).
+        let deep = format!("inbound: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        match Policy::parse(&deep) {
+            Err(PolicyError::Yaml {
+                location: Some((1, column)),
+                message,
+            }) => {
+                assert_eq!(column, 10 + MAX_FLOW_DEPTH, "{message}");
+                assert!(message.contains("nested deeper"), "{message}");
+            }
+            other => panic!("deep nesting: {other:?}"),
+        }
+        // Brackets in comments, quoted scalars and plain words do not count; real nesting does.
+        let fine = format!(
+            "# {}\ninbound:\n  - port: 8080 # {}\n    protocol: http\n    allow:\n      - id: spiffe://td/a\n        paths: ['/{}', \"/{}\\\"\"]\n",
+            "[".repeat(100),
+            "{".repeat(100),
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(Policy::parse(&fine).is_ok(), "{:?}", Policy::parse(&fine));
+        for hiding in ["\"x\", ", "it's, ", "x 'y, "] {
+            let nested = format!("inbound: [{hiding}{}]\n", "[".repeat(MAX_FLOW_DEPTH));
+            match Policy::parse(&nested) {
+                Err(PolicyError::Yaml { message, .. }) if message.contains("nested deeper") => {}
+                other => panic!("{hiding:?} hid the nesting: {other:?}"),
+            }
+        }
+        let huge = format!("inbound: []\n#{}\n", "x".repeat(MAX_POLICY_BYTES));
+        assert!(matches!(Policy::parse(&huge), Err(PolicyError::TooLarge)));
+        let mut many = String::from("inbound:\n  - port: 1\n    allow:\n");
+        for _ in 0..=MAX_RULES {
+            many.push_str("      - id: spiffe://td/a\n");
+        }
+        let error = Policy::parse(&many).unwrap_err().to_string();
+        assert!(
+            error.contains("inbound: 10001 rules is more than the limit of 10000"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn read_file_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(read_file(dir.path()), Err(PolicyError::NotAFile)));
+        assert!(matches!(
+            read_file(&dir.path().join("missing")),
+            Err(PolicyError::Read(_))
+        ));
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, vec![b'#'; MAX_POLICY_BYTES + 1]).unwrap();
+        assert!(matches!(read_file(&big), Err(PolicyError::TooLarge)));
+        std::fs::write(&big, vec![b'#'; MAX_POLICY_BYTES]).unwrap();
+        assert_eq!(read_file(&big).unwrap().len(), MAX_POLICY_BYTES);
+    }
+
+    #[test]
+    fn load_names_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        let error = Policy::load(&path).unwrap_err().to_string();
+        assert!(
+            error.starts_with(&format!("policy file {}: cannot read", path.display())),
+            "{error}"
+        );
+        std::fs::write(&path, "inbound:\n  - port: 0\n    allow: []\n").unwrap();
+        let error = Policy::load(&path).unwrap_err().to_string();
+        assert!(
+            error.contains("policy.yaml: line 2 column 11: inbound[0].port"),
+            "{error}"
+        );
+        std::fs::write(&path, b"inbound: [] # \xff\n").unwrap();
+        assert!(
+            Policy::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("utf-8")
+        );
+        std::fs::write(&path, GOOD).unwrap();
+        assert_eq!(Policy::load(&path).unwrap(), Policy::parse(GOOD).unwrap());
+    }
+}

@@ -1,0 +1,581 @@
+//! Peer certificate verification for mTLS between sidecars, kept in one small module.
+//!
+//! Workload certificates carry no DNS name, so hostname checks are replaced by identity checks: the
+//! chain is verified with webpki against the trust bundle (for client or server auth), then the one URI
+//! SAN must be a valid SPIFFE ID in our trust domain (inbound), or exactly the expected ID (outbound).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::peer::VerifiedPeers;
+use crate::{IdentityError, SpiffeId, TrustDomain, spiffe_id_from_der};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+
+/// Why a peer's identity was refused after its chain verified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerIdentityError {
+    #[error("peer certificate has no valid identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("peer {peer} is outside the trust domain {expected}")]
+    WrongTrustDomain {
+        peer: SpiffeId,
+        expected: TrustDomain,
+    },
+    #[error("server identity is {got}, expected {expected}")]
+    UnexpectedServer { got: SpiffeId, expected: SpiffeId },
+}
+
+/// The trust bundle in the form webpki verifies against.
+#[derive(Clone)]
+pub struct Anchors {
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    pub trust_domain: TrustDomain,
+}
+
+impl fmt::Debug for Anchors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Anchors")
+            .field("roots", &self.anchors.len())
+            .field("trust_domain", &self.trust_domain)
+            .finish()
+    }
+}
+
+impl Anchors {
+    /// Parses bundle roots into trust anchors for `trust_domain`.
+    pub fn new(
+        roots: &[CertificateDer<'static>],
+        trust_domain: TrustDomain,
+    ) -> Result<Self, webpki::Error> {
+        let anchors = roots
+            .iter()
+            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            anchors: Arc::new(anchors),
+            trust_domain,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.anchors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.anchors.is_empty()
+    }
+
+    /// Verifies that `end_entity` chains to an anchor for `usage`.
+    fn verify_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        cert.verify_for_usage(
+            algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(pki_error)
+    }
+
+    /// Refuses an identity outside our trust domain.
+    fn check_domain(&self, id: &SpiffeId) -> Result<(), rustls::Error> {
+        if id.trust_domain_name() != self.trust_domain.as_str() {
+            return Err(identity_error(PeerIdentityError::WrongTrustDomain {
+                peer: id.clone(),
+                expected: self.trust_domain.clone(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Verifies `end_entity` chains to an anchor for `usage`, then reads its SPIFFE ID.
+    fn verify(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        self.verify_chain(algs, end_entity, intermediates, now, usage)?;
+        let id = spiffe_id_from_der(end_entity).map_err(|e| identity_error(e.into()))?;
+        self.check_domain(&id)?;
+        Ok(id)
+    }
+}
+
+fn identity_error(e: PeerIdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// webpki's errors in rustls's terms (as rustls's own verifier maps them).
+fn pki_error(error: webpki::Error) -> rustls::Error {
+    use webpki::Error::*;
+    let e = match error {
+        BadDer | BadDerTime | TrailingData(_) => CertificateError::BadEncoding,
+        CertNotValidYet { .. } => CertificateError::NotValidYet,
+        CertExpired { .. } => CertificateError::Expired,
+        UnknownIssuer => CertificateError::UnknownIssuer,
+        CertNotValidForName(_) => CertificateError::NotValidForName,
+        CertRevoked => CertificateError::Revoked,
+        RequiredEkuNotFoundContext(_) | EmptyEkuExtension => CertificateError::InvalidPurpose,
+        InvalidSignatureForPublicKey | UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            CertificateError::BadSignature
+        }
+        CaUsedAsEndEntity => CertificateError::Other(OtherError(Arc::new(
+            PeerIdentityError::Identity(IdentityError::IsCa),
+        ))),
+        other => CertificateError::Other(OtherError(Arc::new(PkiError(other)))),
+    };
+    rustls::Error::InvalidCertificate(e)
+}
+
+#[derive(Debug)]
+struct PkiError(webpki::Error);
+
+impl fmt::Display for PkiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl std::error::Error for PkiError {}
+
+/// A handshake failure as a person reads it (logs, `x-meshid-reason`): rustls prints errors it
+/// carries for a verifier with `Debug`; this prints ours with their own messages, then the label.
+pub fn describe(error: &rustls::Error) -> String {
+    let text = match error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            format!("invalid peer certificate: {inner}")
+        }
+        other => other.to_string(),
+    };
+    format!("{text} ({})", failure_label(error))
+}
+
+/// A short, fixed label for a handshake failure (metrics) — derived from the rustls error.
+pub fn failure_label(error: &rustls::Error) -> &'static str {
+    match error {
+        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::InvalidCertificate(e) => match e {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::BadEncoding => "bad_encoding",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_purpose"
+            }
+            CertificateError::Other(OtherError(inner)) => {
+                match inner.downcast_ref::<PeerIdentityError>() {
+                    Some(PeerIdentityError::WrongTrustDomain { .. }) => "wrong_trust_domain",
+                    Some(PeerIdentityError::UnexpectedServer { .. }) => "unexpected_identity",
+                    Some(PeerIdentityError::Identity(IdentityError::IsCa)) => "ca_as_leaf",
+                    Some(PeerIdentityError::Identity(_)) => "bad_identity",
+                    None => match inner.downcast_ref::<PkiError>() {
+                        Some(PkiError(
+                            webpki::Error::EndEntityUsedAsCa
+                            | webpki::Error::PathLenConstraintViolated
+                            | webpki::Error::MaximumPathDepthExceeded
+                            | webpki::Error::MaximumPathBuildCallsExceeded
+                            | webpki::Error::MaximumSignatureChecksExceeded,
+                        )) => "bad_chain",
+                        _ => "bad_certificate",
+                    },
+                }
+            }
+            _ => "bad_certificate",
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => "protocol",
+        rustls::Error::InappropriateHandshakeMessage { .. } => "protocol",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        _ => "other",
+    }
+}
+
+/// Inbound: a client certificate is required, must chain to the bundle for client auth, and must carry
+/// one SPIFFE ID of our trust domain. Which peers may talk is decided later by the policy, which
+/// finds the identity established here in [`VerifiedPeers`].
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    anchors: Anchors,
+    algs: WebPkiSupportedAlgorithms,
+    peers: Arc<VerifiedPeers>,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(anchors: Anchors, provider: &CryptoProvider, peers: Arc<VerifiedPeers>) -> Self {
+        Self {
+            anchors,
+            algs: provider.signature_verification_algorithms,
+            peers,
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.anchors.verify_chain(
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        let peer = self
+            .peers
+            .establish(end_entity)
+            .map_err(|e| identity_error(e.into()))?;
+        self.anchors.check_domain(&peer.id)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Outbound: the server's chain must verify for server auth and its SPIFFE ID must be exactly the
+/// expected one. The TLS server name is not checked: workload certificates carry no DNS names.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    anchors: Anchors,
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(anchors: Anchors, expected: SpiffeId, provider: &CryptoProvider) -> Self {
+        Self {
+            anchors,
+            expected,
+            algs: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = self.anchors.verify(
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        if got != self.expected {
+            return Err(identity_error(PeerIdentityError::UnexpectedServer {
+                got,
+                expected: self.expected.clone(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::ExtendedKeyUsagePurpose;
+    use time::Duration;
+
+    use super::*;
+    use crate::testing::{LeafShape, TestLeaf, TestPki};
+
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+    const PEER: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+    fn provider() -> CryptoProvider {
+        rustls::crypto::aws_lc_rs::default_provider()
+    }
+
+    fn anchors(pki: &TestPki) -> Anchors {
+        Anchors::new(
+            std::slice::from_ref(&pki.root),
+            TrustDomain::new("cluster.local").unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn client_verdict(
+        verifier: &SpiffeClientVerifier,
+        leaf: &TestLeaf,
+    ) -> Result<(), &'static str> {
+        verifier
+            .verify_client_cert(&leaf.chain[0], &leaf.chain[1..], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| failure_label(&e))
+    }
+
+    struct Case {
+        name: &'static str,
+        leaf: TestLeaf,
+        /// `Ok` or the failure label the metrics would carry.
+        inbound: Result<(), &'static str>,
+        /// Dialling `PEER` with this certificate on the server side.
+        outbound: Result<(), &'static str>,
+    }
+
+    #[test]
+    fn certificates_each_verifier_accepts_and_refuses() {
+        let ours = TestPki::new("ours");
+        let foreign = TestPki::new("foreign");
+        let shaped = |id: &str, shape: LeafShape| ours.leaf_shaped(id, &shape);
+        let cases = [
+            Case {
+                name: "a workload certificate of our trust domain",
+                leaf: ours.leaf(PEER),
+                inbound: Ok(()),
+                outbound: Ok(()),
+            },
+            Case {
+                name: "another workload of ours",
+                leaf: ours.leaf(ME),
+                inbound: Ok(()),
+                outbound: Err("unexpected_identity"),
+            },
+            Case {
+                name: "another trust domain under our root",
+                leaf: ours.leaf("spiffe://evil.example/ns/shop/sa/frontend"),
+                inbound: Err("wrong_trust_domain"),
+                outbound: Err("wrong_trust_domain"),
+            },
+            Case {
+                name: "a foreign CA",
+                leaf: foreign.leaf(PEER),
+                inbound: Err("unknown_ca"),
+                outbound: Err("unknown_ca"),
+            },
+            Case {
+                name: "expired",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        valid: Some((Duration::hours(-2), Duration::hours(-1))),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("expired"),
+                outbound: Err("expired"),
+            },
+            Case {
+                name: "not yet valid",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        valid: Some((Duration::hours(1), Duration::hours(2))),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("not_yet_valid"),
+                outbound: Err("not_yet_valid"),
+            },
+            Case {
+                name: "serverAuth only, used as a client",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        eku: Some(vec![ExtendedKeyUsagePurpose::ServerAuth]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("wrong_purpose"),
+                outbound: Ok(()),
+            },
+            Case {
+                name: "clientAuth only, used as a server",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        eku: Some(vec![ExtendedKeyUsagePurpose::ClientAuth]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Ok(()),
+                outbound: Err("wrong_purpose"),
+            },
+            Case {
+                name: "two URI SANs",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        uris: Some(vec![PEER.into(), ME.into()]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("bad_identity"),
+                outbound: Err("bad_identity"),
+            },
+            Case {
+                name: "a URI that is not a SPIFFE ID",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        uris: Some(vec!["https://cluster.local/ns/shop/sa/frontend".into()]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("bad_identity"),
+                outbound: Err("bad_identity"),
+            },
+            Case {
+                name: "a CA certificate as the leaf",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        is_ca: true,
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("ca_as_leaf"),
+                outbound: Err("ca_as_leaf"),
+            },
+        ];
+        let provider = provider();
+        for case in cases {
+            let peers = Arc::new(VerifiedPeers::default());
+            let client = SpiffeClientVerifier::new(anchors(&ours), &provider, peers.clone());
+            let got = client_verdict(&client, &case.leaf);
+            assert_eq!(got, case.inbound, "inbound: {}", case.name);
+            if got.is_ok() {
+                // The identity travels on to the authorization point without another parse.
+                let peer = peers.get(&case.leaf.chain[0]).expect(case.name);
+                assert_eq!(
+                    peer.cert_sha256,
+                    crate::pem::sha256_hex(&case.leaf.chain[0])
+                );
+                assert!(peer.not_after > 0, "{}", case.name);
+            }
+            let server = SpiffeServerVerifier::new(
+                anchors(&ours),
+                SpiffeId::parse(PEER).unwrap(),
+                &provider,
+            );
+            let got = server
+                .verify_server_cert(
+                    &case.leaf.chain[0],
+                    &case.leaf.chain[1..],
+                    &ServerName::try_from("meshid.invalid").unwrap(),
+                    &[],
+                    UnixTime::now(),
+                )
+                .map(|_| ())
+                .map_err(|e| failure_label(&e));
+            assert_eq!(got, case.outbound, "outbound: {}", case.name);
+        }
+    }
+
+    #[test]
+    fn the_established_identity_is_the_certificates() {
+        let pki = TestPki::new("ours");
+        let peers = Arc::new(VerifiedPeers::with_capacity(2));
+        let client = SpiffeClientVerifier::new(anchors(&pki), &provider(), peers.clone());
+        let a = pki.leaf(PEER);
+        let b = pki.leaf(ME);
+        client_verdict(&client, &a).unwrap();
+        client_verdict(&client, &b).unwrap();
+        assert_eq!(peers.get(&a.chain[0]).unwrap().id.as_str(), PEER);
+        assert_eq!(peers.get(&b.chain[0]).unwrap().id.as_str(), ME);
+        // Bounded: a third certificate evicts one of the first two, never grows the map.
+        client_verdict(&client, &pki.leaf(PEER)).unwrap();
+        assert_eq!(peers.len(), 2);
+        // A certificate never verified is unknown.
+        assert!(peers.get(&pki.leaf(PEER).chain[0]).is_none());
+    }
+
+    #[test]
+    fn failures_read_as_words() {
+        let pki = TestPki::new("ours");
+        let server =
+            SpiffeServerVerifier::new(anchors(&pki), SpiffeId::parse(PEER).unwrap(), &provider());
+        let leaf = pki.leaf(ME);
+        let error = server
+            .verify_server_cert(
+                &leaf.chain[0],
+                &leaf.chain[1..],
+                &ServerName::try_from("meshid.invalid").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        let text = describe(&error);
+        assert!(text.contains(ME) && text.contains(PEER), "{text}");
+        assert!(text.ends_with("(unexpected_identity)"), "{text}");
+    }
+}

@@ -1,0 +1,34 @@
+//! `meshid-injector`: the sidecar-injection admission webhook (see `meshid_injector::startup`).
+//! Bad configuration exits with code 64 after naming every bad setting.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use meshid_injector::startup::InjectorArgs;
+
+use meshid_runtime::EXIT_USAGE;
+
+fn main() -> ExitCode {
+    let args = match InjectorArgs::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    meshid_runtime::process::init_tracing(&args.log_format);
+    match args.into_startup() {
+        Ok(startup) => startup.run(),
+        Err(problems) => {
+            eprintln!("meshid-injector: invalid configuration:");
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

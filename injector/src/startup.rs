@@ -1,0 +1,378 @@
+//! `meshid-injector`'s flags, their validation (every problem named at once) and its run loop: the
+//! webhook over TLS with a certificate from `meshid-ca webhook-cert` (the injector holds no CA key),
+//! the serving pair and the trust bundle re-read when their files change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::Parser;
+use time::OffsetDateTime;
+
+use super::metrics::InjectorMetrics;
+use super::serving::{self, ServingCert};
+use super::{InjectConfig, TrustBundle, reload, server};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshid-injector",
+    version,
+    about = "meshid sidecar injection webhook"
+)]
+pub struct InjectorArgs {
+    /// Serving certificate chain (PEM, leaf first), from `meshid-ca webhook-cert`; re-read when it
+    /// changes.
+    #[arg(long, env = "MESHID_INJECTOR_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// The serving certificate's private key (PEM).
+    #[arg(long, env = "MESHID_INJECTOR_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Trust bundle (PEM roots) given to every injected sidecar; re-read when it changes.
+    #[arg(long, env = "MESHID_INJECTOR_TRUST_BUNDLE")]
+    pub trust_bundle: PathBuf,
+    /// The name the API server calls the injector by (its Service's DNS name, e.g.
+    /// meshid-injector.meshid.svc): the certificate must be valid for it, at start and at reloads.
+    #[arg(long, env = "MESHID_INJECTOR_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// How often the certificate, key and bundle files are checked for changes.
+    #[arg(long, env = "MESHID_INJECTOR_RELOAD_INTERVAL", default_value = "5s")]
+    pub reload_interval: String,
+    /// HTTPS listener for the API server.
+    #[arg(long, env = "MESHID_INJECTOR_LISTEN", default_value = "0.0.0.0:9443")]
+    pub listen: String,
+    /// Plain-HTTP admin listener: `/healthz`, `/readyz` and `/metrics` (Prometheus text, including
+    /// the serving certificate's expiry). None unless set.
+    #[arg(long, env = "MESHID_INJECTOR_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Sidecar image.
+    #[arg(long, env = "MESHID_INJECTOR_SIDECAR_IMAGE")]
+    pub sidecar_image: String,
+    /// Sidecar image pull policy.
+    #[arg(
+        long,
+        env = "MESHID_INJECTOR_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
+    pub pull_policy: String,
+    /// The CA's gRPC address as sidecars reach it.
+    #[arg(long, env = "MESHID_INJECTOR_CA_ADDR")]
+    pub ca_addr: String,
+    /// Lifetime of the sidecar's projected token, in seconds (at least 600).
+    #[arg(long, env = "MESHID_INJECTOR_TOKEN_EXPIRATION", default_value_t = 600)]
+    pub token_expiration_seconds: u32,
+    /// Sidecar resources as JSON (`{"requests":{...},"limits":{...}}`).
+    #[arg(long, env = "MESHID_INJECTOR_SIDECAR_RESOURCES")]
+    pub sidecar_resources: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Everything checked and loaded, ready to serve.
+pub struct Startup {
+    args: InjectorArgs,
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+    interval: Duration,
+    pair: Arc<rustls::sign::CertifiedKey>,
+    pair_files: Vec<Vec<u8>>,
+    bundle_file: Vec<Vec<u8>>,
+    config: InjectConfig,
+}
+
+impl InjectorArgs {
+    /// Checks every flag and loads the files; on failure, every problem.
+    pub fn into_startup(self) -> Result<Startup, Vec<String>> {
+        let mut problems = Vec::new();
+        let listen: Option<SocketAddr> = self.listen.parse().ok();
+        if listen.is_none() {
+            problems.push(format!("--listen: {:?} is not IP:PORT", self.listen));
+        }
+        let admin_listen = match self.admin_listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => Some(None),
+            Some(Ok(addr)) => Some(Some(addr)),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "--admin-listen: {:?} is not IP:PORT",
+                    self.admin_listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
+        if self.token_expiration_seconds < 600 {
+            problems
+                .push("--token-expiration-seconds: Kubernetes requires at least 600".to_owned());
+        }
+        let interval = match meshid_identity::parse_duration(&self.reload_interval) {
+            Ok(d) if d >= Duration::from_millis(100) => Some(d),
+            Ok(_) => {
+                problems.push("--reload-interval: must be at least 100ms".to_owned());
+                None
+            }
+            Err(e) => {
+                problems.push(format!("--reload-interval: {e}"));
+                None
+            }
+        };
+        let resources = match self.sidecar_resources.as_deref().map(serde_json::from_str) {
+            None => None,
+            Some(Ok(v)) => Some(v),
+            Some(Err(e)) => {
+                problems.push(format!("--sidecar-resources: {e}"));
+                None
+            }
+        };
+        let pair_files = read_all(
+            &[&self.tls_cert, &self.tls_key],
+            &["--tls-cert", "--tls-key"],
+        );
+        let pair = match &pair_files {
+            Ok(files) => match load_pair(files, self.server_name.as_deref()) {
+                Ok(pair) => Some(pair),
+                Err(e) => {
+                    problems.push(format!(
+                        "--tls-cert/--tls-key: {e} ({}, {})",
+                        self.tls_cert.display(),
+                        self.tls_key.display()
+                    ));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.extend(e.iter().cloned());
+                None
+            }
+        };
+        let bundle_file = read_all(&[&self.trust_bundle], &["--trust-bundle"]);
+        let bundle = match &bundle_file {
+            Ok(files) => match load_bundle(files) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    problems.push(format!(
+                        "--trust-bundle: {}: {e}",
+                        self.trust_bundle.display()
+                    ));
+                    None
+                }
+            },
+            Err(e) => {
+                problems.extend(e.iter().cloned());
+                None
+            }
+        };
+        let (
+            Some(listen),
+            Some(admin_listen),
+            Some(interval),
+            Some(pair),
+            Some(bundle),
+            Ok(pair_files),
+            Ok(bundle_file),
+            true,
+        ) = (
+            listen,
+            admin_listen,
+            interval,
+            pair,
+            bundle,
+            pair_files,
+            bundle_file,
+            problems.is_empty(),
+        )
+        else {
+            return Err(problems);
+        };
+        let mut config = InjectConfig {
+            image: self.sidecar_image.clone(),
+            image_pull_policy: self.pull_policy.clone(),
+            ca_addr: self.ca_addr.clone(),
+            token_expiration_seconds: self.token_expiration_seconds,
+            log_format: self.log_format.clone(),
+            ..InjectConfig::new(bundle)
+        };
+        if let Some(resources) = resources {
+            config.resources = resources;
+        }
+        tracing::info!(
+            not_after = ?serving::not_after(&pair),
+            roots = config.trust_bundle.len(),
+            "serving certificate and trust bundle loaded"
+        );
+        Ok(Startup {
+            args: self,
+            listen,
+            admin_listen,
+            interval,
+            pair,
+            pair_files,
+            bundle_file,
+            config,
+        })
+    }
+}
+
+impl Startup {
+    /// Serves until SIGTERM or Ctrl-C.
+    pub fn run(self) -> ExitCode {
+        let Startup {
+            args,
+            listen,
+            admin_listen,
+            interval,
+            pair,
+            pair_files,
+            bundle_file,
+            config,
+        } = self;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(InjectorMetrics::register(&mut registry));
+        metrics.serving_cert(serving::not_after(&pair));
+        metrics.bundle_roots(config.trust_bundle.len());
+        let registry = Arc::new(registry);
+        let cert = ServingCert::new(pair);
+        let tls = match serving::server_config(cert.clone()) {
+            Ok(tls) => tls,
+            Err(e) => {
+                eprintln!("meshid-injector: tls: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let config = Arc::new(ArcSwap::from_pointee(config));
+        let runtime = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("meshid-injector: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match tokio::net::TcpListener::bind(listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("meshid-injector: cannot listen on {listen}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Dropped when this function returns; the admin server stops with it.
+            let (_stop_admin, admin_shutdown) = tokio::sync::watch::channel(false);
+            if let Some(admin) = admin_listen {
+                let listener = match tokio::net::TcpListener::bind(admin).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        eprintln!(
+                            "meshid-injector: cannot listen on {admin} (--admin-listen): {e}"
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tokio::spawn(meshid_runtime::admin::serve(
+                    listener,
+                    registry,
+                    Arc::new(AlwaysReady),
+                    admin_shutdown,
+                ));
+            }
+            tracing::info!(%listen, ?admin_listen, "meshid-injector serving");
+            let pair_paths = vec![args.tls_cert.clone(), args.tls_key.clone()];
+            let server_name = args.server_name.clone();
+            let m = metrics.clone();
+            tokio::spawn(reload::watch_files(
+                "serving certificate",
+                pair_paths,
+                pair_files,
+                interval,
+                move |files| {
+                    let loaded = load_pair(files, server_name.as_deref());
+                    m.reload("serving_certificate", loaded.is_ok());
+                    let pair = loaded.map_err(|e| e.to_string())?;
+                    let not_after = serving::not_after(&pair);
+                    m.serving_cert(not_after);
+                    cert.set(pair);
+                    Ok(format!("not after {not_after:?}"))
+                },
+            ));
+            let swap = config.clone();
+            let m = metrics.clone();
+            tokio::spawn(reload::watch_files(
+                "trust bundle",
+                vec![args.trust_bundle.clone()],
+                bundle_file,
+                interval,
+                move |files| {
+                    let loaded = load_bundle(files);
+                    m.reload("trust_bundle", loaded.is_ok());
+                    let bundle = loaded?;
+                    m.bundle_roots(bundle.len());
+                    let summary = format!("{} roots", bundle.len());
+                    let mut next = InjectConfig::clone(&swap.load());
+                    next.trust_bundle = bundle;
+                    swap.store(Arc::new(next));
+                    Ok(summary)
+                },
+            ));
+            tokio::select! {
+                () = server::serve(listener, tls, config, metrics) => {}
+                stopped = meshid_runtime::process::wait_for_signal() => match stopped {
+                    Ok(()) => tracing::info!("signal received; exiting"),
+                    Err(error) => {
+                        eprintln!("meshid-injector: cannot handle signals: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        })
+    }
+}
+
+fn load_pair(
+    files: &[Vec<u8>],
+    server_name: Option<&str>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, serving::ServingError> {
+    let [cert, key] = files else {
+        return Err(serving::ServingError::Cert(
+            "internal: two files expected".into(),
+        ));
+    };
+    let pair = serving::load_pair(cert, key, OffsetDateTime::now_utc())?;
+    if let Some(name) = server_name {
+        serving::require_name(&pair, name)?;
+    }
+    Ok(pair)
+}
+
+fn load_bundle(files: &[Vec<u8>]) -> Result<TrustBundle, String> {
+    let [bundle] = files else {
+        return Err("internal: one file expected".into());
+    };
+    TrustBundle::from_pem(bundle)
+}
+
+/// Reads every file, or names each one that cannot be read.
+fn read_all(paths: &[&Path], flags: &[&str]) -> Result<Vec<Vec<u8>>, Vec<String>> {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (path, flag) in paths.iter().zip(flags) {
+        match std::fs::read(path) {
+            Ok(c) => out.push(c),
+            Err(e) => problems.push(format!("{flag}: {}: {e}", path.display())),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The injector is ready once it serves: its certificate was checked before the listener opened.
+struct AlwaysReady;
+
+impl meshid_runtime::admin::AdminRoutes for AlwaysReady {
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+}

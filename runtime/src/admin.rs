@@ -1,0 +1,183 @@
+//! The one admin HTTP server every meshid process runs (plain HTTP/1.1, GET and HEAD only):
+//! `/healthz` (the process is up), `/readyz` (the process's own readiness, with the reason when it is
+//! not ready), `/metrics` (Prometheus text of the registry it is given), and whatever further routes
+//! the process adds through [`AdminRoutes::route`] (JSON documents, forwarded probes).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// An admin response.
+pub type AdminResponse = Response<Full<Bytes>>;
+/// A route's answer, computed later (e.g. a forwarded probe).
+pub type AdminFuture = Pin<Box<dyn Future<Output = AdminResponse> + Send>>;
+
+/// What one process adds to the shared routes.
+pub trait AdminRoutes: Send + Sync + 'static {
+    /// Why the process is not ready, or `None` when it is.
+    fn not_ready(&self) -> Option<String>;
+
+    /// Answers a path beyond `/healthz`, `/readyz` and `/metrics`, or `None` for 404.
+    fn route(&self, path: &str) -> Option<AdminFuture> {
+        let _ = path;
+        None
+    }
+}
+
+/// The time a client has to send its request head; admin clients are probes and scrapers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head the admin server reads.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves admin requests on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    routes: Arc<dyn AdminRoutes>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    while let Some((tcp, _)) = crate::net::accept(&listener, &mut shutdown, "admin").await {
+        let registry = registry.clone();
+        let routes = routes.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let answer = answer(&req, &registry, routes.as_ref());
+                async move {
+                    Ok::<_, Infallible>(match answer {
+                        Answer::Now(r) => r,
+                        Answer::Later(f) => f.await,
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+enum Answer {
+    Now(AdminResponse),
+    Later(AdminFuture),
+}
+
+fn answer(req: &Request<Incoming>, registry: &Registry, routes: &dyn AdminRoutes) -> Answer {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Answer::Now(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    Answer::Now(match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match routes.not_ready() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => metrics(registry),
+        path => match routes.route(path) {
+            Some(later) => return Answer::Later(later),
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+    })
+}
+
+fn metrics(registry: &Registry) -> AdminResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => with_type(
+            StatusCode::OK,
+            body,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+    }
+}
+
+/// A plain-text answer.
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    with_type(status, body, "text/plain; charset=utf-8")
+}
+
+/// A JSON answer (200).
+pub fn json(body: impl Into<Bytes>) -> AdminResponse {
+    with_type(StatusCode::OK, body, "application/json")
+}
+
+/// An answer with a content type.
+pub fn with_type(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> AdminResponse {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// A route answered at once.
+pub fn ready(resp: AdminResponse) -> AdminFuture {
+    Box::pin(std::future::ready(resp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http_client::{Call, send};
+
+    struct Routes;
+
+    impl AdminRoutes for Routes {
+        fn not_ready(&self) -> Option<String> {
+            Some("no certificate loaded".into())
+        }
+
+        fn route(&self, path: &str) -> Option<AdminFuture> {
+            (path == "/doc").then(|| ready(json("{\"a\":1}")))
+        }
+    }
+
+    #[tokio::test]
+    async fn shared_routes_and_added_ones() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let mut registry = Registry::default();
+        let counter = prometheus_client::metrics::counter::Counter::<u64>::default();
+        registry.register("meshid_test", "a test counter", counter.clone());
+        counter.inc();
+        let server = tokio::spawn(serve(listener, Arc::new(registry), Arc::new(Routes), rx));
+        let fetch = |path: &'static str| async move { send(&Call::get(addr, path)).await.unwrap() };
+        let r = fetch("/healthz").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"ok\n"[..]));
+        let r = fetch("/readyz").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(&r.body[..], b"not ready: no certificate loaded\n");
+        let r = fetch("/metrics").await;
+        assert!(String::from_utf8_lossy(&r.body).contains("meshid_test_total 1"));
+        let r = fetch("/doc").await;
+        assert_eq!((r.status, &r.body[..]), (200, &b"{\"a\":1}"[..]));
+        assert_eq!(fetch("/nope").await.status, 404);
+        tx.send_replace(true);
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,14 @@
+//! What every meshid process shares around its real work: process setup (logs, signals, the usage
+//! exit code), the one admin HTTP server (probes, `/metrics`, JSON endpoints), one small HTTP client
+//! on hyper, the accept loop, write coalescing under TLS streams, and wall-clock helpers.
+//!
+//! Holds no identity or policy logic: that is `meshid-identity`'s.
+
+pub mod admin;
+pub mod http_client;
+pub mod io;
+pub mod net;
+pub mod process;
+pub mod time;
+
+pub use process::EXIT_USAGE;

@@ -1,0 +1,635 @@
+//! The command line: flags with `MESHID_*` environment twins (clap), turned once into typed
+//! [`crate::settings`] by [`RunArgs::into_config`], which reads the files the flags name (the
+//! annotations file, the CA bundle) and names every bad setting at once. Nothing here binds a
+//! socket: a port taken by the app is reported when the sidecar binds it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use meshid_identity::annotations::MeshAnnotations;
+use meshid_identity::parse_duration;
+
+use rustls::pki_types::CertificateDer;
+
+use crate::settings::{
+    Bootstrap, CaEndpoint, CaMode, CredSource, FileCreds, Inbound, Limits, Outbound, RunConfig,
+    is_host_port, parse_inbound, parse_outbound, roots_from_pem,
+};
+
+pub use meshid_runtime::EXIT_USAGE;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshid-sidecar",
+    version,
+    about = "meshid sidecar: mTLS in and out, SPIFFE identity, allow-lists"
+)]
+pub struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar.
+    Run(Box<RunArgs>),
+    /// Check a policy file as the sidecar would load it and, with --peer and --port, say what it
+    /// decides for that caller. Exit 0: valid (and allowed); 1: invalid file; 2: denied.
+    CheckPolicy(CheckPolicyArgs),
+}
+
+/// `meshid-sidecar check-policy`.
+#[derive(Debug, Args)]
+pub struct CheckPolicyArgs {
+    /// The policy: a YAML policy file, or a pod's downward-API annotations file.
+    pub file: PathBuf,
+    /// Decide for this caller (a SPIFFE ID); needs --port.
+    #[arg(long, requires = "port")]
+    pub peer: Option<String>,
+    /// The inbound port the caller connects to.
+    #[arg(long, requires = "peer")]
+    pub port: Option<u16>,
+    /// The request's method, on an HTTP port.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The request's path, on an HTTP port; without it only the connection is decided.
+    #[arg(long)]
+    pub path: Option<String>,
+    /// The sidecar's inbound listeners, as given to `run` (LISTEN=TARGET[,tcp|http], repeatable):
+    /// a policy port whose protocol disagrees with its listener is refused, as `run` refuses it.
+    #[arg(long)]
+    pub inbound: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Inbound listener: LISTEN=TARGET[,tcp|http], e.g. 0.0.0.0:15443=127.0.0.1:8080,http (repeatable).
+    #[arg(long, env = "MESHID_INBOUND", value_delimiter = ' ')]
+    pub inbound: Vec<String>,
+    /// Upstream: LOCAL=REMOTE,SPIFFE_ID[,tcp|http], e.g.
+    /// 127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http (repeatable).
+    #[arg(long, env = "MESHID_OUTBOUND", value_delimiter = ' ')]
+    pub outbound: Vec<String>,
+    /// Allow-list file (YAML), watched and hot-reloaded. Without one every inbound peer is denied.
+    #[arg(long, env = "MESHID_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Kubernetes downward-API file of the pod's annotations (`meshid.io/inbound`, `allow-<port>`,
+    /// `outbound`, `mode`): adds the inbound listeners (on --pod-ip) and upstreams they declare,
+    /// and is the watched policy (so `kubectl annotate` changes the allow-list live). Replaces
+    /// --policy.
+    #[arg(long, env = "MESHID_ANNOTATIONS")]
+    pub annotations: Option<PathBuf>,
+    /// The pod's IP (downward API `status.podIP`): inbound ports from --annotations listen on it and
+    /// forward to 127.0.0.1 on the same port.
+    #[arg(long, env = "MESHID_POD_IP")]
+    pub pod_ip: Option<String>,
+    /// Admin server (probes, /metrics, /identity).
+    #[arg(long, env = "MESHID_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
+    pub admin_listen: String,
+    /// Certificate chain (PEM, leaf first).
+    #[arg(long, env = "MESHID_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, env = "MESHID_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust bundle (PEM roots).
+    #[arg(long, env = "MESHID_BUNDLE")]
+    pub bundle: Option<PathBuf>,
+    /// CA mode: the CA's gRPC address (HOST:PORT). Needs --ca-bundle (or --ca-bundle-pem) and
+    /// --token-file or --join-token-file; replaces --cert/--key/--bundle.
+    #[arg(long, env = "MESHID_CA_ADDR")]
+    pub ca_addr: Option<String>,
+    /// Roots the CA's serving certificate chains to (PEM).
+    #[arg(long, env = "MESHID_CA_BUNDLE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// The same roots as PEM text instead of a file (the injector sets MESHID_CA_BUNDLE_PEM).
+    #[arg(
+        long,
+        env = "MESHID_CA_BUNDLE_PEM",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
+    pub ca_bundle_pem: Option<String>,
+    /// File mode: also report to the CA at HOST:PORT (its certificate verified against --bundle), so
+    /// the CA's rotation status lists this sidecar, as unknown: its trust comes from files.
+    #[arg(long, env = "MESHID_REPORT_CA_ADDR")]
+    pub report_ca_addr: Option<String>,
+    /// Name to verify the CA's certificate against (default: the host of --ca-addr).
+    #[arg(long, env = "MESHID_CA_SERVER_NAME")]
+    pub ca_server_name: Option<String>,
+    /// Kubernetes projected service-account token (re-read at every request).
+    #[arg(long, env = "MESHID_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// One-time join token (first certificate only; renewals use the certificate).
+    #[arg(long, env = "MESHID_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// Certificate lifetime to ask the CA for (default: the CA's).
+    #[arg(long, env = "MESHID_TTL")]
+    pub ttl: Option<String>,
+    /// Allow inbound targets that are not loopback (the app is then reachable without the sidecar).
+    #[arg(long, env = "MESHID_DANGEROUS_ALLOW_NON_LOCAL_TARGET")]
+    pub dangerous_allow_non_local_target: bool,
+    /// Time allowed for a TLS handshake.
+    #[arg(long, env = "MESHID_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub handshake_timeout: String,
+    /// Close a connection with no traffic either way for this long.
+    #[arg(long, env = "MESHID_IDLE_TIMEOUT", default_value = "5m")]
+    pub idle_timeout: String,
+    /// Most concurrent connections per listener; excess ones are refused.
+    #[arg(long, env = "MESHID_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
+    /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
+    #[arg(long, env = "MESHID_MAX_HEADER_BYTES", default_value = "16384")]
+    pub max_header_bytes: String,
+    /// Time the app (or upstream) has to answer with response headers.
+    #[arg(long, env = "MESHID_REQUEST_TIMEOUT", default_value = "30s")]
+    pub request_timeout: String,
+    /// Time allowed to connect to the app or an upstream.
+    #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: String,
+    /// Keep inbound connections open past the peer certificate's expiry (by default they are closed
+    /// gracefully then, so no connection outlives the identity that opened it).
+    #[arg(long, env = "MESHID_NO_CONNECTION_AGE_CAP")]
+    pub no_connection_age_cap: bool,
+    /// On SIGTERM, how long in-flight requests and connections may take to finish.
+    #[arg(long, env = "MESHID_GRACE", default_value = "20s")]
+    pub grace: String,
+}
+
+impl RunArgs {
+    /// The `--inbound` and `--outbound` values the `--annotations` file declares.
+    fn annotation_listeners(&self, problems: &mut Vec<String>) -> (Vec<String>, Vec<String>) {
+        let Some(path) = &self.annotations else {
+            if self.pod_ip.is_some() {
+                problems.push("--pod-ip is only used with --annotations".into());
+            }
+            return (Vec::new(), Vec::new());
+        };
+        if self.policy.is_some() {
+            problems.push(
+                "--annotations and --policy are two sources of the allow-list; use one".into(),
+            );
+        }
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                problems.push(format!("--annotations: {}: {e}", path.display()));
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let parsed = match MeshAnnotations::from_downward_api(&text) {
+            Ok(a) => a,
+            Err(errors) => {
+                problems.extend(errors.iter().map(|e| format!("--annotations: {e}")));
+                return (Vec::new(), Vec::new());
+            }
+        };
+        let pod_ip = match self.pod_ip.as_deref().map(str::parse::<std::net::IpAddr>) {
+            Some(Ok(ip)) => Some(ip),
+            Some(Err(_)) => {
+                problems.push(format!("--pod-ip: {:?} is not an IP address", self.pod_ip));
+                None
+            }
+            None if parsed.inbound.is_empty() => None,
+            None => {
+                problems
+                    .push("--pod-ip is required when the annotations declare inbound ports".into());
+                None
+            }
+        };
+        let inbound = pod_ip.map(|ip| parsed.inbound_args(ip)).unwrap_or_default();
+        (inbound, parsed.outbound_args())
+    }
+
+    /// Checks every setting; returns all problems at once.
+    pub fn into_config(self) -> Result<RunConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let limits = self.limits(&mut problems);
+        let (inbound, outbound, admin_listen) = self.listeners(&mut problems);
+        if let Some(p) = &self.policy
+            && !p.exists()
+        {
+            problems.push(format!("--policy: {} does not exist", p.display()));
+        }
+        let creds = match &self.ca_addr {
+            None => CredSource::Files(FileCreds {
+                cert: required_file(&mut problems, "cert", &self.cert),
+                key: required_file(&mut problems, "key", &self.key),
+                bundle: required_file(&mut problems, "bundle", &self.bundle),
+            }),
+            Some(addr) => self.ca_mode(addr, &mut problems),
+        };
+        let report_to = self.report_to(&mut problems);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(RunConfig {
+            report_to,
+            inbound,
+            outbound,
+            // The policy watcher reads a downward-API file as annotations (see run.rs).
+            policy: self.annotations.or(self.policy),
+            admin_listen,
+            creds,
+            limits,
+        })
+    }
+
+    /// Timeouts and sizes.
+    fn limits(&self, problems: &mut Vec<String>) -> Limits {
+        let mut duration = |flag: &str, value: &str| match parse_duration(value) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("--{flag}: {e}"));
+                Duration::ZERO
+            }
+        };
+        let handshake_timeout = duration("handshake-timeout", &self.handshake_timeout);
+        let idle_timeout = duration("idle-timeout", &self.idle_timeout);
+        let request_timeout = duration("request-timeout", &self.request_timeout);
+        let connect_timeout = duration("connect-timeout", &self.connect_timeout);
+        let grace = duration("grace", &self.grace);
+        let max_connections = match self.max_connections.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                problems.push("--max-connections: must be a positive number".into());
+                0
+            }
+        };
+        let max_header_bytes = match self.max_header_bytes.parse::<usize>() {
+            Ok(n) if n >= 8192 => n,
+            _ => {
+                problems.push("--max-header-bytes: must be a number of at least 8192".into());
+                0
+            }
+        };
+        Limits {
+            handshake_timeout,
+            idle_timeout,
+            max_connections,
+            max_header_bytes,
+            request_timeout,
+            connect_timeout,
+            grace,
+            cap_connection_age: !self.no_connection_age_cap,
+        }
+    }
+
+    /// Inbound listeners, upstreams (from flags and the annotations file) and the admin address,
+    /// each address used once.
+    fn listeners(&self, problems: &mut Vec<String>) -> (Vec<Inbound>, Vec<Outbound>, SocketAddr) {
+        let allow = self.dangerous_allow_non_local_target;
+        let (from_annotations_in, from_annotations_out) = self.annotation_listeners(problems);
+        let flags = |values: &[String]| -> Vec<String> {
+            values.iter().filter(|s| !s.is_empty()).cloned().collect()
+        };
+        let inbound = parse_all(
+            problems,
+            [
+                ("--inbound", flags(&self.inbound), allow),
+                ("--annotations", from_annotations_in, false),
+            ],
+            parse_inbound,
+        );
+        let outbound = parse_all(
+            problems,
+            [
+                ("--outbound", flags(&self.outbound), allow),
+                ("--annotations", from_annotations_out, false),
+            ],
+            parse_outbound,
+        );
+        let admin_listen = self.admin_listen.parse::<SocketAddr>().unwrap_or_else(|_| {
+            problems.push(format!(
+                "--admin-listen: {:?} is not IP:PORT",
+                self.admin_listen
+            ));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        });
+        let mut seen = std::collections::HashSet::new();
+        for addr in inbound
+            .iter()
+            .map(|i| i.listen)
+            .chain(outbound.iter().map(|o| o.local))
+            .chain(std::iter::once(admin_listen))
+        {
+            if addr.port() != 0 && !seen.insert(addr) {
+                problems.push(format!("{addr} is used by more than one listener"));
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for i in &inbound {
+            if !ports.insert(i.listen.port()) {
+                problems.push(format!(
+                    "--inbound: port {} is used twice (policy rules are per port)",
+                    i.listen.port()
+                ));
+            }
+        }
+        if inbound.is_empty() && outbound.is_empty() {
+            problems.push("no --inbound or --outbound listener: nothing to do".into());
+        }
+        (inbound, outbound, admin_listen)
+    }
+
+    /// CA mode: where the CA is, what its certificate chains to, and the first credential.
+    fn ca_mode(&self, addr: &str, problems: &mut Vec<String>) -> CredSource {
+        if self.cert.is_some() || self.key.is_some() || self.bundle.is_some() {
+            problems.push(
+                "--ca-addr and --cert/--key/--bundle are two ways to get credentials; use one"
+                    .into(),
+            );
+        }
+        let roots = self.ca_roots(problems);
+        let bootstrap = match (&self.token_file, &self.join_token_file) {
+            (Some(t), None) => Some(Bootstrap::TokenFile(t.clone())),
+            (None, Some(j)) => Some(Bootstrap::JoinTokenFile(j.clone())),
+            _ => {
+                problems
+                    .push("CA mode needs exactly one of --token-file and --join-token-file".into());
+                None
+            }
+        };
+        let ttl = match self.ttl.as_deref().map(parse_duration) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                problems.push(format!("--ttl: {e}"));
+                None
+            }
+        };
+        if !is_host_port(addr) {
+            problems.push(format!("--ca-addr: {addr:?} is not HOST:PORT"));
+        }
+        match bootstrap {
+            Some(bootstrap) => CredSource::Ca(CaMode {
+                endpoint: CaEndpoint {
+                    addr: addr.to_owned(),
+                    server_name: self.ca_server_name.clone(),
+                    roots,
+                },
+                bootstrap,
+                ttl,
+            }),
+            // Unused: a problem was recorded, so no configuration is returned.
+            None => CredSource::Files(FileCreds {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                bundle: PathBuf::new(),
+            }),
+        }
+    }
+
+    /// The roots the CA's serving certificate chains to: `--ca-bundle` or `--ca-bundle-pem`.
+    fn ca_roots(&self, problems: &mut Vec<String>) -> Vec<CertificateDer<'static>> {
+        match (&self.ca_bundle, &self.ca_bundle_pem) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "--ca-bundle and --ca-bundle-pem (MESHID_CA_BUNDLE_PEM) are two sources of \
+                     the CA's roots; use one"
+                        .into(),
+                );
+                Vec::new()
+            }
+            (None, Some(pem)) => roots_from_pem(pem).unwrap_or_else(|e| {
+                problems.push(format!("--ca-bundle-pem (MESHID_CA_BUNDLE_PEM): {e}"));
+                Vec::new()
+            }),
+            (_, None) => {
+                let ca_bundle = required_file(problems, "ca-bundle", &self.ca_bundle);
+                if !ca_bundle.is_file() {
+                    return Vec::new();
+                }
+                crate::creds::files::certs(&ca_bundle).unwrap_or_else(|e| {
+                    problems.push(format!("--ca-bundle: {e}"));
+                    Vec::new()
+                })
+            }
+        }
+    }
+
+    /// File mode's optional report to the CA.
+    fn report_to(&self, problems: &mut Vec<String>) -> Option<CaEndpoint> {
+        match (&self.report_ca_addr, &self.ca_addr) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "--report-ca-addr is for file mode; in CA mode the sidecar reports to --ca-addr"
+                        .into(),
+                );
+                None
+            }
+            (Some(addr), None) => {
+                if !is_host_port(addr) {
+                    problems.push(format!("--report-ca-addr: {addr:?} is not HOST:PORT"));
+                }
+                Some(CaEndpoint {
+                    addr: addr.clone(),
+                    server_name: self.ca_server_name.clone(),
+                    roots: Vec::new(),
+                })
+            }
+        }
+    }
+}
+
+/// Parses every value of each source with `parse`, naming the source in each problem.
+fn parse_all<T, const N: usize>(
+    problems: &mut Vec<String>,
+    sources: [(&str, Vec<String>, bool); N],
+    parse: fn(&str, bool) -> Result<T, String>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (flag, values, allow_non_local) in sources {
+        for value in values {
+            match parse(&value, allow_non_local) {
+                Ok(v) => out.push(v),
+                Err(e) => problems.push(format!("{flag}: {e}")),
+            }
+        }
+    }
+    out
+}
+
+/// A file a flag must name.
+fn required_file(problems: &mut Vec<String>, flag: &str, path: &Option<PathBuf>) -> PathBuf {
+    match path {
+        Some(p) if p.is_file() => p.clone(),
+        Some(p) => {
+            problems.push(format!("--{flag}: {} is not a readable file", p.display()));
+            PathBuf::new()
+        }
+        None => {
+            problems.push(format!("--{flag} is required"));
+            PathBuf::new()
+        }
+    }
+}
+
+/// Parses a whole `meshid-sidecar` command line (program name first) into its checked
+/// configuration, as the binary does: the injector's tests check the command lines it writes with
+/// this.
+pub fn run_config_from_args<I, T>(argv: I) -> Result<RunConfig, Vec<String>>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(argv).map_err(|e| vec![e.to_string()])?;
+    match cli.command {
+        Command::Run(run) => run.into_config(),
+        Command::CheckPolicy(_) => Err(vec!["not a `run` command line".to_owned()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_setting_is_reported() {
+        let cli = Cli::try_parse_from([
+            "meshid-sidecar",
+            "run",
+            "--inbound",
+            "0.0.0.0:1=10.1.1.1:80",
+            "--outbound",
+            "nope",
+            "--idle-timeout",
+            "x",
+            "--max-header-bytes",
+            "100",
+            "--admin-listen",
+            "bad",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        let problems = args.into_config().unwrap_err().join("\n");
+        for needle in [
+            "--inbound",
+            "--outbound",
+            "--idle-timeout",
+            "--max-header-bytes",
+            "--admin-listen",
+            "--cert",
+            "--key",
+            "--bundle",
+        ] {
+            assert!(problems.contains(needle), "{needle} missing in {problems}");
+        }
+    }
+
+    #[test]
+    fn ca_bundle_from_pem_text() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let bundle_file = dir.path().join("bundle.pem");
+        std::fs::write(&bundle_file, &root).unwrap();
+        let run = |extra: &[&str]| {
+            let mut argv = vec![
+                "meshid-sidecar",
+                "run",
+                "--outbound",
+                "127.0.0.1:9001=b.ns.svc:80,spiffe://td/b",
+                "--ca-addr",
+                "ca.meshid.svc:8443",
+                "--token-file",
+                token.to_str().unwrap(),
+            ];
+            argv.extend(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            args.into_config().map_err(|p| p.join("\n"))
+        };
+        let config = run(&["--ca-bundle-pem", &root]).unwrap();
+        let CredSource::Ca(ca) = config.creds else {
+            panic!("CA mode")
+        };
+        assert_eq!(ca.endpoint.roots.len(), 1);
+        let key_pem = key.serialize_pem();
+        for (bad, needle) in [
+            ("garbage", "no PEM certificate"),
+            ("", "no PEM certificate"),
+            (key_pem.as_str(), "not a CERTIFICATE"),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+                "not X.509",
+            ),
+        ] {
+            let problems = run(&["--ca-bundle-pem", bad]).unwrap_err();
+            assert!(problems.contains("--ca-bundle-pem"), "{problems}");
+            assert!(problems.contains(needle), "{bad:?}: {problems}");
+        }
+        let both = run(&[
+            "--ca-bundle-pem",
+            &root,
+            "--ca-bundle",
+            bundle_file.to_str().unwrap(),
+        ]);
+        assert!(both.unwrap_err().contains("use one"));
+        let neither = run(&[]).unwrap_err();
+        assert!(neither.contains("--ca-bundle is required"), "{neither}");
+    }
+
+    #[test]
+    fn annotations_file_declares_listeners_and_is_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("annotations");
+        let run = |annotations: &str, extra: &[&str]| {
+            std::fs::write(&file, annotations).unwrap();
+            let mut argv = vec![
+                "meshid-sidecar",
+                "run",
+                "--annotations",
+                file.to_str().unwrap(),
+                "--cert",
+                "/nonexistent",
+                "--key",
+                "/nonexistent",
+                "--bundle",
+                "/nonexistent",
+            ];
+            argv.extend(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            args.into_config().map_err(|p| p.join("\n"))
+        };
+        let good = "meshid.io/inbound=\"8080=http\"\nmeshid.io/outbound=\"9001=b.ns.svc:80,spiffe://td/b\"\n";
+        let problems = run(good, &["--pod-ip", "10.0.0.7"]).unwrap_err();
+        // Only the credential files are wrong: the listeners were derived.
+        assert!(!problems.contains("--annotations"), "{problems}");
+        assert!(!problems.contains("--pod-ip"), "{problems}");
+        let problems = run(good, &[]).unwrap_err();
+        assert!(problems.contains("--pod-ip is required"), "{problems}");
+        let problems = run(
+            "meshid.io/inbound=\"8080=udp\"\n",
+            &["--pod-ip", "10.0.0.7"],
+        )
+        .unwrap_err();
+        assert!(
+            problems.contains("--annotations: annotation meshid.io/inbound"),
+            "{problems}"
+        );
+        let problems = run(good, &["--pod-ip", "x", "--policy", "/p.yaml"]).unwrap_err();
+        assert!(problems.contains("--pod-ip: "), "{problems}");
+        assert!(
+            problems.contains("--annotations and --policy"),
+            "{problems}"
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Talking to the meshid CA: a gRPC channel over our own rustls (aws-lc-rs) connection, verifying the
+//! CA's serving certificate against the CA bundle, optionally presenting our current certificate (the
+//! credential for renewal).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::settings::CaEndpoint;
+
+/// A gRPC client of the CA.
+pub type CaClient = CertificateAuthorityClient<Channel>;
+
+/// Why a connection to the CA could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaClientError {
+    #[error("CA address {0:?} is not host:port")]
+    Address(String),
+    #[error("CA bundle: {0}")]
+    Bundle(rustls::Error),
+    #[error("client certificate: {0}")]
+    ClientCert(rustls::Error),
+    #[error("connecting to the CA: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
+
+/// Connects to the CA, presenting `client_cert` (chain, key) if given.
+pub async fn connect(
+    endpoint: &CaEndpoint,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<CaClient, CaClientError> {
+    Ok(CertificateAuthorityClient::new(
+        channel(endpoint, client_cert).await?,
+    ))
+}
+
+/// A gRPC channel to the CA's TLS port (for the CA API or its health service).
+pub async fn channel(
+    endpoint: &CaEndpoint,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Channel, CaClientError> {
+    let host = endpoint
+        .host()
+        .map_err(|_| CaClientError::Address(endpoint.addr.clone()))?
+        .to_owned();
+    let name = endpoint.server_name.clone().unwrap_or_else(|| host.clone());
+    let server_name =
+        ServerName::try_from(name.clone()).map_err(|_| CaClientError::Address(name.clone()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut store = rustls::RootCertStore::empty();
+    for root in &endpoint.roots {
+        store.add(root.clone()).map_err(CaClientError::Bundle)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(CaClientError::Bundle)?
+        .with_root_certificates(store);
+    let mut config = match client_cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(CaClientError::ClientCert)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let addr = endpoint.addr.clone();
+    let channel = Endpoint::from_static("http://meshid-ca")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let server_name = server_name.clone();
+            let addr = addr.clone();
+            async move {
+                let tcp = TcpStream::connect(addr.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}

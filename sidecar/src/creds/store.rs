@@ -1,0 +1,470 @@
+//! The one seam where credentials enter the data plane.
+//!
+//! Every source (PEM files today; the CA client and file watcher next) calls
+//! [`CredentialStore::set_certificate`]. A new set is validated — the key matches the leaf, the chain
+//! verifies to the bundle, the identity is a valid SPIFFE ID — before anything is published; then the
+//! TLS configs for every listener and upstream are built once and swapped in atomically. New
+//! handshakes use them at once; live connections keep theirs. Until the first set arrives, handshakes
+//! are refused; a rejected set leaves the last good one serving.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use meshid_identity::{CertIdentity, IdentityError, SpiffeId, cert_identity_from_der};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig};
+use tokio::sync::watch;
+
+use meshid_identity::peer::VerifiedPeers;
+use meshid_identity::policy::Protocol;
+use meshid_identity::verify::{Anchors, SpiffeClientVerifier, SpiffeServerVerifier};
+
+/// A certificate chain (leaf first), its private key, and the trust bundle, as one set.
+pub struct Credentials {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("Credentials")
+            .field("chain", &self.chain.len())
+            .field("key", &"<redacted>")
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+/// Why a credential set was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredError {
+    #[error("certificate chain is empty")]
+    EmptyChain,
+    #[error("trust bundle is empty")]
+    EmptyBundle,
+    #[error("certificate identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("trust bundle: {0:?}")]
+    Bundle(webpki::Error),
+    #[error("private key: {0}")]
+    Key(rustls::Error),
+    #[error("certificate does not verify against the trust bundle: {0}")]
+    Chain(rustls::Error),
+    #[error("tls configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the new certificate is for {offered}, but this sidecar is {current}")]
+    IdentityChanged {
+        current: SpiffeId,
+        offered: SpiffeId,
+    },
+}
+
+/// One upstream's expectations, fixed at start.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub expected: SpiffeId,
+    pub protocol: Protocol,
+}
+
+/// A validated credential set with every TLS config built from it.
+pub struct Snapshot {
+    pub identity: CertIdentity,
+    pub anchors: Anchors,
+    /// Who the inbound verifier of this snapshot's server configs found each peer to be.
+    pub peers: Arc<VerifiedPeers>,
+    /// SHA-256 fingerprints of the trust anchors (hex), for `/identity`.
+    pub anchor_fingerprints: Vec<String>,
+    /// Not-after of each trust anchor (seconds since the epoch).
+    pub anchor_not_after: Vec<i64>,
+    pub server_tcp: Arc<ServerConfig>,
+    pub server_http: Arc<ServerConfig>,
+    /// Indexed like the store's upstreams.
+    pub clients: Vec<Arc<ClientConfig>>,
+    /// SHA-256 (hex) of our own leaf.
+    pub leaf_sha256: String,
+    /// SHA-256 (hex) of our public key (changes at every renewal: a fresh key each time).
+    pub public_key_sha256: String,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("identity", &self.identity)
+            .field("anchors", &self.anchors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// The server config for an inbound listener of `protocol`.
+    pub fn server(&self, protocol: Protocol) -> &Arc<ServerConfig> {
+        match protocol {
+            Protocol::Tcp => &self.server_tcp,
+            Protocol::Http => &self.server_http,
+        }
+    }
+
+    /// Whether the leaf is valid at `now` (seconds since the epoch).
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.identity.not_before <= now && now < self.identity.not_after
+    }
+}
+
+/// The credential store shared by every listener.
+pub struct CredentialStore {
+    provider: Arc<CryptoProvider>,
+    upstreams: Vec<UpstreamSpec>,
+    current: ArcSwapOption<Snapshot>,
+    generation: watch::Sender<u64>,
+    /// The accepted chain and key, kept (in memory only) to rebuild configs when the bundle changes
+    /// and to authenticate renewals.
+    held: std::sync::Mutex<Option<Held>>,
+}
+
+struct Held {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl fmt::Debug for CredentialStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialStore")
+            .field(
+                "current",
+                &self.current.load().as_ref().map(|s| s.identity.id.clone()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// The crypto provider used everywhere: aws-lc-rs.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+impl CredentialStore {
+    pub fn new(upstreams: Vec<UpstreamSpec>) -> Self {
+        Self {
+            provider: provider(),
+            upstreams,
+            current: ArcSwapOption::empty(),
+            generation: watch::channel(0).0,
+            held: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Our current chain and key (to present when renewing), if any set was accepted.
+    pub fn chain_and_key(&self) -> Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| (h.chain.clone(), h.key.clone_key()))
+    }
+
+    /// Whether our own chain still verifies against our trust bundle at `now` (after a forced root
+    /// retirement it does not: the CA will refuse it as a renewal credential).
+    pub fn own_chain_trusted(&self, now: i64) -> bool {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(h) = held.as_ref() else {
+            return false;
+        };
+        let Some((leaf, intermediates)) = h.chain.split_first() else {
+            return false;
+        };
+        let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
+            return false;
+        };
+        let anchors: Vec<_> = h
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+        ee.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &anchors,
+            intermediates,
+            time,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .is_ok()
+    }
+
+    /// The trust bundle's roots as last accepted.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| h.roots.clone()).unwrap_or_default()
+    }
+
+    /// Replaces the trust bundle, keeping our certificate and key. New handshakes trust exactly the
+    /// new roots at once; live connections are untouched. Our own chain need not verify against the
+    /// new bundle (after a forced root retirement it will not, until the next renewal).
+    pub fn set_bundle(
+        &self,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Arc<Snapshot>, CredError> {
+        let (chain, key) = self.chain_and_key().ok_or(CredError::EmptyChain)?;
+        let snapshot = Arc::new(self.build(
+            Credentials {
+                chain: chain.clone(),
+                key: key.clone_key(),
+                roots: roots.clone(),
+            },
+            false,
+        )?);
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held { chain, key, roots });
+        self.current.store(Some(snapshot.clone()));
+        self.generation.send_modify(|g| *g += 1);
+        Ok(snapshot)
+    }
+
+    /// The current snapshot, if any set was ever accepted.
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    /// Notified with a new generation number on every accepted set.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Validates a credential set, builds every TLS config from it, and publishes it.
+    pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
+        let held = Held {
+            chain: creds.chain.clone(),
+            key: creds.key.clone_key(),
+            roots: creds.roots.clone(),
+        };
+        let snapshot = Arc::new(self.build(creds, true)?);
+        // A sidecar is one workload: a source that hands over another identity (a file replaced
+        // by another workload's, a CA answering for someone else) is refused, never served.
+        if let Some(current) = self.current()
+            && current.identity.id != snapshot.identity.id
+        {
+            return Err(CredError::IdentityChanged {
+                current: current.identity.id.clone(),
+                offered: snapshot.identity.id.clone(),
+            });
+        }
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+        self.current.store(Some(snapshot.clone()));
+        self.generation.send_modify(|g| *g += 1);
+        Ok(snapshot)
+    }
+
+    fn build(&self, creds: Credentials, check_own_chain: bool) -> Result<Snapshot, CredError> {
+        let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
+        if creds.roots.is_empty() {
+            return Err(CredError::EmptyBundle);
+        }
+        let identity = cert_identity_from_der(&leaf)?;
+        let anchors =
+            Anchors::new(&creds.roots, identity.id.trust_domain()).map_err(CredError::Bundle)?;
+        let key = CertifiedKey::from_der(creds.chain.clone(), creds.key, &self.provider)
+            .map_err(CredError::Key)?;
+        let key = Arc::new(key);
+
+        let peers = Arc::new(VerifiedPeers::default());
+        let client_verifier = Arc::new(SpiffeClientVerifier::new(
+            anchors.clone(),
+            &self.provider,
+            peers.clone(),
+        ));
+        if check_own_chain {
+            // Our own chain must verify exactly as peers will verify it, both ways.
+            let own_server =
+                SpiffeServerVerifier::new(anchors.clone(), identity.id.clone(), &self.provider);
+            rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                &own_server,
+                &leaf,
+                &creds.chain[1..],
+                &rustls::pki_types::ServerName::try_from("meshid.invalid")
+                    .map_err(|_| CredError::EmptyChain)?,
+                &[],
+                UnixTime::now(),
+            )
+            .map_err(CredError::Chain)?;
+            rustls::server::danger::ClientCertVerifier::verify_client_cert(
+                client_verifier.as_ref(),
+                &leaf,
+                &creds.chain[1..],
+                UnixTime::now(),
+            )
+            .map_err(CredError::Chain)?;
+        }
+
+        let server = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, CredError> {
+            let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(client_verifier.clone())
+                .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key.clone())));
+            config.alpn_protocols = alpn;
+            // No resumption: every connection proves its peer's certificate against the current
+            // bundle, so a rotation or an expiry can never be skipped by a resumed session.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            Ok(Arc::new(config))
+        };
+        let server_tcp = server(Vec::new())?;
+        let server_http = server(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
+
+        let mut clients = Vec::with_capacity(self.upstreams.len());
+        for up in &self.upstreams {
+            let verifier =
+                SpiffeServerVerifier::new(anchors.clone(), up.expected.clone(), &self.provider);
+            // `dangerous()` is how rustls admits a custom verifier; ours is not weaker than webpki's
+            // hostname check: it verifies the chain and then demands the exact SPIFFE ID.
+            let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+                    key.clone(),
+                )));
+            config.resumption = rustls::client::Resumption::disabled();
+            if up.protocol == Protocol::Http {
+                config.alpn_protocols = vec![b"h2".to_vec()];
+            }
+            clients.push(Arc::new(config));
+        }
+
+        let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
+        let anchor_not_after = creds
+            .roots
+            .iter()
+            .filter_map(|r| {
+                use x509_parser::prelude::FromDer;
+                x509_parser::certificate::X509Certificate::from_der(r)
+                    .ok()
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+            })
+            .collect();
+        Ok(Snapshot {
+            identity,
+            anchors,
+            peers,
+            anchor_fingerprints,
+            anchor_not_after,
+            server_tcp,
+            server_http,
+            clients,
+            public_key_sha256: {
+                use x509_parser::prelude::FromDer;
+                x509_parser::certificate::X509Certificate::from_der(&leaf)
+                    .map(|(_, c)| sha256_hex(c.public_key().raw))
+                    .unwrap_or_default()
+            },
+            leaf_sha256: sha256_hex(&leaf),
+        })
+    }
+}
+
+pub use meshid_identity::pem::sha256_hex;
+
+#[cfg(test)]
+mod tests {
+    use meshid_identity::testing::{LeafShape, TestPki};
+    use meshid_runtime::time::unix_now;
+
+    use super::*;
+
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+
+    fn set(pki: &TestPki, leaf: meshid_identity::testing::TestLeaf) -> Credentials {
+        Credentials {
+            chain: leaf.chain,
+            key: leaf.key,
+            roots: vec![pki.root.clone()],
+        }
+    }
+
+    #[test]
+    fn refuses_sets_that_do_not_hold_together() {
+        let pki = TestPki::new("ours");
+        let other = TestPki::new("other");
+        let store = CredentialStore::new(Vec::new());
+        assert!(store.current().is_none());
+
+        // A key that is not the leaf's.
+        let mut mismatched = set(&pki, pki.leaf(ME));
+        mismatched.key = pki.leaf(ME).key;
+        assert!(matches!(
+            store.set_certificate(mismatched),
+            Err(CredError::Key(_))
+        ));
+        // A chain that does not verify against the bundle that comes with it.
+        let mut foreign = set(&pki, other.leaf(ME));
+        foreign.roots = vec![pki.root.clone()];
+        assert!(matches!(
+            store.set_certificate(foreign),
+            Err(CredError::Chain(_))
+        ));
+        // An expired leaf.
+        let expired = pki.leaf_shaped(
+            ME,
+            &LeafShape {
+                valid: Some((time::Duration::hours(-2), time::Duration::hours(-1))),
+                ..LeafShape::default()
+            },
+        );
+        assert!(matches!(
+            store.set_certificate(set(&pki, expired)),
+            Err(CredError::Chain(_))
+        ));
+        // No bundle, no chain.
+        let mut no_roots = set(&pki, pki.leaf(ME));
+        no_roots.roots.clear();
+        assert!(matches!(
+            store.set_certificate(no_roots),
+            Err(CredError::EmptyBundle)
+        ));
+        assert!(store.current().is_none(), "nothing refused was published");
+
+        // The first good set is served; then only the same identity may replace it.
+        let first = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
+        assert_eq!(first.identity.id.as_str(), ME);
+        assert!(first.valid_at(unix_now()));
+        let other_id = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let err = store
+            .set_certificate(set(&pki, pki.leaf(other_id)))
+            .unwrap_err();
+        assert!(matches!(err, CredError::IdentityChanged { .. }), "{err}");
+        assert!(err.to_string().contains(other_id), "{err}");
+        assert_eq!(store.current().unwrap().identity.id.as_str(), ME);
+        // A renewal (fresh key, same identity) replaces it.
+        let renewed = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
+        assert_ne!(renewed.public_key_sha256, first.public_key_sha256);
+        assert_eq!(
+            store.current().unwrap().public_key_sha256,
+            renewed.public_key_sha256
+        );
+    }
+
+    #[test]
+    fn a_new_bundle_keeps_the_certificate_and_changes_the_trust() {
+        let pki = TestPki::new("ours");
+        let next = TestPki::new("next");
+        let store = CredentialStore::new(Vec::new());
+        let first = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
+        let both = store
+            .set_bundle(vec![pki.root.clone(), next.root.clone()])
+            .unwrap();
+        assert_eq!(both.leaf_sha256, first.leaf_sha256);
+        assert_eq!(both.anchors.len(), 2);
+        assert!(store.own_chain_trusted(unix_now()));
+        // After the old root leaves (a forced retirement), our own chain is no longer trusted.
+        store.set_bundle(vec![next.root.clone()]).unwrap();
+        assert!(!store.own_chain_trusted(unix_now()));
+        assert!(matches!(
+            store.set_bundle(Vec::new()),
+            Err(CredError::EmptyBundle)
+        ));
+    }
+}

@@ -1,0 +1,178 @@
+//! Inbound HTTP: a hyper server (HTTP/1.1 or h2 by ALPN) asks the authorization point about every
+//! request (port, peer, method, path); allowed requests go to the app on localhost through a pooled
+//! client with `x-forwarded-client-cert` set by us (any copy from the peer is removed). Denied: 403
+//! with a short reason; app down: 502; app too slow: 504. HTTP/1.1 `Upgrade` (WebSocket) passes
+//! through. gRPC requests (and requests whose originating app spoke h2) reach the app as h2c;
+//! everything else as HTTP/1.1, which every HTTP app speaks.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::authz::{Authorizer, Peer};
+use crate::conn::Shared;
+use crate::http::{
+    APP_H2_HINT, Body, XFCC, finish_response, is_grpc, is_upgrade, reply, root_cause,
+    serve_connection, strip_hop_by_hop,
+};
+use crate::settings::Inbound;
+
+/// App-side HTTP clients of one inbound listener.
+pub struct InboundHttp {
+    port: u16,
+    target: SocketAddr,
+    /// `target` as a URI authority, parsed once (every request is re-addressed to it).
+    authority: http::uri::Authority,
+    h1: Client<HttpConnector, Incoming>,
+    h2: Client<HttpConnector, Incoming>,
+    authz: Authorizer,
+}
+
+impl InboundHttp {
+    pub fn new(spec: &Inbound, shared: &Shared, authz: Authorizer) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(shared.limits.connect_timeout));
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Self {
+            port: spec.listen.port(),
+            target: spec.target,
+            authority: authority_of(spec.target),
+            h1,
+            h2,
+            authz,
+        }
+    }
+}
+
+/// `addr` as a URI authority (`IP:PORT`, IPv6 in brackets): always valid, so no error path.
+fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::from_maybe_shared(Bytes::from(addr.to_string()))
+        .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"))
+}
+
+/// Serves an authenticated inbound HTTP connection.
+pub async fn serve_inbound<IO>(io: IO, peer: Peer, http: Arc<InboundHttp>, shared: &Shared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = peer.deadline(shared.limits.cap_connection_age);
+    let peer = Arc::new(peer);
+    // Shared per connection, so a request clones one Arc, not every store and metric handle.
+    let ctx = Arc::new(shared.clone());
+    let svc = move |req| {
+        let peer = peer.clone();
+        let http = http.clone();
+        let shared = ctx.clone();
+        async move { Ok::<_, Infallible>(inbound_request(req, &peer, &http, &shared).await) }
+    };
+    // One TLS record per flush instead of one per h2 frame or h1 head/body write.
+    let io = meshid_runtime::io::Coalesce::new(io);
+    serve_connection(io, shared, deadline, svc).await;
+}
+
+async fn inbound_request(
+    mut req: Request<Incoming>,
+    peer: &Peer,
+    http: &InboundHttp,
+    shared: &Shared,
+) -> Response<Body> {
+    let port = http.port;
+    if let Err(denied) = http
+        .authz
+        .request(peer, req.method().as_str(), req.uri().path())
+    {
+        return *denied;
+    }
+
+    let upgrade = is_upgrade(&req);
+    let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(APP_H2_HINT);
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(APP_H2_HINT);
+    // Only we say who the peer is.
+    headers.remove(XFCC);
+    let own = shared.creds.current();
+    let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "By={own};Hash={};URI={}",
+        peer.verified.cert_sha256, peer.verified.id
+    )) {
+        headers.insert(XFCC, v);
+    }
+    if !headers.contains_key(header::HOST)
+        && let Some(v) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(http.authority.clone())
+        .path_and_query(pq)
+        .build()
+    {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => {
+            shared.metrics.request("inbound", port, 400);
+            return reply(StatusCode::BAD_REQUEST, "bad request target".into());
+        }
+    }
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    *req.version_mut() = if to_h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    // For h2 the original host travels as a `host` header beside `:authority` (the app's address).
+    let sent = if to_h2 {
+        http.h2.request(req)
+    } else {
+        http.h1.request(req)
+    };
+    let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
+        Err(_) => {
+            shared.metrics.request("inbound", port, 504);
+            return reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the app did not answer within {:?}",
+                    shared.limits.request_timeout
+                ),
+            );
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, target = %http.target, "app request failed");
+            shared.metrics.request("inbound", port, 502);
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                format!("the app is unreachable: {}", root_cause(&error)),
+            );
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    finish_response(resp, client_upgrade, shared, "inbound", port)
+}

@@ -1,0 +1,133 @@
+//! Inbound listeners: terminate mTLS (TLS 1.3, client certificate required, verified against the
+//! bundle), take the peer identity the verifier established, and hand the connection to the one
+//! authorization point ([`authz`]) on its way to the app on localhost: as a TCP stream ([`tcp`]),
+//! or request by request over HTTP ([`http`]).
+
+pub mod authz;
+pub mod http;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meshid_identity::peer::VerifiedPeer;
+use meshid_identity::policy::Protocol;
+use meshid_identity::verify::failure_label;
+use meshid_runtime::time::unix_now;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use self::http::InboundHttp;
+use crate::conn::{ConnLimit, Shared};
+use crate::metrics::ConnLabels;
+use crate::settings::Inbound;
+use authz::{Authorizer, Peer};
+
+/// Runs one inbound listener until shutdown.
+pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: ConnLimit) {
+    let port = spec.listen.port();
+    let authz = Authorizer::new(port, shared.clone());
+    let http = Arc::new(InboundHttp::new(&spec, &shared, authz.clone()));
+    let mut shutdown = shared.shutdown.clone();
+    while let Some((tcp, addr)) =
+        meshid_runtime::net::accept(&listener, &mut shutdown, "inbound").await
+    {
+        let Some(permit) = limit.try_acquire() else {
+            shared.metrics.refused("inbound", port, "max_connections");
+            tracing::warn!(peer_addr = %addr, port, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let spec = spec.clone();
+        let http = http.clone();
+        let authz = authz.clone();
+        let span = tracing::info_span!("inbound", port, peer_addr = %addr);
+        tokio::spawn(
+            async move {
+                let labels = ConnLabels {
+                    direction: "inbound",
+                    port,
+                };
+                shared.metrics.connections.get_or_create(&labels).inc();
+                shared.metrics.connections_open.get_or_create(&labels).inc();
+                handle(tcp, addr, &spec, &shared, &authz, http).await;
+                shared.metrics.connections_open.get_or_create(&labels).dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    spec: &Inbound,
+    shared: &Shared,
+    authz: &Authorizer,
+    http: Arc<InboundHttp>,
+) {
+    let port = spec.listen.port();
+    let Some(snapshot) = shared.creds.current() else {
+        shared.metrics.refused("inbound", port, "no_certificate");
+        tracing::warn!("no certificate loaded yet; refusing");
+        return;
+    };
+    if !snapshot.valid_at(unix_now()) {
+        shared
+            .metrics
+            .refused("inbound", port, "certificate_expired");
+        tracing::error!("own certificate is not valid now; refusing (fail closed)");
+        return;
+    }
+    let acceptor = TlsAcceptor::from(snapshot.server(spec.protocol).clone());
+    // Boxed: the handshake state (a whole rustls connection mid-handshake) is freed when it ends
+    // instead of staying in this task's future for the life of the connection.
+    let handshake = Box::pin(tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        acceptor.accept(tcp),
+    ));
+    let tls = match handshake.await {
+        // Boxed: the stream moves through several futures below, which would each keep a dead copy.
+        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Err(error)) => {
+            let reason = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .map(failure_label)
+                .unwrap_or("protocol");
+            shared.metrics.handshake_failed("inbound", port, reason);
+            tracing::info!(%error, reason, "tls handshake refused");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("inbound", port, "timeout");
+            tracing::info!("tls handshake timed out");
+            return;
+        }
+    };
+    // The verifier of this snapshot established the peer's identity during the handshake.
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let verified = leaf.and_then(|leaf| {
+        snapshot.peers.get(leaf).or_else(|| {
+            // Evicted between the handshake and now by a flood of other certificates: read it
+            // again rather than refuse a peer whose chain just verified.
+            VerifiedPeer::from_leaf(leaf).ok().map(Arc::new)
+        })
+    });
+    drop(snapshot);
+    let Some(verified) = verified else {
+        shared
+            .metrics
+            .handshake_failed("inbound", port, "bad_identity");
+        return;
+    };
+    let peer = Peer { verified, addr };
+    tracing::debug!(peer = %peer.id(), "peer authenticated");
+    match spec.protocol {
+        Protocol::Tcp => tcp::proxy(tls, peer, authz, spec, shared).await,
+        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared).await,
+    }
+}

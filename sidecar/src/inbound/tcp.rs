@@ -1,0 +1,55 @@
+//! Inbound TCP: once the authorization point allows the connection, bytes flow both ways between
+//! the peer and the app until either side closes, the connection idles out, or the peer's
+//! certificate expires.
+
+use tokio::net::TcpStream;
+
+use super::authz::{Authorizer, Peer};
+use crate::conn::{Shared, copy_bidirectional_idle};
+use crate::settings::Inbound;
+
+/// Proxies one authenticated TCP connection to the app, if the policy allows it.
+pub async fn proxy(
+    tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    peer: Peer,
+    authz: &Authorizer,
+    spec: &Inbound,
+    shared: &Shared,
+) {
+    if authz.connection(&peer).is_err() {
+        return;
+    }
+    let app = match tokio::time::timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect(spec.target),
+    )
+    .await
+    {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, target = %spec.target, "app unreachable");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(target = %spec.target, "app connect timed out");
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let copy = copy_bidirectional_idle(tls, app, shared.limits.idle_timeout);
+    let deadline = peer.deadline(shared.limits.cap_connection_age);
+    let ended = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let id = peer.id();
+    tokio::select! {
+        r = copy => match r {
+            Ok((up, down)) => tracing::debug!(peer = %id, up, down, "tcp connection closed"),
+            Err(error) => tracing::debug!(%error, peer = %id, "tcp connection ended"),
+        },
+        () = ended => tracing::info!(peer = %id, "closing: the peer's certificate expired"),
+    }
+}

@@ -1,0 +1,90 @@
+//! Dialling an upstream: TCP, then mTLS with the current credentials, refusing a server whose
+//! SPIFFE ID is not the expected one; and when such a connection must end.
+
+use std::io;
+
+use meshid_identity::verify::{describe, failure_label};
+use meshid_runtime::time::{expiry_instant, unix_now};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::conn::Shared;
+use crate::http::root_cause;
+use crate::settings::Outbound;
+
+/// Dials the upstream and completes mTLS with the current credentials, verifying its identity.
+pub async fn dial(
+    spec: &Outbound,
+    index: usize,
+    shared: &Shared,
+) -> io::Result<TlsStream<TcpStream>> {
+    let port = spec.local.port();
+    let snapshot = shared
+        .creds
+        .current()
+        .ok_or_else(|| io::Error::other("no certificate loaded yet"))?;
+    if !snapshot.valid_at(unix_now()) {
+        return Err(io::Error::other(
+            "our certificate is not valid now (failing closed)",
+        ));
+    }
+    let config = snapshot
+        .clients
+        .get(index)
+        .cloned()
+        .ok_or_else(|| io::Error::other("no client configuration for this upstream"))?;
+    let host = spec
+        .remote
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(&spec.remote);
+    // The name only feeds SNI; the verifier checks the SPIFFE ID, not this name.
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|_| io::Error::other(format!("bad upstream host {host:?}")))?;
+    let tcp = tokio::time::timeout(
+        shared.limits.connect_timeout,
+        TcpStream::connect(spec.remote.as_str()),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    let handshake = TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(error)) => {
+            let tls_error = error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>());
+            let reason = tls_error.map(failure_label).unwrap_or("protocol");
+            shared.metrics.handshake_failed("outbound", port, reason);
+            tracing::warn!(upstream = %spec.remote, expected = %spec.expected, reason = %root_cause(&error), "upstream refused");
+            match tls_error {
+                Some(tls_error) => Err(io::Error::new(error.kind(), describe(tls_error))),
+                None => Err(error),
+            }
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("outbound", port, "timeout");
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "tls handshake timed out",
+            ))
+        }
+    }
+}
+
+/// When a connection to an upstream must end (its certificate's expiry), if ages are capped.
+pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio::time::Instant> {
+    cap.then(|| {
+        let not_after = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| meshid_identity::cert_identity_from_der(leaf).ok())
+            .map_or(0, |i| i.not_after);
+        expiry_instant(not_after)
+    })
+}

@@ -1,0 +1,107 @@
+//! Outbound HTTP: the app speaks HTTP/1.1 or h2c to a local listener; requests travel over pooled
+//! h2 mTLS connections to the peer sidecar, whose identity must be the expected one (else 502 with
+//! the reason). Protocol upgrades need a tcp upstream.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::upstream::H2Upstream;
+use crate::conn::Shared;
+use crate::http::{
+    APP_H2_HINT, Body, finish_response, is_upgrade, reply, serve_connection, strip_hop_by_hop,
+};
+
+/// One outbound HTTP listener's client: pooled h2 over mTLS to the peer sidecar.
+pub struct OutboundHttp {
+    pub port: u16,
+    pub remote: String,
+    pub upstream: H2Upstream,
+}
+
+/// Serves the app's plaintext HTTP connection on an outbound listener.
+pub async fn serve_outbound<IO>(io: IO, out: Arc<OutboundHttp>, shared: &Shared)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(shared.clone());
+    let svc = move |req| {
+        let out = out.clone();
+        let shared = ctx.clone();
+        async move { Ok::<_, Infallible>(outbound_request(req, &out, &shared).await) }
+    };
+    serve_connection(io, shared, None, svc).await;
+}
+
+async fn outbound_request(
+    mut req: Request<Incoming>,
+    out: &OutboundHttp,
+    shared: &Shared,
+) -> Response<Body> {
+    let port = out.port;
+    if is_upgrade(&req) {
+        shared.metrics.request("outbound", port, 501);
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "protocol upgrades are not supported on outbound HTTP listeners; use a tcp upstream"
+                .into(),
+        );
+    }
+    let app_h2 = req.version() == Version::HTTP_2;
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| out.remote.clone());
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    match format!("http://{authority}{pq}").parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => {
+            shared.metrics.request("outbound", port, 400);
+            return reply(StatusCode::BAD_REQUEST, "bad request target".into());
+        }
+    }
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, false);
+    headers.remove(header::HOST);
+    headers.remove(APP_H2_HINT);
+    if app_h2 {
+        headers.insert(APP_H2_HINT, HeaderValue::from_static("1"));
+    }
+    *req.version_mut() = Version::HTTP_2;
+    let resp = match tokio::time::timeout(shared.limits.request_timeout, out.upstream.request(req))
+        .await
+    {
+        Err(_) => {
+            shared.metrics.request("outbound", port, 504);
+            return reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "upstream {} did not answer within {:?}",
+                    out.remote, shared.limits.request_timeout
+                ),
+            );
+        }
+        Ok(Err(reason)) => {
+            tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
+            shared.metrics.request("outbound", port, 502);
+            return reply(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {} refused: {reason}", out.remote),
+            );
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    finish_response(resp, None, shared, "outbound", port)
+}

@@ -1,0 +1,69 @@
+//! Outbound listeners: the app connects in plaintext to `127.0.0.1:<local>`; we originate mTLS to the
+//! upstream with our certificate and refuse any server whose SPIFFE ID is not the expected one
+//! ([`dial`]), then carry TCP ([`tcp`]) or HTTP over pooled h2 ([`http`], [`upstream`]).
+
+pub mod dial;
+pub mod http;
+pub mod tcp;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use meshid_identity::policy::Protocol;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use self::http::OutboundHttp;
+use crate::conn::{ConnLimit, Shared};
+use crate::metrics::ConnLabels;
+use crate::settings::Outbound;
+use upstream::H2Upstream;
+
+/// Runs one outbound listener until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    spec: Outbound,
+    index: usize,
+    shared: Shared,
+    limit: ConnLimit,
+) {
+    let port = spec.local.port();
+    let http = (spec.protocol == Protocol::Http).then(|| {
+        Arc::new(OutboundHttp {
+            port,
+            remote: spec.remote.clone(),
+            upstream: H2Upstream::new(spec.clone(), index, shared.clone()),
+        })
+    });
+    let mut shutdown = shared.shutdown.clone();
+    while let Some((tcp, addr)) =
+        meshid_runtime::net::accept(&listener, &mut shutdown, "outbound").await
+    {
+        let Some(permit) = limit.try_acquire() else {
+            shared.metrics.refused("outbound", port, "max_connections");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let spec = spec.clone();
+        let http = http.clone();
+        let span = tracing::info_span!("outbound", port, upstream = %spec.remote, app_addr = %addr);
+        tokio::spawn(
+            async move {
+                let labels = ConnLabels {
+                    direction: "outbound",
+                    port,
+                };
+                shared.metrics.connections.get_or_create(&labels).inc();
+                shared.metrics.connections_open.get_or_create(&labels).inc();
+                match http {
+                    Some(http) => self::http::serve_outbound(tcp, http, &shared).await,
+                    None => tcp::proxy(tcp, &spec, index, &shared).await,
+                }
+                shared.metrics.connections_open.get_or_create(&labels).dec();
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}

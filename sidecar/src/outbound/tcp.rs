@@ -1,0 +1,35 @@
+//! Outbound TCP: the app's plaintext bytes flow to the upstream over mTLS until either side closes,
+//! the connection idles out, or the upstream's certificate expires.
+
+use tokio::net::TcpStream;
+
+use super::dial::{dial, upstream_deadline};
+use crate::conn::{Shared, copy_bidirectional_idle};
+use crate::http::root_cause;
+use crate::settings::Outbound;
+
+pub async fn proxy(app: TcpStream, spec: &Outbound, index: usize, shared: &Shared) {
+    let tls = match dial(spec, index, shared).await {
+        Ok(tls) => tls,
+        Err(error) => {
+            tracing::warn!(reason = %root_cause(&error), "closing the app's connection: upstream unavailable");
+            return;
+        }
+    };
+    // No connection outlives the upstream identity that opened it.
+    let deadline = upstream_deadline(&tls, shared.limits.cap_connection_age);
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout) => {
+            if let Err(error) = r {
+                tracing::debug!(%error, "tcp connection ended");
+            }
+        }
+        () = expired => tracing::info!("closing: the upstream's certificate expired"),
+    }
+}

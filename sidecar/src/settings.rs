@@ -1,0 +1,284 @@
+//! The sidecar's settings, typed: what `meshid-sidecar run` was told, checked once at the edge
+//! ([`crate::cli`] turns flags and files into these) and passed to [`crate::run::start`]. Tests build
+//! them directly. The value parsers here are pure: no file is read and no socket is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshid_identity::SpiffeId;
+use meshid_identity::policy::Protocol;
+use rustls::pki_types::CertificateDer;
+
+/// An inbound listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub listen: SocketAddr,
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+}
+
+/// An upstream the app reaches through a local plaintext listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    pub local: SocketAddr,
+    /// `host:port` of the peer sidecar's inbound listener.
+    pub remote: String,
+    pub expected: SpiffeId,
+    pub protocol: Protocol,
+}
+
+/// Credential files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCreds {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+/// Limits on everything a peer controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub grace: Duration,
+    /// Close inbound connections when the peer's certificate expires.
+    pub cap_connection_age: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 10_000,
+            max_header_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            grace: Duration::from_secs(20),
+            cap_connection_age: true,
+        }
+    }
+}
+
+/// Where credentials come from.
+#[derive(Debug, Clone)]
+pub enum CredSource {
+    /// PEM files (`--cert`, `--key`, `--bundle`).
+    Files(FileCreds),
+    /// The meshid CA (`--ca-addr` ...).
+    Ca(CaMode),
+}
+
+/// Everything `run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub inbound: Vec<Inbound>,
+    pub outbound: Vec<Outbound>,
+    pub policy: Option<PathBuf>,
+    pub admin_listen: SocketAddr,
+    pub creds: CredSource,
+    /// File mode: the CA to report to (`--report-ca-addr`); its roots come from the bundle file.
+    pub report_to: Option<CaEndpoint>,
+    pub limits: Limits,
+}
+
+/// How the first certificate is obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A projected service-account token, re-read at every request (the kubelet rotates it).
+    TokenFile(PathBuf),
+    /// A one-time join token (first certificate only).
+    JoinTokenFile(PathBuf),
+}
+
+/// CA mode settings.
+#[derive(Debug, Clone)]
+pub struct CaMode {
+    /// The CA's address; `roots` are the `--ca-bundle` roots its serving certificate chains to.
+    pub endpoint: CaEndpoint,
+    pub bootstrap: Bootstrap,
+    /// Lifetime to ask for (`None`: the CA's default).
+    pub ttl: Option<Duration>,
+}
+
+/// Where the CA is and how to trust it.
+#[derive(Clone, Debug)]
+pub struct CaEndpoint {
+    /// `host:port`.
+    pub addr: String,
+    /// The name the CA's certificate must carry; defaults to the host of `addr`.
+    pub server_name: Option<String>,
+    /// Roots the CA's serving certificate chains to.
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+impl CaEndpoint {
+    /// The host part of `addr` (IPv6 without brackets).
+    pub fn host(&self) -> Result<&str, String> {
+        let (host, port) = self
+            .addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{:?} is not HOST:PORT", self.addr))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!("{:?} is not HOST:PORT", self.addr));
+        }
+        Ok(host.trim_start_matches('[').trim_end_matches(']'))
+    }
+}
+
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+pub fn parse_protocol(s: Option<&str>) -> Result<Protocol, String> {
+    match s {
+        None | Some("tcp") => Ok(Protocol::Tcp),
+        Some("http") => Ok(Protocol::Http),
+        Some(other) => Err(format!("protocol {other:?} is not tcp or http")),
+    }
+}
+
+/// Parses `LISTEN=TARGET[,tcp|http]`.
+pub fn parse_inbound(s: &str, allow_non_local: bool) -> Result<Inbound, String> {
+    let (listen, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not LISTEN=TARGET[,tcp|http]"))?;
+    let mut parts = rest.split(',');
+    let target = parts.next().unwrap_or_default();
+    let protocol = parse_protocol(parts.next())?;
+    if parts.next().is_some() {
+        return Err(format!("{s:?} has too many fields"));
+    }
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("listen address {listen:?} is not IP:PORT"))?;
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|_| format!("target {target:?} is not IP:PORT"))?;
+    if !target.ip().is_loopback() && !allow_non_local {
+        return Err(format!(
+            "target {target} is not loopback (the app must listen on localhost; \
+             --dangerous-allow-non-local-target overrides)"
+        ));
+    }
+    if listen.port() == 0 || target.port() == 0 {
+        return Err(format!("{s:?}: port 0 is not allowed"));
+    }
+    Ok(Inbound {
+        listen,
+        target,
+        protocol,
+    })
+}
+
+/// Parses `LOCAL=REMOTE,SPIFFE_ID[,tcp|http]`.
+pub fn parse_outbound(s: &str, allow_non_local: bool) -> Result<Outbound, String> {
+    let (local, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not LOCAL=REMOTE,SPIFFE_ID[,tcp|http]"))?;
+    let mut parts = rest.split(',');
+    let remote = parts.next().unwrap_or_default();
+    let id = parts
+        .next()
+        .ok_or_else(|| format!("{s:?} has no expected SPIFFE ID"))?;
+    let protocol = parse_protocol(parts.next())?;
+    if parts.next().is_some() {
+        return Err(format!("{s:?} has too many fields"));
+    }
+    let local: SocketAddr = local
+        .parse()
+        .map_err(|_| format!("local address {local:?} is not IP:PORT"))?;
+    if !local.ip().is_loopback() && !allow_non_local {
+        return Err(format!(
+            "local address {local} is not loopback (anyone who reaches it would borrow this \
+             workload's identity)"
+        ));
+    }
+    let (host, port) = remote
+        .rsplit_once(':')
+        .ok_or_else(|| format!("remote {remote:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+        return Err(format!("remote {remote:?} is not HOST:PORT"));
+    }
+    let expected = SpiffeId::parse(id).map_err(|e| format!("expected id {id:?}: {e}"))?;
+    Ok(Outbound {
+        local,
+        remote: remote.to_owned(),
+        expected,
+        protocol,
+    })
+}
+
+/// Roots from PEM text (`--ca-bundle-pem`): only CERTIFICATE blocks, at least one, each X.509.
+pub fn roots_from_pem(
+    pem: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::FromDer;
+    if pem.matches("-----BEGIN ").count() != pem.matches("-----BEGIN CERTIFICATE-----").count() {
+        return Err("holds a PEM block that is not a CERTIFICATE".into());
+    }
+    let roots = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if roots.is_empty() {
+        return Err("no PEM certificate in the value".into());
+    }
+    for (i, root) in roots.iter().enumerate() {
+        x509_parser::certificate::X509Certificate::from_der(root)
+            .map_err(|e| format!("certificate {} is not X.509: {e}", i + 1))?;
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_and_outbound_syntax() {
+        let i = parse_inbound("0.0.0.0:15443=127.0.0.1:8080,http", false).unwrap();
+        assert_eq!(i.listen.port(), 15443);
+        assert_eq!(i.protocol, Protocol::Http);
+        assert_eq!(
+            parse_inbound("127.0.0.1:1=127.0.0.1:2", false)
+                .unwrap()
+                .protocol,
+            Protocol::Tcp
+        );
+        assert!(parse_inbound("0.0.0.0:1=10.0.0.1:2", false).is_err());
+        assert!(parse_inbound("0.0.0.0:1=10.0.0.1:2", true).is_ok());
+        for bad in [
+            "x",
+            "0.0.0.0:1=",
+            "0.0.0.0:1=127.0.0.1:2,udp",
+            "a=b",
+            "0.0.0.0:1=127.0.0.1:2,http,x",
+        ] {
+            assert!(parse_inbound(bad, false).is_err(), "{bad}");
+        }
+        let o = parse_outbound(
+            "127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http",
+            false,
+        )
+        .unwrap();
+        assert_eq!(o.remote, "payments.shop.svc:15443");
+        assert_eq!(o.protocol, Protocol::Http);
+        for bad in [
+            "127.0.0.1:9001=host:1",
+            "127.0.0.1:9001=host,spiffe://td/a",
+            "127.0.0.1:9001=host:1,spiffe://td/../a",
+            "0.0.0.0:9001=host:1,spiffe://td/a",
+            "127.0.0.1:9001=:1,spiffe://td/a",
+        ] {
+            assert!(parse_outbound(bad, false).is_err(), "{bad}");
+        }
+    }
+}
