@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# meshid-ca and meshid-injector (one image: both come from the ca-service package).
+# meshid-ca (the sidecar injector has its own image: docker/injector.Dockerfile).
 # Build from the repository root:  docker build -f docker/ca.Dockerfile -t ghcr.io/meshid/ca:0.1.0 .
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
@@ -8,14 +8,14 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --profile dist --locked -p meshid-ca --bin meshid-ca --bin meshid-injector \
- && install -D -m 0755 target/dist/meshid-ca /out/meshid-ca \
- && install -D -m 0755 target/dist/meshid-injector /out/meshid-injector
+    cargo build --profile dist --locked -p meshid-ca --bin meshid-ca \
+ && install -D -m 0755 target/dist/meshid-ca /out/meshid-ca
 
 # distroless: glibc and CA certificates, no shell, no package manager; runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/meshid-ca /out/meshid-injector /usr/local/bin/
+COPY --from=build /out/meshid-ca /usr/local/bin/meshid-ca
 USER 65532:65532
-EXPOSE 8443 9090 9443
+# gRPC (workload certificates) and admin (health, metrics).
+EXPOSE 8443 9090
 ENTRYPOINT ["/usr/local/bin/meshid-ca"]
 CMD ["--help"]

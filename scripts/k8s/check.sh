@@ -10,8 +10,9 @@
 #  5. the Dockerfiles in docker/ without a Docker engine: hadolint (zero findings outside the ignore
 #     list below), checkov --framework dockerfile (zero failures outside its skip list), every
 #     binary the runtime stages copy is one the workspace builds (cargo metadata), the image
-#     entrypoints and the chart's commands name copied binaries, and the runtime user is a numeric
-#     non-root uid:gid.
+#     entrypoints name copied binaries, each chart Deployment runs the image of its component
+#     (<repository>/<component>, built by docker/<component>.Dockerfile) and its command is a binary
+#     that image copies, and the runtime user is a numeric non-root uid:gid.
 # Needs scripts/k8s/install-tools.sh (run it first); uses cargo for the injected pods (honours
 # CARGO_TARGET_DIR).
 set -euo pipefail
@@ -25,7 +26,7 @@ trap 'rm -rf "$OUT"' EXIT
 K8S_VERSIONS=(1.30.0 1.37.0)
 # checkov checks skipped everywhere, each with the reason:
 SKIPS=(
-  CKV_K8S_43 # image digests: optional (image.caDigest/sidecarDigest); tags are the default
+  CKV_K8S_43 # image digests: optional (image.caDigest/injectorDigest/sidecarDigest); tags are the default
   CKV_K8S_15 # imagePullPolicy Always: a value (image.pullPolicy); IfNotPresent suits pinned tags
 )
 # hadolint rules ignored for docker/*.Dockerfile, each with the reason (empty: none needed).
@@ -151,9 +152,9 @@ dskip="$(IFS=,; echo "${DOCKER_SKIPS[*]}")"
   --skip-download >"$OUT/checkov-docker.txt" 2>"$OUT/checkov-docker.err" || { cat "$OUT/checkov-docker.txt"; fail "checkov dockerfile"; }
 echo "checkov dockerfile: $(grep -o 'Passed checks: [0-9]*, Failed checks: [0-9]*, Skipped checks: [0-9]*' "$OUT/checkov-docker.txt")"
 "${CARGO:-cargo}" metadata --no-deps --format-version 1 >"$OUT/metadata.json"
-"$VENV/python" - "$OUT/metadata.json" "$OUT/render/defaults/all.yaml" docker/*.Dockerfile <<'PY' || fail "Dockerfile contents"
-import json, re, shlex, sys, yaml
-meta, rendered, dockerfiles = sys.argv[1], sys.argv[2], sys.argv[3:]
+"$VENV/python" - "$OUT/metadata.json" "$OUT/render" docker/*.Dockerfile <<'PY' || fail "Dockerfile contents"
+import glob, json, re, shlex, sys, yaml
+meta, renders, dockerfiles = sys.argv[1], sys.argv[2], sys.argv[3:]
 bins = {t["name"] for p in json.load(open(meta))["packages"] for t in p["targets"] if "bin" in t["kind"]}
 problems, images = [], {}
 for path in dockerfiles:
@@ -201,15 +202,34 @@ for path in dockerfiles:
     images[path.rsplit("/", 1)[-1]] = copied
     verdict = "problems below" if any(p.startswith(path) for p in problems) else "workspace bins, all built"
     print(f"{path}: runtime copies {', '.join(sorted(copied.values()))} ({verdict}); USER {users[-1] if users else '-'}")
-# The chart runs the CA image with explicit commands: each must be in that image.
-ca = images.get("ca.Dockerfile", {})
-for d in yaml.safe_load_all(open(rendered)):
-    if not d or d.get("kind") != "Deployment":
-        continue
-    for c in d["spec"]["template"]["spec"]["containers"]:
-        for exe in c.get("command", [])[:1]:
-            if exe not in ca:
-                problems.append(f"chart {d['metadata']['name']}: command {exe} is not in docker/ca.Dockerfile's image")
+# Each chart Deployment runs its component's image, <repository>/<component>[:tag|@digest], built by
+# docker/<component>.Dockerfile (ca: ca.Dockerfile, injector: injector.Dockerfile); an explicit
+# command must be a binary that image copies (without one, the entrypoint checked above runs).
+checked = set()
+for rendered in sorted(glob.glob(f"{renders}/*/all.yaml")):
+    setname = rendered.rsplit("/", 2)[-2]
+    for d in yaml.safe_load_all(open(rendered)):
+        if not d or d.get("kind") != "Deployment":
+            continue
+        dep = f"chart {d['metadata']['name']} ({setname})"
+        component = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            ref = c["image"]
+            image = ref.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+            dockerfile = f"{image}.Dockerfile"
+            if image != component:
+                problems.append(f"{dep}: container {c['name']} runs {ref}, not the {component} image")
+            if dockerfile not in images:
+                problems.append(f"{dep}: container {c['name']} runs {ref}: no docker/{dockerfile} builds it")
+                continue
+            for exe in c.get("command", [])[:1]:
+                if exe not in images[dockerfile]:
+                    problems.append(f"{dep}: command {exe} is not in docker/{dockerfile}'s image ({sorted(images[dockerfile])})")
+            checked.add(f"{component} -> docker/{dockerfile}" + (f" ({c['command'][0]})" if c.get("command") else " (entrypoint)"))
+for want in ("ca", "injector"):
+    if not any(x.startswith(f"{want} -> ") for x in checked):
+        problems.append(f"chart: no {want} Deployment rendered to check against docker/{want}.Dockerfile")
+print("chart Deployments and their images:", "; ".join(sorted(checked)))
 sidecar = images.get("sidecar.Dockerfile", {})
 if "/usr/local/bin/meshid-sidecar" not in sidecar:
     problems.append("docker/sidecar.Dockerfile: the injected sidecar relies on meshid-sidecar as the image's entrypoint")

@@ -38,6 +38,15 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end -}}
 {{- end -}}
 
+{{- define "meshid.injectorImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.injectorDigest -}}
+{{ .Values.image.repository }}/injector@{{ .Values.image.injectorDigest }}
+{{- else -}}
+{{ .Values.image.repository }}/injector:{{ $tag }}
+{{- end -}}
+{{- end -}}
+
 {{- define "meshid.sidecarImage" -}}
 {{- $tag := default .Chart.AppVersion .Values.image.tag -}}
 {{- if .Values.image.sidecarDigest -}}
