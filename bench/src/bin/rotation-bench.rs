@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use meshid_bench::benchca::{self, BenchCa};
-use meshid_bench::procfs::cpu_seconds;
+use meshid_bench::procfs::{cpu_seconds, mem};
 use meshid_bench::simsidecar::{Sim, SimConfig, SimStats};
 use meshid_tests::process::http_get;
 
@@ -251,6 +251,7 @@ async fn run(
     wait_acked(&stats, 3, ttl.saturating_add(Duration::from_secs(30))).await?;
     let converged_at = Instant::now();
     let rotation_cpu = cpu_seconds(ca.pid())? - cpu0;
+    let rss_after_rotation_kib = mem(ca.pid())?.rss_kib;
     let window = converged_at - t0;
     let rot = Rotation {
         prepare: prepared_at - t0,
@@ -279,13 +280,18 @@ async fn run(
     // What one `/rotation` report costs the CA with the whole fleet connected (every gated
     // `rotate` attempt fetches one).
     const REPORTS: usize = 20;
+    let rss_after_baseline_kib = mem(ca.pid())?.rss_kib;
     let cpu2 = cpu_seconds(ca.pid())?;
+    let wall2 = Instant::now();
+    let mut report_bytes = 0;
     for _ in 0..REPORTS {
-        let (code, _) = http_get(admin, "/rotation").context("GET /rotation")?;
+        let (code, body) = http_get(admin, "/rotation").context("GET /rotation")?;
         if code != 200 {
             bail!("GET /rotation answered {code}");
         }
+        report_bytes = body.len();
     }
+    let report_wall = wall2.elapsed().as_secs_f64() / REPORTS as f64;
     let report_cpu = (cpu_seconds(ca.pid())? - cpu2) / REPORTS as f64;
 
     stop_tx.send_replace(true);
@@ -314,7 +320,13 @@ async fn run(
             "difference": extra_cpu,
             "difference_per_sidecar_ms": extra_cpu * 1000.0 / n as f64,
             "per_rotation_report_ms": report_cpu * 1000.0,
+            "per_rotation_report_wall_ms": report_wall * 1000.0,
+            "rotation_report_bytes": report_bytes,
             "rotation_reports_fetched": rot.activate_attempts + rot.retire_attempts,
+        },
+        "ca_rss_kib": {
+            "after_rotation": rss_after_rotation_kib,
+            "after_baseline": rss_after_baseline_kib,
         },
         "renewals_per_sidecar": {
             "during_rotation": spread(&during),
@@ -394,6 +406,15 @@ fn print_summary(j: &serde_json::Value, rot: &Rotation) {
         reports,
         f(&c["per_rotation_report_ms"]),
         reports as f64 * f(&c["per_rotation_report_ms"]) / 1000.0
+    );
+    println!(
+        "  one /rotation report:          {:.2} ms wall, {} bytes",
+        f(&c["per_rotation_report_wall_ms"]),
+        c["rotation_report_bytes"]
+    );
+    println!(
+        "  CA resident memory:            {} KiB after the rotation, {} KiB after the baseline",
+        j["ca_rss_kib"]["after_rotation"], j["ca_rss_kib"]["after_baseline"]
     );
     let s = |v: &serde_json::Value| {
         format!(
