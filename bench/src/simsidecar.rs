@@ -81,6 +81,13 @@ impl Cert {
     }
 }
 
+/// Why a bundle stream ended.
+enum Ended {
+    /// A new certificate: the next stream presents it.
+    Renewed,
+    Broken,
+}
+
 /// What woke the bundle loop.
 enum Event {
     Bundle(TrustBundle),
@@ -173,8 +180,9 @@ impl Sim {
         }
     }
 
-    /// Acknowledges the applied bundle version with the current certificate.
-    async fn ack(&mut self) {
+    /// Acknowledges the applied bundle version on `client`, the connection that carries our
+    /// bundle stream and presents the current certificate (the CA takes nothing else).
+    async fn ack(&mut self, client: &mut ca_client::CaClient) {
         let Some(cert) = &self.cert else { return };
         // Fields added to the message later keep their defaults (a CA-mode sidecar).
         #[allow(clippy::needless_update)]
@@ -184,25 +192,12 @@ impl Sim {
             serving_chain: cert.chain.iter().map(|c| c.to_vec()).collect(),
             ..Default::default()
         };
-        let result = async {
-            let mut client = ca_client::connect(&self.endpoint(), Some(cert.pair())).await?;
-            client.ack_trust_bundle(req).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => self
+        match client.ack_trust_bundle(req).await {
+            Ok(_) => self
                 .stats
                 .acked_version
                 .store(self.applied_version, Ordering::Relaxed),
             Err(_) => self.stats.error(),
-        }
-    }
-
-    /// Renews (and acknowledges with the new certificate).
-    async fn renew(&mut self, stop: &mut watch::Receiver<bool>) {
-        if self.issue_retrying(stop).await {
-            self.ack().await;
         }
     }
 
@@ -218,28 +213,34 @@ impl Sim {
             {
                 return;
             }
-            if let Err(()) = self.follow(&mut stop).await {
-                self.stats.error();
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+            match self.follow(&mut stop).await {
+                Ok(()) => return,
+                Err(Ended::Renewed) => {}
+                Err(Ended::Broken) => {
+                    self.stats.error();
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
                 }
             }
         }
     }
 
-    /// One bundle stream, until it breaks (`Err`) or we stop (`Ok`).
-    async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), ()> {
+    /// One bundle stream, until it breaks or a new certificate needs its own (`Err`), or we stop
+    /// (`Ok`).
+    async fn follow(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Ended> {
         let pair = self.cert.as_ref().map(Cert::pair);
         let mut client = ca_client::connect(&self.endpoint(), pair)
             .await
-            .map_err(|_| ())?;
+            .map_err(|_| Ended::Broken)?;
         let mut stream = client
             .watch_trust_bundle(WatchTrustBundleRequest {
                 instance_id: self.cfg.instance.clone(),
+                file_mode: false,
             })
             .await
-            .map_err(|_| ())?
+            .map_err(|_| Ended::Broken)?
             .into_inner();
         loop {
             let renew_at = self
@@ -250,7 +251,7 @@ impl Sim {
             let event = tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(bundle)) => Event::Bundle(bundle),
-                    _ => return Err(()),
+                    _ => return Err(Ended::Broken),
                 },
                 () = tokio::time::sleep_until(renew_at) => Event::RenewalDue,
                 _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -263,12 +264,23 @@ impl Sim {
                     self.applied_version = bundle.version;
                     if bundle.renew_now {
                         self.stats.forced_renewals.fetch_add(1, Ordering::Relaxed);
-                        self.renew(stop).await;
-                    } else {
-                        self.ack().await;
+                        // A new certificate is a new instance: a new stream presents it (and
+                        // acknowledges on its first bundle).
+                        return if self.issue_retrying(stop).await {
+                            Err(Ended::Renewed)
+                        } else {
+                            Ok(())
+                        };
                     }
+                    self.ack(&mut client).await;
                 }
-                Event::RenewalDue => self.renew(stop).await,
+                Event::RenewalDue => {
+                    return if self.issue_retrying(stop).await {
+                        Err(Ended::Renewed)
+                    } else {
+                        Ok(())
+                    };
+                }
             }
         }
     }

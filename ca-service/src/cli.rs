@@ -254,6 +254,11 @@ pub struct ServeArgs {
     /// Longest lifetime a caller may ask for.
     #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
     pub max_ttl: String,
+    /// How long after its last attestation (a service-account token or a join token) an identity
+    /// keeps renewing on its certificate alone; past it the renewal is refused and the workload
+    /// must present its token (or a new join token) again.
+    #[arg(long, env = "MESHID_CA_MAX_ATTESTATION_AGE", default_value = "24h")]
+    pub max_attestation_age: String,
     /// Sustained certificates per second per identity.
     #[arg(long, env = "MESHID_CA_RATE_LIMIT", default_value = "50")]
     pub rate_limit: String,
@@ -266,7 +271,23 @@ pub struct ServeArgs {
     /// Most concurrent connections.
     #[arg(long, env = "MESHID_CA_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: String,
-    /// How long in-flight calls may take to finish on SIGTERM.
+    /// Most concurrent connections from one source IP; the one past it is closed at once.
+    #[arg(
+        long,
+        env = "MESHID_CA_MAX_CONNECTIONS_PER_SOURCE",
+        default_value = "256"
+    )]
+    pub max_connections_per_source: String,
+    /// Close a connection that has had no call in flight for this long (an open WatchTrustBundle
+    /// stream is a call in flight).
+    #[arg(long, env = "MESHID_CA_IDLE_TIMEOUT", default_value = "5m")]
+    pub idle_timeout: String,
+    /// Tell connections this old to go away (HTTP/2 GOAWAY): calls in flight finish, clients
+    /// reconnect for the next; what is still open --grace later (bundle streams) is cut.
+    #[arg(long, env = "MESHID_CA_MAX_CONNECTION_AGE", default_value = "30m")]
+    pub max_connection_age: String,
+    /// How long in-flight calls may take to finish on SIGTERM, and on a connection past
+    /// --max-connection-age.
     #[arg(long, env = "MESHID_CA_GRACE", default_value = "30s")]
     pub grace: String,
 }
@@ -295,6 +316,13 @@ impl ServeArgs {
         let admin = p.check("--admin-listen", self.admin_listen.parse::<SocketAddr>());
         let ttl = p.check("--ttl", parse_duration(&self.ttl));
         let max_ttl = p.check("--max-ttl", parse_duration(&self.max_ttl));
+        let max_attestation_age = p.check(
+            "--max-attestation-age",
+            parse_duration(&self.max_attestation_age),
+        );
+        if max_attestation_age.is_some_and(|d| d < Duration::from_secs(1)) {
+            p.0.push("--max-attestation-age: must be at least 1s".into());
+        }
         let rate = p.check("--rate-limit", self.rate_limit.parse::<f64>());
         let burst = p.check("--rate-burst", self.rate_burst.parse::<u32>());
         let handshake = p.check(
@@ -302,6 +330,15 @@ impl ServeArgs {
             parse_duration(&self.handshake_timeout),
         );
         let max_conns = p.check("--max-connections", self.max_connections.parse::<usize>());
+        let per_source = p.check(
+            "--max-connections-per-source",
+            self.max_connections_per_source.parse::<usize>(),
+        );
+        let idle = p.check("--idle-timeout", parse_duration(&self.idle_timeout));
+        let max_age = p.check(
+            "--max-connection-age",
+            parse_duration(&self.max_connection_age),
+        );
         let grace = p.check("--grace", parse_duration(&self.grace));
         if let Some(ttl) = ttl {
             if ttl < Duration::from_secs(1) {
@@ -326,6 +363,15 @@ impl ServeArgs {
         }
         if max_conns == Some(0) {
             p.0.push("--max-connections: must be at least 1".into());
+        }
+        if per_source == Some(0) {
+            p.0.push("--max-connections-per-source: must be at least 1".into());
+        }
+        if idle.is_some_and(|d| d < Duration::from_secs(1)) {
+            p.0.push("--idle-timeout: must be at least 1s".into());
+        }
+        if max_age.is_some_and(|d| d < Duration::from_secs(1)) {
+            p.0.push("--max-connection-age: must be at least 1s".into());
         }
         let mut namespaces = BTreeSet::new();
         for ns in self.allowed_namespace.iter().filter(|n| !n.is_empty()) {
@@ -364,11 +410,18 @@ impl ServeArgs {
             Some(burst),
             Some(handshake),
             Some(max_conns),
+            Some(per_source),
+            Some(idle),
+            Some(max_age),
             Some(grace),
         ) = (
-            listen, admin, ttl, max_ttl, rate, burst, handshake, max_conns, grace,
+            listen, admin, ttl, max_ttl, rate, burst, handshake, max_conns, per_source, idle,
+            max_age, grace,
         )
         else {
+            return Err(vec!["internal: unchecked setting".into()]);
+        };
+        let Some(max_attestation_age) = max_attestation_age else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
         Ok(ServeConfig {
@@ -386,6 +439,7 @@ impl ServeArgs {
                 default: ttl,
                 max: max_ttl,
             },
+            max_attestation_age,
             rate_limit: RateLimit {
                 per_second: rate,
                 burst,
@@ -393,6 +447,10 @@ impl ServeArgs {
             limits: ListenerLimits {
                 handshake_timeout: handshake,
                 max_connections: max_conns,
+                max_connections_per_source: per_source,
+                idle_timeout: idle,
+                max_connection_age: max_age,
+                max_connection_age_grace: grace,
             },
             grace,
         })
@@ -452,6 +510,93 @@ mod tests {
             "--dir",
         ] {
             assert!(joined.contains(flag), "{flag} missing from {joined}");
+        }
+    }
+
+    #[test]
+    fn max_attestation_age_defaults_to_a_day_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["meshid-ca", "serve", "--dir", dir_arg.as_str()];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let age = |extra: &[&str]| parse(extra).map(|c| c.max_attestation_age);
+        assert_eq!(age(&[]), Ok(Duration::from_secs(86_400)));
+        assert_eq!(
+            age(&["--max-attestation-age", "7d"]),
+            Ok(Duration::from_secs(7 * 86_400))
+        );
+        assert_eq!(
+            age(&["--max-attestation-age=3s"]),
+            Ok(Duration::from_secs(3))
+        );
+        for bad in ["0s", "500ms", "soon", ""] {
+            let problems = age(&["--max-attestation-age", bad]).unwrap_err();
+            assert!(
+                problems.len() == 1 && problems[0].starts_with("--max-attestation-age: "),
+                "{bad:?}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn listener_limits_have_defaults_and_are_checked_together() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["meshid-ca", "serve", "--dir", dir_arg.as_str()];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let limits = parse(&[]).unwrap().limits;
+        assert_eq!(limits.max_connections_per_source, 256);
+        assert_eq!(limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(limits.max_connection_age, Duration::from_secs(1800));
+        assert_eq!(limits.max_connection_age_grace, Duration::from_secs(30));
+
+        let limits = parse(&[
+            "--max-connections-per-source",
+            "3",
+            "--idle-timeout",
+            "90s",
+            "--max-connection-age",
+            "1h",
+            "--grace",
+            "5s",
+        ])
+        .unwrap()
+        .limits;
+        assert_eq!(limits.max_connections_per_source, 3);
+        assert_eq!(limits.idle_timeout, Duration::from_secs(90));
+        assert_eq!(limits.max_connection_age, Duration::from_secs(3600));
+        assert_eq!(limits.max_connection_age_grace, Duration::from_secs(5));
+
+        let problems = parse(&[
+            "--max-connections-per-source",
+            "0",
+            "--idle-timeout",
+            "0s",
+            "--max-connection-age",
+            "forever",
+        ])
+        .unwrap_err()
+        .join("\n");
+        for flag in [
+            "--max-connections-per-source",
+            "--idle-timeout",
+            "--max-connection-age",
+        ] {
+            assert!(problems.contains(flag), "{flag} missing from {problems}");
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod authority;
 pub mod ca_dir;
 pub mod cli;
 pub mod csr;
+pub mod issued;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rotation;

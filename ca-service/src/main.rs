@@ -151,7 +151,9 @@ fn block_on<T>(step: impl std::future::Future<Output = T>) -> Result<T, Failure>
 
 fn rotate(command: RotateCommand) -> Result<(), Failure> {
     let refused = |e: rotation::RotateError| match e {
-        rotation::RotateError::Refused(why) => Failure::Runtime(anyhow::anyhow!("refusing: {why}")),
+        rotation::RotateError::Refused(why) => {
+            Failure::Runtime(anyhow::anyhow!("refusing: {}", shown(&why)))
+        }
         other => Failure::Runtime(other.into()),
     };
     match command {
@@ -200,13 +202,15 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
+                // Every string here came over the network (the CAs' admin ports, and sidecars
+                // before them): printed escaped, so no control character reaches the terminal.
                 println!("bundle version {}", report.bundle_version);
                 for a in &report.authorities {
                     println!(
                         "  authority {:<3} {:<9} root sha256 {}..  root expires {}  live certs {} (latest {})",
-                        a.name,
-                        a.state,
-                        &a.root_sha256[..16.min(a.root_sha256.len())],
+                        shown(&a.name),
+                        shown(&a.state),
+                        shown(&a.root_sha256.chars().take(16).collect::<String>()),
                         a.root_not_after,
                         a.live_certificates,
                         a.latest_certificate_expiry
@@ -220,20 +224,25 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                     };
                     println!(
                         "  sidecar {} {} {acked} serving under {}{}",
-                        s.identity,
-                        s.instance,
-                        s.serving_authority.as_deref().unwrap_or("unknown"),
+                        shown(&s.identity),
+                        shown(&s.instance),
+                        shown(s.serving_authority.as_deref().unwrap_or("unknown")),
                         if s.connected { "" } else { " (disconnected)" }
                     );
                 }
                 for u in &report.unknown {
-                    println!("unknown: {u}");
+                    println!("unknown: {}", shown(u));
                 }
-                println!("next step: {}", report.next_step);
+                println!("next step: {}", shown(&report.next_step));
             }
         }
     }
     Ok(())
+}
+
+/// A string from the network as a terminal may show it: control characters and quotes escaped.
+fn shown(s: &str) -> String {
+    s.escape_debug().to_string()
 }
 
 /// Gates measure convergence through the running CAs; without one, only `--force` may proceed.

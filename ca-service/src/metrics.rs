@@ -21,6 +21,12 @@ pub struct AuthorityLabels {
     pub state: &'static str,
 }
 
+/// Labels of connection events: a fixed reason word (`max_connections`, `idle_timeout`, ...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Labels of the per-bundle-version sidecar count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -38,7 +44,8 @@ pub struct Metrics {
     pub intermediate_expiry: Gauge,
     pub connections_open: Gauge,
     pub handshake_failures: Counter,
-    pub connections_refused: Counter,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub connections_closed: Family<ReasonLabels, Counter>,
     pub authority_root_expiry: Family<AuthorityLabels, Gauge>,
     pub authority_intermediate_expiry: Family<AuthorityLabels, Gauge>,
     pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
@@ -57,7 +64,8 @@ impl Metrics {
             intermediate_expiry: Gauge::default(),
             connections_open: Gauge::default(),
             handshake_failures: Counter::default(),
-            connections_refused: Counter::default(),
+            connections_refused: Family::default(),
+            connections_closed: Family::default(),
             authority_root_expiry: Family::default(),
             authority_intermediate_expiry: Family::default(),
             authority_live_certificates: Family::default(),
@@ -106,8 +114,13 @@ impl Metrics {
         );
         r.register(
             "connections_refused",
-            "Connections refused because the connection limit was reached",
+            "Connections refused at a connection limit, by limit (max_connections, max_connections_per_source)",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Connections the CA ended itself, by reason (idle_timeout, max_connection_age)",
+            m.connections_closed.clone(),
         );
         r.register(
             "authority_root_expiry_timestamp_seconds",
@@ -133,7 +146,12 @@ impl Metrics {
     }
 
     /// Publishes a rotation report as gauges (replacing the previous set of labels).
-    pub fn record_rotation(&self, report: &crate::rotation::RotationReport) {
+    /// Per-authority gauges from `report`, and connected sidecars per acknowledged version.
+    pub fn record_rotation(
+        &self,
+        report: &crate::rotation::RotationReport,
+        sidecars_by_version: &std::collections::BTreeMap<u64, usize>,
+    ) {
         self.authority_root_expiry.clear();
         self.authority_intermediate_expiry.clear();
         self.authority_live_certificates.clear();
@@ -159,12 +177,12 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(a.live_certificates as i64);
         }
-        for s in report.sidecars.iter().filter(|s| s.connected) {
+        for (version, n) in sidecars_by_version {
             self.sidecars_by_version
                 .get_or_create(&VersionLabels {
-                    acked_version: s.acked_version,
+                    acked_version: *version,
                 })
-                .inc();
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
     }
 }

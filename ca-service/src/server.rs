@@ -36,6 +36,9 @@ pub struct ServeConfig {
     pub sans: Vec<String>,
     pub jwt: Option<JwtConfig>,
     pub lifetimes: LifetimePolicy,
+    /// How long after its last attestation (service-account token or join token) an identity still
+    /// renews on its certificate alone.
+    pub max_attestation_age: Duration,
     pub rate_limit: RateLimit,
     pub limits: ListenerLimits,
     /// How long in-flight calls may take to finish after shutdown starts.
@@ -132,13 +135,17 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         jwt,
         join: JoinTokenStore::new(&config.dir, trust_domain),
         lifetimes: config.lifetimes,
+        max_attestation_age: config.max_attestation_age,
         limiter: RateLimiter::new(config.rate_limit),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
             started_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
             max_ttl_seconds: config.lifetimes.max.as_secs(),
-        }),
+            records_issuance: false,
+        })
+        .recording_to(&config.dir),
+        streams: Default::default(),
     });
 
     tokio::spawn(follow_bundle(
@@ -170,6 +177,13 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             .concurrency_limit_per_connection(256)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // GOAWAY at the maximum age (tonic's graceful shutdown of the connection); the
+            // connection itself ends `max_connection_age_grace` later (tls::TlsConn), which also
+            // ends the bundle streams still on it. tonic's own `max_connection_age_grace` is not
+            // used: with it set, tonic skips the GOAWAY and only cuts.
+            .max_connection_age(config.limits.max_connection_age)
+            // Calls in flight per connection, for the idle timeout (tls::TlsConn).
+            .layer(tls::TrackCallsLayer)
             .add_service(health_service)
             .add_service(ca)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -185,8 +199,13 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             let (sidecars, issued) = state.fleet.report(now);
             let rotation =
                 crate::authorities::RotationState::load(&dir).map_err(|e| e.to_string())?;
-            let report =
-                crate::rotation::report(&dir, &rotation, sidecars, &issued, state.fleet.process);
+            let report = crate::rotation::report(
+                &dir,
+                &rotation,
+                sidecars,
+                &issued,
+                state.fleet.process_now(),
+            );
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
         })
     };
@@ -250,10 +269,16 @@ async fn follow_bundle(
         }
         if let Ok(rotation) = crate::authorities::RotationState::load(&dir) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
-            let (sidecars, issued) = state.fleet.report(t);
-            let report =
-                crate::rotation::report(&dir, &rotation, sidecars, &issued, state.fleet.process);
-            state.metrics.record_rotation(&report);
+            // The counts only: no copy or sort of the fleet every second.
+            let (by_version, issued) = state.fleet.summary(t);
+            let report = crate::rotation::report(
+                &dir,
+                &rotation,
+                Vec::new(),
+                &issued,
+                state.fleet.process_now(),
+            );
+            state.metrics.record_rotation(&report, &by_version);
         }
         let now = stamps(&dir, &state);
         if now == last {

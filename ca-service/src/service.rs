@@ -23,7 +23,7 @@ use crate::authority::Authority;
 use crate::csr::CsrPublicKey;
 use crate::metrics::{IssueLabels, Metrics};
 use crate::ratelimit::RateLimiter;
-use crate::signer::{LifetimePolicy, sign_leaf};
+use crate::signer::{LifetimePolicy, sign_leaf_attested};
 use crate::tls::PeerInfo;
 
 /// The trust bundle as served, with its version.
@@ -42,12 +42,17 @@ pub struct CaState {
     pub jwt: Option<JwtAuthenticator>,
     pub join: JoinTokenStore,
     pub lifetimes: LifetimePolicy,
+    /// How long after its last attestation (token or join token) an identity still renews on its
+    /// certificate alone (`--max-attestation-age`).
+    pub max_attestation_age: std::time::Duration,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
     /// Flips to true when the server shuts down, ending bundle streams.
     pub shutdown: watch::Receiver<bool>,
     /// Connected sidecars, their acknowledgements, and live certificates per authority.
     pub fleet: crate::rotation::Fleet,
+    /// Room for bundle streams, sidecars' and anonymous ones apart.
+    pub streams: StreamPermits,
 }
 
 /// The gRPC service.
@@ -83,7 +88,11 @@ impl From<AuthError> for Refusal {
 }
 
 enum Authenticated {
-    Ready(SpiffeId),
+    Ready {
+        id: SpiffeId,
+        /// When the identity was last attested (Unix seconds); `None`: by this call.
+        attested_at: Option<i64>,
+    },
     Join(PendingJoin),
 }
 
@@ -96,7 +105,10 @@ impl CaState {
         match credential {
             Some(Credential::ServiceAccountToken(token)) => {
                 let result = match &self.jwt {
-                    Some(jwt) => jwt.authenticate(token).map(Authenticated::Ready),
+                    Some(jwt) => jwt.authenticate(token).map(|id| Authenticated::Ready {
+                        id,
+                        attested_at: None,
+                    }),
                     None => Err(AuthError::unauthenticated(
                         Reason::ServiceAccountTokensDisabled,
                         "this CA does not accept service-account tokens (no --jwks)",
@@ -110,14 +122,30 @@ impl CaState {
             ),
             None => match peer.and_then(|p| p.leaf_identity.as_deref()) {
                 Some(leaf) => {
-                    let td = self.authority.load().trust_domain.clone();
-                    let result = auth::authenticate_renewal(leaf, &td, OffsetDateTime::now_utc())
-                        .and_then(|id| {
-                            if let (Some(jwt), Some((ns, _))) = (&self.jwt, id.service_account()) {
-                                jwt.check_namespace(ns)?;
-                            }
-                            Ok(Authenticated::Ready(id))
-                        });
+                    // Checked at the time of the call: the authority (and its bundle) now, not
+                    // when the connection was set up.
+                    let authority = self.authority.load();
+                    let chain = peer
+                        .and_then(|p| p.certificates.as_deref())
+                        .map_or(&[][..], Vec::as_slice);
+                    let policy = auth::RenewalPolicy {
+                        trust_domain: &authority.trust_domain,
+                        roots: &authority.roots,
+                        max_attestation_age: self.max_attestation_age,
+                    };
+                    let result =
+                        auth::authenticate_renewal(leaf, chain, &policy, OffsetDateTime::now_utc())
+                            .and_then(|renewal| {
+                                if let (Some(jwt), Some((ns, _))) =
+                                    (&self.jwt, renewal.id.service_account())
+                                {
+                                    jwt.check_namespace(ns)?;
+                                }
+                                Ok(Authenticated::Ready {
+                                    id: renewal.id,
+                                    attested_at: Some(renewal.attested_at),
+                                })
+                            });
                     (Method::Renewal, result)
                 }
                 None => (
@@ -157,9 +185,9 @@ impl CaState {
             Ok(a) => a,
             Err(e) => return (method, None, Err(e.into())),
         };
-        let id = match &authenticated {
-            Authenticated::Ready(id) => id.clone(),
-            Authenticated::Join(p) => p.id.clone(),
+        let (id, attested_at) = match &authenticated {
+            Authenticated::Ready { id, attested_at } => (id.clone(), *attested_at),
+            Authenticated::Join(p) => (p.id.clone(), None),
         };
         if let Err(wait) = self.limiter.check(&id, Instant::now()) {
             let mut status = Status::resource_exhausted(format!(
@@ -183,7 +211,10 @@ impl CaState {
 
         let authority = self.authority.load();
         let lifetime = self.lifetimes.lifetime_for(req.ttl_seconds);
-        let issued = match sign_leaf(&authority, &id, &key, lifetime, OffsetDateTime::now_utc()) {
+        let now = OffsetDateTime::now_utc();
+        // A token or join token attests the identity now; a renewal carries the time on.
+        let attested_at = attested_at.unwrap_or(now.unix_timestamp());
+        let issued = match sign_leaf_attested(&authority, &id, &key, lifetime, now, attested_at) {
             Ok(issued) => issued,
             Err(error) => {
                 tracing::error!(%error, identity = %id, "signing failed");
@@ -220,12 +251,13 @@ impl CaState {
         }
     }
 
-    /// Records a sidecar's acknowledgement; the caller must prove it holds the certificate it
-    /// reports (the chain's leaf is the TLS client certificate of the call).
+    /// Records a sidecar's acknowledgement. It speaks only for the certificate on its own
+    /// connection: the reported chain's leaf must be that certificate, and the instance is that
+    /// certificate's key, which must have a bundle stream open on this CA.
     fn ack(&self, req: &AckTrustBundleRequest, peer: Option<&PeerInfo>) -> Result<(), Status> {
-        if req.instance_id.is_empty() || req.instance_id.len() > 128 {
+        if req.instance_id.len() > 128 {
             return Err(Status::invalid_argument(
-                "instance_id must be 1 to 128 bytes",
+                "instance_id must be at most 128 bytes",
             ));
         }
         if req.serving_chain.is_empty() || req.serving_chain.len() > 4 {
@@ -246,6 +278,8 @@ impl CaState {
         }
         let info = meshid_identity::cert_identity_from_der(&req.serving_chain[0])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let key = instance_key(presented)
+            .ok_or_else(|| Status::invalid_argument("the certificate has no readable key"))?;
         let chain: Vec<CertificateDer<'static>> = req
             .serving_chain
             .iter()
@@ -258,20 +292,149 @@ impl CaState {
             now,
         );
         let ack = crate::rotation::fleet::Ack {
-            // A file-mode sidecar's bundle version means nothing: its anchors come from files.
-            version: if req.file_mode { 0 } else { req.bundle_version },
-            identity: info.id.to_string(),
+            version: req.bundle_version,
             authority,
             not_after: info.not_after,
             file_mode: req.file_mode,
         };
-        self.fleet.ack(&req.instance_id, ack, now);
-        Ok(())
+        let published = self.bundle.borrow().version;
+        self.fleet
+            .ack(&key, ack, published, now)
+            .map_err(fleet_status)
     }
 }
 
-/// Bundle streams one CA process serves at most (each is a task and a buffer).
-pub const MAX_WATCH_STREAMS: i64 = 50_000;
+/// The instance a certificate stands for: SHA-256 (hex) of its public key.
+pub fn instance_key(leaf: &[u8]) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+    Some(crate::serial::sha256_hex(cert.public_key().raw))
+}
+
+/// A refused registration or acknowledgement as the caller sees it.
+fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
+    use crate::rotation::fleet::FleetError;
+    match e {
+        FleetError::Full(_) | FleetError::TooManyForIdentity { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
+        FleetError::NotRegistered => Status::failed_precondition(e.to_string()),
+        FleetError::ModeChanged { .. } | FleetError::FutureVersion { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+    }
+}
+
+/// Bundle streams one CA process serves, kept apart so anonymous watchers (no client certificate:
+/// tools, dashboards) can never take the room of sidecars, and one connection cannot hold many
+/// anonymous streams. Each stream holds a permit until it ends.
+#[derive(Debug)]
+pub struct StreamPermits {
+    authenticated: Arc<tokio::sync::Semaphore>,
+    anonymous: Arc<tokio::sync::Semaphore>,
+    anonymous_per_connection: u32,
+    by_connection: ByConnection,
+}
+
+/// Anonymous streams per connection (by its remote address).
+type ByConnection = Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, u32>>>;
+
+impl Default for StreamPermits {
+    fn default() -> Self {
+        Self::new(
+            MAX_WATCH_STREAMS,
+            MAX_ANONYMOUS_STREAMS,
+            MAX_ANONYMOUS_PER_CONNECTION,
+        )
+    }
+}
+
+/// A stream's hold on its capacity, released when the stream ends.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    connection: Option<(std::net::SocketAddr, ByConnection)>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        if let Some((addr, map)) = &self.connection {
+            let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(addr) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(addr);
+                }
+            }
+        }
+    }
+}
+
+impl StreamPermits {
+    pub fn new(authenticated: usize, anonymous: usize, anonymous_per_connection: u32) -> Self {
+        Self {
+            authenticated: Arc::new(tokio::sync::Semaphore::new(authenticated)),
+            anonymous: Arc::new(tokio::sync::Semaphore::new(anonymous)),
+            anonymous_per_connection,
+            by_connection: Arc::default(),
+        }
+    }
+
+    /// Room for one more stream of this kind, or why not.
+    fn acquire(
+        &self,
+        peer: Option<&PeerInfo>,
+        authenticated: bool,
+    ) -> Result<StreamPermit, Status> {
+        if authenticated {
+            let permit = self
+                .authenticated
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| {
+                    Status::resource_exhausted(
+                        "too many trust bundle streams on this CA; retry later",
+                    )
+                })?;
+            return Ok(StreamPermit {
+                _permit: permit,
+                connection: None,
+            });
+        }
+        let permit = self.anonymous.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many anonymous trust bundle streams on this CA; present a certificate or retry later",
+            )
+        })?;
+        let connection = match peer {
+            Some(p) => {
+                let mut map = self.by_connection.lock().unwrap_or_else(|p| p.into_inner());
+                let n = map.entry(p.remote_addr).or_default();
+                if *n >= self.anonymous_per_connection {
+                    return Err(Status::resource_exhausted(format!(
+                        "at most {} anonymous trust bundle streams per connection",
+                        self.anonymous_per_connection
+                    )));
+                }
+                *n += 1;
+                Some((p.remote_addr, self.by_connection.clone()))
+            }
+            None => None,
+        };
+        Ok(StreamPermit {
+            _permit: permit,
+            connection,
+        })
+    }
+}
+
+/// Bundle streams of sidecars (with a client certificate) one CA process serves at most (each is a
+/// task and a buffer).
+pub const MAX_WATCH_STREAMS: usize = 50_000;
+/// Anonymous bundle streams (no client certificate) one CA process serves at most.
+pub const MAX_ANONYMOUS_STREAMS: usize = 256;
+/// Anonymous bundle streams one connection may hold.
+pub const MAX_ANONYMOUS_PER_CONNECTION: u32 = 4;
 
 type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
 
@@ -357,30 +520,34 @@ impl CertificateAuthority for CaService {
         &self,
         request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
-        // Only authenticated sidecars count as connected (an anonymous stream cannot hold a
-        // rotation step hostage).
-        let authenticated = request
-            .extensions()
-            .get::<PeerInfo>()
-            .is_some_and(|p| p.certificates.is_some());
-        let instance = request.into_inner().instance_id;
-        let instance =
-            (authenticated && !instance.is_empty() && instance.len() <= 128).then_some(instance);
+        // Only a stream opened with a certificate registers an instance, and that instance is the
+        // certificate's key: nothing the caller sends names it.
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let req = request.into_inner();
+        let caller = peer.as_ref().and_then(|p| {
+            let leaf = p.certificates.as_ref()?.first()?;
+            let identity = p.leaf_identity.as_deref()?.as_ref().ok()?.id.to_string();
+            Some(crate::rotation::fleet::Caller {
+                key: instance_key(leaf)?,
+                identity,
+                file_mode: req.file_mode,
+            })
+        });
         let state = self.state.clone();
-        if state.metrics.watch_streams.get() >= MAX_WATCH_STREAMS {
-            return Err(Status::resource_exhausted(
-                "too many trust bundle streams on this CA; retry later",
-            ));
+        let permit = state.streams.acquire(peer.as_ref(), caller.is_some())?;
+        if let Some(c) = &caller {
+            state
+                .fleet
+                .stream_opened(c, OffsetDateTime::now_utc().unix_timestamp())
+                .map_err(fleet_status)?;
         }
         let mut bundles = state.bundle.subscribe();
         let mut shutdown = state.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             state.metrics.watch_streams.inc();
+            let _permit = permit;
             let now = || OffsetDateTime::now_utc().unix_timestamp();
-            if let Some(i) = &instance {
-                state.fleet.stream_opened(i, now());
-            }
             loop {
                 let current = bundles.borrow_and_update().clone();
                 if tx.send(Ok(state.trust_bundle(&current))).await.is_err() {
@@ -392,8 +559,8 @@ impl CertificateAuthority for CaService {
                     () = tx.closed() => break,
                 }
             }
-            if let Some(i) = &instance {
-                state.fleet.stream_closed(i, now());
+            if let Some(c) = &caller {
+                state.fleet.stream_closed(&c.key, now());
             }
             state.metrics.watch_streams.dec();
         });
@@ -433,6 +600,7 @@ mod tests {
     use super::*;
     use crate::auth::JwtConfig;
     use crate::ratelimit::RateLimit;
+    use crate::signer::sign_leaf;
 
     const TD: &str = "cluster.local";
     const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -454,7 +622,12 @@ mod tests {
         /// Accept service-account tokens (a JWKS of `TestCa::sa`'s key).
         service_accounts: bool,
         allowed_namespaces: Option<&'static [&'static str]>,
+        /// `--max-attestation-age` (default: `MAX_ATTESTATION_AGE`).
+        max_attestation_age: Option<Duration>,
     }
+
+    /// The attestation age every test CA allows unless told otherwise.
+    const MAX_ATTESTATION_AGE: Duration = Duration::from_secs(24 * 3600);
 
     /// A CA directory made by `authority::init` and a `CaState` over it, as `server::start` builds.
     struct TestCa {
@@ -501,13 +674,16 @@ mod tests {
                 jwt,
                 join: JoinTokenStore::new(dir.path(), td),
                 lifetimes: LIFETIMES,
+                max_attestation_age: opts.max_attestation_age.unwrap_or(MAX_ATTESTATION_AGE),
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 metrics,
                 shutdown: shutdown_rx,
                 fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
                     started_unix: OffsetDateTime::now_utc().unix_timestamp(),
                     max_ttl_seconds: LIFETIMES.max.as_secs(),
+                    records_issuance: false,
                 }),
+                streams: Default::default(),
             };
             Self {
                 dir,
@@ -543,6 +719,44 @@ mod tests {
         /// A still-valid certificate this CA issued for `id`.
         fn cert(&self, id: &str) -> Vec<CertificateDer<'static>> {
             self.cert_at(id, OffsetDateTime::now_utc())
+        }
+
+        /// A one-hour certificate this CA signs now for `id`, whose identity was attested
+        /// `ago_secs` seconds ago (the end of a lineage of renewals).
+        fn cert_attested(&self, id: &str, ago_secs: i64) -> Vec<CertificateDer<'static>> {
+            let key = CsrPublicKey::from_csr_der(&csr()).unwrap();
+            let now = OffsetDateTime::now_utc();
+            crate::signer::sign_leaf_attested(
+                &self.state.authority.load(),
+                &SpiffeId::parse(id).unwrap(),
+                &key,
+                Duration::from_secs(3600),
+                now,
+                now.unix_timestamp() - ago_secs,
+            )
+            .unwrap()
+            .chain
+        }
+
+        /// A three-hour certificate this CA signed for `id`, valid from `ago_secs` seconds ago,
+        /// without the attested-at extension (as issued before the extension existed).
+        fn cert_unattested(&self, id: &str, ago_secs: i64) -> Vec<CertificateDer<'static>> {
+            let authority = self.state.authority.load();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            params.use_authority_key_identifier_extension = true;
+            params.not_before = OffsetDateTime::now_utc() - time::Duration::seconds(ago_secs);
+            params.not_after = params.not_before + time::Duration::hours(3);
+            let key = KeyPair::generate().unwrap();
+            let leaf = params.signed_by(&key, &authority.issuer).unwrap();
+            vec![leaf.der().clone(), authority.intermediate_der.clone()]
         }
 
         fn root(&self) -> CertificateDer<'static> {
@@ -657,6 +871,7 @@ mod tests {
             remote_addr: "192.0.2.7:40000".parse().unwrap(),
             certificates: Some(Arc::new(chain.to_vec())),
             leaf_identity,
+            activity: Default::default(),
         }
     }
 
@@ -666,6 +881,7 @@ mod tests {
             remote_addr: "192.0.2.7:40000".parse().unwrap(),
             certificates: None,
             leaf_identity: None,
+            activity: Default::default(),
         }
     }
 
@@ -894,6 +1110,21 @@ mod tests {
                 },
                 method: Method::Renewal,
                 expected: Refused(Code::Unauthenticated, "certificate_expired"),
+            },
+            Case {
+                name: "renewal with a certificate of another PKI in this trust domain",
+                call: |_| {
+                    let foreign = TestPki::new("other").leaf(FRONTEND);
+                    (request(csr(), None), Some(peer(&foreign.chain)))
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "untrusted_chain"),
+            },
+            Case {
+                name: "renewal presenting the leaf without its intermediate",
+                call: |ca| (request(csr(), None), Some(peer(&ca.cert(FRONTEND)[..1]))),
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "untrusted_chain"),
             },
             Case {
                 name: "renewal with a certificate of another trust domain",
@@ -1225,6 +1456,266 @@ mod tests {
         verify_chain(&renewed.cert_chain, &ca.root()).unwrap();
     }
 
+    // ---- issue(): renewals decided at the time of the call -------------------------------------
+
+    #[test]
+    fn renewal_lineage_is_bounded_by_the_attestation_age() {
+        /// The attested-at time the new certificate must carry.
+        #[derive(Debug, Clone, Copy)]
+        enum Attested {
+            /// That of the presented certificate (its extension, else its not-before).
+            Kept,
+            /// The time of this call: a token or join token attested the identity again.
+            Now,
+        }
+        struct Case {
+            name: &'static str,
+            call: fn(&TestCa) -> Call,
+            method: Method,
+            expected: Expected,
+            attested: Attested,
+        }
+        use Expected::{Issued, Refused};
+        let cases = [
+            Case {
+                name: "attested 30 min ago: renews, the new certificate keeps that time",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(FRONTEND, 1800))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "attested 59 min ago: still renews",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(FRONTEND, 3540))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "attested 61 min ago: refused, though the certificate is valid",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(FRONTEND, 3660))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "a join-token identity attested a day ago: refused",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(VM, 86_400))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "no extension, valid since 30 min ago: attested at its not-before",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_unattested(FRONTEND, 1800))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "no extension, valid since 2 h ago: refused",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_unattested(FRONTEND, 7200))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                attested: Attested::Kept,
+            },
+            Case {
+                name: "a service-account token resets the lineage (over a connection past the age)",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    let old = peer(&ca.cert_attested(FRONTEND, 86_400));
+                    (request(csr(), service_account(token)), Some(old))
+                },
+                method: Method::ServiceAccountToken,
+                expected: Issued(FRONTEND),
+                attested: Attested::Now,
+            },
+            Case {
+                name: "a join token resets the lineage",
+                call: |ca| {
+                    let token = ca.join_token(VM, Duration::from_secs(600));
+                    let old = peer(&ca.cert_attested(VM, 86_400));
+                    (request(csr(), join(token)), Some(old))
+                },
+                method: Method::JoinToken,
+                expected: Issued(VM),
+                attested: Attested::Now,
+            },
+            Case {
+                name: "renewing what a token issued keeps the token's time",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    let first = request(csr(), service_account(token));
+                    let (_, _, issued) = ca.state.issue(&first, None);
+                    let chain: Vec<CertificateDer<'static>> = issued
+                        .unwrap_or_else(|r| panic!("token issuance: {:?}", r.status))
+                        .cert_chain
+                        .into_iter()
+                        .map(CertificateDer::from)
+                        .collect();
+                    (request(csr(), None), Some(peer(&chain)))
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+            },
+        ];
+        for case in cases {
+            let name = case.name;
+            let ca = TestCa::with(Opts {
+                service_accounts: true,
+                max_attestation_age: Some(Duration::from_secs(3600)),
+                ..Opts::default()
+            });
+            let (req, peer) = (case.call)(&ca);
+            let before = OffsetDateTime::now_utc().unix_timestamp();
+            let decision = ca.state.issue(&req, peer.as_ref());
+            let after = OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(refusal) = &decision.2
+                && refusal.result == "attestation_expired"
+            {
+                let message = refusal.status.message();
+                assert!(
+                    message.contains("service-account token") && message.contains("join token"),
+                    "{name}: the refusal names the way out: {message}"
+                );
+            }
+            let Some(resp) = check(name, &req, decision, case.method, case.expected) else {
+                continue;
+            };
+            let issued = meshid_identity::cert_identity_from_der(&resp.cert_chain[0]).unwrap();
+            let got = issued
+                .attested_at
+                .unwrap_or_else(|| panic!("{name}: no attested time"));
+            match case.attested {
+                Attested::Kept => {
+                    let presented = peer.as_ref().and_then(|p| p.leaf_identity.as_deref());
+                    let presented = presented.unwrap().as_ref().unwrap();
+                    let want = presented.attested_at.unwrap_or(presented.not_before);
+                    assert_eq!(got, want, "{name}");
+                }
+                Attested::Now => {
+                    assert!(
+                        (before..=after).contains(&got),
+                        "{name}: {got} not in [{before}, {after}]"
+                    );
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn renewal_is_checked_against_the_roots_trusted_at_the_call() {
+        use crate::rotation;
+        let ca = TestCa::new();
+        let dir = ca.dir.path().to_owned();
+        // What `server::follow_bundle` does when the CA directory changes.
+        let reload = || {
+            let authority = Authority::load(&dir).unwrap();
+            ca.state.authority.store(Arc::new(authority));
+        };
+        // One connection set up under the first root and kept alive throughout: what the TLS
+        // handshake attached to it (the chain, the identity) never changes.
+        let kept_alive = peer(&ca.cert(FRONTEND));
+        let renew = |peer: &PeerInfo| {
+            let req = request(csr(), None);
+            let decision = ca.state.issue(&req, Some(peer));
+            (req, decision)
+        };
+
+        let (req, decision) = renew(&kept_alive);
+        check(
+            "under its root",
+            &req,
+            decision,
+            Method::Renewal,
+            Expected::Issued(FRONTEND),
+        );
+
+        // Mid-rotation the old root is still in the bundle: the old certificate renews, and the new
+        // certificate comes from the new authority.
+        rotation::prepare(&dir, None).unwrap();
+        let new_authority = rotation::activate(&dir, &[], true).await.unwrap();
+        reload();
+        let (req, decision) = renew(&kept_alive);
+        let resp = check(
+            "mid-rotation",
+            &req,
+            decision,
+            Method::Renewal,
+            Expected::Issued(FRONTEND),
+        )
+        .unwrap();
+        let new_chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let authorities = ca.state.authority.load().authority_roots.clone();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert_eq!(
+            crate::rotation::fleet::authority_of(&new_chain, &authorities, now),
+            Some(new_authority)
+        );
+
+        // The old root leaves the bundle (`retire --force`): the same connection is refused.
+        rotation::retire(&dir, &[], true).await.unwrap();
+        reload();
+        assert_eq!(ca.state.authority.load().roots.len(), 1);
+        let (req, decision) = renew(&kept_alive);
+        if let Err(refusal) = &decision.2 {
+            let message = refusal.status.message();
+            assert!(message.contains("service-account token"), "{message}");
+        }
+        check(
+            "its root left the bundle",
+            &req,
+            decision,
+            Method::Renewal,
+            Expected::Refused(Code::Unauthenticated, "untrusted_chain"),
+        );
+
+        // The certificate of the new authority renews.
+        let (req, decision) = renew(&peer(&new_chain));
+        check(
+            "a certificate under the new root",
+            &req,
+            decision,
+            Method::Renewal,
+            Expected::Issued(FRONTEND),
+        );
+    }
+
     // ---- issue(): service-account tokens ------------------------------------------------------
 
     #[test]
@@ -1481,6 +1972,9 @@ mod tests {
         struct Case {
             name: &'static str,
             call: fn(&TestCa) -> (AckTrustBundleRequest, Option<PeerInfo>),
+            /// Whether the presented certificate's bundle stream is open first (in the mode the
+            /// acknowledgement claims).
+            stream: bool,
             expected: Result<Recorded, Code>,
         }
         fn ack(instance: &str, chain: &[CertificateDer<'_>]) -> AckTrustBundleRequest {
@@ -1500,6 +1994,7 @@ mod tests {
             Case {
                 name: "the presented chain",
                 call: |ca| honest(ca, "pod-1"),
+                stream: true,
                 expected: Ok(Recorded {
                     identity: FRONTEND,
                     acked_version: 3,
@@ -1514,6 +2009,7 @@ mod tests {
                     req.file_mode = true;
                     (req, peer)
                 },
+                stream: true,
                 expected: Ok(Recorded {
                     identity: FRONTEND,
                     acked_version: 0,
@@ -1524,6 +2020,7 @@ mod tests {
             Case {
                 name: "a 128-byte instance id",
                 call: |ca| honest(ca, &"i".repeat(128)),
+                stream: true,
                 expected: Ok(Recorded {
                     identity: FRONTEND,
                     acked_version: 3,
@@ -1537,6 +2034,7 @@ mod tests {
                     let leaf = TestPki::new("other").leaf(FRONTEND);
                     (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
                 },
+                stream: true,
                 expected: Ok(Recorded {
                     identity: FRONTEND,
                     acked_version: 3,
@@ -1545,23 +2043,48 @@ mod tests {
                 }),
             },
             Case {
-                name: "empty instance id",
+                name: "empty instance id (informational only)",
                 call: |ca| honest(ca, ""),
+                stream: true,
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 3,
+                    authority: Some("1"),
+                    file_mode: false,
+                }),
+            },
+            Case {
+                name: "no bundle stream of this certificate (an invented instance)",
+                call: |ca| honest(ca, "pod-1"),
+                stream: false,
+                expected: Err(Code::FailedPrecondition),
+            },
+            Case {
+                name: "a version this CA never published",
+                call: |ca| {
+                    let (mut req, peer) = honest(ca, "pod-1");
+                    req.bundle_version = 4;
+                    (req, peer)
+                },
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
             Case {
                 name: "129-byte instance id",
                 call: |ca| honest(ca, &"i".repeat(129)),
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
             Case {
-                name: "empty instance id and no client certificate: the request is checked first",
-                call: |ca| (ack("", &ca.cert(FRONTEND)), None),
+                name: "129-byte instance id and no client certificate: the request is checked first",
+                call: |ca| (ack(&"i".repeat(129), &ca.cert(FRONTEND)), None),
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
             Case {
                 name: "empty serving chain",
                 call: |ca| (ack("pod-1", &[]), Some(peer(&ca.cert(FRONTEND)))),
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
             Case {
@@ -1572,16 +2095,19 @@ mod tests {
                     chain.extend([inter.clone(), inter.clone(), inter]);
                     (ack("pod-1", &chain), Some(peer(&chain[..2])))
                 },
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
             Case {
                 name: "no client certificate",
                 call: |ca| (ack("pod-1", &ca.cert(FRONTEND)), None),
+                stream: true,
                 expected: Err(Code::Unauthenticated),
             },
             Case {
                 name: "TLS connection without a client certificate",
                 call: |ca| (ack("pod-1", &ca.cert(FRONTEND)), Some(anonymous_peer())),
+                stream: true,
                 expected: Err(Code::Unauthenticated),
             },
             Case {
@@ -1590,6 +2116,7 @@ mod tests {
                     let presented = ca.cert(BACKEND);
                     (ack("pod-1", &ca.cert(FRONTEND)), Some(peer(&presented)))
                 },
+                stream: true,
                 expected: Err(Code::PermissionDenied),
             },
             Case {
@@ -1599,6 +2126,7 @@ mod tests {
                     let reversed: Vec<_> = chain.iter().rev().cloned().collect();
                     (ack("pod-1", &reversed), Some(peer(&chain)))
                 },
+                stream: true,
                 expected: Err(Code::PermissionDenied),
             },
             Case {
@@ -1611,13 +2139,34 @@ mod tests {
                     let leaf = TestPki::new("other").leaf_shaped(FRONTEND, &shape);
                     (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
                 },
+                stream: true,
                 expected: Err(Code::InvalidArgument),
             },
         ];
         for case in cases {
             let name = case.name;
             let ca = TestCa::new();
+            // Version 3 is the one published.
+            let mut published = (**ca.state.bundle.borrow()).clone();
+            published.version = 3;
+            ca.state.bundle.send_replace(Arc::new(published));
             let (req, peer) = (case.call)(&ca);
+            let leaf = peer
+                .as_ref()
+                .and_then(|p| p.certificates.as_ref())
+                .and_then(|c| c.first());
+            let registered = case.stream
+                && leaf.is_some_and(|leaf| {
+                    let Ok(info) = meshid_identity::cert_identity_from_der(leaf) else {
+                        return false;
+                    };
+                    let caller = crate::rotation::fleet::Caller {
+                        key: instance_key(leaf).unwrap(),
+                        identity: info.id.to_string(),
+                        file_mode: req.file_mode,
+                    };
+                    ca.state.fleet.stream_opened(&caller, 1).is_ok()
+                });
             let result = ca.state.ack(&req, peer.as_ref());
             let now = OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, _) = ca.state.fleet.report(now);
@@ -1625,7 +2174,7 @@ mod tests {
                 (Ok(want), Ok(())) => {
                     assert_eq!(sidecars.len(), 1, "{name}");
                     let s = &sidecars[0];
-                    assert_eq!(s.instance, req.instance_id, "{name}");
+                    assert_eq!(s.instance.len(), 16, "{name}: a key label, not the sent id");
                     let got = (
                         s.identity.as_str(),
                         s.acked_version,
@@ -1641,11 +2190,17 @@ mod tests {
                     assert_eq!(got, want, "{name}");
                     let leaf = meshid_identity::cert_identity_from_der(&req.serving_chain[0]);
                     assert_eq!(s.serving_not_after, leaf.unwrap().not_after, "{name}");
-                    assert!(!s.connected, "{name}: an ack opens no stream");
+                    assert!(s.connected, "{name}");
                 }
                 (Err(code), Err(status)) => {
                     assert_eq!(status.code(), code, "{name}: {status:?}");
-                    assert!(sidecars.is_empty(), "{name}: refused ack recorded");
+                    assert!(
+                        sidecars
+                            .iter()
+                            .all(|s| s.acked_version == 0 && s.serving_authority.is_none()),
+                        "{name}: refused ack recorded"
+                    );
+                    assert!(registered || sidecars.is_empty(), "{name}");
                 }
                 (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
             }

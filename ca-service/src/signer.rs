@@ -3,9 +3,11 @@
 
 use std::time::Duration as StdDuration;
 
-use meshid_identity::SpiffeId;
+use meshid_identity::identity::attested_at_extension_value;
+use meshid_identity::{ATTESTED_AT_ARCS, SpiffeId};
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    CertificateParams, CustomExtension, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::CertificateDer;
 use time::{Duration, OffsetDateTime};
@@ -63,16 +65,33 @@ pub enum SignError {
     IntermediateExpired,
     #[error("signing failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("signing failed: the attested-at extension was not written as intended")]
+    AttestedAt,
 }
 
-/// Signs a workload certificate for `id` over `key`, valid for `lifetime` from `now` (capped by the
-/// intermediate's expiry), not-before backdated by at most 60 s and 10% of the lifetime.
+/// Signs a workload certificate for `id` over `key` whose identity was attested just now (a token or
+/// a join token): [`sign_leaf_attested`] with `attested_at` = `now`.
 pub fn sign_leaf(
     authority: &Authority,
     id: &SpiffeId,
     key: &CsrPublicKey,
     lifetime: StdDuration,
     now: OffsetDateTime,
+) -> Result<Issued, SignError> {
+    sign_leaf_attested(authority, id, key, lifetime, now, now.unix_timestamp())
+}
+
+/// Signs a workload certificate for `id` over `key`, valid for `lifetime` from `now` (capped by the
+/// intermediate's expiry), not-before backdated by at most 60 s and 10% of the lifetime. It carries
+/// `attested_at` (Unix seconds: when the identity was last attested) in meshid's attested-at
+/// extension ([`ATTESTED_AT_OID`], non-critical, a DER INTEGER).
+pub fn sign_leaf_attested(
+    authority: &Authority,
+    id: &SpiffeId,
+    key: &CsrPublicKey,
+    lifetime: StdDuration,
+    now: OffsetDateTime,
+    attested_at: i64,
 ) -> Result<Issued, SignError> {
     let not_after = (now + lifetime).min(authority.intermediate_not_after);
     if not_after <= now {
@@ -96,10 +115,18 @@ pub fn sign_leaf(
     params.serial_number = Some(random_serial());
     params.not_before = not_before;
     params.not_after = not_after;
+    params.custom_extensions = vec![CustomExtension::from_oid_content(
+        ATTESTED_AT_ARCS,
+        attested_at_extension_value(attested_at),
+    )];
 
     let cert = params.signed_by(key, &authority.issuer)?;
+    let leaf = cert.der().clone();
+    if meshid_identity::attested_at_from_der(&leaf) != Ok(Some(attested_at)) {
+        return Err(SignError::AttestedAt);
+    }
     Ok(Issued {
-        chain: vec![cert.der().clone(), authority.intermediate_der.clone()],
+        chain: vec![leaf, authority.intermediate_der.clone()],
         not_before: truncate_secs(not_before),
         not_after: truncate_secs(not_after),
     })
@@ -166,6 +193,46 @@ mod tests {
         assert!((3599..=3600).contains(&lifetime), "{lifetime}");
         let backdate = now.unix_timestamp() - cert.validity().not_before.timestamp();
         assert!((59..=61).contains(&backdate), "{backdate}");
+    }
+
+    #[test]
+    fn leaf_carries_the_attested_time_under_a_valid_signature() {
+        let (_dir, auth) = authority();
+        let (_, pk) = csr_key();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let now = OffsetDateTime::now_utc();
+        for (name, attested) in [
+            ("fresh (sign_leaf)", None),
+            (
+                "copied from an earlier leaf",
+                Some(now.unix_timestamp() - 7200),
+            ),
+            ("the epoch", Some(0)),
+        ] {
+            let issued = match attested {
+                None => sign_leaf(&auth, &id, &pk, StdDuration::from_secs(600), now),
+                Some(t) => sign_leaf_attested(&auth, &id, &pk, StdDuration::from_secs(600), now, t),
+            }
+            .unwrap();
+            let want = attested.unwrap_or(now.unix_timestamp());
+
+            use x509_parser::prelude::*;
+            let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).unwrap();
+            let ext: Vec<_> = leaf
+                .extensions()
+                .iter()
+                .filter(|e| e.oid.as_bytes() == meshid_identity::ATTESTED_AT_OID)
+                .collect();
+            assert_eq!(ext.len(), 1, "{name}");
+            assert!(!ext[0].critical, "{name}");
+            assert_eq!(ext[0].value, attested_at_extension_value(want), "{name}");
+            let info = meshid_identity::cert_identity_from_der(&issued.chain[0]).unwrap();
+            assert_eq!(info.attested_at, Some(want), "{name}");
+            // The intermediate's signature holds.
+            let (_, inter) = X509Certificate::from_der(&issued.chain[1]).unwrap();
+            leaf.verify_signature(Some(inter.public_key()))
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
     }
 
     #[test]

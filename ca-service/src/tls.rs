@@ -1,10 +1,14 @@
 //! The CA's TLS listener: its own serving certificate, optional client certificates (for renewal), a
-//! handshake timeout and a connection limit. Accepted connections feed tonic as a stream.
+//! handshake timeout, connection limits (overall and per source IP), an idle timeout and a maximum
+//! connection age. Accepted connections feed tonic as a stream.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,13 +24,14 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::authority::Authority;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReasonLabels};
 use crate::serial::random_serial;
 
 /// Lifetime of the CA's own serving certificate; it is re-issued well before.
@@ -135,6 +140,80 @@ pub struct PeerInfo {
     pub certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// The leaf's identity, parsed once per connection (renewals on one connection reuse it).
     pub leaf_identity: Option<Arc<Result<meshid_identity::CertIdentity, String>>>,
+    /// Calls in flight on the connection (kept by [`TrackCallsLayer`], read by the idle timeout).
+    pub activity: Arc<ConnActivity>,
+}
+
+/// Calls in flight on one connection, and when the last one ended: all the idle timeout reads.
+/// Two atomics per call, no lock and no timer work on the call path.
+#[derive(Debug)]
+pub struct ConnActivity {
+    in_flight: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last call (0: none ended yet).
+    last_end_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+}
+
+impl ConnActivity {
+    /// A call starts; it is in flight until the guard drops.
+    pub fn call(self: &Arc<Self>) -> CallGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.clone())
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Since when the connection has had no call in flight (`None`: a call is in flight).
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight() > 0 {
+            return None;
+        }
+        let ms = self.last_end_ms.load(Ordering::Acquire);
+        Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// One call in flight on a connection; dropping it ends the call.
+#[derive(Debug)]
+pub struct CallGuard(Arc<ConnActivity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The end time first, then the count: whoever sees no call in flight sees this end.
+        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why the listener ended a connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    IdleTimeout,
+    MaxConnectionAge,
+}
+
+impl Closed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::IdleTimeout => "idle_timeout",
+            Self::MaxConnectionAge => "max_connection_age",
+        }
+    }
 }
 
 /// An accepted TLS connection, handed to tonic.
@@ -142,7 +221,17 @@ pub struct TlsConn {
     /// Writes coalesced until h2 flushes: one TLS record and one `writev` per response, not three.
     stream: Coalesce<TlsStream<TcpStream>>,
     info: PeerInfo,
+    idle_timeout: Duration,
+    /// When the connection is cut whatever it is doing: its maximum age (tonic sends GOAWAY then)
+    /// plus the grace for calls and streams still running.
+    hard_deadline: Instant,
+    /// The next time the limits are checked: the idle deadline or the hard deadline, whichever
+    /// comes first. Polled only when a read would block, so busy connections pay nothing.
+    timer: Pin<Box<Sleep>>,
+    /// Set once the listener ended the connection: every later read is end-of-file.
+    closed: Option<Closed>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _source: SourceGuard,
     metrics: Metrics,
 }
 
@@ -150,6 +239,38 @@ impl Drop for TlsConn {
     fn drop(&mut self) {
         self.metrics.connections_open.dec();
     }
+}
+
+impl TlsConn {
+    /// Checks the limits when the timer fires; re-arms it while the connection may live on.
+    /// `Some` when the connection must end now.
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Option<Closed> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if now >= self.hard_deadline {
+                return Some(Closed::MaxConnectionAge);
+            }
+            let next = match self.info.activity.idle_since() {
+                // A call (or a bundle stream) is in flight: look again an idle period from now.
+                None => later(now, self.idle_timeout),
+                Some(since) => {
+                    let idle_at = later(since, self.idle_timeout);
+                    if now >= idle_at {
+                        return Some(Closed::IdleTimeout);
+                    }
+                    idle_at
+                }
+            };
+            self.timer.as_mut().reset(next.min(self.hard_deadline));
+        }
+        None
+    }
+}
+
+/// `at + d`, or far in the future when that overflows.
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 86_400))
 }
 
 impl Connected for TlsConn {
@@ -165,7 +286,30 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.closed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => {}
+            ready => return ready,
+        }
+        // Nothing to read: the moment to look at the limits. End-of-file ends the h2 connection
+        // (and with it any stream still open); the client reconnects when it needs to.
+        match this.poll_limits(cx) {
+            Some(why) => {
+                this.closed = Some(why);
+                this.metrics
+                    .connections_closed
+                    .get_or_create(&ReasonLabels {
+                        reason: why.as_str(),
+                    })
+                    .inc();
+                tracing::debug!(peer = %this.info.remote_addr, reason = why.as_str(), "closing connection");
+                Poll::Ready(Ok(()))
+            }
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -200,6 +344,18 @@ impl AsyncWrite for TlsConn {
 pub struct ListenerLimits {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Most connections (handshaking or established) from one source IP; the one past it is closed
+    /// at once, before any TLS work.
+    pub max_connections_per_source: usize,
+    /// A connection with no call in flight for this long is closed (an open bundle stream is a
+    /// call in flight).
+    pub idle_timeout: Duration,
+    /// A connection this old is told to go away (HTTP/2 GOAWAY): it takes no new calls, those in
+    /// flight finish, and the client opens a new connection for the next one.
+    pub max_connection_age: Duration,
+    /// How long a connection past its maximum age may keep its calls and streams before it is cut
+    /// (bundle streams never end by themselves; their clients reconnect).
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ListenerLimits {
@@ -207,7 +363,141 @@ impl Default for ListenerLimits {
         Self {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_source: 256,
+            idle_timeout: Duration::from_secs(5 * 60),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(30),
         }
+    }
+}
+
+/// Open connections per source IP. A connection holds a [`SourceGuard`] from accept until it is
+/// dropped (handshake failure, timeout or close alike), so the count cannot leak.
+#[derive(Debug, Default)]
+struct PerSource {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerSource {
+    /// One more connection from `ip`, unless it has `max` already.
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: one source either way.
+        let ip = ip.to_canonical();
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_default();
+        if *n >= max {
+            if *n == 0 {
+                counts.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            ip,
+            table: self.clone(),
+        })
+    }
+}
+
+/// One connection's place in its source's count.
+#[derive(Debug)]
+struct SourceGuard {
+    ip: IpAddr,
+    table: Arc<PerSource>,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Marks every call as in flight on its connection ([`PeerInfo::activity`]) until its response
+/// body has ended or is dropped, so a `WatchTrustBundle` stream keeps its connection busy for as
+/// long as it is open. The idle timeout reads the count.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TrackCallsLayer;
+
+impl<S> tower::Layer<S> for TrackCallsLayer {
+    type Service = TrackCalls<S>;
+    fn layer(&self, inner: S) -> TrackCalls<S> {
+        TrackCalls { inner }
+    }
+}
+
+/// See [`TrackCallsLayer`].
+#[derive(Debug, Clone)]
+pub struct TrackCalls<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Send + 'static,
+{
+    type Response = http::Response<TrackedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let guard = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.activity.call());
+        let response = self.inner.call(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| TrackedBody { inner, guard }))
+        })
+    }
+}
+
+/// A response body that keeps its call in flight until it ends or is dropped.
+#[derive(Debug)]
+pub struct TrackedBody<B> {
+    inner: B,
+    guard: Option<CallGuard>,
+}
+
+impl<B> hyper::body::Body for TrackedBody<B>
+where
+    B: hyper::body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.guard = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -221,14 +511,30 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(128);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_source = Arc::new(PerSource::default());
     tokio::spawn(async move {
+        let refused = |reason: &'static str| {
+            metrics
+                .connections_refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        };
         loop {
             let (tcp, remote_addr) = tokio::select! {
                 pair = meshid_runtime::net::accept_retrying(&listener, "ca") => pair,
                 () = tx.closed() => return,
             };
+            let Some(source) =
+                per_source.try_acquire(remote_addr.ip(), limits.max_connections_per_source)
+            else {
+                refused("max_connections_per_source");
+                // Counted, not logged one by one: a flood from one address would flood the log.
+                tracing::debug!(peer = %remote_addr, "per-source connection limit reached; refusing");
+                drop(tcp);
+                continue;
+            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                metrics.connections_refused.inc();
+                refused("max_connections");
                 tracing::warn!(peer = %remote_addr, "connection limit reached; refusing");
                 drop(tcp);
                 continue;
@@ -264,14 +570,26 @@ pub fn incoming(
                     )
                 });
                 metrics.connections_open.inc();
+                let activity = Arc::new(ConnActivity::default());
+                let hard_deadline = later(
+                    later(activity.opened, limits.max_connection_age),
+                    limits.max_connection_age_grace,
+                );
+                let first_check = later(activity.opened, limits.idle_timeout).min(hard_deadline);
                 let conn = TlsConn {
                     stream: Coalesce::new(stream),
                     info: PeerInfo {
                         remote_addr,
                         certificates,
                         leaf_identity,
+                        activity,
                     },
+                    idle_timeout: limits.idle_timeout,
+                    hard_deadline,
+                    timer: Box::pin(tokio::time::sleep_until(first_check)),
+                    closed: None,
                     _permit: permit,
+                    _source: source,
                     metrics,
                 };
                 let _ = tx.send(Ok(conn)).await;
@@ -279,4 +597,44 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_slots_are_given_back_on_drop_and_a_mapped_ipv4_is_the_same_source() {
+        let table = Arc::new(PerSource::default());
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        let a = table.try_acquire(v4, 2).unwrap();
+        let b = table.try_acquire(mapped, 2).unwrap();
+        assert!(table.try_acquire(v4, 2).is_none());
+        assert!(table.try_acquire(mapped, 2).is_none());
+        let other = table.try_acquire("10.0.0.2".parse().unwrap(), 2).unwrap();
+        drop(a);
+        let c = table.try_acquire(v4, 2).unwrap();
+        drop((b, c, other));
+        assert!(
+            table.counts.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_with_no_call_in_flight() {
+        let activity = Arc::new(ConnActivity::default());
+        assert_eq!(activity.idle_since(), Some(activity.opened));
+        let first = activity.call();
+        let second = activity.call();
+        assert_eq!(activity.in_flight(), 2);
+        assert_eq!(activity.idle_since(), None);
+        drop(first);
+        assert_eq!(activity.idle_since(), None, "one call still in flight");
+        drop(second);
+        assert_eq!(activity.in_flight(), 0);
+        let since = activity.idle_since().unwrap();
+        assert!(since >= activity.opened && since <= Instant::now());
+    }
 }

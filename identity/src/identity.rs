@@ -2,6 +2,10 @@
 //!
 //! A meshid workload certificate carries exactly one URI SAN, and that URI is a valid SPIFFE ID. Call
 //! this only after the chain has been verified: it checks the identity, not the signature.
+//!
+//! It may also carry meshid's attested-at extension ([`ATTESTED_AT_OID`]): when its identity was last
+//! proven with a service-account token or a join token (renewals copy it, so it bounds a lineage of
+//! renewals).
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -28,7 +32,23 @@ pub enum IdentityError {
     InvalidId(#[from] SpiffeIdError),
     #[error("certificate is a CA certificate, not a workload certificate")]
     IsCa,
+    #[error("certificate's attested-at extension is malformed: {0}")]
+    MalformedAttestedAt(&'static str),
 }
+
+/// meshid's attested-at extension: when the identity of a workload certificate was last attested (a
+/// service-account token or a join token), so the CA can bound how long a lineage of renewals lasts.
+/// Non-critical; its value is a DER INTEGER of Unix seconds.
+///
+/// The OID is `2.25.6861656577709497194`: an arc of the UUID arc 2.25 (ITU-T X.667, needs no
+/// registration) drawn at random below 2^63, so that it fits the 64-bit arcs certificate libraries
+/// (rcgen) write; a random 63-bit value is as unlikely to collide as the arc needs. Held here as the
+/// content
+/// octets of its DER OBJECT IDENTIFIER (no tag, no length), which is what is written and compared.
+pub const ATTESTED_AT_OID: &[u8] = &[0x69, 0xdf, 0x9c, 0xe0, 0x89, 0xd8, 0xa8, 0xe3, 0xb6, 0x6a];
+
+/// [`ATTESTED_AT_OID`] as arcs, for writers.
+pub const ATTESTED_AT_ARCS: &[u64] = &[2, 25, 6_861_656_577_709_497_194];
 
 /// What a workload certificate says about itself: enough for `/identity` pages and renewal timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +62,9 @@ pub struct CertIdentity {
     pub not_after: i64,
     /// The issuer's distinguished name, RFC 4514 style.
     pub issuer: String,
+    /// When the identity was last attested (Unix seconds), from meshid's attested-at extension;
+    /// `None` when the certificate has none (see [`attested_at_from_der`]).
+    pub attested_at: Option<i64>,
 }
 
 /// Extracts the one SPIFFE ID of a DER workload certificate.
@@ -50,7 +73,8 @@ pub fn spiffe_id_from_der(der: &[u8]) -> Result<SpiffeId, IdentityError> {
     spiffe_id_of(&cert)
 }
 
-/// Extracts the SPIFFE ID plus serial, validity and issuer of a DER workload certificate.
+/// Extracts the SPIFFE ID plus serial, validity, issuer and attested-at time of a DER workload
+/// certificate. A malformed attested-at extension is an error (see [`attested_at_from_der`]).
 pub fn cert_identity_from_der(der: &[u8]) -> Result<CertIdentity, IdentityError> {
     let cert = parse(der)?;
     let id = spiffe_id_of(&cert)?;
@@ -60,7 +84,82 @@ pub fn cert_identity_from_der(der: &[u8]) -> Result<CertIdentity, IdentityError>
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         issuer: cert.issuer().to_string(),
+        attested_at: attested_at_of(&cert)?,
     })
+}
+
+/// When the identity of a DER certificate was last attested (Unix seconds): `Ok(None)` when it has
+/// no attested-at extension (certificates of other issuers, or of meshid CAs before the extension).
+///
+/// A malformed extension is an error, never read as absent: the CA counts a certificate without the
+/// extension as attested at its not-before, so reading a damaged one as absent would restart the
+/// lineage it is meant to bound. Malformed means: the value is not exactly one minimally encoded DER
+/// INTEGER that fits in 64 bits, or the extension appears more than once.
+pub fn attested_at_from_der(der: &[u8]) -> Result<Option<i64>, IdentityError> {
+    attested_at_of(&parse(der)?)
+}
+
+/// The value of the attested-at extension for `unix_seconds`: a DER INTEGER, minimally encoded.
+pub fn attested_at_extension_value(unix_seconds: i64) -> Vec<u8> {
+    let bytes = unix_seconds.to_be_bytes();
+    // Drop leading bytes that only repeat the sign of the next one (DER's minimal two's complement).
+    let mut start = 0;
+    while start < bytes.len() - 1 {
+        let (b, next) = (bytes[start], bytes[start + 1]);
+        if (b == 0x00 && next & 0x80 == 0) || (b == 0xff && next & 0x80 != 0) {
+            start += 1;
+        } else {
+            break;
+        }
+    }
+    let content = &bytes[start..];
+    let mut out = Vec::with_capacity(2 + content.len());
+    out.push(0x02);
+    out.push(content.len() as u8);
+    out.extend_from_slice(content);
+    out
+}
+
+fn attested_at_of(cert: &X509Certificate<'_>) -> Result<Option<i64>, IdentityError> {
+    let mut found = cert
+        .extensions()
+        .iter()
+        .filter(|e| e.oid.as_bytes() == ATTESTED_AT_OID);
+    let Some(ext) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(IdentityError::MalformedAttestedAt(
+            "the extension appears twice",
+        ));
+    }
+    decode_integer(ext.value).map(Some)
+}
+
+/// A DER INTEGER (tag, short length, minimal content) of at most 8 bytes, and nothing after it.
+fn decode_integer(value: &[u8]) -> Result<i64, IdentityError> {
+    let bad = IdentityError::MalformedAttestedAt;
+    let [tag, len, content @ ..] = value else {
+        return Err(bad("not a DER INTEGER"));
+    };
+    if *tag != 0x02 {
+        return Err(bad("not a DER INTEGER"));
+    }
+    if usize::from(*len) != content.len() || *len == 0 {
+        return Err(bad("bad INTEGER length or bytes after it"));
+    }
+    if content.len() > 8 {
+        return Err(bad("the time does not fit in 64 bits"));
+    }
+    if let [first, second, ..] = content
+        && ((*first == 0x00 && second & 0x80 == 0) || (*first == 0xff && second & 0x80 != 0))
+    {
+        return Err(bad("the INTEGER is not minimally encoded"));
+    }
+    let fill = if content[0] & 0x80 != 0 { 0xff } else { 0x00 };
+    let mut bytes = [fill; 8];
+    bytes[8 - content.len()..].copy_from_slice(content);
+    Ok(i64::from_be_bytes(bytes))
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
@@ -179,6 +278,160 @@ mod tests {
                 spiffe_id_from_der(input),
                 Err(IdentityError::Malformed(_))
             ));
+        }
+    }
+
+    // ---- the attested-at extension -------------------------------------------------------------
+
+    /// Base-128 arcs of an OID's content octets (the first byte holds the first two arcs).
+    fn base128(mut n: u128) -> Vec<u8> {
+        let mut digits = vec![(n & 0x7f) as u8];
+        n >>= 7;
+        while n > 0 {
+            digits.push(0x80 | (n & 0x7f) as u8);
+            n >>= 7;
+        }
+        digits.reverse();
+        digits
+    }
+
+    #[test]
+    fn the_oid_is_the_documented_one() {
+        let arc: u128 = 6_861_656_577_709_497_194;
+        assert_eq!(u128::from(ATTESTED_AT_ARCS[2]), arc);
+        let mut der = vec![40 * 2 + 25];
+        der.extend(base128(arc));
+        assert_eq!(ATTESTED_AT_OID, der.as_slice());
+    }
+
+    /// A workload certificate carrying these raw attested-at extension values (each a DER value).
+    /// The first is written under the real OID; further ones (duplicates) under neighbouring arcs of
+    /// the same encoded length, then given the real OID (the signature is then wrong: parsing does
+    /// not care).
+    fn cert_with_attested(values: &[Vec<u8>]) -> Vec<u8> {
+        let arc = |i: usize| ATTESTED_AT_ARCS[2] + i as u64;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri("spiffe://td/a")];
+        for (i, v) in values.iter().enumerate() {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    &[2, 25, arc(i)],
+                    v.clone(),
+                ));
+        }
+        let key = KeyPair::generate().unwrap();
+        let mut der = params.self_signed(&key).unwrap().der().to_vec();
+        let tlv = |content: &[u8]| [&[0x06, content.len() as u8][..], content].concat();
+        let to = tlv(ATTESTED_AT_OID);
+        for i in 1..values.len() {
+            let mut content = vec![40 * 2 + 25];
+            content.extend(base128(u128::from(arc(i))));
+            let from = tlv(&content);
+            assert_eq!(from.len(), to.len(), "a neighbour of the same length");
+            let at = der
+                .windows(from.len())
+                .position(|w| w == from.as_slice())
+                .expect("neighbour OID written");
+            der[at..at + to.len()].copy_from_slice(&to);
+        }
+        der
+    }
+
+    #[test]
+    fn attested_at_round_trips_through_a_certificate() {
+        for t in [
+            0,
+            1,
+            127,
+            128,
+            255,
+            256,
+            1_700_000_000,
+            4_102_444_800,
+            -1,
+            -128,
+            -129,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let value = attested_at_extension_value(t);
+            // Minimal: one byte for -128..=127, at most 8 content bytes.
+            assert!((3..=10).contains(&value.len()), "{t}: {value:02x?}");
+            let der = cert_with_attested(&[value]);
+            assert_eq!(attested_at_from_der(&der), Ok(Some(t)), "{t}");
+            let info = cert_identity_from_der(&der).unwrap();
+            assert_eq!(info.attested_at, Some(t), "{t}");
+        }
+        assert_eq!(
+            attested_at_extension_value(1_700_000_000),
+            [2, 4, 0x65, 0x53, 0xf1, 0x00]
+        );
+    }
+
+    #[test]
+    fn a_certificate_without_the_extension_has_no_attested_time() {
+        let der = cert_with(vec![uri("spiffe://td/a")], false);
+        assert_eq!(attested_at_from_der(&der), Ok(None));
+        assert_eq!(cert_identity_from_der(&der).unwrap().attested_at, None);
+    }
+
+    #[test]
+    fn a_malformed_extension_is_an_error_not_absent() {
+        let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+            ("empty value", vec![vec![]]),
+            ("an OCTET STRING", vec![vec![0x04, 0x01, 0x05]]),
+            ("a UTCTime", vec![b"\x17\x0d250101000000Z".to_vec()]),
+            ("an empty INTEGER", vec![vec![0x02, 0x00]]),
+            ("length past the end", vec![vec![0x02, 0x04, 0x65, 0x53]]),
+            (
+                "a byte after the INTEGER",
+                vec![vec![0x02, 0x01, 0x05, 0x00]],
+            ),
+            ("long-form length", vec![vec![0x02, 0x81, 0x01, 0x05]]),
+            (
+                "not minimal (leading 0x00)",
+                vec![vec![0x02, 0x02, 0x00, 0x05]],
+            ),
+            (
+                "not minimal (leading 0xff)",
+                vec![vec![0x02, 0x02, 0xff, 0x80]],
+            ),
+            (
+                "nine bytes",
+                vec![[vec![0x02, 0x09, 0x01], vec![0; 8]].concat()],
+            ),
+            (
+                "twice",
+                vec![
+                    attested_at_extension_value(1),
+                    attested_at_extension_value(2),
+                ],
+            ),
+        ];
+        for (name, values) in cases {
+            let der = cert_with_attested(&values);
+            assert!(
+                matches!(
+                    attested_at_from_der(&der),
+                    Err(IdentityError::MalformedAttestedAt(_))
+                ),
+                "{name}: {:?}",
+                attested_at_from_der(&der)
+            );
+            assert!(
+                matches!(
+                    cert_identity_from_der(&der),
+                    Err(IdentityError::MalformedAttestedAt(_))
+                ),
+                "{name}"
+            );
+            // The identity alone is still readable (peers are matched on it, not on the time).
+            assert_eq!(
+                spiffe_id_from_der(&der).unwrap().as_str(),
+                "spiffe://td/a",
+                "{name}"
+            );
         }
     }
 }

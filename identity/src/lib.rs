@@ -19,5 +19,8 @@ pub mod timing;
 pub mod verify;
 
 pub use duration::parse_duration;
-pub use identity::{CertIdentity, IdentityError, cert_identity_from_der, spiffe_id_from_der};
+pub use identity::{
+    ATTESTED_AT_ARCS, ATTESTED_AT_OID, CertIdentity, IdentityError, attested_at_from_der,
+    cert_identity_from_der, spiffe_id_from_der,
+};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -28,7 +28,14 @@ pub struct CaOptions {
     pub allowed_namespaces: Option<Vec<String>>,
     pub rate_limit: RateLimit,
     pub lifetimes: LifetimePolicy,
+    /// `--max-attestation-age` (default: that of `meshid-ca serve`, 24h).
+    pub max_attestation_age: Duration,
     pub handshake_timeout: Duration,
+    /// Listener limits (defaults: those of `meshid-ca serve`).
+    pub max_connections_per_source: usize,
+    pub idle_timeout: Duration,
+    pub max_connection_age: Duration,
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for CaOptions {
@@ -38,7 +45,12 @@ impl Default for CaOptions {
             allowed_namespaces: None,
             rate_limit: RateLimit::default(),
             lifetimes: LifetimePolicy::default(),
+            max_attestation_age: Duration::from_secs(24 * 3600),
             handshake_timeout: Duration::from_secs(10),
+            max_connections_per_source: ListenerLimits::default().max_connections_per_source,
+            idle_timeout: ListenerLimits::default().idle_timeout,
+            max_connection_age: ListenerLimits::default().max_connection_age,
+            max_connection_age_grace: ListenerLimits::default().max_connection_age_grace,
         }
     }
 }
@@ -76,10 +88,15 @@ impl TestCa {
                 allowed_namespaces: opts.allowed_namespaces.map(|v| v.into_iter().collect()),
             }),
             lifetimes: opts.lifetimes,
+            max_attestation_age: opts.max_attestation_age,
             rate_limit: opts.rate_limit,
             limits: ListenerLimits {
                 handshake_timeout: opts.handshake_timeout,
                 max_connections: 1000,
+                max_connections_per_source: opts.max_connections_per_source,
+                idle_timeout: opts.idle_timeout,
+                max_connection_age: opts.max_connection_age,
+                max_connection_age_grace: opts.max_connection_age_grace,
             },
             grace: Duration::from_secs(5),
         };

@@ -304,6 +304,16 @@ async fn authentication_cases() {
             expected: Expect::Status(Code::Unauthenticated),
         },
         Case {
+            name: "crit header member (RFC 7515 extension we do not understand)",
+            cred: Cred::Token(with_header(&|h| h["crit"] = json!(["exp"]))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "crit header member that is not even a list",
+            cred: Cred::Token(with_header(&|h| h["crit"] = json!(null))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
             name: "RS256 header with the EC key's kid",
             cred: Cred::Token(with_header(&|h| h["kid"] = json!(c.ec_kid))),
             expected: Expect::Status(Code::Unauthenticated),

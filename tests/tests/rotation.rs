@@ -141,6 +141,7 @@ async fn root_rotation_under_traffic_with_gates() {
         let stream = c
             .watch_trust_bundle(WatchTrustBundleRequest {
                 instance_id: "lagging-1".into(),
+                file_mode: false,
             })
             .await
             .unwrap()
@@ -177,7 +178,7 @@ async fn root_rotation_under_traffic_with_gates() {
     );
     // The activate gate names the sidecar that has not acknowledged.
     match rotation::activate(&dir, &admins, false).await {
-        Err(RotateError::Refused(why)) => assert!(why.contains("lagging-1"), "{why}"),
+        Err(RotateError::Refused(why)) => assert!(why.contains("ns/shop/sa/lagging"), "{why}"),
         other => panic!("activate must wait for the lagging sidecar: {other:?}"),
     }
     drop(lagging);
@@ -481,6 +482,7 @@ async fn an_expired_root_can_still_be_replaced() {
             allowed_namespaces: None,
         }),
         lifetimes: Default::default(),
+        max_attestation_age: Duration::from_secs(24 * 3600),
         rate_limit: Default::default(),
         limits: Default::default(),
         grace: Duration::from_secs(2),
@@ -585,9 +587,9 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
     // The CA sees it, marked as file mode, serving under the active authority.
     let seen = eventually(Duration::from_secs(10), || async {
         rotation::status(&dir, &admins).await.is_ok_and(|r| {
-            r.sidecars
-                .iter()
-                .any(|s| s.identity == id && s.connected && s.file_mode)
+            r.sidecars.iter().any(|s| {
+                s.identity == id && s.connected && s.file_mode && s.serving_authority.is_some()
+            })
         })
     })
     .await;
@@ -620,4 +622,89 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
         other => panic!("retire should refuse: {other:?}"),
     }
     drop(sidecar);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let old_root = ca.roots[0].clone();
+    // A workload under the first root, with its token.
+    let w = WorkloadKey::new();
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "frontend"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    // One channel presenting that certificate, kept for the whole test: its TLS handshake (and
+    // what the CA learned from it) happened under the first root.
+    let mut channel = ca
+        .client_with_cert(chain, w.private_key_der())
+        .await
+        .unwrap();
+    let renew = || IssueRequest {
+        csr: WorkloadKey::new().csr,
+        credential: None,
+        ttl_seconds: 0,
+    };
+    let renewed = channel.issue(renew()).await.expect("renews under its root");
+    assert_eq!(renewed.get_ref().spiffe_id, A);
+
+    // Watching the bundle from a connection made now (a new one, once the CA serves under the
+    // new root, would have to trust that root).
+    let anonymous = meshid_tests::ca::connect(ca.addr, &ca.roots, None)
+        .await
+        .unwrap();
+
+    // The emergency path: a new root, signing at once, the old root out of the bundle.
+    rotation::prepare(&dir, None).unwrap();
+    rotation::activate(&dir, &[], true).await.unwrap();
+    rotation::retire(&dir, &[], true).await.unwrap();
+    let retired = eventually(Duration::from_secs(10), || {
+        let mut c = anonymous.clone();
+        let old_root = old_root.to_vec();
+        async move {
+            c.get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+                .await
+                .is_ok_and(|b| !b.get_ref().roots.contains(&old_root))
+        }
+    })
+    .await;
+    assert!(retired, "the CA serves a bundle without the retired root");
+
+    // The next renewal on the same connection is refused, as a new handshake would be.
+    let refused = channel
+        .issue(renew())
+        .await
+        .expect_err("a certificate under the retired root must not renew");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("no longer chains"),
+        "refused on the kept-alive connection by the renewal check, not at a new handshake: {refused:?}"
+    );
+    let admin = ca.admin_addr;
+    let (_, metrics) =
+        tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, "/metrics"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(
+        metrics.contains(
+            r#"meshid_ca_issue_requests_total{method="renewal",result="untrusted_chain"} 1"#
+        ),
+        "{metrics}"
+    );
 }

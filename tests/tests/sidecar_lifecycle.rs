@@ -401,3 +401,173 @@ async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
         started.elapsed()
     );
 }
+
+/// `meshid_ca_issue_requests_total{method=..,result=..}` in the CA's metrics (0 when absent).
+fn ca_issues(metrics: &str, method: &str, result: &str) -> u64 {
+    let series =
+        format!(r#"meshid_ca_issue_requests_total{{method="{method}",result="{result}"}} "#);
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_age() {
+    // Certificates live 5 s and renew after about 2.5 s; a lineage of renewals ends 3 s after its
+    // token: one renewal, then the next is refused and the sidecar shows its token again. (Much
+    // shorter lifetimes leave a sidecar less than the second it wants to renew on its certificate.)
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(5),
+            max: Duration::from_secs(5),
+        },
+        max_attestation_age: Duration::from_secs(3),
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, b) = pair(&ca, Duration::from_secs(5)).await;
+    let (stop, ok, failed, task) = traffic(&a);
+    let started = tokio::time::Instant::now();
+    let mut not_ready = 0;
+    while started.elapsed() < Duration::from_secs(11) {
+        if !(ready(&a).await && ready(&b).await) {
+            not_ready += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+
+    // Renewals went on until the age, were refused there, and each sidecar then got a
+    // certificate with its service-account token again (beyond the two first ones).
+    let admin = ca.admin_addr;
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .unwrap()
+        .unwrap();
+    let renewed = ca_issues(&metrics, "renewal", "issued");
+    let expired = ca_issues(&metrics, "renewal", "attestation_expired");
+    let by_token = ca_issues(&metrics, "service_account_token", "issued");
+    assert!(renewed >= 2, "renewals issued: {renewed}\n{metrics}");
+    assert!(
+        expired >= 2,
+        "renewals refused at the age: {expired}\n{metrics}"
+    );
+    assert!(
+        by_token >= 4,
+        "service-account token issuances, the first two and re-attestations: {by_token}\n{metrics}"
+    );
+    // Certificates all along: never unready, no request failed, and a current one at the end.
+    assert_eq!(not_ready, 0, "a sidecar was not ready");
+    assert!(ok.load(Ordering::Relaxed) > 50, "traffic flowed");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    let now = meshid_tests::fake_cluster::unix_now();
+    for sidecar in [&a, &b] {
+        let id = identity(sidecar).await.expect("identity");
+        let not_after = id["not_after"].as_i64().unwrap_or_default();
+        assert!(not_after > now, "a current certificate past the age: {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(5),
+            max: Duration::from_secs(5),
+        },
+        max_attestation_age: Duration::from_secs(3),
+        ..CaOptions::default()
+    })
+    .await;
+    let token_file = ca.dir.path().join("vm.join");
+    std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
+    let pki = TestPki::new();
+    let sidecar = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![("127.0.0.1:9".into(), B.into(), Protocol::Tcp)],
+            creds: Some(CredSource::Ca(CaMode {
+                endpoint: CaEndpoint {
+                    addr: ca.addr.to_string(),
+                    server_name: Some("localhost".into()),
+                    roots: ca.roots.clone(),
+                },
+                bootstrap: Bootstrap::JoinTokenFile(token_file.clone()),
+                ttl: Some(Duration::from_secs(5)),
+            })),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || ready(&sidecar)).await,
+        "ready with the join token"
+    );
+    let ca_metrics = || async {
+        let admin = ca.admin_addr;
+        tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+            .await
+            .unwrap()
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+
+    // It renews on its certificate until the age, then the CA refuses: it cannot attest again by
+    // itself (the token it has is spent).
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ca_issues(&ca_metrics().await, "renewal", "attestation_expired") >= 1
+        })
+        .await,
+        "a renewal refused at the age: {}",
+        ca_metrics().await
+    );
+    let serial = identity(&sidecar).await.expect("identity")["serial"].clone();
+
+    // The operator's fix: a new join token in the file. The sidecar picks it up and starts a new
+    // lineage.
+    std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            ca_issues(&ca_metrics().await, "join_token", "issued") >= 2
+        })
+        .await,
+        "the new join token was redeemed: {}",
+        ca_metrics().await
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ready(&sidecar).await
+                && identity(&sidecar)
+                    .await
+                    .is_some_and(|id| id["serial"] != serial)
+        })
+        .await,
+        "a certificate from the new token"
+    );
+
+    // A token put there ahead of time is redeemed at the next request (before the age passes: its
+    // own expiry may be short).
+    std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ca_issues(&ca_metrics().await, "join_token", "issued") >= 3
+        })
+        .await,
+        "the token put ahead was redeemed: {}",
+        ca_metrics().await
+    );
+    let metrics = ca_metrics().await;
+    assert!(ca_issues(&metrics, "renewal", "issued") >= 1, "{metrics}");
+    // The spent token was never sent again.
+    assert_eq!(
+        ca_issues(&metrics, "join_token", "join_token_used"),
+        0,
+        "{metrics}"
+    );
+}

@@ -114,6 +114,9 @@ impl JwtAuthenticator {
                 "token is too large",
             ));
         }
+        // Our own strict reading of the header comes first: `crit` is refused whatever else the
+        // token holds (and before the cache, which only ever holds tokens that passed it).
+        check_header(token)?;
         self.refresh_if_changed();
         let digest: [u8; 32] = {
             let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
@@ -327,6 +330,76 @@ fn load_jwks(path: &Path) -> Result<(KeyMap, Option<(SystemTime, u64)>), JwksErr
     Ok((by_kid, stamp))
 }
 
+/// Reads the JOSE header ourselves, strictly, before anything else looks at the token: base64url
+/// without padding, one JSON object with unique member names (RFC 7515 §4 allows refusing
+/// duplicates), and no `crit` member with any value. `crit` lists extensions the recipient must
+/// understand or refuse the token (RFC 7515 §4.1.11); we understand none. jsonwebtoken's `Header`
+/// reads `crit` only as a list of strings and never acts on it, so it alone would let
+/// `"crit": null` through and call `"crit": "x"` merely malformed.
+fn check_header(token: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    let malformed = |what: &str| {
+        AuthError::unauthenticated(Reason::MalformedToken, format!("token header: {what}"))
+    };
+    let (encoded, _) = token
+        .split_once('.')
+        .ok_or_else(|| malformed("not a JWS (no '.')"))?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded)
+        .map_err(|_| malformed("not base64url"))?;
+    // Fixed messages: serde_json's own may quote the caller's text.
+    let header: HeaderMembers = serde_json::from_slice(&json).map_err(|e| {
+        malformed(if e.is_data() {
+            "not a JSON object with unique member names"
+        } else {
+            "not JSON"
+        })
+    })?;
+    if header.crit {
+        return Err(AuthError::unauthenticated(
+            Reason::CritHeader,
+            "token header has a crit member (RFC 7515 §4.1.11): this CA understands no JWS \
+             extension, so the token is refused",
+        ));
+    }
+    Ok(())
+}
+
+/// What [`check_header`] needs from the header: its member names, each at most once.
+struct HeaderMembers {
+    crit: bool,
+}
+
+impl<'de> Deserialize<'de> for HeaderMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = HeaderMembers;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderMembers, A::Error> {
+                // Names as JSON decodes them: "cr\u0069t" is "crit".
+                let mut names = BTreeSet::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                    if !names.insert(name) {
+                        // The name is the caller's text: not echoed.
+                        return Err(serde::de::Error::custom("duplicate member name"));
+                    }
+                }
+                Ok(HeaderMembers {
+                    crit: names.contains("crit"),
+                })
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
 /// `system:serviceaccount:<ns>:<sa>` with Kubernetes name rules for both parts.
 fn parse_sub(sub: &str) -> Option<(&str, &str)> {
     let rest = sub.strip_prefix("system:serviceaccount:")?;
@@ -374,6 +447,130 @@ mod tests {
             "",
         ] {
             assert_eq!(parse_sub(bad), None, "{bad}");
+        }
+    }
+
+    /// A JWKS with one ES256 key (kid `k1`), and tokens it signs with any header text.
+    struct Issuer {
+        key: aws_lc_rs::signature::EcdsaKeyPair,
+        dir: tempfile::TempDir,
+    }
+
+    impl Issuer {
+        fn new() -> Self {
+            use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+            Self {
+                key: EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap(),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn authenticator(&self) -> JwtAuthenticator {
+            use aws_lc_rs::signature::KeyPair;
+            use base64::Engine;
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+            let point = self.key.public_key().as_ref();
+            let jwks = serde_json::json!({ "keys": [{
+                "use": "sig", "kty": "EC", "kid": "k1", "alg": "ES256", "crv": "P-256",
+                "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+            }]});
+            let path = self.dir.path().join("jwks.json");
+            std::fs::write(&path, jwks.to_string()).unwrap();
+            JwtAuthenticator::new(
+                JwtConfig {
+                    jwks_path: path,
+                    issuer: "https://issuer.test".into(),
+                    audience: "meshid-ca".into(),
+                    allowed_namespaces: None,
+                },
+                TrustDomain::new("cluster.local").unwrap(),
+            )
+            .unwrap()
+        }
+
+        /// A token with valid claims for shop/frontend, `header` exactly as given, signed.
+        fn sign(&self, header: &str) -> String {
+            use base64::Engine;
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+            let now = unix_now();
+            let claims = serde_json::json!({
+                "aud": ["meshid-ca"], "iss": "https://issuer.test",
+                "exp": now + 600, "iat": now, "nbf": now,
+                "sub": "system:serviceaccount:shop:frontend",
+            });
+            let message = format!(
+                "{}.{}",
+                b64(header.as_bytes()),
+                b64(claims.to_string().as_bytes())
+            );
+            let sig = self
+                .key
+                .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
+                .unwrap();
+            format!("{message}.{}", b64(sig.as_ref()))
+        }
+    }
+
+    #[test]
+    fn a_crit_header_member_is_refused_whatever_its_value() {
+        let issuer = Issuer::new();
+        let auth = issuer.authenticator();
+        let valid = issuer.sign(r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+        assert_eq!(
+            auth.authenticate(&valid).unwrap().as_str(),
+            "spiffe://cluster.local/ns/shop/sa/frontend"
+        );
+        for header in [
+            r#"{"alg":"ES256","kid":"k1","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":[]}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":"exp"}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":null}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":{"b64":false}}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":0}"#,
+            // The name escaped: JSON makes it "crit".
+            r#"{"alg":"ES256","kid":"k1","cr\u0069t":["exp"]}"#,
+            // Checked before the key and the algorithm.
+            r#"{"crit":["b64"],"b64":false,"alg":"HS256","kid":"nope"}"#,
+        ] {
+            let token = issuer.sign(header);
+            let err = auth.authenticate(&token).unwrap_err();
+            assert_eq!(err.reason, Reason::CritHeader, "{header}: {err:?}");
+            assert_eq!(err.reason.as_str(), "crit_header");
+            assert!(!err.denied, "{header}: unauthenticated, not denied");
+            assert!(err.message.contains("crit"), "{header}: {}", err.message);
+        }
+        // jsonwebtoken's own header parsing lets these through: only our check stops them.
+        for header in [
+            r#"{"alg":"ES256","kid":"k1","crit":null}"#,
+            r#"{"alg":"ES256","kid":"k1","crit":["exp"]}"#,
+        ] {
+            assert!(jsonwebtoken::decode_header(issuer.sign(header)).is_ok());
+        }
+    }
+
+    #[test]
+    fn the_header_is_read_strictly() {
+        let issuer = Issuer::new();
+        let auth = issuer.authenticator();
+        for (name, token) in [
+            (
+                "duplicate member",
+                issuer.sign(r#"{"alg":"ES256","kid":"k1","kid":"k1"}"#),
+            ),
+            ("not an object", issuer.sign(r#"["ES256","k1"]"#)),
+            (
+                "trailing text",
+                issuer.sign(r#"{"alg":"ES256","kid":"k1"} x"#),
+            ),
+            ("no dot", "eyJhbGciOiJFUzI1NiJ9".to_owned()),
+            ("padded base64", {
+                let t = issuer.sign(r#"{"alg":"ES256","kid":"k1"}"#);
+                let (h, rest) = t.split_once('.').unwrap();
+                format!("{h}=.{rest}")
+            }),
+        ] {
+            let err = auth.authenticate(&token).unwrap_err();
+            assert_eq!(err.reason, Reason::MalformedToken, "{name}: {err:?}");
         }
     }
 }

@@ -4,7 +4,10 @@
 pub mod join;
 pub mod jwt;
 
+use std::time::Duration;
+
 use meshid_identity::{SpiffeId, TrustDomain};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 pub use join::{JoinStoreError, JoinTokenStore, PendingJoin};
@@ -37,6 +40,8 @@ impl Method {
 pub enum Reason {
     NoCredential,
     MalformedToken,
+    /// The token's JOSE header has a `crit` member (RFC 7515 §4.1.11): no extension is understood.
+    CritHeader,
     TokenAlgorithm,
     UnknownKey,
     BadSignature,
@@ -53,6 +58,10 @@ pub enum Reason {
     WrongTrustDomain,
     CertificateExpired,
     CertificateIdentity,
+    /// A renewal whose certificate no longer chains to a root the CA trusts now.
+    UntrustedChain,
+    /// A renewal past the most time allowed since the identity was last attested.
+    AttestationExpired,
 }
 
 impl Reason {
@@ -60,6 +69,7 @@ impl Reason {
         match self {
             Self::NoCredential => "no_credential",
             Self::MalformedToken => "malformed_token",
+            Self::CritHeader => "crit_header",
             Self::TokenAlgorithm => "token_algorithm",
             Self::UnknownKey => "unknown_key",
             Self::BadSignature => "bad_signature",
@@ -76,6 +86,8 @@ impl Reason {
             Self::WrongTrustDomain => "wrong_trust_domain",
             Self::CertificateExpired => "certificate_expired",
             Self::CertificateIdentity => "certificate_identity",
+            Self::UntrustedChain => "untrusted_chain",
+            Self::AttestationExpired => "attestation_expired",
         }
     }
 }
@@ -108,13 +120,37 @@ impl AuthError {
     }
 }
 
-/// Renewal: the caller's current certificate, whose chain the TLS layer already verified against the
-/// bundle. Checks it is a workload identity of this trust domain and still valid now.
+/// What a renewal is checked against at the time of the call (not when its connection was set up:
+/// a connection may outlive the root its certificate chains to).
+#[derive(Debug, Clone, Copy)]
+pub struct RenewalPolicy<'a> {
+    pub trust_domain: &'a TrustDomain,
+    /// The roots trusted now: the trust bundle as the CA currently serves it.
+    pub roots: &'a [CertificateDer<'static>],
+    /// The most time since the identity was last attested (a service-account token or join token)
+    /// after which a certificate no longer renews itself.
+    pub max_attestation_age: Duration,
+}
+
+/// A renewal that may proceed: the identity, and when it was last attested (Unix seconds), which
+/// the new certificate carries on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    pub id: SpiffeId,
+    pub attested_at: i64,
+}
+
+/// Renewal: the caller's current certificate (`leaf`, parsed when the connection was set up, and
+/// the chain it presented). Checks, at `now`: it is a valid workload identity of this trust domain,
+/// its chain still verifies for client auth to a root of `policy.roots`, and its identity was
+/// attested at most `policy.max_attestation_age` ago (a certificate without the attested-at
+/// extension counts as attested at its not-before).
 pub fn authenticate_renewal(
     leaf: &Result<meshid_identity::CertIdentity, String>,
-    trust_domain: &TrustDomain,
+    chain: &[CertificateDer<'_>],
+    policy: &RenewalPolicy<'_>,
     now: OffsetDateTime,
-) -> Result<SpiffeId, AuthError> {
+) -> Result<Renewal, AuthError> {
     let info = leaf.as_ref().map_err(|e| {
         AuthError::unauthenticated(
             Reason::CertificateIdentity,
@@ -127,11 +163,65 @@ pub fn authenticate_renewal(
             "client certificate has expired",
         ));
     }
-    if info.id.trust_domain_name() != trust_domain.as_str() {
+    if info.id.trust_domain_name() != policy.trust_domain.as_str() {
         return Err(AuthError::permission_denied(
             Reason::WrongTrustDomain,
             "client certificate identity is outside this trust domain",
         ));
     }
-    Ok(info.id.clone())
+    verify_chain_now(chain, policy.roots, now).map_err(|e| {
+        AuthError::unauthenticated(
+            Reason::UntrustedChain,
+            format!(
+                "client certificate no longer chains to a root this CA trusts ({e:?}); \
+                 authenticate with your service-account token or a join token"
+            ),
+        )
+    })?;
+    let attested_at = info.attested_at.unwrap_or(info.not_before);
+    let age = now.unix_timestamp().saturating_sub(attested_at);
+    let max = i64::try_from(policy.max_attestation_age.as_secs()).unwrap_or(i64::MAX);
+    if age > max {
+        return Err(AuthError::unauthenticated(
+            Reason::AttestationExpired,
+            format!(
+                "{} was last attested {age} s ago (Unix time {attested_at}), longer than this \
+                 CA's --max-attestation-age ({max} s) allows renewing on a certificate alone: \
+                 present your service-account token, or a new join token",
+                info.id
+            ),
+        ));
+    }
+    Ok(Renewal {
+        id: info.id.clone(),
+        attested_at,
+    })
+}
+
+/// Verifies `chain` (leaf first) for client auth to one of `roots` at `now`, as the TLS handshake
+/// did when the connection was set up.
+fn verify_chain_now(
+    chain: &[CertificateDer<'_>],
+    roots: &[CertificateDer<'static>],
+    now: OffsetDateTime,
+) -> Result<(), webpki::Error> {
+    let (leaf, intermediates) = chain.split_first().ok_or(webpki::Error::BadDer)?;
+    let ee = webpki::EndEntityCert::try_from(leaf)?;
+    let anchors: Vec<_> = roots
+        .iter()
+        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+        .collect();
+    let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    ee.verify_for_usage(
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all,
+        &anchors,
+        intermediates,
+        UnixTime::since_unix_epoch(Duration::from_secs(secs)),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
 }

@@ -1,6 +1,12 @@
 //! What the CA knows about the fleet, measured rather than assumed: which sidecars are connected, which
 //! bundle version each acknowledged, which authority each one's certificate chains to, and the live
 //! certificates each authority has issued.
+//!
+//! A sidecar instance is the key of the certificate on the connection that opened its bundle
+//! stream: nothing a caller sends names an instance, so a workload can register, acknowledge and
+//! report only for the key it holds (one instance per certificate), and only while its stream is
+//! open on this CA process. The map is bounded overall and per identity; disconnected instances
+//! are forgotten after a while, and first when room is needed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -11,9 +17,28 @@ use serde::Serialize;
 /// Forget sidecars that have been disconnected this long.
 const FORGET_AFTER_SECS: i64 = 600;
 
+/// How many instances one CA process tracks, and how many connected ones one identity may hold
+/// (the replicas of one service account share an identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetLimits {
+    pub max_instances: usize,
+    pub max_per_identity: usize,
+}
+
+impl Default for FleetLimits {
+    fn default() -> Self {
+        Self {
+            max_instances: 100_000,
+            max_per_identity: 4_096,
+        }
+    }
+}
+
 /// One sidecar as last reported.
 #[derive(Debug, Clone, Serialize)]
 pub struct SidecarView {
+    /// A short label of the instance's key (not a credential: acknowledgements are bound to the
+    /// certificate on the connection, never to a name).
     pub instance: String,
     pub identity: String,
     pub connected: bool,
@@ -25,26 +50,74 @@ pub struct SidecarView {
     pub file_mode: bool,
 }
 
-/// What one acknowledgement says.
+/// Who opened a bundle stream: the certificate on its connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// SHA-256 (hex) of the certificate's public key.
+    pub key: String,
+    pub identity: String,
+    /// Declared when the stream opens and fixed for the instance's life.
+    pub file_mode: bool,
+}
+
+/// What one acknowledgement says (about the caller's own certificate).
 #[derive(Debug, Clone)]
 pub struct Ack {
     pub version: u64,
-    pub identity: String,
     /// The authority the serving chain verifies under (`None`: none this CA holds).
     pub authority: Option<String>,
     pub not_after: i64,
     pub file_mode: bool,
 }
 
-#[derive(Debug, Default)]
+/// Why a stream or an acknowledgement was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    #[error("this CA tracks {0} sidecar instances already; retry later")]
+    Full(usize),
+    #[error("{identity} has {max} connected instances already")]
+    TooManyForIdentity { identity: String, max: usize },
+    #[error(
+        "no bundle stream is open on this CA with this certificate: open WatchTrustBundle first"
+    )]
+    NotRegistered,
+    #[error("the instance was registered as {registered} mode, not {claimed} mode")]
+    ModeChanged {
+        registered: &'static str,
+        claimed: &'static str,
+    },
+    #[error("bundle version {claimed} was never published (the current one is {published})")]
+    FutureVersion { claimed: u64, published: u64 },
+}
+
+fn mode(file_mode: bool) -> &'static str {
+    if file_mode { "file" } else { "ca" }
+}
+
+#[derive(Debug)]
 struct Sidecar {
     identity: String,
+    file_mode: bool,
     streams: u32,
     acked_version: u64,
     serving_authority: Option<String>,
     serving_not_after: i64,
-    file_mode: bool,
     last_seen: i64,
+}
+
+impl Sidecar {
+    fn view(&self, key: &str) -> SidecarView {
+        SidecarView {
+            instance: key.get(..16).unwrap_or(key).to_owned(),
+            identity: self.identity.clone(),
+            connected: self.streams > 0,
+            acked_version: self.acked_version,
+            serving_authority: self.serving_authority.clone(),
+            serving_not_after: self.serving_not_after,
+            file_mode: self.file_mode,
+        }
+    }
 }
 
 /// Live certificates one authority issued (as far as this CA process knows).
@@ -60,6 +133,9 @@ pub struct Fleet {
     inner: Mutex<Inner>,
     /// This CA process: since when it tracks issuance, and its longest lifetime.
     pub process: CaProcess,
+    limits: FleetLimits,
+    /// Where issuance is recorded for every process to read (none in unit tests).
+    log: Option<crate::issued::IssuanceLog>,
 }
 
 /// One CA process as its report describes it: its live-certificate counts cover only what it issued
@@ -69,11 +145,18 @@ pub struct Fleet {
 pub struct CaProcess {
     pub started_unix: i64,
     pub max_ttl_seconds: u64,
+    /// Whether it records what it issues in the CA directory (`crate::issued`): then its start
+    /// says nothing about what may be live, the records do.
+    #[serde(default)]
+    pub records_issuance: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// By key fingerprint.
     sidecars: HashMap<String, Sidecar>,
+    /// Connected instances per identity.
+    connected: HashMap<String, usize>,
     /// authority name -> live certificates it issued, counted per not-after second.
     issued: HashMap<String, Expiries>,
 }
@@ -136,9 +219,29 @@ pub fn authority_of(
 
 impl Fleet {
     pub fn new(process: CaProcess) -> Self {
+        Self::with_limits(process, FleetLimits::default())
+    }
+
+    pub fn with_limits(process: CaProcess, limits: FleetLimits) -> Self {
         Self {
             inner: Mutex::default(),
             process,
+            limits,
+            log: None,
+        }
+    }
+
+    /// Records every issuance in `ca_dir` before the certificate is handed out.
+    pub fn recording_to(mut self, ca_dir: &std::path::Path) -> Self {
+        self.log = Some(crate::issued::IssuanceLog::new(ca_dir));
+        self
+    }
+
+    /// This process as its report describes it now.
+    pub fn process_now(&self) -> CaProcess {
+        CaProcess {
+            records_issuance: self.log.as_ref().is_some_and(|l| l.writable()),
+            ..self.process
         }
     }
 
@@ -146,35 +249,115 @@ impl Fleet {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn stream_opened(&self, instance: &str, now: i64) {
+    /// A bundle stream opened by `caller`: registers its instance, or counts one more stream of it.
+    pub fn stream_opened(&self, caller: &Caller, now: i64) -> Result<(), FleetError> {
         let mut inner = self.lock();
-        let s = inner.sidecars.entry(instance.to_owned()).or_default();
-        s.streams += 1;
-        s.last_seen = now;
+        let inner = &mut *inner;
+        if let Some(s) = inner.sidecars.get_mut(&caller.key) {
+            if s.file_mode != caller.file_mode {
+                return Err(FleetError::ModeChanged {
+                    registered: mode(s.file_mode),
+                    claimed: mode(caller.file_mode),
+                });
+            }
+            if s.streams == 0 {
+                let n = inner.connected.entry(s.identity.clone()).or_default();
+                if *n >= self.limits.max_per_identity {
+                    return Err(FleetError::TooManyForIdentity {
+                        identity: s.identity.clone(),
+                        max: self.limits.max_per_identity,
+                    });
+                }
+                *n += 1;
+            }
+            s.streams += 1;
+            s.last_seen = now;
+            return Ok(());
+        }
+        let connected = inner.connected.get(&caller.identity).copied().unwrap_or(0);
+        if connected >= self.limits.max_per_identity {
+            return Err(FleetError::TooManyForIdentity {
+                identity: caller.identity.clone(),
+                max: self.limits.max_per_identity,
+            });
+        }
+        if inner.sidecars.len() >= self.limits.max_instances {
+            // Room first from the disconnected, stale or not.
+            inner.sidecars.retain(|_, s| s.streams > 0);
+            if inner.sidecars.len() >= self.limits.max_instances {
+                return Err(FleetError::Full(inner.sidecars.len()));
+            }
+        }
+        *inner.connected.entry(caller.identity.clone()).or_default() += 1;
+        inner.sidecars.insert(
+            caller.key.clone(),
+            Sidecar {
+                identity: caller.identity.clone(),
+                file_mode: caller.file_mode,
+                streams: 1,
+                acked_version: 0,
+                serving_authority: None,
+                serving_not_after: 0,
+                last_seen: now,
+            },
+        );
+        Ok(())
     }
 
-    pub fn stream_closed(&self, instance: &str, now: i64) {
+    /// A bundle stream of the instance with key `key` ended.
+    pub fn stream_closed(&self, key: &str, now: i64) {
         let mut inner = self.lock();
-        if let Some(s) = inner.sidecars.get_mut(instance) {
+        let inner = &mut *inner;
+        if let Some(s) = inner.sidecars.get_mut(key) {
             s.streams = s.streams.saturating_sub(1);
             s.last_seen = now;
+            if s.streams == 0
+                && let Some(n) = inner.connected.get_mut(&s.identity)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    inner.connected.remove(&s.identity);
+                }
+            }
         }
     }
 
-    /// Records an acknowledgement.
-    pub fn ack(&self, instance: &str, ack: Ack, now: i64) {
+    /// Records an acknowledgement by the instance with key `key`, which must have a stream open
+    /// here. `published` is the bundle version this CA serves: nothing above it was ever sent.
+    pub fn ack(&self, key: &str, ack: Ack, published: u64, now: i64) -> Result<(), FleetError> {
         let mut inner = self.lock();
-        let s = inner.sidecars.entry(instance.to_owned()).or_default();
-        s.identity = ack.identity;
-        s.acked_version = s.acked_version.max(ack.version);
+        let s = inner
+            .sidecars
+            .get_mut(key)
+            .filter(|s| s.streams > 0)
+            .ok_or(FleetError::NotRegistered)?;
+        if s.file_mode != ack.file_mode {
+            return Err(FleetError::ModeChanged {
+                registered: mode(s.file_mode),
+                claimed: mode(ack.file_mode),
+            });
+        }
+        if ack.version > published {
+            return Err(FleetError::FutureVersion {
+                claimed: ack.version,
+                published,
+            });
+        }
+        // A file-mode sidecar's version means nothing: its anchors come from files.
+        if !s.file_mode {
+            s.acked_version = s.acked_version.max(ack.version);
+        }
         s.serving_authority = ack.authority;
         s.serving_not_after = ack.not_after;
-        s.file_mode = ack.file_mode;
         s.last_seen = now;
+        Ok(())
     }
 
     /// Records a certificate issued under `authority`.
     pub fn issued(&self, authority: &str, not_after: i64, now: i64) {
+        if let Some(log) = &self.log {
+            log.record(authority, not_after, now);
+        }
         let mut inner = self.lock();
         if !inner.issued.contains_key(authority) {
             inner
@@ -190,31 +373,39 @@ impl Fleet {
         }
     }
 
-    /// The connected sidecars and the live certificates per authority.
+    /// The sidecars (connected, or disconnected recently) and the live certificates per authority.
+    /// The lock is held only to copy; sorting happens outside it.
     pub fn report(&self, now: i64) -> (Vec<SidecarView>, HashMap<String, IssuedView>) {
-        let mut inner = self.lock();
-        inner
-            .sidecars
-            .retain(|_, s| s.streams > 0 || now - s.last_seen < FORGET_AFTER_SECS);
-        let mut sidecars: Vec<SidecarView> = inner
-            .sidecars
-            .iter()
-            .map(|(id, s)| SidecarView {
-                instance: id.clone(),
-                identity: s.identity.clone(),
-                connected: s.streams > 0,
-                acked_version: s.acked_version,
-                serving_authority: s.serving_authority.clone(),
-                serving_not_after: s.serving_not_after,
-                file_mode: s.file_mode,
-            })
-            .collect();
+        let (mut sidecars, issued) = {
+            let mut inner = self.lock();
+            inner
+                .sidecars
+                .retain(|_, s| s.streams > 0 || now - s.last_seen < FORGET_AFTER_SECS);
+            let sidecars: Vec<SidecarView> =
+                inner.sidecars.iter().map(|(k, s)| s.view(k)).collect();
+            (sidecars, Self::issued_views(&mut inner, now))
+        };
         sidecars.sort_by(|a, b| {
             a.identity
                 .cmp(&b.identity)
                 .then(a.instance.cmp(&b.instance))
         });
-        let issued = inner
+        (sidecars, issued)
+    }
+
+    /// What the metrics need every second, without copying the fleet: connected CA-mode sidecars
+    /// per acknowledged version, and the live certificates per authority.
+    pub fn summary(&self, now: i64) -> (BTreeMap<u64, usize>, HashMap<String, IssuedView>) {
+        let mut inner = self.lock();
+        let mut by_version = BTreeMap::new();
+        for s in inner.sidecars.values().filter(|s| s.streams > 0) {
+            *by_version.entry(s.acked_version).or_default() += 1;
+        }
+        (by_version, Self::issued_views(&mut inner, now))
+    }
+
+    fn issued_views(inner: &mut Inner, now: i64) -> HashMap<String, IssuedView> {
+        inner
             .issued
             .iter_mut()
             .map(|(name, expiries)| {
@@ -227,8 +418,7 @@ impl Fleet {
                     },
                 )
             })
-            .collect();
-        (sidecars, issued)
+            .collect()
     }
 }
 
@@ -236,18 +426,29 @@ impl Fleet {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tracks_streams_acks_and_live_certificates() {
-        let f = Fleet::default();
-        f.stream_opened("a", 100);
-        let ack = Ack {
-            version: 3,
-            identity: "spiffe://td/a".into(),
+    fn caller(key: &str, identity: &str, file_mode: bool) -> Caller {
+        Caller {
+            key: key.into(),
+            identity: identity.into(),
+            file_mode,
+        }
+    }
+
+    fn ack(version: u64) -> Ack {
+        Ack {
+            version,
             authority: Some("1".into()),
             not_after: 500,
             file_mode: false,
-        };
-        f.ack("a", ack, 100);
+        }
+    }
+
+    #[test]
+    fn tracks_streams_acks_and_live_certificates() {
+        let f = Fleet::default();
+        let a = caller("aaaaaaaaaaaaaaaaaaaa", "spiffe://td/a", false);
+        f.stream_opened(&a, 100).unwrap();
+        f.ack(&a.key, ack(3), 3, 100).unwrap();
         f.issued("1", 500, 100);
         f.issued("1", 150, 100);
         f.issued("1", 150, 100);
@@ -258,10 +459,159 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert!(s[0].connected);
         assert_eq!(s[0].acked_version, 3);
+        assert_eq!(
+            s[0].instance, "aaaaaaaaaaaaaaaa",
+            "a label, not the whole key"
+        );
         assert_eq!(i["1"].live, 1);
         assert_eq!(i["1"].latest_not_after, 500);
-        f.stream_closed("a", 200);
+        let (by_version, _) = f.summary(200);
+        assert_eq!(by_version.get(&3), Some(&1));
+        f.stream_closed(&a.key, 200);
+        assert!(f.summary(200).0.is_empty(), "disconnected are not counted");
         let (s, _) = f.report(200 + FORGET_AFTER_SECS + 1);
         assert!(s.is_empty(), "disconnected sidecars are forgotten");
+    }
+
+    struct Case {
+        name: &'static str,
+        key: &'static str,
+        ack: Ack,
+        published: u64,
+        expected: Result<(), FleetError>,
+    }
+
+    #[test]
+    fn an_acknowledgement_speaks_only_for_an_open_stream_of_its_own_key() {
+        let f = Fleet::default();
+        f.stream_opened(&caller("honest", "spiffe://td/a", false), 1)
+            .unwrap();
+        f.stream_opened(&caller("files", "spiffe://td/b", true), 1)
+            .unwrap();
+        let cases = [
+            Case {
+                name: "a key with no stream (an invented or another process's instance)",
+                key: "stranger",
+                ack: ack(1),
+                published: 5,
+                expected: Err(FleetError::NotRegistered),
+            },
+            Case {
+                name: "a version never published",
+                key: "honest",
+                ack: ack(6),
+                published: 5,
+                expected: Err(FleetError::FutureVersion {
+                    claimed: 6,
+                    published: 5,
+                }),
+            },
+            Case {
+                name: "a CA-mode instance claiming file mode",
+                key: "honest",
+                ack: Ack {
+                    file_mode: true,
+                    ..ack(5)
+                },
+                published: 5,
+                expected: Err(FleetError::ModeChanged {
+                    registered: "ca",
+                    claimed: "file",
+                }),
+            },
+            Case {
+                name: "the honest acknowledgement",
+                key: "honest",
+                ack: ack(5),
+                published: 5,
+                expected: Ok(()),
+            },
+            Case {
+                name: "a file-mode report",
+                key: "files",
+                ack: Ack {
+                    file_mode: true,
+                    ..ack(4)
+                },
+                published: 5,
+                expected: Ok(()),
+            },
+        ];
+        for case in cases {
+            assert_eq!(
+                f.ack(case.key, case.ack, case.published, 2),
+                case.expected,
+                "{}",
+                case.name
+            );
+        }
+        let (s, _) = f.report(3);
+        let by = |id: &str| s.iter().find(|v| v.identity == id).unwrap().clone();
+        assert_eq!(by("spiffe://td/a").acked_version, 5);
+        assert_eq!(
+            by("spiffe://td/b").acked_version,
+            0,
+            "file mode never counts as having a version"
+        );
+        assert!(by("spiffe://td/b").file_mode);
+        // A stream with the other mode is refused for an existing key.
+        assert!(matches!(
+            f.stream_opened(&caller("honest", "spiffe://td/a", true), 4),
+            Err(FleetError::ModeChanged { .. })
+        ));
+    }
+
+    #[test]
+    fn bounded_overall_and_per_identity() {
+        let f = Fleet::with_limits(
+            CaProcess::default(),
+            FleetLimits {
+                max_instances: 3,
+                max_per_identity: 2,
+            },
+        );
+        f.stream_opened(&caller("k1", "spiffe://td/a", false), 1)
+            .unwrap();
+        f.stream_opened(&caller("k2", "spiffe://td/a", false), 1)
+            .unwrap();
+        assert!(matches!(
+            f.stream_opened(&caller("k3", "spiffe://td/a", false), 1),
+            Err(FleetError::TooManyForIdentity { .. })
+        ));
+        // A second stream of a registered key is not a new instance.
+        f.stream_opened(&caller("k1", "spiffe://td/a", false), 1)
+            .unwrap();
+        f.stream_opened(&caller("k4", "spiffe://td/b", false), 1)
+            .unwrap();
+        assert!(matches!(
+            f.stream_opened(&caller("k5", "spiffe://td/c", false), 1),
+            Err(FleetError::Full(3))
+        ));
+        // Disconnected instances make room, even before they are stale.
+        f.stream_closed("k4", 2);
+        f.stream_opened(&caller("k5", "spiffe://td/c", false), 2)
+            .unwrap();
+        f.stream_closed("k2", 2);
+        f.stream_opened(&caller("k3", "spiffe://td/a", false), 2)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_large_fleet_reports_cheaply() {
+        let f = Fleet::default();
+        for i in 0..50_000 {
+            let c = caller(
+                &format!("{i:064x}"),
+                &format!("spiffe://td/s{}", i % 997),
+                false,
+            );
+            f.stream_opened(&c, 1).unwrap();
+            f.ack(&c.key, ack(1), 1, 1).unwrap();
+        }
+        let (by_version, _) = f.summary(2);
+        assert_eq!(by_version.get(&1), Some(&50_000));
+        let (s, _) = f.report(2);
+        assert_eq!(s.len(), 50_000);
+        assert!(s.windows(2).all(|w| w[0].identity <= w[1].identity));
     }
 }

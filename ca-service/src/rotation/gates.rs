@@ -56,12 +56,27 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
             a.live_certificates, a.name, a.latest_certificate_expiry
         ));
     }
-    // A CA process counts only what it issued since it started: what an earlier process issued under
-    // the retiring authority may be live until min(start, end of signing) + the longest lifetime.
+    // Every CA process records in the CA directory, before handing a certificate out, how long it
+    // may live: the latest record bounds what any process, running or not, issued.
+    if let Some(a) = r.authorities.iter().find(|a| a.name == retiring.name)
+        && a.issued_until > now
+    {
+        blockers.push(format!(
+            "certificates issued under authority {} may be live until {} (the latest not-after \
+             the CA processes recorded in the CA directory; {}s from now)",
+            a.name,
+            a.issued_until,
+            a.issued_until - now
+        ));
+    }
+    // A process that cannot record (a read-only CA directory) counts only what it issued since it
+    // started: what an earlier process issued under the retiring authority may be live until
+    // min(start, end of signing) + the longest lifetime.
     let signed_until = retiring.signed_until.unwrap_or(now);
     if let Some(until) = r
         .processes
         .iter()
+        .filter(|p| !p.records_issuance)
         // A process running since before the authority began signing saw all it issued.
         .filter(|p| {
             retiring
@@ -77,10 +92,12 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
         .max()
     {
         blockers.push(format!(
-            "a CA process started during authority {}'s lifetime and cannot know what an earlier \
-             process issued under it: such certificates may be live until {until} (start or end of \
-             signing + --max-ttl)",
-            retiring.name
+            "a CA process that cannot record issuance in the CA directory (read-only?) started \
+             during authority {}'s lifetime and cannot know what an earlier process issued under \
+             it: such certificates may be live until {until} (start or end of signing + \
+             --max-ttl; {}s from now)",
+            retiring.name,
+            until - now
         ));
     }
     for s in &r.sidecars {
@@ -262,6 +279,7 @@ mod tests {
                 in_bundle_since: 1,
                 live_certificates: 2,
                 latest_certificate_expiry: 1500,
+                issued_until: 0,
             }],
             sidecars: vec![sidecar("a", 2, "1", 1200), sidecar("b", 2, "2", 5000)],
             next_step: String::new(),
@@ -286,10 +304,12 @@ mod tests {
             CaProcess {
                 started_unix: 0,
                 max_ttl_seconds: 200,
+                records_issuance: false,
             },
             CaProcess {
                 started_unix: 900,
                 max_ttl_seconds: 200,
+                records_issuance: false,
             },
         ];
         let b = retire_blockers(&st, &r, now);
@@ -304,5 +324,58 @@ mod tests {
         let mut st3 = st.clone();
         st3.authorities[0].signing_since = Some(950);
         assert!(retire_blockers(&st3, &r, now).is_empty());
+    }
+
+    #[test]
+    fn after_a_restart_retire_waits_for_what_was_recorded_not_the_longest_lifetime() {
+        let st = state(
+            &[
+                ("1", AuthorityState::Retiring, 1),
+                ("2", AuthorityState::Active, 2),
+            ],
+            2,
+        );
+        let restarted = CaProcess {
+            started_unix: 900,
+            max_ttl_seconds: 86_400,
+            records_issuance: true,
+        };
+        let mut r = RotationReport {
+            bundle_version: 2,
+            authorities: vec![AuthorityView {
+                name: "1".into(),
+                state: "retiring".into(),
+                root_sha256: String::new(),
+                root_not_after: 0,
+                intermediate_not_after: 0,
+                in_bundle_since: 1,
+                live_certificates: 0,
+                latest_certificate_expiry: 0,
+                // An earlier process issued under authority 1 until 1300 (recorded).
+                issued_until: 1_300,
+            }],
+            sidecars: Vec::new(),
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![restarted],
+        };
+        let b = retire_blockers(&st, &r, 1_000);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("until 1300") && b[0].contains("300s from now"),
+            "{b:?}"
+        );
+        assert!(
+            retire_blockers(&st, &r, 1_300).is_empty(),
+            "not start + a day"
+        );
+        // A process that cannot record falls back to start + --max-ttl, and says so.
+        r.processes[0].records_issuance = false;
+        let b = retire_blockers(&st, &r, 1_300);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("read-only") && b[0].contains("87300"),
+            "{b:?}"
+        );
     }
 }

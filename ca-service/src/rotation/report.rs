@@ -17,6 +17,10 @@ pub struct AuthorityView {
     pub in_bundle_since: u64,
     pub live_certificates: usize,
     pub latest_certificate_expiry: i64,
+    /// The latest not-after any CA process recorded for this authority in the CA directory (0:
+    /// none recorded).
+    #[serde(default)]
+    pub issued_until: i64,
 }
 
 /// Everything a rotation step decides on; served as JSON at the CA's admin `/rotation`.

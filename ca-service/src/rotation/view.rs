@@ -55,6 +55,7 @@ pub fn report(
                 in_bundle_since: a.in_bundle_since,
                 live_certificates: i.live,
                 latest_certificate_expiry: i.latest_not_after,
+                issued_until: crate::issued::issued_until(ca_dir, &a.name),
             }
         })
         .collect();
@@ -85,7 +86,7 @@ pub fn report(
 /// Merges the fleet views of several CA processes (each knows the sidecars connected to it).
 pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport {
     let mut sidecars: HashMap<String, SidecarReport> = HashMap::new();
-    let mut live: HashMap<String, (usize, i64)> = HashMap::new();
+    let mut live: HashMap<String, (usize, i64, i64)> = HashMap::new();
     for r in &reports {
         for s in &r.sidecars {
             let e = sidecars
@@ -105,6 +106,7 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
             let e = live.entry(a.name.clone()).or_default();
             e.0 += a.live_certificates;
             e.1 = e.1.max(a.latest_certificate_expiry);
+            e.2 = e.2.max(a.issued_until);
         }
     }
     let processes: Vec<CaProcess> = reports.iter().flat_map(|r| r.processes.clone()).collect();
@@ -118,9 +120,10 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
     });
     base.processes = processes;
     for a in &mut base.authorities {
-        if let Some((n, t)) = live.get(&a.name) {
+        if let Some((n, t, until)) = live.get(&a.name) {
             a.live_certificates = *n;
             a.latest_certificate_expiry = *t;
+            a.issued_until = *until;
         }
     }
     base.sidecars = sidecars.into_values().collect();

@@ -52,37 +52,16 @@ impl Default for Lifecycle {
     }
 }
 
-/// Tells the CA which bundle version we use and which certificate we serve, over a connection that
-/// presents that certificate (the CA checks they are the same).
-pub async fn acknowledge(
-    mode: &CaMode,
-    store: &CredentialStore,
-    life: &Lifecycle,
-) -> Result<(), IssueError> {
-    let version = life
-        .applied_version
-        .load(std::sync::atomic::Ordering::Relaxed);
-    send_ack(
-        &endpoint_with_bundle(&mode.endpoint, store),
-        store,
-        life,
-        version,
-        false,
-    )
-    .await
-}
-
+/// Tells the CA which bundle version we use and which certificate we serve, on `client`: the
+/// connection that carries our bundle stream and presents that certificate (the CA takes an
+/// acknowledgement only for the certificate on its connection, whose stream is open there).
 async fn send_ack(
-    endpoint: &CaEndpoint,
-    store: &CredentialStore,
+    client: &mut ca_client::CaClient,
+    chain: &[CertificateDer<'static>],
     life: &Lifecycle,
     version: u64,
     file_mode: bool,
 ) -> Result<(), IssueError> {
-    let Some((chain, key)) = store.chain_and_key() else {
-        return Ok(());
-    };
-    let mut client = ca_client::connect(endpoint, Some((chain.clone(), key))).await?;
     client
         .ack_trust_bundle(meshid_proto::ca::v1::AckTrustBundleRequest {
             instance_id: life.instance_id.clone(),
@@ -108,12 +87,12 @@ pub async fn run_file_mode_report(
     loop {
         let result = async {
             let endpoint = endpoint_with_bundle(&endpoint, &store);
-            let mut stream = open_bundle_stream(&endpoint, &store, &life).await?;
+            let mut conn = BundleStream::open(&endpoint, &store, &life, true).await?;
             let mut reported: Option<Vec<u8>> = None;
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    m = stream.message() => match m {
+                    m = conn.stream.message() => match m {
                         Ok(Some(_)) => reported = None,
                         Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
                         Err(s) => return Err(IssueError::Response(s.message().to_owned())),
@@ -126,7 +105,11 @@ pub async fn run_file_mode_report(
                     .chain_and_key()
                     .and_then(|(c, _)| c.first().map(|l| l.to_vec()));
                 if leaf.is_some() && leaf != reported {
-                    match send_ack(&endpoint, &store, &life, 0, true).await {
+                    if leaf.as_deref() != conn.leaf() {
+                        // The files brought a new certificate: report it on a stream of its own.
+                        return Err(IssueError::Response("new certificate; reconnecting".into()));
+                    }
+                    match send_ack(&mut conn.client, &conn.chain, &life, 0, true).await {
                         Ok(()) => reported = leaf,
                         Err(error) => tracing::warn!(%error, "reporting to the CA failed"),
                     }
@@ -164,8 +147,13 @@ pub enum IssueError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the join token was already spent and there is no valid certificate to renew with")]
-    JoinTokenSpent,
+    #[error(
+        "the join token in {} was already used (redeemed, or refused by the CA) and there is no \
+         certificate the CA accepts to renew with: put a new join token there \
+         (`meshid-ca token create`)",
+        .0.display()
+    )]
+    JoinTokenSpent(PathBuf),
     #[error("CA response: {0}")]
     Response(String),
     #[error("generating a key: {0}")]
@@ -185,21 +173,53 @@ impl IssueError {
 
 /// The CA's roots plus the trust bundle we hold (the CA's certificate moves to a new root during a
 /// rotation; the bundle stream brings that root before the CA switches).
-/// Opens the bundle stream, presenting our certificate (if any yet) so the CA counts this sidecar
-/// as connected.
-async fn open_bundle_stream(
-    endpoint: &CaEndpoint,
-    store: &CredentialStore,
-    life: &Lifecycle,
-) -> Result<tonic::Streaming<meshid_proto::ca::v1::TrustBundle>, IssueError> {
-    let mut client = ca_client::connect(endpoint, store.chain_and_key()).await?;
-    Ok(client
-        .watch_trust_bundle(WatchTrustBundleRequest {
-            instance_id: life.instance_id.clone(),
+/// One connection to the CA presenting our current certificate: the bundle stream on it, and the
+/// client that acknowledges on the same connection.
+struct BundleStream {
+    client: ca_client::CaClient,
+    stream: tonic::Streaming<meshid_proto::ca::v1::TrustBundle>,
+    /// The certificate presented on this connection (empty before the first one).
+    chain: Vec<CertificateDer<'static>>,
+}
+
+impl BundleStream {
+    /// Opens the bundle stream, presenting our certificate (if any yet) so the CA counts this
+    /// sidecar as connected: the instance it registers is that certificate's key.
+    async fn open(
+        endpoint: &CaEndpoint,
+        store: &CredentialStore,
+        life: &Lifecycle,
+        file_mode: bool,
+    ) -> Result<Self, IssueError> {
+        let cert = store.chain_and_key();
+        let chain = cert.as_ref().map(|(c, _)| c.clone()).unwrap_or_default();
+        let mut client = ca_client::connect(endpoint, cert).await?;
+        let stream = client
+            .watch_trust_bundle(WatchTrustBundleRequest {
+                instance_id: life.instance_id.clone(),
+                file_mode,
+            })
+            .await
+            .map_err(|s| IssueError::Response(s.message().to_owned()))?
+            .into_inner();
+        Ok(Self {
+            client,
+            stream,
+            chain,
         })
-        .await
-        .map_err(|s| IssueError::Response(s.message().to_owned()))?
-        .into_inner())
+    }
+
+    fn leaf(&self) -> Option<&[u8]> {
+        self.chain.first().map(|c| c.as_ref())
+    }
+
+    /// Acknowledges `version` for the certificate on this connection.
+    async fn ack(&mut self, life: &Lifecycle, version: u64) -> Result<(), IssueError> {
+        if self.chain.is_empty() {
+            return Ok(());
+        }
+        send_ack(&mut self.client, &self.chain, life, version, false).await
+    }
 }
 
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
@@ -212,13 +232,56 @@ fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEnd
     endpoint
 }
 
-/// One issuance: a fresh key, a CSR, and whichever credential fits (our valid certificate first).
+/// The credential an issuance presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presented {
+    /// Our current certificate (a renewal).
+    Certificate,
+    ServiceAccountToken,
+    JoinToken,
+}
+
+impl Presented {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::ServiceAccountToken => "service_account_token",
+            Self::JoinToken => "join_token",
+        }
+    }
+}
+
+/// What the issuer carries from one attempt to the next.
+#[derive(Debug, Default)]
+pub struct IssuerState {
+    /// The CA refused our certificate as a renewal credential (its root left the bundle, or the
+    /// identity was attested too long ago): attest again with the bootstrap credential.
+    pub reattest: bool,
+    /// SHA-256 of the last join token this process sent and the CA redeemed or refused. A join
+    /// token is good once: the same file content is not sent again; a new one (the operator's way
+    /// to attest a join-token workload again) is, at the next request.
+    pub used_join_token: Option<[u8; 32]>,
+    /// What the last attempt presented (`None` when it failed before choosing).
+    pub presented: Option<Presented>,
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref(),
+    );
+    out
+}
+
+/// One issuance: a fresh key, a CSR, and whichever credential fits: our valid certificate first,
+/// unless the CA refused it (then the service-account token), and a join token not used yet
+/// before anything (it starts a new lineage).
 pub async fn issue_once(
     mode: &CaMode,
     store: &CredentialStore,
-    use_bootstrap: bool,
-    join_spent: bool,
+    state: &mut IssuerState,
 ) -> Result<(Arc<Snapshot>, u64), IssueError> {
+    state.presented = None;
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
     let valid = store
@@ -228,18 +291,37 @@ pub async fn issue_once(
     // refuses it at the handshake: prove who we are again with the bootstrap credential (a join
     // token file is read again: the operator may have put a new token there).
     let orphaned = valid && !store.own_chain_trusted(unix_now());
-    let (client_cert, credential) = if valid && !orphaned && !use_bootstrap {
-        (store.chain_and_key(), None)
-    } else {
-        let credential = match &mode.bootstrap {
-            Bootstrap::TokenFile(path) => Credential::ServiceAccountToken(read_secret(path).await?),
-            Bootstrap::JoinTokenFile(_) if join_spent && !orphaned => {
-                return Err(IssueError::JoinTokenSpent);
+    let renewable = valid && !orphaned;
+    let mut redeeming = None;
+    let (client_cert, credential) = match &mode.bootstrap {
+        Bootstrap::TokenFile(_) if renewable && !state.reattest => (store.chain_and_key(), None),
+        Bootstrap::TokenFile(path) => (
+            None,
+            Some(Credential::ServiceAccountToken(read_secret(path).await?)),
+        ),
+        // The file is read at every request: a join token put there (after the CA refused our
+        // certificate, or ahead of it) is redeemed at once, and its expiry may be short.
+        Bootstrap::JoinTokenFile(path) => {
+            let token = read_secret(path).await;
+            match (token, state.used_join_token) {
+                (Ok(token), used) if used != Some(token_digest(&token)) => {
+                    redeeming = Some(token_digest(&token));
+                    (None, Some(Credential::JoinToken(token)))
+                }
+                (Err(e), None) if !renewable => return Err(e),
+                // Only a token already used (or no readable file): renew, also after the CA
+                // refused our certificate (its operator may raise the attestation age); without
+                // a certificate the CA may take there is nothing left to present.
+                _ if renewable => (store.chain_and_key(), None),
+                _ => return Err(IssueError::JoinTokenSpent(path.clone())),
             }
-            Bootstrap::JoinTokenFile(path) => Credential::JoinToken(read_secret(path).await?),
-        };
-        (None, Some(credential))
+        }
     };
+    state.presented = Some(match &credential {
+        None => Presented::Certificate,
+        Some(Credential::ServiceAccountToken(_)) => Presented::ServiceAccountToken,
+        Some(Credential::JoinToken(_)) => Presented::JoinToken,
+    });
     let mut client =
         ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert).await?;
     let resp = client
@@ -251,7 +333,23 @@ pub async fn issue_once(
                 .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
                 .unwrap_or(0),
         })
-        .await
+        .await;
+    // A join token the CA redeemed, or refused (used, expired, unknown), is not sent again; one it
+    // could not look at (rate limit, outage) is.
+    if redeeming.is_some()
+        && resp.as_ref().map_or_else(
+            |s| {
+                matches!(
+                    s.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                )
+            },
+            |_| true,
+        )
+    {
+        state.used_join_token = redeeming;
+    }
+    let resp = resp
         .map_err(|s| IssueError::Status {
             code: s.code(),
             message: s.message().to_owned(),
@@ -301,10 +399,9 @@ pub async fn run_issuer(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::for_lifetime(mode.ttl.unwrap_or(Duration::from_secs(3600)));
-    let mut use_bootstrap = false;
-    let mut join_spent = false;
+    let mut state = IssuerState::default();
     loop {
-        let wait = match issue_once(&mode, &store, use_bootstrap, join_spent).await {
+        let wait = match issue_once(&mode, &store, &mut state).await {
             Ok((snapshot, bundle_version)) => {
                 // The response's trust anchors are that bundle version; it is in use from now on.
                 life.applied_version
@@ -312,10 +409,7 @@ pub async fn run_issuer(
                 let id = &snapshot.identity;
                 let lifetime = Duration::from_secs((id.not_after - unix_now()).max(1) as u64);
                 backoff = Backoff::for_lifetime(lifetime);
-                use_bootstrap = false;
-                if matches!(mode.bootstrap, Bootstrap::JoinTokenFile(_)) {
-                    join_spent = true;
-                }
+                state.reattest = false;
                 metrics
                     .renewals
                     .get_or_create(&ResultLabels { result: "success" })
@@ -328,6 +422,7 @@ pub async fn run_issuer(
                     id = %id.id,
                     serial = %id.serial_hex,
                     not_after = id.not_after,
+                    credential = state.presented.map_or("", Presented::as_str),
                     renew_in_s = wait.as_secs_f64(),
                     "certificate issued"
                 );
@@ -338,24 +433,75 @@ pub async fn run_issuer(
                     .renewals
                     .get_or_create(&ResultLabels { result: "failure" })
                     .inc();
-                // A refused renewal (our certificate no longer accepted) falls back to the
-                // bootstrap credential when it can be used again.
-                if let IssueError::Status { code, .. } = &error
-                    && matches!(
-                        code,
-                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-                    )
-                {
-                    use_bootstrap = matches!(mode.bootstrap, Bootstrap::TokenFile(_));
-                }
-                let wait = backoff.next_delay(random_unit(), error.retry_after());
-                let valid = store.current().is_some_and(|s| s.valid_at(unix_now()));
-                tracing::warn!(
-                    %error,
-                    retry_in_s = wait.as_secs_f64(),
-                    holding_valid_certificate = valid,
-                    "certificate request failed"
+                let refused = matches!(
+                    &error,
+                    IssueError::Status {
+                        code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
+                        ..
+                    }
                 );
+                let wait = backoff.next_delay(random_unit(), error.retry_after());
+                let retry_in_s = wait.as_secs_f64();
+                let current = store.current();
+                let valid = current.as_ref().is_some_and(|s| s.valid_at(unix_now()));
+                let not_after = current.as_ref().map_or(0, |s| s.identity.not_after);
+                match (&mode.bootstrap, state.presented) {
+                    // The CA no longer renews on our certificate (its root left the bundle, or
+                    // the identity was last attested longer ago than the CA allows): attest
+                    // again with the bootstrap credential.
+                    (Bootstrap::TokenFile(_), Some(Presented::Certificate)) if refused => {
+                        state.reattest = true;
+                        tracing::warn!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            "the CA refused to renew our certificate; re-attesting with the service-account token"
+                        );
+                    }
+                    // A join token is good once: only the operator can attest us again. Keep
+                    // retrying (a new token in the file is redeemed at the next attempt, and the
+                    // CA may be reconfigured), and say what fixes it.
+                    (Bootstrap::JoinTokenFile(path), Some(Presented::Certificate)) if refused => {
+                        tracing::error!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            certificate_not_after = not_after,
+                            join_token_file = %path.display(),
+                            "the CA refused to renew our certificate, and a join-token workload \
+                             cannot attest again by itself: put a new join token \
+                             (`meshid-ca token create --id <this identity>`) in the \
+                             --join-token-file before the certificate expires, or have the CA's \
+                             operator raise --max-attestation-age; retrying"
+                        );
+                    }
+                    (Bootstrap::JoinTokenFile(path), Some(Presented::JoinToken)) if refused => {
+                        tracing::error!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            join_token_file = %path.display(),
+                            "the CA refused the join token: put a new join token \
+                             (`meshid-ca token create`) in the --join-token-file; retrying"
+                        );
+                    }
+                    _ if matches!(error, IssueError::JoinTokenSpent(_)) => {
+                        tracing::error!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            "no credential left to present; retrying"
+                        );
+                    }
+                    _ => {
+                        tracing::warn!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            "certificate request failed"
+                        );
+                    }
+                }
                 wait
             }
         };
@@ -369,7 +515,15 @@ pub async fn run_issuer(
     }
 }
 
-/// Follows the CA's trust bundle stream, reconnecting with backoff when it breaks.
+/// Why a bundle stream ended without an error.
+enum Reconnect {
+    /// A new certificate: open a stream with it at once.
+    Now,
+    Stop,
+}
+
+/// Follows the CA's trust bundle stream, reconnecting with backoff when it breaks, and at once with
+/// every new certificate.
 pub async fn run_bundle_watch(
     mode: CaMode,
     store: Arc<CredentialStore>,
@@ -389,17 +543,14 @@ pub async fn run_bundle_watch(
     loop {
         let result = async {
             let endpoint = endpoint_with_bundle(&mode.endpoint, &store);
-            let mut stream = open_bundle_stream(&endpoint, &store, &life).await?;
+            let mut conn = BundleStream::open(&endpoint, &store, &life, false).await?;
             loop {
                 let msg = tokio::select! {
-                    m = stream.message() => m,
-                    () = life.renewed.notified() => {
-                        if let Err(error) = acknowledge(&mode, &store, &life).await {
-                            tracing::warn!(%error, "acknowledging the new certificate failed");
-                        }
-                        continue;
-                    }
-                    () = stopped(&mut shutdown) => return Ok(()),
+                    m = conn.stream.message() => m,
+                    // A new certificate is a new instance for the CA: a stream of its own, on a
+                    // connection that presents it (the old stream ends with the old connection).
+                    () = life.renewed.notified() => return Ok(Reconnect::Now),
+                    () = stopped(&mut shutdown) => return Ok(Reconnect::Stop),
                 };
                 let bundle = match msg {
                     Ok(Some(b)) => b,
@@ -418,7 +569,7 @@ pub async fn run_bundle_watch(
                 if roots.is_empty() || roots == store.roots() {
                     life.applied_version
                         .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(error) = acknowledge(&mode, &store, &life).await {
+                    if let Err(error) = conn.ack(&life, bundle.version).await {
                         tracing::warn!(%error, "acknowledging the trust bundle failed");
                     }
                     continue;
@@ -433,7 +584,7 @@ pub async fn run_bundle_watch(
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
                         life.applied_version
                             .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                        if let Err(error) = acknowledge(&mode, &store, &life).await {
+                        if let Err(error) = conn.ack(&life, bundle.version).await {
                             tracing::warn!(%error, "acknowledging the trust bundle failed");
                         }
                     }
@@ -451,8 +602,10 @@ pub async fn run_bundle_watch(
         if *shutdown.borrow() {
             return;
         }
-        if let Err(error) = result {
-            tracing::warn!(%error, "trust bundle stream broken; reconnecting");
+        match result {
+            Ok(Reconnect::Now) => continue,
+            Ok(Reconnect::Stop) => return,
+            Err(error) => tracing::warn!(%error, "trust bundle stream broken; reconnecting"),
         }
         let wait = backoff.next_delay(random_unit(), None);
         tokio::select! {

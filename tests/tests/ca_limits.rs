@@ -1,0 +1,503 @@
+//! The CA listener's limits over real sockets: connections per source IP, the idle timeout, the
+//! maximum connection age; and service-account tokens with a `crit` header member. Limits are short
+//! here; the tests assert what happens, never how fast.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
+use meshid_proto::ca::v1::{
+    GetTrustBundleRequest, IssueRequest, IssueResponse, WatchTrustBundleRequest,
+    issue_request::Credential,
+};
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::pki::{ForeignCa, WorkloadKey, pem};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const HERE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+const ELSEWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+type Client = CertificateAuthorityClient<Channel>;
+type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// TLS 1.3, h2, trusting the CA's roots, optionally presenting a certificate.
+fn tls_connector(ca: &TestCa, client_cert: Option<ClientCert>) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &ca.roots {
+        roots.add(root.clone()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A TCP connection to `addr` from the local address `from`.
+async fn tcp_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
+}
+
+/// A TLS connection to the CA from `from`, handshake done, nothing sent over it.
+async fn tls_from(
+    ca: &TestCa,
+    connector: &tokio_rustls::TlsConnector,
+    from: IpAddr,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = tcp_from(from, ca.addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await?;
+    Ok(tls)
+}
+
+/// A gRPC client of the CA whose connections come from `from`; `opened` counts them (every
+/// reconnect opens one more).
+async fn client_from(
+    ca: &TestCa,
+    from: IpAddr,
+    client_cert: Option<ClientCert>,
+    opened: Arc<AtomicUsize>,
+) -> Result<Client, tonic::transport::Error> {
+    let connector = tls_connector(ca, client_cert);
+    let addr = ca.addr;
+    let channel = Endpoint::from_static("http://meshid-ca")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let opened = opened.clone();
+            async move {
+                let tcp = tcp_from(from, addr).await?;
+                let name = ServerName::try_from("localhost").unwrap();
+                let tls = connector.connect(name, tcp).await?;
+                opened.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(CertificateAuthorityClient::new(channel))
+}
+
+/// Waits (up to 10 s) until the server ends `tls`: end-of-file or an error on read.
+async fn closed_by_server(tls: &mut TlsStream<TcpStream>) -> bool {
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // h2 SETTINGS, pings: not a close
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// The CA's `/metrics` text.
+async fn metrics(ca: &TestCa) -> String {
+    let mut s = TcpStream::connect(ca.admin_addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The value of the sample named exactly `series` (name and labels), 0 when absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// Polls `check` until it holds (up to 10 s).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_source_cap_are_refused_and_other_sources_still_served() {
+    let ca = TestCa::start(CaOptions {
+        max_connections_per_source: 2,
+        handshake_timeout: Duration::from_secs(1),
+        ..CaOptions::default()
+    })
+    .await;
+    let connector = tls_connector(&ca, None);
+    let first = tls_from(&ca, &connector, HERE).await.expect("first");
+    let second = tls_from(&ca, &connector, HERE).await.expect("second");
+    // The third from 127.0.0.1 is closed before any TLS: the handshake fails.
+    let third = tls_from(&ca, &connector, HERE).await;
+    assert!(
+        third.is_err(),
+        "a third connection from 127.0.0.1 was served"
+    );
+    let refused = r#"meshid_ca_connections_refused_total{reason="max_connections_per_source"}"#;
+    assert!(sample(&metrics(&ca).await, refused) >= 1.0);
+
+    // Another source is not affected: 127.0.0.2 completes a call on the same CA.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut elsewhere = client_from(&ca, ELSEWHERE, None, opened).await.unwrap();
+    let bundle = elsewhere
+        .get_trust_bundle(GetTrustBundleRequest {})
+        .await
+        .expect("127.0.0.2 is served")
+        .into_inner();
+    assert_eq!(bundle.roots, vec![ca.roots[0].to_vec()]);
+
+    // The count drops when a connection ends: with one of the two gone, 127.0.0.1 connects again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replacement = loop {
+        match tls_from(&ca, &connector, HERE).await {
+            Ok(tls) => break tls,
+            Err(e) => assert!(Instant::now() < deadline, "no slot freed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(replacement);
+    drop(second);
+    // Only the connection from 127.0.0.2 is left.
+    eventually("the connections from 127.0.0.1 closed", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, "meshid_ca_connections_open") == 1.0 }
+    })
+    .await;
+
+    // Failed and timed-out handshakes give their slot back too: one at a time (so the cap never
+    // refuses them), each ended by the server.
+    let failures = "meshid_ca_tls_handshake_failures_total";
+    let before = sample(&metrics(&ca).await, failures);
+    for _ in 0..4 {
+        let mut tcp = tcp_from(HERE, ca.addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf)).await;
+        assert!(read.is_ok(), "the server keeps a failed handshake open");
+    }
+    let mut stalled = tcp_from(HERE, ca.addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "stalled handshake: {read:?}"
+    );
+    eventually("five handshake failures counted", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, failures) == before + 5.0 }
+    })
+    .await;
+
+    // Nothing leaked: two connections from 127.0.0.1 at once again, and a call from there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (_a, _b) = loop {
+        let a = tls_from(&ca, &connector, HERE).await;
+        let b = tls_from(&ca, &connector, HERE).await;
+        match (a, b) {
+            (Ok(a), Ok(b)) => break (a, b),
+            other => assert!(Instant::now() < deadline, "slots leaked: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop((_a, _b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let call = match client_from(&ca, HERE, None, opened).await {
+            Ok(mut here) => here
+                .get_trust_bundle(GetTrustBundleRequest {})
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if call {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no call from 127.0.0.1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() {
+    let idle = Duration::from_secs(1);
+    let ca = TestCa::start(CaOptions {
+        idle_timeout: idle,
+        ..CaOptions::default()
+    })
+    .await;
+    // A TLS connection that never makes a call.
+    let connector = tls_connector(&ca, None);
+    let mut silent = tls_from(&ca, &connector, HERE).await.unwrap();
+    // A client that makes one call, then nothing.
+    let unary_opened = Arc::new(AtomicUsize::new(0));
+    let mut unary = client_from(&ca, HERE, None, unary_opened.clone())
+        .await
+        .unwrap();
+    unary
+        .get_trust_bundle(GetTrustBundleRequest {})
+        .await
+        .unwrap();
+    // A client with a bundle stream open.
+    let stream_opened = Arc::new(AtomicUsize::new(0));
+    let mut watcher = client_from(&ca, HERE, None, stream_opened.clone())
+        .await
+        .unwrap();
+    let mut stream = watcher
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("the bundle at once");
+
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a connection without calls stayed open past the idle timeout"
+    );
+    let closed = r#"meshid_ca_connections_closed_total{reason="idle_timeout"}"#;
+    eventually(
+        "both idle connections closed, the streaming one open",
+        || {
+            let ca = &ca;
+            async move {
+                let m = metrics(ca).await;
+                sample(&m, closed) == 2.0 && sample(&m, "meshid_ca_connections_open") == 1.0
+            }
+        },
+    )
+    .await;
+
+    // Several idle periods later the stream is still open (nothing ended it)...
+    tokio::time::sleep(idle * 3).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+    assert!(quiet.is_err(), "the bundle stream ended: {quiet:?}");
+    // ...and still delivers: a root joins the bundle and arrives on the same stream.
+    let path = ca.dir.path().join("bundle.pem");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&pem(&ForeignCa::new().root_der));
+    std::fs::write(ca.dir.path().join("bundle.tmp"), text).unwrap();
+    std::fs::rename(ca.dir.path().join("bundle.tmp"), &path).unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("bundle change within 10 s")
+        .expect("stream open")
+        .expect("a message");
+    assert_eq!(second.version, first.version + 1);
+    assert_eq!(stream_opened.load(Ordering::SeqCst), 1);
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, closed), 2.0, "{m}");
+
+    // The client whose connection was closed for idleness just reconnects for its next call.
+    unary
+        .get_trust_bundle(GetTrustBundleRequest {})
+        .await
+        .expect("a call after the idle close");
+    assert_eq!(unary_opened.load(Ordering::SeqCst), 2, "one reconnect");
+}
+
+/// A renewal over `client`'s connection (its certificate is the credential).
+async fn renew(client: &mut Client) -> Result<tonic::Response<IssueResponse>, tonic::Status> {
+    client
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: None,
+            ttl_seconds: 0,
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_maximum_age_are_closed_and_clients_reconnect() {
+    let age = Duration::from_secs(2);
+    let grace = Duration::from_secs(2);
+    let ca = TestCa::start(CaOptions {
+        max_connection_age: age,
+        max_connection_age_grace: grace,
+        ..CaOptions::default()
+    })
+    .await;
+    // An mTLS client (a sidecar renewing) that keeps one connection.
+    let workload = WorkloadKey::new();
+    let issued = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: workload.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "frontend"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = issued
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut client = client_from(
+        &ca,
+        HERE,
+        Some((chain, workload.private_key_der())),
+        opened.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        renew(&mut client).await.unwrap().into_inner().spiffe_id,
+        FRONTEND
+    );
+    let mut stream = client
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the bundle at once");
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
+
+    // Past the maximum age the server sends GOAWAY: the old connection takes no new call, and the
+    // client moves to a new one. The stream keeps the old connection (and hyper's client task for
+    // it) alive, so the client's first call after the GOAWAY is still queued there and cancelled;
+    // the next goes over a new connection. (Without a stream the client just reconnects.)
+    tokio::time::sleep((age + Duration::from_millis(500)).saturating_sub(started.elapsed())).await;
+    let mut failed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while opened.load(Ordering::SeqCst) < 2 {
+        match renew(&mut client).await {
+            Ok(r) => assert_eq!(r.into_inner().spiffe_id, FRONTEND),
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), Code::Cancelled | Code::Unavailable),
+                    "{s:?}"
+                );
+                failed.push(s);
+            }
+        }
+        assert!(Instant::now() < deadline, "the client never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("calls failed on the way to a new connection: {failed:?}");
+    assert!(failed.len() <= 1, "{failed:?}");
+    let on_new = renew(&mut client).await;
+    assert_eq!(
+        on_new
+            .expect("a call on the new connection")
+            .into_inner()
+            .spiffe_id,
+        FRONTEND
+    );
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        2,
+        "the client reconnected once"
+    );
+
+    // The bundle stream on the old connection ends when the grace period is over and the
+    // connection is cut: the client sees an error and opens a new stream.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream on a connection past its age ended within 10 s");
+    eprintln!("the stream on the aged connection ended with {ended:?}");
+    let code = ended.expect_err("cut, not finished").code();
+    assert!(
+        matches!(
+            code,
+            Code::Unknown | Code::Unavailable | Code::Internal | Code::Cancelled
+        ),
+        "{code:?}"
+    );
+    assert!(started.elapsed() >= age + grace, "ended before age + grace");
+    let m = metrics(&ca).await;
+    assert!(
+        sample(
+            &m,
+            r#"meshid_ca_connections_closed_total{reason="max_connection_age"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    // The client opens a new stream, as a sidecar does when its stream ends.
+    let mut again = client
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .expect("a new stream")
+        .into_inner();
+    again.message().await.unwrap().expect("the bundle at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_crit_header_is_unauthenticated() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let mut spec = ca
+        .cluster
+        .spec("shop", "frontend", meshid_tests::fake_cluster::KeyKind::Rsa);
+    let valid = ca.cluster.sign(&spec);
+    spec.header["crit"] = json!(["exp"]);
+    let crit = ca.cluster.sign(&spec);
+    let issue = |token: String| {
+        let ca = &ca;
+        async move {
+            ca.client()
+                .await
+                .issue(IssueRequest {
+                    csr: WorkloadKey::new().csr,
+                    credential: Some(Credential::ServiceAccountToken(token)),
+                    ttl_seconds: 0,
+                })
+                .await
+        }
+    };
+    let err = issue(crit).await.expect_err("a crit token was accepted");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("crit"), "{}", err.message());
+    // The same token without `crit` is fine: `crit` alone was the reason.
+    assert_eq!(issue(valid).await.unwrap().into_inner().spiffe_id, FRONTEND);
+    let m = metrics(&ca).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"meshid_ca_issue_requests_total{method="service_account_token",result="crit_header"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+}

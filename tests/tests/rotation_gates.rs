@@ -1,0 +1,290 @@
+//! The rotation gates against a workload that holds a valid certificate and lies: it cannot
+//! acknowledge for another sidecar, invent instances, claim versions the CA never published, or
+//! flip its mode; anonymous watchers cannot take the sidecars' room. Every lie ends with a clear
+//! status, and the honest sidecar's acknowledgement still lets `activate` pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use meshid_ca::rotation::{self, RotateError};
+use meshid_proto::ca::v1::{
+    AckTrustBundleRequest, IssueRequest, TrustBundle, WatchTrustBundleRequest,
+    issue_request::Credential,
+};
+use meshid_sidecar::creds::ca_client::CaClient;
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::pki::WorkloadKey;
+use rustls::pki_types::CertificateDer;
+use tonic::{Code, Streaming};
+
+/// A workload with a valid certificate for `ns/shop/sa/<sa>`, and a client presenting it.
+struct Workload {
+    chain: Vec<Vec<u8>>,
+    client: CaClient,
+}
+
+impl Workload {
+    async fn new(ca: &TestCa, sa: &str) -> Self {
+        let key = WorkloadKey::new();
+        let resp = ca
+            .client()
+            .await
+            .issue(IssueRequest {
+                csr: key.csr.clone(),
+                credential: Some(Credential::ServiceAccountToken(
+                    ca.cluster.token("shop", sa),
+                )),
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect();
+        let client = ca
+            .client_with_cert(chain, key.private_key_der())
+            .await
+            .unwrap();
+        Self {
+            chain: resp.cert_chain,
+            client,
+        }
+    }
+
+    async fn watch(&mut self, file_mode: bool) -> Result<Streaming<TrustBundle>, tonic::Status> {
+        Ok(self
+            .client
+            .watch_trust_bundle(WatchTrustBundleRequest {
+                instance_id: "pod".into(),
+                file_mode,
+            })
+            .await?
+            .into_inner())
+    }
+
+    async fn ack(&mut self, req: AckTrustBundleRequest) -> Result<(), tonic::Status> {
+        self.client.ack_trust_bundle(req).await.map(|_| ())
+    }
+
+    fn ack_of(&self, version: u64) -> AckTrustBundleRequest {
+        AckTrustBundleRequest {
+            instance_id: "pod".into(),
+            bundle_version: version,
+            serving_chain: self.chain.clone(),
+            file_mode: false,
+        }
+    }
+}
+
+/// What the liar sends, given itself and the honest sidecar.
+type Lie = Box<dyn Fn(&Workload, &Workload) -> AckTrustBundleRequest>;
+
+struct Case {
+    name: &'static str,
+    ack: Lie,
+    expected: Code,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_with_a_valid_certificate_cannot_fool_the_gates() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+
+    // The honest sidecar: its stream is open, it acknowledged version 1.
+    let mut honest = Workload::new(&ca, "frontend").await;
+    let mut honest_stream = honest.watch(false).await.unwrap();
+    assert_eq!(honest_stream.message().await.unwrap().unwrap().version, 1);
+    let ack = honest.ack_of(1);
+    honest.ack(ack).await.unwrap();
+
+    let name = rotation::prepare(&dir, None).unwrap();
+    assert_eq!(name, "2");
+    // The new bundle (version 2) reaches the honest sidecar's stream; it has not acknowledged it.
+    let v2 = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let b = honest_stream.message().await.unwrap().unwrap();
+            if b.version >= 2 {
+                return b.version;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(v2, 2);
+
+    // The liar holds a valid certificate of its own.
+    let mut liar = Workload::new(&ca, "evil").await;
+    let cases = [
+        Case {
+            name: "an acknowledgement with no stream of its own (an invented instance)",
+            ack: Box::new(|liar, _| liar.ack_of(2)),
+            expected: Code::FailedPrecondition,
+        },
+        Case {
+            name: "the honest sidecar's certificate reported on the liar's connection",
+            ack: Box::new(|_, honest| AckTrustBundleRequest {
+                instance_id: "pod".into(),
+                bundle_version: 2,
+                serving_chain: honest.chain.clone(),
+                file_mode: false,
+            }),
+            expected: Code::PermissionDenied,
+        },
+    ];
+    for case in &cases {
+        let req = (case.ack)(&liar, &honest);
+        let status = liar.ack(req).await.unwrap_err();
+        assert_eq!(status.code(), case.expected, "{}: {status:?}", case.name);
+    }
+
+    // With a stream of its own, the liar still speaks only for its own key.
+    let _liar_stream = liar.watch(false).await.unwrap();
+    let after_stream = [
+        Case {
+            name: "a version the CA never published",
+            ack: Box::new(|liar, _| liar.ack_of(99)),
+            expected: Code::InvalidArgument,
+        },
+        Case {
+            name: "file mode on an instance registered in CA mode",
+            ack: Box::new(|liar, _| AckTrustBundleRequest {
+                file_mode: true,
+                ..liar.ack_of(0)
+            }),
+            expected: Code::InvalidArgument,
+        },
+        Case {
+            name: "the honest sidecar's certificate, again, with a stream open",
+            ack: Box::new(|_, honest| AckTrustBundleRequest {
+                instance_id: "pod".into(),
+                bundle_version: 2,
+                serving_chain: honest.chain.clone(),
+                file_mode: false,
+            }),
+            expected: Code::PermissionDenied,
+        },
+    ];
+    for case in &after_stream {
+        let req = (case.ack)(&liar, &honest);
+        let status = liar.ack(req).await.unwrap_err();
+        assert_eq!(status.code(), case.expected, "{}: {status:?}", case.name);
+    }
+    // Its own acknowledgement (same instance_id text as the honest one's) moves only itself.
+    let own = liar.ack_of(2);
+    liar.ack(own).await.unwrap();
+    match rotation::activate(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => {
+            assert!(why.contains("ns/shop/sa/frontend"), "{why}");
+            assert!(!why.contains("ns/shop/sa/evil"), "{why}");
+        }
+        other => panic!("activate must wait for the honest sidecar: {other:?}"),
+    }
+    // The report names identities and short key labels, never what the sidecars sent.
+    let report = rotation::status(&dir, &admins).await.unwrap();
+    assert_eq!(report.sidecars.len(), 2);
+    assert!(report.sidecars.iter().all(|s| s.instance != "pod"));
+
+    // A file-mode reporter is unknown, never counted as having a version.
+    let mut files = Workload::new(&ca, "files").await;
+    let _files_stream = files.watch(true).await.unwrap();
+    let lie = files.ack_of(2);
+    assert_eq!(
+        files.ack(lie).await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "a file-mode instance cannot claim CA mode"
+    );
+    let report_ack = AckTrustBundleRequest {
+        file_mode: true,
+        ..files.ack_of(2)
+    };
+    files.ack(report_ack).await.unwrap();
+    let report = rotation::status(&dir, &admins).await.unwrap();
+    let f = report
+        .sidecars
+        .iter()
+        .find(|s| s.identity.ends_with("/sa/files"))
+        .unwrap();
+    assert!(f.file_mode);
+    assert_eq!(f.acked_version, 0);
+    assert_eq!(report.unknown.len(), 1, "{:?}", report.unknown);
+
+    // The honest acknowledgement lets activate pass.
+    let ack = honest.ack_of(2);
+    honest.ack(ack).await.unwrap();
+    assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_streams_cannot_take_the_sidecars_room() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    // One connection holds at most 4 anonymous streams.
+    let mut one = ca.client().await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            one.watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let fifth = one
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(fifth.code(), Code::ResourceExhausted, "{fifth:?}");
+    // Fill the anonymous room (256 streams) from many connections.
+    let mut clients = Vec::new();
+    let mut refused = None;
+    for _ in 0..70 {
+        let mut c = ca.client().await;
+        for _ in 0..4 {
+            match c
+                .watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+            {
+                Ok(s) => held.push(s.into_inner()),
+                Err(status) => refused = Some(status),
+            }
+        }
+        clients.push(c);
+    }
+    assert_eq!(held.len(), 256, "anonymous streams are capped");
+    assert_eq!(refused.unwrap().code(), Code::ResourceExhausted);
+    // A real sidecar still registers and is counted.
+    let mut sidecar = Workload::new(&ca, "frontend").await;
+    let mut stream = sidecar.watch(false).await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().version, 1);
+    let ack = sidecar.ack_of(1);
+    sidecar.ack(ack).await.unwrap();
+    let report = rotation::status(ca.dir.path(), &[ca.admin_addr])
+        .await
+        .unwrap();
+    assert_eq!(
+        report.sidecars.len(),
+        1,
+        "anonymous streams count for nothing"
+    );
+    assert!(report.sidecars[0].connected);
+    // Ending anonymous streams gives their room back.
+    held.clear();
+    drop(clients);
+    let back = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let mut c = ca.client().await;
+            if c.watch_trust_bundle(WatchTrustBundleRequest::default())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "room comes back when anonymous streams end");
+}
