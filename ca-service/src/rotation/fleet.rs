@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use serde::Serialize;
 
+pub use super::report::{CaProcess, SidecarReport};
+
 /// Forget sidecars that have been disconnected this long.
 const FORGET_AFTER_SECS: i64 = 600;
 
@@ -32,22 +34,6 @@ impl Default for FleetLimits {
             max_per_identity: 4_096,
         }
     }
-}
-
-/// One sidecar as last reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct SidecarView {
-    /// A short label of the instance's key (not a credential: acknowledgements are bound to the
-    /// certificate on the connection, never to a name).
-    pub instance: String,
-    pub identity: String,
-    pub connected: bool,
-    pub acked_version: u64,
-    /// The authority its serving certificate chains to (`None`: unknown to this CA).
-    pub serving_authority: Option<String>,
-    pub serving_not_after: i64,
-    /// Certificate and trust anchors from files: what it trusts is unknown to the CA.
-    pub file_mode: bool,
 }
 
 /// Who opened a bundle stream: the certificate on its connection.
@@ -107,8 +93,8 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    fn view(&self, key: &str) -> SidecarView {
-        SidecarView {
+    fn view(&self, key: &str) -> SidecarReport {
+        SidecarReport {
             instance: key.get(..16).unwrap_or(key).to_owned(),
             identity: self.identity.clone(),
             connected: self.streams > 0,
@@ -136,19 +122,6 @@ pub struct Fleet {
     limits: FleetLimits,
     /// Where issuance is recorded for every process to read (none in unit tests).
     log: Option<crate::issued::IssuanceLog>,
-}
-
-/// One CA process as its report describes it: its live-certificate counts cover only what it issued
-/// since it started, so certificates an earlier process issued may be live until `started_unix` plus
-/// `max_ttl_seconds`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CaProcess {
-    pub started_unix: i64,
-    pub max_ttl_seconds: u64,
-    /// Whether it records what it issues in the CA directory (`crate::issued`): then its start
-    /// says nothing about what may be live, the records do.
-    #[serde(default)]
-    pub records_issuance: bool,
 }
 
 #[derive(Debug, Default)]
@@ -375,13 +348,13 @@ impl Fleet {
 
     /// The sidecars (connected, or disconnected recently) and the live certificates per authority.
     /// The lock is held only to copy; sorting happens outside it.
-    pub fn report(&self, now: i64) -> (Vec<SidecarView>, HashMap<String, IssuedView>) {
+    pub fn report(&self, now: i64) -> (Vec<SidecarReport>, HashMap<String, IssuedView>) {
         let (mut sidecars, issued) = {
             let mut inner = self.lock();
             inner
                 .sidecars
                 .retain(|_, s| s.streams > 0 || now - s.last_seen < FORGET_AFTER_SECS);
-            let sidecars: Vec<SidecarView> =
+            let sidecars: Vec<SidecarReport> =
                 inner.sidecars.iter().map(|(k, s)| s.view(k)).collect();
             (sidecars, Self::issued_views(&mut inner, now))
         };

@@ -13,7 +13,7 @@ pub mod report;
 pub mod view;
 
 pub use commands::{RotateError, activate, fetch_reports, intermediate, prepare, retire, status};
-pub use fleet::{CaProcess, Fleet, IssuedView, SidecarView};
+pub use fleet::{Fleet, IssuedView};
 pub use gates::{activate_blockers, retire_blockers, unknown_sidecars};
-pub use report::{AuthorityView, RotationReport, SidecarReport};
+pub use report::{AuthorityView, CaProcess, RotationReport, SidecarReport};
 pub use view::report;

@@ -4,8 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::fleet::CaProcess;
-
 /// One authority as `status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuthorityView {
@@ -50,4 +48,17 @@ pub struct SidecarReport {
     /// Certificate and trust anchors from files: the CA cannot tell which roots it trusts.
     #[serde(default)]
     pub file_mode: bool,
+}
+
+/// One CA process as its report describes it: its live-certificate counts cover only what it issued
+/// since it started, so certificates an earlier process issued may be live until `started_unix` plus
+/// `max_ttl_seconds`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaProcess {
+    pub started_unix: i64,
+    pub max_ttl_seconds: u64,
+    /// Whether it records what it issues in the CA directory (`crate::issued`): then its start
+    /// says nothing about what may be live, the records do.
+    #[serde(default)]
+    pub records_issuance: bool,
 }

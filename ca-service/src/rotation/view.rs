@@ -7,9 +7,9 @@ use std::path::Path;
 use meshid_runtime::time::unix_now;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::fleet::{CaProcess, IssuedView, SidecarView};
+use super::fleet::IssuedView;
 use super::gates::refresh;
-use super::report::{AuthorityView, RotationReport, SidecarReport};
+use super::report::{AuthorityView, CaProcess, RotationReport, SidecarReport};
 use crate::authorities::{AuthorityState, RotationState};
 use crate::ca_dir::read_bundle;
 
@@ -23,7 +23,7 @@ fn not_after(der: &[u8]) -> i64 {
 pub fn report(
     ca_dir: &Path,
     state: &RotationState,
-    sidecars: Vec<SidecarView>,
+    sidecars: Vec<SidecarReport>,
     issued: &HashMap<String, IssuedView>,
     process: CaProcess,
 ) -> RotationReport {
@@ -57,18 +57,6 @@ pub fn report(
                 latest_certificate_expiry: i.latest_not_after,
                 issued_until: crate::issued::issued_until(ca_dir, &a.name),
             }
-        })
-        .collect();
-    let sidecars = sidecars
-        .into_iter()
-        .map(|s| SidecarReport {
-            instance: s.instance,
-            identity: s.identity,
-            connected: s.connected,
-            acked_version: s.acked_version,
-            serving_authority: s.serving_authority,
-            serving_not_after: s.serving_not_after,
-            file_mode: s.file_mode,
         })
         .collect();
     let mut r = RotationReport {

@@ -184,10 +184,7 @@ fn identity(admin: SocketAddr) -> Result<(String, String, i64)> {
         bail!("/identity answered {code}");
     }
     let v: serde_json::Value = serde_json::from_str(body.trim()).context("parsing /identity")?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = meshid_runtime::time::unix_now();
     Ok((
         v["spiffe_id"].as_str().unwrap_or_default().to_owned(),
         v["serial"].as_str().unwrap_or_default().to_owned(),
