@@ -298,9 +298,7 @@ impl CaState {
             file_mode: req.file_mode,
         };
         let published = self.bundle.borrow().version;
-        self.fleet
-            .ack(&key, ack, published, now)
-            .map_err(fleet_status)
+        self.fleet.ack(&key, ack, published).map_err(fleet_status)
     }
 }
 
@@ -536,10 +534,7 @@ impl CertificateAuthority for CaService {
         let state = self.state.clone();
         let permit = state.streams.acquire(peer.as_ref(), caller.is_some())?;
         if let Some(c) = &caller {
-            state
-                .fleet
-                .stream_opened(c, OffsetDateTime::now_utc().unix_timestamp())
-                .map_err(fleet_status)?;
+            state.fleet.stream_opened(c).map_err(fleet_status)?;
         }
         let mut bundles = state.bundle.subscribe();
         let mut shutdown = state.shutdown.clone();
@@ -547,7 +542,6 @@ impl CertificateAuthority for CaService {
         tokio::spawn(async move {
             state.metrics.watch_streams.inc();
             let _permit = permit;
-            let now = || OffsetDateTime::now_utc().unix_timestamp();
             loop {
                 let current = bundles.borrow_and_update().clone();
                 if tx.send(Ok(state.trust_bundle(&current))).await.is_err() {
@@ -560,7 +554,7 @@ impl CertificateAuthority for CaService {
                 }
             }
             if let Some(c) = &caller {
-                state.fleet.stream_closed(&c.key, now());
+                state.fleet.stream_closed(&c.key);
             }
             state.metrics.watch_streams.dec();
         });
@@ -2165,7 +2159,7 @@ mod tests {
                         identity: info.id.to_string(),
                         file_mode: req.file_mode,
                     };
-                    ca.state.fleet.stream_opened(&caller, 1).is_ok()
+                    ca.state.fleet.stream_opened(&caller).is_ok()
                 });
             let result = ca.state.ack(&req, peer.as_ref());
             let now = OffsetDateTime::now_utc().unix_timestamp();

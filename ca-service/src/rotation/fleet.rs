@@ -6,7 +6,7 @@
 //! stream: nothing a caller sends names an instance, so a workload can register, acknowledge and
 //! report only for the key it holds (one instance per certificate), and only while its stream is
 //! open on this CA process. The map is bounded overall and per identity; disconnected instances
-//! are forgotten after a while, and first when room is needed.
+//! are forgotten at once (a renewed sidecar is a new instance).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -15,9 +15,6 @@ use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use serde::Serialize;
 
 pub use super::report::{CaProcess, SidecarReport};
-
-/// Forget sidecars that have been disconnected this long.
-const FORGET_AFTER_SECS: i64 = 600;
 
 /// How many instances one CA process tracks, and how many connected ones one identity may hold
 /// (the replicas of one service account share an identity).
@@ -89,7 +86,6 @@ struct Sidecar {
     acked_version: u64,
     serving_authority: Option<String>,
     serving_not_after: i64,
-    last_seen: i64,
 }
 
 impl Sidecar {
@@ -223,7 +219,7 @@ impl Fleet {
     }
 
     /// A bundle stream opened by `caller`: registers its instance, or counts one more stream of it.
-    pub fn stream_opened(&self, caller: &Caller, now: i64) -> Result<(), FleetError> {
+    pub fn stream_opened(&self, caller: &Caller) -> Result<(), FleetError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(s) = inner.sidecars.get_mut(&caller.key) {
@@ -244,7 +240,6 @@ impl Fleet {
                 *n += 1;
             }
             s.streams += 1;
-            s.last_seen = now;
             return Ok(());
         }
         let connected = inner.connected.get(&caller.identity).copied().unwrap_or(0);
@@ -255,11 +250,7 @@ impl Fleet {
             });
         }
         if inner.sidecars.len() >= self.limits.max_instances {
-            // Room first from the disconnected, stale or not.
-            inner.sidecars.retain(|_, s| s.streams > 0);
-            if inner.sidecars.len() >= self.limits.max_instances {
-                return Err(FleetError::Full(inner.sidecars.len()));
-            }
+            return Err(FleetError::Full(inner.sidecars.len()));
         }
         *inner.connected.entry(caller.identity.clone()).or_default() += 1;
         inner.sidecars.insert(
@@ -271,33 +262,37 @@ impl Fleet {
                 acked_version: 0,
                 serving_authority: None,
                 serving_not_after: 0,
-                last_seen: now,
             },
         );
         Ok(())
     }
 
-    /// A bundle stream of the instance with key `key` ended.
-    pub fn stream_closed(&self, key: &str, now: i64) {
+    /// A bundle stream of the instance with key `key` ended. An instance with no stream left is
+    /// forgotten at once: it counts for no gate, and a sidecar that renews opens a new instance
+    /// (its new key) right away, so keeping the old ones would only grow the map and the report.
+    pub fn stream_closed(&self, key: &str) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        if let Some(s) = inner.sidecars.get_mut(key) {
-            s.streams = s.streams.saturating_sub(1);
-            s.last_seen = now;
-            if s.streams == 0
-                && let Some(n) = inner.connected.get_mut(&s.identity)
-            {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    inner.connected.remove(&s.identity);
-                }
+        let Some(s) = inner.sidecars.get_mut(key) else {
+            return;
+        };
+        s.streams = s.streams.saturating_sub(1);
+        if s.streams > 0 {
+            return;
+        }
+        let identity = s.identity.clone();
+        inner.sidecars.remove(key);
+        if let Some(n) = inner.connected.get_mut(&identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.connected.remove(&identity);
             }
         }
     }
 
     /// Records an acknowledgement by the instance with key `key`, which must have a stream open
     /// here. `published` is the bundle version this CA serves: nothing above it was ever sent.
-    pub fn ack(&self, key: &str, ack: Ack, published: u64, now: i64) -> Result<(), FleetError> {
+    pub fn ack(&self, key: &str, ack: Ack, published: u64) -> Result<(), FleetError> {
         let mut inner = self.lock();
         let s = inner
             .sidecars
@@ -322,7 +317,6 @@ impl Fleet {
         }
         s.serving_authority = ack.authority;
         s.serving_not_after = ack.not_after;
-        s.last_seen = now;
         Ok(())
     }
 
@@ -346,14 +340,11 @@ impl Fleet {
         }
     }
 
-    /// The sidecars (connected, or disconnected recently) and the live certificates per authority.
+    /// The connected sidecars and the live certificates per authority.
     /// The lock is held only to copy; sorting happens outside it.
     pub fn report(&self, now: i64) -> (Vec<SidecarReport>, HashMap<String, IssuedView>) {
         let (mut sidecars, issued) = {
             let mut inner = self.lock();
-            inner
-                .sidecars
-                .retain(|_, s| s.streams > 0 || now - s.last_seen < FORGET_AFTER_SECS);
             let sidecars: Vec<SidecarReport> =
                 inner.sidecars.iter().map(|(k, s)| s.view(k)).collect();
             (sidecars, Self::issued_views(&mut inner, now))
@@ -420,8 +411,8 @@ mod tests {
     fn tracks_streams_acks_and_live_certificates() {
         let f = Fleet::default();
         let a = caller("aaaaaaaaaaaaaaaaaaaa", "spiffe://td/a", false);
-        f.stream_opened(&a, 100).unwrap();
-        f.ack(&a.key, ack(3), 3, 100).unwrap();
+        f.stream_opened(&a).unwrap();
+        f.ack(&a.key, ack(3), 3).unwrap();
         f.issued("1", 500, 100);
         f.issued("1", 150, 100);
         f.issued("1", 150, 100);
@@ -440,10 +431,10 @@ mod tests {
         assert_eq!(i["1"].latest_not_after, 500);
         let (by_version, _) = f.summary(200);
         assert_eq!(by_version.get(&3), Some(&1));
-        f.stream_closed(&a.key, 200);
+        f.stream_closed(&a.key);
         assert!(f.summary(200).0.is_empty(), "disconnected are not counted");
-        let (s, _) = f.report(200 + FORGET_AFTER_SECS + 1);
-        assert!(s.is_empty(), "disconnected sidecars are forgotten");
+        let (s, _) = f.report(200);
+        assert!(s.is_empty(), "an instance without a stream is forgotten");
     }
 
     struct Case {
@@ -457,9 +448,9 @@ mod tests {
     #[test]
     fn an_acknowledgement_speaks_only_for_an_open_stream_of_its_own_key() {
         let f = Fleet::default();
-        f.stream_opened(&caller("honest", "spiffe://td/a", false), 1)
+        f.stream_opened(&caller("honest", "spiffe://td/a", false))
             .unwrap();
-        f.stream_opened(&caller("files", "spiffe://td/b", true), 1)
+        f.stream_opened(&caller("files", "spiffe://td/b", true))
             .unwrap();
         let cases = [
             Case {
@@ -512,7 +503,7 @@ mod tests {
         ];
         for case in cases {
             assert_eq!(
-                f.ack(case.key, case.ack, case.published, 2),
+                f.ack(case.key, case.ack, case.published),
                 case.expected,
                 "{}",
                 case.name
@@ -529,7 +520,7 @@ mod tests {
         assert!(by("spiffe://td/b").file_mode);
         // A stream with the other mode is refused for an existing key.
         assert!(matches!(
-            f.stream_opened(&caller("honest", "spiffe://td/a", true), 4),
+            f.stream_opened(&caller("honest", "spiffe://td/a", true)),
             Err(FleetError::ModeChanged { .. })
         ));
     }
@@ -543,29 +534,29 @@ mod tests {
                 max_per_identity: 2,
             },
         );
-        f.stream_opened(&caller("k1", "spiffe://td/a", false), 1)
+        f.stream_opened(&caller("k1", "spiffe://td/a", false))
             .unwrap();
-        f.stream_opened(&caller("k2", "spiffe://td/a", false), 1)
+        f.stream_opened(&caller("k2", "spiffe://td/a", false))
             .unwrap();
         assert!(matches!(
-            f.stream_opened(&caller("k3", "spiffe://td/a", false), 1),
+            f.stream_opened(&caller("k3", "spiffe://td/a", false)),
             Err(FleetError::TooManyForIdentity { .. })
         ));
         // A second stream of a registered key is not a new instance.
-        f.stream_opened(&caller("k1", "spiffe://td/a", false), 1)
+        f.stream_opened(&caller("k1", "spiffe://td/a", false))
             .unwrap();
-        f.stream_opened(&caller("k4", "spiffe://td/b", false), 1)
+        f.stream_opened(&caller("k4", "spiffe://td/b", false))
             .unwrap();
         assert!(matches!(
-            f.stream_opened(&caller("k5", "spiffe://td/c", false), 1),
+            f.stream_opened(&caller("k5", "spiffe://td/c", false)),
             Err(FleetError::Full(3))
         ));
-        // Disconnected instances make room, even before they are stale.
-        f.stream_closed("k4", 2);
-        f.stream_opened(&caller("k5", "spiffe://td/c", false), 2)
+        // Disconnected instances make room.
+        f.stream_closed("k4");
+        f.stream_opened(&caller("k5", "spiffe://td/c", false))
             .unwrap();
-        f.stream_closed("k2", 2);
-        f.stream_opened(&caller("k3", "spiffe://td/a", false), 2)
+        f.stream_closed("k2");
+        f.stream_opened(&caller("k3", "spiffe://td/a", false))
             .unwrap();
     }
 
@@ -578,8 +569,8 @@ mod tests {
                 &format!("spiffe://td/s{}", i % 997),
                 false,
             );
-            f.stream_opened(&c, 1).unwrap();
-            f.ack(&c.key, ack(1), 1, 1).unwrap();
+            f.stream_opened(&c).unwrap();
+            f.ack(&c.key, ack(1), 1).unwrap();
         }
         let (by_version, _) = f.summary(2);
         assert_eq!(by_version.get(&1), Some(&50_000));
