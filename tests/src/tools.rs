@@ -47,7 +47,10 @@ pub fn workspace_bin(name: &str) -> PathBuf {
             .args(["build", "--workspace", "--bin", name])
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cargo build --workspace --bin {name} failed");
+        assert!(
+            status.success(),
+            "cargo build --workspace --bin {name} failed"
+        );
     }
     path
 }
