@@ -158,7 +158,8 @@ impl RotationState {
         }
     }
 
-    /// Roots of every authority that is not gone, in list order.
+    /// Roots of every authority that is not gone, in list order, each once (two authorities may
+    /// share an imported root: each has its own intermediate under it).
     pub fn bundle_roots(
         &self,
         ca_dir: &Path,
@@ -169,7 +170,11 @@ impl RotationState {
             .iter()
             .filter(|a| a.state != AuthorityState::Gone)
         {
-            roots.extend(read_bundle(&self.files_of(ca_dir, a).path("root.pem"))?);
+            for root in read_bundle(&self.files_of(ca_dir, a).path("root.pem"))? {
+                if !roots.contains(&root) {
+                    roots.push(root);
+                }
+            }
         }
         Ok(roots)
     }

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use meshid_identity::verify::Anchors;
+
 use crate::authorities::{AuthorityState, RotationState};
 use crate::ca_dir::{AuthorityFiles, check_is_ca, invalid, io_err, write_atomic};
 use crate::serial::random_serial;
@@ -242,8 +244,14 @@ pub struct Authority {
     pub issuer: Issuer<'static, KeyPair>,
     /// The trust bundle's roots, DER.
     pub roots: Vec<CertificateDer<'static>>,
-    /// Every authority still in the bundle, by name, with its root.
-    pub authority_roots: Vec<(String, CertificateDer<'static>)>,
+    /// The issuing intermediates trust is pinned to: those of the authorities whose root key this
+    /// directory does not hold (an imported root, which other CAs may share). Published with the
+    /// bundle; see [`meshid_identity::verify::Anchors::with_pins`].
+    pub pinned: Vec<CertificateDer<'static>>,
+    /// `roots` with `pinned`, as renewals are verified.
+    pub anchors: Anchors,
+    /// Every authority still in the bundle, by name, with its root (and its pin, if pinned).
+    pub authority_anchors: Vec<(String, Anchors)>,
     pub bundle_version: u64,
     /// Sidecars should renew at once (after a forced retirement).
     pub renew_now: bool,
@@ -271,6 +279,29 @@ pub fn read_trust_domain(dir: &Path) -> Result<TrustDomain, AuthorityError> {
         ));
     }
     TrustDomain::new(&meta.trust_domain).map_err(|e| invalid(&path, e.to_string()))
+}
+
+/// An authority's issuing intermediate when trust in its root is pinned to it: when this directory
+/// does not hold the root's key (an imported enterprise root, which other issuing CAs may share),
+/// the mesh cannot vouch for everything under that root, only for its own intermediate. Such an
+/// intermediate never changes in place (`rotate intermediate` needs the root key): a new one comes
+/// as a new authority (`rotate prepare --root-cert --root-key`), published before it signs.
+fn pinned_intermediate(
+    files: &AuthorityFiles,
+) -> Result<Option<CertificateDer<'static>>, AuthorityError> {
+    if files.path("root.key").exists() {
+        return Ok(None);
+    }
+    let path = files.path("intermediate.pem");
+    let pem = match fs::read(&path) {
+        Ok(pem) => pem,
+        // Not mounted (a CA given only the active authority's files): nothing to pin for it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let der = CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| invalid(&path, format!("not a PEM certificate: {e}")))?;
+    Ok(Some(der))
 }
 
 impl Authority {
@@ -303,17 +334,29 @@ impl Authority {
         // bundle.pem is what is served (rotation commands write it from the state; an operator may
         // also add roots by hand, e.g. during a migration).
         let roots = read_bundle(&dir.join("bundle.pem"))?;
-        let authority_roots = state
+        let mut pinned = Vec::new();
+        let mut authority_anchors = Vec::new();
+        for a in state
             .authorities
             .iter()
             .filter(|a| a.state != AuthorityState::Gone)
-            .filter_map(|a| {
-                read_bundle(&state.files_of(dir, a).path("root.pem"))
-                    .ok()
-                    .and_then(|r| r.into_iter().next())
-                    .map(|r| (a.name.clone(), r))
-            })
-            .collect();
+        {
+            let files = state.files_of(dir, a);
+            let pin = pinned_intermediate(&files)?;
+            pinned.extend(pin.clone());
+            let Some(root) = read_bundle(&files.path("root.pem"))
+                .ok()
+                .and_then(|r| r.into_iter().next())
+            else {
+                continue;
+            };
+            if let Ok(anchors) = Anchors::with_pins(&[root], pin.as_slice(), trust_domain.clone()) {
+                authority_anchors.push((a.name.clone(), anchors));
+            }
+        }
+        let bundle_path = dir.join("bundle.pem");
+        let anchors = Anchors::with_pins(&roots, &pinned, trust_domain.clone())
+            .map_err(|e| invalid(&bundle_path, format!("not usable as trust anchors: {e:?}")))?;
         Ok(Self {
             trust_domain,
             name: active.name,
@@ -321,7 +364,9 @@ impl Authority {
             intermediate_not_after,
             issuer,
             roots,
-            authority_roots,
+            pinned,
+            anchors,
+            authority_anchors,
             bundle_version: state.bundle_version,
             renew_now: state.renew_now_at == Some(state.bundle_version),
         })

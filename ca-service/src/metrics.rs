@@ -43,7 +43,7 @@ pub struct Metrics {
     pub bundle_roots: Gauge,
     pub intermediate_expiry: Gauge,
     pub connections_open: Gauge,
-    pub handshake_failures: Counter,
+    pub handshake_failures: Family<ReasonLabels, Counter>,
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub connections_closed: Family<ReasonLabels, Counter>,
     pub authority_root_expiry: Family<AuthorityLabels, Gauge>,
@@ -63,7 +63,7 @@ impl Metrics {
             bundle_roots: Gauge::default(),
             intermediate_expiry: Gauge::default(),
             connections_open: Gauge::default(),
-            handshake_failures: Counter::default(),
+            handshake_failures: Family::default(),
             connections_refused: Family::default(),
             connections_closed: Family::default(),
             authority_root_expiry: Family::default(),
@@ -109,7 +109,7 @@ impl Metrics {
         );
         r.register(
             "tls_handshake_failures",
-            "TLS handshakes that failed or timed out",
+            "TLS handshakes that failed or timed out, by reason (the sidecar's reasons)",
             m.handshake_failures.clone(),
         );
         r.register(

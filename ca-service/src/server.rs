@@ -98,11 +98,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         Some(jwt) => Some(JwtAuthenticator::new(jwt.clone(), trust_domain.clone())?),
         None => None,
     };
-    let tls_config = Arc::new(ArcSwap::new(tls::server_config(
-        &authority,
-        &authority.roots,
-        &config.sans,
-    )?));
+    let tls_config = Arc::new(ArcSwap::new(tls::server_config(&authority, &config.sans)?));
     let metrics = Metrics::register(registry);
     metrics
         .intermediate_expiry
@@ -127,6 +123,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
         version: authority.bundle_version,
         roots: authority.roots.clone(),
+        pinned: authority.pinned.clone(),
         renew_now: authority.renew_now,
     }));
     let state = Arc::new(CaState {
@@ -293,7 +290,7 @@ async fn follow_bundle(
             }
         };
         let roots = authority.roots.clone();
-        match tls::server_config(&authority, &roots, &sans) {
+        match tls::server_config(&authority, &sans) {
             Ok(cfg) => tls_config.store(cfg),
             Err(error) => {
                 tracing::error!(%error, "rebuilding TLS failed; keeping the current material");
@@ -312,9 +309,10 @@ async fn follow_bundle(
             .set(authority.intermediate_not_after.unix_timestamp());
         let renew_now = authority.renew_now;
         let state_version = authority.bundle_version;
+        let pinned = authority.pinned.clone();
         state.authority.store(Arc::new(authority));
         let current = state.bundle.borrow().clone();
-        if current.roots == roots && current.version >= state_version {
+        if current.roots == roots && current.pinned == pinned && current.version >= state_version {
             continue;
         }
         // The directory's version, or one past ours when the bundle changed by hand.
@@ -328,6 +326,7 @@ async fn follow_bundle(
         state.bundle.send_replace(Arc::new(Bundle {
             version,
             roots,
+            pinned,
             renew_now,
         }));
         tracing::info!(version, renew_now, "trust bundle updated");
@@ -346,8 +345,7 @@ async fn refresh_serving_cert(
             () = tokio::time::sleep(tls::SERVING_CERT_LIFETIME / 2) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let roots = state.bundle.borrow().roots.clone();
-        match tls::server_config(&state.authority.load(), &roots, &sans) {
+        match tls::server_config(&state.authority.load(), &sans) {
             Ok(cfg) => {
                 tls_config.store(cfg);
                 tracing::info!("serving certificate re-issued");

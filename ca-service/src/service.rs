@@ -31,6 +31,8 @@ use crate::tls::PeerInfo;
 pub struct Bundle {
     pub version: u64,
     pub roots: Vec<CertificateDer<'static>>,
+    /// The issuing intermediates trust under a shared root is pinned to (see `Authority::pinned`).
+    pub pinned: Vec<CertificateDer<'static>>,
     /// Tell sidecars to renew at once (after a forced root retirement).
     pub renew_now: bool,
 }
@@ -130,7 +132,7 @@ impl CaState {
                         .map_or(&[][..], Vec::as_slice);
                     let policy = auth::RenewalPolicy {
                         trust_domain: &authority.trust_domain,
-                        roots: &authority.roots,
+                        anchors: &authority.anchors,
                         max_attestation_age: self.max_attestation_age,
                     };
                     let result =
@@ -238,6 +240,7 @@ impl CaState {
             not_before_unix: issued.not_before.unix_timestamp(),
             not_after_unix: issued.not_after.unix_timestamp(),
             bundle_version: bundle.version,
+            pinned_intermediates: bundle.pinned.iter().map(|c| c.to_vec()).collect(),
         };
         (method, Some(id), Ok(response))
     }
@@ -248,6 +251,7 @@ impl CaState {
             roots: bundle.roots.iter().map(|c| c.to_vec()).collect(),
             version: bundle.version,
             renew_now: bundle.renew_now,
+            pinned_intermediates: bundle.pinned.iter().map(|c| c.to_vec()).collect(),
         }
     }
 
@@ -288,7 +292,7 @@ impl CaState {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let authority = crate::rotation::fleet::authority_of(
             &chain,
-            &self.authority.load().authority_roots,
+            &self.authority.load().authority_anchors,
             now,
         );
         let ack = crate::rotation::fleet::Ack {
@@ -660,6 +664,7 @@ mod tests {
             let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
                 version: authority.bundle_version,
                 roots: authority.roots.clone(),
+                pinned: authority.pinned.clone(),
                 renew_now: authority.renew_now,
             }));
             let state = CaState {
@@ -1311,6 +1316,7 @@ mod tests {
             let served = Bundle {
                 version: 7,
                 roots: vec![ca.root(), foreign.root.clone()],
+                pinned: Vec::new(),
                 renew_now: false,
             };
             ca.state.bundle.send_replace(Arc::new(served.clone()));
@@ -1675,7 +1681,7 @@ mod tests {
             .into_iter()
             .map(CertificateDer::from)
             .collect();
-        let authorities = ca.state.authority.load().authority_roots.clone();
+        let authorities = ca.state.authority.load().authority_anchors.clone();
         let now = OffsetDateTime::now_utc().unix_timestamp();
         assert_eq!(
             crate::rotation::fleet::authority_of(&new_chain, &authorities, now),

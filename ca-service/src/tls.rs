@@ -13,13 +13,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use meshid_identity::verify::Anchors;
 use meshid_runtime::io::Coalesce;
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::ServerConfig;
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -45,8 +48,6 @@ pub enum TlsSetupError {
     Cert(#[from] rcgen::Error),
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("client verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("invalid --san {0:?}")]
     San(String),
 }
@@ -109,20 +110,16 @@ pub fn issue_serving_cert(
 }
 
 /// Builds the server config: our serving chain, client certificates optional and, when sent, verified
-/// against the trust bundle; h2 by ALPN.
+/// against the trust bundle and its pins (`authority.anchors`); h2 by ALPN.
 pub fn server_config(
     authority: &Authority,
-    bundle: &[CertificateDer<'static>],
     sans: &[String],
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let provider = provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for root in bundle {
-        roots.add(root.clone())?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier = Arc::new(OptionalClientVerifier {
+        anchors: authority.anchors.clone(),
+        algs: provider.signature_verification_algorithms,
+    });
     let (chain, key) = serving_cert(authority, sans)?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -130,6 +127,67 @@ pub fn server_config(
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Client certificates are optional (a new sidecar has none yet, bundle watchers may have none); one
+/// that is sent must chain to the trust bundle for client auth, and under a shared root through
+/// one of the mesh's own intermediates. Its identity is checked per call (renewals, acknowledgements).
+#[derive(Debug)]
+struct OptionalClientVerifier {
+    anchors: Anchors,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for OptionalClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.anchors.verify_chain(
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
 }
 
 /// What a handler learns about the connection a call arrived on.
@@ -549,12 +607,23 @@ pub fn incoming(
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(error)) => {
-                        metrics.handshake_failures.inc();
-                        tracing::debug!(%error, peer = %remote_addr, "tls handshake failed");
+                        let reason = error
+                            .get_ref()
+                            .and_then(|e| e.downcast_ref::<rustls::Error>())
+                            .map(meshid_identity::verify::failure_label)
+                            .unwrap_or("protocol");
+                        metrics
+                            .handshake_failures
+                            .get_or_create(&ReasonLabels { reason })
+                            .inc();
+                        tracing::debug!(%error, reason, peer = %remote_addr, "tls handshake failed");
                         return;
                     }
                     Err(_) => {
-                        metrics.handshake_failures.inc();
+                        metrics
+                            .handshake_failures
+                            .get_or_create(&ReasonLabels { reason: "timeout" })
+                            .inc();
                         tracing::debug!(peer = %remote_addr, "tls handshake timed out");
                         return;
                     }

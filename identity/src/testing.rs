@@ -14,6 +14,7 @@ pub struct TestPki {
     pub root: CertificateDer<'static>,
     pub intermediate: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    root_issuer: std::sync::Arc<Issuer<'static, KeyPair>>,
 }
 
 /// How a leaf departs from what the CA issues.
@@ -42,15 +43,35 @@ impl TestPki {
         let root_key = KeyPair::generate().expect("keygen");
         let root_params = ca_params(&format!("{name} root"));
         let root = root_params.self_signed(&root_key).expect("root");
-        let root_issuer = Issuer::new(root_params, root_key);
+        let root_issuer = std::sync::Arc::new(Issuer::new(root_params, root_key));
+        Self::under(
+            root.der().clone(),
+            root_issuer,
+            &format!("{name} intermediate"),
+        )
+    }
+
+    /// Another issuing CA under the same root (a sibling, as an enterprise root has many).
+    pub fn sibling(&self, name: &str) -> Self {
+        Self::under(self.root.clone(), self.root_issuer.clone(), name)
+    }
+
+    fn under(
+        root: CertificateDer<'static>,
+        root_issuer: std::sync::Arc<Issuer<'static, KeyPair>>,
+        name: &str,
+    ) -> Self {
         let key = KeyPair::generate().expect("keygen");
-        let mut params = ca_params(&format!("{name} intermediate"));
+        let mut params = ca_params(name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        let intermediate = params.signed_by(&key, &root_issuer).expect("intermediate");
+        let intermediate = params
+            .signed_by(&key, root_issuer.as_ref())
+            .expect("intermediate");
         Self {
-            root: root.der().clone(),
+            root,
             intermediate: intermediate.der().clone(),
             issuer: Issuer::new(params, key),
+            root_issuer,
         }
     }
 

@@ -3,6 +3,11 @@
 //! Workload certificates carry no DNS name, so hostname checks are replaced by identity checks: the
 //! chain is verified with webpki against the trust bundle (for client or server auth), then the one URI
 //! SAN must be a valid SPIFFE ID in our trust domain (inbound), or exactly the expected ID (outbound).
+//!
+//! A root may be shared with other issuing CAs (an imported enterprise root). Trust under such a root
+//! is pinned to the issuing intermediates the mesh publishes for it ([`Anchors::with_pins`]): a
+//! certificate that chains to it is accepted only when one of those intermediates issued it, so a
+//! sibling CA under the same root mints nothing a sidecar or the CA accepts.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Why a peer's identity was refused after its chain verified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,19 +36,35 @@ pub enum PeerIdentityError {
     },
     #[error("server identity is {got}, expected {expected}")]
     UnexpectedServer { got: SpiffeId, expected: SpiffeId },
+    #[error(
+        "issued by a CA that is not one of the mesh's issuing intermediates (its root is shared \
+         with other CAs, so trust under it is pinned to the mesh's own)"
+    )]
+    UnpinnedIssuer,
 }
 
 /// The trust bundle in the form webpki verifies against.
 #[derive(Clone)]
 pub struct Anchors {
     anchors: Arc<Vec<TrustAnchor<'static>>>,
+    pins: Arc<Pins>,
     pub trust_domain: TrustDomain,
+}
+
+/// Roots under which only the mesh's own issuing intermediates are trusted.
+#[derive(Debug, Default)]
+struct Pins {
+    /// The pinned roots' public keys, as webpki holds a trust anchor's (the SPKI's content).
+    roots: Vec<Vec<u8>>,
+    /// The pinned intermediates' public keys (SPKI DER).
+    issuers: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for Anchors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Anchors")
             .field("roots", &self.anchors.len())
+            .field("pinned_roots", &self.pins.roots.len())
             .field("trust_domain", &self.trust_domain)
             .finish()
     }
@@ -54,14 +76,64 @@ impl Anchors {
         roots: &[CertificateDer<'static>],
         trust_domain: TrustDomain,
     ) -> Result<Self, webpki::Error> {
+        Self::with_pins(roots, &[], trust_domain)
+    }
+
+    /// Trust anchors whose roots are pinned to issuing intermediates: a root that issued one of
+    /// `pinned` (its subject is the intermediate's issuer) accepts only certificates that one of
+    /// `pinned` issued. Roots that issued none of them accept any path, as with [`Anchors::new`].
+    pub fn with_pins(
+        roots: &[CertificateDer<'static>],
+        pinned: &[CertificateDer<'static>],
+        trust_domain: TrustDomain,
+    ) -> Result<Self, webpki::Error> {
         let anchors = roots
             .iter()
             .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut pins = Pins::default();
+        let mut pin_issuers = Vec::with_capacity(pinned.len());
+        for der in pinned {
+            let (_, cert) = X509Certificate::from_der(der).map_err(|_| webpki::Error::BadDer)?;
+            if !cert.is_ca() {
+                return Err(webpki::Error::EndEntityUsedAsCa);
+            }
+            pin_issuers.push(cert.issuer().as_raw().to_vec());
+            pins.issuers.push(cert.public_key().raw.to_vec());
+        }
+        for (root, anchor) in roots.iter().zip(anchors.iter()) {
+            let (_, cert) = X509Certificate::from_der(root).map_err(|_| webpki::Error::BadDer)?;
+            if pin_issuers.iter().any(|i| i == cert.subject().as_raw()) {
+                pins.roots
+                    .push(anchor.subject_public_key_info.as_ref().to_vec());
+            }
+        }
         Ok(Self {
             anchors: Arc::new(anchors),
+            pins: Arc::new(pins),
             trust_domain,
         })
+    }
+
+    /// How many roots are pinned to intermediates.
+    pub fn pinned_roots(&self) -> usize {
+        self.pins.roots.len()
+    }
+
+    /// Verifies a workload chain (leaf first) for `usage` at `now`: it chains to an anchor, and
+    /// under a pinned root one of the mesh's intermediates issued the leaf. The identity is not
+    /// read here (see the verifiers).
+    pub fn verify_workload_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify_chain(algs, leaf, intermediates, now, usage)
     }
 
     pub fn len(&self) -> usize {
@@ -72,8 +144,9 @@ impl Anchors {
         self.anchors.is_empty()
     }
 
-    /// Verifies that `end_entity` chains to an anchor for `usage`.
-    fn verify_chain(
+    /// Verifies that `end_entity` chains to an anchor for `usage` (through a pinned intermediate
+    /// under a pinned root).
+    pub fn verify_chain(
         &self,
         algs: &WebPkiSupportedAlgorithms,
         end_entity: &CertificateDer<'_>,
@@ -82,17 +155,30 @@ impl Anchors {
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
-        cert.verify_for_usage(
-            algs.all,
-            &self.anchors,
-            intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )
-        .map(|_| ())
-        .map_err(pki_error)
+        let path = cert
+            .verify_for_usage(
+                algs.all,
+                &self.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(pki_error)?;
+        let anchor_key = path.anchor().subject_public_key_info.as_ref();
+        if self.pins.roots.iter().any(|r| r.as_slice() == anchor_key) {
+            let issuer = path.issuer_spki();
+            if !self
+                .pins
+                .issuers
+                .iter()
+                .any(|p| p.as_slice() == issuer.as_ref())
+            {
+                return Err(identity_error(PeerIdentityError::UnpinnedIssuer));
+            }
+        }
+        Ok(())
     }
 
     /// Refuses an identity outside our trust domain.
@@ -190,6 +276,7 @@ pub fn failure_label(error: &rustls::Error) -> &'static str {
                 match inner.downcast_ref::<PeerIdentityError>() {
                     Some(PeerIdentityError::WrongTrustDomain { .. }) => "wrong_trust_domain",
                     Some(PeerIdentityError::UnexpectedServer { .. }) => "unexpected_identity",
+                    Some(PeerIdentityError::UnpinnedIssuer) => "unpinned_issuer",
                     Some(PeerIdentityError::Identity(IdentityError::IsCa)) => "ca_as_leaf",
                     Some(PeerIdentityError::Identity(_)) => "bad_identity",
                     None => match inner.downcast_ref::<PkiError>() {
@@ -539,6 +626,110 @@ mod tests {
                 .map_err(|e| failure_label(&e));
             assert_eq!(got, case.outbound, "outbound: {}", case.name);
         }
+    }
+
+    #[test]
+    fn a_shared_root_trusts_only_the_pinned_intermediates() {
+        let ours = TestPki::new("enterprise");
+        let sibling = ours.sibling("another team's CA");
+        let own_root = TestPki::new("mesh-owned");
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let roots = vec![ours.root.clone(), own_root.root.clone()];
+        let pinned =
+            Anchors::with_pins(&roots, std::slice::from_ref(&ours.intermediate), td.clone())
+                .unwrap();
+        assert_eq!(pinned.pinned_roots(), 1);
+        let unpinned = Anchors::new(&roots, td).unwrap();
+        let provider = provider();
+        // (leaf, with pins, without pins)
+        type Verdict = Result<(), &'static str>;
+        let cases: [(&str, TestLeaf, Verdict, Verdict); 3] = [
+            ("the mesh's intermediate", ours.leaf(PEER), Ok(()), Ok(())),
+            (
+                "a sibling CA under the shared root, with our SPIFFE ID",
+                sibling.leaf(PEER),
+                Err("unpinned_issuer"),
+                Ok(()),
+            ),
+            (
+                "a root that is not pinned",
+                own_root.leaf(PEER),
+                Ok(()),
+                Ok(()),
+            ),
+        ];
+        for (name, leaf, with_pins, without) in cases {
+            for (anchors, expected) in [(&pinned, with_pins), (&unpinned, without)] {
+                let client = SpiffeClientVerifier::new(
+                    anchors.clone(),
+                    &provider,
+                    Arc::new(VerifiedPeers::default()),
+                );
+                assert_eq!(client_verdict(&client, &leaf), expected, "inbound: {name}");
+                let server = SpiffeServerVerifier::new(
+                    anchors.clone(),
+                    SpiffeId::parse(PEER).unwrap(),
+                    &provider,
+                );
+                let got = server
+                    .verify_server_cert(
+                        &leaf.chain[0],
+                        &leaf.chain[1..],
+                        &ServerName::try_from("meshid.invalid").unwrap(),
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .map(|_| ())
+                    .map_err(|e| failure_label(&e));
+                assert_eq!(got, expected, "outbound: {name}");
+                let chain = anchors
+                    .verify_workload_chain(
+                        &provider.signature_verification_algorithms,
+                        &leaf.chain,
+                        UnixTime::now(),
+                        webpki::KeyUsage::client_auth(),
+                    )
+                    .map_err(|e| failure_label(&e));
+                assert_eq!(chain, expected, "chain: {name}");
+            }
+        }
+        // The sibling's leaf presented with our intermediate beside its own still needs its issuer.
+        let mixed = sibling.leaf(PEER);
+        let chain = vec![
+            mixed.chain[0].clone(),
+            ours.intermediate.clone(),
+            sibling.intermediate.clone(),
+        ];
+        let got = pinned.verify_workload_chain(
+            &provider.signature_verification_algorithms,
+            &chain,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        );
+        assert_eq!(got.map_err(|e| failure_label(&e)), Err("unpinned_issuer"));
+        let error = pinned
+            .verify_workload_chain(
+                &provider.signature_verification_algorithms,
+                &sibling.leaf(PEER).chain,
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .unwrap_err();
+        assert!(
+            describe(&error).contains("issuing intermediates"),
+            "{}",
+            describe(&error)
+        );
+        // A leaf certificate is not an intermediate to pin.
+        let leaf_as_pin = ours.leaf(ME).chain[0].clone();
+        assert!(
+            Anchors::with_pins(
+                &roots,
+                &[leaf_as_pin],
+                TrustDomain::new("cluster.local").unwrap()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -163,3 +163,76 @@ pub fn forge_below_extra_level(
         key.serialize_der(),
     )
 }
+
+/// An enterprise root that other teams' issuing CAs chain to as well: meshid imports it
+/// (`meshid-ca init --root-cert --root-key`), and a sibling CA under it mints look-alikes.
+pub struct EnterpriseRoot {
+    pub cert_pem: String,
+    pub key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl EnterpriseRoot {
+    pub fn new() -> Self {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example Corp");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Example Corp Root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).expect("self-signed");
+        let key_pem = key.serialize_pem();
+        Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Another team's issuing CA under this root, and a workload certificate it issues for
+    /// `spiffe_id`, shaped as meshid's are: the chain (leaf, sibling intermediate) and the key.
+    pub fn sibling_workload(
+        &self,
+        spiffe_id: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let ca_key = KeyPair::generate().expect("keygen");
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, "Example Corp payments team CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.signed_by(&ca_key, &self.issuer).expect("sibling CA");
+        let sibling = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &sibling).expect("sign");
+        (
+            vec![cert.der().clone(), ca_cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+impl Default for EnterpriseRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}

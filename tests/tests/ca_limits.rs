@@ -193,8 +193,10 @@ async fn connections_past_the_per_source_cap_are_refused_and_other_sources_still
 
     // Failed and timed-out handshakes give their slot back too: one at a time (so the cap never
     // refuses them), each ended by the server.
-    let failures = "meshid_ca_tls_handshake_failures_total";
-    let before = sample(&metrics(&ca).await, failures);
+    let protocol = "meshid_ca_tls_handshake_failures_total{reason=\"protocol\"}";
+    let timeout = "meshid_ca_tls_handshake_failures_total{reason=\"timeout\"}";
+    let before = metrics(&ca).await;
+    let (protocol_before, timeout_before) = (sample(&before, protocol), sample(&before, timeout));
     for _ in 0..4 {
         let mut tcp = tcp_from(HERE, ca.addr).await.unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -212,10 +214,17 @@ async fn connections_past_the_per_source_cap_are_refused_and_other_sources_still
         matches!(read, Ok(Ok(0) | Err(_))),
         "stalled handshake: {read:?}"
     );
-    eventually("five handshake failures counted", || {
-        let ca = &ca;
-        async move { sample(&metrics(ca).await, failures) == before + 5.0 }
-    })
+    eventually(
+        "five handshake failures counted by reason (4 protocol, 1 timeout)",
+        || {
+            let ca = &ca;
+            async move {
+                let now = metrics(ca).await;
+                sample(&now, protocol) == protocol_before + 4.0
+                    && sample(&now, timeout) == timeout_before + 1.0
+            }
+        },
+    )
     .await;
 
     // Nothing leaked: two connections from 127.0.0.1 at once again, and a call from there.

@@ -399,7 +399,7 @@ async fn issuing_root(
         .collect();
     let authorities = meshid_ca::authority::Authority::load(ca.dir.path())
         .ok()?
-        .authority_roots;
+        .authority_anchors;
     meshid_ca::rotation::fleet::authority_of(
         &chain,
         &authorities,
@@ -523,7 +523,7 @@ async fn an_expired_root_can_still_be_replaced() {
         .collect();
     let authorities = meshid_ca::authority::Authority::load(&ca_dir)
         .unwrap()
-        .authority_roots;
+        .authority_anchors;
     assert_eq!(
         meshid_ca::rotation::fleet::authority_of(
             &chain,

@@ -6,6 +6,7 @@ pub mod jwt;
 
 use std::time::Duration;
 
+use meshid_identity::verify::Anchors;
 use meshid_identity::{SpiffeId, TrustDomain};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
@@ -125,8 +126,8 @@ impl AuthError {
 #[derive(Debug, Clone, Copy)]
 pub struct RenewalPolicy<'a> {
     pub trust_domain: &'a TrustDomain,
-    /// The roots trusted now: the trust bundle as the CA currently serves it.
-    pub roots: &'a [CertificateDer<'static>],
+    /// The trust anchors now: the trust bundle as the CA currently serves it, with its pins.
+    pub anchors: &'a Anchors,
     /// The most time since the identity was last attested (a service-account token or join token)
     /// after which a certificate no longer renews itself.
     pub max_attestation_age: Duration,
@@ -169,12 +170,13 @@ pub fn authenticate_renewal(
             "client certificate identity is outside this trust domain",
         ));
     }
-    verify_chain_now(chain, policy.roots, now).map_err(|e| {
+    verify_chain_now(chain, policy.anchors, now).map_err(|e| {
         AuthError::unauthenticated(
             Reason::UntrustedChain,
             format!(
-                "client certificate no longer chains to a root this CA trusts ({e:?}); \
-                 authenticate with your service-account token or a join token"
+                "client certificate no longer chains to what this CA trusts ({}); \
+                 authenticate with your service-account token or a join token",
+                meshid_identity::verify::describe(&e)
             ),
         )
     })?;
@@ -198,30 +200,59 @@ pub fn authenticate_renewal(
     })
 }
 
-/// Verifies `chain` (leaf first) for client auth to one of `roots` at `now`, as the TLS handshake
-/// did when the connection was set up.
+/// Verifies `chain` (leaf first) for client auth to `anchors` at `now`, as the TLS handshake did
+/// when the connection was set up, with the trust of the time of the call (and its pins).
 fn verify_chain_now(
     chain: &[CertificateDer<'_>],
-    roots: &[CertificateDer<'static>],
+    anchors: &Anchors,
     now: OffsetDateTime,
-) -> Result<(), webpki::Error> {
-    let (leaf, intermediates) = chain.split_first().ok_or(webpki::Error::BadDer)?;
-    let ee = webpki::EndEntityCert::try_from(leaf)?;
-    let anchors: Vec<_> = roots
-        .iter()
-        .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-        .collect();
+) -> Result<(), rustls::Error> {
     let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
-    ee.verify_for_usage(
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .all,
-        &anchors,
-        intermediates,
+    anchors.verify_workload_chain(
+        &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
+        chain,
         UnixTime::since_unix_epoch(Duration::from_secs(secs)),
         webpki::KeyUsage::client_auth(),
-        None,
-        None,
     )
-    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_identity::testing::TestPki;
+
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+
+    #[test]
+    fn renewal_under_a_shared_root_needs_the_mesh_intermediate() {
+        let mesh = TestPki::new("enterprise");
+        let sibling = mesh.sibling("another team's CA");
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let pinned = Anchors::with_pins(
+            std::slice::from_ref(&mesh.root),
+            std::slice::from_ref(&mesh.intermediate),
+            td.clone(),
+        )
+        .unwrap();
+        let policy = RenewalPolicy {
+            trust_domain: &td,
+            anchors: &pinned,
+            max_attestation_age: Duration::from_secs(24 * 3600),
+        };
+        let now = OffsetDateTime::now_utc();
+        let renew = |chain: &[CertificateDer<'static>]| {
+            let leaf =
+                meshid_identity::cert_identity_from_der(&chain[0]).map_err(|e| e.to_string());
+            authenticate_renewal(&leaf, chain, &policy, now)
+        };
+        assert_eq!(renew(&mesh.leaf(ID).chain).unwrap().id.as_str(), ID);
+        let refused = renew(&sibling.leaf(ID).chain).unwrap_err();
+        assert_eq!(refused.reason, Reason::UntrustedChain);
+        assert!(!refused.denied, "unauthenticated, not denied");
+        assert!(
+            refused.message.contains("issuing intermediates"),
+            "{}",
+            refused.message
+        );
+    }
 }

@@ -11,7 +11,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use meshid_identity::verify::Anchors;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
 
 pub use super::report::{CaProcess, SidecarReport};
@@ -158,31 +159,20 @@ impl Expiries {
     }
 }
 
-/// The authority a chain belongs to: the first whose root verifies it.
+/// The authority a chain belongs to: the first whose root (and pin, when its root is shared)
+/// verifies it.
 pub fn authority_of(
     chain: &[CertificateDer<'_>],
-    authorities: &[(String, CertificateDer<'static>)],
+    authorities: &[(String, Anchors)],
     now: i64,
 ) -> Option<String> {
-    let (leaf, rest) = chain.split_first()?;
-    let ee = webpki::EndEntityCert::try_from(leaf).ok()?;
-    let algs = rustls::crypto::aws_lc_rs::default_provider()
-        .signature_verification_algorithms
-        .all;
+    let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
     let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
-    authorities.iter().find_map(|(name, root)| {
-        let anchor: TrustAnchor<'_> = webpki::anchor_from_trusted_cert(root).ok()?;
-        ee.verify_for_usage(
-            algs,
-            &[anchor],
-            rest,
-            time,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .ok()
-        .map(|_| name.clone())
+    authorities.iter().find_map(|(name, anchors)| {
+        anchors
+            .verify_workload_chain(&algs, chain, time, webpki::KeyUsage::client_auth())
+            .ok()
+            .map(|()| name.clone())
     })
 }
 

@@ -376,6 +376,11 @@ pub async fn issue_once(
             .into_iter()
             .map(CertificateDer::from)
             .collect(),
+        pinned: resp
+            .pinned_intermediates
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
     };
     Ok((store.set_certificate(creds)?, resp.bundle_version))
 }
@@ -563,10 +568,15 @@ pub async fn run_bundle_watch(
                 }
                 let roots: Vec<CertificateDer<'static>> =
                     bundle.roots.into_iter().map(CertificateDer::from).collect();
+                let pinned: Vec<CertificateDer<'static>> = bundle
+                    .pinned_intermediates
+                    .into_iter()
+                    .map(CertificateDer::from)
+                    .collect();
                 if store.current().is_none() {
                     continue;
                 }
-                if roots.is_empty() || roots == store.roots() {
+                if roots.is_empty() || (roots == store.roots() && pinned == store.pinned()) {
                     life.applied_version
                         .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
                     if let Err(error) = conn.ack(&life, bundle.version).await {
@@ -574,7 +584,7 @@ pub async fn run_bundle_watch(
                     }
                     continue;
                 }
-                match store.set_bundle(roots) {
+                match store.set_bundle(roots, pinned) {
                     Ok(snapshot) => {
                         metrics
                             .bundle_updates

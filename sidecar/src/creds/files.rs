@@ -61,7 +61,12 @@ pub fn load(files: &FileCreds) -> Result<Credentials, FileError> {
     let chain = certs(&files.cert)?;
     let roots = certs(&files.bundle)?;
     let key = key_from_pem(&files.key, &read(&files.key)?)?;
-    Ok(Credentials { chain, key, roots })
+    Ok(Credentials {
+        chain,
+        key,
+        roots,
+        pinned: Vec::new(),
+    })
 }
 
 fn key_from_pem(path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'static>, FileError> {
@@ -153,7 +158,12 @@ impl Tracker {
         let chain = certs_from_pem(&self.files.cert, &bytes(&self.files.cert, cert)?)?;
         let key = key_from_pem(&self.files.key, &bytes(&self.files.key, key)?)?;
         let roots = certs_from_pem(&self.files.bundle, &bytes(&self.files.bundle, bundle)?)?;
-        Ok(Credentials { chain, key, roots })
+        Ok(Credentials {
+            chain,
+            key,
+            roots,
+            pinned: Vec::new(),
+        })
     }
 
     /// Whether the store already holds exactly `creds` (the set loaded before watching began).

@@ -27,6 +27,9 @@ pub struct Credentials {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub roots: Vec<CertificateDer<'static>>,
+    /// The issuing intermediates trust under a shared root is pinned to (from the CA; none in
+    /// file mode). See [`Anchors::with_pins`].
+    pub pinned: Vec<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -36,6 +39,7 @@ impl fmt::Debug for Credentials {
             .field("chain", &self.chain.len())
             .field("key", &"<redacted>")
             .field("roots", &self.roots.len())
+            .field("pinned", &self.pinned.len())
             .finish()
     }
 }
@@ -54,7 +58,10 @@ pub enum CredError {
     Bundle(webpki::Error),
     #[error("private key: {0}")]
     Key(rustls::Error),
-    #[error("certificate does not verify against the trust bundle: {0}")]
+    #[error(
+        "certificate does not verify against the trust bundle: {}",
+        meshid_identity::verify::describe(.0)
+    )]
     Chain(rustls::Error),
     #[error("tls configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -131,6 +138,7 @@ struct Held {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Vec<CertificateDer<'static>>,
+    pinned: Vec<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for CredentialStore {
@@ -173,28 +181,22 @@ impl CredentialStore {
         let Some(h) = held.as_ref() else {
             return false;
         };
-        let Some((leaf, intermediates)) = h.chain.split_first() else {
+        let Some(Ok(identity)) = h.chain.first().map(|leaf| cert_identity_from_der(leaf)) else {
             return false;
         };
-        let Ok(ee) = webpki::EndEntityCert::try_from(leaf) else {
+        let Ok(anchors) = Anchors::with_pins(&h.roots, &h.pinned, identity.id.trust_domain())
+        else {
             return false;
         };
-        let anchors: Vec<_> = h
-            .roots
-            .iter()
-            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
-            .collect();
         let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
-        ee.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &anchors,
-            intermediates,
-            time,
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .is_ok()
+        anchors
+            .verify_workload_chain(
+                &self.provider.signature_verification_algorithms,
+                &h.chain,
+                time,
+                webpki::KeyUsage::client_auth(),
+            )
+            .is_ok()
     }
 
     /// The trust bundle's roots as last accepted.
@@ -203,12 +205,19 @@ impl CredentialStore {
         held.as_ref().map(|h| h.roots.clone()).unwrap_or_default()
     }
 
+    /// The pinned intermediates as last accepted with the bundle.
+    pub fn pinned(&self) -> Vec<CertificateDer<'static>> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| h.pinned.clone()).unwrap_or_default()
+    }
+
     /// Replaces the trust bundle, keeping our certificate and key. New handshakes trust exactly the
     /// new roots at once; live connections are untouched. Our own chain need not verify against the
     /// new bundle (after a forced root retirement it will not, until the next renewal).
     pub fn set_bundle(
         &self,
         roots: Vec<CertificateDer<'static>>,
+        pinned: Vec<CertificateDer<'static>>,
     ) -> Result<Arc<Snapshot>, CredError> {
         let (chain, key) = self.chain_and_key().ok_or(CredError::EmptyChain)?;
         let snapshot = Arc::new(self.build(
@@ -216,10 +225,16 @@ impl CredentialStore {
                 chain: chain.clone(),
                 key: key.clone_key(),
                 roots: roots.clone(),
+                pinned: pinned.clone(),
             },
             false,
         )?);
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held { chain, key, roots });
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
+            chain,
+            key,
+            roots,
+            pinned,
+        });
         self.current.store(Some(snapshot.clone()));
         self.generation.send_modify(|g| *g += 1);
         Ok(snapshot)
@@ -241,6 +256,7 @@ impl CredentialStore {
             chain: creds.chain.clone(),
             key: creds.key.clone_key(),
             roots: creds.roots.clone(),
+            pinned: creds.pinned.clone(),
         };
         let snapshot = Arc::new(self.build(creds, true)?);
         // A sidecar is one workload: a source that hands over another identity (a file replaced
@@ -265,8 +281,8 @@ impl CredentialStore {
             return Err(CredError::EmptyBundle);
         }
         let identity = cert_identity_from_der(&leaf)?;
-        let anchors =
-            Anchors::new(&creds.roots, identity.id.trust_domain()).map_err(CredError::Bundle)?;
+        let anchors = Anchors::with_pins(&creds.roots, &creds.pinned, identity.id.trust_domain())
+            .map_err(CredError::Bundle)?;
         let key = CertifiedKey::from_der(creds.chain.clone(), creds.key, &self.provider)
             .map_err(CredError::Key)?;
         let key = Arc::new(key);
@@ -382,6 +398,7 @@ mod tests {
             chain: leaf.chain,
             key: leaf.key,
             roots: vec![pki.root.clone()],
+            pinned: Vec::new(),
         }
     }
 
@@ -425,6 +442,13 @@ mod tests {
             store.set_certificate(no_roots),
             Err(CredError::EmptyBundle)
         ));
+        // Under a root pinned to our intermediate, a sibling CA's certificate for our identity.
+        let sibling = pki.sibling("another team's CA");
+        let mut unpinned = set(&pki, sibling.leaf(ME));
+        unpinned.pinned = vec![pki.intermediate.clone()];
+        let err = store.set_certificate(unpinned).unwrap_err();
+        assert!(matches!(err, CredError::Chain(_)), "{err}");
+        assert!(err.to_string().contains("issuing intermediates"), "{err}");
         assert!(store.current().is_none(), "nothing refused was published");
 
         // The first good set is served; then only the same identity may replace it.
@@ -454,16 +478,18 @@ mod tests {
         let store = CredentialStore::new(Vec::new());
         let first = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
         let both = store
-            .set_bundle(vec![pki.root.clone(), next.root.clone()])
+            .set_bundle(vec![pki.root.clone(), next.root.clone()], Vec::new())
             .unwrap();
         assert_eq!(both.leaf_sha256, first.leaf_sha256);
         assert_eq!(both.anchors.len(), 2);
         assert!(store.own_chain_trusted(unix_now()));
         // After the old root leaves (a forced retirement), our own chain is no longer trusted.
-        store.set_bundle(vec![next.root.clone()]).unwrap();
+        store
+            .set_bundle(vec![next.root.clone()], Vec::new())
+            .unwrap();
         assert!(!store.own_chain_trusted(unix_now()));
         assert!(matches!(
-            store.set_bundle(Vec::new()),
+            store.set_bundle(Vec::new(), Vec::new()),
             Err(CredError::EmptyBundle)
         ));
     }

@@ -1,0 +1,236 @@
+//! An imported enterprise root is shared with other issuing CAs. Trust under it is pinned to the
+//! mesh's own intermediates: a sibling CA under the same root that mints certificates with our
+//! SPIFFE IDs is refused by a real sidecar's inbound and by a real CA (handshake and renewal), while
+//! the mesh's own certificates keep working. Real `meshid-ca` and `meshid-sidecar` processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_identity::verify::{Anchors, SpiffeServerVerifier};
+use meshid_identity::{SpiffeId, TrustDomain};
+use meshid_proto::ca::v1::{GetTrustBundleRequest, IssueRequest, issue_request::Credential};
+use meshid_tests::fake_cluster::FakeCluster;
+use meshid_tests::mesh::handshake_failures;
+use meshid_tests::pki::{EnterpriseRoot, WorkloadKey};
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get, wait_http_ok};
+use meshid_tests::rotation_cli::{meshid_ca, read_roots};
+use meshid_tests::tools::workspace_bin;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+
+/// Sends `msg` to `addr` over mTLS as `chain`/`key`, expecting the server to be `B`; returns what
+/// came back, or the error text.
+async fn echo_as(
+    addr: std::net::SocketAddr,
+    anchors: &Anchors,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    msg: &[u8],
+) -> Result<Vec<u8>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier =
+        SpiffeServerVerifier::new(anchors.clone(), SpiffeId::parse(B).unwrap(), &provider);
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("sidecar.invalid").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(msg).await.map_err(|e| e.to_string())?;
+    tls.shutdown().await.map_err(|e| e.to_string())?;
+    let mut back = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut back)).await {
+        Ok(Ok(_)) => Ok(back),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("ca");
+    let enterprise = EnterpriseRoot::new();
+    let (root_cert, root_key) = (work.path().join("root.pem"), work.path().join("root.key"));
+    std::fs::write(&root_cert, &enterprise.cert_pem).unwrap();
+    std::fs::write(&root_key, &enterprise.key_pem).unwrap();
+    let (code, out) = meshid_ca(&[
+        "init",
+        "--dir",
+        &dir.to_string_lossy(),
+        "--root-cert",
+        &root_cert.to_string_lossy(),
+        "--root-key",
+        &root_key.to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        !dir.join("root.key").exists(),
+        "an imported root's key is not kept"
+    );
+
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let (grpc, admin) = (free_addr("127.0.0.31"), free_addr("127.0.0.31"));
+    let _ca = Proc::spawn(
+        "meshid-ca",
+        Command::new(workspace_bin("meshid-ca"))
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--san", "localhost"])
+            .arg("--jwks")
+            .arg(&jwks)
+            .env("MESHID_LOG", "warn"),
+    );
+    assert!(wait_http_ok(admin, "/readyz", Duration::from_secs(10)));
+    let roots = read_roots(&dir.join("bundle.pem"));
+
+    // The CA publishes its issuing intermediate as the pin, in the bundle and with certificates.
+    let intermediate = read_roots(&dir.join("intermediate.pem"));
+    let mut client = meshid_tests::ca::connect(grpc, &roots, None).await.unwrap();
+    let bundle = client
+        .get_trust_bundle(GetTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        bundle.pinned_intermediates,
+        vec![intermediate[0].to_vec()],
+        "the bundle carries the mesh's intermediate beside the root"
+    );
+
+    // B: a real sidecar (service-account token), its inbound in front of a TCP echo app, allowing A.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(meshid_examples::tcp_echo(app));
+    let (b_in, b_admin) = (free_addr("127.0.0.32"), free_addr("127.0.0.32"));
+    let policy = work.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "inbound:\n  - port: {}\n    protocol: tcp\n    allow:\n      - id: {A}\n",
+            b_in.port()
+        ),
+    )
+    .unwrap();
+    let token = work.path().join("backend.token");
+    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
+    let bundle_file = work.path().join("ca-bundle.pem");
+    std::fs::copy(dir.join("bundle.pem"), &bundle_file).unwrap();
+    let _b = Proc::spawn(
+        "meshid-sidecar",
+        ca_mode_sidecar(grpc, &bundle_file, "--token-file", &token, b_admin)
+            .args(["--inbound", &format!("{b_in}={app_addr},tcp")])
+            .arg("--policy")
+            .arg(&policy),
+    );
+    assert!(wait_http_ok(b_admin, "/readyz", Duration::from_secs(15)));
+
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let pinned: Vec<CertificateDer<'static>> = bundle
+        .pinned_intermediates
+        .iter()
+        .cloned()
+        .map(CertificateDer::from)
+        .collect();
+    let anchors = Anchors::with_pins(&roots, &pinned, td).unwrap();
+
+    // The genuine A (its certificate from the CA, by token) reaches B's app.
+    let key = WorkloadKey::new();
+    let issued = client
+        .issue(IssueRequest {
+            csr: key.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                cluster.token("shop", "frontend"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.pinned_intermediates, bundle.pinned_intermediates);
+    let genuine: Vec<CertificateDer<'static>> = issued
+        .cert_chain
+        .iter()
+        .cloned()
+        .map(CertificateDer::from)
+        .collect();
+    let back = echo_as(
+        b_in,
+        &anchors,
+        genuine.clone(),
+        key.private_key_der(),
+        b"genuine",
+    )
+    .await;
+    assert_eq!(back.as_deref(), Ok(&b"genuine"[..]));
+
+    // A sibling CA under the same root mints A's identity: it chains to a root B trusts, and is
+    // still refused, counted under its own reason.
+    let (forged, forged_key) = enterprise.sibling_workload(A);
+    let refused = echo_as(
+        b_in,
+        &anchors,
+        forged.clone(),
+        forged_key.clone_key(),
+        b"forged",
+    )
+    .await;
+    assert!(
+        refused.as_ref().map_or(true, Vec::is_empty),
+        "the forged A got through: {refused:?}"
+    );
+    let (_, metrics) = http_get(b_admin, "/metrics").unwrap();
+    assert!(
+        handshake_failures(&metrics, "inbound", "unpinned_issuer") >= 1,
+        "{metrics}"
+    );
+
+    // The CA refuses the sibling's certificate as a client (no renewal into a genuine meshid
+    // certificate), while the genuine one still renews.
+    let renew = |chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>| {
+        let roots = roots.clone();
+        async move {
+            let mut c = meshid_tests::ca::connect(grpc, &roots, Some((chain, key)))
+                .await
+                .map_err(|e| e.to_string())?;
+            c.issue(IssueRequest {
+                csr: WorkloadKey::new().csr,
+                credential: None,
+                ttl_seconds: 0,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+    };
+    let forged_renewal = renew(forged, forged_key).await;
+    assert!(forged_renewal.is_err(), "{forged_renewal:?}");
+    let renewed = renew(genuine, key.private_key_der()).await.unwrap();
+    let leaf = meshid_identity::cert_identity_from_der(&renewed.cert_chain[0]).unwrap();
+    assert_eq!(leaf.id.as_str(), A);
+    let (_, ca_metrics) = http_get(admin, "/metrics").unwrap();
+    assert!(
+        ca_metrics
+            .lines()
+            .any(|l| l.contains("handshake") && l.contains("unpinned_issuer")),
+        "the CA counts the refused handshake: {ca_metrics}"
+    );
+}
