@@ -14,6 +14,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/meshid-sidecar /usr/local/bin/meshid-sidecar
 USER 65532:65532
-EXPOSE 15021
+# 15021: admin (health, readiness, forwarded app probes); 15020: /metrics and /identity when
+# started with --stats-listen 0.0.0.0:15020, as the injector does.
+EXPOSE 15021 15020
 ENTRYPOINT ["/usr/local/bin/meshid-sidecar"]
 CMD ["run"]

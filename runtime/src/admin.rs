@@ -29,6 +29,11 @@ pub trait AdminRoutes: Send + Sync + 'static {
     /// Why the process is not ready, or `None` when it is.
     fn not_ready(&self) -> Option<String>;
 
+    /// Whether this server answers `/metrics` (a process may serve them on another port).
+    fn serves_metrics(&self) -> bool {
+        true
+    }
+
     /// Answers a path beyond `/healthz`, `/readyz` and `/metrics`, or `None` for 404.
     fn route(&self, path: &str) -> Option<AdminFuture> {
         let _ = path;
@@ -89,7 +94,7 @@ fn answer(req: &Request<Incoming>, registry: &Registry, routes: &dyn AdminRoutes
                 format!("not ready: {why}\n"),
             ),
         },
-        "/metrics" => metrics(registry),
+        "/metrics" if routes.serves_metrics() => metrics(registry),
         path => match routes.route(path) {
             Some(later) => return Answer::Later(later),
             None => text(StatusCode::NOT_FOUND, "not found\n"),

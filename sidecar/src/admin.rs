@@ -1,8 +1,12 @@
 //! The admin server: `/healthz` (process up), `/readyz` (valid certificate, and a policy when there
-//! are inbound listeners), `/metrics` (Prometheus text) and `/identity` (nothing secret).
+//! are inbound listeners), the app's forwarded kubelet probes (`/app-health/CONTAINER/KIND`),
+//! `/metrics` (Prometheus text) and `/identity` (nothing secret). With `--stats-listen` the last two
+//! move to a server of their own and the admin port answers only what Kubernetes needs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
 use meshid_identity::annotations::{app_probe, parse_downward_api};
@@ -12,30 +16,161 @@ use meshid_runtime::time::unix_now;
 
 use crate::conn::Shared;
 
+/// Which routes one admin server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminRole {
+    /// Everything (no `--stats-listen`).
+    All,
+    /// Health, readiness and forwarded app probes: what the kubelet needs.
+    Probes,
+    /// `/metrics` and `/identity` (with health and readiness).
+    Stats,
+}
+
 /// The sidecar's additions to the shared admin server.
 pub struct SidecarAdmin {
     pub shared: Shared,
     /// Ready needs a policy too (there are inbound listeners and a policy source).
     pub needs_policy: bool,
-    /// The downward-API annotations file, whose `meshid.io/app-probes` lets
-    /// `/app-health/<container>/<kind>` forward kubelet probes to the app.
-    pub annotations: Option<PathBuf>,
+    /// Readiness also fails while the newest policy file is rejected.
+    pub unready_on_policy_error: bool,
+    pub role: AdminRole,
+    /// The app's probes, from the downward-API annotations file (`meshid.io/app-probes`).
+    pub probes: Arc<ProbeTable>,
 }
 
 impl AdminRoutes for SidecarAdmin {
     fn not_ready(&self) -> Option<String> {
-        not_ready_reason(&self.shared, self.needs_policy).map(str::to_owned)
+        if let Some(why) = not_ready_reason(&self.shared, self.needs_policy) {
+            return Some(why.to_owned());
+        }
+        if self.needs_policy
+            && self.unready_on_policy_error
+            && self.shared.metrics.policy_rejected.get() == 1
+        {
+            return Some(
+                "the newest policy file was rejected (the last good policy is in force; see the log)"
+                    .to_owned(),
+            );
+        }
+        None
+    }
+
+    fn serves_metrics(&self) -> bool {
+        self.role != AdminRole::Probes
     }
 
     fn route(&self, path: &str) -> Option<AdminFuture> {
-        if path == "/identity" {
+        if path == "/identity" && self.role != AdminRole::Probes {
             return Some(admin::ready(identity(&self.shared)));
         }
+        if self.role == AdminRole::Stats {
+            return None;
+        }
         let key = path.strip_prefix("/app-health/")?.to_owned();
-        let annotations = self.annotations.clone();
-        Some(Box::pin(async move {
-            app_health(annotations.as_deref(), &key).await
-        }))
+        let probes = self.probes.clone();
+        Some(Box::pin(async move { probes.forward(&key).await }))
+    }
+}
+
+/// The app's probes, read from the annotations file without blocking the runtime, parsed once per
+/// version of the file, and forwarded at a bounded rate: the admin port is reachable by every pod.
+#[derive(Debug)]
+pub struct ProbeTable {
+    annotations: Option<PathBuf>,
+    cache: Mutex<Option<(FileStamp, Annotations)>>,
+    bucket: Mutex<Bucket>,
+}
+
+/// The parsed annotations file.
+type Annotations = Arc<BTreeMap<String, String>>;
+
+/// A file version as its metadata shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+/// A token bucket for forwarded probes.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Forwarded probes allowed at once, and per second over time. The kubelet probes each container a
+/// few times per period; anything far above that is someone else, answered 429.
+const PROBE_BURST: f64 = 20.0;
+const PROBE_RATE: f64 = 10.0;
+/// The largest annotations file read (the kubelet writes a few KiB).
+const MAX_ANNOTATIONS_BYTES: u64 = 256 * 1024;
+
+impl ProbeTable {
+    pub fn new(annotations: Option<PathBuf>) -> Self {
+        Self {
+            annotations,
+            cache: Mutex::new(None),
+            bucket: Mutex::new(Bucket {
+                tokens: PROBE_BURST,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// Takes a token if one is left.
+    fn admit(&self) -> bool {
+        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let refill = now.duration_since(b.at).as_secs_f64() * PROBE_RATE;
+        b.tokens = (b.tokens + refill).min(PROBE_BURST);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The current annotations (read again only when the file changed).
+    async fn annotations(&self) -> Option<Annotations> {
+        let path = self.annotations.as_ref()?;
+        let meta = tokio::fs::metadata(path).await.ok()?;
+        let stamp = FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        };
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((seen, parsed)) = cache.as_ref()
+                && *seen == stamp
+            {
+                return Some(parsed.clone());
+            }
+        }
+        if meta.len() > MAX_ANNOTATIONS_BYTES {
+            return None;
+        }
+        let text = tokio::fs::read_to_string(path).await.ok()?;
+        let parsed = Arc::new(parse_downward_api(&text).ok()?);
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((stamp, parsed.clone()));
+        Some(parsed)
+    }
+
+    /// Forwards a kubelet probe, moved here by the injector, to the app's original probe endpoint.
+    pub async fn forward(&self, key: &str) -> AdminResponse {
+        if !self.admit() {
+            return admin::text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many app probe requests\n",
+            );
+        }
+        let probe = self.annotations().await.and_then(|a| app_probe(&a, key));
+        let Some(probe) = probe else {
+            return admin::text(StatusCode::NOT_FOUND, format!("no app probe {key:?}\n"));
+        };
+        app_health(probe).await
     }
 }
 
@@ -74,15 +209,22 @@ fn identity(shared: &Shared) -> AdminResponse {
     }
 }
 
-/// Forwards a kubelet probe, moved here by the injector, to the app's original probe endpoint.
-async fn app_health(annotations: Option<&std::path::Path>, key: &str) -> AdminResponse {
-    let probe = annotations
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| parse_downward_api(&t).ok())
-        .and_then(|a| app_probe(&a, key));
-    let Some(probe) = probe else {
-        return admin::text(StatusCode::NOT_FOUND, format!("no app probe {key:?}\n"));
-    };
+/// Calls the app's probe endpoint on localhost.
+async fn app_health(probe: meshid_identity::annotations::AppProbe) -> AdminResponse {
+    // The path goes into a request line: it must be a valid absolute path (no CR, LF, spaces or
+    // other bytes that would end the line or start a header), as the headers below must be valid.
+    let path_ok = probe.path.starts_with('/')
+        && http::uri::PathAndQuery::try_from(probe.path.as_str())
+            .is_ok_and(|pq| pq.as_str() == probe.path);
+    if !path_ok {
+        return admin::text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "the app probe's path {:?} is not a valid request path\n",
+                probe.path
+            ),
+        );
+    }
     if !probe.scheme.eq_ignore_ascii_case("http") {
         return admin::text(
             StatusCode::BAD_GATEWAY,

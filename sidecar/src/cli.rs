@@ -88,9 +88,20 @@ pub struct RunArgs {
     /// forward to 127.0.0.1 on the same port.
     #[arg(long, env = "MESHID_POD_IP")]
     pub pod_ip: Option<String>,
-    /// Admin server (probes, /metrics, /identity).
+    /// Admin server: /healthz, /readyz, the app's forwarded probes (/app-health/...), and, unless
+    /// --stats-listen is set, /metrics and /identity.
     #[arg(long, env = "MESHID_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
     pub admin_listen: String,
+    /// Serve /metrics and /identity here (IP:PORT) and no longer on the admin port, which then
+    /// answers only what Kubernetes needs (probes). E.g. 127.0.0.1:15020, or a port of its own that a
+    /// NetworkPolicy opens to the monitoring namespace only.
+    #[arg(long, env = "MESHID_STATS_LISTEN")]
+    pub stats_listen: Option<String>,
+    /// Fail readiness while the newest policy file is rejected (the last good policy stays in force
+    /// either way; without this flag only the log, `meshid_sidecar_policy_rejected` and the
+    /// `rejected` reload count say so).
+    #[arg(long, env = "MESHID_UNREADY_ON_POLICY_ERROR")]
+    pub unready_on_policy_error: bool,
     /// Certificate chain (PEM, leaf first).
     #[arg(long, env = "MESHID_CERT")]
     pub cert: Option<PathBuf>,
@@ -210,7 +221,7 @@ impl RunArgs {
     pub fn into_config(self) -> Result<RunConfig, Vec<String>> {
         let mut problems = Vec::new();
         let limits = self.limits(&mut problems);
-        let (inbound, outbound, admin_listen) = self.listeners(&mut problems);
+        let (inbound, outbound, admin_listen, stats_listen) = self.listeners(&mut problems);
         if let Some(p) = &self.policy
             && !p.exists()
         {
@@ -235,6 +246,8 @@ impl RunArgs {
             // The policy watcher reads a downward-API file as annotations (see run.rs).
             policy: self.annotations.or(self.policy),
             admin_listen,
+            stats_listen,
+            unready_on_policy_error: self.unready_on_policy_error,
             creds,
             limits,
         })
@@ -282,7 +295,10 @@ impl RunArgs {
 
     /// Inbound listeners, upstreams (from flags and the annotations file) and the admin address,
     /// each address used once.
-    fn listeners(&self, problems: &mut Vec<String>) -> (Vec<Inbound>, Vec<Outbound>, SocketAddr) {
+    fn listeners(
+        &self,
+        problems: &mut Vec<String>,
+    ) -> (Vec<Inbound>, Vec<Outbound>, SocketAddr, Option<SocketAddr>) {
         let allow = self.dangerous_allow_non_local_target;
         let (from_annotations_in, from_annotations_out) = self.annotation_listeners(problems);
         let flags = |values: &[String]| -> Vec<String> {
@@ -311,12 +327,18 @@ impl RunArgs {
             ));
             SocketAddr::from(([0, 0, 0, 0], 0))
         });
+        let stats_listen = self.stats_listen.as_ref().and_then(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| problems.push(format!("--stats-listen: {s:?} is not IP:PORT")))
+                .ok()
+        });
         let mut seen = std::collections::HashSet::new();
         for addr in inbound
             .iter()
             .map(|i| i.listen)
             .chain(outbound.iter().map(|o| o.local))
             .chain(std::iter::once(admin_listen))
+            .chain(stats_listen)
         {
             if addr.port() != 0 && !seen.insert(addr) {
                 problems.push(format!("{addr} is used by more than one listener"));
@@ -334,7 +356,7 @@ impl RunArgs {
         if inbound.is_empty() && outbound.is_empty() {
             problems.push("no --inbound or --outbound listener: nothing to do".into());
         }
-        (inbound, outbound, admin_listen)
+        (inbound, outbound, admin_listen, stats_listen)
     }
 
     /// CA mode: where the CA is, what its certificate chains to, and the first credential.

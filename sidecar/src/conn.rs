@@ -20,6 +20,8 @@ use crate::settings::Limits;
 pub struct Shared {
     pub creds: Arc<CredentialStore>,
     pub policy: PolicyStore,
+    /// Moves on every applied policy change: open connections re-check that they are still allowed.
+    pub policy_changed: watch::Receiver<u64>,
     pub metrics: Metrics,
     pub limits: Limits,
     /// Turns true on SIGTERM: listeners stop accepting, HTTP connections drain.
@@ -57,6 +59,34 @@ impl ConnLimit {
 
     pub fn open(&self) -> usize {
         self.max - self.permits.available_permits()
+    }
+}
+
+/// One accepted connection's place: its permit and its count in `connections_open`, both given
+/// back when the last holder drops it. An upgraded HTTP connection (a WebSocket tunnel) holds a
+/// clone after hyper hands the socket over, so it keeps counting against `max_connections`.
+#[derive(Debug)]
+pub struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    open: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnSlot {
+    pub fn new(
+        permit: OwnedSemaphorePermit,
+        open: prometheus_client::metrics::gauge::Gauge,
+    ) -> Arc<Self> {
+        open.inc();
+        Arc::new(Self {
+            _permit: permit,
+            open,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.dec();
     }
 }
 

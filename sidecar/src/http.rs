@@ -25,8 +25,49 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// Set on requests between sidecars when the originating app spoke h2 (the peer then speaks h2c to
 /// its app). Stripped before any app sees it.
 pub const APP_H2_HINT: &str = "x-meshid-app-h2";
-/// The identity header of DESIGN.md: `By=<own id>;Hash=<peer cert sha256>;URI=<peer id>`.
+/// The identity header: `By=<own id>;Hash=<peer cert sha256>;URI=<peer id>`.
 pub const XFCC: &str = "x-forwarded-client-cert";
+
+/// Request headers that tell the app who is calling and how. Only the inbound sidecar sets them:
+/// every peer-sent header whose name matches one of these, ignoring ASCII case and treating `_` as
+/// `-`, is removed first (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and
+/// `X-Forwarded-Client-Cert` into one variable, so either spelling would reach the app as ours).
+pub const PEER_HEADERS: [&str; 5] = [
+    XFCC,
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-proto",
+];
+
+/// Whether `name` (a lowercase header name) spells one of `targets` with `_` for `-`.
+fn names_one_of(name: &str, targets: &[&str]) -> bool {
+    targets.iter().any(|t| {
+        t.len() == name.len()
+            && t.bytes()
+                .zip(name.bytes())
+                .all(|(t, n)| t == n || (t == b'-' && n == b'_'))
+    })
+}
+
+/// Removes every peer-sent spelling of [`PEER_HEADERS`].
+pub(crate) fn strip_peer_headers(headers: &mut HeaderMap) {
+    // Checked first without allocating: most requests carry none.
+    if !headers
+        .keys()
+        .any(|n| names_one_of(n.as_str(), &PEER_HEADERS))
+    {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| names_one_of(n.as_str(), &PEER_HEADERS))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
 
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -103,6 +144,33 @@ pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+/// Whether an upgrade request asks for WebSocket, the one upgrade the inbound side passes on (any
+/// other `Upgrade` is dropped as a hop-by-hop header and the request served as a plain one).
+pub(crate) fn upgrades_to_websocket(headers: &HeaderMap) -> bool {
+    let mut tokens = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    // Exactly one protocol, and it is WebSocket (a list would let the app pick another).
+    matches!((tokens.next(), tokens.next()), (Some(t), None) if t.eq_ignore_ascii_case("websocket"))
+}
+
+/// What an upgraded connection keeps from the connection it came on, so that a tunnel is bounded
+/// like any other connection.
+pub(crate) struct Tunnel {
+    /// The client side of the upgrade.
+    pub client: hyper::upgrade::OnUpgrade,
+    /// Held until the tunnel ends: the connection's permit and its count in `connections_open`.
+    pub slot: std::sync::Arc<crate::conn::ConnSlot>,
+    /// The peer certificate's expiry, when connections end at it.
+    pub deadline: Option<tokio::time::Instant>,
+    /// Resolves when a new policy no longer allows the request that opened the tunnel.
+    pub revoked: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -169,27 +237,51 @@ pub(crate) async fn serve_connection<IO, S, F>(
 
 pub(crate) fn finish_response(
     mut resp: Response<Incoming>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    tunnel: Option<Tunnel>,
     shared: &Shared,
     direction: &'static str,
     port: u16,
 ) -> Response<Body> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if switching && let Some(client_side) = client_upgrade {
+    if switching && let Some(tunnel) = tunnel {
         let app_side = hyper::upgrade::on(&mut resp);
         let idle = shared.limits.idle_timeout;
+        let mut shutdown = shared.shutdown.clone();
         tokio::spawn(async move {
-            match tokio::try_join!(client_side, app_side) {
-                Ok((client, app)) => {
-                    let _ = crate::conn::copy_bidirectional_idle(
-                        TokioIo::new(client),
-                        TokioIo::new(app),
-                        idle,
-                    )
-                    .await;
+            let Tunnel {
+                client,
+                slot,
+                deadline,
+                revoked,
+            } = tunnel;
+            let copy = async {
+                match tokio::try_join!(client, app_side) {
+                    Ok((client, app)) => {
+                        let _ = crate::conn::copy_bidirectional_idle(
+                            TokioIo::new(client),
+                            TokioIo::new(app),
+                            idle,
+                        )
+                        .await;
+                    }
+                    Err(error) => tracing::debug!(%error, "upgrade failed"),
                 }
-                Err(error) => tracing::debug!(%error, "upgrade failed"),
+            };
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = copy => {}
+                () = expired => tracing::info!("closing an upgraded connection: the peer's certificate expired"),
+                () = revoked => {}
+                () = meshid_runtime::net::stopped(&mut shutdown) => {
+                    tracing::debug!("closing an upgraded connection: shutting down");
+                }
             }
+            drop(slot);
         });
     }
     strip_hop_by_hop(resp.headers_mut(), switching);
@@ -234,6 +326,37 @@ mod tests {
         assert!(h.get("keep-alive").is_none());
         assert_eq!(h.get("te").unwrap(), "trailers");
         assert_eq!(h.get("x-app").unwrap(), "kept");
+    }
+
+    #[test]
+    fn every_spelling_of_the_peer_headers_is_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-client-cert",
+            "X_Forwarded_Client_Cert",
+            "x-forwarded_client-cert",
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "forwarded",
+            "x-real-ip",
+            "X_REAL_IP",
+            "x-forwarded-proto",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("forged"),
+            );
+        }
+        for kept in ["x-forwarded-client-certs", "x-forwarded", "forwarded-x"] {
+            h.insert(kept, HeaderValue::from_static("app"));
+        }
+        strip_peer_headers(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            ["forwarded-x", "x-forwarded", "x-forwarded-client-certs"]
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub credential_updates: Family<ResultLabels, Counter>,
     pub cert_expiry: Gauge,
     pub policy_loaded: Gauge,
+    pub policy_rejected: Gauge,
+    pub connections_revoked: Family<ConnLabels, Counter>,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
     pub bundle_updates: Family<ResultLabels, Counter>,
@@ -111,6 +113,16 @@ impl Metrics {
             "policy_loaded",
             "1 when a valid policy is loaded",
             m.policy_loaded.clone(),
+        );
+        r.register(
+            "policy_rejected",
+            "1 while the newest policy file was rejected and the last good policy is still in force",
+            m.policy_rejected.clone(),
+        );
+        r.register(
+            "connections_revoked",
+            "Open connections (TCP, upgraded tunnels) closed because a new policy no longer allows their peer",
+            m.connections_revoked.clone(),
         );
         r.register(
             "renewals",

@@ -45,6 +45,8 @@ impl StartError {
 /// A running sidecar.
 pub struct RunningSidecar {
     pub admin_addr: SocketAddr,
+    /// Where /metrics and /identity are served when `--stats-listen` is set.
+    pub stats_addr: Option<SocketAddr>,
     pub inbound_addrs: Vec<SocketAddr>,
     pub outbound_addrs: Vec<SocketAddr>,
     pub shared: Shared,
@@ -108,6 +110,10 @@ pub async fn start(
 
     // Listeners first: the policy is checked against the ports actually bound.
     let (admin, admin_addr) = bind(config.admin_listen).await?;
+    let stats = match config.stats_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let mut limits = Vec::new();
     let mut inbound_addrs = Vec::new();
     let mut inbound_listeners = Vec::new();
@@ -131,13 +137,22 @@ pub async fn start(
         .map(|(_, spec)| (spec.listen.port(), spec.protocol))
         .collect();
     let policy: PolicyStore = Default::default();
+    // Open connections re-check their peer against every policy applied after they opened.
+    let (policy_changed_tx, policy_changed) = watch::channel(0u64);
     let watcher = match &config.policy {
         Some(path) => {
             let m = metrics.clone();
             let on_reload = Box::new(move |outcome: &ReloadOutcome| {
                 let result = match outcome {
-                    ReloadOutcome::Applied => "applied",
-                    ReloadOutcome::Rejected(_) => "rejected",
+                    ReloadOutcome::Applied => {
+                        m.policy_rejected.set(0);
+                        policy_changed_tx.send_modify(|g| *g += 1);
+                        "applied"
+                    }
+                    ReloadOutcome::Rejected(_) => {
+                        m.policy_rejected.set(1);
+                        "rejected"
+                    }
                     ReloadOutcome::Unchanged => return,
                 };
                 m.policy_reloads
@@ -174,6 +189,7 @@ pub async fn start(
     let shared = Shared {
         creds,
         policy,
+        policy_changed,
         metrics,
         limits: config.limits,
         shutdown: shutdown_rx,
@@ -225,20 +241,40 @@ pub async fn start(
         ));
     }
     let registry = Arc::new(std::mem::take(registry));
-    let routes = Arc::new(crate::admin::SidecarAdmin {
-        shared: shared.clone(),
-        needs_policy: !config.inbound.is_empty() && config.policy.is_some(),
-        annotations: config.policy.clone(),
-    });
+    let probes = Arc::new(crate::admin::ProbeTable::new(config.policy.clone()));
+    let admin_routes = |role| {
+        Arc::new(crate::admin::SidecarAdmin {
+            shared: shared.clone(),
+            needs_policy: !config.inbound.is_empty() && config.policy.is_some(),
+            unready_on_policy_error: config.unready_on_policy_error,
+            role,
+            probes: probes.clone(),
+        })
+    };
+    let mut stats_addr = None;
+    let admin_role = match stats {
+        Some((listener, addr)) => {
+            stats_addr = Some(addr);
+            tokio::spawn(meshid_runtime::admin::serve(
+                listener,
+                registry.clone(),
+                admin_routes(crate::admin::AdminRole::Stats),
+                shared.shutdown.clone(),
+            ));
+            crate::admin::AdminRole::Probes
+        }
+        None => crate::admin::AdminRole::All,
+    };
     tokio::spawn(meshid_runtime::admin::serve(
         admin,
         registry,
-        routes,
+        admin_routes(admin_role),
         shared.shutdown.clone(),
     ));
-    tracing::info!(%admin_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
+    tracing::info!(%admin_addr, stats = ?stats_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
     Ok(RunningSidecar {
         admin_addr,
+        stats_addr,
         inbound_addrs,
         outbound_addrs,
         shared,

@@ -81,6 +81,10 @@ pub struct RunConfig {
     pub outbound: Vec<Outbound>,
     pub policy: Option<PathBuf>,
     pub admin_listen: SocketAddr,
+    /// Where /metrics and /identity are served instead of the admin port (`--stats-listen`).
+    pub stats_listen: Option<SocketAddr>,
+    /// Readiness fails while the newest policy file is rejected (`--unready-on-policy-error`).
+    pub unready_on_policy_error: bool,
     pub creds: CredSource,
     /// File mode: the CA to report to (`--report-ca-addr`); its roots come from the bundle file.
     pub report_to: Option<CaEndpoint>,

@@ -160,6 +160,8 @@ impl Default for TestPki {
 pub struct TestSidecar {
     pub running: Option<RunningSidecar>,
     pub admin: SocketAddr,
+    /// The stats server (`SidecarSpec::stats`).
+    pub stats: Option<SocketAddr>,
     pub inbound: Vec<SocketAddr>,
     pub outbound: Vec<SocketAddr>,
     pub policy_path: PathBuf,
@@ -181,6 +183,10 @@ pub struct SidecarSpec {
     pub creds: Option<CredSource>,
     /// File mode: the CA to report to (`--report-ca-addr`).
     pub report_to: Option<meshid_sidecar::settings::CaEndpoint>,
+    /// Serve /metrics and /identity on a port of their own (`--stats-listen 127.0.0.1:0`).
+    pub stats: bool,
+    /// `--unready-on-policy-error`.
+    pub unready_on_policy_error: bool,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -240,6 +246,8 @@ impl TestSidecar {
             outbound,
             policy,
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
+            stats_listen: spec.stats.then(|| "127.0.0.1:0".parse().expect("addr")),
+            unready_on_policy_error: spec.unready_on_policy_error,
             creds: spec.creds.clone().unwrap_or_else(|| {
                 CredSource::Files(FileCreds {
                     cert: workload.cert_path.clone(),
@@ -254,6 +262,7 @@ impl TestSidecar {
         let running = meshid_sidecar::run::start(config, &mut registry).await?;
         Ok(Self {
             admin: running.admin_addr,
+            stats: running.stats_addr,
             inbound: running.inbound_addrs.clone(),
             outbound: running.outbound_addrs.clone(),
             running: Some(running),

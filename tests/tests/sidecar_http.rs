@@ -325,7 +325,7 @@ async fn upgrade_passes_through() {
     );
     let mut tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
     tls.write_all(
-        b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
     .await
     .unwrap();

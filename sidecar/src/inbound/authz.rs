@@ -92,6 +92,47 @@ impl Authorizer {
         )))
     }
 
+    /// Resolves once a policy change no longer allows what this open connection was let in for:
+    /// `request` is the method and path of an upgraded HTTP request, `None` a TCP connection. The
+    /// closing is logged and counted; audit mode never closes anything.
+    pub async fn revoked(&self, peer: &Peer, request: Option<(&str, &str)>) {
+        let mut changes = self.shared.policy_changed.clone();
+        changes.borrow_and_update();
+        while changes.changed().await.is_ok() {
+            let guard = self.shared.policy.load();
+            let Some(policy) = guard.as_ref() else {
+                continue;
+            };
+            let decision = match request {
+                Some((method, path)) => policy.decide_request(self.port, peer.id(), method, path),
+                None => policy.decide_connection(self.port, peer.id()),
+            };
+            if decision.allowed {
+                continue;
+            }
+            self.shared
+                .metrics
+                .connections_revoked
+                .get_or_create(&crate::metrics::ConnLabels {
+                    direction: "inbound",
+                    port: self.port,
+                })
+                .inc();
+            let (method, path) = request.unwrap_or(("", ""));
+            tracing::warn!(
+                peer = %peer.id(),
+                port = self.port,
+                rule = %decision.rule,
+                method,
+                path,
+                "closing: the new policy no longer allows this connection"
+            );
+            return;
+        }
+        // The sender is gone (shutdown): nothing will revoke this connection any more.
+        std::future::pending::<()>().await;
+    }
+
     /// Logs an allow-list decision and counts it.
     fn record(&self, peer: &SpiffeId, decision: &Decision, request: Option<(&str, &str)>) {
         let port = self.port;

@@ -1,6 +1,10 @@
 //! Inbound HTTP: a hyper server (HTTP/1.1 or h2 by ALPN) asks the authorization point about every
 //! request (port, peer, method, path); allowed requests go to the app on localhost through a pooled
-//! client with `x-forwarded-client-cert` set by us (any copy from the peer is removed). Denied: 403
+//! client. Who called is said by us alone: every peer-sent spelling of the identity and forwarding
+//! headers is removed ([`crate::http::PEER_HEADERS`]), then `x-forwarded-client-cert` names the
+//! verified peer and `x-forwarded-for`/`forwarded` its address as this sidecar saw it (the address
+//! of the peer's sidecar, as Envoy's `use_remote_address` does; nothing a peer claims about hops
+//! before it passes), with `x-forwarded-proto: https` (the peer came over mTLS). Denied: 403
 //! with a short reason; app down: 502; app too slow: 504. HTTP/1.1 `Upgrade` (WebSocket) passes
 //! through. gRPC requests (and requests whose originating app spoke h2) reach the app as h2c;
 //! everything else as HTTP/1.1, which every HTTP app speaks.
@@ -20,10 +24,10 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::authz::{Authorizer, Peer};
-use crate::conn::Shared;
+use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, XFCC, finish_response, is_grpc, is_upgrade, reply, root_cause,
-    serve_connection, strip_hop_by_hop,
+    APP_H2_HINT, Body, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, reply, root_cause,
+    serve_connection, strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
 };
 use crate::settings::Inbound;
 
@@ -68,31 +72,46 @@ fn authority_of(addr: SocketAddr) -> http::uri::Authority {
 }
 
 /// Serves an authenticated inbound HTTP connection.
-pub async fn serve_inbound<IO>(io: IO, peer: Peer, http: Arc<InboundHttp>, shared: &Shared)
-where
+pub async fn serve_inbound<IO>(
+    io: IO,
+    peer: Peer,
+    http: Arc<InboundHttp>,
+    shared: &Shared,
+    slot: Arc<ConnSlot>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
-    let peer = Arc::new(peer);
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
-    let ctx = Arc::new(shared.clone());
+    let ctx = Arc::new(Conn {
+        peer,
+        shared: shared.clone(),
+        slot,
+    });
     let svc = move |req| {
-        let peer = peer.clone();
         let http = http.clone();
-        let shared = ctx.clone();
-        async move { Ok::<_, Infallible>(inbound_request(req, &peer, &http, &shared).await) }
+        let conn = ctx.clone();
+        async move { Ok::<_, Infallible>(inbound_request(req, &conn, &http).await) }
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
     serve_connection(io, shared, deadline, svc).await;
 }
 
+/// What every request of one connection shares.
+struct Conn {
+    peer: Peer,
+    shared: Shared,
+    /// The connection's place (permit, open count): an upgraded request's tunnel keeps it.
+    slot: Arc<ConnSlot>,
+}
+
 async fn inbound_request(
     mut req: Request<Incoming>,
-    peer: &Peer,
+    conn: &Conn,
     http: &InboundHttp,
-    shared: &Shared,
 ) -> Response<Body> {
+    let (peer, shared) = (&conn.peer, &conn.shared);
     let port = http.port;
     if let Err(denied) = http
         .authz
@@ -101,13 +120,21 @@ async fn inbound_request(
         return *denied;
     }
 
-    let upgrade = is_upgrade(&req);
+    // WebSocket is the one upgrade passed on; any other `Upgrade` is dropped below with the other
+    // hop-by-hop headers, and the request is served as a plain one.
+    let upgrade = is_upgrade(&req) && upgrades_to_websocket(req.headers());
+    let opened_by = upgrade.then(|| {
+        (
+            req.method().as_str().to_owned(),
+            req.uri().path().to_owned(),
+        )
+    });
     let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(APP_H2_HINT);
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
     headers.remove(APP_H2_HINT);
     // Only we say who the peer is.
-    headers.remove(XFCC);
+    strip_peer_headers(headers);
     let own = shared.creds.current();
     let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
     if let Ok(v) = HeaderValue::from_str(&format!(
@@ -116,6 +143,21 @@ async fn inbound_request(
     )) {
         headers.insert(XFCC, v);
     }
+    let ip = peer.addr.ip().to_canonical();
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(header::HeaderName::from_static("x-forwarded-for"), v);
+    }
+    let forwarded = match ip {
+        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
+        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    headers.insert(
+        header::HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
     if !headers.contains_key(header::HOST)
         && let Some(v) = req
             .uri()
@@ -141,7 +183,18 @@ async fn inbound_request(
             return reply(StatusCode::BAD_REQUEST, "bad request target".into());
         }
     }
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let tunnel = opened_by.map(|(method, path)| {
+        let authz = http.authz.clone();
+        let peer = peer.clone();
+        Tunnel {
+            client: hyper::upgrade::on(&mut req),
+            slot: conn.slot.clone(),
+            deadline: peer.deadline(shared.limits.cap_connection_age),
+            revoked: Box::pin(async move {
+                authz.revoked(&peer, Some((&method, &path))).await;
+            }),
+        }
+    });
     *req.version_mut() = if to_h2 {
         Version::HTTP_2
     } else {
@@ -174,5 +227,5 @@ async fn inbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp, client_upgrade, shared, "inbound", port)
+    finish_response(resp, tunnel, shared, "inbound", port)
 }

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use self::http::InboundHttp;
-use crate::conn::{ConnLimit, Shared};
+use crate::conn::{ConnLimit, ConnSlot, Shared};
 use crate::metrics::ConnLabels;
 use crate::settings::Inbound;
 use authz::{Authorizer, Peer};
@@ -51,10 +51,13 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
                     port,
                 };
                 shared.metrics.connections.get_or_create(&labels).inc();
-                shared.metrics.connections_open.get_or_create(&labels).inc();
-                handle(tcp, addr, &spec, &shared, &authz, http).await;
-                shared.metrics.connections_open.get_or_create(&labels).dec();
-                drop(permit);
+                let open = shared
+                    .metrics
+                    .connections_open
+                    .get_or_create(&labels)
+                    .clone();
+                let slot = ConnSlot::new(permit, open);
+                handle(tcp, addr, &spec, &shared, &authz, http, slot).await;
             }
             .instrument(span),
         );
@@ -68,6 +71,7 @@ async fn handle(
     shared: &Shared,
     authz: &Authorizer,
     http: Arc<InboundHttp>,
+    slot: Arc<ConnSlot>,
 ) {
     let port = spec.listen.port();
     let Some(snapshot) = shared.creds.current() else {
@@ -128,6 +132,6 @@ async fn handle(
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     match spec.protocol {
         Protocol::Tcp => tcp::proxy(tls, peer, authz, spec, shared).await,
-        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared).await,
+        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared, slot).await,
     }
 }

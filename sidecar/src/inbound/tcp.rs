@@ -1,6 +1,6 @@
 //! Inbound TCP: once the authorization point allows the connection, bytes flow both ways between
-//! the peer and the app until either side closes, the connection idles out, or the peer's
-//! certificate expires.
+//! the peer and the app until either side closes, the connection idles out, the peer's
+//! certificate expires, or a new policy no longer allows the peer.
 
 use tokio::net::TcpStream;
 
@@ -51,5 +51,6 @@ pub async fn proxy(
             Err(error) => tracing::debug!(%error, peer = %id, "tcp connection ended"),
         },
         () = ended => tracing::info!(peer = %id, "closing: the peer's certificate expired"),
+        () = authz.revoked(&peer, None) => {}
     }
 }

@@ -37,6 +37,32 @@ where
     serve_connection(io, shared, None, svc).await;
 }
 
+/// The authority the upstream sees: the request's `Host` (or its URI's authority, or the upstream's
+/// address), which must be a plain `host[:port]`. Anything else (a `/`, `?`, `#` or `@` in it, say)
+/// would change the path or the credentials the upstream reads, so it is refused.
+fn upstream_authority(
+    req: &Request<Incoming>,
+    remote: &str,
+) -> Result<http::uri::Authority, String> {
+    let raw: &[u8] = match req.headers().get(header::HOST) {
+        Some(host) => host.as_bytes(),
+        None => match req.uri().authority() {
+            Some(a) => a.as_str().as_bytes(),
+            None => remote.as_bytes(),
+        },
+    };
+    parse_authority(raw)
+}
+
+fn parse_authority(raw: &[u8]) -> Result<http::uri::Authority, String> {
+    let shown = String::from_utf8_lossy(raw);
+    if raw.is_empty() || raw.contains(&b'@') {
+        return Err(format!("invalid Host {shown:?}: expected host[:port]"));
+    }
+    http::uri::Authority::try_from(raw)
+        .map_err(|_| format!("invalid Host {shown:?}: expected host[:port]"))
+}
+
 async fn outbound_request(
     mut req: Request<Incoming>,
     out: &OutboundHttp,
@@ -52,20 +78,24 @@ async fn outbound_request(
         );
     }
     let app_h2 = req.version() == Version::HTTP_2;
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_else(|| out.remote.clone());
+    let authority = match upstream_authority(&req, &out.remote) {
+        Ok(a) => a,
+        Err(reason) => {
+            shared.metrics.request("outbound", port, 400);
+            return reply(StatusCode::BAD_REQUEST, reason);
+        }
+    };
     let pq = req
         .uri()
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    match format!("http://{authority}{pq}").parse() {
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    match http::Uri::builder()
+        .scheme(http::uri::Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+    {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => {
             shared.metrics.request("outbound", port, 400);
@@ -104,4 +134,36 @@ async fn outbound_request(
         Ok(Ok(resp)) => resp,
     };
     finish_response(resp, None, shared, "outbound", port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_authority_reaches_the_upstream() {
+        for good in [
+            "backend",
+            "backend:8080",
+            "10.0.0.7:80",
+            "[::1]:8080",
+            "a.b-c.example",
+        ] {
+            assert_eq!(parse_authority(good.as_bytes()).unwrap().as_str(), good);
+        }
+        for bad in [
+            "a/b?c",
+            "a/b",
+            "a?b",
+            "a#b",
+            "user@backend",
+            "user:pw@backend:80",
+            "",
+            "a b",
+            "a\\b",
+        ] {
+            let err = parse_authority(bad.as_bytes()).unwrap_err();
+            assert!(err.starts_with("invalid Host"), "{bad:?}: {err}");
+        }
+    }
 }

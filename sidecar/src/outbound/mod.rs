@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use self::http::OutboundHttp;
-use crate::conn::{ConnLimit, Shared};
+use crate::conn::{ConnLimit, ConnSlot, Shared};
 use crate::metrics::ConnLabels;
 use crate::settings::Outbound;
 use upstream::H2Upstream;
@@ -55,13 +55,16 @@ pub async fn serve(
                     port,
                 };
                 shared.metrics.connections.get_or_create(&labels).inc();
-                shared.metrics.connections_open.get_or_create(&labels).inc();
+                let open = shared
+                    .metrics
+                    .connections_open
+                    .get_or_create(&labels)
+                    .clone();
+                let _slot = ConnSlot::new(permit, open);
                 match http {
                     Some(http) => self::http::serve_outbound(tcp, http, &shared).await,
                     None => tcp::proxy(tcp, &spec, index, &shared).await,
                 }
-                shared.metrics.connections_open.get_or_create(&labels).dec();
-                drop(permit);
             }
             .instrument(span),
         );

@@ -1,0 +1,650 @@
+//! What an authenticated, allowed peer (or a pod next to ours) can still try, over real sockets:
+//! identity and forwarding headers in every spelling, upgrades other than WebSocket, a tunnel held
+//! past its certificate's expiry or past a policy change, a flood of upgrades against
+//! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
+//! hostile app-probe paths and probe floods on the admin port, the stats split, a rejected policy
+//! reload, and an accept loop out of file descriptors. Each ends refused or closed with a clear
+//! reason while allowed traffic keeps flowing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshid_identity::policy::Protocol;
+use meshid_sidecar::settings::Limits;
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, http_echo,
+    mtls_connect, tcp_echo,
+};
+use meshid_tests::process::{Proc, free_addr, http_get};
+use meshid_tests::tools::workspace_bin;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+
+fn http_policy(allowed: &[&str]) -> String {
+    let mut p = "inbound:\n  - port: {port0}\n    protocol: http\n    allow:\n".to_owned();
+    for id in allowed {
+        p.push_str(&format!("      - id: {id}\n        paths: [/api/*]\n"));
+    }
+    if allowed.is_empty() {
+        p = "inbound:\n  - port: {port0}\n    protocol: http\n    allow: []\n".to_owned();
+    }
+    p
+}
+
+fn tcp_policy(allowed: &[&str]) -> String {
+    let mut p = "inbound:\n  - port: {port0}\n    protocol: tcp\n    allow:\n".to_owned();
+    for id in allowed {
+        p.push_str(&format!("      - id: {id}\n"));
+    }
+    p
+}
+
+/// An app that answers every request with the request head it received (so a test sees exactly
+/// the headers the sidecar passed on), and becomes an echo tunnel when asked for an upgrade.
+async fn head_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 || head.len() > 65536 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).to_lowercase();
+                    if text.contains("\r\nupgrade:") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                            .await;
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        return;
+                    }
+                    let reply =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", head.len());
+                    if s.write_all(reply.as_bytes()).await.is_err()
+                        || s.write_all(&head).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Http {
+    pki: TestPki,
+    sidecar: TestSidecar,
+}
+
+async fn http_sidecar(ip: &'static str, limits: Limits, policy: String) -> Http {
+    let app = head_app().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![(ip, app, Protocol::Http)],
+            policy: Some(policy),
+            limits: Some(limits),
+            ..Default::default()
+        },
+    )
+    .await;
+    Http { pki, sidecar }
+}
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn connect_as(pki: &TestPki, sidecar: &TestSidecar, who: &Workload) -> Result<Tls, String> {
+    let cfg = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(who),
+        &sidecar.id,
+        &[b"http/1.1"],
+    );
+    mtls_connect(sidecar.inbound[0], cfg).await
+}
+
+/// Reads one response head (up to the blank line).
+async fn read_head(tls: &mut Tls) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut b)).await {
+            Ok(Ok(1)) => head.push(b[0]),
+            other => panic!(
+                "response head cut short ({other:?}): {}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Sends a raw HTTP/1.1 request (`Connection: close` added) and returns the whole response.
+async fn raw_request(mut tls: Tls, head: &str) -> String {
+    tls.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Opens a WebSocket tunnel through the sidecar and checks that bytes echo through it.
+async fn open_tunnel(pki: &TestPki, sidecar: &TestSidecar, who: &Workload) -> Tls {
+    let mut tls = connect_as(pki, sidecar, who).await.unwrap();
+    tls.write_all(
+        b"GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tls.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    tls
+}
+
+/// Whether the tunnel ends (EOF or error) within `within`, bytes echoing until then.
+async fn tunnel_ends_within(tls: &mut Tls, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        if tls.write_all(b"x").await.is_err() {
+            return true;
+        }
+        let read = tokio::time::timeout(Duration::from_millis(500), tls.read(&mut buf)).await;
+        if let Ok(Ok(0) | Err(_)) = read {
+            return true;
+        }
+    }
+    false
+}
+
+fn metric(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_sidecar_says_who_called_in_any_spelling() {
+    let e = http_sidecar("127.0.0.40", Limits::default(), http_policy(&[CLIENT])).await;
+    let client = e.pki.workload(CLIENT);
+    let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+    let forged = "GET /api/x HTTP/1.1\r\nHost: app\r\n\
+        X-Forwarded-Client-Cert: By=x;URI=spiffe://cluster.local/ns/shop/sa/admin\r\n\
+        X_Forwarded_Client_Cert: URI=spiffe://cluster.local/ns/shop/sa/admin\r\n\
+        x-forwarded_client-cert: forged\r\n\
+        X-Forwarded-For: 10.9.9.9\r\nX_Forwarded_For: 10.9.9.9\r\n\
+        Forwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\nX_Real_IP: 10.9.9.9\r\n\
+        X-Forwarded-Proto: http\r\nX-App-Header: kept\r\n";
+    let resp = raw_request(tls, forged).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = resp.to_lowercase();
+    assert!(
+        !seen.contains("sa/admin"),
+        "a forged identity reached the app: {resp}"
+    );
+    assert!(
+        !seen.contains("forged") && !seen.contains("10.9.9.9"),
+        "{resp}"
+    );
+    assert!(
+        !seen.contains("x_forwarded") && !seen.contains("x_real"),
+        "{resp}"
+    );
+    let xfcc: Vec<&str> = seen
+        .lines()
+        .filter(|l| l.starts_with("x-forwarded-client-cert:"))
+        .collect();
+    assert_eq!(xfcc.len(), 1, "{resp}");
+    assert!(xfcc[0].contains(&format!("uri={CLIENT}")), "{resp}");
+    assert!(
+        seen.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{resp}"
+    );
+    assert!(
+        seen.contains("\r\nforwarded: for=127.0.0.1;proto=https\r\n"),
+        "{resp}"
+    );
+    assert!(seen.contains("\r\nx-forwarded-proto: https\r\n"), "{resp}");
+    assert!(seen.contains("\r\nx-app-header: kept\r\n"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_upgrades_pass() {
+    let e = http_sidecar("127.0.0.41", Limits::default(), http_policy(&[CLIENT])).await;
+    let client = e.pki.workload(CLIENT);
+    for asked in ["h2c", "echo", "websocket, echo", "TLS/1.0"] {
+        let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        let resp = raw_request(
+            tls,
+            &format!(
+                "GET /api/ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: {asked}\r\n"
+            ),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{asked}: {resp}");
+        assert!(
+            !resp.to_lowercase().contains("\r\nupgrade:"),
+            "{asked}: the app was asked to upgrade: {resp}"
+        );
+    }
+    let _tunnel = open_tunnel(&e.pki, &e.sidecar, &client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_keep_their_connection_permit_under_an_upgrade_flood() {
+    const MAX: usize = 8;
+    const FLOOD: usize = 10_000;
+    let limits = Limits {
+        max_connections: MAX,
+        ..Limits::default()
+    };
+    let e = Arc::new(http_sidecar("127.0.0.42", limits, http_policy(&[CLIENT])).await);
+    let client = e.pki.workload(CLIENT);
+    let mut tunnels = Vec::new();
+    for _ in 0..MAX {
+        tunnels.push(open_tunnel(&e.pki, &e.sidecar, &client).await);
+    }
+    // Every further connection is refused at the limit, however many come: the sidecar closes it
+    // before any TLS, and counts it.
+    let addr = e.sidecar.inbound[0];
+    let mut flood = Vec::new();
+    for _ in 0..(FLOOD / 500) {
+        flood.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                if let Ok(mut tcp) = TcpStream::connect(addr).await {
+                    let mut b = [0u8; 1];
+                    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut b)).await;
+                }
+            }
+        }));
+    }
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert!(
+        connect_as(&e.pki, &e.sidecar, &client).await.is_err(),
+        "an mTLS connection past the limit was served"
+    );
+    let m = e.sidecar.metrics().await;
+    assert!(
+        metric(&m, "meshid_sidecar_connections_refused_total") > FLOOD as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meshid_sidecar_connections_open{direction=\"inbound\""),
+        MAX as f64,
+        "the tunnels count as open connections: {m}"
+    );
+    // The tunnels still work; closing them gives the room back.
+    let mut t = tunnels.pop().unwrap();
+    t.write_all(b"pong").await.unwrap();
+    let mut back = [0u8; 4];
+    t.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"pong");
+    drop(t);
+    drop(tunnels);
+    let e2 = e.clone();
+    let back_in = eventually(Duration::from_secs(10), || {
+        let e = e2.clone();
+        let client = client.clone();
+        async move {
+            match connect_as(&e.pki, &e.sidecar, &client).await {
+                Ok(tls) => raw_request(tls, "GET /api/x HTTP/1.1\r\nHost: app\r\n")
+                    .await
+                    .starts_with("HTTP/1.1 200"),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(back_in, "closed tunnels gave their permits back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_closes_at_its_peer_certificates_expiry() {
+    let e = http_sidecar("127.0.0.43", Limits::default(), http_policy(&[CLIENT])).await;
+    // A certificate with about three seconds left.
+    let short = e.pki.workload_at(
+        CLIENT,
+        OffsetDateTime::now_utc() - time::Duration::minutes(1),
+        Duration::from_secs(63),
+    );
+    let mut tunnel = open_tunnel(&e.pki, &e.sidecar, &short).await;
+    assert!(
+        tunnel_ends_within(&mut tunnel, Duration::from_secs(15)).await,
+        "the tunnel outlived its peer's certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_drops_the_peer_closes_its_tunnels() {
+    let e = http_sidecar(
+        "127.0.0.44",
+        Limits::default(),
+        http_policy(&[CLIENT, OTHER]),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let other = e.pki.workload(OTHER);
+    let mut dropped = open_tunnel(&e.pki, &e.sidecar, &client).await;
+    let mut kept = open_tunnel(&e.pki, &e.sidecar, &other).await;
+    // A change that still allows both keeps both.
+    e.sidecar
+        .write_policy(&http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"));
+    assert!(!tunnel_ends_within(&mut dropped, Duration::from_secs(2)).await);
+    e.sidecar.write_policy(&http_policy(&[OTHER]));
+    assert!(
+        tunnel_ends_within(&mut dropped, Duration::from_secs(10)).await,
+        "the dropped peer's tunnel stayed open"
+    );
+    assert!(
+        !tunnel_ends_within(&mut kept, Duration::from_secs(2)).await,
+        "the allowed peer's tunnel was closed"
+    );
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_connections_revoked_total"),
+        1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_drops_the_peer_closes_its_tcp_connections() {
+    let app = tcp_echo().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.45", app, Protocol::Tcp)],
+            policy: Some(tcp_policy(&[CLIENT, OTHER])),
+            ..Default::default()
+        },
+    )
+    .await;
+    let connect = |who: &Workload| {
+        let cfg = client_config(&pki.roots(), &pki.trust_domain, Some(who), &sidecar.id, &[]);
+        mtls_connect(sidecar.inbound[0], cfg)
+    };
+    let client = pki.workload(CLIENT);
+    let other = pki.workload(OTHER);
+    let mut dropped = connect(&client).await.unwrap();
+    let mut kept = connect(&other).await.unwrap();
+    for c in [&mut dropped, &mut kept] {
+        assert!(!tunnel_ends_within(c, Duration::from_millis(600)).await);
+    }
+    sidecar.write_policy(&tcp_policy(&[OTHER]));
+    assert!(
+        tunnel_ends_within(&mut dropped, Duration::from_secs(10)).await,
+        "the dropped peer's TCP connection stayed open"
+    );
+    assert!(!tunnel_ends_within(&mut kept, Duration::from_secs(2)).await);
+    let m = sidecar.metrics().await;
+    assert!(
+        m.contains("meshid_sidecar_connections_revoked_total{direction=\"inbound\",port=")
+            && metric(&m, "meshid_sidecar_connections_revoked_total") == 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_refuses_a_host_that_is_not_an_authority() {
+    let pki = TestPki::new();
+    let me = pki.workload(CLIENT);
+    // The upstream is never reached: nothing listens there.
+    let upstream = free_addr("127.0.0.46");
+    let sidecar = TestSidecar::start(
+        &pki,
+        &me,
+        CLIENT,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), SERVER.into(), Protocol::Http)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let local = sidecar.outbound[0];
+    for host in ["a/b?c", "a/b", "x#y", "user@backend", "a?b"] {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        tcp.write_all(
+            format!("GET /path HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{host}: {out}");
+        assert!(
+            out.to_lowercase().contains("x-meshid-reason: invalid host"),
+            "{host}: {out}"
+        );
+    }
+    // A valid Host gets past the check (and fails only at the unreachable upstream).
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"GET /path HTTP/1.1\r\nHost: backend:8080\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_forwards_only_valid_probes_at_a_bounded_rate() {
+    let app = http_echo().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let probes = format!(
+        r#"{{"app/readiness":{{"port":{p},"path":"/ready"}},"app/evil":{{"port":{p},"path":"/x HTTP/1.1\r\nHost: evil\r\nX-Injected: 1\r\n\r\nGET /y"}},"app/lf":{{"port":{p},"path":"/x\nX-Injected: 1"}},"app/relative":{{"port":{p},"path":"ready"}}}}"#,
+        p = app.port()
+    );
+    let quoted = format!("{probes:?}");
+    let annotations = format!(
+        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
+    );
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.47", app, Protocol::Http)],
+            policy: Some(annotations),
+            stats: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = sidecar.admin;
+    let stats = sidecar.stats.unwrap();
+    let results = tokio::task::spawn_blocking(move || {
+        let get = |addr, path: &str| http_get(addr, path).unwrap();
+        let mut r = vec![get(admin, "/app-health/app/readiness")];
+        for key in ["evil", "lf", "relative"] {
+            r.push(get(admin, &format!("/app-health/app/{key}")));
+        }
+        // The stats split: the admin port answers only what the kubelet needs.
+        r.push(get(admin, "/metrics"));
+        r.push(get(admin, "/identity"));
+        r.push(get(admin, "/readyz"));
+        r.push(get(stats, "/metrics"));
+        r.push(get(stats, "/identity"));
+        r.push(get(stats, "/app-health/app/readiness"));
+        // A flood: past the burst, probes are answered 429 without touching the app.
+        let mut limited = 0;
+        for _ in 0..200 {
+            if get(admin, "/app-health/app/readiness").0 == 429 {
+                limited += 1;
+            }
+        }
+        (r, limited)
+    })
+    .await
+    .unwrap();
+    let (r, limited) = results;
+    assert_eq!(r[0].0, 200, "a valid probe is forwarded: {}", r[0].1);
+    for (i, key) in ["evil", "lf", "relative"].iter().enumerate() {
+        let (code, body) = &r[i + 1];
+        assert_eq!(*code, 502, "{key}: {body}");
+        assert!(body.contains("not a valid request path"), "{key}: {body}");
+    }
+    assert_eq!(r[4].0, 404, "metrics on the admin port: {}", r[4].1);
+    assert_eq!(r[5].0, 404, "identity on the admin port: {}", r[5].1);
+    assert_eq!(r[6].0, 200, "readiness on the admin port: {}", r[6].1);
+    assert_eq!(r[7].0, 200);
+    assert!(r[7].1.contains("meshid_sidecar_"), "{}", r[7].1);
+    assert_eq!(r[8].0, 200);
+    assert!(r[8].1.contains(SERVER), "{}", r[8].1);
+    assert_eq!(r[9].0, 404, "probes are not on the stats port");
+    assert!(
+        limited >= 150,
+        "only {limited} of 200 flooding probes were limited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_policy_reload_is_loud_and_can_fail_readiness() {
+    let app = http_echo().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let client = pki.workload(CLIENT);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.48", app, Protocol::Http)],
+            policy: Some(http_policy(&[CLIENT])),
+            unready_on_policy_error: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = sidecar.admin;
+    let ready = move || http_get(admin, "/readyz").unwrap();
+    assert_eq!(tokio::task::spawn_blocking(ready).await.unwrap().0, 200);
+    sidecar.write_policy("inbound: [this is not a policy\n");
+    let unready = eventually(Duration::from_secs(10), || async {
+        tokio::task::spawn_blocking(ready).await.unwrap().0 == 503
+    })
+    .await;
+    assert!(unready, "readiness still green after a rejected policy");
+    let (_, body) = tokio::task::spawn_blocking(ready).await.unwrap();
+    assert!(body.contains("policy file was rejected"), "{body}");
+    let m = sidecar.metrics().await;
+    assert!(m.contains("meshid_sidecar_policy_rejected 1"), "{m}");
+    // The last good policy still decides.
+    let cfg = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&client),
+        &sidecar.id,
+        &[b"http/1.1"],
+    );
+    let tls = mtls_connect(sidecar.inbound[0], cfg).await.unwrap();
+    let resp = raw_request(tls, "GET /api/x HTTP/1.1\r\nHost: app\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // A good file again: ready, and the gauge is back to 0.
+    sidecar.write_policy(&http_policy(&[CLIENT]));
+    let ready_again = eventually(Duration::from_secs(10), || async {
+        tokio::task::spawn_blocking(ready).await.unwrap().0 == 200
+    })
+    .await;
+    assert!(ready_again);
+    assert!(
+        sidecar
+            .metrics()
+            .await
+            .contains("meshid_sidecar_policy_rejected 0")
+    );
+}
+
+/// Out of file descriptors, the admin accept loop waits between attempts instead of spinning, and
+/// serves again once descriptors are free. A real sidecar with a small descriptor limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_loop_out_of_file_descriptors_backs_off() {
+    let pki = TestPki::new();
+    let me = pki.workload(SERVER);
+    let app = tcp_echo().await;
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("sidecar.log");
+    let admin = free_addr("127.0.0.49");
+    let inbound = free_addr("127.0.0.49");
+    let bin = workspace_bin("meshid-sidecar");
+    let _sidecar = Proc::spawn(
+        "meshid-sidecar",
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+            .arg(&bin)
+            .args(["run", "--cert"])
+            .arg(&me.cert_path)
+            .arg("--key")
+            .arg(&me.key_path)
+            .arg("--bundle")
+            .arg(&pki.bundle_path)
+            .args(["--inbound", &format!("{inbound}={app},tcp")])
+            .args(["--admin-listen", &admin.to_string()])
+            .env("MESHID_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    assert!(meshid_tests::process::wait_http_ok(
+        admin,
+        "/healthz",
+        Duration::from_secs(10)
+    ));
+    // Take every descriptor the process has left, and hold them for three seconds.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(admin).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let failures = text.matches("accept failed").count();
+    assert!(failures >= 1, "the descriptors never ran out: {text}");
+    // Spinning, a loop logs a failure per attempt: many thousands in three seconds. Backing off
+    // (a pause of 20 ms or more), at most about 150.
+    assert!(
+        failures <= 400,
+        "{failures} accept failures in 3 s: the loop spins"
+    );
+    drop(held);
+    assert!(
+        meshid_tests::process::wait_http_ok(admin, "/healthz", Duration::from_secs(15)),
+        "the admin port serves again once descriptors are free"
+    );
+}
