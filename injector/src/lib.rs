@@ -9,6 +9,11 @@
 //! environment variable, so no namespace needs a ConfigMap of its own), and a downward-API file of
 //! its annotations, from which the sidecar reads its listeners and its live allow-list.
 //! Already-injected pods are left alone.
+//!
+//! On a pod UPDATE the webhook only validates: an update that changes the pod's `meshid.io/*`
+//! annotations into something the sidecar would refuse (`kubectl annotate` with a typo) is denied,
+//! naming every problem, instead of being accepted and then ignored by the sidecar. An UPDATE is
+//! never patched ([`validate_update`]).
 
 mod bundle;
 pub mod metrics;
@@ -27,7 +32,7 @@ use serde_json::{Value, json};
 
 pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
 pub use patch::apply_patch;
-pub use pod::{ADMIN_PORT, APP_PROBES, SIDECAR_NAME, sidecar_args};
+pub use pod::{ADMIN_PORT, APP_PROBES, SIDECAR_NAME, STATS_PORT, sidecar_args};
 
 /// What the injected sidecar is configured with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,23 +94,13 @@ pub enum Outcome {
 /// Decides for a pod object (the AdmissionReview's `request.object`).
 pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     let meta_annotations = pod.pointer("/metadata/annotations");
-    let annotations: BTreeMap<String, String> = meta_annotations
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let annotations = string_annotations(pod);
+    if let Some(problem) = inject_value_problem(&annotations) {
+        return Outcome::Deny(vec![problem]);
+    }
     let wanted = match annotations.get(annotations::INJECT).map(String::as_str) {
         Some("enabled") => true,
-        Some("disabled") => false,
-        Some(other) => {
-            return Outcome::Deny(vec![format!(
-                "annotation {}: {other:?} is not enabled or disabled",
-                annotations::INJECT
-            )]);
-        }
+        Some(_) => false,
         None => scope == Scope::Namespace,
     };
     if !wanted {
@@ -141,18 +136,7 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
             annotations::INJECT
         ));
     }
-    if mesh.inbound.iter().any(|i| i.port == ADMIN_PORT) {
-        problems.push(format!(
-            "annotation {}: port {ADMIN_PORT} is the sidecar's admin port",
-            annotations::INBOUND
-        ));
-    }
-    if mesh.outbound.iter().any(|o| o.local_port == ADMIN_PORT) {
-        problems.push(format!(
-            "annotation {}: port {ADMIN_PORT} is the sidecar's admin port",
-            annotations::OUTBOUND
-        ));
-    }
+    problems.extend(reserved_port_problems(&mesh));
     let mut ops = Vec::new();
     match meta_annotations {
         Some(Value::Object(_)) => ops.push(json!({
@@ -176,8 +160,88 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     }
 }
 
-/// Answers an `admission.k8s.io/v1` AdmissionReview. Anything that is not a pod CREATE is admitted
-/// unchanged; a request that cannot be read is answered with an error status (and `allowed: false`,
+/// Decides for a pod UPDATE: `pod` is the AdmissionReview's `request.object`, `old` its
+/// `oldObject`. Only the `meshid.io/*` annotations are looked at, and only when this update changes
+/// them (added, changed or removed): other updates of the pod (labels, finalizers, another
+/// annotation) are admitted whatever the pod carries, so a pod admitted earlier without checks
+/// (created while the webhook was unreachable under `failurePolicy: Ignore`) is never stuck. The
+/// changed annotations must pass the parser the sidecar loads them with (the one [`mutate_pod`]
+/// uses), `meshid.io/inject` must be `enabled` or `disabled`, and no port may be one of the
+/// sidecar's own. Never [`Outcome::Patch`]: a running pod is not mutated.
+pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
+    let annotations = string_annotations(pod);
+    let meshid = |all: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+        all.range(annotations::PREFIX.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(annotations::PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let new = meshid(&annotations);
+    if new.is_empty() {
+        return Outcome::Skip("no meshid annotations");
+    }
+    if old.is_some_and(|old| meshid(&string_annotations(old)) == new) {
+        return Outcome::Skip("meshid annotations unchanged");
+    }
+    let mut problems: Vec<String> = inject_value_problem(&annotations).into_iter().collect();
+    match MeshAnnotations::from_map(&annotations) {
+        Ok(mesh) => problems.extend(reserved_port_problems(&mesh)),
+        Err(errors) => problems.extend(errors.iter().map(ToString::to_string)),
+    }
+    if problems.is_empty() {
+        Outcome::Skip("meshid annotations valid")
+    } else {
+        Outcome::Deny(problems)
+    }
+}
+
+/// The pod's annotations whose values are strings (all of them, in a pod the API server accepted).
+fn string_annotations(pod: &Value) -> BTreeMap<String, String> {
+    pod.pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `meshid.io/inject` is absent, `enabled` or `disabled`.
+fn inject_value_problem(annotations: &BTreeMap<String, String>) -> Option<String> {
+    match annotations.get(annotations::INJECT).map(String::as_str) {
+        None | Some("enabled" | "disabled") => None,
+        Some(other) => Some(format!(
+            "annotation {}: {other:?} is not enabled or disabled",
+            annotations::INJECT
+        )),
+    }
+}
+
+/// Inbound or outbound ports that are the sidecar's own admin or stats port.
+fn reserved_port_problems(mesh: &MeshAnnotations) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (port, what) in [(ADMIN_PORT, "admin"), (STATS_PORT, "stats")] {
+        if mesh.inbound.iter().any(|i| i.port == port) {
+            problems.push(format!(
+                "annotation {}: port {port} is the sidecar's {what} port",
+                annotations::INBOUND
+            ));
+        }
+        if mesh.outbound.iter().any(|o| o.local_port == port) {
+            problems.push(format!(
+                "annotation {}: port {port} is the sidecar's {what} port",
+                annotations::OUTBOUND
+            ));
+        }
+    }
+    problems
+}
+
+/// Answers an `admission.k8s.io/v1` AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a
+/// pod UPDATE by [`validate_update`] (admitted or denied, never patched), anything else (other
+/// kinds, other operations, subresources such as `status` or `ephemeralcontainers`) is admitted
+/// unchanged. A request that cannot be read is answered with an error status (and `allowed: false`,
 /// so a broken request never yields a half-injected pod; the chart's failurePolicy decides what the
 /// API server does when the webhook itself is unreachable).
 pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
@@ -202,17 +266,30 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
             .pointer("/resource/resource")
             .and_then(Value::as_str)
             == Some("pods");
-    let is_create = request.get("operation").and_then(Value::as_str) == Some("CREATE");
     let has_sub = request
         .get("subResource")
         .and_then(Value::as_str)
         .is_some_and(|s| !s.is_empty());
-    if !is_pod || !is_create || has_sub {
+    if !is_pod || has_sub {
+        return answer(json!({"allowed": true}));
+    }
+    let operation = request.get("operation").and_then(Value::as_str);
+    if !matches!(operation, Some("CREATE" | "UPDATE")) {
         return answer(json!({"allowed": true}));
     }
     let Some(pod) = request.get("object") else {
         return answer(denied(400, "the request has no pod object".to_owned()));
     };
+    if operation == Some("UPDATE") {
+        let old = request.get("oldObject").filter(|o| !o.is_null());
+        return match validate_update(pod, old) {
+            Outcome::Deny(problems) => answer(denied(
+                400,
+                format!("meshid annotations refused: {}", problems.join("; ")),
+            )),
+            Outcome::Skip(_) | Outcome::Patch(_) => answer(json!({"allowed": true})),
+        };
+    }
     match mutate_pod(config, scope, pod) {
         Outcome::Skip(_) => answer(json!({"allowed": true})),
         Outcome::Deny(problems) => answer(denied(
@@ -267,5 +344,163 @@ mod tests {
         assert_eq!(out["response"]["allowed"], true);
         assert_eq!(out["response"]["uid"], "u1");
         assert!(out["response"].get("patch").is_none());
+    }
+
+    fn update(object: Value, old: Value) -> Value {
+        json!({"request": {"uid": "u2", "kind": {"kind": "Pod"},
+            "resource": {"resource": "pods"}, "operation": "UPDATE",
+            "object": object, "oldObject": old}})
+    }
+
+    fn pod_with(annotations: Value) -> Value {
+        json!({"metadata": {"name": "web", "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "web:1"}]}})
+    }
+
+    fn config() -> InjectConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let root = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        InjectConfig::new(TrustBundle::from_pem(root.pem().as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn updates_are_validated_only_when_they_change_meshid_annotations() {
+        let good = json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+            "meshid.io/allow-8080": "spiffe://cluster.local/ns/shop/sa/frontend"});
+        let mut typo = good.clone();
+        typo["meshid.io/allow-8080"] = json!("spiffe://cluster.local/ns/shop/sa/front*end");
+        typo["meshid.io/mode"] = json!("permisive");
+        let config = config();
+        // Changed into something the sidecar would refuse: denied, naming both problems.
+        let out = review(
+            &config,
+            Scope::Pod,
+            &update(pod_with(typo.clone()), pod_with(good.clone())),
+        );
+        let response = &out["response"];
+        assert_eq!(response["uid"], "u2");
+        assert_eq!(response["allowed"], false);
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().unwrap();
+        for needle in ["meshid.io/allow-8080", "meshid.io/mode", "permisive"] {
+            assert!(message.contains(needle), "{needle} not in {message}");
+        }
+        assert!(response.get("patch").is_none());
+        // Removing the inbound port leaves an allow list for an undeclared port: denied too.
+        let mut removed = good.clone();
+        removed.as_object_mut().unwrap().remove("meshid.io/inbound");
+        let out = review(
+            &config,
+            Scope::Pod,
+            &update(pod_with(removed), pod_with(good.clone())),
+        );
+        assert_eq!(out["response"]["allowed"], false, "{out}");
+        // A valid change: admitted, no patch.
+        let mut changed = good.clone();
+        changed["meshid.io/allow-8080"] = json!("spiffe://cluster.local/ns/ops/sa/*");
+        let out = review(
+            &config,
+            Scope::Namespace,
+            &update(pod_with(changed), pod_with(good.clone())),
+        );
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+        assert!(out["response"].get("patch").is_none());
+        // An update that leaves broken meshid annotations as they were (a label, a finalizer):
+        // admitted, so that such a pod can still be relabelled and deleted.
+        let mut relabelled = pod_with(typo.clone());
+        relabelled["metadata"]["labels"] = json!({"app": "web"});
+        let out = review(
+            &config,
+            Scope::Pod,
+            &update(relabelled, pod_with(typo.clone())),
+        );
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+        // Without an old object, the annotations are checked as they are.
+        let out = review(&config, Scope::Pod, &update(pod_with(typo), Value::Null));
+        assert_eq!(out["response"]["allowed"], false, "{out}");
+        // No meshid annotation at all: admitted untouched.
+        let out = review(
+            &config,
+            Scope::Pod,
+            &update(pod_with(json!({"team": "web"})), pod_with(json!({}))),
+        );
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+        assert!(out["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn updates_check_the_inject_value_and_the_sidecar_ports() {
+        let config = config();
+        for (annotations, needles) in [
+            (
+                json!({"meshid.io/inject": "yes"}),
+                &["meshid.io/inject", "\"yes\""][..],
+            ),
+            (
+                json!({"meshid.io/inbound": "15020=http"}),
+                &[
+                    "meshid.io/inbound",
+                    "port 15020 is the sidecar's stats port",
+                ][..],
+            ),
+            (
+                json!({"meshid.io/outbound": "15021=db.shop.svc:5432,spiffe://cluster.local/ns/shop/sa/db,tcp"}),
+                &[
+                    "meshid.io/outbound",
+                    "port 15021 is the sidecar's admin port",
+                ][..],
+            ),
+        ] {
+            let out = review(
+                &config,
+                Scope::Pod,
+                &update(pod_with(annotations), pod_with(json!({}))),
+            );
+            assert_eq!(out["response"]["allowed"], false, "{out}");
+            let message = out["response"]["status"]["message"].as_str().unwrap();
+            for needle in needles {
+                assert!(message.contains(needle), "{needle} not in {message}");
+            }
+        }
+        // Subresource updates (status, ephemeral containers) are not looked at.
+        let mut r = update(
+            pod_with(json!({"meshid.io/inject": "yes"})),
+            pod_with(json!({})),
+        );
+        r["request"]["subResource"] = json!("status");
+        assert_eq!(review(&config, Scope::Pod, &r)["response"]["allowed"], true);
+    }
+
+    #[test]
+    fn injected_sidecar_serves_stats_apart_from_probes() {
+        let config = config();
+        let args = sidecar_args(&config);
+        let at = args.iter().position(|a| a == "--stats-listen").unwrap();
+        assert_eq!(args[at + 1], "0.0.0.0:15020");
+        let at = args.iter().position(|a| a == "--admin-listen").unwrap();
+        assert_eq!(args[at + 1], "0.0.0.0:15021");
+        let pod =
+            pod_with(json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http"}));
+        let Outcome::Patch(ops) = mutate_pod(&config, Scope::Pod, &pod) else {
+            panic!("not injected");
+        };
+        let sidecar = ops
+            .iter()
+            .find(|o| o["path"] == "/spec/initContainers")
+            .unwrap();
+        assert_eq!(
+            sidecar["value"][0]["ports"],
+            json!([
+                {"name": "meshid-admin", "containerPort": 15021, "protocol": "TCP"},
+                {"name": "meshid-stats", "containerPort": 15020, "protocol": "TCP"},
+            ])
+        );
+        assert_eq!(
+            sidecar["value"][0]["readinessProbe"]["httpGet"]["port"],
+            15021
+        );
     }
 }

@@ -10,8 +10,11 @@ use super::{InjectConfig, escape};
 
 /// Name of the injected init container (the native sidecar).
 pub const SIDECAR_NAME: &str = "meshid-sidecar";
-/// The sidecar's admin port (probes, metrics).
+/// The sidecar's admin port: the kubelet's probes (`/healthz`, `/readyz`, `/app-health/...`).
 pub const ADMIN_PORT: u16 = 15021;
+/// The sidecar's stats port (`--stats-listen`): `/metrics` and `/identity`, for Prometheus and
+/// operators, apart from the probes.
+pub const STATS_PORT: u16 = 15020;
 /// Value of `meshid.io/injected`.
 pub(super) const INJECTED_VALUE: &str = "v1";
 pub use meshid_identity::annotations::APP_PROBES;
@@ -23,7 +26,7 @@ const POD_DIR: &str = "/var/run/meshid/pod";
 
 /// The sidecar's arguments; its listeners and policy come from the annotations file, its pod IP from
 /// the `MESHID_POD_IP` environment variable (downward API `status.podIP`), the trust bundle from
-/// `MESHID_CA_BUNDLE_PEM`.
+/// `MESHID_CA_BUNDLE_PEM`. Probes go to [`ADMIN_PORT`], metrics and `/identity` to [`STATS_PORT`].
 pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
     [
         "run",
@@ -35,6 +38,8 @@ pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
         &format!("{TOKEN_DIR}/token"),
         "--admin-listen",
         &format!("0.0.0.0:{ADMIN_PORT}"),
+        "--stats-listen",
+        &format!("0.0.0.0:{STATS_PORT}"),
     ]
     .iter()
     .map(|s| (*s).to_owned())
@@ -107,7 +112,11 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
             {"name": "MESHID_LOG_FORMAT", "value": config.log_format},
             {"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()},
         ],
-        "ports": [{"name": "meshid-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        // Probes on meshid-admin; Prometheus scrapes meshid-stats (`/metrics`).
+        "ports": [
+            {"name": "meshid-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "meshid-stats", "containerPort": STATS_PORT, "protocol": "TCP"},
+        ],
         // The app starts only once the sidecar has its certificate and policy.
         "startupProbe": probe("/readyz", 60),
         "readinessProbe": probe("/readyz", 3),

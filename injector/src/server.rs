@@ -1,6 +1,6 @@
 //! The webhook's HTTPS server: `POST /inject` (namespace not opted in) and `POST /inject-namespace`
-//! (namespace labelled `meshid.io/inject=enabled`) answer AdmissionReviews; `GET /healthz` answers
-//! probes. Its serving certificate (from `meshid-ca webhook-cert`, see [`super::serving`]) chains
+//! (namespace labelled `meshid.io/inject=enabled`) answer AdmissionReviews (pod CREATE: inject;
+//! pod UPDATE: validate the meshid annotations); `GET /healthz` answers probes. Its serving certificate (from `meshid-ca webhook-cert`, see [`super::serving`]) chains
 //! to our CA's roots, so the webhook configuration's `caBundle` is the mesh trust bundle.
 
 use std::convert::Infallible;
@@ -90,6 +90,7 @@ async fn handle(
     tracing::info!(
         %peer,
         uid = %response["uid"],
+        operation = %input.pointer("/request/operation").unwrap_or(&serde_json::Value::Null),
         namespace = %input.pointer("/request/namespace").unwrap_or(&serde_json::Value::Null),
         allowed = %response["allowed"],
         patched = response.get("patch").is_some(),

@@ -4,7 +4,9 @@
 //! JSONPatch out carrying the trust bundle; a replaced certificate or bundle is picked up without a
 //! restart, a broken one is refused (at start: exit 64) or ignored (while running), and the admin
 //! port's metrics follow (the serving certificate's expiry, reloads, reviews); bad flags exit 64
-//! naming every problem.
+//! naming every problem. Pod UPDATEs (as the API server sends them for `kubectl annotate`: the
+//! patched pod and the one before) are validated: a meshid annotation the sidecar would refuse is
+//! denied by name, anything else is admitted without a patch.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -313,6 +315,199 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
         .await
         .unwrap();
     assert_eq!(code, 400);
+}
+
+/// The AdmissionReview the API server sends for `kubectl annotate pod NAME ... --overwrite` (a PATCH,
+/// which admission sees as an UPDATE): the pod after the change, and before it.
+fn update_review(pod: &Value, old: &Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0df28fbd-5f5f-4e5e-8d59-3e2a1c9e0b7a",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": pod["metadata"]["name"],
+            "namespace": "shop",
+            "operation": "UPDATE",
+            "userInfo": {"username": "jane@example.com", "groups": ["system:authenticated"]},
+            "object": pod,
+            "oldObject": old,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "PatchOptions",
+                "fieldManager": "kubectl-annotate"},
+        }
+    })
+    .to_string()
+}
+
+/// POSTs `body` to `path`: the AdmissionReview's response.
+async fn answer(
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    path: &str,
+    body: &str,
+) -> Value {
+    let (code, body) = https(addr, roots, "POST", path, body).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["kind"], "AdmissionReview");
+    answer["response"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_updates_are_validated_never_patched() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()]),
+    );
+    wait_healthy(addr, &roots).await;
+
+    // The running pod: created through the webhook (CREATE injects, as before), then as the API
+    // server stores it.
+    let mut created = annotated_pod();
+    created["metadata"]["annotations"]["meshid.io/allow-8080"] =
+        json!("spiffe://cluster.local/ns/shop/sa/frontend");
+    let response = answer(addr, &roots, "/inject", &review(&created)).await;
+    assert_eq!(response["allowed"], true, "{response}");
+    let ops: Vec<Value> = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(response["patch"].as_str().expect("CREATE is patched"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut running = created.clone();
+    meshid_injector::apply_patch(&mut running, &ops).unwrap();
+    running["metadata"]["name"] = json!("web-5k2xq");
+    running["metadata"]["namespace"] = json!("shop");
+    running["metadata"]["uid"] = json!("6b1f2b1e-2c43-4a4f-9d1e-5a8c2b7e9f10");
+    running["metadata"]["resourceVersion"] = json!("48213");
+    running["status"] = json!({"phase": "Running", "podIP": "10.244.1.17"});
+    assert_eq!(
+        running["spec"]["initContainers"][0]["name"],
+        "meshid-sidecar"
+    );
+    let annotate = |key: &str, value: &str| {
+        let mut pod = running.clone();
+        pod["metadata"]["annotations"][key] = json!(value);
+        pod["metadata"]["resourceVersion"] = json!("48250");
+        pod
+    };
+
+    // kubectl annotate with a typo (a malformed SPIFFE ID) and a mode that does not exist: denied
+    // by both entries, the message naming each annotation and its problem.
+    let mut typo = annotate(
+        "meshid.io/allow-8080",
+        "spiffe://cluster.local/ns/shop/sa/front*end",
+    );
+    typo["metadata"]["annotations"]["meshid.io/mode"] = json!("permisive");
+    for path in ["/inject", "/inject-namespace"] {
+        let response = answer(addr, &roots, path, &update_review(&typo, &running)).await;
+        assert_eq!(
+            response["uid"], "0df28fbd-5f5f-4e5e-8d59-3e2a1c9e0b7a",
+            "{path}"
+        );
+        assert_eq!(response["allowed"], false, "{path}: {response}");
+        assert_eq!(response["status"]["code"], 400, "{path}");
+        let message = response["status"]["message"].as_str().unwrap();
+        for needle in [
+            "meshid annotations refused",
+            "annotation meshid.io/allow-8080",
+            "annotation meshid.io/mode",
+            "\"permisive\" is not enforce or audit",
+        ] {
+            assert!(
+                message.contains(needle),
+                "{path}: {needle:?} not in {message}"
+            );
+        }
+        assert!(response.get("patch").is_none(), "{path}: {response}");
+    }
+    // An allow list for a port the pod does not declare: denied too.
+    let undeclared = annotate(
+        "meshid.io/allow-9000",
+        "spiffe://cluster.local/ns/shop/sa/frontend",
+    );
+    let response = answer(
+        addr,
+        &roots,
+        "/inject",
+        &update_review(&undeclared, &running),
+    )
+    .await;
+    assert_eq!(response["allowed"], false, "{response}");
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("meshid.io/allow-9000") && message.contains("not declared"),
+        "{message}"
+    );
+
+    // A valid change of the allow list: admitted as it is, no patch.
+    let valid = annotate(
+        "meshid.io/allow-8080",
+        "spiffe://cluster.local/ns/shop/sa/frontend, spiffe://cluster.local/ns/ops/sa/*",
+    );
+    for path in ["/inject", "/inject-namespace"] {
+        let response = answer(addr, &roots, path, &update_review(&valid, &running)).await;
+        assert_eq!(response["allowed"], true, "{path}: {response}");
+        assert!(response.get("patch").is_none(), "{path}: {response}");
+        assert!(response.get("patchType").is_none(), "{path}: {response}");
+    }
+
+    // Updates that are not about meshid: a pod without sidecar or meshid annotations gets a label,
+    // the injected pod gets an annotation of someone else's. Admitted untouched.
+    let plain = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "batch-7x9", "namespace": "shop", "resourceVersion": "311",
+            "annotations": {"example.com/owner": "team-a"}},
+        "spec": {"containers": [{"name": "app", "image": "batch:1"}]},
+    });
+    let mut relabelled = plain.clone();
+    relabelled["metadata"]["labels"] = json!({"tier": "batch"});
+    let other = annotate("example.com/owner", "team-b");
+    for (pod, old) in [(&relabelled, &plain), (&other, &running)] {
+        for path in ["/inject", "/inject-namespace"] {
+            let response = answer(addr, &roots, path, &update_review(pod, old)).await;
+            assert_eq!(response["allowed"], true, "{path}: {response}");
+            assert!(response.get("patch").is_none(), "{path}: {response}");
+        }
+    }
+
+    // CREATE is as before: bad annotations refuse the pod (by the injection's message).
+    let mut bad = annotated_pod();
+    bad["metadata"]["annotations"]["meshid.io/mode"] = json!("permisive");
+    let response = answer(addr, &roots, "/inject", &review(&bad)).await;
+    assert_eq!(response["allowed"], false, "{response}");
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(message.starts_with("meshid injection refused"), "{message}");
+
+    // Counted: 3 UPDATE denials and the CREATE one; the admitted updates changed nothing.
+    assert_eq!(
+        metric(admin, "meshid_injector_reviews_total{result=\"denied\"}"),
+        4.0
+    );
+    assert_eq!(
+        metric(admin, "meshid_injector_reviews_total{result=\"unchanged\"}"),
+        6.0
+    );
+    assert_eq!(
+        metric(admin, "meshid_injector_reviews_total{result=\"injected\"}"),
+        1.0
+    );
 }
 
 #[test]

@@ -254,6 +254,32 @@ fn deployment_pod_gets_a_native_sidecar() {
     assert_eq!(patched["spec"]["containers"], pod["spec"]["containers"]);
     assert_eq!(patched["spec"]["volumes"][0], kube_api_access());
     let c = sidecar(&patched);
+    // Probes on the admin port, Prometheus on the stats port (`/metrics`, `/identity`).
+    assert_eq!(
+        c["ports"],
+        json!([
+            {"name": "meshid-admin", "containerPort": 15021, "protocol": "TCP"},
+            {"name": "meshid-stats", "containerPort": 15020, "protocol": "TCP"},
+        ])
+    );
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for pair in [
+        ["--admin-listen", "0.0.0.0:15021"],
+        ["--stats-listen", "0.0.0.0:15020"],
+    ] {
+        assert!(
+            args.windows(2).any(|w| w == pair),
+            "{pair:?} not in {args:?}"
+        );
+    }
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], 15021, "{probe}");
+    }
     assert_eq!(c["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
@@ -394,6 +420,15 @@ fn bad_annotations_deny_the_pod_naming_each_problem() {
             expected: &["meshid.io/inbound", "admin port"],
         },
         Case {
+            name: "the sidecar's stats port",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/outbound": "15020=db.shop.svc:5432,spiffe://cluster.local/ns/shop/sa/db,tcp"}),
+            expected: &[
+                "meshid.io/outbound",
+                "port 15020 is the sidecar's stats port",
+            ],
+        },
+        Case {
             name: "bad inject value",
             annotations: json!({"meshid.io/inject": "yes"}),
             expected: &["meshid.io/inject", "\"yes\""],
@@ -469,15 +504,131 @@ fn already_injected_and_not_requested_pods_are_left_alone() {
 
 #[test]
 fn other_requests_pass_through() {
+    // An UPDATE with valid meshid annotations: admitted, never patched (even without a sidecar).
     let mut r = admission_review("shop", deployment_pod(mesh_annotations()));
     r["request"]["operation"] = json!("UPDATE");
+    r["request"]["oldObject"] = deployment_pod(json!({}));
     let out = review(&config(), Scope::Pod, &r);
     assert_eq!(out["response"]["allowed"], true);
     assert!(out["response"].get("patch").is_none());
+    // Other operations are not looked at.
+    for operation in ["DELETE", "CONNECT"] {
+        let mut r = admission_review("shop", deployment_pod(json!({"meshid.io/inject": "yes"})));
+        r["request"]["operation"] = json!(operation);
+        let out = review(&config(), Scope::Pod, &r);
+        assert_eq!(out["response"]["allowed"], true, "{operation}");
+    }
     r["request"]["operation"] = json!("CREATE");
     r["request"]["subResource"] = json!("ephemeralcontainers");
     let out = review(&config(), Scope::Pod, &r);
     assert!(out["response"].get("patch").is_none());
     let out = review(&config(), Scope::Pod, &json!({"kind": "AdmissionReview"}));
     assert_eq!(out["response"]["allowed"], false);
+}
+
+/// The chart's MutatingWebhookConfiguration, rendered by helm: both entries (namespace-wide and
+/// per-pod) see pod CREATEs and UPDATEs, UPDATEs only when they touch a `meshid.io/*` annotation,
+/// with `injector.failurePolicy` as set; and the PrometheusRule warns about a sidecar that rejected
+/// its newest policy. Needs the tools of `scripts/k8s/install-tools.sh`; without them this test says
+/// so and checks nothing, except under `scripts/k8s/check.sh` (which sets `MESHID_INJECT_OUT` and
+/// installs them), where it fails.
+#[test]
+fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der),
+    )
+    .unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let required = [
+        "--set".to_owned(),
+        "ca.existingSecret=meshid-ca".to_owned(),
+        "--set-file".to_owned(),
+        format!("ca.trustBundle={}", bundle.display()),
+        "--set-file".to_owned(),
+        format!("ca.jwks={}", jwks.display()),
+    ];
+    for (extra, policy) in [
+        (&[][..], "Fail"),
+        (
+            &[
+                "--set",
+                "injector.failurePolicy=Ignore",
+                "--set",
+                "prometheusRule.enabled=true",
+            ][..],
+            "Ignore",
+        ),
+    ] {
+        let mut args: Vec<&str> = required.iter().map(String::as_str).collect();
+        args.extend(extra);
+        let Some(docs) = meshid_tests::tools::render_chart(&args) else {
+            assert!(
+                std::env::var_os("MESHID_INJECT_OUT").is_none(),
+                "helm is missing: run scripts/k8s/install-tools.sh"
+            );
+            eprintln!("helm not installed (scripts/k8s/install-tools.sh): chart not checked");
+            return;
+        };
+        let webhook = docs
+            .iter()
+            .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+            .expect("the webhook configuration");
+        let entries = webhook["webhooks"].as_array().unwrap();
+        let names: Vec<&str> = entries
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["namespace.inject.meshid.io", "pod.inject.meshid.io"]
+        );
+        for entry in entries {
+            let name = &entry["name"];
+            assert_eq!(entry["failurePolicy"], policy, "{name}");
+            assert_eq!(
+                entry["rules"],
+                json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""],
+                    "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}]),
+                "{name}"
+            );
+            // Only UPDATEs that add, change or remove a meshid annotation are sent: other pod
+            // updates never depend on the injector (its failurePolicy does not apply to them).
+            let conditions = entry["matchConditions"].as_array().unwrap();
+            assert_eq!(conditions.len(), 1, "{name}");
+            let expression = conditions[0]["expression"].as_str().unwrap();
+            for needle in [
+                "request.operation != 'UPDATE' ||",
+                "k.startsWith('meshid.io/')",
+                "oldObject.metadata.annotations[k] == object.metadata.annotations[k]",
+                "k in object.metadata.annotations",
+            ] {
+                assert!(
+                    expression.contains(needle),
+                    "{name}: {needle:?} not in {expression}"
+                );
+            }
+        }
+        let rule = docs
+            .iter()
+            .filter(|d| d["kind"] == "PrometheusRule")
+            .flat_map(|d| d["spec"]["groups"].as_array().unwrap())
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .find(|r| r["alert"] == "MeshidSidecarPolicyRejected");
+        if policy == "Fail" {
+            assert!(rule.is_none(), "the PrometheusRule is opt-in");
+            continue;
+        }
+        let rule = rule.expect("MeshidSidecarPolicyRejected");
+        assert_eq!(rule["expr"], "meshid_sidecar_policy_rejected == 1");
+        assert_eq!(rule["for"], "1m");
+        assert_eq!(rule["labels"]["severity"], "warning");
+        let text = rule["annotations"].to_string();
+        for needle in ["not applied", "check-policy", "kubectl logs"] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+    }
 }

@@ -99,13 +99,15 @@ impl PodFiles {
 }
 
 /// Starts the pod's injected sidecar as the kubelet would: its args, its env (with the downward-API
-/// values resolved), its volumes' files in place.
+/// values resolved), its volumes' files in place. `admin` (probes) and `stats` (`/metrics`,
+/// `/identity`) replace the injected `0.0.0.0:15021` and `0.0.0.0:15020`.
 fn run_sidecar(
     pod: &Value,
     root: &Path,
     pod_ip: &str,
     cluster: &FakeCluster,
     admin: SocketAddr,
+    stats: SocketAddr,
 ) -> (Proc, PodFiles) {
     let c = &pod["spec"]["initContainers"][0];
     assert_eq!(c["name"], "meshid-sidecar");
@@ -146,9 +148,16 @@ fn run_sidecar(
             }
         })
         .collect();
-    // Every pod has its own IP in a cluster; here they share loopback, so the admin port moves.
-    let i = args.iter().position(|a| a == "--admin-listen").unwrap();
-    args[i + 1] = admin.to_string();
+    // Every pod has its own IP in a cluster; here they share loopback, so the admin and stats
+    // ports move.
+    for (flag, injected, here) in [
+        ("--admin-listen", "0.0.0.0:15021", admin),
+        ("--stats-listen", "0.0.0.0:15020", stats),
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        assert_eq!(args[i + 1], injected, "{flag}");
+        args[i + 1] = here.to_string();
+    }
     assert!(
         !args.iter().any(|a| a == "--ca-bundle"),
         "the bundle is not a file: {args:?}"
@@ -241,12 +250,14 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
     );
 
     let (b_admin, f_admin) = (free_addr("127.0.0.3"), free_addr("127.0.0.4"));
+    let (b_stats, f_stats) = (free_addr("127.0.0.3"), free_addr("127.0.0.4"));
     let (_b, mut b_files) = run_sidecar(
         &backend,
         &dir.path().join("pod-b"),
         "127.0.0.3",
         &cluster,
         b_admin,
+        b_stats,
     );
     let (_f, _f_files) = run_sidecar(
         &frontend,
@@ -254,6 +265,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         "127.0.0.4",
         &cluster,
         f_admin,
+        f_stats,
     );
     assert!(
         wait_http_ok(b_admin, "/readyz", Duration::from_secs(15)),
@@ -263,8 +275,15 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         wait_http_ok(f_admin, "/readyz", Duration::from_secs(15)),
         "frontend sidecar ready"
     );
-    let (_, identity) = http_get(b_admin, "/identity").unwrap();
+    // Identity and metrics on the stats port; the admin port only answers the kubelet's probes.
+    let (code, identity) = http_get(b_stats, "/identity").unwrap();
+    assert_eq!(code, 200, "{identity}");
     assert!(identity.contains(BACKEND), "{identity}");
+    assert_eq!(http_get(f_stats, "/metrics").unwrap().0, 200);
+    for path in ["/metrics", "/identity"] {
+        let (code, _) = http_get(b_admin, path).unwrap();
+        assert_ne!(code, 200, "{path} is not served on the admin port");
+    }
 
     // The frontend app calls 127.0.0.1:LOCAL; the backend app sees the caller's identity.
     let via = SocketAddr::from(([127, 0, 0, 1], local));
@@ -310,7 +329,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
             .unwrap_or(false)),
         "allowed again without a restart"
     );
-    let (_, metrics) = http_get(b_admin, "/metrics").unwrap();
+    let (_, metrics) = http_get(b_stats, "/metrics").unwrap();
     assert!(
         metrics.contains("rejected"),
         "the rejected reload is counted"
@@ -331,6 +350,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         &dir.path().join("pod-c"),
         "127.0.0.5",
         &cluster,
+        free_addr("127.0.0.5"),
         free_addr("127.0.0.5"),
     );
     let status = c
