@@ -154,8 +154,15 @@ pub fn create_authority_files(
 
     let root_pem = pem_cert(&root_der);
     write_file(&files.path("root.pem"), root_pem.as_bytes(), false)?;
-    if let Some(key_pem) = root_key_pem {
-        write_file(&files.path("root.key"), key_pem.as_bytes(), true)?;
+    match root_key_pem {
+        Some(key_pem) => write_file(&files.path("root.key"), key_pem.as_bytes(), true)?,
+        // Other issuing CAs may share an imported root: trust under it is pinned to this
+        // authority's intermediate (see `pinned_intermediate`).
+        None => write_file(
+            &files.path(IMPORTED_MARKER),
+            IMPORTED_NOTE.as_bytes(),
+            false,
+        )?,
     }
     write_file(
         &files.path("intermediate.pem"),
@@ -281,15 +288,22 @@ pub fn read_trust_domain(dir: &Path) -> Result<TrustDomain, AuthorityError> {
     TrustDomain::new(&meta.trust_domain).map_err(|e| invalid(&path, e.to_string()))
 }
 
-/// An authority's issuing intermediate when trust in its root is pinned to it: when this directory
-/// does not hold the root's key (an imported enterprise root, which other issuing CAs may share),
-/// the mesh cannot vouch for everything under that root, only for its own intermediate. Such an
-/// intermediate never changes in place (`rotate intermediate` needs the root key): a new one comes
-/// as a new authority (`rotate prepare --root-cert --root-key`), published before it signs.
+/// Marks an authority whose root was imported (`root.imported`, or `a<n>-root.imported`).
+pub const IMPORTED_MARKER: &str = "root.imported";
+const IMPORTED_NOTE: &str = "This authority's root was imported: other issuing CAs may share it, so \
+trust under it is pinned to this authority's intermediate. Keep this file with the CA's files.\n";
+
+/// An authority's issuing intermediate when trust in its root is pinned to it: the root was
+/// imported (an enterprise root, which other issuing CAs may share), so the mesh cannot vouch for
+/// everything under that root, only for its own intermediate. Such an intermediate never changes in
+/// place (`rotate intermediate` needs the root key, which an import does not keep): a new one comes
+/// as a new authority (`rotate prepare --root-cert --root-key`), published before it signs. A root
+/// the mesh generated is not pinned, whether or not its key sits in this directory: nothing but its
+/// own key signs under it.
 fn pinned_intermediate(
     files: &AuthorityFiles,
 ) -> Result<Option<CertificateDer<'static>>, AuthorityError> {
-    if files.path("root.key").exists() {
+    if !files.path(IMPORTED_MARKER).exists() {
         return Ok(None);
     }
     let path = files.path("intermediate.pem");

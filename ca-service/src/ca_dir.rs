@@ -26,6 +26,17 @@ pub enum AuthorityError {
     Generate(#[from] rcgen::Error),
 }
 
+/// The directory to read the CA's files from: for a Kubernetes Secret volume (kubelet keeps the
+/// files in a timestamped directory and swaps the `..data` symlink to a new one on every update),
+/// that directory itself, so one load reads one version of the Secret whole, never a mix of the
+/// files before and after an update; otherwise `dir`.
+pub fn snapshot(dir: &Path) -> PathBuf {
+    match fs::canonicalize(dir.join("..data")) {
+        Ok(resolved) if resolved.is_dir() => resolved,
+        _ => dir.to_owned(),
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AuthorityError + '_ {
     move |source| AuthorityError::Io {
         path: path.to_owned(),

@@ -50,6 +50,23 @@ pub enum Command {
     /// Issue the sidecar injector's serving certificate (offline, from the active intermediate):
     /// writes tls.crt (leaf + intermediate) and tls.key for `kubectl create secret tls`.
     WebhookCert(WebhookCertArgs),
+    /// Print the CA directory as a Kubernetes Secret (YAML, root keys left out) for the Helm
+    /// chart: `meshid-ca secret --dir ./ca | kubectl apply -f -` creates it, and updates it after
+    /// every rotation step.
+    Secret(SecretArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SecretArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// The Secret's name (the chart's `ca.existingSecret`).
+    #[arg(long, default_value = "meshid-ca")]
+    pub name: String,
+    /// The Secret's namespace (the release's).
+    #[arg(long, default_value = "meshid")]
+    pub namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -156,9 +173,34 @@ pub struct RotateTarget {
     /// CA directory.
     #[arg(long, env = "MESHID_CA_DIR")]
     pub dir: PathBuf,
-    /// Admin address of every running CA on this directory (repeatable), e.g. 127.0.0.1:9090.
+    /// Admin address of every running CA on this directory (repeatable), e.g. 127.0.0.1:9090, or
+    /// NAME:PORT standing for every address the name resolves to (a headless Service, whose name
+    /// resolves to every CA replica: meshid-ca-admin.meshid.svc:9090). Every address must answer.
     #[arg(long = "admin", env = "MESHID_CA_ADMIN", value_delimiter = ',')]
     pub admins: Vec<String>,
+}
+
+/// `HOST:PORT` as every address it stands for: an IP address as itself, a name as every address it
+/// resolves to.
+pub fn resolve_admin(value: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = value.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(format!("--admin: {value:?} is not HOST:PORT"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("--admin: {value:?} is not HOST:PORT"));
+    }
+    let mut addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(value)
+        .map_err(|e| format!("--admin: {host} does not resolve: {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("--admin: {host} resolves to no address"));
+    }
+    Ok(addrs)
 }
 
 impl RotateTarget {
@@ -167,9 +209,15 @@ impl RotateTarget {
         let mut out = Vec::new();
         let mut problems = Vec::new();
         for a in self.admins.iter().filter(|a| !a.is_empty()) {
-            match a.parse() {
-                Ok(addr) => out.push(addr),
-                Err(_) => problems.push(format!("--admin: {a:?} is not IP:PORT")),
+            match resolve_admin(a) {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        if !out.contains(&addr) {
+                            out.push(addr);
+                        }
+                    }
+                }
+                Err(problem) => problems.push(problem),
             }
         }
         if !self.dir.join("ca.json").is_file() {
@@ -480,6 +528,28 @@ impl InitArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_addresses_may_be_names_standing_for_every_address() {
+        assert_eq!(
+            resolve_admin("10.0.0.7:9090").unwrap(),
+            vec!["10.0.0.7:9090".parse::<SocketAddr>().unwrap()]
+        );
+        // A name stands for every address it resolves to (here: the loopback ones).
+        let local = resolve_admin("localhost:9090").unwrap();
+        assert!(
+            !local.is_empty()
+                && local
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 9090)
+        );
+        for bad in ["nope", "host:", ":9090", "host:port", "host:70000"] {
+            let err = resolve_admin(bad).unwrap_err();
+            assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+        }
+        let err = resolve_admin("no-such-host.invalid:9090").unwrap_err();
+        assert!(err.contains("no-such-host.invalid"), "{err}");
+    }
 
     #[test]
     fn reports_every_bad_setting_at_once() {

@@ -42,10 +42,20 @@ impl IssuanceLog {
         let mut b = [0u8; 8];
         let _ = aws_lc_rs::rand::fill(&mut b);
         let name = meshid_identity::identity::hex(&b);
+        // A Kubernetes Secret volume is kubelet's, mounted read-only and replaced whole: never
+        // written, whatever the permissions say (the record is then off, as for a failed write).
+        let secret_volume = crate::auth::join::is_secret_volume(ca_dir);
+        if secret_volume {
+            tracing::warn!(
+                dir = %ca_dir.display(),
+                "the CA directory is a Secret volume: issuance is not recorded, so `rotate retire` \
+                 waits until this process's start (or the end of signing) plus --max-ttl"
+            );
+        }
         Self {
             file: ca_dir.join(ISSUED_DIR).join(format!("{name}.json")),
             marks: Mutex::new(HashMap::new()),
-            writable: AtomicBool::new(true),
+            writable: AtomicBool::new(!secret_volume),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod ca_dir;
 pub mod cli;
 pub mod csr;
 pub mod issued;
+pub mod k8s_secret;
 pub mod metrics;
 pub mod ratelimit;
 pub mod rotation;

@@ -91,6 +91,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Rotate { command } => rotate(command),
         Command::WebhookCert(args) => webhook_cert(&args),
+        Command::Secret(args) => {
+            let yaml = meshid_ca::k8s_secret::manifest(&args.dir, &args.name, &args.namespace)
+                .map_err(|e| Failure::Usage(vec![e.to_string()]))?;
+            print!("{yaml}");
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.into_config().map_err(Failure::Usage)?;
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -92,7 +92,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Loads the CA directory, binds both listeners and starts serving.
 pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<RunningCa, StartError> {
-    let authority = Authority::load(&config.dir)?;
+    let authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
+    if crate::auth::join::is_secret_volume(&config.dir) {
+        tracing::info!(
+            dir = %config.dir.display(),
+            "the CA directory is a Kubernetes Secret volume: each update is read whole; join tokens \
+             are not available (they need a writable directory)"
+        );
+    }
     let trust_domain = authority.trust_domain.clone();
     let jwt = match &config.jwt {
         Some(jwt) => Some(JwtAuthenticator::new(jwt.clone(), trust_domain.clone())?),
@@ -194,10 +201,11 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         Box::new(move || {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let (sidecars, issued) = state.fleet.report(now);
+            let files = crate::ca_dir::snapshot(&dir);
             let rotation =
-                crate::authorities::RotationState::load(&dir).map_err(|e| e.to_string())?;
+                crate::authorities::RotationState::load(&files).map_err(|e| e.to_string())?;
             let report = crate::rotation::report(
-                &dir,
+                &files,
                 &rotation,
                 sidecars,
                 &issued,
@@ -233,19 +241,20 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// The files whose changes make the CA reload: the bundle, the rotation state, and the active
-/// authority's intermediate (a `rotate intermediate` replaces it).
-fn stamps(dir: &Path, state: &CaState) -> Vec<Option<(SystemTime, u64)>> {
-    let active = crate::authorities::RotationState::load(dir)
-        .map(|s| s.files_of(dir, s.active()))
-        .unwrap_or_else(|_| crate::ca_dir::AuthorityFiles::plain(dir));
-    let _ = state;
-    vec![
-        stamp(&dir.join("bundle.pem")),
-        stamp(&dir.join(crate::authorities::STATE_FILE)),
+/// What makes the CA reload: the version of a Secret volume (its `..data` target), the bundle, the
+/// rotation state, and the active authority's intermediate (a `rotate intermediate` replaces it).
+fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
+    let files = crate::ca_dir::snapshot(dir);
+    let active = crate::authorities::RotationState::load(&files)
+        .map(|s| s.files_of(&files, s.active()))
+        .unwrap_or_else(|_| crate::ca_dir::AuthorityFiles::plain(&files));
+    let stamps = vec![
+        stamp(&files.join("bundle.pem")),
+        stamp(&files.join(crate::authorities::STATE_FILE)),
         stamp(&active.path("intermediate.pem")),
         stamp(&active.path("intermediate.key")),
-    ]
+    ];
+    (files, stamps)
 }
 
 /// Follows the CA directory: a changed bundle goes to every watcher with a new version; a changed
@@ -258,18 +267,19 @@ async fn follow_bundle(
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut last = stamps(&dir, &state);
+    let mut last = stamps(&dir);
     loop {
         tokio::select! {
             () = tokio::time::sleep(BUNDLE_POLL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        if let Ok(rotation) = crate::authorities::RotationState::load(&dir) {
+        let files = crate::ca_dir::snapshot(&dir);
+        if let Ok(rotation) = crate::authorities::RotationState::load(&files) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
             // The counts only: no copy or sort of the fleet every second.
             let (by_version, issued) = state.fleet.summary(t);
             let report = crate::rotation::report(
-                &dir,
+                &files,
                 &rotation,
                 Vec::new(),
                 &issued,
@@ -277,12 +287,12 @@ async fn follow_bundle(
             );
             state.metrics.record_rotation(&report, &by_version);
         }
-        let now = stamps(&dir, &state);
+        let now = stamps(&dir);
         if now == last {
             continue;
         }
         last = now;
-        let authority = match Authority::load(&dir) {
+        let authority = match Authority::load(&last.0) {
             Ok(a) => a,
             Err(error) => {
                 tracing::error!(%error, "reloading the CA directory failed; keeping the current material");

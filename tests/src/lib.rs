@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod fake_cluster;
+pub mod kubelet;
 pub mod mesh;
 pub mod pki;
 pub mod process;

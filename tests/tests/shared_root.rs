@@ -82,6 +82,7 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
         !dir.join("root.key").exists(),
         "an imported root's key is not kept"
     );
+    assert!(dir.join("root.imported").exists(), "the import is marked");
 
     let cluster = FakeCluster::new();
     let jwks = work.path().join("jwks.json");

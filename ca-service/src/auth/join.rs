@@ -43,6 +43,18 @@ pub enum JoinStoreError {
     WrongTrustDomain(SpiffeId, TrustDomain),
     #[error("no randomness available")]
     Random,
+    #[error(
+        "{0}: the CA directory is read-only (a Kubernetes Secret volume, or a read-only mount): join \
+         tokens need a writable CA directory shared by every CA process, so they are for CAs outside a \
+         cluster; in Kubernetes, workloads authenticate with their service-account tokens"
+    )]
+    ReadOnly(PathBuf),
+}
+
+/// Why join tokens cannot work on a directory: it is a Kubernetes Secret volume (kubelet replaces
+/// its files whole, and mounts it read-only).
+pub fn is_secret_volume(ca_dir: &Path) -> bool {
+    ca_dir.join("..data").exists()
 }
 
 /// The join tokens of a CA directory.
@@ -50,6 +62,8 @@ pub enum JoinStoreError {
 pub struct JoinTokenStore {
     dir: PathBuf,
     trust_domain: TrustDomain,
+    /// The CA directory is a read-only Secret volume: tokens can be neither created nor redeemed.
+    read_only: bool,
 }
 
 /// A token that was found and is still valid, not yet consumed.
@@ -65,6 +79,7 @@ impl JoinTokenStore {
         Self {
             dir: ca_dir.join("join-tokens"),
             trust_domain,
+            read_only: is_secret_volume(ca_dir),
         }
     }
 
@@ -76,9 +91,18 @@ impl JoinTokenStore {
                 self.trust_domain.clone(),
             ));
         }
+        if self.read_only {
+            return Err(JoinStoreError::ReadOnly(self.dir.clone()));
+        }
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |source| JoinStoreError::Io { path, source }
+            let store = self.dir.clone();
+            move |source: std::io::Error| match source.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => {
+                    JoinStoreError::ReadOnly(store)
+                }
+                _ => JoinStoreError::Io { path, source },
+            }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         self.prune();
@@ -110,6 +134,13 @@ impl JoinTokenStore {
 
     /// Finds a presented token and checks it is unused and unexpired, without consuming it.
     pub fn lookup(&self, token: &str) -> Result<PendingJoin, AuthError> {
+        if self.read_only {
+            return Err(AuthError::unauthenticated(
+                Reason::UnknownJoinToken,
+                "join tokens are not available on this CA: its directory is a read-only Kubernetes \
+                 Secret volume; authenticate with a service-account token",
+            ));
+        }
         let secret = token.strip_prefix(PREFIX).unwrap_or("");
         if secret.len() != SECRET_LEN
             || !secret
@@ -207,6 +238,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = JoinTokenStore::new(dir.path(), TrustDomain::new("td").unwrap());
         (dir, s)
+    }
+
+    #[test]
+    fn a_secret_volume_says_join_tokens_do_not_work_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("..2026_12_02_00_00_00.000000001");
+        fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink(&data, dir.path().join("..data")).unwrap();
+        let s = JoinTokenStore::new(dir.path(), TrustDomain::new("td").unwrap());
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let err = s.create(&id, Duration::from_secs(600)).unwrap_err();
+        assert!(matches!(err, JoinStoreError::ReadOnly(_)), "{err}");
+        assert!(err.to_string().contains("service-account tokens"), "{err}");
+        assert!(!dir.path().join("join-tokens").exists(), "nothing written");
+        let refused = s
+            .lookup("meshid-join-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+            .unwrap_err();
+        assert!(
+            refused.message.contains("read-only Kubernetes Secret"),
+            "{}",
+            refused.message
+        );
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! The CA directory as one Kubernetes Secret, for the Helm chart (`meshid-ca secret`): every
+//! regular file at the top of the directory except root keys (`root.key`, `a<n>-root.key`, which
+//! stay offline), base64 in `data`. Printed as YAML for `kubectl apply -f -`, so the same command
+//! creates the Secret and updates it after every rotation step; kubelet then swaps the files in
+//! every CA replica at once, and each replica reads the new version whole.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use base64::Engine;
+
+/// The largest Secret the API server stores (1 MiB of data).
+const MAX_SECRET_BYTES: usize = 1024 * 1024;
+
+/// Why a directory cannot become a Secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a valid Kubernetes name (lowercase letters, digits and '-', at most 63)")]
+    BadName(String),
+    #[error("{0}: holds no CA (no ca.json)")]
+    NoCa(std::path::PathBuf),
+    #[error("the CA's files add up to {0} bytes, more than a Secret holds (1 MiB)")]
+    TooLarge(usize),
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Whether a file of the CA directory goes into the Secret.
+fn shipped(name: &str) -> bool {
+    let root_key = name == "root.key" || (name.starts_with('a') && name.ends_with("-root.key"));
+    !root_key
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// The Secret manifest (YAML) holding `dir`.
+pub fn manifest(dir: &Path, name: &str, namespace: &str) -> Result<String, SecretError> {
+    for n in [name, namespace] {
+        if !dns_label(n) {
+            return Err(SecretError::BadName(n.to_owned()));
+        }
+    }
+    if !dir.join("ca.json").is_file() {
+        return Err(SecretError::NoCa(dir.to_owned()));
+    }
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SecretError::Io { path, source }
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().map_err(io(&entry.path()))?.is_file();
+        if is_file && shipped(&file_name) {
+            let bytes = std::fs::read(entry.path()).map_err(io(&entry.path()))?;
+            files.push((file_name, bytes));
+        }
+    }
+    files.sort();
+    let total: usize = files.iter().map(|(_, b)| b.len()).sum();
+    if total > MAX_SECRET_BYTES {
+        return Err(SecretError::TooLarge(total));
+    }
+    let mut out = format!(
+        "# The meshid CA directory {} (root keys left out), for the chart's ca.existingSecret.\n\
+         apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         labels:\n    app.kubernetes.io/part-of: meshid\ntype: Opaque\ndata:\n",
+        dir.display()
+    );
+    for (file, bytes) in files {
+        let _ = writeln!(
+            out,
+            "  {file}: {}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_identity::TrustDomain;
+
+    #[test]
+    fn every_file_but_the_root_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
+        crate::rotation::prepare(dir.path(), None).unwrap();
+        std::fs::write(dir.path().join(".bundle.pem.tmp"), "x").unwrap();
+        let yaml = manifest(dir.path(), "meshid-ca", "meshid").unwrap();
+        let keys: Vec<&str> = yaml
+            .lines()
+            .skip_while(|l| *l != "data:")
+            .skip(1)
+            .filter_map(|l| l.trim().split_once(':').map(|(k, _)| k))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "a2-intermediate.key",
+                "a2-intermediate.pem",
+                "a2-root.pem",
+                "authorities.json",
+                "bundle.pem",
+                "ca.json",
+                "intermediate.key",
+                "intermediate.pem",
+                "root.pem",
+            ]
+        );
+        assert!(
+            yaml.contains("  name: meshid-ca\n  namespace: meshid\n"),
+            "{yaml}"
+        );
+        for bad in ["Meshid", "-x", "a_b", ""] {
+            assert!(matches!(
+                manifest(dir.path(), bad, "meshid"),
+                Err(SecretError::BadName(_))
+            ));
+        }
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            manifest(empty.path(), "meshid-ca", "meshid"),
+            Err(SecretError::NoCa(_))
+        ));
+    }
+}
