@@ -1,0 +1,145 @@
+//! The chart's `helm test` of the mesh, checked without a cluster: its server and client carry
+//! annotations that the sidecar's own parser accepts, that wire the client's two upstreams to the
+//! server's two ports through the test Service, and whose policy allows the client on one port and
+//! denies it on the other, exactly what the test pod asserts (200, then 403). Needs the tools of
+//! `scripts/k8s/install-tools.sh` (as `scripts/k8s/check.sh` runs it); without them it says so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use meshid_identity::SpiffeId;
+use meshid_identity::annotations::MeshAnnotations;
+use meshid_tests::tools::render_chart;
+use serde_json::Value;
+
+fn annotations(v: &Value) -> BTreeMap<String, String> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn the_mesh_test_wires_an_allowed_and_a_denied_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der),
+    )
+    .unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let bundle_arg = format!("ca.trustBundle={}", bundle.display());
+    let jwks_arg = format!("ca.jwks={}", jwks.display());
+    let Some(objects) = render_chart(&[
+        "--set",
+        "ca.existingSecret=meshid-ca",
+        "--set-file",
+        &bundle_arg,
+        "--set-file",
+        &jwks_arg,
+    ]) else {
+        assert!(
+            std::env::var_os("MESHID_INJECT_OUT").is_none(),
+            "helm is missing: run scripts/k8s/install-tools.sh"
+        );
+        eprintln!("helm is not installed (scripts/k8s/install-tools.sh): not checked here");
+        return;
+    };
+    let find = |kind: &str, name: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let ns = find("Namespace", "meshid-test");
+    assert_eq!(ns["metadata"]["annotations"]["helm.sh/hook"], "test");
+    let server = find("Deployment", "meshid-test-server");
+    let client = find("Pod", "meshid-test-mesh");
+    let service = find("Service", "meshid-test-server");
+    for o in [&server, &client, &service] {
+        assert_eq!(o["metadata"]["namespace"], "meshid-test");
+        assert_eq!(o["metadata"]["annotations"]["helm.sh/hook"], "test");
+    }
+    let server_pod = &server["spec"]["template"];
+    let server_sa = server_pod["spec"]["serviceAccountName"].as_str().unwrap();
+    let client_sa = client["spec"]["serviceAccountName"].as_str().unwrap();
+    for sa in [server_sa, client_sa] {
+        find("ServiceAccount", sa);
+    }
+    let id = |sa: &str| {
+        SpiffeId::parse(&format!("spiffe://cluster.local/ns/meshid-test/sa/{sa}")).unwrap()
+    };
+
+    let s = MeshAnnotations::from_map(&annotations(&server_pod["metadata"]["annotations"]))
+        .unwrap_or_else(|e| panic!("server annotations: {e:?}"));
+    let c = MeshAnnotations::from_map(&annotations(&client["metadata"]["annotations"]))
+        .unwrap_or_else(|e| panic!("client annotations: {e:?}"));
+    let ports: Vec<u16> = s.inbound.iter().map(|p| p.port).collect();
+    assert_eq!(ports, [8080, 8081]);
+    // The Service exposes both inbound ports (where the server's sidecar listens).
+    let svc_ports: Vec<u64> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targetPort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(svc_ports, [8080, 8081]);
+    // The client calls the server's identity on each port through the Service.
+    let upstreams: BTreeMap<u16, (String, SpiffeId)> = c
+        .outbound
+        .iter()
+        .map(|u| (u.local_port, (u.remote.clone(), u.expected.clone())))
+        .collect();
+    assert_eq!(
+        upstreams,
+        BTreeMap::from([
+            (
+                9001,
+                (
+                    "meshid-test-server.meshid-test.svc:8080".to_owned(),
+                    id(server_sa)
+                )
+            ),
+            (
+                9002,
+                (
+                    "meshid-test-server.meshid-test.svc:8081".to_owned(),
+                    id(server_sa)
+                )
+            ),
+        ])
+    );
+    // The server's policy: the client is allowed on 8080 and denied on 8081, which the test pod's
+    // script expects (200 through 9001, 403 through 9002).
+    let policy = s.policy();
+    assert!(
+        policy
+            .decide_request(8080, &id(client_sa), "GET", "/hostname")
+            .allowed
+    );
+    assert!(
+        !policy
+            .decide_request(8081, &id(client_sa), "GET", "/hostname")
+            .allowed
+    );
+    let script = client["spec"]["containers"][0]["command"][2]
+        .as_str()
+        .unwrap();
+    assert!(
+        script.contains("127.0.0.1:9001") && script.contains("= 200"),
+        "{script}"
+    );
+    assert!(
+        script.contains("127.0.0.1:9002") && script.contains("= 403"),
+        "{script}"
+    );
+    // The app listens on localhost only: the sidecar is the way in.
+    let app_cmd = server_pod["spec"]["containers"][0]["command"][2]
+        .as_str()
+        .unwrap();
+    assert!(
+        app_cmd.contains("127.0.0.1:8080") && app_cmd.contains("127.0.0.1:8081"),
+        "{app_cmd}"
+    );
+}
