@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use meshid_identity::{SpiffeId, TrustDomain, parse_duration};
 
-use crate::auth::JwtConfig;
+use crate::auth::jwks_remote::{self, RemoteJwks, Target};
+use crate::auth::{JwksSource, JwtConfig};
 use crate::ratelimit::RateLimit;
 use crate::server::ServeConfig;
 use crate::signer::LifetimePolicy;
@@ -280,9 +281,46 @@ pub struct ServeArgs {
     /// DNS name or IP for the CA's serving certificate (repeatable). Default: localhost, 127.0.0.1.
     #[arg(long, env = "MESHID_CA_SANS", value_delimiter = ',')]
     pub san: Vec<String>,
-    /// JWKS of the cluster's service-account issuer; enables service-account tokens.
+    /// JWKS file of the cluster's service-account issuer (re-read when it changes); enables
+    /// service-account tokens. For a CA outside the cluster; inside, use --jwks-discovery.
     #[arg(long, env = "MESHID_CA_JWKS")]
     pub jwks: Option<PathBuf>,
+    /// Fetch the issuer's JWKS from this https:// URL (a JWKS, or an OIDC discovery document at
+    /// /.well-known/openid-configuration whose jwks_uri is on the same host), with
+    /// --jwks-token-file and --jwks-ca-file; enables service-account tokens.
+    #[arg(long, env = "MESHID_CA_JWKS_URL", value_name = "URL")]
+    pub jwks_url: Option<String>,
+    /// Inside a cluster: fetch the issuer's JWKS from the API server,
+    /// https://kubernetes.default.svc/openid/v1/jwks (same as --jwks-url with that URL).
+    #[arg(long, env = "MESHID_CA_JWKS_DISCOVERY")]
+    pub jwks_discovery: bool,
+    /// Bearer token sent when fetching the JWKS, re-read at every fetch (the kubelet rotates it).
+    #[arg(
+        long,
+        env = "MESHID_CA_JWKS_TOKEN_FILE",
+        value_name = "FILE",
+        default_value = jwks_remote::DEFAULT_TOKEN_FILE
+    )]
+    pub jwks_token_file: PathBuf,
+    /// PEM bundle the JWKS server's certificate must chain to, re-read at every fetch.
+    #[arg(
+        long,
+        env = "MESHID_CA_JWKS_CA_FILE",
+        value_name = "FILE",
+        default_value = jwks_remote::DEFAULT_CA_FILE
+    )]
+    pub jwks_ca_file: PathBuf,
+    /// How often a fetched JWKS is refreshed. A token naming an unknown key also refreshes it at
+    /// once, at most every --jwks-min-refresh-interval.
+    #[arg(long, env = "MESHID_CA_JWKS_REFRESH", default_value = "5m")]
+    pub jwks_refresh: String,
+    /// The least time between two refreshes forced by tokens naming an unknown key.
+    #[arg(
+        long,
+        env = "MESHID_CA_JWKS_MIN_REFRESH_INTERVAL",
+        default_value = "15s"
+    )]
+    pub jwks_min_refresh_interval: String,
     /// Expected token issuer (`iss`).
     #[arg(
         long,
@@ -425,13 +463,68 @@ impl ServeArgs {
         for ns in self.allowed_namespace.iter().filter(|n| !n.is_empty()) {
             namespaces.insert(ns.clone());
         }
-        if !namespaces.is_empty() && self.jwks.is_none() {
-            p.0.push("--allowed-namespace: needs --jwks (service-account tokens)".into());
+        let jwks_refresh = p.check("--jwks-refresh", parse_duration(&self.jwks_refresh));
+        if jwks_refresh.is_some_and(|d| d < Duration::from_secs(1)) {
+            p.0.push("--jwks-refresh: must be at least 1s".into());
+        }
+        let jwks_min = p.check(
+            "--jwks-min-refresh-interval",
+            parse_duration(&self.jwks_min_refresh_interval),
+        );
+        if jwks_min.is_some_and(|d| d < Duration::from_secs(1)) {
+            p.0.push("--jwks-min-refresh-interval: must be at least 1s".into());
+        }
+        let sources = [
+            self.jwks.is_some(),
+            self.jwks_url.is_some(),
+            self.jwks_discovery,
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            p.0.push(
+                "--jwks, --jwks-url, --jwks-discovery: give one source of the service-account \
+                 issuer's keys, not several"
+                    .into(),
+            );
+        }
+        let jwks_url = match (&self.jwks_url, self.jwks_discovery) {
+            (Some(url), _) => Some(url.clone()),
+            (None, true) => Some(jwks_remote::DEFAULT_JWKS_URL.to_owned()),
+            (None, false) => None,
+        };
+        if !namespaces.is_empty() && !sources.contains(&true) {
+            p.0.push(
+                "--allowed-namespace: needs --jwks, --jwks-url or --jwks-discovery \
+                 (service-account tokens)"
+                    .into(),
+            );
         }
         if let Some(jwks) = &self.jwks
             && !jwks.is_file()
         {
             p.0.push(format!("--jwks: {} is not a readable file", jwks.display()));
+        }
+        if let Some(url) = &jwks_url {
+            let flag = if self.jwks_url.is_some() {
+                "--jwks-url"
+            } else {
+                "--jwks-discovery"
+            };
+            if let Err(e) = Target::parse(url) {
+                p.0.push(format!("{flag}: {e}"));
+            }
+            if !self.jwks_token_file.is_file() {
+                p.0.push(format!(
+                    "--jwks-token-file: {} is not a readable file (needed by {flag}; in a pod, \
+                     mount the service-account token)",
+                    self.jwks_token_file.display()
+                ));
+            }
+            if !self.jwks_ca_file.is_file() {
+                p.0.push(format!(
+                    "--jwks-ca-file: {} is not a readable file (needed by {flag})",
+                    self.jwks_ca_file.display()
+                ));
+            }
         }
         if !self.dir.join("ca.json").is_file() {
             p.0.push(format!(
@@ -469,16 +562,29 @@ impl ServeArgs {
         else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
-        let Some(max_attestation_age) = max_attestation_age else {
+        let (Some(max_attestation_age), Some(jwks_refresh), Some(jwks_min)) =
+            (max_attestation_age, jwks_refresh, jwks_min)
+        else {
             return Err(vec!["internal: unchecked setting".into()]);
+        };
+        let jwks = match (self.jwks, jwks_url) {
+            (Some(path), _) => Some(JwksSource::File(path)),
+            (None, Some(url)) => Some(JwksSource::Remote(RemoteJwks {
+                token_file: self.jwks_token_file,
+                ca_file: self.jwks_ca_file,
+                refresh_every: jwks_refresh,
+                min_forced_interval: jwks_min,
+                ..RemoteJwks::new(url)
+            })),
+            (None, None) => None,
         };
         Ok(ServeConfig {
             dir: self.dir,
             listen,
             admin_listen,
             sans,
-            jwt: self.jwks.map(|jwks_path| JwtConfig {
-                jwks_path,
+            jwt: jwks.map(|jwks| JwtConfig {
+                jwks,
                 issuer: self.issuer,
                 audience: self.audience,
                 allowed_namespaces: (!namespaces.is_empty()).then_some(namespaces),
@@ -613,6 +719,79 @@ mod tests {
                 "{bad:?}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn one_jwks_source_and_its_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        for f in ["jwks.json", "token", "ca.crt"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let path = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
+        let (jwks, token, ca) = (path("jwks.json"), path("token"), path("ca.crt"));
+        let dir_arg = path("");
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["meshid-ca", "serve", "--dir", dir_arg.as_str()];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let files = ["--jwks-token-file", &token, "--jwks-ca-file", &ca];
+        let source = |extra: &[&str]| parse(extra).map(|c| c.jwt.map(|j| j.jwks));
+        assert_eq!(source(&[]), Ok(None));
+        assert_eq!(
+            source(&["--jwks", &jwks]),
+            Ok(Some(JwksSource::File(jwks.clone().into())))
+        );
+        let Ok(Some(JwksSource::Remote(remote))) =
+            source(&[&["--jwks-discovery", "--jwks-refresh", "1m"], &files[..]].concat())
+        else {
+            panic!("discovery")
+        };
+        assert_eq!(remote.url, jwks_remote::DEFAULT_JWKS_URL);
+        assert_eq!(remote.refresh_every, Duration::from_secs(60));
+        assert_eq!(remote.min_forced_interval, Duration::from_secs(15));
+        assert_eq!(remote.token_file, PathBuf::from(&token));
+        let url = "https://10.0.0.1:6443/.well-known/openid-configuration";
+        let Ok(Some(JwksSource::Remote(remote))) =
+            source(&[&["--jwks-url", url], &files[..]].concat())
+        else {
+            panic!("url")
+        };
+        assert_eq!(remote.url, url);
+
+        let problems = |extra: &[&str]| parse(extra).unwrap_err().join("\n");
+        let both = problems(&[&["--jwks", &jwks, "--jwks-discovery"], &files[..]].concat());
+        assert!(
+            both.contains("--jwks, --jwks-url, --jwks-discovery"),
+            "{both}"
+        );
+        let both = problems(&[&["--jwks", &jwks, "--jwks-url", url], &files[..]].concat());
+        assert!(both.contains("not several"), "{both}");
+        let bad = problems(&[
+            "--jwks-url",
+            "http://kubernetes.default.svc/openid/v1/jwks",
+            "--jwks-token-file",
+            "/nonexistent/token",
+            "--jwks-ca-file",
+            "/nonexistent/ca.crt",
+            "--jwks-refresh",
+            "0s",
+        ]);
+        for needle in [
+            "--jwks-url: ",
+            "https://",
+            "--jwks-token-file: /nonexistent/token",
+            "--jwks-ca-file: /nonexistent/ca.crt",
+            "--jwks-refresh",
+        ] {
+            assert!(bad.contains(needle), "{needle} missing from {bad}");
+        }
+        // The token and CA files only matter when fetching.
+        assert!(parse(&["--jwks", &jwks, "--jwks-ca-file", "/nonexistent"]).is_ok());
     }
 
     #[test]

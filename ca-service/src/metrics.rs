@@ -27,6 +27,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of an outcome: `ok` or `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 /// Labels of the per-bundle-version sidecar count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -50,6 +56,9 @@ pub struct Metrics {
     pub authority_intermediate_expiry: Family<AuthorityLabels, Gauge>,
     pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
     pub sidecars_by_version: Family<VersionLabels, Gauge>,
+    pub jwks_refreshes: Family<ResultLabels, Counter>,
+    pub jwks_last_success: Gauge,
+    pub jwks_keys: Gauge,
 }
 
 impl Metrics {
@@ -70,6 +79,9 @@ impl Metrics {
             authority_intermediate_expiry: Family::default(),
             authority_live_certificates: Family::default(),
             sidecars_by_version: Family::default(),
+            jwks_refreshes: Family::default(),
+            jwks_last_success: Gauge::default(),
+            jwks_keys: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
@@ -141,6 +153,21 @@ impl Metrics {
             "sidecars",
             "Connected sidecars by the bundle version they acknowledged",
             m.sidecars_by_version.clone(),
+        );
+        r.register(
+            "jwks_refreshes",
+            "Loads of the service-account issuer's JWKS (fetches, or file reloads), by result (ok, error)",
+            m.jwks_refreshes.clone(),
+        );
+        r.register(
+            "jwks_last_success_timestamp_seconds",
+            "When the JWKS was last loaded successfully, seconds since the epoch (0: never)",
+            m.jwks_last_success.clone(),
+        );
+        r.register(
+            "jwks_keys",
+            "Usable keys in the JWKS the CA verifies service-account tokens with",
+            m.jwks_keys.clone(),
         );
         m
     }

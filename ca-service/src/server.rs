@@ -101,12 +101,19 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         );
     }
     let trust_domain = authority.trust_domain.clone();
+    let metrics = Metrics::register(registry);
     let jwt = match &config.jwt {
-        Some(jwt) => Some(JwtAuthenticator::new(jwt.clone(), trust_domain.clone())?),
+        Some(jwt) => {
+            let jwt = JwtAuthenticator::new(jwt.clone(), trust_domain.clone())?
+                .with_metrics(metrics.clone());
+            // A fetched JWKS: the first fetch before serving. When it fails the CA serves anyway
+            // (renewals and join tokens need no JWKS) and keeps fetching.
+            jwt.refresh_remote().await;
+            Some(jwt)
+        }
         None => None,
     };
     let tls_config = Arc::new(ArcSwap::new(tls::server_config(&authority, &config.sans)?));
-    let metrics = Metrics::register(registry);
     metrics
         .intermediate_expiry
         .set(authority.intermediate_not_after.unix_timestamp());
@@ -159,6 +166,13 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         tls_config.clone(),
         shutdown_rx.clone(),
     ));
+    let jwks_state = state.clone();
+    let jwks_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        if let Some(jwt) = &jwks_state.jwt {
+            jwt.follow_remote(jwks_shutdown).await;
+        }
+    });
     tokio::spawn(refresh_serving_cert(
         config.sans.clone(),
         state.clone(),

@@ -113,7 +113,7 @@ impl CaState {
                     }),
                     None => Err(AuthError::unauthenticated(
                         Reason::ServiceAccountTokensDisabled,
-                        "this CA does not accept service-account tokens (no --jwks)",
+                        "this CA does not accept service-account tokens (no --jwks, --jwks-url or --jwks-discovery)",
                     )),
                 };
                 (Method::ServiceAccountToken, result)
@@ -453,6 +453,13 @@ impl CertificateAuthority for CaService {
             .map(|p| p.remote_addr.to_string())
             .unwrap_or_default();
         let req = request.into_inner();
+        // A token naming a key the CA does not know yet (a key rollover) refreshes a fetched JWKS
+        // first (rate-limited); the token is then verified against the new set.
+        if let (Some(jwt), Some(Credential::ServiceAccountToken(token))) =
+            (&self.state.jwt, &req.credential)
+        {
+            jwt.refresh_for_token(token).await;
+        }
         let (method, id, result) = self.state.issue(&req, peer.as_ref());
         let identity = id.as_ref().map(|i| i.as_str()).unwrap_or("");
         let m = &self.state.metrics;
@@ -650,7 +657,7 @@ mod tests {
                 let jwks_path = dir.path().join("jwks.json");
                 std::fs::write(&jwks_path, sa.jwks().to_string()).unwrap();
                 let config = JwtConfig {
-                    jwks_path,
+                    jwks: crate::auth::JwksSource::File(jwks_path),
                     issuer: SA_ISSUER.into(),
                     audience: SA_AUDIENCE.into(),
                     allowed_namespaces: opts

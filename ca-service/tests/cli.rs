@@ -40,6 +40,30 @@ fn bad_serve_configuration_exits_64_naming_every_problem() {
 }
 
 #[test]
+fn two_jwks_sources_exit_64_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
+    let out = bin()
+        .args(["serve", "--dir"])
+        .arg(dir.path())
+        .arg("--jwks")
+        .arg(&jwks)
+        .args([
+            "--jwks-discovery",
+            "--jwks-token-file",
+            "/nonexistent/token",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["--jwks, --jwks-url, --jwks-discovery", "--jwks-token-file"] {
+        assert!(err.contains(needle), "{needle} not named in:\n{err}");
+    }
+}
+
+#[test]
 fn unknown_flag_exits_64() {
     let out = bin().args(["serve", "--no-such-flag"]).output().unwrap();
     assert_eq!(out.status.code(), Some(64));

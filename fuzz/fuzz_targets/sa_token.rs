@@ -25,7 +25,7 @@ fn authenticator() -> &'static JwtAuthenticator {
             let path = dir.path().join("jwks.json");
             std::fs::write(&path, jwks.to_string()).expect("write jwks");
             let config = JwtConfig {
-                jwks_path: path,
+                jwks: meshid_ca::auth::JwksSource::File(path),
                 issuer: "https://kubernetes.default.svc.cluster.local".into(),
                 audience: "meshid-ca".into(),
                 allowed_namespaces: None,

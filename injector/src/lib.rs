@@ -15,6 +15,7 @@
 //! naming every problem, instead of being accepted and then ignored by the sidecar. An UPDATE is
 //! never patched ([`validate_update`]).
 
+pub mod admission;
 mod bundle;
 pub mod metrics;
 mod patch;
@@ -28,6 +29,7 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use meshid_identity::annotations::{self, MeshAnnotations};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
@@ -238,51 +240,57 @@ fn reserved_port_problems(mesh: &MeshAnnotations) -> Vec<String> {
     problems
 }
 
-/// Answers an `admission.k8s.io/v1` AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a
-/// pod UPDATE by [`validate_update`] (admitted or denied, never patched), anything else (other
-/// kinds, other operations, subresources such as `status` or `ephemeralcontainers`) is admitted
-/// unchanged. A request that cannot be read is answered with an error status (and `allowed: false`,
-/// so a broken request never yields a half-injected pod; the chart's failurePolicy decides what the
-/// API server does when the webhook itself is unreachable).
+/// Answers an `admission.k8s.io/v1` AdmissionReview given as a JSON tree: parsed into the typed
+/// envelope ([`admission::AdmissionReview`]) and answered by [`answer`]. An envelope with fields of
+/// the wrong type is answered like one without a request (`allowed: false`, code 400).
 pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
-    let uid = review
-        .pointer("/request/uid")
-        .cloned()
-        .unwrap_or(Value::String(String::new()));
-    let answer = |response: Value| {
-        let mut response = response;
-        response["uid"] = uid.clone();
-        json!({
-            "apiVersion": "admission.k8s.io/v1",
-            "kind": "AdmissionReview",
-            "response": response,
-        })
-    };
-    let Some(request) = review.get("request") else {
+    match admission::AdmissionReview::deserialize(review) {
+        Ok(parsed) => answer(config, scope, &parsed),
+        Err(error) => {
+            let uid = review
+                .pointer("/request/uid")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            envelope(uid, denied(400, format!("not an AdmissionReview: {error}")))
+        }
+    }
+}
+
+/// Answers an AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a pod UPDATE by
+/// [`validate_update`] (admitted or denied, never patched), anything else (other kinds, other
+/// operations, subresources such as `status` or `ephemeralcontainers`) is admitted unchanged. A
+/// request that cannot be read is answered with an error status (and `allowed: false`, so a broken
+/// request never yields a half-injected pod; the chart's failurePolicy decides what the API server
+/// does when the webhook itself is unreachable).
+pub fn answer(config: &InjectConfig, scope: Scope, review: &admission::AdmissionReview) -> Value {
+    let uid = review.request.as_ref().map_or("", |r| r.uid.as_str());
+    let answer = |response: Value| envelope(uid, response);
+    if let Some(version) = review.api_version.as_deref()
+        && version != admission::API_VERSION
+    {
+        return answer(denied(
+            400,
+            format!(
+                "AdmissionReview {version} is not supported (only {})",
+                admission::API_VERSION
+            ),
+        ));
+    }
+    let Some(request) = review.request.as_ref() else {
         return answer(denied(400, "the AdmissionReview has no request".to_owned()));
     };
-    let is_pod = request.pointer("/kind/kind").and_then(Value::as_str) == Some("Pod")
-        && request
-            .pointer("/resource/resource")
-            .and_then(Value::as_str)
-            == Some("pods");
-    let has_sub = request
-        .get("subResource")
-        .and_then(Value::as_str)
-        .is_some_and(|s| !s.is_empty());
-    if !is_pod || has_sub {
+    if !request.is_pod() {
         return answer(json!({"allowed": true}));
     }
-    let operation = request.get("operation").and_then(Value::as_str);
+    let operation = request.operation.as_deref();
     if !matches!(operation, Some("CREATE" | "UPDATE")) {
         return answer(json!({"allowed": true}));
     }
-    let Some(pod) = request.get("object") else {
+    let Some(pod) = request.object.as_ref() else {
         return answer(denied(400, "the request has no pod object".to_owned()));
     };
     if operation == Some("UPDATE") {
-        let old = request.get("oldObject").filter(|o| !o.is_null());
-        return match validate_update(pod, old) {
+        return match validate_update(pod, request.old_object.as_ref()) {
             Outcome::Deny(problems) => answer(denied(
                 400,
                 format!("meshid annotations refused: {}", problems.join("; ")),
@@ -308,7 +316,19 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
     }
 }
 
-fn denied(code: u16, message: String) -> Value {
+/// The AdmissionReview carrying `response`, with the request's `uid`.
+pub fn envelope(uid: &str, response: Value) -> Value {
+    let mut response = response;
+    response["uid"] = Value::String(uid.to_owned());
+    json!({
+        "apiVersion": admission::API_VERSION,
+        "kind": "AdmissionReview",
+        "response": response,
+    })
+}
+
+/// A refusal with an HTTP-like `code` and a message the API server shows the user.
+pub fn denied(code: u16, message: String) -> Value {
     json!({
         "allowed": false,
         "status": {"code": code, "message": message},
@@ -344,6 +364,24 @@ mod tests {
         assert_eq!(out["response"]["allowed"], true);
         assert_eq!(out["response"]["uid"], "u1");
         assert!(out["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused_by_name() {
+        let config = config();
+        let wrong_version = json!({"apiVersion": "admission.k8s.io/v1beta1",
+            "request": {"uid": "u3", "kind": {"kind": "Pod"}, "resource": {"resource": "pods"},
+            "operation": "CREATE", "object": {}}});
+        let out = review(&config, Scope::Pod, &wrong_version);
+        assert_eq!(out["response"]["uid"], "u3");
+        assert_eq!(out["response"]["allowed"], false);
+        let message = out["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains("v1beta1"), "{message}");
+        let wrong_type = json!({"request": {"uid": "u4", "operation": 7}});
+        let out = review(&config, Scope::Pod, &wrong_type);
+        assert_eq!(out["response"]["uid"], "u4");
+        assert_eq!(out["response"]["allowed"], false);
+        assert_eq!(out["response"]["status"]["code"], 400);
     }
 
     fn update(object: Value, old: Value) -> Value {

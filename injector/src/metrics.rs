@@ -25,6 +25,13 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Labels of a refused connection or request: why (`max_connections`, `max_connections_per_source`;
+/// `too_large`, `timeout`, `too_deep`, `invalid`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Every metric the injector exports.
 #[derive(Clone, Debug, Default)]
 pub struct InjectorMetrics {
@@ -32,6 +39,9 @@ pub struct InjectorMetrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub serving_cert_expiry: Gauge,
     pub trust_bundle_roots: Gauge,
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    pub connections_open: Gauge,
+    pub requests_refused: Family<ReasonLabels, Counter>,
 }
 
 impl InjectorMetrics {
@@ -59,7 +69,37 @@ impl InjectorMetrics {
             "Roots in the trust bundle given to injected sidecars",
             m.trust_bundle_roots.clone(),
         );
+        r.register(
+            "connections_refused",
+            "Webhook connections closed at accept, by the limit they hit",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Webhook connections open (handshaking or established)",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "requests_refused",
+            "Webhook requests answered with an HTTP error before review, by reason",
+            m.requests_refused.clone(),
+        );
         m
+    }
+
+    /// Counts a connection closed at accept because of `reason`.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts a request refused before review (also counted as a `bad_request` review).
+    pub fn request_refused(&self, reason: &'static str) {
+        self.requests_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        self.bad_request();
     }
 
     /// Counts one answered review by what it did.

@@ -1,30 +1,88 @@
 //! The webhook's HTTPS server: `POST /inject` (namespace not opted in) and `POST /inject-namespace`
 //! (namespace labelled `meshid.io/inject=enabled`) answer AdmissionReviews (pod CREATE: inject;
-//! pod UPDATE: validate the meshid annotations); `GET /healthz` answers probes. Its serving certificate (from `meshid-ca webhook-cert`, see [`super::serving`]) chains
-//! to our CA's roots, so the webhook configuration's `caBundle` is the mesh trust bundle.
+//! pod UPDATE: validate the meshid annotations); `GET /healthz` answers probes. Its serving
+//! certificate (from `meshid-ca webhook-cert`, see [`super::serving`]) chains to our CA's roots, so
+//! the webhook configuration's `caBundle` is the mesh trust bundle.
+//!
+//! The API server waits on this server for every pod it sends (with `failurePolicy: Fail`, a pod is
+//! not created while the injector cannot answer), so no client may hold it up ([`Limits`]):
+//! connections past the overall or the per-source cap are closed at accept (counted in
+//! `meshid_injector_connections_refused_total`); the TLS handshake and each HTTP/1 request head
+//! must arrive within the header-read timeout (an idle keep-alive connection is closed after it
+//! too); a request's body must arrive within the request timeout; a body over the size cap is
+//! answered 413 without reading more of it (at once when its `Content-Length` says so); the body is
+//! parsed into the typed AdmissionReview envelope (see [`super::admission`]) whose nesting serde_json
+//! bounds; HTTP/2 connections (the API server's choice when ALPN offers it) get a stream and a
+//! header-list cap and keep-alive pings; and every connection is told to go away (HTTP/2 GOAWAY, or
+//! closed after its current HTTP/1 request) at its maximum age.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::metrics::InjectorMetrics;
-use super::{InjectConfig, Scope, review};
+use super::{InjectConfig, Scope, admission};
 
-/// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB).
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest request body: 1 MiB. A pod's AdmissionReview is a few KiB to a few tens of KiB
+/// (an UPDATE carries the pod twice); the API server's own limits (annotations 256 KiB, an object
+/// ~1.5 MiB in etcd) make a larger one possible only for absurd pods, for which `--max-request-bytes`
+/// can be raised.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// The most an operator may raise `--max-request-bytes` to (the API server's request limit).
+pub const MAX_REQUEST_BYTES_LIMIT: usize = 3 * 1024 * 1024;
+/// HTTP/1 read buffer (and so the largest request head).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 64;
+/// HTTP/2: concurrent streams per connection, and the largest header list.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 64;
+const H2_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The server's limits (flags of `meshid-injector`, see [`super::startup::InjectorArgs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once (handshaking or established); the one past it is closed at accept.
+    pub max_connections: usize,
+    /// Connections open at once from one source IP; the one past it is closed at accept.
+    pub max_connections_per_source: usize,
+    /// The TLS handshake, and each HTTP/1 request head (or the wait for the next one on a
+    /// keep-alive connection), must complete within this.
+    pub header_read_timeout: Duration,
+    /// A request's body must have arrived within this (answered 408 otherwise).
+    pub request_timeout: Duration,
+    /// Largest request body (answered 413 above it).
+    pub max_request_bytes: usize,
+    /// A connection this old is told to go away; its requests in flight get `request_timeout` more.
+    pub max_connection_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_connections_per_source: 64,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_connection_age: Duration::from_secs(5 * 60),
+        }
+    }
+}
 
 /// Serves the webhook on `listener` until the process ends. Each review uses the configuration
 /// current when it arrives (the trust bundle in it is reloaded while running).
@@ -33,28 +91,100 @@ pub async fn serve(
     tls: Arc<ServerConfig>,
     config: Arc<ArcSwap<InjectConfig>>,
     metrics: Arc<InjectorMetrics>,
+    limits: Limits,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let sources = Arc::new(PerSource::default());
     loop {
         let (tcp, peer) = meshid_runtime::net::accept_retrying(&listener, "webhook").await;
+        // Counted, and logged at debug only: a flood would otherwise flood the log.
+        let Some(source) = sources.try_acquire(peer.ip(), limits.max_connections_per_source) else {
+            metrics.connection_refused("max_connections_per_source");
+            tracing::debug!(%peer, "per-source connection limit reached; refusing");
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.connection_refused("max_connections");
+            tracing::debug!(%peer, "connection limit reached; refusing");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let config = config.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, %peer, "tls handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = service_fn(move |req| handle(req, config.clone(), metrics.clone(), peer));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
+            metrics.connections_open.inc();
+            connection(tcp, peer, acceptor, config, metrics.clone(), limits).await;
+            metrics.connections_open.dec();
+            drop((permit, source));
         });
+    }
+}
+
+/// Drives a connection to its end: handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    config: Arc<ArcSwap<InjectConfig>>,
+    metrics: Arc<InjectorMetrics>,
+    limits: Limits,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            tracing::debug!(%error, %peer, "tls handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tls handshake timed out");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let service = service_fn(move |req| handle(req, config.clone(), metrics.clone(), peer, limits));
+    let io = TokioIo::new(tls);
+    let result = if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+            .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = tokio::time::sleep(limits.max_connection_age) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(limits.request_timeout, conn.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .max_headers(MAX_HEADERS);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = tokio::time::sleep(limits.max_connection_age) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(limits.request_timeout, conn.as_mut())
+                    .await
+                    .unwrap_or(Ok(()))
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }
 
@@ -63,35 +193,88 @@ async fn handle(
     config: Arc<ArcSwap<InjectConfig>>,
     metrics: Arc<InjectorMetrics>,
     peer: SocketAddr,
+    limits: Limits,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let scope = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n".into())),
         (&Method::POST, "/inject") => Scope::Pod,
         (&Method::POST, "/inject-namespace") => Scope::Namespace,
-        _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n")),
+        _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n".into())),
     };
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
+    // HTTP/1: a refused body is never read to its end, so the connection cannot carry another
+    // request (HTTP/2 resets just the stream).
+    let http1 = req.version() < http::Version::HTTP_2;
+    let close = |mut r: Response<Full<Bytes>>| {
+        if http1 {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    };
+    let too_large = || {
+        close(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body over the {}-byte limit (an AdmissionReview for a pod is far smaller)\n",
+                limits.max_request_bytes
+            ),
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_request_bytes as u64) {
+        metrics.request_refused("too_large");
+        tracing::debug!(%peer, ?declared, "request body over the limit (Content-Length)");
+        return Ok(too_large());
+    }
+    let read = Limited::new(req.into_body(), limits.max_request_bytes).collect();
+    let body = match tokio::time::timeout(limits.request_timeout, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+            metrics.request_refused("too_large");
+            tracing::debug!(%peer, "request body over the limit");
+            return Ok(too_large());
+        }
+        Ok(Err(error)) => {
+            metrics.request_refused("invalid");
+            tracing::debug!(%peer, %error, "request body not read");
+            return Ok(close(text(
+                StatusCode::BAD_REQUEST,
+                format!("request body not read: {error}\n"),
+            )));
+        }
         Err(_) => {
-            metrics.bad_request();
-            return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "request too large\n"));
+            metrics.request_refused("timeout");
+            tracing::debug!(%peer, "request body not received in time");
+            return Ok(close(text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {:?}\n",
+                    limits.request_timeout
+                ),
+            )));
         }
     };
-    let Ok(input) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        metrics.bad_request();
-        return Ok(text(StatusCode::BAD_REQUEST, "not JSON\n"));
+    let input = match admission::parse(&body) {
+        Ok(input) => input,
+        Err(error) => {
+            metrics.request_refused(error.label());
+            tracing::debug!(%peer, %error, "not an AdmissionReview");
+            return Ok(text(StatusCode::BAD_REQUEST, format!("{error}\n")));
+        }
     };
-    let output = review(&config.load(), scope, &input);
+    let output = super::answer(&config.load(), scope, &input);
     metrics.review(&output);
     let response = &output["response"];
+    let request = input.request.as_ref();
     tracing::info!(
         %peer,
         uid = %response["uid"],
-        operation = %input.pointer("/request/operation").unwrap_or(&serde_json::Value::Null),
-        namespace = %input.pointer("/request/namespace").unwrap_or(&serde_json::Value::Null),
+        operation = request.and_then(|r| r.operation.as_deref()).unwrap_or_default(),
+        namespace = request.and_then(|r| r.namespace.as_deref()).unwrap_or_default(),
         allowed = %response["allowed"],
         patched = response.get("patch").is_some(),
         message = %response.pointer("/status/message").unwrap_or(&serde_json::Value::Null),
@@ -99,14 +282,83 @@ async fn handle(
     );
     let mut out = Response::new(Full::new(Bytes::from(output.to_string())));
     out.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     Ok(out)
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
+}
+
+/// Open connections per source IP. A connection holds a [`SourceGuard`] from accept until it ends
+/// (handshake failure, timeout or close alike), so the count cannot leak.
+#[derive(Debug, Default)]
+struct PerSource {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerSource {
+    /// One more connection from `ip`, unless it has `max` already.
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(SourceGuard {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct SourceGuard {
+    sources: Arc<PerSource>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut counts = self
+            .sources
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_counts_are_released() {
+        let sources = Arc::new(PerSource::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = sources.try_acquire(a, 2).unwrap();
+        let second = sources.try_acquire(a, 2).unwrap();
+        assert!(sources.try_acquire(a, 2).is_none());
+        assert!(sources.try_acquire(b, 2).is_some());
+        drop(first);
+        let third = sources.try_acquire(a, 2).unwrap();
+        drop((second, third));
+        assert!(sources.counts.lock().unwrap().is_empty());
+    }
 }

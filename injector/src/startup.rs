@@ -69,6 +69,34 @@ pub struct InjectorArgs {
     /// Log format: text or json.
     #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Most webhook connections open at once; more are closed at accept (counted in
+    /// meshid_injector_connections_refused_total).
+    #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Most webhook connections open at once from one source IP.
+    #[arg(
+        long,
+        env = "MESHID_INJECTOR_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 64
+    )]
+    pub max_connections_per_source: usize,
+    /// The TLS handshake and each HTTP/1 request head (or the wait for the next request on an idle
+    /// keep-alive connection) must complete within this.
+    #[arg(
+        long,
+        env = "MESHID_INJECTOR_HEADER_READ_TIMEOUT",
+        default_value = "10s"
+    )]
+    pub header_read_timeout: String,
+    /// A request's body must arrive within this (answered 408 otherwise).
+    #[arg(long, env = "MESHID_INJECTOR_REQUEST_TIMEOUT", default_value = "10s")]
+    pub request_timeout: String,
+    /// Largest request body in bytes (answered 413 above it); at most 3 MiB.
+    #[arg(long, env = "MESHID_INJECTOR_MAX_REQUEST_BYTES", default_value_t = server::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// A connection this old is told to go away (HTTP/2 GOAWAY; HTTP/1: closed after its request).
+    #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTION_AGE", default_value = "5m")]
+    pub max_connection_age: String,
 }
 
 /// Everything checked and loaded, ready to serve.
@@ -81,6 +109,7 @@ pub struct Startup {
     pair_files: Vec<Vec<u8>>,
     bundle_file: Vec<Vec<u8>>,
     config: InjectConfig,
+    limits: server::Limits,
 }
 
 impl InjectorArgs {
@@ -117,6 +146,7 @@ impl InjectorArgs {
                 None
             }
         };
+        let limits = self.limits(&mut problems);
         let resources = match self.sidecar_resources.as_deref().map(serde_json::from_str) {
             None => None,
             Some(Ok(v)) => Some(v),
@@ -167,6 +197,7 @@ impl InjectorArgs {
             Some(listen),
             Some(admin_listen),
             Some(interval),
+            Some(limits),
             Some(pair),
             Some(bundle),
             Ok(pair_files),
@@ -176,6 +207,7 @@ impl InjectorArgs {
             listen,
             admin_listen,
             interval,
+            limits,
             pair,
             bundle,
             pair_files,
@@ -210,6 +242,46 @@ impl InjectorArgs {
             pair_files,
             bundle_file,
             config,
+            limits,
+        })
+    }
+
+    /// The server's limits, or `None` after naming each bad one in `problems`.
+    fn limits(&self, problems: &mut Vec<String>) -> Option<server::Limits> {
+        let before = problems.len();
+        let mut duration = |flag: &str, value: &str| match meshid_identity::parse_duration(value) {
+            Ok(d) if d >= Duration::from_millis(100) => d,
+            Ok(_) => {
+                problems.push(format!("{flag}: must be at least 100ms"));
+                Duration::ZERO
+            }
+            Err(e) => {
+                problems.push(format!("{flag}: {e}"));
+                Duration::ZERO
+            }
+        };
+        let header_read_timeout = duration("--header-read-timeout", &self.header_read_timeout);
+        let request_timeout = duration("--request-timeout", &self.request_timeout);
+        let max_connection_age = duration("--max-connection-age", &self.max_connection_age);
+        if self.max_connections == 0 {
+            problems.push("--max-connections: must be at least 1".to_owned());
+        }
+        if self.max_connections_per_source == 0 {
+            problems.push("--max-connections-per-source: must be at least 1".to_owned());
+        }
+        if !(1024..=server::MAX_REQUEST_BYTES_LIMIT).contains(&self.max_request_bytes) {
+            problems.push(format!(
+                "--max-request-bytes: must be between 1024 and {} (the API server's own limit)",
+                server::MAX_REQUEST_BYTES_LIMIT
+            ));
+        }
+        (problems.len() == before).then_some(server::Limits {
+            max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            header_read_timeout,
+            request_timeout,
+            max_request_bytes: self.max_request_bytes,
+            max_connection_age,
         })
     }
 }
@@ -226,6 +298,7 @@ impl Startup {
             pair_files,
             bundle_file,
             config,
+            limits,
         } = self;
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(InjectorMetrics::register(&mut registry));
@@ -275,7 +348,7 @@ impl Startup {
                     admin_shutdown,
                 ));
             }
-            tracing::info!(%listen, ?admin_listen, "meshid-injector serving");
+            tracing::info!(%listen, ?admin_listen, ?limits, "meshid-injector serving");
             let pair_paths = vec![args.tls_cert.clone(), args.tls_key.clone()];
             let server_name = args.server_name.clone();
             let m = metrics.clone();
@@ -314,7 +387,7 @@ impl Startup {
                 },
             ));
             tokio::select! {
-                () = server::serve(listener, tls, config, metrics) => {}
+                () = server::serve(listener, tls, config, metrics, limits) => {}
                 stopped = meshid_runtime::process::wait_for_signal() => match stopped {
                     Ok(()) => tracing::info!("signal received; exiting"),
                     Err(error) => {

@@ -40,11 +40,11 @@ DOCKER_SKIPS=(
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
-# Fixtures: a real CA's bundle and an (empty) JWKS, as the platform team would pass them.
+# Fixtures: a real CA's bundle, as the platform team would pass it. No JWKS: by default the CA
+# fetches it from the API server (minimal-off.yaml passes one, the file mode).
 "${CARGO:-cargo}" build -q -p meshid-ca --bin meshid-ca
 "${CARGO_TARGET_DIR:-target}/debug/meshid-ca" init --dir "$OUT/ca" --trust-domain cluster.local >/dev/null
-echo '{"keys":[]}' >"$OUT/jwks.json"
-REQUIRED=(--set ca.existingSecret=meshid-ca --set-file "ca.trustBundle=$OUT/ca/bundle.pem" --set-file "ca.jwks=$OUT/jwks.json")
+REQUIRED=(--set ca.existingSecret=meshid-ca --set-file "ca.trustBundle=$OUT/ca/bundle.pem")
 
 echo "== helm $("$HELM" version --short)"
 declare -A SETS=(
@@ -96,6 +96,42 @@ for flag in ("--tls-cert=", "--tls-key=", "--trust-bundle="):
 cms = [d for d in docs if d["kind"] == "ConfigMap" and "bundle.pem" in d.get("data", {})]
 assert [c["metadata"]["namespace"] for c in cms] == ["meshid"], cms
 print("injector mounts meshid-injector-tls (tls.crt, tls.key) and the bundle; no CA Secret; one bundle ConfigMap")
+PY
+
+echo "== CA: JWKS discovery (RBAC, projected token) by default, a file when ca.jwks is given"
+"$VENV/python" - "$OUT/render" <<'PY' || fail "CA JWKS wiring"
+import sys, yaml
+def load(name):
+    return [d for d in yaml.safe_load_all(open(f"{sys.argv[1]}/{name}/all.yaml")) if d]
+for name, discovery in (("defaults", True), ("all-options", True), ("minimal-off", False)):
+    docs = load(name)
+    ca = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-ca"))
+    pod = ca["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    bindings = [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding", "ClusterRole", "Role")]
+    assert pod["automountServiceAccountToken"] is False, name
+    sa = pod["serviceAccountName"]
+    if discovery:
+        assert not any(a.startswith("--jwks=") for a in args), (name, args)
+        assert "--jwks-discovery" in args or any(a.startswith("--jwks-url=https://") for a in args), (name, args)
+        vol = vols[mounts["/var/run/secrets/kubernetes.io/serviceaccount"]]
+        srcs = vol["projected"]["sources"]
+        assert any("serviceAccountToken" in s and s["serviceAccountToken"]["path"] == "token" for s in srcs), srcs
+        assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in srcs), srcs
+        assert len(bindings) == 1 and bindings[0]["kind"] == "ClusterRoleBinding", bindings
+        b = bindings[0]
+        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                "name": "system:service-account-issuer-discovery"}, b
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "meshid"}], b
+        assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-jwks") for d in docs)
+    else:
+        assert "--jwks=/etc/meshid/jwks/jwks.json" in args, (name, args)
+        assert not any(a.startswith(("--jwks-discovery", "--jwks-url")) for a in args), (name, args)
+        assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts, mounts
+        assert not bindings, bindings
+    print(f"{name}: CA {'discovers its JWKS (issuer-discovery ClusterRoleBinding only, projected token)' if discovery else 'reads a JWKS file (no token, no RBAC)'}")
 PY
 
 echo "== injected pods (inject_webhook test output)"

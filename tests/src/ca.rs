@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use meshid_ca::auth::{JoinTokenStore, JwtConfig};
+use meshid_ca::auth::{JoinTokenStore, JwksSource, JwtConfig};
 use meshid_ca::authority::{self, Authority};
 use meshid_ca::ratelimit::RateLimit;
 use meshid_ca::server::{RunningCa, ServeConfig};
@@ -36,6 +36,9 @@ pub struct CaOptions {
     pub idle_timeout: Duration,
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
+    /// Where the service-account issuer's keys come from (default: a JWKS file of
+    /// [`TestCa::cluster`] in the CA directory).
+    pub jwks: Option<JwksSource>,
 }
 
 impl Default for CaOptions {
@@ -51,6 +54,7 @@ impl Default for CaOptions {
             idle_timeout: ListenerLimits::default().idle_timeout,
             max_connection_age: ListenerLimits::default().max_connection_age,
             max_connection_age_grace: ListenerLimits::default().max_connection_age_grace,
+            jwks: None,
         }
     }
 }
@@ -82,7 +86,7 @@ impl TestCa {
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             sans: vec!["localhost".into(), "127.0.0.1".into()],
             jwt: Some(JwtConfig {
-                jwks_path: jwks,
+                jwks: opts.jwks.clone().unwrap_or(JwksSource::File(jwks)),
                 issuer: fake_cluster::ISSUER.into(),
                 audience: fake_cluster::AUDIENCE.into(),
                 allowed_namespaces: opts.allowed_namespaces.map(|v| v.into_iter().collect()),

@@ -1,7 +1,8 @@
-//! Test support for meshid: a fake cluster token issuer, certificate fixtures, an in-process CA, and
-//! helpers to run the real binaries and outside tools.
+//! Test support for meshid: a fake cluster token issuer and API server, certificate fixtures, an
+//! in-process CA, and helpers to run the real binaries and outside tools.
 
 pub mod ca;
+pub mod fake_apiserver;
 pub mod fake_cluster;
 pub mod kubelet;
 pub mod mesh;

@@ -155,7 +155,7 @@ fn service_account_tokens() {
     cluster.write_jwks(&dir.path().join("jwks.json"));
     let auth = JwtAuthenticator::new(
         JwtConfig {
-            jwks_path: dir.path().join("jwks.json"),
+            jwks: meshid_ca::auth::JwksSource::File(dir.path().join("jwks.json")),
             issuer: meshid_tests::fake_cluster::ISSUER.into(),
             audience: meshid_tests::fake_cluster::AUDIENCE.into(),
             allowed_namespaces: None,

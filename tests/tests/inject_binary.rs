@@ -6,7 +6,9 @@
 //! port's metrics follow (the serving certificate's expiry, reloads, reviews); bad flags exit 64
 //! naming every problem. Pod UPDATEs (as the API server sends them for `kubectl annotate`: the
 //! patched pod and the one before) are validated: a meshid annotation the sidecar would refuse is
-//! denied by name, anything else is admitted without a patch.
+//! denied by name, anything else is admitted without a patch. Hostile clients (slow heads, silent
+//! connections, oversized and deeply nested bodies, connection floods) are refused and counted
+//! while real reviews, over HTTP/1.1 and HTTP/2, keep being answered in time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -525,6 +527,19 @@ fn bad_flags_exit_64_naming_each() {
         .args(["--admin-listen", "localhost"])
         .args(["--sidecar-image", "x", "--ca-addr", "ca:1"])
         .args(["--token-expiration-seconds", "60"])
+        .args([
+            "--max-connections",
+            "0",
+            "--max-connections-per-source",
+            "0",
+        ])
+        .args(["--header-read-timeout", "soon", "--request-timeout", "1ms"])
+        .args([
+            "--max-request-bytes",
+            "4194304",
+            "--max-connection-age",
+            "0s",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{out:?}");
@@ -534,6 +549,12 @@ fn bad_flags_exit_64_naming_each() {
         "--admin-listen",
         "--token-expiration-seconds",
         "--reload-interval",
+        "--max-connections:",
+        "--max-connections-per-source:",
+        "--header-read-timeout:",
+        "--request-timeout: must be at least 100ms",
+        "--max-request-bytes: must be between 1024 and 3145728",
+        "--max-connection-age:",
         "--tls-cert",
         "--tls-key",
         "--trust-bundle",
@@ -906,4 +927,348 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
         metric(admin, "meshid_injector_reviews_total{result=\"denied\"}"),
         0.0
     );
+}
+
+/// TLS to the injector from the source address `from` (any 127.0.0.0/8 address: each is a source of
+/// its own for the per-source cap), offering `alpn`.
+async fn tls_from(
+    from: &str,
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tcp_from(from, addr).await?;
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).map_err(std::io::Error::other)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls_pki_types::ServerName::try_from(SAN).map_err(std::io::Error::other)?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+async fn tcp_from(from: &str, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
+    socket.connect(addr).await
+}
+
+/// Writes `request` over TLS from `from` and reads the answer until the server closes (at most
+/// 10 s): the raw HTTP/1.1 response.
+async fn raw_exchange(
+    from: &str,
+    addr: SocketAddr,
+    roots: &[CertificateDer<'static>],
+    request: &[u8],
+) -> String {
+    let mut tls = tls_from(from, addr, roots, &[b"http/1.1"]).await.unwrap();
+    tls.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A pod CREATE answered within 10 s over HTTP/1.1 (from 127.0.0.1) or HTTP/2 (the API server's
+/// choice when ALPN offers it): the answer injects the pod.
+async fn answered_in_time(addr: SocketAddr, roots: &[CertificateDer<'static>], h2: bool) {
+    let body = review(&annotated_pod());
+    let exchange = async {
+        if !h2 {
+            return https(addr, roots, "POST", "/inject", &body)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let tls = tls_from("127.0.0.1", addr, roots, &[b"h2"])
+            .await
+            .map_err(|e| e.to_string())?;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = http::Request::post(format!("https://{SAN}/inject"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .unwrap();
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let code = response.status().as_u16();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let (code, body) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within 10 s (h2: {h2})"))
+        .unwrap_or_else(|e| panic!("review failed (h2: {h2}): {e}"));
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["uid"], "abc");
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+}
+
+/// Dribbles an HTTP/1.1 request head from `from`, a byte every 1.5 s, reconnecting whenever the
+/// injector drops the connection, until `until`.
+async fn slowloris(
+    from: &'static str,
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    until: std::time::Instant,
+) {
+    while std::time::Instant::now() < until {
+        let Ok(mut tls) = tls_from(from, addr, &roots, &[b"http/1.1"]).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let head = b"POST /inject HTTP/1.1\r\nHost: meshid-injector.meshid.svc\r\nX-Slow: ";
+        for byte in head.iter().chain(std::iter::repeat(&b'a')) {
+            if std::time::Instant::now() >= until
+                || tls.write_all(&[*byte]).await.is_err()
+                || tls.flush().await.is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
+}
+
+/// Opens TCP connections from `from` and sends nothing, reopening each one the injector closes,
+/// until `until`.
+async fn silent(from: &'static str, addr: SocketAddr, until: std::time::Instant) {
+    while std::time::Instant::now() < until {
+        match tcp_from(from, addr).await {
+            Ok(mut tcp) => {
+                let mut buf = [0u8; 64];
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                let _ = tokio::time::timeout(left, tcp.read(&mut buf)).await;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Hostile clients over real sockets against the real binary, while pod CREATEs (over HTTP/1.1 and
+/// HTTP/2) keep being answered within 10 s: slow request heads (slowloris, from one source past its
+/// connection cap), silent connections past the per-source cap, bodies over the size cap (with a
+/// Content-Length: 413 at once naming the limit; chunked: cut off at the limit), a body that stops
+/// arriving (408 after the request timeout), a body nested far
+/// deeper than serde_json's recursion limit (400, not a crash), and then enough connections from
+/// several sources to pass the overall cap. Every refusal is counted on the admin port, the open
+/// connections drain, and the injector still serves afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_clients_cannot_hold_up_admission_reviews() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()])
+        .args([
+            "--max-connections",
+            "48",
+            "--max-connections-per-source",
+            "16",
+        ])
+        .args(["--header-read-timeout", "2s", "--request-timeout", "3s"]),
+    );
+    wait_healthy(addr, &roots).await;
+    let refused = |reason: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let rejected = |reason: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_requests_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+
+    // Phase 1: slowloris from 127.0.0.2 (24 clients, 16 allowed at once), silent connections from
+    // 127.0.0.4 (24, 16 allowed), for 8 s.
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    let mut hostile = Vec::new();
+    for _ in 0..24 {
+        hostile.push(tokio::spawn(slowloris(
+            "127.0.0.2",
+            addr,
+            roots.clone(),
+            until,
+        )));
+        hostile.push(tokio::spawn(silent("127.0.0.4", addr, until)));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
+
+    // Over the size cap with a Content-Length: answered 413 at once, the limit named.
+    let declared = raw_exchange(
+        "127.0.0.3",
+        addr,
+        &roots,
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{{",
+            64 * 1024 * 1024
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(declared.contains("1048576-byte limit"), "{declared}");
+    // Over the cap without a length (chunked, 8 MiB): refused once the cap is reached; the
+    // injector stops reading (the writer fails or the answer is a 413, never a review).
+    let mut chunked = tls_from("127.0.0.3", addr, &roots, &[b"http/1.1"])
+        .await
+        .unwrap();
+    chunked
+        .write_all(
+            format!(
+                "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = tokio::io::split(chunked);
+    let sender = tokio::spawn(async move {
+        let chunk = format!("10000\r\n{}\r\n", "[".repeat(0x10000));
+        for _ in 0..128 {
+            if writer.write_all(chunk.as_bytes()).await.is_err() {
+                return false;
+            }
+        }
+        writer.write_all(b"0\r\n\r\n").await.is_ok()
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), reader.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 413"),
+        "{text}"
+    );
+    sender.abort();
+    // A body that stops arriving: 408 once the request timeout (3 s) has passed.
+    let stalled = raw_exchange(
+        "127.0.0.3",
+        addr,
+        &roots,
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{\"request\":"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(stalled.starts_with("HTTP/1.1 408"), "{stalled}");
+    assert!(stalled.contains("not received within 3s"), "{stalled}");
+    // Nested far deeper than serde_json's limit (200 KB, under the size cap): 400, named.
+    let depth = 100_000;
+    let deep = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"deep","object":{}{}}}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let answer = raw_exchange(
+        "127.0.0.3",
+        addr,
+        &roots,
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{deep}",
+            deep.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("deeper than 128 levels"), "{answer}");
+    // Still answered in time while the slow and silent clients keep coming back.
+    answered_in_time(addr, &roots, true).await;
+    answered_in_time(addr, &roots, false).await;
+    for task in hostile {
+        task.await.unwrap();
+    }
+    assert!(refused("max_connections_per_source") >= 8.0);
+    assert!(rejected("too_large") >= 2.0);
+    assert_eq!(rejected("too_deep"), 1.0);
+    assert_eq!(rejected("timeout"), 1.0);
+    assert!(
+        metric(
+            admin,
+            "meshid_injector_reviews_total{result=\"bad_request\"}"
+        ) >= 4.0
+    );
+    // The slow and silent connections are all closed by the header-read timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(admin, "meshid_injector_connections_open") > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections still open after the hostile clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Phase 2: 64 silent connections from four sources (16 each, within the per-source cap) pass
+    // the overall cap of 48: the rest are refused at accept.
+    let mut held = Vec::new();
+    for from in ["127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"] {
+        for _ in 0..16 {
+            held.push(tcp_from(from, addr).await.unwrap());
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refused("max_connections") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection refused past the overall cap"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    // Still serving once they are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while https(addr, &roots, "GET", "/healthz", "")
+        .await
+        .ok()
+        .map(|r| r.0)
+        != Some(200)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not serving after the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
 }

@@ -528,8 +528,12 @@ fn other_requests_pass_through() {
 
 /// The chart's MutatingWebhookConfiguration, rendered by helm: both entries (namespace-wide and
 /// per-pod) see pod CREATEs and UPDATEs, UPDATEs only when they touch a `meshid.io/*` annotation,
-/// with `injector.failurePolicy` as set; and the PrometheusRule warns about a sidecar that rejected
-/// its newest policy. Needs the tools of `scripts/k8s/install-tools.sh`; without them this test says
+/// the per-pod entry CREATEs only of pods whose `meshid.io/inject` annotation asks for injection
+/// (so an injector outage cannot block pods that never asked), with `injector.failurePolicy` as
+/// set; two injector replicas spread softly with a PodDisruptionBudget; the injector's own
+/// NetworkPolicy (webhook port from `injector.networkPolicy.webhookFrom`, any source by default;
+/// admin port only from the metrics selectors; no egress), the shared policy admitting none of the
+/// injector's ports; and the PrometheusRule warns about a sidecar that rejected its newest policy. Needs the tools of `scripts/k8s/install-tools.sh`; without them this test says
 /// so and checks nothing, except under `scripts/k8s/check.sh` (which sets `MESHID_INJECT_OUT` and
 /// installs them), where it fails.
 #[test]
@@ -559,6 +563,8 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
                 "injector.failurePolicy=Ignore",
                 "--set",
                 "prometheusRule.enabled=true",
+                "--set-json",
+                r#"injector.networkPolicy.webhookFrom=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]"#,
             ][..],
             "Ignore",
         ),
@@ -598,7 +604,31 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
             // Only UPDATEs that add, change or remove a meshid annotation are sent: other pod
             // updates never depend on the injector (its failurePolicy does not apply to them).
             let conditions = entry["matchConditions"].as_array().unwrap();
-            assert_eq!(conditions.len(), 1, "{name}");
+            assert_eq!(
+                conditions[0]["name"], "create-or-meshid-annotations-changed",
+                "{name}"
+            );
+            if name == "pod.inject.meshid.io" {
+                // Outside opted-in namespaces, only pods that ask for injection are sent on
+                // CREATE (ANDed with the UPDATE condition, which lets every CREATE through).
+                assert_eq!(conditions.len(), 2, "{name}");
+                assert_eq!(conditions[1]["name"], "create-only-when-asked");
+                let expression = conditions[1]["expression"].as_str().unwrap();
+                for needle in [
+                    "request.operation != 'CREATE' ||",
+                    "has(object.metadata.annotations)",
+                    "'meshid.io/inject' in object.metadata.annotations",
+                    "object.metadata.annotations['meshid.io/inject'] != 'disabled'",
+                ] {
+                    assert!(
+                        expression.contains(needle),
+                        "{name}: {needle:?} not in {expression}"
+                    );
+                }
+            } else {
+                // An opted-in namespace asked for every pod.
+                assert_eq!(conditions.len(), 1, "{name}");
+            }
             let expression = conditions[0]["expression"].as_str().unwrap();
             for needle in [
                 "request.operation != 'UPDATE' ||",
@@ -612,6 +642,7 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
                 );
             }
         }
+        check_injector_availability_and_network(&docs, policy == "Ignore");
         let rule = docs
             .iter()
             .filter(|d| d["kind"] == "PrometheusRule")
@@ -631,4 +662,92 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
     }
+}
+
+/// The rendered chart's injector: two replicas spread softly across nodes and zones, a
+/// PodDisruptionBudget keeping one up, and its own NetworkPolicy (`narrowed`: webhookFrom set to an
+/// ipBlock).
+fn check_injector_availability_and_network(docs: &[Value], narrowed: bool) {
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} not rendered"))
+    };
+    let injector_labels = json!({"app.kubernetes.io/name": "meshid",
+        "app.kubernetes.io/instance": "meshid", "app.kubernetes.io/component": "injector"});
+    let deployment = find("Deployment", "meshid-injector");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let preferred =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        preferred["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        preferred["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        injector_labels
+    );
+    assert!(
+        pod["affinity"]["podAntiAffinity"]
+            .get("requiredDuringSchedulingIgnoredDuringExecution")
+            .is_none(),
+        "soft by default"
+    );
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "topology.kubernetes.io/zone");
+    assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway");
+    let args = pod["containers"][0]["args"].to_string();
+    for flag in [
+        "--max-connections=512",
+        "--max-connections-per-source=64",
+        "--header-read-timeout=10s",
+        "--request-timeout=10s",
+        "--max-request-bytes=1048576",
+    ] {
+        assert!(args.contains(flag), "{flag} not in {args}");
+    }
+    let pdb = find("PodDisruptionBudget", "meshid-injector");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], injector_labels);
+
+    // The shared policy admits none of the injector's ports (policies add up: it would widen the
+    // injector's own).
+    let shared = find("NetworkPolicy", "meshid");
+    let shared_ports = shared["spec"]["ingress"].to_string();
+    for port in ["9443", "9444"] {
+        assert!(
+            !shared_ports.contains(port),
+            "{port} in the shared policy: {shared_ports}"
+        );
+    }
+    let policy = find("NetworkPolicy", "meshid-injector");
+    let spec = &policy["spec"];
+    assert_eq!(spec["podSelector"]["matchLabels"], injector_labels);
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(spec["egress"], json!([]), "the injector calls nothing");
+    let ingress = spec["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 2, "{ingress:?}");
+    assert_eq!(
+        ingress[0]["ports"],
+        json!([{"port": 9443, "protocol": "TCP"}])
+    );
+    if narrowed {
+        assert_eq!(
+            ingress[0]["from"],
+            json!([{"ipBlock": {"cidr": "10.0.0.0/24"}}])
+        );
+    } else {
+        // The API server's addresses are cluster-specific: any source, to this port only.
+        assert!(ingress[0].get("from").is_none(), "{}", ingress[0]);
+    }
+    assert_eq!(
+        ingress[1]["ports"],
+        json!([{"port": 9444, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ingress[1]["from"],
+        json!([{"namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}])
+    );
 }

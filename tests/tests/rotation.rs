@@ -476,7 +476,7 @@ async fn an_expired_root_can_still_be_replaced() {
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         sans: vec!["localhost".into()],
         jwt: Some(meshid_ca::auth::JwtConfig {
-            jwks_path: ca_dir.join("jwks.json"),
+            jwks: meshid_ca::auth::JwksSource::File(ca_dir.join("jwks.json")),
             issuer: meshid_tests::fake_cluster::ISSUER.into(),
             audience: meshid_tests::fake_cluster::AUDIENCE.into(),
             allowed_namespaces: None,

@@ -1,4 +1,5 @@
-//! Kubernetes projected service-account tokens, verified offline against the cluster's JWKS.
+//! Kubernetes projected service-account tokens, verified offline against the cluster's JWKS: read
+//! from a file (re-read when it changes) or fetched from the cluster (see [`super::jwks_remote`]).
 
 use meshid_runtime::time::unix_now;
 use std::collections::{BTreeSet, HashMap};
@@ -11,7 +12,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use meshid_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
+use super::jwks_remote::RemoteJwks;
 use super::{AuthError, Reason};
+use crate::metrics::Metrics;
 
 /// The largest token accepted, in bytes. Real projected tokens are about 1 KiB.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -19,12 +22,25 @@ pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 pub const MAX_SKEW: Duration = Duration::from_secs(60);
 /// How often the JWKS file is checked for changes.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait before the next fetch while fetching the JWKS fails.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(30);
+
+/// Where the cluster's service-account issuer keys (a JWKS, as served at `/openid/v1/jwks`) come
+/// from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A file, re-read when it changes (`--jwks`).
+    File(PathBuf),
+    /// Fetched from the cluster, periodically and when a token names an unknown key (`--jwks-url`,
+    /// `--jwks-discovery`).
+    Remote(RemoteJwks),
+}
 
 /// Settings for service-account token verification.
 #[derive(Debug, Clone)]
 pub struct JwtConfig {
-    /// The cluster's service-account issuer keys (JWKS, as served at `/openid/v1/jwks`).
-    pub jwks_path: PathBuf,
+    /// The cluster's service-account issuer keys.
+    pub jwks: JwksSource,
     /// Expected `iss`.
     pub issuer: String,
     /// Expected `aud`.
@@ -44,20 +60,36 @@ pub enum JwksError {
     },
     #[error("{path}: not a JWKS document: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("--jwks-url: {0}")]
+    Url(String),
 }
 
 struct Keys {
     by_kid: HashMap<String, (Algorithm, DecodingKey)>,
     stamp: Option<(SystemTime, u64)>,
     checked: Instant,
+    /// SHA-256 of the last JWKS fetched (remote source): an unchanged document changes nothing.
+    digest: Option<[u8; 32]>,
 }
 
-/// Verifies service-account tokens. The JWKS file is re-read when it changes; a broken new file keeps
-/// the last good keys (and is logged).
+/// The state of fetching (remote source): one fetch at a time.
+#[derive(Default)]
+struct FetchState {
+    /// When the last refresh forced by an unknown `kid` started.
+    last_forced: Option<Instant>,
+    /// Whether the last fetch failed (the next periodic one comes sooner).
+    failing: bool,
+}
+
+/// Verifies service-account tokens. A JWKS file is re-read when it changes; a fetched JWKS is
+/// refreshed periodically and when a token names an unknown key (rate-limited). A broken new
+/// document keeps the last good keys (and is logged and counted).
 pub struct JwtAuthenticator {
     config: JwtConfig,
     trust_domain: TrustDomain,
     keys: RwLock<Keys>,
+    fetch: tokio::sync::Mutex<FetchState>,
+    metrics: Option<Metrics>,
     /// Recently verified tokens (by SHA-256), as kube-apiserver caches token reviews: a pod that
     /// retries with the same token costs one hash, not a signature check. Entries live at most
     /// `CACHE_TTL` and never past the token's `exp`; a JWKS change empties the cache.
@@ -91,9 +123,16 @@ struct NamedRef {
 }
 
 impl JwtAuthenticator {
-    /// Loads the JWKS; fails if the file is missing, unreadable, or holds no usable key.
+    /// Loads a JWKS file; fails if the file is missing, unreadable, or holds no usable key. A remote
+    /// source starts with no key: [`JwtAuthenticator::refresh_remote`] fetches them.
     pub fn new(config: JwtConfig, trust_domain: TrustDomain) -> Result<Self, JwksError> {
-        let (by_kid, stamp) = load_jwks(&config.jwks_path)?;
+        let (by_kid, stamp) = match &config.jwks {
+            JwksSource::File(path) => load_jwks(path)?,
+            JwksSource::Remote(remote) => {
+                super::jwks_remote::Target::parse(&remote.url).map_err(JwksError::Url)?;
+                (HashMap::new(), None)
+            }
+        };
         Ok(Self {
             config,
             trust_domain,
@@ -101,9 +140,172 @@ impl JwtAuthenticator {
                 by_kid,
                 stamp,
                 checked: Instant::now(),
+                digest: None,
             }),
+            fetch: Default::default(),
+            metrics: None,
             verified: Default::default(),
         })
+    }
+
+    /// Reports JWKS refreshes and the key count into `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        let keys = self.key_count();
+        metrics.jwks_keys.set(keys as i64);
+        if keys > 0 {
+            metrics.jwks_last_success.set(unix_now());
+        }
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// How many usable keys the current set holds.
+    pub fn key_count(&self) -> usize {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_kid
+            .len()
+    }
+
+    fn has_kid(&self, kid: &str) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_kid
+            .contains_key(kid)
+    }
+
+    fn record(&self, ok: bool, keys: Option<usize>) {
+        if let Some(m) = &self.metrics {
+            m.jwks_refreshes
+                .get_or_create(&crate::metrics::ResultLabels {
+                    result: if ok { "ok" } else { "error" },
+                })
+                .inc();
+            if ok {
+                m.jwks_last_success.set(unix_now());
+            }
+            if let Some(n) = keys {
+                m.jwks_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Replaces the key set (when it changed) and forgets tokens verified with the old one.
+    fn install(&self, by_kid: KeyMap, digest: Option<[u8; 32]>) -> bool {
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if digest.is_some() && digest == keys.digest {
+            return false;
+        }
+        keys.by_kid = by_kid;
+        keys.digest = digest;
+        drop(keys);
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        true
+    }
+
+    /// Fetches the remote JWKS once (a no-op for a file source) and installs it when usable;
+    /// otherwise keeps the current keys, logs and counts the error. Returns whether it succeeded.
+    pub async fn refresh_remote(&self) -> bool {
+        let mut state = self.fetch.lock().await;
+        self.fetch_locked(&mut state, "periodic").await
+    }
+
+    async fn fetch_locked(&self, state: &mut FetchState, trigger: &str) -> bool {
+        let JwksSource::Remote(remote) = &self.config.jwks else {
+            return true;
+        };
+        let result = match super::jwks_remote::fetch(remote).await {
+            Ok(body) => parse_jwks(&body).map(|keys| (keys, sha256(&body))),
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok((by_kid, digest)) => {
+                let n = by_kid.len();
+                if self.install(by_kid, Some(digest)) {
+                    tracing::info!(url = %remote.url, keys = n, trigger, "fetched a new JWKS");
+                }
+                state.failing = false;
+                self.record(true, Some(n));
+                true
+            }
+            Err(error) => {
+                state.failing = true;
+                tracing::error!(
+                    url = %remote.url,
+                    %error,
+                    trigger,
+                    keys = self.key_count(),
+                    "JWKS refresh failed; keeping the previous keys"
+                );
+                self.record(false, None);
+                false
+            }
+        }
+    }
+
+    /// For a remote source: when `token` names a `kid` the current set does not have, refreshes the
+    /// set at once, unless a forced refresh ran less than `min_forced_interval` ago (a flood of
+    /// tokens with made-up kids costs at most one fetch per interval). Callers then verify the
+    /// token as usual, against the new set. Never fails: a bad token is refused by the verification.
+    pub async fn refresh_for_token(&self, token: &str) {
+        let JwksSource::Remote(remote) = &self.config.jwks else {
+            return;
+        };
+        if token.len() > MAX_TOKEN_LEN || check_header(token).is_err() {
+            return;
+        }
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return;
+        };
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return;
+        }
+        let Some(kid) = header.kid else {
+            return;
+        };
+        if self.has_kid(&kid) {
+            return;
+        }
+        let mut state = self.fetch.lock().await;
+        // A fetch that ran while this one waited may have brought the key.
+        if self.has_kid(&kid) {
+            return;
+        }
+        if state
+            .last_forced
+            .is_some_and(|at| at.elapsed() < remote.min_forced_interval)
+        {
+            tracing::debug!("token names an unknown kid; a forced JWKS refresh ran recently");
+            return;
+        }
+        state.last_forced = Some(Instant::now());
+        self.fetch_locked(&mut state, "unknown_kid").await;
+    }
+
+    /// Refreshes a remote JWKS every `refresh_every` (sooner, at most every 30 s, while fetches
+    /// fail) until `shutdown`. Returns at once for a file source.
+    pub async fn follow_remote(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let JwksSource::Remote(remote) = &self.config.jwks else {
+            return;
+        };
+        loop {
+            let failing = self.fetch.lock().await.failing;
+            let wait = if failing {
+                remote.refresh_every.min(RETRY_AFTER_ERROR)
+            } else {
+                remote.refresh_every
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            self.refresh_remote().await;
+        }
     }
 
     /// Verifies a token and returns the SPIFFE ID of its service account.
@@ -241,6 +443,9 @@ impl JwtAuthenticator {
     }
 
     fn refresh_if_changed(&self) {
+        let JwksSource::File(path) = &self.config.jwks else {
+            return;
+        };
         {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
             if keys.checked.elapsed() < RECHECK_EVERY {
@@ -252,25 +457,30 @@ impl JwtAuthenticator {
             return;
         }
         keys.checked = Instant::now();
-        let stamp = file_stamp(&self.config.jwks_path);
+        let stamp = file_stamp(path);
         if stamp.is_some() && stamp == keys.stamp {
             return;
         }
-        match load_jwks(&self.config.jwks_path) {
+        match load_jwks(path) {
             Ok((by_kid, stamp)) => {
-                tracing::info!(path = %self.config.jwks_path.display(), keys = by_kid.len(), "reloaded JWKS");
+                tracing::info!(path = %path.display(), keys = by_kid.len(), "reloaded JWKS");
+                let n = by_kid.len();
                 keys.by_kid = by_kid;
                 keys.stamp = stamp;
+                drop(keys);
                 // Tokens verified with the old keys must be verified again.
                 self.verified
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clear();
+                self.record(true, Some(n));
             }
             Err(error) => {
                 // Remember the stamp so a broken file is reported once, not on every request.
                 keys.stamp = stamp;
+                drop(keys);
                 tracing::error!(%error, "JWKS reload failed; keeping the previous keys");
+                self.record(false, None);
             }
         }
     }
@@ -289,11 +499,24 @@ fn load_jwks(path: &Path) -> Result<(KeyMap, Option<(SystemTime, u64)>), JwksErr
         path: path.to_owned(),
         source,
     })?;
-    let invalid = |reason: String| JwksError::Invalid {
+    let by_kid = parse_jwks(&bytes).map_err(|reason| JwksError::Invalid {
         path: path.to_owned(),
         reason,
-    };
-    let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    })?;
+    Ok((by_kid, stamp))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// The usable keys of a JWKS document (RS256 or ES256 signing keys with a `kid`); fails on a
+/// document that is not a JWKS, a listed key that does not parse, or no usable key.
+fn parse_jwks(bytes: &[u8]) -> Result<KeyMap, String> {
+    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     let mut by_kid = HashMap::new();
     for jwk in &set.keys {
         let Some(kid) = jwk.common.key_id.clone() else {
@@ -319,15 +542,13 @@ fn load_jwks(path: &Path) -> Result<(KeyMap, Option<(SystemTime, u64)>), JwksErr
         if !agrees {
             continue;
         }
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("key {kid}: {e}")))?;
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid}: {e}"))?;
         by_kid.insert(kid, (alg, key));
     }
     if by_kid.is_empty() {
-        return Err(invalid(
-            "no usable key (RS256 or ES256 with a kid)".to_owned(),
-        ));
+        return Err("no usable key (RS256 or ES256 with a kid)".to_owned());
     }
-    Ok((by_kid, stamp))
+    Ok(by_kid)
 }
 
 /// Reads the JOSE header ourselves, strictly, before anything else looks at the token: base64url
@@ -478,7 +699,7 @@ mod tests {
             std::fs::write(&path, jwks.to_string()).unwrap();
             JwtAuthenticator::new(
                 JwtConfig {
-                    jwks_path: path,
+                    jwks: JwksSource::File(path),
                     issuer: "https://issuer.test".into(),
                     audience: "meshid-ca".into(),
                     allowed_namespaces: None,

@@ -2,6 +2,7 @@
 //! authorization checks that follow it.
 
 pub mod join;
+pub mod jwks_remote;
 pub mod jwt;
 
 use std::time::Duration;
@@ -12,7 +13,8 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
 pub use join::{JoinStoreError, JoinTokenStore, PendingJoin};
-pub use jwt::{JwksError, JwtAuthenticator, JwtConfig};
+pub use jwks_remote::RemoteJwks;
+pub use jwt::{JwksError, JwksSource, JwtAuthenticator, JwtConfig};
 
 /// How a caller proved its identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

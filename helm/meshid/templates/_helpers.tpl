@@ -106,7 +106,4 @@ imagePullSecrets:
 {{- if not .Values.ca.trustBundle -}}
 {{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
 {{- end -}}
-{{- if not .Values.ca.jwks -}}
-{{- fail "ca.jwks is required: kubectl get --raw /openid/v1/jwks > jwks.json; --set-file ca.jwks=jwks.json" -}}
-{{- end -}}
 {{- end -}}

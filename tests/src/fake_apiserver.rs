@@ -1,0 +1,223 @@
+//! A fake Kubernetes API server for JWKS discovery: HTTPS (rustls, its own CA made with rcgen) on
+//! 127.0.0.1, serving `/openid/v1/jwks` and `/.well-known/openid-configuration` as kube-apiserver
+//! does, to callers presenting `Authorization: Bearer <token>` (401 otherwise). Tests change what it
+//! answers ([`Answer`]) and count the requests it gets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::fake_cluster;
+
+/// What `/openid/v1/jwks` answers.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// 200 with this JSON document.
+    Json(Value),
+    /// This status and body, as given.
+    Raw(u16, Vec<u8>),
+    /// Close every connection at once, before TLS: the server is unreachable.
+    Down,
+}
+
+/// Requests the server got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// `/openid/v1/jwks` requests with the right token.
+    pub jwks: usize,
+    /// `/.well-known/openid-configuration` requests with the right token.
+    pub discovery: usize,
+    /// Requests refused with 401 (no or wrong token).
+    pub unauthorized: usize,
+}
+
+struct State {
+    answer: Answer,
+    token: String,
+    counts: Counts,
+}
+
+/// A running fake API server; stops when dropped.
+pub struct FakeApiServer {
+    pub addr: SocketAddr,
+    /// The CA bundle (PEM) its serving certificate chains to, as a pod's `ca.crt`.
+    pub ca_file: PathBuf,
+    /// A file holding the token it accepts, as a pod's service-account `token`.
+    pub token_file: PathBuf,
+    _dir: TempDir,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+/// A CA certificate (PEM) and an issuer for serving certificates under it.
+pub fn test_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate().expect("keygen");
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let cert = params.self_signed(&key).expect("self-signed");
+    (cert.pem(), Issuer::new(params, key))
+}
+
+impl FakeApiServer {
+    /// Starts serving `answer` to callers presenting the token now in [`FakeApiServer::token_file`].
+    pub async fn start(answer: Answer) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_pem, issuer) = test_ca("fake kubernetes CA");
+        let key = KeyPair::generate().expect("keygen");
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .expect("server config");
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, ca_pem).expect("write ca.crt");
+        let token = "eyJhbGciOiJSUzI1NiJ9.ca-service-account-token.sig1".to_owned();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{token}\n")).expect("write token");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State {
+            answer,
+            token,
+            counts: Counts::default(),
+        }));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let served = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                if matches!(served.lock().expect("state").answer, Answer::Down) {
+                    drop(tcp);
+                    continue;
+                }
+                let acceptor = acceptor.clone();
+                let state = served.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(respond(&state, addr, &req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_file,
+            token_file,
+            _dir: dir,
+            state,
+            task,
+        }
+    }
+
+    /// `https://127.0.0.1:PORT/openid/v1/jwks`.
+    pub fn jwks_url(&self) -> String {
+        format!("https://{}/openid/v1/jwks", self.addr)
+    }
+
+    /// `https://127.0.0.1:PORT/.well-known/openid-configuration`.
+    pub fn discovery_url(&self) -> String {
+        format!("https://{}/.well-known/openid-configuration", self.addr)
+    }
+
+    /// Changes what `/openid/v1/jwks` answers from the next request on.
+    pub fn answer(&self, answer: Answer) {
+        self.state.lock().expect("state").answer = answer;
+    }
+
+    /// Changes the token the server accepts (the token file is left as it is).
+    pub fn accept_token(&self, token: &str) {
+        self.state.lock().expect("state").token = token.to_owned();
+    }
+
+    pub fn counts(&self) -> Counts {
+        self.state.lock().expect("state").counts
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn respond(
+    state: &Mutex<State>,
+    addr: SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: u16, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    let mut state = state.lock().expect("state");
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if presented != Some(format!("Bearer {}", state.token).as_str()) {
+        state.counts.unauthorized += 1;
+        return reply(
+            401,
+            br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"Unauthorized","reason":"Unauthorized","code":401}"#.to_vec(),
+        );
+    }
+    match req.uri().path() {
+        "/.well-known/openid-configuration" => {
+            state.counts.discovery += 1;
+            let doc = json!({
+                "issuer": fake_cluster::ISSUER,
+                "jwks_uri": format!("https://{addr}/openid/v1/jwks"),
+                "response_types_supported": ["id_token"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256", "ES256"],
+            });
+            reply(200, doc.to_string().into_bytes())
+        }
+        "/openid/v1/jwks" => {
+            state.counts.jwks += 1;
+            match &state.answer {
+                Answer::Json(v) => reply(200, v.to_string().into_bytes()),
+                Answer::Raw(status, body) => reply(*status, body.clone()),
+                Answer::Down => reply(503, Vec::new()),
+            }
+        }
+        _ => reply(404, b"{}".to_vec()),
+    }
+}
