@@ -1,8 +1,10 @@
-//! The chart's `helm test` of the mesh, checked without a cluster: its server and client carry
-//! annotations that the sidecar's own parser accepts, that wire the client's two upstreams to the
-//! server's two ports through the test Service, and whose policy allows the client on one port and
-//! denies it on the other, exactly what the test pod asserts (200, then 403). Needs the tools of
-//! `scripts/k8s/install-tools.sh` (as `scripts/k8s/check.sh` runs it); without them it says so.
+//! The chart rendered and checked without a cluster. Its `helm test` of the mesh: the server and
+//! client carry annotations that the sidecar's own parser accepts, that wire the client's two
+//! upstreams to the server's two ports through the test Service, and whose policy allows the client
+//! on one port and denies it on the other, exactly what the test pod asserts (200, then 403). The
+//! CA's NetworkPolicy: gRPC for every sidecar, the admin port only for the chosen peers. Needs the
+//! tools of `scripts/k8s/install-tools.sh` (as `scripts/k8s/check.sh` runs it); without them it
+//! says so.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,8 +19,8 @@ fn annotations(v: &Value) -> BTreeMap<String, String> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-#[test]
-fn the_mesh_test_wires_an_allowed_and_a_denied_call() {
+/// The chart rendered with `extra` values, or `None` without helm (outside `scripts/k8s/check.sh`).
+fn render(extra: &[&str]) -> Option<Vec<Value>> {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(
@@ -30,19 +32,74 @@ fn the_mesh_test_wires_an_allowed_and_a_denied_call() {
     std::fs::write(&jwks, r#"{"keys":[]}"#).unwrap();
     let bundle_arg = format!("ca.trustBundle={}", bundle.display());
     let jwks_arg = format!("ca.jwks={}", jwks.display());
-    let Some(objects) = render_chart(&[
+    let mut args = vec![
         "--set",
         "ca.existingSecret=meshid-ca",
         "--set-file",
         &bundle_arg,
         "--set-file",
         &jwks_arg,
-    ]) else {
+    ];
+    args.extend(extra);
+    let objects = render_chart(&args);
+    if objects.is_none() {
         assert!(
             std::env::var_os("MESHID_INJECT_OUT").is_none(),
             "helm is missing: run scripts/k8s/install-tools.sh"
         );
         eprintln!("helm is not installed (scripts/k8s/install-tools.sh): not checked here");
+    }
+    objects
+}
+
+#[test]
+fn the_ca_admits_sidecars_to_grpc_and_only_chosen_peers_to_its_admin_port() {
+    let Some(objects) = render(&[
+        "--set-json",
+        r#"ca.networkPolicy.adminFrom=[{"ipBlock":{"cidr":"10.1.2.0/24"}}]"#,
+    ]) else {
+        return;
+    };
+    let policy = objects
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "meshid")
+        .expect("the CA's NetworkPolicy");
+    let spec = &policy["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "ca"
+    );
+    let ingress = spec["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 2, "{ingress:?}");
+    assert_eq!(ingress[0]["ports"][0]["port"], 8443);
+    assert!(
+        ingress[0].get("from").is_none(),
+        "every sidecar reaches gRPC: {ingress:?}"
+    );
+    assert_eq!(
+        ingress[1]["ports"],
+        serde_json::json!([{"port": 9090, "protocol": "TCP"}])
+    );
+    let from = ingress[1]["from"].as_array().unwrap();
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "prometheus"
+    );
+    assert_eq!(
+        from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "test"
+    );
+    assert_eq!(from[2]["ipBlock"]["cidr"], "10.1.2.0/24");
+    assert_eq!(
+        from.len(),
+        3,
+        "nothing else reaches the admin port: {from:?}"
+    );
+}
+
+#[test]
+fn the_mesh_test_wires_an_allowed_and_a_denied_call() {
+    let Some(objects) = render(&[]) else {
         return;
     };
     let find = |kind: &str, name: &str| -> Value {
