@@ -9,183 +9,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
-use meshid_identity::annotations::to_downward_api;
-use meshid_injector::{InjectConfig, Scope, TrustBundle, apply_patch, review};
+use meshid_injector::{InjectConfig, TrustBundle};
 use meshid_tests::fake_cluster::FakeCluster;
+use meshid_tests::kubelet::{inject, pod, run_sidecar};
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const BACKEND: &str = "spiffe://cluster.local/ns/shop/sa/backend";
-
-fn pod(sa: &str, annotations: Value) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"generateName": format!("{sa}-6c9d-"), "namespace": "shop",
-                     "labels": {"app": sa}, "annotations": annotations},
-        "spec": {
-            "serviceAccountName": sa,
-            "containers": [{"name": "app", "image": format!("registry.example/{sa}:1")}],
-        }
-    })
-}
-
-/// The webhook's answer applied to `pod`.
-fn inject(config: &InjectConfig, pod: &Value) -> Value {
-    let review_in = json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": "1", "namespace": "shop", "operation": "CREATE",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "object": pod,
-        }
-    });
-    let out = review(config, Scope::Pod, &review_in);
-    let patch = out["response"]["patch"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no patch: {out}"));
-    let ops: Vec<Value> = serde_json::from_slice(
-        &base64::engine::general_purpose::STANDARD
-            .decode(patch)
-            .unwrap(),
-    )
-    .unwrap();
-    let mut pod = pod.clone();
-    apply_patch(&mut pod, &ops).unwrap();
-    pod
-}
-
-/// A pod's volumes on "this node": mount paths are re-rooted under `root`.
-struct PodFiles {
-    root: PathBuf,
-    annotations_dir: PathBuf,
-    generation: u32,
-}
-
-impl PodFiles {
-    fn path(&self, p: &str) -> PathBuf {
-        self.root.join(p.trim_start_matches('/'))
-    }
-
-    /// Writes the annotations as the kubelet does for a downward-API volume: a new timestamped
-    /// directory, then `..data` swapped to it by rename; `annotations` links to `..data/annotations`.
-    fn write_annotations(&mut self, annotations: &Value) {
-        let map: BTreeMap<String, String> = serde_json::from_value(annotations.clone()).unwrap();
-        self.generation += 1;
-        let name = format!("..2026_11_22_10_00_00.{}", self.generation);
-        let dir = self.annotations_dir.join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("annotations"), to_downward_api(&map)).unwrap();
-        let tmp = self.annotations_dir.join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&name, &tmp).unwrap();
-        std::fs::rename(&tmp, self.annotations_dir.join("..data")).unwrap();
-        let link = self.annotations_dir.join("annotations");
-        if !link.exists() {
-            std::os::unix::fs::symlink("..data/annotations", &link).unwrap();
-        }
-    }
-}
-
-/// Starts the pod's injected sidecar as the kubelet would: its args, its env (with the downward-API
-/// values resolved), its volumes' files in place. `admin` (probes) and `stats` (`/metrics`,
-/// `/identity`) replace the injected `0.0.0.0:15021` and `0.0.0.0:15020`.
-fn run_sidecar(
-    pod: &Value,
-    root: &Path,
-    pod_ip: &str,
-    cluster: &FakeCluster,
-    admin: SocketAddr,
-    stats: SocketAddr,
-) -> (Proc, PodFiles) {
-    let c = &pod["spec"]["initContainers"][0];
-    assert_eq!(c["name"], "meshid-sidecar");
-    assert_eq!(c["restartPolicy"], "Always");
-    let mut files = PodFiles {
-        root: root.to_owned(),
-        annotations_dir: PathBuf::new(),
-        generation: 0,
-    };
-    let volumes = pod["spec"]["volumes"].as_array().unwrap();
-    let sa = pod["spec"]["serviceAccountName"].as_str().unwrap();
-    for mount in c["volumeMounts"].as_array().unwrap() {
-        let dir = files.path(mount["mountPath"].as_str().unwrap());
-        std::fs::create_dir_all(&dir).unwrap();
-        let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
-        if let Some(projected) = volume.get("projected") {
-            let sat = &projected["sources"][0]["serviceAccountToken"];
-            assert_eq!(sat["audience"], "meshid-ca");
-            let path = dir.join(sat["path"].as_str().unwrap());
-            std::fs::write(path, cluster.token("shop", sa)).unwrap();
-        } else if volume.get("downwardAPI").is_some() {
-            files.annotations_dir = dir;
-        } else {
-            panic!("unexpected volume {volume}");
-        }
-    }
-    files.write_annotations(&pod["metadata"]["annotations"]);
-
-    let mut args: Vec<String> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let a = a.as_str().unwrap();
-            match a.starts_with('/') {
-                true => files.path(a).to_string_lossy().into_owned(),
-                false => a.to_owned(),
-            }
-        })
-        .collect();
-    // Every pod has its own IP in a cluster; here they share loopback, so the admin and stats
-    // ports move.
-    for (flag, injected, here) in [
-        ("--admin-listen", "0.0.0.0:15021", admin),
-        ("--stats-listen", "0.0.0.0:15020", stats),
-    ] {
-        let i = args.iter().position(|a| a == flag).unwrap();
-        assert_eq!(args[i + 1], injected, "{flag}");
-        args[i + 1] = here.to_string();
-    }
-    assert!(
-        !args.iter().any(|a| a == "--ca-bundle"),
-        "the bundle is not a file: {args:?}"
-    );
-    let mut cmd = Command::new(workspace_bin("meshid-sidecar"));
-    cmd.args(&args)
-        .env("MESHID_LOG", "warn")
-        .env_remove("MESHID_CA_BUNDLE_PEM");
-    let env = c["env"].as_array().unwrap();
-    assert!(
-        env.iter().any(|e| e["name"] == "MESHID_CA_BUNDLE_PEM"
-            && e["value"]
-                .as_str()
-                .is_some_and(|v| v.contains("BEGIN CERTIFICATE"))),
-        "the trust bundle is in the sidecar's environment: {env:?}"
-    );
-    for e in c["env"].as_array().unwrap() {
-        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            Some("status.podIP") => pod_ip.to_owned(),
-            Some(other) => panic!("unexpected fieldRef {other}"),
-            None => e["value"].as_str().unwrap().to_owned(),
-        };
-        cmd.env(e["name"].as_str().unwrap(), value);
-    }
-    // The CA serves a certificate for "localhost" in this test (in a cluster: its Service name).
-    cmd.env("MESHID_CA_SERVER_NAME", "localhost");
-    (Proc::spawn(&format!("sidecar {sa}"), &mut cmd), files)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {

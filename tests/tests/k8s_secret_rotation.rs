@@ -2,10 +2,11 @@
 //! is one Secret, mounted whole in two `meshid-ca serve` replicas as kubelet lays out a Secret
 //! volume (timestamped directory, `..data` symlink, atomic swap). The operator runs each step on
 //! their own copy of the CA directory (`meshid-ca rotate ... --admin` naming both replicas) and
-//! applies it to the Secret (`kubectl create secret generic --from-file ... | kubectl apply`: here a
-//! kubelet-style swap of the volume). Sidecars run as injected pods do (service-account token, the
-//! injector's copy of the bundle for the CA's certificate); a pair carries traffic throughout, and
-//! a new pod started after each step gets its certificate and is served. No request may fail.
+//! applies it to the Secret (`meshid-ca secret --dir ... | kubectl apply -f -`: here a kubelet-style
+//! swap of the volume). Pods are injected by the webhook (with the bundle the injector holds at that
+//! step, which the operator updates with the chart's `ca.trustBundle`) and run from their specs as
+//! kubelet would; a pair carries traffic throughout, and a pod injected after each step gets its
+//! certificate and is served. No request may fail.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,14 +15,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use meshid_injector::{InjectConfig, TrustBundle};
 use meshid_tests::fake_cluster::FakeCluster;
-use meshid_tests::kubelet::SecretVolume;
+use meshid_tests::kubelet::{self, SecretVolume, inject, run_sidecar};
 use meshid_tests::mesh::{Traffic, get, http_request};
-use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, wait_http_ok};
+use meshid_tests::process::{Proc, free_addr, wait_http_ok};
 use meshid_tests::rotation_cli::{
     meshid_ca, poll, read_roots, rotate_until_ok, served_bundle, status,
 };
 use meshid_tests::tools::workspace_bin;
+use serde_json::json;
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
@@ -49,9 +52,11 @@ fn start_ca(volume: &Path, jwks: &Path, ip: &str) -> (Proc, SocketAddr, SocketAd
     (proc, grpc, admin)
 }
 
-/// A pod's sidecar as injected: its service-account token, and the bundle the injector handed it.
+/// A pod as the injector makes it (the webhook's patch, with the bundle the injector holds at this
+/// step and the CA replica `ca`), run as kubelet would run it on its own "pod IP".
 struct Pod {
     _proc: Proc,
+    _files: meshid_tests::kubelet::PodFiles,
     admin: SocketAddr,
 }
 
@@ -62,26 +67,30 @@ fn pod(
     bundle: &Path,
     sa: &str,
     ip: &str,
-    listeners: Vec<String>,
+    annotations: serde_json::Value,
 ) -> Pod {
-    let token = work.join(format!("{sa}.token"));
-    std::fs::write(&token, cluster.token("shop", sa)).unwrap();
-    let admin = free_addr(ip);
-    let proc = Proc::spawn(
-        "meshid-sidecar",
-        ca_mode_sidecar(ca, bundle, "--token-file", &token, admin)
-            .args(["--ttl", TTL])
-            .args(listeners),
-    );
+    let pem = std::fs::read(bundle).unwrap();
+    let config = InjectConfig {
+        ca_addr: ca.to_string(),
+        ..InjectConfig::new(TrustBundle::from_pem(&pem).unwrap())
+    };
+    let injected = inject(&config, &kubelet::pod(sa, annotations));
+    let root = work.join(format!("pod-{sa}"));
+    let (admin, stats) = (free_addr(ip), free_addr(ip));
+    let (proc, files) = run_sidecar(&injected, &root, ip, cluster, admin, stats);
     assert!(
         wait_http_ok(admin, "/readyz", Duration::from_secs(15)),
         "pod {sa} ready"
     );
-    Pod { _proc: proc, admin }
+    Pod {
+        _proc: proc,
+        _files: files,
+        admin,
+    }
 }
 
-/// The bundle the injector hands new pods after the operator updated it (the chart's
-/// `ca.trustBundle`): the operator directory's bundle at this step.
+/// The bundle the injector holds after the operator updated it (the chart's `ca.trustBundle`):
+/// the operator directory's bundle at this step.
 fn injector_bundle(ops: &Path, work: &Path, step: &str) -> PathBuf {
     let path = work.join(format!("injector-bundle-{step}.pem"));
     std::fs::copy(ops.join("bundle.pem"), &path).unwrap();
@@ -163,16 +172,8 @@ async fn root_rotation_through_a_secret_volume_with_two_replicas() {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_addr = app.local_addr().unwrap();
     tokio::spawn(meshid_examples::http_echo(app));
-    let b_in = free_addr("127.0.0.53");
-    let policy = w.join("b-policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "inbound:\n  - port: {}\n    protocol: http\n    allow:\n      - id: spiffe://cluster.local/ns/shop/sa/*\n",
-            b_in.port()
-        ),
-    )
-    .unwrap();
+    let port = app_addr.port();
+    let b_in: SocketAddr = format!("127.0.0.53:{port}").parse().unwrap();
     let bundle_v1 = injector_bundle(&ops, w, "v1");
     let _b = pod(
         w,
@@ -181,13 +182,18 @@ async fn root_rotation_through_a_secret_volume_with_two_replicas() {
         &bundle_v1,
         "backend",
         "127.0.0.53",
-        vec![
-            "--inbound".into(),
-            format!("{b_in}={app_addr},http"),
-            "--policy".into(),
-            policy.to_string_lossy().into_owned(),
-        ],
+        json!({
+            "meshid.io/inject": "enabled",
+            "meshid.io/inbound": format!("{port}=http"),
+            format!("meshid.io/allow-{port}"): "spiffe://cluster.local/ns/shop/sa/*",
+        }),
     );
+    let upstream = |local: SocketAddr| {
+        json!({
+            "meshid.io/inject": "enabled",
+            "meshid.io/outbound": format!("{}={b_in},{B},http", local.port()),
+        })
+    };
     let a_local = free_addr("127.0.0.1");
     let _a = pod(
         w,
@@ -196,7 +202,7 @@ async fn root_rotation_through_a_secret_volume_with_two_replicas() {
         &bundle_v1,
         "frontend",
         "127.0.0.54",
-        vec!["--outbound".into(), format!("{a_local}={b_in},{B},http")],
+        upstream(a_local),
     );
     let traffic = Traffic::start(a_local, Some(format!("caller={A}")));
 
@@ -212,7 +218,7 @@ async fn root_rotation_through_a_secret_volume_with_two_replicas() {
             bundle,
             &sa,
             &format!("127.0.0.{}", 60 + n),
-            vec!["--outbound".into(), format!("{local}={b_in},{B},http")],
+            upstream(local),
         );
         pods.push(p);
         (
