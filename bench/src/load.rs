@@ -39,6 +39,8 @@ pub struct Target {
     /// Request URI: a path for HTTP/1.1, absolute (`http://authority/path`) for h2.
     pub uri: Uri,
     pub host: HeaderValue,
+    /// Leave Nagle's algorithm on (no TCP_NODELAY), as Python's `ssl` and many Java clients do.
+    pub nagle: bool,
 }
 
 impl Target {
@@ -161,7 +163,9 @@ async fn open(t: &Target) -> Result<Conn, Failure> {
     let tcp = TcpStream::connect(t.addr)
         .await
         .map_err(|_| Failure::Connect)?;
-    let _ = tcp.set_nodelay(true);
+    if !t.nagle {
+        let _ = tcp.set_nodelay(true);
+    }
     match &t.tls {
         Some(cfg) => {
             let tls = TlsConnector::from(cfg.clone())
@@ -591,6 +595,7 @@ mod tests {
             h2,
             uri: uri.parse().unwrap(),
             host: HeaderValue::from_static("bench"),
+            nagle: false,
         })
     }
 

@@ -11,11 +11,12 @@ use meshid_bench::harness::pki::BenchPki;
 use meshid_bench::harness::report::ScenarioResult;
 use meshid_bench::harness::{Ctx, Settings, ca, machine, markdown, scenarios};
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     "throughput",
     "throughput_tcp",
     "latency",
     "handshakes",
+    "first_request",
     "memory",
     "startup",
     "ca",
@@ -184,6 +185,7 @@ fn main() -> Result<()> {
             "throughput_tcp" => scenarios::throughput_tcp(&ctx, &pki),
             "latency" => scenarios::latency(&ctx, &pki),
             "handshakes" => scenarios::handshakes(&ctx, &pki),
+            "first_request" => scenarios::first_request(&ctx, &pki),
             "memory" => scenarios::memory(&ctx, &pki),
             "startup" => ca::startup(&ctx, &pki),
             _ => ca::ca_issuance(&ctx),

@@ -74,6 +74,9 @@ struct Args {
     /// A new connection for every request.
     #[arg(long)]
     new_conn: bool,
+    /// Leave Nagle's algorithm on (no TCP_NODELAY), as Python's ssl and many Java clients do.
+    #[arg(long)]
+    nagle: bool,
     /// Warm-up before the measured window.
     #[arg(long, default_value = "2s", value_parser = duration)]
     warmup: Duration,
@@ -169,6 +172,7 @@ fn target(args: &Args) -> Result<Target> {
         h2: args.h2,
         uri,
         host: HeaderValue::from_str(&args.host).context("bad --host")?,
+        nagle: args.nagle,
     })
 }
 

@@ -354,6 +354,11 @@ fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
             ("completed_share", "completed/due"),
             ("proxy_cpu_us_per_request", "proxies CPU us/req"),
         ],
+        "first_request" => &[
+            ("p50_us", "p50 us (connect+handshake+GET)"),
+            ("p90_us", "p90 us"),
+            ("requests_per_second", "connections/s"),
+        ],
         "handshakes" => &[
             ("handshakes_per_second", "handshakes/s"),
             (
@@ -507,7 +512,7 @@ builds the binaries once in the `dist` profile (fat LTO, one codegen unit: what 
 `--smoke` uses `release`), runs `target/dist/bench-run` pinned to CPU 0 (at a raised
 priority when allowed, inherited by everything it starts), and rewrites
 `bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
-`throughput_tcp`, `latency`, `handshakes`, `memory`, `startup`, `ca`.
+`throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `startup`, `ca`.
 ";
 
 const METHOD: &str = "
@@ -544,6 +549,10 @@ const METHOD: &str = "
 - **Handshakes**: TLS 1.3, X25519, full handshakes only (the client never resumes; nginx and haproxy
   have session caches and tickets off, meshid never resumes), one GET per connection, client
   certificate verified by the terminator.
+- **First request**: the same connections one at a time from a client that leaves Nagle's algorithm
+  on (as Python's `ssl` and many Java clients do): its GET waits until the terminator acknowledges
+  the client's Finished, which a terminator that sends nothing then delays by the kernel's 40 ms
+  delayed ACK (meshid acknowledges at once: TCP_QUICKACK after the handshake).
 - **Memory** from `smaps_rollup`: RSS (includes the pages of the binary and libraries it touched),
   anonymous (heap and stacks: what one more instance adds) and private (clean + dirty: also counts
   binary pages no other process maps, so a lone sidecar's private memory includes its code);

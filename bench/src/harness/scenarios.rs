@@ -278,6 +278,7 @@ pub fn ratio_figures(id: &str) -> &'static [&'static str] {
         ],
         "latency" => &["added_p50_us", "added_p90_us", "added_p99_us"],
         "handshakes" => &["handshakes_per_second", "terminator_cpu_us_per_handshake"],
+        "first_request" => &["p50_us", "p90_us"],
         "memory" => &[
             "idle_rss_kib",
             "idle_anon_kib",
@@ -490,6 +491,59 @@ fn tls_args(pki: &BenchPki, target: std::net::SocketAddr, extra: &[&str]) -> Vec
     ];
     a.extend(extra.iter().map(|s| (*s).to_owned()));
     a
+}
+
+/// A client that leaves Nagle's algorithm on (Python's `ssl`, many Java clients), one connection
+/// at a time, one request each: the time from connect to the whole answer. A terminator that sends
+/// nothing after the client's Finished and delays its ACK makes every such request wait ~40 ms.
+pub fn first_request(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let s = &ctx.settings;
+    let runs = rounds(ctx, "first_request", &Contender::PROXIES, |c| {
+        let mut t = start(ctx, pki, c)?;
+        let term = t.terminator.context("no terminator")?;
+        let a = tls_args(
+            pki,
+            term,
+            &[
+                "--new-conn",
+                "--nagle",
+                "--connections",
+                "1",
+                "--warmup",
+                &ms(s.warmup),
+                "--duration",
+                &ms(s.duration),
+            ],
+        );
+        let roles: Vec<_> = t
+            .roles()
+            .into_iter()
+            .filter(|(r, _)| *r != "outbound")
+            .collect();
+        let (r, w) = drive::meshload(ctx, &t.dir, &a, &roles)?;
+        t.check_alive()?;
+        let mut f = Figures::new();
+        load_figures(&mut f, &r, &w)?;
+        Ok((f, json!({ "load": r, "window": window_json(&w) })))
+    });
+    let mut res = ScenarioResult::new(
+        "first_request",
+        "First request on a new connection from a client with Nagle on",
+        setup_line(
+            ctx,
+            "closed loop, one client that does not set TCP_NODELAY, a new TLS 1.3 mTLS connection and one GET per connection, straight to the terminating proxy; latency from connect to the whole answer",
+        ),
+        &runs,
+    );
+    res.add_meshid_ratios(ratio_figures("first_request"));
+    let v = res.ratios.get("meshid/nginx p50_us").map(|s| s.median);
+    res.check(
+        "first request from a Nagle client: p50 <= nginx's",
+        v,
+        format!("{:.2}x", v.unwrap_or(0.0)),
+        |x| x <= 1.0,
+    );
+    res
 }
 
 /// Idle memory of the terminating proxy, then with many idle mTLS connections.
