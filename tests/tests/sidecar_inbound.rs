@@ -7,7 +7,7 @@ use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
-    handshake_failure_lines, handshake_failures, tcp_echo,
+    handshake_failure_lines, handshake_failures, mtls_connect, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use rcgen::SanType;
@@ -426,4 +426,70 @@ async fn http_rules_never_open_a_tcp_tunnel() {
     // The last good policy still decides: the client passes, the stranger gets no tunnel.
     assert!(passes(&client).await);
     assert!(!passes(&stranger).await);
+}
+
+/// Between meshid's own ends the key exchange is the post-quantum hybrid X25519MLKEM768 (meshid's
+/// clients offer it first); a client that offers only classical groups (OpenSSL 3.0, curl) still
+/// gets X25519, with no extra round trip forced on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_quantum_key_exchange_between_meshid_ends_classical_for_others() {
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let app = tcp_echo().await;
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.39", app, Protocol::Tcp)],
+            policy: Some(policy()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = pki.workload(CLIENT);
+    let ours = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&client),
+        &sidecar.id,
+        &[],
+    );
+    assert_eq!(
+        ours.crypto_provider().kx_groups[0].name(),
+        rustls::NamedGroup::X25519MLKEM768,
+        "meshid's provider offers the hybrid first"
+    );
+    let tls = mtls_connect(sidecar.inbound[0], ours).await.unwrap();
+    assert_eq!(
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    // A classical-only client.
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+    let anchors =
+        meshid_identity::verify::Anchors::new(&pki.roots(), pki.trust_domain.clone()).unwrap();
+    let verifier =
+        meshid_identity::verify::SpiffeServerVerifier::new(anchors, sidecar.id.clone(), &provider);
+    let classical = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_client_auth_cert(client.chain.clone(), client.key())
+        .unwrap();
+    let tls = mtls_connect(sidecar.inbound[0], std::sync::Arc::new(classical))
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519)
+    );
 }
