@@ -84,6 +84,7 @@ pub async fn serve_inbound<IO>(
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
+        said: PeerHeaders::new(&peer, shared),
         peer,
         shared: shared.clone(),
         slot,
@@ -104,6 +105,57 @@ struct Conn {
     shared: Shared,
     /// The connection's place (permit, open count): an upgraded request's tunnel keeps it.
     slot: Arc<ConnSlot>,
+    /// What every request of the connection tells the app about its caller, made once.
+    said: PeerHeaders,
+}
+
+/// The values of the headers that say who called: fixed for a connection (one peer certificate,
+/// one address, and this sidecar's identity, which never changes).
+struct PeerHeaders {
+    xfcc: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
+}
+
+impl PeerHeaders {
+    fn new(peer: &Peer, shared: &Shared) -> Self {
+        let own = shared.creds.current();
+        let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
+        let xfcc = HeaderValue::from_str(&format!(
+            "By={own};Hash={};URI={}",
+            peer.verified.cert_sha256, peer.verified.id
+        ))
+        .ok();
+        let ip = peer.addr.ip().to_canonical();
+        let forwarded = match ip {
+            std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
+        };
+        Self {
+            xfcc,
+            forwarded_for: HeaderValue::from_str(&ip.to_string()).ok(),
+            forwarded: HeaderValue::from_str(&forwarded).ok(),
+        }
+    }
+
+    fn set(&self, headers: &mut http::HeaderMap) {
+        if let Some(v) = &self.xfcc {
+            headers.insert(XFCC, v.clone());
+        }
+        if let Some(v) = &self.forwarded_for {
+            headers.insert(
+                header::HeaderName::from_static("x-forwarded-for"),
+                v.clone(),
+            );
+        }
+        if let Some(v) = &self.forwarded {
+            headers.insert(header::FORWARDED, v.clone());
+        }
+        headers.insert(
+            header::HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("https"),
+        );
+    }
 }
 
 async fn inbound_request(
@@ -135,29 +187,7 @@ async fn inbound_request(
     headers.remove(APP_H2_HINT);
     // Only we say who the peer is.
     strip_peer_headers(headers);
-    let own = shared.creds.current();
-    let own = own.as_ref().map_or("", |s| s.identity.id.as_str());
-    if let Ok(v) = HeaderValue::from_str(&format!(
-        "By={own};Hash={};URI={}",
-        peer.verified.cert_sha256, peer.verified.id
-    )) {
-        headers.insert(XFCC, v);
-    }
-    let ip = peer.addr.ip().to_canonical();
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
-        headers.insert(header::HeaderName::from_static("x-forwarded-for"), v);
-    }
-    let forwarded = match ip {
-        std::net::IpAddr::V4(v4) => format!("for={v4};proto=https"),
-        std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=https"),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert(header::FORWARDED, v);
-    }
-    headers.insert(
-        header::HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("https"),
-    );
+    conn.said.set(headers);
     if !headers.contains_key(header::HOST)
         && let Some(v) = req
             .uri()
