@@ -107,7 +107,7 @@ pub async fn activate(
 ) -> Result<String, RotateError> {
     let mut state = RotationState::load(ca_dir)?;
     let report = merged(&state, fetch_reports(admins).await?);
-    let blockers = activate_blockers(&state, &report);
+    let blockers = activate_blockers(&state, &report, unix_now());
     if state.find(AuthorityState::Prepared).is_none() {
         return Err(RotateError::Refused(summarize(&blockers)));
     }

@@ -25,14 +25,19 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
         .collect()
 }
 
-/// What `activate` is waiting for (empty: it may run).
-pub fn activate_blockers(state: &RotationState, r: &RotationReport) -> Vec<String> {
+/// What `activate` is waiting for (empty: it may run) at `now`. An instance whose certificate has
+/// expired does not count: it can take part in no handshake (peers refuse the certificate, and the
+/// sidecar itself stops serving), and the certificate it renews to comes with the bundle the CA
+/// serves, new root included; until then its stream may linger (a stuck client, a connection not
+/// yet closed). An instance that never acknowledged (no certificate known) still counts.
+pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
     };
     r.sidecars
         .iter()
         .filter(|s| s.connected && !s.file_mode && s.acked_version < prepared.in_bundle_since)
+        .filter(|s| s.serving_not_after == 0 || s.serving_not_after > now)
         .map(|s| {
             format!(
                 "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
@@ -142,7 +147,7 @@ fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
 
 fn next_step_measured(state: &RotationState, r: &RotationReport, now: i64) -> String {
     if state.find(AuthorityState::Prepared).is_some() {
-        let b = activate_blockers(state, r);
+        let b = activate_blockers(state, r, now);
         if b.is_empty() {
             "activate: every connected sidecar trusts the new root".into()
         } else {
@@ -229,7 +234,20 @@ mod tests {
             unknown: Vec::new(),
             processes: Vec::new(),
         };
-        let b = activate_blockers(&st, &r);
+        // A lingering instance whose certificate expired cannot serve: it does not hold `activate`.
+        r.sidecars.push(sidecar("old", 1, "1", 50));
+        assert!(
+            !activate_blockers(&st, &r, 100)
+                .iter()
+                .any(|b| b.contains("spiffe://td/old"))
+        );
+        assert_eq!(
+            activate_blockers(&st, &r, 40).len(),
+            2,
+            "still valid at 40: it counts"
+        );
+        r.sidecars.pop();
+        let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1);
         assert!(
             b[0].contains("spiffe://td/b") && b[0].contains("v1") && b[0].contains("v2"),
@@ -237,13 +255,13 @@ mod tests {
         );
         r.sidecars[1].connected = false;
         assert!(
-            activate_blockers(&st, &r).is_empty(),
+            activate_blockers(&st, &r, 100).is_empty(),
             "disconnected sidecars do not block"
         );
         // A file-mode sidecar is unknown: it cannot be measured, so it is reported, not counted.
         r.sidecars[1].connected = true;
         r.sidecars[1].file_mode = true;
-        assert!(activate_blockers(&st, &r).is_empty());
+        assert!(activate_blockers(&st, &r, 100).is_empty());
         refresh(&mut r, &st, 0);
         assert_eq!(r.unknown.len(), 1);
         assert!(
