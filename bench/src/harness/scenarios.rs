@@ -386,32 +386,36 @@ pub fn latency(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
     res
 }
 
+/// A closed loop of new mTLS connections, one GET each, straight to `c`'s terminating proxy
+/// (`extra`: meshload's concurrency and socket flags); the load and the CPU window of every role
+/// but the outbound sidecar.
+fn new_connections(
+    ctx: &Ctx,
+    pki: &BenchPki,
+    c: Contender,
+    extra: &[&str],
+) -> Result<(Report, Window)> {
+    let s = &ctx.settings;
+    let mut t = start(ctx, pki, c)?;
+    let term = t.terminator.context("no terminator")?;
+    let (warmup, duration) = (ms(s.warmup), ms(s.duration));
+    let mut args = vec!["--new-conn", "--warmup", &warmup, "--duration", &duration];
+    args.extend(extra);
+    let a = tls_args(pki, term, &args);
+    let roles: Vec<_> = t
+        .roles()
+        .into_iter()
+        .filter(|(r, _)| *r != "outbound")
+        .collect();
+    let (r, w) = drive::meshload(ctx, &t.dir, &a, &roles)?;
+    t.check_alive()?;
+    Ok((r, w))
+}
+
 /// New mTLS connections per second at the terminating proxy, one request each.
 pub fn handshakes(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
-    let s = &ctx.settings;
     let runs = rounds(ctx, "handshakes", &Contender::PROXIES, |c| {
-        let mut t = start(ctx, pki, c)?;
-        let term = t.terminator.context("no terminator")?;
-        let a = tls_args(
-            pki,
-            term,
-            &[
-                "--new-conn",
-                "--connections",
-                "16",
-                "--warmup",
-                &ms(s.warmup),
-                "--duration",
-                &ms(s.duration),
-            ],
-        );
-        let roles: Vec<_> = t
-            .roles()
-            .into_iter()
-            .filter(|(r, _)| *r != "outbound")
-            .collect();
-        let (r, w) = drive::meshload(ctx, &t.dir, &a, &roles)?;
-        t.check_alive()?;
+        let (r, w) = new_connections(ctx, pki, c, &["--connections", "16"])?;
         let mut f = Figures::new();
         load_figures(&mut f, &r, &w)?;
         let secs = w.seconds.max(1e-9);
@@ -497,31 +501,8 @@ fn tls_args(pki: &BenchPki, target: std::net::SocketAddr, extra: &[&str]) -> Vec
 /// at a time, one request each: the time from connect to the whole answer. A terminator that sends
 /// nothing after the client's Finished and delays its ACK makes every such request wait ~40 ms.
 pub fn first_request(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
-    let s = &ctx.settings;
     let runs = rounds(ctx, "first_request", &Contender::PROXIES, |c| {
-        let mut t = start(ctx, pki, c)?;
-        let term = t.terminator.context("no terminator")?;
-        let a = tls_args(
-            pki,
-            term,
-            &[
-                "--new-conn",
-                "--nagle",
-                "--connections",
-                "1",
-                "--warmup",
-                &ms(s.warmup),
-                "--duration",
-                &ms(s.duration),
-            ],
-        );
-        let roles: Vec<_> = t
-            .roles()
-            .into_iter()
-            .filter(|(r, _)| *r != "outbound")
-            .collect();
-        let (r, w) = drive::meshload(ctx, &t.dir, &a, &roles)?;
-        t.check_alive()?;
+        let (r, w) = new_connections(ctx, pki, c, &["--nagle", "--connections", "1"])?;
         let mut f = Figures::new();
         load_figures(&mut f, &r, &w)?;
         Ok((f, json!({ "load": r, "window": window_json(&w) })))
