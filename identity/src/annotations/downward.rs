@@ -32,6 +32,15 @@ pub(super) fn parse_downward_api(text: &str) -> Result<BTreeMap<String, String>,
     Ok(map)
 }
 
+/// The 1-based line of each key in the downward-API file's text (the last one when a key is
+/// repeated, as in [`parse_downward_api`]'s map).
+pub(super) fn key_lines(text: &str) -> BTreeMap<String, usize> {
+    text.lines()
+        .enumerate()
+        .filter_map(|(n, line)| Some((line.split_once('=')?.0.to_owned(), n + 1)))
+        .collect()
+}
+
 /// Undoes Go's `strconv.Quote`.
 fn unquote(s: &str) -> Option<String> {
     let inner = s.strip_prefix('"')?.strip_suffix('"')?;

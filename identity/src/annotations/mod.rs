@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::SpiffeId;
 
-use crate::policy::{Policy, PolicyError, Protocol};
+use crate::policy::{Policy, PolicyError, Protocol, check_id_pattern};
 
 mod downward;
 mod probes;
@@ -29,7 +29,16 @@ pub use probes::AppProbe;
 
 /// Reads the downward-API annotations file's text into its annotations.
 pub fn parse_downward_api(text: &str) -> Result<BTreeMap<String, String>, AnnotationError> {
-    downward::parse_downward_api(text).map_err(|e| problem("(downward-API file)", e.to_string()))
+    downward::parse_downward_api(text).map_err(|e| AnnotationError {
+        annotation: "(downward-API file)".to_owned(),
+        problem: e.why,
+        line: Some(e.line),
+    })
+}
+
+/// The 1-based line of each annotation in a downward-API file's text.
+pub fn annotation_lines(text: &str) -> BTreeMap<String, usize> {
+    downward::key_lines(text)
 }
 
 /// The app probe recorded for `CONTAINER/KIND` (e.g. `app/readiness`) in [`APP_PROBES`].
@@ -57,16 +66,19 @@ pub const APP_PROBES: &str = "meshid.io/app-probes";
 
 /// One problem with one annotation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("annotation {annotation}: {problem}")]
+#[error("{}annotation {annotation}: {problem}", line.map(|n| format!("line {n}: ")).unwrap_or_default())]
 pub struct AnnotationError {
     pub annotation: String,
     pub problem: String,
+    /// The annotation's line in a downward-API file, when read from one.
+    pub line: Option<usize>,
 }
 
 fn problem(annotation: &str, problem: impl Into<String>) -> AnnotationError {
     AnnotationError {
         annotation: annotation.to_owned(),
         problem: problem.into(),
+        line: None,
     }
 }
 
@@ -136,21 +148,21 @@ impl MeshAnnotations {
                     continue;
                 }
             };
-            let Some(declared) = inbound.iter().find(|i| i.port == port) else {
+            if !inbound.iter().any(|i| i.port == port) {
                 problems.push(problem(
                     key,
                     format!("port {port} is not declared in {INBOUND}"),
                 ));
                 continue;
-            };
+            }
             let ids: Vec<String> = split_list(value).map(str::to_owned).collect();
-            // Each allow list is checked alone, so that an error names its annotation.
-            if let Err(e) = Policy::parse(&policy_json(
-                false,
-                std::slice::from_ref(declared),
-                &[(port, &ids)],
-            )) {
-                problems.push(problem(key, policy_problem(&e)));
+            // Each pattern is checked alone, so that every bad one is named with its annotation.
+            let bad: Vec<String> = ids
+                .iter()
+                .filter_map(|id| check_id_pattern(id).err())
+                .collect();
+            if !bad.is_empty() {
+                problems.extend(bad.into_iter().map(|why| problem(key, why)));
                 continue;
             }
             allow.insert(port, ids);
@@ -167,8 +179,15 @@ impl MeshAnnotations {
             return Err(problems);
         }
         let lists: Vec<(u16, &Vec<String>)> = allow.iter().map(|(p, ids)| (*p, ids)).collect();
+        // The authority: the same parser as a policy file (the checks above name annotations).
         let policy = Policy::parse(&policy_json(audit, &inbound, &lists))
-            .map_err(|e| vec![problem(PREFIX, policy_problem(&e))])?;
+            .map_err(|e| {
+                e.problems()
+                    .into_iter()
+                    .map(|e| problem(PREFIX, policy_problem(e)))
+                    .collect::<Vec<_>>()
+            })?
+            .without_locations();
         Ok(Self {
             inbound,
             outbound,
@@ -178,10 +197,16 @@ impl MeshAnnotations {
         })
     }
 
-    /// Reads the downward-API annotations file's text.
+    /// Reads the downward-API annotations file's text; each problem has its annotation's line.
     pub fn from_downward_api(text: &str) -> Result<Self, Vec<AnnotationError>> {
         let map = parse_downward_api(text).map_err(|e| vec![e])?;
-        Self::from_map(&map)
+        Self::from_map(&map).map_err(|mut problems| {
+            let lines = downward::key_lines(text);
+            for p in &mut problems {
+                p.line = lines.get(&p.annotation).copied();
+            }
+            problems
+        })
     }
 
     /// The allow-list these annotations declare.
@@ -454,6 +479,46 @@ mod tests {
             text.starts_with("annotation meshid.io/allow-8080:"),
             "{text}"
         );
+    }
+
+    /// Every problem of a downward-API file, each with its annotation and line; every bad pattern
+    /// of an allow list on its own.
+    #[test]
+    fn every_problem_has_its_line() {
+        let text = "meshid.io/allow-8080=\"spiffe://cluster.local/ns/a/sa/x*, spiffe://td/ok, spiffe://*/b\"\n\
+                    meshid.io/allow-9999=\"spiffe://td/a\"\n\
+                    meshid.io/inbound=\"8080=http\"\n\
+                    meshid.io/mode=\"strict\"\n";
+        let problems: Vec<String> = MeshAnnotations::from_downward_api(text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            problems,
+            [
+                "line 4: annotation meshid.io/mode: \"strict\" is not enforce or audit",
+                "line 1: annotation meshid.io/allow-8080: \"spiffe://cluster.local/ns/a/sa/x*\": '*' \
+                 must be a whole path segment",
+                "line 1: annotation meshid.io/allow-8080: \"spiffe://*/b\": '*' is not allowed in \
+                 the trust domain",
+                "line 2: annotation meshid.io/allow-9999: port 9999 is not declared in \
+                 meshid.io/inbound",
+            ]
+        );
+        let error = policy_from_downward_api(text).unwrap_err().to_string();
+        assert!(
+            error.contains("line 2: annotation meshid.io/allow-9999"),
+            "{error}"
+        );
+        // A policy made from annotations has no positions (they would point into JSON).
+        let good =
+            "meshid.io/inbound=\"80\"\nmeshid.io/allow-80=\"spiffe://td/a, spiffe://td/a\"\n";
+        let policy = policy_from_downward_api(good).unwrap();
+        let warnings = policy.warnings(None, None);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!((warnings[0].rule, warnings[0].location), (Some(1), None));
+        assert!(!warnings[0].message.contains("(line"), "{warnings:?}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! but allows, so that a new policy can be tried out against live traffic.
 //!
 //! Parsing and deciding are pure; the sidecar's policy watcher keeps the current policy up to date
-//! with the file on disk.
+//! with the file on disk. A document is checked whole: every problem is reported with its line and
+//! column ([`PolicyError::problems`]), and one problem refuses the whole file. The format, for
+//! service owners, is in `docs/policy.md`.
 //!
 //! ```yaml
 //! mode: enforce            # or audit (default: enforce)
@@ -17,8 +19,14 @@
 //!         paths: [/metrics, /api/*]                  # optional, http only; exact, or '/prefix/*'
 //! ```
 
+mod document;
+mod lint;
+mod node;
 mod parse;
 mod pattern;
+
+pub use document::MAX_PROBLEMS;
+pub use lint::Warning;
 
 /// Reads a policy file within [`MAX_POLICY_BYTES`], refusing what is not a regular file.
 pub use parse::read_file;
@@ -183,9 +191,47 @@ pub enum PolicyError {
     /// The watch thread could not be started.
     #[error("cannot watch the policy: {0}")]
     Watch(std::io::Error),
-    /// A check across fields failed, e.g. a port is listed twice; `field` says where.
+    /// A check across fields failed, e.g. a port disagrees with its listener; `field` says where.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// Several problems (each a [`PolicyError::Yaml`], in file order); the policy is refused as a
+    /// whole, as for one.
+    #[error("{} problems: {}", .0.len(), Joined(.0))]
+    Several(Vec<PolicyError>),
+}
+
+impl PolicyError {
+    /// Each problem on its own: the errors of [`PolicyError::Several`], or this one (without the
+    /// file name of [`PolicyError::File`]).
+    pub fn problems(&self) -> Vec<&PolicyError> {
+        match self {
+            Self::File { error, .. } => error.problems(),
+            Self::Several(errors) => errors.iter().collect(),
+            other => vec![other],
+        }
+    }
+}
+
+struct Joined<'a>(&'a [PolicyError]);
+
+impl fmt::Display for Joined<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one SPIFFE ID pattern of an allow list (`*` for one whole path segment); the error
+/// quotes the pattern, e.g. `"spiffe://td/a*": '*' must be a whole path segment`.
+pub fn check_id_pattern(pattern: &str) -> Result<(), String> {
+    pattern::IdPattern::parse(pattern)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", pattern::Shown(pattern)))
 }
 
 /// Names the file in an error about its content.
@@ -212,6 +258,18 @@ impl Policy {
     pub fn parse(yaml: &str) -> Result<Policy, PolicyError> {
         let (mode, ports) = parse::parse_document(yaml)?;
         Ok(Policy { mode, ports })
+    }
+
+    /// The same policy with no positions in a file: for a policy made from another format (the
+    /// pod annotations), whose positions would point into text nobody wrote.
+    pub(crate) fn without_locations(mut self) -> Self {
+        for port in &mut self.ports {
+            port.at = None;
+            for rule in &mut port.rules {
+                rule.at = None;
+            }
+        }
+        self
     }
 
     /// Reads and parses a policy file; every error names the path.

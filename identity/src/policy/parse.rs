@@ -1,46 +1,32 @@
-//! The policy document: its YAML shape, read strictly (unknown fields are errors), and the checks
-//! that span several fields.
+//! The policy's types, the file's limits (size, nesting) and the parse from text: YAML to a tree
+//! ([`super::node`]), the tree to ports and rules ([`super::document`]).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::num::NonZeroU16;
 use std::path::Path;
 
-use serde::{Deserialize, Deserializer};
-
-use super::pattern::{IdPattern, Method, NonEmpty, PathPattern};
-use super::{MAX_FLOW_DEPTH, MAX_POLICY_BYTES, MAX_RULES, Mode, PolicyError, Protocol};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyDocument {
-    #[serde(default)]
-    mode: Mode,
-    inbound: Vec<PortPolicy>,
-}
+use super::node::{self, At, Value};
+use super::pattern::{IdPattern, Method, PathPattern};
+use super::{MAX_FLOW_DEPTH, MAX_POLICY_BYTES, Mode, PolicyError, Protocol};
 
 /// The rules of one inbound port.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PortPolicy {
-    #[serde(deserialize_with = "nonzero_port")]
     pub(super) port: u16,
-    #[serde(default)]
+    /// Where the port number is in the file.
+    pub(super) at: At,
     pub(super) protocol: Protocol,
-    #[serde(rename = "allow")]
     pub(super) rules: Vec<Rule>,
 }
 
-/// One entry of an `allow` list. `None` means any method or path; an empty list is an error.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One entry of an `allow` list. `None` means any method or path; a list is never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Rule {
     pub(super) id: IdPattern,
-    #[serde(default, deserialize_with = "present_list")]
-    pub(super) methods: Option<NonEmpty<Method>>,
-    #[serde(default, deserialize_with = "present_list")]
-    pub(super) paths: Option<NonEmpty<PathPattern>>,
+    pub(super) methods: Option<Vec<Method>>,
+    pub(super) paths: Option<Vec<PathPattern>>,
+    /// Where the rule's `id` is in the file.
+    pub(super) at: At,
 }
 
 impl Rule {
@@ -49,7 +35,23 @@ impl Rule {
         let Some(methods) = &self.methods else {
             return true;
         };
-        methods.0.iter().any(|m| m.as_str() == method)
+        methods.iter().any(|m| m.as_str() == method)
+    }
+
+    /// Whether this rule allows every peer and request that `other` allows, so that `other`, after
+    /// it, never decides anything.
+    pub(super) fn covers(&self, other: &Rule) -> bool {
+        let methods = match (&self.methods, &other.methods) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|m| mine.contains(m)),
+        };
+        let paths = match (&self.paths, &other.paths) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.iter().all(|q| mine.iter().any(|p| p.covers(q))),
+        };
+        self.id.covers(&other.id) && methods && paths
     }
 
     /// Whether the rule allows `path`, which must already be safe and without its query.
@@ -57,7 +59,7 @@ impl Rule {
         let Some(paths) = &self.paths else {
             return true;
         };
-        paths.0.iter().any(|p| p.matches(path))
+        paths.iter().any(|p| p.matches(path))
     }
 }
 
@@ -154,13 +156,14 @@ pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), Poli
         return Err(PolicyError::Empty);
     }
     check_flow_depth(yaml)?;
-    // `Option` so that a document of only comments (or `null`) reads as empty, not as an odd error.
-    let document: Option<PolicyDocument> = serde_yaml_ng::from_str(yaml).map_err(yaml_error)?;
-    let document = document.ok_or(PolicyError::Empty)?;
-    check_ports(&document.inbound)?;
-    let mut ports = document.inbound;
+    let root = node::parse(yaml).map_err(yaml_error)?;
+    // A document of only comments (or `null`) reads as empty, not as an odd error.
+    if root.value == Value::Null {
+        return Err(PolicyError::Empty);
+    }
+    let (mode, mut ports) = super::document::read(&root)?;
     ports.sort_by_key(|p| p.port);
-    Ok((document.mode, ports))
+    Ok((mode, ports))
 }
 
 /// Reads a policy file (following symlinks), refusing anything but a regular file of at most
@@ -183,57 +186,6 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
     Ok(bytes)
 }
 
-/// The checks serde cannot make field by field: unique ports, the rule limit, and methods and paths
-/// only on HTTP ports.
-fn check_ports(ports: &[PortPolicy]) -> Result<(), PolicyError> {
-    let total: usize = ports.iter().map(|p| p.rules.len()).sum();
-    if total > MAX_RULES {
-        return Err(PolicyError::Invalid {
-            field: "inbound".to_owned(),
-            message: format!("{total} rules is more than the limit of {MAX_RULES}"),
-        });
-    }
-    let mut seen = HashMap::new();
-    for (i, port) in ports.iter().enumerate() {
-        if let Some(first) = seen.insert(port.port, i) {
-            return Err(PolicyError::Invalid {
-                field: format!("inbound[{i}].port"),
-                message: format!("port {} is already listed at inbound[{first}]", port.port),
-            });
-        }
-        if port.protocol == Protocol::Http {
-            continue;
-        }
-        for (j, rule) in port.rules.iter().enumerate() {
-            let field = match (&rule.methods, &rule.paths) {
-                (Some(_), _) => "methods",
-                (None, Some(_)) => "paths",
-                (None, None) => continue,
-            };
-            return Err(PolicyError::Invalid {
-                field: format!("inbound[{i}].allow[{j}].{field}"),
-                message: format!("{field} are only allowed on a port with `protocol: http`"),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Port 0 is refused with the value's line and column.
-fn nonzero_port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
-    NonZeroU16::deserialize(deserializer).map(NonZeroU16::get)
-}
-
-/// An optional list whose key, when present, must hold a non-empty list: `methods:` with no value
-/// (null) is an error rather than a silent "any method".
-fn present_list<'de, D, T>(deserializer: D) -> Result<Option<NonEmpty<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    NonEmpty::deserialize(deserializer).map(Some)
-}
-
 /// Keeps the YAML library's message (which names the field, e.g. `inbound[0].allow[1].id: ...`) and
 /// moves its position to the front, where the Display of [`PolicyError::Yaml`] always shows it (the
 /// library leaves it out at line 1 column 1).
@@ -248,7 +200,7 @@ fn yaml_error(error: serde_yaml_ng::Error) -> PolicyError {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Policy;
+    use super::super::{MAX_PROBLEMS, MAX_RULES, Policy};
     use super::*;
 
     const GOOD: &str = "\
@@ -278,8 +230,8 @@ inbound:
             [5432, 8080]
         );
         assert_eq!(ports[1].rules.len(), 2);
-        assert_eq!(ports[1].rules[1].methods.as_ref().unwrap().0.len(), 1);
-        assert_eq!(ports[1].rules[1].paths.as_ref().unwrap().0.len(), 2);
+        assert_eq!(ports[1].rules[1].methods.as_ref().unwrap().len(), 1);
+        assert_eq!(ports[1].rules[1].paths.as_ref().unwrap().len(), 2);
     }
 
     #[test]
@@ -288,9 +240,14 @@ inbound:
         assert_eq!(policy.mode(), Mode::Enforce);
         assert_eq!(policy.port_protocol(1), Some(Protocol::Tcp));
         assert!(Policy::parse("inbound: []").is_ok());
-        // `allow:` with no value is an empty list: it denies everything.
-        let policy = Policy::parse("inbound:\n  - port: 1\n    allow:\n").unwrap();
-        assert_eq!(policy.port_protocol(1), Some(Protocol::Tcp));
+        // `allow:` with no value (or null) is an empty list: it denies everything.
+        for empty in ["", " ~", " null", " []"] {
+            let policy =
+                Policy::parse(&format!("inbound:\n  - port: 1\n    allow:{empty}\n")).unwrap();
+            assert_eq!(policy.port_protocol(1), Some(Protocol::Tcp));
+            let peer = crate::SpiffeId::parse("spiffe://td/a").unwrap();
+            assert!(!policy.decide_connection(1, &peer).allowed);
+        }
     }
 
     /// Each case: the document, and the pieces its error message must contain.
@@ -314,7 +271,7 @@ inbound:
             ("unknown port field", "inbound:\n  - port: 80\n    alow: []\n".into(), &["line 3 column 5", "inbound[0]", "unknown field `alow`"]),
             ("unknown rule field", rule("        method: [GET]\n"), &["line 5 column 9", "unknown field `method`"]),
             ("bad protocol", "inbound:\n  - port: 80\n    protocol: grpc\n    allow: []\n".into(), &["line 3 column 15", "inbound[0].protocol", "grpc"]),
-            ("port 0", "inbound:\n  - port: 0\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port", "nonzero"]),
+            ("port 0", "inbound:\n  - port: 0\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port", "integer `0`, expected a port number"]),
             ("port too big", "inbound:\n  - port: 65536\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
             ("port a string", "inbound:\n  - port: http\n    allow: []\n".into(), &["line 2 column 11", "inbound[0].port"]),
             ("missing allow", "inbound:\n  - port: 80\n".into(), &["missing field `allow`"]),
@@ -325,9 +282,9 @@ inbound:
             ("wildcard trust domain", rule("").replace("td/a", "*/a"), &["line 4 column 13", "trust domain"]),
             ("methods on tcp", rule("        methods: [GET]\n"), &["inbound[0].allow[0].methods", "protocol: http"]),
             ("paths on tcp", rule("        paths: [/x]\n"), &["inbound[0].allow[0].paths", "protocol: http"]),
-            ("empty methods", http("        methods: []\n"), &["line 6 column 18", "inbound[0].allow[0].methods", "must not be empty"]),
-            ("empty paths", http("        paths: []\n"), &["line 6 column 16", "inbound[0].allow[0].paths", "must not be empty"]),
-            ("null methods", http("        methods:\n"), &["line 6 column 17", "inbound[0].allow[0].methods"]),
+            ("empty methods", http("        methods: []\n"), &["line 6 column 9", "inbound[0].allow[0].methods", "must not be empty"]),
+            ("empty paths", http("        paths: []\n"), &["line 6 column 9", "inbound[0].allow[0].paths", "must not be empty"]),
+            ("null methods", http("        methods:\n"), &["line 6 column 9", "inbound[0].allow[0].methods", "must not be empty"]),
             ("methods not a list", http("        methods: GET\n"), &["line 6 column 18", "methods", "invalid type"]),
             ("bad method", http("        methods: [GET, \"PO ST\"]\n"), &["line 6 column 24", "inbound[0].allow[0].methods[1]", "ascii letters"]),
             ("relative path", http("        paths: [metrics]\n"), &["line 6 column 17", "paths[0]", "start with '/'"]),
@@ -335,16 +292,95 @@ inbound:
             ("unsafe path", http("        paths: [/a/../b]\n"), &["line 6 column 17", "never matches"]),
             ("two documents", "inbound: []\n---\ninbound: []\n".into(), &["more than one document"]),
         ];
+        let mut wrong = Vec::new();
         for (name, yaml, expected) in cases {
-            let error = Policy::parse(&yaml).expect_err(name).to_string();
-            for piece in expected {
-                assert!(error.contains(piece), "{name}: {error:?} lacks {piece:?}");
-            }
-            if let Some(position) = expected.first().filter(|p| p.starts_with("line ")) {
-                assert!(error.starts_with(position), "{name}: {error:?}");
-                assert_eq!(error.matches(position).count(), 1, "{name}: {error:?}");
+            let error = Policy::parse(&yaml).expect_err(name);
+            // One of the problems has every piece, and starts with its position.
+            let problems: Vec<String> = error.problems().iter().map(|p| p.to_string()).collect();
+            let found = problems.iter().any(|p| {
+                expected.iter().all(|piece| p.contains(piece))
+                    && expected
+                        .first()
+                        .filter(|first| first.starts_with("line "))
+                        .is_none_or(|position| {
+                            p.starts_with(position) && p.matches(position).count() == 1
+                        })
+            });
+            if !found {
+                wrong.push(format!("{name}: {problems:?} lacks {expected:?}"));
             }
         }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Every problem is reported, each at its place, in file order; the file is refused as a whole.
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let yaml = "\
+inbound:
+  - port: 0
+    allow:
+      - id: spiffe://cluster.local/ns/a/sa/x*
+      - id: spiffe://cluster.local/ns/a/sa/ok
+        methods: [GET]
+  - port: 9000
+    protocl: tcp
+    allow: []
+";
+        let error = Policy::parse(yaml).unwrap_err();
+        let problems: Vec<String> = error.problems().iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            problems,
+            [
+                "line 2 column 11: inbound[0].port: invalid value: integer `0`, expected a port \
+                 number from 1 to 65535",
+                "line 4 column 13: inbound[0].allow[0].id: \"spiffe://cluster.local/ns/a/sa/x*\": \
+                 '*' must be a whole path segment",
+                "line 6 column 9: inbound[0].allow[1].methods: methods are only allowed on a port \
+                 with `protocol: http`",
+                "line 8 column 5: inbound[1]: unknown field `protocl`, expected one of `port`, \
+                 `protocol`, `allow`",
+            ]
+        );
+        let text = error.to_string();
+        assert!(text.starts_with("4 problems: line 2 column 11: "), "{text}");
+        assert!(matches!(error, PolicyError::Several(ref e) if e.len() == 4));
+
+        // Problems in every kind of place, and a duplicate port after a good one.
+        let yaml = "mode: strict\nmode: audit\ninbound:\n  - port: 80\n    protocol: http\n    allow:\n      - id: spiffe://td/a\n        methods: [GET, 7]\n        paths: []\n  - port: 80\n    allow: nope\n  - 5\n";
+        let error = Policy::parse(yaml).unwrap_err();
+        let problems: Vec<String> = error.problems().iter().map(|p| p.to_string()).collect();
+        let expected = [
+            "line 1 column 7: mode: unknown variant `strict`",
+            "line 2 column 1: duplicate field `mode`",
+            "line 8 column 24: inbound[0].allow[0].methods[1]: invalid type: integer `7`",
+            "line 9 column 9: inbound[0].allow[0].paths: the list must not be empty",
+            "line 10 column 11: inbound[1].port: port 80 is already listed at inbound[0]",
+            "line 11 column 12: inbound[1].allow: invalid type: string \"nope\", expected a list",
+            "line 12 column 5: inbound[2]: invalid type: integer `5`, expected a port",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (got, want) in problems.iter().zip(expected) {
+            assert!(
+                got.starts_with(want),
+                "{got:?} does not start with {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn problems_are_capped() {
+        let mut yaml = String::from("inbound:\n");
+        for _ in 0..MAX_PROBLEMS + 20 {
+            yaml.push_str("  - port: 0\n    allow: []\n");
+        }
+        let error = Policy::parse(&yaml).unwrap_err();
+        let problems = error.problems();
+        assert_eq!(problems.len(), MAX_PROBLEMS + 1);
+        assert_eq!(
+            problems[MAX_PROBLEMS].to_string(),
+            "20 more problems not shown"
+        );
     }
 
     /// Every prefix of a good file (what a torn write leaves) and some hostile YAML: an error or a

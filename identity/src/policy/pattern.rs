@@ -1,5 +1,5 @@
-//! The parts of a rule: SPIFFE ID patterns, HTTP methods and request-path patterns. Each one is
-//! parsed while the YAML is read, so a bad value is reported with its own line and column.
+//! The parts of a rule: SPIFFE ID patterns, HTTP methods and request-path patterns, each parsed
+//! from one YAML string (so a bad value is reported at its own line and column).
 //!
 //! Request paths are matched byte for byte, never decoded. Because every rule allows, a path
 //! spelled differently from the rule (say `/%61pi` for `/api`) simply does not match and is denied.
@@ -8,10 +8,8 @@
 //! `/public/..%2fadmin`, `/public\..\admin`); [`is_safe_path`] rejects those outright.
 
 use std::fmt;
-use std::marker::PhantomData;
 
 use crate::{SpiffeId, SpiffeIdError};
-use serde::de::{self, Deserialize, Deserializer, SeqAccess, Visitor};
 
 /// Why a pattern in a rule is invalid; shown after the value, as in `"/a*": '*' is only ...`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +105,25 @@ impl IdPattern {
     pub(super) fn as_str(&self) -> &str {
         &self.text
     }
+
+    pub(super) fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Whether this pattern matches every ID that `other` matches.
+    pub(super) fn covers(&self, other: &IdPattern) -> bool {
+        self.trust_domain == other.trust_domain
+            && self.segments.len() == other.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|pair| match pair {
+                    (Segment::Any, _) => true,
+                    (Segment::Exact(a), Segment::Exact(b)) => a == b,
+                    (Segment::Exact(_), Segment::Any) => false,
+                })
+    }
 }
 
 /// An HTTP method token, matched exactly (case-sensitive).
@@ -172,6 +189,17 @@ impl PathPattern {
             Self::Prefix(prefix) => path.starts_with(prefix.as_str()),
         }
     }
+
+    /// Whether this pattern matches every path that `other` matches.
+    pub(super) fn covers(&self, other: &PathPattern) -> bool {
+        match (self, other) {
+            (Self::Exact(a), Self::Exact(b)) => a == b,
+            (Self::Exact(_), Self::Prefix(_)) => false,
+            (Self::Prefix(prefix), Self::Exact(path) | Self::Prefix(path)) => {
+                path.starts_with(prefix.as_str())
+            }
+        }
+    }
 }
 
 /// Whether a request path (without its query) can be matched without being misread.
@@ -203,79 +231,8 @@ pub(super) fn is_safe_path(path: &str) -> bool {
     })
 }
 
-impl<'de> Deserialize<'de> for IdPattern {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_parsed(deserializer, "a spiffe id pattern", Self::parse)
-    }
-}
-
-impl<'de> Deserialize<'de> for Method {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_parsed(deserializer, "an http method", Self::parse)
-    }
-}
-
-impl<'de> Deserialize<'de> for PathPattern {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_parsed(deserializer, "a request path", Self::parse)
-    }
-}
-
-/// Deserializes a string through `parse`, so a bad value is reported at its own position.
-fn deserialize_parsed<'de, D, T>(
-    deserializer: D,
-    expecting: &'static str,
-    parse: fn(&str) -> Result<T, PatternError>,
-) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    struct ParseVisitor<T> {
-        expecting: &'static str,
-        parse: fn(&str) -> Result<T, PatternError>,
-    }
-    impl<T> Visitor<'_> for ParseVisitor<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(self.expecting)
-        }
-        fn visit_str<E: de::Error>(self, value: &str) -> Result<T, E> {
-            (self.parse)(value).map_err(|e| E::custom(format_args!("{}: {e}", Shown(value))))
-        }
-    }
-    deserializer.deserialize_str(ParseVisitor { expecting, parse })
-}
-
-/// A list that must have at least one item: leaving the key out is how a rule says "any".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct NonEmpty<T>(pub(super) Vec<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for NonEmpty<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ListVisitor<T>(PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
-            type Value = NonEmpty<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a non-empty list")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
-                }
-                if items.is_empty() {
-                    let message = "the list must not be empty (leave the key out to allow any)";
-                    return Err(de::Error::custom(message));
-                }
-                Ok(NonEmpty(items))
-            }
-        }
-        deserializer.deserialize_seq(ListVisitor(PhantomData))
-    }
-}
-
 /// A value quoted for an error message, shortened so that a huge value does not flood the log.
-struct Shown<'a>(&'a str);
+pub(super) struct Shown<'a>(pub(super) &'a str);
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -343,6 +300,34 @@ mod tests {
         for (text, want) in cases {
             let got = IdPattern::parse(text);
             assert_eq!(got.as_ref().err(), Some(want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn covering() {
+        let id = |s| IdPattern::parse(s).unwrap();
+        #[rustfmt::skip]
+        let ids = [
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa/b", true),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa/*", true),
+            ("spiffe://td/ns/*/sa/*", "spiffe://td/ns/a/sa/*", true),
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/*", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td2/ns/a/sa/b", false),
+            ("spiffe://td/ns/a/sa/*", "spiffe://td/ns/a/sa/b/c", false),
+            ("spiffe://td/*", "spiffe://td/ns/a", false),
+        ];
+        for (a, b, want) in ids {
+            assert_eq!(id(a).covers(&id(b)), want, "{a} covers {b}");
+        }
+        let path = |s| PathPattern::parse(s).unwrap();
+        #[rustfmt::skip]
+        let paths = [
+            ("/api/*", "/api/v1", true), ("/api/*", "/api/v1/*", true), ("/*", "/x", true),
+            ("/api/*", "/api", false), ("/api", "/api/*", false), ("/a", "/a", true),
+            ("/a", "/b", false), ("/api/v1/*", "/api/*", false),
+        ];
+        for (a, b, want) in paths {
+            assert_eq!(path(a).covers(&path(b)), want, "{a} covers {b}");
         }
     }
 
