@@ -38,8 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the sidecar.
     Run(Box<RunArgs>),
-    /// Check a policy file as the sidecar would load it and, with --peer and --port, say what it
-    /// decides for that caller. Exit 0: valid (and allowed); 1: invalid file; 2: denied.
+    /// Check a policy file as the sidecar would load it (every problem, each with its line), warn
+    /// about rules that never decide anything, and, with --peer and --port, say what it decides for
+    /// that caller. Exit 0: valid (and allowed), warnings or not; 1: invalid file; 2: denied.
     CheckPolicy(CheckPolicyArgs),
 }
 
@@ -62,8 +63,14 @@ pub struct CheckPolicyArgs {
     pub path: Option<String>,
     /// The sidecar's inbound listeners, as given to `run` (LISTEN=TARGET[,tcp|http], repeatable):
     /// a policy port whose protocol disagrees with its listener is refused, as `run` refuses it.
+    /// Also warn about a policy port no listener has, and a listener the policy does not name.
     #[arg(long)]
     pub inbound: Vec<String>,
+    /// The sidecar's trust domain (that of its certificate's SPIFFE ID, e.g. cluster.local): warn
+    /// about rules for another one, whose peers the TLS handshake refuses, and deny such a --peer.
+    /// Without it, a policy naming several trust domains gets one warning.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -644,7 +651,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            problems.contains("--annotations: annotation meshid.io/inbound"),
+            problems.contains("--annotations: line 1: annotation meshid.io/inbound"),
             "{problems}"
         );
         let problems = run(good, &["--pod-ip", "x", "--policy", "/p.yaml"]).unwrap_err();

@@ -458,3 +458,152 @@ fn check_policy_validates_files_and_decides_callers() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("port 8080 (http): 1 rule"), "{out}");
 }
+
+/// `meshid-sidecar check-policy` on a file with several mistakes reports each one on its own line
+/// with its line and column (exit 1); rules that can never match are warned about without failing
+/// (exit 0); a good file still says OK with no warning.
+#[test]
+fn check_policy_reports_every_error_and_warns_about_dead_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str, args: &[&str]| {
+        let file = dir.path().join(name);
+        fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(meshid_tests::tools::workspace_bin("meshid-sidecar"))
+            .arg("check-policy")
+            .arg(&file)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // Three mistakes: a misspelt protocol, a partial wildcard, a port listed twice.
+    let three = "\
+mode: enforce
+inbound:
+  - port: 8080
+    protocol: htp
+    allow:
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+      - id: spiffe://cluster.local/ns/ops/sa/x*
+  - port: 8080
+    allow: []
+";
+    let (code, out, err) = check("three.yaml", three, &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 3, "{err}");
+    for (line, (position, field)) in errors.iter().zip([
+        ("line 4 column 15", "inbound[0].protocol"),
+        ("line 7 column 13", "inbound[0].allow[1].id"),
+        ("line 8 column 11", "inbound[1].port"),
+    ]) {
+        assert!(
+            line.contains(&format!("three.yaml: {position}: {field}: ")),
+            "{line}"
+        );
+    }
+    assert!(
+        err.contains("3 errors; the sidecar refuses this file"),
+        "{err}"
+    );
+    assert!(out.is_empty(), "{out}");
+
+    // An allow entry in another trust domain: a warning, exit 0; named by line and column.
+    let foreign = "\
+inbound:
+  - port: 8080
+    allow:
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+      - id: spiffe://partner.example/ns/shop/sa/frontend
+";
+    let (code, out, err) = check(
+        "foreign.yaml",
+        foreign,
+        &["--trust-domain", "cluster.local"],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("policy OK: mode enforce\n"), "{out}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 1, "{out}");
+    assert!(
+        warnings[0].starts_with("warning: line 5 column 13: port 8080 rule 1: ")
+            && warnings[0]
+                .contains("trust domain `partner.example`, not this sidecar's `cluster.local`"),
+        "{out}"
+    );
+    // Without --trust-domain, the two trust domains are still pointed out.
+    let (code, out, _) = check("foreign.yaml", foreign, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning: the rules name 2 trust domains"),
+        "{out}"
+    );
+    assert_eq!(
+        check("foreign.yaml", foreign, &["--trust-domain", "Bad_Domain"]).0,
+        Some(64)
+    );
+
+    // Duplicates, shadowing and a port without a listener: warnings too.
+    let dead = "\
+inbound:
+  - port: 8080
+    protocol: http
+    allow:
+      - id: spiffe://cluster.local/ns/ops/sa/*
+      - id: spiffe://cluster.local/ns/ops/sa/prometheus
+        paths: [/metrics]
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+  - port: 9000
+    allow: []
+";
+    let listener = ["--inbound", "0.0.0.0:8080=127.0.0.1:8080,http"];
+    let (code, out, _) = check("dead.yaml", dead, &listener);
+    assert_eq!(code, Some(0), "{out}");
+    for needle in [
+        "warning: line 6 column 13: port 8080 rule 1: ",
+        "warning: line 9 column 13: port 8080 rule 3: spiffe://cluster.local/ns/shop/sa/frontend is a duplicate of rule 2",
+        "warning: line 10 column 11: port 9000: no inbound listener has port 9000",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in {out}");
+    }
+
+    // A good file: OK, no warning.
+    let good = "\
+inbound:
+  - port: 8080
+    protocol: http
+    allow:
+      - id: spiffe://cluster.local/ns/shop/sa/frontend
+      - id: spiffe://cluster.local/ns/ops/sa/*
+        methods: [GET]
+        paths: [/metrics]
+";
+    let (code, out, err) = check(
+        "good.yaml",
+        good,
+        &["--trust-domain", "cluster.local", listener[0], listener[1]],
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(
+        out,
+        "policy OK: mode enforce\n  port 8080 (http): 2 rules\n"
+    );
+    assert!(err.is_empty(), "{err}");
+
+    // Annotations: every bad annotation, each with its line.
+    let annotations = "meshid.io/allow-8080=\"spiffe://cluster.local/ns/a/sa/x*\"\nmeshid.io/inbound=\"8080=http\"\nmeshid.io/mode=\"strict\"\n";
+    let (code, _, err) = check("annotations", annotations, &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 1: annotation meshid.io/allow-8080: "),
+        "{err}"
+    );
+    assert!(err.contains("line 3: annotation meshid.io/mode: "), "{err}");
+    assert!(err.contains("2 errors"), "{err}");
+}

@@ -244,16 +244,23 @@ impl MeshAnnotations {
 
 /// The policy in a downward-API annotations file: the parse function the sidecar's policy watcher
 /// uses for `--annotations`.
+/// Each problem is a [`PolicyError::Invalid`] of field `annotations` (several make a
+/// [`PolicyError::Several`]), its message naming the annotation and its line.
 pub fn policy_from_downward_api(text: &str) -> Result<Policy, PolicyError> {
     MeshAnnotations::from_downward_api(text)
         .map(|a| a.policy)
-        .map_err(|problems| PolicyError::Invalid {
-            field: "annotations".to_owned(),
-            message: problems
+        .map_err(|problems| {
+            let mut errors: Vec<PolicyError> = problems
                 .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
+                .map(|p| PolicyError::Invalid {
+                    field: "annotations".to_owned(),
+                    message: p.to_string(),
+                })
+                .collect();
+            match errors.len() {
+                1 => errors.remove(0),
+                _ => PolicyError::Several(errors),
+            }
         })
 }
 
@@ -268,8 +275,9 @@ pub fn policy_or_annotations(text: &str) -> Result<Policy, PolicyError> {
     }
 }
 
-/// Whether the first non-blank line is `KEY="...` with a Kubernetes annotation key.
-fn is_downward_api(text: &str) -> bool {
+/// Whether the first non-blank line is `KEY="...` with a Kubernetes annotation key: how
+/// [`policy_or_annotations`] tells a downward-API annotations file from a policy document.
+pub fn is_downward_api(text: &str) -> bool {
     let Some(line) = text.lines().find(|l| !l.trim().is_empty()) else {
         return false;
     };

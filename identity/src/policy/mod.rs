@@ -194,8 +194,7 @@ pub enum PolicyError {
     /// A check across fields failed, e.g. a port disagrees with its listener; `field` says where.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
-    /// Several problems (each a [`PolicyError::Yaml`], in file order); the policy is refused as a
-    /// whole, as for one.
+    /// Several problems (in file order); the policy is refused as a whole, as for one.
     #[error("{} problems: {}", .0.len(), Joined(.0))]
     Several(Vec<PolicyError>),
 }
