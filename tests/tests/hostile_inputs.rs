@@ -136,7 +136,7 @@ fn policy_files_that_attack_the_yaml_parser() {
         "  - port: 8080\n    protocol: http\n    allow: []\n".repeat(200_000)
     );
     for (name, text, says) in [
-        ("billion laughs", laughs, "inbound"),
+        ("billion laughs", laughs, "repetition limit exceeded"),
         ("deep nesting", deep, "nested deeper"),
         ("huge", huge, "larger than the limit"),
     ] {
