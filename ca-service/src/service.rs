@@ -440,6 +440,57 @@ pub const MAX_ANONYMOUS_PER_CONNECTION: u32 = 4;
 
 type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
 
+/// One bundle stream: the current bundle, then the latest one after every change, until the CA
+/// shuts down. It has no task or channel of its own: the connection that carries it polls it, and
+/// when that connection or the client lets go of it, dropping it closes the instance. (A task and
+/// a channel per stream cost a few KiB each, times every sidecar of the fleet.)
+struct BundleWatch {
+    bundles: tokio_stream::wrappers::WatchStream<Arc<Bundle>>,
+    stopped: tokio_stream::wrappers::WatchStream<bool>,
+    open: OpenStream,
+}
+
+/// What an open stream holds, released when it is dropped.
+struct OpenStream {
+    state: Arc<CaState>,
+    caller: Option<crate::rotation::fleet::Caller>,
+    _permit: StreamPermit,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        if let Some(c) = &self.caller {
+            self.state.fleet.stream_closed(&c.key);
+        }
+        self.state.metrics.watch_streams.dec();
+    }
+}
+
+impl Stream for BundleWatch {
+    type Item = Result<TrustBundle, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        // The shutdown flag first: its stream yields the current value, then every change.
+        while let Poll::Ready(stop) = Pin::new(&mut this.stopped).poll_next(cx) {
+            if stop != Some(false) {
+                return Poll::Ready(None);
+            }
+        }
+        match Pin::new(&mut this.bundles).poll_next(cx) {
+            Poll::Ready(Some(bundle)) => {
+                Poll::Ready(Some(Ok(this.open.state.trust_bundle(&bundle))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl CertificateAuthority for CaService {
     async fn issue(
@@ -547,31 +598,18 @@ impl CertificateAuthority for CaService {
         if let Some(c) = &caller {
             state.fleet.stream_opened(c).map_err(fleet_status)?;
         }
-        let mut bundles = state.bundle.subscribe();
-        let mut shutdown = state.shutdown.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            state.metrics.watch_streams.inc();
-            let _permit = permit;
-            loop {
-                let current = bundles.borrow_and_update().clone();
-                if tx.send(Ok(state.trust_bundle(&current))).await.is_err() {
-                    break;
-                }
-                tokio::select! {
-                    changed = bundles.changed() => if changed.is_err() { break },
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                    () = tx.closed() => break,
-                }
-            }
-            if let Some(c) = &caller {
-                state.fleet.stream_closed(&c.key);
-            }
-            state.metrics.watch_streams.dec();
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let bundles = tokio_stream::wrappers::WatchStream::new(state.bundle.subscribe());
+        let stopped = tokio_stream::wrappers::WatchStream::new(state.shutdown.clone());
+        state.metrics.watch_streams.inc();
+        Ok(Response::new(Box::pin(BundleWatch {
+            bundles,
+            stopped,
+            open: OpenStream {
+                state,
+                caller,
+                _permit: permit,
+            },
+        })))
     }
 }
 

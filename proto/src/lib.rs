@@ -1,6 +1,6 @@
 //! The meshid contract: the CA's gRPC API (`meshid/ca/v1/ca.proto`), compiled at build time with
-//! protox (no `protoc` needed). Generated code only: the types that give its strings meaning (SPIFFE
-//! IDs, certificate identities) live in `meshid-identity`.
+//! protox (no `protoc` needed). Generated code only, and the codec it uses: the types that give its
+//! strings meaning (SPIFFE IDs, certificate identities) live in `meshid-identity`.
 
 /// Generated gRPC code for `meshid/ca/v1/ca.proto`.
 pub mod ca {
@@ -9,3 +9,5 @@ pub mod ca {
         tonic::include_proto!("meshid.ca.v1");
     }
 }
+
+pub mod codec;
