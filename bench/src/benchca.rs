@@ -7,8 +7,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_sidecar::creds::ca_client;
 use meshid_sidecar::settings::CaEndpoint;
 use meshid_tests::fake_cluster::FakeCluster;
+use meshid_tests::pki::WorkloadKey;
 use meshid_tests::process::{Proc, free_addr, wait_http_ok};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -96,4 +99,32 @@ fn per_source_cap_off(ca_bin: &Path) -> Vec<&'static str> {
         }
         _ => Vec::new(),
     }
+}
+
+/// A client that renews, as a sidecar does after its first certificate: one certificate issued with
+/// a service-account token for `fleet/<name>`, then a connection presenting it (the renewal
+/// credential: `Issue` calls on it need no token).
+pub async fn renewal_client(
+    endpoint: &CaEndpoint,
+    cluster: &FakeCluster,
+    name: &str,
+) -> Result<ca_client::CaClient> {
+    let first = WorkloadKey::new();
+    let resp = ca_client::connect(endpoint, None)
+        .await?
+        .issue(IssueRequest {
+            csr: first.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                cluster.token("fleet", name),
+            )),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    let chain = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    Ok(ca_client::connect(endpoint, Some((chain, first.private_key_der()))).await?)
 }

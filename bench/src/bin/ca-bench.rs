@@ -17,7 +17,6 @@ use meshid_sidecar::settings::CaEndpoint;
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::pki::WorkloadKey;
 use meshid_tests::process::Proc;
-use rustls_pki_types::CertificateDer;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -298,30 +297,18 @@ async fn measure(
     let per_worker = args.count.div_ceil(args.concurrency);
     let mut work_items = Vec::new();
     for w in 0..args.concurrency {
-        let token = cluster.token("bench", &format!("worker-{w}"));
         let csrs: Vec<Vec<u8>> = (0..per_worker).map(|_| WorkloadKey::new().csr).collect();
-        let mut client = ca_client::connect(endpoint, None).await?;
-        let first = WorkloadKey::new();
-        let resp = client
-            .issue(IssueRequest {
-                csr: first.csr.clone(),
-                credential: Some(Credential::ServiceAccountToken(token.clone())),
-                ttl_seconds: 0,
-            })
-            .await?
-            .into_inner();
-        let credential = match mode {
-            Mode::Token => Some(Credential::ServiceAccountToken(token)),
-            Mode::Renewal => {
-                let chain = resp
-                    .cert_chain
-                    .into_iter()
-                    .map(CertificateDer::from)
-                    .collect();
-                client =
-                    ca_client::connect(endpoint, Some((chain, first.private_key_der()))).await?;
-                None
-            }
+        let (client, credential) = match mode {
+            Mode::Token => (
+                ca_client::connect(endpoint, None).await?,
+                Some(Credential::ServiceAccountToken(
+                    cluster.token("bench", &format!("worker-{w}")),
+                )),
+            ),
+            Mode::Renewal => (
+                benchca::renewal_client(endpoint, cluster, &format!("worker-{w}")).await?,
+                None,
+            ),
         };
         work_items.push((client, credential, csrs));
     }

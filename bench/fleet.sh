@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fleet scale at one CA replica: for each fleet size, a fresh release `meshid-ca serve` on CPU 1 and
+# that many simulated sidecars (this process, CPU 0) holding trust-bundle streams; memory per
+# connected sidecar, idle CPU, time to push a bundle change to all, renewals/s alongside.
+# Usage: bench/fleet.sh [--sizes 1000,5000,10000,19000] [--smoke] [fleet-bench flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p meshid-ca -p meshid-bench
+target="${CARGO_TARGET_DIR:-target}"
+out=bench/results/fleet-latest.json
+for arg in "$@"; do
+    # A smoke run (CI) never replaces the published figures.
+    [ "$arg" = "--smoke" ] && out=bench/results/smoke/fleet.json
+done
+mkdir -p "$(dirname "$out")"
+pin=()
+command -v taskset >/dev/null 2>&1 && pin=(taskset -c 0)
+exec "${pin[@]}" "$target/release/fleet-bench" --bin-dir "$target/release" --out "$out" "$@"

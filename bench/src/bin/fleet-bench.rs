@@ -1,0 +1,344 @@
+//! Fleet scale at one CA replica: N simulated sidecars (`meshid_bench::simsidecar`, what a CA-mode
+//! sidecar does against the CA) hold their trust-bundle streams open against a real `meshid-ca serve`
+//! pinned to one CPU, for each N of `--sizes`. For each size, on a fresh CA:
+//!
+//! - the time for the whole fleet to join (first certificate, stream, acknowledgement);
+//! - the CA's resident and anonymous memory per connected sidecar (growth over the CA before the
+//!   fleet, divided by N) and its open file descriptors;
+//! - the CA's CPU while the fleet is connected and idle;
+//! - the time from a bundle change (`meshid-ca rotate prepare` adds a root) until every sidecar
+//!   acknowledged it, and the CA CPU that push cost;
+//! - renewals per second sustained by `--renewal-clients` closed-loop renewers alongside the fleet.
+//!
+//! Each stream is one TCP connection at the CA and one here: a size above the open-file limit
+//! (`RLIMIT_NOFILE`) of this process cannot be measured and is reported as skipped, with the limit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use meshid_bench::benchca::{self, BenchCa};
+use meshid_bench::procfs::{cpu_seconds, mem};
+use meshid_bench::simsidecar::{Sim, SimConfig, SimStats};
+use meshid_proto::ca::v1::IssueRequest;
+use meshid_tests::pki::WorkloadKey;
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Fleet sizes, one fresh CA each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,19000")]
+    sizes: Vec<usize>,
+    /// Sidecars started per second while the fleet joins (spreads the first issuances).
+    #[arg(long, default_value_t = 1000)]
+    join_rate: usize,
+    /// Closed-loop renewal clients (one mTLS connection each) run alongside the connected fleet.
+    #[arg(long, default_value_t = 8)]
+    renewal_clients: usize,
+    /// Length of the idle-CPU window and of the renewal run.
+    #[arg(long, default_value = "10s")]
+    window: String,
+    /// One fleet of 200, 3 s windows (CI smoke run).
+    #[arg(long)]
+    smoke: bool,
+    /// Directory holding the meshid-ca binary.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Pin the CA to this CPU (taskset); run this process on the others.
+    #[arg(long, default_value_t = 1)]
+    ca_cpu: usize,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// The soft `RLIMIT_NOFILE` of this process (the CA inherits it), from `/proc/self/limits`.
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Waits until every simulated sidecar acknowledged `version`: the time it took.
+async fn wait_acked(stats: &[Arc<SimStats>], version: u64, timeout: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let behind = stats
+            .iter()
+            .filter(|s| s.acked_version.load(Ordering::Relaxed) < version)
+            .count();
+        if behind == 0 {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            bail!("{behind} sidecar(s) did not acknowledge bundle v{version} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn errors(stats: &[Arc<SimStats>]) -> u64 {
+    stats.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.sizes = vec![200];
+        args.window = "3s".into();
+        args.renewal_clients = args.renewal_clients.min(4);
+    }
+    if args.sizes.is_empty() || args.sizes.contains(&0) {
+        bail!("--sizes: give one or more fleet sizes, each at least 1");
+    }
+    let window = meshid_identity::parse_duration(&args.window)
+        .map_err(|e| anyhow::anyhow!("--window: {e}"))?;
+    let ca_bin = args.bin_dir.join("meshid-ca");
+    if !ca_bin.exists() {
+        bail!("{} not found (run bench/fleet.sh)", ca_bin.display());
+    }
+    let limit = open_file_limit();
+    let mut results = Vec::new();
+    for &n in &args.sizes {
+        // Each sidecar holds one connection here and one at the CA; leave room for the rest.
+        let needed = n + args.renewal_clients + 256;
+        if let Some(limit) = limit.filter(|l| needed > *l) {
+            println!(
+                "\n[{n} sidecars] skipped: needs about {needed} open files per process, RLIMIT_NOFILE here is {limit}"
+            );
+            results.push(json!({
+                "sidecars": n,
+                "skipped": format!("needs about {needed} open files per process; RLIMIT_NOFILE is {limit} (raise it with ulimit -n, which needs a hard limit at least that high)"),
+            }));
+            continue;
+        }
+        println!("\n[{n} sidecars]");
+        let work =
+            std::env::temp_dir().join(format!("meshid-fleet-bench-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&work)?;
+        let r = one_size(&args, &ca_bin, &work, n, window).await;
+        let _ = std::fs::remove_dir_all(&work);
+        let r = r.with_context(|| format!("fleet of {n}"))?;
+        print_size(&r);
+        results.push(r);
+    }
+    let json = json!({
+        "join_rate_per_second": args.join_rate,
+        "renewal_clients": args.renewal_clients,
+        "window_seconds": window.as_secs_f64(),
+        "open_file_limit": limit,
+        "sizes": results,
+    });
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
+        println!("\nresults: {}", out.display());
+    }
+    Ok(())
+}
+
+async fn one_size(
+    args: &Args,
+    ca_bin: &Path,
+    work: &Path,
+    n: usize,
+    window: Duration,
+) -> Result<Value> {
+    let BenchCa {
+        proc: ca,
+        dir: ca_dir,
+        admin,
+        cluster,
+        endpoint,
+    } = benchca::start(
+        ca_bin,
+        work,
+        args.ca_cpu,
+        &[
+            "--ttl",
+            "1h",
+            "--max-ttl",
+            "1h",
+            "--max-connections",
+            &(n + 1000).to_string(),
+        ],
+    )?;
+    let pid = ca.pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = mem(pid)?;
+
+    // The fleet joins at --join-rate; one service account per ten sidecars.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tokens: Vec<String> = (0..n.div_ceil(10))
+        .map(|i| cluster.token("fleet", &format!("sa-{i}")))
+        .collect();
+    let mut stats = Vec::with_capacity(n);
+    let mut tasks = Vec::with_capacity(n);
+    let spread = Duration::from_secs_f64(n as f64 / args.join_rate.max(1) as f64);
+    let cpu_join = cpu_seconds(pid)?;
+    for i in 0..n {
+        let s = Arc::new(SimStats::default());
+        let cfg = SimConfig {
+            endpoint: endpoint.clone(),
+            token: tokens[i / 10].clone(),
+            instance: format!("fleet-{i:05}"),
+            jitter: 1.0,
+            start_delay: spread.mul_f64(i as f64 / n as f64),
+        };
+        tasks.push(tokio::spawn(Sim::new(cfg, s.clone()).run(stop_rx.clone())));
+        stats.push(s);
+    }
+    let joined = wait_acked(&stats, 1, spread * 3 + Duration::from_secs(60)).await?;
+    let join_cpu = cpu_seconds(pid)? - cpu_join;
+    println!("  joined in {:.1} s", joined.as_secs_f64());
+
+    // Connected and idle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connected = mem(pid)?;
+    let fds = open_fds(pid);
+    let cpu0 = cpu_seconds(pid)?;
+    tokio::time::sleep(window).await;
+    let idle_cpu = (cpu_seconds(pid)? - cpu0) / window.as_secs_f64();
+
+    // A bundle change pushed to everyone.
+    let errors_before = errors(&stats);
+    let cpu1 = cpu_seconds(pid)?;
+    let t_push = Instant::now();
+    let out = Command::new(ca_bin)
+        .args(["rotate", "prepare", "--dir"])
+        .arg(&ca_dir)
+        .env("MESHID_LOG", "error")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "rotate prepare failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_acked(&stats, 2, Duration::from_secs(120)).await?;
+    let push = t_push.elapsed();
+    let push_cpu = cpu_seconds(pid)? - cpu1;
+    println!("  bundle pushed to all in {:.2} s", push.as_secs_f64());
+
+    // Renewals alongside the connected fleet.
+    let mut renewers = Vec::new();
+    for w in 0..args.renewal_clients {
+        let client = benchca::renewal_client(&endpoint, &cluster, &format!("renewer-{w}")).await?;
+        renewers.push(client);
+    }
+    let cpu2 = cpu_seconds(pid)?;
+    let t_renew = Instant::now();
+    let deadline = tokio::time::Instant::now() + window;
+    let mut loops = Vec::new();
+    for mut client in renewers {
+        loops.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut failed = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                let csr = WorkloadKey::new().csr;
+                let t = Instant::now();
+                let r = client
+                    .issue(IssueRequest {
+                        csr,
+                        credential: None,
+                        ttl_seconds: 0,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => failed += 1,
+                }
+            }
+            (lat, failed)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut renew_failed = 0;
+    for l in loops {
+        let (l, f) = l.await?;
+        lat.extend(l);
+        renew_failed += f;
+    }
+    let renew_wall = t_renew.elapsed().as_secs_f64();
+    let renew_cpu = cpu_seconds(pid)? - cpu2;
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+    };
+    let still_acked = stats
+        .iter()
+        .filter(|s| s.acked_version.load(Ordering::Relaxed) >= 2)
+        .count();
+    let after = mem(pid)?;
+    let metrics = meshid_tests::process::http_get(admin, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let streams = metrics
+        .lines()
+        .find(|l| l.starts_with("meshid_ca_watch_streams "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok());
+    let stream_errors = errors(&stats) - errors_before;
+
+    stop_tx.send_replace(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(ca);
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / n as f64;
+    Ok(json!({
+        "sidecars": n,
+        "join_seconds": joined.as_secs_f64(),
+        "join_ca_cpu_seconds": join_cpu,
+        "ca_rss_kib": { "before": before.rss_kib, "connected": connected.rss_kib, "end": after.rss_kib },
+        "ca_anon_kib": { "before": before.anon_kib, "connected": connected.anon_kib, "end": after.anon_kib },
+        "rss_per_sidecar_kib": per(before.rss_kib, connected.rss_kib),
+        "anon_per_sidecar_kib": per(before.anon_kib, connected.anon_kib),
+        "ca_open_fds": fds,
+        "watch_streams_metric": streams,
+        "idle_ca_cpu_share": idle_cpu,
+        "push_seconds": push.as_secs_f64(),
+        "push_ca_cpu_seconds": push_cpu,
+        "renewals_per_second": lat.len() as f64 / renew_wall,
+        "renewals_per_ca_cpu_second": lat.len() as f64 / renew_cpu.max(1e-9),
+        "renewal_ms": { "p50": pct(0.5), "p99": pct(0.99) },
+        "renewal_failures": renew_failed,
+        "sidecars_on_pushed_bundle_after_renewals": still_acked,
+        "sidecar_errors_after_join": stream_errors,
+    }))
+}
+
+fn print_size(r: &Value) {
+    let f = |k: &str| r.pointer(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+    println!(
+        "  CA memory per connected sidecar: {:.1} KiB RSS, {:.1} KiB anonymous ({} open fds)",
+        f("/rss_per_sidecar_kib"),
+        f("/anon_per_sidecar_kib"),
+        r["ca_open_fds"]
+    );
+    println!(
+        "  CA CPU while idle:               {:.2}% of a core",
+        f("/idle_ca_cpu_share") * 100.0
+    );
+    println!(
+        "  bundle change to every ack:      {:.2} s ({:.2} s of CA CPU)",
+        f("/push_seconds"),
+        f("/push_ca_cpu_seconds")
+    );
+    println!(
+        "  renewals alongside:              {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, {} failed",
+        f("/renewals_per_second"),
+        f("/renewal_ms/p50"),
+        f("/renewal_ms/p99"),
+        r["renewal_failures"]
+    );
+}
