@@ -192,12 +192,20 @@ impl Sim {
             serving_chain: cert.chain.iter().map(|c| c.to_vec()).collect(),
             ..Default::default()
         };
-        match client.ack_trust_bundle(req).await {
-            Ok(_) => self
-                .stats
-                .acked_version
-                .store(self.applied_version, Ordering::Relaxed),
-            Err(_) => self.stats.error(),
+        // Sent again after a refusal, as a sidecar does (1 s, doubling), a few times at most.
+        let mut wait = Duration::from_secs(1);
+        for _ in 0..5 {
+            match client.ack_trust_bundle(req.clone()).await {
+                Ok(_) => {
+                    self.stats
+                        .acked_version
+                        .store(self.applied_version, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => self.stats.error(),
+            }
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 

@@ -26,6 +26,8 @@ pub struct LeafShape {
     pub eku: Option<Vec<ExtendedKeyUsagePurpose>>,
     /// Mark the leaf as a CA.
     pub is_ca: bool,
+    /// DNS SANs beside the URIs (a server certificate for `localhost`).
+    pub dns: Vec<String>,
     /// Validity relative to now (default: from an hour ago to an hour ahead).
     pub valid: Option<(Duration, Duration)>,
 }
@@ -88,6 +90,12 @@ impl TestPki {
         params.subject_alt_names = uris
             .iter()
             .map(|u| SanType::URI(u.as_str().try_into().expect("uri")))
+            .chain(
+                shape
+                    .dns
+                    .iter()
+                    .map(|d| SanType::DnsName(d.as_str().try_into().expect("dns name"))),
+            )
             .collect();
         params.extended_key_usages = shape.eku.clone().unwrap_or_else(|| {
             vec![

@@ -220,6 +220,51 @@ impl BundleStream {
         }
         send_ack(&mut self.client, &self.chain, life, version, false).await
     }
+
+    /// Acknowledges `version`; when the CA does not take it, what to try again and when
+    /// (`earlier`: the failed attempts so far at this version, whose backoff continues).
+    async fn ack_or_retry(
+        &mut self,
+        life: &Lifecycle,
+        version: u64,
+        earlier: Option<UnackedBundle>,
+    ) -> Option<UnackedBundle> {
+        let error = self.ack(life, version).await.err()?;
+        let mut backoff = earlier
+            .filter(|u| u.version == version)
+            .map_or_else(UnackedBundle::backoff, |u| u.backoff);
+        let wait = backoff.next_delay(random_unit(), None);
+        tracing::warn!(%error, version, retry_in = ?wait, "acknowledging the trust bundle failed; trying again");
+        Some(UnackedBundle {
+            version,
+            retry_at: tokio::time::Instant::now() + wait,
+            backoff,
+        })
+    }
+}
+
+/// A bundle version the CA has not taken our acknowledgement of. A rotation's gates wait for every
+/// sidecar's acknowledgement, so one lost call must not hold a rotation until the next bundle:
+/// it is sent again (1 s, doubling to 30 s, jittered) on the same connection until the CA takes
+/// it or a newer bundle replaces it.
+struct UnackedBundle {
+    version: u64,
+    retry_at: tokio::time::Instant,
+    backoff: Backoff,
+}
+
+impl UnackedBundle {
+    fn backoff() -> Backoff {
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(30))
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
@@ -549,9 +594,17 @@ pub async fn run_bundle_watch(
         let result = async {
             let endpoint = endpoint_with_bundle(&mode.endpoint, &store);
             let mut conn = BundleStream::open(&endpoint, &store, &life, false).await?;
+            let mut unacked: Option<UnackedBundle> = None;
             loop {
+                let retry_at = unacked.as_ref().map(|u| u.retry_at);
                 let msg = tokio::select! {
                     m = conn.stream.message() => m,
+                    () = sleep_until_some(retry_at) => {
+                        if let Some(u) = unacked.take() {
+                            unacked = conn.ack_or_retry(&life, u.version, Some(u)).await;
+                        }
+                        continue;
+                    }
                     // A new certificate is a new instance for the CA: a stream of its own, on a
                     // connection that presents it (the old stream ends with the old connection).
                     () = life.renewed.notified() => return Ok(Reconnect::Now),
@@ -579,9 +632,7 @@ pub async fn run_bundle_watch(
                 if roots.is_empty() || (roots == store.roots() && pinned == store.pinned()) {
                     life.applied_version
                         .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(error) = conn.ack(&life, bundle.version).await {
-                        tracing::warn!(%error, "acknowledging the trust bundle failed");
-                    }
+                    unacked = conn.ack_or_retry(&life, bundle.version, None).await;
                     continue;
                 }
                 match store.set_bundle(roots, pinned) {
@@ -594,9 +645,7 @@ pub async fn run_bundle_watch(
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
                         life.applied_version
                             .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                        if let Err(error) = conn.ack(&life, bundle.version).await {
-                            tracing::warn!(%error, "acknowledging the trust bundle failed");
-                        }
+                        unacked = conn.ack_or_retry(&life, bundle.version, None).await;
                     }
                     Err(error) => {
                         metrics
@@ -622,5 +671,207 @@ pub async fn run_bundle_watch(
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut shutdown) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The bundle watch against an in-process CA that refuses the first acknowledgement.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use meshid_identity::testing::{LeafShape, TestPki};
+    use meshid_proto::ca::v1::certificate_authority_server::{
+        CertificateAuthority, CertificateAuthorityServer,
+    };
+    use meshid_proto::ca::v1::{
+        AckTrustBundleRequest, AckTrustBundleResponse, GetTrustBundleRequest, IssueResponse,
+        TrustBundle,
+    };
+    use tokio::sync::mpsc;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    type Bundles = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<TrustBundle, Status>> + Send + 'static>,
+    >;
+
+    /// Serves one bundle on every stream; refuses the first `refuse` acknowledgements.
+    struct FakeCa {
+        bundle: TrustBundle,
+        refuse: usize,
+        calls: AtomicUsize,
+        acks: mpsc::UnboundedSender<(u64, bool)>,
+    }
+
+    #[tonic::async_trait]
+    impl CertificateAuthority for FakeCa {
+        async fn issue(&self, _: Request<IssueRequest>) -> Result<Response<IssueResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
+        async fn get_trust_bundle(
+            &self,
+            _: Request<GetTrustBundleRequest>,
+        ) -> Result<Response<TrustBundle>, Status> {
+            Ok(Response::new(self.bundle.clone()))
+        }
+
+        type WatchTrustBundleStream = Bundles;
+
+        async fn watch_trust_bundle(
+            &self,
+            _: Request<WatchTrustBundleRequest>,
+        ) -> Result<Response<Bundles>, Status> {
+            let first = tokio_stream::iter([Ok(self.bundle.clone())]);
+            let open = tokio_stream::pending();
+            Ok(Response::new(Box::pin(tokio_stream::StreamExt::chain(
+                first, open,
+            ))))
+        }
+
+        async fn ack_trust_bundle(
+            &self,
+            req: Request<AckTrustBundleRequest>,
+        ) -> Result<Response<AckTrustBundleResponse>, Status> {
+            let taken = self.calls.fetch_add(1, Ordering::SeqCst) >= self.refuse;
+            let _ = self.acks.send((req.get_ref().bundle_version, taken));
+            if taken {
+                Ok(Response::new(AckTrustBundleResponse {}))
+            } else {
+                Err(Status::unavailable("busy"))
+            }
+        }
+    }
+
+    /// A TLS listener for `ca` on loopback (TLS here, plaintext h2 to tonic over a duplex pipe).
+    async fn serve(pki: &TestPki, ca: FakeCa) -> std::net::SocketAddr {
+        let leaf = pki.leaf_shaped(
+            "spiffe://cluster.local/ns/meshid/sa/ca",
+            &LeafShape {
+                dns: vec!["localhost".into()],
+                ..LeafShape::default()
+            },
+        );
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(leaf.chain, leaf.key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel::<std::io::Result<tokio::io::DuplexStream>>();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+                    if tx.send(Ok(theirs)).is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
+                    }
+                });
+            }
+        });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(CertificateAuthorityServer::new(ca))
+                .serve_with_incoming(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+        );
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_the_ca_refused_is_sent_again_until_taken() {
+        let pki = TestPki::new("ack-retry");
+        let bundle = TrustBundle {
+            trust_domain: "cluster.local".into(),
+            roots: vec![pki.root.to_vec()],
+            version: 7,
+            renew_now: false,
+            pinned_intermediates: Vec::new(),
+        };
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        let addr = serve(
+            &pki,
+            FakeCa {
+                bundle,
+                refuse: 2,
+                calls: AtomicUsize::new(0),
+                acks: acks_tx,
+            },
+        )
+        .await;
+
+        let store = Arc::new(CredentialStore::new(Vec::new()));
+        let me = pki.leaf("spiffe://cluster.local/ns/shop/sa/web");
+        store
+            .set_certificate(Credentials {
+                chain: me.chain,
+                key: me.key,
+                roots: vec![pki.root.clone()],
+                pinned: Vec::new(),
+            })
+            .unwrap();
+        let mode = CaMode {
+            endpoint: CaEndpoint {
+                addr: addr.to_string(),
+                server_name: Some("localhost".into()),
+                roots: vec![pki.root.clone()],
+            },
+            bootstrap: Bootstrap::TokenFile(PathBuf::from("/nonexistent")),
+            ttl: None,
+        };
+        let (stop_tx, stop) = watch::channel(false);
+        let life = Arc::new(Lifecycle::new());
+        let watch = tokio::spawn(run_bundle_watch(
+            mode,
+            store,
+            Metrics::default(),
+            life.clone(),
+            stop,
+        ));
+
+        // Refused twice, then taken: three calls for version 7, spaced by the backoff (0.5-1 s,
+        // then 1-2 s), all on the one stream (no reconnect needed).
+        let mut seen = Vec::new();
+        let started = tokio::time::Instant::now();
+        while seen.len() < 3 {
+            let ack = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+                .await
+                .expect("the sidecar acknowledges again after a refusal")
+                .unwrap();
+            seen.push((ack, started.elapsed()));
+        }
+        assert_eq!(
+            seen.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+            vec![(7, false), (7, false), (7, true)]
+        );
+        assert!(
+            seen[1].1 - seen[0].1 >= Duration::from_millis(450),
+            "{seen:?}"
+        );
+        assert!(
+            seen[2].1 - seen[1].1 >= Duration::from_millis(950),
+            "{seen:?}"
+        );
+        assert_eq!(life.applied_version.load(Ordering::Relaxed), 7);
+
+        // Taken: nothing more is sent.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(2500), acks.recv())
+                .await
+                .is_err()
+        );
+        stop_tx.send_replace(true);
+        watch.await.unwrap();
     }
 }
