@@ -17,6 +17,7 @@ use crate::signer::LifetimePolicy;
 use crate::tls::ListenerLimits;
 
 pub use meshid_runtime::EXIT_USAGE;
+pub use meshid_runtime::process::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,9 +26,16 @@ pub use meshid_runtime::EXIT_USAGE;
     about = "meshid certificate authority: short-lived SPIFFE certificates for authenticated workloads"
 )]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text", global = true)]
-    pub log_format: String,
+    /// Log format: text (coloured only on a terminal, never with NO_COLOR) or json (one object per
+    /// line, the message and every field at the top level).
+    #[arg(
+        long,
+        env = "MESHID_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

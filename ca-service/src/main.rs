@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    meshid_runtime::process::init_tracing(&cli.log_format);
+    meshid_runtime::process::init_tracing(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(problems)) => {
@@ -33,7 +33,10 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_USAGE)
         }
         Err(Failure::Runtime(e)) => {
-            eprintln!("meshid-ca: {e:#}");
+            eprintln!(
+                "meshid-ca: {}",
+                meshid_runtime::process::error_chain(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }

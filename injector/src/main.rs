@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    meshid_runtime::process::init_tracing(&args.log_format);
+    meshid_runtime::process::init_tracing(args.log_format);
     match args.into_startup() {
         Ok(startup) => startup.run(),
         Err(problems) => {

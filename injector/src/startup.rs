@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
+use meshid_runtime::process::LogFormat;
 use time::OffsetDateTime;
 
 use super::metrics::InjectorMetrics;
@@ -50,13 +51,14 @@ pub struct InjectorArgs {
     /// Sidecar image.
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_IMAGE")]
     pub sidecar_image: String,
-    /// Sidecar image pull policy.
+    /// Sidecar image pull policy, as Kubernetes spells it.
     #[arg(
         long,
         env = "MESHID_INJECTOR_PULL_POLICY",
-        default_value = "IfNotPresent"
+        value_enum,
+        default_value_t = PullPolicy::IfNotPresent
     )]
-    pub pull_policy: String,
+    pub pull_policy: PullPolicy,
     /// The CA's gRPC address as sidecars reach it.
     #[arg(long, env = "MESHID_INJECTOR_CA_ADDR")]
     pub ca_addr: String,
@@ -66,9 +68,11 @@ pub struct InjectorArgs {
     /// Sidecar resources as JSON (`{"requests":{...},"limits":{...}}`).
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_RESOURCES")]
     pub sidecar_resources: Option<String>,
-    /// Log format: text or json.
-    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text")]
-    pub log_format: String,
+    /// Log format of the injector, and of the sidecars it injects: text (coloured only on a
+    /// terminal, never with NO_COLOR) or json (one object per line, the message and every field at
+    /// the top level).
+    #[arg(long, env = "MESHID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Most webhook connections open at once; more are closed at accept (counted in
     /// meshid_injector_connections_refused_total).
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTIONS", default_value_t = 512)]
@@ -97,6 +101,31 @@ pub struct InjectorArgs {
     /// A connection this old is told to go away (HTTP/2 GOAWAY; HTTP/1: closed after its request).
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTION_AGE", default_value = "5m")]
     pub max_connection_age: String,
+}
+
+/// A container's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    /// Pull at every container start.
+    #[value(name = "Always")]
+    Always,
+    /// Pull only when the node lacks the image.
+    #[value(name = "IfNotPresent")]
+    IfNotPresent,
+    /// Never pull: the image must be on the node.
+    #[value(name = "Never")]
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
 }
 
 /// Everything checked and loaded, ready to serve.
@@ -219,10 +248,10 @@ impl InjectorArgs {
         };
         let mut config = InjectConfig {
             image: self.sidecar_image.clone(),
-            image_pull_policy: self.pull_policy.clone(),
+            image_pull_policy: self.pull_policy.as_str().to_owned(),
             ca_addr: self.ca_addr.clone(),
             token_expiration_seconds: self.token_expiration_seconds,
-            log_format: self.log_format.clone(),
+            log_format: self.log_format.as_str().to_owned(),
             ..InjectConfig::new(bundle)
         };
         if let Some(resources) = resources {

@@ -1,18 +1,86 @@
 //! What every meshid binary does around its work: logs on stderr, filtered by `MESHID_LOG`
-//! (`tracing` directives, default `info`) as text or JSON, and a stop on SIGTERM or SIGINT.
+//! (`tracing` directives, default `info`) as text or JSON, errors printed with their causes once,
+//! and a stop on SIGTERM or SIGINT.
 
-/// Installs the global log subscriber: stderr, `MESHID_LOG` filter, `json` or text format.
-pub fn init_tracing(format: &str) {
+use std::io::IsTerminal;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event; coloured only on a terminal, and never with `NO_COLOR`.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and every other field
+    /// of the event at the top level.
+    Json,
+}
+
+impl LogFormat {
+    /// The flag value that selects this format (`text`, `json`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+/// Installs the global log subscriber: stderr, `MESHID_LOG` filter, text or JSON.
+pub fn init_tracing(format: LogFormat) {
+    let color = use_color(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    // Also routes `log` records (rustls) here. Fails only when a subscriber is already installed;
+    // the first one stays.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber(
+        format,
+        color,
+        std::io::stderr,
+    ));
+}
+
+/// Whether text logs are coloured: only on a terminal, and not when `NO_COLOR` is set to anything
+/// but the empty string (<https://no-color.org>).
+pub fn use_color(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
+}
+
+/// The log subscriber every binary installs, writing to `writer`.
+pub fn subscriber<W>(
+    format: LogFormat,
+    color: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
+        LogFormat::Text => Box::new(builder.with_ansi(color).finish()),
     }
+}
+
+/// An error and its causes on one line, `outer: inner: innermost`, each text once: a cause whose
+/// text its wrapper already shows (an error that prints its source and also returns it from
+/// `source()`) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
 }
 
 /// Resolves at the first SIGTERM or SIGINT; an error when the handlers cannot be installed.
@@ -30,3 +98,95 @@ pub async fn wait_for_signal() -> std::io::Result<()> {
 /// Exit code for a bad configuration (EX_USAGE): every binary names every bad setting, then exits
 /// with it.
 pub const EXIT_USAGE: u8 = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(format: LogFormat, color: bool) -> String {
+        let out = Captured::default();
+        let writer = out.clone();
+        let sub = subscriber(format, color, move || writer.clone());
+        tracing::subscriber::with_default(sub, || {
+            tracing::info!(peer = "spiffe://td/a", port = 8080u16, "denied");
+        });
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn json_lines_carry_the_message_and_fields_at_the_top_level() {
+        let line = logged(LogFormat::Json, false);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["message"], "denied", "{line}");
+        assert_eq!(v["peer"], "spiffe://td/a", "{line}");
+        assert_eq!(v["port"], 8080, "{line}");
+        assert_eq!(v["level"], "INFO", "{line}");
+        assert!(
+            v["timestamp"].is_string() && v["target"].is_string(),
+            "{line}"
+        );
+        assert!(v.get("fields").is_none(), "{line}");
+    }
+
+    #[test]
+    fn text_lines_are_coloured_only_when_asked() {
+        assert!(!logged(LogFormat::Text, false).contains('\x1b'));
+        assert!(logged(LogFormat::Text, true).contains('\x1b'));
+        let set = |v: &str| Some(std::ffi::OsString::from(v));
+        for (terminal, no_color, want) in [
+            (false, None, false),
+            (true, None, true),
+            (true, set("1"), false),
+            (true, set(""), true),
+            (false, set("1"), false),
+        ] {
+            assert_eq!(
+                use_color(terminal, no_color.as_deref()),
+                want,
+                "terminal={terminal} NO_COLOR={no_color:?}"
+            );
+        }
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(std::io::Error, bool);
+
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            if self.1 {
+                write!(f, "binding 0.0.0.0:8443: {}", self.0)
+            } else {
+                write!(f, "binding 0.0.0.0:8443")
+            }
+        }
+    }
+
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let want = "binding 0.0.0.0:8443: Address already in use";
+        // Whether the wrapper shows its source or leaves it to the chain, the text is the same.
+        assert_eq!(error_chain(&Wrapper(io(), true)), want);
+        assert_eq!(error_chain(&Wrapper(io(), false)), want);
+    }
+}

@@ -19,6 +19,7 @@ use crate::settings::{
 };
 
 pub use meshid_runtime::EXIT_USAGE;
+pub use meshid_runtime::process::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,9 +28,16 @@ pub use meshid_runtime::EXIT_USAGE;
     about = "meshid sidecar: mTLS in and out, SPIFFE identity, allow-lists"
 )]
 pub struct Cli {
-    /// Log format: text or json.
-    #[arg(long, env = "MESHID_LOG_FORMAT", default_value = "text", global = true)]
-    pub log_format: String,
+    /// Log format: text (coloured only on a terminal, never with NO_COLOR) or json (one object per
+    /// line, the message and every field at the top level).
+    #[arg(
+        long,
+        env = "MESHID_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use meshid_runtime::process::error_chain;
 use meshid_sidecar::cli::{Cli, Command, EXIT_USAGE};
 use prometheus_client::registry::Registry;
 
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    meshid_runtime::process::init_tracing(&cli.log_format);
+    meshid_runtime::process::init_tracing(cli.log_format);
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),
@@ -49,11 +50,14 @@ fn main() -> ExitCode {
         let sidecar = match meshid_sidecar::run::start(config, &mut registry).await {
             Ok(s) => s,
             Err(e) if e.is_configuration() => {
-                eprintln!("meshid-sidecar: invalid configuration:\n  {e}");
+                eprintln!(
+                    "meshid-sidecar: invalid configuration:\n  {}",
+                    error_chain(&e)
+                );
                 return ExitCode::from(EXIT_USAGE);
             }
             Err(e) => {
-                eprintln!("meshid-sidecar: {e}");
+                eprintln!("meshid-sidecar: {}", error_chain(&e));
                 return ExitCode::FAILURE;
             }
         };

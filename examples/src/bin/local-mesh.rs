@@ -75,7 +75,10 @@ impl Tally {
             }
             Err(e) => {
                 self.failed += 1;
-                println!("  FAIL  {name}: {e:#}");
+                println!(
+                    "  FAIL  {name}: {}",
+                    meshid_runtime::process::error_chain(e.as_ref())
+                );
                 false
             }
         }
