@@ -18,7 +18,8 @@ pub fn caller_from_xfcc(xfcc: &str) -> Option<&str> {
 }
 
 /// An HTTP app (HTTP/1.1 and h2c) that echoes what it saw, one line:
-/// `<method> <path> version=<v> host=<host> xfcc=<header> caller=<spiffe id>` then the request body.
+/// `<method> <path> version=<v> host=<host> xfcc=<header> caller=<spiffe id> traceparent=<header>`
+/// then the request body.
 /// `/slow?ms=N` answers after N milliseconds.
 pub async fn http_echo(listener: TcpListener) {
     while let Ok((tcp, _)) = listener.accept().await {
@@ -40,6 +41,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
             .to_owned()
     };
     let (xfcc, host) = (header("x-forwarded-client-cert"), header("host"));
+    let traceparent = header("traceparent");
     let caller = caller_from_xfcc(&xfcc).unwrap_or("-").to_owned();
     if req.uri().path() == "/slow" {
         let ms: u64 = req
@@ -51,7 +53,7 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let line = format!(
-        "{} {} version={:?} host={host} xfcc={xfcc} caller={caller}\n",
+        "{} {} version={:?} host={host} xfcc={xfcc} caller={caller} traceparent={traceparent}\n",
         req.method(),
         req.uri().path(),
         req.version()

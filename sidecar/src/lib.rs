@@ -20,4 +20,5 @@ pub mod outbound;
 pub mod policy;
 pub mod run;
 pub mod settings;
+pub mod trace;
 pub mod watch;

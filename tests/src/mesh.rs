@@ -362,7 +362,7 @@ pub async fn tcp_echo() -> SocketAddr {
 }
 
 /// The example HTTP app (HTTP/1.1 and h2c) on 127.0.0.1: answers
-/// `<method> <path> version=<v> host=<host> xfcc=<header> caller=<id>` and serves `/slow?ms=N` late.
+/// `<method> <path> version=<v> host=<host> xfcc=<header> caller=<id> traceparent=<header>` and serves `/slow?ms=N` late.
 pub async fn http_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");

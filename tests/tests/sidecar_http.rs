@@ -531,3 +531,60 @@ async fn kubelet_probes_moved_to_the_admin_port_reach_the_app() {
     assert_eq!(live, 503, "nothing listens on the app's liveness port");
     assert_eq!(unknown, 404);
 }
+
+/// Log lines written while a test runs, as the binaries write them (JSON).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_log_names_a_well_formed_traceparent_only() {
+    use meshid_runtime::process::{LogFormat, subscriber};
+    let logs = Logs::default();
+    let writer = logs.clone();
+    // Global: the sidecar's tasks run on the runtime's worker threads. Another test of this binary
+    // may have installed it first when run in one process (cargo test); nextest runs one per process.
+    if tracing::subscriber::set_global_default(subscriber(LogFormat::Json, false, move || {
+        writer.clone()
+    }))
+    .is_err()
+    {
+        return;
+    }
+    let app = http_echo().await;
+    let e = env(Limits::default(), app).await;
+    let stranger = e.pki.workload(STRANGER);
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let forged = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 forged=1";
+    for (path, tp) in [("/good", good), ("/forged", forged)] {
+        let (status, _, body) = e
+            .call(&stranger, false, get(path, &[("traceparent", tp)]))
+            .await
+            .unwrap();
+        assert_eq!(status, 403, "{body}");
+    }
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let denied: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "denied")
+        .collect();
+    let of = |path: &str| {
+        denied
+            .iter()
+            .find(|v| v["path"] == path)
+            .unwrap_or_else(|| panic!("no denied line for {path} in:\n{text}"))
+    };
+    assert_eq!(of("/good")["traceparent"], good, "{text}");
+    assert!(of("/forged").get("traceparent").is_none(), "{text}");
+    assert!(!text.contains("forged=1"), "{text}");
+}

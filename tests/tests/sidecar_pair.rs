@@ -70,6 +70,8 @@ async fn tcp_echo_through_a_pair() {
     assert_eq!(back, payload);
 }
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2_through_a_pair() {
     let pki = TestPki::new();
@@ -77,10 +79,19 @@ async fn http1_and_h2_through_a_pair() {
     for h2 in [false, true] {
         for i in 0..3 {
             let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
-            let (status, _, body) = http_request(tcp, h2, get(&format!("/orders/{i}"), &[]))
-                .await
-                .unwrap();
+            let (status, _, body) = http_request(
+                tcp,
+                h2,
+                get(&format!("/orders/{i}"), &[("traceparent", TRACEPARENT)]),
+            )
+            .await
+            .unwrap();
             assert_eq!(status, 200, "h2={h2}: {body}");
+            // The trace context crosses both sidecars untouched.
+            assert!(
+                body.contains(&format!("traceparent={TRACEPARENT}")),
+                "{body}"
+            );
             // App B sees who called, and the original host.
             assert!(body.contains(&format!("URI={A}")), "{body}");
             assert!(body.contains("host=app.example"), "{body}");

@@ -56,7 +56,7 @@ impl Authorizer {
             Some(p) => p.decide_connection(self.port, peer.id()),
             None => no_policy_decision(),
         };
-        self.record(peer.id(), &decision, None);
+        self.record(peer.id(), &decision, None, None);
         if decision.allowed {
             Ok(())
         } else {
@@ -65,18 +65,20 @@ impl Authorizer {
     }
 
     /// An HTTP request: the peer may send it, or here is the 403 that says why not (boxed: only
-    /// denials pay for it).
+    /// denials pay for it). `traceparent` (already checked, see [`crate::trace`]) goes into the
+    /// decision's log line.
     pub fn request(
         &self,
         peer: &Peer,
         method: &str,
         path: &str,
+        traceparent: Option<&str>,
     ) -> Result<(), Box<Response<Body>>> {
         let decision = match self.shared.policy.load().as_ref() {
             Some(p) => p.decide_request(self.port, peer.id(), method, path),
             None => no_policy_decision(),
         };
-        self.record(peer.id(), &decision, Some((method, path)));
+        self.record(peer.id(), &decision, Some((method, path)), traceparent);
         if decision.allowed {
             return Ok(());
         }
@@ -134,7 +136,13 @@ impl Authorizer {
     }
 
     /// Logs an allow-list decision and counts it.
-    fn record(&self, peer: &SpiffeId, decision: &Decision, request: Option<(&str, &str)>) {
+    fn record(
+        &self,
+        peer: &SpiffeId,
+        decision: &Decision,
+        request: Option<(&str, &str)>,
+        traceparent: Option<&str>,
+    ) {
         let port = self.port;
         let kind = if decision.would_allow {
             "allow"
@@ -155,13 +163,13 @@ impl Authorizer {
         let (method, path) = request.unwrap_or(("", ""));
         match kind {
             "deny" => {
-                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, "denied")
+                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "denied")
             }
             "audit_deny" => {
-                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, "audit: would deny")
+                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "audit: would deny")
             }
             _ => {
-                tracing::debug!(peer = %peer, port, rule = %decision.rule, method, path, "allowed")
+                tracing::debug!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "allowed")
             }
         }
     }

@@ -5,7 +5,8 @@
 //! verified peer and `x-forwarded-for`/`forwarded` its address as this sidecar saw it (the address
 //! of the peer's sidecar, as Envoy's `use_remote_address` does; nothing a peer claims about hops
 //! before it passes), with `x-forwarded-proto: https` (the peer came over mTLS). Denied: 403
-//! with a short reason; app down: 502; app too slow: 504. HTTP/1.1 `Upgrade` (WebSocket) passes
+//! with a short reason; app down: 502; app too slow: 504. A W3C `traceparent` passes through
+//! untouched and, when well formed, is named in the request's decision log line. HTTP/1.1 `Upgrade` (WebSocket) passes
 //! through. gRPC requests (and requests whose originating app spoke h2) reach the app as h2c;
 //! everything else as HTTP/1.1, which every HTTP app speaks.
 
@@ -165,10 +166,12 @@ async fn inbound_request(
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, &conn.shared);
     let port = http.port;
-    if let Err(denied) = http
-        .authz
-        .request(peer, req.method().as_str(), req.uri().path())
-    {
+    if let Err(denied) = http.authz.request(
+        peer,
+        req.method().as_str(),
+        req.uri().path(),
+        crate::trace::traceparent(req.headers()),
+    ) {
         return *denied;
     }
 
