@@ -698,6 +698,29 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_fractions_and_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        let dir_arg = dir.path().to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let argv = [&["meshid-ca", "serve", "--dir", dir_arg], extra].concat();
+            let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config()
+        };
+        let config = parse(&["--max-ttl", "1.5h"]).unwrap();
+        assert_eq!(config.lifetimes.max, Duration::from_secs(5400));
+        let problems = parse(&["--max-ttl", "1.5x"]).unwrap_err();
+        assert_eq!(
+            problems,
+            vec![
+                r#"--max-ttl: invalid duration "1.5x": unknown unit "x" (e.g. 30s, 1.5h, 1h30m; units ms, s, m, h, d)"#
+            ]
+        );
+    }
+
+    #[test]
     fn max_attestation_age_defaults_to_a_day_and_is_checked() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.json"), "{}").unwrap();

@@ -18,7 +18,7 @@ pub mod testing;
 pub mod timing;
 pub mod verify;
 
-pub use duration::parse_duration;
+pub use duration::{format_duration, parse_duration, parse_duration_at_least};
 pub use identity::{
     ATTESTED_AT_ARCS, ATTESTED_AT_OID, CertIdentity, IdentityError, attested_at_from_der,
     cert_identity_from_der, spiffe_id_from_der,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Parser;
+use meshid_identity::parse_duration_at_least;
 use meshid_runtime::process::LogFormat;
 use time::OffsetDateTime;
 
@@ -103,6 +104,9 @@ pub struct InjectorArgs {
     pub max_connection_age: String,
 }
 
+/// The shortest interval or timeout the flags accept.
+const MIN_DURATION: Duration = Duration::from_millis(100);
+
 /// A container's `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PullPolicy {
@@ -164,12 +168,8 @@ impl InjectorArgs {
             problems
                 .push("--token-expiration-seconds: Kubernetes requires at least 600".to_owned());
         }
-        let interval = match meshid_identity::parse_duration(&self.reload_interval) {
-            Ok(d) if d >= Duration::from_millis(100) => Some(d),
-            Ok(_) => {
-                problems.push("--reload-interval: must be at least 100ms".to_owned());
-                None
-            }
+        let interval = match parse_duration_at_least(&self.reload_interval, MIN_DURATION) {
+            Ok(d) => Some(d),
             Err(e) => {
                 problems.push(format!("--reload-interval: {e}"));
                 None
@@ -278,17 +278,14 @@ impl InjectorArgs {
     /// The server's limits, or `None` after naming each bad one in `problems`.
     fn limits(&self, problems: &mut Vec<String>) -> Option<server::Limits> {
         let before = problems.len();
-        let mut duration = |flag: &str, value: &str| match meshid_identity::parse_duration(value) {
-            Ok(d) if d >= Duration::from_millis(100) => d,
-            Ok(_) => {
-                problems.push(format!("{flag}: must be at least 100ms"));
-                Duration::ZERO
-            }
-            Err(e) => {
-                problems.push(format!("{flag}: {e}"));
-                Duration::ZERO
-            }
-        };
+        let mut duration =
+            |flag: &str, value: &str| match parse_duration_at_least(value, MIN_DURATION) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(format!("{flag}: {e}"));
+                    Duration::ZERO
+                }
+            };
         let header_read_timeout = duration("--header-read-timeout", &self.header_read_timeout);
         let request_timeout = duration("--request-timeout", &self.request_timeout);
         let max_connection_age = duration("--max-connection-age", &self.max_connection_age);

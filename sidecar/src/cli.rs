@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use meshid_identity::annotations::MeshAnnotations;
-use meshid_identity::parse_duration;
+use meshid_identity::{parse_duration, parse_duration_at_least};
 
 use rustls::pki_types::CertificateDer;
 
@@ -270,22 +270,32 @@ impl RunArgs {
 
     /// Timeouts and sizes.
     fn limits(&self, problems: &mut Vec<String>) -> Limits {
-        let mut duration = |flag: &str, value: &str| match parse_duration(value) {
-            Ok(d) => d,
-            Err(e) => {
-                problems.push(format!("--{flag}: {e}"));
-                Duration::ZERO
-            }
-        };
-        let handshake_timeout = duration("handshake-timeout", &self.handshake_timeout);
-        let idle_timeout = duration("idle-timeout", &self.idle_timeout);
-        let request_timeout = duration("request-timeout", &self.request_timeout);
-        let connect_timeout = duration("connect-timeout", &self.connect_timeout);
-        let grace = duration("grace", &self.grace);
+        // A timeout of zero would fail every connection: at least 100ms, as the injector's.
+        let least = Duration::from_millis(100);
+        let mut duration =
+            |flag: &str, value: &str, min: Duration| match parse_duration_at_least(value, min) {
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(format!("--{flag}: {e}"));
+                    Duration::ZERO
+                }
+            };
+        let handshake_timeout = duration("handshake-timeout", &self.handshake_timeout, least);
+        let idle_timeout = duration("idle-timeout", &self.idle_timeout, least);
+        let request_timeout = duration("request-timeout", &self.request_timeout, least);
+        let connect_timeout = duration("connect-timeout", &self.connect_timeout, least);
+        let grace = duration("grace", &self.grace, Duration::ZERO);
         let max_connections = match self.max_connections.parse::<usize>() {
             Ok(n) if n > 0 => n,
-            _ => {
-                problems.push("--max-connections: must be a positive number".into());
+            Ok(_) => {
+                problems.push("--max-connections: must be at least 1".into());
+                0
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "--max-connections: {:?}: {e}",
+                    self.max_connections
+                ));
                 0
             }
         };
@@ -315,6 +325,7 @@ impl RunArgs {
         problems: &mut Vec<String>,
     ) -> (Vec<Inbound>, Vec<Outbound>, SocketAddr, Option<SocketAddr>) {
         let allow = self.dangerous_allow_non_local_target;
+        let before = problems.len();
         let (from_annotations_in, from_annotations_out) = self.annotation_listeners(problems);
         let flags = |values: &[String]| -> Vec<String> {
             values.iter().filter(|s| !s.is_empty()).cloned().collect()
@@ -368,7 +379,8 @@ impl RunArgs {
                 ));
             }
         }
-        if inbound.is_empty() && outbound.is_empty() {
+        // Only when none was asked for: a listener refused above is already named.
+        if inbound.is_empty() && outbound.is_empty() && problems.len() == before {
             problems.push("no --inbound or --outbound listener: nothing to do".into());
         }
         (inbound, outbound, admin_listen, stats_listen)
@@ -560,6 +572,62 @@ mod tests {
         ] {
             assert!(problems.contains(needle), "{needle} missing in {problems}");
         }
+    }
+
+    #[test]
+    fn a_bad_listener_is_named_once_not_also_as_nothing_to_do() {
+        let problems = |argv: &[&str]| {
+            let argv = [&["meshid-sidecar", "run"], argv].concat();
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            args.into_config().unwrap_err().join("\n")
+        };
+        let one_bad = problems(&["--inbound", "0.0.0.0:15443=nope"]);
+        assert!(one_bad.contains("--inbound: "), "{one_bad}");
+        assert!(!one_bad.contains("nothing to do"), "{one_bad}");
+        let none = problems(&[]);
+        assert!(none.contains("nothing to do"), "{none}");
+    }
+
+    #[test]
+    fn durations_share_one_grammar_and_wording() {
+        let problems = |argv: &[&str]| {
+            let argv = [
+                &[
+                    "meshid-sidecar",
+                    "run",
+                    "--outbound",
+                    "127.0.0.1:9001=b:80,spiffe://td/b",
+                ],
+                argv,
+            ]
+            .concat();
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            match args.into_config() {
+                Ok(_) => String::new(),
+                Err(p) => p.join("\n"),
+            }
+        };
+        let p = problems(&[
+            "--idle-timeout",
+            "1.5h",
+            "--handshake-timeout",
+            "0s",
+            "--grace",
+            "1x",
+        ]);
+        assert!(!p.contains("--idle-timeout"), "{p}");
+        assert!(
+            p.contains("--handshake-timeout: must be at least 100ms"),
+            "{p}"
+        );
+        assert!(
+            p.contains(r#"--grace: invalid duration "1x": unknown unit "x""#),
+            "{p}"
+        );
     }
 
     #[test]
