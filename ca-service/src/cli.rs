@@ -1,4 +1,4 @@
-//! Command line of `meshid-ca`: flags with `MESHID_*` environment twins, checked all at once into typed
+//! Command line of `meshid-ca`: flags with `MESHID_CA_*` environment twins, checked all at once into typed
 //! configuration.
 
 use std::collections::BTreeSet;
@@ -17,6 +17,17 @@ use crate::signer::LifetimePolicy;
 use crate::tls::ListenerLimits;
 
 pub use meshid_runtime::EXIT_USAGE;
+
+/// Environment twins renamed after their flags, `(new, old)`; the old names still work, with a
+/// warning.
+pub const RENAMED_ENV: &[(&str, &str)] = &[
+    ("MESHID_CA_SAN", "MESHID_CA_SANS"),
+    (
+        "MESHID_CA_ALLOWED_NAMESPACE",
+        "MESHID_CA_ALLOWED_NAMESPACES",
+    ),
+    ("MESHID_CA_TRUST_DOMAIN", "MESHID_TRUST_DOMAIN"),
+];
 pub use meshid_runtime::process::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -84,7 +95,7 @@ pub struct WebhookCertArgs {
     #[arg(long, env = "MESHID_CA_DIR")]
     pub dir: PathBuf,
     /// DNS name of the injector's Service (repeatable), e.g. meshid-injector.meshid.svc.
-    #[arg(long = "dns", value_name = "NAME")]
+    #[arg(long = "dns", value_name = "NAME", required = true)]
     pub dns: Vec<String>,
     /// Directory to write tls.crt and tls.key into (created if missing).
     #[arg(long, value_name = "DIR")]
@@ -155,10 +166,11 @@ pub enum RotateCommand {
         force: bool,
     },
     /// The old root leaves the bundle. Refuses while certificates under it are live or served.
-    /// With --force, connected sidecars are told to renew at once.
     Retire {
         #[command(flatten)]
         target: RotateTarget,
+        /// Retire even while certificates under the old root are live or served (loudly audited);
+        /// connected sidecars are told to renew at once.
         #[arg(long)]
         force: bool,
     },
@@ -246,7 +258,7 @@ pub struct InitArgs {
     #[arg(long, env = "MESHID_CA_DIR")]
     pub dir: PathBuf,
     /// Trust domain of the identities this CA issues.
-    #[arg(long, env = "MESHID_TRUST_DOMAIN", default_value = "cluster.local")]
+    #[arg(long, env = "MESHID_CA_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
     /// Import this root certificate (PEM) instead of generating one.
     #[arg(long, requires = "root_key")]
@@ -287,7 +299,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHID_CA_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: String,
     /// DNS name or IP for the CA's serving certificate (repeatable). Default: localhost, 127.0.0.1.
-    #[arg(long, env = "MESHID_CA_SANS", value_delimiter = ',')]
+    #[arg(long, env = "MESHID_CA_SAN", value_delimiter = ',')]
     pub san: Vec<String>,
     /// JWKS file of the cluster's service-account issuer (re-read when it changes); enables
     /// service-account tokens. For a CA outside the cluster; inside, use --jwks-discovery.
@@ -340,7 +352,7 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHID_CA_AUDIENCE", default_value = "meshid-ca")]
     pub audience: String,
     /// Only these namespaces may get identities (repeatable; default: all).
-    #[arg(long, env = "MESHID_CA_ALLOWED_NAMESPACES", value_delimiter = ',')]
+    #[arg(long, env = "MESHID_CA_ALLOWED_NAMESPACE", value_delimiter = ',')]
     pub allowed_namespace: Vec<String>,
     /// Default certificate lifetime.
     #[arg(long, env = "MESHID_CA_TTL", default_value = "1h")]
@@ -642,6 +654,16 @@ impl InitArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_flag_has_help_text() {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        assert_eq!(
+            meshid_runtime::cli::undocumented_args(&command),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn admin_addresses_may_be_names_standing_for_every_address() {

@@ -3,15 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use meshid_ca::auth::JoinTokenStore;
 use meshid_ca::authority::{self, ImportedRoot};
-use meshid_ca::cli::{Cli, Command, EXIT_USAGE, RotateCommand, TokenCommand, WebhookCertArgs};
+use meshid_ca::cli::{
+    Cli, Command, EXIT_USAGE, RENAMED_ENV, RotateCommand, TokenCommand, WebhookCertArgs,
+};
 use meshid_ca::rotation;
 use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let (parsed, renamed) = meshid_runtime::cli::parse_with_renamed_env::<Cli>(RENAMED_ENV);
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             let _ = e.print();
@@ -23,6 +25,9 @@ fn main() -> ExitCode {
         }
     };
     meshid_runtime::process::init_tracing(cli.log_format);
+    for warning in renamed {
+        tracing::warn!("{warning}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(problems)) => {
@@ -189,6 +194,9 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
         }
         RotateCommand::Activate { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            if let Some(why) = rotation::nothing_to_activate(&target.dir)? {
+                return Err(Failure::Runtime(anyhow::anyhow!(why)));
+            }
             require_admins(&admins, force)?;
             let name =
                 block_on(rotation::activate(&target.dir, &admins, force))?.map_err(refused)?;
@@ -196,6 +204,9 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
         }
         RotateCommand::Retire { target, force } => {
             let admins = target.admin_addrs().map_err(Failure::Usage)?;
+            if let Some(why) = rotation::nothing_to_retire(&target.dir)? {
+                return Err(Failure::Runtime(anyhow::anyhow!(why)));
+            }
             require_admins(&admins, force)?;
             let name = block_on(rotation::retire(&target.dir, &admins, force))?.map_err(refused)?;
             println!("authority {name} retired: its root left the bundle");

@@ -202,8 +202,16 @@ fn rotate_commands_against_a_running_ca() {
     };
     let result = std::panic::catch_unwind(|| {
         assert!(ready, "CA ready");
+        // Nothing prepared: said first, with or without --admin.
         let (ok, out) = run(&["rotate", "activate", "--dir", ca_s, "--admin", &admin]);
-        assert!(!ok && out.contains("no prepared authority"), "{out}");
+        assert!(!ok && out.contains("nothing to activate"), "{out}");
+        let (ok, out) = run(&["rotate", "activate", "--dir", ca_s]);
+        assert!(
+            !ok && out.contains("nothing to activate") && !out.contains("--admin"),
+            "{out}"
+        );
+        let (ok, out) = run(&["rotate", "retire", "--dir", ca_s]);
+        assert!(!ok && out.contains("nothing to retire"), "{out}");
         let (ok, out) = run(&["rotate", "prepare", "--dir", ca_s]);
         assert!(ok, "{out}");
         let bundle = std::fs::read_to_string(ca.join("bundle.pem")).unwrap();

@@ -63,17 +63,18 @@ pub fn parse_duration_at_least(input: &str, min: Duration) -> Result<Duration, S
 /// `5m`, `1h`, `2d`, or `1500ms`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
+    let whole_ms = d.subsec_nanos().is_multiple_of(1_000_000);
     for (unit, per) in [
         ("d", 86_400_000),
         ("h", 3_600_000),
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms >= per && ms % per == 0 && d.subsec_nanos() % 1_000_000 == 0 {
+        if ms >= per && ms.is_multiple_of(per) && whole_ms {
             return format!("{}{unit}", ms / per);
         }
     }
-    if d.subsec_nanos() % 1_000_000 == 0 {
+    if whole_ms {
         format!("{ms}ms")
     } else {
         format!("{}s", d.as_secs_f64())

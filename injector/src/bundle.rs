@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use meshid_identity::pem::pem_cert;
 
 /// The sidecar's environment variable holding the bundle as PEM (`--ca-bundle-pem`).
-pub const BUNDLE_ENV: &str = "MESHID_CA_BUNDLE_PEM";
+pub const BUNDLE_ENV: &str = "MESHID_SIDECAR_CA_BUNDLE_PEM";
 /// Largest bundle accepted: it is copied into every injected pod's spec.
 pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
 

@@ -44,7 +44,7 @@ pub struct InjectConfig {
     pub image_pull_policy: String,
     /// The CA's gRPC address, e.g. `meshid-ca.meshid.svc:8443`.
     pub ca_addr: String,
-    /// The trust bundle, set as the sidecar's `MESHID_CA_BUNDLE_PEM` (its anchor for the CA's
+    /// The trust bundle, set as the sidecar's `MESHID_SIDECAR_CA_BUNDLE_PEM` (its anchor for the CA's
     /// serving certificate until the CA's bundle stream takes over).
     pub trust_bundle: TrustBundle,
     /// Lifetime of the projected token (the kubelet refreshes it at 80%); at least 600.

@@ -3,13 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use meshid_injector::startup::InjectorArgs;
+use meshid_injector::startup::{InjectorArgs, RENAMED_ENV};
 
 use meshid_runtime::EXIT_USAGE;
 
 fn main() -> ExitCode {
-    let args = match InjectorArgs::try_parse() {
+    let (parsed, renamed) =
+        meshid_runtime::cli::parse_with_renamed_env::<InjectorArgs>(RENAMED_ENV);
+    let args = match parsed {
         Ok(args) => args,
         Err(e) => {
             let _ = e.print();
@@ -21,6 +22,9 @@ fn main() -> ExitCode {
         }
     };
     meshid_runtime::process::init_tracing(args.log_format);
+    for warning in renamed {
+        tracing::warn!("{warning}");
+    }
     match args.into_startup() {
         Ok(startup) => startup.run(),
         Err(problems) => {

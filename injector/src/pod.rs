@@ -25,8 +25,8 @@ const TOKEN_DIR: &str = "/var/run/secrets/meshid/token";
 const POD_DIR: &str = "/var/run/meshid/pod";
 
 /// The sidecar's arguments; its listeners and policy come from the annotations file, its pod IP from
-/// the `MESHID_POD_IP` environment variable (downward API `status.podIP`), the trust bundle from
-/// `MESHID_CA_BUNDLE_PEM`. Probes go to [`ADMIN_PORT`], metrics and `/identity` to [`STATS_PORT`].
+/// the `MESHID_SIDECAR_POD_IP` environment variable (downward API `status.podIP`), the trust bundle from
+/// `MESHID_SIDECAR_CA_BUNDLE_PEM`. Probes go to [`ADMIN_PORT`], metrics and `/identity` to [`STATS_PORT`].
 pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
     [
         "run",
@@ -108,7 +108,7 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
         "restartPolicy": "Always",
         "args": sidecar_args(config),
         "env": [
-            {"name": "MESHID_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "MESHID_SIDECAR_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "MESHID_LOG_FORMAT", "value": config.log_format},
             {"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()},
         ],

@@ -64,7 +64,11 @@ pub struct InjectorArgs {
     #[arg(long, env = "MESHID_INJECTOR_CA_ADDR")]
     pub ca_addr: String,
     /// Lifetime of the sidecar's projected token, in seconds (at least 600).
-    #[arg(long, env = "MESHID_INJECTOR_TOKEN_EXPIRATION", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "MESHID_INJECTOR_TOKEN_EXPIRATION_SECONDS",
+        default_value_t = 600
+    )]
     pub token_expiration_seconds: u32,
     /// Sidecar resources as JSON (`{"requests":{...},"limits":{...}}`).
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_RESOURCES")]
@@ -103,6 +107,13 @@ pub struct InjectorArgs {
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTION_AGE", default_value = "5m")]
     pub max_connection_age: String,
 }
+
+/// Environment twins renamed after their flags, `(new, old)`; the old names still work, with a
+/// warning.
+pub const RENAMED_ENV: &[(&str, &str)] = &[(
+    "MESHID_INJECTOR_TOKEN_EXPIRATION_SECONDS",
+    "MESHID_INJECTOR_TOKEN_EXPIRATION",
+)];
 
 /// The shortest interval or timeout the flags accept.
 const MIN_DURATION: Duration = Duration::from_millis(100);
@@ -473,5 +484,40 @@ struct AlwaysReady;
 impl meshid_runtime::admin::AdminRoutes for AlwaysReady {
     fn not_ready(&self) -> Option<String> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_has_help_text_and_enums_list_their_values() {
+        let mut command = <InjectorArgs as clap::CommandFactory>::command();
+        command.build();
+        assert_eq!(
+            meshid_runtime::cli::undocumented_args(&command),
+            Vec::<String>::new()
+        );
+        let required = [
+            "meshid-injector",
+            "--tls-cert=c",
+            "--tls-key=k",
+            "--trust-bundle=b",
+            "--sidecar-image=i",
+            "--ca-addr=a:1",
+        ];
+        let parse = |extra: &[&str]| InjectorArgs::try_parse_from([&required[..], extra].concat());
+        assert_eq!(
+            parse(&["--pull-policy", "Never"]).unwrap().pull_policy,
+            PullPolicy::Never
+        );
+        for (flag, bad, listed) in [
+            ("--pull-policy", "Sometimes", "Always, IfNotPresent, Never"),
+            ("--log-format", "yaml", "text, json"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains(listed), "{e}");
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! Holds no identity or policy logic: that is `meshid-identity`'s.
 
 pub mod admin;
+pub mod cli;
+
 pub mod http_client;
 pub mod io;
 pub mod net;

@@ -1,4 +1,4 @@
-//! The command line: flags with `MESHID_*` environment twins (clap), turned once into typed
+//! The command line: flags with `MESHID_SIDECAR_*` environment twins (clap), turned once into typed
 //! [`crate::settings`] by [`RunArgs::into_config`], which reads the files the flags name (the
 //! annotations file, the CA bundle) and names every bad setting at once. Nothing here binds a
 //! socket: a port taken by the app is reported when the sidecar binds it.
@@ -19,6 +19,52 @@ use crate::settings::{
 };
 
 pub use meshid_runtime::EXIT_USAGE;
+
+/// Environment twins renamed into the sidecar's own `MESHID_SIDECAR_` prefix (`MESHID_CA_ADDR` was
+/// in the CA's namespace): `(new, old)`. The old names still work, with a warning, for pods
+/// injected before the rename.
+pub const RENAMED_ENV: &[(&str, &str)] = &[
+    ("MESHID_SIDECAR_INBOUND", "MESHID_INBOUND"),
+    ("MESHID_SIDECAR_OUTBOUND", "MESHID_OUTBOUND"),
+    ("MESHID_SIDECAR_POLICY", "MESHID_POLICY"),
+    ("MESHID_SIDECAR_ANNOTATIONS", "MESHID_ANNOTATIONS"),
+    ("MESHID_SIDECAR_POD_IP", "MESHID_POD_IP"),
+    ("MESHID_SIDECAR_ADMIN_LISTEN", "MESHID_ADMIN_LISTEN"),
+    ("MESHID_SIDECAR_STATS_LISTEN", "MESHID_STATS_LISTEN"),
+    (
+        "MESHID_SIDECAR_UNREADY_ON_POLICY_ERROR",
+        "MESHID_UNREADY_ON_POLICY_ERROR",
+    ),
+    ("MESHID_SIDECAR_CERT", "MESHID_CERT"),
+    ("MESHID_SIDECAR_KEY", "MESHID_KEY"),
+    ("MESHID_SIDECAR_BUNDLE", "MESHID_BUNDLE"),
+    ("MESHID_SIDECAR_CA_ADDR", "MESHID_CA_ADDR"),
+    ("MESHID_SIDECAR_CA_BUNDLE", "MESHID_CA_BUNDLE"),
+    ("MESHID_SIDECAR_CA_BUNDLE_PEM", "MESHID_CA_BUNDLE_PEM"),
+    ("MESHID_SIDECAR_REPORT_CA_ADDR", "MESHID_REPORT_CA_ADDR"),
+    ("MESHID_SIDECAR_CA_SERVER_NAME", "MESHID_CA_SERVER_NAME"),
+    ("MESHID_SIDECAR_TOKEN_FILE", "MESHID_TOKEN_FILE"),
+    ("MESHID_SIDECAR_JOIN_TOKEN_FILE", "MESHID_JOIN_TOKEN_FILE"),
+    ("MESHID_SIDECAR_TTL", "MESHID_TTL"),
+    (
+        "MESHID_SIDECAR_DANGEROUS_ALLOW_NON_LOCAL_TARGET",
+        "MESHID_DANGEROUS_ALLOW_NON_LOCAL_TARGET",
+    ),
+    (
+        "MESHID_SIDECAR_HANDSHAKE_TIMEOUT",
+        "MESHID_HANDSHAKE_TIMEOUT",
+    ),
+    ("MESHID_SIDECAR_IDLE_TIMEOUT", "MESHID_IDLE_TIMEOUT"),
+    ("MESHID_SIDECAR_MAX_CONNECTIONS", "MESHID_MAX_CONNECTIONS"),
+    ("MESHID_SIDECAR_MAX_HEADER_BYTES", "MESHID_MAX_HEADER_BYTES"),
+    ("MESHID_SIDECAR_REQUEST_TIMEOUT", "MESHID_REQUEST_TIMEOUT"),
+    ("MESHID_SIDECAR_CONNECT_TIMEOUT", "MESHID_CONNECT_TIMEOUT"),
+    (
+        "MESHID_SIDECAR_NO_CONNECTION_AGE_CAP",
+        "MESHID_NO_CONNECTION_AGE_CAP",
+    ),
+    ("MESHID_SIDECAR_GRACE", "MESHID_GRACE"),
+];
 pub use meshid_runtime::process::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -84,106 +130,110 @@ pub struct CheckPolicyArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Inbound listener: LISTEN=TARGET[,tcp|http], e.g. 0.0.0.0:15443=127.0.0.1:8080,http (repeatable).
-    #[arg(long, env = "MESHID_INBOUND", value_delimiter = ' ')]
+    #[arg(long, env = "MESHID_SIDECAR_INBOUND", value_delimiter = ' ')]
     pub inbound: Vec<String>,
     /// Upstream: LOCAL=REMOTE,SPIFFE_ID[,tcp|http], e.g.
     /// 127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http (repeatable).
-    #[arg(long, env = "MESHID_OUTBOUND", value_delimiter = ' ')]
+    #[arg(long, env = "MESHID_SIDECAR_OUTBOUND", value_delimiter = ' ')]
     pub outbound: Vec<String>,
     /// Allow-list file (YAML), watched and hot-reloaded. Without one every inbound peer is denied.
-    #[arg(long, env = "MESHID_POLICY")]
+    #[arg(long, env = "MESHID_SIDECAR_POLICY")]
     pub policy: Option<PathBuf>,
     /// Kubernetes downward-API file of the pod's annotations (`meshid.io/inbound`, `allow-<port>`,
     /// `outbound`, `mode`): adds the inbound listeners (on --pod-ip) and upstreams they declare,
     /// and is the watched policy (so `kubectl annotate` changes the allow-list live). Replaces
     /// --policy.
-    #[arg(long, env = "MESHID_ANNOTATIONS")]
+    #[arg(long, env = "MESHID_SIDECAR_ANNOTATIONS")]
     pub annotations: Option<PathBuf>,
     /// The pod's IP (downward API `status.podIP`): inbound ports from --annotations listen on it and
     /// forward to 127.0.0.1 on the same port.
-    #[arg(long, env = "MESHID_POD_IP")]
+    #[arg(long, env = "MESHID_SIDECAR_POD_IP")]
     pub pod_ip: Option<String>,
     /// Admin server: /healthz, /readyz, the app's forwarded probes (/app-health/...), and, unless
     /// --stats-listen is set, /metrics and /identity.
-    #[arg(long, env = "MESHID_ADMIN_LISTEN", default_value = "0.0.0.0:15021")]
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_ADMIN_LISTEN",
+        default_value = "0.0.0.0:15021"
+    )]
     pub admin_listen: String,
     /// Serve /metrics and /identity here (IP:PORT) and no longer on the admin port, which then
     /// answers only what Kubernetes needs (probes). E.g. 127.0.0.1:15020, or a port of its own that a
     /// NetworkPolicy opens to the monitoring namespace only.
-    #[arg(long, env = "MESHID_STATS_LISTEN")]
+    #[arg(long, env = "MESHID_SIDECAR_STATS_LISTEN")]
     pub stats_listen: Option<String>,
     /// Fail readiness while the newest policy file is rejected (the last good policy stays in force
     /// either way; without this flag only the log, `meshid_sidecar_policy_rejected` and the
     /// `rejected` reload count say so).
-    #[arg(long, env = "MESHID_UNREADY_ON_POLICY_ERROR")]
+    #[arg(long, env = "MESHID_SIDECAR_UNREADY_ON_POLICY_ERROR")]
     pub unready_on_policy_error: bool,
     /// Certificate chain (PEM, leaf first).
-    #[arg(long, env = "MESHID_CERT")]
+    #[arg(long, env = "MESHID_SIDECAR_CERT")]
     pub cert: Option<PathBuf>,
     /// Private key (PEM).
-    #[arg(long, env = "MESHID_KEY")]
+    #[arg(long, env = "MESHID_SIDECAR_KEY")]
     pub key: Option<PathBuf>,
     /// Trust bundle (PEM roots).
-    #[arg(long, env = "MESHID_BUNDLE")]
+    #[arg(long, env = "MESHID_SIDECAR_BUNDLE")]
     pub bundle: Option<PathBuf>,
     /// CA mode: the CA's gRPC address (HOST:PORT). Needs --ca-bundle (or --ca-bundle-pem) and
     /// --token-file or --join-token-file; replaces --cert/--key/--bundle.
-    #[arg(long, env = "MESHID_CA_ADDR")]
+    #[arg(long, env = "MESHID_SIDECAR_CA_ADDR")]
     pub ca_addr: Option<String>,
     /// Roots the CA's serving certificate chains to (PEM).
-    #[arg(long, env = "MESHID_CA_BUNDLE")]
+    #[arg(long, env = "MESHID_SIDECAR_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
-    /// The same roots as PEM text instead of a file (the injector sets MESHID_CA_BUNDLE_PEM).
+    /// The same roots as PEM text instead of a file (the injector sets MESHID_SIDECAR_CA_BUNDLE_PEM).
     #[arg(
         long,
-        env = "MESHID_CA_BUNDLE_PEM",
+        env = "MESHID_SIDECAR_CA_BUNDLE_PEM",
         hide_env_values = true,
         allow_hyphen_values = true
     )]
     pub ca_bundle_pem: Option<String>,
     /// File mode: also report to the CA at HOST:PORT (its certificate verified against --bundle), so
     /// the CA's rotation status lists this sidecar, as unknown: its trust comes from files.
-    #[arg(long, env = "MESHID_REPORT_CA_ADDR")]
+    #[arg(long, env = "MESHID_SIDECAR_REPORT_CA_ADDR")]
     pub report_ca_addr: Option<String>,
     /// Name to verify the CA's certificate against (default: the host of --ca-addr).
-    #[arg(long, env = "MESHID_CA_SERVER_NAME")]
+    #[arg(long, env = "MESHID_SIDECAR_CA_SERVER_NAME")]
     pub ca_server_name: Option<String>,
     /// Kubernetes projected service-account token (re-read at every request).
-    #[arg(long, env = "MESHID_TOKEN_FILE")]
+    #[arg(long, env = "MESHID_SIDECAR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// One-time join token (first certificate only; renewals use the certificate).
-    #[arg(long, env = "MESHID_JOIN_TOKEN_FILE")]
+    #[arg(long, env = "MESHID_SIDECAR_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
     /// Certificate lifetime to ask the CA for (default: the CA's).
-    #[arg(long, env = "MESHID_TTL")]
+    #[arg(long, env = "MESHID_SIDECAR_TTL")]
     pub ttl: Option<String>,
     /// Allow inbound targets that are not loopback (the app is then reachable without the sidecar).
-    #[arg(long, env = "MESHID_DANGEROUS_ALLOW_NON_LOCAL_TARGET")]
+    #[arg(long, env = "MESHID_SIDECAR_DANGEROUS_ALLOW_NON_LOCAL_TARGET")]
     pub dangerous_allow_non_local_target: bool,
     /// Time allowed for a TLS handshake.
-    #[arg(long, env = "MESHID_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    #[arg(long, env = "MESHID_SIDECAR_HANDSHAKE_TIMEOUT", default_value = "10s")]
     pub handshake_timeout: String,
     /// Close a connection with no traffic either way for this long.
-    #[arg(long, env = "MESHID_IDLE_TIMEOUT", default_value = "5m")]
+    #[arg(long, env = "MESHID_SIDECAR_IDLE_TIMEOUT", default_value = "5m")]
     pub idle_timeout: String,
     /// Most concurrent connections per listener; excess ones are refused.
-    #[arg(long, env = "MESHID_MAX_CONNECTIONS", default_value = "10000")]
+    #[arg(long, env = "MESHID_SIDECAR_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: String,
     /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
-    #[arg(long, env = "MESHID_MAX_HEADER_BYTES", default_value = "16384")]
+    #[arg(long, env = "MESHID_SIDECAR_MAX_HEADER_BYTES", default_value = "16384")]
     pub max_header_bytes: String,
     /// Time the app (or upstream) has to answer with response headers.
-    #[arg(long, env = "MESHID_REQUEST_TIMEOUT", default_value = "30s")]
+    #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
     /// Time allowed to connect to the app or an upstream.
-    #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s")]
+    #[arg(long, env = "MESHID_SIDECAR_CONNECT_TIMEOUT", default_value = "5s")]
     pub connect_timeout: String,
     /// Keep inbound connections open past the peer certificate's expiry (by default they are closed
     /// gracefully then, so no connection outlives the identity that opened it).
-    #[arg(long, env = "MESHID_NO_CONNECTION_AGE_CAP")]
+    #[arg(long, env = "MESHID_SIDECAR_NO_CONNECTION_AGE_CAP")]
     pub no_connection_age_cap: bool,
     /// On SIGTERM, how long in-flight requests and connections may take to finish.
-    #[arg(long, env = "MESHID_GRACE", default_value = "20s")]
+    #[arg(long, env = "MESHID_SIDECAR_GRACE", default_value = "20s")]
     pub grace: String,
 }
 
@@ -439,14 +489,16 @@ impl RunArgs {
         match (&self.ca_bundle, &self.ca_bundle_pem) {
             (Some(_), Some(_)) => {
                 problems.push(
-                    "--ca-bundle and --ca-bundle-pem (MESHID_CA_BUNDLE_PEM) are two sources of \
+                    "--ca-bundle and --ca-bundle-pem (MESHID_SIDECAR_CA_BUNDLE_PEM) are two sources of \
                      the CA's roots; use one"
                         .into(),
                 );
                 Vec::new()
             }
             (None, Some(pem)) => roots_from_pem(pem).unwrap_or_else(|e| {
-                problems.push(format!("--ca-bundle-pem (MESHID_CA_BUNDLE_PEM): {e}"));
+                problems.push(format!(
+                    "--ca-bundle-pem (MESHID_SIDECAR_CA_BUNDLE_PEM): {e}"
+                ));
                 Vec::new()
             }),
             (_, None) => {
@@ -538,6 +590,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_flag_has_help_text() {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        command.build();
+        assert_eq!(
+            meshid_runtime::cli::undocumented_args(&command),
+            Vec::<String>::new()
+        );
+    }
 
     #[test]
     fn every_bad_setting_is_reported() {

@@ -3,13 +3,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use meshid_runtime::process::error_chain;
-use meshid_sidecar::cli::{Cli, Command, EXIT_USAGE};
+use meshid_sidecar::cli::{Cli, Command, EXIT_USAGE, RENAMED_ENV};
 use prometheus_client::registry::Registry;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let (parsed, renamed) = meshid_runtime::cli::parse_with_renamed_env::<Cli>(RENAMED_ENV);
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             let _ = e.print();
@@ -21,6 +21,9 @@ fn main() -> ExitCode {
         }
     };
     meshid_runtime::process::init_tracing(cli.log_format);
+    for warning in renamed {
+        tracing::warn!("{warning}");
+    }
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),

@@ -224,13 +224,14 @@ pub fn run_sidecar(
     let mut cmd = Command::new(workspace_bin("meshid-sidecar"));
     cmd.args(&args)
         .env("MESHID_LOG", "warn")
-        .env_remove("MESHID_CA_BUNDLE_PEM");
+        .env_remove("MESHID_SIDECAR_CA_BUNDLE_PEM");
     let env = c["env"].as_array().unwrap();
     assert!(
-        env.iter().any(|e| e["name"] == "MESHID_CA_BUNDLE_PEM"
-            && e["value"]
-                .as_str()
-                .is_some_and(|v| v.contains("BEGIN CERTIFICATE"))),
+        env.iter()
+            .any(|e| e["name"] == "MESHID_SIDECAR_CA_BUNDLE_PEM"
+                && e["value"]
+                    .as_str()
+                    .is_some_and(|v| v.contains("BEGIN CERTIFICATE"))),
         "the trust bundle is in the sidecar's environment: {env:?}"
     );
     for e in c["env"].as_array().unwrap() {
@@ -242,6 +243,6 @@ pub fn run_sidecar(
         cmd.env(e["name"].as_str().unwrap(), value);
     }
     // The CA serves a certificate for "localhost" in this test (in a cluster: its Service name).
-    cmd.env("MESHID_CA_SERVER_NAME", "localhost");
+    cmd.env("MESHID_SIDECAR_CA_SERVER_NAME", "localhost");
     (Proc::spawn(&format!("sidecar {sa}"), &mut cmd), files)
 }

@@ -213,7 +213,7 @@ fn annotated_pod() -> Value {
     })
 }
 
-/// The `MESHID_CA_BUNDLE_PEM` value in the injector's answer for `pod` on `/inject`.
+/// The `MESHID_SIDECAR_CA_BUNDLE_PEM` value in the injector's answer for `pod` on `/inject`.
 async fn injected_bundle(addr: SocketAddr, roots: &[CertificateDer<'static>]) -> String {
     let (code, body) = https(addr, roots, "POST", "/inject", &review(&annotated_pod()))
         .await
@@ -230,7 +230,7 @@ async fn injected_bundle(addr: SocketAddr, roots: &[CertificateDer<'static>]) ->
         .unwrap();
     let env = sidecar["value"][0]["env"].as_array().unwrap();
     env.iter()
-        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
+        .find(|e| e["name"] == "MESHID_SIDECAR_CA_BUNDLE_PEM")
         .unwrap()["value"]
         .as_str()
         .unwrap()
@@ -294,7 +294,7 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
     let env = sidecar["value"][0]["env"].as_array().unwrap();
     let injected = env
         .iter()
-        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
+        .find(|e| e["name"] == "MESHID_SIDECAR_CA_BUNDLE_PEM")
         .unwrap();
     assert_eq!(
         injected["value"].as_str().unwrap().trim(),

@@ -213,17 +213,20 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::settings::RunConfig {
     }
     let mut argv = vec!["meshid-sidecar".to_owned()];
     argv.extend(args);
-    // MESHID_POD_IP comes from the downward API; the test passes it as its flag twin.
+    // MESHID_SIDECAR_POD_IP comes from the downward API; the test passes it as its flag twin.
     let env = c["env"].as_array().unwrap();
-    let pod_ip = env.iter().find(|e| e["name"] == "MESHID_POD_IP").unwrap();
+    let pod_ip = env
+        .iter()
+        .find(|e| e["name"] == "MESHID_SIDECAR_POD_IP")
+        .unwrap();
     assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     argv.extend(["--pod-ip".to_owned(), "10.244.1.17".to_owned()]);
-    // The trust bundle travels in MESHID_CA_BUNDLE_PEM (no volume, so no ConfigMap in the pod's
+    // The trust bundle travels in MESHID_SIDECAR_CA_BUNDLE_PEM (no volume, so no ConfigMap in the pod's
     // namespace); passed here as its flag twin.
     let bundle = env
         .iter()
-        .find(|e| e["name"] == "MESHID_CA_BUNDLE_PEM")
-        .expect("MESHID_CA_BUNDLE_PEM");
+        .find(|e| e["name"] == "MESHID_SIDECAR_CA_BUNDLE_PEM")
+        .expect("MESHID_SIDECAR_CA_BUNDLE_PEM");
     let bundle = bundle["value"].as_str().expect("a literal value");
     assert_eq!(bundle.matches("-----BEGIN CERTIFICATE-----").count(), 2);
     assert!(

@@ -3,7 +3,7 @@
 //! 127.0.0.x "pod IP"; the projected token and downward-API annotations files are written where the
 //! injected volumes mount them (the annotations file as the kubelet's atomic `..data` symlink swap);
 //! the sidecars are started with the injected arguments and environment alone (the trust bundle
-//! comes in the `MESHID_CA_BUNDLE_PEM` variable: the pods' namespace has no meshid ConfigMap).
+//! comes in the `MESHID_SIDECAR_CA_BUNDLE_PEM` variable: the pods' namespace has no meshid ConfigMap).
 //! Then: an allowed call, a denied one, and a live `kubectl annotate` that changes the allow-list of
 //! the running pod without a restart.
 

@@ -99,6 +99,25 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
     Ok(name)
 }
 
+/// Why `rotate activate` has nothing to do (no prepared authority), read from the CA directory
+/// alone, before any CA is asked; `None` when there is an authority to activate.
+pub fn nothing_to_activate(ca_dir: &Path) -> Result<Option<String>, RotateError> {
+    let state = RotationState::load(ca_dir)?;
+    Ok(state.find(AuthorityState::Prepared).is_none().then(|| {
+        "nothing to activate: no prepared authority (run `meshid-ca rotate prepare` first)"
+            .to_owned()
+    }))
+}
+
+/// Why `rotate retire` has nothing to do (no retiring authority); `None` when there is one.
+pub fn nothing_to_retire(ca_dir: &Path) -> Result<Option<String>, RotateError> {
+    let state = RotationState::load(ca_dir)?;
+    Ok(state.find(AuthorityState::Retiring).is_none().then(|| {
+        "nothing to retire: no retiring authority (run `meshid-ca rotate activate` first)"
+            .to_owned()
+    }))
+}
+
 /// `rotate activate`: the prepared authority signs; the active one starts retiring.
 pub async fn activate(
     ca_dir: &Path,

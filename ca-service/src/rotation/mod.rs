@@ -12,7 +12,10 @@ pub mod gates;
 pub mod report;
 pub mod view;
 
-pub use commands::{RotateError, activate, fetch_reports, intermediate, prepare, retire, status};
+pub use commands::{
+    RotateError, activate, fetch_reports, intermediate, nothing_to_activate, nothing_to_retire,
+    prepare, retire, status,
+};
 pub use fleet::{Fleet, IssuedView};
 pub use gates::{activate_blockers, retire_blockers, unknown_sidecars};
 pub use report::{AuthorityView, CaProcess, RotationReport, SidecarReport};
