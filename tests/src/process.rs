@@ -49,6 +49,11 @@ impl Proc {
         }
     }
 
+    /// The child's stdout, when it was spawned with `Stdio::piped()` (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         self.child

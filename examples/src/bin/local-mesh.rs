@@ -3,7 +3,8 @@
 //! `meshid-ca init` + `serve`; two example apps (an HTTP echo that reports the caller identity it
 //! got from `x-forwarded-client-cert`, and a TCP echo); a sidecar in front of each, getting
 //! certificates from the CA with join tokens. Then: an allowed call, a denied call, a TCP call, the
-//! certificates' identities and expiries, and where to look. Ctrl-C stops everything and cleans up.
+//! certificates' identities and expiries, and where to look. Ctrl-C or SIGTERM (what `timeout`,
+//! systemd and CI runners send) stops everything and cleans up, at any step.
 //!
 //! `--check` runs the same steps non-interactively and ends with `N passed, M failed`.
 
@@ -42,21 +43,76 @@ struct Args {
 /// leaves a process behind.
 struct Guard(Child);
 
+/// The children running now, by process ID: a signal during setup (while a step blocks) stops
+/// them from the signal task ([`stop_on_signal`]).
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Set once the demo is up and waiting: a signal then lets `main` stop everything in order.
+static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Guard {
+    fn new(child: Child) -> Self {
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.push(child.id());
+        }
+        Self(child)
+    }
+}
+
+/// SIGTERM, then SIGKILL after 10 s if it is still there; `running` says whether it still is.
+fn stop(pid: u32, mut running: impl FnMut() -> bool) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if !running() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = &mut self.0;
+        let pid = child.id();
+        stop(pid, || matches!(child.try_wait(), Ok(None)));
+        let _ = child.wait();
+        if let Ok(mut c) = CHILDREN.lock() {
+            c.retain(|p| *p != pid);
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
+}
+
+/// Waits for SIGTERM or SIGINT (Ctrl-C): once the demo is up, tells `main` (through `stopping`)
+/// to stop everything in order; before that (a step may be blocking), stops the children and
+/// removes the working directory itself, then exits.
+async fn stop_on_signal(work: PathBuf, stopping: tokio::sync::watch::Sender<bool>) {
+    if meshid_runtime::process::wait_for_signal().await.is_err() {
+        return;
+    }
+    let _ = stopping.send(true);
+    if RUNNING.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    println!("\nstopping during setup");
+    let pids: Vec<u32> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+    for pid in pids {
+        // Not our child to reap here (the Guard owns it): `kill -0` says whether it is there.
+        stop(pid, || {
+            Command::new("kill")
+                .args(["-0", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    std::process::exit(1);
 }
 
 #[derive(Default)]
@@ -97,9 +153,19 @@ fn bin_dir(args: &Args) -> Result<PathBuf> {
         std::env::var("CARGO").or_else(|e| if missing { Ok("cargo".into()) } else { Err(e) })
     {
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "meshid-ca", "-p", "meshid-sidecar"]);
+        cmd.args(["build", "-p", "meshid-ca", "-p", "meshid-sidecar"]);
         if dir.ends_with("release") {
             cmd.arg("--release");
+        }
+        if missing {
+            // The first run compiles the CA and the sidecar: minutes, with cargo's progress shown.
+            println!(
+                "building meshid-ca and meshid-sidecar into {} (the first time takes a few minutes)",
+                dir.display()
+            );
+        } else {
+            println!("checking that meshid-ca and meshid-sidecar are up to date (cargo build)");
+            cmd.arg("-q");
         }
         if !cmd.status().context("running cargo build")?.success() {
             bail!("building meshid-ca and meshid-sidecar failed");
@@ -221,7 +287,7 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
         bail!("cannot continue without a CA");
     }
     let (ca_grpc, ca_admin) = (free_addr()?, free_addr()?);
-    procs.push(Guard(
+    procs.push(Guard::new(
         Command::new(&ca_bin)
             .args([
                 "serve",
@@ -300,7 +366,7 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
                 .args(extra)
                 .stdin(Stdio::null())
                 .stderr(std::fs::File::create(work.join(format!("{name}.log")))?);
-            Ok(Guard(
+            Ok(Guard::new(
                 cmd.spawn()
                     .with_context(|| format!("starting the {name} sidecar"))?,
             ))
@@ -423,8 +489,8 @@ fn where_to_look(mesh: &Mesh, work: &Path) {
     println!("  logs and files:   {}", work.display());
 }
 
-/// Prints a line whenever a sidecar's certificate changes, until Ctrl-C.
-async fn watch_renewals(mesh: &Mesh) {
+/// Prints a line whenever a sidecar's certificate changes, until SIGTERM or Ctrl-C.
+async fn watch_renewals(mesh: &Mesh, mut stopping: tokio::sync::watch::Receiver<bool>) {
     let admins = [
         ("backend", mesh.backend_admin),
         ("frontend", mesh.frontend_admin),
@@ -435,7 +501,7 @@ async fn watch_renewals(mesh: &Mesh) {
         .collect();
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
+            _ = stopping.wait_for(|s| *s) => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         for (i, (name, admin)) in admins.iter().enumerate() {
@@ -466,16 +532,19 @@ async fn main() -> ExitCode {
         "meshid local mesh (loopback only), working in {}",
         work.display()
     );
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(stop_on_signal(work.clone(), stopping));
     let mut tally = Tally::default();
     match start(&args, &work, &mut tally).await {
         Ok(mesh) => {
             calls(&mesh, &mut tally).await;
             where_to_look(&mesh, &work);
             if !args.check {
+                RUNNING.store(true, std::sync::atomic::Ordering::SeqCst);
                 println!(
-                    "\nrunning; certificates renew on their own (try --ttl 30s); Ctrl-C stops everything"
+                    "\nrunning; certificates renew on their own (try --ttl 30s); Ctrl-C (or SIGTERM) stops everything"
                 );
-                watch_renewals(&mesh).await;
+                watch_renewals(&mesh, stopped).await;
                 println!("\nstopping");
             }
             drop(mesh);
