@@ -11,7 +11,7 @@ use meshid_bench::harness::pki::BenchPki;
 use meshid_bench::harness::report::ScenarioResult;
 use meshid_bench::harness::{Ctx, Settings, ca, machine, markdown, scenarios};
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "throughput",
     "throughput_tcp",
     "latency",
@@ -20,14 +20,16 @@ const ALL: [&str; 8] = [
     "memory",
     "startup",
     "ca",
+    "fleet",
 ];
 
-const BINARIES: [&str; 5] = [
+const BINARIES: [&str; 6] = [
     "meshid-sidecar",
     "meshid-ca",
     "meshload",
     "bench-app",
     "ca-bench",
+    "fleet-bench",
 ];
 
 #[derive(Debug, Parser)]
@@ -188,6 +190,7 @@ fn main() -> Result<()> {
             "first_request" => scenarios::first_request(&ctx, &pki),
             "memory" => scenarios::memory(&ctx, &pki),
             "startup" => ca::startup(&ctx, &pki),
+            "fleet" => ca::fleet(&ctx),
             _ => ca::ca_issuance(&ctx),
         };
         for c in &result.checks {

@@ -267,6 +267,8 @@ impl Results {
             let _ = writeln!(md, "\n## {}\n\n{}.\n", s.title, s.setup);
             if s.id == "ca" {
                 ca_table(&mut md, s);
+            } else if s.id == "fleet" {
+                fleet_table(&mut md, s);
             } else {
                 figure_table(&mut md, s, columns(&s.id));
             }
@@ -475,6 +477,46 @@ fn ca_table(md: &mut String, s: &ScenarioResult) {
     md.push_str("\nCells: median (min–max) over the runs.\n");
 }
 
+fn fleet_table(md: &mut String, s: &ScenarioResult) {
+    let Some(c) = s.contenders.get("meshid") else {
+        return;
+    };
+    let mut sizes: Vec<u64> = c
+        .summary
+        .keys()
+        .filter_map(|k| k.strip_prefix('n')?.split('_').next()?.parse().ok())
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| sidecars | join s | CA RSS per sidecar KiB | CA anonymous per sidecar KiB | CA CPU idle | bundle push to every ack s | push CA CPU s | renewals/s alongside | renewal p99 ms | failed renewals |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for n in sizes {
+        let g = |f: &str| cell(c.summary.get(&format!("n{n}_{f}")));
+        let idle = c
+            .summary
+            .get(&format!("n{n}_idle_ca_cpu_share"))
+            .map_or_else(|| "–".into(), |x| format!("{:.2}%", x.median * 100.0));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} |",
+            number(n as f64),
+            g("join_seconds"),
+            g("rss_per_sidecar_kib"),
+            g("anon_per_sidecar_kib"),
+            g("push_seconds"),
+            g("push_ca_cpu_seconds"),
+            g("renewals_per_second"),
+            g("renewal_p99_ms"),
+            g("renewal_failures"),
+        );
+    }
+}
+
 /// The path from `md`'s directory to `dir`, both relative to the working directory.
 fn relative(md: &Path, dir: &Path) -> String {
     if dir.is_absolute() {
@@ -499,12 +541,13 @@ request divided by the app's own CPU per request in the same run.
 ## How to run
 
 ```sh
-bench/run.sh            # everything: 3 runs per figure, about 15 minutes
+bench/run.sh            # everything: 3 runs per figure (fleet: one), about 20 minutes
 bench/run.sh --smoke    # one short run per scenario (CI), into bench/results/smoke/: ~1 min once built
 bench/run.sh --runs 5 --scenarios throughput,latency   # any bench-run flag passes through
 bench/run.sh --perf /tmp/prof   # also: perf profiles + syscalls per request of every proxy
 target/dist/bench-run --serve meshid   # start one contender and keep it up, for manual poking
 target/dist/meshload --help            # the load generator on its own
+bench/fleet.sh --sizes 1000,5000       # the fleet scenario alone, any sizes (release build)
 ```
 
 `bench/run.sh` installs `nginx`, `libnginx-mod-stream` and `haproxy` with apt if they are missing,
@@ -512,7 +555,7 @@ builds the binaries once in the `dist` profile (fat LTO, one codegen unit: what 
 `--smoke` uses `release`), runs `target/dist/bench-run` pinned to CPU 0 (at a raised
 priority when allowed, inherited by everything it starts), and rewrites
 `bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
-`throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `startup`, `ca`.
+`throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `startup`, `ca`, `fleet`.
 ";
 
 const METHOD: &str = "
