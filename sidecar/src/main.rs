@@ -38,10 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshid-sidecar: {e}");
@@ -72,4 +69,17 @@ fn main() -> ExitCode {
         sidecar.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// One worker (`TOKIO_WORKER_THREADS=1`, for a sidecar given one CPU): tokio's current-thread
+/// scheduler, which runs every task on the one thread without the work-stealing machinery (4-5%
+/// less CPU per request at saturation, docs/benchmarks.md); otherwise the multi-thread scheduler
+/// with tokio's default worker count (or `TOKIO_WORKER_THREADS`).
+fn runtime_builder() -> tokio::runtime::Builder {
+    let one = std::env::var("TOKIO_WORKER_THREADS").is_ok_and(|v| v.trim() == "1");
+    if one {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
 }

@@ -130,6 +130,9 @@ pub fn ca_mode_sidecar(
         .arg(token_flag)
         .arg(token)
         .args(["--admin-listen", &admin.to_string()])
-        .env("MESHID_LOG", "warn");
+        .env("MESHID_LOG", "warn")
+        // One worker, as the benchmark runs it: these sidecars use the current-thread scheduler
+        // (the in-process and file-mode ones the multi-thread one).
+        .env("TOKIO_WORKER_THREADS", "1");
     cmd
 }
