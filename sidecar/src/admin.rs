@@ -201,6 +201,7 @@ fn identity(shared: &Shared) -> AdminResponse {
                 "not_after": s.identity.not_after,
                 "issuer": s.identity.issuer,
                 "public_key_sha256": s.public_key_sha256,
+                "leaf_sha256": s.leaf_sha256,
                 "trust_anchors_sha256": s.anchor_fingerprints,
             });
             admin::json(format!("{json}\n"))

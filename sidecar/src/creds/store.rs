@@ -245,6 +245,15 @@ impl CredentialStore {
         self.current.load_full()
     }
 
+    /// Whether `s` is still the snapshot in force (no renewal or bundle change since), without
+    /// touching its reference count: cheap enough for every request.
+    pub fn is_current(&self, s: &Snapshot) -> bool {
+        self.current
+            .load()
+            .as_deref()
+            .is_some_and(|c| std::ptr::eq(c, s))
+    }
+
     /// Notified with a new generation number on every accepted set.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()

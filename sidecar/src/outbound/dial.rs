@@ -2,6 +2,7 @@
 //! SPIFFE ID is not the expected one; and when such a connection must end.
 
 use std::io;
+use std::sync::Arc;
 
 use meshid_identity::verify::{describe, failure_label};
 use meshid_runtime::time::{expiry_instant, unix_now};
@@ -11,6 +12,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::conn::Shared;
+use crate::creds::Snapshot;
 use crate::http::root_cause;
 use crate::settings::Outbound;
 
@@ -20,6 +22,15 @@ pub async fn dial(
     index: usize,
     shared: &Shared,
 ) -> io::Result<TlsStream<TcpStream>> {
+    dial_with(spec, index, shared).await.map(|(tls, _)| tls)
+}
+
+/// [`dial`], also returning the credential snapshot the connection presents.
+pub async fn dial_with(
+    spec: &Outbound,
+    index: usize,
+    shared: &Shared,
+) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
     let port = spec.local.port();
     let snapshot = shared
         .creds
@@ -52,7 +63,7 @@ pub async fn dial(
     let _ = tcp.set_nodelay(true);
     let handshake = TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
-        Ok(Ok(tls)) => Ok(tls),
+        Ok(Ok(tls)) => Ok((tls, snapshot)),
         Ok(Err(error)) => {
             let tls_error = error
                 .get_ref()
@@ -77,14 +88,15 @@ pub async fn dial(
 
 /// When a connection to an upstream must end (its certificate's expiry), if ages are capped.
 pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio::time::Instant> {
-    cap.then(|| {
-        let not_after = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| meshid_identity::cert_identity_from_der(leaf).ok())
-            .map_or(0, |i| i.not_after);
-        expiry_instant(not_after)
-    })
+    cap.then(|| expiry_instant(upstream_not_after(tls)))
+}
+
+/// The upstream certificate's not-after (0 when it cannot be read: the connection is over).
+pub fn upstream_not_after(tls: &TlsStream<TcpStream>) -> i64 {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshid_identity::cert_identity_from_der(leaf).ok())
+        .map_or(0, |i| i.not_after)
 }
