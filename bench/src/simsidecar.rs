@@ -2,7 +2,8 @@
 //! CA mode does, without a data plane. A fresh P-256 key and CSR for every certificate; the first with a
 //! service-account token; a `WatchTrustBundle` stream over mTLS; an `AckTrustBundle` (over a
 //! connection presenting the reported certificate) for every bundle received and after every renewal;
-//! renewal at half of the remaining lifetime (±10%), or at once when a bundle says `renew_now`.
+//! renewal at half of the remaining lifetime (±10%), or at once when a bundle says `renew_now`, over the
+//! bundle stream's connection.
 
 use meshid_runtime::time::unix_now;
 use std::sync::Arc;
@@ -125,7 +126,10 @@ impl Sim {
 
     /// Issues a certificate: over mTLS with the current one when it is still valid, else with the
     /// service-account token.
-    async fn issue(&mut self) -> anyhow::Result<()> {
+    /// A renewal goes over `via`, the bundle stream's connection (it presents the current
+    /// certificate), as a real sidecar's does; the first certificate and a failed renewal's retries
+    /// use a connection of their own.
+    async fn issue(&mut self, via: Option<&ca_client::CaClient>) -> anyhow::Result<()> {
         let w = WorkloadKey::new();
         let current = self
             .cert
@@ -135,7 +139,10 @@ impl Sim {
         let renewal = current.is_some();
         let credential =
             (!renewal).then(|| Credential::ServiceAccountToken(self.cfg.token.clone()));
-        let mut client = ca_client::connect(&self.endpoint(), current).await?;
+        let mut client = match via {
+            Some(client) if renewal => client.clone(),
+            _ => ca_client::connect(&self.endpoint(), current).await?,
+        };
         let resp = client
             .issue(IssueRequest {
                 csr: w.csr.clone(),
@@ -165,10 +172,14 @@ impl Sim {
     }
 
     /// Issues until it works (backoff 0.5 s to 5 s), unless stopped.
-    async fn issue_retrying(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn issue_retrying(
+        &mut self,
+        mut via: Option<&ca_client::CaClient>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
         let mut wait = Duration::from_millis(500);
         loop {
-            match self.issue().await {
+            match self.issue(via.take()).await {
                 Ok(()) => return true,
                 Err(_) => self.stats.error(),
             }
@@ -217,7 +228,7 @@ impl Sim {
         }
         while !*stop.borrow() {
             if self.cert.as_ref().is_none_or(|c| c.not_after <= unix_now())
-                && !self.issue_retrying(&mut stop).await
+                && !self.issue_retrying(None, &mut stop).await
             {
                 return;
             }
@@ -274,7 +285,7 @@ impl Sim {
                         self.stats.forced_renewals.fetch_add(1, Ordering::Relaxed);
                         // A new certificate is a new instance: a new stream presents it (and
                         // acknowledges on its first bundle).
-                        return if self.issue_retrying(stop).await {
+                        return if self.issue_retrying(Some(&client), stop).await {
                             Err(Ended::Renewed)
                         } else {
                             Ok(())
@@ -283,7 +294,7 @@ impl Sim {
                     self.ack(&mut client).await;
                 }
                 Event::RenewalDue => {
-                    return if self.issue_retrying(stop).await {
+                    return if self.issue_retrying(Some(&client), stop).await {
                         Err(Ended::Renewed)
                     } else {
                         Ok(())

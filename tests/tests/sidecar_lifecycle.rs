@@ -106,29 +106,49 @@ fn traffic(
     Arc<AtomicUsize>,
     tokio::task::JoinHandle<()>,
 ) {
+    traffic_with(a, 1, Duration::from_millis(20))
+}
+
+/// `clients` loops sending requests through A, each pausing `pause` between requests.
+fn traffic_with(
+    a: &TestSidecar,
+    clients: usize,
+    pause: Duration,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let local = a.outbound[0];
-    let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
-    let task = tokio::spawn(async move {
-        while !s.load(Ordering::Relaxed) {
-            let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
-                f.fetch_add(1, Ordering::Relaxed);
-                break;
-            };
-            match http_request(tcp, false, get("/orders", &[])).await {
-                Ok((200, _, body)) if body.contains(&format!("URI={A}")) => {
-                    o.fetch_add(1, Ordering::Relaxed);
-                }
-                other => {
-                    eprintln!("request failed: {other:?}");
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        loops.spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
                     f.fetch_add(1, Ordering::Relaxed);
+                    break;
+                };
+                match http_request(tcp, false, get("/orders", &[])).await {
+                    Ok((200, _, body)) if body.contains(&format!("URI={A}")) => {
+                        o.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => {
+                        eprintln!("request failed: {other:?}");
+                        f.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+        });
+    }
+    let task = tokio::spawn(async move { while loops.join_next().await.is_some() {} });
     (stop, ok, failed, task)
 }
 
@@ -177,6 +197,132 @@ async fn renewals_under_traffic_fail_nothing_and_use_fresh_keys() {
         m.contains(r#"meshid_sidecar_renewals_total{result="success"}"#),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_retired_at_renewal_and_expiry_fail_no_request_in_flight() {
+    // Both sides renew every ~4 s; A's connection to B ends at every renewal of either side (B
+    // closes it at A's certificate expiry, A retires it when its own certificate is renewed or
+    // B's nears expiry), with eight clients sending back to back. None of that may cost a
+    // request: a retired connection finishes what it took, and takes nothing new.
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(8),
+            max: Duration::from_secs(8),
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, b) = pair(&ca, Duration::from_secs(8)).await;
+    let (stop, ok, failed, task) = traffic_with(&a, 8, Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+    let m = b.metrics().await;
+    let renewed = m
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"meshid_sidecar_renewals_total{result="success"} "#))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(renewed >= 3, "B renewed along the way: {renewed}\n{m}");
+    assert!(ok.load(Ordering::Relaxed) > 200, "traffic flowed");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "no request failed as connections were retired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_renewal_requests_go_out_on_a_connection_presenting_the_new_certificate() {
+    // The upstream ends a connection when the certificate it was opened with expires, with a
+    // GOAWAY that can cross a request on its way. So the outbound side moves to a new connection as
+    // soon as its renewed certificate is in force, long before the old one expires: what the app
+    // behind B sees in `x-forwarded-client-cert` (`Hash=` the presented leaf) shows which.
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(8),
+            max: Duration::from_secs(8),
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, _b) = pair(&ca, Duration::from_secs(8)).await;
+    let leaf = |id: Option<serde_json::Value>| {
+        id.and_then(|v| v["leaf_sha256"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    let send = || async {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        http_request(tcp, false, get("/orders", &[])).await
+    };
+    for round in 0..2 {
+        // A connection to B is open and in use with the current certificate.
+        let before = leaf(identity(&a).await);
+        let (code, _, body) = send().await.expect("request");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&format!("Hash={before}")), "{body}");
+        let mut renewed = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            renewed = leaf(identity(&a).await);
+            if !renewed.is_empty() && renewed != before {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_ne!(renewed, before, "round {round}: A renewed");
+        for _ in 0..5 {
+            let (code, _, body) = send().await.expect("request");
+            assert_eq!(code, 200, "{body}");
+            assert!(
+                body.contains(&format!("Hash={renewed}")),
+                "round {round}: a request after the renewal went out presenting the old \
+                 certificate:\n{body}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_whose_connection_slots_all_hold_bundle_streams_still_renews_every_sidecar() {
+    // Two sidecars, two connections allowed from their address: each bundle stream takes one. A
+    // renewal on a connection of its own would be refused at accept for as long as the streams
+    // stay open (the certificates would run out); on the stream's connection it goes through.
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(6),
+            max: Duration::from_secs(6),
+        },
+        max_connections_per_source: 2,
+        ..CaOptions::default()
+    })
+    .await;
+    let (a, b) = pair(&ca, Duration::from_secs(6)).await;
+    let (stop, ok, failed, task) = traffic(&a);
+    let mut serials: [HashSet<String>; 2] = Default::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+    while serials.iter().any(|s| s.len() < 3) && tokio::time::Instant::now() < deadline {
+        for (seen, sidecar) in serials.iter_mut().zip([&a, &b]) {
+            if let Some(id) = identity(sidecar).await {
+                seen.insert(id["serial"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    task.await.unwrap();
+    let admin = ca.admin_addr;
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        serials.iter().all(|s| s.len() >= 3),
+        "two renewals each: {serials:?}\n{metrics}"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 20, "traffic flowed");
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,27 @@ async fn wait_acked(stats: &[Arc<SimStats>], version: u64, timeout: Duration) ->
     }
 }
 
+/// A wait that ran out, with what explains it: the simulated sidecars' failed calls and what the
+/// CA says it waits for.
+fn stalled(
+    e: anyhow::Error,
+    stats: &[Arc<SimStats>],
+    admin: std::net::SocketAddr,
+) -> anyhow::Error {
+    let errors: u64 = stats.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum();
+    let next = http_get(admin, "/rotation")
+        .ok()
+        .and_then(|(_, body)| {
+            let json = body.split("\r\n\r\n").nth(1)?.to_owned();
+            serde_json::from_str::<serde_json::Value>(&json).ok()
+        })
+        .and_then(|r| r["next_step"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "(no rotation report)".into());
+    e.context(format!(
+        "simulated sidecars' failed calls so far: {errors}; the CA's next step: {next}"
+    ))
+}
+
 /// Min, mean and max of per-sidecar counts.
 fn spread(counts: &[usize]) -> serde_json::Value {
     let n = counts.len().max(1) as f64;
@@ -181,7 +202,16 @@ async fn run(
         ca_bin,
         work,
         args.ca_cpu,
-        &["--ttl", &args.ttl, "--max-ttl", &args.ttl],
+        &[
+            "--ttl",
+            &args.ttl,
+            "--max-ttl",
+            &args.ttl,
+            // Room for the fleet (one connection per sidecar) and then some, as an operator sizes
+            // a CA replica for its fleet.
+            "--max-connections",
+            &(args.sidecars + 1000).to_string(),
+        ],
     )?;
 
     // The fleet: starts spread over half a lifetime, so renewals are spread as in a real fleet.
@@ -211,7 +241,8 @@ async fn run(
         ttl.saturating_mul(2)
             .saturating_add(Duration::from_secs(30)),
     )
-    .await?;
+    .await
+    .map_err(|e| stalled(e, &stats, admin))?;
     // One more half-lifetime: every sidecar renewed once, the fleet is in its steady state.
     tokio::time::sleep(ttl / 2).await;
     let admin_s = admin.to_string();
@@ -248,7 +279,9 @@ async fn run(
     )
     .await?;
     let retired_at = Instant::now();
-    wait_acked(&stats, 3, ttl.saturating_add(Duration::from_secs(30))).await?;
+    wait_acked(&stats, 3, ttl.saturating_add(Duration::from_secs(30)))
+        .await
+        .map_err(|e| stalled(e, &stats, admin))?;
     let converged_at = Instant::now();
     let rotation_cpu = cpu_seconds(ca.pid())? - cpu0;
     let rss_after_rotation_kib = mem(ca.pid())?.rss_kib;

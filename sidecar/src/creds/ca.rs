@@ -31,6 +31,46 @@ pub struct Lifecycle {
     pub renew_now: tokio::sync::Notify,
     /// Signalled by the issuer after each new certificate (so it is acknowledged).
     pub renewed: tokio::sync::Notify,
+    /// The bundle stream's connection while it is open, for renewals to share.
+    pub stream_conn: StreamConn,
+}
+
+/// The connection that carries our bundle stream, published while the stream is open, and the leaf
+/// certificate it presents. A renewal presents that same certificate, so it goes over this
+/// connection as one more HTTP/2 stream instead of a connection of its own: the CA holds one
+/// connection per sidecar, and a CA at its `--max-connections` with every slot taken by bundle
+/// streams still renews everyone (a connection per renewal would be refused at accept, and the
+/// stream it waits beside would hold its slot until the certificate expired).
+#[derive(Debug, Default)]
+pub struct StreamConn(std::sync::Mutex<Option<(Vec<u8>, ca_client::CaClient)>>);
+
+impl StreamConn {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Vec<u8>, ca_client::CaClient)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open stream's connection, if it presents the certificate `leaf`.
+    pub fn presenting(&self, leaf: &[u8]) -> Option<ca_client::CaClient> {
+        self.lock()
+            .as_ref()
+            .filter(|(l, _)| l.as_slice() == leaf)
+            .map(|(_, c)| c.clone())
+    }
+
+    /// Publishes `client` (presenting `leaf`) until the returned guard is dropped.
+    fn publish(&self, leaf: &[u8], client: &ca_client::CaClient) -> Published<'_> {
+        *self.lock() = Some((leaf.to_vec(), client.clone()));
+        Published(self)
+    }
+}
+
+/// Withdraws the published connection when the stream ends (its last clone then closes it).
+struct Published<'a>(&'a StreamConn);
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        self.0.lock().take();
+    }
 }
 
 impl Lifecycle {
@@ -42,6 +82,7 @@ impl Lifecycle {
             applied_version: Default::default(),
             renew_now: Default::default(),
             renewed: Default::default(),
+            stream_conn: StreamConn::default(),
         }
     }
 }
@@ -325,6 +366,7 @@ pub async fn issue_once(
     mode: &CaMode,
     store: &CredentialStore,
     state: &mut IssuerState,
+    stream_conn: &StreamConn,
 ) -> Result<(Arc<Snapshot>, u64), IssueError> {
     state.presented = None;
     let key = KeyPair::generate()?;
@@ -367,18 +409,39 @@ pub async fn issue_once(
         Some(Credential::ServiceAccountToken(_)) => Presented::ServiceAccountToken,
         Some(Credential::JoinToken(_)) => Presented::JoinToken,
     });
-    let mut client =
-        ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert).await?;
-    let resp = client
-        .issue(IssueRequest {
-            csr: csr.der().to_vec(),
-            credential,
-            ttl_seconds: mode
-                .ttl
-                .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
-                .unwrap_or(0),
-        })
-        .await;
+    let req = IssueRequest {
+        csr: csr.der().to_vec(),
+        credential,
+        ttl_seconds: mode
+            .ttl
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+    };
+    // A renewal presents our certificate: over the bundle stream's connection when that one
+    // presents it too (see `StreamConn`). Should that connection have broken under us, a
+    // connection of our own follows at once.
+    let shared = client_cert
+        .as_ref()
+        .and_then(|(chain, _)| chain.first())
+        .and_then(|leaf| stream_conn.presenting(leaf));
+    let resp = match shared {
+        Some(mut client) => match client.issue(req.clone()).await {
+            Err(s) if connection_failed(&s) => {
+                tracing::debug!(error = %s, "renewal on the bundle stream's connection failed; connecting");
+                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
+                    .await?
+                    .issue(req)
+                    .await
+            }
+            other => other,
+        },
+        None => {
+            ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
+                .await?
+                .issue(req)
+                .await
+        }
+    };
     // A join token the CA redeemed, or refused (used, expired, unknown), is not sent again; one it
     // could not look at (rate limit, outage) is.
     if redeeming.is_some()
@@ -430,6 +493,14 @@ pub async fn issue_once(
     Ok((store.set_certificate(creds)?, resp.bundle_version))
 }
 
+/// A call that failed for the connection's sake (the CA itself never answers these codes).
+fn connection_failed(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 async fn read_secret(path: &PathBuf) -> Result<String, IssueError> {
     tokio::fs::read_to_string(path)
         .await
@@ -451,7 +522,7 @@ pub async fn run_issuer(
     let mut backoff = Backoff::for_lifetime(mode.ttl.unwrap_or(Duration::from_secs(3600)));
     let mut state = IssuerState::default();
     loop {
-        let wait = match issue_once(&mode, &store, &mut state).await {
+        let wait = match issue_once(&mode, &store, &mut state, &life.stream_conn).await {
             Ok((snapshot, bundle_version)) => {
                 // The response's trust anchors are that bundle version; it is in use from now on.
                 life.applied_version
@@ -594,6 +665,9 @@ pub async fn run_bundle_watch(
         let result = async {
             let endpoint = endpoint_with_bundle(&mode.endpoint, &store);
             let mut conn = BundleStream::open(&endpoint, &store, &life, false).await?;
+            let _published = conn
+                .leaf()
+                .map(|leaf| life.stream_conn.publish(leaf, &conn.client));
             let mut unacked: Option<UnackedBundle> = None;
             loop {
                 let retry_at = unacked.as_ref().map(|u| u.retry_at);
