@@ -1,6 +1,7 @@
 //! The one admin HTTP server every meshid process runs (plain HTTP/1.1, GET and HEAD only):
 //! `/healthz` (the process is up), `/readyz` (the process's own readiness, with the reason when it is
-//! not ready), `/metrics` (Prometheus text of the registry it is given), and whatever further routes
+//! not ready), `/metrics` (the registry it is given, in OpenMetrics 1.0.0 or, for a scraper whose
+//! `Accept` prefers `text/plain`, Prometheus text 0.0.4: [`crate::exposition`]), and whatever further routes
 //! the process adds through [`AdminRoutes::route`] (JSON documents, forwarded probes).
 
 use std::convert::Infallible;
@@ -18,6 +19,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::exposition::Format;
 
 /// An admin response.
 pub type AdminResponse = Response<Full<Bytes>>;
@@ -94,7 +97,15 @@ fn answer(req: &Request<Incoming>, registry: &Registry, routes: &dyn AdminRoutes
                 format!("not ready: {why}\n"),
             ),
         },
-        "/metrics" if routes.serves_metrics() => metrics(registry),
+        "/metrics" if routes.serves_metrics() => metrics(
+            registry,
+            crate::exposition::negotiate(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            ),
+        ),
         path => match routes.route(path) {
             Some(later) => return Answer::Later(later),
             None => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -102,16 +113,19 @@ fn answer(req: &Request<Incoming>, registry: &Registry, routes: &dyn AdminRoutes
     })
 }
 
-fn metrics(registry: &Registry) -> AdminResponse {
+fn metrics(registry: &Registry, format: Format) -> AdminResponse {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => with_type(
-            StatusCode::OK,
-            body,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n"),
+    if prometheus_client::encoding::text::encode(&mut body, registry).is_err() {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
     }
+    if format == Format::PrometheusText {
+        body = crate::exposition::to_prometheus_text(&body);
+    }
+    let mut resp = with_type(StatusCode::OK, body, format.content_type());
+    // Caches between a scraper and us must keep the formats apart.
+    resp.headers_mut()
+        .insert(header::VARY, header::HeaderValue::from_static("accept"));
+    resp
 }
 
 /// A plain-text answer.
@@ -179,6 +193,26 @@ mod tests {
         assert_eq!(&r.body[..], b"not ready: no certificate loaded\n");
         let r = fetch("/metrics").await;
         assert!(String::from_utf8_lossy(&r.body).contains("meshid_test_total 1"));
+        assert_eq!(
+            r.headers[header::CONTENT_TYPE],
+            crate::exposition::OPENMETRICS
+        );
+        assert!(String::from_utf8_lossy(&r.body).ends_with("# EOF\n"));
+        let headers = [(
+            "accept".to_owned(),
+            "application/openmetrics-text;q=0.5,text/plain;version=0.0.4;q=0.6".to_owned(),
+        )];
+        let mut call = Call::get(addr, "/metrics");
+        call.headers = &headers;
+        let r = send(&call).await.unwrap();
+        assert_eq!(
+            r.headers[header::CONTENT_TYPE],
+            crate::exposition::PROMETHEUS_TEXT
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&r.body),
+            "# HELP meshid_test_total a test counter.\n# TYPE meshid_test_total counter\nmeshid_test_total 1\n"
+        );
         let r = fetch("/doc").await;
         assert_eq!((r.status, &r.body[..]), (200, &b"{\"a\":1}"[..]));
         assert_eq!(fetch("/nope").await.status, 404);

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod exposition;
 
 pub mod http_client;
 pub mod io;
