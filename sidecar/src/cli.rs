@@ -167,6 +167,11 @@ pub struct RunArgs {
     /// `rejected` reload count say so).
     #[arg(long, env = "MESHID_SIDECAR_UNREADY_ON_POLICY_ERROR")]
     pub unready_on_policy_error: bool,
+    /// Add a `peer` label (the verified peer's SPIFFE ID: the client's inbound, the upstream's
+    /// outbound) to the request, request-duration and byte metrics, to see who calls whom. Off by
+    /// default: it multiplies those series by the number of distinct peers.
+    #[arg(long, env = "MESHID_SIDECAR_METRICS_PEER_IDENTITY")]
+    pub metrics_peer_identity: bool,
     /// Certificate chain (PEM, leaf first).
     #[arg(long, env = "MESHID_SIDECAR_CERT")]
     pub cert: Option<PathBuf>,
@@ -313,6 +318,7 @@ impl RunArgs {
             admin_listen,
             stats_listen,
             unready_on_policy_error: self.unready_on_policy_error,
+            metrics_peer_identity: self.metrics_peer_identity,
             creds,
             limits,
         })

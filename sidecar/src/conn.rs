@@ -1,12 +1,15 @@
-//! Pieces every listener shares: the per-listener context, connection permits, and a bidirectional
-//! copy with half-close and an idle timeout.
+//! Pieces every listener shares: the per-listener context, connection permits, byte counting on the
+//! connection's own side ([`Metered`]), and a bidirectional copy with half-close and an idle timeout.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
@@ -87,6 +90,80 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+/// The side of a connection that opened it (the peer's TLS stream inbound, the app's socket
+/// outbound), counting the application bytes read from it (`received`) and written to it (`sent`):
+/// plaintext, HTTP framing included, TLS records excluded. One relaxed atomic add per read or write
+/// on counters resolved when the connection started (see [`crate::metrics::ConnMetrics`]).
+#[derive(Debug)]
+pub struct Metered<T> {
+    inner: T,
+    received: Counter,
+    sent: Counter,
+}
+
+impl<T> Metered<T> {
+    pub fn new(inner: T, metrics: &crate::metrics::ConnMetrics) -> Self {
+        Self {
+            inner,
+            received: metrics.received.clone(),
+            sent: metrics.sent.clone(),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let n = buf.filled().len().saturating_sub(before);
+        if n > 0 {
+            this.received.inc_by(n as u64);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, data))?;
+        this.sent.inc_by(n as u64);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        this.sent.inc_by(n as u64);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -179,6 +256,34 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
         assert_eq!(task.await.unwrap().unwrap(), (4, 4));
+    }
+
+    #[tokio::test]
+    async fn metered_counts_what_crosses_its_side() {
+        let metrics = crate::metrics::Metrics::default();
+        let conn = crate::metrics::ConnMetrics::new(
+            &metrics,
+            "inbound",
+            1,
+            crate::metrics::PeerLabel(None),
+        );
+        let (client, proxy_a) = duplex(64);
+        let (proxy_b, mut server) = duplex(64);
+        let task = tokio::spawn(copy_bidirectional_idle(
+            Metered::new(proxy_a, &conn),
+            proxy_b,
+            Duration::from_secs(5),
+        ));
+        let mut client = client;
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        server.write_all(b"hi").await.unwrap();
+        server.shutdown().await.unwrap();
+        client.read_to_end(&mut got).await.unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!((conn.received.get(), conn.sent.get()), (5, 2));
     }
 
     #[tokio::test(start_paused = true)]

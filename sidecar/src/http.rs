@@ -171,6 +171,19 @@ pub(crate) struct Tunnel {
     pub revoked: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
+/// The protocol label of a request as it reached the sidecar: `grpc` (h2 with a gRPC content type),
+/// `h2` or `http1`.
+pub(crate) fn protocol_of<B>(req: &Request<B>) -> crate::metrics::HttpProtocol {
+    use crate::metrics::HttpProtocol;
+    if is_grpc(req.headers()) {
+        HttpProtocol::Grpc
+    } else if req.version() == Version::HTTP_2 {
+        HttpProtocol::H2
+    } else {
+        HttpProtocol::Http1
+    }
+}
+
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -239,8 +252,6 @@ pub(crate) fn finish_response(
     mut resp: Response<Incoming>,
     tunnel: Option<Tunnel>,
     shared: &Shared,
-    direction: &'static str,
-    port: u16,
 ) -> Response<Body> {
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching && let Some(tunnel) = tunnel {
@@ -285,9 +296,6 @@ pub(crate) fn finish_response(
         });
     }
     strip_hop_by_hop(resp.headers_mut(), switching);
-    shared
-        .metrics
-        .request(direction, port, resp.status().as_u16());
     resp.map(|b| b.boxed())
 }
 

@@ -1,6 +1,13 @@
 //! The sidecar's Prometheus metrics, registered into a registry passed in by the caller. Labels are
-//! low-cardinality: direction, listener port, fixed reason and rule labels.
+//! low-cardinality: direction, listener port, fixed reason and rule labels; peer identities only with
+//! `--metrics-peer-identity`. Every family is listed from the start ([`Listed`]), with its series
+//! once they exist; the per-listener ones exist at once ([`Metrics::listener`]).
 
+mod traffic;
+
+pub use traffic::{ConnMetrics, HttpProtocol, PeerLabel, status_class};
+
+use meshid_runtime::exposition::Listed;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -29,13 +36,6 @@ pub struct AuthzLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub direction: &'static str,
-    pub port: u16,
-    pub code: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -48,7 +48,10 @@ pub struct Metrics {
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
-    pub requests: Family<RequestLabels, Counter>,
+    pub requests: Family<traffic::RequestLabels, Counter>,
+    pub request_durations: traffic::Durations,
+    pub received_bytes: Family<traffic::BytesLabels, Counter>,
+    pub sent_bytes: Family<traffic::BytesLabels, Counter>,
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub credential_updates: Family<ResultLabels, Counter>,
     pub cert_expiry: Gauge,
@@ -61,6 +64,8 @@ pub struct Metrics {
     pub trust_anchors: Gauge,
     pub anchor_oldest_expiry: Gauge,
     pub anchor_newest_expiry: Gauge,
+    /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
+    pub peer_identity: bool,
 }
 
 impl Metrics {
@@ -71,38 +76,57 @@ impl Metrics {
         r.register(
             "connections_open",
             "Open connections",
-            m.connections_open.clone(),
+            Listed(m.connections_open.clone()),
         );
-        r.register("connections", "Accepted connections", m.connections.clone());
+        r.register(
+            "connections",
+            "Accepted connections",
+            Listed(m.connections.clone()),
+        );
         r.register(
             "connections_refused",
             "Connections refused before TLS (limit reached, not ready)",
-            m.connections_refused.clone(),
+            Listed(m.connections_refused.clone()),
         );
         r.register(
             "tls_handshake_failures",
             "Failed TLS handshakes by reason",
-            m.handshake_failures.clone(),
+            Listed(m.handshake_failures.clone()),
         );
         r.register(
             "authz_decisions",
             "Allow-list decisions by decision and rule",
-            m.authz.clone(),
+            Listed(m.authz.clone()),
         );
         r.register(
             "requests",
-            "HTTP requests by status code",
-            m.requests.clone(),
+            "HTTP requests by protocol and status (the sidecar's own answers included)",
+            Listed(m.requests.clone()),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from a request's head arriving to its response's head going back",
+            Listed(m.request_durations.0.clone()),
+        );
+        r.register(
+            "received_bytes",
+            "Application bytes received from the side that opened the connection",
+            Listed(m.received_bytes.clone()),
+        );
+        r.register(
+            "sent_bytes",
+            "Application bytes sent back to the side that opened the connection",
+            Listed(m.sent_bytes.clone()),
         );
         r.register(
             "policy_reloads",
             "Policy file reloads by result",
-            m.policy_reloads.clone(),
+            Listed(m.policy_reloads.clone()),
         );
         r.register(
             "credential_updates",
             "Certificate/key/bundle updates by result",
-            m.credential_updates.clone(),
+            Listed(m.credential_updates.clone()),
         );
         r.register(
             "certificate_expiry_timestamp_seconds",
@@ -122,12 +146,12 @@ impl Metrics {
         r.register(
             "connections_revoked",
             "Open connections (TCP, upgraded tunnels) closed because a new policy no longer allows their peer",
-            m.connections_revoked.clone(),
+            Listed(m.connections_revoked.clone()),
         );
         r.register(
             "renewals",
             "Certificate requests to the CA by result",
-            m.renewals.clone(),
+            Listed(m.renewals.clone()),
         );
         r.register(
             "last_renewal_timestamp_seconds",
@@ -137,7 +161,7 @@ impl Metrics {
         r.register(
             "bundle_updates",
             "Trust bundle updates from the CA by result",
-            m.bundle_updates.clone(),
+            Listed(m.bundle_updates.clone()),
         );
         r.register(
             "trust_anchors",
@@ -189,13 +213,36 @@ impl Metrics {
             .inc();
     }
 
-    pub fn request(&self, direction: &'static str, port: u16, code: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction,
-                port,
-                code,
-            })
-            .inc();
+    /// Creates a listener's series that exist before its first connection (zero-valued), so a fresh
+    /// scrape shows every configured port. Byte series are per peer with `--metrics-peer-identity`:
+    /// made here only when the peer is known in advance (`peer`, an upstream's expected identity).
+    pub fn listener(&self, direction: &'static str, port: u16, peer: Option<&PeerLabel>) {
+        let labels = ConnLabels { direction, port };
+        // Each lookup creates the series; the guard it returns is dropped at once.
+        drop(self.connections.get_or_create(&labels));
+        drop(self.connections_open.get_or_create(&labels));
+        if direction == "inbound" {
+            drop(self.connections_revoked.get_or_create(&labels));
+        }
+        let peer = match (self.peer_identity, peer) {
+            (false, _) => PeerLabel(None),
+            (true, Some(peer)) => peer.clone(),
+            (true, None) => return,
+        };
+        let bytes = traffic::BytesLabels {
+            direction,
+            port,
+            peer,
+        };
+        drop(self.received_bytes.get_or_create(&bytes));
+        drop(self.sent_bytes.get_or_create(&bytes));
+    }
+
+    /// The `peer` label for `id`: the ID with `--metrics-peer-identity`, else none.
+    pub fn peer_label(&self, id: &meshid_identity::SpiffeId) -> PeerLabel {
+        PeerLabel(
+            self.peer_identity
+                .then(|| std::sync::Arc::from(id.as_str())),
+        )
     }
 }

@@ -82,7 +82,8 @@ pub async fn start(
     config: RunConfig,
     registry: &mut Registry,
 ) -> Result<RunningSidecar, StartError> {
-    let metrics = Metrics::register(registry);
+    let mut metrics = Metrics::register(registry);
+    metrics.peer_identity = config.metrics_peer_identity;
     let upstreams = config
         .outbound
         .iter()

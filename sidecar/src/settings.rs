@@ -85,6 +85,8 @@ pub struct RunConfig {
     pub stats_listen: Option<SocketAddr>,
     /// Readiness fails while the newest policy file is rejected (`--unready-on-policy-error`).
     pub unready_on_policy_error: bool,
+    /// Request, duration and byte metrics carry the peer's SPIFFE ID (`--metrics-peer-identity`).
+    pub metrics_peer_identity: bool,
     pub creds: CredSource,
     /// File mode: the CA to report to (`--report-ca-addr`); its roots come from the bundle file.
     pub report_to: Option<CaEndpoint>,

@@ -187,6 +187,8 @@ pub struct SidecarSpec {
     pub stats: bool,
     /// `--unready-on-policy-error`.
     pub unready_on_policy_error: bool,
+    /// `--metrics-peer-identity`.
+    pub metrics_peer_identity: bool,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -248,6 +250,7 @@ impl TestSidecar {
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             stats_listen: spec.stats.then(|| "127.0.0.1:0".parse().expect("addr")),
             unready_on_policy_error: spec.unready_on_policy_error,
+            metrics_peer_identity: spec.metrics_peer_identity,
             creds: spec.creds.clone().unwrap_or_else(|| {
                 CredSource::Files(FileCreds {
                     cert: workload.cert_path.clone(),

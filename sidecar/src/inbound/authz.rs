@@ -82,7 +82,6 @@ impl Authorizer {
         if decision.allowed {
             return Ok(());
         }
-        self.shared.metrics.request("inbound", self.port, 403);
         Err(Box::new(reply(
             StatusCode::FORBIDDEN,
             format!(

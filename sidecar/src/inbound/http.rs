@@ -27,14 +27,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, reply, root_cause,
-    serve_connection, strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
+    APP_H2_HINT, Body, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, protocol_of, reply,
+    root_cause, serve_connection, strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
 };
+use crate::metrics::ConnMetrics;
 use crate::settings::Inbound;
 
 /// App-side HTTP clients of one inbound listener.
 pub struct InboundHttp {
-    port: u16,
     target: SocketAddr,
     /// `target` as a URI authority, parsed once (every request is re-addressed to it).
     authority: http::uri::Authority,
@@ -56,7 +56,6 @@ impl InboundHttp {
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Self {
-            port: spec.listen.port(),
             target: spec.target,
             authority: authority_of(spec.target),
             h1,
@@ -72,13 +71,15 @@ fn authority_of(addr: SocketAddr) -> http::uri::Authority {
         .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"))
 }
 
-/// Serves an authenticated inbound HTTP connection.
+/// Serves an authenticated inbound HTTP connection; every request, allowed or answered by the
+/// sidecar itself, is counted and timed in `metrics` (in one place: here).
 pub async fn serve_inbound<IO>(
     io: IO,
     peer: Peer,
     http: Arc<InboundHttp>,
     shared: &Shared,
     slot: Arc<ConnSlot>,
+    metrics: ConnMetrics,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -89,11 +90,20 @@ pub async fn serve_inbound<IO>(
         peer,
         shared: shared.clone(),
         slot,
+        metrics,
     });
-    let svc = move |req| {
+    let svc = move |req: Request<Incoming>| {
         let http = http.clone();
         let conn = ctx.clone();
-        async move { Ok::<_, Infallible>(inbound_request(req, &conn, &http).await) }
+        async move {
+            // The request head has been read; the response head is sent once we return it.
+            let start = std::time::Instant::now();
+            let protocol = protocol_of(&req);
+            let resp = inbound_request(req, &conn, &http).await;
+            conn.metrics
+                .request(protocol, resp.status().as_u16(), start.elapsed());
+            Ok::<_, Infallible>(resp)
+        }
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
@@ -108,6 +118,7 @@ struct Conn {
     slot: Arc<ConnSlot>,
     /// What every request of the connection tells the app about its caller, made once.
     said: PeerHeaders,
+    metrics: ConnMetrics,
 }
 
 /// The values of the headers that say who called: fixed for a connection (one peer certificate,
@@ -165,7 +176,6 @@ async fn inbound_request(
     http: &InboundHttp,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, &conn.shared);
-    let port = http.port;
     if let Err(denied) = http.authz.request(
         peer,
         req.method().as_str(),
@@ -212,7 +222,6 @@ async fn inbound_request(
     {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => {
-            shared.metrics.request("inbound", port, 400);
             return reply(StatusCode::BAD_REQUEST, "bad request target".into());
         }
     }
@@ -241,7 +250,6 @@ async fn inbound_request(
     };
     let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Err(_) => {
-            shared.metrics.request("inbound", port, 504);
             return reply(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -252,7 +260,6 @@ async fn inbound_request(
         }
         Ok(Err(error)) => {
             tracing::warn!(%error, target = %http.target, "app request failed");
-            shared.metrics.request("inbound", port, 502);
             return reply(
                 StatusCode::BAD_GATEWAY,
                 format!("the app is unreachable: {}", root_cause(&error)),
@@ -260,5 +267,5 @@ async fn inbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp, tunnel, shared, "inbound", port)
+    finish_response(resp, tunnel, shared)
 }

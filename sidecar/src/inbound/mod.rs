@@ -19,8 +19,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use self::http::InboundHttp;
-use crate::conn::{ConnLimit, ConnSlot, Shared};
-use crate::metrics::ConnLabels;
+use crate::conn::{ConnLimit, ConnSlot, Metered, Shared};
+use crate::metrics::{ConnLabels, ConnMetrics};
 use crate::settings::Inbound;
 use authz::{Authorizer, Peer};
 
@@ -29,6 +29,7 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
     let port = spec.listen.port();
     let authz = Authorizer::new(port, shared.clone());
     let http = Arc::new(InboundHttp::new(&spec, &shared, authz.clone()));
+    shared.metrics.listener("inbound", port, None);
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) =
         meshid_runtime::net::accept(&listener, &mut shutdown, "inbound").await
@@ -142,8 +143,15 @@ async fn handle(
     };
     let peer = Peer { verified, addr };
     tracing::debug!(peer = %peer.id(), "peer authenticated");
+    let metrics = ConnMetrics::new(
+        &shared.metrics,
+        "inbound",
+        port,
+        shared.metrics.peer_label(peer.id()),
+    );
+    let tls = Metered::new(tls, &metrics);
     match spec.protocol {
         Protocol::Tcp => tcp::proxy(tls, peer, authz, spec, shared).await,
-        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared, slot).await,
+        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared, slot, metrics).await,
     }
 }

@@ -2,6 +2,7 @@
 //! the peer and the app until either side closes, the connection idles out, the peer's
 //! certificate expires, or a new policy no longer allows the peer.
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::authz::{Authorizer, Peer};
@@ -10,7 +11,7 @@ use crate::settings::Inbound;
 
 /// Proxies one authenticated TCP connection to the app, if the policy allows it.
 pub async fn proxy(
-    tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    tls: impl AsyncRead + AsyncWrite + Unpin,
     peer: Peer,
     authz: &Authorizer,
     spec: &Inbound,

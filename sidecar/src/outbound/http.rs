@@ -13,8 +13,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::upstream::H2Upstream;
 use crate::conn::Shared;
 use crate::http::{
-    APP_H2_HINT, Body, finish_response, is_upgrade, reply, serve_connection, strip_hop_by_hop,
+    APP_H2_HINT, Body, finish_response, is_upgrade, protocol_of, reply, serve_connection,
+    strip_hop_by_hop,
 };
+use crate::metrics::ConnMetrics;
 
 /// One outbound HTTP listener's client: pooled h2 over mTLS to the peer sidecar.
 pub struct OutboundHttp {
@@ -23,16 +25,29 @@ pub struct OutboundHttp {
     pub upstream: H2Upstream,
 }
 
-/// Serves the app's plaintext HTTP connection on an outbound listener.
-pub async fn serve_outbound<IO>(io: IO, out: Arc<OutboundHttp>, shared: &Shared)
-where
+/// Serves the app's plaintext HTTP connection on an outbound listener; every request, relayed or
+/// answered by the sidecar itself, is counted and timed in `metrics` (in one place: here).
+pub async fn serve_outbound<IO>(
+    io: IO,
+    out: Arc<OutboundHttp>,
+    shared: &Shared,
+    metrics: ConnMetrics,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = Arc::new(shared.clone());
-    let svc = move |req| {
+    let ctx = Arc::new((shared.clone(), metrics));
+    let svc = move |req: Request<Incoming>| {
         let out = out.clone();
-        let shared = ctx.clone();
-        async move { Ok::<_, Infallible>(outbound_request(req, &out, &shared).await) }
+        let ctx = ctx.clone();
+        async move {
+            // The request head has been read; the response head is sent once we return it.
+            let start = std::time::Instant::now();
+            let protocol = protocol_of(&req);
+            let resp = outbound_request(req, &out, &ctx.0).await;
+            ctx.1
+                .request(protocol, resp.status().as_u16(), start.elapsed());
+            Ok::<_, Infallible>(resp)
+        }
     };
     serve_connection(io, shared, None, svc).await;
 }
@@ -68,9 +83,7 @@ async fn outbound_request(
     out: &OutboundHttp,
     shared: &Shared,
 ) -> Response<Body> {
-    let port = out.port;
     if is_upgrade(&req) {
-        shared.metrics.request("outbound", port, 501);
         return reply(
             StatusCode::NOT_IMPLEMENTED,
             "protocol upgrades are not supported on outbound HTTP listeners; use a tcp upstream"
@@ -81,7 +94,6 @@ async fn outbound_request(
     let authority = match upstream_authority(&req, &out.remote) {
         Ok(a) => a,
         Err(reason) => {
-            shared.metrics.request("outbound", port, 400);
             return reply(StatusCode::BAD_REQUEST, reason);
         }
     };
@@ -98,7 +110,6 @@ async fn outbound_request(
     {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => {
-            shared.metrics.request("outbound", port, 400);
             return reply(StatusCode::BAD_REQUEST, "bad request target".into());
         }
     }
@@ -114,7 +125,6 @@ async fn outbound_request(
         .await
     {
         Err(_) => {
-            shared.metrics.request("outbound", port, 504);
             return reply(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -125,7 +135,6 @@ async fn outbound_request(
         }
         Ok(Err(reason)) => {
             tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
-            shared.metrics.request("outbound", port, 502);
             return reply(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {} refused: {reason}", out.remote),
@@ -133,7 +142,7 @@ async fn outbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp, None, shared, "outbound", port)
+    finish_response(resp, None, shared)
 }
 
 #[cfg(test)]

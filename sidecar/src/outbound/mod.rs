@@ -14,8 +14,8 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use self::http::OutboundHttp;
-use crate::conn::{ConnLimit, ConnSlot, Shared};
-use crate::metrics::ConnLabels;
+use crate::conn::{ConnLimit, ConnSlot, Metered, Shared};
+use crate::metrics::{ConnLabels, ConnMetrics};
 use crate::settings::Outbound;
 use upstream::H2Upstream;
 
@@ -35,6 +35,10 @@ pub async fn serve(
             upstream: H2Upstream::new(spec.clone(), index, shared.clone()),
         })
     });
+    // The upstream's verified identity is the expected one (the handshake refuses any other), so
+    // the peer label is known before the first connection.
+    let peer = shared.metrics.peer_label(&spec.expected);
+    shared.metrics.listener("outbound", port, Some(&peer));
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) =
         meshid_runtime::net::accept(&listener, &mut shutdown, "outbound").await
@@ -47,6 +51,7 @@ pub async fn serve(
         let shared = shared.clone();
         let spec = spec.clone();
         let http = http.clone();
+        let peer = peer.clone();
         let span = tracing::info_span!("outbound", port, upstream = %spec.remote, app_addr = %addr);
         tokio::spawn(
             async move {
@@ -61,9 +66,11 @@ pub async fn serve(
                     .get_or_create(&labels)
                     .clone();
                 let _slot = ConnSlot::new(permit, open);
+                let metrics = ConnMetrics::new(&shared.metrics, "outbound", port, peer);
+                let app = Metered::new(tcp, &metrics);
                 match http {
-                    Some(http) => self::http::serve_outbound(tcp, http, &shared).await,
-                    None => tcp::proxy(tcp, &spec, index, &shared).await,
+                    Some(http) => self::http::serve_outbound(app, http, &shared, metrics).await,
+                    None => tcp::proxy(app, &spec, index, &shared).await,
                 }
             }
             .instrument(span),

@@ -1,14 +1,19 @@
 //! Outbound TCP: the app's plaintext bytes flow to the upstream over mTLS until either side closes,
 //! the connection idles out, or the upstream's certificate expires.
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::dial::{dial, upstream_deadline};
 use crate::conn::{Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
 
-pub async fn proxy(app: TcpStream, spec: &Outbound, index: usize, shared: &Shared) {
+pub async fn proxy(
+    app: impl AsyncRead + AsyncWrite + Unpin,
+    spec: &Outbound,
+    index: usize,
+    shared: &Shared,
+) {
     let tls = match dial(spec, index, shared).await {
         Ok(tls) => tls,
         Err(error) => {
