@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs the outside tools the end-to-end tests check our work with, if missing:
-# openssl and curl (Debian packages), and Python's grpcio + grpcio-tools (PyPI).
+# openssl and curl (Debian packages), Python's grpcio + grpcio-tools (PyPI), and promtool (from
+# Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
+# server, user or service).
 # Idempotent; needs root (or sudo) only when a Debian package is missing.
 set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
@@ -19,4 +22,16 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools 2>&1 | grep -v "Running pip as the 'root' user" || true
   python3 -c 'import grpc, grpc_tools'
 fi
-echo "test tools: openssl $(openssl version | cut -d' ' -f2), $(curl --version | head -1 | cut -d' ' -f1-2), grpcio $(python3 -c 'import grpc; print(grpc.__version__)')"
+PROMTOOL="$ROOT/.tools/promtool/bin/promtool"
+if [ ! -x "$PROMTOOL" ]; then
+  echo "installing: promtool (Debian package prometheus, unpacked into .tools/promtool)"
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  # Downloaded as the current user into a directory of ours (apt's _apt user cannot write there).
+  download() { (cd "$tmp" && apt-get download -q -o APT::Sandbox::User="$(id -un)" prometheus >/dev/null); }
+  download || { $SUDO apt-get update -qq && download; }
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p "$(dirname "$PROMTOOL")"
+  cp "$tmp/root/usr/bin/promtool" "$PROMTOOL"
+fi
+echo "test tools: openssl $(openssl version | cut -d' ' -f2), $(curl --version | head -1 | cut -d' ' -f1-2), grpcio $(python3 -c 'import grpc; print(grpc.__version__)'), promtool $("$PROMTOOL" --version 2>&1 | head -1 | cut -d' ' -f3)"

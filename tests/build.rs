@@ -32,6 +32,22 @@ fn main() {
             None => println!("cargo::rerun-if-changed=/nonexistent/{tool}"),
         }
     }
+    // promtool: scripts/install-test-tools.sh puts it in the workspace's .tools/promtool/bin.
+    println!("cargo::rustc-check-cfg=cfg(have_promtool)");
+    let local =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/promtool/bin/promtool");
+    println!("cargo::rerun-if-changed={}", local.display());
+    let promtool = local
+        .is_file()
+        .then(|| local.clone())
+        .or_else(|| find("promtool"));
+    if promtool.is_some() || ci {
+        println!("cargo::rustc-cfg=have_promtool");
+    }
+    println!(
+        "cargo::rustc-env=MESHID_TEST_PROMTOOL={}",
+        promtool.unwrap_or(local).display()
+    );
     println!("cargo::rustc-check-cfg=cfg(have_grpcio)");
     let grpcio = Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
