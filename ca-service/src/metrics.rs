@@ -1,5 +1,6 @@
 //! The CA's Prometheus metrics, registered into a registry the caller passes in.
 
+use meshid_runtime::exposition::Listed;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -87,7 +88,7 @@ impl Metrics {
         r.register(
             "issue_requests",
             "Issue calls by authentication method and result",
-            m.issue_requests.clone(),
+            Listed(m.issue_requests.clone()),
         );
         r.register(
             "issue_duration_seconds",
@@ -122,42 +123,42 @@ impl Metrics {
         r.register(
             "tls_handshake_failures",
             "TLS handshakes that failed or timed out, by reason (the sidecar's reasons)",
-            m.handshake_failures.clone(),
+            Listed(m.handshake_failures.clone()),
         );
         r.register(
             "connections_refused",
             "Connections refused at a connection limit, by limit (max_connections, max_connections_per_source)",
-            m.connections_refused.clone(),
+            Listed(m.connections_refused.clone()),
         );
         r.register(
             "connections_closed",
             "Connections the CA ended itself, by reason (idle_timeout, max_connection_age)",
-            m.connections_closed.clone(),
+            Listed(m.connections_closed.clone()),
         );
         r.register(
             "authority_root_expiry_timestamp_seconds",
             "Not-after of each authority's root, by authority and rotation state",
-            m.authority_root_expiry.clone(),
+            Listed(m.authority_root_expiry.clone()),
         );
         r.register(
             "authority_intermediate_expiry_timestamp_seconds",
             "Not-after of each authority's signing intermediate",
-            m.authority_intermediate_expiry.clone(),
+            Listed(m.authority_intermediate_expiry.clone()),
         );
         r.register(
             "authority_live_certificates",
             "Live certificates issued under each authority (by this CA process)",
-            m.authority_live_certificates.clone(),
+            Listed(m.authority_live_certificates.clone()),
         );
         r.register(
             "sidecars",
             "Connected sidecars by the bundle version they acknowledged",
-            m.sidecars_by_version.clone(),
+            Listed(m.sidecars_by_version.clone()),
         );
         r.register(
             "jwks_refreshes",
             "Loads of the service-account issuer's JWKS (fetches, or file reloads), by result (ok, error)",
-            m.jwks_refreshes.clone(),
+            Listed(m.jwks_refreshes.clone()),
         );
         r.register(
             "jwks_last_success_timestamp_seconds",

@@ -3,6 +3,7 @@
 //! calls the webhook with it, and when it lapses every pod creation in an opted-in namespace fails
 //! (or, with `failurePolicy: Ignore`, pods start without a sidecar).
 
+use meshid_runtime::exposition::Listed;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -52,12 +53,12 @@ impl InjectorMetrics {
         r.register(
             "reviews",
             "Admission reviews answered, by result",
-            m.reviews.clone(),
+            Listed(m.reviews.clone()),
         );
         r.register(
             "reloads",
             "Changed serving-certificate or trust-bundle files, applied or rejected",
-            m.reloads.clone(),
+            Listed(m.reloads.clone()),
         );
         r.register(
             "serving_certificate_expiry_timestamp_seconds",
@@ -72,7 +73,7 @@ impl InjectorMetrics {
         r.register(
             "connections_refused",
             "Webhook connections closed at accept, by the limit they hit",
-            m.connections_refused.clone(),
+            Listed(m.connections_refused.clone()),
         );
         r.register(
             "connections_open",
@@ -82,7 +83,7 @@ impl InjectorMetrics {
         r.register(
             "requests_refused",
             "Webhook requests answered with an HTTP error before review, by reason",
-            m.requests_refused.clone(),
+            Listed(m.requests_refused.clone()),
         );
         m
     }
