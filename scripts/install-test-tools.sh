@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the outside tools the end-to-end tests check our work with, if missing:
-# openssl and curl (Debian packages), Python's grpcio + grpcio-tools (PyPI), and promtool (from
+# openssl and curl (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
+# and promtool (from
 # Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
 # server, user or service).
 # Idempotent; needs root (or sudo) only when a Debian package is missing.
@@ -21,6 +22,13 @@ if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   echo "installing: grpcio grpcio-tools (pip)"
   python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools 2>&1 | grep -v "Running pip as the 'root' user" || true
   python3 -c 'import grpc, grpc_tools'
+fi
+# The Prometheus project's Python client: its strict OpenMetrics parser checks our OpenMetrics
+# answers (promtool reads only the 0.0.4 text format).
+if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+  echo "installing: prometheus-client (pip)"
+  python3 -m pip install -q --disable-pip-version-check prometheus-client 2>&1 | grep -v "Running pip as the 'root' user" || true
+  python3 -c 'import prometheus_client.openmetrics.parser'
 fi
 PROMTOOL="$ROOT/.tools/promtool/bin/promtool"
 if [ ! -x "$PROMTOOL" ]; then

@@ -56,4 +56,12 @@ fn main() {
     if grpcio || ci {
         println!("cargo::rustc-cfg=have_grpcio");
     }
+    println!("cargo::rustc-check-cfg=cfg(have_openmetrics_parser)");
+    let parser = Command::new("python3")
+        .args(["-c", "import prometheus_client.openmetrics.parser"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if parser || ci {
+        println!("cargo::rustc-cfg=have_openmetrics_parser");
+    }
 }

@@ -2,8 +2,8 @@
 //! parsed, so the doc and the code cannot drift apart) is there from the start, with `# HELP` and
 //! `# TYPE`, in OpenMetrics and in Prometheus text 0.0.4, and nothing undocumented is; and after
 //! traffic through a sidecar pair, promtool (Prometheus' own checker) finds nothing wrong with any
-//! endpoint's 0.0.4 text. (promtool 2.42 reads only that format: OpenMetrics is checked by the
-//! documented-families test and by the runtime's conversion tests.)
+//! endpoint's 0.0.4 text (promtool 2.42 reads only that format), nor the Prometheus project's
+//! Python client's strict OpenMetrics parser with any endpoint's OpenMetrics.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -94,7 +94,8 @@ fn families(body: &str) -> BTreeSet<String> {
 }
 
 /// A CA, an injector, and sidecars A (outbound, with `--metrics-peer-identity`) and B (inbound),
-/// as real processes.
+/// as real processes, every listener on its own loopback address `ip` (one per test, so that no
+/// other test takes a port between `free_addr` and the bind).
 struct Stack {
     _dir: tempfile::TempDir,
     _procs: Vec<Proc>,
@@ -119,20 +120,20 @@ fn ca_dir(dir: &Path) -> std::path::PathBuf {
 }
 
 impl Stack {
-    async fn start() -> Self {
+    async fn start(ip: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut procs = Vec::new();
 
         let ca_dir = ca_dir(dir.path());
         let jwks = dir.path().join("jwks.json");
         FakeCluster::new().write_jwks(&jwks);
-        let ca = free_addr("127.0.0.1");
+        let ca = free_addr(ip);
         procs.push(Proc::spawn(
             "meshid-ca",
             Command::new(workspace_bin("meshid-ca"))
                 .args(["serve", "--dir"])
                 .arg(&ca_dir)
-                .args(["--listen", &free_addr("127.0.0.1").to_string()])
+                .args(["--listen", &free_addr(ip).to_string()])
                 .args(["--admin-listen", &ca.to_string(), "--san", "localhost"])
                 .arg("--jwks")
                 .arg(&jwks)
@@ -148,7 +149,7 @@ impl Stack {
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let injector = free_addr("127.0.0.1");
+        let injector = free_addr(ip);
         procs.push(Proc::spawn(
             "meshid-injector",
             Command::new(workspace_bin("meshid-injector"))
@@ -158,15 +159,15 @@ impl Stack {
                 .arg(tls.join("tls.key"))
                 .arg("--trust-bundle")
                 .arg(ca_dir.join("bundle.pem"))
-                .args(["--listen", &free_addr("127.0.0.1").to_string()])
+                .args(["--listen", &free_addr(ip).to_string()])
                 .args(["--admin-listen", &injector.to_string()])
                 .args(["--sidecar-image", "registry.example/meshid/sidecar:0.1.0"])
                 .args(["--ca-addr", "meshid-ca.meshid.svc:8443"])
                 .env("MESHID_LOG", "warn"),
         ));
 
-        let http_app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let tcp_app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_app = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let tcp_app = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let (http_target, tcp_target) = (
             http_app.local_addr().unwrap(),
             tcp_app.local_addr().unwrap(),
@@ -189,11 +190,7 @@ impl Stack {
                 .env("MESHID_LOG", "warn");
             cmd
         };
-        let (b, b_http, b_tcp) = (
-            free_addr("127.0.0.1"),
-            free_addr("127.0.0.1"),
-            free_addr("127.0.0.1"),
-        );
+        let (b, b_http, b_tcp) = (free_addr(ip), free_addr(ip), free_addr(ip));
         let policy = dir.path().join("policy.yaml");
         std::fs::write(
             &policy,
@@ -212,11 +209,7 @@ impl Stack {
                 .arg("--policy")
                 .arg(&policy),
         ));
-        let (a, a_http, a_tcp) = (
-            free_addr("127.0.0.1"),
-            free_addr("127.0.0.1"),
-            free_addr("127.0.0.1"),
-        );
+        let (a, a_http, a_tcp) = (free_addr(ip), free_addr(ip), free_addr(ip));
         procs.push(Proc::spawn(
             "meshid-sidecar A",
             sidecar(A, a)
@@ -276,7 +269,7 @@ impl Stack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_family_is_served_from_the_start() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("127.0.0.61").await;
     let documented = documented();
     for (who, prefix, addr) in stack.endpoints() {
         let names = &documented.iter().find(|(p, _)| p == prefix).unwrap().1;
@@ -325,7 +318,7 @@ async fn every_documented_family_is_served_from_the_start() {
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_finds_nothing_wrong_on_any_endpoint_after_traffic() {
-    let stack = Stack::start().await;
+    let stack = Stack::start("127.0.0.62").await;
     stack.traffic().await;
     let promtool = env!("MESHID_TEST_PROMTOOL");
     let dir = tempfile::tempdir().unwrap();
@@ -380,4 +373,37 @@ async fn promtool_finds_nothing_wrong_on_any_endpoint_after_traffic() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(received, Some(4), "the TCP app sent 4 bytes\n{a}");
+}
+
+#[cfg_attr(
+    not(have_openmetrics_parser),
+    ignore = "python3 with prometheus-client is not installed (scripts/install-test-tools.sh)"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openmetrics_parser_accepts_every_endpoint_after_traffic() {
+    let stack = Stack::start("127.0.0.63").await;
+    stack.traffic().await;
+    let dir = tempfile::tempdir().unwrap();
+    for (who, _, addr) in stack.endpoints() {
+        let (_, om) = scrape(addr, None).await;
+        let file = dir.path().join("metrics.om");
+        std::fs::write(&file, &om).unwrap();
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys\n\
+                 from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+                 print(len(list(text_string_to_metric_families(sys.stdin.read()))))",
+            )
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "OpenMetrics parser on {who}: {}\n{om}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let parsed: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(parsed, families(&om).len(), "{who}: families parsed");
+    }
 }
