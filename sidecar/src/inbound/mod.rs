@@ -151,7 +151,11 @@ async fn handle(
     );
     let tls = Metered::new(tls, &metrics);
     match spec.protocol {
-        Protocol::Tcp => tcp::proxy(tls, peer, authz, spec, shared).await,
+        Protocol::Tcp => {
+            // The stream holds the byte counters; nothing else of them is needed for its life.
+            drop(metrics);
+            tcp::proxy(tls, peer, authz, spec, shared).await
+        }
         Protocol::Http => self::http::serve_inbound(tls, peer, http, shared, slot, metrics).await,
     }
 }

@@ -70,7 +70,11 @@ pub async fn serve(
                 let app = Metered::new(tcp, &metrics);
                 match http {
                     Some(http) => self::http::serve_outbound(app, http, &shared, metrics).await,
-                    None => tcp::proxy(app, &spec, index, &shared).await,
+                    None => {
+                        // The stream holds the byte counters.
+                        drop(metrics);
+                        tcp::proxy(app, &spec, index, &shared).await
+                    }
                 }
             }
             .instrument(span),
