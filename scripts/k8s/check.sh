@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Proves the Helm chart and the injector's output without a cluster:
 #  1. renders helm/meshid with the required values only, with every documented option
-#     (scripts/k8s/values/all-options.yaml) and with everything optional off (minimal-off.yaml),
-#     and checks that rendering without the required values fails with a clear message;
+#     (scripts/k8s/values/all-options.yaml), with everything optional off (minimal-off.yaml) and
+#     with each source of the injector's serving certificate (webhook-cert-manager.yaml,
+#     webhook-secret.yaml), and checks that rendering without the required values fails with a
+#     clear message;
 #  2. helm lint --strict (each values set) and a values.schema.json check (wrong type, unknown key);
 #  3. kubernetes-validate --strict against Kubernetes 1.30 and the newest schema it ships (1.37),
 #     for every rendered object and for the pods the injector produces (inject_webhook test output);
+#     objects of CRDs it does not know (monitoring.coreos.com, cert-manager.io) are left out of it
+#     and checked for shape by scripts/k8s/crd_shapes.py instead;
 #  4. checkov (framework kubernetes) with zero failures outside the skip list below;
 #  5. the Dockerfiles in docker/ without a Docker engine: hadolint (zero findings outside the ignore
 #     list below), checkov --framework dockerfile (zero failures outside its skip list), every
@@ -51,10 +55,18 @@ declare -A SETS=(
   [defaults]=""
   [all-options]="scripts/k8s/values/all-options.yaml"
   [minimal-off]="scripts/k8s/values/minimal-off.yaml"
+  [webhook-cert-manager]="scripts/k8s/values/webhook-cert-manager.yaml"
+  [webhook-secret]="scripts/k8s/values/webhook-secret.yaml"
+)
+# Values a set needs beyond its file: the user's webhook CA (any real PEM; the mesh bundle here).
+declare -A SET_ARGS=(
+  [webhook-secret]="--set-file injector.tls.caBundle=$OUT/ca/bundle.pem"
 )
 for name in "${!SETS[@]}"; do
   extra=()
   [ -n "${SETS[$name]}" ] && extra=(-f "${SETS[$name]}")
+  # shellcheck disable=SC2206 # word splitting intended: flag and value
+  [ -n "${SET_ARGS[$name]:-}" ] && extra+=(${SET_ARGS[$name]})
   "$HELM" lint --strict "$CHART" "${extra[@]}" "${REQUIRED[@]}" >"$OUT/lint-$name.txt" 2>&1 ||
     { cat "$OUT/lint-$name.txt"; fail "helm lint --strict ($name)"; }
   mkdir -p "$OUT/render/$name"
@@ -78,6 +90,11 @@ expect_fail "wrong type" "replicas" "${REQUIRED[@]}" --set ca.replicas=two
 expect_fail "bad enum" "failurePolicy" "${REQUIRED[@]}" --set injector.failurePolicy=Sometimes
 expect_fail "per-namespace bundles (gone)" "trustBundle.namespaces is gone" "${REQUIRED[@]}" --set 'trustBundle.namespaces={shop}'
 expect_fail "unknown injector.tls key" "injector" "${REQUIRED[@]}" --set injector.tls.secret=x
+expect_fail "unknown webhook certificate source" "source" "${REQUIRED[@]}" --set injector.tls.source=vault
+expect_fail "secret source without its CA" "injector.tls.caBundle" "${REQUIRED[@]}" --set injector.tls.source=secret
+expect_fail "issuerRef without a name" "issuerRef" "${REQUIRED[@]}" --set injector.tls.source=certManager --set injector.tls.certManager.issuerRef.kind=ClusterIssuer
+expect_fail "HPA min above max" "minReplicas must not exceed" "${REQUIRED[@]}" --set ca.autoscaling.enabled=true --set ca.autoscaling.minReplicas=5 --set ca.autoscaling.maxReplicas=3
+expect_fail "unknown prometheus key" "servicemonitors\|prometheus" "${REQUIRED[@]}" --set prometheus.servicemonitors.enabled=true
 
 echo "== injector: own TLS Secret, no CA key, one bundle ConfigMap"
 "$VENV/python" - "$OUT/render/defaults/all.yaml" <<'PY' || fail "injector wiring"
@@ -134,28 +151,16 @@ for name, discovery in (("defaults", True), ("all-options", True), ("minimal-off
     print(f"{name}: CA {'discovers its JWKS (issuer-discovery ClusterRoleBinding only, projected token)' if discovery else 'reads a JWKS file (no token, no RBAC)'}")
 PY
 
+echo "== webhook certificate sources, knobs, HPA, probes, dashboard"
+"$VENV/python" scripts/k8s/chart_wiring.py "$OUT/render" "$OUT/ca/bundle.pem" || fail "chart wiring"
+
 echo "== injected pods (inject_webhook test output)"
 mkdir -p "$OUT/injected"
 MESHID_INJECT_OUT="$OUT/injected" "${CARGO:-cargo}" nextest run -p meshid-tests --test inject_webhook --test helm_test_pods --no-fail-fast --status-level fail --final-status-level fail
 ls "$OUT/injected"/*.json >/dev/null || fail "no injected pods written"
 
-echo "== PrometheusRule (a CRD: checked for shape here, left out of the core-schema validation)"
-"$VENV/python" - "$OUT"/render/*/all.yaml <<'PY' || fail "PrometheusRule"
-import sys, yaml
-found = 0
-for path in sys.argv[1:]:
-    docs = [d for d in yaml.safe_load_all(open(path)) if d]
-    core = [d for d in docs if not d.get("apiVersion", "").startswith("monitoring.coreos.com/")]
-    for d in docs:
-        if d.get("kind") == "PrometheusRule":
-            found += 1
-            rules = [r for g in d["spec"]["groups"] for r in g["rules"]]
-            assert rules and all(r.get("alert") and r.get("expr") for r in rules), rules
-    with open(path.replace("all.yaml", "core.yaml"), "w") as f:
-        yaml.safe_dump_all(core, f)
-assert found >= 1, "all-options renders a PrometheusRule"
-print(f"PrometheusRule: {found} rendered, rules well-formed")
-PY
+echo "== custom resources (CRDs: checked for shape here, left out of the core-schema validation)"
+"$VENV/python" scripts/k8s/crd_shapes.py "$OUT/injected" "$OUT"/render/*/all.yaml || fail "custom resources"
 
 echo "== kubernetes-validate --strict"
 for v in "${K8S_VERSIONS[@]}"; do

@@ -107,3 +107,24 @@ imagePullSecrets:
 {{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The Secret the injector serves from: cert-manager's (chart-named) or the user's. */}}
+{{- define "meshid.injectorTlsSecret" -}}
+{{- if eq .Values.injector.tls.source "certManager" -}}
+{{ include "meshid.fullname" . }}-injector-tls
+{{- else -}}
+{{ .Values.injector.tls.existingSecret }}
+{{- end -}}
+{{- end -}}
+
+{{/* The webhook's caBundle (base64), by injector.tls.source; empty with certManager (cainjector fills it). */}}
+{{- define "meshid.webhookCaBundle" -}}
+{{- if eq .Values.injector.tls.source "webhookCert" -}}
+{{ .Values.ca.trustBundle | b64enc }}
+{{- else if eq .Values.injector.tls.source "secret" -}}
+{{- if not (contains "-----BEGIN CERTIFICATE-----" .Values.injector.tls.caBundle) -}}
+{{- fail "injector.tls.source=secret needs injector.tls.caBundle: the PEM CA certificate(s) that verify the Secret's certificate (--set-file injector.tls.caBundle=ca.crt)" -}}
+{{- end -}}
+{{ .Values.injector.tls.caBundle | b64enc }}
+{{- end -}}
+{{- end -}}
