@@ -114,6 +114,10 @@ def main():
     assert d["spec"]["replicas"] == 2, d["spec"]
     anti = pod(d)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname", anti
+    for component in ("ca", "injector"):
+        spec = pod(one(sets["webhook-secret"], "Deployment", f"-{component}"))
+        hard = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert hard[0]["topologyKey"] == "kubernetes.io/hostname", hard
     ca = one(ao, "Deployment", "-ca")
     assert "replicas" not in ca["spec"], "the HPA owns the CA's replicas"
     hpa = one(ao, "HorizontalPodAutoscaler")
@@ -137,7 +141,7 @@ def main():
     inj = one(ao, "Deployment", "-injector")["spec"]["template"]
     assert inj["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "true"}, inj["metadata"]
     assert inj["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "topology.kubernetes.io/zone"
-    report.append("knobs: HPA (3-9, 60% CPU) and no Deployment replicas; pod labels, annotations, affinity, topologySpreadConstraints, extraArgs/Env/Volumes/VolumeMounts on both")
+    report.append("default anti-affinity soft (defaults) and hard (webhook-secret); knobs: HPA (3-9, 60% CPU) and no Deployment replicas; pod labels, annotations, affinity, topologySpreadConstraints, extraArgs/Env/Volumes/VolumeMounts on both")
     print("\n".join(report))
 
 
