@@ -18,6 +18,9 @@ use crate::tls::ListenerLimits;
 
 pub use meshid_runtime::EXIT_USAGE;
 
+mod check;
+pub use check::{CheckArgs, Output};
+
 /// Environment twins renamed after their flags, `(new, old)`; the old names still work, with a
 /// warning.
 pub const RENAMED_ENV: &[(&str, &str)] = &[
@@ -74,6 +77,11 @@ pub enum Command {
     /// chart: `meshid-ca secret --dir ./ca | kubectl apply -f -` creates it, and updates it after
     /// every rotation step.
     Secret(SecretArgs),
+    /// Check an installed mesh from outside: the CA (readiness, TLS, rotation, expiries), the
+    /// injector's webhook certificate against its caBundle, the CA's JWKS against the cluster's,
+    /// and sidecars renewing. Each check says what is wrong and how to fix it; exit 1 when one
+    /// fails.
+    Check(Box<CheckArgs>),
 }
 
 #[derive(Debug, Args)]

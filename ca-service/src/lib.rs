@@ -8,6 +8,7 @@ pub mod auth;
 pub mod authorities;
 pub mod authority;
 pub mod ca_dir;
+pub mod check;
 pub mod cli;
 pub mod csr;
 pub mod issued;

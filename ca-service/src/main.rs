@@ -1,5 +1,5 @@
-//! `meshid-ca`: init a CA, serve it, create join tokens, rotate, issue the injector's certificate. Bad configuration exits with code 64 after
-//! naming every bad setting.
+//! `meshid-ca`: init a CA, serve it, create join tokens, rotate, issue the injector's certificate,
+//! check an install. Bad configuration exits with code 64 after naming every bad setting.
 
 use std::process::ExitCode;
 
@@ -98,6 +98,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Rotate { command } => rotate(command),
+        Command::Check(args) => check(*args),
         Command::WebhookCert(args) => webhook_cert(&args),
         Command::Secret(args) => {
             let yaml = meshid_ca::k8s_secret::manifest(&args.dir, &args.name, &args.namespace)
@@ -151,6 +152,36 @@ fn webhook_cert(args: &WebhookCertArgs) -> Result<(), Failure> {
         println!(
             "capped by the intermediate's expiry: renew it after the next `meshid-ca rotate intermediate`"
         );
+    }
+    Ok(())
+}
+
+fn check(args: meshid_ca::cli::CheckArgs) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let in_cluster = std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .zip(std::env::var("KUBERNETES_SERVICE_PORT").ok());
+    let (config, output) = args.into_config(in_cluster).map_err(Failure::Usage)?;
+    let report = block_on(meshid_ca::check::run(&config))?;
+    match output {
+        meshid_ca::cli::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        meshid_ca::cli::Output::Text => {
+            let colour = meshid_runtime::process::use_color(
+                std::io::stdout().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            );
+            print!("{}", report.render(colour));
+        }
+    }
+    let failed = report
+        .findings
+        .iter()
+        .filter(|f| f.status == meshid_ca::check::Status::Fail)
+        .count();
+    if failed > 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "{failed} check(s) failed"
+        )));
     }
     Ok(())
 }

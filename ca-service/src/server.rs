@@ -185,6 +185,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         .set_serving::<CertificateAuthorityServer<CaService>>()
         .await;
     let rotation_state = state.clone();
+    let jwks_status = state.clone();
     let ca = CertificateAuthorityServer::new(CaService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tls::incoming(listener, tls_config, config.limits, metrics);
@@ -231,6 +232,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let registry = Arc::new(std::mem::take(registry));
     let routes = Arc::new(crate::admin::CaAdmin {
         rotation,
+        jwks: Box::new(move || {
+            let jwt = jwks_status.jwt.as_ref()?;
+            serde_json::to_string_pretty(&jwt.summary()).ok()
+        }),
         shutdown: shutdown_rx.clone(),
     });
     tokio::spawn(meshid_runtime::admin::serve(

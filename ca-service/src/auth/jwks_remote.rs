@@ -125,6 +125,25 @@ pub async fn fetch(config: &RemoteJwks) -> Result<Bytes, FetchError> {
         })?
 }
 
+/// Fetches the one document at `config.url` as it is (a discovery document is not followed): the
+/// same token, CA bundle, timeouts and body cap as [`fetch`]. `meshid-ca check` reads the API
+/// server's objects with it.
+pub async fn fetch_document(config: &RemoteJwks) -> Result<Bytes, FetchError> {
+    tokio::time::timeout(config.request_timeout, async {
+        let target = Target::parse(&config.url).map_err(FetchError)?;
+        let tls = Arc::new(client_config(config)?);
+        let token = read_token(config)?;
+        get(&target, &tls, &token, config).await
+    })
+    .await
+    .map_err(|_| {
+        FetchError(format!(
+            "{}: no complete answer within {:?}",
+            config.url, config.request_timeout
+        ))
+    })?
+}
+
 async fn fetch_inner(config: &RemoteJwks) -> Result<Bytes, FetchError> {
     let target = Target::parse(&config.url).map_err(FetchError)?;
     let tls = Arc::new(client_config(config)?);

@@ -49,6 +49,17 @@ pub struct JwtConfig {
     pub allowed_namespaces: Option<BTreeSet<String>>,
 }
 
+/// What the CA verifies service-account tokens against: its expected issuer and audience, where
+/// its keys come from, and the key IDs it holds now. Served as JSON at the admin `/jwks-status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JwksSummary {
+    pub issuer: String,
+    pub audience: String,
+    /// `file PATH` or `url URL`.
+    pub source: String,
+    pub kids: Vec<String>,
+}
+
 /// Problems with the JWKS file itself (not with a token).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -166,6 +177,30 @@ impl JwtAuthenticator {
             .unwrap_or_else(|p| p.into_inner())
             .by_kid
             .len()
+    }
+
+    /// What this authenticator verifies tokens against, for the admin `/jwks-status` route that
+    /// `meshid-ca check` compares with the cluster: public facts only (no key material).
+    pub fn summary(&self) -> JwksSummary {
+        self.refresh_if_changed();
+        let mut kids: Vec<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_kid
+            .keys()
+            .cloned()
+            .collect();
+        kids.sort();
+        JwksSummary {
+            issuer: self.config.issuer.clone(),
+            audience: self.config.audience.clone(),
+            source: match &self.config.jwks {
+                JwksSource::File(path) => format!("file {}", path.display()),
+                JwksSource::Remote(remote) => format!("url {}", remote.url),
+            },
+            kids,
+        }
     }
 
     fn has_kid(&self, kid: &str) -> bool {

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 pub use join::{JoinStoreError, JoinTokenStore, PendingJoin};
 pub use jwks_remote::RemoteJwks;
-pub use jwt::{JwksError, JwksSource, JwtAuthenticator, JwtConfig};
+pub use jwt::{JwksError, JwksSource, JwksSummary, JwtAuthenticator, JwtConfig};
 
 /// How a caller proved its identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
