@@ -1,7 +1,8 @@
-//! A fake Kubernetes API server for JWKS discovery: HTTPS (rustls, its own CA made with rcgen) on
-//! 127.0.0.1, serving `/openid/v1/jwks` and `/.well-known/openid-configuration` as kube-apiserver
-//! does, to callers presenting `Authorization: Bearer <token>` (401 otherwise). Tests change what it
-//! answers ([`Answer`]) and count the requests it gets.
+//! A fake Kubernetes API server: HTTPS (rustls, its own CA made with rcgen) on 127.0.0.1, serving
+//! `/openid/v1/jwks` and `/.well-known/openid-configuration` as kube-apiserver does, and any other
+//! object a test puts at a path ([`FakeApiServer::serve`]: a MutatingWebhookConfiguration, a
+//! ConfigMap), to callers presenting `Authorization: Bearer <token>` (401 otherwise). Tests change
+//! what it answers ([`Answer`]) and count the requests it gets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ pub struct Counts {
 
 struct State {
     answer: Answer,
+    /// Other paths and what they answer.
+    objects: std::collections::HashMap<String, Answer>,
     token: String,
     counts: Counts,
 }
@@ -101,6 +104,7 @@ impl FakeApiServer {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
             answer,
+            objects: Default::default(),
             token,
             counts: Counts::default(),
         }));
@@ -154,6 +158,20 @@ impl FakeApiServer {
     /// Changes what `/openid/v1/jwks` answers from the next request on.
     pub fn answer(&self, answer: Answer) {
         self.state.lock().expect("state").answer = answer;
+    }
+
+    /// Answers `answer` at `path` (any path but the two JWKS ones) from the next request on.
+    pub fn serve(&self, path: &str, answer: Answer) {
+        self.state
+            .lock()
+            .expect("state")
+            .objects
+            .insert(path.to_owned(), answer);
+    }
+
+    /// The base URL, `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// Changes the token the server accepts (the token file is left as it is).
@@ -218,6 +236,15 @@ fn respond(
                 Answer::Down => reply(503, Vec::new()),
             }
         }
-        _ => reply(404, b"{}".to_vec()),
+        path => match state.objects.get(path) {
+            Some(Answer::Json(v)) => reply(200, v.to_string().into_bytes()),
+            Some(Answer::Raw(status, body)) => reply(*status, body.clone()),
+            Some(Answer::Down) => reply(503, Vec::new()),
+            None => reply(
+                404,
+                br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#
+                    .to_vec(),
+            ),
+        },
     }
 }

@@ -148,20 +148,28 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
                 continue;
             }
         };
-        // Expiry is webhook-expiry's to report: the chain and the name are judged as of a moment
-        // the certificate was valid, so an expired one is not also reported here.
-        let mut at = now;
-        if let Some(leaf) = chain.first()
-            && let Ok(na) = certs::not_after(leaf)
-        {
+        let leaf_not_after = chain.first().and_then(|l| certs::not_after(l).ok());
+        if let Some(na) = leaf_not_after {
             leaf_expiry = Some((na, dns.clone()));
-            at = at.min(na - 1);
         }
         let renew = format!(
             "issue a new one: meshid-ca webhook-cert --dir ./ca --dns {dns} --out-dir ./injector-tls --force, then replace the injector's TLS Secret (kubectl -n {ns} create secret tls ... --dry-run=client -o yaml | kubectl apply -f -); no restart is needed",
             ns = config.namespace
         );
-        match certs::verify_server(&chain, &roots, &dns, at) {
+        // The leaf's expiry is webhook-expiry's to report: an expired leaf is judged here (chain
+        // and name) as of its last valid second; if the chain was not valid yet then either, only
+        // the expiry is reported.
+        let verdict = match certs::verify_server(&chain, &roots, &dns, now) {
+            Err(ChainProblem::Expired) if leaf_not_after.is_some_and(|na| na <= now) => {
+                let last = leaf_not_after.unwrap_or(now) - 1;
+                match certs::verify_server(&chain, &roots, &dns, last) {
+                    Err(ChainProblem::NotYetValid) => Ok(()),
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        match verdict {
             Ok(()) => checked.push(w.name.clone()),
             Err(ChainProblem::UnknownIssuer) => {
                 problems.push(format!("{}: the injector's certificate does not chain to the webhook's caBundle, so the API server refuses to call it (pods that ask for a sidecar fail to start, or start without one)", w.name));
