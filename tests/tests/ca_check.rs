@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use meshid_tests::fake_apiserver::{Answer, FakeApiServer, test_ca};
 use meshid_tests::fake_cluster::{self, FakeCluster};
-use meshid_tests::process::{Proc, free_addr, wait_http_ok};
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -95,10 +95,19 @@ struct Install {
     cluster: FakeCluster,
     injector: SocketAddr,
     _injector_task: tokio::task::JoinHandle<()>,
+    /// A sidecar in CA mode (a service-account token) and its admin address.
+    _sidecar: Option<Proc>,
+    sidecar_admin: Option<SocketAddr>,
 }
 
 impl Install {
     async fn start() -> Self {
+        Self::start_with_issuer(fake_cluster::ISSUER).await
+    }
+
+    /// An install whose CA expects tokens from `issuer` (`--issuer`); with a sidecar when that is
+    /// the cluster's issuer (otherwise it could get no certificate).
+    async fn start_with_issuer(issuer: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
         let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
@@ -115,7 +124,7 @@ impl Install {
                 .args(["--listen", &grpc.to_string()])
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--jwks", jwks.to_str().unwrap()])
-                .args(["--issuer", fake_cluster::ISSUER, "--grace", "1s"]),
+                .args(["--issuer", issuer, "--grace", "1s"]),
         );
         assert!(wait_http_ok(admin, "/readyz", Duration::from_secs(20)));
 
@@ -127,6 +136,30 @@ impl Install {
         );
         api.serve(MWC_PATH, Answer::Json(webhook_configuration(&bundle)));
         let (injector, task) = Self::injector_with(&ca_dir, INJECTOR_DNS, "365d").await;
+        let (sidecar, sidecar_admin) = if issuer == fake_cluster::ISSUER {
+            let token = dir.path().join("token");
+            std::fs::write(&token, cluster.token("shop", "frontend")).unwrap();
+            let admin = free_addr("127.0.0.1");
+            let sidecar = Proc::spawn(
+                "meshid-sidecar",
+                ca_mode_sidecar(
+                    grpc,
+                    &ca_dir.join("bundle.pem"),
+                    "--token-file",
+                    &token,
+                    admin,
+                )
+                .arg("--outbound")
+                .arg(format!(
+                    "{}=127.0.0.1:9,spiffe://cluster.local/ns/shop/sa/payments",
+                    free_addr("127.0.0.1")
+                )),
+            );
+            assert!(wait_http_ok(admin, "/readyz", Duration::from_secs(20)));
+            (Some(sidecar), Some(admin))
+        } else {
+            (None, None)
+        };
         Self {
             dir,
             ca,
@@ -136,6 +169,8 @@ impl Install {
             cluster,
             injector,
             _injector_task: task,
+            _sidecar: sidecar,
+            sidecar_admin,
         }
     }
 
@@ -188,6 +223,10 @@ impl Install {
             ("--timeout", "3s".to_owned()),
         ]
         .into_iter()
+        .chain(
+            self.sidecar_admin
+                .map(|a| ("--sidecar-admin", a.to_string())),
+        )
         .map(|(f, v)| (f.to_owned(), v))
         .collect()
     }
@@ -267,7 +306,7 @@ struct Outcome {
     text: String,
 }
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "ca-admin",
     "ca-tls",
     "rotation",
@@ -276,6 +315,7 @@ const ALL: [&str; 8] = [
     "webhook-expiry",
     "jwks",
     "sidecars",
+    "sidecar-certs",
 ];
 
 impl Outcome {
@@ -292,7 +332,9 @@ impl Outcome {
             "{broken} summary {sum:?} lacks {summary:?}"
         );
         assert!(f.contains(fix), "{broken} fix {f:?} lacks {fix:?}");
-        for check in ALL.iter().filter(|c| **c != broken) {
+        // sidecar-certs runs only with --sidecar-admin.
+        let optional = |c: &str| c == "sidecar-certs" && !self.findings.contains_key(c);
+        for check in ALL.iter().filter(|c| **c != broken && !optional(c)) {
             assert_eq!(self.status(check), "ok", "{check}: {}", self.text);
         }
         let expected = if status == "fail" { Some(1) } else { Some(0) };
@@ -304,7 +346,24 @@ impl Outcome {
 async fn a_healthy_install_passes_and_each_fault_breaks_its_own_check() {
     let install = Install::start().await;
 
-    let healthy = install.check(&[]).await;
+    // The sidecar acknowledges the bundle once its stream is open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let healthy = loop {
+        let outcome = install.check(&[]).await;
+        if outcome.findings["sidecars"].1.starts_with("1 connected")
+            || std::time::Instant::now() > deadline
+        {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        healthy.findings["sidecars"]
+            .1
+            .starts_with("1 connected sidecar(s), all on trust bundle v1"),
+        "{}",
+        healthy.text
+    );
     assert_eq!(healthy.code, Some(0), "{}", healthy.text);
     for check in ALL {
         assert_eq!(healthy.status(check), "ok", "{check}: {}", healthy.text);
@@ -318,7 +377,7 @@ async fn a_healthy_install_passes_and_each_fault_breaks_its_own_check() {
         "{out}"
     );
     assert!(
-        out.ends_with("8 ok, 0 warnings, 0 failed, 0 skipped\n"),
+        out.ends_with("9 ok, 0 warnings, 0 failed, 0 skipped\n"),
         "{out}"
     );
 
@@ -384,6 +443,42 @@ async fn a_healthy_install_passes_and_each_fault_breaks_its_own_check() {
         "kubectl get --raw /openid/v1/jwks",
     );
     install.api.answer(Answer::Json(install.cluster.jwks()));
+
+    // A rotation left half-done: a prepared authority (the CA follows its directory within a
+    // second).
+    let (code, out, err) = meshid_ca(&[
+        "rotate",
+        "prepare",
+        "--dir",
+        install.ca_dir().to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let outcome = loop {
+        let outcome = install.check(&[]).await;
+        let settled = outcome.status("rotation") != "ok" && outcome.status("sidecars") == "ok";
+        if settled || std::time::Instant::now() > deadline {
+            break outcome;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    outcome.only(
+        "rotation",
+        "warn",
+        "authority 2 is prepared",
+        "rotate status",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_expecting_another_issuer_fails_the_jwks_check() {
+    let install = Install::start_with_issuer("https://issuer.example").await;
+    install.check(&[]).await.only(
+        "jwks",
+        "fail",
+        "expects tokens from issuer \"https://issuer.example\"",
+        "--issuer to https://kubernetes.default.svc.cluster.local",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

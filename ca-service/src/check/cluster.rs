@@ -170,7 +170,7 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
             other => other,
         };
         match verdict {
-            Ok(()) => checked.push(w.name.clone()),
+            Ok(()) => checked.push(dns.clone()),
             Err(ChainProblem::UnknownIssuer) => {
                 problems.push(format!("{}: the injector's certificate does not chain to the webhook's caBundle, so the API server refuses to call it (pods that ask for a sidecar fail to start, or start without one)", w.name));
                 fixes.insert(format!("either the caBundle or the certificate comes from another CA: set the caBundle to the mesh's bundle (helm upgrade --set-file ca.trustBundle=ca/bundle.pem), or {renew}"));
@@ -189,8 +189,9 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
         Finding::ok(
             NAME,
             format!(
-                "the injector's certificate chains to the caBundle and covers the Service for {}",
-                checked.join(", ")
+                "the injector's certificate chains to the caBundle and covers {} ({} webhook(s))",
+                checked.join(", "),
+                webhooks.len()
             ),
         )
     } else {
