@@ -563,6 +563,19 @@ async fn garbage_from_the_network_is_a_clear_error() {
         out.text
     );
 
+    // A token that may not read the webhook configuration: that check is skipped, with why.
+    install.api.serve(
+        MWC_PATH,
+        Answer::Raw(403, br#"{"kind":"Status","code":403}"#.to_vec()),
+    );
+    let out = install.check(&[]).await;
+    let (status, summary, _) = &out.findings["webhook"];
+    assert_eq!(status, "skip", "{}", out.text);
+    assert!(
+        summary.contains("403") && summary.contains("ClusterRole"),
+        "{summary}"
+    );
+
     // Junk from the API server: a webhook configuration, a ConfigMap and keys that are not JSON.
     install.api.serve(
         MWC_PATH,

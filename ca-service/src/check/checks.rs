@@ -201,7 +201,7 @@ async fn ca_tls(config: &CheckConfig, bundle: Option<&Bundle>, now: i64) -> Find
                 NAME,
                 format!("the CA's gRPC port: {e}"),
                 format!(
-                    "is the CA running, and is --ca-addr its Service and gRPC port (chart: ca.port)? {}",
+                    "is the CA running, and is --ca-addr its Service and gRPC port (chart: ca.grpcPort)? {}",
                     kube_hint(config)
                 ),
             );

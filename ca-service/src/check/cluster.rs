@@ -80,6 +80,20 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
                 Finding::skip(EXPIRY, "no webhook to check"),
             ];
         }
+        // Not allowed to look is not a finding about the webhook: the check could not run.
+        Err(e) if e.contains("answered 401") || e.contains("answered 403") => {
+            return vec![
+                Finding::skip(
+                    NAME,
+                    format!(
+                        "MutatingWebhookConfiguration {}: {e} (the token needs get on \
+                         mutatingwebhookconfigurations; docs/check.md has a ClusterRole)",
+                        config.webhook
+                    ),
+                ),
+                Finding::skip(EXPIRY, "the webhook configuration could not be read"),
+            ];
+        }
         Err(e) => {
             return vec![
                 Finding::fail(
