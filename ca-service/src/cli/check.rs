@@ -290,6 +290,20 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_has_help() {
+        use clap::CommandFactory;
+        let command = crate::cli::Cli::command();
+        let check = command
+            .get_subcommands()
+            .find(|s| s.get_name() == "check")
+            .expect("check subcommand");
+        assert_eq!(
+            meshid_runtime::cli::undocumented_args(check),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
     fn defaults_skip_what_has_no_input() {
         let (config, output) = parse(&["--ca-addr", "localhost:8443"]).unwrap();
         assert_eq!(output, Output::Text);
