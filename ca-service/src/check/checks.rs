@@ -243,11 +243,10 @@ fn rotation(replicas: &[Replica]) -> Finding {
         .iter()
         .filter_map(|r| r.report().map(|rep| (r.addr, rep)))
         .collect();
-    if let Some((addr, Err(e))) = replicas
-        .iter()
-        .find_map(|r| r.rotation.as_ref().map(|x| (r.addr, x)))
-        .filter(|(_, x)| x.is_err())
-    {
+    if let Some((addr, e)) = replicas.iter().find_map(|r| match &r.rotation {
+        Some(Err(e)) => Some((r.addr, e)),
+        _ => None,
+    }) {
         return Finding::fail(
             NAME,
             format!("{addr}: {e}"),

@@ -51,10 +51,30 @@ pub(super) fn sidecars(replicas: &[Replica], now: i64) -> Finding {
         }
     }
     if behind > 0.0 {
+        // Who they are, from the replicas' rotation reports (escaped when printed).
+        let mut lagging: Vec<String> = replicas
+            .iter()
+            .filter_map(Replica::report)
+            .flat_map(|r| {
+                r.sidecars
+                    .iter()
+                    .filter(move |s| {
+                        s.connected && !s.file_mode && s.acked_version < r.bundle_version
+                    })
+                    .map(|s| format!("{} (v{})", s.identity, s.acked_version))
+            })
+            .collect();
+        lagging.sort();
+        lagging.dedup();
+        let named = match lagging.len() {
+            0 => String::new(),
+            n if n <= 3 => format!(": {}", lagging.join(", ")),
+            n => format!(": {} and {} more", lagging[..3].join(", "), n - 3),
+        };
         return Finding::warn(
             NAME,
             format!(
-                "{behind} of {connected} connected sidecar(s) have not acknowledged trust bundle v{version}"
+                "{behind} of {connected} connected sidecar(s) have not acknowledged trust bundle v{version}{named}"
             ),
             "a sidecar acknowledges a bundle once it applied it: look at those sidecars' logs (kubectl logs POD -c meshid-sidecar); meshid-ca rotate status lists them by identity. Right after a bundle change this settles within seconds",
         );
@@ -127,5 +147,80 @@ pub(super) async fn sidecar_certs(config: &CheckConfig, now: i64) -> Finding {
             bad.join("; "),
             "look at the sidecar's log (kubectl logs POD -c meshid-sidecar) and whether it reaches the CA (the ca-tls check)",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::{RotationReport, SidecarReport};
+
+    fn replica(metrics: &str, sidecars: Vec<SidecarReport>) -> Replica {
+        Replica {
+            addr: "127.0.0.1:9090".parse().unwrap(),
+            ready: Ok(()),
+            rotation: Some(Ok(RotationReport {
+                bundle_version: 2,
+                authorities: Vec::new(),
+                sidecars,
+                next_step: String::new(),
+                unknown: Vec::new(),
+                processes: Vec::new(),
+            })),
+            metrics: Some(Scrape::parse(metrics)),
+            jwks: None,
+        }
+    }
+
+    fn sidecar(identity: &str, acked_version: u64) -> SidecarReport {
+        SidecarReport {
+            instance: "0123456789abcdef".into(),
+            identity: identity.into(),
+            connected: true,
+            acked_version,
+            serving_authority: Some("1".into()),
+            serving_not_after: 0,
+            file_mode: false,
+        }
+    }
+
+    #[test]
+    fn lagging_sidecars_are_named_and_refusals_counted() {
+        let id = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let lagging = replica(
+            "meshid_ca_bundle_version 2\nmeshid_ca_sidecars{acked_version=\"1\"} 1\n\
+             meshid_ca_sidecars{acked_version=\"2\"} 3\n",
+            vec![
+                sidecar(id, 1),
+                sidecar("spiffe://cluster.local/ns/a/sa/b", 2),
+            ],
+        );
+        let f = sidecars(&[lagging], 0);
+        assert_eq!(f.status, crate::check::Status::Warn);
+        assert_eq!(
+            f.summary,
+            format!("1 of 4 connected sidecar(s) have not acknowledged trust bundle v2: {id} (v1)")
+        );
+
+        let refused = replica(
+            "meshid_ca_bundle_version 2\nmeshid_ca_sidecars{acked_version=\"2\"} 1\n\
+             meshid_ca_issue_requests_total{method=\"renewal\",result=\"issued\"} 4\n\
+             meshid_ca_issue_requests_total{method=\"renewal\",result=\"untrusted_chain\"} 2\n",
+            Vec::new(),
+        );
+        let f = sidecars(&[refused], 0);
+        assert_eq!(f.status, crate::check::Status::Warn);
+        assert!(
+            f.summary
+                .starts_with("2 renewal(s) refused (untrusted_chain), 4 issued"),
+            "{}",
+            f.summary
+        );
+
+        let fine = replica(
+            "meshid_ca_bundle_version 2\nmeshid_ca_sidecars{acked_version=\"2\"} 1\n",
+            Vec::new(),
+        );
+        assert_eq!(sidecars(&[fine], 0).status, crate::check::Status::Ok);
     }
 }
