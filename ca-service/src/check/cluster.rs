@@ -42,6 +42,13 @@ struct ServiceRef {
     port: Option<u16>,
 }
 
+/// Where the webhook's caBundle comes from, by the chart's `injector.tls.source`.
+const CA_BUNDLE_FIX: &str = "the caBundle must hold the CA of the injector's certificate: with \
+    injector.tls.source webhookCert it is ca.trustBundle (helm upgrade --set-file \
+    ca.trustBundle=ca/bundle.pem), with secret injector.tls.caBundle, with certManager \
+    cert-manager's cainjector fills it (check the webhook's cert-manager.io/inject-ca-from \
+    annotation and the cainjector's log)";
+
 fn no_kube(check: &'static str) -> Finding {
     Finding::skip(
         check,
@@ -139,7 +146,7 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
             Ok(r) => r,
             Err(e) => {
                 problems.push(format!("{}: {e}", w.name));
-                fixes.insert("set the caBundle to the mesh's trust bundle: helm upgrade --set-file ca.trustBundle=ca/bundle.pem".to_owned());
+                fixes.insert(CA_BUNDLE_FIX.to_owned());
                 continue;
             }
         };
@@ -167,7 +174,7 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
             leaf_expiry = Some((na, dns.clone()));
         }
         let renew = format!(
-            "issue a new one: meshid-ca webhook-cert --dir ./ca --dns {dns} --out-dir ./injector-tls --force, then replace the injector's TLS Secret (kubectl -n {ns} create secret tls ... --dry-run=client -o yaml | kubectl apply -f -); no restart is needed",
+            "issue a new one: meshid-ca webhook-cert --dir ./ca --dns {dns} --out-dir ./injector-tls --force, then replace the injector's TLS Secret (kubectl -n {ns} create secret tls ... --dry-run=client -o yaml | kubectl apply -f -); no restart is needed (injector.tls.source certManager: see the Certificate's status, kubectl -n {ns} describe certificate)",
             ns = config.namespace
         );
         // The leaf's expiry is webhook-expiry's to report: an expired leaf is judged here (chain
@@ -187,7 +194,7 @@ pub(super) async fn webhook(config: &CheckConfig, now: i64) -> Vec<Finding> {
             Ok(()) => checked.push(dns.clone()),
             Err(ChainProblem::UnknownIssuer) => {
                 problems.push(format!("{}: the injector's certificate does not chain to the webhook's caBundle, so the API server refuses to call it (pods that ask for a sidecar fail to start, or start without one)", w.name));
-                fixes.insert(format!("either the caBundle or the certificate comes from another CA: set the caBundle to the mesh's bundle (helm upgrade --set-file ca.trustBundle=ca/bundle.pem), or {renew}"));
+                fixes.insert(format!("either the caBundle or the certificate comes from another CA: {CA_BUNDLE_FIX}; or {renew}"));
             }
             Err(ChainProblem::WrongName { covers, .. }) => {
                 problems.push(format!("{}: the injector's certificate covers {covers}, not {dns} (the Service the webhook calls)", w.name));
