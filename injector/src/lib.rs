@@ -53,6 +53,9 @@ pub struct InjectConfig {
     pub resources: Value,
     /// Log format of the sidecar (text or json).
     pub log_format: String,
+    /// Sidecars label their request and byte metrics with the peer's SPIFFE ID (who calls whom;
+    /// one series per peer, so off by default).
+    pub metrics_peer_identity: bool,
 }
 
 impl InjectConfig {
@@ -69,6 +72,7 @@ impl InjectConfig {
                 "limits": {"cpu": "500m", "memory": "128Mi"},
             }),
             log_format: "json".to_owned(),
+            metrics_peer_identity: false,
         }
     }
 }
@@ -402,6 +406,41 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         InjectConfig::new(TrustBundle::from_pem(root.pem().as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn the_peer_identity_label_is_switched_on_for_injected_sidecars_only_when_asked() {
+        let env_of = |config: &InjectConfig| {
+            let mut ops = Vec::new();
+            pod::add_sidecar(config, &pod_with(json!({})), &mut ops);
+            // The pod has no init containers: the patch adds the list, the sidecar in it.
+            let sidecar = ops
+                .iter()
+                .find(|op| op["path"] == "/spec/initContainers")
+                .map(|op| op["value"][0].clone())
+                .expect("a sidecar container");
+            assert_eq!(sidecar["name"], pod::SIDECAR_NAME);
+            sidecar["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|e| Some((e["name"].as_str()?.to_owned(), e["value"].clone())))
+                .collect::<Vec<_>>()
+        };
+        let mut config = config();
+        let off = env_of(&config);
+        assert!(
+            !off.iter()
+                .any(|(n, _)| n == "MESHID_SIDECAR_METRICS_PEER_IDENTITY"),
+            "{off:?}"
+        );
+        config.metrics_peer_identity = true;
+        let on = env_of(&config);
+        assert!(
+            on.iter()
+                .any(|(n, v)| n == "MESHID_SIDECAR_METRICS_PEER_IDENTITY" && v == "true"),
+            "{on:?}"
+        );
     }
 
     #[test]

@@ -100,6 +100,14 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
             "failureThreshold": failures,
         })
     };
+    let mut env = vec![
+        json!({"name": "MESHID_SIDECAR_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
+        json!({"name": "MESHID_LOG_FORMAT", "value": config.log_format}),
+        json!({"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()}),
+    ];
+    if config.metrics_peer_identity {
+        env.push(json!({"name": "MESHID_SIDECAR_METRICS_PEER_IDENTITY", "value": "true"}));
+    }
     let container = json!({
         "name": SIDECAR_NAME,
         "image": config.image,
@@ -107,11 +115,7 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
         // A native sidecar: started before the app, ready first, stopped after it; Jobs complete.
         "restartPolicy": "Always",
         "args": sidecar_args(config),
-        "env": [
-            {"name": "MESHID_SIDECAR_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "MESHID_LOG_FORMAT", "value": config.log_format},
-            {"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()},
-        ],
+        "env": env,
         // Probes on meshid-admin; Prometheus scrapes meshid-stats (`/metrics`).
         "ports": [
             {"name": "meshid-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},

@@ -78,6 +78,10 @@ pub struct InjectorArgs {
     /// the top level).
     #[arg(long, env = "MESHID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Injected sidecars label their request and byte metrics with the peer's SPIFFE ID, so
+    /// dashboards can show who calls whom (one series per peer: mind the cardinality).
+    #[arg(long, env = "MESHID_INJECTOR_SIDECAR_METRICS_PEER_IDENTITY")]
+    pub sidecar_metrics_peer_identity: bool,
     /// Most webhook connections open at once; more are closed at accept (counted in
     /// meshid_injector_connections_refused_total).
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTIONS", default_value_t = 512)]
@@ -263,6 +267,7 @@ impl InjectorArgs {
             ca_addr: self.ca_addr.clone(),
             token_expiration_seconds: self.token_expiration_seconds,
             log_format: self.log_format.as_str().to_owned(),
+            metrics_peer_identity: self.sidecar_metrics_peer_identity,
             ..InjectConfig::new(bundle)
         };
         if let Some(resources) = resources {
