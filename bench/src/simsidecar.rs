@@ -46,6 +46,8 @@ pub struct SimStats {
     pub acked_version: AtomicU64,
     /// Failed calls (each retried).
     pub errors: AtomicU64,
+    /// The last failure: what failed and why (for a bench that stalls to say so).
+    pub last_error: Mutex<String>,
 }
 
 impl SimStats {
@@ -63,8 +65,27 @@ impl SimStats {
         }
     }
 
-    fn error(&self) {
+    fn error(&self, what: &str, why: impl std::fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = format!("{what}: {why}");
+        }
+    }
+
+    /// The most common last failures among `stats`, most frequent first: (count, text).
+    pub fn common_errors(stats: &[std::sync::Arc<SimStats>], top: usize) -> Vec<(usize, String)> {
+        let mut by_text = std::collections::HashMap::<String, usize>::new();
+        for s in stats {
+            if let Ok(last) = s.last_error.lock()
+                && !last.is_empty()
+            {
+                *by_text.entry(last.clone()).or_default() += 1;
+            }
+        }
+        let mut v: Vec<(usize, String)> = by_text.into_iter().map(|(t, n)| (n, t)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        v.truncate(top);
+        v
     }
 }
 
@@ -86,7 +107,7 @@ impl Cert {
 enum Ended {
     /// A new certificate: the next stream presents it.
     Renewed,
-    Broken,
+    Broken(String),
 }
 
 /// What woke the bundle loop.
@@ -181,7 +202,7 @@ impl Sim {
         loop {
             match self.issue(via.take()).await {
                 Ok(()) => return true,
-                Err(_) => self.stats.error(),
+                Err(e) => self.stats.error("issue", format!("{e:#}")),
             }
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
@@ -213,7 +234,7 @@ impl Sim {
                         .store(self.applied_version, Ordering::Relaxed);
                     return;
                 }
-                Err(_) => self.stats.error(),
+                Err(e) => self.stats.error("ack", e.message()),
             }
             tokio::time::sleep(wait).await;
             wait *= 2;
@@ -235,8 +256,8 @@ impl Sim {
             match self.follow(&mut stop).await {
                 Ok(()) => return,
                 Err(Ended::Renewed) => {}
-                Err(Ended::Broken) => {
-                    self.stats.error();
+                Err(Ended::Broken(why)) => {
+                    self.stats.error("bundle stream", why);
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
                         _ = stop.wait_for(|s| *s) => return,
@@ -252,14 +273,19 @@ impl Sim {
         let pair = self.cert.as_ref().map(Cert::pair);
         let mut client = ca_client::connect(&self.endpoint(), pair)
             .await
-            .map_err(|_| Ended::Broken)?;
+            .map_err(|e| {
+                Ended::Broken(format!(
+                    "connecting: {}",
+                    meshid_runtime::process::error_chain(&e)
+                ))
+            })?;
         let mut stream = client
             .watch_trust_bundle(WatchTrustBundleRequest {
                 instance_id: self.cfg.instance.clone(),
                 file_mode: false,
             })
             .await
-            .map_err(|_| Ended::Broken)?
+            .map_err(|e| Ended::Broken(format!("opening: {}", e.message())))?
             .into_inner();
         loop {
             let renew_at = self
@@ -270,7 +296,8 @@ impl Sim {
             let event = tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(bundle)) => Event::Bundle(bundle),
-                    _ => return Err(Ended::Broken),
+                    Ok(None) => return Err(Ended::Broken("ended by the CA".into())),
+                    Err(e) => return Err(Ended::Broken(e.message().to_owned())),
                 },
                 () = tokio::time::sleep_until(renew_at) => Event::RenewalDue,
                 _ = stop.wait_for(|s| *s) => return Ok(()),

@@ -135,8 +135,14 @@ fn stalled(
         })
         .and_then(|r| r["next_step"].as_str().map(str::to_owned))
         .unwrap_or_else(|| "(no rotation report)".into());
+    let common: Vec<String> = SimStats::common_errors(stats, 5)
+        .into_iter()
+        .map(|(n, text)| format!("{n} x {text}"))
+        .collect();
     e.context(format!(
-        "simulated sidecars' failed calls so far: {errors}; the CA's next step: {next}"
+        "simulated sidecars' failed calls so far: {errors} (most common last failures: {}); \
+         the CA's next step: {next}",
+        common.join("; ")
     ))
 }
 
@@ -267,7 +273,8 @@ async fn run(
         retry_every,
         gate_timeout,
     )
-    .await?;
+    .await
+    .map_err(|e| stalled(e, &stats, admin))?;
     let activated_at = Instant::now();
     let (retire_attempts, first_retire_refusal) = rotate_until_ok(
         ca_bin,
@@ -277,7 +284,8 @@ async fn run(
         retry_every,
         gate_timeout,
     )
-    .await?;
+    .await
+    .map_err(|e| stalled(e, &stats, admin))?;
     let retired_at = Instant::now();
     wait_acked(&stats, 3, ttl.saturating_add(Duration::from_secs(30)))
         .await
