@@ -243,3 +243,46 @@ fn local_mesh_stops_its_children_and_cleans_up_on_sigterm() {
     let rest: Vec<String> = lines.try_iter().collect();
     assert!(rest.iter().any(|l| l == "stopping"), "{rest:?}");
 }
+
+#[test]
+fn local_mesh_cleans_up_on_sigterm_in_the_middle_of_its_setup() {
+    // Stopped as soon as its first child (the CA) runs, before the sidecars and the checks: no
+    // process and no directory may be left behind either.
+    workspace_bin("meshid-ca");
+    workspace_bin("meshid-sidecar");
+    let mut proc = Proc::spawn(
+        "local-mesh",
+        Command::new(workspace_bin("local-mesh"))
+            .args(["--bin-dir", bin_dir().to_str().unwrap()])
+            .env("MESHID_LOG", "warn")
+            .stdout(Stdio::piped()),
+    );
+    let stdout = proc.take_stdout().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let work = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("the demo never started:\n{}", seen.join("\n")));
+        if let Some(dir) = line.split("working in ").nth(1) {
+            break dir.trim().to_owned();
+        }
+        seen.push(line);
+    };
+    while processes_mentioning(&work).is_empty() {
+        assert!(Instant::now() < deadline, "no child ever started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proc.signal("TERM");
+    let status = proc.wait_timeout(Duration::from_secs(30));
+    assert!(status.is_some(), "local-mesh still running after SIGTERM");
+    assert_eq!(processes_mentioning(&work), Vec::<String>::new());
+    assert!(!std::path::Path::new(&work).exists(), "{work} left behind");
+}

@@ -50,12 +50,32 @@ static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 /// Set once the demo is up and waiting: a signal then lets `main` stop everything in order.
 static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set (under the [`CHILDREN`] lock) when a signal stops the demo during setup: no child may start
+/// after that, or it would outlive the demo.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts `cmd` as a child the signal task knows of (every child, short-lived steps included: a
+/// signal while one runs stops it), unless the demo is already stopping.
+fn spawn_child(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+    if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other("the demo is stopping"));
+    }
+    let child = cmd.spawn()?;
+    children.push(child.id());
+    Ok(child)
+}
+
+/// The child `pid` has been reaped: the signal task must not signal its (reusable) PID.
+fn forget_child(pid: u32) {
+    if let Ok(mut c) = CHILDREN.lock() {
+        c.retain(|p| *p != pid);
+    }
+}
+
 impl Guard {
-    fn new(child: Child) -> Self {
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.push(child.id());
-        }
-        Self(child)
+    fn spawn(cmd: &mut Command) -> std::io::Result<Self> {
+        spawn_child(cmd).map(Self)
     }
 }
 
@@ -82,9 +102,7 @@ impl Drop for Guard {
         let pid = child.id();
         stop(pid, || matches!(child.try_wait(), Ok(None)));
         let _ = child.wait();
-        if let Ok(mut c) = CHILDREN.lock() {
-            c.retain(|p| *p != pid);
-        }
+        forget_child(pid);
     }
 }
 
@@ -100,7 +118,11 @@ async fn stop_on_signal(work: PathBuf, stopping: tokio::sync::watch::Sender<bool
         return;
     }
     println!("\nstopping during setup");
-    let pids: Vec<u32> = CHILDREN.lock().map(|c| c.clone()).unwrap_or_default();
+    let pids: Vec<u32> = {
+        let children = CHILDREN.lock().unwrap_or_else(|p| p.into_inner());
+        STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        children.clone()
+    };
     for pid in pids {
         // Not our child to reap here (the Guard owns it): `kill -0` says whether it is there.
         stop(pid, || {
@@ -167,7 +189,10 @@ fn bin_dir(args: &Args) -> Result<PathBuf> {
             println!("checking that meshid-ca and meshid-sidecar are up to date (cargo build)");
             cmd.arg("-q");
         }
-        if !cmd.status().context("running cargo build")?.success() {
+        let mut cargo = spawn_child(&mut cmd).context("running cargo build")?;
+        let status = cargo.wait();
+        forget_child(cargo.id());
+        if !status.context("running cargo build")?.success() {
             bail!("building meshid-ca and meshid-sidecar failed");
         }
     }
@@ -179,7 +204,12 @@ fn free_addr() -> Result<SocketAddr> {
 }
 
 fn run_ok(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().context("spawning")?;
+    let child =
+        spawn_child(cmd.stdout(Stdio::piped()).stderr(Stdio::piped())).context("spawning")?;
+    let pid = child.id();
+    let out = child.wait_with_output();
+    forget_child(pid);
+    let out = out.context("waiting")?;
     if !out.status.success() {
         bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -287,21 +317,22 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
         bail!("cannot continue without a CA");
     }
     let (ca_grpc, ca_admin) = (free_addr()?, free_addr()?);
-    procs.push(Guard::new(
-        Command::new(&ca_bin)
-            .args([
-                "serve",
-                "--dir",
-                &ca_dir_s,
-                "--listen",
-                &ca_grpc.to_string(),
-            ])
-            .args(["--admin-listen", &ca_admin.to_string(), "--max-ttl", "24h"])
-            .stdin(Stdio::null())
-            .stderr(std::fs::File::create(work.join("ca.log"))?)
-            .spawn()
-            .context("starting meshid-ca serve")?,
-    ));
+    procs.push(
+        Guard::spawn(
+            Command::new(&ca_bin)
+                .args([
+                    "serve",
+                    "--dir",
+                    &ca_dir_s,
+                    "--listen",
+                    &ca_grpc.to_string(),
+                ])
+                .args(["--admin-listen", &ca_admin.to_string(), "--max-ttl", "24h"])
+                .stdin(Stdio::null())
+                .stderr(std::fs::File::create(work.join("ca.log"))?),
+        )
+        .context("starting meshid-ca serve")?,
+    );
     if !tally.step(
         "meshid-ca serve",
         wait_ready(ca_admin, Duration::from_secs(15)).map(|()| format!("gRPC on {ca_grpc}")),
@@ -366,10 +397,7 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
                 .args(extra)
                 .stdin(Stdio::null())
                 .stderr(std::fs::File::create(work.join(format!("{name}.log")))?);
-            Ok(Guard::new(
-                cmd.spawn()
-                    .with_context(|| format!("starting the {name} sidecar"))?,
-            ))
+            Guard::spawn(&mut cmd).with_context(|| format!("starting the {name} sidecar"))
         };
     procs.push(sidecar(
         "backend",
