@@ -198,8 +198,8 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn local_mesh_stops_its_children_and_cleans_up_on_sigterm() {
+/// The demo, running with the workspace's binaries, and its stdout line by line.
+fn demo() -> (Proc, std::sync::mpsc::Receiver<String>) {
     workspace_bin("meshid-ca");
     workspace_bin("meshid-sidecar");
     let mut proc = Proc::spawn(
@@ -216,6 +216,12 @@ fn local_mesh_stops_its_children_and_cleans_up_on_sigterm() {
             let _ = lines_tx.send(line);
         }
     });
+    (proc, lines)
+}
+
+#[test]
+fn local_mesh_stops_its_children_and_cleans_up_on_sigterm() {
+    let (mut proc, lines) = demo();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     let mut work = None;
@@ -248,22 +254,7 @@ fn local_mesh_stops_its_children_and_cleans_up_on_sigterm() {
 fn local_mesh_cleans_up_on_sigterm_in_the_middle_of_its_setup() {
     // Stopped as soon as its first child (the CA) runs, before the sidecars and the checks: no
     // process and no directory may be left behind either.
-    workspace_bin("meshid-ca");
-    workspace_bin("meshid-sidecar");
-    let mut proc = Proc::spawn(
-        "local-mesh",
-        Command::new(workspace_bin("local-mesh"))
-            .args(["--bin-dir", bin_dir().to_str().unwrap()])
-            .env("MESHID_LOG", "warn")
-            .stdout(Stdio::piped()),
-    );
-    let stdout = proc.take_stdout().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
+    let (mut proc, lines) = demo();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
     let work = loop {

@@ -97,6 +97,18 @@ async fn pair(ca: &TestCa, ttl: Duration) -> (TestSidecar, TestSidecar) {
     (a, b)
 }
 
+/// A CA whose certificates live `ttl` (default and maximum), set up by `opts` otherwise.
+async fn ca_issuing_for(ttl: Duration, opts: CaOptions) -> TestCa {
+    TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: ttl,
+            max: ttl,
+        },
+        ..opts
+    })
+    .await
+}
+
 /// Continuous traffic from app A through the pair; counts successes and failures.
 fn traffic(
     a: &TestSidecar,
@@ -154,14 +166,7 @@ fn traffic_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewals_under_traffic_fail_nothing_and_use_fresh_keys() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(4),
-            max: Duration::from_secs(4),
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = ca_issuing_for(Duration::from_secs(4), CaOptions::default()).await;
     let (a, b) = pair(&ca, Duration::from_secs(4)).await;
     let (stop, ok, failed, task) = traffic(&a);
     let mut serials = HashSet::new();
@@ -205,14 +210,7 @@ async fn connections_retired_at_renewal_and_expiry_fail_no_request_in_flight() {
     // closes it at A's certificate expiry, A retires it when its own certificate is renewed or
     // B's nears expiry), with eight clients sending back to back. None of that may cost a
     // request: a retired connection finishes what it took, and takes nothing new.
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(8),
-            max: Duration::from_secs(8),
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = ca_issuing_for(Duration::from_secs(8), CaOptions::default()).await;
     let (a, b) = pair(&ca, Duration::from_secs(8)).await;
     let (stop, ok, failed, task) = traffic_with(&a, 8, Duration::ZERO);
     tokio::time::sleep(Duration::from_secs(16)).await;
@@ -239,14 +237,7 @@ async fn after_a_renewal_requests_go_out_on_a_connection_presenting_the_new_cert
     // GOAWAY that can cross a request on its way. So the outbound side moves to a new connection as
     // soon as its renewed certificate is in force, long before the old one expires: what the app
     // behind B sees in `x-forwarded-client-cert` (`Hash=` the presented leaf) shows which.
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(8),
-            max: Duration::from_secs(8),
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = ca_issuing_for(Duration::from_secs(8), CaOptions::default()).await;
     let (a, _b) = pair(&ca, Duration::from_secs(8)).await;
     let leaf = |id: Option<serde_json::Value>| {
         id.and_then(|v| v["leaf_sha256"].as_str().map(str::to_owned))
@@ -289,14 +280,13 @@ async fn a_ca_whose_connection_slots_all_hold_bundle_streams_still_renews_every_
     // Two sidecars, two connections allowed from their address: each bundle stream takes one. A
     // renewal on a connection of its own would be refused at accept for as long as the streams
     // stay open (the certificates would run out); on the stream's connection it goes through.
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(6),
-            max: Duration::from_secs(6),
+    let ca = ca_issuing_for(
+        Duration::from_secs(6),
+        CaOptions {
+            max_connections_per_source: 2,
+            ..CaOptions::default()
         },
-        max_connections_per_source: 2,
-        ..CaOptions::default()
-    })
+    )
     .await;
     let (a, b) = pair(&ca, Duration::from_secs(6)).await;
     let (stop, ok, failed, task) = traffic(&a);
@@ -327,14 +317,7 @@ async fn a_ca_whose_connection_slots_all_hold_bundle_streams_still_renews_every_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_outage_keeps_traffic_then_expiry_fails_closed() {
-    let mut ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(10),
-            max: Duration::from_secs(10),
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let mut ca = ca_issuing_for(Duration::from_secs(10), CaOptions::default()).await;
     let (a, b) = pair(&ca, Duration::from_secs(10)).await;
     let (stop, ok, failed, task) = traffic(&a);
 
@@ -564,14 +547,13 @@ async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_
     // Certificates live 5 s and renew after about 2.5 s; a lineage of renewals ends 3 s after its
     // token: one renewal, then the next is refused and the sidecar shows its token again. (Much
     // shorter lifetimes leave a sidecar less than the second it wants to renew on its certificate.)
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(5),
-            max: Duration::from_secs(5),
+    let ca = ca_issuing_for(
+        Duration::from_secs(5),
+        CaOptions {
+            max_attestation_age: Duration::from_secs(3),
+            ..CaOptions::default()
         },
-        max_attestation_age: Duration::from_secs(3),
-        ..CaOptions::default()
-    })
+    )
     .await;
     let (a, b) = pair(&ca, Duration::from_secs(5)).await;
     let (stop, ok, failed, task) = traffic(&a);
@@ -619,14 +601,13 @@ async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(5),
-            max: Duration::from_secs(5),
+    let ca = ca_issuing_for(
+        Duration::from_secs(5),
+        CaOptions {
+            max_attestation_age: Duration::from_secs(3),
+            ..CaOptions::default()
         },
-        max_attestation_age: Duration::from_secs(3),
-        ..CaOptions::default()
-    })
+    )
     .await;
     let token_file = ca.dir.path().join("vm.join");
     std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
