@@ -12,12 +12,16 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::Shared;
+pub use crate::idle::ReqBody;
+use crate::idle::{Opening, Tracked};
 
 /// The body of every response we return.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -130,7 +134,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-pub(crate) fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -191,14 +195,23 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-pub(crate) fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
-    let limits = shared.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// How long a connection may wait for a request head (idle keep-alive included).
+pub(crate) fn head_timeout(shared: &Shared) -> Duration {
+    shared.limits.idle_timeout.min(Duration::from_secs(60))
+}
+
+pub(crate) fn http1_builder(shared: &Shared) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout.min(Duration::from_secs(60)))
-        .max_buf_size(limits.max_header_bytes);
+        .header_read_timeout(head_timeout(shared))
+        .max_buf_size(shared.limits.max_header_bytes);
+    builder
+}
+
+fn h2_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+    let limits = shared.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -209,20 +222,31 @@ pub(crate) fn http_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown or at `deadline`.
+/// HTTP/1.x connections let go of hyper's buffers while idle ([`crate::idle`]); `idle` counts them.
 pub(crate) async fn serve_connection<IO, S, F>(
-    io: IO,
+    mut io: IO,
     shared: &Shared,
     deadline: Option<tokio::time::Instant>,
     svc: S,
+    idle: Gauge,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    S: Fn(Request<ReqBody>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    // Owned and boxed: the connection (h1 or h2 state) is allocated once at its own size rather than
-    // inline in every enclosing future, which matters for memory per idle connection.
+    let prefix = match crate::idle::opening(&mut io, head_timeout(shared)).await {
+        Opening::H1(prefix) => {
+            return crate::idle::serve_h1(io, prefix, shared, deadline, svc, idle).await;
+        }
+        Opening::H2(prefix) => prefix,
+        Opening::Gone => return,
+    };
+    let io = crate::idle::replay(io, prefix);
+    let svc = move |req: Request<Incoming>| svc(req.map(Tracked::untracked));
+    // Owned and boxed: the connection state is allocated once at its own size rather than inline in
+    // every enclosing future, which matters for memory per connection.
     let mut conn = Box::pin(
-        http_builder(shared)
+        h2_builder(shared)
             .serve_connection_with_upgrades(TokioIo::new(io), service_fn(svc))
             .into_owned(),
     );
@@ -243,7 +267,7 @@ pub(crate) async fn serve_connection<IO, S, F>(
         () = meshid_runtime::net::stopped(&mut shutdown) => {}
         () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
     }
-    // Finish in-flight requests; h2 peers get GOAWAY, HTTP/1.1 closes after the current response.
+    // Finish in-flight requests; h2 peers get GOAWAY.
     conn.as_mut().graceful_shutdown();
     let _ = conn.await;
 }

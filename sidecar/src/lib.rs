@@ -14,6 +14,7 @@ pub mod cli;
 pub mod conn;
 pub mod creds;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

@@ -44,6 +44,7 @@ pub struct ResultLabels {
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     pub connections_open: Family<ConnLabels, Gauge>,
+    pub idle_http_connections: Family<ConnLabels, Gauge>,
     pub connections: Family<ConnLabels, Counter>,
     pub connections_refused: Family<ReasonLabels, Counter>,
     pub handshake_failures: Family<ReasonLabels, Counter>,
@@ -77,6 +78,11 @@ impl Metrics {
             "connections_open",
             "Open connections",
             Listed(m.connections_open.clone()),
+        );
+        r.register(
+            "idle_http_connections",
+            "Open HTTP/1.x connections idle with their parser and write buffers released",
+            Listed(m.idle_http_connections.clone()),
         );
         r.register(
             "connections",
@@ -221,6 +227,7 @@ impl Metrics {
         // Each lookup creates the series; the guard it returns is dropped at once.
         drop(self.connections.get_or_create(&labels));
         drop(self.connections_open.get_or_create(&labels));
+        drop(self.idle_http_connections.get_or_create(&labels));
         if direction == "inbound" {
             drop(self.connections_revoked.get_or_create(&labels));
         }

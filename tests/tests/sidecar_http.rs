@@ -588,3 +588,199 @@ async fn the_decision_log_names_a_well_formed_traceparent_only() {
     assert!(of("/forged").get("traceparent").is_none(), "{text}");
     assert!(!text.contains("forged=1"), "{text}");
 }
+
+/// Reads one HTTP/1.1 response (head and a `content-length` body) from `io`, leaving what follows.
+async fn read_response<IO: tokio::io::AsyncRead + Unpin>(
+    io: &mut IO,
+    pending: &mut Vec<u8>,
+) -> Result<(u16, String), String> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("no status in {head:?}"))?;
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .ok_or_else(|| format!("no content-length in {head:?}"))?;
+            while pending.len() < end + 4 + len {
+                let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed mid-body".into());
+                }
+                pending.extend_from_slice(&buf[..n]);
+            }
+            let body = String::from_utf8_lossy(&pending[end + 4..end + 4 + len]).to_string();
+            pending.drain(..end + 4 + len);
+            return Ok((status, body));
+        }
+        let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "closed before a response: {:?}",
+                String::from_utf8_lossy(pending)
+            ));
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `meshid_sidecar_idle_http_connections` of the sidecar's inbound listener.
+async fn idle_connections(e: &Env) -> Option<u64> {
+    let port = e.sidecar.inbound[0].port();
+    let want =
+        format!("meshid_sidecar_idle_http_connections{{direction=\"inbound\",port=\"{port}\"}} ");
+    let text = e.sidecar.metrics().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+}
+
+async fn http1_connection(e: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&client_of(e)),
+        &e.sidecar.id,
+        &[b"http/1.1"],
+    );
+    mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap()
+}
+
+/// A quiet HTTP/1.1 keep-alive connection gives hyper's buffers back and waits on its socket alone;
+/// nothing a client can do on it tells the difference: the next request, pipelined requests, a
+/// request body or head that arrives in pieces across the quiet period, a slow response, shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
+    let app = http_echo().await;
+    let mut e = env(Limits::default(), app).await;
+    let mut tls = http1_connection(&e).await;
+    let mut pending = Vec::new();
+    let quiet = Duration::from_millis(1500);
+
+    tls.write_all(b"GET /api/one HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /api/one"), "{body}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            idle_connections(&e).await == Some(1)
+        })
+        .await,
+        "a quiet connection was never counted as idle"
+    );
+
+    // Two pipelined requests in one write wake it: both answered, in order.
+    tls.write_all(
+        b"GET /api/two HTTP/1.1\r\nhost: a\r\n\r\nGET /api/three HTTP/1.1\r\nhost: a\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for want in ["GET /api/two", "GET /api/three"] {
+        let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with(want), "{want}: {body}");
+    }
+
+    // A request body that stops halfway for longer than the quiet period: the connection stays with
+    // hyper, and the rest of the body is read as body, not as a new request.
+    tls.write_all(b"PUT /api/body HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabcd")
+        .await
+        .unwrap();
+    tokio::time::sleep(quiet).await;
+    assert_eq!(idle_connections(&e).await, Some(0), "released mid-body");
+    tls.write_all(b"efghij").await.unwrap();
+    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.ends_with("abcdefghij"), "{body}");
+
+    // The next request's head cut short right after a response, then finished after the quiet
+    // period: the bytes hyper had already read are served in order.
+    tls.write_all(b"GET /api/late HT").await.unwrap();
+    tokio::time::sleep(quiet).await;
+    tls.write_all(b"TP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
+    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /api/late"), "{body}");
+
+    // A response slower than the quiet period is not cut off.
+    tls.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /slow"), "{body}");
+
+    // Shutdown closes an idle connection at once and finishes.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            idle_connections(&e).await == Some(1)
+        })
+        .await
+    );
+    let running = e.sidecar.running.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+        .await
+        .expect("shutdown finishes with an idle connection open");
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut rest))
+        .await
+        .expect("the idle connection was closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
+
+/// The idle limit holds whether a connection waits in hyper or with its buffers released, and a
+/// head sent in pieces does not restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_sent_heads_are_closed_at_the_idle_limit() {
+    let app = http_echo().await;
+    let e = env(
+        Limits {
+            idle_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        },
+        app,
+    )
+    .await;
+    for partial in [&b""[..], b"GET /api/x HTTP/1.1\r\nho"] {
+        let mut tls = http1_connection(&e).await;
+        let mut pending = Vec::new();
+        tls.write_all(b"GET /api/one HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (status, _) = read_response(&mut tls, &mut pending).await.unwrap();
+        assert_eq!(status, 200);
+        tls.write_all(partial).await.unwrap();
+        // Well past the limit counted from the response, a byte every 700 ms does not keep a head
+        // that never completes alive.
+        let closed = async {
+            let mut b = [0u8; 256];
+            loop {
+                if !partial.is_empty() {
+                    let _ = tls.write_all(b"x").await;
+                }
+                let read = tokio::time::timeout(Duration::from_millis(700), tls.read(&mut b)).await;
+                if let Ok(Ok(0) | Err(_)) = read {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(15), closed)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "open long after the idle limit: {:?}",
+                    String::from_utf8_lossy(partial)
+                )
+            });
+    }
+}

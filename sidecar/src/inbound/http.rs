@@ -18,7 +18,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -27,8 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, protocol_of, reply,
-    root_cause, serve_connection, strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
+    APP_H2_HINT, Body, ReqBody, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, protocol_of,
+    reply, root_cause, serve_connection, strip_hop_by_hop, strip_peer_headers,
+    upgrades_to_websocket,
 };
 use crate::metrics::ConnMetrics;
 use crate::settings::Inbound;
@@ -38,8 +38,8 @@ pub struct InboundHttp {
     target: SocketAddr,
     /// `target` as a URI authority, parsed once (every request is re-addressed to it).
     authority: http::uri::Authority,
-    h1: Client<HttpConnector, Incoming>,
-    h2: Client<HttpConnector, Incoming>,
+    h1: Client<HttpConnector, ReqBody>,
+    h2: Client<HttpConnector, ReqBody>,
     authz: Authorizer,
 }
 
@@ -84,6 +84,7 @@ pub async fn serve_inbound<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
+    let idle = metrics.idle.clone();
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
         said: PeerHeaders::new(&peer, shared),
@@ -92,7 +93,7 @@ pub async fn serve_inbound<IO>(
         slot,
         metrics,
     });
-    let svc = move |req: Request<Incoming>| {
+    let svc = move |req: Request<ReqBody>| {
         let http = http.clone();
         let conn = ctx.clone();
         async move {
@@ -107,7 +108,7 @@ pub async fn serve_inbound<IO>(
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, svc).await;
+    serve_connection(io, shared, deadline, svc, idle).await;
 }
 
 /// What every request of one connection shares.
@@ -171,7 +172,7 @@ impl PeerHeaders {
 }
 
 async fn inbound_request(
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     conn: &Conn,
     http: &InboundHttp,
 ) -> Response<Body> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
 /// `meshid_sidecar_request_duration_seconds` buckets: a proxy's own answers take well under a
@@ -123,6 +124,8 @@ pub struct ConnMetrics {
     /// Application bytes from the side that connected to us, and back to it.
     pub received: Counter,
     pub sent: Counter,
+    /// `idle_http_connections` of the connection's listener.
+    pub idle: Gauge,
     requests: Family<RequestLabels, Counter>,
     durations: Durations,
     resolved: Mutex<Vec<Resolved>>,
@@ -155,6 +158,10 @@ impl ConnMetrics {
         Self {
             direction,
             port,
+            idle: metrics
+                .idle_http_connections
+                .get_or_create(&super::ConnLabels { direction, port })
+                .clone(),
             received: metrics.received_bytes.get_or_create(&bytes).clone(),
             sent: metrics.sent_bytes.get_or_create(&bytes).clone(),
             peer,

@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::H2Upstream;
 use crate::conn::Shared;
 use crate::http::{
-    APP_H2_HINT, Body, finish_response, is_upgrade, protocol_of, reply, serve_connection,
+    APP_H2_HINT, Body, ReqBody, finish_response, is_upgrade, protocol_of, reply, serve_connection,
     strip_hop_by_hop,
 };
 use crate::metrics::ConnMetrics;
@@ -35,8 +34,9 @@ pub async fn serve_outbound<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let idle = metrics.idle.clone();
     let ctx = Arc::new((shared.clone(), metrics));
-    let svc = move |req: Request<Incoming>| {
+    let svc = move |req: Request<ReqBody>| {
         let out = out.clone();
         let ctx = ctx.clone();
         async move {
@@ -49,14 +49,14 @@ pub async fn serve_outbound<IO>(
             Ok::<_, Infallible>(resp)
         }
     };
-    serve_connection(io, shared, None, svc).await;
+    serve_connection(io, shared, None, svc, idle).await;
 }
 
 /// The authority the upstream sees: the request's `Host` (or its URI's authority, or the upstream's
 /// address), which must be a plain `host[:port]`. Anything else (a `/`, `?`, `#` or `@` in it, say)
 /// would change the path or the credentials the upstream reads, so it is refused.
 fn upstream_authority(
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     remote: &str,
 ) -> Result<http::uri::Authority, String> {
     let raw: &[u8] = match req.headers().get(header::HOST) {
@@ -79,7 +79,7 @@ fn parse_authority(raw: &[u8]) -> Result<http::uri::Authority, String> {
 }
 
 async fn outbound_request(
-    mut req: Request<Incoming>,
+    mut req: Request<ReqBody>,
     out: &OutboundHttp,
     shared: &Shared,
 ) -> Response<Body> {

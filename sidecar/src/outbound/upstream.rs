@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::dial::{dial_with, upstream_not_after};
 use crate::conn::Shared;
 use crate::creds::Snapshot;
-use crate::http::root_cause;
+use crate::http::{ReqBody, root_cause};
 use crate::settings::Outbound;
 
 /// How long before the earlier certificate expiry a connection takes no new requests. The upstream
@@ -32,7 +32,7 @@ use crate::settings::Outbound;
 const RETIRE_MARGIN: Duration = Duration::from_secs(2);
 
 struct H2Conn {
-    send: http2::SendRequest<Incoming>,
+    send: http2::SendRequest<ReqBody>,
     /// Stop sending new requests here at this instant (shortly before the earlier of the two
     /// certificates' expiries), when connection ages are capped.
     retire_at: Option<Instant>,
@@ -117,7 +117,7 @@ impl H2Upstream {
 
     /// Sends one request, dialing (or re-dialing) the upstream when needed. A request the
     /// connection hands back unsent goes out once more on a new connection.
-    pub async fn request(&self, req: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, String> {
         let mut req = req;
         let mut failed = None;
         loop {

@@ -1,0 +1,568 @@
+//! HTTP/1.1 keep-alive connections that hold no buffers while idle.
+//!
+//! hyper keeps a connection's read buffer (8 KiB, often grown to 16 KiB) and its header write buffer
+//! (8 KiB) for as long as the connection lives, idle or not: about three quarters of what an idle
+//! mTLS connection cost the terminating sidecar. So a connection that has been quiet for a moment is
+//! taken out of hyper ([`hyper::server::conn::http1::UpgradeableConnection::into_parts`]) and waits
+//! for its next byte with nothing but the TLS session and the socket; that byte is handed to a new
+//! hyper connection, which reads the rest of the request as usual.
+//!
+//! A connection is only taken apart when hyper cannot be holding anything for it: no request whose
+//! body is still arriving, no response hyper has not finished sending (both counted by [`Tracked`]
+//! bodies), nothing written and not yet flushed, and no byte read or written for a whole
+//! [`RELEASE_TICK`]. Bytes hyper had read but not yet used (a pipelined or partial request) go back in
+//! front of the stream. The idle limit stays hyper's header-read timeout, counted from when the
+//! connection went quiet, whether it waits in hyper or here; a partial request head never restarts it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use crate::conn::Shared;
+use crate::http::Body;
+
+/// How often a serving connection checks whether it has gone quiet: it is taken apart after one to
+/// two ticks without a byte in either direction.
+pub const RELEASE_TICK: Duration = Duration::from_millis(300);
+
+/// The request body every handler receives.
+pub type ReqBody = Tracked<Incoming>;
+
+/// What a connection's requests and its socket tell the loop that drives it. Written from inside
+/// hyper (bodies, the wrapped socket), read by the loop between polls; relaxed atomics, as all of it
+/// runs on one task.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests whose body has not ended, plus responses hyper still holds.
+    open: AtomicUsize,
+    /// Requests handed to the service so far.
+    requests: AtomicUsize,
+    /// Bumped by every read or write that moved bytes.
+    moved: AtomicUsize,
+    /// Something was written and not yet flushed (or a write is blocked).
+    unflushed: AtomicBool,
+}
+
+impl Activity {
+    fn bump(&self) {
+        self.moved
+            .store(self.moved.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+}
+
+/// A body that tells [`Activity`] when it is done: a request body when it has ended, a response
+/// body when hyper drops it (sent in full, or the connection failed). A request body dropped before
+/// its end leaves the connection marked busy for good: hyper closes such a connection after the
+/// response anyway, and what is left of the body on the wire must never be read as a new request.
+pub struct Tracked<B> {
+    inner: B,
+    activity: Option<Arc<Activity>>,
+    response: bool,
+}
+
+impl<B> Tracked<B> {
+    /// A body nothing waits for (h2 connections, which are never taken apart).
+    pub fn untracked(inner: B) -> Self {
+        Self {
+            inner,
+            activity: None,
+            response: false,
+        }
+    }
+
+    fn request(inner: B, activity: &Arc<Activity>) -> Self
+    where
+        B: HttpBody,
+    {
+        if inner.is_end_stream() {
+            return Self::untracked(inner);
+        }
+        activity.open.fetch_add(1, Relaxed);
+        Self {
+            inner,
+            activity: Some(activity.clone()),
+            response: false,
+        }
+    }
+
+    /// The body of the response to `call`, which goes on counting until hyper drops it.
+    fn response(inner: B, mut call: Call) -> Self {
+        Self {
+            inner,
+            activity: call.0.take(),
+            response: true,
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(a) = self.activity.take() {
+            a.open.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// A request handed to the service: counted from the call until its response body is dropped (or
+/// the call itself, when hyper drops it unanswered).
+struct Call(Option<Arc<Activity>>);
+
+impl Call {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.requests.fetch_add(1, Relaxed);
+        activity.open.fetch_add(1, Relaxed);
+        Self(Some(activity.clone()))
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.open.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        if self.response {
+            self.done();
+        }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if !this.response && this.activity.is_some() {
+            let ended = match &r {
+                Poll::Ready(None) => true,
+                Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+                _ => false,
+            };
+            if ended {
+                this.done();
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The socket as hyper sees it: bytes to replay first, and [`Activity`] kept current.
+struct Watched<T> {
+    inner: T,
+    prefix: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Let go of the allocation the replayed bytes came from.
+                this.prefix = Bytes::new();
+            }
+            this.activity.bump();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.bump();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.unflushed.store(true, Relaxed);
+        this.activity.bump();
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.unflushed.store(true, Relaxed);
+        this.activity.bump();
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            this.activity.unflushed.store(false, Relaxed);
+        }
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper's h2 connection preface; anything else on a new connection is HTTP/1.x.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How a connection's first bytes read.
+pub enum Opening {
+    /// The h2 preface (all of it read).
+    H2(Bytes),
+    /// Anything else: HTTP/1.x (these bytes read).
+    H1(Bytes),
+    /// Closed, failed or silent for `limit` before saying which.
+    Gone,
+}
+
+/// Reads a new connection's first bytes, up to what tells h2 from HTTP/1.x, within `limit`.
+pub async fn opening<T: AsyncRead + Unpin>(io: &mut T, limit: Duration) -> Opening {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    let read = async {
+        while filled < buf.len() {
+            match io.read(&mut buf[filled..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => filled += n,
+            }
+            if buf[..filled] != H2_PREFACE[..filled] {
+                return true;
+            }
+        }
+        true
+    };
+    match tokio::time::timeout(limit, read).await {
+        Ok(true) if filled == H2_PREFACE.len() && buf == H2_PREFACE => {
+            Opening::H2(Bytes::copy_from_slice(&buf))
+        }
+        Ok(true) => Opening::H1(Bytes::copy_from_slice(&buf[..filled])),
+        _ => Opening::Gone,
+    }
+}
+
+/// The h2 side: the socket with the preface put back, requests' bodies untracked.
+pub fn replay<T>(inner: T, prefix: Bytes) -> impl AsyncRead + AsyncWrite + Unpin + Send + 'static
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Watched {
+        inner,
+        prefix,
+        activity: Arc::default(),
+    }
+}
+
+/// Why the loop stopped serving a hyper connection.
+enum Stop {
+    /// Shutdown or the peer certificate's expiry: drain gracefully.
+    Drain,
+    /// A partial request head outlived the idle limit.
+    Close,
+    /// Quiet: take it apart.
+    Release,
+}
+
+/// Serves an HTTP/1.x connection whose first bytes are `prefix`, releasing hyper's buffers whenever
+/// it goes quiet; `idle` counts the connections waiting that way.
+pub async fn serve_h1<IO, S, F>(
+    io: IO,
+    prefix: Bytes,
+    shared: &Shared,
+    deadline: Option<Instant>,
+    svc: S,
+    idle: Gauge,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Fn(Request<ReqBody>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let head_timeout = crate::http::head_timeout(shared);
+    let mut shutdown = shared.shutdown.clone();
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    let activity = Arc::new(Activity::default());
+    let mut io = Watched {
+        inner: io,
+        prefix,
+        activity: activity.clone(),
+    };
+    // Since when the connection has waited for a request head that has not come (a new connection,
+    // one woken from idle, or one given back a partial head): hyper's own header timer restarts with
+    // each hyper connection, so this one bounds the wait across them. `None` once a request started.
+    let mut waiting_since = Some(Instant::now());
+    let builder = crate::http::http1_builder(shared);
+    loop {
+        let svc = svc.clone();
+        let a = activity.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let call = Call::new(&a);
+            let req = req.map(|b| Tracked::request(b, &a));
+            let fut = svc(req);
+            async move {
+                let resp = fut.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::response(b, call)))
+            }
+        });
+        // Boxed: the connection's state lives in its own allocation, freed with it, instead of
+        // widening this task (which a released connection keeps) by its size.
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
+        let requests_at_start = activity.requests.load(Relaxed);
+        let mut moved = activity.moved.load(Relaxed);
+        let mut quiet_since = Instant::now();
+        let tick = tokio::time::sleep(RELEASE_TICK);
+        tokio::pin!(tick);
+        let stop = loop {
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(error) = r {
+                        tracing::debug!(%error, "http connection ended");
+                    }
+                    return;
+                }
+                () = meshid_runtime::net::stopped(&mut shutdown) => break Stop::Drain,
+                () = &mut expired => {
+                    tracing::info!("closing gracefully: the peer's certificate expired");
+                    break Stop::Drain;
+                }
+                () = &mut tick => {
+                    let now = Instant::now();
+                    if activity.requests.load(Relaxed) != requests_at_start {
+                        waiting_since = None;
+                    }
+                    let m = activity.moved.load(Relaxed);
+                    if m != moved {
+                        moved = m;
+                        quiet_since = now;
+                    } else if let Some(since) = waiting_since {
+                        if now.duration_since(since) >= head_timeout {
+                            break Stop::Close;
+                        }
+                    } else if activity.open.load(Relaxed) == 0
+                        && !activity.unflushed.load(Relaxed)
+                    {
+                        break Stop::Release;
+                    }
+                    tick.as_mut().reset(now + RELEASE_TICK);
+                }
+            }
+        };
+        match stop {
+            Stop::Drain => {
+                // Finish in-flight requests; HTTP/1.1 closes after the current response.
+                Pin::new(&mut *conn).graceful_shutdown();
+                let _ = conn.await;
+                return;
+            }
+            Stop::Close => {
+                tracing::debug!("closing: no complete request head within the idle limit");
+                if let Some(parts) = conn.into_parts() {
+                    close(parts.io.into_inner().inner).await;
+                }
+                return;
+            }
+            Stop::Release => {}
+        }
+        // Upgraded connections end in `conn` above, so the parts are always there.
+        let Some(parts) = conn.into_parts() else {
+            return;
+        };
+        io = parts.io.into_inner();
+        let read_buf = parts.read_buf;
+        drop(parts.service);
+        if !read_buf.is_empty() || !io.prefix.is_empty() {
+            // hyper had read part of a request (or not yet read what was put back): serve it at
+            // once, bytes in their order, and keep counting the wait from when it began.
+            let mut joined = BytesMut::with_capacity(read_buf.len() + io.prefix.len());
+            joined.extend_from_slice(&read_buf);
+            joined.extend_from_slice(&io.prefix);
+            io.prefix = joined.freeze();
+            waiting_since.get_or_insert(quiet_since);
+            continue;
+        }
+        drop(read_buf);
+        let limit = head_timeout.saturating_sub(quiet_since.elapsed());
+        idle.inc();
+        let mut byte = [0u8; 1];
+        let woke = tokio::select! {
+            r = tokio::time::timeout(limit, io.inner.read(&mut byte)) => match r {
+                Ok(Ok(1)) => true,
+                // The peer closed, the socket failed, or the idle limit passed.
+                _ => false,
+            },
+            () = meshid_runtime::net::stopped(&mut shutdown) => false,
+            () = &mut expired => false,
+        };
+        idle.dec();
+        if !woke {
+            close(io.inner).await;
+            return;
+        }
+        io.prefix = Bytes::copy_from_slice(&byte);
+        waiting_since = Some(quiet_since);
+    }
+}
+
+/// Ends an idle connection the way hyper does: TLS close_notify and FIN, bounded in time.
+async fn close<T: AsyncWrite + Unpin>(mut io: T) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn opening_tells_h2_from_http1_and_keeps_the_bytes() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(H2_PREFACE).await.unwrap();
+        match opening(&mut b, Duration::from_secs(5)).await {
+            Opening::H2(p) => assert_eq!(&p[..], H2_PREFACE),
+            _ => panic!("the h2 preface was not recognised"),
+        }
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"PRI * HTTP/1.1\r\n").await.unwrap();
+        match opening(&mut b, Duration::from_secs(5)).await {
+            Opening::H1(p) => assert_eq!(&p[..], b"PRI * HTTP/1.1\r\n"),
+            _ => panic!("a near miss of the preface is HTTP/1"),
+        }
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"G").await.unwrap();
+        match opening(&mut b, Duration::from_secs(5)).await {
+            Opening::H1(p) => assert_eq!(&p[..], b"G"),
+            _ => panic!("one byte that is not P is HTTP/1"),
+        }
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        assert!(matches!(
+            opening(&mut b, Duration::from_secs(5)).await,
+            Opening::Gone
+        ));
+        let (_a, mut b) = tokio::io::duplex(64);
+        assert!(matches!(
+            opening(&mut b, Duration::from_millis(50)).await,
+            Opening::Gone
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_request_body_counts_until_its_end_and_a_response_until_dropped() {
+        let activity = Arc::new(Activity::default());
+        let req = Tracked::request(Full::new(Bytes::from_static(b"abc")), &activity);
+        assert_eq!(activity.open.load(Relaxed), 1);
+        let body = req.collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"abc");
+        assert_eq!(activity.open.load(Relaxed), 0, "ended body still counted");
+
+        let empty = Tracked::request(Full::new(Bytes::new()), &activity);
+        assert_eq!(
+            activity.open.load(Relaxed),
+            0,
+            "an empty body is never open"
+        );
+        drop(empty);
+
+        let unread = Tracked::request(Full::new(Bytes::from_static(b"abc")), &activity);
+        drop(unread);
+        assert_eq!(
+            activity.open.load(Relaxed),
+            1,
+            "a body dropped before its end must keep the connection busy"
+        );
+
+        let activity = Arc::new(Activity::default());
+        let call = Call::new(&activity);
+        assert_eq!(
+            activity.open.load(Relaxed),
+            1,
+            "a call is open before it answers"
+        );
+        let resp = Tracked::response(Full::new(Bytes::from_static(b"x")), call);
+        assert_eq!(activity.open.load(Relaxed), 1);
+        drop(resp);
+        assert_eq!(activity.open.load(Relaxed), 0);
+        drop(Call::new(&activity));
+        assert_eq!(activity.open.load(Relaxed), 0, "a call dropped unanswered");
+    }
+
+    #[tokio::test]
+    async fn watched_replays_its_prefix_first_and_tracks_flushes() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let activity = Arc::new(Activity::default());
+        let mut w = Watched {
+            inner: b,
+            prefix: Bytes::from_static(b"GE"),
+            activity: activity.clone(),
+        };
+        a.write_all(b"T /").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8];
+        while got.len() < 5 {
+            let n = w.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"GET /");
+        assert!(activity.moved.load(Relaxed) >= 2);
+        w.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(activity.unflushed.load(Relaxed));
+        w.flush().await.unwrap();
+        assert!(!activity.unflushed.load(Relaxed));
+    }
+}
