@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::Shared;
-pub use crate::idle::ReqBody;
+pub use crate::idle::{Call, ReqBody, RespBody, respond};
 use crate::idle::{Opening, Tracked};
 
 /// The body of every response we return.
@@ -231,8 +231,8 @@ pub(crate) async fn serve_connection<IO, S, F>(
     idle: Gauge,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ReqBody>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,
 {
     let prefix = match crate::idle::opening(&mut io, head_timeout(shared)).await {
         Opening::H1(prefix) => {
@@ -242,7 +242,7 @@ pub(crate) async fn serve_connection<IO, S, F>(
         Opening::Gone => return,
     };
     let io = crate::idle::replay(io, prefix);
-    let svc = move |req: Request<Incoming>| svc(req.map(Tracked::untracked));
+    let svc = move |req: Request<Incoming>| svc(req.map(Tracked::untracked), None);
     // Owned and boxed: the connection state is allocated once at its own size rather than inline in
     // every enclosing future, which matters for memory per connection.
     let mut conn = Box::pin(

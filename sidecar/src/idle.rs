@@ -39,6 +39,17 @@ pub const RELEASE_TICK: Duration = Duration::from_millis(300);
 
 /// The request body every handler receives.
 pub type ReqBody = Tracked<Incoming>;
+/// The response body every handler returns ([`respond`]).
+pub type RespBody = Tracked<Body>;
+
+/// A handler's response, counted for its connection until hyper has sent it (`call` is what the
+/// connection handed the handler with the request; `None` on h2).
+pub fn respond(call: Option<Call>, resp: Response<Body>) -> Response<RespBody> {
+    match call {
+        Some(call) => resp.map(|b| Tracked::response(b, call)),
+        None => resp.map(Tracked::untracked),
+    }
+}
 
 /// What a connection's requests and its socket tell the loop that drives it. Written from inside
 /// hyper (bodies, the wrapped socket), read by the loop between polls; relaxed atomics, as all of it
@@ -115,7 +126,7 @@ impl<B> Tracked<B> {
 
 /// A request handed to the service: counted from the call until its response body is dropped (or
 /// the call itself, when hyper drops it unanswered).
-struct Call(Option<Arc<Activity>>);
+pub struct Call(Option<Arc<Activity>>);
 
 impl Call {
     fn new(activity: &Arc<Activity>) -> Self {
@@ -319,8 +330,8 @@ pub async fn serve_h1<IO, S, F>(
     idle: Gauge,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ReqBody>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>>
+    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
         + Send
         + 'static,
 {
@@ -347,14 +358,11 @@ pub async fn serve_h1<IO, S, F>(
     loop {
         let svc = svc.clone();
         let a = activity.clone();
+        // The handler's future is handed to hyper as it is (no wrapping future to move it through):
+        // the call it carries counts the response.
         let service = service_fn(move |req: Request<Incoming>| {
             let call = Call::new(&a);
-            let req = req.map(|b| Tracked::request(b, &a));
-            let fut = svc(req);
-            async move {
-                let resp = fut.await?;
-                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::response(b, call)))
-            }
+            svc(req.map(|b| Tracked::request(b, &a)), Some(call))
         });
         // Boxed: the connection's state lives in its own allocation, freed with it, instead of
         // widening this task (which a released connection keeps) by its size.

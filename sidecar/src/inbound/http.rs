@@ -26,9 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, ReqBody, Tunnel, XFCC, finish_response, is_grpc, is_upgrade, protocol_of,
-    reply, root_cause, serve_connection, strip_hop_by_hop, strip_peer_headers,
-    upgrades_to_websocket,
+    APP_H2_HINT, Body, Call, ReqBody, Tunnel, XFCC, finish_response, is_grpc, is_upgrade,
+    protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
+    strip_peer_headers, upgrades_to_websocket,
 };
 use crate::metrics::ConnMetrics;
 use crate::settings::Inbound;
@@ -93,7 +93,7 @@ pub async fn serve_inbound<IO>(
         slot,
         metrics,
     });
-    let svc = move |req: Request<ReqBody>| {
+    let svc = move |req: Request<ReqBody>, call: Option<Call>| {
         let http = http.clone();
         let conn = ctx.clone();
         async move {
@@ -103,7 +103,7 @@ pub async fn serve_inbound<IO>(
             let resp = inbound_request(req, &conn, &http).await;
             conn.metrics
                 .request(protocol, resp.status().as_u16(), start.elapsed());
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(respond(call, resp))
         }
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.

@@ -12,8 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::upstream::H2Upstream;
 use crate::conn::Shared;
 use crate::http::{
-    APP_H2_HINT, Body, ReqBody, finish_response, is_upgrade, protocol_of, reply, serve_connection,
-    strip_hop_by_hop,
+    APP_H2_HINT, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply, respond,
+    serve_connection, strip_hop_by_hop,
 };
 use crate::metrics::ConnMetrics;
 
@@ -36,7 +36,7 @@ pub async fn serve_outbound<IO>(
 {
     let idle = metrics.idle.clone();
     let ctx = Arc::new((shared.clone(), metrics));
-    let svc = move |req: Request<ReqBody>| {
+    let svc = move |req: Request<ReqBody>, call: Option<Call>| {
         let out = out.clone();
         let ctx = ctx.clone();
         async move {
@@ -46,7 +46,7 @@ pub async fn serve_outbound<IO>(
             let resp = outbound_request(req, &out, &ctx.0).await;
             ctx.1
                 .request(protocol, resp.status().as_u16(), start.elapsed());
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(respond(call, resp))
         }
     };
     serve_connection(io, shared, None, svc, idle).await;
