@@ -25,6 +25,9 @@ struct Args {
     /// Response body size in bytes.
     #[arg(long, default_value_t = 64)]
     body_bytes: usize,
+    /// Wait this many milliseconds before answering (requests in flight for the chaos scenarios).
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
 }
 
 fn main() -> Result<()> {
@@ -35,6 +38,7 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         let listener = TcpListener::bind(&args.listen).await?;
         let body = Bytes::from(vec![b'x'; args.body_bytes]);
+        let delay = std::time::Duration::from_millis(args.delay_ms);
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
@@ -44,7 +48,12 @@ fn main() -> Result<()> {
             tokio::spawn(async move {
                 let service = service_fn(move |_req| {
                     let body = body.clone();
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                    async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(body)))
+                    }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tcp), service)

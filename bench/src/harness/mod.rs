@@ -250,6 +250,33 @@ impl Guard {
         crate::procfs::tree(self.pid())
     }
 
+    /// Sends `sig` (e.g. "TERM", "KILL") to the process itself (not its descendants).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("kill -{sig} {} failed", self.pid());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status (None: still running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The last lines of its log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
