@@ -2,6 +2,7 @@
 //! orchestrator (`bench-run`) that runs meshid, nginx and haproxy side by side and writes the results.
 
 pub mod benchca;
+pub mod chaos;
 pub mod load;
 pub mod procfs;
 pub mod simsidecar;

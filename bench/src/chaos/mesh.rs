@@ -1,0 +1,293 @@
+//! The real processes a chaos scenario runs: a `meshid-ca` that can be killed and started again on
+//! the same directory and ports, sidecars that can be signalled and restarted with the same flags, and
+//! the app. Every command goes through the harness context, so the report lists it exactly as run.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshid_sidecar::settings::CaEndpoint;
+use meshid_tests::fake_cluster::FakeCluster;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use super::{Env, wait_ready};
+use crate::harness::{Guard, free_addr, wait_tcp};
+
+/// A `meshid-ca` on a directory of its own, with a fake cluster's keys.
+pub struct CaProc {
+    pub dir: PathBuf,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub cluster: FakeCluster,
+    work: PathBuf,
+    jwks: PathBuf,
+    flags: Vec<String>,
+    guard: Option<Guard>,
+    starts: usize,
+}
+
+impl CaProc {
+    /// `meshid-ca init` in `work/ca`; `serve` will run with `flags` added.
+    pub fn init(env: &Env, work: &Path, flags: &[&str]) -> Result<Self> {
+        let dir = work.join("ca");
+        env.ctx.output(
+            Command::new(env.ctx.bin("meshid-ca"))
+                .args(["init", "--dir"])
+                .arg(&dir),
+        )?;
+        let cluster = FakeCluster::new();
+        let jwks = work.join("jwks.json");
+        cluster.write_jwks(&jwks);
+        Ok(Self {
+            dir,
+            grpc: free_addr(),
+            admin: free_addr(),
+            cluster,
+            work: work.to_path_buf(),
+            jwks,
+            flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            guard: None,
+            starts: 0,
+        })
+    }
+
+    /// Starts `serve` (again, on the same directory and ports) and waits until it is ready: the
+    /// time from the spawn to its first 200 on `/readyz`.
+    pub async fn serve(&mut self, env: &Env) -> Result<Duration> {
+        self.starts += 1;
+        let mut cmd = Command::new(env.ctx.bin("meshid-ca"));
+        cmd.args(["serve", "--dir"])
+            .arg(&self.dir)
+            .args(["--listen", &self.grpc.to_string()])
+            .args(["--admin-listen", &self.admin.to_string()])
+            .arg("--jwks")
+            .arg(&self.jwks)
+            // Every simulated workload connects from 127.0.0.1, one source standing for many
+            // hosts; rate limits are not what these scenarios measure.
+            .args(["--max-connections-per-source", "1000000"])
+            .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
+            .args(&self.flags)
+            .env("MESHID_LOG", "warn");
+        let t0 = Instant::now();
+        let log = self.work.join(format!("ca-{}.log", self.starts));
+        self.guard = Some(env.ctx.spawn("meshid-ca serve", &mut cmd, &log)?);
+        wait_ready(self.admin, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("the CA did not become ready: {}", self.log_tail()))?;
+        Ok(t0.elapsed())
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub fn kill(&mut self, env: &Env) -> Result<()> {
+        let Some(g) = self.guard.as_mut() else {
+            bail!("the CA is not running");
+        };
+        env.ctx
+            .commands
+            .borrow_mut()
+            .push(format!("kill -KILL {}  # meshid-ca serve", g.pid()));
+        g.signal("KILL")?;
+        if g.wait_exit(Duration::from_secs(5)).is_none() {
+            bail!("the CA survived SIGKILL");
+        }
+        self.guard = None;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.guard.as_ref().map_or(0, Guard::pid)
+    }
+
+    fn log_tail(&self) -> String {
+        self.guard.as_ref().map(Guard::log_tail).unwrap_or_default()
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle.pem")
+    }
+
+    /// How a client reaches and trusts it.
+    pub fn endpoint(&self) -> Result<CaEndpoint> {
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&std::fs::read(self.bundle())?)
+                .collect::<Result<_, _>>()?;
+        Ok(CaEndpoint {
+            addr: self.grpc.to_string(),
+            server_name: Some("localhost".into()),
+            roots,
+        })
+    }
+}
+
+/// A `meshid-sidecar run` that can be signalled and started again with the same flags.
+pub struct SidecarProc {
+    pub name: String,
+    pub admin: SocketAddr,
+    args: Vec<String>,
+    /// Run as this uid:gid (setpriv).
+    user: Option<(u32, u32)>,
+    dir: PathBuf,
+    guard: Option<Guard>,
+    starts: usize,
+}
+
+impl SidecarProc {
+    /// Starts `meshid-sidecar run ARGS --admin-listen ADMIN` (not waiting for readiness).
+    pub fn start(
+        env: &Env,
+        name: &str,
+        dir: &Path,
+        args: Vec<String>,
+        user: Option<(u32, u32)>,
+    ) -> Result<Self> {
+        let mut s = Self {
+            name: name.into(),
+            admin: free_addr(),
+            args,
+            user,
+            dir: dir.to_path_buf(),
+            guard: None,
+            starts: 0,
+        };
+        s.spawn(env)?;
+        Ok(s)
+    }
+
+    /// Starts the process (again).
+    pub fn spawn(&mut self, env: &Env) -> Result<()> {
+        self.starts += 1;
+        let bin = env.ctx.bin("meshid-sidecar");
+        let mut cmd = match self.user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                    "--".into(),
+                ])
+                .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.arg("run")
+            .args(&self.args)
+            .args(["--admin-listen", &self.admin.to_string()])
+            .env("MESHID_LOG", "warn")
+            // One worker, as the benchmarks run it.
+            .env("TOKIO_WORKER_THREADS", "1");
+        let log = self.dir.join(format!("{}-{}.log", self.name, self.starts));
+        self.guard = Some(env.ctx.spawn(&self.name, &mut cmd, &log)?);
+        Ok(())
+    }
+
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        match wait_ready(self.admin, timeout).await {
+            Ok(d) => Ok(d),
+            Err(e) => bail!("{}: {e}: {}", self.name, self.log_tail()),
+        }
+    }
+
+    /// Sends `sig` (recorded as a command).
+    pub fn signal(&self, env: &Env, sig: &str) -> Result<()> {
+        let g = self.guard.as_ref().context("not running")?;
+        env.ctx
+            .commands
+            .borrow_mut()
+            .push(format!("kill -{sig} {}  # {}", g.pid(), self.name));
+        g.signal(sig)
+    }
+
+    /// Waits for the process to exit: its exit code (None: killed by a signal), or an error if it
+    /// is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let g = self.guard.as_mut().context("not running")?;
+        let Some(status) = g.wait_exit(timeout) else {
+            bail!("{} still running {timeout:?} after the signal", self.name);
+        };
+        self.guard = None;
+        Ok(status.code())
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.guard.as_ref().map(Guard::log_tail).unwrap_or_default()
+    }
+
+    /// The whole log of the current (or last) start.
+    pub fn log(&self) -> String {
+        let path = self.dir.join(format!("{}-{}.log", self.name, self.starts));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+/// The app: `bench-app`, answering after `delay_ms`.
+pub fn start_app(env: &Env, dir: &Path, delay_ms: u64) -> Result<(Guard, SocketAddr)> {
+    let addr = free_addr();
+    let mut cmd = Command::new(env.ctx.bin("bench-app"));
+    cmd.args(["--listen", &addr.to_string()])
+        .args(["--delay-ms", &delay_ms.to_string()]);
+    let app = env.ctx.spawn("bench-app", &mut cmd, &dir.join("app.log"))?;
+    if !wait_tcp(addr, Duration::from_secs(10)) {
+        bail!("bench-app did not listen on {addr}: {}", app.log_tail());
+    }
+    Ok((app, addr))
+}
+
+/// An allow-list letting `client` call HTTP on each of `ports`.
+pub fn policy_yaml(ports: &[u16], client: &str) -> String {
+    let mut y = String::from("mode: enforce\ninbound:\n");
+    for p in ports {
+        y.push_str(&format!(
+            "  - port: {p}\n    protocol: http\n    allow:\n      - id: {client}\n"
+        ));
+    }
+    y
+}
+
+/// `--inbound LISTEN=APP,http --policy POLICY`.
+pub fn inbound_args(listen: SocketAddr, app: SocketAddr, policy: &Path) -> Vec<String> {
+    vec![
+        "--inbound".into(),
+        format!("{listen}={app},http"),
+        "--policy".into(),
+        policy.display().to_string(),
+    ]
+}
+
+/// `--outbound LOCAL=REMOTE,SERVER_ID,http`.
+pub fn outbound_args(local: SocketAddr, remote: SocketAddr, server_id: &str) -> Vec<String> {
+    vec![
+        "--outbound".into(),
+        format!("{local}={remote},{server_id},http"),
+    ]
+}
+
+/// CA mode with a service-account token file.
+pub fn ca_mode_args(ca: &CaProc, token_file: &Path) -> Vec<String> {
+    vec![
+        "--ca-addr".into(),
+        ca.grpc.to_string(),
+        "--ca-server-name".into(),
+        "localhost".into(),
+        "--ca-bundle".into(),
+        ca.bundle().display().to_string(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ]
+}
+
+/// File mode.
+pub fn file_mode_args(cert: &Path, key: &Path, bundle: &Path) -> Vec<String> {
+    vec![
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--bundle".into(),
+        bundle.display().to_string(),
+    ]
+}
