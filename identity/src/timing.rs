@@ -57,6 +57,24 @@ impl Backoff {
     }
 }
 
+/// The longest wait between certificate requests while no valid certificate is held (at start, or
+/// after expiry during a CA outage): the sidecar serves nothing then, so a CA that comes back must be
+/// asked again within seconds, whatever the lifetime the backoff was sized for.
+pub const RETRY_WITHOUT_CERTIFICATE: Duration = Duration::from_secs(5);
+
+/// The wait before the next certificate request after a failed one, from the backoff's `wait`:
+/// never past the expiry (`not_after`, seconds since the epoch) of a certificate still valid at
+/// `now`, and at most [`RETRY_WITHOUT_CERTIFICATE`] (spread over its upper half by `rand` in
+/// `[0, 1)`) once there is none.
+pub fn retry_wait(wait: Duration, not_after: Option<i64>, now: i64, rand: f64) -> Duration {
+    match not_after {
+        Some(not_after) if not_after > now => {
+            wait.min(Duration::from_secs((not_after - now) as u64))
+        }
+        _ => wait.min(RETRY_WITHOUT_CERTIFICATE.mul_f64(0.5 + 0.5 * rand.clamp(0.0, 1.0))),
+    }
+}
+
 /// A uniform random number in `[0, 1)` from the system RNG.
 pub fn random_unit() -> f64 {
     let mut b = [0u8; 8];
@@ -113,6 +131,31 @@ mod tests {
         for _ in 0..30 {
             assert!(b.next_delay(0.99, None) <= Duration::from_secs(1));
         }
+    }
+
+    #[test]
+    fn retries_without_a_valid_certificate_come_within_seconds() {
+        let long = Duration::from_secs(300);
+        // Holding a certificate valid for another minute: the next attempt no later than expiry.
+        assert_eq!(
+            retry_wait(long, Some(1060), 1000, 0.5),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            retry_wait(Duration::from_secs(2), Some(1060), 1000, 0.5),
+            Duration::from_secs(2)
+        );
+        // None held, or expired: at most the short cap, spread over its upper half.
+        for not_after in [None, Some(1000), Some(900)] {
+            for rand in [0.0, 0.5, 0.999] {
+                let w = retry_wait(long, not_after, 1000, rand);
+                assert!(w <= RETRY_WITHOUT_CERTIFICATE && w >= RETRY_WITHOUT_CERTIFICATE / 2);
+            }
+        }
+        assert_eq!(
+            retry_wait(Duration::from_millis(100), None, 1000, 0.5),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl Proc {
         self.child.as_mut()?.stdout.take()
     }
 
+    /// The child's stderr, when it was spawned with `Stdio::piped()` (once).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut()?.stderr.take()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         self.child

@@ -16,7 +16,7 @@ use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
 };
 use meshid_tests::pki::{ForeignCa, pem};
-use meshid_tests::process::http_get;
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get};
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
@@ -696,5 +696,52 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
         ca_issues(&metrics, "join_token", "join_token_used"),
         0,
         "{metrics}"
+    );
+}
+
+/// A sidecar holding no valid certificate serves nothing, so it asks the CA again within seconds,
+/// however long the certificates it asks for: the backoff a valid certificate allows (a tenth of
+/// the lifetime, six minutes for `--ttl 1h`) must not keep it failing closed for minutes after the
+/// CA is back. Found by the chaos scenario `ca-outage` (docs/reliability.md). Judged from the wait
+/// each failed attempt announces, not from a clock.
+#[test]
+fn without_a_valid_certificate_the_sidecar_asks_the_ca_again_within_seconds() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not.a.token").unwrap();
+    // Nothing listens there: every attempt fails.
+    let ca = free_addr("127.0.0.1");
+    let mut cmd = ca_mode_sidecar(
+        ca,
+        &pki.bundle_path,
+        "--token-file",
+        &token,
+        free_addr("127.0.0.1"),
+    );
+    cmd.args(["--ttl", "1h"])
+        .env("MESHID_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped());
+    let mut sidecar = Proc::spawn("meshid-sidecar", &mut cmd);
+    let stderr = sidecar.take_stderr().unwrap();
+    // Eight failures: the eighth wait of a backoff sized for one hour is 6.4 s or more.
+    let waits: Vec<f64> = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .filter(|v| v["message"] == "certificate request failed")
+        .filter_map(|v| v["retry_in_s"].as_f64())
+        .take(8)
+        .collect();
+    drop(sidecar);
+    assert_eq!(
+        waits.len(),
+        8,
+        "failed attempts logged with their wait: {waits:?}"
+    );
+    assert!(
+        waits.iter().all(|w| *w <= 5.0),
+        "no wait over 5 s without a certificate: {waits:?}"
     );
 }

@@ -16,7 +16,7 @@ use super::ca_client;
 use super::store::{CredError, CredentialStore, Credentials, Snapshot};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::{Bootstrap, CaEndpoint, CaMode};
-use meshid_identity::timing::{Backoff, random_unit, refresh_in};
+use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
 use meshid_runtime::net::stopped;
 use meshid_runtime::time::unix_now;
 
@@ -561,11 +561,19 @@ pub async fn run_issuer(
                         ..
                     }
                 );
-                let wait = backoff.next_delay(random_unit(), error.retry_after());
-                let retry_in_s = wait.as_secs_f64();
                 let current = store.current();
                 let valid = current.as_ref().is_some_and(|s| s.valid_at(unix_now()));
                 let not_after = current.as_ref().map_or(0, |s| s.identity.not_after);
+                // Sized for the last lifetime, the backoff can reach minutes: never sleep past
+                // the expiry of the certificate we serve, and without one (we serve nothing)
+                // ask again within seconds.
+                let wait = retry_wait(
+                    backoff.next_delay(random_unit(), error.retry_after()),
+                    valid.then_some(not_after),
+                    unix_now(),
+                    random_unit(),
+                );
+                let retry_in_s = wait.as_secs_f64();
                 match (&mode.bootstrap, state.presented) {
                     // The CA no longer renews on our certificate (its root left the bundle, or
                     // the identity was last attested longer ago than the CA allows): attest
