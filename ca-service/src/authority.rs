@@ -219,8 +219,13 @@ pub fn renew_intermediate(
 fn write_secret_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
     let tmp = path.with_extension("key.tmp");
     let _ = fs::remove_file(&tmp);
-    write_file(&tmp, bytes, true)?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    let written =
+        write_file(&tmp, bytes, true).and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)));
+    if written.is_err() {
+        // A full or read-only directory: leave nothing half-written behind.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {

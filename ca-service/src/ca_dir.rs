@@ -96,15 +96,42 @@ impl AuthorityFiles {
     }
 }
 
-/// Writes a file by renaming a fully written temporary file over it.
+/// Writes a file by renaming a fully written temporary file over it. On failure (a full or
+/// read-only directory) the file is as it was and no temporary file is left behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let io = |source| AuthorityError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut f = fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    let written = fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    });
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_file_as_it_was_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        // A non-empty directory in the file's place fails the rename, as a full or read-only
+        // directory fails a write (also for root).
+        let target = dir.path().join("bundle.pem");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("in-the-way"), "x").unwrap();
+        assert!(write_atomic(&target, b"new").is_err());
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("bundle.pem")]);
+    }
 }

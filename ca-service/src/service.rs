@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{self, AuthError, JoinTokenStore, JwtAuthenticator, Method, PendingJoin, Reason};
+use crate::auth::{
+    self, AuthError, JoinTokenStore, JwtAuthenticator, Method, PendingJoin, Reason, RedeemError,
+};
 use crate::authority::Authority;
 use crate::csr::CsrPublicKey;
 use crate::metrics::{IssueLabels, Metrics};
@@ -208,7 +210,22 @@ impl CaState {
         if let Authenticated::Join(pending) = authenticated
             && let Err(e) = self.join.redeem(pending)
         {
-            return (method, Some(id), Err(e.into()));
+            let refusal = match e {
+                RedeemError::Used(e) => e.into(),
+                // The token is fine and still unused: a transient answer, so the workload keeps
+                // it and asks again.
+                error => {
+                    tracing::error!(%error, identity = %id, "join token not redeemed: its use cannot be recorded; the token stays unused");
+                    Refusal {
+                        status: Status::unavailable(
+                            "the CA cannot record the join token's use (its directory cannot be \
+                             written); the token was not consumed: try again later",
+                        ),
+                        result: "join_token_unrecorded",
+                    }
+                }
+            };
+            return (method, Some(id), Err(refusal));
         }
 
         let authority = self.authority.load();

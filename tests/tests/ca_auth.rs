@@ -480,3 +480,39 @@ async fn jwks_rotation_is_picked_up_without_restart() {
         Ok(FRONTEND.to_owned())
     );
 }
+
+/// A join token whose use the CA cannot record (its directory read-only or full; here the record's
+/// place is taken by a directory, which fails alike for root) is not consumed: the CA answers
+/// UNAVAILABLE saying so, not "already used" (which made sidecars drop the token for good), and the
+/// same token works once the directory can be written. Found by the chaos scenario `ca-dir`
+/// (docs/reliability.md).
+#[tokio::test]
+async fn a_join_token_whose_use_cannot_be_recorded_stays_good() {
+    const DB: &str = "spiffe://cluster.local/ns/vm/sa/db";
+    let ca = TestCa::start(CaOptions::default()).await;
+    let token = ca.join_token(DB, Duration::from_secs(600));
+    let hash = meshid_identity::pem::sha256_hex(token.as_bytes());
+    let blocker = ca
+        .dir
+        .path()
+        .join("join-tokens")
+        .join(format!("{hash}.used"));
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("in-the-way"), "x").unwrap();
+    let request = || IssueRequest {
+        csr: WorkloadKey::new().csr,
+        credential: Some(Credential::JoinToken(token.clone())),
+        ttl_seconds: 0,
+    };
+    let mut client = ca.client().await;
+    let refused = client.issue(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("not consumed"),
+        "{}",
+        refused.message()
+    );
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let issued = client.issue(request()).await.unwrap().into_inner();
+    assert_eq!(issued.spiffe_id, DB);
+}

@@ -57,6 +57,21 @@ pub fn is_secret_volume(ca_dir: &Path) -> bool {
     ca_dir.join("..data").exists()
 }
 
+/// Why a looked-up join token was not consumed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedeemError {
+    /// Another request consumed it first.
+    #[error(transparent)]
+    Used(AuthError),
+    /// Its use could not be recorded in `dir` (read-only, full): the token is still unused.
+    #[error("cannot record the join token's use in {}: {source}", dir.display())]
+    Unrecorded {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The join tokens of a CA directory.
 #[derive(Debug, Clone)]
 pub struct JoinTokenStore {
@@ -189,12 +204,21 @@ impl JoinTokenStore {
         Ok(PendingJoin { id, hash })
     }
 
-    /// Consumes a looked-up token. Fails if another request consumed it first.
-    pub fn redeem(&self, pending: PendingJoin) -> Result<SpiffeId, AuthError> {
+    /// Consumes a looked-up token. Fails if another request consumed it first, or if the use
+    /// cannot be recorded (the token then stays unused).
+    pub fn redeem(&self, pending: PendingJoin) -> Result<SpiffeId, RedeemError> {
         let from = self.dir.join(format!("{}.json", pending.hash));
         let to = self.dir.join(format!("{}.used", pending.hash));
-        fs::rename(&from, &to).map_err(|_| {
-            AuthError::unauthenticated(Reason::JoinTokenUsed, "join token was already used")
+        fs::rename(&from, &to).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => RedeemError::Used(AuthError::unauthenticated(
+                Reason::JoinTokenUsed,
+                "join token was already used",
+            )),
+            // A read-only or full directory, or anything else in the way: not the token's fault.
+            _ => RedeemError::Unrecorded {
+                dir: self.dir.clone(),
+                source,
+            },
         })?;
         Ok(pending.id)
     }
@@ -286,7 +310,9 @@ mod tests {
         let a = s.lookup(&token).unwrap();
         let b = s.lookup(&token).unwrap();
         assert!(s.redeem(a).is_ok());
-        assert_eq!(s.redeem(b).unwrap_err().reason, Reason::JoinTokenUsed);
+        assert!(
+            matches!(s.redeem(b), Err(RedeemError::Used(e)) if e.reason == Reason::JoinTokenUsed)
+        );
     }
 
     #[test]

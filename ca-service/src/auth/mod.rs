@@ -12,7 +12,7 @@ use meshid_identity::{SpiffeId, TrustDomain};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use time::OffsetDateTime;
 
-pub use join::{JoinStoreError, JoinTokenStore, PendingJoin};
+pub use join::{JoinStoreError, JoinTokenStore, PendingJoin, RedeemError};
 pub use jwks_remote::RemoteJwks;
 pub use jwt::{JwksError, JwksSource, JwksSummary, JwtAuthenticator, JwtConfig};
 
