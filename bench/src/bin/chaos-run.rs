@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Parser;
 use meshid_bench::chaos::markdown::RunReport;
-use meshid_bench::chaos::{Env, ca_outage, files, run_scenario, signals};
+use meshid_bench::chaos::{Env, ca_dir, ca_outage, files, run_scenario, signals};
 use meshid_bench::harness::{self, Ctx, Settings, machine};
 
-const SCENARIOS: [&str; 3] = ["ca-outage", "signals", "files"];
+const SCENARIOS: [&str; 4] = ["ca-outage", "signals", "files", "ca-dir"];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -116,6 +116,13 @@ async fn main() -> Result<()> {
                 )
                 .await
             }
+            "ca-dir" => run_scenario(
+                &env,
+                "ca-dir",
+                "CA directory full or read-only during a rotation step and a join-token redemption",
+                |r| ca_dir::run(&env, r),
+            )
+            .await,
             "signals" => run_scenario(
                 &env,
                 "signals",

@@ -25,14 +25,10 @@ pub struct RunReport {
 }
 
 /// The issue's scenarios that `chaos-run` does not run yet.
-pub const NOT_YET: [(&str, &str); 5] = [
+pub const NOT_YET: [(&str, &str); 4] = [
     (
         "rotations-under-load",
         "1,000,000 requests through a sidecar pair at saturation across three certificate renewals, one intermediate rotation and one root rotation: failed requests per million (target 0)",
-    ),
-    (
-        "ca-dir-full-or-read-only",
-        "the CA directory full or read-only during a rotation step and during a join-token redemption: a clear error, no torn or half-written file, the CA keeps serving",
     ),
     (
         "clock-steps",
@@ -107,7 +103,7 @@ impl RunReport {
             "```sh\n\
              bench/chaos.sh                         # every scenario, published figures (this file)\n\
              bench/chaos.sh --smoke                 # CI: every scenario, smaller and shorter; into bench/results/smoke/\n\
-             bench/chaos.sh --scenarios ca-outage   # one scenario (ca-outage, signals, files)\n\
+             bench/chaos.sh --scenarios ca-outage   # one scenario (ca-outage, signals, files, ca-dir)\n\
              bench/chaos.sh --sidecars 1000         # a bigger renewal storm for ca-outage\n\
              ```\n"
         );

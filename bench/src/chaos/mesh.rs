@@ -25,6 +25,7 @@ pub struct CaProc {
     work: PathBuf,
     jwks: PathBuf,
     flags: Vec<String>,
+    user: Option<(u32, u32)>,
     guard: Option<Guard>,
     starts: usize,
 }
@@ -32,9 +33,21 @@ pub struct CaProc {
 impl CaProc {
     /// `meshid-ca init` in `work/ca`; `serve` will run with `flags` added.
     pub fn init(env: &Env, work: &Path, flags: &[&str]) -> Result<Self> {
-        let dir = work.join("ca");
+        Self::init_in(env, &work.join("ca"), work, flags, None)
+    }
+
+    /// `meshid-ca init` in `dir` (logs and keys of the fake cluster in `work`), every command of
+    /// this CA run as `user` when given.
+    pub fn init_in(
+        env: &Env,
+        dir: &Path,
+        work: &Path,
+        flags: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> Result<Self> {
+        let dir = dir.to_path_buf();
         env.ctx.output(
-            Command::new(env.ctx.bin("meshid-ca"))
+            as_user(env.ctx.bin("meshid-ca"), user)
                 .args(["init", "--dir"])
                 .arg(&dir),
         )?;
@@ -49,16 +62,28 @@ impl CaProc {
             work: work.to_path_buf(),
             jwks,
             flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            user,
             guard: None,
             starts: 0,
         })
+    }
+
+    /// `meshid-ca ARGS` as this CA's user: (success, stdout and stderr).
+    pub fn cli(&self, env: &Env, args: &[&str]) -> Result<(bool, String)> {
+        let mut cmd = as_user(env.ctx.bin("meshid-ca"), self.user);
+        cmd.args(args).env("MESHID_LOG", "warn");
+        env.ctx.record(&cmd);
+        let out = cmd.stdin(std::process::Stdio::null()).output()?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.success(), text.trim().to_owned()))
     }
 
     /// Starts `serve` (again, on the same directory and ports) and waits until it is ready: the
     /// time from the spawn to its first 200 on `/readyz`.
     pub async fn serve(&mut self, env: &Env) -> Result<Duration> {
         self.starts += 1;
-        let mut cmd = Command::new(env.ctx.bin("meshid-ca"));
+        let mut cmd = as_user(env.ctx.bin("meshid-ca"), self.user);
         cmd.args(["serve", "--dir"])
             .arg(&self.dir)
             .args(["--listen", &self.grpc.to_string()])
@@ -159,21 +184,7 @@ impl SidecarProc {
     /// Starts the process (again).
     pub fn spawn(&mut self, env: &Env) -> Result<()> {
         self.starts += 1;
-        let bin = env.ctx.bin("meshid-sidecar");
-        let mut cmd = match self.user {
-            Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={uid}"),
-                    format!("--regid={gid}"),
-                    "--clear-groups".into(),
-                    "--".into(),
-                ])
-                .arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
+        let mut cmd = as_user(env.ctx.bin("meshid-sidecar"), self.user);
         cmd.arg("run")
             .args(&self.args)
             .args(["--admin-listen", &self.admin.to_string()])
@@ -221,6 +232,24 @@ impl SidecarProc {
     pub fn log(&self) -> String {
         let path = self.dir.join(format!("{}-{}.log", self.name, self.starts));
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+/// `bin`, run as `user` (uid, gid) with setpriv when given.
+pub fn as_user(bin: PathBuf, user: Option<(u32, u32)>) -> Command {
+    match user {
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ])
+            .arg(bin);
+            c
+        }
+        None => Command::new(bin),
     }
 }
 

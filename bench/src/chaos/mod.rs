@@ -4,6 +4,7 @@
 //! times. Results: `bench/results/chaos-latest.json` and `docs/reliability.md`, every figure next to
 //! the command that produced it.
 
+pub mod ca_dir;
 pub mod ca_outage;
 pub mod files;
 pub mod markdown;
