@@ -720,7 +720,8 @@ fn without_a_valid_certificate_the_sidecar_asks_the_ca_again_within_seconds() {
         &token,
         free_addr("127.0.0.1"),
     );
-    cmd.args(["--ttl", "1h"])
+    let upstream = format!("{}={ca},{B},http", free_addr("127.0.0.1"));
+    cmd.args(["--ttl", "1h", "--outbound", &upstream])
         .env("MESHID_LOG_FORMAT", "json")
         .stderr(std::process::Stdio::piped());
     let mut sidecar = Proc::spawn("meshid-sidecar", &mut cmd);
