@@ -367,6 +367,17 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
         first_expiry.checked_sub(guard).unwrap_or(first_expiry),
         first_expiry + Duration::from_secs(1),
     ));
+    let edge_before = sent_between(
+        &recs,
+        first_expiry.checked_sub(guard).unwrap_or(first_expiry),
+        first_expiry,
+    );
+    // The first failure before the expiry: how early the pair stopped serving.
+    let early = edge_before
+        .iter()
+        .find(|rec| rec.outcome != super::traffic::Outcome::Ok)
+        .map(|rec| first_expiry.saturating_duration_since(rec.sent));
+    let edge_before = Tally::of(&edge_before);
     let expired = Tally::of(&sent_between(
         &recs,
         first_expiry + Duration::from_secs(1),
@@ -411,6 +422,18 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
         "",
     );
     r.figure("requests in that window", edge.total() as f64, "");
+    r.figure(
+        "of which sent in the 2 s before the expiry, and failed",
+        edge_before.failed as f64,
+        "",
+    );
+    if let Some(e) = early {
+        r.figure(
+            "first failed request before the expiry: sent this long before it",
+            e.as_secs_f64(),
+            "s",
+        );
+    }
     r.figure_target(
         "requests served after expiry, CA still down (fail closed)",
         expired.ok as f64,

@@ -17,6 +17,12 @@ use crate::harness::pki::{BenchPki, CLIENT_ID, SERVER_ID};
 /// The app's answer time: long enough that every signal lands on requests in flight.
 const APP_DELAY_MS: u64 = 50;
 const CONNECTIONS: usize = 16;
+/// The signals of one round, in order: (sidecar, signal).
+const KINDS: [(&str, &str); 3] = [
+    ("inbound", "TERM"),
+    ("outbound", "TERM"),
+    ("inbound", "KILL"),
+];
 
 pub async fn run(env: &Env, mut r: ScenarioReport) -> (ScenarioReport, Result<()>) {
     r.setup = format!(
@@ -25,7 +31,7 @@ pub async fn run(env: &Env, mut r: ScenarioReport) -> (ScenarioReport, Result<()
          sidecar, each sending its next request as soon as the last one is answered. Each step \
          signals one sidecar, waits for it to exit, keeps the traffic going for half a second, then \
          starts the sidecar again with the same flags and waits until requests succeed for a second. \
-         A request is in flight when it was sent before the signal and answered (or failed) after it."
+         A round signals SIGTERM to the inbound sidecar, SIGTERM to the outbound one, SIGKILL to the inbound one; the full run does five rounds, --smoke one. A request is in flight when it was sent before the signal and answered (or failed) after it."
     );
     let result = scenario(env, &mut r).await;
     (r, result)
@@ -70,11 +76,8 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
     let traffic = Traffic::start(local, CONNECTIONS, Duration::ZERO);
     settle(&traffic).await?;
     let mut steps = Vec::new();
-    for (name, sig) in [
-        ("inbound", "TERM"),
-        ("outbound", "TERM"),
-        ("inbound", "KILL"),
-    ] {
+    let rounds = if env.smoke { 1 } else { 5 };
+    for (name, sig) in std::iter::repeat_n(KINDS, rounds).flatten() {
         let sidecar = if name == "inbound" {
             &mut inbound
         } else {
@@ -113,8 +116,13 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
         before.failed as f64,
         "",
     );
-    for s in &steps {
-        report_step(r, s, &recs);
+    r.figure("rounds (each signal once per round)", rounds as f64, "");
+    for (name, sig) in KINDS {
+        let of_kind: Vec<&Step> = steps
+            .iter()
+            .filter(|s| s.name == name && s.sig == sig)
+            .collect();
+        report_kind(r, &of_kind, &recs);
     }
     Ok(())
 }
@@ -136,25 +144,42 @@ async fn settle(traffic: &Traffic) -> Result<()> {
     bail!("traffic through the pair did not settle (requests still failing after 20 s)")
 }
 
-fn report_step(r: &mut ScenarioReport, s: &Step, recs: &[Rec]) {
-    let label = format!("SIG{} {}", s.sig, s.name);
-    let in_flight = Tally::of(&in_flight_at(recs, s.signalled));
-    let gone = Tally::of(&sent_between(recs, s.signalled, s.restarted));
-    let first_ok = first_ok_after(recs, s.restarted);
-    let back = sent_between(
-        recs,
-        s.restarted,
-        s.restarted + s.ready_after + Duration::from_secs(1),
-    );
-    let exit = match s.exit_code {
-        Some(c) => format!("exit code {c}"),
-        None => "killed by a signal".into(),
-    };
-    let shutdown = s
-        .exited
-        .saturating_duration_since(s.signalled)
-        .as_secs_f64();
-    if s.sig == "TERM" {
+/// The largest of some durations, in seconds.
+fn max_s(v: impl IntoIterator<Item = Duration>) -> f64 {
+    v.into_iter().map(|d| d.as_secs_f64()).fold(0.0, f64::max)
+}
+
+/// Every round of one signal to one sidecar, summed (requests) or at their worst (times).
+fn report_kind(r: &mut ScenarioReport, steps: &[&Step], recs: &[Rec]) {
+    let Some(first) = steps.first() else { return };
+    let label = format!("SIG{} {}", first.sig, first.name);
+    let mut in_flight = Vec::new();
+    let mut gone = Vec::new();
+    let mut first_ok = Vec::new();
+    for s in steps {
+        in_flight.extend(in_flight_at(recs, s.signalled));
+        gone.extend(sent_between(recs, s.signalled, s.restarted));
+        first_ok.push(first_ok_after(recs, s.restarted));
+        let back = sent_between(
+            recs,
+            s.restarted,
+            s.restarted + s.ready_after + Duration::from_secs(1),
+        );
+        let exit = s
+            .exit_code
+            .map_or("killed by a signal".into(), |c| format!("exit code {c}"));
+        r.notes.push(format!(
+            "{label}: {exit} after {:.3} s; in flight at the signal: {}; sent while it was gone: {}; \
+             in the first second after the restart: {}.",
+            s.exited.saturating_duration_since(s.signalled).as_secs_f64(),
+            Tally::of(&in_flight_at(recs, s.signalled)).describe(),
+            Tally::of(&sent_between(recs, s.signalled, s.restarted)).describe(),
+            Tally::of(&back).describe()
+        ));
+    }
+    let in_flight = Tally::of(&in_flight);
+    let gone = Tally::of(&gone);
+    if first.sig == "TERM" {
         r.figure_target(
             &format!("{label}: in-flight requests failed"),
             in_flight.failed as f64,
@@ -169,11 +194,19 @@ fn report_step(r: &mut ScenarioReport, s: &Step, recs: &[Rec]) {
         );
     }
     r.figure(
-        &format!("{label}: requests in flight at the signal"),
+        &format!("{label}: requests in flight at the signals"),
         in_flight.total() as f64,
         "",
     );
-    r.figure(&format!("{label}: signal to exit"), shutdown, "s");
+    r.figure(
+        &format!("{label}: signal to exit (slowest)"),
+        max_s(
+            steps
+                .iter()
+                .map(|s| s.exited.saturating_duration_since(s.signalled)),
+        ),
+        "s",
+    );
     r.figure(
         &format!("{label}: requests sent after the signal, before the restart"),
         gone.total() as f64,
@@ -181,47 +214,49 @@ fn report_step(r: &mut ScenarioReport, s: &Step, recs: &[Rec]) {
     );
     r.figure(&format!("{label}: of which failed"), gone.failed as f64, "");
     r.figure(
-        &format!("{label}: restart to /readyz 200"),
-        s.ready_after.as_secs_f64(),
+        &format!("{label}: restart to /readyz 200 (slowest)"),
+        max_s(steps.iter().map(|s| s.ready_after)),
         "s",
     );
-    if let Some(ok) = first_ok {
+    let served = first_ok.iter().all(Option::is_some);
+    if served {
         r.figure(
-            &format!("{label}: restart to the first request served"),
-            ok.saturating_duration_since(s.restarted).as_secs_f64(),
+            &format!("{label}: restart to the first request served (slowest)"),
+            max_s(
+                steps
+                    .iter()
+                    .zip(&first_ok)
+                    .filter_map(|(s, ok)| ok.map(|t| t.saturating_duration_since(s.restarted))),
+            ),
             "s",
         );
         r.figure(
-            &format!("{label}: signal to the first request served again"),
-            ok.saturating_duration_since(s.signalled).as_secs_f64(),
+            &format!("{label}: signal to the first request served again (slowest)"),
+            max_s(
+                steps
+                    .iter()
+                    .zip(&first_ok)
+                    .filter_map(|(s, ok)| ok.map(|t| t.saturating_duration_since(s.signalled))),
+            ),
             "s",
         );
     }
-    r.notes.push(format!(
-        "{label}: {exit} after {shutdown:.3} s; in flight at the signal: {}; sent while it was gone: {}; \
-         in the first second after the restart: {}.",
-        in_flight.describe(),
-        gone.describe(),
-        Tally::of(&back).describe()
-    ));
-    if s.sig == "TERM" {
+    if first.sig == "TERM" {
         r.check(
             &format!("{label}: every request in flight at the signal is answered"),
             in_flight.failed == 0 && in_flight.total() > 0,
             in_flight.describe(),
         );
+        let codes: Vec<Option<i32>> = steps.iter().map(|s| s.exit_code).collect();
         r.check(
             &format!("{label}: the sidecar exits 0"),
-            s.exit_code == Some(0),
-            exit,
+            codes.iter().all(|c| *c == Some(0)),
+            format!("exit codes {codes:?}"),
         );
     }
     r.check(
         &format!("{label}: a restarted sidecar serves again"),
-        first_ok.is_some(),
-        format!(
-            "first request served {:?} after the restart",
-            first_ok.map(|t| t.saturating_duration_since(s.restarted))
-        ),
+        served,
+        format!("after {} restart(s)", steps.len()),
     );
 }
