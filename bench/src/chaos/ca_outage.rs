@@ -56,7 +56,10 @@ pub async fn run(env: &Env, p: &Params, mut r: ScenarioReport) -> (ScenarioRepor
          (chaos-run's tokio tasks: fresh key and CSR per certificate, bundle stream, acknowledgements) \
          started within one second, so they renew together at half their lifetime. The CA is killed \
          with SIGKILL once a tenth of them renewed, stays down until the pair's certificates expired \
-         (and at least half a lifetime), then starts again on the same directory and ports.",
+         (and at least half a lifetime), then starts again on the same directory and ports. The 30 s certificates (10 s in --smoke) \
+         stand in for the 1 h default, so that the outage outlasts them within a minute; a sidecar \
+         started while the CA is down (default flags, no certificate yet) shows how fast one that \
+         has none comes back.",
         ttl = p.ttl.as_secs(),
         n = p.sims
     );

@@ -226,6 +226,14 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
     if let Some(m) = repair.iter().cloned().reduce(f64::max) {
         r.figure("slowest repair to applied", m, "s");
     }
+    r.notes.push(
+        "The metric that says so: for the policy, the gauge `meshid_sidecar_policy_rejected` (1 until a \
+         good file is applied) and `meshid_sidecar_policy_reloads_total{result=\"rejected\"}`; for \
+         credential files only the counter `meshid_sidecar_credential_updates_total{result=\"rejected\"}` \
+         (no gauge: an alert needs `increase()` over a window, and a file left broken stops being \
+         counted after its first rejection)."
+            .into(),
+    );
     let shown = |s: &SidecarProc| s.log().lines().filter(|l| l.contains("rejected")).count();
     r.notes.push(format!(
         "Log lines naming a rejection: A {}, B {} (one per new state of a file).",

@@ -24,6 +24,34 @@ pub struct RunReport {
     pub scenarios: Vec<ScenarioReport>,
 }
 
+/// What the scenarios found, and what became of it (kept by hand: the checks that caught each one
+/// stay in the scenarios as its regression test).
+pub const FOUND: [&str; 4] = [
+    "`ca-outage`: a sidecar without a valid certificate (started while the CA was down, or expired \
+     during the outage) retried on a backoff sized for the certificate lifetime, a tenth of it: six \
+     minutes between attempts with the default 1 h certificates, so it kept failing closed for up \
+     to six minutes after the CA was back. Fixed: without a valid certificate it asks again at \
+     least every 5 s, and a held certificate's expiry bounds every wait \
+     (`meshid_identity::timing::retry_wait`; test \
+     `sidecar_lifecycle::without_a_valid_certificate_the_sidecar_asks_the_ca_again_within_seconds`, \
+     which fails on the old sidecar with a 6.7 s wait). The check on the late sidecar's announced \
+     waits above is its regression test here.",
+    "`ca-dir`, read-only: a join token the CA could not mark used (the rename in a read-only \
+     directory failed) was answered `UNAUTHENTICATED` \"join token was already used\", so the sidecar \
+     dropped the still-unused token for good and never got a certificate, even once the directory \
+     was writable again. Fixed: the CA answers `UNAVAILABLE` saying the token was not consumed \
+     (metric result `join_token_unrecorded`), and the sidecar tries the same token again \
+     (test `ca_auth::a_join_token_whose_use_cannot_be_recorded_stays_good`).",
+    "`ca-dir`, full: `meshid-ca rotate intermediate` on a full directory failed cleanly but left \
+     its empty temporary file (`intermediate.tmp<pid>`) in the CA directory. Fixed: a failed \
+     atomic write removes its temporary file (test \
+     `ca_dir::tests::a_failed_write_leaves_the_file_as_it_was_and_nothing_else`).",
+    "Open, seen in the code while writing `ca-dir`, not produced by it: `rotate intermediate` \
+     replaces `intermediate.pem` and then `intermediate.key`, each atomically but not together, so \
+     a failure (or a crash) between the two leaves a new certificate beside the old key. On a \
+     filled tmpfs the first write fails, so the scenario cannot reach that state.",
+];
+
 /// The issue's scenarios that `chaos-run` does not run yet.
 pub const NOT_YET: [(&str, &str); 4] = [
     (
@@ -158,6 +186,10 @@ impl RunReport {
         }
         for s in &self.scenarios {
             self.scenario(w, s);
+        }
+        let _ = writeln!(w, "\n## What these scenarios found\n");
+        for f in FOUND {
+            let _ = writeln!(w, "- {f}");
         }
         let _ = writeln!(w, "\n## Not yet measured\n");
         let _ = writeln!(
