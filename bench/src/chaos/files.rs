@@ -16,7 +16,7 @@ use super::mesh::{
     SidecarProc, file_mode_args, inbound_args, outbound_args, policy_yaml, start_app,
 };
 use super::traffic::{Tally, Traffic, sent_between};
-use super::{Env, ScenarioReport, admin_metric, poll_until, ready};
+use super::{Env, ScenarioReport, admin_metric, poll_until, ready, running_as_root};
 use crate::harness::free_addr;
 use crate::harness::pki::{BenchPki, CLIENT_ID, SERVER_ID};
 
@@ -241,14 +241,6 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
         shown(&b)
     ));
     Ok(())
-}
-
-fn running_as_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// One fault on one file: (seconds until the rejection was counted, seconds until the repair was

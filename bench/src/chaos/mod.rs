@@ -154,6 +154,15 @@ where
     report
 }
 
+/// Whether this process runs as root (for which file permissions do not bind).
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
 /// `GET path` on an admin port: (status, body). Short timeouts: an admin port that hangs is a
 /// finding, not a reason to hang the run.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
