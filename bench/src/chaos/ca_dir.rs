@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::mesh::{CaProc, SidecarProc, outbound_args};
-use super::{Env, ScenarioReport, poll_until, ready, running_as_root};
+use super::{Env, ScenarioReport, SimFleet, poll_until, ready, running_as_root};
 use crate::harness::free_addr;
 use crate::harness::pki::SERVER_ID;
-use crate::simsidecar::{Sim, SimConfig, SimStats};
+use crate::simsidecar::{SimConfig, SimStats};
 
 const JOINER: &str = "spiffe://cluster.local/ns/chaos/sa/joiner";
 const SIMS: usize = 20;
@@ -219,30 +219,15 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
     std::fs::copy(ca.bundle(), work.join("ca-bundle.pem"))?;
 
     let endpoint = ca.endpoint()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stats = Vec::new();
-    let mut tasks = Vec::new();
-    for i in 0..SIMS {
-        let s = Arc::new(SimStats::default());
-        let cfg = SimConfig {
-            endpoint: endpoint.clone(),
-            token: ca.cluster.token("fleet", &format!("sidecar-{i}")),
-            instance: format!("ca-dir-{i:03}"),
-            jitter: 0.9 + 0.2 * (i as f64 / SIMS as f64),
-            start_delay: Duration::from_millis(100 * i as u64),
-        };
-        tasks.push(tokio::spawn(Sim::new(cfg, s.clone()).run(stop_rx.clone())));
-        stats.push(s);
-    }
-    let joined = poll_until(Duration::from_secs(30), Duration::from_millis(50), || {
-        let stats = &stats;
-        async move {
-            stats
-                .iter()
-                .all(|s| s.acked_version.load(Ordering::Relaxed) >= 1)
-        }
-    })
-    .await;
+    let fleet = SimFleet::start((0..SIMS).map(|i| SimConfig {
+        endpoint: endpoint.clone(),
+        token: ca.cluster.token("fleet", &format!("sidecar-{i}")),
+        instance: format!("ca-dir-{i:03}"),
+        jitter: 0.9 + 0.2 * (i as f64 / SIMS as f64),
+        start_delay: Duration::from_millis(100 * i as u64),
+    }));
+    let stats = &fleet.stats;
+    let joined = fleet.joined(Duration::from_secs(30)).await;
     if joined.is_none() {
         bail!("the simulated sidecars did not join within 30 s");
     }
@@ -268,7 +253,7 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
             r,
             &ca,
             &work,
-            &stats,
+            stats,
             "full",
             &["rotate", "intermediate", "--dir", &dir_s],
             &tokens[0],
@@ -290,7 +275,7 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
             r,
             &ca,
             &work,
-            &stats,
+            stats,
             "read-only",
             &["rotate", "prepare", "--dir", &dir_s],
             &tokens[1],
@@ -299,10 +284,7 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
         .await?;
     }
 
-    stop_tx.send_replace(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    fleet.stop().await;
     drop(ca);
     drop(tmpfs);
     Ok(())

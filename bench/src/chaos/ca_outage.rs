@@ -20,10 +20,10 @@ use super::mesh::{
     CaProc, SidecarProc, ca_mode_args, inbound_args, outbound_args, policy_yaml, start_app,
 };
 use super::traffic::{Tally, Traffic, first_ok_after, sent_between};
-use super::{Env, ScenarioReport, admin_metric, poll_until, ready};
+use super::{Env, ScenarioReport, SimFleet, admin_metric, poll_until, ready};
 use crate::harness::free_addr;
 use crate::harness::pki::{CLIENT_ID, SERVER_ID};
-use crate::simsidecar::{Sim, SimConfig, SimStats};
+use crate::simsidecar::{SimConfig, SimStats};
 use crate::tlsconf::{TlsOptions, client_config};
 
 /// Sizes of a run.
@@ -186,30 +186,15 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
 
     // The fleet, started together so that it renews together.
     let endpoint = ca.endpoint()?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stats = Vec::with_capacity(p.sims);
-    let mut tasks = Vec::with_capacity(p.sims);
-    for i in 0..p.sims {
-        let s = Arc::new(SimStats::default());
-        let cfg = SimConfig {
-            endpoint: endpoint.clone(),
-            token: ca.cluster.token("fleet", &format!("sidecar-{i}")),
-            instance: format!("chaos-{i:05}"),
-            jitter: 0.9 + 0.2 * ((i * 7919) % 1000) as f64 / 1000.0,
-            start_delay: Duration::from_secs_f64(i as f64 / p.sims as f64),
-        };
-        tasks.push(tokio::spawn(Sim::new(cfg, s.clone()).run(stop_rx.clone())));
-        stats.push(s);
-    }
-    let joined = poll_until(Duration::from_secs(60), Duration::from_millis(50), || {
-        let stats = &stats;
-        async move {
-            stats
-                .iter()
-                .all(|s| s.acked_version.load(Ordering::Relaxed) >= 1)
-        }
-    })
-    .await;
+    let fleet = SimFleet::start((0..p.sims).map(|i| SimConfig {
+        endpoint: endpoint.clone(),
+        token: ca.cluster.token("fleet", &format!("sidecar-{i}")),
+        instance: format!("chaos-{i:05}"),
+        jitter: 0.9 + 0.2 * ((i * 7919) % 1000) as f64 / 1000.0,
+        start_delay: Duration::from_secs_f64(i as f64 / p.sims as f64),
+    }));
+    let stats = &fleet.stats;
+    let joined = fleet.joined(Duration::from_secs(60)).await;
     let Some(joined) = joined else {
         bail!("the simulated sidecars did not all join within 60 s");
     };
@@ -228,7 +213,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             .sum::<usize>()
     };
     let storm = poll_until(p.ttl, Duration::from_millis(10), || {
-        let n = renewed(&stats);
+        let n = renewed(stats);
         async move { n * 10 >= p.sims }
     })
     .await;
@@ -238,7 +223,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
 
     // The fault.
     let errors_before: u64 = stats.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum();
-    let renewed_at_kill = renewed(&stats);
+    let renewed_at_kill = renewed(stats);
     let expiries = [
         admin_metric(
             inbound.admin,
@@ -351,10 +336,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     // Two more seconds of traffic after recovery.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let recs = traffic.stop().await;
-    stop_tx.send_replace(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    fleet.stop().await;
     let t_end = Instant::now();
 
     // What the traffic saw, phase by phase.

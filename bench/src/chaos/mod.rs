@@ -257,6 +257,46 @@ pub async fn admin_metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]
 }
 
 /// Polls until `f` holds or `timeout` passes; the wait, or None.
+/// Simulated sidecars, one task each, and what they count; [`SimFleet::stop`] ends them all.
+pub struct SimFleet {
+    pub stats: Vec<std::sync::Arc<crate::simsidecar::SimStats>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl SimFleet {
+    pub fn start(configs: impl IntoIterator<Item = crate::simsidecar::SimConfig>) -> Self {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut stats = Vec::new();
+        let mut tasks = Vec::new();
+        for cfg in configs {
+            let s = std::sync::Arc::new(crate::simsidecar::SimStats::default());
+            let sim = crate::simsidecar::Sim::new(cfg, s.clone());
+            tasks.push(tokio::spawn(sim.run(stop_rx.clone())));
+            stats.push(s);
+        }
+        Self { stats, tasks, stop }
+    }
+
+    /// How long until every one had its first certificate and acknowledged the bundle (`None`: not
+    /// within `timeout`).
+    pub async fn joined(&self, timeout: Duration) -> Option<Duration> {
+        poll_until(timeout, Duration::from_millis(50), || async {
+            self.stats
+                .iter()
+                .all(|s| s.acked_version.load(std::sync::atomic::Ordering::Relaxed) >= 1)
+        })
+        .await
+    }
+
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
 pub async fn poll_until<F, Fut>(timeout: Duration, every: Duration, mut f: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
