@@ -1460,7 +1460,7 @@ mod tests {
                 "{name}: not_after {not_after}, issued within [{before}, {after}]"
             );
             assert!(
-                not_before <= before && not_before >= before - 61,
+                not_before <= before - 299 && not_before >= before - 301,
                 "{name}: not_before {not_before}"
             );
 

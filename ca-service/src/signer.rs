@@ -16,8 +16,11 @@ use crate::authority::Authority;
 use crate::csr::CsrPublicKey;
 use crate::serial::random_serial;
 
-/// The most a leaf's not-before is backdated for clock skew (also capped at 10% of the lifetime).
-pub const MAX_BACKDATE: StdDuration = StdDuration::from_secs(60);
+/// How far a leaf's not-before is backdated, whatever its lifetime: a workload whose clock is up to
+/// this much behind the CA's (or whose clock was just stepped back by that much) still takes its
+/// fresh certificate, and its peers' fresh ones, as valid. Kubernetes' CSR signer backdates by the
+/// same 5 minutes. Renewal timing ignores it (`meshid_identity::timing::refresh_in`).
+pub const BACKDATE: StdDuration = StdDuration::from_secs(300);
 
 /// Lifetimes the CA hands out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +85,7 @@ pub fn sign_leaf(
 }
 
 /// Signs a workload certificate for `id` over `key`, valid for `lifetime` from `now` (capped by the
-/// intermediate's expiry), not-before backdated by at most 60 s and 10% of the lifetime. It carries
+/// intermediate's expiry), not-before backdated by [`BACKDATE`]. It carries
 /// `attested_at` (Unix seconds: when the identity was last attested) in meshid's attested-at
 /// extension ([`ATTESTED_AT_OID`], non-critical, a DER INTEGER).
 pub fn sign_leaf_attested(
@@ -97,8 +100,7 @@ pub fn sign_leaf_attested(
     if not_after <= now {
         return Err(SignError::IntermediateExpired);
     }
-    let backdate = MAX_BACKDATE.min(lifetime / 10);
-    let not_before = now - backdate;
+    let not_before = now - to_time(BACKDATE);
 
     let mut params = CertificateParams::default();
     // No subject: the identity is the URI SAN alone (rcgen then marks the SAN critical, as RFC 5280
@@ -192,7 +194,7 @@ mod tests {
         let lifetime = cert.validity().not_after.timestamp() - now.unix_timestamp();
         assert!((3599..=3600).contains(&lifetime), "{lifetime}");
         let backdate = now.unix_timestamp() - cert.validity().not_before.timestamp();
-        assert!((59..=61).contains(&backdate), "{backdate}");
+        assert!((299..=301).contains(&backdate), "{backdate}");
     }
 
     #[test]
@@ -236,14 +238,17 @@ mod tests {
     }
 
     #[test]
-    fn short_lifetimes_backdate_at_most_a_tenth() {
+    fn short_lifetimes_are_backdated_as_far_as_long_ones() {
+        // A clock 5 minutes behind takes a 20 s certificate as valid as soon as it is issued.
         let (_dir, auth) = authority();
         let (_, pk) = csr_key();
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let now = OffsetDateTime::now_utc();
         let issued = sign_leaf(&auth, &id, &pk, StdDuration::from_secs(20), now).unwrap();
         let backdate = (now - issued.not_before).whole_seconds();
-        assert!((1..=2).contains(&backdate), "{backdate}");
+        assert!((299..=301).contains(&backdate), "{backdate}");
+        let lifetime = (issued.not_after - now).whole_seconds();
+        assert!((19..=20).contains(&lifetime), "{lifetime}");
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub fn issue_serving_cert(
     params.use_authority_key_identifier_extension = true;
     params.serial_number = Some(random_serial());
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
+    // Backdated as workload certificates are: a sidecar whose clock is behind still trusts it.
+    params.not_before = now - crate::signer::to_time(crate::signer::BACKDATE);
     params.not_after = now
         .checked_add(crate::signer::to_time(lifetime))
         .map_or(authority.intermediate_not_after, |t| {

@@ -98,7 +98,7 @@ mod tests {
 
     #[test]
     fn backdated_not_before_does_not_renew_early() {
-        // A 1-hour certificate backdated by 60 s, received now: renewal in ~30 minutes, not 29.
+        // A 1-hour certificate backdated by 5 minutes, received now: renewal in ~30 minutes, not 27.5.
         let now = 10_000;
         assert_eq!(refresh_in(now, now + 3600, 0.0), Duration::from_secs(1800));
     }

@@ -16,6 +16,32 @@ pub fn expiry_instant(not_after: i64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
 
+/// How often [`sleep_wall`] looks at the wall clock again.
+pub const WALL_CLOCK_CHECK: Duration = Duration::from_secs(5);
+
+/// Sleeps for `wait` by the monotonic clock, or until the wall clock has moved `wait` on from now,
+/// whichever comes first (the wall clock is looked at every [`WALL_CLOCK_CHECK`]). Certificate
+/// validity is wall-clock time, and so is every validity check: a wall clock stepped forward (an NTP
+/// correction, a resumed VM) brings a renewal forward with it, instead of leaving it to a timer that
+/// would fire after the certificate has expired by the clock that checks it; a clock stepped back
+/// never delays it.
+pub async fn sleep_wall(wait: Duration) {
+    sleep_wall_by(wait, SystemTime::now).await;
+}
+
+/// [`sleep_wall`] with the wall clock `wall`.
+async fn sleep_wall_by(wait: Duration, wall: impl Fn() -> SystemTime) {
+    let deadline = tokio::time::Instant::now() + wait;
+    let wall_deadline = wall().checked_add(wait);
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline || wall_deadline.is_some_and(|w| wall() >= w) {
+            return;
+        }
+        tokio::time::sleep((deadline - now).min(WALL_CLOCK_CHECK)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -26,5 +52,61 @@ mod tests {
         assert!(expiry_instant(0) <= tokio::time::Instant::now());
         assert!(expiry_instant(unix_now() + 100) >= before + Duration::from_secs(99));
         assert!(unix_now() > 1_700_000_000);
+    }
+
+    /// A wall clock that the test steps, starting at the epoch plus a day.
+    struct Wall(std::sync::atomic::AtomicU64);
+
+    impl Wall {
+        fn new() -> std::sync::Arc<Self> {
+            std::sync::Arc::new(Self(std::sync::atomic::AtomicU64::new(86_400)))
+        }
+        fn now(&self) -> SystemTime {
+            UNIX_EPOCH + Duration::from_secs(self.0.load(std::sync::atomic::Ordering::Relaxed))
+        }
+        fn step(&self, secs: i64) {
+            let now = self.0.load(std::sync::atomic::Ordering::Relaxed);
+            self.0.store(
+                now.saturating_add_signed(secs),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_stepped_forward_ends_the_wait_within_a_check() {
+        let wall = Wall::new();
+        let t0 = tokio::time::Instant::now();
+        let w = wall.clone();
+        let sleeper =
+            tokio::spawn(
+                async move { sleep_wall_by(Duration::from_secs(1800), move || w.now()).await },
+            );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!sleeper.is_finished());
+        // 60 s later by the monotonic clock, the wall clock steps 30 minutes forward.
+        wall.step(1800);
+        sleeper.await.unwrap();
+        let waited = t0.elapsed();
+        assert!(
+            waited <= Duration::from_secs(60) + WALL_CLOCK_CHECK,
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_stepped_back_or_standing_still_never_delays_the_wait() {
+        for step in [0, -300, -86_000] {
+            let wall = Wall::new();
+            let t0 = tokio::time::Instant::now();
+            let w = wall.clone();
+            let sleeper = tokio::spawn(async move {
+                sleep_wall_by(Duration::from_secs(1800), move || w.now()).await;
+            });
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            wall.step(step);
+            sleeper.await.unwrap();
+            assert_eq!(t0.elapsed(), Duration::from_secs(1800), "step {step}");
+        }
     }
 }

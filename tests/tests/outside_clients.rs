@@ -273,8 +273,9 @@ async fn python_grpcio_client_issues_and_watches_the_bundle() {
     .await
     .unwrap();
     assert!(ok, "{out}");
+    // An hour, plus the 5 minutes the CA backdates not-before by.
     assert!(
-        out.contains("issued spiffe://cluster.local/ns/vm/sa/py 2 3660"),
+        out.contains("issued spiffe://cluster.local/ns/vm/sa/py 2 3900"),
         "{out}"
     );
     assert!(out.contains("reuse refused UNAUTHENTICATED"), "{out}");

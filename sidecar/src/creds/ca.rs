@@ -18,7 +18,7 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::{Bootstrap, CaEndpoint, CaMode};
 use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
 use meshid_runtime::net::stopped;
-use meshid_runtime::time::unix_now;
+use meshid_runtime::time::{sleep_wall, unix_now};
 
 /// What the issuer and the bundle watcher share.
 #[derive(Debug)]
@@ -493,6 +493,21 @@ pub async fn issue_once(
     Ok((store.set_certificate(creds)?, resp.bundle_version))
 }
 
+impl IssueError {
+    /// The CA's new certificate was refused as expired or not yet valid: our clock disagrees with
+    /// the CA's by more than the certificate's validity allows.
+    pub fn is_clock_skew(&self) -> bool {
+        matches!(
+            self,
+            IssueError::Store(CredError::Chain(e))
+                if matches!(
+                    meshid_identity::verify::failure_label(e),
+                    "expired" | "not_yet_valid"
+                )
+        )
+    }
+}
+
 /// A call that failed for the connection's sake (the CA itself never answers these codes).
 fn connection_failed(s: &tonic::Status) -> bool {
     matches!(
@@ -622,6 +637,17 @@ pub async fn run_issuer(
                             "no credential left to present; retrying"
                         );
                     }
+                    _ if error.is_clock_skew() => {
+                        tracing::error!(
+                            %error,
+                            retry_in_s,
+                            holding_valid_certificate = valid,
+                            "the certificate the CA just issued is not valid by this machine's \
+                             clock (the CA dates certificates from 5 minutes before it issues them): \
+                             this clock is off from the CA's; check its time synchronisation (NTP); \
+                             retrying"
+                        );
+                    }
                     _ => {
                         tracing::warn!(
                             %error,
@@ -634,8 +660,10 @@ pub async fn run_issuer(
                 wait
             }
         };
+        // The wait ends early when the wall clock is stepped forward past it: validity is checked
+        // by the wall clock, so renewal must keep to it too.
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+            () = sleep_wall(wait) => {}
             () = life.renew_now.notified() => {
                 tracing::warn!("the CA asked for an immediate renewal");
             }
