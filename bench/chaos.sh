@@ -3,7 +3,8 @@
 # meshid-ca and meshid-sidecar on loopback, under load, and writes bench/results/chaos-latest.json
 # and docs/reliability.md (a --smoke run writes into bench/results/smoke/ instead). Exits 1 when a
 # scenario's promised behaviour broke (also in --smoke, where figures are not judged).
-# Usage: bench/chaos.sh [--smoke] [--scenarios ca-outage,signals,files,ca-dir] [--sidecars 500]
+# Usage: bench/chaos.sh [--smoke] [--scenarios ca-outage,signals,files,ca-dir,clock-steps] [--sidecars 500]
+# clock-steps needs libfaketime (scripts/install-test-tools.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p meshid-ca -p meshid-sidecar -p meshid-bench

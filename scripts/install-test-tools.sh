@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the outside tools the end-to-end tests check our work with, if missing:
-# openssl and curl (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
+# openssl, curl and libfaketime (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
 # and promtool (from
 # Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
 # server, user or service).
@@ -13,6 +13,8 @@ missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+# libfaketime: the chaos suite's clock-steps scenario moves one sidecar's wall clock with it.
+ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   $SUDO apt-get update -qq

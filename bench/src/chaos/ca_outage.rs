@@ -88,7 +88,7 @@ fn instant_at(unix: f64) -> Instant {
 
 /// A client certificate for `CLIENT_ID` signed by the CA's intermediate with a long lifetime, so
 /// that a refused request after the sidecars' expiry can only be the sidecar's doing.
-fn long_lived_client(ca_dir: &Path, out: &Path) -> Result<TlsOptions> {
+pub(super) fn long_lived_client(ca_dir: &Path, out: &Path) -> Result<TlsOptions> {
     let authority = meshid_ca::authority::Authority::load(ca_dir)
         .map_err(|e| anyhow::anyhow!("loading the CA's authority: {e}"))?;
     let key = KeyPair::generate()?;
@@ -114,7 +114,7 @@ fn long_lived_client(ca_dir: &Path, out: &Path) -> Result<TlsOptions> {
 }
 
 /// An HTTP/1.1 request over mTLS straight to the inbound listener: the status, or why none came.
-async fn served(addr: std::net::SocketAddr, opts: &TlsOptions) -> Result<u16, String> {
+pub(super) async fn served(addr: std::net::SocketAddr, opts: &TlsOptions) -> Result<u16, String> {
     let config = client_config(opts, b"http/1.1").map_err(|e| e.to_string())?;
     let attempt = async {
         let tcp = tokio::net::TcpStream::connect(addr)

@@ -152,6 +152,8 @@ pub struct SidecarProc {
     pub name: String,
     pub admin: SocketAddr,
     args: Vec<String>,
+    /// Environment added to every start (besides the log level and worker count).
+    vars: Vec<(String, String)>,
     /// Run as this uid:gid (setpriv).
     user: Option<(u32, u32)>,
     dir: PathBuf,
@@ -168,10 +170,23 @@ impl SidecarProc {
         args: Vec<String>,
         user: Option<(u32, u32)>,
     ) -> Result<Self> {
+        Self::start_with_env(env, name, dir, args, user, Vec::new())
+    }
+
+    /// [`SidecarProc::start`] with `vars` added to its environment at every start.
+    pub fn start_with_env(
+        env: &Env,
+        name: &str,
+        dir: &Path,
+        args: Vec<String>,
+        user: Option<(u32, u32)>,
+        vars: Vec<(String, String)>,
+    ) -> Result<Self> {
         let mut s = Self {
             name: name.into(),
             admin: free_addr(),
             args,
+            vars,
             user,
             dir: dir.to_path_buf(),
             guard: None,
@@ -190,7 +205,8 @@ impl SidecarProc {
             .args(["--admin-listen", &self.admin.to_string()])
             .env("MESHID_LOG", "warn")
             // One worker, as the benchmarks run it.
-            .env("TOKIO_WORKER_THREADS", "1");
+            .env("TOKIO_WORKER_THREADS", "1")
+            .envs(self.vars.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join(format!("{}-{}.log", self.name, self.starts));
         self.guard = Some(env.ctx.spawn(&self.name, &mut cmd, &log)?);
         Ok(())

@@ -6,6 +6,7 @@
 
 pub mod ca_dir;
 pub mod ca_outage;
+pub mod clock_steps;
 pub mod files;
 pub mod markdown;
 pub mod mesh;
@@ -38,6 +39,13 @@ pub struct ScenarioReport {
     pub commands: Vec<String>,
     /// Why the scenario could not finish.
     pub error: Option<String>,
+    /// The meshid commit the scenario ran against (`-dirty` when the tree had changes): a full run
+    /// of some scenarios keeps the others' earlier results, each with its own commit.
+    #[serde(default)]
+    pub commit: String,
+    /// When it ran (Unix seconds).
+    #[serde(default)]
+    pub generated_unix: u64,
 }
 
 /// One measured figure.
@@ -71,6 +79,8 @@ impl ScenarioReport {
             notes: Vec::new(),
             commands: Vec::new(),
             error: None,
+            commit: String::new(),
+            generated_unix: 0,
         }
     }
 
