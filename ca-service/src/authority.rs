@@ -182,7 +182,8 @@ pub fn create_authority_files(
 }
 
 /// Replaces the signing intermediate of the authority in `dir` with a new one under the same root
-/// (which needs `root.key` in `dir`). Files are replaced atomically, key last.
+/// (which needs `root.key` in `dir`). Certificate and key are replaced as a pair
+/// ([`replace_intermediate`]).
 pub fn renew_intermediate(
     files: &AuthorityFiles,
     trust_domain: &TrustDomain,
@@ -209,23 +210,88 @@ pub fn renew_intermediate(
     params.not_after = (now + INTERMEDIATE_LIFETIME).min(root_not_after);
     params.use_authority_key_identifier_extension = true;
     let inter = params.signed_by(&inter_key, &issuer)?;
-    write_atomic(&files.path("intermediate.pem"), inter.pem().as_bytes())?;
-    write_secret_atomic(
-        &files.path("intermediate.key"),
+    replace_intermediate(
+        files,
+        inter.pem().as_bytes(),
         inter_key.serialize_pem().as_bytes(),
     )
 }
 
-fn write_secret_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
-    let tmp = path.with_extension("key.tmp");
-    let _ = fs::remove_file(&tmp);
-    let written =
-        write_file(&tmp, bytes, true).and_then(|()| fs::rename(&tmp, path).map_err(io_err(path)));
-    if written.is_err() {
-        // A full or read-only directory: leave nothing half-written behind.
-        let _ = fs::remove_file(&tmp);
+/// Where a new intermediate key waits, complete, while its certificate replaces the old one.
+fn pending_key(files: &AuthorityFiles) -> std::path::PathBuf {
+    files.path("intermediate.key.tmp")
+}
+
+/// Replaces the intermediate's certificate and key as a pair. The new key is written in full (and
+/// synced) beside the old one first, then the certificate is replaced, then the key: a failure
+/// before the key's turn puts the old certificate back, and a crash in between leaves a pair that
+/// [`Authority::load`] completes (the pending key is the one the new certificate names). No step
+/// leaves a certificate beside a key that is not its own, and nothing half-written.
+fn replace_intermediate(
+    files: &AuthorityFiles,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(), AuthorityError> {
+    let (cert_path, key_path, pending) = (
+        files.path("intermediate.pem"),
+        files.path("intermediate.key"),
+        pending_key(files),
+    );
+    let old_cert = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+    let _ = fs::remove_file(&pending);
+    if let Err(e) = write_file(&pending, key_pem, true) {
+        let _ = fs::remove_file(&pending);
+        return Err(e);
     }
-    written
+    if let Err(e) = write_atomic(&cert_path, cert_pem) {
+        let _ = fs::remove_file(&pending);
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&pending, &key_path) {
+        let restored = write_atomic(&cert_path, &old_cert);
+        let _ = fs::remove_file(&pending);
+        if let Err(r) = restored {
+            tracing::error!(error = %r, "putting the old intermediate certificate back failed");
+        }
+        return Err(io_err(&key_path)(e));
+    }
+    Ok(())
+}
+
+/// The key of `cert` (an intermediate): `intermediate.key`, or, when a `rotate intermediate` was
+/// cut short between its certificate and its key, the complete new key waiting beside it (moved
+/// into place when the directory allows).
+fn intermediate_key(
+    files: &AuthorityFiles,
+    cert: &CertificateDer<'_>,
+) -> Result<KeyPair, AuthorityError> {
+    let key_path = files.path("intermediate.key");
+    let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+    let key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
+    if key_matches_cert(&key, cert) {
+        return Ok(key);
+    }
+    let pending = pending_key(files);
+    let waiting = fs::read_to_string(&pending)
+        .ok()
+        .and_then(|pem| KeyPair::from_pem(&pem).ok())
+        .filter(|k| key_matches_cert(k, cert));
+    match waiting {
+        Some(k) => {
+            tracing::warn!(
+                key = %key_path.display(),
+                "intermediate.pem is newer than intermediate.key (a `rotate intermediate` was cut \
+                 short): using the new key that was waiting beside it"
+            );
+            let _ = fs::rename(&pending, &key_path);
+            Ok(k)
+        }
+        None => Err(invalid(
+            &key_path,
+            "the key does not belong to intermediate.pem",
+        )),
+    }
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
@@ -338,16 +404,7 @@ impl Authority {
         let intermediate_not_after =
             not_after_of(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
 
-        let key_path = files.path("intermediate.key");
-        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
-        if !key_matches_cert(&key, &intermediate_der) {
-            return Err(invalid(
-                &key_path,
-                "the key does not belong to intermediate.pem",
-            ));
-        }
+        let key = intermediate_key(&files, &intermediate_der)?;
         let issuer = Issuer::from_ca_cert_der(&intermediate_der, key)?;
 
         // bundle.pem is what is served (rotation commands write it from the state; an operator may
@@ -439,6 +496,84 @@ mod tests {
             init(dir.path(), &td, None),
             Err(AuthorityError::AlreadyExists(_))
         ));
+    }
+
+    fn active_files(dir: &Path) -> AuthorityFiles {
+        let state = RotationState::load(dir).unwrap();
+        state.files_of(dir, &state.active().clone())
+    }
+
+    #[test]
+    fn an_intermediate_rotation_cut_short_between_certificate_and_key_is_completed_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let files = active_files(dir.path());
+        let old_key = fs::read(files.path("intermediate.key")).unwrap();
+        renew_intermediate(&files, &td).unwrap();
+        let new_key = fs::read(files.path("intermediate.key")).unwrap();
+        assert_ne!(old_key, new_key);
+        assert!(
+            !pending_key(&files).exists(),
+            "nothing left beside the pair"
+        );
+        // The state a crash after the certificate's rename leaves: the new certificate, the old
+        // key, the new key complete beside it.
+        fs::write(pending_key(&files), &new_key).unwrap();
+        fs::write(files.path("intermediate.key"), &old_key).unwrap();
+        let auth = Authority::load(dir.path()).unwrap();
+        assert_eq!(fs::read(files.path("intermediate.key")).unwrap(), new_key);
+        assert!(!pending_key(&files).exists());
+        let id = meshid_identity::SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+        let csr_key = KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&csr_key)
+            .unwrap();
+        let public = crate::csr::CsrPublicKey::from_csr_der(csr.der()).unwrap();
+        let issued = crate::signer::sign_leaf(
+            &auth,
+            &id,
+            &public,
+            std::time::Duration::from_secs(600),
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).unwrap();
+        let (_, inter) = X509Certificate::from_der(&auth.intermediate_der).unwrap();
+        leaf.verify_signature(Some(inter.public_key())).unwrap();
+
+        // A stray key that is not the certificate's is no way out.
+        fs::write(pending_key(&files), &old_key).unwrap();
+        fs::write(files.path("intermediate.key"), &old_key).unwrap();
+        assert!(Authority::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn an_intermediate_key_that_cannot_be_put_in_place_puts_the_old_certificate_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let files = active_files(dir.path());
+        let old_cert = fs::read(files.path("intermediate.pem")).unwrap();
+        // A non-empty directory where the key goes fails its rename (also for root), as a full or
+        // read-only directory fails a write.
+        let key_path = files.path("intermediate.key");
+        let old_key = fs::read(&key_path).unwrap();
+        fs::remove_file(&key_path).unwrap();
+        fs::create_dir(&key_path).unwrap();
+        fs::write(key_path.join("x"), b"x").unwrap();
+        assert!(renew_intermediate(&files, &td).is_err());
+        assert_eq!(fs::read(files.path("intermediate.pem")).unwrap(), old_cert);
+        assert!(!pending_key(&files).exists());
+        fs::remove_dir_all(&key_path).unwrap();
+        fs::write(&key_path, &old_key).unwrap();
+        Authority::load(dir.path()).unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("tmp"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
     }
 
     #[test]

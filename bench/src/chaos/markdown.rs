@@ -67,10 +67,14 @@ pub const FOUND: [&str; 6] = [
      `a_wall_clock_stepped_back_or_standing_still_never_delays_the_wait`), and a fresh \
      certificate refused as expired or not yet valid is logged as a clock disagreement with the \
      CA. The forward and past-the-lifetime checks above are its regression test.",
-    "Open, seen in the code while writing `ca-dir`, not produced by it: `rotate intermediate` \
-     replaces `intermediate.pem` and then `intermediate.key`, each atomically but not together, so \
-     a failure (or a crash) between the two leaves a new certificate beside the old key. On a \
-     filled tmpfs the first write fails, so the scenario cannot reach that state.",
+    "Seen in the code while writing `ca-dir`, not produced by it (on a filled tmpfs the first \
+     write fails): `rotate intermediate` replaced `intermediate.pem` and then `intermediate.key`, \
+     each atomically but not together, so a failure or a crash between the two left a new \
+     certificate beside the old key, and a CA that would not start on it. Fixed: the new key is \
+     written in full beside the old one first, a failure before the key's rename puts the old \
+     certificate back, and a CA loading a certificate whose key is still waiting takes that key \
+     (unit tests `authority::tests::an_intermediate_rotation_cut_short_between_certificate_and_key_is_completed_at_load` \
+     and `an_intermediate_key_that_cannot_be_put_in_place_puts_the_old_certificate_back`).",
 ];
 
 /// The issue's scenarios that `chaos-run` does not run yet.
