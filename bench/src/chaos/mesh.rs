@@ -90,12 +90,17 @@ impl CaProc {
             .args(["--admin-listen", &self.admin.to_string()])
             .arg("--jwks")
             .arg(&self.jwks)
-            // Every simulated workload connects from 127.0.0.1, one source standing for many
-            // hosts; rate limits are not what these scenarios measure.
-            .args(["--max-connections-per-source", "1000000"])
-            .args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"])
             .args(&self.flags)
             .env("MESHID_LOG", "warn");
+        // Every simulated workload connects from 127.0.0.1, one source standing for many hosts;
+        // rate limits are not what these scenarios measure (unless a scenario sets them itself).
+        let given = |flag: &str| self.flags.iter().any(|f| f == flag);
+        if !given("--max-connections-per-source") {
+            cmd.args(["--max-connections-per-source", "1000000"]);
+        }
+        if !given("--rate-limit") {
+            cmd.args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"]);
+        }
         let t0 = Instant::now();
         let log = self.work.join(format!("ca-{}.log", self.starts));
         self.guard = Some(env.ctx.spawn("meshid-ca serve", &mut cmd, &log)?);
@@ -242,6 +247,11 @@ impl SidecarProc {
 
     pub fn log_tail(&self) -> String {
         self.guard.as_ref().map(Guard::log_tail).unwrap_or_default()
+    }
+
+    /// The running process's pid (0 when it is not running).
+    pub fn pid(&self) -> u32 {
+        self.guard.as_ref().map_or(0, Guard::pid)
     }
 
     /// The whole log of the current (or last) start.
