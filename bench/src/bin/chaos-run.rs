@@ -8,10 +8,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Parser;
 use meshid_bench::chaos::markdown::RunReport;
-use meshid_bench::chaos::{Env, ca_dir, ca_outage, clock_steps, files, run_scenario, signals};
+use meshid_bench::chaos::{
+    Env, ca_dir, ca_outage, clock_steps, files, floods, run_scenario, signals,
+};
 use meshid_bench::harness::{self, Ctx, Settings, machine};
 
-const SCENARIOS: [&str; 5] = ["ca-outage", "signals", "files", "ca-dir", "clock-steps"];
+const SCENARIOS: [&str; 6] = [
+    "ca-outage",
+    "signals",
+    "files",
+    "ca-dir",
+    "clock-steps",
+    "floods",
+];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -19,7 +28,7 @@ const SCENARIOS: [&str; 5] = ["ca-outage", "signals", "files", "ca-dir", "clock-
     about = "meshid chaos scenarios against the real binaries"
 )]
 struct Args {
-    /// Directory holding meshid-ca, meshid-sidecar and bench-app.
+    /// Directory holding meshid-ca, meshid-sidecar, bench-app (and meshid-injector for floods).
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// Smaller and shorter (CI): every scenario still runs and checks; figures are not published.
@@ -64,7 +73,11 @@ async fn main() -> Result<()> {
             );
         }
     }
-    for bin in ["meshid-ca", "meshid-sidecar", "bench-app"] {
+    let mut bins = vec!["meshid-ca", "meshid-sidecar", "bench-app"];
+    if args.scenarios.iter().any(|s| s == "floods") {
+        bins.push("meshid-injector");
+    }
+    for bin in bins {
         if !args.bin_dir.join(bin).exists() {
             bail!(
                 "{} not found in {} (run bench/chaos.sh)",
@@ -130,6 +143,16 @@ async fn main() -> Result<()> {
                     "clock-steps",
                     "Wall clock of each sidecar stepped 5 min back, 5 min forward and past the certificate lifetime",
                     |r| async { clock_steps::run(&env, &p, r).await },
+                )
+                .await
+            }
+            "floods" => {
+                let p = floods::Params::new(args.smoke);
+                run_scenario(
+                    &env,
+                    "floods",
+                    "Connection floods and slow clients at 10x the connection limit on every listener while allowed traffic flows",
+                    |r| async { floods::run(&env, &p, r).await },
                 )
                 .await
             }

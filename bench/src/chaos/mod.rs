@@ -4,10 +4,12 @@
 //! times. Results: `bench/results/chaos-latest.json` and `docs/reliability.md`, every figure next to
 //! the command that produced it.
 
+pub mod attack;
 pub mod ca_dir;
 pub mod ca_outage;
 pub mod clock_steps;
 pub mod files;
+pub mod floods;
 pub mod markdown;
 pub mod mesh;
 pub mod signals;

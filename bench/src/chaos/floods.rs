@@ -1,0 +1,816 @@
+//! Scenario `floods`: connection floods and slow clients at ten times the connection limit on every
+//! listener (sidecar inbound, outbound and admin; CA gRPC and admin; the injector's webhook), one
+//! listener at a time, while allowed traffic flows. Half of the flood connects and sends nothing; the
+//! other half dribbles a byte every 250 ms (a TLS ClientHello on TLS listeners, an HTTP request head
+//! that never ends on plaintext HTTP ones). Every flood connection the server closes is reopened,
+//! from 32 source addresses (127.0.1.x) while the allowed clients use 127.0.0.1. Measured per
+//! listener: the attacked process's peak RSS, allowed traffic's success rate and p99 on connections
+//! opened before the flood and on new ones, and when the flood's connections were closed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_tests::pki::WorkloadKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::attack::{self, Allowed, Attack, Flood, FloodLog, Req, RequestFn, RssSampler};
+use super::mesh::{
+    CaProc, SidecarProc, file_mode_args, inbound_args, outbound_args, policy_yaml, start_app,
+};
+use super::traffic::{Outcome, Rec, Traffic};
+use super::{Env, ScenarioReport, admin_get, admin_metric, poll_until};
+use crate::harness::pki::{BenchPki, CLIENT_ID, SERVER_ID};
+use crate::harness::{Guard, free_addr};
+use crate::tlsconf::{TlsOptions, client_config};
+
+/// The TLS handshake timeout given to the sidecars and the CA.
+const HANDSHAKE: Duration = Duration::from_secs(2);
+/// The sidecars' and the CA's `--idle-timeout` (a sidecar waits at most this long for a request
+/// head).
+const IDLE: Duration = Duration::from_secs(3);
+/// The injector's `--header-read-timeout` (its TLS handshake and each request head).
+const HEADER_READ: Duration = Duration::from_secs(2);
+/// The admin servers' request-head timeout (`meshid_runtime::admin`, not a flag).
+const ADMIN_HEAD: Duration = Duration::from_secs(5);
+/// How far past its timeout a flood connection may be closed on a busy shared machine.
+fn slack(timeout: Duration) -> Duration {
+    Duration::from_secs(3) + timeout / 2
+}
+/// A connection the server closed sooner than this was refused at accept.
+const AT_ONCE: Duration = Duration::from_millis(500);
+/// The RSS a held connection may cost at most (the bound's slope), and the bound's constant part.
+const PER_CONN_KIB: u64 = 256;
+const SLACK_KIB: u64 = 32 * 1024;
+const SAN: &str = "meshid-injector.meshid.svc";
+
+pub struct Params {
+    /// Every listener's connection limit; the flood opens ten times as many connections.
+    pub limit: usize,
+    /// Allowed traffic alone before each flood.
+    pub baseline: Duration,
+    /// The flood lasts at least this, and at least its listener's timeout plus 1.5 s.
+    pub flood: Duration,
+}
+
+impl Params {
+    pub fn new(smoke: bool) -> Self {
+        if smoke {
+            Self {
+                limit: 20,
+                baseline: Duration::from_secs(1),
+                flood: Duration::from_secs(3),
+            }
+        } else {
+            Self {
+                limit: 100,
+                baseline: Duration::from_secs(3),
+                flood: Duration::from_secs(15),
+            }
+        }
+    }
+}
+
+pub async fn run(env: &Env, p: &Params, mut r: ScenarioReport) -> (ScenarioReport, Result<()>) {
+    let l = p.limit;
+    r.setup = format!(
+        "One listener at a time, 10 x its connection limit in flood connections: {flood} from 32 \
+         source addresses (127.0.1.1-32), half connecting and sending nothing, half sending a byte \
+         every 250 ms (a real TLS ClientHello on TLS listeners, an HTTP request head that never \
+         ends on plaintext ones), each reopened 50 ms after the server closes it (500 ms after a \
+         refusal at accept), for at least {f:.0} s (and at least the listener's timeout plus \
+         1.5 s). Limits: sidecars (file mode, one worker thread) --max-connections {l} \
+         --handshake-timeout 2s --idle-timeout 3s; CA --max-connections {l} \
+         --max-connections-per-source {ps} --handshake-timeout 2s --idle-timeout 3s; injector \
+         --max-connections {l} --max-connections-per-source {ps} --header-read-timeout 2s; the \
+         admin servers have no connection limit (their flood is {flood} connections too) and a 5 s \
+         request-head timeout. Allowed traffic from 127.0.0.1 throughout: 4 HTTP/1.1 keep-alive \
+         connections through the sidecar pair (outbound -> mTLS -> inbound -> bench-app, 10 ms \
+         pause), 2 CA clients renewing on their own mTLS connection (50 ms pause); and per flooded \
+         listener, one client opening a new connection for each request (50 ms pause): an mTLS GET \
+         to the inbound listener, a plain GET to the outbound one, a /metrics scrape on an admin \
+         port, a first certificate (Issue with a service-account token) from the CA, an \
+         AdmissionReview POST to the injector. Allowed traffic is measured {b:.0} s before and \
+         during each flood; afterwards, a new-connection request must succeed again.",
+        flood = 10 * l,
+        f = p.flood.as_secs_f64(),
+        ps = per_source(l),
+        b = p.baseline.as_secs_f64(),
+    );
+    let result = scenario(env, p, &mut r).await;
+    (r, result)
+}
+
+fn per_source(limit: usize) -> usize {
+    (limit / 4).max(4)
+}
+
+/// One listener under attack.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    pid: u32,
+    /// The timeout that must close an accepted flood connection, and where it comes from.
+    timeout: Duration,
+    timeout_doc: &'static str,
+    slow: Attack,
+    /// Connections the process may hold at once (its limit; the flood's size where it has none).
+    held: usize,
+    /// An allowed request on a new connection.
+    fresh: RequestFn,
+    /// Whether every allowed new-connection request during the flood must succeed (a listener
+    /// without a connection limit), or only its figures are reported.
+    fresh_must_succeed: bool,
+    /// Which long-lived allowed traffic crosses this process.
+    kept: Kept,
+    /// The process's admin port and the metrics saying what it refused and closed.
+    admin: SocketAddr,
+    counters: Vec<Counter>,
+}
+
+/// A counter on the attacked process's admin port: (what it says, metric name, labels).
+type Counter = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    DataPlane,
+    Renewals,
+    None,
+}
+
+async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
+    let work = env.ctx.dir("floods")?;
+    let l = p.limit.to_string();
+    let pki = BenchPki::new()?;
+    let (_app, app) = start_app(env, &work, 0)?;
+    let (inb, local) = (free_addr(), free_addr());
+    let policy = work.join("policy.yaml");
+    std::fs::write(&policy, policy_yaml(&[inb.port()], CLIENT_ID))?;
+    let limits: Vec<String> = [
+        "--max-connections",
+        &l,
+        "--handshake-timeout",
+        "2s",
+        "--idle-timeout",
+        "3s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut args = inbound_args(inb, app, &policy);
+    args.extend(file_mode_args(
+        &pki.server.cert,
+        &pki.server.key,
+        &pki.bundle,
+    ));
+    args.extend(limits.clone());
+    let mut inbound = SidecarProc::start(env, "inbound", &work, args, None)?;
+    let mut args = outbound_args(local, inb, SERVER_ID);
+    args.extend(file_mode_args(
+        &pki.client.cert,
+        &pki.client.key,
+        &pki.bundle,
+    ));
+    args.extend(limits);
+    let mut outbound = SidecarProc::start(env, "outbound", &work, args, None)?;
+    inbound.wait_ready(Duration::from_secs(15)).await?;
+    outbound.wait_ready(Duration::from_secs(15)).await?;
+
+    let ps = per_source(p.limit).to_string();
+    let mut ca = CaProc::init(
+        env,
+        &work,
+        &[
+            "--max-connections",
+            &l,
+            "--max-connections-per-source",
+            &ps,
+            "--handshake-timeout",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+    )?;
+    let webhook = work.join("webhook");
+    env.ctx.output(
+        std::process::Command::new(env.ctx.bin("meshid-ca"))
+            .args(["webhook-cert", "--dir"])
+            .arg(&ca.dir)
+            .args(["--dns", SAN, "--out-dir"])
+            .arg(&webhook),
+    )?;
+    ca.serve(env).await?;
+    let (injector, inj_addr, inj_admin) = start_injector(env, &work, &webhook, &ca, p.limit)?;
+    let ca_roots = ca.endpoint()?.roots;
+    poll_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        let roots = ca_roots.clone();
+        async move { review(inj_addr, &roots).await.is_ok() }
+    })
+    .await
+    .with_context(|| format!("the injector did not answer: {}", injector.log_tail()))?;
+
+    // Long-lived allowed traffic, for the whole scenario.
+    let data_plane = Traffic::start(local, 4, Duration::from_millis(10));
+    let endpoint = ca.endpoint()?;
+    let mut renewers = Vec::new();
+    for i in 0..2 {
+        let client =
+            crate::benchca::renewal_client(&endpoint, &ca.cluster, &format!("floods-{i}")).await?;
+        renewers.push(client);
+    }
+    let renewals = {
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f: RequestFn = Arc::new(move || {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % renewers.len();
+            let mut client = renewers[i].clone();
+            Box::pin(async move {
+                client
+                    .issue(IssueRequest {
+                        csr: WorkloadKey::new().csr,
+                        credential: None,
+                        ttl_seconds: 0,
+                    })
+                    .await?;
+                Ok(())
+            })
+        });
+        Allowed::start(f, 2, Duration::from_millis(50))
+    };
+
+    let hello = Arc::new(attack::client_hello()?);
+    let slow_tls = Attack::Slow {
+        bytes: hello,
+        every: Duration::from_millis(250),
+    };
+    let slow_http = |path: &str| Attack::Slow {
+        bytes: Arc::new(attack::endless_head(path)),
+        every: Duration::from_millis(250),
+    };
+    let flood_size = 10 * p.limit;
+
+    let inbound_client = client_config(
+        &TlsOptions {
+            cert: Some(pki.client.cert.clone()),
+            key: Some(pki.client.key.clone()),
+            bundle: Some(pki.bundle.clone()),
+            expect_id: Some(SERVER_ID.into()),
+            dangerous_skip_verify: false,
+            groups: String::new(),
+        },
+        b"http/1.1",
+    )?;
+    let fresh_inbound: RequestFn = Arc::new(move || {
+        let config = inbound_client.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(inb).await?;
+            let name = rustls_pki_types::ServerName::try_from("sidecar.invalid")?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            expect_200(tls).await
+        })
+    });
+    let fresh_outbound: RequestFn = Arc::new(move || {
+        Box::pin(async move { expect_200(tokio::net::TcpStream::connect(local).await?).await })
+    });
+    let scrape = |admin: SocketAddr| -> RequestFn {
+        Arc::new(move || {
+            Box::pin(async move {
+                match admin_get(admin, "/metrics").await? {
+                    (200, _) => Ok(()),
+                    (code, _) => bail!("answered {code}"),
+                }
+            })
+        })
+    };
+    let fresh_issue: RequestFn = {
+        let endpoint = endpoint.clone();
+        let token = ca.cluster.token("floods", "newcomer");
+        Arc::new(move || {
+            let (endpoint, token) = (endpoint.clone(), token.clone());
+            Box::pin(async move {
+                let mut client = meshid_sidecar::creds::ca_client::connect(&endpoint, None).await?;
+                client
+                    .issue(IssueRequest {
+                        csr: WorkloadKey::new().csr,
+                        credential: Some(Credential::ServiceAccountToken(token)),
+                        ttl_seconds: 0,
+                    })
+                    .await?;
+                Ok(())
+            })
+        })
+    };
+    let fresh_review: RequestFn = {
+        let roots = ca_roots.clone();
+        Arc::new(move || {
+            let roots = roots.clone();
+            Box::pin(async move { review(inj_addr, &roots).await })
+        })
+    };
+    let sidecar_counters = |direction: &'static str| {
+        vec![
+            (
+                "refused at the limit (meshid_sidecar_connections_refused_total)",
+                "meshid_sidecar_connections_refused_total",
+                vec![("direction", direction), ("reason", "max_connections")],
+            ),
+            (
+                "handshakes timed out (meshid_sidecar_tls_handshake_failures_total)",
+                "meshid_sidecar_tls_handshake_failures_total",
+                vec![("direction", direction), ("reason", "timeout")],
+            ),
+        ]
+    };
+    let ca_counters = vec![
+        (
+            "refused at --max-connections (meshid_ca_connections_refused_total)",
+            "meshid_ca_connections_refused_total",
+            vec![("reason", "max_connections")],
+        ),
+        (
+            "refused at --max-connections-per-source",
+            "meshid_ca_connections_refused_total",
+            vec![("reason", "max_connections_per_source")],
+        ),
+        (
+            "handshakes timed out (meshid_ca_tls_handshake_failures_total)",
+            "meshid_ca_tls_handshake_failures_total",
+            vec![("reason", "timeout")],
+        ),
+    ];
+    let targets = vec![
+        Target {
+            name: "sidecar inbound",
+            addr: inb,
+            pid: inbound.pid(),
+            timeout: HANDSHAKE,
+            timeout_doc: "--handshake-timeout",
+            slow: slow_tls.clone(),
+            held: p.limit,
+            fresh: fresh_inbound,
+            fresh_must_succeed: false,
+            kept: Kept::DataPlane,
+            admin: inbound.admin,
+            counters: sidecar_counters("inbound"),
+        },
+        Target {
+            name: "sidecar outbound",
+            addr: local,
+            pid: outbound.pid(),
+            timeout: IDLE,
+            timeout_doc: "--idle-timeout (the wait for a request head)",
+            slow: slow_http("/"),
+            held: p.limit,
+            fresh: fresh_outbound,
+            fresh_must_succeed: false,
+            kept: Kept::DataPlane,
+            admin: outbound.admin,
+            counters: sidecar_counters("outbound"),
+        },
+        Target {
+            name: "sidecar admin",
+            addr: inbound.admin,
+            pid: inbound.pid(),
+            timeout: ADMIN_HEAD,
+            timeout_doc: "the admin server's 5 s request-head timeout",
+            slow: slow_http("/metrics"),
+            held: flood_size,
+            fresh: scrape(inbound.admin),
+            fresh_must_succeed: true,
+            kept: Kept::DataPlane,
+            admin: inbound.admin,
+            counters: Vec::new(),
+        },
+        Target {
+            name: "CA gRPC",
+            addr: ca.grpc,
+            pid: ca.pid(),
+            timeout: HANDSHAKE,
+            timeout_doc: "--handshake-timeout",
+            slow: slow_tls.clone(),
+            held: p.limit,
+            fresh: fresh_issue,
+            fresh_must_succeed: false,
+            kept: Kept::Renewals,
+            admin: ca.admin,
+            counters: ca_counters,
+        },
+        Target {
+            name: "CA admin",
+            addr: ca.admin,
+            pid: ca.pid(),
+            timeout: ADMIN_HEAD,
+            timeout_doc: "the admin server's 5 s request-head timeout",
+            slow: slow_http("/metrics"),
+            held: flood_size,
+            fresh: scrape(ca.admin),
+            fresh_must_succeed: true,
+            kept: Kept::Renewals,
+            admin: ca.admin,
+            counters: Vec::new(),
+        },
+        Target {
+            name: "injector",
+            addr: inj_addr,
+            pid: injector.pid(),
+            timeout: HEADER_READ,
+            timeout_doc: "--header-read-timeout",
+            slow: slow_tls,
+            held: p.limit,
+            fresh: fresh_review,
+            fresh_must_succeed: false,
+            kept: Kept::None,
+            admin: inj_admin,
+            counters: vec![
+                (
+                    "refused at --max-connections (meshid_injector_connections_refused_total)",
+                    "meshid_injector_connections_refused_total",
+                    vec![("reason", "max_connections")],
+                ),
+                (
+                    "refused at --max-connections-per-source",
+                    "meshid_injector_connections_refused_total",
+                    vec![("reason", "max_connections_per_source")],
+                ),
+            ],
+        },
+    ];
+    let sources = attack::sources(32);
+    for t in &targets {
+        one_listener(r, p, t, &sources, &data_plane, &renewals).await?;
+    }
+    let recs = data_plane.stop().await;
+    let _ = renewals.stop().await;
+    let failed = recs.iter().filter(|x| x.outcome != Outcome::Ok).count();
+    r.figure(
+        "data-plane requests through the pair, whole scenario",
+        recs.len() as f64,
+        "",
+    );
+    r.figure("of which failed", failed as f64, "");
+    r.notes.push(
+        "New connections to a listener at its limit are refused like the flood's: a sidecar \
+         listener or the CA or the injector whose connection limit the flood fills cannot tell an \
+         allowed client from the attacker before the TLS handshake, so during the flood a new \
+         allowed connection gets through only when it wins a slot freed by a timeout. Their \
+         success rates are figures, not checks; connections opened before the flood keep being \
+         served (checked), the CA's and the injector's per-source limits keep one flooding host \
+         to its share, and everything serves again once the flood ends (checked)."
+            .into(),
+    );
+    drop(injector);
+    Ok(())
+}
+
+/// Starts `meshid-injector` with the webhook certificate: (process, webhook address, admin address).
+fn start_injector(
+    env: &Env,
+    work: &Path,
+    webhook: &Path,
+    ca: &CaProc,
+    limit: usize,
+) -> Result<(Guard, SocketAddr, SocketAddr)> {
+    let (addr, admin) = (free_addr(), free_addr());
+    let mut cmd = std::process::Command::new(env.ctx.bin("meshid-injector"));
+    cmd.arg("--tls-cert")
+        .arg(webhook.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(webhook.join("tls.key"))
+        .arg("--trust-bundle")
+        .arg(ca.bundle())
+        .args(["--listen", &addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--server-name", SAN])
+        .args(["--sidecar-image", "registry.example/meshid/sidecar:0.1.0"])
+        .args(["--ca-addr", &ca.grpc.to_string()])
+        .args(["--max-connections", &limit.to_string()])
+        .args([
+            "--max-connections-per-source",
+            &per_source(limit).to_string(),
+        ])
+        .args(["--header-read-timeout", "2s"])
+        .env("MESHID_LOG", "warn");
+    let g = env
+        .ctx
+        .spawn("meshid-injector", &mut cmd, &work.join("injector.log"))?;
+    Ok((g, addr, admin))
+}
+
+/// `GET /` on `io`, which must answer 200.
+async fn expect_200<IO>(mut io: IO) -> Result<()>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    io.write_all(b"GET / HTTP/1.1\r\nHost: floods\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    io.read_to_end(&mut out).await?;
+    if out.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        bail!(
+            "answered {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(40)])
+        )
+    }
+}
+
+/// A pod CREATE review on a new TLS connection; the injector must allow it with a patch.
+async fn review(
+    addr: SocketAddr,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+) -> Result<()> {
+    let body = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "floods", "namespace": "shop", "operation": "CREATE",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "web-", "namespace": "shop",
+                    "annotations": {"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http"}},
+                "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "web:1"}]},
+            }}
+    })
+    .to_string();
+    let mut tls = meshid_tests::mesh::tls_connect(addr, roots, SAN).await?;
+    tls.write_all(
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    if text.starts_with("HTTP/1.1 200") && text.contains("\"patch\"") {
+        Ok(())
+    } else {
+        bail!("answered {:?}", &text[..text.len().min(60)])
+    }
+}
+
+/// The data plane's records as allowed requests.
+fn as_reqs(recs: &[Rec]) -> Vec<Req> {
+    recs.iter()
+        .map(|x| Req {
+            sent: x.sent,
+            done: x.done,
+            error: (x.outcome != Outcome::Ok).then(|| x.outcome.label()),
+        })
+        .collect()
+}
+
+async fn one_listener(
+    r: &mut ScenarioReport,
+    p: &Params,
+    t: &Target,
+    sources: &[std::net::IpAddr],
+    data_plane: &Traffic,
+    renewals: &Allowed,
+) -> Result<()> {
+    let name = t.name;
+    println!("  flooding the {name} listener ({})", t.addr);
+    let fresh = Allowed::start(t.fresh.clone(), 1, Duration::from_millis(50));
+    let t_base = Instant::now();
+    tokio::time::sleep(p.baseline).await;
+    let (rss0, _) = attack::rss_kib(t.pid).context("the process is gone before the flood")?;
+    let mut before = Vec::new();
+    for (_, metric, labels) in &t.counters {
+        before.push(admin_metric(t.admin, metric, labels).await);
+    }
+    let sampler = RssSampler::start(t.pid);
+    let t_flood = Instant::now();
+    let slots = 10 * p.limit;
+    let idle = Flood::start(t.addr, slots / 2, sources, Attack::Idle);
+    let slow = Flood::start(t.addr, slots - slots / 2, sources, t.slow.clone());
+    let length = p.flood.max(t.timeout + Duration::from_millis(1500));
+    tokio::time::sleep(length).await;
+    let t_end = Instant::now();
+    let (idle, slow) = (idle.stop().await, slow.stop().await);
+    let peak = sampler.stop().await;
+    let alive = attack::rss_kib(t.pid).is_some();
+    // Serves again: a new-connection request sent after the flood ended succeeds.
+    let back = poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        let recs = fresh.snapshot();
+        async move { recs.iter().any(|x| x.sent >= t_end && x.error.is_none()) }
+    })
+    .await;
+    let rss_after = attack::rss_kib(t.pid).map_or(0, |(now, _)| now);
+    let fresh_recs = fresh.stop().await;
+    let mut after = Vec::new();
+    for (_, metric, labels) in &t.counters {
+        after.push(admin_metric(t.admin, metric, labels).await);
+    }
+
+    // Figures.
+    let base = attack::window(&fresh_recs, t_base, t_flood);
+    let during = attack::window(&fresh_recs, t_flood, t_end);
+    r.figure(&format!("{name}: flood length"), length.as_secs_f64(), "s");
+    let opened = idle.lives.len() + slow.lives.len();
+    r.figure(
+        &format!("{name}: flood connections opened"),
+        opened as f64,
+        "",
+    );
+    r.figure(
+        &format!("{name}: flood connections open at once (peak, attacker's count)"),
+        (idle.peak_open + slow.peak_open) as f64,
+        "",
+    );
+    let at_once = idle.closed_at_once(AT_ONCE) + slow.closed_at_once(AT_ONCE);
+    r.figure(
+        &format!("{name}: flood connections closed by the server within 0.5 s (refused)"),
+        at_once as f64,
+        "",
+    );
+    let timed_out = |log: &FloodLog| {
+        log.lives
+            .iter()
+            .filter(|x| x.by_server && x.lived >= AT_ONCE)
+            .count()
+    };
+    r.figure(
+        &format!("{name}: idle flood connections closed later (a timeout)"),
+        timed_out(&idle) as f64,
+        "",
+    );
+    r.figure(
+        &format!("{name}: slow flood connections closed later (a timeout)"),
+        timed_out(&slow) as f64,
+        "",
+    );
+    r.figure(
+        &format!("{name}: longest-lived idle flood connection"),
+        idle.longest().as_secs_f64(),
+        "s",
+    );
+    r.figure(
+        &format!("{name}: longest-lived slow flood connection"),
+        slow.longest().as_secs_f64(),
+        "s",
+    );
+    if idle.connect_failed + slow.connect_failed > 0 {
+        r.figure(
+            &format!("{name}: flood connects that failed or hung 2 s (backlog full)"),
+            (idle.connect_failed + slow.connect_failed) as f64,
+            "",
+        );
+    }
+    for (i, (what, _, _)) in t.counters.iter().enumerate() {
+        r.figure(&format!("{name}: {what}"), after[i] - before[i], "");
+    }
+    r.figure(&format!("{name}: RSS before the flood"), mib(rss0), "MiB");
+    r.figure(
+        &format!("{name}: peak RSS during the flood"),
+        mib(peak),
+        "MiB",
+    );
+    r.figure(
+        &format!("{name}: RSS once served again after the flood"),
+        mib(rss_after),
+        "MiB",
+    );
+    r.figure(
+        &format!("{name}: new-connection allowed requests succeeded, before the flood"),
+        base.success_pct(),
+        "%",
+    );
+    r.figure(
+        &format!("{name}: new-connection allowed requests succeeded, during the flood"),
+        during.success_pct(),
+        "%",
+    );
+    r.figure(
+        &format!("{name}: new-connection allowed requests sent during the flood"),
+        during.total as f64,
+        "",
+    );
+    if let Some(p99) = base.p99 {
+        r.figure(
+            &format!("{name}: new-connection allowed p99, before the flood"),
+            p99 * 1000.0,
+            "ms",
+        );
+    }
+    if let Some(p99) = during.p99 {
+        r.figure(
+            &format!("{name}: new-connection allowed p99, during the flood (succeeded ones)"),
+            p99 * 1000.0,
+            "ms",
+        );
+    }
+    let kept = match t.kept {
+        Kept::DataPlane => Some((
+            "requests through the sidecar pair",
+            as_reqs(&data_plane.snapshot()),
+        )),
+        Kept::Renewals => Some(("renewals on open CA connections", renewals.snapshot())),
+        Kept::None => None,
+    };
+    let kept_during = kept.as_ref().map(|(what, recs)| {
+        let w = attack::window(recs, t_flood, t_end);
+        let b = attack::window(recs, t_base, t_flood);
+        r.figure(
+            &format!("{name}: {what} succeeded during the flood"),
+            w.success_pct(),
+            "%",
+        );
+        if let (Some(pb), Some(pd)) = (b.p99, w.p99) {
+            r.figure(
+                &format!("{name}: {what}, p99 before the flood"),
+                pb * 1000.0,
+                "ms",
+            );
+            r.figure(
+                &format!("{name}: {what}, p99 during the flood"),
+                pd * 1000.0,
+                "ms",
+            );
+        }
+        (*what, w)
+    });
+
+    // Checks.
+    r.check(
+        &format!(
+            "{name}: the process stays up and serves a new allowed connection after the flood"
+        ),
+        alive && back.is_some(),
+        if !alive {
+            "the process is gone".to_owned()
+        } else {
+            back.map_or(
+                "no new-connection request succeeded within 15 s".into(),
+                |d| {
+                    format!(
+                        "served again {:.2} s after the flood ended",
+                        d.as_secs_f64()
+                    )
+                },
+            )
+        },
+    );
+    let bound = rss0 + t.held as u64 * PER_CONN_KIB + SLACK_KIB;
+    r.check(
+        &format!("{name}: peak RSS stays bounded"),
+        peak > 0 && peak <= bound,
+        format!(
+            "peak {:.1} MiB; bound {:.1} MiB = {:.1} MiB before + {} connections it may hold at once x {PER_CONN_KIB} KiB + {} MiB",
+            mib(peak),
+            mib(bound),
+            mib(rss0),
+            t.held,
+            SLACK_KIB / 1024
+        ),
+    );
+    let limit = t.timeout + slack(t.timeout);
+    let longest = idle.longest().max(slow.longest());
+    let by_timeout = timed_out(&idle) + timed_out(&slow);
+    r.check(
+        &format!("{name}: flood connections are closed by {}", t.timeout_doc),
+        longest <= limit && by_timeout > 0,
+        format!(
+            "{} s timeout: {by_timeout} closed after living 0.5 s or more, the longest lived {:.2} s (allowed: {:.1} s with slack)",
+            t.timeout.as_secs_f64(),
+            longest.as_secs_f64(),
+            limit.as_secs_f64()
+        ),
+    );
+    if let Some((what, w)) = kept_during {
+        r.check(
+            &format!("{name}: {what} keep being served during the flood"),
+            w.total > 0 && w.ok == w.total,
+            w.describe(),
+        );
+    }
+    if t.fresh_must_succeed {
+        r.check(
+            &format!(
+                "{name}: every allowed request on a new connection is served during the flood"
+            ),
+            during.total > 0 && during.ok == during.total,
+            during.describe(),
+        );
+    } else {
+        r.notes.push(format!(
+            "{name}: new-connection allowed requests during the flood: {}.",
+            during.describe()
+        ));
+    }
+    Ok(())
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
