@@ -372,6 +372,25 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// The machine's count of listen-queue overflows (`TcpExt: ListenOverflows` in
+/// `/proc/net/netstat`; 0 when unreadable).
+pub fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows");
+        if let Some(v) = at.and_then(|i| values.split_whitespace().nth(i)) {
+            return v.parse().unwrap_or(0);
+        }
+    }
+    0
+}
+
 /// Samples a process's RSS every 50 ms until stopped: the largest sample.
 pub struct RssSampler {
     stop: watch::Sender<bool>,

@@ -7,7 +7,7 @@
 //! listener: the attacked process's peak RSS, allowed traffic's success rate and p99 on connections
 //! opened before the flood and on new ones, and when the flood's connections were closed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,7 +94,9 @@ pub async fn run(env: &Env, p: &Params, mut r: ScenarioReport) -> (ScenarioRepor
          to the inbound listener, a plain GET to the outbound one, a /metrics scrape on an admin \
          port, a first certificate (Issue with a service-account token) from the CA, an \
          AdmissionReview POST to the injector. Allowed traffic is measured {b:.0} s before and \
-         during each flood; afterwards, a new-connection request must succeed again.",
+         during each flood; afterwards, a new-connection request must succeed again. Last, the CA \
+         and the injector are flooded from one host (127.0.1.1 alone, 10 x its \
+         --max-connections-per-source of {ps}): the others' new connections must all be served.",
         flood = 10 * l,
         f = p.flood.as_secs_f64(),
         ps = per_source(l),
@@ -124,6 +126,11 @@ struct Target {
     /// Whether every allowed new-connection request during the flood must succeed (a listener
     /// without a connection limit), or only its figures are reported.
     fresh_must_succeed: bool,
+    /// Where the flood comes from, and how many connections it keeps open.
+    sources: Vec<IpAddr>,
+    slots: usize,
+    /// A counter (index into `counters`) the flood must move: the limit it is there to meet.
+    must_count: Option<usize>,
     /// Which long-lived allowed traffic crosses this process.
     kept: Kept,
     /// The process's admin port and the metrics saying what it refused and closed.
@@ -345,7 +352,10 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             vec![("reason", "timeout")],
         ),
     ];
-    let targets = vec![
+    let many = attack::sources(32);
+    let one_host = attack::sources(1);
+    let host_share = per_source(p.limit);
+    let mut targets = vec![
         Target {
             name: "sidecar inbound",
             addr: inb,
@@ -357,6 +367,9 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             fresh: fresh_inbound,
             fresh_must_succeed: false,
             kept: Kept::DataPlane,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: inbound.admin,
             counters: sidecar_counters("inbound"),
         },
@@ -371,6 +384,9 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             fresh: fresh_outbound,
             fresh_must_succeed: false,
             kept: Kept::DataPlane,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: outbound.admin,
             counters: sidecar_counters("outbound"),
         },
@@ -385,6 +401,9 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             fresh: scrape(inbound.admin),
             fresh_must_succeed: true,
             kept: Kept::DataPlane,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: inbound.admin,
             counters: Vec::new(),
         },
@@ -396,11 +415,14 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             timeout_doc: "--handshake-timeout",
             slow: slow_tls.clone(),
             held: p.limit,
-            fresh: fresh_issue,
+            fresh: fresh_issue.clone(),
             fresh_must_succeed: false,
             kept: Kept::Renewals,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: ca.admin,
-            counters: ca_counters,
+            counters: ca_counters.clone(),
         },
         Target {
             name: "CA admin",
@@ -413,6 +435,9 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             fresh: scrape(ca.admin),
             fresh_must_succeed: true,
             kept: Kept::Renewals,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: ca.admin,
             counters: Vec::new(),
         },
@@ -422,11 +447,14 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             pid: injector.pid(),
             timeout: HEADER_READ,
             timeout_doc: "--header-read-timeout",
-            slow: slow_tls,
+            slow: slow_tls.clone(),
             held: p.limit,
-            fresh: fresh_review,
+            fresh: fresh_review.clone(),
             fresh_must_succeed: false,
             kept: Kept::None,
+            sources: many.clone(),
+            slots: flood_size,
+            must_count: None,
             admin: inj_admin,
             counters: vec![
                 (
@@ -442,9 +470,45 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             ],
         },
     ];
-    let sources = attack::sources(32);
+    let injector_counters = targets[5].counters.clone();
+    // One flooding host against the listeners with a per-source limit: held to its share, it
+    // leaves everyone else served, new connections included.
+    targets.push(Target {
+        name: "CA gRPC, one flooding host",
+        addr: ca.grpc,
+        pid: ca.pid(),
+        timeout: HANDSHAKE,
+        timeout_doc: "--handshake-timeout",
+        slow: slow_tls.clone(),
+        held: host_share,
+        fresh: fresh_issue,
+        fresh_must_succeed: true,
+        kept: Kept::Renewals,
+        sources: one_host.clone(),
+        slots: 10 * host_share,
+        must_count: Some(1),
+        admin: ca.admin,
+        counters: ca_counters,
+    });
+    targets.push(Target {
+        name: "injector, one flooding host",
+        addr: inj_addr,
+        pid: injector.pid(),
+        timeout: HEADER_READ,
+        timeout_doc: "--header-read-timeout",
+        slow: slow_tls,
+        held: host_share,
+        fresh: fresh_review,
+        fresh_must_succeed: true,
+        kept: Kept::None,
+        sources: one_host,
+        slots: 10 * host_share,
+        must_count: Some(1),
+        admin: inj_admin,
+        counters: injector_counters,
+    });
     for t in &targets {
-        one_listener(r, p, t, &sources, &data_plane, &renewals).await?;
+        one_listener(r, p, t, &data_plane, &renewals).await?;
     }
     let recs = data_plane.stop().await;
     let _ = renewals.stop().await;
@@ -455,6 +519,17 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
         "",
     );
     r.figure("of which failed", failed as f64, "");
+    r.notes.push(
+        "Idle flood connections are timed from the attacker's side, from connect() to the server's \
+         close. When a listener's accept queue overflows (the machine-wide ListenOverflows figure: \
+         the flood reconnects hundreds of times a second), Linux drops the client's final ACK and \
+         the connection is established for the client only, until a retransmitted SYN-ACK lets the \
+         process accept it seconds later; such a connection outlives the timeout by the time it \
+         spent in the kernel, and costs the process nothing meanwhile. So the timeout check is \
+         judged on the slow clients, which send their first byte at once, and the idle connections \
+         that lived past the timeout are counted as a figure."
+            .into(),
+    );
     r.notes.push(
         "New connections to a listener at its limit are refused like the flood's: a sidecar \
          listener or the CA or the injector whose connection limit the flood fills cannot tell an \
@@ -575,7 +650,6 @@ async fn one_listener(
     r: &mut ScenarioReport,
     p: &Params,
     t: &Target,
-    sources: &[std::net::IpAddr],
     data_plane: &Traffic,
     renewals: &Allowed,
 ) -> Result<()> {
@@ -589,16 +663,18 @@ async fn one_listener(
     for (_, metric, labels) in &t.counters {
         before.push(admin_metric(t.admin, metric, labels).await);
     }
+    let overflows0 = attack::listen_overflows();
     let sampler = RssSampler::start(t.pid);
     let t_flood = Instant::now();
-    let slots = 10 * p.limit;
-    let idle = Flood::start(t.addr, slots / 2, sources, Attack::Idle);
-    let slow = Flood::start(t.addr, slots - slots / 2, sources, t.slow.clone());
+    let slots = t.slots;
+    let idle = Flood::start(t.addr, slots / 2, &t.sources, Attack::Idle);
+    let slow = Flood::start(t.addr, slots - slots / 2, &t.sources, t.slow.clone());
     let length = p.flood.max(t.timeout + Duration::from_millis(1500));
     tokio::time::sleep(length).await;
     let t_end = Instant::now();
     let (idle, slow) = (idle.stop().await, slow.stop().await);
     let peak = sampler.stop().await;
+    let overflows = attack::listen_overflows().saturating_sub(overflows0);
     let alive = attack::rss_kib(t.pid).is_some();
     // Serves again: a new-connection request sent after the flood ended succeeds.
     let back = poll_until(Duration::from_secs(15), Duration::from_millis(50), || {
@@ -670,6 +746,13 @@ async fn one_listener(
     for (i, (what, _, _)) in t.counters.iter().enumerate() {
         r.figure(&format!("{name}: {what}"), after[i] - before[i], "");
     }
+    r.figure(
+        &format!(
+            "{name}: accept-queue overflows during the flood (the machine's TcpExt ListenOverflows)"
+        ),
+        overflows as f64,
+        "",
+    );
     r.figure(&format!("{name}: RSS before the flood"), mib(rss0), "MiB");
     r.figure(
         &format!("{name}: peak RSS during the flood"),
@@ -775,23 +858,42 @@ async fn one_listener(
         ),
     );
     let limit = t.timeout + slack(t.timeout);
-    let longest = idle.longest().max(slow.longest());
     let by_timeout = timed_out(&idle) + timed_out(&slow);
+    // Judged on the slow clients: each sends its first byte at once, so it lives only while the
+    // process holds it. An idle connection can sit in the kernel's accept queue (or, past it, be
+    // established on the client's side only) before the process ever sees it; those are counted.
     r.check(
         &format!("{name}: flood connections are closed by {}", t.timeout_doc),
-        longest <= limit && by_timeout > 0,
+        slow.longest() <= limit && by_timeout > 0,
         format!(
-            "{} s timeout: {by_timeout} closed after living 0.5 s or more, the longest lived {:.2} s (allowed: {:.1} s with slack)",
+            "{} s timeout: {by_timeout} closed after living 0.5 s or more; the longest-lived slow client {:.2} s (allowed: {:.1} s with slack)",
             t.timeout.as_secs_f64(),
-            longest.as_secs_f64(),
+            slow.longest().as_secs_f64(),
             limit.as_secs_f64()
         ),
+    );
+    let queued = idle.lives.iter().filter(|x| x.lived > limit).count();
+    r.figure(
+        &format!(
+            "{name}: idle flood connections alive past the timeout + slack (from the client's side)"
+        ),
+        queued as f64,
+        "",
     );
     if let Some((what, w)) = kept_during {
         r.check(
             &format!("{name}: {what} keep being served during the flood"),
             w.total > 0 && w.ok == w.total,
             w.describe(),
+        );
+    }
+    if let Some(i) = t.must_count {
+        let (what, _, _) = &t.counters[i];
+        let moved = after[i] - before[i];
+        r.check(
+            &format!("{name}: the flood meets the limit it is there for"),
+            moved > 0.0,
+            format!("{what}: {moved}"),
         );
     }
     if t.fresh_must_succeed {
