@@ -74,7 +74,6 @@ impl FloodLog {
 pub struct Flood {
     stop: watch::Sender<bool>,
     log: Arc<Mutex<FloodLog>>,
-    open: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -96,12 +95,7 @@ impl Flood {
                 ))
             })
             .collect();
-        Self {
-            stop,
-            log,
-            open,
-            tasks,
-        }
+        Self { stop, log, tasks }
     }
 
     /// Ends every flood connection and returns what happened to them.
@@ -110,7 +104,6 @@ impl Flood {
         for t in self.tasks {
             let _ = t.await;
         }
-        let _ = self.open;
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }

@@ -5,7 +5,9 @@
 //! that never ends on plaintext HTTP ones). Every flood connection the server closes is reopened,
 //! from 32 source addresses (127.0.1.x) while the allowed clients use 127.0.0.1. Measured per
 //! listener: the attacked process's peak RSS, allowed traffic's success rate and p99 on connections
-//! opened before the flood and on new ones, and when the flood's connections were closed.
+//! opened before the flood and on new ones, and when the flood's connections were closed. Last, the
+//! CA and the injector are flooded from one host, whose per-source limit must leave every other
+//! client served.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -654,7 +656,7 @@ async fn one_listener(
     renewals: &Allowed,
 ) -> Result<()> {
     let name = t.name;
-    println!("  flooding the {name} listener ({})", t.addr);
+    println!("  flood: {name} ({})", t.addr);
     let fresh = Allowed::start(t.fresh.clone(), 1, Duration::from_millis(50));
     let t_base = Instant::now();
     tokio::time::sleep(p.baseline).await;
