@@ -85,8 +85,9 @@ pub const FOUND: &[&str] = &[
      still in its TLS handshake (or still waiting for its first request head) would keep new \
      allowed clients served under such a flood, and changes what the limits promise.",
     "Open, seen by `floods`: the admin servers (sidecar, CA, injector) have no connection limit, \
-     only a 5 s request-head timeout. A flood of ten times the sidecar's connection limit costs \
-     the sidecar about 17 KiB per held connection and leaves probes and scrapes served, but a \
+     only a 5 s request-head timeout. A flood of 1,000 connections cost the sidecar and the CA \
+     about 19 KiB of RSS per held connection (not given back after the flood) and left probes \
+     and scrapes served, but a \
      flood fast enough to hold more connections than the process has file descriptors would \
      also starve the data-plane listeners of the same process (accept fails with EMFILE; the \
      accept loops back off and retry). A cap, per source and overall, would bound it, at the \
