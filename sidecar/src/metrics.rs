@@ -58,6 +58,7 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     pub policy_loaded: Gauge,
     pub policy_rejected: Gauge,
+    pub credentials_rejected: Gauge,
     pub connections_revoked: Family<ConnLabels, Counter>,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
@@ -148,6 +149,11 @@ impl Metrics {
             "policy_rejected",
             "1 while the newest policy file was rejected and the last good policy is still in force",
             m.policy_rejected.clone(),
+        );
+        r.register(
+            "credentials_rejected",
+            "1 while the newest certificate files (file mode) were rejected and the last good certificate is still in force",
+            m.credentials_rejected.clone(),
         );
         r.register(
             "connections_revoked",

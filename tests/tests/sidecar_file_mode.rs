@@ -88,6 +88,14 @@ impl Mesh {
             .map_or(0, |v| v.trim().parse().unwrap())
     }
 
+    /// `meshid_sidecar_credentials_rejected`: 1 while the newest files were rejected.
+    async fn rejected_now(&self) -> u64 {
+        let text = self.sidecar.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshid_sidecar_credentials_rejected "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
     async fn wait_for_updates(&self, result: &str, at_least: u64) {
         let counted = eventually(PATIENCE, || async {
             self.updates(result).await >= at_least
@@ -273,6 +281,11 @@ async fn file_mode_torn_write_is_rejected_then_completed() {
     writer.flush().unwrap();
 
     mesh.wait_for_updates("rejected", 1).await;
+    assert_eq!(
+        mesh.rejected_now().await,
+        1,
+        "the gauge says the last good set is in force"
+    );
     assert_eq!(mesh.serial().await, Some(serial_of(&old)));
     mesh.serves(&old.chain[0]).await;
 
@@ -281,6 +294,10 @@ async fn file_mode_torn_write_is_rejected_then_completed() {
     mesh.wait_for_serial(&serial_of(&renewed)).await;
     mesh.serves(&renewed.chain[0]).await;
     mesh.wait_for_updates("applied", 2).await;
+    assert!(
+        eventually(PATIENCE, || async { mesh.rejected_now().await == 0 }).await,
+        "the gauge goes back to 0 once a set is applied"
+    );
 }
 
 /// (d) A key that does not match the certificate, then a consistent pair from a CA outside the

@@ -58,6 +58,14 @@ impl Target {
         }
     }
 
+    /// The gauge that is 1 while the newest version of the file is rejected.
+    fn gauge(self) -> &'static str {
+        match self {
+            Self::Policy => "meshid_sidecar_policy_rejected",
+            _ => "meshid_sidecar_credentials_rejected",
+        }
+    }
+
     /// The counter that says a new version of the file was rejected / applied.
     fn counter(self) -> &'static str {
         match self {
@@ -227,11 +235,11 @@ async fn scenario(env: &Env, r: &mut ScenarioReport) -> Result<()> {
         r.figure("slowest repair to applied", m, "s");
     }
     r.notes.push(
-        "The metric that says so: for the policy, the gauge `meshid_sidecar_policy_rejected` (1 until a \
-         good file is applied) and `meshid_sidecar_policy_reloads_total{result=\"rejected\"}`; for \
-         credential files only the counter `meshid_sidecar_credential_updates_total{result=\"rejected\"}` \
-         (no gauge: an alert needs `increase()` over a window, and a file left broken stops being \
-         counted after its first rejection)."
+        "The metrics that say so: the gauges `meshid_sidecar_policy_rejected` and \
+         `meshid_sidecar_credentials_rejected` (1 until a good file is applied; each check above \
+         reads it during the fault and waits for 0 after the repair), and the counters \
+         `meshid_sidecar_policy_reloads_total{result=\"rejected\"}` and \
+         `meshid_sidecar_credential_updates_total{result=\"rejected\"}`."
             .into(),
     );
     let shown = |s: &SidecarProc| s.log().lines().filter(|l| l.contains("rejected")).count();
@@ -271,7 +279,8 @@ async fn one_fault(
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (a_ready, b_ready) = (ready(a).await, ready(b).await);
-    let gauge = admin_metric(a, "meshid_sidecar_policy_rejected", &[]).await;
+    let gauge_name = w.target.gauge();
+    let gauge = admin_metric(a, gauge_name, &[]).await;
     let t_repair = Instant::now();
     w.repair()?;
     let repaired = poll_until(
@@ -279,7 +288,7 @@ async fn one_fault(
         Duration::from_millis(20),
         || async move {
             admin_metric(a, counter, &[("result", "applied")]).await > applied0
-                && admin_metric(a, "meshid_sidecar_policy_rejected", &[]).await == 0.0
+                && admin_metric(a, gauge_name, &[]).await == 0.0
                 && ready(b).await
         },
     )
@@ -287,13 +296,13 @@ async fn one_fault(
     let during = Tally::of(&sent_between(&traffic.snapshot(), t_fault, Instant::now()));
     let policy = w.target == Target::Policy;
     let readiness_ok = a_ready && if policy { !b_ready } else { b_ready };
-    let metric_ok = if policy { gauge == 1.0 } else { gauge == 0.0 };
+    let metric_ok = gauge == 1.0;
     let ok = during.failed == 0 && readiness_ok && metric_ok && repaired.is_some();
     r.check(
         &format!("{label}: last good state kept, rejection counted, readiness as documented, repair applied"),
         ok,
         format!(
-            "requests {}; rejected counted after {:.2} s; /readyz A {} B {}; policy_rejected {gauge}; repair applied after {}",
+            "requests {}; rejected counted after {:.2} s; /readyz A {} B {}; {gauge_name} {gauge}; repair applied after {}",
             during.describe(),
             detected.as_secs_f64(),
             if a_ready { 200 } else { 503 },

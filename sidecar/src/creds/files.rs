@@ -192,6 +192,7 @@ impl Tracker {
         match self.store.set_certificate(creds) {
             Ok(snapshot) => {
                 self.count("applied");
+                self.metrics.credentials_rejected.set(0);
                 self.metrics.record_snapshot(&snapshot);
                 let identity = &snapshot.identity;
                 tracing::info!(
@@ -207,6 +208,7 @@ impl Tracker {
 
     fn rejected(&self, error: &dyn std::error::Error) {
         self.count("rejected");
+        self.metrics.credentials_rejected.set(1);
         tracing::error!(
             %error,
             cert = %self.files.cert.display(),
@@ -281,6 +283,7 @@ mod tests {
             watch_with_timing(files.clone(), store.clone(), metrics.clone(), FAST).unwrap();
         assert!(watcher.watcher.inotify(), "inotify is not available");
         assert_eq!(updates(&metrics, "rejected"), 1);
+        assert_eq!(metrics.credentials_rejected.get(), 1);
         fs::write(&files.key, "more garbage").unwrap();
         wait_for("a second rejection", || updates(&metrics, "rejected") == 2);
         assert!(store.current().is_none());
