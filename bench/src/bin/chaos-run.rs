@@ -114,6 +114,11 @@ async fn main() -> Result<()> {
         smoke: args.smoke,
         unprivileged: unprivileged(),
     };
+    // The tree the binaries were built from: read before the scenarios run, since a commit made
+    // during a long run must not be credited with its results.
+    let head = git(&["rev-parse", "--short=12", "HEAD"]);
+    let full_head = git(&["rev-parse", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
     let t0 = Instant::now();
     let machine_info = machine::machine();
     let mut reports = Vec::new();
@@ -193,8 +198,6 @@ async fn main() -> Result<()> {
         }
     });
     let command: Vec<String> = std::env::args().collect();
-    let head = git(&["rev-parse", "--short=12", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
     let now_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -232,8 +235,8 @@ async fn main() -> Result<()> {
         work_dir: work_text,
         machine: machine_info,
         versions: serde_json::json!({
-            "meshid_git_commit": git(&["rev-parse", "HEAD"]),
-            "meshid_git_dirty": !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty(),
+            "meshid_git_commit": full_head,
+            "meshid_git_dirty": dirty,
             "rustc": run("rustc", &["--version"]),
         }),
         scenarios: reports,
