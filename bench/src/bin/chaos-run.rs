@@ -118,7 +118,17 @@ async fn main() -> Result<()> {
     // during a long run must not be credited with its results.
     let head = git(&["rev-parse", "--short=12", "HEAD"]);
     let full_head = git(&["rev-parse", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    // What this tool writes does not count as a change to the tree it measures.
+    let dirty = !git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!docs/reliability.md",
+        ":!bench/results",
+    ])
+    .is_empty();
     let t0 = Instant::now();
     let machine_info = machine::machine();
     let mut reports = Vec::new();
