@@ -751,6 +751,20 @@ async fn idle_and_half_sent_heads_are_closed_at_the_idle_limit() {
         app,
     )
     .await;
+    // Authenticated, then silent from the handshake on (no request ever: the wait for the first
+    // bytes, which tells h2 from HTTP/1.1, is bounded by the same limit).
+    let mut silent = http1_connection(&e).await;
+    let closed = async {
+        let mut b = [0u8; 64];
+        loop {
+            if let Ok(0) | Err(_) = silent.read(&mut b).await {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("a connection silent since its handshake is open long after the idle limit");
     for partial in [&b""[..], b"GET /api/x HTTP/1.1\r\nho"] {
         let mut tls = http1_connection(&e).await;
         let mut pending = Vec::new();
