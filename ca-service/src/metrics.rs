@@ -1,6 +1,6 @@
 //! The CA's Prometheus metrics, registered into a registry the caller passes in.
 
-use meshid_runtime::exposition::Listed;
+use meshid_runtime::exposition::{AliveTasks, Listed};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -169,6 +169,11 @@ impl Metrics {
             "jwks_keys",
             "Usable keys in the JWKS the CA verifies service-account tokens with",
             m.jwks_keys.clone(),
+        );
+        r.register(
+            "runtime_alive_tasks",
+            "Tasks alive in the process's tokio runtime",
+            AliveTasks,
         );
         m
     }

@@ -216,6 +216,24 @@ impl<M: EncodeMetric> EncodeMetric for Listed<M> {
     }
 }
 
+/// A gauge read at scrape time: the tasks alive in the tokio runtime that answers `/metrics` (spawned
+/// and not yet finished; each meshid process runs one runtime). Under steady load it stays level; one
+/// that keeps climbing is a task leak. Zero outside a runtime.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AliveTasks;
+
+impl EncodeMetric for AliveTasks {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let alive =
+            tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_alive_tasks());
+        encoder.encode_gauge(&i64::try_from(alive).unwrap_or(i64::MAX))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,6 +465,44 @@ c_info{v=\"1\"} 1
             "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1 # {y}\"} 3\n\
              # TYPE b untyped\nb 1\n# HELP c_info C.\n# TYPE c_info gauge\nc_info{v=\"1\"} 1\n"
         );
+    }
+
+    fn alive_tasks_sample(registry: &Registry) -> i64 {
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, registry).unwrap();
+        assert!(om.contains("# TYPE t_alive_tasks gauge"), "{om}");
+        om.lines()
+            .find_map(|l| l.strip_prefix("t_alive_tasks "))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn alive_tasks_follow_the_runtime() {
+        let mut registry = Registry::default();
+        registry.register("t_alive_tasks", "Tasks", AliveTasks);
+        let before = alive_tasks_sample(&registry);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let held: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(std::future::pending::<()>()))
+            .chain(std::iter::once(tokio::spawn(async move {
+                let _ = rx.await;
+            })))
+            .collect();
+        assert_eq!(alive_tasks_sample(&registry), before + 4);
+        drop(tx);
+        for h in held {
+            h.abort();
+            let _ = h.await;
+        }
+        assert_eq!(alive_tasks_sample(&registry), before);
+    }
+
+    #[test]
+    fn alive_tasks_outside_a_runtime_are_zero() {
+        let mut registry = Registry::default();
+        registry.register("t_alive_tasks", "Tasks", AliveTasks);
+        assert_eq!(alive_tasks_sample(&registry), 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod traffic;
 
 pub use traffic::{ConnMetrics, HttpProtocol, PeerLabel, status_class};
 
-use meshid_runtime::exposition::Listed;
+use meshid_runtime::exposition::{AliveTasks, Listed};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -189,6 +189,11 @@ impl Metrics {
             "trust_anchor_newest_expiry_timestamp_seconds",
             "Latest not-after among the trust anchors",
             m.anchor_newest_expiry.clone(),
+        );
+        r.register(
+            "runtime_alive_tasks",
+            "Tasks alive in the process's tokio runtime",
+            AliveTasks,
         );
         m
     }
