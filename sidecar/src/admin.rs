@@ -202,6 +202,7 @@ fn identity(shared: &Shared) -> AdminResponse {
                 "issuer": s.identity.issuer,
                 "public_key_sha256": s.public_key_sha256,
                 "leaf_sha256": s.leaf_sha256,
+                "issuer_sha256": s.issuer_sha256,
                 "trust_anchors_sha256": s.anchor_fingerprints,
             });
             admin::json(format!("{json}\n"))

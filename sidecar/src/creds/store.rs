@@ -95,6 +95,9 @@ pub struct Snapshot {
     pub clients: Vec<Arc<ClientConfig>>,
     /// SHA-256 (hex) of our own leaf.
     pub leaf_sha256: String,
+    /// SHA-256 (hex) of the certificate that issued our leaf (the chain's second; `None` when the
+    /// chain is the leaf alone): shows which intermediate a rotation left us under.
+    pub issuer_sha256: Option<String>,
     /// SHA-256 (hex) of our public key (changes at every renewal: a fresh key each time).
     pub public_key_sha256: String,
 }
@@ -387,6 +390,7 @@ impl CredentialStore {
                     .unwrap_or_default()
             },
             leaf_sha256: sha256_hex(&leaf),
+            issuer_sha256: creds.chain.get(1).map(|c| sha256_hex(c)),
         })
     }
 }
@@ -490,6 +494,11 @@ mod tests {
             .set_bundle(vec![pki.root.clone(), next.root.clone()], Vec::new())
             .unwrap();
         assert_eq!(both.leaf_sha256, first.leaf_sha256);
+        assert_eq!(
+            first.issuer_sha256.as_deref(),
+            Some(sha256_hex(&pki.intermediate).as_str()),
+            "the issuing intermediate is named"
+        );
         assert_eq!(both.anchors.len(), 2);
         assert!(store.own_chain_trusted(unix_now()));
         // After the old root leaves (a forced retirement), our own chain is no longer trusted.
