@@ -128,6 +128,11 @@ pub fn mem(pid: u32) -> Result<Mem> {
     Ok(m)
 }
 
+/// Open file descriptors of one process (the entries of `/proc/<pid>/fd`).
+pub fn fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
 /// Memory of `pid` and its descendants, summed.
 pub fn tree_mem(pid: u32) -> Result<Mem> {
     let mut total = Mem::default();

@@ -16,9 +16,7 @@ use anyhow::{Result, bail};
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::mesh::{
-    CaProc, SidecarProc, ca_mode_args, inbound_args, outbound_args, policy_yaml, start_app,
-};
+use super::mesh::{CaPair, SidecarProc, ca_mode_args, outbound_args};
 use super::traffic::{Tally, Traffic, first_ok_after, sent_between};
 use super::{Env, ScenarioReport, SimFleet, admin_metric, poll_until, ready};
 use crate::harness::free_addr;
@@ -146,7 +144,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let work = env.ctx.dir("ca-outage")?;
     let ttl = format!("{}s", p.ttl.as_secs());
     let max_conns = (p.sims + 1000).to_string();
-    let mut ca = CaProc::init(
+    let pair = CaPair::start(
         env,
         &work,
         &[
@@ -157,24 +155,17 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
             "--max-connections",
             &max_conns,
         ],
-    )?;
-    ca.serve(env).await?;
-    let (_app, app) = start_app(env, &work, 0)?;
-    let inb = free_addr();
-    let local = free_addr();
-    let policy = work.join("policy.yaml");
-    std::fs::write(&policy, policy_yaml(&[inb.port()], CLIENT_ID))?;
-    let (server_token, client_token) = (work.join("server.token"), work.join("client.token"));
-    std::fs::write(&server_token, ca.cluster.token("bench", "server"))?;
-    std::fs::write(&client_token, ca.cluster.token("bench", "client"))?;
-    let mut args = inbound_args(inb, app, &policy);
-    args.extend(ca_mode_args(&ca, &server_token));
-    let mut inbound = SidecarProc::start(env, "inbound", &work, args, None)?;
-    let mut args = outbound_args(local, inb, SERVER_ID);
-    args.extend(ca_mode_args(&ca, &client_token));
-    let mut outbound = SidecarProc::start(env, "outbound", &work, args, None)?;
-    inbound.wait_ready(Duration::from_secs(20)).await?;
-    outbound.wait_ready(Duration::from_secs(20)).await?;
+    )
+    .await?;
+    let CaPair {
+        mut ca,
+        inbound,
+        outbound,
+        local,
+        inbound_addr: inb,
+        ref client_token,
+        ..
+    } = pair;
     let client = long_lived_client(&ca.dir, &work)?;
     let control = served(inb, &client).await;
     r.check(
@@ -242,7 +233,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let t_kill = Instant::now();
     // A pod starting while the CA is down: no certificate yet, retries until the CA is back.
     let mut args = outbound_args(free_addr(), inb, SERVER_ID);
-    args.extend(ca_mode_args(&ca, &client_token));
+    args.extend(ca_mode_args(&ca, client_token));
     let late = SidecarProc::start(env, "late-outbound", &work, args, None)?;
     println!(
         "  CA killed during the storm ({renewed_at_kill} of {} simulated sidecars renewed)",

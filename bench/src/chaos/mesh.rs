@@ -14,6 +14,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
 use super::{Env, wait_ready};
+use crate::harness::pki::{CLIENT_ID, SERVER_ID};
 use crate::harness::{Guard, free_addr, wait_tcp};
 
 /// A `meshid-ca` on a directory of its own, with a fake cluster's keys.
@@ -258,6 +259,59 @@ impl SidecarProc {
     pub fn log(&self) -> String {
         let path = self.dir.join(format!("{}-{}.log", self.name, self.starts));
         std::fs::read_to_string(path).unwrap_or_default()
+    }
+}
+
+/// A `meshid-ca` and a CA-mode sidecar pair (service-account token files) in front of bench-app:
+/// plaintext HTTP into the outbound sidecar's `local` listener, mTLS to the inbound one, the app.
+pub struct CaPair {
+    pub ca: CaProc,
+    pub inbound: SidecarProc,
+    pub outbound: SidecarProc,
+    /// The outbound sidecar's local listener.
+    pub local: SocketAddr,
+    /// The inbound sidecar's mTLS listener.
+    pub inbound_addr: SocketAddr,
+    /// The outbound (client) sidecar's token file, for more sidecars of that identity.
+    pub client_token: PathBuf,
+    _app: Guard,
+}
+
+impl CaPair {
+    /// Starts the CA (`serve` with `ca_flags` added) in `work/ca`, the app and the pair, and waits
+    /// until both sidecars are ready.
+    pub async fn start(env: &Env, work: &Path, ca_flags: &[&str]) -> Result<Self> {
+        let mut ca = CaProc::init(env, work, ca_flags)?;
+        ca.serve(env).await?;
+        let (app_guard, app) = start_app(env, work, 0)?;
+        let (inbound_addr, local) = (free_addr(), free_addr());
+        let policy = work.join("policy.yaml");
+        std::fs::write(&policy, policy_yaml(&[inbound_addr.port()], CLIENT_ID))?;
+        let (server_token, client_token) = (work.join("server.token"), work.join("client.token"));
+        std::fs::write(&server_token, ca.cluster.token("bench", "server"))?;
+        std::fs::write(&client_token, ca.cluster.token("bench", "client"))?;
+        let mut args = inbound_args(inbound_addr, app, &policy);
+        args.extend(ca_mode_args(&ca, &server_token));
+        let mut inbound = SidecarProc::start(env, "inbound", work, args, None)?;
+        let mut args = outbound_args(local, inbound_addr, SERVER_ID);
+        args.extend(ca_mode_args(&ca, &client_token));
+        let mut outbound = SidecarProc::start(env, "outbound", work, args, None)?;
+        inbound.wait_ready(Duration::from_secs(20)).await?;
+        outbound.wait_ready(Duration::from_secs(20)).await?;
+        Ok(Self {
+            ca,
+            inbound,
+            outbound,
+            local,
+            inbound_addr,
+            client_token,
+            _app: app_guard,
+        })
+    }
+
+    /// The two sidecars, inbound first.
+    pub fn sidecars(&self) -> [&SidecarProc; 2] {
+        [&self.inbound, &self.outbound]
     }
 }
 

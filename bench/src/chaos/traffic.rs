@@ -1,9 +1,11 @@
 //! Traffic that remembers every request: HTTP/1.1 keep-alive connections to a plaintext address (an
 //! outbound sidecar's local listener), each request recorded with when it was sent, when it ended
-//! and how. The chaos scenarios ask afterwards what happened before, during and after a fault.
+//! and how. The chaos scenarios ask afterwards what happened before, during and after a fault. Runs
+//! too long to remember every request ([`Traffic::counting`]) keep the failed ones and count the rest.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,10 +121,23 @@ pub fn first_ok_after(recs: &[Rec], from: Instant) -> Option<Instant> {
         .min()
 }
 
+/// How each connection spaces its requests.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Send, wait for the answer, pause this long (zero: closed loop, as fast as answers come).
+    Pause(Duration),
+    /// One request every this long, on a fixed schedule: a fixed rate while answers come in time
+    /// (a late answer delays the next request; a connection never sends two at once).
+    Every(Duration),
+}
+
 /// Running traffic.
 pub struct Traffic {
     stop: watch::Sender<bool>,
     recs: Arc<Mutex<Vec<Rec>>>,
+    /// Successful requests ended so far (also those not kept in `recs`).
+    ok: Arc<AtomicU64>,
+    keep_ok: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -132,70 +147,158 @@ impl Traffic {
     /// `connections` workers against `addr`, each sending a request, waiting for its answer, then
     /// pausing `pause` (zero: closed loop, as fast as answers come).
     pub fn start(addr: SocketAddr, connections: usize, pause: Duration) -> Self {
-        let (stop, rx) = watch::channel(false);
-        let recs = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..connections)
-            .map(|_| tokio::spawn(worker(addr, pause, recs.clone(), rx.clone())))
-            .collect();
-        Self { stop, recs, tasks }
+        Self::spawn(addr, connections, Pace::Pause(pause), true)
     }
 
-    /// Every request recorded so far.
+    /// `connections` workers against `addr` at `pace`, remembering only the failed requests and
+    /// counting the successful ones: for runs of millions of requests.
+    pub fn counting(addr: SocketAddr, connections: usize, pace: Pace) -> Self {
+        Self::spawn(addr, connections, pace, false)
+    }
+
+    fn spawn(addr: SocketAddr, connections: usize, pace: Pace, keep_ok: bool) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let recs = Arc::new(Mutex::new(Vec::new()));
+        let ok = Arc::new(AtomicU64::new(0));
+        let t0 = Instant::now();
+        let tasks = (0..connections)
+            .map(|i| {
+                // Fixed schedules start spread over one period, not all at once.
+                let first = match pace {
+                    Pace::Every(p) => t0 + p.mul_f64(i as f64 / connections as f64),
+                    Pace::Pause(_) => t0,
+                };
+                let w = Worker {
+                    addr,
+                    pace,
+                    first,
+                    recs: recs.clone(),
+                    ok: ok.clone(),
+                    keep_ok,
+                };
+                tokio::spawn(w.run(rx.clone()))
+            })
+            .collect();
+        Self {
+            stop,
+            recs,
+            ok,
+            keep_ok,
+            tasks,
+        }
+    }
+
+    /// Every request recorded so far (with [`Traffic::counting`], the failed ones).
     pub fn snapshot(&self) -> Vec<Rec> {
         self.recs.lock().map(|r| r.clone()).unwrap_or_default()
     }
 
+    /// Requests ended so far.
     pub fn count(&self) -> usize {
-        self.recs.lock().map(|r| r.len()).unwrap_or(0)
+        let recorded = self.recs.lock().map(|r| r.len()).unwrap_or(0);
+        if self.keep_ok {
+            recorded
+        } else {
+            recorded + self.ok.load(Ordering::Relaxed) as usize
+        }
     }
 
     /// Stops the workers (a request in flight finishes first) and returns every request.
     pub async fn stop(self) -> Vec<Rec> {
+        self.finish().await.1
+    }
+
+    /// Stops the workers: how many requests succeeded, and every request recorded (with
+    /// [`Traffic::counting`], the failed ones), in the order they were sent.
+    pub async fn finish(self) -> (u64, Vec<Rec>) {
         self.stop.send_replace(true);
         for t in self.tasks {
             let _ = t.await;
         }
         let mut recs = self.recs.lock().map(|r| r.clone()).unwrap_or_default();
         recs.sort_by_key(|r| r.sent);
-        recs
+        (self.ok.load(Ordering::Relaxed), recs)
     }
 }
 
-async fn worker(
+/// One connection's loop.
+struct Worker {
     addr: SocketAddr,
-    pause: Duration,
+    pace: Pace,
+    /// When a fixed schedule sends its first request.
+    first: Instant,
     recs: Arc<Mutex<Vec<Rec>>>,
-    stop: watch::Receiver<bool>,
-) {
-    let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
-    while !*stop.borrow() {
-        let sent = Instant::now();
-        let outcome = match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, &mut conn)).await {
-            Ok(o) => o,
-            Err(_) => {
-                conn = None;
-                Outcome::Timeout
+    ok: Arc<AtomicU64>,
+    keep_ok: bool,
+}
+
+impl Worker {
+    async fn run(self, stop: watch::Receiver<bool>) {
+        let Self {
+            addr,
+            pace,
+            first,
+            recs,
+            ok,
+            keep_ok,
+        } = self;
+        let pause = match pace {
+            Pace::Pause(p) => p,
+            Pace::Every(_) => Duration::ZERO,
+        };
+        let mut due = first;
+        let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
+        while !*stop.borrow() {
+            if let Pace::Every(period) = pace {
+                tokio::time::sleep_until(due.into()).await;
+                // Behind by more than a second (a stall): start the schedule again from now
+                // rather than sending the missed requests in a burst.
+                let now = Instant::now();
+                due += period;
+                if due + Duration::from_secs(1) < now {
+                    due = now;
+                }
             }
-        };
-        let failed = outcome != Outcome::Ok;
-        if failed {
-            conn = None;
+            let sent = Instant::now();
+            let outcome = exchange(addr, &mut conn).await;
+            let failed = outcome != Outcome::Ok;
+            if failed {
+                conn = None;
+            } else {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            if (failed || keep_ok)
+                && let Ok(mut r) = recs.lock()
+            {
+                r.push(Rec {
+                    sent,
+                    done: Instant::now(),
+                    outcome,
+                });
+            }
+            // A refused connection fails at once: do not spin on it.
+            let wait = if failed {
+                pause.max(Duration::from_millis(5))
+            } else {
+                pause
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
-        if let Ok(mut r) = recs.lock() {
-            r.push(Rec {
-                sent,
-                done: Instant::now(),
-                outcome,
-            });
-        }
-        // A refused connection fails at once: do not spin on it.
-        let wait = if failed {
-            pause.max(Duration::from_millis(5))
-        } else {
-            pause
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+    }
+}
+
+/// One request with the timeout: how it ended (the connection is dropped on a timeout).
+async fn exchange(
+    addr: SocketAddr,
+    conn: &mut Option<http1::SendRequest<Empty<Bytes>>>,
+) -> Outcome {
+    match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, conn)).await {
+        Ok(o) => o,
+        Err(_) => {
+            *conn = None;
+            Outcome::Timeout
         }
     }
 }
