@@ -3,7 +3,7 @@
 # meshid-ca, meshid-sidecar and meshid-injector on loopback, under load, and writes bench/results/chaos-latest.json
 # and docs/reliability.md (a --smoke run writes into bench/results/smoke/ instead). Exits 1 when a
 # scenario's promised behaviour broke (also in --smoke, where figures are not judged).
-# Usage: bench/chaos.sh [--smoke] [--scenarios ca-outage,signals,files,ca-dir,clock-steps,floods] [--sidecars 500]
+# Usage: bench/chaos.sh [--smoke] [--scenarios ca-outage,signals,files,ca-dir,clock-steps,floods,rotations-under-load,soak] [--sidecars 500] [--soak-minutes 30]
 # clock-steps needs libfaketime (scripts/install-test-tools.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,17 +9,19 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use meshid_bench::chaos::markdown::RunReport;
 use meshid_bench::chaos::{
-    Env, ca_dir, ca_outage, clock_steps, files, floods, run_scenario, signals,
+    Env, ca_dir, ca_outage, clock_steps, files, floods, rotations, run_scenario, signals, soak,
 };
 use meshid_bench::harness::{self, Ctx, Settings, machine};
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "ca-outage",
     "signals",
     "files",
     "ca-dir",
     "clock-steps",
     "floods",
+    "rotations-under-load",
+    "soak",
 ];
 
 #[derive(Debug, Parser)]
@@ -40,6 +42,9 @@ struct Args {
     /// Simulated sidecars in the ca-outage renewal storm (the smoke run takes at most 100).
     #[arg(long, default_value_t = 500)]
     sidecars: usize,
+    /// Length of the soak in minutes (default 30; 1 with --smoke).
+    #[arg(long)]
+    soak_minutes: Option<f64>,
     /// Where to write the JSON results.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -88,6 +93,12 @@ async fn main() -> Result<()> {
     }
     if args.sidecars == 0 {
         bail!("--sidecars: must be at least 1");
+    }
+    if args
+        .soak_minutes
+        .is_some_and(|m| !(m > 0.0 && m <= 24.0 * 60.0))
+    {
+        bail!("--soak-minutes: must be more than 0 and at most a day");
     }
     harness::clean_up_on_signal();
     let bin_dir = std::fs::canonicalize(&args.bin_dir)?;
@@ -168,6 +179,26 @@ async fn main() -> Result<()> {
                     "floods",
                     "Connection floods and slow clients at 10x the connection limit on every listener while allowed traffic flows",
                     |r| async { floods::run(&env, &p, r).await },
+                )
+                .await
+            }
+            "rotations-under-load" => {
+                let p = rotations::Params::new(args.smoke);
+                run_scenario(
+                    &env,
+                    "rotations-under-load",
+                    "Requests at saturation through a CA-mode pair across certificate renewals, an intermediate rotation and a root rotation",
+                    |r| async { rotations::run(&env, &p, r).await },
+                )
+                .await
+            }
+            "soak" => {
+                let p = soak::Params::new(args.smoke, args.soak_minutes);
+                run_scenario(
+                    &env,
+                    "soak",
+                    "Half of saturation for a long time with renewals every minute: memory, descriptors and tasks stay flat",
+                    |r| async { soak::run(&env, &p, r).await },
                 )
                 .await
             }

@@ -12,7 +12,9 @@ pub mod files;
 pub mod floods;
 pub mod markdown;
 pub mod mesh;
+pub mod rotations;
 pub mod signals;
+pub mod soak;
 pub mod traffic;
 
 use std::net::SocketAddr;
