@@ -187,20 +187,25 @@ fn cli(env: &Env, ca: &CaProc, args: &[&str]) -> Result<(bool, String)> {
     tokio::task::block_in_place(|| ca.cli(env, args))
 }
 
-/// A gated `rotate` step, retried every second until it passes: the attempts it took.
-async fn rotate_until_ok(env: &Env, ca: &CaProc, step: &str, timeout: Duration) -> Result<usize> {
+/// `meshid-ca rotate STEP`, naming the CA's admin port for the gated steps (`activate`,
+/// `retire`), retried every second for up to `retry_for` while it is refused: the attempts it took.
+async fn rotate(env: &Env, ca: &CaProc, step: &str, retry_for: Duration) -> Result<usize> {
     let dir = ca.dir.display().to_string();
     let admin = ca.admin.to_string();
+    let mut args = vec!["rotate", step, "--dir", &dir];
+    if matches!(step, "activate" | "retire") {
+        args.extend(["--admin", &admin]);
+    }
     let t0 = Instant::now();
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (ok, out) = cli(env, ca, &["rotate", step, "--dir", &dir, "--admin", &admin])?;
+        let (ok, out) = cli(env, ca, &args)?;
         if ok {
             return Ok(attempts);
         }
-        if t0.elapsed() > timeout {
-            bail!("rotate {step} still refused after {timeout:?}: {out}");
+        if t0.elapsed() >= retry_for {
+            bail!("rotate {step} refused (attempt {attempts}, {retry_for:?}): {out}");
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -210,6 +215,16 @@ async fn rotate_until_ok(env: &Env, ca: &CaProc, step: &str, timeout: Duration) 
 struct Event {
     at: Instant,
     what: String,
+}
+
+/// Records `what` as happening now: the moment.
+fn mark(events: &mut Vec<Event>, what: &str) -> Instant {
+    let at = Instant::now();
+    events.push(Event {
+        at,
+        what: what.into(),
+    });
+    at
 }
 
 /// "1.234 s after <event>" for the event nearest to `at`.
@@ -241,7 +256,6 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let ttl = format!("{}s", p.ttl.as_secs());
     let pair = CaPair::start(env, &work, &["--ttl", &ttl, "--max-ttl", &ttl]).await?;
     let ca = &pair.ca;
-    let dir = ca.dir.display().to_string();
     let watch = IdentityWatch::start(
         pair.sidecars().iter().map(|s| s.admin).collect(),
         Duration::from_millis(100),
@@ -254,30 +268,16 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let step_timeout = p.ttl * 3 + Duration::from_secs(30);
 
     let traffic = Traffic::counting(pair.local, CONNECTIONS, Pace::Pause(Duration::ZERO));
-    let t0 = Instant::now();
-    let mut events = vec![Event {
-        at: t0,
-        what: "the start of the traffic".into(),
-    }];
-    let renewed = |n: usize| {
-        let w = &watch;
-        move |i: usize, _: &Seen| w.renewals_after(i, t0).len() >= n
-    };
+    let mut events = Vec::new();
+    let t0 = mark(&mut events, "the start of the traffic");
     watch
-        .until(2, p.ttl * 2, renewed(1))
+        .until(2, p.ttl * 2, |i, _| !watch.renewals_after(i, t0).is_empty())
         .await
         .context("the sidecars did not renew within two lifetimes")?;
 
     // The intermediate.
-    let (ok, out) = cli(env, ca, &["rotate", "intermediate", "--dir", &dir])?;
-    if !ok {
-        bail!("rotate intermediate failed: {out}");
-    }
-    let t_inter = Instant::now();
-    events.push(Event {
-        at: t_inter,
-        what: "`rotate intermediate`".into(),
-    });
+    rotate(env, ca, "intermediate", Duration::ZERO).await?;
+    mark(&mut events, "`rotate intermediate`");
     let (second_inter, _) = authority(&ca.dir)?;
     let inter_taken = watch
         .until(2, step_timeout, |_, s| s.issuer == second_inter)
@@ -285,28 +285,13 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     println!("  rotate intermediate: both sidecars on the new one after {inter_taken:?}");
 
     // The root.
-    let (ok, out) = cli(env, ca, &["rotate", "prepare", "--dir", &dir])?;
-    if !ok {
-        bail!("rotate prepare failed: {out}");
-    }
-    let t_prepare = Instant::now();
-    events.push(Event {
-        at: t_prepare,
-        what: "`rotate prepare`".into(),
-    });
-    let activate_attempts = rotate_until_ok(env, ca, "activate", step_timeout).await?;
-    let t_activate = Instant::now();
-    events.push(Event {
-        at: t_activate,
-        what: "`rotate activate`".into(),
-    });
+    rotate(env, ca, "prepare", Duration::ZERO).await?;
+    let t_prepare = mark(&mut events, "`rotate prepare`");
+    let activate_attempts = rotate(env, ca, "activate", step_timeout).await?;
+    let t_activate = mark(&mut events, "`rotate activate`");
     let (third_inter, _) = authority(&ca.dir)?;
-    let retire_attempts = rotate_until_ok(env, ca, "retire", step_timeout).await?;
-    let t_retire = Instant::now();
-    events.push(Event {
-        at: t_retire,
-        what: "`rotate retire`".into(),
-    });
+    let retire_attempts = rotate(env, ca, "retire", step_timeout).await?;
+    let t_retire = mark(&mut events, "`rotate retire`");
     let (_, last_roots) = authority(&ca.dir)?;
     println!(
         "  root rotation: activate after {activate_attempts} attempt(s), retire after {retire_attempts}"
