@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::mesh::{CaPair, SidecarProc, ca_mode_args, outbound_args};
 use super::traffic::{Tally, Traffic, first_ok_after, sent_between};
-use super::{Env, ScenarioReport, SimFleet, admin_metric, poll_until, ready};
+use super::{Env, ScenarioReport, SimFleet, admin_metric, instant_at, poll_until, ready};
 use crate::harness::free_addr;
 use crate::harness::pki::{CLIENT_ID, SERVER_ID};
 use crate::simsidecar::{SimConfig, SimStats};
@@ -63,25 +63,6 @@ pub async fn run(env: &Env, p: &Params, mut r: ScenarioReport) -> (ScenarioRepor
     );
     let result = scenario(env, p, &mut r).await;
     (r, result)
-}
-
-/// Seconds since the epoch, with a fraction.
-fn unix_f64() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// The `Instant` at which the wall clock reads `unix` seconds.
-fn instant_at(unix: f64) -> Instant {
-    let delta = unix - unix_f64();
-    if delta >= 0.0 {
-        Instant::now() + Duration::from_secs_f64(delta)
-    } else {
-        Instant::now()
-            .checked_sub(Duration::from_secs_f64(-delta))
-            .unwrap_or_else(Instant::now)
-    }
 }
 
 /// A client certificate for `CLIENT_ID` signed by the CA's intermediate with a long lifetime, so

@@ -168,6 +168,25 @@ where
     report
 }
 
+/// Seconds since the epoch, with a fraction.
+pub fn unix_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The `Instant` at which the wall clock reads `unix` seconds.
+pub fn instant_at(unix: f64) -> Instant {
+    let delta = unix - unix_f64();
+    if delta >= 0.0 {
+        Instant::now() + Duration::from_secs_f64(delta)
+    } else {
+        Instant::now()
+            .checked_sub(Duration::from_secs_f64(-delta))
+            .unwrap_or_else(Instant::now)
+    }
+}
+
 /// Whether this process runs as root (for which file permissions do not bind).
 pub fn running_as_root() -> bool {
     std::process::Command::new("id")

@@ -76,6 +76,8 @@ pub struct Seen {
     pub issuer: String,
     /// SHA-256 of each trust anchor held.
     pub anchors: Vec<String>,
+    /// The leaf's not-after (seconds since the epoch).
+    pub not_after: i64,
 }
 
 impl Seen {
@@ -90,6 +92,7 @@ impl Seen {
                 .iter()
                 .filter_map(|a| a.as_str().map(str::to_owned))
                 .collect(),
+            not_after: v["not_after"].as_i64().unwrap_or(0),
         })
     }
 }
@@ -314,19 +317,32 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let run_s = (t_end - t0).as_secs_f64();
     let total = ok_count + failures.len() as u64;
 
-    // Every leaf change and bundle change of each sidecar, as events.
+    // Every leaf change, leaf expiry and bundle change of each sidecar, as events: the upstream
+    // ends a connection at the expiry of the certificate the outbound side presented on it.
     for (i, name) in NAMES.iter().enumerate() {
         let h = watch.history(i);
-        for (k, w) in h.windows(2).enumerate() {
-            if w[1].1.leaf != w[0].1.leaf {
-                events.push(Event {
-                    at: w[1].0,
-                    what: format!("a renewal of the {name} sidecar (change {})", k + 1),
-                });
+        let mut leaves = 0;
+        for (k, (seen_at, seen)) in h.iter().enumerate() {
+            let before = k.checked_sub(1).map(|j| &h[j].1);
+            if before.is_none_or(|b| b.leaf != seen.leaf) {
+                leaves += 1;
+                if before.is_some() {
+                    events.push(Event {
+                        at: *seen_at,
+                        what: format!("the {name} sidecar taking up its certificate {leaves}"),
+                    });
+                }
+                let expiry = super::instant_at(seen.not_after as f64);
+                if expiry < t_end {
+                    events.push(Event {
+                        at: expiry,
+                        what: format!("the expiry of the {name} sidecar's certificate {leaves}"),
+                    });
+                }
             }
-            if w[1].1.anchors != w[0].1.anchors {
+            if before.is_some_and(|b| b.anchors != seen.anchors) {
                 events.push(Event {
-                    at: w[1].0,
+                    at: *seen_at,
                     what: format!("a trust-bundle change at the {name} sidecar"),
                 });
             }
@@ -484,13 +500,14 @@ mod tests {
 
     #[test]
     fn identity_answers_are_read() {
-        let body = r#"{"spiffe_id":"spiffe://x/ns/a/sa/b","leaf_sha256":"aa","issuer_sha256":"bb","trust_anchors_sha256":["cc","dd"]}"#;
+        let body = r#"{"spiffe_id":"spiffe://x/ns/a/sa/b","not_after":1800000000,"leaf_sha256":"aa","issuer_sha256":"bb","trust_anchors_sha256":["cc","dd"]}"#;
         assert_eq!(
             Seen::parse(body),
             Some(Seen {
                 leaf: "aa".into(),
                 issuer: "bb".into(),
                 anchors: vec!["cc".into(), "dd".into()],
+                not_after: 1_800_000_000,
             })
         );
         assert_eq!(Seen::parse("no certificate loaded\n"), None);

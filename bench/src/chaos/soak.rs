@@ -394,7 +394,8 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     let expected = (soak_s / p.ttl.as_secs_f64()).floor().max(1.0) as usize;
     r.check(
         &format!(
-            "both sidecars renewed throughout (at least {expected}: half of one per half lifetime)"
+            "both sidecars kept renewing (at least {expected} times each: half of one renewal per \
+             half lifetime)"
         ),
         renewals.iter().all(|&n| n >= expected),
         format!("inbound {}, outbound {}", renewals[0], renewals[1]),

@@ -210,14 +210,24 @@ impl Traffic {
 
     /// Stops the workers: how many requests succeeded, and every request recorded (with
     /// [`Traffic::counting`], the failed ones), in the order they were sent.
-    pub async fn finish(self) -> (u64, Vec<Rec>) {
+    pub async fn finish(mut self) -> (u64, Vec<Rec>) {
         self.stop.send_replace(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
         let mut recs = self.recs.lock().map(|r| r.clone()).unwrap_or_default();
         recs.sort_by_key(|r| r.sent);
         (self.ok.load(Ordering::Relaxed), recs)
+    }
+}
+
+impl Drop for Traffic {
+    /// Traffic a scenario leaves behind (it could not finish) stops with it.
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -356,6 +366,58 @@ mod tests {
             done: t0 + Duration::from_millis(done_ms),
             outcome,
         }
+    }
+
+    /// An app answering every request with `status`.
+    async fn app(status: StatusCode) -> SocketAddr {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| async move {
+                        let mut resp = http::Response::new(http_body_util::Empty::<Bytes>::new());
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn counting_traffic_keeps_only_the_failures() {
+        let all_ok = app(StatusCode::OK).await;
+        let t = Traffic::counting(all_ok, 4, Pace::Every(Duration::from_millis(5)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(t.count() > 0);
+        let (ok, recs) = t.finish().await;
+        assert!(ok > 0 && recs.is_empty(), "{ok} {recs:?}");
+
+        // A fixed schedule sends no faster than it says, however fast the answers come.
+        let t0 = Instant::now();
+        let t = Traffic::counting(all_ok, 2, Pace::Every(Duration::from_millis(100)));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (ok, _) = t.finish().await;
+        let due = 2.0 * (t0.elapsed().as_secs_f64() / 0.1 + 1.0);
+        assert!(ok as f64 <= due, "{ok} sent, {due} due at most");
+
+        let failing = app(StatusCode::SERVICE_UNAVAILABLE).await;
+        let t = Traffic::counting(failing, 2, Pace::Pause(Duration::ZERO));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = t.count();
+        let (ok, recs) = t.finish().await;
+        assert_eq!(ok, 0);
+        assert!(n > 0 && recs.len() >= n, "{n} {}", recs.len());
+        assert!(
+            recs.iter()
+                .all(|r| r.outcome == Outcome::Status(503, String::new()))
+        );
     }
 
     #[test]
