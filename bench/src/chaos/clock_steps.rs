@@ -23,13 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::ca_outage::{long_lived_client, served};
-use super::mesh::{
-    CaProc, SidecarProc, ca_mode_args, inbound_args, outbound_args, policy_yaml, start_app,
-};
+use super::mesh::{CaPair, SidecarProc};
 use super::traffic::{Tally, Traffic, first_ok_after, sent_between};
 use super::{Env, ScenarioReport, admin_metric, poll_until, ready};
-use crate::harness::free_addr;
-use crate::harness::pki::{CLIENT_ID, SERVER_ID};
 
 /// Sizes of a run.
 pub struct Params {
@@ -193,28 +189,23 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
     )?;
     let work = env.ctx.dir("clock-steps")?;
     let ttl = format!("{}s", p.ttl.as_secs());
-    let mut ca = CaProc::init(env, &work, &["--ttl", &ttl, "--max-ttl", &ttl])?;
-    ca.serve(env).await?;
-    let (_app, app) = start_app(env, &work, 0)?;
-    let inb = free_addr();
-    let local = free_addr();
-    let policy = work.join("policy.yaml");
-    std::fs::write(&policy, policy_yaml(&[inb.port()], CLIENT_ID))?;
-    let (server_token, client_token) = (work.join("server.token"), work.join("client.token"));
-    std::fs::write(&server_token, ca.cluster.token("bench", "server"))?;
-    std::fs::write(&client_token, ca.cluster.token("bench", "client"))?;
     let in_clock = Clock::new(&work, "inbound", &lib)?;
     let out_clock = Clock::new(&work, "outbound", &lib)?;
-    let mut args = inbound_args(inb, app, &policy);
-    args.extend(ca_mode_args(&ca, &server_token));
-    let mut inbound =
-        SidecarProc::start_with_env(env, "inbound", &work, args, None, in_clock.vars())?;
-    let mut args = outbound_args(local, inb, SERVER_ID);
-    args.extend(ca_mode_args(&ca, &client_token));
-    let mut outbound =
-        SidecarProc::start_with_env(env, "outbound", &work, args, None, out_clock.vars())?;
-    inbound.wait_ready(Duration::from_secs(20)).await?;
-    outbound.wait_ready(Duration::from_secs(20)).await?;
+    let pair = CaPair::start_with_env(
+        env,
+        &work,
+        &["--ttl", &ttl, "--max-ttl", &ttl],
+        [in_clock.vars(), out_clock.vars()],
+    )
+    .await?;
+    let CaPair {
+        ca,
+        mut inbound,
+        mut outbound,
+        local,
+        inbound_addr: inb,
+        ..
+    } = pair;
     let client = long_lived_client(&ca.dir, &work)?;
 
     let traffic = Traffic::start(local, 4, Duration::from_millis(20));

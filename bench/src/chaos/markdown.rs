@@ -108,9 +108,6 @@ pub const FOUND: &[&str] = &[
      price of probes refused when a distributed flood fills it.",
 ];
 
-/// The issue's scenarios that `chaos-run` does not run yet.
-pub const NOT_YET: &[(&str, &str)] = &[];
-
 fn fmt_value(v: f64, unit: &str) -> String {
     let n = if v.is_nan() {
         "n/a".to_owned()
@@ -226,24 +223,12 @@ impl RunReport {
                 targets.len()
             );
         }
-        for (id, what) in NOT_YET {
-            let _ = writeln!(w, "| {id}: {what} | not yet measured | | |");
-        }
         for s in &self.scenarios {
             self.scenario(w, s);
         }
         let _ = writeln!(w, "\n## What these scenarios found\n");
         for f in FOUND {
             let _ = writeln!(w, "- {f}");
-        }
-        let _ = writeln!(w, "\n## Not yet measured\n");
-        let _ = writeln!(
-            w,
-            "These scenarios of issue #18 have no harness yet, so no figure: nothing here stands \
-             for them.\n"
-        );
-        for (id, what) in NOT_YET {
-            let _ = writeln!(w, "- `{id}`: {what}.");
         }
         md
     }
@@ -327,7 +312,11 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_scenarios_are_named_not_measured() {
+    fn each_scenario_is_rendered_with_its_commit_and_how_to_reproduce_it() {
+        let mut s = ScenarioReport::new("x", "X");
+        s.commit = "0123456789ab".into();
+        s.generated_unix = 7;
+        s.commands = vec!["$BIN/meshid-ca serve --dir $WORK/ca".into()];
         let r = RunReport {
             mode: "smoke".into(),
             generated_unix: 0,
@@ -337,11 +326,12 @@ mod tests {
             work_dir: "/w".into(),
             machine: Value::Null,
             versions: Value::Null,
-            scenarios: vec![ScenarioReport::new("x", "X")],
+            scenarios: vec![s],
         };
         let md = r.render("bench/results/smoke/chaos.json");
-        assert!(md.contains("| floods: "));
-        assert!(md.contains("not yet measured"));
         assert!(md.contains("--smoke --scenarios x"));
+        assert!(md.contains("meshid 0123456789ab, Unix time 7"));
+        assert!(md.contains("$BIN/meshid-ca serve --dir $WORK/ca"));
+        assert!(!md.contains("not yet measured"));
     }
 }

@@ -281,6 +281,18 @@ impl CaPair {
     /// Starts the CA (`serve` with `ca_flags` added) in `work/ca`, the app and the pair, and waits
     /// until both sidecars are ready.
     pub async fn start(env: &Env, work: &Path, ca_flags: &[&str]) -> Result<Self> {
+        Self::start_with_env(env, work, ca_flags, [Vec::new(), Vec::new()]).await
+    }
+
+    /// [`CaPair::start`] with environment variables added to the inbound and the outbound
+    /// sidecar (`vars[0]`, `vars[1]`) at every start.
+    pub async fn start_with_env(
+        env: &Env,
+        work: &Path,
+        ca_flags: &[&str],
+        vars: [Vec<(String, String)>; 2],
+    ) -> Result<Self> {
+        let [inbound_vars, outbound_vars] = vars;
         let mut ca = CaProc::init(env, work, ca_flags)?;
         ca.serve(env).await?;
         let (app_guard, app) = start_app(env, work, 0)?;
@@ -292,10 +304,12 @@ impl CaPair {
         std::fs::write(&client_token, ca.cluster.token("bench", "client"))?;
         let mut args = inbound_args(inbound_addr, app, &policy);
         args.extend(ca_mode_args(&ca, &server_token));
-        let mut inbound = SidecarProc::start(env, "inbound", work, args, None)?;
+        let mut inbound =
+            SidecarProc::start_with_env(env, "inbound", work, args, None, inbound_vars)?;
         let mut args = outbound_args(local, inbound_addr, SERVER_ID);
         args.extend(ca_mode_args(&ca, &client_token));
-        let mut outbound = SidecarProc::start(env, "outbound", work, args, None)?;
+        let mut outbound =
+            SidecarProc::start_with_env(env, "outbound", work, args, None, outbound_vars)?;
         inbound.wait_ready(Duration::from_secs(20)).await?;
         outbound.wait_ready(Duration::from_secs(20)).await?;
         Ok(Self {
