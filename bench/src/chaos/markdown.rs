@@ -127,6 +127,23 @@ fn fmt_value(v: f64, unit: &str) -> String {
     }
 }
 
+/// Whether `value` meets a target written as `N` (exactly), `< N`, `<= N`, `> N` or `>= N`.
+fn target_met(value: f64, target: &str) -> bool {
+    let t = target.trim();
+    let num = |s: &str| s.trim().parse::<f64>().ok();
+    if let Some(n) = t.strip_prefix("<=").and_then(num) {
+        value <= n
+    } else if let Some(n) = t.strip_prefix('<').and_then(num) {
+        value < n
+    } else if let Some(n) = t.strip_prefix(">=").and_then(num) {
+        value >= n
+    } else if let Some(n) = t.strip_prefix('>').and_then(num) {
+        value > n
+    } else {
+        num(t).is_some_and(|n| value == n)
+    }
+}
+
 fn cell(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
@@ -210,7 +227,7 @@ impl RunReport {
             let targets: Vec<_> = s.figures.iter().filter(|f| f.target.is_some()).collect();
             let met = targets
                 .iter()
-                .filter(|f| f.target.as_deref() == Some("0") && f.value == 0.0)
+                .filter(|f| f.target.as_deref().is_some_and(|t| target_met(f.value, t)))
                 .count();
             let _ = writeln!(
                 w,
@@ -302,6 +319,17 @@ impl RunReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_are_judged_as_written() {
+        assert!(target_met(0.0, "0"));
+        assert!(!target_met(1.0, "0"));
+        assert!(target_met(0.7, "< 16"));
+        assert!(!target_met(16.0, "< 16"));
+        assert!(target_met(16.0, "<= 16"));
+        assert!(target_met(2.0, ">= 2") && !target_met(2.0, "> 2"));
+        assert!(!target_met(1.0, "fast"));
+    }
 
     #[test]
     fn values_read_well() {
