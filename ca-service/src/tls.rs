@@ -2,18 +2,18 @@
 //! handshake timeout, connection limits (overall and per source IP), an idle timeout and a maximum
 //! connection age. Accepted connections feed tonic as a stream.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use meshid_identity::verify::Anchors;
+use meshid_runtime::admission::{Admission, Displaceable, Ticket, is_displaced};
 use meshid_runtime::io::Coalesce;
 use rcgen::{
     CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType,
@@ -26,7 +26,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTi
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -211,21 +211,33 @@ pub struct ConnActivity {
     /// Milliseconds from `opened` to the end of the last call (0: none ended yet).
     last_end_ms: AtomicU64,
     opened: Instant,
+    /// The connection's slot at the listener: proven by its first call (see
+    /// [`meshid_runtime::admission`]), given back when the last holder of this drops.
+    ticket: Option<Ticket>,
 }
 
 impl Default for ConnActivity {
     fn default() -> Self {
-        Self {
-            in_flight: AtomicUsize::new(0),
-            last_end_ms: AtomicU64::new(0),
-            opened: Instant::now(),
-        }
+        Self::new(None)
     }
 }
 
 impl ConnActivity {
-    /// A call starts; it is in flight until the guard drops.
+    fn new(ticket: Option<Ticket>) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            ticket,
+        }
+    }
+
+    /// A call starts; it is in flight until the guard drops. The first call proves the connection:
+    /// it is no longer displaced at the connection limit.
     pub fn call(self: &Arc<Self>) -> CallGuard {
+        if let Some(ticket) = &self.ticket {
+            ticket.proven();
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         CallGuard(self.clone())
     }
@@ -278,7 +290,7 @@ impl Closed {
 /// An accepted TLS connection, handed to tonic.
 pub struct TlsConn {
     /// Writes coalesced until h2 flushes: one TLS record and one `writev` per response, not three.
-    stream: Coalesce<TlsStream<TcpStream>>,
+    stream: Coalesce<TlsStream<Displaceable<TcpStream>>>,
     info: PeerInfo,
     idle_timeout: Duration,
     /// When the connection is cut whatever it is doing: its maximum age (tonic sends GOAWAY then)
@@ -289,8 +301,6 @@ pub struct TlsConn {
     timer: Pin<Box<Sleep>>,
     /// Set once the listener ended the connection: every later read is end-of-file.
     closed: Option<Closed>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    _source: SourceGuard,
     metrics: Metrics,
 }
 
@@ -402,6 +412,8 @@ impl AsyncWrite for TlsConn {
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
     pub handshake_timeout: Duration,
+    /// Connections open at once. Past it a connection that has made no call yet is displaced
+    /// ([`meshid_runtime::admission`]); the newcomer is refused only when every one has.
     pub max_connections: usize,
     /// Most connections (handshaking or established) from one source IP; the one past it is closed
     /// at once, before any TLS work.
@@ -426,53 +438,6 @@ impl Default for ListenerLimits {
             idle_timeout: Duration::from_secs(5 * 60),
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(30),
-        }
-    }
-}
-
-/// Open connections per source IP. A connection holds a [`SourceGuard`] from accept until it is
-/// dropped (handshake failure, timeout or close alike), so the count cannot leak.
-#[derive(Debug, Default)]
-struct PerSource {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl PerSource {
-    /// One more connection from `ip`, unless it has `max` already.
-    fn try_acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
-        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: one source either way.
-        let ip = ip.to_canonical();
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_default();
-        if *n >= max {
-            if *n == 0 {
-                counts.remove(&ip);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(SourceGuard {
-            ip,
-            table: self.clone(),
-        })
-    }
-}
-
-/// One connection's place in its source's count.
-#[derive(Debug)]
-struct SourceGuard {
-    ip: IpAddr,
-    table: Arc<PerSource>,
-}
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
         }
     }
 }
@@ -569,8 +534,10 @@ pub fn incoming(
     metrics: Metrics,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(128);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let per_source = Arc::new(PerSource::default());
+    let admission = Admission::new(
+        limits.max_connections,
+        Some(limits.max_connections_per_source),
+    );
     tokio::spawn(async move {
         let refused = |reason: &'static str| {
             metrics
@@ -583,22 +550,23 @@ pub fn incoming(
                 pair = meshid_runtime::net::accept_retrying(&listener, "ca") => pair,
                 () = tx.closed() => return,
             };
-            let Some(source) =
-                per_source.try_acquire(remote_addr.ip(), limits.max_connections_per_source)
-            else {
-                refused("max_connections_per_source");
-                // Counted, not logged one by one: a flood from one address would flood the log.
-                tracing::debug!(peer = %remote_addr, "per-source connection limit reached; refusing");
-                drop(tcp);
-                continue;
+            let admitted = match admission.admit(remote_addr.ip()) {
+                Ok(admitted) => admitted,
+                Err(why) => {
+                    refused(why.reason());
+                    // Counted, not logged one by one: a flood from one address would flood the
+                    // log.
+                    tracing::debug!(peer = %remote_addr, reason = why.reason(), "connection limit reached; refusing");
+                    drop(tcp);
+                    continue;
+                }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                refused("max_connections");
-                tracing::warn!(peer = %remote_addr, "connection limit reached; refusing");
-                drop(tcp);
-                continue;
-            };
+            if admitted.displaced_another {
+                refused("displaced");
+            }
             let _ = tcp.set_nodelay(true);
+            let tcp = Displaceable::new(tcp, admitted.displacement);
+            let ticket = admitted.ticket;
             let acceptor = TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             let metrics = metrics.clone();
@@ -607,6 +575,10 @@ pub fn incoming(
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) if is_displaced(&error) => {
+                        tracing::debug!(peer = %remote_addr, "displaced during its tls handshake by a newer connection at the limit");
+                        return;
+                    }
                     Ok(Err(error)) => {
                         let reason = error
                             .get_ref()
@@ -640,7 +612,7 @@ pub fn incoming(
                     )
                 });
                 metrics.connections_open.inc();
-                let activity = Arc::new(ConnActivity::default());
+                let activity = Arc::new(ConnActivity::new(Some(ticket)));
                 let hard_deadline = later(
                     later(activity.opened, limits.max_connection_age),
                     limits.max_connection_age_grace,
@@ -658,8 +630,6 @@ pub fn incoming(
                     hard_deadline,
                     timer: Box::pin(tokio::time::sleep_until(first_check)),
                     closed: None,
-                    _permit: permit,
-                    _source: source,
                     metrics,
                 };
                 let _ = tx.send(Ok(conn)).await;
@@ -672,25 +642,6 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn per_source_slots_are_given_back_on_drop_and_a_mapped_ipv4_is_the_same_source() {
-        let table = Arc::new(PerSource::default());
-        let v4: IpAddr = "10.0.0.1".parse().unwrap();
-        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
-        let a = table.try_acquire(v4, 2).unwrap();
-        let b = table.try_acquire(mapped, 2).unwrap();
-        assert!(table.try_acquire(v4, 2).is_none());
-        assert!(table.try_acquire(mapped, 2).is_none());
-        let other = table.try_acquire("10.0.0.2".parse().unwrap(), 2).unwrap();
-        drop(a);
-        let c = table.try_acquire(v4, 2).unwrap();
-        drop((b, c, other));
-        assert!(
-            table.counts.lock().unwrap().is_empty(),
-            "no entry left behind"
-        );
-    }
 
     #[tokio::test]
     async fn a_connection_is_idle_only_with_no_call_in_flight() {

@@ -6,8 +6,9 @@
 //!
 //! The API server waits on this server for every pod it sends (with `failurePolicy: Fail`, a pod is
 //! not created while the injector cannot answer), so no client may hold it up ([`Limits`]):
-//! connections past the overall or the per-source cap are closed at accept (counted in
-//! `meshid_injector_connections_refused_total`); the TLS handshake and each HTTP/1 request head
+//! connections past the per-source cap are closed at accept, and at the overall cap a newcomer
+//! displaces the oldest connection that has sent no request yet, or is closed when every one has
+//! ([`meshid_runtime::admission`]; counted in `meshid_injector_connections_refused_total`); the TLS handshake and each HTTP/1 request head
 //! must arrive within the header-read timeout (an idle keep-alive connection is closed after it
 //! too); a request's body must arrive within the request timeout; a body over the size cap is
 //! answered 413 without reading more of it (at once when its `Content-Length` says so); the body is
@@ -16,10 +17,9 @@
 //! header-list cap and keep-alive pings; and every connection is told to go away (HTTP/2 GOAWAY, or
 //! closed after its current HTTP/1 request) at its maximum age.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,9 +29,9 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshid_runtime::admission::{Admission, Displaceable, Ticket};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use super::metrics::InjectorMetrics;
@@ -56,7 +56,8 @@ const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The server's limits (flags of `meshid-injector`, see [`super::startup::InjectorArgs`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections open at once (handshaking or established); the one past it is closed at accept.
+    /// Connections open at once (handshaking or established); past it a connection with no
+    /// request yet is displaced, or the newcomer is closed at accept when every one has sent one.
     pub max_connections: usize,
     /// Connections open at once from one source IP; the one past it is closed at accept.
     pub max_connections_per_source: usize,
@@ -94,43 +95,48 @@ pub async fn serve(
     limits: Limits,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let sources = Arc::new(PerSource::default());
+    let admission = Admission::new(
+        limits.max_connections,
+        Some(limits.max_connections_per_source),
+    );
     loop {
         let (tcp, peer) = meshid_runtime::net::accept_retrying(&listener, "webhook").await;
-        // Counted, and logged at debug only: a flood would otherwise flood the log.
-        let Some(source) = sources.try_acquire(peer.ip(), limits.max_connections_per_source) else {
-            metrics.connection_refused("max_connections_per_source");
-            tracing::debug!(%peer, "per-source connection limit reached; refusing");
-            continue;
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                // Counted, and logged at debug only: a flood would otherwise flood the log.
+                metrics.connection_refused(why.reason());
+                tracing::debug!(%peer, reason = why.reason(), "connection limit reached; refusing");
+                continue;
+            }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics.connection_refused("max_connections");
-            tracing::debug!(%peer, "connection limit reached; refusing");
-            continue;
-        };
+        if admitted.displaced_another {
+            metrics.connection_refused("displaced");
+        }
         let acceptor = acceptor.clone();
         let config = config.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             metrics.connections_open.inc();
-            connection(tcp, peer, acceptor, config, metrics.clone(), limits).await;
+            let _ = tcp.set_nodelay(true);
+            let tcp = Displaceable::new(tcp, admitted.displacement);
+            let ticket = Arc::new(admitted.ticket);
+            connection(tcp, peer, acceptor, config, metrics.clone(), limits, ticket).await;
             metrics.connections_open.dec();
-            drop((permit, source));
         });
     }
 }
 
 /// Drives a connection to its end: handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
 async fn connection(
-    tcp: TcpStream,
+    tcp: Displaceable<TcpStream>,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     config: Arc<ArcSwap<InjectConfig>>,
     metrics: Arc<InjectorMetrics>,
     limits: Limits,
+    ticket: Arc<Ticket>,
 ) {
-    let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -143,7 +149,11 @@ async fn connection(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let service = service_fn(move |req| handle(req, config.clone(), metrics.clone(), peer, limits));
+    let service = service_fn(move |req| {
+        // A request arrived: the connection is no longer displaced at the connection limit.
+        ticket.proven();
+        handle(req, config.clone(), metrics.clone(), peer, limits)
+    });
     let io = TokioIo::new(tls);
     let result = if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -296,69 +306,4 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
-}
-
-/// Open connections per source IP. A connection holds a [`SourceGuard`] from accept until it ends
-/// (handshake failure, timeout or close alike), so the count cannot leak.
-#[derive(Debug, Default)]
-struct PerSource {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl PerSource {
-    /// One more connection from `ip`, unless it has `max` already.
-    fn try_acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceGuard> {
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(ip).or_default();
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(SourceGuard {
-            sources: self.clone(),
-            ip,
-        })
-    }
-}
-
-#[derive(Debug)]
-struct SourceGuard {
-    sources: Arc<PerSource>,
-    ip: IpAddr,
-}
-
-impl Drop for SourceGuard {
-    fn drop(&mut self) {
-        let mut counts = self
-            .sources
-            .counts
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_source_counts_are_released() {
-        let sources = Arc::new(PerSource::default());
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = sources.try_acquire(a, 2).unwrap();
-        let second = sources.try_acquire(a, 2).unwrap();
-        assert!(sources.try_acquire(a, 2).is_none());
-        assert!(sources.try_acquire(b, 2).is_some());
-        drop(first);
-        let third = sources.try_acquire(a, 2).unwrap();
-        drop((second, third));
-        assert!(sources.counts.lock().unwrap().is_empty());
-    }
 }

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::{Admission, Displaceable};
 use crate::exposition::Format;
 
 /// An admin response.
@@ -49,6 +50,12 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head the admin server reads.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// Connections open at once. At the cap a newcomer takes the place of the oldest connection that
+/// has not sent a whole request head yet (see [`crate::admission`]), so a flood of silent or slow
+/// connections never keeps a probe or a scrape out; only when every connection is in a request, or
+/// idle after one (closed [`HEADER_TIMEOUT`] later), is it refused.
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// Serves admin requests on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -56,11 +63,22 @@ pub async fn serve(
     routes: Arc<dyn AdminRoutes>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    while let Some((tcp, _)) = crate::net::accept(&listener, &mut shutdown, "admin").await {
+    let admission = Admission::new(MAX_CONNECTIONS, None);
+    while let Some((tcp, addr)) = crate::net::accept(&listener, &mut shutdown, "admin").await {
+        let admitted = match admission.admit(addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(_) => {
+                tracing::debug!(%addr, "admin connection limit reached; refusing");
+                continue;
+            }
+        };
         let registry = registry.clone();
         let routes = routes.clone();
         tokio::spawn(async move {
+            let ticket = admitted.ticket;
+            let tcp = Displaceable::new(tcp, admitted.displacement);
             let svc = service_fn(move |req: Request<Incoming>| {
+                ticket.proven();
                 let answer = answer(&req, &registry, routes.as_ref());
                 async move {
                     Ok::<_, Infallible>(match answer {
@@ -216,6 +234,56 @@ mod tests {
         let r = fetch("/doc").await;
         assert_eq!((r.status, &r.body[..]), (200, &b"{\"a\":1}"[..]));
         assert_eq!(fetch("/nope").await.status, 404);
+        tx.send_replace(true);
+        server.await.unwrap();
+    }
+
+    /// Twice the cap of silent and half-sent connections: probes are still answered (each displaces
+    /// the oldest connection with no whole request head), and the server holds at most the cap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_silent_connections_flood_the_cap() {
+        use tokio::io::AsyncWriteExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Registry::default()),
+            Arc::new(Routes),
+            rx,
+        ));
+        let mut flood = Vec::new();
+        for i in 0..2 * MAX_CONNECTIONS {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            if i % 2 == 0 {
+                tcp.write_all(b"GET /healthz HTTP/1.1\r\nHo").await.unwrap();
+            }
+            flood.push(tcp);
+        }
+        for _ in 0..5 {
+            let r =
+                tokio::time::timeout(Duration::from_secs(5), send(&Call::get(addr, "/healthz")))
+                    .await
+                    .expect("a probe is answered within 5 s while the flood is held")
+                    .unwrap();
+            assert_eq!(r.status, 200);
+        }
+        // Every flood connection past the cap was closed by the server: at most the cap stay open.
+        // Looked at well within the 5 s head timeout, which would close them all.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut closed = 0;
+        for tcp in &flood {
+            let mut b = [0u8; 1];
+            match tcp.try_read(&mut b) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                _ => closed += 1,
+            }
+        }
+        assert!(
+            closed >= MAX_CONNECTIONS,
+            "only {closed} of {} flood connections closed",
+            flood.len()
+        );
         tx.send_replace(true);
         server.await.unwrap();
     }

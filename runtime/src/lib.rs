@@ -1,10 +1,12 @@
-//! What every meshid process shares around its real work: process setup (logs, signals, the usage
+//! What every meshid process shares around its real work: connection admission at the listeners'
+//! caps, process setup (logs, signals, the usage
 //! exit code), the one admin HTTP server (probes, `/metrics`, JSON endpoints), one small HTTP client
 //! on hyper, the accept loop, write coalescing under TLS streams, and wall-clock helpers.
 //!
 //! Holds no identity or policy logic: that is `meshid-identity`'s.
 
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod exposition;
 

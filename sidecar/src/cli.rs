@@ -221,7 +221,8 @@ pub struct RunArgs {
     /// Close a connection with no traffic either way for this long.
     #[arg(long, env = "MESHID_SIDECAR_IDLE_TIMEOUT", default_value = "5m")]
     pub idle_timeout: String,
-    /// Most concurrent connections per listener; excess ones are refused.
+    /// Most concurrent connections per listener; at the cap a newcomer displaces the oldest
+    /// connection not yet proven (no authenticated handshake or first request), else is refused.
     #[arg(long, env = "MESHID_SIDECAR_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: String,
     /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.

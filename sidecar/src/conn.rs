@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use meshid_runtime::admission::{Admission, Admitted, Refused, Ticket};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::creds::CredentialStore;
@@ -31,59 +32,55 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Counts a listener's connections: a permit per connection, refused past the limit; draining waits
-/// until every permit is back.
+/// A listener's connection slots (see [`meshid_runtime::admission`]): at the limit a newcomer takes
+/// the place of a connection that has not proved itself yet, or is refused when every one has;
+/// draining waits until every slot is back.
 #[derive(Clone, Debug)]
 pub struct ConnLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
+    admission: Admission,
 }
 
 impl ConnLimit {
     pub fn new(max: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
+            admission: Admission::new(max, None),
         }
     }
 
-    /// A permit, or None when the limit is reached.
-    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    /// A slot for a connection from `source`.
+    pub fn admit(&self, source: std::net::IpAddr) -> Result<Admitted, Refused> {
+        self.admission.admit(source)
     }
 
-    /// Waits until no connection holds a permit.
+    /// Waits until no connection holds a slot.
     pub async fn drained(&self) {
-        let max = u32::try_from(self.max).unwrap_or(u32::MAX);
-        if let Ok(all) = self.permits.acquire_many(max).await {
-            drop(all);
-        }
+        self.admission.drained().await;
     }
 
     pub fn open(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.admission.open()
     }
 }
 
-/// One accepted connection's place: its permit and its count in `connections_open`, both given
+/// One accepted connection's place: its slot and its count in `connections_open`, both given
 /// back when the last holder drops it. An upgraded HTTP connection (a WebSocket tunnel) holds a
 /// clone after hyper hands the socket over, so it keeps counting against `max_connections`.
 #[derive(Debug)]
 pub struct ConnSlot {
-    _permit: OwnedSemaphorePermit,
+    ticket: Ticket,
     open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl ConnSlot {
-    pub fn new(
-        permit: OwnedSemaphorePermit,
-        open: prometheus_client::metrics::gauge::Gauge,
-    ) -> Arc<Self> {
+    pub fn new(ticket: Ticket, open: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
         open.inc();
-        Arc::new(Self {
-            _permit: permit,
-            open,
-        })
+        Arc::new(Self { ticket, open })
+    }
+
+    /// The connection has proved itself (an authenticated peer, or the app's first request): it is
+    /// no longer displaced at the limit.
+    pub fn proven(&self) {
+        self.ticket.proven();
     }
 }
 
@@ -297,13 +294,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn limit_refuses_past_max_and_drains() {
+    async fn limit_refuses_past_max_once_every_connection_is_proven() {
         let limit = ConnLimit::new(2);
-        let a = limit.try_acquire().unwrap();
-        let _b = limit.try_acquire().unwrap();
-        assert!(limit.try_acquire().is_none());
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let a = limit.admit(ip).unwrap();
+        let b = limit.admit(ip).unwrap();
+        a.ticket.proven();
+        b.ticket.proven();
+        assert_eq!(limit.admit(ip).unwrap_err(), Refused::Full);
         assert_eq!(limit.open(), 2);
         drop(a);
-        assert!(limit.try_acquire().is_some());
+        assert!(limit.admit(ip).is_ok());
     }
 }

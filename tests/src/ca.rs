@@ -32,6 +32,7 @@ pub struct CaOptions {
     pub max_attestation_age: Duration,
     pub handshake_timeout: Duration,
     /// Listener limits (defaults: those of `meshid-ca serve`).
+    pub max_connections: usize,
     pub max_connections_per_source: usize,
     pub idle_timeout: Duration,
     pub max_connection_age: Duration,
@@ -50,6 +51,7 @@ impl Default for CaOptions {
             lifetimes: LifetimePolicy::default(),
             max_attestation_age: Duration::from_secs(24 * 3600),
             handshake_timeout: Duration::from_secs(10),
+            max_connections: 1000,
             max_connections_per_source: ListenerLimits::default().max_connections_per_source,
             idle_timeout: ListenerLimits::default().idle_timeout,
             max_connection_age: ListenerLimits::default().max_connection_age,
@@ -96,7 +98,7 @@ impl TestCa {
             rate_limit: opts.rate_limit,
             limits: ListenerLimits {
                 handshake_timeout: opts.handshake_timeout,
-                max_connections: 1000,
+                max_connections: opts.max_connections,
                 max_connections_per_source: opts.max_connections_per_source,
                 idle_timeout: opts.idle_timeout,
                 max_connection_age: opts.max_connection_age,

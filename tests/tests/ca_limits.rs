@@ -142,6 +142,78 @@ where
     }
 }
 
+/// At `--max-connections`, connections that have made no call (silent TCP, or a finished TLS
+/// handshake and nothing after it) from many sources cannot keep a client out: each newcomer
+/// displaces the oldest of them from the busiest source. Only when every connection has made a
+/// call is a newcomer refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_at_the_cap_make_room_for_a_client() {
+    const MAX: usize = 6;
+    let ca = TestCa::start(CaOptions {
+        max_connections: MAX,
+        handshake_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(60),
+        ..CaOptions::default()
+    })
+    .await;
+    let connector = tls_connector(&ca, None);
+    // Twice the cap, from four sources: half silent TCP, half silent after their TLS handshake.
+    let mut flood_tcp = Vec::new();
+    let mut flood_tls = Vec::new();
+    for i in 0..MAX {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 20 + (i % 4) as u8));
+        flood_tcp.push(tcp_from(from, ca.addr).await.unwrap());
+        if let Ok(tls) = tls_from(&ca, &connector, from).await {
+            flood_tls.push(tls);
+        }
+    }
+    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
+    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
+    eventually("silent connections displaced at the cap", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, displaced) >= MAX as f64 }
+    })
+    .await;
+    // A client from its own address is served while the flood is held, every time.
+    let mut clients = Vec::new();
+    for i in 0..MAX {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut client = client_from(&ca, ELSEWHERE, None, opened).await.unwrap();
+        let bundle = client
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .expect("a client is served while silent connections fill the cap")
+            .into_inner();
+        assert_eq!(bundle.roots, vec![ca.roots[0].to_vec()]);
+        // Its connection made a call: it is never displaced, and it keeps its slot.
+        clients.push(client);
+        if i + 1 < MAX {
+            flood_tcp.push(tcp_from(HERE, ca.addr).await.unwrap());
+        }
+    }
+    assert_eq!(
+        sample(&metrics(&ca).await, full),
+        0.0,
+        "a newcomer was refused while silent connections held slots"
+    );
+    // The last client took the last slot from a silent connection: every slot is now held by a
+    // connection that made a call, so the next one is refused, and the clients are still served.
+    let refused = tls_from(&ca, &connector, HERE).await;
+    assert!(refused.is_err(), "a connection past the cap was served");
+    eventually("the newcomer refused at the cap", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, full) >= 1.0 }
+    })
+    .await;
+    for client in &mut clients {
+        client
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .expect("a client that made a call keeps its connection");
+    }
+    drop((flood_tcp, flood_tls));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_per_source_cap_are_refused_and_other_sources_still_served() {
     let ca = TestCa::start(CaOptions {

@@ -333,19 +333,42 @@ async fn garbage_slowloris_and_floods_do_not_stop_service() {
         "slowloris closed: {r:?}"
     );
 
-    // A flood past max connections: the excess is refused and counted; nothing crashes.
+    // A flood of silent connections past max connections: each newcomer displaces the oldest
+    // connection still in its handshake, counted; nothing crashes, and an allowed peer is served
+    // while the flood is held open.
     let mut idle = Vec::new();
     for _ in 0..12 {
         idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
     let counted = eventually(Duration::from_secs(5), || async {
-        sidecar
-            .metrics()
-            .await
-            .contains(r#"reason="max_connections""#)
+        sidecar.metrics().await.contains(r#"reason="displaced""#)
     })
     .await;
     assert!(counted, "{}", sidecar.metrics().await);
+    let client = pki.workload(CLIENT);
+    let during = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&client),
+        &sidecar.id,
+        &[],
+    );
+    for round in 0..3 {
+        let reply = echo_roundtrip(addr, during.clone(), b"during").await;
+        assert!(
+            reply.as_ref().is_ok_and(|b| b == b"during"),
+            "allowed peer refused while the flood holds every slot (round {round}): {reply:?}"
+        );
+        // The flood comes back for the room the peer's connection gave up.
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    assert!(
+        !sidecar
+            .metrics()
+            .await
+            .contains(r#"reason="max_connections""#),
+        "a newcomer was refused while unauthenticated connections held the slots"
+    );
     drop(idle);
 
     let metrics = sidecar.metrics().await;

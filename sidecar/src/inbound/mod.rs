@@ -13,6 +13,7 @@ use std::sync::Arc;
 use meshid_identity::peer::VerifiedPeer;
 use meshid_identity::policy::Protocol;
 use meshid_identity::verify::failure_label;
+use meshid_runtime::admission::{Displaceable, is_displaced};
 use meshid_runtime::time::unix_now;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -34,11 +35,18 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
     while let Some((tcp, addr)) =
         meshid_runtime::net::accept(&listener, &mut shutdown, "inbound").await
     {
-        let Some(permit) = limit.try_acquire() else {
-            shared.metrics.refused("inbound", port, "max_connections");
-            tracing::warn!(peer_addr = %addr, port, "connection limit reached; refusing");
-            continue;
+        let admitted = match limit.admit(addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                shared.metrics.refused("inbound", port, refused.reason());
+                tracing::warn!(peer_addr = %addr, port, "connection limit reached and every connection authenticated; refusing");
+                continue;
+            }
         };
+        if admitted.displaced_another {
+            // Counted, not logged one by one: a flood would flood the log.
+            shared.metrics.refused("inbound", port, "displaced");
+        }
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let spec = spec.clone();
@@ -57,7 +65,8 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
                     .connections_open
                     .get_or_create(&labels)
                     .clone();
-                let slot = ConnSlot::new(permit, open);
+                let slot = ConnSlot::new(admitted.ticket, open);
+                let tcp = Displaceable::new(tcp, admitted.displacement);
                 handle(tcp, addr, &spec, &shared, &authz, http, slot).await;
             }
             .instrument(span),
@@ -75,7 +84,7 @@ fn ack_now(tcp: &TcpStream) {
 }
 
 async fn handle(
-    tcp: TcpStream,
+    tcp: Displaceable<TcpStream>,
     addr: SocketAddr,
     spec: &Inbound,
     shared: &Shared,
@@ -106,8 +115,14 @@ async fn handle(
     let tls = match handshake.await {
         // Boxed: the stream moves through several futures below, which would each keep a dead copy.
         Ok(Ok(tls)) => {
-            ack_now(tls.get_ref().0);
+            ack_now(tls.get_ref().0.get_ref());
             Box::new(tls)
+        }
+        Ok(Err(error)) if is_displaced(&error) => {
+            tracing::debug!(
+                "displaced during its tls handshake by a newer connection at the limit"
+            );
+            return;
         }
         Ok(Err(error)) => {
             let reason = error
@@ -141,6 +156,8 @@ async fn handle(
             .handshake_failed("inbound", port, "bad_identity");
         return;
     };
+    // An authenticated peer of the trust domain: never displaced from now on.
+    slot.proven();
     let peer = Peer { verified, addr };
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     let metrics = ConnMetrics::new(

@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::H2Upstream;
-use crate::conn::Shared;
+use crate::conn::{ConnSlot, Shared};
 use crate::http::{
     APP_H2_HINT, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply, respond,
     serve_connection, strip_hop_by_hop,
@@ -30,15 +30,18 @@ pub async fn serve_outbound<IO>(
     io: IO,
     out: Arc<OutboundHttp>,
     shared: &Shared,
+    slot: Arc<ConnSlot>,
     metrics: ConnMetrics,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let idle = metrics.idle.clone();
-    let ctx = Arc::new((shared.clone(), metrics));
+    let ctx = Arc::new((shared.clone(), metrics, slot));
     let svc = move |req: Request<ReqBody>, call: Option<Call>| {
         let out = out.clone();
         let ctx = ctx.clone();
+        // A whole request head arrived: the app's connection is no longer displaced at the limit.
+        ctx.2.proven();
         async move {
             // The request head has been read; the response head is sent once we return it.
             let start = std::time::Instant::now();

@@ -10,6 +10,7 @@ pub mod upstream;
 use std::sync::Arc;
 
 use meshid_identity::policy::Protocol;
+use meshid_runtime::admission::Displaceable;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -43,10 +44,16 @@ pub async fn serve(
     while let Some((tcp, addr)) =
         meshid_runtime::net::accept(&listener, &mut shutdown, "outbound").await
     {
-        let Some(permit) = limit.try_acquire() else {
-            shared.metrics.refused("outbound", port, "max_connections");
-            continue;
+        let admitted = match limit.admit(addr.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                shared.metrics.refused("outbound", port, refused.reason());
+                continue;
+            }
         };
+        if admitted.displaced_another {
+            shared.metrics.refused("outbound", port, "displaced");
+        }
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let spec = spec.clone();
@@ -65,15 +72,17 @@ pub async fn serve(
                     .connections_open
                     .get_or_create(&labels)
                     .clone();
-                let _slot = ConnSlot::new(permit, open);
+                let slot = ConnSlot::new(admitted.ticket, open);
                 let metrics = ConnMetrics::new(&shared.metrics, "outbound", port, peer);
-                let app = Metered::new(tcp, &metrics);
+                let app = Metered::new(Displaceable::new(tcp, admitted.displacement), &metrics);
                 match http {
-                    Some(http) => self::http::serve_outbound(app, http, &shared, metrics).await,
+                    Some(http) => {
+                        self::http::serve_outbound(app, http, &shared, slot, metrics).await
+                    }
                     None => {
                         // The stream holds the byte counters.
                         drop(metrics);
-                        tcp::proxy(app, &spec, index, &shared).await
+                        tcp::proxy(app, &spec, index, &shared, &slot).await
                     }
                 }
             }

@@ -4,7 +4,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::dial::{dial, upstream_deadline};
-use crate::conn::{Shared, copy_bidirectional_idle};
+use crate::conn::{ConnSlot, Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
 
@@ -13,9 +13,15 @@ pub async fn proxy(
     spec: &Outbound,
     index: usize,
     shared: &Shared,
+    slot: &ConnSlot,
 ) {
     let tls = match dial(spec, index, shared).await {
-        Ok(tls) => tls,
+        Ok(tls) => {
+            // A TCP client may stay silent (the server speaks first): the upstream took it, so it
+            // is no longer displaced at the limit.
+            slot.proven();
+            tls
+        }
         Err(error) => {
             tracing::warn!(reason = %root_cause(&error), "closing the app's connection: upstream unavailable");
             return;

@@ -1,0 +1,537 @@
+//! Who gets a connection slot: every listener's cap on open connections, an optional cap per source
+//! address, and displacement at the cap.
+//!
+//! A connection is *unproven* from accept until it has shown it is a real client: its TLS handshake
+//! completed with an authenticated peer, or its first request arrived, as its listener decides
+//! ([`Ticket::proven`]). At the cap, a newcomer is not refused while any connection is unproven: it
+//! takes the place of the oldest unproven connection of the source that holds the most unproven
+//! ones, and that connection is closed ([`Displaceable`]). A flood of silent or slow connections,
+//! from one host or from many, so cannot keep a real client out: the client's own connection is
+//! unproven only for the milliseconds its handshake takes, and its source holds the fewest unproven
+//! connections. Only when every open connection is proven is a newcomer refused.
+//!
+//! Proven connections are never displaced: they end by the listener's own timeouts.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{Notify, oneshot};
+
+/// Why a connection was refused at accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Its source already holds its cap of connections.
+    PerSource,
+    /// The listener is at its cap and every open connection is proven.
+    Full,
+}
+
+impl Refused {
+    /// The `reason` label of a refused-connections counter.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::PerSource => "max_connections_per_source",
+            Self::Full => "max_connections",
+        }
+    }
+}
+
+/// A listener's slots. Cheap to clone: clones share the slots.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    max: usize,
+    max_per_source: usize,
+    state: Mutex<State>,
+    /// Woken when the last slot is given back.
+    empty: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Slots taken. A displaced connection's slot passed to its successor at once.
+    taken: usize,
+    next: u64,
+    sources: HashMap<IpAddr, Source>,
+    /// Sources with unproven connections: (how many, oldest first, address); the last is the next
+    /// to lose one.
+    ranking: BTreeSet<(usize, Reverse<u64>, IpAddr)>,
+    /// Displaced connections whose tickets are not dropped yet (they hold no slot).
+    displaced: HashSet<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Source {
+    /// Open connections from this source, proven or not, displaced ones until they are dropped.
+    open: usize,
+    /// Unproven connections, oldest first, with the way to close each.
+    unproven: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Source {
+    fn rank(&self, ip: IpAddr) -> Option<(usize, Reverse<u64>, IpAddr)> {
+        let (&oldest, _) = self.unproven.first_key_value()?;
+        Some((self.unproven.len(), Reverse(oldest), ip))
+    }
+}
+
+impl State {
+    /// Changes one source, keeping the ranking right and the table free of empty sources.
+    fn source<R>(&mut self, ip: IpAddr, change: impl FnOnce(&mut Source) -> R) -> R {
+        let source = self.sources.entry(ip).or_default();
+        if let Some(rank) = source.rank(ip) {
+            self.ranking.remove(&rank);
+        }
+        let out = change(source);
+        if let Some(rank) = source.rank(ip) {
+            self.ranking.insert(rank);
+        }
+        if source.open == 0 && source.unproven.is_empty() {
+            self.sources.remove(&ip);
+        }
+        out
+    }
+}
+
+/// An admitted connection.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The connection's slot, given back when dropped.
+    pub ticket: Ticket,
+    /// Resolves when the connection is displaced; give it to [`Displaceable`].
+    pub displacement: Displacement,
+    /// Whether another connection was displaced to make room for this one.
+    pub displaced_another: bool,
+}
+
+impl Admission {
+    /// At most `max` connections open, at most `max_per_source` of them from one address.
+    pub fn new(max: usize, max_per_source: Option<usize>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                max,
+                max_per_source: max_per_source.unwrap_or(usize::MAX),
+                state: Mutex::new(State::default()),
+                empty: Notify::new(),
+            }),
+        }
+    }
+
+    /// A slot for a connection from `source`, displacing an unproven connection at the cap.
+    pub fn admit(&self, source: IpAddr) -> Result<Admitted, Refused> {
+        // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: one source either way.
+        let ip = source.to_canonical();
+        let mut state = self.inner.lock();
+        if state.sources.get(&ip).map_or(0, |s| s.open) >= self.inner.max_per_source {
+            return Err(Refused::PerSource);
+        }
+        let displaced_another = if state.taken < self.inner.max {
+            state.taken += 1;
+            false
+        } else {
+            let Some(&(_, Reverse(victim), victim_ip)) = state.ranking.last() else {
+                return Err(Refused::Full);
+            };
+            state.source(victim_ip, |s| {
+                if let Some(close) = s.unproven.remove(&victim) {
+                    let _ = close.send(());
+                }
+            });
+            state.displaced.insert(victim);
+            true
+        };
+        let seq = state.next;
+        state.next += 1;
+        let (close, closed) = oneshot::channel();
+        state.source(ip, |s| {
+            s.open += 1;
+            s.unproven.insert(seq, close);
+        });
+        Ok(Admitted {
+            ticket: Ticket {
+                inner: self.inner.clone(),
+                seq,
+                ip,
+                proven: AtomicBool::new(false),
+            },
+            displacement: Displacement(Some(closed)),
+            displaced_another,
+        })
+    }
+
+    /// Slots taken.
+    pub fn open(&self) -> usize {
+        self.inner.lock().taken
+    }
+
+    /// Waits until every slot is given back.
+    pub async fn drained(&self) {
+        loop {
+            let empty = self.inner.empty.notified();
+            tokio::pin!(empty);
+            empty.as_mut().enable();
+            if self.open() == 0 {
+                return;
+            }
+            empty.await;
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One connection's slot.
+#[derive(Debug)]
+pub struct Ticket {
+    inner: Arc<Inner>,
+    seq: u64,
+    ip: IpAddr,
+    proven: AtomicBool,
+}
+
+impl Ticket {
+    /// The connection has shown it is a real client: it is never displaced from now on. Cheap
+    /// after the first call (one atomic load), so a listener may call it on every request.
+    pub fn proven(&self) {
+        if self.proven.load(Ordering::Relaxed) || self.proven.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut state = self.inner.lock();
+        // Dropping the sender tells the connection's `Displaceable` to stop watching.
+        state.source(self.ip, |s| s.unproven.remove(&self.seq));
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        if !state.displaced.remove(&self.seq) {
+            state.taken = state.taken.saturating_sub(1);
+        }
+        state.source(self.ip, |s| {
+            s.open = s.open.saturating_sub(1);
+            s.unproven.remove(&self.seq);
+        });
+        if state.taken == 0 {
+            self.inner.empty.notify_waiters();
+        }
+    }
+}
+
+/// Resolves when its connection is displaced; never, once the connection is proven.
+#[derive(Debug)]
+pub struct Displacement(Option<oneshot::Receiver<()>>);
+
+impl Displacement {
+    /// One that never fires (a connection that cannot be displaced).
+    pub fn never() -> Self {
+        Self(None)
+    }
+
+    /// Ready(true) once displaced. After the connection is proven it is polled once more and then
+    /// never again.
+    fn poll_displaced(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(rx) = &mut self.0 else {
+            return false;
+        };
+        match Pin::new(rx).poll(cx) {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(_)) => {
+                // Proven (or the admission is gone): nothing to watch any more.
+                self.0 = None;
+                false
+            }
+            Poll::Pending => false,
+        }
+    }
+}
+
+/// The error a displaced connection's reads and writes fail with.
+#[derive(Debug, thiserror::Error)]
+#[error("displaced by a newer connection at the connection limit before it proved itself")]
+pub struct Displaced;
+
+/// Whether an error, or any error in its chain, is a displacement.
+pub fn is_displaced(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<Displaced>() {
+            return true;
+        }
+        // An io::Error's `source` skips the error it wraps.
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<Displaced>())
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A connection's socket that fails every read and write once the connection is displaced. What
+/// drives the connection (a TLS handshake, an HTTP server) then ends it as it ends any broken
+/// connection. Once proven, a read or write costs one branch more.
+#[derive(Debug)]
+pub struct Displaceable<T> {
+    io: T,
+    displacement: Displacement,
+    displaced: bool,
+}
+
+impl<T> Displaceable<T> {
+    pub fn new(io: T, displacement: Displacement) -> Self {
+        Self {
+            io,
+            displacement,
+            displaced: false,
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.io
+    }
+
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if !self.displaced && self.displacement.poll_displaced(cx) {
+            self.displaced = true;
+        }
+        if self.displaced {
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, Displaced));
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Displaceable<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Displaceable<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::{AsyncReadExt, duplex};
+
+    use super::*;
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+    }
+
+    fn displaced(d: &mut Displacement) -> bool {
+        let waker = std::task::Waker::noop();
+        d.poll_displaced(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn under_the_cap_everyone_is_admitted_and_slots_come_back() {
+        let a = Admission::new(2, None);
+        let one = a.admit(ip(1)).unwrap();
+        let two = a.admit(ip(1)).unwrap();
+        assert!(!one.displaced_another && !two.displaced_another);
+        assert_eq!(a.open(), 2);
+        drop(one);
+        assert_eq!(a.open(), 1);
+        drop(two);
+        assert_eq!(a.open(), 0);
+        assert!(a.inner.lock().sources.is_empty());
+        assert!(a.inner.lock().ranking.is_empty());
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_unproven_of_the_busiest_source_makes_room() {
+        let a = Admission::new(4, None);
+        // The flooding host holds three unproven connections, the client one proven and nothing else.
+        let mut f1 = a.admit(ip(9)).unwrap();
+        let mut f2 = a.admit(ip(9)).unwrap();
+        let mut f3 = a.admit(ip(9)).unwrap();
+        let mut c = a.admit(ip(1)).unwrap();
+        c.ticket.proven();
+        // A newcomer from a third host: the flooder's oldest goes.
+        let mut n = a.admit(ip(2)).unwrap();
+        assert!(n.displaced_another);
+        assert!(displaced(&mut f1.displacement));
+        assert!(!displaced(&mut f2.displacement));
+        assert!(!displaced(&mut f3.displacement));
+        assert!(!displaced(&mut c.displacement));
+        assert!(!displaced(&mut n.displacement));
+        assert_eq!(a.open(), 4);
+        // The displaced connection's end gives back no slot: its successor has it.
+        drop(f1);
+        assert_eq!(a.open(), 4);
+        assert_eq!(a.inner.lock().sources[&ip(9)].open, 2);
+        // The flooder still holds the most unproven connections (2 against 1).
+        let _m = a.admit(ip(3)).unwrap();
+        assert!(displaced(&mut f2.displacement));
+        assert!(!displaced(&mut n.displacement));
+    }
+
+    #[test]
+    fn among_equal_sources_the_oldest_unproven_connection_goes() {
+        let a = Admission::new(3, None);
+        let mut old = a.admit(ip(1)).unwrap();
+        let mut mid = a.admit(ip(2)).unwrap();
+        let mut young = a.admit(ip(3)).unwrap();
+        let _n = a.admit(ip(4)).unwrap();
+        assert!(displaced(&mut old.displacement));
+        assert!(!displaced(&mut mid.displacement));
+        assert!(!displaced(&mut young.displacement));
+    }
+
+    #[test]
+    fn when_every_connection_is_proven_the_newcomer_is_refused() {
+        let a = Admission::new(2, None);
+        let mut one = a.admit(ip(1)).unwrap();
+        let two = a.admit(ip(2)).unwrap();
+        one.ticket.proven();
+        two.ticket.proven();
+        // Called again it is a no-op.
+        one.ticket.proven();
+        assert_eq!(a.admit(ip(3)).unwrap_err(), Refused::Full);
+        // The proven connection's watcher stops watching and is never displaced.
+        assert!(!displaced(&mut one.displacement));
+        assert!(one.displacement.0.is_none());
+        drop(two);
+        assert!(a.admit(ip(3)).is_ok());
+    }
+
+    #[test]
+    fn the_per_source_cap_counts_every_open_connection_and_ipv4_mapped_is_the_same_source() {
+        let a = Admission::new(10, Some(2));
+        let one = a.admit(ip(1)).unwrap();
+        let mapped = IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped());
+        let two = a.admit(mapped).unwrap();
+        two.ticket.proven();
+        assert_eq!(a.admit(ip(1)).unwrap_err(), Refused::PerSource);
+        assert!(a.admit(ip(2)).is_ok());
+        drop(one);
+        assert!(a.admit(ip(1)).is_ok());
+    }
+
+    #[test]
+    fn a_displaced_connection_counts_against_its_source_until_it_is_dropped() {
+        let a = Admission::new(1, Some(1));
+        let old = a.admit(ip(1)).unwrap();
+        let _new = a.admit(ip(2)).unwrap();
+        assert_eq!(a.admit(ip(1)).unwrap_err(), Refused::PerSource);
+        drop(old);
+        assert!(a.inner.lock().displaced.is_empty());
+        assert!(!a.inner.lock().sources.contains_key(&ip(1)));
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_the_last_slot() {
+        let a = Admission::new(2, None);
+        let one = a.admit(ip(1)).unwrap();
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move { a.drained().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(one);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("drained returns once the slot is back")
+            .unwrap();
+        a.drained().await;
+    }
+
+    #[tokio::test]
+    async fn a_displaced_socket_fails_its_pending_read_with_a_displacement() {
+        let a = Admission::new(1, None);
+        let first = a.admit(ip(1)).unwrap();
+        let (client, server) = duplex(64);
+        let mut io = Displaceable::new(server, first.displacement);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            io.read(&mut buf).await
+        });
+        tokio::task::yield_now().await;
+        let _second = a.admit(ip(2)).unwrap();
+        let err = tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the read wakes up")
+            .unwrap()
+            .unwrap_err();
+        assert!(is_displaced(&err), "{err}");
+        assert!(!is_displaced(&io::Error::other("something else")));
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn a_proven_socket_reads_on_after_a_newcomer_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let a = Admission::new(1, None);
+        let first = a.admit(ip(1)).unwrap();
+        first.ticket.proven();
+        let (mut client, server) = duplex(64);
+        let mut io = Displaceable::new(server, first.displacement);
+        assert_eq!(a.admit(ip(2)).unwrap_err(), Refused::Full);
+        client.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hi");
+    }
+}
