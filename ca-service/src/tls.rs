@@ -561,7 +561,8 @@ pub fn incoming(
                     continue;
                 }
             };
-            if admitted.displaced_another {
+            let displaced = admitted.displaced_another;
+            if displaced {
                 refused("displaced");
             }
             let _ = tcp.set_nodelay(true);
@@ -634,6 +635,12 @@ pub fn incoming(
                 };
                 let _ = tx.send(Ok(conn)).await;
             });
+            if displaced {
+                // At the cap under a flood: let the connections just admitted (a real client's
+                // among them) move their handshakes on before the next arrival displaces the
+                // oldest of them.
+                tokio::task::yield_now().await;
+            }
         }
     });
     ReceiverStream::new(rx)

@@ -110,7 +110,8 @@ pub async fn serve(
                 continue;
             }
         };
-        if admitted.displaced_another {
+        let displaced = admitted.displaced_another;
+        if displaced {
             metrics.connection_refused("displaced");
         }
         let acceptor = acceptor.clone();
@@ -124,6 +125,11 @@ pub async fn serve(
             connection(tcp, peer, acceptor, config, metrics.clone(), limits, ticket).await;
             metrics.connections_open.dec();
         });
+        if displaced {
+            // At the cap under a flood: let the connections just admitted (a real client's among them)
+            // move their handshakes on before the next arrival displaces the oldest of them.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -5,10 +5,13 @@
 //! completed with an authenticated peer, or its first request arrived, as its listener decides
 //! ([`Ticket::proven`]). At the cap, a newcomer is not refused while any connection is unproven: it
 //! takes the place of the oldest unproven connection of the source that holds the most unproven
-//! ones, and that connection is closed ([`Displaceable`]). A flood of silent or slow connections,
-//! from one host or from many, so cannot keep a real client out: the client's own connection is
-//! unproven only for the milliseconds its handshake takes, and its source holds the fewest unproven
-//! connections. Only when every open connection is proven is a newcomer refused.
+//! ones, and that connection is closed ([`Displaceable`]). Sources that hold a proven connection
+//! (a peer sidecar with its pooled connection, a sidecar with its bundle stream, the API server with
+//! its keep-alive connections) lose an unproven one only after every other source has lost all of
+//! theirs. A flood of silent or slow connections, from one host or from many, so cannot keep a real
+//! client out: the client's own connection is unproven only for the milliseconds its handshake
+//! takes, and its source holds the fewest unproven connections, or a proven one. Only when every
+//! open connection is proven is a newcomer refused.
 //!
 //! Proven connections are never displaced: they end by the listener's own timeouts.
 
@@ -65,25 +68,30 @@ struct State {
     taken: usize,
     next: u64,
     sources: HashMap<IpAddr, Source>,
-    /// Sources with unproven connections: (how many, oldest first, address); the last is the next
-    /// to lose one.
-    ranking: BTreeSet<(usize, Reverse<u64>, IpAddr)>,
+    /// Sources with unproven connections, the last is the next to lose one.
+    ranking: BTreeSet<Rank>,
     /// Displaced connections whose tickets are not dropped yet (they hold no slot).
     displaced: HashSet<u64>,
 }
+
+/// A source's place in the ranking: (holds no proven connection, how many unproven ones, its oldest
+/// unproven one first, address).
+type Rank = (bool, usize, Reverse<u64>, IpAddr);
 
 #[derive(Debug, Default)]
 struct Source {
     /// Open connections from this source, proven or not, displaced ones until they are dropped.
     open: usize,
+    /// Open proven connections from this source.
+    proven: usize,
     /// Unproven connections, oldest first, with the way to close each.
     unproven: BTreeMap<u64, oneshot::Sender<()>>,
 }
 
 impl Source {
-    fn rank(&self, ip: IpAddr) -> Option<(usize, Reverse<u64>, IpAddr)> {
+    fn rank(&self, ip: IpAddr) -> Option<Rank> {
         let (&oldest, _) = self.unproven.first_key_value()?;
-        Some((self.unproven.len(), Reverse(oldest), ip))
+        Some((self.proven == 0, self.unproven.len(), Reverse(oldest), ip))
     }
 }
 
@@ -141,7 +149,7 @@ impl Admission {
             state.taken += 1;
             false
         } else {
-            let Some(&(_, Reverse(victim), victim_ip)) = state.ranking.last() else {
+            let Some(&(_, _, Reverse(victim), victim_ip)) = state.ranking.last() else {
                 return Err(Refused::Full);
             };
             state.source(victim_ip, |s| {
@@ -214,7 +222,17 @@ impl Ticket {
         }
         let mut state = self.inner.lock();
         // Dropping the sender tells the connection's `Displaceable` to stop watching.
-        state.source(self.ip, |s| s.unproven.remove(&self.seq));
+        let counted = state.source(self.ip, |s| {
+            let was_unproven = s.unproven.remove(&self.seq).is_some();
+            if was_unproven {
+                s.proven += 1;
+            }
+            was_unproven
+        });
+        if !counted {
+            // Displaced already: it never counts as its source's proven connection.
+            self.proven.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -226,7 +244,9 @@ impl Drop for Ticket {
         }
         state.source(self.ip, |s| {
             s.open = s.open.saturating_sub(1);
-            s.unproven.remove(&self.seq);
+            if s.unproven.remove(&self.seq).is_none() && self.proven.load(Ordering::Relaxed) {
+                s.proven = s.proven.saturating_sub(1);
+            }
         });
         if state.taken == 0 {
             self.inner.empty.notify_waiters();
@@ -425,6 +445,46 @@ mod tests {
         let _m = a.admit(ip(3)).unwrap();
         assert!(displaced(&mut f2.displacement));
         assert!(!displaced(&mut n.displacement));
+    }
+
+    #[test]
+    fn a_source_holding_a_proven_connection_loses_an_unproven_one_last() {
+        let a = Admission::new(4, None);
+        // More flooding sources than slots: each holds one unproven connection, as does the client,
+        // whose source also holds a proven one (a pooled connection).
+        let pooled = a.admit(ip(1)).unwrap();
+        pooled.ticket.proven();
+        let mut client = a.admit(ip(1)).unwrap();
+        let mut f1 = a.admit(ip(8)).unwrap();
+        let mut f2 = a.admit(ip(9)).unwrap();
+        let _n1 = a.admit(ip(10)).unwrap();
+        let _n2 = a.admit(ip(11)).unwrap();
+        assert!(displaced(&mut f1.displacement));
+        assert!(displaced(&mut f2.displacement));
+        assert!(
+            !displaced(&mut client.displacement),
+            "the client's handshake was cut"
+        );
+        // Once its pooled connection is gone, the client's source is ranked like any other.
+        drop(pooled);
+        let _n3 = a.admit(ip(12)).unwrap();
+        assert!(!displaced(&mut client.displacement));
+        let _n4 = a.admit(ip(13)).unwrap();
+        assert!(
+            displaced(&mut client.displacement),
+            "the oldest unproven goes"
+        );
+    }
+
+    #[test]
+    fn a_displaced_connection_that_proves_itself_late_counts_for_nothing() {
+        let a = Admission::new(1, None);
+        let old = a.admit(ip(1)).unwrap();
+        let _new = a.admit(ip(2)).unwrap();
+        old.ticket.proven();
+        assert_eq!(a.inner.lock().sources[&ip(1)].proven, 0);
+        drop(old);
+        assert!(!a.inner.lock().sources.contains_key(&ip(1)));
     }
 
     #[test]

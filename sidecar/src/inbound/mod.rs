@@ -43,7 +43,8 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
                 continue;
             }
         };
-        if admitted.displaced_another {
+        let displaced = admitted.displaced_another;
+        if displaced {
             // Counted, not logged one by one: a flood would flood the log.
             shared.metrics.refused("inbound", port, "displaced");
         }
@@ -71,6 +72,11 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             }
             .instrument(span),
         );
+        if displaced {
+            // At the cap under a flood: let the connections just admitted (a real client's among them)
+            // move their handshakes on before the next arrival displaces the oldest of them.
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -51,7 +51,8 @@ pub async fn serve(
                 continue;
             }
         };
-        if admitted.displaced_another {
+        let displaced = admitted.displaced_another;
+        if displaced {
             shared.metrics.refused("outbound", port, "displaced");
         }
         let _ = tcp.set_nodelay(true);
@@ -88,5 +89,10 @@ pub async fn serve(
             }
             .instrument(span),
         );
+        if displaced {
+            // At the cap under a flood: let the connections just admitted (a real client's among them)
+            // move their handshakes on before the next arrival displaces the oldest of them.
+            tokio::task::yield_now().await;
+        }
     }
 }
