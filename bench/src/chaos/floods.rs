@@ -64,8 +64,10 @@ pub struct Params {
     pub admin_flood: usize,
     /// Allowed traffic alone before each flood.
     pub baseline: Duration,
-    /// The flood lasts at least this, and at least its listener's timeout plus 1.5 s.
+    /// The flood lasts at least this, and at least its listener's timeout plus 1.5 s (in smoke,
+    /// only where it is held below the cap).
     pub flood: Duration,
+    pub smoke: bool,
 }
 
 impl Params {
@@ -77,6 +79,7 @@ impl Params {
                 admin_flood: 2 * ADMIN_CAP,
                 baseline: Duration::from_secs(1),
                 flood: Duration::from_secs(3),
+                smoke,
             }
         } else {
             Self {
@@ -85,6 +88,7 @@ impl Params {
                 admin_flood: 10 * ADMIN_CAP,
                 baseline: Duration::from_secs(3),
                 flood: Duration::from_secs(15),
+                smoke,
             }
         }
     }
@@ -696,7 +700,16 @@ async fn one_listener(
     let slots = t.slots;
     let idle = Flood::start(t.addr, slots / 2, &t.sources, Attack::Idle);
     let slow = Flood::start(t.addr, slots - slots / 2, &t.sources, t.slow.clone());
-    let length = p.flood.max(t.timeout + Duration::from_millis(1500));
+    // A flood held below the cap (one host at its per-source share) must outlast its timeout to
+    // show it; at a cap the flood displaces itself within milliseconds and the timeout never comes.
+    let at_cap = t.counters.is_empty()
+        || t.must_count
+            .is_some_and(|i| t.counters[i].2.contains(&("reason", "displaced")));
+    let length = if at_cap && p.smoke {
+        p.flood
+    } else {
+        p.flood.max(t.timeout + Duration::from_millis(1500))
+    };
     tokio::time::sleep(length).await;
     let t_end = Instant::now();
     let (idle, slow) = (idle.stop().await, slow.stop().await);

@@ -89,23 +89,26 @@ pub const FOUND: &[&str] = &[
      certificate back, and a CA loading a certificate whose key is still waiting takes that key \
      (unit tests `authority::tests::an_intermediate_rotation_cut_short_between_certificate_and_key_is_completed_at_load` \
      and `an_intermediate_key_that_cannot_be_put_in_place_puts_the_old_certificate_back`).",
-    "Open, measured by `floods`: a listener whose `--max-connections` a flood fills (sidecar \
-     inbound and outbound, CA gRPC, injector) refuses new allowed connections as it refuses the \
-     flood's: only a few percent of the allowed clients' new connections got through during the \
-     flood, each when it won a slot a timeout had just freed. Connections opened before the flood \
-     keep being served, and everything serves again at once when it ends. The per-source limits \
-     of the CA and the injector keep one flooding host to its share but not a flood from many \
-     hosts. Not fixed here: admitting a newcomer past the limit by closing the oldest connection \
-     still in its TLS handshake (or still waiting for its first request head) would keep new \
-     allowed clients served under such a flood, and changes what the limits promise.",
-    "Open, seen by `floods`: the admin servers (sidecar, CA, injector) have no connection limit, \
-     only a 5 s request-head timeout. A flood of 1,000 connections cost the sidecar and the CA \
-     about 19 KiB of RSS per held connection (not given back after the flood) and left probes \
-     and scrapes served, but a \
-     flood fast enough to hold more connections than the process has file descriptors would \
-     also starve the data-plane listeners of the same process (accept fails with EMFILE; the \
-     accept loops back off and retry). A cap, per source and overall, would bound it, at the \
-     price of probes refused when a distributed flood fills it.",
+    "`floods` (session 9's run, against 9a736d2): a listener whose `--max-connections` a flood \
+     from many hosts filled (sidecar inbound and outbound, CA gRPC, injector) refused new allowed \
+     connections as it refused the flood's: only 1.8-2.9% of the allowed clients' new connections \
+     got through during the flood, each when it won a slot a timeout had just freed. Fixed: at a \
+     cap a newcomer displaces the oldest connection that has not proved itself yet (no \
+     authenticated handshake, call or request head), from the address holding the most of them, \
+     an address with a proven connection last (`meshid_runtime::admission`; unit tests in \
+     `admission::tests`, and `sidecar_inbound::garbage_slowloris_and_floods_do_not_stop_service`, \
+     `ca_limits::silent_connections_at_the_cap_make_room_for_a_client` and \
+     `inject_binary::hostile_clients_cannot_hold_up_admission_reviews`, which fail on the old \
+     binaries). The many-host checks above (every allowed new connection served during the flood) \
+     are its regression test.",
+    "`floods` (same run): the admin servers (sidecar, CA, injector) had no connection limit, only \
+     a 5 s request-head timeout: a flood of 1,000 connections cost about 19 KiB of RSS per held \
+     connection, and one holding more connections than the process has file descriptors would \
+     have starved the data-plane listeners of the same process too. Fixed: every admin port holds \
+     at most 256 connections (`meshid_runtime::admin::MAX_CONNECTIONS`), with the same \
+     displacement, so probes and scrapes are still served past the cap (test \
+     `admin::tests::probes_are_answered_while_silent_connections_flood_the_cap`). The admin \
+     checks above, with a flood of 10 x that cap, are its regression test.",
 ];
 
 fn fmt_value(v: f64, unit: &str) -> String {

@@ -27,14 +27,14 @@ pub struct Params {
 }
 
 impl Params {
-    /// `minutes`: the soak's length (default: 30, or 1 with `smoke`).
+    /// `minutes`: the soak's length (default: 30, or 0.5 with `smoke`).
     pub fn new(smoke: bool, minutes: Option<f64>) -> Self {
         let soak =
-            Duration::from_secs_f64(60.0 * minutes.unwrap_or(if smoke { 1.0 } else { 30.0 }));
+            Duration::from_secs_f64(60.0 * minutes.unwrap_or(if smoke { 0.5 } else { 30.0 }));
         if smoke {
             Self {
                 soak,
-                ttl: Duration::from_secs(20),
+                ttl: Duration::from_secs(15),
                 sample_every: Duration::from_secs(2),
                 warmup: (soak / 5).min(Duration::from_secs(15)),
                 saturation: Duration::from_secs(4),

@@ -221,7 +221,10 @@ mod tests {
         assert_eq!(current_port(&h.store), Some(1));
         fs::write(&path, policy_for(2)).unwrap();
         h.wait_for_port(2);
-        assert!(h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied));
+        // The store is swapped before the reload is reported: wait for the report too.
+        wait_for("the applied reload's report", || {
+            h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied)
+        });
     }
 
     #[test]
@@ -300,7 +303,10 @@ mod tests {
         fs::write(&target, policy_for(2)).unwrap();
         h.wait_for_port(2);
         // Found by a periodic re-read, so reported although no event came.
-        assert!(h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied));
+        // The store is swapped before the reload is reported: wait for the report too.
+        wait_for("the applied reload's report", || {
+            h.outcomes.lock().unwrap().contains(&ReloadOutcome::Applied)
+        });
     }
 
     #[test]
