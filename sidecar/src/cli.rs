@@ -225,6 +225,15 @@ pub struct RunArgs {
     /// connection not yet proven (no authenticated handshake or first request), else is refused.
     #[arg(long, env = "MESHID_SIDECAR_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: String,
+    /// Most inbound connections one authenticated peer identity may hold on a listener; past it
+    /// the peer's new connection is closed after its handshake (a workload with a valid
+    /// certificate cannot take every slot).
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_MAX_CONNECTIONS_PER_PEER",
+        default_value = "1000"
+    )]
+    pub max_connections_per_peer: String,
     /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
     #[arg(long, env = "MESHID_SIDECAR_MAX_HEADER_BYTES", default_value = "16384")]
     pub max_header_bytes: String,
@@ -356,6 +365,13 @@ impl RunArgs {
                 0
             }
         };
+        let max_connections_per_peer = match self.max_connections_per_peer.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                problems.push("--max-connections-per-peer: must be a number of at least 1".into());
+                0
+            }
+        };
         let max_header_bytes = match self.max_header_bytes.parse::<usize>() {
             Ok(n) if n >= 8192 => n,
             _ => {
@@ -367,6 +383,7 @@ impl RunArgs {
             handshake_timeout,
             idle_timeout,
             max_connections,
+            max_connections_per_peer,
             max_header_bytes,
             request_timeout,
             connect_timeout,

@@ -62,19 +62,30 @@ impl ConnLimit {
     }
 }
 
-/// One accepted connection's place: its slot and its count in `connections_open`, both given
-/// back when the last holder drops it. An upgraded HTTP connection (a WebSocket tunnel) holds a
-/// clone after hyper hands the socket over, so it keeps counting against `max_connections`.
+/// One accepted connection's place: its slot, its peer's share and its count in
+/// `connections_open`, all given back when the last holder drops it. An upgraded HTTP connection
+/// (a WebSocket tunnel) holds a clone after hyper hands the socket over, so it keeps counting
+/// against `max_connections` and `max_connections_per_peer`.
 #[derive(Debug)]
 pub struct ConnSlot {
     ticket: Ticket,
+    peer: std::sync::OnceLock<PeerShare>,
     open: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl ConnSlot {
     pub fn new(ticket: Ticket, open: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
         open.inc();
-        Arc::new(Self { ticket, open })
+        Arc::new(Self {
+            ticket,
+            peer: std::sync::OnceLock::new(),
+            open,
+        })
+    }
+
+    /// Holds the connection's place in its peer's count for as long as the slot lives.
+    pub fn hold_peer(&self, share: PeerShare) {
+        let _ = self.peer.set(share);
     }
 
     /// The connection has proved itself (an authenticated peer, or the app's first request): it is
@@ -87,6 +98,73 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.open.dec();
+    }
+}
+
+/// Inbound connections open per authenticated peer identity on one listener
+/// (`--max-connections-per-peer`). Proven connections are never displaced at the listener's cap,
+/// so without this one workload holding a valid certificate could take every slot.
+#[derive(Clone, Debug)]
+pub struct PeerCounts {
+    max: usize,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, PeerCount>>>,
+}
+
+#[derive(Debug, Default)]
+struct PeerCount {
+    open: usize,
+    /// Told the log once that this peer reached its cap (until it drops below it).
+    warned: bool,
+}
+
+/// Why a peer's connection was refused: whether this is the first refusal since it reached its cap.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PeerOverCap {
+    pub first: bool,
+}
+
+impl PeerCounts {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            counts: Arc::default(),
+        }
+    }
+
+    /// One more connection for `id`, unless it holds `max` already.
+    pub fn try_acquire(&self, id: &str) -> Result<PeerShare, PeerOverCap> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(id.to_owned()).or_default();
+        if count.open >= self.max {
+            let first = !count.warned;
+            count.warned = true;
+            return Err(PeerOverCap { first });
+        }
+        count.open += 1;
+        Ok(PeerShare {
+            counts: self.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+/// One connection's place in its peer's count.
+#[derive(Debug)]
+pub struct PeerShare {
+    counts: PeerCounts,
+    id: String,
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.id) {
+            count.open = count.open.saturating_sub(1);
+            count.warned = false;
+            if count.open == 0 {
+                counts.remove(&self.id);
+            }
+        }
     }
 }
 
@@ -291,6 +369,33 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn a_peer_is_held_to_its_share_and_warned_about_once() {
+        let peers = PeerCounts::new(2);
+        let a = peers.try_acquire("spiffe://td/a").unwrap();
+        let b = peers.try_acquire("spiffe://td/a").unwrap();
+        assert_eq!(
+            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            PeerOverCap { first: true }
+        );
+        assert_eq!(
+            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            PeerOverCap { first: false }
+        );
+        let other = peers.try_acquire("spiffe://td/b").unwrap();
+        drop(a);
+        let c = peers.try_acquire("spiffe://td/a").unwrap();
+        assert_eq!(
+            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            PeerOverCap { first: true }
+        );
+        drop((b, c, other));
+        assert!(
+            peers.counts.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
     }
 
     #[tokio::test]

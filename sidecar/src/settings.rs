@@ -42,6 +42,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Most inbound connections one authenticated peer identity may hold on a listener (at most
+    /// `max_connections`): a workload with a valid certificate cannot take every slot.
+    pub max_connections_per_peer: usize,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -56,6 +59,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
+            max_connections_per_peer: 1_000,
             max_header_bytes: 16 * 1024,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),

@@ -516,3 +516,89 @@ async fn post_quantum_key_exchange_between_meshid_ends_classical_for_others() {
         Some(rustls::NamedGroup::X25519)
     );
 }
+
+/// A workload with a valid certificate holds authenticated connections, which are never displaced
+/// at the listener's cap: `--max-connections-per-peer` keeps it to its share, so another peer still
+/// gets in, and the capped peer gets in again once it closes one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_identity_cannot_hold_every_inbound_connection() {
+    let pki = TestPki::new();
+    let app = tcp_echo().await;
+    let server_cert = pki.workload(SERVER);
+    const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server_cert,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.5", app, Protocol::Tcp)],
+            policy: Some(format!(
+                "mode: enforce\ninbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {CLIENT}\n      - id: {OTHER}\n"
+            )),
+            limits: Some(Limits {
+                max_connections: 6,
+                max_connections_per_peer: 3,
+                ..Limits::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = sidecar.inbound[0];
+    let config = |who: &str| {
+        client_config(
+            &pki.roots(),
+            &pki.trust_domain,
+            Some(&pki.workload(who)),
+            &sidecar.id,
+            &[],
+        )
+    };
+    let (liar, other) = (config(CLIENT), config(OTHER));
+    // The liar holds three served connections, its share.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tls = mtls_connect(addr, liar.clone()).await.unwrap();
+        tls.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.unwrap();
+        held.push(tls);
+    }
+    // Its fourth is closed after the handshake, and counted.
+    for _ in 0..3 {
+        let reply = echo_roundtrip(addr, liar.clone(), b"more").await;
+        assert!(
+            !reply.as_ref().is_ok_and(|b| b == b"more"),
+            "a peer past its share was served: {reply:?}"
+        );
+    }
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains(r#"reason="max_connections_per_peer""#),
+        "{metrics}"
+    );
+    // Another peer is served, on free slots.
+    for _ in 0..3 {
+        let reply = echo_roundtrip(addr, other.clone(), b"other").await;
+        assert!(
+            reply.as_ref().is_ok_and(|b| b == b"other"),
+            "another peer refused: {reply:?}"
+        );
+    }
+    // The liar's held connections still work; closing one lets it in again.
+    let mut first = held.remove(0);
+    first.write_all(b"y").await.unwrap();
+    let mut b = [0u8; 1];
+    first.read_exact(&mut b).await.unwrap();
+    drop(first);
+    let back = eventually(Duration::from_secs(5), || {
+        let liar = liar.clone();
+        async move {
+            echo_roundtrip(addr, liar, b"again")
+                .await
+                .is_ok_and(|b| b == b"again")
+        }
+    })
+    .await;
+    assert!(back, "the peer's closed connection gave its share back");
+}

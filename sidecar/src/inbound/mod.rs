@@ -20,7 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use self::http::InboundHttp;
-use crate::conn::{ConnLimit, ConnSlot, Metered, Shared};
+use crate::conn::{ConnLimit, ConnSlot, Metered, PeerCounts, Shared};
 use crate::metrics::{ConnLabels, ConnMetrics};
 use crate::settings::Inbound;
 use authz::{Authorizer, Peer};
@@ -30,7 +30,21 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
     let port = spec.listen.port();
     let authz = Authorizer::new(port, shared.clone());
     let http = Arc::new(InboundHttp::new(&spec, &shared, authz.clone()));
+    let peers = PeerCounts::new(
+        shared
+            .limits
+            .max_connections_per_peer
+            .min(shared.limits.max_connections),
+    );
     shared.metrics.listener("inbound", port, None);
+    // What every connection of the listener shares: one Arc clone per connection.
+    let this = Arc::new(Listener {
+        spec,
+        shared: shared.clone(),
+        authz,
+        http,
+        peers,
+    });
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) =
         meshid_runtime::net::accept(&listener, &mut shutdown, "inbound").await
@@ -49,10 +63,7 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             shared.metrics.refused("inbound", port, "displaced");
         }
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
-        let spec = spec.clone();
-        let http = http.clone();
-        let authz = authz.clone();
+        let this = this.clone();
         let span = tracing::info_span!("inbound", port, peer_addr = %addr);
         tokio::spawn(
             async move {
@@ -60,15 +71,12 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
                     direction: "inbound",
                     port,
                 };
-                shared.metrics.connections.get_or_create(&labels).inc();
-                let open = shared
-                    .metrics
-                    .connections_open
-                    .get_or_create(&labels)
-                    .clone();
+                let metrics = &this.shared.metrics;
+                metrics.connections.get_or_create(&labels).inc();
+                let open = metrics.connections_open.get_or_create(&labels).clone();
                 let slot = ConnSlot::new(admitted.ticket, open);
                 let tcp = Displaceable::new(tcp, admitted.displacement);
-                handle(tcp, addr, &spec, &shared, &authz, http, slot).await;
+                handle(tcp, addr, &this, slot).await;
             }
             .instrument(span),
         );
@@ -89,15 +97,18 @@ fn ack_now(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
 }
 
-async fn handle(
-    tcp: Displaceable<TcpStream>,
-    addr: SocketAddr,
-    spec: &Inbound,
-    shared: &Shared,
-    authz: &Authorizer,
+/// One inbound listener's parts, shared by its connections.
+struct Listener {
+    spec: Inbound,
+    shared: Shared,
+    authz: Authorizer,
     http: Arc<InboundHttp>,
-    slot: Arc<ConnSlot>,
-) {
+    /// Connections per authenticated peer (`--max-connections-per-peer`).
+    peers: PeerCounts,
+}
+
+async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, slot: Arc<ConnSlot>) {
+    let (spec, shared, authz, peers) = (&l.spec, &l.shared, &l.authz, &l.peers);
     let port = spec.listen.port();
     let Some(snapshot) = shared.creds.current() else {
         shared.metrics.refused("inbound", port, "no_certificate");
@@ -162,6 +173,19 @@ async fn handle(
             .handshake_failed("inbound", port, "bad_identity");
         return;
     };
+    let share = match peers.try_acquire(verified.id.as_str()) {
+        Ok(share) => share,
+        Err(over) => {
+            shared
+                .metrics
+                .refused("inbound", port, "max_connections_per_peer");
+            if over.first {
+                tracing::warn!(peer = %verified.id, "peer holds its --max-connections-per-peer; closing its new connections until it closes some");
+            }
+            return;
+        }
+    };
+    slot.hold_peer(share);
     // An authenticated peer of the trust domain: never displaced from now on.
     slot.proven();
     let peer = Peer { verified, addr };
@@ -179,6 +203,8 @@ async fn handle(
             drop(metrics);
             tcp::proxy(tls, peer, authz, spec, shared).await
         }
-        Protocol::Http => self::http::serve_inbound(tls, peer, http, shared, slot, metrics).await,
+        Protocol::Http => {
+            self::http::serve_inbound(tls, peer, l.http.clone(), shared, slot, metrics).await
+        }
     }
 }
