@@ -98,8 +98,8 @@ pub const FOUND: &[&str] = &[
      an address with a proven connection last (`meshid_runtime::admission`; unit tests in \
      `admission::tests`, and `sidecar_inbound::garbage_slowloris_and_floods_do_not_stop_service`, \
      `ca_limits::silent_connections_at_the_cap_make_room_for_a_client` and \
-     `inject_binary::hostile_clients_cannot_hold_up_admission_reviews`, which fail on the old \
-     binaries). The many-host checks above (every allowed new connection served during the flood) \
+     `inject_binary::hostile_clients_cannot_hold_up_admission_reviews`, each asserting that \
+     allowed clients are served while silent connections fill the cap). The many-host checks above (every allowed new connection served during the flood) \
      are its regression test.",
     "`floods` (same run): the admin servers (sidecar, CA, injector) had no connection limit, only \
      a 5 s request-head timeout: a flood of 1,000 connections cost about 19 KiB of RSS per held \
