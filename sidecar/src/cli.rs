@@ -225,9 +225,9 @@ pub struct RunArgs {
     /// connection not yet proven (no authenticated handshake or first request), else is refused.
     #[arg(long, env = "MESHID_SIDECAR_MAX_CONNECTIONS", default_value = "10000")]
     pub max_connections: String,
-    /// Most inbound connections one authenticated peer identity may hold on a listener; past it
-    /// the peer's new connection is closed after its handshake (a workload with a valid
-    /// certificate cannot take every slot).
+    /// Most inbound connections one peer (an authenticated identity at one address) may hold on a
+    /// listener; past it the peer's new connection is closed after its handshake (a workload with
+    /// a valid certificate cannot take every slot).
     #[arg(
         long,
         env = "MESHID_SIDECAR_MAX_CONNECTIONS_PER_PEER",

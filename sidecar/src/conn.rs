@@ -101,14 +101,17 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Inbound connections open per authenticated peer identity on one listener
+/// Inbound connections open per peer (an authenticated identity at one address: one pod; the
+/// replicas of a workload share its identity but not their addresses) on one listener
 /// (`--max-connections-per-peer`). Proven connections are never displaced at the listener's cap,
 /// so without this one workload holding a valid certificate could take every slot.
 #[derive(Clone, Debug)]
 pub struct PeerCounts {
     max: usize,
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, PeerCount>>>,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<PeerKey, PeerCount>>>,
 }
+
+type PeerKey = (String, std::net::IpAddr);
 
 #[derive(Debug, Default)]
 struct PeerCount {
@@ -131,10 +134,11 @@ impl PeerCounts {
         }
     }
 
-    /// One more connection for `id`, unless it holds `max` already.
-    pub fn try_acquire(&self, id: &str) -> Result<PeerShare, PeerOverCap> {
+    /// One more connection for `id` at `ip`, unless that peer holds `max` already.
+    pub fn try_acquire(&self, id: &str, ip: std::net::IpAddr) -> Result<PeerShare, PeerOverCap> {
+        let key = (id.to_owned(), ip.to_canonical());
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(id.to_owned()).or_default();
+        let count = counts.entry(key.clone()).or_default();
         if count.open >= self.max {
             let first = !count.warned;
             count.warned = true;
@@ -143,7 +147,7 @@ impl PeerCounts {
         count.open += 1;
         Ok(PeerShare {
             counts: self.clone(),
-            id: id.to_owned(),
+            key,
         })
     }
 }
@@ -152,17 +156,17 @@ impl PeerCounts {
 #[derive(Debug)]
 pub struct PeerShare {
     counts: PeerCounts,
-    id: String,
+    key: PeerKey,
 }
 
 impl Drop for PeerShare {
     fn drop(&mut self) {
         let mut counts = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.id) {
+        if let Some(count) = counts.get_mut(&self.key) {
             count.open = count.open.saturating_sub(1);
             count.warned = false;
             if count.open == 0 {
-                counts.remove(&self.id);
+                counts.remove(&self.key);
             }
         }
     }
@@ -374,24 +378,31 @@ mod tests {
     #[test]
     fn a_peer_is_held_to_its_share_and_warned_about_once() {
         let peers = PeerCounts::new(2);
-        let a = peers.try_acquire("spiffe://td/a").unwrap();
-        let b = peers.try_acquire("spiffe://td/a").unwrap();
+        let (here, there) = (
+            std::net::IpAddr::from([10, 0, 0, 1]),
+            std::net::IpAddr::from([10, 0, 0, 2]),
+        );
+        let a = peers.try_acquire("spiffe://td/a", here).unwrap();
+        let b = peers.try_acquire("spiffe://td/a", here).unwrap();
         assert_eq!(
-            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            peers.try_acquire("spiffe://td/a", here).unwrap_err(),
             PeerOverCap { first: true }
         );
         assert_eq!(
-            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            peers.try_acquire("spiffe://td/a", here).unwrap_err(),
             PeerOverCap { first: false }
         );
-        let other = peers.try_acquire("spiffe://td/b").unwrap();
+        // Another identity at the same address, and the same identity at another address (a
+        // replica of the same workload), have shares of their own.
+        let other = peers.try_acquire("spiffe://td/b", here).unwrap();
+        let replica = peers.try_acquire("spiffe://td/a", there).unwrap();
         drop(a);
-        let c = peers.try_acquire("spiffe://td/a").unwrap();
+        let c = peers.try_acquire("spiffe://td/a", here).unwrap();
         assert_eq!(
-            peers.try_acquire("spiffe://td/a").unwrap_err(),
+            peers.try_acquire("spiffe://td/a", here).unwrap_err(),
             PeerOverCap { first: true }
         );
-        drop((b, c, other));
+        drop((b, c, other, replica));
         assert!(
             peers.counts.lock().unwrap().is_empty(),
             "no entry left behind"

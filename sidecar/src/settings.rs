@@ -42,8 +42,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
-    /// Most inbound connections one authenticated peer identity may hold on a listener (at most
-    /// `max_connections`): a workload with a valid certificate cannot take every slot.
+    /// Most inbound connections one peer (an authenticated identity at one address) may hold on a
+    /// listener (at most `max_connections`): a workload with a valid certificate cannot take every
+    /// slot.
     pub max_connections_per_peer: usize,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,

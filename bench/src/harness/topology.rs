@@ -216,7 +216,10 @@ fn meshid(ctx: &Ctx, pki: &BenchPki, dir: &Path, app: SocketAddr, mode: Mode) ->
         .arg(&pki.server.key)
         .arg("--bundle")
         .arg(&pki.bundle)
-        .args(["--admin-listen", &inb_admin.to_string()]);
+        .args(["--admin-listen", &inb_admin.to_string()])
+        // The load generator is one peer (one identity, one address) holding every connection
+        // (2,000 idle ones in `memory`); nginx and haproxy have no per-peer cap either.
+        .args(["--max-connections-per-peer", "10000"]);
     let inbound = ctx.spawn("meshid inbound", &mut cmd, &dir.join("inbound.log"))?;
     let mut cmd = sidecar_cmd(ctx);
     cmd.args(["--outbound", &format!("{out}={inb},{SERVER_ID},{proto}")])

@@ -173,14 +173,14 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             .handshake_failed("inbound", port, "bad_identity");
         return;
     };
-    let share = match peers.try_acquire(verified.id.as_str()) {
+    let share = match peers.try_acquire(verified.id.as_str(), addr.ip()) {
         Ok(share) => share,
         Err(over) => {
             shared
                 .metrics
                 .refused("inbound", port, "max_connections_per_peer");
             if over.first {
-                tracing::warn!(peer = %verified.id, "peer holds its --max-connections-per-peer; closing its new connections until it closes some");
+                tracing::warn!(peer = %verified.id, peer_addr = %addr.ip(), "peer holds its --max-connections-per-peer; closing its new connections until it closes some");
             }
             return;
         }
