@@ -19,8 +19,8 @@ use http::{HeaderValue, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, NamedGroup};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc};
@@ -111,6 +111,9 @@ pub struct Report {
     /// Open loop: requests due in the window (count + errors + those never sent).
     pub intended: Option<u64>,
     pub connections_opened: u64,
+    /// TLS key exchange group of each connection opened in the window (by name), when TLS.
+    #[serde(default)]
+    pub key_exchange: BTreeMap<String, u64>,
     pub latency_us: Latency,
     pub loadgen_cpu_seconds: f64,
     /// Load generator CPU / window: near 1.0 means the load generator, not the server, was the limit.
@@ -158,8 +161,8 @@ impl Failure {
     }
 }
 
-/// Opens a connection (TCP, TLS if configured, HTTP handshake).
-async fn open(t: &Target) -> Result<Conn, Failure> {
+/// Opens a connection (TCP, TLS if configured, HTTP handshake), with the TLS key exchange group.
+async fn open(t: &Target) -> Result<(Conn, Option<NamedGroup>), Failure> {
     let tcp = TcpStream::connect(t.addr)
         .await
         .map_err(|_| Failure::Connect)?;
@@ -172,9 +175,14 @@ async fn open(t: &Target) -> Result<Conn, Failure> {
                 .connect(t.server_name.clone(), tcp)
                 .await
                 .map_err(|_| Failure::Tls)?;
-            handshake(TokioIo::new(tls), t.h2).await
+            let group = tls
+                .get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name());
+            Ok((handshake(TokioIo::new(tls), t.h2).await?, group))
         }
-        None => handshake(TokioIo::new(tcp), t.h2).await,
+        None => Ok((handshake(TokioIo::new(tcp), t.h2).await?, None)),
     }
 }
 
@@ -230,6 +238,8 @@ struct Tally {
     latencies_ns: Vec<u64>,
     errors: BTreeMap<String, u64>,
     opened: u64,
+    /// Key exchange groups negotiated by the connections opened (few distinct: a short list).
+    groups: Vec<(Option<NamedGroup>, u64)>,
 }
 
 impl Tally {
@@ -243,6 +253,16 @@ impl Tally {
             *self.errors.entry(k).or_default() += v;
         }
         self.opened += o.opened;
+        for (g, n) in o.groups {
+            self.opened_with(g, n);
+        }
+    }
+
+    fn opened_with(&mut self, group: Option<NamedGroup>, n: u64) {
+        match self.groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, m)) => *m += n,
+            None => self.groups.push((group, n)),
+        }
     }
 }
 
@@ -258,10 +278,11 @@ async fn ensure(
         return true;
     }
     match open(t).await {
-        Ok(c) => {
+        Ok((c, group)) => {
             *conn = Some(c);
             if counted {
                 tally.opened += 1;
+                tally.opened_with(group, 1);
             }
             true
         }
@@ -410,7 +431,7 @@ pub async fn run(target: Arc<Target>, plan: Plan) -> Report {
     let mut initial: Vec<Option<Conn>> = Vec::new();
     let workers = if target.h2 && !plan.new_conn {
         for _ in 0..plan.connections {
-            let c = open(&target).await.ok();
+            let c = open(&target).await.ok().map(|(c, _)| c);
             for _ in 0..plan.streams.max(1) {
                 initial.push(c.as_ref().and_then(Conn::share));
             }
@@ -508,6 +529,11 @@ fn report(target: &Target, plan: &Plan, mut tally: Tally, cpu: f64) -> Report {
         requests_per_second: count as f64 / seconds,
         intended,
         connections_opened: tally.opened,
+        key_exchange: tally
+            .groups
+            .iter()
+            .filter_map(|(g, n)| Some((format!("{:?}", (*g)?), *n)))
+            .collect(),
         latency_us: Latency {
             p50: us(quantile(lat, 0.50)),
             p90: us(quantile(lat, 0.90)),
@@ -534,7 +560,7 @@ pub async fn hold(target: Arc<Target>, n: usize, concurrency: usize) -> (Vec<Con
             let mut failed = 0;
             for _ in 0..mine {
                 match open(&target).await {
-                    Ok(mut c) => match send(&mut c, target.request(false)).await {
+                    Ok((mut c, _)) => match send(&mut c, target.request(false)).await {
                         Ok(()) => held.push(c),
                         Err(_) => failed += 1,
                     },
