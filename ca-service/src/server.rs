@@ -194,8 +194,12 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
             .concurrency_limit_per_connection(256)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // No h2 keep-alive PINGs: with one bundle stream per sidecar, they cost a wake-up, an
+            // encrypted PING and its PONG per sidecar every interval, about 5% of a core for the
+            // CA at 19,000 sidecars, for nothing the kernel's keep-alive (set on every accepted
+            // connection, `meshid_runtime::net::keepalive`) does not do for free: a vanished
+            // sidecar is noticed in about a minute, and `max_connection_age` ends every
+            // connection, so a hung one too.
             // GOAWAY at the maximum age (tonic's graceful shutdown of the connection); the
             // connection itself ends `max_connection_age_grace` later (tls::TlsConn), which also
             // ends the bundle streams still on it. tonic's own `max_connection_age_grace` is not

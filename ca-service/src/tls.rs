@@ -566,6 +566,8 @@ pub fn incoming(
                 refused("displaced");
             }
             let _ = tcp.set_nodelay(true);
+            // A sidecar that vanished (its node gone) is noticed by the kernel, not by h2 PINGs.
+            let _ = meshid_runtime::net::keepalive(&tcp);
             let tcp = Displaceable::new(tcp, admitted.displacement);
             let ticket = admitted.ticket;
             let acceptor = TlsAcceptor::from(config.load_full());

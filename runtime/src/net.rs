@@ -1,4 +1,5 @@
-//! The accept loop every listener shares: the next connection, or `None` once shutdown starts.
+//! The accept loop every listener shares (the next connection, or `None` once shutdown starts),
+//! and the kernel's keep-alive for long-lived idle connections.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,9 +42,45 @@ pub async fn accept_retrying(
     }
 }
 
+/// Silence after which the kernel starts probing the peer of a [`keepalive`] connection.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between two keep-alive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the kernel ends the connection (reads fail with `ETIMEDOUT`).
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// Lets the kernel notice a peer that vanished without a FIN or RST (its host gone, a network
+/// cut) on a connection that may stay silent for long: after [`KEEPALIVE_IDLE`] of silence it
+/// probes every [`KEEPALIVE_INTERVAL`] and ends the connection after [`KEEPALIVE_PROBES`]
+/// unanswered probes, about a minute in all. A live peer's kernel answers the probes itself, so
+/// neither process wakes up, and nothing is encrypted, unlike an h2 PING: what a CA holding tens
+/// of thousands of idle bundle streams needs.
+pub fn keepalive(tcp: &TcpStream) -> std::io::Result<()> {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn keepalive_hands_the_idle_peer_check_to_the_kernel() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(&client);
+        assert!(!sock.keepalive().unwrap(), "off by default");
+        keepalive(&client).unwrap();
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+    }
 
     #[tokio::test]
     async fn accepts_until_shutdown() {

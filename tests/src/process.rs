@@ -141,3 +141,73 @@ pub fn ca_mode_sidecar(
         .env("TOKIO_WORKER_THREADS", "1");
     cmd
 }
+
+/// An established IPv4 TCP connection, as `/proc/net/tcp` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConn {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's keep-alive timer is armed: SO_KEEPALIVE is on and nothing is in flight (the
+    /// `tr` column is 2; it is 1 while data waits to be acknowledged, 0 with no timer at all).
+    pub keepalive: bool,
+}
+
+/// Every established IPv4 TCP connection of this machine with `addr` at one end, either side.
+pub fn tcp_connections(addr: SocketAddr) -> Vec<TcpConn> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 || f[3] != "01" {
+                return None;
+            }
+            let (local, remote) = (proc_net_addr(f[1])?, proc_net_addr(f[2])?);
+            (local == addr || remote == addr).then(|| TcpConn {
+                local,
+                remote,
+                keepalive: f[5].starts_with("02:"),
+            })
+        })
+        .collect()
+}
+
+/// `0100007F:1F90` (the address's bytes as a host-order word, the port in hex) as 127.0.0.1:8080.
+fn proc_net_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let ip = u32::from_str_radix(ip, 16).ok()?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    Some(SocketAddr::from((ip.to_ne_bytes(), port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_tcp_addresses_are_read_as_the_kernel_writes_them() {
+        assert_eq!(
+            proc_net_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(proc_net_addr("garbage"), None);
+    }
+
+    #[test]
+    fn a_connection_with_keepalive_on_shows_its_timer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let ours = |conns: Vec<TcpConn>| {
+            conns
+                .into_iter()
+                .find(|c| c.local == client.local_addr().unwrap())
+                .unwrap()
+        };
+        assert!(!ours(tcp_connections(addr)).keepalive);
+        socket2::SockRef::from(&client).set_keepalive(true).unwrap();
+        assert!(ours(tcp_connections(addr)).keepalive);
+    }
+}

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::mesh::{Traffic, eventually, get, http_request, tls_connect};
-use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get, wait_http_ok};
+use meshid_tests::process::{
+    Proc, ca_mode_sidecar, free_addr, http_get, tcp_connections, wait_http_ok,
+};
 use meshid_tests::tools::workspace_bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -144,6 +146,21 @@ async fn whole_mesh_over_real_processes() {
     );
     let (_, ident) = http_get(b_admin, "/identity").unwrap();
     assert!(ident.contains(B), "{ident}");
+
+    // A bundle stream is silent between bundle changes. Both ends leave noticing a vanished peer
+    // to the kernel's keep-alive (the CA sends no h2 PINGs): every connection between the sidecars
+    // and the CA has its keep-alive timer armed, on both sides.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let conns = tcp_connections(ca_grpc);
+            let ca_side = conns.iter().filter(|c| c.local == ca_grpc).count();
+            let sidecar_side = conns.iter().filter(|c| c.remote == ca_grpc).count();
+            ca_side >= 2 && sidecar_side >= 2 && conns.iter().all(|c| c.keepalive)
+        })
+        .await,
+        "keep-alive on every connection to the CA: {:?}",
+        tcp_connections(ca_grpc)
+    );
 
     // Allowed and denied, HTTP/1.1 and h2, and TCP.
     for h2 in [false, true] {

@@ -80,6 +80,9 @@ pub async fn channel(
             async move {
                 let tcp = TcpStream::connect(addr.as_str()).await?;
                 tcp.set_nodelay(true)?;
+                // The bundle stream stays silent between bundle changes: a CA that vanished
+                // (its node gone, no FIN) is noticed by the kernel, and the stream reopened.
+                meshid_runtime::net::keepalive(&tcp)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
