@@ -39,9 +39,14 @@ struct Args {
     /// Closed-loop renewal clients (one mTLS connection each) run alongside the connected fleet.
     #[arg(long, default_value_t = 8)]
     renewal_clients: usize,
-    /// Length of the idle-CPU window and of the renewal run.
+    /// Length of the renewal run.
     #[arg(long, default_value = "10s")]
     window: String,
+    /// Length of the idle-CPU window, from 2 s after the last sidecar acknowledged the bundle:
+    /// longer than any periodic per-connection work (keep-alive probes start after 30 s of
+    /// silence), so the figure is the steady state, not the quiet just after joining.
+    #[arg(long, default_value = "40s")]
+    idle_window: String,
     /// One fleet of 200, 3 s windows (CI smoke run).
     #[arg(long)]
     smoke: bool,
@@ -95,6 +100,7 @@ async fn main() -> Result<()> {
     if args.smoke {
         args.sizes = vec![200];
         args.window = "3s".into();
+        args.idle_window = "3s".into();
         args.renewal_clients = args.renewal_clients.min(4);
     }
     if args.sizes.is_empty() || args.sizes.contains(&0) {
@@ -102,6 +108,8 @@ async fn main() -> Result<()> {
     }
     let window = meshid_identity::parse_duration(&args.window)
         .map_err(|e| anyhow::anyhow!("--window: {e}"))?;
+    let idle_window = meshid_identity::parse_duration(&args.idle_window)
+        .map_err(|e| anyhow::anyhow!("--idle-window: {e}"))?;
     let ca_bin = args.bin_dir.join("meshid-ca");
     if !ca_bin.exists() {
         bail!("{} not found (run bench/fleet.sh)", ca_bin.display());
@@ -125,7 +133,7 @@ async fn main() -> Result<()> {
         let work =
             std::env::temp_dir().join(format!("meshid-fleet-bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&work)?;
-        let r = one_size(&args, &ca_bin, &work, n, window).await;
+        let r = one_size(&args, &ca_bin, &work, n, window, idle_window).await;
         let _ = std::fs::remove_dir_all(&work);
         let r = r.with_context(|| format!("fleet of {n}"))?;
         print_size(&r);
@@ -135,6 +143,7 @@ async fn main() -> Result<()> {
         "join_rate_per_second": args.join_rate,
         "renewal_clients": args.renewal_clients,
         "window_seconds": window.as_secs_f64(),
+        "idle_window_seconds": idle_window.as_secs_f64(),
         "open_file_limit": limit,
         "sizes": results,
     });
@@ -151,6 +160,7 @@ async fn one_size(
     work: &Path,
     n: usize,
     window: Duration,
+    idle_window: Duration,
 ) -> Result<Value> {
     let BenchCa {
         proc: ca,
@@ -205,8 +215,8 @@ async fn one_size(
     let connected = mem(pid)?;
     let fds = open_fds(pid);
     let cpu0 = cpu_seconds(pid)?;
-    tokio::time::sleep(window).await;
-    let idle_cpu = (cpu_seconds(pid)? - cpu0) / window.as_secs_f64();
+    tokio::time::sleep(idle_window).await;
+    let idle_cpu = (cpu_seconds(pid)? - cpu0) / idle_window.as_secs_f64();
 
     // A bundle change pushed to everyone.
     let errors_before = errors(&stats);
