@@ -48,19 +48,25 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes after which the kernel ends the connection (reads fail with `ETIMEDOUT`).
 pub const KEEPALIVE_PROBES: u32 = 3;
+/// How long sent data may stay unacknowledged before the kernel ends the connection: what the
+/// probes allow, so a peer that vanished while we were sending (a bundle push) is given up as soon
+/// as a silent one (the kernel's default would retransmit for about 15 minutes).
+pub const UNACKED_LIMIT: Duration = Duration::from_secs(60);
 
 /// Lets the kernel notice a peer that vanished without a FIN or RST (its host gone, a network
 /// cut) on a connection that may stay silent for long: after [`KEEPALIVE_IDLE`] of silence it
 /// probes every [`KEEPALIVE_INTERVAL`] and ends the connection after [`KEEPALIVE_PROBES`]
-/// unanswered probes, about a minute in all. A live peer's kernel answers the probes itself, so
-/// neither process wakes up, and nothing is encrypted, unlike an h2 PING: what a CA holding tens
-/// of thousands of idle bundle streams needs.
+/// unanswered probes, about a minute in all ([`UNACKED_LIMIT`] when data was in flight). A live
+/// peer's kernel answers the probes itself, so neither process wakes up, and nothing is
+/// encrypted, unlike an h2 PING: what a CA holding tens of thousands of idle bundle streams needs.
 pub fn keepalive(tcp: &TcpStream) -> std::io::Result<()> {
     let params = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(tcp).set_tcp_keepalive(&params)
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(&params)?;
+    sock.set_tcp_user_timeout(Some(UNACKED_LIMIT))
 }
 
 #[cfg(test)]
@@ -80,6 +86,7 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(UNACKED_LIMIT));
     }
 
     #[tokio::test]
