@@ -4,7 +4,7 @@
 # service-account tokens. Targets are in fuzz/fuzz_targets, seeds in fuzz/seeds; docs/fuzzing.md.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default: 60 s for every target
-#        scripts/fuzz.sh --smoke [TARGET...]                 100,000 runs each from a fixed seed
+#        scripts/fuzz.sh --smoke [TARGET...]                 50,000 runs each from a fixed seed
 #                                                            (deterministic; what CI runs)
 # A crash leaves its input in fuzz/artifacts/TARGET/ and the script exits 1; replay it with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O TARGET fuzz/artifacts/TARGET/crash-...   (in fuzz/)
@@ -35,7 +35,7 @@ if [ ${#targets[@]} -eq 0 ]; then
 fi
 
 if $smoke; then
-    budget=(-runs=100000 -seed=1)
+    budget=(-runs=50000 -seed=1)
 else
     budget=("-max_total_time=$seconds")
 fi
