@@ -273,7 +273,7 @@ pub(crate) async fn serve_connection<IO, S, F>(
 }
 
 pub(crate) fn finish_response(
-    mut resp: Response<Incoming>,
+    mut resp: Response<Body>,
     tunnel: Option<Tunnel>,
     shared: &Shared,
 ) -> Response<Body> {
@@ -320,7 +320,7 @@ pub(crate) fn finish_response(
         });
     }
     strip_hop_by_hop(resp.headers_mut(), switching);
-    resp.map(|b| b.boxed())
+    resp
 }
 
 /// The innermost error message of a chain (the useful part of a client error).

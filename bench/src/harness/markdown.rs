@@ -579,17 +579,21 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   The largest single items are the kernel's loopback TCP path and wake-ups, `memmove` (5-7%: large
   futures and buffers moved), and malloc/free (4-5%: 13.5 allocations per request at the outbound,
   10.3 at the inbound). hyper-util's pooled client on the inbound's app side (pool checkout, SipHash
-  of the pool key, a channel to the app connection's task and back) is about 5% of the inbound.
-  The per-connection log span costs under 1%.
+  of the pool key, a task spawned per request to wait for the connection to be ready again) was
+  about 5% of the inbound; the inbound now keeps its own last-in first-out pool of hyper HTTP/1.1
+  connections to the app, returned by the response body once read (`sidecar/src/inbound/app.rs`):
+  pair throughput went from 1.29x to 1.43x nginx's in back-to-back runs of the `throughput`
+  scenario (meshid CPU per request 49.8-59.0 -> 43.8-49.7 us). The per-connection log span costs
+  under 1%.
 - **At 1,000 req/s** the outbound makes 6 syscalls per request (`epoll_wait`, `recvfrom`, `writev`,
   twice: the floor for a proxy) and 1.4 context switches (the inbound 1.6; nginx 2.4). 43% of the
   outbound's samples are the kernel waking the reader of what it wrote (`writev` -> loopback ->
   `sock_def_readable`; the load generator sleeps on the other CPU, so this is a cross-CPU wake-up,
   costly on a VM) and 17% the wake-up of its own `epoll_wait`. Our own code is a few percent of the
   samples: at this rate a request costs wake-ups and cold caches, so what is left to cut is the
-  code a request walks through (h2 between the sidecars, the pooled client, hyper's HTTP/1.1 on both
-  ends), not the syscalls. Not done yet: a per-request path with fewer task hops on the inbound
-  (h2 stream task -> pooled client -> app connection task and back).
+  code a request walks through (h2 between the sidecars, hyper's HTTP/1.1 on both ends), not the
+  syscalls. Not done yet: a per-request path with fewer task hops on the inbound (h2 stream task
+  -> app connection task and back).
 - **A full handshake** at the terminator is 73% aws-lc (P-256 ECDSA signing and verifying a third,
   SHA-384 for the TLS 1.3 key schedule 9%, X25519 7%) and 20% kernel; rustls, tokio and our own
   checks are the rest. X25519MLKEM768 adds ML-KEM-768 encapsulation and the larger key shares: see

@@ -13,16 +13,17 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::app::AppH1;
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
@@ -38,7 +39,7 @@ pub struct InboundHttp {
     target: SocketAddr,
     /// `target` as a URI authority, parsed once (every request is re-addressed to it).
     authority: http::uri::Authority,
-    h1: Client<HttpConnector, ReqBody>,
+    h1: Arc<AppH1>,
     h2: Client<HttpConnector, ReqBody>,
     authz: Authorizer,
 }
@@ -48,12 +49,10 @@ impl InboundHttp {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(shared.limits.connect_timeout));
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
+        let h1 = AppH1::new(spec.target, shared.limits.connect_timeout);
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(super::app::IDLE_TIMEOUT)
             .build(connector);
         Self {
             target: spec.target,
@@ -215,12 +214,25 @@ async fn inbound_request(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    match http::Uri::builder()
-        .scheme(http::uri::Scheme::HTTP)
-        .authority(http.authority.clone())
-        .path_and_query(pq)
-        .build()
-    {
+    if !to_h2 && !req.headers().contains_key(header::HOST) {
+        // No host from the peer at all: name the app, as an HTTP/1.1 request must.
+        let app = HeaderValue::from_str(http.authority.as_str()).ok();
+        if let Some(v) = app {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    // HTTP/1.1 to the app takes the origin form (`/path?query`); h2 takes the app's address as
+    // `:authority`.
+    let uri = if to_h2 {
+        http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(http.authority.clone())
+            .path_and_query(pq)
+            .build()
+    } else {
+        http::Uri::builder().path_and_query(pq).build()
+    };
+    match uri {
         Ok(uri) => *req.uri_mut() = uri,
         Err(_) => {
             return reply(StatusCode::BAD_REQUEST, "bad request target".into());
@@ -244,10 +256,15 @@ async fn inbound_request(
         Version::HTTP_11
     };
     // For h2 the original host travels as a `host` header beside `:authority` (the app's address).
-    let sent = if to_h2 {
-        http.h2.request(req)
-    } else {
-        http.h1.request(req)
+    let sent = async {
+        if to_h2 {
+            match http.h2.request(req).await {
+                Ok(resp) => Ok(resp.map(|b| b.boxed())),
+                Err(error) => Err(root_cause(&error)),
+            }
+        } else {
+            http.h1.request(req).await
+        }
     };
     let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
         Err(_) => {
@@ -263,7 +280,7 @@ async fn inbound_request(
             tracing::warn!(%error, target = %http.target, "app request failed");
             return reply(
                 StatusCode::BAD_GATEWAY,
-                format!("the app is unreachable: {}", root_cause(&error)),
+                format!("the app is unreachable: {error}"),
             );
         }
         Ok(Ok(resp)) => resp,

@@ -3,6 +3,7 @@
 //! authorization point ([`authz`]) on its way to the app on localhost: as a TCP stream ([`tcp`]),
 //! or request by request over HTTP ([`http`]).
 
+pub mod app;
 pub mod authz;
 pub mod http;
 pub mod tcp;

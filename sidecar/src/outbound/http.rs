@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::upstream::H2Upstream;
@@ -145,7 +146,7 @@ async fn outbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp, None, shared)
+    finish_response(resp.map(|b| b.boxed()), None, shared)
 }
 
 #[cfg(test)]

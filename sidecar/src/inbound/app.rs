@@ -1,0 +1,375 @@
+//! The inbound's HTTP/1.1 connections to the app on localhost: a small pool of idle hyper client
+//! connections, taken last-in first-out, one request at a time on each.
+//!
+//! A connection goes back to the pool when its response body has been read to the end (or had
+//! none), from the task that read it: no pool key to hash, no task spawned per request to wait
+//! for the connection to become ready (what hyper-util's pooled client does), no URI to rebuild.
+//! A request that a pooled connection hands back unsent (the app closed it as we took it) is sent
+//! again on another one; a request that a new connection fails is answered with the error. Idle
+//! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::http::{Body, ReqBody, root_cause};
+
+/// How long an idle app connection is kept for the next request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many idle app connections are kept per inbound listener; more are closed.
+pub const MAX_IDLE: usize = 512;
+
+struct Idle<B> {
+    send: http1::SendRequest<B>,
+    since: Instant,
+}
+
+/// HTTP/1.1 connections to one app address, sending request bodies of type `B`.
+pub struct AppH1<B = ReqBody> {
+    target: SocketAddr,
+    connect_timeout: Duration,
+    /// Idle connections, the most recently used last.
+    idle: Mutex<Vec<Idle<B>>>,
+}
+
+impl<B> AppH1<B>
+where
+    B: HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A pool for `target`; a task closes connections idle for longer than [`IDLE_TIMEOUT`] while
+    /// the pool lives. Must be called within the runtime.
+    pub fn new(target: SocketAddr, connect_timeout: Duration) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            target,
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+                match weak.upgrade() {
+                    Some(pool) => pool.prune(Instant::now()),
+                    None => return,
+                }
+            }
+        });
+        pool
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<B>, String> {
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target))
+            .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => {
+                return Err(format!(
+                    "connecting timed out after {:?}",
+                    self.connect_timeout
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (send, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| root_cause(&e))?;
+        let target = self.target;
+        tokio::spawn(async move {
+            if let Err(error) = conn.with_upgrades().await {
+                tracing::debug!(%error, %target, "app connection ended");
+            }
+        });
+        Ok(send)
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) on an idle connection or a new one. The
+    /// response's body puts the connection back into the pool once read to the end; a `101
+    /// Switching Protocols` response keeps it (it becomes the upgraded stream).
+    pub async fn request(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, String> {
+        let mut req = req;
+        loop {
+            let (mut send, pooled) = match self.checkout() {
+                Some(send) => (send, true),
+                None => (self.connect().await?, false),
+            };
+            if let Err(e) = send.ready().await {
+                if pooled {
+                    // Closed while idle: the request was not sent; take another.
+                    continue;
+                }
+                return Err(root_cause(&e));
+            }
+            match send.try_send_request(req).await {
+                Ok(resp) => {
+                    let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (send, Arc::downgrade(self)));
+                    return Ok(resp.map(|inner| {
+                        AppBody {
+                            inner,
+                            done: false,
+                            back,
+                        }
+                        .boxed()
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if pooled => {
+                        tracing::debug!(error = %e.error(), target = %self.target, "app connection closed with the request unsent; on another one");
+                        req = unsent;
+                    }
+                    _ => return Err(root_cause(&e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+impl<B> AppH1<B> {
+    /// Idle connections held now.
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<B>>> {
+        // A panic while holding the lock leaves a plain Vec behind: still usable.
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops connections that the app closed or that idled past [`IDLE_TIMEOUT`].
+    fn prune(&self, now: Instant) {
+        self.lock()
+            .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+    }
+
+    fn checkout(&self) -> Option<http1::SendRequest<B>> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(c) = idle.pop() {
+            if !c.send.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT {
+                return Some(c.send);
+            }
+        }
+        None
+    }
+
+    fn check_in(&self, send: http1::SendRequest<B>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                send,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A response body from the app that returns its connection to the pool when read to the end.
+struct AppBody<B> {
+    inner: Incoming,
+    done: bool,
+    back: Option<(http1::SendRequest<B>, Weak<AppH1<B>>)>,
+}
+
+impl<B> AppBody<B> {
+    fn release(&mut self) {
+        if let Some((send, pool)) = self.back.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.check_in(send);
+        }
+    }
+}
+
+impl<B> HttpBody for AppBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                self.done = true;
+                self.release();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // The connection is broken: never reused.
+                self.back = None;
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for AppBody<B> {
+    fn drop(&mut self) {
+        // Read to the end (or empty from the start): the connection can take the next request.
+        // Dropped part-way: hyper closes the connection, and so do we by dropping the sender.
+        if self.done || self.inner.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    type Pool = Arc<AppH1<Full<Bytes>>>;
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::get(path)
+            .header("host", "app")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    }
+
+    /// An app that answers every request on a connection with `body`, and counts connections.
+    async fn app(
+        body: &'static str,
+        close_after: Option<usize>,
+    ) -> (SocketAddr, Arc<Mutex<usize>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                *count.lock().unwrap() += 1;
+                tokio::spawn(async move {
+                    let mut served = 0;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        buf.drain(..end);
+                        let reply = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        served += 1;
+                        if close_after == Some(served) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn text(resp: Response<Body>) -> String {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_is_read() {
+        let (addr, accepted) = app("hi", None).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        for _ in 0..5 {
+            let resp = pool.request(get("/")).await.unwrap();
+            assert_eq!(text(resp).await, "hi");
+        }
+        assert_eq!(*accepted.lock().unwrap(), 1);
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_still_being_read_holds_its_connection() {
+        let (addr, accepted) = app("hi", None).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        let first = pool.request(get("/")).await.unwrap();
+        let second = pool.request(get("/")).await.unwrap();
+        assert_eq!(*accepted.lock().unwrap(), 2);
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(text(first).await, "hi");
+        assert_eq!(text(second).await, "hi");
+        assert_eq!(pool.idle_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_does_not_return_its_connection() {
+        let (addr, _) = app("a longer body", None).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        drop(pool.request(get("/")).await.unwrap());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_is_replaced_without_failing_the_request() {
+        // The app closes every connection after one response, without saying so.
+        let (addr, accepted) = app("hi", Some(1)).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        for _ in 0..4 {
+            let resp = pool.request(get("/")).await.unwrap();
+            assert_eq!(text(resp).await, "hi");
+            // Let the close reach the pooled connection for some rounds, not for others.
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*accepted.lock().unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_app_that_is_down_is_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        let error = pool.request(get("/")).await.unwrap_err();
+        assert!(error.contains("refused"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let (addr, _) = app("hi", None).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        text(pool.request(get("/")).await.unwrap()).await;
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
+        assert_eq!(pool.idle_count(), 0);
+    }
+}
