@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the outside tools the end-to-end tests check our work with, if missing:
-# openssl, curl and libfaketime (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
+# openssl, curl, haproxy and libfaketime (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
 # and promtool (from
 # Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
 # server, user or service).
@@ -15,6 +15,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
 # libfaketime: the chaos suite's clock-steps scenario moves one sidecar's wall clock with it.
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
+# haproxy: reads the sidecar's PROXY protocol v2 header (`accept-proxy`) in tests/tests/proxy_protocol.rs.
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   $SUDO apt-get update -qq
@@ -44,4 +46,4 @@ if [ ! -x "$PROMTOOL" ]; then
   mkdir -p "$(dirname "$PROMTOOL")"
   cp "$tmp/root/usr/bin/promtool" "$PROMTOOL"
 fi
-echo "test tools: openssl $(openssl version | cut -d' ' -f2), $(curl --version | head -1 | cut -d' ' -f1-2), grpcio $(python3 -c 'import grpc; print(grpc.__version__)'), promtool $("$PROMTOOL" --version 2>&1 | head -1 | cut -d' ' -f3)"
+echo "test tools: openssl $(openssl version | cut -d' ' -f2), haproxy $(haproxy -v | head -1 | cut -d' ' -f3), $(curl --version | head -1 | cut -d' ' -f1-2), grpcio $(python3 -c 'import grpc; print(grpc.__version__)'), promtool $("$PROMTOOL" --version 2>&1 | head -1 | cut -d' ' -f3)"

@@ -115,7 +115,7 @@ pub struct CheckPolicyArgs {
     /// The request's path, on an HTTP port; without it only the connection is decided.
     #[arg(long)]
     pub path: Option<String>,
-    /// The sidecar's inbound listeners, as given to `run` (LISTEN=TARGET[,tcp|http], repeatable):
+    /// The sidecar's inbound listeners, as given to `run` (LISTEN=TARGET[,tcp|http][,proxy-v2], repeatable):
     /// a policy port whose protocol disagrees with its listener is refused, as `run` refuses it.
     /// Also warn about a policy port no listener has, and a listener the policy does not name.
     #[arg(long)]
@@ -129,7 +129,9 @@ pub struct CheckPolicyArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Inbound listener: LISTEN=TARGET[,tcp|http], e.g. 0.0.0.0:15443=127.0.0.1:8080,http (repeatable).
+    /// Inbound listener: LISTEN=TARGET[,tcp|http][,proxy-v2], e.g. 0.0.0.0:15443=127.0.0.1:8080,http
+    /// (repeatable). `proxy-v2` (tcp only): the app first gets a PROXY protocol v2 header with the
+    /// peer's address and verified SPIFFE ID (TLV 0xE4).
     #[arg(long, env = "MESHID_SIDECAR_INBOUND", value_delimiter = ' ')]
     pub inbound: Vec<String>,
     /// Upstream: LOCAL=REMOTE,SPIFFE_ID[,tcp|http], e.g.

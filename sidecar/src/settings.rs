@@ -16,7 +16,12 @@ pub struct Inbound {
     pub listen: SocketAddr,
     pub target: SocketAddr,
     pub protocol: Protocol,
+    /// TCP only: send the app a PROXY protocol v2 header (peer address, verified SPIFFE ID) first.
+    pub proxy_protocol: bool,
 }
+
+/// The `--inbound` option that turns on the PROXY protocol v2 header to the app.
+pub const PROXY_V2: &str = "proxy-v2";
 
 /// An upstream the app reaches through a local plaintext listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,14 +160,32 @@ pub fn parse_protocol(s: Option<&str>) -> Result<Protocol, String> {
     }
 }
 
-/// Parses `LISTEN=TARGET[,tcp|http]`.
+/// Parses `LISTEN=TARGET[,tcp|http][,proxy-v2]`.
 pub fn parse_inbound(s: &str, allow_non_local: bool) -> Result<Inbound, String> {
     let (listen, rest) = s
         .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not LISTEN=TARGET[,tcp|http]"))?;
+        .ok_or_else(|| format!("{s:?} is not LISTEN=TARGET[,tcp|http][,{PROXY_V2}]"))?;
     let mut parts = rest.split(',');
     let target = parts.next().unwrap_or_default();
-    let protocol = parse_protocol(parts.next())?;
+    let mut next = parts.next();
+    let protocol = match next {
+        Some(PROXY_V2) => Protocol::Tcp,
+        other => {
+            next = parts.next();
+            parse_protocol(other)?
+        }
+    };
+    let proxy_protocol = match next {
+        None => false,
+        Some(PROXY_V2) if protocol == Protocol::Tcp => true,
+        Some(PROXY_V2) => {
+            return Err(format!(
+                "{s:?}: {PROXY_V2} is for tcp listeners (an HTTP app learns its caller from \
+                 x-forwarded-client-cert)"
+            ));
+        }
+        Some(other) => return Err(format!("{s:?}: {other:?} is not {PROXY_V2}")),
+    };
     if parts.next().is_some() {
         return Err(format!("{s:?} has too many fields"));
     }
@@ -185,6 +208,7 @@ pub fn parse_inbound(s: &str, allow_non_local: bool) -> Result<Inbound, String> 
         listen,
         target,
         protocol,
+        proxy_protocol,
     })
 }
 
@@ -272,8 +296,25 @@ mod tests {
             "0.0.0.0:1=127.0.0.1:2,udp",
             "a=b",
             "0.0.0.0:1=127.0.0.1:2,http,x",
+            "0.0.0.0:1=127.0.0.1:2,http,proxy-v2",
+            "0.0.0.0:1=127.0.0.1:2,tcp,proxy-v1",
+            "0.0.0.0:1=127.0.0.1:2,tcp,proxy-v2,x",
+            "0.0.0.0:1=127.0.0.1:2,proxy-v2,tcp",
         ] {
             assert!(parse_inbound(bad, false).is_err(), "{bad}");
+        }
+        for (spec, proxy) in [
+            ("127.0.0.1:1=127.0.0.1:2", false),
+            ("127.0.0.1:1=127.0.0.1:2,tcp", false),
+            ("127.0.0.1:1=127.0.0.1:2,tcp,proxy-v2", true),
+            ("127.0.0.1:1=127.0.0.1:2,proxy-v2", true),
+        ] {
+            let i = parse_inbound(spec, false).unwrap();
+            assert_eq!(
+                (i.protocol, i.proxy_protocol),
+                (Protocol::Tcp, proxy),
+                "{spec}"
+            );
         }
         let o = parse_outbound(
             "127.0.0.1:9001=payments.shop.svc:15443,spiffe://cluster.local/ns/shop/sa/payments,http",

@@ -189,6 +189,8 @@ pub struct SidecarSpec {
     pub unready_on_policy_error: bool,
     /// `--metrics-peer-identity`.
     pub metrics_peer_identity: bool,
+    /// `proxy-v2` on every TCP inbound listener: the app gets a PROXY protocol v2 header first.
+    pub proxy_protocol: bool,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -222,6 +224,7 @@ impl TestSidecar {
                 listen: SocketAddr::new(ip.parse().expect("ip"), free_port(ip)),
                 target: *target,
                 protocol: *protocol,
+                proxy_protocol: spec.proxy_protocol && *protocol == Protocol::Tcp,
             })
             .collect();
         let policy_path = dir.path().join("policy.yaml");

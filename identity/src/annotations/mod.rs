@@ -8,6 +8,7 @@
 //! meshid.io/allow-8080: "spiffe://cluster.local/ns/shop/sa/frontend, spiffe://cluster.local/ns/ops/sa/*"
 //! meshid.io/outbound: "9001=payments.shop.svc:8080,spiffe://cluster.local/ns/shop/sa/payments,http"
 //! meshid.io/mode: "audit"                           # or enforce (default)
+//! meshid.io/proxy-protocol: "9000"                  # tcp ports whose app gets a PROXY v2 header
 //! ```
 //!
 //! Pure: the webhook uses the same parser to refuse a pod whose annotations do not parse, so a pod
@@ -58,6 +59,9 @@ pub const OUTBOUND: &str = "meshid.io/outbound";
 pub const MODE: &str = "meshid.io/mode";
 /// Allowed peers of one inbound port: `meshid.io/allow-<port>`.
 pub const ALLOW_PREFIX: &str = "meshid.io/allow-";
+/// Inbound TCP ports (comma-separated) whose app is sent a PROXY protocol v2 header first: the
+/// peer's address and its verified SPIFFE ID.
+pub const PROXY_PROTOCOL: &str = "meshid.io/proxy-protocol";
 /// Set by the injector on pods it has changed.
 pub const INJECTED: &str = "meshid.io/injected";
 /// Set by the injector: the app's HTTP probes it moved to the sidecar's admin port, as JSON
@@ -87,6 +91,8 @@ fn problem(annotation: &str, problem: impl Into<String>) -> AnnotationError {
 pub struct InboundPort {
     pub port: u16,
     pub protocol: Protocol,
+    /// Named in [`PROXY_PROTOCOL`]: the app gets a PROXY protocol v2 header first.
+    pub proxy_protocol: bool,
 }
 
 /// An upstream: the app calls `127.0.0.1:<local_port>`, the sidecar calls `remote` with mTLS.
@@ -114,13 +120,38 @@ impl MeshAnnotations {
     /// annotation. Other annotations are ignored.
     pub fn from_map(annotations: &BTreeMap<String, String>) -> Result<Self, Vec<AnnotationError>> {
         let mut problems = Vec::new();
-        let inbound = match annotations.get(INBOUND) {
+        let mut inbound = match annotations.get(INBOUND) {
             Some(v) => parse_inbound_ports(v).unwrap_or_else(|e| {
                 problems.push(problem(INBOUND, e));
                 Vec::new()
             }),
             None => Vec::new(),
         };
+        if let Some(v) = annotations.get(PROXY_PROTOCOL) {
+            for item in split_list(v) {
+                let port = match parse_port(item) {
+                    Ok(port) => port,
+                    Err(e) => {
+                        problems.push(problem(PROXY_PROTOCOL, e));
+                        continue;
+                    }
+                };
+                match inbound.iter_mut().find(|i| i.port == port) {
+                    Some(i) if i.protocol == Protocol::Tcp => i.proxy_protocol = true,
+                    Some(_) => problems.push(problem(
+                        PROXY_PROTOCOL,
+                        format!(
+                            "port {port} is http in {INBOUND}: the PROXY header is for tcp ports \
+                             (an HTTP app learns its caller from x-forwarded-client-cert)"
+                        ),
+                    )),
+                    None => problems.push(problem(
+                        PROXY_PROTOCOL,
+                        format!("port {port} is not declared in {INBOUND}"),
+                    )),
+                }
+            }
+        }
         let outbound = match annotations.get(OUTBOUND) {
             Some(v) => parse_upstreams(v).unwrap_or_else(|e| {
                 problems.push(problem(OUTBOUND, e));
@@ -214,13 +245,18 @@ impl MeshAnnotations {
         &self.policy
     }
 
-    /// `--inbound` values: `POD_IP:PORT=127.0.0.1:PORT,PROTOCOL`.
+    /// `--inbound` values: `POD_IP:PORT=127.0.0.1:PORT,PROTOCOL[,proxy-v2]`.
     pub fn inbound_args(&self, pod_ip: IpAddr) -> Vec<String> {
         self.inbound
             .iter()
             .map(|i| {
                 let listen = SocketAddr::new(pod_ip, i.port);
-                format!("{listen}=127.0.0.1:{},{}", i.port, i.protocol.as_str())
+                let proxy = if i.proxy_protocol { ",proxy-v2" } else { "" };
+                format!(
+                    "{listen}=127.0.0.1:{},{}{proxy}",
+                    i.port,
+                    i.protocol.as_str()
+                )
             })
             .collect()
     }
@@ -321,7 +357,11 @@ fn parse_inbound_ports(value: &str) -> Result<Vec<InboundPort>, String> {
         if ports.iter().any(|p| p.port == port) {
             return Err(format!("port {port} is declared twice"));
         }
-        ports.push(InboundPort { port, protocol });
+        ports.push(InboundPort {
+            port,
+            protocol,
+            proxy_protocol: false,
+        });
     }
     Ok(ports)
 }
@@ -445,6 +485,19 @@ mod tests {
                 "10.1.2.3:9000=127.0.0.1:9000,tcp"
             ]
         );
+        let proxied = MeshAnnotations::from_map(&map(&[
+            (INBOUND, "8080=http, 9000=tcp, 5432"),
+            (PROXY_PROTOCOL, "9000, 5432"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            proxied.inbound_args("10.1.2.3".parse().unwrap()),
+            [
+                "10.1.2.3:8080=127.0.0.1:8080,http",
+                "10.1.2.3:9000=127.0.0.1:9000,tcp,proxy-v2",
+                "10.1.2.3:5432=127.0.0.1:5432,tcp,proxy-v2"
+            ]
+        );
         assert_eq!(a.outbound_args().len(), 2);
         let peer = SpiffeId::parse("spiffe://cluster.local/ns/ops/sa/metrics").unwrap();
         assert!(a.policy().decide_connection(8080, &peer).allowed);
@@ -469,6 +522,9 @@ mod tests {
             (OUTBOUND, "9001=payments,spiffe://td/a", "HOST:PORT"),
             (MODE, "loose", "enforce or audit"),
             ("meshid.io/allow-7000", "spiffe://td/a", "not declared"),
+            (PROXY_PROTOCOL, "8080", "for tcp ports"),
+            (PROXY_PROTOCOL, "9000", "not declared"),
+            (PROXY_PROTOCOL, "x", "not a port"),
         ];
         for (key, value, needle) in cases {
             let mut m = map(&[(INBOUND, "8080=http")]);

@@ -6,6 +6,7 @@
 pub mod app;
 pub mod authz;
 pub mod http;
+pub mod proxy_header;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -130,10 +131,18 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         shared.limits.handshake_timeout,
         acceptor.accept(tcp),
     ));
+    let mut local = spec.listen;
     let tls = match handshake.await {
         // Boxed: the stream moves through several futures below, which would each keep a dead copy.
         Ok(Ok(tls)) => {
-            ack_now(tls.get_ref().0.get_ref());
+            let tcp = tls.get_ref().0.get_ref();
+            ack_now(tcp);
+            // The PROXY header's destination: the address the peer reached (one syscall).
+            if spec.proxy_protocol
+                && let Ok(addr) = tcp.local_addr()
+            {
+                local = addr;
+            }
             Box::new(tls)
         }
         Ok(Err(error)) if is_displaced(&error) => {
@@ -202,7 +211,7 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         Protocol::Tcp => {
             // The stream holds the byte counters; nothing else of them is needed for its life.
             drop(metrics);
-            tcp::proxy(tls, peer, authz, spec, shared).await
+            tcp::proxy(tls, peer, local, authz, spec, shared).await
         }
         Protocol::Http => {
             self::http::serve_inbound(tls, peer, l.http.clone(), shared, slot, metrics).await

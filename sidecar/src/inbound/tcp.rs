@@ -1,18 +1,23 @@
 //! Inbound TCP: once the authorization point allows the connection, bytes flow both ways between
 //! the peer and the app until either side closes, the connection idles out, the peer's
-//! certificate expires, or a new policy no longer allows the peer.
+//! certificate expires, or a new policy no longer allows the peer. A listener with `proxy-v2`
+//! first tells the app who called, in a PROXY protocol v2 header ([`super::proxy_header`]).
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::authz::{Authorizer, Peer};
 use crate::conn::{Shared, copy_bidirectional_idle};
 use crate::settings::Inbound;
 
-/// Proxies one authenticated TCP connection to the app, if the policy allows it.
+/// Proxies one authenticated TCP connection to the app, if the policy allows it. `local` is the
+/// address the peer connected to (the PROXY header's destination).
 pub async fn proxy(
     tls: impl AsyncRead + AsyncWrite + Unpin,
     peer: Peer,
+    local: SocketAddr,
     authz: &Authorizer,
     spec: &Inbound,
     shared: &Shared,
@@ -36,7 +41,15 @@ pub async fn proxy(
             return;
         }
     };
+    let mut app = app;
     let _ = app.set_nodelay(true);
+    if spec.proxy_protocol {
+        let header = super::proxy_header::encode(peer.addr, local, peer.id().as_str());
+        if let Err(error) = app.write_all(&header).await {
+            tracing::warn!(%error, target = %spec.target, "app closed before the PROXY header");
+            return;
+        }
+    }
     let copy = copy_bidirectional_idle(tls, app, shared.limits.idle_timeout);
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     let ended = async {
