@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the outside tools the end-to-end tests check our work with, if missing:
-# openssl, curl, haproxy and libfaketime (Debian packages), Python's grpcio + grpcio-tools and prometheus-client (PyPI),
+# openssl, curl, haproxy and libfaketime (Debian packages), Python's grpcio + grpcio-tools, prometheus-client and spiffe (py-spiffe) (PyPI),
 # and promtool (from
 # Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
 # server, user or service).
@@ -33,6 +33,12 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; t
   echo "installing: prometheus-client (pip)"
   python3 -m pip install -q --disable-pip-version-check prometheus-client 2>&1 | grep -v "Running pip as the 'root' user" || true
   python3 -c 'import prometheus_client.openmetrics.parser'
+fi
+# py-spiffe: an outside client of the sidecar's SPIFFE Workload API (tests/tests/workload_api.rs).
+if ! python3 -c 'import spiffe' >/dev/null 2>&1; then
+  echo "installing: spiffe (py-spiffe, pip)"
+  python3 -m pip install -q --disable-pip-version-check 'spiffe>=0.3.2,<0.4' 2>&1 | grep -v "Running pip as the 'root' user" || true
+  python3 -c 'import spiffe'
 fi
 PROMTOOL="$ROOT/.tools/promtool/bin/promtool"
 if [ ! -x "$PROMTOOL" ]; then

@@ -56,6 +56,15 @@ fn main() {
     if grpcio || ci {
         println!("cargo::rustc-cfg=have_grpcio");
     }
+    // py-spiffe (`spiffe` on PyPI): an outside client of the sidecar's SPIFFE Workload API.
+    println!("cargo::rustc-check-cfg=cfg(have_py_spiffe)");
+    let py_spiffe = Command::new("python3")
+        .args(["-c", "import spiffe"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if py_spiffe || ci {
+        println!("cargo::rustc-cfg=have_py_spiffe");
+    }
     println!("cargo::rustc-check-cfg=cfg(have_openmetrics_parser)");
     let parser = Command::new("python3")
         .args(["-c", "import prometheus_client.openmetrics.parser"])

@@ -1,4 +1,5 @@
-//! The meshid contract: the CA's gRPC API (`meshid/ca/v1/ca.proto`), compiled at build time with
+//! The meshid contract: the CA's gRPC API (`meshid/ca/v1/ca.proto`) and the SPIFFE Workload API the
+//! sidecar serves to apps (`spiffe/workload/workload.proto`), compiled at build time with
 //! protox (no `protoc` needed). Generated code only, and the codec it uses: the types that give its
 //! strings meaning (SPIFFE IDs, certificate identities) live in `meshid-identity`.
 
@@ -8,6 +9,13 @@ pub mod ca {
         #![allow(unreachable_pub, clippy::all, clippy::pedantic)]
         tonic::include_proto!("meshid.ca.v1");
     }
+}
+
+/// Generated gRPC code for `spiffe/workload/workload.proto`: the SPIFFE Workload API (no protobuf
+/// package, as the specification has it).
+pub mod workload {
+    #![allow(unreachable_pub, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("_");
 }
 
 pub mod codec;

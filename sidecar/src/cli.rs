@@ -174,6 +174,12 @@ pub struct RunArgs {
     /// default: it multiplies those series by the number of distinct peers.
     #[arg(long, env = "MESHID_SIDECAR_METRICS_PEER_IDENTITY")]
     pub metrics_peer_identity: bool,
+    /// Serve the SPIFFE Workload API to the app on this unix socket (a path, or `unix:///path` as
+    /// `SPIFFE_ENDPOINT_SOCKET` spells it): an X.509-SVID with a key of the app's own (CA mode) and
+    /// the trust bundle, streamed again at every renewal and bundle change. The socket is mode
+    /// 0660 in a directory the sidecar owns (created if missing).
+    #[arg(long, env = "MESHID_SIDECAR_WORKLOAD_API_SOCKET")]
+    pub workload_api_socket: Option<String>,
     /// Certificate chain (PEM, leaf first).
     #[arg(long, env = "MESHID_SIDECAR_CERT")]
     pub cert: Option<PathBuf>,
@@ -331,6 +337,10 @@ impl RunArgs {
             stats_listen,
             unready_on_policy_error: self.unready_on_policy_error,
             metrics_peer_identity: self.metrics_peer_identity,
+            workload_api: self
+                .workload_api_socket
+                .as_deref()
+                .map(crate::workload_api::socket_path),
             creds,
             limits,
         })

@@ -6,7 +6,8 @@
 //! ([`inbound::authz`]) before anything reaches the app on localhost. Outbound listeners take the
 //! app's plaintext calls on 127.0.0.1 and originate mTLS to a peer whose identity must be the
 //! expected one. The policy model itself is pure and lives in `meshid-identity`; [`policy`] keeps
-//! it in step with the file on disk.
+//! it in step with the file on disk. The app can also ask for an identity of its own on the SPIFFE
+//! Workload API ([`workload_api`]).
 
 pub mod admin;
 pub mod check;
@@ -23,3 +24,4 @@ pub mod run;
 pub mod settings;
 pub mod trace;
 pub mod watch;
+pub mod workload_api;

@@ -27,6 +27,8 @@ pub enum StartError {
     Creds(#[from] crate::creds::CredError),
     #[error("policy: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("--workload-api-socket: {0}")]
+    WorkloadApi(#[from] crate::workload_api::SocketError),
     #[error("binding {addr}: {source}{}", taken_hint(.addr, .source))]
     Bind {
         addr: SocketAddr,
@@ -38,7 +40,7 @@ impl StartError {
     /// Whether the configuration itself cannot work here (a listen address that cannot be bound,
     /// e.g. an app that took the port on all addresses): the binary then exits 64, like a bad flag.
     pub fn is_configuration(&self) -> bool {
-        matches!(self, Self::Bind { .. })
+        matches!(self, Self::Bind { .. } | Self::WorkloadApi(_))
     }
 }
 
@@ -126,6 +128,10 @@ pub async fn start(
         spec.listen = addr;
         inbound_listeners.push((l, spec));
     }
+    let workload_api = match &config.workload_api {
+        Some(path) => Some(crate::workload_api::bind(path)?),
+        None => None,
+    };
     let mut outbound_addrs = Vec::new();
     let mut outbound_listeners = Vec::new();
     for spec in &config.outbound {
@@ -196,8 +202,20 @@ pub async fn start(
         shutdown: shutdown_rx,
     };
 
+    let mut app_svids = None;
     if let CredSource::Ca(mode) = &config.creds {
         let life = Arc::new(crate::creds::ca::Lifecycle::new());
+        if workload_api.is_some() {
+            let (tx, rx) = watch::channel(None);
+            app_svids = Some(rx);
+            tokio::spawn(crate::creds::app_svid::run_app_svids(
+                mode.clone(),
+                shared.creds.clone(),
+                life.clone(),
+                tx,
+                shared.shutdown.clone(),
+            ));
+        }
         tokio::spawn(crate::creds::ca::run_issuer(
             mode.clone(),
             shared.creds.clone(),
@@ -222,6 +240,14 @@ pub async fn start(
         ));
     }
 
+    if let Some(listener) = workload_api {
+        tokio::spawn(crate::workload_api::serve(
+            listener,
+            shared.creds.clone(),
+            app_svids,
+            shared.shutdown.clone(),
+        ));
+    }
     for (l, spec) in inbound_listeners {
         let limit = ConnLimit::new(config.limits.max_connections);
         limits.push(limit.clone());

@@ -97,6 +97,8 @@ pub struct RunConfig {
     pub unready_on_policy_error: bool,
     /// Request, duration and byte metrics carry the peer's SPIFFE ID (`--metrics-peer-identity`).
     pub metrics_peer_identity: bool,
+    /// Serve the SPIFFE Workload API to the app on this unix socket (`--workload-api-socket`).
+    pub workload_api: Option<PathBuf>,
     pub creds: CredSource,
     /// File mode: the CA to report to (`--report-ca-addr`); its roots come from the bundle file.
     pub report_to: Option<CaEndpoint>,

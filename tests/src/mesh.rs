@@ -191,6 +191,8 @@ pub struct SidecarSpec {
     pub metrics_peer_identity: bool,
     /// `proxy-v2` on every TCP inbound listener: the app gets a PROXY protocol v2 header first.
     pub proxy_protocol: bool,
+    /// `--workload-api-socket`.
+    pub workload_api: Option<PathBuf>,
 }
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
@@ -254,6 +256,7 @@ impl TestSidecar {
             stats_listen: spec.stats.then(|| "127.0.0.1:0".parse().expect("addr")),
             unready_on_policy_error: spec.unready_on_policy_error,
             metrics_peer_identity: spec.metrics_peer_identity,
+            workload_api: spec.workload_api.clone(),
             creds: spec.creds.clone().unwrap_or_else(|| {
                 CredSource::Files(FileCreds {
                     cert: workload.cert_path.clone(),

@@ -493,6 +493,102 @@ pub async fn issue_once(
     Ok((store.set_certificate(creds)?, resp.bundle_version))
 }
 
+/// An X.509-SVID for the app behind this sidecar (served on the SPIFFE Workload API): a key of its
+/// own, never the sidecar's, and a certificate for the sidecar's identity. Asked for as a renewal
+/// (presenting the sidecar's current certificate, over the bundle stream's connection when it is
+/// open), so it needs no credential of its own; checked like the sidecar's own certificate (key
+/// matches the leaf, chain verifies to the bundle both ways, the same SPIFFE ID) before it is used.
+pub async fn issue_for_app(
+    mode: &CaMode,
+    store: &CredentialStore,
+    stream_conn: &StreamConn,
+) -> Result<super::AppSvid, IssueError> {
+    let now = unix_now();
+    let own = store
+        .current()
+        .filter(|s| s.identity.not_after > now + 1 && store.own_chain_trusted(now))
+        .ok_or_else(|| IssueError::Response("no certificate of our own the CA takes yet".into()))?;
+    let client_cert = store.chain_and_key();
+    let key = KeyPair::generate()?;
+    let csr = CertificateParams::default().serialize_request(&key)?;
+    let req = IssueRequest {
+        csr: csr.der().to_vec(),
+        credential: None,
+        ttl_seconds: mode
+            .ttl
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+    };
+    let shared = client_cert
+        .as_ref()
+        .and_then(|(chain, _)| chain.first())
+        .and_then(|leaf| stream_conn.presenting(leaf));
+    let resp = match shared {
+        Some(mut client) => match client.issue(req.clone()).await {
+            Err(s) if connection_failed(&s) => {
+                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
+                    .await?
+                    .issue(req)
+                    .await
+            }
+            other => other,
+        },
+        None => {
+            ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
+                .await?
+                .issue(req)
+                .await
+        }
+    };
+    let resp = resp
+        .map_err(|s| IssueError::Status {
+            code: s.code(),
+            message: s.message().to_owned(),
+            retry_after: s
+                .metadata()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        })?
+        .into_inner();
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let roots: Vec<CertificateDer<'static>> = resp
+        .trust_anchors
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let key_der = key.serialize_der();
+    let identity = store.check(Credentials {
+        chain: chain.clone(),
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.clone())),
+        roots: roots.clone(),
+        pinned: resp
+            .pinned_intermediates
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    })?;
+    if identity.id != own.identity.id {
+        return Err(IssueError::Response(format!(
+            "the CA issued the app an SVID for {}, not for this sidecar's {}",
+            identity.id, own.identity.id
+        )));
+    }
+    Ok(super::AppSvid {
+        id: identity.id,
+        chain,
+        key: key_der,
+        not_before: identity.not_before,
+        not_after: identity.not_after,
+        issued_on: own.leaf_sha256.clone(),
+    })
+}
+
 impl IssueError {
     /// The CA's new certificate was refused as expired or not yet valid: our clock disagrees with
     /// the CA's by more than the certificate's validity allows.

@@ -1,10 +1,12 @@
 //! Credentials: the one store every listener reads ([`CredentialStore`]), and the sources that feed
 //! it through [`CredentialStore::set_certificate`]: PEM files ([`files`]) or the meshid CA ([`ca`],
-//! over [`ca_client`]).
+//! over [`ca_client`]); and the app's own SVID for the Workload API ([`app_svid`]).
 
+pub mod app_svid;
 pub mod ca;
 pub mod ca_client;
 pub mod files;
 mod store;
 
+pub use app_svid::AppSvid;
 pub use store::*;

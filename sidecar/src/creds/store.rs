@@ -287,6 +287,12 @@ impl CredentialStore {
         Ok(snapshot)
     }
 
+    /// Checks a set as [`Self::set_certificate`] does (key matches the leaf, the chain verifies to the
+    /// bundle both ways, one valid SPIFFE ID) without publishing it: the app's own SVID.
+    pub fn check(&self, creds: Credentials) -> Result<CertIdentity, CredError> {
+        Ok(self.build(creds, true)?.identity)
+    }
+
     fn build(&self, creds: Credentials, check_own_chain: bool) -> Result<Snapshot, CredError> {
         let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
         if creds.roots.is_empty() {

@@ -1,0 +1,437 @@
+//! The SPIFFE Workload API (`spiffe/workload/workload.proto`), served to the app on a unix domain
+//! socket (`--workload-api-socket`; apps find it through `SPIFFE_ENDPOINT_SOCKET`), so that
+//! go-spiffe, py-spiffe, java-spiffe and rust-spiffe clients get an identity without code of ours.
+//!
+//! - Every call must carry the metadata `workload.spiffe.io: true` (the specification's security
+//!   header, against a browser or an SSRF-able client being tricked into calling): without it the
+//!   call is refused with `InvalidArgument`.
+//! - `FetchX509SVID`: the app's own SVID ([`crate::creds::app_svid`]: its own key, the pod's
+//!   identity) with the trust bundle, sent at once and again at every renewal and bundle change.
+//!   An expired SVID is never sent: while the only one held has expired the stream waits for the
+//!   next, and a stream whose last SVID expires ends with `Unavailable` (the client's cue to stop
+//!   using it and call again). Without a CA to issue from (file mode) it answers
+//!   `PermissionDenied`.
+//! - `FetchX509Bundles`: the trust domain's roots, at once and at every change.
+//! - The JWT-SVID profile is not served yet: `Unimplemented`.
+//!
+//! gRPC C-core and grpc-java clients (py-spiffe, java-spiffe) send the socket's path as
+//! `:authority`, which the HTTP/2 server refuses: [`authority`] rewrites it on the way in.
+//!
+//! The socket is made in a directory the sidecar owns (created if missing, mode 0750) and is
+//! itself mode 0660: only the sidecar's user and group can call it (in Kubernetes the app shares
+//! the sidecar's group through the pod's `fsGroup`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use meshid_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use meshid_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use meshid_runtime::time::unix_now;
+use rustls::pki_types::CertificateDer;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+mod authority;
+
+use crate::creds::CredentialStore;
+use crate::creds::app_svid::{AppSvid, AppSvids};
+
+/// The metadata key every Workload API call must carry, with the value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Why the socket could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{0}: the socket's directory must belong to the sidecar's user and be writable by no one \
+         else (give the socket a directory of its own)"
+    )]
+    Directory(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("{0} has no directory")]
+    NoDirectory(PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SocketError + '_ {
+    move |source| SocketError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A socket path from a flag: a path, or a `unix://` URI as `SPIFFE_ENDPOINT_SOCKET` spells it.
+pub fn socket_path(value: &str) -> PathBuf {
+    let path = value
+        .strip_prefix("unix://")
+        .or_else(|| value.strip_prefix("unix:"))
+        .unwrap_or(value);
+    PathBuf::from(path)
+}
+
+/// Binds the Workload API socket at `path`: its directory is created (mode 0750) or must already
+/// belong to this process's user and be writable by no one else; a socket left by an earlier run is
+/// replaced, anything else there is an error; the socket is mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .ok_or_else(|| SocketError::NoDirectory(path.to_owned()))?;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(io(dir))?;
+    let me = std::fs::metadata("/proc/self")
+        .map_err(io(Path::new("/proc/self")))?
+        .uid();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o002 != 0 {
+        return Err(SocketError::Directory(dir.to_owned()));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io(path))?,
+        Ok(_) => return Err(SocketError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(path)(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io(path))?;
+    Ok(listener)
+}
+
+/// At most this many connections to the socket at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the Workload API on `listener` until shutdown. Each connection goes through
+/// [`authority::pump`], so clients that send the socket path as `:authority` are served too.
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<CredentialStore>,
+    svids: Option<AppSvids>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api = WorkloadApi {
+        store,
+        svids,
+        shutdown: shutdown.clone(),
+    };
+    let (conns, incoming) = mpsc::channel::<std::io::Result<authority::Piped>>(8);
+    let mut accept_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let (client, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(error) => {
+                        tracing::warn!(%error, "workload API accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = meshid_runtime::net::stopped(&mut accept_shutdown) => return,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(
+                    MAX_CONNECTIONS,
+                    "workload API connection limit reached; closing a new connection"
+                );
+                continue;
+            };
+            let (server, ours) = tokio::io::duplex(64 * 1024);
+            if conns.send(Ok(authority::Piped(server))).await.is_err() {
+                return;
+            }
+            tokio::spawn(async move {
+                authority::pump(client, ours).await;
+                drop(slot);
+            });
+        }
+    });
+    let result = tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(
+            SpiffeWorkloadApiServer::new(api),
+            ReceiverStream::new(incoming),
+            async move { meshid_runtime::net::stopped(&mut shutdown).await },
+        )
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "the Workload API stopped");
+    }
+}
+
+struct WorkloadApi {
+    store: Arc<CredentialStore>,
+    /// `None` in file mode: no CA to issue the app an SVID.
+    svids: Option<AppSvids>,
+    shutdown: watch::Receiver<bool>,
+}
+
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
+        Some(Ok("true")) => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request: every Workload API call carries \
+             `workload.spiffe.io: true`",
+        )),
+    }
+}
+
+fn concat(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+    certs
+        .iter()
+        .flat_map(|c| c.as_ref().iter().copied())
+        .collect()
+}
+
+/// The trust domain's SPIFFE ID and its roots, once the sidecar holds a certificate.
+fn bundle(store: &CredentialStore) -> Option<(String, Vec<u8>)> {
+    let snapshot = store.current()?;
+    let td = format!("spiffe://{}", snapshot.identity.id.trust_domain());
+    Some((td, concat(&store.roots())))
+}
+
+fn x509_response(svid: &AppSvid, roots: Vec<u8>) -> X509svidResponse {
+    X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.id.as_str().to_owned(),
+            x509_svid: concat(&svid.chain),
+            x509_svid_key: svid.key.clone(),
+            bundle: roots,
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A stream fed by `feed`, which ends when the client hangs up (its sends fail) or at shutdown.
+fn streamed<T, F>(mut shutdown: watch::Receiver<bool>, feed: F) -> Streamed<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Pin<Box<dyn Future<Output = ()> + Send>>,
+{
+    let (tx, rx) = mpsc::channel(2);
+    let feeding = feed(tx);
+    tokio::spawn(async move {
+        tokio::select! {
+            () = feeding => {}
+            () = meshid_runtime::net::stopped(&mut shutdown) => {}
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        let Some(mut svids) = self.svids.clone() else {
+            return Err(Status::permission_denied(
+                "no SVID for the app: this sidecar has no CA to issue one (file mode)",
+            ));
+        };
+        let store = self.store.clone();
+        let stream = streamed(self.shutdown.clone(), move |tx| {
+            Box::pin(async move {
+                let mut bundle_changes = store.subscribe();
+                // What was sent last: the SVID (by leaf) and the roots.
+                let mut sent: Option<(Arc<AppSvid>, Vec<u8>)> = None;
+                loop {
+                    let current = svids.borrow_and_update().clone();
+                    let now = unix_now();
+                    let usable = current.filter(|s| s.valid_at(now));
+                    match (usable, &sent) {
+                        (Some(svid), _) => {
+                            let roots = concat(&store.roots());
+                            let same = sent
+                                .as_ref()
+                                .is_some_and(|(s, r)| Arc::ptr_eq(s, &svid) && *r == roots);
+                            if !same {
+                                if tx
+                                    .send(Ok(x509_response(&svid, roots.clone())))
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                sent = Some((svid, roots));
+                            }
+                        }
+                        (None, Some(_)) => {
+                            // The SVID the app holds has expired and no new one came: tell it
+                            // to stop using it.
+                            let _ = tx
+                                .send(Err(Status::unavailable(
+                                    "the app's SVID expired and the CA has not issued a new one yet",
+                                )))
+                                .await;
+                            return;
+                        }
+                        (None, None) => {}
+                    }
+                    let expiry = sent.as_ref().map(|(s, _)| s.not_after);
+                    let expired = async {
+                        match expiry {
+                            Some(t) => {
+                                let left = u64::try_from(t - unix_now()).unwrap_or(0);
+                                meshid_runtime::time::sleep_wall(std::time::Duration::from_secs(
+                                    left,
+                                ))
+                                .await;
+                            }
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        r = svids.changed() => if r.is_err() { return },
+                        r = bundle_changes.changed() => if r.is_err() { return },
+                        () = expired => {}
+                        () = tx.closed() => return,
+                    }
+                }
+            })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        let store = self.store.clone();
+        let stream = streamed(self.shutdown.clone(), move |tx| {
+            Box::pin(async move {
+                let mut changes = store.subscribe();
+                let mut sent: Option<(String, Vec<u8>)> = None;
+                loop {
+                    changes.borrow_and_update();
+                    if let Some(now) = bundle(&store)
+                        && sent.as_ref() != Some(&now)
+                    {
+                        let msg = X509BundlesResponse {
+                            crl: Vec::new(),
+                            bundles: HashMap::from([now.clone()]),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            return;
+                        }
+                        sent = Some(now);
+                    }
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { return },
+                        () = tx.closed() => return,
+                    }
+                }
+            })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(jwt_not_served())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
+        Err(jwt_not_served())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(jwt_not_served())
+    }
+}
+
+fn jwt_not_served() -> Status {
+    Status::unimplemented("JWT-SVIDs are not served by this sidecar yet (X.509-SVIDs are)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_from_flags_and_uris() {
+        assert_eq!(
+            socket_path("/run/spiffe/api.sock"),
+            Path::new("/run/spiffe/api.sock")
+        );
+        assert_eq!(
+            socket_path("unix:///run/spiffe/api.sock"),
+            Path::new("/run/spiffe/api.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/run/api.sock"),
+            Path::new("/run/api.sock")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_made_private_in_a_directory_of_our_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("spiffe").join("api.sock");
+        let listener = bind(&path).unwrap();
+        let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().mode() & 0o777;
+        assert_eq!(dir_mode, 0o750);
+        let sock = std::fs::metadata(&path).unwrap();
+        assert!(sock.file_type().is_socket());
+        assert_eq!(sock.mode() & 0o777, 0o660);
+        // A socket left by an earlier run is replaced.
+        drop(listener);
+        bind(&path).unwrap();
+        // Anything else in its place is not touched.
+        let file = tmp.path().join("spiffe").join("file");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(matches!(bind(&file), Err(SocketError::NotASocket(_))));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        // A directory everyone may write to is refused.
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            bind(&open.join("api.sock")),
+            Err(SocketError::Directory(_))
+        ));
+    }
+}

@@ -1,0 +1,376 @@
+//! The SPIFFE Workload API the sidecar serves to its app (`--workload-api-socket`), checked with an
+//! outside client (rust-spiffe, the `spiffe` crate) and with raw calls made from our .proto: the
+//! app's own X.509-SVID (its key, not the sidecar's) and the bundle, a new SVID streamed after a
+//! renewal, the security header enforced, file mode refusing SVIDs but serving bundles.
+
+use std::path::Path;
+use std::time::Duration;
+
+use meshid_ca::signer::LifetimePolicy;
+use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use meshid_proto::workload::{JwtsvidRequest, X509BundlesRequest, X509svidRequest};
+use meshid_sidecar::settings::{Bootstrap, CaEndpoint, CaMode, CredSource};
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use spiffe::{TrustDomain, WorkloadApiClient};
+use tokio_stream::StreamExt;
+
+const ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+
+fn ca_mode(ca: &TestCa, ttl: Duration) -> CredSource {
+    let token = ca.dir.path().join("orders.token");
+    std::fs::write(&token, ca.cluster.token("shop", "orders")).unwrap();
+    CredSource::Ca(CaMode {
+        endpoint: CaEndpoint {
+            addr: ca.addr.to_string(),
+            server_name: Some("localhost".into()),
+            roots: ca.roots.clone(),
+        },
+        bootstrap: Bootstrap::TokenFile(token),
+        ttl: Some(ttl),
+    })
+}
+
+async fn sidecar(pki: &TestPki, creds: Option<CredSource>, socket: &Path) -> TestSidecar {
+    TestSidecar::start(
+        pki,
+        &pki.workload(ID),
+        ID,
+        SidecarSpec {
+            creds,
+            workload_api: Some(socket.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Our own client over the socket, sending the security header only when asked to.
+async fn raw_client(
+    socket: &Path,
+    header: bool,
+) -> SpiffeWorkloadApiClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+    >,
+> {
+    let path = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://workload.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect to the socket");
+    SpiffeWorkloadApiClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if header {
+            req.metadata_mut()
+                .insert("workload.spiffe.io", "true".parse().unwrap());
+        }
+        Ok(req)
+    })
+}
+
+fn key_matches(chain: &[CertificateDer<'static>], key: &[u8]) -> bool {
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    rustls::sign::CertifiedKey::from_der(
+        chain.to_vec(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
+        &provider,
+    )
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(4),
+            max: Duration::from_secs(4),
+        },
+        ..Default::default()
+    })
+    .await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .expect("rust-spiffe connects");
+    let svid = tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_svid())
+        .await
+        .expect("an SVID within 10 s")
+        .expect("a valid X509-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), ID);
+    let chain: Vec<CertificateDer<'static>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    assert!(
+        key_matches(&chain, svid.private_key().as_bytes()),
+        "the key is the certificate's"
+    );
+    // The app's key is its own: the sidecar's certificate has another public key.
+    let own = s.running.as_ref().unwrap().shared.creds.current().unwrap();
+    let app_leaf = x509_parser::parse_x509_certificate(chain[0].as_ref())
+        .unwrap()
+        .1;
+    let app_key_sha =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, app_leaf.public_key().raw);
+    let app_key_hex: String = app_key_sha
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_ne!(app_key_hex, own.public_key_sha256, "not the sidecar's key");
+
+    // The bundle: the CA's roots, for the trust domain.
+    let bundles = client.fetch_x509_bundles().await.expect("bundles");
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let bundle = bundles.get(&td).expect("our trust domain's bundle");
+    let roots: Vec<&[u8]> = bundle.authorities().iter().map(|c| c.as_bytes()).collect();
+    assert_eq!(
+        roots,
+        ca.roots.iter().map(|r| r.as_ref()).collect::<Vec<_>>()
+    );
+
+    // A renewal (4 s certificates renew within about 2.4 s) streams a new SVID with a new key.
+    let mut stream = client.stream_x509_svids().await.expect("stream");
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a new SVID after the renewal")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.spiffe_id().to_string(), ID);
+    assert_ne!(
+        first.leaf().as_bytes(),
+        next.leaf().as_bytes(),
+        "a new certificate"
+    );
+    assert_ne!(
+        first.private_key().as_bytes(),
+        next.private_key().as_bytes(),
+        "a new key"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_the_security_header_are_refused_and_jwt_is_not_served_yet() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+
+    let mut bare = raw_client(&socket, false).await;
+    let refused = bare
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect_err("no header");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("security header"), "{refused:?}");
+    let refused = bare
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .expect_err("no header");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let mut client = raw_client(&socket, true).await;
+    // File mode: no CA to issue the app an SVID of its own.
+    let denied = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect_err("file mode");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    // Bundles are served in every mode.
+    let mut bundles = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner();
+    let first = bundles.message().await.unwrap().expect("a bundle");
+    let roots = first
+        .bundles
+        .get("spiffe://cluster.local")
+        .expect("keyed by trust domain");
+    let want: Vec<u8> = pki.roots().iter().flat_map(|r| r.to_vec()).collect();
+    assert_eq!(roots, &want);
+    let jwt = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["x".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .expect_err("not served yet");
+    assert_eq!(jwt.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let dir_mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dir_mode, 0o750);
+
+    // A directory anyone may write to is refused at start.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = TestSidecar::try_start(
+        &pki,
+        &pki.workload(ID),
+        ID,
+        SidecarSpec {
+            workload_api: Some(open.join("workload.sock")),
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("writable by no one else"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_svid_is_never_handed_out() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(4),
+            max: Duration::from_secs(4),
+        },
+        ..Default::default()
+    })
+    .await;
+    let mut ca = ca;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+    let mut client = raw_client(&socket, true).await;
+    let mut stream = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an SVID")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.svids[0].spiffe_id, ID);
+    // The CA goes away: nothing renews the SVID, which expires within 4 s.
+    ca.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the SVID expires");
+    let status = ended.expect_err("ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // A new call gets nothing expired: it waits for a valid SVID.
+    let mut again = client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .expect("stream")
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), again.message())
+            .await
+            .is_err(),
+        "an expired SVID was handed out"
+    );
+}
+
+/// py-spiffe (`spiffe` on PyPI), finding the socket through `SPIFFE_ENDPOINT_SOCKET` as apps do:
+/// its SVID's key is the leaf's, the bundle has the CA's roots, and its stream sees the SVID of
+/// the next renewal.
+const PY_SPIFFE: &str = r#"
+import threading
+from cryptography.hazmat.primitives import serialization
+from spiffe import TrustDomain, WorkloadApiClient
+
+def spki(key):
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+client = WorkloadApiClient()
+svid = client.fetch_x509_svid(timeout=10)
+first = svid.leaf.serial_number
+print("svid", svid.spiffe_id, spki(svid.private_key.public_key()) == spki(svid.leaf.public_key()))
+bundle = client.fetch_x509_bundles(timeout=10).get_bundle_for_trust_domain(TrustDomain("cluster.local"))
+print("bundle", len(bundle.x509_authorities))
+renewed = threading.Event()
+def on_success(ctx):
+    if ctx.default_svid.leaf.serial_number != first:
+        renewed.set()
+def on_error(e):
+    print("stream error", e)
+handle = client.stream_x509_contexts(on_success, on_error, retry_connect=False)
+print("renewed", renewed.wait(15))
+handle.cancel()
+client.close()
+"#;
+
+#[cfg_attr(
+    not(have_py_spiffe),
+    ignore = "python3 with py-spiffe (`spiffe` on PyPI) is not installed"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(4),
+            max: Duration::from_secs(4),
+        },
+        ..Default::default()
+    })
+    .await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, PY_SPIFFE).unwrap();
+    let endpoint = format!("unix://{}", socket.display());
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        meshid_tests::tools::run(
+            std::process::Command::new("python3")
+                .arg(&script)
+                .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
+                .env("GRPC_VERBOSITY", "debug")
+                .env("GRPC_TRACE", "http"),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("svid {ID} True")), "{out}");
+    assert!(out.contains("bundle 1"), "{out}");
+    assert!(out.contains("renewed True"), "{out}");
+}
