@@ -34,7 +34,10 @@ use serde_json::{Value, json};
 
 pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
 pub use patch::apply_patch;
-pub use pod::{ADMIN_PORT, APP_PROBES, SIDECAR_NAME, STATS_PORT, sidecar_args};
+pub use pod::{
+    ADMIN_PORT, APP_PROBES, SIDECAR_NAME, SPIFFE_ENDPOINT_SOCKET, STATS_PORT, WORKLOAD_API_DIR,
+    WORKLOAD_API_SOCKET, sidecar_args,
+};
 
 /// What the injected sidecar is configured with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,8 +159,11 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
             "value": {annotations::INJECTED: pod::INJECTED_VALUE},
         })),
     }
-    pod::add_volumes(config, pod, &mut ops, &mut problems);
-    pod::add_sidecar(config, pod, &mut ops);
+    pod::add_volumes(config, &mesh, pod, &mut ops, &mut problems);
+    pod::add_sidecar(config, &mesh, pod, &mut ops);
+    if mesh.workload_api {
+        pod::add_workload_api(pod, &mut ops, &mut problems);
+    }
     pod::rewrite_probes(&mesh, pod, &mut ops, &mut problems);
     if problems.is_empty() {
         Outcome::Patch(ops)
@@ -412,7 +418,8 @@ mod tests {
     fn the_peer_identity_label_is_switched_on_for_injected_sidecars_only_when_asked() {
         let env_of = |config: &InjectConfig| {
             let mut ops = Vec::new();
-            pod::add_sidecar(config, &pod_with(json!({})), &mut ops);
+            let mesh = MeshAnnotations::from_map(&BTreeMap::new()).unwrap();
+            pod::add_sidecar(config, &mesh, &pod_with(json!({})), &mut ops);
             // The pod has no init containers: the patch adds the list, the sidecar in it.
             let sidecar = ops
                 .iter()
@@ -440,6 +447,92 @@ mod tests {
             on.iter()
                 .any(|(n, v)| n == "MESHID_SIDECAR_METRICS_PEER_IDENTITY" && v == "true"),
             "{on:?}"
+        );
+    }
+
+    #[test]
+    fn the_workload_api_annotation_gives_every_app_container_the_socket() {
+        let config = config();
+        let mut pod = json!({"metadata": {"name": "web", "annotations": {
+                "meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/workload-api": "enabled"}},
+            "spec": {"containers": [
+                {"name": "app", "image": "web:1"},
+                {"name": "worker", "image": "w:1", "env": [{"name": "A", "value": "1"}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}]}});
+        let Outcome::Patch(ops) = mutate_pod(&config, Scope::Pod, &pod) else {
+            panic!("not patched");
+        };
+        patch::apply_patch(&mut pod, &ops).unwrap();
+        let sidecar = &pod["spec"]["initContainers"][0];
+        let args: Vec<&str> = sidecar["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| *a == "--workload-api-socket")
+            .unwrap();
+        assert_eq!(args[at + 1], pod::WORKLOAD_API_SOCKET);
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "meshid-workload-api")
+            .expect("the shared volume");
+        assert_eq!(volume["emptyDir"]["medium"], "Memory");
+        assert!(
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == pod::WORKLOAD_API_DIR && m["readOnly"].is_null())
+        );
+        for c in pod["spec"]["containers"].as_array().unwrap() {
+            let env = c["env"].as_array().unwrap();
+            assert!(
+                env.iter().any(|v| v["name"] == "SPIFFE_ENDPOINT_SOCKET"
+                    && v["value"] == "unix:///run/spiffe/workload/api.sock"),
+                "{c}"
+            );
+            assert!(
+                c["volumeMounts"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["name"] == "meshid-workload-api"
+                        && m["mountPath"] == "/run/spiffe"
+                        && m["readOnly"] == true),
+                "{c}"
+            );
+        }
+        // Kept what the worker had.
+        assert_eq!(pod["spec"]["containers"][1]["env"][0]["name"], "A");
+
+        // Without the annotation: nothing of it.
+        let mut plain =
+            pod_with(json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http"}));
+        let Outcome::Patch(ops) = mutate_pod(&config, Scope::Pod, &plain) else {
+            panic!("not patched");
+        };
+        patch::apply_patch(&mut plain, &ops).unwrap();
+        assert!(!plain.to_string().contains("workload-api"));
+        assert!(!plain.to_string().contains("SPIFFE_ENDPOINT_SOCKET"));
+
+        // An app that already points SPIFFE_ENDPOINT_SOCKET elsewhere is refused, naming it.
+        let taken = json!({"metadata": {"name": "web", "annotations": {
+                "meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/workload-api": "enabled"}},
+            "spec": {"containers": [{"name": "app", "image": "web:1",
+                "env": [{"name": "SPIFFE_ENDPOINT_SOCKET", "value": "unix:///spire/api.sock"}]}]}});
+        let Outcome::Deny(problems) = mutate_pod(&config, Scope::Pod, &taken) else {
+            panic!("not refused");
+        };
+        assert!(
+            problems[0].contains("container app already sets SPIFFE_ENDPOINT_SOCKET"),
+            "{problems:?}"
         );
     }
 

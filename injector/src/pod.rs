@@ -23,6 +23,14 @@ const TOKEN_VOLUME: &str = "meshid-token";
 const POD_VOLUME: &str = "meshid-pod";
 const TOKEN_DIR: &str = "/var/run/secrets/meshid/token";
 const POD_DIR: &str = "/var/run/meshid/pod";
+/// The shared volume of the SPIFFE Workload API socket (`meshid.io/workload-api: enabled`).
+const WORKLOAD_API_VOLUME: &str = "meshid-workload-api";
+/// Where that volume is mounted, in the sidecar and in every app container.
+pub const WORKLOAD_API_DIR: &str = "/run/spiffe";
+/// The socket: in a directory the sidecar makes (and owns) inside the shared volume.
+pub const WORKLOAD_API_SOCKET: &str = "/run/spiffe/workload/api.sock";
+/// How SPIFFE clients find the Workload API.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 /// The sidecar's arguments; its listeners and policy come from the annotations file, its pod IP from
 /// the `MESHID_SIDECAR_POD_IP` environment variable (downward API `status.podIP`), the trust bundle from
@@ -58,11 +66,12 @@ pub(super) fn has_sidecar(pod: &Value) -> bool {
 
 pub(super) fn add_volumes(
     config: &InjectConfig,
+    mesh: &MeshAnnotations,
     pod: &Value,
     ops: &mut Vec<Value>,
     problems: &mut Vec<String>,
 ) {
-    let volumes = [
+    let mut volumes = vec![
         json!({
             "name": TOKEN_VOLUME,
             "projected": {"sources": [{"serviceAccountToken": {
@@ -76,6 +85,13 @@ pub(super) fn add_volumes(
             "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
         }),
     ];
+    if mesh.workload_api {
+        // In memory and small: it only ever holds the socket.
+        volumes.push(json!({
+            "name": WORKLOAD_API_VOLUME,
+            "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
+        }));
+    }
     match pod.pointer("/spec/volumes").and_then(Value::as_array) {
         None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
         Some(existing) => {
@@ -92,7 +108,12 @@ pub(super) fn add_volumes(
     }
 }
 
-pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Value>) {
+pub(super) fn add_sidecar(
+    config: &InjectConfig,
+    mesh: &MeshAnnotations,
+    pod: &Value,
+    ops: &mut Vec<Value>,
+) {
     let probe = |path: &str, failures: u32| {
         json!({
             "httpGet": {"path": path, "port": ADMIN_PORT},
@@ -108,13 +129,25 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
     if config.metrics_peer_identity {
         env.push(json!({"name": "MESHID_SIDECAR_METRICS_PEER_IDENTITY", "value": "true"}));
     }
+    let mut args = sidecar_args(config);
+    let mut mounts = vec![
+        json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
+        json!({"name": POD_VOLUME, "mountPath": POD_DIR, "readOnly": true}),
+    ];
+    if mesh.workload_api {
+        args.extend([
+            "--workload-api-socket".to_owned(),
+            WORKLOAD_API_SOCKET.to_owned(),
+        ]);
+        mounts.push(json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR}));
+    }
     let container = json!({
         "name": SIDECAR_NAME,
         "image": config.image,
         "imagePullPolicy": config.image_pull_policy,
         // A native sidecar: started before the app, ready first, stopped after it; Jobs complete.
         "restartPolicy": "Always",
-        "args": sidecar_args(config),
+        "args": args,
         "env": env,
         // Probes on meshid-admin; Prometheus scrapes meshid-stats (`/metrics`).
         "ports": [
@@ -136,10 +169,7 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
-            {"name": POD_VOLUME, "mountPath": POD_DIR, "readOnly": true},
-        ],
+        "volumeMounts": mounts,
     });
     match pod
         .pointer("/spec/initContainers")
@@ -151,6 +181,48 @@ pub(super) fn add_sidecar(config: &InjectConfig, pod: &Value, ops: &mut Vec<Valu
         }
         None => {
             ops.push(json!({"op": "add", "path": "/spec/initContainers", "value": [container]}))
+        }
+    }
+}
+
+/// `meshid.io/workload-api: enabled`: every app container gets the socket's volume (read-only: a
+/// client only connects) and `SPIFFE_ENDPOINT_SOCKET`. A container that already sets that variable
+/// or mounts something at [`WORKLOAD_API_DIR`] is a problem: the pod would not get what it asked.
+pub(super) fn add_workload_api(pod: &Value, ops: &mut Vec<Value>, problems: &mut Vec<String>) {
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let endpoint = format!("unix://{WORKLOAD_API_SOCKET}");
+    for (i, c) in containers.iter().enumerate() {
+        let name = c["name"].as_str().unwrap_or("?");
+        let env = c["env"].as_array();
+        if env.is_some_and(|e| e.iter().any(|v| v["name"] == SPIFFE_ENDPOINT_SOCKET)) {
+            problems.push(format!(
+                "annotation {}: container {name} already sets {SPIFFE_ENDPOINT_SOCKET}",
+                meshid_identity::annotations::WORKLOAD_API
+            ));
+        }
+        let mounts = c["volumeMounts"].as_array();
+        if mounts.is_some_and(|m| m.iter().any(|v| v["mountPath"] == WORKLOAD_API_DIR)) {
+            problems.push(format!(
+                "annotation {}: container {name} already mounts something at {WORKLOAD_API_DIR}",
+                meshid_identity::annotations::WORKLOAD_API
+            ));
+        }
+        let var = json!({"name": SPIFFE_ENDPOINT_SOCKET, "value": endpoint});
+        let mount =
+            json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR, "readOnly": true});
+        for (field, list, item) in [("env", env, var), ("volumeMounts", mounts, mount)] {
+            match list {
+                Some(_) => ops.push(
+                    json!({"op": "add", "path": format!("/spec/containers/{i}/{field}/-"), "value": item}),
+                ),
+                None => ops.push(
+                    json!({"op": "add", "path": format!("/spec/containers/{i}/{field}"), "value": [item]}),
+                ),
+            }
         }
     }
 }

@@ -133,7 +133,8 @@ pub struct PodFiles {
 }
 
 impl PodFiles {
-    fn path(&self, p: &str) -> PathBuf {
+    /// Where an absolute path of the pod lives here.
+    pub fn path(&self, p: &str) -> PathBuf {
         self.root.join(p.trim_start_matches('/'))
     }
 
@@ -189,6 +190,8 @@ pub fn run_sidecar(
             std::fs::write(path, cluster.token("shop", sa)).unwrap();
         } else if volume.get("downwardAPI").is_some() {
             files.annotations_dir = dir;
+        } else if volume.get("emptyDir").is_some() {
+            // Shared with the app containers (the Workload API socket's volume): an empty directory.
         } else {
             panic!("unexpected volume {volume}");
         }

@@ -81,6 +81,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
             json!({
                 "meshid.io/inject": "enabled",
                 "meshid.io/outbound": format!("{local}=127.0.0.3:{port},{BACKEND},http"),
+                "meshid.io/workload-api": "enabled",
             }),
         ),
     );
@@ -95,7 +96,7 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         b_admin,
         b_stats,
     );
-    let (_f, _f_files) = run_sidecar(
+    let (_f, f_files) = run_sidecar(
         &frontend,
         &dir.path().join("pod-f"),
         "127.0.0.4",
@@ -120,6 +121,28 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         let (code, _) = http_get(b_admin, path).unwrap();
         assert_ne!(code, 200, "{path} is not served on the admin port");
     }
+
+    // The frontend asked for the Workload API: its app container finds the socket through
+    // SPIFFE_ENDPOINT_SOCKET (on the shared volume) and gets an SVID of its own.
+    let app_env = frontend["spec"]["containers"][0]["env"].as_array().unwrap();
+    let endpoint = app_env
+        .iter()
+        .find(|v| v["name"] == "SPIFFE_ENDPOINT_SOCKET")
+        .and_then(|v| v["value"].as_str())
+        .expect("SPIFFE_ENDPOINT_SOCKET in the app container");
+    let socket = f_files.path(endpoint.strip_prefix("unix://").unwrap());
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .expect("the app reaches the Workload API");
+    let svid = tokio::time::timeout(Duration::from_secs(15), client.fetch_x509_svid())
+        .await
+        .expect("an SVID within 15 s")
+        .expect("an X509-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), FRONTEND);
+    assert!(
+        backend["spec"]["containers"][0]["env"].is_null(),
+        "a pod that did not ask gets no Workload API"
+    );
 
     // The frontend app calls 127.0.0.1:LOCAL; the backend app sees the caller's identity.
     let via = SocketAddr::from(([127, 0, 0, 1], local));

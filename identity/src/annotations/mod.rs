@@ -9,6 +9,7 @@
 //! meshid.io/outbound: "9001=payments.shop.svc:8080,spiffe://cluster.local/ns/shop/sa/payments,http"
 //! meshid.io/mode: "audit"                           # or enforce (default)
 //! meshid.io/proxy-protocol: "9000"                  # tcp ports whose app gets a PROXY v2 header
+//! meshid.io/workload-api: "enabled"                 # the SPIFFE Workload API for the app containers
 //! ```
 //!
 //! Pure: the webhook uses the same parser to refuse a pod whose annotations do not parse, so a pod
@@ -62,6 +63,9 @@ pub const ALLOW_PREFIX: &str = "meshid.io/allow-";
 /// Inbound TCP ports (comma-separated) whose app is sent a PROXY protocol v2 header first: the
 /// peer's address and its verified SPIFFE ID.
 pub const PROXY_PROTOCOL: &str = "meshid.io/proxy-protocol";
+/// `enabled` gives the app containers the SPIFFE Workload API (a socket on a shared volume and
+/// `SPIFFE_ENDPOINT_SOCKET`); `disabled` (the default) does not.
+pub const WORKLOAD_API: &str = "meshid.io/workload-api";
 /// Set by the injector on pods it has changed.
 pub const INJECTED: &str = "meshid.io/injected";
 /// Set by the injector: the app's HTTP probes it moved to the sidecar's admin port, as JSON
@@ -110,6 +114,8 @@ pub struct MeshAnnotations {
     pub inbound: Vec<InboundPort>,
     pub outbound: Vec<Upstream>,
     pub audit: bool,
+    /// [`WORKLOAD_API`] is `enabled`.
+    pub workload_api: bool,
     /// Allowed SPIFFE ID patterns per inbound port (a port without `allow-<port>` denies everyone).
     pub allow: BTreeMap<u16, Vec<String>>,
     policy: Policy,
@@ -164,6 +170,17 @@ impl MeshAnnotations {
             Some("audit") => true,
             Some(other) => {
                 problems.push(problem(MODE, format!("{other:?} is not enforce or audit")));
+                false
+            }
+        };
+        let workload_api = match annotations.get(WORKLOAD_API).map(|m| m.trim()) {
+            None | Some("disabled") => false,
+            Some("enabled") => true,
+            Some(other) => {
+                problems.push(problem(
+                    WORKLOAD_API,
+                    format!("{other:?} is not enabled or disabled"),
+                ));
                 false
             }
         };
@@ -223,6 +240,7 @@ impl MeshAnnotations {
             inbound,
             outbound,
             audit,
+            workload_api,
             allow,
             policy,
         })
@@ -525,6 +543,7 @@ mod tests {
             (PROXY_PROTOCOL, "8080", "for tcp ports"),
             (PROXY_PROTOCOL, "9000", "not declared"),
             (PROXY_PROTOCOL, "x", "not a port"),
+            (WORKLOAD_API, "yes", "enabled or disabled"),
         ];
         for (key, value, needle) in cases {
             let mut m = map(&[(INBOUND, "8080=http")]);
