@@ -40,6 +40,14 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadApiLabels {
+    /// The Workload API method, as the specification names it (`FetchX509SVID`, ...).
+    pub method: &'static str,
+    /// `ok`, or the gRPC status the call was refused with (`invalid_argument`, ...).
+    pub code: &'static str,
+}
+
 /// Every metric the sidecar exports.
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
@@ -66,6 +74,9 @@ pub struct Metrics {
     pub trust_anchors: Gauge,
     pub anchor_oldest_expiry: Gauge,
     pub anchor_newest_expiry: Gauge,
+    pub workload_api_calls: Family<WorkloadApiLabels, Counter>,
+    pub app_svids: Family<ResultLabels, Counter>,
+    pub app_svid_expiry: Gauge,
     /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
     pub peer_identity: bool,
 }
@@ -164,6 +175,21 @@ impl Metrics {
             "renewals",
             "Certificate requests to the CA by result",
             Listed(m.renewals.clone()),
+        );
+        r.register(
+            "workload_api_calls",
+            "SPIFFE Workload API calls by method and outcome",
+            Listed(m.workload_api_calls.clone()),
+        );
+        r.register(
+            "app_svid_requests",
+            "Requests to the CA for the app's own X.509-SVID (Workload API) by result",
+            Listed(m.app_svids.clone()),
+        );
+        r.register(
+            "app_svid_expiry_timestamp_seconds",
+            "Not-after of the app's current X.509-SVID (Workload API), seconds since the epoch",
+            m.app_svid_expiry.clone(),
         );
         r.register(
             "last_renewal_timestamp_seconds",

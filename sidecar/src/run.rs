@@ -212,6 +212,7 @@ pub async fn start(
                 mode.clone(),
                 shared.creds.clone(),
                 life.clone(),
+                shared.metrics.clone(),
                 tx,
                 shared.shutdown.clone(),
             ));
@@ -244,6 +245,7 @@ pub async fn start(
         tokio::spawn(crate::workload_api::serve(
             listener,
             shared.creds.clone(),
+            shared.metrics.clone(),
             app_svids,
             shared.shutdown.clone(),
         ));

@@ -166,6 +166,15 @@ async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
         next.private_key().as_bytes(),
         "a new key"
     );
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains(r#"meshid_sidecar_app_svid_requests_total{result="issued"}"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("meshid_sidecar_app_svid_expiry_timestamp_seconds 0\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +225,17 @@ async fn calls_without_the_security_header_are_refused_and_jwt_is_not_served_yet
         .await
         .expect_err("not served yet");
     assert_eq!(jwt.code(), tonic::Code::Unimplemented);
+
+    // Every call is counted by method and outcome.
+    let metrics = _s.metrics().await;
+    for line in [
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="invalid_argument"} 1"#,
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="permission_denied"} 1"#,
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchX509Bundles",code="ok"} 1"#,
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchJWTSVID",code="unimplemented"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

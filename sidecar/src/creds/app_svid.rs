@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::CredentialStore;
 use super::ca::{Lifecycle, issue_for_app};
+use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::CaMode;
 
 /// An X.509-SVID for the app.
@@ -59,6 +60,7 @@ pub async fn run_app_svids(
     mode: CaMode,
     store: Arc<CredentialStore>,
     life: Arc<Lifecycle>,
+    metrics: Metrics,
     tx: watch::Sender<Option<Arc<AppSvid>>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -79,6 +81,11 @@ pub async fn run_app_svids(
         if stale {
             match issue_for_app(&mode, &store, &life.stream_conn).await {
                 Ok(svid) => {
+                    metrics
+                        .app_svids
+                        .get_or_create(&ResultLabels { result: "issued" })
+                        .inc();
+                    metrics.app_svid_expiry.set(svid.not_after);
                     backoff.reset();
                     let now = unix_now();
                     due = Some(
@@ -90,6 +97,10 @@ pub async fn run_app_svids(
                     continue;
                 }
                 Err(error) => {
+                    metrics
+                        .app_svids
+                        .get_or_create(&ResultLabels { result: "failed" })
+                        .inc();
                     let not_after = current.as_ref().map(|s| s.not_after);
                     let wait = retry_wait(
                         backoff.next_delay(random_unit(), None),

@@ -47,6 +47,7 @@ mod authority;
 
 use crate::creds::CredentialStore;
 use crate::creds::app_svid::{AppSvid, AppSvids};
+use crate::metrics::{Metrics, WorkloadApiLabels};
 
 /// The metadata key every Workload API call must carry, with the value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -127,11 +128,13 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub async fn serve(
     listener: UnixListener,
     store: Arc<CredentialStore>,
+    metrics: Metrics,
     svids: Option<AppSvids>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api = WorkloadApi {
         store,
+        metrics,
         svids,
         shutdown: shutdown.clone(),
     };
@@ -182,6 +185,7 @@ pub async fn serve(
 
 struct WorkloadApi {
     store: Arc<CredentialStore>,
+    metrics: Metrics,
     /// `None` in file mode: no CA to issue the app an SVID.
     svids: Option<AppSvids>,
     shutdown: watch::Receiver<bool>,
@@ -244,16 +248,11 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = Streamed<X509svidResponse>;
-    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
-    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
-
-    async fn fetch_x509svid(
+impl WorkloadApi {
+    async fn fetch_x509svid_call(
         &self,
         req: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    ) -> Result<Response<Streamed<X509svidResponse>>, Status> {
         check_header(&req)?;
         let Some(mut svids) = self.svids.clone() else {
             return Err(Status::permission_denied(
@@ -324,10 +323,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(stream))
     }
 
-    async fn fetch_x509_bundles(
+    async fn fetch_x509_bundles_call(
         &self,
         req: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    ) -> Result<Response<Streamed<X509BundlesResponse>>, Status> {
         check_header(&req)?;
         let store = self.store.clone();
         let stream = streamed(self.shutdown.clone(), move |tx| {
@@ -358,7 +357,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(stream))
     }
 
-    async fn fetch_jwtsvid(
+    async fn fetch_jwtsvid_call(
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
@@ -366,20 +365,101 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Err(jwt_not_served())
     }
 
+    async fn fetch_jwt_bundles_call(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Streamed<JwtBundlesResponse>>, Status> {
+        check_header(&req)?;
+        Err(jwt_not_served())
+    }
+
+    async fn validate_jwtsvid_call(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        Err(jwt_not_served())
+    }
+}
+
+/// Counts every call by method and outcome.
+fn counted<T>(metrics: &Metrics, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+    let code = match &r {
+        Ok(_) => "ok",
+        Err(s) => match s.code() {
+            tonic::Code::InvalidArgument => "invalid_argument",
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::Unimplemented => "unimplemented",
+            tonic::Code::Unavailable => "unavailable",
+            _ => "other",
+        },
+    };
+    metrics
+        .workload_api_calls
+        .get_or_create(&WorkloadApiLabels { method, code })
+        .inc();
+    r
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        counted(
+            &self.metrics,
+            "FetchX509SVID",
+            self.fetch_x509svid_call(req).await,
+        )
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        counted(
+            &self.metrics,
+            "FetchX509Bundles",
+            self.fetch_x509_bundles_call(req).await,
+        )
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        counted(
+            &self.metrics,
+            "FetchJWTSVID",
+            self.fetch_jwtsvid_call(req).await,
+        )
+    }
+
     async fn fetch_jwt_bundles(
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&req)?;
-        Err(jwt_not_served())
+        counted(
+            &self.metrics,
+            "FetchJWTBundles",
+            self.fetch_jwt_bundles_call(req).await,
+        )
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&req)?;
-        Err(jwt_not_served())
+        counted(
+            &self.metrics,
+            "ValidateJWTSVID",
+            self.validate_jwtsvid_call(req).await,
+        )
     }
 }
 
