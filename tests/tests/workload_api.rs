@@ -394,3 +394,47 @@ async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
     assert!(out.contains("bundle 1"), "{out}");
     assert!(out.contains("renewed True"), "{out}");
 }
+
+/// A root rotation's new root reaches the app on both streams without a new call: the bundle
+/// stream sends the two roots, and the SVID stream sends its SVID again with the new bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_change_is_streamed_to_the_app() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let mut bundles = client.stream_x509_bundles().await.expect("bundle stream");
+    let mut contexts = client.stream_x509_contexts().await.expect("SVID stream");
+    let roots = |set: &spiffe::X509BundleSet| set.get(&td).map_or(0, |b| b.authorities().len());
+    let first = tokio::time::timeout(Duration::from_secs(10), bundles.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(roots(&first), 1);
+    let first = tokio::time::timeout(Duration::from_secs(10), contexts.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(roots(first.bundle_set()), 1);
+
+    meshid_ca::rotation::prepare(ca.dir.path(), None).expect("prepare a new root");
+    let next = tokio::time::timeout(Duration::from_secs(15), bundles.next())
+        .await
+        .expect("the new bundle is streamed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(roots(&next), 2);
+    let next = tokio::time::timeout(Duration::from_secs(15), contexts.next())
+        .await
+        .expect("the SVID is streamed again with the new bundle")
+        .unwrap()
+        .unwrap();
+    assert_eq!(roots(next.bundle_set()), 2);
+}
