@@ -11,7 +11,7 @@ use meshid_ca::server::{RunningCa, ServeConfig};
 use meshid_ca::signer::LifetimePolicy;
 use meshid_ca::tls::ListenerLimits;
 use meshid_identity::{SpiffeId, TrustDomain};
-use meshid_sidecar::settings::CaEndpoint;
+use meshid_sidecar::settings::{Bootstrap, CaEndpoint, CaMode, CredSource};
 use prometheus_client::registry::Registry;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tempfile::TempDir;
@@ -185,6 +185,22 @@ impl TestCa {
         JoinTokenStore::new(self.dir.path(), self.trust_domain.clone())
             .create(&SpiffeId::parse(id).expect("id"), ttl)
             .expect("create token")
+    }
+
+    /// CA-mode credentials for a sidecar of service account `ns/sa`: its projected token in a file
+    /// of this CA's directory, certificates of lifetime `ttl`.
+    pub fn sidecar_creds(&self, ns: &str, sa: &str, ttl: Duration) -> CredSource {
+        let token = self.dir.path().join(format!("{ns}-{sa}.token"));
+        std::fs::write(&token, self.cluster.token(ns, sa)).expect("write token");
+        CredSource::Ca(CaMode {
+            endpoint: CaEndpoint {
+                addr: self.addr.to_string(),
+                server_name: Some("localhost".into()),
+                roots: self.roots.clone(),
+            },
+            bootstrap: Bootstrap::TokenFile(token),
+            ttl: Some(ttl),
+        })
     }
 
     /// Loads this CA's signing material (to mint certificates tests cannot get through the API,

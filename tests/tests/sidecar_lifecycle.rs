@@ -22,17 +22,7 @@ const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
 
 fn ca_mode(ca: &TestCa, ns: &str, sa: &str, ttl: Duration) -> CredSource {
-    let token = ca.dir.path().join(format!("{ns}-{sa}.token"));
-    std::fs::write(&token, ca.cluster.token(ns, sa)).unwrap();
-    CredSource::Ca(CaMode {
-        endpoint: CaEndpoint {
-            addr: ca.addr.to_string(),
-            server_name: Some("localhost".into()),
-            roots: ca.roots.clone(),
-        },
-        bootstrap: Bootstrap::TokenFile(token),
-        ttl: Some(ttl),
-    })
+    ca.sidecar_creds(ns, sa, ttl)
 }
 
 async fn identity(sidecar: &TestSidecar) -> Option<serde_json::Value> {

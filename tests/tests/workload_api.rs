@@ -9,7 +9,7 @@ use std::time::Duration;
 use meshid_ca::signer::LifetimePolicy;
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_proto::workload::{JwtsvidRequest, X509BundlesRequest, X509svidRequest};
-use meshid_sidecar::settings::{Bootstrap, CaEndpoint, CaMode, CredSource};
+use meshid_sidecar::settings::CredSource;
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -19,17 +19,19 @@ use tokio_stream::StreamExt;
 const ID: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
 fn ca_mode(ca: &TestCa, ttl: Duration) -> CredSource {
-    let token = ca.dir.path().join("orders.token");
-    std::fs::write(&token, ca.cluster.token("shop", "orders")).unwrap();
-    CredSource::Ca(CaMode {
-        endpoint: CaEndpoint {
-            addr: ca.addr.to_string(),
-            server_name: Some("localhost".into()),
-            roots: ca.roots.clone(),
+    ca.sidecar_creds("shop", "orders", ttl)
+}
+
+/// A CA whose certificates live 4 s: sidecars renew about every 2 s.
+async fn short_lived_ca() -> TestCa {
+    TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: Duration::from_secs(4),
+            max: Duration::from_secs(4),
         },
-        bootstrap: Bootstrap::TokenFile(token),
-        ttl: Some(ttl),
+        ..Default::default()
     })
+    .await
 }
 
 async fn sidecar(pki: &TestPki, creds: Option<CredSource>, socket: &Path) -> TestSidecar {
@@ -89,14 +91,7 @@ fn key_matches(chain: &[CertificateDer<'static>], key: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(4),
-            max: Duration::from_secs(4),
-        },
-        ..Default::default()
-    })
-    .await;
+    let ca = short_lived_ca().await;
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("spiffe").join("workload.sock");
@@ -275,15 +270,7 @@ async fn the_socket_is_private() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_svid_is_never_handed_out() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(4),
-            max: Duration::from_secs(4),
-        },
-        ..Default::default()
-    })
-    .await;
-    let mut ca = ca;
+    let mut ca = short_lived_ca().await;
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("spiffe").join("workload.sock");
@@ -363,14 +350,7 @@ client.close()
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: Duration::from_secs(4),
-            max: Duration::from_secs(4),
-        },
-        ..Default::default()
-    })
-    .await;
+    let ca = short_lived_ca().await;
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("spiffe").join("workload.sock");

@@ -409,39 +409,8 @@ pub async fn issue_once(
         Some(Credential::ServiceAccountToken(_)) => Presented::ServiceAccountToken,
         Some(Credential::JoinToken(_)) => Presented::JoinToken,
     });
-    let req = IssueRequest {
-        csr: csr.der().to_vec(),
-        credential,
-        ttl_seconds: mode
-            .ttl
-            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
-            .unwrap_or(0),
-    };
-    // A renewal presents our certificate: over the bundle stream's connection when that one
-    // presents it too (see `StreamConn`). Should that connection have broken under us, a
-    // connection of our own follows at once.
-    let shared = client_cert
-        .as_ref()
-        .and_then(|(chain, _)| chain.first())
-        .and_then(|leaf| stream_conn.presenting(leaf));
-    let resp = match shared {
-        Some(mut client) => match client.issue(req.clone()).await {
-            Err(s) if connection_failed(&s) => {
-                tracing::debug!(error = %s, "renewal on the bundle stream's connection failed; connecting");
-                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
-                    .await?
-                    .issue(req)
-                    .await
-            }
-            other => other,
-        },
-        None => {
-            ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
-                .await?
-                .issue(req)
-                .await
-        }
-    };
+    let req = issue_request(mode, &csr, credential);
+    let resp = send_issue(mode, store, stream_conn, client_cert, req).await?;
     // A join token the CA redeemed, or refused (used, expired, unknown), is not sent again; one it
     // could not look at (rate limit, outage) is.
     if redeeming.is_some()
@@ -457,40 +426,89 @@ pub async fn issue_once(
     {
         state.used_join_token = redeeming;
     }
-    let resp = resp
-        .map_err(|s| IssueError::Status {
-            code: s.code(),
-            message: s.message().to_owned(),
-            retry_after: s
-                .metadata()
-                .get("retry-after-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-        })?
-        .into_inner();
+    let resp = resp.map_err(status_error)?.into_inner();
+    let version = resp.bundle_version;
+    Ok((store.set_certificate(credentials(resp, &key)?)?, version))
+}
+
+/// The credentials an Issue response gives, with the key the CSR was made from.
+fn credentials(
+    resp: meshid_proto::ca::v1::IssueResponse,
+    key: &KeyPair,
+) -> Result<Credentials, IssueError> {
     if resp.cert_chain.is_empty() || resp.trust_anchors.is_empty() {
         return Err(IssueError::Response("empty chain or bundle".into()));
     }
-    let creds = Credentials {
-        chain: resp
-            .cert_chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
+    let ders = |v: Vec<Vec<u8>>| v.into_iter().map(CertificateDer::from).collect();
+    Ok(Credentials {
+        chain: ders(resp.cert_chain),
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        roots: resp
-            .trust_anchors
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-        pinned: resp
-            .pinned_intermediates
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    };
-    Ok((store.set_certificate(creds)?, resp.bundle_version))
+        roots: ders(resp.trust_anchors),
+        pinned: ders(resp.pinned_intermediates),
+    })
+}
+
+/// An Issue request for `csr`, with `credential` (none: a renewal on the presented certificate) and
+/// the lifetime we ask for.
+fn issue_request(
+    mode: &CaMode,
+    csr: &rcgen::CertificateSigningRequest,
+    credential: Option<Credential>,
+) -> IssueRequest {
+    IssueRequest {
+        csr: csr.der().to_vec(),
+        credential,
+        ttl_seconds: mode
+            .ttl
+            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+    }
+}
+
+/// Sends an Issue request presenting `client_cert` (if any). A renewal presents our certificate:
+/// over the bundle stream's connection when that one presents it too (see [`StreamConn`]). Should
+/// that connection have broken under us, a connection of our own follows at once. The outer error
+/// is about reaching the CA; the inner result is the CA's answer.
+async fn send_issue(
+    mode: &CaMode,
+    store: &CredentialStore,
+    stream_conn: &StreamConn,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    req: IssueRequest,
+) -> Result<Result<tonic::Response<meshid_proto::ca::v1::IssueResponse>, tonic::Status>, IssueError>
+{
+    let shared = client_cert
+        .as_ref()
+        .and_then(|(chain, _)| chain.first())
+        .and_then(|leaf| stream_conn.presenting(leaf));
+    if let Some(mut client) = shared {
+        match client.issue(req.clone()).await {
+            Err(s) if connection_failed(&s) => {
+                tracing::debug!(error = %s, "renewal on the bundle stream's connection failed; connecting");
+            }
+            answered => return Ok(answered),
+        }
+    }
+    Ok(
+        ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
+            .await?
+            .issue(req)
+            .await,
+    )
+}
+
+/// The CA's refusal, with its `retry-after-ms` hint.
+fn status_error(s: tonic::Status) -> IssueError {
+    IssueError::Status {
+        code: s.code(),
+        message: s.message().to_owned(),
+        retry_after: s
+            .metadata()
+            .get("retry-after-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
+    }
 }
 
 /// An X.509-SVID for the app behind this sidecar (served on the SPIFFE Workload API): a key of its
@@ -511,68 +529,14 @@ pub async fn issue_for_app(
     let client_cert = store.chain_and_key();
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
-    let req = IssueRequest {
-        csr: csr.der().to_vec(),
-        credential: None,
-        ttl_seconds: mode
-            .ttl
-            .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
-            .unwrap_or(0),
-    };
-    let shared = client_cert
-        .as_ref()
-        .and_then(|(chain, _)| chain.first())
-        .and_then(|leaf| stream_conn.presenting(leaf));
-    let resp = match shared {
-        Some(mut client) => match client.issue(req.clone()).await {
-            Err(s) if connection_failed(&s) => {
-                ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
-                    .await?
-                    .issue(req)
-                    .await
-            }
-            other => other,
-        },
-        None => {
-            ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
-                .await?
-                .issue(req)
-                .await
-        }
-    };
-    let resp = resp
-        .map_err(|s| IssueError::Status {
-            code: s.code(),
-            message: s.message().to_owned(),
-            retry_after: s
-                .metadata()
-                .get("retry-after-ms")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-        })?
+    let req = issue_request(mode, &csr, None);
+    let resp = send_issue(mode, store, stream_conn, client_cert, req)
+        .await?
+        .map_err(status_error)?
         .into_inner();
-    let chain: Vec<CertificateDer<'static>> = resp
-        .cert_chain
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let roots: Vec<CertificateDer<'static>> = resp
-        .trust_anchors
-        .into_iter()
-        .map(CertificateDer::from)
-        .collect();
-    let key_der = key.serialize_der();
-    let identity = store.check(Credentials {
-        chain: chain.clone(),
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.clone())),
-        roots: roots.clone(),
-        pinned: resp
-            .pinned_intermediates
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect(),
-    })?;
+    let creds = credentials(resp, &key)?;
+    let chain = creds.chain.clone();
+    let identity = store.check(creds)?;
     if identity.id != own.identity.id {
         return Err(IssueError::Response(format!(
             "the CA issued the app an SVID for {}, not for this sidecar's {}",
@@ -582,7 +546,7 @@ pub async fn issue_for_app(
     Ok(super::AppSvid {
         id: identity.id,
         chain,
-        key: key_der,
+        key: key.serialize_der(),
         not_before: identity.not_before,
         not_after: identity.not_after,
         issued_on: own.leaf_sha256.clone(),
