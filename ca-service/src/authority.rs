@@ -9,11 +9,13 @@
 //! | `root.key` | the root key (0600; absent when the root was imported) |
 //! | `intermediate.pem` | the signing intermediate (path length 0), signed by the root |
 //! | `intermediate.key` | its key (0600) |
+//! | `jwt.key` | the authority's JWT-SVID signing key, ECDSA P-256 PKCS#8 (0600) |
+//! | `jwt.pub` | its public key, published in the trust bundle |
 //! | `bundle.pem` | the trust bundle: every root workloads must trust |
 //! | `join-tokens/` | hashes of outstanding join tokens |
 //!
-//! `serve` reads only `ca.json`, `bundle.pem`, `intermediate.pem` and `intermediate.key`: the root key may
-//! stay offline.
+//! `serve` reads only `ca.json`, `bundle.pem`, `intermediate.pem`, `intermediate.key`, `jwt.key` and
+//! the `jwt.pub` of every authority in the bundle: the root key may stay offline.
 
 use std::fs;
 use std::io::Write;
@@ -38,6 +40,8 @@ use crate::ca_dir::{AuthorityFiles, check_is_ca, invalid, io_err, write_atomic};
 use crate::serial::random_serial;
 
 pub use crate::ca_dir::{AuthorityError, read_bundle};
+use meshid_identity::jwt_svid::{JwtKey, JwtSigner, key_id};
+use meshid_identity::pem::pem_block;
 pub use meshid_identity::pem::pem_cert;
 
 const ROOT_LIFETIME: Duration = Duration::days(3650);
@@ -174,11 +178,88 @@ pub fn create_authority_files(
         inter_key.serialize_pem().as_bytes(),
         true,
     )?;
+    write_jwt_key(files)?;
     Ok(InitReport {
         root_fingerprint: crate::serial::sha256_hex(&root_der),
         root_not_after,
         intermediate_not_after: params.not_after,
     })
+}
+
+/// Writes a new JWT-SVID signing key for the authority: `jwt.key` (PKCS#8 PEM, 0600) and `jwt.pub`
+/// (SubjectPublicKeyInfo PEM). The key belongs to the authority, not to its intermediate: it is
+/// published with the authority's root and signs while the authority is active, so it rotates with
+/// the authorities (`rotate prepare` makes the next one).
+pub fn write_jwt_key(files: &AuthorityFiles) -> Result<(), AuthorityError> {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+    let path = files.path(JWT_KEY);
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &aws_lc_rs::rand::SystemRandom::new(),
+    )
+    .map_err(|_| invalid(&path, "generating the JWT key failed"))?;
+    let signer =
+        JwtSigner::from_pkcs8(pkcs8.as_ref()).map_err(|e| invalid(&path, e.to_string()))?;
+    write_file(
+        &path,
+        pem_block("PRIVATE KEY", pkcs8.as_ref()).as_bytes(),
+        true,
+    )?;
+    write_file(
+        &files.path(JWT_PUB),
+        pem_block("PUBLIC KEY", &signer.spki).as_bytes(),
+        false,
+    )
+}
+
+/// The JWT key's files in an authority.
+pub const JWT_KEY: &str = "jwt.key";
+pub const JWT_PUB: &str = "jwt.pub";
+
+/// An authority's published JWT key (`jwt.pub`), if it has one (authorities made before meshid
+/// signed JWT-SVIDs have none).
+fn read_jwt_public(files: &AuthorityFiles) -> Result<Option<JwtKey>, AuthorityError> {
+    use rustls_pki_types::SubjectPublicKeyInfoDer;
+    let path = files.path(JWT_PUB);
+    let pem = match fs::read(&path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let spki = SubjectPublicKeyInfoDer::from_pem_slice(&pem)
+        .map_err(|e| invalid(&path, format!("not a PEM public key: {e}")))?;
+    JwtKey::new(&key_id(spki.as_ref()), spki.as_ref())
+        .map(Some)
+        .map_err(|e| invalid(&path, e.to_string()))
+}
+
+/// The active authority's JWT signer (`jwt.key`), which must be the key `jwt.pub` publishes.
+fn read_jwt_signer(
+    files: &AuthorityFiles,
+    public: Option<&JwtKey>,
+) -> Result<Option<JwtSigner>, AuthorityError> {
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    let path = files.path(JWT_KEY);
+    let pem = match fs::read(&path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let der = PrivatePkcs8KeyDer::from_pem_slice(&pem)
+        .map_err(|e| invalid(&path, format!("not a PEM PKCS#8 key: {e}")))?;
+    let signer =
+        JwtSigner::from_pkcs8(der.secret_pkcs8_der()).map_err(|e| invalid(&path, e.to_string()))?;
+    match public {
+        Some(p) if p.spki == signer.spki => Ok(Some(signer)),
+        Some(_) => Err(invalid(
+            &path,
+            format!("the key does not belong to {JWT_PUB} beside it"),
+        )),
+        None => Err(invalid(
+            &path,
+            format!("{JWT_PUB} is missing beside it: the key would sign tokens no one can check"),
+        )),
+    }
 }
 
 /// Replaces the signing intermediate of the authority in `dir` with a new one under the same root
@@ -333,6 +414,10 @@ pub struct Authority {
     pub bundle_version: u64,
     /// Sidecars should renew at once (after a forced retirement).
     pub renew_now: bool,
+    /// Signs JWT-SVIDs: the active authority's JWT key (`None`: it has none).
+    pub jwt_signer: Option<JwtSigner>,
+    /// The JWT keys of every authority in the bundle, published with it.
+    pub jwt_keys: Vec<JwtKey>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -412,6 +497,8 @@ impl Authority {
         let roots = read_bundle(&dir.join("bundle.pem"))?;
         let mut pinned = Vec::new();
         let mut authority_anchors = Vec::new();
+        let mut jwt_keys = Vec::new();
+        let mut jwt_signer = None;
         for a in state
             .authorities
             .iter()
@@ -420,6 +507,11 @@ impl Authority {
             let files = state.files_of(dir, a);
             let pin = pinned_intermediate(&files)?;
             pinned.extend(pin.clone());
+            let jwt = read_jwt_public(&files)?;
+            if a.name == active.name {
+                jwt_signer = read_jwt_signer(&files, jwt.as_ref())?;
+            }
+            jwt_keys.extend(jwt);
             let Some(root) = read_bundle(&files.path("root.pem"))
                 .ok()
                 .and_then(|r| r.into_iter().next())
@@ -445,6 +537,8 @@ impl Authority {
             authority_anchors,
             bundle_version: state.bundle_version,
             renew_now: state.renew_now_at == Some(state.bundle_version),
+            jwt_signer,
+            jwt_keys,
         })
     }
 }
@@ -605,6 +699,47 @@ mod tests {
         assert!(!dir.path().join("root.key").exists());
         let auth = Authority::load(dir.path()).unwrap();
         assert_eq!(auth.roots[0].as_ref(), cert.der().as_ref());
+    }
+
+    #[test]
+    fn each_authority_has_a_jwt_key_that_must_match_what_it_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let mode = fs::metadata(dir.path().join(JWT_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let auth = Authority::load(dir.path()).unwrap();
+        let signer = auth
+            .jwt_signer
+            .as_ref()
+            .expect("the active authority signs");
+        assert_eq!(auth.jwt_keys.len(), 1);
+        assert_eq!(auth.jwt_keys[0], signer.public());
+
+        // A key that is not the published one is refused at load, not used.
+        let pub_pem = fs::read(dir.path().join(JWT_PUB)).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        write_jwt_key(&AuthorityFiles::plain(other.path())).unwrap();
+        fs::copy(other.path().join(JWT_PUB), dir.path().join(JWT_PUB)).unwrap();
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("does not belong"), "{err}");
+        // A key with nothing published beside it signs nothing anyone could check.
+        fs::remove_file(dir.path().join(JWT_PUB)).unwrap();
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is missing"), "{err}");
+        // An authority from before JWT-SVIDs (neither file) loads and signs no tokens.
+        fs::remove_file(dir.path().join(JWT_KEY)).unwrap();
+        let auth = Authority::load(dir.path()).unwrap();
+        assert!(auth.jwt_signer.is_none() && auth.jwt_keys.is_empty());
+        // Garbage where the public key goes is an error naming the file.
+        fs::write(dir.path().join(JWT_PUB), b"not pem").unwrap();
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(JWT_PUB), "{err}");
+        fs::write(dir.path().join(JWT_PUB), &pub_pem).unwrap();
+        fs::remove_file(dir.path().join(JWT_PUB)).unwrap();
     }
 
     #[test]

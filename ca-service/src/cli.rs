@@ -373,6 +373,10 @@ pub struct ServeArgs {
     /// must present its token (or a new join token) again.
     #[arg(long, env = "MESHID_CA_MAX_ATTESTATION_AGE", default_value = "24h")]
     pub max_attestation_age: String,
+    /// Lifetime of a JWT-SVID (never past the expiry of the certificate the sidecar asks with);
+    /// 10s to 1h.
+    #[arg(long, env = "MESHID_CA_JWT_SVID_TTL", default_value = "5m")]
+    pub jwt_svid_ttl: String,
     /// Sustained certificates per second per identity.
     #[arg(long, env = "MESHID_CA_RATE_LIMIT", default_value = "50")]
     pub rate_limit: String,
@@ -437,6 +441,16 @@ impl ServeArgs {
         if max_attestation_age.is_some_and(|d| d < Duration::from_secs(1)) {
             p.0.push("--max-attestation-age: must be at least 1s".into());
         }
+        let jwt_svid_ttl = p
+            .check("--jwt-svid-ttl", parse_duration(&self.jwt_svid_ttl))
+            .and_then(|d| {
+                if (Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&d) {
+                    Some(d)
+                } else {
+                    p.0.push("--jwt-svid-ttl: must be from 10s to 1h".into());
+                    None
+                }
+            });
         let rate = p.check("--rate-limit", self.rate_limit.parse::<f64>());
         let burst = p.check("--rate-burst", self.rate_burst.parse::<u32>());
         let handshake = p.check(
@@ -590,8 +604,8 @@ impl ServeArgs {
         else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
-        let (Some(max_attestation_age), Some(jwks_refresh), Some(jwks_min)) =
-            (max_attestation_age, jwks_refresh, jwks_min)
+        let (Some(max_attestation_age), Some(jwks_refresh), Some(jwks_min), Some(jwt_svid_ttl)) =
+            (max_attestation_age, jwks_refresh, jwks_min, jwt_svid_ttl)
         else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
@@ -622,6 +636,7 @@ impl ServeArgs {
                 max: max_ttl,
             },
             max_attestation_age,
+            jwt_svid_ttl,
             rate_limit: RateLimit {
                 per_second: rate,
                 burst,

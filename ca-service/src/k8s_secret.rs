@@ -116,12 +116,16 @@ mod tests {
             [
                 "a2-intermediate.key",
                 "a2-intermediate.pem",
+                "a2-jwt.key",
+                "a2-jwt.pub",
                 "a2-root.pem",
                 "authorities.json",
                 "bundle.pem",
                 "ca.json",
                 "intermediate.key",
                 "intermediate.pem",
+                "jwt.key",
+                "jwt.pub",
                 "root.pem",
             ]
         );

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub jwks_refreshes: Family<ResultLabels, Counter>,
     pub jwks_last_success: Gauge,
     pub jwks_keys: Gauge,
+    pub jwt_svids: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -83,6 +84,7 @@ impl Metrics {
             jwks_refreshes: Family::default(),
             jwks_last_success: Gauge::default(),
             jwks_keys: Gauge::default(),
+            jwt_svids: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
@@ -164,6 +166,11 @@ impl Metrics {
             "jwks_last_success_timestamp_seconds",
             "When the JWKS was last loaded successfully, seconds since the epoch (0: never)",
             m.jwks_last_success.clone(),
+        );
+        r.register(
+            "jwt_svids",
+            "IssueJwtSvid calls by result (issued or the reason refused)",
+            Listed(m.jwt_svids.clone()),
         );
         r.register(
             "jwks_keys",

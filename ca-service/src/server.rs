@@ -39,6 +39,8 @@ pub struct ServeConfig {
     /// How long after its last attestation (service-account token or join token) an identity still
     /// renews on its certificate alone.
     pub max_attestation_age: Duration,
+    /// Lifetime of a JWT-SVID.
+    pub jwt_svid_ttl: Duration,
     pub rate_limit: RateLimit,
     pub limits: ListenerLimits,
     /// How long in-flight calls may take to finish after shutdown starts.
@@ -139,6 +141,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         roots: authority.roots.clone(),
         pinned: authority.pinned.clone(),
         renew_now: authority.renew_now,
+        jwt_keys: authority.jwt_keys.clone(),
     }));
     let state = Arc::new(CaState {
         authority: ArcSwap::from_pointee(authority),
@@ -148,6 +151,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         lifetimes: config.lifetimes,
         max_attestation_age: config.max_attestation_age,
         limiter: RateLimiter::new(config.rate_limit),
+        jwt_svid_ttl: config.jwt_svid_ttl,
+        jwt_limiter: RateLimiter::new(config.rate_limit),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
@@ -343,9 +348,14 @@ async fn follow_bundle(
         let renew_now = authority.renew_now;
         let state_version = authority.bundle_version;
         let pinned = authority.pinned.clone();
+        let jwt_keys = authority.jwt_keys.clone();
         state.authority.store(Arc::new(authority));
         let current = state.bundle.borrow().clone();
-        if current.roots == roots && current.pinned == pinned && current.version >= state_version {
+        if current.roots == roots
+            && current.pinned == pinned
+            && current.jwt_keys == jwt_keys
+            && current.version >= state_version
+        {
             continue;
         }
         // The directory's version, or one past ours when the bundle changed by hand.
@@ -361,6 +371,7 @@ async fn follow_bundle(
             roots,
             pinned,
             renew_now,
+            jwt_keys,
         }));
         tracing::info!(version, renew_now, "trust bundle updated");
     }

@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use meshid_identity::SpiffeId;
+use meshid_identity::jwt_svid::JwtKey;
 use meshid_proto::ca::v1::certificate_authority_server::CertificateAuthority;
 use meshid_proto::ca::v1::{
-    AckTrustBundleRequest, AckTrustBundleResponse, GetTrustBundleRequest, IssueRequest,
-    IssueResponse, TrustBundle, WatchTrustBundleRequest, issue_request::Credential,
+    AckTrustBundleRequest, AckTrustBundleResponse, GetTrustBundleRequest, IssueJwtSvidRequest,
+    IssueJwtSvidResponse, IssueRequest, IssueResponse, TrustBundle, WatchTrustBundleRequest,
+    issue_request::Credential,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -37,6 +39,8 @@ pub struct Bundle {
     pub pinned: Vec<CertificateDer<'static>>,
     /// Tell sidecars to renew at once (after a forced root retirement).
     pub renew_now: bool,
+    /// The JWT-SVID keys of the authorities in the bundle (see `Authority::jwt_keys`).
+    pub jwt_keys: Vec<JwtKey>,
 }
 
 /// Everything an Issue call needs.
@@ -50,6 +54,11 @@ pub struct CaState {
     /// certificate alone (`--max-attestation-age`).
     pub max_attestation_age: std::time::Duration,
     pub limiter: RateLimiter,
+    /// Lifetime of a JWT-SVID (`--jwt-svid-ttl`).
+    pub jwt_svid_ttl: std::time::Duration,
+    /// The rate limit of JWT-SVIDs, per identity, apart from certificates': tokens asked for
+    /// by an app never starve its sidecar's renewals.
+    pub jwt_limiter: RateLimiter,
     pub metrics: Metrics,
     /// Flips to true when the server shuts down, ending bundle streams.
     pub shutdown: watch::Receiver<bool>,
@@ -269,6 +278,86 @@ impl CaState {
             version: bundle.version,
             renew_now: bundle.renew_now,
             pinned_intermediates: bundle.pinned.iter().map(|c| c.to_vec()).collect(),
+            jwt_keys: bundle
+                .jwt_keys
+                .iter()
+                .map(|k| meshid_proto::ca::v1::JwtKey {
+                    key_id: k.kid.clone(),
+                    public_key: k.spki.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A JWT-SVID for the identity of the certificate on the connection: authenticated as a
+    /// renewal is (the certificate verifies now, its attestation is recent enough, its namespace
+    /// allowed), for the audiences asked for, signed by the active authority's JWT key, expiring
+    /// after `--jwt-svid-ttl` or with the certificate, whichever is first.
+    fn issue_jwt_svid(
+        &self,
+        req: &IssueJwtSvidRequest,
+        peer: Option<&PeerInfo>,
+    ) -> (Option<SpiffeId>, Result<IssueJwtSvidResponse, Refusal>) {
+        let refuse = |status: Status, result: &'static str| Refusal { status, result };
+        if peer.and_then(|p| p.leaf_identity.as_ref()).is_none() {
+            let status = Status::unauthenticated(
+                "a JWT-SVID is issued only to the holder of a meshid certificate: present yours",
+            );
+            return (None, Err(refuse(status, "no_credential")));
+        }
+        let id = match self.authenticate(None, peer) {
+            (_, Ok(Authenticated::Ready { id, .. })) => id,
+            (_, Ok(Authenticated::Join(_))) => {
+                let status = Status::unauthenticated("present your certificate");
+                return (None, Err(refuse(status, "no_credential")));
+            }
+            (_, Err(e)) => return (None, Err(e.into())),
+        };
+        if let Err(e) = meshid_identity::jwt_svid::check_audiences(&req.audience) {
+            let status = Status::invalid_argument(format!("audience: {e}"));
+            return (Some(id), Err(refuse(status, "invalid_audience")));
+        }
+        if let Err(wait) = self.jwt_limiter.check(&id, Instant::now()) {
+            let mut status = Status::resource_exhausted(format!(
+                "too many JWT-SVID requests for {id}; retry in {} ms",
+                wait.as_millis()
+            ));
+            if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+                status.metadata_mut().insert("retry-after-ms", v);
+            }
+            return (Some(id), Err(refuse(status, "rate_limited")));
+        }
+        let authority = self.authority.load();
+        let Some(signer) = authority.jwt_signer.as_ref() else {
+            let status = Status::failed_precondition(format!(
+                "the active authority {} has no JWT key (it was made before meshid signed \
+                 JWT-SVIDs): `meshid-ca rotate prepare` a new authority and activate it",
+                authority.name
+            ));
+            return (Some(id), Err(refuse(status, "no_jwt_key")));
+        };
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let cert_not_after = peer
+            .and_then(|p| p.leaf_identity.as_deref())
+            .and_then(|l| l.as_ref().ok())
+            .map_or(now, |l| l.not_after);
+        let ttl = i64::try_from(self.jwt_svid_ttl.as_secs()).unwrap_or(i64::MAX);
+        let exp = now.saturating_add(ttl).min(cert_not_after);
+        match meshid_identity::jwt_svid::sign(signer, &id, &req.audience, now, exp) {
+            Ok(token) => (
+                Some(id.clone()),
+                Ok(IssueJwtSvidResponse {
+                    token,
+                    spiffe_id: id.to_string(),
+                    issued_at_unix: now,
+                    expires_at_unix: exp,
+                }),
+            ),
+            Err(error) => {
+                tracing::error!(%error, identity = %id, "signing a JWT-SVID failed");
+                let status = Status::internal("the CA could not sign the JWT-SVID");
+                (Some(id), Err(refuse(status, "signing_failed")))
+            }
         }
     }
 
@@ -574,6 +663,58 @@ impl CertificateAuthority for CaService {
         }
     }
 
+    async fn issue_jwt_svid(
+        &self,
+        request: Request<IssueJwtSvidRequest>,
+    ) -> Result<Response<IssueJwtSvidResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let remote = peer
+            .as_ref()
+            .map(|p| p.remote_addr.to_string())
+            .unwrap_or_default();
+        let (id, result) = self.state.issue_jwt_svid(request.get_ref(), peer.as_ref());
+        let identity = id.as_ref().map(|i| i.as_str()).unwrap_or("");
+        let audiences = request.get_ref().audience.len();
+        let m = &self.state.metrics;
+        match result {
+            Ok(resp) => {
+                m.jwt_svids
+                    .get_or_create(&crate::metrics::ResultLabels { result: "issued" })
+                    .inc();
+                tracing::info!(
+                    target: "meshid_ca::audit",
+                    method = "jwt_svid",
+                    identity,
+                    peer = %remote,
+                    result = "issued",
+                    audiences,
+                    exp = resp.expires_at_unix,
+                    "JWT-SVID issued"
+                );
+                Ok(Response::new(resp))
+            }
+            Err(refusal) => {
+                m.jwt_svids
+                    .get_or_create(&crate::metrics::ResultLabels {
+                        result: refusal.result,
+                    })
+                    .inc();
+                tracing::warn!(
+                    target: "meshid_ca::audit",
+                    method = "jwt_svid",
+                    identity,
+                    peer = %remote,
+                    result = "refused",
+                    reason = refusal.result,
+                    code = ?refusal.status.code(),
+                    detail = refusal.status.message(),
+                    "JWT-SVID refused"
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+
     async fn get_trust_bundle(
         &self,
         _request: Request<GetTrustBundleRequest>,
@@ -728,6 +869,7 @@ mod tests {
                 roots: authority.roots.clone(),
                 pinned: authority.pinned.clone(),
                 renew_now: authority.renew_now,
+                jwt_keys: authority.jwt_keys.clone(),
             }));
             let state = CaState {
                 authority: ArcSwap::from_pointee(authority),
@@ -737,6 +879,8 @@ mod tests {
                 lifetimes: LIFETIMES,
                 max_attestation_age: opts.max_attestation_age.unwrap_or(MAX_ATTESTATION_AGE),
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
+                jwt_svid_ttl: Duration::from_secs(300),
+                jwt_limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 metrics,
                 shutdown: shutdown_rx,
                 fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
@@ -1380,6 +1524,7 @@ mod tests {
                 roots: vec![ca.root(), foreign.root.clone()],
                 pinned: Vec::new(),
                 renew_now: false,
+                jwt_keys: Vec::new(),
             };
             ca.state.bundle.send_replace(Arc::new(served.clone()));
             let token = ca.join_token(VM, Duration::from_secs(600));
@@ -1516,6 +1661,101 @@ mod tests {
         .unwrap();
         assert_ne!(renewed.cert_chain[0], issued.cert_chain[0]);
         verify_chain(&renewed.cert_chain, &ca.root()).unwrap();
+    }
+
+    // ---- issue_jwt_svid() -----------------------------------------------------------------------
+
+    #[test]
+    fn a_jwt_svid_speaks_for_the_presented_certificate_only_and_verifies_under_the_bundle() {
+        let ca = TestCa::new();
+        let token = ca.join_token(VM, Duration::from_secs(600));
+        let first = request(csr(), join(token));
+        let issued = check(
+            "join",
+            &first,
+            ca.state.issue(&first, None),
+            Method::JoinToken,
+            Expected::Issued(VM),
+        )
+        .unwrap();
+        let chain: Vec<CertificateDer<'static>> = issued
+            .cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let req = |aud: &[&str]| IssueJwtSvidRequest {
+            audience: aud.iter().map(|a| (*a).to_owned()).collect(),
+        };
+        let (id, resp) = ca.state.issue_jwt_svid(&req(&["db"]), Some(&peer(&chain)));
+        let resp = resp.map_err(|r| r.status).unwrap();
+        assert_eq!(id.unwrap().as_str(), VM);
+        assert_eq!(resp.spiffe_id, VM);
+        // The lifetime is the CA's, and never past the certificate's.
+        assert!(resp.expires_at_unix - resp.issued_at_unix <= 300);
+        assert!(resp.expires_at_unix <= issued.not_after_unix);
+        let keys = &ca.state.bundle.borrow().jwt_keys.clone();
+        assert_eq!(keys.len(), 1);
+        let td = TrustDomain::new(TD).unwrap();
+        let v = meshid_identity::jwt_svid::verify(
+            &resp.token,
+            "db",
+            keys,
+            &td,
+            OffsetDateTime::now_utc().unix_timestamp(),
+        )
+        .unwrap();
+        assert_eq!(v.id.as_str(), VM);
+        // The bundle message carries the key.
+        let bundle = ca.state.bundle.borrow().clone();
+        let msg = ca.state.trust_bundle(&bundle);
+        assert_eq!(msg.jwt_keys.len(), 1);
+        assert_eq!(msg.jwt_keys[0].key_id, keys[0].kid);
+
+        // No certificate, no token; bad audiences are refused after authentication.
+        let (_, r) = ca.state.issue_jwt_svid(&req(&["db"]), None);
+        assert_eq!(r.err().unwrap().status.code(), Code::Unauthenticated);
+        let long = "x".repeat(257);
+        for bad in [&[][..], &[""][..], &[long.as_str()][..], &["a"; 9][..]] {
+            let (_, r) = ca.state.issue_jwt_svid(&req(bad), Some(&peer(&chain)));
+            let refusal = r.err().unwrap();
+            assert_eq!(refusal.status.code(), Code::InvalidArgument, "{bad:?}");
+            assert_eq!(refusal.result, "invalid_audience");
+        }
+        // A certificate of another trust domain's CA is no credential.
+        let foreign = TestPki::new(TD);
+        let leaf = foreign.leaf(VM);
+        let (_, r) = ca
+            .state
+            .issue_jwt_svid(&req(&["db"]), Some(&peer(&leaf.chain)));
+        assert_eq!(r.err().unwrap().status.code(), Code::Unauthenticated);
+    }
+
+    #[test]
+    fn an_authority_without_a_jwt_key_refuses_jwt_svids_and_says_why() {
+        let ca = TestCa::new();
+        let mut authority = Authority::load(ca.dir.path()).unwrap();
+        authority.jwt_signer = None;
+        ca.state.authority.store(Arc::new(authority));
+        let token = ca.join_token(VM, Duration::from_secs(600));
+        let first = request(csr(), join(token));
+        let issued = ca
+            .state
+            .issue(&first, None)
+            .2
+            .map_err(|r| r.status)
+            .unwrap();
+        let chain: Vec<CertificateDer<'static>> = issued
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let req = IssueJwtSvidRequest {
+            audience: vec!["db".into()],
+        };
+        let (_, r) = ca.state.issue_jwt_svid(&req, Some(&peer(&chain)));
+        let refusal = r.err().unwrap();
+        assert_eq!(refusal.status.code(), Code::FailedPrecondition);
+        assert!(refusal.status.message().contains("rotate prepare"));
     }
 
     // ---- issue(): renewals decided at the time of the call -------------------------------------

@@ -9,6 +9,7 @@
 pub mod annotations;
 pub mod duration;
 pub mod identity;
+pub mod jwt_svid;
 pub mod peer;
 pub mod pem;
 pub mod policy;

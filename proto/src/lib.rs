@@ -19,3 +19,6 @@ pub mod workload {
 }
 
 pub mod codec;
+
+/// The protobuf well-known types the Workload API uses (`google.protobuf.Struct` for JWT claims).
+pub use prost_types;

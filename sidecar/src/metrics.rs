@@ -77,6 +77,7 @@ pub struct Metrics {
     pub workload_api_calls: Family<WorkloadApiLabels, Counter>,
     pub app_svids: Family<ResultLabels, Counter>,
     pub app_svid_expiry: Gauge,
+    pub jwt_svids: Family<ResultLabels, Counter>,
     /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
     pub peer_identity: bool,
 }
@@ -185,6 +186,11 @@ impl Metrics {
             "app_svid_requests",
             "Requests to the CA for the app's own X.509-SVID (Workload API) by result",
             Listed(m.app_svids.clone()),
+        );
+        r.register(
+            "jwt_svid_requests",
+            "Requests to the CA for JWT-SVIDs for the app (Workload API; cache misses) by result",
+            Listed(m.jwt_svids.clone()),
         );
         r.register(
             "app_svid_expiry_timestamp_seconds",

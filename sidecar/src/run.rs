@@ -203,9 +203,16 @@ pub async fn start(
     };
 
     let mut app_svids = None;
+    let mut jwt_svids = None;
     if let CredSource::Ca(mode) = &config.creds {
         let life = Arc::new(crate::creds::ca::Lifecycle::new());
         if workload_api.is_some() {
+            jwt_svids = Some(Arc::new(crate::creds::jwt_svid::JwtSvids::new(
+                mode.clone(),
+                shared.creds.clone(),
+                life.clone(),
+                shared.metrics.clone(),
+            )));
             let (tx, rx) = watch::channel(None);
             app_svids = Some(rx);
             tokio::spawn(crate::creds::app_svid::run_app_svids(
@@ -247,6 +254,7 @@ pub async fn start(
             shared.creds.clone(),
             shared.metrics.clone(),
             app_svids,
+            jwt_svids,
             shared.shutdown.clone(),
         ));
     }

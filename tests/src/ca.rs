@@ -95,6 +95,7 @@ impl TestCa {
             }),
             lifetimes: opts.lifetimes,
             max_attestation_age: opts.max_attestation_age,
+            jwt_svid_ttl: Duration::from_secs(300),
             rate_limit: opts.rate_limit,
             limits: ListenerLimits {
                 handshake_timeout: opts.handshake_timeout,

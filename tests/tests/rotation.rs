@@ -483,6 +483,7 @@ async fn an_expired_root_can_still_be_replaced() {
         }),
         lifetimes: Default::default(),
         max_attestation_age: Duration::from_secs(24 * 3600),
+        jwt_svid_ttl: Duration::from_secs(300),
         rate_limit: Default::default(),
         limits: Default::default(),
         grace: Duration::from_secs(2),

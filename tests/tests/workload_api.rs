@@ -1,14 +1,18 @@
 //! The SPIFFE Workload API the sidecar serves to its app (`--workload-api-socket`), checked with an
 //! outside client (rust-spiffe, the `spiffe` crate) and with raw calls made from our .proto: the
 //! app's own X.509-SVID (its key, not the sidecar's) and the bundle, a new SVID streamed after a
-//! renewal, the security header enforced, file mode refusing SVIDs but serving bundles.
+//! renewal, the security header enforced, file mode refusing SVIDs but serving bundles; JWT-SVIDs
+//! signed by the CA for the pod's identity, its JWT keys as a JWK set, tokens checked by the
+//! sidecar and offline by rust-spiffe and py-spiffe, through a CA rotation.
 
 use std::path::Path;
 use std::time::Duration;
 
 use meshid_ca::signer::LifetimePolicy;
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use meshid_proto::workload::{JwtsvidRequest, X509BundlesRequest, X509svidRequest};
+use meshid_proto::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
+};
 use meshid_sidecar::settings::CredSource;
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar};
@@ -173,7 +177,7 @@ async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn calls_without_the_security_header_are_refused_and_jwt_is_not_served_yet() {
+async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svids() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api").join("workload.sock");
@@ -218,8 +222,16 @@ async fn calls_without_the_security_header_are_refused_and_jwt_is_not_served_yet
             spiffe_id: String::new(),
         })
         .await
-        .expect_err("not served yet");
-    assert_eq!(jwt.code(), tonic::Code::Unimplemented);
+        .expect_err("file mode");
+    assert_eq!(jwt.code(), tonic::Code::PermissionDenied, "{jwt:?}");
+    let jwt = bare
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["x".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .expect_err("no header");
+    assert_eq!(jwt.code(), tonic::Code::InvalidArgument, "{jwt:?}");
 
     // Every call is counted by method and outcome.
     let metrics = _s.metrics().await;
@@ -227,7 +239,8 @@ async fn calls_without_the_security_header_are_refused_and_jwt_is_not_served_yet
         r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="invalid_argument"} 1"#,
         r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="permission_denied"} 1"#,
         r#"meshid_sidecar_workload_api_calls_total{method="FetchX509Bundles",code="ok"} 1"#,
-        r#"meshid_sidecar_workload_api_calls_total{method="FetchJWTSVID",code="unimplemented"} 1"#,
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchJWTSVID",code="permission_denied"} 1"#,
+        r#"meshid_sidecar_workload_api_calls_total{method="FetchJWTSVID",code="invalid_argument"} 1"#,
     ] {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
@@ -417,4 +430,226 @@ async fn a_bundle_change_is_streamed_to_the_app() {
         .unwrap()
         .unwrap();
     assert_eq!(roots(next.bundle_set()), 2);
+}
+
+/// JWT-SVIDs through rust-spiffe: a token for the pod's identity and the audiences asked for,
+/// verified offline against the JWK set the sidecar hands out and by the sidecar's
+/// ValidateJWTSVID; the same audiences get the cached token; bad requests and tampered tokens are
+/// refused; a prepared authority's key is streamed before it signs, and once it is active new
+/// tokens carry its key and still verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap();
+    let svid = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.fetch_jwt_svid(["db", "cache"], None),
+    )
+    .await
+    .expect("a JWT-SVID within 10 s")
+    .expect("a valid JWT-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), ID);
+    let mut aud = svid.audience().to_vec();
+    aud.sort();
+    assert_eq!(aud, ["cache", "db"]);
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let bundles = client.fetch_jwt_bundles().await.expect("JWT bundles");
+    let bundle = bundles.get(&td).expect("our trust domain's JWT bundle");
+    assert!(bundle.find_jwt_authority(svid.key_id()).is_some());
+    // Offline, as an app verifying a caller's token would.
+    let checked = spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["db"])
+        .expect("verifies offline under the bundle");
+    assert_eq!(checked.spiffe_id().to_string(), ID);
+    assert!(spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["other"]).is_err());
+    // And by the sidecar.
+    let validated = client
+        .validate_jwt_token("cache", svid.token())
+        .await
+        .expect("the sidecar validates it");
+    assert_eq!(validated.spiffe_id().to_string(), ID);
+    // The same audiences again: the cached token, no second request to the CA.
+    let again = client.fetch_jwt_svid(["cache", "db"], None).await.unwrap();
+    assert_eq!(again.token(), svid.token());
+
+    let mut raw = raw_client(&socket, true).await;
+    let jwt = |audience: Vec<String>, spiffe_id: &str| JwtsvidRequest {
+        audience,
+        spiffe_id: spiffe_id.to_owned(),
+    };
+    for (audience, what) in [
+        (vec![], "no audience"),
+        (vec!["x".repeat(257)], "an oversized audience"),
+        ((0..9).map(|i| format!("a{i}")).collect(), "nine audiences"),
+        (vec!["a\u{7}b".to_owned()], "a control character"),
+    ] {
+        let refused = raw.fetch_jwtsvid(jwt(audience, "")).await.expect_err(what);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {refused:?}"
+        );
+    }
+    let other = raw
+        .fetch_jwtsvid(jwt(
+            vec!["db".into()],
+            "spiffe://cluster.local/ns/shop/sa/admin",
+        ))
+        .await
+        .expect_err("another identity");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    let mine = raw.fetch_jwtsvid(jwt(vec!["db".into()], ID)).await.unwrap();
+    assert_eq!(mine.into_inner().svids[0].spiffe_id, ID);
+    // Validation refuses the wrong audience, a changed token, garbage and empty fields.
+    let validate = |audience: &str, svid: &str| ValidateJwtsvidRequest {
+        audience: audience.to_owned(),
+        svid: svid.to_owned(),
+    };
+    let mut parts: Vec<String> = svid.token().split('.').map(str::to_owned).collect();
+    parts[1] = parts[1].chars().rev().collect();
+    let tampered = parts.join(".");
+    for (req, what) in [
+        (validate("other", svid.token()), "wrong audience"),
+        (validate("db", &tampered), "tampered"),
+        (validate("db", "not.a.jwt"), "garbage"),
+        (validate("", svid.token()), "no audience"),
+        (validate("db", ""), "no token"),
+    ] {
+        let refused = raw.validate_jwtsvid(req).await.expect_err(what);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {refused:?}"
+        );
+    }
+    let ok = raw
+        .validate_jwtsvid(validate("db", svid.token()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, ID);
+    let claims = ok.claims.expect("claims");
+    assert!(claims.fields.contains_key("exp"), "{claims:?}");
+
+    // A rotation: the prepared authority's key is streamed beside the active one's...
+    let mut keys = raw
+        .fetch_jwt_bundles(JwtBundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let count = |m: &meshid_proto::workload::JwtBundlesResponse| {
+        let jwks: serde_json::Value =
+            serde_json::from_slice(&m.bundles["spiffe://cluster.local"]).unwrap();
+        jwks["keys"].as_array().unwrap().len()
+    };
+    let first = keys.message().await.unwrap().unwrap();
+    assert_eq!(count(&first), 1);
+    meshid_ca::rotation::prepare(ca.dir.path(), None).expect("prepare");
+    let next = tokio::time::timeout(Duration::from_secs(15), keys.message())
+        .await
+        .expect("the new key is streamed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(count(&next), 2);
+    // ...and once it signs, new tokens carry it and still verify.
+    meshid_ca::rotation::activate(ca.dir.path(), &[ca.admin_addr], true)
+        .await
+        .expect("activate");
+    // The CA follows its directory within about a second; each try asks for a new audience, so
+    // no cached token answers.
+    let (rotated, audience) = tokio::time::timeout(Duration::from_secs(15), async {
+        for i in 0.. {
+            let audience = format!("after-rotation-{i}");
+            if let Ok(t) = client.fetch_jwt_svid([audience.as_str()], None).await
+                && t.key_id() != svid.key_id()
+            {
+                return (t, audience);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        unreachable!()
+    })
+    .await
+    .expect("a token under the new authority's key");
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(rotated.token(), &bundles, &[audience.as_str()])
+        .expect("the new key verifies");
+    // The old token still verifies: the old authority's key stays while it retires.
+    spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["db"])
+        .expect("the old key is still published");
+
+    let metrics = s.metrics().await;
+    assert!(
+        metrics.contains(r#"meshid_sidecar_jwt_svid_requests_total{result="issued"}"#),
+        "{metrics}"
+    );
+}
+
+/// py-spiffe's JWT side: a JWT-SVID for the audience asked for, the JWT bundle, the token verified
+/// offline by py-spiffe (PyJWT) under that bundle and by the sidecar's ValidateJWTSVID; a request
+/// without an audience and a changed token are refused.
+const PY_SPIFFE_JWT: &str = r#"
+from spiffe import JwtSvid, TrustDomain, WorkloadApiClient
+
+client = WorkloadApiClient()
+svid = client.fetch_jwt_svid(audience={"db"}, timeout=10)
+print("jwt", svid.spiffe_id, sorted(svid.audience))
+bundle = client.fetch_jwt_bundles(timeout=10).get_bundle_for_trust_domain(TrustDomain("cluster.local"))
+print("keys", len(bundle.jwt_authorities))
+offline = JwtSvid.parse_and_validate(svid.token, bundle, {"db"})
+print("offline", offline.spiffe_id)
+print("validated", client.validate_jwt_svid(svid.token, "db", timeout=10).spiffe_id)
+try:
+    client.fetch_jwt_svid(audience=set(), timeout=10)
+    print("empty audience accepted")
+except Exception as e:
+    print("empty audience refused")
+head, claims, sig = svid.token.split(".")
+try:
+    client.validate_jwt_svid(head + "." + claims[::-1] + "." + sig, "db", timeout=10)
+    print("tampered accepted")
+except Exception as e:
+    print("tampered refused")
+client.close()
+"#;
+
+#[cfg_attr(
+    not(have_py_spiffe),
+    ignore = "python3 with py-spiffe (`spiffe` on PyPI) is not installed"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_fetches_and_verifies_jwt_svids() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, PY_SPIFFE_JWT).unwrap();
+    let endpoint = format!("unix://{}", socket.display());
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        meshid_tests::tools::run(
+            std::process::Command::new("python3")
+                .arg(&script)
+                .env("SPIFFE_ENDPOINT_SOCKET", endpoint),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+    for line in [
+        format!("jwt {ID} ['db']"),
+        "keys 1".to_owned(),
+        format!("offline {ID}"),
+        format!("validated {ID}"),
+        "empty audience refused".to_owned(),
+        "tampered refused".to_owned(),
+    ] {
+        assert!(out.contains(&line), "{line} not in\n{out}");
+    }
 }

@@ -16,6 +16,7 @@ use super::ca_client;
 use super::store::{CredError, CredentialStore, Credentials, Snapshot};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::{Bootstrap, CaEndpoint, CaMode};
+use meshid_identity::jwt_svid::JwtKey;
 use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
 use meshid_runtime::net::stopped;
 use meshid_runtime::time::{sleep_wall, unix_now};
@@ -33,6 +34,9 @@ pub struct Lifecycle {
     pub renewed: tokio::sync::Notify,
     /// The bundle stream's connection while it is open, for renewals to share.
     pub stream_conn: StreamConn,
+    /// The trust domain's JWT-SVID keys, as the bundle stream last carried them (`None` until
+    /// the first bundle message).
+    pub jwt_keys: watch::Sender<Option<Arc<Vec<JwtKey>>>>,
 }
 
 /// The connection that carries our bundle stream, published while the stream is open, and the leaf
@@ -83,8 +87,22 @@ impl Lifecycle {
             renew_now: Default::default(),
             renewed: Default::default(),
             stream_conn: StreamConn::default(),
+            jwt_keys: watch::Sender::new(None),
         }
     }
+}
+
+/// At most this many JWT keys in a bundle (one per authority in it: two or three in a rotation).
+pub const MAX_JWT_KEYS: usize = 16;
+
+/// The JWT keys of a bundle message, each checked to be a P-256 public key under an ID.
+fn jwt_keys(keys: Vec<meshid_proto::ca::v1::JwtKey>) -> Result<Vec<JwtKey>, String> {
+    if keys.len() > MAX_JWT_KEYS {
+        return Err(format!("{} JWT keys; at most {MAX_JWT_KEYS}", keys.len()));
+    }
+    keys.iter()
+        .map(|k| JwtKey::new(&k.key_id, &k.public_key).map_err(|e| e.to_string()))
+        .collect()
 }
 
 impl Default for Lifecycle {
@@ -477,24 +495,89 @@ async fn send_issue(
     req: IssueRequest,
 ) -> Result<Result<tonic::Response<meshid_proto::ca::v1::IssueResponse>, tonic::Status>, IssueError>
 {
+    call_ca(mode, store, stream_conn, client_cert, |mut client| {
+        let req = req.clone();
+        async move { client.issue(req).await }
+    })
+    .await
+}
+
+/// Makes one call to the CA presenting `client_cert` (if any): over the bundle stream's connection
+/// when that one presents the same certificate, else (or should that connection have broken under
+/// us) over a connection of its own.
+async fn call_ca<T, F, Fut>(
+    mode: &CaMode,
+    store: &CredentialStore,
+    stream_conn: &StreamConn,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    call: F,
+) -> Result<Result<tonic::Response<T>, tonic::Status>, IssueError>
+where
+    F: Fn(ca_client::CaClient) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let shared = client_cert
         .as_ref()
         .and_then(|(chain, _)| chain.first())
         .and_then(|leaf| stream_conn.presenting(leaf));
-    if let Some(mut client) = shared {
-        match client.issue(req.clone()).await {
+    if let Some(client) = shared {
+        match call(client).await {
             Err(s) if connection_failed(&s) => {
-                tracing::debug!(error = %s, "renewal on the bundle stream's connection failed; connecting");
+                tracing::debug!(error = %s, "call on the bundle stream's connection failed; connecting");
             }
             answered => return Ok(answered),
         }
     }
-    Ok(
-        ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert)
-            .await?
-            .issue(req)
-            .await,
+    let client =
+        ca_client::connect(&endpoint_with_bundle(&mode.endpoint, store), client_cert).await?;
+    Ok(call(client).await)
+}
+
+/// A JWT-SVID for this sidecar's identity and `audience`, asked for on the sidecar's current
+/// certificate (the CA's `IssueJwtSvid`). The CA's answer is checked before use: the token must
+/// verify under the bundle's JWT keys, for the first audience, for this sidecar's own identity.
+pub async fn issue_jwt_svid(
+    mode: &CaMode,
+    store: &CredentialStore,
+    stream_conn: &StreamConn,
+    keys: &[meshid_identity::jwt_svid::JwtKey],
+    audience: Vec<String>,
+) -> Result<meshid_proto::ca::v1::IssueJwtSvidResponse, IssueError> {
+    let now = unix_now();
+    let own = store
+        .current()
+        .filter(|s| s.identity.not_after > now + 1 && store.own_chain_trusted(now))
+        .ok_or_else(|| IssueError::Response("no certificate of our own the CA takes yet".into()))?;
+    let first = audience.first().cloned().unwrap_or_default();
+    let req = meshid_proto::ca::v1::IssueJwtSvidRequest { audience };
+    let resp = call_ca(
+        mode,
+        store,
+        stream_conn,
+        store.chain_and_key(),
+        |mut client| {
+            let req = req.clone();
+            async move { client.issue_jwt_svid(req).await }
+        },
     )
+    .await?
+    .map_err(status_error)?
+    .into_inner();
+    let verified = meshid_identity::jwt_svid::verify(
+        &resp.token,
+        &first,
+        keys,
+        &own.identity.id.trust_domain(),
+        unix_now(),
+    )
+    .map_err(|e| IssueError::Response(format!("the CA's JWT-SVID does not check out: {e}")))?;
+    if verified.id != own.identity.id {
+        return Err(IssueError::Response(format!(
+            "the CA issued a JWT-SVID for {}, not for this sidecar's {}",
+            verified.id, own.identity.id
+        )));
+    }
+    Ok(resp)
 }
 
 /// The CA's refusal, with its `retry-after-ms` hint.
@@ -780,7 +863,7 @@ pub async fn run_bundle_watch(
                     () = life.renewed.notified() => return Ok(Reconnect::Now),
                     () = stopped(&mut shutdown) => return Ok(Reconnect::Stop),
                 };
-                let bundle = match msg {
+                let mut bundle = match msg {
                     Ok(Some(b)) => b,
                     Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
                     Err(s) => return Err(IssueError::Response(s.message().to_owned())),
@@ -788,6 +871,20 @@ pub async fn run_bundle_watch(
                 backoff.reset();
                 if bundle.renew_now {
                     life.renew_now.notify_one();
+                }
+                match jwt_keys(std::mem::take(&mut bundle.jwt_keys)) {
+                    Ok(keys) => {
+                        life.jwt_keys.send_if_modified(|held| {
+                            let changed = held.as_deref() != Some(&keys);
+                            if changed {
+                                *held = Some(Arc::new(keys));
+                            }
+                            changed
+                        });
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "JWT keys of the trust bundle rejected; keeping the current ones");
+                    }
                 }
                 let roots: Vec<CertificateDer<'static>> =
                     bundle.roots.into_iter().map(CertificateDer::from).collect();
@@ -881,6 +978,13 @@ mod tests {
             Err(Status::unimplemented("not in this test"))
         }
 
+        async fn issue_jwt_svid(
+            &self,
+            _: Request<meshid_proto::ca::v1::IssueJwtSvidRequest>,
+        ) -> Result<Response<meshid_proto::ca::v1::IssueJwtSvidResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+
         async fn get_trust_bundle(
             &self,
             _: Request<GetTrustBundleRequest>,
@@ -968,6 +1072,7 @@ mod tests {
             version: 7,
             renew_now: false,
             pinned_intermediates: Vec::new(),
+            jwt_keys: Vec::new(),
         };
         let (acks_tx, mut acks) = mpsc::unbounded_channel();
         let addr = serve(

@@ -6,6 +6,7 @@ pub mod app_svid;
 pub mod ca;
 pub mod ca_client;
 pub mod files;
+pub mod jwt_svid;
 mod store;
 
 pub use app_svid::AppSvid;

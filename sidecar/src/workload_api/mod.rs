@@ -12,7 +12,14 @@
 //!   using it and call again). Without a CA to issue from (file mode) it answers
 //!   `PermissionDenied`.
 //! - `FetchX509Bundles`: the trust domain's roots, at once and at every change.
-//! - The JWT-SVID profile is not served yet: `Unimplemented`.
+//! - `FetchJWTSVID`: a JWT-SVID for the pod's identity and the audiences asked for (1 to 8, each
+//!   at most 256 bytes: anything else is `InvalidArgument`), signed by the CA
+//!   ([`crate::creds::jwt_svid`]; cached per audience set for half its life, never handed out
+//!   expired). A `spiffe_id` other than the pod's is `PermissionDenied`.
+//! - `FetchJWTBundles`: the trust domain's JWT keys as a JWK set, at once and at every change.
+//! - `ValidateJWTSVID`: checks a token against those keys (ES256, `kid` in the bundle, `sub` of
+//!   the trust domain, the audience, `exp`); an invalid token is `InvalidArgument` with the reason.
+//! - Without a CA (file mode) the SVID methods answer `PermissionDenied`.
 //!
 //! gRPC C-core and grpc-java clients (py-spiffe, java-spiffe) send the socket's path as
 //! `:authority`, which the HTTP/2 server refuses: [`authority`] rewrites it on the way in.
@@ -27,13 +34,14 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use meshid_proto::prost_types::{self, Struct};
 use meshid_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use meshid_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use meshid_runtime::time::unix_now;
 use rustls::pki_types::CertificateDer;
@@ -47,6 +55,7 @@ mod authority;
 
 use crate::creds::CredentialStore;
 use crate::creds::app_svid::{AppSvid, AppSvids};
+use crate::creds::jwt_svid::{JwtSvidError, JwtSvids};
 use crate::metrics::{Metrics, WorkloadApiLabels};
 
 /// The metadata key every Workload API call must carry, with the value `true`.
@@ -120,6 +129,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     Ok(listener)
 }
 
+/// How long a unary call waits for the sidecar's first certificate.
+const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// At most this many connections to the socket at once; more are closed at accept.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -130,12 +142,14 @@ pub async fn serve(
     store: Arc<CredentialStore>,
     metrics: Metrics,
     svids: Option<AppSvids>,
+    jwt: Option<Arc<JwtSvids>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api = WorkloadApi {
         store,
         metrics,
         svids,
+        jwt,
         shutdown: shutdown.clone(),
     };
     let (conns, incoming) = mpsc::channel::<std::io::Result<authority::Piped>>(8);
@@ -188,6 +202,8 @@ struct WorkloadApi {
     metrics: Metrics,
     /// `None` in file mode: no CA to issue the app an SVID.
     svids: Option<AppSvids>,
+    /// `None` in file mode, likewise.
+    jwt: Option<Arc<JwtSvids>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -357,12 +373,66 @@ impl WorkloadApi {
         Ok(Response::new(stream))
     }
 
+    fn jwt(&self) -> Result<&Arc<JwtSvids>, Status> {
+        self.jwt.as_ref().ok_or_else(|| {
+            Status::permission_denied(
+                "no JWT-SVIDs for the app: this sidecar has no CA to issue them (file mode)",
+            )
+        })
+    }
+
+    /// The pod's identity; a call made while the sidecar is still getting its first certificate
+    /// waits a little for it.
+    async fn own_id(&self) -> Result<meshid_identity::SpiffeId, Status> {
+        let mut changes = self.store.subscribe();
+        let wait = async {
+            loop {
+                if let Some(s) = self.store.current() {
+                    return Some(s.identity.id.clone());
+                }
+                if changes.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(IDENTITY_WAIT, wait)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| Status::unavailable("the sidecar has no identity yet"))
+    }
+
     async fn fetch_jwtsvid_call(
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(jwt_not_served())
+        let jwt = self.jwt()?;
+        let req = req.into_inner();
+        let own = self.own_id().await?;
+        if !req.spiffe_id.is_empty() && req.spiffe_id != own.as_str() {
+            return Err(Status::permission_denied(format!(
+                "this workload is {own}: it has no JWT-SVID for {:.300}",
+                req.spiffe_id
+            )));
+        }
+        let svid = jwt.fetch(&req.audience).await.map_err(|e| match e {
+            JwtSvidError::Audience(_) => Status::invalid_argument(e.to_string()),
+            JwtSvidError::NoKeys => Status::unavailable(e.to_string()),
+            JwtSvidError::Ca(e) => {
+                Status::unavailable(format!("the CA did not issue a JWT-SVID: {e}"))
+            }
+        })?;
+        if svid.exp <= unix_now() {
+            return Err(Status::unavailable("the JWT-SVID at hand has expired"));
+        }
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: svid.id.as_str().to_owned(),
+                svid: svid.token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles_call(
@@ -370,7 +440,36 @@ impl WorkloadApi {
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Streamed<JwtBundlesResponse>>, Status> {
         check_header(&req)?;
-        Err(jwt_not_served())
+        let mut keys = self.jwt()?.subscribe();
+        let store = self.store.clone();
+        let stream = streamed(self.shutdown.clone(), move |tx| {
+            Box::pin(async move {
+                let mut sent: Option<(String, Vec<u8>)> = None;
+                loop {
+                    let held = keys.borrow_and_update().clone();
+                    let td = store
+                        .current()
+                        .map(|s| format!("spiffe://{}", s.identity.id.trust_domain()));
+                    if let (Some(held), Some(td)) = (held, td) {
+                        let now = (td, meshid_identity::jwt_svid::jwks(&held));
+                        if sent.as_ref() != Some(&now) {
+                            let msg = JwtBundlesResponse {
+                                bundles: HashMap::from([now.clone()]),
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                            sent = Some(now);
+                        }
+                    }
+                    tokio::select! {
+                        r = keys.changed() => if r.is_err() { return },
+                        () = tx.closed() => return,
+                    }
+                }
+            })
+        });
+        Ok(Response::new(stream))
     }
 
     async fn validate_jwtsvid_call(
@@ -378,8 +477,52 @@ impl WorkloadApi {
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
-        Err(jwt_not_served())
+        let jwt = self.jwt()?;
+        let req = req.into_inner();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        let td = self.own_id().await?.trust_domain();
+        let keys = jwt.keys().await.ok_or_else(|| {
+            Status::unavailable("the sidecar has no JWT keys of its trust domain yet")
+        })?;
+        let verified =
+            meshid_identity::jwt_svid::verify(&req.svid, &req.audience, &keys, &td, unix_now())
+                .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: verified.id.as_str().to_owned(),
+            claims: Some(claims_struct(verified.claims)),
+        }))
     }
+}
+
+/// JWT claims as a `google.protobuf.Struct`.
+fn claims_struct(claims: serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: claims
+            .into_iter()
+            .map(|(k, v)| (k, json_value(v)))
+            .collect(),
+    }
+}
+
+fn json_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_value).collect(),
+        }),
+        J::Object(o) => Kind::StructValue(claims_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }
 
 /// Counts every call by method and outcome.
@@ -461,10 +604,6 @@ impl SpiffeWorkloadApi for WorkloadApi {
             self.validate_jwtsvid_call(req).await,
         )
     }
-}
-
-fn jwt_not_served() -> Status {
-    Status::unimplemented("JWT-SVIDs are not served by this sidecar yet (X.509-SVIDs are)")
 }
 
 #[cfg(test)]

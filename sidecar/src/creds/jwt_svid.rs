@@ -1,0 +1,176 @@
+//! JWT-SVIDs for the app behind this sidecar (the Workload API's `FetchJWTSVID`): signed by the CA
+//! for the sidecar's identity and the audiences the app asks for, cached per audience set until
+//! half their life has passed, never handed out expired; and the trust domain's JWT keys (from the
+//! bundle stream) to check tokens with (`ValidateJWTSVID`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshid_identity::SpiffeId;
+use meshid_identity::jwt_svid::{JwtKey, check_audiences};
+use meshid_runtime::time::unix_now;
+use tokio::sync::watch;
+
+use super::CredentialStore;
+use super::ca::{IssueError, Lifecycle, issue_jwt_svid};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::settings::CaMode;
+
+/// At most this many audience sets cached; the one closest to expiry makes room.
+pub const MAX_CACHED: usize = 64;
+/// How long a call waits for the trust domain's JWT keys when the sidecar has none yet (just
+/// started, or the CA not reached).
+const KEYS_WAIT: Duration = Duration::from_secs(5);
+
+/// A token handed out for a set of audiences.
+#[derive(Clone)]
+pub struct JwtSvid {
+    pub id: SpiffeId,
+    pub token: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+impl std::fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("id", &self.id.as_str())
+            .field("exp", &self.exp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtSvid {
+    /// Still good to hand out at `now`: less than half its life gone (so the app holds it for a
+    /// while yet) and not expired.
+    fn fresh_at(&self, now: i64) -> bool {
+        now < self.exp && now - self.iat < (self.exp - self.iat) / 2
+    }
+}
+
+/// Why no token could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtSvidError {
+    #[error("audience: {0}")]
+    Audience(String),
+    #[error("the sidecar has no JWT keys of its trust domain yet (the CA has not been reached)")]
+    NoKeys,
+    #[error(transparent)]
+    Ca(#[from] IssueError),
+}
+
+/// The app's JWT-SVIDs and the keys to check them with.
+#[derive(Debug)]
+pub struct JwtSvids {
+    mode: CaMode,
+    store: Arc<CredentialStore>,
+    life: Arc<Lifecycle>,
+    metrics: Metrics,
+    cache: Mutex<HashMap<Vec<String>, JwtSvid>>,
+}
+
+impl JwtSvids {
+    pub fn new(
+        mode: CaMode,
+        store: Arc<CredentialStore>,
+        life: Arc<Lifecycle>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            mode,
+            store,
+            life,
+            metrics,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<String>, JwtSvid>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The trust domain's JWT keys as last received; waits a little for the first ones.
+    pub async fn keys(&self) -> Option<Arc<Vec<JwtKey>>> {
+        let mut rx = self.life.jwt_keys.subscribe();
+        let got = tokio::time::timeout(KEYS_WAIT, rx.wait_for(Option::is_some)).await;
+        match got {
+            Ok(Ok(keys)) => keys.clone(),
+            _ => None,
+        }
+    }
+
+    /// Changes of the JWT keys, for the bundle stream.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Vec<JwtKey>>>> {
+        self.life.jwt_keys.subscribe()
+    }
+
+    /// A JWT-SVID for `audience`: from the cache while fresh, else from the CA.
+    pub async fn fetch(&self, audience: &[String]) -> Result<JwtSvid, JwtSvidError> {
+        check_audiences(audience).map_err(|e| JwtSvidError::Audience(e.to_string()))?;
+        let mut key: Vec<String> = audience.to_vec();
+        key.sort();
+        key.dedup();
+        let own = self.store.current().map(|s| s.identity.id.clone());
+        if let Some(hit) = self.cache().get(&key)
+            && hit.fresh_at(unix_now())
+            && Some(&hit.id) == own.as_ref()
+        {
+            return Ok(hit.clone());
+        }
+        let keys = self.keys().await.ok_or(JwtSvidError::NoKeys)?;
+        let result = issue_jwt_svid(
+            &self.mode,
+            &self.store,
+            &self.life.stream_conn,
+            &keys,
+            key.clone(),
+        )
+        .await;
+        let labels = ResultLabels {
+            result: if result.is_ok() { "issued" } else { "failed" },
+        };
+        self.metrics.jwt_svids.get_or_create(&labels).inc();
+        let resp = result?;
+        let svid = JwtSvid {
+            id: SpiffeId::parse(&resp.spiffe_id)
+                .map_err(|e| IssueError::Response(format!("the CA's SPIFFE ID: {e}")))?,
+            token: resp.token,
+            iat: resp.issued_at_unix,
+            exp: resp.expires_at_unix,
+        };
+        let mut cache = self.cache();
+        let now = unix_now();
+        cache.retain(|_, s| s.exp > now);
+        if cache.len() >= MAX_CACHED
+            && let Some(oldest) = cache
+                .iter()
+                .min_by_key(|(_, s)| s.exp)
+                .map(|(k, _)| k.clone())
+        {
+            cache.remove(&oldest);
+        }
+        cache.insert(key, svid.clone());
+        Ok(svid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_handed_out_again_only_in_the_first_half_of_its_life() {
+        let svid = JwtSvid {
+            id: SpiffeId::parse("spiffe://example.org/a").unwrap(),
+            token: String::new(),
+            iat: 1000,
+            exp: 1300,
+        };
+        assert!(svid.fresh_at(1000));
+        assert!(svid.fresh_at(1149));
+        assert!(!svid.fresh_at(1150));
+        assert!(!svid.fresh_at(1300));
+        assert!(!svid.fresh_at(2000));
+    }
+}
