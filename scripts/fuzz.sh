@@ -31,7 +31,7 @@ for arg in "$@"; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(spiffe_id cert_identity csr policy annotations sa_token metrics_accept check_scrape)
+    targets=(spiffe_id cert_identity csr policy annotations sa_token jwt_svid metrics_accept check_scrape)
 fi
 
 if $smoke; then
