@@ -48,7 +48,80 @@ pub enum PeerIdentityError {
 pub struct Anchors {
     anchors: Arc<Vec<TrustAnchor<'static>>>,
     pins: Arc<Pins>,
+    /// Issuing intermediates whose own path to an anchor verified (see [`IssuerCache`]).
+    issuers: Arc<IssuerCache>,
     pub trust_domain: TrustDomain,
+}
+
+/// Issuing intermediates already verified under these anchors, so that the next chain through the
+/// same intermediate verifies only its leaf: one ECDSA verification per handshake instead of two
+/// (every sidecar of the mesh presents one of a few intermediates). An entry holds exactly what a
+/// full path check established about the intermediate and would establish again: its signature
+/// under an anchor, its CA constraints and key usage, the pin of its root, and compatibility with
+/// the extended key usage asked for (entries are per usage). What changes with time is checked on
+/// every use: its validity period. Intermediates under a root with name constraints are never
+/// cached (those constraints would not be applied to the leaf), and a new bundle is a new
+/// `Anchors` with an empty cache.
+#[derive(Default)]
+struct IssuerCache(std::sync::RwLock<Vec<CachedIssuer>>);
+
+/// At most this many intermediates are remembered (a mesh has one or two per authority).
+const MAX_CACHED_ISSUERS: usize = 8;
+
+struct CachedIssuer {
+    der: Vec<u8>,
+    usage: webpki::KeyUsage,
+    /// The intermediate as an anchor for its leaves: its subject, key and own name constraints.
+    anchor: TrustAnchor<'static>,
+    not_before: u64,
+    not_after: u64,
+}
+
+impl IssuerCache {
+    fn get(
+        &self,
+        der: &[u8],
+        usage: webpki::KeyUsage,
+        now: UnixTime,
+    ) -> Option<TrustAnchor<'static>> {
+        let now = now.as_secs();
+        let held = self.0.read().unwrap_or_else(|p| p.into_inner());
+        held.iter()
+            .find(|c| c.usage == usage && c.der == der)
+            // As webpki checks an intermediate's validity: inclusive at both ends.
+            .filter(|c| c.not_before <= now && now <= c.not_after)
+            .map(|c| c.anchor.clone())
+    }
+
+    fn insert(&self, der: &CertificateDer<'_>, usage: webpki::KeyUsage) {
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return;
+        };
+        let (Ok(not_before), Ok(not_after)) = (
+            u64::try_from(cert.validity().not_before.timestamp()),
+            u64::try_from(cert.validity().not_after.timestamp()),
+        ) else {
+            return;
+        };
+        let Ok(anchor) = webpki::anchor_from_trusted_cert(der) else {
+            return;
+        };
+        let entry = CachedIssuer {
+            der: der.to_vec(),
+            usage,
+            anchor: anchor.to_owned(),
+            not_before,
+            not_after,
+        };
+        let mut held = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if held.iter().any(|c| c.usage == usage && c.der == entry.der) {
+            return;
+        }
+        if held.len() >= MAX_CACHED_ISSUERS {
+            held.remove(0);
+        }
+        held.push(entry);
+    }
 }
 
 /// Roots under which only the mesh's own issuing intermediates are trusted.
@@ -111,8 +184,15 @@ impl Anchors {
         Ok(Self {
             anchors: Arc::new(anchors),
             pins: Arc::new(pins),
+            issuers: Arc::default(),
             trust_domain,
         })
+    }
+
+    /// How many verified intermediates are remembered.
+    #[cfg(test)]
+    fn cached_issuers(&self) -> usize {
+        self.issuers.0.read().map(|h| h.len()).unwrap_or(0)
     }
 
     /// How many roots are pinned to intermediates.
@@ -155,6 +235,22 @@ impl Anchors {
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        // The one intermediate meshid chains carry, already verified: only the leaf is left.
+        if let [issuer] = intermediates
+            && let Some(anchor) = self.issuers.get(issuer, usage, now)
+        {
+            cert.verify_for_usage(
+                algs.all,
+                std::slice::from_ref(&anchor),
+                &[],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(pki_error)?;
+            return Ok(());
+        }
         let path = cert
             .verify_for_usage(
                 algs.all,
@@ -177,6 +273,15 @@ impl Anchors {
             {
                 return Err(identity_error(PeerIdentityError::UnpinnedIssuer));
             }
+        }
+        if let [issuer] = intermediates
+            && path.anchor().name_constraints.is_none()
+            && path
+                .intermediate_certificates()
+                .next()
+                .is_some_and(|used| used.der().as_ref() == issuer.as_ref())
+        {
+            self.issuers.insert(issuer, usage);
         }
         Ok(())
     }
@@ -595,37 +700,133 @@ mod tests {
             },
         ];
         let provider = provider();
-        for case in cases {
-            let peers = Arc::new(VerifiedPeers::default());
-            let client = SpiffeClientVerifier::new(anchors(&ours), &provider, peers.clone());
-            let got = client_verdict(&client, &case.leaf);
-            assert_eq!(got, case.inbound, "inbound: {}", case.name);
-            if got.is_ok() {
-                // The identity travels on to the authorization point without another parse.
-                let peer = peers.get(&case.leaf.chain[0]).expect(case.name);
-                assert_eq!(
-                    peer.cert_sha256,
-                    crate::pem::sha256_hex(&case.leaf.chain[0])
-                );
-                assert!(peer.not_after > 0, "{}", case.name);
-            }
-            let server = SpiffeServerVerifier::new(
-                anchors(&ours),
-                SpiffeId::parse(PEER).unwrap(),
-                &provider,
-            );
-            let got = server
-                .verify_server_cert(
-                    &case.leaf.chain[0],
-                    &case.leaf.chain[1..],
-                    &ServerName::try_from("meshid.invalid").unwrap(),
-                    &[],
-                    UnixTime::now(),
-                )
-                .map(|_| ())
-                .map_err(|e| failure_label(&e));
-            assert_eq!(got, case.outbound, "outbound: {}", case.name);
+        // The same bundle for every case, its intermediate cache warmed by a good chain for both
+        // usages: each verdict must be the same with a cold cache and a warm one.
+        let warm = anchors(&ours);
+        let good = ours.leaf(PEER);
+        let algs = &provider.signature_verification_algorithms;
+        for usage in [
+            webpki::KeyUsage::client_auth(),
+            webpki::KeyUsage::server_auth(),
+        ] {
+            warm.verify_workload_chain(algs, &good.chain, UnixTime::now(), usage)
+                .unwrap();
         }
+        assert_eq!(warm.cached_issuers(), 2);
+        for case in cases {
+            for (cache, bundle) in [("cold", anchors(&ours)), ("warm", warm.clone())] {
+                let peers = Arc::new(VerifiedPeers::default());
+                let client = SpiffeClientVerifier::new(bundle.clone(), &provider, peers.clone());
+                let got = client_verdict(&client, &case.leaf);
+                assert_eq!(got, case.inbound, "inbound, {cache}: {}", case.name);
+                if got.is_ok() {
+                    // The identity travels on to the authorization point without another parse.
+                    let peer = peers.get(&case.leaf.chain[0]).expect(case.name);
+                    assert_eq!(
+                        peer.cert_sha256,
+                        crate::pem::sha256_hex(&case.leaf.chain[0])
+                    );
+                    assert!(peer.not_after > 0, "{}", case.name);
+                }
+                let server =
+                    SpiffeServerVerifier::new(bundle, SpiffeId::parse(PEER).unwrap(), &provider);
+                let got = server
+                    .verify_server_cert(
+                        &case.leaf.chain[0],
+                        &case.leaf.chain[1..],
+                        &ServerName::try_from("meshid.invalid").unwrap(),
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .map(|_| ())
+                    .map_err(|e| failure_label(&e));
+                assert_eq!(got, case.outbound, "outbound, {cache}: {}", case.name);
+            }
+        }
+        assert_eq!(
+            warm.cached_issuers(),
+            2,
+            "only our intermediate is remembered"
+        );
+    }
+
+    /// A remembered intermediate is still checked for what changes: its validity at each use,
+    /// and the extended key usage of each purpose it is used for.
+    #[test]
+    fn a_remembered_intermediate_is_checked_for_time_and_usage_on_every_use() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let ca = |name: &str, eku: Vec<ExtendedKeyUsagePurpose>| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            p.extended_key_usages = eku;
+            p.not_before = now - time::Duration::hours(1);
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let mut root_params = ca("root", Vec::new());
+        root_params.not_after = now + time::Duration::days(10);
+        let root = root_params.self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(root_params, root_key);
+        // An intermediate that expires in 60 s and may issue server certificates only.
+        let inter_key = KeyPair::generate().unwrap();
+        let mut inter_params = ca("intermediate", vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        inter_params.not_after = now + time::Duration::seconds(60);
+        let inter = inter_params.signed_by(&inter_key, &root_issuer).unwrap();
+        let inter_issuer = Issuer::new(inter_params, inter_key);
+        // A leaf that outlives it, for both purposes.
+        let mut leaf_params = CertificateParams::default();
+        leaf_params.subject_alt_names = vec![SanType::URI(PEER.try_into().unwrap())];
+        leaf_params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf_params.not_before = now - time::Duration::hours(1);
+        leaf_params.not_after = now + time::Duration::days(1);
+        let leaf = leaf_params
+            .signed_by(&KeyPair::generate().unwrap(), &inter_issuer)
+            .unwrap();
+        let chain = [leaf.der().clone(), inter.der().clone()];
+        let anchors = Anchors::new(
+            &[root.der().clone()],
+            TrustDomain::new("cluster.local").unwrap(),
+        )
+        .unwrap();
+        let algs = &provider().signature_verification_algorithms;
+        let at = |secs: i64| {
+            UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                u64::try_from((now + time::Duration::seconds(secs)).unix_timestamp()).unwrap(),
+            ))
+        };
+        let server = webpki::KeyUsage::server_auth();
+        let client = webpki::KeyUsage::client_auth();
+        anchors
+            .verify_workload_chain(algs, &chain, at(0), server)
+            .unwrap();
+        assert_eq!(anchors.cached_issuers(), 1);
+        // Remembered for server use, yet the intermediate may not issue client certificates.
+        assert!(
+            anchors
+                .verify_workload_chain(algs, &chain, at(0), client)
+                .is_err()
+        );
+        assert_eq!(anchors.cached_issuers(), 1);
+        anchors
+            .verify_workload_chain(algs, &chain, at(30), server)
+            .unwrap();
+        // Past the intermediate's not-after the chain is refused, remembered or not.
+        let err = anchors
+            .verify_workload_chain(algs, &chain, at(120), server)
+            .unwrap_err();
+        assert_eq!(failure_label(&err), "expired", "{err:?}");
     }
 
     #[test]
