@@ -1,7 +1,8 @@
 //! The admin server: `/healthz` (process up), `/readyz` (valid certificate, and a policy when there
 //! are inbound listeners), the app's forwarded kubelet probes (`/app-health/CONTAINER/KIND`),
-//! `/metrics` (Prometheus text) and `/identity` (nothing secret). With `--stats-listen` the last two
-//! move to a server of their own and the admin port answers only what Kubernetes needs.
+//! `/metrics` (Prometheus text), `/identity` (nothing secret) and `/decisions` (recent denials by
+//! decision ID, JSON: `/decisions/ID` one, `/decisions` the newest 100). With `--stats-listen` the
+//! last three move to a server of their own and the admin port answers only what Kubernetes needs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +64,11 @@ impl AdminRoutes for SidecarAdmin {
     fn route(&self, path: &str) -> Option<AdminFuture> {
         if path == "/identity" && self.role != AdminRole::Probes {
             return Some(admin::ready(identity(&self.shared)));
+        }
+        if (path == "/decisions" || path.starts_with("/decisions/"))
+            && self.role != AdminRole::Probes
+        {
+            return Some(admin::ready(decisions(&self.shared, path)));
         }
         if self.role == AdminRole::Stats {
             return None;
@@ -208,6 +214,36 @@ fn identity(shared: &Shared) -> AdminResponse {
             admin::json(format!("{json}\n"))
         }
         None => admin::text(StatusCode::SERVICE_UNAVAILABLE, "no certificate loaded\n"),
+    }
+}
+
+/// `/decisions/ID`: one recent decision (404 when it is not, or no longer, kept); `/decisions`:
+/// the newest, newest first.
+fn decisions(shared: &Shared, path: &str) -> AdminResponse {
+    let log = &shared.decisions;
+    let body = match path.strip_prefix("/decisions/") {
+        Some(id) => match log.get(id) {
+            Some(r) => serde_json::to_string(&*r),
+            None => {
+                return admin::text(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no decision {:.40} is kept here (the newest {} are)\n",
+                        id,
+                        crate::decisions::MAX_DECISIONS
+                    ),
+                );
+            }
+        },
+        None => {
+            let newest = log.newest(crate::decisions::LISTED);
+            let list: Vec<&crate::decisions::Recorded> = newest.iter().map(|r| &**r).collect();
+            serde_json::to_string(&list)
+        }
+    };
+    match body {
+        Ok(json) => admin::json(format!("{json}\n")),
+        Err(e) => admin::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
 }
 

@@ -13,7 +13,7 @@ use meshid_identity::{SpiffeId, TrustDomain};
 use meshid_identity::annotations::{
     ALLOW_PREFIX, INBOUND, annotation_lines, is_downward_api, policy_or_annotations,
 };
-use meshid_identity::policy::{Mode, Policy, PolicyError, Protocol, Warning, read_file};
+use meshid_identity::policy::{Policy, PolicyError, Protocol, Warning, read_file};
 
 use crate::cli::{CheckPolicyArgs, EXIT_USAGE};
 use crate::settings::parse_inbound;
@@ -136,27 +136,18 @@ pub fn check_policy(args: &CheckPolicyArgs) -> Result<(String, Outcome), CheckEr
         );
         return Ok((report, Outcome::Denied));
     }
-    let (asked, decision) = match (policy.port_protocol(port), &args.path) {
-        (Some(Protocol::Http), Some(path)) => (
-            format!("{} {path}", args.method),
-            policy.decide_request(port, &peer, &args.method, path),
-        ),
-        _ => (
-            "connection".to_owned(),
-            policy.decide_connection(port, &peer),
-        ),
+    let request = match (policy.port_protocol(port), &args.path) {
+        (Some(Protocol::Http), Some(path)) => Some((args.method.as_str(), path.as_str())),
+        _ => None,
     };
-    let verdict = match (decision.would_allow, policy.mode()) {
-        (true, _) => "allow",
-        (false, Mode::Enforce) => "deny",
-        (false, Mode::Audit) => "would deny (audit mode lets it through)",
-    };
-    let _ = writeln!(
-        report,
-        "{peer} -> port {port} {asked}: {verdict}: {}",
-        policy.describe(port, &decision.rule)
+    let asked = request.map_or_else(
+        || "connection".to_owned(),
+        |(method, path)| format!("{method} {path}"),
     );
-    let outcome = if decision.would_allow {
+    // The running sidecar's explanation of the same decision (`meshid-sidecar explain`).
+    let explained = policy.explain(port, &peer, request);
+    let _ = writeln!(report, "{peer} -> port {port} {asked}: {explained}");
+    let outcome = if explained.decision.would_allow {
         Outcome::Allowed
     } else {
         Outcome::Denied
@@ -235,7 +226,7 @@ mod tests {
         argv.extend(extra);
         match crate::cli::Cli::try_parse_from(argv).unwrap().command {
             crate::cli::Command::CheckPolicy(args) => args,
-            crate::cli::Command::Run(_) => panic!("check-policy"),
+            _ => panic!("check-policy"),
         }
     }
 

@@ -96,6 +96,22 @@ pub enum Command {
     /// about rules that never decide anything, and, with --peer and --port, say what it decides for
     /// that caller. Exit 0: valid (and allowed), warnings or not; 1: invalid file; 2: denied.
     CheckPolicy(CheckPolicyArgs),
+    /// Explain a denial: the peer, port, method, path, policy version, and the rule that decided
+    /// or the closest rule and what in it did not match, for a decision ID from a deny's log line
+    /// or `x-meshid-decision` header. Asks the sidecar's admin (or stats) port. Exit 0: found;
+    /// 1: not kept any more, or the sidecar could not be asked.
+    Explain(ExplainArgs),
+}
+
+/// `meshid-sidecar explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The sidecar's admin address (`--admin-listen`, or `--stats-listen` when set), e.g.
+    /// 127.0.0.1:15020.
+    #[arg(long)]
+    pub admin: std::net::SocketAddr,
+    /// The decision ID (12 hex digits).
+    pub id: String,
 }
 
 /// `meshid-sidecar check-policy`.
@@ -619,7 +635,9 @@ where
     let cli = Cli::try_parse_from(argv).map_err(|e| vec![e.to_string()])?;
     match cli.command {
         Command::Run(run) => run.into_config(),
-        Command::CheckPolicy(_) => Err(vec!["not a `run` command line".to_owned()]),
+        Command::CheckPolicy(_) | Command::Explain(_) => {
+            Err(vec!["not a `run` command line".to_owned()])
+        }
     }
 }
 

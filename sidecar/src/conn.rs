@@ -30,6 +30,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Turns true on SIGTERM: listeners stop accepting, HTTP connections drain.
     pub shutdown: watch::Receiver<bool>,
+    /// Recent denials by decision ID (`meshid-sidecar explain`).
+    pub decisions: Arc<crate::decisions::DecisionLog>,
 }
 
 /// A listener's connection slots (see [`meshid_runtime::admission`]): at the limit a newcomer takes

@@ -14,6 +14,7 @@ pub mod check;
 pub mod cli;
 pub mod conn;
 pub mod creds;
+pub mod decisions;
 pub mod http;
 pub mod idle;
 pub mod inbound;

@@ -1,5 +1,6 @@
 //! `meshid-sidecar run`: one per pod. Bad configuration exits 64 after naming every bad setting.
 //! `meshid-sidecar check-policy`: a policy file checked, and a caller decided, without running.
+//! `meshid-sidecar explain`: a denial explained by its decision ID, asked of a running sidecar.
 
 use std::process::ExitCode;
 
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Run(args) => args,
         Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),
+        Command::Explain(args) => return meshid_sidecar::decisions::explain(&args),
     };
     let config = match args.into_config() {
         Ok(c) => c,

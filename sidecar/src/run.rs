@@ -200,6 +200,7 @@ pub async fn start(
         metrics,
         limits: config.limits,
         shutdown: shutdown_rx,
+        decisions: Arc::default(),
     };
 
     let mut app_svids = None;

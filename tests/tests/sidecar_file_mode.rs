@@ -361,7 +361,7 @@ fn check_policy_validates_files_and_decides_callers() {
         (
             &["--peer", prom, "--port", "8080", "--path", "/metrics"],
             0,
-            "allow: rule 1 (spiffe://cluster.local/ns/ops/sa/*)",
+            "allow: rule 1 (spiffe://cluster.local/ns/ops/sa/*",
         ),
         (
             &[

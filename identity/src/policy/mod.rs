@@ -20,12 +20,14 @@
 //! ```
 
 mod document;
+mod explain;
 mod lint;
 mod node;
 mod parse;
 mod pattern;
 
 pub use document::MAX_PROBLEMS;
+pub use explain::{ExplainedRule, Explanation};
 pub use lint::Warning;
 
 /// Reads a policy file within [`MAX_POLICY_BYTES`], refusing what is not a regular file.

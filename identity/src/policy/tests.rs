@@ -196,3 +196,56 @@ fn a_port_must_agree_with_its_listener() {
         }
     }
 }
+
+#[test]
+fn every_explanation_agrees_with_the_decision_and_names_what_missed() {
+    for mode in ["", "mode: audit\n"] {
+        let policy = Policy::parse(&format!("{mode}{POLICY}")).unwrap();
+        for case in cases() {
+            let peer = SpiffeId::parse(case.peer).unwrap();
+            let explained = policy.explain(case.port, &peer, case.request);
+            assert_eq!(explained.decision, decide(&policy, &case), "{}", case.name);
+            match explained.decision.rule {
+                RuleRef::Rule(i) => {
+                    let rule = explained.rule.as_ref().expect(case.name);
+                    assert_eq!(rule.index, i, "{}", case.name);
+                    assert!(rule.mismatches.is_empty(), "{}", case.name);
+                }
+                RuleRef::NoRuleMatched if case.port != 9000 => {
+                    let rule = explained.rule.as_ref().expect(case.name);
+                    assert!(!rule.mismatches.is_empty(), "{}", case.name);
+                }
+                _ => {}
+            }
+        }
+    }
+    let policy = Policy::parse(POLICY).unwrap();
+    let explain = |port, peer: &str, request| {
+        policy
+            .explain(port, &SpiffeId::parse(peer).unwrap(), request)
+            .to_string()
+    };
+    // The reader's POST /metrics: rule 1 has its identity and path, not its method.
+    assert_eq!(
+        explain(8080, OPS_READER, Some(("POST", "/metrics"))),
+        "deny: no rule matched; closest: rule 1 (spiffe://cluster.local/ns/ops/sa/*, \
+         methods [GET], paths [/metrics, /api/*]), which does not match the method"
+    );
+    assert_eq!(
+        explain(8080, OPS_READER, Some(("PUT", "/admin"))),
+        "deny: no rule matched; closest: rule 1 (spiffe://cluster.local/ns/ops/sa/*, \
+         methods [GET], paths [/metrics, /api/*]), which does not match the method and the path"
+    );
+    assert_eq!(
+        explain(5432, "spiffe://cluster.local/ns/other/sa/x", None),
+        "deny: no rule matched; closest: rule 0 (spiffe://cluster.local/ns/shop/sa/*), which \
+         does not match the identity"
+    );
+    assert_eq!(
+        explain(8080, OPS_ADMIN, Some(("DELETE", "/x"))),
+        "allow: rule 2 (spiffe://cluster.local/ns/ops/sa/admin, methods [POST, DELETE])"
+    );
+    assert!(explain(1234, FRONTEND, None).contains("names no rules for this port"));
+    assert!(explain(9000, FRONTEND, None).contains("allow list is empty"));
+    assert!(explain(8080, FRONTEND, Some(("GET", "/a/../b"))).contains("whatever the rules say"));
+}

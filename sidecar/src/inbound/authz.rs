@@ -2,7 +2,9 @@
 //! ([`meshid_identity::peer`]); here the current policy decides what that peer may do on this
 //! listener, the decision is logged and counted (a deny names the rule or the missing rule, the peer
 //! and the port), and the answer is made: `Err` with a 403 naming the reason for an HTTP request, or
-//! `Err(Denied)` for a TCP connection, which the caller then closes.
+//! `Err(Denied)` for a TCP connection, which the caller then closes. Every deny (and in audit mode
+//! every would-deny) gets a decision ID, kept with its explanation in [`crate::decisions`]: it is in
+//! the log line and, for HTTP, in the `x-meshid-decision` response header.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use std::sync::Arc;
 use http::{Response, StatusCode};
 use meshid_identity::SpiffeId;
 use meshid_identity::peer::VerifiedPeer;
-use meshid_identity::policy::{Decision, no_policy_decision};
+use meshid_identity::policy::{Decision, Policy, no_policy_decision};
 
 use crate::conn::Shared;
 use crate::http::{Body, reply};
@@ -52,11 +54,13 @@ impl Authorizer {
 
     /// A TCP connection: the peer may open it, or it is closed.
     pub fn connection(&self, peer: &Peer) -> Result<(), Denied> {
-        let decision = match self.shared.policy.load().as_ref() {
+        let guard = self.shared.policy.load();
+        let policy = guard.as_deref();
+        let decision = match policy {
             Some(p) => p.decide_connection(self.port, peer.id()),
             None => no_policy_decision(),
         };
-        self.record(peer.id(), &decision, None, None);
+        self.record(policy, peer, &decision, None, None);
         if decision.allowed {
             Ok(())
         } else {
@@ -64,7 +68,8 @@ impl Authorizer {
         }
     }
 
-    /// An HTTP request: the peer may send it, or here is the 403 that says why not (boxed: only
+    /// An HTTP request: the peer may send it (with the decision ID of an audit-mode would-deny,
+    /// for the response's `x-meshid-decision`), or here is the 403 that says why not (boxed: only
     /// denials pay for it). `traceparent` (already checked, see [`crate::trace`]) goes into the
     /// decision's log line.
     pub fn request(
@@ -73,16 +78,18 @@ impl Authorizer {
         method: &str,
         path: &str,
         traceparent: Option<&str>,
-    ) -> Result<(), Box<Response<Body>>> {
-        let decision = match self.shared.policy.load().as_ref() {
+    ) -> Result<Option<String>, Box<Response<Body>>> {
+        let guard = self.shared.policy.load();
+        let policy = guard.as_deref();
+        let decision = match policy {
             Some(p) => p.decide_request(self.port, peer.id(), method, path),
             None => no_policy_decision(),
         };
-        self.record(peer.id(), &decision, Some((method, path)), traceparent);
+        let id = self.record(policy, peer, &decision, Some((method, path)), traceparent);
         if decision.allowed {
-            return Ok(());
+            return Ok(id);
         }
-        Err(Box::new(reply(
+        let mut resp = reply(
             StatusCode::FORBIDDEN,
             format!(
                 "denied: {} on port {}: {}",
@@ -90,7 +97,11 @@ impl Authorizer {
                 self.port,
                 decision.rule
             ),
-        )))
+        );
+        if let Some(v) = id.and_then(|id| http::HeaderValue::from_str(&id).ok()) {
+            resp.headers_mut().insert(DECISION_HEADER, v);
+        }
+        Err(Box::new(resp))
     }
 
     /// Resolves once a policy change no longer allows what this open connection was let in for:
@@ -134,14 +145,16 @@ impl Authorizer {
         std::future::pending::<()>().await;
     }
 
-    /// Logs an allow-list decision and counts it.
+    /// Logs an allow-list decision and counts it; a deny or would-deny is kept under a new
+    /// decision ID, which is returned.
     fn record(
         &self,
-        peer: &SpiffeId,
+        policy: Option<&Policy>,
+        peer: &Peer,
         decision: &Decision,
         request: Option<(&str, &str)>,
         traceparent: Option<&str>,
-    ) {
+    ) -> Option<String> {
         let port = self.port;
         let kind = if decision.would_allow {
             "allow"
@@ -160,16 +173,37 @@ impl Authorizer {
             })
             .inc();
         let (method, path) = request.unwrap_or(("", ""));
-        match kind {
-            "deny" => {
-                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "denied")
-            }
-            "audit_deny" => {
-                tracing::warn!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "audit: would deny")
-            }
-            _ => {
-                tracing::debug!(peer = %peer, port, rule = %decision.rule, method, path, traceparent, "allowed")
-            }
+        let id = peer.id();
+        if kind == "allow" {
+            tracing::debug!(peer = %id, port, rule = %decision.rule, method, path, traceparent, "allowed");
+            return None;
         }
+        let decision_id = crate::decisions::new_id();
+        let explanation = match policy {
+            Some(p) => p.explain(port, id, request).to_string(),
+            None => format!("deny: {}", decision.rule),
+        };
+        self.shared.decisions.push(crate::decisions::Recorded {
+            id: decision_id.clone(),
+            at: meshid_runtime::time::unix_now(),
+            decision: kind.to_owned(),
+            peer: id.as_str().to_owned(),
+            peer_addr: peer.addr.to_string(),
+            port,
+            method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
+            path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
+            policy_version: *self.shared.policy_changed.borrow(),
+            rule: decision.rule.label(),
+            explanation,
+        });
+        if kind == "deny" {
+            tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, "denied");
+        } else {
+            tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, "audit: would deny");
+        }
+        Some(decision_id)
     }
 }
+
+/// The response header that carries a deny's (or an audit-mode would-deny's) decision ID.
+pub const DECISION_HEADER: &str = "x-meshid-decision";

@@ -176,14 +176,15 @@ async fn inbound_request(
     http: &InboundHttp,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, &conn.shared);
-    if let Err(denied) = http.authz.request(
+    let audit_decision = match http.authz.request(
         peer,
         req.method().as_str(),
         req.uri().path(),
         crate::trace::traceparent(req.headers()),
     ) {
-        return *denied;
-    }
+        Ok(id) => id,
+        Err(denied) => return *denied,
+    };
 
     // WebSocket is the one upgrade passed on; any other `Upgrade` is dropped below with the other
     // hop-by-hop headers, and the request is served as a plain one.
@@ -285,5 +286,10 @@ async fn inbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp, tunnel, shared)
+    let mut resp = finish_response(resp, tunnel, shared);
+    // An audit-mode would-deny: the caller sees the ID of the decision that would have refused it.
+    if let Some(v) = audit_decision.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        resp.headers_mut().insert(super::authz::DECISION_HEADER, v);
+    }
+    resp
 }

@@ -1,0 +1,224 @@
+//! Recent denials, each under a short decision ID: the ID goes into the deny's log line and (for
+//! HTTP) the `x-meshid-decision` response header; `GET /decisions/ID` on the admin port and
+//! `meshid-sidecar explain --admin ADDR ID` give back the whole decision: peer, port, method,
+//! path, policy version, and the rule that decided or came closest and what in it did not match.
+//!
+//! Bounded: the newest [`MAX_DECISIONS`] are kept, each with its method and path cut to
+//! [`MAX_FIELD`] bytes, so a flood of denied requests costs a fixed amount of memory.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+/// How many decisions are kept.
+pub const MAX_DECISIONS: usize = 1024;
+/// The longest method or path kept, in bytes.
+pub const MAX_FIELD: usize = 512;
+/// How many `GET /decisions` lists, newest first.
+pub const LISTED: usize = 100;
+
+/// One recorded decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub id: String,
+    /// When, in seconds since the epoch.
+    pub at: i64,
+    /// `deny`, or `audit_deny` (audit mode let it through).
+    pub decision: String,
+    pub peer: String,
+    pub peer_addr: String,
+    pub port: u16,
+    /// Empty for a connection (a TCP port).
+    pub method: String,
+    pub path: String,
+    /// The policy in force: 0 for the one loaded at start, then one more per change applied.
+    pub policy_version: u64,
+    /// The metric label of the deciding reason (`no-rule-matched`, ...).
+    pub rule: String,
+    /// The whole explanation, as `check-policy` prints it for the same call.
+    pub explanation: String,
+}
+
+/// The ring of recent decisions.
+#[derive(Debug, Default)]
+pub struct DecisionLog {
+    ring: Mutex<VecDeque<Arc<Recorded>>>,
+}
+
+/// A new decision ID: 12 lowercase hex digits (48 random bits).
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    meshid_identity::identity::hex(&b)
+}
+
+/// `s` cut to at most `max` bytes at a character boundary.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+impl DecisionLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Recorded>>> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `r`, dropping the oldest when full.
+    pub fn push(&self, r: Recorded) {
+        let mut ring = self.lock();
+        if ring.len() >= MAX_DECISIONS {
+            ring.pop_front();
+        }
+        ring.push_back(Arc::new(r));
+    }
+
+    /// The decision with this ID, while it is kept.
+    pub fn get(&self, id: &str) -> Option<Arc<Recorded>> {
+        self.lock().iter().rev().find(|r| r.id == id).cloned()
+    }
+
+    /// The newest `n`, newest first.
+    pub fn newest(&self, n: usize) -> Vec<Arc<Recorded>> {
+        self.lock().iter().rev().take(n).cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+impl Recorded {
+    /// For `meshid-sidecar explain`: a few lines a person reads.
+    pub fn describe(&self) -> String {
+        let asked = if self.method.is_empty() {
+            "connection".to_owned()
+        } else {
+            format!("{} {}", self.method, self.path)
+        };
+        format!(
+            "decision {} ({}, {} s since the epoch, policy version {})\n\
+             {} from {} -> port {} {asked}\n\
+             {}\n",
+            self.id,
+            self.decision,
+            self.at,
+            self.policy_version,
+            self.peer,
+            self.peer_addr,
+            self.port,
+            self.explanation
+        )
+    }
+}
+
+/// `meshid-sidecar explain --admin ADDR ID`: asks the sidecar and prints the decision.
+pub fn explain(args: &crate::cli::ExplainArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let valid = args.id.len() == 12 && args.id.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid {
+        eprintln!(
+            "meshid-sidecar explain: {:?} is not a decision ID (12 hex digits)",
+            crate::decisions::cut(&args.id, 40)
+        );
+        return ExitCode::from(crate::cli::EXIT_USAGE);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshid-sidecar explain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let path = format!("/decisions/{}", args.id.to_ascii_lowercase());
+    let call = meshid_runtime::http_client::Call::get(args.admin, &path);
+    let reply = match rt.block_on(meshid_runtime::http_client::send(&call)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshid-sidecar explain: asking {}: {e}", args.admin);
+            return ExitCode::FAILURE;
+        }
+    };
+    if reply.status != 200 {
+        eprintln!(
+            "meshid-sidecar explain: {} answered HTTP {}: {}",
+            args.admin,
+            reply.status,
+            String::from_utf8_lossy(&reply.body).trim()
+        );
+        return ExitCode::FAILURE;
+    }
+    match serde_json::from_slice::<Recorded>(&reply.body) {
+        Ok(r) => {
+            print!("{}", r.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "meshid-sidecar explain: {} sent no decision: {e}",
+                args.admin
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorded(id: &str) -> Recorded {
+        Recorded {
+            id: id.to_owned(),
+            at: 1,
+            decision: "deny".into(),
+            peer: "spiffe://td/a".into(),
+            peer_addr: "127.0.0.1:1".into(),
+            port: 8080,
+            method: "GET".into(),
+            path: "/".into(),
+            policy_version: 0,
+            rule: "no-rule-matched".into(),
+            explanation: "deny: no rule matched".into(),
+        }
+    }
+
+    #[test]
+    fn the_newest_are_kept_and_found_by_id() {
+        let log = DecisionLog::default();
+        for i in 0..MAX_DECISIONS + 10 {
+            log.push(recorded(&format!("id{i}")));
+        }
+        assert_eq!(log.len(), MAX_DECISIONS);
+        assert!(log.get("id0").is_none(), "the oldest made room");
+        assert!(log.get("id9").is_none());
+        assert_eq!(log.get("id10").unwrap().id, "id10");
+        let last = format!("id{}", MAX_DECISIONS + 9);
+        assert_eq!(log.newest(2)[0].id, last);
+        assert_eq!(log.newest(LISTED).len(), LISTED);
+    }
+
+    #[test]
+    fn ids_are_short_and_distinct_and_fields_are_cut() {
+        let a = new_id();
+        assert_eq!(a.len(), 12);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_id());
+        assert_eq!(cut("abc", 2), "ab");
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut(&"x".repeat(5000), MAX_FIELD).len(), MAX_FIELD);
+    }
+}
