@@ -1,8 +1,9 @@
 //! The admin server: `/healthz` (process up), `/readyz` (valid certificate, and a policy when there
 //! are inbound listeners), the app's forwarded kubelet probes (`/app-health/CONTAINER/KIND`),
-//! `/metrics` (Prometheus text), `/identity` (nothing secret) and `/decisions` (recent denials by
-//! decision ID, JSON: `/decisions/ID` one, `/decisions` the newest 100). With `--stats-listen` the
-//! last three move to a server of their own and the admin port answers only what Kubernetes needs.
+//! `/metrics` (Prometheus text), `/identity` (nothing secret), `/decisions` (recent denials by
+//! decision ID, JSON: `/decisions/ID` one, `/decisions` the newest 100) and `/observed` (the
+//! traffic seen, for `suggest-policy`). With `--stats-listen` the last four move to a server of
+//! their own and the admin port answers only what Kubernetes needs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -64,6 +65,17 @@ impl AdminRoutes for SidecarAdmin {
     fn route(&self, path: &str) -> Option<AdminFuture> {
         if path == "/identity" && self.role != AdminRole::Probes {
             return Some(admin::ready(identity(&self.shared)));
+        }
+        if path == "/observed" && self.role != AdminRole::Probes {
+            let report = self
+                .shared
+                .observed
+                .report(self.shared.policy.load().as_deref());
+            let resp = match serde_json::to_string(&report) {
+                Ok(json) => admin::json(format!("{json}\n")),
+                Err(e) => admin::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            };
+            return Some(admin::ready(resp));
         }
         if (path == "/decisions" || path.starts_with("/decisions/"))
             && self.role != AdminRole::Probes

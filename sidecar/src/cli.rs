@@ -101,6 +101,23 @@ pub enum Command {
     /// or `x-meshid-decision` header. Asks the sidecar's admin (or stats) port. Exit 0: found;
     /// 1: not kept any more, or the sidecar could not be asked.
     Explain(ExplainArgs),
+    /// Print a policy (YAML, or with --annotations a pod's annotations) that allows exactly the
+    /// traffic the sidecar has observed, paths collapsed into patterns, followed (as comments) by
+    /// the observed calls the policy in force denies and its rules that decided none of them.
+    /// Asks the sidecar's admin (or stats) port. Exit 0: printed; 1: the sidecar could not be asked.
+    SuggestPolicy(SuggestPolicyArgs),
+}
+
+/// `meshid-sidecar suggest-policy`.
+#[derive(Debug, Args)]
+pub struct SuggestPolicyArgs {
+    /// The sidecar's admin address (`--admin-listen`, or `--stats-listen` when set).
+    #[arg(long)]
+    pub admin: std::net::SocketAddr,
+    /// Print pod annotations (`meshid.io/inbound`, `meshid.io/allow-PORT`) instead of a policy
+    /// file; they allow whole peers, so on HTTP ports more than was observed.
+    #[arg(long)]
+    pub annotations: bool,
 }
 
 /// `meshid-sidecar explain`.
@@ -635,7 +652,7 @@ where
     let cli = Cli::try_parse_from(argv).map_err(|e| vec![e.to_string()])?;
     match cli.command {
         Command::Run(run) => run.into_config(),
-        Command::CheckPolicy(_) | Command::Explain(_) => {
+        Command::CheckPolicy(_) | Command::Explain(_) | Command::SuggestPolicy(_) => {
             Err(vec!["not a `run` command line".to_owned()])
         }
     }

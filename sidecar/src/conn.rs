@@ -32,6 +32,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Recent denials by decision ID (`meshid-sidecar explain`).
     pub decisions: Arc<crate::decisions::DecisionLog>,
+    /// What the inbound has seen (`meshid-sidecar suggest-policy`).
+    pub observed: Arc<crate::observed::ObservedTraffic>,
 }
 
 /// A listener's connection slots (see [`meshid_runtime::admission`]): at the limit a newcomer takes

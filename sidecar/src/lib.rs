@@ -19,6 +19,7 @@ pub mod http;
 pub mod idle;
 pub mod inbound;
 pub mod metrics;
+pub mod observed;
 pub mod outbound;
 pub mod policy;
 pub mod run;

@@ -1,6 +1,7 @@
 //! `meshid-sidecar run`: one per pod. Bad configuration exits 64 after naming every bad setting.
 //! `meshid-sidecar check-policy`: a policy file checked, and a caller decided, without running.
 //! `meshid-sidecar explain`: a denial explained by its decision ID, asked of a running sidecar.
+//! `meshid-sidecar suggest-policy`: a policy allowing what a running sidecar has observed.
 
 use std::process::ExitCode;
 
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         Command::Run(args) => args,
         Command::CheckPolicy(args) => return meshid_sidecar::check::run(&args),
         Command::Explain(args) => return meshid_sidecar::decisions::explain(&args),
+        Command::SuggestPolicy(args) => return meshid_sidecar::observed::suggest(&args),
     };
     let config = match args.into_config() {
         Ok(c) => c,

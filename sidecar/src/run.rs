@@ -201,6 +201,7 @@ pub async fn start(
         limits: config.limits,
         shutdown: shutdown_rx,
         decisions: Arc::default(),
+        observed: Arc::default(),
     };
 
     let mut app_svids = None;

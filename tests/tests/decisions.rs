@@ -253,3 +253,89 @@ async fn a_refused_tcp_connection_is_logged_with_its_decision() {
     );
     assert!(out.contains("does not match the identity"), "{out}");
 }
+
+/// `meshid-sidecar suggest-policy` (the real binary, asking the running sidecar): after traffic
+/// in audit mode, it prints a policy that parses, allows every observed call (values in paths
+/// collapsed) and nothing else tried here, and lists the observed calls the policy in force denies
+/// and the rule that decided none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suggest_policy_allows_what_was_observed_and_shows_the_difference() {
+    let pki = TestPki::new();
+    let app = http_echo().await;
+    let s = sidecar(&pki, app, Protocol::Http, policy("audit", "http")).await;
+    let port = s.inbound[0].port();
+    let client = pki.workload(CLIENT);
+    let stranger = pki.workload(STRANGER);
+    let calls: [(&Workload, &str, &str); 5] = [
+        (&client, "GET", "/api/orders/17"),
+        (&client, "GET", "/api/orders/18"),
+        (&client, "PUT", "/api/orders/18"),
+        (&stranger, "GET", "/api/orders/17"),
+        (&stranger, "POST", "/checkout"),
+    ];
+    for (who, method, path) in calls {
+        let (status, _) = call(&pki, &s, who, method, path).await;
+        assert_eq!(status, 200, "audit mode lets {method} {path} through");
+    }
+    let out = tokio::task::spawn_blocking({
+        let admin = s.admin.to_string();
+        move || {
+            Command::new(workspace_bin("meshid-sidecar"))
+                .args(["suggest-policy", "--admin", &admin])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let suggested = meshid_identity::policy::Policy::parse(&text)
+        .unwrap_or_else(|e| panic!("the suggestion parses: {e}\n{text}"));
+    let id = |s: &str| meshid_identity::SpiffeId::parse(s).unwrap();
+    let allows = |peer: &str, method: &str, path: &str| {
+        suggested
+            .decide_request(port, &id(peer), method, path)
+            .would_allow
+    };
+    assert!(allows(CLIENT, "GET", "/api/orders/17"), "{text}");
+    assert!(
+        allows(CLIENT, "GET", "/api/orders/99"),
+        "an ID in the path collapses: {text}"
+    );
+    assert!(allows(CLIENT, "PUT", "/api/orders/5"), "{text}");
+    assert!(allows(STRANGER, "POST", "/checkout"), "{text}");
+    assert!(!allows(STRANGER, "PUT", "/api/orders/17"), "{text}");
+    assert!(!allows(CLIENT, "POST", "/checkout"), "{text}");
+    assert!(!allows(PROM, "GET", "/metrics"), "{text}");
+    // The difference from the policy in force: the stranger's two calls, and the ops rule.
+    assert!(text.contains("denies (2)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "#   {STRANGER} -> port {port} POST /checkout (1 times): no-rule-matched"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("decided none of them (1)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "#   port {port}: rule 1 (spiffe://cluster.local/ns/ops/sa/*)"
+        )),
+        "{text}"
+    );
+    // As annotations: whole peers.
+    let out = Command::new(workspace_bin("meshid-sidecar"))
+        .args([
+            "suggest-policy",
+            "--annotations",
+            "--admin",
+            &s.admin.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("meshid.io/allow-{port}: \"{CLIENT}, {STRANGER}\"")),
+        "{text}"
+    );
+}

@@ -25,10 +25,12 @@ mod lint;
 mod node;
 mod parse;
 mod pattern;
+mod suggest;
 
 pub use document::MAX_PROBLEMS;
 pub use explain::{ExplainedRule, Explanation};
 pub use lint::Warning;
+pub use suggest::{MAX_PATHS_PER_PREFIX, Observed, suggest_annotations, suggest_yaml};
 
 /// Reads a policy file within [`MAX_POLICY_BYTES`], refusing what is not a regular file.
 pub use parse::read_file;

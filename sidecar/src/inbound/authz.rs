@@ -174,6 +174,7 @@ impl Authorizer {
             .inc();
         let (method, path) = request.unwrap_or(("", ""));
         let id = peer.id();
+        self.shared.observed.record(port, id, request);
         if kind == "allow" {
             tracing::debug!(peer = %id, port, rule = %decision.rule, method, path, traceparent, "allowed");
             return None;
