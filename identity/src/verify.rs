@@ -43,6 +43,19 @@ pub enum PeerIdentityError {
     UnpinnedIssuer,
 }
 
+thread_local! {
+    /// The SPIFFE ID a client certificate refused on this thread claimed (if it had a readable
+    /// one): the verifier runs inside the poll that fails the handshake, so the accept loop reads
+    /// it on the same thread right after ([`take_refused_claim`]).
+    static REFUSED_CLAIM: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The SPIFFE ID claimed by the client certificate last refused on this thread, cleared as it is
+/// read. Unverified: what the refused certificate says, for the record of its handshake failure.
+pub fn take_refused_claim() -> Option<String> {
+    REFUSED_CLAIM.with(|c| c.borrow_mut().take())
+}
+
 /// The trust bundle in the form webpki verifies against.
 #[derive(Clone)]
 pub struct Anchors {
@@ -424,14 +437,9 @@ impl SpiffeClientVerifier {
             peers,
         }
     }
-}
 
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
+    /// The chain, then the identity: the whole verdict on a client certificate.
+    fn check_client(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -450,6 +458,27 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             .map_err(|e| identity_error(e.into()))?;
         self.anchors.check_domain(&peer.id)?;
         Ok(ClientCertVerified::assertion())
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verdict = self.check_client(end_entity, intermediates, now);
+        if verdict.is_err() {
+            // What the refused certificate claims, for the handshake failure's record.
+            let claimed = spiffe_id_from_der(end_entity).ok().map(|id| id.to_string());
+            REFUSED_CLAIM.with(|c| c.replace(claimed));
+        }
+        verdict
     }
 
     fn verify_tls12_signature(
@@ -949,6 +978,27 @@ mod tests {
         assert_eq!(peers.len(), 2);
         // A certificate never verified is unknown.
         assert!(peers.get(&pki.leaf(PEER).chain[0]).is_none());
+    }
+
+    #[test]
+    fn a_refused_client_leaves_its_claimed_identity_for_the_record() {
+        let ours = TestPki::new("ours");
+        let foreign = TestPki::new("foreign");
+        let provider = provider();
+        let client = SpiffeClientVerifier::new(anchors(&ours), &provider, Arc::default());
+        let _ = take_refused_claim();
+        assert_eq!(
+            client_verdict(&client, &foreign.leaf(PEER)),
+            Err("unknown_ca")
+        );
+        assert_eq!(take_refused_claim().as_deref(), Some(PEER));
+        assert_eq!(take_refused_claim(), None, "read once");
+        client_verdict(&client, &ours.leaf(PEER)).unwrap();
+        assert_eq!(
+            take_refused_claim(),
+            None,
+            "an accepted client leaves nothing"
+        );
     }
 
     #[test]

@@ -339,3 +339,56 @@ async fn suggest_policy_allows_what_was_observed_and_shows_the_difference() {
         "{text}"
     );
 }
+
+/// A refused handshake is a decision too: its reason, the caller's address and the identity its
+/// certificate claimed, under an ID in the log and on `/decisions`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_is_recorded_with_the_identity_it_claimed() {
+    let pki = TestPki::new();
+    let app = http_echo().await;
+    let s = sidecar(&pki, app, Protocol::Http, policy("enforce", "http")).await;
+    // A certificate for our client's identity, from a CA the sidecar does not trust.
+    let impostor_ca = TestPki::new();
+    let impostor = impostor_ca.workload(CLIENT);
+    let cfg = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(&impostor),
+        &s.id,
+        &[b"http/1.1"],
+    );
+    let refused = match mtls_connect(s.inbound[0], cfg).await {
+        Err(_) => true,
+        // TLS 1.3: the client may finish first and learn of the refusal at its first read.
+        Ok(tls) => http_request(tls, false, get("/api/x", &[])).await.is_err(),
+    };
+    assert!(refused, "an untrusted certificate is refused");
+    let list = meshid_runtime::http_client::send(&meshid_runtime::http_client::Call::get(
+        s.admin,
+        "/decisions",
+    ))
+    .await
+    .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+    let d = &list[0];
+    assert_eq!(
+        d["decision"],
+        serde_json::json!("handshake_failure"),
+        "{list}"
+    );
+    assert_eq!(
+        d["peer"],
+        serde_json::json!(CLIENT),
+        "the claimed identity: {list}"
+    );
+    // Its issuer has our CA's names but not its key: a bad signature (an unknown CA otherwise).
+    let reason = d["rule"].as_str().unwrap().to_owned();
+    assert!(reason == "bad_signature" || reason == "unknown_ca", "{list}");
+    assert!(
+        d["peer_addr"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{list}"
+    );
+    let (code, out) = explain(s.admin, d["id"].as_str().unwrap());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("handshake refused ({reason})")), "{out}");
+}

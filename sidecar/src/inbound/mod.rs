@@ -146,6 +146,7 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             Box::new(tls)
         }
         Ok(Err(error)) if is_displaced(&error) => {
+            let _ = meshid_identity::verify::take_refused_claim();
             tracing::debug!(
                 "displaced during its tls handshake by a newer connection at the limit"
             );
@@ -158,10 +159,31 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
                 .map(failure_label)
                 .unwrap_or("protocol");
             shared.metrics.handshake_failed("inbound", port, reason);
-            tracing::info!(%error, reason, "tls handshake refused");
+            // What the refused certificate claimed, if the verifier read one (same thread, same
+            // poll: see `take_refused_claim`).
+            let claimed = meshid_identity::verify::take_refused_claim();
+            let decision = crate::decisions::new_id();
+            shared.decisions.push(crate::decisions::Recorded {
+                id: decision.clone(),
+                at: unix_now(),
+                decision: "handshake_failure".to_owned(),
+                peer: claimed.clone().unwrap_or_default(),
+                peer_addr: addr.to_string(),
+                port,
+                method: String::new(),
+                path: String::new(),
+                policy_version: *shared.policy_changed.borrow(),
+                rule: reason.to_owned(),
+                explanation: format!(
+                    "handshake refused ({reason}): {}",
+                    crate::decisions::cut(&error.to_string(), crate::decisions::MAX_FIELD)
+                ),
+            });
+            tracing::info!(%error, reason, peer_addr = %addr, claimed = claimed.as_deref().unwrap_or(""), decision = %decision, "tls handshake refused");
             return;
         }
         Err(_) => {
+            let _ = meshid_identity::verify::take_refused_claim();
             shared.metrics.handshake_failed("inbound", port, "timeout");
             tracing::info!("tls handshake timed out");
             return;
