@@ -86,6 +86,24 @@ struct Refusal {
     result: &'static str,
 }
 
+impl Refusal {
+    /// Writes the audit line of this refusal (`WHAT refused`) and gives the caller's status.
+    fn audited(self, method: &str, identity: &str, remote: &str, what: &str) -> Status {
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            method,
+            identity,
+            peer = %remote,
+            result = "refused",
+            reason = self.result,
+            code = ?self.status.code(),
+            detail = self.status.message(),
+            "{what} refused"
+        );
+        self.status
+    }
+}
+
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
         let status = if e.denied {
@@ -647,18 +665,7 @@ impl CertificateAuthority for CaService {
                         result: refusal.result,
                     })
                     .inc();
-                tracing::warn!(
-                    target: "meshid_ca::audit",
-                    method = method.as_str(),
-                    identity,
-                    peer = %remote,
-                    result = "refused",
-                    reason = refusal.result,
-                    code = ?refusal.status.code(),
-                    detail = refusal.status.message(),
-                    "certificate refused"
-                );
-                Err(refusal.status)
+                Err(refusal.audited(method.as_str(), identity, &remote, "certificate"))
             }
         }
     }
@@ -699,18 +706,7 @@ impl CertificateAuthority for CaService {
                         result: refusal.result,
                     })
                     .inc();
-                tracing::warn!(
-                    target: "meshid_ca::audit",
-                    method = "jwt_svid",
-                    identity,
-                    peer = %remote,
-                    result = "refused",
-                    reason = refusal.result,
-                    code = ?refusal.status.code(),
-                    detail = refusal.status.message(),
-                    "JWT-SVID refused"
-                );
-                Err(refusal.status)
+                Err(refusal.audited("jwt_svid", identity, &remote, "JWT-SVID"))
             }
         }
     }

@@ -79,6 +79,18 @@ async fn call(
     (status, id)
 }
 
+/// `GET /decisions` on the admin port: the newest decisions, newest first.
+async fn decisions(admin: SocketAddr) -> serde_json::Value {
+    let reply = meshid_runtime::http_client::send(&meshid_runtime::http_client::Call::get(
+        admin,
+        "/decisions",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200);
+    serde_json::from_slice(&reply.body).unwrap()
+}
+
 /// `meshid-sidecar explain --admin ADDR ID`: exit code and output.
 fn explain(admin: SocketAddr, id: &str) -> (Option<i32>, String) {
     let out = Command::new(workspace_bin("meshid-sidecar"))
@@ -174,13 +186,7 @@ async fn every_denial_has_an_id_that_explain_and_check_policy_agree_on() {
     assert!(ids[3].1.ends_with("the identity"), "{ids:?}");
     assert!(ids[5].1.contains("unsafe request path"), "{ids:?}");
     // Listed on the admin port, newest first.
-    let list = meshid_runtime::http_client::send(&meshid_runtime::http_client::Call::get(
-        s.admin,
-        "/decisions",
-    ))
-    .await
-    .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+    let list = decisions(s.admin).await;
     assert_eq!(list.as_array().unwrap().len(), ids.len());
     assert_eq!(list[0]["id"], serde_json::json!(ids.last().unwrap().0));
     // An ID the sidecar does not hold, and something that is no ID.
@@ -234,13 +240,7 @@ async fn a_refused_tcp_connection_is_logged_with_its_decision() {
         matches!(read, Ok(Ok(0)) | Ok(Err(_))),
         "the connection is closed"
     );
-    let list = meshid_runtime::http_client::send(&meshid_runtime::http_client::Call::get(
-        s.admin,
-        "/decisions",
-    ))
-    .await
-    .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+    let list = decisions(s.admin).await;
     let d = &list[0];
     assert_eq!(d["peer"], serde_json::json!(STRANGER));
     assert_eq!(d["method"], serde_json::json!(""));
@@ -363,13 +363,7 @@ async fn a_refused_handshake_is_recorded_with_the_identity_it_claimed() {
         Ok(tls) => http_request(tls, false, get("/api/x", &[])).await.is_err(),
     };
     assert!(refused, "an untrusted certificate is refused");
-    let list = meshid_runtime::http_client::send(&meshid_runtime::http_client::Call::get(
-        s.admin,
-        "/decisions",
-    ))
-    .await
-    .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
+    let list = decisions(s.admin).await;
     let d = &list[0];
     assert_eq!(
         d["decision"],
@@ -383,12 +377,18 @@ async fn a_refused_handshake_is_recorded_with_the_identity_it_claimed() {
     );
     // Its issuer has our CA's names but not its key: a bad signature (an unknown CA otherwise).
     let reason = d["rule"].as_str().unwrap().to_owned();
-    assert!(reason == "bad_signature" || reason == "unknown_ca", "{list}");
+    assert!(
+        reason == "bad_signature" || reason == "unknown_ca",
+        "{list}"
+    );
     assert!(
         d["peer_addr"].as_str().unwrap().starts_with("127.0.0.1:"),
         "{list}"
     );
     let (code, out) = explain(s.admin, d["id"].as_str().unwrap());
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains(&format!("handshake refused ({reason})")), "{out}");
+    assert!(
+        out.contains(&format!("handshake refused ({reason})")),
+        "{out}"
+    );
 }

@@ -328,6 +328,25 @@ async fn an_expired_svid_is_never_handed_out() {
     );
 }
 
+/// Runs a py-spiffe script (written into `dir`) that finds the socket through
+/// `SPIFFE_ENDPOINT_SOCKET`, as apps do; gRPC's HTTP trace goes to its output.
+async fn run_python(dir: &Path, script: &str, socket: &Path) -> (bool, String) {
+    let path = dir.join("client.py");
+    std::fs::write(&path, script).unwrap();
+    let endpoint = format!("unix://{}", socket.display());
+    tokio::task::spawn_blocking(move || {
+        meshid_tests::tools::run(
+            std::process::Command::new("python3")
+                .arg(&path)
+                .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
+                .env("GRPC_VERBOSITY", "debug")
+                .env("GRPC_TRACE", "http"),
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// py-spiffe (`spiffe` on PyPI), finding the socket through `SPIFFE_ENDPOINT_SOCKET` as apps do:
 /// its SVID's key is the leaf's, the bundle has the CA's roots, and its stream sees the SVID of
 /// the next renewal.
@@ -368,20 +387,7 @@ async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("spiffe").join("workload.sock");
     let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
-    let script = dir.path().join("client.py");
-    std::fs::write(&script, PY_SPIFFE).unwrap();
-    let endpoint = format!("unix://{}", socket.display());
-    let (ok, out) = tokio::task::spawn_blocking(move || {
-        meshid_tests::tools::run(
-            std::process::Command::new("python3")
-                .arg(&script)
-                .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
-                .env("GRPC_VERBOSITY", "debug")
-                .env("GRPC_TRACE", "http"),
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out) = run_python(dir.path(), PY_SPIFFE, &socket).await;
     assert!(ok, "{out}");
     assert!(out.contains(&format!("svid {ID} True")), "{out}");
     assert!(out.contains("bundle 1"), "{out}");
@@ -629,18 +635,7 @@ async fn py_spiffe_fetches_and_verifies_jwt_svids() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("spiffe").join("workload.sock");
     let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
-    let script = dir.path().join("client.py");
-    std::fs::write(&script, PY_SPIFFE_JWT).unwrap();
-    let endpoint = format!("unix://{}", socket.display());
-    let (ok, out) = tokio::task::spawn_blocking(move || {
-        meshid_tests::tools::run(
-            std::process::Command::new("python3")
-                .arg(&script)
-                .env("SPIFFE_ENDPOINT_SOCKET", endpoint),
-        )
-    })
-    .await
-    .unwrap();
+    let (ok, out) = run_python(dir.path(), PY_SPIFFE_JWT, &socket).await;
     assert!(ok, "{out}");
     for line in [
         format!("jwt {ID} ['db']"),
