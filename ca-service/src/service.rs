@@ -1661,24 +1661,29 @@ mod tests {
 
     // ---- issue_jwt_svid() -----------------------------------------------------------------------
 
-    #[test]
-    fn a_jwt_svid_speaks_for_the_presented_certificate_only_and_verifies_under_the_bundle() {
-        let ca = TestCa::new();
-        let token = ca.join_token(VM, Duration::from_secs(600));
-        let first = request(csr(), join(token));
+    /// A certificate for `id` issued on a join token, and its chain as a TLS peer presents it.
+    fn joined(ca: &TestCa, id: &'static str) -> (IssueResponse, Vec<CertificateDer<'static>>) {
+        let first = request(csr(), join(ca.join_token(id, Duration::from_secs(600))));
         let issued = check(
             "join",
             &first,
             ca.state.issue(&first, None),
             Method::JoinToken,
-            Expected::Issued(VM),
+            Expected::Issued(id),
         )
         .unwrap();
-        let chain: Vec<CertificateDer<'static>> = issued
+        let chain = issued
             .cert_chain
             .iter()
             .map(|c| CertificateDer::from(c.clone()))
             .collect();
+        (issued, chain)
+    }
+
+    #[test]
+    fn a_jwt_svid_speaks_for_the_presented_certificate_only_and_verifies_under_the_bundle() {
+        let ca = TestCa::new();
+        let (issued, chain) = joined(&ca, VM);
         let req = |aud: &[&str]| IssueJwtSvidRequest {
             audience: aud.iter().map(|a| (*a).to_owned()).collect(),
         };
@@ -1732,19 +1737,7 @@ mod tests {
         let mut authority = Authority::load(ca.dir.path()).unwrap();
         authority.jwt_signer = None;
         ca.state.authority.store(Arc::new(authority));
-        let token = ca.join_token(VM, Duration::from_secs(600));
-        let first = request(csr(), join(token));
-        let issued = ca
-            .state
-            .issue(&first, None)
-            .2
-            .map_err(|r| r.status)
-            .unwrap();
-        let chain: Vec<CertificateDer<'static>> = issued
-            .cert_chain
-            .into_iter()
-            .map(CertificateDer::from)
-            .collect();
+        let (_, chain) = joined(&ca, VM);
         let req = IssueJwtSvidRequest {
             audience: vec!["db".into()],
         };
