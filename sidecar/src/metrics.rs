@@ -78,6 +78,8 @@ pub struct Metrics {
     pub app_svids: Family<ResultLabels, Counter>,
     pub app_svid_expiry: Gauge,
     pub jwt_svids: Family<ResultLabels, Counter>,
+    pub observed_calls: Gauge,
+    pub observed_dropped: Counter,
     /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
     pub peer_identity: bool,
 }
@@ -186,6 +188,16 @@ impl Metrics {
             "app_svid_requests",
             "Requests to the CA for the app's own X.509-SVID (Workload API) by result",
             Listed(m.app_svids.clone()),
+        );
+        r.register(
+            "observed_calls",
+            "Distinct inbound calls (port, peer, method, path) kept for suggest-policy",
+            m.observed_calls.clone(),
+        );
+        r.register(
+            "observed_dropped",
+            "Inbound calls not kept for suggest-policy because the summary was full",
+            m.observed_dropped.clone(),
         );
         r.register(
             "jwt_svid_requests",

@@ -29,6 +29,17 @@ struct Entry {
     count: u64,
 }
 
+/// What [`ObservedTraffic::record`] did with a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A call seen before: its count went up.
+    Counted,
+    /// A new distinct call, kept.
+    New,
+    /// Not kept: the summary is full.
+    Dropped,
+}
+
 /// The summary.
 #[derive(Debug, Default)]
 pub struct ObservedTraffic {
@@ -76,8 +87,10 @@ impl ObservedTraffic {
 
     /// Counts one call: `request` is the method and path of an HTTP request, `None` a TCP
     /// connection.
-    pub fn record(&self, port: u16, peer: &SpiffeId, request: Option<(&str, &str)>) {
+    pub fn record(&self, port: u16, peer: &SpiffeId, request: Option<(&str, &str)>) -> Recorded {
         let (method, path) = request.unwrap_or(("", ""));
+        // Methods are short tokens; a longer one is kept (and matched) by its first 32 bytes.
+        let method = &method[..method.floor_char_boundary(32)];
         let path = path.split_once('?').map_or(path, |(p, _)| p);
         let path = crate::decisions::cut(path, MAX_PATH);
         let key = self
@@ -93,9 +106,11 @@ impl ObservedTraffic {
                     && e.path == path =>
             {
                 e.count += 1;
+                Recorded::Counted
             }
             Some(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                Recorded::Dropped
             }
             None if room => {
                 map.insert(
@@ -103,14 +118,16 @@ impl ObservedTraffic {
                     Entry {
                         port,
                         peer: peer.as_str().to_owned(),
-                        method: crate::decisions::cut(method, 32),
+                        method: method.to_owned(),
                         path,
                         count: 1,
                     },
                 );
+                Recorded::New
             }
             None => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                Recorded::Dropped
             }
         }
     }
@@ -325,9 +342,14 @@ mod tests {
             text.contains("port 5432 connection (1 times): port-not-in-policy"),
             "{text}"
         );
+        assert_eq!(seen.record(5432, &web, None), Recorded::Counted);
         for i in 0..MAX_ENTRIES + 5 {
             seen.record(9000, &web, Some(("GET", &format!("/x/{i}"))));
         }
+        assert_eq!(
+            seen.record(9000, &web, Some(("GET", "/y"))),
+            Recorded::Dropped
+        );
         let report = seen.report(None);
         assert_eq!(report.calls.len(), MAX_ENTRIES);
         assert!(report.dropped >= 5);

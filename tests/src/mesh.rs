@@ -197,10 +197,7 @@ pub struct SidecarSpec {
 
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    crate::process::free_addr(ip).port()
 }
 
 impl TestSidecar {

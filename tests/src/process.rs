@@ -76,10 +76,19 @@ impl Drop for Proc {
     }
 }
 
-/// A free TCP port on `ip` (bound and released; the small race is acceptable in tests).
+/// A free TCP port on `ip` (bound and released; the small race with other processes is acceptable
+/// in tests). Never one this process was given before: the kernel may hand the same ephemeral port
+/// to consecutive binds once it is released, and two processes told the same address collide.
 pub fn free_addr(ip: &str) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).expect("bind ephemeral port");
-    l.local_addr().expect("local addr")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<SocketAddr>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let l = TcpListener::bind((ip, 0)).expect("bind ephemeral port");
+        let addr = l.local_addr().expect("local addr");
+        if GIVEN.lock().unwrap_or_else(|p| p.into_inner()).insert(addr) {
+            return addr;
+        }
+    }
 }
 
 /// Polls `addr` with HTTP GET `path` until it answers 200 or `timeout` passes.

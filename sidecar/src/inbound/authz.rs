@@ -174,7 +174,15 @@ impl Authorizer {
             .inc();
         let (method, path) = request.unwrap_or(("", ""));
         let id = peer.id();
-        self.shared.observed.record(port, id, request);
+        match self.shared.observed.record(port, id, request) {
+            crate::observed::Recorded::Counted => {}
+            crate::observed::Recorded::New => {
+                self.shared.metrics.observed_calls.inc();
+            }
+            crate::observed::Recorded::Dropped => {
+                self.shared.metrics.observed_dropped.inc();
+            }
+        }
         if kind == "allow" {
             tracing::debug!(peer = %id, port, rule = %decision.rule, method, path, traceparent, "allowed");
             return None;
