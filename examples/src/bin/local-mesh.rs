@@ -2,7 +2,7 @@
 //!
 //! `meshid-ca init` + `serve`; two example apps (an HTTP echo that reports the caller identity it
 //! got from `x-forwarded-client-cert`, and a TCP echo); a sidecar in front of each, getting
-//! certificates from the CA with join tokens. Then: an allowed call, a denied call, a TCP call, the
+//! certificates from the CA with join tokens. Then: an allowed call, a denied call (and its explanation), a TCP call, the
 //! certificates' identities and expiries, and where to look. Ctrl-C or SIGTERM (what `timeout`,
 //! systemd and CI runners send) stops everything and cleans up, at any step.
 //!
@@ -239,7 +239,13 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     Ok((code, reason.unwrap_or(body)))
 }
 
-fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+/// A plain HTTP/1.1 request: the status, the sidecar's reason (or the body) and the decision ID
+/// of a denial (`x-meshid-decision`).
+fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String, Option<String>)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -259,7 +265,11 @@ fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, Stri
         .find_map(|l| l.strip_prefix("x-meshid-reason: "))
         .map(str::to_owned);
     let body = out.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_owned();
-    Ok((code, reason.unwrap_or(body)))
+    let decision = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-meshid-decision: "))
+        .map(str::to_owned);
+    Ok((code, reason.unwrap_or(body), decision))
 }
 
 fn wait_ready(admin: SocketAddr, timeout: Duration) -> Result<()> {
@@ -298,6 +308,8 @@ struct Mesh {
     backend_admin: SocketAddr,
     http_local: SocketAddr,
     tcp_local: SocketAddr,
+    /// For `meshid-sidecar explain`.
+    sidecar_bin: PathBuf,
 }
 
 async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
@@ -442,6 +454,7 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
         backend_admin: b_admin,
         http_local: f_http,
         tcp_local: f_tcp,
+        sidecar_bin: sidecar_bin.clone(),
     })
 }
 
@@ -454,7 +467,7 @@ async fn calls(mesh: &Mesh, tally: &mut Tally) {
         allowed
             .map_err(anyhow::Error::from)
             .and_then(|r| r)
-            .and_then(|(code, body)| {
+            .and_then(|(code, body, _)| {
                 let caller = body
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("caller="))
@@ -468,19 +481,41 @@ async fn calls(mesh: &Mesh, tally: &mut Tally) {
             }),
     );
     let denied = tokio::task::spawn_blocking(move || http_request(local, "DELETE", "/admin")).await;
+    let mut decision = None;
     tally.step(
         "denied: DELETE /admin",
         denied
             .map_err(anyhow::Error::from)
             .and_then(|r| r)
-            .and_then(|(code, reason)| {
-                if code == 403 {
+            .and_then(|(code, reason, id)| {
+                decision = id;
+                if code == 403 && decision.is_some() {
                     Ok(format!("403, {reason}"))
                 } else {
-                    bail!("expected 403, got {code}: {reason}")
+                    bail!("expected 403 with a decision ID, got {code}: {reason}")
                 }
             }),
     );
+    // The denial explained by its ID, as an operator would ask the backend's sidecar.
+    let explained = decision
+        .ok_or_else(|| anyhow::anyhow!("no decision ID to explain"))
+        .and_then(|id| {
+            run_ok(Command::new(&mesh.sidecar_bin).args([
+                "explain",
+                "--admin",
+                &mesh.backend_admin.to_string(),
+                &id,
+            ]))
+        })
+        .and_then(|out| {
+            let last = out.lines().last().unwrap_or_default().to_owned();
+            if last.starts_with("deny: ") {
+                Ok(format!("meshid-sidecar explain: {last}"))
+            } else {
+                bail!("unexpected explanation: {out}")
+            }
+        });
+    tally.step("denial explained", explained);
     let tcp = async {
         let mut s = tokio::net::TcpStream::connect(mesh.tcp_local).await?;
         s.write_all(b"ping over mTLS").await?;
