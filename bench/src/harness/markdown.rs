@@ -594,10 +594,23 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   code a request walks through (h2 between the sidecars, hyper's HTTP/1.1 on both ends), not the
   syscalls. Not done yet: a per-request path with fewer task hops on the inbound (h2 stream task
   -> app connection task and back).
-- **A full handshake** at the terminator is 73% aws-lc (P-256 ECDSA signing and verifying a third,
-  SHA-384 for the TLS 1.3 key schedule 9%, X25519 7%) and 20% kernel; rustls, tokio and our own
-  checks are the rest. X25519MLKEM768 adds ML-KEM-768 encapsulation and the larger key shares: see
-  its columns in the handshakes table.
+- **A full handshake** at the terminator was 73% aws-lc (P-256 ECDSA signing and verifying a
+  third, SHA-384 for the TLS 1.3 key schedule 9%, X25519 7%) and 20% kernel; rustls, tokio and our
+  own checks were the rest. Two of its three ECDSA verifications were the client's chain: its leaf
+  under the intermediate, and the intermediate under the root, the same few intermediates on every
+  handshake. The verifier now remembers intermediates whose path verified (per extended key usage,
+  validity checked at every use, never under a root with name constraints, forgotten with every
+  new bundle: `identity/src/verify.rs`), so a mesh handshake verifies only its leaf. Terminator CPU
+  per handshake, `--scenarios handshakes` on one Intel host, the commit before (b30562a) and after
+  (caff247): 559-642 -> 324-422 us; nginx needs 3.11x -> 4.01x meshid's CPU, handshakes/s 3.04x ->
+  3.95x nginx's, X25519MLKEM768 2.91x -> 3.93x. X25519MLKEM768 adds ML-KEM-768 encapsulation and the
+  larger key shares: see its columns in the handshakes table.
+- **Hosts differ**: the run before this one was on an AMD EPYC host, this one on an Intel Xeon
+  host. The nginx pair went from 11,979 req/s at 69.4 us of proxy CPU per request there to 29,067
+  at 29.6 us here, meshid's from 17,795 at 44.8 us to 28,081 at 30.2 us: the throughput ratio went
+  from 1.49x to 0.97x (b30562a, before this run's changes, measured 0.97x here too), while
+  meshid's own CPU per request at saturation now meets its 20 us targets. Which host a run gets
+  is not ours to choose; compare ratios within one run only.
 - **Start-up**: 45 ms of a sidecar's 52 ms start-to-ready (CA mode) was aws-lc collecting CPU-jitter
   entropy at the process's first random draw (`jent_*` functions in `perf record` of a start). It
   is built without that source now (`.cargo/config.toml`), seeded by `getrandom`; 9 ms since.
