@@ -6,6 +6,8 @@
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default: 60 s for every target
 #        scripts/fuzz.sh --smoke [TARGET...]                 50,000 runs each from a fixed seed
 #                                                            (deterministic; what CI runs)
+#        scripts/fuzz.sh --build-only                        build the targets, run nothing (CI builds
+#                                                            them in the background, beside the smoke runs)
 # A crash leaves its input in fuzz/artifacts/TARGET/ and the script exits 1; replay it with
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run -O TARGET fuzz/artifacts/TARGET/crash-...   (in fuzz/)
 #
@@ -21,11 +23,13 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "$version"; then
 fi
 
 smoke=false
+build_only=false
 seconds=60
 targets=()
 for arg in "$@"; do
     case "$arg" in
         --smoke) smoke=true ;;
+        --build-only) build_only=true ;;
         ''|*[!0-9]*) targets+=("$arg") ;;
         *) seconds="$arg" ;;
     esac
@@ -45,6 +49,10 @@ export RUSTC_BOOTSTRAP=1
 cp Cargo.lock fuzz/Cargo.lock
 cd fuzz
 cargo fuzz build -O
+if $build_only; then
+    echo "fuzz: targets built"
+    exit 0
+fi
 failed=()
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
