@@ -418,6 +418,8 @@ pub struct Authority {
     pub jwt_signer: Option<JwtSigner>,
     /// The JWT keys of every authority in the bundle, published with it.
     pub jwt_keys: Vec<JwtKey>,
+    /// What `meshid-ca revoke` listed (`revocations.json`).
+    pub revocations: std::sync::Arc<crate::revocations::Revocations>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -539,6 +541,7 @@ impl Authority {
             renew_now: state.renew_now_at == Some(state.bundle_version),
             jwt_signer,
             jwt_keys,
+            revocations: std::sync::Arc::new(crate::revocations::Revocations::load(dir)?),
         })
     }
 }

@@ -82,6 +82,88 @@ pub enum Command {
     /// and sidecars renewing. Each check says what is wrong and how to fix it; exit 1 when one
     /// fails.
     Check(Box<CheckArgs>),
+    /// Revoke one certificate (--serial) or every certificate of an identity (--id): every CA
+    /// on the directory refuses to renew or issue for it within a second and streams it with the
+    /// trust bundle; every sidecar then refuses its handshakes and closes its connections.
+    Revoke(RevokeArgs),
+    /// Lift a revocation: an identity may be issued certificates again (a revoked certificate
+    /// stays expired or replaced; lifting its entry only shortens the list).
+    Unrevoke(UnrevokeArgs),
+    /// List the revocations of a CA directory.
+    Revocations(RevocationsArgs),
+}
+
+/// What a revocation names: exactly one of an identity and a certificate serial.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct RevokeTarget {
+    /// Every certificate of this identity, e.g. spiffe://cluster.local/ns/shop/sa/cart.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub id: Option<String>,
+    /// The one certificate with this serial number, in hex as `openssl x509 -noout -serial`
+    /// prints it (colons and 0x allowed).
+    #[arg(long, value_name = "SERIAL")]
+    pub serial: Option<String>,
+}
+
+impl RevokeTarget {
+    /// The revocation, checked against the CA's trust domain.
+    pub fn parse(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<meshid_identity::revocation::Revoked, Vec<String>> {
+        use meshid_identity::revocation::{Revoked, normalize_serial};
+        match (&self.id, &self.serial) {
+            (Some(id), None) => {
+                let id = SpiffeId::parse(id).map_err(|e| vec![format!("--id: {e}")])?;
+                if id.trust_domain_name() != trust_domain.as_str() {
+                    return Err(vec![format!(
+                        "--id: {id} is outside this CA's trust domain {trust_domain}"
+                    )]);
+                }
+                Ok(Revoked::Id(id))
+            }
+            (None, Some(serial)) => normalize_serial(serial)
+                .map(Revoked::Serial)
+                .map_err(|e| vec![format!("--serial: {e}")]),
+            _ => Err(vec!["give exactly one of --id and --serial".into()]),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub target: RevokeTarget,
+    /// Why (kept in the list, the CAs' audit log and the sidecars' logs; at most 256 bytes).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// The longest lifetime of a certificate the CA issues (its --max-ttl): the entry stays in
+    /// the trust bundle this long, until no certificate it names can still be live.
+    #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
+    pub max_ttl: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UnrevokeArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub target: RevokeTarget,
+}
+
+#[derive(Debug, Args)]
+pub struct RevocationsArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
+    /// Print the list as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ pub mod issued;
 pub mod k8s_secret;
 pub mod metrics;
 pub mod ratelimit;
+pub mod revocations;
 pub mod rotation;
 pub mod serial;
 pub mod server;

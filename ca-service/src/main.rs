@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use meshid_ca::auth::JoinTokenStore;
 use meshid_ca::authority::{self, ImportedRoot};
 use meshid_ca::cli::{
-    Cli, Command, EXIT_USAGE, RENAMED_ENV, RotateCommand, TokenCommand, WebhookCertArgs,
+    Cli, Command, EXIT_USAGE, RENAMED_ENV, RevocationsArgs, RevokeArgs, RotateCommand,
+    TokenCommand, UnrevokeArgs, WebhookCertArgs,
 };
+use meshid_ca::revocations::{Revocations, check_reason};
 use meshid_ca::rotation;
 use prometheus_client::registry::Registry;
 
@@ -98,6 +100,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Rotate { command } => rotate(command),
+        Command::Revoke(args) => revoke(&args),
+        Command::Unrevoke(args) => unrevoke(&args),
+        Command::Revocations(args) => list_revocations(&args),
         Command::Check(args) => check(*args),
         Command::WebhookCert(args) => webhook_cert(&args),
         Command::Secret(args) => {
@@ -192,6 +197,122 @@ fn block_on<T>(step: impl std::future::Future<Output = T>) -> Result<T, Failure>
         .enable_all()
         .build()?;
     Ok(rt.block_on(step))
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Where the CLI changes the list: the CAs on the directory follow it within a second. On
+/// Kubernetes the directory is a Secret the operator keeps a copy of: say how to apply it.
+fn after_change(dir: &std::path::Path) {
+    println!(
+        "every CA serving {} applies it within a second; on Kubernetes, apply the copy: \
+         `meshid-ca secret --dir {} | kubectl apply -f -`",
+        dir.display(),
+        dir.display()
+    );
+}
+
+fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
+    let td = authority::read_trust_domain(&args.dir)?;
+    let mut problems = Vec::new();
+    let what = args.target.parse(&td).map_err(|p| problems.extend(p)).ok();
+    if let Err(p) = check_reason(&args.reason) {
+        problems.push(p);
+    }
+    let max_ttl = meshid_identity::parse_duration(&args.max_ttl)
+        .map_err(|e| problems.push(format!("--max-ttl: {e}")))
+        .ok();
+    let (Some(what), Some(max_ttl), true) = (what, max_ttl, problems.is_empty()) else {
+        return Err(Failure::Usage(problems));
+    };
+    let mut list = Revocations::load(&args.dir)?;
+    let now = unix_now();
+    list.prune(now);
+    // A minute past the longest lifetime: clocks and a certificate issued as the CAs learn of it.
+    let keep = i64::try_from(max_ttl.as_secs())
+        .unwrap_or(i64::MAX)
+        .saturating_add(60);
+    let new = list
+        .revoke(what.clone(), now, keep, args.reason.clone())
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?;
+    list.save(&args.dir)?;
+    println!(
+        "{} {what}{}",
+        if new {
+            "revoked"
+        } else {
+            "revoked again (time and reason updated):"
+        },
+        if args.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", shown(&args.reason))
+        }
+    );
+    after_change(&args.dir);
+    Ok(())
+}
+
+fn unrevoke(args: &UnrevokeArgs) -> Result<(), Failure> {
+    let td = authority::read_trust_domain(&args.dir)?;
+    let what = args.target.parse(&td).map_err(Failure::Usage)?;
+    let mut list = Revocations::load(&args.dir)?;
+    list.prune(unix_now());
+    let Some(lifted) = list.unrevoke(&what) else {
+        return Err(Failure::Runtime(anyhow::anyhow!("{what} is not revoked")));
+    };
+    list.save(&args.dir)?;
+    println!("lifted the revocation of {}", lifted.what);
+    after_change(&args.dir);
+    Ok(())
+}
+
+fn list_revocations(args: &RevocationsArgs) -> Result<(), Failure> {
+    authority::read_trust_domain(&args.dir)?;
+    let list = Revocations::load(&args.dir)?;
+    let now = unix_now();
+    if args.json {
+        let entries: Vec<serde_json::Value> = list
+            .entries()
+            .iter()
+            .map(|e| {
+                let p = e.to_proto();
+                serde_json::json!({
+                    "id": (!p.spiffe_id.is_empty()).then_some(p.spiffe_id),
+                    "serial": (!p.serial.is_empty()).then_some(p.serial),
+                    "revoked_at": e.revoked_at,
+                    "expires_at": e.expires_at,
+                    "in_bundle": e.in_force(now),
+                    "reason": e.reason,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    if list.entries().is_empty() {
+        println!("nothing is revoked");
+    }
+    for e in list.entries() {
+        println!(
+            "{}  revoked {}  {}{}",
+            e.what,
+            e.revoked_at,
+            if e.in_force(now) {
+                format!("in the bundle until {}", e.expires_at)
+            } else {
+                "out of the bundle (no certificate it names is live)".to_owned()
+            },
+            if e.reason.is_empty() {
+                String::new()
+            } else {
+                format!("  reason: {}", shown(&e.reason))
+            }
+        );
+    }
+    Ok(())
 }
 
 fn rotate(command: RotateCommand) -> Result<(), Failure> {

@@ -136,13 +136,13 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
-        version: authority.bundle_version,
-        roots: authority.roots.clone(),
-        pinned: authority.pinned.clone(),
-        renew_now: authority.renew_now,
-        jwt_keys: authority.jwt_keys.clone(),
-    }));
+    let bundle = Bundle::of(
+        &authority,
+        authority.bundle_version,
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+    );
+    metrics.record_revocations(&authority.revocations, bundle.revoked.len());
+    let (bundle_tx, _) = watch::channel(Arc::new(bundle));
     let state = Arc::new(CaState {
         authority: ArcSwap::from_pointee(authority),
         bundle: bundle_tx,
@@ -279,6 +279,7 @@ fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
     let stamps = vec![
         stamp(&files.join("bundle.pem")),
         stamp(&files.join(crate::authorities::STATE_FILE)),
+        stamp(&files.join(crate::revocations::REVOCATIONS_FILE)),
         stamp(&active.path("intermediate.pem")),
         stamp(&active.path("intermediate.key")),
     ];
@@ -316,64 +317,100 @@ async fn follow_bundle(
             state.metrics.record_rotation(&report, &by_version);
         }
         let now = stamps(&dir);
-        if now == last {
-            continue;
+        if now != last {
+            last = now;
+            reload(&last.0, &sans, &state, &tls_config);
         }
-        last = now;
-        let authority = match Authority::load(&last.0) {
-            Ok(a) => a,
-            Err(error) => {
-                tracing::error!(%error, "reloading the CA directory failed; keeping the current material");
-                continue;
-            }
-        };
-        let roots = authority.roots.clone();
-        match tls::server_config(&authority, &sans) {
-            Ok(cfg) => tls_config.store(cfg),
-            Err(error) => {
-                tracing::error!(%error, "rebuilding TLS failed; keeping the current material");
-                continue;
-            }
-        }
-        let previous = state.authority.load();
-        if previous.name != authority.name
-            || previous.intermediate_der != authority.intermediate_der
-        {
-            tracing::info!(authority = %authority.name, "signing authority changed");
-        }
+        // Every tick, not only after a reload: a revocation leaves the bundle when the
+        // certificates it names can no longer be live.
+        let authority = state.authority.load_full();
+        let t = time::OffsetDateTime::now_utc().unix_timestamp();
+        let current = state.bundle.borrow().clone();
+        let next = Bundle::of(&authority, 0, t);
         state
             .metrics
-            .intermediate_expiry
-            .set(authority.intermediate_not_after.unix_timestamp());
-        let renew_now = authority.renew_now;
-        let state_version = authority.bundle_version;
-        let pinned = authority.pinned.clone();
-        let jwt_keys = authority.jwt_keys.clone();
-        state.authority.store(Arc::new(authority));
-        let current = state.bundle.borrow().clone();
-        if current.roots == roots
-            && current.pinned == pinned
-            && current.jwt_keys == jwt_keys
-            && current.version >= state_version
-        {
+            .record_revocations(&authority.revocations, next.revoked.len());
+        if current.same_trust(&next) && current.version >= authority.bundle_version {
             continue;
         }
-        // The directory's version, or one past ours when the bundle changed by hand.
-        let version = if state_version > current.version {
-            state_version
+        // The directory's version, or one past ours when the bundle changed by hand (or by a
+        // revocation).
+        let version = if authority.bundle_version > current.version {
+            authority.bundle_version
         } else {
             current.version + 1
         };
         state.metrics.bundle_version.set(version as i64);
-        state.metrics.bundle_roots.set(roots.len() as i64);
-        state.bundle.send_replace(Arc::new(Bundle {
-            version,
-            roots,
-            pinned,
-            renew_now,
-            jwt_keys,
-        }));
-        tracing::info!(version, renew_now, "trust bundle updated");
+        state.metrics.bundle_roots.set(next.roots.len() as i64);
+        let renew_now = next.renew_now;
+        let revoked = next.revoked.len();
+        state
+            .bundle
+            .send_replace(Arc::new(Bundle { version, ..next }));
+        tracing::info!(version, renew_now, revoked, "trust bundle updated");
+    }
+}
+
+/// Reloads the CA directory (`files`, one snapshot of it): the signing authority, the TLS serving
+/// configuration, the bundle's parts and the revocation list. Broken files are logged and the
+/// current material kept.
+fn reload(
+    files: &Path,
+    sans: &[String],
+    state: &CaState,
+    tls_config: &ArcSwap<rustls::ServerConfig>,
+) {
+    let authority = match Authority::load(files) {
+        Ok(a) => a,
+        Err(error) => {
+            tracing::error!(%error, "reloading the CA directory failed; keeping the current material");
+            return;
+        }
+    };
+    match tls::server_config(&authority, sans) {
+        Ok(cfg) => tls_config.store(cfg),
+        Err(error) => {
+            tracing::error!(%error, "rebuilding TLS failed; keeping the current material");
+            return;
+        }
+    }
+    let previous = state.authority.load();
+    if previous.name != authority.name || previous.intermediate_der != authority.intermediate_der {
+        tracing::info!(authority = %authority.name, "signing authority changed");
+    }
+    audit_revocation_changes(&previous.revocations, &authority.revocations);
+    state
+        .metrics
+        .intermediate_expiry
+        .set(authority.intermediate_not_after.unix_timestamp());
+    state.authority.store(Arc::new(authority));
+}
+
+/// One audit line for every revocation this process starts or stops enforcing.
+fn audit_revocation_changes(
+    before: &crate::revocations::Revocations,
+    after: &crate::revocations::Revocations,
+) {
+    for e in after.entries() {
+        if !before.entries().contains(e) {
+            tracing::warn!(
+                target: "meshid_ca::audit",
+                revoked = %e.what,
+                revoked_at = e.revoked_at,
+                expires_at = e.expires_at,
+                reason = %e.reason,
+                "revocation in force: refusing to issue for it, and streaming it to every sidecar"
+            );
+        }
+    }
+    for e in before.entries() {
+        if !after.entries().iter().any(|a| a.what == e.what) {
+            tracing::warn!(
+                target: "meshid_ca::audit",
+                revoked = %e.what,
+                "revocation lifted (unrevoke, or expired and pruned)"
+            );
+        }
     }
 }
 

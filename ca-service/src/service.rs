@@ -41,6 +41,30 @@ pub struct Bundle {
     pub renew_now: bool,
     /// The JWT-SVID keys of the authorities in the bundle (see `Authority::jwt_keys`).
     pub jwt_keys: Vec<JwtKey>,
+    /// The revocations in force (see [`crate::revocations`]).
+    pub revoked: Vec<crate::revocations::Entry>,
+}
+
+impl Bundle {
+    /// The bundle `authority` serves at `now` (Unix seconds), as `version`.
+    pub fn of(authority: &Authority, version: u64, now: i64) -> Self {
+        Self {
+            version,
+            roots: authority.roots.clone(),
+            pinned: authority.pinned.clone(),
+            renew_now: authority.renew_now,
+            jwt_keys: authority.jwt_keys.clone(),
+            revoked: authority.revocations.in_force(now),
+        }
+    }
+
+    /// Whether `other` carries the same trust (everything but the version and `renew_now`).
+    pub fn same_trust(&self, other: &Self) -> bool {
+        self.roots == other.roots
+            && self.pinned == other.pinned
+            && self.jwt_keys == other.jwt_keys
+            && self.revoked == other.revoked
+    }
 }
 
 /// Everything an Issue call needs.
@@ -128,7 +152,54 @@ enum Authenticated {
 }
 
 impl CaState {
+    /// Who the caller is, by its credential; then refused if that identity is revoked, or, for a
+    /// renewal, the certificate it presents.
     fn authenticate(
+        &self,
+        credential: Option<&Credential>,
+        peer: Option<&PeerInfo>,
+    ) -> (Method, Result<Authenticated, AuthError>) {
+        let (method, result) = self.authenticate_credential(credential, peer);
+        let result = result.and_then(|authenticated| {
+            let revocations = self.authority.load().revocations.clone();
+            if revocations.entries().is_empty() {
+                return Ok(authenticated);
+            }
+            let id = match &authenticated {
+                Authenticated::Ready { id, .. } => id,
+                Authenticated::Join(p) => &p.id,
+            };
+            let serial = match method {
+                Method::Renewal => peer
+                    .and_then(|p| p.leaf_identity.as_deref())
+                    .and_then(|l| l.as_ref().ok())
+                    .and_then(|l| {
+                        meshid_identity::revocation::normalize_serial(&l.serial_hex).ok()
+                    }),
+                _ => None,
+            };
+            match revocations.refuses(id, serial.as_deref()) {
+                None => Ok(authenticated),
+                Some(entry) => {
+                    let reason = if entry.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", entry.reason)
+                    };
+                    Err(AuthError::permission_denied(
+                        Reason::Revoked,
+                        format!(
+                            "{} is revoked{reason}: `meshid-ca unrevoke` lifts it",
+                            entry.what
+                        ),
+                    ))
+                }
+            }
+        });
+        (method, result)
+    }
+
+    fn authenticate_credential(
         &self,
         credential: Option<&Credential>,
         peer: Option<&PeerInfo>,
@@ -303,6 +374,11 @@ impl CaState {
                     key_id: k.kid.clone(),
                     public_key: k.spki.clone(),
                 })
+                .collect(),
+            revoked: bundle
+                .revoked
+                .iter()
+                .map(crate::revocations::Entry::to_proto)
                 .collect(),
         }
     }
@@ -860,13 +936,11 @@ mod tests {
             });
             let metrics = Metrics::register(&mut Registry::default());
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
-            let (bundle_tx, _) = watch::channel(Arc::new(Bundle {
-                version: authority.bundle_version,
-                roots: authority.roots.clone(),
-                pinned: authority.pinned.clone(),
-                renew_now: authority.renew_now,
-                jwt_keys: authority.jwt_keys.clone(),
-            }));
+            let (bundle_tx, _) = watch::channel(Arc::new(Bundle::of(
+                &authority,
+                authority.bundle_version,
+                OffsetDateTime::now_utc().unix_timestamp(),
+            )));
             let state = CaState {
                 authority: ArcSwap::from_pointee(authority),
                 bundle: bundle_tx,
@@ -1521,6 +1595,7 @@ mod tests {
                 pinned: Vec::new(),
                 renew_now: false,
                 jwt_keys: Vec::new(),
+                revoked: Vec::new(),
             };
             ca.state.bundle.send_replace(Arc::new(served.clone()));
             let token = ca.join_token(VM, Duration::from_secs(600));

@@ -1,6 +1,6 @@
 //! meshid's pure identity core, shared by the CA, the injector and the sidecar: the SPIFFE ID type,
 //! reading a workload's identity out of its certificate, chain and identity verification for rustls,
-//! renewal timing, durations, the allow-list model and the pod-annotations contract.
+//! renewal timing, durations, the allow-list model, revocations and the pod-annotations contract.
 //!
 //! No runtime, no sockets: every function here is a decision or a parse, tested with certificates
 //! made in the test. `scripts/check-layers.sh` fails the build if tokio or hyper ever enter this
@@ -13,6 +13,7 @@ pub mod jwt_svid;
 pub mod peer;
 pub mod pem;
 pub mod policy;
+pub mod revocation;
 pub mod spiffe;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -22,17 +22,34 @@ pub struct VerifiedPeer {
     pub not_after: i64,
     /// SHA-256 (hex) of the leaf certificate.
     pub cert_sha256: String,
+    /// The certificate's serial number as revocations name it
+    /// ([`crate::revocation::serial_of_der`]).
+    pub serial: String,
 }
 
 impl VerifiedPeer {
     /// Reads the identity of a leaf whose chain has been verified.
     pub fn from_leaf(leaf: &[u8]) -> Result<Self, IdentityError> {
-        let CertIdentity { id, not_after, .. } = cert_identity_from_der(leaf)?;
+        let CertIdentity {
+            id,
+            not_after,
+            serial_hex,
+            ..
+        } = cert_identity_from_der(leaf)?;
         Ok(Self {
             id,
             not_after,
             cert_sha256: sha256_hex(leaf),
+            serial: normalized_serial(&serial_hex),
         })
+    }
+}
+
+/// `serial_hex` (the DER content octets in hex) without leading zeros, as revocations name it.
+fn normalized_serial(serial_hex: &str) -> String {
+    match serial_hex.trim_start_matches('0') {
+        "" => "0".to_owned(),
+        digits => digits.to_owned(),
     }
 }
 

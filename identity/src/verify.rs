@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::peer::VerifiedPeers;
+use crate::revocation::{RevocationSet, Revoked};
 use crate::{IdentityError, SpiffeId, TrustDomain, spiffe_id_from_der};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -63,6 +64,8 @@ pub struct Anchors {
     pins: Arc<Pins>,
     /// Issuing intermediates whose own path to an anchor verified (see [`IssuerCache`]).
     issuers: Arc<IssuerCache>,
+    /// Certificates and identities refused whatever their chain (`meshid-ca revoke`).
+    revoked: Arc<RevocationSet>,
     pub trust_domain: TrustDomain,
 }
 
@@ -151,6 +154,7 @@ impl fmt::Debug for Anchors {
         f.debug_struct("Anchors")
             .field("roots", &self.anchors.len())
             .field("pinned_roots", &self.pins.roots.len())
+            .field("revoked", &self.revoked.len())
             .field("trust_domain", &self.trust_domain)
             .finish()
     }
@@ -198,8 +202,34 @@ impl Anchors {
             anchors: Arc::new(anchors),
             pins: Arc::new(pins),
             issuers: Arc::default(),
+            revoked: Arc::default(),
             trust_domain,
         })
+    }
+
+    /// These anchors refusing, whatever their chain, the certificates and identities `revoked`
+    /// names (the failure label is `revoked`).
+    pub fn with_revocations(mut self, revoked: Arc<RevocationSet>) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The revocations these anchors apply.
+    pub fn revocations(&self) -> &RevocationSet {
+        &self.revoked
+    }
+
+    /// What revokes `peer`, if anything does.
+    pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<Revoked> {
+        self.revoked.check(&peer.id, &peer.serial)
+    }
+
+    /// Refuses a revoked certificate or identity.
+    fn check_revoked(&self, id: &SpiffeId, serial: &str) -> Result<(), rustls::Error> {
+        match self.revoked.check(id, serial) {
+            None => Ok(()),
+            Some(_) => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
+        }
     }
 
     /// How many verified intermediates are remembered.
@@ -387,6 +417,7 @@ pub fn failure_label(error: &rustls::Error) -> &'static str {
             CertificateError::UnknownIssuer => "unknown_ca",
             CertificateError::BadSignature => "bad_signature",
             CertificateError::BadEncoding => "bad_encoding",
+            CertificateError::Revoked => "revoked",
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "wrong_purpose"
             }
@@ -457,6 +488,7 @@ impl SpiffeClientVerifier {
             .establish(end_entity)
             .map_err(|e| identity_error(e.into()))?;
         self.anchors.check_domain(&peer.id)?;
+        self.anchors.check_revoked(&peer.id, &peer.serial)?;
         Ok(ClientCertVerified::assertion())
     }
 }
@@ -544,6 +576,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 got,
                 expected: self.expected.clone(),
             }));
+        }
+        if !self.anchors.revoked.is_empty() {
+            // Read only when something is revoked: the serial is all the chain check did not give.
+            let serial = crate::identity::cert_identity_from_der(end_entity)
+                .map(|c| crate::revocation::normalize_serial(&c.serial_hex).unwrap_or_default())
+                .map_err(|e| identity_error(e.into()))?;
+            self.anchors.check_revoked(&got, &serial)?;
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -978,6 +1017,63 @@ mod tests {
         assert_eq!(peers.len(), 2);
         // A certificate never verified is unknown.
         assert!(peers.get(&pki.leaf(PEER).chain[0]).is_none());
+    }
+
+    #[test]
+    fn revoked_certificates_and_identities_are_refused_both_ways() {
+        let pki = TestPki::new("ours");
+        let provider = provider();
+        let peer = pki.leaf(PEER);
+        // The same identity on another certificate, and another identity.
+        let sibling = pki.leaf(PEER);
+        let me = pki.leaf(ME);
+        let verdicts = |revoked: RevocationSet| {
+            let anchors = anchors(&pki).with_revocations(Arc::new(revoked));
+            let client = SpiffeClientVerifier::new(anchors.clone(), &provider, Arc::default());
+            let server =
+                SpiffeServerVerifier::new(anchors, SpiffeId::parse(PEER).unwrap(), &provider);
+            let dial = |l: &TestLeaf| {
+                server
+                    .verify_server_cert(
+                        &l.chain[0],
+                        &l.chain[1..],
+                        &ServerName::try_from("meshid.invalid").unwrap(),
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .map(|_| ())
+                    .map_err(|e| failure_label(&e))
+            };
+            [
+                client_verdict(&client, &peer),
+                client_verdict(&client, &sibling),
+                client_verdict(&client, &me),
+                dial(&peer),
+                dial(&sibling),
+            ]
+        };
+        let ok = Ok(());
+        assert_eq!(verdicts(RevocationSet::default()), [ok; 5]);
+        // As `openssl x509 -serial` prints it.
+        let printed = crate::identity::cert_identity_from_der(&peer.chain[0])
+            .unwrap()
+            .serial_hex
+            .to_uppercase();
+        let serial = crate::revocation::normalize_serial(&format!("serial={printed}")).unwrap();
+        let by_serial = RevocationSet::new([Revoked::Serial(serial)]).unwrap();
+        let revoked = Err("revoked");
+        assert_eq!(verdicts(by_serial), [revoked, ok, ok, revoked, ok]);
+        let by_id = RevocationSet::new([Revoked::Id(SpiffeId::parse(PEER).unwrap())]).unwrap();
+        assert_eq!(
+            verdicts(by_id.clone()),
+            [revoked, revoked, ok, revoked, revoked]
+        );
+        // The refused client's claim is left for the handshake failure's record.
+        let anchors = anchors(&pki).with_revocations(Arc::new(by_id));
+        let client = SpiffeClientVerifier::new(anchors, &provider, Arc::default());
+        let _ = take_refused_claim();
+        assert_eq!(client_verdict(&client, &sibling), revoked);
+        assert_eq!(take_refused_claim().as_deref(), Some(PEER));
     }
 
     #[test]

@@ -221,22 +221,25 @@ fn h2_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves one HTTP connection with `svc`, draining it gracefully on shutdown or at `deadline`.
-/// HTTP/1.x connections let go of hyper's buffers while idle ([`crate::idle`]); `idle` counts them.
-pub(crate) async fn serve_connection<IO, S, F>(
+/// Serves one HTTP connection with `svc`, draining it gracefully on shutdown, at `deadline`, or
+/// when `revoked` resolves (it logs why itself). HTTP/1.x connections let go of hyper's buffers
+/// while idle ([`crate::idle`]); `idle` counts them.
+pub(crate) async fn serve_connection<IO, S, F, R>(
     mut io: IO,
     shared: &Shared,
     deadline: Option<tokio::time::Instant>,
+    revoked: R,
     svc: S,
     idle: Gauge,
 ) where
+    R: std::future::Future<Output = ()> + Send,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,
 {
     let prefix = match crate::idle::opening(&mut io, head_timeout(shared)).await {
         Opening::H1(prefix) => {
-            return crate::idle::serve_h1(io, prefix, shared, deadline, svc, idle).await;
+            return crate::idle::serve_h1(io, prefix, shared, deadline, revoked, svc, idle).await;
         }
         Opening::H2(prefix) => prefix,
         Opening::Gone => return,
@@ -266,6 +269,7 @@ pub(crate) async fn serve_connection<IO, S, F>(
         }
         () = meshid_runtime::net::stopped(&mut shutdown) => {}
         () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
+        () = revoked => {}
     }
     // Finish in-flight requests; h2 peers get GOAWAY.
     conn.as_mut().graceful_shutdown();

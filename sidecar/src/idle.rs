@@ -321,14 +321,17 @@ enum Stop {
 
 /// Serves an HTTP/1.x connection whose first bytes are `prefix`, releasing hyper's buffers whenever
 /// it goes quiet; `idle` counts the connections waiting that way.
-pub async fn serve_h1<IO, S, F>(
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_h1<IO, S, F, R>(
     io: IO,
     prefix: Bytes,
     shared: &Shared,
     deadline: Option<Instant>,
+    revoked: R,
     svc: S,
     idle: Gauge,
 ) where
+    R: std::future::Future<Output = ()> + Send,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
@@ -344,6 +347,7 @@ pub async fn serve_h1<IO, S, F>(
         }
     };
     tokio::pin!(expired);
+    tokio::pin!(revoked);
     let activity = Arc::new(Activity::default());
     let mut io = Watched {
         inner: io,
@@ -389,6 +393,7 @@ pub async fn serve_h1<IO, S, F>(
                     tracing::info!("closing gracefully: the peer's certificate expired");
                     break Stop::Drain;
                 }
+                () = &mut revoked => break Stop::Drain,
                 () = &mut tick => {
                     let now = Instant::now();
                     if activity.requests.load(Relaxed) != requests_at_start {

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub policy_rejected: Gauge,
     pub credentials_rejected: Gauge,
     pub connections_revoked: Family<ConnLabels, Counter>,
+    pub revoked_peer_closes: Family<ConnLabels, Counter>,
+    pub revocations: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
     pub bundle_updates: Family<ResultLabels, Counter>,
@@ -175,6 +177,16 @@ impl Metrics {
             Listed(m.connections_revoked.clone()),
         );
         r.register(
+            "revoked_peer_connections_closed",
+            "Open connections closed because the trust bundle revoked their peer's certificate or identity (meshid-ca revoke)",
+            Listed(m.revoked_peer_closes.clone()),
+        );
+        r.register(
+            "revocations",
+            "Revoked certificates and identities in the trust bundle this sidecar enforces",
+            m.revocations.clone(),
+        );
+        r.register(
             "renewals",
             "Certificate requests to the CA by result",
             Listed(m.renewals.clone()),
@@ -246,6 +258,7 @@ impl Metrics {
     pub fn record_snapshot(&self, s: &crate::creds::Snapshot) {
         self.cert_expiry.set(s.identity.not_after);
         self.trust_anchors.set(s.anchors.len() as i64);
+        self.revocations.set(s.anchors.revocations().len() as i64);
         if let Some(min) = s.anchor_not_after.iter().min() {
             self.anchor_oldest_expiry.set(*min);
         }
@@ -286,6 +299,7 @@ impl Metrics {
         if direction == "inbound" {
             drop(self.connections_revoked.get_or_create(&labels));
         }
+        drop(self.revoked_peer_closes.get_or_create(&labels));
         let peer = match (self.peer_identity, peer) {
             (false, _) => PeerLabel(None),
             (true, Some(peer)) => peer.clone(),

@@ -65,6 +65,8 @@ pub enum Reason {
     UntrustedChain,
     /// A renewal past the most time allowed since the identity was last attested.
     AttestationExpired,
+    /// The identity, or the certificate presented for a renewal, is revoked (`meshid-ca revoke`).
+    Revoked,
 }
 
 impl Reason {
@@ -91,6 +93,7 @@ impl Reason {
             Self::CertificateIdentity => "certificate_identity",
             Self::UntrustedChain => "untrusted_chain",
             Self::AttestationExpired => "attestation_expired",
+            Self::Revoked => "revoked",
         }
     }
 }

@@ -17,6 +17,7 @@ use super::store::{CredError, CredentialStore, Credentials, Snapshot};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::{Bootstrap, CaEndpoint, CaMode};
 use meshid_identity::jwt_svid::JwtKey;
+use meshid_identity::revocation::{RevocationSet, Revoked};
 use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
 use meshid_runtime::net::stopped;
 use meshid_runtime::time::{sleep_wall, unix_now};
@@ -815,6 +816,37 @@ pub async fn run_issuer(
     }
 }
 
+/// The revocations a trust bundle carries, checked: each names exactly one identity or serial,
+/// and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`].
+fn revocations(
+    entries: &[meshid_proto::ca::v1::Revocation],
+) -> Result<RevocationSet, meshid_identity::revocation::RevocationError> {
+    if entries.len() > meshid_identity::revocation::MAX_REVOCATIONS {
+        return Err(meshid_identity::revocation::RevocationError::TooMany(
+            entries.len(),
+        ));
+    }
+    let checked = entries
+        .iter()
+        .map(|e| RevocationSet::entry(&e.spiffe_id, &e.serial))
+        .collect::<Result<Vec<_>, _>>()?;
+    RevocationSet::new(checked)
+}
+
+/// The entries of `entries` that `held` does not revoke yet, with their reasons (for the log).
+fn newly_revoked(
+    entries: &[meshid_proto::ca::v1::Revocation],
+    held: &RevocationSet,
+) -> Vec<(Revoked, String)> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            let what = RevocationSet::entry(&e.spiffe_id, &e.serial).ok()?;
+            (!held.contains(&what)).then(|| (what, e.reason.chars().take(256).collect()))
+        })
+        .collect()
+}
+
 /// Why a bundle stream ended without an error.
 enum Reconnect {
     /// A new certificate: open a stream with it at once.
@@ -896,14 +928,37 @@ pub async fn run_bundle_watch(
                 if store.current().is_none() {
                     continue;
                 }
-                if roots.is_empty() || (roots == store.roots() && pinned == store.pinned()) {
+                let revoked = match revocations(&bundle.revoked) {
+                    Ok(set) => Arc::new(set),
+                    Err(error) => {
+                        metrics
+                            .bundle_updates
+                            .get_or_create(&ResultLabels { result: "rejected" })
+                            .inc();
+                        tracing::error!(%error, "trust bundle update rejected (its revocations); keeping the current one");
+                        continue;
+                    }
+                };
+                if roots.is_empty()
+                    || (roots == store.roots()
+                        && pinned == store.pinned()
+                        && *revoked == *store.revocations())
+                {
                     life.applied_version
                         .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
                     unacked = conn.ack_or_retry(&life, bundle.version, None).await;
                     continue;
                 }
-                match store.set_bundle(roots, pinned) {
+                let newly_revoked = newly_revoked(&bundle.revoked, &store.revocations());
+                match store.set_bundle(roots, pinned, revoked) {
                     Ok(snapshot) => {
+                        for r in newly_revoked {
+                            tracing::warn!(
+                                revoked = %r.0,
+                                reason = %r.1.escape_debug(),
+                                "revocation in force: refusing handshakes that present it and closing its connections"
+                            );
+                        }
                         metrics
                             .bundle_updates
                             .get_or_create(&ResultLabels { result: "applied" })
@@ -1063,6 +1118,46 @@ mod tests {
         addr
     }
 
+    #[test]
+    fn a_bundle_s_revocations_are_taken_whole_or_not_at_all() {
+        use meshid_proto::ca::v1::Revocation;
+        let entry = |id: &str, serial: &str| Revocation {
+            spiffe_id: id.into(),
+            serial: serial.into(),
+            ..Default::default()
+        };
+        let set = revocations(&[
+            entry("spiffe://cluster.local/ns/a/sa/x", ""),
+            entry("", "0A:1B"),
+        ])
+        .unwrap();
+        assert_eq!(set.counts(), (1, 1));
+        assert!(set.contains(&Revoked::Serial("a1b".into())));
+        // One bad entry refuses the whole list (the bundle update is then rejected).
+        for bad in [
+            vec![entry("spiffe://cluster.local/ns/a/sa/x", "01")],
+            vec![entry("", "")],
+            vec![entry("", "not hex")],
+            vec![
+                entry("spiffe://cluster.local/ns/a/sa/x", ""),
+                entry("x", ""),
+            ],
+        ] {
+            assert!(revocations(&bad).is_err(), "{bad:?}");
+        }
+        let many: Vec<Revocation> = (0..=meshid_identity::revocation::MAX_REVOCATIONS)
+            .map(|i| entry("", &format!("{i:x}")))
+            .collect();
+        assert!(revocations(&many).is_err());
+        // What is new is logged once, with its reason.
+        let held = RevocationSet::new([Revoked::Serial("a1b".into())]).unwrap();
+        let mut with_reason = entry("spiffe://cluster.local/ns/a/sa/x", "");
+        with_reason.reason = "incident".into();
+        let new = newly_revoked(&[with_reason, entry("", "0a1b")], &held);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].1, "incident");
+    }
+
     #[tokio::test]
     async fn an_acknowledgement_the_ca_refused_is_sent_again_until_taken() {
         let pki = TestPki::new("ack-retry");
@@ -1073,6 +1168,7 @@ mod tests {
             renew_now: false,
             pinned_intermediates: Vec::new(),
             jwt_keys: Vec::new(),
+            revoked: Vec::new(),
         };
         let (acks_tx, mut acks) = mpsc::unbounded_channel();
         let addr = serve(

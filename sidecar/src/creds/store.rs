@@ -18,8 +18,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
-use meshid_identity::peer::VerifiedPeers;
+use meshid_identity::peer::{VerifiedPeer, VerifiedPeers};
 use meshid_identity::policy::Protocol;
+use meshid_identity::revocation::{RevocationSet, Revoked};
 use meshid_identity::verify::{Anchors, SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// A certificate chain (leaf first), its private key, and the trust bundle, as one set.
@@ -142,6 +143,7 @@ struct Held {
     key: PrivateKeyDer<'static>,
     roots: Vec<CertificateDer<'static>>,
     pinned: Vec<CertificateDer<'static>>,
+    revoked: Arc<RevocationSet>,
 }
 
 impl fmt::Debug for CredentialStore {
@@ -214,13 +216,21 @@ impl CredentialStore {
         held.as_ref().map(|h| h.pinned.clone()).unwrap_or_default()
     }
 
+    /// The revocations as last accepted with the bundle.
+    pub fn revocations(&self) -> Arc<RevocationSet> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map(|h| h.revoked.clone()).unwrap_or_default()
+    }
+
     /// Replaces the trust bundle, keeping our certificate and key. New handshakes trust exactly the
-    /// new roots at once; live connections are untouched. Our own chain need not verify against the
-    /// new bundle (after a forced root retirement it will not, until the next renewal).
+    /// new roots, and refuse what `revoked` names, at once; live connections are untouched here
+    /// (those a revocation names end by [`Self::until_revoked`]). Our own chain need not verify
+    /// against the new bundle (after a forced root retirement it will not, until the next renewal).
     pub fn set_bundle(
         &self,
         roots: Vec<CertificateDer<'static>>,
         pinned: Vec<CertificateDer<'static>>,
+        revoked: Arc<RevocationSet>,
     ) -> Result<Arc<Snapshot>, CredError> {
         let (chain, key) = self.chain_and_key().ok_or(CredError::EmptyChain)?;
         let snapshot = Arc::new(self.build(
@@ -231,12 +241,14 @@ impl CredentialStore {
                 pinned: pinned.clone(),
             },
             false,
+            revoked.clone(),
         )?);
         *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
             chain,
             key,
             roots,
             pinned,
+            revoked,
         });
         self.current.store(Some(snapshot.clone()));
         self.generation.send_modify(|g| *g += 1);
@@ -262,15 +274,35 @@ impl CredentialStore {
         self.generation.subscribe()
     }
 
-    /// Validates a credential set, builds every TLS config from it, and publishes it.
+    /// Resolves once the bundle in force revokes `peer` (its certificate or its identity), with
+    /// what revoked it: the connection `peer` authenticated must end. Checks the bundle in force
+    /// first, so a connection set up just before a change is not missed.
+    pub async fn until_revoked(&self, peer: &VerifiedPeer) -> Revoked {
+        let mut changes = self.generation.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if let Some(revoked) = self.current().and_then(|s| s.anchors.revokes(peer)) {
+                return revoked;
+            }
+            if changes.changed().await.is_err() {
+                // The store is gone (shutdown): nothing will revoke this connection any more.
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Validates a credential set, builds every TLS config from it, and publishes it. The
+    /// revocations in force stay (they come with the bundle).
     pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
+        let revoked = self.revocations();
         let held = Held {
             chain: creds.chain.clone(),
             key: creds.key.clone_key(),
             roots: creds.roots.clone(),
             pinned: creds.pinned.clone(),
+            revoked: revoked.clone(),
         };
-        let snapshot = Arc::new(self.build(creds, true)?);
+        let snapshot = Arc::new(self.build(creds, true, revoked)?);
         // A sidecar is one workload: a source that hands over another identity (a file replaced
         // by another workload's, a CA answering for someone else) is refused, never served.
         if let Some(current) = self.current()
@@ -290,17 +322,23 @@ impl CredentialStore {
     /// Checks a set as [`Self::set_certificate`] does (key matches the leaf, the chain verifies to the
     /// bundle both ways, one valid SPIFFE ID) without publishing it: the app's own SVID.
     pub fn check(&self, creds: Credentials) -> Result<CertIdentity, CredError> {
-        Ok(self.build(creds, true)?.identity)
+        Ok(self.build(creds, true, self.revocations())?.identity)
     }
 
-    fn build(&self, creds: Credentials, check_own_chain: bool) -> Result<Snapshot, CredError> {
+    fn build(
+        &self,
+        creds: Credentials,
+        check_own_chain: bool,
+        revoked: Arc<RevocationSet>,
+    ) -> Result<Snapshot, CredError> {
         let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
         if creds.roots.is_empty() {
             return Err(CredError::EmptyBundle);
         }
         let identity = cert_identity_from_der(&leaf)?;
         let anchors = Anchors::with_pins(&creds.roots, &creds.pinned, identity.id.trust_domain())
-            .map_err(CredError::Bundle)?;
+            .map_err(CredError::Bundle)?
+            .with_revocations(revoked);
         let key = CertifiedKey::from_der(creds.chain.clone(), creds.key, &self.provider)
             .map_err(CredError::Key)?;
         let key = Arc::new(key);
@@ -325,13 +363,17 @@ impl CredentialStore {
                 UnixTime::now(),
             )
             .map_err(CredError::Chain)?;
-            rustls::server::danger::ClientCertVerifier::verify_client_cert(
+            let own_client = rustls::server::danger::ClientCertVerifier::verify_client_cert(
                 client_verifier.as_ref(),
                 &leaf,
                 &creds.chain[1..],
                 UnixTime::now(),
             )
-            .map_err(CredError::Chain)?;
+            .map_err(CredError::Chain);
+            // Our own certificate refused leaves its claim for a handshake failure's record: not
+            // one, so take it back at once.
+            let _ = meshid_identity::verify::take_refused_claim();
+            own_client?;
         }
 
         let server = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, CredError> {
@@ -497,7 +539,11 @@ mod tests {
         let store = CredentialStore::new(Vec::new());
         let first = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
         let both = store
-            .set_bundle(vec![pki.root.clone(), next.root.clone()], Vec::new())
+            .set_bundle(
+                vec![pki.root.clone(), next.root.clone()],
+                Vec::new(),
+                Arc::default(),
+            )
             .unwrap();
         assert_eq!(both.leaf_sha256, first.leaf_sha256);
         assert_eq!(
@@ -509,11 +555,11 @@ mod tests {
         assert!(store.own_chain_trusted(unix_now()));
         // After the old root leaves (a forced retirement), our own chain is no longer trusted.
         store
-            .set_bundle(vec![next.root.clone()], Vec::new())
+            .set_bundle(vec![next.root.clone()], Vec::new(), Arc::default())
             .unwrap();
         assert!(!store.own_chain_trusted(unix_now()));
         assert!(matches!(
-            store.set_bundle(Vec::new(), Vec::new()),
+            store.set_bundle(Vec::new(), Vec::new(), Arc::default()),
             Err(CredError::EmptyBundle)
         ));
     }

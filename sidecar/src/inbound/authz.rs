@@ -104,10 +104,52 @@ impl Authorizer {
         Err(Box::new(resp))
     }
 
-    /// Resolves once a policy change no longer allows what this open connection was let in for:
-    /// `request` is the method and path of an upgraded HTTP request, `None` a TCP connection. The
-    /// closing is logged and counted; audit mode never closes anything.
+    /// Resolves once this open connection must close: a policy change no longer allows what it
+    /// was let in for (`request` is the method and path of an upgraded HTTP request, `None` a TCP
+    /// connection), or the trust bundle revokes its peer. The closing is logged and counted.
     pub async fn revoked(&self, peer: &Peer, request: Option<(&str, &str)>) {
+        tokio::select! {
+            () = self.policy_revoked(peer, request) => {}
+            () = self.peer_revoked(peer) => {}
+        }
+    }
+
+    /// Resolves once the trust bundle revokes the peer's certificate or identity (logged and
+    /// counted). Audit mode does not change this: a revoked certificate is not trusted at all.
+    /// Holds only what it needs, not the whole listener state: every connection keeps one.
+    pub fn peer_revoked(
+        &self,
+        peer: &Peer,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let creds = self.shared.creds.clone();
+        let verified = peer.verified.clone();
+        let addr = peer.addr;
+        let port = self.port;
+        let closed = self
+            .shared
+            .metrics
+            .revoked_peer_closes
+            .get_or_create(&crate::metrics::ConnLabels {
+                direction: "inbound",
+                port,
+            })
+            .clone();
+        async move {
+            let why = creds.until_revoked(&verified).await;
+            closed.inc();
+            tracing::warn!(
+                peer = %verified.id,
+                peer_addr = %addr,
+                port,
+                revoked = %why,
+                "closing: the peer is revoked"
+            );
+        }
+    }
+
+    /// Resolves once a policy change no longer allows what this open connection was let in for.
+    /// Audit mode never closes anything.
+    async fn policy_revoked(&self, peer: &Peer, request: Option<(&str, &str)>) {
         let mut changes = self.shared.policy_changed.clone();
         changes.borrow_and_update();
         while changes.changed().await.is_ok() {

@@ -83,6 +83,7 @@ pub async fn serve_inbound<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
+    let revoked = http.authz.peer_revoked(&peer);
     let idle = metrics.idle.clone();
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
@@ -107,7 +108,7 @@ pub async fn serve_inbound<IO>(
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, svc, idle).await;
+    serve_connection(io, shared, deadline, revoked, svc, idle).await;
 }
 
 /// What every request of one connection shares.

@@ -91,6 +91,38 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
     cap.then(|| expiry_instant(upstream_not_after(tls)))
 }
 
+/// Resolves once the trust bundle revokes the upstream this connection reached (logged and
+/// counted); never when its certificate cannot be read (the connection is over anyway).
+pub fn upstream_revoked(
+    tls: &TlsStream<TcpStream>,
+    port: u16,
+    shared: &Shared,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| meshid_identity::peer::VerifiedPeer::from_leaf(leaf).ok());
+    let creds = shared.creds.clone();
+    let closed = shared
+        .metrics
+        .revoked_peer_closes
+        .get_or_create(&crate::metrics::ConnLabels {
+            direction: "outbound",
+            port,
+        })
+        .clone();
+    async move {
+        let Some(peer) = peer else {
+            return std::future::pending().await;
+        };
+        let why = creds.until_revoked(&peer).await;
+        closed.inc();
+        tracing::warn!(upstream = %peer.id, port, revoked = %why, "closing: the upstream is revoked");
+    }
+}
+
 /// The upstream certificate's not-after (0 when it cannot be read: the connection is over).
 pub fn upstream_not_after(tls: &TlsStream<TcpStream>) -> i64 {
     tls.get_ref()

@@ -3,7 +3,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::dial::{dial, upstream_deadline};
+use super::dial::{dial, upstream_deadline, upstream_revoked};
 use crate::conn::{ConnSlot, Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
@@ -35,6 +35,7 @@ pub async fn proxy(
             None => std::future::pending().await,
         }
     };
+    let revoked = upstream_revoked(&tls, spec.local.port(), shared);
     tokio::select! {
         r = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout) => {
             if let Err(error) = r {
@@ -42,5 +43,6 @@ pub async fn proxy(
             }
         }
         () = expired => tracing::info!("closing: the upstream's certificate expired"),
+        () = revoked => {}
     }
 }

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
-use super::dial::{dial_with, upstream_not_after};
+use super::dial::{dial_with, upstream_not_after, upstream_revoked};
 use crate::conn::Shared;
 use crate::creds::Snapshot;
 use crate::http::{ReqBody, root_cause};
@@ -87,6 +87,9 @@ impl H2Upstream {
         // Dropping our handle to the old connection lets it close once its streams are done.
         self.current.store(None);
         let (tls, presented) = dial_with(&self.spec, self.index, &self.shared).await?;
+        // A revoked upstream's connection closes at once, in-flight requests with it: its
+        // certificate is no longer trusted at all.
+        let revoked = upstream_revoked(&tls, self.spec.local.port(), &self.shared);
         let retire_at = self.shared.limits.cap_connection_age.then(|| {
             let not_after = upstream_not_after(&tls).min(presented.identity.not_after);
             expiry_instant(not_after)
@@ -102,8 +105,11 @@ impl H2Upstream {
             .map_err(io::Error::other)?;
         let upstream = self.spec.remote.clone();
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(%error, %upstream, "upstream connection ended");
+            tokio::select! {
+                r = conn => if let Err(error) = r {
+                    tracing::debug!(%error, %upstream, "upstream connection ended");
+                },
+                () = revoked => {}
             }
         });
         let c = Arc::new(H2Conn {

@@ -1,0 +1,371 @@
+//! The revocation list of a CA directory, `revocations.json`: written by `meshid-ca revoke` and
+//! `meshid-ca unrevoke`, followed by every CA process on the directory as the rotation state is,
+//! and streamed with the trust bundle to every sidecar.
+//!
+//! An entry names one certificate (its serial) or one identity (every certificate of it). Each
+//! carries when it was revoked and when it stops mattering to sidecars: the revocation time plus
+//! the longest certificate lifetime (`--max-ttl` of the command, which must be at least the
+//! CA's), after which no certificate it names can still be live, and it leaves the bundle. The CA
+//! refuses to renew a revoked serial and to issue anything (token, join token, renewal, JWT-SVID)
+//! for a revoked identity, whatever its expiry, until `meshid-ca unrevoke`. Expired serial entries
+//! are dropped from the file by the next command that writes it.
+
+use std::path::Path;
+
+use meshid_identity::SpiffeId;
+use meshid_identity::revocation::{MAX_REVOCATIONS, Revoked, normalize_serial};
+use serde::{Deserialize, Serialize};
+
+use crate::ca_dir::{AuthorityError, invalid, io_err, write_atomic};
+
+/// The file in the CA directory.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+/// The longest `--reason`, in bytes.
+pub const MAX_REASON: usize = 256;
+const FORMAT_VERSION: u32 = 1;
+
+/// One entry as the file holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    revoked_at: i64,
+    expires_at: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    reason: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileContents {
+    version: u32,
+    entries: Vec<FileEntry>,
+}
+
+/// One revocation, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub what: Revoked,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Unix seconds: no certificate it names is live after this.
+    pub expires_at: i64,
+    pub reason: String,
+}
+
+impl Entry {
+    /// Still in the bundle at `now`.
+    pub fn in_force(&self, now: i64) -> bool {
+        now < self.expires_at
+    }
+
+    /// As the trust bundle carries it.
+    pub fn to_proto(&self) -> meshid_proto::ca::v1::Revocation {
+        let (spiffe_id, serial) = match &self.what {
+            Revoked::Id(id) => (id.to_string(), String::new()),
+            Revoked::Serial(s) => (String::new(), s.clone()),
+        };
+        meshid_proto::ca::v1::Revocation {
+            spiffe_id,
+            serial,
+            revoked_at_unix: self.revoked_at,
+            expires_at_unix: self.expires_at,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The checked list of a CA directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revocations {
+    entries: Vec<Entry>,
+}
+
+/// Why a `--reason` was refused.
+pub fn check_reason(reason: &str) -> Result<(), String> {
+    if reason.len() > MAX_REASON {
+        return Err(format!(
+            "--reason is {} bytes; at most {MAX_REASON}",
+            reason.len()
+        ));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err("--reason may not contain control characters".into());
+    }
+    Ok(())
+}
+
+impl Revocations {
+    /// The list in `dir`; none when the file is missing. A file that is not a valid list is an
+    /// error (the caller keeps what it had): an entry naming neither or both of an identity and a
+    /// serial, an unreadable identity or serial, a bad reason, or more than [`MAX_REVOCATIONS`].
+    pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
+        let path = dir.join(REVOCATIONS_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let file: FileContents =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
+        if file.version != FORMAT_VERSION {
+            return Err(invalid(
+                &path,
+                format!(
+                    "format version {} (this CA reads {FORMAT_VERSION})",
+                    file.version
+                ),
+            ));
+        }
+        if file.entries.len() > MAX_REVOCATIONS {
+            return Err(invalid(
+                &path,
+                format!("{} entries; at most {MAX_REVOCATIONS}", file.entries.len()),
+            ));
+        }
+        let mut entries = Vec::with_capacity(file.entries.len());
+        for (i, e) in file.entries.into_iter().enumerate() {
+            let bad = |why: String| invalid(&path, format!("entry {}: {why}", i + 1));
+            let what = match (e.id, e.serial) {
+                (Some(id), None) => {
+                    Revoked::Id(SpiffeId::parse(&id).map_err(|err| bad(err.to_string()))?)
+                }
+                (None, Some(serial)) => {
+                    Revoked::Serial(normalize_serial(&serial).map_err(|err| bad(err.to_string()))?)
+                }
+                _ => return Err(bad("names neither or both of `id` and `serial`".into())),
+            };
+            check_reason(&e.reason).map_err(bad)?;
+            if e.expires_at < e.revoked_at {
+                return Err(bad("expires before it was revoked".into()));
+            }
+            entries.push(Entry {
+                what,
+                revoked_at: e.revoked_at,
+                expires_at: e.expires_at,
+                reason: e.reason,
+            });
+        }
+        Ok(Self { entries })
+    }
+
+    /// Writes the list to `dir` (atomically).
+    pub fn save(&self, dir: &Path) -> Result<(), AuthorityError> {
+        let file = FileContents {
+            version: FORMAT_VERSION,
+            entries: self
+                .entries
+                .iter()
+                .map(|e| {
+                    let (id, serial) = match &e.what {
+                        Revoked::Id(id) => (Some(id.to_string()), None),
+                        Revoked::Serial(s) => (None, Some(s.clone())),
+                    };
+                    FileEntry {
+                        id,
+                        serial,
+                        revoked_at: e.revoked_at,
+                        expires_at: e.expires_at,
+                        reason: e.reason.clone(),
+                    }
+                })
+                .collect(),
+        };
+        let path = dir.join(REVOCATIONS_FILE);
+        let json = serde_json::to_vec_pretty(&file).map_err(|e| invalid(&path, e.to_string()))?;
+        write_atomic(&path, &json)
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Adds (or renews, with a new time and reason) the revocation of `what`. Returns whether it
+    /// was new. Refused past [`MAX_REVOCATIONS`].
+    pub fn revoke(
+        &mut self,
+        what: Revoked,
+        now: i64,
+        max_lifetime_secs: i64,
+        reason: String,
+    ) -> Result<bool, String> {
+        let entry = Entry {
+            expires_at: now.saturating_add(max_lifetime_secs.max(0)),
+            revoked_at: now,
+            reason,
+            what,
+        };
+        if let Some(existing) = self.entries.iter_mut().find(|e| e.what == entry.what) {
+            *existing = entry;
+            return Ok(false);
+        }
+        if self.entries.len() >= MAX_REVOCATIONS {
+            return Err(format!(
+                "the list already holds {MAX_REVOCATIONS} entries; unrevoke some first"
+            ));
+        }
+        self.entries.push(entry);
+        Ok(true)
+    }
+
+    /// Removes the revocation of `what`; returns it if there was one.
+    pub fn unrevoke(&mut self, what: &Revoked) -> Option<Entry> {
+        let i = self.entries.iter().position(|e| &e.what == what)?;
+        Some(self.entries.remove(i))
+    }
+
+    /// Drops serial entries whose certificate has expired (an identity stays revoked until
+    /// `unrevoke`); returns how many went.
+    pub fn prune(&mut self, now: i64) -> usize {
+        let before = self.entries.len();
+        self.entries
+            .retain(|e| matches!(e.what, Revoked::Id(_)) || e.in_force(now));
+        before - self.entries.len()
+    }
+
+    /// The entries the trust bundle carries at `now`.
+    pub fn in_force(&self, now: i64) -> Vec<Entry> {
+        self.entries
+            .iter()
+            .filter(|e| e.in_force(now))
+            .cloned()
+            .collect()
+    }
+
+    /// Why the CA must not issue for `id` (presenting, for a renewal, the certificate with
+    /// `serial`): its identity is revoked (whatever the entry's expiry), or that certificate is.
+    pub fn refuses(&self, id: &SpiffeId, serial: Option<&str>) -> Option<&Entry> {
+        self.entries.iter().find(|e| match &e.what {
+            Revoked::Id(revoked) => revoked == id,
+            Revoked::Serial(s) => serial == Some(s.as_str()),
+        })
+    }
+
+    /// How many identities and serials are listed.
+    pub fn counts(&self) -> (usize, usize) {
+        let ids = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e.what, Revoked::Id(_)))
+            .count();
+        (ids, self.entries.len() - ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_list_round_trips_and_answers_for_identities_and_serials() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            Revocations::load(dir.path()).unwrap(),
+            Revocations::default()
+        );
+        let mut list = Revocations::default();
+        let a = id("spiffe://td/ns/a/sa/x");
+        assert!(
+            list.revoke(Revoked::Id(a.clone()), 1000, 3600, "stolen".into())
+                .unwrap()
+        );
+        assert!(
+            list.revoke(Revoked::Serial("ab".into()), 1000, 60, String::new())
+                .unwrap()
+        );
+        // Again: renewed in place, not added.
+        assert!(
+            !list
+                .revoke(Revoked::Serial("ab".into()), 1010, 60, String::new())
+                .unwrap()
+        );
+        list.save(dir.path()).unwrap();
+        let read = Revocations::load(dir.path()).unwrap();
+        assert_eq!(read, list);
+        assert_eq!(read.counts(), (1, 1));
+
+        let b = id("spiffe://td/ns/a/sa/y");
+        assert!(read.refuses(&a, None).is_some());
+        assert!(read.refuses(&a, Some("cd")).is_some());
+        assert!(read.refuses(&b, Some("ab")).is_some());
+        assert!(read.refuses(&b, Some("cd")).is_none());
+        assert!(read.refuses(&b, None).is_none());
+
+        // The serial leaves the bundle and the file when its certificate cannot be live; the
+        // identity leaves the bundle but stays refused until unrevoked.
+        assert_eq!(read.in_force(1069).len(), 2);
+        assert_eq!(read.in_force(1070).len(), 1);
+        assert_eq!(read.in_force(4600).len(), 0);
+        let mut pruned = read.clone();
+        assert_eq!(pruned.prune(5000), 1);
+        assert!(pruned.refuses(&a, None).is_some());
+        assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_some());
+        assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_none());
+        assert!(pruned.refuses(&a, None).is_none());
+    }
+
+    #[test]
+    fn a_broken_file_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, says) in [
+            ("{", "EOF"),
+            (r#"{"version":2,"entries":[]}"#, "format version 2"),
+            (
+                r#"{"version":1,"entries":[{"revoked_at":1,"expires_at":2}]}"#,
+                "entry 1: names neither",
+            ),
+            (
+                r#"{"version":1,"entries":[{"id":"spiffe://td/a","serial":"01","revoked_at":1,"expires_at":2}]}"#,
+                "names neither or both",
+            ),
+            (
+                r#"{"version":1,"entries":[{"id":"http://td/a","revoked_at":1,"expires_at":2}]}"#,
+                "entry 1",
+            ),
+            (
+                r#"{"version":1,"entries":[{"serial":"zz","revoked_at":1,"expires_at":2}]}"#,
+                "serial number",
+            ),
+            (
+                r#"{"version":1,"entries":[{"serial":"01","revoked_at":5,"expires_at":2}]}"#,
+                "expires before",
+            ),
+            (
+                r#"{"version":1,"entries":[{"serial":"01","revoked_at":1,"expires_at":2,"reason":"a\u001b[2J"}]}"#,
+                "control characters",
+            ),
+            (
+                r#"{"version":1,"entries":[],"extra":true}"#,
+                "unknown field",
+            ),
+        ] {
+            std::fs::write(dir.path().join(REVOCATIONS_FILE), text).unwrap();
+            let err = Revocations::load(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(err.contains(REVOCATIONS_FILE), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_list_is_bounded() {
+        let mut list = Revocations::default();
+        for i in 0..MAX_REVOCATIONS {
+            list.revoke(Revoked::Serial(format!("{i:x}")), 0, 1, String::new())
+                .unwrap();
+        }
+        assert!(
+            list.revoke(Revoked::Serial("fffff".into()), 0, 1, String::new())
+                .unwrap_err()
+                .contains("unrevoke some first")
+        );
+        assert!(check_reason(&"x".repeat(MAX_REASON + 1)).is_err());
+        assert!(check_reason("key leaked in incident 42").is_ok());
+    }
+}

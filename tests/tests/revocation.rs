@@ -1,0 +1,459 @@
+//! Revocation end to end: `meshid-ca revoke` (the real command) against a running CA and a sidecar
+//! pair in CA mode. A revoked identity loses its open connections and every new handshake, in
+//! both directions, within seconds, and the CA issues it nothing until `unrevoke`; a revoked
+//! serial refuses that one certificate and no other; a broken list loses nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshid_ca::signer::LifetimePolicy;
+use meshid_identity::policy::Protocol;
+use meshid_identity::{SpiffeId, TrustDomain};
+use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_tests::ca::{CaOptions, TestCa};
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, eventually, get, handshake_failures, http_echo,
+    http_request, tcp_echo,
+};
+use meshid_tests::pki::WorkloadKey;
+use meshid_tests::rotation_cli::meshid_ca;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+const C: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+/// Long enough that no renewal happens during a test.
+const TTL: Duration = Duration::from_secs(600);
+/// "Within seconds": the CA polls its directory every second, sidecars apply the bundle at once.
+const ENFORCED_WITHIN: Duration = Duration::from_secs(10);
+
+async fn ca() -> TestCa {
+    TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: TTL,
+            max: TTL,
+        },
+        ..CaOptions::default()
+    })
+    .await
+}
+
+fn dir_of(ca: &TestCa) -> String {
+    ca.dir.path().to_string_lossy().into_owned()
+}
+
+/// `meshid-ca revoke|unrevoke --dir DIR ARGS...`, which must succeed.
+fn cli(ca: &TestCa, command: &str, args: &[&str]) -> String {
+    let dir = dir_of(ca);
+    let mut all = vec![command, "--dir", dir.as_str()];
+    all.extend(args);
+    let (code, out) = meshid_ca(&all);
+    assert_eq!(code, 0, "meshid-ca {all:?}: {out}");
+    out
+}
+
+/// A certificate for service account `sa` from the CA (token), with its key.
+async fn issued(ca: &TestCa, sa: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let w = WorkloadKey::new();
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", sa),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .expect("issued")
+        .into_inner();
+    let chain = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    (chain, w.private_key_der())
+}
+
+/// Issue for `sa` with its service-account token: `Ok` or the refusal's message.
+async fn issue_with_token(ca: &TestCa, sa: &str) -> Result<(), (tonic::Code, String)> {
+    let w = WorkloadKey::new();
+    ca.client()
+        .await
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", sa),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+/// Renew presenting `chain`: `Ok` or the refusal's message.
+async fn renew(
+    ca: &TestCa,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<(), (tonic::Code, String)> {
+    let w = WorkloadKey::new();
+    let mut client = ca
+        .client_with_cert(chain.to_vec(), key.clone_key())
+        .await
+        .expect("connect");
+    client
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: None,
+            ttl_seconds: 0,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| (s.code(), s.message().to_owned()))
+}
+
+/// One request through the frontend's HTTP outbound: the status, or the connection error.
+async fn call(local: std::net::SocketAddr) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(local)
+        .await
+        .map_err(|e| e.to_string())?;
+    http_request(tcp, false, get("/x", &[]))
+        .await
+        .map(|(status, _, _)| status)
+}
+
+/// A long-lived TCP connection through the frontend's TCP outbound, proven open by an echo
+/// (tried until one is: the backend's policy for that port may still be loading).
+async fn open_tunnel(local: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut tcp = tokio::net::TcpStream::connect(local).await.unwrap();
+        tcp.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await
+            && &back == b"ping"
+        {
+            return tcp;
+        }
+        assert!(Instant::now() < deadline, "no tunnel through the pair");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the connection is closed from the other end (EOF or reset).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_identity_is_cut_off_both_ways_within_seconds_until_unrevoked() {
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![
+                ("127.0.0.21", http_echo().await, Protocol::Http),
+                ("127.0.0.21", tcp_echo().await, Protocol::Tcp),
+            ],
+            // Both ports' rules are written once the second port is known (below).
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    b.write_policy(&format!(
+        "inbound:\n  - port: {}\n    protocol: http\n    allow:\n      - id: {A}\n  - port: {}\n    protocol: tcp\n    allow:\n      - id: {A}\n",
+        b.inbound[0].port(),
+        b.inbound[1].port()
+    ));
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![
+                (b.inbound[0].to_string(), B.into(), Protocol::Http),
+                (b.inbound[1].to_string(), B.into(), Protocol::Tcp),
+            ],
+            creds: Some(ca.sidecar_creds("shop", "frontend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (http_out, tcp_out) = (a.outbound[0], a.outbound[1]);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            call(http_out).await == Ok(200)
+        })
+        .await,
+        "the pair serves traffic"
+    );
+
+    // The upstream (backend) is revoked: the frontend closes its open tunnel and refuses to
+    // dial it again; the backend gets nothing more from the CA.
+    let mut tunnel = open_tunnel(tcp_out).await;
+    let out = cli(&ca, "revoke", &["--id", B, "--reason", "incident 42"]);
+    assert!(out.contains(&format!("revoked identity {B}")), "{out}");
+    let revoked_at = Instant::now();
+    assert!(
+        closed_within(&mut tunnel, ENFORCED_WITHIN).await,
+        "the frontend closes its tunnel to the revoked backend"
+    );
+    let closed_after = revoked_at.elapsed();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            call(http_out).await != Ok(200)
+        })
+        .await,
+        "no request reaches the revoked backend"
+    );
+    let m = a.metrics().await;
+    assert!(
+        handshake_failures(&m, "outbound", "revoked") >= 1,
+        "the frontend refused the backend's handshake as revoked:\n{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "meshid_sidecar_revoked_peer_connections_closed_total",
+            &["direction=\"outbound\""]
+        ) >= 1,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "meshid_sidecar_revocations ", &[]), 1, "{m}");
+    let (code, message) = issue_with_token(&ca, "backend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains(&format!("identity {B} is revoked (incident 42)")),
+        "{message}"
+    );
+    // Another identity is untouched.
+    issue_with_token(&ca, "cart").await.unwrap();
+    let listed = cli(&ca, "revocations", &[]);
+    assert!(
+        listed.contains(B) && listed.contains("incident 42"),
+        "{listed}"
+    );
+    let ca_metrics = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+        .unwrap()
+        .1;
+    assert_eq!(
+        metric(&ca_metrics, "meshid_ca_revocations", &["kind=\"identity\""]),
+        1,
+        "{ca_metrics}"
+    );
+    assert!(
+        metric(
+            &ca_metrics,
+            "meshid_ca_issue_requests_total",
+            &["result=\"revoked\""]
+        ) >= 1,
+        "{ca_metrics}"
+    );
+
+    // Lifted: the backend is trusted again (its certificate never changed) and may be issued.
+    let out = cli(&ca, "unrevoke", &["--id", B]);
+    assert!(
+        out.contains(&format!("lifted the revocation of identity {B}")),
+        "{out}"
+    );
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            call(http_out).await == Ok(200)
+        })
+        .await,
+        "the backend is reachable again after unrevoke"
+    );
+    issue_with_token(&ca, "backend").await.unwrap();
+
+    // Now the caller (frontend) is revoked: the backend closes the frontend's tunnel and refuses
+    // its handshakes.
+    let mut tunnel = open_tunnel(tcp_out).await;
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        closed_within(&mut tunnel, ENFORCED_WITHIN).await,
+        "the backend closes the revoked frontend's tunnel"
+    );
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            call(http_out).await != Ok(200)
+        })
+        .await,
+        "the revoked frontend reaches nothing"
+    );
+    let m = b.metrics().await;
+    assert!(
+        handshake_failures(&m, "inbound", "revoked") >= 1,
+        "the backend refused the frontend as revoked:\n{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "meshid_sidecar_revoked_peer_connections_closed_total",
+            &["direction=\"inbound\""]
+        ) >= 1,
+        "{m}"
+    );
+    eprintln!("tunnel to the revoked backend closed {closed_after:?} after `meshid-ca revoke`");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_serial_refuses_that_certificate_and_no_other() {
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(B);
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.22", tcp_echo().await, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {C}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Two certificates of one identity, each with its own key.
+    let (first, first_key) = issued(&ca, "cart").await;
+    let (second, second_key) = issued(&ca, "cart").await;
+    let config = |chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>| {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let anchors = meshid_identity::verify::Anchors::new(
+            &ca.authority().roots,
+            TrustDomain::new("cluster.local").unwrap(),
+        )
+        .unwrap();
+        let verifier = meshid_identity::verify::SpiffeServerVerifier::new(
+            anchors,
+            SpiffeId::parse(B).unwrap(),
+            &provider,
+        );
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_client_auth_cert(chain.to_vec(), key.clone_key())
+                .unwrap(),
+        )
+    };
+    let echo = |chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>| {
+        let config = config(&chain, &key);
+        let addr = b.inbound[0];
+        async move { meshid_tests::mesh::echo_roundtrip(addr, config, b"hi").await }
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let f = echo(first.clone(), first_key.clone_key());
+            async move { f.await.as_deref() == Ok(b"hi".as_slice()) }
+        })
+        .await,
+        "the first certificate is served"
+    );
+
+    // The serial as `openssl x509 -noout -serial` prints it.
+    let serial = meshid_identity::cert_identity_from_der(&first[0])
+        .unwrap()
+        .serial_hex
+        .to_uppercase();
+    let out = cli(&ca, "revoke", &["--serial", &format!("serial={serial}")]);
+    assert!(out.contains("revoked certificate serial"), "{out}");
+    assert!(
+        eventually(ENFORCED_WITHIN, || {
+            let f = echo(first.clone(), first_key.clone_key());
+            async move { f.await.is_err() }
+        })
+        .await,
+        "the revoked certificate is refused"
+    );
+    assert_eq!(
+        echo(second.clone(), second_key.clone_key())
+            .await
+            .as_deref(),
+        Ok(b"hi".as_slice()),
+        "another certificate of the same identity is still served"
+    );
+    let (code, message) = renew(&ca, &first, &first_key).await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    assert!(message.contains("is revoked"), "{message}");
+    renew(&ca, &second, &second_key).await.unwrap();
+    // The identity itself may still attest with its token.
+    issue_with_token(&ca, "cart").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
+    let ca = ca().await;
+    let dir = dir_of(&ca);
+    for (args, says) in [
+        (vec!["--serial", "xyz"], "--serial"),
+        (
+            vec!["--id", "spiffe://elsewhere/ns/a/sa/b"],
+            "outside this CA's trust domain",
+        ),
+        (vec!["--id", "https://cluster.local/x"], "--id"),
+        (vec!["--id", A, "--serial", "01"], "cannot be used with"),
+        (
+            vec!["--id", A, "--reason", "a\u{1b}[2J"],
+            "control characters",
+        ),
+    ] {
+        let mut all = vec!["revoke", "--dir", dir.as_str()];
+        all.extend(args.iter());
+        let (code, out) = meshid_ca(&all);
+        assert_eq!(code, 64, "{all:?}: {out}");
+        assert!(out.contains(says), "{all:?}: {out}");
+    }
+    let (code, out) = meshid_ca(&["unrevoke", "--dir", dir.as_str(), "--id", A]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is not revoked"), "{out}");
+
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            issue_with_token(&ca, "frontend").await.is_err()
+        })
+        .await,
+        "the CA applies the revocation"
+    );
+    // A broken list: the CA keeps enforcing what it had, and the command refuses to write over it.
+    let path = ca.dir.path().join("revocations.json");
+    std::fs::write(&path, "{ not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (code, message) = issue_with_token(&ca, "frontend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    let (code, out) = meshid_ca(&["revoke", "--dir", dir.as_str(), "--id", B]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("revocations.json"), "{out}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
+}
