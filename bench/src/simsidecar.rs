@@ -44,6 +44,8 @@ pub struct SimStats {
     pub forced_renewals: AtomicU64,
     /// The last bundle version acknowledged (0: none yet).
     pub acked_version: AtomicU64,
+    /// Revocations in the last bundle applied (checked as a sidecar checks them).
+    pub revocations: AtomicU64,
     /// Failed calls (each retried).
     pub errors: AtomicU64,
     /// The last failure: what failed and why (for a bench that stalls to say so).
@@ -306,6 +308,13 @@ impl Sim {
                 Event::Bundle(bundle) => {
                     if !bundle.roots.is_empty() {
                         self.roots = bundle.roots.into_iter().map(CertificateDer::from).collect();
+                    }
+                    match meshid_sidecar::creds::ca::revocations(&bundle.revoked) {
+                        Ok(set) => self
+                            .stats
+                            .revocations
+                            .store(set.len() as u64, Ordering::Relaxed),
+                        Err(e) => self.stats.error("bundle revocations", e),
                     }
                     self.applied_version = bundle.version;
                     if bundle.renew_now {

@@ -103,6 +103,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
         crate::rotation::prepare(dir.path(), None).unwrap();
+        let mut revoked = crate::revocations::Revocations::default();
+        revoked
+            .revoke(
+                meshid_identity::revocation::Revoked::Serial("1".into()),
+                0,
+                60,
+                String::new(),
+            )
+            .unwrap();
+        revoked.save(dir.path()).unwrap();
         std::fs::write(dir.path().join(".bundle.pem.tmp"), "x").unwrap();
         let yaml = manifest(dir.path(), "meshid-ca", "meshid").unwrap();
         let keys: Vec<&str> = yaml
@@ -126,6 +136,7 @@ mod tests {
                 "intermediate.pem",
                 "jwt.key",
                 "jwt.pub",
+                "revocations.json",
                 "root.pem",
             ]
         );

@@ -8,6 +8,8 @@
 //! - the CA's CPU while the fleet is connected and idle;
 //! - the time from a bundle change (`meshid-ca rotate prepare` adds a root) until every sidecar
 //!   acknowledged it, and the CA CPU that push cost;
+//! - the time from `meshid-ca revoke` until every sidecar holds the revocation (applied, as a
+//!   sidecar applies it before refusing handshakes), and when every one acknowledged it;
 //! - renewals per second sustained by `--renewal-clients` closed-loop renewers alongside the fleet.
 //!
 //! Each stream is one TCP connection at the CA and one here: a size above the open-file limit
@@ -238,6 +240,53 @@ async fn one_size(
     let push_cpu = cpu_seconds(pid)? - cpu1;
     println!("  bundle pushed to all in {:.2} s", push.as_secs_f64());
 
+    // A revocation: from the command to the last sidecar holding it, then acknowledging it.
+    let cpu_revoke = cpu_seconds(pid)?;
+    let acked_before = stats
+        .iter()
+        .map(|s| s.acked_version.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(0);
+    let t_revoke = Instant::now();
+    let out = Command::new(ca_bin)
+        .args([
+            "revoke",
+            "--id",
+            "spiffe://cluster.local/ns/fleet/sa/revoked",
+            "--dir",
+        ])
+        .arg(&ca_dir)
+        .args(["--reason", "fleet bench", "--max-ttl", "1h"])
+        .env("MESHID_LOG", "error")
+        .output()?;
+    if !out.status.success() {
+        bail!("revoke failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let command_done = t_revoke.elapsed();
+    let revoked_timeout = Duration::from_secs(120);
+    loop {
+        let behind = stats
+            .iter()
+            .filter(|s| s.revocations.load(Ordering::Relaxed) < 1)
+            .count();
+        if behind == 0 {
+            break;
+        }
+        if t_revoke.elapsed() > revoked_timeout {
+            bail!("{behind} sidecar(s) did not hold the revocation within {revoked_timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let revoked_all = t_revoke.elapsed();
+    wait_acked(&stats, acked_before + 1, revoked_timeout).await?;
+    let revoked_acked = t_revoke.elapsed();
+    let revoke_cpu = cpu_seconds(pid)? - cpu_revoke;
+    println!(
+        "  revocation held by all in {:.2} s, acknowledged by all in {:.2} s",
+        revoked_all.as_secs_f64(),
+        revoked_acked.as_secs_f64()
+    );
+
     // Renewals alongside the connected fleet.
     let mut renewers = Vec::new();
     for w in 0..args.renewal_clients {
@@ -318,6 +367,10 @@ async fn one_size(
         "idle_ca_cpu_share": idle_cpu,
         "push_seconds": push.as_secs_f64(),
         "push_ca_cpu_seconds": push_cpu,
+        "revoke_command_seconds": command_done.as_secs_f64(),
+        "revoke_held_by_all_seconds": revoked_all.as_secs_f64(),
+        "revoke_acked_by_all_seconds": revoked_acked.as_secs_f64(),
+        "revoke_ca_cpu_seconds": revoke_cpu,
         "renewals_per_second": lat.len() as f64 / renew_wall,
         "renewals_per_ca_cpu_second": lat.len() as f64 / renew_cpu.max(1e-9),
         "renewal_ms": { "p50": pct(0.5), "p99": pct(0.99) },
@@ -343,6 +396,11 @@ fn print_size(r: &Value) {
         "  bundle change to every ack:      {:.2} s ({:.2} s of CA CPU)",
         f("/push_seconds"),
         f("/push_ca_cpu_seconds")
+    );
+    println!(
+        "  revoke to the last sidecar:      {:.2} s holding it, {:.2} s acknowledged",
+        f("/revoke_held_by_all_seconds"),
+        f("/revoke_acked_by_all_seconds")
     );
     println!(
         "  renewals alongside:              {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, {} failed",

@@ -250,13 +250,14 @@ pub fn ca_issuance(ctx: &Ctx) -> ScenarioResult {
 const FLEET_SIZES: [usize; 4] = [1_000, 10_000, 19_000, 50_000];
 
 /// Figures `fleet-bench` reports per fleet size (`n<size>_<figure>` in the run's figures).
-pub const FLEET_FIGURES: [&str; 9] = [
+pub const FLEET_FIGURES: [&str; 10] = [
     "join_seconds",
     "rss_per_sidecar_kib",
     "anon_per_sidecar_kib",
     "idle_ca_cpu_share",
     "push_seconds",
     "push_ca_cpu_seconds",
+    "revoke_held_by_all_seconds",
     "renewals_per_second",
     "renewal_p99_ms",
     "renewal_failures",

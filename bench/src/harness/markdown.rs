@@ -499,7 +499,7 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
     }
     let _ = writeln!(
         md,
-        "| sidecars | join s | CA RSS per sidecar KiB | CA anonymous per sidecar KiB | CA CPU idle | bundle push to every ack s | push CA CPU s | renewals/s alongside | renewal p99 ms | failed renewals |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| sidecars | join s | CA RSS per sidecar KiB | CA anonymous per sidecar KiB | CA CPU idle | bundle push to every ack s | push CA CPU s | `meshid-ca revoke` to the last sidecar holding it s | renewals/s alongside | renewal p99 ms | failed renewals |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for n in sizes {
         let g = |f: &str| cell(c.summary.get(&format!("n{n}_{f}")));
@@ -509,13 +509,14 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
             .map_or_else(|| "–".into(), |x| format!("{:.2}%", x.median * 100.0));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} | {} |",
             number(n as f64),
             g("join_seconds"),
             g("rss_per_sidecar_kib"),
             g("anon_per_sidecar_kib"),
             g("push_seconds"),
             g("push_ca_cpu_seconds"),
+            g("revoke_held_by_all_seconds"),
             g("renewals_per_second"),
             g("renewal_p99_ms"),
             g("renewal_failures"),

@@ -817,8 +817,9 @@ pub async fn run_issuer(
 }
 
 /// The revocations a trust bundle carries, checked: each names exactly one identity or serial,
-/// and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`].
-fn revocations(
+/// and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`]; one bad entry refuses
+/// them all (and the sidecar then keeps its current bundle).
+pub fn revocations(
     entries: &[meshid_proto::ca::v1::Revocation],
 ) -> Result<RevocationSet, meshid_identity::revocation::RevocationError> {
     if entries.len() > meshid_identity::revocation::MAX_REVOCATIONS {
