@@ -594,6 +594,40 @@ async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
         metrics.contains(r#"meshid_sidecar_jwt_svid_requests_total{result="issued"}"#),
         "{metrics}"
     );
+
+    // The identity is revoked: a token signed before is refused by ValidateJWTSVID once the
+    // sidecar holds the revocation, and the CA issues no new one.
+    let mut list = meshid_ca::revocations::Revocations::default();
+    list.revoke(
+        meshid_identity::revocation::Revoked::Id(meshid_identity::SpiffeId::parse(ID).unwrap()),
+        meshid_runtime::time::unix_now(),
+        3600,
+        "test".into(),
+    )
+    .unwrap();
+    list.save(ca.dir.path()).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match raw
+                .validate_jwtsvid(validate(&audience, rotated.token()))
+                .await
+            {
+                Err(refused) => return refused,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("the revocation reaches the sidecar");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    assert!(
+        client
+            .fetch_jwt_svid(["after-revocation"], None)
+            .await
+            .is_err(),
+        "no JWT-SVID for a revoked identity"
+    );
 }
 
 /// py-spiffe's JWT side: a JWT-SVID for the audience asked for, the JWT bundle, the token verified

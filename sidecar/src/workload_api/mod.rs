@@ -492,6 +492,14 @@ impl WorkloadApi {
         let verified =
             meshid_identity::jwt_svid::verify(&req.svid, &req.audience, &keys, &td, unix_now())
                 .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
+        // A token signed before its subject was revoked is still signed: the revocation decides.
+        let subject = meshid_identity::revocation::Revoked::Id(verified.id.clone());
+        if self.store.revocations().contains(&subject) {
+            return Err(Status::invalid_argument(format!(
+                "the JWT-SVID is not valid: its subject {} is revoked",
+                verified.id
+            )));
+        }
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: verified.id.as_str().to_owned(),
             claims: Some(claims_struct(verified.claims)),
