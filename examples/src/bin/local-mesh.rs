@@ -310,6 +310,9 @@ struct Mesh {
     tcp_local: SocketAddr,
     /// For `meshid-sidecar explain`.
     sidecar_bin: PathBuf,
+    /// For `meshid-ca revoke`.
+    ca_bin: PathBuf,
+    ca_dir: PathBuf,
 }
 
 async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
@@ -455,6 +458,8 @@ async fn start(args: &Args, work: &Path, tally: &mut Tally) -> Result<Mesh> {
         http_local: f_http,
         tcp_local: f_tcp,
         sidecar_bin: sidecar_bin.clone(),
+        ca_bin: ca_bin.clone(),
+        ca_dir,
     })
 }
 
@@ -532,6 +537,78 @@ async fn calls(mesh: &Mesh, tally: &mut Tally) {
     tally.step("TCP call", tcp);
 }
 
+/// Polls GET /hello through the frontend for up to ten seconds until `want` says yes; the last
+/// answer either way.
+fn hello_until(
+    local: SocketAddr,
+    want: impl Fn(u16, &str) -> bool,
+) -> Result<(u16, String, Duration)> {
+    let start = Instant::now();
+    loop {
+        let (code, reason, _) = http_request(local, "GET", "/hello")?;
+        if want(code, &reason) || start.elapsed() > Duration::from_secs(10) {
+            return Ok((code, reason, start.elapsed()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn revocation(mesh: &Mesh, tally: &mut Tally) {
+    println!("\n== revoking the backend's identity, then lifting it (meshid-ca revoke / unrevoke)");
+    let dir = mesh.ca_dir.to_string_lossy().into_owned();
+    let revoked = run_ok(
+        Command::new(&mesh.ca_bin)
+            .args(["revoke", "--dir", &dir, "--id", BACKEND, "--reason", "demo"]),
+    );
+    let ok = tally.step(
+        "meshid-ca revoke",
+        revoked.map(|o| o.lines().next().unwrap_or_default().to_owned()),
+    );
+    let local = mesh.http_local;
+    if ok {
+        let refused = tokio::task::spawn_blocking(move || {
+            hello_until(local, |code, reason| {
+                code == 502 && reason.contains("revoked")
+            })
+        })
+        .await;
+        tally.step(
+            "refused: the frontend will not reach a revoked backend",
+            refused
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+                .and_then(|(code, reason, after)| {
+                    if code == 502 && reason.contains("revoked") {
+                        Ok(format!("{code} after {} ms, {reason}", after.as_millis()))
+                    } else {
+                        bail!("expected 502 naming the revocation, got {code}: {reason}")
+                    }
+                }),
+        );
+    }
+    let lifted =
+        run_ok(Command::new(&mesh.ca_bin).args(["unrevoke", "--dir", &dir, "--id", BACKEND]));
+    if tally.step(
+        "meshid-ca unrevoke",
+        lifted.map(|o| o.lines().next().unwrap_or_default().to_owned()),
+    ) {
+        let back =
+            tokio::task::spawn_blocking(move || hello_until(local, |code, _| code == 200)).await;
+        tally.step(
+            "allowed again: GET /hello",
+            back.map_err(anyhow::Error::from)
+                .and_then(|r| r)
+                .and_then(|(code, reason, after)| {
+                    if code == 200 {
+                        Ok(format!("200 after {} ms", after.as_millis()))
+                    } else {
+                        bail!("expected 200 after unrevoke, got {code}: {reason}")
+                    }
+                }),
+        );
+    }
+}
+
 fn where_to_look(mesh: &Mesh, work: &Path) {
     println!("\n== where to look");
     println!(
@@ -601,6 +678,7 @@ async fn main() -> ExitCode {
     match start(&args, &work, &mut tally).await {
         Ok(mesh) => {
             calls(&mesh, &mut tally).await;
+            revocation(&mesh, &mut tally).await;
             where_to_look(&mesh, &work);
             if !args.check {
                 RUNNING.store(true, std::sync::atomic::Ordering::SeqCst);
