@@ -227,17 +227,15 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
     let (Some(what), Some(max_ttl), true) = (what, max_ttl, problems.is_empty()) else {
         return Err(Failure::Usage(problems));
     };
-    let mut list = Revocations::load(&args.dir)?;
     let now = unix_now();
-    list.prune(now);
     // A minute past the longest lifetime: clocks and a certificate issued as the CAs learn of it.
     let keep = i64::try_from(max_ttl.as_secs())
         .unwrap_or(i64::MAX)
         .saturating_add(60);
-    let new = list
-        .revoke(what.clone(), now, keep, args.reason.clone())
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!(e)))?;
-    list.save(&args.dir)?;
+    let new = Revocations::update(&args.dir, |list| {
+        list.prune(now);
+        list.revoke(what.clone(), now, keep, args.reason.clone())
+    })?;
     println!(
         "{} {what}{}",
         if new {
@@ -258,12 +256,11 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
 fn unrevoke(args: &UnrevokeArgs) -> Result<(), Failure> {
     let td = authority::read_trust_domain(&args.dir)?;
     let what = args.target.parse(&td).map_err(Failure::Usage)?;
-    let mut list = Revocations::load(&args.dir)?;
-    list.prune(unix_now());
-    let Some(lifted) = list.unrevoke(&what) else {
-        return Err(Failure::Runtime(anyhow::anyhow!("{what} is not revoked")));
-    };
-    list.save(&args.dir)?;
+    let lifted = Revocations::update(&args.dir, |list| {
+        list.prune(unix_now());
+        list.unrevoke(&what)
+            .ok_or_else(|| format!("{what} is not revoked"))
+    })?;
     println!("lifted the revocation of {}", lifted.what);
     after_change(&args.dir);
     Ok(())

@@ -20,6 +20,9 @@ use crate::ca_dir::{AuthorityError, invalid, io_err, write_atomic};
 
 /// The file in the CA directory.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
+/// Held (an exclusive file lock) while a command reads, changes and writes the list, so two
+/// operators revoking at once both count. Hidden, so `meshid-ca secret` leaves it out.
+const LOCK_FILE: &str = ".revocations.lock";
 /// The longest `--reason`, in bytes.
 pub const MAX_REASON: usize = 256;
 const FORMAT_VERSION: u32 = 1;
@@ -82,6 +85,15 @@ impl Entry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revocations {
     entries: Vec<Entry>,
+}
+
+/// Why [`Revocations::update`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    File(AuthorityError),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why a `--reason` was refused.
@@ -150,6 +162,28 @@ impl Revocations {
             });
         }
         Ok(Self { entries })
+    }
+
+    /// Reads the list in `dir`, lets `change` edit it, and writes it back, all under the
+    /// directory's revocation lock; `change`'s error leaves the file as it was. A list that cannot
+    /// be read is never written over.
+    pub fn update<T>(
+        dir: &Path,
+        change: impl FnOnce(&mut Self) -> Result<T, String>,
+    ) -> Result<T, UpdateError> {
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| UpdateError::File(io_err(&lock_path)(e)))?;
+        lock.lock()
+            .map_err(|e| UpdateError::File(io_err(&lock_path)(e)))?;
+        let mut list = Self::load(dir).map_err(UpdateError::File)?;
+        let out = change(&mut list).map_err(UpdateError::Refused)?;
+        list.save(dir).map_err(UpdateError::File)?;
+        Ok(out)
     }
 
     /// Writes the list to `dir` (atomically).
@@ -351,6 +385,43 @@ mod tests {
             assert!(err.contains(says), "{text}: {err}");
             assert!(err.contains(REVOCATIONS_FILE), "{err}");
         }
+    }
+
+    #[test]
+    fn concurrent_updates_all_count_and_a_refused_one_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let dir = dir.path();
+                s.spawn(move || {
+                    Revocations::update(dir, |list| {
+                        list.revoke(Revoked::Serial(format!("{i:x}")), 0, 60, String::new())
+                    })
+                    .unwrap();
+                });
+            }
+        });
+        assert_eq!(Revocations::load(dir.path()).unwrap().entries().len(), 8);
+        let before = std::fs::read(dir.path().join(REVOCATIONS_FILE)).unwrap();
+        let refused = Revocations::update(dir.path(), |list| {
+            list.unrevoke(&Revoked::Serial("ff".into()));
+            Err::<(), _>("not revoked".to_owned())
+        });
+        assert!(matches!(refused, Err(UpdateError::Refused(_))));
+        assert_eq!(
+            std::fs::read(dir.path().join(REVOCATIONS_FILE)).unwrap(),
+            before
+        );
+        // A broken list is not written over.
+        std::fs::write(dir.path().join(REVOCATIONS_FILE), "{").unwrap();
+        assert!(matches!(
+            Revocations::update(dir.path(), |_| Ok(())),
+            Err(UpdateError::File(_))
+        ));
+        assert_eq!(
+            std::fs::read(dir.path().join(REVOCATIONS_FILE)).unwrap(),
+            b"{"
+        );
     }
 
     #[test]
