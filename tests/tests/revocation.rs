@@ -55,8 +55,12 @@ fn cli(ca: &TestCa, command: &str, args: &[&str]) -> String {
     out
 }
 
-/// A certificate for service account `sa` from the CA (token), with its key.
-async fn issued(ca: &TestCa, sa: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+/// A certificate for service account `sa` from the CA with its service-account token, and its
+/// key; or the refusal's code and message.
+async fn issue_with_token(
+    ca: &TestCa,
+    sa: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), (tonic::Code, String)> {
     let w = WorkloadKey::new();
     let resp = ca
         .client()
@@ -69,31 +73,14 @@ async fn issued(ca: &TestCa, sa: &str) -> (Vec<CertificateDer<'static>>, Private
             ttl_seconds: 0,
         })
         .await
-        .expect("issued")
+        .map_err(|s| (s.code(), s.message().to_owned()))?
         .into_inner();
     let chain = resp
         .cert_chain
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    (chain, w.private_key_der())
-}
-
-/// Issue for `sa` with its service-account token: `Ok` or the refusal's message.
-async fn issue_with_token(ca: &TestCa, sa: &str) -> Result<(), (tonic::Code, String)> {
-    let w = WorkloadKey::new();
-    ca.client()
-        .await
-        .issue(IssueRequest {
-            csr: w.csr.clone(),
-            credential: Some(Credential::ServiceAccountToken(
-                ca.cluster.token("shop", sa),
-            )),
-            ttl_seconds: 0,
-        })
-        .await
-        .map(|_| ())
-        .map_err(|s| (s.code(), s.message().to_owned()))
+    Ok((chain, w.private_key_der()))
 }
 
 /// Renew presenting `chain`: `Ok` or the refusal's message.
@@ -145,6 +132,47 @@ async fn open_tunnel(local: std::net::SocketAddr) -> tokio::net::TcpStream {
         assert!(Instant::now() < deadline, "no tunnel through the pair");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// After a revocation: `tunnel` (through the pair) is closed within seconds, no call through
+/// `http_out` gets an answer from the app any more, and `enforcer`, the sidecar that refuses the
+/// revoked side on its `direction`, counts a handshake refused and a connection closed for it.
+/// Returns how long the tunnel took to close.
+async fn assert_cut_off(
+    enforcer: &TestSidecar,
+    direction: &str,
+    tunnel: &mut tokio::net::TcpStream,
+    http_out: std::net::SocketAddr,
+) -> Duration {
+    let start = Instant::now();
+    assert!(
+        closed_within(tunnel, ENFORCED_WITHIN).await,
+        "{direction}: the tunnel with the revoked side is closed"
+    );
+    let closed_after = start.elapsed();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            call(http_out).await != Ok(200)
+        })
+        .await,
+        "{direction}: no call crosses the revocation"
+    );
+    let m = enforcer.metrics().await;
+    assert!(
+        handshake_failures(&m, direction, "revoked") >= 1,
+        "{direction}: a handshake refused as revoked:\n{m}"
+    );
+    let closed = format!("direction=\"{direction}\"");
+    assert!(
+        metric(
+            &m,
+            "meshid_sidecar_revoked_peer_connections_closed_total",
+            &[closed.as_str()]
+        ) >= 1,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "meshid_sidecar_revocations ", &[]), 1, "{m}");
+    closed_after
 }
 
 /// Waits until the connection is closed from the other end (EOF or reset).
@@ -220,33 +248,8 @@ async fn a_revoked_identity_is_cut_off_both_ways_within_seconds_until_unrevoked(
     let mut tunnel = open_tunnel(tcp_out).await;
     let out = cli(&ca, "revoke", &["--id", B, "--reason", "incident 42"]);
     assert!(out.contains(&format!("revoked identity {B}")), "{out}");
-    let revoked_at = Instant::now();
-    assert!(
-        closed_within(&mut tunnel, ENFORCED_WITHIN).await,
-        "the frontend closes its tunnel to the revoked backend"
-    );
-    let closed_after = revoked_at.elapsed();
-    assert!(
-        eventually(ENFORCED_WITHIN, || async {
-            call(http_out).await != Ok(200)
-        })
-        .await,
-        "no request reaches the revoked backend"
-    );
-    let m = a.metrics().await;
-    assert!(
-        handshake_failures(&m, "outbound", "revoked") >= 1,
-        "the frontend refused the backend's handshake as revoked:\n{m}"
-    );
-    assert!(
-        metric(
-            &m,
-            "meshid_sidecar_revoked_peer_connections_closed_total",
-            &["direction=\"outbound\""]
-        ) >= 1,
-        "{m}"
-    );
-    assert_eq!(metric(&m, "meshid_sidecar_revocations ", &[]), 1, "{m}");
+    // The frontend closes its tunnel to the revoked backend and refuses to dial it again.
+    let closed_after = assert_cut_off(&a, "outbound", &mut tunnel, http_out).await;
     let (code, message) = issue_with_token(&ca, "backend").await.unwrap_err();
     assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
     assert!(
@@ -296,30 +299,7 @@ async fn a_revoked_identity_is_cut_off_both_ways_within_seconds_until_unrevoked(
     // its handshakes.
     let mut tunnel = open_tunnel(tcp_out).await;
     cli(&ca, "revoke", &["--id", A]);
-    assert!(
-        closed_within(&mut tunnel, ENFORCED_WITHIN).await,
-        "the backend closes the revoked frontend's tunnel"
-    );
-    assert!(
-        eventually(ENFORCED_WITHIN, || async {
-            call(http_out).await != Ok(200)
-        })
-        .await,
-        "the revoked frontend reaches nothing"
-    );
-    let m = b.metrics().await;
-    assert!(
-        handshake_failures(&m, "inbound", "revoked") >= 1,
-        "the backend refused the frontend as revoked:\n{m}"
-    );
-    assert!(
-        metric(
-            &m,
-            "meshid_sidecar_revoked_peer_connections_closed_total",
-            &["direction=\"inbound\""]
-        ) >= 1,
-        "{m}"
-    );
+    assert_cut_off(&b, "inbound", &mut tunnel, http_out).await;
     eprintln!("tunnel to the revoked backend closed {closed_after:?} after `meshid-ca revoke`");
 }
 
@@ -343,8 +323,8 @@ async fn a_revoked_serial_refuses_that_certificate_and_no_other() {
     )
     .await;
     // Two certificates of one identity, each with its own key.
-    let (first, first_key) = issued(&ca, "cart").await;
-    let (second, second_key) = issued(&ca, "cart").await;
+    let (first, first_key) = issue_with_token(&ca, "cart").await.unwrap();
+    let (second, second_key) = issue_with_token(&ca, "cart").await.unwrap();
     let config = |chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>| {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let anchors = meshid_identity::verify::Anchors::new(
