@@ -309,7 +309,10 @@ impl Sim {
                     if !bundle.roots.is_empty() {
                         self.roots = bundle.roots.into_iter().map(CertificateDer::from).collect();
                     }
-                    match meshid_sidecar::creds::ca::revocations(&bundle.revoked) {
+                    match meshid_sidecar::creds::ca::revocations(
+                        &bundle.revoked,
+                        meshid_runtime::time::unix_now(),
+                    ) {
                         Ok(set) => self
                             .stats
                             .revocations

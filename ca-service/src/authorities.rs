@@ -179,6 +179,19 @@ impl RotationState {
         Ok(roots)
     }
 
+    /// Moves the bundle version on by one for a change of the bundle that is not a rotation (the
+    /// revocation list), writing only `authorities.json`, so every CA on the directory serves the
+    /// change under the same new version and a later `rotate prepare` gets a version no sidecar
+    /// acknowledged before (the activation gate waits for exactly that one). Returns the version.
+    pub fn bump_version(ca_dir: &Path) -> Result<u64, AuthorityError> {
+        let mut state = Self::load(ca_dir)?;
+        state.bundle_version += 1;
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| invalid(&ca_dir.join(STATE_FILE), e.to_string()))?;
+        write_atomic(&ca_dir.join(STATE_FILE), &json)?;
+        Ok(state.bundle_version)
+    }
+
     /// Writes the state (atomically) and the bundle it implies. The bundle first, so a reader that
     /// sees the new state also finds its bundle.
     pub fn save(&self, ca_dir: &Path) -> Result<(), AuthorityError> {

@@ -281,7 +281,7 @@ fn list_revocations(args: &RevocationsArgs) -> Result<(), Failure> {
                     "serial": (!p.serial.is_empty()).then_some(p.serial),
                     "revoked_at": e.revoked_at,
                     "expires_at": e.expires_at,
-                    "in_bundle": e.in_force(now),
+                    "applied_by_sidecars": e.in_force(now),
                     "reason": e.reason,
                 })
             })
@@ -298,9 +298,9 @@ fn list_revocations(args: &RevocationsArgs) -> Result<(), Failure> {
             e.what,
             e.revoked_at,
             if e.in_force(now) {
-                format!("in the bundle until {}", e.expires_at)
+                format!("applied by sidecars until {}", e.expires_at)
             } else {
-                "out of the bundle (no certificate it names is live)".to_owned()
+                "expired: no certificate it names is live, sidecars no longer apply it".to_owned()
             },
             if e.reason.is_empty() {
                 String::new()

@@ -62,7 +62,6 @@ pub struct Metrics {
     pub jwks_keys: Gauge,
     pub jwt_svids: Family<ResultLabels, Counter>,
     pub revocations: Family<KindLabels, Gauge>,
-    pub revocations_streamed: Gauge,
 }
 
 /// Labels of the revocation list: `kind` is `identity` or `serial`.
@@ -94,7 +93,6 @@ impl Metrics {
             jwks_keys: Gauge::default(),
             jwt_svids: Family::default(),
             revocations: Family::default(),
-            revocations_streamed: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
@@ -193,11 +191,6 @@ impl Metrics {
             Listed(m.revocations.clone()),
         );
         r.register(
-            "revocations_streamed",
-            "Revocations the trust bundle carries to sidecars (those whose certificates may still be live)",
-            m.revocations_streamed.clone(),
-        );
-        r.register(
             "runtime_alive_tasks",
             "Tasks alive in the process's tokio runtime",
             AliveTasks,
@@ -205,15 +198,14 @@ impl Metrics {
         m
     }
 
-    /// Publishes the revocation list's size and how many entries the bundle carries.
-    pub fn record_revocations(&self, list: &crate::revocations::Revocations, streamed: usize) {
+    /// Publishes the revocation list's size (the trust bundle carries it whole).
+    pub fn record_revocations(&self, list: &crate::revocations::Revocations) {
         let (ids, serials) = list.counts();
         for (kind, n) in [("identity", ids), ("serial", serials)] {
             self.revocations
                 .get_or_create(&KindLabels { kind })
                 .set(n as i64);
         }
-        self.revocations_streamed.set(streamed as i64);
     }
 
     /// Publishes a rotation report as gauges (replacing the previous set of labels).

@@ -5,10 +5,14 @@
 //! An entry names one certificate (its serial) or one identity (every certificate of it). Each
 //! carries when it was revoked and when it stops mattering to sidecars: the revocation time plus
 //! the longest certificate lifetime (`--max-ttl` of the command, which must be at least the
-//! CA's), after which no certificate it names can still be live, and it leaves the bundle. The CA
-//! refuses to renew a revoked serial and to issue anything (token, join token, renewal, JWT-SVID)
-//! for a revoked identity, whatever its expiry, until `meshid-ca unrevoke`. Expired serial entries
-//! are dropped from the file by the next command that writes it.
+//! CA's), after which no certificate it names can still be live; sidecars ignore it from then on.
+//! The CA refuses to renew a revoked serial and to issue anything (token, join token, renewal,
+//! JWT-SVID) for a revoked identity, whatever its expiry, until `meshid-ca unrevoke`. Expired
+//! serial entries are dropped from the file by the next command that writes it.
+//!
+//! The bundle carries the list as the file holds it, so every CA on the directory serves the same
+//! bundle under the same version: each command that writes the list also moves the directory's
+//! bundle version on (`authorities.json`).
 
 use std::path::Path;
 
@@ -183,6 +187,9 @@ impl Revocations {
         let mut list = Self::load(dir).map_err(UpdateError::File)?;
         let out = change(&mut list).map_err(UpdateError::Refused)?;
         list.save(dir).map_err(UpdateError::File)?;
+        // The list first, then the version: a CA that reads in between serves the new list under
+        // one version past its own, which is the directory's new version too.
+        crate::authorities::RotationState::bump_version(dir).map_err(UpdateError::File)?;
         Ok(out)
     }
 
@@ -260,15 +267,6 @@ impl Revocations {
         before - self.entries.len()
     }
 
-    /// The entries the trust bundle carries at `now`.
-    pub fn in_force(&self, now: i64) -> Vec<Entry> {
-        self.entries
-            .iter()
-            .filter(|e| e.in_force(now))
-            .cloned()
-            .collect()
-    }
-
     /// Why the CA must not issue for `id` (presenting, for a renewal, the certificate with
     /// `serial`): its identity is revoked (whatever the entry's expiry), or that certificate is.
     pub fn refuses(&self, id: &SpiffeId, serial: Option<&str>) -> Option<&Entry> {
@@ -332,11 +330,10 @@ mod tests {
         assert!(read.refuses(&b, Some("cd")).is_none());
         assert!(read.refuses(&b, None).is_none());
 
-        // The serial leaves the bundle and the file when its certificate cannot be live; the
-        // identity leaves the bundle but stays refused until unrevoked.
-        assert_eq!(read.in_force(1069).len(), 2);
-        assert_eq!(read.in_force(1070).len(), 1);
-        assert_eq!(read.in_force(4600).len(), 0);
+        // The serial leaves the file when its certificate cannot be live; the identity stays
+        // refused until unrevoked.
+        assert!(read.entries()[1].in_force(1069));
+        assert!(!read.entries()[1].in_force(1070));
         let mut pruned = read.clone();
         assert_eq!(pruned.prune(5000), 1);
         assert!(pruned.refuses(&a, None).is_some());
@@ -402,6 +399,13 @@ mod tests {
             }
         });
         assert_eq!(Revocations::load(dir.path()).unwrap().entries().len(), 8);
+        // Each write moved the bundle version on (from 1 with no authorities.json).
+        assert_eq!(
+            crate::authorities::RotationState::load(dir.path())
+                .unwrap()
+                .bundle_version,
+            9
+        );
         let before = std::fs::read(dir.path().join(REVOCATIONS_FILE)).unwrap();
         let refused = Revocations::update(dir.path(), |list| {
             list.unrevoke(&Revoked::Serial("ff".into()));

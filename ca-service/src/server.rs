@@ -136,12 +136,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let bundle = Bundle::of(
-        &authority,
-        authority.bundle_version,
-        time::OffsetDateTime::now_utc().unix_timestamp(),
-    );
-    metrics.record_revocations(&authority.revocations, bundle.revoked.len());
+    let bundle = Bundle::of(&authority, authority.bundle_version);
+    metrics.record_revocations(&authority.revocations);
     let (bundle_tx, _) = watch::channel(Arc::new(bundle));
     let state = Arc::new(CaState {
         authority: ArcSwap::from_pointee(authority),
@@ -317,24 +313,20 @@ async fn follow_bundle(
             state.metrics.record_rotation(&report, &by_version);
         }
         let now = stamps(&dir);
-        if now != last {
-            last = now;
-            reload(&last.0, &sans, &state, &tls_config);
+        if now == last {
+            continue;
         }
-        // Every tick, not only after a reload: a revocation leaves the bundle when the
-        // certificates it names can no longer be live.
+        last = now;
+        reload(&last.0, &sans, &state, &tls_config);
         let authority = state.authority.load_full();
-        let t = time::OffsetDateTime::now_utc().unix_timestamp();
         let current = state.bundle.borrow().clone();
-        let next = Bundle::of(&authority, 0, t);
-        state
-            .metrics
-            .record_revocations(&authority.revocations, next.revoked.len());
+        let next = Bundle::of(&authority, 0);
+        state.metrics.record_revocations(&authority.revocations);
         if current.same_trust(&next) && current.version >= authority.bundle_version {
             continue;
         }
-        // The directory's version, or one past ours when the bundle changed by hand (or by a
-        // revocation).
+        // The directory's version, or one past ours when the bundle changed by hand (or the
+        // revocation list was read before the version that goes with it).
         let version = if authority.bundle_version > current.version {
             authority.bundle_version
         } else {

@@ -41,20 +41,20 @@ pub struct Bundle {
     pub renew_now: bool,
     /// The JWT-SVID keys of the authorities in the bundle (see `Authority::jwt_keys`).
     pub jwt_keys: Vec<JwtKey>,
-    /// The revocations in force (see [`crate::revocations`]).
+    /// The revocation list (see [`crate::revocations`]).
     pub revoked: Vec<crate::revocations::Entry>,
 }
 
 impl Bundle {
-    /// The bundle `authority` serves at `now` (Unix seconds), as `version`.
-    pub fn of(authority: &Authority, version: u64, now: i64) -> Self {
+    /// The bundle `authority` serves, as `version`.
+    pub fn of(authority: &Authority, version: u64) -> Self {
         Self {
             version,
             roots: authority.roots.clone(),
             pinned: authority.pinned.clone(),
             renew_now: authority.renew_now,
             jwt_keys: authority.jwt_keys.clone(),
-            revoked: authority.revocations.in_force(now),
+            revoked: authority.revocations.entries().to_vec(),
         }
     }
 
@@ -936,11 +936,8 @@ mod tests {
             });
             let metrics = Metrics::register(&mut Registry::default());
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
-            let (bundle_tx, _) = watch::channel(Arc::new(Bundle::of(
-                &authority,
-                authority.bundle_version,
-                OffsetDateTime::now_utc().unix_timestamp(),
-            )));
+            let (bundle_tx, _) =
+                watch::channel(Arc::new(Bundle::of(&authority, authority.bundle_version)));
             let state = CaState {
                 authority: ArcSwap::from_pointee(authority),
                 bundle: bundle_tx,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use meshid_ca::signer::LifetimePolicy;
 use meshid_identity::policy::Protocol;
 use meshid_identity::{SpiffeId, TrustDomain};
-use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+use meshid_proto::ca::v1::{GetTrustBundleRequest, IssueRequest, issue_request::Credential};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, handshake_failures, http_echo,
@@ -418,6 +418,20 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("is not revoked"), "{out}");
 
+    let version = || {
+        meshid_ca::authorities::RotationState::load(ca.dir.path())
+            .unwrap()
+            .bundle_version
+    };
+    let served = || async {
+        ca.client()
+            .await
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let before = version();
     cli(&ca, "revoke", &["--id", A]);
     assert!(
         eventually(ENFORCED_WITHIN, || async {
@@ -425,6 +439,21 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
         })
         .await,
         "the CA applies the revocation"
+    );
+    // The change is served under the directory's next version, so a rotation prepared after it
+    // gets a version no sidecar acknowledged with the revocation alone: the activation gate
+    // still waits for the new root.
+    assert_eq!(version(), before + 1);
+    let bundle = served().await;
+    assert_eq!((bundle.version, bundle.revoked.len()), (before + 1, 1));
+    meshid_ca::rotation::prepare(ca.dir.path(), None).unwrap();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            let b = served().await;
+            b.version == before + 2 && b.roots.len() == 2
+        })
+        .await,
+        "the prepared root is served under a version of its own"
     );
     // A broken list: the CA keeps enforcing what it had, and the command refuses to write over it.
     let path = ca.dir.path().join("revocations.json");

@@ -816,22 +816,27 @@ pub async fn run_issuer(
     }
 }
 
-/// The revocations a trust bundle carries, checked: each names exactly one identity or serial,
-/// and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`]; one bad entry refuses
-/// them all (and the sidecar then keeps its current bundle).
+/// The revocations a trust bundle carries that are in force at `now` (an entry past its
+/// `expires_at_unix` names no live certificate; 0: no expiry), checked: each names exactly one
+/// identity or serial, and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`];
+/// one bad entry refuses them all (and the sidecar then keeps its current bundle).
 pub fn revocations(
     entries: &[meshid_proto::ca::v1::Revocation],
+    now: i64,
 ) -> Result<RevocationSet, meshid_identity::revocation::RevocationError> {
     if entries.len() > meshid_identity::revocation::MAX_REVOCATIONS {
         return Err(meshid_identity::revocation::RevocationError::TooMany(
             entries.len(),
         ));
     }
-    let checked = entries
-        .iter()
-        .map(|e| RevocationSet::entry(&e.spiffe_id, &e.serial))
-        .collect::<Result<Vec<_>, _>>()?;
-    RevocationSet::new(checked)
+    let mut in_force = Vec::with_capacity(entries.len());
+    for e in entries {
+        let entry = RevocationSet::entry(&e.spiffe_id, &e.serial)?;
+        if e.expires_at_unix == 0 || now < e.expires_at_unix {
+            in_force.push(entry);
+        }
+    }
+    RevocationSet::new(in_force)
 }
 
 /// The entries of `entries` that `held` does not revoke yet, with their reasons (for the log).
@@ -929,7 +934,7 @@ pub async fn run_bundle_watch(
                 if store.current().is_none() {
                     continue;
                 }
-                let revoked = match revocations(&bundle.revoked) {
+                let revoked = match revocations(&bundle.revoked, unix_now()) {
                     Ok(set) => Arc::new(set),
                     Err(error) => {
                         metrics
@@ -1127,13 +1132,24 @@ mod tests {
             serial: serial.into(),
             ..Default::default()
         };
-        let set = revocations(&[
-            entry("spiffe://cluster.local/ns/a/sa/x", ""),
-            entry("", "0A:1B"),
-        ])
+        let set = revocations(
+            &[
+                entry("spiffe://cluster.local/ns/a/sa/x", ""),
+                entry("", "0A:1B"),
+            ],
+            1000,
+        )
         .unwrap();
         assert_eq!(set.counts(), (1, 1));
         assert!(set.contains(&Revoked::Serial("a1b".into())));
+        // An entry past its expiry names no live certificate: not applied (but still checked).
+        let mut expired = entry("", "0c");
+        expired.expires_at_unix = 1000;
+        let mut live = entry("", "0d");
+        live.expires_at_unix = 1001;
+        let set = revocations(&[expired, live], 1000).unwrap();
+        assert_eq!(set.counts(), (0, 1));
+        assert!(set.contains(&Revoked::Serial("d".into())));
         // One bad entry refuses the whole list (the bundle update is then rejected).
         for bad in [
             vec![entry("spiffe://cluster.local/ns/a/sa/x", "01")],
@@ -1144,12 +1160,12 @@ mod tests {
                 entry("x", ""),
             ],
         ] {
-            assert!(revocations(&bad).is_err(), "{bad:?}");
+            assert!(revocations(&bad, 1000).is_err(), "{bad:?}");
         }
         let many: Vec<Revocation> = (0..=meshid_identity::revocation::MAX_REVOCATIONS)
             .map(|i| entry("", &format!("{i:x}")))
             .collect();
-        assert!(revocations(&many).is_err());
+        assert!(revocations(&many, 1000).is_err());
         // What is new is logged once, with its reason.
         let held = RevocationSet::new([Revoked::Serial("a1b".into())]).unwrap();
         let mut with_reason = entry("spiffe://cluster.local/ns/a/sa/x", "");
