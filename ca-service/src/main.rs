@@ -236,6 +236,13 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
         list.prune(now);
         list.revoke(what.clone(), now, keep, args.reason.clone())
     })?;
+    tracing::warn!(
+        target: "meshid_ca::audit",
+        revoked = %what,
+        reason = %shown(&args.reason),
+        dir = %args.dir.display(),
+        "revoke: written to the revocation list"
+    );
     println!(
         "{} {what}{}",
         if new {
@@ -261,6 +268,12 @@ fn unrevoke(args: &UnrevokeArgs) -> Result<(), Failure> {
         list.unrevoke(&what)
             .ok_or_else(|| format!("{what} is not revoked"))
     })?;
+    tracing::warn!(
+        target: "meshid_ca::audit",
+        revoked = %lifted.what,
+        dir = %args.dir.display(),
+        "unrevoke: removed from the revocation list"
+    );
     println!("lifted the revocation of {}", lifted.what);
     after_change(&args.dir);
     Ok(())
