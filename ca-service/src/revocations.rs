@@ -125,8 +125,14 @@ impl Revocations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(io_err(&path)(e)),
         };
+        Self::parse(&path, &bytes)
+    }
+
+    /// Reads a list from the bytes of `path` (named in errors), as [`Self::load`] does.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, AuthorityError> {
+        let path = path.to_owned();
         let file: FileContents =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| invalid(&path, e.to_string()))?;
         if file.version != FORMAT_VERSION {
             return Err(invalid(
                 &path,
