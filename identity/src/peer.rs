@@ -23,7 +23,7 @@ pub struct VerifiedPeer {
     /// SHA-256 (hex) of the leaf certificate.
     pub cert_sha256: String,
     /// The certificate's serial number as revocations name it
-    /// ([`crate::revocation::serial_of_der`]).
+    /// ([`crate::revocation::normalize_serial`]).
     pub serial: String,
 }
 
@@ -40,16 +40,8 @@ impl VerifiedPeer {
             id,
             not_after,
             cert_sha256: sha256_hex(leaf),
-            serial: normalized_serial(&serial_hex),
+            serial: crate::revocation::normalize_serial(&serial_hex).unwrap_or_default(),
         })
-    }
-}
-
-/// `serial_hex` (the DER content octets in hex) without leading zeros, as revocations name it.
-fn normalized_serial(serial_hex: &str) -> String {
-    match serial_hex.trim_start_matches('0') {
-        "" => "0".to_owned(),
-        digits => digits.to_owned(),
     }
 }
 
