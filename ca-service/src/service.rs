@@ -1538,6 +1538,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_revoked_identity_is_refused_before_its_join_token_is_used_up() {
+        let ca = TestCa::new();
+        let token = ca.join_token(VM, Duration::from_secs(600));
+        let mut list = crate::revocations::Revocations::default();
+        list.revoke(
+            meshid_identity::revocation::Revoked::Id(SpiffeId::parse(VM).unwrap()),
+            OffsetDateTime::now_utc().unix_timestamp(),
+            3600,
+            "test".into(),
+        )
+        .unwrap();
+        list.save(ca.dir.path()).unwrap();
+        ca.state
+            .authority
+            .store(Arc::new(Authority::load(ca.dir.path()).unwrap()));
+        let req = request(csr(), join(token.clone()));
+        let decision = ca.state.issue(&req, None);
+        check(
+            "revoked",
+            &req,
+            decision,
+            Method::JoinToken,
+            Expected::Refused(Code::PermissionDenied, "revoked"),
+        );
+        assert!(
+            ca.state.join.lookup(&token).is_ok(),
+            "the token is still unused"
+        );
+        // Lifted: the same token works.
+        list.unrevoke(&meshid_identity::revocation::Revoked::Id(
+            SpiffeId::parse(VM).unwrap(),
+        ));
+        list.save(ca.dir.path()).unwrap();
+        ca.state
+            .authority
+            .store(Arc::new(Authority::load(ca.dir.path()).unwrap()));
+        let req = request(csr(), join(token));
+        let decision = ca.state.issue(&req, None);
+        check(
+            "lifted",
+            &req,
+            decision,
+            Method::JoinToken,
+            Expected::Issued(VM),
+        );
+    }
+
     // ---- issue(): what is in the certificate ---------------------------------------------------
 
     #[test]
