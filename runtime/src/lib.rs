@@ -9,6 +9,7 @@ pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod exposition;
+pub mod heap;
 
 pub mod http_client;
 pub mod io;

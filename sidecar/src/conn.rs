@@ -34,6 +34,8 @@ pub struct Shared {
     pub decisions: Arc<crate::decisions::DecisionLog>,
     /// What the inbound has seen (`meshid-sidecar suggest-policy`).
     pub observed: Arc<crate::observed::ObservedTraffic>,
+    /// Told when connections free their buffers, so the freed pages go back to the kernel.
+    pub heap: meshid_runtime::heap::Trimmer,
 }
 
 /// A listener's connection slots (see [`meshid_runtime::admission`]): at the limit a newcomer takes

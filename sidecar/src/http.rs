@@ -232,7 +232,7 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
     svc: S,
     idle: Gauge,
 ) where
-    R: std::future::Future<Output = ()> + Send,
+    R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,

@@ -319,8 +319,24 @@ enum Stop {
     Release,
 }
 
+/// How a stretch of serving by hyper ended.
+enum Served<IO> {
+    /// The connection is finished (closed, drained or failed).
+    Done,
+    /// Quiet: hyper let go of the socket. `unread` is what hyper had read and not used.
+    Released {
+        io: Watched<IO>,
+        unread: Bytes,
+        quiet_since: Instant,
+    },
+}
+
 /// Serves an HTTP/1.x connection whose first bytes are `prefix`, releasing hyper's buffers whenever
 /// it goes quiet; `idle` counts the connections waiting that way.
+///
+/// An idle connection's task keeps only this function's state: hyper's connection, its timers and
+/// everything else of a stretch of serving live in [`serve_until_quiet`]'s boxed future, freed
+/// when the connection goes quiet.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_h1<IO, S, F, R>(
     io: IO,
@@ -331,7 +347,7 @@ pub async fn serve_h1<IO, S, F, R>(
     svc: S,
     idle: Gauge,
 ) where
-    R: std::future::Future<Output = ()> + Send,
+    R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
@@ -340,14 +356,13 @@ pub async fn serve_h1<IO, S, F, R>(
 {
     let head_timeout = crate::http::head_timeout(shared);
     let mut shutdown = shared.shutdown.clone();
-    let expired = async {
+    let mut expired = Box::pin(async move {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
             None => std::future::pending().await,
         }
-    };
-    tokio::pin!(expired);
-    tokio::pin!(revoked);
+    });
+    let mut revoked = revoked;
     let activity = Arc::new(Activity::default());
     let mut io = Watched {
         inner: io,
@@ -358,98 +373,39 @@ pub async fn serve_h1<IO, S, F, R>(
     // one woken from idle, or one given back a partial head): hyper's own header timer restarts with
     // each hyper connection, so this one bounds the wait across them. `None` once a request started.
     let mut waiting_since = Some(Instant::now());
-    let builder = crate::http::http1_builder(shared);
     loop {
-        let svc = svc.clone();
-        let a = activity.clone();
-        // The handler's future is handed to hyper as it is (no wrapping future to move it through):
-        // the call it carries counts the response.
-        let service = service_fn(move |req: Request<Incoming>| {
-            let call = Call::new(&a);
-            svc(req.map(|b| Tracked::request(b, &a)), Some(call))
-        });
-        // Boxed: the connection's state lives in its own allocation, freed with it, instead of
-        // widening this task (which a released connection keeps) by its size.
-        let mut conn = Box::new(
-            builder
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades(),
-        );
-        let requests_at_start = activity.requests.load(Relaxed);
-        let mut moved = activity.moved.load(Relaxed);
-        let mut quiet_since = Instant::now();
-        let tick = tokio::time::sleep(RELEASE_TICK);
-        tokio::pin!(tick);
-        let stop = loop {
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(error) = r {
-                        tracing::debug!(%error, "http connection ended");
-                    }
-                    return;
-                }
-                () = meshid_runtime::net::stopped(&mut shutdown) => break Stop::Drain,
-                () = &mut expired => {
-                    tracing::info!("closing gracefully: the peer's certificate expired");
-                    break Stop::Drain;
-                }
-                () = &mut revoked => break Stop::Drain,
-                () = &mut tick => {
-                    let now = Instant::now();
-                    if activity.requests.load(Relaxed) != requests_at_start {
-                        waiting_since = None;
-                    }
-                    let m = activity.moved.load(Relaxed);
-                    if m != moved {
-                        moved = m;
-                        quiet_since = now;
-                    } else if let Some(since) = waiting_since {
-                        if now.duration_since(since) >= head_timeout {
-                            break Stop::Close;
-                        }
-                    } else if activity.open.load(Relaxed) == 0
-                        && !activity.unflushed.load(Relaxed)
-                    {
-                        break Stop::Release;
-                    }
-                    tick.as_mut().reset(now + RELEASE_TICK);
-                }
-            }
+        let stretch = Box::pin(serve_until_quiet(
+            io,
+            shared,
+            &svc,
+            &activity,
+            &mut waiting_since,
+            &mut shutdown,
+            &mut expired,
+            &mut revoked,
+        ));
+        let (released, unread, quiet_since) = match stretch.await {
+            Served::Done => return,
+            Served::Released {
+                io,
+                unread,
+                quiet_since,
+            } => (io, unread, quiet_since),
         };
-        match stop {
-            Stop::Drain => {
-                // Finish in-flight requests; HTTP/1.1 closes after the current response.
-                Pin::new(&mut *conn).graceful_shutdown();
-                let _ = conn.await;
-                return;
-            }
-            Stop::Close => {
-                tracing::debug!("closing: no complete request head within the idle limit");
-                if let Some(parts) = conn.into_parts() {
-                    close(parts.io.into_inner().inner).await;
-                }
-                return;
-            }
-            Stop::Release => {}
-        }
-        // Upgraded connections end in `conn` above, so the parts are always there.
-        let Some(parts) = conn.into_parts() else {
-            return;
-        };
-        io = parts.io.into_inner();
-        let read_buf = parts.read_buf;
-        drop(parts.service);
-        if !read_buf.is_empty() || !io.prefix.is_empty() {
+        io = released;
+        if !unread.is_empty() || !io.prefix.is_empty() {
             // hyper had read part of a request (or not yet read what was put back): serve it at
             // once, bytes in their order, and keep counting the wait from when it began.
-            let mut joined = BytesMut::with_capacity(read_buf.len() + io.prefix.len());
-            joined.extend_from_slice(&read_buf);
+            let mut joined = BytesMut::with_capacity(unread.len() + io.prefix.len());
+            joined.extend_from_slice(&unread);
             joined.extend_from_slice(&io.prefix);
             io.prefix = joined.freeze();
             waiting_since.get_or_insert(quiet_since);
             continue;
         }
-        drop(read_buf);
+        drop(unread);
+        // hyper's buffers are gone: let their pages go back to the kernel.
+        shared.heap.freed();
         let limit = head_timeout.saturating_sub(quiet_since.elapsed());
         idle.inc();
         let mut byte = [0u8; 1];
@@ -464,11 +420,112 @@ pub async fn serve_h1<IO, S, F, R>(
         };
         idle.dec();
         if !woke {
-            close(io.inner).await;
+            Box::pin(close(io.inner)).await;
             return;
         }
         io.prefix = Bytes::copy_from_slice(&byte);
         waiting_since = Some(quiet_since);
+    }
+}
+
+/// Serves requests with a new hyper connection until the connection ends or goes quiet, then hands
+/// the socket back ([`Served::Released`]).
+#[allow(clippy::too_many_arguments)]
+async fn serve_until_quiet<IO, S, F, E, R>(
+    io: Watched<IO>,
+    shared: &Shared,
+    svc: &S,
+    activity: &Arc<Activity>,
+    waiting_since: &mut Option<Instant>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    expired: &mut E,
+    revoked: &mut R,
+) -> Served<IO>
+where
+    E: std::future::Future<Output = ()> + Unpin,
+    R: std::future::Future<Output = ()> + Unpin,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
+        + Send
+        + 'static,
+{
+    let head_timeout = crate::http::head_timeout(shared);
+    let svc = svc.clone();
+    let a = activity.clone();
+    // The handler's future is handed to hyper as it is (no wrapping future to move it through):
+    // the call it carries counts the response.
+    let service = service_fn(move |req: Request<Incoming>| {
+        let call = Call::new(&a);
+        svc(req.map(|b| Tracked::request(b, &a)), Some(call))
+    });
+    let mut conn = crate::http::http1_builder(shared)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let requests_at_start = activity.requests.load(Relaxed);
+    let mut moved = activity.moved.load(Relaxed);
+    let mut quiet_since = Instant::now();
+    let tick = tokio::time::sleep(RELEASE_TICK);
+    tokio::pin!(tick);
+    let stop = loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(error) = r {
+                    tracing::debug!(%error, "http connection ended");
+                }
+                return Served::Done;
+            }
+            () = meshid_runtime::net::stopped(shutdown) => break Stop::Drain,
+            () = &mut *expired => {
+                tracing::info!("closing gracefully: the peer's certificate expired");
+                break Stop::Drain;
+            }
+            () = &mut *revoked => break Stop::Drain,
+            () = &mut tick => {
+                let now = Instant::now();
+                if activity.requests.load(Relaxed) != requests_at_start {
+                    *waiting_since = None;
+                }
+                let m = activity.moved.load(Relaxed);
+                if m != moved {
+                    moved = m;
+                    quiet_since = now;
+                } else if let Some(since) = *waiting_since {
+                    if now.duration_since(since) >= head_timeout {
+                        break Stop::Close;
+                    }
+                } else if activity.open.load(Relaxed) == 0
+                    && !activity.unflushed.load(Relaxed)
+                {
+                    break Stop::Release;
+                }
+                tick.as_mut().reset(now + RELEASE_TICK);
+            }
+        }
+    };
+    match stop {
+        Stop::Drain => {
+            // Finish in-flight requests; HTTP/1.1 closes after the current response.
+            Pin::new(&mut conn).graceful_shutdown();
+            let _ = conn.await;
+            Served::Done
+        }
+        Stop::Close => {
+            tracing::debug!("closing: no complete request head within the idle limit");
+            if let Some(parts) = conn.into_parts() {
+                close(parts.io.into_inner().inner).await;
+            }
+            Served::Done
+        }
+        // Upgraded connections end in `conn` above, so the parts are always there.
+        Stop::Release => match conn.into_parts() {
+            Some(parts) => Served::Released {
+                io: parts.io.into_inner(),
+                unread: parts.read_buf,
+                quiet_since,
+            },
+            None => Served::Done,
+        },
     }
 }
 

@@ -202,7 +202,14 @@ pub async fn start(
         shutdown: shutdown_rx,
         decisions: Arc::default(),
         observed: Arc::default(),
+        heap: meshid_runtime::heap::Trimmer::new(),
     };
+    tokio::spawn(
+        shared
+            .heap
+            .clone()
+            .run(meshid_runtime::heap::release_free_pages),
+    );
 
     let mut app_svids = None;
     let mut jwt_svids = None;

@@ -52,6 +52,11 @@ impl Authorizer {
         Self { port, shared }
     }
 
+    /// The sidecar's shared state, as this listener's connections see it.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// A TCP connection: the peer may open it, or it is closed.
     pub fn connection(&self, peer: &Peer) -> Result<(), Denied> {
         let guard = self.shared.policy.load();
@@ -120,7 +125,7 @@ impl Authorizer {
     pub fn peer_revoked(
         &self,
         peer: &Peer,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+    ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
         let creds = self.shared.creds.clone();
         let verified = peer.verified.clone();
         let addr = peer.addr;

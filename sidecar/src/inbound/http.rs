@@ -72,24 +72,28 @@ fn authority_of(addr: SocketAddr) -> http::uri::Authority {
 
 /// Serves an authenticated inbound HTTP connection; every request, allowed or answered by the
 /// sidecar itself, is counted and timed in `metrics` (in one place: here).
-pub async fn serve_inbound<IO>(
+///
+/// Not an `async fn`: what is set up here is moved into the connection's future once, rather than
+/// also kept in an async fn's copy of its arguments for the connection's whole life.
+pub fn serve_inbound<IO>(
     io: IO,
     peer: Peer,
     http: Arc<InboundHttp>,
     shared: &Shared,
     slot: Arc<ConnSlot>,
     metrics: ConnMetrics,
-) where
+) -> impl std::future::Future<Output = ()> + Send + '_
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
-    let revoked = http.authz.peer_revoked(&peer);
+    // Boxed: passed down through the serving futures, it would take its size in each of them.
+    let revoked = Box::pin(http.authz.peer_revoked(&peer));
     let idle = metrics.idle.clone();
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
         said: PeerHeaders::new(&peer, shared),
         peer,
-        shared: shared.clone(),
         slot,
         metrics,
     });
@@ -108,13 +112,12 @@ pub async fn serve_inbound<IO>(
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, revoked, svc, idle).await;
+    serve_connection(io, shared, deadline, revoked, svc, idle)
 }
 
 /// What every request of one connection shares.
 struct Conn {
     peer: Peer,
-    shared: Shared,
     /// The connection's place (permit, open count): an upgraded request's tunnel keeps it.
     slot: Arc<ConnSlot>,
     /// What every request of the connection tells the app about its caller, made once.
@@ -176,7 +179,7 @@ async fn inbound_request(
     conn: &Conn,
     http: &InboundHttp,
 ) -> Response<Body> {
-    let (peer, shared) = (&conn.peer, &conn.shared);
+    let (peer, shared) = (&conn.peer, http.authz.shared());
     let audit_decision = match http.authz.request(
         peer,
         req.method().as_str(),

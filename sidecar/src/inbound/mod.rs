@@ -79,6 +79,7 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
                 let slot = ConnSlot::new(admitted.ticket, open);
                 let tcp = Displaceable::new(tcp, admitted.displacement);
                 handle(tcp, addr, &this, slot).await;
+                this.shared.heap.freed();
             }
             .instrument(span),
         );
@@ -233,7 +234,9 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         Protocol::Tcp => {
             // The stream holds the byte counters; nothing else of them is needed for its life.
             drop(metrics);
-            tcp::proxy(tls, peer, local, authz, spec, shared).await
+            // Boxed, as the HTTP side's future is not: each kind of connection's task is only as
+            // large as its own serving state (an idle HTTP connection keeps its task's allocation).
+            Box::pin(tcp::proxy(tls, peer, local, authz, spec, shared)).await
         }
         Protocol::Http => {
             self::http::serve_inbound(tls, peer, l.http.clone(), shared, slot, metrics).await

@@ -83,9 +83,11 @@ pub async fn serve(
                     None => {
                         // The stream holds the byte counters.
                         drop(metrics);
-                        tcp::proxy(app, &spec, index, &shared, &slot).await
+                        // Boxed: an HTTP connection's task need not be as large as this future.
+                        Box::pin(tcp::proxy(app, &spec, index, &shared, &slot)).await
                     }
                 }
+                shared.heap.freed();
             }
             .instrument(span),
         );
