@@ -623,15 +623,31 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   would end the whole sidecar instead of its own task); packed relative relocations
   (`-z pack-relative-relocs`, -0.3 MiB, but the binary would need glibc 2.36 and binutils 2.38 to
   build and run).
-- **Memory per idle connection**: heap in use is about 14 KiB per idle mTLS connection (rustls's
-  4 KiB record buffer, the connection's task, the AEAD keys, the peer's chain, counters); the rest
-  of the RSS is glibc heap left fragmented by buffers freed when a connection goes quiet. Tried
-  (`bench-run --scenarios memory`, release build, 2,000 connections; 26.3 KiB per connection
-  with glibc's defaults): mimalloc, 19.6 KiB per connection but 20 MiB idle RSS (10.8 MiB
-  anonymous); mimalloc with `MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0`, 17.8 KiB and
-  10.9 MiB idle (1.3 MiB anonymous), settings only the environment can give it; glibc with
-  `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=8192`, 24.3 KiB; `glibc.malloc.arena_max=1`,
-  24.8 KiB. None adopted: each trades idle memory or adds a setting operators would have to carry.
+- **Memory per idle connection** (the terminating sidecar, 2,000 idle HTTP/1.1 mTLS connections,
+  release build, `heaptrack` for the heap in use and `/proc/PID/smaps_rollup` for RSS): it was
+  26.9 KiB of RSS with 15.9 KiB of heap in use; it is 17.3 KiB with 12.7 KiB in use since f3c1e2a.
+  - Fragmentation (about 8 KiB per connection): a connection going idle frees hyper's buffers
+    (kilobytes each) below allocations that live on, and glibc gives memory back only from the top
+    of its heap. The sidecar now calls `malloc_trim(0)` once reports of freed memory stop for
+    100 ms (at most once a second under churn, never while nothing is freed:
+    `meshid_runtime::heap`). A trim took 16 us to 6.4 ms (the longest right after 9,000 connections
+    went quiet at once). The same trim in the CA changed nothing (`bench/fleet.sh`: 41.5 and
+    39.9 KiB per connected sidecar at 1,000 and 10,000, before and after): its per-connection
+    memory is in use (h2's codec buffers), so the CA does not trim.
+  - The connection's task was 3,928 bytes and is 1,688: the TCP proxy's future (boxed now) no
+    longer sizes every HTTP connection's task, a stretch of serving by hyper lives in a boxed
+    future freed when the connection goes quiet, and the peer-revocation future is boxed once
+    instead of being copied through four nested futures.
+  - What is left in use (12.7 KiB): rustls keeps 4 KiB for its record buffer, 1.2 KiB of
+    connection state, 1.2 KiB of AES-GCM keys, 1 KiB for the peer's chain and 0.6 KiB of
+    handshake-joiner capacity for the connection's life (8 KiB in all); the task takes 1.7 KiB,
+    the connection's shared state 0.5 KiB, tokio's socket registration 0.25 KiB. None of rustls's
+    buffers can be released from outside it; the 12 KiB target needs that.
+  - Tried before: mimalloc, 19.6 KiB per connection but 20 MiB idle RSS (10.8 MiB anonymous);
+    mimalloc with `MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0`, 17.8 KiB and 10.9 MiB
+    idle, settings only the environment can give it; glibc with
+    `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=8192`, 24.3 KiB; `glibc.malloc.arena_max=1`,
+    24.8 KiB (all against 26.3 KiB then).
 ";
 
 const METHOD: &str = "
