@@ -3,7 +3,6 @@
 //! Inbound requests are served by [`crate::inbound::http`], outbound ones by
 //! [`crate::outbound::http`].
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -234,8 +233,8 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
 ) where
     R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<RespBody>, Infallible>> + Send + 'static,
+    S: crate::idle::Handler<F>,
+    F: crate::idle::Answer,
 {
     let prefix = match crate::idle::opening(&mut io, head_timeout(shared)).await {
         Opening::H1(prefix) => {

@@ -42,6 +42,31 @@ pub type ReqBody = Tracked<Incoming>;
 /// The response body every handler returns ([`respond`]).
 pub type RespBody = Tracked<Body>;
 
+/// What serves a connection's requests: called with each request and the [`Call`] that counts it
+/// (`None` on h2).
+pub trait Handler<F>:
+    Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static
+{
+}
+
+impl<T, F> Handler<F> for T where
+    T: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static
+{
+}
+
+/// The future a [`Handler`] returns: the response, never an error (errors are answered).
+pub trait Answer:
+    std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>> + Send + 'static
+{
+}
+
+impl<T> Answer for T where
+    T: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
+        + Send
+        + 'static
+{
+}
+
 /// A handler's response, counted for its connection until hyper has sent it (`call` is what the
 /// connection handed the handler with the request; `None` on h2).
 pub fn respond(call: Option<Call>, resp: Response<Body>) -> Response<RespBody> {
@@ -349,10 +374,8 @@ pub async fn serve_h1<IO, S, F, R>(
 ) where
     R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
-        + Send
-        + 'static,
+    S: Handler<F>,
+    F: Answer,
 {
     let head_timeout = crate::http::head_timeout(shared);
     let mut shutdown = shared.shutdown.clone();
@@ -445,10 +468,8 @@ where
     E: std::future::Future<Output = ()> + Unpin,
     R: std::future::Future<Output = ()> + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ReqBody>, Option<Call>) -> F + Clone + Send + Sync + 'static,
-    F: std::future::Future<Output = Result<Response<RespBody>, std::convert::Infallible>>
-        + Send
-        + 'static,
+    S: Handler<F>,
+    F: Answer,
 {
     let head_timeout = crate::http::head_timeout(shared);
     let svc = svc.clone();
