@@ -8,16 +8,19 @@
 //! back (`madvise(MADV_DONTNEED)`), wherever it lies in the heap; the next allocation that reuses one
 //! takes a page fault, nothing more.
 //!
-//! [`Trimmer`] does that once reports of freed memory ([`Trimmer::freed`]: one atomic operation,
-//! cheap enough for every connection that goes idle) have stopped for [`SETTLE`], or [`MAX_DELAY`]
+//! [`Trimmer`] does that once reports of freed memory ([`Trimmer::freed`]: a clock read and an
+//! atomic store, cheap enough for every connection that goes idle) have stopped for [`SETTLE`], or [`MAX_DELAY`]
 //! after the first of them under steady churn; never while nothing was freed, so an idle process is
 //! not woken. Other allocators (musl) return memory themselves; there the trim does nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64, Ordering::AcqRel, Ordering::Relaxed, Ordering::Release,
+};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// How long reports of freed memory must have stopped before the trim: one trim covers a whole burst
 /// of connections going quiet.
@@ -56,57 +59,75 @@ mod glibc {
 }
 
 /// Coalesces reports of freed memory into occasional trims (see the module docs). Cloning shares it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Trimmer {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
-    freed: Notify,
-    trims: AtomicU64,
-    released: AtomicU64,
+    /// Wakes the trimmer for the first report of a burst, and only for that one.
+    first: Notify,
+    /// A burst is under way: later reports only move `last`.
+    pending: AtomicBool,
+    /// When the latest report came, in milliseconds since `epoch`.
+    last: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Trimmer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Trimmer {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            inner: Arc::new(Inner {
+                first: Notify::new(),
+                pending: AtomicBool::new(false),
+                last: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        }
     }
 
     /// Says that a noticeable amount of memory was just freed (a connection let go of its buffers).
+    /// A store of the time; the trimmer task is woken only by the first report of a burst.
     pub fn freed(&self) {
-        self.inner.freed.notify_one();
-    }
-
-    /// Trims run so far, and how many of them gave pages back.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.inner.trims.load(Relaxed),
-            self.inner.released.load(Relaxed),
-        )
+        let inner = &*self.inner;
+        inner.last.store(inner.millis(), Relaxed);
+        if !inner.pending.load(Relaxed) && !inner.pending.swap(true, AcqRel) {
+            inner.first.notify_one();
+        }
     }
 
     /// Runs for ever: once reports of freed memory stop for [`SETTLE`] (or [`MAX_DELAY`] after the
-    /// first one), trims with `release`.
-    pub async fn run(self, mut release: impl FnMut() -> bool) {
+    /// first one), calls `trim` (`release_free_pages`, measured by the caller).
+    pub async fn run(self, mut trim: impl FnMut()) {
+        let inner = &*self.inner;
         loop {
-            self.inner.freed.notified().await;
-            let deadline = tokio::time::Instant::now() + MAX_DELAY;
+            inner.first.notified().await;
+            let deadline = Instant::now() + MAX_DELAY;
             loop {
-                let quiet = tokio::time::sleep(
-                    SETTLE.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
-                );
-                tokio::select! {
-                    () = quiet => break,
-                    () = self.inner.freed.notified() => {}
+                let last = inner.epoch + Duration::from_millis(inner.last.load(Relaxed));
+                let due = (last + SETTLE).min(deadline);
+                if Instant::now() >= due {
+                    break;
                 }
+                tokio::time::sleep_until(due).await;
             }
-            let gave_back = release();
-            self.inner.trims.fetch_add(1, Relaxed);
-            if gave_back {
-                self.inner.released.fetch_add(1, Relaxed);
-            }
+            // Reports from here on start the next burst; the trim below covers the ones before.
+            inner.pending.store(false, Release);
+            trim();
         }
+    }
+}
+
+impl Inner {
+    fn millis(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -114,23 +135,35 @@ impl Trimmer {
 mod tests {
     use super::*;
 
+    fn counting() -> (Arc<AtomicU64>, impl FnMut()) {
+        let trims = Arc::new(AtomicU64::new(0));
+        let counter = trims.clone();
+        (trims, move || {
+            counter.fetch_add(1, Relaxed);
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn trims_once_per_burst_after_it_settles_and_never_when_nothing_was_freed() {
         let trimmer = Trimmer::new();
-        let task = tokio::spawn(trimmer.clone().run(|| true));
+        let (trims, trim) = counting();
+        let count = || trims.load(Relaxed);
+        let task = tokio::spawn(trimmer.clone().run(trim));
         tokio::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(trimmer.counts(), (0, 0), "trimmed with nothing freed");
+        assert_eq!(count(), 0, "trimmed with nothing freed");
 
-        // A burst: many reports, one trim, SETTLE after the first.
+        // A burst: many reports, one trim, SETTLE after the last.
         for _ in 0..100 {
             trimmer.freed();
         }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        trimmer.freed();
         tokio::time::sleep(SETTLE - Duration::from_millis(10)).await;
-        assert_eq!(trimmer.counts().0, 0, "trimmed before the burst settled");
+        assert_eq!(count(), 0, "trimmed before the burst settled");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(trimmer.counts(), (1, 1));
+        assert_eq!(count(), 1);
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_eq!(trimmer.counts().0, 1, "one burst, one trim");
+        assert_eq!(count(), 1, "one burst, one trim");
 
         // Steady churn: a report every 50 ms for 5 s gives one trim per MAX_DELAY, then one more
         // SETTLE after the last report.
@@ -138,20 +171,37 @@ mod tests {
             trimmer.freed();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let during = trimmer.counts().0 - 1;
+        let during = count() - 1;
         assert!((4..=5).contains(&during), "{during} trims in 5 s of churn");
         tokio::time::sleep(SETTLE + Duration::from_millis(10)).await;
+        assert_eq!(count() - 1, during + 1, "no trim once the churn stopped");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(count() - 1, during + 1, "trimmed again with nothing freed");
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_during_the_trim_starts_the_next_burst() {
+        let trimmer = Trimmer::new();
+        let trims = Arc::new(AtomicU64::new(0));
+        let (counter, reporter) = (trims.clone(), trimmer.clone());
+        // The trim itself frees memory (as a trim racing a connection's end would see).
+        let task = tokio::spawn(trimmer.clone().run(move || {
+            if counter.fetch_add(1, Relaxed) == 0 {
+                reporter.freed();
+            }
+        }));
+        trimmer.freed();
+        tokio::time::sleep(SETTLE + Duration::from_millis(10)).await;
+        assert_eq!(trims.load(Relaxed), 1);
+        tokio::time::sleep(SETTLE).await;
         assert_eq!(
-            trimmer.counts().0 - 1,
-            during + 1,
-            "no trim once the churn stopped"
+            trims.load(Relaxed),
+            2,
+            "the report during the trim was lost"
         );
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_eq!(
-            trimmer.counts().0 - 1,
-            during + 1,
-            "trimmed again with nothing freed"
-        );
+        assert_eq!(trims.load(Relaxed), 2);
         task.abort();
     }
 

@@ -13,6 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
@@ -82,6 +83,8 @@ pub struct Metrics {
     pub jwt_svids: Family<ResultLabels, Counter>,
     pub observed_calls: Gauge,
     pub observed_dropped: Counter,
+    pub heap_trims: Family<ResultLabels, Counter>,
+    pub heap_trim_seconds: Counter<f64, AtomicU64>,
     /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
     pub peer_identity: bool,
 }
@@ -247,11 +250,34 @@ impl Metrics {
             m.anchor_newest_expiry.clone(),
         );
         r.register(
+            "heap_trims",
+            "Trims of the heap after connections freed memory (glibc malloc_trim), by whether pages went back to the kernel",
+            Listed(m.heap_trims.clone()),
+        );
+        r.register(
+            "heap_trim_seconds",
+            "Time spent trimming the heap (the runtime's thread is busy meanwhile)",
+            m.heap_trim_seconds.clone(),
+        );
+        r.register(
             "runtime_alive_tasks",
             "Tasks alive in the process's tokio runtime",
             AliveTasks,
         );
         m
+    }
+
+    /// Counts one heap trim (`meshid_runtime::heap`): whether it gave pages back, how long it took.
+    pub fn heap_trimmed(&self, released: bool, took: std::time::Duration) {
+        let result = if released {
+            "released"
+        } else {
+            "nothing_released"
+        };
+        self.heap_trims
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.heap_trim_seconds.inc_by(took.as_secs_f64());
     }
 
     /// Publishes what a newly accepted credential set says.

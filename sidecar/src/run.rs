@@ -204,12 +204,12 @@ pub async fn start(
         observed: Arc::default(),
         heap: meshid_runtime::heap::Trimmer::new(),
     };
-    tokio::spawn(
-        shared
-            .heap
-            .clone()
-            .run(meshid_runtime::heap::release_free_pages),
-    );
+    let trim_metrics = shared.metrics.clone();
+    tokio::spawn(shared.heap.clone().run(move || {
+        let started = std::time::Instant::now();
+        let released = meshid_runtime::heap::release_free_pages();
+        trim_metrics.heap_trimmed(released, started.elapsed());
+    }));
 
     let mut app_svids = None;
     let mut jwt_svids = None;

@@ -643,6 +643,15 @@ async fn idle_connections(e: &Env) -> Option<u64> {
         .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
 }
 
+/// `meshid_sidecar_heap_trims_total`, both results together.
+async fn heap_trims(e: &Env) -> u64 {
+    let text = e.sidecar.metrics().await;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("meshid_sidecar_heap_trims_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
 async fn http1_connection(e: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let cfg = client_config(
         &e.pki.roots(),
@@ -677,6 +686,14 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
         })
         .await,
         "a quiet connection was never counted as idle"
+    );
+    // Letting go of them is reported: the heap is trimmed once the freeing stops.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            heap_trims(&e).await >= 1
+        })
+        .await,
+        "no heap trim after a connection let go of its buffers"
     );
 
     // Two pipelined requests in one write wake it: both answered, in order.
