@@ -32,7 +32,15 @@ profile=dist
 for arg in "$@"; do
     [ "$arg" = "--smoke" ] && profile=release
 done
-cargo build --profile "$profile" -q -p meshid-ca -p meshid-sidecar -p meshid-bench
+if [ "$profile" = dist ]; then
+    # As the Dockerfiles build them, each on its own: what else is built in the same command changes
+    # a crate's features, and so its code (and the names sidecar/symbol-order.txt lays out).
+    cargo build --profile dist --locked -q -p meshid-sidecar
+    cargo build --profile dist --locked -q -p meshid-ca
+    cargo build --profile dist --locked -q -p meshid-bench
+else
+    cargo build --profile "$profile" -q -p meshid-ca -p meshid-sidecar -p meshid-bench
+fi
 mkdir -p bench/results
 
 # Everything the harness starts inherits a higher priority than background jobs (when allowed), so

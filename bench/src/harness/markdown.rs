@@ -615,14 +615,22 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
 - **Start-up**: 45 ms of a sidecar's 52 ms start-to-ready (CA mode) was aws-lc collecting CPU-jitter
   entropy at the process's first random draw (`jent_*` functions in `perf record` of a start). It
   is built without that source now (`.cargo/config.toml`), seeded by `getrandom`; 9 ms since.
-- **Idle RSS** (`/proc/<pid>/smaps`): anonymous memory (heap, stacks) is 0.7 MiB. The rest is
-  file-backed and shared with every process that maps the same binary: 5.5 MiB of the binary's
-  7.2 MiB `.text` is resident after start (the kernel maps 64 KiB around every page touched),
-  1.3 MiB of read-only data and relocations, 0.2 MiB of relocated data, and 1.6 MiB of libc, libm
-  and the loader. Not taken: `panic = \"abort\"` (smaller code, but one panicking connection
-  would end the whole sidecar instead of its own task); packed relative relocations
-  (`-z pack-relative-relocs`, -0.3 MiB, but the binary would need glibc 2.36 and binutils 2.38 to
-  build and run).
+- **Idle RSS** (`/proc/<pid>/smaps`): anonymous memory (heap, stacks) is 0.4-0.7 MiB. The rest is
+  file-backed and shared with every process that maps the same binary. Most of it was the
+  sidecar's own code: the kernel maps 64 KiB of the binary around every page first touched, and the
+  functions that run at start-up were spread across the 8 MiB `.text`, so 5.5-6.3 MiB of it was
+  resident in an idle sidecar. `sidecar/symbol-order.txt` now lists the functions that run at
+  start-up (then those of the request path), recorded from the `dist` build under
+  `valgrind --tool=callgrind` by `scripts/symbol-order.sh`, and `sidecar/build.rs` has LLD lay them
+  out first, together: 1.3-1.8 MiB of `.text` is resident at idle, and the idle inbound sidecar
+  went from 10.0 MiB to 5.1-5.6 MiB (a fresh `bench-run --serve meshid` pair, 1 s idle, three
+  starts). The list goes stale with a toolchain or dependency update (its names carry crate
+  hashes; a name the linker no longer finds leaves its function where it was, nothing breaks): rerun
+  the script. The rest: 1.5 MiB of read-only data and relocations, 0.2 MiB of relocated data, and
+  1.6 MiB of libc, libm and the loader. Not taken: `panic = \"abort\"` (smaller code, but one
+  panicking connection would end the whole sidecar instead of its own task); packed relative
+  relocations (`-z pack-relative-relocs`, -0.3 MiB, but the binary would then need glibc 2.36 to
+  run: not RHEL 9 or Debian 11 hosts running the sidecar beside a VM workload).
 - **Memory per idle connection** (the terminating sidecar, 2,000 idle HTTP/1.1 mTLS connections,
   release build, `heaptrack` for the heap in use and `/proc/PID/smaps_rollup` for RSS): it was
   26.9 KiB of RSS with 15.9 KiB of heap in use; it is 17.3 KiB with 12.7 KiB in use since f3c1e2a.
