@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, Workload, client_config, get, http_echo, http_request,
-    mtls_connect, tcp_echo,
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, get, http_echo,
+    http_request, mtls_connect, tcp_echo,
 };
 use meshid_tests::tools::workspace_bin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -363,7 +363,13 @@ async fn a_refused_handshake_is_recorded_with_the_identity_it_claimed() {
         Ok(tls) => http_request(tls, false, get("/api/x", &[])).await.is_err(),
     };
     assert!(refused, "an untrusted certificate is refused");
+    // TLS 1.3: the client can see the refusal before the sidecar has recorded it.
+    let recorded = eventually(Duration::from_secs(10), || async {
+        decisions(s.admin).await[0].is_object()
+    })
+    .await;
     let list = decisions(s.admin).await;
+    assert!(recorded, "the refused handshake was never recorded: {list}");
     let d = &list[0];
     assert_eq!(
         d["decision"],
