@@ -195,6 +195,9 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
             .concurrency_limit_per_connection(256)
+            // The same bound on open h2 streams (tonic leaves it unbounded): the concurrency
+            // limit above holds a call only until its response head, not for a streaming body.
+            .max_concurrent_streams(256)
             // No h2 keep-alive PINGs: with one bundle stream per sidecar, they cost a wake-up, an
             // encrypted PING and its PONG per sidecar every interval, about 5% of a core for the
             // CA at 19,000 sidecars, for nothing the kernel's keep-alive (set on every accepted

@@ -360,7 +360,9 @@ impl CaState {
         (method, Some(id), Ok(response))
     }
 
-    fn trust_bundle(&self, bundle: &Bundle) -> TrustBundle {
+    /// The bundle as sent. Revocation reasons (free text an operator wrote, "key leaked") go only
+    /// to callers with a certificate of the trust domain, not to anonymous ones.
+    fn trust_bundle(&self, bundle: &Bundle, reasons: bool) -> TrustBundle {
         TrustBundle {
             trust_domain: self.authority.load().trust_domain.to_string(),
             roots: bundle.roots.iter().map(|c| c.to_vec()).collect(),
@@ -378,7 +380,13 @@ impl CaState {
             revoked: bundle
                 .revoked
                 .iter()
-                .map(crate::revocations::Entry::to_proto)
+                .map(|e| {
+                    let mut r = e.to_proto();
+                    if !reasons {
+                        r.reason.clear();
+                    }
+                    r
+                })
                 .collect(),
         }
     }
@@ -469,12 +477,10 @@ impl CaState {
                 "serving_chain must hold 1 to 4 certificates",
             ));
         }
-        let presented = peer
-            .and_then(|p| p.certificates.as_ref())
-            .and_then(|c| c.first())
-            .ok_or_else(|| {
-                Status::unauthenticated("acknowledge over mTLS with your certificate")
-            })?;
+        let handshake_chain = peer.and_then(|p| p.certificates.as_ref());
+        let presented = handshake_chain.and_then(|c| c.first()).ok_or_else(|| {
+            Status::unauthenticated("acknowledge over mTLS with your certificate")
+        })?;
         if presented.as_ref() != req.serving_chain[0].as_slice() {
             return Err(Status::permission_denied(
                 "the reported certificate is not the one presented on this connection",
@@ -484,14 +490,12 @@ impl CaState {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let key = instance_key(presented)
             .ok_or_else(|| Status::invalid_argument("the certificate has no readable key"))?;
-        let chain: Vec<CertificateDer<'static>> = req
-            .serving_chain
-            .iter()
-            .map(|c| CertificateDer::from(c.clone()))
-            .collect();
+        // The authority is read off the chain the handshake verified, not the reported one: the
+        // caller could leave its intermediate out of the report and hide from the retire gate.
+        let chain = handshake_chain.map_or(&[][..], |c| c.as_slice());
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let authority = crate::rotation::fleet::authority_of(
-            &chain,
+            chain,
             &self.authority.load().authority_anchors,
             now,
         );
@@ -517,9 +521,9 @@ pub fn instance_key(leaf: &[u8]) -> Option<String> {
 fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
     use crate::rotation::fleet::FleetError;
     match e {
-        FleetError::Full(_) | FleetError::TooManyForIdentity { .. } => {
-            Status::resource_exhausted(e.to_string())
-        }
+        FleetError::Full(_)
+        | FleetError::TooManyForIdentity { .. }
+        | FleetError::TooManyStreams { .. } => Status::resource_exhausted(e.to_string()),
         FleetError::NotRegistered => Status::failed_precondition(e.to_string()),
         FleetError::ModeChanged { .. } | FleetError::FutureVersion { .. } => {
             Status::invalid_argument(e.to_string())
@@ -654,6 +658,8 @@ struct BundleWatch {
 struct OpenStream {
     state: Arc<CaState>,
     caller: Option<crate::rotation::fleet::Caller>,
+    /// Whether the stream's connection presented a certificate of the trust domain.
+    authenticated: bool,
     _permit: StreamPermit,
 }
 
@@ -683,7 +689,8 @@ impl Stream for BundleWatch {
         }
         match Pin::new(&mut this.bundles).poll_next(cx) {
             Poll::Ready(Some(bundle)) => {
-                Poll::Ready(Some(Ok(this.open.state.trust_bundle(&bundle))))
+                let reasons = this.open.authenticated;
+                Poll::Ready(Some(Ok(this.open.state.trust_bundle(&bundle, reasons))))
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
@@ -789,10 +796,14 @@ impl CertificateAuthority for CaService {
 
     async fn get_trust_bundle(
         &self,
-        _request: Request<GetTrustBundleRequest>,
+        request: Request<GetTrustBundleRequest>,
     ) -> Result<Response<TrustBundle>, Status> {
+        let reasons = request
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.certificates.is_some());
         let bundle = self.state.bundle.borrow().clone();
-        Ok(Response::new(self.state.trust_bundle(&bundle)))
+        Ok(Response::new(self.state.trust_bundle(&bundle, reasons)))
     }
 
     type WatchTrustBundleStream = BundleStream;
@@ -816,13 +827,15 @@ impl CertificateAuthority for CaService {
         let req = request.into_inner();
         let caller = peer.as_ref().and_then(|p| {
             let leaf = p.certificates.as_ref()?.first()?;
-            let identity = p.leaf_identity.as_deref()?.as_ref().ok()?.id.to_string();
+            let id = p.leaf_identity.as_deref()?.as_ref().ok()?;
             Some(crate::rotation::fleet::Caller {
                 key: instance_key(leaf)?,
-                identity,
+                identity: id.id.to_string(),
                 file_mode: req.file_mode,
+                not_after: id.not_after,
             })
         });
+        let authenticated = peer.as_ref().is_some_and(|p| p.certificates.is_some());
         let state = self.state.clone();
         let permit = state.streams.acquire(peer.as_ref(), caller.is_some())?;
         if let Some(c) = &caller {
@@ -837,6 +850,7 @@ impl CertificateAuthority for CaService {
             open: OpenStream {
                 state,
                 caller,
+                authenticated,
                 _permit: permit,
             },
         })))
@@ -1828,7 +1842,7 @@ mod tests {
         assert_eq!(v.id.as_str(), VM);
         // The bundle message carries the key.
         let bundle = ca.state.bundle.borrow().clone();
-        let msg = ca.state.trust_bundle(&bundle);
+        let msg = ca.state.trust_bundle(&bundle, true);
         assert_eq!(msg.jwt_keys.len(), 1);
         assert_eq!(msg.jwt_keys[0].key_id, keys[0].kid);
 
@@ -2440,6 +2454,20 @@ mod tests {
                 }),
             },
             Case {
+                name: "the leaf alone: the authority is the handshake chain's",
+                call: |ca| {
+                    let chain = ca.cert(FRONTEND);
+                    (ack("pod-1", &chain[..1]), Some(peer(&chain)))
+                },
+                stream: true,
+                expected: Ok(Recorded {
+                    identity: FRONTEND,
+                    acked_version: 3,
+                    authority: Some("1"),
+                    file_mode: false,
+                }),
+            },
+            Case {
                 name: "a chain of a PKI this CA does not hold",
                 call: |_| {
                     let leaf = TestPki::new("other").leaf(FRONTEND);
@@ -2575,6 +2603,7 @@ mod tests {
                         key: instance_key(leaf).unwrap(),
                         identity: info.id.to_string(),
                         file_mode: req.file_mode,
+                        not_after: info.not_after,
                     };
                     ca.state.fleet.stream_opened(&caller).is_ok()
                 });

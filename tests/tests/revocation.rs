@@ -257,7 +257,24 @@ async fn a_revoked_identity_is_cut_off_both_ways_within_seconds_until_unrevoked(
         "{message}"
     );
     // Another identity is untouched.
-    issue_with_token(&ca, "cart").await.unwrap();
+    let (cart_chain, cart_key) = issue_with_token(&ca, "cart").await.unwrap();
+    // Anyone may read the list, but the operator's reason goes only to the trust domain's members.
+    let anonymous = ca.client().await;
+    let member = ca.client_with_cert(cart_chain, cart_key).await.unwrap();
+    for (mut client, reason) in [(anonymous, ""), (member, "incident 42")] {
+        let bundle = client
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let entry = bundle.revoked.iter().find(|r| r.spiffe_id == B);
+        assert_eq!(
+            entry.map(|r| r.reason.as_str()),
+            Some(reason),
+            "{:?}",
+            bundle.revoked
+        );
+    }
     let listed = cli(&ca, "revocations", &[]);
     assert!(
         listed.contains(B) && listed.contains("incident 42"),

@@ -219,6 +219,46 @@ async fn a_workload_with_a_valid_certificate_cannot_fool_the_gates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_at_most_four_bundle_streams() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    // A workload with one valid certificate opens stream after stream on one connection (before,
+    // it could take every sidecar's place on the CA).
+    let mut liar = Workload::new(&ca, "liar").await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(liar.watch(false).await.unwrap());
+    }
+    for _ in 0..3 {
+        let refused = liar.watch(false).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused.message().contains("4 bundle streams"),
+            "{refused:?}"
+        );
+    }
+    // Another sidecar registers and is counted; the liar is one instance.
+    let mut honest = Workload::new(&ca, "frontend").await;
+    let mut stream = honest.watch(false).await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().version, 1);
+    let report = rotation::status(ca.dir.path(), &[ca.admin_addr])
+        .await
+        .unwrap();
+    assert_eq!(report.sidecars.len(), 2, "{:?}", report.sidecars);
+    // A stream that ends gives its place back to the same certificate.
+    held.pop();
+    let again = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Ok(s) = liar.watch(false).await {
+                return s;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "a closed stream's place comes back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_streams_cannot_take_the_sidecars_room() {
     let ca = TestCa::start(CaOptions::default()).await;
     // One connection holds at most 4 anonymous streams.

@@ -17,12 +17,14 @@ use serde::Serialize;
 
 pub use super::report::{CaProcess, SidecarReport};
 
-/// How many instances one CA process tracks, and how many connected ones one identity may hold
-/// (the replicas of one service account share an identity).
+/// How many instances one CA process tracks, how many connected ones one identity may hold (the
+/// replicas of one service account share an identity), and how many bundle streams one instance
+/// may hold open at once (a sidecar holds one; a second while it reconnects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FleetLimits {
     pub max_instances: usize,
     pub max_per_identity: usize,
+    pub max_streams_per_instance: u32,
 }
 
 impl Default for FleetLimits {
@@ -30,6 +32,7 @@ impl Default for FleetLimits {
         Self {
             max_instances: 100_000,
             max_per_identity: 4_096,
+            max_streams_per_instance: 4,
         }
     }
 }
@@ -42,6 +45,8 @@ pub struct Caller {
     pub identity: String,
     /// Declared when the stream opens and fixed for the instance's life.
     pub file_mode: bool,
+    /// Expiry (Unix seconds) of the certificate on the stream's connection.
+    pub not_after: i64,
 }
 
 /// What one acknowledgement says (about the caller's own certificate).
@@ -62,6 +67,8 @@ pub enum FleetError {
     Full(usize),
     #[error("{identity} has {max} connected instances already")]
     TooManyForIdentity { identity: String, max: usize },
+    #[error("this certificate has {max} bundle streams open on this CA already")]
+    TooManyStreams { max: u32 },
     #[error(
         "no bundle stream is open on this CA with this certificate: open WatchTrustBundle first"
     )]
@@ -219,6 +226,11 @@ impl Fleet {
                     claimed: mode(caller.file_mode),
                 });
             }
+            if s.streams >= self.limits.max_streams_per_instance {
+                return Err(FleetError::TooManyStreams {
+                    max: self.limits.max_streams_per_instance,
+                });
+            }
             if s.streams == 0 {
                 let n = inner.connected.entry(s.identity.clone()).or_default();
                 if *n >= self.limits.max_per_identity {
@@ -251,7 +263,9 @@ impl Fleet {
                 streams: 1,
                 acked_version: 0,
                 serving_authority: None,
-                serving_not_after: 0,
+                // Known from the connection's certificate before any acknowledgement: an
+                // instance stops counting for the gates once it has expired, acknowledged or not.
+                serving_not_after: caller.not_after,
             },
         );
         Ok(())
@@ -385,6 +399,7 @@ mod tests {
             key: key.into(),
             identity: identity.into(),
             file_mode,
+            not_after: 0,
         }
     }
 
@@ -516,12 +531,27 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_records_its_certificates_expiry_before_any_acknowledgement() {
+        let f = Fleet::new(CaProcess::default());
+        f.stream_opened(&Caller {
+            not_after: 1_000,
+            ..caller("quiet", "spiffe://td/a", false)
+        })
+        .unwrap();
+        let (sidecars, _) = f.report(0);
+        assert_eq!(sidecars.len(), 1);
+        assert_eq!(sidecars[0].acked_version, 0);
+        assert_eq!(sidecars[0].serving_not_after, 1_000);
+    }
+
+    #[test]
     fn bounded_overall_and_per_identity() {
         let f = Fleet::with_limits(
             CaProcess::default(),
             FleetLimits {
                 max_instances: 3,
                 max_per_identity: 2,
+                max_streams_per_instance: 2,
             },
         );
         f.stream_opened(&caller("k1", "spiffe://td/a", false))
@@ -532,7 +562,14 @@ mod tests {
             f.stream_opened(&caller("k3", "spiffe://td/a", false)),
             Err(FleetError::TooManyForIdentity { .. })
         ));
-        // A second stream of a registered key is not a new instance.
+        // A second stream of a registered key is not a new instance; a third is one too many.
+        f.stream_opened(&caller("k1", "spiffe://td/a", false))
+            .unwrap();
+        assert_eq!(
+            f.stream_opened(&caller("k1", "spiffe://td/a", false)),
+            Err(FleetError::TooManyStreams { max: 2 })
+        );
+        f.stream_closed("k1");
         f.stream_opened(&caller("k1", "spiffe://td/a", false))
             .unwrap();
         f.stream_opened(&caller("k4", "spiffe://td/b", false))

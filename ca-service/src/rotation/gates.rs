@@ -29,7 +29,8 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
 /// expired does not count: it can take part in no handshake (peers refuse the certificate, and the
 /// sidecar itself stops serving), and the certificate it renews to comes with the bundle the CA
 /// serves, new root included; until then its stream may linger (a stuck client, a connection not
-/// yet closed). An instance that never acknowledged (no certificate known) still counts.
+/// yet closed). The certificate is known from the stream's connection, acknowledged or not; an
+/// instance with none recorded (0) counts.
 pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
