@@ -7,6 +7,8 @@ use http::HeaderMap;
 
 /// The request header.
 pub const TRACEPARENT: &str = "traceparent";
+/// [`TRACEPARENT`] as a header name (a `&str` is parsed at every lookup).
+static TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
 
 /// Length of `version-traceid-parentid-flags`: 2 + 1 + 32 + 1 + 16 + 1 + 2.
 const LEN: usize = 55;
@@ -15,7 +17,7 @@ const LEN: usize = 55;
 /// of the W3C lengths, version not `ff`, trace and parent IDs not all zeros. A future version may
 /// append `-`-separated fields; only the first 55 characters are returned then.
 pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
-    let mut values = headers.get_all(TRACEPARENT).iter();
+    let mut values = headers.get_all(&TRACEPARENT_NAME).iter();
     let value = values.next()?;
     if values.next().is_some() {
         return None;

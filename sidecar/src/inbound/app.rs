@@ -363,6 +363,89 @@ mod tests {
         assert!(error.contains("refused"), "{error}");
     }
 
+    /// A request body from a channel: more of it may come after the response head.
+    struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl HttpBody for ChannelBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_reaches_the_app_while_the_response_body_is_not_read() {
+        // The app answers as soon as the request head is in, and ends its answer only once it has
+        // the whole request body: the body must flow while nobody reads the response.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (got_body, body_read) = tokio::sync::oneshot::channel::<Vec<u8>>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed before the request head");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                .await
+                .unwrap();
+            while !buf.ends_with(b"0\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let _ = got_body.send(buf);
+            s.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.unwrap();
+            // Keep the connection open for the next request's check.
+            let _ = s.read(&mut chunk).await;
+        });
+        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = Request::post("/")
+            .header("host", "app")
+            .body(ChannelBody(rx))
+            .unwrap();
+        let resp = pool.request(req).await.unwrap();
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        drop(tx);
+        let seen = tokio::time::timeout(Duration::from_secs(10), body_read)
+            .await
+            .expect("the request body reached the app with the response unread")
+            .unwrap();
+        assert!(
+            seen.windows(3).any(|w| w == b"abc"),
+            "{}",
+            String::from_utf8_lossy(&seen)
+        );
+        assert_eq!(text(resp).await, "firstlast");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_app_closed_while_idle_is_let_go_at_the_next_prune() {
+        let (addr, _) = app("hi", Some(1)).await;
+        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+        assert_eq!(text(pool.request(get("/")).await.unwrap()).await, "hi");
+        // The app closes its side after one response; pruning sees it with no request coming.
+        for _ in 0..500 {
+            pool.prune(Instant::now());
+            if pool.idle_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.idle_count(), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let (addr, _) = app("hi", None).await;

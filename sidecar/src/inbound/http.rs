@@ -27,7 +27,7 @@ use super::app::AppH1;
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, Call, ReqBody, Tunnel, XFCC, finish_response, is_grpc, is_upgrade,
+    APP_H2_HINT_NAME, Body, Call, ReqBody, Tunnel, XFCC_NAME, finish_response, is_grpc, is_upgrade,
     protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
     strip_peer_headers, upgrades_to_websocket,
 };
@@ -155,22 +155,20 @@ impl PeerHeaders {
     }
 
     fn set(&self, headers: &mut http::HeaderMap) {
+        static FORWARDED_FOR: header::HeaderName =
+            header::HeaderName::from_static("x-forwarded-for");
+        static FORWARDED_PROTO: header::HeaderName =
+            header::HeaderName::from_static("x-forwarded-proto");
         if let Some(v) = &self.xfcc {
-            headers.insert(XFCC, v.clone());
+            headers.insert(&XFCC_NAME, v.clone());
         }
         if let Some(v) = &self.forwarded_for {
-            headers.insert(
-                header::HeaderName::from_static("x-forwarded-for"),
-                v.clone(),
-            );
+            headers.insert(&FORWARDED_FOR, v.clone());
         }
         if let Some(v) = &self.forwarded {
             headers.insert(header::FORWARDED, v.clone());
         }
-        headers.insert(
-            header::HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("https"),
-        );
+        headers.insert(&FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
 }
 
@@ -199,10 +197,10 @@ async fn inbound_request(
             req.uri().path().to_owned(),
         )
     });
-    let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(APP_H2_HINT);
+    let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME);
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    headers.remove(APP_H2_HINT);
+    headers.remove(&APP_H2_HINT_NAME);
     // Only we say who the peer is.
     strip_peer_headers(headers);
     conn.said.set(headers);

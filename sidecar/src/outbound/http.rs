@@ -13,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::upstream::H2Upstream;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply, respond,
-    serve_connection, strip_hop_by_hop,
+    APP_H2_HINT_NAME, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply,
+    respond, serve_connection, strip_hop_by_hop,
 };
 use crate::metrics::ConnMetrics;
 
@@ -120,9 +120,9 @@ async fn outbound_request(
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, false);
     headers.remove(header::HOST);
-    headers.remove(APP_H2_HINT);
+    headers.remove(&APP_H2_HINT_NAME);
     if app_h2 {
-        headers.insert(APP_H2_HINT, HeaderValue::from_static("1"));
+        headers.insert(&APP_H2_HINT_NAME, HeaderValue::from_static("1"));
     }
     *req.version_mut() = Version::HTTP_2;
     let resp = match tokio::time::timeout(shared.limits.request_timeout, out.upstream.request(req))
