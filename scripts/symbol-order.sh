@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Records which of the shipped sidecar's functions run at start-up and on the request path, and
-# writes them to sidecar/symbol-order.txt, the order in which `sidecar/build.rs` asks the linker to
-# lay them out (first the start-up functions, then those of the request path): the code an idle
-# sidecar touches then sits in a few contiguous pages instead of being spread across its `.text`.
+# Records which of the shipped sidecar's and CA's functions run at start-up and on the request
+# path, and writes them to sidecar/symbol-order.txt and ca-service/symbol-order.txt, the order in
+# which `scripts/symbol-order-build.rs` (both packages' build script) asks the linker to lay them
+# out (first the start-up functions, then those of the request path): the code an idle process
+# touches then sits in a few contiguous pages instead of being spread across its `.text`.
 #
-# How: the `dist` build of the sidecar (the Dockerfile's command), a benchmark pair
-# (`bench-run --serve meshid`: outbound sidecar -> mTLS, h2 -> inbound sidecar -> app), both sidecars
-# restarted with their own command lines under `valgrind --tool=callgrind`, which names every
-# function that ran: once the sidecar is ready, then after HTTP/1.1 and h2 traffic through the pair
-# and straight to the inbound's mTLS port. Then a rebuild with the new list, and how much of it the
-# binary has.
+# How: the `dist` builds of the sidecar and the CA (the Dockerfiles' commands), run under
+# `valgrind --tool=callgrind`, which names every function that ran:
+# - a benchmark pair (`bench-run --serve meshid`: outbound sidecar -> mTLS, h2 -> inbound sidecar
+#   -> app) with certificate files, both sidecars restarted with their own command lines: once
+#   ready, then after HTTP/1.1 and h2 traffic through the pair and straight to the inbound's mTLS
+#   port;
+# - `meshid-ca serve` and a CA-mode sidecar (join token) until it has renewed its certificate.
+# Then a rebuild with the new lists, and how much of them the binaries have.
 #
-# Rerun it after a toolchain or dependency update, or a large change of the sidecar: the names carry
-# hashes of the crates' versions and features, and names the linker no longer finds leave their
-# functions where they were (nothing breaks; the idle memory grows back). bench/run.sh reports the
-# idle RSS it gives ("memory" scenario).
+# Not recorded: service-account token checks at the CA (the JWKS path), rotations; aws-lc's
+# assembly for CPU features valgrind does not offer (AVX-512): those functions stay where they are.
 #
-# Usage: scripts/symbol-order.sh      (about 15 minutes on 2 cores, most of it the two dist builds)
+# Rerun it after a toolchain or dependency update, or a large change of the sidecar or the CA: the
+# names carry hashes of the crates' versions and features, and names the linker no longer finds
+# leave their functions where they were (nothing breaks; the idle memory grows back). bench/run.sh
+# reports the idle RSS it gives ("memory" and "startup" scenarios).
+#
+# Usage: scripts/symbol-order.sh      (about 15 minutes on 2 cores, most of it the dist builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,29 +34,12 @@ if ! command -v valgrind >/dev/null 2>&1 || ! command -v callgrind_control >/dev
 fi
 
 cargo build --profile dist --locked -q -p meshid-sidecar
+cargo build --profile dist --locked -q -p meshid-ca
 cargo build --profile dist --locked -q -p meshid-bench
 bin=target/dist
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-"$bin/bench-run" --serve meshid --bin-dir "$bin" >"$work/serve.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 120); do
-    grep -q "running until interrupted" "$work/serve.log" && break
-    sleep 0.5
-done
-grep -q "running until interrupted" "$work/serve.log" || {
-    cat "$work/serve.log" >&2
-    exit 1
-}
-entry=$(sed -n 's/^meshid: plaintext entry //p' "$work/serve.log")
+. scripts/bench-pair.sh
+start_bench_pair "$bin"
 read -r -a tls <<<"$(sed -n 's/^terminator (mTLS) \([^:]*:[0-9]*\): \(.*\)$/--target \1 \2/p' "$work/serve.log")"
 
 # An admin address from a command line (one argument per line).
@@ -105,16 +94,83 @@ for role in "${roles[@]}"; do
     wait "${vg[$role]}" || true
 done
 
-nm --defined-only "$bin/meshid-sidecar" | awk '{print $3}' >"$work/symbols"
-python3 - "$work" "${roles[@]}" >sidecar/symbol-order.txt <<'EOF'
+# CA mode, as sidecars run in a cluster: `meshid-ca serve` and a sidecar with an inbound and an
+# outbound listener that gets its first certificate with a join token, opens the trust bundle
+# stream and renews (20 s certificates: a renewal at about half of that), both under callgrind.
+# The sidecar's start-up joins the start-up part, its renewal the rest (its request path is the
+# one recorded above). The CA's start-up is its own start-up part; issuing, streaming the bundle
+# and renewing its request path.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ca_grpc="127.0.0.1:$(free_port)"
+ca_admin="127.0.0.1:$(free_port)"
+"$bin/meshid-ca" init --dir "$work/ca" >"$work/ca-init.log" 2>&1
+valgrind --tool=callgrind --demangle=no --dump-instr=no --dump-line=no --compress-strings=no \
+    --callgrind-out-file="$work/ca.cg" \
+    "$bin/meshid-ca" serve --dir "$work/ca" --listen "$ca_grpc" --admin-listen "$ca_admin" --ttl 20s \
+    >"$work/ca.log" 2>&1 &
+vg[ca]=$!
+pids+=($!)
+ready "$ca_admin"
+curl -sf "http://$ca_admin/healthz" >/dev/null
+callgrind_control -d "${vg[ca]}" >/dev/null
+"$bin/meshid-ca" token create --dir "$work/ca" --id spiffe://cluster.local/ns/bench/sa/server \
+    --ttl 10m >"$work/join-token"
+app=$(grep -A1 -x -- '--inbound' "$work/inbound.cmd" | tail -1 | sed 's/^[^=]*=\([^,]*\),.*/\1/')
+remote=$(grep -A1 -x -- '--inbound' "$work/inbound.cmd" | tail -1 | sed 's/=.*//')
+ca_in="127.0.0.1:$(free_port)"
+ca_out="127.0.0.1:$(free_port)"
+ca_side_admin="127.0.0.1:$(free_port)"
+cat >"$work/ca-policy.yaml" <<POLICY
+mode: enforce
+inbound:
+  - port: ${ca_in##*:}
+    protocol: http
+    allow:
+      - id: spiffe://cluster.local/ns/bench/sa/client
+POLICY
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --demangle=no --dump-instr=no --dump-line=no \
+    --compress-strings=no --callgrind-out-file="$work/ca-mode.cg" \
+    "$bin/meshid-sidecar" run --ca-addr "$ca_grpc" --ca-server-name localhost \
+    --ca-bundle "$work/ca/bundle.pem" --join-token-file "$work/join-token" \
+    --inbound "$ca_in=$app,http" --outbound "$ca_out=$remote,spiffe://cluster.local/ns/bench/sa/server,http" \
+    --policy "$work/ca-policy.yaml" --admin-listen "$ca_side_admin" >"$work/ca-mode.log" 2>&1 &
+vg[ca-mode]=$!
+pids+=($!)
+ready "$ca_side_admin"
+sleep 1
+callgrind_control -d "${vg[ca-mode]}" >/dev/null
+renewed() { # the second successful certificate request
+    curl -sf "http://$ca_side_admin/metrics" |
+        awk '/^meshid_sidecar_renewals_total\{result="success"\}/ { n = $2 } END { exit !(n >= 2) }'
+}
+for _ in $(seq 120); do renewed && break; sleep 0.5; done
+renewed || {
+    echo "symbol-order: the CA-mode sidecar did not renew its certificate" >&2
+    tail -20 "$work/ca-mode.log" >&2
+    exit 1
+}
+curl -sf -H 'connection: close' "http://$ca_side_admin/readyz" >/dev/null
+kill -TERM "${vg[ca-mode]}"
+wait "${vg[ca-mode]}" || true
+curl -sf "http://$ca_admin/metrics" >/dev/null
+curl -sf -H 'connection: close' "http://$ca_admin/readyz" >/dev/null
+kill -TERM "${vg[ca]}"
+wait "${vg[ca]}" || true
+
+# ORDER_FILE BINARY RECORDING...: the functions of BINARY that ran, start-up parts first.
+write_order() {
+    local out=$1 binary=$2
+    shift 2
+    nm --defined-only "$bin/$binary" | awk '{print $3}' >"$work/symbols"
+    python3 - "$work" "$binary" "$@" >"$out" <<'EOF'
 import sys
 
-work, roles = sys.argv[1], sys.argv[2:]
+work, binary, roles = sys.argv[1], sys.argv[2], sys.argv[3:]
 known = set(open(f"{work}/symbols").read().split())
 
 
 def ran(path):
-    """Functions of the sidecar's own binary that ran, in the order callgrind lists them."""
+    """Functions of the binary itself that ran, in the order callgrind lists them."""
     out, ob, cob = [], None, None
     for line in open(path, errors="replace"):
         if line.startswith("ob="):
@@ -122,11 +178,11 @@ def ran(path):
         elif line.startswith("cob="):
             cob = line[4:].strip()
         elif line.startswith("fn="):
-            if ob and ob.endswith("meshid-sidecar"):
+            if ob and ob.endswith("/" + binary):
                 out.append(line[3:].strip())
         elif line.startswith("cfn="):
             obj = cob or ob
-            if obj and obj.endswith("meshid-sidecar"):
+            if obj and obj.endswith("/" + binary):
                 out.append(line[4:].strip())
             cob = None
     return out
@@ -142,10 +198,16 @@ for part in [f"{work}/{r}.cg.1" for r in roles] + [f"{work}/{r}.cg" for r in rol
             order.append(name)
 print("\n".join(order))
 EOF
-echo "symbol-order: $(wc -l <sidecar/symbol-order.txt) functions in sidecar/symbol-order.txt"
+    echo "symbol-order: $(wc -l <"$out") functions in $out"
+}
+write_order sidecar/symbol-order.txt meshid-sidecar inbound outbound ca-mode
+write_order ca-service/symbol-order.txt meshid-ca ca
 
-# Relink with it and say how much of it the binary has (all of it, right after recording).
+# Relink with them and say how much of each list the binaries have (all, right after recording).
 cargo build --profile dist --locked -q -p meshid-sidecar
-nm --defined-only "$bin/meshid-sidecar" | awk '{print $3}' | sort -u >"$work/after"
-found=$(sort -u sidecar/symbol-order.txt | comm -12 - "$work/after" | wc -l)
-echo "symbol-order: the dist build has $found of them"
+cargo build --profile dist --locked -q -p meshid-ca
+for pair in sidecar/symbol-order.txt:meshid-sidecar ca-service/symbol-order.txt:meshid-ca; do
+    nm --defined-only "$bin/${pair#*:}" | awk '{print $3}' | sort -u >"$work/after"
+    found=$(sort -u "${pair%:*}" | comm -12 - "$work/after" | wc -l)
+    echo "symbol-order: the dist ${pair#*:} has $found of the $(wc -l <"${pair%:*}") in ${pair%:*}"
+done
