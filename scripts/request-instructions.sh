@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Instructions one sidecar executes per proxied request, counted by `valgrind --tool=callgrind`
+# (repeatable where timings are not: this machine's CPU share, other load and frequency do not
+# move it), and the functions that take them.
+#
+# How: a benchmark pair (`bench-run --serve meshid`: load -> outbound sidecar -> mTLS, h2 ->
+# inbound sidecar -> app), one sidecar restarted with its own command line under callgrind, a
+# warm-up (connections, pools), counters zeroed, then `meshload` over ONE keep-alive connection
+# for 5 s (one request at a time, so no batching of requests into one wake-up changes the count),
+# and a dump. Expect a few percent between runs (timers and housekeeping that fall in the window).
+#
+# Usage: scripts/request-instructions.sh [inbound|outbound] [BIN_DIR]   (default: inbound, target/dist)
+#   BIN_DIR holds meshid-sidecar, bench-run, meshload and bench-app (cargo build --profile dist -p
+#   meshid-sidecar, then -p meshid-bench). Prints the count per request and the top 25 functions by
+#   their own instructions; the callgrind file is kept (its path is printed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+role=${1:-inbound}
+bin=${2:-target/dist}
+case $role in inbound | outbound) ;; *) echo "role: inbound or outbound" >&2; exit 64 ;; esac
+for b in meshid-sidecar bench-run meshload bench-app; do
+    [ -x "$bin/$b" ] || { echo "$bin/$b is missing (build it first)" >&2; exit 66; }
+done
+command -v callgrind_control >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 69; }
+
+. scripts/bench-pair.sh
+start_bench_pair "$bin"
+pid=$(sed -n "s/^$role: pids \[\([0-9]*\)\]$/\1/p" "$work/serve.log")
+tr '\0' '\n' <"/proc/$pid/cmdline" >"$work/cmd"
+admin=$(grep -A1 -x -- '--admin-listen' "$work/cmd" | tail -1)
+kill "$pid"
+while curl -s -o /dev/null "http://$admin/readyz"; do sleep 0.1; done
+mapfile -t cmd <"$work/cmd"
+TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$work/cg" "${cmd[@]}" \
+    >"$work/valgrind.log" 2>&1 &
+vg=$!
+pids+=($vg)
+for _ in $(seq 240); do
+    curl -sf "http://$admin/readyz" >/dev/null && break
+    sleep 0.5
+done
+"$bin/meshload" --target "$entry" --connections 4 --duration 3s >/dev/null 2>&1
+callgrind_control -z "$vg" >/dev/null 2>&1
+"$bin/meshload" --target "$entry" --connections 1 --duration 5s --json >"$work/load.json" 2>&1
+callgrind_control -d "$vg" >/dev/null 2>&1
+for _ in $(seq 50); do [ -s "$work/cg.1" ] && break; sleep 0.1; done
+requests=$(grep -o '"count":[0-9]*' "$work/load.json" | head -1 | cut -d: -f2)
+instructions=$(sed -n 's/^summary: *//p; s/^totals: *//p' "$work/cg.1" | tail -1)
+out="${TMPDIR:-/tmp}/request-instructions-$role.callgrind"
+cp "$work/cg.1" "$out"
+echo "$role sidecar: $requests requests, $instructions instructions, $((instructions / requests)) per request"
+echo "callgrind file: $out (callgrind_annotate --inclusive=no $out)"
+callgrind_annotate --threshold=100 --inclusive=no --auto=no "$out" 2>/dev/null |
+    grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS\|ld-linux\|below main\|libc_start\|__rust_begin_short_backtrace\|:main \[' |
+    head -25 | cut -c1-160
