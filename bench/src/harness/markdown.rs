@@ -593,8 +593,22 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   costly on a VM) and 17% the wake-up of its own `epoll_wait`. Our own code is a few percent of the
   samples: at this rate a request costs wake-ups and cold caches, so what is left to cut is the
   code a request walks through (h2 between the sidecars, hyper's HTTP/1.1 on both ends), not the
-  syscalls. Not done yet: a per-request path with fewer task hops on the inbound (h2 stream task
-  -> app connection task and back).
+  syscalls. Tried and not kept: fewer task hops on the inbound. A request with no body drove its
+  app connection from the h2 stream's task (the request future, then the response body), so no
+  connection task was woken to write the request or to hand over the response. The inbound's
+  instructions per request (`valgrind --tool=callgrind` on the inbound of a `bench-run --serve
+  meshid` pair, counters zeroed after a warm-up, then 5 s of `meshload` over four connections):
+  84.6k and 87.3k before, 85.6k and 87.2k after; `--scenarios throughput,latency`, two rounds each way,
+  moved within the noise of this host. Two task switches on one thread are about 1% of a
+  request, so the simpler code stays.
+- **Header names** (`scripts/request-instructions.sh inbound`: the same callgrind count over one
+  connection, so that no batching of requests into one wake-up moves it): 13%
+  of the inbound's instructions per request were `http::header` functions, most of them parsing
+  and checking header names given as `&str` (`headers.remove(\"keep-alive\")`: the name is parsed
+  at every call; eight hop-by-hop names a request in each direction, plus the identity, forwarding,
+  trace-context and h2-hint headers). They are `HeaderName` statics now: header functions 13.0k ->
+  7.4k instructions per request, the inbound's whole request 98.8k -> 90.8k (base 95.3k-99.3k and
+  new 86.0k-93.6k over four runs each).
 - **A full handshake** at the terminator was 73% aws-lc (P-256 ECDSA signing and verifying a
   third, SHA-384 for the TLS 1.3 key schedule 9%, X25519 7%) and 20% kernel; rustls, tokio and our
   own checks were the rest. Two of its three ECDSA verifications were the client's chain: its leaf
@@ -621,10 +635,15 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   functions that run at start-up were spread across the 8 MiB `.text`, so 5.5-6.3 MiB of it was
   resident in an idle sidecar. `sidecar/symbol-order.txt` now lists the functions that run at
   start-up (then those of the request path), recorded from the `dist` build under
-  `valgrind --tool=callgrind` by `scripts/symbol-order.sh`, and `sidecar/build.rs` has LLD lay them
+  `valgrind --tool=callgrind` by `scripts/symbol-order.sh`, and the build script has LLD lay them
   out first, together: 1.3-1.8 MiB of `.text` is resident at idle, and the idle inbound sidecar
   went from 10.0 MiB to 5.1-5.6 MiB (a fresh `bench-run --serve meshid` pair, 1 s idle, three
-  starts). The list goes stale with a toolchain or dependency update (its names carry crate
+  starts). The script also records a CA-mode sidecar (join token, bundle stream, one renewal) and
+  `meshid-ca serve` itself (`ca-service/symbol-order.txt`): a CA-mode sidecar with an inbound and
+  an outbound listener went from 10.5 to 6.9-7.1 MiB idle, an idle CA from 9.3-9.8 to 5.8-6.0 MiB
+  (7.2 MiB with one sidecar joined, was 10.8). CA mode keeps more code resident: the gRPC client,
+  key generation, the TLS client, and aws-lc's AES-GCM for AVX-512, which valgrind cannot record (it
+  offers no AVX-512) and which stays where it is. The list goes stale with a toolchain or dependency update (its names carry crate
   hashes; a name the linker no longer finds leaves its function where it was, nothing breaks): rerun
   the script. The rest: 1.5 MiB of read-only data and relocations, 0.2 MiB of relocated data, and
   1.6 MiB of libc, libm and the loader. Not taken: `panic = \"abort\"` (smaller code, but one
