@@ -411,6 +411,12 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                         shown(s.serving_authority.as_deref().unwrap_or("unknown")),
                         if s.connected { "" } else { " (disconnected)" }
                     );
+                    if s.revoked {
+                        println!(
+                            "    revoked (serial {}): counts for no gate",
+                            shown(&s.serial)
+                        );
+                    }
                 }
                 for u in &report.unknown {
                     println!("unknown: {}", shown(u));

@@ -223,7 +223,11 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         let dir = config.dir.clone();
         Box::new(move || {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let (sidecars, issued) = state.fleet.report(now);
+            let (mut sidecars, issued) = state.fleet.report(now);
+            crate::rotation::fleet::mark_revoked(
+                &mut sidecars,
+                &state.authority.load().revocations,
+            );
             let files = crate::ca_dir::snapshot(&dir);
             let rotation =
                 crate::authorities::RotationState::load(&files).map_err(|e| e.to_string())?;

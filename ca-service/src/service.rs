@@ -503,6 +503,7 @@ impl CaState {
             version: req.bundle_version,
             authority,
             not_after: info.not_after,
+            serial: normalized_serial(&info.serial_hex),
             file_mode: req.file_mode,
         };
         let published = self.bundle.borrow().version;
@@ -515,6 +516,11 @@ pub fn instance_key(leaf: &[u8]) -> Option<String> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
     Some(crate::serial::sha256_hex(cert.public_key().raw))
+}
+
+/// A certificate's serial as revocations name it (empty if it cannot be read).
+fn normalized_serial(serial_hex: &str) -> String {
+    meshid_identity::revocation::normalize_serial(serial_hex).unwrap_or_default()
 }
 
 /// A refused registration or acknowledgement as the caller sees it.
@@ -833,6 +839,7 @@ impl CertificateAuthority for CaService {
                 identity: id.id.to_string(),
                 file_mode: req.file_mode,
                 not_after: id.not_after,
+                serial: normalized_serial(&id.serial_hex),
             })
         });
         let authenticated = peer.as_ref().is_some_and(|p| p.certificates.is_some());
@@ -2604,6 +2611,7 @@ mod tests {
                         identity: info.id.to_string(),
                         file_mode: req.file_mode,
                         not_after: info.not_after,
+                        serial: normalized_serial(&info.serial_hex),
                     };
                     ca.state.fleet.stream_opened(&caller).is_ok()
                 });

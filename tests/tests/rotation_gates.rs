@@ -1,7 +1,8 @@
 //! The rotation gates against a workload that holds a valid certificate and lies: it cannot
 //! acknowledge for another sidecar, invent instances, claim versions the CA never published, or
 //! flip its mode; anonymous watchers cannot take the sidecars' room. Every lie ends with a clear
-//! status, and the honest sidecar's acknowledgement still lets `activate` pass.
+//! status, and the honest sidecar's acknowledgement still lets `activate` pass. Once revoked, a
+//! liar that never acknowledges no longer holds the rotation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,6 +14,7 @@ use meshid_proto::ca::v1::{
 use meshid_sidecar::creds::ca_client::CaClient;
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::pki::WorkloadKey;
+use meshid_tests::rotation_cli::meshid_ca;
 use rustls::pki_types::CertificateDer;
 use tonic::{Code, Streaming};
 
@@ -327,4 +329,77 @@ async fn anonymous_streams_cannot_take_the_sidecars_room() {
     })
     .await;
     assert!(back.is_ok(), "room comes back when anonymous streams end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_instance_that_never_acknowledges_does_not_hold_the_rotation() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let admins = [ca.admin_addr];
+    // Two liars keep a bundle stream open and never acknowledge: one is revoked by identity, the
+    // other by its certificate's serial. A third instance of the second liar's identity, on
+    // another certificate, is not revoked.
+    let mut by_id = Workload::new(&ca, "stolen").await;
+    let _s1 = by_id.watch(false).await.unwrap();
+    let mut by_serial = Workload::new(&ca, "leaked").await;
+    let _s2 = by_serial.watch(false).await.unwrap();
+    let mut sibling = Workload::new(&ca, "leaked").await;
+    let mut sibling_stream = sibling.watch(false).await.unwrap();
+    assert_eq!(sibling_stream.message().await.unwrap().unwrap().version, 1);
+
+    rotation::prepare(&dir, None).unwrap();
+    let blocked = match rotation::activate(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => why,
+        other => panic!("activate must wait for three instances: {other:?}"),
+    };
+    for sa in ["stolen", "leaked"] {
+        assert!(blocked.contains(&format!("sa/{sa} ")), "{blocked}");
+    }
+
+    let serial = meshid_identity::cert_identity_from_der(&by_serial.chain[0])
+        .unwrap()
+        .serial_hex;
+    for args in [
+        ["--id", "spiffe://cluster.local/ns/shop/sa/stolen"],
+        ["--serial", serial.as_str()],
+    ] {
+        let mut all = vec!["revoke", "--dir", dir_arg.as_str()];
+        all.extend(args);
+        let (code, out) = meshid_ca(&all);
+        assert_eq!(code, 0, "{out}");
+    }
+    // The CA reads its directory every second: the two revoked instances drop out of the gate;
+    // the sibling, on a certificate that is not revoked, still holds it.
+    let report = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let r = rotation::status(&dir, &admins).await.unwrap();
+            if r.sidecars.iter().filter(|s| s.revoked).count() == 2 {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the revoked instances are marked in the report");
+    let unrevoked: Vec<_> = report.sidecars.iter().filter(|s| !s.revoked).collect();
+    assert_eq!(unrevoked.len(), 1, "{:?}", report.sidecars);
+    assert!(unrevoked[0].identity.ends_with("sa/leaked"));
+    match rotation::activate(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => {
+            assert!(!why.contains("sa/stolen"), "{why}");
+            assert_eq!(why.matches("sa/leaked").count(), 1, "{why}");
+        }
+        other => panic!("activate must wait for the sibling: {other:?}"),
+    }
+    // The sibling takes the new bundle and acknowledges it: the revoked liars hold nothing.
+    let version = loop {
+        let b = sibling_stream.message().await.unwrap().unwrap();
+        if b.version >= 2 {
+            break b.version;
+        }
+    };
+    let ack = sibling.ack_of(version);
+    sibling.ack(ack).await.unwrap();
+    assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
 }

@@ -181,6 +181,8 @@ mod tests {
             serving_authority: Some("1".into()),
             serving_not_after: 0,
             file_mode: false,
+            serial: String::new(),
+            revoked: false,
         }
     }
 

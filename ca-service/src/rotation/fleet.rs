@@ -47,6 +47,8 @@ pub struct Caller {
     pub file_mode: bool,
     /// Expiry (Unix seconds) of the certificate on the stream's connection.
     pub not_after: i64,
+    /// Its serial (lowercase hex, as revocations name it).
+    pub serial: String,
 }
 
 /// What one acknowledgement says (about the caller's own certificate).
@@ -56,6 +58,8 @@ pub struct Ack {
     /// The authority the serving chain verifies under (`None`: none this CA holds).
     pub authority: Option<String>,
     pub not_after: i64,
+    /// The serial of the acknowledged certificate (lowercase hex).
+    pub serial: String,
     pub file_mode: bool,
 }
 
@@ -94,6 +98,8 @@ struct Sidecar {
     acked_version: u64,
     serving_authority: Option<String>,
     serving_not_after: i64,
+    /// The serial of the certificate with that expiry.
+    serial: String,
 }
 
 impl Sidecar {
@@ -106,7 +112,23 @@ impl Sidecar {
             serving_authority: self.serving_authority.clone(),
             serving_not_after: self.serving_not_after,
             file_mode: self.file_mode,
+            serial: self.serial.clone(),
+            revoked: false,
         }
+    }
+}
+
+/// Marks the instances whose identity, or the certificate they serve with, `list` revokes.
+pub fn mark_revoked(sidecars: &mut [SidecarReport], list: &crate::revocations::Revocations) {
+    if list.entries().is_empty() {
+        return;
+    }
+    for s in sidecars {
+        let Ok(id) = meshid_identity::SpiffeId::parse(&s.identity) else {
+            continue;
+        };
+        let serial = Some(s.serial.as_str()).filter(|x| !x.is_empty());
+        s.revoked = list.refuses(&id, serial).is_some();
     }
 }
 
@@ -242,6 +264,12 @@ impl Fleet {
                 *n += 1;
             }
             s.streams += 1;
+            // The same key on a later certificate (a renewal that kept its key): the instance
+            // is as alive as its latest one.
+            if caller.not_after > s.serving_not_after {
+                s.serving_not_after = caller.not_after;
+                s.serial.clone_from(&caller.serial);
+            }
             return Ok(());
         }
         let connected = inner.connected.get(&caller.identity).copied().unwrap_or(0);
@@ -266,6 +294,7 @@ impl Fleet {
                 // Known from the connection's certificate before any acknowledgement: an
                 // instance stops counting for the gates once it has expired, acknowledged or not.
                 serving_not_after: caller.not_after,
+                serial: caller.serial.clone(),
             },
         );
         Ok(())
@@ -321,6 +350,7 @@ impl Fleet {
         }
         s.serving_authority = ack.authority;
         s.serving_not_after = ack.not_after;
+        s.serial = ack.serial;
         Ok(())
     }
 
@@ -400,6 +430,7 @@ mod tests {
             identity: identity.into(),
             file_mode,
             not_after: 0,
+            serial: String::new(),
         }
     }
 
@@ -408,6 +439,7 @@ mod tests {
             version,
             authority: Some("1".into()),
             not_after: 500,
+            serial: "0a".into(),
             file_mode: false,
         }
     }
@@ -542,6 +574,38 @@ mod tests {
         assert_eq!(sidecars.len(), 1);
         assert_eq!(sidecars[0].acked_version, 0);
         assert_eq!(sidecars[0].serving_not_after, 1_000);
+    }
+
+    #[test]
+    fn revoked_identities_and_serials_are_marked() {
+        let f = Fleet::new(CaProcess::default());
+        for (key, sa, serial) in [("k1", "a", "01"), ("k2", "b", "02"), ("k3", "b", "03")] {
+            f.stream_opened(&Caller {
+                not_after: 100,
+                serial: serial.into(),
+                ..caller(key, &format!("spiffe://td/ns/x/sa/{sa}"), false)
+            })
+            .unwrap();
+        }
+        // The same key on a later certificate: the instance is known by that one.
+        f.stream_opened(&Caller {
+            not_after: 200,
+            serial: "04".into(),
+            ..caller("k3", "spiffe://td/ns/x/sa/b", false)
+        })
+        .unwrap();
+        let mut list = crate::revocations::Revocations::default();
+        let id = meshid_identity::SpiffeId::parse("spiffe://td/ns/x/sa/a").unwrap();
+        use meshid_identity::revocation::Revoked;
+        list.revoke(Revoked::Id(id), 0, 100, String::new()).unwrap();
+        list.revoke(Revoked::Serial("02".into()), 0, 100, String::new())
+            .unwrap();
+        list.revoke(Revoked::Serial("03".into()), 0, 100, String::new())
+            .unwrap();
+        let (mut s, _) = f.report(0);
+        mark_revoked(&mut s, &list);
+        let marked: Vec<(&str, bool)> = s.iter().map(|s| (s.serial.as_str(), s.revoked)).collect();
+        assert_eq!(marked, [("01", true), ("02", true), ("04", false)]);
     }
 
     #[test]

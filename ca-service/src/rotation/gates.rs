@@ -14,7 +14,7 @@ pub fn refresh(r: &mut RotationReport, state: &RotationState, now: i64) {
 pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
     r.sidecars
         .iter()
-        .filter(|s| s.connected && s.file_mode)
+        .filter(|s| s.connected && s.file_mode && !s.revoked)
         .map(|s| {
             format!(
                 "sidecar {} ({}) is in file mode: which roots it trusts is unknown to the CA; \
@@ -30,14 +30,17 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
 /// sidecar itself stops serving), and the certificate it renews to comes with the bundle the CA
 /// serves, new root included; until then its stream may linger (a stuck client, a connection not
 /// yet closed). The certificate is known from the stream's connection, acknowledged or not; an
-/// instance with none recorded (0) counts.
+/// instance with none recorded (0) counts. Nor does a revoked instance count (its identity or its
+/// certificate is in the revocation list): no peer accepts it any more, and an instance that lies by
+/// never acknowledging must not hold the rotation after it has been revoked.
 pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
     };
     r.sidecars
         .iter()
-        .filter(|s| s.connected && !s.file_mode && s.acked_version < prepared.in_bundle_since)
+        .filter(|s| s.connected && !s.file_mode && !s.revoked)
+        .filter(|s| s.acked_version < prepared.in_bundle_since)
         .filter(|s| s.serving_not_after == 0 || s.serving_not_after > now)
         .map(|s| {
             format!(
@@ -108,6 +111,7 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
     }
     for s in &r.sidecars {
         if s.connected
+            && !s.revoked
             && s.serving_authority.as_deref() == Some(retiring.name.as_str())
             && s.serving_not_after > now
         {
@@ -137,7 +141,7 @@ fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
     let unknown = r
         .sidecars
         .iter()
-        .filter(|s| s.connected && s.file_mode)
+        .filter(|s| s.connected && s.file_mode && !s.revoked)
         .count();
     if unknown == 0 || step.starts_with("none") {
         step
@@ -182,6 +186,8 @@ mod tests {
             serving_authority: Some(authority.into()),
             serving_not_after: not_after,
             file_mode: false,
+            serial: String::new(),
+            revoked: false,
         }
     }
 
@@ -248,6 +254,10 @@ mod tests {
             "still valid at 40: it counts"
         );
         r.sidecars.pop();
+        // A revoked instance (identity or certificate) can serve nobody: it does not count.
+        r.sidecars[1].revoked = true;
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        r.sidecars[1].revoked = false;
         let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1);
         assert!(
@@ -311,6 +321,13 @@ mod tests {
             b[0].contains("1500") && b[1].contains("spiffe://td/a"),
             "{b:?}"
         );
+        r.sidecars[0].revoked = true;
+        assert_eq!(
+            retire_blockers(&st, &r, now).len(),
+            1,
+            "a revoked sidecar serves nobody"
+        );
+        r.sidecars[0].revoked = false;
         // What a file-mode sidecar serves is measured (it presented the chain): it still blocks.
         r.sidecars[0].file_mode = true;
         assert_eq!(retire_blockers(&st, &r, now).len(), 2);

@@ -48,6 +48,12 @@ pub struct SidecarReport {
     /// Certificate and trust anchors from files: the CA cannot tell which roots it trusts.
     #[serde(default)]
     pub file_mode: bool,
+    /// The serial of the certificate it serves with (lowercase hex; empty from older CAs).
+    #[serde(default)]
+    pub serial: String,
+    /// Its identity or that certificate is revoked: no peer accepts it, so it counts for no gate.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// One CA process as its report describes it: its live-certificate counts cover only what it issued

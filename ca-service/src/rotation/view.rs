@@ -85,7 +85,11 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
                 e.serving_authority = s.serving_authority.clone();
                 e.serving_not_after = s.serving_not_after;
                 e.identity = s.identity.clone();
+                e.serial = s.serial.clone();
             }
+            // Revoked only if every process that knows it says so (their lists may differ for
+            // a moment after `revoke`): counting it is the safe side.
+            e.revoked &= s.revoked;
             e.connected |= s.connected;
             e.acked_version = e.acked_version.max(s.acked_version);
             e.file_mode |= s.file_mode;
