@@ -156,7 +156,11 @@ echo "== webhook certificate sources, knobs, HPA, probes, dashboard"
 
 echo "== injected pods (inject_webhook test output)"
 mkdir -p "$OUT/injected"
-MESHID_INJECT_OUT="$OUT/injected" "${CARGO:-cargo}" nextest run -p meshid-tests --test inject_webhook --test helm_test_pods --no-fail-fast --status-level fail --final-status-level fail
+# --workspace, as the README's test command selects: the same features, so after the tests nothing is
+# rebuilt (`-p meshid-tests` alone unifies features differently and rebuilds tokio and all above it).
+MESHID_INJECT_OUT="$OUT/injected" "${CARGO:-cargo}" nextest run --workspace \
+  -E 'binary(inject_webhook) | binary(helm_test_pods)' \
+  --no-fail-fast --status-level fail --final-status-level fail
 ls "$OUT/injected"/*.json >/dev/null || fail "no injected pods written"
 
 echo "== custom resources (CRDs: checked for shape here, left out of the core-schema validation)"
