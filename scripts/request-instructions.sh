@@ -10,15 +10,15 @@
 # and a dump. Expect a few percent between runs (timers and housekeeping that fall in the window).
 #
 # Usage: scripts/request-instructions.sh [inbound|outbound] [BIN_DIR]   (default: inbound, target/dist)
-#   BIN_DIR holds meshid-sidecar, bench-run, meshload and bench-app (cargo build --profile dist -p
-#   meshid-sidecar, then -p meshid-bench). Prints the count per request and the top 25 functions by
+#   BIN_DIR holds meshid-sidecar, meshid-ca and the meshid-bench binaries (cargo build --profile
+#   dist -p meshid-sidecar, then -p meshid-ca, then -p meshid-bench, as bench/run.sh builds them). Prints the count per request and the top 25 functions by
 #   their own instructions; the callgrind file is kept (its path is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 role=${1:-inbound}
 bin=${2:-target/dist}
 case $role in inbound | outbound) ;; *) echo "role: inbound or outbound" >&2; exit 64 ;; esac
-for b in meshid-sidecar bench-run meshload bench-app; do
+for b in meshid-sidecar meshid-ca bench-run ca-bench meshload bench-app; do
     [ -x "$bin/$b" ] || { echo "$bin/$b is missing (build it first)" >&2; exit 66; }
 done
 command -v callgrind_control >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 69; }

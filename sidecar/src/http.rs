@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -21,6 +21,24 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::conn::Shared;
 pub use crate::idle::{Call, ReqBody, RespBody, respond};
 use crate::idle::{Opening, Tracked};
+
+/// What hyper's h2 client and server spawn (a task per stream: the response's wait on the client,
+/// the service call on the server; the connection itself), spawned boxed. hyper hands over one
+/// enum per side whose size is that of its largest variant (the whole connection on the client),
+/// and tokio moves a task's future when it spawns it and when the task ends; boxed, each move copies
+/// a pointer instead of the future, for one allocation per task.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BoxingExecutor;
+
+impl<F> hyper::rt::Executor<F> for BoxingExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
 
 /// The body of every response we return.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -214,9 +232,9 @@ pub(crate) fn http1_builder(shared: &Shared) -> http1::Builder {
     builder
 }
 
-fn h2_builder(shared: &Shared) -> auto::Builder<TokioExecutor> {
+fn h2_builder(shared: &Shared) -> auto::Builder<BoxingExecutor> {
     let limits = shared.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+    let mut builder = auto::Builder::new(BoxingExecutor).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())

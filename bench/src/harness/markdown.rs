@@ -609,6 +609,15 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   trace-context and h2-hint headers). They are `HeaderName` statics now: header functions 13.0k ->
   7.4k instructions per request, the inbound's whole request 98.8k -> 90.8k (base 95.3k-99.3k and
   new 86.0k-93.6k over four runs each).
+- **Tasks hyper spawns** (the same script, both roles, two runs each way): 11-12% of each sidecar's
+  instructions per request were `memcpy`, a third of it tokio moving task futures: at spawn and when
+  a task ends (`Core::set_stage` writes the whole stage, finished or consumed). hyper's h2 client
+  spawns a task per request (the wait for the response) and its server one per stream (the service
+  call), each the size of the largest variant of hyper's enum: on the client, the whole connection.
+  They are spawned boxed now (`BoxingExecutor` in `sidecar/src/http.rs`): `memcpy` per request
+  10.1k -> 6.7k instructions at the outbound and 10.1k-11.4k -> 7.7k-8.0k at the inbound, the
+  outbound's whole request 81.1k-81.2k -> 75.7k-76.7k (the inbound's total moves more between runs
+  than the gain: 87.5k-98.6k before, 87.6k-91.6k after). One more allocation per task is the price.
 - **A full handshake** at the terminator was 73% aws-lc (P-256 ECDSA signing and verifying a
   third, SHA-384 for the TLS 1.3 key schedule 9%, X25519 7%) and 20% kernel; rustls, tokio and our
   own checks were the rest. Two of its three ECDSA verifications were the client's chain: its leaf

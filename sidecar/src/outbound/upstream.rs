@@ -17,7 +17,7 @@ use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
@@ -96,7 +96,7 @@ impl H2Upstream {
                 .checked_sub(RETIRE_MARGIN)
                 .unwrap_or_else(Instant::now)
         });
-        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        let (send, conn) = http2::Builder::new(crate::http::BoxingExecutor)
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
