@@ -57,6 +57,7 @@ pub struct Metrics {
     pub authority_intermediate_expiry: Family<AuthorityLabels, Gauge>,
     pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
     pub sidecars_by_version: Family<VersionLabels, Gauge>,
+    pub revoked_sidecars: Gauge,
     pub jwks_refreshes: Family<ResultLabels, Counter>,
     pub jwks_last_success: Gauge,
     pub jwks_keys: Gauge,
@@ -88,6 +89,7 @@ impl Metrics {
             authority_intermediate_expiry: Family::default(),
             authority_live_certificates: Family::default(),
             sidecars_by_version: Family::default(),
+            revoked_sidecars: Gauge::default(),
             jwks_refreshes: Family::default(),
             jwks_last_success: Gauge::default(),
             jwks_keys: Gauge::default(),
@@ -162,8 +164,13 @@ impl Metrics {
         );
         r.register(
             "sidecars",
-            "Connected sidecars by the bundle version they acknowledged",
+            "Connected sidecars by the bundle version they acknowledged (revoked ones are counted apart)",
             Listed(m.sidecars_by_version.clone()),
+        );
+        r.register(
+            "revoked_sidecars",
+            "Connected sidecars whose identity or certificate serial is revoked: no rotation gate waits for them",
+            m.revoked_sidecars.clone(),
         );
         r.register(
             "jwks_refreshes",
@@ -213,7 +220,7 @@ impl Metrics {
     pub fn record_rotation(
         &self,
         report: &crate::rotation::RotationReport,
-        sidecars_by_version: &std::collections::BTreeMap<u64, usize>,
+        fleet: &crate::rotation::fleet::Summary,
     ) {
         self.authority_root_expiry.clear();
         self.authority_intermediate_expiry.clear();
@@ -240,7 +247,9 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(a.live_certificates as i64);
         }
-        for (version, n) in sidecars_by_version {
+        self.revoked_sidecars
+            .set(i64::try_from(fleet.revoked).unwrap_or(i64::MAX));
+        for (version, n) in &fleet.by_version {
             self.sidecars_by_version
                 .get_or_create(&VersionLabels {
                     acked_version: *version,

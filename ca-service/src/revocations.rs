@@ -282,6 +282,15 @@ impl Revocations {
         })
     }
 
+    /// Whether an instance serving as `identity` (a SPIFFE ID as the fleet records it) with the
+    /// certificate `serial` (empty: not known) is listed: what the rotation gates skip.
+    pub fn lists_instance(&self, identity: &str, serial: &str) -> bool {
+        self.entries.iter().any(|e| match &e.what {
+            Revoked::Id(revoked) => revoked.as_str() == identity,
+            Revoked::Serial(s) => !serial.is_empty() && serial == s,
+        })
+    }
+
     /// How many identities and serials are listed.
     pub fn counts(&self) -> (usize, usize) {
         let ids = self

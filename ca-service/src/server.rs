@@ -309,15 +309,15 @@ async fn follow_bundle(
         if let Ok(rotation) = crate::authorities::RotationState::load(&files) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
             // The counts only: no copy or sort of the fleet every second.
-            let (by_version, issued) = state.fleet.summary(t);
+            let summary = state.fleet.summary(t, &state.authority.load().revocations);
             let report = crate::rotation::report(
                 &files,
                 &rotation,
                 Vec::new(),
-                &issued,
+                &summary.issued,
                 state.fleet.process_now(),
             );
-            state.metrics.record_rotation(&report, &by_version);
+            state.metrics.record_rotation(&report, &summary);
         }
         let now = stamps(&dir);
         if now == last {

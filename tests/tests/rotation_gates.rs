@@ -385,6 +385,30 @@ async fn a_revoked_instance_that_never_acknowledges_does_not_hold_the_rotation()
     let unrevoked: Vec<_> = report.sidecars.iter().filter(|s| !s.revoked).collect();
     assert_eq!(unrevoked.len(), 1, "{:?}", report.sidecars);
     assert!(unrevoked[0].identity.ends_with("sa/leaked"));
+    // The metrics count them apart too: a dashboard's share of sidecars on the newest bundle is
+    // not held down by instances no gate waits for.
+    let counted = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            let (_, m) = meshid_tests::process::http_get(ca.admin_addr, "/metrics").unwrap();
+            let connected: f64 = m
+                .lines()
+                .filter(|l| l.starts_with("meshid_ca_sidecars{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if m.lines().any(|l| l == "meshid_ca_revoked_sidecars 2") && connected == 1.0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        counted.is_ok(),
+        "{}",
+        meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1
+    );
     match rotation::activate(&dir, &admins, false).await {
         Err(RotateError::Refused(why)) => {
             assert!(!why.contains("sa/stolen"), "{why}");

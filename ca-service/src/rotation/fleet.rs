@@ -124,12 +124,19 @@ pub fn mark_revoked(sidecars: &mut [SidecarReport], list: &crate::revocations::R
         return;
     }
     for s in sidecars {
-        let Ok(id) = meshid_identity::SpiffeId::parse(&s.identity) else {
-            continue;
-        };
-        let serial = Some(s.serial.as_str()).filter(|x| !x.is_empty());
-        s.revoked = list.refuses(&id, serial).is_some();
+        s.revoked = list.lists_instance(&s.identity, &s.serial);
     }
+}
+
+/// The fleet's counts, for the metrics.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Connected instances, not revoked, per bundle version they acknowledged.
+    pub by_version: BTreeMap<u64, usize>,
+    /// Connected instances whose identity or certificate serial is revoked.
+    pub revoked: usize,
+    /// Live certificates per authority.
+    pub issued: HashMap<String, IssuedView>,
 }
 
 /// Live certificates one authority issued (as far as this CA process knows).
@@ -392,14 +399,26 @@ impl Fleet {
     }
 
     /// What the metrics need every second, without copying the fleet: connected CA-mode sidecars
-    /// per acknowledged version, and the live certificates per authority.
-    pub fn summary(&self, now: i64) -> (BTreeMap<u64, usize>, HashMap<String, IssuedView>) {
+    /// per acknowledged version (revoked ones apart, as the gates count them), and the live
+    /// certificates per authority.
+    pub fn summary(&self, now: i64, revocations: &crate::revocations::Revocations) -> Summary {
         let mut inner = self.lock();
         let mut by_version = BTreeMap::new();
+        let mut revoked = 0;
+        let check = !revocations.entries().is_empty();
         for s in inner.sidecars.values().filter(|s| s.streams > 0) {
-            *by_version.entry(s.acked_version).or_default() += 1;
+            if check && revocations.lists_instance(&s.identity, &s.serial) {
+                revoked += 1;
+            } else {
+                *by_version.entry(s.acked_version).or_default() += 1;
+            }
         }
-        (by_version, Self::issued_views(&mut inner, now))
+        let issued = Self::issued_views(&mut inner, now);
+        Summary {
+            by_version,
+            revoked,
+            issued,
+        }
     }
 
     fn issued_views(inner: &mut Inner, now: i64) -> HashMap<String, IssuedView> {
@@ -466,10 +485,13 @@ mod tests {
         );
         assert_eq!(i["1"].live, 1);
         assert_eq!(i["1"].latest_not_after, 500);
-        let (by_version, _) = f.summary(200);
-        assert_eq!(by_version.get(&3), Some(&1));
+        let none = crate::revocations::Revocations::default();
+        assert_eq!(f.summary(200, &none).by_version.get(&3), Some(&1));
         f.stream_closed(&a.key);
-        assert!(f.summary(200).0.is_empty(), "disconnected are not counted");
+        assert!(
+            f.summary(200, &none).by_version.is_empty(),
+            "disconnected are not counted"
+        );
         let (s, _) = f.report(200);
         assert!(s.is_empty(), "an instance without a stream is forgotten");
     }
@@ -606,6 +628,10 @@ mod tests {
         mark_revoked(&mut s, &list);
         let marked: Vec<(&str, bool)> = s.iter().map(|s| (s.serial.as_str(), s.revoked)).collect();
         assert_eq!(marked, [("01", true), ("02", true), ("04", false)]);
+        // The metrics count them apart: only k3 (serving on 04) is in the per-version gauge.
+        let summary = f.summary(0, &list);
+        assert_eq!(summary.revoked, 2);
+        assert_eq!(summary.by_version.values().sum::<usize>(), 1);
     }
 
     #[test]
@@ -663,8 +689,8 @@ mod tests {
             f.stream_opened(&c).unwrap();
             f.ack(&c.key, ack(1), 1).unwrap();
         }
-        let (by_version, _) = f.summary(2);
-        assert_eq!(by_version.get(&1), Some(&50_000));
+        let summary = f.summary(2, &crate::revocations::Revocations::default());
+        assert_eq!(summary.by_version.get(&1), Some(&50_000));
         let (s, _) = f.report(2);
         assert_eq!(s.len(), 50_000);
         assert!(s.windows(2).all(|w| w[0].identity <= w[1].identity));
