@@ -5,9 +5,10 @@
 //! the peer identity the verifier established, and ask the one authorization point
 //! ([`inbound::authz`]) before anything reaches the app on localhost. Outbound listeners take the
 //! app's plaintext calls on 127.0.0.1 and originate mTLS to a peer whose identity must be the
-//! expected one. The policy model itself is pure and lives in `meshid-identity`; [`policy`] keeps
-//! it in step with the file on disk. The app can also ask for an identity of its own on the SPIFFE
-//! Workload API ([`workload_api`]).
+//! expected one. Both directions run TLS through [`tls`] (rustls's unbuffered API: an idle
+//! connection holds no TLS buffer). The policy model itself is pure and lives in
+//! `meshid-identity`; [`policy`] keeps it in step with the file on disk. The app can also ask for
+//! an identity of its own on the SPIFFE Workload API ([`workload_api`]).
 
 pub mod admin;
 pub mod check;
@@ -24,6 +25,7 @@ pub mod outbound;
 pub mod policy;
 pub mod run;
 pub mod settings;
+pub mod tls;
 pub mod trace;
 pub mod watch;
 pub mod workload_api;

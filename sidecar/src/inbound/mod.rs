@@ -18,7 +18,6 @@ use meshid_identity::verify::failure_label;
 use meshid_runtime::admission::{Displaceable, is_displaced};
 use meshid_runtime::time::unix_now;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use self::http::InboundHttp;
@@ -125,12 +124,11 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         tracing::error!("own certificate is not valid now; refusing (fail closed)");
         return;
     }
-    let acceptor = TlsAcceptor::from(snapshot.server(spec.protocol).clone());
-    // Boxed: the handshake state (a whole rustls connection mid-handshake) is freed when it ends
-    // instead of staying in this task's future for the life of the connection.
+    // Boxed: the handshake's future is freed when it ends instead of staying in this task's
+    // future for the life of the connection.
     let handshake = Box::pin(tokio::time::timeout(
         shared.limits.handshake_timeout,
-        acceptor.accept(tcp),
+        crate::tls::accept(snapshot.server(spec.protocol).clone(), tcp),
     ));
     let mut local = spec.listen;
     let tls = match handshake.await {

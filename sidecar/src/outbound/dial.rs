@@ -8,13 +8,12 @@ use meshid_identity::verify::{describe, failure_label};
 use meshid_runtime::time::{expiry_instant, unix_now};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 
 use crate::conn::Shared;
 use crate::creds::Snapshot;
 use crate::http::root_cause;
 use crate::settings::Outbound;
+use crate::tls::ClientTlsStream as TlsStream;
 
 /// Dials the upstream and completes mTLS with the current credentials, verifying its identity.
 pub async fn dial(
@@ -61,7 +60,7 @@ pub async fn dial_with(
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = tcp.set_nodelay(true);
-    let handshake = TlsConnector::from(config).connect(name, tcp);
+    let handshake = crate::tls::connect(config, name, tcp);
     match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => Ok((tls, snapshot)),
         Ok(Err(error)) => {
