@@ -674,11 +674,26 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
     longer sizes every HTTP connection's task, a stretch of serving by hyper lives in a boxed
     future freed when the connection goes quiet, and the peer-revocation future is boxed once
     instead of being copied through four nested futures.
-  - What is left in use (12.7 KiB): rustls keeps 4 KiB for its record buffer, 1.2 KiB of
+  - What was left in use (12.7 KiB): rustls kept 4 KiB for its record buffer, 1.2 KiB of
     connection state, 1.2 KiB of AES-GCM keys, 1 KiB for the peer's chain and 0.6 KiB of
     handshake-joiner capacity for the connection's life (8 KiB in all); the task takes 1.7 KiB,
-    the connection's shared state 0.5 KiB, tokio's socket registration 0.25 KiB. None of rustls's
-    buffers can be released from outside it; the 12 KiB target needs that.
+    the connection's shared state 0.5 KiB, tokio's socket registration 0.25 KiB. None of the
+    buffered rustls connection's buffers can be released from outside it.
+  - So the sidecar drives rustls's unbuffered API itself (`sidecar/src/tls.rs`, for the inbound
+    terminator and the outbound's upstream connections): records are read into a buffer on the
+    stack and decrypted there, only the tail of a record that has not fully arrived is kept on the
+    heap, and records are encrypted into a write buffer freed once the socket has taken it. An
+    idle connection holds no TLS buffer. The terminator's memory per idle connection went from
+    19.2-19.8 to 16.2-16.3 KiB of RSS (17.9-18.4 to 14.7 KiB anonymous; `bench-run --scenarios
+    memory --runs 1`, dist builds one after the other, two pairs of runs). Instructions per request
+    (`scripts/request-instructions.sh`): inbound 91.2k before, 85.8k after; outbound 70.8-77.2k
+    before, 72.6-79.8k after (within the spread between runs). Saturation throughput in paired
+    runs (`--scenarios throughput --runs 3`, one after the other) moved within the noise: 1.35x
+    nginx before, 1.23x after, each run's range overlapping the other's. The first version
+    allocated (and zeroed) a 4 KiB read buffer on every poll that found the socket empty: memset
+    was then 20% of the inbound's instructions (118k per request); reading on the stack removed it.
+    What the 12 KiB target still needs: rustls's own state (4 KiB: connection state, keys, the
+    peer's chain, the joiner) and the task (1.7 KiB) stay for the connection's life.
   - Tried before: mimalloc, 19.6 KiB per connection but 20 MiB idle RSS (10.8 MiB anonymous);
     mimalloc with `MIMALLOC_ARENA_EAGER_COMMIT=0 MIMALLOC_PURGE_DELAY=0`, 17.8 KiB and 10.9 MiB
     idle, settings only the environment can give it; glibc with
