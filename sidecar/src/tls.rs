@@ -887,6 +887,98 @@ mod tests {
         assert!(server.write_all(b"after").await.is_err());
     }
 
+    /// A small deterministic generator (xorshift), so a failing case can be replayed.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
+    /// Mutated and truncated first flights, and random bytes, before the handshake; random bytes
+    /// after a genuine one: every case ends in an error (no panic, no hang, nothing accepted).
+    #[tokio::test]
+    async fn hostile_bytes_end_in_an_error_never_a_panic_or_a_hang() {
+        let c = configs();
+        // A genuine first flight (ClientHello), as the client writes it.
+        let hello = {
+            let (client_io, mut server_io) = tokio::io::duplex(1 << 16);
+            let connector = tokio_rustls::TlsConnector::from(c.client.clone());
+            let task = tokio::spawn(async move {
+                let _ = connector.connect(name(), client_io).await;
+            });
+            let mut buf = vec![0u8; 1 << 16];
+            let n = server_io.read(&mut buf).await.unwrap();
+            task.abort();
+            buf.truncate(n);
+            buf
+        };
+        assert_eq!(hello.first(), Some(&22), "a handshake record");
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        for case in 0..300u32 {
+            let mut bytes = hello.clone();
+            match case % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 8 {
+                        let at = usize::try_from(next()).unwrap() % bytes.len();
+                        bytes[at] ^= (next() as u8) | 1;
+                    }
+                }
+                1 => bytes.truncate(usize::try_from(next()).unwrap() % bytes.len()),
+                _ => {
+                    let len = usize::try_from(next() % 2048).unwrap();
+                    bytes = (0..len).map(|_| next() as u8).collect();
+                }
+            }
+            let (mut peer, io) = tokio::io::duplex(1 << 17);
+            peer.write_all(&bytes).await.unwrap();
+            peer.shutdown().await.unwrap();
+            let result = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                accept(c.server.clone(), io),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("case {case} hung"));
+            assert!(result.is_err(), "case {case} was accepted");
+        }
+
+        // After a genuine handshake: random records, then the end.
+        let connector = tokio_rustls::TlsConnector::from(c.client.clone());
+        for case in 0..50u32 {
+            let (client_io, server_io) = tokio::io::duplex(1 << 17);
+            let (client, server) = tokio::join!(
+                connector.connect(name(), client_io),
+                accept(c.server.clone(), server_io)
+            );
+            let (mut client, mut server) = (client.unwrap(), server.unwrap());
+            let len = usize::try_from(next() % 4096).unwrap();
+            let mut junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if case % 2 == 0 && junk.len() >= 5 {
+                // A plausible header in front: application data, TLS 1.2 legacy version.
+                let body = u16::try_from(junk.len() - 5).unwrap().to_be_bytes();
+                junk[..5].copy_from_slice(&[23, 3, 3, body[0], body[1]]);
+            }
+            let raw = &mut client.get_mut().0;
+            raw.write_all(&junk).await.unwrap();
+            raw.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                server.read_to_end(&mut got),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("case {case} hung"));
+            assert!(
+                read.is_err(),
+                "case {case}: junk read as {} bytes",
+                got.len()
+            );
+            assert!(got.is_empty(), "case {case}: junk delivered as plaintext");
+        }
+    }
+
     #[tokio::test]
     async fn key_updates_from_the_peer_are_answered_and_traffic_goes_on() {
         let c = configs();
