@@ -21,6 +21,24 @@ pub const COALESCE_BYTES: usize = 16 * 1024;
 /// The first allocation after a drain: a typical response fits without regrowing.
 const INITIAL_BYTES: usize = 4 * 1024;
 
+/// Writes `buf[*pos..]` to `w`, moving `pos` on, until all of it is written (`Ready(Ok)`) or `w`
+/// takes no more for now (`Pending`). A writer that takes nothing is an error (`WriteZero`).
+pub fn poll_write_from<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+    pos: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *pos < buf.len() {
+        let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[*pos..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *pos += n;
+    }
+    Poll::Ready(Ok(()))
+}
+
 /// An [`AsyncWrite`] that gathers writes until `poll_flush` (reads pass straight through).
 #[derive(Debug)]
 pub struct Coalesce<T> {
@@ -67,13 +85,12 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
 
     /// Passes everything buffered to the inner writer, then releases the buffer.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.buf.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
-        }
+        ready!(poll_write_from(
+            &mut self.inner,
+            cx,
+            &self.buf,
+            &mut self.written
+        ))?;
         self.buf = Vec::new();
         self.written = 0;
         Poll::Ready(Ok(()))

@@ -232,9 +232,7 @@ where
                     None
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    encode_into(&mut self.wbuf, |out| encode.encode(out)).map_err(|e| {
-                        io::Error::other(format!("tls: queueing a message failed: {e}"))
-                    })?;
+                    append_grown(&mut self.wbuf, 512, |out| encode.encode(out), encode_needs)?;
                     None
                 }
                 ConnectionState::TransmitTlsData(transmit) => {
@@ -253,11 +251,21 @@ where
                         let rest = &app[taken..];
                         // Room for the records' headers and tags, and a queued message or two.
                         let room = rest.len() + (rest.len() / 16384 + 1) * 32 + 64;
-                        encrypt_into(&mut self.wbuf, room, |out| traffic.encrypt(rest, out))?;
+                        append_grown(
+                            &mut self.wbuf,
+                            room,
+                            |out| traffic.encrypt(rest, out),
+                            encrypt_needs,
+                        )?;
                         taken = app.len();
                     }
                     if close && !self.close_sent {
-                        encrypt_into(&mut self.wbuf, 64, |out| traffic.queue_close_notify(out))?;
+                        append_grown(
+                            &mut self.wbuf,
+                            64,
+                            |out| traffic.queue_close_notify(out),
+                            encrypt_needs,
+                        )?;
                         self.close_sent = true;
                     }
                     Some(Reached::Traffic)
@@ -286,7 +294,8 @@ where
             let UnbufferedStatus { discard, state } = self.conn.process(&mut incoming[..*len]);
             let queued = match state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    encode_into(&mut self.wbuf, |out| encode.encode(out)).is_ok()
+                    append_grown(&mut self.wbuf, 512, |out| encode.encode(out), encode_needs)
+                        .is_ok()
                 }
                 _ => false,
             };
@@ -299,13 +308,12 @@ where
 
     /// Writes `wbuf` to the socket until it is empty (`Ready`) or the socket is full (`Pending`).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.wpos += n;
-        }
+        ready!(meshid_runtime::io::poll_write_from(
+            &mut self.io,
+            cx,
+            &self.wbuf,
+            &mut self.wpos
+        ))?;
         // All sent: a connection with nothing in flight keeps no write buffer.
         self.wpos = 0;
         self.wbuf = Vec::new();
@@ -414,57 +422,48 @@ fn discard_front(buf: &mut [u8], len: &mut usize, n: usize) {
     *len -= n;
 }
 
-/// Appends what `encode` writes to `buf`, growing it as rustls asks.
-fn encode_into(
+/// Appends to `buf` what `write` puts in the room it is given: `room` bytes at first, then what
+/// rustls says it needs (`needs` reads that from its error).
+fn append_grown<E: std::fmt::Display>(
     buf: &mut Vec<u8>,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> Result<usize, EncodeError> {
+    mut room: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, E>,
+    needs: impl Fn(&E) -> Option<usize>,
+) -> io::Result<usize> {
     let start = buf.len();
-    let mut room = 512;
     loop {
         buf.resize(start + room, 0);
-        match encode(&mut buf[start..]) {
+        match write(&mut buf[start..]) {
             Ok(n) => {
                 buf.truncate(start + n);
                 return Ok(n);
             }
-            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                room = required_size;
-            }
             Err(e) => {
                 buf.truncate(start);
-                return Err(e);
+                match needs(&e) {
+                    Some(required) if required > room => room = required,
+                    _ => return Err(io::Error::other(format!("tls: {e}"))),
+                }
             }
         }
     }
 }
 
-/// Appends what `encrypt` writes to `buf`, growing it as rustls asks.
-fn encrypt_into(
-    buf: &mut Vec<u8>,
-    mut room: usize,
-    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
-) -> io::Result<usize> {
-    let start = buf.len();
-    loop {
-        buf.resize(start + room, 0);
-        match encrypt(&mut buf[start..]) {
-            Ok(n) => {
-                buf.truncate(start + n);
-                return Ok(n);
-            }
-            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                if required_size <= room {
-                    buf.truncate(start);
-                    return Err(io::Error::other("tls: encryption asked for no more room"));
-                }
-                room = required_size;
-            }
-            Err(e) => {
-                buf.truncate(start);
-                return Err(io::Error::other(format!("tls: {e}")));
-            }
+fn encode_needs(e: &EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
         }
+        _ => None,
+    }
+}
+
+fn encrypt_needs(e: &EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(*required_size)
+        }
+        _ => None,
     }
 }
 
