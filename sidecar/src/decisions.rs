@@ -55,14 +55,12 @@ pub fn new_id() -> String {
 
 /// `s` cut to at most `max` bytes at a character boundary.
 pub fn cut(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
+    cut_str(s, max).to_owned()
+}
+
+/// [`cut`] without the copy.
+pub fn cut_str(s: &str, max: usize) -> &str {
+    &s[..s.floor_char_boundary(max)]
 }
 
 impl DecisionLog {
@@ -220,5 +218,8 @@ mod tests {
         assert_eq!(cut("abc", 2), "ab");
         assert_eq!(cut("aé", 2), "a");
         assert_eq!(cut(&"x".repeat(5000), MAX_FIELD).len(), MAX_FIELD);
+        assert_eq!(cut_str("aé", 2), "a");
+        assert_eq!(cut_str("aé", 3), "aé");
+        assert_eq!(cut_str("", 3), "");
     }
 }

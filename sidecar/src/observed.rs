@@ -7,7 +7,7 @@
 //! [`MAX_PATH`] bytes); calls past that are only counted as `dropped`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -40,11 +40,33 @@ pub enum Recorded {
     Dropped,
 }
 
+/// The map's keys are already keyed SipHash values of the whole call: they are used as they are
+/// rather than hashed a second time on every request.
+#[derive(Debug, Default)]
+struct KeyIsHash(u64);
+
+impl Hasher for KeyIsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys reach here (`write_u64`); anything else is folded in, still correctly.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// The summary.
 #[derive(Debug, Default)]
 pub struct ObservedTraffic {
     hasher: RandomState,
-    map: Mutex<HashMap<u64, Entry>>,
+    map: Mutex<HashMap<u64, Entry, BuildHasherDefault<KeyIsHash>>>,
     dropped: AtomicU64,
 }
 
@@ -81,7 +103,9 @@ pub struct ObservedReport {
 }
 
 impl ObservedTraffic {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, Entry, BuildHasherDefault<KeyIsHash>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -92,10 +116,9 @@ impl ObservedTraffic {
         // Methods are short tokens; a longer one is kept (and matched) by its first 32 bytes.
         let method = &method[..method.floor_char_boundary(32)];
         let path = path.split_once('?').map_or(path, |(p, _)| p);
-        let path = crate::decisions::cut(path, MAX_PATH);
-        let key = self
-            .hasher
-            .hash_one((port, peer.as_str(), method, path.as_str()));
+        // Cut without a copy: a call seen before (nearly every one) allocates nothing.
+        let path = crate::decisions::cut_str(path, MAX_PATH);
+        let key = self.hasher.hash_one((port, peer.as_str(), method, path));
         let mut map = self.lock();
         let room = map.len() < MAX_ENTRIES;
         match map.get_mut(&key) {
@@ -119,7 +142,7 @@ impl ObservedTraffic {
                         port,
                         peer: peer.as_str().to_owned(),
                         method: method.to_owned(),
-                        path,
+                        path: path.to_owned(),
                         count: 1,
                     },
                 );

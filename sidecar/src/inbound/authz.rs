@@ -12,7 +12,8 @@ use std::sync::Arc;
 use http::{Response, StatusCode};
 use meshid_identity::SpiffeId;
 use meshid_identity::peer::VerifiedPeer;
-use meshid_identity::policy::{Decision, Policy, no_policy_decision};
+use meshid_identity::policy::{Decision, Policy, RuleRef, no_policy_decision};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::conn::Shared;
 use crate::http::{Body, reply};
@@ -45,11 +46,44 @@ pub struct Denied;
 pub struct Authorizer {
     port: u16,
     shared: Shared,
+    allowed: Arc<AllowedByRule>,
+}
+
+/// How many rules of a port keep their `allow` counter at hand (rules past it are looked up).
+const RULES_AT_HAND: usize = 64;
+
+/// The listener's `meshid_sidecar_authz_decisions_total{decision="allow",rule="rule-N"}` counters
+/// by rule index, each looked up once: an allowed request then neither formats its rule's label
+/// nor hashes a label set. Entries of the family are never removed, so a handle kept here is the
+/// counter `/metrics` shows.
+#[derive(Default)]
+struct AllowedByRule(std::sync::RwLock<Vec<Option<Counter>>>);
+
+impl AllowedByRule {
+    fn inc(&self, rule: usize, lookup: impl FnOnce() -> Counter) {
+        let read = self.0.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(c)) = read.get(rule) {
+            c.inc();
+            return;
+        }
+        drop(read);
+        let counter = lookup();
+        counter.inc();
+        let mut kept = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if kept.len() <= rule {
+            kept.resize(rule + 1, None);
+        }
+        kept[rule] = Some(counter);
+    }
 }
 
 impl Authorizer {
     pub fn new(port: u16, shared: Shared) -> Self {
-        Self { port, shared }
+        Self {
+            port,
+            shared,
+            allowed: Arc::default(),
+        }
     }
 
     /// The sidecar's shared state, as this listener's connections see it.
@@ -210,15 +244,21 @@ impl Authorizer {
         } else {
             "deny"
         };
-        self.shared
-            .metrics
-            .authz
-            .get_or_create(&AuthzLabels {
-                port,
-                decision: kind,
-                rule: decision.rule.label(),
-            })
-            .inc();
+        let family = &self.shared.metrics.authz;
+        let labels = || AuthzLabels {
+            port,
+            decision: kind,
+            rule: decision.rule.label(),
+        };
+        match decision.rule {
+            RuleRef::Rule(i) if kind == "allow" && i < RULES_AT_HAND => {
+                self.allowed
+                    .inc(i, || family.get_or_create(&labels()).clone());
+            }
+            _ => {
+                family.get_or_create(&labels()).inc();
+            }
+        }
         let (method, path) = request.unwrap_or(("", ""));
         let id = peer.id();
         match self.shared.observed.record(port, id, request) {
@@ -263,3 +303,32 @@ impl Authorizer {
 
 /// The response header that carries a deny's (or an audit-mode would-deny's) decision ID.
 pub const DECISION_HEADER: &str = "x-meshid-decision";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::family::Family;
+
+    #[test]
+    fn allowed_counters_are_looked_up_once_and_count_every_decision() {
+        let family: Family<AuthzLabels, Counter> = Family::default();
+        let labels = |rule: usize| AuthzLabels {
+            port: 8080,
+            decision: "allow",
+            rule: format!("rule-{rule}"),
+        };
+        let at_hand = AllowedByRule::default();
+        let mut lookups = 0;
+        for rule in [0, 3, 3, 0, 3] {
+            at_hand.inc(rule, || {
+                lookups += 1;
+                family.get_or_create(&labels(rule)).clone()
+            });
+        }
+        assert_eq!(lookups, 2, "one lookup per rule");
+        assert_eq!(family.get_or_create(&labels(0)).get(), 2);
+        assert_eq!(family.get_or_create(&labels(3)).get(), 3);
+        // Rules never seen hold nothing.
+        assert_eq!(family.get_or_create(&labels(1)).get(), 0);
+    }
+}
