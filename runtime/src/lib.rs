@@ -1,7 +1,8 @@
 //! What every meshid process shares around its real work: connection admission at the listeners'
 //! caps, process setup (logs, signals, the usage
 //! exit code), the one admin HTTP server (probes, `/metrics`, JSON endpoints), one small HTTP client
-//! on hyper, the accept loop, write coalescing under TLS streams, and wall-clock helpers.
+//! on hyper, the accept loop, write coalescing under TLS streams, wall-clock helpers, and futures
+//! polled only when they were woken ([`wake::WhenWoken`]).
 //!
 //! Holds no identity or policy logic: that is `meshid-identity`'s.
 
@@ -16,5 +17,6 @@ pub mod io;
 pub mod net;
 pub mod process;
 pub mod time;
+pub mod wake;
 
 pub use process::EXIT_USAGE;

@@ -288,6 +288,15 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
             None => std::future::pending().await,
         }
     };
+    // What ends the connection from outside: polled only when one of them was woken, not at every
+    // wake of this task (several per request).
+    let ended = std::pin::pin!(async {
+        tokio::select! {
+            () = meshid_runtime::net::stopped(&mut shutdown) => {}
+            () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
+            () = revoked => {}
+        }
+    });
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(error) = r {
@@ -295,9 +304,7 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
             }
             return;
         }
-        () = meshid_runtime::net::stopped(&mut shutdown) => {}
-        () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
-        () = revoked => {}
+        () = meshid_runtime::wake::WhenWoken::new(ended) => {}
     }
     // Finish in-flight requests; h2 peers get GOAWAY.
     conn.as_mut().graceful_shutdown();

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use meshid_runtime::wake::WhenWoken;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
@@ -488,6 +489,18 @@ where
     let mut quiet_since = Instant::now();
     let tick = tokio::time::sleep(RELEASE_TICK);
     tokio::pin!(tick);
+    // What ends the connection from outside: polled only when one of them was woken, not at every
+    // wake of this task (several per request).
+    let ended = std::pin::pin!(async {
+        tokio::select! {
+            () = meshid_runtime::net::stopped(shutdown) => {}
+            () = &mut *expired => {
+                tracing::info!("closing gracefully: the peer's certificate expired");
+            }
+            () = &mut *revoked => {}
+        }
+    });
+    let mut ended = WhenWoken::new(ended);
     let stop = loop {
         tokio::select! {
             r = &mut conn => {
@@ -496,12 +509,7 @@ where
                 }
                 return Served::Done;
             }
-            () = meshid_runtime::net::stopped(shutdown) => break Stop::Drain,
-            () = &mut *expired => {
-                tracing::info!("closing gracefully: the peer's certificate expired");
-                break Stop::Drain;
-            }
-            () = &mut *revoked => break Stop::Drain,
+            () = &mut ended => break Stop::Drain,
             () = &mut tick => {
                 let now = Instant::now();
                 if activity.requests.load(Relaxed) != requests_at_start {

@@ -59,12 +59,18 @@ pub async fn proxy(
         }
     };
     let id = peer.id();
+    // Polled when one of them was woken, not at every wake of the copy (each chunk of data).
+    let closing = std::pin::pin!(async {
+        tokio::select! {
+            () = ended => tracing::info!(peer = %id, "closing: the peer's certificate expired"),
+            () = authz.revoked(&peer, None) => {}
+        }
+    });
     tokio::select! {
         r = copy => match r {
             Ok((up, down)) => tracing::debug!(peer = %id, up, down, "tcp connection closed"),
             Err(error) => tracing::debug!(%error, peer = %id, "tcp connection ended"),
         },
-        () = ended => tracing::info!(peer = %id, "closing: the peer's certificate expired"),
-        () = authz.revoked(&peer, None) => {}
+        () = meshid_runtime::wake::WhenWoken::new(closing) => {}
     }
 }

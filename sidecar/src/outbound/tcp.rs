@@ -36,13 +36,19 @@ pub async fn proxy(
         }
     };
     let revoked = upstream_revoked(&tls, spec.local.port(), shared);
+    // Polled when one of them was woken, not at every wake of the copy (each chunk of data).
+    let ended = std::pin::pin!(async {
+        tokio::select! {
+            () = expired => tracing::info!("closing: the upstream's certificate expired"),
+            () = revoked => {}
+        }
+    });
     tokio::select! {
         r = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout) => {
             if let Err(error) = r {
                 tracing::debug!(%error, "tcp connection ended");
             }
         }
-        () = expired => tracing::info!("closing: the upstream's certificate expired"),
-        () = revoked => {}
+        () = meshid_runtime::wake::WhenWoken::new(ended) => {}
     }
 }

@@ -105,11 +105,14 @@ impl H2Upstream {
             .map_err(io::Error::other)?;
         let upstream = self.spec.remote.clone();
         tokio::spawn(async move {
+            // The revocation watch is polled when it was woken, not at every wake of the
+            // connection's task (several per request).
+            let revoked = std::pin::pin!(revoked);
             tokio::select! {
                 r = conn => if let Err(error) = r {
                     tracing::debug!(%error, %upstream, "upstream connection ended");
                 },
-                () = revoked => {}
+                () = meshid_runtime::wake::WhenWoken::new(revoked) => {}
             }
         });
         let c = Arc::new(H2Conn {
