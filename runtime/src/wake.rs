@@ -80,11 +80,25 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    /// Pending until `ready`, counting its polls; keeps the last waker it was given.
+    /// Pending until `ready`, counting its polls; keeps the last waker it was given. Clones share
+    /// all three.
+    #[derive(Clone, Default)]
     struct Probe {
         polls: Arc<AtomicUsize>,
         ready: Arc<AtomicBool>,
         waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Probe {
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::SeqCst)
+        }
+
+        /// Fires the waker it was last polled with.
+        fn wake(&self) {
+            let waker = self.waker.lock().unwrap().clone();
+            waker.expect("polled once").wake();
+        }
     }
 
     impl Future for Probe {
@@ -111,46 +125,33 @@ mod tests {
 
     #[test]
     fn the_inner_future_is_polled_first_and_then_only_after_its_own_wake() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let ready = Arc::new(AtomicBool::new(false));
-        let inner_waker = Arc::new(Mutex::new(None::<Waker>));
-        let mut gated = WhenWoken::new(Probe {
-            polls: polls.clone(),
-            ready: ready.clone(),
-            waker: inner_waker.clone(),
-        });
+        let probe = Probe::default();
+        let mut gated = WhenWoken::new(probe.clone());
         let task = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let task_waker = Waker::from(task.clone());
         let mut cx = Context::from_waker(&task_waker);
 
         assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled on the first poll");
+        assert_eq!(probe.polls(), 1, "polled on the first poll");
         // The task woke for other reasons: the inner future is not asked again.
         for _ in 0..10 {
             assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
         }
-        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        assert_eq!(probe.polls(), 1);
         assert_eq!(task.0.load(Ordering::SeqCst), 0);
 
         // Its own waker fires: the task is woken and the next poll reaches it.
-        ready.store(true, Ordering::SeqCst);
-        let w = inner_waker.lock().unwrap().clone().unwrap();
-        w.wake_by_ref();
+        probe.ready.store(true, Ordering::SeqCst);
+        probe.wake();
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task was woken");
         assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        assert_eq!(probe.polls(), 2);
     }
 
     #[test]
     fn a_wake_reaches_the_task_that_polled_last() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let ready = Arc::new(AtomicBool::new(false));
-        let inner_waker = Arc::new(Mutex::new(None::<Waker>));
-        let mut gated = WhenWoken::new(Probe {
-            polls,
-            ready,
-            waker: inner_waker.clone(),
-        });
+        let probe = Probe::default();
+        let mut gated = WhenWoken::new(probe.clone());
         let first = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let second = Arc::new(CountingWaker(AtomicUsize::new(0)));
         let w1 = Waker::from(first.clone());
@@ -166,7 +167,7 @@ mod tests {
                 .poll(&mut Context::from_waker(&w2))
                 .is_pending()
         );
-        inner_waker.lock().unwrap().clone().unwrap().wake();
+        probe.wake();
         assert_eq!(first.0.load(Ordering::SeqCst), 0);
         assert_eq!(second.0.load(Ordering::SeqCst), 1);
     }
