@@ -22,11 +22,10 @@ use crate::conn::Shared;
 pub use crate::idle::{Call, ReqBody, RespBody, respond};
 use crate::idle::{Opening, Tracked};
 
-/// What hyper's h2 client and server spawn (a task per stream: the response's wait on the client,
-/// the service call on the server; the connection itself), spawned boxed. hyper hands over one
-/// enum per side whose size is that of its largest variant (the whole connection on the client),
-/// and tokio moves a task's future when it spawns it and when the task ends; boxed, each move copies
-/// a pointer instead of the future, for one allocation per task.
+/// What hyper's h2 server spawns (a task per stream, for the service call), spawned boxed. hyper
+/// hands over one enum whose size is that of its largest variant, and tokio moves a task's future
+/// when it spawns it and when the task ends; boxed, each move copies a pointer instead of the
+/// future, for one allocation per task. (The outbound drives `h2` itself: no task per request.)
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BoxingExecutor;
 
@@ -40,8 +39,11 @@ where
     }
 }
 
+/// What a body's error is passed on as (hyper's, h2's on the outbound's upstream side).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of every response we return.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Set on requests between sidecars when the originating app spoke h2 (the peer then speaks h2c to
 /// its app). Stripped before any app sees it.

@@ -111,6 +111,40 @@ async fn http1_and_h2_through_a_pair() {
     );
 }
 
+/// Bodies larger than every flow-control window on the way (h2's 64 KiB default, the 2 MiB the
+/// outbound grants per stream) stream through in both directions, from an HTTP/1.1 and an h2 app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_windows_stream_both_ways() {
+    let pki = TestPki::new();
+    let (a, _b) = pair(&pki, http_echo().await, Protocol::Http, B).await;
+    let payload: String = (0..3 * 1024 * 1024u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    for h2 in [false, true] {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let req = hyper::Request::post("/upload")
+            .header("host", "app.example")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                payload.clone(),
+            )))
+            .unwrap();
+        let (status, _, body) =
+            tokio::time::timeout(Duration::from_secs(30), http_request(tcp, h2, req))
+                .await
+                .expect("the upload finishes")
+                .unwrap();
+        assert_eq!(status, 200, "h2={h2}");
+        let (line, echoed) = body.split_once('\n').unwrap();
+        assert!(line.starts_with("POST /upload"), "h2={h2}: {line}");
+        assert!(
+            echoed == payload,
+            "h2={h2}: {} bytes echoed of {}",
+            echoed.len(),
+            payload.len()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_with_the_wrong_identity_is_refused() {
     let pki = TestPki::new();

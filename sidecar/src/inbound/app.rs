@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::http::{Body, ReqBody, root_cause};
+use crate::http::{Body, BoxError, ReqBody, root_cause};
 
 /// How long an idle app connection is kept for the next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -202,12 +202,12 @@ impl<B> AppBody<B> {
 
 impl<B> HttpBody for AppBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
@@ -220,7 +220,7 @@ impl<B> HttpBody for AppBody<B> {
             }
             _ => {}
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

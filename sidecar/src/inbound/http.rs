@@ -27,8 +27,8 @@ use super::app::AppH1;
 use super::authz::{Authorizer, Peer};
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT_NAME, Body, Call, ReqBody, Tunnel, XFCC_NAME, finish_response, is_grpc, is_upgrade,
-    protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
+    APP_H2_HINT_NAME, Body, BoxError, Call, ReqBody, Tunnel, XFCC_NAME, finish_response, is_grpc,
+    is_upgrade, protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
     strip_peer_headers, upgrades_to_websocket,
 };
 use crate::metrics::ConnMetrics;
@@ -262,7 +262,7 @@ async fn inbound_request(
     let sent = async {
         if to_h2 {
             match http.h2.request(req).await {
-                Ok(resp) => Ok(resp.map(|b| b.boxed())),
+                Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
                 Err(error) => Err(root_cause(&error)),
             }
         } else {

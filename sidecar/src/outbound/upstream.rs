@@ -6,33 +6,59 @@
 //! certificate's expiry with a GOAWAY; a request sent as that GOAWAY crosses it would be refused.
 //! So we stop sending on a connection well before: as soon as a renewed certificate is in force
 //! (new connections present it), and [`RETIRE_MARGIN`] before the earlier of the two expiries
-//! whatever happens. A request that the connection hands back unsent (it closed before taking it)
-//! is sent once more on a new connection.
+//! whatever happens. A request that the connection cannot take (it closed, or the upstream sent
+//! GOAWAY, before the request was handed to it) is sent once more on a new connection.
+//!
+//! Requests go into the `h2` crate directly from the task serving the app's request: the response
+//! is awaited there, and a request body is streamed by a task of its own only when there is one.
+//! hyper's h2 client added a dispatch channel, a task per request and a oneshot for the response:
+//! about 15% of the outbound's instructions per request (`scripts/request-instructions.sh
+//! outbound`). What hyper gave us and `h2` does not is done here: keep-alive pings that give up a
+//! dead connection, flow-control capacity handed back as the app takes the response, a body copied
+//! frame by frame within the upstream's window.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Ping, PingPong, RecvStream, SendStream};
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
 use super::dial::{dial_with, upstream_not_after, upstream_revoked};
 use crate::conn::Shared;
 use crate::creds::Snapshot;
-use crate::http::{ReqBody, root_cause};
+use crate::http::{BoxError, ReqBody, root_cause};
 use crate::settings::Outbound;
 
 /// How long before the earlier certificate expiry a connection takes no new requests. The upstream
 /// rounds the time left down to whole seconds, so it may close up to a second early.
 const RETIRE_MARGIN: Duration = Duration::from_secs(2);
 
+/// Flow-control windows we grant the upstream (per stream, per connection): a response of a few
+/// MiB streams without waiting for window updates.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Bytes h2 buffers per stream ahead of the socket before a request body waits for capacity.
+const SEND_BUFFER: usize = 1024 * 1024;
+/// How often an open connection is pinged, and how long its answer may take before the connection
+/// is given up as dead (an upstream that vanished without a FIN or RST would otherwise hold every
+/// request until its timeout).
+const PING_EVERY: Duration = Duration::from_secs(30);
+const PONG_WITHIN: Duration = Duration::from_secs(10);
+
 struct H2Conn {
-    send: http2::SendRequest<ReqBody>,
+    send: SendRequest<Bytes>,
+    /// Set when the connection's task has ended (closed by either side, dead, or revoked).
+    closed: Arc<AtomicBool>,
     /// Stop sending new requests here at this instant (shortly before the earlier of the two
     /// certificates' expiries), when connection ages are capped.
     retire_at: Option<Instant>,
@@ -41,7 +67,9 @@ struct H2Conn {
     presented: Arc<Snapshot>,
 }
 
-/// An HTTP upstream reached over h2 + mTLS.
+/// An HTTP upstream reached over h2 + mTLS. Requests go straight into the `h2` connection from the
+/// task that serves the app's request (no dispatch task or channel in between); the connection's
+/// own task reads and writes the socket.
 pub struct H2Upstream {
     spec: Arc<Outbound>,
     index: usize,
@@ -67,11 +95,11 @@ impl H2Upstream {
         let c = self.current.load_full()?;
         let fresh = c.retire_at.is_none_or(|t| Instant::now() < t)
             && self.shared.creds.is_current(&c.presented);
-        (fresh && !c.send.is_closed()).then_some(c)
+        (fresh && !c.closed.load(Ordering::Acquire)).then_some(c)
     }
 
     /// The connection to send on: the current one while usable, else a new one. `failed` is a
-    /// connection that just handed a request back: never that one again.
+    /// connection that just refused a request: never that one again.
     async fn sender(&self, failed: Option<&Arc<H2Conn>>) -> io::Result<Arc<H2Conn>> {
         let usable = || {
             self.usable()
@@ -96,27 +124,43 @@ impl H2Upstream {
                 .checked_sub(RETIRE_MARGIN)
                 .unwrap_or_else(Instant::now)
         });
-        let (send, conn) = http2::Builder::new(crate::http::BoxingExecutor)
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-            .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .handshake(TokioIo::new(meshid_runtime::io::Coalesce::new(tls)))
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(
+                u32::try_from(self.shared.limits.max_header_bytes).unwrap_or(u32::MAX),
+            )
+            .max_send_buffer_size(SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(meshid_runtime::io::Coalesce::new(tls))
             .await
             .map_err(io::Error::other)?;
+        let pings = conn.ping_pong();
+        let closed = Arc::new(AtomicBool::new(false));
         let upstream = self.spec.remote.clone();
-        tokio::spawn(async move {
-            // The revocation watch is polled when it was woken, not at every wake of the
-            // connection's task (several per request).
-            let revoked = std::pin::pin!(revoked);
+        let ended = closed.clone();
+        tokio::spawn(Box::pin(async move {
+            // The revocation watch and the keep-alive are polled when they were woken, not at
+            // every wake of the connection's task (several per request).
+            let outside = std::pin::pin!(async {
+                tokio::select! {
+                    () = revoked => {}
+                    () = keep_alive(pings) => {
+                        tracing::info!(%upstream, "upstream connection did not answer a ping within {PONG_WITHIN:?}; closing it");
+                    }
+                }
+            });
             tokio::select! {
-                r = conn => if let Err(error) = r {
+                r = &mut conn => if let Err(error) = r {
                     tracing::debug!(%error, %upstream, "upstream connection ended");
                 },
-                () = meshid_runtime::wake::WhenWoken::new(revoked) => {}
+                () = meshid_runtime::wake::WhenWoken::new(outside) => {}
             }
-        });
+            ended.store(true, Ordering::Release);
+        }));
         let c = Arc::new(H2Conn {
             send,
+            closed,
             retire_at,
             presented,
         });
@@ -125,36 +169,148 @@ impl H2Upstream {
     }
 
     /// Sends one request, dialing (or re-dialing) the upstream when needed. A request the
-    /// connection hands back unsent goes out once more on a new connection.
-    pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, String> {
-        let mut req = req;
+    /// connection cannot take (it closed, or is going away) goes out once more on a new connection.
+    pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, String> {
+        let (head, body) = req.into_parts();
+        let end_of_stream = body.is_end_stream();
         let mut failed = None;
-        loop {
+        let (response, sending) = loop {
             let conn = self
                 .sender(failed.as_ref())
                 .await
                 .map_err(|e| root_cause(&e))?;
-            let mut send = conn.send.clone();
             let last_try = failed.is_some();
-            if let Err(e) = send.ready().await {
-                if last_try {
-                    return Err(root_cause(&e));
+            match conn.send.clone().ready().await {
+                Ok(mut send) => {
+                    break send
+                        .send_request(Request::from_parts(head, ()), end_of_stream)
+                        .map_err(|e| root_cause(&e))?;
                 }
-                tracing::debug!(error = %e, upstream = %self.spec.remote, "upstream connection closed before the request; on a new one");
-                failed = Some(conn);
-                continue;
+                Err(e) if last_try => return Err(root_cause(&e)),
+                Err(e) => {
+                    tracing::debug!(error = %e, upstream = %self.spec.remote, "upstream connection closed before the request; on a new one");
+                    failed = Some(conn);
+                }
             }
-            match send.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !last_try => {
-                        tracing::debug!(error = %e.error(), upstream = %self.spec.remote, "upstream connection closed with the request unsent; on a new one");
-                        req = unsent;
-                        failed = Some(conn);
-                    }
-                    _ => return Err(root_cause(&e.into_error())),
-                },
+        };
+        if !end_of_stream {
+            tokio::spawn(Box::pin(send_body(body, sending)));
+        }
+        let resp = response.await.map_err(|e| root_cause(&e))?;
+        Ok(resp.map(|recv| UpstreamBody {
+            recv,
+            data_done: false,
+        }))
+    }
+}
+
+/// Pings the connection every [`PING_EVERY`]; returns when a ping goes unanswered for
+/// [`PONG_WITHIN`] (or cannot be sent: the connection is gone).
+async fn keep_alive(pings: Option<PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_EVERY).await;
+        match tokio::time::timeout(PONG_WITHIN, pings.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// Streams a request body into its h2 stream, frame by frame as the upstream's flow-control window
+/// allows, then its trailers. A body that fails resets the stream; a stream the upstream reset (it
+/// answered early, or gave up) ends the copy, also while the app is between frames.
+async fn send_body(mut body: ReqBody, mut out: SendStream<Bytes>) {
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if out.poll_reset(cx).is_ready() {
+                return Poll::Ready(None);
             }
+            Pin::new(&mut body).poll_frame(cx).map(Some)
+        });
+        let frame = match next.await {
+            None => return,
+            Some(None) => {
+                let _ = out.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Some(Err(error))) => {
+                tracing::debug!(%error, "request body from the app failed; resetting the stream");
+                out.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            Some(Some(Ok(frame))) => frame,
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = out.send_trailers(trailers);
+                }
+                return;
+            }
+        };
+        while !data.is_empty() {
+            out.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| out.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return,
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            // The last bytes of a body that says it has ended carry the end of the stream.
+            let end = data.is_empty() && body.is_end_stream();
+            if out.send_data(chunk, end).is_err() || end {
+                return;
+            }
+        }
+    }
+}
+
+/// A response body from the upstream sidecar: its DATA frames, then its trailers. Each frame's
+/// bytes are handed back to the stream's flow-control window as they are passed on to the app.
+pub struct UpstreamBody {
+    recv: RecvStream,
+    data_done: bool,
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.into())),
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.recv.is_end_stream() {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
         }
     }
 }
