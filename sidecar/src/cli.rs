@@ -434,6 +434,7 @@ impl RunArgs {
             connect_timeout,
             grace,
             cap_connection_age: !self.no_connection_age_cap,
+            upstream_ping: Limits::default().upstream_ping,
         }
     }
 

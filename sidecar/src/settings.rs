@@ -57,6 +57,10 @@ pub struct Limits {
     pub grace: Duration,
     /// Close inbound connections when the peer's certificate expires.
     pub cap_connection_age: bool,
+    /// How often an outbound h2 connection to an upstream sidecar is pinged (30 s; no flag). One
+    /// whose answer takes longer than a third of this is closed, so a peer that vanished without a
+    /// FIN or RST stops holding requests until their timeout.
+    pub upstream_ping: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +75,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             grace: Duration::from_secs(20),
             cap_connection_age: true,
+            upstream_ping: Duration::from_secs(30),
         }
     }
 }

@@ -145,6 +145,102 @@ async fn bodies_larger_than_the_windows_stream_both_ways() {
     }
 }
 
+/// A TCP relay to `to` whose open connections can be frozen (`freeze.send_modify(|n| *n += 1)`):
+/// bytes stop in both directions and the sockets stay open, as when a host vanishes without a FIN
+/// or RST. Connections accepted after a freeze pass bytes again.
+async fn freezable_relay(to: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sender<u64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (freeze, epochs) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let born = *epochs.borrow();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut r, mut w) in [(cr, sw), (sr, cw)] {
+                let epochs = epochs.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match r.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if *epochs.borrow() > born {
+                            // Frozen: hold both sockets open, pass nothing.
+                            std::future::pending::<()>().await;
+                        }
+                        if w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, freeze)
+}
+
+/// An upstream connection that stops answering (no FIN, no RST) is given up once a keep-alive ping
+/// goes unanswered, so the next request goes out on a new connection instead of waiting for its
+/// timeout on the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_that_stops_answering_is_replaced() {
+    let pki = TestPki::new();
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.6", http_echo().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (relay, freeze) = freezable_relay(b.inbound[0]).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(relay.to_string(), B.to_string(), Protocol::Http)],
+            limits: Some(meshid_sidecar::settings::Limits {
+                upstream_ping: Duration::from_millis(600),
+                request_timeout: Duration::from_secs(5),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let outbound = a.outbound[0];
+    let call = |path: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        http_request(tcp, false, get(path, &[])).await.unwrap()
+    };
+    let (status, _, body) = call("/before").await;
+    assert_eq!(status, 200, "{body}");
+    freeze.send_modify(|n| *n += 1);
+    // The first ping after the freeze (within 600 ms) goes unanswered for 200 ms; four periods
+    // leave room for a loaded machine.
+    tokio::time::sleep(Duration::from_millis(2400)).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = call("/after").await;
+    assert_eq!(
+        status,
+        200,
+        "after {:?} (504 after 5 s: sent on the dead connection): {body}",
+        started.elapsed()
+    );
+    assert!(body.starts_with("GET /after"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_with_the_wrong_identity_is_refused() {
     let pki = TestPki::new();

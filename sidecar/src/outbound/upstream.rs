@@ -49,11 +49,6 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Bytes h2 buffers per stream ahead of the socket before a request body waits for capacity.
 const SEND_BUFFER: usize = 1024 * 1024;
-/// How often an open connection is pinged, and how long its answer may take before the connection
-/// is given up as dead (an upstream that vanished without a FIN or RST would otherwise hold every
-/// request until its timeout).
-const PING_EVERY: Duration = Duration::from_secs(30);
-const PONG_WITHIN: Duration = Duration::from_secs(10);
 
 struct H2Conn {
     send: SendRequest<Bytes>,
@@ -136,6 +131,7 @@ impl H2Upstream {
             .await
             .map_err(io::Error::other)?;
         let pings = conn.ping_pong();
+        let ping_every = self.shared.limits.upstream_ping;
         let closed = Arc::new(AtomicBool::new(false));
         let upstream = self.spec.remote.clone();
         let ended = closed.clone();
@@ -145,8 +141,8 @@ impl H2Upstream {
             let outside = std::pin::pin!(async {
                 tokio::select! {
                     () = revoked => {}
-                    () = keep_alive(pings) => {
-                        tracing::info!(%upstream, "upstream connection did not answer a ping within {PONG_WITHIN:?}; closing it");
+                    () = keep_alive(pings, ping_every) => {
+                        tracing::info!(%upstream, "upstream connection did not answer a ping within {:?}; closing it", ping_every / 3);
                     }
                 }
             });
@@ -204,15 +200,15 @@ impl H2Upstream {
     }
 }
 
-/// Pings the connection every [`PING_EVERY`]; returns when a ping goes unanswered for
-/// [`PONG_WITHIN`] (or cannot be sent: the connection is gone).
-async fn keep_alive(pings: Option<PingPong>) {
+/// Pings the connection every `every`; returns when a ping goes unanswered for a third of that (or
+/// cannot be sent: the connection is gone).
+async fn keep_alive(pings: Option<PingPong>, every: Duration) {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
     loop {
-        tokio::time::sleep(PING_EVERY).await;
-        match tokio::time::timeout(PONG_WITHIN, pings.ping(Ping::opaque())).await {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(every / 3, pings.ping(Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
             Ok(Err(_)) | Err(_) => return,
         }
