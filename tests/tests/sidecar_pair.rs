@@ -24,11 +24,18 @@ async fn pair(
     protocol: Protocol,
     expected: &str,
 ) -> (TestSidecar, TestSidecar) {
+    let b = backend(pki, app, protocol).await;
+    let a = frontend(pki, &b.inbound[0].to_string(), protocol, expected, None).await;
+    (a, b)
+}
+
+/// Sidecar B in front of `app` (on 127.0.0.6), allowing A.
+async fn backend(pki: &TestPki, app: SocketAddr, protocol: Protocol) -> TestSidecar {
     let proto = match protocol {
         Protocol::Tcp => "tcp",
         Protocol::Http => "http",
     };
-    let b = TestSidecar::start(
+    TestSidecar::start(
         pki,
         &pki.workload(B),
         B,
@@ -40,18 +47,28 @@ async fn pair(
             ..Default::default()
         },
     )
-    .await;
-    let a = TestSidecar::start(
+    .await
+}
+
+/// Sidecar A with one upstream, `remote`, whose identity must be `expected`.
+async fn frontend(
+    pki: &TestPki,
+    remote: &str,
+    protocol: Protocol,
+    expected: &str,
+    limits: Option<meshid_sidecar::settings::Limits>,
+) -> TestSidecar {
+    TestSidecar::start(
         pki,
         &pki.workload(A),
         A,
         SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), expected.to_string(), protocol)],
+            outbound: vec![(remote.to_string(), expected.to_string(), protocol)],
+            limits,
             ..Default::default()
         },
     )
-    .await;
-    (a, b)
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,35 +207,14 @@ async fn freezable_relay(to: SocketAddr) -> (SocketAddr, tokio::sync::watch::Sen
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_connection_that_stops_answering_is_replaced() {
     let pki = TestPki::new();
-    let b = TestSidecar::start(
-        &pki,
-        &pki.workload(B),
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.6", http_echo().await, Protocol::Http)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
-            )),
-            ..Default::default()
-        },
-    )
-    .await;
+    let b = backend(&pki, http_echo().await, Protocol::Http).await;
     let (relay, freeze) = freezable_relay(b.inbound[0]).await;
-    let a = TestSidecar::start(
-        &pki,
-        &pki.workload(A),
-        A,
-        SidecarSpec {
-            outbound: vec![(relay.to_string(), B.to_string(), Protocol::Http)],
-            limits: Some(meshid_sidecar::settings::Limits {
-                upstream_ping: Duration::from_millis(600),
-                request_timeout: Duration::from_secs(5),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    let limits = meshid_sidecar::settings::Limits {
+        upstream_ping: Duration::from_millis(600),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let a = frontend(&pki, &relay.to_string(), Protocol::Http, B, Some(limits)).await;
     let outbound = a.outbound[0];
     let call = |path: &'static str| async move {
         let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
