@@ -133,7 +133,17 @@ async fn stop_on_signal(work: PathBuf, stopping: tokio::sync::watch::Sender<bool
                 .is_ok_and(|s| s.success())
         });
     }
-    let _ = std::fs::remove_dir_all(&work);
+    // `main` may still be writing a step's files (it has not noticed the children are gone), and
+    // a write under way as the directory goes makes the removal fail or the directory come back:
+    // remove it until it stays gone for a moment (at most 5 s).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let _ = std::fs::remove_dir_all(&work);
+        std::thread::sleep(Duration::from_millis(50));
+        if !work.exists() || Instant::now() > deadline {
+            break;
+        }
+    }
     std::process::exit(1);
 }
 
