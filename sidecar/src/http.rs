@@ -245,9 +245,12 @@ fn h2_builder(shared: &Shared) -> auto::Builder<BoxingExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // No keep-alive PINGs: hyper's ping timer is reset on every frame it reads (2.3% of the
+    // inbound's instructions per request), and each PING costs both ends a wake-up and an encrypted
+    // round trip. The inbound hands the vanished-peer check to the kernel instead
+    // (`meshid_runtime::net::keepalive` on every accepted connection); the outbound's own h2 client
+    // pings its upstream, and the outbound's app side is on loopback.
     builder
 }
 

@@ -64,6 +64,9 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             shared.metrics.refused("inbound", port, "displaced");
         }
         let _ = tcp.set_nodelay(true);
+        // A peer that vanished without a FIN or RST (its node gone) is noticed by the kernel: the
+        // h2 server sends no PINGs.
+        let _ = meshid_runtime::net::keepalive(&tcp);
         let this = this.clone();
         let span = tracing::info_span!("inbound", port, peer_addr = %addr);
         tokio::spawn(
