@@ -173,6 +173,19 @@ async fn whole_mesh_over_real_processes() {
         assert_eq!(code, 403);
         assert!(headers.get("x-meshid-reason").is_some());
     }
+    // B's inbound sends no h2 PINGs: the kernel's keep-alive watches A's connections to it.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let conns: Vec<_> = tcp_connections(b_http)
+                .into_iter()
+                .filter(|c| c.local == b_http)
+                .collect();
+            !conns.is_empty() && conns.iter().all(|c| c.keepalive)
+        })
+        .await,
+        "keep-alive on B's inbound connections: {:?}",
+        tcp_connections(b_http)
+    );
     let mut s = tokio::net::TcpStream::connect(a_tcp).await.unwrap();
     s.write_all(b"tcp through the pair").await.unwrap();
     s.shutdown().await.unwrap();
