@@ -266,6 +266,9 @@ impl Displacement {
 
     /// Ready(true) once displaced. After the connection is proven it is polled once more and then
     /// never again.
+    // Inlined: it runs at every read, write and flush of a connection, and after the connection
+    // is proven it is only the first check.
+    #[inline]
     fn poll_displaced(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(rx) = &mut self.0 else {
             return false;

@@ -74,12 +74,15 @@ fn upstream_authority(
 }
 
 fn parse_authority(raw: &[u8]) -> Result<http::uri::Authority, String> {
-    let shown = String::from_utf8_lossy(raw);
+    // The message is built only for a refusal, not for every request.
+    let invalid = || {
+        let shown = String::from_utf8_lossy(raw);
+        format!("invalid Host {shown:?}: expected host[:port]")
+    };
     if raw.is_empty() || raw.contains(&b'@') {
-        return Err(format!("invalid Host {shown:?}: expected host[:port]"));
+        return Err(invalid());
     }
-    http::uri::Authority::try_from(raw)
-        .map_err(|_| format!("invalid Host {shown:?}: expected host[:port]"))
+    http::uri::Authority::try_from(raw).map_err(|_| invalid())
 }
 
 async fn outbound_request(
