@@ -647,6 +647,38 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   measured 4.3 KiB before and 1.7 KiB after, but those sizes came from a build with size prints
   in it, which made the futures larger. Memory per idle connection did not move: 16.0 and 15.4
   KiB before, 16.6 and 16.1 KiB after (`--scenarios memory --runs 1`, twice each way).
+- **Against nginx, instruction by instruction** (the same callgrind count on nginx's terminating
+  half: `bench-run --serve nginx`, its server restarted under `valgrind --tool=callgrind` with
+  `-g 'master_process off;'`, counters zeroed after a warm-up, then 5 s of `meshload` over one
+  connection): nginx's inbound runs 52.2k user-space instructions per request, meshid's 79k-84k.
+  By crate at meshid's inbound: h2 19k, tokio 11k, hyper 8k-9k, `memcpy` 8k, `http` header maps
+  7k, meshid's own code 6k-7k, malloc 5k, aws-lc 4k, rustls 2k. At saturation meshid still uses
+  less CPU per request, because it batches (2.3 syscalls per request against nginx's 6.2); at
+  1,000 req/s nothing batches and the instructions show: that is where the 1,000 req/s CPU target
+  is lost. What would close it is less code per request in the HTTP layers (h2 between the
+  sidecars, hyper's HTTP/1.1 on both ends), not fewer syscalls.
+- **Keep-alive PINGs at the inbound**: hyper's h2 server resets its keep-alive timer on every
+  frame it reads (`Ponger::poll`, 1.9k instructions per request, 2.3% of the inbound's). The
+  inbound asks hyper for no PINGs now; the kernel's TCP keep-alive watches every accepted
+  connection for a vanished peer, as on the CA (`meshid_runtime::net::keepalive`).
+  `scripts/request-instructions.sh inbound`: 80.9k, 81.0k and 83.8k before; 79.3k, 79.4k, 80.2k
+  and 82.2k after. Smaller cuts beside it, read function by function at the outbound: the
+  hop-by-hop check matches a name once instead of comparing it with eight (`strip_hop_by_hop` 595
+  -> 159 per request), the refusal text for a bad `Host` is built only on refusal (125 -> 0), the
+  displacement check at every read and write is inlined (195 -> 0).
+- **Context switches; tried and not kept: `SCHED_BATCH`** (a `bench-run --serve` pair pinned as
+  the benchmark pins it, 10 s of `meshload` over 32 connections, `/proc/PID/task/*/status` before
+  and after). Per request at saturation: the app 0.16 voluntary switches, the inbound 0.10
+  voluntary and 0.11 involuntary (preempted when another task on its CPU was woken), the outbound
+  0.04 and 0.03; nginx's pair: the app 0.20, the inbound 0.15 and 0.15, the outbound 0.06 and
+  0.08. With both sidecars under Linux's `SCHED_BATCH` (the same share of the CPU, but their
+  wake-ups do not preempt), their involuntary switches fell to 0.01 and the app's voluntary ones
+  to 0.05, and the pair moved 6% more requests (278k-291k -> 286k-306k in 10 s, the policy
+  switched on the same processes, three rounds each way; `--scenarios throughput,latency`, two
+  runs each way: 1.41x and 1.36x -> 1.47x and 1.51x nginx's throughput). But with a CPU-bound
+  task on the same CPU, the p50 at 1,000 req/s went from 205-222 us to 2.09-2.12 ms: each hop
+  waited for the running task's time slice to end. A mesh's latency must not hang on what a
+  neighbour does with the CPU, so the sidecar keeps the kernel's default policy.
 - **Memory per idle connection, the rest of it** (`heaptrack` on the terminator holding 2,000 idle
   connections, then `bench-run --scenarios memory`): about 9 KiB per connection was in use, while
   the RSS grew by 16 KiB. The peak heap while the connections opened (16 at a time, one request
