@@ -141,9 +141,10 @@ impl H2Upstream {
             let outside = std::pin::pin!(async {
                 tokio::select! {
                     () = revoked => {}
-                    () = keep_alive(pings, ping_every) => {
-                        tracing::info!(%upstream, "upstream connection did not answer a ping within {:?}; closing it", ping_every / 3);
-                    }
+                    ended = keep_alive(pings, ping_every) => match ended {
+                        PingsEnded::Unanswered => tracing::info!(%upstream, "upstream connection did not answer a ping within {:?}; closing it", ping_every / 3),
+                        PingsEnded::Gone => tracing::debug!(%upstream, "upstream connection gone; pings stopped"),
+                    },
                 }
             });
             tokio::select! {
@@ -200,9 +201,18 @@ impl H2Upstream {
     }
 }
 
-/// Pings the connection every `every`; returns when a ping goes unanswered for a third of that (or
-/// cannot be sent: the connection is gone).
-async fn keep_alive(pings: Option<PingPong>, every: Duration) {
+/// Why [`keep_alive`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum PingsEnded {
+    /// A ping went unanswered: the peer is gone without a FIN or RST, or stuck.
+    Unanswered,
+    /// A ping could not be sent: the connection has ended (it says why itself).
+    Gone,
+}
+
+/// Pings the connection every `every`; returns when a ping goes unanswered for a third of that, or
+/// cannot be sent.
+async fn keep_alive(pings: Option<PingPong>, every: Duration) -> PingsEnded {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
@@ -210,7 +220,8 @@ async fn keep_alive(pings: Option<PingPong>, every: Duration) {
         tokio::time::sleep(every).await;
         match tokio::time::timeout(every / 3, pings.ping(Ping::opaque())).await {
             Ok(Ok(_pong)) => {}
-            Ok(Err(_)) | Err(_) => return,
+            Ok(Err(_)) => return PingsEnded::Gone,
+            Err(_) => return PingsEnded::Unanswered,
         }
     }
 }
@@ -308,5 +319,56 @@ impl HttpBody for UpstreamBody {
         } else {
             SizeHint::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An h2 client over an in-memory pipe, its connection driven by a task, and the pipe's other
+    /// end (no h2 server behind it unless the test runs one).
+    async fn pinging_client() -> (PingPong, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (send, mut conn) = h2::client::handshake(ours).await.unwrap();
+        let pings = conn.ping_pong().unwrap();
+        tokio::spawn(async move {
+            let _open = send;
+            let _ = conn.await;
+        });
+        (pings, theirs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_is_pinged_until_it_stops_answering() {
+        let (pings, theirs) = pinging_client().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(theirs).await.unwrap();
+            // Answers pings while it is polled, until told to stop.
+            tokio::select! {
+                () = async { while conn.accept().await.is_some() {} } => {}
+                _ = stopped => {}
+            }
+            // Stuck: the pipe stays open, but nothing reads it any more.
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let every = Duration::from_secs(30);
+        let ping = tokio::spawn(keep_alive(Some(pings), every));
+        tokio::time::sleep(every * 5).await;
+        assert!(!ping.is_finished(), "answered pings keep it going");
+        stop.send(()).unwrap();
+        assert_eq!(ping.await.unwrap(), PingsEnded::Unanswered);
+        server.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_ended_stops_the_pings_as_gone() {
+        let (pings, theirs) = pinging_client().await;
+        // The peer closes the pipe: the client connection ends, and a ping cannot be sent.
+        drop(theirs);
+        let ended = keep_alive(Some(pings), Duration::from_secs(30)).await;
+        assert_eq!(ended, PingsEnded::Gone);
     }
 }
