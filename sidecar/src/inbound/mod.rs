@@ -64,9 +64,6 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             shared.metrics.refused("inbound", port, "displaced");
         }
         let _ = tcp.set_nodelay(true);
-        // A peer that vanished without a FIN or RST (its node gone) is noticed by the kernel: the
-        // h2 server sends no PINGs.
-        let _ = meshid_runtime::net::keepalive(&tcp);
         let this = this.clone();
         let span = tracing::info_span!("inbound", port, peer_addr = %addr);
         tokio::spawn(
@@ -139,6 +136,11 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         Ok(Ok(tls)) => {
             let tcp = tls.get_ref().0.get_ref();
             ack_now(tcp);
+            // A peer that vanishes without a FIN or RST (its node gone) is noticed by the kernel:
+            // the h2 server sends no PINGs. Set once the peer is authenticated, so that
+            // connections refused in their handshake (a flood among them) skip its five
+            // syscalls; the handshake has its own timeout.
+            let _ = meshid_runtime::net::keepalive(tcp);
             // The PROXY header's destination: the address the peer reached (one syscall).
             if spec.proxy_protocol
                 && let Ok(addr) = tcp.local_addr()
