@@ -1,12 +1,14 @@
-//! The inbound's HTTP/1.1 connections to the app on localhost: a small pool of idle hyper client
-//! connections, taken last-in first-out, one request at a time on each.
+//! The inbound's HTTP/1.1 connections to the app on localhost: small pools of idle connections,
+//! taken last-in first-out, one request at a time on each. Bodiless requests go on connections
+//! this sidecar reads and writes itself ([`super::bare`]); requests with a body, and upgrades, on
+//! hyper client connections.
 //!
-//! A connection goes back to the pool when its response body has been read to the end (or had
+//! A connection goes back to its pool when its response body has been read to the end (or had
 //! none), from the task that read it: no pool key to hash, no task spawned per request to wait
 //! for the connection to become ready (what hyper-util's pooled client does), no URI to rebuild.
 //! A request that a pooled connection hands back unsent (the app closed it as we took it) is sent
 //! again on another one; a request that a new connection fails is answered with the error. Idle
-//! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept.
+//! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept in each pool.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,11 +25,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::bare::Bare;
 use crate::http::{Body, BoxError, ReqBody, root_cause};
 
 /// How long an idle app connection is kept for the next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// At most this many idle app connections are kept per inbound listener; more are closed.
+/// At most this many idle app connections are kept per pool of an inbound listener; more are
+/// closed.
 pub const MAX_IDLE: usize = 512;
 
 struct Idle<B> {
@@ -41,6 +45,8 @@ pub struct AppH1<B = ReqBody> {
     connect_timeout: Duration,
     /// Idle connections, the most recently used last.
     idle: Mutex<Vec<Idle<B>>>,
+    /// Connections for bodiless requests.
+    bare: Arc<Bare>,
 }
 
 impl<B> AppH1<B>
@@ -56,6 +62,7 @@ where
             target,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
+            bare: Bare::new(target, connect_timeout),
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -97,10 +104,15 @@ where
         Ok(send)
     }
 
-    /// Sends `req` (origin-form target, `Host` set) on an idle connection or a new one. The
-    /// response's body puts the connection back into the pool once read to the end; a `101
-    /// Switching Protocols` response keeps it (it becomes the upgraded stream).
+    /// Sends `req` (origin-form target, `Host` set) on an idle connection or a new one: a
+    /// bodiless one on the bare pool, others on hyper's. The response's body puts the connection
+    /// back into its pool once read to the end; a `101 Switching Protocols` response keeps it (it
+    /// becomes the upgraded stream).
     pub async fn request(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, String> {
+        if Bare::suits(&req) {
+            let (head, _empty) = req.into_parts();
+            return self.bare.request(&head).await;
+        }
         let mut req = req;
         loop {
             let (mut send, pooled) = match self.checkout() {
@@ -140,9 +152,9 @@ where
 }
 
 impl<B> AppH1<B> {
-    /// Idle connections held now.
+    /// Idle connections held now, in both pools.
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.lock().len() + self.bare.idle_count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<B>>> {
@@ -156,6 +168,7 @@ impl<B> AppH1<B> {
     fn prune(&self, now: Instant) {
         self.lock()
             .retain(|c| !c.send.is_closed() && now.duration_since(c.since) < IDLE_TIMEOUT);
+        self.bare.prune(now);
     }
 
     fn checkout(&self) -> Option<http1::SendRequest<B>> {
@@ -251,10 +264,27 @@ mod tests {
 
     type Pool = Arc<AppH1<Full<Bytes>>>;
 
-    fn get(path: &str) -> Request<Full<Bytes>> {
-        Request::get(path)
+    /// Which pool a request goes to.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        /// A bodiless `GET`: the bare pool.
+        Bare,
+        /// A `POST` with a body: hyper's.
+        Hyper,
+    }
+
+    const BOTH: [Kind; 2] = [Kind::Bare, Kind::Hyper];
+
+    fn req(kind: Kind) -> Request<Full<Bytes>> {
+        let (method, body) = match kind {
+            Kind::Bare => (http::Method::GET, Bytes::new()),
+            Kind::Hyper => (http::Method::POST, Bytes::from_static(b"x")),
+        };
+        Request::builder()
+            .method(method)
+            .uri("/")
             .header("host", "app")
-            .body(Full::new(Bytes::new()))
+            .body(Full::new(body))
             .unwrap()
     }
 
@@ -308,59 +338,69 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_response_is_read() {
-        let (addr, accepted) = app("hi", None).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        for _ in 0..5 {
-            let resp = pool.request(get("/")).await.unwrap();
-            assert_eq!(text(resp).await, "hi");
+        for kind in BOTH {
+            let (addr, accepted) = app("hi", None).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            for _ in 0..5 {
+                let resp = pool.request(req(kind)).await.unwrap();
+                assert_eq!(text(resp).await, "hi");
+            }
+            assert_eq!(*accepted.lock().unwrap(), 1, "{kind:?}");
+            assert_eq!(pool.idle_count(), 1);
         }
-        assert_eq!(*accepted.lock().unwrap(), 1);
-        assert_eq!(pool.idle_count(), 1);
     }
 
     #[tokio::test]
     async fn a_response_still_being_read_holds_its_connection() {
-        let (addr, accepted) = app("hi", None).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        let first = pool.request(get("/")).await.unwrap();
-        let second = pool.request(get("/")).await.unwrap();
-        assert_eq!(*accepted.lock().unwrap(), 2);
-        assert_eq!(pool.idle_count(), 0);
-        assert_eq!(text(first).await, "hi");
-        assert_eq!(text(second).await, "hi");
-        assert_eq!(pool.idle_count(), 2);
+        for kind in BOTH {
+            let (addr, accepted) = app("hi", None).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let first = pool.request(req(kind)).await.unwrap();
+            let second = pool.request(req(kind)).await.unwrap();
+            assert_eq!(*accepted.lock().unwrap(), 2);
+            assert_eq!(pool.idle_count(), 0);
+            assert_eq!(text(first).await, "hi");
+            assert_eq!(text(second).await, "hi");
+            assert_eq!(pool.idle_count(), 2);
+        }
     }
 
     #[tokio::test]
     async fn a_body_dropped_unread_does_not_return_its_connection() {
-        let (addr, _) = app("a longer body", None).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        drop(pool.request(get("/")).await.unwrap());
-        assert_eq!(pool.idle_count(), 0);
+        for kind in BOTH {
+            let (addr, _) = app("a longer body", None).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            drop(pool.request(req(kind)).await.unwrap());
+            assert_eq!(pool.idle_count(), 0);
+        }
     }
 
     #[tokio::test]
     async fn a_connection_the_app_closed_is_replaced_without_failing_the_request() {
-        // The app closes every connection after one response, without saying so.
-        let (addr, accepted) = app("hi", Some(1)).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        for _ in 0..4 {
-            let resp = pool.request(get("/")).await.unwrap();
-            assert_eq!(text(resp).await, "hi");
-            // Let the close reach the pooled connection for some rounds, not for others.
-            tokio::task::yield_now().await;
+        for kind in BOTH {
+            // The app closes every connection after one response, without saying so.
+            let (addr, accepted) = app("hi", Some(1)).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            for _ in 0..4 {
+                let resp = pool.request(req(kind)).await.unwrap();
+                assert_eq!(text(resp).await, "hi");
+                // Let the close reach the pooled connection for some rounds, not for others.
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(*accepted.lock().unwrap(), 4);
         }
-        assert_eq!(*accepted.lock().unwrap(), 4);
     }
 
     #[tokio::test]
     async fn an_app_that_is_down_is_an_error() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        let error = pool.request(get("/")).await.unwrap_err();
-        assert!(error.contains("refused"), "{error}");
+        for kind in BOTH {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let error = pool.request(req(kind)).await.unwrap_err();
+            assert!(error.contains("refused"), "{error}");
+        }
     }
 
     /// A request body from a channel: more of it may come after the response head.
@@ -432,27 +472,31 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_the_app_closed_while_idle_is_let_go_at_the_next_prune() {
-        let (addr, _) = app("hi", Some(1)).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        assert_eq!(text(pool.request(get("/")).await.unwrap()).await, "hi");
-        // The app closes its side after one response; pruning sees it with no request coming.
-        for _ in 0..500 {
-            pool.prune(Instant::now());
-            if pool.idle_count() == 0 {
-                break;
+        for kind in BOTH {
+            let (addr, _) = app("hi", Some(1)).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            assert_eq!(text(pool.request(req(kind)).await.unwrap()).await, "hi");
+            // The app closes its side after one response; pruning sees it with no request coming.
+            for _ in 0..500 {
+                pool.prune(Instant::now());
+                if pool.idle_count() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(pool.idle_count(), 0);
         }
-        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
-        let (addr, _) = app("hi", None).await;
-        let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
-        text(pool.request(get("/")).await.unwrap()).await;
-        assert_eq!(pool.idle_count(), 1);
-        tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
-        assert_eq!(pool.idle_count(), 0);
+        for kind in BOTH {
+            let (addr, _) = app("hi", None).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            text(pool.request(req(kind)).await.unwrap()).await;
+            assert_eq!(pool.idle_count(), 1);
+            tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
+            assert_eq!(pool.idle_count(), 0);
+        }
     }
 }
