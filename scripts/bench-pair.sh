@@ -1,8 +1,8 @@
 # Sourced by scripts that record a running benchmark pair (symbol-order.sh, request-instructions.sh):
 # a work directory removed on exit with every process listed in `pids`, and
-# `start_bench_pair BIN_DIR`, which starts `bench-run --serve meshid` from BIN_DIR (outbound sidecar
-# -> mTLS, h2 -> inbound sidecar -> app), waits until it serves, and sets `entry` (the outbound's
-# plaintext address); its output is in "$work/serve.log".
+# `start_bench_pair BIN_DIR [PAIR]`, which starts `bench-run --serve PAIR` (meshid, the default:
+# outbound sidecar -> mTLS, h2 -> inbound sidecar -> app; or nginx) from BIN_DIR, waits until it
+# serves, and sets `entry` (the outbound's plaintext address); its output is in "$work/serve.log".
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -13,7 +13,8 @@ cleanup() {
 trap cleanup EXIT
 
 start_bench_pair() {
-    "$1/bench-run" --serve meshid --bin-dir "$1" >"$work/serve.log" 2>&1 &
+    local pair=${2:-meshid}
+    "$1/bench-run" --serve "$pair" --bin-dir "$1" >"$work/serve.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 240); do
         grep -q "running until interrupted" "$work/serve.log" && break
@@ -23,5 +24,5 @@ start_bench_pair() {
         cat "$work/serve.log" >&2
         exit 1
     }
-    entry=$(sed -n 's/^meshid: plaintext entry //p' "$work/serve.log")
+    entry=$(sed -n "s/^$pair: plaintext entry //p" "$work/serve.log")
 }

@@ -176,9 +176,10 @@ pub fn remove_on_signal(dir: &Path) {
     }
 }
 
-/// Kills `pid` and its descendants.
+/// Kills `pid` and its descendants, parents first: an nginx master that outlived its worker would
+/// start another one, left behind once the master is gone.
 fn kill_tree(pid: u32) {
-    for p in crate::procfs::tree(pid).into_iter().rev() {
+    for p in crate::procfs::tree(pid) {
         let _ = Command::new("kill")
             .args(["-KILL", &p.to_string()])
             .stderr(Stdio::null())
