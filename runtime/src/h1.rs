@@ -533,7 +533,10 @@ mod tests {
         assert_eq!(h.response.status(), StatusCode::NO_CONTENT);
         assert!(h.response.headers().get("link").is_none());
         assert!(buf.is_empty());
-        assert!(h.response.extensions().is_empty(), "the usual reason is not kept");
+        assert!(
+            h.response.extensions().is_empty(),
+            "the usual reason is not kept"
+        );
         // Only the informational part in so far: consumed, and more is needed.
         let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\n");
         assert!(
