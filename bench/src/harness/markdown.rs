@@ -647,16 +647,32 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   measured 4.3 KiB before and 1.7 KiB after, but those sizes came from a build with size prints
   in it, which made the futures larger. Memory per idle connection did not move: 16.0 and 15.4
   KiB before, 16.6 and 16.1 KiB after (`--scenarios memory --runs 1`, twice each way).
-- **Against nginx, instruction by instruction** (the same callgrind count on nginx's terminating
-  half: `bench-run --serve nginx`, its server restarted under `valgrind --tool=callgrind` with
-  `-g 'master_process off;'`, counters zeroed after a warm-up, then 5 s of `meshload` over one
-  connection): nginx's inbound runs 52.2k user-space instructions per request, meshid's 79k-84k.
-  By crate at meshid's inbound: h2 19k, tokio 11k, hyper 8k-9k, `memcpy` 8k, `http` header maps
-  7k, meshid's own code 6k-7k, malloc 5k, aws-lc 4k, rustls 2k. At saturation meshid still uses
-  less CPU per request, because it batches (2.3 syscalls per request against nginx's 6.2); at
-  1,000 req/s nothing batches and the instructions show: that is where the 1,000 req/s CPU target
-  is lost. What would close it is less code per request in the HTTP layers (h2 between the
-  sidecars, hyper's HTTP/1.1 on both ends), not fewer syscalls.
+- **Against nginx, instruction by instruction** (`scripts/request-instructions.sh inbound|outbound
+  DIR nginx`: the same callgrind count on nginx's half of its pair, restarted under `valgrind
+  --tool=callgrind` as one process with `master_process off`). Per request: nginx's inbound runs
+  38.7k user-space instructions and its outbound 35.8k; meshid's inbound 57.1k before the next
+  item and 50.4k after it, its outbound 43.1k. (The counts published here before included the
+  load generator's own 2 s warm-up in the callgrind window, so they were 1.4x too high; each
+  before-and-after pair was counted the same way and stands.) By crate at meshid's inbound now:
+  h2 13.1k, meshid's own code 5.6k, tokio 5.1k, `http` header maps 5.0k, `memcpy` and friends
+  4.5k, malloc 3.6k, aws-lc 2.4k, hyper and hyper-util 2.1k, rustls 1.3k. At saturation meshid
+  still uses less CPU per request, because it batches (2.3 syscalls per request against nginx's
+  6.2); at 1,000 req/s nothing batches and the instructions show: that is where the 1,000 req/s
+  CPU target is lost. What would close it is less code per request in the HTTP layers (h2
+  between the sidecars, hyper's HTTP/1.1 server at the outbound), not fewer syscalls: at 1,000
+  req/s the inbound makes 6.9 per request (`strace -c`: 1.9 `epoll_wait`, 2.0 `sendto`, 3.0
+  `recvfrom`, one of them the check that an idle app connection is still open).
+- **The inbound's own HTTP/1.1 for bodiless requests**: hyper's HTTP/1.1 client ran each app
+  connection as a task of its own, reached through a channel, and handed each response back
+  through a oneshot. The inbound now writes a bodiless request's head and reads and frames the
+  response itself, in the task that serves the request (`sidecar/src/inbound/bare.rs` over
+  `meshid_runtime::h1`, which is fuzzed); requests with a body, and upgrades, stay on hyper.
+  Instructions per request at the inbound 57.1k -> 50.4k (base and change built from one tree).
+  `--scenarios throughput,latency --runs 1`, two runs each way, alternating: throughput 1.37x and
+  1.36x -> 1.53x and 1.45x nginx's, inbound CPU per request at saturation 14.1 and 15.1 -> 12.5
+  and 12.7 us. The earlier attempt (fewer task hops, above, not kept) drove hyper's client
+  connection from the stream's task and saved nothing: the cost was hyper's client as a whole,
+  not the task switch.
 - **Keep-alive PINGs at the inbound**: hyper's h2 server resets its keep-alive timer on every
   frame it reads (`Ponger::poll`, 1.9k instructions per request, 2.3% of the inbound's). The
   inbound asks hyper for no PINGs now; the kernel's TCP keep-alive watches every accepted
