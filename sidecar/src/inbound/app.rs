@@ -22,7 +22,6 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::bare::Bare;
@@ -78,19 +77,7 @@ where
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<B>, String> {
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target))
-            .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "connecting timed out after {:?}",
-                    self.connect_timeout
-                ));
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = super::bare::connect(self.target, self.connect_timeout).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -158,10 +145,7 @@ impl<B> AppH1<B> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<B>>> {
-        // A panic while holding the lock leaves a plain Vec behind: still usable.
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        super::bare::lock(&self.idle)
     }
 
     /// Drops connections that the app closed or that idled past [`IDLE_TIMEOUT`].

@@ -17,7 +17,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -112,21 +112,8 @@ impl Bare {
     }
 
     async fn connect(&self) -> Result<Conn, String> {
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.target))
-            .await
-        {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "connecting timed out after {:?}",
-                    self.connect_timeout
-                ));
-            }
-        };
-        let _ = tcp.set_nodelay(true);
         Ok(Conn {
-            tcp,
+            tcp: connect(self.target, self.connect_timeout).await?,
             buf: BytesMut::new(),
         })
     }
@@ -136,11 +123,8 @@ impl Bare {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
-        // A panic while holding the lock leaves a plain Vec behind: still usable.
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Vec<(Conn, Instant)>> {
+        lock(&self.idle)
     }
 
     /// Drops connections that the app closed or that idled past [`IDLE_TIMEOUT`].
@@ -166,6 +150,23 @@ impl Bare {
             idle.push((conn, Instant::now()));
         }
     }
+}
+
+/// A new connection to the app (`TCP_NODELAY` set), or why not.
+pub(super) async fn connect(target: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("connecting timed out after {timeout:?}")),
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// A pool's idle list. A panic while holding the lock leaves a plain Vec behind: still usable.
+pub(super) fn lock<T>(idle: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
+    idle.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether an idle connection is still open: nothing to read, no end, no error. (A byte from an
