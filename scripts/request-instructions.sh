@@ -16,7 +16,8 @@
 #   (default: inbound, target/dist, meshid)
 #   BIN_DIR holds meshid-sidecar, meshid-ca and the meshid-bench binaries (cargo build --profile
 #   dist -p meshid-sidecar, then -p meshid-ca, then -p meshid-bench, as bench/run.sh builds them). Prints the count per request and the top 25 functions by
-#   their own instructions; the callgrind file is kept (its path is printed).
+#   their own instructions, then the instructions per request by crate; the callgrind file is
+#   kept (its path is printed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 role=${1:-inbound}
@@ -69,5 +70,27 @@ cp "$work/cg.1" "$out"
 echo "$role $pair: $requests requests, $instructions instructions, $((instructions / requests)) per request"
 echo "callgrind file: $out (callgrind_annotate --inclusive=no $out)"
 callgrind_annotate --threshold=100 --inclusive=no --auto=no "$out" 2>/dev/null |
-    grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS\|ld-linux\|below main\|libc_start\|__rust_begin_short_backtrace\|:main \[' |
-    head -25 | cut -c1-160
+    grep -E '^ *[0-9,]+ \(' | grep -v 'PROGRAM TOTALS\|ld-linux\|below main\|libc_start\|__rust_begin_short_backtrace\|:main \[' \
+        >"$work/functions"
+head -25 "$work/functions" | cut -c1-160
+# The same instructions by crate (the Rust path a function's name starts with), by malloc, mem*
+# and aws-lc (by source file), else by object file (nginx, libssl, libcrypto): per request.
+echo "by crate, instructions per request:"
+awk -v requests="$requests" '
+{
+    n = $1; gsub(",", "", n)
+    rest = $0; sub(/^ *[0-9,]+ \( *[0-9.]+%\) +/, "", rest)
+    file = rest; sub(/:.*/, "", file)
+    name = rest; sub(/^[^:]*:/, "", name)
+    if (file ~ /malloc/) key = "malloc"
+    else if (file ~ /mem(move|cpy|set|cmp)/) key = "mem*"
+    else if (file ~ /aws-lc/) key = "aws-lc"
+    else if (match(name, /^[<&]*(dyn )?[a-z_0-9]+::/)) {
+        key = substr(name, RSTART, RLENGTH); gsub(/[<&]|dyn |::/, "", key)
+    } else if (match(rest, /\[[^]]*\]$/)) {
+        key = substr(rest, RSTART + 1, RLENGTH - 2); sub(/.*\//, "", key)
+    } else key = "other"
+    sum[key] += n; total += n
+}
+END { for (k in sum) printf "%8.0f %5.1f%%  %s\n", sum[k] / requests, 100 * sum[k] / total, k }
+' "$work/functions" | sort -rn | head -15
