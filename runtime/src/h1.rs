@@ -724,20 +724,41 @@ mod tests {
 
     #[test]
     fn bad_chunked_bodies_are_errors() {
-        for (wire, what) in [
-            (&b"x\r\nabc\r\n0\r\n\r\n"[..], "no size"),
-            (b"3\nabc\r\n0\r\n\r\n", "bare LF"),
-            (b"3\r\nabcd\r\n0\r\n\r\n", "data longer than the size"),
-            (b"11111111111111111\r\n", "17 hex digits"),
-            (b"3 x\r\nabc\r\n0\r\n\r\n", "junk after the size"),
-            (b"3;a\rb\r\nabc\r\n0\r\n\r\n", "CR in an extension"),
-            (b"0\r\nbad trailer\r\n\r\n", "bad trailer"),
-            (b"3\r\nabc\r\n", "truncated"),
+        use Error::{Chunk, Trailers, Truncated};
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let too_many = format!("0\r\n{many}\r\n");
+        let too_long = format!("0\r\nx: {}\r\n\r\n", "v".repeat(MAX_TRAILERS));
+        let long_line = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        for (wire, want) in [
+            (&b"x\r\nabc\r\n0\r\n\r\n"[..], Chunk("no chunk size")),
+            (
+                b"3\nabc\r\n0\r\n\r\n",
+                Chunk("chunk-size line not ended by CRLF"),
+            ),
+            (
+                b"3\r\nabcd\r\n0\r\n\r\n",
+                Chunk("chunk data not followed by CRLF"),
+            ),
+            (b"11111111111111111\r\n", Chunk("chunk size too large")),
+            (b"3 x\r\nabc\r\n0\r\n\r\n", Chunk("bad chunk extension")),
+            (b"3;a\rb\r\nabc\r\n0\r\n\r\n", Chunk("bad chunk extension")),
+            (b"0\r\nbad trailer\r\n\r\n", Trailers),
+            (too_many.as_bytes(), Trailers),
+            (too_long.as_bytes(), Trailers),
+            (long_line.as_bytes(), Chunk("chunk-size line too long")),
+            (b"3\r\nabc\r\n", Truncated),
         ] {
-            assert!(body(Framing::Chunked, wire, 1).is_err(), "{what}");
+            // Fed in large steps too: each limit holds without waiting for the end of the input.
+            for step in [1, 4096] {
+                let got = body(Framing::Chunked, wire, step);
+                assert_eq!(
+                    got.err(),
+                    Some(want.clone()),
+                    "{:?}",
+                    String::from_utf8_lossy(&wire[..wire.len().min(40)])
+                );
+            }
         }
-        let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
-        assert!(body(Framing::Chunked, long.as_bytes(), 4096).is_err());
         let huge = "ffffffffffffffff\r\n";
         let mut decoder = BodyDecoder::new(Framing::Chunked);
         let mut buf = BytesMut::from(huge);
