@@ -11,6 +11,7 @@
 //! an identity of its own on the SPIFFE Workload API ([`workload_api`]).
 
 pub mod admin;
+mod bare;
 pub mod check;
 pub mod cli;
 pub mod conn;

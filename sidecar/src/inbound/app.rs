@@ -1,6 +1,6 @@
 //! The inbound's HTTP/1.1 connections to the app on localhost: small pools of idle connections,
 //! taken last-in first-out, one request at a time on each. Bodiless requests go on connections
-//! this sidecar reads and writes itself ([`super::bare`]); requests with a body, and upgrades, on
+//! this sidecar reads and writes itself ([`crate::bare`]); requests with a body, and upgrades, on
 //! hyper client connections.
 //!
 //! A connection goes back to its pool when its response body has been read to the end (or had
@@ -24,14 +24,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
-use super::bare::Bare;
+pub use crate::bare::MAX_IDLE;
+use crate::bare::{Bare, TcpDial};
 use crate::http::{Body, BoxError, ReqBody, root_cause};
 
 /// How long an idle app connection is kept for the next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// At most this many idle app connections are kept per pool of an inbound listener; more are
-/// closed.
-pub const MAX_IDLE: usize = 512;
 
 struct Idle<B> {
     send: http1::SendRequest<B>,
@@ -45,7 +43,7 @@ pub struct AppH1<B = ReqBody> {
     /// Idle connections, the most recently used last.
     idle: Mutex<Vec<Idle<B>>>,
     /// Connections for bodiless requests.
-    bare: Arc<Bare>,
+    bare: Arc<Bare<TcpDial>>,
 }
 
 impl<B> AppH1<B>
@@ -61,7 +59,13 @@ where
             target,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
-            bare: Bare::new(target, connect_timeout),
+            bare: Bare::new(
+                TcpDial {
+                    target,
+                    connect_timeout,
+                },
+                IDLE_TIMEOUT,
+            ),
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -77,7 +81,7 @@ where
     }
 
     async fn connect(&self) -> Result<http1::SendRequest<B>, String> {
-        let tcp = super::bare::connect(self.target, self.connect_timeout).await?;
+        let tcp = crate::bare::connect(self.target, self.connect_timeout).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -96,7 +100,7 @@ where
     /// back into its pool once read to the end; a `101 Switching Protocols` response keeps it (it
     /// becomes the upgraded stream).
     pub async fn request(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, String> {
-        if Bare::suits(&req) {
+        if crate::bare::suits(&req) {
             let (head, _empty) = req.into_parts();
             return self.bare.request(&head).await;
         }
@@ -145,7 +149,7 @@ impl<B> AppH1<B> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<B>>> {
-        super::bare::lock(&self.idle)
+        crate::bare::lock(&self.idle)
     }
 
     /// Drops connections that the app closed or that idled past [`IDLE_TIMEOUT`].

@@ -5,7 +5,6 @@
 
 pub mod app;
 pub mod authz;
-mod bare;
 pub mod http;
 pub mod proxy_header;
 pub mod tcp;

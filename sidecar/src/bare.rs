@@ -1,24 +1,28 @@
-//! The inbound's HTTP/1.1 exchanges with the app for requests without a body, on connections of
-//! its own: the head is written and the response read and framed ([`meshid_runtime::h1`]) in the
-//! task that serves the request.
+//! HTTP/1.1 exchanges for requests without a body, on connections of a pool's own: the head is
+//! written and the response read and framed ([`meshid_runtime::h1`]) in the task that serves the
+//! request. Two pools use it: the inbound's to the app on localhost (plain TCP, [`TcpDial`]), and
+//! the outbound's to the upstream sidecar (mTLS, `crate::outbound::h1`).
 //!
 //! hyper's client runs each connection as a task of its own, reached through a channel, with the
 //! response sent back through a oneshot: two more task wake-ups per request, and about 14k
 //! instructions per request in all. A bodiless request (most of them: `GET`, `HEAD`, `DELETE`)
-//! needs none of that. Requests with a body, and upgrades, stay on hyper ([`super::app`]).
+//! needs none of that. Requests with a body, and upgrades, go elsewhere (hyper's client at the
+//! inbound, h2 between sidecars).
 //!
 //! A connection is kept for the next request only when its response said so (HTTP/1.1 without
 //! `Connection: close`), was framed by length or chunks, and was read to its end with nothing
-//! after it. An idle connection the app has closed is noticed when it is taken, and a request on
-//! a pooled connection that closes before a byte of answer is sent again on a new one when its
+//! after it, and while its dialer still finds it fresh ([`Dial::fresh`]). An idle connection the
+//! other end has closed (or sent anything on) is noticed when it is taken, and a request on a
+//! pooled connection that closes before a byte of answer is sent again on a new one when its
 //! method is idempotent (RFC 9110 §9.2.2); otherwise it fails, as with hyper.
 
-use std::future::poll_fn;
+use std::fmt;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,50 +30,99 @@ use http::{Method, Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use meshid_runtime::h1::{self, BodyDecoder, Decoded, ResponseHead};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::app::{IDLE_TIMEOUT, MAX_IDLE};
 use crate::http::{Body, BoxError};
 
 /// Read buffer growth: a read asks for at least this much room.
 const READ_SIZE: usize = 8 * 1024;
+/// At most this many idle connections are kept per pool; more are closed.
+pub const MAX_IDLE: usize = 512;
 
-/// One connection to the app, idle between exchanges with nothing left in its buffer.
-struct Conn {
-    tcp: TcpStream,
+/// A connection a pool can carry exchanges on.
+pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
+    /// Polled while an exchange is under way (waiting for the response, reading its body): a
+    /// reason ends the exchange with that error, and the connection with it.
+    fn poll_abort(&mut self, _cx: &mut Context<'_>) -> Poll<String> {
+        Poll::Pending
+    }
+}
+
+impl Wire for TcpStream {}
+
+/// How a pool gets new connections, and which of its connections may take another exchange.
+pub(crate) trait Dial: fmt::Display + Send + Sync + 'static {
+    type Wire: Wire;
+    /// Who answers, in errors: "the app", "the upstream".
+    const WHO: &'static str;
+    /// A new connection, or why not.
+    fn dial(&self) -> impl Future<Output = Result<Self::Wire, String>> + Send;
+    /// Whether `wire` may take another exchange (apart from being open, with nothing unread, and
+    /// not idle for too long, which the pool checks itself).
+    fn fresh(&self, _wire: &Self::Wire) -> bool {
+        true
+    }
+}
+
+/// Plain TCP to one address (the inbound's app), `TCP_NODELAY` set.
+pub(crate) struct TcpDial {
+    pub(crate) target: SocketAddr,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl fmt::Display for TcpDial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.target.fmt(f)
+    }
+}
+
+impl Dial for TcpDial {
+    type Wire = TcpStream;
+    const WHO: &'static str = "the app";
+
+    fn dial(&self) -> impl Future<Output = Result<TcpStream, String>> + Send {
+        connect(self.target, self.connect_timeout)
+    }
+}
+
+/// One connection, idle between exchanges with nothing left in its buffer.
+struct Conn<W> {
+    io: W,
     buf: BytesMut,
 }
 
-/// Bodiless requests' connections to one app address.
-pub(super) struct Bare {
-    target: SocketAddr,
-    connect_timeout: Duration,
+/// Bodiless requests' connections to one peer.
+pub(crate) struct Bare<D: Dial> {
+    dialer: D,
+    /// How long an idle connection is kept for the next request.
+    idle_timeout: Duration,
     /// Idle connections and when each went idle, the most recently used last.
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    idle: Mutex<Vec<(Conn<D::Wire>, Instant)>>,
 }
 
-impl Bare {
-    pub(super) fn new(target: SocketAddr, connect_timeout: Duration) -> Arc<Self> {
+/// Whether `req` can be sent on a bare connection: no body, no transfer coding, no upgrade, not
+/// `CONNECT`.
+pub(crate) fn suits<B: HttpBody>(req: &Request<B>) -> bool {
+    req.body().is_end_stream()
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(header::UPGRADE)
+        && !req.headers().contains_key(header::TRANSFER_ENCODING)
+}
+
+impl<D: Dial> Bare<D> {
+    pub(crate) fn new(dialer: D, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
-            target,
-            connect_timeout,
+            dialer,
+            idle_timeout,
             idle: Mutex::new(Vec::new()),
         })
     }
 
-    /// Whether `req` can be sent here: no body, no transfer coding, no upgrade, not `CONNECT`.
-    pub(super) fn suits<B: HttpBody>(req: &Request<B>) -> bool {
-        req.body().is_end_stream()
-            && req.method() != Method::CONNECT
-            && !req.headers().contains_key(header::UPGRADE)
-            && !req.headers().contains_key(header::TRANSFER_ENCODING)
-    }
-
     /// Sends the bodiless request `head` (origin-form target, `Host` set) on an idle connection
     /// or a new one. The response body puts the connection back once read to its end.
-    pub(super) async fn request(
+    pub(crate) async fn request(
         self: &Arc<Self>,
         head: &http::request::Parts,
     ) -> Result<Response<Body>, String> {
@@ -81,24 +134,33 @@ impl Bare {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            if let Err(e) = conn.tcp.write_all(&wire).await {
+            let sent = match conn.io.write_all(&wire).await {
+                Ok(()) => conn.io.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
                 if pooled {
-                    // The app closed it while idle: nothing was taken in.
+                    // Closed while idle: nothing was taken in.
                     continue;
                 }
                 return Err(e.to_string());
             }
-            match read_head(&mut conn, &head.method).await? {
+            match read_head::<D>(&mut conn, &head.method).await? {
                 Some(head) => return Ok(self.respond(conn, head)),
                 None if pooled && head.method.is_idempotent() => {
-                    tracing::debug!(target = %self.target, "app connection closed unanswered; the request again on another one");
+                    tracing::debug!(peer = %self.dialer, "connection closed unanswered; the request again on another one");
                 }
-                None => return Err("the app closed the connection without answering".into()),
+                None => {
+                    return Err(format!(
+                        "{} closed the connection without answering",
+                        D::WHO
+                    ));
+                }
             }
         }
     }
 
-    fn respond(self: &Arc<Self>, conn: Conn, head: ResponseHead) -> Response<Body> {
+    fn respond(self: &Arc<Self>, conn: Conn<D::Wire>, head: ResponseHead) -> Response<Body> {
         let mut body = BareBody {
             conn: Some(conn),
             decoder: BodyDecoder::new(head.framing),
@@ -111,40 +173,50 @@ impl Bare {
         head.response.map(|()| body.boxed())
     }
 
-    async fn connect(&self) -> Result<Conn, String> {
+    async fn connect(&self) -> Result<Conn<D::Wire>, String> {
         Ok(Conn {
-            tcp: connect(self.target, self.connect_timeout).await?,
+            io: self.dialer.dial().await?,
             buf: BytesMut::new(),
         })
     }
 
     /// Idle connections held now.
-    pub(super) fn idle_count(&self) -> usize {
+    pub(crate) fn idle_count(&self) -> usize {
         self.lock().len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(Conn, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(Conn<D::Wire>, Instant)>> {
         lock(&self.idle)
     }
 
-    /// Drops connections that the app closed or that idled past [`IDLE_TIMEOUT`].
-    pub(super) fn prune(&self, now: Instant) {
-        self.lock()
-            .retain(|(c, since)| now.duration_since(*since) < IDLE_TIMEOUT && open(&c.tcp));
+    /// Whether an idle connection may take the next request.
+    fn usable(&self, conn: &mut Conn<D::Wire>, since: Instant, now: Instant) -> bool {
+        now.duration_since(since) < self.idle_timeout
+            && self.dialer.fresh(&conn.io)
+            && open(&mut conn.io)
     }
 
-    fn checkout(&self) -> Option<Conn> {
+    /// Drops connections that were closed, idled too long, or are no longer fresh.
+    pub(crate) fn prune(&self, now: Instant) {
+        self.lock()
+            .retain_mut(|(c, since)| self.usable(c, *since, now));
+    }
+
+    fn checkout(&self) -> Option<Conn<D::Wire>> {
         let now = Instant::now();
         let mut idle = self.lock();
-        while let Some((c, since)) = idle.pop() {
-            if now.duration_since(since) < IDLE_TIMEOUT && open(&c.tcp) {
+        while let Some((mut c, since)) = idle.pop() {
+            if self.usable(&mut c, since, now) {
                 return Some(c);
             }
         }
         None
     }
 
-    fn check_in(&self, conn: Conn) {
+    fn check_in(&self, conn: Conn<D::Wire>) {
+        if !self.dialer.fresh(&conn.io) {
+            return;
+        }
         let mut idle = self.lock();
         if idle.len() < MAX_IDLE {
             idle.push((conn, Instant::now()));
@@ -153,7 +225,7 @@ impl Bare {
 }
 
 /// A new connection to the app (`TCP_NODELAY` set), or why not.
-pub(super) async fn connect(target: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
+pub(crate) async fn connect(target: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(e.to_string()),
@@ -164,32 +236,43 @@ pub(super) async fn connect(target: SocketAddr, timeout: Duration) -> Result<Tcp
 }
 
 /// A pool's idle list. A panic while holding the lock leaves a plain Vec behind: still usable.
-pub(super) fn lock<T>(idle: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
+pub(crate) fn lock<T>(idle: &Mutex<Vec<T>>) -> MutexGuard<'_, Vec<T>> {
     idle.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether an idle connection is still open: nothing to read, no end, no error. (A byte from an
-/// idle app is a protocol error: the connection is not used again either.)
-fn open(tcp: &TcpStream) -> bool {
-    matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+/// idle peer is a protocol error, a TLS alert the start of a close: the connection is not used
+/// again either.) A read that would wait; the waker is a no-op, the next exchange sets its own.
+fn open<W: AsyncRead + Unpin>(io: &mut W) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    Pin::new(io)
+        .poll_read(&mut Context::from_waker(Waker::noop()), &mut buf)
+        .is_pending()
 }
 
-/// Reads into `buf`, making room first: `Ok(0)` at the end of the stream.
-fn poll_fill(tcp: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+/// Reads into `buf`, making room first: `Ok(0)` at the end of the stream. Ends with the wire's
+/// abort reason, if it has one.
+fn poll_fill<W: Wire>(
+    io: &mut W,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if let Poll::Ready(why) = io.poll_abort(cx) {
+        return Poll::Ready(Err(io::Error::other(why)));
+    }
     if buf.capacity() - buf.len() < READ_SIZE / 8 {
         buf.reserve(READ_SIZE);
     }
-    loop {
-        match tcp.try_read_buf(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(tcp.poll_read_ready(cx))?,
-            done => return Poll::Ready(done),
-        }
-    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// The response head; `None` when the connection ended before a byte of it.
-async fn read_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHead>, String> {
+async fn read_head<D: Dial>(
+    conn: &mut Conn<D::Wire>,
+    method: &Method,
+) -> Result<Option<ResponseHead>, String> {
     let mut read_any = false;
     loop {
         if !conn.buf.is_empty()
@@ -198,11 +281,12 @@ async fn read_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHe
         {
             return Ok(Some(head));
         }
-        match poll_fn(|cx| poll_fill(&conn.tcp, &mut conn.buf, cx)).await {
+        match poll_fn(|cx| poll_fill(&mut conn.io, &mut conn.buf, cx)).await {
             Ok(0) if read_any => {
-                return Err(
-                    "the app closed the connection in the middle of a response head".into(),
-                );
+                return Err(format!(
+                    "{} closed the connection in the middle of a response head",
+                    D::WHO
+                ));
             }
             Ok(0) => return Ok(None),
             Ok(_) => read_any = true,
@@ -220,17 +304,17 @@ async fn read_head(conn: &mut Conn, method: &Method) -> Result<Option<ResponseHe
     }
 }
 
-/// A response body read from the app's connection, which goes back to the pool once the body
-/// has been read to its end (or had none).
-struct BareBody {
+/// A response body read from a pooled connection, which goes back to the pool once the body has
+/// been read to its end (or had none).
+struct BareBody<D: Dial> {
     /// `None` once the body has ended or failed.
-    conn: Option<Conn>,
+    conn: Option<Conn<D::Wire>>,
     decoder: BodyDecoder,
     keep_alive: bool,
-    pool: Weak<Bare>,
+    pool: Weak<Bare<D>>,
 }
 
-impl BareBody {
+impl<D: Dial> BareBody<D> {
     /// The body is complete: its connection goes back if it may carry another exchange.
     fn finish(&mut self) {
         if let Some(conn) = self.conn.take()
@@ -248,7 +332,7 @@ impl BareBody {
     }
 }
 
-impl HttpBody for BareBody {
+impl<D: Dial> HttpBody for BareBody<D> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -275,7 +359,7 @@ impl HttpBody for BareBody {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(Decoded::NeedMore) => match ready!(poll_fill(&conn.tcp, &mut conn.buf, cx)) {
+                Ok(Decoded::NeedMore) => match ready!(poll_fill(&mut conn.io, &mut conn.buf, cx)) {
                     Ok(0) => match this.decoder.eof() {
                         Ok(_) => {
                             this.finish();
@@ -302,7 +386,7 @@ impl HttpBody for BareBody {
     }
 }
 
-impl Drop for BareBody {
+impl<D: Dial> Drop for BareBody<D> {
     fn drop(&mut self) {
         // Dropped part-way: the connection closes with it.
         if self.decoder.is_end() {
@@ -401,8 +485,12 @@ mod tests {
         Ok((String::from_utf8(bytes.to_vec()).unwrap(), trailers))
     }
 
-    fn pool(addr: SocketAddr) -> Arc<Bare> {
-        Bare::new(addr, Duration::from_secs(5))
+    fn pool(addr: SocketAddr) -> Arc<Bare<TcpDial>> {
+        let dial = TcpDial {
+            target: addr,
+            connect_timeout: Duration::from_secs(5),
+        };
+        Bare::new(dial, Duration::from_secs(60))
     }
 
     #[tokio::test]
@@ -545,25 +633,149 @@ mod tests {
         assert_eq!(seen.lock().unwrap().connections, 1);
     }
 
+    /// A dialer whose connections may be aborted (each gets the next of `aborts`), and whose
+    /// connections are fresh while `fresh` says so.
+    struct Switches {
+        target: SocketAddr,
+        aborts: Mutex<Vec<tokio::sync::oneshot::Receiver<()>>>,
+        fresh: std::sync::atomic::AtomicBool,
+    }
+
+    struct Abortable {
+        tcp: TcpStream,
+        abort: tokio::sync::oneshot::Receiver<()>,
+    }
+
+    impl fmt::Display for Switches {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.target.fmt(f)
+        }
+    }
+
+    impl Dial for Switches {
+        type Wire = Abortable;
+        const WHO: &'static str = "the peer";
+
+        async fn dial(&self) -> Result<Abortable, String> {
+            let abort = lock(&self.aborts).pop().expect("a switch per connection");
+            let tcp = connect(self.target, Duration::from_secs(5)).await?;
+            Ok(Abortable { tcp, abort })
+        }
+
+        fn fresh(&self, _wire: &Abortable) -> bool {
+            self.fresh.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    impl Wire for Abortable {
+        fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<String> {
+            Pin::new(&mut self.abort)
+                .poll(cx)
+                .map(|_| "aborted from outside".to_owned())
+        }
+    }
+
+    impl AsyncRead for Abortable {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Abortable {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.tcp).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_abort_ends_the_exchange_under_way_and_a_stale_connection_is_not_reused() {
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        // The first connection answers twice; the second starts a chunked body and stalls.
+        let (addr, seen) = app(vec![
+            vec![Step::Reply(OK), Step::Reply(OK)],
+            vec![Step::Reply(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n",
+            )],
+        ])
+        .await;
+        let (fire, abort) = tokio::sync::oneshot::channel();
+        let (_unused, first_abort) = tokio::sync::oneshot::channel();
+        let bare = Bare::new(
+            Switches {
+                target: addr,
+                aborts: Mutex::new(vec![abort, first_abort]),
+                fresh: true.into(),
+            },
+            Duration::from_secs(60),
+        );
+        read(bare.request(&head(Method::GET, "/")).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(bare.idle_count(), 1);
+        // No longer fresh (a renewal, say): neither kept nor taken again.
+        bare.dialer
+            .fresh
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(bare.checkout().is_none());
+        bare.dialer
+            .fresh
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut body = bare
+            .request(&head(Method::GET, "/stream"))
+            .await
+            .unwrap()
+            .into_body();
+        assert_eq!(seen.lock().unwrap().connections, 2);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"first");
+        fire.send(()).unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the abort ends the wait for the next chunk")
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("aborted from outside"),
+            "{error}"
+        );
+        assert_eq!(bare.idle_count(), 0);
+    }
+
     #[tokio::test]
     async fn only_bodiless_plain_requests_suit() {
         let get = |body: &'static str| {
             Request::get("/").body(http_body_util::Full::new(Bytes::from(body)))
         };
-        assert!(Bare::suits(&get("").unwrap()));
-        assert!(!Bare::suits(&get("x").unwrap()));
+        assert!(suits(&get("").unwrap()));
+        assert!(!suits(&get("x").unwrap()));
         let mut upgrade = get("").unwrap();
         upgrade
             .headers_mut()
             .insert(header::UPGRADE, "websocket".parse().unwrap());
-        assert!(!Bare::suits(&upgrade));
+        assert!(!suits(&upgrade));
         let mut connect = get("").unwrap();
         *connect.method_mut() = Method::CONNECT;
-        assert!(!Bare::suits(&connect));
+        assert!(!suits(&connect));
         let mut chunked = get("").unwrap();
         chunked
             .headers_mut()
             .insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        assert!(!Bare::suits(&chunked));
+        assert!(!suits(&chunked));
     }
 }
