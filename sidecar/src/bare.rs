@@ -120,6 +120,11 @@ impl<D: Dial> Bare<D> {
         })
     }
 
+    /// Its dialer.
+    pub(crate) fn dialer(&self) -> &D {
+        &self.dialer
+    }
+
     /// Sends the bodiless request `head` (origin-form target, `Host` set) on an idle connection
     /// or a new one. The response body puts the connection back once read to its end.
     pub(crate) async fn request(

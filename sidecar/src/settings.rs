@@ -59,7 +59,8 @@ pub struct Limits {
     pub cap_connection_age: bool,
     /// How often an outbound h2 connection to an upstream sidecar is pinged (30 s; no flag). One
     /// whose answer takes longer than a third of this is closed, so a peer that vanished without a
-    /// FIN or RST stops holding requests until their timeout.
+    /// FIN or RST stops holding requests until their timeout. A pooled HTTP/1.1 connection to an
+    /// upstream idle for longer than this is not used again (`outbound::h1`).
     pub upstream_ping: Duration,
 }
 

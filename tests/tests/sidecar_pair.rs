@@ -128,6 +128,114 @@ async fn http1_and_h2_through_a_pair() {
     );
 }
 
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// The app's bodiless HTTP/1.1 requests with an idempotent method cross between the sidecars as
+/// HTTP/1.1, one after another on one pooled connection; a request with a body, a bodiless
+/// `POST` (not safe to send again) and an h2 app's requests cross on the h2 connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_idempotent_http1_requests_share_a_pooled_http1_connection() {
+    let pki = TestPki::new();
+    let (a, b) = pair(&pki, http_echo().await, Protocol::Http, B).await;
+    let outbound = a.outbound[0];
+    let send = |h2: bool, req: hyper::Request<http_body_util::Full<bytes::Bytes>>| async move {
+        let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        http_request(tcp, h2, req).await.unwrap()
+    };
+    let with = |method: &str, path: &str, body: &'static str| {
+        hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "app.example")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))
+            .unwrap()
+    };
+    for i in 0..4 {
+        let (status, _, body) = send(false, get(&format!("/get/{i}"), &[])).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with(&format!("GET /get/{i}")), "{body}");
+        assert!(body.contains(&format!("URI={A}")), "{body}");
+        assert!(body.contains("host=app.example"), "{body}");
+    }
+    let (status, _, body) = send(false, with("HEAD", "/head", "")).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, _, body) = send(false, with("DELETE", "/item", "")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("DELETE /item"), "{body}");
+    // Over h2:
+    let (status, _, body) = send(false, with("POST", "/upload", "payload")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("POST /upload") && body.ends_with("payload"),
+        "{body}"
+    );
+    let (status, _, body) = send(false, with("POST", "/empty", "")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("POST /empty"), "{body}");
+    let (status, _, body) = send(true, get("/from-h2", &[])).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("version=HTTP/2.0"), "{body}");
+
+    let m = b.metrics().await;
+    let inbound = r#"direction="inbound""#;
+    let requests = "meshid_sidecar_requests_total{";
+    assert_eq!(
+        metric(&m, requests, &[inbound, r#"protocol="http1""#]),
+        6,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, requests, &[inbound, r#"protocol="h2""#]),
+        3,
+        "{m}"
+    );
+    // One HTTP/1.1 connection, used six times, and one h2 connection.
+    assert_eq!(
+        metric(&m, "meshid_sidecar_connections_total{", &[inbound]),
+        2,
+        "{m}"
+    );
+}
+
+/// An upstream that does not agree to HTTP/1.1 in ALPN (here a TCP-mode inbound, which offers none)
+/// gets every request over h2, as it did before there was an HTTP/1.1 path: the app behind it may
+/// speak h2 only. The HTTP/1.1 connection is tried once, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_does_not_agree_to_http1_gets_every_request_over_h2() {
+    let pki = TestPki::new();
+    let b = backend(&pki, http_echo().await, Protocol::Tcp).await;
+    let a = frontend(&pki, &b.inbound[0].to_string(), Protocol::Http, B, None).await;
+    for i in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let (status, _, body) = http_request(tcp, false, get(&format!("/get/{i}"), &[]))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with(&format!("GET /get/{i}")), "{body}");
+        assert!(body.contains("version=HTTP/2.0"), "{body}");
+    }
+    // The declined HTTP/1.1 connection and the h2 one.
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "meshid_sidecar_connections_total{",
+            &[r#"direction="inbound""#]
+        ),
+        2,
+        "{m}"
+    );
+}
+
 /// Bodies larger than every flow-control window on the way (h2's 64 KiB default, the 2 MiB the
 /// outbound grants per stream) stream through in both directions, from an HTTP/1.1 and an h2 app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

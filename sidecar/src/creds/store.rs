@@ -92,8 +92,10 @@ pub struct Snapshot {
     pub anchor_not_after: Vec<i64>,
     pub server_tcp: Arc<ServerConfig>,
     pub server_http: Arc<ServerConfig>,
-    /// Indexed like the store's upstreams.
+    /// Indexed like the store's upstreams (HTTP upstreams: ALPN `h2`).
     pub clients: Vec<Arc<ClientConfig>>,
+    /// The same, offering ALPN `http/1.1` to HTTP upstreams (the same config for TCP ones).
+    pub clients_h1: Vec<Arc<ClientConfig>>,
     /// SHA-256 (hex) of our own leaf.
     pub leaf_sha256: String,
     /// SHA-256 (hex) of the certificate that issued our leaf (the chain's second; `None` when the
@@ -392,6 +394,7 @@ impl CredentialStore {
         let server_http = server(vec![b"h2".to_vec(), b"http/1.1".to_vec()])?;
 
         let mut clients = Vec::with_capacity(self.upstreams.len());
+        let mut clients_h1 = Vec::with_capacity(self.upstreams.len());
         for up in &self.upstreams {
             let verifier =
                 SpiffeServerVerifier::new(anchors.clone(), up.expected.clone(), &self.provider);
@@ -406,9 +409,16 @@ impl CredentialStore {
                 )));
             config.resumption = rustls::client::Resumption::disabled();
             if up.protocol == Protocol::Http {
+                let mut h1 = config.clone();
+                h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+                clients_h1.push(Arc::new(h1));
                 config.alpn_protocols = vec![b"h2".to_vec()];
+                clients.push(Arc::new(config));
+            } else {
+                let config = Arc::new(config);
+                clients_h1.push(config.clone());
+                clients.push(config);
             }
-            clients.push(Arc::new(config));
         }
 
         let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
@@ -431,6 +441,7 @@ impl CredentialStore {
             server_tcp,
             server_http,
             clients,
+            clients_h1,
             public_key_sha256: {
                 use x509_parser::prelude::FromDer;
                 x509_parser::certificate::X509Certificate::from_der(&leaf)

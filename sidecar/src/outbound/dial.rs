@@ -21,7 +21,16 @@ pub async fn dial(
     index: usize,
     shared: &Shared,
 ) -> io::Result<TlsStream<TcpStream>> {
-    dial_with(spec, index, shared).await.map(|(tls, _)| tls)
+    dial_with(spec, index, shared, Alpn::H2)
+        .await
+        .map(|(tls, _)| tls)
+}
+
+/// What an HTTP upstream connection will carry (its ALPN); TCP upstreams offer none either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http11,
 }
 
 /// [`dial`], also returning the credential snapshot the connection presents.
@@ -29,6 +38,7 @@ pub async fn dial_with(
     spec: &Outbound,
     index: usize,
     shared: &Shared,
+    alpn: Alpn,
 ) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
     let port = spec.local.port();
     let snapshot = shared
@@ -40,8 +50,11 @@ pub async fn dial_with(
             "our certificate is not valid now (failing closed)",
         ));
     }
-    let config = snapshot
-        .clients
+    let configs = match alpn {
+        Alpn::H2 => &snapshot.clients,
+        Alpn::Http11 => &snapshot.clients_h1,
+    };
+    let config = configs
         .get(index)
         .cloned()
         .ok_or_else(|| io::Error::other("no client configuration for this upstream"))?;

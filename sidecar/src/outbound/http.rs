@@ -1,16 +1,22 @@
-//! Outbound HTTP: the app speaks HTTP/1.1 or h2c to a local listener; requests travel over pooled
-//! h2 mTLS connections to the peer sidecar, whose identity must be the expected one (else 502 with
-//! the reason). Protocol upgrades need a tcp upstream.
+//! Outbound HTTP: the app speaks HTTP/1.1 or h2c to a local listener; requests travel over mTLS
+//! to the peer sidecar, whose identity must be the expected one (else 502 with the reason): a
+//! bodiless idempotent HTTP/1.1 request that finds its listener quiet (no other request waiting
+//! for an answer, requests beginning on average [`super::h1::QUIET_GAP`] apart or more) goes on a
+//! pooled HTTP/1.1 connection ([`super::h1`]); all others share one multiplexed h2 connection
+//! ([`super::upstream`]). Protocol upgrades need a tcp upstream.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::h1::{H1Dial, Pace};
 use super::upstream::H2Upstream;
+use crate::bare::Bare;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
     APP_H2_HINT_NAME, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply,
@@ -18,11 +24,24 @@ use crate::http::{
 };
 use crate::metrics::ConnMetrics;
 
-/// One outbound HTTP listener's client: pooled h2 over mTLS to the peer sidecar.
+/// One outbound HTTP listener's clients to the peer sidecar: h2, and pooled HTTP/1.1.
 pub struct OutboundHttp {
     pub port: u16,
     pub remote: String,
     pub upstream: H2Upstream,
+    pub(crate) h1: Arc<Bare<H1Dial>>,
+    /// Requests of this listener waiting for their response head.
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) pace: Pace,
+}
+
+/// Counts a request among its listener's [`OutboundHttp::in_flight`] until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves the app's plaintext HTTP connection on an outbound listener; every request, relayed or
@@ -98,6 +117,12 @@ async fn outbound_request(
         );
     }
     let app_h2 = req.version() == Version::HTTP_2;
+    // Alone, a request goes fastest on an HTTP/1.1 connection of its own (no h2 codec, no hand-over
+    // to the connection's task). Among others, h2 carries them together: one TLS record and one
+    // write for several, which is what keeps up under load (`super::h1`).
+    let others = out.in_flight.fetch_add(1, Ordering::AcqRel);
+    let _in_flight = InFlight(&out.in_flight);
+    let h1 = out.pace.quiet(others) && super::h1::suits(&req);
     let authority = match upstream_authority(&req, &out.remote) {
         Ok(a) => a,
         Err(reason) => {
@@ -122,15 +147,41 @@ async fn outbound_request(
     }
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, false);
-    headers.remove(header::HOST);
     headers.remove(&APP_H2_HINT_NAME);
-    if app_h2 {
-        headers.insert(&APP_H2_HINT_NAME, HeaderValue::from_static("1"));
-    }
-    *req.version_mut() = Version::HTTP_2;
-    let resp = match tokio::time::timeout(shared.limits.request_timeout, out.upstream.request(req))
-        .await
-    {
+    let pool = &out.h1;
+    let upstream = &out.upstream;
+    let sending = async move {
+        if h1 && !pool.dialer().declined() {
+            // HTTP/1.1 carries the authority as `Host` (the one checked above, or the URI's).
+            if !req.headers().contains_key(header::HOST)
+                && let Some(host) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                req.headers_mut().insert(header::HOST, host);
+            }
+            let (head, empty) = req.into_parts();
+            // Boxed: its future (a TLS handshake when it dials) would otherwise swell every
+            // request's, h2 ones too, and they are moved and copied as a whole.
+            match Box::pin(pool.request(&head)).await {
+                Err(reason) if reason == super::h1::DECLINED => {
+                    req = Request::from_parts(head, empty);
+                }
+                sent => return sent,
+            }
+        }
+        let headers = req.headers_mut();
+        headers.remove(header::HOST);
+        if app_h2 {
+            headers.insert(&APP_H2_HINT_NAME, HeaderValue::from_static("1"));
+        }
+        *req.version_mut() = Version::HTTP_2;
+        let resp = upstream.request(req).await?;
+        Ok(resp.map(|b| b.boxed()))
+    };
+    let sent = tokio::time::timeout(shared.limits.request_timeout, sending).await;
+    let resp = match sent {
         Err(_) => {
             return reply(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -149,7 +200,7 @@ async fn outbound_request(
         }
         Ok(Ok(resp)) => resp,
     };
-    finish_response(resp.map(|b| b.boxed()), None, shared)
+    finish_response(resp, None, shared)
 }
 
 #[cfg(test)]

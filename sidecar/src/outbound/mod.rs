@@ -1,8 +1,11 @@
 //! Outbound listeners: the app connects in plaintext to `127.0.0.1:<local>`; we originate mTLS to the
 //! upstream with our certificate and refuse any server whose SPIFFE ID is not the expected one
-//! ([`dial`]), then carry TCP ([`tcp`]) or HTTP over pooled h2 ([`http`], [`upstream`]).
+//! ([`dial`]), then carry TCP ([`tcp`]) or HTTP ([`http`]): a bodiless idempotent HTTP/1.1 request
+//! alone in flight over a pooled HTTP/1.1 connection ([`h1`]), the rest over one multiplexed h2
+//! connection ([`upstream`]).
 
 pub mod dial;
+pub mod h1;
 pub mod http;
 pub mod tcp;
 pub mod upstream;
@@ -34,6 +37,9 @@ pub async fn serve(
             port,
             remote: spec.remote.clone(),
             upstream: H2Upstream::new(spec.clone(), index, shared.clone()),
+            h1: h1::pool(Arc::new(spec.clone()), index, shared.clone()),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            pace: h1::Pace::new(),
         })
     });
     // The upstream's verified identity is the expected one (the handshake refuses any other), so

@@ -33,7 +33,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
-use super::dial::{dial_with, upstream_not_after, upstream_revoked};
+use super::dial::{Alpn, dial_with, upstream_not_after, upstream_revoked};
 use crate::conn::Shared;
 use crate::creds::Snapshot;
 use crate::http::{BoxError, ReqBody, root_cause};
@@ -109,16 +109,11 @@ impl H2Upstream {
         }
         // Dropping our handle to the old connection lets it close once its streams are done.
         self.current.store(None);
-        let (tls, presented) = dial_with(&self.spec, self.index, &self.shared).await?;
+        let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::H2).await?;
         // A revoked upstream's connection closes at once, in-flight requests with it: its
         // certificate is no longer trusted at all.
         let revoked = upstream_revoked(&tls, self.spec.local.port(), &self.shared);
-        let retire_at = self.shared.limits.cap_connection_age.then(|| {
-            let not_after = upstream_not_after(&tls).min(presented.identity.not_after);
-            expiry_instant(not_after)
-                .checked_sub(RETIRE_MARGIN)
-                .unwrap_or_else(Instant::now)
-        });
+        let retire_at = retire_at(&tls, &presented, &self.shared);
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -199,6 +194,21 @@ impl H2Upstream {
             data_done: false,
         }))
     }
+}
+
+/// When a connection to an upstream takes no new requests: [`RETIRE_MARGIN`] before the earlier
+/// of the two certificates' expiries, when connection ages are capped.
+pub(super) fn retire_at(
+    tls: &crate::tls::ClientTlsStream<tokio::net::TcpStream>,
+    presented: &Snapshot,
+    shared: &Shared,
+) -> Option<Instant> {
+    shared.limits.cap_connection_age.then(|| {
+        let not_after = upstream_not_after(tls).min(presented.identity.not_after);
+        expiry_instant(not_after)
+            .checked_sub(RETIRE_MARGIN)
+            .unwrap_or_else(Instant::now)
+    })
 }
 
 /// Why [`keep_alive`] stopped.
