@@ -497,6 +497,16 @@ impl Traffic {
     }
 }
 
+/// The sum of the samples of `name` (a metric name and its opening brace) whose labels include
+/// every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// The sidecar's `meshid_sidecar_tls_handshake_failures_total` lines in a `/metrics` text.
 pub fn handshake_failure_lines(metrics: &str) -> Vec<&str> {
     metrics

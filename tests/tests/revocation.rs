@@ -15,7 +15,7 @@ use meshid_proto::ca::v1::{GetTrustBundleRequest, IssueRequest, issue_request::C
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, handshake_failures, http_echo,
-    http_request, tcp_echo,
+    http_request, metric, tcp_echo,
 };
 use meshid_tests::pki::WorkloadKey;
 use meshid_tests::rotation_cli::meshid_ca;
@@ -187,14 +187,6 @@ async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> boo
         tokio::time::timeout(within, tcp.read(&mut buf)).await,
         Ok(Ok(0) | Err(_))
     )
-}
-
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

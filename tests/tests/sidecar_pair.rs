@@ -9,7 +9,7 @@ use std::time::Duration;
 use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, get, handshake_failure_lines, handshake_failures,
-    http_echo, http_request, tcp_echo,
+    http_echo, http_request, metric, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -126,15 +126,6 @@ async fn http1_and_h2_through_a_pair() {
         m.contains(r#"direction="outbound""#) && m.contains(r#"code="200""#),
         "{m}"
     );
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// The app's bodiless HTTP/1.1 requests with an idempotent method cross between the sidecars as
