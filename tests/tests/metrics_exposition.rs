@@ -339,18 +339,19 @@ async fn promtool_finds_nothing_wrong_on_any_endpoint_after_traffic() {
         );
     }
 
-    // The series the traffic made: B without peer labels, A with its upstream's identity.
+    // The series the traffic made: B without peer labels, A with its upstream's identity. A's
+    // bodiless GETs, one at a time, cross to B over pooled HTTP/1.1 (a quiet listener).
     let (_, b) = scrape(stack.b, Some(TEXT_004)).await;
     let port = stack.b_http.port();
     for series in [
         format!(
-            "meshid_sidecar_requests_total{{direction=\"inbound\",port=\"{port}\",protocol=\"h2\",class=\"2xx\",code=\"200\"}} 2"
+            "meshid_sidecar_requests_total{{direction=\"inbound\",port=\"{port}\",protocol=\"http1\",class=\"2xx\",code=\"200\"}} 2"
         ),
         format!(
-            "meshid_sidecar_requests_total{{direction=\"inbound\",port=\"{port}\",protocol=\"h2\",class=\"4xx\",code=\"403\"}} 1"
+            "meshid_sidecar_requests_total{{direction=\"inbound\",port=\"{port}\",protocol=\"http1\",class=\"4xx\",code=\"403\"}} 1"
         ),
         format!(
-            "meshid_sidecar_request_duration_seconds_count{{direction=\"inbound\",port=\"{port}\",protocol=\"h2\",class=\"2xx\"}} 2"
+            "meshid_sidecar_request_duration_seconds_count{{direction=\"inbound\",port=\"{port}\",protocol=\"http1\",class=\"2xx\"}} 2"
         ),
     ] {
         assert!(b.contains(&series), "{series} not in\n{b}");
