@@ -87,7 +87,9 @@ impl Dial for TcpDial {
     }
 }
 
-/// One connection, idle between exchanges with nothing left in its buffer.
+/// One connection, idle between exchanges with nothing left in its buffer. Always boxed
+/// ([`Held`]): a TLS wire's state is over a kilobyte, and a request moves its connection several
+/// times (out of the pool, into the request's future, into the response body, back).
 struct Conn<W> {
     io: W,
     buf: BytesMut,
@@ -99,8 +101,11 @@ pub(crate) struct Bare<D: Dial> {
     /// How long an idle connection is kept for the next request.
     idle_timeout: Duration,
     /// Idle connections and when each went idle, the most recently used last.
-    idle: Mutex<Vec<(Conn<D::Wire>, Instant)>>,
+    idle: Mutex<Vec<(Held<D::Wire>, Instant)>>,
 }
+
+/// A connection as it is held and moved.
+type Held<W> = Box<Conn<W>>;
 
 /// Whether `req` can be sent on a bare connection: no body, no transfer coding, no upgrade, not
 /// `CONNECT`.
@@ -165,7 +170,7 @@ impl<D: Dial> Bare<D> {
         }
     }
 
-    fn respond(self: &Arc<Self>, conn: Conn<D::Wire>, head: ResponseHead) -> Response<Body> {
+    fn respond(self: &Arc<Self>, conn: Held<D::Wire>, head: ResponseHead) -> Response<Body> {
         let mut body = BareBody {
             conn: Some(conn),
             decoder: BodyDecoder::new(head.framing),
@@ -178,11 +183,11 @@ impl<D: Dial> Bare<D> {
         head.response.map(|()| body.boxed())
     }
 
-    async fn connect(&self) -> Result<Conn<D::Wire>, String> {
-        Ok(Conn {
+    async fn connect(&self) -> Result<Held<D::Wire>, String> {
+        Ok(Box::new(Conn {
             io: self.dialer.dial().await?,
             buf: BytesMut::new(),
-        })
+        }))
     }
 
     /// Idle connections held now.
@@ -190,7 +195,7 @@ impl<D: Dial> Bare<D> {
         self.lock().len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(Conn<D::Wire>, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(Held<D::Wire>, Instant)>> {
         lock(&self.idle)
     }
 
@@ -207,7 +212,7 @@ impl<D: Dial> Bare<D> {
             .retain_mut(|(c, since)| self.usable(c, *since, now));
     }
 
-    fn checkout(&self) -> Option<Conn<D::Wire>> {
+    fn checkout(&self) -> Option<Held<D::Wire>> {
         let now = Instant::now();
         let mut idle = self.lock();
         while let Some((mut c, since)) = idle.pop() {
@@ -218,7 +223,7 @@ impl<D: Dial> Bare<D> {
         None
     }
 
-    fn check_in(&self, conn: Conn<D::Wire>) {
+    fn check_in(&self, conn: Held<D::Wire>) {
         if !self.dialer.fresh(&conn.io) {
             return;
         }
@@ -313,7 +318,7 @@ async fn read_head<D: Dial>(
 /// been read to its end (or had none).
 struct BareBody<D: Dial> {
     /// `None` once the body has ended or failed.
-    conn: Option<Conn<D::Wire>>,
+    conn: Option<Held<D::Wire>>,
     decoder: BodyDecoder,
     keep_alive: bool,
     pool: Weak<Bare<D>>,
