@@ -159,6 +159,11 @@ impl PeerHeaders {
             header::HeaderName::from_static("x-forwarded-for");
         static FORWARDED_PROTO: header::HeaderName =
             header::HeaderName::from_static("x-forwarded-proto");
+        // Room for the four at once: a map parsed from a request is sized to the headers it
+        // carried, and growing it header by header rehashed it twice a request. It holds at most
+        // hyper's 100 headers, far below the map's limit; were the room refused, the inserts
+        // below would still grow it as needed.
+        let _ = headers.try_reserve(4);
         if let Some(v) = &self.xfcc {
             headers.insert(&XFCC_NAME, v.clone());
         }
