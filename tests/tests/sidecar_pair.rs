@@ -197,6 +197,89 @@ async fn bodiless_idempotent_http1_requests_share_a_pooled_http1_connection() {
     );
 }
 
+/// An HTTP/1.0 app: its bodiless requests cross on the pooled HTTP/1.1 connection like the others
+/// (the app behind the inbound is asked in HTTP/1.1), and the outbound answers it as HTTP/1.0 asks:
+/// without `Connection: keep-alive` the connection ends with the response; with it, the connection
+/// carries the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_app_is_answered_as_http10_asks() {
+    let pki = TestPki::new();
+    let (a, b) = pair(&pki, http_echo().await, Protocol::Http, B).await;
+    let within = Duration::from_secs(10);
+
+    // No keep-alive: the whole response, then the end of the connection.
+    let mut tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    tcp.write_all(b"GET /old HTTP/1.0\r\nHost: app.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(within, tcp.read_to_end(&mut all))
+        .await
+        .expect("the connection ends after the response")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all).into_owned();
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{head}");
+    assert!(body.starts_with("GET /old"), "{body}");
+    assert!(body.contains("version=HTTP/1.1"), "{body}");
+    assert!(body.contains(&format!("URI={A}")), "{body}");
+
+    // Keep-alive asked for: two requests on one connection, each response framed by its length.
+    let mut tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    for path in ["/kept/1", "/kept/2"] {
+        let req =
+            format!("GET {path} HTTP/1.0\r\nHost: app.example\r\nConnection: keep-alive\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = tokio::time::timeout(within, read_response(&mut tcp))
+            .await
+            .expect("a response");
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: keep-alive"),
+            "{head}"
+        );
+        assert!(body.starts_with(&format!("GET {path}")), "{body}");
+    }
+
+    let m = b.metrics().await;
+    let inbound = r#"direction="inbound""#;
+    assert_eq!(
+        metric(
+            &m,
+            "meshid_sidecar_requests_total{",
+            &[inbound, r#"protocol="http1""#]
+        ),
+        3,
+        "{m}"
+    );
+}
+
+/// Reads one response framed by `Content-Length`: its head and its body.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or_else(|| panic!("no content-length: {head}"));
+            if body.len() >= len {
+                return (head.to_string(), body.to_string());
+            }
+        }
+        let n = tcp.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the whole response: {text}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// An upstream that does not agree to HTTP/1.1 in ALPN (here a TCP-mode inbound, which offers none)
 /// gets every request over h2, as it did before there was an HTTP/1.1 path: the app behind it may
 /// speak h2 only. The HTTP/1.1 connection is tried once, not per request.
