@@ -507,6 +507,52 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
         .sum()
 }
 
+/// Reads one HTTP/1.x response framed by `Content-Length` from `io`, after the bytes already in
+/// `pending` and leaving in it what follows: its status, its head (status line and headers) and
+/// its body.
+pub async fn read_response<IO: tokio::io::AsyncRead + Unpin>(
+    io: &mut IO,
+    pending: &mut Vec<u8>,
+) -> Result<(u16, String, String), String> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_string();
+            let status: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("no status in {head:?}"))?;
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .ok_or_else(|| format!("no content-length in {head:?}"))?;
+            while pending.len() < end + 4 + len {
+                let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed mid-body".into());
+                }
+                pending.extend_from_slice(&buf[..n]);
+            }
+            let body = String::from_utf8_lossy(&pending[end + 4..end + 4 + len]).to_string();
+            pending.drain(..end + 4 + len);
+            return Ok((status, head, body));
+        }
+        let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!(
+                "closed before a response: {:?}",
+                String::from_utf8_lossy(pending)
+            ));
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// The sidecar's `meshid_sidecar_tls_handshake_failures_total` lines in a `/metrics` text.
 pub fn handshake_failure_lines(metrics: &str) -> Vec<&str> {
     metrics

@@ -10,7 +10,7 @@ use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, get, http_echo,
-    http_request, mtls_connect,
+    http_request, mtls_connect, read_response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -589,50 +589,6 @@ async fn the_decision_log_names_a_well_formed_traceparent_only() {
     assert!(!text.contains("forged=1"), "{text}");
 }
 
-/// Reads one HTTP/1.1 response (head and a `content-length` body) from `io`, leaving what follows.
-async fn read_response<IO: tokio::io::AsyncRead + Unpin>(
-    io: &mut IO,
-    pending: &mut Vec<u8>,
-) -> Result<(u16, String), String> {
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_string();
-            let status: u16 = head
-                .split(' ')
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("no status in {head:?}"))?;
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .ok_or_else(|| format!("no content-length in {head:?}"))?;
-            while pending.len() < end + 4 + len {
-                let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("closed mid-body".into());
-                }
-                pending.extend_from_slice(&buf[..n]);
-            }
-            let body = String::from_utf8_lossy(&pending[end + 4..end + 4 + len]).to_string();
-            pending.drain(..end + 4 + len);
-            return Ok((status, body));
-        }
-        let n = io.read(&mut buf).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err(format!(
-                "closed before a response: {:?}",
-                String::from_utf8_lossy(pending)
-            ));
-        }
-        pending.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// `meshid_sidecar_idle_http_connections` of the sidecar's inbound listener.
 async fn idle_connections(e: &Env) -> Option<u64> {
     let port = e.sidecar.inbound[0].port();
@@ -677,7 +633,7 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     tls.write_all(b"GET /api/one HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
         .unwrap();
-    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    let (status, _, body) = read_response(&mut tls, &mut pending).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("GET /api/one"), "{body}");
     assert!(
@@ -703,7 +659,7 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     .await
     .unwrap();
     for want in ["GET /api/two", "GET /api/three"] {
-        let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+        let (status, _, body) = read_response(&mut tls, &mut pending).await.unwrap();
         assert_eq!(status, 200, "{body}");
         assert!(body.starts_with(want), "{want}: {body}");
     }
@@ -716,7 +672,7 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     tokio::time::sleep(quiet).await;
     assert_eq!(idle_connections(&e).await, Some(0), "released mid-body");
     tls.write_all(b"efghij").await.unwrap();
-    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    let (status, _, body) = read_response(&mut tls, &mut pending).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.ends_with("abcdefghij"), "{body}");
 
@@ -725,7 +681,7 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     tls.write_all(b"GET /api/late HT").await.unwrap();
     tokio::time::sleep(quiet).await;
     tls.write_all(b"TP/1.1\r\nhost: a\r\n\r\n").await.unwrap();
-    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    let (status, _, body) = read_response(&mut tls, &mut pending).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("GET /api/late"), "{body}");
 
@@ -733,7 +689,7 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     tls.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nhost: a\r\n\r\n")
         .await
         .unwrap();
-    let (status, body) = read_response(&mut tls, &mut pending).await.unwrap();
+    let (status, _, body) = read_response(&mut tls, &mut pending).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("GET /slow"), "{body}");
 
@@ -788,7 +744,7 @@ async fn idle_and_half_sent_heads_are_closed_at_the_idle_limit() {
         tls.write_all(b"GET /api/one HTTP/1.1\r\nhost: a\r\n\r\n")
             .await
             .unwrap();
-        let (status, _) = read_response(&mut tls, &mut pending).await.unwrap();
+        let (status, _, _) = read_response(&mut tls, &mut pending).await.unwrap();
         assert_eq!(status, 200);
         tls.write_all(partial).await.unwrap();
         // Well past the limit counted from the response, a byte every 700 ms does not keep a head

@@ -9,7 +9,7 @@ use std::time::Duration;
 use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, get, handshake_failure_lines, handshake_failures,
-    http_echo, http_request, metric, tcp_echo,
+    http_echo, http_request, metric, read_response, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -227,13 +227,15 @@ async fn an_http10_app_is_answered_as_http10_asks() {
 
     // Keep-alive asked for: two requests on one connection, each response framed by its length.
     let mut tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    let mut pending = Vec::new();
     for path in ["/kept/1", "/kept/2"] {
         let req =
             format!("GET {path} HTTP/1.0\r\nHost: app.example\r\nConnection: keep-alive\r\n\r\n");
         tcp.write_all(req.as_bytes()).await.unwrap();
-        let (head, body) = tokio::time::timeout(within, read_response(&mut tcp))
+        let (_, head, body) = tokio::time::timeout(within, read_response(&mut tcp, &mut pending))
             .await
-            .expect("a response");
+            .expect("a response")
+            .unwrap();
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
         assert!(
             head.to_ascii_lowercase().contains("connection: keep-alive"),
@@ -253,31 +255,6 @@ async fn an_http10_app_is_answered_as_http10_asks() {
         3,
         "{m}"
     );
-}
-
-/// Reads one response framed by `Content-Length`: its head and its body.
-async fn read_response(tcp: &mut tokio::net::TcpStream) -> (String, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or_else(|| panic!("no content-length: {head}"));
-            if body.len() >= len {
-                return (head.to_string(), body.to_string());
-            }
-        }
-        let n = tcp.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed before the whole response: {text}");
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// An upstream that does not agree to HTTP/1.1 in ALPN (here a TCP-mode inbound, which offers none)
