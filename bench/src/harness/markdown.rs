@@ -559,8 +559,9 @@ bench/fleet.sh --sizes 1000,5000       # the fleet scenario alone, any sizes (re
 
 `bench/run.sh` installs `nginx`, `libnginx-mod-stream` and `haproxy` with apt if they are missing,
 builds the binaries once in the `dist` profile (fat LTO, one codegen unit: what the Dockerfiles ship;
-`--smoke` uses `release`), runs `target/dist/bench-run` pinned to CPU 0 (at a raised
-priority when allowed, inherited by everything it starts), and rewrites
+`--smoke` uses `release`; `MESHID_BIN_DIR=DIR` runs the binaries already in DIR and builds nothing,
+as CI's smoke run does with its test build's `target/debug`), runs `target/dist/bench-run` pinned to
+CPU 0 (at a raised priority when allowed, inherited by everything it starts), and rewrites
 `bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
 `throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `startup`, `ca`, `fleet`.
 ";
