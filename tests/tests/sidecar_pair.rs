@@ -259,7 +259,8 @@ async fn an_http10_app_is_answered_as_http10_asks() {
 
 /// An upstream that does not agree to HTTP/1.1 in ALPN (here a TCP-mode inbound, which offers none)
 /// gets every request over h2, as it did before there was an HTTP/1.1 path: the app behind it may
-/// speak h2 only. The HTTP/1.1 connection is tried once, not per request.
+/// speak h2 only. The HTTP/1.1 connection is tried once, not per request (again only after
+/// `DECLINE_REMEMBERED`, 5 minutes: a unit test in `sidecar/src/outbound/h1.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_does_not_agree_to_http1_gets_every_request_over_h2() {
     let pki = TestPki::new();

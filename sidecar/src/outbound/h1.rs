@@ -27,7 +27,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -111,6 +111,45 @@ fn nanos(d: Duration) -> u64 {
 /// The error of a dial that found the upstream declining HTTP/1.1 ([`H1Dial::declined`]).
 pub(crate) const DECLINED: &str = "the upstream did not agree to HTTP/1.1";
 
+/// How long an upstream's refusal of HTTP/1.1 is remembered. Then a connection offering it is
+/// dialed once more: the address may have been given to an HTTP-mode inbound since (a redeployed
+/// service, another pod behind the same Service address), and a refusal costs one handshake.
+pub const DECLINE_REMEMBERED: Duration = Duration::from_secs(300);
+
+/// Until when an upstream's requests all go over h2, because it declined HTTP/1.1.
+struct Declined {
+    epoch: std::time::Instant,
+    /// Nanoseconds after `epoch`; 0 while the upstream has not declined.
+    until: AtomicU64,
+}
+
+impl Declined {
+    fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            until: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.epoch.elapsed())
+    }
+
+    /// Whether a refusal is remembered at `now`. No clock is read while there was none.
+    fn at(&self, now: impl FnOnce() -> u64) -> bool {
+        let until = self.until.load(Ordering::Relaxed);
+        until != 0 && now() < until
+    }
+
+    /// Remembers a refusal seen at `now`; whether none was remembered then (the one to log).
+    fn seen_at(&self, now: u64) -> bool {
+        let fresh = !self.at(|| now);
+        let until = now.saturating_add(nanos(DECLINE_REMEMBERED)).max(1);
+        self.until.store(until, Ordering::Relaxed);
+        fresh
+    }
+}
+
 /// Whether the app's request `req` travels over HTTP/1.1 to the upstream.
 pub fn suits<B: HttpBody>(req: &Request<B>) -> bool {
     req.version() != Version::HTTP_2 && req.method().is_idempotent() && crate::bare::suits(req)
@@ -121,15 +160,16 @@ pub(crate) struct H1Dial {
     spec: Arc<Outbound>,
     index: usize,
     shared: Shared,
-    /// The upstream did not agree to ALPN `http/1.1`: its requests all go over h2.
-    declined: AtomicBool,
+    /// The upstream did not agree to ALPN `http/1.1`: its requests all go over h2 for a while.
+    declined: Declined,
 }
 
 impl H1Dial {
-    /// Whether the upstream declined HTTP/1.1 when a connection was dialed (a TCP-mode inbound,
-    /// whose app may speak h2 only, offers no ALPN; a server of another mesh may offer h2 only).
+    /// Whether the upstream declined HTTP/1.1 when a connection was dialed, within the last
+    /// [`DECLINE_REMEMBERED`] (a TCP-mode inbound, whose app may speak h2 only, offers no ALPN; a
+    /// server of another mesh may offer h2 only).
     pub(crate) fn declined(&self) -> bool {
-        self.declined.load(Ordering::Relaxed)
+        self.declined.at(|| self.declined.now())
     }
 }
 
@@ -144,7 +184,7 @@ pub(crate) fn pool(spec: Arc<Outbound>, index: usize, shared: Shared) -> Arc<Bar
             spec,
             index,
             shared,
-            declined: AtomicBool::new(false),
+            declined: Declined::new(),
         },
         idle_timeout,
     );
@@ -190,10 +230,12 @@ impl Dial for H1Dial {
             .await
             .map_err(|e| root_cause(&e))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"http/1.1") {
-            if !self.declined.swap(true, Ordering::Relaxed) {
+            if self.declined.seen_at(self.declined.now()) {
                 tracing::info!(
                     upstream = %self.spec.remote,
-                    "the upstream did not agree to HTTP/1.1 (ALPN); all its requests go over h2"
+                    "the upstream did not agree to HTTP/1.1 (ALPN); all its requests go over h2 \
+                     for {} s, then HTTP/1.1 is offered again",
+                    DECLINE_REMEMBERED.as_secs()
                 );
             }
             return Err(DECLINED.to_owned());
@@ -321,5 +363,28 @@ mod tests {
         let before = pace.mean_gap.load(Ordering::Relaxed);
         pace.quiet_at(t, 0);
         assert!(pace.mean_gap.load(Ordering::Relaxed) < before);
+    }
+
+    #[test]
+    fn a_refusal_of_http1_is_remembered_for_a_while_then_tried_again() {
+        let declined = Declined::new();
+        let s = |n: u64| n * 1_000_000_000;
+        let never = || -> u64 { panic!("the clock is read before any refusal") };
+        assert!(!declined.at(never));
+        // The first refusal is the one logged; another within the time is not, and extends it.
+        assert!(declined.seen_at(s(10)));
+        assert!(declined.at(|| s(10)));
+        assert!(declined.at(|| s(10) + nanos(DECLINE_REMEMBERED) - 1));
+        assert!(!declined.seen_at(s(20)));
+        assert!(declined.at(|| s(20) + nanos(DECLINE_REMEMBERED) - 1));
+        // Past it, HTTP/1.1 is offered again, and a new refusal is logged again.
+        let past = s(20) + nanos(DECLINE_REMEMBERED);
+        assert!(!declined.at(|| past));
+        assert!(declined.seen_at(past));
+        assert!(declined.at(|| past + 1));
+        // A refusal at the epoch itself still counts.
+        let at_epoch = Declined::new();
+        at_epoch.seen_at(0);
+        assert!(at_epoch.at(|| 0));
     }
 }
