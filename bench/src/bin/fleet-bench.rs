@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Parser;
 use meshid_bench::benchca::{self, BenchCa};
 use meshid_bench::procfs::{cpu_seconds, mem};
@@ -74,9 +74,15 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// Waits until every simulated sidecar acknowledged `version`: the time it took.
-async fn wait_acked(stats: &[Arc<SimStats>], version: u64, timeout: Duration) -> Result<Duration> {
+/// How long a wait for the fleet goes on without one more sidecar getting there before it is
+/// given up: a slower host takes longer, but a fleet that stopped moving has failed.
+const STALL: Duration = Duration::from_secs(60);
+
+/// Waits until every simulated sidecar acknowledged `version`: the time it took. Fails when no
+/// sidecar more got there for [`STALL`], or after `cap` in all.
+async fn wait_acked(stats: &[Arc<SimStats>], version: u64, cap: Duration) -> Result<Duration> {
     let t0 = Instant::now();
+    let mut last = (usize::MAX, t0);
     loop {
         let behind = stats
             .iter()
@@ -85,8 +91,18 @@ async fn wait_acked(stats: &[Arc<SimStats>], version: u64, timeout: Duration) ->
         if behind == 0 {
             return Ok(t0.elapsed());
         }
-        if t0.elapsed() > timeout {
-            bail!("{behind} sidecar(s) did not acknowledge bundle v{version} within {timeout:?}");
+        if behind < last.0 {
+            last = (behind, Instant::now());
+        }
+        let elapsed = t0.elapsed();
+        if last.1.elapsed() > STALL || elapsed > cap {
+            bail!(
+                "{behind} of {} sidecar(s) did not acknowledge bundle v{version}: none more for \
+                 {:.0} s, {:.0} s after it began",
+                stats.len(),
+                last.1.elapsed().as_secs_f64(),
+                elapsed.as_secs_f64()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -118,7 +134,17 @@ async fn main() -> Result<()> {
     }
     let limit = open_file_limit();
     let mut results = Vec::new();
+    // A size that fails is recorded and ends the run (larger ones would fail the same way, each
+    // after minutes); the sizes measured before it are kept, and the exit status says it failed.
+    let mut failed = None;
     for &n in &args.sizes {
+        if let Some(smaller) = failed {
+            results.push(json!({
+                "sidecars": n,
+                "skipped": format!("not tried: the fleet of {smaller} failed"),
+            }));
+            continue;
+        }
         // Each sidecar holds one connection here and one at the CA; leave room for the rest.
         let needed = n + args.renewal_clients + 256;
         if let Some(limit) = limit.filter(|l| needed > *l) {
@@ -137,9 +163,19 @@ async fn main() -> Result<()> {
         std::fs::create_dir_all(&work)?;
         let r = one_size(&args, &ca_bin, &work, n, window, idle_window).await;
         let _ = std::fs::remove_dir_all(&work);
-        let r = r.with_context(|| format!("fleet of {n}"))?;
-        print_size(&r);
-        results.push(r);
+        match r {
+            Ok(r) => {
+                print_size(&r);
+                results.push(r);
+            }
+            Err(e) => {
+                // `{:#}`: the cause chain on one line, without a backtrace.
+                let error = format!("{e:#}");
+                println!("  FAILED: {error}");
+                results.push(json!({ "sidecars": n, "failed": error }));
+                failed = Some(n);
+            }
+        }
     }
     let json = json!({
         "join_rate_per_second": args.join_rate,
@@ -153,7 +189,10 @@ async fn main() -> Result<()> {
         std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
         println!("\nresults: {}", out.display());
     }
-    Ok(())
+    match failed {
+        Some(n) => bail!("the fleet of {n} failed (the sizes before it were measured)"),
+        None => Ok(()),
+    }
 }
 
 async fn one_size(
@@ -208,7 +247,7 @@ async fn one_size(
         tasks.push(tokio::spawn(Sim::new(cfg, s.clone()).run(stop_rx.clone())));
         stats.push(s);
     }
-    let joined = wait_acked(&stats, 1, spread * 3 + Duration::from_secs(60)).await?;
+    let joined = wait_acked(&stats, 1, spread * 10 + Duration::from_secs(600)).await?;
     let join_cpu = cpu_seconds(pid)? - cpu_join;
     println!("  joined in {:.1} s", joined.as_secs_f64());
 
@@ -235,7 +274,7 @@ async fn one_size(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    wait_acked(&stats, 2, Duration::from_secs(120)).await?;
+    wait_acked(&stats, 2, Duration::from_secs(600)).await?;
     let push = t_push.elapsed();
     let push_cpu = cpu_seconds(pid)? - cpu1;
     println!("  bundle pushed to all in {:.2} s", push.as_secs_f64());

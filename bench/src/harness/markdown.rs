@@ -295,9 +295,7 @@ impl Results {
                         md,
                         "\n- **{name} failed** in round {}: `{}`",
                         r.round + 1,
-                        r.error
-                            .as_deref()
-                            .unwrap_or_default()
+                        without_backtrace(r.error.as_deref().unwrap_or_default())
                             .replace('`', "'")
                             .replace('\n', " ")
                     );
@@ -887,6 +885,15 @@ const METHOD: &str = "
     flight, requests on average 500 us apart or more: about 2,000 a second).
 ";
 
+/// A failed command's message without the backtrace that `anyhow` appends to it when
+/// `RUST_BACKTRACE` is set: the page shows what failed, not where in the harness.
+fn without_backtrace(error: &str) -> &str {
+    error
+        .find("Stack backtrace:")
+        .map_or(error, |i| &error[..i])
+        .trim_end()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -920,6 +927,16 @@ mod tests {
         figure_table(&mut md, &s, columns("throughput"));
         assert!(md.contains("| meshid | 1,234 |"), "{md}");
         assert!(md.contains("| nginx | **failed** (1 of 1 runs) |"), "{md}");
+    }
+
+    #[test]
+    fn a_failure_is_shown_without_its_backtrace() {
+        let e = "fleet of 19000: 5 sidecar(s) did not acknowledge bundle v1\n\nStack backtrace:\n   0: msg";
+        assert_eq!(
+            without_backtrace(e),
+            "fleet of 19000: 5 sidecar(s) did not acknowledge bundle v1"
+        );
+        assert_eq!(without_backtrace("plain"), "plain");
     }
 
     #[test]
