@@ -81,13 +81,24 @@ const STALL: Duration = Duration::from_secs(60);
 /// Waits until every simulated sidecar acknowledged `version`: the time it took. Fails when no
 /// sidecar more got there for [`STALL`], or after `cap` in all.
 async fn wait_acked(stats: &[Arc<SimStats>], version: u64, cap: Duration) -> Result<Duration> {
+    wait_all(stats, cap, &format!("acknowledge bundle v{version}"), |s| {
+        s.acked_version.load(Ordering::Relaxed) >= version
+    })
+    .await
+}
+
+/// Waits until `there` holds for every simulated sidecar: the time it took. Fails when no sidecar
+/// more got there for [`STALL`], or after `cap` in all; `what` names the step in that error.
+async fn wait_all(
+    stats: &[Arc<SimStats>],
+    cap: Duration,
+    what: &str,
+    there: impl Fn(&SimStats) -> bool,
+) -> Result<Duration> {
     let t0 = Instant::now();
     let mut last = (usize::MAX, t0);
     loop {
-        let behind = stats
-            .iter()
-            .filter(|s| s.acked_version.load(Ordering::Relaxed) < version)
-            .count();
+        let behind = stats.iter().filter(|s| !there(s)).count();
         if behind == 0 {
             return Ok(t0.elapsed());
         }
@@ -97,8 +108,8 @@ async fn wait_acked(stats: &[Arc<SimStats>], version: u64, cap: Duration) -> Res
         let elapsed = t0.elapsed();
         if last.1.elapsed() > STALL || elapsed > cap {
             bail!(
-                "{behind} of {} sidecar(s) did not acknowledge bundle v{version}: none more for \
-                 {:.0} s, {:.0} s after it began",
+                "{behind} of {} sidecar(s) did not {what}: none more for {:.0} s, {:.0} s after \
+                 it began",
                 stats.len(),
                 last.1.elapsed().as_secs_f64(),
                 elapsed.as_secs_f64()
@@ -302,22 +313,16 @@ async fn one_size(
         bail!("revoke failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let command_done = t_revoke.elapsed();
-    let revoked_timeout = Duration::from_secs(120);
-    loop {
-        let behind = stats
-            .iter()
-            .filter(|s| s.revocations.load(Ordering::Relaxed) < 1)
-            .count();
-        if behind == 0 {
-            break;
-        }
-        if t_revoke.elapsed() > revoked_timeout {
-            bail!("{behind} sidecar(s) did not hold the revocation within {revoked_timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // As long as the push: every sidecar gets one message either way.
+    wait_all(
+        &stats,
+        Duration::from_secs(600),
+        "hold the revocation",
+        |s| s.revocations.load(Ordering::Relaxed) >= 1,
+    )
+    .await?;
     let revoked_all = t_revoke.elapsed();
-    wait_acked(&stats, acked_before + 1, revoked_timeout).await?;
+    wait_acked(&stats, acked_before + 1, Duration::from_secs(600)).await?;
     let revoked_acked = t_revoke.elapsed();
     let revoke_cpu = cpu_seconds(pid)? - cpu_revoke;
     println!(
