@@ -28,8 +28,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Full runs measure what ships: the `dist` profile (fat LTO, one codegen unit), as the Dockerfiles
-# build it; the CI smoke run only checks the harness and uses `release` (built once per session).
+# Full runs measure what ships: the `dist` profile (fat LTO, one codegen unit, the sidecar's
+# recorded profile: scripts/dist-build.sh), as the Dockerfiles build it; the CI smoke run only checks the harness and uses `release` (built once per session).
 profile=dist
 for arg in "$@"; do
     [ "$arg" = "--smoke" ] && profile=release
@@ -40,9 +40,9 @@ if [ -n "${MESHID_BIN_DIR:-}" ]; then
 elif [ "$profile" = dist ]; then
     # As the Dockerfiles build them, each on its own: what else is built in the same command changes
     # a crate's features, and so its code (and the names sidecar/symbol-order.txt lays out).
-    cargo build --profile dist --locked -q -p meshid-sidecar
-    cargo build --profile dist --locked -q -p meshid-ca
-    cargo build --profile dist --locked -q -p meshid-bench
+    scripts/dist-build.sh -q -p meshid-sidecar
+    scripts/dist-build.sh -q -p meshid-ca
+    scripts/dist-build.sh -q -p meshid-bench
 else
     cargo build --profile "$profile" -q -p meshid-ca -p meshid-sidecar -p meshid-bench
 fi

@@ -5,10 +5,12 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # No extra packages: aws-lc-sys builds its C core with the image's gcc through the cc crate
 # (no cmake, clang or bindgen on x86_64/aarch64 Linux), as on a plain Debian bookworm machine.
+# scripts/dist-build.sh: the `dist` profile with the sidecar's recorded profile (PGO,
+# sidecar/pgo.profdata.gz; rustc reads it, no LLVM tools needed here).
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --profile dist --locked -p meshid-ca --bin meshid-ca \
+    scripts/dist-build.sh -p meshid-ca --bin meshid-ca \
  && install -D -m 0755 target/dist/meshid-ca /out/meshid-ca
 
 # distroless: glibc and CA certificates, no shell, no package manager; runs as uid 65532.

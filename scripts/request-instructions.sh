@@ -14,8 +14,8 @@
 #
 # Usage: scripts/request-instructions.sh [inbound|outbound] [BIN_DIR] [meshid|nginx]
 #   (default: inbound, target/dist, meshid)
-#   BIN_DIR holds meshid-sidecar, meshid-ca and the meshid-bench binaries (cargo build --profile
-#   dist -p meshid-sidecar, then -p meshid-ca, then -p meshid-bench, as bench/run.sh builds them). Prints the count per request and the top 25 functions by
+#   BIN_DIR holds meshid-sidecar, meshid-ca and the meshid-bench binaries (scripts/dist-build.sh
+#   -p meshid-sidecar, then -p meshid-ca, then -p meshid-bench, as bench/run.sh builds them). Prints the count per request and the top 25 functions by
 #   their own instructions, then the instructions per request by crate; the callgrind file is
 #   kept (its path is printed).
 set -euo pipefail

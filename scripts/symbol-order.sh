@@ -33,9 +33,9 @@ if ! command -v valgrind >/dev/null 2>&1 || ! command -v callgrind_control >/dev
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 fi
 
-cargo build --profile dist --locked -q -p meshid-sidecar
-cargo build --profile dist --locked -q -p meshid-ca
-cargo build --profile dist --locked -q -p meshid-bench
+scripts/dist-build.sh -q -p meshid-sidecar
+scripts/dist-build.sh -q -p meshid-ca
+scripts/dist-build.sh -q -p meshid-bench
 bin=target/dist
 
 . scripts/bench-pair.sh
@@ -204,8 +204,8 @@ write_order sidecar/symbol-order.txt meshid-sidecar inbound outbound ca-mode
 write_order ca-service/symbol-order.txt meshid-ca ca
 
 # Relink with them and say how much of each list the binaries have (all, right after recording).
-cargo build --profile dist --locked -q -p meshid-sidecar
-cargo build --profile dist --locked -q -p meshid-ca
+scripts/dist-build.sh -q -p meshid-sidecar
+scripts/dist-build.sh -q -p meshid-ca
 for pair in sidecar/symbol-order.txt:meshid-sidecar ca-service/symbol-order.txt:meshid-ca; do
     nm --defined-only "$bin/${pair#*:}" | awk '{print $3}' | sort -u >"$work/after"
     found=$(sort -u "${pair%:*}" | comm -12 - "$work/after" | wc -l)
