@@ -581,10 +581,11 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   (`scripts/pgo-profile.sh`). Proxy CPU per request at 1,000 req/s (a `bench-run --serve meshid`
   pair, 10 s of `meshload --rate 1000`, the two sidecars' CPU ticks; alternating runs, the same
   load generator and app): 26.9-33.3 us without, 18.9-24.9 us with (four runs each way), about
-  -25%; one saturation run each way, 75 -> 56 us. The profile keeps the functions that never ran,
-  with zero counts, and that matters: a `--sparse` profile (only the functions that ran), built
-  and measured the same way, gained nothing (25.3-34.1 us against 24.0-32.3 us without, five runs
-  each way). Idle RSS 6.27 -> 6.54 MiB, because `sidecar/symbol-order.txt` was recorded from a build without the
+  -25%; one saturation run each way, 75 -> 56 us. The instrumented build must be the shipped
+  build's command but for the flags: a profile names functions by their symbols, and an explicit
+  `--target` changes every symbol's hash. A profile recorded that way matched none of the shipped
+  binary's functions and gained nothing (25.3-34.1 us against 24.0-32.3 us without, five runs each
+  way). Idle RSS 6.27 -> 6.54 MiB, because `sidecar/symbol-order.txt` was recorded from a build without the
   profile (the inlining changes the names it lists): rerun `scripts/symbol-order.sh`.
 - **At saturation** the profile is flat. Per request the outbound makes 2.3 syscalls and 0.08
   context switches, the inbound 2.3 and 0.19 (nginx: 6.2 and 0.15 / 0.29; haproxy 6.6 / 6.5).
