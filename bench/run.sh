@@ -29,7 +29,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Full runs measure what ships: the `dist` profile (fat LTO, one codegen unit, the sidecar's
-# recorded profile: scripts/dist-build.sh), as the Dockerfiles build it; the CI smoke run only checks the harness and uses `release` (built once per session).
+# recorded profile: scripts/dist-build.sh), as the Dockerfiles build it; the CI smoke run only
+# checks the harness and uses `release` (built once per session).
 profile=dist
 for arg in "$@"; do
     [ "$arg" = "--smoke" ] && profile=release
