@@ -578,15 +578,23 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
-  (`scripts/pgo-profile.sh`). Proxy CPU per request at 1,000 req/s (a `bench-run --serve meshid`
-  pair, 10 s of `meshload --rate 1000`, the two sidecars' CPU ticks; alternating runs, the same
-  load generator and app): 26.9-33.3 us without, 18.9-24.9 us with (four runs each way), about
-  -25%; one saturation run each way, 75 -> 56 us. The instrumented build must be the shipped
+  (`scripts/pgo-profile.sh`; run again on 319d017's code it gave back the committed profile:
+  the same 20,458 functions, 98.9% edge-count overlap by `llvm-profdata overlap`). Proxy CPU per
+  request at 1,000 req/s (a `bench-run --serve meshid` pair, 10 s of `meshload --rate 1000`, the
+  two sidecars' CPU ticks; alternating runs, the same load generator and app): 269-333 us without,
+  189-249 us with (four runs each way), about -25%. The full run on 319d017 (with the profile and
+  the symbol order recorded again from the profiled build) against the one on 5230c30 (neither):
+  both sidecars' CPU per request at saturation 60.1 -> 32.6 us, pair throughput 1.76x -> 2.55x
+  nginx's, CPU per request at 1,000 req/s 0.91x -> 0.78x nginx's, idle RSS 5.83 -> 4.91 MiB. The
+  host was faster in the second run too (direct path 68.5k -> 110k req/s), and the benchmark's app
+  and load generator are built with the profile as well (they share tokio, hyper and rustls with
+  the sidecar; the app's CPU per request went 13.6 -> 8.8 us), so read the ratios to nginx, which
+  are taken within each round with the same app. The instrumented build must be the shipped
   build's command but for the flags: a profile names functions by their symbols, and an explicit
   `--target` changes every symbol's hash. A profile recorded that way matched none of the shipped
-  binary's functions and gained nothing (25.3-34.1 us against 24.0-32.3 us without, five runs each
-  way). Idle RSS 6.27 -> 6.54 MiB, because `sidecar/symbol-order.txt` was recorded from a build without the
-  profile (the inlining changes the names it lists): rerun `scripts/symbol-order.sh`.
+  binary's functions and gained nothing (253-341 us against 240-323 us without, five runs each
+  way). The symbol order (`scripts/symbol-order.sh`) has to be recorded from the profiled build:
+  PGO inlines differently, and the order recorded without it left idle RSS at 6.54 MiB.
 - **At saturation** the profile is flat. Per request the outbound makes 2.3 syscalls and 0.08
   context switches, the inbound 2.3 and 0.19 (nginx: 6.2 and 0.15 / 0.29; haproxy 6.6 / 6.5).
   The largest single items are the kernel's loopback TCP path and wake-ups, `memmove` (5-7%: large
