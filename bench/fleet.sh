@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fleet scale at one CA replica: for each fleet size, a fresh release `meshid-ca serve` on CPU 1 and
 # that many simulated sidecars (this process, CPU 0) holding trust-bundle streams; memory per
-# connected sidecar, idle CPU, time to push a bundle change to all, renewals/s alongside.
+# connected sidecar, idle CPU, time to push a bundle change to all, renewals/s alongside. As root it
+# raises net.core.netdev_max_backlog to the largest size for the run (loopback drops of keep-alive
+# probes otherwise break idle streams at 19,000) and puts it back.
 # Usage: bench/fleet.sh [--sizes 1000,5000,10000,19000] [--smoke] [fleet-bench flags]
 # MESHID_BIN_DIR=DIR runs the binaries already built in DIR and builds nothing (CI's smoke run passes
 # the test build's target/debug).

@@ -141,3 +141,79 @@ pub fn tree_mem(pid: u32) -> Result<Mem> {
     }
     Ok(total)
 }
+
+/// Packets this host's CPUs dropped because their receive backlog was full, summed
+/// (`/proc/net/softnet_stat`, second column). Every loopback packet passes through that backlog,
+/// `net.core.netdev_max_backlog` packets per CPU at most: a burst past it is dropped.
+pub fn backlog_drops() -> Option<u64> {
+    parse_backlog_drops(&std::fs::read_to_string("/proc/net/softnet_stat").ok()?)
+}
+
+fn parse_backlog_drops(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let dropped = line.split_whitespace().nth(1)?;
+        total = total.checked_add(u64::from_str_radix(dropped, 16).ok()?)?;
+    }
+    Some(total)
+}
+
+const NETDEV_MAX_BACKLOG: &str = "/proc/sys/net/core/netdev_max_backlog";
+
+/// `net.core.netdev_max_backlog` raised for as long as this lives, then put back.
+#[derive(Debug)]
+pub struct Backlog {
+    /// The value before (`None`: unreadable).
+    pub before: Option<u64>,
+    /// The value while this lives.
+    pub now: Option<u64>,
+    /// Why it could not be raised, if it could not.
+    pub refused: Option<String>,
+}
+
+impl Backlog {
+    /// Raises the backlog to at least `want` packets per CPU (root only; a lower value stays).
+    pub fn at_least(want: u64) -> Self {
+        let before = read_u64(NETDEV_MAX_BACKLOG);
+        let refused = match before {
+            Some(b) if b >= want => None,
+            _ => std::fs::write(NETDEV_MAX_BACKLOG, want.to_string())
+                .err()
+                .map(|e| format!("{NETDEV_MAX_BACKLOG}: {e}")),
+        };
+        Self {
+            before,
+            now: read_u64(NETDEV_MAX_BACKLOG),
+            refused,
+        }
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        if let Some(b) = self.before
+            && self.now != self.before
+        {
+            let _ = std::fs::write(NETDEV_MAX_BACKLOG, b.to_string());
+        }
+    }
+}
+
+fn read_u64(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backlog_drops_sum_the_second_column_of_every_cpu() {
+        let text = "00643b3d 0000afb6 00000005 00000000\n\
+                    00654b07 0000b851 00000005 00000000\n";
+        assert_eq!(parse_backlog_drops(text), Some(0xafb6 + 0xb851));
+        assert_eq!(parse_backlog_drops(""), Some(0));
+        assert_eq!(parse_backlog_drops("00643b3d\n"), None, "a short line");
+        assert_eq!(parse_backlog_drops("00643b3d zz\n"), None, "not hex");
+    }
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Parser;
 use meshid_bench::benchca::{self, BenchCa};
-use meshid_bench::procfs::{cpu_seconds, mem};
+use meshid_bench::procfs::{Backlog, backlog_drops, cpu_seconds, mem};
 use meshid_bench::simsidecar::{Sim, SimConfig, SimStats};
 use meshid_proto::ca::v1::IssueRequest;
 use meshid_tests::pki::WorkloadKey;
@@ -55,6 +55,14 @@ struct Args {
     /// Directory holding the meshid-ca binary.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
+    /// Raise `net.core.netdev_max_backlog` to at least this many packets per CPU for the run and
+    /// put it back after (0: the largest fleet size; root only; a killed run leaves it raised). Every loopback packet passes
+    /// through that backlog, and the kernel sends its keep-alive probes in batches: with the
+    /// default of 1,000, a fleet of 19,000 idle streams lost probes there, three in a row ended
+    /// about a thousand connections within 40 s, and their reconnections were most of the idle
+    /// CA's CPU. The drops are counted per phase either way.
+    #[arg(long, default_value_t = 0)]
+    netdev_max_backlog: u64,
     /// Pin the CA to this CPU (taskset); run this process on the others.
     #[arg(long, default_value_t = 1)]
     ca_cpu: usize,
@@ -158,6 +166,17 @@ async fn main() -> Result<()> {
         bail!("{} not found (run bench/fleet.sh)", ca_bin.display());
     }
     let limit = open_file_limit();
+    let largest = args.sizes.iter().copied().max().unwrap_or(0) as u64;
+    let backlog = Backlog::at_least(match args.netdev_max_backlog {
+        0 => largest,
+        n => n,
+    });
+    if let Some(why) = &backlog.refused {
+        println!(
+            "net.core.netdev_max_backlog stays {} ({why}): loopback drops are counted per phase",
+            backlog.before.map_or("unknown".into(), |b| b.to_string())
+        );
+    }
     let mut results = Vec::new();
     // A size that fails is recorded and ends the run (larger ones would fail the same way, each
     // after minutes); the sizes measured before it are kept, and the exit status says it failed.
@@ -208,8 +227,14 @@ async fn main() -> Result<()> {
         "window_seconds": window.as_secs_f64(),
         "idle_window_seconds": idle_window.as_secs_f64(),
         "open_file_limit": limit,
+        "netdev_max_backlog": {
+            "before": backlog.before,
+            "during": backlog.now,
+            "refused": backlog.refused,
+        },
         "sizes": results,
     });
+    drop(backlog);
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_vec_pretty(&json)?)?;
         println!("\nresults: {}", out.display());
@@ -260,6 +285,7 @@ async fn one_size(
     let mut tasks = Vec::with_capacity(n);
     let spread = Duration::from_secs_f64(n as f64 / args.join_rate.max(1) as f64);
     let cpu_join = cpu_seconds(pid)?;
+    let drops_join = backlog_drops();
     for i in 0..n {
         let s = Arc::new(SimStats::default());
         let cfg = SimConfig {
@@ -276,13 +302,37 @@ async fn one_size(
     let join_cpu = cpu_seconds(pid)? - cpu_join;
     println!("  joined in {:.1} s", joined.as_secs_f64());
 
-    // Connected and idle.
+    let join_errors = errors(&stats);
+
+    // Connected and idle: the CA's CPU over the whole window, and in each tenth of it (a periodic
+    // cost shows as the tenths where it falls).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let connected = mem(pid)?;
     let fds = open_fds(pid);
+    let idle_errors_before = errors(&stats);
+    let drops_idle = backlog_drops();
     let cpu0 = cpu_seconds(pid)?;
-    tokio::time::sleep(idle_window).await;
-    let idle_cpu = (cpu_seconds(pid)? - cpu0) / idle_window.as_secs_f64();
+    let mut idle_tenths = Vec::with_capacity(10);
+    let mut at = cpu0;
+    for _ in 0..10 {
+        tokio::time::sleep(idle_window / 10).await;
+        let now = cpu_seconds(pid)?;
+        idle_tenths.push(now - at);
+        at = now;
+    }
+    let idle_cpu = (at - cpu0) / idle_window.as_secs_f64();
+    let idle_errors = errors(&stats) - idle_errors_before;
+    let drops_after_idle = backlog_drops();
+    if idle_errors > 0 {
+        println!(
+            "  {idle_errors} sidecar call(s) failed while idle: {}",
+            SimStats::common_errors(&stats, 3)
+                .iter()
+                .map(|(n, why)| format!("{n} x {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
 
     // A bundle change pushed to everyone.
     let errors_before = errors(&stats);
@@ -405,6 +455,8 @@ async fn one_size(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok());
     let stream_errors = errors(&stats) - errors_before;
+    let drops_end = backlog_drops();
+    let between = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
 
     stop_tx.send_replace(true);
     for t in tasks {
@@ -423,6 +475,9 @@ async fn one_size(
         "ca_open_fds": fds,
         "watch_streams_metric": streams,
         "idle_ca_cpu_share": idle_cpu,
+        "idle_ca_cpu_seconds_by_tenth": idle_tenths,
+        "sidecar_errors_during_join": join_errors,
+        "sidecar_errors_while_idle": idle_errors,
         "push_seconds": push.as_secs_f64(),
         "push_ca_cpu_seconds": push_cpu,
         "revoke_command_seconds": command_done.as_secs_f64(),
@@ -435,6 +490,11 @@ async fn one_size(
         "renewal_failures": renew_failed,
         "sidecars_on_pushed_bundle_after_renewals": still_acked,
         "sidecar_errors_after_join": stream_errors,
+        "backlog_drops": {
+            "join": between(drops_join, drops_idle),
+            "idle": between(drops_idle, drops_after_idle),
+            "after_idle": between(drops_after_idle, drops_end),
+        },
     }))
 }
 
@@ -447,8 +507,13 @@ fn print_size(r: &Value) {
         r["ca_open_fds"]
     );
     println!(
-        "  CA CPU while idle:               {:.2}% of a core",
-        f("/idle_ca_cpu_share") * 100.0
+        "  CA CPU while idle:               {:.2}% of a core ({} sidecar call(s) failed)",
+        f("/idle_ca_cpu_share") * 100.0,
+        r["sidecar_errors_while_idle"]
+    );
+    println!(
+        "  loopback backlog drops:          {} joining, {} idle, {} after",
+        r["backlog_drops"]["join"], r["backlog_drops"]["idle"], r["backlog_drops"]["after_idle"]
     );
     println!(
         "  bundle change to every ack:      {:.2} s ({:.2} s of CA CPU)",

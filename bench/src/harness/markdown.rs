@@ -497,7 +497,7 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
     }
     let _ = writeln!(
         md,
-        "| sidecars | join s | CA RSS per sidecar KiB | CA anonymous per sidecar KiB | CA CPU idle | bundle push to every ack s | push CA CPU s | `meshid-ca revoke` to the last sidecar holding it s | renewals/s alongside | renewal p99 ms | failed renewals |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| sidecars | join s | CA RSS per sidecar KiB | CA anonymous per sidecar KiB | CA CPU idle | bundle push to every ack s | push CA CPU s | `meshid-ca revoke` to the last sidecar holding it s | renewals/s alongside | renewal p99 ms | failed renewals | streams broken while idle | loopback backlog drops |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for n in sizes {
         let g = |f: &str| cell(c.summary.get(&format!("n{n}_{f}")));
@@ -507,7 +507,7 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
             .map_or_else(|| "–".into(), |x| format!("{:.2}%", x.median * 100.0));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} | {} | {} | {} |",
             number(n as f64),
             g("join_seconds"),
             g("rss_per_sidecar_kib"),
@@ -518,6 +518,8 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
             g("renewals_per_second"),
             g("renewal_p99_ms"),
             g("renewal_failures"),
+            g("sidecar_errors_while_idle"),
+            g("backlog_drops"),
         );
     }
 }
