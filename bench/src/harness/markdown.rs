@@ -577,6 +577,13 @@ every proxy, at saturation and at 1,000 req/s), `perf record` on a `bench-run --
 under `meshload`, and `perf probe -x libc.so.6 malloc` with `perf stat -e probe_libc:malloc` for
 allocations. This VM exposes no hardware counters, so these are cpu-clock samples.
 
+- **The ratios move with the host's CPU, not only with our code.** The same code and build
+  (f54a2c0 differs from 319d017 only in the fleet harness) on an Intel Xeon host after an AMD
+  EPYC one: pair throughput 2.55x -> 1.56x nginx's, proxies/app CPU at saturation 0.51x ->
+  0.70x, proxies' CPU per request at saturation 0.35x -> 0.61x, at 1,000 req/s 0.78x -> 0.67x;
+  p50 / p90 at 1,000 req/s 0.85x / 1.04x -> 0.90x / 0.60x. nginx gained more from the faster
+  host (92.4 -> 24.2 us per request, both halves) than meshid (32.6 -> 14.8). Read a target as
+  met on the host of the run shown, and compare runs within one host only.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
