@@ -505,6 +505,19 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
             .summary
             .get(&format!("n{n}_idle_ca_cpu_share"))
             .map_or_else(|| "–".into(), |x| format!("{:.2}%", x.median * 100.0));
+        // Counts of one run: whole numbers.
+        let count = |f: &str| {
+            c.summary.get(&format!("n{n}_{f}")).map_or_else(
+                || "–".into(),
+                |x| {
+                    if x.median >= 1000.0 {
+                        number(x.median)
+                    } else {
+                        format!("{:.0}", x.median)
+                    }
+                },
+            )
+        };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {idle} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -517,9 +530,9 @@ fn fleet_table(md: &mut String, s: &ScenarioResult) {
             g("revoke_held_by_all_seconds"),
             g("renewals_per_second"),
             g("renewal_p99_ms"),
-            g("renewal_failures"),
-            g("sidecar_errors_while_idle"),
-            g("backlog_drops"),
+            count("renewal_failures"),
+            count("sidecar_errors_while_idle"),
+            count("backlog_drops"),
         );
     }
 }
