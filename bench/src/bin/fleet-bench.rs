@@ -56,11 +56,11 @@ struct Args {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// Raise `net.core.netdev_max_backlog` to at least this many packets per CPU for the run and
-    /// put it back after (0: the largest fleet size; root only; a killed run leaves it raised). Every loopback packet passes
-    /// through that backlog, and the kernel sends its keep-alive probes in batches: with the
-    /// default of 1,000, a fleet of 19,000 idle streams lost probes there, three in a row ended
-    /// about a thousand connections within 40 s, and their reconnections were most of the idle
-    /// CA's CPU. The drops are counted per phase either way.
+    /// put it back after (0: the largest fleet size; root only; a killed run leaves it raised).
+    /// Every loopback packet passes through that backlog, and the kernel sends its keep-alive
+    /// probes in batches: with the default of 1,000, a fleet of 19,000 idle streams lost probes
+    /// there, three in a row ended about a thousand connections within 40 s, and their
+    /// reconnections were most of the idle CA's CPU. The drops are counted per phase either way.
     #[arg(long, default_value_t = 0)]
     netdev_max_backlog: u64,
     /// Pin the CA to this CPU (taskset); run this process on the others.
