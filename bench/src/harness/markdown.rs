@@ -596,7 +596,11 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   0.70x, proxies' CPU per request at saturation 0.35x -> 0.61x, at 1,000 req/s 0.78x -> 0.67x;
   p50 / p90 at 1,000 req/s 0.85x / 1.04x -> 0.90x / 0.60x. nginx gained more from the faster
   host (92.4 -> 24.2 us per request, both halves) than meshid (32.6 -> 14.8). Read a target as
-  met on the host of the run shown, and compare runs within one host only.
+  met on the host of the run shown, and compare runs within one host only. On the faster host
+  the p50 target at 1,000 req/s is out of any pair's reach: the direct path alone (load
+  generator to app, no proxy) had a p50 of 113 us against nginx pair's 162, 0.70x, so a pair
+  at 0.7x would add no latency at all. meshid added 31 us to nginx's 45 (0.65x, median of the
+  rounds' ratios), and 53 us to 157 at p90.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic

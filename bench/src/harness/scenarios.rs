@@ -417,6 +417,16 @@ pub fn latency(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         format!("{:.2}x", v.unwrap_or(0.0)),
         |x| x <= 0.8,
     );
+    // The floor of every pair's ratio: the direct path's own latency against nginx's pair.
+    let floor = |p: &str| {
+        let key = format!("{p}_us");
+        Some(res.median("direct", &key)? / res.median("nginx", &key)?)
+    };
+    if let (Some(p50), Some(p90)) = (floor("p50"), floor("p90")) {
+        res.notes.push(format!(
+            "The direct path alone (no proxy) has {p50:.2}x nginx pair's p50 and {p90:.2}x its p90 in this run: no pair's ratio can go below that. Where it is above 0.7x, the two 0.7x targets ask a pair to add less latency than nothing."
+        ));
+    }
     res.notes.push(
         "p99 and above on a shared 2-core VM are mostly scheduler noise: reported, not a target."
             .into(),
