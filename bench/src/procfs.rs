@@ -169,22 +169,29 @@ pub struct Backlog {
     pub now: Option<u64>,
     /// Why it could not be raised, if it could not.
     pub refused: Option<String>,
+    path: std::path::PathBuf,
 }
 
 impl Backlog {
-    /// Raises the backlog to at least `want` packets per CPU (root only; a lower value stays).
+    /// Raises the backlog to at least `want` packets per CPU (root only); a value already at
+    /// least `want` is left as it is.
     pub fn at_least(want: u64) -> Self {
-        let before = read_u64(NETDEV_MAX_BACKLOG);
+        Self::at_least_in(NETDEV_MAX_BACKLOG.as_ref(), want)
+    }
+
+    fn at_least_in(path: &std::path::Path, want: u64) -> Self {
+        let before = read_u64(path);
         let refused = match before {
             Some(b) if b >= want => None,
-            _ => std::fs::write(NETDEV_MAX_BACKLOG, want.to_string())
+            _ => std::fs::write(path, want.to_string())
                 .err()
-                .map(|e| format!("{NETDEV_MAX_BACKLOG}: {e}")),
+                .map(|e| format!("{}: {e}", path.display())),
         };
         Self {
             before,
-            now: read_u64(NETDEV_MAX_BACKLOG),
+            now: read_u64(path),
             refused,
+            path: path.to_owned(),
         }
     }
 }
@@ -194,12 +201,12 @@ impl Drop for Backlog {
         if let Some(b) = self.before
             && self.now != self.before
         {
-            let _ = std::fs::write(NETDEV_MAX_BACKLOG, b.to_string());
+            let _ = std::fs::write(&self.path, b.to_string());
         }
     }
 }
 
-fn read_u64(path: &str) -> Option<u64> {
+fn read_u64(path: &std::path::Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
@@ -215,5 +222,38 @@ mod tests {
         assert_eq!(parse_backlog_drops(""), Some(0));
         assert_eq!(parse_backlog_drops("00643b3d\n"), None, "a short line");
         assert_eq!(parse_backlog_drops("00643b3d zz\n"), None, "not hex");
+    }
+
+    #[test]
+    fn the_backlog_is_raised_only_when_lower_and_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netdev_max_backlog");
+        std::fs::write(&path, "1000\n").unwrap();
+        {
+            let b = Backlog::at_least_in(&path, 19_000);
+            assert_eq!(
+                (b.before, b.now, b.refused.as_deref()),
+                (Some(1000), Some(19_000), None)
+            );
+        }
+        assert_eq!(read_u64(&path), Some(1000), "put back when dropped");
+
+        std::fs::write(&path, "50000").unwrap();
+        drop(Backlog::at_least_in(&path, 19_000));
+        assert_eq!(
+            read_u64(&path),
+            Some(50_000),
+            "a higher value is left alone"
+        );
+
+        let missing = dir.path().join("no-such-dir").join("netdev_max_backlog");
+        let b = Backlog::at_least_in(&missing, 19_000);
+        assert_eq!((b.before, b.now), (None, None));
+        assert!(
+            b.refused
+                .as_deref()
+                .is_some_and(|w| w.contains("no-such-dir")),
+            "says why"
+        );
     }
 }
