@@ -35,7 +35,7 @@ profile=dist
 for arg in "$@"; do
     [ "$arg" = "--smoke" ] && profile=release
 done
-bin_dir="target/$profile"
+bin_dir="${CARGO_TARGET_DIR:-target}/$profile"
 if [ -n "${MESHID_BIN_DIR:-}" ]; then
     bin_dir="$MESHID_BIN_DIR"
 elif [ "$profile" = dist ]; then

@@ -1,6 +1,10 @@
-//! Per-identity token buckets: an issuance storm for one identity cannot starve the others.
+//! Per-identity token buckets: an issuance storm for one identity cannot starve the others. The
+//! same buckets, keyed by a certificate's key, bound what one certificate may ask of the CA's
+//! bundle calls (acknowledgements, bundle streams).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -34,14 +38,14 @@ struct Bucket {
     updated: Instant,
 }
 
-/// Token buckets keyed by identity.
+/// Token buckets keyed by identity (or by what else `K` names: a certificate's key).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = SpiffeId> {
     limit: RateLimit,
-    buckets: Mutex<HashMap<SpiffeId, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
@@ -50,7 +54,11 @@ impl RateLimiter {
     }
 
     /// Takes one token for `id`, or says how long until one is available.
-    pub fn check(&self, id: &SpiffeId, now: Instant) -> Result<(), Duration> {
+    pub fn check<Q>(&self, id: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let burst = f64::from(self.limit.burst.max(1));
         let rate = self.limit.per_second.max(f64::MIN_POSITIVE);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -59,7 +67,7 @@ impl RateLimiter {
                 b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst
             });
         }
-        let bucket = buckets.entry(id.clone()).or_insert(Bucket {
+        let bucket = buckets.entry(id.to_owned()).or_insert(Bucket {
             tokens: burst,
             updated: now,
         });

@@ -7,7 +7,8 @@
 //! the longest certificate lifetime (`--max-ttl` of the command, which must be at least the
 //! CA's), after which no certificate it names can still be live; sidecars ignore it from then on.
 //! The CA refuses to renew a revoked serial and to issue anything (token, join token, renewal,
-//! JWT-SVID) for a revoked identity, whatever its expiry, until `meshid-ca unrevoke`. Expired
+//! JWT-SVID) for a revoked identity, whatever its expiry, until `meshid-ca unrevoke`; a
+//! certificate either names opens no bundle stream and has no acknowledgement taken. Expired
 //! serial entries are dropped from the file by the next command that writes it.
 //!
 //! The bundle carries the list as the file holds it, so every CA on the directory serves the same

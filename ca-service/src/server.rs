@@ -149,6 +149,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         limiter: RateLimiter::new(config.rate_limit),
         jwt_svid_ttl: config.jwt_svid_ttl,
         jwt_limiter: RateLimiter::new(config.rate_limit),
+        bundle_calls: RateLimiter::new(crate::service::BUNDLE_CALLS),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
         fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {

@@ -83,6 +83,10 @@ pub struct CaState {
     /// The rate limit of JWT-SVIDs, per identity, apart from certificates': tokens asked for
     /// by an app never starve its sidecar's renewals.
     pub jwt_limiter: RateLimiter,
+    /// Acknowledgements and bundle streams opened, per certificate key ([`BUNDLE_CALLS`]): each
+    /// costs a chain verification, and one certificate must not make the CA spend its time on
+    /// them.
+    pub bundle_calls: RateLimiter<String>,
     pub metrics: Metrics,
     /// Flips to true when the server shuts down, ending bundle streams.
     pub shutdown: watch::Receiver<bool>,
@@ -161,42 +165,84 @@ impl CaState {
     ) -> (Method, Result<Authenticated, AuthError>) {
         let (method, result) = self.authenticate_credential(credential, peer);
         let result = result.and_then(|authenticated| {
-            let revocations = self.authority.load().revocations.clone();
-            if revocations.entries().is_empty() {
-                return Ok(authenticated);
-            }
             let id = match &authenticated {
                 Authenticated::Ready { id, .. } => id,
                 Authenticated::Join(p) => &p.id,
             };
-            let serial = match method {
+            let presented = match method {
                 Method::Renewal => peer
                     .and_then(|p| p.leaf_identity.as_deref())
-                    .and_then(|l| l.as_ref().ok())
-                    .and_then(|l| {
-                        meshid_identity::revocation::normalize_serial(&l.serial_hex).ok()
-                    }),
+                    .and_then(|l| l.as_ref().ok()),
                 _ => None,
             };
-            match revocations.refuses(id, serial.as_deref()) {
-                None => Ok(authenticated),
-                Some(entry) => {
-                    let reason = if entry.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", entry.reason)
-                    };
-                    Err(AuthError::permission_denied(
-                        Reason::Revoked,
-                        format!(
-                            "{} is revoked{reason}: `meshid-ca unrevoke` lifts it",
-                            entry.what
-                        ),
-                    ))
-                }
-            }
+            self.refuse_revoked(id, presented)?;
+            Ok(authenticated)
         });
         (method, result)
+    }
+
+    /// Refuses `id` if it is revoked, or `presented` (the certificate the call relies on, if it
+    /// relies on one) if its serial is. A revoked serial names one certificate: the identity may
+    /// still attest again for a new one; a revoked identity gets nothing until it is unrevoked.
+    fn refuse_revoked(
+        &self,
+        id: &SpiffeId,
+        presented: Option<&meshid_identity::CertIdentity>,
+    ) -> Result<(), AuthError> {
+        let authority = self.authority.load();
+        let revocations = &authority.revocations;
+        if revocations.entries().is_empty() {
+            return Ok(());
+        }
+        let serial = presented
+            .and_then(|c| meshid_identity::revocation::normalize_serial(&c.serial_hex).ok());
+        let Some(entry) = revocations.refuses(id, serial.as_deref()) else {
+            return Ok(());
+        };
+        let reason = if entry.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", entry.reason)
+        };
+        let way_out = match entry.what {
+            meshid_identity::revocation::Revoked::Id(_) => "`meshid-ca unrevoke` lifts it",
+            meshid_identity::revocation::Revoked::Serial(_) => {
+                "get a new certificate with your service-account token or a join token \
+                 (`meshid-ca unrevoke` lifts it)"
+            }
+        };
+        Err(AuthError::permission_denied(
+            Reason::Revoked,
+            format!("{} is revoked{reason}: {way_out}", entry.what),
+        ))
+    }
+
+    /// The certificate on `peer`'s connection, checked at the time of the call as a renewal checks
+    /// it (see [`auth::authenticate_certificate`]) and against the revocation list, for calls that
+    /// take it as the caller's credential: bundle streams and acknowledgements. Not the attestation
+    /// age nor the namespace allow-list: those bound issuance, and a workload whose certificate
+    /// still holds keeps taking the bundle until it expires. `None`: no certificate presented.
+    fn authenticate_presented<'p>(
+        &self,
+        peer: Option<&'p PeerInfo>,
+    ) -> Option<Result<&'p meshid_identity::CertIdentity, AuthError>> {
+        let peer = peer?;
+        let leaf = peer.leaf_identity.as_deref()?;
+        let chain = peer.certificates.as_deref().map_or(&[][..], Vec::as_slice);
+        let authority = self.authority.load();
+        let now = OffsetDateTime::now_utc();
+        let checked = auth::authenticate_certificate(
+            leaf,
+            chain,
+            &authority.trust_domain,
+            &authority.anchors,
+            now,
+        )
+        .and_then(|info| {
+            self.refuse_revoked(&info.id, Some(info))?;
+            Ok(info)
+        });
+        Some(checked)
     }
 
     fn authenticate_credential(
@@ -292,15 +338,8 @@ impl CaState {
             Authenticated::Join(p) => (p.id.clone(), None),
         };
         if let Err(wait) = self.limiter.check(&id, Instant::now()) {
-            let mut status = Status::resource_exhausted(format!(
-                "too many certificate requests for {id}; retry in {} ms",
-                wait.as_millis()
-            ));
-            if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
-                status.metadata_mut().insert("retry-after-ms", v);
-            }
             let refusal = Refusal {
-                status,
+                status: too_many(&format!("certificate requests for {id}"), wait),
                 result: "rate_limited",
             };
             return (method, Some(id), Err(refusal));
@@ -420,13 +459,7 @@ impl CaState {
             return (Some(id), Err(refuse(status, "invalid_audience")));
         }
         if let Err(wait) = self.jwt_limiter.check(&id, Instant::now()) {
-            let mut status = Status::resource_exhausted(format!(
-                "too many JWT-SVID requests for {id}; retry in {} ms",
-                wait.as_millis()
-            ));
-            if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
-                status.metadata_mut().insert("retry-after-ms", v);
-            }
+            let status = too_many(&format!("JWT-SVID requests for {id}"), wait);
             return (Some(id), Err(refuse(status, "rate_limited")));
         }
         let authority = self.authority.load();
@@ -463,9 +496,18 @@ impl CaState {
         }
     }
 
+    /// Takes one of `key`'s bundle calls ([`BUNDLE_CALLS`]), before the call's chain verification.
+    fn limit_bundle_calls(&self, key: &str, what: &str) -> Result<(), Status> {
+        self.bundle_calls
+            .check(key, Instant::now())
+            .map_err(|wait| too_many(&format!("{what} from this certificate"), wait))
+    }
+
     /// Records a sidecar's acknowledgement. It speaks only for the certificate on its own
-    /// connection: the reported chain's leaf must be that certificate, and the instance is that
-    /// certificate's key, which must have a bundle stream open on this CA.
+    /// connection, which must still hold at the time of the call (not expired, chaining to a root
+    /// the CA trusts now, not revoked: see [`Self::authenticate_presented`]): the reported chain's
+    /// leaf must be that certificate, and the instance is that certificate's key, which must have a
+    /// bundle stream open on this CA.
     fn ack(&self, req: &AckTrustBundleRequest, peer: Option<&PeerInfo>) -> Result<(), Status> {
         if req.instance_id.len() > 128 {
             return Err(Status::invalid_argument(
@@ -478,18 +520,34 @@ impl CaState {
             ));
         }
         let handshake_chain = peer.and_then(|p| p.certificates.as_ref());
-        let presented = handshake_chain.and_then(|c| c.first()).ok_or_else(|| {
-            Status::unauthenticated("acknowledge over mTLS with your certificate")
-        })?;
+        let no_certificate =
+            || Status::unauthenticated("acknowledge over mTLS with your certificate");
+        let presented = handshake_chain
+            .and_then(|c| c.first())
+            .ok_or_else(no_certificate)?;
+        let key = instance_key(presented)
+            .ok_or_else(|| Status::invalid_argument("the certificate has no readable key"))?;
+        self.limit_bundle_calls(&key, "acknowledgements")?;
+        // Checked now, not only at the handshake: a kept-alive connection may outlive its
+        // certificate, the root it chains to (`rotate retire`) or a revocation. Nothing is
+        // recorded for a certificate that no longer holds.
+        let info = match self.authenticate_presented(peer) {
+            Some(Ok(info)) => info,
+            Some(Err(e)) => {
+                return Err(refused_certificate(
+                    e,
+                    peer,
+                    "ack_trust_bundle",
+                    "acknowledgement",
+                ));
+            }
+            None => return Err(no_certificate()),
+        };
         if presented.as_ref() != req.serving_chain[0].as_slice() {
             return Err(Status::permission_denied(
                 "the reported certificate is not the one presented on this connection",
             ));
         }
-        let info = meshid_identity::cert_identity_from_der(&req.serving_chain[0])
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let key = instance_key(presented)
-            .ok_or_else(|| Status::invalid_argument("the certificate has no readable key"))?;
         // The authority is read off the chain the handshake verified, not the reported one: the
         // caller could leave its intermediate out of the report and hide from the retire gate.
         let chain = handshake_chain.map_or(&[][..], |c| c.as_slice());
@@ -511,11 +569,41 @@ impl CaState {
     }
 }
 
+/// What one certificate (one key) may ask of the bundle calls: acknowledgements and bundle streams
+/// opened together. A sidecar acknowledges each bundle version and each new certificate once, and
+/// opens a stream when it (re)connects: a few a minute, bursts of a rotation's steps included.
+pub const BUNDLE_CALLS: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit {
+    per_second: 2.0,
+    burst: 32,
+};
+
+/// `RESOURCE_EXHAUSTED`: too many `what`, with the wait in the message and in `retry-after-ms`
+/// (which the sidecar's backoff honours).
+fn too_many(what: &str, wait: std::time::Duration) -> Status {
+    let mut status =
+        Status::resource_exhausted(format!("too many {what}; retry in {} ms", wait.as_millis()));
+    if let Ok(v) = wait.as_millis().max(1).to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", v);
+    }
+    status
+}
+
 /// The instance a certificate stands for: SHA-256 (hex) of its public key.
 pub fn instance_key(leaf: &[u8]) -> Option<String> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
     Some(crate::serial::sha256_hex(cert.public_key().raw))
+}
+
+/// A bundle stream or an acknowledgement refused for the certificate on its connection: audited as
+/// Issue's refusals are (`WHAT refused`, with the reason label), answered with the refusal's status.
+fn refused_certificate(e: AuthError, peer: Option<&PeerInfo>, method: &str, what: &str) -> Status {
+    let identity = peer
+        .and_then(|p| p.leaf_identity.as_deref())
+        .and_then(|l| l.as_ref().ok())
+        .map_or("", |l| l.id.as_str());
+    let remote = peer.map(|p| p.remote_addr.to_string()).unwrap_or_default();
+    Refusal::from(e).audited(method, identity, &remote, what)
 }
 
 /// A certificate's serial as revocations name it (empty if it cannot be read).
@@ -831,18 +919,39 @@ impl CertificateAuthority for CaService {
         // certificate's key: nothing the caller sends names it.
         let peer = request.extensions().get::<PeerInfo>().cloned();
         let req = request.into_inner();
-        let caller = peer.as_ref().and_then(|p| {
-            let leaf = p.certificates.as_ref()?.first()?;
-            let id = p.leaf_identity.as_deref()?.as_ref().ok()?;
+        let key = peer
+            .as_ref()
+            .and_then(|p| p.certificates.as_ref()?.first())
+            .and_then(|leaf| instance_key(leaf));
+        if let Some(key) = &key {
+            self.state.limit_bundle_calls(key, "bundle streams")?;
+        }
+        // The certificate is checked now, not only at the handshake: a kept-alive connection may
+        // outlive it, the root it chains to (`rotate retire`) or a revocation, and such a
+        // certificate must not take an instance's room nor count for the rotation gates. Without
+        // a certificate the stream is anonymous.
+        let presented = match self.state.authenticate_presented(peer.as_ref()) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => {
+                return Err(refused_certificate(
+                    e,
+                    peer.as_ref(),
+                    "watch_trust_bundle",
+                    "trust bundle stream",
+                ));
+            }
+            None => None,
+        };
+        let caller = presented.and_then(|id| {
             Some(crate::rotation::fleet::Caller {
-                key: instance_key(leaf)?,
+                key: key?,
                 identity: id.id.to_string(),
                 file_mode: req.file_mode,
                 not_after: id.not_after,
                 serial: normalized_serial(&id.serial_hex),
             })
         });
-        let authenticated = peer.as_ref().is_some_and(|p| p.certificates.is_some());
+        let authenticated = presented.is_some();
         let state = self.state.clone();
         let permit = state.streams.acquire(peer.as_ref(), caller.is_some())?;
         if let Some(c) = &caller {
@@ -866,9 +975,9 @@ impl CertificateAuthority for CaService {
 
 #[cfg(test)]
 mod tests {
-    //! The issuance and acknowledgement decisions, called directly on a `CaState` built as
-    //! `server::start` builds it (no network, no TLS: the `PeerInfo` a TLS handshake would attach is
-    //! made by hand from a chain).
+    //! The issuance, bundle stream and acknowledgement decisions, called directly on a `CaState`
+    //! built as `server::start` builds it (no network, no TLS: the `PeerInfo` a TLS handshake would
+    //! attach is made by hand from a chain).
 
     use std::collections::BTreeSet;
     use std::time::Duration;
@@ -878,6 +987,7 @@ mod tests {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use meshid_identity::TrustDomain;
+    use meshid_identity::revocation::Revoked;
     use meshid_identity::testing::{LeafShape, TestPki};
     use prometheus_client::registry::Registry;
     use rcgen::{
@@ -969,6 +1079,7 @@ mod tests {
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 jwt_svid_ttl: Duration::from_secs(300),
                 jwt_limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
+                bundle_calls: RateLimiter::new(BUNDLE_CALLS),
                 metrics,
                 shutdown: shutdown_rx,
                 fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
@@ -2475,18 +2586,14 @@ mod tests {
                 }),
             },
             Case {
+                // The handshake lets no such chain in; on the call, it is refused as a renewal is.
                 name: "a chain of a PKI this CA does not hold",
                 call: |_| {
                     let leaf = TestPki::new("other").leaf(FRONTEND);
                     (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
                 },
                 stream: true,
-                expected: Ok(Recorded {
-                    identity: FRONTEND,
-                    acked_version: 3,
-                    authority: None,
-                    file_mode: false,
-                }),
+                expected: Err(Code::Unauthenticated),
             },
             Case {
                 name: "empty instance id (informational only)",
@@ -2576,6 +2683,7 @@ mod tests {
                 expected: Err(Code::PermissionDenied),
             },
             Case {
+                // Not a workload identity: no credential, as for a renewal.
                 name: "presented certificate carries no SPIFFE identity",
                 call: |_| {
                     let shape = LeafShape {
@@ -2586,7 +2694,7 @@ mod tests {
                     (ack("pod-1", &leaf.chain), Some(peer(&leaf.chain)))
                 },
                 stream: true,
-                expected: Err(Code::InvalidArgument),
+                expected: Err(Code::Unauthenticated),
             },
         ];
         for case in cases {
@@ -2652,6 +2760,275 @@ mod tests {
                 }
                 (want, got) => panic!("{name}: expected {want:?}, got {got:?}"),
             }
+        }
+    }
+
+    // ---- bundle streams and acknowledgements on a certificate that no longer holds ------------
+
+    /// Opens a bundle stream as a call on `peer`'s connection does.
+    async fn watch(service: &CaService, peer: Option<PeerInfo>) -> Result<BundleStream, Status> {
+        let mut request = Request::new(WatchTrustBundleRequest {
+            instance_id: "pod-1".into(),
+            file_mode: false,
+        });
+        if let Some(peer) = peer {
+            request.extensions_mut().insert(peer);
+        }
+        CertificateAuthority::watch_trust_bundle(service, request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    /// The instance a bundle stream opened on `chain` registers.
+    fn caller_of(chain: &[CertificateDer<'_>]) -> crate::rotation::fleet::Caller {
+        let info = meshid_identity::cert_identity_from_der(&chain[0]).unwrap();
+        crate::rotation::fleet::Caller {
+            key: instance_key(&chain[0]).unwrap(),
+            identity: info.id.to_string(),
+            file_mode: false,
+            not_after: info.not_after,
+            serial: normalized_serial(&info.serial_hex),
+        }
+    }
+
+    /// Revokes `what` in `dir`'s list and reloads the authority, as `server::follow_bundle` does
+    /// when the CA directory changes.
+    fn store_revocations(dir: &std::path::Path, state: &CaState, what: Revoked) {
+        let mut list = crate::revocations::Revocations::default();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        list.revoke(what, now, 3600, "key leaked".into()).unwrap();
+        list.save(dir).unwrap();
+        state
+            .authority
+            .store(Arc::new(Authority::load(dir).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_bundle_stream_registers_a_certificate_that_holds_and_serves_anonymous_callers() {
+        let ca = TestCa::new();
+        let chain = ca.cert(FRONTEND);
+        let service = CaService::new(Arc::new(ca.state));
+        let state = &service.state;
+        let now = || OffsetDateTime::now_utc().unix_timestamp();
+
+        let anonymous = watch(&service, Some(anonymous_peer())).await;
+        assert!(anonymous.is_ok(), "an anonymous stream is served");
+        assert!(
+            state.fleet.report(now()).0.is_empty(),
+            "and counts for nothing"
+        );
+        let no_tls = watch(&service, None).await;
+        assert!(no_tls.is_ok(), "a call without TLS details is anonymous");
+
+        let stream = watch(&service, Some(peer(&chain))).await;
+        assert!(stream.is_ok(), "a valid certificate opens a stream");
+        let (sidecars, _) = state.fleet.report(now());
+        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+        assert_eq!(sidecars[0].identity, FRONTEND);
+        assert!(sidecars[0].connected);
+        assert_eq!(state.metrics.watch_streams.get(), 3);
+        // Acknowledged on the same connection: recorded.
+        let version = state.bundle.borrow().version;
+        let req = AckTrustBundleRequest {
+            instance_id: "pod-1".into(),
+            bundle_version: version,
+            serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            file_mode: false,
+        };
+        state.ack(&req, Some(&peer(&chain))).unwrap();
+        assert_eq!(state.fleet.report(now()).0[0].acked_version, version);
+        drop(stream);
+        assert!(state.fleet.report(now()).0.is_empty(), "closed: forgotten");
+    }
+
+    #[tokio::test]
+    async fn one_certificate_cannot_flood_the_bundle_calls() {
+        let ca = TestCa::new();
+        let liar = ca.cert(FRONTEND);
+        let honest = ca.cert(FRONTEND);
+        let service = CaService::new(Arc::new(ca.state));
+        let state = &service.state;
+        let stream = watch(&service, Some(peer(&liar))).await.unwrap();
+        let _honest_stream = watch(&service, Some(peer(&honest))).await.unwrap();
+        let version = state.bundle.borrow().version;
+        let ack_of = |chain: &[CertificateDer<'static>]| AckTrustBundleRequest {
+            instance_id: "pod-1".into(),
+            bundle_version: version,
+            serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            file_mode: false,
+        };
+        // The stream opened took one call; the rest of the burst goes through, then it is refused
+        // with a wait the sidecar's backoff honours.
+        let mut taken = 1;
+        let refused = loop {
+            match state.ack(&ack_of(&liar), Some(&peer(&liar))) {
+                Ok(()) => taken += 1,
+                Err(status) => break status,
+            }
+            assert!(taken <= BUNDLE_CALLS.burst, "never refused");
+        };
+        assert_eq!(taken, BUNDLE_CALLS.burst);
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains("acknowledgements from this certificate"),
+            "{refused:?}"
+        );
+        let wait: u64 = refused
+            .metadata()
+            .get("retry-after-ms")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=1000).contains(&wait), "{wait}");
+        // New streams from it too; another certificate of the same identity is not held back.
+        let more = watch(&service, Some(peer(&liar))).await;
+        assert_eq!(more.err().map(|s| s.code()), Some(Code::ResourceExhausted));
+        state.ack(&ack_of(&honest), Some(&peer(&honest))).unwrap();
+        let _another = watch(&service, Some(peer(&honest))).await.unwrap();
+        drop(stream);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_that_no_longer_holds_can_neither_watch_nor_acknowledge() {
+        /// What happened to the certificate of a connection kept alive since its handshake.
+        #[derive(Debug, Clone, Copy)]
+        enum Lapse {
+            Expired,
+            SerialRevoked,
+            IdentityRevoked,
+            RootRetired,
+        }
+        struct Case {
+            name: &'static str,
+            lapse: Lapse,
+            code: Code,
+            /// What the refusal must say (what happened and what to do).
+            says: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "expired",
+                lapse: Lapse::Expired,
+                code: Code::Unauthenticated,
+                says: &["has expired", "service-account token"],
+            },
+            Case {
+                name: "its serial revoked",
+                lapse: Lapse::SerialRevoked,
+                code: Code::PermissionDenied,
+                says: &[
+                    "certificate serial",
+                    "is revoked (key leaked)",
+                    "service-account token",
+                ],
+            },
+            Case {
+                name: "its identity revoked",
+                lapse: Lapse::IdentityRevoked,
+                code: Code::PermissionDenied,
+                says: &[
+                    "identity spiffe://cluster.local/ns/shop/sa/frontend is revoked",
+                    "meshid-ca unrevoke",
+                ],
+            },
+            Case {
+                name: "its root retired (no longer an anchor)",
+                lapse: Lapse::RootRetired,
+                code: Code::Unauthenticated,
+                says: &["no longer chains", "service-account token"],
+            },
+        ];
+        for case in cases {
+            let name = case.name;
+            let ca = TestCa::new();
+            let chain = match case.lapse {
+                Lapse::Expired => ca.cert_at(
+                    FRONTEND,
+                    OffsetDateTime::now_utc() - time::Duration::hours(2),
+                ),
+                _ => ca.cert(FRONTEND),
+            };
+            let TestCa {
+                dir,
+                state,
+                _shutdown: _running,
+                ..
+            } = ca;
+            let dir = dir.path();
+            let service = CaService::new(Arc::new(state));
+            let state = &service.state;
+            match case.lapse {
+                Lapse::Expired => {}
+                Lapse::SerialRevoked => {
+                    let info = meshid_identity::cert_identity_from_der(&chain[0]).unwrap();
+                    let serial =
+                        meshid_identity::revocation::normalize_serial(&info.serial_hex).unwrap();
+                    store_revocations(dir, state, Revoked::Serial(serial));
+                }
+                Lapse::IdentityRevoked => {
+                    let id = SpiffeId::parse(FRONTEND).unwrap();
+                    store_revocations(dir, state, Revoked::Id(id));
+                }
+                Lapse::RootRetired => {
+                    crate::rotation::prepare(dir, None).unwrap();
+                    crate::rotation::activate(dir, &[], true).await.unwrap();
+                    crate::rotation::retire(dir, &[], true).await.unwrap();
+                    state
+                        .authority
+                        .store(Arc::new(Authority::load(dir).unwrap()));
+                    assert_eq!(state.authority.load().roots.len(), 1, "{name}");
+                }
+            }
+            let says = |status: &Status| {
+                assert_eq!(status.code(), case.code, "{name}: {status:?}");
+                for words in case.says {
+                    assert!(status.message().contains(words), "{name}: {status:?}");
+                }
+            };
+            let now = || OffsetDateTime::now_utc().unix_timestamp();
+
+            // A new stream on the kept-alive connection: refused, registering no instance.
+            let Err(refused) = watch(&service, Some(peer(&chain))).await else {
+                panic!("{name}: a bundle stream was opened");
+            };
+            says(&refused);
+            let (sidecars, _) = state.fleet.report(now());
+            assert!(sidecars.is_empty(), "{name}: registered {sidecars:?}");
+            assert_eq!(state.metrics.watch_streams.get(), 0, "{name}");
+
+            // The stream it opened while its certificate held, then an acknowledgement: refused,
+            // recording nothing.
+            let caller = caller_of(&chain);
+            state.fleet.stream_opened(&caller).unwrap();
+            let req = AckTrustBundleRequest {
+                instance_id: "pod-1".into(),
+                bundle_version: state.bundle.borrow().version,
+                serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+                file_mode: false,
+            };
+            let refused = state.ack(&req, Some(&peer(&chain))).unwrap_err();
+            says(&refused);
+            let (sidecars, _) = state.fleet.report(now());
+            assert_eq!(sidecars.len(), 1, "{name}: {sidecars:?}");
+            let s = &sidecars[0];
+            assert_eq!(
+                (s.acked_version, s.serving_authority.as_deref()),
+                (0, None),
+                "{name}: the acknowledgement was recorded"
+            );
+            // That stream ends: nothing is left (the refused one held no stream of the instance).
+            state.fleet.stream_closed(&caller.key);
+            assert!(state.fleet.report(now()).0.is_empty(), "{name}");
+
+            // Anonymous callers on a new connection are still served.
+            assert!(
+                watch(&service, Some(anonymous_peer())).await.is_ok(),
+                "{name}"
+            );
         }
     }
 

@@ -132,7 +132,9 @@ pub fn server_config(
 
 /// Client certificates are optional (a new sidecar has none yet, bundle watchers may have none); one
 /// that is sent must chain to the trust bundle for client auth, and under a shared root through
-/// one of the mesh's own intermediates. Its identity is checked per call (renewals, acknowledgements).
+/// one of the mesh's own intermediates. That holds for the handshake only: every call that takes the
+/// certificate as its credential (renewals, JWT-SVIDs, bundle streams, acknowledgements) checks it
+/// again, against the bundle and the revocation list of that moment.
 #[derive(Debug)]
 struct OptionalClientVerifier {
     anchors: Anchors,

@@ -645,6 +645,7 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
         .await
         .unwrap()
         .into_inner();
+    let serving_chain = resp.cert_chain.clone();
     let chain: Vec<CertificateDer<'static>> = resp
         .cert_chain
         .into_iter()
@@ -663,10 +664,32 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
     };
     let renewed = channel.issue(renew()).await.expect("renews under its root");
     assert_eq!(renewed.get_ref().spiffe_id, A);
+    // On the same connection, a bundle stream (the instance the rotation gates count) and its
+    // acknowledgement of the first bundle.
+    let watch = || WatchTrustBundleRequest {
+        instance_id: "kept-alive".into(),
+        file_mode: false,
+    };
+    let ack = |bundle_version| AckTrustBundleRequest {
+        instance_id: "kept-alive".into(),
+        bundle_version,
+        serving_chain: serving_chain.clone(),
+        file_mode: false,
+    };
+    let mut first_stream = channel
+        .watch_trust_bundle(watch())
+        .await
+        .expect("a bundle stream under its root")
+        .into_inner();
+    let first = first_stream.message().await.unwrap().unwrap().version;
+    channel
+        .ack_trust_bundle(ack(first))
+        .await
+        .expect("acknowledges under its root");
 
     // Watching the bundle from a connection made now (a new one, once the CA serves under the
     // new root, would have to trust that root).
-    let anonymous = meshid_tests::ca::connect(ca.addr, &ca.roots, None)
+    let mut anonymous = meshid_tests::ca::connect(ca.addr, &ca.roots, None)
         .await
         .unwrap();
 
@@ -708,4 +731,40 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
         ),
         "{metrics}"
     );
+
+    // Nor does that connection open another bundle stream or acknowledge the new bundle: the
+    // same check, at the time of the call.
+    let no_longer_chains = |refused: &tonic::Status| {
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        assert!(
+            refused.message().contains("no longer chains")
+                && refused.message().contains("service-account token"),
+            "says why and what to do: {refused:?}"
+        );
+    };
+    match channel.watch_trust_bundle(watch()).await {
+        Ok(_) => panic!("a certificate under the retired root must not open a bundle stream"),
+        Err(refused) => no_longer_chains(&refused),
+    }
+    let current = anonymous
+        .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    assert!(current > first, "{current} > {first}");
+    let refused = channel
+        .ack_trust_bundle(ack(current))
+        .await
+        .expect_err("a certificate under the retired root must not acknowledge");
+    no_longer_chains(&refused);
+    // What the CA recorded of the instance is what it acknowledged under its root.
+    let report = rotation::status(&dir, &[ca.admin_addr]).await.unwrap();
+    let instances: Vec<_> = report.sidecars.iter().filter(|s| s.identity == A).collect();
+    assert_eq!(instances.len(), 1, "{:?}", report.sidecars);
+    assert_eq!(instances[0].acked_version, first, "{:?}", instances[0]);
+    // A caller without a certificate is still served.
+    let anonymous_stream = anonymous.watch_trust_bundle(watch()).await;
+    assert!(anonymous_stream.is_ok(), "{:?}", anonymous_stream.err());
+    drop(first_stream);
 }

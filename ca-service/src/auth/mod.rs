@@ -61,11 +61,13 @@ pub enum Reason {
     WrongTrustDomain,
     CertificateExpired,
     CertificateIdentity,
-    /// A renewal whose certificate no longer chains to a root the CA trusts now.
+    /// A presented certificate (a renewal's, a bundle stream's, an acknowledgement's) that no
+    /// longer chains to a root the CA trusts now.
     UntrustedChain,
     /// A renewal past the most time allowed since the identity was last attested.
     AttestationExpired,
-    /// The identity, or the certificate presented for a renewal, is revoked (`meshid-ca revoke`).
+    /// The identity, or the certificate presented (for a renewal, a bundle stream or an
+    /// acknowledgement), is revoked (`meshid-ca revoke`).
     Revoked,
 }
 
@@ -146,17 +148,20 @@ pub struct Renewal {
     pub attested_at: i64,
 }
 
-/// Renewal: the caller's current certificate (`leaf`, parsed when the connection was set up, and
-/// the chain it presented). Checks, at `now`: it is a valid workload identity of this trust domain,
-/// its chain still verifies for client auth to a root of `policy.roots`, and its identity was
-/// attested at most `policy.max_attestation_age` ago (a certificate without the attested-at
-/// extension counts as attested at its not-before).
-pub fn authenticate_renewal(
-    leaf: &Result<meshid_identity::CertIdentity, String>,
+/// The certificate on the caller's connection (`leaf`, parsed when the connection was set up, and
+/// the chain it presented), checked at `now` with the trust of the time of the call: it is a valid
+/// workload identity, it has not expired, it is of `trust_domain`, and its chain still verifies
+/// for client auth to `anchors`. The TLS handshake checked the same when the connection was set
+/// up, but a connection may outlive its certificate and the root it chains to (`rotate retire`),
+/// so every call that takes the certificate as its credential (a renewal, a bundle stream, an
+/// acknowledgement) checks it again.
+pub fn authenticate_certificate<'l>(
+    leaf: &'l Result<meshid_identity::CertIdentity, String>,
     chain: &[CertificateDer<'_>],
-    policy: &RenewalPolicy<'_>,
+    trust_domain: &TrustDomain,
+    anchors: &Anchors,
     now: OffsetDateTime,
-) -> Result<Renewal, AuthError> {
+) -> Result<&'l meshid_identity::CertIdentity, AuthError> {
     let info = leaf.as_ref().map_err(|e| {
         AuthError::unauthenticated(
             Reason::CertificateIdentity,
@@ -166,16 +171,17 @@ pub fn authenticate_renewal(
     if info.not_after <= now.unix_timestamp() {
         return Err(AuthError::unauthenticated(
             Reason::CertificateExpired,
-            "client certificate has expired",
+            "client certificate has expired: get a new one with your service-account token or \
+             a join token",
         ));
     }
-    if info.id.trust_domain_name() != policy.trust_domain.as_str() {
+    if info.id.trust_domain_name() != trust_domain.as_str() {
         return Err(AuthError::permission_denied(
             Reason::WrongTrustDomain,
             "client certificate identity is outside this trust domain",
         ));
     }
-    verify_chain_now(chain, policy.anchors, now).map_err(|e| {
+    verify_chain_now(chain, anchors, now).map_err(|e| {
         AuthError::unauthenticated(
             Reason::UntrustedChain,
             format!(
@@ -185,6 +191,19 @@ pub fn authenticate_renewal(
             ),
         )
     })?;
+    Ok(info)
+}
+
+/// Renewal: the caller's current certificate, checked as [`authenticate_certificate`] does, and
+/// its identity attested at most `policy.max_attestation_age` ago (a certificate without the
+/// attested-at extension counts as attested at its not-before).
+pub fn authenticate_renewal(
+    leaf: &Result<meshid_identity::CertIdentity, String>,
+    chain: &[CertificateDer<'_>],
+    policy: &RenewalPolicy<'_>,
+    now: OffsetDateTime,
+) -> Result<Renewal, AuthError> {
+    let info = authenticate_certificate(leaf, chain, policy.trust_domain, policy.anchors, now)?;
     let attested_at = info.attested_at.unwrap_or(info.not_before);
     let age = now.unix_timestamp().saturating_sub(attested_at);
     let max = i64::try_from(policy.max_attestation_age.as_secs()).unwrap_or(i64::MAX);

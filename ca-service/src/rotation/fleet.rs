@@ -4,9 +4,11 @@
 //!
 //! A sidecar instance is the key of the certificate on the connection that opened its bundle
 //! stream: nothing a caller sends names an instance, so a workload can register, acknowledge and
-//! report only for the key it holds (one instance per certificate), and only while its stream is
-//! open on this CA process. The map is bounded overall and per identity; disconnected instances
-//! are forgotten at once (a renewed sidecar is a new instance).
+//! report only for the key it holds (one instance per certificate), only while its stream is open
+//! on this CA process, and only while that certificate still holds when it calls (the service
+//! checks it as a renewal's: unexpired, chaining to the bundle of the moment, not revoked). The
+//! map is bounded overall and per identity; disconnected instances are forgotten at once (a
+//! renewed sidecar is a new instance).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
