@@ -409,8 +409,18 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                         shown(&s.identity),
                         shown(&s.instance),
                         shown(s.serving_authority.as_deref().unwrap_or("unknown")),
-                        if s.connected { "" } else { " (disconnected)" }
+                        match (s.connected, s.turned_away.is_empty()) {
+                            (true, _) => "",
+                            (false, true) => " (disconnected)",
+                            (false, false) => " (turned away)",
+                        }
                     );
+                    if !s.connected && !s.turned_away.is_empty() {
+                        println!(
+                            "    no room on a CA ({}): what it trusts is unknown",
+                            shown(&s.turned_away)
+                        );
+                    }
                     if s.revoked {
                         println!(
                             "    revoked (serial {}): counts for no gate",

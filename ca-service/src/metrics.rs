@@ -58,6 +58,7 @@ pub struct Metrics {
     pub authority_live_certificates: Family<AuthorityLabels, Gauge>,
     pub sidecars_by_version: Family<VersionLabels, Gauge>,
     pub revoked_sidecars: Gauge,
+    pub turned_away_sidecars: Gauge,
     pub jwks_refreshes: Family<ResultLabels, Counter>,
     pub jwks_last_success: Gauge,
     pub jwks_keys: Gauge,
@@ -90,6 +91,7 @@ impl Metrics {
             authority_live_certificates: Family::default(),
             sidecars_by_version: Family::default(),
             revoked_sidecars: Gauge::default(),
+            turned_away_sidecars: Gauge::default(),
             jwks_refreshes: Family::default(),
             jwks_last_success: Gauge::default(),
             jwks_keys: Gauge::default(),
@@ -173,6 +175,11 @@ impl Metrics {
             m.revoked_sidecars.clone(),
         );
         r.register(
+            "turned_away_sidecars",
+            "Sidecars whose bundle stream found no room on this CA process (while their certificates live): rotate activate waits for them",
+            m.turned_away_sidecars.clone(),
+        );
+        r.register(
             "jwks_refreshes",
             "Loads of the service-account issuer's JWKS (fetches, or file reloads), by result (ok, error)",
             Listed(m.jwks_refreshes.clone()),
@@ -249,6 +256,8 @@ impl Metrics {
         }
         self.revoked_sidecars
             .set(i64::try_from(fleet.revoked).unwrap_or(i64::MAX));
+        self.turned_away_sidecars
+            .set(i64::try_from(fleet.turned_away).unwrap_or(i64::MAX));
         for (version, n) in &fleet.by_version {
             self.sidecars_by_version
                 .get_or_create(&VersionLabels {

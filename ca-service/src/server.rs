@@ -155,7 +155,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
             started_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
             max_ttl_seconds: config.lifetimes.max.as_secs(),
-            records_issuance: false,
+            ..Default::default()
         })
         .recording_to(&config.dir),
         streams: Default::default(),

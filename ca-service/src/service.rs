@@ -953,9 +953,20 @@ impl CertificateAuthority for CaService {
         });
         let authenticated = presented.is_some();
         let state = self.state.clone();
-        let permit = state.streams.acquire(peer.as_ref(), caller.is_some())?;
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let permit = match state.streams.acquire(peer.as_ref(), caller.is_some()) {
+            Ok(permit) => permit,
+            Err(status) => {
+                // A sidecar the CA has no room for is one the rotation gates cannot see: they wait
+                // for it (see `Fleet::turned_away`).
+                if let Some(c) = &caller {
+                    state.fleet.turned_away(c, status.message(), now);
+                }
+                return Err(status);
+            }
+        };
         if let Some(c) = &caller {
-            state.fleet.stream_opened(c).map_err(fleet_status)?;
+            state.fleet.stream_opened(c, now).map_err(fleet_status)?;
         }
         let bundles = tokio_stream::wrappers::WatchStream::new(state.bundle.subscribe());
         let stopped = tokio_stream::wrappers::WatchStream::new(state.shutdown.clone());
@@ -1085,7 +1096,7 @@ mod tests {
                 fleet: crate::rotation::Fleet::new(crate::rotation::fleet::CaProcess {
                     started_unix: OffsetDateTime::now_utc().unix_timestamp(),
                     max_ttl_seconds: LIFETIMES.max.as_secs(),
-                    records_issuance: false,
+                    ..Default::default()
                 }),
                 streams: Default::default(),
             };
@@ -2721,7 +2732,10 @@ mod tests {
                         not_after: info.not_after,
                         serial: normalized_serial(&info.serial_hex),
                     };
-                    ca.state.fleet.stream_opened(&caller).is_ok()
+                    ca.state
+                        .fleet
+                        .stream_opened(&caller, OffsetDateTime::now_utc().unix_timestamp())
+                        .is_ok()
                 });
             let result = ca.state.ack(&req, peer.as_ref());
             let now = OffsetDateTime::now_utc().unix_timestamp();
@@ -2839,6 +2853,35 @@ mod tests {
         assert_eq!(state.fleet.report(now()).0[0].acked_version, version);
         drop(stream);
         assert!(state.fleet.report(now()).0.is_empty(), "closed: forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_the_ca_has_no_stream_room_for_is_listed_as_turned_away() {
+        let mut ca = TestCa::new();
+        // Room for one sidecar stream: the first takes it (a liar holding the room, say).
+        ca.state.streams = StreamPermits::new(1, 4, 2);
+        let first = ca.cert(FRONTEND);
+        let hidden = ca.cert(BACKEND);
+        let service = CaService::new(Arc::new(ca.state));
+        let state = &service.state;
+        let now = || OffsetDateTime::now_utc().unix_timestamp();
+        let stream = watch(&service, Some(peer(&first))).await.unwrap();
+        let refused = watch(&service, Some(peer(&hidden))).await.err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        let (sidecars, _) = state.fleet.report(now());
+        let listed: Vec<_> = sidecars
+            .iter()
+            .filter(|s| !s.turned_away.is_empty())
+            .collect();
+        assert_eq!(listed.len(), 1, "{sidecars:?}");
+        assert_eq!(listed[0].identity, BACKEND);
+        assert!(!listed[0].connected);
+        // Room again: it registers, and is an instance like any other.
+        drop(stream);
+        let _stream = watch(&service, Some(peer(&hidden))).await.unwrap();
+        let (sidecars, _) = state.fleet.report(now());
+        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+        assert!(sidecars[0].connected && sidecars[0].turned_away.is_empty());
     }
 
     #[tokio::test]
@@ -3003,7 +3046,10 @@ mod tests {
             // The stream it opened while its certificate held, then an acknowledgement: refused,
             // recording nothing.
             let caller = caller_of(&chain);
-            state.fleet.stream_opened(&caller).unwrap();
+            state
+                .fleet
+                .stream_opened(&caller, OffsetDateTime::now_utc().unix_timestamp())
+                .unwrap();
             let req = AckTrustBundleRequest {
                 instance_id: "pod-1".into(),
                 bundle_version: state.bundle.borrow().version,

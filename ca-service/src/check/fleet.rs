@@ -183,6 +183,7 @@ mod tests {
             file_mode: false,
             serial: String::new(),
             revoked: false,
+            turned_away: String::new(),
         }
     }
 

@@ -116,6 +116,24 @@ impl Sidecar {
             file_mode: self.file_mode,
             serial: self.serial.clone(),
             revoked: false,
+            turned_away: String::new(),
+        }
+    }
+}
+
+impl TurnedAway {
+    fn view(&self, key: &str) -> SidecarReport {
+        SidecarReport {
+            instance: key.get(..16).unwrap_or(key).to_owned(),
+            identity: self.identity.clone(),
+            connected: false,
+            acked_version: 0,
+            serving_authority: None,
+            serving_not_after: self.not_after,
+            file_mode: self.file_mode,
+            serial: self.serial.clone(),
+            revoked: false,
+            turned_away: self.reason.clone(),
         }
     }
 }
@@ -137,6 +155,8 @@ pub struct Summary {
     pub by_version: BTreeMap<u64, usize>,
     /// Connected instances whose identity or certificate serial is revoked.
     pub revoked: usize,
+    /// Sidecars turned away for lack of room whose certificates still live (listed or not).
+    pub turned_away: u64,
     /// Live certificates per authority.
     pub issued: HashMap<String, IssuedView>,
 }
@@ -159,10 +179,28 @@ pub struct Fleet {
     log: Option<crate::issued::IssuanceLog>,
 }
 
+/// The most sidecars turned away that one process lists by name; beyond, they are counted with
+/// the latest expiry of their certificates ([`CaProcess::turned_away_unlisted`]).
+pub const MAX_TURNED_AWAY: usize = 1_024;
+
+/// A sidecar whose bundle stream could not be registered, as long as its certificate lives.
+#[derive(Debug)]
+struct TurnedAway {
+    identity: String,
+    file_mode: bool,
+    not_after: i64,
+    serial: String,
+    reason: String,
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// By key fingerprint.
     sidecars: HashMap<String, Sidecar>,
+    /// Sidecars turned away, by key fingerprint (at most [`MAX_TURNED_AWAY`]).
+    turned_away: HashMap<String, TurnedAway>,
+    /// Those beyond the list: how many, and until when their certificates live.
+    unlisted: (u64, i64),
     /// Connected instances per identity.
     connected: HashMap<String, usize>,
     /// authority name -> live certificates it issued, counted per not-after second.
@@ -236,10 +274,57 @@ impl Fleet {
 
     /// This process as its report describes it now.
     pub fn process_now(&self) -> CaProcess {
+        let (unlisted, until) = self.lock().unlisted;
         CaProcess {
             records_issuance: self.log.as_ref().is_some_and(|l| l.writable()),
+            turned_away_unlisted: unlisted,
+            turned_away_unlisted_until: until,
             ..self.process
         }
+    }
+
+    /// Records a sidecar whose bundle stream could not be registered for lack of room (`reason`).
+    /// Until its certificate expires, it is revoked, or a stream of its is registered, it holds
+    /// `activate`: the CA cannot see what it trusts, and a gate that passed without it would hand
+    /// out certificates under a root it may not trust yet. (A workload that fills the room to hide
+    /// honest sidecars from the gate makes them visible this way, and holds the rotation only
+    /// until it is revoked, as a sidecar that never acknowledges does.)
+    pub fn turned_away(&self, caller: &Caller, reason: &str, now: i64) {
+        let mut inner = self.lock();
+        Self::turn_away(&mut inner, caller, reason, now);
+    }
+
+    fn turn_away(inner: &mut Inner, caller: &Caller, reason: &str, now: i64) {
+        // A registered instance is measured already (a second stream of its refused, say).
+        if caller.not_after <= now || inner.sidecars.contains_key(&caller.key) {
+            return;
+        }
+        if inner.turned_away.len() >= MAX_TURNED_AWAY
+            && !inner.turned_away.contains_key(&caller.key)
+        {
+            inner.turned_away.retain(|_, t| t.not_after > now);
+        }
+        if inner.turned_away.len() >= MAX_TURNED_AWAY
+            && !inner.turned_away.contains_key(&caller.key)
+        {
+            let (count, until) = &mut inner.unlisted;
+            if *until <= now {
+                *count = 0;
+            }
+            *count += 1;
+            *until = (*until).max(caller.not_after);
+            return;
+        }
+        inner.turned_away.insert(
+            caller.key.clone(),
+            TurnedAway {
+                identity: caller.identity.clone(),
+                file_mode: caller.file_mode,
+                not_after: caller.not_after,
+                serial: caller.serial.clone(),
+                reason: reason.to_owned(),
+            },
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -247,7 +332,7 @@ impl Fleet {
     }
 
     /// A bundle stream opened by `caller`: registers its instance, or counts one more stream of it.
-    pub fn stream_opened(&self, caller: &Caller) -> Result<(), FleetError> {
+    pub fn stream_opened(&self, caller: &Caller, now: i64) -> Result<(), FleetError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(s) = inner.sidecars.get_mut(&caller.key) {
@@ -282,15 +367,21 @@ impl Fleet {
             return Ok(());
         }
         let connected = inner.connected.get(&caller.identity).copied().unwrap_or(0);
-        if connected >= self.limits.max_per_identity {
-            return Err(FleetError::TooManyForIdentity {
+        let refused = if connected >= self.limits.max_per_identity {
+            Some(FleetError::TooManyForIdentity {
                 identity: caller.identity.clone(),
                 max: self.limits.max_per_identity,
-            });
+            })
+        } else if inner.sidecars.len() >= self.limits.max_instances {
+            Some(FleetError::Full(inner.sidecars.len()))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            Self::turn_away(inner, caller, &e.to_string(), now);
+            return Err(e);
         }
-        if inner.sidecars.len() >= self.limits.max_instances {
-            return Err(FleetError::Full(inner.sidecars.len()));
-        }
+        inner.turned_away.remove(&caller.key);
         *inner.connected.entry(caller.identity.clone()).or_default() += 1;
         inner.sidecars.insert(
             caller.key.clone(),
@@ -388,8 +479,13 @@ impl Fleet {
     pub fn report(&self, now: i64) -> (Vec<SidecarReport>, HashMap<String, IssuedView>) {
         let (mut sidecars, issued) = {
             let mut inner = self.lock();
-            let sidecars: Vec<SidecarReport> =
-                inner.sidecars.iter().map(|(k, s)| s.view(k)).collect();
+            inner.turned_away.retain(|_, t| t.not_after > now);
+            let sidecars: Vec<SidecarReport> = inner
+                .sidecars
+                .iter()
+                .map(|(k, s)| s.view(k))
+                .chain(inner.turned_away.iter().map(|(k, t)| t.view(k)))
+                .collect();
             (sidecars, Self::issued_views(&mut inner, now))
         };
         sidecars.sort_by(|a, b| {
@@ -416,9 +512,14 @@ impl Fleet {
             }
         }
         let issued = Self::issued_views(&mut inner, now);
+        inner.turned_away.retain(|_, t| t.not_after > now);
+        let (unlisted, until) = inner.unlisted;
+        let turned_away = u64::try_from(inner.turned_away.len()).unwrap_or(u64::MAX)
+            + if until > now { unlisted } else { 0 };
         Summary {
             by_version,
             revoked,
+            turned_away,
             issued,
         }
     }
@@ -469,7 +570,7 @@ mod tests {
     fn tracks_streams_acks_and_live_certificates() {
         let f = Fleet::default();
         let a = caller("aaaaaaaaaaaaaaaaaaaa", "spiffe://td/a", false);
-        f.stream_opened(&a).unwrap();
+        f.stream_opened(&a, 0).unwrap();
         f.ack(&a.key, ack(3), 3).unwrap();
         f.issued("1", 500, 100);
         f.issued("1", 150, 100);
@@ -509,9 +610,9 @@ mod tests {
     #[test]
     fn an_acknowledgement_speaks_only_for_an_open_stream_of_its_own_key() {
         let f = Fleet::default();
-        f.stream_opened(&caller("honest", "spiffe://td/a", false))
+        f.stream_opened(&caller("honest", "spiffe://td/a", false), 0)
             .unwrap();
-        f.stream_opened(&caller("files", "spiffe://td/b", true))
+        f.stream_opened(&caller("files", "spiffe://td/b", true), 0)
             .unwrap();
         let cases = [
             Case {
@@ -581,7 +682,7 @@ mod tests {
         assert!(by("spiffe://td/b").file_mode);
         // A stream with the other mode is refused for an existing key.
         assert!(matches!(
-            f.stream_opened(&caller("honest", "spiffe://td/a", true)),
+            f.stream_opened(&caller("honest", "spiffe://td/a", true), 0),
             Err(FleetError::ModeChanged { .. })
         ));
     }
@@ -589,10 +690,13 @@ mod tests {
     #[test]
     fn a_stream_records_its_certificates_expiry_before_any_acknowledgement() {
         let f = Fleet::new(CaProcess::default());
-        f.stream_opened(&Caller {
-            not_after: 1_000,
-            ..caller("quiet", "spiffe://td/a", false)
-        })
+        f.stream_opened(
+            &Caller {
+                not_after: 1_000,
+                ..caller("quiet", "spiffe://td/a", false)
+            },
+            0,
+        )
         .unwrap();
         let (sidecars, _) = f.report(0);
         assert_eq!(sidecars.len(), 1);
@@ -604,19 +708,25 @@ mod tests {
     fn revoked_identities_and_serials_are_marked() {
         let f = Fleet::new(CaProcess::default());
         for (key, sa, serial) in [("k1", "a", "01"), ("k2", "b", "02"), ("k3", "b", "03")] {
-            f.stream_opened(&Caller {
-                not_after: 100,
-                serial: serial.into(),
-                ..caller(key, &format!("spiffe://td/ns/x/sa/{sa}"), false)
-            })
+            f.stream_opened(
+                &Caller {
+                    not_after: 100,
+                    serial: serial.into(),
+                    ..caller(key, &format!("spiffe://td/ns/x/sa/{sa}"), false)
+                },
+                0,
+            )
             .unwrap();
         }
         // The same key on a later certificate: the instance is known by that one.
-        f.stream_opened(&Caller {
-            not_after: 200,
-            serial: "04".into(),
-            ..caller("k3", "spiffe://td/ns/x/sa/b", false)
-        })
+        f.stream_opened(
+            &Caller {
+                not_after: 200,
+                serial: "04".into(),
+                ..caller("k3", "spiffe://td/ns/x/sa/b", false)
+            },
+            0,
+        )
         .unwrap();
         let mut list = crate::revocations::Revocations::default();
         let id = meshid_identity::SpiffeId::parse("spiffe://td/ns/x/sa/a").unwrap();
@@ -646,37 +756,129 @@ mod tests {
                 max_streams_per_instance: 2,
             },
         );
-        f.stream_opened(&caller("k1", "spiffe://td/a", false))
+        f.stream_opened(&caller("k1", "spiffe://td/a", false), 0)
             .unwrap();
-        f.stream_opened(&caller("k2", "spiffe://td/a", false))
+        f.stream_opened(&caller("k2", "spiffe://td/a", false), 0)
             .unwrap();
         assert!(matches!(
-            f.stream_opened(&caller("k3", "spiffe://td/a", false)),
+            f.stream_opened(&caller("k3", "spiffe://td/a", false), 0),
             Err(FleetError::TooManyForIdentity { .. })
         ));
         // A second stream of a registered key is not a new instance; a third is one too many.
-        f.stream_opened(&caller("k1", "spiffe://td/a", false))
+        f.stream_opened(&caller("k1", "spiffe://td/a", false), 0)
             .unwrap();
         assert_eq!(
-            f.stream_opened(&caller("k1", "spiffe://td/a", false)),
+            f.stream_opened(&caller("k1", "spiffe://td/a", false), 0),
             Err(FleetError::TooManyStreams { max: 2 })
         );
         f.stream_closed("k1");
-        f.stream_opened(&caller("k1", "spiffe://td/a", false))
+        f.stream_opened(&caller("k1", "spiffe://td/a", false), 0)
             .unwrap();
-        f.stream_opened(&caller("k4", "spiffe://td/b", false))
+        f.stream_opened(&caller("k4", "spiffe://td/b", false), 0)
             .unwrap();
         assert!(matches!(
-            f.stream_opened(&caller("k5", "spiffe://td/c", false)),
+            f.stream_opened(&caller("k5", "spiffe://td/c", false), 0),
             Err(FleetError::Full(3))
         ));
         // Disconnected instances make room.
         f.stream_closed("k4");
-        f.stream_opened(&caller("k5", "spiffe://td/c", false))
+        f.stream_opened(&caller("k5", "spiffe://td/c", false), 0)
             .unwrap();
         f.stream_closed("k2");
-        f.stream_opened(&caller("k3", "spiffe://td/a", false))
+        f.stream_opened(&caller("k3", "spiffe://td/a", false), 0)
             .unwrap();
+    }
+
+    #[test]
+    fn a_sidecar_turned_away_for_lack_of_room_is_listed_until_it_registers_or_expires() {
+        let f = Fleet::with_limits(
+            CaProcess::default(),
+            FleetLimits {
+                max_instances: 2,
+                max_per_identity: 1,
+                max_streams_per_instance: 1,
+            },
+        );
+        let live = |key: &str, identity: &str| Caller {
+            not_after: 1_000,
+            serial: format!("{key}0"),
+            ..caller(key, identity, false)
+        };
+        let turned_away = |now: i64| -> Vec<(String, String)> {
+            let mut v: Vec<_> = f
+                .report(now)
+                .0
+                .into_iter()
+                .filter(|s| !s.turned_away.is_empty())
+                .map(|s| {
+                    assert!(!s.connected && s.acked_version == 0, "{s:?}");
+                    (s.instance, s.turned_away)
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        f.stream_opened(&live("k1", "spiffe://td/a"), 100).unwrap();
+        // The identity's room is taken (by a liar, say): an honest replica is turned away, and
+        // listed with why.
+        assert!(f.stream_opened(&live("k2", "spiffe://td/a"), 100).is_err());
+        f.stream_opened(&live("k3", "spiffe://td/b"), 100).unwrap();
+        // The process is full.
+        assert!(f.stream_opened(&live("k4", "spiffe://td/c"), 100).is_err());
+        let listed = turned_away(100);
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[0].0, "k2");
+        assert!(
+            listed[0]
+                .1
+                .contains("spiffe://td/a has 1 connected instances"),
+            "{listed:?}"
+        );
+        assert_eq!(listed[1].0, "k4");
+        assert!(
+            listed[1].1.contains("tracks 2 sidecar instances"),
+            "{listed:?}"
+        );
+        // A registered instance whose second stream finds no room is measured already; an
+        // expired certificate is no sidecar to wait for.
+        f.turned_away(&live("k1", "spiffe://td/a"), "no room", 100);
+        f.turned_away(
+            &Caller {
+                not_after: 100,
+                ..live("k5", "spiffe://td/d")
+            },
+            "no room",
+            100,
+        );
+        assert_eq!(turned_away(100).len(), 2);
+        // Once it registers, it is an instance like any other.
+        f.stream_closed("k1");
+        f.stream_opened(&live("k2", "spiffe://td/a"), 100).unwrap();
+        assert_eq!(turned_away(100).len(), 1);
+        // Its certificate expired: forgotten.
+        assert!(turned_away(1_000).is_empty());
+        assert_eq!(f.process_now().turned_away_unlisted, 0);
+
+        // Beyond the list: counted, with the latest expiry of their certificates.
+        for i in 0..MAX_TURNED_AWAY + 5 {
+            let c = Caller {
+                not_after: 2_000 + i64::try_from(i).unwrap(),
+                ..live(&format!("x{i}"), "spiffe://td/x")
+            };
+            f.turned_away(&c, "no room", 1_500);
+        }
+        assert_eq!(turned_away(1_500).len(), MAX_TURNED_AWAY);
+        let none = crate::revocations::Revocations::default();
+        assert_eq!(
+            f.summary(1_500, &none).turned_away,
+            u64::try_from(MAX_TURNED_AWAY).unwrap() + 5
+        );
+        let p = f.process_now();
+        assert_eq!(p.turned_away_unlisted, 5);
+        assert_eq!(
+            p.turned_away_unlisted_until,
+            2_000 + i64::try_from(MAX_TURNED_AWAY + 4).unwrap()
+        );
     }
 
     #[test]
@@ -688,7 +890,7 @@ mod tests {
                 &format!("spiffe://td/s{}", i % 997),
                 false,
             );
-            f.stream_opened(&c).unwrap();
+            f.stream_opened(&c, 0).unwrap();
             f.ack(&c.key, ack(1), 1).unwrap();
         }
         let summary = f.summary(2, &crate::revocations::Revocations::default());

@@ -14,7 +14,7 @@ pub fn refresh(r: &mut RotationReport, state: &RotationState, now: i64) {
 pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
     r.sidecars
         .iter()
-        .filter(|s| s.connected && s.file_mode && !s.revoked)
+        .filter(|s| (s.connected || !s.turned_away.is_empty()) && s.file_mode && !s.revoked)
         .map(|s| {
             format!(
                 "sidecar {} ({}) is in file mode: which roots it trusts is unknown to the CA; \
@@ -33,22 +33,48 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
 /// instance with none recorded (0) counts. Nor does a revoked instance count (its identity or its
 /// certificate is in the revocation list): no peer accepts it any more, and an instance that lies by
 /// never acknowledging must not hold the rotation after it has been revoked.
+///
+/// A sidecar a CA process turned away for lack of room (its bundle stream could not be
+/// registered) counts as one that has not acknowledged: the CA cannot see what it trusts. So
+/// filling the room cannot hide sidecars from the gate.
 pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
     };
-    r.sidecars
+    let mut blockers: Vec<String> = r
+        .sidecars
         .iter()
-        .filter(|s| s.connected && !s.file_mode && !s.revoked)
+        .filter(|s| (s.connected || !s.turned_away.is_empty()) && !s.file_mode && !s.revoked)
         .filter(|s| s.acked_version < prepared.in_bundle_since)
         .filter(|s| s.serving_not_after == 0 || s.serving_not_after > now)
         .map(|s| {
-            format!(
-                "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
-                s.identity, s.instance, s.acked_version, prepared.in_bundle_since
-            )
+            if s.connected {
+                format!(
+                    "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
+                    s.identity, s.instance, s.acked_version, prepared.in_bundle_since
+                )
+            } else {
+                format!(
+                    "sidecar {} ({}) was turned away by a CA ({}): what it trusts is unknown until \
+                     a stream of its is registered (make room on the CA: more replicas or higher \
+                     limits), its certificate expires ({}), or it is revoked",
+                    s.identity, s.instance, s.turned_away, s.serving_not_after
+                )
+            }
         })
-        .collect()
+        .collect();
+    for p in &r.processes {
+        if p.turned_away_unlisted > 0 && p.turned_away_unlisted_until > now {
+            blockers.push(format!(
+                "{} more sidecar(s) were turned away by a CA process beyond the {} it lists: what \
+                 they trust is unknown until their certificates expire ({})",
+                p.turned_away_unlisted,
+                super::fleet::MAX_TURNED_AWAY,
+                p.turned_away_unlisted_until
+            ));
+        }
+    }
+    blockers
 }
 
 /// What `retire` is waiting for (empty: it may run).
@@ -141,7 +167,7 @@ fn next_step(state: &RotationState, r: &RotationReport, now: i64) -> String {
     let unknown = r
         .sidecars
         .iter()
-        .filter(|s| s.connected && s.file_mode && !s.revoked)
+        .filter(|s| (s.connected || !s.turned_away.is_empty()) && s.file_mode && !s.revoked)
         .count();
     if unknown == 0 || step.starts_with("none") {
         step
@@ -188,6 +214,7 @@ mod tests {
             file_mode: false,
             serial: String::new(),
             revoked: false,
+            turned_away: String::new(),
         }
     }
 
@@ -341,11 +368,13 @@ mod tests {
                 started_unix: 0,
                 max_ttl_seconds: 200,
                 records_issuance: false,
+                ..Default::default()
             },
             CaProcess {
                 started_unix: 900,
                 max_ttl_seconds: 200,
                 records_issuance: false,
+                ..Default::default()
             },
         ];
         let b = retire_blockers(&st, &r, now);
@@ -363,6 +392,66 @@ mod tests {
     }
 
     #[test]
+    fn activate_waits_for_sidecars_turned_away_for_lack_of_room() {
+        let st = state(
+            &[
+                ("1", AuthorityState::Active, 1),
+                ("2", AuthorityState::Prepared, 2),
+            ],
+            2,
+        );
+        let turned_away = |instance: &str, not_after: i64| SidecarReport {
+            connected: false,
+            acked_version: 0,
+            serving_authority: None,
+            turned_away: "this CA tracks 100000 sidecar instances already; retry later".into(),
+            ..sidecar(instance, 0, "1", not_after)
+        };
+        let mut r = RotationReport {
+            bundle_version: 2,
+            authorities: vec![],
+            // Every sidecar the CA could register has acknowledged.
+            sidecars: vec![sidecar("a", 2, "1", 0), turned_away("hidden", 500)],
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess::default()],
+        };
+        let b = activate_blockers(&st, &r, 100);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("spiffe://td/hidden") && b[0].contains("turned away"),
+            "{b:?}"
+        );
+        // Until its certificate expires, or it is revoked.
+        assert!(activate_blockers(&st, &r, 500).is_empty());
+        r.sidecars[1].revoked = true;
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        // A disconnected instance (its stream closed) is not one that was turned away.
+        r.sidecars[1] = SidecarReport {
+            connected: false,
+            ..sidecar("gone", 0, "1", 500)
+        };
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        // In file mode it is unknown, as a connected file-mode sidecar is.
+        r.sidecars[1] = SidecarReport {
+            file_mode: true,
+            ..turned_away("files", 500)
+        };
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        assert_eq!(unknown_sidecars(&r).len(), 1);
+        // More than a process lists: counted, and waited for until their certificates expire.
+        r.processes[0].turned_away_unlisted = 3;
+        r.processes[0].turned_away_unlisted_until = 700;
+        let b = activate_blockers(&st, &r, 100);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].starts_with("3 more sidecar(s)") && b[0].contains("(700)"),
+            "{b:?}"
+        );
+        assert!(activate_blockers(&st, &r, 700).is_empty());
+    }
+
+    #[test]
     fn after_a_restart_retire_waits_for_what_was_recorded_not_the_longest_lifetime() {
         let st = state(
             &[
@@ -375,6 +464,7 @@ mod tests {
             started_unix: 900,
             max_ttl_seconds: 86_400,
             records_issuance: true,
+            ..Default::default()
         };
         let mut r = RotationReport {
             bundle_version: 2,

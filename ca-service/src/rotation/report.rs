@@ -54,6 +54,12 @@ pub struct SidecarReport {
     /// Its identity or that certificate is revoked: no peer accepts it, so it counts for no gate.
     #[serde(default)]
     pub revoked: bool,
+    /// Why the CA could not register its bundle stream (no room left: the instance limits, or the
+    /// streams a process holds); empty for a registered instance. The CA cannot see what such a
+    /// sidecar trusts, so `activate` waits for it as for one that has not acknowledged, until its
+    /// certificate expires, it is revoked, or a stream of its is registered.
+    #[serde(default)]
+    pub turned_away: String,
 }
 
 /// One CA process as its report describes it: its live-certificate counts cover only what it issued
@@ -67,4 +73,10 @@ pub struct CaProcess {
     /// says nothing about what may be live, the records do.
     #[serde(default)]
     pub records_issuance: bool,
+    /// Sidecars turned away (see [`SidecarReport::turned_away`]) beyond those this process lists
+    /// by name, and the latest expiry of their certificates: `activate` waits until then.
+    #[serde(default)]
+    pub turned_away_unlisted: u64,
+    #[serde(default)]
+    pub turned_away_unlisted_until: i64,
 }

@@ -91,6 +91,9 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
             // a moment after `revoke`): counting it is the safe side.
             e.revoked &= s.revoked;
             e.connected |= s.connected;
+            if e.turned_away.is_empty() {
+                e.turned_away.clone_from(&s.turned_away);
+            }
             e.acked_version = e.acked_version.max(s.acked_version);
             e.file_mode |= s.file_mode;
         }
@@ -119,7 +122,67 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
         }
     }
     base.sidecars = sidecars.into_values().collect();
+    // Turned away by one process, registered on another: measured there.
+    for s in base.sidecars.iter_mut().filter(|s| s.connected) {
+        s.turned_away.clear();
+    }
     base.sidecars.sort_by(|a, b| a.identity.cmp(&b.identity));
     refresh(&mut base, state, unix_now());
     base
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorities::AuthorityRecord;
+
+    #[test]
+    fn a_sidecar_turned_away_by_one_process_and_registered_on_another_is_measured() {
+        let state = RotationState {
+            bundle_version: 2,
+            renew_now_at: None,
+            authorities: vec![AuthorityRecord {
+                name: "2".into(),
+                prefix: String::new(),
+                state: AuthorityState::Prepared,
+                in_bundle_since: 2,
+                signed_until: None,
+                signing_since: None,
+            }],
+        };
+        let sidecar = |connected: bool, turned_away: &str| SidecarReport {
+            instance: "0123456789abcdef".into(),
+            identity: "spiffe://td/a".into(),
+            connected,
+            acked_version: if connected { 2 } else { 0 },
+            serving_authority: None,
+            serving_not_after: i64::MAX,
+            file_mode: false,
+            serial: String::new(),
+            revoked: false,
+            turned_away: turned_away.into(),
+        };
+        let process = |sidecars: Vec<SidecarReport>| RotationReport {
+            bundle_version: 2,
+            authorities: Vec::new(),
+            sidecars,
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess::default()],
+        };
+        let full = process(vec![sidecar(false, "no room")]);
+        let roomy = process(vec![sidecar(true, "")]);
+        let merged_both = merged(&state, vec![full.clone(), roomy]);
+        assert_eq!(merged_both.sidecars.len(), 1);
+        assert!(merged_both.sidecars[0].connected);
+        assert!(merged_both.sidecars[0].turned_away.is_empty());
+        assert!(
+            merged_both.next_step.contains("activate"),
+            "{}",
+            merged_both.next_step
+        );
+        // Turned away everywhere: still unknown after the merge.
+        let alone = merged(&state, vec![full]);
+        assert_eq!(alone.sidecars[0].turned_away, "no room");
+    }
 }
