@@ -892,11 +892,15 @@ impl CertificateAuthority for CaService {
         &self,
         request: Request<GetTrustBundleRequest>,
     ) -> Result<Response<TrustBundle>, Status> {
-        let reasons = request
-            .extensions()
-            .get::<PeerInfo>()
-            .is_some_and(|p| p.certificates.is_some());
         let bundle = self.state.bundle.borrow().clone();
+        // Revocation reasons go to workloads of the trust domain whose certificate still holds,
+        // checked now as for a bundle stream (only when there is a reason to show).
+        let reasons = bundle.revoked.iter().any(|e| !e.reason.is_empty())
+            && matches!(
+                self.state
+                    .authenticate_presented(request.extensions().get::<PeerInfo>()),
+                Some(Ok(_))
+            );
         Ok(Response::new(self.state.trust_bundle(&bundle, reasons)))
     }
 
@@ -2815,6 +2819,49 @@ mod tests {
         state
             .authority
             .store(Arc::new(Authority::load(dir).unwrap()));
+    }
+
+    #[tokio::test]
+    async fn revocation_reasons_go_only_to_a_certificate_that_still_holds() {
+        let ca = TestCa::new();
+        let member = ca.cert(FRONTEND);
+        let expired = ca.cert_at(
+            FRONTEND,
+            OffsetDateTime::now_utc() - time::Duration::hours(2),
+        );
+        let TestCa {
+            dir,
+            state,
+            _shutdown: _running,
+            ..
+        } = ca;
+        store_revocations(
+            dir.path(),
+            &state,
+            Revoked::Id(SpiffeId::parse(BACKEND).unwrap()),
+        );
+        let version = state.bundle.borrow().version + 1;
+        let _ = state
+            .bundle
+            .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
+        let service = CaService::new(Arc::new(state));
+        for (peer, reason) in [
+            (Some(peer(&member)), "key leaked"),
+            (Some(peer(&expired)), ""),
+            (Some(anonymous_peer()), ""),
+            (None, ""),
+        ] {
+            let mut request = Request::new(GetTrustBundleRequest {});
+            if let Some(p) = peer {
+                request.extensions_mut().insert(p);
+            }
+            let bundle = CertificateAuthority::get_trust_bundle(&service, request)
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(bundle.revoked.len(), 1, "the list itself is for anyone");
+            assert_eq!(bundle.revoked[0].reason, reason);
+        }
     }
 
     #[tokio::test]
