@@ -10,6 +10,13 @@
 //! gate waits at most that much longer than the last certificate lives. A
 //! directory that cannot be written (a read-only Secret mount) disables the record; the process
 //! then says so in its report, and the retire gate falls back to start + `--max-ttl`.
+//!
+//! Certificates asked to live longer than the CA's default lifetime are marked per identity
+//! instead, in `issued/<process>.long.json` (authority -> identity -> mark), for up to
+//! [`MAX_LONG_IDENTITIES`] identities per authority (beyond, in the mark above). Revoking such an
+//! identity then releases the retire gate from its long certificates: no peer accepts them any
+//! more. Without this, a workload that asked for `--max-ttl` before `activate` would hold `retire`
+//! that long, revoked or not.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,6 +29,10 @@ use crate::ca_dir::write_atomic;
 pub const ISSUED_DIR: &str = "issued";
 /// The most a mark is written past a certificate's not-after.
 pub const MAX_AHEAD: i64 = 300;
+/// Identities per authority whose longer-than-default certificates are marked apart.
+pub const MAX_LONG_IDENTITIES: usize = 256;
+/// The file name ending of the per-identity marks.
+const LONG_SUFFIX: &str = ".long.json";
 
 /// How far past `not_after` the mark for a certificate issued at `now` is written.
 fn ahead(not_after: i64, now: i64) -> i64 {
@@ -33,8 +44,13 @@ fn ahead(not_after: i64, now: i64) -> i64 {
 pub struct IssuanceLog {
     file: PathBuf,
     marks: Mutex<HashMap<String, i64>>,
+    /// `issued/<process>.long.json`: authority -> identity -> mark.
+    long_file: PathBuf,
+    long: Mutex<LongMarks>,
     writable: AtomicBool,
 }
+
+type LongMarks = HashMap<String, HashMap<String, i64>>;
 
 impl IssuanceLog {
     /// A record for this process (a random name) in `ca_dir`.
@@ -55,6 +71,8 @@ impl IssuanceLog {
         Self {
             file: ca_dir.join(ISSUED_DIR).join(format!("{name}.json")),
             marks: Mutex::new(HashMap::new()),
+            long_file: ca_dir.join(ISSUED_DIR).join(format!("{name}{LONG_SUFFIX}")),
+            long: Mutex::new(HashMap::new()),
             writable: AtomicBool::new(!secret_volume),
         }
     }
@@ -80,61 +98,149 @@ impl IssuanceLog {
             not_after.saturating_add(ahead(not_after, now)),
         );
         marks.retain(|_, m| *m > now);
-        let result = serde_json::to_vec(&*marks)
+        if self.write(&self.file, &*marks) {
+            drop(marks);
+            forget_expired(self.file.parent(), &[&self.file, &self.long_file], now);
+        }
+    }
+
+    /// As [`Self::record`], for a certificate of `identity` asked to live longer than the default
+    /// lifetime: marked under its identity, so that revoking the identity releases it (see the
+    /// module docs). Past [`MAX_LONG_IDENTITIES`] identities for `authority`, it goes to the
+    /// authority's mark instead.
+    pub fn record_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) {
+        if !self.writable() {
+            return;
+        }
+        let mut long = self.long.lock().unwrap_or_else(|p| p.into_inner());
+        for marks in long.values_mut() {
+            marks.retain(|_, m| *m > now);
+        }
+        long.retain(|_, marks| !marks.is_empty());
+        let marks = long.entry(authority.to_owned()).or_default();
+        match marks.get(identity) {
+            Some(m) if *m >= not_after => return,
+            None if marks.len() >= MAX_LONG_IDENTITIES => {
+                drop(long);
+                self.record(authority, not_after, now);
+                return;
+            }
+            _ => {}
+        }
+        marks.insert(
+            identity.to_owned(),
+            not_after.saturating_add(ahead(not_after, now)),
+        );
+        if self.write(&self.long_file, &*long) {
+            drop(long);
+            forget_expired(self.file.parent(), &[&self.file, &self.long_file], now);
+        }
+    }
+
+    /// Writes `marks` to `file`; a failure is logged and disables the record.
+    fn write(&self, file: &Path, marks: &impl serde::Serialize) -> bool {
+        let result = serde_json::to_vec(marks)
             .map_err(|e| e.to_string())
             .and_then(|json| {
-                if let Some(parent) = self.file.parent() {
+                if let Some(parent) = file.parent() {
                     std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
                 }
-                write_atomic(&self.file, &json).map_err(|e| e.to_string())
+                write_atomic(file, &json).map_err(|e| e.to_string())
             });
         if let Err(error) = result {
             self.writable.store(false, Ordering::Relaxed);
             tracing::warn!(
                 %error,
-                file = %self.file.display(),
+                file = %file.display(),
                 "cannot record issuance in the CA directory; `rotate retire` will wait start + --max-ttl after restarts"
             );
-            return;
+            return false;
         }
-        drop(marks);
-        forget_expired(self.file.parent(), &self.file, now);
+        true
     }
 }
 
 /// Removes other processes' marks that can no longer hold anything up.
-fn forget_expired(dir: Option<&Path>, own: &Path, now: i64) {
+fn forget_expired(dir: Option<&Path>, own: &[&Path], now: i64) {
     let Some(Ok(entries)) = dir.map(std::fs::read_dir) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if path != own && read_marks(&path).is_some_and(|m| m.values().all(|t| *t <= now)) {
+        if own.contains(&path.as_path()) {
+            continue;
+        }
+        let passed = if is_long(&path) {
+            read_long(&path).is_some_and(|l| l.values().flat_map(|m| m.values()).all(|t| *t <= now))
+        } else {
+            read_marks(&path).is_some_and(|m| m.values().all(|t| *t <= now))
+        };
+        if passed {
             let _ = std::fs::remove_file(&path);
         }
     }
 }
 
-fn read_marks(path: &Path) -> Option<HashMap<String, i64>> {
-    // A mark file is a few hundred bytes; anything large is not ours.
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return None;
-    }
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+fn is_long(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(LONG_SUFFIX))
 }
 
-/// The latest not-after any CA process recorded for `authority` (0: none recorded).
-pub fn issued_until(ca_dir: &Path, authority: &str) -> i64 {
-    let Ok(entries) = std::fs::read_dir(ca_dir.join(ISSUED_DIR)) else {
-        return 0;
-    };
-    entries
+/// A mark file's bytes, if it is one (a regular file of a sane size).
+fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() || meta.len() > max {
+        return None;
+    }
+    std::fs::read(path).ok()
+}
+
+fn read_marks(path: &Path) -> Option<HashMap<String, i64>> {
+    // A mark file is a few hundred bytes; anything large is not ours.
+    serde_json::from_slice(&read_small(path, 64 * 1024)?).ok()
+}
+
+fn read_long(path: &Path) -> Option<LongMarks> {
+    // At most MAX_LONG_IDENTITIES identities (up to 2 KiB each) per authority.
+    serde_json::from_slice(&read_small(path, 4 * 1024 * 1024)?).ok()
+}
+
+/// The mark files of the CA directory, per-identity ones apart.
+fn mark_files(ca_dir: &Path) -> impl Iterator<Item = PathBuf> {
+    std::fs::read_dir(ca_dir.join(ISSUED_DIR))
+        .into_iter()
         .flatten()
-        .filter_map(|e| read_marks(&e.path()))
+        .flatten()
+        .map(|e| e.path())
+}
+
+/// The latest not-after any CA process recorded for `authority` (0: none recorded), but for the
+/// certificates marked per identity ([`long_issued_until`]).
+pub fn issued_until(ca_dir: &Path, authority: &str) -> i64 {
+    mark_files(ca_dir)
+        .filter(|p| !is_long(p))
+        .filter_map(|p| read_marks(&p))
         .filter_map(|m| m.get(authority).copied())
         .max()
         .unwrap_or(0)
+}
+
+/// Per identity, the latest not-after any CA process recorded for `authority`'s certificates
+/// longer than the default lifetime.
+pub fn long_issued_until(ca_dir: &Path, authority: &str) -> HashMap<String, i64> {
+    let mut until: HashMap<String, i64> = HashMap::new();
+    for marks in mark_files(ca_dir)
+        .filter(|p| is_long(p))
+        .filter_map(|p| read_long(&p))
+        .filter_map(|mut l| l.remove(authority))
+    {
+        for (identity, mark) in marks {
+            let e = until.entry(identity).or_default();
+            *e = (*e).max(mark);
+        }
+    }
+    until
 }
 
 #[cfg(test)]
@@ -167,6 +273,45 @@ mod tests {
             "b's marks expired at 6000"
         );
         assert_eq!(issued_until(dir.path(), "2"), 9_000 + MAX_AHEAD);
+    }
+
+    #[test]
+    fn long_certificates_are_marked_per_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = IssuanceLog::new(dir.path());
+        let b = IssuanceLog::new(dir.path());
+        a.record("1", 1_000, 100);
+        a.record_long("1", "spiffe://td/liar", 9_000, 100);
+        b.record_long("1", "spiffe://td/liar", 5_000, 100);
+        b.record_long("1", "spiffe://td/batch", 4_000, 100);
+        // Apart from the authority's mark, the latest per identity across processes.
+        assert_eq!(issued_until(dir.path(), "1"), 1_090);
+        let long = long_issued_until(dir.path(), "1");
+        assert_eq!(long.len(), 2, "{long:?}");
+        assert_eq!(long["spiffe://td/liar"], 9_000 + MAX_AHEAD);
+        assert_eq!(long["spiffe://td/batch"], 4_000 + MAX_AHEAD);
+        assert!(long_issued_until(dir.path(), "2").is_empty());
+        // Past the identities one process marks apart, the authority's mark takes them.
+        for i in 1..MAX_LONG_IDENTITIES {
+            a.record_long("1", &format!("spiffe://td/w{i}"), 2_000, 100);
+        }
+        assert_eq!(
+            long_issued_until(dir.path(), "1").len(),
+            MAX_LONG_IDENTITIES + 1
+        );
+        a.record_long("1", "spiffe://td/one-too-many", 7_000, 100);
+        assert!(!long_issued_until(dir.path(), "1").contains_key("spiffe://td/one-too-many"));
+        assert_eq!(issued_until(dir.path(), "1"), 7_000 + MAX_AHEAD);
+        // A process whose per-identity marks have all passed is forgotten by another's write.
+        a.record("1", 9_500, 8_000);
+        let long = long_issued_until(dir.path(), "1");
+        assert!(!long.contains_key("spiffe://td/batch"), "b's file is gone");
+        assert_eq!(
+            long["spiffe://td/liar"],
+            9_000 + MAX_AHEAD,
+            "a's own mark stays"
+        );
+        assert!(a.writable() && b.writable());
     }
 
     #[test]

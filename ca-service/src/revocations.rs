@@ -292,6 +292,14 @@ impl Revocations {
         })
     }
 
+    /// Whether `identity` is revoked by an entry in force at `now`.
+    pub fn revokes_identity(&self, identity: &str, now: i64) -> bool {
+        self.entries.iter().any(|e| {
+            matches!(&e.what, Revoked::Id(revoked) if revoked.as_str() == identity)
+                && e.in_force(now)
+        })
+    }
+
     /// How many identities and serials are listed.
     pub fn counts(&self) -> (usize, usize) {
         let ids = self
@@ -309,6 +317,23 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn an_identity_is_revoked_while_its_entry_is_in_force() {
+        let mut list = Revocations::default();
+        list.revoke(
+            Revoked::Id(id("spiffe://td/liar")),
+            100,
+            3_600,
+            String::new(),
+        )
+        .unwrap();
+        list.revoke(Revoked::Serial("0a".into()), 100, 90_000, String::new())
+            .unwrap();
+        assert!(list.revokes_identity("spiffe://td/liar", 3_699));
+        assert!(!list.revokes_identity("spiffe://td/liar", 3_700));
+        assert!(!list.revokes_identity("spiffe://td/other", 100));
     }
 
     #[test]

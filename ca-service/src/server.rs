@@ -225,10 +225,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         Box::new(move || {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let (mut sidecars, issued) = state.fleet.report(now);
-            crate::rotation::fleet::mark_revoked(
-                &mut sidecars,
-                &state.authority.load().revocations,
-            );
+            let authority = state.authority.load();
+            crate::rotation::fleet::mark_revoked(&mut sidecars, &authority.revocations);
             let files = crate::ca_dir::snapshot(&dir);
             let rotation =
                 crate::authorities::RotationState::load(&files).map_err(|e| e.to_string())?;
@@ -238,6 +236,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
                 sidecars,
                 &issued,
                 state.fleet.process_now(),
+                &authority.revocations,
             );
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
         })
@@ -310,13 +309,15 @@ async fn follow_bundle(
         if let Ok(rotation) = crate::authorities::RotationState::load(&files) {
             let t = time::OffsetDateTime::now_utc().unix_timestamp();
             // The counts only: no copy or sort of the fleet every second.
-            let summary = state.fleet.summary(t, &state.authority.load().revocations);
+            let authority = state.authority.load();
+            let summary = state.fleet.summary(t, &authority.revocations);
             let report = crate::rotation::report(
                 &files,
                 &rotation,
                 Vec::new(),
                 &summary.issued,
                 state.fleet.process_now(),
+                &authority.revocations,
             );
             state.metrics.record_rotation(&report, &summary);
         }

@@ -381,8 +381,11 @@ impl CaState {
                 return (method, Some(id), Err(refusal));
             }
         };
+        // Longer than the default: counted per identity, so that revoking it releases `retire`.
+        let long = lifetime > self.lifetimes.default.min(self.lifetimes.max);
         self.fleet.issued(
             &authority.name,
+            long.then(|| id.as_str()),
             issued.not_after.unix_timestamp(),
             OffsetDateTime::now_utc().unix_timestamp(),
         );
@@ -1883,12 +1886,19 @@ mod tests {
                 Reason::JoinTokenUsed,
                 "{name}"
             );
+            // A lifetime above the default is counted under its identity (revoking it releases
+            // `retire`), the others together.
             let (_, issued) = ca.state.fleet.report(after);
-            assert_eq!(issued[&authority.name].live, 1, "{name}");
-            assert_eq!(
-                issued[&authority.name].latest_not_after, not_after,
-                "{name}"
-            );
+            let view = &issued[&authority.name];
+            let long = u64::from(case.ttl_seconds) > LIFETIMES.default.as_secs();
+            let (live, latest) = if long {
+                view.long[VM]
+            } else {
+                (view.live, view.latest_not_after)
+            };
+            assert_eq!(live, 1, "{name}");
+            assert_eq!(latest, not_after, "{name}");
+            assert_eq!(view.long.is_empty(), !long, "{name}: {view:?}");
         }
     }
 

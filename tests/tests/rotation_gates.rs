@@ -2,7 +2,8 @@
 //! acknowledge for another sidecar, invent instances, claim versions the CA never published, or
 //! flip its mode; anonymous watchers cannot take the sidecars' room. Every lie ends with a clear
 //! status, and the honest sidecar's acknowledgement still lets `activate` pass. Once revoked, a
-//! liar that never acknowledges no longer holds the rotation.
+//! liar that never acknowledges no longer holds the rotation, nor, revoked, one that asked for a
+//! long certificate before it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -426,4 +427,70 @@ async fn a_revoked_instance_that_never_acknowledges_does_not_hold_the_rotation()
     let ack = sibling.ack_of(version);
     sibling.ack(ack).await.unwrap();
     assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
+    use std::time::Duration;
+    // Certificates live 3 s unless asked for longer (up to an hour).
+    let ca = TestCa::start(CaOptions {
+        lifetimes: meshid_ca::signer::LifetimePolicy {
+            default: Duration::from_secs(3),
+            max: Duration::from_secs(3600),
+        },
+        ..Default::default()
+    })
+    .await;
+    let dir = ca.dir.path().to_owned();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let admins = [ca.admin_addr];
+    // Before the rotation, a workload asks for the longest certificate it may have; an honest
+    // one takes the default.
+    let key = WorkloadKey::new();
+    let long = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: key.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "liar"),
+            )),
+            ttl_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(long.not_after_unix - long.not_before_unix > 3000);
+    let _honest = Workload::new(&ca, "web").await;
+    rotation::prepare(&dir, None).unwrap();
+    assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
+    // The honest certificate expires within seconds; the long one holds `retire`.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    match rotation::retire(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => assert!(why.contains("live"), "{why}"),
+        other => panic!("retire must wait for the long certificate: {other:?}"),
+    }
+    // Revoked, its certificate is refused by every peer for as long as it lives: it no longer
+    // holds the rotation (the CA reads its directory every second).
+    let (code, out) = meshid_ca(&[
+        "revoke",
+        "--dir",
+        dir_arg.as_str(),
+        "--id",
+        "spiffe://cluster.local/ns/shop/sa/liar",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let retired = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match rotation::retire(&dir, &admins, false).await {
+                Ok(name) => return name,
+                Err(RotateError::Refused(_)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(retired.is_ok(), "retire still refused after the revocation");
 }

@@ -601,6 +601,22 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   generator to app, no proxy) had a p50 of 113 us against nginx pair's 162, 0.70x, so a pair
   at 0.7x would add no latency at all. meshid added 31 us to nginx's 45 (0.65x, median of the
   rounds' ratios), and 53 us to 157 at p90.
+- **What the proxies/app target at saturation asks for** (Intel host, dist build of dbdbca4; user
+  and system ticks of each proxy from `/proc/PID/stat` over 10 s of closed-loop `meshload` against
+  a `bench-run --serve meshid|nginx` pair, and `perf stat -e 'raw_syscalls:sys_enter'` with the
+  per-call `syscalls:sys_enter_*` events for 2 s of it). meshid's two sidecars took 7.7 us of user
+  time and 7.5 us of system time per request, in 4.2 syscalls (a read and a write on the client's
+  connection, a write and a read on the app's, 0.2 `epoll_wait` and a share of the batched h2
+  writes between the sidecars); nginx's two halves 11.7 us and 13.6 us, in 11.9 syscalls. The
+  target (0.5x nginx's ratio, the app taking 3.35 us per request beside meshid and 3.87 beside
+  nginx in that run) asks for about 11.4 us per request. The syscalls are at the floor of one read
+  and one write per request on each app-facing connection, so that means about 3.9 us of user
+  time, half of today's. No single user-space item is over a few percent: hyper's HTTP/1.1 on both
+  app sides, the `h2` crate between the sidecars, tokio, rustls, and 11% `memcpy` in about 95 small
+  copies per request as messages pass between those layers (`scripts/request-instructions.sh
+  outbound`). A cut of that size means replacing the layering, not trimming it. Measured and left:
+  hyper's header-read timer, a boxed tokio sleep armed and dropped for every request read from the
+  app, is 1.5% of the outbound's instructions.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic

@@ -166,6 +166,9 @@ pub struct Summary {
 pub struct IssuedView {
     pub live: usize,
     pub latest_not_after: i64,
+    /// Certificates asked to live longer than the default, per identity: (live, latest not-after).
+    /// Not in `live` above: revoking the identity releases them (see [`crate::issued`]).
+    pub long: HashMap<String, (usize, i64)>,
 }
 
 /// The fleet tracker.
@@ -205,6 +208,9 @@ struct Inner {
     connected: HashMap<String, usize>,
     /// authority name -> live certificates it issued, counted per not-after second.
     issued: HashMap<String, Expiries>,
+    /// authority name -> identity -> its live certificates asked to live longer than the default
+    /// (up to `crate::issued::MAX_LONG_IDENTITIES` identities; the rest in `issued`).
+    long: HashMap<String, HashMap<String, Expiries>>,
 }
 
 /// Certificates counted by their not-after second: recording one and dropping the expired ones cost
@@ -454,8 +460,33 @@ impl Fleet {
         Ok(())
     }
 
-    /// Records a certificate issued under `authority`.
-    pub fn issued(&self, authority: &str, not_after: i64, now: i64) {
+    /// Records a certificate issued under `authority`; `long_for` names its identity when it was
+    /// asked to live longer than the CA's default lifetime (counted per identity, so that revoking
+    /// the identity releases the retire gate from it).
+    pub fn issued(&self, authority: &str, long_for: Option<&str>, not_after: i64, now: i64) {
+        if let Some(identity) = long_for {
+            let mut inner = self.lock();
+            let by_identity = inner.long.entry(authority.to_owned()).or_default();
+            by_identity.retain(|_, e| {
+                e.prune(now);
+                e.live > 0
+            });
+            if by_identity.contains_key(identity)
+                || by_identity.len() < crate::issued::MAX_LONG_IDENTITIES
+            {
+                if not_after > now {
+                    by_identity
+                        .entry(identity.to_owned())
+                        .or_default()
+                        .add(not_after);
+                }
+                drop(inner);
+                if let Some(log) = &self.log {
+                    log.record_long(authority, identity, not_after, now);
+                }
+                return;
+            }
+        }
         if let Some(log) = &self.log {
             log.record(authority, not_after, now);
         }
@@ -525,7 +556,7 @@ impl Fleet {
     }
 
     fn issued_views(inner: &mut Inner, now: i64) -> HashMap<String, IssuedView> {
-        inner
+        let mut views: HashMap<String, IssuedView> = inner
             .issued
             .iter_mut()
             .map(|(name, expiries)| {
@@ -535,10 +566,27 @@ impl Fleet {
                     IssuedView {
                         live: usize::try_from(expiries.live).unwrap_or(usize::MAX),
                         latest_not_after: expiries.latest(),
+                        long: HashMap::new(),
                     },
                 )
             })
-            .collect()
+            .collect();
+        for (name, by_identity) in &mut inner.long {
+            let view = views.entry(name.clone()).or_default();
+            for (identity, expiries) in by_identity.iter_mut() {
+                expiries.prune(now);
+                if expiries.live > 0 {
+                    view.long.insert(
+                        identity.clone(),
+                        (
+                            usize::try_from(expiries.live).unwrap_or(usize::MAX),
+                            expiries.latest(),
+                        ),
+                    );
+                }
+            }
+        }
+        views
     }
 }
 
@@ -572,10 +620,10 @@ mod tests {
         let a = caller("aaaaaaaaaaaaaaaaaaaa", "spiffe://td/a", false);
         f.stream_opened(&a, 0).unwrap();
         f.ack(&a.key, ack(3), 3).unwrap();
-        f.issued("1", 500, 100);
-        f.issued("1", 150, 100);
-        f.issued("1", 150, 100);
-        f.issued("1", 90, 100);
+        f.issued("1", None, 500, 100);
+        f.issued("1", None, 150, 100);
+        f.issued("1", None, 150, 100);
+        f.issued("1", None, 90, 100);
         let (_, i) = f.report(120);
         assert_eq!(i["1"].live, 3, "expired at issue time is not live");
         let (s, i) = f.report(200);
@@ -879,6 +927,32 @@ mod tests {
             p.turned_away_unlisted_until,
             2_000 + i64::try_from(MAX_TURNED_AWAY + 4).unwrap()
         );
+    }
+
+    #[test]
+    fn long_certificates_are_counted_per_identity() {
+        let f = Fleet::default();
+        f.issued("1", None, 500, 100);
+        f.issued("1", Some("spiffe://td/liar"), 9_000, 100);
+        f.issued("1", Some("spiffe://td/liar"), 8_000, 100);
+        f.issued("1", Some("spiffe://td/batch"), 4_000, 100);
+        let (_, issued) = f.report(100);
+        let view = &issued["1"];
+        assert_eq!((view.live, view.latest_not_after), (1, 500));
+        assert_eq!(view.long["spiffe://td/liar"], (2, 9_000));
+        assert_eq!(view.long["spiffe://td/batch"], (1, 4_000));
+        // Expired ones drop out.
+        let (_, issued) = f.report(5_000);
+        assert_eq!(issued["1"].live, 0);
+        assert_eq!(issued["1"].long.len(), 1);
+        // Past the identities counted apart, the rest are counted together.
+        for i in 0..crate::issued::MAX_LONG_IDENTITIES {
+            f.issued("2", Some(&format!("spiffe://td/w{i}")), 9_000, 100);
+        }
+        f.issued("2", Some("spiffe://td/one-too-many"), 7_000, 100);
+        let (_, issued) = f.report(100);
+        assert_eq!(issued["2"].long.len(), crate::issued::MAX_LONG_IDENTITIES);
+        assert_eq!((issued["2"].live, issued["2"].latest_not_after), (1, 7_000));
     }
 
     #[test]

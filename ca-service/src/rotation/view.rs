@@ -19,14 +19,21 @@ fn not_after(der: &[u8]) -> i64 {
         .unwrap_or(0)
 }
 
-/// Builds the report from the directory state and this CA's fleet view.
+/// Builds the report from the directory state and this CA's fleet view. Certificates marked per
+/// identity (asked to live longer than the default) count for an authority unless `revocations`
+/// revokes their identity: no peer accepts them, and once the authority is retired nothing does,
+/// revoked or not (so an entry that lapses, or an `unrevoke`, after the retirement brings none
+/// of them back).
 pub fn report(
     ca_dir: &Path,
     state: &RotationState,
     sidecars: Vec<SidecarReport>,
     issued: &HashMap<String, IssuedView>,
     process: CaProcess,
+    revocations: &crate::revocations::Revocations,
 ) -> RotationReport {
+    let now = unix_now();
+    let held = |identity: &str| !revocations.revokes_identity(identity, now);
     let authorities = state
         .authorities
         .iter()
@@ -43,6 +50,18 @@ pub fn report(
                     rustls_pki_types::CertificateDer::from_pem_slice(&pem).ok()
                 });
             let i = issued.get(&a.name).cloned().unwrap_or_default();
+            let (mut live, mut latest) = (i.live, i.latest_not_after);
+            for (identity, (n, until)) in &i.long {
+                if held(identity) {
+                    live += n;
+                    latest = latest.max(*until);
+                }
+            }
+            let issued_until = crate::issued::long_issued_until(ca_dir, &a.name)
+                .into_iter()
+                .filter(|(identity, _)| held(identity))
+                .map(|(_, until)| until)
+                .fold(crate::issued::issued_until(ca_dir, &a.name), i64::max);
             AuthorityView {
                 name: a.name.clone(),
                 state: a.state.as_str().into(),
@@ -53,9 +72,9 @@ pub fn report(
                 root_not_after: root.as_ref().map(|r| not_after(r)).unwrap_or(0),
                 intermediate_not_after: inter.as_ref().map(|c| not_after(c)).unwrap_or(0),
                 in_bundle_since: a.in_bundle_since,
-                live_certificates: i.live,
-                latest_certificate_expiry: i.latest_not_after,
-                issued_until: crate::issued::issued_until(ca_dir, &a.name),
+                live_certificates: live,
+                latest_certificate_expiry: latest,
+                issued_until,
             }
         })
         .collect();
