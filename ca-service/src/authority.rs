@@ -411,6 +411,9 @@ pub struct Authority {
     pub anchors: Anchors,
     /// Every authority still in the bundle, by name, with its root (and its pin, if pinned).
     pub authority_anchors: Vec<(String, Anchors)>,
+    /// Those of `authority_anchors` whose root is in `roots`: a chain one of them verifies also
+    /// verifies under `anchors` (the same root, its pins among all of them).
+    pub bundled_authorities: Vec<String>,
     pub bundle_version: u64,
     /// Sidecars should renew at once (after a forced retirement).
     pub renew_now: bool,
@@ -499,6 +502,7 @@ impl Authority {
         let roots = read_bundle(&dir.join("bundle.pem"))?;
         let mut pinned = Vec::new();
         let mut authority_anchors = Vec::new();
+        let mut bundled_authorities = Vec::new();
         let mut jwt_keys = Vec::new();
         let mut jwt_signer = None;
         for a in state
@@ -520,8 +524,12 @@ impl Authority {
             else {
                 continue;
             };
+            let bundled = roots.contains(&root);
             if let Ok(anchors) = Anchors::with_pins(&[root], pin.as_slice(), trust_domain.clone()) {
                 authority_anchors.push((a.name.clone(), anchors));
+                if bundled {
+                    bundled_authorities.push(a.name.clone());
+                }
             }
         }
         let bundle_path = dir.join("bundle.pem");
@@ -537,6 +545,7 @@ impl Authority {
             pinned,
             anchors,
             authority_anchors,
+            bundled_authorities,
             bundle_version: state.bundle_version,
             renew_now: state.renew_now_at == Some(state.bundle_version),
             jwt_signer,

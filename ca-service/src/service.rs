@@ -222,23 +222,32 @@ impl CaState {
     /// take it as the caller's credential: bundle streams and acknowledgements. Not the attestation
     /// age nor the namespace allow-list: those bound issuance, and a workload whose certificate
     /// still holds keeps taking the bundle until it expires. `None`: no certificate presented.
+    ///
+    /// `chain_verified`: the caller verified the chain at the time of the call under an authority
+    /// of the bundle (`Authority::bundled_authorities`), which `anchors` would accept too; it is not
+    /// verified twice.
     fn authenticate_presented<'p>(
         &self,
         peer: Option<&'p PeerInfo>,
+        chain_verified: bool,
     ) -> Option<Result<&'p meshid_identity::CertIdentity, AuthError>> {
         let peer = peer?;
         let leaf = peer.leaf_identity.as_deref()?;
         let chain = peer.certificates.as_deref().map_or(&[][..], Vec::as_slice);
         let authority = self.authority.load();
         let now = OffsetDateTime::now_utc();
-        let checked = auth::authenticate_certificate(
-            leaf,
-            chain,
-            &authority.trust_domain,
-            &authority.anchors,
-            now,
-        )
-        .and_then(|info| {
+        let checked = if chain_verified {
+            auth::check_certificate(leaf, &authority.trust_domain, now)
+        } else {
+            auth::authenticate_certificate(
+                leaf,
+                chain,
+                &authority.trust_domain,
+                &authority.anchors,
+                now,
+            )
+        };
+        let checked = checked.and_then(|info| {
             self.refuse_revoked(&info.id, Some(info))?;
             Ok(info)
         });
@@ -531,10 +540,21 @@ impl CaState {
         let key = instance_key(presented)
             .ok_or_else(|| Status::invalid_argument("the certificate has no readable key"))?;
         self.limit_bundle_calls(&key, "acknowledgements")?;
+        // The authority is read off the chain the handshake verified, not the reported one: the
+        // caller could leave its intermediate out of the report and hide from the retire gate.
+        let chain = handshake_chain.map_or(&[][..], |c| c.as_slice());
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let trust = self.authority.load();
+        let authority = crate::rotation::fleet::authority_of(chain, &trust.authority_anchors, now);
         // Checked now, not only at the handshake: a kept-alive connection may outlive its
         // certificate, the root it chains to (`rotate retire`) or a revocation. Nothing is
-        // recorded for a certificate that no longer holds.
-        let info = match self.authenticate_presented(peer) {
+        // recorded for a certificate that no longer holds. A chain an authority of the bundle
+        // verified just now is not verified again.
+        let chain_verified = authority
+            .as_ref()
+            .is_some_and(|a| trust.bundled_authorities.contains(a));
+        drop(trust);
+        let info = match self.authenticate_presented(peer, chain_verified) {
             Some(Ok(info)) => info,
             Some(Err(e)) => {
                 return Err(refused_certificate(
@@ -551,15 +571,6 @@ impl CaState {
                 "the reported certificate is not the one presented on this connection",
             ));
         }
-        // The authority is read off the chain the handshake verified, not the reported one: the
-        // caller could leave its intermediate out of the report and hide from the retire gate.
-        let chain = handshake_chain.map_or(&[][..], |c| c.as_slice());
-        let now = OffsetDateTime::now_utc().unix_timestamp();
-        let authority = crate::rotation::fleet::authority_of(
-            chain,
-            &self.authority.load().authority_anchors,
-            now,
-        );
         let ack = crate::rotation::fleet::Ack {
             version: req.bundle_version,
             authority,
@@ -901,7 +912,7 @@ impl CertificateAuthority for CaService {
         let reasons = bundle.revoked.iter().any(|e| !e.reason.is_empty())
             && matches!(
                 self.state
-                    .authenticate_presented(request.extensions().get::<PeerInfo>()),
+                    .authenticate_presented(request.extensions().get::<PeerInfo>(), false),
                 Some(Ok(_))
             );
         Ok(Response::new(self.state.trust_bundle(&bundle, reasons)))
@@ -937,7 +948,7 @@ impl CertificateAuthority for CaService {
         // outlive it, the root it chains to (`rotate retire`) or a revocation, and such a
         // certificate must not take an instance's room nor count for the rotation gates. Without
         // a certificate the stream is anonymous.
-        let presented = match self.state.authenticate_presented(peer.as_ref()) {
+        let presented = match self.state.authenticate_presented(peer.as_ref(), false) {
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => {
                 return Err(refused_certificate(
@@ -2939,6 +2950,53 @@ mod tests {
         let (sidecars, _) = state.fleet.report(now());
         assert_eq!(sidecars.len(), 1, "{sidecars:?}");
         assert!(sidecars[0].connected && sidecars[0].turned_away.is_empty());
+    }
+
+    #[test]
+    fn an_acknowledgement_under_an_authority_the_bundle_no_longer_holds_is_verified_in_full() {
+        // The acknowledgement's chain is verified once, by the authority it belongs to, when that
+        // authority's root is in the bundle the CA serves; otherwise against the bundle itself.
+        let ca = TestCa::new();
+        let chain = ca.cert(FRONTEND);
+        let TestCa {
+            dir,
+            state,
+            _shutdown: _running,
+            ..
+        } = ca;
+        let before = state.authority.load().bundled_authorities.clone();
+        assert_eq!(before.len(), 1, "{before:?}");
+        // bundle.pem edited by hand to hold another root only: the authority's files remain.
+        let other = TestPki::new("other");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(other.root.as_ref());
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        );
+        std::fs::write(dir.path().join("bundle.pem"), pem).unwrap();
+        state
+            .authority
+            .store(Arc::new(Authority::load(dir.path()).unwrap()));
+        let trust = state.authority.load();
+        assert!(trust.bundled_authorities.is_empty());
+        assert_eq!(trust.authority_anchors.len(), 1, "still known by its files");
+        let req = AckTrustBundleRequest {
+            instance_id: "pod-1".into(),
+            bundle_version: 1,
+            serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
+            file_mode: false,
+        };
+        let refused = state.ack(&req, Some(&peer(&chain))).unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(
+            refused.message().contains("no longer chains"),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]

@@ -162,6 +162,27 @@ pub fn authenticate_certificate<'l>(
     anchors: &Anchors,
     now: OffsetDateTime,
 ) -> Result<&'l meshid_identity::CertIdentity, AuthError> {
+    let info = check_certificate(leaf, trust_domain, now)?;
+    verify_chain_now(chain, anchors, now).map_err(|e| {
+        AuthError::unauthenticated(
+            Reason::UntrustedChain,
+            format!(
+                "client certificate no longer chains to what this CA trusts ({}); \
+                 authenticate with your service-account token or a join token",
+                meshid_identity::verify::describe(&e)
+            ),
+        )
+    })?;
+    Ok(info)
+}
+
+/// [`authenticate_certificate`] but for the chain, for a caller that verified it at `now` under
+/// trust at least as narrow (an authority of the bundle: `Authority::bundled_authorities`).
+pub fn check_certificate<'l>(
+    leaf: &'l Result<meshid_identity::CertIdentity, String>,
+    trust_domain: &TrustDomain,
+    now: OffsetDateTime,
+) -> Result<&'l meshid_identity::CertIdentity, AuthError> {
     let info = leaf.as_ref().map_err(|e| {
         AuthError::unauthenticated(
             Reason::CertificateIdentity,
@@ -181,16 +202,6 @@ pub fn authenticate_certificate<'l>(
             "client certificate identity is outside this trust domain",
         ));
     }
-    verify_chain_now(chain, anchors, now).map_err(|e| {
-        AuthError::unauthenticated(
-            Reason::UntrustedChain,
-            format!(
-                "client certificate no longer chains to what this CA trusts ({}); \
-                 authenticate with your service-account token or a join token",
-                meshid_identity::verify::describe(&e)
-            ),
-        )
-    })?;
     Ok(info)
 }
 
