@@ -601,7 +601,7 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   generator to app, no proxy) had a p50 of 113 us against nginx pair's 162, 0.70x, so a pair
   at 0.7x would add no latency at all. meshid added 31 us to nginx's 45 (0.65x, median of the
   rounds' ratios), and 53 us to 157 at p90.
-- **What the proxies/app target at saturation asks for** (Intel host, dist build of dbdbca4; user
+- **What the proxies/app target at saturation asks for** (Intel host, dist build of c825b66; user
   and system ticks of each proxy from `/proc/PID/stat` over 10 s of closed-loop `meshload` against
   a `bench-run --serve meshid|nginx` pair, and `perf stat -e 'raw_syscalls:sys_enter'` with the
   per-call `syscalls:sys_enter_*` events for 2 s of it). meshid's two sidecars took 7.7 us of user
