@@ -27,6 +27,11 @@ struct Workload {
 
 impl Workload {
     async fn new(ca: &TestCa, sa: &str) -> Self {
+        Self::with_ttl(ca, sa, 0).await
+    }
+
+    /// One whose certificate was asked to live `ttl_seconds` (0: the CA's default).
+    async fn with_ttl(ca: &TestCa, sa: &str, ttl_seconds: u32) -> Self {
         let key = WorkloadKey::new();
         let resp = ca
             .client()
@@ -36,7 +41,7 @@ impl Workload {
                 credential: Some(Credential::ServiceAccountToken(
                     ca.cluster.token("shop", sa),
                 )),
-                ttl_seconds: 0,
+                ttl_seconds,
             })
             .await
             .unwrap()
@@ -446,21 +451,9 @@ async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
     let admins = [ca.admin_addr];
     // Before the rotation, a workload asks for the longest certificate it may have; an honest
     // one takes the default.
-    let key = WorkloadKey::new();
-    let long = ca
-        .client()
-        .await
-        .issue(IssueRequest {
-            csr: key.csr.clone(),
-            credential: Some(Credential::ServiceAccountToken(
-                ca.cluster.token("shop", "liar"),
-            )),
-            ttl_seconds: 3600,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(long.not_after_unix - long.not_before_unix > 3000);
+    let liar = Workload::with_ttl(&ca, "liar", 3600).await;
+    let long = meshid_identity::cert_identity_from_der(&liar.chain[0]).unwrap();
+    assert!(long.not_after - long.not_before > 3000);
     let _honest = Workload::new(&ca, "web").await;
     rotation::prepare(&dir, None).unwrap();
     assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
