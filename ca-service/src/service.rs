@@ -592,7 +592,8 @@ pub const BUNDLE_CALLS: crate::ratelimit::RateLimit = crate::ratelimit::RateLimi
 };
 
 /// `RESOURCE_EXHAUSTED`: too many `what`, with the wait in the message and in `retry-after-ms`
-/// (which the sidecar's backoff honours).
+/// (the sidecar's renewals wait that long; its acknowledgements and streams back off a second or
+/// more, longer than any wait here).
 fn too_many(what: &str, wait: std::time::Duration) -> Status {
     let mut status =
         Status::resource_exhausted(format!("too many {what}; retry in {} ms", wait.as_millis()));
