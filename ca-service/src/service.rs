@@ -592,8 +592,8 @@ pub const BUNDLE_CALLS: crate::ratelimit::RateLimit = crate::ratelimit::RateLimi
 };
 
 /// `RESOURCE_EXHAUSTED`: too many `what`, with the wait in the message and in `retry-after-ms`
-/// (the sidecar's renewals wait that long; its acknowledgements and streams back off a second or
-/// more, longer than any wait here).
+/// (the sidecar's renewals wait that long; its acknowledgements and bundle streams try again on
+/// their own doubling backoff, from 1 s and 200 ms).
 fn too_many(what: &str, wait: std::time::Duration) -> Status {
     let mut status =
         Status::resource_exhausted(format!("too many {what}; retry in {} ms", wait.as_millis()));
