@@ -196,13 +196,21 @@ impl Backlog {
     }
 }
 
-impl Drop for Backlog {
-    fn drop(&mut self) {
+impl Backlog {
+    /// Puts the value from before back, if it was changed (as dropping does): for a run stopped
+    /// by a signal, which drops nothing. Calling it again, or dropping after, writes the same.
+    pub fn put_back(&self) {
         if let Some(b) = self.before
             && self.now != self.before
         {
             let _ = std::fs::write(&self.path, b.to_string());
         }
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        self.put_back();
     }
 }
 
@@ -237,6 +245,14 @@ mod tests {
             );
         }
         assert_eq!(read_u64(&path), Some(1000), "put back when dropped");
+        {
+            // Put back by hand (a signal), then dropped: the value from before, once and for all.
+            let b = Backlog::at_least_in(&path, 19_000);
+            assert_eq!(read_u64(&path), Some(19_000));
+            b.put_back();
+            assert_eq!(read_u64(&path), Some(1000), "put back by hand");
+        }
+        assert_eq!(read_u64(&path), Some(1000));
 
         std::fs::write(&path, "50000").unwrap();
         drop(Backlog::at_least_in(&path, 19_000));

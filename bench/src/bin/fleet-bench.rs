@@ -56,7 +56,8 @@ struct Args {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// Raise `net.core.netdev_max_backlog` to at least this many packets per CPU for the run and
-    /// put it back after (0: the largest fleet size; root only; a killed run leaves it raised).
+    /// put it back after (0: the largest fleet size; root only; a run stopped by Ctrl-C or SIGTERM
+    /// puts it back too, one killed with SIGKILL leaves it raised).
     /// Every loopback packet passes through that backlog, and the kernel sends its keep-alive
     /// probes in batches: with the default of 1,000, a fleet of 19,000 idle streams lost probes
     /// there, three in a row ended about a thousand connections within 40 s, and their
@@ -145,6 +146,22 @@ fn errors(stats: &[Arc<SimStats>]) -> u64 {
     stats.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum()
 }
 
+/// Waits for SIGINT or SIGTERM; the exit status a shell gives for it (128 + the signal).
+async fn stopped_by_signal() -> i32 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        // No handler: the default action ends the process as before.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -177,50 +194,70 @@ async fn main() -> Result<()> {
             backlog.before.map_or("unknown".into(), |b| b.to_string())
         );
     }
-    let mut results = Vec::new();
-    // A size that fails is recorded and ends the run (larger ones would fail the same way, each
-    // after minutes); the sizes measured before it are kept, and the exit status says it failed.
-    let mut failed = None;
-    for &n in &args.sizes {
-        if let Some(smaller) = failed {
-            results.push(json!({
-                "sidecars": n,
-                "skipped": format!("not tried: the fleet of {smaller} failed"),
-            }));
-            continue;
-        }
-        // Each sidecar holds one connection here and one at the CA; leave room for the rest.
-        let needed = n + args.renewal_clients + 256;
-        if let Some(limit) = limit.filter(|l| needed > *l) {
-            println!(
-                "\n[{n} sidecars] skipped: needs about {needed} open files per process, RLIMIT_NOFILE here is {limit}"
-            );
-            results.push(json!({
-                "sidecars": n,
-                "skipped": format!("needs about {needed} open files per process; RLIMIT_NOFILE is {limit} (raise it with ulimit -n, which needs a hard limit at least that high)"),
-            }));
-            continue;
-        }
-        println!("\n[{n} sidecars]");
-        let work =
-            std::env::temp_dir().join(format!("meshid-fleet-bench-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&work)?;
-        let r = one_size(&args, &ca_bin, &work, n, window, idle_window).await;
-        let _ = std::fs::remove_dir_all(&work);
-        match r {
-            Ok(r) => {
-                print_size(&r);
-                results.push(r);
+    // The sizes run until done or until Ctrl-C / SIGTERM: then the fleet and its CA are dropped
+    // (the CA is killed) and the backlog is put back before the process ends.
+    let measured = async {
+        let mut results = Vec::new();
+        // A size that fails is recorded and ends the run (larger ones would fail the same way, each
+        // after minutes); the sizes measured before it are kept, and the exit status says it failed.
+        let mut failed = None;
+        for &n in &args.sizes {
+            if let Some(smaller) = failed {
+                results.push(json!({
+                    "sidecars": n,
+                    "skipped": format!("not tried: the fleet of {smaller} failed"),
+                }));
+                continue;
             }
-            Err(e) => {
-                // `{:#}`: the cause chain on one line, without a backtrace.
-                let error = format!("{e:#}");
-                println!("  FAILED: {error}");
-                results.push(json!({ "sidecars": n, "failed": error }));
-                failed = Some(n);
+            // Each sidecar holds one connection here and one at the CA; leave room for the rest.
+            let needed = n + args.renewal_clients + 256;
+            if let Some(limit) = limit.filter(|l| needed > *l) {
+                println!(
+                    "\n[{n} sidecars] skipped: needs about {needed} open files per process, RLIMIT_NOFILE here is {limit}"
+                );
+                results.push(json!({
+                    "sidecars": n,
+                    "skipped": format!("needs about {needed} open files per process; RLIMIT_NOFILE is {limit} (raise it with ulimit -n, which needs a hard limit at least that high)"),
+                }));
+                continue;
+            }
+            println!("\n[{n} sidecars]");
+            let work =
+                std::env::temp_dir().join(format!("meshid-fleet-bench-{}-{n}", std::process::id()));
+            std::fs::create_dir_all(&work)?;
+            let r = one_size(&args, &ca_bin, &work, n, window, idle_window).await;
+            let _ = std::fs::remove_dir_all(&work);
+            match r {
+                Ok(r) => {
+                    print_size(&r);
+                    results.push(r);
+                }
+                Err(e) => {
+                    // `{:#}`: the cause chain on one line, without a backtrace.
+                    let error = format!("{e:#}");
+                    println!("  FAILED: {error}");
+                    results.push(json!({ "sidecars": n, "failed": error }));
+                    failed = Some(n);
+                }
             }
         }
-    }
+        Ok::<_, anyhow::Error>((results, failed))
+    };
+    let (results, failed) = tokio::select! {
+        done = measured => done?,
+        code = stopped_by_signal() => {
+            drop(backlog);
+            // The work directory of the size that was running (the CA's directory among it).
+            let prefix = format!("meshid-fleet-bench-{}-", std::process::id());
+            for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+            eprintln!("fleet-bench: stopped by a signal; the CA is stopped and net.core.netdev_max_backlog put back");
+            std::process::exit(code);
+        }
+    };
     let json = json!({
         "join_rate_per_second": args.join_rate,
         "renewal_clients": args.renewal_clients,
