@@ -176,7 +176,7 @@ impl Metrics {
         );
         r.register(
             "turned_away_sidecars",
-            "Sidecars whose bundle stream found no room on this CA process (while their certificates live): rotate activate waits for them",
+            "Sidecars whose bundle stream found no room on this CA process, while their certificates live, as listed (at most 1,024; rotate status counts the refusals beyond): rotate activate waits for them",
             m.turned_away_sidecars.clone(),
         );
         r.register(

@@ -155,7 +155,8 @@ pub struct Summary {
     pub by_version: BTreeMap<u64, usize>,
     /// Connected instances whose identity or certificate serial is revoked.
     pub revoked: usize,
-    /// Sidecars turned away for lack of room whose certificates still live (listed or not).
+    /// Sidecars turned away for lack of room whose certificates still live, as listed (at most
+    /// [`MAX_TURNED_AWAY`]; refusals beyond are in the rotation report).
     pub turned_away: u64,
     /// Live certificates per authority.
     pub issued: HashMap<String, IssuedView>,
@@ -182,8 +183,8 @@ pub struct Fleet {
     log: Option<crate::issued::IssuanceLog>,
 }
 
-/// The most sidecars turned away that one process lists by name; beyond, they are counted with
-/// the latest expiry of their certificates ([`CaProcess::turned_away_unlisted`]).
+/// The most sidecars turned away that one process lists by name; beyond, their refusals are
+/// counted with the latest expiry of their certificates ([`CaProcess::turned_away_unlisted`]).
 pub const MAX_TURNED_AWAY: usize = 1_024;
 
 /// A sidecar whose bundle stream could not be registered, as long as its certificate lives.
@@ -202,7 +203,8 @@ struct Inner {
     sidecars: HashMap<String, Sidecar>,
     /// Sidecars turned away, by key fingerprint (at most [`MAX_TURNED_AWAY`]).
     turned_away: HashMap<String, TurnedAway>,
-    /// Those beyond the list: how many, and until when their certificates live.
+    /// Refusals beyond the list (a sidecar that tries again is refused again: they count
+    /// refusals, not sidecars), and until when their certificates live.
     unlisted: (u64, i64),
     /// Connected instances per identity.
     connected: HashMap<String, usize>,
@@ -211,6 +213,12 @@ struct Inner {
     /// authority name -> identity -> its live certificates asked to live longer than the default
     /// (up to `crate::issued::MAX_LONG_IDENTITIES` identities; the rest in `issued`).
     long: HashMap<String, HashMap<String, Expiries>>,
+}
+
+impl Inner {
+    fn forget_expired_turned_away(&mut self, now: i64) {
+        self.turned_away.retain(|_, t| t.not_after > now);
+    }
 }
 
 /// Certificates counted by their not-after second: recording one and dropping the expired ones cost
@@ -305,14 +313,14 @@ impl Fleet {
         if caller.not_after <= now || inner.sidecars.contains_key(&caller.key) {
             return;
         }
-        if inner.turned_away.len() >= MAX_TURNED_AWAY
-            && !inner.turned_away.contains_key(&caller.key)
-        {
-            inner.turned_away.retain(|_, t| t.not_after > now);
+        let no_room = |inner: &Inner| {
+            inner.turned_away.len() >= MAX_TURNED_AWAY
+                && !inner.turned_away.contains_key(&caller.key)
+        };
+        if no_room(inner) {
+            inner.forget_expired_turned_away(now);
         }
-        if inner.turned_away.len() >= MAX_TURNED_AWAY
-            && !inner.turned_away.contains_key(&caller.key)
-        {
+        if no_room(inner) {
             let (count, until) = &mut inner.unlisted;
             if *until <= now {
                 *count = 0;
@@ -510,7 +518,7 @@ impl Fleet {
     pub fn report(&self, now: i64) -> (Vec<SidecarReport>, HashMap<String, IssuedView>) {
         let (mut sidecars, issued) = {
             let mut inner = self.lock();
-            inner.turned_away.retain(|_, t| t.not_after > now);
+            inner.forget_expired_turned_away(now);
             let sidecars: Vec<SidecarReport> = inner
                 .sidecars
                 .iter()
@@ -543,10 +551,8 @@ impl Fleet {
             }
         }
         let issued = Self::issued_views(&mut inner, now);
-        inner.turned_away.retain(|_, t| t.not_after > now);
-        let (unlisted, until) = inner.unlisted;
-        let turned_away = u64::try_from(inner.turned_away.len()).unwrap_or(u64::MAX)
-            + if until > now { unlisted } else { 0 };
+        inner.forget_expired_turned_away(now);
+        let turned_away = u64::try_from(inner.turned_away.len()).unwrap_or(u64::MAX);
         Summary {
             by_version,
             revoked,
@@ -919,7 +925,7 @@ mod tests {
         let none = crate::revocations::Revocations::default();
         assert_eq!(
             f.summary(1_500, &none).turned_away,
-            u64::try_from(MAX_TURNED_AWAY).unwrap() + 5
+            u64::try_from(MAX_TURNED_AWAY).unwrap()
         );
         let p = f.process_now();
         assert_eq!(p.turned_away_unlisted, 5);

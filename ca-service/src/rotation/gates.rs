@@ -66,8 +66,8 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
     for p in &r.processes {
         if p.turned_away_unlisted > 0 && p.turned_away_unlisted_until > now {
             blockers.push(format!(
-                "{} more sidecar(s) were turned away by a CA process beyond the {} it lists: what \
-                 they trust is unknown until their certificates expire ({})",
+                "a CA process turned away more sidecars than the {1} it lists ({0} refusal(s) \
+                 beyond): what they trust is unknown until their certificates expire ({2})",
                 p.turned_away_unlisted,
                 super::fleet::MAX_TURNED_AWAY,
                 p.turned_away_unlisted_until
@@ -445,7 +445,7 @@ mod tests {
         let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
-            b[0].starts_with("3 more sidecar(s)") && b[0].contains("(700)"),
+            b[0].contains("(3 refusal(s) beyond)") && b[0].contains("(700)"),
             "{b:?}"
         );
         assert!(activate_blockers(&st, &r, 700).is_empty());

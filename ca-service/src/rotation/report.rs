@@ -73,8 +73,9 @@ pub struct CaProcess {
     /// says nothing about what may be live, the records do.
     #[serde(default)]
     pub records_issuance: bool,
-    /// Sidecars turned away (see [`SidecarReport::turned_away`]) beyond those this process lists
-    /// by name, and the latest expiry of their certificates: `activate` waits until then.
+    /// Refusals of sidecars turned away (see [`SidecarReport::turned_away`]) beyond those this
+    /// process lists by name (one that tries again counts again), and the latest expiry of their
+    /// certificates: `activate` waits until then.
     #[serde(default)]
     pub turned_away_unlisted: u64,
     #[serde(default)]
