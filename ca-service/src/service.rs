@@ -634,9 +634,9 @@ fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
         | FleetError::TooManyForIdentity { .. }
         | FleetError::TooManyStreams { .. } => Status::resource_exhausted(e.to_string()),
         FleetError::NotRegistered => Status::failed_precondition(e.to_string()),
-        FleetError::ModeChanged { .. } | FleetError::FutureVersion { .. } => {
-            Status::invalid_argument(e.to_string())
-        }
+        FleetError::ModeChanged { .. }
+        | FleetError::FutureVersion { .. }
+        | FleetError::OlderCertificate { .. } => Status::invalid_argument(e.to_string()),
     }
 }
 

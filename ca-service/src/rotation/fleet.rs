@@ -86,6 +86,14 @@ pub enum FleetError {
     },
     #[error("bundle version {claimed} was never published (the current one is {published})")]
     FutureVersion { claimed: u64, published: u64 },
+    #[error(
+        "this instance (this key) reported a certificate that lives longer (serial {recorded}, \
+         expiring at {recorded_not_after}); acknowledge with the latest certificate of the key"
+    )]
+    OlderCertificate {
+        recorded: String,
+        recorded_not_after: i64,
+    },
 }
 
 fn mode(file_mode: bool) -> &'static str {
@@ -458,6 +466,16 @@ impl Fleet {
                 published,
             });
         }
+        // Two certificates of one key: the instance is what its latest one says. An older one
+        // (still valid, presented on another connection) would move the serial and expiry back:
+        // the instance would count again after a revocation of the newer serial, or stop counting
+        // when the older expires.
+        if ack.not_after < s.serving_not_after {
+            return Err(FleetError::OlderCertificate {
+                recorded: s.serial.clone(),
+                recorded_not_after: s.serving_not_after,
+            });
+        }
         // A file-mode sidecar's version means nothing: its anchors come from files.
         if !s.file_mode {
             s.acked_version = s.acked_version.max(ack.version);
@@ -664,8 +682,12 @@ mod tests {
     #[test]
     fn an_acknowledgement_speaks_only_for_an_open_stream_of_its_own_key() {
         let f = Fleet::default();
-        f.stream_opened(&caller("honest", "spiffe://td/a", false), 0)
-            .unwrap();
+        let honest = Caller {
+            not_after: 500,
+            serial: "0b".into(),
+            ..caller("honest", "spiffe://td/a", false)
+        };
+        f.stream_opened(&honest, 0).unwrap();
         f.stream_opened(&caller("files", "spiffe://td/b", true), 0)
             .unwrap();
         let cases = [
@@ -697,6 +719,20 @@ mod tests {
                 expected: Err(FleetError::ModeChanged {
                     registered: "ca",
                     claimed: "file",
+                }),
+            },
+            Case {
+                name: "an older certificate of the same key than the stream's",
+                key: "honest",
+                ack: Ack {
+                    not_after: 499,
+                    serial: "09".into(),
+                    ..ack(5)
+                },
+                published: 5,
+                expected: Err(FleetError::OlderCertificate {
+                    recorded: "0b".into(),
+                    recorded_not_after: 500,
                 }),
             },
             Case {
