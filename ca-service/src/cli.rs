@@ -451,8 +451,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
     pub max_ttl: String,
     /// How long after its last attestation (a service-account token or a join token) an identity
-    /// keeps renewing on its certificate alone; past it the renewal is refused and the workload
-    /// must present its token (or a new join token) again.
+    /// keeps renewing on its certificate alone: no renewed certificate lives past it, a renewal
+    /// with less than half its lifetime left before it is refused, and the workload must present
+    /// its token (or a new join token) again.
     #[arg(long, env = "MESHID_CA_MAX_ATTESTATION_AGE", default_value = "24h")]
     pub max_attestation_age: String,
     /// Lifetime of a JWT-SVID (never past the expiry of the certificate the sidecar asks with);

@@ -346,6 +346,16 @@ impl CaState {
             Authenticated::Ready { id, attested_at } => (id.clone(), *attested_at),
             Authenticated::Join(p) => (p.id.clone(), None),
         };
+        let mut lifetime = self.lifetimes.lifetime_for(req.ttl_seconds);
+        // A renewal's certificate ends when its lineage's attestation age does (refused, as an
+        // age already past is, when too little of it is left).
+        if let Some(at) = attested_at {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            match auth::renewal_lifetime(&id, at, self.max_attestation_age, lifetime, now) {
+                Ok(cut) => lifetime = cut,
+                Err(e) => return (method, None, Err(e.into())),
+            }
+        }
         if let Err(wait) = self.limiter.check(&id, Instant::now()) {
             let refusal = Refusal {
                 status: too_many(&format!("certificate requests for {id}"), wait),
@@ -375,7 +385,6 @@ impl CaState {
         }
 
         let authority = self.authority.load();
-        let lifetime = self.lifetimes.lifetime_for(req.ttl_seconds);
         let now = OffsetDateTime::now_utc();
         // A token or join token attests the identity now; a renewal carries the time on.
         let attested_at = attested_at.unwrap_or(now.unix_timestamp());
@@ -2048,12 +2057,21 @@ mod tests {
             /// The time of this call: a token or join token attested the identity again.
             Now,
         }
+        /// When the new certificate ends.
+        #[derive(Debug, Clone, Copy)]
+        enum Ends {
+            /// This many seconds after the call: the lifetime asked for, whole.
+            After(i64),
+            /// When the attestation age (1 h here) does: its attested-at time + 3,600 s.
+            AtTheAge,
+        }
         struct Case {
             name: &'static str,
             call: fn(&TestCa) -> Call,
             method: Method,
             expected: Expected,
             attested: Attested,
+            ends: Ends,
         }
         use Expected::{Issued, Refused};
         let cases = [
@@ -2068,18 +2086,60 @@ mod tests {
                 method: Method::Renewal,
                 expected: Issued(FRONTEND),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
             Case {
-                name: "attested 59 min ago: still renews",
+                name: "attested 50 min ago: renews for the whole 10 min, to the age",
                 call: |ca| {
                     (
                         request(csr(), None),
-                        Some(peer(&ca.cert_attested(FRONTEND, 3540))),
+                        Some(peer(&ca.cert_attested(FRONTEND, 3000))),
                     )
                 },
                 method: Method::Renewal,
                 expected: Issued(FRONTEND),
                 attested: Attested::Kept,
+                ends: Ends::AtTheAge,
+            },
+            Case {
+                name: "attested 53 min ago: renews, cut to the 7 min left before the age",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(FRONTEND, 3180))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+                ends: Ends::AtTheAge,
+            },
+            Case {
+                name: "attested 30 min ago, asking for the 1 h maximum: cut to the 30 min left",
+                call: |ca| {
+                    let req = IssueRequest {
+                        ttl_seconds: 3600,
+                        ..request(csr(), None)
+                    };
+                    (req, Some(peer(&ca.cert_attested(FRONTEND, 1800))))
+                },
+                method: Method::Renewal,
+                expected: Issued(FRONTEND),
+                attested: Attested::Kept,
+                ends: Ends::AtTheAge,
+            },
+            Case {
+                name: "attested 56 min ago: refused, 4 min left is under half the 10 min lifetime",
+                call: |ca| {
+                    (
+                        request(csr(), None),
+                        Some(peer(&ca.cert_attested(FRONTEND, 3360))),
+                    )
+                },
+                method: Method::Renewal,
+                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                attested: Attested::Kept,
+                ends: Ends::AtTheAge,
             },
             Case {
                 name: "attested 61 min ago: refused, though the certificate is valid",
@@ -2092,6 +2152,7 @@ mod tests {
                 method: Method::Renewal,
                 expected: Refused(Code::Unauthenticated, "attestation_expired"),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
             Case {
                 name: "a join-token identity attested a day ago: refused",
@@ -2104,6 +2165,7 @@ mod tests {
                 method: Method::Renewal,
                 expected: Refused(Code::Unauthenticated, "attestation_expired"),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
             Case {
                 name: "no extension, valid since 30 min ago: attested at its not-before",
@@ -2116,6 +2178,7 @@ mod tests {
                 method: Method::Renewal,
                 expected: Issued(FRONTEND),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
             Case {
                 name: "no extension, valid since 2 h ago: refused",
@@ -2128,6 +2191,7 @@ mod tests {
                 method: Method::Renewal,
                 expected: Refused(Code::Unauthenticated, "attestation_expired"),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
             Case {
                 name: "a service-account token resets the lineage (over a connection past the age)",
@@ -2139,6 +2203,7 @@ mod tests {
                 method: Method::ServiceAccountToken,
                 expected: Issued(FRONTEND),
                 attested: Attested::Now,
+                ends: Ends::After(600),
             },
             Case {
                 name: "a join token resets the lineage",
@@ -2150,6 +2215,7 @@ mod tests {
                 method: Method::JoinToken,
                 expected: Issued(VM),
                 attested: Attested::Now,
+                ends: Ends::After(600),
             },
             Case {
                 name: "renewing what a token issued keeps the token's time",
@@ -2168,6 +2234,7 @@ mod tests {
                 method: Method::Renewal,
                 expected: Issued(FRONTEND),
                 attested: Attested::Kept,
+                ends: Ends::After(600),
             },
         ];
         for case in cases {
@@ -2197,6 +2264,18 @@ mod tests {
             let got = issued
                 .attested_at
                 .unwrap_or_else(|| panic!("{name}: no attested time"));
+            let at_the_age = got + 3600;
+            match case.ends {
+                Ends::AtTheAge => assert_eq!(issued.not_after, at_the_age, "{name}"),
+                Ends::After(secs) => {
+                    assert!(
+                        (before + secs..=after + secs).contains(&issued.not_after),
+                        "{name}: ends at {}, not {secs} s after the call",
+                        issued.not_after
+                    );
+                    assert!(issued.not_after <= at_the_age, "{name}: past the age");
+                }
+            }
             match case.attested {
                 Attested::Kept => {
                     let presented = peer.as_ref().and_then(|p| p.leaf_identity.as_deref());

@@ -534,13 +534,14 @@ fn ca_issues(metrics: &str, method: &str, result: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_age() {
-    // Certificates live 5 s and renew after about 2.5 s; a lineage of renewals ends 3 s after its
-    // token: one renewal, then the next is refused and the sidecar shows its token again. (Much
-    // shorter lifetimes leave a sidecar less than the second it wants to renew on its certificate.)
+    // Certificates live 5 s and renew after about 2.5 s; a lineage of renewals ends 6 s after its
+    // token: one renewal (cut to end at 6 s), then the next is refused (under half a lifetime
+    // left) and the sidecar shows its token again. (Much shorter lifetimes leave a sidecar less
+    // than the second it wants to renew on its certificate.)
     let ca = ca_issuing_for(
         Duration::from_secs(5),
         CaOptions {
-            max_attestation_age: Duration::from_secs(3),
+            max_attestation_age: Duration::from_secs(6),
             ..CaOptions::default()
         },
     )
@@ -594,7 +595,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
     let ca = ca_issuing_for(
         Duration::from_secs(5),
         CaOptions {
-            max_attestation_age: Duration::from_secs(3),
+            max_attestation_age: Duration::from_secs(6),
             ..CaOptions::default()
         },
     )

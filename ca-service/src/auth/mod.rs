@@ -235,6 +235,37 @@ pub fn authenticate_renewal(
     })
 }
 
+/// The lifetime of a certificate renewed at `now` for `id`, last attested at `attested_at`:
+/// `requested`, cut so that it ends when the attestation age does. No certificate of a lineage of
+/// renewals outlives `attested_at + max_attestation_age`, whatever lifetime it asks for. Refused
+/// (`attestation_expired`) when less than half of `requested` is left: the workload attests again
+/// (a sidecar renews at half its lifetime, so renewing on would only give it ever shorter
+/// certificates, the last ones a few seconds long).
+pub fn renewal_lifetime(
+    id: &SpiffeId,
+    attested_at: i64,
+    max_attestation_age: Duration,
+    requested: Duration,
+    now: i64,
+) -> Result<Duration, AuthError> {
+    let max = i64::try_from(max_attestation_age.as_secs()).unwrap_or(i64::MAX);
+    let left = attested_at.saturating_add(max).saturating_sub(now).max(0);
+    let left = Duration::from_secs(u64::try_from(left).unwrap_or(0));
+    if left < requested / 2 {
+        return Err(AuthError::unauthenticated(
+            Reason::AttestationExpired,
+            format!(
+                "{id} was last attested at Unix time {attested_at}: a renewal now would live {} s \
+                 before this CA's --max-attestation-age ({max} s) ends it, under half the {} s \
+                 asked for: present your service-account token, or a new join token",
+                left.as_secs(),
+                requested.as_secs()
+            ),
+        ));
+    }
+    Ok(requested.min(left))
+}
+
 /// Verifies `chain` (leaf first) for client auth to `anchors` at `now`, as the TLS handshake did
 /// when the connection was set up, with the trust of the time of the call (and its pins).
 fn verify_chain_now(
