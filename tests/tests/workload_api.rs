@@ -328,6 +328,83 @@ async fn an_expired_svid_is_never_handed_out() {
     );
 }
 
+/// This process's peak resident memory (`VmHWM`), in KiB: the sidecar runs in it.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+/// An HPACK bomb: a 64 KiB header block (the most a client may send) that adds one ~4 KB field
+/// to the dynamic table, then refers to it with a 1-byte index until the block is full. It would
+/// decode to ~240 MB; the sidecar closes the connection instead, without the memory, and goes on
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+    let before = peak_rss_kib();
+
+    // Literal with incremental indexing, new name `x` (length 1), a value of 4000 bytes (127 in
+    // the 7-bit prefix, then 3873 as 0xa1 0x1e), then index 62 (0xbe): the field just added.
+    let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e];
+    block.extend_from_slice(&[b'a'; 4000]);
+    block.resize(64 * 1024, 0xbe);
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // SETTINGS
+    let chunks: Vec<&[u8]> = block.chunks(16_384).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        // HEADERS (END_STREAM) on stream 1, then CONTINUATIONs, the last with END_HEADERS.
+        let (kind, mut flags) = if i == 0 { (0x1, 0x1) } else { (0x9, 0) };
+        if i == chunks.len() - 1 {
+            flags |= 0x4;
+        }
+        let len = u32::try_from(chunk.len()).unwrap().to_be_bytes();
+        wire.extend_from_slice(&len[1..]);
+        wire.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        wire.extend_from_slice(chunk);
+    }
+    let mut bomb = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    bomb.write_all(&wire).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), bomb.read_to_end(&mut answer))
+        .await
+        .expect("the connection is closed within 10 s");
+    assert!(
+        closed.is_ok()
+            || closed.as_ref().unwrap_err().kind() == std::io::ErrorKind::ConnectionReset,
+        "{closed:?}"
+    );
+    // Nothing was answered on stream 1: the server's frames are all on stream 0 (its SETTINGS).
+    let mut at = 0;
+    while let Some(head) = answer.get(at..at + 9) {
+        assert_eq!(&head[5..], &[0, 0, 0, 0], "a frame on a stream: {answer:?}");
+        at += 9 + (usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]));
+    }
+    let grown = (peak_rss_kib() - before) / 1024;
+    assert!(grown < 64, "the peak resident memory grew by {grown} MiB");
+
+    // The next client is served.
+    let mut client = raw_client(&socket, true).await;
+    let mut bundles = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .expect("bundles")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), bundles.message())
+        .await
+        .expect("a bundle within 10 s")
+        .unwrap()
+        .expect("a bundle");
+    assert!(first.bundles.contains_key("spiffe://cluster.local"));
+}
+
 /// Runs a py-spiffe script (written into `dir`) that finds the socket through
 /// `SPIFFE_ENDPOINT_SOCKET`, as apps do; gRPC's HTTP trace goes to its output.
 async fn run_python(dir: &Path, script: &str, socket: &Path) -> (bool, String) {

@@ -12,7 +12,8 @@
 //! that the server's decoder never indexes, with an `:authority` the server would refuse replaced by
 //! `localhost`. The authority names nothing on a unix socket (the caller is whoever can open the
 //! socket), so nothing is lost. Every other frame passes unchanged. A malformed frame sequence or
-//! header block ends the connection.
+//! header block, or a header list that decodes to more than [`MAX_HEADER_LIST`], ends the
+//! connection.
 
 use std::io;
 use std::pin::Pin;
@@ -33,6 +34,13 @@ const MAX_FRAME: usize = 16_384;
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// The dynamic table size the server's (default) settings let the client's encoder use.
 const TABLE_SIZE: usize = 4096;
+/// The largest header list taken from a client, decoded: name and value bytes plus 32 per field,
+/// as HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE` counts. [`super::serve`] gives the server the same
+/// limit (hyper's default), so nothing it would take is refused here. HPACK lets a 64 KiB block
+/// decode to hundreds of megabytes (one-byte references to a 4 KB dynamic table entry): the
+/// decoding stops copying at this limit and the connection is closed. The 32 per field also
+/// bounds the number of fields (512).
+pub(super) const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// The server's end of a connection: what tonic serves.
 pub(super) struct Piped(pub(super) DuplexStream);
@@ -187,23 +195,40 @@ fn header_fragment(flags: u8, payload: &[u8]) -> io::Result<&[u8]> {
 }
 
 /// Decodes a header block with the client's HPACK state and encodes it again as literals without
-/// indexing, replacing an `:authority` the server would refuse.
+/// indexing, replacing an `:authority` the server would refuse. A header list larger than
+/// [`MAX_HEADER_LIST`] is an error; the fields past the limit are never copied.
 fn reencode(decoder: &mut loona_hpack::Decoder<'_>, block: &[u8]) -> io::Result<Vec<u8>> {
-    let headers = decoder
-        .decode(block)
+    let limit = MAX_HEADER_LIST as usize;
+    // A field is written in no more than its size as counted (the 32 cover the representation
+    // byte, two length prefixes and `localhost` in place of a refused authority), so `out` stays
+    // within the limit too.
+    let mut out = Vec::with_capacity(block.len().min(limit));
+    let mut size = 0usize;
+    decoder
+        .decode_with_cb(block, |name, value| {
+            // The decoder cannot be stopped from here: past the limit, it runs to the end of the
+            // block (work bounded by the block's length) and nothing more is copied.
+            size = size.saturating_add(name.len() + value.len() + 32);
+            if size > limit {
+                return;
+            }
+            let value: &[u8] = if &name[..] == b":authority"
+                && http::uri::Authority::try_from(&value[..]).is_err()
+            {
+                b"localhost"
+            } else {
+                &value
+            };
+            // Literal Header Field without Indexing, new name (RFC 7541 6.2.2), no Huffman coding.
+            out.push(0x00);
+            literal(&mut out, &name);
+            literal(&mut out, value);
+        })
         .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
-    let mut out = Vec::with_capacity(block.len() * 2);
-    for (name, value) in headers {
-        let value = if name == b":authority" && http::uri::Authority::try_from(&value[..]).is_err()
-        {
-            b"localhost".to_vec()
-        } else {
-            value
-        };
-        // Literal Header Field without Indexing, new name (RFC 7541 6.2.2), no Huffman coding.
-        out.push(0x00);
-        literal(&mut out, &name);
-        literal(&mut out, &value);
+    if size > limit {
+        return Err(bad(&format!(
+            "a header list larger than {limit} bytes (HTTP/2's count) once decoded"
+        )));
     }
     Ok(out)
 }
@@ -334,6 +359,77 @@ mod tests {
         );
         let mut decoder = loona_hpack::Decoder::new();
         assert!(reencode(&mut decoder, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    /// A header block of [`MAX_HEADER_BLOCK`] bytes that adds one ~4 KB field to the dynamic
+    /// table, then refers to it (a 1-byte index) again and again: ~240 MB once decoded.
+    fn bomb() -> Vec<u8> {
+        let mut block = vec![0x40]; // literal with incremental indexing, new name
+        literal(&mut block, b"x");
+        literal(&mut block, &[b'a'; 4000]);
+        block.resize(MAX_HEADER_BLOCK, 0xbe); // index 62: the field just added
+        block
+    }
+
+    /// One literal field without indexing whose size, as HTTP/2 counts it, is `size`.
+    fn field_of_size(size: usize) -> Vec<u8> {
+        let mut block = vec![0x00];
+        literal(&mut block, b"x");
+        literal(&mut block, &vec![b'v'; size - 32 - 1]);
+        block
+    }
+
+    #[test]
+    fn header_lists_larger_than_the_server_takes_are_errors() {
+        struct Case {
+            name: &'static str,
+            block: Vec<u8>,
+            ok: bool,
+        }
+        let limit = MAX_HEADER_LIST as usize;
+        // `:method: GET` (index 2) counts 7 + 3 + 32 = 42 bytes.
+        let gets = |n: usize| vec![0x82; n];
+        for case in [
+            Case {
+                name: "a dynamic table entry referred to until the block is full",
+                block: bomb(),
+                ok: false,
+            },
+            Case {
+                name: "a field exactly at the limit",
+                block: field_of_size(limit),
+                ok: true,
+            },
+            Case {
+                name: "a field one byte over the limit",
+                block: field_of_size(limit + 1),
+                ok: false,
+            },
+            Case {
+                name: "as many small fields as the limit holds",
+                block: gets(limit / 42),
+                ok: true,
+            },
+            Case {
+                name: "one small field more",
+                block: gets(limit / 42 + 1),
+                ok: false,
+            },
+        ] {
+            let mut decoder = loona_hpack::Decoder::new();
+            decoder.set_max_allowed_table_size(TABLE_SIZE);
+            match reencode(&mut decoder, &case.block) {
+                Ok(out) => {
+                    assert!(case.ok, "{}: accepted", case.name);
+                    assert!(out.len() <= limit, "{}: {} bytes out", case.name, out.len());
+                }
+                Err(error) => {
+                    assert!(!case.ok, "{}: {error}", case.name);
+                    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{}", case.name);
+                    assert!(error.to_string().contains("header list"), "{error}");
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -186,6 +186,7 @@ pub async fn serve(
         }
     });
     let result = tonic::transport::Server::builder()
+        .http2_max_header_list_size(authority::MAX_HEADER_LIST)
         .serve_with_incoming_shutdown(
             SpiffeWorkloadApiServer::new(api),
             ReceiverStream::new(incoming),
