@@ -56,17 +56,61 @@ pub const XFCC: &str = "x-forwarded-client-cert";
 /// [`XFCC`] as a header name.
 pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 
-/// Request headers that tell the app who is calling and how. Only the inbound sidecar sets them:
-/// every peer-sent header whose name matches one of these, ignoring ASCII case and treating `_` as
-/// `-`, is removed first (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and
-/// `X-Forwarded-Client-Cert` into one variable, so either spelling would reach the app as ours).
-pub const PEER_HEADERS: [&str; 5] = [
+/// Request headers that tell the app who is calling and how, or what a trusted front proxy saw
+/// before it rewrote the request (the host, port and prefix it was reached at, the URL before a
+/// rewrite: frameworks such as Spring and IIS act on them as the request's own). Only the inbound
+/// sidecar sets the first ones, and no peer is a front proxy of the app: every peer-sent header
+/// whose name matches one of these, ignoring ASCII case and treating `_` as `-`, is removed first
+/// (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and `X-Forwarded-Client-Cert` into
+/// one variable, so either spelling would reach the app as ours). The policy decides on the request
+/// line; a peer must not have the app serve another path than the one it was allowed.
+pub const PEER_HEADERS: [&str; 10] = [
     XFCC,
     "x-forwarded-for",
     "forwarded",
     "x-real-ip",
     "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-original-url",
+    "x-rewrite-url",
 ];
+
+/// Request headers that ask the app to take the request as another method (Express's
+/// `method-override`, Spring's `HiddenHttpMethodFilter` variants, OData, Google's APIs): the inbound
+/// decides the methods they name as it decides the request's own, so that a peer allowed `POST`
+/// cannot have the app `DELETE`. Matched as [`PEER_HEADERS`] are.
+pub const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The methods `headers` ask the app to take the request as ([`METHOD_OVERRIDES`]), each as sent
+/// (a value that is not text is given as `?`, which no method rule names).
+pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<&str> {
+    if !headers
+        .keys()
+        .any(|n| names_one_of(n.as_str(), &METHOD_OVERRIDES))
+    {
+        return Vec::new();
+    }
+    headers
+        .iter()
+        .filter(|(n, _)| names_one_of(n.as_str(), &METHOD_OVERRIDES))
+        .map(|(_, v)| v.to_str().map_or("?", str::trim))
+        .collect()
+}
+
+/// What a peer's request trailers may not carry to the app: its trailers reach the app as its
+/// headers do (hyper's HTTP/1.1 client writes those that the request's `Trailer` header names; h2
+/// passes them all), and frameworks read them or merge them into the headers.
+pub(crate) fn strip_peer_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers, false);
+    trailers.remove(&APP_H2_HINT_NAME);
+    strip_peer_headers(trailers);
+}
 
 /// Whether `name` (a lowercase header name) spells one of `targets` with `_` for `-`.
 fn names_one_of(name: &str, targets: &[&str]) -> bool {
@@ -177,6 +221,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    // An upgrade keeps `Connection`, but only to say so: any other name it lists (another
+    // header, ours among them) would have a proxy in front of the app drop that header.
+    if keep_upgrade && headers.contains_key(header::CONNECTION) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -480,6 +529,11 @@ mod tests {
             "x-real-ip",
             "X_REAL_IP",
             "x-forwarded-proto",
+            "x-forwarded-host",
+            "X_Forwarded_Port",
+            "x-forwarded-prefix",
+            "x-original-url",
+            "X-Rewrite-URL",
         ] {
             h.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -505,6 +559,64 @@ mod tests {
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.get("connection").unwrap(), "Upgrade");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_connection_only_to_say_upgrade() {
+        // Another name in the list would have a proxy in front of the app drop that header: ours.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("Upgrade, x-forwarded-client-cert, keep-alive"),
+        );
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("forged"),
+        );
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get_all("connection").iter().collect::<Vec<_>>(),
+            ["upgrade"]
+        );
+        assert!(!h.contains_key("x-forwarded-client-cert"));
+    }
+
+    #[test]
+    fn method_overrides_are_found_in_any_spelling() {
+        let mut h = HeaderMap::new();
+        assert!(method_overrides(&h).is_empty());
+        h.insert(
+            "x-http-method-override",
+            HeaderValue::from_static(" DELETE "),
+        );
+        h.insert("X_HTTP_Method", HeaderValue::from_static("PUT"));
+        h.insert(
+            "x-method-override",
+            HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
+        h.insert("x-http-method-overrides", HeaderValue::from_static("PATCH"));
+        let mut found = method_overrides(&h);
+        found.sort_unstable();
+        assert_eq!(found, ["?", "DELETE", "PUT"]);
+    }
+
+    #[test]
+    fn peer_trailers_lose_what_only_the_sidecar_says() {
+        let mut t = HeaderMap::new();
+        t.insert(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("URI=spiffe://td/ns/x/sa/admin"),
+        );
+        t.insert("X_Forwarded_For", HeaderValue::from_static("10.0.0.1"));
+        t.insert("x-meshid-app-h2", HeaderValue::from_static("1"));
+        t.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        strip_peer_trailers(&mut t);
+        assert_eq!(
+            t.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["grpc-status"]
+        );
     }
 }

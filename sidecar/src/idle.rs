@@ -130,6 +130,8 @@ pub struct Tracked<B> {
     inner: B,
     activity: Option<Arc<Activity>>,
     response: bool,
+    /// Trailers lose what a peer may not say to the app ([`Tracked::strip_peer_trailers`]).
+    peer_trailers: bool,
 }
 
 impl<B> Tracked<B> {
@@ -139,7 +141,15 @@ impl<B> Tracked<B> {
             inner,
             activity: None,
             response: false,
+            peer_trailers: false,
         }
+    }
+
+    /// A peer's request on its way to the app: its trailers lose every peer-sent spelling of the
+    /// headers only the inbound sets, and the hop-by-hop ones ([`crate::http::strip_peer_trailers`]),
+    /// as its headers do.
+    pub fn strip_peer_trailers(&mut self) {
+        self.peer_trailers = true;
     }
 
     fn request(inner: B, activity: &Arc<Activity>) -> Self
@@ -154,6 +164,7 @@ impl<B> Tracked<B> {
             inner,
             activity: Some(activity.clone()),
             response: false,
+            peer_trailers: false,
         }
     }
 
@@ -163,6 +174,7 @@ impl<B> Tracked<B> {
             inner,
             activity: call.0.take(),
             response: true,
+            peer_trailers: false,
         }
     }
 
@@ -210,7 +222,13 @@ impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut r = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.peer_trailers
+            && let Poll::Ready(Some(Ok(frame))) = &mut r
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            crate::http::strip_peer_trailers(trailers);
+        }
         if !this.response && this.activity.is_some() {
             let ended = match &r {
                 Poll::Ready(None) => true,
@@ -599,6 +617,37 @@ async fn close<T: AsyncWrite + Unpin>(mut io: T) {
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn a_peers_trailers_lose_what_only_the_sidecar_says() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(
+            "x-forwarded-client-cert",
+            "URI=spiffe://td/ns/x/sa/admin".parse().unwrap(),
+        );
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = || {
+            let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+                Ok(Frame::data(Bytes::from_static(b"hello"))),
+                Ok(Frame::trailers(trailers.clone())),
+            ];
+            http_body_util::StreamBody::new(tokio_stream::iter(frames))
+        };
+        let mut stripped = Tracked::untracked(body());
+        stripped.strip_peer_trailers();
+        let got = stripped.collect().await.unwrap();
+        let t = got.trailers().unwrap().clone();
+        assert_eq!(got.to_bytes(), "hello");
+        assert!(!t.contains_key("x-forwarded-client-cert"));
+        assert_eq!(t.get("grpc-status").unwrap(), "0");
+        // Left alone unless asked (a response's trailers, or the outbound's requests).
+        let kept = Tracked::untracked(body()).collect().await.unwrap();
+        assert!(
+            kept.trailers()
+                .unwrap()
+                .contains_key("x-forwarded-client-cert")
+        );
+    }
 
     #[tokio::test]
     async fn opening_tells_h2_from_http1_and_keeps_the_bytes() {

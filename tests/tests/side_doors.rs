@@ -1,5 +1,6 @@
 //! What an authenticated, allowed peer (or a pod next to ours) can still try, over real sockets:
-//! identity and forwarding headers in every spelling, upgrades other than WebSocket, a tunnel held
+//! identity and forwarding headers in every spelling (and in trailers), method overrides the
+//! policy would not allow, upgrades other than WebSocket, a tunnel held
 //! past its certificate's expiry or past a policy change, a flood of upgrades against
 //! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
 //! hostile app-probe paths and probe floods on the admin port, the stats split, a rejected policy
@@ -203,7 +204,9 @@ async fn only_the_sidecar_says_who_called_in_any_spelling() {
         x-forwarded_client-cert: forged\r\n\
         X-Forwarded-For: 10.9.9.9\r\nX_Forwarded_For: 10.9.9.9\r\n\
         Forwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\nX_Real_IP: 10.9.9.9\r\n\
-        X-Forwarded-Proto: http\r\nX-App-Header: kept\r\n";
+        X-Forwarded-Proto: http\r\nX-Forwarded-Host: evil.example\r\n\
+        X_Forwarded_Port: 1\r\nX-Forwarded-Prefix: /evil\r\n\
+        X-Original-URL: /admin/evil\r\nX-Rewrite-URL: /admin/evil\r\nX-App-Header: kept\r\n";
     let resp = raw_request(tls, forged).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();
@@ -212,7 +215,7 @@ async fn only_the_sidecar_says_who_called_in_any_spelling() {
         "a forged identity reached the app: {resp}"
     );
     assert!(
-        !seen.contains("forged") && !seen.contains("10.9.9.9"),
+        !seen.contains("forged") && !seen.contains("10.9.9.9") && !seen.contains("evil"),
         "{resp}"
     );
     assert!(
@@ -257,6 +260,129 @@ async fn only_websocket_upgrades_pass() {
         );
     }
     let _tunnel = open_tunnel(&e.pki, &e.sidecar, &client).await;
+}
+
+/// An app that answers every request with everything it received: the head, then a chunked body
+/// to its end (its trailers included).
+async fn raw_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 1024];
+                // The head, then (chunked) up to the blank line after the last chunk.
+                loop {
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    let done = match text.find("\r\n\r\n") {
+                        Some(end) if !text[..end].contains("transfer-encoding: chunked") => true,
+                        Some(end) => {
+                            let body = &text[end + 4..];
+                            (body.starts_with("0\r\n") || body.contains("\r\n0\r\n"))
+                                && body.ends_with("\r\n\r\n")
+                        }
+                        None => false,
+                    };
+                    if done || got.len() > 65536 {
+                        break;
+                    }
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&b[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    got.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.write_all(&got).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_say_who_called_in_its_trailers() {
+    let app = raw_app().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.45", app, Protocol::Http)],
+            policy: Some(http_policy(&[CLIENT])),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = pki.workload(CLIENT);
+    let mut tls = connect_as(&pki, &sidecar, &client).await.unwrap();
+    // hyper's HTTP/1.1 client writes the trailers that the request's `Trailer` header names.
+    tls.write_all(
+        b"POST /api/x HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
+          Connection: close\r\n\
+          Trailer: X-Forwarded-Client-Cert, X_Forwarded_Client_Cert, X-Forwarded-For, X-Trace-End\r\n\
+          \r\n5\r\nhello\r\n0\r\n\
+          X-Forwarded-Client-Cert: By=x;URI=spiffe://cluster.local/ns/shop/sa/admin\r\n\
+          X_Forwarded_Client_Cert: URI=spiffe://cluster.local/ns/shop/sa/admin\r\n\
+          X-Forwarded-For: 10.9.9.9\r\nX-Trace-End: kept\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+        .await
+        .expect("the response ends")
+        .unwrap();
+    let resp = String::from_utf8_lossy(&out);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = resp.to_lowercase();
+    assert!(seen.contains("hello"), "the body reached the app: {resp}");
+    assert!(
+        seen.contains("\r\nx-trace-end: kept\r\n"),
+        "the app's own trailers pass: {resp}"
+    );
+    assert!(
+        !seen.contains("sa/admin") && !seen.contains("10.9.9.9"),
+        "a forged identity reached the app in a trailer: {resp}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_override_is_decided_as_the_method_it_names() {
+    let policy = format!(
+        "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+         - id: {CLIENT}\n        methods: [GET, POST]\n        paths: [/api/*]\n"
+    );
+    let e = http_sidecar("127.0.0.46", Limits::default(), policy).await;
+    let client = e.pki.workload(CLIENT);
+    for (header, status) in [
+        ("X-HTTP-Method-Override: DELETE", "403"),
+        ("X_HTTP_Method: PUT", "403"),
+        ("x-method-override: delete", "403"),
+        ("X-HTTP-Method-Override: GET", "200"),
+        ("X-HTTP-Method-Override: POST", "200"),
+        ("X-App-Header: none", "200"),
+    ] {
+        let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        let resp = raw_request(
+            tls,
+            &format!("POST /api/x HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n{header}\r\n"),
+        )
+        .await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}")),
+            "{header}: {resp}"
+        );
+        if status == "403" {
+            assert!(resp.contains("x-meshid-decision"), "{header}: {resp}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

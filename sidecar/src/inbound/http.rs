@@ -183,6 +183,20 @@ async fn inbound_request(
     http: &InboundHttp,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, http.authz.shared());
+    // A method override is decided as the method it names (each recorded as a decision of its
+    // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
+    for method in crate::http::method_overrides(req.headers()) {
+        if method != req.method().as_str()
+            && let Err(denied) = http.authz.request(
+                peer,
+                method,
+                req.uri().path(),
+                crate::trace::traceparent(req.headers()),
+            )
+        {
+            return *denied;
+        }
+    }
     let audit_decision = match http.authz.request(
         peer,
         req.method().as_str(),
@@ -203,6 +217,8 @@ async fn inbound_request(
         )
     });
     let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME);
+    // Only we say who the peer is: not in its trailers either.
+    req.body_mut().strip_peer_trailers();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, upgrade);
     headers.remove(&APP_H2_HINT_NAME);
