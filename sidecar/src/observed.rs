@@ -3,22 +3,28 @@
 //! port serves it at `/observed` with each entry decided again by the policy now in force, and the
 //! rules of that policy that decided none of it.
 //!
-//! Bounded: at most [`MAX_ENTRIES`] distinct calls are kept (paths without their query, cut to
-//! [`MAX_PATH`] bytes); calls past that are only counted as `dropped`.
+//! Bounded, with denied calls apart: at most [`MAX_ENTRIES`] distinct calls let through at least
+//! once, and at most [`MAX_DENIED_ENTRIES`] more that were only ever denied (paths without their
+//! query, cut to [`MAX_PATH`] bytes); calls past that are only counted as dropped. A peer that
+//! floods the sidecar with denied probes fills only the smaller table: it never takes the place of
+//! a call that was let through, and suggest-policy never turns its calls into allow rules.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use meshid_identity::SpiffeId;
 use meshid_identity::policy::{Policy, RuleRef, no_policy_decision};
 use serde::{Deserialize, Serialize};
 
-/// The most distinct calls kept.
+/// The most distinct calls kept that were let through at least once.
 pub const MAX_ENTRIES: usize = 4096;
+/// The most distinct calls kept that were denied every time, apart from [`MAX_ENTRIES`].
+pub const MAX_DENIED_ENTRIES: usize = 512;
 /// The longest path kept, in bytes.
 pub const MAX_PATH: usize = 256;
+/// The most calls, or rules, `suggest-policy` lists one by one in a comment; the rest are counted.
+const MAX_LISTED: usize = 100;
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -27,6 +33,8 @@ struct Entry {
     method: String,
     path: String,
     count: u64,
+    /// How many of `count` were denied (not let through).
+    denied: u64,
 }
 
 /// What [`ObservedTraffic::record`] did with a call.
@@ -36,7 +44,7 @@ pub enum Recorded {
     Counted,
     /// A new distinct call, kept.
     New,
-    /// Not kept: the summary is full.
+    /// Not kept: the summary has no room for it.
     Dropped,
 }
 
@@ -62,12 +70,38 @@ impl Hasher for KeyIsHash {
     }
 }
 
+type Table = HashMap<u64, Entry, BuildHasherDefault<KeyIsHash>>;
+
+/// The two tables and what did not fit in them.
+#[derive(Debug, Default)]
+struct Tables {
+    /// Calls let through at least once (at most [`MAX_ENTRIES`]).
+    let_through: Table,
+    /// Calls denied every time so far (at most [`MAX_DENIED_ENTRIES`]). One let through later
+    /// moves to `let_through` when that has room, and otherwise stays here, counted as let through.
+    denied: Table,
+    /// Calls let through that were not kept.
+    dropped: u64,
+    /// Denied calls that were not kept.
+    dropped_denied: u64,
+}
+
+impl Tables {
+    fn drop_call(&mut self, allowed: bool) -> Recorded {
+        if allowed {
+            self.dropped += 1;
+        } else {
+            self.dropped_denied += 1;
+        }
+        Recorded::Dropped
+    }
+}
+
 /// The summary.
 #[derive(Debug, Default)]
 pub struct ObservedTraffic {
     hasher: RandomState,
-    map: Mutex<HashMap<u64, Entry, BuildHasherDefault<KeyIsHash>>>,
-    dropped: AtomicU64,
+    tables: Mutex<Tables>,
 }
 
 /// One observed call as `/observed` serves it.
@@ -79,6 +113,10 @@ pub struct ObservedCall {
     pub path: String,
     pub peer: String,
     pub count: u64,
+    /// How many of `count` the sidecar denied (did not let through). A call denied every time is
+    /// never suggested. (Absent from the reports of sidecars before it: read as none.)
+    #[serde(default)]
+    pub denied: u64,
     /// What the policy in force now decides for it: `allow`, `deny`, or `audit_deny`.
     pub decision: String,
     /// The rule behind that decision (`rule-0`, `no-rule-matched`, ...).
@@ -98,20 +136,29 @@ pub struct UnusedRule {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObservedReport {
     pub calls: Vec<ObservedCall>,
+    /// Calls let through that were not kept: the suggestion may not allow them.
     pub dropped: u64,
+    /// Denied calls that were not kept (they would not be suggested anyway).
+    #[serde(default)]
+    pub dropped_denied: u64,
     pub unused_rules: Vec<UnusedRule>,
 }
 
 impl ObservedTraffic {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, Entry, BuildHasherDefault<KeyIsHash>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts one call: `request` is the method and path of an HTTP request, `None` a TCP
-    /// connection.
-    pub fn record(&self, port: u16, peer: &SpiffeId, request: Option<(&str, &str)>) -> Recorded {
+    /// connection; `allowed` whether the sidecar let it through (`Decision::allowed`: in audit
+    /// mode, every call).
+    pub fn record(
+        &self,
+        port: u16,
+        peer: &SpiffeId,
+        request: Option<(&str, &str)>,
+        allowed: bool,
+    ) -> Recorded {
         let (method, path) = request.unwrap_or(("", ""));
         // Methods are short tokens; a longer one is kept (and matched) by its first 32 bytes.
         let method = &method[..method.floor_char_boundary(32)];
@@ -119,46 +166,65 @@ impl ObservedTraffic {
         // Cut without a copy: a call seen before (nearly every one) allocates nothing.
         let path = crate::decisions::cut_str(path, MAX_PATH);
         let key = self.hasher.hash_one((port, peer.as_str(), method, path));
-        let mut map = self.lock();
-        let room = map.len() < MAX_ENTRIES;
-        match map.get_mut(&key) {
-            Some(e)
-                if e.port == port
-                    && e.peer == peer.as_str()
-                    && e.method == method
-                    && e.path == path =>
-            {
-                e.count += 1;
-                Recorded::Counted
-            }
-            Some(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                Recorded::Dropped
-            }
-            None if room => {
-                map.insert(
-                    key,
-                    Entry {
-                        port,
-                        peer: peer.as_str().to_owned(),
-                        method: method.to_owned(),
-                        path: path.to_owned(),
-                        count: 1,
-                    },
-                );
-                Recorded::New
-            }
-            None => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                Recorded::Dropped
-            }
+        let same = |e: &&mut Entry| {
+            e.port == port && e.peer == peer.as_str() && e.method == method && e.path == path
+        };
+        let denied = u64::from(!allowed);
+        let mut tables = self.lock();
+        let t = &mut *tables;
+        if let Some(e) = t.let_through.get_mut(&key).filter(same) {
+            e.count += 1;
+            e.denied += denied;
+            return Recorded::Counted;
         }
+        if let Some(e) = t.denied.get_mut(&key).filter(same) {
+            e.count += 1;
+            e.denied += denied;
+            if allowed
+                && t.let_through.len() < MAX_ENTRIES
+                && !t.let_through.contains_key(&key)
+                && let Some(e) = t.denied.remove(&key)
+            {
+                t.let_through.insert(key, e);
+            }
+            return Recorded::Counted;
+        }
+        let (table, max) = if allowed {
+            (&mut t.let_through, MAX_ENTRIES)
+        } else {
+            (&mut t.denied, MAX_DENIED_ENTRIES)
+        };
+        // A full table, or (all but never) another call with the same 64-bit key.
+        if table.len() >= max || table.contains_key(&key) {
+            return t.drop_call(allowed);
+        }
+        table.insert(
+            key,
+            Entry {
+                port,
+                peer: peer.as_str().to_owned(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+                count: 1,
+                denied,
+            },
+        );
+        Recorded::New
     }
 
     /// Everything kept, decided again by `policy` (the one in force now), with the rules that
     /// decided none of it.
     pub fn report(&self, policy: Option<&Policy>) -> ObservedReport {
-        let entries: Vec<Entry> = self.lock().values().cloned().collect();
+        let (entries, dropped, dropped_denied) = {
+            let t = self.lock();
+            let entries: Vec<Entry> = t
+                .let_through
+                .values()
+                .chain(t.denied.values())
+                .cloned()
+                .collect();
+            (entries, t.dropped, t.dropped_denied)
+        };
         let mut used: std::collections::BTreeSet<(u16, usize)> = Default::default();
         let mut calls: Vec<ObservedCall> = entries
             .into_iter()
@@ -186,6 +252,7 @@ impl ObservedTraffic {
                     path: e.path,
                     peer: e.peer,
                     count: e.count,
+                    denied: e.denied,
                     decision: word.to_owned(),
                     rule: decision.rule.label(),
                 }
@@ -209,7 +276,8 @@ impl ObservedTraffic {
             .unwrap_or_default();
         ObservedReport {
             calls,
-            dropped: self.dropped.load(Ordering::Relaxed),
+            dropped,
+            dropped_denied,
             unused_rules,
         }
     }
@@ -258,7 +326,8 @@ pub fn suggest(args: &crate::cli::SuggestPolicyArgs) -> std::process::ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The suggestion and the difference, as `suggest-policy` prints them.
+/// The suggestion and the difference, as `suggest-policy` prints them. The whole text parses as a
+/// policy (or, with `annotations`, as annotations): long lists are cut at [`MAX_LISTED`] lines.
 pub fn render(report: &ObservedReport, annotations: bool) -> String {
     use std::fmt::Write as _;
     let observed: Vec<meshid_identity::policy::Observed> = report
@@ -271,11 +340,28 @@ pub fn render(report: &ObservedReport, annotations: bool) -> String {
             method: c.method.clone(),
             path: c.path.clone(),
             count: c.count,
+            denied: c.denied,
         })
         .collect();
     let mut out = String::from(
         "# Suggested by meshid-sidecar suggest-policy from the traffic this sidecar observed.\n",
     );
+    if report.dropped > 0 {
+        let _ = writeln!(
+            out,
+            "# Incomplete: {} calls let through were not kept (the summary holds {MAX_ENTRIES} \
+             distinct calls let through), so this may not allow all the traffic seen.",
+            report.dropped
+        );
+    }
+    if report.dropped_denied > 0 {
+        let _ = writeln!(
+            out,
+            "# {} denied calls were not kept (the summary holds {MAX_DENIED_ENTRIES} distinct calls \
+             only ever denied); a denied call is never suggested.",
+            report.dropped_denied
+        );
+    }
     if annotations {
         out.push_str(
             "# Annotations allow whole peers: on HTTP ports this allows more than was observed.\n",
@@ -284,97 +370,59 @@ pub fn render(report: &ObservedReport, annotations: bool) -> String {
     } else {
         out.push_str(&meshid_identity::policy::suggest_yaml(&observed));
     }
-    let denied: Vec<&ObservedCall> = report
+    let denied: Vec<String> = report
         .calls
         .iter()
         .filter(|c| c.decision != "allow")
+        .map(|c| {
+            let what = if c.method.is_empty() {
+                "connection".to_owned()
+            } else {
+                format!("{} {}", c.method.escape_debug(), c.path.escape_debug())
+            };
+            format!(
+                "{} -> port {} {what} ({} times): {}",
+                c.peer.escape_debug(),
+                c.port,
+                c.count,
+                c.rule.escape_debug()
+            )
+        })
         .collect();
     let _ = writeln!(
         out,
         "# Observed calls the policy in force denies ({}):",
         denied.len()
     );
-    for c in denied {
-        let what = if c.method.is_empty() {
-            "connection".to_owned()
-        } else {
-            format!("{} {}", c.method, c.path)
-        };
-        let _ = writeln!(
-            out,
-            "#   {} -> port {} {what} ({} times): {}",
-            c.peer, c.port, c.count, c.rule
-        );
-    }
+    write_listed(&mut out, &denied);
+    let unused: Vec<String> = report
+        .unused_rules
+        .iter()
+        .map(|r| format!("port {}: {}", r.port, r.describe.escape_debug()))
+        .collect();
     let _ = writeln!(
         out,
         "# Rules of the policy in force that decided none of them ({}):",
-        report.unused_rules.len()
+        unused.len()
     );
-    for r in &report.unused_rules {
-        let _ = writeln!(out, "#   port {}: {}", r.port, r.describe);
-    }
-    if report.dropped > 0 {
-        let _ = writeln!(
-            out,
-            "# {} calls were not kept (the summary holds {MAX_ENTRIES} distinct calls)",
-            report.dropped
-        );
-    }
+    write_listed(&mut out, &unused);
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn calls_are_counted_bounded_and_decided_again_by_the_policy_in_force() {
-        let seen = ObservedTraffic::default();
-        let web = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
-        let other = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/other").unwrap();
-        for _ in 0..3 {
-            seen.record(8080, &web, Some(("GET", "/api/1?q=x")));
-        }
-        seen.record(8080, &other, Some(("GET", "/api/1")));
-        seen.record(5432, &web, None);
-        let policy = Policy::parse(
-            "inbound:\n  - port: 8080\n    protocol: http\n    allow:\n      - id: spiffe://cluster.local/ns/shop/sa/web\n      - id: spiffe://cluster.local/ns/ops/sa/x\n",
-        )
-        .unwrap();
-        let report = seen.report(Some(&policy));
-        assert_eq!(report.calls.len(), 3);
-        let web_call = report
-            .calls
-            .iter()
-            .find(|c| c.peer == web.as_str() && c.port == 8080)
-            .unwrap();
-        assert_eq!((web_call.count, web_call.path.as_str()), (3, "/api/1"));
-        assert_eq!(web_call.decision, "allow");
-        assert_eq!(
-            report.unused_rules,
-            vec![UnusedRule {
-                port: 8080,
-                rule: 1,
-                describe: "rule 1 (spiffe://cluster.local/ns/ops/sa/x)".into()
-            }]
+/// `lines` as comment lines, the first [`MAX_LISTED`] of them, then how many more there are.
+fn write_listed(out: &mut String, lines: &[String]) {
+    use std::fmt::Write as _;
+    for line in lines.iter().take(MAX_LISTED) {
+        let _ = writeln!(out, "#   {line}");
+    }
+    if lines.len() > MAX_LISTED {
+        let _ = writeln!(
+            out,
+            "#   ... and {} more (all of them: the admin port's /observed)",
+            lines.len() - MAX_LISTED
         );
-        let text = render(&report, false);
-        assert!(text.contains("denies (2)"), "{text}");
-        assert!(
-            text.contains("port 5432 connection (1 times): port-not-in-policy"),
-            "{text}"
-        );
-        assert_eq!(seen.record(5432, &web, None), Recorded::Counted);
-        for i in 0..MAX_ENTRIES + 5 {
-            seen.record(9000, &web, Some(("GET", &format!("/x/{i}"))));
-        }
-        assert_eq!(
-            seen.record(9000, &web, Some(("GET", "/y"))),
-            Recorded::Dropped
-        );
-        let report = seen.report(None);
-        assert_eq!(report.calls.len(), MAX_ENTRIES);
-        assert!(report.dropped >= 5);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -145,8 +145,9 @@ impl fmt::Display for Explanation {
                 f.write_str("; the policy names no rules for this port")
             }
             (_, RuleRef::UnsafePath) => f.write_str(
-                "; the path has a `.` or `..` segment, `//`, a backslash, a NUL or an encoded \
-                 `/`, `\\` or `.`, and is denied whatever the rules say",
+                "; the path has a `.` or `..` segment, `//`, a backslash, a NUL, a `%` not \
+                 followed by two hex digits, or an encoded `/`, `\\`, `.`, `%`, control character \
+                 or overlong UTF-8, and is denied whatever the rules say",
             ),
             (None, RuleRef::NoRuleMatched) => f.write_str("; the port's allow list is empty"),
             _ => Ok(()),

@@ -124,8 +124,10 @@ pub enum RuleRef {
     NoPolicy,
     /// The request path cannot be matched safely, so it is denied whatever the rules say: it does
     /// not start with '/', or it has a `.` or `..` segment (also as `..;x`), `//`, a backslash, a
-    /// NUL, or a percent-encoded `/`, `\` or `.` (`%2f`, `%5c`, `%2e`, any case). The application
-    /// might resolve such a path to another one than the path matched (`/public/%2e%2e/admin`).
+    /// NUL, or an escape unsafe to decode: a percent-encoded `/`, `\`, `.` or `%` (`%2f`, `%5c`,
+    /// `%2e`, `%25`, any case), control character (`%00`), or overlong UTF-8 (`%c0%ae`), or a `%`
+    /// not followed by two hex digits (`%u002e`). The application might resolve such a path to
+    /// another one than the path matched (`/public/%2e%2e/admin`).
     UnsafePath,
 }
 

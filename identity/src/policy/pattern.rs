@@ -5,7 +5,9 @@
 //! spelled differently from the rule (say `/%61pi` for `/api`) simply does not match and is denied.
 //! The dangerous spellings are the ones that match a rule here but mean another path to the
 //! application after it normalizes or decodes them (`/public/../admin`, `/public/%2e%2e/admin`,
-//! `/public/..%2fadmin`, `/public\..\admin`); [`is_safe_path`] rejects those outright.
+//! `/public/..%2fadmin`, `/public\..\admin`, and for lenient or legacy decoders
+//! `/public/%c0%ae%c0%ae/admin` or `/public/%u002e%u002e/admin`); [`is_safe_path`] rejects those
+//! outright.
 
 use std::fmt;
 
@@ -29,8 +31,8 @@ pub(super) enum PatternError {
     #[error("a path may only have printable ascii characters other than '?' and '#'")]
     PathChar,
     #[error(
-        "a path with a '.' or '..' segment, \"//\", '\\' or an encoded '/', '\\' or '.' \
-        never matches"
+        "a path with a '.' or '..' segment, \"//\", '\\', a '%' not followed by two hex digits, or \
+        an encoded '/', '\\', '.', '%', control character or overlong utf-8 never matches"
     )]
     UnsafePath,
 }
@@ -206,29 +208,68 @@ impl PathPattern {
 ///
 /// Deliberately strict: it must start with '/', and it must not contain a `.` or `..` segment
 /// (also when followed by `;params`, as some servers strip those), an empty segment (`//`), a
-/// backslash, a NUL, or a percent-encoded `/`, `\`, `.` or `%` (`%2f`, `%5c`, `%2e`, `%25`, any case). Such a
-/// path is denied whatever the rules say, because the application may resolve it to a different
-/// path than the one matched here.
+/// backslash, a NUL, or an escape that is unsafe to decode (see [`safe_escapes`]). Such a path is
+/// denied whatever the rules say, because the application may resolve it to a different path
+/// than the one matched here.
 pub(super) fn is_safe_path(path: &str) -> bool {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') || path.contains("//") || path.contains(['\\', '\0']) {
         return false;
     }
-    let encoded_separator = bytes.windows(3).any(|w| {
-        w[0] == b'%'
-            && matches!(
-                (w[1], w[2].to_ascii_lowercase()),
-                // %2f '/', %5c '\\', %2e '.', and %25 '%' (double encoding, for apps that decode twice)
-                (b'2', b'f') | (b'5', b'c') | (b'2', b'e') | (b'2', b'5')
-            )
-    });
-    if encoded_separator {
+    if !safe_escapes(bytes) {
         return false;
     }
     !path.split('/').any(|segment| {
         let name = segment.split(';').next().unwrap_or(segment);
         name == "." || name == ".."
     })
+}
+
+/// Whether every `%` in a path starts an escape that no decoder, however lenient, turns into a
+/// separator, a dot, a `%` or a control character. Refused, in any case:
+/// - a `%` not followed by two hex digits: IIS's `%u002e` is a '.', and a decoder that leaves
+///   `%2%65` alone hands `%2e` to one that decodes again;
+/// - `%2f` '/', `%5c` '\\', `%2e` '.', and `%25` '%' (double encoding, for apps that decode twice);
+/// - `%00` to `%1f` and `%7f`: a C string ends at the NUL, and some apps strip the others;
+/// - UTF-8 that spells ASCII in more bytes than it takes (overlong: `%c0%ae` is '.', `%c0%af` '/',
+///   `%c1%9c` '\\', `%e0%80%ae` '.'), which legacy decoders accept: every `%c0`, `%c1`, and `%f5`
+///   to `%ff` (never in UTF-8; old decoders read `%f8` and `%fc` as five- and six-byte forms), and
+///   `%e0` or `%f0` unless the next escape makes a sequence too long to be ASCII (`%e0%a0` to
+///   `%e0%bf`, `%f0%90` to `%f0%bf`), since a decoder that skips checks may take raw bytes after
+///   them. Other UTF-8 (`%c3%a9`, `%e2%82%ac`, `%f0%9f%98%80`) and Latin-1 (`%e9`) stay.
+fn safe_escapes(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    while let Some(at) = rest.iter().position(|&b| b == b'%') {
+        rest = &rest[at..];
+        let Some(byte) = escaped(rest) else {
+            return false;
+        };
+        rest = &rest[3..];
+        let unsafe_byte = match byte {
+            b'/' | b'\\' | b'.' | b'%' | 0x00..=0x1f | 0x7f | 0xc0 | 0xc1 | 0xf5..=0xff => true,
+            0xe0 => !matches!(escaped(rest), Some(0xa0..=0xbf)),
+            0xf0 => !matches!(escaped(rest), Some(0x90..=0xbf)),
+            _ => false,
+        };
+        if unsafe_byte {
+            return false;
+        }
+    }
+    true
+}
+
+/// The byte that the `%XX` escape at the start of `s` stands for, if it is one.
+fn escaped(s: &[u8]) -> Option<u8> {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    match s {
+        [b'%', high, low, ..] => Some((hex(*high)? << 4) | hex(*low)?),
+        _ => None,
+    }
 }
 
 /// A value quoted for an error message, shortened so that a huge value does not flood the log.
@@ -369,6 +410,9 @@ mod tests {
             ("/a/../b", UnsafePath),
             ("//a", UnsafePath),
             ("/a/%2e/*", UnsafePath),
+            ("/a/%c0%ae/*", UnsafePath),
+            ("/a%00", UnsafePath),
+            ("/a/%u002e", UnsafePath),
         ];
         for (text, want) in bad {
             let got = PathPattern::parse(text);
@@ -379,7 +423,12 @@ mod tests {
     #[test]
     fn safe_paths() {
         #[rustfmt::skip]
-        let safe = ["/", "/a", "/a/", "/a/b.c", "/.well-known/x", "/a..b", "/a/...", "/%41", "/a;b"];
+        let safe = [
+            "/", "/a", "/a/", "/a/b.c", "/.well-known/x", "/a..b", "/a/...", "/%41", "/a;b", "/%20",
+            // UTF-8 that is not overlong, and Latin-1, stay: no decoder makes ASCII of them.
+            "/caf%c3%a9", "/caf%C3%A9", "/%e2%82%ac", "/%e0%a0%80", "/%f0%9f%98%80", "/%f0%90%80%80",
+            "/caf%e9", "/%c2%a0", "/%df%bf", "/%ef%bf%bd", "/%f4%8f%bf%bf", "/%80", "/a%7e",
+        ];
         for ok in safe {
             assert!(is_safe_path(ok), "{ok:?}");
         }
@@ -387,6 +436,16 @@ mod tests {
         let not_safe = [
             "", "a", "*", "/.", "/..", "/a/./b", "/a/../b", "/a/..;x/b", "/a/.;/b", "//a", "/a//b",
             "/a\\b", "/a\0b", "/a%2fb", "/a%2Fb", "/a%5cb", "/a%5Cb", "/%2e%2e/x", "/%2E", "/..%2f", "/a%252fb",
+            // Encoded control characters, NUL first.
+            "/a%00", "/a%00.jpg", "/a%01", "/a%0a", "/a%0D", "/a%09", "/a%1f", "/a%7f", "/a%7F",
+            // Overlong UTF-8 for '.', '/' and '\\', in two, three and four bytes, any case.
+            "/%c0%ae%c0%ae/x", "/%C0%AE", "/..%c0%af", "/%c0%2f", "/%c1%9c", "/%c1%1c", "/%c0%80",
+            "/%e0%80%ae", "/%E0%80%AF", "/%e0%9f%bf", "/%e0.", "/%e0", "/%e0/x", "/%f0%80%80%ae",
+            "/%f0%8f%bf%bf", "/%f0", "/%f0%2e",
+            // Lead bytes no UTF-8 has, which old decoders read as five- and six-byte forms.
+            "/%f5%80%80%80", "/%f8%80%80%80%ae", "/%fc%80%80%80%80%ae", "/%fe", "/%FF",
+            // Not an escape: IIS's %u form, and lone or short '%'s a second decoder may complete.
+            "/%u002e%u002e/x", "/%U002F", "/%u2215", "/a%", "/a%2", "/a%g0", "/%2%65", "/%%32%65",
         ];
         for bad in not_safe {
             assert!(!is_safe_path(bad), "{bad:?}");

@@ -2,11 +2,16 @@
 //! with paths collapsed into the patterns a policy can say (`/orders/*` for `/orders/123`,
 //! `/orders/456`), written as a policy file or as a pod's annotations. Pure: the sidecar's
 //! observed-traffic summary goes in, text comes out, and the text parses back as a policy.
+//!
+//! Only calls the sidecar let through at least once are suggested. A call it denied every time is
+//! listed in a comment, never allowed, and counts toward neither a `/prefix/*` nor a whole peer:
+//! otherwise any peer of the trust domain could probe the paths it wants and have them (or their
+//! whole prefix, or every call it makes) suggested for allowing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use super::pattern::is_safe_path;
+use super::pattern::{Method, is_safe_path};
 
 /// One observed call (or connection, on a TCP port: no method, no path).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,12 +22,26 @@ pub struct Observed {
     pub peer: String,
     pub method: String,
     pub path: String,
+    /// How many times it was seen.
     pub count: u64,
+    /// How many of those the sidecar refused (not let through: `enforce` mode, or no policy). A call
+    /// refused every time it was seen is not suggested.
+    pub denied: u64,
+}
+
+impl Observed {
+    /// Whether the sidecar let it through at least once (in `audit` mode, every call).
+    fn let_through(&self) -> bool {
+        self.denied < self.count
+    }
 }
 
 /// More distinct paths than this under one first segment, for one peer and port, collapse into
 /// `/first/*`.
 pub const MAX_PATHS_PER_PREFIX: usize = 16;
+
+/// The most calls listed one by one in the "left out" comment; the rest are counted.
+const MAX_LEFT_OUT_LISTED: usize = 100;
 
 /// Whether a path segment looks like a value (an ID, a number, a token) rather than a name.
 fn is_variable(segment: &str) -> bool {
@@ -67,18 +86,58 @@ fn first_segment(pattern: &str) -> Option<String> {
     (!first.is_empty()).then(|| format!("/{first}/*"))
 }
 
-/// Per port: (http, per peer: per path pattern: methods).
-type Grouped = BTreeMap<u16, (bool, BTreeMap<String, BTreeMap<String, BTreeSet<String>>>)>;
+/// Why an observed call is not in the suggested rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum LeftOut {
+    /// The sidecar refused it every time it was seen.
+    Denied,
+    /// Let through, but with a method a policy cannot name (not only ASCII letters: `M-SEARCH`).
+    Method,
+    /// Let through (in `audit` mode), but with a path a policy cannot name (unsafe, or with a
+    /// character a pattern cannot hold).
+    Path,
+}
 
-fn group(observed: &[Observed]) -> Grouped {
-    let mut ports: Grouped = BTreeMap::new();
+impl LeftOut {
+    fn why(self) -> &'static str {
+        match self {
+            Self::Denied => "denied every time, so not suggested",
+            Self::Method => "a method a policy cannot name",
+            Self::Path => "a path a policy cannot name",
+        }
+    }
+}
+
+/// Per port: (http, per peer: per path pattern: methods).
+type Ports = BTreeMap<u16, (bool, BTreeMap<String, BTreeMap<String, BTreeSet<String>>>)>;
+
+/// What the suggestion is made of: the calls let through, by port and peer, and the calls it
+/// leaves out with the reason.
+struct Grouped<'a> {
+    ports: Ports,
+    left_out: Vec<(LeftOut, &'a Observed)>,
+}
+
+fn group(observed: &[Observed]) -> Grouped<'_> {
+    let mut ports: Ports = BTreeMap::new();
+    let mut left_out = Vec::new();
     for o in observed {
+        // Before anything else: a denied call names no peer, path or method of the suggestion.
+        if !o.let_through() {
+            left_out.push((LeftOut::Denied, o));
+            continue;
+        }
         let (_, peers) = ports.entry(o.port).or_insert((o.http, BTreeMap::new()));
         let paths = peers.entry(o.peer.clone()).or_default();
         if !o.http {
             continue;
         }
-        let (Some(pattern), false) = (pattern_of(&o.path), o.method.is_empty()) else {
+        if Method::parse(&o.method).is_err() {
+            left_out.push((LeftOut::Method, o));
+            continue;
+        }
+        let Some(pattern) = pattern_of(&o.path) else {
+            left_out.push((LeftOut::Path, o));
             continue;
         };
         paths.entry(pattern).or_default().insert(o.method.clone());
@@ -107,7 +166,10 @@ fn group(observed: &[Observed]) -> Grouped {
             }
         }
     }
-    ports
+    left_out.sort_by(|(a, x), (b, y)| {
+        (a, x.port, &x.peer, &x.method, &x.path).cmp(&(b, y.port, &y.peer, &y.method, &y.path))
+    });
+    Grouped { ports, left_out }
 }
 
 /// The rules for one peer on an HTTP port: paths with the same methods share a rule.
@@ -126,38 +188,101 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_default()
 }
 
-/// The observed traffic as a policy file (`mode: enforce`).
-pub fn suggest_yaml(observed: &[Observed]) -> String {
-    let mut out = String::from("mode: enforce\ninbound:\n");
-    for (port, (http, peers)) in group(observed) {
-        let _ = write!(
-            out,
-            "  - port: {port}\n    protocol: {}\n    allow:\n",
-            if http { "http" } else { "tcp" }
+/// `s` for a comment line: control characters and line separators escaped, so that what a peer
+/// sent cannot end the comment and add a line of policy.
+fn commented(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
+/// The comment listing the calls the suggestion leaves out (the first [`MAX_LEFT_OUT_LISTED`]),
+/// each with why; nothing when there are none.
+fn write_left_out(out: &mut String, left_out: &[&(LeftOut, &Observed)]) {
+    if left_out.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "# Left out of the suggestion ({}):", left_out.len());
+    if left_out.iter().any(|(why, _)| *why == LeftOut::Denied) {
+        out.push_str(
+            "# (a call the sidecar denied every time it was seen is never suggested, nor counted\n\
+             # toward a /prefix/* or a whole peer, so that a peer cannot get what it probes for\n\
+             # allowed; allow it by hand if it is wanted)\n",
         );
-        for (peer, paths) in &peers {
+    }
+    for (why, o) in left_out.iter().take(MAX_LEFT_OUT_LISTED) {
+        let what = if o.http {
+            format!("{} {}", commented(&o.method), commented(&o.path))
+        } else {
+            "connection".to_owned()
+        };
+        let _ = writeln!(
+            out,
+            "#   {} -> port {} {what} ({} times): {}",
+            commented(&o.peer),
+            o.port,
+            o.count,
+            why.why()
+        );
+    }
+    if left_out.len() > MAX_LEFT_OUT_LISTED {
+        let _ = writeln!(
+            out,
+            "#   ... and {} more",
+            left_out.len() - MAX_LEFT_OUT_LISTED
+        );
+    }
+}
+
+/// The observed traffic as a policy file (`mode: enforce`), then, as comments, the calls it leaves
+/// out. The whole text parses as a policy.
+pub fn suggest_yaml(observed: &[Observed]) -> String {
+    let grouped = group(observed);
+    let mut out = String::from("mode: enforce\n");
+    if grouped.ports.is_empty() {
+        out.push_str("inbound: []\n");
+    } else {
+        out.push_str("inbound:\n");
+    }
+    for (port, (http, peers)) in &grouped.ports {
+        let mut rules = String::new();
+        for (peer, paths) in peers {
             if !http {
-                let _ = writeln!(out, "      - id: {}", quoted(peer));
+                let _ = writeln!(rules, "      - id: {}", quoted(peer));
                 continue;
             }
             for (methods, paths) in http_rules(paths) {
-                let _ = writeln!(out, "      - id: {}", quoted(peer));
+                let _ = writeln!(rules, "      - id: {}", quoted(peer));
                 let list =
                     |v: &[String]| v.iter().map(|s| quoted(s)).collect::<Vec<_>>().join(", ");
-                let _ = writeln!(out, "        methods: [{}]", list(&methods));
-                let _ = writeln!(out, "        paths: [{}]", list(&paths));
+                let _ = writeln!(rules, "        methods: [{}]", list(&methods));
+                let _ = writeln!(rules, "        paths: [{}]", list(&paths));
             }
         }
+        let _ = writeln!(
+            out,
+            "  - port: {port}\n    protocol: {}",
+            if *http { "http" } else { "tcp" }
+        );
+        // A port whose calls a policy cannot name: listed (its protocol still says what the
+        // listener is), allowing no one.
+        if rules.is_empty() {
+            out.push_str("    allow: []\n");
+        } else {
+            out.push_str("    allow:\n");
+            out.push_str(&rules);
+        }
     }
+    write_left_out(&mut out, &grouped.left_out.iter().collect::<Vec<_>>());
     out
 }
 
 /// The observed traffic as pod annotations (`meshid.io/inbound`, `meshid.io/allow-PORT`), to put
-/// under the pod template's `metadata.annotations`. Annotations allow whole peers (no methods or
-/// paths), so on an HTTP port they allow more than was seen; the policy file says it exactly.
+/// under the pod template's `metadata.annotations`, then, as comments, the calls left out.
+/// Annotations allow whole peers (no methods or paths), so on an HTTP port they allow more than
+/// was seen; the policy file says it exactly. A peer whose every call was denied is not allowed.
 pub fn suggest_annotations(observed: &[Observed]) -> String {
     let grouped = group(observed);
     let inbound: Vec<String> = grouped
+        .ports
         .iter()
         .map(|(port, (http, _))| {
             if *http {
@@ -168,116 +293,19 @@ pub fn suggest_annotations(observed: &[Observed]) -> String {
         })
         .collect();
     let mut out = format!("meshid.io/inbound: {}\n", quoted(&inbound.join(", ")));
-    for (port, (_, peers)) in &grouped {
+    for (port, (_, peers)) in &grouped.ports {
         let peers: Vec<&str> = peers.keys().map(String::as_str).collect();
         let _ = writeln!(out, "meshid.io/allow-{port}: {}", quoted(&peers.join(", ")));
     }
+    // A whole peer is allowed, whatever its methods and paths: only denied calls are left out.
+    let denied: Vec<&(LeftOut, &Observed)> = grouped
+        .left_out
+        .iter()
+        .filter(|(why, _)| *why == LeftOut::Denied)
+        .collect();
+    write_left_out(&mut out, &denied);
     out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::SpiffeId;
-    use crate::policy::Policy;
-
-    fn seen(port: u16, peer: &str, method: &str, path: &str) -> Observed {
-        Observed {
-            port,
-            http: !method.is_empty(),
-            peer: peer.to_owned(),
-            method: method.to_owned(),
-            path: path.to_owned(),
-            count: 1,
-        }
-    }
-
-    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
-    const PROM: &str = "spiffe://cluster.local/ns/ops/sa/prometheus";
-
-    #[test]
-    fn values_in_paths_collapse_and_the_result_allows_exactly_what_was_seen() {
-        let mut observed = vec![
-            seen(8080, WEB, "GET", "/api/orders/123"),
-            seen(8080, WEB, "GET", "/api/orders/456?x=1"),
-            seen(8080, WEB, "POST", "/api/orders"),
-            seen(
-                8080,
-                WEB,
-                "GET",
-                "/api/users/3f2a9c01-b2de-4f00-8a00-000000000000/cart",
-            ),
-            seen(8080, PROM, "GET", "/metrics"),
-            seen(8080, WEB, "GET", "/a/../admin"),
-            seen(5432, WEB, "", ""),
-        ];
-        for i in 0..20 {
-            observed.push(seen(8080, PROM, "GET", &format!("/static/file{i}.css")));
-        }
-        let yaml = suggest_yaml(&observed);
-        let policy = Policy::parse(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let web = SpiffeId::parse(WEB).unwrap();
-        let prom = SpiffeId::parse(PROM).unwrap();
-        let allows = |peer: &SpiffeId, method: &str, path: &str| {
-            policy.decide_request(8080, peer, method, path).would_allow
-        };
-        assert!(allows(&web, "GET", "/api/orders/789"), "{yaml}");
-        assert!(allows(&web, "POST", "/api/orders"), "{yaml}");
-        assert!(!allows(&web, "POST", "/api/orders/789"), "{yaml}");
-        assert!(!allows(&web, "DELETE", "/api/orders"), "{yaml}");
-        assert!(
-            allows(&web, "GET", "/api/users/other/cart") || yaml.contains("/api/users/*"),
-            "{yaml}"
-        );
-        assert!(!allows(&web, "GET", "/metrics"), "{yaml}");
-        assert!(allows(&prom, "GET", "/metrics"), "{yaml}");
-        assert!(
-            allows(&prom, "GET", "/static/file99.css"),
-            "twenty files collapse: {yaml}"
-        );
-        assert!(!allows(&prom, "GET", "/api/orders/1"), "{yaml}");
-        assert!(
-            !yaml.contains(".."),
-            "an unsafe path is never suggested: {yaml}"
-        );
-        assert!(policy.decide_connection(5432, &web).would_allow, "{yaml}");
-        assert!(!policy.decide_connection(5432, &prom).would_allow, "{yaml}");
-        let annotations = suggest_annotations(&observed);
-        assert!(
-            annotations.contains("meshid.io/inbound: \"5432, 8080=http\"\n"),
-            "{annotations}"
-        );
-        assert!(
-            annotations.contains(&format!("meshid.io/allow-5432: \"{WEB}\"\n")),
-            "{annotations}"
-        );
-        assert!(
-            annotations.contains(&format!("meshid.io/allow-8080: \"{PROM}, {WEB}\"\n")),
-            "{annotations}"
-        );
-    }
-
-    #[test]
-    fn segments_that_look_like_values() {
-        for v in [
-            "123",
-            "3f2a9c01",
-            "3f2a9c01-b2de-4f00-8a00-000000000000",
-            "a1b2c3d4e5f6g7h8i9",
-            "x%20y",
-        ] {
-            assert!(is_variable(v), "{v}");
-        }
-        for n in ["orders", "v1", "api", "deadbeef", "metrics", ""] {
-            assert!(!is_variable(n), "{n}");
-        }
-        assert_eq!(
-            pattern_of("/api/v1/orders/42/items").as_deref(),
-            Some("/api/v1/orders/*")
-        );
-        assert_eq!(pattern_of("/healthz").as_deref(), Some("/healthz"));
-        assert_eq!(pattern_of("/").as_deref(), Some("/"));
-        assert_eq!(pattern_of("/a//b"), None);
-        assert_eq!(pattern_of("/a/*"), None);
-    }
-}
+mod tests;

@@ -261,7 +261,11 @@ impl Authorizer {
         }
         let (method, path) = request.unwrap_or(("", ""));
         let id = peer.id();
-        match self.shared.observed.record(port, id, request) {
+        match self
+            .shared
+            .observed
+            .record(port, id, request, decision.allowed)
+        {
             crate::observed::Recorded::Counted => {}
             crate::observed::Recorded::New => {
                 self.shared.metrics.observed_calls.inc();
