@@ -102,8 +102,9 @@ pub enum Command {
     /// 1: not kept any more, or the sidecar could not be asked.
     Explain(ExplainArgs),
     /// Print a policy (YAML, or with --annotations a pod's annotations) that allows exactly the
-    /// traffic the sidecar has observed, paths collapsed into patterns, followed (as comments) by
-    /// the observed calls the policy in force denies and its rules that decided none of them.
+    /// traffic the sidecar has let through, paths collapsed into patterns (a call it denied every
+    /// time is only listed, as a comment), followed (as comments) by the observed calls the policy
+    /// in force denies and its rules that decided none of them.
     /// Asks the sidecar's admin (or stats) port. Exit 0: printed; 1: the sidecar could not be asked.
     SuggestPolicy(SuggestPolicyArgs),
 }
@@ -259,7 +260,8 @@ pub struct RunArgs {
     /// Time allowed for a TLS handshake.
     #[arg(long, env = "MESHID_SIDECAR_HANDSHAKE_TIMEOUT", default_value = "10s")]
     pub handshake_timeout: String,
-    /// Close a connection with no traffic either way for this long.
+    /// Close a connection with no traffic either way for this long (an h2 connection: with no
+    /// request in flight, or with a response its peer does not take).
     #[arg(long, env = "MESHID_SIDECAR_IDLE_TIMEOUT", default_value = "5m")]
     pub idle_timeout: String,
     /// Most concurrent connections per listener; at the cap a newcomer displaces the oldest
@@ -288,7 +290,9 @@ pub struct RunArgs {
     /// gracefully then, so no connection outlives the identity that opened it).
     #[arg(long, env = "MESHID_SIDECAR_NO_CONNECTION_AGE_CAP")]
     pub no_connection_age_cap: bool,
-    /// On SIGTERM, how long in-flight requests and connections may take to finish.
+    /// On SIGTERM, how long in-flight requests and connections may take to finish; also how long
+    /// any graceful close of an h2 connection (idle timeout, peer certificate expiry) waits for
+    /// its streams.
     #[arg(long, env = "MESHID_SIDECAR_GRACE", default_value = "20s")]
     pub grace: String,
 }

@@ -343,7 +343,18 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
         Opening::Gone => return,
     };
     let io = crate::idle::replay(io, prefix);
-    let svc = move |req: Request<Incoming>| svc(req.map(Tracked::untracked), None);
+    let streams = std::sync::Arc::new(crate::streams::Streams::default());
+    let counted = streams.clone();
+    let svc = move |req: Request<Incoming>| {
+        let open = counted.request();
+        let answer = svc(req.map(Tracked::untracked), None);
+        async move {
+            let resp = answer.await?;
+            Ok::<_, std::convert::Infallible>(
+                resp.map(|body| crate::streams::Sending::new(body, open)),
+            )
+        }
+    };
     // Owned and boxed: the connection state is allocated once at its own size rather than inline in
     // every enclosing future, which matters for memory per connection.
     let mut conn = Box::pin(
@@ -358,27 +369,53 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
             None => std::future::pending().await,
         }
     };
-    // What ends the connection from outside: polled only when one of them was woken, not at every
-    // wake of this task (several per request).
+    // What ends the connection from outside, or its idle limit: polled only when one of them was
+    // woken, not at every wake of this task (several per request).
+    let idle_timeout = shared.limits.idle_timeout;
     let ended = std::pin::pin!(async {
         tokio::select! {
-            () = meshid_runtime::net::stopped(&mut shutdown) => {}
-            () = expired => tracing::info!("closing gracefully: the peer's certificate expired"),
-            () = revoked => {}
+            () = meshid_runtime::net::stopped(&mut shutdown) => None,
+            () = expired => {
+                tracing::info!("closing gracefully: the peer's certificate expired");
+                None
+            }
+            () = revoked => None,
+            ending = streams.watch(idle_timeout) => Some(ending),
         }
     });
-    tokio::select! {
+    let ending = tokio::select! {
         r = conn.as_mut() => {
             if let Err(error) = r {
                 tracing::debug!(%error, "http connection ended");
             }
             return;
         }
-        () = meshid_runtime::wake::WhenWoken::new(ended) => {}
+        ending = meshid_runtime::wake::WhenWoken::new(ended) => ending,
+    };
+    if ending == Some(crate::streams::Ending::Stalled) {
+        // Graceful would wait for the very responses the peer does not take.
+        tracing::info!(
+            idle_timeout_s = idle_timeout.as_secs(),
+            "closing: the h2 peer has not taken a response for the idle timeout (its flow-control \
+             window stays closed)"
+        );
+        return;
     }
-    // Finish in-flight requests; h2 peers get GOAWAY.
+    if ending == Some(crate::streams::Ending::Idle) {
+        tracing::debug!("closing gracefully: no h2 request for the idle timeout");
+    }
+    // Finish in-flight requests; h2 peers get GOAWAY. Within the grace period: a response the peer
+    // does not take (even one whose body h2 holds whole, the app's side done) would keep it open.
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    if tokio::time::timeout(shared.limits.grace, conn)
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            grace_s = shared.limits.grace.as_secs(),
+            "closing: the h2 peer did not take its responses within the grace period"
+        );
+    }
 }
 
 pub(crate) fn finish_response(

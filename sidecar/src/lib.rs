@@ -26,6 +26,7 @@ pub mod outbound;
 pub mod policy;
 pub mod run;
 pub mod settings;
+pub mod streams;
 pub mod tls;
 pub mod trace;
 pub mod watch;

@@ -1,6 +1,7 @@
 //! What an authenticated, allowed peer (or a pod next to ours) can still try, over real sockets:
 //! identity and forwarding headers in every spelling (and in trailers), method overrides the
-//! policy would not allow, upgrades other than WebSocket, a tunnel held
+//! policy would not allow, h2 responses left untaken (a window of zero), upgrades other than
+//! WebSocket, a tunnel held
 //! past its certificate's expiry or past a policy change, a flood of upgrades against
 //! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
 //! hostile app-probe paths and probe floods on the admin port, the stats split, a rejected policy
@@ -383,6 +384,182 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
             assert!(resp.contains("x-meshid-decision"), "{header}: {resp}");
         }
     }
+}
+
+/// An h2 connection to the sidecar's inbound as `who`, with the stream window `window`: the
+/// request sender, and the connection's driver (ends when the connection does).
+async fn h2_as(
+    e: &Http,
+    who: &Workload,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(who),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(window)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(async move { drop(conn.await) }))
+}
+
+fn h2_get() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get("https://app/api/x")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
+/// An HTTP/1.1 app that answers every request with a 1 MiB body, and counts the connections it
+/// has open.
+async fn big_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = open.clone();
+    tokio::spawn(async move {
+        let body = vec![b'x'; 1 << 20];
+        let body: Arc<[u8]> = body.into();
+        while let Ok((mut s, _)) = l.accept().await {
+            let (open, body) = (counted.clone(), body.clone());
+            open.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                'requests: loop {
+                    head.clear();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            break 'requests;
+                        }
+                        head.push(b[0]);
+                    }
+                    let reply =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    if s.write_all(reply.as_bytes()).await.is_err()
+                        || s.write_all(&body).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                open.fetch_sub(1, Relaxed);
+            });
+        }
+    });
+    (addr, open)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_peer_that_stops_reading_is_closed_at_the_idle_timeout() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (app, app_connections) = big_app().await;
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.38", app, Protocol::Http)],
+            policy: Some(http_policy(&[CLIENT])),
+            limits: Some(Limits {
+                idle_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let e = Http { pki, sidecar };
+    let client = e.pki.workload(CLIENT);
+
+    // A window of zero: every response's head arrives, its body never can. Each holds the app
+    // connection it comes from (1 MiB does not fit in h2's send buffer).
+    let (mut stuck, stuck_conn) = h2_as(&e, &client, 0).await;
+    let mut heads = Vec::new();
+    for _ in 0..8 {
+        let resp = stuck.send_request(h2_get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        heads.push(resp);
+    }
+    assert!(
+        app_connections.load(Relaxed) >= 8,
+        "each response holds an app connection"
+    );
+    // A peer that reads, and keeps asking, beside it.
+    let (mut reading, reading_conn) = h2_as(&e, &client, 65_535).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let resp = reading.send_request(h2_get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes().len(), 1 << 20);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        stuck_conn.is_finished(),
+        "the connection whose peer took no response was still open after 4 idle timeouts"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app_connections.load(Relaxed) <= 1
+        })
+        .await,
+        "the app connections the untaken responses held were not let go: {}",
+        app_connections.load(Relaxed)
+    );
+    assert!(
+        !reading_conn.is_finished(),
+        "a connection in use was closed"
+    );
+    // Once it stops asking, the reading one is closed too (gracefully: idle).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(4), reading_conn)
+            .await
+            .is_ok(),
+        "an idle h2 connection stayed open past twice the idle timeout"
+    );
+    drop(heads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untaken_small_h2_responses_do_not_hold_a_connection_past_the_grace_period() {
+    // Small responses leave the app at once (h2 holds them whole, waiting for the window): the
+    // connection looks idle, and its graceful close waits for the peer to take them. Not longer
+    // than the grace period.
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        grace: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let e = http_sidecar("127.0.0.39", limits, http_policy(&[CLIENT])).await;
+    let client = e.pki.workload(CLIENT);
+    let (mut stuck, stuck_conn) = h2_as(&e, &client, 0).await;
+    let mut heads = Vec::new();
+    for _ in 0..8 {
+        let resp = stuck.send_request(h2_get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        heads.push(resp);
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(6), stuck_conn)
+            .await
+            .is_ok(),
+        "still open after twice the idle timeout and the grace period"
+    );
+    drop(heads);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,259 @@
+//! What `--idle-timeout` means on an h2 connection, where hyper has no idle limit of its own: a
+//! connection with no request in flight and none arriving for the idle timeout is closed (GOAWAY,
+//! as at shutdown), and one whose peer has stopped taking a response (its flow-control window
+//! left at zero, so hyper waits for room that never comes) is closed at once after it.
+//!
+//! The second is what a peer with a valid certificate could otherwise do on purpose: open many
+//! streams with a window of zero, each holding the app connection its response comes from for as
+//! long as the connection lives (until its certificate expires). Envoy's `stream_idle_timeout`
+//! covers the same case.
+//!
+//! A response is *held* while hyper has not asked its body for a frame: from its head until the
+//! first ask, and from each frame given until the next ask (or until hyper drops the body, the
+//! last frame sent). hyper takes one frame and keeps it until the peer's window has room for it,
+//! then asks for the next, so a response held over a whole idle period, with nothing else moving
+//! on the connection, is one the peer is not reading: even a small one, whose app side is done,
+//! holds its stream. A response that waits on the app (hyper asked, nothing came yet) is not
+//! held: a slow app is the request timeout's business, and a long stream with quiet spells is
+//! legitimate.
+//!
+//! The cost on the request path is a few relaxed atomic operations per request and per frame on
+//! one counter block per connection, which one task owns.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+
+/// One h2 connection's streams, as its watchdog ([`Streams::watch`]) sees them.
+#[derive(Debug, Default)]
+pub struct Streams {
+    /// Requests in the service or responses not yet sent in full (or dropped).
+    open: AtomicUsize,
+    /// Responses whose body hyper has not asked for a frame since it began or gave one.
+    held: AtomicUsize,
+    /// Bumped by every request and every poll of a response body.
+    moved: AtomicUsize,
+}
+
+/// Why [`Streams::watch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// No request in flight and nothing moved for a whole idle period: close gracefully.
+    Idle,
+    /// A response held for a whole idle period with nothing else moving: the peer is not reading.
+    Stalled,
+}
+
+impl Streams {
+    fn bump(&self) {
+        self.moved
+            .store(self.moved.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    /// A request handed to the service: open until the returned guard is dropped (with its
+    /// response's body, or when the stream is reset before there is one).
+    pub fn request(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Relaxed);
+        self.bump();
+        Open(self.clone())
+    }
+
+    /// What the connection's state says after a period with `moved_before` at its start.
+    fn judge(&self, moved_before: usize) -> Option<Ending> {
+        if self.moved.load(Relaxed) != moved_before {
+            return None;
+        }
+        if self.held.load(Relaxed) > 0 {
+            return Some(Ending::Stalled);
+        }
+        (self.open.load(Relaxed) == 0).then_some(Ending::Idle)
+    }
+
+    /// Resolves when the connection has been idle, or has held a response its peer does not take,
+    /// for between one and two `idle` periods (checked once a period).
+    pub async fn watch(&self, idle: Duration) -> Ending {
+        let mut before = self.moved.load(Relaxed);
+        loop {
+            tokio::time::sleep(idle).await;
+            if let Some(ending) = self.judge(before) {
+                return ending;
+            }
+            before = self.moved.load(Relaxed);
+        }
+    }
+}
+
+/// A request in flight on an h2 connection ([`Streams::request`]).
+#[derive(Debug)]
+pub struct Open(Arc<Streams>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body on its way to an h2 peer, counted in its connection's [`Streams`].
+#[derive(Debug)]
+pub struct Sending<B> {
+    inner: B,
+    open: Open,
+    held: bool,
+}
+
+impl<B: HttpBody> Sending<B> {
+    /// A response's body, held until hyper first asks it for a frame (an empty one never is).
+    pub fn new(inner: B, open: Open) -> Self {
+        let held = !inner.is_end_stream();
+        if held {
+            open.0.held.fetch_add(1, Relaxed);
+        }
+        Self { inner, open, held }
+    }
+}
+
+impl<B> Sending<B> {
+    fn release(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.open.0.held.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl<B> Drop for Sending<B> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Sending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        this.release();
+        this.open.0.bump();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &r {
+            this.held = true;
+            this.open.0.held.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    type Frames = tokio_stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::io::Error>>>;
+
+    fn body(chunks: &[&'static str]) -> http_body_util::StreamBody<Frames> {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        http_body_util::StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_response_its_peer_stops_taking_is_stalled_and_an_empty_connection_idle() {
+        let streams = Arc::new(Streams::default());
+        let quiet = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(quiet), Some(Ending::Idle), "nothing open");
+
+        // A request in the service (no response yet): neither idle nor stalled.
+        let open = streams.request();
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(before), None, "waiting on the app");
+
+        // Its response's head went out, and hyper has not asked for its body (no room).
+        let mut sending = Sending::new(body(&["a", "b"]), open);
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(before), Some(Ending::Stalled));
+
+        // It gave hyper one frame of two, and hyper asked for nothing more.
+        let first = sending.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "a");
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(before), Some(Ending::Stalled));
+
+        // Anything moving on the connection in the period defers the judgement.
+        streams.request();
+        assert_eq!(streams.judge(before), None);
+
+        // Its last frame given: held until hyper sent it and dropped the body.
+        let last = sending.frame().await.unwrap().unwrap();
+        assert_eq!(last.into_data().unwrap(), "b");
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(before), Some(Ending::Stalled));
+        drop(sending);
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(streams.judge(before), Some(Ending::Idle));
+        assert_eq!(streams.held.load(Relaxed), 0);
+        assert_eq!(streams.open.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_response_waiting_on_the_app_is_not_held() {
+        let streams = Arc::new(Streams::default());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+        let waiting =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut sending = Sending::new(waiting, streams.request());
+        // hyper asks; the app has sent nothing yet.
+        assert!(poll_once(&mut sending));
+        let before = streams.moved.load(Relaxed);
+        assert_eq!(
+            streams.judge(before),
+            None,
+            "a slow app is not a stalled peer"
+        );
+        drop(tx);
+    }
+
+    /// Whether one poll of `body` (as hyper's ask for a frame) found nothing ready.
+    fn poll_once<B: HttpBody + Unpin>(body: &mut B) -> bool {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        Pin::new(body).poll_frame(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_while_held_releases_it() {
+        let streams = Arc::new(Streams::default());
+        let mut sending = Sending::new(body(&["a", "b"]), streams.request());
+        sending.frame().await.unwrap().unwrap();
+        assert_eq!(streams.held.load(Relaxed), 1);
+        drop(sending);
+        assert_eq!(streams.held.load(Relaxed), 0);
+        assert_eq!(streams.open.load(Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_ends_an_idle_connection_within_two_periods() {
+        let streams = Arc::new(Streams::default());
+        let start = tokio::time::Instant::now();
+        let ending = streams.watch(Duration::from_secs(10)).await;
+        assert_eq!(ending, Ending::Idle);
+        assert!(start.elapsed() <= Duration::from_secs(20));
+    }
+}
