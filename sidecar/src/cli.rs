@@ -230,6 +230,13 @@ pub struct RunArgs {
     /// Roots the CA's serving certificate chains to (PEM).
     #[arg(long, env = "MESHID_SIDECAR_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
+    /// CA mode: keep the trust bundle last received from the CA in this file, and trust its roots
+    /// as well as the --ca-bundle roots to reach the CA at start. A sidecar restarted after a CA
+    /// rotation (its pod created before it) then still reaches a CA that serves a certificate of
+    /// the new root. Put it on a volume that outlives the container (the injector mounts an
+    /// emptyDir); a file that cannot be read or written is ignored with a warning.
+    #[arg(long, env = "MESHID_SIDECAR_BUNDLE_CACHE")]
+    pub bundle_cache: Option<PathBuf>,
     /// The same roots as PEM text instead of a file (the injector sets MESHID_SIDECAR_CA_BUNDLE_PEM).
     #[arg(
         long,
@@ -548,6 +555,7 @@ impl RunArgs {
                 },
                 bootstrap,
                 ttl,
+                bundle_cache: self.bundle_cache.clone(),
             }),
             // Unused: a problem was recorded, so no configuration is returned.
             None => CredSource::Files(FileCreds {

@@ -214,6 +214,25 @@ pub async fn start(
     let mut app_svids = None;
     let mut jwt_svids = None;
     if let CredSource::Ca(mode) = &config.creds {
+        let mut mode = mode.clone();
+        if let Some(path) = mode.bundle_cache.clone() {
+            // The roots last received, to reach a CA rotated since this pod was configured.
+            let cached = crate::creds::bundle_cache::load(&path);
+            if !cached.is_empty() {
+                tracing::info!(path = %path.display(), roots = cached.len(), "trusting the CA's roots last received as well as the configured ones");
+            }
+            for root in cached {
+                if !mode.endpoint.roots.contains(&root) {
+                    mode.endpoint.roots.push(root);
+                }
+            }
+            tokio::spawn(crate::creds::bundle_cache::keep(
+                path,
+                shared.creds.clone(),
+                shared.shutdown.clone(),
+            ));
+        }
+        let mode = &mode;
         let life = Arc::new(crate::creds::ca::Lifecycle::new());
         if workload_api.is_some() {
             jwt_svids = Some(Arc::new(crate::creds::jwt_svid::JwtSvids::new(

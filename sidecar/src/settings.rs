@@ -128,6 +128,9 @@ pub struct CaMode {
     pub bootstrap: Bootstrap,
     /// Lifetime to ask for (`None`: the CA's default).
     pub ttl: Option<Duration>,
+    /// Where the trust bundle last received is kept, and read back at start as more roots to reach
+    /// the CA with (`--bundle-cache`; see `creds::bundle_cache`).
+    pub bundle_cache: Option<std::path::PathBuf>,
 }
 
 /// Where the CA is and how to trust it.

@@ -201,6 +201,7 @@ impl TestCa {
             },
             bootstrap: Bootstrap::TokenFile(token),
             ttl: Some(ttl),
+            bundle_cache: None,
         })
     }
 

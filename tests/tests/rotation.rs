@@ -36,6 +36,7 @@ fn ca_mode(ca: &TestCa, sa: &str) -> CredSource {
         },
         bootstrap: Bootstrap::TokenFile(token),
         ttl: Some(TTL),
+        bundle_cache: None,
     })
 }
 
@@ -767,4 +768,109 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
     let anonymous_stream = anonymous.watch_trust_bundle(watch()).await;
     assert!(anonymous_stream.is_ok(), "{:?}", anonymous_stream.err());
     drop(first_stream);
+}
+
+/// Whether `sidecar` holds a certificate (from the CA).
+fn holds_a_certificate(sidecar: &TestSidecar) -> bool {
+    sidecar
+        .running
+        .as_ref()
+        .is_some_and(|r| r.shared.creds.current().is_some())
+}
+
+/// A pod created before `rotate prepare` carries only the old root (the injector wrote it into the
+/// pod spec). Its sidecar restarted after `rotate activate` meets a CA serving a certificate of the
+/// new root: with the bundle cache it kept on a volume that outlived it, it reaches the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_restarted_after_activate_reaches_the_ca_through_its_bundle_cache() {
+    let ca = TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: TTL,
+            max: TTL,
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let cache = ca.dir.path().join("frontend-bundle-cache.pem");
+    // What the pod was created with: the old root alone.
+    let creds = |cache: Option<std::path::PathBuf>| match ca_mode(&ca, "frontend") {
+        CredSource::Ca(mode) => CredSource::Ca(CaMode {
+            bundle_cache: cache,
+            ..mode
+        }),
+        other => other,
+    };
+    let spec = |creds: CredSource| SidecarSpec {
+        outbound: vec![("127.0.0.1:9".into(), B.into(), Protocol::Tcp)],
+        creds: Some(creds),
+        ..Default::default()
+    };
+    let mut first = TestSidecar::start(&pki, &dummy, A, spec(creds(Some(cache.clone())))).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            holds_a_certificate(&first)
+        })
+        .await,
+        "a certificate at first"
+    );
+
+    let new_name = rotation::prepare(&dir, None).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            meshid_sidecar::creds::bundle_cache::load(&cache).len() == 2
+        })
+        .await,
+        "the bundle with both roots was kept in the cache"
+    );
+    let activated = {
+        let mut result = None;
+        for _ in 0..100 {
+            match rotation::activate(&dir, &admins, false).await {
+                Ok(name) => {
+                    result = Some(name);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        result.expect("activate passes once the sidecar acknowledged")
+    };
+    assert_eq!(activated, new_name);
+    // Once it has reloaded its directory, the CA serves a certificate of the new root.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let Ok(mut c) = meshid_tests::ca::connect(ca.addr, &ca.roots, None).await else {
+                return true;
+            };
+            c.get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+                .await
+                .is_err()
+        })
+        .await,
+        "the CA still serves a certificate of the old root"
+    );
+    first.shutdown().await;
+
+    // Restarted without the cache: the configured old root alone does not reach the CA.
+    let mut without = TestSidecar::start(&pki, &dummy, A, spec(creds(None))).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !holds_a_certificate(&without),
+        "the old root alone reached the CA: the test shows nothing"
+    );
+    without.shutdown().await;
+
+    // Restarted with it: a certificate, from the new root.
+    let with = TestSidecar::start(&pki, &dummy, A, spec(creds(Some(cache.clone())))).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            holds_a_certificate(&with)
+        })
+        .await,
+        "the restarted sidecar reached the CA with the roots it kept"
+    );
 }

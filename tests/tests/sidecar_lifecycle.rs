@@ -617,6 +617,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
                 },
                 bootstrap: Bootstrap::JoinTokenFile(token_file.clone()),
                 ttl: Some(Duration::from_secs(5)),
+                bundle_cache: None,
             })),
             ..Default::default()
         },

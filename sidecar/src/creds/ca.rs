@@ -1217,6 +1217,7 @@ mod tests {
             },
             bootstrap: Bootstrap::TokenFile(PathBuf::from("/nonexistent")),
             ttl: None,
+            bundle_cache: None,
         };
         let (stop_tx, stop) = watch::channel(false);
         let life = Arc::new(Lifecycle::new());

@@ -3,6 +3,7 @@
 //! over [`ca_client`]); and the app's own SVID for the Workload API ([`app_svid`]).
 
 pub mod app_svid;
+pub mod bundle_cache;
 pub mod ca;
 pub mod ca_client;
 pub mod files;

@@ -1,0 +1,139 @@
+//! The trust bundle last received from the CA, kept in a file (`--bundle-cache`) that outlives the
+//! sidecar's process, so that a sidecar restarted after a CA rotation can still reach the CA.
+//!
+//! A sidecar trusts the CA's serving certificate through the roots it was configured with
+//! (`--ca-bundle`, or the PEM the injector wrote into the pod when it was created) and the roots of
+//! the bundle it has received since. After `rotate activate` the CA serves a certificate of the new
+//! root, which a pod created before `rotate prepare` was never configured with: restarted (its
+//! container killed, a liveness probe failed), its sidecar knew only the old root and could not
+//! get a certificate until the pod was recreated. With the cache on a volume that outlives the
+//! container (the injector mounts an `emptyDir`), the restarted sidecar trusts the roots it last
+//! received as well.
+//!
+//! The file holds only roots the sidecar received over its authenticated bundle stream (or an
+//! Issue response), written whole (a temporary file renamed over it). It is read once, at start;
+//! what cannot be read or parsed is ignored with a warning: the configured roots still apply.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::sync::watch;
+
+use super::CredentialStore;
+
+/// The largest cache file read: a bundle of a few roots is a few KiB.
+const MAX_BYTES: u64 = 1 << 20;
+
+/// The roots in the cache file at `path` (none if it is absent, too large or not PEM certificates).
+pub fn load(path: &Path) -> Vec<CertificateDer<'static>> {
+    let read = std::fs::metadata(path).and_then(|m| {
+        if m.len() > MAX_BYTES {
+            return Err(std::io::Error::other(format!(
+                "{} bytes, more than {MAX_BYTES}",
+                m.len()
+            )));
+        }
+        std::fs::read(path)
+    });
+    let pem = match read {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "trust bundle cache not read; using the configured CA roots alone");
+            return Vec::new();
+        }
+    };
+    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+        Ok(roots) => roots,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "trust bundle cache is not PEM certificates; using the configured CA roots alone");
+            Vec::new()
+        }
+    }
+}
+
+/// Writes `roots` to `path` whole: a temporary file beside it, renamed over it.
+pub fn save(path: &Path, roots: &[CertificateDer<'_>]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let pem: String = roots
+        .iter()
+        .map(|r| meshid_identity::pem::pem_cert(r))
+        .collect();
+    std::fs::write(&tmp, pem)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Keeps the cache at `path` equal to the roots in `store`, rewriting it whenever they change,
+/// until `shutdown`.
+pub async fn keep(path: PathBuf, store: Arc<CredentialStore>, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = store.subscribe();
+    let mut written: Vec<CertificateDer<'static>> = Vec::new();
+    loop {
+        let roots = store.roots();
+        if !roots.is_empty() && roots != written {
+            let (p, r) = (path.clone(), roots.clone());
+            match tokio::task::spawn_blocking(move || save(&p, &r)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(path = %path.display(), roots = roots.len(), "trust bundle cache written");
+                    written = roots;
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, path = %path.display(), "trust bundle cache not written; a restarted sidecar trusts the configured CA roots alone");
+                }
+                Err(_) => return,
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn roots_saved_are_the_roots_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        assert!(load(&path).is_empty(), "no file: no roots");
+        let roots = vec![root("old"), root("new")];
+        save(&path, &roots).unwrap();
+        assert_eq!(load(&path), roots);
+        // Rewritten whole.
+        save(&path, &roots[1..]).unwrap();
+        assert_eq!(load(&path), roots[1..]);
+        assert!(!dir.path().join("bundle.pem.tmp").exists());
+    }
+
+    #[test]
+    fn a_cache_that_cannot_be_used_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.pem");
+        std::fs::write(
+            &path,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(load(&path).is_empty());
+        std::fs::write(&path, vec![b'a'; (MAX_BYTES + 1) as usize]).unwrap();
+        assert!(load(&path).is_empty());
+        assert!(load(dir.path()).is_empty(), "a directory");
+    }
+}
