@@ -5,8 +5,11 @@
 //! flat, so the whole directory fits a Kubernetes Secret) with a state: `prepared` (root in the bundle, not signing), `active` (signing; exactly
 //! one), `retiring` (root in the bundle, not signing, leaves still live) or `gone`. Without the file the
 //! CA has one active authority: the directory's own `root.pem`/`intermediate.*`. `bundle.pem` is
-//! rewritten from the roots of every authority that is not gone, and `bundle_version` increases with
-//! every change, so every CA process on the directory serves the same version.
+//! rewritten from the roots of every authority that is not gone (the rotation commands keep the
+//! roots added to it by hand, see [`RotationState::bundle_on_disk`]), and `bundle_version`
+//! increases with every change, so every CA process on the directory serves the same version. A
+//! change of `bundle.pem` made by hand each process numbers itself (one past its own version):
+//! `rotate prepare` numbers the next bundle above what the running processes report.
 
 use std::fs;
 use std::path::Path;
@@ -19,6 +22,16 @@ use meshid_identity::pem::pem_cert;
 use crate::ca_dir::{AuthorityError, AuthorityFiles, read_bundle, write_atomic};
 
 pub const STATE_FILE: &str = "authorities.json";
+
+/// How `bundle.pem` differs from what the rotation state puts in it (see
+/// [`RotationState::bundle_on_disk`]).
+#[derive(Debug, Default)]
+pub struct BundleOnDisk {
+    /// Roots it holds that no authority of the state puts there (added by hand).
+    pub added: Vec<CertificateDer<'static>>,
+    /// Roots the state puts there that it lacks (taken out by hand).
+    pub taken_out: Vec<CertificateDer<'static>>,
+}
 
 /// What an authority does now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,17 +205,67 @@ impl RotationState {
         Ok(state.bundle_version)
     }
 
+    /// `bundle.pem` as it stands against the roots this state puts in it: an operator may add roots
+    /// by hand (a migration) or take some out, and every CA on the directory serves the file as it
+    /// is. A missing `bundle.pem` differs in nothing (it is written from the state); one that
+    /// cannot be read is an error naming it (what it held is unknown, so nothing may write over
+    /// it).
+    pub fn bundle_on_disk(&self, ca_dir: &Path) -> Result<BundleOnDisk, AuthorityError> {
+        let path = ca_dir.join("bundle.pem");
+        let on_disk = match read_bundle(&path) {
+            Ok(roots) => roots,
+            Err(AuthorityError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(BundleOnDisk::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let implied = self.bundle_roots(ca_dir)?;
+        Ok(BundleOnDisk {
+            added: on_disk
+                .iter()
+                .filter(|r| !implied.contains(r))
+                .cloned()
+                .collect(),
+            taken_out: implied
+                .into_iter()
+                .filter(|r| !on_disk.contains(r))
+                .collect(),
+        })
+    }
+
     /// Writes the state (atomically) and the bundle it implies. The bundle first, so a reader that
-    /// sees the new state also finds its bundle.
+    /// sees the new state also finds its bundle. Roots added to `bundle.pem` by hand are dropped:
+    /// the rotation commands use [`Self::save_keeping`].
     pub fn save(&self, ca_dir: &Path) -> Result<(), AuthorityError> {
+        self.save_keeping(ca_dir, &[])
+    }
+
+    /// [`Self::save`], with `kept` (roots added to `bundle.pem` by hand, see
+    /// [`Self::bundle_on_disk`]) after the state's own roots in the bundle.
+    pub fn save_keeping(
+        &self,
+        ca_dir: &Path,
+        kept: &[CertificateDer<'static>],
+    ) -> Result<(), AuthorityError> {
         self.check()
             .map_err(|r| invalid(&ca_dir.join(STATE_FILE), r))?;
-        let bundle: String = self
-            .bundle_roots(ca_dir)?
-            .iter()
-            .map(|r| pem_cert(r))
-            .collect();
-        write_atomic(&ca_dir.join("bundle.pem"), bundle.as_bytes())?;
+        let mut roots = self.bundle_roots(ca_dir)?;
+        for root in kept {
+            if !roots.contains(root) {
+                roots.push(root.clone());
+            }
+        }
+        let path = ca_dir.join("bundle.pem");
+        // The same roots as the file holds (`rotate intermediate`, `activate`): left as it is, so
+        // that no reordering makes the CAs serve a new version of the same trust.
+        let same = read_bundle(&path)
+            .is_ok_and(|now| now.len() == roots.len() && now.iter().all(|r| roots.contains(r)));
+        if !same {
+            let bundle: String = roots.iter().map(|r| pem_cert(r)).collect();
+            write_atomic(&path, bundle.as_bytes())?;
+        }
         let json = serde_json::to_vec_pretty(self)
             .map_err(|e| invalid(&ca_dir.join(STATE_FILE), e.to_string()))?;
         write_atomic(&ca_dir.join(STATE_FILE), &json)

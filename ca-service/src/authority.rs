@@ -497,8 +497,9 @@ impl Authority {
         let key = intermediate_key(&files, &intermediate_der)?;
         let issuer = Issuer::from_ca_cert_der(&intermediate_der, key)?;
 
-        // bundle.pem is what is served (rotation commands write it from the state; an operator may
-        // also add roots by hand, e.g. during a migration).
+        // bundle.pem is what is served (rotation commands write it from the state, keeping roots
+        // an operator added by hand, e.g. during a migration; each CA numbers such an edit as a
+        // version of its own: `Bundle::next`).
         let roots = read_bundle(&dir.join("bundle.pem"))?;
         let mut pinned = Vec::new();
         let mut authority_anchors = Vec::new();

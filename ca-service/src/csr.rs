@@ -100,8 +100,21 @@ impl CsrPublicKey {
             return Err(CsrError::UnsupportedSignatureAlgorithm);
         }
 
+        // The key must be what its label says and the signature made by such a key: a verifier
+        // picks its algorithm from the signature's label and reads the key bytes as that algorithm
+        // wants, so an Ed25519 key labelled P-256 and signed with Ed25519 verifies, and the CA
+        // would certify a key that is not what the certificate says it is (an RSA key under
+        // another label would skip the RSA size check too).
         let spki = &csr.certification_request_info.subject_pki;
         let key_oid = &spki.algorithm.algorithm;
+        let raw = spki.subject_public_key.data.as_ref();
+        let ecdsa = [&OID_SIG_ECDSA_WITH_SHA256, &OID_SIG_ECDSA_WITH_SHA384];
+        let rsa = [
+            &OID_PKCS1_SHA256WITHRSA,
+            &OID_PKCS1_SHA384WITHRSA,
+            &OID_PKCS1_SHA512WITHRSA,
+            &OID_PKCS1_RSASSAPSS,
+        ];
         let alg: &'static SignatureAlgorithm = if *key_oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
             let curve = spki
                 .algorithm
@@ -109,16 +122,33 @@ impl CsrPublicKey {
                 .as_ref()
                 .and_then(|p| p.as_oid().ok())
                 .ok_or(CsrError::UnsupportedKey)?;
-            if curve == OID_EC_P256 {
-                &PKCS_ECDSA_P256_SHA256
+            // An uncompressed point (0x04, then X and Y) of the curve's size.
+            let (alg, point_len): (&'static SignatureAlgorithm, usize) = if curve == OID_EC_P256 {
+                (&PKCS_ECDSA_P256_SHA256, 65)
             } else if curve == OID_NIST_EC_P384 {
-                &PKCS_ECDSA_P384_SHA384
+                (&PKCS_ECDSA_P384_SHA384, 97)
             } else {
                 return Err(CsrError::UnsupportedKey);
+            };
+            if raw.len() != point_len || raw.first() != Some(&0x04) {
+                return Err(CsrError::UnsupportedKey);
             }
+            if !ecdsa.contains(&sig) {
+                return Err(CsrError::BadSignature);
+            }
+            alg
         } else if *key_oid == OID_SIG_ED25519 {
+            if raw.len() != 32 || spki.algorithm.parameters.is_some() {
+                return Err(CsrError::UnsupportedKey);
+            }
+            if *sig != OID_SIG_ED25519 {
+                return Err(CsrError::BadSignature);
+            }
             &PKCS_ED25519
         } else if *key_oid == OID_PKCS1_RSAENCRYPTION {
+            if !rsa.contains(&sig) {
+                return Err(CsrError::BadSignature);
+            }
             let bits = match spki.parsed() {
                 Ok(PublicKey::RSA(rsa)) => modulus_bits(rsa.modulus),
                 _ => return Err(CsrError::Malformed),
@@ -178,8 +208,54 @@ mod tests {
         assert!(CsrPublicKey::from_csr_der(&csr_for(&rsa)).is_ok());
     }
 
+    /// DER: a tag, a length, the content.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else if len <= 0xff {
+            out.extend_from_slice(&[0x81, len as u8]);
+        } else {
+            out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+    const SHA256_WITH_RSA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00,
+    ];
+
+    /// A CSR whose key `key_raw` is labelled `key_alg` (the AlgorithmIdentifier's content), signed
+    /// by `signer` under the label `sig_alg`: a forgery rcgen would never write.
+    fn csr_labelled(key_alg: &[u8], key_raw: &[u8], sig_alg: &[u8], signer: &KeyPair) -> Vec<u8> {
+        use rcgen::SigningKey;
+        let mut bits = vec![0u8];
+        bits.extend_from_slice(key_raw);
+        let spki = tlv(0x30, &[tlv(0x30, key_alg), tlv(0x03, &bits)].concat());
+        let info = tlv(
+            0x30,
+            &[tlv(0x02, &[0]), tlv(0x30, &[]), spki, tlv(0xa0, &[])].concat(),
+        );
+        let mut sig = vec![0u8];
+        sig.extend_from_slice(&signer.sign(&info).unwrap());
+        tlv(0x30, &[info, tlv(0x30, sig_alg), tlv(0x03, &sig)].concat())
+    }
+
     #[test]
     fn refuses_bad_csrs() {
+        let ed = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let rsa = KeyPair::generate_rsa_for(&PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap();
+        let p256_label = [EC_PUBLIC_KEY, P256].concat();
+        // The forgery is well made: honestly labelled, it is accepted.
+        assert!(
+            CsrPublicKey::from_csr_der(&csr_labelled(ED25519, ed.public_key_raw(), ED25519, &ed))
+                .is_ok()
+        );
         let key = KeyPair::generate().unwrap();
         let good = csr_for(&key);
         let mut bad_sig = good.clone();
@@ -201,6 +277,31 @@ mod tests {
                 "truncated",
                 good[..good.len() / 2].to_vec(),
                 CsrError::Malformed,
+            ),
+            (
+                "an Ed25519 key labelled P-256, signed with Ed25519",
+                csr_labelled(&p256_label, ed.public_key_raw(), ED25519, &ed),
+                CsrError::UnsupportedKey,
+            ),
+            (
+                "an RSA key labelled P-256, signed with RSA (no size check)",
+                csr_labelled(&p256_label, rsa.public_key_raw(), SHA256_WITH_RSA, &rsa),
+                CsrError::UnsupportedKey,
+            ),
+            (
+                "an RSA key labelled Ed25519, signed with RSA",
+                csr_labelled(ED25519, rsa.public_key_raw(), SHA256_WITH_RSA, &rsa),
+                CsrError::UnsupportedKey,
+            ),
+            (
+                "a P-256 key, signed under the Ed25519 label",
+                csr_labelled(&p256_label, key.public_key_raw(), ED25519, &ed),
+                CsrError::BadSignature,
+            ),
+            (
+                "an Ed25519 key, signed under the RSA label",
+                csr_labelled(ED25519, ed.public_key_raw(), SHA256_WITH_RSA, &ed),
+                CsrError::BadSignature,
             ),
         ];
         for (name, der, want) in cases {

@@ -13,10 +13,11 @@
 //!
 //! Certificates asked to live longer than the CA's default lifetime are marked per identity
 //! instead, in `issued/<process>.long.json` (authority -> identity -> mark), for up to
-//! [`MAX_LONG_IDENTITIES`] identities per authority (beyond, in the mark above). Revoking such an
-//! identity then releases the retire gate from its long certificates: no peer accepts them any
-//! more. Without this, a workload that asked for `--max-ttl` before `activate` would hold `retire`
-//! that long, revoked or not.
+//! [`MAX_LONG_IDENTITIES`] identities per authority, marked before the certificate is signed
+//! (beyond, the CA gives the default lifetime instead: `Fleet::reserve_long`, so the mark above
+//! holds only certificates of the default lifetime). Revoking such an identity then releases the
+//! retire gate from its long certificates: no peer accepts them any more. Without this, a workload
+//! that asked for `--max-ttl` before `activate` would hold `retire` that long, revoked or not.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -104,10 +105,24 @@ impl IssuanceLog {
         }
     }
 
+    /// Whether [`Self::record_long`] would mark `identity` apart under `authority` at `now` (it
+    /// has a mark, or there is room for one); always when nothing is recorded.
+    pub fn long_room(&self, authority: &str, identity: &str, now: i64) -> bool {
+        if !self.writable() {
+            return true;
+        }
+        let long = self.long.lock().unwrap_or_else(|p| p.into_inner());
+        long.get(authority).is_none_or(|marks| {
+            marks.get(identity).is_some_and(|m| *m > now)
+                || marks.values().filter(|m| **m > now).count() < MAX_LONG_IDENTITIES
+        })
+    }
+
     /// As [`Self::record`], for a certificate of `identity` asked to live longer than the default
     /// lifetime: marked under its identity, so that revoking the identity releases it (see the
     /// module docs). Past [`MAX_LONG_IDENTITIES`] identities for `authority`, it goes to the
-    /// authority's mark instead.
+    /// authority's mark instead (the service asks [`Self::long_room`] first, through
+    /// `Fleet::reserve_long`, and gives such a certificate the default lifetime).
     pub fn record_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) {
         if !self.writable() {
             return;
@@ -298,6 +313,12 @@ mod tests {
         assert_eq!(
             long_issued_until(dir.path(), "1").len(),
             MAX_LONG_IDENTITIES + 1
+        );
+        assert!(!a.long_room("1", "spiffe://td/one-too-many", 100));
+        assert!(a.long_room("1", "spiffe://td/liar", 100), "marked already");
+        assert!(
+            b.long_room("1", "spiffe://td/one-too-many", 100),
+            "another process"
         );
         a.record_long("1", "spiffe://td/one-too-many", 7_000, 100);
         assert!(!long_issued_until(dir.path(), "1").contains_key("spiffe://td/one-too-many"));

@@ -338,7 +338,7 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
             root_cert,
             root_key,
         } => {
-            target.admin_addrs().map_err(Failure::Usage)?;
+            let admins = target.admin_addrs().map_err(Failure::Usage)?;
             let import = match (root_cert, root_key) {
                 (Some(c), Some(k)) => Some(ImportedRoot {
                     cert_pem: std::fs::read_to_string(&c)?,
@@ -346,7 +346,8 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                 }),
                 _ => None,
             };
-            let name = rotation::prepare(&target.dir, import).map_err(refused)?;
+            let name = block_on(rotation::prepare_measured(&target.dir, &admins, import))?
+                .map_err(refused)?;
             println!(
                 "prepared authority {name}: its root is in the bundle; signing continues with the active one"
             );

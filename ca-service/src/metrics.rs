@@ -64,6 +64,7 @@ pub struct Metrics {
     pub jwks_keys: Gauge,
     pub jwt_svids: Family<ResultLabels, Counter>,
     pub revocations: Family<KindLabels, Gauge>,
+    pub audit_refusals_suppressed: Counter,
 }
 
 /// Labels of the revocation list: `kind` is `identity` or `serial`.
@@ -97,6 +98,7 @@ impl Metrics {
             jwks_keys: Gauge::default(),
             jwt_svids: Family::default(),
             revocations: Family::default(),
+            audit_refusals_suppressed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
@@ -203,6 +205,12 @@ impl Metrics {
             "revocations",
             "Entries of the revocation list (revocations.json) by kind: identity or serial",
             Listed(m.revocations.clone()),
+        );
+        r.register(
+            "audit_refusals_suppressed",
+            "Refused calls whose audit line was left out (a source past its lines per minute); \
+             each is still counted by its call's own metric",
+            m.audit_refusals_suppressed.clone(),
         );
         r.register(
             "runtime_alive_tasks",

@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 
 use meshid_identity::SpiffeId;
 
-/// Past this many tracked identities, full (idle) buckets are dropped.
+/// Past this many tracked identities, full (idle) buckets are dropped: when the map has doubled
+/// since the last pruning (so a flood of new keys costs amortised O(1) per check, not a scan of
+/// every bucket per check), or [`PRUNE_EVERY`] after it.
 const PRUNE_ABOVE: usize = 10_000;
+/// The longest time between two prunings while the map is above [`PRUNE_ABOVE`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Rate and burst of each identity's bucket.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,15 +46,39 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RateLimiter<K = SpiffeId> {
     limit: RateLimit,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    buckets: Mutex<Buckets<K>>,
+}
+
+#[derive(Debug)]
+struct Buckets<K> {
+    map: HashMap<K, Bucket>,
+    /// Buckets left by the last pruning, and when it ran.
+    pruned_to: usize,
+    pruned_at: Option<Instant>,
+    /// Buckets looked at by prunings so far (what a pruning costs).
+    scanned: u64,
 }
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                pruned_to: 0,
+                pruned_at: None,
+                scanned: 0,
+            }),
         }
+    }
+
+    /// Buckets looked at by prunings so far.
+    #[cfg(test)]
+    fn scanned(&self) -> u64 {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .scanned
     }
 
     /// Takes one token for `id`, or says how long until one is available.
@@ -61,13 +89,23 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
     {
         let burst = f64::from(self.limit.burst.max(1));
         let rate = self.limit.per_second.max(f64::MIN_POSITIVE);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() > PRUNE_ABOVE {
-            buckets.retain(|_, b| {
+        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let buckets = &mut *guard;
+        let len = buckets.map.len();
+        let due = len > PRUNE_ABOVE
+            && (len >= buckets.pruned_to.saturating_mul(2)
+                || buckets
+                    .pruned_at
+                    .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY));
+        if due {
+            buckets.scanned += len as u64;
+            buckets.map.retain(|_, b| {
                 b.tokens + now.saturating_duration_since(b.updated).as_secs_f64() * rate < burst
             });
+            buckets.pruned_to = buckets.map.len();
+            buckets.pruned_at = Some(now);
         }
-        let bucket = buckets.entry(id.to_owned()).or_insert(Bucket {
+        let bucket = buckets.map.entry(id.to_owned()).or_insert(Bucket {
             tokens: burst,
             updated: now,
         });
@@ -106,5 +144,22 @@ mod tests {
         // Half a second later one token is back.
         rl.check(&a, t0 + Duration::from_millis(500)).unwrap();
         assert!(rl.check(&a, t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_costs_linear_work() {
+        // 30,000 keys in one instant, each taking a token: no bucket is full again, so no
+        // pruning drops any; each may not scan the whole map again.
+        let rl: RateLimiter<u32> = RateLimiter::new(RateLimit::default());
+        let t0 = Instant::now();
+        for key in 0..30_000 {
+            rl.check(&key, t0).unwrap();
+        }
+        let scanned = rl.scanned();
+        assert!(scanned <= 2 * 30_000, "{scanned} buckets scanned");
+        // Idle buckets are still dropped: later, the map is pruned again and the full ones go.
+        rl.check(&30_000, t0 + PRUNE_EVERY).unwrap();
+        let left = rl.buckets.lock().unwrap().map.len();
+        assert_eq!(left, 1, "only the key of that check is left");
     }
 }

@@ -149,6 +149,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         limiter: RateLimiter::new(config.rate_limit),
         jwt_svid_ttl: config.jwt_svid_ttl,
         jwt_limiter: RateLimiter::new(config.rate_limit),
+        renewal_calls: RateLimiter::new(config.rate_limit),
+        jwt_svid_calls: RateLimiter::new(config.rate_limit),
         bundle_calls: RateLimiter::new(crate::service::BUNDLE_CALLS),
         metrics: metrics.clone(),
         shutdown: shutdown_rx.clone(),
@@ -159,6 +161,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         })
         .recording_to(&config.dir),
         streams: Default::default(),
+        refusals: crate::audit::RefusalLog::new(
+            crate::audit::RefusalLimits::default(),
+            metrics.audit_refusals_suppressed.clone(),
+        ),
     });
 
     tokio::spawn(follow_bundle(
@@ -168,6 +174,18 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         tls_config.clone(),
         shutdown_rx.clone(),
     ));
+    // The last window of suppressed refusals is summarised when the refusals stop too.
+    let refusals_state = state.clone();
+    let mut refusals_shutdown = shutdown_rx.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = refusals_shutdown.wait_for(|s| *s) => return,
+            }
+            refusals_state.refusals.flush(std::time::Instant::now());
+        }
+    });
     let jwks_state = state.clone();
     let jwks_shutdown = shutdown_rx.clone();
     tokio::spawn(async move {
@@ -230,12 +248,16 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             let files = crate::ca_dir::snapshot(&dir);
             let rotation =
                 crate::authorities::RotationState::load(&files).map_err(|e| e.to_string())?;
+            let unlisted = state
+                .fleet
+                .unlisted_turned_away(now, &authority.revocations);
             let report = crate::rotation::report(
                 &files,
                 &rotation,
                 sidecars,
+                unlisted,
                 &issued,
-                state.fleet.process_now(),
+                state.process_report(&files, &rotation),
                 &authority.revocations,
             );
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
@@ -315,8 +337,9 @@ async fn follow_bundle(
                 &files,
                 &rotation,
                 Vec::new(),
+                Vec::new(),
                 &summary.issued,
-                state.fleet.process_now(),
+                state.process_report(&files, &rotation),
                 &authority.revocations,
             );
             state.metrics.record_rotation(&report, &summary);
@@ -329,25 +352,14 @@ async fn follow_bundle(
         reload(&last.0, &sans, &state, &tls_config);
         let authority = state.authority.load_full();
         let current = state.bundle.borrow().clone();
-        let next = Bundle::of(&authority, 0);
         state.metrics.record_revocations(&authority.revocations);
-        if current.same_trust(&next) && current.version >= authority.bundle_version {
+        let Some(next) = current.next(&authority) else {
             continue;
-        }
-        // The directory's version, or one past ours when the bundle changed by hand (or the
-        // revocation list was read before the version that goes with it).
-        let version = if authority.bundle_version > current.version {
-            authority.bundle_version
-        } else {
-            current.version + 1
         };
+        let (version, renew_now, revoked) = (next.version, next.renew_now, next.revoked.len());
         state.metrics.bundle_version.set(version as i64);
         state.metrics.bundle_roots.set(next.roots.len() as i64);
-        let renew_now = next.renew_now;
-        let revoked = next.revoked.len();
-        state
-            .bundle
-            .send_replace(Arc::new(Bundle { version, ..next }));
+        state.bundle.send_replace(Arc::new(next));
         tracing::info!(version, renew_now, revoked, "trust bundle updated");
     }
 }

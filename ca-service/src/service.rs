@@ -43,6 +43,9 @@ pub struct Bundle {
     pub jwt_keys: Vec<JwtKey>,
     /// The revocation list (see [`crate::revocations`]).
     pub revoked: Vec<crate::revocations::Entry>,
+    /// For each of `roots`, the last version this process served without it (0: it has served
+    /// it since it started).
+    pub served_without_root: Vec<u64>,
 }
 
 impl Bundle {
@@ -55,7 +58,47 @@ impl Bundle {
             renew_now: authority.renew_now,
             jwt_keys: authority.jwt_keys.clone(),
             revoked: authority.revocations.entries().to_vec(),
+            served_without_root: vec![0; authority.roots.len()],
         }
+    }
+
+    /// The bundle to serve after the CA directory was read again (`authority`), or `None` when
+    /// it carries the same trust under a version at least the directory's. Its version is the
+    /// directory's, or one past this one when the bundle changed without the directory's version
+    /// moving on (`bundle.pem` edited by hand, or the revocation list read before the version that
+    /// goes with it): every change is a new version, which a later `rotate prepare` must number
+    /// above (see [`crate::rotation::CaProcess::bundle_version`]).
+    pub fn next(&self, authority: &Authority) -> Option<Self> {
+        let next = Self::of(authority, 0);
+        if self.same_trust(&next) && self.version >= authority.bundle_version {
+            return None;
+        }
+        let version = if authority.bundle_version > self.version {
+            authority.bundle_version
+        } else {
+            self.version + 1
+        };
+        // A root new in this version was last missing from this process's current one.
+        let served_without_root = next
+            .roots
+            .iter()
+            .map(|root| self.served_without(root))
+            .collect();
+        Some(Self {
+            version,
+            served_without_root,
+            ..next
+        })
+    }
+
+    /// The highest version this process served without `root` (0: none: it has served it since
+    /// it started).
+    pub fn served_without(&self, root: &CertificateDer<'_>) -> u64 {
+        self.roots
+            .iter()
+            .position(|r| r == root)
+            .and_then(|i| self.served_without_root.get(i).copied())
+            .unwrap_or(self.version)
     }
 
     /// Whether `other` carries the same trust (everything but the version and `renew_now`).
@@ -83,6 +126,10 @@ pub struct CaState {
     /// The rate limit of JWT-SVIDs, per identity, apart from certificates': tokens asked for
     /// by an app never starve its sidecar's renewals.
     pub jwt_limiter: RateLimiter,
+    /// Renewals and JWT-SVID requests per presented certificate (by its key), at the rate of
+    /// `limiter`, taken before the certificate is verified at the time of the call.
+    pub renewal_calls: RateLimiter<String>,
+    pub jwt_svid_calls: RateLimiter<String>,
     /// Acknowledgements and bundle streams opened, per certificate key ([`BUNDLE_CALLS`]): each
     /// costs a chain verification, and one certificate must not make the CA spend its time on
     /// them.
@@ -94,6 +141,8 @@ pub struct CaState {
     pub fleet: crate::rotation::Fleet,
     /// Room for bundle streams, sidecars' and anonymous ones apart.
     pub streams: StreamPermits,
+    /// The budget of audit lines for refused calls, per source address.
+    pub refusals: crate::audit::RefusalLog,
 }
 
 /// The gRPC service.
@@ -115,8 +164,21 @@ struct Refusal {
 }
 
 impl Refusal {
-    /// Writes the audit line of this refusal (`WHAT refused`) and gives the caller's status.
-    fn audited(self, method: &str, identity: &str, remote: &str, what: &str) -> Status {
+    /// Writes the audit line of this refusal (`WHAT refused`), within `log`'s budget for the
+    /// caller's address (see [`crate::audit`]), and gives the caller's status.
+    fn audited(
+        self,
+        log: &crate::audit::RefusalLog,
+        method: &str,
+        identity: &str,
+        remote: Option<std::net::SocketAddr>,
+        what: &str,
+    ) -> Status {
+        let source = crate::audit::Source::of(remote);
+        if !log.admit(source, Instant::now()) {
+            return self.status;
+        }
+        let remote = remote.map(|r| r.to_string()).unwrap_or_default();
         tracing::warn!(
             target: "meshid_ca::audit",
             method,
@@ -337,6 +399,17 @@ impl CaState {
                 return (method, None, Err(refusal));
             }
         };
+        // A renewal is held to its certificate's rate before the chain is verified at the time
+        // of the call (what that rate bounds), then to its identity's as any issuance.
+        if req.credential.is_none()
+            && let Some(Err((id, wait))) = presented_call(&self.renewal_calls, peer)
+        {
+            return (
+                Method::Renewal,
+                Some(id.clone()),
+                Err(rate_limited(&id, wait)),
+            );
+        }
         let (method, authenticated) = self.authenticate(req.credential.as_ref(), peer);
         let authenticated = match authenticated {
             Ok(a) => a,
@@ -353,16 +426,59 @@ impl CaState {
             let now = OffsetDateTime::now_utc().unix_timestamp();
             match auth::renewal_lifetime(&id, at, self.max_attestation_age, lifetime, now) {
                 Ok(cut) => lifetime = cut,
-                Err(e) => return (method, None, Err(e.into())),
+                Err(e) => return (method, Some(id), Err(e.into())),
             }
         }
         if let Err(wait) = self.limiter.check(&id, Instant::now()) {
-            let refusal = Refusal {
-                status: too_many(&format!("certificate requests for {id}"), wait),
-                result: "rate_limited",
-            };
+            let refusal = rate_limited(&id, wait);
             return (method, Some(id), Err(refusal));
         }
+
+        let authority = self.authority.load();
+        let now = OffsetDateTime::now_utc();
+        // Longer than the default: counted per identity before it is signed, so that revoking
+        // the identity releases `retire` from it; without room to count it apart, it gets the
+        // default lifetime (see `Fleet::reserve_long`).
+        let default = self.lifetimes.default.min(self.lifetimes.max);
+        let mut long = lifetime > default;
+        if long {
+            let not_after = (now + lifetime).min(authority.intermediate_not_after);
+            let counted = self.fleet.reserve_long(
+                &authority.name,
+                id.as_str(),
+                not_after.unix_timestamp(),
+                now.unix_timestamp(),
+            );
+            if !counted {
+                tracing::info!(
+                    identity = %id,
+                    asked_seconds = lifetime.as_secs(),
+                    "certificate issued with the default lifetime: too many identities hold \
+                     certificates longer than it to count another one apart"
+                );
+                lifetime = default;
+                long = false;
+            }
+        }
+        // A token or join token attests the identity now; a renewal carries the time on.
+        let attested_at = attested_at.unwrap_or(now.unix_timestamp());
+        let issued = match sign_leaf_attested(&authority, &id, &key, lifetime, now, attested_at) {
+            Ok(issued) => issued,
+            Err(error) => {
+                tracing::error!(%error, identity = %id, "signing failed");
+                let refusal = Refusal {
+                    status: Status::internal(
+                        "the CA could not sign the certificate; a join token sent with the call \
+                         was not used up",
+                    ),
+                    result: "signing_failed",
+                };
+                return (method, Some(id), Err(refusal));
+            }
+        };
+        // The join token is used up once its certificate exists: a signing that fails leaves it
+        // unused. A token that cannot be redeemed (used by another call meanwhile) discards the
+        // certificate.
         if let Authenticated::Join(pending) = authenticated
             && let Err(e) = self.join.redeem(pending)
         {
@@ -383,30 +499,14 @@ impl CaState {
             };
             return (method, Some(id), Err(refusal));
         }
-
-        let authority = self.authority.load();
-        let now = OffsetDateTime::now_utc();
-        // A token or join token attests the identity now; a renewal carries the time on.
-        let attested_at = attested_at.unwrap_or(now.unix_timestamp());
-        let issued = match sign_leaf_attested(&authority, &id, &key, lifetime, now, attested_at) {
-            Ok(issued) => issued,
-            Err(error) => {
-                tracing::error!(%error, identity = %id, "signing failed");
-                let refusal = Refusal {
-                    status: Status::internal("the CA could not sign the certificate"),
-                    result: "signing_failed",
-                };
-                return (method, Some(id), Err(refusal));
-            }
-        };
-        // Longer than the default: counted per identity, so that revoking it releases `retire`.
-        let long = lifetime > self.lifetimes.default.min(self.lifetimes.max);
-        self.fleet.issued(
-            &authority.name,
-            long.then(|| id.as_str()),
-            issued.not_after.unix_timestamp(),
-            OffsetDateTime::now_utc().unix_timestamp(),
-        );
+        if !long {
+            self.fleet.issued(
+                &authority.name,
+                None,
+                issued.not_after.unix_timestamp(),
+                OffsetDateTime::now_utc().unix_timestamp(),
+            );
+        }
         let bundle = self.bundle.borrow().clone();
         let response = IssueResponse {
             cert_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
@@ -467,6 +567,12 @@ impl CaState {
             );
             return (None, Err(refuse(status, "no_credential")));
         }
+        // Held to its certificate's rate before the certificate is verified at the time of the
+        // call (what that rate bounds), then to its identity's.
+        if let Some(Err((id, wait))) = presented_call(&self.jwt_svid_calls, peer) {
+            let status = too_many(&format!("JWT-SVID requests for {id}"), wait);
+            return (Some(id), Err(refuse(status, "rate_limited")));
+        }
         let id = match self.authenticate(None, peer) {
             (_, Ok(Authenticated::Ready { id, .. })) => id,
             (_, Ok(Authenticated::Join(_))) => {
@@ -515,6 +621,16 @@ impl CaState {
                 (Some(id), Err(refuse(status, "signing_failed")))
             }
         }
+    }
+
+    /// This process as its rotation report describes it (see [`crate::rotation::view::process`]).
+    pub fn process_report(
+        &self,
+        files: &std::path::Path,
+        rotation: &crate::authorities::RotationState,
+    ) -> crate::rotation::CaProcess {
+        let bundle = self.bundle.borrow().clone();
+        crate::rotation::view::process(self.fleet.process_now(), &bundle, files, rotation)
     }
 
     /// Takes one of `key`'s bundle calls ([`BUNDLE_CALLS`]), before the call's chain verification.
@@ -567,6 +683,7 @@ impl CaState {
             Some(Ok(info)) => info,
             Some(Err(e)) => {
                 return Err(refused_certificate(
+                    &self.refusals,
                     e,
                     peer,
                     "ack_trust_bundle",
@@ -600,6 +717,34 @@ pub const BUNDLE_CALLS: crate::ratelimit::RateLimit = crate::ratelimit::RateLimi
     burst: 32,
 };
 
+/// Takes one of the calls of the certificate on `peer`'s connection from `limiter` (keyed by its
+/// key), before the certificate is verified at the time of the call: one certificate's calls cost
+/// at most that many verifications, and a certificate that no longer holds (revoked, its root
+/// retired, on a connection kept alive) uses up no one else's rate. `None`: no certificate (or one
+/// whose identity cannot be read: refused before any verification); an error names the
+/// certificate's identity and the wait.
+fn presented_call(
+    limiter: &RateLimiter<String>,
+    peer: Option<&PeerInfo>,
+) -> Option<Result<(), (SpiffeId, std::time::Duration)>> {
+    let peer = peer?;
+    let leaf = peer.leaf_identity.as_deref()?.as_ref().ok()?;
+    let key = instance_key(peer.certificates.as_ref()?.first()?)?;
+    Some(
+        limiter
+            .check(&key, Instant::now())
+            .map_err(|wait| (leaf.id.clone(), wait)),
+    )
+}
+
+/// An Issue call over `id`'s rate limit.
+fn rate_limited(id: &SpiffeId, wait: std::time::Duration) -> Refusal {
+    Refusal {
+        status: too_many(&format!("certificate requests for {id}"), wait),
+        result: "rate_limited",
+    }
+}
+
 /// `RESOURCE_EXHAUSTED`: too many `what`, with the wait in the message and in `retry-after-ms`
 /// (the sidecar's renewals wait that long; its acknowledgements and bundle streams try again on
 /// their own doubling backoff, from 1 s and 200 ms).
@@ -621,13 +766,18 @@ pub fn instance_key(leaf: &[u8]) -> Option<String> {
 
 /// A bundle stream or an acknowledgement refused for the certificate on its connection: audited as
 /// Issue's refusals are (`WHAT refused`, with the reason label), answered with the refusal's status.
-fn refused_certificate(e: AuthError, peer: Option<&PeerInfo>, method: &str, what: &str) -> Status {
+fn refused_certificate(
+    log: &crate::audit::RefusalLog,
+    e: AuthError,
+    peer: Option<&PeerInfo>,
+    method: &str,
+    what: &str,
+) -> Status {
     let identity = peer
         .and_then(|p| p.leaf_identity.as_deref())
         .and_then(|l| l.as_ref().ok())
         .map_or("", |l| l.id.as_str());
-    let remote = peer.map(|p| p.remote_addr.to_string()).unwrap_or_default();
-    Refusal::from(e).audited(method, identity, &remote, what)
+    Refusal::from(e).audited(log, method, identity, peer.map(|p| p.remote_addr), what)
 }
 
 /// A certificate's serial as revocations name it (empty if it cannot be read).
@@ -830,9 +980,13 @@ impl CertificateAuthority for CaService {
             .unwrap_or_default();
         let req = request.into_inner();
         // A token naming a key the CA does not know yet (a key rollover) refreshes a fetched JWKS
-        // first (rate-limited); the token is then verified against the new set.
+        // first (rate-limited); the token is then verified against the new set. Only a call
+        // that could be issued for forces it: claims that could be the cluster's, and a CSR that
+        // holds (checked again below; this costs a second check only for an unknown kid).
         if let (Some(jwt), Some(Credential::ServiceAccountToken(token))) =
             (&self.state.jwt, &req.credential)
+            && jwt.unknown_kid(token).is_some()
+            && CsrPublicKey::from_csr_der(&req.csr).is_ok()
         {
             jwt.refresh_for_token(token).await;
         }
@@ -866,7 +1020,13 @@ impl CertificateAuthority for CaService {
                         result: refusal.result,
                     })
                     .inc();
-                Err(refusal.audited(method.as_str(), identity, &remote, "certificate"))
+                Err(refusal.audited(
+                    &self.state.refusals,
+                    method.as_str(),
+                    identity,
+                    peer.as_ref().map(|p| p.remote_addr),
+                    "certificate",
+                ))
             }
         }
     }
@@ -907,7 +1067,13 @@ impl CertificateAuthority for CaService {
                         result: refusal.result,
                     })
                     .inc();
-                Err(refusal.audited("jwt_svid", identity, &remote, "JWT-SVID"))
+                Err(refusal.audited(
+                    &self.state.refusals,
+                    "jwt_svid",
+                    identity,
+                    peer.as_ref().map(|p| p.remote_addr),
+                    "JWT-SVID",
+                ))
             }
         }
     }
@@ -918,13 +1084,22 @@ impl CertificateAuthority for CaService {
     ) -> Result<Response<TrustBundle>, Status> {
         let bundle = self.state.bundle.borrow().clone();
         // Revocation reasons go to workloads of the trust domain whose certificate still holds,
-        // checked now as for a bundle stream (only when there is a reason to show).
+        // checked now as for a bundle stream (only when there is a reason to show), within the
+        // certificate's bundle calls ([`BUNDLE_CALLS`]), before the check: past them, the bundle
+        // comes without the reasons.
+        let peer = request.extensions().get::<PeerInfo>();
+        let within_calls = || {
+            peer.and_then(|p| p.certificates.as_ref()?.first())
+                .and_then(|leaf| instance_key(leaf))
+                .is_some_and(|key| {
+                    self.state
+                        .limit_bundle_calls(&key, "trust bundle calls")
+                        .is_ok()
+                })
+        };
         let reasons = bundle.revoked.iter().any(|e| !e.reason.is_empty())
-            && matches!(
-                self.state
-                    .authenticate_presented(request.extensions().get::<PeerInfo>(), false),
-                Some(Ok(_))
-            );
+            && within_calls()
+            && matches!(self.state.authenticate_presented(peer, false), Some(Ok(_)));
         Ok(Response::new(self.state.trust_bundle(&bundle, reasons)))
     }
 
@@ -962,6 +1137,7 @@ impl CertificateAuthority for CaService {
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => {
                 return Err(refused_certificate(
+                    &self.state.refusals,
                     e,
                     peer.as_ref(),
                     "watch_trust_bundle",
@@ -1041,6 +1217,7 @@ mod tests {
     use x509_parser::prelude::{FromDer, X509Certificate};
 
     use super::*;
+    use crate::audit::RefusalLimits;
     use crate::auth::JwtConfig;
     use crate::ratelimit::RateLimit;
     use crate::signer::sign_leaf;
@@ -1105,6 +1282,7 @@ mod tests {
                 JwtAuthenticator::new(config, td.clone()).unwrap()
             });
             let metrics = Metrics::register(&mut Registry::default());
+            let metrics_suppressed = metrics.audit_refusals_suppressed.clone();
             let (shutdown_tx, shutdown_rx) = watch::channel(false);
             let (bundle_tx, _) =
                 watch::channel(Arc::new(Bundle::of(&authority, authority.bundle_version)));
@@ -1118,6 +1296,8 @@ mod tests {
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 jwt_svid_ttl: Duration::from_secs(300),
                 jwt_limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
+                renewal_calls: RateLimiter::new(opts.rate.unwrap_or_default()),
+                jwt_svid_calls: RateLimiter::new(opts.rate.unwrap_or_default()),
                 bundle_calls: RateLimiter::new(BUNDLE_CALLS),
                 metrics,
                 shutdown: shutdown_rx,
@@ -1127,6 +1307,10 @@ mod tests {
                     ..Default::default()
                 }),
                 streams: Default::default(),
+                refusals: crate::audit::RefusalLog::new(
+                    crate::audit::RefusalLimits::default(),
+                    metrics_suppressed,
+                ),
             };
             Self {
                 dir,
@@ -1365,6 +1549,8 @@ mod tests {
         Issued(&'static str),
         /// A refusal with this gRPC code and `result` label.
         Refused(Code, &'static str),
+        /// A refusal after the identity was authenticated: labelled with it.
+        RefusedFor(Code, &'static str, &'static str),
     }
 
     type Decision = (Method, Option<SpiffeId>, Result<IssueResponse, Refusal>);
@@ -1404,13 +1590,25 @@ mod tests {
                 }
                 None
             }
+            (Expected::RefusedFor(code, label, who), Err(refusal)) => {
+                assert_eq!(refusal.status.code(), code, "{name}: {:?}", refusal.status);
+                assert_eq!(refusal.result, label, "{name}: {:?}", refusal.status);
+                assert_eq!(
+                    id.as_ref().map(SpiffeId::as_str),
+                    Some(who),
+                    "{name}: identity label"
+                );
+                None
+            }
             (Expected::Issued(want), Err(refusal)) => {
                 panic!("{name}: expected {want} issued, got {:?}", refusal.status)
             }
-            (Expected::Refused(code, label), Ok(resp)) => panic!(
-                "{name}: expected {code:?}/{label}, got {} issued",
-                resp.spiffe_id
-            ),
+            (Expected::Refused(code, label) | Expected::RefusedFor(code, label, _), Ok(resp)) => {
+                panic!(
+                    "{name}: expected {code:?}/{label}, got {} issued",
+                    resp.spiffe_id
+                )
+            }
         }
     }
 
@@ -1812,6 +2010,7 @@ mod tests {
                 renew_now: false,
                 jwt_keys: Vec::new(),
                 revoked: Vec::new(),
+                served_without_root: vec![0, 6],
             };
             ca.state.bundle.send_replace(Arc::new(served.clone()));
             let token = ca.join_token(VM, Duration::from_secs(600));
@@ -2073,7 +2272,7 @@ mod tests {
             attested: Attested,
             ends: Ends,
         }
-        use Expected::{Issued, Refused};
+        use Expected::{Issued, Refused, RefusedFor};
         let cases = [
             Case {
                 name: "attested 30 min ago: renews, the new certificate keeps that time",
@@ -2137,7 +2336,8 @@ mod tests {
                     )
                 },
                 method: Method::Renewal,
-                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                // The certificate holds: the refusal names whose renewal it was.
+                expected: RefusedFor(Code::Unauthenticated, "attestation_expired", FRONTEND),
                 attested: Attested::Kept,
                 ends: Ends::AtTheAge,
             },
@@ -3346,5 +3546,300 @@ mod tests {
                 .get();
             assert_eq!(count, 1, "{name}: {method}/{result}");
         }
+    }
+
+    /// Every event logged on this thread while the guard lives, as a line of text (its target,
+    /// then its fields).
+    #[derive(Clone, Default)]
+    struct Logged(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Logged {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Line(String);
+            impl tracing::field::Visit for Line {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    use std::fmt::Write;
+                    let _ = write!(self.0, " {}={value:?}", field.name());
+                }
+            }
+            let mut line = Line(event.metadata().target().to_owned());
+            event.record(&mut line);
+            self.0.lock().unwrap().push(line.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    impl Logged {
+        fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+            let logged = Self::default();
+            let guard = tracing::subscriber::set_default(logged.clone());
+            (logged, guard)
+        }
+
+        fn text(&self) -> String {
+            self.0.lock().unwrap().join("\n")
+        }
+
+        fn lines_with(&self, text: &str) -> usize {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(text))
+                .count()
+        }
+    }
+
+    /// A token whose header is valid JSON naming an algorithm of 12,000 X.
+    fn token_with_a_huge_alg() -> String {
+        let header = format!(r#"{{"alg":"{}","kid":"k"}}"#, "X".repeat(12_000));
+        let token = format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(r#"{"sub":"x"}"#),
+            URL_SAFE_NO_PAD.encode([0u8; 64])
+        );
+        assert!(token.len() <= crate::auth::jwt::MAX_TOKEN_LEN);
+        token
+    }
+
+    #[tokio::test]
+    async fn refusals_quote_no_caller_text_and_one_source_writes_a_bounded_number_of_lines() {
+        let ca = TestCa::with(Opts {
+            service_accounts: true,
+            ..Opts::default()
+        });
+        let metrics = ca.state.metrics.clone();
+        let service = CaService::new(Arc::new(ca.state));
+        let token = token_with_a_huge_alg();
+        let (logged, _guard) = Logged::start();
+        for _ in 0..500 {
+            let mut request = Request::new(request(csr(), service_account(token.clone())));
+            request.extensions_mut().insert(anonymous_peer());
+            let status = CertificateAuthority::issue(&service, request)
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated);
+            let message = status.message();
+            assert!(message.len() < 256, "{} bytes", message.len());
+            assert!(!message.contains("XXXX"), "{message}");
+        }
+        assert!(
+            !logged.text().contains("XXXX"),
+            "the audit detail quotes no caller text"
+        );
+        let refusals = RefusalLimits::default();
+        assert_eq!(
+            logged.lines_with("certificate refused"),
+            usize::try_from(refusals.per_source).unwrap()
+        );
+        // Every refusal is still counted, the ones left out apart as well.
+        let counted = metrics
+            .issue_requests
+            .get_or_create(&IssueLabels {
+                method: "service_account_token",
+                result: "malformed_token",
+            })
+            .get();
+        assert_eq!(counted, 500);
+        assert_eq!(
+            metrics.audit_refusals_suppressed.get(),
+            500 - u64::from(refusals.per_source)
+        );
+        // At the end of the window, one line says how many were left out.
+        service
+            .state
+            .refusals
+            .flush(Instant::now() + refusals.window);
+        assert_eq!(
+            logged.lines_with("480 more refusals from 192.0.2.7 suppressed"),
+            1
+        );
+    }
+
+    #[test]
+    fn a_join_token_is_not_used_up_by_a_signing_that_fails() {
+        let ca = TestCa::new();
+        let token = ca.join_token(VM, Duration::from_secs(600));
+        let good = ca.state.authority.load_full();
+        let mut expired = Authority::load(ca.dir.path()).unwrap();
+        expired.intermediate_not_after = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        ca.state.authority.store(Arc::new(expired));
+        let req = request(csr(), join(token.clone()));
+        let decision = ca.state.issue(&req, None);
+        let refused = Expected::RefusedFor(Code::Internal, "signing_failed", VM);
+        check(
+            "expired intermediate",
+            &req,
+            decision,
+            Method::JoinToken,
+            refused,
+        );
+        // A new intermediate in place: the same token works.
+        ca.state.authority.store(good);
+        let req = request(csr(), join(token));
+        let decision = ca.state.issue(&req, None);
+        check(
+            "then",
+            &req,
+            decision,
+            Method::JoinToken,
+            Expected::Issued(VM),
+        );
+    }
+
+    #[test]
+    fn long_certificates_past_the_identities_counted_apart_get_the_default_lifetime() {
+        let ca = TestCa::new();
+        let ids: Vec<String> = (0..=crate::issued::MAX_LONG_IDENTITIES)
+            .map(|i| format!("spiffe://cluster.local/ns/batch/sa/w{i}"))
+            .collect();
+        let mut lifetimes = Vec::new();
+        for id in &ids {
+            let req = IssueRequest {
+                ttl_seconds: 3600,
+                ..request(csr(), None)
+            };
+            let (_, _, result) = ca.state.issue(&req, Some(&peer(&ca.cert(id))));
+            let resp = result.unwrap_or_else(|r| panic!("{id}: {:?}", r.status));
+            lifetimes.push(resp.not_after_unix - resp.not_before_unix - 300);
+        }
+        let (last, counted_apart) = lifetimes.split_last().unwrap();
+        assert!(
+            counted_apart.iter().all(|l| *l == 3600),
+            "{counted_apart:?}"
+        );
+        assert_eq!(*last, 600, "the 257th: the default lifetime");
+
+        // Retiring the authority: once every one of those identities is revoked, nothing holds
+        // `retire` past the default lifetime, the 257th's certificate included.
+        let mut rotation = crate::authorities::RotationState::load(ca.dir.path()).unwrap();
+        rotation.authorities[0].state = crate::authorities::AuthorityState::Retiring;
+        rotation
+            .authorities
+            .push(crate::authorities::AuthorityRecord {
+                name: "2".into(),
+                prefix: "a2-".into(),
+                state: crate::authorities::AuthorityState::Active,
+                in_bundle_since: 2,
+                signed_until: None,
+                signing_since: None,
+            });
+        let mut revoked = crate::revocations::Revocations::default();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        for id in &ids {
+            let id = SpiffeId::parse(id).unwrap();
+            revoked
+                .revoke(Revoked::Id(id), now, 3600, String::new())
+                .unwrap();
+        }
+        let blockers_at = |t: i64, list: &crate::revocations::Revocations| {
+            let (_, issued) = ca.state.fleet.report(t);
+            let process = crate::rotation::CaProcess {
+                records_issuance: true,
+                ..Default::default()
+            };
+            let report = crate::rotation::report(
+                ca.dir.path(),
+                &rotation,
+                Vec::new(),
+                Vec::new(),
+                &issued,
+                process,
+                list,
+            );
+            crate::rotation::retire_blockers(&rotation, &report, t)
+        };
+        let after_default = now + 601;
+        let none = crate::revocations::Revocations::default();
+        assert!(
+            !blockers_at(after_default, &none).is_empty(),
+            "not revoked: held"
+        );
+        let b = blockers_at(after_default, &revoked);
+        assert!(b.is_empty(), "{b:?}");
+    }
+
+    #[test]
+    fn renewals_and_jwt_svids_are_held_to_the_rate_before_their_chain_is_verified() {
+        let ca = TestCa::with(Opts {
+            rate: Some(RateLimit {
+                per_second: 0.001,
+                burst: 1,
+            }),
+            ..Opts::default()
+        });
+        // A chain that fails verification at the call (another PKI of the trust domain, as a
+        // connection set up before `rotate retire` took its root would present).
+        let foreign = TestPki::new("other").leaf(FRONTEND).chain;
+        let req = request(csr(), None);
+        let results: Vec<&str> = (0..3)
+            .map(|_| match ca.state.issue(&req, Some(&peer(&foreign))).2 {
+                Ok(_) => "issued",
+                Err(r) => r.result,
+            })
+            .collect();
+        assert_eq!(results, ["untrusted_chain", "rate_limited", "rate_limited"]);
+        let jwt = IssueJwtSvidRequest {
+            audience: vec!["db".into()],
+        };
+        let results: Vec<&str> = (0..3)
+            .map(
+                |_| match ca.state.issue_jwt_svid(&jwt, Some(&peer(&foreign))).1 {
+                    Ok(_) => "issued",
+                    Err(r) => r.result,
+                },
+            )
+            .collect();
+        assert_eq!(results, ["untrusted_chain", "rate_limited", "rate_limited"]);
+    }
+
+    #[tokio::test]
+    async fn trust_bundle_calls_verify_a_certificate_only_within_its_bundle_calls() {
+        let ca = TestCa::new();
+        let member = ca.cert(FRONTEND);
+        let TestCa {
+            dir,
+            state,
+            _shutdown: _running,
+            ..
+        } = ca;
+        store_revocations(
+            dir.path(),
+            &state,
+            Revoked::Id(SpiffeId::parse(BACKEND).unwrap()),
+        );
+        let version = state.bundle.borrow().version + 1;
+        let _ = state
+            .bundle
+            .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
+        let service = CaService::new(Arc::new(state));
+        let mut with_reasons = 0;
+        for _ in 0..40 {
+            let mut request = Request::new(GetTrustBundleRequest {});
+            request.extensions_mut().insert(peer(&member));
+            let bundle = CertificateAuthority::get_trust_bundle(&service, request)
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(bundle.revoked.len(), 1);
+            with_reasons += usize::from(!bundle.revoked[0].reason.is_empty());
+        }
+        // The burst of bundle calls verifies the certificate; the rest get the bundle without
+        // the reasons, unverified.
+        assert_eq!(with_reasons, usize::try_from(BUNDLE_CALLS.burst).unwrap());
     }
 }

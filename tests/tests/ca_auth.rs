@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use meshid_ca::auth::{JwksSource, RemoteJwks};
 use meshid_ca::signer::sign_leaf;
 use meshid_identity::SpiffeId;
 use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
 use meshid_tests::ca::{CaOptions, TestCa};
-use meshid_tests::fake_cluster::{KeyKind, unix_now};
+use meshid_tests::fake_apiserver::{Answer, FakeApiServer};
+use meshid_tests::fake_cluster::{FakeCluster, KeyKind, TokenSpec, unix_now};
 use meshid_tests::pki::{ForeignCa, WorkloadKey};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -515,4 +517,131 @@ async fn a_join_token_whose_use_cannot_be_recorded_stays_good() {
     std::fs::remove_dir_all(&blocker).unwrap();
     let issued = client.issue(request()).await.unwrap().into_inner();
     assert_eq!(issued.spiffe_id, DB);
+}
+
+/// A CA fetching its JWKS from a fake API server; forced refreshes at most every `interval`.
+async fn ca_fetching_from(server: &FakeApiServer, interval: Duration) -> TestCa {
+    TestCa::start(CaOptions {
+        jwks: Some(JwksSource::Remote(RemoteJwks {
+            token_file: server.token_file.clone(),
+            ca_file: server.ca_file.clone(),
+            refresh_every: Duration::from_secs(3600),
+            min_forced_interval: interval,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            ..RemoteJwks::new(server.jwks_url())
+        })),
+        ..CaOptions::default()
+    })
+    .await
+}
+
+/// An Issue call with a service-account token and `csr`: the identity, or the status code.
+async fn issue_with(ca: &TestCa, token: String, csr: Vec<u8>) -> Result<String, Code> {
+    ca.client()
+        .await
+        .issue(IssueRequest {
+            csr,
+            credential: Some(Credential::ServiceAccountToken(token)),
+            ttl_seconds: 0,
+        })
+        .await
+        .map(|r| r.into_inner().spiffe_id)
+        .map_err(|s| s.code())
+}
+
+/// A token of `cluster` naming the unknown key `kid`, its claims changed by `change`.
+fn naming(cluster: &FakeCluster, kid: &str, change: impl FnOnce(&mut TokenSpec)) -> String {
+    let mut spec = cluster.spec("shop", "frontend", KeyKind::Rsa);
+    spec.header["kid"] = json!(kid);
+    change(&mut spec);
+    cluster.sign(&spec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_could_not_be_issued_for_force_no_jwks_refresh_before_a_key_rollover() {
+    let old = FakeCluster::new();
+    let server = FakeApiServer::start(Answer::Json(old.jwks())).await;
+    let ca = ca_fetching_from(&server, Duration::from_secs(15)).await;
+    let fetches = server.counts().jwks;
+    // Anonymous callers naming made-up keys, just before the cluster rolls its keys: none of
+    // these could be the cluster's, so none takes the one forced refresh per 15 s.
+    let junk: [(&str, String, Vec<u8>); 5] = [
+        (
+            "another issuer",
+            naming(&old, "made-up-1", |s| {
+                s.claims["iss"] = json!("https://evil")
+            }),
+            WorkloadKey::new().csr,
+        ),
+        (
+            "another audience",
+            naming(&old, "made-up-2", |s| s.claims["aud"] = json!(["vault"])),
+            WorkloadKey::new().csr,
+        ),
+        (
+            "expired",
+            naming(&old, "made-up-3", |s| {
+                s.claims["exp"] = json!(unix_now() - 3600)
+            }),
+            WorkloadKey::new().csr,
+        ),
+        (
+            "not a service account",
+            naming(&old, "made-up-4", |s| s.claims["sub"] = json!("admin")),
+            WorkloadKey::new().csr,
+        ),
+        (
+            "plausible claims, but a broken CSR",
+            naming(&old, "made-up-5", |_| {}),
+            b"not a csr".to_vec(),
+        ),
+    ];
+    for (name, token, csr) in junk {
+        assert!(issue_with(&ca, token, csr).await.is_err(), "{name}");
+        assert_eq!(server.counts().jwks, fetches, "{name}: no fetch");
+    }
+    // The cluster rolls its keys: the first token of the new key is taken at once.
+    let mut new = FakeCluster::new();
+    new.rsa_kid = "rsa-key-rolled".into();
+    new.ec_kid = "ec-key-rolled".into();
+    let mut both = new.jwks();
+    let old_keys = old.jwks()["keys"].as_array().unwrap().clone();
+    both["keys"].as_array_mut().unwrap().extend(old_keys);
+    server.answer(Answer::Json(both));
+    assert_eq!(
+        issue_with(&ca, new.token("shop", "frontend"), WorkloadKey::new().csr).await,
+        Ok(FRONTEND.to_owned())
+    );
+    assert_eq!(server.counts().jwks, fetches + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_id_a_forced_refresh_did_not_find_forces_no_other() {
+    let cluster = FakeCluster::new();
+    let server = FakeApiServer::start(Answer::Json(cluster.jwks())).await;
+    let ca = ca_fetching_from(&server, Duration::from_millis(100)).await;
+    let fetches = server.counts().jwks;
+    let ghost = || naming(&cluster, "ghost", |_| {});
+    let csr = || WorkloadKey::new().csr;
+    assert_eq!(
+        issue_with(&ca, ghost(), csr()).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(server.counts().jwks, fetches + 1, "looked for once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            issue_with(&ca, ghost(), csr()).await,
+            Err(Code::Unauthenticated)
+        );
+    }
+    assert_eq!(server.counts().jwks, fetches + 1, "not looked for again");
+    // Another key ID is looked for.
+    let other = naming(&cluster, "ghost-2", |_| {});
+    assert_eq!(
+        issue_with(&ca, other, csr()).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(server.counts().jwks, fetches + 2);
 }

@@ -105,7 +105,15 @@ pub struct JwtAuthenticator {
     /// retries with the same token costs one hash, not a signature check. Entries live at most
     /// `CACHE_TTL` and never past the token's `exp`; a JWKS change empties the cache.
     verified: std::sync::Mutex<HashMap<[u8; 32], (SpiffeId, Instant, i64)>>,
+    /// Key IDs a forced refresh looked for and did not find, and when: a token naming one again
+    /// forces no refresh for [`ABSENT_KID_TTL`] (a new key set forgets them all).
+    absent_kids: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a key ID a forced refresh did not find forces no other.
+const ABSENT_KID_TTL: Duration = Duration::from_secs(60);
+/// The most key IDs remembered as absent.
+const ABSENT_KIDS_MAX: usize = 1_024;
 
 /// How long a verified token is remembered.
 const CACHE_TTL: Duration = Duration::from_secs(10);
@@ -156,6 +164,7 @@ impl JwtAuthenticator {
             fetch: Default::default(),
             metrics: None,
             verified: Default::default(),
+            absent_kids: Default::default(),
         })
     }
 
@@ -240,6 +249,10 @@ impl JwtAuthenticator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.absent_kids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         true
     }
 
@@ -283,32 +296,91 @@ impl JwtAuthenticator {
         }
     }
 
-    /// For a remote source: when `token` names a `kid` the current set does not have, refreshes the
-    /// set at once, unless a forced refresh ran less than `min_forced_interval` ago (a flood of
-    /// tokens with made-up kids costs at most one fetch per interval). Callers then verify the
-    /// token as usual, against the new set. Never fails: a bad token is refused by the verification.
+    /// For a remote source: the key ID `token` names when it is one the current set does not
+    /// have and the token could be the cluster's (see [`Self::refresh_for_token`]); `None`
+    /// otherwise. Cheap: no signature is checked.
+    pub fn unknown_kid(&self, token: &str) -> Option<String> {
+        let JwksSource::Remote(_) = &self.config.jwks else {
+            return None;
+        };
+        if token.len() > MAX_TOKEN_LEN || check_header(token).is_err() {
+            return None;
+        }
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return None;
+        }
+        let kid = header.kid?;
+        if self.has_kid(&kid) || self.looked_for(&kid) || !self.plausible(token) {
+            return None;
+        }
+        Some(kid)
+    }
+
+    /// Whether a forced refresh looked for `kid` less than [`ABSENT_KID_TTL`] ago and did not find
+    /// it.
+    fn looked_for(&self, kid: &str) -> bool {
+        self.absent_kids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+            .is_some_and(|at| at.elapsed() < ABSENT_KID_TTL)
+    }
+
+    /// Whether the token's claims, unverified, are those of a token of the cluster: our issuer
+    /// and audience, not expired, a service-account subject, and a signature part. Anyone can
+    /// write such claims, but a token without them cannot be the cluster's, and must not cost a
+    /// fetch.
+    fn plausible(&self, token: &str) -> bool {
+        use base64::Engine;
+        #[derive(Deserialize)]
+        struct Unverified {
+            iss: String,
+            aud: serde_json::Value,
+            exp: i64,
+            sub: String,
+        }
+        let mut parts = token.split('.');
+        let (Some(_), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return false;
+        };
+        let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload) else {
+            return false;
+        };
+        let Ok(claims) = serde_json::from_slice::<Unverified>(&json) else {
+            return false;
+        };
+        let audience = self.config.audience.as_str();
+        let aud = match &claims.aud {
+            serde_json::Value::String(a) => a == audience,
+            serde_json::Value::Array(a) => a.iter().any(|a| a.as_str() == Some(audience)),
+            _ => false,
+        };
+        !signature.is_empty()
+            && claims.iss == self.config.issuer
+            && aud
+            && claims.exp > unix_now() - MAX_SKEW.as_secs() as i64
+            && parse_sub(&claims.sub).is_some()
+    }
+
+    /// For a remote source: when `token` names a `kid` the current set does not have
+    /// ([`Self::unknown_kid`]), refreshes the set at once, unless a forced refresh ran less than
+    /// `min_forced_interval` ago (a flood of tokens with made-up kids costs at most one fetch per
+    /// interval). Only a token whose claims could be the cluster's forces one, and a kid a forced
+    /// refresh did not find forces none again for a minute. Callers then verify the token as
+    /// usual, against the new set. Never fails: a bad token is refused by the verification.
     pub async fn refresh_for_token(&self, token: &str) {
         let JwksSource::Remote(remote) = &self.config.jwks else {
             return;
         };
-        if token.len() > MAX_TOKEN_LEN || check_header(token).is_err() {
-            return;
-        }
-        let Ok(header) = jsonwebtoken::decode_header(token) else {
+        let Some(kid) = self.unknown_kid(token) else {
             return;
         };
-        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-            return;
-        }
-        let Some(kid) = header.kid else {
-            return;
-        };
-        if self.has_kid(&kid) {
-            return;
-        }
         let mut state = self.fetch.lock().await;
-        // A fetch that ran while this one waited may have brought the key.
-        if self.has_kid(&kid) {
+        // A fetch that ran while this one waited may have brought the key, or looked for it.
+        if self.has_kid(&kid) || self.looked_for(&kid) {
             return;
         }
         if state
@@ -319,7 +391,17 @@ impl JwtAuthenticator {
             return;
         }
         state.last_forced = Some(Instant::now());
-        self.fetch_locked(&mut state, "unknown_kid").await;
+        let fetched = self.fetch_locked(&mut state, "unknown_kid").await;
+        if fetched && !self.has_kid(&kid) {
+            let mut absent = self.absent_kids.lock().unwrap_or_else(|p| p.into_inner());
+            if absent.len() >= ABSENT_KIDS_MAX {
+                absent.retain(|_, at| at.elapsed() < ABSENT_KID_TTL);
+                if absent.len() >= ABSENT_KIDS_MAX {
+                    absent.clear();
+                }
+            }
+            absent.insert(kid, Instant::now());
+        }
     }
 
     /// Refreshes a remote JWKS every `refresh_every` (sooner, at most every 30 s, while fetches
@@ -375,8 +457,17 @@ impl JwtAuthenticator {
             }
             return Ok(id);
         }
+        // Fixed messages here and below: jsonwebtoken's own quote the caller's text (an unknown
+        // `alg` of 12 KiB, a claim of the wrong type) into the status and the audit line.
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
-            AuthError::unauthenticated(Reason::MalformedToken, format!("token header: {e}"))
+            let what = match e.kind() {
+                ErrorKind::Base64(_) => "token header: not base64url",
+                ErrorKind::InvalidAlgorithmName => {
+                    "token header: unknown alg (RS256 or ES256 are accepted)"
+                }
+                _ => "token header: not a JOSE header",
+            };
+            AuthError::unauthenticated(Reason::MalformedToken, what)
         })?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
             return Err(AuthError::unauthenticated(
@@ -411,16 +502,29 @@ impl JwtAuthenticator {
         validation.set_issuer(&[&self.config.issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
-            let reason = match e.kind() {
-                ErrorKind::ExpiredSignature => Reason::TokenExpired,
-                ErrorKind::ImmatureSignature => Reason::TokenNotYetValid,
-                ErrorKind::InvalidAudience => Reason::WrongAudience,
-                ErrorKind::InvalidIssuer => Reason::WrongIssuer,
-                ErrorKind::InvalidSignature => Reason::BadSignature,
-                ErrorKind::InvalidAlgorithm => Reason::TokenAlgorithm,
-                _ => Reason::MalformedToken,
+            let (reason, what) = match e.kind() {
+                ErrorKind::ExpiredSignature => (Reason::TokenExpired, "token rejected: expired"),
+                ErrorKind::ImmatureSignature => (
+                    Reason::TokenNotYetValid,
+                    "token rejected: not valid yet (nbf)",
+                ),
+                ErrorKind::InvalidAudience => (Reason::WrongAudience, "token rejected: wrong aud"),
+                ErrorKind::InvalidIssuer => (Reason::WrongIssuer, "token rejected: wrong iss"),
+                ErrorKind::InvalidSignature => (
+                    Reason::BadSignature,
+                    "token rejected: the signature does not verify",
+                ),
+                ErrorKind::InvalidAlgorithm => (
+                    Reason::TokenAlgorithm,
+                    "token rejected: algorithm does not match its key",
+                ),
+                ErrorKind::MissingRequiredClaim(_) => (
+                    Reason::MalformedToken,
+                    "token rejected: a required claim (exp, iss, aud, sub) is missing",
+                ),
+                _ => (Reason::MalformedToken, "token rejected: malformed claims"),
             };
-            AuthError::unauthenticated(reason, format!("token rejected: {e}"))
+            AuthError::unauthenticated(reason, what)
         })?;
         let claims = data.claims;
         let claims_exp = claims.exp;
@@ -451,8 +555,11 @@ impl JwtAuthenticator {
                 ));
             }
         }
-        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa).map_err(|e| {
-            AuthError::unauthenticated(Reason::MalformedSubject, format!("token sub: {e}"))
+        let id = SpiffeId::for_service_account(&self.trust_domain, ns, sa).map_err(|_| {
+            AuthError::unauthenticated(
+                Reason::MalformedSubject,
+                "token sub does not make a SPIFFE ID of this trust domain",
+            )
         })?;
         self.check_namespace(ns)?;
         let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());

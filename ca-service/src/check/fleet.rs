@@ -166,6 +166,7 @@ mod tests {
                 next_step: String::new(),
                 unknown: Vec::new(),
                 processes: Vec::new(),
+                turned_away_unlisted: Vec::new(),
             })),
             metrics: Some(Scrape::parse(metrics)),
             jwks: None,

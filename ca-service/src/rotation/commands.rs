@@ -54,8 +54,89 @@ pub async fn status(ca_dir: &Path, admins: &[SocketAddr]) -> Result<RotationRepo
     Ok(merged(&state, fetch_reports(admins).await?))
 }
 
+/// The highest bundle version the CA processes in `reports` serve (0: none reported). A process
+/// numbers a change of `bundle.pem` made by hand one past its own version, above the directory's.
+fn served_versions(reports: &[RotationReport]) -> u64 {
+    reports
+        .iter()
+        .flat_map(|r| &r.processes)
+        .map(|p| p.bundle_version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The roots added to `bundle.pem` by hand, which every command keeps (they are served already;
+/// dropping them would cut trust an operator put there, e.g. for a migration). Refuses when a root
+/// the command would keep in the bundle was taken out of `bundle.pem` by hand: writing the bundle
+/// would put it back. `leaving`: the authority whose root the command takes out (retire).
+fn kept_roots(
+    ca_dir: &Path,
+    state: &RotationState,
+    leaving: Option<&str>,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, RotateError> {
+    let disk = state.bundle_on_disk(ca_dir)?;
+    let leaving_root = leaving
+        .and_then(|name| state.authorities.iter().find(|a| a.name == name))
+        .and_then(|a| authority::read_bundle(&state.files_of(ca_dir, a).path("root.pem")).ok())
+        .and_then(|r| r.into_iter().next());
+    let taken_out: Vec<String> = disk
+        .taken_out
+        .iter()
+        .filter(|r| leaving_root.as_ref() != Some(*r))
+        .map(|r| crate::serial::sha256_hex(r))
+        .collect();
+    if !taken_out.is_empty() {
+        return Err(RotateError::Refused(format!(
+            "bundle.pem lacks {} root(s) of authorities.json (sha256 {}): taken out by hand? This \
+             command writes bundle.pem from authorities.json and would put them back; put them \
+             back in bundle.pem first, or finish with their authority through the rotation",
+            taken_out.len(),
+            taken_out.join(", ")
+        )));
+    }
+    if !disk.added.is_empty() {
+        let added: Vec<String> = disk
+            .added
+            .iter()
+            .map(|r| crate::serial::sha256_hex(r))
+            .collect();
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            roots = %added.join(", "),
+            "bundle.pem holds roots no authority of authorities.json puts there (added by hand): \
+             kept in the bundle this command writes"
+        );
+    }
+    Ok(disk.added)
+}
+
 /// `rotate prepare`: a new authority whose root joins the bundle; signing continues as before.
+/// The CA processes named by `admins` are asked which bundle version each serves: the new root
+/// joins at a version above all of them (and above the directory's), so no acknowledgement of a
+/// version served before it counts for the new root.
+pub async fn prepare_measured(
+    ca_dir: &Path,
+    admins: &[SocketAddr],
+    import: Option<ImportedRoot>,
+) -> Result<String, RotateError> {
+    let served = served_versions(&fetch_reports(admins).await?);
+    prepare_above(ca_dir, import, served)
+}
+
+/// `rotate prepare` with no running CA asked: the new root joins at the directory's next version.
+/// A process that numbered a change of `bundle.pem` made by hand itself may have served that
+/// version already; `activate` then waits until it is restarted (see
+/// [`super::gates::activate_blockers`]). [`prepare_measured`] avoids that.
 pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, RotateError> {
+    prepare_above(ca_dir, import, 0)
+}
+
+/// `rotate prepare`, the new root joining at a version above `served` and the directory's.
+pub fn prepare_above(
+    ca_dir: &Path,
+    import: Option<ImportedRoot>,
+    served: u64,
+) -> Result<String, RotateError> {
     let mut state = RotationState::load(ca_dir)?;
     if let Some(a) = state
         .authorities
@@ -68,6 +149,7 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
             a.state.as_str()
         )));
     }
+    let kept = kept_roots(ca_dir, &state, None)?;
     let td = authority::read_trust_domain(ca_dir)?;
     let next = state
         .authorities
@@ -86,7 +168,7 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
         &td,
         import,
     )?;
-    state.bundle_version += 1;
+    state.bundle_version = state.bundle_version.max(served) + 1;
     state.authorities.push(AuthorityRecord {
         name: name.clone(),
         prefix,
@@ -95,7 +177,7 @@ pub fn prepare(ca_dir: &Path, import: Option<ImportedRoot>) -> Result<String, Ro
         signed_until: None,
         signing_since: None,
     });
-    state.save(ca_dir)?;
+    state.save_keeping(ca_dir, &kept)?;
     Ok(name)
 }
 
@@ -130,6 +212,7 @@ pub async fn activate(
     if state.find(AuthorityState::Prepared).is_none() {
         return Err(RotateError::Refused(summarize(&blockers)));
     }
+    let kept = kept_roots(ca_dir, &state, None)?;
     if !blockers.is_empty() {
         if !force {
             return Err(RotateError::Refused(summarize(&blockers)));
@@ -154,7 +237,7 @@ pub async fn activate(
             _ => {}
         }
     }
-    state.save(ca_dir)?;
+    state.save_keeping(ca_dir, &kept)?;
     Ok(new_active)
 }
 
@@ -165,11 +248,14 @@ pub async fn retire(
     force: bool,
 ) -> Result<String, RotateError> {
     let mut state = RotationState::load(ca_dir)?;
-    let report = merged(&state, fetch_reports(admins).await?);
+    let reports = fetch_reports(admins).await?;
+    let served = served_versions(&reports);
+    let report = merged(&state, reports);
     let blockers = retire_blockers(&state, &report, unix_now());
-    if state.find(AuthorityState::Retiring).is_none() {
+    let Some(retiring) = state.find(AuthorityState::Retiring) else {
         return Err(RotateError::Refused(summarize(&blockers)));
-    }
+    };
+    let kept = kept_roots(ca_dir, &state, Some(retiring.name.as_str()))?;
     if !blockers.is_empty() {
         if !force {
             return Err(RotateError::Refused(summarize(&blockers)));
@@ -186,21 +272,235 @@ pub async fn retire(
             retired = a.name.clone();
         }
     }
-    state.bundle_version += 1;
+    state.bundle_version = state.bundle_version.max(served) + 1;
     if force {
         state.renew_now_at = Some(state.bundle_version);
     }
-    state.save(ca_dir)?;
+    state.save_keeping(ca_dir, &kept)?;
     Ok(retired)
 }
 
 /// `rotate intermediate`: a new signing intermediate under the active root (no bundle change).
 pub fn intermediate(ca_dir: &Path) -> Result<(), RotateError> {
     let state = RotationState::load(ca_dir)?;
+    let kept = kept_roots(ca_dir, &state, None)?;
     let active = state.active().clone();
     let files = state.files_of(ca_dir, &active);
     authority::renew_intermediate(&files, &authority::read_trust_domain(ca_dir)?)?;
     // Touch the state so running CAs reload the signing material.
-    state.save(ca_dir)?;
+    state.save_keeping(ca_dir, &kept)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::Authority;
+    use crate::rotation::fleet::{Ack, Caller, Fleet};
+    use crate::rotation::{CaProcess, activate_blockers};
+    use crate::service::Bundle;
+    use meshid_identity::TrustDomain;
+
+    const NOW: i64 = 1_000;
+
+    /// A CA directory, the bundle a CA process serves from it, and one sidecar instance of
+    /// that process with a stream open.
+    struct Process {
+        dir: tempfile::TempDir,
+        bundle: Bundle,
+        fleet: Fleet,
+    }
+
+    impl Process {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
+            let a = Authority::load(dir.path()).unwrap();
+            let fleet = Fleet::default();
+            let caller = Caller {
+                key: "k".into(),
+                identity: "spiffe://td/ns/a/sa/b".into(),
+                file_mode: false,
+                not_after: i64::MAX,
+                serial: "01".into(),
+            };
+            fleet.stream_opened(&caller, NOW).unwrap();
+            Self {
+                bundle: Bundle::of(&a, a.bundle_version),
+                dir,
+                fleet,
+            }
+        }
+
+        /// What the process does within a second of a change of the directory.
+        fn follow(&mut self) {
+            let a = Authority::load(self.dir.path()).unwrap();
+            if let Some(next) = self.bundle.next(&a) {
+                self.bundle = next;
+            }
+        }
+
+        /// The sidecar applies the bundle served now and acknowledges it.
+        fn sidecar_acks(&self) {
+            let ack = Ack {
+                version: self.bundle.version,
+                authority: Some("1".into()),
+                not_after: i64::MAX,
+                serial: "01".into(),
+                file_mode: false,
+            };
+            self.fleet.ack("k", ack, self.bundle.version).unwrap();
+        }
+
+        /// Adds a root to bundle.pem, as an operator may by hand (a migration).
+        fn add_root_by_hand(&self) -> rustls_pki_types::CertificateDer<'static> {
+            let other = meshid_identity::testing::TestPki::new("migrating").root;
+            let path = self.dir.path().join("bundle.pem");
+            let mut pem = std::fs::read_to_string(&path).unwrap();
+            pem.push_str(&authority::pem_cert(&other));
+            std::fs::write(&path, pem).unwrap();
+            other
+        }
+
+        fn activate_blockers(&self) -> Vec<String> {
+            let state = RotationState::load(self.dir.path()).unwrap();
+            let (sidecars, issued) = self.fleet.report(NOW);
+            let process = super::super::view::process(
+                CaProcess::default(),
+                &self.bundle,
+                self.dir.path(),
+                &state,
+            );
+            let report = super::super::report(
+                self.dir.path(),
+                &state,
+                sidecars,
+                Vec::new(),
+                &issued,
+                process,
+                &crate::revocations::Revocations::default(),
+            );
+            activate_blockers(&state, &report, NOW)
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_of_a_bundle_edited_by_hand_does_not_pass_activate_for_a_later_root() {
+        // Without asking the running CA: the new root joins at the directory's next version, which
+        // the process already served (without it) for the change made by hand.
+        let mut p = Process::start();
+        p.sidecar_acks();
+        let migrating = p.add_root_by_hand();
+        p.follow();
+        assert_eq!(p.bundle.version, 2, "one past the directory's 1");
+        p.sidecar_acks();
+        prepare(p.dir.path(), None).unwrap();
+        let state = RotationState::load(p.dir.path()).unwrap();
+        let prepared = state.find(AuthorityState::Prepared).unwrap();
+        assert_eq!(prepared.in_bundle_since, 2);
+        p.follow();
+        assert_eq!(p.bundle.version, 3);
+        let blockers = p.activate_blockers();
+        assert_eq!(blockers.len(), 1, "{blockers:?}");
+        assert!(
+            blockers[0].contains("served bundle v2 without the new root"),
+            "{blockers:?}"
+        );
+        // The root added by hand stayed in the bundle prepare wrote.
+        let roots = authority::read_bundle(&p.dir.path().join("bundle.pem")).unwrap();
+        assert_eq!(roots.len(), 3);
+        assert!(roots.contains(&migrating));
+
+        // Asking the running CA: the new root joins above what it served.
+        let mut p = Process::start();
+        p.add_root_by_hand();
+        p.follow();
+        p.sidecar_acks();
+        prepare_above(p.dir.path(), None, p.bundle.version).unwrap();
+        let state = RotationState::load(p.dir.path()).unwrap();
+        assert_eq!(
+            state
+                .find(AuthorityState::Prepared)
+                .unwrap()
+                .in_bundle_since,
+            3
+        );
+        p.follow();
+        assert_eq!(p.bundle.version, 3, "the directory's version again");
+        let blockers = p.activate_blockers();
+        assert_eq!(blockers.len(), 1, "{blockers:?}");
+        assert!(
+            blockers[0].contains("acknowledged bundle v2, needs v3"),
+            "{blockers:?}"
+        );
+        p.sidecar_acks();
+        assert!(p.activate_blockers().is_empty());
+    }
+
+    #[test]
+    fn a_process_that_follows_several_changes_at_once_served_nothing_in_between() {
+        // prepare, then a revocation's version, read in one go: the process goes from v1 to v3
+        // and never served v2 without the new root.
+        let mut p = Process::start();
+        p.sidecar_acks();
+        prepare(p.dir.path(), None).unwrap();
+        RotationState::bump_version(p.dir.path()).unwrap();
+        p.follow();
+        assert_eq!(p.bundle.version, 3);
+        let blockers = p.activate_blockers();
+        assert_eq!(blockers.len(), 1, "{blockers:?}");
+        assert!(
+            blockers[0].contains("acknowledged bundle v1, needs v2"),
+            "{blockers:?}"
+        );
+        p.sidecar_acks();
+        assert!(p.activate_blockers().is_empty());
+        // The new root taken out of bundle.pem by hand: the process serves a version without it.
+        let state = RotationState::load(p.dir.path()).unwrap();
+        let active = state.files_of(p.dir.path(), state.active());
+        std::fs::copy(active.path("root.pem"), p.dir.path().join("bundle.pem")).unwrap();
+        p.follow();
+        let blockers = p.activate_blockers();
+        assert!(
+            blockers
+                .iter()
+                .any(|b| b.contains("served bundle v4 without the new root")),
+            "{blockers:?}"
+        );
+    }
+
+    #[test]
+    fn rotate_commands_keep_roots_added_by_hand_and_refuse_to_put_back_roots_taken_out() {
+        let p = Process::start();
+        let migrating = p.add_root_by_hand();
+        intermediate(p.dir.path()).unwrap();
+        let path = p.dir.path().join("bundle.pem");
+        assert!(authority::read_bundle(&path).unwrap().contains(&migrating));
+        // The active root taken out by hand: writing the bundle would put it back.
+        std::fs::write(&path, authority::pem_cert(&migrating)).unwrap();
+        let err = intermediate(p.dir.path()).unwrap_err().to_string();
+        assert!(err.contains("bundle.pem lacks 1 root(s)"), "{err}");
+        assert!(prepare(p.dir.path(), None).is_err());
+        assert_eq!(authority::read_bundle(&path).unwrap(), vec![migrating]);
+        assert!(
+            !p.dir.path().join("a2-root.pem").exists(),
+            "refused before writing anything"
+        );
+    }
+
+    #[tokio::test]
+    async fn retire_does_not_refuse_a_retiring_root_already_taken_out_by_hand() {
+        let p = Process::start();
+        let old_root = authority::read_bundle(&p.dir.path().join("bundle.pem")).unwrap();
+        prepare(p.dir.path(), None).unwrap();
+        activate(p.dir.path(), &[], true).await.unwrap();
+        let state = RotationState::load(p.dir.path()).unwrap();
+        let new_root = state.files_of(p.dir.path(), state.active());
+        let path = p.dir.path().join("bundle.pem");
+        std::fs::copy(new_root.path("root.pem"), &path).unwrap();
+        assert_eq!(retire(p.dir.path(), &[], true).await.unwrap(), "1");
+        let roots = authority::read_bundle(&path).unwrap();
+        assert_eq!(roots.len(), 1);
+        assert!(!roots.contains(&old_root[0]));
+    }
 }

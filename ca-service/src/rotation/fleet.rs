@@ -189,11 +189,20 @@ pub struct Fleet {
     limits: FleetLimits,
     /// Where issuance is recorded for every process to read (none in unit tests).
     log: Option<crate::issued::IssuanceLog>,
+    /// One long-certificate reservation at a time: finding room (in memory and in the CA
+    /// directory's marks) and taking it are one step.
+    long_gate: Mutex<()>,
 }
 
 /// The most sidecars turned away that one process lists by name; beyond, their refusals are
-/// counted with the latest expiry of their certificates ([`CaProcess::turned_away_unlisted`]).
+/// counted per identity with the latest expiry of their certificates
+/// ([`super::report::UnlistedTurnedAway`]), so that revoking the identity releases `activate`
+/// from them, for up to [`MAX_UNLISTED_IDENTITIES`] identities; beyond those, together
+/// ([`CaProcess::turned_away_unlisted`]): `activate` then waits until their certificates have
+/// expired, revoked or not.
 pub const MAX_TURNED_AWAY: usize = 1_024;
+/// The most identities whose turned-away sidecars beyond the list one process counts apart.
+pub const MAX_UNLISTED_IDENTITIES: usize = 1_024;
 
 /// A sidecar whose bundle stream could not be registered, as long as its certificate lives.
 #[derive(Debug)]
@@ -211,8 +220,12 @@ struct Inner {
     sidecars: HashMap<String, Sidecar>,
     /// Sidecars turned away, by key fingerprint (at most [`MAX_TURNED_AWAY`]).
     turned_away: HashMap<String, TurnedAway>,
-    /// Refusals beyond the list (a sidecar that tries again is refused again: they count
-    /// refusals, not sidecars), and until when their certificates live.
+    /// Refusals beyond the list per identity (a sidecar that tries again is refused again: they
+    /// count refusals, not sidecars), and until when their certificates live (at most
+    /// [`MAX_UNLISTED_IDENTITIES`] identities).
+    unlisted_by_identity: HashMap<String, (u64, i64)>,
+    /// Refusals beyond the list and beyond those identities, and until when their certificates
+    /// live.
     unlisted: (u64, i64),
     /// Connected instances per identity.
     connected: HashMap<String, usize>,
@@ -226,6 +239,8 @@ struct Inner {
 impl Inner {
     fn forget_expired_turned_away(&mut self, now: i64) {
         self.turned_away.retain(|_, t| t.not_after > now);
+        self.unlisted_by_identity
+            .retain(|_, (_, until)| *until > now);
     }
 }
 
@@ -285,6 +300,7 @@ impl Fleet {
             process,
             limits,
             log: None,
+            long_gate: Mutex::default(),
         }
     }
 
@@ -310,7 +326,11 @@ impl Fleet {
     /// `activate`: the CA cannot see what it trusts, and a gate that passed without it would hand
     /// out certificates under a root it may not trust yet. (A workload that fills the room to hide
     /// honest sidecars from the gate makes them visible this way, and holds the rotation only
-    /// until it is revoked, as a sidecar that never acknowledges does.)
+    /// until it is revoked, as a sidecar that never acknowledges does: beyond the
+    /// [`MAX_TURNED_AWAY`] listed, refusals are counted per identity. Only past
+    /// [`MAX_UNLISTED_IDENTITIES`] identities are they counted together, and then hold the
+    /// rotation until their certificates expire, revoked or not: the safe side, since whose they
+    /// are is no longer known.)
     pub fn turned_away(&self, caller: &Caller, reason: &str, now: i64) {
         let mut inner = self.lock();
         Self::turn_away(&mut inner, caller, reason, now);
@@ -329,7 +349,14 @@ impl Fleet {
             inner.forget_expired_turned_away(now);
         }
         if no_room(inner) {
-            let (count, until) = &mut inner.unlisted;
+            let by_identity = &mut inner.unlisted_by_identity;
+            let (count, until) = if by_identity.contains_key(&caller.identity)
+                || by_identity.len() < MAX_UNLISTED_IDENTITIES
+            {
+                by_identity.entry(caller.identity.clone()).or_default()
+            } else {
+                &mut inner.unlisted
+            };
             if *until <= now {
                 *count = 0;
             }
@@ -486,32 +513,54 @@ impl Fleet {
         Ok(())
     }
 
-    /// Records a certificate issued under `authority`; `long_for` names its identity when it was
-    /// asked to live longer than the CA's default lifetime (counted per identity, so that revoking
-    /// the identity releases the retire gate from it).
-    pub fn issued(&self, authority: &str, long_for: Option<&str>, not_after: i64, now: i64) {
-        if let Some(identity) = long_for {
+    /// Called before a certificate of `identity` asked to live longer than the CA's default
+    /// lifetime is signed under `authority`, to live until `not_after`: counts it under its
+    /// identity, here and in the CA directory (`crate::issued`), so that revoking the identity
+    /// releases the retire gate from it. `false` when there is no room:
+    /// [`crate::issued::MAX_LONG_IDENTITIES`] other identities hold live long certificates under
+    /// `authority` on this process. The caller then gives the default lifetime instead, and the
+    /// certificate is counted as any other ([`Self::issued`]): no certificate that revocation
+    /// could not release outlives the default lifetime.
+    pub fn reserve_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) -> bool {
+        let _one_at_a_time = self.long_gate.lock().unwrap_or_else(|p| p.into_inner());
+        {
             let mut inner = self.lock();
             let by_identity = inner.long.entry(authority.to_owned()).or_default();
             by_identity.retain(|_, e| {
                 e.prune(now);
                 e.live > 0
             });
-            if by_identity.contains_key(identity)
-                || by_identity.len() < crate::issued::MAX_LONG_IDENTITIES
-            {
-                if not_after > now {
-                    by_identity
-                        .entry(identity.to_owned())
-                        .or_default()
-                        .add(not_after);
-                }
-                drop(inner);
-                if let Some(log) = &self.log {
-                    log.record_long(authority, identity, not_after, now);
-                }
-                return;
+            let room = by_identity.contains_key(identity)
+                || by_identity.len() < crate::issued::MAX_LONG_IDENTITIES;
+            let recorded = self
+                .log
+                .as_ref()
+                .is_none_or(|log| log.long_room(authority, identity, now));
+            if !(room && recorded) {
+                return false;
             }
+            if not_after > now {
+                by_identity
+                    .entry(identity.to_owned())
+                    .or_default()
+                    .add(not_after);
+            }
+        }
+        if let Some(log) = &self.log {
+            log.record_long(authority, identity, not_after, now);
+        }
+        true
+    }
+
+    /// Records a certificate issued under `authority`; `long_for` names its identity when it was
+    /// asked to live longer than the CA's default lifetime and has room to be counted apart
+    /// ([`Self::reserve_long`], which the service calls before signing), else it is counted with
+    /// the others.
+    pub fn issued(&self, authority: &str, long_for: Option<&str>, not_after: i64, now: i64) {
+        if let Some(identity) = long_for
+            && self.reserve_long(authority, identity, not_after, now)
+        {
+            return;
         }
         if let Some(log) = &self.log {
             log.record(authority, not_after, now);
@@ -529,6 +578,32 @@ impl Fleet {
         if not_after > now {
             expiries.add(not_after);
         }
+    }
+
+    /// The sidecars turned away beyond the list, per identity, whose certificates still live at
+    /// `now`; `revocations` marks those of revoked identities.
+    pub fn unlisted_turned_away(
+        &self,
+        now: i64,
+        revocations: &crate::revocations::Revocations,
+    ) -> Vec<super::report::UnlistedTurnedAway> {
+        let mut inner = self.lock();
+        inner.forget_expired_turned_away(now);
+        let mut v: Vec<_> = inner
+            .unlisted_by_identity
+            .iter()
+            .map(
+                |(identity, (refusals, until))| super::report::UnlistedTurnedAway {
+                    identity: identity.clone(),
+                    refusals: *refusals,
+                    until: *until,
+                    revoked: revocations.lists_instance(identity, ""),
+                },
+            )
+            .collect();
+        drop(inner);
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
     }
 
     /// The connected sidecars and the live certificates per authority.
@@ -963,11 +1038,33 @@ mod tests {
             f.summary(1_500, &none).turned_away,
             u64::try_from(MAX_TURNED_AWAY).unwrap()
         );
-        let p = f.process_now();
-        assert_eq!(p.turned_away_unlisted, 5);
+        // Counted per identity, so that revoking it releases them.
+        assert_eq!(f.process_now().turned_away_unlisted, 0);
+        let unlisted = f.unlisted_turned_away(1_500, &none);
+        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
+        assert_eq!(unlisted[0].identity, "spiffe://td/x");
+        assert_eq!(unlisted[0].refusals, 5);
         assert_eq!(
-            p.turned_away_unlisted_until,
+            unlisted[0].until,
             2_000 + i64::try_from(MAX_TURNED_AWAY + 4).unwrap()
+        );
+        assert!(!unlisted[0].revoked);
+        // Beyond the identities counted apart: counted together, whoever they are.
+        for i in 0..MAX_UNLISTED_IDENTITIES + 2 {
+            let c = Caller {
+                not_after: 3_000,
+                ..live(&format!("y{i}"), &format!("spiffe://td/y{i}"))
+            };
+            f.turned_away(&c, "no room", 1_500);
+        }
+        assert_eq!(
+            f.unlisted_turned_away(1_500, &none).len(),
+            MAX_UNLISTED_IDENTITIES
+        );
+        let p = f.process_now();
+        assert_eq!(
+            (p.turned_away_unlisted, p.turned_away_unlisted_until),
+            (3, 3_000)
         );
     }
 
@@ -991,6 +1088,12 @@ mod tests {
         for i in 0..crate::issued::MAX_LONG_IDENTITIES {
             f.issued("2", Some(&format!("spiffe://td/w{i}")), 9_000, 100);
         }
+        // No room to count another identity apart: the service gives it the default lifetime.
+        assert!(!f.reserve_long("2", "spiffe://td/one-too-many", 7_000, 100));
+        assert!(
+            f.reserve_long("2", "spiffe://td/w0", 9_500, 100),
+            "one counted already"
+        );
         f.issued("2", Some("spiffe://td/one-too-many"), 7_000, 100);
         let (_, issued) = f.report(100);
         assert_eq!(issued["2"].long.len(), crate::issued::MAX_LONG_IDENTITIES);

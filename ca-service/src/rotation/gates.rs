@@ -64,13 +64,45 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
         })
         .collect();
     for p in &r.processes {
+        // An acknowledgement names a version of the process it was sent to. A process that served
+        // a version at or above the prepared root's without that root (it numbered a change of
+        // bundle.pem made by hand itself, and `rotate prepare` did not hear of it, or the root was
+        // taken out of bundle.pem since) makes every acknowledgement of such a version
+        // meaningless: its sidecars cannot be told apart, so all of them wait.
+        if p.served_without_prepared_root >= prepared.in_bundle_since {
+            blockers.push(format!(
+                "a CA process (started at {}) served bundle v{} without the new root, which the \
+                 directory says is in every bundle from v{} (bundle.pem changed by hand, or a \
+                 revocation whose version was not moved on, before a `rotate prepare` that did \
+                 not name this process with --admin; or the root was taken out of bundle.pem): \
+                 acknowledgements of its versions do not show trust in the new root. Make sure \
+                 bundle.pem holds the new root, then restart that CA process (it then serves the \
+                 directory's version)",
+                p.started_unix, p.served_without_prepared_root, prepared.in_bundle_since
+            ));
+        }
         if p.turned_away_unlisted > 0 && p.turned_away_unlisted_until > now {
             blockers.push(format!(
-                "a CA process turned away more sidecars than the {1} it lists ({0} refusal(s) \
-                 beyond): what they trust is unknown until their certificates expire ({2})",
+                "a CA process turned away more sidecars than the {1} it lists, of more identities \
+                 than the {2} it counts them for apart ({0} refusal(s) beyond): what they trust \
+                 is unknown until their certificates expire ({3}), revoked or not",
                 p.turned_away_unlisted,
                 super::fleet::MAX_TURNED_AWAY,
+                super::fleet::MAX_UNLISTED_IDENTITIES,
                 p.turned_away_unlisted_until
+            ));
+        }
+    }
+    for u in &r.turned_away_unlisted {
+        if !u.revoked && u.until > now {
+            blockers.push(format!(
+                "a CA process turned away sidecars of {} beyond the {} it lists ({} refusal(s)): \
+                 what they trust is unknown until their certificates expire ({}) or the identity \
+                 is revoked",
+                u.identity,
+                super::fleet::MAX_TURNED_AWAY,
+                u.refusals,
+                u.until
             ));
         }
     }
@@ -267,6 +299,7 @@ mod tests {
             next_step: String::new(),
             unknown: Vec::new(),
             processes: Vec::new(),
+            turned_away_unlisted: Vec::new(),
         };
         // A lingering instance whose certificate expired cannot serve: it does not hold `activate`.
         r.sidecars.push(sidecar("old", 1, "1", 50));
@@ -341,6 +374,7 @@ mod tests {
             next_step: String::new(),
             unknown: Vec::new(),
             processes: Vec::new(),
+            turned_away_unlisted: Vec::new(),
         };
         let b = retire_blockers(&st, &r, now);
         assert_eq!(b.len(), 2, "{b:?}");
@@ -415,6 +449,7 @@ mod tests {
             next_step: String::new(),
             unknown: Vec::new(),
             processes: vec![CaProcess::default()],
+            turned_away_unlisted: Vec::new(),
         };
         let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1, "{b:?}");
@@ -452,6 +487,82 @@ mod tests {
     }
 
     #[test]
+    fn revoking_an_identity_releases_activate_from_its_sidecars_turned_away_beyond_the_list() {
+        use crate::rotation::fleet::{Caller, Fleet, FleetLimits, mark_revoked};
+        use crate::rotation::report::UnlistedTurnedAway;
+        let st = state(
+            &[
+                ("1", AuthorityState::Active, 1),
+                ("2", AuthorityState::Prepared, 2),
+            ],
+            2,
+        );
+        let fleet = Fleet::with_limits(
+            CaProcess::default(),
+            FleetLimits {
+                max_per_identity: 1,
+                ..FleetLimits::default()
+            },
+        );
+        // A liar's identity takes its one room and never acknowledges; its other 1,099 keys are
+        // turned away: 1,024 listed by name, the rest beyond the list.
+        let liar = "spiffe://td/ns/x/sa/liar";
+        for i in 0..1_100 {
+            let caller = Caller {
+                key: format!("k{i}"),
+                identity: liar.into(),
+                file_mode: false,
+                not_after: 5_000,
+                serial: format!("{:x}", i + 1),
+            };
+            let _ = fleet.stream_opened(&caller, 100);
+        }
+        let report = |list: &crate::revocations::Revocations| {
+            let (mut sidecars, _) = fleet.report(100);
+            mark_revoked(&mut sidecars, list);
+            RotationReport {
+                bundle_version: 2,
+                authorities: vec![],
+                sidecars,
+                next_step: String::new(),
+                unknown: Vec::new(),
+                processes: vec![fleet.process_now()],
+                turned_away_unlisted: fleet.unlisted_turned_away(100, list),
+            }
+        };
+        let none = crate::revocations::Revocations::default();
+        let r = report(&none);
+        assert_eq!(
+            r.turned_away_unlisted,
+            vec![UnlistedTurnedAway {
+                identity: liar.into(),
+                refusals: 75,
+                until: 5_000,
+                revoked: false,
+            }]
+        );
+        let b = activate_blockers(&st, &r, 100);
+        assert_eq!(b.len(), 1 + 1_024 + 1, "{}", summarize(&b));
+        assert!(
+            b.iter().any(|b| b.contains("(75 refusal(s))")),
+            "{}",
+            summarize(&b)
+        );
+        // Revoked: no peer accepts any of them; nothing is left to wait for.
+        let mut list = crate::revocations::Revocations::default();
+        let id = meshid_identity::SpiffeId::parse(liar).unwrap();
+        list.revoke(
+            meshid_identity::revocation::Revoked::Id(id),
+            0,
+            10_000,
+            String::new(),
+        )
+        .unwrap();
+        let b = activate_blockers(&st, &report(&list), 100);
+        assert!(b.is_empty(), "{}", summarize(&b));
+    }
+
+    #[test]
     fn after_a_restart_retire_waits_for_what_was_recorded_not_the_longest_lifetime() {
         let st = state(
             &[
@@ -484,6 +595,7 @@ mod tests {
             next_step: String::new(),
             unknown: Vec::new(),
             processes: vec![restarted],
+            turned_away_unlisted: Vec::new(),
         };
         let b = retire_blockers(&st, &r, 1_000);
         assert_eq!(b.len(), 1, "{b:?}");

@@ -14,7 +14,7 @@ pub mod view;
 
 pub use commands::{
     RotateError, activate, fetch_reports, intermediate, nothing_to_activate, nothing_to_retire,
-    prepare, retire, status,
+    prepare, prepare_above, prepare_measured, retire, status,
 };
 pub use fleet::{Fleet, IssuedView};
 pub use gates::{activate_blockers, retire_blockers, unknown_sidecars};

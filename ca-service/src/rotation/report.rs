@@ -34,6 +34,23 @@ pub struct RotationReport {
     /// The CA processes whose views this report merges (since when each tracks issuance).
     #[serde(default)]
     pub processes: Vec<CaProcess>,
+    /// Refusals of sidecars turned away beyond those a process lists by name, per identity.
+    #[serde(default)]
+    pub turned_away_unlisted: Vec<UnlistedTurnedAway>,
+}
+
+/// Sidecars of one identity a CA process turned away for lack of room (see
+/// [`SidecarReport::turned_away`]) beyond the ones it lists by name: their refusals (one that
+/// tries again counts again) and the latest expiry of their certificates. `activate` waits for
+/// them until then, or until the identity is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnlistedTurnedAway {
+    pub identity: String,
+    pub refusals: u64,
+    pub until: i64,
+    /// The identity is revoked: no peer accepts these sidecars, so they count for no gate.
+    #[serde(default)]
+    pub revoked: bool,
 }
 
 /// A sidecar in the report.
@@ -74,10 +91,25 @@ pub struct CaProcess {
     #[serde(default)]
     pub records_issuance: bool,
     /// Refusals of sidecars turned away (see [`SidecarReport::turned_away`]) beyond those this
-    /// process lists by name (one that tries again counts again), and the latest expiry of their
-    /// certificates: `activate` waits until then.
+    /// process lists by name and beyond the identities it counts them for apart
+    /// ([`RotationReport::turned_away_unlisted`]; one that tries again counts again), and the
+    /// latest expiry of their certificates: `activate` waits until then, revoked or not (whose
+    /// they are is not known).
     #[serde(default)]
     pub turned_away_unlisted: u64,
     #[serde(default)]
     pub turned_away_unlisted_until: i64,
+    /// The bundle version this process serves now (0: a CA before this field). A process numbers
+    /// a change of `bundle.pem` made by hand itself (one past its own version), so it may serve
+    /// versions above the directory's: `rotate prepare` and `retire` number the next bundle above
+    /// every version the named processes report.
+    #[serde(default)]
+    pub bundle_version: u64,
+    /// The highest bundle version this process served without the prepared authority's root (0:
+    /// none, nothing is prepared, or a CA before this field). At or above the version the
+    /// directory says that root joined at, an acknowledgement of that version on this process
+    /// does not show trust in the root, and `activate` waits (see
+    /// [`super::gates::activate_blockers`]).
+    #[serde(default)]
+    pub served_without_prepared_root: u64,
 }

@@ -9,7 +9,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::fleet::IssuedView;
 use super::gates::refresh;
-use super::report::{AuthorityView, CaProcess, RotationReport, SidecarReport};
+use super::report::{AuthorityView, CaProcess, RotationReport, SidecarReport, UnlistedTurnedAway};
 use crate::authorities::{AuthorityState, RotationState};
 use crate::ca_dir::read_bundle;
 
@@ -28,6 +28,7 @@ pub fn report(
     ca_dir: &Path,
     state: &RotationState,
     sidecars: Vec<SidecarReport>,
+    unlisted: Vec<UnlistedTurnedAway>,
     issued: &HashMap<String, IssuedView>,
     process: CaProcess,
     revocations: &crate::revocations::Revocations,
@@ -85,9 +86,32 @@ pub fn report(
         next_step: String::new(),
         unknown: Vec::new(),
         processes: vec![process],
+        turned_away_unlisted: unlisted,
     };
     refresh(&mut r, state, unix_now());
     r
+}
+
+/// A CA process as its report describes it: `process` (its fleet's view) with the version of the
+/// `bundle` it serves, and the highest version it served without the root of the authority
+/// `rotation` (read from the CA directory `files`) has prepared. A prepared root that cannot be
+/// read (its files not mounted here) is not measured (0).
+pub fn process(
+    process: CaProcess,
+    bundle: &crate::service::Bundle,
+    files: &Path,
+    rotation: &RotationState,
+) -> CaProcess {
+    let served_without_prepared_root = rotation
+        .find(AuthorityState::Prepared)
+        .and_then(|a| read_bundle(&rotation.files_of(files, a).path("root.pem")).ok())
+        .and_then(|roots| roots.into_iter().next())
+        .map_or(0, |root| bundle.served_without(&root));
+    CaProcess {
+        bundle_version: bundle.version,
+        served_without_prepared_root,
+        ..process
+    }
 }
 
 /// Merges the fleet views of several CA processes (each knows the sidecars connected to it).
@@ -124,6 +148,10 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
         }
     }
     let processes: Vec<CaProcess> = reports.iter().flat_map(|r| r.processes.clone()).collect();
+    let unlisted: Vec<UnlistedTurnedAway> = reports
+        .iter()
+        .flat_map(|r| r.turned_away_unlisted.clone())
+        .collect();
     let mut base = reports.into_iter().next().unwrap_or(RotationReport {
         bundle_version: state.bundle_version,
         authorities: Vec::new(),
@@ -131,8 +159,10 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
         next_step: String::new(),
         unknown: Vec::new(),
         processes: Vec::new(),
+        turned_away_unlisted: Vec::new(),
     });
     base.processes = processes;
+    base.turned_away_unlisted = unlisted;
     for a in &mut base.authorities {
         if let Some((n, t, until)) = live.get(&a.name) {
             a.live_certificates = *n;
@@ -188,6 +218,7 @@ mod tests {
             next_step: String::new(),
             unknown: Vec::new(),
             processes: vec![CaProcess::default()],
+            turned_away_unlisted: Vec::new(),
         };
         let full = process(vec![sidecar(false, "no room")]);
         let roomy = process(vec![sidecar(true, "")]);
