@@ -8,7 +8,9 @@
 //! `restartPolicy: Always`), a projected service-account token for the CA, the trust bundle (as an
 //! environment variable, so no namespace needs a ConfigMap of its own), and a downward-API file of
 //! its annotations, from which the sidecar reads its listeners and its live allow-list.
-//! Already-injected pods are left alone.
+//! Pods already running the sidecar are left alone. The injector's own annotations ([`OWNED`])
+//! carry only what it wrote: a preset value is overwritten or removed at creation, and an update
+//! may not touch them.
 //!
 //! On a pod UPDATE the webhook only validates: an update that changes the pod's `meshid.io/*`
 //! annotations into something the sidecar would refuse (`kubectl annotate` with a typo) is denied,
@@ -16,11 +18,14 @@
 //! never patched ([`validate_update`]).
 
 pub mod admission;
+pub mod budget;
 mod bundle;
+pub mod cost;
 pub mod metrics;
 mod patch;
 mod pod;
 pub mod reload;
+pub mod reply;
 pub mod server;
 pub mod serving;
 pub mod startup;
@@ -35,8 +40,8 @@ use serde_json::{Value, json};
 pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
 pub use patch::apply_patch;
 pub use pod::{
-    ADMIN_PORT, APP_PROBES, SIDECAR_NAME, SPIFFE_ENDPOINT_SOCKET, STATS_PORT, WORKLOAD_API_DIR,
-    WORKLOAD_API_SOCKET, sidecar_args,
+    ADMIN_PORT, APP_PROBES, MAX_APP_PROBES_BYTES, MAX_CONTAINERS, MAX_MOVED_HEADERS, SIDECAR_NAME,
+    SPIFFE_ENDPOINT_SOCKET, STATS_PORT, WORKLOAD_API_DIR, WORKLOAD_API_SOCKET, sidecar_args,
 };
 
 /// What the injected sidecar is configured with.
@@ -102,8 +107,11 @@ pub enum Outcome {
 
 /// Decides for a pod object (the AdmissionReview's `request.object`).
 pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
+    if let Some(problem) = annotations_too_large(pod) {
+        return Outcome::Deny(vec![problem]);
+    }
     let meta_annotations = pod.pointer("/metadata/annotations");
-    let annotations = string_annotations(pod);
+    let annotations = meshid_annotations(pod);
     if let Some(problem) = inject_value_problem(&annotations) {
         return Outcome::Deny(vec![problem]);
     }
@@ -115,13 +123,20 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     if !wanted {
         return Outcome::Skip("injection not requested");
     }
-    if annotations.contains_key(annotations::INJECTED) || pod::has_sidecar(pod) {
+    // Injected means running the sidecar (a copy of an injected pod, say): `meshid.io/injected`
+    // is the injector's to set, so a pod that arrives with it and no sidecar is injected anyway
+    // (the annotation overwritten).
+    if pod::has_sidecar(pod) {
         return Outcome::Skip("already injected");
     }
     let mesh = match MeshAnnotations::from_map(&annotations) {
         Ok(mesh) => mesh,
         Err(problems) => return Outcome::Deny(problems.iter().map(ToString::to_string).collect()),
     };
+    let shape = pod::container_shape_problems(pod);
+    if !shape.is_empty() {
+        return Outcome::Deny(shape);
+    }
     let asked = annotations.get(annotations::INJECT).map(String::as_str) == Some("enabled");
     if mesh.inbound.is_empty() && mesh.outbound.is_empty() && !asked {
         // Opted in only through its namespace: a pod without ports has no use for a sidecar.
@@ -146,6 +161,7 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
         ));
     }
     problems.extend(reserved_port_problems(&mesh));
+    problems.extend(pod::reserved_container_ports(pod));
     let mut ops = Vec::new();
     match meta_annotations {
         Some(Value::Object(_)) => ops.push(json!({
@@ -177,26 +193,36 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
 /// them (added, changed or removed): other updates of the pod (labels, finalizers, another
 /// annotation) are admitted whatever the pod carries, so a pod admitted earlier without checks
 /// (created while the webhook was unreachable under `failurePolicy: Ignore`) is never stuck. The
+/// injector's own annotations ([`OWNED`]: `meshid.io/injected`, `meshid.io/app-probes`) may not be
+/// added, changed or removed (the sidecar forwards its probes to whatever `app-probes` names); the
 /// changed annotations must pass the parser the sidecar loads them with (the one [`mutate_pod`]
 /// uses), `meshid.io/inject` must be `enabled` or `disabled`, and no port may be one of the
 /// sidecar's own. Never [`Outcome::Patch`]: a running pod is not mutated.
 pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
-    let annotations = string_annotations(pod);
-    let meshid = |all: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-        all.range(annotations::PREFIX.to_owned()..)
-            .take_while(|(k, _)| k.starts_with(annotations::PREFIX))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
-    let new = meshid(&annotations);
-    if new.is_empty() {
-        return Outcome::Skip("no meshid annotations");
-    }
-    if old.is_some_and(|old| meshid(&string_annotations(old)) == new) {
+    let new = meshid_annotations(pod);
+    let old = old.map(meshid_annotations);
+    if old.as_ref() == Some(&new) {
         return Outcome::Skip("meshid annotations unchanged");
     }
-    let mut problems: Vec<String> = inject_value_problem(&annotations).into_iter().collect();
-    match MeshAnnotations::from_map(&annotations) {
+    if let Some(problem) = annotations_too_large(pod) {
+        return Outcome::Deny(vec![problem]);
+    }
+    let none = BTreeMap::new();
+    let before = old.as_ref().unwrap_or(&none);
+    let mut problems: Vec<String> = OWNED
+        .iter()
+        .filter(|key| new.get(**key) != before.get(**key))
+        .map(|key| {
+            format!(
+                "annotation {key}: set by the injector; an update may not add, change or remove it"
+            )
+        })
+        .collect();
+    if new.is_empty() && problems.is_empty() {
+        return Outcome::Skip("no meshid annotations");
+    }
+    problems.extend(inject_value_problem(&new));
+    match MeshAnnotations::from_map(&new) {
         Ok(mesh) => problems.extend(reserved_port_problems(&mesh)),
         Err(errors) => problems.extend(errors.iter().map(ToString::to_string)),
     }
@@ -207,16 +233,42 @@ pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
     }
 }
 
-/// The pod's annotations whose values are strings (all of them, in a pod the API server accepted).
-fn string_annotations(pod: &Value) -> BTreeMap<String, String> {
+/// The annotations only the injector writes: a pod may carry them only as the injector left them.
+pub const OWNED: [&str; 2] = [annotations::INJECTED, annotations::APP_PROBES];
+
+/// The pod's `meshid.io/*` annotations whose values are strings (all of them, in a pod the API
+/// server accepted). No other annotation is copied: the parser ignores them.
+fn meshid_annotations(pod: &Value) -> BTreeMap<String, String> {
     pod.pointer("/metadata/annotations")
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
+                .filter(|(k, _)| k.starts_with(annotations::PREFIX))
                 .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Kubernetes' limit on a pod's annotations, keys and values together (the API server checks it
+/// after the webhooks have run).
+pub const MAX_ANNOTATION_BYTES: usize = 256 * 1024;
+
+/// The pod's annotations take more than [`MAX_ANNOTATION_BYTES`]: the API server would refuse the
+/// pod anyway, so it is refused before the meshid annotations are parsed.
+fn annotations_too_large(pod: &Value) -> Option<String> {
+    let total: usize = pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)?
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().map_or_else(|| v.to_string().len(), str::len))
+        .sum();
+    (total > MAX_ANNOTATION_BYTES).then(|| {
+        format!(
+            "the pod's annotations take {total} bytes, more than Kubernetes allows \
+             ({MAX_ANNOTATION_BYTES})"
+        )
+    })
 }
 
 /// `meshid.io/inject` is absent, `enabled` or `disabled`.
@@ -269,7 +321,9 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
 /// Answers an AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a pod UPDATE by
 /// [`validate_update`] (admitted or denied, never patched), anything else (other kinds, other
 /// operations, subresources such as `status` or `ephemeralcontainers`) is admitted unchanged. A
-/// request that cannot be read is answered with an error status (and `allowed: false`, so a broken
+/// review that is not one the API server sends (another `apiVersion` than v1, a top-level `kind`
+/// other than `AdmissionReview`, no request, a request without a `uid`, a pod CREATE or UPDATE
+/// without its object) is answered with an error status (and `allowed: false`, so a broken
 /// request never yields a half-injected pod; the chart's failurePolicy decides what the API server
 /// does when the webhook itself is unreachable).
 pub fn answer(config: &InjectConfig, scope: Scope, review: &admission::AdmissionReview) -> Value {
@@ -286,9 +340,25 @@ pub fn answer(config: &InjectConfig, scope: Scope, review: &admission::Admission
             ),
         ));
     }
+    if review.kind.as_deref() != Some("AdmissionReview") {
+        return answer(denied(
+            400,
+            format!(
+                "kind {} is not AdmissionReview",
+                review
+                    .kind
+                    .as_deref()
+                    .map_or("(none)".to_owned(), |k| format!("{k:?}"))
+            ),
+        ));
+    }
     let Some(request) = review.request.as_ref() else {
         return answer(denied(400, "the AdmissionReview has no request".to_owned()));
     };
+    if request.uid.is_empty() {
+        // The API server matches the answer to its request by the uid, and never sends one without.
+        return answer(denied(400, "the request has no uid".to_owned()));
+    }
     if !request.is_pod() {
         return answer(json!({"allowed": true}));
     }
@@ -362,7 +432,8 @@ mod tests {
 
     #[test]
     fn non_pod_requests_are_admitted() {
-        let r = json!({"request": {"uid": "u1", "kind": {"kind": "Service"},
+        let r = json!({"kind": "AdmissionReview",
+            "request": {"uid": "u1", "kind": {"kind": "Service"},
             "resource": {"resource": "services"}, "operation": "CREATE", "object": {}}});
         let key = rcgen::KeyPair::generate().unwrap();
         let root = rcgen::CertificateParams::new(Vec::<String>::new())
@@ -395,7 +466,7 @@ mod tests {
     }
 
     fn update(object: Value, old: Value) -> Value {
-        json!({"request": {"uid": "u2", "kind": {"kind": "Pod"},
+        json!({"kind": "AdmissionReview", "request": {"uid": "u2", "kind": {"kind": "Pod"},
             "resource": {"resource": "pods"}, "operation": "UPDATE",
             "object": object, "oldObject": old}})
     }

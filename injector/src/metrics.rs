@@ -26,8 +26,9 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
-/// Labels of a refused connection or request: why (`max_connections`, `max_connections_per_source`;
-/// `too_large`, `timeout`, `too_deep`, `invalid`).
+/// Labels of a refused connection or request: why (`max_connections`, `max_connections_per_source`,
+/// `displaced`; `too_large`, `timeout`, `too_deep`, `invalid`, `busy`: no room in the review memory
+/// within `--review-wait`, `too_costly`: a body whose review could never fit in it).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,

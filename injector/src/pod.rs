@@ -23,6 +23,13 @@ const TOKEN_VOLUME: &str = "meshid-token";
 const POD_VOLUME: &str = "meshid-pod";
 const TOKEN_DIR: &str = "/var/run/secrets/meshid/token";
 const POD_DIR: &str = "/var/run/meshid/pod";
+/// The sidecar's own small state that outlives its container (not the pod): the trust bundle it
+/// last received (`--bundle-cache`), so that a sidecar restarted after a CA rotation still reaches
+/// the CA, whose serving certificate chains to a root newer than the one in this pod's spec.
+const STATE_VOLUME: &str = "meshid-state";
+const STATE_DIR: &str = "/var/run/meshid/state";
+/// The bundle cache in it.
+const BUNDLE_CACHE: &str = "/var/run/meshid/state/bundle.pem";
 /// The shared volume of the SPIFFE Workload API socket (`meshid.io/workload-api: enabled`).
 const WORKLOAD_API_VOLUME: &str = "meshid-workload-api";
 /// Where that volume is mounted, in the sidecar and in every app container.
@@ -54,6 +61,66 @@ pub fn sidecar_args(config: &InjectConfig) -> Vec<String> {
     .collect()
 }
 
+/// The most containers (app and init containers together) a pod may have to be injected: a pod's
+/// patch grows with them (probes moved, the Workload API socket mounted in each), and real pods
+/// have a handful. Far more is a pod built to make the injector work, refused by name.
+pub const MAX_CONTAINERS: usize = 128;
+
+/// Every container of the pod: init containers, then app containers.
+fn all_containers(pod: &Value) -> impl Iterator<Item = &Value> {
+    ["/spec/initContainers", "/spec/containers"]
+        .into_iter()
+        .filter_map(|p| pod.pointer(p).and_then(Value::as_array))
+        .flatten()
+}
+
+/// Containers the injector will not build a patch for: more than [`MAX_CONTAINERS`], or a name
+/// that is not a DNS label of at most 63 characters (the API server refuses such a pod anyway,
+/// after the webhook; the name goes into the probes' paths). Checked before any patch is built,
+/// so the patch never grows with an absurd pod.
+pub(super) fn container_shape_problems(pod: &Value) -> Vec<String> {
+    let count = all_containers(pod).count();
+    if count > MAX_CONTAINERS {
+        return vec![format!(
+            "the pod has {count} containers; meshid injects pods of at most {MAX_CONTAINERS}"
+        )];
+    }
+    all_containers(pod)
+        .filter_map(|c| {
+            let name = c["name"].as_str().unwrap_or_default();
+            let label = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            (!label).then(|| {
+                let shown: String = name.chars().take(64).collect();
+                format!("container {shown:?}: the name is not a DNS label of at most 63 characters")
+            })
+        })
+        .collect()
+}
+
+/// Containers that declare one of the sidecar's own ports: the app would take the port the
+/// kubelet probes the sidecar on (or its metrics port), or the sidecar would fail to start.
+pub(super) fn reserved_container_ports(pod: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    for c in all_containers(pod) {
+        let name = c["name"].as_str().unwrap_or_default();
+        let ports = c["ports"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for (port, what) in [(ADMIN_PORT, "admin"), (STATS_PORT, "stats")] {
+            if ports.iter().any(|p| p["containerPort"] == port) {
+                problems.push(format!(
+                    "container {name}: declares port {port}, the sidecar's {what} port"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 pub(super) fn has_sidecar(pod: &Value) -> bool {
     ["/spec/initContainers", "/spec/containers"]
         .iter()
@@ -83,6 +150,11 @@ pub(super) fn add_volumes(
         json!({
             "name": POD_VOLUME,
             "downwardAPI": {"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]},
+        }),
+        // In memory and small: a few roots.
+        json!({
+            "name": STATE_VOLUME,
+            "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"},
         }),
     ];
     if mesh.workload_api {
@@ -125,6 +197,7 @@ pub(super) fn add_sidecar(
         json!({"name": "MESHID_SIDECAR_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}),
         json!({"name": "MESHID_LOG_FORMAT", "value": config.log_format}),
         json!({"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()}),
+        json!({"name": "MESHID_SIDECAR_BUNDLE_CACHE", "value": BUNDLE_CACHE}),
     ];
     if config.metrics_peer_identity {
         env.push(json!({"name": "MESHID_SIDECAR_METRICS_PEER_IDENTITY", "value": "true"}));
@@ -133,6 +206,7 @@ pub(super) fn add_sidecar(
     let mut mounts = vec![
         json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}),
         json!({"name": POD_VOLUME, "mountPath": POD_DIR, "readOnly": true}),
+        json!({"name": STATE_VOLUME, "mountPath": STATE_DIR}),
     ];
     if mesh.workload_api {
         args.extend([
@@ -227,21 +301,41 @@ pub(super) fn add_workload_api(pod: &Value, ops: &mut Vec<Value>, problems: &mut
     }
 }
 
-/// Probes of app containers that target an inbound port would reach the sidecar's mTLS listener and
-/// fail: HTTP probes move to the sidecar's admin port (`/app-health/CONTAINER/KIND`, the original
-/// recorded in [`APP_PROBES`] for the sidecar to forward), TCP probes stay (the sidecar accepts the
-/// connection on the port), gRPC probes are refused.
+/// Probes of app containers (and of native sidecars: init containers with `restartPolicy: Always`,
+/// the only init containers that may have probes) that target an inbound port would reach the
+/// sidecar's mTLS listener and fail: HTTP probes move to the sidecar's admin port
+/// (`/app-health/CONTAINER/KIND`, the original recorded in [`APP_PROBES`] for the sidecar to
+/// forward over plain HTTP on localhost), TCP probes stay (the sidecar accepts the connection on
+/// the port), gRPC and HTTPS probes are refused (the sidecar cannot forward them). [`APP_PROBES`]
+/// belongs to the injector: a value the pod arrived with is replaced, or removed when no probe
+/// moved, so it never points the sidecar at ports the injector did not record.
+///
+/// Runs after [`add_sidecar`], whose operation inserts the sidecar at `/spec/initContainers/0`:
+/// the pod's own init container `i` is then at index `i + 1`.
 pub(super) fn rewrite_probes(
     mesh: &MeshAnnotations,
     pod: &Value,
     ops: &mut Vec<Value>,
     problems: &mut Vec<String>,
 ) {
-    let Some(containers) = pod.pointer("/spec/containers").and_then(Value::as_array) else {
-        return;
+    let list = |pointer: &str| {
+        pod.pointer(pointer)
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     };
+    let apps = list("/spec/containers")
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("/spec/containers/{i}"), c));
+    let native_sidecars = list("/spec/initContainers")
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c["restartPolicy"] == "Always")
+        .map(|(i, c)| (format!("/spec/initContainers/{}", i + 1), c));
     let mut moved = BTreeMap::new();
-    for (i, c) in containers.iter().enumerate() {
+    let mut recorded = Recorded::default();
+    for (at, c) in apps.chain(native_sidecars) {
         let name = c["name"].as_str().unwrap_or_default();
         for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
             let probe = &c[kind];
@@ -252,23 +346,23 @@ pub(super) fn rewrite_probes(
                 if !mesh.inbound.iter().any(|p| p.port == port) {
                     continue;
                 }
-                let short = kind.trim_end_matches("Probe");
-                let mut original = get.clone();
-                original["port"] = json!(port);
-                moved.insert(format!("{name}/{short}"), original);
-                let mut new = json!({
-                    "path": format!("/app-health/{name}/{short}"),
-                    "port": ADMIN_PORT,
-                    "scheme": "HTTP",
-                });
-                if let Some(headers) = get.get("httpHeaders") {
-                    new["httpHeaders"] = headers.clone();
+                match http_get_moved(name, kind, port, get, &mut recorded) {
+                    Ok((original, new)) => {
+                        let short = kind.trim_end_matches("Probe");
+                        moved.insert(format!("{name}/{short}"), original);
+                        ops.push(json!({
+                            "op": "replace",
+                            "path": format!("{at}/{kind}/httpGet"),
+                            "value": new,
+                        }));
+                    }
+                    Err(problem) => {
+                        problems.push(problem);
+                        if recorded.full() {
+                            return;
+                        }
+                    }
                 }
-                ops.push(json!({
-                    "op": "replace",
-                    "path": format!("/spec/containers/{i}/{kind}/httpGet"),
-                    "value": new,
-                }));
             } else if let Some(grpc) = probe.get("grpc") {
                 let port = grpc["port"].as_u64().and_then(|p| u16::try_from(p).ok());
                 if port.is_some_and(|p| mesh.inbound.iter().any(|i| i.port == p)) {
@@ -281,13 +375,106 @@ pub(super) fn rewrite_probes(
             }
         }
     }
+    let path = format!("/metadata/annotations/{}", escape(APP_PROBES));
     if !moved.is_empty() {
+        // `add` replaces a value the pod arrived with.
         ops.push(json!({
             "op": "add",
-            "path": format!("/metadata/annotations/{}", escape(APP_PROBES)),
+            "path": path,
             "value": Value::Object(moved.into_iter().collect()).to_string(),
         }));
+    } else if pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(APP_PROBES))
+        .is_some()
+    {
+        ops.push(json!({"op": "remove", "path": path}));
     }
+}
+
+/// The most `httpHeaders` the moved probes of one pod may have together, and the most bytes their
+/// paths and headers may take in [`APP_PROBES`] (an annotation: the API server limits a pod's
+/// annotations to 256 KiB in all). Real probes have a path and a header or two.
+pub const MAX_MOVED_HEADERS: usize = 256;
+pub const MAX_APP_PROBES_BYTES: usize = 64 * 1024;
+
+/// What the moved probes of a pod have recorded so far, against [`MAX_MOVED_HEADERS`] and
+/// [`MAX_APP_PROBES_BYTES`].
+#[derive(Debug, Default)]
+struct Recorded {
+    headers: usize,
+    bytes: usize,
+}
+
+impl Recorded {
+    fn full(&self) -> bool {
+        self.headers > MAX_MOVED_HEADERS || self.bytes > MAX_APP_PROBES_BYTES
+    }
+}
+
+/// An `httpGet` probe on inbound port `port` moved to the sidecar's admin port: what
+/// [`APP_PROBES`] records (port, path, scheme, headers; nothing else of the original is copied)
+/// and the new `httpGet`. The sidecar forwards over plain HTTP only, so an HTTPS probe is a
+/// problem naming the container and the probe, as is a header that is not a name and a value, and
+/// moved probes over [`MAX_MOVED_HEADERS`] or [`MAX_APP_PROBES_BYTES`] (counted in `recorded`
+/// before anything is copied).
+fn http_get_moved(
+    container: &str,
+    kind: &str,
+    port: u16,
+    get: &Value,
+    recorded: &mut Recorded,
+) -> Result<(Value, Value), String> {
+    let scheme = get.get("scheme").map_or(Some("HTTP"), Value::as_str);
+    if scheme != Some("HTTP") {
+        return Err(format!(
+            "container {container}: the {kind} uses scheme {} on inbound port {port}; the \
+             sidecar forwards moved probes over plain HTTP only, so use scheme HTTP, a tcpSocket \
+             or an exec probe",
+            get["scheme"]
+        ));
+    }
+    let given = get
+        .get("httpHeaders")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let path = get["path"].as_str();
+    recorded.headers += given.len();
+    recorded.bytes += container.len() + 64 + path.map_or(0, str::len);
+    for (i, h) in given.iter().enumerate() {
+        let (Some(name), Some(value)) = (h["name"].as_str(), h["value"].as_str()) else {
+            return Err(format!(
+                "container {container}: the {kind}'s httpHeaders[{i}] is not a name and a value"
+            ));
+        };
+        recorded.bytes += name.len() + value.len() + 32;
+    }
+    if recorded.full() {
+        return Err(format!(
+            "the probes moved to the sidecar have more than {MAX_MOVED_HEADERS} httpHeaders or \
+             take more than {MAX_APP_PROBES_BYTES} bytes in {APP_PROBES}"
+        ));
+    }
+    let headers: Vec<Value> = given
+        .iter()
+        .map(|h| json!({"name": h["name"], "value": h["value"]}))
+        .collect();
+    let mut original = json!({"port": port, "scheme": "HTTP"});
+    if let Some(path) = path {
+        original["path"] = json!(path);
+    }
+    let short = kind.trim_end_matches("Probe");
+    let mut new = json!({
+        "path": format!("/app-health/{container}/{short}"),
+        "port": ADMIN_PORT,
+        "scheme": "HTTP",
+    });
+    if get.get("httpHeaders").is_some() {
+        original["httpHeaders"] = Value::Array(headers.clone());
+        new["httpHeaders"] = Value::Array(headers);
+    }
+    Ok((original, new))
 }
 
 /// A probe's port: a number, or the name of one of the container's ports.

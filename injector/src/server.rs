@@ -14,8 +14,15 @@
 //! answered 413 without reading more of it (at once when its `Content-Length` says so); the body is
 //! parsed into the typed AdmissionReview envelope (see [`super::admission`]) whose nesting serde_json
 //! bounds; HTTP/2 connections (the API server's choice when ALPN offers it) get a stream and a
-//! header-list cap and keep-alive pings; and every connection is told to go away (HTTP/2 GOAWAY, or
-//! closed after its current HTTP/1 request) at its maximum age.
+//! header-list cap, 64 KiB flow-control windows and keep-alive pings; and every connection is told
+//! to go away (HTTP/2 GOAWAY, or closed after its current HTTP/1 request) at its maximum age.
+//!
+//! Memory: the reviews in flight share a byte budget ([`super::budget`]): a body is charged before
+//! it is read, its review what its JSON can cost once parsed and answered ([`super::cost`]), and
+//! the answer keeps its share until it is sent ([`super::reply`]). A request that waits longer
+//! than `--review-wait` for room is answered 503, one that could never fit 413; so many large
+//! bodies at once make the injector answer some of them later or not at all, never run out of
+//! memory. On shutdown ([`serve`]'s `shutdown`) it stops accepting and answers what is in flight.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,16 +32,21 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_runtime::admission::{Admission, Displaceable, Ticket};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use super::budget::{NoRoom, ReviewBudget};
+use super::cost;
 use super::metrics::InjectorMetrics;
+use super::reply::Reply;
 use super::{InjectConfig, Scope, admission};
 
 /// Default largest request body: 1 MiB. A pod's AdmissionReview is a few KiB to a few tens of KiB
@@ -47,9 +59,16 @@ pub const MAX_REQUEST_BYTES_LIMIT: usize = 3 * 1024 * 1024;
 /// HTTP/1 read buffer (and so the largest request head).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
+/// A review charged more than this gives its freed pages back to the kernel once answered.
+const TRIM_AFTER: u64 = 4 * 1024 * 1024;
 /// HTTP/2: concurrent streams per connection, and the largest header list.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 64;
 const H2_MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// HTTP/2 flow-control windows: a client may send this much of a stream's body, and of all its
+/// streams' bodies together, before the injector reads it. Bodies wait unread for room in the
+/// review budget, so each connection buffers at most this much (hyper's default is 1 MiB).
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 64 * 1024;
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -70,6 +89,12 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// A connection this old is told to go away; its requests in flight get `request_timeout` more.
     pub max_connection_age: Duration,
+    /// Memory reviews in flight may use, bodies and answers included ([`ReviewBudget`]).
+    pub review_memory: usize,
+    /// The longest a request waits for room in the review budget (then: 503).
+    pub review_wait: Duration,
+    /// At shutdown, how long reviews in flight get to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -81,26 +106,41 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(10),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_connection_age: Duration::from_secs(5 * 60),
+            review_memory: super::budget::DEFAULT_REVIEW_MEMORY,
+            review_wait: Duration::from_secs(3),
+            shutdown_grace: Duration::from_secs(5),
         }
     }
 }
 
-/// Serves the webhook on `listener` until the process ends. Each review uses the configuration
-/// current when it arrives (the trust bundle in it is reloaded while running).
+/// Serves the webhook on `listener` until `shutdown` completes; then stops accepting, tells every
+/// connection to go away once its requests in flight are answered (HTTP/2 GOAWAY; HTTP/1: closed
+/// after its current request) and returns when they are all closed, or after
+/// [`Limits::shutdown_grace`]. Each review uses the configuration current when it arrives (the
+/// trust bundle in it is reloaded while running).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     config: Arc<ArcSwap<InjectConfig>>,
     metrics: Arc<InjectorMetrics>,
     limits: Limits,
+    shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let admission = Admission::new(
         limits.max_connections,
         Some(limits.max_connections_per_source),
     );
+    let budget = ReviewBudget::new(limits.review_memory);
+    // Every connection task holds a sender: when they are all gone, `open.recv()` returns None.
+    let (open_tx, mut open) = mpsc::channel::<()>(1);
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::pin!(shutdown);
     loop {
-        let (tcp, peer) = meshid_runtime::net::accept_retrying(&listener, "webhook").await;
+        let (tcp, peer) = tokio::select! {
+            accepted = meshid_runtime::net::accept_retrying(&listener, "webhook") => accepted,
+            () = &mut shutdown => break,
+        };
         let admitted = match admission.admit(peer.ip()) {
             Ok(admitted) => admitted,
             Err(why) => {
@@ -114,16 +154,23 @@ pub async fn serve(
         if displaced {
             metrics.connection_refused("displaced");
         }
+        let shared = Shared {
+            config: config.clone(),
+            metrics: metrics.clone(),
+            budget: budget.clone(),
+            limits,
+        };
         let acceptor = acceptor.clone();
-        let config = config.clone();
-        let metrics = metrics.clone();
+        let (open_tx, stop) = (open_tx.clone(), stop.clone());
         tokio::spawn(async move {
-            metrics.connections_open.inc();
+            shared.metrics.connections_open.inc();
             let _ = tcp.set_nodelay(true);
             let tcp = Displaceable::new(tcp, admitted.displacement);
             let ticket = Arc::new(admitted.ticket);
-            connection(tcp, peer, acceptor, config, metrics.clone(), limits, ticket).await;
+            let metrics = shared.metrics.clone();
+            connection(tcp, peer, acceptor, shared, ticket, stop).await;
             metrics.connections_open.dec();
+            drop(open_tx);
         });
         if displaced {
             // At the cap under a flood: let the connections just admitted (a real client's among them)
@@ -131,18 +178,44 @@ pub async fn serve(
             tokio::task::yield_now().await;
         }
     }
+    drop(listener);
+    drop(open_tx);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(limits.shutdown_grace, open.recv())
+        .await
+        .is_ok();
+    if drained {
+        tracing::info!("webhook connections drained");
+    } else {
+        tracing::warn!(
+            grace = ?limits.shutdown_grace,
+            "webhook connections still open after the shutdown grace; closing them"
+        );
+    }
 }
 
-/// Drives a connection to its end: handshake, then HTTP/2 or HTTP/1.1 as ALPN chose.
+/// What every request of every connection shares.
+#[derive(Clone)]
+struct Shared {
+    config: Arc<ArcSwap<InjectConfig>>,
+    metrics: Arc<InjectorMetrics>,
+    budget: ReviewBudget,
+    limits: Limits,
+}
+
+/// Drives a connection to its end: handshake, then HTTP/2 or HTTP/1.1 as ALPN chose. At its
+/// maximum age, or when `stop` turns true (shutdown), it is told to go away: its requests in
+/// flight are answered (within `request_timeout` after its age; within the shutdown grace, which
+/// [`serve`] enforces, at shutdown).
 async fn connection(
     tcp: Displaceable<TcpStream>,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    config: Arc<ArcSwap<InjectConfig>>,
-    metrics: Arc<InjectorMetrics>,
-    limits: Limits,
+    shared: Shared,
     ticket: Arc<Ticket>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    let limits = shared.limits;
     let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -158,28 +231,46 @@ async fn connection(
     let service = service_fn(move |req| {
         // A request arrived: the connection is no longer displaced at the connection limit.
         ticket.proven();
-        handle(req, config.clone(), metrics.clone(), peer, limits)
+        handle(req, shared.clone(), peer)
     });
     let io = TokioIo::new(tls);
+    // Resolves once the connection should go away, and then stays pending.
+    let go_away = async {
+        tokio::select! {
+            () = tokio::time::sleep(limits.max_connection_age) => Some(limits.request_timeout),
+            // At shutdown: `serve` bounds the wait.
+            _ = stop.wait_for(|stop| *stop) => None,
+        }
+    };
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                finish_within = go_away => {
+                    conn.as_mut().graceful_shutdown();
+                    match finish_within {
+                        Some(within) => tokio::time::timeout(within, conn.as_mut())
+                            .await
+                            .unwrap_or(Ok(())),
+                        None => conn.as_mut().await,
+                    }
+                }
+            }
+        }};
+    }
     let result = if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            () = tokio::time::sleep(limits.max_connection_age) => {
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(limits.request_timeout, conn.as_mut())
-                    .await
-                    .unwrap_or(Ok(()))
-            }
-        }
+        drive!(builder.serve_connection(io, service))
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -187,17 +278,7 @@ async fn connection(
             .header_read_timeout(limits.header_read_timeout)
             .max_buf_size(MAX_HEAD_BYTES)
             .max_headers(MAX_HEADERS);
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            () = tokio::time::sleep(limits.max_connection_age) => {
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(limits.request_timeout, conn.as_mut())
-                    .await
-                    .unwrap_or(Ok(()))
-            }
-        }
+        drive!(builder.serve_connection(io, service))
     };
     if let Err(error) = result {
         tracing::debug!(%error, %peer, "connection ended with an error");
@@ -206,11 +287,15 @@ async fn connection(
 
 async fn handle(
     req: Request<Incoming>,
-    config: Arc<ArcSwap<InjectConfig>>,
-    metrics: Arc<InjectorMetrics>,
+    shared: Shared,
     peer: SocketAddr,
-    limits: Limits,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Reply>, Infallible> {
+    let Shared {
+        config,
+        metrics,
+        budget,
+        limits,
+    } = shared;
     let scope = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok\n".into())),
         (&Method::POST, "/inject") => Scope::Pod,
@@ -220,21 +305,38 @@ async fn handle(
     // HTTP/1: a refused body is never read to its end, so the connection cannot carry another
     // request (HTTP/2 resets just the stream).
     let http1 = req.version() < http::Version::HTTP_2;
-    let close = |mut r: Response<Full<Bytes>>| {
+    let close = |mut r: Response<Reply>| {
         if http1 {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         r
     };
+    let refuse = |reason: &'static str, status: StatusCode, message: String| {
+        metrics.request_refused(reason);
+        tracing::debug!(%peer, reason, "{}", message.trim_end());
+        close(text(status, message))
+    };
     let too_large = || {
-        close(text(
+        refuse(
+            "too_large",
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "request body over the {}-byte limit (an AdmissionReview for a pod is far smaller)\n",
                 limits.max_request_bytes
             ),
-        ))
+        )
+    };
+    let busy = || {
+        refuse(
+            "busy",
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the injector is busy: other reviews held its review memory ({} bytes, \
+                 --review-memory) for {:?}; try again\n",
+                limits.review_memory, limits.review_wait
+            ),
+        )
     };
     let declared = req
         .headers()
@@ -242,39 +344,64 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_request_bytes as u64) {
-        metrics.request_refused("too_large");
-        tracing::debug!(%peer, ?declared, "request body over the limit (Content-Length)");
         return Ok(too_large());
     }
-    let read = Limited::new(req.into_body(), limits.max_request_bytes).collect();
-    let body = match tokio::time::timeout(limits.request_timeout, read).await {
-        Ok(Ok(body)) => body.to_bytes(),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => {
-            metrics.request_refused("too_large");
-            tracing::debug!(%peer, "request body over the limit");
-            return Ok(too_large());
-        }
-        Ok(Err(error)) => {
-            metrics.request_refused("invalid");
-            tracing::debug!(%peer, %error, "request body not read");
-            return Ok(close(text(
+    // Room for the body before a byte of it is read: its declared length, or the cap.
+    let waited_until = Instant::now() + limits.review_wait;
+    let reserved = declared.unwrap_or(limits.max_request_bytes as u64);
+    let Ok(mut body_room) = budget.body(reserved, limits.review_wait).await else {
+        return Ok(busy());
+    };
+    let body = match tokio::time::timeout(
+        limits.request_timeout,
+        read_body(req.into_body(), reserved as usize),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => return Ok(too_large()),
+        Ok(Err(BodyError::Read(error))) => {
+            return Ok(refuse(
+                "invalid",
                 StatusCode::BAD_REQUEST,
                 format!("request body not read: {error}\n"),
-            )));
+            ));
         }
         Err(_) => {
-            metrics.request_refused("timeout");
-            tracing::debug!(%peer, "request body not received in time");
-            return Ok(close(text(
+            return Ok(refuse(
+                "timeout",
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "request body not received within {:?}\n",
                     limits.request_timeout
                 ),
-            )));
+            ));
         }
     };
-    let input = match admission::parse(&body) {
+    // A body shorter than reserved (no Content-Length) gives the rest back at once.
+    body_room.shrink_to(body.len());
+    let config = config.load_full();
+    let cost = cost::review_cost(&body, config.trust_bundle.pem().len());
+    let left = waited_until.saturating_duration_since(Instant::now());
+    let review_room = match budget.review(cost, left).await {
+        Ok(room) => room,
+        Err(NoRoom::Busy) => return Ok(busy()),
+        Err(NoRoom::TooCostly { cost, budget }) => {
+            return Ok(refuse(
+                "too_costly",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "reviewing this body would take up to {cost} bytes of memory, more than the \
+                     injector's review budget ({budget} bytes of --review-memory): no pod is \
+                     that large\n"
+                ),
+            ));
+        }
+    };
+    let parsed = admission::parse(&body);
+    drop(body);
+    drop(body_room);
+    let input = match parsed {
         Ok(input) => input,
         Err(error) => {
             metrics.request_refused(error.label());
@@ -282,7 +409,7 @@ async fn handle(
             return Ok(text(StatusCode::BAD_REQUEST, format!("{error}\n")));
         }
     };
-    let output = super::answer(&config.load(), scope, &input);
+    let output = super::answer(&config, scope, &input);
     metrics.review(&output);
     let response = &output["response"];
     let request = input.request.as_ref();
@@ -296,7 +423,19 @@ async fn handle(
         message = %response.pointer("/status/message").unwrap_or(&serde_json::Value::Null),
         "admission review"
     );
-    let mut out = Response::new(Full::new(Bytes::from(output.to_string())));
+    let answer = Bytes::from(output.to_string());
+    drop(output);
+    drop(input);
+    if cost > TRIM_AFTER {
+        // glibc keeps the pages of a large tree in the arena of the thread that freed it, where
+        // the next large review (on another thread) cannot reuse them: hand them back.
+        meshid_runtime::heap::release_free_pages();
+    }
+    // Until it is sent, the answer keeps the room its text takes (twice: the text and the pieces
+    // in the connection's buffers), for `request_timeout` at most.
+    let mut review_room = review_room;
+    review_room.shrink_to(2 * answer.len());
+    let mut out = Response::new(Reply::holding(answer, review_room, limits.request_timeout));
     out.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -304,8 +443,33 @@ async fn handle(
     Ok(out)
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+/// Why a body was not read.
+enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+/// Reads a body of at most `max` bytes into one buffer, allocated once: its length when given
+/// (`Content-Length`), else `max` (what the budget was charged; pages never written are never
+/// resident).
+async fn read_body(mut body: Incoming, max: usize) -> Result<Vec<u8>, BodyError> {
+    let hint = hyper::body::Body::size_hint(&body).exact();
+    let capacity = hint.map_or(max, |n| usize::try_from(n).unwrap_or(max).min(max));
+    let mut buf = Vec::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+fn text(status: StatusCode, body: String) -> Response<Reply> {
+    let mut r = Response::new(Reply::plain(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -110,6 +110,21 @@ pub struct InjectorArgs {
     /// A connection this old is told to go away (HTTP/2 GOAWAY; HTTP/1: closed after its request).
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTION_AGE", default_value = "5m")]
     pub max_connection_age: String,
+    /// Memory, in bytes, that reviews in flight may use together: a quarter for request bodies
+    /// being received, the rest for parsing, answering and sending (each review charged what its
+    /// body's JSON can cost once parsed). A request waits for room up to --review-wait, then is
+    /// answered 503; one that could never fit is answered 413. At least 4 x --max-request-bytes;
+    /// keep it well under the container's memory limit.
+    #[arg(long, env = "MESHID_INJECTOR_REVIEW_MEMORY", default_value_t = super::budget::DEFAULT_REVIEW_MEMORY)]
+    pub review_memory: usize,
+    /// The longest a request waits for room in --review-memory before it is answered 503 (keep it
+    /// under the webhook's timeoutSeconds, so the API server gets that answer).
+    #[arg(long, env = "MESHID_INJECTOR_REVIEW_WAIT", default_value = "3s")]
+    pub review_wait: String,
+    /// On SIGTERM or Ctrl-C the injector stops accepting connections and answers the reviews in
+    /// flight for at most this long, then exits (keep it under terminationGracePeriodSeconds).
+    #[arg(long, env = "MESHID_INJECTOR_SHUTDOWN_GRACE", default_value = "5s")]
+    pub shutdown_grace: String,
 }
 
 /// Environment twins renamed after their flags, `(new, old)`; the old names still work, with a
@@ -121,6 +136,8 @@ pub const RENAMED_ENV: &[(&str, &str)] = &[(
 
 /// The shortest interval or timeout the flags accept.
 const MIN_DURATION: Duration = Duration::from_millis(100);
+/// The most `--review-memory` may be (a review's charge is counted in 32 bits).
+const MAX_REVIEW_MEMORY: usize = 3 << 30;
 
 /// A container's `imagePullPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -305,6 +322,8 @@ impl InjectorArgs {
         let header_read_timeout = duration("--header-read-timeout", &self.header_read_timeout);
         let request_timeout = duration("--request-timeout", &self.request_timeout);
         let max_connection_age = duration("--max-connection-age", &self.max_connection_age);
+        let review_wait = duration("--review-wait", &self.review_wait);
+        let shutdown_grace = duration("--shutdown-grace", &self.shutdown_grace);
         if self.max_connections == 0 {
             problems.push("--max-connections: must be at least 1".to_owned());
         }
@@ -317,6 +336,13 @@ impl InjectorArgs {
                 server::MAX_REQUEST_BYTES_LIMIT
             ));
         }
+        let smallest = 4 * self.max_request_bytes;
+        if !(smallest..=MAX_REVIEW_MEMORY).contains(&self.review_memory) {
+            problems.push(format!(
+                "--review-memory: must be between 4 x --max-request-bytes ({smallest}: a quarter \
+                 of it holds the bodies being received) and {MAX_REVIEW_MEMORY}"
+            ));
+        }
         (problems.len() == before).then_some(server::Limits {
             max_connections: self.max_connections,
             max_connections_per_source: self.max_connections_per_source,
@@ -324,12 +350,16 @@ impl InjectorArgs {
             request_timeout,
             max_request_bytes: self.max_request_bytes,
             max_connection_age,
+            review_memory: self.review_memory,
+            review_wait,
+            shutdown_grace,
         })
     }
 }
 
 impl Startup {
-    /// Serves until SIGTERM or Ctrl-C.
+    /// Serves until SIGTERM or Ctrl-C, then answers the reviews in flight (within
+    /// `--shutdown-grace`) and returns.
     pub fn run(self) -> ExitCode {
         let Startup {
             args,
@@ -428,16 +458,24 @@ impl Startup {
                     Ok(summary)
                 },
             ));
-            tokio::select! {
-                () = server::serve(listener, tls, config, metrics, limits) => {}
-                stopped = meshid_runtime::process::wait_for_signal() => match stopped {
-                    Ok(()) => tracing::info!("signal received; exiting"),
+            let no_signals = std::cell::Cell::new(false);
+            let signal = async {
+                match meshid_runtime::process::wait_for_signal().await {
+                    Ok(()) => tracing::info!(
+                        grace = ?limits.shutdown_grace,
+                        "signal received; answering the reviews in flight, then exiting"
+                    ),
                     Err(error) => {
                         eprintln!("meshid-injector: cannot handle signals: {error}");
-                        return ExitCode::FAILURE;
+                        no_signals.set(true);
                     }
-                },
+                }
+            };
+            server::serve(listener, tls, config, metrics, limits, signal).await;
+            if no_signals.get() {
+                return ExitCode::FAILURE;
             }
+            tracing::info!("exiting");
             ExitCode::SUCCESS
         })
     }

@@ -200,3 +200,195 @@ fn the_mesh_test_wires_an_allowed_and_a_denied_call() {
         "{app_cmd}"
     );
 }
+
+/// Whether `labels` match a Kubernetes label selector (`matchLabels` and `matchExpressions`).
+fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let by_label = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str());
+    let by_expression = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let key = e["key"].as_str().unwrap();
+            let values: Vec<&str> = e["values"]
+                .as_array()
+                .map(|v| v.iter().map(|s| s.as_str().unwrap()).collect())
+                .unwrap_or_default();
+            let value = labels.get(key).map(String::as_str);
+            match e["operator"].as_str().unwrap() {
+                "In" => value.is_some_and(|v| values.contains(&v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(&v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("operator {other}"),
+            }
+        });
+    by_label && by_expression
+}
+
+/// A matchCondition of the chart's webhook evaluated for a pod CREATE. The chart's CEL expressions
+/// are of two known forms (written out here); any other form fails the test, to be added.
+fn condition_holds_on_create(expression: &str, pod: &Value) -> bool {
+    let expression = expression.split_whitespace().collect::<Vec<_>>().join(" ");
+    if expression.starts_with("request.operation != 'UPDATE' ||") {
+        return true;
+    }
+    let asked = "request.operation != 'CREATE' || (has(object.metadata.annotations) && \
+                 'meshid.io/inject' in object.metadata.annotations && \
+                 object.metadata.annotations['meshid.io/inject'] != 'disabled')";
+    assert_eq!(
+        expression, asked,
+        "a matchCondition this test cannot evaluate"
+    );
+    pod["metadata"]["annotations"]
+        .get("meshid.io/inject")
+        .is_some_and(|v| v != "disabled")
+}
+
+/// The webhook entries of the rendered chart that a pod CREATE in `namespace` (with the labels
+/// of `namespace_labels`) is sent to: namespaceSelector, objectSelector and matchConditions.
+fn entries_for(
+    objects: &[Value],
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    pod: &Value,
+) -> Vec<String> {
+    let webhook = objects
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .expect("the webhook configuration");
+    let mut ns_labels = namespace_labels.clone();
+    ns_labels.insert(
+        "kubernetes.io/metadata.name".to_owned(),
+        namespace.to_owned(),
+    );
+    let pod_labels: BTreeMap<String, String> =
+        serde_json::from_value(pod["metadata"]["labels"].clone()).unwrap_or_default();
+    webhook["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| {
+            selects(&entry["namespaceSelector"], &ns_labels)
+                && selects(&entry["objectSelector"], &pod_labels)
+                && entry["matchConditions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|c| condition_holds_on_create(c["expression"].as_str().unwrap(), pod))
+        })
+        .map(|entry| entry["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `helm test` needs its server and client injected: the webhook as rendered (its namespace and
+/// object selectors, its matchConditions) sends both to the per-pod entry, and the injector
+/// injects them. The CA and injector pods are sent to neither entry, in the release namespace or
+/// (the objectSelector alone) anywhere else.
+#[test]
+fn the_webhook_injects_the_test_pods_and_never_sees_the_control_plane() {
+    let Some(objects) = render(&[]) else {
+        return;
+    };
+    let find = |kind: &str, name: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let test_ns = find("Namespace", "meshid-test");
+    let test_ns_labels: BTreeMap<String, String> =
+        serde_json::from_value(test_ns["metadata"]["labels"].clone()).unwrap();
+    let server = find("Deployment", "meshid-test-server")["spec"]["template"].clone();
+    let client = find("Pod", "meshid-test-mesh");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let root = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let config = meshid_injector::InjectConfig::new(
+        meshid_injector::TrustBundle::from_pem(root.pem().as_bytes()).unwrap(),
+    );
+    for (name, pod) in [("server", &server), ("client", &client)] {
+        let entries = entries_for(&objects, "meshid-test", &test_ns_labels, pod);
+        assert_eq!(entries, ["pod.inject.meshid.io"], "{name}: {pod}");
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": name, "namespace": "meshid-test", "operation": "CREATE",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "object": pod}
+        });
+        let out = meshid_injector::review(&config, meshid_injector::Scope::Pod, &review);
+        assert_eq!(out["response"]["allowed"], true, "{name}: {out}");
+        assert!(
+            out["response"]["patch"].is_string(),
+            "{name} not injected: {out}"
+        );
+    }
+
+    let ca = find("Deployment", "meshid-ca")["spec"]["template"].clone();
+    let injector = find("Deployment", "meshid-injector")["spec"]["template"].clone();
+    let health = find("Pod", "meshid-test-health");
+    for (name, pod) in [("ca", &ca), ("injector", &injector), ("health", &health)] {
+        let entries = entries_for(&objects, "meshid", &BTreeMap::new(), pod);
+        assert!(entries.is_empty(), "{name} sent to {entries:?}");
+    }
+    // Even outside the release namespace (opted in, or asking by annotation): never the CA or the
+    // injector.
+    let opted_in = BTreeMap::from([("meshid.io/inject".to_owned(), "enabled".to_owned())]);
+    for (name, pod) in [("ca", &ca), ("injector", &injector)] {
+        let mut asking = pod.clone();
+        asking["metadata"]["annotations"] = serde_json::json!({"meshid.io/inject": "enabled"});
+        for labels in [&BTreeMap::new(), &opted_in] {
+            let entries = entries_for(&objects, "elsewhere", labels, &asking);
+            assert!(entries.is_empty(), "{name} sent to {entries:?}");
+        }
+    }
+}
+
+/// A rotation step runs `helm upgrade --set-file ca.trustBundle=...` (chart README): the CA reads
+/// its bundle from its Secret, not from the chart, so a new bundle must not change its pod
+/// template (a change rolls every CA replica mid-rotation, dropping every sidecar's bundle
+/// stream). The injector re-reads the bundle ConfigMap in place: its template does not change
+/// either. The ConfigMap and the webhook's caBundle do.
+#[test]
+fn a_new_trust_bundle_restarts_no_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        meshid_tests::pki::pem(&meshid_tests::pki::ForeignCa::new().root_der),
+    )
+    .unwrap();
+    let other_arg = format!("ca.trustBundle={}", other.display());
+    let (Some(before), Some(after)) = (render(&[]), render(&["--set-file", &other_arg])) else {
+        return;
+    };
+    let find = |objects: &[Value], kind: &str, name: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    for name in ["meshid-ca", "meshid-injector"] {
+        let (a, b) = (
+            find(&before, "Deployment", name),
+            find(&after, "Deployment", name),
+        );
+        assert_eq!(
+            a["spec"]["template"], b["spec"]["template"],
+            "{name}: the pod template changes with the trust bundle"
+        );
+    }
+    let bundle = |objects: &[Value]| {
+        find(objects, "ConfigMap", "meshid-trust-bundle")["data"]["bundle.pem"].clone()
+    };
+    assert_ne!(bundle(&before), bundle(&after));
+}

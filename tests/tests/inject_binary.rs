@@ -540,6 +540,8 @@ fn bad_flags_exit_64_naming_each() {
             "--max-connection-age",
             "0s",
         ])
+        .args(["--review-memory", "65536", "--review-wait", "never"])
+        .args(["--shutdown-grace", "0s"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{out:?}");
@@ -555,6 +557,9 @@ fn bad_flags_exit_64_naming_each() {
         "--request-timeout: must be at least 100ms",
         "--max-request-bytes: must be between 1024 and 3145728",
         "--max-connection-age:",
+        "--review-memory: must be between 4 x --max-request-bytes",
+        "--review-wait:",
+        "--shutdown-grace:",
         "--tls-cert",
         "--tls-key",
         "--trust-bundle",
@@ -1279,4 +1284,273 @@ async fn hostile_clients_cannot_hold_up_admission_reviews() {
     }
     answered_in_time(addr, &roots, false).await;
     answered_in_time(addr, &roots, true).await;
+}
+
+/// The injector's peak resident memory (`VmHWM` of `pid`), in MiB.
+fn peak_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib / 1024
+}
+
+/// A pod CREATE whose `object` is `n` copies of `item` in an array: a body the API server never
+/// sends, built to make the parser allocate as much as it can per byte.
+fn amplifying_review(item: &str, bytes: usize) -> String {
+    let head = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"big","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE","object":["#;
+    let n = (bytes - head.len() - 4) / (item.len() + 1);
+    let mut body = String::with_capacity(bytes);
+    body.push_str(head);
+    for i in 0..n {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(item);
+    }
+    body.push_str("]}}");
+    body
+}
+
+/// Many large bodies at once, of the shapes that make a JSON tree largest per byte (1 MiB of `0,`
+/// parses into 25 MiB; 1 MiB of `{"a":0},` into 85 MiB), sent in parallel from several sources over
+/// HTTP/1.1 and HTTP/2 against the injector with the chart's defaults: its memory stays within its
+/// review budget (48 MiB) plus its connections' buffers, far under the chart's 128 MiB limit
+/// (without the budget, 60 such bodies took it past 120 MiB). Each request is answered: reviewed
+/// (200), refused at once when it could never fit (413, the budget named), or refused after
+/// waiting `--review-wait` for room (503, "busy"); and a real pod's review is answered in time
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_large_bodies_stay_within_the_review_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()])
+        // As the chart runs it (glibc gives large blocks back to the kernel when freed).
+        .env("MALLOC_MMAP_THRESHOLD_", "131072"),
+    );
+    wait_healthy(addr, &roots).await;
+    let before = peak_mib(injector.pid());
+
+    let zeros = std::sync::Arc::new(amplifying_review("0", 1_000_000));
+    let objects = std::sync::Arc::new(amplifying_review(r#"{"a":0}"#, 1_000_000));
+    // Alone, a body that could never fit is refused at once, by name.
+    let post = |body: &str| {
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let answer = raw_exchange("127.0.0.2", addr, &roots, post(&objects).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:.300}");
+    assert!(answer.contains("review budget"), "{answer:.300}");
+    let mut tasks = Vec::new();
+    for i in 0..96 {
+        let from = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"][i % 4];
+        let body = if i % 8 == 7 { &objects } else { &zeros }.clone();
+        let roots = roots.clone();
+        let request = post(&body);
+        tasks.push(tokio::spawn(async move {
+            raw_exchange(from, addr, &roots, request.as_bytes()).await
+        }));
+    }
+    // And HTTP/2: 32 streams on one connection.
+    let h2 = {
+        let tls = tls_from("127.0.0.6", addr, &roots, &[b"h2"]).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        (0..32)
+            .map(|_| {
+                let mut sender = sender.clone();
+                let body = zeros.clone();
+                tokio::spawn(async move {
+                    let request = http::Request::post(format!("https://{SAN}/inject"))
+                        .header("content-type", "application/json")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            body.as_bytes().to_vec(),
+                        )))
+                        .unwrap();
+                    let response = sender.send_request(request).await.unwrap();
+                    let code = response.status().as_u16();
+                    let body = http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    (code, String::from_utf8_lossy(&body).into_owned())
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
+
+    let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        let code: u16 = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no answer: {answer:.200}"));
+        match code {
+            200 => assert!(answer.contains(r#""uid":"big""#), "{answer:.300}"),
+            413 => assert!(answer.contains("review budget"), "{answer:.300}"),
+            503 => assert!(answer.contains("injector is busy"), "{answer:.300}"),
+            other => panic!("answered {other}: {answer:.300}"),
+        }
+        *codes.entry(code).or_default() += 1;
+    }
+    for task in h2 {
+        let (code, body) = task.await.unwrap();
+        assert!(matches!(code, 200 | 503), "{code}: {body:.300}");
+        *codes.entry(code).or_default() += 1;
+    }
+    let peak = peak_mib(injector.pid());
+    eprintln!("answers by status: {codes:?}; peak memory {peak} MiB (at rest {before} MiB)");
+    assert!(codes.get(&200).copied().unwrap_or(0) >= 1, "{codes:?}");
+    assert!(codes.get(&503).copied().unwrap_or(0) >= 1, "{codes:?}");
+    assert!(
+        peak < 100,
+        "peak {peak} MiB: over the review budget and the connections' buffers"
+    );
+    let rejected = |reason: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_requests_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert!(rejected("too_costly") >= 1.0);
+    assert!(rejected("busy") >= 1.0);
+    // Still serving.
+    answered_in_time(addr, &roots, false).await;
+}
+
+/// A rollout sends the old injector SIGTERM while the API server waits on it (with
+/// `failurePolicy: Fail` a review lost then is a pod that is not created): the injector stops
+/// accepting connections, answers the reviews in flight (here one whose body is still arriving,
+/// over HTTP/1.1, and one on HTTP/2), and then exits 0, within `--shutdown-grace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_the_reviews_in_flight_before_exiting() {
+    use tokio_stream::StreamExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let addr = free_addr("127.0.0.1");
+    let mut injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--shutdown-grace", "5s"]),
+    );
+    wait_healthy(addr, &roots).await;
+
+    // A slow client: the head and half the body now, the rest after the signal.
+    let body = review(&annotated_pod());
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut slow = tls_from("127.0.0.1", addr, &roots, &[b"http/1.1"])
+        .await
+        .unwrap();
+    slow.write_all(
+        format!(
+            "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{first}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    slow.flush().await.unwrap();
+    // An HTTP/2 connection with a stream whose body is still arriving.
+    let h2 = tls_from("127.0.0.1", addr, &roots, &[b"h2"]).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(h2),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (h2_body, h2_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let h2_request = http::Request::post(format!("https://{SAN}/inject"))
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(h2_rx)
+                .map(|b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))),
+        ))
+        .unwrap();
+    let h2_answer = tokio::spawn(async move { sender.send_request(h2_request).await });
+    h2_body
+        .send(bytes::Bytes::copy_from_slice(first.as_bytes()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = std::time::Instant::now();
+    injector.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // No new connections once it is draining.
+    assert!(
+        tcp_from("127.0.0.1", addr).await.is_err(),
+        "accepted a connection after SIGTERM"
+    );
+    assert!(injector.running(), "exited with reviews in flight");
+
+    slow.write_all(rest.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""patch":"#), "{text}");
+    h2_body
+        .send(bytes::Bytes::copy_from_slice(rest.as_bytes()))
+        .await
+        .unwrap();
+    drop(h2_body);
+    let response = h2_answer
+        .await
+        .unwrap()
+        .expect("the HTTP/2 review answered");
+    assert_eq!(response.status(), 200);
+    let answer = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert!(answer["response"]["patch"].is_string(), "{answer}");
+
+    let status = injector
+        .wait_timeout(Duration::from_secs(5))
+        .expect("exited once its reviews were answered");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "took the whole grace: {:?}",
+        signalled.elapsed()
+    );
 }

@@ -239,7 +239,46 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::settings::RunConfig {
         "no ConfigMap volume: {volumes:?}"
     );
     argv.extend(["--ca-bundle-pem".to_owned(), bundle.to_owned()]);
-    run_config_from_args(&argv).unwrap_or_else(|problems| panic!("{argv:?}: {problems:?}"))
+    // The bundle cache (MESHID_SIDECAR_BUNDLE_CACHE): on a writable emptyDir of the sidecar's, which
+    // outlives its container, so a sidecar restarted after a CA rotation still reaches the CA.
+    let cache = env
+        .iter()
+        .find(|e| e["name"] == "MESHID_SIDECAR_BUNDLE_CACHE")
+        .expect("MESHID_SIDECAR_BUNDLE_CACHE")["value"]
+        .as_str()
+        .expect("a literal value");
+    let (mount_path, volume_name) = mounts
+        .iter()
+        .find(|(path, _)| cache.starts_with(&format!("{path}/")))
+        .expect("the bundle cache is on a mounted volume");
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == mount_path.as_str())
+        .unwrap();
+    assert_ne!(
+        mount["readOnly"], true,
+        "the bundle cache's volume is writable"
+    );
+    let volume = volumes
+        .iter()
+        .find(|v| v["name"] == volume_name.as_str())
+        .unwrap();
+    assert!(volume.get("emptyDir").is_some(), "{volume}");
+    argv.extend([
+        "--bundle-cache".to_owned(),
+        file(cache).to_string_lossy().into_owned(),
+    ]);
+    let config =
+        run_config_from_args(&argv).unwrap_or_else(|problems| panic!("{argv:?}: {problems:?}"));
+    match &config.creds {
+        meshid_sidecar::settings::CredSource::Ca(mode) => {
+            assert_eq!(mode.bundle_cache.as_deref(), Some(file(cache).as_path()));
+        }
+        other => panic!("CA mode expected: {other:?}"),
+    }
+    config
 }
 
 #[test]
@@ -373,6 +412,216 @@ fn probes_on_inbound_ports_move_to_the_admin_port() {
     assert_eq!(response["allowed"], false);
     let message = response["status"]["message"].as_str().unwrap();
     assert!(message.contains("gRPC livenessProbe"), "{message}");
+}
+
+/// The sidecar forwards moved probes over plain HTTP only: an HTTPS httpGet probe on an inbound
+/// port would answer 502 for ever, so the pod is refused, naming the container and the probe. On a
+/// port the sidecar does not take, the kubelet reaches the app directly: left as it is.
+#[test]
+fn https_probes_on_inbound_ports_are_refused_by_container_and_probe() {
+    let mut pod = deployment_pod(mesh_annotations());
+    let app = &mut pod["spec"]["containers"][0];
+    app["readinessProbe"] =
+        json!({"httpGet": {"path": "/ready", "port": "http", "scheme": "HTTPS"}});
+    app["livenessProbe"] = json!({"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTP"}});
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert!(patched.is_none(), "{response}");
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    for needle in [
+        "container app",
+        "readinessProbe",
+        "HTTPS",
+        "inbound port 8080",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
+    assert!(!message.contains("livenessProbe"), "{message}");
+
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/metrics", "port": "metrics", "scheme": "HTTPS"}});
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert_eq!(response["allowed"], true, "{response}");
+    let patched = patched.unwrap();
+    assert_eq!(
+        patched["spec"]["containers"][0]["readinessProbe"],
+        pod["spec"]["containers"][0]["readinessProbe"]
+    );
+    assert!(
+        patched["metadata"]["annotations"]
+            .get("meshid.io/app-probes")
+            .is_none()
+    );
+}
+
+/// Native sidecars (init containers with `restartPolicy: Always`) run beside the app and may have
+/// probes: one on an inbound port moves to the admin port like an app container's (at its index
+/// behind the injected sidecar), a gRPC one is refused.
+#[test]
+fn native_sidecar_probes_on_inbound_ports_move_too() {
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["initContainers"] = json!([
+        {"name": "setup", "image": "setup:1"},
+        {"name": "proxy", "image": "proxy:1", "restartPolicy": "Always",
+         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+         "livenessProbe": {"tcpSocket": {"port": 8080}}},
+    ]);
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert_eq!(response["allowed"], true, "{response}");
+    let patched = patched.unwrap();
+    save("native-sidecar-probes-pod", &patched);
+    let init = patched["spec"]["initContainers"].as_array().unwrap();
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["meshid-sidecar", "setup", "proxy"]);
+    assert_eq!(
+        init[2]["readinessProbe"]["httpGet"],
+        json!({"path": "/app-health/proxy/readiness", "port": 15021, "scheme": "HTTP"})
+    );
+    assert_eq!(
+        init[2]["livenessProbe"],
+        json!({"tcpSocket": {"port": 8080}})
+    );
+    assert_eq!(init[1], pod["spec"]["initContainers"][0], "setup untouched");
+    let moved: Value = serde_json::from_str(
+        patched["metadata"]["annotations"]["meshid.io/app-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        moved,
+        json!({"proxy/readiness": {"port": 8080, "path": "/ready", "scheme": "HTTP"}})
+    );
+    let config = check_sidecar_config(&patched);
+    drop(config);
+
+    pod["spec"]["initContainers"][1]["startupProbe"] = json!({"grpc": {"port": 8080}});
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert!(patched.is_none());
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("container proxy") && message.contains("gRPC startupProbe"),
+        "{message}"
+    );
+}
+
+/// `meshid.io/app-probes` tells the sidecar which localhost ports and paths its admin port (open to
+/// the network for the kubelet) forwards to, and `meshid.io/injected` says the injector did its
+/// work: only the injector writes them. Preset at creation, app-probes is replaced by what the
+/// injector moved or removed when it moved nothing, and injected is overwritten (a pod is injected
+/// unless it runs the sidecar); an UPDATE may not add, change or remove either.
+#[test]
+fn injector_owned_annotations_cannot_be_preset_or_updated() {
+    let forged = r#"{"app/readiness":{"port":6060,"path":"/debug/pprof/"}}"#;
+    let mut annotations = mesh_annotations();
+    annotations["meshid.io/app-probes"] = json!(forged);
+    annotations["meshid.io/injected"] = json!("v1");
+    let (response, patched) = inject(Scope::Pod, &deployment_pod(annotations.clone()));
+    assert_eq!(response["allowed"], true, "{response}");
+    let patched = patched.expect("injected despite the preset meshid.io/injected");
+    sidecar(&patched);
+    let set = &patched["metadata"]["annotations"];
+    assert!(set.get("meshid.io/app-probes").is_none(), "{set}");
+    assert_eq!(set["meshid.io/injected"], "v1");
+
+    // With a probe moved: the recorded one, not the preset one.
+    let mut pod = deployment_pod(annotations);
+    pod["spec"]["containers"][0]["readinessProbe"] =
+        json!({"httpGet": {"path": "/ready", "port": 8080}});
+    let (_, patched) = inject(Scope::Pod, &pod);
+    let recorded: Value = serde_json::from_str(
+        patched.unwrap()["metadata"]["annotations"]["meshid.io/app-probes"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        recorded,
+        json!({"app/readiness": {"port": 8080, "path": "/ready", "scheme": "HTTP"}})
+    );
+
+    // UPDATEs of an injected pod.
+    let (_, injected) = inject(Scope::Pod, &deployment_pod(mesh_annotations()));
+    let injected = injected.unwrap();
+    let update = |new: &Value| {
+        let mut r = admission_review("shop", new.clone());
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["oldObject"] = injected.clone();
+        review(&config(), Scope::Pod, &r)["response"].clone()
+    };
+    let with = |key: &str, value: Option<&str>| {
+        let mut pod = injected.clone();
+        let annotations = pod["metadata"]["annotations"].as_object_mut().unwrap();
+        match value {
+            Some(v) => annotations.insert(key.to_owned(), json!(v)),
+            None => annotations.remove(key),
+        };
+        pod
+    };
+    for (key, value) in [
+        ("meshid.io/app-probes", Some(forged)),
+        ("meshid.io/injected", Some("v2")),
+        ("meshid.io/injected", None),
+    ] {
+        let response = update(&with(key, value));
+        assert_eq!(response["allowed"], false, "{key}={value:?}: {response}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(key) && message.contains("set by the injector"),
+            "{message}"
+        );
+    }
+    // Changing the allow list and keeping the injector's annotations: admitted.
+    let response = update(&with(
+        "meshid.io/allow-8080",
+        Some("spiffe://cluster.local/ns/ops/sa/*"),
+    ));
+    assert_eq!(response["allowed"], true, "{response}");
+}
+
+/// The sidecar's admin (15021) and stats (15020) ports are its own: a container that declares one
+/// is refused by name, and so is a pod with more containers than any real pod has (its patch would
+/// grow with each one).
+#[test]
+fn pods_taking_the_sidecar_ports_or_absurdly_many_containers_are_refused() {
+    let mut pod = deployment_pod(mesh_annotations());
+    pod["spec"]["containers"][0]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "admin", "containerPort": 15021, "protocol": "TCP"}));
+    pod["spec"]["initContainers"] = json!([{"name": "agent", "image": "agent:1",
+        "restartPolicy": "Always", "ports": [{"containerPort": 15020}]}]);
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert!(patched.is_none());
+    let message = response["status"]["message"].as_str().unwrap();
+    for needle in [
+        "container app: declares port 15021, the sidecar's admin port",
+        "container agent: declares port 15020, the sidecar's stats port",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
+
+    let mut pod = deployment_pod(mesh_annotations());
+    let app = pod["spec"]["containers"][0].clone();
+    pod["spec"]["containers"] = Value::Array(
+        (0..=meshid_injector::MAX_CONTAINERS)
+            .map(|i| {
+                let mut c = app.clone();
+                c["name"] = json!(format!("app-{i}"));
+                c
+            })
+            .collect(),
+    );
+    let (response, patched) = inject(Scope::Pod, &pod);
+    assert!(patched.is_none());
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(message.contains("129 containers"), "{message}");
+    pod["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .truncate(meshid_injector::MAX_CONTAINERS);
+    assert_eq!(inject(Scope::Pod, &pod).0["allowed"], true);
 }
 
 #[test]
@@ -527,6 +776,36 @@ fn other_requests_pass_through() {
     assert!(out["response"].get("patch").is_none());
     let out = review(&config(), Scope::Pod, &json!({"kind": "AdmissionReview"}));
     assert_eq!(out["response"]["allowed"], false);
+}
+
+/// What the API server never sends is answered with an error naming what is wrong, never a patch:
+/// a request without a uid (its answer could not be matched to it), an envelope whose top-level
+/// kind is not AdmissionReview (or missing).
+#[test]
+fn reviews_without_a_uid_or_of_another_kind_are_refused() {
+    let pod = deployment_pod(mesh_annotations());
+    let mut no_uid = admission_review("shop", pod.clone());
+    no_uid["request"].as_object_mut().unwrap().remove("uid");
+    let mut empty_uid = admission_review("shop", pod.clone());
+    empty_uid["request"]["uid"] = json!("");
+    let mut other_kind = admission_review("shop", pod.clone());
+    other_kind["kind"] = json!("Pod");
+    let mut no_kind = admission_review("shop", pod);
+    no_kind.as_object_mut().unwrap().remove("kind");
+    for (r, needle) in [
+        (no_uid, "no uid"),
+        (empty_uid, "no uid"),
+        (other_kind, "kind \"Pod\" is not AdmissionReview"),
+        (no_kind, "kind (none) is not AdmissionReview"),
+    ] {
+        let out = review(&config(), Scope::Pod, &r);
+        let response = &out["response"];
+        assert_eq!(response["allowed"], false, "{needle}: {response}");
+        assert_eq!(response["status"]["code"], 400);
+        assert!(response.get("patch").is_none(), "{needle}");
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
 }
 
 /// The chart's MutatingWebhookConfiguration, rendered by helm: both entries (namespace-wide and
@@ -707,9 +986,27 @@ fn check_injector_availability_and_network(docs: &[Value], narrowed: bool) {
         "--header-read-timeout=10s",
         "--request-timeout=10s",
         "--max-request-bytes=1048576",
+        "--review-memory=50331648",
+        "--review-wait=3s",
+        "--shutdown-grace=5s",
     ] {
         assert!(args.contains(flag), "{flag} not in {args}");
     }
+    // The review memory, the process and its connections' buffers fit the memory limit; glibc
+    // gives large blocks back (see the memory test in inject_binary.rs).
+    assert_eq!(
+        pod["containers"][0]["resources"]["limits"]["memory"],
+        "128Mi"
+    );
+    assert!(
+        pod["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "MALLOC_MMAP_THRESHOLD_", "value": "131072"})),
+        "{}",
+        pod["containers"][0]["env"]
+    );
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
     let pdb = find("PodDisruptionBudget", "meshid-injector");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(pdb["spec"]["selector"]["matchLabels"], injector_labels);

@@ -7,7 +7,8 @@
 pub struct AppProbe {
     pub port: u16,
     pub path: String,
-    /// `HTTP` or `HTTPS` (the app's own TLS, on localhost).
+    /// As recorded: always `HTTP`, the only scheme the sidecar forwards (the injector refuses to
+    /// move an HTTPS probe); another value is answered 502.
     pub scheme: String,
     pub headers: Vec<(String, String)>,
 }
