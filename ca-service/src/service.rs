@@ -3122,18 +3122,15 @@ mod tests {
             .store(Arc::new(Authority::load(dir).unwrap()));
     }
 
-    #[tokio::test]
-    async fn revocation_reasons_go_only_to_a_certificate_that_still_holds() {
-        let ca = TestCa::new();
-        let member = ca.cert(FRONTEND);
-        let expired = ca.cert_at(
-            FRONTEND,
-            OffsetDateTime::now_utc() - time::Duration::hours(2),
-        );
+    /// The service of `ca` once its bundle carries a revocation with a reason (BACKEND's identity),
+    /// with what must live as long as it does.
+    fn serving_a_revocation_reason(
+        ca: TestCa,
+    ) -> (CaService, tempfile::TempDir, watch::Sender<bool>) {
         let TestCa {
             dir,
             state,
-            _shutdown: _running,
+            _shutdown: running,
             ..
         } = ca;
         store_revocations(
@@ -3145,7 +3142,18 @@ mod tests {
         let _ = state
             .bundle
             .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
-        let service = CaService::new(Arc::new(state));
+        (CaService::new(Arc::new(state)), dir, running)
+    }
+
+    #[tokio::test]
+    async fn revocation_reasons_go_only_to_a_certificate_that_still_holds() {
+        let ca = TestCa::new();
+        let member = ca.cert(FRONTEND);
+        let expired = ca.cert_at(
+            FRONTEND,
+            OffsetDateTime::now_utc() - time::Duration::hours(2),
+        );
+        let (service, _dir, _running) = serving_a_revocation_reason(ca);
         for (peer, reason) in [
             (Some(peer(&member)), "key leaked"),
             (Some(peer(&expired)), ""),
@@ -3811,22 +3819,7 @@ mod tests {
     async fn trust_bundle_calls_verify_a_certificate_only_within_its_bundle_calls() {
         let ca = TestCa::new();
         let member = ca.cert(FRONTEND);
-        let TestCa {
-            dir,
-            state,
-            _shutdown: _running,
-            ..
-        } = ca;
-        store_revocations(
-            dir.path(),
-            &state,
-            Revoked::Id(SpiffeId::parse(BACKEND).unwrap()),
-        );
-        let version = state.bundle.borrow().version + 1;
-        let _ = state
-            .bundle
-            .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
-        let service = CaService::new(Arc::new(state));
+        let (service, _dir, _running) = serving_a_revocation_reason(ca);
         let mut with_reasons = 0;
         for _ in 0..40 {
             let mut request = Request::new(GetTrustBundleRequest {});

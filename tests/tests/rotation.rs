@@ -40,6 +40,20 @@ fn ca_mode(ca: &TestCa, sa: &str) -> CredSource {
     })
 }
 
+/// `rotate activate`, tried every 100 ms for up to 10 s (until the sidecars converged).
+async fn activate_within_10s(
+    dir: &std::path::Path,
+    admins: &[std::net::SocketAddr],
+) -> Option<String> {
+    for _ in 0..100 {
+        match rotation::activate(dir, admins, false).await {
+            Ok(name) => return Some(name),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    None
+}
+
 async fn anchors(sidecar: &TestSidecar) -> Option<u64> {
     let m = sidecar.metrics().await;
     m.lines()
@@ -184,19 +198,9 @@ async fn root_rotation_under_traffic_with_gates() {
     }
     drop(lagging);
     // Once only converged sidecars are connected, activate passes.
-    let activated = {
-        let mut result = None;
-        for _ in 0..100 {
-            match rotation::activate(&dir, &admins, false).await {
-                Ok(name) => {
-                    result = Some(name);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        result.expect("activate passes once every connected sidecar acknowledged")
-    };
+    let activated = activate_within_10s(&dir, &admins)
+        .await
+        .expect("activate passes once every connected sidecar acknowledged");
     assert_eq!(activated, new_name);
 
     // Retire refuses while certificates under the old root are live, naming them...
@@ -826,19 +830,9 @@ async fn a_sidecar_restarted_after_activate_reaches_the_ca_through_its_bundle_ca
         .await,
         "the bundle with both roots was kept in the cache"
     );
-    let activated = {
-        let mut result = None;
-        for _ in 0..100 {
-            match rotation::activate(&dir, &admins, false).await {
-                Ok(name) => {
-                    result = Some(name);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-        result.expect("activate passes once the sidecar acknowledged")
-    };
+    let activated = activate_within_10s(&dir, &admins)
+        .await
+        .expect("activate passes once the sidecar acknowledged");
     assert_eq!(activated, new_name);
     // Once it has reloaded its directory, the CA serves a certificate of the new root.
     assert!(

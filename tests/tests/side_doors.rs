@@ -413,6 +413,25 @@ async fn h2_as(
     (sender, tokio::spawn(async move { drop(conn.await) }))
 }
 
+/// Eight responses asked for on an h2 connection as `who` with a window of zero: every head
+/// arrives, no body can (kept, so that nothing is reset), and the connection's driver.
+async fn untaken_responses(
+    e: &Http,
+    who: &Workload,
+) -> (
+    Vec<http::Response<hyper::body::Incoming>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (mut stuck, conn) = h2_as(e, who, 0).await;
+    let mut heads = Vec::new();
+    for _ in 0..8 {
+        let resp = stuck.send_request(h2_get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        heads.push(resp);
+    }
+    (heads, conn)
+}
+
 fn h2_get() -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::get("https://app/api/x")
         .body(http_body_util::Empty::new())
@@ -485,13 +504,7 @@ async fn an_h2_peer_that_stops_reading_is_closed_at_the_idle_timeout() {
 
     // A window of zero: every response's head arrives, its body never can. Each holds the app
     // connection it comes from (1 MiB does not fit in h2's send buffer).
-    let (mut stuck, stuck_conn) = h2_as(&e, &client, 0).await;
-    let mut heads = Vec::new();
-    for _ in 0..8 {
-        let resp = stuck.send_request(h2_get()).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        heads.push(resp);
-    }
+    let (heads, stuck_conn) = untaken_responses(&e, &client).await;
     assert!(
         app_connections.load(Relaxed) >= 8,
         "each response holds an app connection"
@@ -546,13 +559,7 @@ async fn untaken_small_h2_responses_do_not_hold_a_connection_past_the_grace_peri
     };
     let e = http_sidecar("127.0.0.39", limits, http_policy(&[CLIENT])).await;
     let client = e.pki.workload(CLIENT);
-    let (mut stuck, stuck_conn) = h2_as(&e, &client, 0).await;
-    let mut heads = Vec::new();
-    for _ in 0..8 {
-        let resp = stuck.send_request(h2_get()).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        heads.push(resp);
-    }
+    let (heads, stuck_conn) = untaken_responses(&e, &client).await;
     assert!(
         tokio::time::timeout(Duration::from_secs(6), stuck_conn)
             .await
