@@ -4,7 +4,10 @@
 //! path, policy version, and the rule that decided or came closest and what in it did not match.
 //!
 //! Bounded: the newest [`MAX_DECISIONS`] are kept, each with its method and path cut to
-//! [`MAX_FIELD`] bytes, so a flood of denied requests costs a fixed amount of memory.
+//! [`MAX_FIELD`] bytes, so a flood of denied requests costs a fixed amount of memory. Refused TLS
+//! handshakes (anyone who can reach a port can cause them, no certificate needed) are kept apart,
+//! the newest [`MAX_HANDSHAKE_FAILURES`], so that a flood of them never pushes out the decisions
+//! on authenticated peers; and their log lines are limited ([`HANDSHAKE_LOG_LINES`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,11 @@ pub const MAX_DECISIONS: usize = 1024;
 pub const MAX_FIELD: usize = 512;
 /// How many `GET /decisions` lists, newest first.
 pub const LISTED: usize = 100;
+/// How many refused handshakes are kept, apart from the decisions.
+pub const MAX_HANDSHAKE_FAILURES: usize = 256;
+/// Log lines of refused handshakes: this many at once, then one per tenth of a second; the ones
+/// left out are counted in the next line written (every refusal is counted in the metrics).
+pub const HANDSHAKE_LOG_LINES: (f64, f64) = (50.0, 10.0);
 
 /// One recorded decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +52,18 @@ pub struct Recorded {
 #[derive(Debug, Default)]
 pub struct DecisionLog {
     ring: Mutex<VecDeque<Arc<Recorded>>>,
+    handshakes: Mutex<Handshakes>,
+}
+
+/// Refused handshakes: their own ring, and the budget of their log lines.
+#[derive(Debug, Default)]
+struct Handshakes {
+    ring: VecDeque<Arc<Recorded>>,
+    /// Log lines that may be written now (refilled over time), and when it was last refilled.
+    tokens: f64,
+    refilled: Option<std::time::Instant>,
+    /// Lines left out since the last one written.
+    suppressed: u64,
 }
 
 /// A new decision ID: 12 lowercase hex digits (48 random bits).
@@ -77,22 +97,63 @@ impl DecisionLog {
         ring.push_back(Arc::new(r));
     }
 
+    fn handshakes(&self) -> std::sync::MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a refused handshake `r` apart from the decisions, dropping the oldest of its kind
+    /// when full. `Some(left_out)` when its log line may be written (with how many were left out
+    /// since the last one), `None` when it must be left out.
+    pub fn push_handshake_failure(&self, r: Recorded, now: std::time::Instant) -> Option<u64> {
+        let mut h = self.handshakes();
+        if h.ring.len() >= MAX_HANDSHAKE_FAILURES {
+            h.ring.pop_front();
+        }
+        h.ring.push_back(Arc::new(r));
+        let (burst, per_second) = HANDSHAKE_LOG_LINES;
+        let elapsed = h.refilled.map_or(burst / per_second, |t| {
+            now.saturating_duration_since(t).as_secs_f64()
+        });
+        h.tokens = (h.tokens + elapsed * per_second).min(burst);
+        h.refilled = Some(now);
+        if h.tokens < 1.0 {
+            h.suppressed += 1;
+            return None;
+        }
+        h.tokens -= 1.0;
+        Some(std::mem::take(&mut h.suppressed))
+    }
+
     /// The decision with this ID, while it is kept.
     pub fn get(&self, id: &str) -> Option<Arc<Recorded>> {
-        self.lock().iter().rev().find(|r| r.id == id).cloned()
+        let found = self.lock().iter().rev().find(|r| r.id == id).cloned();
+        found.or_else(|| {
+            self.handshakes()
+                .ring
+                .iter()
+                .rev()
+                .find(|r| r.id == id)
+                .cloned()
+        })
     }
 
-    /// The newest `n`, newest first.
+    /// The newest `n` of both kinds, newest first.
     pub fn newest(&self, n: usize) -> Vec<Arc<Recorded>> {
-        self.lock().iter().rev().take(n).cloned().collect()
+        let mut all: Vec<Arc<Recorded>> = self.lock().iter().rev().take(n).cloned().collect();
+        all.extend(self.handshakes().ring.iter().rev().take(n).cloned());
+        // Stable: within one second, each kind stays newest first.
+        all.sort_by_key(|r| std::cmp::Reverse(r.at));
+        all.truncate(n);
+        all
     }
 
+    /// Decisions and refused handshakes kept.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().len() + self.handshakes().ring.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.len() == 0
     }
 }
 
@@ -207,6 +268,45 @@ mod tests {
         let last = format!("id{}", MAX_DECISIONS + 9);
         assert_eq!(log.newest(2)[0].id, last);
         assert_eq!(log.newest(LISTED).len(), LISTED);
+    }
+
+    #[test]
+    fn a_flood_of_refused_handshakes_pushes_out_no_decision_and_writes_few_lines() {
+        let log = DecisionLog::default();
+        log.push(recorded("denied"));
+        let now = std::time::Instant::now();
+        let mut written = 0;
+        for i in 0..10_000 {
+            let r = Recorded {
+                decision: "handshake_failure".into(),
+                ..recorded(&format!("hs{i}"))
+            };
+            if log.push_handshake_failure(r, now).is_some() {
+                written += 1;
+            }
+        }
+        assert_eq!(
+            log.get("denied").unwrap().id,
+            "denied",
+            "the decision is kept"
+        );
+        assert_eq!(log.len(), 1 + MAX_HANDSHAKE_FAILURES);
+        assert!(log.get("hs9999").is_some() && log.get("hs0").is_none());
+        assert_eq!(
+            written, 50,
+            "a burst of lines, then none within the same instant"
+        );
+        // A second later: lines again, the first one saying how many were left out.
+        let later = now + std::time::Duration::from_secs(1);
+        let r = recorded("hs-later");
+        assert_eq!(log.push_handshake_failure(r, later), Some(10_000 - 50));
+        assert_eq!(
+            log.push_handshake_failure(recorded("hs-next"), later),
+            Some(0)
+        );
+        let newest = log.newest(LISTED);
+        assert_eq!(newest.len(), LISTED);
+        assert!(newest.iter().any(|r| r.id == "denied"));
     }
 
     #[test]

@@ -167,23 +167,28 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             // poll: see `take_refused_claim`).
             let claimed = meshid_identity::verify::take_refused_claim();
             let decision = crate::decisions::new_id();
-            shared.decisions.push(crate::decisions::Recorded {
-                id: decision.clone(),
-                at: unix_now(),
-                decision: "handshake_failure".to_owned(),
-                peer: claimed.clone().unwrap_or_default(),
-                peer_addr: addr.to_string(),
-                port,
-                method: String::new(),
-                path: String::new(),
-                policy_version: *shared.policy_changed.borrow(),
-                rule: reason.to_owned(),
-                explanation: format!(
-                    "handshake refused ({reason}): {}",
-                    crate::decisions::cut(&error.to_string(), crate::decisions::MAX_FIELD)
-                ),
-            });
-            tracing::info!(%error, reason, peer_addr = %addr, claimed = claimed.as_deref().unwrap_or(""), decision = %decision, "tls handshake refused");
+            let logged = shared.decisions.push_handshake_failure(
+                crate::decisions::Recorded {
+                    id: decision.clone(),
+                    at: unix_now(),
+                    decision: "handshake_failure".to_owned(),
+                    peer: claimed.clone().unwrap_or_default(),
+                    peer_addr: addr.to_string(),
+                    port,
+                    method: String::new(),
+                    path: String::new(),
+                    policy_version: *shared.policy_changed.borrow(),
+                    rule: reason.to_owned(),
+                    explanation: format!(
+                        "handshake refused ({reason}): {}",
+                        crate::decisions::cut(&error.to_string(), crate::decisions::MAX_FIELD)
+                    ),
+                },
+                std::time::Instant::now(),
+            );
+            if let Some(left_out) = logged {
+                tracing::info!(%error, reason, peer_addr = %addr, claimed = claimed.as_deref().unwrap_or(""), decision = %decision, left_out, "tls handshake refused");
+            }
             return;
         }
         Err(_) => {
