@@ -617,6 +617,19 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   outbound`). A cut of that size means replacing the layering, not trimming it. Measured and left:
   hyper's header-read timer, a boxed tokio sleep armed and dropped for every request read from the
   app, is 1.5% of the outbound's instructions.
+- **The hardening of session 32 on the request path** (an h2 idle and stalled-peer watch on
+  every h2 connection, a peer's trailers stripped as its headers are, method overrides decided by
+  the policy; Intel host, dist): callgrind on the inbound (`scripts/request-instructions.sh
+  inbound`, two runs each) counted 35.8k and 36.9k instructions per request before, 34.8k and
+  35.8k after, within the noise. What moved was memory: idle sidecar RSS 5.17 -> 6.05 MiB and
+  memory per idle mTLS connection 11.8 -> 12.2 KiB (`--scenarios memory --runs 1`), because the h2
+  branch's state (the watch's timer) sized every connection's task, HTTP/1.1 ones included, and the
+  new and renamed functions were missing from the recorded symbol order. With the h2 branch in a
+  boxed future of its own and the symbol order recorded again: 5.22 MiB and 11.2 KiB. At 1,000
+  req/s, the sidecar before and after side by side (`--scenarios latency --runs 1`, the same
+  bench tools and CA, alternating, twice): proxy CPU per request 67 and 80 us before, 69 and 73
+  after, nginx's 84-89; this host's ratio to nginx (0.8-0.95x) is above the 0.67x of f54a2c0's run
+  with either build.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
