@@ -25,6 +25,18 @@ const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
 const TTL: Duration = Duration::from_secs(8);
 
+/// A CA whose certificates all live [`TTL`].
+async fn ca_issuing_for_ttl() -> TestCa {
+    TestCa::start(CaOptions {
+        lifetimes: LifetimePolicy {
+            default: TTL,
+            max: TTL,
+        },
+        ..CaOptions::default()
+    })
+    .await
+}
+
 fn ca_mode(ca: &TestCa, sa: &str) -> CredSource {
     let token = ca.dir.path().join(format!("{sa}.token"));
     std::fs::write(&token, ca.cluster.token("shop", sa)).unwrap();
@@ -63,14 +75,7 @@ async fn anchors(sidecar: &TestSidecar) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_under_traffic_with_gates() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: TTL,
-            max: TTL,
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = ca_issuing_for_ttl().await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
     let pki = TestPki::new();
@@ -787,14 +792,7 @@ fn holds_a_certificate(sidecar: &TestSidecar) -> bool {
 /// new root: with the bundle cache it kept on a volume that outlived it, it reaches the CA.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_restarted_after_activate_reaches_the_ca_through_its_bundle_cache() {
-    let ca = TestCa::start(CaOptions {
-        lifetimes: LifetimePolicy {
-            default: TTL,
-            max: TTL,
-        },
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = ca_issuing_for_ttl().await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
     let pki = TestPki::new();

@@ -96,7 +96,16 @@ struct Http {
 }
 
 async fn http_sidecar(ip: &'static str, limits: Limits, policy: String) -> Http {
-    let app = head_app().await;
+    http_sidecar_for(ip, head_app().await, limits, policy).await
+}
+
+/// [`http_sidecar`] in front of `app`.
+async fn http_sidecar_for(
+    ip: &'static str,
+    app: SocketAddr,
+    limits: Limits,
+    policy: String,
+) -> Http {
     let pki = TestPki::new();
     let server = pki.workload(SERVER);
     let sidecar = TestSidecar::start(
@@ -307,22 +316,15 @@ async fn raw_app() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_say_who_called_in_its_trailers() {
-    let app = raw_app().await;
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.45", app, Protocol::Http)],
-            policy: Some(http_policy(&[CLIENT])),
-            ..Default::default()
-        },
+    let e = http_sidecar_for(
+        "127.0.0.45",
+        raw_app().await,
+        Limits::default(),
+        http_policy(&[CLIENT]),
     )
     .await;
-    let client = pki.workload(CLIENT);
-    let mut tls = connect_as(&pki, &sidecar, &client).await.unwrap();
+    let client = e.pki.workload(CLIENT);
+    let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
     // hyper's HTTP/1.1 client writes the trailers that the request's `Trailer` header names.
     tls.write_all(
         b"POST /api/x HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
@@ -482,24 +484,11 @@ async fn big_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
 async fn an_h2_peer_that_stops_reading_is_closed_at_the_idle_timeout() {
     use std::sync::atomic::Ordering::Relaxed;
     let (app, app_connections) = big_app().await;
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.38", app, Protocol::Http)],
-            policy: Some(http_policy(&[CLIENT])),
-            limits: Some(Limits {
-                idle_timeout: Duration::from_secs(1),
-                ..Limits::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
-    let e = Http { pki, sidecar };
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let e = http_sidecar_for("127.0.0.38", app, limits, http_policy(&[CLIENT])).await;
     let client = e.pki.workload(CLIENT);
 
     // A window of zero: every response's head arrives, its body never can. Each holds the app
