@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,14 @@ pub trait AdminRoutes: Send + Sync + 'static {
     /// Whether this server answers `/metrics` (a process may serve them on another port).
     fn serves_metrics(&self) -> bool {
         true
+    }
+
+    /// Whether `path` is answered only to callers on this host's loopback (routes that name peers
+    /// and what they asked for); anyone else gets 403. In a pod, `kubectl port-forward` and
+    /// `kubectl exec` arrive on loopback.
+    fn loopback_only(&self, path: &str) -> bool {
+        let _ = path;
+        false
     }
 
     /// Answers a path beyond `/healthz`, `/readyz` and `/metrics`, or `None` for 404.
@@ -79,7 +88,7 @@ pub async fn serve(
             let tcp = Displaceable::new(tcp, admitted.displacement);
             let svc = service_fn(move |req: Request<Incoming>| {
                 ticket.proven();
-                let answer = answer(&req, &registry, routes.as_ref());
+                let answer = answer(&req, addr, &registry, routes.as_ref());
                 async move {
                     Ok::<_, Infallible>(match answer {
                         Answer::Now(r) => r,
@@ -102,9 +111,20 @@ enum Answer {
     Later(AdminFuture),
 }
 
-fn answer(req: &Request<Incoming>, registry: &Registry, routes: &dyn AdminRoutes) -> Answer {
+fn answer<B>(
+    req: &Request<B>,
+    peer: SocketAddr,
+    registry: &Registry,
+    routes: &dyn AdminRoutes,
+) -> Answer {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Answer::Now(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    if !peer.ip().to_canonical().is_loopback() && routes.loopback_only(req.uri().path()) {
+        return Answer::Now(text(
+            StatusCode::FORBIDDEN,
+            "served only to callers on the host's loopback (in a pod: kubectl port-forward or kubectl exec)\n",
+        ));
     }
     Answer::Now(match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
@@ -188,8 +208,48 @@ mod tests {
             Some("no certificate loaded".into())
         }
 
+        fn loopback_only(&self, path: &str) -> bool {
+            path == "/private"
+        }
+
         fn route(&self, path: &str) -> Option<AdminFuture> {
-            (path == "/doc").then(|| ready(json("{\"a\":1}")))
+            match path {
+                "/doc" => Some(ready(json("{\"a\":1}"))),
+                "/private" => Some(ready(json("{\"peers\":[]}"))),
+                _ => None,
+            }
+        }
+    }
+
+    fn status_for(path: &str, peer: &str) -> StatusCode {
+        let req = Request::get(path).body(()).unwrap();
+        let peer: SocketAddr = peer.parse().unwrap();
+        match answer(&req, peer, &Registry::default(), &Routes) {
+            Answer::Now(r) => r.status(),
+            Answer::Later(_) => StatusCode::OK,
+        }
+    }
+
+    /// A loopback-only route answers callers on loopback (IPv4, IPv6, IPv4-mapped) and refuses
+    /// everyone else with 403; the other routes answer anyone.
+    #[test]
+    fn loopback_only_routes_refuse_other_callers() {
+        for local in [
+            "127.0.0.1:5000",
+            "127.3.4.5:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert_eq!(status_for("/private", local), StatusCode::OK, "{local}");
+        }
+        for remote in ["10.0.3.7:5000", "[fd00::7]:5000", "[::ffff:10.0.3.7]:5000"] {
+            assert_eq!(
+                status_for("/private", remote),
+                StatusCode::FORBIDDEN,
+                "{remote}"
+            );
+            assert_eq!(status_for("/doc", remote), StatusCode::OK, "{remote}");
+            assert_eq!(status_for("/healthz", remote), StatusCode::OK, "{remote}");
         }
     }
 

@@ -3,7 +3,9 @@
 //! `/metrics` (Prometheus text), `/identity` (nothing secret), `/decisions` (recent denials by
 //! decision ID, JSON: `/decisions/ID` one, `/decisions` the newest 100) and `/observed` (the
 //! traffic seen, for `suggest-policy`). With `--stats-listen` the last four move to a server of
-//! their own and the admin port answers only what Kubernetes needs.
+//! their own and the admin port answers only what Kubernetes needs. `/decisions` and `/observed`
+//! name peers and what they called, so only callers on loopback get them (`--remote-decisions`
+//! opens them to others).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +38,8 @@ pub struct SidecarAdmin {
     pub needs_policy: bool,
     /// Readiness also fails while the newest policy file is rejected.
     pub unready_on_policy_error: bool,
+    /// `/decisions` and `/observed` answer callers beyond loopback too (`--remote-decisions`).
+    pub remote_decisions: bool,
     pub role: AdminRole,
     /// The app's probes, from the downward-API annotations file (`meshid.io/app-probes`).
     pub probes: Arc<ProbeTable>,
@@ -60,6 +64,10 @@ impl AdminRoutes for SidecarAdmin {
 
     fn serves_metrics(&self) -> bool {
         self.role != AdminRole::Probes
+    }
+
+    fn loopback_only(&self, path: &str) -> bool {
+        !self.remote_decisions && names_peers(path)
     }
 
     fn route(&self, path: &str) -> Option<AdminFuture> {
@@ -89,6 +97,12 @@ impl AdminRoutes for SidecarAdmin {
         let probes = self.probes.clone();
         Some(Box::pin(async move { probes.forward(&key).await }))
     }
+}
+
+/// Routes that name peers and what they called: served to loopback callers unless
+/// `--remote-decisions`.
+fn names_peers(path: &str) -> bool {
+    path == "/observed" || path == "/decisions" || path.starts_with("/decisions/")
 }
 
 /// The app's probes, read from the annotations file without blocking the runtime, parsed once per

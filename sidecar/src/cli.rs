@@ -203,6 +203,11 @@ pub struct RunArgs {
     /// `rejected` reload count say so).
     #[arg(long, env = "MESHID_SIDECAR_UNREADY_ON_POLICY_ERROR")]
     pub unready_on_policy_error: bool,
+    /// Answer /decisions and /observed (peer IDs, methods and paths of recent calls) to callers
+    /// beyond loopback too. Without it only callers on loopback get them (403 for others): `explain`
+    /// and `suggest-policy` run in the pod or through `kubectl port-forward`.
+    #[arg(long, env = "MESHID_SIDECAR_REMOTE_DECISIONS")]
+    pub remote_decisions: bool,
     /// Add a `peer` label (the verified peer's SPIFFE ID: the client's inbound, the upstream's
     /// outbound) to the request, request-duration and byte metrics, to see who calls whom. Off by
     /// default: it multiplies those series by the number of distinct peers.
@@ -380,6 +385,7 @@ impl RunArgs {
             admin_listen,
             stats_listen,
             unready_on_policy_error: self.unready_on_policy_error,
+            remote_decisions: self.remote_decisions,
             metrics_peer_identity: self.metrics_peer_identity,
             workload_api: self
                 .workload_api_socket

@@ -312,6 +312,7 @@ pub async fn start(
             shared: shared.clone(),
             needs_policy: !config.inbound.is_empty() && config.policy.is_some(),
             unready_on_policy_error: config.unready_on_policy_error,
+            remote_decisions: config.remote_decisions,
             role,
             probes: probes.clone(),
         })

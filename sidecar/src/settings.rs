@@ -101,6 +101,8 @@ pub struct RunConfig {
     pub stats_listen: Option<SocketAddr>,
     /// Readiness fails while the newest policy file is rejected (`--unready-on-policy-error`).
     pub unready_on_policy_error: bool,
+    /// `/decisions` and `/observed` answer callers beyond loopback too (`--remote-decisions`).
+    pub remote_decisions: bool,
     /// Request, duration and byte metrics carry the peer's SPIFFE ID (`--metrics-peer-identity`).
     pub metrics_peer_identity: bool,
     /// Serve the SPIFFE Workload API to the app on this unix socket (`--workload-api-socket`).

@@ -252,6 +252,7 @@ impl TestSidecar {
             admin_listen: "127.0.0.1:0".parse().expect("addr"),
             stats_listen: spec.stats.then(|| "127.0.0.1:0".parse().expect("addr")),
             unready_on_policy_error: spec.unready_on_policy_error,
+            remote_decisions: false,
             metrics_peer_identity: spec.metrics_peer_identity,
             workload_api: spec.workload_api.clone(),
             creds: spec.creds.clone().unwrap_or_else(|| {

@@ -146,6 +146,14 @@ async fn allow_deny_and_identity_header() {
             reason_has: "",
         },
         Case {
+            name: "fullwidth dots (NFKC makes them '..')",
+            who: &client,
+            method: "GET",
+            path: "/api/%ef%bc%8e%ef%bc%8e/admin",
+            status: 403,
+            reason_has: "unsafe request path",
+        },
+        Case {
             name: "peer not listed",
             who: &stranger,
             method: "GET",

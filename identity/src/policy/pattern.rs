@@ -32,7 +32,8 @@ pub(super) enum PatternError {
     PathChar,
     #[error(
         "a path with a '.' or '..' segment, \"//\", '\\', a '%' not followed by two hex digits, or \
-        an encoded '/', '\\', '.', '%', control character or overlong utf-8 never matches"
+        an encoded '/', '\\', '.', '%', control character, overlong utf-8 or look-alike of '.', '/' \
+        or '\\' never matches"
     )]
     UnsafePath,
 }
@@ -216,13 +217,54 @@ pub(super) fn is_safe_path(path: &str) -> bool {
     if bytes.first() != Some(&b'/') || path.contains("//") || path.contains(['\\', '\0']) {
         return false;
     }
-    if !safe_escapes(bytes) {
+    if !safe_escapes(bytes) || has_look_alike(bytes) {
         return false;
     }
     !path.split('/').any(|segment| {
         let name = segment.split(';').next().unwrap_or(segment);
         name == "." || name == ".."
     })
+}
+
+/// Characters that an app's Unicode normalisation (NFKC) or a Windows "best fit" conversion to a
+/// code page turns into a '.', a '/' or a '\\' (fullwidth and small forms, leaders and the
+/// ellipsis, `℀` = "a/c", the division and fraction slashes, set minus): a path matched here as one
+/// segment would become a dot segment or two segments in such an app.
+#[rustfmt::skip]
+const LOOK_ALIKES: &[char] = &[
+    // '.', "..", "..." (one and two dot leaders, ellipsis, small and fullwidth full stops)
+    '\u{2024}', '\u{2025}', '\u{2026}', '\u{FE52}', '\u{FF0E}',
+    // '/' (fullwidth solidus, division slash, fraction slash, big solidus)
+    '\u{FF0F}', '\u{2215}', '\u{2044}', '\u{29F8}',
+    // '\\' (fullwidth and small reverse solidus, set minus, reverse solidus operator, big one)
+    '\u{FF3C}', '\u{FE68}', '\u{2216}', '\u{29F5}', '\u{29F9}',
+    // "a/c", "a/s", "c/o", "c/u"
+    '\u{2100}', '\u{2101}', '\u{2105}', '\u{2106}',
+];
+
+/// Whether the path, raw or percent-decoded (its escapes already checked by [`safe_escapes`]),
+/// holds one of the [`LOOK_ALIKES`]. Every one is three bytes of UTF-8, so an ASCII path with no
+/// escape of a byte from 0x80 on is passed over without decoding.
+fn has_look_alike(bytes: &[u8]) -> bool {
+    let high_escape = |s: &[u8]| matches!(escaped(s), Some(0x80..=0xff));
+    if bytes.is_ascii() && !bytes.windows(3).any(high_escape) {
+        return false;
+    }
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&b, tail)) = rest.split_first() {
+        match escaped(rest) {
+            Some(byte) => {
+                decoded.push(byte);
+                rest = &rest[3..];
+            }
+            None => {
+                decoded.push(b);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).contains(LOOK_ALIKES)
 }
 
 /// Whether every `%` in a path starts an escape that no decoder, however lenient, turns into a
@@ -446,6 +488,11 @@ mod tests {
             "/%f5%80%80%80", "/%f8%80%80%80%ae", "/%fc%80%80%80%80%ae", "/%fe", "/%FF",
             // Not an escape: IIS's %u form, and lone or short '%'s a second decoder may complete.
             "/%u002e%u002e/x", "/%U002F", "/%u2215", "/a%", "/a%2", "/a%g0", "/%2%65", "/%%32%65",
+            // Look-alikes that NFKC or a best-fit code page makes '.', '/' or '\\', escaped or raw.
+            "/%ef%bc%8e%ef%bc%8e/admin", "/%EF%BC%8E", "/a%ef%bc%8fb", "/a%ef%bc%bcb", "/%e2%80%a5",
+            "/%e2%80%a4%e2%80%a4", "/x%e2%80%a6", "/%ef%b9%92", "/%ef%b9%a8", "/a%e2%88%95b",
+            "/a%e2%81%84b", "/a%e2%88%96b", "/%e2%84%80", "/%e2%84%85", "/a\u{ff0e}\u{ff0e}/b",
+            "/a\u{2215}b", "/caf%c3%a9/%ef%bc%8f",
         ];
         for bad in not_safe {
             assert!(!is_safe_path(bad), "{bad:?}");
