@@ -62,16 +62,28 @@ impl Backoff {
 /// asked again within seconds, whatever the lifetime the backoff was sized for.
 pub const RETRY_WITHOUT_CERTIFICATE: Duration = Duration::from_secs(5);
 
-/// The wait before the next certificate request after a failed one, from the backoff's `wait`:
-/// never past the expiry (`not_after`, seconds since the epoch) of a certificate still valid at
-/// `now`, and at most [`RETRY_WITHOUT_CERTIFICATE`] (spread over its upper half by `rand` in
-/// `[0, 1)`) once there is none.
+/// A certificate with this little left is no longer presented for renewal (the CA would see it
+/// expire on the way): the last retry while one is held comes before.
+pub const LAST_RENEWAL_MARGIN_SECS: i64 = 2;
+
+/// The wait before the next certificate request after a failed one, from the backoff's `wait`.
+/// While a certificate is still valid at `now` (`not_after`, seconds since the epoch), the waits
+/// shrink as its expiry nears: at most half the time left, but no shorter than the pace without a
+/// certificate, and the last one ends [`LAST_RENEWAL_MARGIN_SECS`] before expiry, so a CA that
+/// comes back in the last minutes is still asked while the certificate can renew (a join-token
+/// workload has nothing else to present). Once there is none, at most
+/// [`RETRY_WITHOUT_CERTIFICATE`]. Both paces are spread over their upper half by `rand` in
+/// `[0, 1)`.
 pub fn retry_wait(wait: Duration, not_after: Option<i64>, now: i64, rand: f64) -> Duration {
+    let pace = RETRY_WITHOUT_CERTIFICATE.mul_f64(0.5 + 0.5 * rand.clamp(0.0, 1.0));
     match not_after {
-        Some(not_after) if not_after > now => {
-            wait.min(Duration::from_secs((not_after - now) as u64))
+        Some(not_after) if not_after - now > LAST_RENEWAL_MARGIN_SECS => {
+            let left = Duration::from_secs((not_after - now) as u64);
+            let renewable =
+                Duration::from_secs((not_after - now - LAST_RENEWAL_MARGIN_SECS) as u64);
+            wait.min((left / 2).max(pace)).min(renewable)
         }
-        _ => wait.min(RETRY_WITHOUT_CERTIFICATE.mul_f64(0.5 + 0.5 * rand.clamp(0.0, 1.0))),
+        _ => wait.min(pace),
     }
 }
 
@@ -136,17 +148,37 @@ mod tests {
     #[test]
     fn retries_without_a_valid_certificate_come_within_seconds() {
         let long = Duration::from_secs(300);
-        // Holding a certificate valid for another minute: the next attempt no later than expiry.
+        // Holding a certificate valid for another minute: the next attempt at half the time left.
         assert_eq!(
             retry_wait(long, Some(1060), 1000, 0.5),
-            Duration::from_secs(60)
+            Duration::from_secs(30)
         );
         assert_eq!(
             retry_wait(Duration::from_secs(2), Some(1060), 1000, 0.5),
             Duration::from_secs(2)
         );
-        // None held, or expired: at most the short cap, spread over its upper half.
-        for not_after in [None, Some(1000), Some(900)] {
+        // Near expiry: attempts no slower than without a certificate, the last one while the
+        // certificate can still renew (a 6-minute backoff once slept until expiry itself).
+        for rand in [0.0, 0.5, 0.999] {
+            let mut now = 1000;
+            let not_after = 1060;
+            let mut attempts = Vec::new();
+            while not_after - now > LAST_RENEWAL_MARGIN_SECS {
+                let w = retry_wait(Duration::from_secs(360), Some(not_after), now, rand);
+                assert!(w >= Duration::from_secs(1), "{w:?} at {now}");
+                now += w.as_secs() as i64;
+                attempts.push(now);
+            }
+            let last = *attempts.last().unwrap();
+            assert!(
+                (not_after - 7..=not_after - LAST_RENEWAL_MARGIN_SECS).contains(&last),
+                "{attempts:?}"
+            );
+            assert!(attempts.len() >= 4, "{attempts:?}");
+        }
+        // None held, expired, or too close to expiry to renew: at most the short cap, spread over
+        // its upper half.
+        for not_after in [None, Some(1000), Some(900), Some(1002)] {
             for rand in [0.0, 0.5, 0.999] {
                 let w = retry_wait(long, not_after, 1000, rand);
                 assert!(w <= RETRY_WITHOUT_CERTIFICATE && w >= RETRY_WITHOUT_CERTIFICATE / 2);
