@@ -73,11 +73,14 @@ pub struct InjectorArgs {
     /// Sidecar resources as JSON (`{"requests":{...},"limits":{...}}`).
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_RESOURCES")]
     pub sidecar_resources: Option<String>,
-    /// Log format of the injector, and of the sidecars it injects: text (coloured only on a
-    /// terminal, never with NO_COLOR) or json (one object per line, the message and every field at
-    /// the top level).
+    /// Log format of the injector, and of the sidecars it injects unless --sidecar-log-format is
+    /// given: text (coloured only on a terminal, never with NO_COLOR) or json (one object per line,
+    /// the message and every field at the top level).
     #[arg(long, env = "MESHID_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Log format of the sidecars it injects (default: --log-format).
+    #[arg(long, env = "MESHID_INJECTOR_SIDECAR_LOG_FORMAT", value_enum)]
+    pub sidecar_log_format: Option<LogFormat>,
     /// Injected sidecars label their request and byte metrics with the peer's SPIFFE ID, so
     /// dashboards can show who calls whom (one series per peer: mind the cardinality).
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_METRICS_PEER_IDENTITY")]
@@ -283,7 +286,11 @@ impl InjectorArgs {
             image_pull_policy: self.pull_policy.as_str().to_owned(),
             ca_addr: self.ca_addr.clone(),
             token_expiration_seconds: self.token_expiration_seconds,
-            log_format: self.log_format.as_str().to_owned(),
+            log_format: self
+                .sidecar_log_format
+                .unwrap_or(self.log_format)
+                .as_str()
+                .to_owned(),
             metrics_peer_identity: self.sidecar_metrics_peer_identity,
             ..InjectConfig::new(bundle)
         };

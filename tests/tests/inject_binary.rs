@@ -246,14 +246,17 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
     let out = webhook_cert(&ca_dir, &tls, &[]);
     assert!(out.status.success(), "{out:?}");
     let addr = free_addr("127.0.0.1");
+    // The injector logs JSON; the sidecars it injects log text (the chart's `sidecar.logFormat`).
     let _injector = Proc::spawn(
         "meshid-injector",
-        &mut injector(
+        injector(
             &tls.join("tls.crt"),
             &tls.join("tls.key"),
             &ca_dir.join("bundle.pem"),
             &addr.to_string(),
-        ),
+        )
+        .env("MESHID_LOG_FORMAT", "json")
+        .args(["--sidecar-log-format", "text"]),
     );
     wait_healthy(addr, &roots).await;
 
@@ -306,6 +309,11 @@ async fn injector_serves_admission_reviews_over_tls_from_our_ca() {
             .contains("bundle"),
         "no bundle volume: {sidecar}"
     );
+    let log_format = env
+        .iter()
+        .find(|e| e["name"] == "MESHID_LOG_FORMAT")
+        .unwrap();
+    assert_eq!(log_format["value"], "text");
     // The per-pod entry does not inject it: no annotation asks for it.
     let (_, body) = https(addr, &roots, "POST", "/inject", &review(&pod))
         .await

@@ -845,6 +845,8 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
                 "injector.failurePolicy=Ignore",
                 "--set",
                 "prometheusRule.enabled=true",
+                "--set",
+                "sidecar.logFormat=text",
                 "--set-json",
                 r#"injector.networkPolicy.webhookFrom=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]"#,
             ][..],
@@ -925,6 +927,17 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
             }
         }
         check_injector_availability_and_network(&docs, policy == "Ignore");
+        // Injected sidecars log in `sidecar.logFormat`, whatever the injector's own format.
+        let args = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "meshid-injector")
+            .map(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].to_string())
+            .unwrap();
+        let want = if policy == "Ignore" { "text" } else { "json" };
+        assert!(
+            args.contains(&format!("\"--sidecar-log-format={want}\"")),
+            "{args}"
+        );
         let rule = docs
             .iter()
             .filter(|d| d["kind"] == "PrometheusRule")
