@@ -3,19 +3,29 @@
 //! `meshid-sidecar explain --admin ADDR ID` give back the whole decision: peer, port, method,
 //! path, policy version, and the rule that decided or came closest and what in it did not match.
 //!
-//! Bounded: the newest [`MAX_DECISIONS`] are kept, each with its method and path cut to
-//! [`MAX_FIELD`] bytes, so a flood of denied requests costs a fixed amount of memory. Refused TLS
-//! handshakes (anyone who can reach a port can cause them, no certificate needed) are kept apart,
-//! the newest [`MAX_HANDSHAKE_FAILURES`], so that a flood of them never pushes out the decisions
-//! on authenticated peers; and their log lines are limited ([`HANDSHAKE_LOG_LINES`]).
+//! Bounded: at most [`MAX_DECISIONS`] are kept, each with its method and path cut to
+//! [`MAX_FIELD`] bytes, so a flood of denied requests costs a fixed amount of memory. Room is kept
+//! per peer (SPIFFE ID): a peer holding [`PER_PEER_DECISIONS`] pushes out only its own oldest, and
+//! when the whole log is full the peer holding the most gives way, so one peer flooding denied
+//! requests never pushes out the decisions on others. The log lines of denials are limited per
+//! peer ([`DENIAL_LOG_LINES`]). Refused TLS handshakes (anyone who can reach a port can cause them,
+//! no certificate needed) are kept apart, the newest [`MAX_HANDSHAKE_FAILURES`], so that a flood
+//! of them never pushes out the decisions on authenticated peers; and their log lines are limited
+//! ([`HANDSHAKE_LOG_LINES`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 /// How many decisions are kept.
 pub const MAX_DECISIONS: usize = 1024;
+/// How many decisions one peer keeps at most: its older ones make room for its newer ones.
+pub const PER_PEER_DECISIONS: usize = 128;
+/// Log lines of one peer's denials (and audit-mode would-denials): this many at once, then one
+/// per tenth of a second; the ones left out are counted in the next line written for that peer
+/// (every decision is counted in the metrics and kept as above).
+pub const DENIAL_LOG_LINES: (f64, f64) = (50.0, 10.0);
 /// The longest method or path kept, in bytes.
 pub const MAX_FIELD: usize = 512;
 /// How many `GET /decisions` lists, newest first.
@@ -48,22 +58,98 @@ pub struct Recorded {
     pub explanation: String,
 }
 
-/// The ring of recent decisions.
+/// The recent decisions, per peer, and the refused handshakes apart.
 #[derive(Debug, Default)]
 pub struct DecisionLog {
-    ring: Mutex<VecDeque<Arc<Recorded>>>,
+    decisions: Mutex<Decisions>,
     handshakes: Mutex<Handshakes>,
+}
+
+/// Decisions by peer; each numbered in the order it was kept, so that the newest can be listed
+/// across peers.
+#[derive(Debug, Default)]
+struct Decisions {
+    peers: HashMap<String, PeerDecisions>,
+    total: usize,
+    kept: u64,
+}
+
+/// One peer's decisions, oldest first, and the budget of its log lines.
+#[derive(Debug, Default)]
+struct PeerDecisions {
+    ring: VecDeque<(u64, Arc<Recorded>)>,
+    lines: LineBudget,
 }
 
 /// Refused handshakes: their own ring, and the budget of their log lines.
 #[derive(Debug, Default)]
 struct Handshakes {
     ring: VecDeque<Arc<Recorded>>,
+    lines: LineBudget,
+}
+
+/// A token bucket of log lines, counting the lines left out.
+#[derive(Debug, Default)]
+struct LineBudget {
     /// Log lines that may be written now (refilled over time), and when it was last refilled.
     tokens: f64,
     refilled: Option<std::time::Instant>,
     /// Lines left out since the last one written.
     suppressed: u64,
+}
+
+impl LineBudget {
+    /// `Some(left_out)` when a line may be written now (with how many were left out since the
+    /// last one), `None` when this one is left out.
+    fn take(&mut self, (burst, per_second): (f64, f64), now: std::time::Instant) -> Option<u64> {
+        let elapsed = self.refilled.map_or(burst / per_second, |t| {
+            now.saturating_duration_since(t).as_secs_f64()
+        });
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
+        self.refilled = Some(now);
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl Decisions {
+    /// Makes room for one more decision of `peer`: its own oldest when it holds its share,
+    /// otherwise, when the log is full, the oldest of the peer holding the most.
+    fn make_room(&mut self, peer: &str) {
+        let own = self.peers.get(peer).map_or(0, |p| p.ring.len());
+        let victim = if own >= PER_PEER_DECISIONS {
+            peer.to_owned()
+        } else if self.total >= MAX_DECISIONS {
+            match self
+                .peers
+                .iter()
+                .max_by_key(|(_, p)| {
+                    (
+                        p.ring.len(),
+                        std::cmp::Reverse(p.ring.front().map_or(0, |(n, _)| *n)),
+                    )
+                })
+                .map(|(id, _)| id.clone())
+            {
+                Some(id) => id,
+                None => return,
+            }
+        } else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&victim) {
+            if p.ring.pop_front().is_some() {
+                self.total -= 1;
+            }
+            if p.ring.is_empty() && victim != peer {
+                self.peers.remove(&victim);
+            }
+        }
+    }
 }
 
 /// A new decision ID: 12 lowercase hex digits (48 random bits).
@@ -84,17 +170,22 @@ pub fn cut_str(s: &str, max: usize) -> &str {
 }
 
 impl DecisionLog {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Recorded>>> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Decisions> {
+        self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `r`, dropping the oldest when full.
-    pub fn push(&self, r: Recorded) {
-        let mut ring = self.lock();
-        if ring.len() >= MAX_DECISIONS {
-            ring.pop_front();
-        }
-        ring.push_back(Arc::new(r));
+    /// Keeps `r` (see the module's doc for what makes room). `Some(left_out)` when its log line
+    /// may be written (with how many of the same peer's were left out since its last one), `None`
+    /// when it must be left out.
+    pub fn push(&self, r: Recorded, now: std::time::Instant) -> Option<u64> {
+        let mut d = self.lock();
+        d.make_room(&r.peer);
+        d.kept += 1;
+        d.total += 1;
+        let n = d.kept;
+        let peer = d.peers.entry(r.peer.clone()).or_default();
+        peer.ring.push_back((n, Arc::new(r)));
+        peer.lines.take(DENIAL_LOG_LINES, now)
     }
 
     fn handshakes(&self) -> std::sync::MutexGuard<'_, Handshakes> {
@@ -110,23 +201,18 @@ impl DecisionLog {
             h.ring.pop_front();
         }
         h.ring.push_back(Arc::new(r));
-        let (burst, per_second) = HANDSHAKE_LOG_LINES;
-        let elapsed = h.refilled.map_or(burst / per_second, |t| {
-            now.saturating_duration_since(t).as_secs_f64()
-        });
-        h.tokens = (h.tokens + elapsed * per_second).min(burst);
-        h.refilled = Some(now);
-        if h.tokens < 1.0 {
-            h.suppressed += 1;
-            return None;
-        }
-        h.tokens -= 1.0;
-        Some(std::mem::take(&mut h.suppressed))
+        h.lines.take(HANDSHAKE_LOG_LINES, now)
     }
 
     /// The decision with this ID, while it is kept.
     pub fn get(&self, id: &str) -> Option<Arc<Recorded>> {
-        let found = self.lock().iter().rev().find(|r| r.id == id).cloned();
+        let found = self
+            .lock()
+            .peers
+            .values()
+            .flat_map(|p| p.ring.iter())
+            .find(|(_, r)| r.id == id)
+            .map(|(_, r)| r.clone());
         found.or_else(|| {
             self.handshakes()
                 .ring
@@ -139,7 +225,14 @@ impl DecisionLog {
 
     /// The newest `n` of both kinds, newest first.
     pub fn newest(&self, n: usize) -> Vec<Arc<Recorded>> {
-        let mut all: Vec<Arc<Recorded>> = self.lock().iter().rev().take(n).cloned().collect();
+        let mut decisions: Vec<(u64, Arc<Recorded>)> = self
+            .lock()
+            .peers
+            .values()
+            .flat_map(|p| p.ring.iter().cloned())
+            .collect();
+        decisions.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+        let mut all: Vec<Arc<Recorded>> = decisions.into_iter().take(n).map(|(_, r)| r).collect();
         all.extend(self.handshakes().ring.iter().rev().take(n).cloned());
         // Stable: within one second, each kind stays newest first.
         all.sort_by_key(|r| std::cmp::Reverse(r.at));
@@ -149,7 +242,7 @@ impl DecisionLog {
 
     /// Decisions and refused handshakes kept.
     pub fn len(&self) -> usize {
-        self.lock().len() + self.handshakes().ring.len()
+        self.lock().total + self.handshakes().ring.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -255,26 +348,73 @@ mod tests {
         }
     }
 
+    fn of(peer: usize, id: &str) -> Recorded {
+        Recorded {
+            peer: format!("spiffe://td/p{peer}"),
+            ..recorded(id)
+        }
+    }
+
     #[test]
     fn the_newest_are_kept_and_found_by_id() {
         let log = DecisionLog::default();
-        for i in 0..MAX_DECISIONS + 10 {
-            log.push(recorded(&format!("id{i}")));
+        let now = std::time::Instant::now();
+        // Sixteen peers taking turns: the log fills, then the oldest make room.
+        for i in 0..MAX_DECISIONS + 16 * 10 {
+            log.push(of(i % 16, &format!("id{i}")), now);
         }
         assert_eq!(log.len(), MAX_DECISIONS);
         assert!(log.get("id0").is_none(), "the oldest made room");
-        assert!(log.get("id9").is_none());
-        assert_eq!(log.get("id10").unwrap().id, "id10");
-        let last = format!("id{}", MAX_DECISIONS + 9);
+        assert!(log.get("id159").is_none());
+        assert_eq!(log.get("id160").unwrap().id, "id160");
+        let last = format!("id{}", MAX_DECISIONS + 159);
         assert_eq!(log.newest(2)[0].id, last);
-        assert_eq!(log.newest(LISTED).len(), LISTED);
+        let listed: Vec<String> = log.newest(LISTED).iter().map(|r| r.id.clone()).collect();
+        let want: Vec<String> = (0..LISTED)
+            .map(|k| format!("id{}", MAX_DECISIONS + 159 - k))
+            .collect();
+        assert_eq!(listed, want, "newest first, across peers");
+    }
+
+    /// One peer flooding denied requests keeps at most its share, and pushes out no other peer's
+    /// decision; its log lines are limited, the others' are not.
+    #[test]
+    fn a_flooding_peer_pushes_out_only_its_own_decisions_and_lines() {
+        let log = DecisionLog::default();
+        let now = std::time::Instant::now();
+        for p in 1..=20 {
+            assert_eq!(log.push(of(p, &format!("honest{p}")), now), Some(0));
+        }
+        let mut written = 0;
+        for i in 0..50_000 {
+            if log.push(of(0, &format!("flood{i}")), now).is_some() {
+                written += 1;
+            }
+        }
+        for p in 1..=20 {
+            assert!(log.get(&format!("honest{p}")).is_some(), "peer {p} kept");
+        }
+        assert_eq!(log.len(), 20 + PER_PEER_DECISIONS);
+        assert!(log.get("flood49999").is_some() && log.get("flood0").is_none());
+        assert_eq!(written, 50, "a burst of the flooder's lines, then none");
+        assert_eq!(log.push(of(3, "honest-again"), now), Some(0));
+        let later = now + std::time::Duration::from_secs(1);
+        assert_eq!(log.push(of(0, "flood-later"), later), Some(50_000 - 50));
+        // When every peer is at its share the log is full: the peer holding the most gives way.
+        for p in 1..=12 {
+            for i in 0..PER_PEER_DECISIONS {
+                log.push(of(p, &format!("p{p}-{i}")), later);
+            }
+        }
+        assert_eq!(log.len(), MAX_DECISIONS);
+        assert!(log.get("p12-127").is_some());
     }
 
     #[test]
     fn a_flood_of_refused_handshakes_pushes_out_no_decision_and_writes_few_lines() {
         let log = DecisionLog::default();
-        log.push(recorded("denied"));
         let now = std::time::Instant::now();
+        log.push(recorded("denied"), now);
         let mut written = 0;
         for i in 0..10_000 {
             let r = Recorded {

@@ -283,23 +283,32 @@ impl Authorizer {
             Some(p) => p.explain(port, id, request).to_string(),
             None => format!("deny: {}", decision.rule),
         };
-        self.shared.decisions.push(crate::decisions::Recorded {
-            id: decision_id.clone(),
-            at: meshid_runtime::time::unix_now(),
-            decision: kind.to_owned(),
-            peer: id.as_str().to_owned(),
-            peer_addr: peer.addr.to_string(),
-            port,
-            method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
-            path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
-            policy_version: *self.shared.policy_changed.borrow(),
-            rule: decision.rule.label(),
-            explanation,
-        });
-        if kind == "deny" {
-            tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, "denied");
-        } else {
-            tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, "audit: would deny");
+        let logged = self.shared.decisions.push(
+            crate::decisions::Recorded {
+                id: decision_id.clone(),
+                at: meshid_runtime::time::unix_now(),
+                decision: kind.to_owned(),
+                peer: id.as_str().to_owned(),
+                peer_addr: peer.addr.to_string(),
+                port,
+                method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
+                path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
+                policy_version: *self.shared.policy_changed.borrow(),
+                rule: decision.rule.label(),
+                explanation,
+            },
+            std::time::Instant::now(),
+        );
+        // Lines are limited per peer (see `decisions`); `left_out` counts the peer's lines not
+        // written since its last one.
+        match logged {
+            None => {}
+            Some(left_out) if kind == "deny" => {
+                tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, left_out, "denied");
+            }
+            Some(left_out) => {
+                tracing::warn!(peer = %id, port, rule = %decision.rule, method, path, traceparent, decision = %decision_id, left_out, "audit: would deny");
+            }
         }
         Some(decision_id)
     }
