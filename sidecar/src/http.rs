@@ -63,8 +63,11 @@ pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 /// whose name matches one of these, ignoring ASCII case and treating `_` as `-`, is removed first
 /// (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and `X-Forwarded-Client-Cert` into
 /// one variable, so either spelling would reach the app as ours). The policy decides on the request
-/// line; a peer must not have the app serve another path than the one it was allowed.
-pub const PEER_HEADERS: [&str; 10] = [
+/// line; a peer must not have the app serve another path than the one it was allowed. The
+/// client-IP headers that frameworks take as the caller's address (chi's `RealIP` prefers
+/// `True-Client-IP`, Rails reads `Client-Ip`) go too, and `Proxy`, which CGI and FastCGI apps turn
+/// into `HTTP_PROXY` for their own outgoing calls ("httpoxy").
+pub const PEER_HEADERS: [&str; 17] = [
     XFCC,
     "x-forwarded-for",
     "forwarded",
@@ -75,6 +78,13 @@ pub const PEER_HEADERS: [&str; 10] = [
     "x-forwarded-prefix",
     "x-original-url",
     "x-rewrite-url",
+    "true-client-ip",
+    "client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "proxy",
 ];
 
 /// Request headers that ask the app to take the request as another method (Express's
@@ -103,6 +113,60 @@ pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
+/// The methods a request's query asks the app to take it as: `_method=...`, which Laravel and
+/// Symfony, Express's `method-override('_method')` and Spring's `HiddenHttpMethodFilter` read
+/// from the query. Pairs are split at `&` and `;`; a name is percent-decoded with PHP's folding of
+/// `.`, ` ` and `[` into `_` (so `.method` and `%5Fmethod` are `_method` too) and compared in any
+/// case; a value is percent-decoded, trimmed and upper-cased, as those frameworks take it (one
+/// that is not UTF-8 is given as `?`, which no method rule names; an empty one is none).
+pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
+    let Some(query) = query else {
+        return Vec::new();
+    };
+    query
+        .split(['&', ';'])
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // `_method` is 7 bytes; encoded, each byte takes at most 3.
+            if !(7..=21).contains(&name.len()) {
+                return None;
+            }
+            let name = percent_decode(name)?;
+            let folded: Vec<u8> = name
+                .iter()
+                .map(|&b| match b {
+                    b'.' | b' ' | b'[' => b'_',
+                    b => b.to_ascii_lowercase(),
+                })
+                .collect();
+            if folded != b"_method" {
+                return None;
+            }
+            let method = percent_decode(value)
+                .and_then(|v| String::from_utf8(v).ok())
+                .map_or_else(|| "?".to_owned(), |v| v.trim().to_ascii_uppercase());
+            // An empty value asks for nothing.
+            (!method.is_empty()).then_some(method)
+        })
+        .collect()
+}
+
+/// `s` with `%XX` escapes decoded and `+` as a space (form encoding); `None` for a `%` that does
+/// not start an escape.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => (hex(bytes.next()?)? << 4) | hex(bytes.next()?)?,
+            b'+' => b' ',
+            b => b,
+        });
+    }
+    Some(out)
+}
+
 /// What a peer's request trailers may not carry to the app: its trailers reach the app as its
 /// headers do (hyper's HTTP/1.1 client writes those that the request's `Trailer` header names; h2
 /// passes them all), and frameworks read them or merge them into the headers.
@@ -110,6 +174,8 @@ pub(crate) fn strip_peer_trailers(trailers: &mut HeaderMap) {
     strip_hop_by_hop(trailers, false);
     trailers.remove(&APP_H2_HINT_NAME);
     strip_peer_headers(trailers);
+    // Overrides are decided from the headers only: in trailers they are never let through.
+    remove_spellings(trailers, &METHOD_OVERRIDES);
 }
 
 /// Whether `name` (a lowercase header name) spells one of `targets` with `_` for `-`.
@@ -124,21 +190,42 @@ fn names_one_of(name: &str, targets: &[&str]) -> bool {
 
 /// Removes every peer-sent spelling of [`PEER_HEADERS`].
 pub(crate) fn strip_peer_headers(headers: &mut HeaderMap) {
-    // Checked first without allocating: most requests carry none.
-    if !headers
-        .keys()
-        .any(|n| names_one_of(n.as_str(), &PEER_HEADERS))
-    {
+    remove_spellings(headers, &PEER_HEADERS);
+}
+
+/// Removes every spelling of `targets` (see [`names_one_of`]).
+fn remove_spellings(headers: &mut HeaderMap, targets: &[&str]) {
+    // Checked first without allocating: most messages carry none.
+    if !headers.keys().any(|n| names_one_of(n.as_str(), targets)) {
         return;
     }
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| names_one_of(n.as_str(), &PEER_HEADERS))
+        .filter(|n| names_one_of(n.as_str(), targets))
         .cloned()
         .collect();
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// Hop-by-hop and framing names with a `-`, whose `_` spellings ([`names_one_of`]) are dropped
+/// wherever the hop-by-hop headers are: hyper and h2 frame a message by `Content-Length` and
+/// `Transfer-Encoding` alone and pass `Transfer_Encoding` on as any other header, but servers of
+/// the Mongrel family (Thin, Unicorn, Puma before 6.4.3) fold `-` into `_` and would read it as
+/// the framing of a body we framed otherwise: a request smuggled behind the one the policy saw.
+const FOLDED_FRAMING: [&str; 5] = [
+    "content-length",
+    "transfer-encoding",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+];
+
+/// Whether `name` spells one of [`FOLDED_FRAMING`] with a `_`.
+fn is_folded_framing(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.contains('_') && names_one_of(name, &FOLDED_FRAMING)
 }
 
 /// Names, not strings: removing by `&str` parses the name at every call, eight times a request.
@@ -190,8 +277,21 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most requests and responses carry none of them: one pass over the names they do carry
     // says so, where removing each name would hash it and probe the map eight times.
-    if !headers.keys().any(is_hop_by_hop) {
+    if !headers
+        .keys()
+        .any(|n| is_hop_by_hop(n) || is_folded_framing(n))
+    {
         return;
+    }
+    if headers.keys().any(is_folded_framing) {
+        let folded: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_folded_framing(n))
+            .cloned()
+            .collect();
+        for name in folded {
+            headers.remove(name);
+        }
     }
     // Headers named by `Connection` are hop-by-hop too.
     let named: Vec<HeaderName> = headers
@@ -592,6 +692,13 @@ mod tests {
             "x-forwarded-prefix",
             "x-original-url",
             "X-Rewrite-URL",
+            "True-Client-IP",
+            "client_ip",
+            "x-client-ip",
+            "X-Cluster-Client-Ip",
+            "cf-connecting-ip",
+            "fastly_client_ip",
+            "Proxy",
         ] {
             h.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -608,6 +715,56 @@ mod tests {
             left,
             ["forwarded-x", "x-forwarded", "x-forwarded-client-certs"]
         );
+    }
+
+    /// `_` spellings of the framing names are dropped (a Mongrel-family server would frame the
+    /// body by them); the names themselves are left to the codecs, other `_` names to the app.
+    #[test]
+    fn underscore_spellings_of_framing_headers_are_removed() {
+        for name in [
+            "Transfer_Encoding",
+            "CONTENT_LENGTH",
+            "transfer_Encoding",
+            "content_length",
+            "Keep_Alive",
+            "proxy_connection",
+            "Proxy_Authorization",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("content-length", HeaderValue::from_static("58"));
+            h.insert("x_app_key", HeaderValue::from_static("kept"));
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("chunked"),
+            );
+            strip_hop_by_hop(&mut h, false);
+            let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            left.sort_unstable();
+            assert_eq!(left, ["content-length", "x_app_key"], "{name}");
+        }
+        let mut trailers = HeaderMap::new();
+        trailers.insert("transfer_encoding", HeaderValue::from_static("chunked"));
+        trailers.insert("x_http_method_override", HeaderValue::from_static("DELETE"));
+        trailers.insert("x-http-method", HeaderValue::from_static("DELETE"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        strip_peer_trailers(&mut trailers);
+        let left: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["grpc-status"]);
+    }
+
+    #[test]
+    fn query_method_overrides_are_found_in_any_spelling() {
+        assert!(query_method_overrides(None).is_empty());
+        assert!(query_method_overrides(Some("a=1&method=card&x_method=y")).is_empty());
+        assert_eq!(
+            query_method_overrides(Some(
+                "a=1&_method=delete&%5Fmethod=PUT;_METHOD=+patch+&.method=Get&_%6dethod=x&[method"
+            )),
+            ["DELETE", "PUT", "PATCH", "GET", "X"]
+        );
+        assert_eq!(query_method_overrides(Some("_method=%ff")), ["?"]);
+        // A name that is not an escape is not `_method` (frameworks keep it as it is).
+        assert!(query_method_overrides(Some("_method%=DELETE")).is_empty());
     }
 
     #[test]

@@ -216,7 +216,10 @@ async fn only_the_sidecar_says_who_called_in_any_spelling() {
         Forwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\nX_Real_IP: 10.9.9.9\r\n\
         X-Forwarded-Proto: http\r\nX-Forwarded-Host: evil.example\r\n\
         X_Forwarded_Port: 1\r\nX-Forwarded-Prefix: /evil\r\n\
-        X-Original-URL: /admin/evil\r\nX-Rewrite-URL: /admin/evil\r\nX-App-Header: kept\r\n";
+        X-Original-URL: /admin/evil\r\nX-Rewrite-URL: /admin/evil\r\nX-App-Header: kept\r\n\
+        True-Client-IP: 10.9.9.9\r\nClient-Ip: 10.9.9.9\r\nX_Client_IP: 10.9.9.9\r\n\
+        X-Cluster-Client-IP: 10.9.9.9\r\nCF-Connecting-IP: 10.9.9.9\r\n\
+        Fastly-Client-IP: 10.9.9.9\r\nProxy: http://evil.example:3128\r\n";
     let resp = raw_request(tls, forged).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();
@@ -356,6 +359,46 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
     );
 }
 
+/// `Transfer_Encoding` and `Content_Length` never reach the app: a Mongrel-family server (Thin,
+/// Unicorn, older Puma) folds `_` into `-` and would end the body where hyper did not, leaving a
+/// request the policy never saw on a pooled app connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
+    let e = http_sidecar_for(
+        "127.0.0.47",
+        raw_app().await,
+        Limits::default(),
+        http_policy(&[CLIENT]),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let smuggled = "0\r\n\r\nGET /admin/delete-all HTTP/1.1\r\nHost: svc\r\nX-Pad: ";
+    let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+    tls.write_all(
+        format!(
+            "POST /api/echo HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\
+             Transfer_Encoding: chunked\r\nContent_Length: 5\r\nKeep_Alive: 1\r\n\
+             Connection: close\r\n\r\n{smuggled}",
+            smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+    let resp = String::from_utf8_lossy(&out);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = resp.to_lowercase();
+    for folded in ["transfer_encoding", "content_length", "keep_alive"] {
+        assert!(!seen.contains(folded), "{folded} reached the app: {resp}");
+    }
+    assert!(
+        seen.contains(&format!("\r\ncontent-length: {}\r\n", smuggled.len())),
+        "{resp}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_override_is_decided_as_the_method_it_names() {
     let policy = format!(
@@ -371,11 +414,21 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
         ("X-HTTP-Method-Override: GET", "200"),
         ("X-HTTP-Method-Override: POST", "200"),
         ("X-App-Header: none", "200"),
+        // In the query (Laravel, Express's method-override, Spring), in any spelling.
+        ("?_method=DELETE", "403"),
+        ("?a=1&%5Fmethod=put", "403"),
+        ("?.method=Delete", "403"),
+        ("?_method=get", "200"),
+        ("?payment_method=DELETE&method=DELETE", "200"),
     ] {
         let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        let (query, header) = match header.strip_prefix('?') {
+            Some(q) => (format!("?{q}"), String::new()),
+            None => (String::new(), format!("{header}\r\n")),
+        };
         let resp = raw_request(
             tls,
-            &format!("POST /api/x HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n{header}\r\n"),
+            &format!("POST /api/x{query} HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\n{header}"),
         )
         .await;
         assert!(

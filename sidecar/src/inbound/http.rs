@@ -197,6 +197,19 @@ async fn inbound_request(
             return *denied;
         }
     }
+    // So is one the query names (`?_method=DELETE`).
+    for method in crate::http::query_method_overrides(req.uri().query()) {
+        if method != req.method().as_str()
+            && let Err(denied) = http.authz.request(
+                peer,
+                &method,
+                req.uri().path(),
+                crate::trace::traceparent(req.headers()),
+            )
+        {
+            return *denied;
+        }
+    }
     let audit_decision = match http.authz.request(
         peer,
         req.method().as_str(),
