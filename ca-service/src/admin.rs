@@ -24,7 +24,7 @@ impl AdminRoutes for CaAdmin {
         (*self.shutdown.borrow()).then(|| "shutting down".to_owned())
     }
 
-    fn route(&self, path: &str) -> Option<AdminFuture> {
+    fn route(&self, path: &str, _peer: std::net::SocketAddr) -> Option<AdminFuture> {
         match path {
             "/rotation" => Some(admin::ready(match (self.rotation)() {
                 Ok(json) => admin::json(json),

@@ -47,9 +47,10 @@ pub trait AdminRoutes: Send + Sync + 'static {
         false
     }
 
-    /// Answers a path beyond `/healthz`, `/readyz` and `/metrics`, or `None` for 404.
-    fn route(&self, path: &str) -> Option<AdminFuture> {
-        let _ = path;
+    /// Answers a path beyond `/healthz`, `/readyz` and `/metrics` asked by `peer`, or `None` for
+    /// 404.
+    fn route(&self, path: &str, peer: SocketAddr) -> Option<AdminFuture> {
+        let _ = (path, peer);
         None
     }
 }
@@ -144,7 +145,7 @@ fn answer<B>(
                     .map(|v| v.as_bytes()),
             ),
         ),
-        path => match routes.route(path) {
+        path => match routes.route(path, peer) {
             Some(later) => return Answer::Later(later),
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
@@ -212,7 +213,7 @@ mod tests {
             path == "/private"
         }
 
-        fn route(&self, path: &str) -> Option<AdminFuture> {
+        fn route(&self, path: &str, _peer: SocketAddr) -> Option<AdminFuture> {
             match path {
                 "/doc" => Some(ready(json("{\"a\":1}"))),
                 "/private" => Some(ready(json("{\"peers\":[]}"))),

@@ -7,7 +7,8 @@
 //! name peers and what they called, so only callers on loopback get them (`--remote-decisions`
 //! opens them to others).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -70,7 +71,7 @@ impl AdminRoutes for SidecarAdmin {
         !self.remote_decisions && names_peers(path)
     }
 
-    fn route(&self, path: &str) -> Option<AdminFuture> {
+    fn route(&self, path: &str, peer: std::net::SocketAddr) -> Option<AdminFuture> {
         if path == "/identity" && self.role != AdminRole::Probes {
             return Some(admin::ready(identity(&self.shared)));
         }
@@ -95,7 +96,9 @@ impl AdminRoutes for SidecarAdmin {
         }
         let key = path.strip_prefix("/app-health/")?.to_owned();
         let probes = self.probes.clone();
-        Some(Box::pin(async move { probes.forward(&key).await }))
+        Some(Box::pin(
+            async move { probes.forward(&key, peer.ip()).await },
+        ))
     }
 }
 
@@ -111,7 +114,7 @@ fn names_peers(path: &str) -> bool {
 pub struct ProbeTable {
     annotations: Option<PathBuf>,
     cache: Mutex<Option<(FileStamp, Annotations)>>,
-    bucket: Mutex<Bucket>,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
 /// The parsed annotations file.
@@ -125,16 +128,22 @@ struct FileStamp {
 }
 
 /// A token bucket for forwarded probes.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
-/// Forwarded probes allowed at once, and per second over time. The kubelet probes each container a
-/// few times per period; anything far above that is someone else, answered 429.
+/// Forwarded probes allowed at once from one source address, and per second over time. The
+/// kubelet probes each container a few times per period from the node's address; anything far
+/// above that is someone else, answered 429, and only that source's probes are limited: any pod
+/// can reach the admin port, and one flooding it must not fail the kubelet's probes (a liveness
+/// probe failing restarts the app).
 const PROBE_BURST: f64 = 20.0;
 const PROBE_RATE: f64 = 10.0;
+/// Sources whose buckets are kept; past it, full buckets (sources quiet for a while) are let go,
+/// and when none is full the newcomer shares the bucket of every source past the cap.
+const PROBE_SOURCES: usize = 1024;
 /// The largest annotations file read (the kubelet writes a few KiB).
 const MAX_ANNOTATIONS_BYTES: u64 = 256 * 1024;
 
@@ -143,19 +152,30 @@ impl ProbeTable {
         Self {
             annotations,
             cache: Mutex::new(None),
-            bucket: Mutex::new(Bucket {
-                tokens: PROBE_BURST,
-                at: Instant::now(),
-            }),
+            buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes a token if one is left.
-    fn admit(&self) -> bool {
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+    /// Takes a token of `source`'s bucket if one is left.
+    fn admit(&self, source: IpAddr) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let refill = now.duration_since(b.at).as_secs_f64() * PROBE_RATE;
-        b.tokens = (b.tokens + refill).min(PROBE_BURST);
+        let refilled = |b: &Bucket| {
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * PROBE_RATE).min(PROBE_BURST)
+        };
+        let mut source = source.to_canonical();
+        if !buckets.contains_key(&source) && buckets.len() >= PROBE_SOURCES {
+            buckets.retain(|_, b| refilled(b) < PROBE_BURST);
+            if buckets.len() >= PROBE_SOURCES {
+                // Every kept source probed within the last two seconds: newcomers share one.
+                source = IpAddr::from([0, 0, 0, 0]);
+            }
+        }
+        let b = buckets.entry(source).or_insert(Bucket {
+            tokens: PROBE_BURST,
+            at: now,
+        });
+        b.tokens = refilled(b);
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -191,8 +211,8 @@ impl ProbeTable {
     }
 
     /// Forwards a kubelet probe, moved here by the injector, to the app's original probe endpoint.
-    pub async fn forward(&self, key: &str) -> AdminResponse {
-        if !self.admit() {
+    pub async fn forward(&self, key: &str, source: IpAddr) -> AdminResponse {
+        if !self.admit(source) {
             return admin::text(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many app probe requests\n",

@@ -365,7 +365,7 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
     let e = http_sidecar_for(
-        "127.0.0.47",
+        "127.0.0.55",
         raw_app().await,
         Limits::default(),
         http_policy(&[CLIENT]),
@@ -882,6 +882,21 @@ async fn the_admin_port_forwards_only_valid_probes_at_a_bounded_rate() {
     assert!(
         limited >= 150,
         "only {limited} of 200 flooding probes were limited"
+    );
+    // The flood came from 127.0.0.1: the kubelet, from another address, is still answered.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.64:0".parse().unwrap()).unwrap();
+    let mut tcp = sock.connect(admin).await.unwrap();
+    tcp.write_all(
+        b"GET /app-health/app/readiness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "another source's probe: {out}"
     );
 }
 
