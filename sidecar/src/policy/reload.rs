@@ -1,5 +1,10 @@
 //! One re-read of the policy file: read (following symlinks), compare with what the last read
 //! found, and parse and apply what is new. Each new state of the file, good or bad, is reported once.
+//!
+//! New content is applied only when a second read [`SETTLE`] later finds the same bytes: a file
+//! written in place (`cat >`, an editor without a rename) can be read halfway, and a policy cut
+//! after a rule's `id` line still parses, as a rule allowing that peer every method and path.
+//! While the file keeps changing, nothing is applied; the next event or poll reads it again.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +18,9 @@ pub(super) struct Reloader {
     last_seen: Seen,
     parse: ParseFn,
 }
+
+/// How long a new file content must stay the same before it is applied.
+pub(super) const SETTLE: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Turns a file's text into a policy: [`Policy::parse`], or another format's parser.
 pub type ParseFn = Arc<dyn Fn(&str) -> Result<Policy, PolicyError> + Send + Sync>;
@@ -58,6 +66,13 @@ impl Reloader {
         };
         if seen == self.last_seen {
             return ReloadOutcome::Unchanged;
+        }
+        if let Seen::Content(bytes) = &seen {
+            std::thread::sleep(SETTLE);
+            if !matches!(read_file(&self.path), Ok(again) if again == *bytes) {
+                tracing::debug!(path = %self.path.display(), "policy file still changing");
+                return ReloadOutcome::Unchanged;
+            }
         }
         let result = match &seen {
             Seen::Content(bytes) => parse_bytes(&self.parse, bytes)
@@ -133,5 +148,42 @@ mod tests {
         fs::write(&path, policy_for(4)).unwrap();
         assert_eq!(r.check(), ReloadOutcome::Applied);
         assert_eq!(current_port(&store), Some(4));
+    }
+
+    /// A file caught halfway through an in-place write is not applied: cut after a rule's `id`,
+    /// it would still parse, as a rule allowing that peer everything.
+    #[test]
+    fn a_file_still_being_written_is_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        let whole = "inbound:\n  - port: 8080\n    protocol: http\n    allow:\n      \
+                     - id: spiffe://cluster.local/ns/ops/sa/*\n        methods: [GET]\n        \
+                     paths: [/metrics]\n";
+        fs::write(&path, policy_for(1)).unwrap();
+        let store = PolicyStore::default();
+        let mut r = Reloader::load(path.clone(), store.clone()).unwrap();
+        let cut = &whole[..whole.find("        methods").unwrap()];
+        fs::write(&path, cut).unwrap();
+        // The writer goes on while the reloader waits for the content to settle.
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(SETTLE / 3);
+                fs::write(&path, whole).unwrap();
+            })
+        };
+        assert_eq!(r.check(), ReloadOutcome::Unchanged);
+        writer.join().unwrap();
+        assert_eq!(
+            current_port(&store),
+            Some(1),
+            "the cut policy was never applied"
+        );
+        assert_eq!(r.check(), ReloadOutcome::Applied);
+        let policy = store.load();
+        let ops = meshid_identity::SpiffeId::parse("spiffe://cluster.local/ns/ops/sa/x").unwrap();
+        let policy = policy.as_ref().unwrap();
+        assert!(policy.decide_request(8080, &ops, "GET", "/metrics").allowed);
+        assert!(!policy.decide_request(8080, &ops, "DELETE", "/x").allowed);
     }
 }
