@@ -283,6 +283,13 @@ where
     }
 }
 
+/// Whether a copy that ended in `error` ended in a way both ends may take as an ordinary close: the
+/// idle timeout. Anything else (a reset, a TLS stream that ended without `close_notify`) cut a
+/// stream short, and the other end is told with a reset, not a FIN.
+pub fn ended_quietly(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::TimedOut
+}
+
 /// Copies both ways until both directions finish, propagating half-close; gives up when neither side
 /// has sent anything for `idle`.
 pub async fn copy_bidirectional_idle<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>

@@ -771,6 +771,65 @@ async fn a_policy_that_drops_the_peer_closes_its_tcp_connections() {
     );
 }
 
+/// A TCP-mode stream the peer's side cut short (its TCP connection closed without TLS's
+/// `close_notify`: a FIN that anyone on the path can forge) reaches the app as a reset, never as
+/// an ordinary end; one the peer closed cleanly ends with a FIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_stream_cut_short_reaches_the_app_as_a_reset() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = l.local_addr().unwrap();
+    let (tx, mut ends) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let end = s.read_to_end(&mut got).await.map_err(|e| e.kind());
+                let _ = tx.send(end.map(|_| got));
+            });
+        }
+    });
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.56", app, Protocol::Tcp)],
+            policy: Some(tcp_policy(&[CLIENT])),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = pki.workload(CLIENT);
+    let connect = || {
+        let cfg = client_config(
+            &pki.roots(),
+            &pki.trust_domain,
+            Some(&client),
+            &sidecar.id,
+            &[],
+        );
+        mtls_connect(sidecar.inbound[0], cfg)
+    };
+    let mut whole = connect().await.unwrap();
+    whole.write_all(b"all of it").await.unwrap();
+    whole.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), ends.recv());
+    let ended = ended.await.expect("the app's connection ends").unwrap();
+    assert_eq!(ended, Ok(b"all of it".to_vec()));
+    let mut cut = connect().await.unwrap();
+    cut.write_all(b"part of").await.unwrap();
+    cut.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A FIN on the TCP connection, no close_notify.
+    cut.get_mut().0.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), ends.recv());
+    let ended = ended.await.expect("the app's connection ends").unwrap();
+    assert_eq!(ended, Err(std::io::ErrorKind::ConnectionReset));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_refuses_a_host_that_is_not_an_authority() {
     let pki = TestPki::new();

@@ -50,7 +50,7 @@ pub async fn proxy(
             return;
         }
     }
-    let copy = copy_bidirectional_idle(tls, app, shared.limits.idle_timeout);
+    let copy = copy_bidirectional_idle(tls, &mut app, shared.limits.idle_timeout);
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     let ended = async {
         match deadline {
@@ -66,11 +66,22 @@ pub async fn proxy(
             () = authz.revoked(&peer, None) => {}
         }
     });
-    tokio::select! {
+    let clean = tokio::select! {
         r = copy => match r {
-            Ok((up, down)) => tracing::debug!(peer = %id, up, down, "tcp connection closed"),
-            Err(error) => tracing::debug!(%error, peer = %id, "tcp connection ended"),
+            Ok((up, down)) => {
+                tracing::debug!(peer = %id, up, down, "tcp connection closed");
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, peer = %id, "tcp connection ended");
+                crate::conn::ended_quietly(&error)
+            }
         },
-        () = meshid_runtime::wake::WhenWoken::new(closing) => {}
+        () = meshid_runtime::wake::WhenWoken::new(closing) => false,
+    };
+    if !clean {
+        // The peer's stream was cut (a reset, a close without TLS's close_notify, which an attacker
+        // on the path can forge) or we cut it: the app must not take it for a whole stream.
+        let _ = app.set_zero_linger();
     }
 }
