@@ -14,6 +14,7 @@ pub mod h1;
 pub mod heap;
 pub mod http_client;
 pub mod io;
+pub mod log_limit;
 pub mod net;
 pub mod process;
 pub mod time;

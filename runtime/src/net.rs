@@ -25,7 +25,8 @@ pub async fn accept(
 }
 
 /// The next accepted connection. Accept errors (out of file descriptors, a connection reset before
-/// it was taken) are logged and retried after a short pause, so a burst of them cannot spin a core.
+/// it was taken) are logged (a burst of 5 lines, then one a second, counting those left out) and
+/// retried after a short pause, so a burst of them cannot spin a core.
 /// Cancel-safe: dropped while waiting, it loses no connection.
 pub async fn accept_retrying(
     listener: &TcpListener,
@@ -35,7 +36,12 @@ pub async fn accept_retrying(
         match listener.accept().await {
             Ok(pair) => return pair,
             Err(error) => {
-                tracing::warn!(%error, listener = what, "accept failed");
+                // Out of file descriptors, this would be 50 lines a second per listener.
+                static LINES: crate::log_limit::LogLimit =
+                    crate::log_limit::LogLimit::new(5.0, 1.0);
+                if let Some(left_out) = LINES.take() {
+                    tracing::warn!(%error, listener = what, left_out, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use meshid_runtime::log_limit::LineBudget;
 use serde::{Deserialize, Serialize};
 
 /// How many decisions are kept.
@@ -86,34 +87,6 @@ struct PeerDecisions {
 struct Handshakes {
     ring: VecDeque<Arc<Recorded>>,
     lines: LineBudget,
-}
-
-/// A token bucket of log lines, counting the lines left out.
-#[derive(Debug, Default)]
-struct LineBudget {
-    /// Log lines that may be written now (refilled over time), and when it was last refilled.
-    tokens: f64,
-    refilled: Option<std::time::Instant>,
-    /// Lines left out since the last one written.
-    suppressed: u64,
-}
-
-impl LineBudget {
-    /// `Some(left_out)` when a line may be written now (with how many were left out since the
-    /// last one), `None` when this one is left out.
-    fn take(&mut self, (burst, per_second): (f64, f64), now: std::time::Instant) -> Option<u64> {
-        let elapsed = self.refilled.map_or(burst / per_second, |t| {
-            now.saturating_duration_since(t).as_secs_f64()
-        });
-        self.tokens = (self.tokens + elapsed * per_second).min(burst);
-        self.refilled = Some(now);
-        if self.tokens < 1.0 {
-            self.suppressed += 1;
-            return None;
-        }
-        self.tokens -= 1.0;
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 impl Decisions {

@@ -738,3 +738,62 @@ fn without_a_valid_certificate_the_sidecar_asks_the_ca_again_within_seconds() {
         "no wait over 5 s without a certificate: {waits:?}"
     );
 }
+
+/// Without a certificate every connection to an inbound port is refused, and anyone who reaches
+/// the port can open them: their log lines are limited (a burst of 10, then one a second, the
+/// next one written counting those left out) while the metric counts every refusal.
+#[test]
+fn refusals_without_a_certificate_write_few_log_lines() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not.a.token").unwrap();
+    // Nothing listens there: the sidecar never gets a certificate.
+    let ca = free_addr("127.0.0.1");
+    let admin = free_addr("127.0.0.1");
+    let inbound = free_addr("127.0.0.1");
+    let app = free_addr("127.0.0.1");
+    let mut cmd = ca_mode_sidecar(ca, &pki.bundle_path, "--token-file", &token, admin);
+    cmd.args(["--inbound", &format!("{inbound}={app},tcp")])
+        .env("MESHID_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped());
+    let mut sidecar = Proc::spawn("meshid-sidecar", &mut cmd);
+    let stderr = sidecar.take_stderr().unwrap();
+    let lines = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .filter(|v| v["message"] == "no certificate loaded yet; refusing")
+            .collect::<Vec<_>>()
+    });
+    let refused = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("meshid_sidecar_connections_refused_total{"))
+            .filter(|l| l.contains("no_certificate"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let started = std::time::Instant::now();
+    let mut opened = 0;
+    while opened < 300 && started.elapsed() < Duration::from_secs(20) {
+        if let Ok(mut tcp) = std::net::TcpStream::connect(inbound) {
+            let _ = std::io::Read::read(&mut tcp, &mut [0u8; 1]);
+            opened += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(opened, 300, "the inbound port never took connections");
+    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(sidecar);
+    let lines = lines.join().unwrap();
+    assert!(refused(&metrics) >= 300.0, "{metrics}");
+    assert!(
+        !lines.is_empty() && lines.len() as f64 <= 11.0 + elapsed,
+        "{} lines in {elapsed:.1} s",
+        lines.len()
+    );
+}

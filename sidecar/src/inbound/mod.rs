@@ -9,6 +9,7 @@ pub mod http;
 pub mod proxy_header;
 pub mod tcp;
 
+use meshid_runtime::log_limit::LogLimit;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -112,16 +113,26 @@ struct Listener {
 async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, slot: Arc<ConnSlot>) {
     let (spec, shared, authz, peers) = (&l.spec, &l.shared, &l.authz, &l.peers);
     let port = spec.listen.port();
+    // Anyone who reaches the port causes these lines, one per connection: a burst, then one a
+    // second (the metric counts every refusal).
+    static REFUSING: LogLimit = LogLimit::new(10.0, 1.0);
     let Some(snapshot) = shared.creds.current() else {
         shared.metrics.refused("inbound", port, "no_certificate");
-        tracing::warn!("no certificate loaded yet; refusing");
+        if let Some(left_out) = REFUSING.take() {
+            tracing::warn!(left_out, "no certificate loaded yet; refusing");
+        }
         return;
     };
     if !snapshot.valid_at(unix_now()) {
         shared
             .metrics
             .refused("inbound", port, "certificate_expired");
-        tracing::error!("own certificate is not valid now; refusing (fail closed)");
+        if let Some(left_out) = REFUSING.take() {
+            tracing::error!(
+                left_out,
+                "own certificate is not valid now; refusing (fail closed)"
+            );
+        }
         return;
     }
     // Boxed: the handshake's future is freed when it ends instead of staying in this task's
