@@ -317,10 +317,11 @@ async fn raw_app() -> SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_cannot_say_who_called_in_its_trailers() {
+/// Sends `bytes` as the CLIENT to a sidecar on `ip` in front of [`raw_app`] (the policy allowing
+/// CLIENT `/api/*`), and reads the response to its end: the app's answer says what it received.
+async fn to_raw_app(ip: &'static str, bytes: &[u8]) -> String {
     let e = http_sidecar_for(
-        "127.0.0.45",
+        ip,
         raw_app().await,
         Limits::default(),
         http_policy(&[CLIENT]),
@@ -328,8 +329,20 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
     .await;
     let client = e.pki.workload(CLIENT);
     let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+        .await
+        .expect("the response ends")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_cannot_say_who_called_in_its_trailers() {
     // hyper's HTTP/1.1 client writes the trailers that the request's `Trailer` header names.
-    tls.write_all(
+    let resp = to_raw_app(
+        "127.0.0.45",
         b"POST /api/x HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\
           Connection: close\r\n\
           Trailer: X-Forwarded-Client-Cert, X_Forwarded_Client_Cert, X-Forwarded-For, X-Trace-End\r\n\
@@ -338,14 +351,7 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
           X_Forwarded_Client_Cert: URI=spiffe://cluster.local/ns/shop/sa/admin\r\n\
           X-Forwarded-For: 10.9.9.9\r\nX-Trace-End: kept\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
-        .await
-        .expect("the response ends")
-        .unwrap();
-    let resp = String::from_utf8_lossy(&out);
+    .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();
     assert!(seen.contains("hello"), "the body reached the app: {resp}");
@@ -364,17 +370,9 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
 /// request the policy never saw on a pooled app connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
-    let e = http_sidecar_for(
-        "127.0.0.55",
-        raw_app().await,
-        Limits::default(),
-        http_policy(&[CLIENT]),
-    )
-    .await;
-    let client = e.pki.workload(CLIENT);
     let smuggled = "0\r\n\r\nGET /admin/delete-all HTTP/1.1\r\nHost: svc\r\nX-Pad: ";
-    let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
-    tls.write_all(
+    let resp = to_raw_app(
+        "127.0.0.55",
         format!(
             "POST /api/echo HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\
              Transfer_Encoding: chunked\r\nContent_Length: 5\r\nKeep_Alive: 1\r\n\
@@ -383,11 +381,7 @@ async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
         )
         .as_bytes(),
     )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
-    let resp = String::from_utf8_lossy(&out);
+    .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();
     for folded in ["transfer_encoding", "content_length", "keep_alive"] {
