@@ -125,6 +125,34 @@ async fn http_sidecar_for(
 
 type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
+/// A sidecar on `ip` with a TCP inbound listener in front of `app`, its policy allowing `allowed`.
+async fn tcp_sidecar(ip: &'static str, app: SocketAddr, allowed: &[&str]) -> Http {
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![(ip, app, Protocol::Tcp)],
+            policy: Some(tcp_policy(allowed)),
+            ..Default::default()
+        },
+    )
+    .await;
+    Http { pki, sidecar }
+}
+
+/// An mTLS connection as `who` to a TCP listener (no ALPN).
+async fn tcp_connect_as(
+    pki: &TestPki,
+    sidecar: &TestSidecar,
+    who: &Workload,
+) -> Result<Tls, String> {
+    let cfg = client_config(&pki.roots(), &pki.trust_domain, Some(who), &sidecar.id, &[]);
+    mtls_connect(sidecar.inbound[0], cfg).await
+}
+
 async fn connect_as(pki: &TestPki, sidecar: &TestSidecar, who: &Workload) -> Result<Tls, String> {
     let cfg = client_config(
         &pki.roots(),
@@ -726,28 +754,11 @@ async fn a_policy_that_drops_the_peer_closes_its_tunnels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_drops_the_peer_closes_its_tcp_connections() {
-    let app = tcp_echo().await;
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.45", app, Protocol::Tcp)],
-            policy: Some(tcp_policy(&[CLIENT, OTHER])),
-            ..Default::default()
-        },
-    )
-    .await;
-    let connect = |who: &Workload| {
-        let cfg = client_config(&pki.roots(), &pki.trust_domain, Some(who), &sidecar.id, &[]);
-        mtls_connect(sidecar.inbound[0], cfg)
-    };
+    let Http { pki, sidecar } = tcp_sidecar("127.0.0.45", tcp_echo().await, &[CLIENT, OTHER]).await;
     let client = pki.workload(CLIENT);
     let other = pki.workload(OTHER);
-    let mut dropped = connect(&client).await.unwrap();
-    let mut kept = connect(&other).await.unwrap();
+    let mut dropped = tcp_connect_as(&pki, &sidecar, &client).await.unwrap();
+    let mut kept = tcp_connect_as(&pki, &sidecar, &other).await.unwrap();
     for c in [&mut dropped, &mut kept] {
         assert!(!tunnel_ends_within(c, Duration::from_millis(600)).await);
     }
@@ -783,30 +794,9 @@ async fn a_tcp_stream_cut_short_reaches_the_app_as_a_reset() {
             });
         }
     });
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.56", app, Protocol::Tcp)],
-            policy: Some(tcp_policy(&[CLIENT])),
-            ..Default::default()
-        },
-    )
-    .await;
+    let Http { pki, sidecar } = tcp_sidecar("127.0.0.56", app, &[CLIENT]).await;
     let client = pki.workload(CLIENT);
-    let connect = || {
-        let cfg = client_config(
-            &pki.roots(),
-            &pki.trust_domain,
-            Some(&client),
-            &sidecar.id,
-            &[],
-        );
-        mtls_connect(sidecar.inbound[0], cfg)
-    };
+    let connect = || tcp_connect_as(&pki, &sidecar, &client);
     let mut whole = connect().await.unwrap();
     whole.write_all(b"all of it").await.unwrap();
     whole.shutdown().await.unwrap();
