@@ -106,6 +106,15 @@ async fn http_sidecar_for(
     limits: Limits,
     policy: String,
 ) -> Http {
+    sidecar_for((ip, app, Protocol::Http), limits, policy).await
+}
+
+/// A sidecar with one inbound listener (`ip`, the app, its protocol) under `policy`.
+async fn sidecar_for(
+    inbound: (&'static str, SocketAddr, Protocol),
+    limits: Limits,
+    policy: String,
+) -> Http {
     let pki = TestPki::new();
     let server = pki.workload(SERVER);
     let sidecar = TestSidecar::start(
@@ -113,7 +122,7 @@ async fn http_sidecar_for(
         &server,
         SERVER,
         SidecarSpec {
-            inbound: vec![(ip, app, Protocol::Http)],
+            inbound: vec![inbound],
             policy: Some(policy),
             limits: Some(limits),
             ..Default::default()
@@ -127,20 +136,12 @@ type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// A sidecar on `ip` with a TCP inbound listener in front of `app`, its policy allowing `allowed`.
 async fn tcp_sidecar(ip: &'static str, app: SocketAddr, allowed: &[&str]) -> Http {
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![(ip, app, Protocol::Tcp)],
-            policy: Some(tcp_policy(allowed)),
-            ..Default::default()
-        },
+    sidecar_for(
+        (ip, app, Protocol::Tcp),
+        Limits::default(),
+        tcp_policy(allowed),
     )
-    .await;
-    Http { pki, sidecar }
+    .await
 }
 
 /// An mTLS connection as `who` to a TCP listener (no ALPN).
