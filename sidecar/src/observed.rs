@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_ENTRIES: usize = 4096;
 /// The most distinct calls kept that were denied every time, apart from [`MAX_ENTRIES`].
 pub const MAX_DENIED_ENTRIES: usize = 512;
+/// The most distinct calls of one peer kept in each table: a peer allowed `/api/*` that calls ever
+/// new paths fills its share, never the room of the others (one quarter of a table each).
+pub const PER_PEER_SHARE: usize = 4;
 /// The longest path kept, in bytes.
 pub const MAX_PATH: usize = 256;
 /// The most calls, or rules, `suggest-policy` lists one by one in a comment; the rest are counted.
@@ -84,6 +87,8 @@ struct Tables {
     dropped: u64,
     /// Denied calls that were not kept.
     dropped_denied: u64,
+    /// Per peer, its entries in `let_through` and in `denied`.
+    per_peer: HashMap<String, (usize, usize)>,
 }
 
 impl Tables {
@@ -180,22 +185,39 @@ impl ObservedTraffic {
         if let Some(e) = t.denied.get_mut(&key).filter(same) {
             e.count += 1;
             e.denied += denied;
+            let held = t.per_peer.get(peer.as_str()).copied().unwrap_or_default();
             if allowed
                 && t.let_through.len() < MAX_ENTRIES
+                && held.0 < MAX_ENTRIES / PER_PEER_SHARE
                 && !t.let_through.contains_key(&key)
                 && let Some(e) = t.denied.remove(&key)
             {
                 t.let_through.insert(key, e);
+                if let Some(held) = t.per_peer.get_mut(peer.as_str()) {
+                    held.0 += 1;
+                    held.1 -= 1;
+                }
             }
             return Recorded::Counted;
         }
-        let (table, max) = if allowed {
-            (&mut t.let_through, MAX_ENTRIES)
+        let held = t.per_peer.get(peer.as_str()).copied().unwrap_or_default();
+        let (table, max, own, share) = if allowed {
+            (
+                &mut t.let_through,
+                MAX_ENTRIES,
+                held.0,
+                MAX_ENTRIES / PER_PEER_SHARE,
+            )
         } else {
-            (&mut t.denied, MAX_DENIED_ENTRIES)
+            (
+                &mut t.denied,
+                MAX_DENIED_ENTRIES,
+                held.1,
+                MAX_DENIED_ENTRIES / PER_PEER_SHARE,
+            )
         };
-        // A full table, or (all but never) another call with the same 64-bit key.
-        if table.len() >= max || table.contains_key(&key) {
+        // A full table or share, or (all but never) another call with the same 64-bit key.
+        if table.len() >= max || own >= share || table.contains_key(&key) {
             return t.drop_call(allowed);
         }
         table.insert(
@@ -209,6 +231,12 @@ impl ObservedTraffic {
                 denied,
             },
         );
+        let held = t.per_peer.entry(peer.as_str().to_owned()).or_default();
+        if allowed {
+            held.0 += 1;
+        } else {
+            held.1 += 1;
+        }
         Recorded::New
     }
 

@@ -57,8 +57,10 @@ fn calls_are_counted_bounded_and_decided_again_by_the_policy_in_force() {
     );
     assert!(!text.contains("not kept"), "{text}");
     assert_eq!(seen.record(5432, &web, None, true), Recorded::Counted);
+    // Eight peers fill the table (one peer alone would fill only its share).
     for i in 0..MAX_ENTRIES + 5 {
-        seen.record(9000, &web, Some(("GET", &format!("/x/{i}"))), true);
+        let peer = id(&format!("spiffe://cluster.local/ns/shop/sa/w{}", i % 8));
+        seen.record(9000, &peer, Some(("GET", &format!("/x/{i}"))), true);
     }
     assert_eq!(
         seen.record(9000, &web, Some(("GET", "/y")), true),
@@ -89,11 +91,18 @@ fn calls_are_counted_bounded_and_decided_again_by_the_policy_in_force() {
 #[test]
 fn denied_probes_cannot_crowd_out_calls_let_through() {
     let seen = ObservedTraffic::default();
-    let (web, probe) = (id(WEB), id(PROBE));
+    // Four probing peers and four callers: each within its share, together filling the tables.
+    let nth = |name: &str, i: usize| {
+        id(&format!(
+            "spiffe://cluster.local/ns/shop/sa/{name}{}",
+            i % 4
+        ))
+    };
+    let probe = nth("probe", 0);
     let probes = MAX_DENIED_ENTRIES + 100;
     for i in 0..probes {
         let path = format!("/junk/p{i}");
-        let kept = seen.record(8080, &probe, Some(("GET", &path)), false);
+        let kept = seen.record(8080, &nth("probe", i), Some(("GET", &path)), false);
         let want = if i < MAX_DENIED_ENTRIES {
             Recorded::New
         } else {
@@ -104,9 +113,10 @@ fn denied_probes_cannot_crowd_out_calls_let_through() {
     // Every call let through still finds room, as many as with no probes at all.
     for i in 0..MAX_ENTRIES {
         let path = format!("/api/{i}");
-        let kept = seen.record(8080, &web, Some(("GET", &path)), true);
+        let kept = seen.record(8080, &nth("web", i), Some(("GET", &path)), true);
         assert_eq!(kept, Recorded::New, "{path}");
     }
+    let web = nth("web", 0);
     // A probe let through later (say in audit mode) counts as let through, even with no room
     // to move it.
     let counted = seen.record(8080, &probe, Some(("GET", "/junk/p0")), true);
@@ -128,7 +138,7 @@ fn denied_probes_cannot_crowd_out_calls_let_through() {
     let policy = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let allows =
         |peer: &SpiffeId, path: &str| policy.decide_request(8080, peer, "GET", path).would_allow;
-    assert!(allows(&web, "/api/4095"), "{text}");
+    assert!(allows(&web, "/api/4092"), "{text}");
     assert!(allows(&probe, "/junk/p0"), "{text}");
     assert!(!allows(&probe, "/junk/p1"), "{text}");
     // Past the room for calls let through, the next one is dropped and the output says so.
@@ -138,6 +148,52 @@ fn denied_probes_cannot_crowd_out_calls_let_through() {
     assert!(
         text.contains("# Incomplete: 1 calls let through were not kept"),
         "{text}"
+    );
+}
+
+/// A peer calling ever new paths (allowed `/api/*`, or probing denied ones) fills its own share of
+/// each table, never the room of the others.
+#[test]
+fn one_peer_fills_only_its_share() {
+    let seen = ObservedTraffic::default();
+    let (flooder, web) = (id(PROBE), id(WEB));
+    let kept = |allowed: bool, n: usize| {
+        (0..n)
+            .filter(|i| {
+                let path = format!("/api/{allowed}/{i}");
+                seen.record(8080, &flooder, Some(("GET", &path)), allowed) == Recorded::New
+            })
+            .count()
+    };
+    assert_eq!(kept(true, MAX_ENTRIES), MAX_ENTRIES / PER_PEER_SHARE);
+    assert_eq!(
+        kept(false, MAX_DENIED_ENTRIES),
+        MAX_DENIED_ENTRIES / PER_PEER_SHARE
+    );
+    for (i, allowed) in [(0, true), (1, false), (2, true)] {
+        let path = format!("/orders/{i}");
+        assert_eq!(
+            seen.record(8080, &web, Some(("GET", &path)), allowed),
+            Recorded::New,
+            "{path}"
+        );
+    }
+    // A denied call of the flooder let through later stays where it is when its share is full.
+    assert_eq!(
+        seen.record(8080, &flooder, Some(("GET", "/api/false/0")), true),
+        Recorded::Counted
+    );
+    let report = seen.report(None);
+    assert_eq!(
+        report.calls.len(),
+        MAX_ENTRIES / PER_PEER_SHARE + MAX_DENIED_ENTRIES / PER_PEER_SHARE + 3
+    );
+    assert_eq!(
+        (report.dropped, report.dropped_denied),
+        (
+            (MAX_ENTRIES - MAX_ENTRIES / PER_PEER_SHARE) as u64,
+            (MAX_DENIED_ENTRIES - MAX_DENIED_ENTRIES / PER_PEER_SHARE) as u64
+        )
     );
 }
 
