@@ -4,7 +4,8 @@
 //! CA directory under a per-authority prefix: `root.pem` for the first, `a2-root.pem` for the next;
 //! flat, so the whole directory fits a Kubernetes Secret) with a state: `prepared` (root in the bundle, not signing), `active` (signing; exactly
 //! one), `retiring` (root in the bundle, not signing, leaves still live) or `gone`. Without the file the
-//! CA has one active authority: the directory's own `root.pem`/`intermediate.*`. `bundle.pem` is
+//! CA has one active authority: the directory's own `root.pem`/`intermediate.*` (unless `a<n>-` files
+//! show a rotation made the directory: the file was lost, and loading refuses). `bundle.pem` is
 //! rewritten from the roots of every authority that is not gone (the rotation commands keep the
 //! roots added to it by hand, see [`RotationState::bundle_on_disk`]), and `bundle_version`
 //! increases with every change, so every CA process on the directory serves the same version. A
@@ -92,6 +93,34 @@ fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
     }
 }
 
+/// The first file named like a rotated authority's (`a<digits>-...`) in `ca_dir`, if any.
+fn prefixed_authority_file(ca_dir: &Path) -> Result<Option<String>, AuthorityError> {
+    let entries = fs::read_dir(ca_dir).map_err(|source| AuthorityError::Io {
+        path: ca_dir.to_owned(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| AuthorityError::Io {
+            path: ca_dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_prefixed_authority_file(&name) {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+/// `a<digits>-<rest>`: a file of an authority `rotate prepare` made.
+pub(crate) fn is_prefixed_authority_file(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('a') else {
+        return false;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && rest[digits..].starts_with('-')
+}
+
 impl RotationState {
     /// Reads `authorities.json`, or the single-authority default when it does not exist.
     pub fn load(ca_dir: &Path) -> Result<Self, AuthorityError> {
@@ -99,6 +128,20 @@ impl RotationState {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Without the file the directory has one authority, its own unprefixed files;
+                // `a<n>-` files beside them belong to a later authority, which only a rotation
+                // (and so `authorities.json`) makes: the file was lost, and guessing "authority
+                // 1" would sign with whatever the unprefixed files hold (maybe a retired one).
+                if let Some(name) = prefixed_authority_file(ca_dir)? {
+                    return Err(invalid(
+                        &path,
+                        format!(
+                            "missing, but the directory holds {name}, a file of an authority a \
+                             rotation made: put authorities.json back (the CA does not guess which \
+                             authority signs)"
+                        ),
+                    ));
+                }
                 return Ok(Self {
                     bundle_version: 1,
                     renew_now_at: None,

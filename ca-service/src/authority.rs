@@ -396,6 +396,10 @@ pub struct Authority {
     pub trust_domain: TrustDomain,
     /// The active authority's name (see `authorities.json`).
     pub name: String,
+    /// The root of `roots` the signing intermediate chains to.
+    pub active_root: CertificateDer<'static>,
+    /// The authorities `authorities.json` says were retired (`gone`).
+    pub retired: Vec<String>,
     /// The signing intermediate, DER.
     pub intermediate_der: CertificateDer<'static>,
     pub intermediate_not_after: OffsetDateTime,
@@ -501,6 +505,25 @@ impl Authority {
         // an operator added by hand, e.g. during a migration; each CA numbers such an edit as a
         // version of its own: `Bundle::next`).
         let roots = read_bundle(&dir.join("bundle.pem"))?;
+        // Never sign under a root the bundle does not carry: every certificate would be refused.
+        let active_root = issuing_root(&intermediate_der, &roots)
+            .ok_or_else(|| {
+                invalid(
+                    &inter_path,
+                    format!(
+                        "authority {} signs with this intermediate, but bundle.pem holds no root \
+                         it chains to: refusing to sign certificates no one would trust",
+                        active.name
+                    ),
+                )
+            })?
+            .clone();
+        let retired = state
+            .authorities
+            .iter()
+            .filter(|a| a.state == AuthorityState::Gone)
+            .map(|a| a.name.clone())
+            .collect();
         let mut pinned = Vec::new();
         let mut authority_anchors = Vec::new();
         let mut bundled_authorities = Vec::new();
@@ -539,6 +562,8 @@ impl Authority {
         Ok(Self {
             trust_domain,
             name: active.name,
+            active_root,
+            retired,
             intermediate_der,
             intermediate_not_after,
             issuer,
@@ -554,6 +579,49 @@ impl Authority {
             revocations: std::sync::Arc::new(crate::revocations::Revocations::load(dir)?),
         })
     }
+}
+
+impl Authority {
+    /// Why a running CA that signs with `self` must not take on `next` (a reload of its
+    /// directory), or `None` when it may. `next` is complete in itself ([`Authority::load`]
+    /// checked that); what is refused here is a move backwards: `next` drops from the bundle the
+    /// root `self` signs under although it does not say that authority was retired (a stale copy
+    /// of the directory, a lost `authorities.json`: every live certificate would stop being
+    /// trusted), or numbers its bundle below `self`'s (sidecars would be served an older trust
+    /// under versions they may have acknowledged).
+    pub fn refuses_successor(&self, next: &Authority) -> Option<String> {
+        if next.bundle_version < self.bundle_version {
+            return Some(format!(
+                "authorities.json moved the bundle version back from {} to {} (an older copy of \
+                 the CA directory?)",
+                self.bundle_version, next.bundle_version
+            ));
+        }
+        if !next.roots.contains(&self.active_root) && !next.retired.contains(&self.name) {
+            return Some(format!(
+                "bundle.pem no longer holds the root of authority {}, which signs now, and \
+                 authorities.json does not say it was retired (an older copy of the CA \
+                 directory, or authorities.json lost?): every certificate it issued would stop \
+                 being trusted",
+                self.name
+            ));
+        }
+        None
+    }
+}
+
+/// The root in `roots` that signed `intermediate`, if any.
+fn issuing_root<'a>(
+    intermediate: &CertificateDer<'_>,
+    roots: &'a [CertificateDer<'static>],
+) -> Option<&'a CertificateDer<'static>> {
+    let (_, inter) = X509Certificate::from_der(intermediate).ok()?;
+    roots.iter().find(|root| {
+        X509Certificate::from_der(root).is_ok_and(|(_, root)| {
+            inter.issuer() == root.subject()
+                && inter.verify_signature(Some(root.public_key())).is_ok()
+        })
+    })
 }
 
 fn not_after_of(der: &[u8]) -> Result<OffsetDateTime, String> {
@@ -753,6 +821,75 @@ mod tests {
         assert!(err.contains(JWT_PUB), "{err}");
         fs::write(dir.path().join(JWT_PUB), &pub_pem).unwrap();
         fs::remove_file(dir.path().join(JWT_PUB)).unwrap();
+    }
+
+    /// Copies the CA directory's files (flat, as a Secret holds them) into a new directory.
+    fn copy_dir(from: &Path) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() {
+                fs::copy(entry.path(), to.path().join(entry.file_name())).unwrap();
+            }
+        }
+        to
+    }
+
+    #[tokio::test]
+    async fn a_directory_older_than_what_the_ca_signs_with_is_refused() {
+        use crate::rotation::{activate, prepare, retire};
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let before_prepare = copy_dir(dir.path());
+        prepare(dir.path(), None).unwrap();
+        let prepared = copy_dir(dir.path());
+        activate(dir.path(), &[], true).await.unwrap();
+        retire(dir.path(), &[], true).await.unwrap();
+        let now = Authority::load(dir.path()).unwrap();
+        assert_eq!(now.name, "2");
+        assert_eq!(now.retired, vec!["1".to_owned()]);
+
+        // Case B: a stale copy taken before prepare is a complete CA of its own (a CA may start
+        // on it), but a CA that signs with authority 2 does not take it on: it drops 2's root
+        // and moves the version back.
+        let stale = Authority::load(before_prepare.path()).unwrap();
+        let why = now.refuses_successor(&stale).expect("refused");
+        assert!(why.contains("moved the bundle version back"), "{why}");
+        let mut same_version = Authority::load(before_prepare.path()).unwrap();
+        same_version.bundle_version = now.bundle_version;
+        let why = now.refuses_successor(&same_version).expect("refused");
+        assert!(
+            why.contains("no longer holds the root of authority 2"),
+            "{why}"
+        );
+        // Going forward is taken on: the process signing with 1 before the rotation follows
+        // prepare, and then (in one go) activate and retire, which retired 1 properly.
+        let old = Authority::load(prepared.path()).unwrap();
+        let mut first = Authority::load(before_prepare.path()).unwrap();
+        assert_eq!(first.refuses_successor(&old), None);
+        assert_eq!(old.refuses_successor(&now), None);
+        first.bundle_version = 0;
+        assert_eq!(first.refuses_successor(&now), None);
+
+        // Case A: authorities.json lost after the rotation: the unprefixed files are the retired
+        // authority's, whose root left the bundle. Not "authority 1" again.
+        fs::remove_file(dir.path().join(crate::authorities::STATE_FILE)).unwrap();
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("authorities.json: missing"), "{err}");
+        assert!(err.contains("a2-"), "{err}");
+        // Even without the a2- files, the retired intermediate chains to no root of the bundle.
+        for entry in fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name().to_string_lossy().starts_with("a2-") {
+                fs::remove_file(entry.path()).unwrap();
+            }
+        }
+        let err = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("bundle.pem holds no root it chains to"),
+            "{err}"
+        );
     }
 
     #[test]

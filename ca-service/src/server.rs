@@ -380,6 +380,16 @@ fn reload(
             return;
         }
     };
+    let previous = state.authority.load();
+    if let Some(reason) = previous.refuses_successor(&authority) {
+        tracing::error!(
+            %reason,
+            authority = %previous.name,
+            bundle_version = previous.bundle_version,
+            "refusing the CA directory's new state; keeping the current material"
+        );
+        return;
+    }
     match tls::server_config(&authority, sans) {
         Ok(cfg) => tls_config.store(cfg),
         Err(error) => {
@@ -387,7 +397,6 @@ fn reload(
             return;
         }
     }
-    let previous = state.authority.load();
     if previous.name != authority.name || previous.intermediate_der != authority.intermediate_der {
         tracing::info!(authority = %authority.name, "signing authority changed");
     }

@@ -3254,22 +3254,20 @@ mod tests {
         } = ca;
         let before = state.authority.load().bundled_authorities.clone();
         assert_eq!(before.len(), 1, "{before:?}");
-        // bundle.pem edited by hand to hold another root only: the authority's files remain.
+        // A bundle holding another root only, the authority's files remaining (a retiring
+        // authority's root taken out of bundle.pem by hand; `Authority::load` refuses it for
+        // the authority that signs, so it is built here).
         let other = TestPki::new("other");
-        let b64 = base64::engine::general_purpose::STANDARD.encode(other.root.as_ref());
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        let pem = format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            lines.join("\n")
-        );
-        std::fs::write(dir.path().join("bundle.pem"), pem).unwrap();
-        state
-            .authority
-            .store(Arc::new(Authority::load(dir.path()).unwrap()));
+        let mut edited = Authority::load(dir.path()).unwrap();
+        edited.roots = vec![other.root.clone()];
+        edited.anchors = meshid_identity::verify::Anchors::with_pins(
+            &edited.roots,
+            &[],
+            edited.trust_domain.clone(),
+        )
+        .unwrap();
+        edited.bundled_authorities.clear();
+        state.authority.store(Arc::new(edited));
         let trust = state.authority.load();
         assert!(trust.bundled_authorities.is_empty());
         assert_eq!(trust.authority_anchors.len(), 1, "still known by its files");

@@ -151,6 +151,11 @@ pub fn prepare_above(
     }
     let kept = kept_roots(ca_dir, &state, None)?;
     let td = authority::read_trust_domain(ca_dir)?;
+    // The implied single-authority state written down first: `a<n>-` files beside no
+    // `authorities.json` are refused at load (a lost state), so none may appear before it.
+    if !ca_dir.join(crate::authorities::STATE_FILE).exists() {
+        state.save_keeping(ca_dir, &kept)?;
+    }
     let next = state
         .authorities
         .iter()
