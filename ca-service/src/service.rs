@@ -196,11 +196,7 @@ impl Refusal {
 
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
-        let status = if e.denied {
-            Status::permission_denied(e.message)
-        } else {
-            Status::unauthenticated(e.message)
-        };
+        let status = Status::new(e.code(), e.message);
         Self {
             status,
             result: e.reason.as_str(),

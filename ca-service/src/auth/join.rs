@@ -168,20 +168,29 @@ impl JoinTokenStore {
             ));
         }
         let hash = sha256_hex(token.as_bytes());
-        let record = match fs::read(self.dir.join(format!("{hash}.json"))) {
+        let path = self.dir.join(format!("{hash}.json"));
+        let record = match fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(_) if self.dir.join(format!("{hash}.used")).exists() => {
-                return Err(AuthError::unauthenticated(
-                    Reason::JoinTokenUsed,
-                    "join token was already used",
-                ));
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let used = self.dir.join(format!("{hash}.used"));
+                return Err(match fs::symlink_metadata(&used) {
+                    Ok(_) => AuthError::unauthenticated(
+                        Reason::JoinTokenUsed,
+                        "join token was already used",
+                    ),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        AuthError::unauthenticated(
+                            Reason::UnknownJoinToken,
+                            "join token is not known",
+                        )
+                    }
+                    Err(error) => unreadable(&used, &error),
+                });
             }
-            Err(_) => {
-                return Err(AuthError::unauthenticated(
-                    Reason::UnknownJoinToken,
-                    "join token is not known",
-                ));
-            }
+            // EMFILE, EIO, EACCES, a directory in the record's place: the CA's own failure, which
+            // says nothing of the token. UNAVAILABLE, so the workload keeps it (it treats
+            // UNAUTHENTICATED as spent).
+            Err(error) => return Err(unreadable(&path, &error)),
         };
         let record: Record = serde_json::from_slice(&record).map_err(|_| {
             AuthError::unauthenticated(Reason::UnknownJoinToken, "join token record is corrupt")
@@ -246,6 +255,20 @@ impl JoinTokenStore {
             }
         }
     }
+}
+
+/// A token record that could not be read: logged with the file and the error (the caller is told
+/// neither), answered UNAVAILABLE.
+fn unreadable(path: &Path, error: &std::io::Error) -> AuthError {
+    tracing::error!(
+        path = %path.display(),
+        %error,
+        "reading the join token store failed; the token was not consumed"
+    );
+    AuthError::unavailable(
+        Reason::JoinTokenUnreadable,
+        "could not read the token store; the token was not consumed: try again later",
+    )
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -337,6 +360,29 @@ mod tests {
         ] {
             assert_eq!(s.lookup(bad).unwrap_err().reason, Reason::UnknownJoinToken);
         }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_read_is_unavailable_not_unknown() {
+        let (dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let token = s.create(&id, Duration::from_secs(600)).unwrap();
+        let record = dir
+            .path()
+            .join("join-tokens")
+            .join(format!("{}.json", sha256_hex(token.as_bytes())));
+        let bytes = fs::read(&record).unwrap();
+        fs::remove_file(&record).unwrap();
+        fs::create_dir(&record).unwrap();
+        let err = s.lookup(&token).unwrap_err();
+        assert_ne!(err.reason, Reason::UnknownJoinToken);
+        assert_eq!(err.reason, Reason::JoinTokenUnreadable);
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message.contains("not consumed"), "{}", err.message);
+        // Put right, the token works (it was not spent).
+        fs::remove_dir(&record).unwrap();
+        fs::write(&record, bytes).unwrap();
+        assert_eq!(s.redeem(s.lookup(&token).unwrap()).unwrap(), id);
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub enum Reason {
     /// The identity, or the certificate presented (for a renewal, a bundle stream or an
     /// acknowledgement), is revoked (`meshid-ca revoke`).
     Revoked,
+    /// The join token store could not be read (EMFILE, EIO, EACCES, a directory where the record
+    /// goes): nothing was decided about the token, which stays unused.
+    JoinTokenUnreadable,
 }
 
 impl Reason {
@@ -96,15 +99,19 @@ impl Reason {
             Self::UntrustedChain => "untrusted_chain",
             Self::AttestationExpired => "attestation_expired",
             Self::Revoked => "revoked",
+            Self::JoinTokenUnreadable => "join_token_unreadable",
         }
     }
 }
 
-/// A refused credential: `Unauthenticated` (not proven) or `PermissionDenied` (proven, not allowed).
+/// A refused credential: `Unauthenticated` (not proven) or `PermissionDenied` (proven, not allowed);
+/// or, `unavailable`, a credential the CA could not check (its own store failed): `Unavailable`, so
+/// the caller keeps it and tries again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct AuthError {
     pub denied: bool,
+    pub unavailable: bool,
     pub reason: Reason,
     /// Safe to show the caller: never contains the credential.
     pub message: String,
@@ -114,6 +121,7 @@ impl AuthError {
     pub fn unauthenticated(reason: Reason, message: impl Into<String>) -> Self {
         Self {
             denied: false,
+            unavailable: false,
             reason,
             message: message.into(),
         }
@@ -122,6 +130,28 @@ impl AuthError {
     pub fn permission_denied(reason: Reason, message: impl Into<String>) -> Self {
         Self {
             denied: true,
+            unavailable: false,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The gRPC code the refusal is answered with.
+    pub fn code(&self) -> tonic::Code {
+        if self.unavailable {
+            tonic::Code::Unavailable
+        } else if self.denied {
+            tonic::Code::PermissionDenied
+        } else {
+            tonic::Code::Unauthenticated
+        }
+    }
+
+    /// The CA could not check the credential (not the caller's fault): nothing was decided.
+    pub fn unavailable(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            denied: false,
+            unavailable: true,
             reason,
             message: message.into(),
         }
