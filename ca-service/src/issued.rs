@@ -230,6 +230,51 @@ fn mark_files(ca_dir: &Path) -> impl Iterator<Item = PathBuf> {
         .map(|e| e.path())
 }
 
+/// The marks the retire gate cannot read, each naming the file and why: a mark file (`*.json` in
+/// `issued/`) that is not a readable mark (EACCES, EIO, garbage, a directory in its place), or an
+/// `issued/` that cannot be listed. [`issued_until`] skips them, so a certificate they would
+/// account for may still be live: `rotate retire` refuses while there is one.
+pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
+    let dir = ca_dir.join(ISSUED_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => return vec![format!("{}: cannot be listed: {e}", dir.display())],
+    };
+    let mut unreadable = Vec::new();
+    for entry in entries {
+        let path = match entry {
+            Ok(entry) => entry.path(),
+            Err(e) => {
+                unreadable.push(format!("{}: cannot be listed: {e}", dir.display()));
+                continue;
+            }
+        };
+        // Temporary files of a write in flight (`write_atomic`) are not marks.
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let why = match std::fs::metadata(&path) {
+            Err(e) => Some(e.to_string()),
+            Ok(m) if !m.is_file() => Some("not a regular file".to_owned()),
+            Ok(_) => match std::fs::read(&path) {
+                Err(e) => Some(e.to_string()),
+                Ok(bytes) if is_long(&path) => serde_json::from_slice::<LongMarks>(&bytes)
+                    .err()
+                    .map(|e| format!("not a mark file: {e}")),
+                Ok(bytes) => serde_json::from_slice::<HashMap<String, i64>>(&bytes)
+                    .err()
+                    .map(|e| format!("not a mark file: {e}")),
+            },
+        };
+        if let Some(why) = why {
+            unreadable.push(format!("{}: {why}", path.display()));
+        }
+    }
+    unreadable.sort();
+    unreadable
+}
+
 /// The latest not-after any CA process recorded for `authority` (0: none recorded), but for the
 /// certificates marked per identity ([`long_issued_until`]).
 pub fn issued_until(ca_dir: &Path, authority: &str) -> i64 {
@@ -333,6 +378,51 @@ mod tests {
             "a's own mark stays"
         );
         assert!(a.writable() && b.writable());
+    }
+
+    #[tokio::test]
+    async fn a_mark_file_that_cannot_be_read_blocks_retire() {
+        use crate::rotation::{RotateError, activate, prepare, retire};
+        let dir = tempfile::tempdir().unwrap();
+        let td = meshid_identity::TrustDomain::new("td").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        prepare(dir.path(), None).unwrap();
+        activate(dir.path(), &[], true).await.unwrap();
+        let a = IssuanceLog::new(dir.path());
+        let b = IssuanceLog::new(dir.path());
+        a.record("1", 1_000, 100);
+        b.record("1", 2_000, 100);
+        assert!(unreadable_marks(dir.path()).is_empty());
+        // A temporary file of a write in flight is not a mark.
+        std::fs::write(dir.path().join(ISSUED_DIR).join("x.tmp42"), "partial").unwrap();
+        assert!(unreadable_marks(dir.path()).is_empty());
+        let refused = |why: &str| {
+            let blockers = unreadable_marks(dir.path());
+            assert_eq!(blockers.len(), 1, "{blockers:?}");
+            assert!(
+                blockers[0].contains(&b.file.display().to_string()),
+                "{blockers:?}"
+            );
+            assert!(blockers[0].contains(why), "{blockers:?}");
+        };
+        std::fs::write(&b.file, "garbage").unwrap();
+        refused("not a mark file");
+        // What it held is not counted.
+        assert_eq!(issued_until(dir.path(), "1"), 1_090);
+        let err = retire(dir.path(), &[], false).await.unwrap_err();
+        assert!(
+            matches!(&err, RotateError::Refused(r) if r.contains(&b.file.display().to_string())),
+            "{err}"
+        );
+        std::fs::remove_file(&b.file).unwrap();
+        std::fs::create_dir(&b.file).unwrap();
+        refused("not a regular file");
+        assert!(matches!(
+            retire(dir.path(), &[], false).await,
+            Err(RotateError::Refused(_))
+        ));
+        // Forced, as any blocker (audited).
+        assert_eq!(retire(dir.path(), &[], true).await.unwrap(), "1");
     }
 
     #[test]

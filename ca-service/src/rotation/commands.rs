@@ -256,7 +256,17 @@ pub async fn retire(
     let reports = fetch_reports(admins).await?;
     let served = served_versions(&reports);
     let report = merged(&state, reports);
-    let blockers = retire_blockers(&state, &report, unix_now());
+    let mut blockers = retire_blockers(&state, &report, unix_now());
+    // Marks the report could not count: the certificates they account for may be live.
+    blockers.extend(
+        crate::issued::unreadable_marks(ca_dir)
+            .into_iter()
+            .map(|m| {
+                format!(
+                    "an issuance mark cannot be read ({m}): certificates it records may be live"
+                )
+            }),
+    );
     let Some(retiring) = state.find(AuthorityState::Retiring) else {
         return Err(RotateError::Refused(summarize(&blockers)));
     };
