@@ -866,3 +866,136 @@ async fn a_sidecar_restarted_after_activate_reaches_the_ca_through_its_bundle_ca
         "the restarted sidecar reached the CA with the roots it kept"
     );
 }
+
+/// The CA directory's top-level files (flat, as a Secret holds them).
+fn files_of(dir: &std::path::Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| (e.file_name(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_running_ca() {
+    // `meshid-ca secret | kubectl apply` from a stale copy: the CA keeps the material it signs
+    // with and the bundle it serves, and the pair keeps working.
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let long = |sa: &str| match ca_mode(&ca, sa) {
+        CredSource::Ca(mut m) => {
+            m.ttl = Some(Duration::from_secs(3600));
+            CredSource::Ca(m)
+        }
+        other => other,
+    };
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.13", http_echo().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(long("backend")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
+            creds: Some(long("frontend")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let local = a.outbound[0];
+    let works = || async move {
+        let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
+            return false;
+        };
+        matches!(
+            http_request(tcp, false, get("/x", &[])).await,
+            Ok((200, _, _))
+        )
+    };
+    assert!(eventually(Duration::from_secs(10), works).await);
+    let stale = files_of(&dir);
+
+    let new_name = rotation::prepare(&dir, None).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            anchors(&a).await == Some(2) && anchors(&b).await == Some(2)
+        })
+        .await
+    );
+    assert_eq!(
+        activate_within_10s(&dir, &admins).await.as_deref(),
+        Some(new_name.as_str())
+    );
+    rotation::retire(&dir, &admins, true).await.unwrap();
+    let new_roots = meshid_ca::authority::read_bundle(&dir.join("bundle.pem")).unwrap();
+    assert_eq!(new_roots.len(), 1);
+    let converged = eventually(Duration::from_secs(15), || async {
+        anchors(&a).await == Some(1)
+            && anchors(&b).await == Some(1)
+            && works().await
+            && issuing_root(&ca, ca.addr, &new_roots).await.as_deref() == Some(new_name.as_str())
+    })
+    .await;
+    assert!(converged, "{:?}", rotation::status(&dir, &admins).await);
+    let served = bundle_of(ca.addr, &new_roots).await;
+    assert_eq!(served.1, 1);
+
+    // The directory swapped back to the copy taken before prepare.
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_string_lossy().starts_with("a2-") {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    for (name, bytes) in &stale {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bundle_of(ca.addr, &new_roots).await, served, "not taken on");
+    let mut c = meshid_tests::ca::connect(ca.addr, &new_roots, None)
+        .await
+        .unwrap();
+    let bundle = c
+        .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bundle.roots, vec![new_roots[0].to_vec()]);
+    // Still signing with the new authority (its files loaded before the swap).
+    let mut c = meshid_tests::ca::connect(ca.addr, &new_roots, None)
+        .await
+        .unwrap();
+    let issued = c
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "probe"),
+            )),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, new_inter) = x509_parser::parse_x509_certificate(&issued.cert_chain[1]).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(&new_roots[0]).unwrap();
+    assert!(new_inter.verify_signature(Some(root.public_key())).is_ok());
+    assert_eq!(anchors(&a).await, Some(1));
+    assert_eq!(anchors(&b).await, Some(1));
+    assert!(works().await, "the pair keeps serving");
+}
