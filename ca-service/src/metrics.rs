@@ -65,6 +65,8 @@ pub struct Metrics {
     pub jwt_svids: Family<ResultLabels, Counter>,
     pub revocations: Family<KindLabels, Gauge>,
     pub audit_refusals_suppressed: Counter,
+    pub directory_rejected: Gauge,
+    pub directory_reloads: Family<ResultLabels, Counter>,
 }
 
 /// Labels of the revocation list: `kind` is `identity` or `serial`.
@@ -99,7 +101,12 @@ impl Metrics {
             jwt_svids: Family::default(),
             revocations: Family::default(),
             audit_refusals_suppressed: Counter::default(),
+            directory_rejected: Gauge::default(),
+            directory_reloads: Family::default(),
         };
+        for result in ["ok", "rejected"] {
+            let _ = m.directory_reloads.get_or_create(&ResultLabels { result });
+        }
         let r = registry.sub_registry_with_prefix("meshid_ca");
         r.register(
             "issue_requests",
@@ -211,6 +218,18 @@ impl Metrics {
             "Refused calls whose audit line was left out (a source past its lines per minute); \
              each is still counted by its call's own metric",
             m.audit_refusals_suppressed.clone(),
+        );
+        r.register(
+            "directory_rejected",
+            "1 while the CA directory's newest files are refused (broken, or a state that goes \
+             backwards) and the CA serves the material it loaded before; retried every second",
+            m.directory_rejected.clone(),
+        );
+        r.register(
+            "directory_reloads",
+            "Reloads of the CA directory after a change (and retries while refused), by result \
+             (ok, rejected)",
+            Listed(m.directory_reloads.clone()),
         );
         r.register(
             "runtime_alive_tasks",

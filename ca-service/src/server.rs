@@ -312,8 +312,10 @@ fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
 }
 
 /// Follows the CA directory: a changed bundle goes to every watcher with a new version; a changed
-/// rotation state or intermediate swaps the signing authority. Broken files are logged and the current
-/// material kept. Every CA process on the directory follows it the same way.
+/// rotation state or intermediate swaps the signing authority. Broken files (or a state that goes
+/// backwards) are logged and the current material kept, `meshid_ca_directory_rejected` set, and the
+/// reload tried again on every poll until it succeeds. Every CA process on the directory follows it
+/// the same way.
 async fn follow_bundle(
     dir: PathBuf,
     sans: Vec<String>,
@@ -322,6 +324,9 @@ async fn follow_bundle(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last = stamps(&dir);
+    // Why the newest files were refused (logged once per reason): retried on every poll until
+    // they load, not only when a file changes again (EMFILE, a hand edit finished later, ...).
+    let mut refused: Option<String> = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(BUNDLE_POLL) => {}
@@ -345,11 +350,33 @@ async fn follow_bundle(
             state.metrics.record_rotation(&report, &summary);
         }
         let now = stamps(&dir);
-        if now == last {
+        if now == last && refused.is_none() {
             continue;
         }
         last = now;
-        reload(&last.0, &sans, &state, &tls_config);
+        let result = reload(&last.0, &sans, &state, &tls_config);
+        let metrics = &state.metrics;
+        match result {
+            Ok(()) => {
+                metrics.directory_reloads.get_or_create(&OK).inc();
+                metrics.directory_rejected.set(0);
+                if refused.take().is_some() {
+                    tracing::info!("the CA directory loads again: its newest files are applied");
+                }
+            }
+            Err(reason) => {
+                metrics.directory_reloads.get_or_create(&REJECTED).inc();
+                metrics.directory_rejected.set(1);
+                if refused.as_deref() != Some(reason.as_str()) {
+                    tracing::error!(
+                        %reason,
+                        "the CA directory's newest files are refused; keeping the current material \
+                         and trying again every second"
+                    );
+                }
+                refused = Some(reason);
+            }
+        }
         let authority = state.authority.load_full();
         let current = state.bundle.borrow().clone();
         state.metrics.record_revocations(&authority.revocations);
@@ -364,39 +391,30 @@ async fn follow_bundle(
     }
 }
 
+const OK: crate::metrics::ResultLabels = crate::metrics::ResultLabels { result: "ok" };
+const REJECTED: crate::metrics::ResultLabels = crate::metrics::ResultLabels { result: "rejected" };
+
 /// Reloads the CA directory (`files`, one snapshot of it): the signing authority, the TLS serving
-/// configuration, the bundle's parts and the revocation list. Broken files are logged and the
-/// current material kept.
+/// configuration, the bundle's parts and the revocation list. Broken files, or a state this CA
+/// must not take on ([`Authority::refuses_successor`]), leave the current material in place: the
+/// error says why.
 fn reload(
     files: &Path,
     sans: &[String],
     state: &CaState,
     tls_config: &ArcSwap<rustls::ServerConfig>,
-) {
-    let authority = match Authority::load(files) {
-        Ok(a) => a,
-        Err(error) => {
-            tracing::error!(%error, "reloading the CA directory failed; keeping the current material");
-            return;
-        }
-    };
+) -> Result<(), String> {
+    let authority = Authority::load(files).map_err(|e| e.to_string())?;
     let previous = state.authority.load();
     if let Some(reason) = previous.refuses_successor(&authority) {
-        tracing::error!(
-            %reason,
-            authority = %previous.name,
-            bundle_version = previous.bundle_version,
-            "refusing the CA directory's new state; keeping the current material"
-        );
-        return;
+        return Err(format!(
+            "refusing the new state (this CA signs with authority {} at bundle version {}): \
+             {reason}",
+            previous.name, previous.bundle_version
+        ));
     }
-    match tls::server_config(&authority, sans) {
-        Ok(cfg) => tls_config.store(cfg),
-        Err(error) => {
-            tracing::error!(%error, "rebuilding TLS failed; keeping the current material");
-            return;
-        }
-    }
+    let cfg = tls::server_config(&authority, sans).map_err(|e| format!("rebuilding TLS: {e}"))?;
+    tls_config.store(cfg);
     if previous.name != authority.name || previous.intermediate_der != authority.intermediate_der {
         tracing::info!(authority = %authority.name, "signing authority changed");
     }
@@ -406,6 +424,7 @@ fn reload(
         .intermediate_expiry
         .set(authority.intermediate_not_after.unix_timestamp());
     state.authority.store(Arc::new(authority));
+    Ok(())
 }
 
 /// One audit line for every revocation this process starts or stops enforcing.

@@ -956,6 +956,20 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
         for needle in ["not applied", "check-policy", "kubectl logs"] {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
+        let rule = docs
+            .iter()
+            .filter(|d| d["kind"] == "PrometheusRule")
+            .flat_map(|d| d["spec"]["groups"].as_array().unwrap())
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .find(|r| r["alert"] == "MeshidCaDirectoryRejected")
+            .expect("MeshidCaDirectoryRejected");
+        assert_eq!(rule["expr"], "meshid_ca_directory_rejected == 1");
+        assert_eq!(rule["for"], "1m");
+        assert_eq!(rule["labels"]["severity"], "warning");
+        let text = rule["annotations"].to_string();
+        for needle in ["not applied", "stale copy", "kubectl logs", "every second"] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
     }
 }
 

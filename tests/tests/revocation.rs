@@ -480,3 +480,63 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
     assert!(out.contains("revocations.json"), "{out}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_directory_is_measured_and_retried_until_it_loads() {
+    let ca = ca().await;
+    let scrape = || {
+        meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1
+    };
+    let rejected = || metric(&scrape(), "meshid_ca_directory_rejected", &[]);
+    let m = scrape();
+    assert_eq!(metric(&m, "meshid_ca_directory_rejected", &[]), 0, "{m}");
+    assert!(
+        m.contains("meshid_ca_directory_reloads_total{result=\"rejected\"} 0"),
+        "{m}"
+    );
+
+    // A broken revocations.json: refused and measured; the CA keeps serving.
+    let path = ca.dir.path().join("revocations.json");
+    std::fs::write(&path, "{ not json").unwrap();
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 1 }).await);
+    issue_with_token(&ca, "frontend").await.unwrap();
+    let m = scrape();
+    assert!(
+        metric(
+            &m,
+            "meshid_ca_directory_reloads_total",
+            &["result=\"rejected\""]
+        ) >= 1,
+        "{m}"
+    );
+    // Fixed (a revocation of A written in its place): applied, and the gauge back to 0.
+    std::fs::remove_file(&path).unwrap();
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            rejected() == 0 && issue_with_token(&ca, "frontend").await.is_err()
+        })
+        .await,
+        "the fixed list is applied"
+    );
+
+    // A failure that clears with no watched file changing (jwt.pub is read at every reload, not
+    // watched): the newest files are tried again every second, and applied once they load.
+    let jwt_pub = ca.dir.path().join("jwt.pub");
+    let good = std::fs::read(&jwt_pub).unwrap();
+    std::fs::write(&jwt_pub, "not a key").unwrap();
+    cli(&ca, "unrevoke", &["--id", A]);
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 1 }).await);
+    let (code, _) = issue_with_token(&ca, "frontend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "still the list it had");
+    std::fs::write(&jwt_pub, good).unwrap();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            rejected() == 0 && issue_with_token(&ca, "frontend").await.is_ok()
+        })
+        .await,
+        "applied once it loads"
+    );
+}
