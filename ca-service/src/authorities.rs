@@ -138,7 +138,8 @@ impl RotationState {
                         format!(
                             "missing, but the directory holds {name}, a file of an authority a \
                              rotation made: put authorities.json back (the CA does not guess which \
-                             authority signs)"
+                             authority signs); if it is what a `rotate prepare` of an older meshid \
+                             left when cut short, before any rotation, remove the a<n>- files"
                         ),
                     ));
                 }

@@ -156,29 +156,21 @@ pub fn create_authority_files(
     params.use_authority_key_identifier_extension = true;
     let inter = params.signed_by(&inter_key, &root_issuer)?;
 
-    let root_pem = pem_cert(&root_der);
-    write_file(&files.path("root.pem"), root_pem.as_bytes(), false)?;
+    let mut new_files = vec![("root.pem", pem_cert(&root_der).into_bytes(), false)];
     match root_key_pem {
-        Some(key_pem) => write_file(&files.path("root.key"), key_pem.as_bytes(), true)?,
+        Some(key_pem) => new_files.push(("root.key", key_pem.into_bytes(), true)),
         // Other issuing CAs may share an imported root: trust under it is pinned to this
         // authority's intermediate (see `pinned_intermediate`).
-        None => write_file(
-            &files.path(IMPORTED_MARKER),
-            IMPORTED_NOTE.as_bytes(),
-            false,
-        )?,
+        None => new_files.push((IMPORTED_MARKER, IMPORTED_NOTE.as_bytes().to_vec(), false)),
     }
-    write_file(
-        &files.path("intermediate.pem"),
-        inter.pem().as_bytes(),
-        false,
-    )?;
-    write_file(
-        &files.path("intermediate.key"),
-        inter_key.serialize_pem().as_bytes(),
+    new_files.push(("intermediate.pem", inter.pem().into_bytes(), false));
+    new_files.push((
+        "intermediate.key",
+        inter_key.serialize_pem().into_bytes(),
         true,
-    )?;
-    write_jwt_key(files)?;
+    ));
+    new_files.extend(jwt_key_files(files)?);
+    install(files, &new_files)?;
     Ok(InitReport {
         root_fingerprint: crate::serial::sha256_hex(&root_der),
         root_not_after,
@@ -186,11 +178,50 @@ pub fn create_authority_files(
     })
 }
 
-/// Writes a new JWT-SVID signing key for the authority: `jwt.key` (PKCS#8 PEM, 0600) and `jwt.pub`
-/// (SubjectPublicKeyInfo PEM). The key belongs to the authority, not to its intermediate: it is
-/// published with the authority's root and signs while the authority is active, so it rotates with
-/// the authorities (`rotate prepare` makes the next one).
-pub fn write_jwt_key(files: &AuthorityFiles) -> Result<(), AuthorityError> {
+/// A file of an authority to write: its name (after the prefix), content, and whether it is secret
+/// (mode 0600).
+type NewFile = (&'static str, Vec<u8>, bool);
+
+/// The ending of an authority's file while it is written (`install`).
+const INSTALL_TMP: &str = ".new";
+
+/// Puts an authority's files (name, content, secret) in place as far as the filesystem allows at
+/// once: every file is written in full (and synced) under a temporary name first, then each is
+/// renamed to its own. A failure removes the temporary files and those already renamed, so an
+/// interrupted write leaves either no file of the authority or, after a crash during the
+/// renames, some of them, which `rotate prepare` replaces when it runs again (the state does
+/// not list them).
+fn install(files: &AuthorityFiles, new_files: &[NewFile]) -> Result<(), AuthorityError> {
+    let tmp = |name: &str| files.path(&format!("{name}{INSTALL_TMP}"));
+    let remove_all = |upto_renamed: usize| {
+        for (i, (name, _, _)) in new_files.iter().enumerate() {
+            let _ = fs::remove_file(tmp(name));
+            if i < upto_renamed {
+                let _ = fs::remove_file(files.path(name));
+            }
+        }
+    };
+    for (name, bytes, secret) in new_files {
+        let _ = fs::remove_file(tmp(name));
+        if let Err(e) = write_file(&tmp(name), bytes, *secret) {
+            remove_all(0);
+            return Err(e);
+        }
+    }
+    for (i, (name, _, _)) in new_files.iter().enumerate() {
+        if let Err(e) = fs::rename(tmp(name), files.path(name)) {
+            remove_all(i);
+            return Err(io_err(&files.path(name))(e));
+        }
+    }
+    Ok(())
+}
+
+/// A new JWT-SVID signing key for the authority: `jwt.key` (PKCS#8 PEM, 0600) and `jwt.pub`
+/// (SubjectPublicKeyInfo PEM), as files to write. The key belongs to the authority, not to its
+/// intermediate: it is published with the authority's root and signs while the authority is
+/// active, so it rotates with the authorities (`rotate prepare` makes the next one).
+fn jwt_key_files(files: &AuthorityFiles) -> Result<[NewFile; 2], AuthorityError> {
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
     let path = files.path(JWT_KEY);
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(
@@ -200,16 +231,23 @@ pub fn write_jwt_key(files: &AuthorityFiles) -> Result<(), AuthorityError> {
     .map_err(|_| invalid(&path, "generating the JWT key failed"))?;
     let signer =
         JwtSigner::from_pkcs8(pkcs8.as_ref()).map_err(|e| invalid(&path, e.to_string()))?;
-    write_file(
-        &path,
-        pem_block("PRIVATE KEY", pkcs8.as_ref()).as_bytes(),
-        true,
-    )?;
-    write_file(
-        &files.path(JWT_PUB),
-        pem_block("PUBLIC KEY", &signer.spki).as_bytes(),
-        false,
-    )
+    Ok([
+        (
+            JWT_KEY,
+            pem_block("PRIVATE KEY", pkcs8.as_ref()).into_bytes(),
+            true,
+        ),
+        (
+            JWT_PUB,
+            pem_block("PUBLIC KEY", &signer.spki).into_bytes(),
+            false,
+        ),
+    ])
+}
+
+/// Writes a new JWT-SVID signing key for the authority ([`jwt_key_files`]).
+pub fn write_jwt_key(files: &AuthorityFiles) -> Result<(), AuthorityError> {
+    install(files, &jwt_key_files(files)?)
 }
 
 /// The JWT key's files in an authority.
@@ -890,6 +928,38 @@ mod tests {
             err.contains("bundle.pem holds no root it chains to"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_authority_that_cannot_be_written_whole_leaves_no_file_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let files = AuthorityFiles {
+            dir: dir.path().to_owned(),
+            prefix: "a2-".into(),
+        };
+        // A non-empty directory where the last file goes fails its rename (also for root).
+        let blocked = files.path(JWT_PUB);
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("x"), b"x").unwrap();
+        assert!(create_authority_files(&files, &td, None).is_err());
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a2-jwt.pub".to_owned()]);
+        fs::remove_dir_all(&blocked).unwrap();
+        create_authority_files(&files, &td, None).unwrap();
+        for name in [
+            "root.pem",
+            "root.key",
+            "intermediate.pem",
+            "intermediate.key",
+            JWT_KEY,
+            JWT_PUB,
+        ] {
+            assert!(files.path(name).is_file(), "{name}");
+        }
     }
 
     #[test]

@@ -65,6 +65,47 @@ fn served_versions(reports: &[RotationReport]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The files of `ca_dir` named like an authority's (`a<n>-...`) whose prefix no authority of
+/// `state` has: what an interrupted `rotate prepare` left.
+fn unlisted_files(ca_dir: &Path, state: &RotationState) -> Result<Vec<String>, RotateError> {
+    let io = |source| AuthorityError::Io {
+        path: ca_dir.to_owned(),
+        source,
+    };
+    let mut unlisted = Vec::new();
+    for entry in std::fs::read_dir(ca_dir).map_err(io)? {
+        let name = entry
+            .map_err(io)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        let listed = state
+            .authorities
+            .iter()
+            .any(|a| !a.prefix.is_empty() && name.starts_with(&a.prefix));
+        if crate::authorities::is_prefixed_authority_file(&name) && !listed {
+            unlisted.push(name);
+        }
+    }
+    unlisted.sort();
+    Ok(unlisted)
+}
+
+/// The roots of the authorities' files that `state` does not list (`a<n>-root.pem`): an
+/// interrupted prepare's, which may have reached `bundle.pem` before `authorities.json` (written
+/// last). Not roots added by hand: no command keeps them.
+fn leftover_roots(
+    ca_dir: &Path,
+    state: &RotationState,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, RotateError> {
+    Ok(unlisted_files(ca_dir, state)?
+        .iter()
+        .filter(|f| f.ends_with("-root.pem"))
+        .filter_map(|f| authority::read_bundle(&ca_dir.join(f)).ok())
+        .flatten()
+        .collect())
+}
+
 /// The roots added to `bundle.pem` by hand, which every command keeps (they are served already;
 /// dropping them would cut trust an operator put there, e.g. for a migration). Refuses when a root
 /// the command would keep in the bundle was taken out of `bundle.pem` by hand: writing the bundle
@@ -74,7 +115,16 @@ fn kept_roots(
     state: &RotationState,
     leaving: Option<&str>,
 ) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, RotateError> {
-    let disk = state.bundle_on_disk(ca_dir)?;
+    let mut disk = state.bundle_on_disk(ca_dir)?;
+    let leftovers = leftover_roots(ca_dir, state)?;
+    if disk.added.iter().any(|r| leftovers.contains(r)) {
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            "bundle.pem holds the root of an authority authorities.json does not list (an \
+             interrupted prepare): left out of the bundle this command writes"
+        );
+        disk.added.retain(|r| !leftovers.contains(r));
+    }
     let leaving_root = leaving
         .and_then(|name| state.authorities.iter().find(|a| a.name == name))
         .and_then(|a| authority::read_bundle(&state.files_of(ca_dir, a).path("root.pem")).ok())
@@ -165,6 +215,20 @@ pub fn prepare_above(
         + 1;
     let name = next.to_string();
     let prefix = format!("a{name}-");
+    // What an interrupted prepare of this authority left (the state does not list it): replaced.
+    for leftover in unlisted_files(ca_dir, &state)?
+        .into_iter()
+        .filter(|f| f.starts_with(&prefix))
+    {
+        let path = ca_dir.join(&leftover);
+        std::fs::remove_file(&path).map_err(|source| AuthorityError::Io { path, source })?;
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            file = %leftover,
+            "rotate prepare: removed a file of authority {name} that authorities.json does not list \
+             (left by an interrupted prepare); making the authority anew"
+        );
+    }
     authority::create_authority_files(
         &AuthorityFiles {
             dir: ca_dir.to_owned(),
@@ -501,6 +565,60 @@ mod tests {
             !p.dir.path().join("a2-root.pem").exists(),
             "refused before writing anything"
         );
+    }
+
+    #[test]
+    fn an_interrupted_prepare_is_replaced_when_it_runs_again() {
+        // Partial files of authority 2 left behind (a full disk, a crash while writing).
+        let p = Process::start();
+        let dir = p.dir.path();
+        std::fs::write(dir.join("a2-root.pem"), "-----BEGIN CERTIFICATE-----\nMII").unwrap();
+        // With no authorities.json (an older meshid's prepare wrote it last), the fix is named.
+        let err = prepare(dir, None).unwrap_err().to_string();
+        assert!(err.contains("remove the a<n>- files"), "{err}");
+        // This one writes the state before any file of the new authority.
+        std::fs::remove_file(dir.join("a2-root.pem")).unwrap();
+        prepare(dir, None).unwrap();
+        std::fs::write(dir.join(crate::authorities::STATE_FILE), r#"{"bundle_version":1,"authorities":[{"name":"1","prefix":"","state":"active","in_bundle_since":1}]}"#).unwrap();
+        std::fs::copy(
+            p.dir.path().join("root.pem"),
+            p.dir.path().join("bundle.pem"),
+        )
+        .unwrap();
+        for f in [
+            "a2-root.key",
+            "a2-intermediate.pem",
+            "a2-jwt.key",
+            "a2-jwt.pub",
+        ] {
+            std::fs::remove_file(dir.join(f)).unwrap();
+        }
+        std::fs::write(dir.join("a2-root.pem"), "-----BEGIN CERTIFICATE-----\nMII").unwrap();
+        std::fs::write(dir.join("a2-intermediate.key"), "").unwrap();
+        std::fs::write(dir.join("a2-jwt.key.new"), "").unwrap();
+        assert_eq!(prepare(dir, None).unwrap(), "2");
+        Authority::load(dir).unwrap();
+        assert!(!dir.join("a2-jwt.key.new").exists());
+        let roots = authority::read_bundle(&dir.join("bundle.pem")).unwrap();
+        assert_eq!(roots.len(), 2);
+
+        // A crash between bundle.pem and authorities.json: the new root is in the bundle, the
+        // state does not list its authority. It is the prepare's own, not a root added by hand.
+        let q = Process::start();
+        let dir = q.dir.path();
+        let state = dir.join(crate::authorities::STATE_FILE);
+        RotationState::load(dir).unwrap().save(dir).unwrap();
+        let before = std::fs::read(&state).unwrap();
+        prepare(dir, None).unwrap();
+        let leftover = authority::read_bundle(&dir.join("a2-root.pem")).unwrap();
+        std::fs::write(&state, &before).unwrap();
+        assert_eq!(prepare(dir, None).unwrap(), "2");
+        let roots = authority::read_bundle(&dir.join("bundle.pem")).unwrap();
+        assert_eq!(roots.len(), 2, "the old root and the new one, nothing kept");
+        assert!(!roots.contains(&leftover[0]));
+        let made = authority::read_bundle(&dir.join("a2-root.pem")).unwrap();
+        assert!(roots.contains(&made[0]));
+        Authority::load(dir).unwrap();
     }
 
     #[tokio::test]
