@@ -240,6 +240,7 @@ impl RotationState {
     /// revocation list), writing only `authorities.json`, so every CA on the directory serves the
     /// change under the same new version and a later `rotate prepare` gets a version no sidecar
     /// acknowledged before (the activation gate waits for exactly that one). Returns the version.
+    /// The caller holds the directory's lock ([`crate::ca_dir::DirLock`]).
     pub fn bump_version(ca_dir: &Path) -> Result<u64, AuthorityError> {
         let mut state = Self::load(ca_dir)?;
         state.bundle_version += 1;

@@ -24,6 +24,64 @@ pub enum AuthorityError {
     Invalid { path: PathBuf, reason: String },
     #[error("generating CA material: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error(
+        "{0}: another meshid-ca command is changing the CA directory (it holds this lock); try \
+         again once it is done"
+    )]
+    Locked(PathBuf),
+}
+
+/// The lock file every admin command that writes the CA directory holds (an exclusive file lock)
+/// from reading what it changes to writing it: `rotate prepare`, `activate`, `retire` and
+/// `intermediate`, `revoke` and `unrevoke`. Without it two of them (a rotation and a revocation,
+/// both rewriting `authorities.json`) could each write over the other's change. Hidden, so
+/// `meshid-ca secret` leaves it out.
+pub const LOCK_FILE: &str = ".meshid-ca.lock";
+/// How long a command waits for another to finish before it refuses.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The CA directory's lock, held until dropped.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: fs::File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir`, waiting up to 30 s for a command that holds it.
+    pub fn acquire(dir: &Path) -> Result<Self, AuthorityError> {
+        Self::acquire_within(dir, LOCK_WAIT)
+    }
+
+    /// Takes the lock of `dir`, waiting up to `wait` for a command that holds it.
+    pub fn acquire_within(dir: &Path, wait: std::time::Duration) -> Result<Self, AuthorityError> {
+        let path = dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let deadline = std::time::Instant::now() + wait;
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(AuthorityError::Locked(path));
+            }
+            if !told {
+                tracing::warn!(
+                    lock = %path.display(),
+                    "another meshid-ca command is changing the CA directory: waiting for it"
+                );
+                told = true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// The directory to read the CA's files from: for a Kubernetes Secret volume (kubelet keeps the
@@ -118,6 +176,45 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_writer_waits_for_the_lock_and_is_refused_past_its_wait() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let held = DirLock::acquire(dir.path()).unwrap();
+        let err = DirLock::acquire_within(dir.path(), Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, AuthorityError::Locked(_)), "{err}");
+        assert!(err.to_string().contains(LOCK_FILE), "{err}");
+        // A command that writes the directory waits until the holder is done, then runs.
+        let td = meshid_identity::TrustDomain::new("td").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        let started = Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            drop(held);
+        });
+        crate::revocations::Revocations::update(dir.path(), |list| {
+            let id = meshid_identity::SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+            list.revoke(
+                meshid_identity::revocation::Revoked::Id(id),
+                1,
+                60,
+                String::new(),
+            )
+        })
+        .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        release.join().unwrap();
+        let held = DirLock::acquire(dir.path()).unwrap();
+        let started = Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            drop(held);
+        });
+        crate::rotation::prepare(dir.path(), None).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        release.join().unwrap();
+    }
 
     #[test]
     fn a_failed_write_leaves_the_file_as_it_was_and_nothing_else() {

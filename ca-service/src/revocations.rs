@@ -25,9 +25,6 @@ use crate::ca_dir::{AuthorityError, invalid, io_err, write_atomic};
 
 /// The file in the CA directory.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
-/// Held (an exclusive file lock) while a command reads, changes and writes the list, so two
-/// operators revoking at once both count. Hidden, so `meshid-ca secret` leaves it out.
-const LOCK_FILE: &str = ".revocations.lock";
 /// The longest `--reason`, in bytes.
 pub const MAX_REASON: usize = 256;
 const FORMAT_VERSION: u32 = 1;
@@ -175,22 +172,16 @@ impl Revocations {
         Ok(Self { entries })
     }
 
-    /// Reads the list in `dir`, lets `change` edit it, and writes it back, all under the
-    /// directory's revocation lock; `change`'s error leaves the file as it was. A list that cannot
-    /// be read is never written over.
+    /// Reads the list in `dir`, lets `change` edit it, and writes it back with the bundle
+    /// version moved on, all under the directory's lock ([`crate::ca_dir::DirLock`], which the
+    /// rotation commands hold too), so two operators revoking at once both count and no rotation
+    /// writes `authorities.json` in between; `change`'s error leaves the file as it was. A list
+    /// that cannot be read is never written over.
     pub fn update<T>(
         dir: &Path,
         change: impl FnOnce(&mut Self) -> Result<T, String>,
     ) -> Result<T, UpdateError> {
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| UpdateError::File(io_err(&lock_path)(e)))?;
-        lock.lock()
-            .map_err(|e| UpdateError::File(io_err(&lock_path)(e)))?;
+        let _lock = crate::ca_dir::DirLock::acquire(dir).map_err(UpdateError::File)?;
         let mut list = Self::load(dir).map_err(UpdateError::File)?;
         let out = change(&mut list).map_err(UpdateError::Refused)?;
         list.save(dir).map_err(UpdateError::File)?;

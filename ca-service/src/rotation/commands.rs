@@ -13,7 +13,7 @@ use super::report::RotationReport;
 use super::view::merged;
 use crate::authorities::{AuthorityRecord, AuthorityState, RotationState};
 use crate::authority::{self, AuthorityError, ImportedRoot};
-use crate::ca_dir::AuthorityFiles;
+use crate::ca_dir::{AuthorityFiles, DirLock};
 
 /// Errors of the rotation commands.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +187,7 @@ pub fn prepare_above(
     import: Option<ImportedRoot>,
     served: u64,
 ) -> Result<String, RotateError> {
+    let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
     if let Some(a) = state
         .authorities
@@ -275,6 +276,7 @@ pub async fn activate(
     admins: &[SocketAddr],
     force: bool,
 ) -> Result<String, RotateError> {
+    let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
     let report = merged(&state, fetch_reports(admins).await?);
     let blockers = activate_blockers(&state, &report, unix_now());
@@ -316,6 +318,7 @@ pub async fn retire(
     admins: &[SocketAddr],
     force: bool,
 ) -> Result<String, RotateError> {
+    let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
     let reports = fetch_reports(admins).await?;
     let served = served_versions(&reports);
@@ -361,6 +364,7 @@ pub async fn retire(
 
 /// `rotate intermediate`: a new signing intermediate under the active root (no bundle change).
 pub fn intermediate(ca_dir: &Path) -> Result<(), RotateError> {
+    let _lock = DirLock::acquire(ca_dir)?;
     let state = RotationState::load(ca_dir)?;
     let kept = kept_roots(ca_dir, &state, None)?;
     let active = state.active().clone();
