@@ -229,9 +229,10 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
     };
     let now = unix_now();
     // A minute past the longest lifetime: clocks and a certificate issued as the CAs learn of it.
+    // (Each CA serves the entry at least as long as its own --max-ttl allows, whatever this says.)
     let keep = i64::try_from(max_ttl.as_secs())
         .unwrap_or(i64::MAX)
-        .saturating_add(60);
+        .saturating_add(meshid_ca::revocations::EXPIRY_SLACK_SECS);
     let new = Revocations::update(&args.dir, |list| {
         list.prune(now);
         list.revoke(what.clone(), now, keep, args.reason.clone())

@@ -25,6 +25,9 @@ use crate::ca_dir::{AuthorityError, invalid, io_err, write_atomic};
 
 /// The file in the CA directory.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
+/// How long past the longest lifetime an entry stays in force: clocks, and a certificate issued
+/// as the CAs learn of the revocation.
+pub const EXPIRY_SLACK_SECS: i64 = 60;
 /// The longest `--reason`, in bytes.
 pub const MAX_REASON: usize = 256;
 const FORMAT_VERSION: u32 = 1;
@@ -250,6 +253,35 @@ impl Revocations {
         Ok(true)
     }
 
+    /// The list as a CA whose certificates live up to `max_ttl_secs` serves it: each entry in force
+    /// at least until `revoked_at` + `max_ttl_secs` + [`EXPIRY_SLACK_SECS`], when no certificate
+    /// it names can still be live. An entry written with a shorter `revoke --max-ttl` would
+    /// otherwise leave the bundle (sidecars stop applying it) while a certificate it revokes is
+    /// still valid. Also returns the entries it served longer than the file says.
+    pub fn served_by_ca(&self, max_ttl_secs: i64) -> (Self, Vec<Entry>) {
+        let mut raised = Vec::new();
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| {
+                let floor = e
+                    .revoked_at
+                    .saturating_add(max_ttl_secs.max(0))
+                    .saturating_add(EXPIRY_SLACK_SECS);
+                if e.expires_at >= floor {
+                    return e.clone();
+                }
+                let served = Entry {
+                    expires_at: floor,
+                    ..e.clone()
+                };
+                raised.push(served.clone());
+                served
+            })
+            .collect();
+        (Self { entries }, raised)
+    }
+
     /// Removes the revocation of `what`; returns it if there was one.
     pub fn unrevoke(&mut self, what: &Revoked) -> Option<Entry> {
         let i = self.entries.iter().position(|e| &e.what == what)?;
@@ -308,6 +340,37 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_ca_serves_each_entry_as_long_as_its_own_certificates_can_live() {
+        let mut list = Revocations::default();
+        // `revoke --max-ttl 1m` against a CA whose certificates live an hour.
+        list.revoke(
+            Revoked::Id(id("spiffe://td/short")),
+            100,
+            120,
+            String::new(),
+        )
+        .unwrap();
+        list.revoke(Revoked::Serial("0a".into()), 100, 90_000, String::new())
+            .unwrap();
+        let (served, raised) = list.served_by_ca(3_600);
+        assert_eq!(raised.len(), 1, "{raised:?}");
+        assert_eq!(raised[0].expires_at, 100 + 3_600 + EXPIRY_SLACK_SECS);
+        let short = &served.entries()[0];
+        assert_eq!(short.expires_at, 100 + 3_600 + EXPIRY_SLACK_SECS);
+        assert!(served.revokes_identity("spiffe://td/short", 3_000));
+        assert!(
+            !list.revokes_identity("spiffe://td/short", 3_000),
+            "the file's own"
+        );
+        assert_eq!(
+            served.entries()[1],
+            list.entries()[1],
+            "long enough already"
+        );
+        assert!(served.served_by_ca(3_600).1.is_empty());
     }
 
     #[test]

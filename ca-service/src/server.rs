@@ -94,7 +94,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Loads the CA directory, binds both listeners and starts serving.
 pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<RunningCa, StartError> {
-    let authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
+    let mut authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
+    serve_revocations_for(&mut authority, config.lifetimes.max, None);
     if crate::auth::join::is_secret_volume(&config.dir) {
         tracing::info!(
             dir = %config.dir.display(),
@@ -170,6 +171,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     tokio::spawn(follow_bundle(
         config.dir.clone(),
         config.sans.clone(),
+        config.lifetimes.max,
         state.clone(),
         tls_config.clone(),
         shutdown_rx.clone(),
@@ -319,6 +321,7 @@ fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
 async fn follow_bundle(
     dir: PathBuf,
     sans: Vec<String>,
+    max_ttl: Duration,
     state: Arc<CaState>,
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
     mut shutdown: watch::Receiver<bool>,
@@ -354,7 +357,7 @@ async fn follow_bundle(
             continue;
         }
         last = now;
-        let result = reload(&last.0, &sans, &state, &tls_config);
+        let result = reload(&last.0, &sans, max_ttl, &state, &tls_config);
         let metrics = &state.metrics;
         match result {
             Ok(()) => {
@@ -401,11 +404,13 @@ const REJECTED: crate::metrics::ResultLabels = crate::metrics::ResultLabels { re
 fn reload(
     files: &Path,
     sans: &[String],
+    max_ttl: Duration,
     state: &CaState,
     tls_config: &ArcSwap<rustls::ServerConfig>,
 ) -> Result<(), String> {
-    let authority = Authority::load(files).map_err(|e| e.to_string())?;
+    let mut authority = Authority::load(files).map_err(|e| e.to_string())?;
     let previous = state.authority.load();
+    serve_revocations_for(&mut authority, max_ttl, Some(&previous.revocations));
     if let Some(reason) = previous.refuses_successor(&authority) {
         return Err(format!(
             "refusing the new state (this CA signs with authority {} at bundle version {}): \
@@ -425,6 +430,33 @@ fn reload(
         .set(authority.intermediate_not_after.unix_timestamp());
     state.authority.store(Arc::new(authority));
     Ok(())
+}
+
+/// Serves every revocation entry of `authority` at least as long as a certificate of this CA
+/// (`max_ttl`) can live past it ([`crate::revocations::Revocations::served_by_ca`]), warning
+/// about each entry the file keeps shorter (once: not again for one `previous` served the same).
+fn serve_revocations_for(
+    authority: &mut Authority,
+    max_ttl: Duration,
+    previous: Option<&crate::revocations::Revocations>,
+) {
+    let max_ttl_secs = i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX);
+    let (served, raised) = authority.revocations.served_by_ca(max_ttl_secs);
+    for e in raised {
+        if previous.is_some_and(|p| p.entries().contains(&e)) {
+            continue;
+        }
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            revoked = %e.what,
+            revoked_at = e.revoked_at,
+            expires_at = e.expires_at,
+            max_ttl_seconds = max_ttl_secs,
+            "revocation entry expires before a certificate this CA issued can (revoke --max-ttl \
+             shorter than the CA's --max-ttl): served until revoked_at + the CA's --max-ttl + 60 s"
+        );
+    }
+    authority.revocations = Arc::new(served);
 }
 
 /// One audit line for every revocation this process starts or stops enforcing.

@@ -540,3 +540,29 @@ async fn a_refused_directory_is_measured_and_retried_until_it_loads() {
         "applied once it loads"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_revoked_for_less_than_the_cas_max_ttl_is_served_as_long_as_its_certificates_live()
+{
+    // The CA's certificates live up to TTL (600 s); the entry was written for one minute.
+    let ca = ca().await;
+    cli(&ca, "revoke", &["--id", A, "--max-ttl", "1m"]);
+    let served = eventually(ENFORCED_WITHIN, || async {
+        let bundle = ca
+            .client()
+            .await
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        bundle
+            .revoked
+            .first()
+            .is_some_and(|r| r.expires_at_unix == r.revoked_at_unix + TTL.as_secs() as i64 + 60)
+    })
+    .await;
+    assert!(
+        served,
+        "served until revoked_at + the CA's --max-ttl + 60 s"
+    );
+}
