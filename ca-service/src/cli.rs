@@ -195,7 +195,7 @@ pub struct WebhookCertArgs {
     /// Certificate lifetime (capped by the intermediate's expiry).
     #[arg(long, default_value = "365d")]
     pub ttl: String,
-    /// Replace existing tls.crt/tls.key.
+    /// Replace existing tls.crt/tls.key (as a pair: a failure leaves the old pair).
     #[arg(long)]
     pub force: bool,
 }

@@ -89,7 +89,8 @@ pub fn issue_webhook_cert(
 }
 
 /// Writes `tls.crt` and `tls.key` (mode 0600) into `dir` (created if missing). Existing files are
-/// an error unless `force`; nothing is written then.
+/// an error unless `force`; nothing is written then. Replaced as a pair as far as the filesystem
+/// allows: a failure leaves the old pair (or none) and no temporary file.
 pub fn write_pair(
     dir: &Path,
     cert: &WebhookCert,
@@ -108,26 +109,66 @@ pub fn write_pair(
         }
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    for (path, contents) in [(&key, &cert.key_pem), (&crt, &cert.chain_pem)] {
-        // Written beside the target and renamed over it: never a half-written file, always 0600.
-        let tmp = dir.join(format!(
+    let tmp_of = |path: &Path| {
+        dir.join(format!(
             ".{}.tmp-{}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
             std::process::id()
-        ));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        file.write_all(contents.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io(path))?;
+        ))
+    };
+    let (crt_tmp, key_tmp) = (tmp_of(&crt), tmp_of(&key));
+    let remove_temps = || {
+        let _ = std::fs::remove_file(&crt_tmp);
+        let _ = std::fs::remove_file(&key_tmp);
+    };
+    // Both written in full first (never a half-written file, always 0600), then renamed over the
+    // old ones: the certificate, then the key, the certificate put back if the key's rename fails.
+    for (tmp, contents) in [(&crt_tmp, &cert.chain_pem), (&key_tmp, &cert.key_pem)] {
+        if let Err(e) = write_new(tmp, contents.as_bytes()) {
+            remove_temps();
+            return Err(io(tmp)(e));
+        }
+    }
+    // What the certificate's rename replaces, to put back.
+    let old_crt = std::fs::symlink_metadata(&crt)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .map(|_| std::fs::read(&crt));
+    let old_crt = match old_crt.transpose() {
+        Ok(old) => old,
+        Err(e) => {
+            remove_temps();
+            return Err(io(&crt)(e));
+        }
+    };
+    if let Err(e) = std::fs::rename(&crt_tmp, &crt) {
+        remove_temps();
+        return Err(io(&crt)(e));
+    }
+    if let Err(e) = std::fs::rename(&key_tmp, &key) {
+        let restored = match &old_crt {
+            Some(old) => write_new(&crt_tmp, old).and_then(|()| std::fs::rename(&crt_tmp, &crt)),
+            None => std::fs::remove_file(&crt),
+        };
+        remove_temps();
+        if let Err(error) = restored {
+            tracing::error!(%error, path = %crt.display(), "putting the old certificate back failed");
+        }
+        return Err(io(&key)(e));
     }
     Ok((crt, key))
+}
+
+/// Writes `bytes` to a new file `path` (mode 0600) and syncs it.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn validity(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime), String> {
@@ -135,4 +176,57 @@ fn validity(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime), String> {
         X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let v = cert.validity();
     Ok((v.not_before.to_datetime(), v.not_after.to_datetime()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn pair(n: u8) -> WebhookCert {
+        WebhookCert {
+            chain_pem: format!("cert {n}"),
+            key_pem: format!("key {n}"),
+            not_after: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_forced_replacement_that_fails_leaves_the_old_pair_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, key) = write_pair(dir.path(), &pair(1), false).unwrap();
+        assert!(matches!(
+            write_pair(dir.path(), &pair(2), false),
+            Err(WebhookCertError::Exists(_))
+        ));
+        // The certificate's place taken by a non-empty directory (a rename fails, also for
+        // root): the key stays the old one.
+        std::fs::remove_file(&crt).unwrap();
+        std::fs::create_dir(&crt).unwrap();
+        std::fs::write(crt.join("x"), "x").unwrap();
+        assert!(write_pair(dir.path(), &pair(2), true).is_err());
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "key 1");
+        assert_eq!(names(dir.path()), vec!["tls.crt", "tls.key"]);
+        std::fs::remove_dir_all(&crt).unwrap();
+        std::fs::write(&crt, "cert 1").unwrap();
+        // The key's rename fails after the certificate's: the old certificate is put back.
+        std::fs::remove_file(&key).unwrap();
+        std::fs::create_dir(&key).unwrap();
+        std::fs::write(key.join("x"), "x").unwrap();
+        assert!(write_pair(dir.path(), &pair(3), true).is_err());
+        assert_eq!(std::fs::read_to_string(&crt).unwrap(), "cert 1");
+        assert_eq!(names(dir.path()), vec!["tls.crt", "tls.key"]);
+        std::fs::remove_dir_all(&key).unwrap();
+        write_pair(dir.path(), &pair(4), true).unwrap();
+        assert_eq!(std::fs::read_to_string(&crt).unwrap(), "cert 4");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "key 4");
+    }
 }
