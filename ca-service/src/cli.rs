@@ -74,7 +74,7 @@ pub enum Command {
     /// writes tls.crt (leaf + intermediate) and tls.key for `kubectl create secret tls`.
     WebhookCert(WebhookCertArgs),
     /// Print the CA directory as a Kubernetes Secret (YAML, root keys left out) for the Helm
-    /// chart: `meshid-ca secret --dir ./ca | kubectl apply -f -` creates it, and updates it after
+    /// chart: `meshid-ca secret --dir ./ca | kubectl apply --server-side -f -` creates it, and updates it after
     /// every rotation step.
     Secret(SecretArgs),
     /// Check an installed mesh from outside: the CA (readiness, TLS, rotation, expiries), the

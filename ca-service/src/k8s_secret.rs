@@ -1,7 +1,8 @@
 //! The CA directory as one Kubernetes Secret, for the Helm chart (`meshid-ca secret`): every
 //! regular file at the top of the directory except root keys (`root.key`, `a<n>-root.key`, which
-//! stay offline), base64 in `data`. Printed as YAML for `kubectl apply -f -`, so the same command
-//! creates the Secret and updates it after every rotation step; kubelet then swaps the files in
+//! stay offline), base64 in `data`. Printed as YAML for `kubectl apply --server-side -f -`, so the
+//! same command creates the Secret and updates it after every rotation step (a client-side apply
+//! copies it into an annotation that fails past 256 KiB: [`size_warning`]); kubelet then swaps the files in
 //! every CA replica at once, and each replica reads the new version whole.
 
 use std::fmt::Write as _;
@@ -29,6 +30,31 @@ pub enum SecretError {
     TooLarge(usize),
 }
 
+/// Past this much data (base64, as the manifest carries it), `meshid-ca secret` warns: a
+/// client-side `kubectl apply` copies the whole object into its `last-applied-configuration`
+/// annotation, and the API server refuses annotations past 262,144 bytes in all.
+pub const CLIENT_SIDE_APPLY_WARN_BYTES: usize = 190 * 1024;
+
+/// What to say on stderr about a Secret whose data takes `data_bytes` (base64), if anything.
+pub fn size_warning(data_bytes: usize) -> Option<String> {
+    (data_bytes > CLIENT_SIDE_APPLY_WARN_BYTES).then(|| {
+        format!(
+            "warning: the Secret's data is {} KiB: a client-side `kubectl apply` fails past 256 KiB \
+             (it copies the Secret into its last-applied-configuration annotation); apply it with \
+             `kubectl apply --server-side -f -` (or `kubectl replace -f -`)",
+            data_bytes / 1024
+        )
+    })
+}
+
+/// The Secret manifest and the size of its data.
+#[derive(Debug)]
+pub struct Manifest {
+    pub yaml: String,
+    /// The data's bytes as the manifest carries them (base64).
+    pub data_bytes: usize,
+}
+
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -50,6 +76,11 @@ fn shipped(name: &str) -> bool {
 
 /// The Secret manifest (YAML) holding `dir`.
 pub fn manifest(dir: &Path, name: &str, namespace: &str) -> Result<String, SecretError> {
+    render(dir, name, namespace).map(|m| m.yaml)
+}
+
+/// The Secret manifest holding `dir`, with the size of its data.
+pub fn render(dir: &Path, name: &str, namespace: &str) -> Result<Manifest, SecretError> {
     for n in [name, namespace] {
         if !dns_label(n) {
             return Err(SecretError::BadName(n.to_owned()));
@@ -83,20 +114,64 @@ pub fn manifest(dir: &Path, name: &str, namespace: &str) -> Result<String, Secre
          labels:\n    app.kubernetes.io/part-of: meshid\ntype: Opaque\ndata:\n",
         dir.display()
     );
+    let mut data_bytes = 0;
     for (file, bytes) in files {
-        let _ = writeln!(
-            out,
-            "  {file}: {}",
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        );
+        let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+        data_bytes += file.len() + encoded.len();
+        let _ = writeln!(out, "  {file}: {encoded}");
     }
-    Ok(out)
+    Ok(Manifest {
+        yaml: out,
+        data_bytes,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use meshid_identity::TrustDomain;
+
+    #[test]
+    fn a_secret_past_190_kib_of_data_is_warned_about() {
+        assert_eq!(size_warning(0), None);
+        assert_eq!(size_warning(CLIENT_SIDE_APPLY_WARN_BYTES), None);
+        let warning = size_warning(CLIENT_SIDE_APPLY_WARN_BYTES + 1).unwrap();
+        assert!(warning.contains("--server-side"), "{warning}");
+        // A CA directory with a long revocation list gets there.
+        let dir = tempfile::tempdir().unwrap();
+        crate::authority::init(dir.path(), &TrustDomain::new("td").unwrap(), None).unwrap();
+        let small = render(dir.path(), "meshid-ca", "meshid").unwrap();
+        assert!(
+            size_warning(small.data_bytes).is_none(),
+            "{}",
+            small.data_bytes
+        );
+        let mut revoked = crate::revocations::Revocations::default();
+        for i in 0..1_300 {
+            revoked
+                .revoke(
+                    meshid_identity::revocation::Revoked::Id(
+                        meshid_identity::SpiffeId::parse(&format!(
+                            "spiffe://td/ns/batch/sa/worker-{i}"
+                        ))
+                        .unwrap(),
+                    ),
+                    1_700_000_000,
+                    86_400,
+                    "bulk revocation after incident 42".into(),
+                )
+                .unwrap();
+        }
+        revoked.save(dir.path()).unwrap();
+        let large = render(dir.path(), "meshid-ca", "meshid").unwrap();
+        assert!(
+            large.data_bytes > CLIENT_SIDE_APPLY_WARN_BYTES,
+            "{}",
+            large.data_bytes
+        );
+        assert!(size_warning(large.data_bytes).is_some());
+        assert!(large.yaml.len() > large.data_bytes);
+    }
 
     #[test]
     fn every_file_but_the_root_keys() {

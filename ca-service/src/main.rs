@@ -106,9 +106,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Check(args) => check(*args),
         Command::WebhookCert(args) => webhook_cert(&args),
         Command::Secret(args) => {
-            let yaml = meshid_ca::k8s_secret::manifest(&args.dir, &args.name, &args.namespace)
+            let secret = meshid_ca::k8s_secret::render(&args.dir, &args.name, &args.namespace)
                 .map_err(|e| Failure::Usage(vec![e.to_string()]))?;
-            print!("{yaml}");
+            if let Some(warning) = meshid_ca::k8s_secret::size_warning(secret.data_bytes) {
+                eprintln!("{warning}");
+            }
+            print!("{}", secret.yaml);
             Ok(())
         }
         Command::Serve(args) => {
@@ -208,7 +211,7 @@ fn unix_now() -> i64 {
 fn after_change(dir: &std::path::Path) {
     println!(
         "every CA serving {} applies it within a second; on Kubernetes, apply the copy: \
-         `meshid-ca secret --dir {} | kubectl apply -f -`",
+         `meshid-ca secret --dir {} | kubectl apply --server-side -f -`",
         dir.display(),
         dir.display()
     );

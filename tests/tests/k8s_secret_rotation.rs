@@ -2,7 +2,7 @@
 //! is one Secret, mounted whole in two `meshid-ca serve` replicas as kubelet lays out a Secret
 //! volume (timestamped directory, `..data` symlink, atomic swap). The operator runs each step on
 //! their own copy of the CA directory (`meshid-ca rotate ... --admin` naming both replicas) and
-//! applies it to the Secret (`meshid-ca secret --dir ... | kubectl apply -f -`: here a kubelet-style
+//! applies it to the Secret (`meshid-ca secret --dir ... | kubectl apply --server-side -f -`: here a kubelet-style
 //! swap of the volume). Pods are injected by the webhook (with the bundle the injector holds at that
 //! step, which the operator updates with the chart's `ca.trustBundle`) and run from their specs as
 //! kubelet would; a pair carries traffic throughout, and a pod injected after each step gets its
@@ -97,7 +97,7 @@ fn injector_bundle(ops: &Path, work: &Path, step: &str) -> PathBuf {
     path
 }
 
-/// `meshid-ca secret --dir OPS | kubectl apply -f -`, with kubelet's swap for the apply.
+/// `meshid-ca secret --dir OPS | kubectl apply --server-side -f -`, with kubelet's swap for the apply.
 fn apply_secret(secret: &mut SecretVolume, ops: &Path) {
     let (code, yaml) = meshid_ca(&["secret", "--dir", &ops.to_string_lossy()]);
     assert_eq!(code, 0, "{yaml}");

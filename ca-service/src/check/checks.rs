@@ -307,7 +307,7 @@ fn ca_expiry(
     const NAME: &str = "ca-expiry";
     let t = config.thresholds;
     let mut items: Vec<(Status, String, &str)> = Vec::new();
-    const INTERMEDIATE_FIX: &str = "meshid-ca rotate intermediate --dir ./ca, then meshid-ca secret --dir ./ca | kubectl apply -f -";
+    const INTERMEDIATE_FIX: &str = "meshid-ca rotate intermediate --dir ./ca, then meshid-ca secret --dir ./ca | kubectl apply --server-side -f -";
     const ROOT_FIX: &str =
         "rotate the root: meshid-ca rotate prepare, activate, retire (the chart README's runbook)";
     if let Some(report) = replicas.iter().find_map(Replica::report) {

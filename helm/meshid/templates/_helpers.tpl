@@ -101,7 +101,7 @@ imagePullSecrets:
 {{/* Fails rendering with a clear message when a required value is missing. */}}
 {{- define "meshid.required" -}}
 {{- if not .Values.ca.existingSecret -}}
-{{- fail "ca.existingSecret is required: create it with `meshid-ca secret --dir ./ca | kubectl apply -f -` (see the chart README)" -}}
+{{- fail "ca.existingSecret is required: create it with `meshid-ca secret --dir ./ca | kubectl apply --server-side -f -` (see the chart README)" -}}
 {{- end -}}
 {{- if not .Values.ca.trustBundle -}}
 {{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
