@@ -14,8 +14,10 @@
 //! | `bundle.pem` | the trust bundle: every root workloads must trust |
 //! | `join-tokens/` | hashes of outstanding join tokens |
 //!
-//! `serve` reads only `ca.json`, `bundle.pem`, `intermediate.pem`, `intermediate.key`, `jwt.key` and
-//! the `jwt.pub` of every authority in the bundle: the root key may stay offline.
+//! `serve` never reads a root key, which may stay offline: it signs with the active authority's
+//! `intermediate.pem`, `intermediate.key` and `jwt.key`, and reads `ca.json`, `authorities.json`,
+//! `bundle.pem`, `revocations.json` and, of every authority not retired, `root.pem`, `jwt.pub` and
+//! (an imported root) `intermediate.pem`.
 
 use std::fs;
 use std::io::Write;
