@@ -956,16 +956,19 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     let served = bundle_of(ca.addr, &new_roots).await;
     assert_eq!(served.1, 1);
 
-    // The directory swapped back to the copy taken before prepare.
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name().to_string_lossy().starts_with("a2-") {
-            std::fs::remove_file(entry.path()).unwrap();
+    // The directory swapped back to the copy taken before prepare, whole (as kubelet swaps a
+    // Secret's files): no authorities.json, no a2- files, the old root alone in bundle.pem. A
+    // complete CA of its own, which the running CA must not take on.
+    for (name, _) in files_of(&dir) {
+        if !stale.iter().any(|(n, _)| *n == name) {
+            std::fs::remove_file(dir.join(name)).unwrap();
         }
     }
     for (name, bytes) in &stale {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
+    assert!(!dir.join("authorities.json").exists());
+    meshid_ca::authority::Authority::load(&dir).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(bundle_of(ca.addr, &new_roots).await, served, "not taken on");
     let mut c = meshid_tests::ca::connect(ca.addr, &new_roots, None)
