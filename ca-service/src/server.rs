@@ -335,63 +335,86 @@ async fn follow_bundle(
             () = tokio::time::sleep(BUNDLE_POLL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let files = crate::ca_dir::snapshot(&dir);
-        if let Ok(rotation) = crate::authorities::RotationState::load(&files) {
-            let t = time::OffsetDateTime::now_utc().unix_timestamp();
-            // The counts only: no copy or sort of the fleet every second.
-            let authority = state.authority.load();
-            let summary = state.fleet.summary(t, &authority.revocations);
-            let report = crate::rotation::report(
-                &files,
-                &rotation,
-                Vec::new(),
-                Vec::new(),
-                &summary.issued,
-                state.process_report(&files, &rotation),
-                &authority.revocations,
-            );
-            state.metrics.record_rotation(&report, &summary);
-        }
         let now = stamps(&dir);
-        if now == last && refused.is_none() {
-            continue;
+        if now != last || refused.is_some() {
+            last = now;
+            let result = reload(&last.0, &sans, max_ttl, &state, &tls_config);
+            refused = note_reload(result, refused, &state.metrics);
+            publish_bundle(&state);
         }
-        last = now;
-        let result = reload(&last.0, &sans, max_ttl, &state, &tls_config);
-        let metrics = &state.metrics;
-        match result {
-            Ok(()) => {
-                metrics.directory_reloads.get_or_create(&OK).inc();
-                metrics.directory_rejected.set(0);
-                if refused.take().is_some() {
-                    tracing::info!("the CA directory loads again: its newest files are applied");
-                }
-            }
-            Err(reason) => {
-                metrics.directory_reloads.get_or_create(&REJECTED).inc();
-                metrics.directory_rejected.set(1);
-                if refused.as_deref() != Some(reason.as_str()) {
-                    tracing::error!(
-                        %reason,
-                        "the CA directory's newest files are refused; keeping the current material \
-                         and trying again every second"
-                    );
-                }
-                refused = Some(reason);
-            }
+        // The per-authority gauges from the rotation state of the directory, while this process
+        // follows it: not from files it refuses (they may name an authority it does not sign with).
+        if refused.is_none() {
+            record_rotation(&last.0, &state);
         }
-        let authority = state.authority.load_full();
-        let current = state.bundle.borrow().clone();
-        state.metrics.record_revocations(&authority.revocations);
-        let Some(next) = current.next(&authority) else {
-            continue;
-        };
-        let (version, renew_now, revoked) = (next.version, next.renew_now, next.revoked.len());
-        state.metrics.bundle_version.set(version as i64);
-        state.metrics.bundle_roots.set(next.roots.len() as i64);
-        state.bundle.send_replace(Arc::new(next));
-        tracing::info!(version, renew_now, revoked, "trust bundle updated");
     }
+}
+
+/// Counts and logs a reload's result (a refusal once per reason); returns why the newest files
+/// are refused now, if they are.
+fn note_reload(
+    result: Result<(), String>,
+    refused: Option<String>,
+    metrics: &Metrics,
+) -> Option<String> {
+    match result {
+        Ok(()) => {
+            metrics.directory_reloads.get_or_create(&OK).inc();
+            metrics.directory_rejected.set(0);
+            if refused.is_some() {
+                tracing::info!("the CA directory loads again: its newest files are applied");
+            }
+            None
+        }
+        Err(reason) => {
+            metrics.directory_reloads.get_or_create(&REJECTED).inc();
+            metrics.directory_rejected.set(1);
+            if refused.as_deref() != Some(reason.as_str()) {
+                tracing::error!(
+                    %reason,
+                    "the CA directory's newest files are refused; keeping the current material \
+                     and trying again every second"
+                );
+            }
+            Some(reason)
+        }
+    }
+}
+
+/// Sends the bundle of the authority now in force to every watcher, if it changed.
+fn publish_bundle(state: &CaState) {
+    let authority = state.authority.load_full();
+    let current = state.bundle.borrow().clone();
+    state.metrics.record_revocations(&authority.revocations);
+    let Some(next) = current.next(&authority) else {
+        return;
+    };
+    let (version, renew_now, revoked) = (next.version, next.renew_now, next.revoked.len());
+    state.metrics.bundle_version.set(version as i64);
+    state.metrics.bundle_roots.set(next.roots.len() as i64);
+    state.bundle.send_replace(Arc::new(next));
+    tracing::info!(version, renew_now, revoked, "trust bundle updated");
+}
+
+/// Publishes the rotation report of the CA directory `files` (one snapshot of it) as gauges.
+fn record_rotation(files: &Path, state: &CaState) {
+    let Ok(rotation) = crate::authorities::RotationState::load(files) else {
+        return;
+    };
+    let t = time::OffsetDateTime::now_utc().unix_timestamp();
+    // The counts only: no copy or sort of the fleet every second.
+    let authority = state.authority.load();
+    let summary = state.fleet.summary(t, &authority.revocations);
+    let report = crate::rotation::report(
+        files,
+        &rotation,
+        Vec::new(),
+        Vec::new(),
+        &summary.issued,
+        state.process_report(files, &rotation),
+        &authority.revocations,
+    );
+    state.metrics.record_rotation(&report, &summary);
 }
 
 const OK: crate::metrics::ResultLabels = crate::metrics::ResultLabels { result: "ok" };

@@ -1001,4 +1001,19 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     assert_eq!(anchors(&a).await, Some(1));
     assert_eq!(anchors(&b).await, Some(1));
     assert!(works().await, "the pair keeps serving");
+    // Measured: refused, and the per-authority gauges still name the authority it signs with.
+    let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+        .unwrap()
+        .1;
+    assert!(m.contains("meshid_ca_directory_rejected 1"), "{m}");
+    let active: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("meshid_ca_authority_intermediate_expiry_timestamp_seconds{"))
+        .filter(|l| l.contains("state=\"active\""))
+        .collect();
+    assert_eq!(active.len(), 1, "{m}");
+    assert!(
+        active[0].contains(&format!("authority=\"{new_name}\"")),
+        "{active:?}"
+    );
 }
