@@ -66,7 +66,10 @@ fn dns_label(s: &str) -> bool {
 
 /// Whether a file of the CA directory goes into the Secret.
 fn shipped(name: &str) -> bool {
-    let root_key = name == "root.key" || (name.starts_with('a') && name.ends_with("-root.key"));
+    // Also a temporary one an interrupted `init` or `rotate prepare` left (`a2-root.key.new`).
+    let root_key = name == "root.key"
+        || name.starts_with("root.key.")
+        || (name.starts_with('a') && name.contains("-root.key"));
     !root_key
         && !name.starts_with('.')
         && name
@@ -189,6 +192,9 @@ mod tests {
             .unwrap();
         revoked.save(dir.path()).unwrap();
         std::fs::write(dir.path().join(".bundle.pem.tmp"), "x").unwrap();
+        // What an interrupted prepare may leave: never a root key in the cluster.
+        std::fs::write(dir.path().join("a3-root.key.new"), "x").unwrap();
+        std::fs::write(dir.path().join("root.key.new"), "x").unwrap();
         let yaml = manifest(dir.path(), "meshid-ca", "meshid").unwrap();
         let keys: Vec<&str> = yaml
             .lines()
