@@ -118,6 +118,7 @@ pub async fn renewal_client(
                 cluster.token("fleet", name),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await?
         .into_inner();

@@ -171,6 +171,7 @@ impl Sim {
                 csr: w.csr.clone(),
                 credential,
                 ttl_seconds: 0,
+                app_svid: false,
             })
             .await?
             .into_inner();

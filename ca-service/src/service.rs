@@ -27,7 +27,7 @@ use crate::authority::Authority;
 use crate::csr::CsrPublicKey;
 use crate::metrics::{IssueLabels, Metrics};
 use crate::ratelimit::RateLimiter;
-use crate::signer::{LifetimePolicy, sign_leaf_attested};
+use crate::signer::{LifetimePolicy, Lineage, serial_bytes, sign_leaf_in};
 use crate::tls::PeerInfo;
 
 /// The trust bundle as served, with its version.
@@ -158,6 +158,7 @@ impl CaService {
 }
 
 /// A decided, refused call: the status for the caller plus labels for audit and metrics.
+#[derive(Debug)]
 struct Refusal {
     status: Status,
     result: &'static str,
@@ -240,8 +241,10 @@ impl CaState {
     }
 
     /// Refuses `id` if it is revoked, or `presented` (the certificate the call relies on, if it
-    /// relies on one) if its serial is. A revoked serial names one certificate: the identity may
-    /// still attest again for a new one; a revoked identity gets nothing until it is unrevoked.
+    /// relies on one) if its serial is, or the serial of the first certificate of its lineage
+    /// (its lineage extension: every renewal carries it on). A revoked serial names a certificate
+    /// and every one renewed from it: the identity may still attest again for a new lineage; a
+    /// revoked identity gets nothing until it is unrevoked.
     fn refuse_revoked(
         &self,
         id: &SpiffeId,
@@ -254,7 +257,12 @@ impl CaState {
         }
         let serial = presented
             .and_then(|c| meshid_identity::revocation::normalize_serial(&c.serial_hex).ok());
-        let Some(entry) = revocations.refuses(id, serial.as_deref()) else {
+        let lineage = presented
+            .and_then(|c| meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok());
+        let Some(entry) = revocations
+            .refuses(id, serial.as_deref())
+            .or_else(|| revocations.refuses(id, lineage.as_deref()))
+        else {
             return Ok(());
         };
         let reason = if entry.reason.is_empty() {
@@ -415,7 +423,33 @@ impl CaState {
             Authenticated::Ready { id, attested_at } => (id.clone(), *attested_at),
             Authenticated::Join(p) => (p.id.clone(), None),
         };
+        // A renewal carries its lineage on (and the presented certificate was checked above: it
+        // is no app SVID, so an app SVID never starts or continues a lineage of its own).
+        let presented = match method {
+            Method::Renewal => peer
+                .and_then(|p| p.leaf_identity.as_deref())
+                .and_then(|l| l.as_ref().ok()),
+            _ => None,
+        };
+        if req.app_svid && presented.is_none() {
+            let refusal = Refusal {
+                status: Status::invalid_argument(
+                    "an app SVID is asked for by a sidecar presenting its own certificate, with \
+                     no token",
+                ),
+                result: "app_svid_without_certificate",
+            };
+            return (method, Some(id), Err(refusal));
+        }
         let mut lifetime = self.lifetimes.lifetime_for(req.ttl_seconds);
+        // An app SVID ends no later than the sidecar's certificate it was asked with.
+        if req.app_svid
+            && let Some(cert) = presented
+        {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let left = u64::try_from(cert.not_after.saturating_sub(now)).unwrap_or(0);
+            lifetime = lifetime.min(std::time::Duration::from_secs(left));
+        }
         // A renewal's certificate ends when its lineage's attestation age does (refused, as an
         // age already past is, when too little of it is left).
         if let Some(at) = attested_at {
@@ -456,9 +490,28 @@ impl CaState {
                 long = false;
             }
         }
-        // A token or join token attests the identity now; a renewal carries the time on.
-        let attested_at = attested_at.unwrap_or(now.unix_timestamp());
-        let issued = match sign_leaf_attested(&authority, &id, &key, lifetime, now, attested_at) {
+        // A token or join token attests the identity now and starts a lineage; a renewal carries
+        // both on.
+        let first_serial = match presented.map(|c| serial_bytes(c.lineage_serial())) {
+            None => None,
+            Some(Some(serial)) => Some(serial),
+            // Never read as a new lineage: that would escape a revoked one.
+            Some(None) => {
+                let refusal = Refusal {
+                    status: Status::permission_denied(
+                        "client certificate: its lineage serial cannot be read",
+                    ),
+                    result: Reason::CertificateIdentity.as_str(),
+                };
+                return (method, Some(id), Err(refusal));
+            }
+        };
+        let lineage = Lineage {
+            attested_at,
+            first_serial,
+            app_svid: req.app_svid,
+        };
+        let issued = match sign_leaf_in(&authority, &id, &key, lifetime, now, &lineage) {
             Ok(issued) => issued,
             Err(error) => {
                 tracing::error!(%error, identity = %id, "signing failed");
@@ -988,6 +1041,15 @@ impl CertificateAuthority for CaService {
         }
         let (method, id, result) = self.state.issue(&req, peer.as_ref());
         let identity = id.as_ref().map(|i| i.as_str()).unwrap_or("");
+        // The audit line links a renewal to the certificate it renewed and to its lineage.
+        let renewed = match method {
+            Method::Renewal => peer
+                .as_ref()
+                .and_then(|p| p.leaf_identity.as_deref())
+                .and_then(|l| l.as_ref().ok())
+                .map(|l| normalized_serial(&l.serial_hex)),
+            _ => None,
+        };
         let m = &self.state.metrics;
         m.issue_duration.observe(started.elapsed().as_secs_f64());
         match result {
@@ -998,12 +1060,28 @@ impl CertificateAuthority for CaService {
                         result: "issued",
                     })
                     .inc();
+                let leaf = resp
+                    .cert_chain
+                    .first()
+                    .and_then(|der| meshid_identity::cert_identity_from_der(der).ok());
+                let serial = leaf
+                    .as_ref()
+                    .map(|l| normalized_serial(&l.serial_hex))
+                    .unwrap_or_default();
+                let lineage = leaf
+                    .as_ref()
+                    .map(|l| normalized_serial(l.lineage_serial()))
+                    .unwrap_or_default();
                 tracing::info!(
                     target: "meshid_ca::audit",
                     method = method.as_str(),
                     identity,
                     peer = %remote,
                     result = "issued",
+                    serial,
+                    renewed = renewed.as_deref().unwrap_or(""),
+                    lineage,
+                    app_svid = req.app_svid,
                     not_after = resp.not_after_unix,
                     "certificate issued"
                 );
@@ -1474,6 +1552,7 @@ mod tests {
             csr,
             credential,
             ttl_seconds: 0,
+            app_svid: false,
         }
     }
 
@@ -2314,6 +2393,7 @@ mod tests {
                 call: |ca| {
                     let req = IssueRequest {
                         ttl_seconds: 3600,
+                        app_svid: false,
                         ..request(csr(), None)
                     };
                     (req, Some(peer(&ca.cert_attested(FRONTEND, 1800))))
@@ -3713,6 +3793,7 @@ mod tests {
         for id in &ids {
             let req = IssueRequest {
                 ttl_seconds: 3600,
+                app_svid: false,
                 ..request(csr(), None)
             };
             let (_, _, result) = ca.state.issue(&req, Some(&peer(&ca.cert(id))));
@@ -3828,5 +3909,160 @@ mod tests {
         // The burst of bundle calls verifies the certificate; the rest get the bundle without
         // the reasons, unverified.
         assert_eq!(with_reasons, usize::try_from(BUNDLE_CALLS.burst).unwrap());
+    }
+
+    // ---- app SVIDs and lineages ----------------------------------------------------------------
+
+    /// Renews on `chain` (asking for an app SVID when `app_svid`): the new chain, or the refusal.
+    fn renew_on(
+        ca: &TestCa,
+        chain: &[CertificateDer<'static>],
+        app_svid: bool,
+    ) -> Result<Vec<CertificateDer<'static>>, Refusal> {
+        let req = IssueRequest {
+            app_svid,
+            ..request(csr(), None)
+        };
+        let (_, _, issued) = ca.state.issue(&req, Some(&peer(chain)));
+        issued.map(|r| r.cert_chain.into_iter().map(CertificateDer::from).collect())
+    }
+
+    fn identity_of(chain: &[CertificateDer<'_>]) -> meshid_identity::CertIdentity {
+        meshid_identity::cert_identity_from_der(&chain[0]).unwrap()
+    }
+
+    /// Asserts `refused` is a `PermissionDenied` for presenting an app SVID.
+    fn refused_as_app_svid(what: &str, status: &Status) {
+        assert_eq!(status.code(), Code::PermissionDenied, "{what}: {status:?}");
+        assert!(status.message().contains("app SVID"), "{what}: {status:?}");
+    }
+
+    #[tokio::test]
+    async fn an_app_svid_serves_peers_but_is_no_credential_at_the_ca() {
+        let ca = TestCa::new();
+        // The sidecar's certificate has 100 s left: the app's ends with it.
+        let sidecar = ca.cert_at(
+            FRONTEND,
+            OffsetDateTime::now_utc() - time::Duration::seconds(3500),
+        );
+        let app = renew_on(&ca, &sidecar, true).unwrap();
+        let (own, info) = (identity_of(&sidecar), identity_of(&app));
+        assert!(info.app_svid && !own.app_svid);
+        assert_eq!(info.id, own.id);
+        assert!(info.not_after <= own.not_after, "{info:?} outlives {own:?}");
+        // Peers take it for mTLS.
+        let der: Vec<Vec<u8>> = app.iter().map(|c| c.to_vec()).collect();
+        verify_chain(&der, &ca.root()).unwrap();
+
+        // Neither a renewal (of itself, or for another app SVID) nor a JWT-SVID.
+        for app_svid in [false, true] {
+            let refused = renew_on(&ca, &app, app_svid).unwrap_err();
+            assert_eq!(refused.result, "app_svid");
+            refused_as_app_svid("renewal", &refused.status);
+        }
+        let jwt = IssueJwtSvidRequest {
+            audience: vec!["db".into()],
+        };
+        let refused = ca
+            .state
+            .issue_jwt_svid(&jwt, Some(&peer(&app)))
+            .1
+            .unwrap_err();
+        assert_eq!(refused.result, "app_svid");
+        refused_as_app_svid("JWT-SVID", &refused.status);
+        // An app SVID is asked for with the sidecar's certificate, never with a token.
+        let token = ca.join_token(VM, Duration::from_secs(60));
+        let req = IssueRequest {
+            app_svid: true,
+            ..request(csr(), join(token))
+        };
+        let refused = ca.state.issue(&req, None).2.unwrap_err();
+        assert_eq!(refused.status.code(), Code::InvalidArgument);
+
+        // No bundle stream (registering no instance) nor acknowledgement.
+        let service = CaService::new(Arc::new(ca.state));
+        let state = &service.state;
+        let Err(refused) = watch(&service, Some(peer(&app))).await else {
+            panic!("an app SVID opened a bundle stream");
+        };
+        refused_as_app_svid("bundle stream", &refused);
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        assert!(state.fleet.report(now).0.is_empty());
+        state.fleet.stream_opened(&caller_of(&app), now).unwrap();
+        let ack = AckTrustBundleRequest {
+            instance_id: "pod-1".into(),
+            bundle_version: state.bundle.borrow().version,
+            serving_chain: app.iter().map(|c| c.to_vec()).collect(),
+            file_mode: false,
+        };
+        refused_as_app_svid("ack", &state.ack(&ack, Some(&peer(&app))).unwrap_err());
+        // The sidecar's own certificate still renews.
+        let mut request = Request::new(WatchTrustBundleRequest::default());
+        request.extensions_mut().insert(peer(&sidecar));
+        assert!(
+            CertificateAuthority::watch_trust_bundle(&service, request)
+                .await
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_revoked_serial_refuses_every_certificate_renewed_from_it() {
+        let ca = TestCa::new();
+        let first = ca.cert(FRONTEND);
+        let second = renew_on(&ca, &first, false).unwrap();
+        let third = renew_on(&ca, &second, false).unwrap();
+        let app = renew_on(&ca, &third, true).unwrap();
+        let serial = normalized_serial(&identity_of(&first).serial_hex);
+        for (name, chain) in [
+            ("first", &first),
+            ("second", &second),
+            ("third", &third),
+            ("app", &app),
+        ] {
+            assert_eq!(
+                normalized_serial(identity_of(chain).lineage_serial()),
+                serial,
+                "{name}"
+            );
+        }
+        let other = ca.cert(FRONTEND);
+        store_revocations(ca.dir.path(), &ca.state, Revoked::Serial(serial.clone()));
+
+        for (name, chain) in [("second", &second), ("third", &third)] {
+            let refused = renew_on(&ca, chain, false).unwrap_err();
+            assert_eq!(refused.result, "revoked", "{name}");
+            assert!(
+                refused.status.message().contains(&serial),
+                "{name}: {:?}",
+                refused.status
+            );
+            let jwt = IssueJwtSvidRequest {
+                audience: vec!["db".into()],
+            };
+            let refused = ca
+                .state
+                .issue_jwt_svid(&jwt, Some(&peer(chain)))
+                .1
+                .unwrap_err();
+            assert_eq!(refused.result, "revoked", "{name}");
+        }
+        // Another lineage of the identity renews on.
+        renew_on(&ca, &other, false).unwrap();
+
+        // Sidecars refuse the lineage as peers too.
+        let revoked = meshid_identity::revocation::RevocationSet::new([Revoked::Serial(serial)]);
+        let anchors =
+            meshid_identity::verify::Anchors::new(&[ca.root()], TrustDomain::new(TD).unwrap())
+                .unwrap()
+                .with_revocations(Arc::new(revoked.unwrap()));
+        for (name, chain, refused) in [
+            ("third", &third, true),
+            ("app", &app, true),
+            ("other", &other, false),
+        ] {
+            let peer = meshid_identity::peer::VerifiedPeer::from_leaf(&chain[0]).unwrap();
+            assert_eq!(anchors.revokes(&peer).is_some(), refused, "{name}");
+        }
     }
 }

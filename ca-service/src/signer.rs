@@ -3,8 +3,8 @@
 
 use std::time::Duration as StdDuration;
 
-use meshid_identity::identity::attested_at_extension_value;
-use meshid_identity::{ATTESTED_AT_ARCS, SpiffeId};
+use meshid_identity::identity::{attested_at_extension_value, lineage_extension_value};
+use meshid_identity::{APP_SVID_ARCS, APP_SVID_VALUE, ATTESTED_AT_ARCS, LINEAGE_ARCS, SpiffeId};
 use rcgen::{
     CertificateParams, CustomExtension, DistinguishedName, ExtendedKeyUsagePurpose, IsCa,
     KeyUsagePurpose, SanType,
@@ -58,6 +58,20 @@ pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
+    /// The leaf's serial, lowercase hex.
+    pub serial_hex: String,
+}
+
+/// Where a leaf stands in its lineage: what a renewal carries on from the certificate it renews.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// When the identity was last attested (Unix seconds); `None`: now.
+    pub attested_at: Option<i64>,
+    /// The serial bytes of the first certificate of the lineage; `None`: this leaf starts one (it
+    /// carries its own serial).
+    pub first_serial: Option<Vec<u8>>,
+    /// Mark the leaf as an app SVID ([`meshid_identity::APP_SVID_OID`]).
+    pub app_svid: bool,
 }
 
 /// Why a leaf could not be signed.
@@ -70,6 +84,8 @@ pub enum SignError {
     Rcgen(#[from] rcgen::Error),
     #[error("signing failed: the attested-at extension was not written as intended")]
     AttestedAt,
+    #[error("signing failed: the lineage extension was not written as intended")]
+    Lineage,
 }
 
 /// Signs a workload certificate for `id` over `key` whose identity was attested just now (a token or
@@ -96,6 +112,25 @@ pub fn sign_leaf_attested(
     now: OffsetDateTime,
     attested_at: i64,
 ) -> Result<Issued, SignError> {
+    let lineage = Lineage {
+        attested_at: Some(attested_at),
+        ..Lineage::default()
+    };
+    sign_leaf_in(authority, id, key, lifetime, now, &lineage)
+}
+
+/// [`sign_leaf_attested`] in `lineage`: the leaf also carries the serial of the first certificate
+/// of its lineage (its own when it starts one) in meshid's lineage extension
+/// ([`meshid_identity::LINEAGE_OID`]), and the app-SVID mark when asked.
+pub fn sign_leaf_in(
+    authority: &Authority,
+    id: &SpiffeId,
+    key: &CsrPublicKey,
+    lifetime: StdDuration,
+    now: OffsetDateTime,
+    lineage: &Lineage,
+) -> Result<Issued, SignError> {
+    let attested_at = lineage.attested_at.unwrap_or(now.unix_timestamp());
     let not_after = (now + lifetime).min(authority.intermediate_not_after);
     if not_after <= now {
         return Err(SignError::IntermediateExpired);
@@ -114,24 +149,71 @@ pub fn sign_leaf_attested(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial());
+    let serial = random_serial();
+    let first = lineage
+        .first_serial
+        .clone()
+        .unwrap_or_else(|| serial.to_bytes());
+    params.serial_number = Some(serial);
     params.not_before = not_before;
     params.not_after = not_after;
-    params.custom_extensions = vec![CustomExtension::from_oid_content(
-        ATTESTED_AT_ARCS,
-        attested_at_extension_value(attested_at),
-    )];
+    params.custom_extensions = vec![
+        CustomExtension::from_oid_content(
+            ATTESTED_AT_ARCS,
+            attested_at_extension_value(attested_at),
+        ),
+        CustomExtension::from_oid_content(LINEAGE_ARCS, lineage_extension_value(&first)),
+    ];
+    if lineage.app_svid {
+        params
+            .custom_extensions
+            .push(CustomExtension::from_oid_content(
+                APP_SVID_ARCS,
+                APP_SVID_VALUE.to_vec(),
+            ));
+    }
 
     let cert = params.signed_by(key, &authority.issuer)?;
     let leaf = cert.der().clone();
     if meshid_identity::attested_at_from_der(&leaf) != Ok(Some(attested_at)) {
         return Err(SignError::AttestedAt);
     }
+    let written = meshid_identity::cert_identity_from_der(&leaf).map_err(|_| SignError::Lineage)?;
+    let first_hex =
+        meshid_identity::revocation::normalize_serial(&meshid_identity::identity::hex(&first))
+            .map_err(|_| SignError::Lineage)?;
+    if written.lineage.as_deref() != Some(first_hex.as_str())
+        || written.app_svid != lineage.app_svid
+    {
+        return Err(SignError::Lineage);
+    }
     Ok(Issued {
         chain: vec![leaf, authority.intermediate_der.clone()],
         not_before: truncate_secs(not_before),
         not_after: truncate_secs(not_after),
+        serial_hex: written.serial_hex,
     })
+}
+
+/// The bytes of a serial written in hex (any case, leading zeros or not, as
+/// [`meshid_identity::CertIdentity`] and revocations write them); `None` for what is not hex or
+/// longer than 20 bytes.
+pub fn serial_bytes(hex: &str) -> Option<Vec<u8>> {
+    let digits = hex.trim_start_matches('0');
+    if digits.is_empty() {
+        return Some(vec![0]);
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits.to_owned()
+    };
+    let bytes = padded
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    (bytes.len() <= 20).then_some(bytes)
 }
 
 /// X.509 times have whole seconds.

@@ -5,7 +5,9 @@
 //!
 //! It may also carry meshid's attested-at extension ([`ATTESTED_AT_OID`]): when its identity was last
 //! proven with a service-account token or a join token (renewals copy it, so it bounds a lineage of
-//! renewals).
+//! renewals), its lineage extension ([`LINEAGE_OID`]: the serial of the first certificate of its
+//! lineage of renewals, so that revoking that serial reaches every renewal of it) and the app-SVID
+//! mark ([`APP_SVID_OID`]: issued to the app behind a sidecar, never a credential at the CA).
 
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -34,6 +36,8 @@ pub enum IdentityError {
     IsCa,
     #[error("certificate's attested-at extension is malformed: {0}")]
     MalformedAttestedAt(&'static str),
+    #[error("certificate's lineage extension is malformed: {0}")]
+    MalformedLineage(&'static str),
 }
 
 /// meshid's attested-at extension: when the identity of a workload certificate was last attested (a
@@ -50,6 +54,28 @@ pub const ATTESTED_AT_OID: &[u8] = &[0x69, 0xdf, 0x9c, 0xe0, 0x89, 0xd8, 0xa8, 0
 /// [`ATTESTED_AT_OID`] as arcs, for writers.
 pub const ATTESTED_AT_ARCS: &[u64] = &[2, 25, 6_861_656_577_709_497_194];
 
+/// meshid's lineage extension: the serial of the first certificate of a lineage of renewals (the
+/// one a service-account token or a join token got), copied on every renewal, so that revoking that
+/// serial refuses every certificate renewed from it. Non-critical; its value is a DER OCTET STRING
+/// of the serial's bytes (1 to 20). OID `2.25.7095070761511950556`, drawn as [`ATTESTED_AT_OID`]'s.
+pub const LINEAGE_OID: &[u8] = &[0x69, 0xe2, 0xbb, 0xb0, 0xa8, 0xc2, 0xe1, 0xb8, 0xb1, 0x5c];
+
+/// [`LINEAGE_OID`] as arcs, for writers.
+pub const LINEAGE_ARCS: &[u64] = &[2, 25, 7_095_070_761_511_950_556];
+
+/// meshid's app-SVID mark: the certificate was issued for the app behind a sidecar (the SPIFFE
+/// Workload API), with the sidecar's identity. Peers take it for mTLS like any other; the CA never
+/// takes it as the caller's credential (renewal, JWT-SVIDs, bundle streams, acknowledgements), so
+/// app code holding it cannot renew it nor stand for its sidecar. Non-critical; its value is a DER
+/// NULL, and its presence alone marks the certificate. OID `2.25.5676117467689322671`.
+pub const APP_SVID_OID: &[u8] = &[0x69, 0xce, 0xe2, 0xe7, 0xd8, 0xb7, 0xa8, 0x8c, 0x91, 0x2f];
+
+/// [`APP_SVID_OID`] as arcs, for writers.
+pub const APP_SVID_ARCS: &[u64] = &[2, 25, 5_676_117_467_689_322_671];
+
+/// The value of the app-SVID extension: a DER NULL.
+pub const APP_SVID_VALUE: &[u8] = &[0x05, 0x00];
+
 /// What a workload certificate says about itself: enough for `/identity` pages and renewal timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertIdentity {
@@ -65,6 +91,19 @@ pub struct CertIdentity {
     /// When the identity was last attested (Unix seconds), from meshid's attested-at extension;
     /// `None` when the certificate has none (see [`attested_at_from_der`]).
     pub attested_at: Option<i64>,
+    /// The serial (lowercase hex, no leading zeros, as revocations name serials) of the first
+    /// certificate of its lineage of renewals, from meshid's lineage extension; `None` when it has
+    /// none (the certificate starts its own lineage).
+    pub lineage: Option<String>,
+    /// Whether it carries meshid's app-SVID mark ([`APP_SVID_OID`]).
+    pub app_svid: bool,
+}
+
+impl CertIdentity {
+    /// The serial that names its lineage: the lineage extension's, else its own.
+    pub fn lineage_serial(&self) -> &str {
+        self.lineage.as_deref().unwrap_or(&self.serial_hex)
+    }
 }
 
 /// Extracts the one SPIFFE ID of a DER workload certificate.
@@ -85,7 +124,51 @@ pub fn cert_identity_from_der(der: &[u8]) -> Result<CertIdentity, IdentityError>
         not_after: cert.validity().not_after.timestamp(),
         issuer: cert.issuer().to_string(),
         attested_at: attested_at_of(&cert)?,
+        lineage: lineage_of(&cert)?,
+        app_svid: cert
+            .extensions()
+            .iter()
+            .any(|e| e.oid.as_bytes() == APP_SVID_OID),
     })
+}
+
+/// The value of the lineage extension for a serial's bytes: a DER OCTET STRING (at most 20 bytes,
+/// as RFC 5280 bounds serials; longer input is cut, which no serial of ours needs).
+pub fn lineage_extension_value(serial: &[u8]) -> Vec<u8> {
+    let serial = &serial[..serial.len().min(20)];
+    let mut out = Vec::with_capacity(2 + serial.len());
+    out.push(0x04);
+    out.push(serial.len() as u8);
+    out.extend_from_slice(serial);
+    out
+}
+
+/// The lineage serial of a certificate, normalized (lowercase hex, no leading zeros). Malformed (not
+/// exactly one DER OCTET STRING of 1 to 20 bytes, or the extension twice) is an error, never read
+/// as absent: absent starts a new lineage, which would escape a revoked one.
+fn lineage_of(cert: &X509Certificate<'_>) -> Result<Option<String>, IdentityError> {
+    let bad = IdentityError::MalformedLineage;
+    let mut found = cert
+        .extensions()
+        .iter()
+        .filter(|e| e.oid.as_bytes() == LINEAGE_OID);
+    let Some(ext) = found.next() else {
+        return Ok(None);
+    };
+    if found.next().is_some() {
+        return Err(bad("the extension appears twice"));
+    }
+    let [0x04, len, content @ ..] = ext.value else {
+        return Err(bad("not a DER OCTET STRING"));
+    };
+    if usize::from(*len) != content.len() || content.is_empty() || content.len() > 20 {
+        return Err(bad("bad OCTET STRING length or bytes after it"));
+    }
+    let digits = hex(content);
+    let trimmed = digits.trim_start_matches('0');
+    Ok(Some(
+        if trimmed.is_empty() { "0" } else { trimmed }.to_owned(),
+    ))
 }
 
 /// When the identity of a DER certificate was last attested (Unix seconds): `Ok(None)` when it has
@@ -432,6 +515,59 @@ mod tests {
                 "spiffe://td/a",
                 "{name}"
             );
+        }
+    }
+
+    /// A workload certificate carrying one extension `arcs` of value `value`.
+    fn cert_with_extension(arcs: &[u64], value: Vec<u8>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![uri("spiffe://td/a")];
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(arcs, value));
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_lineage_and_the_app_svid_mark_are_read_strictly() {
+        let plain = cert_with(vec![uri("spiffe://td/a")], false);
+        let info = cert_identity_from_der(&plain).unwrap();
+        assert_eq!((info.lineage.as_deref(), info.app_svid), (None, false));
+        assert_eq!(info.lineage_serial(), info.serial_hex, "its own lineage");
+
+        let serial = [0x00, 0x4a, 0x0b, 0xff];
+        let der = cert_with_extension(LINEAGE_ARCS, lineage_extension_value(&serial));
+        let info = cert_identity_from_der(&der).unwrap();
+        assert_eq!(
+            info.lineage.as_deref(),
+            Some("4a0bff"),
+            "named as revocations name serials"
+        );
+        assert_eq!(info.lineage_serial(), "4a0bff");
+
+        for (name, value) in [
+            ("empty", vec![]),
+            ("an INTEGER", vec![0x02, 0x01, 0x05]),
+            ("an empty OCTET STRING", vec![0x04, 0x00]),
+            ("length past the end", vec![0x04, 0x03, 0x01]),
+            ("a byte after it", vec![0x04, 0x01, 0x01, 0x00]),
+            ("21 bytes", [vec![0x04, 21], vec![1; 21]].concat()),
+        ] {
+            let der = cert_with_extension(LINEAGE_ARCS, value);
+            assert!(
+                matches!(
+                    cert_identity_from_der(&der),
+                    Err(IdentityError::MalformedLineage(_))
+                ),
+                "{name}"
+            );
+        }
+
+        // The mark counts by its presence, whatever its value.
+        for value in [APP_SVID_VALUE.to_vec(), vec![], vec![0x01, 0x01, 0x00]] {
+            let der = cert_with_extension(APP_SVID_ARCS, value);
+            assert!(cert_identity_from_der(&der).unwrap().app_svid);
         }
     }
 }

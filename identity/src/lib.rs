@@ -22,7 +22,8 @@ pub mod verify;
 
 pub use duration::{format_duration, parse_duration, parse_duration_at_least};
 pub use identity::{
-    ATTESTED_AT_ARCS, ATTESTED_AT_OID, CertIdentity, IdentityError, attested_at_from_der,
-    cert_identity_from_der, spiffe_id_from_der,
+    APP_SVID_ARCS, APP_SVID_OID, APP_SVID_VALUE, ATTESTED_AT_ARCS, ATTESTED_AT_OID, CertIdentity,
+    IdentityError, LINEAGE_ARCS, LINEAGE_OID, attested_at_from_der, cert_identity_from_der,
+    spiffe_id_from_der,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -25,22 +25,29 @@ pub struct VerifiedPeer {
     /// The certificate's serial number as revocations name it
     /// ([`crate::revocation::normalize_serial`]).
     pub serial: String,
+    /// The serial of the first certificate of its lineage of renewals, named as `serial` is (its
+    /// own serial when it starts one; see [`CertIdentity::lineage_serial`]).
+    pub lineage: String,
 }
 
 impl VerifiedPeer {
     /// Reads the identity of a leaf whose chain has been verified.
     pub fn from_leaf(leaf: &[u8]) -> Result<Self, IdentityError> {
+        let info = cert_identity_from_der(leaf)?;
+        let lineage =
+            crate::revocation::normalize_serial(info.lineage_serial()).unwrap_or_default();
         let CertIdentity {
             id,
             not_after,
             serial_hex,
             ..
-        } = cert_identity_from_der(leaf)?;
+        } = info;
         Ok(Self {
             id,
             not_after,
             cert_sha256: sha256_hex(leaf),
             serial: crate::revocation::normalize_serial(&serial_hex).unwrap_or_default(),
+            lineage,
         })
     }
 }

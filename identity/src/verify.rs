@@ -221,12 +221,24 @@ impl Anchors {
 
     /// What revokes `peer`, if anything does.
     pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<Revoked> {
-        self.revoked.check(&peer.id, &peer.serial)
+        self.revoked
+            .check(&peer.id, &peer.serial)
+            .or_else(|| self.revoked.check(&peer.id, &peer.lineage))
     }
 
-    /// Refuses a revoked certificate or identity.
-    fn check_revoked(&self, id: &SpiffeId, serial: &str) -> Result<(), rustls::Error> {
-        match self.revoked.check(id, serial) {
+    /// Refuses a revoked certificate or identity, or a certificate renewed from a revoked one (a
+    /// revoked serial of its `lineage`).
+    fn check_revoked(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+        lineage: &str,
+    ) -> Result<(), rustls::Error> {
+        match self
+            .revoked
+            .check(id, serial)
+            .or_else(|| self.revoked.check(id, lineage))
+        {
             None => Ok(()),
             Some(_) => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
         }
@@ -488,7 +500,8 @@ impl SpiffeClientVerifier {
             .establish(end_entity)
             .map_err(|e| identity_error(e.into()))?;
         self.anchors.check_domain(&peer.id)?;
-        self.anchors.check_revoked(&peer.id, &peer.serial)?;
+        self.anchors
+            .check_revoked(&peer.id, &peer.serial, &peer.lineage)?;
         Ok(ClientCertVerified::assertion())
     }
 }
@@ -579,10 +592,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }
         if !self.anchors.revoked.is_empty() {
             // Read only when something is revoked: the serial is all the chain check did not give.
-            let serial = crate::identity::cert_identity_from_der(end_entity)
-                .map(|c| crate::revocation::normalize_serial(&c.serial_hex).unwrap_or_default())
+            let (serial, lineage) = crate::identity::cert_identity_from_der(end_entity)
+                .map(|c| {
+                    let normalize =
+                        |s: &str| crate::revocation::normalize_serial(s).unwrap_or_default();
+                    (normalize(&c.serial_hex), normalize(c.lineage_serial()))
+                })
                 .map_err(|e| identity_error(e.into()))?;
-            self.anchors.check_revoked(&got, &serial)?;
+            self.anchors.check_revoked(&got, &serial, &lineage)?;
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -60,6 +60,7 @@ async fn issue(ca: &TestCa, cred: Cred) -> Result<String, Result<Code, String>> 
             csr: workload.csr.clone(),
             credential,
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await;
     match resp {
@@ -505,6 +506,7 @@ async fn a_join_token_whose_use_cannot_be_recorded_stays_good() {
         csr: WorkloadKey::new().csr,
         credential: Some(Credential::JoinToken(token.clone())),
         ttl_seconds: 0,
+        app_svid: false,
     };
     let mut client = ca.client().await;
     let refused = client.issue(request()).await.unwrap_err();
@@ -544,6 +546,7 @@ async fn issue_with(ca: &TestCa, token: String, csr: Vec<u8>) -> Result<String, 
             csr,
             credential: Some(Credential::ServiceAccountToken(token)),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .map(|r| r.into_inner().spiffe_id)

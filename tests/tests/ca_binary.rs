@@ -8,6 +8,7 @@ use meshid_proto::ca::v1::{IssueRequest, WatchTrustBundleRequest, issue_request:
 use meshid_tests::pki::WorkloadKey;
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
+use rustls_pki_types::CertificateDer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_token_serve_issue_and_sigterm() {
@@ -63,11 +64,13 @@ async fn init_token_serve_issue_and_sigterm() {
 
     let roots = meshid_ca::authority::read_bundle(&ca_dir.join("bundle.pem")).unwrap();
     let mut client = meshid_tests::ca::connect(grpc, &roots, None).await.unwrap();
+    let first_key = WorkloadKey::new();
     let resp = client
         .issue(IssueRequest {
-            csr: WorkloadKey::new().csr,
+            csr: first_key.csr.clone(),
             credential: Some(Credential::JoinToken(token.clone())),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
@@ -79,6 +82,7 @@ async fn init_token_serve_issue_and_sigterm() {
             csr: WorkloadKey::new().csr,
             credential: Some(Credential::JoinToken(token.clone())),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap_err();
@@ -91,6 +95,60 @@ async fn init_token_serve_issue_and_sigterm() {
     let (code, metrics) = http_get(admin, "/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains(r#"result="issued"} 1"#), "{metrics}");
+
+    // A renewal on that certificate, then a revocation of the first serial: the renewed one is
+    // refused too (it carries the first serial as its lineage).
+    let chain = |resp: &meshid_proto::ca::v1::IssueResponse| -> Vec<CertificateDer<'static>> {
+        resp.cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect()
+    };
+    let serial_of = |chain: &[CertificateDer<'static>]| {
+        meshid_identity::cert_identity_from_der(&chain[0])
+            .unwrap()
+            .serial_hex
+    };
+    let first = chain(&resp);
+    let renew = |presented: Vec<CertificateDer<'static>>, key: &WorkloadKey| {
+        let roots = roots.clone();
+        let key = key.private_key_der();
+        async move {
+            let next = WorkloadKey::new();
+            let mut holder = meshid_tests::ca::connect(grpc, &roots, Some((presented, key)))
+                .await
+                .unwrap();
+            let resp = holder
+                .issue(IssueRequest {
+                    csr: next.csr.clone(),
+                    credential: None,
+                    ttl_seconds: 0,
+                    app_svid: false,
+                })
+                .await?
+                .into_inner();
+            Ok::<_, tonic::Status>((resp, next))
+        }
+    };
+    let (renewed, second_key) = renew(first.clone(), &first_key).await.unwrap();
+    let second = chain(&renewed);
+    let out = Command::new(&ca_bin)
+        .args(["revoke", "--dir", ca_dir_s, "--serial", &serial_of(&first)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match renew(second.clone(), &second_key).await {
+            Err(status) => break status,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(_) => panic!("a certificate renewed from a revoked serial still renews"),
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("is revoked"), "{refused:?}");
 
     // A long-lived bundle stream is open when SIGTERM arrives: the CA ends it and exits 0.
     let mut stream = client
@@ -117,6 +175,17 @@ async fn init_token_serve_issue_and_sigterm() {
     // Every decision is in the audit log; no credential is.
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("certificate issued"), "{log}");
+    // The renewal's audit line names its new serial, the one it renewed and its lineage.
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate issued") && l.contains(&serial_of(&second)))
+        .unwrap_or_else(|| panic!("no audit line names the renewed certificate: {log}"));
+    assert!(line.contains("renewal"), "{line}");
+    assert!(
+        line.contains("renewed") && line.contains(&serial_of(&first)),
+        "{line}"
+    );
+    assert!(line.contains("lineage"), "{line}");
     assert!(log.contains("join_token_used"), "{log}");
     assert!(log.contains("spiffe://cluster.local/ns/vm/sa/db"), "{log}");
     assert!(

@@ -21,6 +21,7 @@ fn req(csr: Vec<u8>, credential: Credential) -> IssueRequest {
         csr,
         credential: Some(credential),
         ttl_seconds: 0,
+        app_svid: false,
     }
 }
 
@@ -267,6 +268,7 @@ async fn requested_lifetime_is_honoured_and_capped() {
                 csr: WorkloadKey::new().csr,
                 credential: Some(Credential::ServiceAccountToken(token)),
                 ttl_seconds: asked,
+                app_svid: false,
             })
             .await
             .unwrap()
@@ -363,6 +365,7 @@ async fn trust_bundle_is_served_and_streamed_on_change() {
             csr: WorkloadKey::new().csr,
             credential: None,
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()

@@ -413,6 +413,7 @@ async fn renew(client: &mut Client) -> Result<tonic::Response<IssueResponse>, to
             csr: WorkloadKey::new().csr,
             credential: None,
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
 }
@@ -438,6 +439,7 @@ async fn connections_past_the_maximum_age_are_closed_and_clients_reconnect() {
                 ca.cluster.token("shop", "frontend"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
@@ -563,6 +565,7 @@ async fn a_token_with_a_crit_header_is_unauthenticated() {
                     csr: WorkloadKey::new().csr,
                     credential: Some(Credential::ServiceAccountToken(token)),
                     ttl_seconds: 0,
+                    app_svid: false,
                 })
                 .await
         }

@@ -556,6 +556,7 @@ async fn hostile_bytes_on_every_port_of_the_real_binaries() {
                 token.trim().to_owned(),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()

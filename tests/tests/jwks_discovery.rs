@@ -45,6 +45,7 @@ async fn issue(ca: &TestCa, token: String) -> Result<String, Code> {
             csr: WorkloadKey::new().csr,
             credential: Some(Credential::ServiceAccountToken(token)),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .map(|r| r.into_inner().spiffe_id)
@@ -247,6 +248,7 @@ async fn a_flood_of_unknown_kids_costs_a_bounded_number_of_fetches() {
                     csr: WorkloadKey::new().csr,
                     credential: Some(Credential::ServiceAccountToken(token)),
                     ttl_seconds: 0,
+                    app_svid: false,
                 })
                 .await
                 .map(|_| ())

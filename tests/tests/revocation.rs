@@ -71,6 +71,7 @@ async fn issue_with_token(
                 ca.cluster.token("shop", sa),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .map_err(|s| (s.code(), s.message().to_owned()))?
@@ -99,6 +100,7 @@ async fn renew(
             csr: w.csr.clone(),
             credential: None,
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .map(|_| ())

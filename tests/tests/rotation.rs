@@ -144,6 +144,7 @@ async fn root_rotation_under_traffic_with_gates() {
                     ca.cluster.token("shop", "lagging"),
                 )),
                 ttl_seconds: 0,
+                app_svid: false,
             })
             .await
             .unwrap()
@@ -324,6 +325,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
                     ca.cluster.token("shop", "probe"),
                 )),
                 ttl_seconds: 0,
+                app_svid: false,
             })
             .await;
         resp.is_ok_and(|r| r.into_inner().cert_chain[1] == new_inter.to_vec())
@@ -398,6 +400,7 @@ async fn issuing_root(
                 ca.cluster.token("shop", "probe"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .ok()?
@@ -523,6 +526,7 @@ async fn an_expired_root_can_still_be_replaced() {
                 cluster.token("shop", "frontend"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .expect("issues under the replacement root")
@@ -562,6 +566,7 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
                 ca.cluster.token("shop", "files"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
@@ -651,6 +656,7 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
                 ca.cluster.token("shop", "frontend"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
@@ -671,6 +677,7 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
         csr: WorkloadKey::new().csr,
         credential: None,
         ttl_seconds: 0,
+        app_svid: false,
     };
     let renewed = channel.issue(renew()).await.expect("renews under its root");
     assert_eq!(renewed.get_ref().spiffe_id, A);

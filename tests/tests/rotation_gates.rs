@@ -42,6 +42,7 @@ impl Workload {
                     ca.cluster.token("shop", sa),
                 )),
                 ttl_seconds,
+                app_svid: false,
             })
             .await
             .unwrap()

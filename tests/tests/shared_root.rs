@@ -162,6 +162,7 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
                 cluster.token("shop", "frontend"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
@@ -219,6 +220,7 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
                 csr: WorkloadKey::new().csr,
                 credential: None,
                 ttl_seconds: 0,
+                app_svid: false,
             })
             .await
             .map(|r| r.into_inner())

@@ -759,3 +759,176 @@ async fn py_spiffe_fetches_and_verifies_jwt_svids() {
         assert!(out.contains(&line), "{line} not in\n{out}");
     }
 }
+
+/// The app's X.509-SVID (cert chain and key) as rust-spiffe fetches it from `socket`.
+async fn fetch_app_svid(socket: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .expect("rust-spiffe connects");
+    let svid = tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_svid())
+        .await
+        .expect("an SVID within 10 s")
+        .expect("a valid X509-SVID");
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        svid.private_key().as_bytes().to_vec(),
+    ));
+    (chain, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
+    use meshid_identity::policy::Protocol;
+    use meshid_proto::ca::v1::{IssueJwtSvidRequest, IssueRequest, WatchTrustBundleRequest};
+    use meshid_tests::mesh::{echo_roundtrip, eventually, tcp_echo};
+
+    const PEER: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+    let ca = TestCa::start(CaOptions::default()).await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(600))), &socket).await;
+    let (chain, key) = fetch_app_svid(&socket).await;
+
+    // Marked as the app's, and no longer-lived than the sidecar's own certificate.
+    let app = meshid_identity::cert_identity_from_der(&chain[0]).unwrap();
+    let own = s.running.as_ref().unwrap().shared.creds.current().unwrap();
+    assert!(app.app_svid && !own.identity.app_svid);
+    assert_eq!(app.id.as_str(), ID);
+    assert!(app.not_after <= own.identity.not_after, "{app:?}");
+
+    // Presented to the CA (the TLS handshake takes it), it is no credential.
+    let mut liar = ca
+        .client_with_cert(chain.clone(), key.clone_key())
+        .await
+        .expect("the handshake takes the app's SVID");
+    let refused_as_app_svid = |what: &str, status: tonic::Status| {
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {status:?}"
+        );
+        assert!(status.message().contains("app SVID"), "{what}: {status:?}");
+    };
+    for app_svid in [false, true] {
+        let renewal = IssueRequest {
+            csr: meshid_tests::pki::WorkloadKey::new().csr,
+            credential: None,
+            ttl_seconds: 0,
+            app_svid,
+        };
+        refused_as_app_svid("renewal", liar.issue(renewal).await.unwrap_err());
+    }
+    let jwt = IssueJwtSvidRequest {
+        audience: vec!["db".into()],
+    };
+    refused_as_app_svid("JWT-SVID", liar.issue_jwt_svid(jwt).await.unwrap_err());
+    let watch = WatchTrustBundleRequest {
+        instance_id: "app".into(),
+        file_mode: false,
+    };
+    refused_as_app_svid(
+        "bundle stream",
+        liar.watch_trust_bundle(watch).await.unwrap_err(),
+    );
+    // The CA's view has no instance for the app's key; the sidecar's own stream is there.
+    let app_key = meshid_ca::service::instance_key(&chain[0]).unwrap();
+    let own_key = own.public_key_sha256.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let report = meshid_ca::rotation::status(ca.dir.path(), &[ca.admin_addr])
+                .await
+                .unwrap();
+            assert!(
+                report
+                    .sidecars
+                    .iter()
+                    .all(|i| !app_key.starts_with(&i.instance)),
+                "{:?}",
+                report.sidecars
+            );
+            report
+                .sidecars
+                .iter()
+                .any(|i| own_key.starts_with(&i.instance))
+        })
+        .await,
+        "the sidecar's own instance registers"
+    );
+
+    // A peer sidecar takes it for mTLS.
+    let peer = TestSidecar::start(
+        &pki,
+        &pki.workload(PEER),
+        PEER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.41", tcp_echo().await, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {ID}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", Duration::from_secs(600))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let anchors = meshid_identity::verify::Anchors::new(
+        &ca.roots,
+        meshid_identity::TrustDomain::new("cluster.local").unwrap(),
+    )
+    .unwrap();
+    let verifier = meshid_identity::verify::SpiffeServerVerifier::new(
+        anchors,
+        meshid_identity::SpiffeId::parse(PEER).unwrap(),
+        &provider,
+    );
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+            .with_client_auth_cert(chain.clone(), key.clone_key())
+            .unwrap(),
+    );
+    let addr = peer.inbound[0];
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let config = config.clone();
+            async move { echo_roundtrip(addr, config, b"hi").await.as_deref() == Ok(b"hi".as_slice()) }
+        })
+        .await,
+        "the peer serves the app's SVID"
+    );
+
+    // And openssl takes it for both TLS usages.
+    meshid_tests::tools::require("openssl", "apt-get install openssl");
+    {
+        let pem = meshid_tests::pki::pem;
+        let path = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+        std::fs::write(path("root.pem"), pem(&ca.roots[0])).unwrap();
+        std::fs::write(path("inter.pem"), pem(&chain[1])).unwrap();
+        std::fs::write(path("leaf.pem"), pem(&chain[0])).unwrap();
+        for purpose in ["sslclient", "sslserver"] {
+            let (ok, out) = meshid_tests::tools::run(std::process::Command::new("openssl").args([
+                "verify",
+                "-x509_strict",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                &path("root.pem"),
+                "-untrusted",
+                &path("inter.pem"),
+                &path("leaf.pem"),
+            ]));
+            assert!(
+                ok && out.contains(": OK"),
+                "openssl verify {purpose}: {out}"
+            );
+        }
+    }
+}

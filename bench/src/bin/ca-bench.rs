@@ -344,6 +344,7 @@ async fn measure(
                         csr,
                         credential: credential.clone(),
                         ttl_seconds: 0,
+                        app_svid: false,
                     })
                     .await;
                 if r.is_err() {

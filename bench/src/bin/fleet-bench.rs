@@ -454,6 +454,7 @@ async fn one_size(
                         csr,
                         credential: None,
                         ttl_seconds: 0,
+                        app_svid: false,
                     })
                     .await;
                 match r {

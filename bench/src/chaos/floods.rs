@@ -264,6 +264,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
                         csr: WorkloadKey::new().csr,
                         credential: None,
                         ttl_seconds: 0,
+                        app_svid: false,
                     })
                     .await?;
                 Ok(())
@@ -330,6 +331,7 @@ async fn scenario(env: &Env, p: &Params, r: &mut ScenarioReport) -> Result<()> {
                         csr: WorkloadKey::new().csr,
                         credential: Some(Credential::ServiceAccountToken(token)),
                         ttl_seconds: 0,
+                        app_svid: false,
                     })
                     .await?;
                 Ok(())

@@ -72,6 +72,9 @@ pub enum Reason {
     /// The join token store could not be read (EMFILE, EIO, EACCES, a directory where the record
     /// goes): nothing was decided about the token, which stays unused.
     JoinTokenUnreadable,
+    /// A presented certificate marked as an app SVID (issued to the app behind a sidecar on the
+    /// Workload API): never the caller's credential at the CA.
+    AppSvid,
 }
 
 impl Reason {
@@ -100,6 +103,7 @@ impl Reason {
             Self::AttestationExpired => "attestation_expired",
             Self::Revoked => "revoked",
             Self::JoinTokenUnreadable => "join_token_unreadable",
+            Self::AppSvid => "app_svid",
         }
     }
 }
@@ -180,7 +184,8 @@ pub struct Renewal {
 
 /// The certificate on the caller's connection (`leaf`, parsed when the connection was set up, and
 /// the chain it presented), checked at `now` with the trust of the time of the call: it is a valid
-/// workload identity, it has not expired, it is of `trust_domain`, and its chain still verifies
+/// workload identity, it has not expired, it is of `trust_domain`, it is not an app SVID
+/// ([`meshid_identity::APP_SVID_OID`]), and its chain still verifies
 /// for client auth to `anchors`. The TLS handshake checked the same when the connection was set
 /// up, but a connection may outlive its certificate and the root it chains to (`rotate retire`),
 /// so every call that takes the certificate as its credential (a renewal, a bundle stream, an
@@ -230,6 +235,13 @@ pub fn check_certificate<'l>(
         return Err(AuthError::permission_denied(
             Reason::WrongTrustDomain,
             "client certificate identity is outside this trust domain",
+        ));
+    }
+    if info.app_svid {
+        return Err(AuthError::permission_denied(
+            Reason::AppSvid,
+            "client certificate is an app SVID (issued to an app through its sidecar's Workload \
+             API): it serves mTLS to peers but is no credential at the CA; the sidecar renews it",
         ));
     }
     Ok(info)

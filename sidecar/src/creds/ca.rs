@@ -481,6 +481,7 @@ fn issue_request(
             .ttl
             .map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or(0),
+        app_svid: false,
     }
 }
 
@@ -596,9 +597,9 @@ fn status_error(s: tonic::Status) -> IssueError {
 }
 
 /// An X.509-SVID for the app behind this sidecar (served on the SPIFFE Workload API): a key of its
-/// own, never the sidecar's, and a certificate for the sidecar's identity. Asked for as a renewal
-/// (presenting the sidecar's current certificate, over the bundle stream's connection when it is
-/// open), so it needs no credential of its own; checked like the sidecar's own certificate (key
+/// own, never the sidecar's, and a certificate for the sidecar's identity. Asked for presenting the
+/// sidecar's current certificate (over the bundle stream's connection when it is open), marked as an
+/// app SVID (`app_svid`), so it needs no credential of its own and is never one at the CA; checked like the sidecar's own certificate (key
 /// matches the leaf, chain verifies to the bundle both ways, the same SPIFFE ID) before it is used.
 pub async fn issue_for_app(
     mode: &CaMode,
@@ -613,7 +614,13 @@ pub async fn issue_for_app(
     let client_cert = store.chain_and_key();
     let key = KeyPair::generate()?;
     let csr = CertificateParams::default().serialize_request(&key)?;
-    let req = issue_request(mode, &csr, None);
+    // Marked as the app's: the CA writes the app-SVID mark into it, so that the app, which holds
+    // its key, cannot use it as this sidecar's credential (renew it, get JWT-SVIDs, open bundle
+    // streams), and ends it no later than our own certificate.
+    let req = IssueRequest {
+        app_svid: true,
+        ..issue_request(mode, &csr, None)
+    };
     let resp = send_issue(mode, store, stream_conn, client_cert, req)
         .await?
         .map_err(status_error)?
