@@ -176,6 +176,7 @@ mod tests {
     fn sidecar(identity: &str, acked_version: u64) -> SidecarReport {
         SidecarReport {
             instance: "0123456789abcdef".into(),
+            key: String::new(),
             identity: identity.into(),
             connected: true,
             acked_version,

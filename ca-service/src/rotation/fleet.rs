@@ -116,6 +116,7 @@ impl Sidecar {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
             instance: key.get(..16).unwrap_or(key).to_owned(),
+            key: key.to_owned(),
             identity: self.identity.clone(),
             connected: self.streams > 0,
             acked_version: self.acked_version,
@@ -133,6 +134,7 @@ impl TurnedAway {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
             instance: key.get(..16).unwrap_or(key).to_owned(),
+            key: key.to_owned(),
             identity: self.identity.clone(),
             connected: false,
             acked_version: 0,

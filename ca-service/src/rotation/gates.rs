@@ -238,6 +238,7 @@ mod tests {
     fn sidecar(instance: &str, acked: u64, authority: &str, not_after: i64) -> SidecarReport {
         SidecarReport {
             instance: instance.into(),
+            key: String::new(),
             identity: format!("spiffe://td/{instance}"),
             connected: true,
             acked_version: acked,

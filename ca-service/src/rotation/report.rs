@@ -56,7 +56,12 @@ pub struct UnlistedTurnedAway {
 /// A sidecar in the report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SidecarReport {
+    /// The instance's label: the first 16 hex digits of `key` (what is shown).
     pub instance: String,
+    /// The instance: SHA-256 (hex) of its certificate's public key in full, what the reports of
+    /// several CA processes are merged by (empty from older CAs: merged by `instance` then).
+    #[serde(default)]
+    pub key: String,
     pub identity: String,
     pub connected: bool,
     pub acked_version: u64,

@@ -114,15 +114,21 @@ pub fn process(
     }
 }
 
-/// Merges the fleet views of several CA processes (each knows the sidecars connected to it).
+/// Merges the fleet views of several CA processes (each knows the sidecars connected to it): an
+/// instance is its full key (`SidecarReport::key`), never its 16-digit label, which two sidecars
+/// may share (by chance, or by a key ground to collide with another's label and hide it).
 pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport {
     let mut sidecars: HashMap<String, SidecarReport> = HashMap::new();
     let mut live: HashMap<String, (usize, i64, i64)> = HashMap::new();
     for r in &reports {
         for s in &r.sidecars {
-            let e = sidecars
-                .entry(s.instance.clone())
-                .or_insert_with(|| s.clone());
+            // Older CAs report the label alone.
+            let key = if s.key.is_empty() {
+                &s.instance
+            } else {
+                &s.key
+            };
+            let e = sidecars.entry(key.clone()).or_insert_with(|| s.clone());
             // The newest report of what it serves wins (a sidecar may move between CA processes).
             if s.serving_not_after > e.serving_not_after {
                 e.serving_authority = s.serving_authority.clone();
@@ -201,6 +207,7 @@ mod tests {
         };
         let sidecar = |connected: bool, turned_away: &str| SidecarReport {
             instance: "0123456789abcdef".into(),
+            key: String::new(),
             identity: "spiffe://td/a".into(),
             connected,
             acked_version: if connected { 2 } else { 0 },
@@ -234,5 +241,72 @@ mod tests {
         // Turned away everywhere: still unknown after the merge.
         let alone = merged(&state, vec![full]);
         assert_eq!(alone.sidecars[0].turned_away, "no room");
+    }
+
+    #[test]
+    fn instances_are_merged_by_their_full_key_not_their_label() {
+        let state = RotationState {
+            bundle_version: 1,
+            renew_now_at: None,
+            authorities: Vec::new(),
+        };
+        let label = "0123456789abcdef";
+        let sidecar = |key: &str, identity: &str, acked_version: u64| SidecarReport {
+            instance: label.into(),
+            key: key.into(),
+            identity: identity.into(),
+            connected: true,
+            acked_version,
+            serving_authority: None,
+            serving_not_after: 0,
+            file_mode: false,
+            serial: String::new(),
+            revoked: false,
+            turned_away: String::new(),
+        };
+        let process = |sidecars: Vec<SidecarReport>| RotationReport {
+            bundle_version: 1,
+            authorities: Vec::new(),
+            sidecars,
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess::default()],
+            turned_away_unlisted: Vec::new(),
+        };
+        let honest = format!("{label}{}", "1".repeat(48));
+        let liar = format!("{label}{}", "2".repeat(48));
+        // Two keys with one label, on two processes: two instances, the honest one's
+        // acknowledgement not lifted by the liar's.
+        let merged_two = merged(
+            &state,
+            vec![
+                process(vec![sidecar(&honest, "spiffe://td/honest", 0)]),
+                process(vec![sidecar(&liar, "spiffe://td/liar", 1)]),
+            ],
+        );
+        let mut seen: Vec<(String, u64)> = merged_two
+            .sidecars
+            .iter()
+            .map(|s| (s.identity.clone(), s.acked_version))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("spiffe://td/honest".to_owned(), 0),
+                ("spiffe://td/liar".to_owned(), 1)
+            ]
+        );
+        assert!(merged_two.sidecars.iter().all(|s| s.instance == label));
+        // One key on two processes: one instance.
+        let merged_one = merged(
+            &state,
+            vec![
+                process(vec![sidecar(&honest, "spiffe://td/honest", 0)]),
+                process(vec![sidecar(&honest, "spiffe://td/honest", 1)]),
+            ],
+        );
+        assert_eq!(merged_one.sidecars.len(), 1);
+        assert_eq!(merged_one.sidecars[0].acked_version, 1);
     }
 }
