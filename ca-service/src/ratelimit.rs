@@ -36,6 +36,33 @@ impl Default for RateLimit {
     }
 }
 
+impl RateLimit {
+    /// What one lineage of renewals (its certificates, whatever their keys: see
+    /// `meshid_identity::LINEAGE_OID`) may take of an identity's limit, for its renewals and,
+    /// apart, its JWT-SVID requests: a twenty-fifth of the rate and of the burst (at least 1):
+    /// 2 a second with bursts of 8 at the default 50/s, bursts of 200. A sidecar renews twice a
+    /// lifetime (its certificate and its app's: once a second with 4-second certificates) and asks
+    /// for a JWT-SVID per audience set every few minutes; a certificate renewed in a loop cannot
+    /// take its identity's budget from the other replicas. Derived, not capped, so that a CA told
+    /// to limit nothing (benchmarks) limits nothing here either.
+    pub fn per_lineage(self) -> Self {
+        Self {
+            per_second: self.per_second / 25.0,
+            burst: (self.burst / 25).max(1),
+        }
+    }
+
+    /// What renewals together may take of an identity's limit: three quarters (rounded up), so
+    /// that service-account token and join-token issuances (new pods) always find at least a
+    /// quarter of it, however many of the identity's certificates renew.
+    pub fn renewal_share(self) -> Self {
+        Self {
+            per_second: self.per_second * 0.75,
+            burst: self.burst.saturating_mul(3).div_ceil(4).max(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,

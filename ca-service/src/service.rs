@@ -126,8 +126,13 @@ pub struct CaState {
     /// The rate limit of JWT-SVIDs, per identity, apart from certificates': tokens asked for
     /// by an app never starve its sidecar's renewals.
     pub jwt_limiter: RateLimiter,
-    /// Renewals and JWT-SVID requests per presented certificate (by its key), at the rate of
-    /// `limiter`, taken before the certificate is verified at the time of the call.
+    /// Renewals per identity, before `limiter`: a share of it (`RateLimit::renewal_share`), so
+    /// that renewals cannot take the whole of it from token and join-token issuances.
+    pub renewals: RateLimiter,
+    /// Renewals and JWT-SVID requests per lineage of the presented certificate (the first serial
+    /// of its lineage, the same across renewals whatever the keys; app SVIDs apart), a small share
+    /// of `limiter` (`RateLimit::per_lineage`), taken before the certificate is verified at the
+    /// time of the call.
     pub renewal_calls: RateLimiter<String>,
     pub jwt_svid_calls: RateLimiter<String>,
     /// Acknowledgements and bundle streams opened, per certificate key ([`BUNDLE_CALLS`]): each
@@ -459,7 +464,13 @@ impl CaState {
                 Err(e) => return (method, Some(id), Err(e.into())),
             }
         }
-        if let Err(wait) = self.limiter.check(&id, Instant::now()) {
+        // Renewals take from their share of the identity's limit first: what they leave of it
+        // is kept for tokens and join tokens.
+        let renewals = match method {
+            Method::Renewal => self.renewals.check(&id, Instant::now()),
+            _ => Ok(()),
+        };
+        if let Err(wait) = renewals.and_then(|()| self.limiter.check(&id, Instant::now())) {
             let refusal = rate_limited(&id, wait);
             return (method, Some(id), Err(refusal));
         }
@@ -767,18 +778,25 @@ pub const BUNDLE_CALLS: crate::ratelimit::RateLimit = crate::ratelimit::RateLimi
 };
 
 /// Takes one of the calls of the certificate on `peer`'s connection from `limiter` (keyed by its
-/// key), before the certificate is verified at the time of the call: one certificate's calls cost
-/// at most that many verifications, and a certificate that no longer holds (revoked, its root
-/// retired, on a connection kept alive) uses up no one else's rate. `None`: no certificate (or one
-/// whose identity cannot be read: refused before any verification); an error names the
-/// certificate's identity and the wait.
+/// lineage: the first serial of its lineage of renewals, so a certificate renewed in a loop with a
+/// new key each time is one bucket; an app SVID's calls are counted apart from its sidecar's, so
+/// that the app cannot use up its sidecar's renewals), before the certificate is verified at the
+/// time of the call: one lineage's calls cost at most that many verifications, and a certificate
+/// that no longer holds (revoked, its root retired, on a connection kept alive) uses up no one
+/// else's rate. `None`: no certificate (or one whose identity cannot be read: refused before any
+/// verification); an error names the certificate's identity and the wait.
 fn presented_call(
     limiter: &RateLimiter<String>,
     peer: Option<&PeerInfo>,
 ) -> Option<Result<(), (SpiffeId, std::time::Duration)>> {
     let peer = peer?;
     let leaf = peer.leaf_identity.as_deref()?.as_ref().ok()?;
-    let key = instance_key(peer.certificates.as_ref()?.first()?)?;
+    let lineage = normalized_serial(leaf.lineage_serial());
+    let key = if leaf.app_svid {
+        format!("{lineage}/app")
+    } else {
+        lineage
+    };
     Some(
         limiter
             .check(&key, Instant::now())
@@ -1370,8 +1388,9 @@ mod tests {
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 jwt_svid_ttl: Duration::from_secs(300),
                 jwt_limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
-                renewal_calls: RateLimiter::new(opts.rate.unwrap_or_default()),
-                jwt_svid_calls: RateLimiter::new(opts.rate.unwrap_or_default()),
+                renewals: RateLimiter::new(opts.rate.unwrap_or_default().renewal_share()),
+                renewal_calls: RateLimiter::new(opts.rate.unwrap_or_default().per_lineage()),
+                jwt_svid_calls: RateLimiter::new(opts.rate.unwrap_or_default().per_lineage()),
                 bundle_calls: RateLimiter::new(BUNDLE_CALLS),
                 metrics,
                 shutdown: shutdown_rx,
@@ -2882,8 +2901,13 @@ mod tests {
                     .unwrap()
                     .parse()
                     .unwrap();
-                // One token a minute, the bucket empty: about a minute.
-                assert!((55_000..=60_000).contains(&retry), "{name}: {retry}");
+                // One token a minute, the bucket empty: about a minute; renewals wait on their
+                // share of it (three quarters of a token a minute: 80 s).
+                let full = match case.via {
+                    Via::Renewal => 80_000,
+                    Via::JoinToken => 60_000,
+                };
+                assert!((full - 5_000..=full).contains(&retry), "{name}: {retry}");
                 if let Some(token) = &token {
                     assert!(ca.state.join.lookup(token).is_ok(), "{name}: token spent");
                 }
@@ -4064,5 +4088,53 @@ mod tests {
             let peer = meshid_identity::peer::VerifiedPeer::from_leaf(&chain[0]).unwrap();
             assert_eq!(anchors.revokes(&peer).is_some(), refused, "{name}");
         }
+    }
+
+    #[test]
+    fn a_certificate_renewed_in_a_loop_leaves_its_identity_to_other_replicas_and_new_pods() {
+        let ca = TestCa::with(Opts {
+            rate: Some(RateLimit {
+                per_second: 0.001,
+                burst: 200,
+            }),
+            ..Opts::default()
+        });
+        // A renews itself in a loop, each time on the certificate (and new key) it just got.
+        let mut a = ca.cert(FRONTEND);
+        let mut renewed = 0;
+        let refused = loop {
+            match renew_on(&ca, &a, false) {
+                Ok(next) => {
+                    a = next;
+                    renewed += 1;
+                }
+                Err(refusal) => break refusal,
+            }
+            assert!(renewed <= 200, "never refused");
+        };
+        assert_eq!(refused.result, "rate_limited");
+        assert_eq!(renewed, 8, "its lineage's burst, not its identity's");
+        // Another replica's certificate still renews, and a new pod's token is still issued.
+        renew_on(&ca, &ca.cert(FRONTEND), false).unwrap();
+        let token = ca.join_token(FRONTEND, Duration::from_secs(600));
+        ca.state
+            .issue(&request(csr(), join(token)), None)
+            .2
+            .unwrap();
+
+        // Many lineages renewing at once take at most three quarters of the identity's burst
+        // (150 of 200, A's 8 and the replica's 1 among them): tokens still find room.
+        let mut renewals = 9;
+        for _ in 0..200 {
+            if renew_on(&ca, &ca.cert(FRONTEND), false).is_ok() {
+                renewals += 1;
+            }
+        }
+        assert_eq!(renewals, 150);
+        let token = ca.join_token(FRONTEND, Duration::from_secs(600));
+        ca.state
+            .issue(&request(csr(), join(token)), None)
+            .2
+            .unwrap();
     }
 }
