@@ -213,9 +213,14 @@ pub struct ConnActivity {
     /// Milliseconds from `opened` to the end of the last call (0: none ended yet).
     last_end_ms: AtomicU64,
     opened: Instant,
-    /// The connection's slot at the listener: proven by its first call (see
-    /// [`meshid_runtime::admission`]), given back when the last holder of this drops.
+    /// The connection's slot at the listener: proven by its first call when the connection
+    /// presented a client certificate (see [`meshid_runtime::admission`]), given back when the
+    /// last holder of this drops. A connection without one is never proven: any caller can make
+    /// a call (the bundle, health checks), so calls alone would let anonymous clients from many
+    /// addresses hold every slot against sidecars; such connections stay displaceable at the cap.
     ticket: Option<Ticket>,
+    /// Whether a call proves the ticket (the connection presented a client certificate).
+    proven_by_calls: bool,
 }
 
 impl Default for ConnActivity {
@@ -231,13 +236,21 @@ impl ConnActivity {
             last_end_ms: AtomicU64::new(0),
             opened: Instant::now(),
             ticket,
+            proven_by_calls: true,
         }
     }
 
-    /// A call starts; it is in flight until the guard drops. The first call proves the connection:
-    /// it is no longer displaced at the connection limit.
+    /// Whether calls prove the connection's ticket (see [`Self::call`]).
+    fn proven_by_calls(mut self, proven: bool) -> Self {
+        self.proven_by_calls = proven;
+        self
+    }
+
+    /// A call starts; it is in flight until the guard drops. The first call proves a connection
+    /// that holds a ticket (one that presented a client certificate): it is no longer displaced at
+    /// the connection limit.
     pub fn call(self: &Arc<Self>) -> CallGuard {
-        if let Some(ticket) = &self.ticket {
+        if let Some(ticket) = self.ticket.as_ref().filter(|_| self.proven_by_calls) {
             ticket.proven();
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -536,9 +549,12 @@ pub fn incoming(
     metrics: Metrics,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(128);
-    let admission = Admission::new(
+    // An IPv6 source is its /64, as for the audit budget (`crate::audit::Source`): one host may
+    // hold a whole /64 and draw addresses from it at will.
+    let admission = Admission::grouping_ipv6(
         limits.max_connections,
         Some(limits.max_connections_per_source),
+        64,
     );
     tokio::spawn(async move {
         let refused = |reason: &'static str| {
@@ -617,7 +633,11 @@ pub fn incoming(
                     )
                 });
                 metrics.connections_open.inc();
-                let activity = Arc::new(ConnActivity::new(Some(ticket)));
+                // Only a connection with a client certificate (verified by the handshake) is proven
+                // by its calls; an anonymous one keeps its ticket unproven until it closes.
+                let activity = Arc::new(
+                    ConnActivity::new(Some(ticket)).proven_by_calls(certificates.is_some()),
+                );
                 let hard_deadline = later(
                     later(activity.opened, limits.max_connection_age),
                     limits.max_connection_age_grace,

@@ -57,6 +57,8 @@ pub struct Admission {
 struct Inner {
     max: usize,
     max_per_source: usize,
+    /// How many leading bits of an IPv6 address name its source (128: the address itself).
+    ipv6_prefix: u8,
     state: Mutex<State>,
     /// Woken when the last slot is given back.
     empty: Notify,
@@ -127,10 +129,18 @@ pub struct Admitted {
 impl Admission {
     /// At most `max` connections open, at most `max_per_source` of them from one address.
     pub fn new(max: usize, max_per_source: Option<usize>) -> Self {
+        Self::grouping_ipv6(max, max_per_source, 128)
+    }
+
+    /// [`Self::new`], but an IPv6 source is its first `prefix` bits (64: a /64, which one host
+    /// may hold whole and draw addresses from at will), for the per-source cap and for the
+    /// displacement order alike. IPv4 sources stay single addresses.
+    pub fn grouping_ipv6(max: usize, max_per_source: Option<usize>, prefix: u8) -> Self {
         Self {
             inner: Arc::new(Inner {
                 max,
                 max_per_source: max_per_source.unwrap_or(usize::MAX),
+                ipv6_prefix: prefix.min(128),
                 state: Mutex::new(State::default()),
                 empty: Notify::new(),
             }),
@@ -140,7 +150,15 @@ impl Admission {
     /// A slot for a connection from `source`, displacing an unproven connection at the cap.
     pub fn admit(&self, source: IpAddr) -> Result<Admitted, Refused> {
         // An IPv4 client of a dual-stack listener arrives as ::ffff:a.b.c.d: one source either way.
-        let ip = source.to_canonical();
+        let ip = match source.to_canonical() {
+            IpAddr::V6(v6) if self.inner.ipv6_prefix < 128 => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.inner.ipv6_prefix))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            ip => ip,
+        };
         let mut state = self.inner.lock();
         if state.sources.get(&ip).map_or(0, |s| s.open) >= self.inner.max_per_source {
             return Err(Refused::PerSource);
@@ -405,6 +423,29 @@ mod tests {
     fn displaced(d: &mut Displacement) -> bool {
         let waker = std::task::Waker::noop();
         d.poll_displaced(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn ipv6_sources_may_be_grouped_by_prefix() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        // By /64: a host drawing addresses from its /64 is one source.
+        let a = Admission::grouping_ipv6(10, Some(2), 64);
+        let _one = a.admit(v6("2001:db8:0:1::1")).unwrap();
+        let _two = a.admit(v6("2001:db8:0:1::ffff:2")).unwrap();
+        assert_eq!(
+            a.admit(v6("2001:db8:0:1:8000::3")).unwrap_err(),
+            Refused::PerSource
+        );
+        let _other = a.admit(v6("2001:db8:0:2::1")).expect("another /64");
+        // IPv4 (mapped or not) stays one address each.
+        let _v4 = a.admit(ip(1)).unwrap();
+        let _v4b = a.admit(v6("::ffff:127.0.0.2")).unwrap();
+        let _v4c = a.admit(ip(2)).unwrap();
+        assert_eq!(a.admit(ip(2)).unwrap_err(), Refused::PerSource);
+        // Ungrouped (the default): each IPv6 address is its own source.
+        let b = Admission::new(10, Some(1));
+        let _one = b.admit(v6("2001:db8:0:1::1")).unwrap();
+        let _two = b.admit(v6("2001:db8:0:1::2")).unwrap();
     }
 
     #[test]

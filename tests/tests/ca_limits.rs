@@ -76,6 +76,18 @@ async fn client_from(
     client_cert: Option<ClientCert>,
     opened: Arc<AtomicUsize>,
 ) -> Result<Client, tonic::transport::Error> {
+    channel_from(ca, from, client_cert, opened)
+        .await
+        .map(CertificateAuthorityClient::new)
+}
+
+/// The channel of [`client_from`]: one connection at a time, for any gRPC service of the CA.
+async fn channel_from(
+    ca: &TestCa,
+    from: IpAddr,
+    client_cert: Option<ClientCert>,
+    opened: Arc<AtomicUsize>,
+) -> Result<Channel, tonic::transport::Error> {
     let connector = tls_connector(ca, client_cert);
     let addr = ca.addr;
     let channel = Endpoint::from_static("http://meshid-ca")
@@ -92,7 +104,7 @@ async fn client_from(
             }
         }))
         .await?;
-    Ok(CertificateAuthorityClient::new(channel))
+    Ok(channel)
 }
 
 /// Waits (up to 10 s) until the server ends `tls`: end-of-file or an error on read.
@@ -142,10 +154,35 @@ where
     }
 }
 
+/// A certificate of `sa` from `ca` (by its service-account token), with its key.
+async fn certificate(ca: &TestCa, sa: &str) -> ClientCert {
+    let key = WorkloadKey::new();
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: key.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", sa),
+            )),
+            ttl_seconds: 0,
+            app_svid: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let chain = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    (chain, key.private_key_der())
+}
+
 /// At `--max-connections`, connections that have made no call (silent TCP, or a finished TLS
 /// handshake and nothing after it) from many sources cannot keep a client out: each newcomer
 /// displaces the oldest of them from the busiest source. Only when every connection has made a
-/// call is a newcomer refused.
+/// call with a client certificate is a newcomer refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_at_the_cap_make_room_for_a_client() {
     const MAX: usize = 6;
@@ -175,17 +212,26 @@ async fn silent_connections_at_the_cap_make_room_for_a_client() {
     })
     .await;
     // A client from its own address is served while the flood is held, every time.
+    let cert = certificate(&ca, "frontend").await;
     let mut clients = Vec::new();
     for i in 0..MAX {
         let opened = Arc::new(AtomicUsize::new(0));
-        let mut client = client_from(&ca, ELSEWHERE, None, opened).await.unwrap();
+        let mut client = client_from(
+            &ca,
+            ELSEWHERE,
+            Some((cert.0.clone(), cert.1.clone_key())),
+            opened,
+        )
+        .await
+        .unwrap();
         let bundle = client
             .get_trust_bundle(GetTrustBundleRequest {})
             .await
             .expect("a client is served while silent connections fill the cap")
             .into_inner();
         assert_eq!(bundle.roots, vec![ca.roots[0].to_vec()]);
-        // Its connection made a call: it is never displaced, and it keeps its slot.
+        // Its connection made a call with a certificate: it is never displaced, and it keeps
+        // its slot.
         clients.push(client);
         if i + 1 < MAX {
             flood_tcp.push(tcp_from(HERE, ca.addr).await.unwrap());
@@ -212,6 +258,77 @@ async fn silent_connections_at_the_cap_make_room_for_a_client() {
             .expect("a client that made a call keeps its connection");
     }
     drop((flood_tcp, flood_tls));
+}
+
+/// Anonymous clients that make calls (the bundle, then a health `Watch` stream held open, which
+/// keeps their connections from idling) from many addresses do not hold the CA's slots against
+/// sidecars: a connection without a client certificate is never proven by its calls, so at the
+/// cap a sidecar's connection displaces one of theirs instead of being refused, and its bundle
+/// stream registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_callers_at_the_cap_make_room_for_a_sidecar() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    const MAX: usize = 6;
+    let ca = TestCa::start(CaOptions {
+        max_connections: MAX,
+        idle_timeout: Duration::from_secs(60),
+        ..CaOptions::default()
+    })
+    .await;
+    let cert = certificate(&ca, "frontend").await;
+    let mut held = Vec::new();
+    for i in 0..MAX {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 30 + i as u8));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let channel = channel_from(&ca, from, None, opened).await.unwrap();
+        let mut client = CertificateAuthorityClient::new(channel.clone());
+        client
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .expect("an anonymous call below the cap is served");
+        // On the same connection: a health Watch stream, held.
+        let mut health = HealthClient::new(channel);
+        let watch = health
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("a health stream below the cap")
+            .into_inner();
+        held.push((client, watch));
+    }
+    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
+    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
+    let before = sample(&metrics(&ca).await, displaced);
+
+    // A sidecar arrives at the cap: served, its stream registered.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut sidecar = client_from(&ca, ELSEWHERE, Some(cert), opened)
+        .await
+        .unwrap();
+    let mut stream = sidecar
+        .watch_trust_bundle(WatchTrustBundleRequest {
+            instance_id: "pod".into(),
+            file_mode: false,
+        })
+        .await
+        .expect("a sidecar at the cap is served")
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    renew(&mut sidecar).await.expect("and renews");
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, full), 0.0, "the sidecar was refused: {m}");
+    assert!(
+        sample(&m, displaced) > before,
+        "no anonymous connection displaced: {m}"
+    );
+    let report = meshid_ca::rotation::status(ca.dir.path(), &[ca.admin_addr])
+        .await
+        .unwrap();
+    assert_eq!(report.sidecars.len(), 1, "{:?}", report.sidecars);
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
