@@ -1262,7 +1262,12 @@ impl CertificateAuthority for CaService {
             }
         };
         if let Some(c) = &caller {
-            state.fleet.stream_opened(c, now).map_err(fleet_status)?;
+            let lineage =
+                presented.map_or(String::new(), |id| normalized_serial(id.lineage_serial()));
+            state
+                .fleet
+                .stream_opened_in(c, &lineage, now)
+                .map_err(fleet_status)?;
         }
         let bundles = tokio_stream::wrappers::WatchStream::new(state.bundle.subscribe());
         let stopped = tokio_stream::wrappers::WatchStream::new(state.shutdown.clone());
@@ -3308,7 +3313,14 @@ mod tests {
         state.ack(&req, Some(&peer(&chain))).unwrap();
         assert_eq!(state.fleet.report(now()).0[0].acked_version, version);
         drop(stream);
-        assert!(state.fleet.report(now()).0.is_empty(), "closed: forgotten");
+        // Closed: no longer connected, remembered as gone while its certificate lives.
+        let (sidecars, _) = state.fleet.report(now());
+        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
+        assert!(
+            !sidecars[0].connected && sidecars[0].last_seen > 0,
+            "{sidecars:?}"
+        );
+        assert_eq!(sidecars[0].acked_version, version);
     }
 
     #[tokio::test]
@@ -3332,12 +3344,18 @@ mod tests {
         assert_eq!(listed.len(), 1, "{sidecars:?}");
         assert_eq!(listed[0].identity, BACKEND);
         assert!(!listed[0].connected);
-        // Room again: it registers, and is an instance like any other.
+        // Room again: it registers, and is an instance like any other (the first one, gone, is
+        // remembered as such).
         drop(stream);
         let _stream = watch(&service, Some(peer(&hidden))).await.unwrap();
         let (sidecars, _) = state.fleet.report(now());
-        assert_eq!(sidecars.len(), 1, "{sidecars:?}");
-        assert!(sidecars[0].connected && sidecars[0].turned_away.is_empty());
+        let connected: Vec<_> = sidecars.iter().filter(|s| s.connected).collect();
+        assert_eq!(connected.len(), 1, "{sidecars:?}");
+        assert_eq!(connected[0].identity, BACKEND);
+        assert!(
+            sidecars.iter().all(|s| s.turned_away.is_empty()),
+            "{sidecars:?}"
+        );
     }
 
     #[test]
@@ -3567,9 +3585,13 @@ mod tests {
                 (0, None),
                 "{name}: the acknowledgement was recorded"
             );
-            // That stream ends: nothing is left (the refused one held no stream of the instance).
+            // That stream ends: nothing connected is left (the refused one held no stream of the
+            // instance); an instance whose certificate still lives is remembered as gone.
             state.fleet.stream_closed(&caller.key);
-            assert!(state.fleet.report(now()).0.is_empty(), "{name}");
+            assert!(
+                state.fleet.report(now()).0.iter().all(|s| !s.connected),
+                "{name}"
+            );
 
             // Anonymous callers on a new connection are still served.
             assert!(

@@ -488,3 +488,64 @@ async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
     .await;
     assert!(retired.is_ok(), "retire still refused after the revocation");
 }
+
+/// A sidecar whose bundle stream closed (pushed out of the CA's connections, or its pod gone)
+/// before it acknowledged the new root is not forgotten: `activate` waits for it ("not seen
+/// since"), until it is revoked (or its certificate expires, or it reconnects and acknowledges).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_gone_before_it_acknowledged_holds_activate_until_revoked() {
+    use std::time::Duration;
+
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let admins = [ca.admin_addr];
+    let mut gone = Workload::new(&ca, "pushed").await;
+    let mut stream = gone.watch(false).await.unwrap();
+    assert_eq!(stream.message().await.unwrap().unwrap().version, 1);
+    let ack = gone.ack_of(1);
+    gone.ack(ack).await.unwrap();
+    // Its stream closes, and with it its connection.
+    drop(stream);
+    drop(gone.client);
+    let report = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let r = rotation::status(&dir, &admins).await.unwrap();
+            if r.sidecars.iter().any(|s| !s.connected && s.last_seen > 0) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the instance is listed as gone");
+    assert_eq!(report.sidecars.len(), 1, "{:?}", report.sidecars);
+
+    rotation::prepare(&dir, None).unwrap();
+    match rotation::activate(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => {
+            assert!(
+                why.contains("sa/pushed") && why.contains("not seen since"),
+                "{why}"
+            );
+        }
+        other => panic!("activate must wait for the sidecar that is gone: {other:?}"),
+    }
+    let serial = meshid_identity::cert_identity_from_der(&gone.chain[0])
+        .unwrap()
+        .serial_hex;
+    let (code, out) = meshid_ca(&["revoke", "--dir", dir_arg.as_str(), "--serial", &serial]);
+    assert_eq!(code, 0, "{out}");
+    // The CA reads its directory every second: the revoked instance no longer holds the gate.
+    let activated = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(name) = rotation::activate(&dir, &admins, false).await {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("activate runs once the gone sidecar is revoked");
+    assert_eq!(activated, "2");
+}

@@ -186,6 +186,8 @@ mod tests {
             serial: String::new(),
             revoked: false,
             turned_away: String::new(),
+            last_seen: 0,
+            lineage: String::new(),
         }
     }
 

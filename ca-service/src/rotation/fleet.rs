@@ -7,8 +7,10 @@
 //! report only for the key it holds (one instance per certificate), only while its stream is open
 //! on this CA process, and only while that certificate still holds when it calls (the service
 //! checks it as a renewal's: unexpired, chaining to the bundle of the moment, not revoked). The
-//! map is bounded overall and per identity; disconnected instances are forgotten at once (a
-//! renewed sidecar is a new instance).
+//! map is bounded overall and per identity. A disconnected instance is remembered as gone while
+//! its certificate lives, unless an instance of its lineage is connected (a renewed sidecar is a
+//! new instance of the same lineage), so that a sidecar pushed out before it acknowledged still
+//! holds `activate` (see [`MAX_DEPARTED`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -110,6 +112,8 @@ struct Sidecar {
     serving_not_after: i64,
     /// The serial of the certificate with that expiry.
     serial: String,
+    /// The first serial of its certificate's lineage (empty: not known).
+    lineage: String,
 }
 
 impl Sidecar {
@@ -126,6 +130,28 @@ impl Sidecar {
             serial: self.serial.clone(),
             revoked: false,
             turned_away: String::new(),
+            last_seen: 0,
+            lineage: self.lineage.clone(),
+        }
+    }
+}
+
+impl Departed {
+    fn view(&self, key: &str) -> SidecarReport {
+        SidecarReport {
+            instance: key.get(..16).unwrap_or(key).to_owned(),
+            key: key.to_owned(),
+            identity: self.identity.clone(),
+            connected: false,
+            acked_version: self.acked_version,
+            serving_authority: self.serving_authority.clone(),
+            serving_not_after: self.not_after,
+            file_mode: self.file_mode,
+            serial: self.serial.clone(),
+            revoked: false,
+            turned_away: String::new(),
+            last_seen: self.left_at,
+            lineage: self.lineage.clone(),
         }
     }
 }
@@ -144,6 +170,8 @@ impl TurnedAway {
             serial: self.serial.clone(),
             revoked: false,
             turned_away: self.reason.clone(),
+            last_seen: 0,
+            lineage: String::new(),
         }
     }
 }
@@ -154,7 +182,8 @@ pub fn mark_revoked(sidecars: &mut [SidecarReport], list: &crate::revocations::R
         return;
     }
     for s in sidecars {
-        s.revoked = list.lists_instance(&s.identity, &s.serial);
+        s.revoked = list.lists_instance(&s.identity, &s.serial)
+            || list.lists_instance(&s.identity, &s.lineage);
     }
 }
 
@@ -206,6 +235,28 @@ pub const MAX_TURNED_AWAY: usize = 1_024;
 /// The most identities whose turned-away sidecars beyond the list one process counts apart.
 pub const MAX_UNLISTED_IDENTITIES: usize = 1_024;
 
+/// The most instances gone from one process (their streams closed, their certificates live,
+/// no connected instance of their lineage here) that it lists; beyond, they are counted with the
+/// turned-away ones beyond the list ([`Inner::unlisted`]), and `activate` waits until their
+/// certificates have expired.
+pub const MAX_DEPARTED: usize = 4_096;
+
+/// An instance whose last bundle stream closed while its certificate lives: a sidecar pushed out
+/// (or gone) before it acknowledged the version an `activate` waits for must not drop out of the
+/// gate. Forgotten when its certificate expires, when it (its key) or an instance of its lineage
+/// (the sidecar renewed) registers again.
+#[derive(Debug)]
+struct Departed {
+    identity: String,
+    file_mode: bool,
+    not_after: i64,
+    serial: String,
+    lineage: String,
+    acked_version: u64,
+    serving_authority: Option<String>,
+    left_at: i64,
+}
+
 /// A sidecar whose bundle stream could not be registered, as long as its certificate lives.
 #[derive(Debug)]
 struct TurnedAway {
@@ -231,6 +282,11 @@ struct Inner {
     unlisted: (u64, i64),
     /// Connected instances per identity.
     connected: HashMap<String, usize>,
+    /// Instances gone while their certificates live, by key fingerprint (at most
+    /// [`MAX_DEPARTED`]).
+    departed: HashMap<String, Departed>,
+    /// Connected instances per lineage (those whose lineage is known).
+    lineages: HashMap<String, usize>,
     /// authority name -> live certificates it issued, counted per not-after second.
     issued: HashMap<String, Expiries>,
     /// authority name -> identity -> its live certificates asked to live longer than the default
@@ -241,6 +297,7 @@ struct Inner {
 impl Inner {
     fn forget_expired_turned_away(&mut self, now: i64) {
         self.turned_away.retain(|_, t| t.not_after > now);
+        self.departed.retain(|_, d| d.not_after > now);
         self.unlisted_by_identity
             .retain(|_, (_, until)| *until > now);
     }
@@ -383,7 +440,21 @@ impl Fleet {
     }
 
     /// A bundle stream opened by `caller`: registers its instance, or counts one more stream of it.
+    /// Its lineage is not known (see [`Self::stream_opened_in`]).
     pub fn stream_opened(&self, caller: &Caller, now: i64) -> Result<(), FleetError> {
+        self.stream_opened_in(caller, "", now)
+    }
+
+    /// [`Self::stream_opened`] by a certificate of `lineage` (the first serial of its lineage of
+    /// renewals; empty: not known): an instance of the lineage that is gone
+    /// ([`Self::stream_closed`]) is forgotten once this one registers (a renewed sidecar
+    /// reconnecting).
+    pub fn stream_opened_in(
+        &self,
+        caller: &Caller,
+        lineage: &str,
+        now: i64,
+    ) -> Result<(), FleetError> {
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(s) = inner.sidecars.get_mut(&caller.key) {
@@ -433,6 +504,13 @@ impl Fleet {
             return Err(e);
         }
         inner.turned_away.remove(&caller.key);
+        inner.departed.remove(&caller.key);
+        if !lineage.is_empty() {
+            if !inner.departed.is_empty() {
+                inner.departed.retain(|_, d| d.lineage != lineage);
+            }
+            *inner.lineages.entry(lineage.to_owned()).or_default() += 1;
+        }
         *inner.connected.entry(caller.identity.clone()).or_default() += 1;
         inner.sidecars.insert(
             caller.key.clone(),
@@ -446,15 +524,19 @@ impl Fleet {
                 // instance stops counting for the gates once it has expired, acknowledged or not.
                 serving_not_after: caller.not_after,
                 serial: caller.serial.clone(),
+                lineage: lineage.to_owned(),
             },
         );
         Ok(())
     }
 
     /// A bundle stream of the instance with key `key` ended. An instance with no stream left is
-    /// forgotten at once: it counts for no gate, and a sidecar that renews opens a new instance
-    /// (its new key) right away, so keeping the old ones would only grow the map and the report.
+    /// no longer connected; while its certificate lives it is remembered as gone (it holds
+    /// `activate` until it is seen again, its certificate expires, or it is revoked: see
+    /// [`Departed`]), unless an instance of its lineage is connected here (a renewed sidecar,
+    /// whose new key registered first).
     pub fn stream_closed(&self, key: &str) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut inner = self.lock();
         let inner = &mut *inner;
         let Some(s) = inner.sidecars.get_mut(key) else {
@@ -465,13 +547,58 @@ impl Fleet {
             return;
         }
         let identity = s.identity.clone();
-        inner.sidecars.remove(key);
+        let Some(s) = inner.sidecars.remove(key) else {
+            return;
+        };
+        let successor = if s.lineage.is_empty() {
+            false
+        } else {
+            let n = inner.lineages.entry(s.lineage.clone()).or_default();
+            *n = n.saturating_sub(1);
+            let left = *n;
+            if left == 0 {
+                inner.lineages.remove(&s.lineage);
+            }
+            left > 0
+        };
+        if !successor && s.serving_not_after > now {
+            Self::remember_departed(inner, key, s, now);
+        }
         if let Some(n) = inner.connected.get_mut(&identity) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 inner.connected.remove(&identity);
             }
         }
+    }
+
+    fn remember_departed(inner: &mut Inner, key: &str, s: Sidecar, now: i64) {
+        if inner.departed.len() >= MAX_DEPARTED {
+            inner.forget_expired_turned_away(now);
+        }
+        if inner.departed.len() >= MAX_DEPARTED {
+            // Counted, with when the last of their certificates expires.
+            let (count, until) = &mut inner.unlisted;
+            if *until <= now {
+                *count = 0;
+            }
+            *count += 1;
+            *until = (*until).max(s.serving_not_after);
+            return;
+        }
+        inner.departed.insert(
+            key.to_owned(),
+            Departed {
+                identity: s.identity,
+                file_mode: s.file_mode,
+                not_after: s.serving_not_after,
+                serial: s.serial,
+                lineage: s.lineage,
+                acked_version: s.acked_version,
+                serving_authority: s.serving_authority,
+                left_at: now,
+            },
+        );
     }
 
     /// Records an acknowledgement by the instance with key `key`, which must have a stream open
@@ -619,6 +746,7 @@ impl Fleet {
                 .iter()
                 .map(|(k, s)| s.view(k))
                 .chain(inner.turned_away.iter().map(|(k, t)| t.view(k)))
+                .chain(inner.departed.iter().map(|(k, d)| d.view(k)))
                 .collect();
             (sidecars, Self::issued_views(&mut inner, now))
         };

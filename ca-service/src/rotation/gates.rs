@@ -36,15 +36,31 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
 ///
 /// A sidecar a CA process turned away for lack of room (its bundle stream could not be
 /// registered) counts as one that has not acknowledged: the CA cannot see what it trusts. So
-/// filling the room cannot hide sidecars from the gate.
+/// filling the room cannot hide sidecars from the gate. So does one gone (its stream closed, its
+/// certificate live: pushed out of the CA's connections, or its pod gone) before it acknowledged,
+/// unless a connected instance of its lineage (the same sidecar, renewed) stands for it.
 pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
     };
+    // A gone instance whose lineage has a connected instance renewed and reconnected: that one
+    // stands for it.
+    let connected_lineages: std::collections::HashSet<&str> = r
+        .sidecars
+        .iter()
+        .filter(|s| s.connected && !s.lineage.is_empty())
+        .map(|s| s.lineage.as_str())
+        .collect();
+    let gone = |s: &super::report::SidecarReport| {
+        !s.connected
+            && s.turned_away.is_empty()
+            && s.last_seen > 0
+            && !connected_lineages.contains(s.lineage.as_str())
+    };
     let mut blockers: Vec<String> = r
         .sidecars
         .iter()
-        .filter(|s| (s.connected || !s.turned_away.is_empty()) && !s.file_mode && !s.revoked)
+        .filter(|s| (s.connected || !s.turned_away.is_empty() || gone(s)) && !s.file_mode && !s.revoked)
         .filter(|s| s.acked_version < prepared.in_bundle_since)
         .filter(|s| s.serving_not_after == 0 || s.serving_not_after > now)
         .map(|s| {
@@ -52,6 +68,19 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
                 format!(
                     "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
                     s.identity, s.instance, s.acked_version, prepared.in_bundle_since
+                )
+            } else if s.turned_away.is_empty() {
+                format!(
+                    "sidecar {} ({}) not seen since {} (its bundle stream closed having acknowledged \
+                     bundle v{}, not v{}): it may still serve until its certificate expires ({}); \
+                     `activate` waits until it reconnects and acknowledges, that expiry, or it is \
+                     revoked",
+                    s.identity,
+                    s.instance,
+                    s.last_seen,
+                    s.acked_version,
+                    prepared.in_bundle_since,
+                    s.serving_not_after
                 )
             } else {
                 format!(
@@ -248,6 +277,8 @@ mod tests {
             serial: String::new(),
             revoked: false,
             turned_away: String::new(),
+            last_seen: 0,
+            lineage: String::new(),
         }
     }
 
@@ -616,5 +647,55 @@ mod tests {
             b[0].contains("read-only") && b[0].contains("87300"),
             "{b:?}"
         );
+    }
+
+    #[test]
+    fn a_sidecar_gone_before_it_acknowledged_holds_activate_until_seen_expired_or_revoked() {
+        let st = state(
+            &[
+                ("1", AuthorityState::Active, 1),
+                ("2", AuthorityState::Prepared, 2),
+            ],
+            2,
+        );
+        let gone = |acked: u64, lineage: &str| SidecarReport {
+            connected: false,
+            last_seen: 50,
+            lineage: lineage.into(),
+            ..sidecar("gone", acked, "1", 500)
+        };
+        let report = |sidecars: Vec<SidecarReport>| RotationReport {
+            bundle_version: 2,
+            authorities: vec![],
+            sidecars,
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess::default()],
+            turned_away_unlisted: Vec::new(),
+        };
+        let mut r = report(vec![sidecar("a", 2, "1", 0), gone(1, "aa")]);
+        let b = activate_blockers(&st, &r, 100);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("spiffe://td/gone") && b[0].contains("not seen since 50"),
+            "{b:?}"
+        );
+        // Until its certificate expires, or it is revoked.
+        assert!(activate_blockers(&st, &r, 500).is_empty());
+        r.sidecars[1].revoked = true;
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        // Gone after acknowledging the version activate waits for: nothing to wait for.
+        r.sidecars[1] = gone(2, "aa");
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        // Renewed and reconnected (a connected instance of its lineage acknowledged): not waited for.
+        let renewed = SidecarReport {
+            lineage: "aa".into(),
+            ..sidecar("gone", 2, "1", 900)
+        };
+        r = report(vec![renewed, gone(1, "aa")]);
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        // Another lineage's instance does not stand for it.
+        r.sidecars[0].lineage = "bb".into();
+        assert_eq!(activate_blockers(&st, &r, 100).len(), 1);
     }
 }

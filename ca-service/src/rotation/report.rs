@@ -82,6 +82,16 @@ pub struct SidecarReport {
     /// certificate expires, it is revoked, or a stream of its is registered.
     #[serde(default)]
     pub turned_away: String,
+    /// When its last bundle stream on this CA process closed (Unix seconds) for an instance that
+    /// is gone (`connected` false, not turned away); 0 for the others. Until its certificate
+    /// expires, `activate` waits for it as for a connected one that has not acknowledged, unless
+    /// a connected instance of its `lineage` stands for it (a renewed sidecar), or it is revoked.
+    #[serde(default)]
+    pub last_seen: i64,
+    /// The first serial of its certificate's lineage of renewals (lowercase hex; empty when not
+    /// known).
+    #[serde(default)]
+    pub lineage: String,
 }
 
 /// One CA process as its report describes it: its live-certificate counts cover only what it issued

@@ -145,6 +145,10 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
             }
             e.acked_version = e.acked_version.max(s.acked_version);
             e.file_mode |= s.file_mode;
+            e.last_seen = e.last_seen.max(s.last_seen);
+            if e.lineage.is_empty() {
+                e.lineage.clone_from(&s.lineage);
+            }
         }
         for a in &r.authorities {
             let e = live.entry(a.name.clone()).or_default();
@@ -217,6 +221,8 @@ mod tests {
             serial: String::new(),
             revoked: false,
             turned_away: turned_away.into(),
+            last_seen: 0,
+            lineage: String::new(),
         };
         let process = |sidecars: Vec<SidecarReport>| RotationReport {
             bundle_version: 2,
@@ -263,6 +269,8 @@ mod tests {
             serial: String::new(),
             revoked: false,
             turned_away: String::new(),
+            last_seen: 0,
+            lineage: String::new(),
         };
         let process = |sidecars: Vec<SidecarReport>| RotationReport {
             bundle_version: 1,
