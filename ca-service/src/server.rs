@@ -231,8 +231,9 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             // ends the bundle streams still on it. tonic's own `max_connection_age_grace` is not
             // used: with it set, tonic skips the GOAWAY and only cuts.
             .max_connection_age(config.limits.max_connection_age)
-            // Calls in flight per connection, for the idle timeout (tls::TlsConn).
-            .layer(tls::TrackCallsLayer)
+            // Calls in flight per connection, for the idle timeout (tls::TlsConn), and the bound
+            // on health Watch streams.
+            .layer(tls::TrackCallsLayer::default())
             .add_service(health_service)
             .add_service(ca)
             .serve_with_incoming_shutdown(incoming, async move {

@@ -457,16 +457,46 @@ impl Default for ListenerLimits {
     }
 }
 
+/// The gRPC health service's streaming method: a stream that never ends by itself, open to
+/// anyone (no certificate needed), so they are bounded ([`MAX_HEALTH_WATCHES`]).
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+
+/// The most health `Watch` streams open at once on one CA process; beyond, `RESOURCE_EXHAUSTED`
+/// (probes use `Check`, which is not bounded here). Without a bound, anonymous clients could hold
+/// any number of never-ending streams (256 per connection).
+pub const MAX_HEALTH_WATCHES: usize = 256;
+
 /// Marks every call as in flight on its connection ([`PeerInfo::activity`]) until its response
 /// body has ended or is dropped, so a `WatchTrustBundle` stream keeps its connection busy for as
-/// long as it is open. The idle timeout reads the count.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TrackCallsLayer;
+/// long as it is open. The idle timeout reads the count. Also bounds the health `Watch` streams
+/// open at once ([`MAX_HEALTH_WATCHES`]).
+#[derive(Debug, Clone)]
+pub struct TrackCallsLayer {
+    health_watches: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for TrackCallsLayer {
+    fn default() -> Self {
+        Self::with_health_watches(MAX_HEALTH_WATCHES)
+    }
+}
+
+impl TrackCallsLayer {
+    /// At most `max` health `Watch` streams open at once.
+    pub fn with_health_watches(max: usize) -> Self {
+        Self {
+            health_watches: Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for TrackCallsLayer {
     type Service = TrackCalls<S>;
     fn layer(&self, inner: S) -> TrackCalls<S> {
-        TrackCalls { inner }
+        TrackCalls {
+            inner,
+            health_watches: self.health_watches.clone(),
+        }
     }
 }
 
@@ -474,6 +504,7 @@ impl<S> tower::Layer<S> for TrackCallsLayer {
 #[derive(Debug, Clone)]
 pub struct TrackCalls<S> {
     inner: S,
+    health_watches: Arc<tokio::sync::Semaphore>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -482,7 +513,7 @@ impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = http::Response<TrackedBody<ResBody>>;
     type Error = S::Error;
@@ -493,6 +524,25 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let permit = if req.uri().path() == HEALTH_WATCH {
+            match self.health_watches.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "too many health Watch streams open on this CA ({MAX_HEALTH_WATCHES} at \
+                         most); use Check"
+                    ));
+                    let response = status.into_http::<ResBody>().map(|inner| TrackedBody {
+                        inner,
+                        guard: None,
+                        permit: None,
+                    });
+                    return Box::pin(async move { Ok(response) });
+                }
+            }
+        } else {
+            None
+        };
         let guard = req
             .extensions()
             .get::<PeerInfo>()
@@ -500,16 +550,22 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|inner| TrackedBody { inner, guard }))
+            Ok(response.map(|inner| TrackedBody {
+                inner,
+                guard,
+                permit,
+            }))
         })
     }
 }
 
-/// A response body that keeps its call in flight until it ends or is dropped.
+/// A response body that keeps its call in flight (and a health `Watch` stream's place) until it
+/// ends or is dropped.
 #[derive(Debug)]
 pub struct TrackedBody<B> {
     inner: B,
     guard: Option<CallGuard>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<B> hyper::body::Body for TrackedBody<B>
@@ -527,6 +583,7 @@ where
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(None) = frame {
             this.guard = None;
+            this.permit = None;
         }
         frame
     }

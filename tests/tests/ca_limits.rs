@@ -702,3 +702,61 @@ async fn a_token_with_a_crit_header_is_unauthenticated() {
         "{m}"
     );
 }
+
+/// Health `Watch` streams never end by themselves and need no certificate: at most
+/// `MAX_HEALTH_WATCHES` are open at once on a CA process, the next is `RESOURCE_EXHAUSTED`, and a
+/// closed one gives its place back. `Check` is not bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_watch_streams_are_bounded() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let max = meshid_ca::tls::MAX_HEALTH_WATCHES;
+    let ca = TestCa::start(CaOptions::default()).await;
+    let request = || HealthCheckRequest {
+        service: String::new(),
+    };
+    // Two connections (each takes at most 256 streams at once), half the streams on each.
+    let mut clients = Vec::new();
+    for from in [HERE, ELSEWHERE] {
+        let opened = Arc::new(AtomicUsize::new(0));
+        clients.push(HealthClient::new(
+            channel_from(&ca, from, None, opened).await.unwrap(),
+        ));
+    }
+    let mut held = Vec::new();
+    for i in 0..max {
+        let stream = clients[i % 2]
+            .watch(request())
+            .await
+            .unwrap_or_else(|e| panic!("watch {i}: {e:?}"))
+            .into_inner();
+        held.push(stream);
+    }
+    let refused = clients[0].watch(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("health Watch"), "{refused:?}");
+    clients[1]
+        .check(request())
+        .await
+        .expect("Check is still answered");
+    // One closes: its place comes back.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match clients[0].watch(request()).await {
+            Ok(stream) => {
+                held.push(stream.into_inner());
+                break;
+            }
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed stream's place never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+}
