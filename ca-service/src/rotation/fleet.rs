@@ -767,7 +767,10 @@ impl Fleet {
         let mut revoked = 0;
         let check = !revocations.entries().is_empty();
         for s in inner.sidecars.values().filter(|s| s.streams > 0) {
-            if check && revocations.lists_instance(&s.identity, &s.serial) {
+            if check
+                && (revocations.lists_instance(&s.identity, &s.serial)
+                    || revocations.lists_instance(&s.identity, &s.lineage))
+            {
                 revoked += 1;
             } else {
                 *by_version.entry(s.acked_version).or_default() += 1;
@@ -1039,6 +1042,56 @@ mod tests {
         let summary = f.summary(0, &list);
         assert_eq!(summary.revoked, 2);
         assert_eq!(summary.by_version.values().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn instances_renewed_from_a_revoked_serial_are_marked_and_gone_ones_remembered() {
+        use meshid_identity::revocation::Revoked;
+        let f = Fleet::new(CaProcess::default());
+        let far = i64::MAX;
+        // k1 serves on 05, renewed from 01 (its lineage); k2 on a lineage of its own.
+        for (key, serial, lineage) in [("k1", "05", "01"), ("k2", "06", "06")] {
+            let c = Caller {
+                not_after: far,
+                serial: serial.into(),
+                ..caller(key, "spiffe://td/ns/x/sa/a", false)
+            };
+            f.stream_opened_in(&c, lineage, 0).unwrap();
+        }
+        let mut list = crate::revocations::Revocations::default();
+        list.revoke(Revoked::Serial("01".into()), 0, 100, String::new())
+            .unwrap();
+        let (mut s, _) = f.report(0);
+        mark_revoked(&mut s, &list);
+        let marked: Vec<(&str, bool)> = s.iter().map(|s| (s.serial.as_str(), s.revoked)).collect();
+        assert_eq!(marked, [("05", true), ("06", false)]);
+        assert_eq!(f.summary(0, &list).revoked, 1);
+
+        // k2's stream closes: remembered as gone; its lineage renewed and reconnected (k3):
+        // forgotten.
+        f.stream_closed("k2");
+        let (s, _) = f.report(0);
+        let gone: Vec<_> = s.iter().filter(|s| !s.connected).collect();
+        assert_eq!(gone.len(), 1, "{s:?}");
+        assert!(gone[0].last_seen > 0 && gone[0].lineage == "06", "{s:?}");
+        let renewed = Caller {
+            not_after: far,
+            serial: "07".into(),
+            ..caller("k3", "spiffe://td/ns/x/sa/a", false)
+        };
+        f.stream_opened_in(&renewed, "06", 0).unwrap();
+        let (s, _) = f.report(0);
+        assert!(s.iter().all(|s| s.connected), "{s:?}");
+        // A renewed sidecar whose new stream opened first: its old instance is not remembered.
+        let next = Caller {
+            not_after: far,
+            serial: "08".into(),
+            ..caller("k4", "spiffe://td/ns/x/sa/a", false)
+        };
+        f.stream_opened_in(&next, "06", 0).unwrap();
+        f.stream_closed("k3");
+        let (s, _) = f.report(0);
+        assert!(s.iter().all(|s| s.connected), "{s:?}");
     }
 
     #[test]
