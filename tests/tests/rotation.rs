@@ -998,6 +998,7 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
                 ca.cluster.token("shop", "probe"),
             )),
             ttl_seconds: 0,
+            app_svid: false,
         })
         .await
         .unwrap()
