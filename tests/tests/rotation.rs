@@ -255,56 +255,74 @@ async fn root_rotation_under_traffic_with_gates() {
     assert_eq!(failed, 0, "no request failed during the rotation");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn intermediate_rotation_and_forced_retire_renew_at_once() {
-    // Long lifetimes: nothing renews on its own during this test.
-    let ca = TestCa::start(CaOptions::default()).await;
-    let dir = ca.dir.path().to_owned();
-    let admins = [ca.admin_addr];
-    let pki = TestPki::new();
-    let dummy = pki.workload(A);
-    let long = |sa: &str| match ca_mode(&ca, sa) {
-        CredSource::Ca(mut m) => {
-            m.ttl = Some(Duration::from_secs(3600));
-            CredSource::Ca(m)
-        }
-        other => other,
-    };
-    let b = TestSidecar::start(
-        &pki,
-        &dummy,
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.12", http_echo().await, Protocol::Http)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
-            )),
-            creds: Some(long("backend")),
-            ..Default::default()
-        },
-    )
-    .await;
-    let a = TestSidecar::start(
-        &pki,
-        &dummy,
-        A,
-        SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
-            creds: Some(long("frontend")),
-            ..Default::default()
-        },
-    )
-    .await;
-    let local = a.outbound[0];
-    let works = || async move {
-        let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
+/// A pair A -> B whose certificates from `ca` live an hour (nothing renews on its own during a
+/// test), B's inbound on `ip` allowing A.
+struct LongPair {
+    _pki: TestPki,
+    a: TestSidecar,
+    b: TestSidecar,
+}
+
+impl LongPair {
+    async fn start(ca: &TestCa, ip: &'static str) -> Self {
+        let pki = TestPki::new();
+        let dummy = pki.workload(A);
+        let long = |sa: &str| match ca_mode(ca, sa) {
+            CredSource::Ca(mut m) => {
+                m.ttl = Some(Duration::from_secs(3600));
+                CredSource::Ca(m)
+            }
+            other => other,
+        };
+        let b = TestSidecar::start(
+            &pki,
+            &dummy,
+            B,
+            SidecarSpec {
+                inbound: vec![(ip, http_echo().await, Protocol::Http)],
+                policy: Some(format!(
+                    "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+                )),
+                creds: Some(long("backend")),
+                ..Default::default()
+            },
+        )
+        .await;
+        let a = TestSidecar::start(
+            &pki,
+            &dummy,
+            A,
+            SidecarSpec {
+                outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
+                creds: Some(long("frontend")),
+                ..Default::default()
+            },
+        )
+        .await;
+        Self { _pki: pki, a, b }
+    }
+
+    /// Whether a request from A's app through the pair is answered.
+    async fn works(&self) -> bool {
+        let Ok(tcp) = tokio::net::TcpStream::connect(self.a.outbound[0]).await else {
             return false;
         };
         matches!(
             http_request(tcp, false, get("/x", &[])).await,
             Ok((200, _, _))
         )
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intermediate_rotation_and_forced_retire_renew_at_once() {
+    // Long lifetimes: nothing renews on its own during this test.
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let admins = [ca.admin_addr];
+    let pair = LongPair::start(&ca, "127.0.0.12").await;
+    let (a, b) = (&pair.a, &pair.b);
+    let works = || pair.works();
     assert!(eventually(Duration::from_secs(10), works).await);
 
     // A new signing intermediate under the same root: no bundle change, traffic unaffected.
@@ -341,7 +359,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
     let new_name = rotation::prepare(&dir, None).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            anchors(&a).await == Some(2) && anchors(&b).await == Some(2)
+            anchors(a).await == Some(2) && anchors(b).await == Some(2)
         })
         .await
     );
@@ -361,8 +379,8 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
     rotation::retire(&dir, &admins, true).await.unwrap();
     let converged = eventually(Duration::from_secs(15), || async {
         let report = rotation::status(&dir, &admins).await.unwrap();
-        anchors(&a).await == Some(1)
-            && anchors(&b).await == Some(1)
+        anchors(a).await == Some(1)
+            && anchors(b).await == Some(1)
             && report
                 .sidecars
                 .iter()
@@ -891,57 +909,16 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     let ca = TestCa::start(CaOptions::default()).await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
-    let pki = TestPki::new();
-    let dummy = pki.workload(A);
-    let long = |sa: &str| match ca_mode(&ca, sa) {
-        CredSource::Ca(mut m) => {
-            m.ttl = Some(Duration::from_secs(3600));
-            CredSource::Ca(m)
-        }
-        other => other,
-    };
-    let b = TestSidecar::start(
-        &pki,
-        &dummy,
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.13", http_echo().await, Protocol::Http)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
-            )),
-            creds: Some(long("backend")),
-            ..Default::default()
-        },
-    )
-    .await;
-    let a = TestSidecar::start(
-        &pki,
-        &dummy,
-        A,
-        SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
-            creds: Some(long("frontend")),
-            ..Default::default()
-        },
-    )
-    .await;
-    let local = a.outbound[0];
-    let works = || async move {
-        let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
-            return false;
-        };
-        matches!(
-            http_request(tcp, false, get("/x", &[])).await,
-            Ok((200, _, _))
-        )
-    };
+    let pair = LongPair::start(&ca, "127.0.0.13").await;
+    let (a, b) = (&pair.a, &pair.b);
+    let works = || pair.works();
     assert!(eventually(Duration::from_secs(10), works).await);
     let stale = files_of(&dir);
 
     let new_name = rotation::prepare(&dir, None).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            anchors(&a).await == Some(2) && anchors(&b).await == Some(2)
+            anchors(a).await == Some(2) && anchors(b).await == Some(2)
         })
         .await
     );
@@ -953,8 +930,8 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     let new_roots = meshid_ca::authority::read_bundle(&dir.join("bundle.pem")).unwrap();
     assert_eq!(new_roots.len(), 1);
     let converged = eventually(Duration::from_secs(15), || async {
-        anchors(&a).await == Some(1)
-            && anchors(&b).await == Some(1)
+        anchors(a).await == Some(1)
+            && anchors(b).await == Some(1)
             && works().await
             && issuing_root(&ca, ca.addr, &new_roots).await.as_deref() == Some(new_name.as_str())
     })
@@ -1006,8 +983,8 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     let (_, new_inter) = x509_parser::parse_x509_certificate(&issued.cert_chain[1]).unwrap();
     let (_, root) = x509_parser::parse_x509_certificate(&new_roots[0]).unwrap();
     assert!(new_inter.verify_signature(Some(root.public_key())).is_ok());
-    assert_eq!(anchors(&a).await, Some(1));
-    assert_eq!(anchors(&b).await, Some(1));
+    assert_eq!(anchors(a).await, Some(1));
+    assert_eq!(anchors(b).await, Some(1));
     assert!(works().await, "the pair keeps serving");
     // Measured: refused, and the per-authority gauges still name the authority it signs with.
     let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
