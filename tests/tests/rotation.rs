@@ -78,45 +78,11 @@ async fn root_rotation_under_traffic_with_gates() {
     let ca = ca_issuing_for_ttl().await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
-    let pki = TestPki::new();
-    let dummy = pki.workload(A);
-    let b = TestSidecar::start(
-        &pki,
-        &dummy,
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.11", http_echo().await, Protocol::Http)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
-            )),
-            creds: Some(ca_mode(&ca, "backend")),
-            ..Default::default()
-        },
-    )
-    .await;
-    let a = TestSidecar::start(
-        &pki,
-        &dummy,
-        A,
-        SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Http)],
-            creds: Some(ca_mode(&ca, "frontend")),
-            ..Default::default()
-        },
-    )
-    .await;
+    let pair = LongPair::start(&ca, "127.0.0.11", None).await;
+    let (a, b) = (&pair.a, &pair.b);
     let local = a.outbound[0];
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            let Ok(tcp) = tokio::net::TcpStream::connect(local).await else {
-                return false;
-            };
-            matches!(
-                http_request(tcp, false, get("/x", &[])).await,
-                Ok((200, _, _))
-            )
-        })
-        .await,
+        eventually(Duration::from_secs(10), || pair.works()).await,
         "the pair serves traffic"
     );
 
@@ -192,7 +158,7 @@ async fn root_rotation_under_traffic_with_gates() {
     let new_name = rotation::prepare(&dir, None).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            anchors(&a).await == Some(2) && anchors(&b).await == Some(2)
+            anchors(a).await == Some(2) && anchors(b).await == Some(2)
         })
         .await,
         "both sidecars trust both roots"
@@ -231,7 +197,7 @@ async fn root_rotation_under_traffic_with_gates() {
     assert_eq!(retired, "1");
     assert!(
         eventually(Duration::from_secs(10), || async {
-            anchors(&a).await == Some(1) && anchors(&b).await == Some(1)
+            anchors(a).await == Some(1) && anchors(b).await == Some(1)
         })
         .await,
         "the old root left every sidecar's trust anchors"
@@ -255,8 +221,8 @@ async fn root_rotation_under_traffic_with_gates() {
     assert_eq!(failed, 0, "no request failed during the rotation");
 }
 
-/// A pair A -> B whose certificates from `ca` live an hour (nothing renews on its own during a
-/// test), B's inbound on `ip` allowing A.
+/// A pair A -> B with certificates from `ca` (of lifetime `ttl`, or the CA's default; an hour:
+/// nothing renews on its own during a test), B's inbound on `ip` allowing A.
 struct LongPair {
     _pki: TestPki,
     a: TestSidecar,
@@ -264,12 +230,12 @@ struct LongPair {
 }
 
 impl LongPair {
-    async fn start(ca: &TestCa, ip: &'static str) -> Self {
+    async fn start(ca: &TestCa, ip: &'static str, ttl: Option<Duration>) -> Self {
         let pki = TestPki::new();
         let dummy = pki.workload(A);
         let long = |sa: &str| match ca_mode(ca, sa) {
-            CredSource::Ca(mut m) => {
-                m.ttl = Some(Duration::from_secs(3600));
+            CredSource::Ca(mut m) if ttl.is_some() => {
+                m.ttl = ttl;
                 CredSource::Ca(m)
             }
             other => other,
@@ -320,7 +286,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
     let ca = TestCa::start(CaOptions::default()).await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
-    let pair = LongPair::start(&ca, "127.0.0.12").await;
+    let pair = LongPair::start(&ca, "127.0.0.12", Some(Duration::from_secs(3600))).await;
     let (a, b) = (&pair.a, &pair.b);
     let works = || pair.works();
     assert!(eventually(Duration::from_secs(10), works).await);
@@ -909,7 +875,7 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
     let ca = TestCa::start(CaOptions::default()).await;
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
-    let pair = LongPair::start(&ca, "127.0.0.13").await;
+    let pair = LongPair::start(&ca, "127.0.0.13", Some(Duration::from_secs(3600))).await;
     let (a, b) = (&pair.a, &pair.b);
     let works = || pair.works();
     assert!(eventually(Duration::from_secs(10), works).await);

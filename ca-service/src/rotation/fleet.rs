@@ -116,22 +116,46 @@ struct Sidecar {
     lineage: String,
 }
 
+/// A report of the instance under `key` (its label: the key's first 16 hex digits), not
+/// connected, acknowledging nothing, revoked or turned away by nothing: each view sets the rest.
+fn report(
+    key: &str,
+    identity: &str,
+    file_mode: bool,
+    serial: &str,
+    not_after: i64,
+) -> SidecarReport {
+    SidecarReport {
+        instance: key.get(..16).unwrap_or(key).to_owned(),
+        key: key.to_owned(),
+        identity: identity.to_owned(),
+        connected: false,
+        acked_version: 0,
+        serving_authority: None,
+        serving_not_after: not_after,
+        file_mode,
+        serial: serial.to_owned(),
+        revoked: false,
+        turned_away: String::new(),
+        last_seen: 0,
+        lineage: String::new(),
+    }
+}
+
 impl Sidecar {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
-            instance: key.get(..16).unwrap_or(key).to_owned(),
-            key: key.to_owned(),
-            identity: self.identity.clone(),
             connected: self.streams > 0,
             acked_version: self.acked_version,
             serving_authority: self.serving_authority.clone(),
-            serving_not_after: self.serving_not_after,
-            file_mode: self.file_mode,
-            serial: self.serial.clone(),
-            revoked: false,
-            turned_away: String::new(),
-            last_seen: 0,
             lineage: self.lineage.clone(),
+            ..report(
+                key,
+                &self.identity,
+                self.file_mode,
+                &self.serial,
+                self.serving_not_after,
+            )
         }
     }
 }
@@ -139,19 +163,17 @@ impl Sidecar {
 impl Departed {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
-            instance: key.get(..16).unwrap_or(key).to_owned(),
-            key: key.to_owned(),
-            identity: self.identity.clone(),
-            connected: false,
             acked_version: self.acked_version,
             serving_authority: self.serving_authority.clone(),
-            serving_not_after: self.not_after,
-            file_mode: self.file_mode,
-            serial: self.serial.clone(),
-            revoked: false,
-            turned_away: String::new(),
             last_seen: self.left_at,
             lineage: self.lineage.clone(),
+            ..report(
+                key,
+                &self.identity,
+                self.file_mode,
+                &self.serial,
+                self.not_after,
+            )
         }
     }
 }
@@ -159,19 +181,14 @@ impl Departed {
 impl TurnedAway {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
-            instance: key.get(..16).unwrap_or(key).to_owned(),
-            key: key.to_owned(),
-            identity: self.identity.clone(),
-            connected: false,
-            acked_version: 0,
-            serving_authority: None,
-            serving_not_after: self.not_after,
-            file_mode: self.file_mode,
-            serial: self.serial.clone(),
-            revoked: false,
             turned_away: self.reason.clone(),
-            last_seen: 0,
-            lineage: String::new(),
+            ..report(
+                key,
+                &self.identity,
+                self.file_mode,
+                &self.serial,
+                self.not_after,
+            )
         }
     }
 }
