@@ -592,10 +592,14 @@ async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age() {
+    // Certificates of 8 s and an age of 10 s: the last renewal (at the half of a certificate cut
+    // to end at the age, 6 s long) is refused with about 3 s of it left. Shorter ones left the
+    // sidecar too little to present on a loaded machine (it does not present a certificate in its
+    // last second), so the CA never saw the renewal it refuses.
     let ca = ca_issuing_for(
-        Duration::from_secs(5),
+        Duration::from_secs(8),
         CaOptions {
-            max_attestation_age: Duration::from_secs(6),
+            max_attestation_age: Duration::from_secs(10),
             ..CaOptions::default()
         },
     )
@@ -616,7 +620,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
                     roots: ca.roots.clone(),
                 },
                 bootstrap: Bootstrap::JoinTokenFile(token_file.clone()),
-                ttl: Some(Duration::from_secs(5)),
+                ttl: Some(Duration::from_secs(8)),
                 bundle_cache: None,
             })),
             ..Default::default()
@@ -639,7 +643,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
     // It renews on its certificate until the age, then the CA refuses: it cannot attest again by
     // itself (the token it has is spent).
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(20), || async {
             ca_issues(&ca_metrics().await, "renewal", "attestation_expired") >= 1
         })
         .await,
@@ -652,7 +656,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
     // lineage.
     std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(15), || async {
             ca_issues(&ca_metrics().await, "join_token", "issued") >= 2
         })
         .await,
@@ -660,7 +664,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
         ca_metrics().await
     );
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(10), || async {
             ready(&sidecar).await
                 && identity(&sidecar)
                     .await
@@ -674,7 +678,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
     // own expiry may be short).
     std::fs::write(&token_file, ca.join_token(A, Duration::from_secs(600))).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(10), || async {
             ca_issues(&ca_metrics().await, "join_token", "issued") >= 3
         })
         .await,
