@@ -60,10 +60,20 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest request head the admin server reads.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// Connections open at once. At the cap a newcomer takes the place of the oldest connection that
-/// has not sent a whole request head yet (see [`crate::admission`]), so a flood of silent or slow
-/// connections never keeps a probe or a scrape out; only when every connection is in a request, or
-/// idle after one (closed [`HEADER_TIMEOUT`] later), is it refused.
+/// The longest an admin connection stays open: its request head ([`HEADER_TIMEOUT`]), the slowest
+/// route (a forwarded app probe waits up to 5 s) and writing the answer. A client that stops reading
+/// a large answer is closed then.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Connections open at once. Every connection serves one request and closes (probes and scrapes
+/// are one request each; a scraper's reconnect every interval costs nothing), and no connection is
+/// ever proven (see [`crate::admission`]): at the cap a newcomer takes the place of the oldest
+/// connection of the source holding the most, whatever state it is in (silent, sending its head,
+/// waiting for a route, or writing an answer its client does not read). Any pod can reach a
+/// sidecar's admin port, where the kubelet's probes go; so a client that filled every slot with
+/// connections that each sent a request (keep-alive ones between requests, or ones asking for a
+/// large answer and never reading it) would keep the probes out if such connections kept their
+/// slots, and the kubelet would restart the pod.
 pub const MAX_CONNECTIONS: usize = 256;
 
 /// Serves admin requests on `listener` until `shutdown` turns true.
@@ -85,10 +95,10 @@ pub async fn serve(
         let registry = registry.clone();
         let routes = routes.clone();
         tokio::spawn(async move {
-            let ticket = admitted.ticket;
+            // Held, never proven, until the connection ends: its slot.
+            let _ticket = admitted.ticket;
             let tcp = Displaceable::new(tcp, admitted.displacement);
             let svc = service_fn(move |req: Request<Incoming>| {
-                ticket.proven();
                 let answer = answer(&req, addr, &registry, routes.as_ref());
                 async move {
                     Ok::<_, Infallible>(match answer {
@@ -97,12 +107,13 @@ pub async fn serve(
                     })
                 }
             });
-            let _ = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tcp), svc);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
         });
     }
 }
@@ -204,6 +215,10 @@ mod tests {
 
     struct Routes;
 
+    /// An answer larger than the socket buffers of a client that does not read take.
+    static BIG: std::sync::LazyLock<Bytes> =
+        std::sync::LazyLock::new(|| Bytes::from(vec![b' '; 16 << 20]));
+
     impl AdminRoutes for Routes {
         fn not_ready(&self) -> Option<String> {
             Some("no certificate loaded".into())
@@ -217,6 +232,7 @@ mod tests {
             match path {
                 "/doc" => Some(ready(json("{\"a\":1}"))),
                 "/private" => Some(ready(json("{\"peers\":[]}"))),
+                "/big" => Some(ready(json(BIG.clone()))),
                 _ => None,
             }
         }
@@ -345,6 +361,85 @@ mod tests {
             "only {closed} of {} flood connections closed",
             flood.len()
         );
+        tx.send_replace(true);
+        server.await.unwrap();
+    }
+
+    /// A client connection from `source` (a loopback address of its own) to `addr`.
+    async fn connect_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(source.parse().unwrap(), 0))
+            .unwrap();
+        // A small window: a large answer stalls in the server's write.
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// Any pod can reach a sidecar's admin port, where the kubelet's probes go. A client that fills
+    /// every slot with connections that each sent a whole request (a keep-alive client between
+    /// requests, one that asks for a large answer and never reads it) must not keep the probes out:
+    /// a connection serves one request and closes, and one whose answer stalls is displaced by a
+    /// newcomer as a silent one is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_are_answered_while_finished_and_stalled_requests_fill_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
+        let (tx, rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(Registry::default()),
+            Arc::new(Routes),
+            rx,
+        ));
+        let probe = || async {
+            let mut tcp = connect_from("127.0.0.3", addr).await;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        // Keep-alive clients, each after a whole request and its answer.
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut tcp = connect_from("127.0.0.2", addr).await;
+            tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut b = [0u8; 512];
+            let n = tcp.read(&mut b).await.unwrap();
+            assert!(b[..n].starts_with(b"HTTP/1.1 200"));
+            held.push(tcp);
+        }
+        for _ in 0..3 {
+            let answer = probe().await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "probe answered: {answer:?}"
+            );
+        }
+        // Clients that ask for a large answer and never read it.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut tcp = connect_from("127.0.0.2", addr).await;
+            tcp.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            stalled.push(tcp);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..3 {
+            let answer = probe().await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "probe answered: {answer:?}"
+            );
+        }
+        drop((held, stalled));
         tx.send_replace(true);
         server.await.unwrap();
     }

@@ -106,10 +106,10 @@ pub async fn run(env: &Env, p: &Params, mut r: ScenarioReport) -> (ScenarioRepor
          --handshake-timeout 2s --idle-timeout 3s; CA --max-connections {l} \
          --max-connections-per-source {ps} --handshake-timeout 2s --idle-timeout 3s; injector \
          --max-connections {l} --max-connections-per-source {ps} --header-read-timeout 2s; the \
-         admin servers' fixed cap of {cap} connections (their flood is {af} connections) and 5 s \
-         request-head timeout. At a cap, a newcomer displaces the oldest connection not yet \
-         proven (no authenticated handshake, call or request head yet) of the source holding the \
-         most of them. Allowed traffic from 127.0.0.1 throughout: 4 HTTP/1.1 keep-alive \
+         admin servers' fixed cap of {cap} connections (their flood is {af} connections), 5 s \
+         request-head timeout and one request per connection. At a cap, a newcomer displaces the \
+         oldest connection not yet proven (no authenticated handshake, call or request head yet; \
+         an admin connection is never proven) of the source holding the most of them. Allowed traffic from 127.0.0.1 throughout: 4 HTTP/1.1 keep-alive \
          connections through the sidecar pair (outbound -> mTLS -> inbound -> bench-app, 10 ms \
          pause), 2 CA clients renewing on their own mTLS connection (50 ms pause); and per flooded \
          listener, one client opening a new connection for each request (50 ms pause): an mTLS GET \

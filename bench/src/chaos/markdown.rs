@@ -109,6 +109,13 @@ pub const FOUND: &[&str] = &[
      displacement, so probes and scrapes are still served past the cap (test \
      `admin::tests::probes_are_answered_while_silent_connections_flood_the_cap`). The admin \
      checks above, with a flood of 10 x that cap, are its regression test.",
+    "review (session 34, not a chaos run): a connection to an admin port became proven with its \
+     first request head and then kept its slot: keep-alive clients between requests, or clients \
+     asking for `/metrics` and never reading the answer, from any pod, could fill the 256 slots \
+     and keep the kubelet's probes out (restarts). Fixed: an admin connection serves one \
+     request, is never proven (so the displacement reaches it in any state) and ends 15 s after \
+     accept at the latest (test \
+     `admin::tests::probes_are_answered_while_finished_and_stalled_requests_fill_the_cap`).",
 ];
 
 fn fmt_value(v: f64, unit: &str) -> String {
