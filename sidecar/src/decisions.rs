@@ -224,25 +224,30 @@ impl DecisionLog {
 }
 
 impl Recorded {
-    /// For `meshid-sidecar explain`: a few lines a person reads.
+    /// For `meshid-sidecar explain`: a few lines a person reads. Every field is shown with its
+    /// control characters, line breaks and bidirectional overrides escaped (`\u{1b}`, `\n`): the
+    /// method and path are what the peer sent, and the answer comes from an admin port; the
+    /// explanation keeps its own lines.
     pub fn describe(&self) -> String {
+        let shown = |s: &str| s.escape_debug().to_string();
         let asked = if self.method.is_empty() {
             "connection".to_owned()
         } else {
-            format!("{} {}", self.method, self.path)
+            format!("{} {}", shown(&self.method), shown(&self.path))
         };
+        let explanation: Vec<String> = self.explanation.lines().map(shown).collect();
         format!(
             "decision {} ({}, {} s since the epoch, policy version {})\n\
              {} from {} -> port {} {asked}\n\
              {}\n",
-            self.id,
-            self.decision,
+            shown(&self.id),
+            shown(&self.decision),
             self.at,
             self.policy_version,
-            self.peer,
-            self.peer_addr,
+            shown(&self.peer),
+            shown(&self.peer_addr),
             self.port,
-            self.explanation
+            explanation.join("\n")
         )
     }
 }
@@ -304,6 +309,26 @@ pub fn explain(args: &crate::cli::ExplainArgs) -> std::process::ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The method and path are the peer's (a `_method` override is percent-decoded): printed as
+    /// they came, escape sequences and line breaks in them would move the operator's cursor,
+    /// erase lines or add lines of the peer's choosing to what `explain` shows.
+    #[test]
+    fn describe_escapes_what_the_peer_sent() {
+        let mut r = recorded("0123456789ab");
+        r.method = "X\x1b[2A\x1b[2K\nFAKE".into();
+        r.path = "/a\u{9b}2K\r\nFAKE \u{202e}txt".into();
+        r.peer_addr = "127.0.0.1:1\x07".into();
+        r.explanation = "deny: no rule matched\nrule 0 (x)\x1b[0m".into();
+        let shown = r.describe();
+        assert!(
+            !shown.contains(['\x1b', '\u{9b}', '\r', '\x07', '\u{202e}']),
+            "{shown:?}"
+        );
+        assert!(!shown.lines().any(|l| l.starts_with("FAKE")), "{shown:?}");
+        // The explanation's own lines stay lines.
+        assert_eq!(shown.lines().count(), 4, "{shown:?}");
+    }
 
     fn recorded(id: &str) -> Recorded {
         Recorded {
