@@ -287,10 +287,10 @@ fn entries_for(
 
 /// `helm test` needs its server and client injected: the webhook as rendered (its namespace and
 /// object selectors, its matchConditions) sends both to the per-pod entry, and the injector
-/// injects them. The CA and injector pods are sent to neither entry, in the release namespace or
-/// (the objectSelector alone) anywhere else.
+/// injects them. The CA and injector pods are sent to neither entry in the release namespace, and
+/// no label (theirs included) keeps a pod elsewhere from the webhook.
 #[test]
-fn the_webhook_injects_the_test_pods_and_never_sees_the_control_plane() {
+fn the_webhook_injects_the_test_pods_and_no_label_keeps_a_pod_from_it() {
     let Some(objects) = render(&[]) else {
         return;
     };
@@ -339,16 +339,32 @@ fn the_webhook_injects_the_test_pods_and_never_sees_the_control_plane() {
         let entries = entries_for(&objects, "meshid", &BTreeMap::new(), pod);
         assert!(entries.is_empty(), "{name} sent to {entries:?}");
     }
-    // Even outside the release namespace (opted in, or asking by annotation): never the CA or the
-    // injector.
+    // No label keeps a pod from the webhook: the author sets its labels. With an objectSelector
+    // on `meshid.io/control-plane` (the CA and injector pods' label) an author could label a pod
+    // and then change its meshid annotations (`meshid.io/app-probes`, which the sidecar acts on)
+    // without the injector seeing the update. Outside the release namespace, a pod labelled as
+    // the CA's is sent to the entries as any other pod.
     let opted_in = BTreeMap::from([("meshid.io/inject".to_owned(), "enabled".to_owned())]);
     for (name, pod) in [("ca", &ca), ("injector", &injector)] {
         let mut asking = pod.clone();
         asking["metadata"]["annotations"] = serde_json::json!({"meshid.io/inject": "enabled"});
-        for labels in [&BTreeMap::new(), &opted_in] {
-            let entries = entries_for(&objects, "elsewhere", labels, &asking);
-            assert!(entries.is_empty(), "{name} sent to {entries:?}");
-        }
+        assert_eq!(
+            entries_for(&objects, "elsewhere", &BTreeMap::new(), &asking),
+            ["pod.inject.meshid.io"],
+            "{name}"
+        );
+        assert_eq!(
+            entries_for(&objects, "elsewhere", &opted_in, &asking),
+            ["namespace.inject.meshid.io"],
+            "{name}"
+        );
+    }
+    let webhook = objects
+        .iter()
+        .find(|o| o["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    for entry in webhook["webhooks"].as_array().unwrap() {
+        assert!(entry.get("objectSelector").is_none(), "{entry}");
     }
 }
 
