@@ -74,13 +74,42 @@ pub fn status_class(code: u16) -> &'static str {
     }
 }
 
+/// The `code` label: the status code when it is a registered one (one `http` knows a reason phrase
+/// for), `other` for the rest. On an outbound port the code is the remote app's, and HTTP/1.1 and
+/// h2 carry any code from 100 to 999: each kept as its own label would let a peer add about 900
+/// series per port (and per peer with `--metrics-peer-identity`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct CodeLabel(Option<u16>);
+
+impl CodeLabel {
+    pub fn of(code: u16) -> Self {
+        let registered = http::StatusCode::from_u16(code)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .is_some();
+        Self(registered.then_some(code))
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for CodeLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(code) => prometheus_client::encoding::EncodeLabelValue::encode(&code, encoder),
+            None => prometheus_client::encoding::EncodeLabelValue::encode(&"other", encoder),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RequestLabels {
     pub direction: &'static str,
     pub port: u16,
     pub protocol: &'static str,
     pub class: &'static str,
-    pub code: u16,
+    pub code: CodeLabel,
     #[prometheus(flatten)]
     pub peer: PeerLabel,
 }
@@ -201,7 +230,7 @@ impl ConnMetrics {
                 port: self.port,
                 protocol: protocol.label(),
                 class,
-                code,
+                code: CodeLabel::of(code),
                 peer: self.peer.clone(),
             })
             .clone();
@@ -261,6 +290,32 @@ mod tests {
             "meshid_sidecar_request_duration_seconds_bucket{le=\"0.005\",direction=\"inbound\",port=\"8080\",protocol=\"grpc\",class=\"2xx\"} 2",
             "meshid_sidecar_received_bytes_total{direction=\"inbound\",port=\"8080\"} 10",
             "meshid_sidecar_sent_bytes_total{direction=\"outbound\",port=\"9001\",peer=\"spiffe://cluster.local/ns/shop/sa/b\"} 0",
+        ] {
+            assert!(text.contains(line), "{line}\nnot in\n{text}");
+        }
+    }
+
+    /// A peer's app answering with every code from 100 to 999 adds the registered codes' series
+    /// and one `other` per class, not 900.
+    #[test]
+    fn unregistered_codes_share_one_label() {
+        let mut registry = Registry::default();
+        let metrics = super::super::Metrics::register(&mut registry);
+        let conn = ConnMetrics::new(&metrics, "outbound", 9001, PeerLabel(None));
+        for code in 100..1000 {
+            conn.request(HttpProtocol::Http1, code, Duration::from_millis(1));
+        }
+        let text = scrape(&registry);
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("meshid_sidecar_requests_total{"))
+            .count();
+        assert!(series < 80, "{series} series:\n{text}");
+        for line in [
+            "protocol=\"http1\",class=\"2xx\",code=\"200\"} 1",
+            "protocol=\"http1\",class=\"4xx\",code=\"418\"} 1",
+            "protocol=\"http1\",class=\"2xx\",code=\"other\"}",
+            "protocol=\"http1\",class=\"other\",code=\"other\"} 400",
         ] {
             assert!(text.contains(line), "{line}\nnot in\n{text}");
         }
