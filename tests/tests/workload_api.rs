@@ -405,6 +405,43 @@ async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
     assert!(first.bundles.contains_key("spiffe://cluster.local"));
 }
 
+/// Connections that never make a call (silent ones, and ones that sent the HTTP/2 preface and
+/// stopped) fill every slot of the socket, twice over: the app's next connection still gets in (it
+/// takes the place of the oldest connection that has made no call) and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_make_no_call_cannot_keep_the_app_out() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+    let mut held = Vec::new();
+    for i in 0..2 * meshid_sidecar::workload_api::MAX_CONNECTIONS {
+        let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
+        if i % 2 == 1 {
+            c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                .await
+                .unwrap();
+        }
+        held.push(c);
+    }
+    let bundles = async {
+        let mut client = raw_client(&socket, true).await;
+        let mut bundles = client
+            .fetch_x509_bundles(X509BundlesRequest {})
+            .await?
+            .into_inner();
+        bundles.message().await
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), bundles)
+        .await
+        .expect("answered within 10 s")
+        .expect("a bundle")
+        .expect("a bundle");
+    assert!(first.bundles.contains_key("spiffe://cluster.local"));
+    drop(held);
+}
+
 /// Runs a py-spiffe script (written into `dir`) that finds the socket through
 /// `SPIFFE_ENDPOINT_SOCKET`, as apps do; gRPC's HTTP trace goes to its output.
 async fn run_python(dir: &Path, script: &str, socket: &Path) -> (bool, String) {

@@ -77,13 +77,13 @@ impl AsyncWrite for Piped {
 }
 
 /// Carries one client connection to the server end `server` until either side closes.
-pub(super) async fn pump<C>(client: C, server: DuplexStream)
+pub(super) async fn pump<C>(client: C, server: DuplexStream, on_call: &(dyn Fn() + Sync))
 where
     C: AsyncRead + AsyncWrite + Send,
 {
     let (client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, server_write) = tokio::io::split(server);
-    let up = rewrite(client_read, server_write);
+    let up = rewrite(client_read, server_write, on_call);
     let down = async {
         let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
         let _ = client_write.shutdown().await;
@@ -100,7 +100,8 @@ where
 }
 
 /// Copies client bytes to the server, re-encoding header blocks (see the module doc).
-async fn rewrite<R, W>(mut from: R, mut to: W) -> io::Result<()>
+/// `on_call` is told of every header block passed on (a call, or a call's trailers).
+async fn rewrite<R, W>(mut from: R, mut to: W, on_call: &(dyn Fn() + Sync)) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -140,6 +141,7 @@ where
                 if flags & END_HEADERS != 0 {
                     let out = reencode(&mut decoder, fragment)?;
                     write_block(&mut to, stream, flags & END_STREAM, &out).await?;
+                    on_call();
                 } else {
                     block = Some((stream, flags & END_STREAM, fragment.to_vec()));
                 }
@@ -154,6 +156,7 @@ where
                 {
                     let out = reencode(&mut decoder, &fragments)?;
                     write_block(&mut to, id, end_stream, &out).await?;
+                    on_call();
                 }
             }
             (_, Some(_)) | (CONTINUATION, None) => {
@@ -456,7 +459,7 @@ mod tests {
         ]);
         input.extend_from_slice(second);
         let mut out = Vec::new();
-        rewrite(&input[..], &mut out).await.unwrap();
+        rewrite(&input[..], &mut out, &|| ()).await.unwrap();
         assert_eq!(&out[..24], PREFACE);
         assert_eq!(&out[24..33], &[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
         let head = &out[33..42];
@@ -473,6 +476,6 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend_from_slice(&[0, 0, 1, HEADERS, 0, 0, 0, 0, 1, 0x82]);
         input.extend_from_slice(&[0, 0, 1, CONTINUATION, END_HEADERS, 0, 0, 0, 3, 0x84]);
-        assert!(rewrite(&input[..], &mut Vec::new()).await.is_err());
+        assert!(rewrite(&input[..], &mut Vec::new(), &|| ()).await.is_err());
     }
 }

@@ -132,8 +132,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 /// How long a unary call waits for the sidecar's first certificate.
 const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// At most this many connections to the socket at once; more are closed at accept.
+/// At most this many connections to the socket at once. At the cap a newcomer takes the place of
+/// the oldest connection that has not made a call yet (silent, or stopped after the HTTP/2
+/// preface: [`meshid_runtime::admission`]); only when every connection has made one is it closed
+/// at accept. Any container of the pod that shares the socket's group can connect: one that opened
+/// connections and never called would otherwise keep the app from its SVIDs.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Calls open at once on one connection (an app holds a few streams: X.509-SVIDs, bundles, a
+/// JWT-SVID now and then); each is a task of the sidecar's.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Serves the Workload API on `listener` until shutdown. Each connection goes through
 /// [`authority::pump`], so clients that send the socket path as `:authority` are served too.
@@ -155,7 +163,9 @@ pub async fn serve(
     let (conns, incoming) = mpsc::channel::<std::io::Result<authority::Piped>>(8);
     let mut accept_shutdown = shutdown.clone();
     tokio::spawn(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        // One source: the socket's clients all share this host's loopback, as far as the slots
+        // are concerned.
+        let slots = meshid_runtime::admission::Admission::new(MAX_CONNECTIONS, None);
         loop {
             let (client, _) = tokio::select! {
                 r = listener.accept() => match r {
@@ -168,10 +178,11 @@ pub async fn serve(
                 },
                 () = meshid_runtime::net::stopped(&mut accept_shutdown) => return,
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Ok(admitted) = slots.admit(std::net::Ipv4Addr::LOCALHOST.into()) else {
                 tracing::warn!(
                     MAX_CONNECTIONS,
-                    "workload API connection limit reached; closing a new connection"
+                    "workload API connection limit reached, every connection in a call; closing \
+                     a new connection"
                 );
                 continue;
             };
@@ -180,13 +191,16 @@ pub async fn serve(
                 return;
             }
             tokio::spawn(async move {
-                authority::pump(client, ours).await;
-                drop(slot);
+                let ticket = admitted.ticket;
+                let client =
+                    meshid_runtime::admission::Displaceable::new(client, admitted.displacement);
+                authority::pump(client, ours, &|| ticket.proven()).await;
             });
         }
     });
     let result = tonic::transport::Server::builder()
         .http2_max_header_list_size(authority::MAX_HEADER_LIST)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .serve_with_incoming_shutdown(
             SpiffeWorkloadApiServer::new(api),
             ReceiverStream::new(incoming),
