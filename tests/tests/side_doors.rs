@@ -612,6 +612,75 @@ async fn an_h2_peer_that_stops_reading_is_closed_at_the_idle_timeout() {
     drop(heads);
 }
 
+/// An h2c app (gRPC's kind) that answers every request with 3 MiB.
+async fn big_h2c_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let body = bytes::Bytes::from(vec![b'x'; 3 << 20]);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let body = body.clone();
+            let svc = hyper::service::service_fn(move |_req| {
+                let body = body.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(body),
+                    ))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc),
+            );
+        }
+    });
+    addr
+}
+
+/// A peer that asks the app for h2 answers (gRPC, or the sidecars' h2 hint) and never takes
+/// them holds only what its own connection uses: another peer's h2 calls to the same app still
+/// go through. With one h2 connection to the app for every peer, the untaken answers filled that
+/// connection's flow-control window, and every other peer's h2 answer stalled behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_takes_no_h2_answers_does_not_stall_another_peers() {
+    let e = http_sidecar_for(
+        "127.0.0.56",
+        big_h2c_app().await,
+        Limits::default(),
+        http_policy(&[CLIENT, OTHER]),
+    )
+    .await;
+    let hinted = || {
+        http::Request::get("https://app/api/x")
+            .header("x-meshid-app-h2", "1")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let (mut stuck, stuck_conn) = h2_as(&e, &e.pki.workload(CLIENT), 0).await;
+    let mut heads = Vec::new();
+    for _ in 0..4 {
+        let resp = stuck.send_request(hinted()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        heads.push(resp);
+    }
+    // Time for the app to send what the windows let it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut other, _other_conn) = h2_as(&e, &e.pki.workload(OTHER), 65_535).await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        let resp = other.send_request(hinted()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .len()
+    })
+    .await
+    .expect("the other peer's answer within 5 s");
+    assert_eq!(answered, 3 << 20);
+    drop((heads, stuck_conn));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untaken_small_h2_responses_do_not_hold_a_connection_past_the_grace_period() {
     // Small responses leave the app at once (h2 holds them whole, waiting for the window): the

@@ -40,7 +40,8 @@ pub struct InboundHttp {
     /// `target` as a URI authority, parsed once (every request is re-addressed to it).
     authority: http::uri::Authority,
     h1: Arc<AppH1>,
-    h2: Client<HttpConnector, ReqBody>,
+    /// How h2 connections to the app are made; each peer connection makes its own ([`Conn`]).
+    connector: HttpConnector,
     authz: Authorizer,
 }
 
@@ -50,17 +51,24 @@ impl InboundHttp {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(shared.limits.connect_timeout));
         let h1 = AppH1::new(spec.target, shared.limits.connect_timeout);
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(super::app::IDLE_TIMEOUT)
-            .build(connector);
         Self {
             target: spec.target,
             authority: authority_of(spec.target),
             h1,
-            h2,
+            connector,
             authz,
         }
+    }
+
+    /// An h2 client to the app for one peer connection. Not shared between peers: h2 gives back a
+    /// connection's flow-control window only as its answers are taken, and a peer that takes none
+    /// (a stream window of zero on its own connection) would fill a shared connection's window
+    /// and stall every other peer's h2 answers behind its own.
+    fn app_h2(&self) -> Client<HttpConnector, ReqBody> {
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(super::app::IDLE_TIMEOUT)
+            .build(self.connector.clone())
     }
 }
 
@@ -96,6 +104,7 @@ where
         peer,
         slot,
         metrics,
+        app_h2: std::sync::OnceLock::new(),
     });
     let svc = move |req: Request<ReqBody>, call: Option<Call>| {
         let http = http.clone();
@@ -123,6 +132,9 @@ struct Conn {
     /// What every request of the connection tells the app about its caller, made once.
     said: PeerHeaders,
     metrics: ConnMetrics,
+    /// This connection's h2 client to the app ([`InboundHttp::app_h2`]), made at its first h2
+    /// call (boxed: most connections never make one, and every connection holds this).
+    app_h2: std::sync::OnceLock<Box<Client<HttpConnector, ReqBody>>>,
 }
 
 /// The values of the headers that say who called: fixed for a connection (one peer certificate,
@@ -295,7 +307,8 @@ async fn inbound_request(
     // For h2 the original host travels as a `host` header beside `:authority` (the app's address).
     let sent = async {
         if to_h2 {
-            match http.h2.request(req).await {
+            let h2 = conn.app_h2.get_or_init(|| Box::new(http.app_h2()));
+            match h2.request(req).await {
                 Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
                 Err(error) => Err(root_cause(&error)),
             }
