@@ -37,14 +37,24 @@ pub struct Streams {
     held: AtomicUsize,
     /// Bumped by every request and every poll of a response body.
     moved: AtomicUsize,
+    /// The watch's periods so far.
+    period: AtomicUsize,
+    /// [`Self::held`] by the period each became held in (its number modulo [`AGES`]): the watch
+    /// finds a response held through two whole periods, whatever else moved meanwhile.
+    aged: [AtomicUsize; AGES],
 }
+
+/// Periods told apart by [`Streams::aged`]: the one now, the two before it, and the slot the next
+/// one reuses.
+const AGES: usize = 4;
 
 /// Why [`Streams::watch`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
     /// No request in flight and nothing moved for a whole idle period: close gracefully.
     Idle,
-    /// A response held for a whole idle period with nothing else moving: the peer is not reading.
+    /// A response held for a whole idle period with nothing else moving, or for two whatever
+    /// moved: the peer is not reading it.
     Stalled,
 }
 
@@ -73,8 +83,18 @@ impl Streams {
         (self.open.load(Relaxed) == 0).then_some(Ending::Idle)
     }
 
+    /// Whether a response has been held since two periods before the one that just ended (so
+    /// through the whole of the last two), however much moved on the connection meanwhile: a peer
+    /// that keeps asking (a request now and then) while it leaves its responses untaken is still
+    /// not reading them, and each holds the app connection its response comes from.
+    fn held_two_periods(&self) -> bool {
+        let now = self.period.load(Relaxed);
+        self.aged[now.wrapping_sub(2) % AGES].load(Relaxed) > 0
+    }
+
     /// Resolves when the connection has been idle, or has held a response its peer does not take,
-    /// for between one and two `idle` periods (checked once a period).
+    /// for between one and two `idle` periods with nothing else moving (or three, whatever moved;
+    /// checked once a period).
     pub async fn watch(&self, idle: Duration) -> Ending {
         let mut before = self.moved.load(Relaxed);
         loop {
@@ -82,8 +102,21 @@ impl Streams {
             if let Some(ending) = self.judge(before) {
                 return ending;
             }
+            if self.held_two_periods() {
+                return Ending::Stalled;
+            }
+            self.period
+                .store(self.period.load(Relaxed).wrapping_add(1), Relaxed);
             before = self.moved.load(Relaxed);
         }
+    }
+
+    /// One more response held, in the slot of the period now; returns the slot.
+    fn hold(&self) -> usize {
+        self.held.fetch_add(1, Relaxed);
+        let slot = self.period.load(Relaxed) % AGES;
+        self.aged[slot].fetch_add(1, Relaxed);
+        slot
     }
 }
 
@@ -102,24 +135,23 @@ impl Drop for Open {
 pub struct Sending<B> {
     inner: B,
     open: Open,
-    held: bool,
+    /// While held: the slot of [`Streams::aged`] it is counted in.
+    held: Option<usize>,
 }
 
 impl<B: HttpBody> Sending<B> {
     /// A response's body, held until hyper first asks it for a frame (an empty one never is).
     pub fn new(inner: B, open: Open) -> Self {
-        let held = !inner.is_end_stream();
-        if held {
-            open.0.held.fetch_add(1, Relaxed);
-        }
+        let held = (!inner.is_end_stream()).then(|| open.0.hold());
         Self { inner, open, held }
     }
 }
 
 impl<B> Sending<B> {
     fn release(&mut self) {
-        if std::mem::take(&mut self.held) {
+        if let Some(slot) = self.held.take() {
             self.open.0.held.fetch_sub(1, Relaxed);
+            self.open.0.aged[slot].fetch_sub(1, Relaxed);
         }
     }
 }
@@ -143,8 +175,7 @@ impl<B: HttpBody + Unpin> HttpBody for Sending<B> {
         this.open.0.bump();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &r {
-            this.held = true;
-            this.open.0.held.fetch_add(1, Relaxed);
+            this.held = Some(this.open.0.hold());
         }
         r
     }
@@ -246,6 +277,56 @@ mod tests {
         drop(sending);
         assert_eq!(streams.held.load(Relaxed), 0);
         assert_eq!(streams.open.load(Relaxed), 0);
+    }
+
+    /// A peer that keeps asking (a request every half period) while it takes none of a response
+    /// defers the judgement of one period, not for good: the response held through two whole
+    /// periods ends the connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_held_two_periods_is_stalled_whatever_moved() {
+        let streams = Arc::new(Streams::default());
+        let _sending = Sending::new(body(&["a"]), streams.request());
+        let trickle = {
+            let streams = streams.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    drop(streams.request());
+                }
+            })
+        };
+        let start = tokio::time::Instant::now();
+        let ending = tokio::time::timeout(
+            Duration::from_secs(60),
+            streams.watch(Duration::from_secs(10)),
+        )
+        .await;
+        assert_eq!(ending, Ok(Ending::Stalled));
+        assert!(
+            start.elapsed() <= Duration::from_secs(30),
+            "{:?}",
+            start.elapsed()
+        );
+        trickle.abort();
+        // A response taken within the periods is not.
+        let streams = Arc::new(Streams::default());
+        let mut sending = Sending::new(body(&["a", "b", "c", "d"]), streams.request());
+        let taking = {
+            let streams = streams.clone();
+            tokio::spawn(async move {
+                while sending.frame().await.is_some() {
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                    drop(streams.request());
+                }
+            })
+        };
+        let watch = tokio::time::timeout(
+            Duration::from_secs(30),
+            streams.watch(Duration::from_secs(10)),
+        )
+        .await;
+        assert_ne!(watch, Ok(Ending::Stalled));
+        taking.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -612,6 +612,41 @@ async fn an_h2_peer_that_stops_reading_is_closed_at_the_idle_timeout() {
     drop(heads);
 }
 
+/// A peer that leaves its responses untaken (window zero) but keeps asking on the same connection,
+/// a request every half idle timeout, is closed all the same: the stalled-peer watch does not wait
+/// for the whole connection to fall quiet, only for a response held through two idle periods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_peer_that_keeps_asking_but_takes_nothing_is_closed() {
+    let (app, _open) = big_app().await;
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let e = http_sidecar_for("127.0.0.57", app, limits, http_policy(&[CLIENT])).await;
+    let (mut stuck, stuck_conn) = h2_as(&e, &e.pki.workload(CLIENT), 0).await;
+    let mut heads = Vec::new();
+    for _ in 0..8 {
+        let resp = stuck.send_request(h2_get()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        heads.push(resp);
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) && !stuck_conn.is_finished() {
+        // Asked and let go (reset) at once: it moves the connection, takes nothing.
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_millis(400), stuck.send_request(h2_get())).await
+        {
+            drop(resp);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        stuck_conn.is_finished(),
+        "still open after 6 idle timeouts of untaken responses and a request every 500 ms"
+    );
+    drop(heads);
+}
+
 /// An h2c app (gRPC's kind) that answers every request with 3 MiB.
 async fn big_h2c_app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
