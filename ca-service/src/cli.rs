@@ -446,6 +446,19 @@ pub struct ServeArgs {
     /// Only these namespaces may get identities (repeatable; default: all).
     #[arg(long, env = "MESHID_CA_ALLOWED_NAMESPACE", value_delimiter = ',')]
     pub allowed_namespace: Vec<String>,
+    /// Longest lifetime (`exp - iat`) of a service-account token: a longer-lived one (`kubectl
+    /// create token --duration 8760h`) would re-attest its identity until it expires, past
+    /// --max-attestation-age. The default, 48h, is far above the 10 minutes our injector asks
+    /// for (--token-expiration-seconds); a 3607 s token Kubernetes extended to a year
+    /// (--service-account-extend-token-expiration) is measured to its `warnafter`, one hour.
+    #[arg(long, env = "MESHID_CA_MAX_TOKEN_LIFETIME", default_value = "48h")]
+    pub max_token_lifetime: String,
+    /// Accept service-account tokens not bound to a pod (no `kubernetes.io.pod` claim), as
+    /// `kubectl create token` makes them. Dangerous: such a token outlives every pod, and whoever
+    /// holds it gets the identity until it expires. Injected sidecars never need it: they use
+    /// projected, pod-bound tokens.
+    #[arg(long, env = "MESHID_CA_DANGEROUS_ACCEPT_UNBOUND_TOKENS")]
+    pub dangerous_accept_unbound_tokens: bool,
     /// Default certificate lifetime.
     #[arg(long, env = "MESHID_CA_TTL", default_value = "1h")]
     pub ttl: String,
@@ -525,6 +538,14 @@ impl ServeArgs {
         );
         if max_attestation_age.is_some_and(|d| d < Duration::from_secs(1)) {
             p.0.push("--max-attestation-age: must be at least 1s".into());
+        }
+        let max_token_lifetime = p.check(
+            "--max-token-lifetime",
+            parse_duration(&self.max_token_lifetime),
+        );
+        if max_token_lifetime.is_some_and(|d| d < Duration::from_secs(600)) {
+            // Kubernetes issues no projected token shorter than 10 minutes.
+            p.0.push("--max-token-lifetime: must be at least 10m".into());
         }
         let jwt_svid_ttl = p
             .check("--jwt-svid-ttl", parse_duration(&self.jwt_svid_ttl))
@@ -689,8 +710,19 @@ impl ServeArgs {
         else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
-        let (Some(max_attestation_age), Some(jwks_refresh), Some(jwks_min), Some(jwt_svid_ttl)) =
-            (max_attestation_age, jwks_refresh, jwks_min, jwt_svid_ttl)
+        let (
+            Some(max_attestation_age),
+            Some(max_token_lifetime),
+            Some(jwks_refresh),
+            Some(jwks_min),
+            Some(jwt_svid_ttl),
+        ) = (
+            max_attestation_age,
+            max_token_lifetime,
+            jwks_refresh,
+            jwks_min,
+            jwt_svid_ttl,
+        )
         else {
             return Err(vec!["internal: unchecked setting".into()]);
         };
@@ -715,6 +747,8 @@ impl ServeArgs {
                 issuer: self.issuer,
                 audience: self.audience,
                 allowed_namespaces: (!namespaces.is_empty()).then_some(namespaces),
+                max_token_lifetime,
+                dangerous_accept_unbound_tokens: self.dangerous_accept_unbound_tokens,
             }),
             lifetimes: LifetimePolicy {
                 default: ttl,
@@ -877,6 +911,42 @@ mod tests {
             let problems = age(&["--max-attestation-age", bad]).unwrap_err();
             assert!(
                 problems.len() == 1 && problems[0].starts_with("--max-attestation-age: "),
+                "{bad:?}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_lifetime_and_pod_binding_default_to_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("jwks.json"), r#"{"keys":[]}"#).unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let jwks_arg = dir.path().join("jwks.json").to_str().unwrap().to_owned();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["meshid-ca", "serve", "--dir", &dir_arg, "--jwks", &jwks_arg];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config().map(|c| {
+                let jwt = c.jwt.unwrap();
+                (jwt.max_token_lifetime, jwt.dangerous_accept_unbound_tokens)
+            })
+        };
+        assert_eq!(parse(&[]), Ok((Duration::from_secs(48 * 3600), false)));
+        assert_eq!(
+            parse(&[
+                "--max-token-lifetime",
+                "2h",
+                "--dangerous-accept-unbound-tokens"
+            ]),
+            Ok((Duration::from_secs(7200), true))
+        );
+        for bad in ["5m", "soon"] {
+            let problems = parse(&["--max-token-lifetime", bad]).unwrap_err();
+            assert!(
+                problems.len() == 1 && problems[0].starts_with("--max-token-lifetime: "),
                 "{bad:?}: {problems:?}"
             );
         }

@@ -1375,6 +1375,8 @@ mod tests {
                     allowed_namespaces: opts
                         .allowed_namespaces
                         .map(|ns| ns.iter().map(|n| (*n).to_owned()).collect::<BTreeSet<_>>()),
+                    max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+                    dangerous_accept_unbound_tokens: false,
                 };
                 JwtAuthenticator::new(config, td.clone()).unwrap()
             });
@@ -1518,7 +1520,11 @@ mod tests {
             json!({
                 "aud": [SA_AUDIENCE], "iss": SA_ISSUER, "exp": now + 600, "iat": now, "nbf": now,
                 "sub": format!("system:serviceaccount:{ns}:{sa}"),
-                "kubernetes.io": { "namespace": ns, "serviceaccount": { "name": sa } },
+                "kubernetes.io": {
+                    "namespace": ns,
+                    "pod": { "name": format!("{sa}-1"), "uid": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d" },
+                    "serviceaccount": { "name": sa },
+                },
             })
         }
 

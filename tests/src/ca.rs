@@ -92,6 +92,8 @@ impl TestCa {
                 issuer: fake_cluster::ISSUER.into(),
                 audience: fake_cluster::AUDIENCE.into(),
                 allowed_namespaces: opts.allowed_namespaces.map(|v| v.into_iter().collect()),
+                max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+                dangerous_accept_unbound_tokens: false,
             }),
             lifetimes: opts.lifetimes,
             max_attestation_age: opts.max_attestation_age,

@@ -106,8 +106,7 @@ impl FakeCluster {
                     "namespace": namespace,
                     "node": { "name": "node-1", "uid": "4b0d5e0a-1c2d-4e3f-8a9b-0c1d2e3f4a5b" },
                     "pod": { "name": format!("{service_account}-7d9f8b-x2x4q"), "uid": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d" },
-                    "serviceaccount": { "name": service_account, "uid": "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9" },
-                    "warnafter": iat + 300
+                    "serviceaccount": { "name": service_account, "uid": "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9" }
                 },
                 "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
             }),

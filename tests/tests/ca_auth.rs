@@ -259,6 +259,38 @@ async fn authentication_cases() {
             expected: Expect::Status(Code::Unauthenticated),
         },
         Case {
+            name: "token living 10 years from iat to exp (kubectl create token --duration)",
+            cred: Cred::Token(with(&|cl| cl["exp"] = json!(now + 10 * 365 * 24 * 3600))),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "token living 48h from iat to exp (the default cap)",
+            cred: Cred::Token(with(&|cl| cl["exp"] = json!(now + 48 * 3600))),
+            expected: Expect::Issued(FRONTEND),
+        },
+        Case {
+            name: "no iat",
+            cred: Cred::Token(with(&|cl| {
+                cl.as_object_mut().unwrap().remove("iat");
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "not bound to a pod (no kubernetes.io.pod)",
+            cred: Cred::Token(with(&|cl| {
+                cl["kubernetes.io"].as_object_mut().unwrap().remove("pod");
+            })),
+            expected: Expect::Status(Code::Unauthenticated),
+        },
+        Case {
+            name: "extended by Kubernetes to a year (3607 s asked), within warnafter",
+            cred: Cred::Token(with(&|cl| {
+                cl["exp"] = json!(now + 365 * 24 * 3600);
+                cl["kubernetes.io"]["warnafter"] = json!(now + 3607);
+            })),
+            expected: Expect::Issued(FRONTEND),
+        },
+        Case {
             name: "wrong audience",
             cred: Cred::Token(with(&|cl| {
                 cl["aud"] = json!(["https://kubernetes.default.svc"])

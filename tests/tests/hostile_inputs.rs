@@ -159,6 +159,8 @@ fn service_account_tokens() {
             issuer: meshid_tests::fake_cluster::ISSUER.into(),
             audience: meshid_tests::fake_cluster::AUDIENCE.into(),
             allowed_namespaces: None,
+            max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+            dangerous_accept_unbound_tokens: false,
         },
         meshid_identity::TrustDomain::new("cluster.local").unwrap(),
     )

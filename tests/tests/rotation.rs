@@ -477,6 +477,8 @@ async fn an_expired_root_can_still_be_replaced() {
             issuer: meshid_tests::fake_cluster::ISSUER.into(),
             audience: meshid_tests::fake_cluster::AUDIENCE.into(),
             allowed_namespaces: None,
+            max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+            dangerous_accept_unbound_tokens: false,
         }),
         lifetimes: Default::default(),
         max_attestation_age: Duration::from_secs(24 * 3600),

@@ -47,6 +47,21 @@ pub struct JwtConfig {
     pub audience: String,
     /// When set, only these namespaces may get identities.
     pub allowed_namespaces: Option<BTreeSet<String>>,
+    /// The longest lifetime (`exp - iat`, or `warnafter - iat` when Kubernetes extended the token)
+    /// a token may have: a long-lived token would re-attest its identity until it expires, past
+    /// any `--max-attestation-age` (`--max-token-lifetime`).
+    pub max_token_lifetime: Duration,
+    /// Accept tokens not bound to a pod (no `kubernetes.io.pod` claim), as `kubectl create token`
+    /// mints them: such a token outlives any pod, and anyone holding it gets the identity until it
+    /// expires (`--dangerous-accept-unbound-tokens`).
+    pub dangerous_accept_unbound_tokens: bool,
+}
+
+impl JwtConfig {
+    /// The default `--max-token-lifetime`: 48 hours. Our injector asks for 10-minute tokens by
+    /// default (`--token-expiration-seconds`, at least 600); Kubernetes' own one-year extension of
+    /// 3607 s tokens carries `warnafter` = iat + 3607, which is what the cap is checked against.
+    pub const DEFAULT_MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 3600);
 }
 
 /// What the CA verifies service-account tokens against: its expected issuer and audience, where
@@ -134,11 +149,21 @@ struct Claims {
 struct KubernetesClaims {
     namespace: Option<String>,
     serviceaccount: Option<NamedRef>,
+    /// The pod a projected token is bound to: it stops verifying at the API server when the pod
+    /// is gone. Tokens from `kubectl create token` (without `--bound-object-kind Pod`) have none.
+    #[serde(default)]
+    pod: Option<NamedRef>,
+    /// Set by Kubernetes when it extended a 3607 s token to a year
+    /// (`--service-account-extend-token-expiration`): the time the token should have expired.
+    #[serde(default)]
+    warnafter: Option<i64>,
 }
 
 #[derive(Deserialize)]
 struct NamedRef {
     name: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
 }
 
 impl JwtAuthenticator {
@@ -527,15 +552,59 @@ impl JwtAuthenticator {
             AuthError::unauthenticated(reason, what)
         })?;
         let claims = data.claims;
-        let claims_exp = claims.exp;
 
         let now = unix_now();
-        if let Some(iat) = claims.iat
-            && iat > now + MAX_SKEW.as_secs() as i64
-        {
+        let skew = MAX_SKEW.as_secs() as i64;
+        // Without `iat` the token's lifetime cannot be known, and every token Kubernetes issues
+        // has one.
+        let Some(iat) = claims.iat else {
+            return Err(AuthError::unauthenticated(
+                Reason::MalformedToken,
+                "token rejected: no iat (issued-at) claim",
+            ));
+        };
+        if iat > now + skew {
             return Err(AuthError::unauthenticated(
                 Reason::TokenNotYetValid,
                 "token was issued in the future",
+            ));
+        }
+        // A token Kubernetes extended to a year (a 3607 s request) was meant to end at
+        // `warnafter`: the cap and the expiry are both checked against that.
+        let warnafter = claims.kubernetes.as_ref().and_then(|k| k.warnafter);
+        let end = warnafter.map_or(claims.exp, |w| w.min(claims.exp));
+        let lifetime = end.saturating_sub(iat);
+        let max = self.config.max_token_lifetime.as_secs();
+        if lifetime > 0 && lifetime as u64 > max {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenLifetime,
+                format!(
+                    "token rejected: it lives {lifetime}s from iat to exp, more than the \
+                     {max}s allowed (--max-token-lifetime); use a projected token with a \
+                     shorter expirationSeconds"
+                ),
+            ));
+        }
+        if warnafter.is_some_and(|w| now > w + skew) {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenExpired,
+                "token rejected: past its warnafter (an extended token the kubelet should have \
+                 refreshed)",
+            ));
+        }
+        let pod_bound = claims
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.pod.as_ref())
+            .is_some_and(|p| {
+                p.name.as_deref().is_some_and(|n| !n.is_empty())
+                    && p.uid.as_deref().is_some_and(|u| !u.is_empty())
+            });
+        if !pod_bound && !self.config.dangerous_accept_unbound_tokens {
+            return Err(AuthError::unauthenticated(
+                Reason::TokenNotPodBound,
+                "token rejected: not bound to a pod (no kubernetes.io.pod name and uid); use a \
+                 projected service-account token, not one from `kubectl create token`",
             ));
         }
 
@@ -569,7 +638,7 @@ impl JwtAuthenticator {
                 cache.clear();
             }
         }
-        cache.insert(digest, (id.clone(), Instant::now(), claims_exp));
+        cache.insert(digest, (id.clone(), Instant::now(), end));
         Ok(id)
     }
 
@@ -839,28 +908,49 @@ mod tests {
             }]});
             let path = self.dir.path().join("jwks.json");
             std::fs::write(&path, jwks.to_string()).unwrap();
+            self.authenticator_with(false)
+        }
+
+        fn authenticator_with(&self, dangerous_accept_unbound_tokens: bool) -> JwtAuthenticator {
+            let path = self.dir.path().join("jwks.json");
             JwtAuthenticator::new(
                 JwtConfig {
                     jwks: JwksSource::File(path),
                     issuer: "https://issuer.test".into(),
                     audience: "meshid-ca".into(),
                     allowed_namespaces: None,
+                    max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+                    dangerous_accept_unbound_tokens,
                 },
                 TrustDomain::new("cluster.local").unwrap(),
             )
             .unwrap()
         }
 
-        /// A token with valid claims for shop/frontend, `header` exactly as given, signed.
-        fn sign(&self, header: &str) -> String {
-            use base64::Engine;
-            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        /// Valid claims for shop/frontend, shaped as a pod's projected token.
+        fn claims() -> serde_json::Value {
             let now = unix_now();
-            let claims = serde_json::json!({
+            serde_json::json!({
                 "aud": ["meshid-ca"], "iss": "https://issuer.test",
                 "exp": now + 600, "iat": now, "nbf": now,
                 "sub": "system:serviceaccount:shop:frontend",
-            });
+                "kubernetes.io": {
+                    "namespace": "shop",
+                    "pod": { "name": "frontend-1", "uid": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d" },
+                    "serviceaccount": { "name": "frontend", "uid": "1f2e3d4c-5b6a-4978-8695-a4b3c2d1e0f9" },
+                },
+            })
+        }
+
+        /// A token with valid claims for shop/frontend, `header` exactly as given, signed.
+        fn sign(&self, header: &str) -> String {
+            self.sign_claims(header, &Self::claims())
+        }
+
+        /// A token with `claims` and `header` exactly as given, signed.
+        fn sign_claims(&self, header: &str, claims: &serde_json::Value) -> String {
+            use base64::Engine;
+            let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
             let message = format!(
                 "{}.{}",
                 b64(header.as_bytes()),
@@ -935,5 +1025,125 @@ mod tests {
             let err = auth.authenticate(&token).unwrap_err();
             assert_eq!(err.reason, Reason::MalformedToken, "{name}: {err:?}");
         }
+    }
+
+    /// What a token may claim about its own life and binding: each case changes the valid claims
+    /// one way and names the reason it must be refused with (or `None`: issued).
+    #[test]
+    fn token_lifetime_and_pod_binding() {
+        let issuer = Issuer::new();
+        let auth = issuer.authenticator();
+        let header = r#"{"alg":"ES256","kid":"k1"}"#;
+        let now = unix_now();
+        let year = 365 * 24 * 3600;
+        type Edit = fn(&mut serde_json::Value, i64);
+        let cases: &[(&str, Edit, Option<Reason>)] = &[
+            ("as projected", |_, _| {}, None),
+            (
+                "10 years from iat to exp",
+                |c, now| c["exp"] = serde_json::json!(now + 10 * 365 * 24 * 3600),
+                Some(Reason::TokenLifetime),
+            ),
+            (
+                "48h and a minute from iat to exp",
+                |c, now| c["exp"] = serde_json::json!(now + 48 * 3600 + 60),
+                Some(Reason::TokenLifetime),
+            ),
+            (
+                "48h from iat to exp",
+                |c, now| c["exp"] = serde_json::json!(now + 48 * 3600),
+                None,
+            ),
+            (
+                "issued long ago with a far exp",
+                |c, now| c["iat"] = serde_json::json!(now - 3 * 24 * 3600),
+                Some(Reason::TokenLifetime),
+            ),
+            (
+                "exp before iat",
+                |c, now| c["iat"] = serde_json::json!(now + 700),
+                Some(Reason::TokenNotYetValid),
+            ),
+            (
+                "no iat",
+                |c, _| {
+                    c.as_object_mut().unwrap().remove("iat");
+                },
+                Some(Reason::MalformedToken),
+            ),
+            (
+                "no pod claim",
+                |c, _| {
+                    c["kubernetes.io"].as_object_mut().unwrap().remove("pod");
+                },
+                Some(Reason::TokenNotPodBound),
+            ),
+            (
+                "pod claim without a uid",
+                |c, _| c["kubernetes.io"]["pod"] = serde_json::json!({ "name": "frontend-1" }),
+                Some(Reason::TokenNotPodBound),
+            ),
+            (
+                "no kubernetes.io claim",
+                |c, _| {
+                    c.as_object_mut().unwrap().remove("kubernetes.io");
+                },
+                Some(Reason::TokenNotPodBound),
+            ),
+            (
+                "extended by Kubernetes to a year (3607 s asked), within warnafter",
+                |c, now| {
+                    c["exp"] = serde_json::json!(now + 365 * 24 * 3600);
+                    c["kubernetes.io"]["warnafter"] = serde_json::json!(now + 3607);
+                },
+                None,
+            ),
+            (
+                "extended by Kubernetes to a year, past warnafter",
+                |c, now| {
+                    c["iat"] = serde_json::json!(now - 4000);
+                    c["nbf"] = serde_json::json!(now - 4000);
+                    c["exp"] = serde_json::json!(now - 4000 + 365 * 24 * 3600);
+                    c["kubernetes.io"]["warnafter"] = serde_json::json!(now - 4000 + 3607);
+                },
+                Some(Reason::TokenExpired),
+            ),
+        ];
+        for (name, edit, expected) in cases {
+            let mut claims = Issuer::claims();
+            edit(&mut claims, now);
+            let token = issuer.sign_claims(header, &claims);
+            match (auth.authenticate(&token), expected) {
+                (Ok(_), None) => {}
+                (Err(e), Some(reason)) => {
+                    assert_eq!(e.reason, *reason, "{name}: {e:?}");
+                    assert!(!e.denied, "{name}: unauthenticated, not denied");
+                }
+                (got, _) => panic!("{name}: expected {expected:?}, got {got:?}"),
+            }
+        }
+
+        // The opt-out accepts a token from `kubectl create token` (no pod), still capped.
+        let unbound = issuer.authenticator_with(true);
+        let mut claims = Issuer::claims();
+        claims["kubernetes.io"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pod");
+        assert!(
+            unbound
+                .authenticate(&issuer.sign_claims(header, &claims))
+                .is_ok()
+        );
+        claims["exp"] = serde_json::json!(now + year);
+        let err = unbound
+            .authenticate(&issuer.sign_claims(header, &claims))
+            .unwrap_err();
+        assert_eq!(err.reason, Reason::TokenLifetime);
+        assert!(
+            err.message.contains("--max-token-lifetime"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -50,6 +50,10 @@ pub enum Reason {
     BadSignature,
     TokenExpired,
     TokenNotYetValid,
+    /// The token lives longer (`exp - iat`) than `--max-token-lifetime`.
+    TokenLifetime,
+    /// The token has no `kubernetes.io.pod` binding (and unbound tokens are not accepted).
+    TokenNotPodBound,
     WrongAudience,
     WrongIssuer,
     MalformedSubject,
@@ -88,6 +92,8 @@ impl Reason {
             Self::BadSignature => "bad_signature",
             Self::TokenExpired => "token_expired",
             Self::TokenNotYetValid => "token_not_yet_valid",
+            Self::TokenLifetime => "token_lifetime",
+            Self::TokenNotPodBound => "token_not_pod_bound",
             Self::WrongAudience => "wrong_audience",
             Self::WrongIssuer => "wrong_issuer",
             Self::MalformedSubject => "malformed_subject",
