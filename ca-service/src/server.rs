@@ -244,7 +244,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let rotation: crate::admin::RotationJson = {
         let state = rotation_state;
         let dir = config.dir.clone();
-        Box::new(move || {
+        Arc::new(move || {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let (mut sidecars, issued) = state.fleet.report(now);
             let authority = state.authority.load();
@@ -269,7 +269,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     };
     let registry = Arc::new(std::mem::take(registry));
     let routes = Arc::new(crate::admin::CaAdmin {
-        rotation,
+        rotation: Arc::new(crate::admin::RotationCache::new(
+            rotation,
+            crate::admin::RotationCache::MAX_AGE,
+        )),
         jwks: Box::new(move || {
             let jwt = jwks_status.jwt.as_ref()?;
             serde_json::to_string_pretty(&jwt.summary()).ok()

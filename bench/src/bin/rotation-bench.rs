@@ -319,16 +319,17 @@ async fn run(
     let baseline_cpu = cpu_seconds(ca.pid())? - cpu1;
 
     // What one `/rotation` report costs the CA with the whole fleet connected (every gated
-    // `rotate` attempt fetches one).
+    // `rotate` attempt fetches one: `/rotation/fresh`, never the cached report `/rotation` may
+    // answer with within a second, which would measure nothing).
     const REPORTS: usize = 20;
     let rss_after_baseline_kib = mem(ca.pid())?.rss_kib;
     let cpu2 = cpu_seconds(ca.pid())?;
     let wall2 = Instant::now();
     let mut report_bytes = 0;
     for _ in 0..REPORTS {
-        let (code, body) = http_get(admin, "/rotation").context("GET /rotation")?;
+        let (code, body) = http_get(admin, "/rotation/fresh").context("GET /rotation/fresh")?;
         if code != 200 {
-            bail!("GET /rotation answered {code}");
+            bail!("GET /rotation/fresh answered {code}");
         }
         report_bytes = body.len();
     }

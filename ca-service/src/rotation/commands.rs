@@ -27,7 +27,10 @@ pub enum RotateError {
     Admin { addr: SocketAddr, reason: String },
 }
 
-/// Fetches `/rotation` from running CAs (their admin ports) and parses each report.
+/// Fetches `/rotation/fresh` from running CAs (their admin ports) and parses each report: a
+/// report computed after the request, never the cached one `/rotation` may answer with, so the
+/// gates see every step taken before (this command's own included). A CA of an older version
+/// (404) is asked for `/rotation`, which it always computes anew.
 pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>, RotateError> {
     let mut reports = Vec::with_capacity(admins.len());
     for addr in admins {
@@ -35,11 +38,22 @@ pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>,
             addr: *addr,
             reason,
         };
-        let mut get = Call::get(*addr, "/rotation");
-        get.host = Some("meshid-ca");
-        let reply = http_client::send(&get)
-            .await
-            .map_err(|e| admin(e.to_string()))?;
+        let mut reply = None;
+        for path in ["/rotation/fresh", "/rotation"] {
+            let mut get = Call::get(*addr, path);
+            get.host = Some("meshid-ca");
+            let got = http_client::send(&get)
+                .await
+                .map_err(|e| admin(e.to_string()))?;
+            let not_found = got.status == 404;
+            reply = Some(got);
+            if !not_found {
+                break;
+            }
+        }
+        let Some(reply) = reply else {
+            return Err(admin("no answer".into()));
+        };
         if reply.status != 200 {
             return Err(admin(format!("answered HTTP {}", reply.status)));
         }
