@@ -481,6 +481,16 @@ pub struct ServeArgs {
     /// Certificates per identity allowed in a burst.
     #[arg(long, env = "MESHID_CA_RATE_BURST", default_value = "200")]
     pub rate_burst: String,
+    /// Sustained certificates per second for all the identities of one namespace together
+    /// (`ns/<ns>/sa/<sa>`), checked alongside each identity's --rate-limit, so that one namespace
+    /// cannot take the CA from the others by creating service accounts (JWT-SVIDs are counted
+    /// apart, at the same rate). Default: 4 x --rate-limit.
+    #[arg(long, env = "MESHID_CA_NAMESPACE_RATE_LIMIT")]
+    pub namespace_rate_limit: Option<String>,
+    /// Certificates one namespace's identities together may get in a burst. Default: 4 x
+    /// --rate-burst.
+    #[arg(long, env = "MESHID_CA_NAMESPACE_RATE_BURST")]
+    pub namespace_rate_burst: Option<String>,
     /// Time allowed for a TLS handshake.
     #[arg(long, env = "MESHID_CA_HANDSHAKE_TIMEOUT", default_value = "10s")]
     pub handshake_timeout: String,
@@ -559,6 +569,15 @@ impl ServeArgs {
             });
         let rate = p.check("--rate-limit", self.rate_limit.parse::<f64>());
         let burst = p.check("--rate-burst", self.rate_burst.parse::<u32>());
+        // Outer None: not given (the default, derived from --rate-limit and --rate-burst).
+        let ns_rate = self
+            .namespace_rate_limit
+            .as_deref()
+            .map(|r| p.check("--namespace-rate-limit", r.parse::<f64>()));
+        let ns_burst = self
+            .namespace_rate_burst
+            .as_deref()
+            .map(|b| p.check("--namespace-rate-burst", b.parse::<u32>()));
         let handshake = p.check(
             "--handshake-timeout",
             parse_duration(&self.handshake_timeout),
@@ -737,6 +756,11 @@ impl ServeArgs {
             })),
             (None, None) => None,
         };
+        let rate_limit = RateLimit {
+            per_second: rate,
+            burst,
+        };
+        let ns_default = rate_limit.per_namespace();
         Ok(ServeConfig {
             dir: self.dir,
             listen,
@@ -756,9 +780,11 @@ impl ServeArgs {
             },
             max_attestation_age,
             jwt_svid_ttl,
-            rate_limit: RateLimit {
-                per_second: rate,
-                burst,
+            rate_limit,
+            // A bad value pushed a problem and returned above: only "not given" is left as None.
+            namespace_rate_limit: RateLimit {
+                per_second: ns_rate.flatten().unwrap_or(ns_default.per_second),
+                burst: ns_burst.flatten().unwrap_or(ns_default.burst),
             },
             limits: ListenerLimits {
                 handshake_timeout: handshake,
@@ -950,6 +976,39 @@ mod tests {
                 "{bad:?}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn namespace_rate_defaults_to_four_identities_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.json"), "{}").unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["meshid-ca", "serve", "--dir", dir_arg.as_str()];
+            args.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(args).unwrap().command else {
+                panic!("serve")
+            };
+            args.into_config().map(|c| c.namespace_rate_limit)
+        };
+        let limit = |per_second, burst| RateLimit { per_second, burst };
+        assert_eq!(parse(&[]), Ok(limit(200.0, 800)));
+        assert_eq!(
+            parse(&["--rate-limit", "10", "--rate-burst", "20"]),
+            Ok(limit(40.0, 80))
+        );
+        assert_eq!(
+            parse(&["--namespace-rate-limit", "7", "--namespace-rate-burst", "9"]),
+            Ok(limit(7.0, 9))
+        );
+        let problems = parse(&[
+            "--namespace-rate-limit",
+            "x",
+            "--namespace-rate-burst",
+            "lots",
+        ])
+        .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

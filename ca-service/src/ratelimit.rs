@@ -52,6 +52,17 @@ impl RateLimit {
         }
     }
 
+    /// The default limit of one namespace's identities together (`ns/<ns>/sa/<sa>` IDs), taken
+    /// alongside each identity's: four times an identity's rate and burst. Without it a namespace
+    /// user who creates N service accounts gets N times the rate, and the CA's signing CPU with
+    /// it, from every other namespace. Derived, not capped, as [`RateLimit::per_lineage`].
+    pub fn per_namespace(self) -> Self {
+        Self {
+            per_second: self.per_second * 4.0,
+            burst: self.burst.saturating_mul(4),
+        }
+    }
+
     /// What renewals together may take of an identity's limit: three quarters (rounded up), so
     /// that service-account token and join-token issuances (new pods) always find at least a
     /// quarter of it, however many of the identity's certificates renew.

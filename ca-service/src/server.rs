@@ -42,6 +42,9 @@ pub struct ServeConfig {
     /// Lifetime of a JWT-SVID.
     pub jwt_svid_ttl: Duration,
     pub rate_limit: RateLimit,
+    /// The limit of one namespace's identities together, alongside each one's `rate_limit`
+    /// (default: [`RateLimit::per_namespace`] of it).
+    pub namespace_rate_limit: RateLimit,
     pub limits: ListenerLimits,
     /// How long in-flight calls may take to finish after shutdown starts.
     pub grace: Duration,
@@ -150,6 +153,8 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         limiter: RateLimiter::new(config.rate_limit),
         jwt_svid_ttl: config.jwt_svid_ttl,
         jwt_limiter: RateLimiter::new(config.rate_limit),
+        namespaces: RateLimiter::new(config.namespace_rate_limit),
+        jwt_namespaces: RateLimiter::new(config.namespace_rate_limit),
         renewals: RateLimiter::new(config.rate_limit.renewal_share()),
         renewal_calls: RateLimiter::new(config.rate_limit.per_lineage()),
         jwt_svid_calls: RateLimiter::new(config.rate_limit.per_lineage()),

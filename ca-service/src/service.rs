@@ -126,6 +126,11 @@ pub struct CaState {
     /// The rate limit of JWT-SVIDs, per identity, apart from certificates': tokens asked for
     /// by an app never starve its sidecar's renewals.
     pub jwt_limiter: RateLimiter,
+    /// Certificates and, apart, JWT-SVIDs per namespace (of `ns/<ns>/sa/<sa>` identities),
+    /// taken after the identity's own limit (`--namespace-rate-limit`, `--namespace-rate-burst`):
+    /// many service accounts of one namespace cannot take the CA from the others.
+    pub namespaces: RateLimiter<String>,
+    pub jwt_namespaces: RateLimiter<String>,
     /// Renewals per identity, before `limiter`: a share of it (`RateLimit::renewal_share`), so
     /// that renewals cannot take the whole of it from token and join-token issuances.
     pub renewals: RateLimiter,
@@ -474,6 +479,13 @@ impl CaState {
             let refusal = rate_limited(&id, wait);
             return (method, Some(id), Err(refusal));
         }
+        if let Err((ns, wait)) = namespace_rate(&self.namespaces, &id) {
+            let refusal = Refusal {
+                status: too_many(&format!("certificate requests in namespace {ns}"), wait),
+                result: "rate_limited",
+            };
+            return (method, Some(id), Err(refusal));
+        }
 
         let authority = self.authority.load();
         let now = OffsetDateTime::now_utc();
@@ -649,6 +661,10 @@ impl CaState {
             let status = too_many(&format!("JWT-SVID requests for {id}"), wait);
             return (Some(id), Err(refuse(status, "rate_limited")));
         }
+        if let Err((ns, wait)) = namespace_rate(&self.jwt_namespaces, &id) {
+            let status = too_many(&format!("JWT-SVID requests in namespace {ns}"), wait);
+            return (Some(id), Err(refuse(status, "rate_limited")));
+        }
         let authority = self.authority.load();
         let Some(signer) = authority.jwt_signer.as_ref() else {
             let status = Status::failed_precondition(format!(
@@ -802,6 +818,20 @@ fn presented_call(
             .check(&key, Instant::now())
             .map_err(|wait| (leaf.id.clone(), wait)),
     )
+}
+
+/// Takes one token of `id`'s namespace from `limiter`, or names the namespace and the wait. IDs
+/// of other shapes (join tokens may name any path) have no namespace and no such limit.
+fn namespace_rate(
+    limiter: &RateLimiter<String>,
+    id: &SpiffeId,
+) -> Result<(), (String, std::time::Duration)> {
+    match id.service_account() {
+        Some((ns, _)) => limiter
+            .check(ns, Instant::now())
+            .map_err(|wait| (ns.to_owned(), wait)),
+        None => Ok(()),
+    }
 }
 
 /// An Issue call over `id`'s rate limit.
@@ -1336,6 +1366,8 @@ mod tests {
     #[derive(Default)]
     struct Opts {
         rate: Option<RateLimit>,
+        /// The namespace limit (default: `rate`'s `per_namespace`).
+        namespace_rate: Option<RateLimit>,
         /// Accept service-account tokens (a JWKS of `TestCa::sa`'s key).
         service_accounts: bool,
         allowed_namespaces: Option<&'static [&'static str]>,
@@ -1395,6 +1427,14 @@ mod tests {
                 limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
                 jwt_svid_ttl: Duration::from_secs(300),
                 jwt_limiter: RateLimiter::new(opts.rate.unwrap_or_default()),
+                namespaces: RateLimiter::new(
+                    opts.namespace_rate
+                        .unwrap_or(opts.rate.unwrap_or_default().per_namespace()),
+                ),
+                jwt_namespaces: RateLimiter::new(
+                    opts.namespace_rate
+                        .unwrap_or(opts.rate.unwrap_or_default().per_namespace()),
+                ),
                 renewals: RateLimiter::new(opts.rate.unwrap_or_default().renewal_share()),
                 renewal_calls: RateLimiter::new(opts.rate.unwrap_or_default().per_lineage()),
                 jwt_svid_calls: RateLimiter::new(opts.rate.unwrap_or_default().per_lineage()),
@@ -2925,6 +2965,56 @@ mod tests {
             }
             check(name, &req, (m, id, result), method, case.expected);
         }
+    }
+
+    #[test]
+    fn the_identities_of_one_namespace_share_its_limit() {
+        // Each identity: a burst of 2, then one a minute; its namespace: four times that.
+        let ca = TestCa::with(Opts {
+            rate: Some(RateLimit {
+                per_second: 1.0 / 60.0,
+                burst: 2,
+            }),
+            service_accounts: true,
+            ..Opts::default()
+        });
+        let issue = |ns: &str, sa: &str| {
+            let req = request(csr(), service_account(ca.sa.token(ns, sa)));
+            ca.state.issue(&req, None).2
+        };
+        let namespace_refusal = |name: &str, result: Result<_, Refusal>| {
+            let Err(refusal) = result else {
+                panic!("{name}: issued past the namespace's limit")
+            };
+            assert_eq!(refusal.result, "rate_limited", "{name}");
+            assert_eq!(refusal.status.code(), Code::ResourceExhausted, "{name}");
+            let message = refusal.status.message();
+            assert!(message.contains("namespace shop"), "{name}: {message}");
+            assert!(
+                refusal.status.metadata().get("retry-after-ms").is_some(),
+                "{name}: no retry-after-ms"
+            );
+        };
+        // Six service accounts of one namespace, each at its full burst: 12 asked, 8 issued.
+        let mut issued = 0;
+        for sa in ["a", "b", "c", "d", "e", "f"] {
+            for n in 0..2 {
+                let result = issue("shop", sa);
+                if result.is_ok() {
+                    issued += 1;
+                } else {
+                    namespace_refusal(&format!("shop/{sa} #{n}"), result);
+                }
+            }
+        }
+        assert_eq!(
+            issued, 8,
+            "the namespace's burst of 8, whatever its identities"
+        );
+        // A new service account of that namespace gets nothing either...
+        namespace_refusal("shop/g", issue("shop", "g"));
+        // ...while another namespace is not affected.
+        assert!(issue("ops", "metrics").is_ok(), "ops/metrics refused");
     }
 
     // ---- ack() ---------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ impl TestCa {
             max_attestation_age: opts.max_attestation_age,
             jwt_svid_ttl: Duration::from_secs(300),
             rate_limit: opts.rate_limit,
+            namespace_rate_limit: opts.rate_limit.per_namespace(),
             limits: ListenerLimits {
                 handshake_timeout: opts.handshake_timeout,
                 max_connections: opts.max_connections,

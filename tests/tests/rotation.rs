@@ -484,6 +484,7 @@ async fn an_expired_root_can_still_be_replaced() {
         max_attestation_age: Duration::from_secs(24 * 3600),
         jwt_svid_ttl: Duration::from_secs(300),
         rate_limit: Default::default(),
+        namespace_rate_limit: meshid_ca::ratelimit::RateLimit::default().per_namespace(),
         limits: Default::default(),
         grace: Duration::from_secs(2),
     };
