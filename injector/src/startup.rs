@@ -63,7 +63,8 @@ pub struct InjectorArgs {
     /// The CA's gRPC address as sidecars reach it.
     #[arg(long, env = "MESHID_INJECTOR_CA_ADDR")]
     pub ca_addr: String,
-    /// Lifetime of the sidecar's projected token, in seconds (at least 600).
+    /// Lifetime of the sidecar's projected token, in seconds (at least 600; at most the CA's
+    /// --max-token-lifetime, 48h by default, or the CA refuses the token).
     #[arg(
         long,
         env = "MESHID_INJECTOR_TOKEN_EXPIRATION_SECONDS",
