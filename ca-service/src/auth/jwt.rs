@@ -578,10 +578,11 @@ impl JwtAuthenticator {
         if lifetime > 0 && lifetime as u64 > max {
             return Err(AuthError::unauthenticated(
                 Reason::TokenLifetime,
+                // Only our own limit in the message: nothing the caller wrote is quoted back.
                 format!(
-                    "token rejected: it lives {lifetime}s from iat to exp, more than the \
-                     {max}s allowed (--max-token-lifetime); use a projected token with a \
-                     shorter expirationSeconds"
+                    "token rejected: it lives longer from iat to exp than the {max}s allowed \
+                     (--max-token-lifetime); use a projected token with a shorter \
+                     expirationSeconds"
                 ),
             ));
         }
