@@ -225,11 +225,11 @@ impl DecisionLog {
 
 impl Recorded {
     /// For `meshid-sidecar explain`: a few lines a person reads. Every field is shown with its
-    /// control characters, line breaks and bidirectional overrides escaped (`\u{1b}`, `\n`): the
-    /// method and path are what the peer sent, and the answer comes from an admin port; the
-    /// explanation keeps its own lines.
+    /// control characters (line breaks included) and invisible formatting characters escaped
+    /// ([`shown`]): the method and path are what the peer sent, and the answer comes from an
+    /// admin port; the explanation keeps its own lines.
     pub fn describe(&self) -> String {
-        let shown = |s: &str| s.escape_debug().to_string();
+        let shown = |s: &str| shown(s);
         let asked = if self.method.is_empty() {
             "connection".to_owned()
         } else {
@@ -250,6 +250,28 @@ impl Recorded {
             explanation.join("\n")
         )
     }
+}
+
+/// `s` with every control character (escape sequences, line breaks, C1 controls) and invisible
+/// formatting character (bidirectional overrides, zero-width ones) as `\u{..}`; the rest, `\` and
+/// quotes included, as it is (an explanation names the path rules it quotes as they are written).
+fn shown(s: &str) -> String {
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+    };
+    if !s.chars().any(invisible) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if invisible(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `meshid-sidecar explain --admin ADDR ID`: asks the sidecar and prints the decision.
