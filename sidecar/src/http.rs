@@ -132,23 +132,177 @@ pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
                 return None;
             }
             let name = percent_decode(name)?;
-            let folded: Vec<u8> = name
-                .iter()
-                .map(|&b| match b {
-                    b'.' | b' ' | b'[' => b'_',
-                    b => b.to_ascii_lowercase(),
-                })
-                .collect();
-            if folded != b"_method" {
+            if !names_method(&name) {
                 return None;
             }
-            let method = percent_decode(value)
-                .and_then(|v| String::from_utf8(v).ok())
-                .map_or_else(|| "?".to_owned(), |v| v.trim().to_ascii_uppercase());
-            // An empty value asks for nothing.
-            (!method.is_empty()).then_some(method)
+            override_named(percent_decode(value).as_deref())
         })
         .collect()
+}
+
+/// Whether a form field's (decoded) name is `_method` as PHP and the frameworks read it: `.`, ` `
+/// and `[` folded into `_`, in any case.
+fn names_method(name: &[u8]) -> bool {
+    name.len() == 7
+        && name
+            .iter()
+            .map(|&b| match b {
+                b'.' | b' ' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .eq(b"_method".iter().copied())
+}
+
+/// The method a `_method` field's (decoded) value names: trimmed and upper-cased; `?` (which no
+/// method rule names) for one that is not UTF-8 or could not be decoded; `None` for an empty one,
+/// which asks for nothing.
+fn override_named(value: Option<&[u8]>) -> Option<String> {
+    let method = value
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map_or_else(|| "?".to_owned(), |v| v.trim().to_ascii_uppercase());
+    (!method.is_empty()).then_some(method)
+}
+
+/// A request body a framework reads form fields from, `_method` among them: Rails'
+/// `Rack::MethodOverride`, Laravel, Symfony and Spring's `HiddenHttpMethodFilter` take a `POST`'s
+/// `_method` field from an `application/x-www-form-urlencoded` or `multipart/form-data` body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Form {
+    Urlencoded,
+    /// With its boundary (`None`: the content type names none, and no parser finds a part).
+    Multipart(Option<String>),
+}
+
+impl Form {
+    /// The form a request's `Content-Type` says its body is, if any (media type in any case,
+    /// parameters after it).
+    pub(crate) fn of(headers: &HeaderMap) -> Option<Self> {
+        let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+        let mut params = value.split(';');
+        let media = params.next()?.trim();
+        if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+            return Some(Self::Urlencoded);
+        }
+        if !media.eq_ignore_ascii_case("multipart/form-data") {
+            return None;
+        }
+        let boundary = params.find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("boundary")
+                .then(|| unquote(v.trim()))
+        });
+        Some(Self::Multipart(boundary.filter(|b| !b.is_empty())))
+    }
+
+    /// The methods the form's `_method` fields name (see [`query_method_overrides`] for how a
+    /// name and a value are read).
+    pub(crate) fn method_overrides(&self, body: &[u8]) -> Vec<String> {
+        match self {
+            Self::Urlencoded => query_method_overrides(Some(&String::from_utf8_lossy(body))),
+            Self::Multipart(None) => Vec::new(),
+            Self::Multipart(Some(boundary)) => multipart_method_overrides(body, boundary),
+        }
+    }
+}
+
+/// A header parameter's value without its quotes (and `\` escapes inside them).
+fn unquote(v: &str) -> String {
+    match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) => {
+            let mut out = String::with_capacity(inner.len());
+            let mut chars = inner.chars();
+            while let Some(c) = chars.next() {
+                out.push(if c == '\\' {
+                    chars.next().unwrap_or(c)
+                } else {
+                    c
+                });
+            }
+            out
+        }
+        None => v.to_owned(),
+    }
+}
+
+/// The `_method` parts of a `multipart/form-data` body: each part after a `--boundary` line, its
+/// headers up to the first empty line (CRLF or LF), its name from `Content-Disposition`'s `name`
+/// (or RFC 2231 `name*`), its value the rest of the part without the line break before the next
+/// boundary. Read leniently (any header case, LF alone, an unterminated last part), so that no
+/// part an app's parser would find is missed.
+fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
+    let delimiter = [b"--", boundary.as_bytes()].concat();
+    let parts = split_on(body, &delimiter).skip(1);
+    let mut found = Vec::new();
+    for part in parts {
+        if part.starts_with(b"--") {
+            break;
+        }
+        let (head, value) = match find(part, b"\r\n\r\n") {
+            Some(at) => (&part[..at], &part[at + 4..]),
+            None => match find(part, b"\n\n") {
+                Some(at) => (&part[..at], &part[at + 2..]),
+                None => continue,
+            },
+        };
+        let named_method = head
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let line = std::str::from_utf8(line).ok()?;
+                let (name, params) = line.split_once(':')?;
+                name.trim()
+                    .eq_ignore_ascii_case("content-disposition")
+                    .then_some(params)
+            })
+            .flat_map(|params| params.split(';'))
+            .filter_map(|param| {
+                let (k, v) = param.split_once('=')?;
+                let k = k.trim();
+                if k.eq_ignore_ascii_case("name") {
+                    Some(unquote(v.trim()).into_bytes())
+                } else if k.eq_ignore_ascii_case("name*") {
+                    // charset'language'percent-encoded
+                    let encoded = unquote(v.trim());
+                    let encoded = encoded.rsplit('\'').next().unwrap_or_default();
+                    percent_decode(encoded)
+                } else {
+                    None
+                }
+            })
+            .any(|name| names_method(&name));
+        if named_method {
+            let value = value.strip_suffix(b"\n").unwrap_or(value);
+            let value = value.strip_suffix(b"\r").unwrap_or(value);
+            found.extend(override_named(Some(value)));
+        }
+    }
+    found
+}
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `hay` split at every occurrence of `sep` (not empty).
+fn split_on<'a>(mut hay: &'a [u8], sep: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        match find(hay, sep) {
+            Some(at) => {
+                let piece = &hay[..at];
+                hay = &hay[at + sep.len()..];
+                Some(piece)
+            }
+            None => {
+                done = true;
+                Some(hay)
+            }
+        }
+    })
 }
 
 /// `s` with `%XX` escapes decoded and `+` as a space (form encoding); `None` for a `%` that does
@@ -750,6 +904,46 @@ mod tests {
         strip_peer_trailers(&mut trailers);
         let left: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["grpc-status"]);
+    }
+
+    #[test]
+    fn form_method_overrides_are_found_in_either_kind_of_form() {
+        let headers = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            h
+        };
+        assert_eq!(Form::of(&HeaderMap::new()), None);
+        assert_eq!(Form::of(&headers("application/json")), None);
+        let urlencoded = Form::of(&headers("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
+        assert_eq!(urlencoded, Some(Form::Urlencoded));
+        assert_eq!(
+            Form::Urlencoded.method_overrides(b"a=1&_method=delete&%5Fmethod=put&payment_method=x"),
+            ["DELETE", "PUT"]
+        );
+        let multipart = Form::of(&headers("multipart/form-data; boundary=\"b-1\""));
+        assert_eq!(multipart, Some(Form::Multipart(Some("b-1".into()))));
+        let body = b"preamble\r\n--b-1\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n\
+                     _method\r\n--b-1\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\n\
+                     delete\r\n--b-1\nContent-Disposition: form-data; name=_METHOD\n\npatch\n\
+                     --b-1\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nput\r\n\
+                     --b-1\r\nContent-Disposition: form-data; name=\"payment_method\"\r\n\r\nx\r\n\
+                     --b-1--\r\n--b-1\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nget";
+        assert_eq!(
+            Form::Multipart(Some("b-1".into())).method_overrides(body),
+            ["DELETE", "PATCH", "PUT"]
+        );
+        // An unterminated last part is read too.
+        assert_eq!(
+            Form::Multipart(Some("x".into())).method_overrides(
+                b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE"
+            ),
+            ["DELETE"]
+        );
+        assert_eq!(
+            Form::of(&headers("multipart/form-data")),
+            Some(Form::Multipart(None))
+        );
     }
 
     #[test]

@@ -132,6 +132,52 @@ pub struct Tracked<B> {
     response: bool,
     /// Trailers lose what a peer may not say to the app ([`Tracked::strip_peer_trailers`]).
     peer_trailers: bool,
+    /// A body read ahead ([`Tracked::read_whole`]), given out again before anything else.
+    replay: Option<Box<Replay>>,
+}
+
+/// What [`Tracked::read_whole`] read: the data, then the trailers, then the end.
+struct Replay {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// Why [`Tracked::read_whole`] did not read a whole body.
+#[derive(Debug)]
+pub enum ReadWhole {
+    /// More than the limit.
+    TooLarge,
+    /// The peer's body failed (reset, or bad framing).
+    Failed(hyper::Error),
+}
+
+impl Tracked<Incoming> {
+    /// Reads the whole body (at most `limit` bytes of data) and keeps it to be given out again:
+    /// returns its data. Read through [`HttpBody::poll_frame`], so that its end is counted; its
+    /// trailers are stripped when given out, as any are.
+    pub async fn read_whole(&mut self, limit: usize) -> Result<Bytes, ReadWhole> {
+        use http_body_util::BodyExt;
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = self.frame().await {
+            let frame = frame.map_err(ReadWhole::Failed)?;
+            match frame.into_data() {
+                Ok(chunk) => {
+                    if data.len() + chunk.len() > limit {
+                        return Err(ReadWhole::TooLarge);
+                    }
+                    data.extend_from_slice(&chunk);
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let data = data.freeze();
+        self.replay = Some(Box::new(Replay {
+            data: (!data.is_empty()).then(|| data.clone()),
+            trailers,
+        }));
+        Ok(data)
+    }
 }
 
 impl<B> Tracked<B> {
@@ -142,6 +188,7 @@ impl<B> Tracked<B> {
             activity: None,
             response: false,
             peer_trailers: false,
+            replay: None,
         }
     }
 
@@ -165,6 +212,7 @@ impl<B> Tracked<B> {
             activity: Some(activity.clone()),
             response: false,
             peer_trailers: false,
+            replay: None,
         }
     }
 
@@ -175,6 +223,7 @@ impl<B> Tracked<B> {
             activity: call.0.take(),
             response: true,
             peer_trailers: false,
+            replay: None,
         }
     }
 
@@ -213,7 +262,10 @@ impl<B> Drop for Tracked<B> {
     }
 }
 
-impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
+impl<B: HttpBody + Unpin> HttpBody for Tracked<B>
+where
+    B::Data: From<Bytes>,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -222,6 +274,18 @@ impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(replay) = this.replay.as_deref_mut() {
+            // The body was read whole: what is left of it, then the end.
+            if let Some(data) = replay.data.take() {
+                return Poll::Ready(Some(Ok(Frame::data(data.into()))));
+            }
+            return Poll::Ready(replay.trailers.take().map(|mut t| {
+                if this.peer_trailers {
+                    crate::http::strip_peer_trailers(&mut t);
+                }
+                Ok(Frame::trailers(t))
+            }));
+        }
         let mut r = Pin::new(&mut this.inner).poll_frame(cx);
         if this.peer_trailers
             && let Poll::Ready(Some(Ok(frame))) = &mut r
@@ -243,11 +307,19 @@ impl<B: HttpBody + Unpin> HttpBody for Tracked<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.replay {
+            Some(replay) => replay.data.is_none() && replay.trailers.is_none(),
+            None => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.replay {
+            Some(replay) => {
+                SizeHint::with_exact(replay.data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            None => self.inner.size_hint(),
+        }
     }
 }
 

@@ -143,6 +143,22 @@ impl Authorizer {
         Err(Box::new(resp))
     }
 
+    /// Whether `peer` may use any method at all on `path` here (a rule that names no methods
+    /// allows it), decided and recorded nowhere: then no method override it sends can take it
+    /// anywhere it may not go.
+    pub fn allows_any_method(&self, peer: &Peer, path: &str) -> bool {
+        // No rule names this method: only one that names none allows it.
+        const NO_METHOD: &str = "\u{0}";
+        let guard = self.shared.policy.load();
+        match guard.as_deref() {
+            Some(p) => {
+                p.decide_request(self.port, peer.id(), NO_METHOD, path)
+                    .allowed
+            }
+            None => no_policy_decision().allowed,
+        }
+    }
+
     /// Resolves once this open connection must close: a policy change no longer allows what it
     /// was let in for (`request` is the method and path of an upgraded HTTP request, `None` a TCP
     /// connection), or the trust bundle revokes its peer. The closing is logged and counted.

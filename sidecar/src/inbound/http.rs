@@ -72,6 +72,62 @@ impl InboundHttp {
     }
 }
 
+/// The largest form body read to find its `_method` fields; a larger one is refused (413).
+pub const MAX_FORM_BODY: usize = 1 << 20;
+
+/// Reads a POST's form body whole and decides every method its `_method` fields name, as those of
+/// the query are decided; the body then goes to the app as read.
+async fn decide_form(
+    req: &mut Request<ReqBody>,
+    form: crate::http::Form,
+    peer: &Peer,
+    http: &InboundHttp,
+    shared: &Shared,
+) -> Result<(), Response<Body>> {
+    let read = tokio::time::timeout(
+        shared.limits.request_timeout,
+        req.body_mut().read_whole(MAX_FORM_BODY),
+    );
+    let body = match read.await {
+        Ok(Ok(body)) => body,
+        Ok(Err(crate::idle::ReadWhole::TooLarge)) => {
+            return Err(reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "a form body over {MAX_FORM_BODY} bytes to a path where {} may not use every \
+                     method: its _method fields cannot be checked",
+                    peer.id()
+                ),
+            ));
+        }
+        Ok(Err(crate::idle::ReadWhole::Failed(error))) => {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                format!("the request body failed: {error}"),
+            ));
+        }
+        Err(_) => {
+            return Err(reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "the form body did not arrive within the request timeout".into(),
+            ));
+        }
+    };
+    for method in form.method_overrides(&body) {
+        if method != req.method().as_str() {
+            http.authz
+                .request(
+                    peer,
+                    &method,
+                    req.uri().path(),
+                    crate::trace::traceparent(req.headers()),
+                )
+                .map_err(|denied| *denied)?;
+        }
+    }
+    Ok(())
+}
+
 /// `addr` as a URI authority (`IP:PORT`, IPv6 in brackets): always valid, so no error path.
 fn authority_of(addr: SocketAddr) -> http::uri::Authority {
     http::uri::Authority::from_maybe_shared(Bytes::from(addr.to_string()))
@@ -231,6 +287,15 @@ async fn inbound_request(
         Ok(id) => id,
         Err(denied) => return *denied,
     };
+    // And one a POST's form body names (`_method`, as Rails, Laravel, Symfony and Spring read it),
+    // unless the peer may use any method there: the body is read whole first, then passed on.
+    if req.method() == http::Method::POST
+        && let Some(form) = crate::http::Form::of(req.headers())
+        && !http.authz.allows_any_method(peer, req.uri().path())
+        && let Err(refused) = decide_form(&mut req, form, peer, http, shared).await
+    {
+        return refused;
+    }
 
     // WebSocket is the one upgrade passed on; any other `Upgrade` is dropped below with the other
     // hop-by-hop headers, and the request is served as a plain one.
