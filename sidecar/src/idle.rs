@@ -556,6 +556,8 @@ pub async fn serve_h1<IO, S, F, R>(
             },
             () = meshid_runtime::net::stopped(&mut shutdown) => false,
             () = &mut expired => false,
+            // A revoked peer's idle connection is closed now, not when it next sends a request.
+            () = &mut revoked => false,
         };
         idle.dec();
         if !woke {
@@ -624,13 +626,16 @@ where
     let mut ended = WhenWoken::new(ended);
     let stop = loop {
         tokio::select! {
+            // The end signals first: were `conn` polled first after a revocation, a request that
+            // arrived with it would go on to the app.
+            biased;
+            () = &mut ended => break Stop::Drain,
             r = &mut conn => {
                 if let Err(error) = r {
                     tracing::debug!(%error, "http connection ended");
                 }
                 return Served::Done;
             }
-            () = &mut ended => break Stop::Drain,
             () = &mut tick => {
                 let now = Instant::now();
                 if activity.requests.load(Relaxed) != requests_at_start {

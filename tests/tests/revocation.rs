@@ -568,3 +568,124 @@ async fn an_entry_revoked_for_less_than_the_cas_max_ttl_is_served_as_long_as_its
         "served until revoked_at + the CA's --max-ttl + 60 s"
     );
 }
+
+/// An HTTP/1.1 app on 127.0.0.1 that answers every request `200 ok` and counts them in `count`.
+async fn counting_app(count: Arc<std::sync::atomic::AtomicUsize>) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The keep-alive connections of a peer that is then revoked: idle when the revocation comes, each
+/// is closed (or refuses its next request), and not one more request reaches the app. Before, an
+/// idle connection did not wait for the revocation, and a request sent after it reached the app
+/// about half the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peers_idle_keep_alive_connections_carry_no_request_to_the_app() {
+    const CONNECTIONS: usize = 20;
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = counting_app(count.clone()).await;
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.21", app, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The frontend's own certificate, presented directly to the backend's inbound.
+    let (chain, key) = issue_with_token(&ca, "frontend").await.unwrap();
+    let frontend = meshid_tests::mesh::Workload {
+        chain,
+        key_der: key.secret_der().to_vec(),
+        cert_path: Default::default(),
+        key_path: Default::default(),
+    };
+    let config = meshid_tests::mesh::client_config(
+        &ca.roots,
+        &ca.trust_domain,
+        Some(&frontend),
+        &SpiffeId::parse(B).unwrap(),
+        &[b"http/1.1"],
+    );
+    let mut senders = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while senders.len() < CONNECTIONS {
+        assert!(Instant::now() < deadline, "no answer from the app");
+        // The sidecar's certificate or policy may still be loading: keep only connections the
+        // app answered on.
+        let Ok(tls) = meshid_tests::mesh::mtls_connect(b.inbound[0], config.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        match send.send_request(get("/x", &[])).await {
+            Ok(resp) if resp.status() == 200 => senders.push(send),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    // Every connection idle (its hyper state let go) before the revocation.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            metric(&b.metrics().await, "meshid_sidecar_revocations ", &[]) == 1
+        })
+        .await,
+        "the backend applies the revocation:\n{}",
+        b.metrics().await
+    );
+    count.store(0, std::sync::atomic::Ordering::SeqCst);
+    let mut answered = Vec::new();
+    for send in &mut senders {
+        let sent = tokio::time::timeout(Duration::from_secs(5), send.send_request(get("/x", &[])));
+        if let Ok(Ok(resp)) = sent.await {
+            answered.push(resp.status().as_u16());
+        }
+    }
+    // Time for anything forwarded to land at the app.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "requests of a revoked peer reached the app (answers: {answered:?})"
+    );
+    assert!(answered.iter().all(|s| *s == 403), "{answered:?}");
+}

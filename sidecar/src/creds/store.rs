@@ -276,6 +276,13 @@ impl CredentialStore {
         self.generation.subscribe()
     }
 
+    /// What in the bundle in force revokes `peer`, if anything: checked before every request a
+    /// connection forwards, since the connection's own wait for a revocation ([`Self::until_revoked`])
+    /// is only noticed when its task next looks. No reference count is touched.
+    pub fn revokes(&self, peer: &VerifiedPeer) -> Option<Revoked> {
+        self.current.load().as_deref()?.anchors.revokes(peer)
+    }
+
     /// Resolves once the bundle in force revokes `peer` (its certificate or its identity), with
     /// what revoked it: the connection `peer` authenticated must end. Checks the bundle in force
     /// first, so a connection set up just before a change is not missed.

@@ -159,6 +159,31 @@ impl Authorizer {
         }
     }
 
+    /// Refuses a request of a peer the bundle in force revokes, whatever the policy says: the
+    /// connection's wait for the revocation may not have run yet when a request arrives with it.
+    /// Answered with a 403 that also closes an HTTP/1.1 connection.
+    pub fn not_revoked(
+        &self,
+        peer: &Peer,
+        version: http::Version,
+    ) -> Result<(), Box<Response<Body>>> {
+        let Some(why) = self.shared.creds.revokes(&peer.verified) else {
+            return Ok(());
+        };
+        tracing::debug!(peer = %peer.id(), port = self.port, revoked = %why, "refused a request: the peer is revoked");
+        let mut resp = reply(
+            StatusCode::FORBIDDEN,
+            format!("denied: {} on port {}: revoked", peer.id(), self.port),
+        );
+        if version < http::Version::HTTP_2 {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
+        Err(Box::new(resp))
+    }
+
     /// Resolves once this open connection must close: a policy change no longer allows what it
     /// was let in for (`request` is the method and path of an upgraded HTTP request, `None` a TCP
     /// connection), or the trust bundle revokes its peer. The closing is logged and counted.

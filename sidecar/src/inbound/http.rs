@@ -251,6 +251,9 @@ async fn inbound_request(
     http: &InboundHttp,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, http.authz.shared());
+    if let Err(denied) = http.authz.not_revoked(peer, req.version()) {
+        return *denied;
+    }
     // A method override is decided as the method it names (each recorded as a decision of its
     // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
     for method in crate::http::method_overrides(req.headers()) {
