@@ -406,10 +406,37 @@ async fn bundle_stream_adds_and_removes_roots_without_restart() {
     );
     let m = b.metrics().await;
     assert!(m.contains("meshid_sidecar_trust_anchors 2"), "{m}");
+    // A keep-alive connection of a peer under the new root, open when the root leaves.
+    let mut roots = roots_now.clone();
+    roots.push(foreign.root_der.clone());
+    let cfg = meshid_tests::mesh::client_config(
+        &roots,
+        &ca.trust_domain,
+        Some(&client),
+        &meshid_identity::SpiffeId::parse(B).unwrap(),
+        &[b"http/1.1"],
+    );
+    let tls = meshid_tests::mesh::mtls_connect(b.inbound[0], cfg)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let mut open = tokio::spawn(conn);
+    let resp = send.send_request(get("/x", &[])).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
 
-    // The root leaves the bundle: new handshakes from peers under it are refused again.
+    // The root leaves the bundle: the open connection is closed, and new handshakes from peers
+    // under it are refused again.
     std::fs::write(bundle.with_extension("tmp"), original).unwrap();
     std::fs::rename(bundle.with_extension("tmp"), &bundle).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), &mut open)
+            .await
+            .is_ok(),
+        "the connection of a peer under the removed root is closed"
+    );
     assert!(
         eventually(Duration::from_secs(10), || async {
             !try_new_root_peer().await

@@ -23,6 +23,40 @@ use meshid_identity::policy::Protocol;
 use meshid_identity::revocation::{RevocationSet, Revoked};
 use meshid_identity::verify::{Anchors, SpiffeClientVerifier, SpiffeServerVerifier};
 
+/// See [`Snapshot::trust_key`]: a hash of the roots and pinned intermediates, in their order.
+fn trust_key(roots: &[CertificateDer<'_>], pinned: &[CertificateDer<'_>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for c in roots {
+        c.as_ref().hash(&mut h);
+    }
+    pinned.len().hash(&mut h);
+    for c in pinned {
+        c.as_ref().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Why an open connection's peer is no longer trusted: the connection must end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Distrusted {
+    /// The bundle revokes its certificate or identity.
+    Revoked(Revoked),
+    /// Its chain no longer verifies against the bundle (its root or intermediate was removed).
+    Unanchored,
+}
+
+impl fmt::Display for Distrusted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Revoked(r) => write!(f, "revoked {r}"),
+            Self::Unanchored => {
+                f.write_str("its chain no longer verifies against the trust bundle")
+            }
+        }
+    }
+}
+
 /// A certificate chain (leaf first), its private key, and the trust bundle, as one set.
 pub struct Credentials {
     pub chain: Vec<CertificateDer<'static>>,
@@ -103,6 +137,10 @@ pub struct Snapshot {
     pub issuer_sha256: Option<String>,
     /// SHA-256 (hex) of our public key (changes at every renewal: a fresh key each time).
     pub public_key_sha256: String,
+    /// Names the roots and pinned intermediates peers are verified against: equal for two
+    /// snapshots of the same trust (a renewal), so open connections re-verify their peer's chain
+    /// only when the trust itself changed ([`CredentialStore::until_distrusted`]).
+    pub trust_key: u64,
 }
 
 impl fmt::Debug for Snapshot {
@@ -283,15 +321,45 @@ impl CredentialStore {
         self.current.load().as_deref()?.anchors.revokes(peer)
     }
 
-    /// Resolves once the bundle in force revokes `peer` (its certificate or its identity), with
-    /// what revoked it: the connection `peer` authenticated must end. Checks the bundle in force
-    /// first, so a connection set up just before a change is not missed.
-    pub async fn until_revoked(&self, peer: &VerifiedPeer) -> Revoked {
+    /// Resolves once the bundle in force no longer trusts `peer`, whose `chain` (leaf first) was
+    /// verified for `usage` against the trust named `trust_key` ([`Snapshot::trust_key`]): it
+    /// revokes its certificate or identity, or the chain no longer verifies (its root or
+    /// intermediate left the bundle). The connection `peer` authenticated must end. Checks the
+    /// bundle in force first, so a connection set up just before a change is not missed. The chain
+    /// is verified again only when the trust changed, at a time within the peer's validity (its
+    /// expiry is the connection deadline's business, not this one's).
+    pub async fn until_distrusted(
+        &self,
+        peer: &VerifiedPeer,
+        chain: &[CertificateDer<'_>],
+        usage: webpki::KeyUsage,
+        mut trust_key: u64,
+    ) -> Distrusted {
         let mut changes = self.generation.subscribe();
         loop {
             changes.borrow_and_update();
-            if let Some(revoked) = self.current().and_then(|s| s.anchors.revokes(peer)) {
-                return revoked;
+            if let Some(s) = self.current() {
+                if let Some(revoked) = s.anchors.revokes(peer) {
+                    return Distrusted::Revoked(revoked);
+                }
+                if s.trust_key != trust_key && !chain.is_empty() {
+                    trust_key = s.trust_key;
+                    let at = meshid_runtime::time::unix_now().min(peer.not_after).max(0);
+                    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                        u64::try_from(at).unwrap_or(0),
+                    ));
+                    if s.anchors
+                        .verify_workload_chain(
+                            &self.provider.signature_verification_algorithms,
+                            chain,
+                            at,
+                            usage,
+                        )
+                        .is_err()
+                    {
+                        return Distrusted::Unanchored;
+                    }
+                }
             }
             if changes.changed().await.is_err() {
                 // The store is gone (shutdown): nothing will revoke this connection any more.
@@ -457,6 +525,7 @@ impl CredentialStore {
             },
             leaf_sha256: sha256_hex(&leaf),
             issuer_sha256: creds.chain.get(1).map(|c| sha256_hex(c)),
+            trust_key: trust_key(&creds.roots, &creds.pinned),
         })
     }
 }

@@ -14,6 +14,7 @@ use meshid_identity::SpiffeId;
 use meshid_identity::peer::VerifiedPeer;
 use meshid_identity::policy::{Decision, Policy, RuleRef, no_policy_decision};
 use prometheus_client::metrics::counter::Counter;
+use rustls::pki_types::CertificateDer;
 
 use crate::conn::Shared;
 use crate::http::{Body, reply};
@@ -24,6 +25,11 @@ use crate::metrics::AuthzLabels;
 pub struct Peer {
     pub verified: Arc<VerifiedPeer>,
     pub addr: SocketAddr,
+    /// The chain the peer presented (leaf first), kept to verify it again when the trust bundle
+    /// changes: a peer under a removed root or intermediate loses its open connections.
+    pub chain: Arc<[CertificateDer<'static>]>,
+    /// The trust the chain was verified against in the handshake ([`crate::creds::Snapshot::trust_key`]).
+    pub trust_key: u64,
 }
 
 impl Peer {
@@ -194,8 +200,9 @@ impl Authorizer {
         }
     }
 
-    /// Resolves once the trust bundle revokes the peer's certificate or identity (logged and
-    /// counted). Audit mode does not change this: a revoked certificate is not trusted at all.
+    /// Resolves once the trust bundle revokes the peer's certificate or identity, or its chain no
+    /// longer verifies against the bundle (logged and counted). Audit mode does not change this:
+    /// a revoked certificate is not trusted at all.
     /// Holds only what it needs, not the whole listener state: every connection keeps one.
     pub fn peer_revoked(
         &self,
@@ -203,6 +210,7 @@ impl Authorizer {
     ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
         let creds = self.shared.creds.clone();
         let verified = peer.verified.clone();
+        let (chain, trust_key) = (peer.chain.clone(), peer.trust_key);
         let addr = peer.addr;
         let port = self.port;
         let closed = self
@@ -215,14 +223,21 @@ impl Authorizer {
             })
             .clone();
         async move {
-            let why = creds.until_revoked(&verified).await;
+            let why = creds
+                .until_distrusted(
+                    &verified,
+                    &chain,
+                    webpki::KeyUsage::client_auth(),
+                    trust_key,
+                )
+                .await;
             closed.inc();
             tracing::warn!(
                 peer = %verified.id,
                 peer_addr = %addr,
                 port,
-                revoked = %why,
-                "closing: the peer is revoked"
+                why = %why,
+                "closing: the peer is no longer trusted"
             );
         }
     }

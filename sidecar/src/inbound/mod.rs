@@ -218,6 +218,13 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             VerifiedPeer::from_leaf(leaf).ok().map(Arc::new)
         })
     });
+    let chain: Arc<[_]> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let trust_key = snapshot.trust_key;
     drop(snapshot);
     let Some(verified) = verified else {
         shared
@@ -240,7 +247,12 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
     slot.hold_peer(share);
     // An authenticated peer of the trust domain: never displaced from now on.
     slot.proven();
-    let peer = Peer { verified, addr };
+    let peer = Peer {
+        verified,
+        addr,
+        chain,
+        trust_key,
+    };
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     let metrics = ConnMetrics::new(
         &shared.metrics,

@@ -103,20 +103,25 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
     cap.then(|| expiry_instant(upstream_not_after(tls)))
 }
 
-/// Resolves once the trust bundle revokes the upstream this connection reached (logged and
-/// counted); never when its certificate cannot be read (the connection is over anyway).
+/// Resolves once the trust bundle revokes the upstream this connection reached, or its chain no
+/// longer verifies against the bundle (logged and counted); never when its certificate cannot be read (the connection is over anyway).
 pub fn upstream_revoked(
     tls: &TlsStream<TcpStream>,
     port: u16,
     shared: &Shared,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let peer = tls
+    let chain: Vec<_> = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let peer = chain
+        .first()
         .and_then(|leaf| meshid_identity::peer::VerifiedPeer::from_leaf(leaf).ok());
     let creds = shared.creds.clone();
+    // The trust in force now: the handshake just verified the upstream against it.
+    let trust_key = creds.current().map_or(0, |s| s.trust_key);
     let closed = shared
         .metrics
         .revoked_peer_closes
@@ -129,9 +134,11 @@ pub fn upstream_revoked(
         let Some(peer) = peer else {
             return std::future::pending().await;
         };
-        let why = creds.until_revoked(&peer).await;
+        let why = creds
+            .until_distrusted(&peer, &chain, webpki::KeyUsage::server_auth(), trust_key)
+            .await;
         closed.inc();
-        tracing::warn!(upstream = %peer.id, port, revoked = %why, "closing: the upstream is revoked");
+        tracing::warn!(upstream = %peer.id, port, why = %why, "closing: the upstream is no longer trusted");
     }
 }
 
