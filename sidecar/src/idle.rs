@@ -661,9 +661,19 @@ where
     };
     match stop {
         Stop::Drain => {
-            // Finish in-flight requests; HTTP/1.1 closes after the current response.
+            // Finish in-flight requests; HTTP/1.1 closes after the current response. Within the
+            // grace period, as h2 does: a streaming response, or one the peer does not read, would
+            // keep a revoked or expired peer's connection open for good.
             Pin::new(&mut conn).graceful_shutdown();
-            let _ = conn.await;
+            if tokio::time::timeout(shared.limits.grace, conn)
+                .await
+                .is_err()
+            {
+                tracing::info!(
+                    grace_s = shared.limits.grace.as_secs(),
+                    "closing: the response in flight did not finish within the grace period"
+                );
+            }
             Served::Done
         }
         Stop::Close => {

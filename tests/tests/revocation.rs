@@ -689,3 +689,124 @@ async fn a_revoked_peers_idle_keep_alive_connections_carry_no_request_to_the_app
     );
     assert!(answered.iter().all(|s| *s == 403), "{answered:?}");
 }
+
+/// An HTTP/1.1 app on 127.0.0.1 whose every response is an endless chunked body.
+async fn endless_app() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if tcp.write_all(start).await.is_err() {
+                    return;
+                }
+                let mut chunk = b"4000\r\n".to_vec();
+                chunk.extend_from_slice(&[b'x'; 0x4000]);
+                chunk.extend_from_slice(b"\r\n");
+                while tcp.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// A revoked peer whose response never ends (and which does not read it) loses its HTTP/1.1
+/// connection within the grace period: the graceful end waits for the response in flight only that
+/// long. Before, it waited for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
+    const GRACE: Duration = Duration::from_secs(2);
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.21", endless_app().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            limits: Some(meshid_sidecar::settings::Limits {
+                grace: GRACE,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (chain, key) = issue_with_token(&ca, "frontend").await.unwrap();
+    let frontend = meshid_tests::mesh::Workload {
+        chain,
+        key_der: key.secret_der().to_vec(),
+        cert_path: Default::default(),
+        key_path: Default::default(),
+    };
+    let config = meshid_tests::mesh::client_config(
+        &ca.roots,
+        &ca.trust_domain,
+        Some(&frontend),
+        &SpiffeId::parse(B).unwrap(),
+        &[b"http/1.1"],
+    );
+    // The response has started (the policy may still be loading: tried until it does).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut tls = loop {
+        assert!(Instant::now() < deadline, "no streaming response");
+        if let Ok(mut tls) = meshid_tests::mesh::mtls_connect(b.inbound[0], config.clone()).await
+            && tls
+                .write_all(b"GET /stream HTTP/1.1\r\nhost: app\r\n\r\n")
+                .await
+                .is_ok()
+        {
+            let mut first = [0u8; 12];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut first)).await
+                && &first == b"HTTP/1.1 200"
+            {
+                break tls;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The peer reads no more of it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            metric(
+                &b.metrics().await,
+                "meshid_sidecar_revoked_peer_connections_closed_total",
+                &[],
+            ) >= 1
+        })
+        .await,
+        "the connection learns of the revocation:\n{}",
+        b.metrics().await
+    );
+    tokio::time::sleep(GRACE + Duration::from_secs(2)).await;
+    // Closed by now: reading what is left ends (EOF, or the reset of a dropped connection).
+    let mut rest = 0usize;
+    let drained = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = tls.read(&mut buf).await {
+            rest += n;
+        }
+    };
+    let read = tokio::time::timeout(Duration::from_secs(10), drained).await;
+    assert!(
+        read.is_ok(),
+        "the connection still streams {GRACE:?} after the revocation ({rest} bytes read)"
+    );
+}
