@@ -176,7 +176,7 @@ impl Metrics {
         );
         r.register(
             "connections_revoked",
-            "Open connections (TCP, upgraded tunnels) closed because a new policy no longer allows their peer",
+            "Open connections (TCP, upgraded tunnels, HTTP) closed because a new policy no longer allows their peer",
             Listed(m.connections_revoked.clone()),
         );
         r.register(

@@ -1283,3 +1283,92 @@ async fn an_accept_loop_out_of_file_descriptors_backs_off() {
         "the admin port serves again once descriptors are free"
     );
 }
+
+/// An app whose every response is an endless chunked body, a small chunk every 100 ms (a stream:
+/// SSE, a gRPC server stream, a long download).
+async fn streaming_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if s.write_all(start).await.is_err() {
+                    return;
+                }
+                while s.write_all(b"5\r\ntick\n\r\n").await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A stream response started as `who`, its head read.
+async fn open_stream(pki: &TestPki, sidecar: &TestSidecar, who: &Workload) -> Tls {
+    let mut tls = connect_as(pki, sidecar, who).await.unwrap();
+    tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tls
+}
+
+/// Whether the stream ends (EOF or error) within `within`, read all along.
+async fn stream_ends_within(tls: &mut Tls, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let read = async { while let Ok(1..) = tls.read(&mut buf).await {} };
+    tokio::time::timeout(within, read).await.is_ok()
+}
+
+/// A policy change that leaves no rule for a peer on the port ends its HTTP requests in flight (a
+/// stream that never finishes by itself) within the grace period, as it closes the peer's tunnels;
+/// another peer's stream goes on. Before, only tunnels and TCP connections were ended: the
+/// stream went on for as long as the app sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_drops_the_peer_ends_its_http_streams() {
+    let limits = Limits {
+        grace: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let e = http_sidecar_for(
+        "127.0.0.57",
+        streaming_app().await,
+        limits,
+        http_policy(&[CLIENT, OTHER]),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let other = e.pki.workload(OTHER);
+    let mut dropped = open_stream(&e.pki, &e.sidecar, &client).await;
+    let mut kept = open_stream(&e.pki, &e.sidecar, &other).await;
+    // A change that still allows both keeps both.
+    e.sidecar
+        .write_policy(&http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"));
+    assert!(!stream_ends_within(&mut dropped, Duration::from_secs(2)).await);
+    e.sidecar.write_policy(&http_policy(&[OTHER]));
+    assert!(
+        stream_ends_within(&mut dropped, Duration::from_secs(10)).await,
+        "the dropped peer's stream went on"
+    );
+    assert!(
+        !stream_ends_within(&mut kept, Duration::from_secs(3)).await,
+        "the allowed peer's stream was ended"
+    );
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_connections_revoked_total"),
+        1.0,
+        "{m}"
+    );
+}

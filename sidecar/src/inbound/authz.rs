@@ -190,6 +190,68 @@ impl Authorizer {
         Err(Box::new(resp))
     }
 
+    /// Resolves once this open HTTP connection must close: the trust bundle no longer trusts its
+    /// peer ([`Self::peer_revoked`]), or a policy change leaves no rule that could allow the peer
+    /// on this port (its requests would all be denied: a stream, long poll or download in flight
+    /// must not outlive that). The connection then ends gracefully within the grace period.
+    /// Holds only what it needs, not the whole listener state: every connection keeps one.
+    pub fn http_connection_revoked(
+        &self,
+        peer: &Peer,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let revoked = self.peer_revoked(peer);
+        let dropped = self.policy_dropped(peer);
+        async move {
+            tokio::select! {
+                () = revoked => {}
+                () = dropped => {}
+            }
+        }
+    }
+
+    /// Resolves once a policy change leaves no rule that could allow `peer` on this port (logged
+    /// and counted). Audit mode never closes anything.
+    fn policy_dropped(
+        &self,
+        peer: &Peer,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let mut changes = self.shared.policy_changed.clone();
+        changes.borrow_and_update();
+        let policy = self.shared.policy.clone();
+        let verified = peer.verified.clone();
+        let port = self.port;
+        let closed = self
+            .shared
+            .metrics
+            .connections_revoked
+            .get_or_create(&crate::metrics::ConnLabels {
+                direction: "inbound",
+                port,
+            })
+            .clone();
+        async move {
+            while changes.changed().await.is_ok() {
+                let decision = match policy.load().as_deref() {
+                    Some(p) => p.decide_connection(port, &verified.id),
+                    None => continue,
+                };
+                if decision.allowed {
+                    continue;
+                }
+                closed.inc();
+                tracing::warn!(
+                    peer = %verified.id,
+                    port,
+                    rule = %decision.rule,
+                    "closing: the new policy has no rule for this peer on this port"
+                );
+                return;
+            }
+            // The sender is gone (shutdown): nothing will revoke this connection any more.
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Resolves once this open connection must close: a policy change no longer allows what it
     /// was let in for (`request` is the method and path of an upgraded HTTP request, `None` a TCP
     /// connection), or the trust bundle revokes its peer. The closing is logged and counted.

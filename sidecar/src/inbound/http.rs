@@ -152,7 +152,7 @@ where
 {
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     // Boxed: passed down through the serving futures, it would take its size in each of them.
-    let revoked = Box::pin(http.authz.peer_revoked(&peer));
+    let revoked = Box::pin(http.authz.http_connection_revoked(&peer));
     let idle = metrics.idle.clone();
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
