@@ -264,8 +264,9 @@ impl CredentialStore {
 
     /// Replaces the trust bundle, keeping our certificate and key. New handshakes trust exactly the
     /// new roots, and refuse what `revoked` names, at once; live connections are untouched here
-    /// (those a revocation names end by [`Self::until_revoked`]). Our own chain need not verify
-    /// against the new bundle (after a forced root retirement it will not, until the next renewal).
+    /// (those whose peer it revokes or no longer anchors end by [`Self::until_distrusted`]). Our own
+    /// chain need not verify against the new bundle (after a forced root retirement it will not,
+    /// until the next renewal).
     pub fn set_bundle(
         &self,
         roots: Vec<CertificateDer<'static>>,
@@ -315,7 +316,7 @@ impl CredentialStore {
     }
 
     /// What in the bundle in force revokes `peer`, if anything: checked before every request a
-    /// connection forwards, since the connection's own wait for a revocation ([`Self::until_revoked`])
+    /// connection forwards, since the connection's own wait for a revocation ([`Self::until_distrusted`])
     /// is only noticed when its task next looks. No reference count is touched.
     pub fn revokes(&self, peer: &VerifiedPeer) -> Option<Revoked> {
         self.current.load().as_deref()?.anchors.revokes(peer)
