@@ -651,4 +651,49 @@ mod tests {
             Err(CredError::EmptyBundle)
         ));
     }
+
+    #[tokio::test]
+    async fn a_peer_is_distrusted_once_its_root_leaves_the_bundle_and_not_before() {
+        const PEER: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let pki = TestPki::new("ours");
+        let theirs = TestPki::new("theirs");
+        let store = CredentialStore::new(Vec::new());
+        let with_both = |leaf| Credentials {
+            roots: vec![pki.root.clone(), theirs.root.clone()],
+            ..set(&pki, leaf)
+        };
+        let at_handshake = store.set_certificate(with_both(pki.leaf(ME))).unwrap();
+        let chain = theirs.leaf(PEER).chain;
+        let peer = VerifiedPeer::from_leaf(&chain[0]).unwrap();
+        let distrusted = store.until_distrusted(
+            &peer,
+            &chain,
+            webpki::KeyUsage::client_auth(),
+            at_handshake.trust_key,
+        );
+        tokio::pin!(distrusted);
+        let soon = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(soon, &mut distrusted).await.is_err());
+        // A renewal under the same trust, then one more root: the peer still verifies.
+        let renewed = store.set_certificate(with_both(pki.leaf(ME))).unwrap();
+        assert_eq!(renewed.trust_key, at_handshake.trust_key);
+        assert!(tokio::time::timeout(soon, &mut distrusted).await.is_err());
+        let third = TestPki::new("third");
+        store
+            .set_bundle(
+                vec![pki.root.clone(), theirs.root.clone(), third.root.clone()],
+                Vec::new(),
+                Arc::default(),
+            )
+            .unwrap();
+        assert!(tokio::time::timeout(soon, &mut distrusted).await.is_err());
+        // Their root leaves: the peer's connections must end.
+        store
+            .set_bundle(vec![pki.root.clone()], Vec::new(), Arc::default())
+            .unwrap();
+        assert_eq!(
+            tokio::time::timeout(soon, &mut distrusted).await,
+            Ok(Distrusted::Unanchored)
+        );
+    }
 }
