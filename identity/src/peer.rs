@@ -8,7 +8,9 @@
 //! the same certificate is not parsed again. It is bounded; past the bound an arbitrary entry goes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use rustls::pki_types::CertificateDer;
 
 use crate::identity::{CertIdentity, IdentityError, cert_identity_from_der};
 use crate::pem::sha256_hex;
@@ -28,6 +30,9 @@ pub struct VerifiedPeer {
     /// The serial of the first certificate of its lineage of renewals, named as `serial` is (its
     /// own serial when it starts one; see [`CertIdentity::lineage_serial`]).
     pub lineage: String,
+    /// The chain presented with this leaf (leaf first), kept once for every connection it
+    /// authenticated ([`Self::chain_or_init`]): they verify it again when the trust changes.
+    chain: OnceLock<Arc<[CertificateDer<'static>]>>,
 }
 
 impl VerifiedPeer {
@@ -48,7 +53,21 @@ impl VerifiedPeer {
             cert_sha256: sha256_hex(leaf),
             serial: crate::revocation::normalize_serial(&serial_hex).unwrap_or_default(),
             lineage,
+            chain: OnceLock::new(),
         })
+    }
+
+    /// The chain this leaf came with, copied from `presented` (leaf first) the first time: every
+    /// connection of the same certificate shares the one copy, not one each (about 1 KiB of DER,
+    /// against some 11 KiB per idle connection in all). The leaf's issuer is fixed by its
+    /// signature, so a later connection's chain verifies as the first one does.
+    pub fn chain_or_init(
+        &self,
+        presented: &[CertificateDer<'_>],
+    ) -> Arc<[CertificateDer<'static>]> {
+        self.chain
+            .get_or_init(|| presented.iter().map(|c| c.clone().into_owned()).collect())
+            .clone()
     }
 }
 

@@ -218,12 +218,6 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             VerifiedPeer::from_leaf(leaf).ok().map(Arc::new)
         })
     });
-    let chain: Arc<[_]> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
     let trust_key = snapshot.trust_key;
     drop(snapshot);
     let Some(verified) = verified else {
@@ -232,6 +226,7 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             .handshake_failed("inbound", port, "bad_identity");
         return;
     };
+    let chain = verified.chain_or_init(tls.get_ref().1.peer_certificates().unwrap_or_default());
     let share = match peers.try_acquire(verified.id.as_str(), addr.ip()) {
         Ok(share) => share,
         Err(over) => {
