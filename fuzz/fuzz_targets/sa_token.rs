@@ -29,6 +29,8 @@ fn authenticator() -> &'static JwtAuthenticator {
                 issuer: "https://kubernetes.default.svc.cluster.local".into(),
                 audience: "meshid-ca".into(),
                 allowed_namespaces: None,
+                max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
+                dangerous_accept_unbound_tokens: false,
             };
             let td = TrustDomain::new("cluster.local").expect("td");
             (
