@@ -742,7 +742,7 @@ async fn an_h2_peer_that_keeps_asking_but_takes_nothing_is_closed() {
         idle_timeout: Duration::from_secs(1),
         ..Limits::default()
     };
-    let e = http_sidecar_for("127.0.0.57", app, limits, http_policy(&[CLIENT])).await;
+    let e = http_sidecar_for("127.0.0.59", app, limits, http_policy(&[CLIENT])).await;
     let (mut stuck, stuck_conn) = h2_as(&e, &e.pki.workload(CLIENT), 0).await;
     let mut heads = Vec::new();
     for _ in 0..8 {
@@ -799,7 +799,7 @@ async fn big_h2c_app() -> SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_takes_no_h2_answers_does_not_stall_another_peers() {
     let e = http_sidecar_for(
-        "127.0.0.56",
+        "127.0.0.60",
         big_h2c_app().await,
         Limits::default(),
         http_policy(&[CLIENT, OTHER]),
