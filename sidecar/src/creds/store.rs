@@ -339,34 +339,52 @@ impl CredentialStore {
         let mut changes = self.generation.subscribe();
         loop {
             changes.borrow_and_update();
-            if let Some(s) = self.current() {
-                if let Some(revoked) = s.anchors.revokes(peer) {
-                    return Distrusted::Revoked(revoked);
-                }
-                if s.trust_key != trust_key && !chain.is_empty() {
-                    trust_key = s.trust_key;
-                    let at = meshid_runtime::time::unix_now().min(peer.not_after).max(0);
-                    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-                        u64::try_from(at).unwrap_or(0),
-                    ));
-                    if s.anchors
-                        .verify_workload_chain(
-                            &self.provider.signature_verification_algorithms,
-                            chain,
-                            at,
-                            usage,
-                        )
-                        .is_err()
-                    {
-                        return Distrusted::Unanchored;
-                    }
-                }
+            if let Some(why) = self.distrusts(peer, chain, usage, &mut trust_key) {
+                return why;
             }
             if changes.changed().await.is_err() {
                 // The store is gone (shutdown): nothing will revoke this connection any more.
                 return std::future::pending().await;
             }
         }
+    }
+
+    /// One look of [`Self::until_distrusted`]: whether the bundle in force no longer trusts `peer`
+    /// (see there). `trust_key` is the trust the chain was last verified against; it moves to the
+    /// bundle in force when the chain is verified again. For a caller that watches the trust
+    /// ([`Self::subscribe`]) along with other things in one future: mark the change seen first,
+    /// then look.
+    pub fn distrusts(
+        &self,
+        peer: &VerifiedPeer,
+        chain: &[CertificateDer<'_>],
+        usage: webpki::KeyUsage,
+        trust_key: &mut u64,
+    ) -> Option<Distrusted> {
+        let current = self.current.load();
+        let s = current.as_deref()?;
+        if let Some(revoked) = s.anchors.revokes(peer) {
+            return Some(Distrusted::Revoked(revoked));
+        }
+        if s.trust_key != *trust_key && !chain.is_empty() {
+            *trust_key = s.trust_key;
+            let at = meshid_runtime::time::unix_now().min(peer.not_after).max(0);
+            let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                u64::try_from(at).unwrap_or(0),
+            ));
+            if s.anchors
+                .verify_workload_chain(
+                    &self.provider.signature_verification_algorithms,
+                    chain,
+                    at,
+                    usage,
+                )
+                .is_err()
+            {
+                return Some(Distrusted::Unanchored);
+            }
+        }
+        None
     }
 
     /// Validates a credential set, builds every TLS config from it, and publishes it. The

@@ -191,64 +191,76 @@ impl Authorizer {
     }
 
     /// Resolves once this open HTTP connection must close: the trust bundle no longer trusts its
-    /// peer ([`Self::peer_revoked`]), or a policy change leaves no rule that could allow the peer
-    /// on this port (its requests would all be denied: a stream, long poll or download in flight
-    /// must not outlive that). The connection then ends gracefully within the grace period.
-    /// Holds only what it needs, not the whole listener state: every connection keeps one.
+    /// peer (as [`Self::peer_revoked`] decides), or a policy change leaves no rule that could allow
+    /// the peer on this port (its requests would all be denied: a stream, long poll or download in
+    /// flight must not outlive that; audit mode never closes). The closing is logged and counted;
+    /// the connection then ends gracefully within the grace period.
+    ///
+    /// One future watching both changes, holding one copy of what it needs (not the whole
+    /// listener state): every idle connection keeps one, and two futures side by side each held
+    /// their own peer, port, handles and state.
     pub fn http_connection_revoked(
         &self,
         peer: &Peer,
     ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
-        let revoked = self.peer_revoked(peer);
-        let dropped = self.policy_dropped(peer);
-        async move {
-            tokio::select! {
-                () = revoked => {}
-                () = dropped => {}
-            }
-        }
-    }
-
-    /// Resolves once a policy change leaves no rule that could allow `peer` on this port (logged
-    /// and counted). Audit mode never closes anything.
-    fn policy_dropped(
-        &self,
-        peer: &Peer,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
-        let mut changes = self.shared.policy_changed.clone();
-        changes.borrow_and_update();
+        let creds = self.shared.creds.clone();
+        let mut trust = creds.subscribe();
         let policy = self.shared.policy.clone();
-        let verified = peer.verified.clone();
+        let mut policies = self.shared.policy_changed.clone();
+        policies.borrow_and_update();
+        let peer = peer.clone();
         let port = self.port;
-        let closed = self
-            .shared
-            .metrics
-            .connections_revoked
-            .get_or_create(&crate::metrics::ConnLabels {
-                direction: "inbound",
-                port,
-            })
-            .clone();
+        let metrics = (
+            self.shared.metrics.revoked_peer_closes.clone(),
+            self.shared.metrics.connections_revoked.clone(),
+        );
         async move {
-            while changes.changed().await.is_ok() {
-                let decision = match policy.load().as_deref() {
-                    Some(p) => p.decide_connection(port, &verified.id),
-                    None => continue,
-                };
-                if decision.allowed {
-                    continue;
+            let mut trust_key = peer.trust_key;
+            let (mut trust_open, mut policies_open) = (true, true);
+            loop {
+                trust.borrow_and_update();
+                if let Some(why) = creds.distrusts(
+                    &peer.verified,
+                    &peer.chain,
+                    webpki::KeyUsage::client_auth(),
+                    &mut trust_key,
+                ) {
+                    closed_untrusted(&metrics.0, &peer, port, &why);
+                    return;
                 }
-                closed.inc();
-                tracing::warn!(
-                    peer = %verified.id,
-                    port,
-                    rule = %decision.rule,
-                    "closing: the new policy has no rule for this peer on this port"
-                );
-                return;
+                tokio::select! {
+                    biased;
+                    changed = trust.changed(), if trust_open => trust_open = changed.is_ok(),
+                    changed = policies.changed(), if policies_open => {
+                        policies_open = changed.is_ok();
+                        if !policies_open {
+                            continue;
+                        }
+                        let decision = match policy.load().as_deref() {
+                            Some(p) => p.decide_connection(port, &peer.verified.id),
+                            None => continue,
+                        };
+                        if !decision.allowed {
+                            metrics
+                                .1
+                                .get_or_create(&crate::metrics::ConnLabels {
+                                    direction: "inbound",
+                                    port,
+                                })
+                                .inc();
+                            tracing::warn!(
+                                peer = %peer.verified.id,
+                                port,
+                                rule = %decision.rule,
+                                "closing: the new policy has no rule for this peer on this port"
+                            );
+                            return;
+                        }
+                    }
+                    // Both senders are gone (shutdown): nothing will revoke this connection any more.
+                    else => std::future::pending::<()>().await,
+                }
             }
-            // The sender is gone (shutdown): nothing will revoke this connection any more.
-            std::future::pending::<()>().await;
         }
     }
 
@@ -294,13 +306,7 @@ impl Authorizer {
                 )
                 .await;
             closed.inc();
-            tracing::warn!(
-                peer = %verified.id,
-                peer_addr = %addr,
-                port,
-                why = %why,
-                "closing: the peer is no longer trusted"
-            );
+            log_untrusted(&verified.id, addr, port, &why);
         }
     }
 
@@ -430,6 +436,32 @@ impl Authorizer {
         }
         Some(decision_id)
     }
+}
+
+/// Counts and logs the end of an inbound connection whose peer the trust bundle no longer trusts.
+fn closed_untrusted(
+    closes: &prometheus_client::metrics::family::Family<crate::metrics::ConnLabels, Counter>,
+    peer: &Peer,
+    port: u16,
+    why: &crate::creds::Distrusted,
+) {
+    closes
+        .get_or_create(&crate::metrics::ConnLabels {
+            direction: "inbound",
+            port,
+        })
+        .inc();
+    log_untrusted(&peer.verified.id, peer.addr, port, why);
+}
+
+fn log_untrusted(id: &SpiffeId, addr: SocketAddr, port: u16, why: &crate::creds::Distrusted) {
+    tracing::warn!(
+        peer = %id,
+        peer_addr = %addr,
+        port,
+        why = %why,
+        "closing: the peer is no longer trusted"
+    );
 }
 
 /// The response header that carries a deny's (or an audit-mode would-deny's) decision ID.
