@@ -153,7 +153,14 @@ pub fn parse_response_head(
             headers.append(name, value);
         }
         let framing = framing(status, method, http11, &headers)?;
-        let keep_alive = keep_alive(http11, &headers) && framing != Framing::UntilClose;
+        // Both framings at once (RFC 9112 6.3): the body is framed by the transfer coding, the
+        // length goes before the response is passed on (it would frame it again, wrongly, for
+        // whoever reads it next), and the connection is not used again: the sender is broken or
+        // lying about where its messages end.
+        let smuggling = headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.remove(header::CONTENT_LENGTH).is_some();
+        let keep_alive =
+            keep_alive(http11, &headers) && framing != Framing::UntilClose && !smuggling;
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = if http11 {
@@ -593,11 +600,11 @@ mod tests {
                 keep_alive: false,
             },
             Case {
-                name: "chunked wins over content-length",
+                name: "chunked wins over content-length, and the connection ends after",
                 method: Method::GET,
                 head: "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: gzip, Chunked\r\n\r\n",
                 want: Ok(Framing::Chunked),
-                keep_alive: true,
+                keep_alive: false,
             },
             Case {
                 name: "a transfer coding not ending in chunked reads to the close",
@@ -675,6 +682,26 @@ mod tests {
                 assert_eq!(h.keep_alive, case.keep_alive, "{}", case.name);
             }
         }
+    }
+
+    #[test]
+    fn a_content_length_beside_a_transfer_coding_is_not_passed_on() {
+        for te in ["chunked", "gzip, chunked", "gzip"] {
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: {te}\r\nx-a: 1\r\n\r\n"
+            );
+            let parsed = head(&raw, &Method::GET).unwrap().unwrap();
+            let headers = parsed.response.headers();
+            assert!(!headers.contains_key(header::CONTENT_LENGTH), "{te}");
+            assert_eq!(headers[header::TRANSFER_ENCODING], te, "{te}");
+            assert_eq!(headers["x-a"], "1", "{te}");
+            assert!(!parsed.keep_alive, "{te}");
+        }
+        let parsed = head("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.response.headers()[header::CONTENT_LENGTH], "3");
+        assert!(parsed.keep_alive);
     }
 
     #[test]
