@@ -661,3 +661,224 @@ async fn hostile_upstreams_are_refused_by_the_outbound_side() {
         failures.join("\n")
     );
 }
+
+/// An upstream (holding the expected identity) that answers every request at once and never opens
+/// its flow-control window for the request body, nor resets the stream as an honest server does,
+/// does not keep the outbound copying each body for ever: the stream is reset once the app has its
+/// answer (before, each request left a task, the app's body and an open stream behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_and_takes_no_body_does_not_keep_the_outbound_copying() {
+    let pki = TestPki::new();
+    let (upstream, mut held) = windowless_upstream(pki.workload(B)).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            ..Default::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let req = hyper::Request::post("/upload")
+            .header("host", "backend")
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'x';
+                1000
+            ])))
+            .unwrap();
+        let (status, _, _) =
+            tokio::time::timeout(Duration::from_secs(10), http_request(tcp, false, req))
+                .await
+                .expect("an answer")
+                .expect("a response");
+        assert_eq!(status, 200, "request {i}");
+        let mut body = tokio::time::timeout(Duration::from_secs(5), held.recv())
+            .await
+            .expect("the upstream got the request")
+            .expect("the upstream is up");
+        // Whatever the outbound sent before it saw the window (at most the 64 KiB default, less
+        // than the body), then the end of the stream.
+        let mut got = 0;
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(data)) => got += data.len(),
+                    end => return end.map(|r| r.map(|_| ())),
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(ended, Ok(None | Some(Err(_)))),
+            "request {i}: the outbound still holds the stream open after sending {got} bytes"
+        );
+    }
+}
+
+/// An h2 upstream presenting `workload` that grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE
+/// 0), answers each request with an empty 200 at once and keeps the request's body stream (sent on
+/// the channel) without reading it or resetting it.
+async fn windowless_upstream(
+    workload: Workload,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<h2::RecvStream>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(workload.chain.clone(), workload.key())
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .initial_window_size(0)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let _ = respond.send_response(hyper::Response::new(()), true);
+                    let _ = tx.send(req.into_body());
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An upstream whose certificate expires while it streams responses without end does not keep
+/// them (nor their connections) past the expiry and the grace period after it: the app's
+/// responses end, over the HTTP/1.1 pool (a GET) and over h2 (a POST with a body), as the inbound
+/// ends an expired peer's exchanges. Before, only new requests stopped going to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_streaming_past_its_certificate_expiry_is_cut_after_the_grace_period() {
+    use http_body_util::BodyExt;
+    let pki = TestPki::new();
+    let lifetime = Duration::from_secs(6);
+    let expires = std::time::Instant::now() + lifetime;
+    let upstream = endless_upstream(pki.workload_at(
+        B,
+        time::OffsetDateTime::now_utc() - time::Duration::seconds(1),
+        lifetime + Duration::from_secs(1),
+    ))
+    .await;
+    let grace = Duration::from_secs(1);
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            limits: Some(meshid_sidecar::settings::Limits {
+                grace,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut streams = Vec::new();
+    for (name, req) in [
+        ("GET (HTTP/1.1 pool)", get("/stream", &[])),
+        (
+            "POST with a body (h2)",
+            hyper::Request::post("/stream")
+                .header("host", "backend")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+                .unwrap(),
+        ),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        streams.push(tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut ticks = 0;
+            while let Some(Ok(_)) = body.frame().await {
+                ticks += 1;
+            }
+            (name, ticks, std::time::Instant::now())
+        }));
+    }
+    for s in streams {
+        let (name, ticks, ended) = tokio::time::timeout(lifetime + Duration::from_secs(15), s)
+            .await
+            .expect("the stream ended")
+            .unwrap();
+        assert!(ticks > 0, "{name}: streamed nothing");
+        let past = ended.saturating_duration_since(expires);
+        assert!(
+            ended + Duration::from_secs(1) >= expires && past <= grace + Duration::from_secs(4),
+            "{name}: ended {past:?} after the upstream's certificate expired (grace {grace:?})"
+        );
+    }
+}
+
+/// A TLS upstream presenting `workload` (h2 or HTTP/1.1 by ALPN) that answers every request with a
+/// 200 whose body never ends: a line every 200 ms.
+async fn endless_upstream(workload: Workload) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(workload.chain.clone(), workload.key())
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+                    tokio::spawn(async move {
+                        while tx.send(bytes::Bytes::from_static(b"tick\n")).await.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    });
+                    let body = http_body_util::StreamBody::new(tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::ReceiverStream::new(rx),
+                        |b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+                    ));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    addr
+}

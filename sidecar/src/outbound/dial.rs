@@ -15,17 +15,6 @@ use crate::http::root_cause;
 use crate::settings::Outbound;
 use crate::tls::ClientTlsStream as TlsStream;
 
-/// Dials the upstream and completes mTLS with the current credentials, verifying its identity.
-pub async fn dial(
-    spec: &Outbound,
-    index: usize,
-    shared: &Shared,
-) -> io::Result<TlsStream<TcpStream>> {
-    dial_with(spec, index, shared, Alpn::H2)
-        .await
-        .map(|(tls, _)| tls)
-}
-
 /// What an HTTP upstream connection will carry (its ALPN); TCP upstreams offer none either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alpn {
@@ -33,7 +22,9 @@ pub enum Alpn {
     Http11,
 }
 
-/// [`dial`], also returning the credential snapshot the connection presents.
+/// Dials the upstream and completes mTLS with the current credentials, verifying its identity;
+/// returns the connection and the credential snapshot it presents (the one the upstream was
+/// verified against: its [`Snapshot::trust_key`] is what [`upstream_revoked`] starts from).
 pub async fn dial_with(
     spec: &Outbound,
     index: usize,
@@ -104,9 +95,12 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
 }
 
 /// Resolves once the trust bundle revokes the upstream this connection reached, or its chain no
-/// longer verifies against the bundle (logged and counted); never when its certificate cannot be read (the connection is over anyway).
+/// longer verifies against the bundle (logged and counted); never when its certificate cannot be
+/// read (the connection is over anyway). `presented` is the snapshot the handshake verified the
+/// upstream against ([`dial_with`]): a bundle change during the handshake is then looked at too.
 pub fn upstream_revoked(
     tls: &TlsStream<TcpStream>,
+    presented: &Snapshot,
     port: u16,
     shared: &Shared,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -120,8 +114,9 @@ pub fn upstream_revoked(
         .first()
         .and_then(|leaf| meshid_identity::peer::VerifiedPeer::from_leaf(leaf).ok());
     let creds = shared.creds.clone();
-    // The trust in force now: the handshake just verified the upstream against it.
-    let trust_key = creds.current().map_or(0, |s| s.trust_key);
+    // The trust the handshake verified the upstream against, which a change during a handshake
+    // the upstream drew out may have replaced already (then its chain is verified again at once).
+    let trust_key = presented.trust_key;
     let closed = shared
         .metrics
         .revoked_peer_closes
@@ -139,6 +134,35 @@ pub fn upstream_revoked(
             .await;
         closed.inc();
         tracing::warn!(upstream = %peer.id, port, why = %why, "closing: the upstream is no longer trusted");
+    }
+}
+
+/// Resolves once an HTTP connection to the upstream must end with what it still carries: the
+/// bundle no longer trusts the upstream ([`upstream_revoked`]), or its certificate expired and
+/// the grace period after it passed (no new exchange goes out on it from shortly before the
+/// expiry: an exchange still going on then, say a streamed response, gets the grace period the
+/// inbound gives an expired peer's; an upstream that keeps one going cannot keep its connection).
+/// The reason, logged by the caller.
+pub fn upstream_http_ended(
+    tls: &TlsStream<TcpStream>,
+    presented: &Snapshot,
+    port: u16,
+    shared: &Shared,
+) -> impl std::future::Future<Output = &'static str> + Send + Sync + 'static {
+    let revoked = upstream_revoked(tls, presented, port, shared);
+    let expired =
+        upstream_deadline(tls, shared.limits.cap_connection_age).map(|d| d + shared.limits.grace);
+    async move {
+        let expired = async {
+            match expired {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = revoked => "the upstream's certificate was revoked",
+            () = expired => "the upstream's certificate expired (and the grace period after it passed)",
+        }
     }
 }
 

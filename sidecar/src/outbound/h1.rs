@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::dial::{Alpn, dial_with, upstream_revoked};
+use super::dial::{Alpn, dial_with, upstream_http_ended};
 use super::upstream::retire_at;
 use crate::bare::{Bare, Dial, Wire};
 use crate::conn::Shared;
@@ -207,7 +207,7 @@ impl fmt::Display for H1Dial {
     }
 }
 
-type Revoked = WhenWoken<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>;
+type Revoked = WhenWoken<Pin<Box<dyn Future<Output = &'static str> + Send + Sync>>>;
 
 /// One mTLS connection to the upstream, and what decides whether it may carry another exchange.
 pub(crate) struct UpstreamWire {
@@ -216,7 +216,8 @@ pub(crate) struct UpstreamWire {
     retire_at: Option<Instant>,
     /// The credentials the connection presents: no new exchange once others are in force.
     presented: Arc<Snapshot>,
-    /// Resolves when the bundle revokes the upstream (logged and counted there); polled during
+    /// Resolves when the bundle revokes the upstream (logged and counted there) or its certificate
+    /// expired a grace period ago ([`upstream_http_ended`]), with the reason; polled during
     /// exchanges, only when it was woken.
     revoked: Revoked,
 }
@@ -243,8 +244,9 @@ impl Dial for H1Dial {
         if let Err(error) = meshid_runtime::net::keepalive(tls.get_ref().0) {
             tracing::debug!(%error, upstream = %self.spec.remote, "TCP keep-alive not set");
         }
-        let revoked: Revoked = WhenWoken::new(Box::pin(upstream_revoked(
+        let revoked: Revoked = WhenWoken::new(Box::pin(upstream_http_ended(
             &tls,
+            &presented,
             self.spec.local.port(),
             &self.shared,
         )));
@@ -264,9 +266,7 @@ impl Dial for H1Dial {
 
 impl Wire for UpstreamWire {
     fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<String> {
-        Pin::new(&mut self.revoked)
-            .poll(cx)
-            .map(|()| "the upstream's certificate was revoked".to_owned())
+        Pin::new(&mut self.revoked).poll(cx).map(str::to_owned)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::dial::{dial, upstream_deadline, upstream_revoked};
+use super::dial::{Alpn, dial_with, upstream_deadline, upstream_revoked};
 use crate::conn::{ConnSlot, Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
@@ -15,12 +15,12 @@ pub async fn proxy(
     shared: &Shared,
     slot: &ConnSlot,
 ) {
-    let tls = match dial(spec, index, shared).await {
-        Ok(tls) => {
+    let (tls, presented) = match dial_with(spec, index, shared, Alpn::H2).await {
+        Ok(dialled) => {
             // A TCP client may stay silent (the server speaks first): the upstream took it, so it
             // is no longer displaced at the limit.
             slot.proven();
-            tls
+            dialled
         }
         Err(error) => {
             tracing::warn!(reason = %root_cause(&error), "closing the app's connection: upstream unavailable");
@@ -35,7 +35,8 @@ pub async fn proxy(
             None => std::future::pending().await,
         }
     };
-    let revoked = upstream_revoked(&tls, spec.local.port(), shared);
+    let revoked = upstream_revoked(&tls, &presented, spec.local.port(), shared);
+    drop(presented);
     // Polled when one of them was woken, not at every wake of the copy (each chunk of data).
     let ended = std::pin::pin!(async {
         tokio::select! {

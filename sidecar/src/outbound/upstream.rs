@@ -33,7 +33,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
-use super::dial::{Alpn, dial_with, upstream_not_after, upstream_revoked};
+use super::dial::{Alpn, dial_with, upstream_http_ended, upstream_not_after};
 use crate::conn::Shared;
 use crate::creds::Snapshot;
 use crate::http::{BoxError, ReqBody, root_cause};
@@ -111,8 +111,9 @@ impl H2Upstream {
         self.current.store(None);
         let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::H2).await?;
         // A revoked upstream's connection closes at once, in-flight requests with it: its
-        // certificate is no longer trusted at all.
-        let revoked = upstream_revoked(&tls, self.spec.local.port(), &self.shared);
+        // certificate is no longer trusted at all. So does one whose certificate expired a grace
+        // period ago (it takes no new request from shortly before the expiry: `retire_at`).
+        let ended = upstream_http_ended(&tls, &presented, self.spec.local.port(), &self.shared);
         let retire_at = retire_at(&tls, &presented, &self.shared);
         let (send, mut conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
@@ -129,13 +130,13 @@ impl H2Upstream {
         let ping_every = self.shared.limits.upstream_ping;
         let closed = Arc::new(AtomicBool::new(false));
         let upstream = self.spec.remote.clone();
-        let ended = closed.clone();
+        let closing = closed.clone();
         tokio::spawn(Box::pin(async move {
             // The revocation watch and the keep-alive are polled when they were woken, not at
             // every wake of the connection's task (several per request).
             let outside = std::pin::pin!(async {
                 tokio::select! {
-                    () = revoked => {}
+                    why = ended => tracing::info!(%upstream, "closing the upstream connection: {why}"),
                     ended = keep_alive(pings, ping_every) => match ended {
                         PingsEnded::Unanswered => tracing::info!(%upstream, "upstream connection did not answer a ping within {:?}; closing it", ping_every / 3),
                         PingsEnded::Gone => tracing::debug!(%upstream, "upstream connection gone; pings stopped"),
@@ -148,7 +149,7 @@ impl H2Upstream {
                 },
                 () = meshid_runtime::wake::WhenWoken::new(outside) => {}
             }
-            ended.store(true, Ordering::Release);
+            closing.store(true, Ordering::Release);
         }));
         let c = Arc::new(H2Conn {
             send,
@@ -185,13 +186,17 @@ impl H2Upstream {
                 }
             }
         };
-        if !end_of_stream {
-            tokio::spawn(Box::pin(send_body(body, sending)));
-        }
+        // The copy of the request body lives no longer than the exchange: it ends with the
+        // response (or when the app stops waiting for one, say at the request timeout). An
+        // upstream that answers and never opens its flow-control window would otherwise keep the
+        // copy, the app's body and the stream waiting for ever, one more per request.
+        let sending = (!end_of_stream)
+            .then(|| SendingBody(tokio::spawn(Box::pin(send_body(body, sending))).abort_handle()));
         let resp = response.await.map_err(|e| root_cause(&e))?;
         Ok(resp.map(|recv| UpstreamBody {
             recv,
             data_done: false,
+            _sending: sending,
         }))
     }
 }
@@ -271,7 +276,15 @@ async fn send_body(mut body: ReqBody, mut out: SendStream<Bytes>) {
         };
         while !data.is_empty() {
             out.reserve_capacity(data.len());
-            let granted = match std::future::poll_fn(|cx| out.poll_capacity(cx)).await {
+            // A stream the upstream reset while it grants no window ends the copy too.
+            let granted = match std::future::poll_fn(|cx| {
+                if out.poll_reset(cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                out.poll_capacity(cx)
+            })
+            .await
+            {
                 Some(Ok(n)) if n > 0 => n,
                 Some(Ok(_)) => continue,
                 None | Some(Err(_)) => return,
@@ -286,11 +299,23 @@ async fn send_body(mut body: ReqBody, mut out: SendStream<Bytes>) {
     }
 }
 
+/// The task copying a request body into its h2 stream ([`send_body`]), stopped when dropped (its
+/// `SendStream` with it, which resets the stream if it has not ended).
+struct SendingBody(tokio::task::AbortHandle);
+
+impl Drop for SendingBody {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A response body from the upstream sidecar: its DATA frames, then its trailers. Each frame's
 /// bytes are handed back to the stream's flow-control window as they are passed on to the app.
+/// Dropped (passed on whole, or given up by the app), it stops the copy of the request body.
 pub struct UpstreamBody {
     recv: RecvStream,
     data_done: bool,
+    _sending: Option<SendingBody>,
 }
 
 impl HttpBody for UpstreamBody {
