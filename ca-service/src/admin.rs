@@ -1,14 +1,22 @@
 //! The CA's admin routes on the shared admin server ([`meshid_runtime::admin`]): `/healthz`,
 //! `/readyz`, `/metrics`, the `/rotation` JSON report (and `/rotation/fresh`), and `/jwks-status`
-//! (what service-account tokens are verified against, for `meshid-ca check`).
+//! (what service-account tokens are verified against, for `meshid-ca check`). The rotation report
+//! lists every identity, serial and lineage of the fleet: it answers only a caller that presents
+//! the CA directory's admin token ([`crate::admin_token`]) as `Authorization: Bearer`; the other
+//! routes stay open to whoever reaches the port.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
-use meshid_runtime::admin::{self, AdminFuture, AdminRoutes};
+use meshid_runtime::admin::{self, AdminFuture, AdminResponse, AdminRoutes};
+use meshid_runtime::log_limit::LineBudget;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
+
+use crate::admin_token::AdminToken;
 
 /// Produces the `/rotation` JSON document. Blocking: it reads the CA directory and walks the
 /// whole fleet.
@@ -74,11 +82,84 @@ pub struct CaAdmin {
     pub rotation: Arc<RotationCache>,
     pub jwks: JwksJson,
     pub shutdown: watch::Receiver<bool>,
+    /// The CA directory, whose admin token opens the rotation report (read at every request, so
+    /// a Secret update reaches it without a restart).
+    pub dir: PathBuf,
+    /// Rotation report requests refused for a missing or wrong token.
+    pub unauthorized: Counter,
+    /// Lines about refused requests (anyone who reaches the port can cause them).
+    pub refusal_log: Mutex<LineBudget>,
+}
+
+/// Refusal lines: 5 at once, then one a second.
+const REFUSAL_LINES: (f64, f64) = (5.0, 1.0);
+
+impl CaAdmin {
+    /// Why a rotation report request with this `Authorization` header is refused, if it is.
+    fn unauthorized(&self, authorization: Option<&[u8]>) -> Option<(StatusCode, &'static str)> {
+        match AdminToken::load(&crate::ca_dir::snapshot(&self.dir)) {
+            Ok(Some(token)) if token.admits(authorization) => None,
+            Ok(Some(_)) if authorization.is_none() => Some((
+                StatusCode::UNAUTHORIZED,
+                "the rotation report needs the CA directory's admin token: send \
+                 `Authorization: Bearer <token>` (meshid-ca rotate and check --dir send it)\n",
+            )),
+            Ok(Some(_)) => Some((
+                StatusCode::UNAUTHORIZED,
+                "wrong admin token: the rotation report needs `Authorization: Bearer <token>` with \
+                 the CA directory's admin token\n",
+            )),
+            Ok(None) => Some((
+                StatusCode::UNAUTHORIZED,
+                "this CA directory has no admin token (no admin-token, no jwt.key): the rotation \
+                 report is served to no one\n",
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the admin token");
+                Some((
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the CA directory's admin token is unreadable (see the CA's log)\n",
+                ))
+            }
+        }
+    }
 }
 
 impl AdminRoutes for CaAdmin {
     fn not_ready(&self) -> Option<String> {
         (*self.shutdown.borrow()).then(|| "shutting down".to_owned())
+    }
+
+    fn refuse(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: std::net::SocketAddr,
+    ) -> Option<AdminResponse> {
+        if !matches!(path, "/rotation" | "/rotation/fresh") {
+            return None;
+        }
+        let authorization = headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let (status, why) = self.unauthorized(authorization)?;
+        self.unauthorized.inc();
+        let budget = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(REFUSAL_LINES, Instant::now());
+        if let Some(left_out) = budget {
+            // Never the header's value: a near miss of the token is a secret too.
+            tracing::warn!(
+                %peer,
+                path,
+                token_sent = authorization.is_some(),
+                left_out,
+                "rotation report refused: missing or wrong admin token"
+            );
+        }
+        Some(admin::text(status, why))
     }
 
     fn route(&self, path: &str, _peer: std::net::SocketAddr) -> Option<AdminFuture> {
@@ -128,6 +209,68 @@ mod tests {
             Ok(format!("{{\"report\":{n}}}"))
         });
         (compute, computed, most_at_once)
+    }
+
+    /// The rotation report answers only the CA directory's admin token: 401 without one or with
+    /// a wrong one (counted, and the token never in the answer), 200 with it; the other routes
+    /// need none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_rotation_report_needs_the_directory_admin_token() {
+        use meshid_runtime::http_client::{Call, send};
+        let dir = tempfile::tempdir().unwrap();
+        let token = AdminToken::generate().unwrap();
+        token.write(dir.path()).unwrap();
+        let compute: RotationJson = Arc::new(|| Ok("{\"report\":1}".to_owned()));
+        let (_tx, shutdown) = watch::channel(false);
+        let unauthorized = Counter::default();
+        let routes = Arc::new(CaAdmin {
+            rotation: Arc::new(RotationCache::new(compute, Duration::ZERO)),
+            jwks: Box::new(|| Some("{}".to_owned())),
+            shutdown: shutdown.clone(),
+            dir: dir.path().to_owned(),
+            unauthorized: unauthorized.clone(),
+            refusal_log: Mutex::new(LineBudget::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(admin::serve(
+            listener,
+            Arc::new(prometheus_client::registry::Registry::default()),
+            routes,
+            shutdown,
+        ));
+        let get = |path: &'static str, headers: Vec<(String, String)>| async move {
+            let mut call = Call::get(addr, path);
+            call.headers = &headers;
+            send(&call).await.unwrap()
+        };
+        let wrong = AdminToken::generate().unwrap();
+        for path in ["/rotation", "/rotation/fresh"] {
+            for headers in [vec![], vec![wrong.header()]] {
+                let reply = get(path, headers).await;
+                assert_eq!(reply.status, 401, "{path}");
+                let body = String::from_utf8_lossy(&reply.body).into_owned();
+                assert!(body.contains("admin token"), "{body}");
+                assert!(
+                    !body.contains(&wrong.header().1[7..]),
+                    "the token is not echoed"
+                );
+            }
+            let reply = get(path, vec![token.header()]).await;
+            assert_eq!(reply.status, 200, "{path}");
+            assert_eq!(&reply.body[..], b"{\"report\":1}");
+        }
+        assert_eq!(unauthorized.get(), 4);
+        for open in ["/metrics", "/healthz", "/readyz", "/jwks-status"] {
+            assert_eq!(get(open, vec![]).await.status, 200, "{open}");
+        }
+        // A directory made before `admin-token` existed: the token derived from its first
+        // `jwt.key`, which the rotate commands derive the same way.
+        std::fs::remove_file(dir.path().join(crate::admin_token::TOKEN_FILE)).unwrap();
+        std::fs::write(dir.path().join("jwt.key"), "the first authority's key").unwrap();
+        assert_eq!(get("/rotation", vec![token.header()]).await.status, 401);
+        let derived = AdminToken::load(dir.path()).unwrap().unwrap();
+        assert_eq!(get("/rotation", vec![derived.header()]).await.status, 200);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@
 //! | `jwt.pub` | its public key, published in the trust bundle |
 //! | `bundle.pem` | the trust bundle: every root workloads must trust |
 //! | `join-tokens/` | hashes of outstanding join tokens |
+//! | `admin-token` | the bearer token of the admin port's rotation report (0600; [`crate::admin_token`]) |
 //!
 //! `serve` never reads a root key, which may stay offline: it signs with the active authority's
 //! `intermediate.pem`, `intermediate.key` and `jwt.key`, and reads `ca.json`, `authorities.json`,
@@ -93,6 +94,7 @@ pub fn init(
         trust_domain: trust_domain.to_string(),
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(&ca_file, e.to_string()))?;
+    crate::admin_token::AdminToken::generate()?.write(dir)?;
     // ca.json last: its presence marks a complete CA.
     write_file(&ca_file, &json, false)?;
     Ok(report)
@@ -678,7 +680,7 @@ fn key_matches_cert(key: &KeyPair, der: &[u8]) -> bool {
 }
 
 /// Writes a file that must not exist yet; `secret` files get mode 0600.
-fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), AuthorityError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), AuthorityError> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     opts.mode(if secret { 0o600 } else { 0o644 });

@@ -210,6 +210,8 @@ mod tests {
                 "a2-jwt.key",
                 "a2-jwt.pub",
                 "a2-root.pem",
+                // The rotation report's bearer token: every CA replica needs it.
+                "admin-token",
                 "authorities.json",
                 "bundle.pem",
                 "ca.json",

@@ -4,6 +4,7 @@
 //! The binary `meshid-ca` is a thin shell over [`cli`] and [`server`].
 
 pub mod admin;
+pub mod admin_token;
 pub mod audit;
 pub mod auth;
 pub mod authorities;

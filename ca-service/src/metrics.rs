@@ -67,6 +67,7 @@ pub struct Metrics {
     pub audit_refusals_suppressed: Counter,
     pub directory_rejected: Gauge,
     pub directory_reloads: Family<ResultLabels, Counter>,
+    pub admin_unauthorized: Counter,
 }
 
 /// Labels of the revocation list: `kind` is `identity` or `serial`.
@@ -103,6 +104,7 @@ impl Metrics {
             audit_refusals_suppressed: Counter::default(),
             directory_rejected: Gauge::default(),
             directory_reloads: Family::default(),
+            admin_unauthorized: Counter::default(),
         };
         for result in ["ok", "rejected"] {
             let _ = m.directory_reloads.get_or_create(&ResultLabels { result });
@@ -187,6 +189,11 @@ impl Metrics {
             "turned_away_sidecars",
             "Sidecars whose bundle stream found no room on this CA process, while their certificates live, as listed (at most 1,024; rotate status counts the refusals beyond): rotate activate waits for them",
             m.turned_away_sidecars.clone(),
+        );
+        r.register(
+            "admin_unauthorized_requests",
+            "Requests for the admin port's rotation report refused for a missing or wrong admin token",
+            m.admin_unauthorized.clone(),
         );
         r.register(
             "jwks_refreshes",

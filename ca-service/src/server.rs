@@ -216,6 +216,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let jwks_status = state.clone();
     let ca = CertificateAuthorityServer::new(CaService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin_unauthorized = metrics.admin_unauthorized.clone();
     let incoming = tls::incoming(listener, tls_config, config.limits, metrics);
     let mut stop = shutdown_rx.clone();
     let grpc = tokio::spawn(
@@ -283,6 +284,9 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             serde_json::to_string_pretty(&jwt.summary()).ok()
         }),
         shutdown: shutdown_rx.clone(),
+        dir: config.dir.clone(),
+        unauthorized: admin_unauthorized,
+        refusal_log: std::sync::Mutex::new(meshid_runtime::log_limit::LineBudget::new()),
     });
     tokio::spawn(meshid_runtime::admin::serve(
         admin_listener,

@@ -47,6 +47,19 @@ pub trait AdminRoutes: Send + Sync + 'static {
         false
     }
 
+    /// Refuses a request for `path` from `peer` that lacks a credential the route needs (checked
+    /// before [`route`](Self::route); never asked for `/healthz`, `/readyz` or `/metrics`), or
+    /// `None` to let it through.
+    fn refuse(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: SocketAddr,
+    ) -> Option<AdminResponse> {
+        let _ = (path, headers, peer);
+        None
+    }
+
     /// Answers a path beyond `/healthz`, `/readyz` and `/metrics` asked by `peer`, or `None` for
     /// 404.
     fn route(&self, path: &str, peer: SocketAddr) -> Option<AdminFuture> {
@@ -156,8 +169,12 @@ fn answer<B>(
                     .map(|v| v.as_bytes()),
             ),
         ),
-        path => match routes.route(path, peer) {
-            Some(later) => return Answer::Later(later),
+        path => match routes
+            .refuse(path, req.headers(), peer)
+            .map(Answer::Now)
+            .or_else(|| routes.route(path, peer).map(Answer::Later))
+        {
+            Some(answer) => return answer,
             None => text(StatusCode::NOT_FOUND, "not found\n"),
         },
     })

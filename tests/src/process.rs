@@ -105,12 +105,26 @@ pub fn wait_http_ok(addr: SocketAddr, path: &str, timeout: Duration) -> bool {
 
 /// A minimal HTTP/1.1 GET: (status code, whole response).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, &[])
+}
+
+/// [`http_get`] with request headers, e.g. the CA directory's admin token
+/// (`meshid_ca::admin_token::AdminToken::header`).
+pub fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: meshid\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: meshid\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

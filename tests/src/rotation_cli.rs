@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use meshid_ca::rotation::RotationReport;
 use rustls::pki_types::CertificateDer;
 
-use crate::process::http_get;
+use crate::process::{http_get, http_get_with};
 use crate::tools::workspace_bin;
 
 /// `meshid-ca <args>`: (exit code, stdout + stderr).
@@ -43,9 +43,10 @@ pub fn status(dir: &Path, admins: &[SocketAddr]) -> RotationReport {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
 }
 
-/// One CA process's own `/rotation` report.
-pub fn report_of(admin: SocketAddr) -> Option<RotationReport> {
-    let (code, body) = http_get(admin, "/rotation").ok()?;
+/// One CA process's own `/rotation` report, asked with the admin token of `dir`, its CA directory.
+pub fn report_of(dir: &Path, admin: SocketAddr) -> Option<RotationReport> {
+    let token = meshid_ca::admin_token::AdminToken::load(dir).ok()??;
+    let (code, body) = http_get_with(admin, "/rotation", &[token.header()]).ok()?;
     let json = body.split_once("\r\n\r\n")?.1;
     (code == 200).then(|| serde_json::from_str(json).ok())?
 }

@@ -211,6 +211,7 @@ impl Install {
     fn flags(&self) -> Vec<(String, String)> {
         [
             ("--admin", self.admin.to_string()),
+            ("--dir", self.ca_dir().display().to_string()),
             ("--ca-addr", self.grpc.to_string()),
             ("--ca-name", "localhost".to_owned()),
             ("--kube-api", self.api.url()),

@@ -280,7 +280,7 @@ async fn root_rotation_by_real_processes_under_traffic() {
 
     // kill -9 of CA 1 in the middle of the rotation; restarted on the same addresses, it keeps the
     // state (bundle v2, authority 2 active, authority 1 retiring) and the sidecars come back to it.
-    let before = report_of(ca2.admin).expect("CA 2 report");
+    let before = report_of(&dir, ca2.admin).expect("CA 2 report");
     // The latest expiry of the old-root certificates CA 2 issued (CA 2 keeps running, so it never
     // forgets them): retire must not pass before it.
     let old_expiry_ca2 = before
@@ -297,7 +297,7 @@ async fn root_rotation_by_real_processes_under_traffic() {
     );
     ca1 = start_ca(&dir, &jwks, ca1.grpc, ca1.admin);
     eprintln!("CA 1 killed and restarted at {:?}", started.elapsed());
-    let after = report_of(ca1.admin).expect("restarted CA 1 report");
+    let after = report_of(&dir, ca1.admin).expect("restarted CA 1 report");
     assert_eq!(after.bundle_version, 2);
     let states = |r: &RotationReport| -> Vec<(String, String, String)> {
         r.authorities
@@ -315,7 +315,7 @@ async fn root_rotation_by_real_processes_under_traffic() {
     );
     assert!(
         poll(Duration::from_secs(15), || {
-            report_of(ca1.admin).is_some_and(|r| {
+            report_of(&dir, ca1.admin).is_some_and(|r| {
                 [B, LAGGING].iter().all(|id| {
                     r.sidecars
                         .iter()
@@ -324,7 +324,7 @@ async fn root_rotation_by_real_processes_under_traffic() {
             })
         }),
         "B and the lagging sidecar reconnected to the restarted CA: {:?}",
-        report_of(ca1.admin)
+        report_of(&dir, ca1.admin)
     );
 
     // retire passes once every old certificate expired (the sidecars renewed under authority 2).

@@ -16,7 +16,7 @@ use clap::Parser;
 use meshid_bench::benchca::{self, BenchCa};
 use meshid_bench::procfs::{cpu_seconds, mem};
 use meshid_bench::simsidecar::{Sim, SimConfig, SimStats};
-use meshid_tests::process::http_get;
+use meshid_tests::process::http_get_with;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -125,9 +125,10 @@ fn stalled(
     e: anyhow::Error,
     stats: &[Arc<SimStats>],
     admin: std::net::SocketAddr,
+    auth: &[(String, String)],
 ) -> anyhow::Error {
     let errors: u64 = stats.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum();
-    let next = http_get(admin, "/rotation")
+    let next = http_get_with(admin, "/rotation", auth)
         .ok()
         .and_then(|(_, body)| {
             let json = body.split("\r\n\r\n").nth(1)?.to_owned();
@@ -219,6 +220,12 @@ async fn run(
             &(args.sidecars + 1000).to_string(),
         ],
     )?;
+    // The rotation report answers only the CA directory's admin token (`rotate` sends it too).
+    let auth = vec![
+        meshid_ca::admin_token::AdminToken::load(&ca_dir)?
+            .context("the bench CA directory has no admin token")?
+            .header(),
+    ];
 
     // The fleet: starts spread over half a lifetime, so renewals are spread as in a real fleet.
     let n = args.sidecars;
@@ -248,7 +255,7 @@ async fn run(
             .saturating_add(Duration::from_secs(30)),
     )
     .await
-    .map_err(|e| stalled(e, &stats, admin))?;
+    .map_err(|e| stalled(e, &stats, admin, &auth))?;
     // One more half-lifetime: every sidecar renewed once, the fleet is in its steady state.
     tokio::time::sleep(ttl / 2).await;
     let admin_s = admin.to_string();
@@ -274,7 +281,7 @@ async fn run(
         gate_timeout,
     )
     .await
-    .map_err(|e| stalled(e, &stats, admin))?;
+    .map_err(|e| stalled(e, &stats, admin, &auth))?;
     let activated_at = Instant::now();
     let (retire_attempts, first_retire_refusal) = rotate_until_ok(
         ca_bin,
@@ -285,11 +292,11 @@ async fn run(
         gate_timeout,
     )
     .await
-    .map_err(|e| stalled(e, &stats, admin))?;
+    .map_err(|e| stalled(e, &stats, admin, &auth))?;
     let retired_at = Instant::now();
     wait_acked(&stats, 3, ttl.saturating_add(Duration::from_secs(30)))
         .await
-        .map_err(|e| stalled(e, &stats, admin))?;
+        .map_err(|e| stalled(e, &stats, admin, &auth))?;
     let converged_at = Instant::now();
     let rotation_cpu = cpu_seconds(ca.pid())? - cpu0;
     let rss_after_rotation_kib = mem(ca.pid())?.rss_kib;
@@ -327,7 +334,8 @@ async fn run(
     let wall2 = Instant::now();
     let mut report_bytes = 0;
     for _ in 0..REPORTS {
-        let (code, body) = http_get(admin, "/rotation/fresh").context("GET /rotation/fresh")?;
+        let (code, body) =
+            http_get_with(admin, "/rotation/fresh", &auth).context("GET /rotation/fresh")?;
         if code != 200 {
             bail!("GET /rotation/fresh answered {code}");
         }

@@ -10,7 +10,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 
 use super::certs::{self, ChainProblem};
-use super::probe::{admin_get, kube_get, peer_chain};
+use super::probe::{admin_get, admin_get_with, kube_get, peer_chain};
 use super::prom::Scrape;
 use super::{BundleSource, CheckConfig, Finding, Report, Status};
 use crate::auth::JwksSummary;
@@ -46,12 +46,22 @@ impl Replica {
                 };
             }
         };
-        let rotation = Some(match admin_get(addr, "/rotation", t).await {
-            Ok((200, body)) => serde_json::from_slice(&body)
-                .map_err(|e| format!("/rotation is not a rotation report: {e}")),
-            Ok((status, _)) => Err(format!("/rotation answered HTTP {status}")),
-            Err(e) => Err(e),
-        });
+        let rotation = match &config.admin_token {
+            None => None,
+            Some(token) => Some(
+                match admin_get_with(addr, "/rotation", t, &[token.header()]).await {
+                    Ok((200, body)) => serde_json::from_slice(&body)
+                        .map_err(|e| format!("/rotation is not a rotation report: {e}")),
+                    Ok((401, _)) => Err(
+                        "/rotation refused the admin token of --dir (HTTP 401): is it the \
+                         directory this CA serves?"
+                            .to_owned(),
+                    ),
+                    Ok((status, _)) => Err(format!("/rotation answered HTTP {status}")),
+                    Err(e) => Err(e),
+                },
+            ),
+        };
         let metrics = match admin_get(addr, "/metrics", t).await {
             Ok((200, body)) => Some(Scrape::parse(&String::from_utf8_lossy(&body))),
             _ => None,
@@ -89,7 +99,7 @@ pub async fn run(config: &CheckConfig) -> Report {
     let mut findings = vec![
         ca_admin(config, &replicas),
         ca_tls(config, bundle.as_ref(), now).await,
-        rotation(&replicas),
+        rotation(config, &replicas),
         ca_expiry(config, &replicas, bundle.as_ref(), now),
     ];
     findings.extend(super::cluster::webhook(config, now).await);
@@ -237,8 +247,14 @@ async fn ca_tls(config: &CheckConfig, bundle: Option<&Bundle>, now: i64) -> Find
     }
 }
 
-fn rotation(replicas: &[Replica]) -> Finding {
+fn rotation(config: &CheckConfig, replicas: &[Replica]) -> Finding {
     const NAME: &str = "rotation";
+    if config.admin_token.is_none() && !replicas.is_empty() {
+        return Finding::skip(
+            NAME,
+            "not asked: the CAs' rotation reports need the CA directory's admin token (--dir)",
+        );
+    }
     let reports: Vec<(SocketAddr, &RotationReport)> = replicas
         .iter()
         .filter_map(|r| r.report().map(|rep| (r.addr, rep)))

@@ -136,6 +136,8 @@ pub struct KubeAccess {
 pub struct CheckConfig {
     /// Admin address of every CA replica.
     pub admins: Vec<SocketAddr>,
+    /// The CA directory's admin token, which opens the rotation reports (`None`: not asked for).
+    pub admin_token: Option<crate::admin_token::AdminToken>,
     /// The CA's gRPC address (`HOST:PORT`) and the name its certificate must carry.
     pub ca_addr: Option<(String, String)>,
     pub bundle: Option<BundleSource>,

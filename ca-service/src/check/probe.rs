@@ -23,7 +23,18 @@ pub async fn admin_get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Bytes), String> {
+    admin_get_with(addr, path, timeout, &[]).await
+}
+
+/// `GET path` on an admin port with request headers (the admin token): the status and body.
+pub async fn admin_get_with(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    headers: &[(String, String)],
+) -> Result<(u16, Bytes), String> {
     let mut call = Call::get(addr, path);
+    call.headers = headers;
     call.host = Some("meshid-ca");
     call.timeout = timeout;
     call.max_body = MAX_ADMIN_BODY;

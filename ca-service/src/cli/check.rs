@@ -27,6 +27,10 @@ pub struct CheckArgs {
     /// for every address the name resolves to (the chart's headless meshid-ca-admin.meshid.svc:9090).
     #[arg(long = "admin", env = "MESHID_CA_ADMIN", value_delimiter = ',')]
     pub admins: Vec<String>,
+    /// The CA directory (as `meshid-ca rotate --dir`): its admin token opens the CAs' rotation
+    /// reports. Without it the rotation check is skipped.
+    #[arg(long, env = "MESHID_CA_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// The CA's gRPC address, HOST:PORT (e.g. meshid-ca.meshid.svc:8443): its certificate must
     /// chain to the trust bundle and name HOST (or --ca-name).
     #[arg(long, env = "MESHID_CA_CA_ADDR", value_name = "HOST:PORT")]
@@ -219,10 +223,28 @@ impl CheckArgs {
             }),
             (None, None) => None,
         };
+        let admin_token = match &self.dir {
+            None => None,
+            Some(dir) => match crate::admin_token::AdminToken::load(dir) {
+                Ok(Some(token)) => Some(token),
+                Ok(None) => {
+                    p.0.push(format!(
+                        "--dir: {} has no admin token (neither admin-token nor jwt.key)",
+                        dir.display()
+                    ));
+                    None
+                }
+                Err(e) => {
+                    p.0.push(format!("--dir: {e}"));
+                    None
+                }
+            },
+        };
         if !p.0.is_empty() {
             return Err(p.0);
         }
         let config = CheckConfig {
+            admin_token,
             admins,
             ca_addr,
             bundle,

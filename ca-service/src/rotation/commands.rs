@@ -11,6 +11,7 @@ use meshid_runtime::time::unix_now;
 use super::gates::{activate_blockers, retire_blockers, summarize};
 use super::report::RotationReport;
 use super::view::merged;
+use crate::admin_token::AdminToken;
 use crate::authorities::{AuthorityRecord, AuthorityState, RotationState};
 use crate::authority::{self, AuthorityError, ImportedRoot};
 use crate::ca_dir::{AuthorityFiles, DirLock};
@@ -30,8 +31,23 @@ pub enum RotateError {
 /// Fetches `/rotation/fresh` from running CAs (their admin ports) and parses each report: a
 /// report computed after the request, never the cached one `/rotation` may answer with, so the
 /// gates see every step taken before (this command's own included). A CA of an older version
-/// (404) is asked for `/rotation`, which it always computes anew.
-pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>, RotateError> {
+/// (404) is asked for `/rotation`, which it always computes anew. Each request carries the admin
+/// token of `ca_dir` ([`AdminToken`]), the directory every CA process serves from.
+pub async fn fetch_reports(
+    ca_dir: &Path,
+    admins: &[SocketAddr],
+) -> Result<Vec<RotationReport>, RotateError> {
+    let headers = match AdminToken::load(ca_dir)? {
+        Some(token) => vec![token.header()],
+        None if admins.is_empty() => Vec::new(),
+        None => {
+            return Err(RotateError::Refused(format!(
+                "{}: no admin token (neither admin-token nor jwt.key): the CAs' rotation \
+                 reports cannot be asked for",
+                ca_dir.display()
+            )));
+        }
+    };
     let mut reports = Vec::with_capacity(admins.len());
     for addr in admins {
         let admin = |reason: String| RotateError::Admin {
@@ -42,6 +58,7 @@ pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>,
         for path in ["/rotation/fresh", "/rotation"] {
             let mut get = Call::get(*addr, path);
             get.host = Some("meshid-ca");
+            get.headers = &headers;
             let got = http_client::send(&get)
                 .await
                 .map_err(|e| admin(e.to_string()))?;
@@ -54,6 +71,14 @@ pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>,
         let Some(reply) = reply else {
             return Err(admin("no answer".into()));
         };
+        if reply.status == 401 {
+            return Err(admin(format!(
+                "refused the admin token of {} (HTTP 401: {}); is --dir the directory this CA \
+                 serves?",
+                ca_dir.display(),
+                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)]).trim()
+            )));
+        }
         if reply.status != 200 {
             return Err(admin(format!("answered HTTP {}", reply.status)));
         }
@@ -65,7 +90,7 @@ pub async fn fetch_reports(admins: &[SocketAddr]) -> Result<Vec<RotationReport>,
 /// `rotate status`: the state, merged over every CA given.
 pub async fn status(ca_dir: &Path, admins: &[SocketAddr]) -> Result<RotationReport, RotateError> {
     let state = RotationState::load(ca_dir)?;
-    Ok(merged(&state, fetch_reports(admins).await?))
+    Ok(merged(&state, fetch_reports(ca_dir, admins).await?))
 }
 
 /// The highest bundle version the CA processes in `reports` serve (0: none reported). A process
@@ -183,7 +208,7 @@ pub async fn prepare_measured(
     admins: &[SocketAddr],
     import: Option<ImportedRoot>,
 ) -> Result<String, RotateError> {
-    let served = served_versions(&fetch_reports(admins).await?);
+    let served = served_versions(&fetch_reports(ca_dir, admins).await?);
     prepare_above(ca_dir, import, served)
 }
 
@@ -292,7 +317,7 @@ pub async fn activate(
 ) -> Result<String, RotateError> {
     let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
-    let report = merged(&state, fetch_reports(admins).await?);
+    let report = merged(&state, fetch_reports(ca_dir, admins).await?);
     let blockers = activate_blockers(&state, &report, unix_now());
     if state.find(AuthorityState::Prepared).is_none() {
         return Err(RotateError::Refused(summarize(&blockers)));
@@ -334,7 +359,7 @@ pub async fn retire(
 ) -> Result<String, RotateError> {
     let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
-    let reports = fetch_reports(admins).await?;
+    let reports = fetch_reports(ca_dir, admins).await?;
     let served = served_versions(&reports);
     let report = merged(&state, reports);
     let mut blockers = retire_blockers(&state, &report, unix_now());
