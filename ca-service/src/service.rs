@@ -2373,6 +2373,54 @@ mod tests {
         assert_eq!(r.err().unwrap().status.code(), Code::Unauthenticated);
     }
 
+    /// JWT-SVIDs are held to the namespace's bucket (`--namespace-rate-limit`) as certificates
+    /// are, in a bucket of their own: identities of one namespace, each well within its own limit,
+    /// together get no more than the namespace's burst, and another namespace is not affected.
+    #[test]
+    fn jwt_svids_of_one_namespace_share_its_limit() {
+        let slow = |burst| RateLimit {
+            per_second: 1.0 / 60.0,
+            burst,
+        };
+        // Each identity: a burst of 25 (each certificate's lineage: 1); the namespace: 3.
+        let ca = TestCa::with(Opts {
+            rate: Some(slow(25)),
+            namespace_rate: Some(slow(3)),
+            ..Opts::default()
+        });
+        let req = IssueJwtSvidRequest {
+            audience: vec!["db".into()],
+        };
+        let ask = |id: &str| ca.state.issue_jwt_svid(&req, Some(&peer(&ca.cert(id)))).1;
+        let mut results = Vec::new();
+        for sa in ["a", "b", "c", "d", "e"] {
+            match ask(&format!("spiffe://{TD}/ns/shop/sa/{sa}")) {
+                Ok(_) => results.push("issued"),
+                Err(refusal) => {
+                    assert_eq!(refusal.status.code(), Code::ResourceExhausted, "shop/{sa}");
+                    let message = refusal.status.message();
+                    assert!(
+                        message.contains("JWT-SVID requests in namespace shop"),
+                        "shop/{sa}: {message}"
+                    );
+                    assert!(refusal.status.metadata().get("retry-after-ms").is_some());
+                    results.push(refusal.result);
+                }
+            }
+        }
+        assert_eq!(
+            results,
+            ["issued", "issued", "issued", "rate_limited", "rate_limited"],
+            "the namespace's burst of 3, whatever its identities"
+        );
+        // Certificates do not draw on the JWT-SVIDs' namespace bucket, nor the reverse.
+        assert!(ca.state.namespaces.check("shop", Instant::now()).is_ok());
+        assert!(
+            ask(&format!("spiffe://{TD}/ns/ops/sa/metrics")).is_ok(),
+            "ops refused"
+        );
+    }
+
     #[test]
     fn an_authority_without_a_jwt_key_refuses_jwt_svids_and_says_why() {
         let ca = TestCa::new();
