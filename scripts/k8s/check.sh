@@ -93,6 +93,8 @@ expect_fail "unknown injector.tls key" "injector" "${REQUIRED[@]}" --set injecto
 expect_fail "unknown webhook certificate source" "source" "${REQUIRED[@]}" --set injector.tls.source=vault
 expect_fail "secret source without its CA" "injector.tls.caBundle" "${REQUIRED[@]}" --set injector.tls.source=secret
 expect_fail "issuerRef without a name" "issuerRef" "${REQUIRED[@]}" --set injector.tls.source=certManager --set injector.tls.certManager.issuerRef.kind=ClusterIssuer
+expect_fail "injected tokens outliving the CA's limit" "sidecar.tokenExpirationSeconds (172801) exceeds ca.maxTokenLifetime (48h, 172800 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=172801
+expect_fail "injected tokens outliving a lowered limit" "exceeds ca.maxTokenLifetime (30m, 1800 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=3600 --set ca.maxTokenLifetime=30m
 expect_fail "HPA min above max" "minReplicas must not exceed" "${REQUIRED[@]}" --set ca.autoscaling.enabled=true --set ca.autoscaling.minReplicas=5 --set ca.autoscaling.maxReplicas=3
 expect_fail "unknown prometheus key" "servicemonitors\|prometheus" "${REQUIRED[@]}" --set prometheus.servicemonitors.enabled=true
 

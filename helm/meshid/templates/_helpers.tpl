@@ -106,6 +106,23 @@ imagePullSecrets:
 {{- if not .Values.ca.trustBundle -}}
 {{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
 {{- end -}}
+{{- if .Values.injector.enabled -}}
+{{- $max := include "meshid.durationSeconds" .Values.ca.maxTokenLifetime | int64 -}}
+{{- if gt (int64 .Values.sidecar.tokenExpirationSeconds) $max -}}
+{{- fail (printf "sidecar.tokenExpirationSeconds (%d) exceeds ca.maxTokenLifetime (%s, %d s): the CA would refuse the service-account token of every injected sidecar; lower sidecar.tokenExpirationSeconds or raise ca.maxTokenLifetime" (int64 .Values.sidecar.tokenExpirationSeconds) .Values.ca.maxTokenLifetime $max) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A duration in the CA's grammar (the schema's ^[0-9]+(ms|s|m|h|d)$) in whole seconds, rounded down. */}}
+{{- define "meshid.durationSeconds" -}}
+{{- $unit := regexFind "(ms|s|m|h|d)$" . -}}
+{{- $n := trimSuffix $unit . | int64 -}}
+{{- if eq $unit "ms" -}}
+{{ div $n 1000 }}
+{{- else -}}
+{{ mul $n (get (dict "s" 1 "m" 60 "h" 3600 "d" 86400) $unit) }}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret the injector serves from: cert-manager's (chart-named) or the user's. */}}
