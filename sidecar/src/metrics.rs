@@ -70,6 +70,7 @@ pub struct Metrics {
     pub credentials_rejected: Gauge,
     pub connections_revoked: Family<ConnLabels, Counter>,
     pub revoked_peer_closes: Family<ConnLabels, Counter>,
+    pub requests_revoked: Family<ConnLabels, Counter>,
     pub revocations: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
@@ -178,6 +179,11 @@ impl Metrics {
             "connections_revoked",
             "Open connections (TCP, upgraded tunnels, HTTP) closed because a new policy no longer allows their peer",
             Listed(m.connections_revoked.clone()),
+        );
+        r.register(
+            "requests_revoked",
+            "Inbound HTTP requests in flight ended because a new policy no longer allows their method or path (h2: the stream is reset; HTTP/1.1: the connection is closed)",
+            Listed(m.requests_revoked.clone()),
         );
         r.register(
             "revoked_peer_connections_closed",
@@ -324,6 +330,7 @@ impl Metrics {
         drop(self.idle_http_connections.get_or_create(&labels));
         if direction == "inbound" {
             drop(self.connections_revoked.get_or_create(&labels));
+            drop(self.requests_revoked.get_or_create(&labels));
         }
         drop(self.revoked_peer_closes.get_or_create(&labels));
         let peer = match (self.peer_identity, peer) {

@@ -1372,3 +1372,122 @@ async fn a_policy_that_drops_the_peer_ends_its_http_streams() {
         "{m}"
     );
 }
+
+/// An app that streams on `/stream` (a chunk every 100 ms, never ending) and answers `ok` to
+/// anything else.
+async fn stream_or_ok_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    if !head.starts_with(b"GET /stream ") {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                    if s.write_all(start).await.is_err() {
+                        return;
+                    }
+                    while s.write_all(b"5\r\ntick\n\r\n").await.is_ok() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `CLIENT` may GET `paths` on the listener (`mode` first: `enforce` or `audit`).
+fn get_policy(mode: &str, paths: &str) -> String {
+    format!(
+        "mode: {mode}\ninbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: \
+         {CLIENT}\n        methods: [GET]\n        paths: [{paths}]\n"
+    )
+}
+
+/// Whether an h2 response body ends (reset, error or end) within `within`, read all along.
+async fn h2_body_ends_within(body: &mut hyper::body::Incoming, within: Duration) -> bool {
+    use http_body_util::BodyExt;
+    let read = async { while let Some(Ok(_)) = body.frame().await {} };
+    tokio::time::timeout(within, read).await.is_ok()
+}
+
+/// A policy change that only narrows what a peer may do (a path taken out of its rule, a rule for
+/// it left) ends its requests in flight that the new policy denies: an h2 stream on `/stream` is
+/// reset while a new request on `/other` on the same connection is answered, and an HTTP/1.1
+/// stream ends with its connection. Audit mode ends nothing. Before, only a change leaving no rule
+/// for the peer ended anything: the streams went on for as long as the app sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
+    let e = http_sidecar_for(
+        "127.0.0.65",
+        stream_or_ok_app().await,
+        Limits::default(),
+        get_policy("enforce", "/stream, /other"),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let (mut h2, _conn) = h2_as(&e, &client, 65_535).await;
+    let get = |path: &str| {
+        http::Request::get(format!("https://app{path}"))
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let resp = h2.send_request(get("/stream")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut streamed = resp.into_body();
+    let mut h1 = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+    h1.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut h1).await.starts_with("HTTP/1.1 200"));
+
+    // Audit mode would deny them, and ends nothing.
+    e.sidecar.write_policy(&get_policy("audit", "/other"));
+    assert!(!h2_body_ends_within(&mut streamed, Duration::from_secs(2)).await);
+    assert!(!stream_ends_within(&mut h1, Duration::from_millis(500)).await);
+
+    e.sidecar.write_policy(&get_policy("enforce", "/other"));
+    assert!(
+        h2_body_ends_within(&mut streamed, Duration::from_secs(10)).await,
+        "the h2 stream the policy no longer allows went on"
+    );
+    assert!(
+        stream_ends_within(&mut h1, Duration::from_secs(10)).await,
+        "the HTTP/1.1 stream the policy no longer allows went on"
+    );
+    // The h2 connection goes on: a request the policy still allows is answered on it.
+    let resp = h2.send_request(get("/other")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"ok");
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_requests_revoked_total"),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "meshid_sidecar_connections_revoked_total"),
+        0.0,
+        "{m}"
+    );
+}

@@ -43,6 +43,19 @@ impl Peer {
     }
 }
 
+/// What an HTTP request was allowed under, to decide it again while its response is in flight
+/// ([`Authorizer::request_revoked`]).
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// The policy version in force before it was decided (`Shared::policy_changed`).
+    pub version: u64,
+    pub method: http::Method,
+    /// Methods its overrides named (header, query or form body) other than its own.
+    pub overrides: Vec<String>,
+    /// The request target as the peer sent it (its path is what was decided).
+    pub uri: http::Uri,
+}
+
 /// A connection the policy refused; the caller closes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Denied;
@@ -348,6 +361,68 @@ impl Authorizer {
         }
         // The sender is gone (shutdown): nothing will revoke this connection any more.
         std::future::pending::<()>().await;
+    }
+
+    /// Resolves once a policy change denies a request whose response is still in flight: `decided`
+    /// names the methods it was allowed under (its own and any override it named) on its path,
+    /// and the policy version it was decided under. Logged and counted in
+    /// `requests_revoked_total`; the caller then ends the response. A change that only narrows
+    /// the peer's rules (a method or a path taken out) ends the requests it no longer allows,
+    /// where [`Self::http_connection_revoked`] ends the connection only when no rule is left.
+    /// Audit mode never ends anything. Made per request, only while its response is sent: an idle
+    /// connection holds none of it.
+    pub fn request_revoked(
+        &self,
+        peer: &Peer,
+        decided: Decided,
+    ) -> impl std::future::Future<Output = ()> + Send + Sync + 'static + use<> {
+        let mut changes = self.shared.policy_changed.clone();
+        let policy = self.shared.policy.clone();
+        let verified = peer.verified.clone();
+        let port = self.port;
+        let ended = self
+            .shared
+            .metrics
+            .requests_revoked
+            .get_or_create(&crate::metrics::ConnLabels {
+                direction: "inbound",
+                port,
+            })
+            .clone();
+        async move {
+            let mut seen = decided.version;
+            loop {
+                let now = *changes.borrow_and_update();
+                if now != seen {
+                    seen = now;
+                    if let Some(p) = policy.load().as_deref() {
+                        let path = decided.uri.path();
+                        let denied = std::iter::once(decided.method.as_str())
+                            .chain(decided.overrides.iter().map(String::as_str))
+                            .map(|method| {
+                                (method, p.decide_request(port, &verified.id, method, path))
+                            })
+                            .find(|(_, d)| !d.allowed);
+                        if let Some((method, decision)) = denied {
+                            ended.inc();
+                            tracing::warn!(
+                                peer = %verified.id,
+                                port,
+                                rule = %decision.rule,
+                                method,
+                                path,
+                                "ending a request in flight: the new policy no longer allows it"
+                            );
+                            return;
+                        }
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    // The sender is gone (shutdown): nothing will end this request any more.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
     }
 
     /// Logs an allow-list decision and counts it; a deny or would-deny is kept under a new

@@ -7,7 +7,8 @@
 //! before it passes), with `x-forwarded-proto: https` (the peer came over mTLS). Denied: 403
 //! with a short reason; app down: 502; app too slow: 504. A W3C `traceparent` passes through
 //! untouched and, when well formed, is named in the request's decision log line. HTTP/1.1 `Upgrade` (WebSocket) passes
-//! through. gRPC requests (and requests whose originating app spoke h2) reach the app as h2c;
+//! through. A response still being sent ends when a policy change denies the request it answers
+//! ([`super::revocable`]). gRPC requests (and requests whose originating app spoke h2) reach the app as h2c;
 //! everything else as HTTP/1.1, which every HTTP app speaks.
 
 use std::convert::Infallible;
@@ -76,13 +77,15 @@ impl InboundHttp {
 pub const MAX_FORM_BODY: usize = 1 << 20;
 
 /// Reads a POST's form body whole and decides every method its `_method` fields name, as those of
-/// the query are decided; the body then goes to the app as read.
+/// the query are decided (each one allowed is added to `overrides`); the body then goes to the app
+/// as read.
 async fn decide_form(
     req: &mut Request<ReqBody>,
     form: crate::http::Form,
     peer: &Peer,
     http: &InboundHttp,
     shared: &Shared,
+    overrides: &mut Vec<String>,
 ) -> Result<(), Response<Body>> {
     let read = tokio::time::timeout(
         shared.limits.request_timeout,
@@ -123,6 +126,7 @@ async fn decide_form(
                     crate::trace::traceparent(req.headers()),
                 )
                 .map_err(|denied| *denied)?;
+            overrides.push(method);
         }
     }
     Ok(())
@@ -254,6 +258,10 @@ async fn inbound_request(
     if let Err(denied) = http.authz.not_revoked(peer, req.version()) {
         return *denied;
     }
+    // Read before the request is decided: a policy change after this is decided again while the
+    // response is in flight (see `Revocable`).
+    let version = *shared.policy_changed.borrow();
+    let mut overrides = Vec::new();
     // A method override is decided as the method it names (each recorded as a decision of its
     // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
     for method in crate::http::method_overrides(req.headers()) {
@@ -267,18 +275,22 @@ async fn inbound_request(
         {
             return *denied;
         }
+        if method != req.method().as_str() {
+            overrides.push(method.to_owned());
+        }
     }
     // So is one the query names (`?_method=DELETE`).
     for method in crate::http::query_method_overrides(req.uri().query()) {
-        if method != req.method().as_str()
-            && let Err(denied) = http.authz.request(
+        if method != req.method().as_str() {
+            if let Err(denied) = http.authz.request(
                 peer,
                 &method,
                 req.uri().path(),
                 crate::trace::traceparent(req.headers()),
-            )
-        {
-            return *denied;
+            ) {
+                return *denied;
+            }
+            overrides.push(method);
         }
     }
     let audit_decision = match http.authz.request(
@@ -295,10 +307,16 @@ async fn inbound_request(
     if req.method() == http::Method::POST
         && let Some(form) = crate::http::Form::of(req.headers())
         && !http.authz.allows_any_method(peer, req.uri().path())
-        && let Err(refused) = decide_form(&mut req, form, peer, http, shared).await
+        && let Err(refused) = decide_form(&mut req, form, peer, http, shared, &mut overrides).await
     {
         return refused;
     }
+    let decided = super::authz::Decided {
+        version,
+        method: req.method().clone(),
+        overrides,
+        uri: req.uri().clone(),
+    };
 
     // WebSocket is the one upgrade passed on; any other `Upgrade` is dropped below with the other
     // hop-by-hop headers, and the request is served as a plain one.
@@ -402,6 +420,16 @@ async fn inbound_request(
             );
         }
         Ok(Ok(resp)) => resp,
+    };
+    // A response still to come (not an upgrade: its tunnel is ended by its own watch) ends when a
+    // policy change no longer allows the request.
+    let resp = if resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        && !hyper::body::Body::is_end_stream(resp.body())
+    {
+        let revoked = http.authz.request_revoked(peer, decided);
+        resp.map(|body| super::revocable::Revocable::new(body, revoked).boxed())
+    } else {
+        resp
     };
     let mut resp = finish_response(resp, tunnel, shared);
     // An audit-mode would-deny: the caller sees the ID of the decision that would have refused it.

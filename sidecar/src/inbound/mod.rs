@@ -7,6 +7,7 @@ pub mod app;
 pub mod authz;
 pub mod http;
 pub mod proxy_header;
+pub mod revocable;
 pub mod tcp;
 
 use meshid_runtime::log_limit::LogLimit;
