@@ -180,27 +180,69 @@ impl Authorizer {
 
     /// Refuses a request of a peer the bundle in force revokes, whatever the policy says: the
     /// connection's wait for the revocation may not have run yet when a request arrives with it.
-    /// Answered with a 403 that also closes an HTTP/1.1 connection.
-    pub fn not_revoked(
+    /// A recorded decision like any denial ([`Self::revoked_decision`]): its ID is in the log line
+    /// and the 403's `x-meshid-decision`. The 403 also closes an HTTP/1.1 connection.
+    pub fn not_revoked<B>(
         &self,
         peer: &Peer,
-        version: http::Version,
+        req: &http::Request<B>,
     ) -> Result<(), Box<Response<Body>>> {
         let Some(why) = self.shared.creds.revokes(&peer.verified) else {
             return Ok(());
         };
-        tracing::debug!(peer = %peer.id(), port = self.port, revoked = %why, "refused a request: the peer is revoked");
+        let id = self.revoked_decision(peer, req, &why);
         let mut resp = reply(
             StatusCode::FORBIDDEN,
             format!("denied: {} on port {}: revoked", peer.id(), self.port),
         );
-        if version < http::Version::HTTP_2 {
+        if let Ok(v) = http::HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(DECISION_HEADER, v);
+        }
+        if req.version() < http::Version::HTTP_2 {
             resp.headers_mut().insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
             );
         }
         Err(Box::new(resp))
+    }
+
+    /// Keeps the refusal of `req` because the trust bundle revokes its peer (`why`) under a new
+    /// decision ID (rule `revoked`), logs it (as limited per peer as every denial) and returns
+    /// the ID. Not counted in `authz_decisions_total`: the policy did not decide it.
+    fn revoked_decision<B>(
+        &self,
+        peer: &Peer,
+        req: &http::Request<B>,
+        why: &meshid_identity::revocation::Revoked,
+    ) -> String {
+        let (port, id) = (self.port, peer.id());
+        let (method, path) = (req.method().as_str(), req.uri().path());
+        let traceparent = crate::trace::traceparent(req.headers());
+        let decision_id = crate::decisions::new_id();
+        let logged = self.shared.decisions.push(
+            crate::decisions::Recorded {
+                id: decision_id.clone(),
+                at: meshid_runtime::time::unix_now(),
+                decision: "deny".to_owned(),
+                peer: id.as_str().to_owned(),
+                peer_addr: peer.addr.to_string(),
+                port,
+                method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
+                path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
+                policy_version: *self.shared.policy_changed.borrow(),
+                rule: "revoked".to_owned(),
+                explanation: format!(
+                    "deny: the trust bundle in force revokes the peer ({why}), whatever the policy \
+                     allows"
+                ),
+            },
+            std::time::Instant::now(),
+        );
+        if let Some(left_out) = logged {
+            tracing::warn!(peer = %id, port, rule = "revoked", revoked = %why, method, path, traceparent, decision = %decision_id, left_out, "denied");
+        }
+        decision_id
     }
 
     /// Resolves once this open HTTP connection must close: the trust bundle no longer trusts its
@@ -546,6 +588,76 @@ pub const DECISION_HEADER: &str = "x-meshid-decision";
 mod tests {
     use super::*;
     use prometheus_client::metrics::family::Family;
+
+    /// A request of a peer the bundle in force revokes (arriving before its connection's own wait
+    /// for the revocation ends the connection) is refused as a recorded decision: the 403 carries
+    /// its ID, and the decision log gives back the peer, the request and why.
+    #[tokio::test]
+    async fn a_revoked_peers_request_is_a_recorded_decision() {
+        use meshid_identity::revocation::{RevocationSet, Revoked};
+        use meshid_identity::testing::TestPki;
+        const ME: &str = "spiffe://cluster.local/ns/shop/sa/server";
+        const PEER: &str = "spiffe://cluster.local/ns/shop/sa/client";
+
+        let pki = TestPki::new("ours");
+        let creds = Arc::new(crate::creds::CredentialStore::new(Vec::new()));
+        let own = pki.leaf(ME);
+        creds
+            .set_certificate(crate::creds::Credentials {
+                chain: own.chain,
+                key: own.key,
+                roots: vec![pki.root.clone()],
+                pinned: Vec::new(),
+            })
+            .unwrap();
+        let (_policy_tx, policy_changed) = tokio::sync::watch::channel(3u64);
+        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let shared = Shared {
+            creds: creds.clone(),
+            policy: Arc::default(),
+            policy_changed,
+            metrics: crate::metrics::Metrics::register(
+                &mut prometheus_client::registry::Registry::default(),
+            ),
+            limits: crate::settings::Limits::default(),
+            shutdown,
+            decisions: Arc::default(),
+            observed: Arc::default(),
+            heap: meshid_runtime::heap::Trimmer::new(),
+        };
+        let authz = Authorizer::new(8080, shared.clone());
+        let leaf = pki.leaf(PEER);
+        let peer = Peer {
+            verified: Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
+            addr: "10.0.0.7:40000".parse().unwrap(),
+            chain: leaf.chain.clone().into(),
+            trust_key: 0,
+        };
+        let req = http::Request::get("/api/orders?x=1").body(()).unwrap();
+        assert!(authz.not_revoked(&peer, &req).is_ok(), "not revoked yet");
+
+        let revoked = RevocationSet::new([Revoked::Id(SpiffeId::parse(PEER).unwrap())]).unwrap();
+        creds
+            .set_bundle(vec![pki.root.clone()], Vec::new(), Arc::new(revoked))
+            .unwrap();
+        let resp = authz.not_revoked(&peer, &req).unwrap_err();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()[http::header::CONNECTION], "close");
+        let id = resp.headers()[DECISION_HEADER].to_str().unwrap();
+        let kept = shared.decisions.get(id).expect("the decision is kept");
+        assert_eq!(kept.decision, "deny");
+        assert_eq!(kept.rule, "revoked");
+        assert_eq!(kept.peer, PEER);
+        assert_eq!(kept.peer_addr, "10.0.0.7:40000");
+        assert_eq!((kept.port, kept.method.as_str()), (8080, "GET"));
+        assert_eq!(kept.path, "/api/orders");
+        assert_eq!(kept.policy_version, 3);
+        let told = kept.describe();
+        assert!(
+            told.contains(&format!("revokes the peer (identity {PEER})")),
+            "{told}"
+        );
+    }
 
     #[test]
     fn allowed_counters_are_looked_up_once_and_count_every_decision() {

@@ -255,7 +255,7 @@ async fn inbound_request(
     http: &InboundHttp,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, http.authz.shared());
-    if let Err(denied) = http.authz.not_revoked(peer, req.version()) {
+    if let Err(denied) = http.authz.not_revoked(peer, &req) {
         return *denied;
     }
     // Read before the request is decided: a policy change after this is decided again while the
