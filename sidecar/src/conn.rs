@@ -197,6 +197,10 @@ impl<T> Metered<T> {
             sent: metrics.sent.clone(),
         }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {

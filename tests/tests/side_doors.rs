@@ -1491,3 +1491,58 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
         "{m}"
     );
 }
+
+/// An outbound TCP stream the upstream's side cut short (the inbound sidecar's app reset its
+/// connection: the inbound drops the mTLS stream without `close_notify`) reaches the app as a
+/// reset, never as an ordinary end; one the upstream closed cleanly ends with a FIN. Before, the
+/// outbound ended the app's side with a FIN either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbound_tcp_stream_cut_short_reaches_the_app_as_a_reset() {
+    // The app behind the inbound: answers `bye`, then closes cleanly on `end`, resets on `cut`.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut asked = [0u8; 3];
+                if s.read_exact(&mut asked).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(b"bye").await;
+                if &asked == b"cut" {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = s.set_zero_linger();
+                    return;
+                }
+                let _ = s.shutdown().await;
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    let Http { pki, sidecar } = tcp_sidecar("127.0.0.66", app, &[CLIENT]).await;
+    let me = pki.workload(CLIENT);
+    let outbound = TestSidecar::start(
+        &pki,
+        &me,
+        CLIENT,
+        SidecarSpec {
+            outbound: vec![(sidecar.inbound[0].to_string(), SERVER.into(), Protocol::Tcp)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let local = outbound.outbound[0];
+    let ask = |what: &'static [u8]| async move {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        tcp.write_all(what).await.unwrap();
+        let mut got = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut got));
+        end.await
+            .expect("the app's connection ends")
+            .map(|_| got)
+            .map_err(|e| e.kind())
+    };
+    assert_eq!(ask(b"end").await, Ok(b"bye".to_vec()));
+    assert_eq!(ask(b"cut").await, Err(std::io::ErrorKind::ConnectionReset));
+}

@@ -1,15 +1,18 @@
 //! Outbound TCP: the app's plaintext bytes flow to the upstream over mTLS until either side closes,
-//! the connection idles out, or the upstream's certificate expires.
+//! the connection idles out, or the upstream's certificate expires. A stream the upstream's side cut
+//! short (a reset, or a close without TLS's `close_notify`) or that we cut (expiry, revocation)
+//! reaches the app as a reset, as on the inbound side: never as an ordinary end.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use meshid_runtime::admission::Displaceable;
+use tokio::net::TcpStream;
 
 use super::dial::{Alpn, dial_with, upstream_deadline, upstream_revoked};
-use crate::conn::{ConnSlot, Shared, copy_bidirectional_idle};
+use crate::conn::{ConnSlot, Metered, Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
 
 pub async fn proxy(
-    app: impl AsyncRead + AsyncWrite + Unpin,
+    mut app: Metered<Displaceable<TcpStream>>,
     spec: &Outbound,
     index: usize,
     shared: &Shared,
@@ -44,12 +47,18 @@ pub async fn proxy(
             () = revoked => {}
         }
     });
-    tokio::select! {
-        r = copy_bidirectional_idle(app, tls, shared.limits.idle_timeout) => {
-            if let Err(error) = r {
+    let clean = tokio::select! {
+        r = copy_bidirectional_idle(&mut app, tls, shared.limits.idle_timeout) => match r {
+            Ok(_) => true,
+            Err(error) => {
                 tracing::debug!(%error, "tcp connection ended");
+                crate::conn::ended_quietly(&error)
             }
-        }
-        () = meshid_runtime::wake::WhenWoken::new(ended) => {}
+        },
+        () = meshid_runtime::wake::WhenWoken::new(ended) => false,
+    };
+    if !clean {
+        // The app must not take a stream cut short for a whole one.
+        let _ = app.get_ref().get_ref().set_zero_linger();
     }
 }
