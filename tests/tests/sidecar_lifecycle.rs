@@ -830,3 +830,136 @@ fn refusals_without_a_certificate_write_few_log_lines() {
         lines.len()
     );
 }
+
+/// Replaces `path` atomically with `text` (as a Secret volume update would).
+fn replace_file(path: &std::path::Path, text: &str) {
+    std::fs::write(path.with_extension("tmp"), text).unwrap();
+    std::fs::rename(path.with_extension("tmp"), path).unwrap();
+}
+
+/// The outbound side of a root leaving the bundle: a sidecar dialling an upstream whose
+/// certificate is under a root of its bundle keeps its pooled HTTP connection (used by HTTP/1.1
+/// and h2 requests from the app) and a TCP connection open to it; when that root leaves the bundle file, each is
+/// closed (the upstream sees none left open, the TCP app's stream ends) and counted, and a new
+/// request is refused. The inbound side of the same is `bundle_stream_adds_and_removes_roots_without_restart`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_connections_close_when_the_upstreams_root_leaves_the_bundle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ours = TestPki::new();
+    let theirs = TestPki::new();
+    let original = std::fs::read_to_string(&ours.bundle_path).unwrap();
+    let with_theirs: String = original.clone() + &pem(&theirs.roots()[0]);
+    replace_file(&ours.bundle_path, &with_theirs);
+    let their_bundle = std::fs::read_to_string(&theirs.bundle_path).unwrap();
+    replace_file(
+        &theirs.bundle_path,
+        &(their_bundle + &pem(&ours.roots()[0])),
+    );
+    let policy = |ports: &[(u16, &str)]| {
+        let mut p = "inbound:\n".to_owned();
+        for (port, protocol) in ports {
+            p.push_str(&format!(
+                "  - port: {port}\n    protocol: {protocol}\n    allow:\n      - id: {A}\n"
+            ));
+        }
+        p
+    };
+    let upstream = TestSidecar::start(
+        &theirs,
+        &theirs.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![
+                ("127.0.0.67", http_echo().await, Protocol::Http),
+                (
+                    "127.0.0.68",
+                    meshid_tests::mesh::tcp_echo().await,
+                    Protocol::Tcp,
+                ),
+            ],
+            policy: Some(policy(&[])),
+            ..Default::default()
+        },
+    )
+    .await;
+    upstream.write_policy(&policy(&[
+        (upstream.inbound[0].port(), "http"),
+        (upstream.inbound[1].port(), "tcp"),
+    ]));
+    let us = TestSidecar::start(
+        &ours,
+        &ours.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![
+                (upstream.inbound[0].to_string(), B.into(), Protocol::Http),
+                (upstream.inbound[1].to_string(), B.into(), Protocol::Tcp),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let (http, tcp) = (us.outbound[0], us.outbound[1]);
+    let call = |h2: bool| async move {
+        let app = tokio::net::TcpStream::connect(http).await.unwrap();
+        matches!(http_request(app, h2, get("/x", &[])).await, Ok((200, _, _)))
+    };
+    // The new policy may take a moment: then both kinds of pooled connection are open.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            call(false).await && call(true).await
+        })
+        .await,
+        "the upstream answers through the outbound"
+    );
+    let mut stream = tokio::net::TcpStream::connect(tcp).await.unwrap();
+    stream.write_all(b"hi").await.unwrap();
+    let mut two = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut two))
+        .await
+        .expect("the TCP upstream echoes")
+        .unwrap();
+    let open_upstream = || async {
+        meshid_tests::mesh::metric(
+            &upstream.metrics().await,
+            "meshid_sidecar_connections_open{",
+            &["direction=\"inbound\""],
+        )
+    };
+    assert!(
+        open_upstream().await >= 2,
+        "pooled and TCP connections are open"
+    );
+
+    // Their root leaves our bundle.
+    replace_file(&ours.bundle_path, &original);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the TCP connection to the distrusted upstream stays open"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            open_upstream().await == 0
+        })
+        .await,
+        "connections to the distrusted upstream stay open: {} at the upstream",
+        open_upstream().await
+    );
+    // One each: the HTTP listener's requests, HTTP/1.1 and h2 alike, share one connection.
+    let m = us.metrics().await;
+    for local in [http, tcp] {
+        let port = format!("port=\"{}\"", local.port());
+        let closed = meshid_tests::mesh::metric(
+            &m,
+            "meshid_sidecar_revoked_peer_connections_closed_total{",
+            &["direction=\"outbound\"", &port],
+        );
+        assert_eq!(closed, 1, "{m}");
+    }
+    assert!(
+        !call(false).await,
+        "a new request reaches the distrusted upstream"
+    );
+}
