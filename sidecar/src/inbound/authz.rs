@@ -422,15 +422,9 @@ impl Authorizer {
         let policy = self.shared.policy.clone();
         let verified = peer.verified.clone();
         let port = self.port;
-        let ended = self
-            .shared
-            .metrics
-            .requests_revoked
-            .get_or_create(&crate::metrics::ConnLabels {
-                direction: "inbound",
-                port,
-            })
-            .clone();
+        // The family, not the counter: looked up only if the request is ended (one hash and lock
+        // less for every response).
+        let ended = self.shared.metrics.requests_revoked.clone();
         async move {
             let mut seen = decided.version;
             loop {
@@ -446,7 +440,12 @@ impl Authorizer {
                             })
                             .find(|(_, d)| !d.allowed);
                         if let Some((method, decision)) = denied {
-                            ended.inc();
+                            ended
+                                .get_or_create(&crate::metrics::ConnLabels {
+                                    direction: "inbound",
+                                    port,
+                                })
+                                .inc();
                             tracing::warn!(
                                 peer = %verified.id,
                                 port,
