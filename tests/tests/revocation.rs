@@ -616,7 +616,7 @@ async fn a_revoked_peers_idle_keep_alive_connections_carry_no_request_to_the_app
         &dummy,
         B,
         SidecarSpec {
-            inbound: vec![("127.0.0.21", app, Protocol::Http)],
+            inbound: vec![("127.0.0.71", app, Protocol::Http)],
             policy: Some(format!(
                 "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
             )),
@@ -733,7 +733,7 @@ async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
         &dummy,
         B,
         SidecarSpec {
-            inbound: vec![("127.0.0.21", endless_app().await, Protocol::Http)],
+            inbound: vec![("127.0.0.72", endless_app().await, Protocol::Http)],
             policy: Some(format!(
                 "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
             )),
