@@ -123,10 +123,11 @@ async fn open_tunnel(local: std::net::SocketAddr) -> tokio::net::TcpStream {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let mut tcp = tokio::net::TcpStream::connect(local).await.unwrap();
-        tcp.write_all(b"ping").await.unwrap();
         let mut back = [0u8; 4];
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await
+        // A refused tunnel reaches us as a reset (`outbound::tcp`), maybe before the write.
+        if tcp.write_all(b"ping").await.is_ok()
+            && let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await
             && &back == b"ping"
         {
             return tcp;
