@@ -630,6 +630,21 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   bench tools and CA, alternating, twice): proxy CPU per request 67 and 80 us before, 69 and 73
   after, nginx's 84-89; this host's ratio to nginx (0.8-0.95x) is above the 0.67x of f54a2c0's run
   with either build.
+- **Sessions 33-35's hardening, and this run against session 32's** (1a99d6a; both Intel hosts,
+  dist, the PGO profile and symbol orders recorded again from this code first). Since then the
+  inbound checks every request against the bundle in force and decides `_method` in form bodies,
+  keeps each peer's chain to verify it again when the trust changes, watches every idle HTTP
+  connection's trust and policy, and wraps each response still being sent so that a narrowed
+  policy can end it. This host was slower: the direct path 198k -> 173k req/s, nginx's two halves
+  24.4 -> 28.0 us per request. meshid's two sidecars 15.5 -> 17.3 us at saturation: 0.64x -> 0.62x
+  of nginx's, about the same. The pair throughput 1.53x -> 1.45x nginx's is the median of the
+  rounds' ratios (1.44-1.55 this run; the ratio of the median rates is 1.53x). Proxy CPU per request
+  at 1,000 req/s went 0.89x -> 0.72x nginx's, with the profile recorded again (the one before was
+  bfa5677's, and the request path had changed in many functions). Memory per idle mTLS connection
+  is 11.2 -> 11.4 KiB. Last session's dist build had measured 11.9-12.0 KiB (`--scenarios memory
+  --runs 1`), grown by the per-connection trust and policy watchers. One future now watches both
+  (the boxed watcher each idle HTTP connection holds: 1,080 -> 416 bytes by `size_of_val`; the
+  release build's memory per connection 10.9-11.1 -> 10.2-10.3 KiB).
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
