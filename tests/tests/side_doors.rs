@@ -50,6 +50,20 @@ fn tcp_policy(allowed: &[&str]) -> String {
     p
 }
 
+/// Reads one request head (up to the blank line) as an app does; `None` when the connection ends
+/// first or the head passes 64 KiB.
+async fn app_read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.unwrap_or(0) == 0 || head.len() > 65536 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
+}
+
 /// An app that answers every request with the request head it received (so a test sees exactly
 /// the headers the sidecar passed on), and becomes an echo tunnel when asked for an upgrade.
 async fn head_app() -> SocketAddr {
@@ -59,14 +73,9 @@ async fn head_app() -> SocketAddr {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 loop {
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if s.read(&mut b).await.unwrap_or(0) == 0 || head.len() > 65536 {
-                            return;
-                        }
-                        head.push(b[0]);
-                    }
+                    let Some(head) = app_read_head(&mut s).await else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&head).to_lowercase();
                     if text.contains("\r\nupgrade:") {
                         let _ = s
@@ -651,16 +660,7 @@ async fn big_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
             let (open, body) = (counted.clone(), body.clone());
             open.fetch_add(1, Relaxed);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                'requests: loop {
-                    head.clear();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if s.read(&mut b).await.unwrap_or(0) == 0 {
-                            break 'requests;
-                        }
-                        head.push(b[0]);
-                    }
+                while app_read_head(&mut s).await.is_some() {
                     let reply =
                         format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
                     if s.write_all(reply.as_bytes()).await.is_err()
@@ -1382,14 +1382,9 @@ async fn stream_or_ok_app() -> SocketAddr {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 loop {
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if s.read(&mut b).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(b[0]);
-                    }
+                    let Some(head) = app_read_head(&mut s).await else {
+                        return;
+                    };
                     if !head.starts_with(b"GET /stream ") {
                         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if s.write_all(ok).await.is_err() {
