@@ -963,3 +963,105 @@ async fn outbound_connections_close_when_the_upstreams_root_leaves_the_bundle() 
         "a new request reaches the distrusted upstream"
     );
 }
+
+/// A bundle change that lands while a handshake with the upstream is under way (an upstream can
+/// hold back its answer for up to the handshake timeout) is looked at once the handshake is done:
+/// the handshake verified the upstream against the bundle it started with, which still held the
+/// upstream's root, so the connection is closed at once. Before, its revocation watch started
+/// from the bundle in force after the handshake, and never verified the chain against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ours = TestPki::new();
+    let theirs = TestPki::new();
+    let original = std::fs::read_to_string(&ours.bundle_path).unwrap();
+    replace_file(
+        &ours.bundle_path,
+        &(original.clone() + &pem(&theirs.roots()[0])),
+    );
+    // A TLS echo server under their root that holds back its handshake until released.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let upstream = {
+        let l = tokio::net::TcpListener::bind("127.0.0.69:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let w = theirs.workload(B);
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(w.chain.clone(), w.key())
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let release = release.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let (acceptor, release) = (acceptor.clone(), release.clone());
+                tokio::spawn(async move {
+                    release.notified().await;
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let mut b = [0u8; 64];
+                        while let Ok(n @ 1..) = tls.read(&mut b).await {
+                            if tls.write_all(&b[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    };
+    let us = TestSidecar::start(
+        &ours,
+        &ours.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.into(), Protocol::Tcp)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let applied = || async {
+        meshid_tests::mesh::metric(
+            &us.metrics().await,
+            "meshid_sidecar_credential_updates_total{",
+            &["result=\"applied\""],
+        )
+    };
+    let before = applied().await;
+    let mut stream = tokio::net::TcpStream::connect(us.outbound[0])
+        .await
+        .unwrap();
+    stream.write_all(b"hi").await.unwrap();
+    // The outbound is dialling (its handshake waits on the upstream): their root leaves our bundle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replace_file(&ours.bundle_path, &original);
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            applied().await > before
+        })
+        .await,
+        "the sidecar applied the bundle without their root"
+    );
+    release.notify_waiters();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the connection verified against the old bundle stays open: {rest:?}"
+    );
+    let m = us.metrics().await;
+    let port = format!("port=\"{}\"", us.outbound[0].port());
+    assert_eq!(
+        meshid_tests::mesh::metric(
+            &m,
+            "meshid_sidecar_revoked_peer_connections_closed_total{",
+            &["direction=\"outbound\"", &port],
+        ),
+        1,
+        "{m}"
+    );
+}
