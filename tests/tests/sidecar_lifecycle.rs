@@ -980,7 +980,7 @@ async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
         &(original.clone() + &pem(&theirs.roots()[0])),
     );
     // A TLS echo server under their root that holds back its handshake until released.
-    let release = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = tokio::sync::watch::channel(false);
     let upstream = {
         let l = tokio::net::TcpListener::bind("127.0.0.69:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -995,12 +995,11 @@ async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
         .unwrap();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let release = release.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
-                let (acceptor, release) = (acceptor.clone(), release.clone());
+                let (acceptor, mut released) = (acceptor.clone(), released.clone());
                 tokio::spawn(async move {
-                    release.notified().await;
+                    let _ = released.wait_for(|r| *r).await;
                     if let Ok(mut tls) = acceptor.accept(tcp).await {
                         let mut b = [0u8; 64];
                         while let Ok(n @ 1..) = tls.read(&mut b).await {
@@ -1046,7 +1045,7 @@ async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
         .await,
         "the sidecar applied the bundle without their root"
     );
-    release.notify_waiters();
+    release.send_replace(true);
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
     assert!(
