@@ -219,25 +219,15 @@ impl Authorizer {
         let (port, id) = (self.port, peer.id());
         let (method, path) = (req.method().as_str(), req.uri().path());
         let traceparent = crate::trace::traceparent(req.headers());
-        let decision_id = crate::decisions::new_id();
-        let logged = self.shared.decisions.push(
-            crate::decisions::Recorded {
-                id: decision_id.clone(),
-                at: meshid_runtime::time::unix_now(),
-                decision: "deny".to_owned(),
-                peer: id.as_str().to_owned(),
-                peer_addr: peer.addr.to_string(),
-                port,
-                method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
-                path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
-                policy_version: *self.shared.policy_changed.borrow(),
-                rule: "revoked".to_owned(),
-                explanation: format!(
-                    "deny: the trust bundle in force revokes the peer ({why}), whatever the policy \
-                     allows"
-                ),
-            },
-            std::time::Instant::now(),
+        let (decision_id, logged) = self.keep(
+            peer,
+            "deny",
+            "revoked".to_owned(),
+            (method, path),
+            format!(
+                "deny: the trust bundle in force revokes the peer ({why}), whatever the policy \
+                 allows"
+            ),
         );
         if let Some(left_out) = logged {
             tracing::warn!(peer = %id, port, rule = "revoked", revoked = %why, method, path, traceparent, decision = %decision_id, left_out, "denied");
@@ -518,26 +508,16 @@ impl Authorizer {
             tracing::debug!(peer = %id, port, rule = %decision.rule, method, path, traceparent, "allowed");
             return None;
         }
-        let decision_id = crate::decisions::new_id();
         let explanation = match policy {
             Some(p) => p.explain(port, id, request).to_string(),
             None => format!("deny: {}", decision.rule),
         };
-        let logged = self.shared.decisions.push(
-            crate::decisions::Recorded {
-                id: decision_id.clone(),
-                at: meshid_runtime::time::unix_now(),
-                decision: kind.to_owned(),
-                peer: id.as_str().to_owned(),
-                peer_addr: peer.addr.to_string(),
-                port,
-                method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
-                path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
-                policy_version: *self.shared.policy_changed.borrow(),
-                rule: decision.rule.label(),
-                explanation,
-            },
-            std::time::Instant::now(),
+        let (decision_id, logged) = self.keep(
+            peer,
+            kind,
+            decision.rule.label(),
+            (method, path),
+            explanation,
         );
         // Lines are limited per peer (see `decisions`); `left_out` counts the peer's lines not
         // written since its last one.
@@ -551,6 +531,37 @@ impl Authorizer {
             }
         }
         Some(decision_id)
+    }
+
+    /// Keeps a denial (or an audit-mode would-deny) of `peer`'s `request` (method, path) under a
+    /// new decision ID with its explanation, for `explain`; returns the ID and whether to log it
+    /// (`Some(left out since the peer's last line)`: lines are limited per peer).
+    fn keep(
+        &self,
+        peer: &Peer,
+        kind: &str,
+        rule: String,
+        (method, path): (&str, &str),
+        explanation: String,
+    ) -> (String, Option<u64>) {
+        let id = crate::decisions::new_id();
+        let logged = self.shared.decisions.push(
+            crate::decisions::Recorded {
+                id: id.clone(),
+                at: meshid_runtime::time::unix_now(),
+                decision: kind.to_owned(),
+                peer: peer.id().as_str().to_owned(),
+                peer_addr: peer.addr.to_string(),
+                port: self.port,
+                method: crate::decisions::cut(method, crate::decisions::MAX_FIELD),
+                path: crate::decisions::cut(path, crate::decisions::MAX_FIELD),
+                policy_version: *self.shared.policy_changed.borrow(),
+                rule,
+                explanation,
+            },
+            std::time::Instant::now(),
+        );
+        (id, logged)
     }
 }
 
