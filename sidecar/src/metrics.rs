@@ -187,7 +187,7 @@ impl Metrics {
         );
         r.register(
             "revoked_peer_connections_closed",
-            "Open connections closed because the trust bundle revoked their peer's certificate or identity (meshid-ca revoke)",
+            "Open connections closed because the trust bundle revoked their peer's certificate or identity (meshid-ca revoke), or no longer verifies its chain (its root or intermediate left the bundle)",
             Listed(m.revoked_peer_closes.clone()),
         );
         r.register(
