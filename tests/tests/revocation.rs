@@ -122,10 +122,11 @@ async fn call(local: std::net::SocketAddr) -> Result<u16, String> {
 async fn open_tunnel(local: std::net::SocketAddr) -> tokio::net::TcpStream {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let mut tcp = tokio::net::TcpStream::connect(local).await.unwrap();
         let mut back = [0u8; 4];
-        // A refused tunnel reaches us as a reset (`outbound::tcp`), maybe before the write.
-        if tcp.write_all(b"ping").await.is_ok()
+        // A refused tunnel reaches us as a reset (`outbound::tcp`), maybe before the write, or
+        // even before the connect is seen done (then it reports the reset).
+        if let Ok(mut tcp) = tokio::net::TcpStream::connect(local).await
+            && tcp.write_all(b"ping").await.is_ok()
             && let Ok(Ok(_)) =
                 tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut back)).await
             && &back == b"ping"

@@ -421,7 +421,12 @@ impl Authorizer {
                 let now = *changes.borrow_and_update();
                 if now != seen {
                     seen = now;
-                    if let Some(p) = policy.load().as_deref() {
+                    // A policy with no rule at all for the peer on this port is the
+                    // connection's to act on (`http_connection_revoked`: it ends gracefully,
+                    // counted once as a connection); this ends what a narrower rule denies.
+                    if let Some(p) = policy.load().as_deref()
+                        && p.decide_connection(port, &verified.id).allowed
+                    {
                         let path = decided.uri.path();
                         let denied = std::iter::once(decided.method.as_str())
                             .chain(decided.overrides.iter().map(String::as_str))
