@@ -41,6 +41,21 @@ impl Workload {
     pub fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
+
+    /// A TLS server presenting this chain (whatever it is), offering `alpn`, asking for no
+    /// client certificate: an upstream as the outbound sees it.
+    pub fn upstream_acceptor(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(self.chain.clone(), self.key())
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 /// A CA directory that mints certificates for tests.

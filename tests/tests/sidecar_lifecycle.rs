@@ -984,17 +984,7 @@ async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
     let upstream = {
         let l = tokio::net::TcpListener::bind("127.0.0.69:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let w = theirs.workload(B);
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(w.chain.clone(), w.key())
-        .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = theirs.workload(B).upstream_acceptor(&[b"h2"]);
         tokio::spawn(async move {
             while let Ok((tcp, _)) = l.accept().await {
                 let (acceptor, mut released) = (acceptor.clone(), released.clone());

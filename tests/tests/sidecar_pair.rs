@@ -3,7 +3,6 @@
 //! identity or a hostile certificate, which the outbound side refuses.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_identity::policy::Protocol;
@@ -491,27 +490,12 @@ async fn grpc_unary_and_streaming_through_a_pair() {
     assert_eq!(first.status, ServingStatus::Serving as i32);
 }
 
-/// A TLS server config presenting `workload`'s chain (whatever it is), offering `alpn`, asking
-/// for no client certificate: an upstream as the outbound sees it.
-fn upstream_acceptor(workload: &Workload, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(workload.chain.clone(), workload.key())
-    .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
-}
-
 /// A TLS upstream that presents `workload`'s chain (whatever it is) and, once a handshake
 /// completes, answers HTTP (h2 or HTTP/1.1 by ALPN) with 200 "upstream".
 async fn forged_upstream(workload: Option<Workload>) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let acceptor = workload.map(|w| upstream_acceptor(&w, &[b"h2", b"http/1.1"]));
+    let acceptor = workload.map(|w| w.upstream_acceptor(&[b"h2", b"http/1.1"]));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             let acceptor = acceptor.clone();
@@ -733,7 +717,7 @@ async fn windowless_upstream(
 ) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let acceptor = upstream_acceptor(&workload, &[b"h2"]);
+    let acceptor = workload.upstream_acceptor(&[b"h2"]);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
@@ -837,7 +821,7 @@ async fn an_upstream_streaming_past_its_certificate_expiry_is_cut_after_the_grac
 async fn endless_upstream(workload: Workload) -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let acceptor = upstream_acceptor(&workload, &[b"h2", b"http/1.1"]);
+    let acceptor = workload.upstream_acceptor(&[b"h2", b"http/1.1"]);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             let acceptor = acceptor.clone();
