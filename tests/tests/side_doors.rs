@@ -1385,6 +1385,15 @@ async fn stream_or_ok_app() -> SocketAddr {
                     let Some(head) = app_read_head(&mut s).await else {
                         return;
                     };
+                    if head.starts_with(b"GET /hold ") {
+                        // One chunk, then nothing more, the connection held open.
+                        let start =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nheld\n\r\n";
+                        if s.write_all(start).await.is_ok() {
+                            std::future::pending::<()>().await;
+                        }
+                        return;
+                    }
                     if !head.starts_with(b"GET /stream ") {
                         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                         if s.write_all(ok).await.is_err() {
@@ -1425,15 +1434,17 @@ async fn h2_body_ends_within(body: &mut hyper::body::Incoming, within: Duration)
 /// A policy change that only narrows what a peer may do (a path taken out of its rule, a rule for
 /// it left) ends its requests in flight that the new policy denies: an h2 stream on `/stream` is
 /// reset while a new request on `/other` on the same connection is answered, and an HTTP/1.1
-/// stream ends with its connection. Audit mode ends nothing. Before, only a change leaving no rule
-/// for the peer ended anything: the streams went on for as long as the app sent them.
+/// stream ends with its connection. So is a response whose app has gone quiet (`/hold`): nothing
+/// the app sends wakes it, the policy change alone must. Audit mode ends nothing. Before, only a
+/// change leaving no rule for the peer ended anything: the streams went on for as long as the app
+/// sent them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     let e = http_sidecar_for(
         "127.0.0.65",
         stream_or_ok_app().await,
         Limits::default(),
-        get_policy("enforce", "/stream, /other"),
+        get_policy("enforce", "/stream, /hold, /other"),
     )
     .await;
     let client = e.pki.workload(CLIENT);
@@ -1446,6 +1457,17 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     let resp = h2.send_request(get("/stream")).await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut streamed = resp.into_body();
+    // A response whose app sends nothing after its first chunk: nothing the app does wakes it.
+    let resp = h2.send_request(get("/hold")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut held = resp.into_body();
+    let first = http_body_util::BodyExt::frame(&mut held)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"held\n");
     let mut h1 = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
     h1.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")
         .await
@@ -1463,6 +1485,10 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
         "the h2 stream the policy no longer allows went on"
     );
     assert!(
+        h2_body_ends_within(&mut held, Duration::from_secs(10)).await,
+        "the held h2 stream the policy no longer allows went on"
+    );
+    assert!(
         stream_ends_within(&mut h1, Duration::from_secs(10)).await,
         "the HTTP/1.1 stream the policy no longer allows went on"
     );
@@ -1477,7 +1503,7 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     let m = e.sidecar.metrics().await;
     assert_eq!(
         metric(&m, "meshid_sidecar_requests_revoked_total"),
-        2.0,
+        3.0,
         "{m}"
     );
     assert_eq!(

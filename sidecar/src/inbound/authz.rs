@@ -401,16 +401,15 @@ impl Authorizer {
     /// `requests_revoked_total`; the caller then ends the response. A change that only narrows
     /// the peer's rules (a method or a path taken out) ends the requests it no longer allows,
     /// where [`Self::http_connection_revoked`] ends the connection only when no rule is left.
-    /// Audit mode never ends anything. Made per request, only while its response is sent: an idle
-    /// connection holds none of it.
+    /// Audit mode never ends anything. Made per request, only while its response waits for the
+    /// app ([`super::revocable::Revocable`]): an idle connection holds none of it.
     pub fn request_revoked(
         &self,
-        peer: &Peer,
+        verified: Arc<VerifiedPeer>,
         decided: Decided,
     ) -> impl std::future::Future<Output = ()> + Send + Sync + 'static + use<> {
         let mut changes = self.shared.policy_changed.clone();
         let policy = self.shared.policy.clone();
-        let verified = peer.verified.clone();
         let port = self.port;
         // The family, not the counter: looked up only if the request is ended (one hash and lock
         // less for every response).

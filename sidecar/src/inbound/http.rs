@@ -47,6 +47,10 @@ pub struct InboundHttp {
 }
 
 impl InboundHttp {
+    pub fn authz(&self) -> &Authorizer {
+        &self.authz
+    }
+
     pub fn new(spec: &Inbound, shared: &Shared, authz: Authorizer) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -252,7 +256,7 @@ impl PeerHeaders {
 async fn inbound_request(
     mut req: Request<ReqBody>,
     conn: &Conn,
-    http: &InboundHttp,
+    http: &Arc<InboundHttp>,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, http.authz.shared());
     if let Err(denied) = http.authz.not_revoked(peer, &req) {
@@ -426,8 +430,10 @@ async fn inbound_request(
     let resp = if resp.status() != StatusCode::SWITCHING_PROTOCOLS
         && !hyper::body::Body::is_end_stream(resp.body())
     {
-        let revoked = http.authz.request_revoked(peer, decided);
-        resp.map(|body| super::revocable::Revocable::new(body, revoked).boxed())
+        resp.map(|body| {
+            super::revocable::Revocable::new(body, http.clone(), peer.verified.clone(), decided)
+                .boxed()
+        })
     } else {
         resp
     };
