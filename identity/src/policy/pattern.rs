@@ -44,6 +44,9 @@ pub(super) struct IdPattern {
     text: String,
     trust_domain: String,
     segments: Vec<Segment>,
+    /// The ID itself when no segment is `*`: matched as one string (every request is matched
+    /// against the rules, and most rules name one ID).
+    exact: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +88,17 @@ impl IdPattern {
             text: text.to_owned(),
             trust_domain: id.trust_domain_name().to_owned(),
             segments,
+            exact: wildcards.is_empty().then(|| id.as_str().to_owned()),
         })
     }
 
     /// Same trust domain, same number of segments, and every non-`*` segment equal (byte-exact).
     pub(super) fn matches(&self, id: &SpiffeId) -> bool {
+        // With no `*`, that is the same string: `spiffe://`, the trust domain (no '/' in it),
+        // then the segments, each after one '/'.
+        if let Some(exact) = &self.exact {
+            return id.as_str() == exact;
+        }
         if id.trust_domain_name() != self.trust_domain {
             return false;
         }
@@ -214,6 +223,12 @@ impl PathPattern {
 /// than the one matched here.
 pub(super) fn is_safe_path(path: &str) -> bool {
     let bytes = path.as_bytes();
+    is_plain_path(bytes) || is_safe_path_in_full(path)
+}
+
+/// [`is_safe_path`] without its shortcut for plain paths.
+fn is_safe_path_in_full(path: &str) -> bool {
+    let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') || path.contains("//") || path.contains(['\\', '\0']) {
         return false;
     }
@@ -224,6 +239,29 @@ pub(super) fn is_safe_path(path: &str) -> bool {
         let name = segment.split(';').next().unwrap_or(segment);
         name == "." || name == ".."
     })
+}
+
+/// The common case, settled in one pass: a '/' first, then only letters, digits, `-`, `_`, `~`
+/// and single '/'s. With no '.', no '%', no '\\', no control or non-ASCII byte and no empty
+/// segment, none of [`is_safe_path`]'s refusals can apply.
+fn is_plain_path(bytes: &[u8]) -> bool {
+    let [b'/', rest @ ..] = bytes else {
+        return false;
+    };
+    let mut after_slash = true;
+    for &b in rest {
+        if b == b'/' {
+            if after_slash {
+                return false;
+            }
+            after_slash = true;
+        } else if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') {
+            after_slash = false;
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// Characters that an app's Unicode normalisation (NFKC) or a Windows "best fit" conversion to a
@@ -356,10 +394,50 @@ mod tests {
             ("spiffe://td/*", "spiffe://td/a/b", false),
             ("spiffe://td/*/*", "spiffe://td/a/b", true),
             ("spiffe://td/*/*", "spiffe://td/a", false),
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/bc", false),
+            ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sab", false),
+            ("spiffe://td/a", "spiffe://t/d/a", false),
         ];
         for (pattern, peer, expected) in cases {
             let matches = IdPattern::parse(pattern).unwrap().matches(&id(peer));
             assert_eq!(matches, expected, "{pattern} vs {peer}");
+        }
+    }
+
+    #[test]
+    fn a_plain_path_is_one_the_full_check_finds_safe() {
+        // Every path of up to five bytes over an alphabet with the bytes that matter.
+        let alphabet = b"/a-_~.%2e;\\";
+        let mut paths = vec![String::new()];
+        let mut plain = 0;
+        for _ in 0..5 {
+            paths = paths
+                .iter()
+                .flat_map(|p| alphabet.iter().map(move |&b| format!("{p}{}", b as char)))
+                .collect();
+            for path in &paths {
+                if is_plain_path(path.as_bytes()) {
+                    plain += 1;
+                    assert!(is_safe_path_in_full(path), "{path:?}");
+                }
+            }
+        }
+        assert!(plain > 100, "only {plain} plain paths were tried");
+        for unsafe_path in [
+            "//",
+            "/a//b",
+            "/.",
+            "/a/..",
+            "/%2e",
+            "a",
+            "",
+            "/a\\b",
+            "/\u{ff0e}",
+        ] {
+            assert!(!is_plain_path(unsafe_path.as_bytes()), "{unsafe_path:?}");
+        }
+        for plain_path in ["/", "/api/v1/users/42", "/a-b_c~d/"] {
+            assert!(is_plain_path(plain_path.as_bytes()), "{plain_path:?}");
         }
     }
 
