@@ -483,6 +483,28 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Drops every `x-meshid-*` header from an app's response. Those are the sidecars' own words (why
+/// a request was refused, the decision's ID): a caller that reads one must be able to trust that a
+/// sidecar wrote it, not an app imitating a denial.
+pub(crate) fn strip_sidecar_headers(headers: &mut http::HeaderMap) {
+    const PREFIX: &str = "x-meshid-";
+    let ours = |name: &HeaderName| name.as_str().starts_with(PREFIX);
+    // Nearly every response has none: look before collecting.
+    if headers.keys().any(ours) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| ours(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether a request carries more than one `Host` line. A server answers such a request 400
+/// (RFC 9112, section 3.2): the hops after us and the app may each read a different one.
+pub(crate) fn has_several_hosts(headers: &http::HeaderMap) -> bool {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    hosts.next().is_some() && hosts.next().is_some()
+}
+
 pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)

@@ -1071,6 +1071,21 @@ async fn outbound_refuses_a_host_that_is_not_an_authority() {
             "{host}: {out}"
         );
     }
+    // A valid Host with a second one after it: the second would reach the upstream unchecked.
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(
+        b"GET /path HTTP/1.1\r\nHost: backend\r\nHost: evil.example/admin?x=@y\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains("x-meshid-reason: more than one host header"),
+        "{out}"
+    );
     // A valid Host gets past the check (and fails only at the unreachable upstream).
     let mut tcp = TcpStream::connect(local).await.unwrap();
     tcp.write_all(b"GET /path HTTP/1.1\r\nHost: backend:8080\r\nConnection: close\r\n\r\n")

@@ -627,6 +627,66 @@ async fn http1_connection(e: &Env) -> tokio_rustls::client::TlsStream<tokio::net
     mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap()
 }
 
+/// Only the sidecar speaks `x-meshid-*` to a caller: an app that answers with its own
+/// `x-meshid-reason` and `x-meshid-decision` (a 403 dressed as a sidecar's denial) reaches the caller
+/// without them. And a request with two `Host` lines is refused (400) before it reaches the app,
+/// which could read another one than the hops before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_own_headers_come_from_the_sidecar_alone() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = l.local_addr().unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 403 Forbidden\r\nx-meshid-reason: the sidecar says no\r\n\
+                          X-Meshid-Decision: d-forged\r\nx-app: kept\r\ncontent-length: 2\r\n\
+                          connection: close\r\n\r\nno",
+                    )
+                    .await;
+            });
+        }
+    });
+    let e = env(Limits::default(), app).await;
+    let client = client_of(&e);
+    for h2 in [false, true] {
+        let (status, headers, body) = e.call(&client, h2, get("/api/x", &[])).await.unwrap();
+        assert_eq!((status, body.as_str()), (403, "no"), "h2: {h2}");
+        assert_eq!(headers.get("x-app").unwrap(), "kept", "h2: {h2}");
+        assert!(
+            !headers.keys().any(|k| k.as_str().starts_with("x-meshid-")),
+            "h2: {h2}: {headers:?}"
+        );
+    }
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    let mut tls = http1_connection(&e).await;
+    tls.write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\nHost: admin.internal\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_response(&mut tls, &mut Vec::new()).await.unwrap();
+    assert_eq!(status, 400, "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("x-meshid-reason: more than one host header"),
+        "{head}"
+    );
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 /// A quiet HTTP/1.1 keep-alive connection gives hyper's buffers back and waits on its socket alone;
 /// nothing a client can do on it tells the difference: the next request, pipelined requests, a
 /// request body or head that arrives in pieces across the quiet period, a slow response, shutdown.

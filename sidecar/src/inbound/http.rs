@@ -262,6 +262,12 @@ async fn inbound_request(
     if let Err(denied) = http.authz.not_revoked(peer, &req) {
         return *denied;
     }
+    if crate::http::has_several_hosts(req.headers()) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "more than one Host header: the app could read another one than the next hop".into(),
+        );
+    }
     // Read before the request is decided: a policy change after this is decided again while the
     // response is in flight (see `Revocable`).
     let version = *shared.policy_changed.borrow();
@@ -423,7 +429,10 @@ async fn inbound_request(
                 format!("the app is unreachable: {error}"),
             );
         }
-        Ok(Ok(resp)) => resp,
+        Ok(Ok(mut resp)) => {
+            crate::http::strip_sidecar_headers(resp.headers_mut());
+            resp
+        }
     };
     // A response still to come (not an upgrade: its tunnel is ended by its own watch) ends when a
     // policy change no longer allows the request.

@@ -77,11 +77,15 @@ pub async fn serve_outbound<IO>(
 
 /// The authority the upstream sees: the request's `Host` (or its URI's authority, or the upstream's
 /// address), which must be a plain `host[:port]`. Anything else (a `/`, `?`, `#` or `@` in it, say)
-/// would change the path or the credentials the upstream reads, so it is refused.
+/// would change the path or the credentials the upstream reads, so it is refused, as is a second
+/// `Host` (checked or not, it would reach the upstream too).
 fn upstream_authority(
     req: &Request<ReqBody>,
     remote: &str,
 ) -> Result<http::uri::Authority, String> {
+    if crate::http::has_several_hosts(req.headers()) {
+        return Err("more than one Host header: expected one host[:port]".into());
+    }
     let raw: &[u8] = match req.headers().get(header::HOST) {
         Some(host) => host.as_bytes(),
         None => match req.uri().authority() {
