@@ -116,6 +116,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Serve(args) => {
             let config = args.into_config().map_err(Failure::Usage)?;
+            // Every connected sidecar holds a bundle stream: one file each.
+            meshid_runtime::process::raise_open_files_limit_logged();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -26,7 +26,10 @@ fn main() -> ExitCode {
         tracing::warn!("{warning}");
     }
     match args.into_startup() {
-        Ok(startup) => startup.run(),
+        Ok(startup) => {
+            meshid_runtime::process::raise_open_files_limit_logged();
+            startup.run()
+        }
         Err(problems) => {
             eprintln!("meshid-injector: invalid configuration:");
             for p in problems {

@@ -95,6 +95,62 @@ pub async fn wait_for_signal() -> std::io::Result<()> {
     Ok(())
 }
 
+/// This process's limit on open files, after [`raise_open_files_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    /// The soft limit the process started with (`None`: unlimited).
+    pub before: Option<u64>,
+    /// The soft limit now.
+    pub now: Option<u64>,
+}
+
+/// Raises this process's soft limit on open files (`RLIMIT_NOFILE`) to its hard limit, as Go's
+/// runtime does at start. Every connection is a file: under a soft limit of 1,024 (systemd's
+/// default for services) a busy sidecar would fail to accept, to dial its upstreams and to reach
+/// its CA for renewals long before its own connection caps; meshid never uses `select(2)`, the
+/// reason the soft limit is kept low by default. Needs no privilege. On failure the limit stays
+/// as it was.
+pub fn raise_open_files_limit() -> std::io::Result<OpenFiles> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        setrlimit(Resource::Nofile, raised)?;
+    }
+    Ok(OpenFiles {
+        before,
+        now: getrlimit(Resource::Nofile).current,
+    })
+}
+
+/// [`raise_open_files_limit`], logged: the limit raised (info), or why it could not be (warning).
+/// Returns the soft limit in force (`None`: unlimited).
+pub fn raise_open_files_limit_logged() -> Option<u64> {
+    match raise_open_files_limit() {
+        Ok(OpenFiles { before, now }) => {
+            if before != now {
+                let shown =
+                    |n: Option<u64>| n.map_or_else(|| "unlimited".into(), |n| n.to_string());
+                tracing::info!(
+                    before = %shown(before),
+                    now = %shown(now),
+                    "raised the open files limit (RLIMIT_NOFILE) to its hard limit"
+                );
+            }
+            now
+        }
+        Err(error) => {
+            let now = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+            tracing::warn!(%error, ?now, "could not raise the open files limit (RLIMIT_NOFILE)");
+            now
+        }
+    }
+}
+
 /// Exit code for a bad configuration (EX_USAGE): every binary names every bad setting, then exits
 /// with it.
 pub const EXIT_USAGE: u8 = 64;
@@ -102,6 +158,30 @@ pub const EXIT_USAGE: u8 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Started under a low soft limit (as under systemd), the process may open as many files as
+    /// its hard limit allows. (nextest runs each test in a process of its own.)
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_one() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        let low = hard.map_or(256, |h| h.min(256));
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(low),
+                maximum: hard,
+            },
+        )
+        .unwrap();
+        let raised = raise_open_files_limit().unwrap();
+        assert_eq!(raised.before, Some(low));
+        assert_eq!(raised.now, hard);
+        assert_eq!(getrlimit(Resource::Nofile).current, hard);
+        // Again: nothing to raise, nothing changes.
+        let again = raise_open_files_limit().unwrap();
+        assert_eq!((again.before, again.now), (hard, hard));
+    }
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]

@@ -42,6 +42,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Every connection is a file: a soft limit below the connection caps would fail accepts, dials
+    // and renewals first.
+    let files = meshid_runtime::process::raise_open_files_limit_logged();
+    let listeners = config.inbound.len() + config.outbound.len();
+    let caps = listeners.saturating_mul(config.limits.max_connections) as u64;
+    if let Some(files) = files
+        && caps > files
+    {
+        tracing::warn!(
+            open_files = files,
+            connection_caps = caps,
+            "the listeners' connection caps (--max-connections for each) add up to more than \
+             the open files limit: under that load accepts, dials and renewals fail first"
+        );
+    }
     let rt = match runtime_builder().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -181,6 +181,49 @@ fn an_old_environment_name_still_works_with_a_warning() {
     );
 }
 
+/// Started under a low soft limit on open files (systemd's default for services is 1,024), the
+/// sidecar raises it to the hard limit before anything else, and says when its listeners'
+/// connection caps add up to more than that. (Its credentials here are junk: it stops right after.)
+#[test]
+fn a_low_open_files_limit_is_raised_at_start() {
+    let hard: u64 = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .expect("a numeric hard limit on open files");
+    assert!(hard > 256, "hard limit {hard}");
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "junk\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let caps = (hard + 1).to_string();
+    let (code, out) = output(
+        Command::new("bash")
+            .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+            .arg(workspace_bin("meshid-sidecar"))
+            .args(["run", "--outbound", "127.0.0.1:9001=b:80,spiffe://td/b"])
+            .args(["--cert", junk, "--key", junk, "--bundle", junk])
+            .args(["--max-connections", &caps])
+            .env("MESHID_LOG", "info")
+            .env("NO_COLOR", "1"),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "raised the open files limit (RLIMIT_NOFILE) to its hard limit before=256 now={hard}"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "add up to more than the open files limit: under that load accepts, dials and \
+             renewals fail first open_files={hard} connection_caps={caps}"
+        )),
+        "{out}"
+    );
+}
+
 /// Every process whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
