@@ -1094,6 +1094,23 @@ async fn outbound_refuses_a_host_that_is_not_an_authority() {
     let mut out = String::new();
     tcp.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    // The listener keeps the last valid Host it checked: one that differs is checked afresh.
+    for host in ["backend:8080/admin", "backend:8080"] {
+        let mut tcp = TcpStream::connect(local).await.unwrap();
+        tcp.write_all(
+            format!("GET /path HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        let want = if host.contains('/') {
+            "HTTP/1.1 400"
+        } else {
+            "HTTP/1.1 502"
+        };
+        assert!(out.starts_with(want), "{host}: {out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,9 @@ pub struct OutboundHttp {
     /// Requests of this listener waiting for their response head.
     pub(crate) in_flight: AtomicUsize,
     pub(crate) pace: Pace,
+    /// The last `Host` checked and its authority: an app names its upstream the same way in
+    /// nearly every request, so most requests compare bytes instead of parsing and copying them.
+    pub(crate) last_host: std::sync::Mutex<Option<(HeaderValue, http::uri::Authority)>>,
 }
 
 /// Counts a request among its listener's [`OutboundHttp::in_flight`] until dropped.
@@ -81,19 +84,27 @@ pub async fn serve_outbound<IO>(
 /// `Host` (checked or not, it would reach the upstream too).
 fn upstream_authority(
     req: &Request<ReqBody>,
-    remote: &str,
+    out: &OutboundHttp,
 ) -> Result<http::uri::Authority, String> {
     if crate::http::has_several_hosts(req.headers()) {
         return Err("more than one Host header: expected one host[:port]".into());
     }
-    let raw: &[u8] = match req.headers().get(header::HOST) {
-        Some(host) => host.as_bytes(),
-        None => match req.uri().authority() {
+    let Some(host) = req.headers().get(header::HOST) else {
+        let raw = match req.uri().authority() {
             Some(a) => a.as_str().as_bytes(),
-            None => remote.as_bytes(),
-        },
+            None => out.remote.as_bytes(),
+        };
+        return parse_authority(raw);
     };
-    parse_authority(raw)
+    let mut last = out.last_host.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((seen, authority)) = &*last
+        && seen == host
+    {
+        return Ok(authority.clone());
+    }
+    let authority = parse_authority(host.as_bytes())?;
+    *last = Some((host.clone(), authority.clone()));
+    Ok(authority)
 }
 
 fn parse_authority(raw: &[u8]) -> Result<http::uri::Authority, String> {
@@ -127,7 +138,7 @@ async fn outbound_request(
     let others = out.in_flight.fetch_add(1, Ordering::AcqRel);
     let _in_flight = InFlight(&out.in_flight);
     let h1 = out.pace.quiet(others) && super::h1::suits(&req);
-    let authority = match upstream_authority(&req, &out.remote) {
+    let authority = match upstream_authority(&req, out) {
         Ok(a) => a,
         Err(reason) => {
             return reply(StatusCode::BAD_REQUEST, reason);

@@ -40,6 +40,7 @@ pub async fn serve(
             h1: h1::pool(Arc::new(spec.clone()), index, shared.clone()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             pace: h1::Pace::new(),
+            last_host: std::sync::Mutex::new(None),
         })
     });
     // The upstream's verified identity is the expected one (the handshake refuses any other), so
