@@ -27,8 +27,9 @@ pub const MAX_AUDIENCES: usize = 8;
 pub const MAX_AUDIENCE_LEN: usize = 256;
 /// The longest token [`verify`] reads (ours are under 1 KiB).
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
-/// How far `iat` and `nbf` may be in the future, for clocks slightly apart.
-pub const MAX_SKEW_SECS: i64 = 30;
+/// How far `iat` and `nbf` may be in the future, for clocks apart: as far as the CA backdates the
+/// certificates it signs (5 minutes), so that a skew X.509-SVIDs survive does not refuse JWT-SVIDs.
+pub const MAX_SKEW_SECS: i64 = 300;
 
 /// Why a token, a key or an audience was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -393,6 +394,12 @@ mod tests {
         }
         assert!(verify(&t, "other", &keys, &td(), 1100).is_err());
         assert!(verify(&t, "", &keys, &td(), 1100).is_err());
+        // A validator whose clock is behind the CA's: up to 5 minutes, as X.509-SVIDs are
+        // backdated (it was 30 s, and a 2-minute skew refused fresh tokens).
+        verify(&t, "db", &keys, &td(), 1000 - 120).unwrap();
+        verify(&t, "db", &keys, &td(), 1000 - 300).unwrap();
+        let e = verify(&t, "db", &keys, &td(), 1000 - 301).unwrap_err();
+        assert!(e.0.contains("iat is 301 s ahead"), "{e}");
         // Expired; from another trust domain's point of view.
         assert!(verify(&t, "db", &keys, &td(), 1300).is_err());
         let other = TrustDomain::new("other.org").unwrap();

@@ -28,8 +28,13 @@ const KEYS_WAIT: Duration = Duration::from_secs(5);
 pub struct JwtSvid {
     pub id: SpiffeId,
     pub token: String,
+    /// As the CA's clock had them.
     pub iat: i64,
     pub exp: i64,
+    /// When it arrived, by this host's clock: its age is counted from here, so a skew between this
+    /// host and the CA neither hands out a token past the end of its life nor has every call
+    /// fetch a new one (the CA's `iat` compared with this clock would be off by the skew).
+    pub received: i64,
 }
 
 impl std::fmt::Debug for JwtSvid {
@@ -42,10 +47,28 @@ impl std::fmt::Debug for JwtSvid {
 }
 
 impl JwtSvid {
-    /// Still good to hand out at `now`: less than half its life gone (so the app holds it for a
-    /// while yet) and not expired.
+    /// Still good to hand out again at `now` (this host's clock): less than half its life gone
+    /// since it arrived, so the app holds it for a while yet. A clock stepped back since then
+    /// (`now` before `received`) makes its age unknown: not fresh.
     fn fresh_at(&self, now: i64) -> bool {
-        now < self.exp && now - self.iat < (self.exp - self.iat) / 2
+        let age = now - self.received;
+        age >= 0 && age < self.life() / 2
+    }
+
+    /// Its whole life has passed since it arrived, by this host's clock (or that clock stepped
+    /// back past its arrival).
+    pub fn expired_at(&self, now: i64) -> bool {
+        let age = now - self.received;
+        age < 0 || age >= self.life()
+    }
+
+    /// When it ends by this host's clock.
+    fn ends(&self) -> i64 {
+        self.received.saturating_add(self.life())
+    }
+
+    fn life(&self) -> i64 {
+        self.exp.saturating_sub(self.iat).max(0)
     }
 }
 
@@ -138,14 +161,15 @@ impl JwtSvids {
             token: resp.token,
             iat: resp.issued_at_unix,
             exp: resp.expires_at_unix,
+            received: unix_now(),
         };
         let mut cache = self.cache();
         let now = unix_now();
-        cache.retain(|_, s| s.exp > now);
+        cache.retain(|_, s| !s.expired_at(now));
         if cache.len() >= MAX_CACHED
             && let Some(oldest) = cache
                 .iter()
-                .min_by_key(|(_, s)| s.exp)
+                .min_by_key(|(_, s)| s.ends())
                 .map(|(k, _)| k.clone())
         {
             cache.remove(&oldest);
@@ -159,18 +183,45 @@ impl JwtSvids {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_token_is_handed_out_again_only_in_the_first_half_of_its_life() {
-        let svid = JwtSvid {
+    fn svid(iat: i64, exp: i64, received: i64) -> JwtSvid {
+        JwtSvid {
             id: SpiffeId::parse("spiffe://example.org/a").unwrap(),
             token: String::new(),
-            iat: 1000,
-            exp: 1300,
-        };
+            iat,
+            exp,
+            received,
+        }
+    }
+
+    #[test]
+    fn a_token_is_handed_out_again_only_in_the_first_half_of_its_life() {
+        let svid = svid(1000, 1300, 1000);
         assert!(svid.fresh_at(1000));
         assert!(svid.fresh_at(1149));
         assert!(!svid.fresh_at(1150));
         assert!(!svid.fresh_at(1300));
         assert!(!svid.fresh_at(2000));
+        assert!(!svid.expired_at(1299));
+        assert!(svid.expired_at(1300));
+    }
+
+    /// A host whose clock is 200 s ahead of the CA's (or 200 s behind) counts a token's life from
+    /// its arrival: it is handed out again for half its life and ends after all of it. Before,
+    /// 200 s ahead never reused a token (every call went to the CA, into its rate limit) and 300 s
+    /// ahead refused every token as expired at once.
+    #[test]
+    fn a_token_lives_its_life_whatever_the_skew_to_the_ca() {
+        for skew in [-200, 200, 400] {
+            let svid = svid(1000, 1300, 1000 + skew);
+            let now = 1000 + skew;
+            assert!(svid.fresh_at(now + 100), "skew {skew}");
+            assert!(!svid.fresh_at(now + 150), "skew {skew}");
+            assert!(!svid.expired_at(now + 299), "skew {skew}");
+            assert!(svid.expired_at(now + 300), "skew {skew}");
+        }
+        // This host's clock stepped back past the token's arrival: its age is unknown.
+        let svid = svid(1000, 1300, 1000);
+        assert!(!svid.fresh_at(990));
+        assert!(svid.expired_at(990));
     }
 }

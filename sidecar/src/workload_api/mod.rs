@@ -438,7 +438,7 @@ impl WorkloadApi {
                 Status::unavailable(format!("the CA did not issue a JWT-SVID: {e}"))
             }
         })?;
-        if svid.exp <= unix_now() {
+        if svid.expired_at(unix_now()) {
             return Err(Status::unavailable("the JWT-SVID at hand has expired"));
         }
         Ok(Response::new(JwtsvidResponse {
