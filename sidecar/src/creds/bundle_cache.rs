@@ -45,17 +45,30 @@ pub fn load(path: &Path) -> Vec<CertificateDer<'static>> {
             return Vec::new();
         }
     };
-    match CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>() {
+    match parse(&pem) {
         Ok(roots) => roots,
-        Err(error) => {
-            tracing::warn!(%error, path = %path.display(), "trust bundle cache is not PEM certificates; using the configured CA roots alone");
+        Err(problem) => {
+            tracing::warn!(path = %path.display(), "trust bundle cache {problem}; using the configured CA roots alone");
             Vec::new()
         }
     }
 }
 
-/// Writes `roots` to `path` whole: a temporary file beside it, renamed over it.
+/// The roots in a cache file's bytes, or what is wrong with them. A file that is there holds at
+/// least one root ([`save`] never writes none): an empty one was cut short (a crash before its
+/// data reached the disk), which is said rather than read as "no roots".
+fn parse(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    match CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>() {
+        Ok(roots) if roots.is_empty() => Err("holds no certificate (cut short?)".into()),
+        Ok(roots) => Ok(roots),
+        Err(error) => Err(format!("is not PEM certificates: {error}")),
+    }
+}
+
+/// Writes `roots` to `path` whole and durably: a temporary file beside it, flushed to the disk,
+/// renamed over it, and the rename flushed too (a crash leaves the old file or the new one).
 pub fn save(path: &Path, roots: &[CertificateDer<'_>]) -> std::io::Result<()> {
+    use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -63,8 +76,15 @@ pub fn save(path: &Path, roots: &[CertificateDer<'_>]) -> std::io::Result<()> {
         .iter()
         .map(|r| meshid_identity::pem::pem_cert(r))
         .collect();
-    std::fs::write(&tmp, pem)?;
-    std::fs::rename(&tmp, path)
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(pem.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Keeps the cache at `path` equal to the roots in `store`, rewriting it whenever they change,
@@ -106,6 +126,15 @@ mod tests {
             .push(rcgen::DnType::CommonName, name);
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_cache_cut_short_is_said_so() {
+        assert!(parse(b"").unwrap_err().contains("no certificate"));
+        assert!(parse(b"\n\n").unwrap_err().contains("no certificate"));
+        let pem = meshid_identity::pem::pem_cert(&root("r"));
+        assert!(parse(&pem.as_bytes()[..40]).is_err());
+        assert_eq!(parse(pem.as_bytes()).unwrap().len(), 1);
     }
 
     #[test]
