@@ -21,6 +21,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -40,6 +41,9 @@ use crate::http::{Body, BoxError};
 const READ_SIZE: usize = 8 * 1024;
 /// At most this many idle connections are kept per pool; more are closed.
 pub const MAX_IDLE: usize = 512;
+/// The error of [`Bare::request`] when the pool's cap on connections carrying an exchange
+/// ([`Bare::capped`]) is reached: nothing was sent, the request can go another way.
+pub(crate) const BUSY: &str = "every connection the pool may use is carrying an exchange";
 
 /// A connection a pool can carry exchanges on.
 pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
@@ -102,6 +106,19 @@ pub(crate) struct Bare<D: Dial> {
     idle_timeout: Duration,
     /// Idle connections and when each went idle, the most recently used last.
     idle: Mutex<Vec<(Held<D::Wire>, Instant)>>,
+    /// Connections carrying an exchange (from the request until its response body has been read
+    /// to its end or dropped), and the most there may be; counted only when capped.
+    busy: Arc<AtomicUsize>,
+    max_busy: usize,
+}
+
+/// One of a capped pool's connections counted as carrying an exchange, until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A connection as it is held and moved.
@@ -118,11 +135,38 @@ pub(crate) fn suits<B: HttpBody>(req: &Request<B>) -> bool {
 
 impl<D: Dial> Bare<D> {
     pub(crate) fn new(dialer: D, idle_timeout: Duration) -> Arc<Self> {
+        Self::capped(dialer, idle_timeout, usize::MAX)
+    }
+
+    /// A pool with at most `max_busy` connections carrying an exchange at once (a response the
+    /// client does not read holds its connection): past it, [`Bare::request`] answers [`BUSY`]
+    /// without dialing. `usize::MAX`: no cap, nothing counted.
+    pub(crate) fn capped(dialer: D, idle_timeout: Duration, max_busy: usize) -> Arc<Self> {
         Arc::new(Self {
             dialer,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
+            busy: Arc::new(AtomicUsize::new(0)),
+            max_busy,
         })
+    }
+
+    /// Counts one more connection carrying an exchange; `Err` when the cap is reached.
+    fn reserve(&self) -> Result<Option<Busy>, String> {
+        if self.max_busy == usize::MAX {
+            return Ok(None);
+        }
+        if self.busy.fetch_add(1, Ordering::AcqRel) >= self.max_busy {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            return Err(BUSY.to_owned());
+        }
+        Ok(Some(Busy(self.busy.clone())))
+    }
+
+    /// Connections carrying an exchange now (counted only when capped).
+    #[cfg(test)]
+    fn busy_count(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
     }
 
     /// Its dialer.
@@ -131,11 +175,13 @@ impl<D: Dial> Bare<D> {
     }
 
     /// Sends the bodiless request `head` (origin-form target, `Host` set) on an idle connection
-    /// or a new one. The response body puts the connection back once read to its end.
+    /// or a new one. The response body puts the connection back once read to its end. [`BUSY`]
+    /// when the pool is capped and that many connections are carrying exchanges.
     pub(crate) async fn request(
         self: &Arc<Self>,
         head: &http::request::Parts,
     ) -> Result<Response<Body>, String> {
+        let busy = self.reserve()?;
         let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut wire = Vec::new();
         h1::write_request_head(&mut wire, &head.method, target, &head.headers);
@@ -156,7 +202,7 @@ impl<D: Dial> Bare<D> {
                 return Err(e.to_string());
             }
             match read_head::<D>(&mut conn, &head.method).await? {
-                Some(head) => return Ok(self.respond(conn, head)),
+                Some(head) => return Ok(self.respond(conn, head, busy)),
                 None if pooled && head.method.is_idempotent() => {
                     tracing::debug!(peer = %self.dialer, "connection closed unanswered; the request again on another one");
                 }
@@ -170,12 +216,18 @@ impl<D: Dial> Bare<D> {
         }
     }
 
-    fn respond(self: &Arc<Self>, conn: Held<D::Wire>, head: ResponseHead) -> Response<Body> {
+    fn respond(
+        self: &Arc<Self>,
+        conn: Held<D::Wire>,
+        head: ResponseHead,
+        busy: Option<Busy>,
+    ) -> Response<Body> {
         let mut body = BareBody {
             conn: Some(conn),
             decoder: BodyDecoder::new(head.framing),
             keep_alive: head.keep_alive,
             pool: Arc::downgrade(self),
+            busy,
         };
         if body.decoder.is_end() {
             body.finish();
@@ -322,6 +374,8 @@ struct BareBody<D: Dial> {
     decoder: BodyDecoder,
     keep_alive: bool,
     pool: Weak<Bare<D>>,
+    /// Counts the connection as carrying an exchange (capped pools) until the body ends.
+    busy: Option<Busy>,
 }
 
 impl<D: Dial> BareBody<D> {
@@ -334,10 +388,12 @@ impl<D: Dial> BareBody<D> {
         {
             pool.check_in(conn);
         }
+        self.busy = None;
     }
 
     fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.conn = None;
+        self.busy = None;
         Poll::Ready(Some(Err(error.into())))
     }
 }
@@ -787,5 +843,43 @@ mod tests {
             .headers_mut()
             .insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         assert!(!suits(&chunked));
+    }
+
+    #[tokio::test]
+    async fn a_capped_pool_dials_no_connection_past_its_busy_ones_until_one_is_let_go() {
+        const UNFINISHED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello";
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, seen) = app(vec![
+            vec![Step::Reply(UNFINISHED)],
+            vec![Step::Reply(UNFINISHED)],
+            vec![Step::Reply(OK)],
+        ])
+        .await;
+        let dial = TcpDial {
+            target: addr,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let bare = Bare::capped(dial, Duration::from_secs(60), 2);
+        // Two responses whose client reads none of their bodies hold both connections.
+        let first = bare.request(&head(Method::GET, "/")).await.unwrap();
+        let second = bare.request(&head(Method::GET, "/")).await.unwrap();
+        assert_eq!(bare.busy_count(), 2);
+        let third = bare.request(&head(Method::GET, "/")).await;
+        assert_eq!(third.err().as_deref(), Some(BUSY));
+        assert_eq!(
+            seen.lock().unwrap().connections,
+            2,
+            "no third connection dialed"
+        );
+        // One given up (its connection closed with it): room for one more.
+        drop(first);
+        assert_eq!(bare.busy_count(), 1);
+        let third = bare.request(&head(Method::GET, "/")).await.unwrap();
+        assert_eq!(read(third).await.unwrap().0, "ok");
+        // Read to its end, a response lets its connection go back, no longer counted.
+        assert_eq!(bare.busy_count(), 1);
+        assert_eq!(bare.idle_count(), 1);
+        drop(second);
+        assert_eq!(bare.busy_count(), 0);
     }
 }

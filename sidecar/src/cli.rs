@@ -292,6 +292,15 @@ pub struct RunArgs {
     /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
     #[arg(long, env = "MESHID_SIDECAR_MAX_HEADER_BYTES", default_value = "16384")]
     pub max_header_bytes: String,
+    /// Most pooled HTTP/1.1 connections to one upstream carrying a request at once (a response
+    /// the app does not read holds its connection); past it requests go over h2. Keep it well
+    /// below the upstreams' --max-connections-per-peer, which counts all our connections.
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_MAX_UPSTREAM_HTTP1_CONNECTIONS",
+        default_value = "64"
+    )]
+    pub max_upstream_http1_connections: String,
     /// Time the app (or upstream) has to answer with response headers.
     #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
@@ -441,6 +450,17 @@ impl RunArgs {
                 0
             }
         };
+        let mut at_least_one = |flag: &str, value: &str| match value.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                problems.push(format!("--{flag}: must be a number of at least 1"));
+                0
+            }
+        };
+        let max_upstream_http1_connections = at_least_one(
+            "max-upstream-http1-connections",
+            &self.max_upstream_http1_connections,
+        );
         Limits {
             handshake_timeout,
             idle_timeout,
@@ -452,6 +472,7 @@ impl RunArgs {
             grace,
             cap_connection_age: !self.no_connection_age_cap,
             upstream_ping: Limits::default().upstream_ping,
+            max_upstream_http1_connections,
         }
     }
 

@@ -62,6 +62,11 @@ pub struct Limits {
     /// FIN or RST stops holding requests until their timeout. A pooled HTTP/1.1 connection to an
     /// upstream idle for longer than this is not used again (`outbound::h1`).
     pub upstream_ping: Duration,
+    /// Most pooled HTTP/1.1 connections to one upstream carrying an exchange at once
+    /// (`--max-upstream-http1-connections`); past it requests go over h2. A response the app does
+    /// not read holds its connection, and the upstream caps our connections (its
+    /// `max_connections_per_peer`).
+    pub max_upstream_http1_connections: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +82,7 @@ impl Default for Limits {
             grace: Duration::from_secs(20),
             cap_connection_age: true,
             upstream_ping: Duration::from_secs(30),
+            max_upstream_http1_connections: 64,
         }
     }
 }

@@ -14,6 +14,13 @@
 //! reads, writes and TLS records, and one connection per request shares nothing. So requests
 //! that find others in flight go together on h2.
 //!
+//! At most `--max-upstream-http1-connections` (64) of an upstream's pooled connections carry an
+//! exchange at once; past it a request goes over h2. A response the app does not read holds its
+//! connection, and the upstream counts every connection of ours against its
+//! `--max-connections-per-peer` (1,000): without the cap, an app that asks for large responses one
+//! after another and reads none would have us dial until the upstream refused all our connections,
+//! the h2 one included.
+//!
 //! A pooled connection obeys the rules of the h2 one: it takes no new request once a renewed
 //! certificate or a new bundle is in force (new connections present and verify those), nor within
 //! [`super::upstream::RETIRE_MARGIN`] of the earlier of the two certificates' expiries; an exchange
@@ -179,7 +186,8 @@ pub(crate) fn pool(spec: Arc<Outbound>, index: usize, shared: Shared) -> Arc<Bar
     let idle_timeout = IDLE_TIMEOUT
         .min(shared.limits.upstream_ping)
         .max(Duration::from_millis(100));
-    let pool = Bare::new(
+    let max_busy = shared.limits.max_upstream_http1_connections;
+    let pool = Bare::capped(
         H1Dial {
             spec,
             index,
@@ -187,6 +195,7 @@ pub(crate) fn pool(spec: Arc<Outbound>, index: usize, shared: Shared) -> Arc<Bar
             declined: Declined::new(),
         },
         idle_timeout,
+        max_busy,
     );
     let weak = Arc::downgrade(&pool);
     tokio::spawn(async move {

@@ -180,7 +180,9 @@ async fn outbound_request(
             // Boxed: its future (a TLS handshake when it dials) would otherwise swell every
             // request's, h2 ones too, and they are moved and copied as a whole.
             match Box::pin(pool.request(&head)).await {
-                Err(reason) if reason == super::h1::DECLINED => {
+                // Declined, or as many pooled connections busy as we may have: over h2, which
+                // multiplexes.
+                Err(reason) if reason == super::h1::DECLINED || reason == crate::bare::BUSY => {
                     req = Request::from_parts(head, empty);
                 }
                 sent => return sent,

@@ -1,0 +1,207 @@
+//! What one local client of an outbound HTTP listener can take from the others: the upstream's
+//! connections (it caps how many of ours it admits) and the streams of the shared h2 connection
+//! (the upstream caps how many are open at once on each).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use meshid_identity::policy::Protocol;
+use meshid_sidecar::settings::Limits;
+use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar, metric, read_response};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+
+/// An HTTP/1.1 app: `/big` answers 64 MiB; a request with a body is answered once the whole body
+/// has arrived; anything else `ok`. Counts the request heads it has read for `/slow`.
+async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let slow = Arc::new(AtomicUsize::new(0));
+    let seen = slow.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    let end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end);
+                    if head.starts_with("post /slow") {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < length {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..length);
+                    if head.starts_with("get /big") {
+                        let n = 64usize << 20;
+                        let block = vec![b'b'; 64 * 1024];
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n");
+                        if s.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        for _ in 0..n / block.len() {
+                            if s.write_all(&block).await.is_err() {
+                                return;
+                            }
+                        }
+                    } else if s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, slow)
+}
+
+/// Sidecar B on `ip` in front of `app`, allowing A; sidecar A with B as its one HTTP upstream.
+async fn pair(
+    pki: &TestPki,
+    ip: &'static str,
+    app: SocketAddr,
+    b_limits: Limits,
+    a_limits: Limits,
+) -> (TestSidecar, TestSidecar) {
+    let b = TestSidecar::start(
+        pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![(ip, app, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            limits: Some(b_limits),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.to_string(), Protocol::Http)],
+            limits: Some(a_limits),
+            ..Default::default()
+        },
+    )
+    .await;
+    (a, b)
+}
+
+/// Sends `req` on a new connection to `addr`; the status and body of the answer, which must come
+/// within 10 s.
+async fn ask(addr: SocketAddr, req: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        read_response(&mut s, &mut Vec::new()),
+    )
+    .await;
+    let (status, _, body) = answer
+        .unwrap_or_else(|_| {
+            panic!(
+                "no answer within 10 s to {:?}",
+                String::from_utf8_lossy(req)
+            )
+        })
+        .unwrap();
+    (status, body)
+}
+
+const GET: &[u8] = b"GET /small HTTP/1.1\r\nhost: backend\r\n\r\n";
+const POST: &[u8] = b"POST /small HTTP/1.1\r\nhost: backend\r\ncontent-length: 1\r\n\r\nx";
+
+/// A local client that asks for large responses one after another and reads none of them holds
+/// at most `max_upstream_http1_connections` pooled HTTP/1.1 connections; its later requests, and
+/// everyone else's, go over h2. Without the cap each unread response pinned one more upstream
+/// connection, until the upstream (`max_connections_per_peer`) refused every new one of ours:
+/// other clients' requests got 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_left_unread_hold_no_more_pooled_connections_than_the_cap() {
+    let pki = TestPki::new();
+    let (app, _) = app().await;
+    let (a, b) = pair(
+        &pki,
+        "127.0.0.91",
+        app,
+        Limits {
+            max_connections_per_peer: 4,
+            ..Default::default()
+        },
+        Limits {
+            max_upstream_http1_connections: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nhost: backend\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut first))
+            .await
+            .unwrap_or_else(|_| panic!("request {i}: no response head within 10 s"))
+            .unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200", "request {i}");
+        held.push(s);
+        // Apart, as on a quiet listener, where bodiless GETs take the pooled HTTP/1.1 path.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for req in [GET, POST] {
+        let (status, body) = ask(a.outbound[0], req).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok"),
+            "{}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    let m = b.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "meshid_sidecar_connections_refused_total{",
+            &[r#"reason="max_connections_per_peer""#]
+        ),
+        0,
+        "{m}"
+    );
+    drop(held);
+}
