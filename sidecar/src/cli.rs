@@ -301,6 +301,14 @@ pub struct RunArgs {
         default_value = "64"
     )]
     pub max_upstream_http1_connections: String,
+    /// Most h2 connections to one upstream: another is opened when every earlier one has all the
+    /// streams the upstream allows in use; past them a request is answered 503 at once.
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_MAX_UPSTREAM_H2_CONNECTIONS",
+        default_value = "4"
+    )]
+    pub max_upstream_h2_connections: String,
     /// Time the app (or upstream) has to answer with response headers.
     #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
@@ -461,6 +469,10 @@ impl RunArgs {
             "max-upstream-http1-connections",
             &self.max_upstream_http1_connections,
         );
+        let max_upstream_h2_connections = at_least_one(
+            "max-upstream-h2-connections",
+            &self.max_upstream_h2_connections,
+        );
         Limits {
             handshake_timeout,
             idle_timeout,
@@ -473,6 +485,7 @@ impl RunArgs {
             cap_connection_age: !self.no_connection_age_cap,
             upstream_ping: Limits::default().upstream_ping,
             max_upstream_http1_connections,
+            max_upstream_h2_connections,
         }
     }
 

@@ -67,6 +67,10 @@ pub struct Limits {
     /// not read holds its connection, and the upstream caps our connections (its
     /// `max_connections_per_peer`).
     pub max_upstream_http1_connections: usize,
+    /// Most h2 connections to one upstream (`--max-upstream-h2-connections`): another is opened
+    /// when every earlier one has all the streams the upstream allows in use; past them a request
+    /// is answered 503 at once.
+    pub max_upstream_h2_connections: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +87,7 @@ impl Default for Limits {
             cap_connection_age: true,
             upstream_ping: Duration::from_secs(30),
             max_upstream_http1_connections: 64,
+            max_upstream_h2_connections: 4,
         }
     }
 }

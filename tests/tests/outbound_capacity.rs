@@ -205,3 +205,75 @@ async fn responses_left_unread_hold_no_more_pooled_connections_than_the_cap() {
     );
     drop(held);
 }
+
+/// Sends `n` POSTs to `addr`, each on its own connection, that promise 1,000 bytes of body and
+/// send 3; waits until the app has seen `seen_then` of them.
+async fn stall(addr: SocketAddr, n: usize, slow: &AtomicUsize, seen_then: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nhost: backend\r\ncontent-length: 1000\r\n\r\nabc")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while slow.load(Ordering::SeqCst) < seen_then {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the app saw {} of the stalled requests",
+            slow.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held
+}
+
+/// One local client's requests whose bodies never finish take every stream the upstream allows on
+/// an h2 connection (hyper's default, 200): another client's request goes on another connection
+/// and is answered at once, not when the stalled ones time out. Once `max_upstream_h2_connections`
+/// are full, a request is answered 503 at once; when the stalled ones go, requests pass again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_filling_an_upstream_connection_do_not_hold_up_other_requests() {
+    let pki = TestPki::new();
+    let (app, slow) = app().await;
+    let long = Duration::from_secs(60);
+    let (a, _b) = pair(
+        &pki,
+        "127.0.0.92",
+        app,
+        Limits {
+            request_timeout: long,
+            ..Default::default()
+        },
+        Limits {
+            request_timeout: long,
+            max_upstream_h2_connections: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let outbound = a.outbound[0];
+    let mut held = stall(outbound, 200, &slow, 200).await;
+    let (status, body) = ask(outbound, POST).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+
+    held.extend(stall(outbound, 200, &slow, 400).await);
+    let (status, body) = ask(outbound, POST).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--max-upstream-h2-connections"), "{body}");
+
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ask(outbound, POST).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {status} 10 s after the stalled requests went: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

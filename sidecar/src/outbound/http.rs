@@ -208,6 +208,12 @@ async fn outbound_request(
                 ),
             );
         }
+        Ok(Err(reason)) if reason == super::upstream::SATURATED => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("upstream {}: {reason}", out.remote),
+            );
+        }
         Ok(Err(reason)) => {
             tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
             return reply(

@@ -20,7 +20,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -50,6 +50,10 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// Bytes h2 buffers per stream ahead of the socket before a request body waits for capacity.
 const SEND_BUFFER: usize = 1024 * 1024;
 
+/// The error of [`H2Upstream::request`] when every connection it may open to the upstream has
+/// all the streams the upstream allows in use (answered 503: nothing was sent).
+pub const SATURATED: &str = "every stream the upstream allows is in use on each of our connections to it (--max-upstream-h2-connections)";
+
 struct H2Conn {
     send: SendRequest<Bytes>,
     /// Set when the connection's task has ended (closed by either side, dead, or revoked).
@@ -60,6 +64,40 @@ struct H2Conn {
     /// The credentials this connection presents: once they are no longer in force (a renewal, a
     /// bundle change), new requests go to a new connection.
     presented: Arc<Snapshot>,
+    /// Requests sent (or being sent) here whose exchange has not ended: its streams in use.
+    streams: AtomicUsize,
+}
+
+/// Below this many streams in use a connection is not asked for the upstream's limit (which
+/// takes the `h2` connection's lock): RFC 9113 §6.5.2 recommends a limit of no fewer than 100, and
+/// meshid's inbound allows 200 (hyper's default). An upstream that allows fewer is treated as
+/// before: requests past its limit wait inside h2 for a stream.
+const FEWEST_STREAMS_CHECKED: usize = 100;
+
+impl H2Conn {
+    /// Whether every stream the upstream allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`)
+    /// is in use: a request sent now would wait inside h2 for one to end.
+    fn saturated(&self) -> bool {
+        let streams = self.streams.load(Ordering::Acquire);
+        streams >= FEWEST_STREAMS_CHECKED && streams >= self.send.current_max_send_streams()
+    }
+}
+
+/// A request's stream counted among its connection's [`H2Conn::streams`] until dropped (with the
+/// response body, or when the request fails).
+struct InStream(Arc<H2Conn>);
+
+impl InStream {
+    fn on(conn: &Arc<H2Conn>) -> Self {
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        Self(conn.clone())
+    }
+}
+
+impl Drop for InStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// An HTTP upstream reached over h2 + mTLS. Requests go straight into the `h2` connection from the
@@ -73,6 +111,11 @@ pub struct H2Upstream {
     current: ArcSwapOption<H2Conn>,
     /// Held only while dialing, so concurrent requests share one new connection.
     dialing: tokio::sync::Mutex<()>,
+    /// Further connections, opened when every earlier one had all the streams the upstream
+    /// allows in use (at most `max_upstream_h2_connections` in all, with `current`): a client
+    /// whose requests stall (a body it never finishes sending) cannot make everyone else's wait
+    /// behind its streams. Looked at only when `current` is saturated.
+    spares: tokio::sync::Mutex<Vec<Arc<H2Conn>>>,
 }
 
 impl H2Upstream {
@@ -83,14 +126,38 @@ impl H2Upstream {
             shared,
             current: ArcSwapOption::empty(),
             dialing: tokio::sync::Mutex::new(()),
+            spares: tokio::sync::Mutex::new(Vec::new()),
         }
     }
 
     fn usable(&self) -> Option<Arc<H2Conn>> {
         let c = self.current.load_full()?;
-        let fresh = c.retire_at.is_none_or(|t| Instant::now() < t)
-            && self.shared.creds.is_current(&c.presented);
-        (fresh && !c.closed.load(Ordering::Acquire)).then_some(c)
+        self.fresh(&c).then_some(c)
+    }
+
+    /// Whether `c` may take a new request: open, presenting the credentials in force, not about
+    /// to be retired.
+    fn fresh(&self, c: &H2Conn) -> bool {
+        c.retire_at.is_none_or(|t| Instant::now() < t)
+            && self.shared.creds.is_current(&c.presented)
+            && !c.closed.load(Ordering::Acquire)
+    }
+
+    /// A connection with a stream to spare when `current` has none: a spare one that has, or a
+    /// new one while fewer than `max_upstream_h2_connections` are open; else [`SATURATED`].
+    async fn spare(&self, failed: Option<&Arc<H2Conn>>) -> Result<Arc<H2Conn>, String> {
+        let mut spares = self.spares.lock().await;
+        spares.retain(|c| self.fresh(c) && failed.is_none_or(|f| !Arc::ptr_eq(c, f)));
+        if let Some(c) = spares.iter().find(|c| !c.saturated()) {
+            return Ok(c.clone());
+        }
+        if spares.len() + 1 >= self.shared.limits.max_upstream_h2_connections {
+            return Err(SATURATED.to_owned());
+        }
+        let c = self.dial().await.map_err(|e| root_cause(&e))?;
+        tracing::debug!(upstream = %self.spec.remote, open = spares.len() + 2, "every stream of the upstream connections in use; another connection opened");
+        spares.push(c.clone());
+        Ok(c)
     }
 
     /// The connection to send on: the current one while usable, else a new one. `failed` is a
@@ -109,6 +176,17 @@ impl H2Upstream {
         }
         // Dropping our handle to the old connection lets it close once its streams are done.
         self.current.store(None);
+        let c = self.dial().await?;
+        self.current.store(Some(c.clone()));
+        // Spare connections presenting the credentials just retired are let go too.
+        if let Ok(mut spares) = self.spares.try_lock() {
+            spares.retain(|c| self.fresh(c));
+        }
+        Ok(c)
+    }
+
+    /// A new connection to the upstream, its task running.
+    async fn dial(&self) -> io::Result<Arc<H2Conn>> {
         let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::H2).await?;
         // A revoked upstream's connection closes at once, in-flight requests with it: its
         // certificate is no longer trusted at all. So does one whose certificate expired a grace
@@ -151,14 +229,13 @@ impl H2Upstream {
             }
             closing.store(true, Ordering::Release);
         }));
-        let c = Arc::new(H2Conn {
+        Ok(Arc::new(H2Conn {
             send,
             closed,
             retire_at,
             presented,
-        });
-        self.current.store(Some(c.clone()));
-        Ok(c)
+            streams: AtomicUsize::new(0),
+        }))
     }
 
     /// Sends one request, dialing (or re-dialing) the upstream when needed. A request the
@@ -167,17 +244,22 @@ impl H2Upstream {
         let (head, body) = req.into_parts();
         let end_of_stream = body.is_end_stream();
         let mut failed = None;
-        let (response, sending) = loop {
-            let conn = self
+        let (response, sending, stream) = loop {
+            let mut conn = self
                 .sender(failed.as_ref())
                 .await
                 .map_err(|e| root_cause(&e))?;
+            if conn.saturated() {
+                conn = self.spare(failed.as_ref()).await?;
+            }
             let last_try = failed.is_some();
+            let stream = InStream::on(&conn);
             match conn.send.clone().ready().await {
                 Ok(mut send) => {
-                    break send
+                    let (response, sending) = send
                         .send_request(Request::from_parts(head, ()), end_of_stream)
                         .map_err(|e| root_cause(&e))?;
+                    break (response, sending, stream);
                 }
                 Err(e) if last_try => return Err(root_cause(&e)),
                 Err(e) => {
@@ -197,6 +279,7 @@ impl H2Upstream {
             recv,
             data_done: false,
             _sending: sending,
+            _stream: stream,
         }))
     }
 }
@@ -316,6 +399,8 @@ pub struct UpstreamBody {
     recv: RecvStream,
     data_done: bool,
     _sending: Option<SendingBody>,
+    /// Its stream counted in use on its connection.
+    _stream: InStream,
 }
 
 impl HttpBody for UpstreamBody {
