@@ -89,6 +89,8 @@ pub struct CaAdmin {
     pub unauthorized: Counter,
     /// Lines about refused requests (anyone who reaches the port can cause them).
     pub refusal_log: Mutex<LineBudget>,
+    /// The dates of the CA's TLS serving certificate: not ready once it has expired.
+    pub serving: Arc<crate::tls::ServingDates>,
 }
 
 /// Refusal lines: 5 at once, then one a second.
@@ -127,7 +129,10 @@ impl CaAdmin {
 
 impl AdminRoutes for CaAdmin {
     fn not_ready(&self) -> Option<String> {
-        (*self.shutdown.borrow()).then(|| "shutting down".to_owned())
+        if *self.shutdown.borrow() {
+            return Some("shutting down".to_owned());
+        }
+        self.serving.not_ready(meshid_runtime::time::unix_now())
     }
 
     fn refuse(
@@ -223,6 +228,12 @@ mod tests {
         let compute: RotationJson = Arc::new(|| Ok("{\"report\":1}".to_owned()));
         let (_tx, shutdown) = watch::channel(false);
         let unauthorized = Counter::default();
+        let now = meshid_runtime::time::unix_now();
+        let serving = Arc::new(crate::tls::ServingDates::default());
+        serving.set(crate::tls::Validity {
+            not_before: now - 300,
+            not_after: now + 3600,
+        });
         let routes = Arc::new(CaAdmin {
             rotation: Arc::new(RotationCache::new(compute, Duration::ZERO)),
             jwks: Box::new(|| Some("{}".to_owned())),
@@ -230,6 +241,7 @@ mod tests {
             dir: dir.path().to_owned(),
             unauthorized: unauthorized.clone(),
             refusal_log: Mutex::new(LineBudget::new()),
+            serving: serving.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -264,6 +276,19 @@ mod tests {
         for open in ["/metrics", "/healthz", "/readyz", "/jwks-status"] {
             assert_eq!(get(open, vec![]).await.status, 200, "{open}");
         }
+        // A serving certificate expired by the wall clock: not ready, saying why.
+        serving.set(crate::tls::Validity {
+            not_before: now - 7200,
+            not_after: now - 1,
+        });
+        let reply = get("/readyz", vec![]).await;
+        assert_eq!(reply.status, 503);
+        let body = String::from_utf8_lossy(&reply.body).into_owned();
+        assert!(body.contains("serving certificate expired"), "{body}");
+        serving.set(crate::tls::Validity {
+            not_before: now - 300,
+            not_after: now + 3600,
+        });
         // A directory made before `admin-token` existed: the token derived from its first
         // `jwt.key`, which the rotate commands derive the same way.
         std::fs::remove_file(dir.path().join(crate::admin_token::TOKEN_FILE)).unwrap();

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub bundle_version: Gauge,
     pub bundle_roots: Gauge,
     pub intermediate_expiry: Gauge,
+    pub serving_cert_expiry: Gauge,
     pub connections_open: Gauge,
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub connections_refused: Family<ReasonLabels, Counter>,
@@ -86,6 +87,7 @@ impl Metrics {
             bundle_version: Gauge::default(),
             bundle_roots: Gauge::default(),
             intermediate_expiry: Gauge::default(),
+            serving_cert_expiry: Gauge::default(),
             connections_open: Gauge::default(),
             handshake_failures: Family::default(),
             connections_refused: Family::default(),
@@ -139,6 +141,11 @@ impl Metrics {
             "intermediate_expiry_timestamp_seconds",
             "Not-after of the signing intermediate, seconds since the epoch",
             m.intermediate_expiry.clone(),
+        );
+        r.register(
+            "serving_certificate_expiry_timestamp_seconds",
+            "Not-after of the CA's own TLS serving certificate, seconds since the epoch",
+            m.serving_cert_expiry.clone(),
         );
         r.register(
             "connections_open",

@@ -25,6 +25,8 @@ use crate::tls::{self, ListenerLimits};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// How often the bundle file is checked for changes.
 const BUNDLE_POLL: Duration = Duration::from_secs(1);
+/// How often the serving certificate's re-issue point is compared with the wall clock.
+const SERVING_CERT_CHECK: Duration = Duration::from_secs(60);
 
 /// Everything `meshid-ca serve` is configured with.
 #[derive(Debug, Clone)]
@@ -119,7 +121,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         }
         None => None,
     };
-    let tls_config = Arc::new(ArcSwap::new(tls::server_config(&authority, &config.sans)?));
+    let (tls_config, serving) = tls::server_config(&authority, &config.sans)?;
+    let tls_config = Arc::new(ArcSwap::new(tls_config));
+    let serving_dates = Arc::new(tls::ServingDates::new(metrics.serving_cert_expiry.clone()));
+    serving_dates.set(serving);
     metrics
         .intermediate_expiry
         .set(authority.intermediate_not_after.unix_timestamp());
@@ -180,6 +185,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         config.lifetimes.max,
         state.clone(),
         tls_config.clone(),
+        serving_dates.clone(),
         shutdown_rx.clone(),
     ));
     // The last window of suppressed refusals is summarised when the refusals stop too.
@@ -205,6 +211,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         config.sans.clone(),
         state.clone(),
         tls_config.clone(),
+        serving_dates.clone(),
         shutdown_rx.clone(),
     ));
 
@@ -287,6 +294,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         dir: config.dir.clone(),
         unauthorized: admin_unauthorized,
         refusal_log: std::sync::Mutex::new(meshid_runtime::log_limit::LineBudget::new()),
+        serving: serving_dates,
     });
     tokio::spawn(meshid_runtime::admin::serve(
         admin_listener,
@@ -338,6 +346,7 @@ async fn follow_bundle(
     max_ttl: Duration,
     state: Arc<CaState>,
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    serving: Arc<tls::ServingDates>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last = stamps(&dir);
@@ -352,7 +361,7 @@ async fn follow_bundle(
         let now = stamps(&dir);
         if now != last || refused.is_some() {
             last = now;
-            let result = reload(&last.0, &sans, max_ttl, &state, &tls_config);
+            let result = reload(&last.0, &sans, max_ttl, &state, &tls_config, &serving);
             refused = note_reload(result, refused, &state.metrics);
             publish_bundle(&state);
         }
@@ -444,6 +453,7 @@ fn reload(
     max_ttl: Duration,
     state: &CaState,
     tls_config: &ArcSwap<rustls::ServerConfig>,
+    serving: &tls::ServingDates,
 ) -> Result<(), String> {
     let mut authority = Authority::load(files).map_err(|e| e.to_string())?;
     let previous = state.authority.load();
@@ -455,8 +465,10 @@ fn reload(
             previous.name, previous.bundle_version
         ));
     }
-    let cfg = tls::server_config(&authority, sans).map_err(|e| format!("rebuilding TLS: {e}"))?;
+    let (cfg, validity) =
+        tls::server_config(&authority, sans).map_err(|e| format!("rebuilding TLS: {e}"))?;
     tls_config.store(cfg);
+    serving.set(validity);
     if previous.name != authority.name || previous.intermediate_der != authority.intermediate_der {
         tracing::info!(authority = %authority.name, "signing authority changed");
     }
@@ -524,24 +536,138 @@ fn audit_revocation_changes(
     }
 }
 
-/// Re-issues the CA's own serving certificate at half its lifetime.
+/// Re-issues the CA's own serving certificate once half its lifetime has passed by the wall clock
+/// (the clock every client checks it with), looked at every [`SERVING_CERT_CHECK`]: a wall clock
+/// stepped forward past that point (an NTP correction, a resumed VM) re-issues it within a check,
+/// where a monotonic timer would wait on while clients refuse an expired certificate.
 async fn refresh_serving_cert(
     sans: Vec<String>,
     state: Arc<CaState>,
     tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    serving: Arc<tls::ServingDates>,
+    shutdown: watch::Receiver<bool>,
+) {
+    keep_serving_cert(
+        &serving,
+        meshid_runtime::time::unix_now,
+        || {
+            let (cfg, validity) = tls::server_config(&state.authority.load(), &sans)?;
+            tls_config.store(cfg);
+            Ok(validity)
+        },
+        shutdown,
+    )
+    .await;
+}
+
+/// [`refresh_serving_cert`] with the wall clock `wall` (Unix seconds) and the re-issue `reissue`.
+async fn keep_serving_cert(
+    serving: &tls::ServingDates,
+    wall: impl Fn() -> i64,
+    mut reissue: impl FnMut() -> Result<tls::Validity, tls::TlsSetupError>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
+        let now = wall();
+        if now >= serving.get().half_life() {
+            match reissue() {
+                Ok(validity) => {
+                    serving.set(validity);
+                    tracing::info!(
+                        not_after = validity.not_after,
+                        "serving certificate re-issued"
+                    );
+                }
+                // Tried again at the next check.
+                Err(error) => tracing::error!(%error, "re-issuing the serving certificate failed"),
+            }
+        }
+        let left = serving.get().half_life().saturating_sub(wall());
+        let wait = Duration::from_secs(u64::try_from(left).unwrap_or(0)).min(SERVING_CERT_CHECK);
+        // Never a busy loop (a certificate whose half-life is already past when issued, as under
+        // an intermediate about to expire).
+        let wait = if wait.is_zero() {
+            SERVING_CERT_CHECK
+        } else {
+            wait
+        };
         tokio::select! {
-            () = tokio::time::sleep(tls::SERVING_CERT_LIFETIME / 2) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        match tls::server_config(&state.authority.load(), &sans) {
-            Ok(cfg) => {
-                tls_config.store(cfg);
-                tracing::info!("serving certificate re-issued");
-            }
-            Err(error) => tracing::error!(%error, "re-issuing the serving certificate failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+
+    const WEEK: i64 = 7 * 86_400;
+
+    /// A serving certificate issued at wall-clock time `now` as the CA issues it.
+    fn issued_at(now: i64) -> tls::Validity {
+        tls::Validity {
+            not_before: now - 300,
+            not_after: now + WEEK,
         }
+    }
+
+    /// The re-issue follows the wall clock: a clock stepped past the certificate's half-life
+    /// (here: started 8 days behind, then set right) re-issues it within a check, and a
+    /// certificate is re-issued once, not again at every check. The monotonic time is tokio's
+    /// paused clock: nothing here waits for real.
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_stepped_past_the_half_life_reissues_the_serving_cert_within_a_check() {
+        let wall = Arc::new(AtomicI64::new(1_800_000_000 - 8 * 86_400));
+        let serving = Arc::new(tls::ServingDates::default());
+        serving.set(issued_at(wall.load(Ordering::SeqCst)));
+        let reissued = Arc::new(AtomicUsize::new(0));
+        let (stop, shutdown) = watch::channel(false);
+        let task = {
+            let (wall, serving, reissued) = (wall.clone(), serving.clone(), reissued.clone());
+            tokio::spawn(async move {
+                let w = wall.clone();
+                keep_serving_cert(
+                    &serving,
+                    move || w.load(Ordering::SeqCst),
+                    || {
+                        reissued.fetch_add(1, Ordering::SeqCst);
+                        Ok(issued_at(wall.load(Ordering::SeqCst)))
+                    },
+                    shutdown,
+                )
+                .await;
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(
+            reissued.load(Ordering::SeqCst),
+            0,
+            "not before its half-life"
+        );
+        // The clock is set right: the certificate expired a day ago by it.
+        wall.fetch_add(8 * 86_400, Ordering::SeqCst);
+        let now = wall.load(Ordering::SeqCst);
+        assert!(serving.not_ready(now).is_some());
+        tokio::time::sleep(SERVING_CERT_CHECK + Duration::from_secs(1)).await;
+        assert_eq!(
+            reissued.load(Ordering::SeqCst),
+            1,
+            "re-issued within a check"
+        );
+        assert_eq!(serving.get(), issued_at(now));
+        assert_eq!(serving.not_ready(now), None);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(reissued.load(Ordering::SeqCst), 1, "once");
+        // Without a step, by the wall clock moving on with the monotonic one: at its half-life.
+        for _ in 0..(WEEK / 2 / 60) {
+            wall.fetch_add(60, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        tokio::time::sleep(SERVING_CERT_CHECK).await;
+        assert_eq!(reissued.load(Ordering::SeqCst), 2, "at the next half-life");
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::authority::Authority;
 use crate::metrics::{Metrics, ReasonLabels};
@@ -50,6 +51,79 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
     #[error("invalid --san {0:?}")]
     San(String),
+    #[error("serving certificate: reading back its dates: {0}")]
+    Dates(String),
+}
+
+/// The validity of a certificate, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// The dates of the certificate `der`.
+    pub fn of(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        Ok(Self {
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+
+    /// When half of its lifetime has passed.
+    pub fn half_life(&self) -> i64 {
+        let lifetime = self.not_after.saturating_sub(self.not_before).max(0);
+        self.not_before.saturating_add(lifetime / 2)
+    }
+}
+
+/// The dates of the serving certificate in force, for its re-issue schedule, its metric
+/// (`meshid_ca_serving_certificate_expiry_timestamp_seconds`) and `/readyz`.
+#[derive(Debug, Default)]
+pub struct ServingDates {
+    not_before: AtomicI64,
+    not_after: AtomicI64,
+    expiry: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ServingDates {
+    /// Dates that also set `expiry` (the registered gauge).
+    pub fn new(expiry: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            expiry,
+            ..Self::default()
+        }
+    }
+
+    /// A certificate with `validity` is now served.
+    pub fn set(&self, validity: Validity) {
+        self.not_before
+            .store(validity.not_before, Ordering::Relaxed);
+        self.not_after.store(validity.not_after, Ordering::Relaxed);
+        self.expiry.set(validity.not_after);
+    }
+
+    pub fn get(&self) -> Validity {
+        Validity {
+            not_before: self.not_before.load(Ordering::Relaxed),
+            not_after: self.not_after.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Why the CA is not ready at wall-clock time `now` because of its serving certificate:
+    /// expired (every client refuses it), or none yet.
+    pub fn not_ready(&self, now: i64) -> Option<String> {
+        let not_after = self.get().not_after;
+        (now >= not_after).then(|| {
+            format!(
+                "the CA's TLS serving certificate expired at {not_after} (Unix seconds) by this \
+                 host's clock, now {now}: clients refuse it; it is re-issued within a minute \
+                 (see the log if it is not)"
+            )
+        })
+    }
 }
 
 /// The process-wide crypto provider: aws-lc-rs.
@@ -112,22 +186,27 @@ pub fn issue_serving_cert(
 
 /// Builds the server config: our serving chain, client certificates optional and, when sent, verified
 /// against the trust bundle and its pins (`authority.anchors`); h2 by ALPN.
+/// Also returns the serving certificate's dates.
 pub fn server_config(
     authority: &Authority,
     sans: &[String],
-) -> Result<Arc<ServerConfig>, TlsSetupError> {
+) -> Result<(Arc<ServerConfig>, Validity), TlsSetupError> {
     let provider = provider();
     let verifier = Arc::new(OptionalClientVerifier {
         anchors: authority.anchors.clone(),
         algs: provider.signature_verification_algorithms,
     });
     let (chain, key) = serving_cert(authority, sans)?;
+    let validity = chain
+        .first()
+        .ok_or_else(|| TlsSetupError::Dates("no certificate".into()))
+        .and_then(|leaf| Validity::of(leaf).map_err(TlsSetupError::Dates))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), validity))
 }
 
 /// Client certificates are optional (a new sidecar has none yet, bundle watchers may have none); one
