@@ -84,6 +84,11 @@ pub struct RotationState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renew_now_at: Option<u64>,
     pub authorities: Vec<AuthorityRecord>,
+    /// The bundle version `revoke` or `unrevoke` last moved on to, after writing
+    /// `revocations.json`: set, the directory has a revocation list, and a missing file is a lost
+    /// list (refused, [`crate::revocations::Revocations::load`]), not an empty one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocations_written_at: Option<u64>,
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
@@ -146,6 +151,7 @@ impl RotationState {
                 return Ok(Self {
                     bundle_version: 1,
                     renew_now_at: None,
+                    revocations_written_at: None,
                     authorities: vec![AuthorityRecord {
                         name: "1".into(),
                         prefix: String::new(),
@@ -242,8 +248,21 @@ impl RotationState {
     /// acknowledged before (the activation gate waits for exactly that one). Returns the version.
     /// The caller holds the directory's lock ([`crate::ca_dir::DirLock`]).
     pub fn bump_version(ca_dir: &Path) -> Result<u64, AuthorityError> {
+        Self::bump_version_with(ca_dir, false)
+    }
+
+    /// [`Self::bump_version`] after writing `revocations.json`: also records that the directory
+    /// has a revocation list (`revocations_written_at`).
+    pub fn bump_version_for_revocations(ca_dir: &Path) -> Result<u64, AuthorityError> {
+        Self::bump_version_with(ca_dir, true)
+    }
+
+    fn bump_version_with(ca_dir: &Path, revocations: bool) -> Result<u64, AuthorityError> {
         let mut state = Self::load(ca_dir)?;
         state.bundle_version += 1;
+        if revocations {
+            state.revocations_written_at = Some(state.bundle_version);
+        }
         let json = serde_json::to_vec_pretty(&state)
             .map_err(|e| invalid(&ca_dir.join(STATE_FILE), e.to_string()))?;
         write_atomic(&ca_dir.join(STATE_FILE), &json)?;

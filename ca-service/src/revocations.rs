@@ -116,14 +116,33 @@ pub fn check_reason(reason: &str) -> Result<(), String> {
 }
 
 impl Revocations {
-    /// The list in `dir`; none when the file is missing. A file that is not a valid list is an
-    /// error (the caller keeps what it had): an entry naming neither or both of an identity and a
-    /// serial, an unreadable identity or serial, a bad reason, or more than [`MAX_REVOCATIONS`].
+    /// The list in `dir`; none when the file is missing and the directory never had one. A file
+    /// that is not a valid list is an error (the caller keeps what it had): an entry naming
+    /// neither or both of an identity and a serial, an unreadable identity or serial, a bad
+    /// reason, or more than [`MAX_REVOCATIONS`]. So is a missing file when `authorities.json`
+    /// records that the list was written (`revocations_written_at`): read as empty, it would lift
+    /// every revocation.
     pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
         let path = dir.join(REVOCATIONS_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let state = crate::authorities::RotationState::load(dir)?;
+                return match state.revocations_written_at {
+                    None => Ok(Self::default()),
+                    Some(version) => Err(invalid(
+                        &path,
+                        format!(
+                            "missing, but {} records that the revocation list was written (at \
+                             bundle version {version}): read as empty it would lift every \
+                             revocation. Put revocations.json back (from the copy of the CA \
+                             directory); to start an empty list on purpose, write \
+                             {{\"version\": 1, \"entries\": []}} to it",
+                            crate::authorities::STATE_FILE
+                        ),
+                    )),
+                };
+            }
             Err(e) => return Err(io_err(&path)(e)),
         };
         Self::parse(&path, &bytes)
@@ -190,7 +209,8 @@ impl Revocations {
         list.save(dir).map_err(UpdateError::File)?;
         // The list first, then the version: a CA that reads in between serves the new list under
         // one version past its own, which is the directory's new version too.
-        crate::authorities::RotationState::bump_version(dir).map_err(UpdateError::File)?;
+        crate::authorities::RotationState::bump_version_for_revocations(dir)
+            .map_err(UpdateError::File)?;
         Ok(out)
     }
 
@@ -388,6 +408,42 @@ mod tests {
         assert!(list.revokes_identity("spiffe://td/liar", 3_699));
         assert!(!list.revokes_identity("spiffe://td/liar", 3_700));
         assert!(!list.revokes_identity("spiffe://td/other", 100));
+    }
+
+    /// A directory that never had a list has no file, and that is an empty list; once `revoke`
+    /// (or `unrevoke`) wrote one, a missing file is an error naming it, for the CA, the listing
+    /// and the commands that would write over it.
+    #[test]
+    fn a_missing_list_is_empty_only_if_none_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = meshid_identity::TrustDomain::new("td").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        assert_eq!(
+            Revocations::load(dir.path()).unwrap(),
+            Revocations::default()
+        );
+        assert!(crate::authority::Authority::load(dir.path()).is_ok());
+        Revocations::update(dir.path(), |list| {
+            list.revoke(Revoked::Id(id("spiffe://td/a")), 1, 60, String::new())
+        })
+        .unwrap();
+        let state = crate::authorities::RotationState::load(dir.path()).unwrap();
+        assert_eq!(state.revocations_written_at, Some(state.bundle_version));
+        std::fs::remove_file(dir.path().join(REVOCATIONS_FILE)).unwrap();
+        let err = Revocations::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("revocations.json: missing"), "{err}");
+        let err = crate::authority::Authority::load(dir.path())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("revocations.json: missing"), "{err}");
+        let refused = Revocations::update(dir.path(), |list| {
+            list.revoke(Revoked::Id(id("spiffe://td/b")), 1, 60, String::new())
+        });
+        assert!(refused.is_err());
+        assert!(
+            !dir.path().join(REVOCATIONS_FILE).exists(),
+            "nothing written over"
+        );
     }
 
     #[test]

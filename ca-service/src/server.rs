@@ -457,6 +457,9 @@ fn reload(
 ) -> Result<(), String> {
     let mut authority = Authority::load(files).map_err(|e| e.to_string())?;
     let previous = state.authority.load();
+    if let Some(reason) = lost_revocations(files, &previous.revocations) {
+        return Err(reason);
+    }
     serve_revocations_for(&mut authority, max_ttl, Some(&previous.revocations));
     if let Some(reason) = previous.refuses_successor(&authority) {
         return Err(format!(
@@ -479,6 +482,23 @@ fn reload(
         .set(authority.intermediate_not_after.unix_timestamp());
     state.authority.store(Arc::new(authority));
     Ok(())
+}
+
+/// Why a CA that serves `previous` must refuse a directory (`files`) without `revocations.json`:
+/// it had revocations, and a missing list would lift them all. A directory that records writing
+/// the list (`revocations_written_at` in `authorities.json`) is refused by [`Authority::load`]
+/// already; this is for one written before that was recorded.
+fn lost_revocations(files: &Path, previous: &crate::revocations::Revocations) -> Option<String> {
+    let path = files.join(crate::revocations::REVOCATIONS_FILE);
+    let missing = matches!(std::fs::symlink_metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    (missing && !previous.entries().is_empty()).then(|| {
+        format!(
+            "{}: missing, but this CA enforces {} revocations from it: read as empty it would lift \
+             them all. Put it back; to lift them on purpose use `meshid-ca unrevoke`",
+            path.display(),
+            previous.entries().len()
+        )
+    })
 }
 
 /// Serves every revocation entry of `authority` at least as long as a certificate of this CA

@@ -129,13 +129,16 @@ impl TestCa {
 
     /// Starts another CA process-equivalent on the same directory (new ports): a replica.
     pub async fn start_replica(&self) -> RunningCa {
+        self.try_start_replica().await.expect("start replica")
+    }
+
+    /// [`TestCa::start_replica`], or why it does not start.
+    pub async fn try_start_replica(&self) -> Result<RunningCa, meshid_ca::server::StartError> {
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".parse().expect("addr");
         config.admin_listen = "127.0.0.1:0".parse().expect("addr");
         let mut registry = Registry::default();
-        meshid_ca::start(config, &mut registry)
-            .await
-            .expect("start replica")
+        meshid_ca::start(config, &mut registry).await
     }
 
     /// Starts the CA again on the same addresses (after [`TestCa::stop`]).

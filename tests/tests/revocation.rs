@@ -485,6 +485,76 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "{ not json");
 }
 
+/// A deleted `revocations.json` is a lost list, not an empty one: the running CA keeps serving
+/// the revocation and counts the directory as refused, and a CA started on the directory refuses
+/// to start (it cannot keep a list it never read). A directory from before `authorities.json`
+/// recorded the list's writes is refused by the running CA too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_revocation_list_lifts_nothing() {
+    let ca = ca().await;
+    let rejected = || {
+        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1;
+        metric(&m, "meshid_ca_directory_rejected", &[])
+    };
+    let served = || async {
+        ca.client()
+            .await
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            served().await.revoked.len() == 1
+        })
+        .await
+    );
+    let path = ca.dir.path().join("revocations.json");
+    let state = ca.dir.path().join(meshid_ca::authorities::STATE_FILE);
+    let list = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 1 }).await);
+    // Past a few polls: still served and enforced.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(served().await.revoked.len(), 1);
+    let (code, message) = issue_with_token(&ca, "frontend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    // A CA started on the directory refuses, naming the file; so does a command that would write
+    // over the lost list.
+    let err = ca
+        .try_start_replica()
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("revocations.json: missing"), "{err}");
+    let dir = dir_of(&ca);
+    let (code, out) = meshid_ca(&["revoke", "--dir", dir.as_str(), "--id", B]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("revocations.json"), "{out}");
+
+    // An older directory: authorities.json without the record of the list. The running CA,
+    // which enforces a revocation, still refuses the missing file.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    json.as_object_mut()
+        .unwrap()
+        .remove("revocations_written_at")
+        .expect("recorded by revoke");
+    std::fs::write(&state, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(rejected(), 1);
+    assert_eq!(served().await.revoked.len(), 1);
+    // Put back: applied again.
+    std::fs::write(&path, list).unwrap();
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 0 }).await);
+    assert_eq!(served().await.revoked.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_directory_is_measured_and_retried_until_it_loads() {
     let ca = ca().await;

@@ -286,6 +286,7 @@ mod tests {
         RotationState {
             bundle_version: version,
             renew_now_at: None,
+            revocations_written_at: None,
             authorities: states
                 .iter()
                 .map(|(n, s, v)| AuthorityRecord {

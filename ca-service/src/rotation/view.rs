@@ -200,6 +200,7 @@ mod tests {
         let state = RotationState {
             bundle_version: 2,
             renew_now_at: None,
+            revocations_written_at: None,
             authorities: vec![AuthorityRecord {
                 name: "2".into(),
                 prefix: String::new(),
@@ -254,6 +255,7 @@ mod tests {
         let state = RotationState {
             bundle_version: 1,
             renew_now_at: None,
+            revocations_written_at: None,
             authorities: Vec::new(),
         };
         let label = "0123456789abcdef";
