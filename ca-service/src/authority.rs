@@ -97,6 +97,9 @@ pub fn init(
     crate::admin_token::AdminToken::generate()?.write(dir)?;
     // ca.json last: its presence marks a complete CA.
     write_file(&ca_file, &json, false)?;
+    // The new names (the files are synced as written), so `init` that printed success survives a
+    // power loss.
+    crate::ca_dir::sync_dir_of(&ca_file).map_err(io_err(dir))?;
     Ok(report)
 }
 
@@ -217,6 +220,14 @@ fn install(files: &AuthorityFiles, new_files: &[NewFile]) -> Result<(), Authorit
             remove_all(i);
             return Err(io_err(&files.path(name))(e));
         }
+    }
+    // One sync of the directory for all the renames: until it, they may not survive a power
+    // loss.
+    if let Some((name, _, _)) = new_files.first()
+        && let Err(e) = crate::ca_dir::sync_dir_of(&files.path(name))
+    {
+        remove_all(new_files.len());
+        return Err(io_err(&files.dir)(e));
     }
     Ok(())
 }
@@ -378,7 +389,9 @@ fn replace_intermediate(
         }
         return Err(io_err(&key_path)(e));
     }
-    Ok(())
+    // The new certificate and key are both in place: a failed sync leaves them (they belong
+    // together) and says they may not survive a power loss.
+    crate::ca_dir::sync_dir_of(&key_path).map_err(io_err(&files.dir))
 }
 
 /// The key of `cert` (an intermediate): `intermediate.key`, or, when a `rotate intermediate` was
@@ -407,7 +420,7 @@ fn intermediate_key(
                 "intermediate.pem is newer than intermediate.key (a `rotate intermediate` was cut \
                  short): using the new key that was waiting beside it"
             );
-            let _ = fs::rename(&pending, &key_path);
+            let _ = crate::ca_dir::rename_synced(&pending, &key_path);
             Ok(k)
         }
         None => Err(invalid(

@@ -135,15 +135,7 @@ impl JoinTokenStore {
         let tmp = self.dir.join(format!(".{hash}.tmp"));
         let path = self.dir.join(format!("{hash}.json"));
         let json = serde_json::to_vec(&record).unwrap_or_default();
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(&json).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
+        put_record(&tmp, &path, &json).map_err(|(p, e)| io(&p)(e))?;
         Ok(token)
     }
 
@@ -218,7 +210,14 @@ impl JoinTokenStore {
     pub fn redeem(&self, pending: PendingJoin) -> Result<SpiffeId, RedeemError> {
         let from = self.dir.join(format!("{}.json", pending.hash));
         let to = self.dir.join(format!("{}.used", pending.hash));
-        fs::rename(&from, &to).map_err(|source| match source.kind() {
+        let recorded = fs::rename(&from, &to).and_then(|()| {
+            // The use must survive a power loss, or a one-time token could be used twice: when
+            // the directory cannot be synced, the token goes back to unused.
+            crate::ca_dir::sync_dir_of(&to).inspect_err(|_| {
+                let _ = fs::rename(&to, &from);
+            })
+        });
+        recorded.map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => RedeemError::Used(AuthError::unauthenticated(
                 Reason::JoinTokenUsed,
                 "join token was already used",
@@ -277,6 +276,34 @@ fn unix(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes a new token record: `json` to `tmp` (mode 0600, synced), renamed to `path`, then the
+/// directory synced, so a token is handed out only once its record would survive a power loss.
+/// On failure nothing of it is left (no temporary file, no record) and the error names the file.
+fn put_record(tmp: &Path, path: &Path, json: &[u8]) -> Result<(), (PathBuf, std::io::Error)> {
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(tmp)
+        .and_then(|mut f| {
+            f.write_all(json)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(tmp);
+        return Err((tmp.to_owned(), e));
+    }
+    if let Err(e) = fs::rename(tmp, path) {
+        let _ = fs::remove_file(tmp);
+        return Err((path.to_owned(), e));
+    }
+    if let Err(e) = crate::ca_dir::sync_dir_of(path) {
+        let _ = fs::remove_file(path);
+        return Err((path.to_owned(), e));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +334,31 @@ mod tests {
             "{}",
             refused.message
         );
+    }
+
+    /// Creating and redeeming a token sync the tokens' directory after the rename (what this
+    /// cannot show: that it reached the disk), and a record that cannot be put in place leaves
+    /// no temporary file behind.
+    #[test]
+    fn token_records_are_synced_and_a_failed_write_leaves_nothing() {
+        let (dir, s) = store();
+        let tokens = dir.path().join("join-tokens");
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        crate::ca_dir::synced_dirs::take();
+        let token = s.create(&id, Duration::from_secs(600)).unwrap();
+        assert_eq!(crate::ca_dir::synced_dirs::take(), vec![tokens.clone()]);
+        assert_eq!(s.redeem(s.lookup(&token).unwrap()).unwrap(), id);
+        assert_eq!(crate::ca_dir::synced_dirs::take(), vec![tokens.clone()]);
+
+        // A non-empty directory in the record's place fails the rename (also for root).
+        let path = tokens.join("f00.json");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("in-the-way"), "x").unwrap();
+        let tmp = tokens.join(".f00.tmp");
+        let (named, _) = put_record(&tmp, &path, b"{}").unwrap_err();
+        assert_eq!(named, path);
+        assert!(!tmp.exists(), "the temporary file is removed");
+        assert_eq!(crate::ca_dir::synced_dirs::take(), Vec::<PathBuf>::new());
     }
 
     #[test]
