@@ -691,6 +691,10 @@ async fn serve_h2<IO, S, F, R>(
     };
     if ending == Some(crate::streams::Ending::Stalled) {
         // Graceful would wait for the very responses the peer does not take.
+        shared
+            .metrics
+            .stalled_responses
+            .inc_by(streams.held() as u64);
         tracing::info!(
             idle_timeout_s = idle_timeout.as_secs(),
             "closing: the h2 peer has not taken a response for the idle timeout (its flow-control \

@@ -357,6 +357,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     }
 }
 
+impl<T> Watched<T> {
+    /// Counts a write that moved bytes; a blocked one (the reader not taking them) moves nothing,
+    /// however often hyper tries it again.
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.bump();
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -365,8 +375,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.activity.unflushed.store(true, Relaxed);
-        this.activity.bump();
-        Pin::new(&mut this.inner).poll_write(cx, data)
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.wrote(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -376,8 +387,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.activity.unflushed.store(true, Relaxed);
-        this.activity.bump();
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -454,6 +466,8 @@ enum Stop {
     Drain,
     /// A partial request head outlived the idle limit.
     Close,
+    /// A response's write has been blocked, nothing moving, for the idle timeout: close.
+    Stalled,
     /// Quiet: take it apart.
     Release,
 }
@@ -592,6 +606,7 @@ where
     F: Answer,
 {
     let head_timeout = crate::http::head_timeout(shared);
+    let stall_limit = shared.limits.idle_timeout;
     let svc = svc.clone();
     let a = activity.clone();
     // The handler's future is handed to hyper as it is (no wrapping future to move it through):
@@ -650,9 +665,15 @@ where
                     if now.duration_since(since) >= head_timeout {
                         break Stop::Close;
                     }
-                } else if activity.open.load(Relaxed) == 0
-                    && !activity.unflushed.load(Relaxed)
-                {
+                } else if activity.unflushed.load(Relaxed) {
+                    // A write the reader has not let through (its socket full) with no byte moving
+                    // either way for the idle timeout: the response is not being taken.
+                    if activity.open.load(Relaxed) > 0
+                        && now.duration_since(quiet_since) >= stall_limit
+                    {
+                        break Stop::Stalled;
+                    }
+                } else if activity.open.load(Relaxed) == 0 {
                     break Stop::Release;
                 }
                 tick.as_mut().reset(now + every);
@@ -674,6 +695,17 @@ where
                     "closing: the response in flight did not finish within the grace period"
                 );
             }
+            Served::Done
+        }
+        Stop::Stalled => {
+            // Dropping the connection drops the response's body: an outbound's upstream stream is
+            // reset and its flow-control window handed back to the connection the other clients
+            // share; an inbound's app connection is let go.
+            tracing::info!(
+                idle_timeout_s = stall_limit.as_secs(),
+                "closing: the client has taken none of the response for the idle timeout"
+            );
+            shared.metrics.stalled_responses.inc();
             Served::Done
         }
         Stop::Close => {

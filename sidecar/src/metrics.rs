@@ -71,6 +71,7 @@ pub struct Metrics {
     pub connections_revoked: Family<ConnLabels, Counter>,
     pub revoked_peer_closes: Family<ConnLabels, Counter>,
     pub requests_revoked: Family<ConnLabels, Counter>,
+    pub stalled_responses: Counter,
     pub revocations: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
@@ -184,6 +185,11 @@ impl Metrics {
             "requests_revoked",
             "Inbound HTTP requests in flight ended because a new policy no longer allows their method or path (h2: the stream is reset; HTTP/1.1: the connection is closed)",
             Listed(m.requests_revoked.clone()),
+        );
+        r.register(
+            "stalled_responses",
+            "HTTP responses dropped because the client they went to took none of them for the idle timeout (its HTTP/1.1 connection closed; h2: the connection that held them)",
+            m.stalled_responses.clone(),
         );
         r.register(
             "revoked_peer_connections_closed",

@@ -72,6 +72,11 @@ impl Streams {
         Open(self.clone())
     }
 
+    /// Responses held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Relaxed)
+    }
+
     /// What the connection's state says after a period with `moved_before` at its start.
     fn judge(&self, moved_before: usize) -> Option<Ending> {
         if self.moved.load(Relaxed) != moved_before {

@@ -287,7 +287,7 @@ async fn an_upstream_that_does_not_agree_to_http1_gets_every_request_over_h2() {
     );
 }
 
-/// Bodies larger than every flow-control window on the way (h2's 64 KiB default, the 2 MiB the
+/// Bodies larger than every flow-control window on the way (h2's 64 KiB default, the 1 MiB the
 /// outbound grants per stream) stream through in both directions, from an HTTP/1.1 and an h2 app.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_larger_than_the_windows_stream_both_ways() {
@@ -851,4 +851,210 @@ async fn endless_upstream(workload: Workload) -> SocketAddr {
         }
     });
     addr
+}
+
+/// The size of the responses [`big_app`] sends: over what the kernel buffers for a client that does
+/// not read, plus the outbound's stream window.
+const BIG: usize = 16 << 20;
+
+/// An HTTP/1.1 app that answers every request (its `Content-Length` body read first) with [`BIG`]
+/// bytes, on keep-alive connections.
+async fn big_app() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 16 * 1024];
+                let block = vec![b'b'; 64 * 1024];
+                loop {
+                    let end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    buf.drain(..end);
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..len);
+                    let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    for _ in 0..BIG / block.len() {
+                        if s.write_all(&block).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A request with a body (so it goes over the outbound's shared h2 connection) for [`big_app`]'s
+/// answer.
+const POST_BIG: &[u8] = b"POST /big HTTP/1.1\r\nhost: backend\r\ncontent-length: 1\r\n\r\nx";
+
+/// Clients of `outbound` that each ask for a large response, get the start of it, and then read
+/// no more.
+async fn clients_that_stop_reading(outbound: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        let mut s = tokio::net::TcpStream::connect(outbound).await.unwrap();
+        s.write_all(POST_BIG).await.unwrap();
+        let mut first = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut first))
+            .await
+            .unwrap_or_else(|_| panic!("client {i} got no response head"))
+            .unwrap();
+        assert_eq!(&first, b"HTTP/1.1 200", "client {i}");
+        held.push(s);
+    }
+    // Their responses go on until the windows they hold are full.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held
+}
+
+/// Asks `outbound` for a large response and reads all of it: how it ended.
+async fn read_big(outbound: SocketAddr) -> Result<(), String> {
+    let mut s = tokio::net::TcpStream::connect(outbound).await.unwrap();
+    s.write_all(POST_BIG).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut body_start = None;
+    loop {
+        if body_start.is_none() {
+            body_start = got.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+        }
+        if body_start.is_some_and(|start| got.len() - start >= BIG) {
+            return Ok(());
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) => return Err(format!("closed after {} bytes", got.len())),
+            Err(e) => return Err(format!("{e} after {} bytes", got.len())),
+            Ok(n) if body_start.is_some() => {
+                // Only the count matters once the head is in.
+                got.resize(got.len() + n, 0);
+            }
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Clients of one outbound listener share one h2 connection to the upstream. A few that stop
+/// reading their large responses each keep at most their stream's window of it (an eighth of the
+/// connection's), so another client's large response still streams in full. With the windows the
+/// outbound granted before (2 MiB per stream, 5 MiB per connection), three such clients took the
+/// whole connection window and every other client got its response head and no body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_leave_the_shared_upstream_connection_to_the_others() {
+    let pki = TestPki::new();
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.80", big_app().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The default idle timeout (5 minutes): the stall watchdog plays no part here.
+    let a = frontend(&pki, &b.inbound[0].to_string(), Protocol::Http, B, None).await;
+    let held = clients_that_stop_reading(a.outbound[0], 4).await;
+    let read = tokio::time::timeout(Duration::from_secs(20), read_big(a.outbound[0])).await;
+    assert_eq!(
+        read,
+        Ok(Ok(())),
+        "a reading client's response, beside four that stopped reading"
+    );
+    drop(held);
+}
+
+/// A response the app has taken none of for the idle timeout is dropped: its upstream stream is
+/// reset, which hands its window back to the connection every client of the listener shares, and
+/// the app's connection is closed. Ten clients that stop reading hold more than the whole
+/// connection window; another client's large response still streams in full once their
+/// responses are dropped, and each drop is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_app_stops_taking_is_dropped_after_the_idle_timeout() {
+    let pki = TestPki::new();
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.81", big_app().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let limits = meshid_sidecar::settings::Limits {
+        idle_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let a = frontend(
+        &pki,
+        &b.inbound[0].to_string(),
+        Protocol::Http,
+        B,
+        Some(limits),
+    )
+    .await;
+    let mut held = clients_that_stop_reading(a.outbound[0], 10).await;
+    let read = tokio::time::timeout(Duration::from_secs(30), read_big(a.outbound[0])).await;
+    assert_eq!(
+        read,
+        Ok(Ok(())),
+        "a reading client's response, beside ten that stopped reading"
+    );
+    // The first client that stopped reading (its response had all the window it could take, the
+    // last ones' may have waited for the window) finds its response cut short: what was on its
+    // way, then the end of the connection.
+    let mut cut = held.remove(0);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match cut.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        end.is_ok(),
+        "the connection is still open after {got} bytes"
+    );
+    assert!(got < BIG, "the whole response came ({got} bytes)");
+    let m = a.metrics().await;
+    assert!(
+        metric(&m, "meshid_sidecar_stalled_responses_total", &[]) >= 1,
+        "{m}"
+    );
+    drop(held);
 }
