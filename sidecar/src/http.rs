@@ -22,23 +22,6 @@ use crate::conn::Shared;
 pub use crate::idle::{Call, ReqBody, RespBody, respond};
 use crate::idle::{Opening, Tracked};
 
-/// What hyper's h2 server spawns (a task per stream, for the service call), spawned boxed. hyper
-/// hands over one enum whose size is that of its largest variant, and tokio moves a task's future
-/// when it spawns it and when the task ends; boxed, each move copies a pointer instead of the
-/// future, for one allocation per task. (The outbound drives `h2` itself: no task per request.)
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BoxingExecutor;
-
-impl<F> hyper::rt::Executor<F> for BoxingExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
-}
-
 /// What a body's error is passed on as (hyper's, h2's on the outbound's upstream side).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -580,9 +563,9 @@ pub(crate) fn http1_builder(shared: &Shared) -> http1::Builder {
     builder
 }
 
-fn h2_builder(shared: &Shared) -> auto::Builder<BoxingExecutor> {
+fn h2_builder(shared: &Shared) -> auto::Builder<crate::streams::StreamExecutor> {
     let limits = shared.limits;
-    let mut builder = auto::Builder::new(BoxingExecutor).http2_only();
+    let mut builder = auto::Builder::new(crate::streams::StreamExecutor).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -677,7 +660,7 @@ async fn serve_h2<IO, S, F, R>(
                 None
             }
             () = revoked => None,
-            ending = streams.watch(idle_timeout) => Some(ending),
+            ending = streams.watch(idle_timeout, &shared.metrics.stalled_responses) => Some(ending),
         }
     });
     let ending = tokio::select! {

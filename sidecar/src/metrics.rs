@@ -188,7 +188,7 @@ impl Metrics {
         );
         r.register(
             "stalled_responses",
-            "HTTP responses dropped because the client they went to took none of them for the idle timeout (its HTTP/1.1 connection closed; h2: the connection that held them)",
+            "HTTP responses dropped because the client they went to took none of them for the idle timeout (its HTTP/1.1 connection closed; h2: its stream reset, or the connection that held it closed)",
             m.stalled_responses.clone(),
         );
         r.register(

@@ -1,7 +1,9 @@
 //! What `--idle-timeout` means on an h2 connection, where hyper has no idle limit of its own: a
 //! connection with no request in flight and none arriving for the idle timeout is closed (GOAWAY,
 //! as at shutdown), and one whose peer has stopped taking a response (its flow-control window
-//! left at zero, so hyper waits for room that never comes) is closed at once after it.
+//! left at zero, so hyper waits for room that never comes) is closed at once after it, unless the
+//! peer is taking other responses meanwhile: then only the responses it left untaken are ended
+//! (their streams reset), and the connection goes on.
 //!
 //! The second is what a peer with a valid certificate could otherwise do on purpose: open many
 //! streams with a window of zero, each holding the app connection its response comes from for as
@@ -17,12 +19,18 @@
 //! held: a slow app is the request timeout's business, and a long stream with quiet spells is
 //! legitimate.
 //!
+//! hyper does not ask a response's body for anything while the frame it took waits for the peer's
+//! window, so a held stream cannot be ended from its body: it is ended by aborting the task hyper
+//! spawned for it (through [`StreamExecutor`]), which drops the stream (h2 resets it) and the
+//! response's body (its app connection, or the outbound's upstream stream, let go).
+//!
 //! The cost on the request path is a few relaxed atomic operations per request and per frame on
-//! one counter block per connection, which one task owns.
+//! one counter block per connection, which one task owns, and per request an allocation and a
+//! lock to list the stream's task in its connection.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,6 +50,52 @@ pub struct Streams {
     /// [`Self::held`] by the period each became held in (its number modulo [`AGES`]): the watch
     /// finds a response held through two whole periods, whatever else moved meanwhile.
     aged: [AtomicUsize; AGES],
+    /// Bumped when hyper asks a response's body for more after it gave a frame: the frame went out
+    /// within the peer's window, so the peer is taking that response.
+    taken: AtomicUsize,
+    /// The tasks of the streams whose responses are on their way ([`Stream`]).
+    tasks: Mutex<Tasks>,
+}
+
+/// [`Streams::tasks`]: weak, and pruned of the streams that ended whenever the list has doubled.
+#[derive(Debug, Default)]
+struct Tasks {
+    list: Vec<Weak<Stream>>,
+    prune_at: usize,
+}
+
+/// One stream's task, as its response's body and the watch see it.
+#[derive(Debug, Default)]
+pub struct Stream {
+    /// The task hyper spawned for it, once spawned.
+    task: OnceLock<tokio::task::AbortHandle>,
+    /// While its response is held: the slot of [`Streams::aged`] it is counted in, plus one.
+    held: AtomicUsize,
+}
+
+tokio::task_local! {
+    /// The stream whose task is being polled.
+    static STREAM: Arc<Stream>;
+}
+
+/// What hyper's h2 server spawns a task for (each stream, for the service call and its response),
+/// with the [`Stream`] the watch ends it by. Spawned boxed: hyper hands over one enum whose size is
+/// that of its largest variant, and tokio moves a task's future when it spawns it and when the
+/// task ends; boxed, each move copies a pointer instead of the future, for one allocation per
+/// task. (The outbound drives `h2` itself: no task per request.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let stream = Arc::new(Stream::default());
+        let task = tokio::spawn(STREAM.scope(stream.clone(), Box::pin(fut)));
+        let _ = stream.task.set(task.abort_handle());
+    }
 }
 
 /// Periods told apart by [`Streams::aged`]: the one now, the two before it, and the slot the next
@@ -99,21 +153,62 @@ impl Streams {
 
     /// Resolves when the connection has been idle, or has held a response its peer does not take,
     /// for between one and two `idle` periods with nothing else moving (or three, whatever moved;
-    /// checked once a period).
-    pub async fn watch(&self, idle: Duration) -> Ending {
+    /// checked once a period). A response held through two whole periods while the peer took
+    /// another response in the last one is ended alone (its stream's task aborted, counted in
+    /// `stalled`), and the watch goes on.
+    pub async fn watch(
+        &self,
+        idle: Duration,
+        stalled: &prometheus_client::metrics::counter::Counter,
+    ) -> Ending {
         let mut before = self.moved.load(Relaxed);
+        let mut taken_before = self.taken.load(Relaxed);
         loop {
             tokio::time::sleep(idle).await;
             if let Some(ending) = self.judge(before) {
                 return ending;
             }
             if self.held_two_periods() {
-                return Ending::Stalled;
+                if self.taken.load(Relaxed) == taken_before {
+                    return Ending::Stalled;
+                }
+                match self.end_held_since(self.period.load(Relaxed).wrapping_sub(2) % AGES) {
+                    Some(ended) => {
+                        stalled.inc_by(ended);
+                    }
+                    None => return Ending::Stalled,
+                }
             }
             self.period
                 .store(self.period.load(Relaxed).wrapping_add(1), Relaxed);
             before = self.moved.load(Relaxed);
+            taken_before = self.taken.load(Relaxed);
         }
+    }
+
+    /// Aborts the tasks of the streams whose responses are held in `slot` of [`Self::aged`]: how
+    /// many, or `None` if one of them cannot be (no task known for it).
+    fn end_held_since(&self, slot: usize) -> Option<u64> {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ended = 0;
+        for stream in tasks.list.iter().filter_map(Weak::upgrade) {
+            if stream.held.load(Relaxed) == slot + 1 {
+                stream.task.get()?.abort();
+                ended += 1;
+            }
+        }
+        // Held in that slot and not listed (its body made outside a stream's task).
+        (ended as usize == self.aged[slot].load(Relaxed)).then_some(ended)
+    }
+
+    /// Lists a stream's task, so that the watch can end it alone.
+    fn list(&self, stream: &Arc<Stream>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if tasks.list.len() >= tasks.prune_at {
+            tasks.list.retain(|w| w.strong_count() > 0);
+            tasks.prune_at = (tasks.list.len() * 2).max(32);
+        }
+        tasks.list.push(Arc::downgrade(stream));
     }
 
     /// One more response held, in the slot of the period now; returns the slot.
@@ -142,21 +237,49 @@ pub struct Sending<B> {
     open: Open,
     /// While held: the slot of [`Streams::aged`] it is counted in.
     held: Option<usize>,
+    /// It has given hyper a frame: the next ask says the peer's window took it.
+    gave: bool,
+    /// The stream's task (none outside one, as in unit tests).
+    stream: Option<Arc<Stream>>,
 }
 
 impl<B: HttpBody> Sending<B> {
     /// A response's body, held until hyper first asks it for a frame (an empty one never is).
     pub fn new(inner: B, open: Open) -> Self {
-        let held = (!inner.is_end_stream()).then(|| open.0.hold());
-        Self { inner, open, held }
+        let stream = STREAM.try_with(Arc::clone).ok();
+        if let Some(stream) = &stream {
+            open.0.list(stream);
+        }
+        let mut sending = Self {
+            inner,
+            open,
+            held: None,
+            gave: false,
+            stream,
+        };
+        if !sending.inner.is_end_stream() {
+            sending.hold();
+        }
+        sending
     }
 }
 
 impl<B> Sending<B> {
+    fn hold(&mut self) {
+        let slot = self.open.0.hold();
+        self.held = Some(slot);
+        if let Some(stream) = &self.stream {
+            stream.held.store(slot + 1, Relaxed);
+        }
+    }
+
     fn release(&mut self) {
         if let Some(slot) = self.held.take() {
             self.open.0.held.fetch_sub(1, Relaxed);
             self.open.0.aged[slot].fetch_sub(1, Relaxed);
+            if let Some(stream) = &self.stream {
+                stream.held.store(0, Relaxed);
+            }
         }
     }
 }
@@ -176,11 +299,15 @@ impl<B: HttpBody + Unpin> HttpBody for Sending<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        if this.held.is_some() && this.gave {
+            this.open.0.taken.fetch_add(1, Relaxed);
+        }
         this.release();
         this.open.0.bump();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(_))) = &r {
-            this.held = Some(this.open.0.hold());
+            this.gave = true;
+            this.hold();
         }
         r
     }
@@ -303,7 +430,7 @@ mod tests {
         let start = tokio::time::Instant::now();
         let ending = tokio::time::timeout(
             Duration::from_secs(60),
-            streams.watch(Duration::from_secs(10)),
+            streams.watch(Duration::from_secs(10), &Default::default()),
         )
         .await;
         assert_eq!(ending, Ok(Ending::Stalled));
@@ -327,18 +454,72 @@ mod tests {
         };
         let watch = tokio::time::timeout(
             Duration::from_secs(30),
-            streams.watch(Duration::from_secs(10)),
+            streams.watch(Duration::from_secs(10), &Default::default()),
         )
         .await;
         assert_ne!(watch, Ok(Ending::Stalled));
         taking.abort();
     }
 
+    /// A response held through two periods while the peer takes another one is ended alone: its
+    /// stream's task is aborted (h2 resets the stream), counted, and the connection goes on. Before,
+    /// the whole connection was dropped, the response being taken with it.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_held_while_the_peer_takes_others_is_ended_alone() {
+        use hyper::rt::Executor;
+        let streams = Arc::new(Streams::default());
+        // Spawned as hyper spawns a stream's task: one frame given, never asked for more.
+        let (alive, aborted) = tokio::sync::oneshot::channel::<()>();
+        let counted = streams.clone();
+        StreamExecutor.execute(async move {
+            let _alive = alive;
+            let mut sending = Sending::new(body(&["a", "b"]), counted.request());
+            sending.frame().await.unwrap().unwrap();
+            std::future::pending::<()>().await;
+            drop(sending);
+        });
+        // Another response, taken a frame every 3 s.
+        let (taker_alive, taker_gone) = tokio::sync::oneshot::channel::<()>();
+        let counted = streams.clone();
+        StreamExecutor.execute(async move {
+            let _alive = taker_alive;
+            let mut sending = Sending::new(body(&["t"; 100]), counted.request());
+            while sending.frame().await.is_some() {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        });
+        let stalled = prometheus_client::metrics::counter::Counter::default();
+        let watch = streams.watch(Duration::from_secs(10), &stalled);
+        tokio::pin!(watch);
+        let ended = tokio::select! {
+            ending = &mut watch => panic!("the connection ended ({ending:?}) with a response being taken"),
+            ended = tokio::time::timeout(Duration::from_secs(40), aborted) => ended,
+        };
+        assert!(
+            matches!(ended, Ok(Err(_))),
+            "the held response's task was not ended"
+        );
+        assert_eq!(stalled.get(), 1);
+        // The connection, and the response being taken, go on.
+        let more = tokio::time::timeout(Duration::from_secs(20), &mut watch).await;
+        assert!(more.is_err(), "the watch ended: {more:?}");
+        let mut taker_gone = taker_gone;
+        assert!(
+            matches!(
+                taker_gone.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "the taken response was ended"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_watch_ends_an_idle_connection_within_two_periods() {
         let streams = Arc::new(Streams::default());
         let start = tokio::time::Instant::now();
-        let ending = streams.watch(Duration::from_secs(10)).await;
+        let ending = streams
+            .watch(Duration::from_secs(10), &Default::default())
+            .await;
         assert_eq!(ending, Ending::Idle);
         assert!(start.elapsed() <= Duration::from_secs(20));
     }

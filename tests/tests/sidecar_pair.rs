@@ -858,7 +858,7 @@ async fn endless_upstream(workload: Workload) -> SocketAddr {
 const BIG: usize = 16 << 20;
 
 /// An HTTP/1.1 app that answers every request (its `Content-Length` body read first) with [`BIG`]
-/// bytes, on keep-alive connections.
+/// bytes, or for `POST /drip` with 80 KiB, a KiB every 100 ms; on keep-alive connections.
 async fn big_app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -892,6 +892,25 @@ async fn big_app() -> SocketAddr {
                         }
                     }
                     buf.drain(..len);
+                    if head.starts_with("post /drip") {
+                        // 1 KiB every 100 ms for 8 s, chunked.
+                        let mut reply =
+                            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+                        for _ in 0..80 {
+                            reply.extend_from_slice(b"400\r\n");
+                            reply.extend_from_slice(&block[..1024]);
+                            reply.extend_from_slice(b"\r\n");
+                            if s.write_all(&reply).await.is_err() {
+                                return;
+                            }
+                            reply.clear();
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        if s.write_all(b"0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let reply = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
                     if s.write_all(reply.as_bytes()).await.is_err() {
                         return;
@@ -1052,6 +1071,67 @@ async fn a_response_the_app_stops_taking_is_dropped_after_the_idle_timeout() {
     );
     assert!(got < BIG, "the whole response came ({got} bytes)");
     let m = a.metrics().await;
+    assert!(
+        metric(&m, "meshid_sidecar_stalled_responses_total", &[]) >= 1,
+        "{m}"
+    );
+    drop(held);
+}
+
+/// A remote inbound whose peer (our outbound) leaves one response untaken, because the local
+/// client it is for stopped reading, while it takes another one on the same connection, ends the
+/// untaken one's stream alone: the other client's long, well-read response goes on to its end.
+/// Before, the inbound dropped the whole shared connection after two of its idle timeouts, and
+/// every stream on it with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_remote_inbound_ends_a_stalled_stream_alone_not_the_shared_connection() {
+    let pki = TestPki::new();
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.82", big_app().await, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            limits: Some(meshid_sidecar::settings::Limits {
+                idle_timeout: Duration::from_secs(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The outbound's own idle timeout (5 minutes) is far off: only the inbound acts.
+    let a = frontend(&pki, &b.inbound[0].to_string(), Protocol::Http, B, None).await;
+    let held = clients_that_stop_reading(a.outbound[0], 1).await;
+    let mut v = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    v.write_all(b"POST /drip HTTP/1.1\r\nhost: backend\r\ncontent-length: 1\r\n\r\nx")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if got.ends_with(b"0\r\n\r\n") {
+                return "complete";
+            }
+            match v.read(&mut chunk).await {
+                Ok(0) => return "closed",
+                Err(_) => return "error",
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        end,
+        Ok("complete"),
+        "the well-read response, after {} bytes",
+        got.len()
+    );
+    let m = b.metrics().await;
     assert!(
         metric(&m, "meshid_sidecar_stalled_responses_total", &[]) >= 1,
         "{m}"
