@@ -4,7 +4,10 @@
 //! hyper client connections.
 //!
 //! A connection goes back to its pool when its response body has been read to the end (or had
-//! none), from the task that read it: no pool key to hash, no task spawned per request to wait
+//! none) and its request body has been sent to its end, from the task that read the response; one
+//! whose response ended before its request body (an app that answers early) is not reused: the next
+//! request, from any peer, would wait on it for as long as the rest of that body takes. From the
+//! task that read it: no pool key to hash, no task spawned per request to wait
 //! for the connection to become ready (what hyper-util's pooled client does), no URI to rebuild.
 //! A request that a pooled connection hands back unsent (the app closed it as we took it) is sent
 //! again on another one; a request that a new connection fails is answered with the error. Idle
@@ -12,6 +15,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,8 +35,11 @@ use crate::http::{Body, BoxError, ReqBody, root_cause};
 /// How long an idle app connection is kept for the next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// hyper's sender on one app connection, for requests with a body of type `B`.
+type Sender<B> = http1::SendRequest<Sent<B>>;
+
 struct Idle<B> {
-    send: http1::SendRequest<B>,
+    send: Sender<B>,
     since: Instant,
 }
 
@@ -48,7 +55,7 @@ pub struct AppH1<B = ReqBody> {
 
 impl<B> AppH1<B>
 where
-    B: HttpBody + Send + 'static,
+    B: HttpBody + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -80,7 +87,7 @@ where
         pool
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<B>, String> {
+    async fn connect(&self) -> Result<Sender<B>, String> {
         let tcp = crate::bare::connect(self.target, self.connect_timeout).await?;
         let (send, conn) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
@@ -104,7 +111,8 @@ where
             let (head, _empty) = req.into_parts();
             return self.bare.request(&head).await;
         }
-        let mut req = req;
+        let sent = Arc::new(AtomicBool::new(false));
+        let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         loop {
             let (mut send, pooled) = match self.checkout() {
                 Some(send) => (send, true),
@@ -126,6 +134,7 @@ where
                             inner,
                             done: false,
                             back,
+                            sent,
                         }
                         .boxed()
                     }));
@@ -159,7 +168,7 @@ impl<B> AppH1<B> {
         self.bare.prune(now);
     }
 
-    fn checkout(&self) -> Option<http1::SendRequest<B>> {
+    fn checkout(&self) -> Option<Sender<B>> {
         let now = Instant::now();
         let mut idle = self.lock();
         while let Some(c) = idle.pop() {
@@ -170,7 +179,7 @@ impl<B> AppH1<B> {
         None
     }
 
-    fn check_in(&self, send: http1::SendRequest<B>) {
+    fn check_in(&self, send: Sender<B>) {
         if send.is_closed() {
             return;
         }
@@ -184,16 +193,67 @@ impl<B> AppH1<B> {
     }
 }
 
-/// A response body from the app that returns its connection to the pool when read to the end.
+/// A request body on its way to the app, which says (in `ended`) when it has been sent to its end.
+struct Sent<B> {
+    inner: B,
+    ended: Arc<AtomicBool>,
+}
+
+impl<B: HttpBody> Sent<B> {
+    fn new(inner: B, ended: Arc<AtomicBool>) -> Self {
+        if inner.is_end_stream() {
+            ended.store(true, Ordering::Release);
+        }
+        Self { inner, ended }
+    }
+}
+
+impl<B: HttpBody + Unpin> HttpBody for Sent<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.ended.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body from the app that returns its connection to the pool when read to the end,
+/// once its request body has been sent to its end too.
 struct AppBody<B> {
     inner: Incoming,
     done: bool,
-    back: Option<(http1::SendRequest<B>, Weak<AppH1<B>>)>,
+    back: Option<(Sender<B>, Weak<AppH1<B>>)>,
+    /// Set when the request's body has been sent to its end.
+    sent: Arc<AtomicBool>,
 }
 
 impl<B> AppBody<B> {
     fn release(&mut self) {
         if let Some((send, pool)) = self.back.take()
+            // A request body still being sent: hyper takes no next request on this connection
+            // until it ends, which is for the peer sending it to decide. Not reused.
+            && self.sent.load(Ordering::Acquire)
             && let Some(pool) = pool.upgrade()
         {
             pool.check_in(send);
@@ -456,6 +516,69 @@ mod tests {
             String::from_utf8_lossy(&seen)
         );
         assert_eq!(text(resp).await, "firstlast");
+    }
+
+    /// A request whose body is still coming when the app has answered in full: its connection
+    /// cannot take another request before that body ends, so it must not go back to the pool, where
+    /// the next request (from any peer) would wait on it.
+    #[tokio::test]
+    async fn a_connection_whose_request_body_is_still_being_sent_is_not_reused() {
+        // The app answers every request as soon as its head is in, and reads on.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        // The body that follows is read and dropped with the next head's search.
+                        buf.clear();
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5));
+        let post = |rx| {
+            Request::post("/")
+                .header("host", "app")
+                .header("content-length", "10")
+                .body(ChannelBody(rx))
+                .unwrap()
+        };
+        // The first request's body: 3 of its 10 bytes, the rest never comes.
+        let (held_tx, rx) = tokio::sync::mpsc::channel(4);
+        held_tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        let first = pool.request(post(rx)).await.unwrap();
+        assert_eq!(text(first).await, "ok");
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a connection still sending a request body went back to the pool"
+        );
+        // The next request is answered, on another connection.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        drop(tx);
+        let second = tokio::time::timeout(Duration::from_secs(10), async {
+            text(pool.request(post(rx)).await.unwrap()).await
+        })
+        .await
+        .expect("the next request waited on the connection still sending the first one's body");
+        assert_eq!(second, "ok");
+        drop(held_tx);
     }
 
     #[tokio::test]
