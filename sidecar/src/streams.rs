@@ -201,6 +201,18 @@ impl Streams {
         (ended as usize == self.aged[slot].load(Relaxed)).then_some(ended)
     }
 
+    /// Empties the list of tasks once no request is in flight: an idle connection keeps none of
+    /// its past streams (a listed one's allocation lives as long as its entry).
+    fn forget_tasks(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        // A request that came meanwhile lists its task after this, under the lock.
+        if self.open.load(Relaxed) == 0 {
+            tasks.list.clear();
+            tasks.list.shrink_to(4);
+            tasks.prune_at = 0;
+        }
+    }
+
     /// Lists a stream's task, so that the watch can end it alone.
     fn list(&self, stream: &Arc<Stream>) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +238,9 @@ pub struct Open(Arc<Streams>);
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Relaxed);
+        if self.0.open.fetch_sub(1, Relaxed) == 1 {
+            self.0.forget_tasks();
+        }
     }
 }
 
@@ -511,6 +525,26 @@ mod tests {
             ),
             "the taken response was ended"
         );
+    }
+
+    /// A connection with no request in flight keeps no entry for its past streams.
+    #[tokio::test]
+    async fn the_list_of_stream_tasks_is_emptied_when_no_request_is_in_flight() {
+        use hyper::rt::Executor;
+        let streams = Arc::new(Streams::default());
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let counted = streams.clone();
+        StreamExecutor.execute(async move {
+            let first = counted.request();
+            let second = Sending::new(body(&["a"]), counted.request());
+            let listed = counted.tasks.lock().unwrap().list.len();
+            drop(second);
+            let still = counted.tasks.lock().unwrap().list.len();
+            drop(first);
+            let after = counted.tasks.lock().unwrap().list.len();
+            let _ = done.send((listed, still, after));
+        });
+        assert_eq!(finished.await.unwrap(), (1, 1, 0));
     }
 
     #[tokio::test(start_paused = true)]
