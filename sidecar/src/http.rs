@@ -563,9 +563,12 @@ pub(crate) fn http1_builder(shared: &Shared) -> http1::Builder {
     builder
 }
 
-fn h2_builder(shared: &Shared) -> auto::Builder<crate::streams::StreamExecutor> {
+fn h2_builder(
+    shared: &Shared,
+    streams: std::sync::Arc<crate::streams::Streams>,
+) -> auto::Builder<crate::streams::StreamExecutor> {
     let limits = shared.limits;
-    let mut builder = auto::Builder::new(crate::streams::StreamExecutor).http2_only();
+    let mut builder = auto::Builder::new(crate::streams::StreamExecutor(streams)).http2_only();
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -638,7 +641,7 @@ async fn serve_h2<IO, S, F, R>(
     // Owned and boxed: the connection state is allocated once at its own size rather than inline in
     // every enclosing future, which matters for memory per connection.
     let mut conn = Box::pin(
-        h2_builder(shared)
+        h2_builder(shared, streams.clone())
             .serve_connection_with_upgrades(TokioIo::new(io), service_fn(svc))
             .into_owned(),
     );
