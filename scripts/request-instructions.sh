@@ -12,7 +12,11 @@
 # The same for nginx's half of the nginx pair (`nginx` as the third argument): its process is
 # restarted under callgrind as one process (`master_process off`), with its own configuration.
 #
-# Usage: scripts/request-instructions.sh [inbound|outbound] [BIN_DIR] [meshid|nginx]
+# With CONNECTIONS=N (default 1) the load runs over N connections at once instead: the outbound
+# then sends requests between the sidecars over h2 (one connection alone takes its HTTP/1.1 pool),
+# and requests batch into wake-ups as under load. Repeatable to a percent or so, not exactly.
+#
+# Usage: [CONNECTIONS=N] scripts/request-instructions.sh [inbound|outbound] [BIN_DIR] [meshid|nginx]
 #   (default: inbound, target/dist, meshid)
 #   BIN_DIR holds meshid-sidecar, meshid-ca and the meshid-bench binaries (scripts/dist-build.sh
 #   -p meshid-sidecar, then -p meshid-ca, then -p meshid-bench, as bench/run.sh builds them). Prints the count per request and the top 25 functions by
@@ -23,6 +27,7 @@ cd "$(dirname "$0")/.."
 role=${1:-inbound}
 bin=${2:-target/dist}
 pair=${3:-meshid}
+connections=${CONNECTIONS:-1}
 case $role in inbound | outbound) ;; *) echo "role: inbound or outbound" >&2; exit 64 ;; esac
 case $pair in meshid | nginx) ;; *) echo "pair: meshid or nginx" >&2; exit 64 ;; esac
 for b in meshid-sidecar meshid-ca bench-run ca-bench meshload bench-app; do
@@ -60,7 +65,7 @@ done
 "$bin/meshload" --target "$entry" --connections 4 --duration 3s >/dev/null 2>&1
 callgrind_control -z "$vg" >/dev/null 2>&1
 # No warm-up of its own (the run above was it): every request it counts falls between -z and -d.
-"$bin/meshload" --target "$entry" --connections 1 --warmup 0s --duration 5s --json >"$work/load.json" 2>&1
+"$bin/meshload" --target "$entry" --connections "$connections" --warmup 0s --duration 5s --json >"$work/load.json" 2>&1
 callgrind_control -d "$vg" >/dev/null 2>&1
 for _ in $(seq 50); do [ -s "$work/cg.1" ] && break; sleep 0.1; done
 requests=$(grep -o '"count":[0-9]*' "$work/load.json" | head -1 | cut -d: -f2)
