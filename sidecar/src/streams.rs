@@ -94,8 +94,11 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
+        // Boxed first: anything called before would have the future copied aside (it is the size
+        // of hyper's largest stream state, ~700 instructions of `memcpy` per request).
+        let fut = Box::pin(fut);
         let stream = self.0.tasks().next.take();
-        let task = tokio::spawn(Box::pin(fut));
+        let task = tokio::spawn(fut);
         // Any other task spawned with nothing handed to the service just before has no stream:
         // the watch cannot end it alone, and ends the connection instead.
         if let Some(stream) = stream {
