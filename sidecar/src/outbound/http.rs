@@ -86,10 +86,13 @@ fn upstream_authority(
     req: &Request<ReqBody>,
     out: &OutboundHttp,
 ) -> Result<http::uri::Authority, String> {
-    if crate::http::has_several_hosts(req.headers()) {
+    // One walk of the `Host` lines gives the value and says whether there is a second one.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
         return Err("more than one Host header: expected one host[:port]".into());
     }
-    let Some(host) = req.headers().get(header::HOST) else {
+    let Some(host) = host else {
         let raw = match req.uri().authority() {
             Some(a) => a.as_str().as_bytes(),
             None => out.remote.as_bytes(),
