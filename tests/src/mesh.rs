@@ -569,6 +569,63 @@ pub async fn read_response<IO: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Reads one HTTP/1.x request as a test app does, after the bytes already in `pending` and leaving
+/// in it what follows: its head (request line and headers, lowercased) and its `Content-Length`
+/// body (none without one). `None` when the connection ends or fails first.
+pub async fn read_request<IO: tokio::io::AsyncRead + Unpin>(
+    io: &mut IO,
+    pending: &mut Vec<u8>,
+) -> Option<(String, Vec<u8>)> {
+    let head = read_request_head(io, pending).await?;
+    let body = read_request_body(io, pending, &head).await?;
+    Some((head, body))
+}
+
+/// The head part of [`read_request`]: for an app that acts on a request before its body is in.
+pub async fn read_request_head<IO: tokio::io::AsyncRead + Unpin>(
+    io: &mut IO,
+    pending: &mut Vec<u8>,
+) -> Option<String> {
+    let end = loop {
+        if let Some(p) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        fill(io, pending).await?;
+    };
+    let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+    pending.drain(..end);
+    Some(head)
+}
+
+/// The body part of [`read_request`], for the (lowercased) `head` read before it.
+pub async fn read_request_body<IO: tokio::io::AsyncRead + Unpin>(
+    io: &mut IO,
+    pending: &mut Vec<u8>,
+    head: &str,
+) -> Option<Vec<u8>> {
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while pending.len() < length {
+        fill(io, pending).await?;
+    }
+    Some(pending.drain(..length).collect())
+}
+
+/// One read onto the end of `pending`; `None` at the end of the stream or on an error.
+async fn fill<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO, pending: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    match io.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            pending.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
 /// The sidecar's `meshid_sidecar_tls_handshake_failures_total` lines in a `/metrics` text.
 pub fn handshake_failure_lines(metrics: &str) -> Vec<&str> {
     metrics

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
-use meshid_tests::mesh::{SidecarSpec, TestPki, TestSidecar, metric, read_response};
+use meshid_tests::mesh::{
+    SidecarSpec, TestPki, TestSidecar, metric, read_request_body, read_request_head, read_response,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,35 +32,17 @@ async fn app() -> (SocketAddr, Arc<AtomicUsize>) {
             };
             let seen = seen.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 16 * 1024];
-                loop {
-                    let end = loop {
-                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break p + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
+                let mut pending = Vec::new();
+                while let Some(head) = read_request_head(&mut s, &mut pending).await {
                     if head.starts_with("post /slow") {
                         seen.fetch_add(1, Ordering::SeqCst);
                     }
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < length {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
+                    if read_request_body(&mut s, &mut pending, &head)
+                        .await
+                        .is_none()
+                    {
+                        return;
                     }
-                    buf.drain(..length);
                     if head.starts_with("get /big") {
                         let n = 64usize << 20;
                         let block = vec![b'b'; 64 * 1024];

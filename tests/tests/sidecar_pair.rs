@@ -8,7 +8,7 @@ use std::time::Duration;
 use meshid_identity::policy::Protocol;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, get, handshake_failure_lines, handshake_failures,
-    http_echo, http_request, metric, read_response, tcp_echo,
+    http_echo, http_request, metric, read_request, read_response, tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -865,33 +865,9 @@ async fn big_app() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 16 * 1024];
                 let block = vec![b'b'; 64 * 1024];
-                loop {
-                    let end = loop {
-                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break p + 4;
-                        }
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    buf.drain(..end);
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buf.len() < len {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..len);
+                let mut pending = Vec::new();
+                while let Some((head, _)) = read_request(&mut s, &mut pending).await {
                     if head.starts_with("post /drip") {
                         // 1 KiB every 100 ms for 8 s, chunked.
                         let mut reply =
