@@ -1,6 +1,8 @@
 //! Re-reading the injector's mounted files (serving pair, trust bundle) when they change. Kubernetes
 //! updates Secret and ConfigMap volumes in place by swapping a `..data` symlink, so a poll that
-//! compares contents (following symlinks) sees every update; a change is applied only if it parses,
+//! compares contents (following symlinks) sees every update. The files of one poll are read from
+//! one version of their volume (`..data` resolved once: [`meshid_runtime::volume`]), never a
+//! certificate of one version with the key of the next. A change is applied only if it parses,
 //! otherwise the last good value keeps serving and the error is logged once.
 
 use std::path::PathBuf;
@@ -22,24 +24,26 @@ pub async fn watch_files<F>(
     let mut last_error: Option<String> = None;
     loop {
         tokio::time::sleep(interval).await;
-        let mut contents = Vec::with_capacity(paths.len());
-        let mut read_error = None;
-        for p in &paths {
-            match tokio::fs::read(p).await {
-                Ok(c) => contents.push(c),
-                Err(e) => {
-                    read_error = Some(format!("{}: {e}", p.display()));
-                    break;
+        let read = {
+            let paths = paths.clone();
+            tokio::task::spawn_blocking(move || {
+                let paths: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+                meshid_runtime::volume::read_one_version(&paths)
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+        };
+        let contents = match read.unwrap_or_else(|join| Err(format!("reading failed: {join}"))) {
+            Ok(contents) => contents,
+            Err(error) => {
+                if last_error.as_ref() != Some(&error) {
+                    tracing::warn!(%error, what, "cannot re-read; keeping the current one");
+                    last_error = Some(error);
                 }
+                continue;
             }
-        }
-        if let Some(error) = read_error {
-            if last_error.as_ref() != Some(&error) {
-                tracing::warn!(%error, what, "cannot re-read; keeping the current one");
-                last_error = Some(error);
-            }
-            continue;
-        }
+        };
         if contents == seen {
             continue;
         }

@@ -512,14 +512,16 @@ fn load_bundle(files: &[Vec<u8>]) -> Result<TrustBundle, String> {
     TrustBundle::from_pem(bundle)
 }
 
-/// Reads every file, or names each one that cannot be read.
+/// Reads every file (of one version of a Kubernetes volume: [`meshid_runtime::volume`]), or names
+/// each one that cannot be read.
 fn read_all(paths: &[&Path], flags: &[&str]) -> Result<Vec<Vec<u8>>, Vec<String>> {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for (path, flag) in paths.iter().zip(flags) {
-        match std::fs::read(path) {
+    let read = meshid_runtime::volume::read_one_version(paths);
+    for (read, flag) in read.into_iter().zip(flags) {
+        match read {
             Ok(c) => out.push(c),
-            Err(e) => problems.push(format!("{flag}: {}: {e}", path.display())),
+            Err(e) => problems.push(format!("{flag}: {e}")),
         }
     }
     if problems.is_empty() {

@@ -18,6 +18,7 @@ pub mod log_limit;
 pub mod net;
 pub mod process;
 pub mod time;
+pub mod volume;
 pub mod wake;
 
 pub use process::EXIT_USAGE;

@@ -4,13 +4,15 @@
 //! CSI driver or a Kubernetes Secret volume updates them. The parent directory of each file is
 //! watched (inotify, non-recursive), which sees in-place writes, atomic renames, and the kubelet's
 //! `..data` symlink swap. Once events have been quiet for a moment, the three files are re-read
-//! (following symlinks); only contents that differ from the last contents seen are parsed and handed
+//! (following symlinks, and resolving a Kubernetes volume's `..data` once so that the three come
+//! from one version of it: [`meshid_runtime::volume`]); only contents that differ from the last
+//! contents seen are parsed and handed
 //! to [`CredentialStore::set_certificate`], which publishes them only if the key matches the leaf
 //! and the chain verifies to the bundle. A half-written or inconsistent set is rejected and logged,
 //! and the last good one keeps serving; a later consistent set is applied. A periodic re-read covers
 //! whatever inotify misses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,9 +60,31 @@ fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>
 
 /// Reads the three files into one credential set (validated later by the store).
 pub fn load(files: &FileCreds) -> Result<Credentials, FileError> {
-    let chain = certs(&files.cert)?;
-    let roots = certs(&files.bundle)?;
-    let key = key_from_pem(&files.key, &read(&files.key)?)?;
+    parse(files, &read_together(files))
+}
+
+/// The three files' bytes as of one version of a Kubernetes volume they are in
+/// ([`meshid_runtime::volume`]: `..data` resolved once), or why one could not be read.
+fn read_together(files: &FileCreds) -> Contents {
+    let paths = [&files.cert, &files.key, &files.bundle].map(|p| p.as_path());
+    let resolved = meshid_runtime::volume::one_version(&paths);
+    let mut resolved = resolved.iter();
+    paths.map(|given| {
+        let path = resolved.next().map_or(given, PathBuf::as_path);
+        std::fs::read(path).map_err(|e| e.to_string())
+    })
+}
+
+/// Parses the three files' bytes into one credential set (validated later by the store).
+fn parse(files: &FileCreds, contents: &Contents) -> Result<Credentials, FileError> {
+    let [cert, key, bundle] = contents;
+    let bytes = |path: &Path, read: &Result<Vec<u8>, String>| match read {
+        Ok(bytes) => Ok(bytes.clone()),
+        Err(reason) => Err(err(path, reason.clone())),
+    };
+    let chain = certs_from_pem(&files.cert, &bytes(&files.cert, cert)?)?;
+    let key = key_from_pem(&files.key, &bytes(&files.key, key)?)?;
+    let roots = certs_from_pem(&files.bundle, &bytes(&files.bundle, bundle)?)?;
     Ok(Credentials {
         chain,
         key,
@@ -144,26 +168,12 @@ struct Tracker {
 
 impl Tracker {
     fn read(&self) -> Contents {
-        [&self.files.cert, &self.files.key, &self.files.bundle]
-            .map(|path| std::fs::read(path).map_err(|e| e.to_string()))
+        read_together(&self.files)
     }
 
     /// Parses exactly the bytes that were compared (a second read could see another write).
     fn parse(&self, contents: &Contents) -> Result<Credentials, FileError> {
-        let [cert, key, bundle] = contents;
-        let bytes = |path: &Path, read: &Result<Vec<u8>, String>| match read {
-            Ok(bytes) => Ok(bytes.clone()),
-            Err(reason) => Err(err(path, reason.clone())),
-        };
-        let chain = certs_from_pem(&self.files.cert, &bytes(&self.files.cert, cert)?)?;
-        let key = key_from_pem(&self.files.key, &bytes(&self.files.key, key)?)?;
-        let roots = certs_from_pem(&self.files.bundle, &bytes(&self.files.bundle, bundle)?)?;
-        Ok(Credentials {
-            chain,
-            key,
-            roots,
-            pinned: Vec::new(),
-        })
+        parse(&self.files, contents)
     }
 
     /// Whether the store already holds exactly `creds` (the set loaded before watching began).
