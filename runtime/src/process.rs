@@ -55,14 +55,33 @@ pub fn subscriber<W>(
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MESHID_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(std::env::var("MESHID_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
     match format {
         LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
         LogFormat::Text => Box::new(builder.with_ansi(color).finish()),
+    }
+}
+
+/// The log filter for a `MESHID_LOG` value (`info` when unset or unreadable). rustls's own lines
+/// are left out at every level below `error` unless the value names `rustls`: rustls warns about
+/// what a peer sent during a handshake (an illegal SNI, quoted whole; up to four warning alerts per
+/// connection) before meshid sees the connection, so anyone reaching a TLS port could write log
+/// lines at will past meshid's own limits ([`crate::log_limit`]). meshid logs and counts refused
+/// handshakes itself.
+pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let filter = spec
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    if spec.is_some_and(|s| s.contains("rustls")) {
+        return filter;
+    }
+    match "rustls=error".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
     }
 }
 
@@ -240,6 +259,33 @@ mod tests {
                 "terminal={terminal} NO_COLOR={no_color:?}"
             );
         }
+    }
+
+    /// What a warning from `target` writes under the filter for `MESHID_LOG=spec`.
+    fn filtered(spec: Option<&str>, target: &str) -> bool {
+        let out = Captured::default();
+        let writer = out.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(spec))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, || match target {
+            "rustls" => {
+                tracing::warn!(target: "rustls::common_state", "TLS alert warning received")
+            }
+            _ => tracing::warn!(target: "meshid_sidecar::tls", "handshake failed"),
+        });
+        !out.0.lock().unwrap().is_empty()
+    }
+
+    #[test]
+    fn rustls_warnings_are_left_out_unless_asked_for() {
+        for spec in [None, Some("info"), Some("debug"), Some("warn")] {
+            assert!(!filtered(spec, "rustls"), "MESHID_LOG={spec:?}");
+            assert!(filtered(spec, "meshid"), "MESHID_LOG={spec:?}");
+        }
+        assert!(filtered(Some("info,rustls=warn"), "rustls"));
+        assert!(!filtered(Some("error"), "meshid"));
     }
 
     #[derive(Debug)]

@@ -5,7 +5,8 @@
 //! past its certificate's expiry or past a policy change, a flood of upgrades against
 //! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
 //! hostile app-probe paths and probe floods on the admin port, the stats split, a rejected policy
-//! reload, and an accept loop out of file descriptors. Each ends refused or closed with a clear
+//! reload, an accept loop out of file descriptors, and handshakes made to be logged. Each ends
+//! refused or closed with a clear
 //! reason while allowed traffic keeps flowing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1294,6 +1295,116 @@ async fn an_accept_loop_out_of_file_descriptors_backs_off() {
         meshid_tests::process::wait_http_ok(admin, "/healthz", Duration::from_secs(15)),
         "the admin port serves again once descriptors are free"
     );
+}
+
+/// A TLS 1.2 ClientHello (record and handshake framing by hand) whose server name is `name`, any
+/// bytes at all: what no TLS library would send.
+fn client_hello_with_server_name(name: &[u8]) -> Vec<u8> {
+    let u16be = |n: usize| u16::try_from(n).unwrap().to_be_bytes();
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&u16be(name.len() + 3)); // server_name_list
+    sni.push(0); // host_name
+    sni.extend_from_slice(&u16be(name.len()));
+    sni.extend_from_slice(name);
+    let mut extensions = vec![0, 0]; // server_name
+    extensions.extend_from_slice(&u16be(sni.len()));
+    extensions.extend_from_slice(&sni);
+    let mut hello = vec![3, 3]; // TLS 1.2
+    hello.extend_from_slice(&[7u8; 32]); // random
+    hello.push(0); // no session id
+    hello.extend_from_slice(&[0, 2, 0xc0, 0x2b]); // ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    hello.extend_from_slice(&[1, 0]); // no compression
+    hello.extend_from_slice(&u16be(extensions.len()));
+    hello.extend_from_slice(&extensions);
+    let mut handshake = vec![1, 0]; // ClientHello, then a 24-bit length
+    handshake.extend_from_slice(&u16be(hello.len()));
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![22, 3, 1];
+    record.extend_from_slice(&u16be(handshake.len()));
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// What rustls itself would log about a peer's handshake (warning alerts, an illegal server name
+/// quoted whole) is not logged: anyone reaching a TLS port could otherwise write lines at will,
+/// past the sidecar's own limit on its handshake lines (a burst of 50, then 10 a second). Before,
+/// each of these connections wrote five warning lines, one of them holding 16 KB of the peer's
+/// bytes. A real sidecar at the default log level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_peer_sends_in_a_handshake_writes_few_log_lines() {
+    let pki = TestPki::new();
+    let me = pki.workload(SERVER);
+    let app = tcp_echo().await;
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("sidecar.log");
+    let admin = free_addr("127.0.0.93");
+    let inbound = free_addr("127.0.0.93");
+    let _sidecar = Proc::spawn(
+        "meshid-sidecar",
+        Command::new(workspace_bin("meshid-sidecar"))
+            .args(["run", "--cert"])
+            .arg(&me.cert_path)
+            .arg("--key")
+            .arg(&me.key_path)
+            .arg("--bundle")
+            .arg(&pki.bundle_path)
+            .args(["--inbound", &format!("{inbound}={app},tcp")])
+            .args(["--admin-listen", &admin.to_string()])
+            .env_remove("MESHID_LOG")
+            .env("MESHID_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    assert!(meshid_tests::process::wait_http_ok(
+        admin,
+        "/healthz",
+        Duration::from_secs(10)
+    ));
+    let started = Instant::now();
+    // Four warning alerts (bad_certificate, at the warning level), then a server name of control
+    // bytes.
+    let mut hostile = [21u8, 3, 3, 0, 2, 1, 42].repeat(4);
+    hostile.extend_from_slice(&client_hello_with_server_name(&[1u8; 16 * 1024]));
+    const CONNECTIONS: usize = 100;
+    for _ in 0..CONNECTIONS {
+        let mut tcp = TcpStream::connect(inbound).await.unwrap();
+        tcp.write_all(&hostile).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+    }
+    let (_, metrics) = http_get(admin, "/metrics").unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let refused = meshid_tests::mesh::metric(
+        &metrics,
+        "meshid_sidecar_tls_handshake_failures_total{",
+        &[],
+    );
+    assert!(refused >= CONNECTIONS as u64, "{metrics}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let from_rustls: Vec<_> = lines
+        .iter()
+        .filter(|v| {
+            v["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("rustls"))
+        })
+        .collect();
+    assert!(
+        from_rustls.is_empty(),
+        "{} rustls lines: {:?}",
+        from_rustls.len(),
+        from_rustls.first()
+    );
+    assert!(
+        (lines.len() as f64) < 20.0 + 50.0 + 10.0 * elapsed,
+        "{} lines in {elapsed:.1} s",
+        lines.len()
+    );
+    assert!(text.len() < 256 * 1024, "{} bytes of log", text.len());
 }
 
 /// An app whose every response is an endless chunked body, a small chunk every 100 ms (a stream:
