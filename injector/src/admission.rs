@@ -92,27 +92,42 @@ pub enum ParseError {
     TooDeep,
     #[error("not an AdmissionReview: {0}")]
     Invalid(serde_json::Error),
+    /// The API server's uids are UUIDs (36 characters); the uid is echoed in the answer and logged.
+    #[error("request.uid is longer than {MAX_UID} bytes: not a Kubernetes uid")]
+    UidTooLong,
 }
 
+/// The longest `request.uid` taken.
+pub const MAX_UID: usize = 128;
+
 impl ParseError {
-    /// A short label for metrics: `too_deep` or `invalid`.
+    /// A short label for metrics: `too_deep`, `invalid` or `uid_too_long`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::TooDeep => "too_deep",
             Self::Invalid(_) => "invalid",
+            Self::UidTooLong => "uid_too_long",
         }
     }
 }
 
 /// Parses a request body (serde_json's recursion limit applies: see the module docs).
 pub fn parse(body: &[u8]) -> Result<AdmissionReview, ParseError> {
-    serde_json::from_slice(body).map_err(|e| {
+    let review: AdmissionReview = serde_json::from_slice(body).map_err(|e| {
         if e.to_string().starts_with("recursion limit exceeded") {
             ParseError::TooDeep
         } else {
             ParseError::Invalid(e)
         }
-    })
+    })?;
+    if review
+        .request
+        .as_ref()
+        .is_some_and(|r| r.uid.len() > MAX_UID)
+    {
+        return Err(ParseError::UidTooLong);
+    }
+    Ok(review)
 }
 
 #[cfg(test)]
@@ -155,6 +170,14 @@ mod tests {
         let request = review.request.unwrap();
         assert!(request.is_pod());
         assert_eq!(request.uid, "u1");
+        let uid = "u".repeat(MAX_UID);
+        let body = format!(r#"{{"request": {{"uid": "{uid}"}}}}"#);
+        assert!(parse(body.as_bytes()).is_ok());
+        let body = format!(r#"{{"request": {{"uid": "{uid}x"}}}}"#);
+        assert!(matches!(
+            parse(body.as_bytes()),
+            Err(ParseError::UidTooLong)
+        ));
         assert_eq!(request.namespace.as_deref(), Some("shop"));
         assert!(request.old_object.is_none());
         // Wrong types are errors, not silently defaulted.

@@ -27,7 +27,7 @@ pub struct ReloadLabels {
 }
 
 /// Labels of a refused connection or request: why (`max_connections`, `max_connections_per_source`,
-/// `displaced`; `too_large`, `timeout`, `too_deep`, `invalid`, `busy`: no room in the review memory
+/// `displaced`; `too_large`, `timeout`, `too_deep`, `invalid`, `uid_too_long`, `busy`: no room in the review memory
 /// within `--review-wait`, `too_costly`: a body whose review could never fit in it).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {

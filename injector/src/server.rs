@@ -37,6 +37,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_runtime::admission::{Admission, Displaceable, Ticket};
+use meshid_runtime::log_limit::LogLimit;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -413,16 +414,29 @@ async fn handle(
     metrics.review(&output);
     let response = &output["response"];
     let request = input.request.as_ref();
-    tracing::info!(
-        %peer,
-        uid = %response["uid"],
-        operation = request.and_then(|r| r.operation.as_deref()).unwrap_or_default(),
-        namespace = request.and_then(|r| r.namespace.as_deref()).unwrap_or_default(),
-        allowed = %response["allowed"],
-        patched = response.get("patch").is_some(),
-        message = %response.pointer("/status/message").unwrap_or(&serde_json::Value::Null),
-        "admission review"
-    );
+    // Any pod that reaches the webhook's port can send reviews: a burst of lines, then a steady
+    // rate (the next line written counts those left out; the metrics count every review), each
+    // string cut short. The API server's own audit log has every admission.
+    static REVIEWED: LogLimit = LogLimit::new(200.0, 50.0);
+    if let Some(left_out) = REVIEWED.take() {
+        let clip = |s: &str| meshid_runtime::log_limit::clip(s, 256).to_owned();
+        let field = |s: Option<&String>| clip(s.map_or("", String::as_str));
+        let message = response
+            .pointer("/status/message")
+            .and_then(serde_json::Value::as_str)
+            .map(clip);
+        tracing::info!(
+            %peer,
+            uid = %response["uid"],
+            operation = field(request.and_then(|r| r.operation.as_ref())),
+            namespace = field(request.and_then(|r| r.namespace.as_ref())),
+            allowed = %response["allowed"],
+            patched = response.get("patch").is_some(),
+            message,
+            left_out,
+            "admission review"
+        );
+    }
     let answer = Bytes::from(output.to_string());
     drop(output);
     drop(input);

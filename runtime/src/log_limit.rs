@@ -68,6 +68,18 @@ impl LogLimit {
     }
 }
 
+/// `s` cut to at most `max` bytes (at a character boundary), for a log field that a peer chose.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +97,8 @@ mod tests {
         assert_eq!(b.take((5.0, 2.0), later), Some(95));
         assert_eq!(b.take((5.0, 2.0), later), Some(0));
         assert_eq!(b.take((5.0, 2.0), later), None);
+        assert_eq!(clip("short", 8), "short");
+        assert_eq!(clip("ééé", 3), "é");
         static SHARED: LogLimit = LogLimit::new(1.0, 0.001);
         assert_eq!(SHARED.take(), Some(0));
         assert_eq!(SHARED.take(), None);

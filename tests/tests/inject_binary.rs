@@ -367,6 +367,89 @@ async fn answer(
     answer["response"].clone()
 }
 
+/// Any pod that reaches the webhook can send reviews: the line each review writes is limited (a
+/// burst of 200, then 50 a second, the metrics counting every review) and cut short where the
+/// sender chose its text, and a `uid` no API server would send is refused. Before, every review
+/// wrote a line quoting whatever `kind` and `uid` it carried, at any rate and length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reviews_anyone_can_send_write_few_short_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let log = dir.path().join("injector.log");
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()])
+        .env("MESHID_LOG", "info")
+        .env("MESHID_LOG_FORMAT", "json")
+        .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    wait_healthy(addr, &roots).await;
+    let started = std::time::Instant::now();
+    const REVIEWS: usize = 400;
+    let wrong_kind = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": "u", "namespace": "n".repeat(8 * 1024),
+            "kind": {"group": "", "version": "v1", "kind": "K".repeat(8 * 1024)}},
+    })
+    .to_string();
+    for _ in 0..REVIEWS {
+        answer(addr, &roots, "/inject", &wrong_kind).await;
+    }
+    let long_uid = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {"uid": "u".repeat(64 * 1024)},
+    })
+    .to_string();
+    let (code, body) = https(addr, &roots, "POST", "/inject", &long_uid)
+        .await
+        .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("uid"), "{body}");
+    let elapsed = started.elapsed().as_secs_f64();
+    let reviewed: f64 = ["denied", "injected", "unchanged"]
+        .iter()
+        .map(|r| {
+            metric(
+                admin,
+                &format!("meshid_injector_reviews_total{{result=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    assert!(reviewed >= REVIEWS as f64, "{reviewed} reviews counted");
+    assert_eq!(
+        metric(
+            admin,
+            "meshid_injector_requests_refused_total{reason=\"uid_too_long\"}"
+        ),
+        1.0
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"admission review\""))
+        .collect();
+    assert!(!lines.is_empty(), "{text}");
+    assert!(
+        (lines.len() as f64) <= 200.0 + 50.0 * elapsed + 1.0,
+        "{} lines in {elapsed:.1} s",
+        lines.len()
+    );
+    let longest = lines.iter().map(|l| l.len()).max().unwrap();
+    assert!(longest < 2048, "a line of {longest} bytes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_updates_are_validated_never_patched() {
     let dir = tempfile::tempdir().unwrap();
