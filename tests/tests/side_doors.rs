@@ -1407,6 +1407,60 @@ async fn what_a_peer_sends_in_a_handshake_writes_few_log_lines() {
     assert!(text.len() < 256 * 1024, "{} bytes of log", text.len());
 }
 
+/// A local app that opens connections to an outbound whose upstream is down writes few log lines:
+/// a burst of 20, then 5 a second (the next line counts those left out), while the metrics count
+/// every failure. Before, each connection wrote a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_an_unavailable_upstream_write_few_log_lines() {
+    let pki = TestPki::new();
+    let me = pki.workload(CLIENT);
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("sidecar.log");
+    let admin = free_addr("127.0.0.93");
+    let outbound = free_addr("127.0.0.93");
+    // Nothing listens there.
+    let upstream = free_addr("127.0.0.93");
+    let _sidecar = Proc::spawn(
+        "meshid-sidecar",
+        Command::new(workspace_bin("meshid-sidecar"))
+            .args(["run", "--cert"])
+            .arg(&me.cert_path)
+            .arg("--key")
+            .arg(&me.key_path)
+            .arg("--bundle")
+            .arg(&pki.bundle_path)
+            .args(["--outbound", &format!("{outbound}={upstream},{SERVER},tcp")])
+            .args(["--admin-listen", &admin.to_string()])
+            .env("MESHID_LOG", "info")
+            .env("MESHID_LOG_FORMAT", "json")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    assert!(meshid_tests::process::wait_http_ok(
+        admin,
+        "/healthz",
+        Duration::from_secs(10)
+    ));
+    let started = Instant::now();
+    const CONNECTIONS: usize = 300;
+    for _ in 0..CONNECTIONS {
+        let mut tcp = TcpStream::connect(outbound).await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("upstream unavailable"))
+        .count();
+    assert!(lines >= 1, "{text}");
+    assert!(
+        (lines as f64) <= 20.0 + 5.0 * elapsed + 1.0,
+        "{lines} lines for {CONNECTIONS} connections in {elapsed:.1} s"
+    );
+}
+
 /// An app whose every response is an endless chunked body, a small chunk every 100 ms (a stream:
 /// SSE, a gRPC server stream, a long download).
 async fn streaming_app() -> SocketAddr {

@@ -423,7 +423,9 @@ async fn inbound_request(
             );
         }
         Ok(Err(error)) => {
-            tracing::warn!(%error, target = %http.target, "app request failed");
+            if let Some(left_out) = super::APP_FAILED.take() {
+                tracing::warn!(%error, target = %http.target, left_out, "app request failed");
+            }
             return reply(
                 StatusCode::BAD_GATEWAY,
                 format!("the app is unreachable: {error}"),

@@ -56,7 +56,11 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             Ok(admitted) => admitted,
             Err(refused) => {
                 shared.metrics.refused("inbound", port, refused.reason());
-                tracing::warn!(peer_addr = %addr, port, "connection limit reached and every connection authenticated; refusing");
+                // Once the slots are full anyone can cause this line: a burst, then one a second.
+                static FULL: LogLimit = LogLimit::new(10.0, 1.0);
+                if let Some(left_out) = FULL.take() {
+                    tracing::warn!(peer_addr = %addr, port, left_out, "connection limit reached and every connection authenticated; refusing");
+                }
                 continue;
             }
         };
@@ -110,6 +114,11 @@ struct Listener {
     /// Connections per authenticated peer (`--max-connections-per-peer`).
     peers: PeerCounts,
 }
+
+/// Lines about the local app failing a peer's request or connection: each peer's request can cause
+/// one, so a burst, then a steady rate (the next line written counts those left out; the metrics
+/// count every request).
+pub(crate) static APP_FAILED: LogLimit = LogLimit::new(20.0, 5.0);
 
 async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, slot: Arc<ConnSlot>) {
     let (spec, shared, authz, peers) = (&l.spec, &l.shared, &l.authz, &l.peers);

@@ -33,11 +33,15 @@ pub async fn proxy(
     {
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
-            tracing::warn!(%error, target = %spec.target, "app unreachable");
+            if let Some(left_out) = super::APP_FAILED.take() {
+                tracing::warn!(%error, target = %spec.target, left_out, "app unreachable");
+            }
             return;
         }
         Err(_) => {
-            tracing::warn!(target = %spec.target, "app connect timed out");
+            if let Some(left_out) = super::APP_FAILED.take() {
+                tracing::warn!(target = %spec.target, left_out, "app connect timed out");
+            }
             return;
         }
     };
@@ -46,7 +50,9 @@ pub async fn proxy(
     if spec.proxy_protocol {
         let header = super::proxy_header::encode(peer.addr, local, peer.id().as_str());
         if let Err(error) = app.write_all(&header).await {
-            tracing::warn!(%error, target = %spec.target, "app closed before the PROXY header");
+            if let Some(left_out) = super::APP_FAILED.take() {
+                tracing::warn!(%error, target = %spec.target, left_out, "app closed before the PROXY header");
+            }
             return;
         }
     }

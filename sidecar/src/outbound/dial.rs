@@ -15,6 +15,12 @@ use crate::http::root_cause;
 use crate::settings::Outbound;
 use crate::tls::ClientTlsStream as TlsStream;
 
+/// Lines about an upstream refusing or failing: each connection or request of the local app can
+/// cause one, so a burst, then a steady rate (the next line written counts those left out; the
+/// metrics count every failure).
+pub(crate) static UPSTREAM_FAILED: meshid_runtime::log_limit::LogLimit =
+    meshid_runtime::log_limit::LogLimit::new(20.0, 5.0);
+
 /// What an HTTP upstream connection will carry (its ALPN); TCP upstreams offer none either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Alpn {
@@ -73,7 +79,9 @@ pub async fn dial_with(
                 .and_then(|e| e.downcast_ref::<rustls::Error>());
             let reason = tls_error.map(failure_label).unwrap_or("protocol");
             shared.metrics.handshake_failed("outbound", port, reason);
-            tracing::warn!(upstream = %spec.remote, expected = %spec.expected, reason = %root_cause(&error), "upstream refused");
+            if let Some(left_out) = UPSTREAM_FAILED.take() {
+                tracing::warn!(upstream = %spec.remote, expected = %spec.expected, reason = %root_cause(&error), left_out, "upstream refused");
+            }
             match tls_error {
                 Some(tls_error) => Err(io::Error::new(error.kind(), describe(tls_error))),
                 None => Err(error),

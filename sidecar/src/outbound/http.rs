@@ -218,7 +218,11 @@ async fn outbound_request(
             );
         }
         Ok(Err(reason)) => {
-            tracing::warn!(upstream = %out.remote, %reason, "upstream request failed");
+            if let Some(left_out) = super::dial::UPSTREAM_FAILED.take() {
+                // The reason can quote an upstream's GOAWAY debug data.
+                let reason = meshid_runtime::log_limit::clip(&reason, 512);
+                tracing::warn!(upstream = %out.remote, %reason, left_out, "upstream request failed");
+            }
             return reply(
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {} refused: {reason}", out.remote),

@@ -26,7 +26,9 @@ pub async fn proxy(
             dialled
         }
         Err(error) => {
-            tracing::warn!(reason = %root_cause(&error), "closing the app's connection: upstream unavailable");
+            if let Some(left_out) = super::dial::UPSTREAM_FAILED.take() {
+                tracing::warn!(reason = %root_cause(&error), left_out, "closing the app's connection: upstream unavailable");
+            }
             return;
         }
     };

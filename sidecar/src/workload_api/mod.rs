@@ -43,6 +43,7 @@ use meshid_proto::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
+use meshid_runtime::log_limit::LogLimit;
 use meshid_runtime::time::unix_now;
 use rustls::pki_types::CertificateDer;
 use tokio::net::UnixListener;
@@ -179,11 +180,16 @@ pub async fn serve(
                 () = meshid_runtime::net::stopped(&mut accept_shutdown) => return,
             };
             let Ok(admitted) = slots.admit(std::net::Ipv4Addr::LOCALHOST.into()) else {
-                tracing::warn!(
-                    MAX_CONNECTIONS,
-                    "workload API connection limit reached, every connection in a call; closing \
-                     a new connection"
-                );
+                // One line per connection attempt a local process makes: a burst, then one a second.
+                static FULL: LogLimit = LogLimit::new(10.0, 1.0);
+                if let Some(left_out) = FULL.take() {
+                    tracing::warn!(
+                        MAX_CONNECTIONS,
+                        left_out,
+                        "workload API connection limit reached, every connection in a call; \
+                         closing a new connection"
+                    );
+                }
                 continue;
             };
             let (server, ours) = tokio::io::duplex(64 * 1024);
