@@ -107,13 +107,49 @@ pub(crate) struct Bare<D: Dial> {
     /// Idle connections and when each went idle, the most recently used last.
     idle: Mutex<Vec<(Held<D::Wire>, Instant)>>,
     /// Connections carrying an exchange (from the request until its response body has been read
-    /// to its end or dropped), and the most there may be; counted only when capped.
-    busy: Arc<AtomicUsize>,
-    max_busy: usize,
+    /// to its end or dropped), and the most there may be.
+    cap: BusyCap,
 }
 
-/// One of a capped pool's connections counted as carrying an exchange, until dropped.
-struct Busy(Arc<AtomicUsize>);
+/// A cap on connections carrying an exchange at once, which pools can share (the inbound's two
+/// pools to one app): clones count together.
+#[derive(Clone)]
+pub(crate) struct BusyCap {
+    busy: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl BusyCap {
+    /// At most `max` at once; `usize::MAX`: no cap, nothing counted.
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            busy: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// Counts one more connection carrying an exchange, until the guard is dropped (`None` when
+    /// uncapped); [`BUSY`] when the cap is reached.
+    pub(crate) fn reserve(&self) -> Result<Option<Busy>, String> {
+        if self.max == usize::MAX {
+            return Ok(None);
+        }
+        if self.busy.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            return Err(BUSY.to_owned());
+        }
+        Ok(Some(Busy(self.busy.clone())))
+    }
+
+    /// Connections counted now.
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
+/// One connection counted as carrying an exchange, until dropped.
+pub(crate) struct Busy(Arc<AtomicUsize>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
@@ -134,6 +170,7 @@ pub(crate) fn suits<B: HttpBody>(req: &Request<B>) -> bool {
 }
 
 impl<D: Dial> Bare<D> {
+    #[cfg(test)]
     pub(crate) fn new(dialer: D, idle_timeout: Duration) -> Arc<Self> {
         Self::capped(dialer, idle_timeout, usize::MAX)
     }
@@ -142,31 +179,23 @@ impl<D: Dial> Bare<D> {
     /// client does not read holds its connection): past it, [`Bare::request`] answers [`BUSY`]
     /// without dialing. `usize::MAX`: no cap, nothing counted.
     pub(crate) fn capped(dialer: D, idle_timeout: Duration, max_busy: usize) -> Arc<Self> {
+        Self::sharing(dialer, idle_timeout, BusyCap::new(max_busy))
+    }
+
+    /// A pool whose connections count against `cap` with those of whoever else holds it.
+    pub(crate) fn sharing(dialer: D, idle_timeout: Duration, cap: BusyCap) -> Arc<Self> {
         Arc::new(Self {
             dialer,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
-            busy: Arc::new(AtomicUsize::new(0)),
-            max_busy,
+            cap,
         })
-    }
-
-    /// Counts one more connection carrying an exchange; `Err` when the cap is reached.
-    fn reserve(&self) -> Result<Option<Busy>, String> {
-        if self.max_busy == usize::MAX {
-            return Ok(None);
-        }
-        if self.busy.fetch_add(1, Ordering::AcqRel) >= self.max_busy {
-            self.busy.fetch_sub(1, Ordering::AcqRel);
-            return Err(BUSY.to_owned());
-        }
-        Ok(Some(Busy(self.busy.clone())))
     }
 
     /// Connections carrying an exchange now (counted only when capped).
     #[cfg(test)]
     fn busy_count(&self) -> usize {
-        self.busy.load(Ordering::Acquire)
+        self.cap.count()
     }
 
     /// Its dialer.
@@ -181,7 +210,7 @@ impl<D: Dial> Bare<D> {
         self: &Arc<Self>,
         head: &http::request::Parts,
     ) -> Result<Response<Body>, String> {
-        let busy = self.reserve()?;
+        let busy = self.cap.reserve()?;
         let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut wire = Vec::new();
         h1::write_request_head(&mut wire, &head.method, target, &head.headers);

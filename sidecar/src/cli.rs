@@ -309,6 +309,15 @@ pub struct RunArgs {
         default_value = "4"
     )]
     pub max_upstream_h2_connections: String,
+    /// Most HTTP/1.1 connections to one inbound's app carrying a peer's request at once (a
+    /// response the peer does not take holds its connection); past it a request is answered 503 at
+    /// once. Upgraded connections (WebSocket) are not counted: each holds a peer connection.
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_MAX_APP_CONNECTIONS",
+        default_value = "1024"
+    )]
+    pub max_app_connections: String,
     /// Time the app (or upstream) has to answer with response headers.
     #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
@@ -469,6 +478,7 @@ impl RunArgs {
             "max-upstream-http1-connections",
             &self.max_upstream_http1_connections,
         );
+        let max_app_connections = at_least_one("max-app-connections", &self.max_app_connections);
         let max_upstream_h2_connections = at_least_one(
             "max-upstream-h2-connections",
             &self.max_upstream_h2_connections,
@@ -486,6 +496,7 @@ impl RunArgs {
             upstream_ping: Limits::default().upstream_ping,
             max_upstream_http1_connections,
             max_upstream_h2_connections,
+            max_app_connections,
         }
     }
 

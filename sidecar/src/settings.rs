@@ -71,6 +71,11 @@ pub struct Limits {
     /// when every earlier one has all the streams the upstream allows in use; past them a request
     /// is answered 503 at once.
     pub max_upstream_h2_connections: usize,
+    /// Most HTTP/1.1 connections to one inbound's app carrying a peer's request at once
+    /// (`--max-app-connections`); past it a request is answered 503 at once. A response the peer
+    /// does not take (an h2 stream window of zero) holds its app connection, and without a cap a
+    /// peer could make the sidecar open app connections until loopback's ephemeral ports ran out.
+    pub max_app_connections: usize,
 }
 
 impl Default for Limits {
@@ -88,6 +93,7 @@ impl Default for Limits {
             upstream_ping: Duration::from_secs(30),
             max_upstream_http1_connections: 64,
             max_upstream_h2_connections: 4,
+            max_app_connections: 1024,
         }
     }
 }

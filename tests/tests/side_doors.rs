@@ -1550,6 +1550,53 @@ async fn a_policy_that_drops_the_peer_ends_its_http_streams() {
     );
 }
 
+/// Responses a peer leaves untaken hold at most `max_app_connections` connections to the app: past
+/// it a request is answered 503 at once, and once a held response goes its connection is free for
+/// the next request. Before, every such response held one more app connection (a peer with an h2
+/// window of zero and 200 streams on each of its connections could use up loopback's ephemeral
+/// ports, and every other peer got 502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_left_untaken_hold_no_more_app_connections_than_the_cap() {
+    let limits = Limits {
+        max_app_connections: 2,
+        ..Limits::default()
+    };
+    let e = http_sidecar_for(
+        "127.0.0.94",
+        streaming_app().await,
+        limits,
+        http_policy(&[CLIENT, OTHER]),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let other = e.pki.workload(OTHER);
+    let first = open_stream(&e.pki, &e.sidecar, &client).await;
+    let _second = open_stream(&e.pki, &e.sidecar, &client).await;
+    let mut tls = connect_as(&e.pki, &e.sidecar, &other).await.unwrap();
+    tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let mut body = [0u8; 512];
+    let n = tls.read(&mut body).await.unwrap();
+    let body = String::from_utf8_lossy(&body[..n]);
+    assert!(body.contains("--max-app-connections"), "{body}");
+    drop(first);
+    let freed = eventually(Duration::from_secs(10), || async {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &other).await.unwrap();
+        tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        read_head(&mut tls).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(
+        freed,
+        "the dropped stream's app connection was never let go"
+    );
+}
+
 /// An app that streams on `/stream` (a chunk every 100 ms, never ending) and answers `ok` to
 /// anything else.
 async fn stream_or_ok_app() -> SocketAddr {

@@ -12,6 +12,8 @@
 //! A request that a pooled connection hands back unsent (the app closed it as we took it) is sent
 //! again on another one; a request that a new connection fails is answered with the error. Idle
 //! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept in each pool.
+//! At most `--max-app-connections` connections of both pools carry a request at once (a response a
+//! peer does not take holds its connection); past it a request is refused without dialing.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -29,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 pub use crate::bare::MAX_IDLE;
-use crate::bare::{Bare, TcpDial};
+use crate::bare::{Bare, Busy, BusyCap, TcpDial};
 use crate::http::{Body, BoxError, ReqBody, root_cause};
 
 /// How long an idle app connection is kept for the next request.
@@ -51,6 +53,8 @@ pub struct AppH1<B = ReqBody> {
     idle: Mutex<Vec<Idle<B>>>,
     /// Connections for bodiless requests.
     bare: Arc<Bare<TcpDial>>,
+    /// Connections of both pools carrying a request at once (`--max-app-connections`).
+    cap: BusyCap,
 }
 
 impl<B> AppH1<B>
@@ -59,20 +63,24 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// A pool for `target`; a task closes connections idle for longer than [`IDLE_TIMEOUT`] while
-    /// the pool lives. Must be called within the runtime.
-    pub fn new(target: SocketAddr, connect_timeout: Duration) -> Arc<Self> {
+    /// A pool for `target` with at most `max_busy` connections (of both kinds) carrying a request
+    /// at once ([`crate::bare::BUSY`] past it; `usize::MAX`: no cap); a task closes connections idle
+    /// for longer than [`IDLE_TIMEOUT`] while the pool lives. Must be called within the runtime.
+    pub fn new(target: SocketAddr, connect_timeout: Duration, max_busy: usize) -> Arc<Self> {
+        let cap = BusyCap::new(max_busy);
         let pool = Arc::new(Self {
             target,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
-            bare: Bare::new(
+            bare: Bare::sharing(
                 TcpDial {
                     target,
                     connect_timeout,
                 },
                 IDLE_TIMEOUT,
+                cap.clone(),
             ),
+            cap,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -111,6 +119,7 @@ where
             let (head, _empty) = req.into_parts();
             return self.bare.request(&head).await;
         }
+        let busy = self.cap.reserve()?;
         let sent = Arc::new(AtomicBool::new(false));
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         loop {
@@ -135,6 +144,7 @@ where
                             done: false,
                             back,
                             sent,
+                            _busy: busy,
                         }
                         .boxed()
                     }));
@@ -246,6 +256,9 @@ struct AppBody<B> {
     back: Option<(Sender<B>, Weak<AppH1<B>>)>,
     /// Set when the request's body has been sent to its end.
     sent: Arc<AtomicBool>,
+    /// Counts the connection against the cap until the body is dropped (a `101` hands the
+    /// connection to the upgraded stream, which the peer's connection slot counts instead).
+    _busy: Option<Busy>,
 }
 
 impl<B> AppBody<B> {
@@ -388,7 +401,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_response_is_read() {
         for kind in BOTH {
             let (addr, accepted) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             for _ in 0..5 {
                 let resp = pool.request(req(kind)).await.unwrap();
                 assert_eq!(text(resp).await, "hi");
@@ -402,7 +415,7 @@ mod tests {
     async fn a_response_still_being_read_holds_its_connection() {
         for kind in BOTH {
             let (addr, accepted) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             let first = pool.request(req(kind)).await.unwrap();
             let second = pool.request(req(kind)).await.unwrap();
             assert_eq!(*accepted.lock().unwrap(), 2);
@@ -413,11 +426,37 @@ mod tests {
         }
     }
 
+    /// Both pools count against one cap: responses held on one kind of connection leave no room
+    /// for a request of the other kind, and one let go makes room again.
+    #[tokio::test]
+    async fn held_responses_of_both_pools_count_against_one_cap() {
+        for (held, next) in [(Kind::Bare, Kind::Hyper), (Kind::Hyper, Kind::Bare)] {
+            let (addr, accepted) = app("hi", None).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), 2);
+            let first = pool.request(req(held)).await.unwrap();
+            let second = pool.request(req(next)).await.unwrap();
+            let refused = pool.request(req(held)).await.unwrap_err();
+            assert_eq!(refused, crate::bare::BUSY, "{held:?}");
+            assert_eq!(
+                pool.request(req(next)).await.unwrap_err(),
+                crate::bare::BUSY
+            );
+            assert_eq!(
+                *accepted.lock().unwrap(),
+                2,
+                "no connection dialed past the cap"
+            );
+            drop(first);
+            assert_eq!(text(pool.request(req(next)).await.unwrap()).await, "hi");
+            assert_eq!(text(second).await, "hi");
+        }
+    }
+
     #[tokio::test]
     async fn a_body_dropped_unread_does_not_return_its_connection() {
         for kind in BOTH {
             let (addr, _) = app("a longer body", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             drop(pool.request(req(kind)).await.unwrap());
             assert_eq!(pool.idle_count(), 0);
         }
@@ -428,7 +467,7 @@ mod tests {
         for kind in BOTH {
             // The app closes every connection after one response, without saying so.
             let (addr, accepted) = app("hi", Some(1)).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             for _ in 0..4 {
                 let resp = pool.request(req(kind)).await.unwrap();
                 assert_eq!(text(resp).await, "hi");
@@ -445,7 +484,7 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             drop(listener);
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             let error = pool.request(req(kind)).await.unwrap_err();
             assert!(error.contains("refused"), "{error}");
         }
@@ -497,7 +536,7 @@ mod tests {
             // Keep the connection open for the next request's check.
             let _ = s.read(&mut chunk).await;
         });
-        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5));
+        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let req = Request::post("/")
             .header("host", "app")
@@ -550,7 +589,7 @@ mod tests {
                 });
             }
         });
-        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5));
+        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
         let post = |rx| {
             Request::post("/")
                 .header("host", "app")
@@ -585,7 +624,7 @@ mod tests {
     async fn a_connection_the_app_closed_while_idle_is_let_go_at_the_next_prune() {
         for kind in BOTH {
             let (addr, _) = app("hi", Some(1)).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             assert_eq!(text(pool.request(req(kind)).await.unwrap()).await, "hi");
             // The app closes its side after one response; pruning sees it with no request coming.
             for _ in 0..500 {
@@ -603,7 +642,7 @@ mod tests {
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         for kind in BOTH {
             let (addr, _) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5));
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
             text(pool.request(req(kind)).await.unwrap()).await;
             assert_eq!(pool.idle_count(), 1);
             tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;

@@ -55,7 +55,11 @@ impl InboundHttp {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(shared.limits.connect_timeout));
-        let h1 = AppH1::new(spec.target, shared.limits.connect_timeout);
+        let h1 = AppH1::new(
+            spec.target,
+            shared.limits.connect_timeout,
+            shared.limits.max_app_connections,
+        );
         Self {
             target: spec.target,
             authority: authority_of(spec.target),
@@ -69,13 +73,23 @@ impl InboundHttp {
     /// connection's flow-control window only as its answers are taken, and a peer that takes none
     /// (a stream window of zero on its own connection) would fill a shared connection's window
     /// and stall every other peer's h2 answers behind its own.
+    ///
+    /// Its windows are small (256 KiB a stream, 1 MiB the connection; hyper's defaults are 2 and
+    /// 5 MiB): what the app sends ahead of a peer that takes nothing waits in this sidecar's memory,
+    /// once per peer connection, and on loopback a small window costs no speed.
     fn app_h2(&self) -> Client<HttpConnector, ReqBody> {
         Client::builder(TokioExecutor::new())
             .http2_only(true)
+            .http2_initial_stream_window_size(APP_H2_STREAM_WINDOW)
+            .http2_initial_connection_window_size(APP_H2_CONNECTION_WINDOW)
             .pool_idle_timeout(super::app::IDLE_TIMEOUT)
             .build(self.connector.clone())
     }
 }
+
+/// The h2 receive windows of a peer connection's client to the app ([`InboundHttp::app_h2`]).
+const APP_H2_STREAM_WINDOW: u32 = 256 * 1024;
+const APP_H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// The largest form body read to find its `_method` fields; a larger one is refused (413).
 pub const MAX_FORM_BODY: usize = 1 << 20;
@@ -419,6 +433,16 @@ async fn inbound_request(
                 format!(
                     "the app did not answer within {:?}",
                     shared.limits.request_timeout
+                ),
+            );
+        }
+        Ok(Err(error)) if error == crate::bare::BUSY => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} connections to the app are carrying requests \
+                     (--max-app-connections); try again later",
+                    shared.limits.max_app_connections
                 ),
             );
         }
