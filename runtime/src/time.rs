@@ -42,9 +42,63 @@ async fn sleep_wall_by(wait: Duration, wall: impl Fn() -> SystemTime) {
     }
 }
 
+/// How far the wall clock may move against the monotonic clock between two looks of
+/// [`watch_clock`] before it counts as moved (NTP slews by far less).
+pub const CLOCK_STEP: Duration = Duration::from_secs(2);
+
+/// How far the wall clock moved against the monotonic clock between two readings of both, in
+/// seconds: positive when the wall clock went ahead (stepped forward, or the machine slept: the
+/// monotonic clock does not count a suspend), negative when it went back.
+pub fn clock_moved_by(
+    then: (SystemTime, std::time::Instant),
+    now: (SystemTime, std::time::Instant),
+) -> f64 {
+    let wall = match now.0.duration_since(then.0) {
+        Ok(ahead) => ahead.as_secs_f64(),
+        Err(back) => -back.duration().as_secs_f64(),
+    };
+    wall - now.1.saturating_duration_since(then.1).as_secs_f64()
+}
+
+/// Looks at both clocks every [`WALL_CLOCK_CHECK`] and calls `on_move` with how far the wall clock
+/// moved (seconds, [`clock_moved_by`]) whenever that is [`CLOCK_STEP`] or more either way. Runs
+/// until dropped.
+pub async fn watch_clock(mut on_move: impl FnMut(f64) + Send) {
+    let read = || (SystemTime::now(), std::time::Instant::now());
+    let mut then = read();
+    loop {
+        tokio::time::sleep(WALL_CLOCK_CHECK).await;
+        let now = read();
+        let moved = clock_moved_by(then, now);
+        if moved.abs() >= CLOCK_STEP.as_secs_f64() {
+            on_move(moved);
+        }
+        then = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wall_clock_moving_apart_from_the_monotonic_one_is_measured_both_ways() {
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mono = std::time::Instant::now();
+        let later = |wall_s: u64, mono_s: u64| {
+            (
+                wall + Duration::from_secs(wall_s),
+                mono + Duration::from_secs(mono_s),
+            )
+        };
+        // In step, a suspend of an hour (the monotonic clock stood still), a step back.
+        assert_eq!(clock_moved_by((wall, mono), later(5, 5)), 0.0);
+        assert_eq!(clock_moved_by((wall, mono), later(3605, 5)), 3600.0);
+        assert_eq!(
+            clock_moved_by((wall + Duration::from_secs(60), mono), later(5, 5)),
+            -60.0
+        );
+    }
 
     #[tokio::test]
     async fn expiry_in_the_past_is_now() {

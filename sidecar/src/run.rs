@@ -211,6 +211,19 @@ pub async fn start(
         trim_metrics.heap_trimmed(released, started.elapsed());
     }));
 
+    // Connection deadlines are monotonic timers set at the handshake; certificate validity is
+    // wall-clock time. When the two clocks part (an NTP step, a resumed VM), every open connection
+    // looks at its peer's expiry again by the wall clock.
+    let stepped = shared.creds.clone();
+    tokio::spawn(meshid_runtime::time::watch_clock(move |moved| {
+        tracing::warn!(
+            moved_secs = moved,
+            "the wall clock moved apart from the monotonic clock; checking every open connection's \
+             peer certificate against it"
+        );
+        stepped.clock_moved();
+    }));
+
     let mut app_svids = None;
     let mut jwt_svids = None;
     if let CredSource::Ca(mode) = &config.creds {

@@ -44,6 +44,18 @@ pub enum Distrusted {
     Revoked(Revoked),
     /// Its chain no longer verifies against the bundle (its root or intermediate was removed).
     Unanchored,
+    /// Its certificate expired by the wall clock (plus the grace its connection has), found when
+    /// the wall clock moved apart from the monotonic one that times the connection's own deadline
+    /// ([`CredentialStore::clock_moved`]).
+    Expired { not_after: i64 },
+}
+
+impl Distrusted {
+    /// Whether the bundle no longer trusts the peer (a revocation or a missing anchor), as
+    /// `revoked_peer_connections_closed_total` counts; not an expiry.
+    pub fn by_bundle(&self) -> bool {
+        !matches!(self, Self::Expired { .. })
+    }
 }
 
 impl fmt::Display for Distrusted {
@@ -53,6 +65,11 @@ impl fmt::Display for Distrusted {
             Self::Unanchored => {
                 f.write_str("its chain no longer verifies against the trust bundle")
             }
+            Self::Expired { not_after } => write!(
+                f,
+                "its certificate expired at {not_after} (Unix seconds) by the wall clock, which \
+                 moved ahead of the connection's timer"
+            ),
         }
     }
 }
@@ -310,6 +327,12 @@ impl CredentialStore {
             .is_some_and(|c| std::ptr::eq(c, s))
     }
 
+    /// The wall clock moved apart from the monotonic clock (by more than a second or two): every
+    /// open connection's watch looks at its peer again ([`Self::distrusts`]), its expiry included.
+    pub fn clock_moved(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
     /// Notified with a new generation number on every accepted set.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
@@ -335,11 +358,12 @@ impl CredentialStore {
         chain: &[CertificateDer<'_>],
         usage: webpki::KeyUsage,
         mut trust_key: u64,
+        expiry: Option<i64>,
     ) -> Distrusted {
         let mut changes = self.generation.subscribe();
         loop {
             changes.borrow_and_update();
-            if let Some(why) = self.distrusts(peer, chain, usage, &mut trust_key) {
+            if let Some(why) = self.distrusts(peer, chain, usage, &mut trust_key, expiry) {
                 return why;
             }
             if changes.changed().await.is_err() {
@@ -354,13 +378,27 @@ impl CredentialStore {
     /// bundle in force when the chain is verified again. For a caller that watches the trust
     /// ([`Self::subscribe`]) along with other things in one future: mark the change seen first,
     /// then look.
+    ///
+    /// `expiry`: when the connection's age is capped, the seconds after the peer's not-after it
+    /// may still live (its grace); the peer is then distrusted once the wall clock is past that.
+    /// The connection's own deadline is a monotonic timer set at the handshake, which a wall clock
+    /// stepped forward (an NTP correction, a resumed VM) leaves behind: this look, made again
+    /// whenever [`Self::clock_moved`] says so, catches up with it.
     pub fn distrusts(
         &self,
         peer: &VerifiedPeer,
         chain: &[CertificateDer<'_>],
         usage: webpki::KeyUsage,
         trust_key: &mut u64,
+        expiry: Option<i64>,
     ) -> Option<Distrusted> {
+        if let Some(grace) = expiry
+            && meshid_runtime::time::unix_now() > peer.not_after.saturating_add(grace)
+        {
+            return Some(Distrusted::Expired {
+                not_after: peer.not_after,
+            });
+        }
         let current = self.current.load();
         let s = current.as_deref()?;
         if let Some(revoked) = s.anchors.revokes(peer) {
@@ -670,6 +708,44 @@ mod tests {
         ));
     }
 
+    /// A connection's peer whose certificate has expired by the wall clock is distrusted when the
+    /// wall clock is found to have moved apart from the monotonic one, not before (nothing else
+    /// looks at it between trust changes), and only if the connection's age is capped.
+    #[tokio::test]
+    async fn a_peer_expired_by_the_wall_clock_is_distrusted_when_the_clock_moved() {
+        const PEER: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let pki = TestPki::new("ours");
+        let store = CredentialStore::new(Vec::new());
+        let at_handshake = store.set_certificate(set(&pki, pki.leaf(ME))).unwrap();
+        let chain = pki.leaf(PEER).chain;
+        let mut peer = VerifiedPeer::from_leaf(&chain[0]).unwrap();
+        peer.not_after = meshid_runtime::time::unix_now() + 1;
+        let watch = |expiry| {
+            store.until_distrusted(
+                &peer,
+                &chain,
+                webpki::KeyUsage::client_auth(),
+                at_handshake.trust_key,
+                expiry,
+            )
+        };
+        let (capped, uncapped) = (watch(Some(0)), watch(None));
+        tokio::pin!(capped, uncapped);
+        let soon = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(soon, &mut capped).await.is_err());
+        // Past the not-after by the wall clock: nothing has looked again yet.
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        assert!(tokio::time::timeout(soon, &mut capped).await.is_err());
+        store.clock_moved();
+        assert_eq!(
+            tokio::time::timeout(soon, &mut capped).await,
+            Ok(Distrusted::Expired {
+                not_after: peer.not_after
+            })
+        );
+        assert!(tokio::time::timeout(soon, &mut uncapped).await.is_err());
+    }
+
     #[tokio::test]
     async fn a_peer_is_distrusted_once_its_root_leaves_the_bundle_and_not_before() {
         const PEER: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -688,6 +764,7 @@ mod tests {
             &chain,
             webpki::KeyUsage::client_auth(),
             at_handshake.trust_key,
+            None,
         );
         tokio::pin!(distrusted);
         let soon = std::time::Duration::from_millis(50);

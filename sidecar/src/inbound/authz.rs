@@ -259,6 +259,7 @@ impl Authorizer {
             self.shared.metrics.revoked_peer_closes.clone(),
             self.shared.metrics.connections_revoked.clone(),
         );
+        let expiry = self.shared.limits.cap_connection_age.then_some(0);
         async move {
             let mut trust_key = peer.trust_key;
             let (mut trust_open, mut policies_open) = (true, true);
@@ -269,6 +270,7 @@ impl Authorizer {
                     &peer.chain,
                     webpki::KeyUsage::client_auth(),
                     &mut trust_key,
+                    expiry,
                 ) {
                     closed_untrusted(&metrics.0, &peer, port, &why);
                     return;
@@ -332,6 +334,7 @@ impl Authorizer {
         let (chain, trust_key) = (peer.chain.clone(), peer.trust_key);
         let addr = peer.addr;
         let port = self.port;
+        let expiry = self.shared.limits.cap_connection_age.then_some(0);
         let closed = self
             .shared
             .metrics
@@ -348,9 +351,12 @@ impl Authorizer {
                     &chain,
                     webpki::KeyUsage::client_auth(),
                     trust_key,
+                    expiry,
                 )
                 .await;
-            closed.inc();
+            if why.by_bundle() {
+                closed.inc();
+            }
             log_untrusted(&verified.id, addr, port, &why);
         }
     }
@@ -576,12 +582,14 @@ fn closed_untrusted(
     port: u16,
     why: &crate::creds::Distrusted,
 ) {
-    closes
-        .get_or_create(&crate::metrics::ConnLabels {
-            direction: "inbound",
-            port,
-        })
-        .inc();
+    if why.by_bundle() {
+        closes
+            .get_or_create(&crate::metrics::ConnLabels {
+                direction: "inbound",
+                port,
+            })
+            .inc();
+    }
     log_untrusted(&peer.verified.id, peer.addr, port, why);
 }
 

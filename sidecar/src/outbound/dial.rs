@@ -106,12 +106,17 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
 /// longer verifies against the bundle (logged and counted); never when its certificate cannot be
 /// read (the connection is over anyway). `presented` is the snapshot the handshake verified the
 /// upstream against ([`dial_with`]): a bundle change during the handshake is then looked at too.
+///
+/// `expiry`: the seconds past the upstream's not-after its connection may live, when its age is
+/// capped; once the wall clock is past that it resolves too (looked at again when the wall clock
+/// moves apart from the monotonic one: [`crate::creds::CredentialStore::clock_moved`]).
 pub fn upstream_revoked(
     tls: &TlsStream<TcpStream>,
     presented: &Snapshot,
     port: u16,
     shared: &Shared,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+    expiry: Option<i64>,
+) -> impl std::future::Future<Output = crate::creds::Distrusted> + Send + 'static {
     let chain: Vec<_> = tls
         .get_ref()
         .1
@@ -138,10 +143,19 @@ pub fn upstream_revoked(
             return std::future::pending().await;
         };
         let why = creds
-            .until_distrusted(&peer, &chain, webpki::KeyUsage::server_auth(), trust_key)
+            .until_distrusted(
+                &peer,
+                &chain,
+                webpki::KeyUsage::server_auth(),
+                trust_key,
+                expiry,
+            )
             .await;
-        closed.inc();
+        if why.by_bundle() {
+            closed.inc();
+        }
         tracing::warn!(upstream = %peer.id, port, why = %why, "closing: the upstream is no longer trusted");
+        why
     }
 }
 
@@ -157,9 +171,10 @@ pub fn upstream_http_ended(
     port: u16,
     shared: &Shared,
 ) -> impl std::future::Future<Output = &'static str> + Send + Sync + 'static {
-    let revoked = upstream_revoked(tls, presented, port, shared);
-    let expired =
-        upstream_deadline(tls, shared.limits.cap_connection_age).map(|d| d + shared.limits.grace);
+    let grace = i64::try_from(shared.limits.grace.as_secs()).unwrap_or(i64::MAX);
+    let cap = shared.limits.cap_connection_age;
+    let revoked = upstream_revoked(tls, presented, port, shared, cap.then_some(grace));
+    let expired = upstream_deadline(tls, cap).map(|d| d + shared.limits.grace);
     async move {
         let expired = async {
             match expired {
@@ -167,9 +182,15 @@ pub fn upstream_http_ended(
                 None => std::future::pending().await,
             }
         };
+        const EXPIRED: &str =
+            "the upstream's certificate expired (and the grace period after it passed)";
         tokio::select! {
-            () = revoked => "the upstream's certificate was revoked",
-            () = expired => "the upstream's certificate expired (and the grace period after it passed)",
+            why = revoked => if why.by_bundle() {
+                "the upstream's certificate was revoked"
+            } else {
+                EXPIRED
+            },
+            () = expired => EXPIRED,
         }
     }
 }

@@ -40,13 +40,14 @@ pub async fn proxy(
             None => std::future::pending().await,
         }
     };
-    let revoked = upstream_revoked(&tls, &presented, spec.local.port(), shared);
+    let expiry = shared.limits.cap_connection_age.then_some(0);
+    let revoked = upstream_revoked(&tls, &presented, spec.local.port(), shared, expiry);
     drop(presented);
     // Polled when one of them was woken, not at every wake of the copy (each chunk of data).
     let ended = std::pin::pin!(async {
         tokio::select! {
             () = expired => tracing::info!("closing: the upstream's certificate expired"),
-            () = revoked => {}
+            _ = revoked => {}
         }
     });
     let clean = tokio::select! {
