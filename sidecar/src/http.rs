@@ -158,13 +158,14 @@ pub(crate) enum Form {
 
 impl Form {
     /// The form a request's `Content-Type` says its body is, if any (media type in any case,
-    /// parameters after it).
-    pub(crate) fn of(headers: &HeaderMap) -> Option<Self> {
+    /// parameters after it); `Err` with the reason for a multipart boundary RFC 2046 does not
+    /// allow ([`check_boundary`]).
+    pub(crate) fn of(headers: &HeaderMap) -> Option<Result<Self, String>> {
         let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
         let mut params = value.split(';');
         let media = params.next()?.trim();
         if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-            return Some(Self::Urlencoded);
+            return Some(Ok(Self::Urlencoded));
         }
         if !media.eq_ignore_ascii_case("multipart/form-data") {
             return None;
@@ -175,7 +176,10 @@ impl Form {
                 .eq_ignore_ascii_case("boundary")
                 .then(|| unquote(v.trim()))
         });
-        Some(Self::Multipart(boundary.filter(|b| !b.is_empty())))
+        Some(match boundary.filter(|b| !b.is_empty()) {
+            Some(b) => check_boundary(&b).map(|()| Self::Multipart(Some(b))),
+            None => Ok(Self::Multipart(None)),
+        })
     }
 
     /// The methods the form's `_method` fields name (see [`query_method_overrides`] for how a
@@ -187,6 +191,35 @@ impl Form {
             Self::Multipart(Some(boundary)) => multipart_method_overrides(body, boundary),
         }
     }
+}
+
+/// The longest multipart boundary RFC 2046 allows.
+pub(crate) const MAX_BOUNDARY: usize = 70;
+
+/// Whether `boundary` is one RFC 2046 allows: 1 to 70 characters of `bchars` (letters, digits,
+/// `'()+_,-./:=?` and space), not ending in a space. Checked before a body is searched for it: a
+/// peer's boundary is the needle of that search, and one of 16 KiB made each step of it cost 16 KiB
+/// of compares; browsers, curl and every multipart library make boundaries within these rules.
+fn check_boundary(boundary: &str) -> Result<(), String> {
+    if boundary.len() > MAX_BOUNDARY {
+        return Err(format!(
+            "a multipart boundary of {} bytes: RFC 2046 allows at most {MAX_BOUNDARY}",
+            boundary.len()
+        ));
+    }
+    let bchar = |b: u8| b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&b);
+    if let Some(bad) = boundary.bytes().find(|&b| !bchar(b)) {
+        return Err(format!(
+            "a multipart boundary with the byte {:?}, which RFC 2046 does not allow in one",
+            bad as char
+        ));
+    }
+    if boundary.ends_with(' ') {
+        return Err(
+            "a multipart boundary that ends in a space, which RFC 2046 does not allow".into(),
+        );
+    }
+    Ok(())
 }
 
 /// A header parameter's value without its quotes (and `\` escapes inside them).
@@ -215,6 +248,7 @@ fn unquote(v: &str) -> String {
 /// part an app's parser would find is missed.
 fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
     let delimiter = [b"--", boundary.as_bytes()].concat();
+    let delimiter = memchr::memmem::Finder::new(&delimiter);
     let parts = split_on(body, &delimiter).skip(1);
     let mut found = Vec::new();
     for part in parts {
@@ -262,22 +296,27 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
     found
 }
 
-/// Where `needle` first occurs in `hay`.
+/// Where `needle` first occurs in `hay`, in time linear in both (`memchr`'s two-way search; a
+/// window-by-window compare costs `hay` times `needle` on a body and needle of one repeated byte).
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
-/// `hay` split at every occurrence of `sep` (not empty).
-fn split_on<'a>(mut hay: &'a [u8], sep: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+/// `hay` split at every occurrence of `sep` (not empty). Each search starts where the last one
+/// ended, so the whole split is linear in `hay`.
+fn split_on<'a>(
+    mut hay: &'a [u8],
+    sep: &'a memchr::memmem::Finder<'a>,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     let mut done = false;
     std::iter::from_fn(move || {
         if done {
             return None;
         }
-        match find(hay, sep) {
+        match sep.find(hay) {
             Some(at) => {
                 let piece = &hay[..at];
-                hay = &hay[at + sep.len()..];
+                hay = &hay[at + sep.needle().len()..];
                 Some(piece)
             }
             None => {
@@ -928,13 +967,13 @@ mod tests {
         assert_eq!(Form::of(&HeaderMap::new()), None);
         assert_eq!(Form::of(&headers("application/json")), None);
         let urlencoded = Form::of(&headers("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
-        assert_eq!(urlencoded, Some(Form::Urlencoded));
+        assert_eq!(urlencoded, Some(Ok(Form::Urlencoded)));
         assert_eq!(
             Form::Urlencoded.method_overrides(b"a=1&_method=delete&%5Fmethod=put&payment_method=x"),
             ["DELETE", "PUT"]
         );
         let multipart = Form::of(&headers("multipart/form-data; boundary=\"b-1\""));
-        assert_eq!(multipart, Some(Form::Multipart(Some("b-1".into()))));
+        assert_eq!(multipart, Some(Ok(Form::Multipart(Some("b-1".into())))));
         let body = b"preamble\r\n--b-1\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n\
                      _method\r\n--b-1\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\n\
                      delete\r\n--b-1\nContent-Disposition: form-data; name=_METHOD\n\npatch\n\
@@ -954,7 +993,51 @@ mod tests {
         );
         assert_eq!(
             Form::of(&headers("multipart/form-data")),
-            Some(Form::Multipart(None))
+            Some(Ok(Form::Multipart(None)))
+        );
+    }
+
+    #[test]
+    fn a_multipart_boundary_rfc_2046_does_not_allow_is_refused_before_any_search() {
+        let headers = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            h
+        };
+        let of = |boundary: &str| {
+            Form::of(&headers(&format!(
+                "multipart/form-data; boundary={boundary}"
+            )))
+        };
+        // The attack: a boundary of 16 KiB of dashes, against a body of dashes, made every step of
+        // the search compare 16 KiB. It is refused from the header alone.
+        let long = "-".repeat(16 * 1024);
+        let refused = of(&long).unwrap().unwrap_err();
+        assert!(
+            refused.contains("16384 bytes") && refused.contains("at most 70"),
+            "{refused}"
+        );
+        assert!(of(&"-".repeat(MAX_BOUNDARY + 1)).unwrap().is_err());
+        // Quoted, the same.
+        assert!(of(&format!("\"{long}\"")).unwrap().is_err());
+        // At the limit, and with every character RFC 2046 allows (a space inside quotes), accepted.
+        let longest = "-".repeat(MAX_BOUNDARY);
+        assert_eq!(
+            of(&longest),
+            Some(Ok(Form::Multipart(Some(longest.clone()))))
+        );
+        let every = "\"aZ09'()+_,-./:=? x\"";
+        assert!(matches!(of(every), Some(Ok(Form::Multipart(Some(_))))));
+        // A byte outside them, or a trailing space: refused.
+        assert!(of("a<b").unwrap().unwrap_err().contains("'<'"));
+        assert!(of("\"ab \"").unwrap().unwrap_err().contains("space"));
+        // The longest boundary allowed, of dashes, against a body of dashes (the worst case of the
+        // search): nothing found, and the search is linear by construction (`memchr::memmem`).
+        let body = vec![b'-'; 1 << 20];
+        assert!(
+            Form::Multipart(Some(longest))
+                .method_overrides(&body)
+                .is_empty()
         );
     }
 

@@ -99,12 +99,20 @@ pub const MAX_FORM_BODY: usize = 1 << 20;
 /// as read.
 async fn decide_form(
     req: &mut Request<ReqBody>,
-    form: crate::http::Form,
+    form: Result<crate::http::Form, String>,
     peer: &Peer,
     http: &InboundHttp,
     shared: &Shared,
     overrides: &mut Vec<String>,
 ) -> Result<(), Response<Body>> {
+    // A boundary RFC 2046 does not allow (over 70 bytes, or bytes it has no place for) is refused
+    // before any of the body is read or searched for it.
+    let form = form.map_err(|reason| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            format!("{reason}: its _method fields cannot be checked"),
+        )
+    })?;
     let read = tokio::time::timeout(
         shared.limits.request_timeout,
         req.body_mut().read_whole(MAX_FORM_BODY),
