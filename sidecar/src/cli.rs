@@ -318,6 +318,16 @@ pub struct RunArgs {
         default_value = "1024"
     )]
     pub max_app_connections: String,
+    /// Memory, in bytes, that the POST form bodies being read whole to check their `_method`
+    /// fields may hold together, across every connection (each body is at most 1 MiB). A request
+    /// whose body finds no room is answered 503 at once (413 if it alone needs more than this);
+    /// keep it well under the container's memory limit.
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_FORM_BODY_MEMORY",
+        default_value = "16777216"
+    )]
+    pub form_body_memory: String,
     /// Time the app (or upstream) has to answer with response headers.
     #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
@@ -483,6 +493,7 @@ impl RunArgs {
             "max-upstream-h2-connections",
             &self.max_upstream_h2_connections,
         );
+        let form_body_memory = at_least_one("form-body-memory", &self.form_body_memory);
         Limits {
             handshake_timeout,
             idle_timeout,
@@ -497,6 +508,7 @@ impl RunArgs {
             max_upstream_http1_connections,
             max_upstream_h2_connections,
             max_app_connections,
+            form_body_memory,
         }
     }
 

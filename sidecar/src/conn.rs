@@ -36,6 +36,9 @@ pub struct Shared {
     pub observed: Arc<crate::observed::ObservedTraffic>,
     /// Told when connections free their buffers, so the freed pages go back to the kernel.
     pub heap: meshid_runtime::heap::Trimmer,
+    /// The memory form bodies read whole to find `_method` may hold together
+    /// (`--form-body-memory`; see [`crate::inbound::form_budget`]).
+    pub form_bodies: crate::inbound::form_budget::FormBudget,
 }
 
 /// A listener's connection slots (see [`meshid_runtime::admission`]): at the limit a newcomer takes

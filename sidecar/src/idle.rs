@@ -28,6 +28,8 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+
+use crate::inbound::form_budget::{NoRoom, Room};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -140,6 +142,9 @@ pub struct Tracked<B> {
 struct Replay {
     data: Option<Bytes>,
     trailers: Option<http::HeaderMap>,
+    /// The memory the data holds, charged to the process's form budget until the body is dropped
+    /// (the data given out may still be in hyper's buffers until then).
+    _charged: Room,
 }
 
 /// Why [`Tracked::read_whole`] did not read a whole body.
@@ -147,6 +152,8 @@ struct Replay {
 pub enum ReadWhole {
     /// More than the limit.
     TooLarge,
+    /// The memory it needs is not in the budget (its charge is given back at once).
+    NoRoom(NoRoom),
     /// The peer's body failed (reset, or bad framing).
     Failed(hyper::Error),
 }
@@ -155,26 +162,45 @@ impl Tracked<Incoming> {
     /// Reads the whole body (at most `limit` bytes of data) and keeps it to be given out again:
     /// returns its data. Read through [`HttpBody::poll_frame`], so that its end is counted; its
     /// trailers are stripped when given out, as any are.
-    pub async fn read_whole(&mut self, limit: usize) -> Result<Bytes, ReadWhole> {
+    ///
+    /// What the data holds is charged to `room` before it is allocated: the declared length at
+    /// once, else a buffer that doubles, so a body that sends less than it declared, or whose
+    /// buffer has room to spare, is charged the memory it holds rather than the bytes received.
+    pub async fn read_whole(&mut self, limit: usize, mut room: Room) -> Result<Bytes, ReadWhole> {
         use http_body_util::BodyExt;
-        let mut data = bytes::BytesMut::new();
+        let declared = self.size_hint().exact().map(usize::try_from);
+        let mut data = match declared {
+            Some(Ok(n)) if n <= limit => {
+                room.grow_to(n).map_err(ReadWhole::NoRoom)?;
+                Vec::with_capacity(n)
+            }
+            Some(_) => return Err(ReadWhole::TooLarge),
+            None => Vec::new(),
+        };
         let mut trailers = None;
         while let Some(frame) = self.frame().await {
             let frame = frame.map_err(ReadWhole::Failed)?;
             match frame.into_data() {
                 Ok(chunk) => {
-                    if data.len() + chunk.len() > limit {
+                    let needed = data.len() + chunk.len();
+                    if needed > limit {
                         return Err(ReadWhole::TooLarge);
+                    }
+                    if needed > data.capacity() {
+                        let grown = needed.max(data.capacity() * 2).min(limit);
+                        room.grow_to(grown).map_err(ReadWhole::NoRoom)?;
+                        data.reserve_exact(grown - data.len());
                     }
                     data.extend_from_slice(&chunk);
                 }
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
-        let data = data.freeze();
+        let data = Bytes::from(data);
         self.replay = Some(Box::new(Replay {
             data: (!data.is_empty()).then(|| data.clone()),
             trailers,
+            _charged: room,
         }));
         Ok(data)
     }

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub revoked_peer_closes: Family<ConnLabels, Counter>,
     pub requests_revoked: Family<ConnLabels, Counter>,
     pub stalled_responses: Counter,
+    /// Inbound form bodies not read whole, by reason (`no_room`, `too_large`).
+    pub form_bodies_refused: Family<ReasonLabels, Counter>,
     pub revocations: Gauge,
     pub renewals: Family<ResultLabels, Counter>,
     pub last_renewal: Gauge,
@@ -192,6 +194,11 @@ impl Metrics {
             m.stalled_responses.clone(),
         );
         r.register(
+            "form_bodies_refused",
+            "Inbound POST form bodies not read whole to check their _method fields, by reason (no_room: 503, --form-body-memory held by other bodies; too_large: 413, over 1 MiB or over the whole --form-body-memory)",
+            Listed(m.form_bodies_refused.clone()),
+        );
+        r.register(
             "revoked_peer_connections_closed",
             "Open connections closed because the trust bundle revoked their peer's certificate or identity (meshid-ca revoke), or no longer verifies its chain (its root or intermediate left the bundle)",
             Listed(m.revoked_peer_closes.clone()),
@@ -309,6 +316,17 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&ReasonLabels {
                 direction,
+                port,
+                reason,
+            })
+            .inc();
+    }
+
+    /// An inbound form body refused before it was read whole (see `inbound::form_budget`).
+    pub fn form_body_refused(&self, port: u16, reason: &'static str) {
+        self.form_bodies_refused
+            .get_or_create(&ReasonLabels {
+                direction: "inbound",
                 port,
                 reason,
             })

@@ -203,6 +203,7 @@ pub async fn start(
         decisions: Arc::default(),
         observed: Arc::default(),
         heap: meshid_runtime::heap::Trimmer::new(),
+        form_bodies: crate::inbound::form_budget::FormBudget::new(config.limits.form_body_memory),
     };
     let trim_metrics = shared.metrics.clone();
     tokio::spawn(shared.heap.clone().run(move || {

@@ -76,6 +76,10 @@ pub struct Limits {
     /// does not take (an h2 stream window of zero) holds its app connection, and without a cap a
     /// peer could make the sidecar open app connections until loopback's ephemeral ports ran out.
     pub max_app_connections: usize,
+    /// Bytes the form bodies read whole to find their `_method` fields may hold together, across
+    /// every connection (`--form-body-memory`, 16 MiB): past it such a request is answered 503 at
+    /// once (see [`crate::inbound::form_budget`]).
+    pub form_body_memory: usize,
 }
 
 impl Default for Limits {
@@ -94,6 +98,7 @@ impl Default for Limits {
             max_upstream_http1_connections: 64,
             max_upstream_h2_connections: 4,
             max_app_connections: 1024,
+            form_body_memory: crate::inbound::form_budget::DEFAULT_FORM_BODY_MEMORY,
         }
     }
 }

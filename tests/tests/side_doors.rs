@@ -1,6 +1,7 @@
 //! What an authenticated, allowed peer (or a pod next to ours) can still try, over real sockets:
 //! identity and forwarding headers in every spelling (and in trailers), method overrides the
-//! policy would not allow, h2 responses left untaken (a window of zero), upgrades other than
+//! policy would not allow (and form bodies that never end, or whose boundary RFC 2046 does not
+//! allow), h2 responses left untaken (a window of zero), upgrades other than
 //! WebSocket, a tunnel held
 //! past its certificate's expiry or past a policy change, a flood of upgrades against
 //! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
@@ -594,6 +595,127 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
         "{}",
         &resp[..resp.len().min(300)]
     );
+}
+
+/// Form bodies are read whole to find `_method`, and h2 flow control does not bound what that
+/// holds (each read gives the window back): one connection's streams, each sending all but the
+/// last byte of a form and never ending, held 1 MiB each, 200 MiB a connection. They are held
+/// within `--form-body-memory`: a stream past it is answered 503 at once, and the memory comes
+/// back when the streams go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_h2_form_bodies_are_held_within_the_form_budget() {
+    use http_body_util::BodyExt;
+    type Feed = tokio::sync::mpsc::Sender<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >;
+    type Chunks = http_body_util::StreamBody<
+        tokio_stream::wrappers::ReceiverStream<
+            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >,
+    >;
+    // Each body declares 60 KiB + 1, charged at once: three fit in the budget, a fourth does not.
+    const BUDGET: usize = 200 * 1024;
+    const DECLARED: usize = 60 * 1024 + 1;
+    const STREAMS: usize = 8;
+    const HELD: usize = BUDGET / DECLARED;
+    let policy = format!(
+        "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+         - id: {CLIENT}\n        methods: [GET, POST]\n        paths: [/api/*]\n"
+    );
+    let limits = Limits {
+        form_body_memory: BUDGET,
+        ..Limits::default()
+    };
+    let e = http_sidecar_for("127.0.0.73", raw_app().await, limits, policy).await;
+    let client = e.pki.workload(CLIENT);
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&client),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, Chunks>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move { drop(conn.await) });
+    let mut feeds: Vec<Feed> = Vec::new();
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let (feed, chunks) = tokio::sync::mpsc::channel(1);
+        let most = format!("a={}", "x".repeat(DECLARED - 3));
+        feed.send(Ok(hyper::body::Frame::data(most.into())))
+            .await
+            .unwrap();
+        feeds.push(feed);
+        let req = http::Request::post("https://app/api/x")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-length", DECLARED)
+            .body(http_body_util::StreamBody::new(
+                tokio_stream::wrappers::ReceiverStream::new(chunks),
+            ))
+            .unwrap();
+        sender.ready().await.unwrap();
+        let answer = sender.send_request(req);
+        answers.spawn(async move {
+            let resp = answer.await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+        });
+    }
+    // The streams past the budget are refused at once; the others wait for the rest of their body.
+    for _ in HELD..STREAMS {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), answers.join_next())
+            .await
+            .expect("a stream past the budget is answered at once")
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("--form-body-memory"), "{body}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), answers.join_next())
+            .await
+            .is_err(),
+        "the streams within the budget are still being read"
+    );
+    // A form larger than what the held streams leave (over HTTP/1.1, another connection): refused.
+    let form = format!("a=1&_method=post&b={}", "x".repeat(30_000));
+    let post_form = || async {
+        let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        exchange(
+            tls,
+            &format!(
+                "POST /api/x HTTP/1.1\r\nHost: app\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\n\
+                 Connection: close\r\nContent-Length: {}\r\n\r\n{form}",
+                form.len()
+            ),
+        )
+        .await
+    };
+    let resp = post_form().await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_form_bodies_refused_total"),
+        (STREAMS - HELD + 1) as f64,
+        "{m}"
+    );
+    // The peer goes (its streams with it): the budget is given back, and the form is read.
+    answers.abort_all();
+    drop((feeds, sender));
+    conn.abort();
+    let served = eventually(Duration::from_secs(10), || async {
+        post_form().await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert!(served, "the form is read once the streams are gone");
 }
 
 /// Writes a whole request (head and body) and reads the answer to its end.

@@ -105,6 +105,11 @@ impl Authorizer {
         }
     }
 
+    /// The listener's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The sidecar's shared state, as this listener's connections see it.
     pub fn shared(&self) -> &Shared {
         &self.shared
@@ -646,6 +651,9 @@ mod tests {
             decisions: Arc::default(),
             observed: Arc::default(),
             heap: meshid_runtime::heap::Trimmer::new(),
+            form_bodies: crate::inbound::form_budget::FormBudget::new(
+                crate::inbound::form_budget::DEFAULT_FORM_BODY_MEMORY,
+            ),
         };
         let authz = Authorizer::new(8080, shared.clone());
         let leaf = pki.leaf(PEER);

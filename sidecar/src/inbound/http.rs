@@ -26,12 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::app::AppH1;
 use super::authz::{Authorizer, Peer};
+use super::form_budget::NoRoom;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
     APP_H2_HINT_NAME, Body, BoxError, Call, ReqBody, Tunnel, XFCC_NAME, finish_response, is_grpc,
     is_upgrade, protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
     strip_peer_headers, upgrades_to_websocket,
 };
+use crate::idle::ReadWhole;
 use crate::metrics::ConnMetrics;
 use crate::settings::Inbound;
 
@@ -96,7 +98,9 @@ pub const MAX_FORM_BODY: usize = 1 << 20;
 
 /// Reads a POST's form body whole and decides every method its `_method` fields name, as those of
 /// the query are decided (each one allowed is added to `overrides`); the body then goes to the app
-/// as read.
+/// as read. What the body holds meanwhile is charged to the process's form budget
+/// ([`super::form_budget`]) until the request's body is dropped; a body that finds no room there is
+/// refused at once, as one over [`MAX_FORM_BODY`] is.
 async fn decide_form(
     req: &mut Request<ReqBody>,
     form: Result<crate::http::Form, String>,
@@ -115,11 +119,36 @@ async fn decide_form(
     })?;
     let read = tokio::time::timeout(
         shared.limits.request_timeout,
-        req.body_mut().read_whole(MAX_FORM_BODY),
+        req.body_mut()
+            .read_whole(MAX_FORM_BODY, shared.form_bodies.room()),
     );
+    let refused = |reason| shared.metrics.form_body_refused(http.authz.port(), reason);
     let body = match read.await {
         Ok(Ok(body)) => body,
-        Ok(Err(crate::idle::ReadWhole::TooLarge)) => {
+        Ok(Err(ReadWhole::NoRoom(NoRoom::Busy))) => {
+            refused("no_room");
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the sidecar's memory for form bodies being checked for _method fields \
+                     ({} bytes, --form-body-memory) is held by other requests: try again",
+                    shared.form_bodies.total()
+                ),
+            ));
+        }
+        Ok(Err(ReadWhole::NoRoom(NoRoom::TooLarge))) => {
+            refused("too_large");
+            return Err(reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "a form body larger than the sidecar's memory for form bodies ({} bytes, \
+                     --form-body-memory): its _method fields cannot be checked",
+                    shared.form_bodies.total()
+                ),
+            ));
+        }
+        Ok(Err(ReadWhole::TooLarge)) => {
+            refused("too_large");
             return Err(reply(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -129,7 +158,7 @@ async fn decide_form(
                 ),
             ));
         }
-        Ok(Err(crate::idle::ReadWhole::Failed(error))) => {
+        Ok(Err(ReadWhole::Failed(error))) => {
             return Err(reply(
                 StatusCode::BAD_REQUEST,
                 format!("the request body failed: {error}"),

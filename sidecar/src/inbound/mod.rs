@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod authz;
+pub mod form_budget;
 pub mod http;
 pub mod proxy_header;
 pub mod revocable;
