@@ -684,38 +684,58 @@ async fn unfinished_h2_form_bodies_are_held_within_the_form_budget() {
             .is_err(),
         "the streams within the budget are still being read"
     );
-    // A form larger than what the held streams leave (over HTTP/1.1, another connection): refused.
+    // A form larger than what the held streams leave (over HTTP/1.1, another connection): refused,
+    // with its length declared (charged at once) or chunked (charged as its buffer grows).
     let form = format!("a=1&_method=post&b={}", "x".repeat(30_000));
-    let post_form = || async {
-        let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
-        exchange(
-            tls,
-            &format!(
-                "POST /api/x HTTP/1.1\r\nHost: app\r\n\
-                 Content-Type: application/x-www-form-urlencoded\r\n\
-                 Connection: close\r\nContent-Length: {}\r\n\r\n{form}",
+    let post_form = |chunked: bool| {
+        let framing = if chunked {
+            format!(
+                "Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{form}\r\n0\r\n\r\n",
                 form.len()
-            ),
-        )
-        .await
+            )
+        } else {
+            format!("Content-Length: {}\r\n\r\n{form}", form.len())
+        };
+        let tls = connect_as(&e.pki, &e.sidecar, &client);
+        async move {
+            exchange(
+                tls.await.unwrap(),
+                &format!(
+                    "POST /api/x HTTP/1.1\r\nHost: app\r\n\
+                     Content-Type: application/x-www-form-urlencoded\r\n\
+                     Connection: close\r\n{framing}"
+                ),
+            )
+            .await
+        }
     };
-    let resp = post_form().await;
-    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    for chunked in [false, true] {
+        let resp = post_form(chunked).await;
+        assert!(
+            resp.starts_with("HTTP/1.1 503"),
+            "chunked {chunked}: {resp}"
+        );
+    }
     let m = e.sidecar.metrics().await;
     assert_eq!(
         metric(&m, "meshid_sidecar_form_bodies_refused_total"),
-        (STREAMS - HELD + 1) as f64,
+        (STREAMS - HELD + 2) as f64,
         "{m}"
     );
-    // The peer goes (its streams with it): the budget is given back, and the form is read.
+    // The peer goes (its streams with it): the budget is given back, and the forms are read.
     answers.abort_all();
     drop((feeds, sender));
     conn.abort();
-    let served = eventually(Duration::from_secs(10), || async {
-        post_form().await.starts_with("HTTP/1.1 200")
-    })
-    .await;
-    assert!(served, "the form is read once the streams are gone");
+    for chunked in [false, true] {
+        let served = eventually(Duration::from_secs(10), || async {
+            post_form(chunked).await.starts_with("HTTP/1.1 200")
+        })
+        .await;
+        assert!(
+            served,
+            "chunked {chunked}: the form is read once the streams are gone"
+        );
+    }
 }
 
 /// Writes a whole request (head and body) and reads the answer to its end.
