@@ -101,7 +101,8 @@ pub struct RevokeTarget {
     #[arg(long, value_name = "SPIFFE_ID")]
     pub id: Option<String>,
     /// The one certificate with this serial number, in hex as `openssl x509 -noout -serial`
-    /// prints it (colons and 0x allowed).
+    /// prints it (colons and 0x allowed); when it is the first of a lineage (the `lineage` of any
+    /// of its renewals' `certificate issued` audit lines), every certificate renewed from it too.
     #[arg(long, value_name = "SERIAL")]
     pub serial: Option<String>,
 }

@@ -253,8 +253,9 @@ impl CaState {
     /// Refuses `id` if it is revoked, or `presented` (the certificate the call relies on, if it
     /// relies on one) if its serial is, or the serial of the first certificate of its lineage
     /// (its lineage extension: every renewal carries it on). A revoked serial names a certificate
-    /// and every one renewed from it: the identity may still attest again for a new lineage; a
-    /// revoked identity gets nothing until it is unrevoked.
+    /// and, when it is a lineage's first, every one renewed from it (a later certificate's serial
+    /// is not carried on: its renewals are refused only through their lineage): the identity may
+    /// still attest again for a new lineage; a revoked identity gets nothing until it is unrevoked.
     fn refuse_revoked(
         &self,
         id: &SpiffeId,
