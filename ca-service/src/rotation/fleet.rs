@@ -253,10 +253,20 @@ pub const MAX_TURNED_AWAY: usize = 1_024;
 pub const MAX_UNLISTED_IDENTITIES: usize = 1_024;
 
 /// The most instances gone from one process (their streams closed, their certificates live,
-/// no connected instance of their lineage here) that it lists; beyond, they are counted with the
-/// turned-away ones beyond the list ([`Inner::unlisted`]), and `activate` waits until their
-/// certificates have expired.
+/// no connected instance of their lineage here) that it lists, at most
+/// [`MAX_DEPARTED_PER_IDENTITY`] of one identity; beyond, they are counted with the turned-away
+/// ones beyond their list (per identity, then together), and `activate` waits until their
+/// certificates have expired or (per identity) their identity is revoked.
 pub const MAX_DEPARTED: usize = 4_096;
+
+/// The most of the [`MAX_DEPARTED`] listed that one identity may take: beyond, its departures are
+/// counted per identity with its turned-away sidecars beyond their list, which revoking it
+/// releases. Without this one workload (one service-account token: a few thousand fresh keys, each
+/// opening a bundle stream and hanging up) filled the list, every other sidecar's departure (a
+/// routine renewal closes the old stream before opening the new one) went into the count that
+/// holds `activate` whoever it is, and its own entries held the list until they expired, revoked or
+/// not.
+pub const MAX_DEPARTED_PER_IDENTITY: usize = MAX_DEPARTED / 16;
 
 /// An instance whose last bundle stream closed while its certificate lives: a sidecar pushed out
 /// (or gone) before it acknowledged the version an `activate` waits for must not drop out of the
@@ -425,19 +435,7 @@ impl Fleet {
             inner.forget_expired_turned_away(now);
         }
         if no_room(inner) {
-            let by_identity = &mut inner.unlisted_by_identity;
-            let (count, until) = if by_identity.contains_key(&caller.identity)
-                || by_identity.len() < MAX_UNLISTED_IDENTITIES
-            {
-                by_identity.entry(caller.identity.clone()).or_default()
-            } else {
-                &mut inner.unlisted
-            };
-            if *until <= now {
-                *count = 0;
-            }
-            *count += 1;
-            *until = (*until).max(caller.not_after);
+            Self::count_unlisted(inner, &caller.identity, caller.not_after, now);
             return;
         }
         inner.turned_away.insert(
@@ -589,18 +587,40 @@ impl Fleet {
         }
     }
 
+    /// A sidecar beyond a list (turned away, or gone: [`MAX_DEPARTED`]) counted per identity, up
+    /// to [`MAX_UNLISTED_IDENTITIES`] identities, then together, with when the last of their
+    /// certificates expires.
+    fn count_unlisted(inner: &mut Inner, identity: &str, not_after: i64, now: i64) {
+        let by_identity = &mut inner.unlisted_by_identity;
+        let (count, until) =
+            if by_identity.contains_key(identity) || by_identity.len() < MAX_UNLISTED_IDENTITIES {
+                by_identity.entry(identity.to_owned()).or_default()
+            } else {
+                &mut inner.unlisted
+            };
+        if *until <= now {
+            *count = 0;
+        }
+        *count += 1;
+        *until = (*until).max(not_after);
+    }
+
     fn remember_departed(inner: &mut Inner, key: &str, s: Sidecar, now: i64) {
-        if inner.departed.len() >= MAX_DEPARTED {
+        let full = |inner: &Inner| {
+            inner.departed.len() >= MAX_DEPARTED
+                || (inner.departed.len() >= MAX_DEPARTED_PER_IDENTITY
+                    && inner
+                        .departed
+                        .values()
+                        .filter(|d| d.identity == s.identity)
+                        .count()
+                        >= MAX_DEPARTED_PER_IDENTITY)
+        };
+        if full(inner) {
             inner.forget_expired_turned_away(now);
         }
-        if inner.departed.len() >= MAX_DEPARTED {
-            // Counted, with when the last of their certificates expires.
-            let (count, until) = &mut inner.unlisted;
-            if *until <= now {
-                *count = 0;
-            }
-            *count += 1;
-            *until = (*until).max(s.serving_not_after);
+        if full(inner) {
+            Self::count_unlisted(inner, &s.identity, s.serving_not_after, now);
             return;
         }
         inner.departed.insert(
@@ -1152,6 +1172,58 @@ mod tests {
         f.stream_closed("k2");
         f.stream_opened(&caller("k3", "spiffe://td/a", false), 0)
             .unwrap();
+    }
+
+    /// One identity opening and closing more streams (fresh keys) than the list of departed
+    /// instances holds takes at most its share of it: another sidecar's departure (a renewal) is
+    /// still listed by name, nothing is counted in the process-wide count that holds `activate`
+    /// revoked or not, and the liar's departures beyond its share are counted per identity, which
+    /// revoking it releases. Before, it filled the list and every later departure, anyone's, went
+    /// into the process-wide count.
+    #[test]
+    fn one_identity_cannot_fill_the_list_of_departed_instances() {
+        let f = Fleet::with_limits(
+            CaProcess::default(),
+            FleetLimits {
+                max_instances: 2 * MAX_DEPARTED,
+                max_per_identity: 2 * MAX_DEPARTED,
+                max_streams_per_instance: 1,
+            },
+        );
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let live = |key: &str, identity: &str| Caller {
+            not_after: now + 3_600,
+            serial: format!("{key}0"),
+            ..caller(key, identity, false)
+        };
+        const EVIL: &str = "spiffe://td/ns/x/sa/evil";
+        for i in 0..MAX_DEPARTED + 10 {
+            let key = format!("e{i}");
+            f.stream_opened(&live(&key, EVIL), now).unwrap();
+            f.stream_closed(&key);
+        }
+        f.stream_opened(&live("honest", "spiffe://td/ns/x/sa/web"), now)
+            .unwrap();
+        f.stream_closed("honest");
+        let (listed, _) = f.report(now);
+        assert!(listed.iter().any(|s| s.instance == "honest"));
+        let evil_listed = listed.iter().filter(|s| s.identity == EVIL).count();
+        assert_eq!(evil_listed, MAX_DEPARTED_PER_IDENTITY);
+        assert_eq!(f.process_now().turned_away_unlisted, 0);
+        let mut list = crate::revocations::Revocations::default();
+        let unlisted = f.unlisted_turned_away(now, &list);
+        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
+        assert_eq!(unlisted[0].identity, EVIL);
+        assert_eq!(
+            unlisted[0].refusals,
+            u64::try_from(MAX_DEPARTED + 10 - MAX_DEPARTED_PER_IDENTITY).unwrap()
+        );
+        assert!(!unlisted[0].revoked);
+        let id = meshid_identity::SpiffeId::parse(EVIL).unwrap();
+        use meshid_identity::revocation::Revoked;
+        list.revoke(Revoked::Id(id), now, 3_600, String::new())
+            .unwrap();
+        assert!(f.unlisted_turned_away(now, &list)[0].revoked);
     }
 
     #[test]

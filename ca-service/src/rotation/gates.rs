@@ -112,24 +112,27 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
         }
         if p.turned_away_unlisted > 0 && p.turned_away_unlisted_until > now {
             blockers.push(format!(
-                "a CA process turned away more sidecars than the {1} it lists, of more identities \
-                 than the {2} it counts them for apart ({0} refusal(s) beyond): what they trust \
-                 is unknown until their certificates expire ({3}), revoked or not",
+                "a CA process turned away (or lost the streams of) more sidecars than it lists \
+                 ({1} turned away, {4} gone), of more identities than the {2} it counts them for \
+                 apart ({0} beyond): what they trust is unknown until their certificates expire \
+                 ({3}), revoked or not",
                 p.turned_away_unlisted,
                 super::fleet::MAX_TURNED_AWAY,
                 super::fleet::MAX_UNLISTED_IDENTITIES,
-                p.turned_away_unlisted_until
+                p.turned_away_unlisted_until,
+                super::fleet::MAX_DEPARTED,
             ));
         }
     }
     for u in &r.turned_away_unlisted {
         if !u.revoked && u.until > now {
             blockers.push(format!(
-                "a CA process turned away sidecars of {} beyond the {} it lists ({} refusal(s)): \
-                 what they trust is unknown until their certificates expire ({}) or the identity \
-                 is revoked",
+                "a CA process turned away (or lost the streams of) sidecars of {} beyond those \
+                 it lists ({} turned away, {} gone; {} beyond): what they trust is unknown until \
+                 their certificates expire ({}) or the identity is revoked",
                 u.identity,
                 super::fleet::MAX_TURNED_AWAY,
+                super::fleet::MAX_DEPARTED_PER_IDENTITY,
                 u.refusals,
                 u.until
             ));
@@ -513,7 +516,7 @@ mod tests {
         let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1, "{b:?}");
         assert!(
-            b[0].contains("(3 refusal(s) beyond)") && b[0].contains("(700)"),
+            b[0].contains("(3 beyond)") && b[0].contains("(700)"),
             "{b:?}"
         );
         assert!(activate_blockers(&st, &r, 700).is_empty());
@@ -577,7 +580,7 @@ mod tests {
         let b = activate_blockers(&st, &r, 100);
         assert_eq!(b.len(), 1 + 1_024 + 1, "{}", summarize(&b));
         assert!(
-            b.iter().any(|b| b.contains("(75 refusal(s))")),
+            b.iter().any(|b| b.contains("; 75 beyond)")),
             "{}",
             summarize(&b)
         );

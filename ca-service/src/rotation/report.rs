@@ -39,7 +39,7 @@ pub struct RotationReport {
     pub turned_away_unlisted: Vec<UnlistedTurnedAway>,
 }
 
-/// Sidecars of one identity a CA process turned away for lack of room (see
+/// Sidecars of one identity a CA process turned away for lack of room, or whose streams it lost (see
 /// [`SidecarReport::turned_away`]) beyond the ones it lists by name: their refusals (one that
 /// tries again counts again) and the latest expiry of their certificates. `activate` waits for
 /// them until then, or until the identity is revoked.
