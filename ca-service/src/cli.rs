@@ -794,6 +794,7 @@ impl ServeArgs {
                 idle_timeout: idle,
                 max_connection_age: max_age,
                 max_connection_age_grace: grace,
+                ..ListenerLimits::default()
             },
             grace,
         })

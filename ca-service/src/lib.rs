@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod admin_token;
+pub mod arrivals;
 pub mod audit;
 pub mod auth;
 pub mod authorities;

@@ -23,6 +23,25 @@ use crate::tls::{self, ListenerLimits};
 
 /// The largest gRPC message accepted (a CSR plus a token fit in a few KiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Streams (calls) open at once on one connection. A sidecar holds one bundle stream and now and
+/// then an `Issue` (its own certificate, its app's), an `IssueJwtSvid` for its app or an
+/// `AckTrustBundle`; its client waits for a free stream past this. tonic sets aside room for a
+/// whole message (up to [`MAX_MESSAGE_BYTES`] and its 8 KiB read buffer) as soon as a request
+/// declares its length, so this is also what one connection's unfinished requests can hold: 16 x
+/// 72 KiB, about 1.2 MiB (it was 256 streams, 18 MiB). Across connections the calls whose request
+/// is still arriving are bounded too ([`crate::arrivals`], `ListenerLimits::max_arriving_requests`:
+/// 448, about 32 MiB at most whatever the number of connections).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// The h2 receive window of a stream: room for a whole message and its 5-byte prefix.
+const STREAM_WINDOW: u32 = 128 * 1024;
+/// The h2 receive window of a connection: the most request bytes h2 holds for a connection's
+/// streams before tonic has read them (tonic reads them as they come, into the room counted under
+/// [`MAX_STREAMS_PER_CONNECTION`]; this bounds what waits in between).
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Streams a connection may have reset by the server for its protocol errors before it is closed
+/// with GOAWAY `ENHANCE_YOUR_CALM`: hyper's default, which tonic does not pass on. Each such reset
+/// costs the server a stream's work without counting against the concurrent-stream limit.
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// How often the bundle file is checked for changes.
 const BUNDLE_POLL: Duration = Duration::from_secs(1);
 /// How often the serving certificate's re-issue point is compared with the wall clock.
@@ -229,10 +248,18 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .timeout(Duration::from_secs(30))
-            .concurrency_limit_per_connection(256)
+            .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
             // The same bound on open h2 streams (tonic leaves it unbounded): the concurrency
             // limit above holds a call only until its response head, not for a streaming body.
-            .max_concurrent_streams(256)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // Request bytes h2 holds for a stream, and for the whole connection, until tonic reads
+            // them (hyper's default is 1 MiB each): a message and a bit, then the client waits.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            // hyper's own bound on streams h2 resets for a client's protocol error, past which
+            // the connection gets GOAWAY ENHANCE_YOUR_CALM ("MadeYouReset", CVE-2025-8671):
+            // tonic passes its own default of `None` down, which in h2 means no bound at all.
+            .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
             // No h2 keep-alive PINGs: with one bundle stream per sidecar, they cost a wake-up, an
             // encrypted PING and its PONG per sidecar every interval, about 5% of a core for the
             // CA at 19,000 sidecars, for nothing the kernel's keep-alive (set on every accepted
@@ -247,6 +274,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             // Calls in flight per connection, for the idle timeout (tls::TlsConn), and the bound
             // on health Watch streams.
             .layer(tls::TrackCallsLayer::default())
+            // The bound on memory held by requests still arriving, across connections.
+            .layer(crate::arrivals::ArrivalsLayer::new(
+                config.limits.max_arriving_requests,
+            ))
             .add_service(health_service)
             .add_service(ca)
             .serve_with_incoming_shutdown(incoming, async move {

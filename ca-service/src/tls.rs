@@ -521,6 +521,10 @@ pub struct ListenerLimits {
     /// How long a connection past its maximum age may keep its calls and streams before it is cut
     /// (bundle streams never end by themselves; their clients reconnect).
     pub max_connection_age_grace: Duration,
+    /// Calls whose request is still arriving, at once on the process (an eighth of them from one
+    /// source): what bounds the memory of unfinished messages ([`crate::arrivals`]). Each holds
+    /// at most about 72 KiB, so the default of 448 is at most about 32 MiB.
+    pub max_arriving_requests: usize,
 }
 
 impl Default for ListenerLimits {
@@ -532,6 +536,7 @@ impl Default for ListenerLimits {
             idle_timeout: Duration::from_secs(5 * 60),
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(30),
+            max_arriving_requests: 448,
         }
     }
 }
@@ -542,7 +547,7 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
 /// The most health `Watch` streams open at once on one CA process; beyond, `RESOURCE_EXHAUSTED`
 /// (probes use `Check`, which is not bounded here). Without a bound, anonymous clients could hold
-/// any number of never-ending streams (256 per connection).
+/// any number of never-ending streams (`MAX_STREAMS_PER_CONNECTION` per connection).
 pub const MAX_HEALTH_WATCHES: usize = 256;
 
 /// Marks every call as in flight on its connection ([`PeerInfo::activity`]) until its response

@@ -37,6 +37,8 @@ pub struct CaOptions {
     pub idle_timeout: Duration,
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
+    /// Calls whose request is still arriving, at once (an eighth from one source).
+    pub max_arriving_requests: usize,
     /// Where the service-account issuer's keys come from (default: a JWKS file of
     /// [`TestCa::cluster`] in the CA directory).
     pub jwks: Option<JwksSource>,
@@ -56,6 +58,7 @@ impl Default for CaOptions {
             idle_timeout: ListenerLimits::default().idle_timeout,
             max_connection_age: ListenerLimits::default().max_connection_age,
             max_connection_age_grace: ListenerLimits::default().max_connection_age_grace,
+            max_arriving_requests: ListenerLimits::default().max_arriving_requests,
             jwks: None,
         }
     }
@@ -107,6 +110,7 @@ impl TestCa {
                 idle_timeout: opts.idle_timeout,
                 max_connection_age: opts.max_connection_age,
                 max_connection_age_grace: opts.max_connection_age_grace,
+                max_arriving_requests: opts.max_arriving_requests,
             },
             grace: Duration::from_secs(5),
         };

@@ -716,27 +716,31 @@ async fn health_watch_streams_are_bounded() {
     let request = || HealthCheckRequest {
         service: String::new(),
     };
-    // Two connections (each takes at most 256 streams at once), half the streams on each.
+    // Enough connections for them all (each takes `MAX_STREAMS_PER_CONNECTION` streams at once),
+    // from two sources, and one more to try past the bound on.
+    let per_connection = meshid_ca::server::MAX_STREAMS_PER_CONNECTION as usize;
     let mut clients = Vec::new();
-    for from in [HERE, ELSEWHERE] {
+    for i in 0..=max.div_ceil(per_connection) {
+        let from = if i % 2 == 0 { HERE } else { ELSEWHERE };
         let opened = Arc::new(AtomicUsize::new(0));
         clients.push(HealthClient::new(
             channel_from(&ca, from, None, opened).await.unwrap(),
         ));
     }
+    let spare = clients.len() - 1;
     let mut held = Vec::new();
     for i in 0..max {
-        let stream = clients[i % 2]
+        let stream = clients[i / per_connection]
             .watch(request())
             .await
             .unwrap_or_else(|e| panic!("watch {i}: {e:?}"))
             .into_inner();
         held.push(stream);
     }
-    let refused = clients[0].watch(request()).await.unwrap_err();
+    let refused = clients[spare].watch(request()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("health Watch"), "{refused:?}");
-    clients[1]
+    clients[spare]
         .check(request())
         .await
         .expect("Check is still answered");
@@ -744,7 +748,7 @@ async fn health_watch_streams_are_bounded() {
     drop(held.pop());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match clients[0].watch(request()).await {
+        match clients[spare].watch(request()).await {
             Ok(stream) => {
                 held.push(stream.into_inner());
                 break;
@@ -759,4 +763,187 @@ async fn health_watch_streams_are_bounded() {
             Err(status) => panic!("{status:?}"),
         }
     }
+}
+
+/// A gRPC request head for the raw h2 clients below: `GetTrustBundle`, with the given
+/// `content-length` when there is one.
+fn raw_request(content_length: Option<usize>) -> http::Request<()> {
+    let mut request =
+        http::Request::post("https://localhost/meshid.ca.v1.CertificateAuthority/GetTrustBundle")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+    if let Some(len) = content_length {
+        request = request.header("content-length", len);
+    }
+    request.body(()).unwrap()
+}
+
+/// A connection whose streams h2 keeps resetting for the client's own protocol errors (here a
+/// DATA frame longer than the request's `content-length`) is sent GOAWAY `ENHANCE_YOUR_CALM` once
+/// the server has reset `MAX_LOCAL_ERROR_RESETS` of them ("MadeYouReset", CVE-2025-8671), instead
+/// of resetting streams for as long as the client likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_provoking_stream_resets_is_sent_away() {
+    let max = meshid_ca::server::MAX_LOCAL_ERROR_RESETS;
+    let ca = TestCa::start(CaOptions::default()).await;
+    let connector = tls_connector(&ca, None);
+    let tls = tls_from(&ca, &connector, HERE).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut reset = 0;
+    // Well past the limit: without it every one of these is just another reset stream.
+    for _ in 0..max + 256 {
+        let Ok(ready) = h2.ready().await else { break };
+        h2 = ready;
+        let Ok((response, mut body)) = h2.send_request(raw_request(Some(1)), false) else {
+            break;
+        };
+        if body
+            .send_data(bytes::Bytes::from_static(b"\0\0"), true)
+            .is_err()
+        {
+            break;
+        }
+        match response.await {
+            Err(e) if e.reason() == Some(h2::Reason::PROTOCOL_ERROR) && e.is_reset() => reset += 1,
+            // The connection ended: why is in its own result, below.
+            Err(e) if e.is_go_away() || e.is_io() => break,
+            other => panic!("a stream with too much DATA was not reset (after {reset}): {other:?}"),
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap_or_else(|_| panic!("the connection is still open after {reset} resets"))
+        .unwrap();
+    let error = ended.expect_err("the connection ended without an error");
+    assert_eq!(
+        error.reason(),
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{error:?}"
+    );
+    assert!(error.is_go_away(), "{error:?}");
+    assert!(reset >= max, "sent away after {reset} resets, before {max}");
+}
+
+/// A stream that declares a message of `MAX_MESSAGE_BYTES` and sends only its first bytes: tonic
+/// sets aside room for all of it. Returned so that the caller keeps it open.
+async fn unfinished_request(
+    h2: &h2::client::SendRequest<bytes::Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let mut h2 = h2.clone().ready().await.unwrap();
+    let (response, mut body) = h2.send_request(raw_request(None), false).unwrap();
+    let mut data = vec![0u8];
+    let len = u32::try_from(meshid_ca::server::MAX_MESSAGE_BYTES).unwrap();
+    data.extend_from_slice(&len.to_be_bytes());
+    data.extend_from_slice(b"only the start");
+    body.send_data(data.into(), false).unwrap();
+    (response, body)
+}
+
+/// A raw h2 connection over anonymous TLS from `from`, and the task driving it.
+async fn raw_h2_from(
+    ca: &TestCa,
+    from: IpAddr,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tls = tls_from(ca, &tls_connector(ca, None), from).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+    (h2, tokio::spawn(connection))
+}
+
+/// Whether a whole `GetTrustBundle` from `from` (a new connection) is refused because too many
+/// requests are arriving; panics on any other failure.
+async fn bundle_refused_from(ca: &TestCa, from: IpAddr) -> bool {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut client = client_from(ca, from, None, opened).await.unwrap();
+    match client.get_trust_bundle(GetTrustBundleRequest {}).await {
+        Ok(_) => false,
+        Err(status)
+            if status.code() == Code::ResourceExhausted
+                && status.message().contains("arriving") =>
+        {
+            true
+        }
+        Err(status) => panic!("{status:?}"),
+    }
+}
+
+/// Unfinished requests are bounded: a connection takes `MAX_STREAMS_PER_CONNECTION` streams at
+/// once (it was 256), and calls whose request is still arriving hold at most
+/// `max_arriving_requests` places on the CA, an eighth of them per source. Past a source's share
+/// its next call is `RESOURCE_EXHAUSTED` while other sources are served; past the whole, every
+/// newcomer is, until a place is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_are_bounded_per_connection_per_source_and_overall() {
+    let ca = TestCa::start(CaOptions {
+        max_arriving_requests: 16,
+        ..Default::default()
+    })
+    .await;
+    let per_source = 2;
+    let tls = tls_from(&ca, &tls_connector(&ca, None), HERE)
+        .await
+        .unwrap();
+    let (h2, mut connection) = h2::client::handshake(tls).await.unwrap();
+    // The server's SETTINGS are in once a first exchange is done.
+    let (response, mut body) = h2
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(raw_request(None), false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    tokio::select! {
+        r = response => { r.unwrap(); }
+        r = &mut connection => panic!("the connection ended: {r:?}"),
+    }
+    // A sidecar needs a handful at once.
+    assert_eq!(meshid_ca::server::MAX_STREAMS_PER_CONNECTION, 16);
+    assert_eq!(connection.max_concurrent_send_streams(), 16);
+    let here_conn = tokio::spawn(connection);
+
+    // Each on a connection of its own: on one connection h2's client sometimes held a later
+    // stream's head back behind an earlier stream that never ends.
+    let mut held = Vec::new();
+    for _ in 0..per_source {
+        let (h2, conn) = raw_h2_from(&ca, HERE).await;
+        held.push((unfinished_request(&h2).await, (h2, conn)));
+    }
+    eventually("a source's unfinished requests take its share", || {
+        bundle_refused_from(&ca, HERE)
+    })
+    .await;
+    assert!(
+        !bundle_refused_from(&ca, ELSEWHERE).await,
+        "another source is served"
+    );
+
+    // Seven more sources take their share each: all 16 places.
+    for host in 3..10u8 {
+        for _ in 0..per_source {
+            let (h2, conn) = raw_h2_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, host))).await;
+            held.push((unfinished_request(&h2).await, (h2, conn)));
+        }
+    }
+    let newcomer = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
+    eventually("every place is taken", || {
+        bundle_refused_from(&ca, newcomer)
+    })
+    .await;
+
+    // The first source goes away: its places come back.
+    for (_, (_, conn)) in held.drain(..per_source) {
+        conn.abort();
+    }
+    drop(h2);
+    here_conn.abort();
+    eventually("a place given back serves the newcomer", || async {
+        !bundle_refused_from(&ca, newcomer).await
+    })
+    .await;
+    drop(held);
 }
