@@ -297,6 +297,7 @@ pub async fn start(
             shared.metrics.clone(),
             app_svids,
             jwt_svids,
+            config.limits.idle_timeout,
             shared.shutdown.clone(),
         ));
     }

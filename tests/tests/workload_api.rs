@@ -969,3 +969,127 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
         }
     }
 }
+
+/// Requests on the Workload API are small: one larger than `MAX_REQUEST_BYTES` (tonic's default
+/// would take 4 MiB) is refused with `OUT_OF_RANGE` naming the limit, and the API goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_request_is_refused() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+    let mut client = raw_client(&socket, true).await;
+    let limit = meshid_sidecar::workload_api::MAX_REQUEST_BYTES;
+    let refused = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "x".into(),
+            svid: "a".repeat(limit + 1),
+        })
+        .await
+        .expect_err("an oversize request");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().contains(&limit.to_string()),
+        "{refused:?}"
+    );
+    // A request of normal size is still answered (a bad token, but read and checked).
+    let answered = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "x".into(),
+            svid: "a".repeat(1024),
+        })
+        .await
+        .expect_err("not a token");
+    // File mode: refused for want of a CA, after the request was read.
+    assert_eq!(
+        answered.code(),
+        tonic::Code::PermissionDenied,
+        "{answered:?}"
+    );
+}
+
+/// A raw h2 connection to the Workload API socket, and the task driving it (it ends when the
+/// sidecar closes the connection).
+async fn raw_h2(
+    socket: &Path,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let unix = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (h2, connection) = h2::client::handshake(unix).await.unwrap();
+    (h2, tokio::spawn(connection))
+}
+
+/// Calls `method` with an empty message over `h2`; returns the response body once its head is in.
+async fn raw_call(h2: &h2::client::SendRequest<bytes::Bytes>, method: &str) -> h2::RecvStream {
+    let request = http::Request::post(format!("http://localhost/SpiffeWorkloadAPI/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("workload.spiffe.io", "true")
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = response.await.unwrap();
+    // A stream's head carries no status: only an answer at once (an error) does.
+    assert!(
+        method.starts_with("Validate") || !response.headers().contains_key("grpc-status"),
+        "{method}: {response:?}"
+    );
+    response.into_body()
+}
+
+/// A connection with no call open for the sidecar's `--idle-timeout` is closed (one left open
+/// after a call would otherwise hold one of the socket's connections for good); one holding a
+/// watching stream (`FetchX509Bundles`) is never idle and stays, and still takes calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = TestSidecar::start(
+        &pki,
+        &pki.workload(ID),
+        ID,
+        SidecarSpec {
+            workload_api: Some(socket.clone()),
+            limits: Some(meshid_sidecar::settings::Limits {
+                idle_timeout: Duration::from_secs(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let (watching, watching_conn) = raw_h2(&socket).await;
+    let mut bundles = raw_call(&watching, "FetchX509Bundles").await;
+    let first = bundles.data().await.expect("a bundle").unwrap();
+    assert!(!first.is_empty());
+
+    // Opened after the watching connection, one call, then nothing.
+    let (idle, idle_conn) = raw_h2(&socket).await;
+    let mut answer = raw_call(&idle, "ValidateJWTSVID").await;
+    while answer.data().await.is_some() {}
+    drop(answer);
+    let _closed = tokio::time::timeout(Duration::from_secs(10), idle_conn)
+        .await
+        .expect("the idle connection is closed");
+
+    // The watching connection has been open longer than the idle one: it stays, with its stream.
+    assert!(
+        !watching_conn.is_finished(),
+        "the watching connection stays"
+    );
+    let mut again = raw_call(&watching, "FetchX509Bundles").await;
+    assert!(again.data().await.is_some(), "it still takes calls");
+    drop(bundles);
+}

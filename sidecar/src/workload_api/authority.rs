@@ -42,12 +42,14 @@ const TABLE_SIZE: usize = 4096;
 /// bounds the number of fields (512).
 pub(super) const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-/// The server's end of a connection: what tonic serves.
-pub(super) struct Piped(pub(super) DuplexStream);
+/// The server's end of a connection: what tonic serves, with the connection's open calls.
+pub(super) struct Piped(pub(super) DuplexStream, pub(super) super::idle::Activity);
 
 impl tonic::transport::server::Connected for Piped {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
+    type ConnectInfo = super::idle::Activity;
+    fn connect_info(&self) -> super::idle::Activity {
+        self.1.clone()
+    }
 }
 
 impl AsyncRead for Piped {

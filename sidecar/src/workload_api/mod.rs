@@ -53,6 +53,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 mod authority;
+mod idle;
 
 use crate::creds::CredentialStore;
 use crate::creds::app_svid::{AppSvid, AppSvids};
@@ -140,18 +141,29 @@ const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// connections and never called would otherwise keep the app from its SVIDs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// The largest request message taken (tonic's default is 4 MiB): the largest request is a
+/// `ValidateJWTSVID`'s token with its audience, a few KiB (audiences are at most 8 x 256 bytes). A
+/// larger one is answered `OUT_OF_RANGE` without being read in. With it, what the connections'
+/// unfinished requests can hold is bounded to [`MAX_CONNECTIONS`] x
+/// [`MAX_STREAMS_PER_CONNECTION`] x (16 KiB and tonic's 8 KiB read buffer), 24 MiB (it was
+/// about 4 GiB).
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+
 /// Calls open at once on one connection (an app holds a few streams: X.509-SVIDs, bundles, a
 /// JWT-SVID now and then); each is a task of the sidecar's.
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Serves the Workload API on `listener` until shutdown. Each connection goes through
-/// [`authority::pump`], so clients that send the socket path as `:authority` are served too.
+/// [`authority::pump`], so clients that send the socket path as `:authority` are served too. A
+/// connection with no call open for `idle_timeout` (the sidecar's `--idle-timeout`) is closed
+/// ([`idle`]); a watching stream is a call open.
 pub async fn serve(
     listener: UnixListener,
     store: Arc<CredentialStore>,
     metrics: Metrics,
     svids: Option<AppSvids>,
     jwt: Option<Arc<JwtSvids>>,
+    idle_timeout: std::time::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api = WorkloadApi {
@@ -193,22 +205,38 @@ pub async fn serve(
                 continue;
             };
             let (server, ours) = tokio::io::duplex(64 * 1024);
-            if conns.send(Ok(authority::Piped(server))).await.is_err() {
+            let activity = idle::Activity::new();
+            if conns
+                .send(Ok(authority::Piped(server, activity.clone())))
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::spawn(async move {
                 let ticket = admitted.ticket;
                 let client =
                     meshid_runtime::admission::Displaceable::new(client, admitted.displacement);
-                authority::pump(client, ours, &|| ticket.proven()).await;
+                let on_call = || ticket.proven();
+                // Closing both ends ends the connection for the client and for tonic.
+                tokio::select! {
+                    () = authority::pump(client, ours, &on_call) => {}
+                    () = activity.idle_for(idle_timeout) => {
+                        tracing::debug!("workload API connection closed: idle");
+                    }
+                }
             });
         }
     });
     let result = tonic::transport::Server::builder()
         .http2_max_header_list_size(authority::MAX_HEADER_LIST)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // hyper's bound on streams reset for a client's protocol errors before GOAWAY
+        // ENHANCE_YOUR_CALM (CVE-2025-8671): tonic's default of `None` would lift it.
+        .http2_max_local_error_reset_streams(Some(1024))
+        .layer(idle::TrackCallsLayer)
         .serve_with_incoming_shutdown(
-            SpiffeWorkloadApiServer::new(api),
+            SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
             ReceiverStream::new(incoming),
             async move { meshid_runtime::net::stopped(&mut shutdown).await },
         )
