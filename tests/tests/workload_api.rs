@@ -1093,3 +1093,51 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
     assert!(again.data().await.is_some(), "it still takes calls");
     drop(bundles);
 }
+
+/// As at the CA: a connection whose streams h2 keeps resetting for the client's own protocol
+/// errors (DATA past the request's `content-length`) is sent GOAWAY `ENHANCE_YOUR_CALM` after
+/// 1024 of them (CVE-2025-8671), instead of resetting streams for as long as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_keeps_provoking_stream_resets_is_sent_away() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = sidecar(&pki, None, &socket).await;
+    let (mut h2, connection) = raw_h2(&socket).await;
+    let mut reset = 0;
+    for _ in 0..1024 + 256 {
+        let Ok(ready) = h2.ready().await else { break };
+        h2 = ready;
+        let request = http::Request::post("http://localhost/SpiffeWorkloadAPI/ValidateJWTSVID")
+            .header("content-type", "application/grpc")
+            .header("content-length", "1")
+            .body(())
+            .unwrap();
+        let Ok((response, mut body)) = h2.send_request(request, false) else {
+            break;
+        };
+        if body
+            .send_data(bytes::Bytes::from_static(b"\0\0"), true)
+            .is_err()
+        {
+            break;
+        }
+        match response.await {
+            Err(e) if e.reason() == Some(h2::Reason::PROTOCOL_ERROR) && e.is_reset() => reset += 1,
+            // The connection ended: why is in its own result, below.
+            Err(e) if e.is_go_away() || e.is_io() => break,
+            other => panic!("a stream with too much DATA was not reset (after {reset}): {other:?}"),
+        }
+    }
+    let error = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .unwrap_or_else(|_| panic!("the connection is still open after {reset} resets"))
+        .unwrap()
+        .expect_err("the connection ended without an error");
+    assert_eq!(
+        error.reason(),
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "{error:?}"
+    );
+    assert!(reset >= 1024, "sent away after {reset} resets, before 1024");
+}
