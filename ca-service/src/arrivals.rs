@@ -25,6 +25,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::ReasonLabels;
 use crate::tls::PeerInfo;
 
 /// The share of the places one source may hold: an eighth.
@@ -39,16 +43,20 @@ struct Places {
 }
 
 impl Places {
-    fn take(self: &Arc<Self>, source: IpAddr) -> Option<Place> {
+    /// A place for a call from `source`, or the limit that refuses it (as the metric names it).
+    fn take(self: &Arc<Self>, source: IpAddr) -> Result<Place, &'static str> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         let (total, sources) = &mut *held;
         let of_source = sources.get(&source).copied().unwrap_or(0);
-        if *total >= self.max || of_source >= self.max_per_source {
-            return None;
+        if *total >= self.max {
+            return Err("max_arriving_requests");
+        }
+        if of_source >= self.max_per_source {
+            return Err("max_arriving_requests_per_source");
         }
         *total += 1;
         sources.insert(source, of_source + 1);
-        Some(Place {
+        Ok(Place {
             places: self.clone(),
             source,
         })
@@ -91,18 +99,23 @@ fn source(ip: IpAddr) -> IpAddr {
 #[derive(Debug, Clone)]
 pub struct ArrivalsLayer {
     places: Arc<Places>,
+    refused: Refused,
 }
+
+/// Calls refused, by the limit that refused them (`meshid_ca_calls_refused_total`).
+type Refused = Family<ReasonLabels, Counter>;
 
 impl ArrivalsLayer {
     /// At most `max` calls with their request still arriving, an eighth of them (at least one)
-    /// from one source.
-    pub fn new(max: usize) -> Self {
+    /// from one source; the calls refused are counted in `refused`.
+    pub fn new(max: usize, refused: Refused) -> Self {
         Self {
             places: Arc::new(Places {
                 max,
                 max_per_source: (max / SOURCE_SHARE).max(1),
                 held: Mutex::default(),
             }),
+            refused,
         }
     }
 }
@@ -113,6 +126,7 @@ impl<S> tower::Layer<S> for ArrivalsLayer {
         Arrivals {
             inner,
             places: self.places.clone(),
+            refused: self.refused.clone(),
         }
     }
 }
@@ -122,6 +136,7 @@ impl<S> tower::Layer<S> for ArrivalsLayer {
 pub struct Arrivals<S> {
     inner: S,
     places: Arc<Places>,
+    refused: Refused,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -151,12 +166,16 @@ where
         let (Some(from), false) = (from, req.body().is_end_stream()) else {
             return Box::pin(self.inner.call(req));
         };
-        let Some(place) = self.places.take(from) else {
-            let status = tonic::Status::resource_exhausted(
-                "too many requests arriving at once on this CA; try again",
-            );
-            let response = status.into_http::<ResBody>();
-            return Box::pin(async move { Ok(response) });
+        let place = match self.places.take(from) {
+            Ok(place) => place,
+            Err(reason) => {
+                self.refused.get_or_create(&ReasonLabels { reason }).inc();
+                let status = tonic::Status::resource_exhausted(format!(
+                    "too many requests arriving at once on this CA ({reason}); try again"
+                ));
+                let response = status.into_http::<ResBody>();
+                return Box::pin(async move { Ok(response) });
+            }
         };
         let req = req.map(|inner| {
             tonic::body::Body::new(Arriving {
@@ -207,20 +226,24 @@ mod tests {
 
     #[test]
     fn places_are_bounded_overall_and_per_source_and_given_back() {
-        let layer = ArrivalsLayer::new(16);
+        let layer = ArrivalsLayer::new(16, Refused::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let of_a: Vec<_> = (0..2).filter_map(|_| layer.places.take(a)).collect();
+        let of_a: Vec<_> = (0..2).filter_map(|_| layer.places.take(a).ok()).collect();
         assert_eq!(of_a.len(), 2);
-        assert!(layer.places.take(a).is_none(), "an eighth of 16 per source");
+        assert_eq!(
+            layer.places.take(a).unwrap_err(),
+            "max_arriving_requests_per_source",
+            "an eighth of 16 per source"
+        );
         let mut others: Vec<_> = (3..20u8)
-            .filter_map(|i| layer.places.take(IpAddr::from([10, 0, 1, i])))
+            .filter_map(|i| layer.places.take(IpAddr::from([10, 0, 1, i])).ok())
             .collect();
         assert_eq!(others.len(), 14, "16 overall");
-        assert!(layer.places.take(b).is_none());
+        assert_eq!(layer.places.take(b).unwrap_err(), "max_arriving_requests");
         others.pop();
         assert!(
-            layer.places.take(b).is_some(),
+            layer.places.take(b).is_ok(),
             "a place given back is free again"
         );
         drop(of_a);

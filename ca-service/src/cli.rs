@@ -505,6 +505,12 @@ pub struct ServeArgs {
         default_value = "256"
     )]
     pub max_connections_per_source: String,
+    /// Most calls whose request is still arriving, at once on this process (an eighth of them from
+    /// one source IP): each holds up to about 72 KiB until its message is in, so this bounds what
+    /// unfinished requests can hold (448: about 32 MiB). Past it a call is answered
+    /// RESOURCE_EXHAUSTED at once (sidecars try again).
+    #[arg(long, env = "MESHID_CA_MAX_ARRIVING_REQUESTS", default_value = "448")]
+    pub max_arriving_requests: String,
     /// Close a connection that has had no call in flight for this long (an open WatchTrustBundle
     /// stream is a call in flight).
     #[arg(long, env = "MESHID_CA_IDLE_TIMEOUT", default_value = "5m")]
@@ -588,6 +594,10 @@ impl ServeArgs {
             "--max-connections-per-source",
             self.max_connections_per_source.parse::<usize>(),
         );
+        let arriving = p.check(
+            "--max-arriving-requests",
+            self.max_arriving_requests.parse::<usize>(),
+        );
         let idle = p.check("--idle-timeout", parse_duration(&self.idle_timeout));
         let max_age = p.check(
             "--max-connection-age",
@@ -620,6 +630,9 @@ impl ServeArgs {
         }
         if per_source == Some(0) {
             p.0.push("--max-connections-per-source: must be at least 1".into());
+        }
+        if arriving == Some(0) {
+            p.0.push("--max-arriving-requests: must be at least 1".into());
         }
         if idle.is_some_and(|d| d < Duration::from_secs(1)) {
             p.0.push("--idle-timeout: must be at least 1s".into());
@@ -736,12 +749,14 @@ impl ServeArgs {
             Some(jwks_refresh),
             Some(jwks_min),
             Some(jwt_svid_ttl),
+            Some(arriving),
         ) = (
             max_attestation_age,
             max_token_lifetime,
             jwks_refresh,
             jwks_min,
             jwt_svid_ttl,
+            arriving,
         )
         else {
             return Err(vec!["internal: unchecked setting".into()]);
@@ -794,7 +809,7 @@ impl ServeArgs {
                 idle_timeout: idle,
                 max_connection_age: max_age,
                 max_connection_age_grace: grace,
-                ..ListenerLimits::default()
+                max_arriving_requests: arriving,
             },
             grace,
         })
@@ -1104,8 +1119,11 @@ mod tests {
         assert_eq!(limits.idle_timeout, Duration::from_secs(300));
         assert_eq!(limits.max_connection_age, Duration::from_secs(1800));
         assert_eq!(limits.max_connection_age_grace, Duration::from_secs(30));
+        assert_eq!(limits.max_arriving_requests, 448);
 
         let limits = parse(&[
+            "--max-arriving-requests",
+            "64",
             "--max-connections-per-source",
             "3",
             "--idle-timeout",
@@ -1121,8 +1139,11 @@ mod tests {
         assert_eq!(limits.idle_timeout, Duration::from_secs(90));
         assert_eq!(limits.max_connection_age, Duration::from_secs(3600));
         assert_eq!(limits.max_connection_age_grace, Duration::from_secs(5));
+        assert_eq!(limits.max_arriving_requests, 64);
 
         let problems = parse(&[
+            "--max-arriving-requests",
+            "0",
             "--max-connections-per-source",
             "0",
             "--idle-timeout",
@@ -1133,6 +1154,7 @@ mod tests {
         .unwrap_err()
         .join("\n");
         for flag in [
+            "--max-arriving-requests",
             "--max-connections-per-source",
             "--idle-timeout",
             "--max-connection-age",

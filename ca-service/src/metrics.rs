@@ -53,6 +53,7 @@ pub struct Metrics {
     pub connections_open: Gauge,
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub connections_refused: Family<ReasonLabels, Counter>,
+    pub calls_refused: Family<ReasonLabels, Counter>,
     pub connections_closed: Family<ReasonLabels, Counter>,
     pub authority_root_expiry: Family<AuthorityLabels, Gauge>,
     pub authority_intermediate_expiry: Family<AuthorityLabels, Gauge>,
@@ -91,6 +92,7 @@ impl Metrics {
             connections_open: Gauge::default(),
             handshake_failures: Family::default(),
             connections_refused: Family::default(),
+            calls_refused: Family::default(),
             connections_closed: Family::default(),
             authority_root_expiry: Family::default(),
             authority_intermediate_expiry: Family::default(),
@@ -161,6 +163,11 @@ impl Metrics {
             "connections_refused",
             "Connections refused at a connection limit, by limit (max_connections, max_connections_per_source)",
             Listed(m.connections_refused.clone()),
+        );
+        r.register(
+            "calls_refused",
+            "gRPC calls answered RESOURCE_EXHAUSTED before any service looked at them, by limit (max_arriving_requests, max_arriving_requests_per_source)",
+            Listed(m.calls_refused.clone()),
         );
         r.register(
             "connections_closed",

@@ -243,6 +243,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let ca = CertificateAuthorityServer::new(CaService::new(state))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin_unauthorized = metrics.admin_unauthorized.clone();
+    let calls_refused = metrics.calls_refused.clone();
     let incoming = tls::incoming(listener, tls_config, config.limits, metrics);
     let mut stop = shutdown_rx.clone();
     let grpc = tokio::spawn(
@@ -277,6 +278,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
             // The bound on memory held by requests still arriving, across connections.
             .layer(crate::arrivals::ArrivalsLayer::new(
                 config.limits.max_arriving_requests,
+                calls_refused,
             ))
             .add_service(health_service)
             .add_service(ca)

@@ -946,4 +946,10 @@ async fn unfinished_requests_are_bounded_per_connection_per_source_and_overall()
     })
     .await;
     drop(held);
+    // Each limit's refusals are counted apart.
+    let m = metrics(&ca).await;
+    for reason in ["max_arriving_requests", "max_arriving_requests_per_source"] {
+        let series = format!("meshid_ca_calls_refused_total{{reason=\"{reason}\"}}");
+        assert!(sample(&m, &series) >= 1.0, "{series}: {m}");
+    }
 }
