@@ -87,18 +87,22 @@ pub fn start(ca_bin: &Path, work: &Path, cpu: usize, extra: &[&str]) -> Result<B
 }
 
 /// Every simulated workload connects from 127.0.0.1, one source standing for many hosts: the CA's
-/// per-source connection cap is lifted (when the build has one: the harness also measures older
-/// builds of the CA).
+/// per-source caps (connections, and calls whose request is still arriving) are lifted, those the
+/// build has (the harness also measures older builds of the CA).
 fn per_source_cap_off(ca_bin: &Path) -> Vec<&'static str> {
     let help = Command::new(ca_bin).args(["serve", "--help"]).output();
-    match help {
-        Ok(out)
-            if String::from_utf8_lossy(&out.stdout).contains("--max-connections-per-source") =>
-        {
-            vec!["--max-connections-per-source", "1000000"]
-        }
-        _ => Vec::new(),
+    let Ok(out) = help else {
+        return Vec::new();
+    };
+    let help = String::from_utf8_lossy(&out.stdout);
+    let mut args = Vec::new();
+    if help.contains("--max-connections-per-source") {
+        args.extend(["--max-connections-per-source", "1000000"]);
     }
+    if help.contains("--max-arriving-requests") {
+        args.extend(["--max-arriving-requests", "1000000"]);
+    }
+    args
 }
 
 /// A client that renews, as a sidecar does after its first certificate: one certificate issued with

@@ -99,6 +99,10 @@ impl CaProc {
         if !given("--max-connections-per-source") {
             cmd.args(["--max-connections-per-source", "1000000"]);
         }
+        // The same source holds the calls whose request is still arriving: lift its share too.
+        if !given("--max-arriving-requests") {
+            cmd.args(["--max-arriving-requests", "1000000"]);
+        }
         if !given("--rate-limit") {
             cmd.args(["--rate-limit", "1000000000", "--rate-burst", "1000000000"]);
         }
