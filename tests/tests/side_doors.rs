@@ -1403,6 +1403,55 @@ async fn a_rejected_policy_reload_is_loud_and_can_fail_readiness() {
     );
 }
 
+/// A real sidecar in file mode as `me`, with one listener (`listener`: `--inbound` or
+/// `--outbound` and its value), its admin port on `admin`, the environment `env` (`None`: the
+/// variable removed), stderr into `log`; under `sh -c "<shell>; exec ..."` when `shell` is given
+/// (a `ulimit`, say). Returned once its admin port answers `/healthz`.
+fn file_mode_sidecar(
+    pki: &TestPki,
+    me: &Workload,
+    shell: Option<&str>,
+    listener: [&str; 2],
+    admin: SocketAddr,
+    env: &[(&str, Option<&str>)],
+    log: &std::path::Path,
+) -> Proc {
+    let bin = workspace_bin("meshid-sidecar");
+    let mut cmd = match shell {
+        Some(shell) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c")
+                .arg(format!("{shell} && exec \"$0\" \"$@\""))
+                .arg(&bin);
+            cmd
+        }
+        None => Command::new(&bin),
+    };
+    cmd.args(["run", "--cert"])
+        .arg(&me.cert_path)
+        .arg("--key")
+        .arg(&me.key_path)
+        .arg("--bundle")
+        .arg(&pki.bundle_path)
+        .args(listener)
+        .args(["--admin-listen", &admin.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    for (name, value) in env {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
+    let sidecar = Proc::spawn("meshid-sidecar", &mut cmd);
+    assert!(meshid_tests::process::wait_http_ok(
+        admin,
+        "/healthz",
+        Duration::from_secs(10)
+    ));
+    sidecar
+}
+
 /// Out of file descriptors, the admin accept loop waits between attempts instead of spinning, and
 /// serves again once descriptors are free. A real sidecar with a small descriptor limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1414,30 +1463,15 @@ async fn an_accept_loop_out_of_file_descriptors_backs_off() {
     let log = work.path().join("sidecar.log");
     let admin = free_addr("127.0.0.49");
     let inbound = free_addr("127.0.0.49");
-    let bin = workspace_bin("meshid-sidecar");
-    let _sidecar = Proc::spawn(
-        "meshid-sidecar",
-        Command::new("sh")
-            .arg("-c")
-            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
-            .arg(&bin)
-            .args(["run", "--cert"])
-            .arg(&me.cert_path)
-            .arg("--key")
-            .arg(&me.key_path)
-            .arg("--bundle")
-            .arg(&pki.bundle_path)
-            .args(["--inbound", &format!("{inbound}={app},tcp")])
-            .args(["--admin-listen", &admin.to_string()])
-            .env("MESHID_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    assert!(meshid_tests::process::wait_http_ok(
+    let _sidecar = file_mode_sidecar(
+        &pki,
+        &me,
+        Some("ulimit -n 64"),
+        ["--inbound", &format!("{inbound}={app},tcp")],
         admin,
-        "/healthz",
-        Duration::from_secs(10)
-    ));
+        &[("MESHID_LOG", Some("warn"))],
+        &log,
+    );
     // Take every descriptor the process has left, and hold them for three seconds.
     let mut held = Vec::new();
     for _ in 0..200 {
@@ -1504,27 +1538,15 @@ async fn what_a_peer_sends_in_a_handshake_writes_few_log_lines() {
     let log = work.path().join("sidecar.log");
     let admin = free_addr("127.0.0.93");
     let inbound = free_addr("127.0.0.93");
-    let _sidecar = Proc::spawn(
-        "meshid-sidecar",
-        Command::new(workspace_bin("meshid-sidecar"))
-            .args(["run", "--cert"])
-            .arg(&me.cert_path)
-            .arg("--key")
-            .arg(&me.key_path)
-            .arg("--bundle")
-            .arg(&pki.bundle_path)
-            .args(["--inbound", &format!("{inbound}={app},tcp")])
-            .args(["--admin-listen", &admin.to_string()])
-            .env_remove("MESHID_LOG")
-            .env("MESHID_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    assert!(meshid_tests::process::wait_http_ok(
+    let _sidecar = file_mode_sidecar(
+        &pki,
+        &me,
+        None,
+        ["--inbound", &format!("{inbound}={app},tcp")],
         admin,
-        "/healthz",
-        Duration::from_secs(10)
-    ));
+        &[("MESHID_LOG", None), ("MESHID_LOG_FORMAT", Some("json"))],
+        &log,
+    );
     let started = Instant::now();
     // Four warning alerts (bad_certificate, at the warning level), then a server name of control
     // bytes.
@@ -1585,27 +1607,18 @@ async fn connections_to_an_unavailable_upstream_write_few_log_lines() {
     let outbound = free_addr("127.0.0.93");
     // Nothing listens there.
     let upstream = free_addr("127.0.0.93");
-    let _sidecar = Proc::spawn(
-        "meshid-sidecar",
-        Command::new(workspace_bin("meshid-sidecar"))
-            .args(["run", "--cert"])
-            .arg(&me.cert_path)
-            .arg("--key")
-            .arg(&me.key_path)
-            .arg("--bundle")
-            .arg(&pki.bundle_path)
-            .args(["--outbound", &format!("{outbound}={upstream},{SERVER},tcp")])
-            .args(["--admin-listen", &admin.to_string()])
-            .env("MESHID_LOG", "info")
-            .env("MESHID_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
-    assert!(meshid_tests::process::wait_http_ok(
+    let _sidecar = file_mode_sidecar(
+        &pki,
+        &me,
+        None,
+        ["--outbound", &format!("{outbound}={upstream},{SERVER},tcp")],
         admin,
-        "/healthz",
-        Duration::from_secs(10)
-    ));
+        &[
+            ("MESHID_LOG", Some("info")),
+            ("MESHID_LOG_FORMAT", Some("json")),
+        ],
+        &log,
+    );
     let started = Instant::now();
     const CONNECTIONS: usize = 300;
     for _ in 0..CONNECTIONS {
