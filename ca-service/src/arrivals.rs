@@ -23,8 +23,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
-
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -178,45 +176,9 @@ where
             }
         };
         let req = req.map(|inner| {
-            tonic::body::Body::new(Arriving {
-                inner,
-                place: Some(place),
-            })
+            tonic::body::Body::new(meshid_runtime::body::HoldUntilEnd::new(inner, Some(place)))
         });
         Box::pin(self.inner.call(req))
-    }
-}
-
-/// A request body that holds its call's place until it ends or is dropped.
-struct Arriving {
-    inner: tonic::body::Body,
-    place: Option<Place>,
-}
-
-impl hyper::body::Body for Arriving {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, tonic::Status>>> {
-        let this = &mut *self;
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None | Some(Err(_))) => this.place = None,
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.place = None,
-            _ => {}
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

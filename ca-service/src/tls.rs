@@ -616,11 +616,9 @@ where
                         "too many health Watch streams open on this CA ({MAX_HEALTH_WATCHES} at \
                          most); use Check"
                     ));
-                    let response = status.into_http::<ResBody>().map(|inner| TrackedBody {
-                        inner,
-                        guard: None,
-                        permit: None,
-                    });
+                    let response = status
+                        .into_http::<ResBody>()
+                        .map(|inner| TrackedBody::new(inner, None));
                     return Box::pin(async move { Ok(response) });
                 }
             }
@@ -634,52 +632,17 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|inner| TrackedBody {
-                inner,
-                guard,
-                permit,
-            }))
+            Ok(response.map(|inner| TrackedBody::new(inner, Some((guard, permit)))))
         })
     }
 }
 
 /// A response body that keeps its call in flight (and a health `Watch` stream's place) until it
 /// ends or is dropped.
-#[derive(Debug)]
-pub struct TrackedBody<B> {
-    inner: B,
-    guard: Option<CallGuard>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl<B> hyper::body::Body for TrackedBody<B>
-where
-    B: hyper::body::Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        let this = &mut *self;
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            this.guard = None;
-            this.permit = None;
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub type TrackedBody<B> = meshid_runtime::body::HoldUntilEnd<
+    B,
+    (Option<CallGuard>, Option<tokio::sync::OwnedSemaphorePermit>),
+>;
 
 /// Accepts TCP connections and completes TLS handshakes off the accept loop, with the current
 /// config at the time of each handshake. The stream ends when the receiver is dropped.

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod body;
 pub mod cli;
 pub mod exposition;
 pub mod h1;

@@ -67,7 +67,7 @@ impl Activity {
 
 /// One open call; dropping it ends the call.
 #[derive(Debug)]
-struct CallGuard(Arc<Counts>);
+pub(super) struct CallGuard(Arc<Counts>);
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
@@ -115,45 +115,13 @@ where
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|inner| TrackedBody { inner, guard }))
+            Ok(response.map(|inner| TrackedBody::new(inner, guard)))
         })
     }
 }
 
 /// A response body that keeps its call open until it ends or is dropped.
-#[derive(Debug)]
-pub(super) struct TrackedBody<B> {
-    inner: B,
-    guard: Option<CallGuard>,
-}
-
-impl<B> hyper::body::Body for TrackedBody<B>
-where
-    B: hyper::body::Body + Unpin,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
-        let this = &mut *self;
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            this.guard = None;
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
+pub(super) type TrackedBody<B> = meshid_runtime::body::HoldUntilEnd<B, CallGuard>;
 
 #[cfg(test)]
 mod tests {
