@@ -446,7 +446,9 @@ fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
     params
 }
 
-/// The material `serve` signs with.
+/// The material `serve` signs with. Cloned only to change its revocation list alone
+/// (`server::apply_revocations_alone`): the keys are shared, not copied.
+#[derive(Clone)]
 pub struct Authority {
     pub trust_domain: TrustDomain,
     /// The active authority's name (see `authorities.json`).
@@ -459,7 +461,7 @@ pub struct Authority {
     pub intermediate_der: CertificateDer<'static>,
     pub intermediate_not_after: OffsetDateTime,
     /// Signs leaves.
-    pub issuer: Issuer<'static, KeyPair>,
+    pub issuer: std::sync::Arc<Issuer<'static, KeyPair>>,
     /// The trust bundle's roots, DER.
     pub roots: Vec<CertificateDer<'static>>,
     /// The issuing intermediates trust is pinned to: those of the authorities whose root key this
@@ -477,7 +479,7 @@ pub struct Authority {
     /// Sidecars should renew at once (after a forced retirement).
     pub renew_now: bool,
     /// Signs JWT-SVIDs: the active authority's JWT key (`None`: it has none).
-    pub jwt_signer: Option<JwtSigner>,
+    pub jwt_signer: Option<std::sync::Arc<JwtSigner>>,
     /// The JWT keys of every authority in the bundle, published with it.
     pub jwt_keys: Vec<JwtKey>,
     /// What `meshid-ca revoke` listed (`revocations.json`).
@@ -621,7 +623,7 @@ impl Authority {
             retired,
             intermediate_der,
             intermediate_not_after,
-            issuer,
+            issuer: std::sync::Arc::new(issuer),
             roots,
             pinned,
             anchors,
@@ -629,7 +631,7 @@ impl Authority {
             bundled_authorities,
             bundle_version: state.bundle_version,
             renew_now: state.renew_now_at == Some(state.bundle_version),
-            jwt_signer,
+            jwt_signer: jwt_signer.map(std::sync::Arc::new),
             jwt_keys,
             revocations: std::sync::Arc::new(crate::revocations::Revocations::load(dir)?),
         })

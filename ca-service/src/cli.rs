@@ -86,8 +86,9 @@ pub enum Command {
     /// on the directory refuses to renew or issue for it within a second and streams it with the
     /// trust bundle; every sidecar then refuses its handshakes and closes its connections.
     Revoke(RevokeArgs),
-    /// Lift a revocation: an identity may be issued certificates again (a revoked certificate
-    /// stays expired or replaced; lifting its entry only shortens the list).
+    /// Lift a revocation: an identity may be issued certificates again, and a certificate whose
+    /// serial was revoked (with, for a lineage's first, its renewals) is trusted again by every
+    /// sidecar and renewed by the CA for as long as it is still valid.
     Unrevoke(UnrevokeArgs),
     /// List the revocations of a CA directory.
     Revocations(RevocationsArgs),

@@ -31,6 +31,20 @@ pub const EXPIRY_SLACK_SECS: i64 = 60;
 /// The longest `--reason`, in bytes.
 pub const MAX_REASON: usize = 256;
 const FORMAT_VERSION: u32 = 1;
+/// The largest `revocations.json` read: [`MAX_REVOCATIONS`] entries of the longest identity
+/// (2,048 bytes) and reason fit in about 24 MiB of JSON. A larger file is refused unread (the list
+/// in force stays), not read whole into memory every second while refused.
+pub const MAX_FILE_BYTES: u64 = 32 << 20;
+
+/// The bytes of `path`, `None` when it holds more than `max`.
+fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}
 
 /// One entry as the file holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,8 +138,18 @@ impl Revocations {
     /// every revocation.
     pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
         let path = dir.join(REVOCATIONS_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
+        let bytes = match read_at_most(&path, MAX_FILE_BYTES) {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                return Err(invalid(
+                    &path,
+                    format!(
+                        "larger than {} MiB: not a list this CA reads (at most \
+                         {MAX_REVOCATIONS} entries)",
+                        MAX_FILE_BYTES >> 20
+                    ),
+                ));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let state = crate::authorities::RotationState::load(dir)?;
                 return match state.revocations_written_at {
@@ -302,6 +326,33 @@ impl Revocations {
         (Self { entries }, raised)
     }
 
+    /// `self` with every entry of `newer` that narrows trust: one for a certificate or identity
+    /// `self` does not list, or one revoked again since (its later time, expiry and reason). What
+    /// `newer` no longer lists stays: a lifted revocation waits for the whole directory to load.
+    /// `Ok(None)` when it adds nothing; `Err` with the count when the union would pass
+    /// [`MAX_REVOCATIONS`] (sidecars refuse a bundle with more, whole).
+    pub fn narrowed_by(&self, newer: &Self) -> Result<Option<Self>, usize> {
+        let mut entries = self.entries.clone();
+        let mut changed = false;
+        for e in &newer.entries {
+            match entries.iter_mut().find(|have| have.what == e.what) {
+                Some(have) if have.revoked_at < e.revoked_at => {
+                    *have = e.clone();
+                    changed = true;
+                }
+                Some(_) => {}
+                None => {
+                    entries.push(e.clone());
+                    changed = true;
+                }
+            }
+        }
+        if entries.len() > MAX_REVOCATIONS {
+            return Err(entries.len());
+        }
+        Ok(changed.then_some(Self { entries }))
+    }
+
     /// Removes the revocation of `what`; returns it if there was one.
     pub fn unrevoke(&mut self, what: &Revoked) -> Option<Entry> {
         let i = self.entries.iter().position(|e| &e.what == what)?;
@@ -360,6 +411,38 @@ mod tests {
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_newer_list_narrows_but_never_lifts() {
+        let serial = |s: &str| Revoked::Serial(s.into());
+        let mut have = Revocations::default();
+        have.revoke(serial("a1"), 100, 60, "old".into()).unwrap();
+        have.revoke(serial("b2"), 100, 60, String::new()).unwrap();
+        // The newer list lifted b2, revoked a1 again later, and added an identity.
+        let mut newer = Revocations::default();
+        newer.revoke(serial("a1"), 200, 60, "again".into()).unwrap();
+        newer
+            .revoke(Revoked::Id(id("spiffe://td/x")), 150, 60, String::new())
+            .unwrap();
+        let merged = have.narrowed_by(&newer).unwrap().expect("it adds");
+        let listed: Vec<_> = merged.entries().iter().map(|e| e.what.clone()).collect();
+        assert_eq!(
+            listed,
+            [serial("a1"), serial("b2"), Revoked::Id(id("spiffe://td/x"))]
+        );
+        assert_eq!(merged.entries()[0].reason, "again");
+        assert_eq!(merged.entries()[0].revoked_at, 200);
+        // Nothing new (an older time of a1 included): nothing to apply.
+        assert_eq!(merged.narrowed_by(&have).unwrap(), None);
+        assert_eq!(merged.narrowed_by(&merged).unwrap(), None);
+        // A union past the bundle's bound is not applied.
+        let mut full = Revocations::default();
+        for i in 0..MAX_REVOCATIONS {
+            full.revoke(serial(&format!("{:x}", i + 0x1000)), 1, 1, String::new())
+                .unwrap();
+        }
+        assert_eq!(full.narrowed_by(&have), Err(MAX_REVOCATIONS + 2));
     }
 
     #[test]
@@ -444,6 +527,48 @@ mod tests {
             !dir.path().join(REVOCATIONS_FILE).exists(),
             "nothing written over"
         );
+    }
+
+    /// A file past [`MAX_FILE_BYTES`] is refused with its size, not read whole (the CA reads a
+    /// refused directory every second); the largest list it may hold fits well within.
+    #[test]
+    fn an_oversized_list_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REVOCATIONS_FILE);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let err = Revocations::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("revocations.json: larger than 32 MiB"),
+            "{err}"
+        );
+
+        // The largest list: MAX_REVOCATIONS entries as large as an entry can be (measured on 100
+        // of them; the file's own frame is a few bytes).
+        let longest = format!(
+            "spiffe://td/{}",
+            "a".repeat(meshid_identity::spiffe::MAX_ID_LEN - 12)
+        );
+        let mut list = Revocations::default();
+        for i in 0..100 {
+            let name = format!("{}{i:05}", &longest[..longest.len() - 5]);
+            list.revoke(
+                Revoked::Id(id(&name)),
+                i64::MAX / 2,
+                i64::MAX / 2,
+                "r".repeat(MAX_REASON),
+            )
+            .unwrap();
+        }
+        list.save(dir.path()).unwrap();
+        let per_entry = std::fs::metadata(&path).unwrap().len() / 100;
+        assert!(
+            per_entry * MAX_REVOCATIONS as u64 + 1024 < MAX_FILE_BYTES,
+            "{per_entry}"
+        );
+        assert_eq!(Revocations::load(dir.path()).unwrap(), list);
     }
 
     #[test]

@@ -386,6 +386,8 @@ async fn follow_bundle(
     // Why the newest files were refused (logged once per reason): retried on every poll until
     // they load, not only when a file changes again (EMFILE, a hand edit finished later, ...).
     let mut refused: Option<String> = None;
+    // The size of a union of revocations too large to apply alone (logged once per size).
+    let mut too_many: Option<usize> = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(BUNDLE_POLL) => {}
@@ -395,6 +397,9 @@ async fn follow_bundle(
         if now != last || refused.is_some() {
             last = now;
             let result = reload(&last.0, &sans, max_ttl, &state, &tls_config, &serving);
+            if result.is_err() {
+                apply_revocations_alone(&last.0, max_ttl, &state, &mut too_many);
+            }
             refused = note_reload(result, refused, &state.metrics);
             publish_bundle(&state);
         }
@@ -515,6 +520,52 @@ fn reload(
         .set(authority.intermediate_not_after.unix_timestamp());
     state.authority.store(Arc::new(authority));
     Ok(())
+}
+
+/// While the rest of the CA directory (`files`) is refused, its revocation list is still applied
+/// as far as it narrows trust ([`crate::revocations::Revocations::narrowed_by`]): a revocation
+/// written beside a broken or unacceptable file (a hand edit, a directory from a newer CA) is
+/// enforced by this process's calls and bundle as by every other replica's, and a sidecar that
+/// reconnects here is not handed a bundle without it. A lifted revocation waits for the whole
+/// directory to load. A list that cannot be read itself changes nothing (the reload's error names
+/// it).
+fn apply_revocations_alone(
+    files: &Path,
+    max_ttl: Duration,
+    state: &CaState,
+    too_many: &mut Option<usize>,
+) {
+    let Ok(list) = crate::revocations::Revocations::load(files) else {
+        return;
+    };
+    let previous = state.authority.load_full();
+    let max_ttl_secs = i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX);
+    let (served, _) = list.served_by_ca(max_ttl_secs);
+    let merged = match previous.revocations.narrowed_by(&served) {
+        Ok(Some(merged)) => merged,
+        Ok(None) => return,
+        Err(count) => {
+            if *too_many != Some(count) {
+                tracing::error!(
+                    count,
+                    max = meshid_identity::revocation::MAX_REVOCATIONS,
+                    "the CA directory is refused, and its revocation list cannot be applied alone: \
+                     with the entries in force it would list more than a bundle may carry"
+                );
+                *too_many = Some(count);
+            }
+            return;
+        }
+    };
+    *too_many = None;
+    audit_revocation_changes(&previous.revocations, &merged);
+    tracing::warn!(
+        "the CA directory is refused, but the revocations its list adds are applied (those it \
+         lifts wait for the whole directory to load)"
+    );
+    let mut next = Authority::clone(&previous);
+    next.revocations = Arc::new(merged);
+    state.authority.store(Arc::new(next));
 }
 
 /// Why a CA that serves `previous` must refuse a directory (`files`) without `revocations.json`:

@@ -589,6 +589,12 @@ impl CaState {
             not_after_unix: issued.not_after.unix_timestamp(),
             bundle_version: bundle.version,
             pinned_intermediates: bundle.pinned.iter().map(|c| c.to_vec()).collect(),
+            // The sidecar enforces them from its first certificate; an app has no use for them.
+            revoked: if req.app_svid {
+                Vec::new()
+            } else {
+                bundle.revoked.iter().map(|e| e.to_proto()).collect()
+            },
         };
         (method, Some(id), Ok(response))
     }

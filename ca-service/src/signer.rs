@@ -173,7 +173,7 @@ pub fn sign_leaf_in(
             ));
     }
 
-    let cert = params.signed_by(key, &authority.issuer)?;
+    let cert = params.signed_by(key, &*authority.issuer)?;
     let leaf = cert.der().clone();
     if meshid_identity::attested_at_from_der(&leaf) != Ok(Some(attested_at)) {
         return Err(SignError::AttestedAt);

@@ -132,6 +132,17 @@ impl RevocationSet {
         (self.ids.len(), self.serials.len())
     }
 
+    /// Every entry of `self` and of `other`, refused past [`MAX_REVOCATIONS`].
+    pub fn union(&self, other: &Self) -> Result<Self, RevocationError> {
+        let mut set = self.clone();
+        set.ids.extend(other.ids.iter().cloned());
+        set.serials.extend(other.serials.iter().cloned());
+        if set.len() > MAX_REVOCATIONS {
+            return Err(RevocationError::TooMany(set.len()));
+        }
+        Ok(set)
+    }
+
     /// Whether `entry` is in the set.
     pub fn contains(&self, entry: &Revoked) -> bool {
         match entry {

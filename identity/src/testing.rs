@@ -30,6 +30,8 @@ pub struct LeafShape {
     pub dns: Vec<String>,
     /// Validity relative to now (default: from an hour ago to an hour ahead).
     pub valid: Option<(Duration, Duration)>,
+    /// Carry the app-SVID mark, as the CA's answer to a sidecar asking for its app's SVID.
+    pub app_svid: bool,
 }
 
 /// A workload certificate and its key.
@@ -114,6 +116,12 @@ impl TestPki {
             .unwrap_or((Duration::hours(-1), Duration::hours(1)));
         params.not_before = now + from;
         params.not_after = now + to;
+        if shape.app_svid {
+            params.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+                crate::identity::APP_SVID_ARCS,
+                crate::identity::APP_SVID_VALUE.to_vec(),
+            )];
+        }
         let cert = params.signed_by(&key, &self.issuer).expect("leaf");
         TestLeaf {
             chain: vec![cert.der().clone(), self.intermediate.clone()],

@@ -321,6 +321,35 @@ async fn a_revoked_identity_is_cut_off_both_ways_within_seconds_until_unrevoked(
     eprintln!("tunnel to the revoked backend closed {closed_after:?} after `meshid-ca revoke`");
 }
 
+/// A TLS 1.3 client presenting `chain` (with `key`) to a sidecar of `server` under `ca`'s roots.
+fn client_config(
+    ca: &TestCa,
+    server: &str,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let anchors = meshid_identity::verify::Anchors::new(
+        &ca.authority().roots,
+        TrustDomain::new("cluster.local").unwrap(),
+    )
+    .unwrap();
+    let verifier = meshid_identity::verify::SpiffeServerVerifier::new(
+        anchors,
+        SpiffeId::parse(server).unwrap(),
+        &provider,
+    );
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain.to_vec(), key.clone_key())
+            .unwrap(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_serial_refuses_that_certificate_and_no_other() {
     let ca = ca().await;
@@ -343,30 +372,8 @@ async fn a_revoked_serial_refuses_that_certificate_and_no_other() {
     // Two certificates of one identity, each with its own key.
     let (first, first_key) = issue_with_token(&ca, "cart").await.unwrap();
     let (second, second_key) = issue_with_token(&ca, "cart").await.unwrap();
-    let config = |chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>| {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let anchors = meshid_identity::verify::Anchors::new(
-            &ca.authority().roots,
-            TrustDomain::new("cluster.local").unwrap(),
-        )
-        .unwrap();
-        let verifier = meshid_identity::verify::SpiffeServerVerifier::new(
-            anchors,
-            SpiffeId::parse(B).unwrap(),
-            &provider,
-        );
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_protocol_versions(&[&rustls::version::TLS13])
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(verifier))
-                .with_client_auth_cert(chain.to_vec(), key.clone_key())
-                .unwrap(),
-        )
-    };
     let echo = |chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>| {
-        let config = config(&chain, &key);
+        let config = client_config(&ca, B, &chain, &key);
         let addr = b.inbound[0];
         async move { meshid_tests::mesh::echo_roundtrip(addr, config, b"hi").await }
     };
@@ -613,6 +620,219 @@ async fn a_refused_directory_is_measured_and_retried_until_it_loads() {
         .await,
         "applied once it loads"
     );
+}
+
+/// The CA lists the revocations in force with every certificate it issues a sidecar (so a sidecar
+/// enforces them from its first certificate, before its bundle stream is up), and none with an
+/// app's SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_lists_its_revocations_with_every_certificate() {
+    let ca = ca().await;
+    cli(&ca, "revoke", &["--id", C, "--reason", "key leaked"]);
+    let issue = |credential: Option<Credential>, app_svid: bool| {
+        let ca = &ca;
+        async move {
+            let w = WorkloadKey::new();
+            let mut client = match &credential {
+                Some(_) => ca.client().await,
+                None => {
+                    let (chain, key) = issue_with_token(ca, "frontend").await.unwrap();
+                    ca.client_with_cert(chain, key).await.expect("connect")
+                }
+            };
+            let resp = client
+                .issue(IssueRequest {
+                    csr: w.csr.clone(),
+                    credential,
+                    ttl_seconds: 0,
+                    app_svid,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            resp.revoked
+        }
+    };
+    let token = || {
+        Some(Credential::ServiceAccountToken(
+            ca.cluster.token("shop", "frontend"),
+        ))
+    };
+    let listed = eventually(ENFORCED_WITHIN, || async {
+        issue(token(), false).await.iter().any(|r| r.spiffe_id == C)
+    })
+    .await;
+    assert!(
+        listed,
+        "a certificate issued on a token lists the revocation"
+    );
+    let revoked = issue(token(), false).await;
+    assert_eq!(revoked.len(), 1, "{revoked:?}");
+    assert_eq!(revoked[0].reason, "key leaked");
+    assert!(revoked[0].expires_at_unix > revoked[0].revoked_at_unix);
+    let renewed = issue(None, false).await;
+    assert_eq!(renewed, revoked, "a renewal lists it too");
+    assert!(issue(None, true).await.is_empty(), "an app SVID lists none");
+}
+
+/// A sidecar in file mode (certificate and anchors from files) that reports to the CA
+/// (`--report-ca-addr`) applies the revocations of the CA's bundle: a revoked peer's handshakes are
+/// refused there too, and lifting the revocation serves it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reporting_file_mode_sidecar_applies_the_cas_revocations() {
+    use meshid_sidecar::settings::{CaEndpoint, CredSource, FileCreds};
+    use meshid_tests::pki::pem;
+    let ca = ca().await;
+    // Backend's certificate from this CA, handed over as files (operator tooling).
+    let w = WorkloadKey::new();
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: w.csr.clone(),
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "backend"),
+            )),
+            ttl_seconds: 0,
+            app_svid: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let files = tempfile::tempdir().unwrap();
+    let creds = FileCreds {
+        cert: files.path().join("cert.pem"),
+        key: files.path().join("key.pem"),
+        bundle: files.path().join("bundle.pem"),
+    };
+    let pems = |ders: &[Vec<u8>]| ders.iter().map(|c| pem(c)).collect::<String>();
+    std::fs::write(&creds.cert, pems(&resp.cert_chain)).unwrap();
+    std::fs::write(&creds.key, w.key.serialize_pem()).unwrap();
+    std::fs::write(&creds.bundle, pems(&resp.trust_anchors)).unwrap();
+    let pki = TestPki::new();
+    let dummy = pki.workload(B);
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.23", tcp_echo().await, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {C}\n"
+            )),
+            creds: Some(CredSource::Files(creds)),
+            report_to: Some(CaEndpoint {
+                addr: ca.addr.to_string(),
+                server_name: Some("localhost".into()),
+                roots: Vec::new(),
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cart, cart_key) = issue_with_token(&ca, "cart").await.unwrap();
+    let echo = || {
+        let config = client_config(&ca, B, &cart, &cart_key);
+        let addr = b.inbound[0];
+        async move { meshid_tests::mesh::echo_roundtrip(addr, config, b"hi").await }
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            echo().await.as_deref() == Ok(b"hi".as_slice())
+        })
+        .await,
+        "cart is served"
+    );
+    cli(&ca, "revoke", &["--id", C]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async { echo().await.is_err() }).await,
+        "the revoked identity is refused by the file-mode sidecar"
+    );
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            handshake_failures(&b.metrics().await, "inbound", "revoked") >= 1
+        })
+        .await,
+        "counted as revoked:\n{}",
+        b.metrics().await
+    );
+    cli(&ca, "unrevoke", &["--id", C]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            echo().await.as_deref() == Ok(b"hi".as_slice())
+        })
+        .await,
+        "served again once lifted"
+    );
+}
+
+/// A revocation written while the rest of the directory is refused (a broken `jwt.pub`, as a hand
+/// edit or a newer CA's files leave it) is enforced at once: by this CA's calls and in the bundle
+/// it serves, so a sidecar that reconnects to this replica keeps it. Lifting it waits for the
+/// directory to load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_directory_still_takes_new_revocations() {
+    let ca = ca().await;
+    let (chain, key) = issue_with_token(&ca, "frontend").await.unwrap();
+    let scrape = || {
+        meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1
+    };
+    let rejected = || metric(&scrape(), "meshid_ca_directory_rejected", &[]);
+    let reloads_refused = || {
+        metric(
+            &scrape(),
+            "meshid_ca_directory_reloads_total",
+            &["result=\"rejected\""],
+        )
+    };
+    // jwt.pub is read at every reload but not watched: the revocation's write is what makes the
+    // CA read the directory, and refuse it.
+    let jwt_pub = ca.dir.path().join("jwt.pub");
+    let good = std::fs::read(&jwt_pub).unwrap();
+    std::fs::write(&jwt_pub, "not a key").unwrap();
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 1 }).await);
+    let lists_a = || async {
+        ca.client()
+            .await
+            .get_trust_bundle(GetTrustBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revoked
+            .iter()
+            .any(|r| r.spiffe_id == A)
+    };
+    assert!(
+        eventually(ENFORCED_WITHIN, lists_a).await,
+        "the bundle of a CA that refuses its directory carries the new revocation"
+    );
+    assert_eq!(rejected(), 1, "the rest of the directory is still refused");
+    let (code, message) = issue_with_token(&ca, "frontend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+    let (code, message) = renew(&ca, &chain, &key).await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+
+    // Lifted while the directory is refused: kept, over two more reloads, until it loads.
+    cli(&ca, "unrevoke", &["--id", A]);
+    let polls = reloads_refused();
+    assert!(eventually(ENFORCED_WITHIN, || async { reloads_refused() >= polls + 2 }).await);
+    assert!(
+        lists_a().await,
+        "a lifted revocation waits for the directory"
+    );
+    issue_with_token(&ca, "frontend").await.unwrap_err();
+    std::fs::write(&jwt_pub, good).unwrap();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            rejected() == 0 && issue_with_token(&ca, "frontend").await.is_ok()
+        })
+        .await,
+        "lifted once the directory loads"
+    );
+    assert!(!lists_a().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

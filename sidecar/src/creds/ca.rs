@@ -19,6 +19,7 @@ use crate::settings::{Bootstrap, CaEndpoint, CaMode};
 use meshid_identity::jwt_svid::JwtKey;
 use meshid_identity::revocation::{RevocationSet, Revoked};
 use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
+use meshid_identity::{CertIdentity, SpiffeId};
 use meshid_runtime::net::stopped;
 use meshid_runtime::time::{sleep_wall, unix_now};
 
@@ -135,8 +136,9 @@ async fn send_ack(
 }
 
 /// File mode with `--report-ca-addr`: keeps a bundle stream open so the CA counts this sidecar, and
-/// reports the certificate it serves (again whenever the files change it). Nothing from the CA is
-/// applied: certificate and anchors stay the files'. The CA lists the sidecar as unknown.
+/// reports the certificate it serves (again whenever the files change it). Of the CA's bundle only
+/// the revocations are applied ([`apply_reported_revocations`]): certificate and anchors stay the
+/// files'. The CA lists the sidecar as unknown.
 pub async fn run_file_mode_report(
     endpoint: CaEndpoint,
     store: Arc<CredentialStore>,
@@ -153,7 +155,10 @@ pub async fn run_file_mode_report(
             loop {
                 tokio::select! {
                     m = conn.stream.message() => match m {
-                        Ok(Some(_)) => reported = None,
+                        Ok(Some(bundle)) => {
+                            apply_reported_revocations(&store, &bundle.revoked);
+                            reported = None;
+                        }
                         Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
                         Err(s) => return Err(IssueError::Response(s.message().to_owned())),
                     },
@@ -187,6 +192,41 @@ pub async fn run_file_mode_report(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// File mode: the revocations of the CA's bundle on the report stream (`entries`) replace those in
+/// force, as a CA-mode sidecar takes them, so a revoked peer is refused here too and its
+/// connections closed. A list that cannot be read changes nothing.
+fn apply_reported_revocations(
+    store: &CredentialStore,
+    entries: &[meshid_proto::ca::v1::Revocation],
+) {
+    let revoked = match revocations(entries, unix_now()) {
+        Ok(set) => set,
+        Err(error) => {
+            tracing::error!(%error, "the revocations of the CA's bundle are refused; keeping those in force");
+            return;
+        }
+    };
+    let held = store.revocations();
+    if revoked == *held {
+        return;
+    }
+    let newly = newly_revoked(entries, &held);
+    match store.set_revocations(Arc::new(revoked)) {
+        Ok(_) => {
+            for r in newly {
+                tracing::warn!(
+                    revoked = %r.0,
+                    reason = %r.1.escape_debug(),
+                    "revocation in force: refusing handshakes that present it and closing its connections"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "the revocations of the CA's bundle could not be applied");
         }
     }
 }
@@ -446,14 +486,49 @@ pub async fn issue_once(
         state.used_join_token = redeeming;
     }
     let resp = resp.map_err(status_error)?.into_inner();
+    install(store, resp, private_key(&key))
+}
+
+/// Puts the certificate of the CA's answer `resp` (for `key`) in force, with the revocations the
+/// CA listed at its bundle version added to those in force: they hold from this certificate on,
+/// also before the bundle stream delivers them (or while the CA turns the stream away), and only a
+/// trust bundle lifts one. A list that cannot be read adds nothing (the bundle's own check then
+/// says why); the certificate is taken all the same. Returns the response's bundle version.
+fn install(
+    store: &CredentialStore,
+    resp: meshid_proto::ca::v1::IssueResponse,
+    key: PrivateKeyDer<'static>,
+) -> Result<(Arc<Snapshot>, u64), IssueError> {
     let version = resp.bundle_version;
-    Ok((store.set_certificate(credentials(resp, &key)?)?, version))
+    let revoked = match revocations(&resp.revoked, unix_now()) {
+        Ok(set) => set,
+        Err(error) => {
+            tracing::error!(%error, "the revocations listed with the new certificate are refused; enforcing those of the trust bundle");
+            RevocationSet::default()
+        }
+    };
+    let newly = newly_revoked(&resp.revoked, &store.revocations());
+    let snapshot = store.set_certificate_revoking(credentials(resp, key)?, &revoked)?;
+    let in_force = store.revocations();
+    for r in newly.iter().filter(|r| in_force.contains(&r.0)) {
+        tracing::warn!(
+            revoked = %r.0,
+            reason = %r.1.escape_debug(),
+            "revocation in force: refusing handshakes that present it and closing its connections"
+        );
+    }
+    Ok((snapshot, version))
+}
+
+/// `key` as a certificate set holds it.
+fn private_key(key: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
 
 /// The credentials an Issue response gives, with the key the CSR was made from.
 fn credentials(
     resp: meshid_proto::ca::v1::IssueResponse,
-    key: &KeyPair,
+    key: PrivateKeyDer<'static>,
 ) -> Result<Credentials, IssueError> {
     if resp.cert_chain.is_empty() || resp.trust_anchors.is_empty() {
         return Err(IssueError::Response("empty chain or bundle".into()));
@@ -461,7 +536,7 @@ fn credentials(
     let ders = |v: Vec<Vec<u8>>| v.into_iter().map(CertificateDer::from).collect();
     Ok(Credentials {
         chain: ders(resp.cert_chain),
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        key,
         roots: ders(resp.trust_anchors),
         pinned: ders(resp.pinned_intermediates),
     })
@@ -625,15 +700,9 @@ pub async fn issue_for_app(
         .await?
         .map_err(status_error)?
         .into_inner();
-    let creds = credentials(resp, &key)?;
+    let creds = credentials(resp, private_key(&key))?;
     let chain = creds.chain.clone();
-    let identity = store.check(creds)?;
-    if identity.id != own.identity.id {
-        return Err(IssueError::Response(format!(
-            "the CA issued the app an SVID for {}, not for this sidecar's {}",
-            identity.id, own.identity.id
-        )));
-    }
+    let identity = check_app_svid(store, &own.identity.id, creds)?;
     Ok(super::AppSvid {
         id: identity.id,
         chain,
@@ -642,6 +711,33 @@ pub async fn issue_for_app(
         not_after: identity.not_after,
         issued_on: own.leaf_sha256.clone(),
     })
+}
+
+/// The CA's answer to our request for the app's SVID (`creds`), checked before the app gets it: as
+/// our own certificate is, for our own identity `own`, and marked as an app SVID.
+fn check_app_svid(
+    store: &CredentialStore,
+    own: &SpiffeId,
+    creds: Credentials,
+) -> Result<CertIdentity, IssueError> {
+    let identity = store.check(creds)?;
+    if identity.id != *own {
+        return Err(IssueError::Response(format!(
+            "the CA issued the app an SVID for {}, not for this sidecar's {own}",
+            identity.id
+        )));
+    }
+    // Unmarked (a CA older than the mark, during its upgrade), the app's certificate would be a
+    // credential the CA cannot tell from this sidecar's: the app could renew it past the pod's
+    // life, get JWT-SVIDs and open bundle streams as this sidecar, and spend its renewal budget.
+    if !identity.app_svid {
+        return Err(IssueError::Response(
+            "the CA issued the app an SVID without the app-SVID mark (a CA older than the mark?): \
+             not handed to the app, which could then stand for this sidecar at the CA"
+                .into(),
+        ));
+    }
+    Ok(identity)
 }
 
 impl IssueError {
@@ -1180,6 +1276,104 @@ mod tests {
         let new = newly_revoked(&[with_reason, entry("", "0a1b")], &held);
         assert_eq!(new.len(), 1);
         assert_eq!(new[0].1, "incident");
+    }
+
+    /// The revocations the CA lists with a certificate are in force from that certificate on
+    /// (before any bundle stream), added to those in force: a renewal's answer lifts none. A list
+    /// that cannot be read adds nothing, and the certificate is taken all the same.
+    #[test]
+    fn the_revocations_listed_with_a_certificate_are_in_force_with_it() {
+        use meshid_proto::ca::v1::Revocation;
+        let pki = TestPki::new("issued-revocations");
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let answer = |revoked: Vec<Revocation>| {
+            let leaf = pki.leaf(me);
+            let resp = IssueResponse {
+                cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
+                trust_anchors: vec![pki.root.to_vec()],
+                spiffe_id: me.into(),
+                bundle_version: 3,
+                revoked,
+                ..Default::default()
+            };
+            (resp, leaf.key)
+        };
+        let revocation = |id: &str, serial: &str, expires_at_unix: i64| Revocation {
+            spiffe_id: id.into(),
+            serial: serial.into(),
+            expires_at_unix,
+            ..Default::default()
+        };
+        let peer = "spiffe://cluster.local/ns/shop/sa/cart";
+        let store = CredentialStore::new(Vec::new());
+        let (resp, key) = answer(vec![
+            revocation(peer, "", 0),
+            revocation("", "0a", unix_now() - 1),
+        ]);
+        let (_, version) = install(&store, resp, key).unwrap();
+        assert_eq!(version, 3);
+        let in_force = store.revocations();
+        assert!(in_force.contains(&Revoked::Id(SpiffeId::parse(peer).unwrap())));
+        assert_eq!(in_force.counts(), (1, 0), "an expired entry is not applied");
+
+        let (resp, key) = answer(vec![revocation("", "0b", 0)]);
+        install(&store, resp, key).unwrap();
+        assert_eq!(store.revocations().counts(), (1, 1), "added, none lifted");
+
+        let (resp, key) = answer(vec![revocation("not an id", "", 0)]);
+        install(&store, resp, key).expect("the certificate is taken");
+        assert_eq!(store.revocations().counts(), (1, 1));
+    }
+
+    /// The app's SVID is handed over only for our own identity and with the app-SVID mark: an
+    /// unmarked one (a CA older than the mark) would be a credential the CA cannot tell from ours.
+    #[test]
+    fn the_apps_svid_must_be_ours_and_marked() {
+        let pki = TestPki::new("app-svid-mark");
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let store = CredentialStore::new(Vec::new());
+        let own = pki.leaf(me);
+        store
+            .set_certificate(Credentials {
+                chain: own.chain,
+                key: own.key,
+                roots: vec![pki.root.clone()],
+                pinned: Vec::new(),
+            })
+            .unwrap();
+        let creds = |id: &str, app_svid: bool| {
+            let leaf = pki.leaf_shaped(
+                id,
+                &LeafShape {
+                    app_svid,
+                    ..LeafShape::default()
+                },
+            );
+            Credentials {
+                chain: leaf.chain,
+                key: leaf.key,
+                roots: vec![pki.root.clone()],
+                pinned: Vec::new(),
+            }
+        };
+        let me_id = SpiffeId::parse(me).unwrap();
+        let marked = check_app_svid(&store, &me_id, creds(me, true)).unwrap();
+        assert!(marked.app_svid);
+        let unmarked = check_app_svid(&store, &me_id, creds(me, false)).unwrap_err();
+        assert!(
+            unmarked.to_string().contains("without the app-SVID mark"),
+            "{unmarked}"
+        );
+        let other = check_app_svid(
+            &store,
+            &me_id,
+            creds("spiffe://cluster.local/ns/shop/sa/cart", true),
+        )
+        .unwrap_err();
+        assert!(
+            other.to_string().contains("not for this sidecar's"),
+            "{other}"
+        );
     }
 
     #[tokio::test]

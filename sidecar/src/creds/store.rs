@@ -313,6 +313,28 @@ impl CredentialStore {
         Ok(snapshot)
     }
 
+    /// Replaces the revocations in force, keeping certificate, key and trust anchors as they are
+    /// (file mode: the CA's list on the report stream), in one step with any other change.
+    pub fn set_revocations(&self, revoked: Arc<RevocationSet>) -> Result<Arc<Snapshot>, CredError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = held.as_mut().ok_or(CredError::EmptyChain)?;
+        let snapshot = Arc::new(self.build(
+            Credentials {
+                chain: h.chain.clone(),
+                key: h.key.clone_key(),
+                roots: h.roots.clone(),
+                pinned: h.pinned.clone(),
+            },
+            false,
+            revoked.clone(),
+        )?);
+        h.revoked = revoked;
+        self.current.store(Some(snapshot.clone()));
+        drop(held);
+        self.generation.send_modify(|g| *g += 1);
+        Ok(snapshot)
+    }
+
     /// The current snapshot, if any set was ever accepted.
     pub fn current(&self) -> Option<Arc<Snapshot>> {
         self.current.load_full()
@@ -428,7 +450,22 @@ impl CredentialStore {
     /// Validates a credential set, builds every TLS config from it, and publishes it. The
     /// revocations in force stay (they come with the bundle).
     pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
+        self.set_certificate_revoking(creds, &RevocationSet::default())
+    }
+
+    /// As [`Self::set_certificate`], with `also` added to the revocations in force (those the CA
+    /// listed with the certificate: only a trust bundle lifts one). Past the bundle's bound the
+    /// union is not taken, and the revocations in force stay as they are.
+    pub fn set_certificate_revoking(
+        &self,
+        creds: Credentials,
+        also: &RevocationSet,
+    ) -> Result<Arc<Snapshot>, CredError> {
         let revoked = self.revocations();
+        let revoked = match revoked.union(also) {
+            Ok(union) if union != *revoked => Arc::new(union),
+            _ => revoked,
+        };
         let held = Held {
             chain: creds.chain.clone(),
             key: creds.key.clone_key(),
