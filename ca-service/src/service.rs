@@ -632,8 +632,9 @@ impl CaState {
 
     /// A JWT-SVID for the identity of the certificate on the connection: authenticated as a
     /// renewal is (the certificate verifies now, its attestation is recent enough, its namespace
-    /// allowed), for the audiences asked for, signed by the active authority's JWT key, expiring
-    /// after `--jwt-svid-ttl` or with the certificate, whichever is first.
+    /// allowed), for the audiences asked for, naming the certificate's lineage, signed by the
+    /// active authority's JWT key, expiring after `--jwt-svid-ttl` or with the certificate,
+    /// whichever is first.
     fn issue_jwt_svid(
         &self,
         req: &IssueJwtSvidRequest,
@@ -682,13 +683,20 @@ impl CaState {
             return (Some(id), Err(refuse(status, "no_jwt_key")));
         };
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        let cert_not_after = peer
+        let Some(presented) = peer
             .and_then(|p| p.leaf_identity.as_deref())
             .and_then(|l| l.as_ref().ok())
-            .map_or(now, |l| l.not_after);
+        else {
+            // Authenticated above on this very certificate.
+            let status = Status::unauthenticated("present your certificate");
+            return (Some(id), Err(refuse(status, "no_credential")));
+        };
+        // The token names the certificate's lineage, so that revoking its serial refuses the token
+        // as it refuses the certificate (the sidecars' ValidateJWTSVID checks it).
+        let lineage = normalized_serial(presented.lineage_serial());
         let ttl = i64::try_from(self.jwt_svid_ttl.as_secs()).unwrap_or(i64::MAX);
-        let exp = now.saturating_add(ttl).min(cert_not_after);
-        match meshid_identity::jwt_svid::sign(signer, &id, &req.audience, now, exp) {
+        let exp = now.saturating_add(ttl).min(presented.not_after);
+        match meshid_identity::jwt_svid::sign(signer, &id, &req.audience, &lineage, now, exp) {
             Ok(token) => (
                 Some(id.clone()),
                 Ok(IssueJwtSvidResponse {
@@ -2355,6 +2363,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.id.as_str(), VM);
+        // It names the certificate's lineage; a renewed certificate's tokens name the same (the
+        // first certificate's serial), so that revoking that serial refuses them all.
+        let first_serial = normalized_serial(
+            &meshid_identity::cert_identity_from_der(&chain[0])
+                .unwrap()
+                .serial_hex,
+        );
+        assert_eq!(v.lineage.as_deref(), Some(first_serial.as_str()));
+        let renew = request(csr(), None);
+        let renewed = ca.state.issue(&renew, Some(&peer(&chain))).2;
+        let renewed = renewed.map_err(|r| r.status).unwrap();
+        let renewed: Vec<CertificateDer<'static>> = renewed
+            .cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let renewed_serial = meshid_identity::cert_identity_from_der(&renewed[0])
+            .unwrap()
+            .serial_hex;
+        assert_ne!(normalized_serial(&renewed_serial), first_serial);
+        let (_, again) = ca
+            .state
+            .issue_jwt_svid(&req(&["db"]), Some(&peer(&renewed)));
+        let again = again.map_err(|r| r.status).unwrap();
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let v = meshid_identity::jwt_svid::verify(&again.token, "db", keys, &td, now).unwrap();
+        assert_eq!(v.lineage.as_deref(), Some(first_serial.as_str()));
         // The bundle message carries the key.
         let bundle = ca.state.bundle.borrow().clone();
         let msg = ca.state.trust_bundle(&bundle, true);

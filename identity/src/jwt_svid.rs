@@ -1,6 +1,8 @@
 //! JWT-SVIDs (the SPIFFE JWT-SVID profile), as meshid makes and checks them: ES256 only, a `kid`
 //! naming one of the trust domain's JWT keys (P-256, published in the trust bundle as
-//! SubjectPublicKeyInfo DER), claims `sub` (the SPIFFE ID), `aud`, `iat` and `exp`.
+//! SubjectPublicKeyInfo DER), claims `sub` (the SPIFFE ID), `aud`, `iat` and `exp`, and the
+//! private claim [`LINEAGE_CLAIM`]: the lineage of the certificate the token was issued on, so
+//! that a revoked serial refuses the token as it refuses the certificate.
 //!
 //! The CA signs ([`sign`]); the sidecar verifies for the app ([`verify`], the Workload API's
 //! `ValidateJWTSVID`) and publishes the keys as a JWK set ([`jwks`]). Everything a token says is
@@ -30,6 +32,10 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// How far `iat` and `nbf` may be in the future, for clocks apart: as far as the CA backdates the
 /// certificates it signs (5 minutes), so that a skew X.509-SVIDs survive does not refuse JWT-SVIDs.
 pub const MAX_SKEW_SECS: i64 = 300;
+/// The private claim naming the lineage of the certificate a token was issued on: the serial of
+/// the lineage's first certificate, normalized as revocations name serials
+/// ([`crate::revocation::normalize_serial`]). Tokens of a CA from before it are without it.
+pub const LINEAGE_CLAIM: &str = "meshid_lineage";
 
 /// Why a token, a key or an audience was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -196,12 +202,14 @@ fn spki_of_point(point: &[u8]) -> Vec<u8> {
     der
 }
 
-/// Signs a JWT-SVID for `id` and `audiences` (checked with [`check_audiences`]), issued at `iat`,
+/// Signs a JWT-SVID for `id` and `audiences` (checked with [`check_audiences`]), issued on the
+/// certificate of lineage `lineage` (a normalized serial, see [`LINEAGE_CLAIM`]) at `iat`,
 /// expiring at `exp` (seconds since the epoch).
 pub fn sign(
     signer: &JwtSigner,
     id: &SpiffeId,
     audiences: &[String],
+    lineage: &str,
     iat: i64,
     exp: i64,
 ) -> Result<String, JwtSvidError> {
@@ -209,8 +217,20 @@ pub fn sign(
     if exp <= iat {
         return Err(err("a token must expire after it is issued"));
     }
+    if !is_normalized_serial(lineage) {
+        return Err(err(format!(
+            "the lineage {:?} is not a normalized serial number",
+            lineage.chars().take(50).collect::<String>()
+        )));
+    }
     let header = json!({ "alg": "ES256", "kid": signer.kid, "typ": "JWT" });
-    let claims = json!({ "sub": id.as_str(), "aud": audiences, "iat": iat, "exp": exp });
+    let claims = json!({
+        "sub": id.as_str(),
+        "aud": audiences,
+        "iat": iat,
+        "exp": exp,
+        LINEAGE_CLAIM: lineage,
+    });
     let signing_input = format!(
         "{}.{}",
         B64.encode(header.to_string()),
@@ -223,6 +243,10 @@ pub fn sign(
     Ok(format!("{signing_input}.{}", B64.encode(sig.as_ref())))
 }
 
+fn is_normalized_serial(serial: &str) -> bool {
+    crate::revocation::normalize_serial(serial).is_ok_and(|n| n == serial)
+}
+
 /// A verified JWT-SVID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
@@ -230,6 +254,10 @@ pub struct Verified {
     /// Every claim, as the token carries them.
     pub claims: Map<String, Value>,
     pub exp: i64,
+    /// The key it verified under.
+    pub kid: String,
+    /// Its [`LINEAGE_CLAIM`]; `None`: a token of a CA from before the claim.
+    pub lineage: Option<String>,
 }
 
 fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, JwtSvidError> {
@@ -255,7 +283,9 @@ fn int_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Jwt
 
 /// Verifies `token` for `audience` at `now` against the keys of `trust_domain`: ES256 under the key
 /// its `kid` names, `sub` a SPIFFE ID of that trust domain, `aud` holding `audience`, `exp` in the
-/// future (and `nbf`, `iat` if present not ahead of us by more than [`MAX_SKEW_SECS`]).
+/// future (and `nbf`, `iat` if present not ahead of us by more than [`MAX_SKEW_SECS`]), and
+/// [`LINEAGE_CLAIM`], if present, a normalized serial. Whether the subject or the lineage is
+/// revoked is the caller's to check.
 pub fn verify(
     token: &str,
     audience: &str,
@@ -342,7 +372,22 @@ pub fn verify(
             return Err(err(format!("the token's {name} is {} s ahead", t - now)));
         }
     }
-    Ok(Verified { id, claims, exp })
+    let lineage = match claims.get(LINEAGE_CLAIM) {
+        None => None,
+        Some(Value::String(l)) if is_normalized_serial(l) => Some(l.clone()),
+        Some(_) => {
+            return Err(err(format!(
+                "the `{LINEAGE_CLAIM}` claim is not a serial number in lowercase hex"
+            )));
+        }
+    };
+    Ok(Verified {
+        id,
+        claims,
+        exp,
+        kid: kid.to_owned(),
+        lineage,
+    })
 }
 
 #[cfg(test)]
@@ -382,7 +427,7 @@ mod tests {
     fn a_signed_token_verifies_for_each_of_its_audiences_and_nothing_else() {
         let s = signer();
         let keys = [s.public()];
-        let t = sign(&s, &id(), &aud(&["db", "cache"]), 1000, 1300).unwrap();
+        let t = sign(&s, &id(), &aud(&["db", "cache"]), "a1b", 1000, 1300).unwrap();
         for a in ["db", "cache"] {
             let v = verify(&t, a, &keys, &td(), 1100).unwrap();
             assert_eq!(v.id, id());
@@ -480,6 +525,50 @@ mod tests {
         }
     }
 
+    /// Every token names the lineage of the certificate it was issued on, as revocations name
+    /// serials, so that ValidateJWTSVID can refuse it once that serial is revoked (before, a token
+    /// said nothing of its certificate and outlived the revocation of its lineage). A token without
+    /// the claim (a CA from before it) still verifies; a claim of another shape does not.
+    #[test]
+    fn a_token_names_the_lineage_it_was_issued_on() {
+        let s = signer();
+        let keys = [s.public()];
+        let t = sign(&s, &id(), &aud(&["db"]), "4a0bff", 1000, 1300).unwrap();
+        let v = verify(&t, "db", &keys, &td(), 1100).unwrap();
+        assert_eq!(v.lineage.as_deref(), Some("4a0bff"));
+        assert_eq!(v.claims[LINEAGE_CLAIM], json!("4a0bff"));
+        assert_eq!(v.kid, s.kid);
+        // Only a serial as revocations name it is signed.
+        for bad in ["", "004a0bff", "4A0BFF", "0x4a", "4a:0b", "xyz"] {
+            let r = sign(&s, &id(), &aud(&["db"]), bad, 1000, 1300);
+            assert!(r.is_err(), "{bad:?}");
+        }
+        let h = json!({"alg": "ES256", "kid": s.kid});
+        let old = raw(
+            &s,
+            h.clone(),
+            json!({"sub": id().as_str(), "aud": ["db"], "exp": 2000}),
+        );
+        assert_eq!(
+            verify(&old, "db", &keys, &td(), 1000).unwrap().lineage,
+            None
+        );
+        for bad in [
+            json!(74),
+            json!(null),
+            json!(["4a"]),
+            json!("4A"),
+            json!("0x4a"),
+            json!(""),
+        ] {
+            let claims =
+                json!({"sub": id().as_str(), "aud": ["db"], "exp": 2000, LINEAGE_CLAIM: bad});
+            let t = raw(&s, h.clone(), claims);
+            let e = verify(&t, "db", &keys, &td(), 1000).unwrap_err();
+            assert!(e.0.contains(LINEAGE_CLAIM), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn audiences_are_bounded() {
         assert!(check_audiences(&[]).is_err());
@@ -490,8 +579,8 @@ mod tests {
         check_audiences(&["x".repeat(MAX_AUDIENCE_LEN)]).unwrap();
         check_audiences(&vec!["a".to_owned(); MAX_AUDIENCES]).unwrap();
         let s = signer();
-        assert!(sign(&s, &id(), &[], 1, 2).is_err());
-        assert!(sign(&s, &id(), &aud(&["a"]), 2, 2).is_err());
+        assert!(sign(&s, &id(), &[], "a1b", 1, 2).is_err());
+        assert!(sign(&s, &id(), &aud(&["a"]), "a1b", 2, 2).is_err());
     }
 
     #[test]

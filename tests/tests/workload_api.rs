@@ -744,6 +744,74 @@ async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
     );
 }
 
+/// A JWT-SVID names the lineage of the sidecar's certificate it was issued on: revoking that
+/// lineage's serial (`meshid-ca revoke --serial`) refuses the token in ValidateJWTSVID once the
+/// sidecar holds the revocation, as revoking the identity does (before, such a token validated
+/// until it expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_svid_is_refused_once_its_certificate_lineage_is_revoked() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("spiffe").join("workload.sock");
+    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .unwrap();
+    let svid = tokio::time::timeout(Duration::from_secs(10), client.fetch_jwt_svid(["db"], None))
+        .await
+        .expect("a JWT-SVID within 10 s")
+        .expect("a valid JWT-SVID");
+    // The sidecar's first certificate (it lives an hour): its serial is its lineage's.
+    let admin = s.admin;
+    let (_, body) =
+        tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, "/identity"))
+            .await
+            .unwrap()
+            .expect("/identity");
+    let serial = body
+        .split("\"serial\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("a serial in /identity: {body}"));
+    let serial = meshid_identity::revocation::normalize_serial(serial).unwrap();
+    let mut raw = raw_client(&socket, true).await;
+    let validate = || ValidateJwtsvidRequest {
+        audience: "db".into(),
+        svid: svid.token().to_owned(),
+    };
+    let ok = raw.validate_jwtsvid(validate()).await.unwrap().into_inner();
+    let claims = ok.claims.expect("claims");
+    let lineage = format!("{:?}", claims.fields.get("meshid_lineage"));
+    assert!(
+        lineage.contains(&format!("StringValue({serial:?})")),
+        "the token names the lineage {serial}: {claims:?}"
+    );
+
+    let mut list = meshid_ca::revocations::Revocations::default();
+    list.revoke(
+        meshid_identity::revocation::Revoked::Serial(serial.clone()),
+        meshid_runtime::time::unix_now(),
+        3600,
+        "test".into(),
+    )
+    .unwrap();
+    list.save(ca.dir.path()).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match raw.validate_jwtsvid(validate()).await {
+                Err(refused) => return refused,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .expect("the revocation reaches the sidecar");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    assert!(refused.message().contains(&serial), "{refused:?}");
+}
+
 /// py-spiffe's JWT side: a JWT-SVID for the audience asked for, the JWT bundle, the token verified
 /// offline by py-spiffe (PyJWT) under that bundle and by the sidecar's ValidateJWTSVID; a request
 /// without an audience and a changed token are refused.
