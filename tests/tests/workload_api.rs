@@ -702,6 +702,31 @@ async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
     // The old token still verifies: the old authority's key stays while it retires.
     spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["db"])
         .expect("the old key is still published");
+    // The old authority retired by force: its key leaves the bundle, and the first token, still
+    // cached and fresh, is no longer handed out (it verifies nowhere); a new one is.
+    meshid_ca::rotation::retire(ca.dir.path(), &[ca.admin_addr], true)
+        .await
+        .expect("retire");
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while count(&keys.message().await.unwrap().unwrap()) != 1 {}
+    })
+    .await
+    .expect("the old key leaves the JWT bundle");
+    let fetched = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(t) = client.fetch_jwt_svid(["db", "cache"], None).await {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("a token after the retirement");
+    assert_ne!(fetched.key_id(), svid.key_id(), "the retired key's token");
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    spiffe::JwtSvid::parse_and_validate(fetched.token(), &bundles, &["db"])
+        .expect("a token fetched after the retirement verifies under the fetched bundles");
+    assert!(spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &["db"]).is_err());
 
     let metrics = s.metrics().await;
     assert!(

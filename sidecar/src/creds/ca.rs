@@ -613,13 +613,21 @@ where
 /// A JWT-SVID for this sidecar's identity and `audience`, asked for on the sidecar's current
 /// certificate (the CA's `IssueJwtSvid`). The CA's answer is checked before use: the token must
 /// verify under the bundle's JWT keys, for the first audience, for this sidecar's own identity.
+/// Returned with what verified (its key: a cached token is handed out only while that key is in
+/// the bundle).
 pub async fn issue_jwt_svid(
     mode: &CaMode,
     store: &CredentialStore,
     stream_conn: &StreamConn,
     keys: &[meshid_identity::jwt_svid::JwtKey],
     audience: Vec<String>,
-) -> Result<meshid_proto::ca::v1::IssueJwtSvidResponse, IssueError> {
+) -> Result<
+    (
+        meshid_proto::ca::v1::IssueJwtSvidResponse,
+        meshid_identity::jwt_svid::Verified,
+    ),
+    IssueError,
+> {
     let now = unix_now();
     let own = store
         .current()
@@ -654,7 +662,7 @@ pub async fn issue_jwt_svid(
             verified.id, own.identity.id
         )));
     }
-    Ok(resp)
+    Ok((resp, verified))
 }
 
 /// The CA's refusal, with its `retry-after-ms` hint.

@@ -31,6 +31,8 @@ pub struct JwtSvid {
     /// As the CA's clock had them.
     pub iat: i64,
     pub exp: i64,
+    /// The key it is signed with (its header's `kid`).
+    pub kid: String,
     /// When it arrived, by this host's clock: its age is counted from here, so a skew between this
     /// host and the CA neither hands out a token past the end of its life nor has every call
     /// fetch a new one (the CA's `iat` compared with this clock would be off by the skew).
@@ -53,6 +55,16 @@ impl JwtSvid {
     fn fresh_at(&self, now: i64) -> bool {
         let age = now - self.received;
         age >= 0 && age < self.life() / 2
+    }
+
+    /// To be handed out again at `now`: fresh, for the sidecar's identity `own`, and signed with a
+    /// key still among the trust domain's JWT `keys`. A key retired since (`meshid-ca rotate
+    /// retire`) is gone from every verifier's bundle: a token under it verifies nowhere, however
+    /// fresh (before, such tokens were handed out for up to half their life).
+    fn reusable_at(&self, now: i64, own: Option<&SpiffeId>, keys: Option<&[JwtKey]>) -> bool {
+        self.fresh_at(now)
+            && own == Some(&self.id)
+            && keys.is_some_and(|keys| keys.iter().any(|k| k.kid == self.kid))
     }
 
     /// Its whole life has passed since it arrived, by this host's clock (or that clock stepped
@@ -135,9 +147,9 @@ impl JwtSvids {
         key.sort();
         key.dedup();
         let own = self.store.current().map(|s| s.identity.id.clone());
+        let held = self.life.jwt_keys.borrow().clone();
         if let Some(hit) = self.cache().get(&key)
-            && hit.fresh_at(unix_now())
-            && Some(&hit.id) == own.as_ref()
+            && hit.reusable_at(unix_now(), own.as_ref(), held.as_deref().map(Vec::as_slice))
         {
             return Ok(hit.clone());
         }
@@ -154,13 +166,14 @@ impl JwtSvids {
             result: if result.is_ok() { "issued" } else { "failed" },
         };
         self.metrics.jwt_svids.get_or_create(&labels).inc();
-        let resp = result?;
+        let (resp, verified) = result?;
         let svid = JwtSvid {
             id: SpiffeId::parse(&resp.spiffe_id)
                 .map_err(|e| IssueError::Response(format!("the CA's SPIFFE ID: {e}")))?,
             token: resp.token,
             iat: resp.issued_at_unix,
             exp: resp.expires_at_unix,
+            kid: verified.kid,
             received: unix_now(),
         };
         let mut cache = self.cache();
@@ -189,8 +202,40 @@ mod tests {
             token: String::new(),
             iat,
             exp,
+            kid: "k1".into(),
             received,
         }
+    }
+
+    /// A cached token is handed out again only while its key is among the trust domain's JWT keys:
+    /// after a forced `rotate retire` removed it, the next call fetches a token under a key
+    /// verifiers still hold (before, the cache handed out the old one for half its life).
+    #[test]
+    fn a_token_is_handed_out_again_only_while_its_key_is_in_the_bundle() {
+        let key = |kid: &str| {
+            let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &aws_lc_rs::rand::SystemRandom::new(),
+            )
+            .unwrap();
+            let signer = meshid_identity::jwt_svid::JwtSigner::from_pkcs8(pkcs8.as_ref()).unwrap();
+            JwtKey::new(kid, &signer.spki).unwrap()
+        };
+        let svid = svid(1000, 1300, 1000);
+        let own = svid.id.clone();
+        let reusable = |keys: Option<&[JwtKey]>| svid.reusable_at(1100, Some(&own), keys);
+        // A new authority's key, and the token's own ("k1", as `svid` makes it).
+        let both = [key("k2"), key("k1")];
+        assert!(reusable(Some(&both[1..])));
+        assert!(reusable(Some(&both)), "a rotation");
+        assert!(!reusable(Some(&both[..1])), "its key retired");
+        assert!(!reusable(Some(&[])));
+        assert!(!reusable(None), "no keys held");
+        // Freshness and identity as before.
+        assert!(!svid.reusable_at(1150, Some(&own), Some(&both[1..])));
+        let other = SpiffeId::parse("spiffe://example.org/b").unwrap();
+        assert!(!svid.reusable_at(1100, Some(&other), Some(&both[1..])));
+        assert!(!svid.reusable_at(1100, None, Some(&both[1..])));
     }
 
     #[test]
