@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use meshid_identity::SpiffeId;
 use meshid_identity::jwt_svid::{JwtKey, check_audiences};
+use meshid_identity::revocation::{RevocationSet, Revoked};
 use meshid_runtime::time::unix_now;
 use tokio::sync::watch;
 
@@ -33,6 +34,9 @@ pub struct JwtSvid {
     pub exp: i64,
     /// The key it is signed with (its header's `kid`).
     pub kid: String,
+    /// The lineage of the certificate it was issued on (its `meshid_lineage` claim; `None` from a
+    /// CA older than the claim).
+    pub lineage: Option<String>,
     /// When it arrived, by this host's clock: its age is counted from here, so a skew between this
     /// host and the CA neither hands out a token past the end of its life nor has every call
     /// fetch a new one (the CA's `iat` compared with this clock would be off by the skew).
@@ -61,10 +65,21 @@ impl JwtSvid {
     /// key still among the trust domain's JWT `keys`. A key retired since (`meshid-ca rotate
     /// retire`) is gone from every verifier's bundle: a token under it verifies nowhere, however
     /// fresh (before, such tokens were handed out for up to half their life).
-    fn reusable_at(&self, now: i64, own: Option<&SpiffeId>, keys: Option<&[JwtKey]>) -> bool {
+    /// Nor is one whose identity or lineage is `revoked` since: the CA issues none for them, and a
+    /// verifier that checks tokens with the JWT keys alone would still take it.
+    fn reusable_at(
+        &self,
+        now: i64,
+        own: Option<&SpiffeId>,
+        keys: Option<&[JwtKey]>,
+        revoked: &RevocationSet,
+    ) -> bool {
         self.fresh_at(now)
             && own == Some(&self.id)
             && keys.is_some_and(|keys| keys.iter().any(|k| k.kid == self.kid))
+            && revoked
+                .check(&self.id, self.lineage.as_deref().unwrap_or_default())
+                .is_none()
     }
 
     /// Its whole life has passed since it arrived, by this host's clock (or that clock stepped
@@ -148,8 +163,14 @@ impl JwtSvids {
         key.dedup();
         let own = self.store.current().map(|s| s.identity.id.clone());
         let held = self.life.jwt_keys.borrow().clone();
+        let revoked = self.store.revocations();
         if let Some(hit) = self.cache().get(&key)
-            && hit.reusable_at(unix_now(), own.as_ref(), held.as_deref().map(Vec::as_slice))
+            && hit.reusable_at(
+                unix_now(),
+                own.as_ref(),
+                held.as_deref().map(Vec::as_slice),
+                &revoked,
+            )
         {
             return Ok(hit.clone());
         }
@@ -174,6 +195,7 @@ impl JwtSvids {
             iat: resp.issued_at_unix,
             exp: resp.expires_at_unix,
             kid: verified.kid,
+            lineage: verified.lineage,
             received: unix_now(),
         };
         let mut cache = self.cache();
@@ -203,6 +225,7 @@ mod tests {
             iat,
             exp,
             kid: "k1".into(),
+            lineage: Some("4a0b".into()),
             received,
         }
     }
@@ -223,7 +246,8 @@ mod tests {
         };
         let svid = svid(1000, 1300, 1000);
         let own = svid.id.clone();
-        let reusable = |keys: Option<&[JwtKey]>| svid.reusable_at(1100, Some(&own), keys);
+        let none = RevocationSet::default();
+        let reusable = |keys: Option<&[JwtKey]>| svid.reusable_at(1100, Some(&own), keys, &none);
         // A new authority's key, and the token's own ("k1", as `svid` makes it).
         let both = [key("k2"), key("k1")];
         assert!(reusable(Some(&both[1..])));
@@ -232,10 +256,50 @@ mod tests {
         assert!(!reusable(Some(&[])));
         assert!(!reusable(None), "no keys held");
         // Freshness and identity as before.
-        assert!(!svid.reusable_at(1150, Some(&own), Some(&both[1..])));
+        assert!(!svid.reusable_at(1150, Some(&own), Some(&both[1..]), &none));
         let other = SpiffeId::parse("spiffe://example.org/b").unwrap();
-        assert!(!svid.reusable_at(1100, Some(&other), Some(&both[1..])));
-        assert!(!svid.reusable_at(1100, None, Some(&both[1..])));
+        assert!(!svid.reusable_at(1100, Some(&other), Some(&both[1..]), &none));
+        assert!(!svid.reusable_at(1100, None, Some(&both[1..]), &none));
+    }
+
+    /// A cached token whose identity or lineage was revoked since is handed out no more: the next
+    /// call goes to the CA, which refuses it (before, the cache handed it out for half its life,
+    /// and verifiers with the JWT keys alone took it).
+    #[test]
+    fn a_token_of_a_revoked_identity_or_lineage_is_handed_out_no_more() {
+        let key = JwtKey::new("k1", &{
+            let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &aws_lc_rs::rand::SystemRandom::new(),
+            )
+            .unwrap();
+            meshid_identity::jwt_svid::JwtSigner::from_pkcs8(pkcs8.as_ref())
+                .unwrap()
+                .spki
+        })
+        .unwrap();
+        let keys = [key];
+        let svid = svid(1000, 1300, 1000);
+        let own = svid.id.clone();
+        let reusable = |revoked: Vec<Revoked>| {
+            svid.reusable_at(
+                1100,
+                Some(&own),
+                Some(&keys[..]),
+                &RevocationSet::new(revoked).unwrap(),
+            )
+        };
+        assert!(reusable(Vec::new()));
+        assert!(reusable(vec![Revoked::Serial("4a0c".into())]), "another lineage");
+        assert!(!reusable(vec![Revoked::Serial("4a0b".into())]), "its lineage");
+        assert!(!reusable(vec![Revoked::Id(own.clone())]), "its identity");
+        // A token from a CA older than the claim: by identity only.
+        let unnamed = JwtSvid {
+            lineage: None,
+            ..svid.clone()
+        };
+        let serial = RevocationSet::new([Revoked::Serial("4a0b".into())]).unwrap();
+        assert!(unnamed.reusable_at(1100, Some(&own), Some(&keys[..]), &serial));
     }
 
     #[test]
