@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use meshid_identity::SpiffeId;
 use meshid_identity::jwt_svid::{JwtKey, check_audiences};
-use meshid_identity::revocation::{RevocationSet, Revoked};
+use meshid_identity::revocation::RevocationSet;
 use meshid_runtime::time::unix_now;
 use tokio::sync::watch;
 
@@ -216,6 +216,8 @@ impl JwtSvids {
 
 #[cfg(test)]
 mod tests {
+    use meshid_identity::revocation::Revoked;
+
     use super::*;
 
     fn svid(iat: i64, exp: i64, received: i64) -> JwtSvid {
@@ -290,8 +292,14 @@ mod tests {
             )
         };
         assert!(reusable(Vec::new()));
-        assert!(reusable(vec![Revoked::Serial("4a0c".into())]), "another lineage");
-        assert!(!reusable(vec![Revoked::Serial("4a0b".into())]), "its lineage");
+        assert!(
+            reusable(vec![Revoked::Serial("4a0c".into())]),
+            "another lineage"
+        );
+        assert!(
+            !reusable(vec![Revoked::Serial("4a0b".into())]),
+            "its lineage"
+        );
         assert!(!reusable(vec![Revoked::Id(own.clone())]), "its identity");
         // A token from a CA older than the claim: by identity only.
         let unnamed = JwtSvid {
