@@ -645,21 +645,25 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   --runs 1`), grown by the per-connection trust and policy watchers. One future now watches both
   (the boxed watcher each idle HTTP connection holds: 1,080 -> 416 bytes by `size_of_val`; the
   release build's memory per connection 10.9-11.1 -> 10.2-10.3 KiB).
-- **Sessions 36-37, and this run against session 35's** (ee42c4e; both Intel hosts, dist; the PGO
-  profile recorded at 69e492b, the symbol orders at ee42c4e). Session 36 trimmed the request path
-  (callgrind, `scripts/request-instructions.sh`: inbound -3.7%, outbound -2% instructions per
-  request) and added a per-stream stall watch on the h2 path between the sidecars (+2% there);
-  session 37 added limits the request path checks (app connections per inbound, a budget for form
-  bodies, warning lines limited). nginx ran faster on this host (its two halves 28.0 -> 26.0 us per
-  request, the direct path 173k -> 185k req/s) and meshid slower: its two sidecars 17.3 -> 18.1 us
-  at saturation (0.62x -> 0.70x of nginx's), pair throughput 1.45x -> 1.37x nginx's, proxy CPU per
-  request at 1,000 req/s 0.72x -> 0.87x (the median of the rounds' ratios; one round of three took
-  115 us, the other two 74-75 us against nginx's 85-102). The likely cause, not yet confirmed: the
-  profile was recorded before four of session 37's commits changed the inbound's and the
-  outbound's request handlers (b0d19ac, bc58e7f, 7c6090f, 02752b4), and a function whose code
-  changed loses its profile, so the two hottest functions were built without one. Idle RSS
-  4.99 -> 5.87 MiB (5.46-5.92 over the rounds), under the 6 MiB target. Next: record the profile
-  and the symbol orders after the last change to the request path, then run again.
+- **Sessions 36-38, and this run** (18fb93b, dist; an Intel host slower than session 37's: the
+  nginx pair 33.2k -> 21.1k req/s, its two halves 26 -> 41 us per request). Session 36 trimmed the
+  request path (callgrind, `scripts/request-instructions.sh`: inbound -3.7%, outbound -2%
+  instructions per request) and added a per-stream stall watch on the h2 path between the sidecars
+  (+2% there); session 37 added limits the request path checks (app connections per inbound, a
+  budget for form bodies, warning lines limited). Session 37's full run (ee42c4e) went down against
+  session 35's (pair throughput 1.45x -> 1.37x nginx's, proxies' CPU at saturation 0.62x -> 0.70x,
+  at 1,000 req/s 0.72x -> 0.87x, idle RSS 4.99 -> 5.87 MiB): its PGO profile was recorded before
+  four commits changed the inbound's and the outbound's request handlers (b0d19ac, bc58e7f,
+  7c6090f, 02752b4), and a function whose code changed loses its profile, so the two hottest
+  functions were built without one. Recorded again after the last change to the request path
+  (5d59c63), the throughput scenario alone on that host went 45.7k -> 48.4k req/s (1.37x -> 1.46x
+  nginx's); the symbol orders were then recorded from that profiled build (a505081). This run: pair
+  throughput 1.52x nginx's, both sidecars' CPU per request at saturation 0.60x nginx's (24.8 against
+  41.0 us), proxies/app 0.61x (0.73x in session 37's run), idle RSS 5.27 MiB, 11.1 KiB per idle
+  connection. At 1,000 req/s the three rounds disagree: proxy CPU per request 0.66x, 0.96x and
+  1.01x nginx's (nginx's own 144-160 us here, 85-102 us on session 37's host), so the 0.8x target
+  is not met in this run. The X25519MLKEM768 handshake target is not met either (nginx needs
+  2.86x meshid's CPU, 2.83x-4.43x over the rounds; 3.41x in session 37's run; X25519 3.35x).
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
