@@ -118,6 +118,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Loads the CA directory, binds both listeners and starts serving.
 pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<RunningCa, StartError> {
+    // The files' stamps before they are read: a change made while the CA starts is one the
+    // directory's follower sees (at worst it reads the same files again), not one it takes as
+    // already loaded.
+    let loaded = stamps(&config.dir);
     let mut authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
     serve_revocations_for(&mut authority, config.lifetimes.max, None);
     if crate::auth::join::is_secret_volume(&config.dir) {
@@ -200,6 +204,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
 
     tokio::spawn(follow_bundle(
         config.dir.clone(),
+        loaded,
         config.sans.clone(),
         config.lifetimes.max,
         state.clone(),
@@ -373,8 +378,10 @@ fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
 /// backwards) are logged and the current material kept, `meshid_ca_directory_rejected` set, and the
 /// reload tried again on every poll until it succeeds. Every CA process on the directory follows it
 /// the same way.
+#[allow(clippy::too_many_arguments)] // the server's parts, each passed once at start
 async fn follow_bundle(
     dir: PathBuf,
+    loaded: (PathBuf, Vec<Option<(SystemTime, u64)>>),
     sans: Vec<String>,
     max_ttl: Duration,
     state: Arc<CaState>,
@@ -382,7 +389,7 @@ async fn follow_bundle(
     serving: Arc<tls::ServingDates>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut last = stamps(&dir);
+    let mut last = loaded;
     // Why the newest files were refused (logged once per reason): retried on every poll until
     // they load, not only when a file changes again (EMFILE, a hand edit finished later, ...).
     let mut refused: Option<String> = None;

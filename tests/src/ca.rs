@@ -182,6 +182,41 @@ impl TestCa {
             .expect("connect")
     }
 
+    /// A certificate for `ns/sa` issued on its service-account token and written into `dir` as a
+    /// file-mode sidecar reads it (operator tooling): `cert.pem` (the chain), `key.pem` and
+    /// `bundle.pem` (the roots of the answer).
+    pub async fn issue_to_files(
+        &self,
+        ns: &str,
+        sa: &str,
+        dir: &std::path::Path,
+    ) -> meshid_sidecar::settings::FileCreds {
+        use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
+        let w = crate::pki::WorkloadKey::new();
+        let resp = self
+            .client()
+            .await
+            .issue(IssueRequest {
+                csr: w.csr.clone(),
+                credential: Some(Credential::ServiceAccountToken(self.cluster.token(ns, sa))),
+                ttl_seconds: 0,
+                app_svid: false,
+            })
+            .await
+            .expect("issued")
+            .into_inner();
+        let creds = meshid_sidecar::settings::FileCreds {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            bundle: dir.join("bundle.pem"),
+        };
+        let pems = |ders: &[Vec<u8>]| ders.iter().map(|c| crate::pki::pem(c)).collect::<String>();
+        std::fs::write(&creds.cert, pems(&resp.cert_chain)).expect("write cert.pem");
+        std::fs::write(&creds.key, w.key.serialize_pem()).expect("write key.pem");
+        std::fs::write(&creds.bundle, pems(&resp.trust_anchors)).expect("write bundle.pem");
+        creds
+    }
+
     /// A client presenting `chain`/`key` (renewal).
     pub async fn client_with_cert(
         &self,

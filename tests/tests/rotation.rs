@@ -12,13 +12,13 @@ use meshid_proto::ca::v1::{
     AckTrustBundleRequest, IssueRequest, WatchTrustBundleRequest, issue_request::Credential,
 };
 use meshid_sidecar::settings::CaEndpoint;
+use meshid_sidecar::settings::CredSource;
 use meshid_sidecar::settings::{Bootstrap, CaMode};
-use meshid_sidecar::settings::{CredSource, FileCreds};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Traffic, eventually, get, http_echo, http_request,
 };
-use meshid_tests::pki::{WorkloadKey, pem};
+use meshid_tests::pki::WorkloadKey;
 use rustls::pki_types::CertificateDer;
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
@@ -543,30 +543,8 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
     let dir = ca.dir.path().to_owned();
     let admins = [ca.admin_addr];
     // Credentials issued by this CA but handed to the sidecar as files (operator tooling).
-    let w = WorkloadKey::new();
-    let resp = ca
-        .client()
-        .await
-        .issue(IssueRequest {
-            csr: w.csr.clone(),
-            credential: Some(Credential::ServiceAccountToken(
-                ca.cluster.token("shop", "files"),
-            )),
-            ttl_seconds: 0,
-            app_svid: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let files = tempfile::tempdir().unwrap();
-    let cert = files.path().join("cert.pem");
-    let key = files.path().join("key.pem");
-    let bundle = files.path().join("bundle.pem");
-    let chain_pem: String = resp.cert_chain.iter().map(|c| pem(c)).collect();
-    std::fs::write(&cert, chain_pem).unwrap();
-    std::fs::write(&key, w.key.serialize_pem()).unwrap();
-    let roots_pem: String = ca.roots.iter().map(|c| pem(c)).collect();
-    std::fs::write(&bundle, roots_pem).unwrap();
+    let creds = ca.issue_to_files("shop", "files", files.path()).await;
     let pki = TestPki::new();
     let dummy = pki.workload(A);
     let id = "spiffe://cluster.local/ns/shop/sa/files";
@@ -576,7 +554,7 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
         id,
         SidecarSpec {
             inbound: vec![("127.0.0.12", http_echo().await, Protocol::Http)],
-            creds: Some(CredSource::Files(FileCreds { cert, key, bundle })),
+            creds: Some(CredSource::Files(creds)),
             report_to: Some(CaEndpoint {
                 addr: ca.addr.to_string(),
                 server_name: Some("localhost".into()),

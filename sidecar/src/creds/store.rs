@@ -290,7 +290,13 @@ impl CredentialStore {
         pinned: Vec<CertificateDer<'static>>,
         revoked: Arc<RevocationSet>,
     ) -> Result<Arc<Snapshot>, CredError> {
-        let (chain, key) = self.chain_and_key().ok_or(CredError::EmptyChain)?;
+        // Held from the read of our certificate to the write of the new set: a renewal in between
+        // would otherwise be lost, or lose this bundle's revocations.
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (chain, key) = guard
+            .as_ref()
+            .map(|h| (h.chain.clone(), h.key.clone_key()))
+            .ok_or(CredError::EmptyChain)?;
         let snapshot = Arc::new(self.build(
             Credentials {
                 chain: chain.clone(),
@@ -301,7 +307,7 @@ impl CredentialStore {
             false,
             revoked.clone(),
         )?);
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Held {
+        *guard = Some(Held {
             chain,
             key,
             roots,
@@ -309,6 +315,7 @@ impl CredentialStore {
             revoked,
         });
         self.current.store(Some(snapshot.clone()));
+        drop(guard);
         self.generation.send_modify(|g| *g += 1);
         Ok(snapshot)
     }
@@ -461,7 +468,13 @@ impl CredentialStore {
         creds: Credentials,
         also: &RevocationSet,
     ) -> Result<Arc<Snapshot>, CredError> {
-        let revoked = self.revocations();
+        // Held from the read of the revocations in force to the write of the new set: a bundle
+        // applied in between would otherwise lose its revocations.
+        let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let revoked = guard
+            .as_ref()
+            .map(|h| h.revoked.clone())
+            .unwrap_or_default();
         let revoked = match revoked.union(also) {
             Ok(union) if union != *revoked => Arc::new(union),
             _ => revoked,
@@ -484,8 +497,9 @@ impl CredentialStore {
                 offered: snapshot.identity.id.clone(),
             });
         }
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(held);
+        *guard = Some(held);
         self.current.store(Some(snapshot.clone()));
+        drop(guard);
         self.generation.send_modify(|g| *g += 1);
         Ok(snapshot)
     }
