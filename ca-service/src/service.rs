@@ -1040,12 +1040,6 @@ struct OpenStream {
     caller: Option<crate::rotation::fleet::Caller>,
     /// Whether the stream's connection presented a certificate of the trust domain.
     authenticated: bool,
-    /// That certificate, checked against the revocations again at every bundle sent.
-    presented: Option<meshid_identity::CertIdentity>,
-    /// The refusal that ends the stream after the bundle that carried its revocation.
-    ending: Option<Status>,
-    /// Ended for a revocation: nothing more is sent.
-    ended: bool,
     _permit: StreamPermit,
 }
 
@@ -1067,13 +1061,6 @@ impl Stream for BundleWatch {
     ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
         let this = &mut *self;
-        if let Some(status) = this.open.ending.take() {
-            this.open.ended = true;
-            return Poll::Ready(Some(Err(status)));
-        }
-        if this.open.ended {
-            return Poll::Ready(None);
-        }
         // The shutdown flag first: its stream yields the current value, then every change.
         while let Poll::Ready(stop) = Pin::new(&mut this.stopped).poll_next(cx) {
             if stop != Some(false) {
@@ -1082,25 +1069,6 @@ impl Stream for BundleWatch {
         }
         match Pin::new(&mut this.bundles).poll_next(cx) {
             Poll::Ready(Some(bundle)) => {
-                // A certificate revoked since the stream opened (its identity, serial or lineage)
-                // speaks for no instance any more. The bundle that carries the revocation still
-                // goes out, without reasons (the sidecar learns it: its Workload API then refuses
-                // its own tokens); then the stream ends with the refusal.
-                if let Some(cert) = &this.open.presented
-                    && let Err(e) = this.open.state.refuse_revoked(&cert.id, Some(cert))
-                {
-                    let state = &this.open.state;
-                    let status = Refusal::from(e).audited(
-                        &state.refusals,
-                        "watch_trust_bundle",
-                        cert.id.as_str(),
-                        None,
-                        "trust bundle stream",
-                    );
-                    let last = state.trust_bundle(&bundle, false);
-                    this.open.ending = Some(status);
-                    return Poll::Ready(Some(Ok(last)));
-                }
                 let reasons = this.open.authenticated;
                 Poll::Ready(Some(Ok(this.open.state.trust_bundle(&bundle, reasons))))
             }
@@ -1356,9 +1324,6 @@ impl CertificateAuthority for CaService {
                 state,
                 caller,
                 authenticated,
-                presented: presented.cloned(),
-                ending: None,
-                ended: false,
                 _permit: permit,
             },
         })))

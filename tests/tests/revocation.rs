@@ -687,57 +687,6 @@ async fn the_ca_lists_its_revocations_with_every_certificate() {
     assert!(issue(None, true).await.is_empty(), "an app SVID lists none");
 }
 
-/// A bundle stream opened with a certificate that is revoked since gets the bundle that carries
-/// the revocation (without its reason) and then ends with the refusal, instead of carrying on with
-/// the operator's reasons; a stream of another identity carries on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_bundle_stream_ends_when_its_certificate_is_revoked() {
-    use meshid_proto::ca::v1::WatchTrustBundleRequest;
-    let ca = ca().await;
-    let open = |sa: &'static str| {
-        let ca = &ca;
-        async move {
-            let (chain, key) = issue_with_token(ca, sa).await.unwrap();
-            let mut client = ca.client_with_cert(chain, key).await.expect("connect");
-            let mut stream = client
-                .watch_trust_bundle(WatchTrustBundleRequest {
-                    instance_id: sa.into(),
-                    file_mode: false,
-                })
-                .await
-                .expect("stream opened")
-                .into_inner();
-            let first = stream.message().await.expect("first bundle").unwrap();
-            assert!(first.revoked.is_empty());
-            (client, stream)
-        }
-    };
-    let (_a, mut revoked) = open("frontend").await;
-    let (_c, mut other) = open("cart").await;
-    cli(&ca, "revoke", &["--id", A, "--reason", "key leaked"]);
-    let last = tokio::time::timeout(ENFORCED_WITHIN, revoked.message())
-        .await
-        .expect("the stream answers within seconds")
-        .expect("the bundle with the revocation first")
-        .expect("a bundle");
-    assert_eq!(last.revoked.len(), 1);
-    assert_eq!(last.revoked[0].spiffe_id, A);
-    assert_eq!(last.revoked[0].reason, "", "no reason for the revoked");
-    let ended = tokio::time::timeout(ENFORCED_WITHIN, revoked.message())
-        .await
-        .expect("the stream answers within seconds")
-        .expect_err("ends with the refusal");
-    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
-    assert!(ended.message().contains("is revoked"), "{ended:?}");
-    let next = tokio::time::timeout(ENFORCED_WITHIN, other.message())
-        .await
-        .expect("the other stream gets the new bundle")
-        .expect("still open")
-        .expect("a bundle");
-    assert_eq!(next.revoked.len(), 1);
-    assert_eq!(next.revoked[0].reason, "key leaked");
-}
-
 /// A sidecar in file mode (certificate and anchors from files) that reports to the CA
 /// (`--report-ca-addr`) applies the revocations of the CA's bundle: a revoked peer's handshakes are
 /// refused there too, and lifting the revocation serves it again.
