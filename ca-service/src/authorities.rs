@@ -24,6 +24,10 @@ use crate::ca_dir::{AuthorityError, AuthorityFiles, read_bundle, write_atomic};
 
 pub const STATE_FILE: &str = "authorities.json";
 
+/// The highest `bundle_version` a state may hold: 2^53 (JSON readers keep it exact). One step per
+/// change never gets there; a state beyond it is refused.
+pub const MAX_BUNDLE_VERSION: u64 = 1 << 53;
+
 /// How `bundle.pem` differs from what the rotation state puts in it (see
 /// [`RotationState::bundle_on_disk`]).
 #[derive(Debug, Default)]
@@ -172,6 +176,14 @@ impl RotationState {
 
     /// Exactly one active authority; names unique; directories inside the CA directory.
     fn check(&self) -> Result<(), String> {
+        // One step per change: a version this high is a hand edit or a lying report, and the
+        // next step would leave no room (a version may never go back).
+        if self.bundle_version > MAX_BUNDLE_VERSION {
+            return Err(format!(
+                "bundle_version {} is beyond {MAX_BUNDLE_VERSION}",
+                self.bundle_version
+            ));
+        }
         let active = self
             .authorities
             .iter()
@@ -259,7 +271,7 @@ impl RotationState {
 
     fn bump_version_with(ca_dir: &Path, revocations: bool) -> Result<u64, AuthorityError> {
         let mut state = Self::load(ca_dir)?;
-        state.bundle_version += 1;
+        state.bundle_version = state.bundle_version.saturating_add(1);
         if revocations {
             state.revocations_written_at = Some(state.bundle_version);
         }
@@ -360,6 +372,8 @@ mod tests {
             r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"","state":"prepared","in_bundle_since":1}]}"#,
             r#"{"bundle_version":1,"authorities":[{"name":"a","prefix":"../x","state":"active","in_bundle_since":1}]}"#,
             r#"{"bundle_version":1,"authorities":[],"extra":1}"#,
+            r#"{"bundle_version":18446744073709551615,"authorities":[{"name":"a","prefix":"","state":"active","in_bundle_since":1}]}"#,
+            r#"{"bundle_version":9007199254740993,"authorities":[{"name":"a","prefix":"","state":"active","in_bundle_since":1}]}"#,
             "garbage",
         ] {
             fs::write(dir.path().join(STATE_FILE), bad).unwrap();

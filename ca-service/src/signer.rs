@@ -131,7 +131,12 @@ pub fn sign_leaf_in(
     lineage: &Lineage,
 ) -> Result<Issued, SignError> {
     let attested_at = lineage.attested_at.unwrap_or(now.unix_timestamp());
-    let not_after = (now + lifetime).min(authority.intermediate_not_after);
+    // A lifetime past the calendar (year 9999) ends with the intermediate too.
+    let not_after = now
+        .checked_add(to_time(lifetime))
+        .map_or(authority.intermediate_not_after, |t| {
+            t.min(authority.intermediate_not_after)
+        });
     if not_after <= now {
         return Err(SignError::IntermediateExpired);
     }
@@ -277,6 +282,25 @@ mod tests {
         assert!((3599..=3600).contains(&lifetime), "{lifetime}");
         let backdate = now.unix_timestamp() - cert.validity().not_before.timestamp();
         assert!((299..=301).contains(&backdate), "{backdate}");
+    }
+
+    /// A lifetime past the calendar's end (year 9999) is cut to the intermediate's, as a long one
+    /// is: never a panic in the call's task.
+    #[test]
+    fn a_lifetime_past_the_calendar_ends_with_the_intermediate() {
+        let (_dir, auth) = authority();
+        let (_, pk) = csr_key();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let now = OffsetDateTime::now_utc();
+        for lifetime in [StdDuration::from_secs(1_000_000_000_000), StdDuration::MAX] {
+            let issued = sign_leaf(&auth, &id, &pk, lifetime, now).unwrap();
+            use x509_parser::prelude::*;
+            let (_, cert) = X509Certificate::from_der(&issued.chain[0]).unwrap();
+            assert_eq!(
+                cert.validity().not_after.timestamp(),
+                auth.intermediate_not_after.unix_timestamp()
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+/// The longest duration any flag or variable takes: 100 years (36500d). Every use adds one to a
+/// clock reading (an `Instant`, a certificate's `notAfter`), which would overflow far beyond it.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
+
 /// What every duration error ends with.
 const EXAMPLES: &str = "(e.g. 30s, 1.5h, 1h30m; units ms, s, m, h, d)";
 
@@ -16,7 +20,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         return Err(bad("empty"));
     }
     if let Some(secs) = number(s) {
-        return scaled(secs, 1_000_000_000).ok_or_else(|| bad("too large"));
+        return scaled(secs, 1_000_000_000)
+            .and_then(at_most_max)
+            .ok_or_else(|| bad("too large: at most 36500d"));
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
@@ -47,7 +53,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
         let part = scaled(n, nanos_per_unit).ok_or_else(|| bad("too large"))?;
         total = total.checked_add(part).ok_or_else(|| bad("too large"))?;
     }
-    Ok(total)
+    at_most_max(total).ok_or_else(|| bad("too large: at most 36500d"))
+}
+
+fn at_most_max(d: Duration) -> Option<Duration> {
+    (d <= MAX_DURATION).then_some(d)
 }
 
 /// [`parse_duration`], and at least `min`: `must be at least <min>` otherwise.
@@ -145,6 +155,11 @@ mod tests {
             ("5h3", "a number needs a unit"),
             ("99999999999999999999d", "too large"),
             ("999999999999999999d", "too large"),
+            // Beyond 100 years: added to a clock, it would overflow.
+            ("36501d", "too large: at most 36500d"),
+            ("10000000000000000000", "too large: at most 36500d"),
+            ("36500d1ms", "too large: at most 36500d"),
+            ("36500d", ""),
         ] {
             if why.is_empty() {
                 assert!(parse_duration(bad).is_ok(), "{bad}");

@@ -363,7 +363,10 @@ pub fn verify(
     }
     let exp = int_claim(&claims, "exp")?.ok_or_else(|| err("the token has no expiry (exp)"))?;
     if exp <= now {
-        return Err(err(format!("the token expired {} s ago", now - exp)));
+        return Err(err(format!(
+            "the token expired {} s ago",
+            now.saturating_sub(exp)
+        )));
     }
     for name in ["nbf", "iat"] {
         if let Some(t) = int_claim(&claims, name)?

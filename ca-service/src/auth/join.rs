@@ -43,6 +43,8 @@ pub enum JoinStoreError {
     WrongTrustDomain(SpiffeId, TrustDomain),
     #[error("no randomness available")]
     Random,
+    #[error("the token's lifetime reaches past what the clock can tell")]
+    TtlTooLong,
     #[error(
         "{0}: the CA directory is read-only (a Kubernetes Secret volume, or a read-only mount): join \
          tokens need a writable CA directory shared by every CA process, so they are for CAs outside a \
@@ -129,7 +131,11 @@ impl JoinTokenStore {
         );
         let record = Record {
             id: id.to_string(),
-            expires_at_unix: unix(SystemTime::now() + ttl),
+            expires_at_unix: unix(
+                SystemTime::now()
+                    .checked_add(ttl)
+                    .ok_or(JoinStoreError::TtlTooLong)?,
+            ),
         };
         let hash = sha256_hex(token.as_bytes());
         let tmp = self.dir.join(format!(".{hash}.tmp"));
@@ -248,7 +254,9 @@ impl JoinTokenStore {
                 && fs::read(&path)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-                    .is_some_and(|r| unix(now) >= r.expires_at_unix + KEEP_USED.as_secs());
+                    .is_some_and(|r| {
+                        unix(now) >= r.expires_at_unix.saturating_add(KEEP_USED.as_secs())
+                    });
             if old && path.extension().is_some_and(|e| e == "used") || expired_json {
                 let _ = fs::remove_file(&path);
             }
@@ -312,6 +320,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = JoinTokenStore::new(dir.path(), TrustDomain::new("td").unwrap());
         (dir, s)
+    }
+
+    /// A lifetime the clock cannot reach is a clear error, never a panic of `token create`.
+    #[test]
+    fn a_lifetime_past_the_clock_is_refused() {
+        let (_dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let err = s.create(&id, Duration::MAX).unwrap_err();
+        assert!(matches!(err, JoinStoreError::TtlTooLong), "{err}");
     }
 
     #[test]

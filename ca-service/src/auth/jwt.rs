@@ -586,7 +586,7 @@ impl JwtAuthenticator {
                 ),
             ));
         }
-        if warnafter.is_some_and(|w| now > w + skew) {
+        if warnafter.is_some_and(|w| now > w.saturating_add(skew)) {
             return Err(AuthError::unauthenticated(
                 Reason::TokenExpired,
                 "token rejected: past its warnafter (an extended token the kubelet should have \

@@ -277,7 +277,7 @@ pub fn prepare_above(
         &td,
         import,
     )?;
-    state.bundle_version = state.bundle_version.max(served) + 1;
+    state.bundle_version = state.bundle_version.max(served).saturating_add(1);
     state.authorities.push(AuthorityRecord {
         name: name.clone(),
         prefix,
@@ -393,7 +393,7 @@ pub async fn retire(
             retired = a.name.clone();
         }
     }
-    state.bundle_version = state.bundle_version.max(served) + 1;
+    state.bundle_version = state.bundle_version.max(served).saturating_add(1);
     if force {
         state.renew_now_at = Some(state.bundle_version);
     }

@@ -54,7 +54,7 @@ pub fn report(
             let (mut live, mut latest) = (i.live, i.latest_not_after);
             for (identity, (n, until)) in &i.long {
                 if held(identity) {
-                    live += n;
+                    live = live.saturating_add(*n);
                     latest = latest.max(*until);
                 }
             }
@@ -152,7 +152,7 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
         }
         for a in &r.authorities {
             let e = live.entry(a.name.clone()).or_default();
-            e.0 += a.live_certificates;
+            e.0 = e.0.saturating_add(a.live_certificates);
             e.1 = e.1.max(a.latest_certificate_expiry);
             e.2 = e.2.max(a.issued_until);
         }
