@@ -286,6 +286,7 @@ pub async fn start(
         tokio::spawn(crate::creds::ca::run_file_mode_report(
             endpoint.clone(),
             shared.creds.clone(),
+            shared.metrics.clone(),
             shared.shutdown.clone(),
         ));
     }

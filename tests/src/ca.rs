@@ -217,6 +217,34 @@ impl TestCa {
         creds
     }
 
+    /// How a sidecar reaches this CA: by its address, as `localhost`, trusting its roots.
+    pub fn endpoint(&self) -> CaEndpoint {
+        CaEndpoint {
+            addr: self.addr.to_string(),
+            server_name: Some("localhost".into()),
+            roots: self.roots.clone(),
+        }
+    }
+
+    /// How a file-mode sidecar reports to this CA (`--report-ca-addr`): trusting its own bundle
+    /// file, no roots of its own.
+    pub fn report_endpoint(&self) -> CaEndpoint {
+        CaEndpoint {
+            roots: Vec::new(),
+            ..self.endpoint()
+        }
+    }
+
+    /// The trust bundle this CA serves anyone who asks (`GetTrustBundle`, no client certificate).
+    pub async fn served_bundle(&self) -> meshid_proto::ca::v1::TrustBundle {
+        self.client()
+            .await
+            .get_trust_bundle(meshid_proto::ca::v1::GetTrustBundleRequest {})
+            .await
+            .expect("GetTrustBundle")
+            .into_inner()
+    }
+
     /// A client presenting `chain`/`key` (renewal).
     pub async fn client_with_cert(
         &self,
@@ -239,11 +267,7 @@ impl TestCa {
         let token = self.dir.path().join(format!("{ns}-{sa}.token"));
         std::fs::write(&token, self.cluster.token(ns, sa)).expect("write token");
         CredSource::Ca(CaMode {
-            endpoint: CaEndpoint {
-                addr: self.addr.to_string(),
-                server_name: Some("localhost".into()),
-                roots: self.roots.clone(),
-            },
+            endpoint: self.endpoint(),
             bootstrap: Bootstrap::TokenFile(token),
             ttl: Some(ttl),
             bundle_cache: None,

@@ -11,7 +11,6 @@ use meshid_identity::policy::Protocol;
 use meshid_proto::ca::v1::{
     AckTrustBundleRequest, IssueRequest, WatchTrustBundleRequest, issue_request::Credential,
 };
-use meshid_sidecar::settings::CaEndpoint;
 use meshid_sidecar::settings::CredSource;
 use meshid_sidecar::settings::{Bootstrap, CaMode};
 use meshid_tests::ca::{CaOptions, TestCa};
@@ -41,11 +40,7 @@ fn ca_mode(ca: &TestCa, sa: &str) -> CredSource {
     let token = ca.dir.path().join(format!("{sa}.token"));
     std::fs::write(&token, ca.cluster.token("shop", sa)).unwrap();
     CredSource::Ca(CaMode {
-        endpoint: CaEndpoint {
-            addr: ca.addr.to_string(),
-            server_name: Some("localhost".into()),
-            roots: ca.roots.clone(),
-        },
+        endpoint: ca.endpoint(),
         bootstrap: Bootstrap::TokenFile(token),
         ttl: Some(TTL),
         bundle_cache: None,
@@ -555,11 +550,7 @@ async fn file_mode_sidecars_are_reported_as_unknown() {
         SidecarSpec {
             inbound: vec![("127.0.0.12", http_echo().await, Protocol::Http)],
             creds: Some(CredSource::Files(creds)),
-            report_to: Some(CaEndpoint {
-                addr: ca.addr.to_string(),
-                server_name: Some("localhost".into()),
-                roots: Vec::new(),
-            }),
+            report_to: Some(ca.report_endpoint()),
             ..Default::default()
         },
     )

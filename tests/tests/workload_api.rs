@@ -5,7 +5,7 @@
 //! signed by the CA for the pod's identity, its JWT keys as a JWK set, tokens checked by the
 //! sidecar and offline by rust-spiffe and py-spiffe, through a CA rotation.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshid_ca::signer::LifetimePolicy;
@@ -36,6 +36,31 @@ async fn short_lived_ca() -> TestCa {
         ..Default::default()
     })
     .await
+}
+
+/// A sidecar of [`ID`] serving the Workload API, and what it runs on.
+struct ApiSidecar {
+    /// Its PKI: with `creds` `None`, its certificate and bundle files.
+    pki: TestPki,
+    /// Holds the socket's directory.
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    sidecar: TestSidecar,
+}
+
+/// A sidecar of [`ID`] with `creds` (files of a test PKI when `None`) serving the Workload API on
+/// `<tempdir>/<sub>/workload.sock`.
+async fn api_sidecar(creds: Option<CredSource>, sub: &str) -> ApiSidecar {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join(sub).join("workload.sock");
+    let sidecar = sidecar(&pki, creds, &socket).await;
+    ApiSidecar {
+        pki,
+        dir,
+        socket,
+        sidecar,
+    }
 }
 
 async fn sidecar(pki: &TestPki, creds: Option<CredSource>, socket: &Path) -> TestSidecar {
@@ -96,10 +121,12 @@ fn key_matches(chain: &[CertificateDer<'static>], key: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
     let ca = short_lived_ca().await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
 
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
@@ -178,10 +205,12 @@ async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svids() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "api").await;
 
     let mut bare = raw_client(&socket, false).await;
     let refused = bare
@@ -249,10 +278,12 @@ async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svid
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_is_private() {
     use std::os::unix::fs::PermissionsExt;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki,
+        dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "spiffe").await;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let dir_mode = std::fs::metadata(socket.parent().unwrap())
@@ -284,10 +315,12 @@ async fn the_socket_is_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_svid_is_never_handed_out() {
     let mut ca = short_lived_ca().await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
     let mut client = raw_client(&socket, true).await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
@@ -345,10 +378,12 @@ fn peak_rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "api").await;
     let before = peak_rss_kib();
 
     // Literal with incremental indexing, new name `x` (length 1), a value of 4000 bytes (127 in
@@ -411,10 +446,12 @@ async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_make_no_call_cannot_keep_the_app_out() {
     use tokio::io::AsyncWriteExt;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "api").await;
     let mut held = Vec::new();
     for i in 0..2 * meshid_sidecar::workload_api::MAX_CONNECTIONS {
         let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -497,10 +534,12 @@ client.close()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
     let ca = short_lived_ca().await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(4))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
     let (ok, out) = run_python(dir.path(), PY_SPIFFE, &socket).await;
     assert!(ok, "{out}");
     assert!(out.contains(&format!("svid {ID} True")), "{out}");
@@ -513,10 +552,12 @@ async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_change_is_streamed_to_the_app() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -560,10 +601,12 @@ async fn a_bundle_change_is_streamed_to_the_app() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -776,10 +819,12 @@ async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwt_svid_is_refused_once_its_certificate_lineage_is_revoked() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -872,10 +917,12 @@ client.close()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_fetches_and_verifies_jwt_svids() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let _s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(3600))), &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
     let (ok, out) = run_python(dir.path(), PY_SPIFFE_JWT, &socket).await;
     assert!(ok, "{out}");
     for line in [
@@ -918,10 +965,12 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
 
     const PEER: &str = "spiffe://cluster.local/ns/shop/sa/backend";
     let ca = TestCa::start(CaOptions::default()).await;
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("spiffe").join("workload.sock");
-    let s = sidecar(&pki, Some(ca_mode(&ca, Duration::from_secs(600))), &socket).await;
+    let ApiSidecar {
+        pki,
+        dir,
+        socket,
+        sidecar: s,
+    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(600))), "spiffe").await;
     let (chain, key) = fetch_app_svid(&socket).await;
 
     // Marked as the app's, and no longer-lived than the sidecar's own certificate.
@@ -1067,10 +1116,12 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
 /// would take 4 MiB) is refused with `OUT_OF_RANGE` naming the limit, and the API goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_request_is_refused() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "api").await;
     let mut client = raw_client(&socket, true).await;
     let limit = meshid_sidecar::workload_api::MAX_REQUEST_BYTES;
     let refused = client
@@ -1192,10 +1243,12 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
 /// 1024 of them (CVE-2025-8671), instead of resetting streams for as long as it likes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_keeps_provoking_stream_resets_is_sent_away() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = sidecar(&pki, None, &socket).await;
+    let ApiSidecar {
+        pki: _pki,
+        dir: _dir,
+        socket,
+        sidecar: _s,
+    } = api_sidecar(None, "api").await;
     let (mut h2, connection) = raw_h2(&socket).await;
     let mut reset = 0;
     for _ in 0..1024 + 256 {

@@ -142,6 +142,7 @@ async fn send_ack(
 pub async fn run_file_mode_report(
     endpoint: CaEndpoint,
     store: Arc<CredentialStore>,
+    metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let life = Lifecycle::new();
@@ -156,7 +157,7 @@ pub async fn run_file_mode_report(
                 tokio::select! {
                     m = conn.stream.message() => match m {
                         Ok(Some(bundle)) => {
-                            apply_reported_revocations(&store, &bundle.revoked);
+                            apply_reported_revocations(&store, &metrics, &bundle.revoked);
                             reported = None;
                         }
                         Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
@@ -201,6 +202,7 @@ pub async fn run_file_mode_report(
 /// connections closed. A list that cannot be read changes nothing.
 fn apply_reported_revocations(
     store: &CredentialStore,
+    metrics: &Metrics,
     entries: &[meshid_proto::ca::v1::Revocation],
 ) {
     let revoked = match revocations(entries, unix_now()) {
@@ -216,14 +218,9 @@ fn apply_reported_revocations(
     }
     let newly = newly_revoked(entries, &held);
     match store.set_revocations(Arc::new(revoked)) {
-        Ok(_) => {
-            for r in newly {
-                tracing::warn!(
-                    revoked = %r.0,
-                    reason = %r.1.escape_debug(),
-                    "revocation in force: refusing handshakes that present it and closing its connections"
-                );
-            }
+        Ok(snapshot) => {
+            warn_in_force(&newly);
+            metrics.record_snapshot(&snapshot);
         }
         Err(error) => {
             tracing::error!(%error, "the revocations of the CA's bundle could not be applied");
@@ -510,13 +507,7 @@ fn install(
     let newly = newly_revoked(&resp.revoked, &store.revocations());
     let snapshot = store.set_certificate_revoking(credentials(resp, key)?, &revoked)?;
     let in_force = store.revocations();
-    for r in newly.iter().filter(|r| in_force.contains(&r.0)) {
-        tracing::warn!(
-            revoked = %r.0,
-            reason = %r.1.escape_debug(),
-            "revocation in force: refusing handshakes that present it and closing its connections"
-        );
-    }
+    warn_in_force(newly.iter().filter(|r| in_force.contains(&r.0)));
     Ok((snapshot, version))
 }
 
@@ -964,6 +955,17 @@ fn newly_revoked(
         .collect()
 }
 
+/// Logs each revocation of `newly` (from [`newly_revoked`]) that has just come into force.
+fn warn_in_force<'a>(newly: impl IntoIterator<Item = &'a (Revoked, String)>) {
+    for (revoked, reason) in newly {
+        tracing::warn!(
+            %revoked,
+            reason = %reason.escape_debug(),
+            "revocation in force: refusing handshakes that present it and closing its connections"
+        );
+    }
+}
+
 /// Why a bundle stream ended without an error.
 enum Reconnect {
     /// A new certificate: open a stream with it at once.
@@ -1069,13 +1071,7 @@ pub async fn run_bundle_watch(
                 let newly_revoked = newly_revoked(&bundle.revoked, &store.revocations());
                 match store.set_bundle(roots, pinned, revoked) {
                     Ok(snapshot) => {
-                        for r in newly_revoked {
-                            tracing::warn!(
-                                revoked = %r.0,
-                                reason = %r.1.escape_debug(),
-                                "revocation in force: refusing handshakes that present it and closing its connections"
-                            );
-                        }
+                        warn_in_force(&newly_revoked);
                         metrics
                             .bundle_updates
                             .get_or_create(&ResultLabels { result: "applied" })

@@ -475,9 +475,14 @@ impl CredentialStore {
             .as_ref()
             .map(|h| h.revoked.clone())
             .unwrap_or_default();
-        let revoked = match revoked.union(also) {
-            Ok(union) if union != *revoked => Arc::new(union),
-            _ => revoked,
+        // Nothing to add (a file reload, a CA that lists none): no copy of the set.
+        let revoked = if also.is_empty() {
+            revoked
+        } else {
+            match revoked.union(also) {
+                Ok(union) if union != *revoked => Arc::new(union),
+                _ => revoked,
+            }
         };
         let held = Held {
             chain: creds.chain.clone(),
