@@ -319,11 +319,19 @@ impl Authorizer {
     /// Resolves once this open connection must close: a policy change no longer allows what it
     /// was let in for (`request` is the method and path of an upgraded HTTP request, `None` a TCP
     /// connection), or the trust bundle revokes its peer. The closing is logged and counted.
-    pub async fn revoked(&self, peer: &Peer, request: Option<(&str, &str)>) {
+    /// `decided_under` is the policy version read before it was let in
+    /// ([`Self::policy_version`]): a policy applied since is decided again at the first poll.
+    pub async fn revoked(&self, peer: &Peer, request: Option<(&str, &str)>, decided_under: u64) {
         tokio::select! {
-            () = self.policy_revoked(peer, request) => {}
+            () = self.policy_revoked(peer, request, decided_under) => {}
             () = self.peer_revoked(peer) => {}
         }
+    }
+
+    /// The policy version in force now: read before a decision, it tells [`Self::revoked`] which
+    /// policies the decision may not have seen.
+    pub fn policy_version(&self) -> u64 {
+        *self.shared.policy_changed.borrow()
     }
 
     /// Resolves once the trust bundle revokes the peer's certificate or identity, or its chain no
@@ -368,10 +376,20 @@ impl Authorizer {
 
     /// Resolves once a policy change no longer allows what this open connection was let in for.
     /// Audit mode never closes anything.
-    async fn policy_revoked(&self, peer: &Peer, request: Option<(&str, &str)>) {
+    async fn policy_revoked(&self, peer: &Peer, request: Option<(&str, &str)>, decided_under: u64) {
         let mut changes = self.shared.policy_changed.clone();
-        changes.borrow_and_update();
-        while changes.changed().await.is_ok() {
+        let mut seen = decided_under;
+        loop {
+            // A policy applied between the decision and this first poll (the app's connect, its
+            // answer to an upgrade) is decided here, not skipped.
+            let now = *changes.borrow_and_update();
+            if now == seen {
+                if changes.changed().await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            seen = now;
             let guard = self.shared.policy.load();
             let Some(policy) = guard.as_ref() else {
                 continue;
@@ -614,19 +632,22 @@ pub const DECISION_HEADER: &str = "x-meshid-decision";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshid_identity::testing::TestPki;
     use prometheus_client::metrics::family::Family;
+    use std::time::Duration;
 
-    /// A request of a peer the bundle in force revokes (arriving before its connection's own wait
-    /// for the revocation ends the connection) is refused as a recorded decision: the 403 carries
-    /// its ID, and the decision log gives back the peer, the request and why.
-    #[tokio::test]
-    async fn a_revoked_peers_request_is_a_recorded_decision() {
-        use meshid_identity::revocation::{RevocationSet, Revoked};
-        use meshid_identity::testing::TestPki;
-        const ME: &str = "spiffe://cluster.local/ns/shop/sa/server";
-        const PEER: &str = "spiffe://cluster.local/ns/shop/sa/client";
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/server";
+    const PEER: &str = "spiffe://cluster.local/ns/shop/sa/client";
 
-        let pki = TestPki::new("ours");
+    /// What a listener of `ME` shares, with its certificate from `pki`, and the senders of its
+    /// policy version (starting at 3) and shutdown.
+    fn shared(
+        pki: &TestPki,
+    ) -> (
+        Shared,
+        tokio::sync::watch::Sender<u64>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
         let creds = Arc::new(crate::creds::CredentialStore::new(Vec::new()));
         let own = pki.leaf(ME);
         creds
@@ -637,10 +658,10 @@ mod tests {
                 pinned: Vec::new(),
             })
             .unwrap();
-        let (_policy_tx, policy_changed) = tokio::sync::watch::channel(3u64);
-        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let (policy_tx, policy_changed) = tokio::sync::watch::channel(3u64);
+        let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let shared = Shared {
-            creds: creds.clone(),
+            creds,
             policy: Arc::default(),
             policy_changed,
             metrics: crate::metrics::Metrics::register(
@@ -655,14 +676,85 @@ mod tests {
                 crate::inbound::form_budget::DEFAULT_FORM_BODY_MEMORY,
             ),
         };
-        let authz = Authorizer::new(8080, shared.clone());
+        (shared, policy_tx, shutdown_tx)
+    }
+
+    /// `PEER` as a handshake with a certificate of `pki` makes it.
+    fn peer(pki: &TestPki) -> Peer {
         let leaf = pki.leaf(PEER);
-        let peer = Peer {
+        Peer {
             verified: Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
             addr: "10.0.0.7:40000".parse().unwrap(),
             chain: leaf.chain.clone().into(),
             trust_key: 0,
+        }
+    }
+
+    /// A policy applied after a connection was let in but before its watch first runs (while the
+    /// app's connection opens, or while the app answers an upgrade) is decided again: the
+    /// connection is closed, not left under the policy that let it in.
+    #[tokio::test(start_paused = true)]
+    async fn a_policy_applied_before_the_watch_first_runs_is_decided_again() {
+        use meshid_identity::policy::Policy;
+        let pki = TestPki::new("ours");
+        let (shared, policy_tx, _shutdown) = shared(&pki);
+        let allowing = |id: &str| {
+            let yaml = format!(
+                "inbound:\n  - port: 8080\n    protocol: tcp\n    allow:\n      - id: {id}\n"
+            );
+            Some(Arc::new(Policy::parse(&yaml).unwrap()))
         };
+        shared.policy.store(allowing(PEER));
+        let authz = Authorizer::new(8080, shared.clone());
+        let peer = peer(&pki);
+        let decided_under = authz.policy_version();
+        assert!(authz.connection(&peer).is_ok());
+        // The peer is taken out before the connection's watch is polled.
+        shared
+            .policy
+            .store(allowing("spiffe://cluster.local/ns/shop/sa/other"));
+        policy_tx.send_modify(|v| *v += 1);
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            authz.revoked(&peer, None, decided_under),
+        )
+        .await
+        .expect("closed: the policy in force no longer allows it");
+        assert_eq!(
+            shared
+                .metrics
+                .connections_revoked
+                .get_or_create(&crate::metrics::ConnLabels {
+                    direction: "inbound",
+                    port: 8080,
+                })
+                .get(),
+            1
+        );
+        // Let in under the policy in force, a connection waits for the next change.
+        shared.policy.store(allowing(PEER));
+        policy_tx.send_modify(|v| *v += 1);
+        let now = authz.policy_version();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), authz.revoked(&peer, None, now))
+                .await
+                .is_err(),
+            "nothing changed since it was let in"
+        );
+    }
+
+    /// A request of a peer the bundle in force revokes (arriving before its connection's own wait
+    /// for the revocation ends the connection) is refused as a recorded decision: the 403 carries
+    /// its ID, and the decision log gives back the peer, the request and why.
+    #[tokio::test]
+    async fn a_revoked_peers_request_is_a_recorded_decision() {
+        use meshid_identity::revocation::{RevocationSet, Revoked};
+
+        let pki = TestPki::new("ours");
+        let (shared, _policy_tx, _shutdown) = shared(&pki);
+        let creds = shared.creds.clone();
+        let authz = Authorizer::new(8080, shared.clone());
+        let peer = peer(&pki);
         let req = http::Request::get("/api/orders?x=1").body(()).unwrap();
         assert!(authz.not_revoked(&peer, &req).is_ok(), "not revoked yet");
 

@@ -442,7 +442,7 @@ async fn inbound_request(
             slot: conn.slot.clone(),
             deadline: peer.deadline(shared.limits.cap_connection_age),
             revoked: Box::pin(async move {
-                authz.revoked(&peer, Some((&method, &path))).await;
+                authz.revoked(&peer, Some((&method, &path)), version).await;
             }),
         }
     });

@@ -22,6 +22,9 @@ pub async fn proxy(
     spec: &Inbound,
     shared: &Shared,
 ) {
+    // Read before the decision: a policy applied while the app's connection opens is decided
+    // again once the bytes flow (`Authorizer::revoked`).
+    let decided_under = authz.policy_version();
     if authz.connection(&peer).is_err() {
         return;
     }
@@ -69,7 +72,7 @@ pub async fn proxy(
     let closing = std::pin::pin!(async {
         tokio::select! {
             () = ended => tracing::info!(peer = %id, "closing: the peer's certificate expired"),
-            () = authz.revoked(&peer, None) => {}
+            () = authz.revoked(&peer, None, decided_under) => {}
         }
     });
     let clean = tokio::select! {
