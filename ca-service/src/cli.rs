@@ -144,9 +144,9 @@ pub struct RevokeArgs {
     #[arg(long, default_value = "")]
     pub reason: String,
     /// The longest lifetime of a certificate the CA issues (its --max-ttl): the entry stays in
-    /// the trust bundle this long (plus a minute), until no certificate it names can still be
-    /// live. A CA serves it at least as long as its own --max-ttl allows, and warns when this is
-    /// shorter.
+    /// the trust bundle this long (plus ten minutes), until no certificate it names can still be
+    /// live. A CA serves it at least as long as its own --max-ttl allows from when it learned of
+    /// it, and warns when that is longer than the file says.
     #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
     pub max_ttl: String,
 }

@@ -233,8 +233,9 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
         return Err(Failure::Usage(problems));
     };
     let now = unix_now();
-    // A minute past the longest lifetime: clocks and a certificate issued as the CAs learn of it.
-    // (Each CA serves the entry at least as long as its own --max-ttl allows, whatever this says.)
+    // Ten minutes past the longest lifetime: clocks, and a certificate issued by a CA that learns of
+    // it after another. (Each CA serves the entry at least as long as its own --max-ttl allows
+    // from when it learned of it, whatever this says.)
     let keep = i64::try_from(max_ttl.as_secs())
         .unwrap_or(i64::MAX)
         .saturating_add(meshid_ca::revocations::EXPIRY_SLACK_SECS);

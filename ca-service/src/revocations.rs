@@ -26,8 +26,14 @@ use crate::ca_dir::{AuthorityError, invalid, io_err, write_atomic};
 /// The file in the CA directory.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
 /// How long past the longest lifetime an entry stays in force: clocks, and a certificate issued
-/// as the CAs learn of the revocation.
-pub const EXPIRY_SLACK_SECS: i64 = 60;
+/// by a CA that learns of the revocation later than another (each CA reads the directory when it
+/// changes; a Kubernetes Secret volume reaches each pod within the kubelet's sync period, about a
+/// minute, and up to its cache's time to live on top).
+pub const EXPIRY_SLACK_SECS: i64 = 600;
+/// How long a serial entry stays in the file past its expiry: a CA that learned of it late (a
+/// list applied to the cluster after it was written) serves it from when it learned
+/// ([`Revocations::served_by_ca`]), and only while the file holds it.
+pub const PRUNE_AFTER_SECS: i64 = 86_400;
 /// The longest `--reason`, in bytes.
 pub const MAX_REASON: usize = 256;
 const FORMAT_VERSION: u32 = 1;
@@ -298,20 +304,38 @@ impl Revocations {
     }
 
     /// The list as a CA whose certificates live up to `max_ttl_secs` serves it: each entry in force
-    /// at least until `revoked_at` + `max_ttl_secs` + [`EXPIRY_SLACK_SECS`], when no certificate
-    /// it names can still be live. An entry written with a shorter `revoke --max-ttl` would
-    /// otherwise leave the bundle (sidecars stop applying it) while a certificate it revokes is
-    /// still valid. Also returns the entries it served longer than the file says.
-    pub fn served_by_ca(&self, max_ttl_secs: i64) -> (Self, Vec<Entry>) {
+    /// at least until `max_ttl_secs` + [`EXPIRY_SLACK_SECS`] after the CA could last have issued
+    /// a certificate it names, when none can still be live. That is `revoked_at`, or, for an entry
+    /// this CA learns of while it runs (`learned`: what it served before, and now), the time it
+    /// learned of it: until then it issued to the revoked identity or lineage (a list applied to
+    /// the cluster an hour after `revoke` wrote it). An entry written with a shorter
+    /// `revoke --max-ttl`, or learned late, would otherwise leave the bundle (sidecars stop
+    /// applying it) while a certificate it revokes is still valid. An entry served before keeps
+    /// the expiry it was served with. Also returns the entries it served longer than the file says.
+    pub fn served_by_ca(
+        &self,
+        max_ttl_secs: i64,
+        learned: Option<(&Self, i64)>,
+    ) -> (Self, Vec<Entry>) {
         let mut raised = Vec::new();
         let entries = self
             .entries
             .iter()
             .map(|e| {
-                let floor = e
-                    .revoked_at
+                let served_before = learned.and_then(|(before, _)| {
+                    before
+                        .entries
+                        .iter()
+                        .find(|b| b.what == e.what && b.revoked_at == e.revoked_at)
+                });
+                let since = match (served_before, learned) {
+                    (None, Some((_, now))) => e.revoked_at.max(now),
+                    _ => e.revoked_at,
+                };
+                let floor = since
                     .saturating_add(max_ttl_secs.max(0))
-                    .saturating_add(EXPIRY_SLACK_SECS);
+                    .saturating_add(EXPIRY_SLACK_SECS)
+                    .max(served_before.map_or(i64::MIN, |b| b.expires_at));
                 if e.expires_at >= floor {
                     return e.clone();
                 }
@@ -359,12 +383,13 @@ impl Revocations {
         Some(self.entries.remove(i))
     }
 
-    /// Drops serial entries whose certificate has expired (an identity stays revoked until
-    /// `unrevoke`); returns how many went.
+    /// Drops serial entries whose certificate has expired, a day ([`PRUNE_AFTER_SECS`]) past the
+    /// file's expiry (an identity stays revoked until `unrevoke`); returns how many went.
     pub fn prune(&mut self, now: i64) -> usize {
         let before = self.entries.len();
-        self.entries
-            .retain(|e| matches!(e.what, Revoked::Id(_)) || e.in_force(now));
+        self.entries.retain(|e| {
+            matches!(e.what, Revoked::Id(_)) || now < e.expires_at.saturating_add(PRUNE_AFTER_SECS)
+        });
         before - self.entries.len()
     }
 
@@ -458,7 +483,7 @@ mod tests {
         .unwrap();
         list.revoke(Revoked::Serial("0a".into()), 100, 90_000, String::new())
             .unwrap();
-        let (served, raised) = list.served_by_ca(3_600);
+        let (served, raised) = list.served_by_ca(3_600, None);
         assert_eq!(raised.len(), 1, "{raised:?}");
         assert_eq!(raised[0].expires_at, 100 + 3_600 + EXPIRY_SLACK_SECS);
         let short = &served.entries()[0];
@@ -473,7 +498,51 @@ mod tests {
             list.entries()[1],
             "long enough already"
         );
-        assert!(served.served_by_ca(3_600).1.is_empty());
+        assert!(served.served_by_ca(3_600, None).1.is_empty());
+    }
+
+    /// A CA that learns of an entry while it runs issued to it until then: the entry is served
+    /// from then on for as long as a certificate of that CA can live; one it served before keeps
+    /// its expiry. Loaded at start, an entry is served from its own time.
+    #[test]
+    fn an_entry_learned_late_is_served_from_when_it_was_learned() {
+        let mut list = Revocations::default();
+        list.revoke(
+            Revoked::Id(id("spiffe://td/late")),
+            100,
+            3_600,
+            String::new(),
+        )
+        .unwrap();
+        let at_start = list.served_by_ca(3_600, None).0;
+        assert_eq!(
+            at_start.entries()[0].expires_at,
+            100 + 3_600 + EXPIRY_SLACK_SECS
+        );
+        // Learned at 5,000 (the list reached this CA an hour and more after it was written).
+        let before = Revocations::default();
+        let (late, raised) = list.served_by_ca(3_600, Some((&before, 5_000)));
+        let want = 5_000 + 3_600 + EXPIRY_SLACK_SECS;
+        assert_eq!(late.entries()[0].expires_at, want);
+        assert_eq!(raised.len(), 1);
+        // Served already: the next reload keeps the expiry it was served with.
+        let again = list.served_by_ca(3_600, Some((&late, 9_000))).0;
+        assert_eq!(again.entries()[0].expires_at, want);
+        // Revoked again (a new time): learned anew.
+        let mut renewed = list.clone();
+        renewed
+            .revoke(
+                Revoked::Id(id("spiffe://td/late")),
+                8_000,
+                3_600,
+                String::new(),
+            )
+            .unwrap();
+        let (anew, _) = renewed.served_by_ca(3_600, Some((&late, 9_000)));
+        assert_eq!(
+            anew.entries()[0].expires_at,
+            9_000 + 3_600 + EXPIRY_SLACK_SECS
+        );
     }
 
     #[test]
@@ -606,12 +675,14 @@ mod tests {
         assert!(read.refuses(&b, Some("cd")).is_none());
         assert!(read.refuses(&b, None).is_none());
 
-        // The serial leaves the file when its certificate cannot be live; the identity stays
-        // refused until unrevoked.
+        // The serial leaves the file a day after its certificate cannot be live (a CA that
+        // learned of it late serves it that much longer); the identity stays refused until
+        // unrevoked.
         assert!(read.entries()[1].in_force(1069));
         assert!(!read.entries()[1].in_force(1070));
         let mut pruned = read.clone();
-        assert_eq!(pruned.prune(5000), 1);
+        assert_eq!(pruned.prune(1070 + PRUNE_AFTER_SECS - 1), 0);
+        assert_eq!(pruned.prune(1070 + PRUNE_AFTER_SECS), 1);
         assert!(pruned.refuses(&a, None).is_some());
         assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_some());
         assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_none());

@@ -547,7 +547,10 @@ fn apply_revocations_alone(
     };
     let previous = state.authority.load_full();
     let max_ttl_secs = i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX);
-    let (served, _) = list.served_by_ca(max_ttl_secs);
+    let (served, _) = list.served_by_ca(
+        max_ttl_secs,
+        Some((&previous.revocations, meshid_runtime::time::unix_now())),
+    );
     let merged = match previous.revocations.narrowed_by(&served) {
         Ok(Some(merged)) => merged,
         Ok(None) => return,
@@ -601,7 +604,10 @@ fn serve_revocations_for(
     previous: Option<&crate::revocations::Revocations>,
 ) {
     let max_ttl_secs = i64::try_from(max_ttl.as_secs()).unwrap_or(i64::MAX);
-    let (served, raised) = authority.revocations.served_by_ca(max_ttl_secs);
+    let now = meshid_runtime::time::unix_now();
+    let (served, raised) = authority
+        .revocations
+        .served_by_ca(max_ttl_secs, previous.map(|p| (p, now)));
     for e in raised {
         if previous.is_some_and(|p| p.entries().contains(&e)) {
             continue;
@@ -613,7 +619,9 @@ fn serve_revocations_for(
             expires_at = e.expires_at,
             max_ttl_seconds = max_ttl_secs,
             "revocation entry expires before a certificate this CA issued can (revoke --max-ttl \
-             shorter than the CA's --max-ttl): served until revoked_at + the CA's --max-ttl + 60 s"
+             shorter than the CA's --max-ttl, or the list reached this CA after it was written): \
+             served until the CA's --max-ttl + 10 minutes past revoked_at, or past when this CA \
+             learned of it"
         );
     }
     authority.revocations = Arc::new(served);

@@ -76,7 +76,7 @@ impl Bundle {
         let version = if authority.bundle_version > self.version {
             authority.bundle_version
         } else {
-            self.version + 1
+            self.version.saturating_add(1)
         };
         // A root new in this version was last missing from this process's current one.
         let served_without_root = next
@@ -261,37 +261,7 @@ impl CaState {
         id: &SpiffeId,
         presented: Option<&meshid_identity::CertIdentity>,
     ) -> Result<(), AuthError> {
-        let authority = self.authority.load();
-        let revocations = &authority.revocations;
-        if revocations.entries().is_empty() {
-            return Ok(());
-        }
-        let serial = presented
-            .and_then(|c| meshid_identity::revocation::normalize_serial(&c.serial_hex).ok());
-        let lineage = presented
-            .and_then(|c| meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok());
-        let Some(entry) = revocations
-            .refuses(id, serial.as_deref())
-            .or_else(|| revocations.refuses(id, lineage.as_deref()))
-        else {
-            return Ok(());
-        };
-        let reason = if entry.reason.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", entry.reason)
-        };
-        let way_out = match entry.what {
-            meshid_identity::revocation::Revoked::Id(_) => "`meshid-ca unrevoke` lifts it",
-            meshid_identity::revocation::Revoked::Serial(_) => {
-                "get a new certificate with your service-account token or a join token \
-                 (`meshid-ca unrevoke` lifts it)"
-            }
-        };
-        Err(AuthError::permission_denied(
-            Reason::Revoked,
-            format!("{} is revoked{reason}: {way_out}", entry.what),
-        ))
+        refuse_revoked_by(&self.authority.load().revocations, id, presented)
     }
 
     /// The certificate on `peer`'s connection, checked at the time of the call as a renewal checks
@@ -488,7 +458,13 @@ impl CaState {
             return (method, Some(id), Err(refusal));
         }
 
+        // The authority this certificate is signed by, and the revocations it is checked against
+        // once more and listed with: a reload since `authenticate` checked them must not let a
+        // certificate out for what it revoked.
         let authority = self.authority.load();
+        if let Err(e) = refuse_revoked_by(&authority.revocations, &id, presented) {
+            return (method, Some(id), Err(e.into()));
+        }
         let now = OffsetDateTime::now_utc();
         // Longer than the default: counted per identity before it is signed, so that revoking
         // the identity releases `retire` from it; without room to count it apart, it gets the
@@ -496,7 +472,11 @@ impl CaState {
         let default = self.lifetimes.default.min(self.lifetimes.max);
         let mut long = lifetime > default;
         if long {
-            let not_after = (now + lifetime).min(authority.intermediate_not_after);
+            let not_after = now
+                .checked_add(crate::signer::to_time(lifetime))
+                .map_or(authority.intermediate_not_after, |t| {
+                    t.min(authority.intermediate_not_after)
+                });
             let counted = self.fleet.reserve_long(
                 &authority.name,
                 id.as_str(),
@@ -593,7 +573,12 @@ impl CaState {
             revoked: if req.app_svid {
                 Vec::new()
             } else {
-                bundle.revoked.iter().map(|e| e.to_proto()).collect()
+                authority
+                    .revocations
+                    .entries()
+                    .iter()
+                    .map(|e| e.to_proto())
+                    .collect()
             },
         };
         (method, Some(id), Ok(response))
@@ -909,6 +894,42 @@ fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
         | FleetError::FutureVersion { .. }
         | FleetError::OlderCertificate { .. } => Status::invalid_argument(e.to_string()),
     }
+}
+/// What [`CaService::refuse_revoked`] answers, against `revocations`.
+fn refuse_revoked_by(
+    revocations: &crate::revocations::Revocations,
+    id: &SpiffeId,
+    presented: Option<&meshid_identity::CertIdentity>,
+) -> Result<(), AuthError> {
+    if revocations.entries().is_empty() {
+        return Ok(());
+    }
+    let serial =
+        presented.and_then(|c| meshid_identity::revocation::normalize_serial(&c.serial_hex).ok());
+    let lineage = presented
+        .and_then(|c| meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok());
+    let Some(entry) = revocations
+        .refuses(id, serial.as_deref())
+        .or_else(|| revocations.refuses(id, lineage.as_deref()))
+    else {
+        return Ok(());
+    };
+    let reason = if entry.reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", entry.reason)
+    };
+    let way_out = match entry.what {
+        meshid_identity::revocation::Revoked::Id(_) => "`meshid-ca unrevoke` lifts it",
+        meshid_identity::revocation::Revoked::Serial(_) => {
+            "get a new certificate with your service-account token or a join token \
+             (`meshid-ca unrevoke` lifts it)"
+        }
+    };
+    Err(AuthError::permission_denied(
+        Reason::Revoked,
+        format!("{} is revoked{reason}: {way_out}", entry.what),
+    ))
 }
 
 /// Bundle streams one CA process serves, kept apart so anonymous watchers (no client certificate:
