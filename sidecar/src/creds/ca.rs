@@ -505,7 +505,7 @@ fn install(
         }
     };
     let newly = newly_revoked(&resp.revoked, &store.revocations());
-    let snapshot = store.set_certificate_revoking(credentials(resp, key)?, &revoked)?;
+    let snapshot = store.set_certificate_revoking(credentials(resp, key)?, &revoked, version)?;
     let in_force = store.revocations();
     warn_in_force(newly.iter().filter(|r| in_force.contains(&r.0)));
     Ok((snapshot, version))
@@ -1069,7 +1069,7 @@ pub async fn run_bundle_watch(
                     continue;
                 }
                 let newly_revoked = newly_revoked(&bundle.revoked, &store.revocations());
-                match store.set_bundle(roots, pinned, revoked) {
+                match store.set_bundle_at(bundle.version, roots, pinned, revoked) {
                     Ok(snapshot) => {
                         warn_in_force(&newly_revoked);
                         metrics
@@ -1327,6 +1327,50 @@ mod tests {
         let (resp, key) = answer(vec![revocation("not an id", "", 0)]);
         install(&store, resp, key).expect("the certificate is taken");
         assert_eq!(store.revocations().counts(), (1, 1));
+    }
+
+    /// A renewal answered with an older bundle than the one in force (a lagging replica, or a
+    /// bundle applied while the answer was on its way) does not bring that bundle's anchors
+    /// back: a retired root stays out, an added one stays in. A newer answer's are taken.
+    #[test]
+    fn a_renewal_answered_with_an_older_bundle_keeps_the_anchors_in_force() {
+        let pki = TestPki::new("renewal-anchors");
+        let other = TestPki::new("renewal-anchors-added");
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let answer = |version: u64| {
+            let leaf = pki.leaf(me);
+            let resp = IssueResponse {
+                cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
+                trust_anchors: vec![pki.root.to_vec()],
+                spiffe_id: me.into(),
+                bundle_version: version,
+                ..Default::default()
+            };
+            (resp, leaf.key)
+        };
+        let store = CredentialStore::new(Vec::new());
+        let (resp, key) = answer(3);
+        install(&store, resp, key).unwrap();
+        assert_eq!(store.roots(), vec![pki.root.clone()]);
+        // Version 5 adds a root on the bundle stream.
+        let both = vec![pki.root.clone(), other.root.clone()];
+        store
+            .set_bundle_at(5, both.clone(), Vec::new(), Arc::default())
+            .unwrap();
+        let (resp, key) = answer(4);
+        install(&store, resp, key).expect("the certificate is taken");
+        assert_eq!(store.roots(), both, "version 4's anchors are not taken");
+        let (resp, key) = answer(6);
+        install(&store, resp, key).unwrap();
+        assert_eq!(store.roots(), vec![pki.root.clone()], "version 6's are");
+        // Version 7 retires our root: an answer of version 6 cannot bring it back, and its
+        // certificate does not verify under the anchors in force.
+        store
+            .set_bundle_at(7, vec![other.root.clone()], Vec::new(), Arc::default())
+            .ok();
+        let (resp, key) = answer(6);
+        assert!(install(&store, resp, key).is_err());
+        assert_eq!(store.roots(), vec![other.root.clone()]);
     }
 
     /// The app's SVID is handed over only for our own identity and with the app-SVID mark: an

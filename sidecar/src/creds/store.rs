@@ -201,6 +201,8 @@ struct Held {
     roots: Vec<CertificateDer<'static>>,
     pinned: Vec<CertificateDer<'static>>,
     revoked: Arc<RevocationSet>,
+    /// The CA's bundle version `roots` and `pinned` are from (0: unknown, files).
+    bundle_version: u64,
 }
 
 impl fmt::Debug for CredentialStore {
@@ -290,6 +292,18 @@ impl CredentialStore {
         pinned: Vec<CertificateDer<'static>>,
         revoked: Arc<RevocationSet>,
     ) -> Result<Arc<Snapshot>, CredError> {
+        self.set_bundle_at(0, roots, pinned, revoked)
+    }
+
+    /// [`Self::set_bundle`] of the CA's bundle `version`: a certificate the CA answered with an
+    /// older bundle then keeps these anchors ([`Self::set_certificate_revoking`]).
+    pub fn set_bundle_at(
+        &self,
+        version: u64,
+        roots: Vec<CertificateDer<'static>>,
+        pinned: Vec<CertificateDer<'static>>,
+        revoked: Arc<RevocationSet>,
+    ) -> Result<Arc<Snapshot>, CredError> {
         // Held from the read of our certificate to the write of the new set: a renewal in between
         // would otherwise be lost, or lose this bundle's revocations.
         let mut guard = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -313,6 +327,7 @@ impl CredentialStore {
             roots,
             pinned,
             revoked,
+            bundle_version: version,
         });
         self.current.store(Some(snapshot.clone()));
         drop(guard);
@@ -457,16 +472,21 @@ impl CredentialStore {
     /// Validates a credential set, builds every TLS config from it, and publishes it. The
     /// revocations in force stay (they come with the bundle).
     pub fn set_certificate(&self, creds: Credentials) -> Result<Arc<Snapshot>, CredError> {
-        self.set_certificate_revoking(creds, &RevocationSet::default())
+        self.set_certificate_revoking(creds, &RevocationSet::default(), 0)
     }
 
     /// As [`Self::set_certificate`], with `also` added to the revocations in force (those the CA
     /// listed with the certificate: only a trust bundle lifts one). Past the bundle's bound the
-    /// union is not taken, and the revocations in force stay as they are.
+    /// union is not taken, and the revocations in force stay as they are. `bundle_version` is the
+    /// CA's bundle version the anchors of `creds` are from (0: files): older than the bundle in
+    /// force (a replica that lags, a bundle applied while the answer was on its way), they are
+    /// not taken, and the certificate must verify under the anchors in force. A retired root
+    /// does not come back with a renewal.
     pub fn set_certificate_revoking(
         &self,
-        creds: Credentials,
+        mut creds: Credentials,
         also: &RevocationSet,
+        bundle_version: u64,
     ) -> Result<Arc<Snapshot>, CredError> {
         // Held from the read of the revocations in force to the write of the new set: a bundle
         // applied in between would otherwise lose its revocations.
@@ -484,12 +504,22 @@ impl CredentialStore {
                 _ => revoked,
             }
         };
+        let mut held_version = bundle_version;
+        if let Some(h) = guard.as_ref()
+            && bundle_version != 0
+            && h.bundle_version > bundle_version
+        {
+            creds.roots.clone_from(&h.roots);
+            creds.pinned.clone_from(&h.pinned);
+            held_version = h.bundle_version;
+        }
         let held = Held {
             chain: creds.chain.clone(),
             key: creds.key.clone_key(),
             roots: creds.roots.clone(),
             pinned: creds.pinned.clone(),
             revoked: revoked.clone(),
+            bundle_version: held_version,
         };
         let snapshot = Arc::new(self.build(creds, true, revoked)?);
         // A sidecar is one workload: a source that hands over another identity (a file replaced
