@@ -676,12 +676,21 @@ impl CaState {
             let status = Status::unauthenticated("present your certificate");
             return (Some(id), Err(refuse(status, "no_credential")));
         };
-        // The token names the certificate's lineage, so that revoking its serial refuses the token
-        // as it refuses the certificate (the sidecars' ValidateJWTSVID checks it).
+        // The token names the certificate and its lineage, so that revoking either serial refuses
+        // the token as it refuses the certificate (the sidecars' ValidateJWTSVID checks them).
         let lineage = normalized_serial(presented.lineage_serial());
+        let serial = normalized_serial(&presented.serial_hex);
         let ttl = i64::try_from(self.jwt_svid_ttl.as_secs()).unwrap_or(i64::MAX);
         let exp = now.saturating_add(ttl).min(presented.not_after);
-        match meshid_identity::jwt_svid::sign(signer, &id, &req.audience, &lineage, now, exp) {
+        match meshid_identity::jwt_svid::sign(
+            signer,
+            &id,
+            &req.audience,
+            &lineage,
+            &serial,
+            now,
+            exp,
+        ) {
             Ok(token) => (
                 Some(id.clone()),
                 Ok(IssueJwtSvidResponse {

@@ -1,8 +1,9 @@
 //! JWT-SVIDs (the SPIFFE JWT-SVID profile), as meshid makes and checks them: ES256 only, a `kid`
 //! naming one of the trust domain's JWT keys (P-256, published in the trust bundle as
 //! SubjectPublicKeyInfo DER), claims `sub` (the SPIFFE ID), `aud`, `iat` and `exp`, and the
-//! private claim [`LINEAGE_CLAIM`]: the lineage of the certificate the token was issued on, so
-//! that a revoked serial refuses the token as it refuses the certificate.
+//! private claims [`LINEAGE_CLAIM`] and [`SERIAL_CLAIM`]: the lineage and the serial of the
+//! certificate the token was issued on, so that a revoked serial refuses the token as it refuses
+//! the certificate.
 //!
 //! The CA signs ([`sign`]); the sidecar verifies for the app ([`verify`], the Workload API's
 //! `ValidateJWTSVID`) and publishes the keys as a JWK set ([`jwks`]). Everything a token says is
@@ -36,6 +37,10 @@ pub const MAX_SKEW_SECS: i64 = 300;
 /// the lineage's first certificate, normalized as revocations name serials
 /// ([`crate::revocation::normalize_serial`]). Tokens of a CA from before it are without it.
 pub const LINEAGE_CLAIM: &str = "meshid_lineage";
+/// The private claim naming the serial of the certificate a token was issued on, normalized as
+/// [`LINEAGE_CLAIM`]'s: revoking that one certificate (not its lineage's first) refuses the token
+/// too. Tokens of a CA from before it are without it.
+pub const SERIAL_CLAIM: &str = "meshid_serial";
 
 /// Why a token, a key or an audience was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -203,13 +208,14 @@ fn spki_of_point(point: &[u8]) -> Vec<u8> {
 }
 
 /// Signs a JWT-SVID for `id` and `audiences` (checked with [`check_audiences`]), issued on the
-/// certificate of lineage `lineage` (a normalized serial, see [`LINEAGE_CLAIM`]) at `iat`,
-/// expiring at `exp` (seconds since the epoch).
+/// certificate `serial` of lineage `lineage` (normalized serials, see [`LINEAGE_CLAIM`]) at
+/// `iat`, expiring at `exp` (seconds since the epoch).
 pub fn sign(
     signer: &JwtSigner,
     id: &SpiffeId,
     audiences: &[String],
     lineage: &str,
+    serial: &str,
     iat: i64,
     exp: i64,
 ) -> Result<String, JwtSvidError> {
@@ -217,11 +223,13 @@ pub fn sign(
     if exp <= iat {
         return Err(err("a token must expire after it is issued"));
     }
-    if !is_normalized_serial(lineage) {
-        return Err(err(format!(
-            "the lineage {:?} is not a normalized serial number",
-            lineage.chars().take(50).collect::<String>()
-        )));
+    for (what, s) in [("lineage", lineage), ("serial", serial)] {
+        if !is_normalized_serial(s) {
+            return Err(err(format!(
+                "the {what} {:?} is not a normalized serial number",
+                s.chars().take(50).collect::<String>()
+            )));
+        }
     }
     let header = json!({ "alg": "ES256", "kid": signer.kid, "typ": "JWT" });
     let claims = json!({
@@ -230,6 +238,7 @@ pub fn sign(
         "iat": iat,
         "exp": exp,
         LINEAGE_CLAIM: lineage,
+        SERIAL_CLAIM: serial,
     });
     let signing_input = format!(
         "{}.{}",
@@ -258,6 +267,40 @@ pub struct Verified {
     pub kid: String,
     /// Its [`LINEAGE_CLAIM`]; `None`: a token of a CA from before the claim.
     pub lineage: Option<String>,
+    /// Its [`SERIAL_CLAIM`]; `None`: a token of a CA from before the claim.
+    pub serial: Option<String>,
+}
+
+impl Verified {
+    /// What revokes this token in `revoked`, if anything does: its subject, the certificate it
+    /// was issued on, or that certificate's lineage. A token without the claims (from a CA before
+    /// them) by its subject alone.
+    pub fn revoked_by(
+        &self,
+        revoked: &crate::revocation::RevocationSet,
+    ) -> Option<crate::revocation::Revoked> {
+        revoked_by(
+            revoked,
+            &self.id,
+            self.lineage.as_deref(),
+            self.serial.as_deref(),
+        )
+    }
+}
+
+/// What revokes a token of `id` issued on the certificate `serial` of lineage `lineage` (either
+/// unknown: a token of a CA from before the claims), if anything in `revoked` does.
+pub fn revoked_by(
+    revoked: &crate::revocation::RevocationSet,
+    id: &SpiffeId,
+    lineage: Option<&str>,
+    serial: Option<&str>,
+) -> Option<crate::revocation::Revoked> {
+    let serial = serial.unwrap_or_default();
+    let lineage = lineage.unwrap_or_default();
+    revoked
+        .check(id, serial)
+        .or_else(|| revoked.check(id, lineage))
 }
 
 fn decode_json(part: &str, what: &str) -> Result<Map<String, Value>, JwtSvidError> {
@@ -375,21 +418,22 @@ pub fn verify(
             return Err(err(format!("the token's {name} is {} s ahead", t - now)));
         }
     }
-    let lineage = match claims.get(LINEAGE_CLAIM) {
-        None => None,
-        Some(Value::String(l)) if is_normalized_serial(l) => Some(l.clone()),
-        Some(_) => {
-            return Err(err(format!(
-                "the `{LINEAGE_CLAIM}` claim is not a serial number in lowercase hex"
-            )));
-        }
+    let serial_claim = |name: &str| match claims.get(name) {
+        None => Ok(None),
+        Some(Value::String(l)) if is_normalized_serial(l) => Ok(Some(l.clone())),
+        Some(_) => Err(err(format!(
+            "the `{name}` claim is not a serial number in lowercase hex"
+        ))),
     };
+    let lineage = serial_claim(LINEAGE_CLAIM)?;
+    let serial = serial_claim(SERIAL_CLAIM)?;
     Ok(Verified {
         id,
         claims,
         exp,
         kid: kid.to_owned(),
         lineage,
+        serial,
     })
 }
 
@@ -430,7 +474,7 @@ mod tests {
     fn a_signed_token_verifies_for_each_of_its_audiences_and_nothing_else() {
         let s = signer();
         let keys = [s.public()];
-        let t = sign(&s, &id(), &aud(&["db", "cache"]), "a1b", 1000, 1300).unwrap();
+        let t = sign(&s, &id(), &aud(&["db", "cache"]), "a1b", "a1b", 1000, 1300).unwrap();
         for a in ["db", "cache"] {
             let v = verify(&t, a, &keys, &td(), 1100).unwrap();
             assert_eq!(v.id, id());
@@ -536,14 +580,36 @@ mod tests {
     fn a_token_names_the_lineage_it_was_issued_on() {
         let s = signer();
         let keys = [s.public()];
-        let t = sign(&s, &id(), &aud(&["db"]), "4a0bff", 1000, 1300).unwrap();
+        let t = sign(&s, &id(), &aud(&["db"]), "4a0bff", "4a0bff", 1000, 1300).unwrap();
         let v = verify(&t, "db", &keys, &td(), 1100).unwrap();
         assert_eq!(v.lineage.as_deref(), Some("4a0bff"));
         assert_eq!(v.claims[LINEAGE_CLAIM], json!("4a0bff"));
+        assert_eq!(v.serial.as_deref(), Some("4a0bff"));
+        // A renewed certificate's token names both; either revoked refuses it.
+        let renewed = sign(&s, &id(), &aud(&["db"]), "4a0bff", "77", 1000, 1300).unwrap();
+        let r = verify(&renewed, "db", &keys, &td(), 1100).unwrap();
+        assert_eq!(
+            (r.lineage.as_deref(), r.serial.as_deref()),
+            (Some("4a0bff"), Some("77"))
+        );
+        use crate::revocation::{RevocationSet, Revoked};
+        let set = |r: Revoked| RevocationSet::new([r]).unwrap();
+        for (revoked, refused) in [
+            (Revoked::Serial("77".into()), true),
+            (Revoked::Serial("4a0bff".into()), true),
+            (Revoked::Id(id()), true),
+            (Revoked::Serial("78".into()), false),
+        ] {
+            assert_eq!(
+                r.revoked_by(&set(revoked.clone())).is_some(),
+                refused,
+                "{revoked}"
+            );
+        }
         assert_eq!(v.kid, s.kid);
         // Only a serial as revocations name it is signed.
         for bad in ["", "004a0bff", "4A0BFF", "0x4a", "4a:0b", "xyz"] {
-            let r = sign(&s, &id(), &aud(&["db"]), bad, 1000, 1300);
+            let r = sign(&s, &id(), &aud(&["db"]), bad, "4a0c", 1000, 1300);
             assert!(r.is_err(), "{bad:?}");
         }
         let h = json!({"alg": "ES256", "kid": s.kid});
@@ -582,8 +648,8 @@ mod tests {
         check_audiences(&["x".repeat(MAX_AUDIENCE_LEN)]).unwrap();
         check_audiences(&vec!["a".to_owned(); MAX_AUDIENCES]).unwrap();
         let s = signer();
-        assert!(sign(&s, &id(), &[], "a1b", 1, 2).is_err());
-        assert!(sign(&s, &id(), &aud(&["a"]), "a1b", 2, 2).is_err());
+        assert!(sign(&s, &id(), &[], "a1b", "a1b", 1, 2).is_err());
+        assert!(sign(&s, &id(), &aud(&["a"]), "a1b", "a1b", 2, 2).is_err());
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct JwtSvid {
     /// The lineage of the certificate it was issued on (its `meshid_lineage` claim; `None` from a
     /// CA older than the claim).
     pub lineage: Option<String>,
+    /// The serial of the certificate it was issued on (its `meshid_serial` claim; `None` from a
+    /// CA older than the claim).
+    pub serial: Option<String>,
     /// When it arrived, by this host's clock: its age is counted from here, so a skew between this
     /// host and the CA neither hands out a token past the end of its life nor has every call
     /// fetch a new one (the CA's `iat` compared with this clock would be off by the skew).
@@ -77,9 +80,13 @@ impl JwtSvid {
         self.fresh_at(now)
             && own == Some(&self.id)
             && keys.is_some_and(|keys| keys.iter().any(|k| k.kid == self.kid))
-            && revoked
-                .check(&self.id, self.lineage.as_deref().unwrap_or_default())
-                .is_none()
+            && meshid_identity::jwt_svid::revoked_by(
+                revoked,
+                &self.id,
+                self.lineage.as_deref(),
+                self.serial.as_deref(),
+            )
+            .is_none()
     }
 
     /// Its whole life has passed since it arrived, by this host's clock (or that clock stepped
@@ -196,6 +203,7 @@ impl JwtSvids {
             exp: resp.expires_at_unix,
             kid: verified.kid,
             lineage: verified.lineage,
+            serial: verified.serial,
             received: unix_now(),
         };
         let mut cache = self.cache();
@@ -228,6 +236,7 @@ mod tests {
             exp,
             kid: "k1".into(),
             lineage: Some("4a0b".into()),
+            serial: Some("4a0d".into()),
             received,
         }
     }
@@ -264,7 +273,7 @@ mod tests {
         assert!(!svid.reusable_at(1100, None, Some(&both[1..]), &none));
     }
 
-    /// A cached token whose identity or lineage was revoked since is handed out no more: the next
+    /// A cached token whose identity, certificate or lineage was revoked since is handed out no more: the next
     /// call goes to the CA, which refuses it (before, the cache handed it out for half its life,
     /// and verifiers with the JWT keys alone took it).
     #[test]
@@ -300,10 +309,15 @@ mod tests {
             !reusable(vec![Revoked::Serial("4a0b".into())]),
             "its lineage"
         );
+        assert!(
+            !reusable(vec![Revoked::Serial("4a0d".into())]),
+            "its certificate (a renewal, not its lineage's first)"
+        );
         assert!(!reusable(vec![Revoked::Id(own.clone())]), "its identity");
         // A token from a CA older than the claim: by identity only.
         let unnamed = JwtSvid {
             lineage: None,
+            serial: None,
             ..svid.clone()
         };
         let serial = RevocationSet::new([Revoked::Serial("4a0b".into())]).unwrap();

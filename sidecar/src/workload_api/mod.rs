@@ -542,25 +542,25 @@ impl WorkloadApi {
             meshid_identity::jwt_svid::verify(&req.svid, &req.audience, &keys, &td, unix_now())
                 .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
         // A token signed before its subject or its certificate was revoked is still signed: the
-        // revocation decides. The certificate by the lineage the token names (the first serial of
-        // the lineage it was issued on: revoking a lineage refuses its tokens as it refuses its
-        // renewals); a token without the claim, from a CA before it, by its identity only.
-        let revocations = self.store.revocations();
-        let subject = meshid_identity::revocation::Revoked::Id(verified.id.clone());
-        if revocations.contains(&subject) {
+        // revocation decides. The certificate by the serial and the lineage the token names (the
+        // first serial of the lineage it was issued on: revoking a lineage refuses its tokens as
+        // it refuses its renewals); a token without the claims, from a CA before them, by its
+        // identity only.
+        if let Some(why) = verified.revoked_by(&self.store.revocations()) {
+            use meshid_identity::revocation::Revoked;
+            let what = match &why {
+                Revoked::Id(id) => format!("its subject {id} is revoked"),
+                Revoked::Serial(s) if verified.serial.as_deref() == Some(s.as_str()) => {
+                    format!("the certificate it was issued on, serial {s}, is revoked")
+                }
+                Revoked::Serial(s) => format!(
+                    "the lineage of the certificate it was issued on, certificate serial {s}, \
+                     is revoked"
+                ),
+            };
             return Err(Status::invalid_argument(format!(
-                "the JWT-SVID is not valid: its subject {} is revoked",
-                verified.id
+                "the JWT-SVID is not valid: {what}"
             )));
-        }
-        if let Some(lineage) = verified.lineage.clone() {
-            let lineage = meshid_identity::revocation::Revoked::Serial(lineage);
-            if revocations.contains(&lineage) {
-                return Err(Status::invalid_argument(format!(
-                    "the JWT-SVID is not valid: the lineage of the certificate it was issued on, \
-                     {lineage}, is revoked"
-                )));
-            }
         }
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: verified.id.as_str().to_owned(),
