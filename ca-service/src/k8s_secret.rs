@@ -1,6 +1,7 @@
-//! The CA directory as one Kubernetes Secret, for the Helm chart (`meshid-ca secret`): every
-//! regular file at the top of the directory except root keys (`root.key`, `a<n>-root.key`, which
-//! stay offline), base64 in `data`. Printed as YAML for `kubectl apply --server-side -f -`, so the
+//! The CA directory as one Kubernetes Secret, for the Helm chart (`meshid-ca secret`): the files
+//! a CA serves from, base64 in `data` ([`shipped`]: by name, never a root key, which stays
+//! offline). Any other file is left out and named on stderr; one that holds a private key stops
+//! the command (an enterprise root's key kept beside the CA files must not reach the cluster). Printed as YAML for `kubectl apply --server-side -f -`, so the
 //! same command creates the Secret and updates it after every rotation step (a client-side apply
 //! copies it into an annotation that fails past 256 KiB: [`size_warning`]); kubelet then swaps the files in
 //! every CA replica at once, and each replica reads the new version whole.
@@ -28,6 +29,11 @@ pub enum SecretError {
     NoCa(std::path::PathBuf),
     #[error("the CA's files add up to {0} bytes, more than a Secret holds (1 MiB)")]
     TooLarge(usize),
+    #[error(
+        "{0}: holds a private key but is none of the CA's files: move it out of the CA directory \
+         (a root key stays offline) and run this again"
+    )]
+    StrayKey(std::path::PathBuf),
 }
 
 /// Past this much data (base64, as the manifest carries it), `meshid-ca secret` warns: a
@@ -53,6 +59,9 @@ pub struct Manifest {
     pub yaml: String,
     /// The data's bytes as the manifest carries them (base64).
     pub data_bytes: usize,
+    /// The regular files of the directory left out (none of the CA's; a root key), by name; dot
+    /// files (the lock, temporary files) are not named.
+    pub left_out: Vec<String>,
 }
 
 fn dns_label(s: &str) -> bool {
@@ -64,17 +73,42 @@ fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-/// Whether a file of the CA directory goes into the Secret.
+/// The directory's own files, once each.
+const DIRECTORY_FILES: [&str; 5] = [
+    "ca.json",
+    "authorities.json",
+    "bundle.pem",
+    "revocations.json",
+    "admin-token",
+];
+/// An authority's files, without a prefix (the first authority) or with `a<n>-`. Its root key
+/// (`root.key`) is not one: it stays offline.
+const AUTHORITY_FILES: [&str; 6] = [
+    "root.pem",
+    "root.imported",
+    "intermediate.pem",
+    "intermediate.key",
+    "jwt.key",
+    "jwt.pub",
+];
+
+/// Whether a file of the CA directory goes into the Secret: one a CA reads, by name. Anything
+/// else (a root key, what an interrupted `init` or `rotate prepare` left, an operator's own file)
+/// stays out.
 fn shipped(name: &str) -> bool {
-    // Also a temporary one an interrupted `init` or `rotate prepare` left (`a2-root.key.new`).
-    let root_key = name == "root.key"
-        || name.starts_with("root.key.")
-        || (name.starts_with('a') && name.contains("-root.key"));
-    !root_key
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    if DIRECTORY_FILES.contains(&name) {
+        return true;
+    }
+    let per_authority = match name.strip_prefix('a').and_then(|r| r.split_once('-')) {
+        Some((n, rest)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => rest,
+        _ => name,
+    };
+    AUTHORITY_FILES.contains(&per_authority)
+}
+
+/// Whether `bytes` hold a private key in PEM.
+fn holds_private_key(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"PRIVATE KEY")
 }
 
 /// The Secret manifest (YAML) holding `dir`.
@@ -97,16 +131,35 @@ pub fn render(dir: &Path, name: &str, namespace: &str) -> Result<Manifest, Secre
         move |source| SecretError::Io { path, source }
     };
     let mut files = Vec::new();
+    let mut left_out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let is_file = entry.file_type().map_err(io(&entry.path()))?.is_file();
-        if is_file && shipped(&file_name) {
+        // Dot files: the directory's lock, temporary files of a write under way.
+        if !is_file || file_name.starts_with('.') {
+            continue;
+        }
+        if shipped(&file_name) {
             let bytes = std::fs::read(entry.path()).map_err(io(&entry.path()))?;
             files.push((file_name, bytes));
+            continue;
         }
+        // A root key by its own name, or what `init` and `prepare` leave while they write one,
+        // is expected here; any other key is not.
+        let root_key = file_name == "root.key"
+            || file_name.starts_with("root.key.")
+            || (file_name.starts_with('a') && file_name.contains("-root.key"));
+        if !root_key {
+            let bytes = std::fs::read(entry.path()).map_err(io(&entry.path()))?;
+            if holds_private_key(&bytes) {
+                return Err(SecretError::StrayKey(entry.path()));
+            }
+        }
+        left_out.push(file_name);
     }
     files.sort();
+    left_out.sort();
     let total: usize = files.iter().map(|(_, b)| b.len()).sum();
     if total > MAX_SECRET_BYTES {
         return Err(SecretError::TooLarge(total));
@@ -126,6 +179,7 @@ pub fn render(dir: &Path, name: &str, namespace: &str) -> Result<Manifest, Secre
     Ok(Manifest {
         yaml: out,
         data_bytes,
+        left_out,
     })
 }
 
@@ -195,6 +249,21 @@ mod tests {
         // What an interrupted prepare may leave: never a root key in the cluster.
         std::fs::write(dir.path().join("a3-root.key.new"), "x").unwrap();
         std::fs::write(dir.path().join("root.key.new"), "x").unwrap();
+        // An operator's own file, left out and named.
+        std::fs::write(dir.path().join("notes.txt"), "rotated on monday").unwrap();
+        std::fs::write(dir.path().join("a2x-jwt.key"), "x").unwrap();
+        let rendered = render(dir.path(), "meshid-ca", "meshid").unwrap();
+        assert_eq!(
+            rendered.left_out,
+            [
+                "a2-root.key",
+                "a2x-jwt.key",
+                "a3-root.key.new",
+                "notes.txt",
+                "root.key",
+                "root.key.new"
+            ]
+        );
         let yaml = manifest(dir.path(), "meshid-ca", "meshid").unwrap();
         let keys: Vec<&str> = yaml
             .lines()
@@ -238,5 +307,17 @@ mod tests {
             manifest(empty.path(), "meshid-ca", "meshid"),
             Err(SecretError::NoCa(_))
         ));
+        // A private key the CA does not read (an enterprise root's, kept for `--root-key`; a
+        // backup) stops the command: it would reach every CA pod and etcd.
+        for stray in ["enterprise-root.key", "old-root.pem.bak", "backup.key"] {
+            let path = dir.path().join(stray);
+            std::fs::write(&path, "-----BEGIN EC PRIVATE KEY-----\nAAAA\n").unwrap();
+            let err = manifest(dir.path(), "meshid-ca", "meshid").unwrap_err();
+            assert!(
+                matches!(&err, SecretError::StrayKey(p) if *p == path),
+                "{err}"
+            );
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 }

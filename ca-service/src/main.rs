@@ -111,6 +111,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(warning) = meshid_ca::k8s_secret::size_warning(secret.data_bytes) {
                 eprintln!("{warning}");
             }
+            if !secret.left_out.is_empty() {
+                eprintln!(
+                    "left out of the Secret (root keys, and files no CA reads): {}",
+                    secret.left_out.join(", ")
+                );
+            }
             print!("{}", secret.yaml);
             Ok(())
         }
