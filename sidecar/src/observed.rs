@@ -119,9 +119,11 @@ pub struct ObservedCall {
     pub peer: String,
     pub count: u64,
     /// How many of `count` the sidecar denied (did not let through). A call denied every time is
-    /// never suggested. (Absent from the reports of sidecars before it: read as none.)
+    /// never suggested. Absent from the reports of sidecars before it: unknown, and then a call
+    /// the policy in force denies is taken as denied every time (read as none, every probe such
+    /// a sidecar refused would be suggested).
     #[serde(default)]
-    pub denied: u64,
+    pub denied: Option<u64>,
     /// What the policy in force now decides for it: `allow`, `deny`, or `audit_deny`.
     pub decision: String,
     /// The rule behind that decision (`rule-0`, `no-rule-matched`, ...).
@@ -280,7 +282,7 @@ impl ObservedTraffic {
                     path: e.path,
                     peer: e.peer,
                     count: e.count,
-                    denied: e.denied,
+                    denied: Some(e.denied),
                     decision: word.to_owned(),
                     rule: decision.rule.label(),
                 }
@@ -368,7 +370,9 @@ pub fn render(report: &ObservedReport, annotations: bool) -> String {
             method: c.method.clone(),
             path: c.path.clone(),
             count: c.count,
-            denied: c.denied,
+            denied: c
+                .denied
+                .unwrap_or(if c.decision == "deny" { c.count } else { 0 }),
         })
         .collect();
     let mut out = String::from(
@@ -388,6 +392,12 @@ pub fn render(report: &ObservedReport, annotations: bool) -> String {
             "# {} denied calls were not kept (the summary holds {MAX_DENIED_ENTRIES} distinct calls \
              only ever denied); a denied call is never suggested.",
             report.dropped_denied
+        );
+    }
+    if report.calls.iter().any(|c| c.denied.is_none()) {
+        out.push_str(
+            "# From a sidecar older than denial counts: a call its policy denies now is taken as \
+             denied every time, and not suggested.\n",
         );
     }
     if annotations {
