@@ -824,6 +824,51 @@ async fn an_entry_revoked_for_less_than_the_cas_max_ttl_is_served_as_long_as_its
     );
 }
 
+/// A revocation list past tonic's default message size (4 MiB: about 1,800 entries of the longest
+/// SPIFFE ID) still reaches the sidecars: in the bundle, and beside every certificate the CA
+/// issues. Before, renewals and bundle streams failed past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_list_past_four_mib_still_reaches_the_sidecars() {
+    let ca = ca().await;
+    let now = meshid_runtime::time::unix_now();
+    let mut list = meshid_ca::revocations::Revocations::default();
+    let long = "x".repeat(1990);
+    for i in 0..2_200 {
+        let id = SpiffeId::parse(&format!("spiffe://cluster.local/ns/n/sa/{i:05}{long}")).unwrap();
+        list.revoke(
+            meshid_identity::revocation::Revoked::Id(id),
+            now,
+            3600,
+            "r".repeat(200),
+        )
+        .unwrap();
+    }
+    list.save(ca.dir.path()).unwrap();
+    meshid_ca::authorities::RotationState::bump_version_for_revocations(ca.dir.path()).unwrap();
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            ca.served_bundle().await.revoked.len() == 2_200
+        })
+        .await,
+        "the bundle carries the whole list"
+    );
+    let resp = ca
+        .client()
+        .await
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: Some(Credential::ServiceAccountToken(
+                ca.cluster.token("shop", "frontend"),
+            )),
+            ttl_seconds: 0,
+            app_svid: false,
+        })
+        .await
+        .expect("issued, with the list beside it")
+        .into_inner();
+    assert_eq!(resp.revoked.len(), 2_200, "listed with the certificate");
+}
+
 /// An HTTP/1.1 app on 127.0.0.1 that answers every request `200 ok` and counts them in `count`.
 async fn counting_app(count: Arc<std::sync::atomic::AtomicUsize>) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

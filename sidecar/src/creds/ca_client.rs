@@ -16,6 +16,12 @@ use crate::settings::CaEndpoint;
 /// A gRPC client of the CA.
 pub type CaClient = CertificateAuthorityClient<Channel>;
 
+/// The largest message the CA's answers may be: a trust bundle, or a certificate with the
+/// revocations listed beside it, carries up to 10,000 revocations of up to a 2,048-byte SPIFFE ID
+/// and a 256-byte reason each (about 24 MiB). tonic's default (4 MiB) failed every renewal and
+/// bundle stream once the list passed about 1,800 such entries.
+pub const MAX_CA_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Why a connection to the CA could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,9 +41,10 @@ pub async fn connect(
     endpoint: &CaEndpoint,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<CaClient, CaClientError> {
-    Ok(CertificateAuthorityClient::new(
-        channel(endpoint, client_cert).await?,
-    ))
+    Ok(
+        CertificateAuthorityClient::new(channel(endpoint, client_cert).await?)
+            .max_decoding_message_size(MAX_CA_MESSAGE_BYTES),
+    )
 }
 
 /// A gRPC channel to the CA's TLS port (for the CA API or its health service).
