@@ -967,7 +967,13 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
         assert_eq!(rule["for"], "1m");
         assert_eq!(rule["labels"]["severity"], "warning");
         let text = rule["annotations"].to_string();
-        for needle in ["not applied", "stale copy", "kubectl logs", "every second"] {
+        for needle in [
+            "not applied",
+            "stale copy",
+            "kubectl logs",
+            "every second",
+            "older meshid",
+        ] {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
     }
