@@ -124,6 +124,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let config = args.into_config().map_err(Failure::Usage)?;
             // Every connected sidecar holds a bundle stream: one file each.
             meshid_runtime::process::raise_open_files_limit_logged();
+            // The intermediate's and the JWT keys.
+            meshid_runtime::process::protect_memory_logged();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

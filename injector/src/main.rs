@@ -28,6 +28,8 @@ fn main() -> ExitCode {
     match args.into_startup() {
         Ok(startup) => {
             meshid_runtime::process::raise_open_files_limit_logged();
+            // The webhook's serving key.
+            meshid_runtime::process::protect_memory_logged();
             startup.run()
         }
         Err(problems) => {

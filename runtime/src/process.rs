@@ -170,6 +170,36 @@ pub fn raise_open_files_limit_logged() -> Option<u64> {
     }
 }
 
+/// Keeps the keys this process holds out of reach of other processes of its user and off the
+/// disk: no core dumps (`RLIMIT_CORE` 0), and not dumpable (`PR_SET_DUMPABLE` 0: another process
+/// of the same user can no longer read its memory through `/proc/<pid>/mem` or ptrace, as an app
+/// container under the same UID could in a pod that shares its process namespace). Its
+/// `/proc/self` then belongs to root: ask [`effective_uid`] who this process runs as.
+pub fn protect_memory() -> std::io::Result<()> {
+    use rustix::process::{DumpableBehavior, Resource, Rlimit, setrlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )?;
+    rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    Ok(())
+}
+
+/// [`protect_memory`], logged when it cannot be done (a seccomp profile refusing `prctl`).
+pub fn protect_memory_logged() {
+    if let Err(error) = protect_memory() {
+        tracing::warn!(%error, "could not turn core dumps off and keep other processes out of this one's memory");
+    }
+}
+
+/// The user this process runs as (its effective UID).
+pub fn effective_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
 /// Exit code for a bad configuration (EX_USAGE): every binary names every bad setting, then exits
 /// with it.
 pub const EXIT_USAGE: u8 = 64;
@@ -177,6 +207,20 @@ pub const EXIT_USAGE: u8 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No core dumps, not dumpable; `effective_uid` still tells who this process is.
+    #[test]
+    fn memory_is_kept_from_dumps_and_from_the_users_other_processes() {
+        use rustix::process::{DumpableBehavior, Resource, getrlimit};
+        protect_memory().unwrap();
+        let core = getrlimit(Resource::Core);
+        assert_eq!((core.current, core.maximum), (Some(0), Some(0)));
+        assert_eq!(
+            rustix::process::dumpable_behavior().unwrap(),
+            DumpableBehavior::NotDumpable
+        );
+        assert_eq!(effective_uid(), rustix::process::getuid().as_raw());
+    }
 
     /// Started under a low soft limit (as under systemd), the process may open as many files as
     /// its hard limit allows. (nextest runs each test in a process of its own.)

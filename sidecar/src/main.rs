@@ -45,6 +45,8 @@ fn main() -> ExitCode {
     // Every connection is a file: a soft limit below the connection caps would fail accepts, dials
     // and renewals first.
     let files = meshid_runtime::process::raise_open_files_limit_logged();
+    // Its key (the renewal credential), the app's SVID keys and JWT-SVIDs live in its memory only.
+    meshid_runtime::process::protect_memory_logged();
     let listeners = config.inbound.len() + config.outbound.len();
     let caps = listeners.saturating_mul(config.limits.max_connections) as u64;
     if let Some(files) = files

@@ -114,9 +114,8 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
             .map_err(io(dir))?;
     }
     let meta = std::fs::metadata(dir).map_err(io(dir))?;
-    let me = std::fs::metadata("/proc/self")
-        .map_err(io(Path::new("/proc/self")))?
-        .uid();
+    // Not `/proc/self`'s owner: root's once the process is not dumpable (`protect_memory`).
+    let me = meshid_runtime::process::effective_uid();
     if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o002 != 0 {
         return Err(SocketError::Directory(dir.to_owned()));
     }
