@@ -9,7 +9,7 @@
 #        scripts/fuzz.sh --build-only                        build the targets, run nothing (CI builds
 #                                                            them in the background, beside the smoke runs)
 # A crash leaves its input in fuzz/artifacts/TARGET/ and the script exits 1; replay it with
-#   RUSTC_BOOTSTRAP=1 cargo fuzz run -O TARGET fuzz/artifacts/TARGET/crash-...   (in fuzz/)
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run -O -a TARGET fuzz/artifacts/TARGET/crash-...   (in fuzz/)
 #
 # The project builds with its one stable toolchain. cargo-fuzz passes nightly-only flags
 # (-Zsanitizer=address); RUSTC_BOOTSTRAP=1 allows them on stable for this build only.
@@ -49,7 +49,7 @@ export RUSTC_BOOTSTRAP=1
 # The workspace's lock file pins the fuzz build to the versions the project ships.
 cp Cargo.lock fuzz/Cargo.lock
 cd fuzz
-cargo fuzz build -O
+cargo fuzz build -O -a
 if $build_only; then
     echo "fuzz: targets built"
     exit 0
@@ -59,7 +59,7 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     cp -n "seeds/$t"/* "corpus/$t/" 2>/dev/null || true
     echo "== fuzz $t (${budget[*]})"
-    if cargo fuzz run -O "$t" "corpus/$t" -- "${budget[@]}" -rss_limit_mb=2048 -max_len=65536 \
+    if cargo fuzz run -O -a "$t" "corpus/$t" -- "${budget[@]}" -rss_limit_mb=2048 -max_len=65536 \
         -print_final_stats=1 >"corpus/$t.log" 2>&1; then
         grep -E '^(Done|stat::number_of_executed_units)' "corpus/$t.log" || true
     else
