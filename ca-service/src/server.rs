@@ -124,6 +124,11 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     let loaded = stamps(&config.dir);
     let mut authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
     serve_revocations_for(&mut authority, config.lifetimes.max, None);
+    meshid_runtime::process::warn_about_readable_keys(
+        key_files(&crate::ca_dir::snapshot(&config.dir))
+            .iter()
+            .map(PathBuf::as_path),
+    );
     if crate::auth::join::is_secret_volume(&config.dir) {
         tracing::info!(
             dir = %config.dir.display(),
@@ -593,6 +598,20 @@ fn lost_revocations(files: &Path, previous: &crate::revocations::Revocations) ->
             previous.entries().len()
         )
     })
+}
+
+/// The private key files at the top of the CA directory `dir` (`*.key`).
+fn key_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut keys: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+        .collect();
+    keys.sort();
+    keys
 }
 
 /// Serves every revocation entry of `authority` at least as long as a certificate of this CA

@@ -380,6 +380,7 @@ impl Startup {
             config,
             limits,
         } = self;
+        meshid_runtime::process::warn_about_readable_keys([args.tls_key.as_path()]);
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(InjectorMetrics::register(&mut registry));
         metrics.serving_cert(serving::not_after(&pair));

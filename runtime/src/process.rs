@@ -195,6 +195,29 @@ pub fn protect_memory_logged() {
     }
 }
 
+/// Whether users other than the file's owner and group may read `path` (its mode's "other" bits;
+/// a symlink is followed, as a Kubernetes Secret volume's files are reached). Group bits are
+/// allowed: a Secret volume mounts its files 0440 for the pod's `fsGroup`. `false` when the file
+/// cannot be looked at.
+pub fn others_can_read(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+/// Warns, once per file, about each key file of `paths` that others may read
+/// ([`others_can_read`]): the process takes it all the same.
+pub fn warn_about_readable_keys<'a>(paths: impl IntoIterator<Item = &'a std::path::Path>) {
+    for path in paths {
+        if others_can_read(path) {
+            tracing::warn!(
+                path = %path.display(),
+                "this private key file can be read by every user of the host: chmod 600 it \
+                 (or 640 for a group)"
+            );
+        }
+    }
+}
+
 /// The user this process runs as (its effective UID).
 pub fn effective_uid() -> u32 {
     rustix::process::geteuid().as_raw()
@@ -207,6 +230,26 @@ pub const EXIT_USAGE: u8 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key file others may read is told apart from one only its owner and group may.
+    #[test]
+    fn a_key_file_others_can_read_is_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.key");
+        std::fs::write(&key, "x").unwrap();
+        for (mode, others) in [
+            (0o600, false),
+            (0o640, false),
+            (0o440, false),
+            (0o644, true),
+            (0o604, true),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(others_can_read(&key), others, "{mode:o}");
+        }
+        assert!(!others_can_read(&dir.path().join("missing")));
+    }
 
     /// No core dumps, not dumpable; `effective_uid` still tells who this process is.
     #[test]

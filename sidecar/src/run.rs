@@ -97,6 +97,7 @@ pub async fn start(
     let creds = Arc::new(CredentialStore::new(upstreams));
     let mut cred_watcher = None;
     if let CredSource::Files(files) = &config.creds {
+        meshid_runtime::process::warn_about_readable_keys([files.key.as_path()]);
         let snapshot = creds.set_certificate(files::load(files)?)?;
         metrics
             .credential_updates
