@@ -540,6 +540,25 @@ fn pinned_intermediate(
     Ok(Some(der))
 }
 
+/// The prefixes (`a<n>-`) of authority files in `dir` that `state` does not list: what `rotate
+/// prepare` writes before it lists the authority.
+fn unlisted_prefixes(dir: &Path, state: &RotationState) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut prefixes: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n = name.strip_prefix('a')?.strip_suffix("-root.pem")?;
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then(|| format!("a{n}-"))
+        })
+        .filter(|p| !state.authorities.iter().any(|a| &a.prefix == p))
+        .collect();
+    prefixes.sort();
+    prefixes
+}
+
 impl Authority {
     /// Loads the signing material and bundle from a CA directory, checking that they fit together.
     pub fn load(dir: &Path) -> Result<Self, AuthorityError> {
@@ -611,6 +630,24 @@ impl Authority {
                 if bundled {
                     bundled_authorities.push(a.name.clone());
                 }
+            }
+        }
+        // An imported root `rotate prepare` has put into bundle.pem before authorities.json lists
+        // its authority (two writes: a reload may fall between them, and a prepare cut short
+        // stops there) is pinned to that authority's intermediate all the same: unpinned, a root
+        // other issuing CAs share would take their certificates too.
+        for prefix in unlisted_prefixes(dir, &state) {
+            let files = AuthorityFiles {
+                dir: dir.to_owned(),
+                prefix,
+            };
+            let root = read_bundle(&files.path("root.pem"))
+                .ok()
+                .and_then(|r| r.into_iter().next());
+            if root.is_some_and(|root| roots.contains(&root))
+                && let Some(pin) = pinned_intermediate(&files)?
+            {
+                pinned.push(pin);
             }
         }
         let bundle_path = dir.join("bundle.pem");
@@ -806,6 +843,43 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(names.is_empty(), "{names:?}");
+    }
+
+    /// An imported root that `rotate prepare` has put into bundle.pem before authorities.json
+    /// lists its authority (a reload between the two writes, or a prepare cut short) is pinned to
+    /// that authority's intermediate all the same, as once it is listed.
+    #[test]
+    fn an_imported_root_is_pinned_before_its_authority_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("corp.example").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        // After `init`, no authorities.json: the one authority is implied.
+        assert!(!dir.path().join("authorities.json").exists());
+        let key = KeyPair::generate().unwrap();
+        let cert = ca_params("enterprise root", 2).self_signed(&key).unwrap();
+        crate::rotation::prepare(
+            dir.path(),
+            Some(ImportedRoot {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            }),
+        )
+        .unwrap();
+        let listed = Authority::load(dir.path()).unwrap();
+        assert_eq!(listed.pinned.len(), 1, "the imported root's intermediate");
+        // The half-written step: bundle.pem has the root, authorities.json does not list it.
+        // (For a first rotation, a missing authorities.json beside a2- files is refused already.)
+        let state = dir.path().join("authorities.json");
+        let mut listed_state: serde_json::Value =
+            serde_json::from_slice(&fs::read(&state).unwrap()).unwrap();
+        listed_state["authorities"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|a| a["prefix"] != "a2-");
+        fs::write(&state, listed_state.to_string()).unwrap();
+        let half = Authority::load(dir.path()).unwrap();
+        assert!(half.roots.iter().any(|r| r.as_ref() == cert.der().as_ref()));
+        assert_eq!(half.pinned, listed.pinned);
     }
 
     #[test]
