@@ -1070,7 +1070,27 @@ struct OpenStream {
     caller: Option<crate::rotation::fleet::Caller>,
     /// Whether the stream's connection presented a certificate of the trust domain.
     authenticated: bool,
+    /// That certificate's identity, serial and lineage (normalized): once a bundle revokes one of
+    /// them, the stream's bundles carry no reasons.
+    holder: Option<(SpiffeId, String, String)>,
     _permit: StreamPermit,
+}
+
+impl OpenStream {
+    /// Whether the operator's reasons go with `bundle` on this stream: to a member of the trust
+    /// domain whose certificate `bundle` does not revoke (the holder of a revoked key, still
+    /// connected, gets the list it must apply, not what the operator wrote about it).
+    fn reasons_for(&self, bundle: &Bundle) -> bool {
+        use meshid_identity::revocation::Revoked;
+        let Some((id, serial, lineage)) = &self.holder else {
+            return false;
+        };
+        self.authenticated
+            && !bundle.revoked.iter().any(|e| match &e.what {
+                Revoked::Id(revoked) => revoked == id,
+                Revoked::Serial(s) => s == serial || s == lineage,
+            })
+    }
 }
 
 impl Drop for OpenStream {
@@ -1099,7 +1119,7 @@ impl Stream for BundleWatch {
         }
         match Pin::new(&mut this.bundles).poll_next(cx) {
             Poll::Ready(Some(bundle)) => {
-                let reasons = this.open.authenticated;
+                let reasons = this.open.reasons_for(&bundle);
                 Poll::Ready(Some(Ok(this.open.state.trust_bundle(&bundle, reasons))))
             }
             Poll::Ready(None) => Poll::Ready(None),
@@ -1323,6 +1343,13 @@ impl CertificateAuthority for CaService {
             })
         });
         let authenticated = presented.is_some();
+        let holder = presented.map(|id| {
+            (
+                id.id.clone(),
+                normalized_serial(&id.serial_hex),
+                normalized_serial(id.lineage_serial()),
+            )
+        });
         let state = self.state.clone();
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let permit = match state.streams.acquire(peer.as_ref(), caller.is_some()) {
@@ -1354,6 +1381,7 @@ impl CertificateAuthority for CaService {
                 state,
                 caller,
                 authenticated,
+                holder,
                 _permit: permit,
             },
         })))
@@ -3464,6 +3492,44 @@ mod tests {
             .bundle
             .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
         (CaService::new(Arc::new(state)), dir, running)
+    }
+
+    /// A stream opened before its own identity was revoked keeps receiving the bundle (it carries
+    /// the revocation the sidecar itself must apply), but not the operator's reasons: the holder
+    /// of a revoked key is no longer a member to tell. Other members still get them.
+    #[tokio::test]
+    async fn a_revoked_holders_open_stream_gets_no_reasons() {
+        use tokio_stream::StreamExt;
+        let ca = TestCa::new();
+        let backend = ca.cert(BACKEND);
+        let frontend = ca.cert(FRONTEND);
+        let TestCa {
+            dir,
+            state,
+            _shutdown: _running,
+            ..
+        } = ca;
+        let service = CaService::new(Arc::new(state));
+        let mut revoked = watch(&service, Some(peer(&backend))).await.unwrap();
+        let mut member = watch(&service, Some(peer(&frontend))).await.unwrap();
+        for s in [&mut revoked, &mut member] {
+            s.next().await.unwrap().unwrap();
+        }
+        let state = &service.state;
+        store_revocations(
+            dir.path(),
+            state,
+            Revoked::Id(SpiffeId::parse(BACKEND).unwrap()),
+        );
+        let version = state.bundle.borrow().version + 1;
+        let _ = state
+            .bundle
+            .send_replace(Arc::new(Bundle::of(&state.authority.load(), version)));
+        let to_revoked = revoked.next().await.unwrap().unwrap();
+        assert_eq!(to_revoked.revoked.len(), 1, "the list it must apply");
+        assert_eq!(to_revoked.revoked[0].reason, "");
+        let to_member = member.next().await.unwrap().unwrap();
+        assert_eq!(to_member.revoked[0].reason, "key leaked");
     }
 
     #[tokio::test]
