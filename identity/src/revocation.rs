@@ -35,6 +35,26 @@ impl std::fmt::Display for Revoked {
     }
 }
 
+/// What revokes a certificate: an entry of the set, naming the certificate itself (its identity
+/// or its serial) or, through its lineage, the first certificate it was renewed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedBy {
+    pub entry: Revoked,
+    /// The entry is the serial of the certificate's lineage, not its own.
+    pub through_lineage: bool,
+}
+
+impl std::fmt::Display for RevokedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.entry, self.through_lineage) {
+            (Revoked::Serial(s), true) => {
+                write!(f, "lineage {s} (the certificate it was renewed from)")
+            }
+            (entry, _) => entry.fmt(f),
+        }
+    }
+}
+
 /// Why a revocation list or a serial number was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -193,6 +213,25 @@ mod tests {
         // hex, has it); the number is the same.
         assert_eq!(normalize_serial("008001").unwrap(), "8001");
         assert_eq!(normalize_serial("00").unwrap(), "0");
+    }
+
+    /// A match through the lineage says so, not "certificate serial" of a serial the peer's
+    /// own certificate does not have.
+    #[test]
+    fn a_lineage_match_is_told_as_one() {
+        let own = RevokedBy {
+            entry: Revoked::Serial("ab".into()),
+            through_lineage: false,
+        };
+        assert_eq!(own.to_string(), "certificate serial ab");
+        let lineage = RevokedBy {
+            through_lineage: true,
+            ..own
+        };
+        assert_eq!(
+            lineage.to_string(),
+            "lineage ab (the certificate it was renewed from)"
+        );
     }
 
     #[test]

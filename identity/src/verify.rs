@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::peer::VerifiedPeers;
-use crate::revocation::{RevocationSet, Revoked};
+use crate::revocation::{RevocationSet, RevokedBy};
 use crate::{IdentityError, SpiffeId, TrustDomain, spiffe_id_from_der};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -219,11 +219,21 @@ impl Anchors {
         &self.revoked
     }
 
-    /// What revokes `peer`, if anything does.
-    pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<Revoked> {
+    /// What revokes `peer`, if anything does: its identity or its own serial, or else its
+    /// lineage's.
+    pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<RevokedBy> {
+        if let Some(entry) = self.revoked.check(&peer.id, &peer.serial) {
+            return Some(RevokedBy {
+                entry,
+                through_lineage: false,
+            });
+        }
         self.revoked
-            .check(&peer.id, &peer.serial)
-            .or_else(|| self.revoked.check(&peer.id, &peer.lineage))
+            .check(&peer.id, &peer.lineage)
+            .map(|entry| RevokedBy {
+                entry,
+                through_lineage: true,
+            })
     }
 
     /// Refuses a revoked certificate or identity, or a certificate renewed from a revoked one (a
@@ -633,6 +643,7 @@ mod tests {
     use time::Duration;
 
     use super::*;
+    use crate::revocation::Revoked;
     use crate::testing::{LeafShape, TestLeaf, TestPki};
 
     const ME: &str = "spiffe://cluster.local/ns/shop/sa/payments";

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use meshid_identity::peer::{VerifiedPeer, VerifiedPeers};
 use meshid_identity::policy::Protocol;
-use meshid_identity::revocation::{RevocationSet, Revoked};
+use meshid_identity::revocation::{RevocationSet, RevokedBy};
 use meshid_identity::verify::{Anchors, SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// See [`Snapshot::trust_key`]: a hash of the roots and pinned intermediates, in their order.
@@ -40,8 +40,8 @@ fn trust_key(roots: &[CertificateDer<'_>], pinned: &[CertificateDer<'_>]) -> u64
 /// Why an open connection's peer is no longer trusted: the connection must end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Distrusted {
-    /// The bundle revokes its certificate or identity.
-    Revoked(Revoked),
+    /// The bundle revokes its certificate, its lineage or its identity.
+    Revoked(RevokedBy),
     /// Its chain no longer verifies against the bundle (its root or intermediate was removed).
     Unanchored,
     /// Its certificate expired by the wall clock (plus the grace its connection has), found when
@@ -385,7 +385,7 @@ impl CredentialStore {
     /// What in the bundle in force revokes `peer`, if anything: checked before every request a
     /// connection forwards, since the connection's own wait for a revocation ([`Self::until_distrusted`])
     /// is only noticed when its task next looks. No reference count is touched.
-    pub fn revokes(&self, peer: &VerifiedPeer) -> Option<Revoked> {
+    pub fn revokes(&self, peer: &VerifiedPeer) -> Option<RevokedBy> {
         self.current.load().as_deref()?.anchors.revokes(peer)
     }
 

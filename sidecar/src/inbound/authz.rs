@@ -219,7 +219,7 @@ impl Authorizer {
         &self,
         peer: &Peer,
         req: &http::Request<B>,
-        why: &meshid_identity::revocation::Revoked,
+        why: &meshid_identity::revocation::RevokedBy,
     ) -> String {
         let (port, id) = (self.port, peer.id());
         let (method, path) = (req.method().as_str(), req.uri().path());
