@@ -99,11 +99,22 @@ fn injector_bundle(ops: &Path, work: &Path, step: &str) -> PathBuf {
 
 /// `meshid-ca secret --dir OPS | kubectl apply --server-side -f -`, with kubelet's swap for the apply.
 fn apply_secret(secret: &mut SecretVolume, ops: &Path) {
-    let (code, yaml) = meshid_ca(&["secret", "--dir", &ops.to_string_lossy()]);
-    assert_eq!(code, 0, "{yaml}");
+    // The manifest on stdout (what `kubectl apply` reads); what was left out, on stderr.
+    let out = Command::new(workspace_bin("meshid-ca"))
+        .args(["secret", "--dir", &ops.to_string_lossy()])
+        .env("MESHID_LOG", "warn")
+        .output()
+        .expect("run meshid-ca secret");
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{yaml}{stderr}");
     assert!(
         !yaml.contains("root.key"),
         "the root key stays offline: {yaml}"
+    );
+    assert!(
+        stderr.contains("left out of the Secret") && stderr.contains("root.key"),
+        "what was left out is named: {stderr}"
     );
     secret.apply_manifest(&yaml);
 }

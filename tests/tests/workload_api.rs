@@ -121,12 +121,9 @@ fn key_matches(chain: &[CertificateDer<'static>], key: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
     let ca = short_lived_ca().await;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let socket = api.socket.clone();
+    let s = &api.sidecar;
 
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
@@ -205,12 +202,9 @@ async fn the_app_gets_an_svid_of_its_own_and_a_new_one_after_each_renewal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svids() {
-    let ApiSidecar {
-        pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "api").await;
+    let api = api_sidecar(None, "api").await;
+    let socket = api.socket.clone();
+    let pki = &api.pki;
 
     let mut bare = raw_client(&socket, false).await;
     let refused = bare
@@ -263,7 +257,7 @@ async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svid
     assert_eq!(jwt.code(), tonic::Code::InvalidArgument, "{jwt:?}");
 
     // Every call is counted by method and outcome.
-    let metrics = _s.metrics().await;
+    let metrics = api.sidecar.metrics().await;
     for line in [
         r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="invalid_argument"} 1"#,
         r#"meshid_sidecar_workload_api_calls_total{method="FetchX509SVID",code="permission_denied"} 1"#,
@@ -278,12 +272,10 @@ async fn calls_without_the_security_header_are_refused_and_file_mode_has_no_svid
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_socket_is_private() {
     use std::os::unix::fs::PermissionsExt;
-    let ApiSidecar {
-        pki,
-        dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "spiffe").await;
+    let api = api_sidecar(None, "spiffe").await;
+    let socket = api.socket.clone();
+    let pki = &api.pki;
+    let dir = &api.dir;
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let dir_mode = std::fs::metadata(socket.parent().unwrap())
@@ -298,7 +290,7 @@ async fn the_socket_is_private() {
     std::fs::create_dir(&open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
     let err = TestSidecar::try_start(
-        &pki,
+        pki,
         &pki.workload(ID),
         ID,
         SidecarSpec {
@@ -315,12 +307,8 @@ async fn the_socket_is_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_svid_is_never_handed_out() {
     let mut ca = short_lived_ca().await;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let socket = api.socket.clone();
     let mut client = raw_client(&socket, true).await;
     let mut stream = client
         .fetch_x509svid(X509svidRequest {})
@@ -378,12 +366,8 @@ fn peak_rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "api").await;
+    let api = api_sidecar(None, "api").await;
+    let socket = api.socket.clone();
     let before = peak_rss_kib();
 
     // Literal with incremental indexing, new name `x` (length 1), a value of 4000 bytes (127 in
@@ -446,12 +430,8 @@ async fn an_hpack_bomb_closes_its_connection_and_the_api_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_that_make_no_call_cannot_keep_the_app_out() {
     use tokio::io::AsyncWriteExt;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "api").await;
+    let api = api_sidecar(None, "api").await;
+    let socket = api.socket.clone();
     let mut held = Vec::new();
     for i in 0..2 * meshid_sidecar::workload_api::MAX_CONNECTIONS {
         let mut c = tokio::net::UnixStream::connect(&socket).await.unwrap();
@@ -534,12 +514,9 @@ client.close()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
     let ca = short_lived_ca().await;
-    let ApiSidecar {
-        pki: _pki,
-        dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(4))), "spiffe").await;
+    let socket = api.socket.clone();
+    let dir = &api.dir;
     let (ok, out) = run_python(dir.path(), PY_SPIFFE, &socket).await;
     assert!(ok, "{out}");
     assert!(out.contains(&format!("svid {ID} True")), "{out}");
@@ -552,12 +529,8 @@ async fn py_spiffe_fetches_the_svid_and_bundle_and_sees_the_renewal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_change_is_streamed_to_the_app() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let socket = api.socket.clone();
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -601,12 +574,9 @@ async fn a_bundle_change_is_streamed_to_the_app() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let socket = api.socket.clone();
+    let s = &api.sidecar;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -819,12 +789,9 @@ async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwt_svid_is_refused_once_its_certificate_lineage_is_revoked() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let socket = api.socket.clone();
+    let s = &api.sidecar;
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
@@ -917,12 +884,9 @@ client.close()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_fetches_and_verifies_jwt_svids() {
     let ca = TestCa::start(CaOptions::default()).await;
-    let ApiSidecar {
-        pki: _pki,
-        dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let socket = api.socket.clone();
+    let dir = &api.dir;
     let (ok, out) = run_python(dir.path(), PY_SPIFFE_JWT, &socket).await;
     assert!(ok, "{out}");
     for line in [
@@ -965,12 +929,11 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
 
     const PEER: &str = "spiffe://cluster.local/ns/shop/sa/backend";
     let ca = TestCa::start(CaOptions::default()).await;
-    let ApiSidecar {
-        pki,
-        dir,
-        socket,
-        sidecar: s,
-    } = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(600))), "spiffe").await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(600))), "spiffe").await;
+    let socket = api.socket.clone();
+    let pki = &api.pki;
+    let dir = &api.dir;
+    let s = &api.sidecar;
     let (chain, key) = fetch_app_svid(&socket).await;
 
     // Marked as the app's, and no longer-lived than the sidecar's own certificate.
@@ -1041,7 +1004,7 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
 
     // A peer sidecar takes it for mTLS.
     let peer = TestSidecar::start(
-        &pki,
+        pki,
         &pki.workload(PEER),
         PEER,
         SidecarSpec {
@@ -1116,12 +1079,8 @@ async fn the_apps_svid_serves_peers_but_is_no_credential_at_the_ca() {
 /// would take 4 MiB) is refused with `OUT_OF_RANGE` naming the limit, and the API goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversize_request_is_refused() {
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "api").await;
+    let api = api_sidecar(None, "api").await;
+    let socket = api.socket.clone();
     let mut client = raw_client(&socket, true).await;
     let limit = meshid_sidecar::workload_api::MAX_REQUEST_BYTES;
     let refused = client
@@ -1243,12 +1202,8 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
 /// 1024 of them (CVE-2025-8671), instead of resetting streams for as long as it likes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_keeps_provoking_stream_resets_is_sent_away() {
-    let ApiSidecar {
-        pki: _pki,
-        dir: _dir,
-        socket,
-        sidecar: _s,
-    } = api_sidecar(None, "api").await;
+    let api = api_sidecar(None, "api").await;
+    let socket = api.socket.clone();
     let (mut h2, connection) = raw_h2(&socket).await;
     let mut reset = 0;
     for _ in 0..1024 + 256 {

@@ -197,6 +197,19 @@ fn one_peer_fills_only_its_share() {
     );
 }
 
+/// What `suggest-policy` prints for `report`, and whether that suggestion allows a call on port
+/// 8080.
+fn suggestion(report: &ObservedReport) -> (String, impl Fn(&SpiffeId, &str, &str) -> bool) {
+    let text = render(report, false);
+    let suggested = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let allows = move |peer: &SpiffeId, method: &str, path: &str| {
+        suggested
+            .decide_request(8080, peer, method, path)
+            .would_allow
+    };
+    (text, allows)
+}
+
 #[test]
 fn a_call_only_ever_denied_is_never_suggested() {
     let policy = Policy::parse(
@@ -226,13 +239,7 @@ fn a_call_only_ever_denied_is_never_suggested() {
     // What `/observed` serves carries the denials to `suggest-policy`.
     let json = serde_json::to_string(&report).unwrap();
     let report: ObservedReport = serde_json::from_str(&json).unwrap();
-    let text = render(&report, false);
-    let suggested = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let allows = |peer: &SpiffeId, method: &str, path: &str| {
-        suggested
-            .decide_request(8080, peer, method, path)
-            .would_allow
-    };
+    let (text, allows) = suggestion(&report);
     assert!(allows(&web, "GET", "/api/orders/2"), "{text}");
     assert!(allows(&web, "GET", "/healthz"), "{text}");
     assert!(!allows(&web, "DELETE", "/admin/users"), "{text}");
@@ -259,14 +266,8 @@ fn a_call_only_ever_denied_is_never_suggested() {
         .replace(r#""denied":1,"#, "");
     assert!(!older.contains("\"denied\":"), "{older}");
     let report: ObservedReport = serde_json::from_str(&older).unwrap();
-    let text = render(&report, false);
+    let (text, allows) = suggestion(&report);
     assert!(text.contains("older than denial counts"), "{text}");
-    let suggested = Policy::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let allows = |peer: &SpiffeId, method: &str, path: &str| {
-        suggested
-            .decide_request(8080, peer, method, path)
-            .would_allow
-    };
     assert!(allows(&web, "GET", "/api/orders/2"), "{text}");
     assert!(!allows(&probe, "GET", "/admin/secret0"), "{text}");
     assert!(!allows(&web, "DELETE", "/admin/users"), "{text}");
