@@ -218,6 +218,30 @@ pub fn warn_about_readable_keys<'a>(paths: impl IntoIterator<Item = &'a std::pat
     }
 }
 
+/// A new directory of this process's user alone (0700) under the temporary directory, named
+/// `<prefix><pid>-<random>`: the demo and the benchmarks keep CA keys and join tokens there, and
+/// another local user must neither read them nor have prepared the path (a directory or
+/// symlinks of theirs) before they are written. A path that exists already is refused, never
+/// reused.
+pub fn private_temp_dir(prefix: &str) -> std::io::Result<std::path::PathBuf> {
+    new_temp_dir(prefix, 0o700)
+}
+
+/// [`private_temp_dir`] with the directory's `mode`: 0755 where processes run under another
+/// user must reach files in it (the chaos run's unprivileged sidecars and CAs). Still new, and
+/// never one someone prepared.
+pub fn new_temp_dir(prefix: &str, mode: u32) -> std::io::Result<std::path::PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::unix::fs::DirBuilderExt;
+    // RandomState is seeded from the OS's randomness.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let dir = std::env::temp_dir().join(format!("{prefix}{}-{random:016x}", std::process::id()));
+    std::fs::DirBuilder::new().mode(mode).create(&dir)?;
+    Ok(dir)
+}
+
 /// The user this process runs as (its effective UID).
 pub fn effective_uid() -> u32 {
     rustix::process::geteuid().as_raw()
@@ -230,6 +254,26 @@ pub const EXIT_USAGE: u8 = 64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A private temporary directory is new, 0700, and never one that existed before.
+    #[test]
+    fn a_private_temp_dir_is_new_and_ours_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = private_temp_dir("meshid-test-").unwrap();
+        let b = private_temp_dir("meshid-test-").unwrap();
+        assert_ne!(a, b);
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(
+            a.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("meshid-test-{}-", std::process::id()))
+        );
+        for d in [a, b] {
+            std::fs::remove_dir(d).unwrap();
+        }
+    }
 
     /// A key file others may read is told apart from one only its owner and group may.
     #[test]

@@ -154,8 +154,7 @@ fn main() -> Result<()> {
         }
     }
     let smoke = args.smoke;
-    let work = std::env::temp_dir().join(format!("meshid-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let work = meshid_runtime::process::private_temp_dir("meshid-bench-")?;
     // A private copy of the binaries: a rebuild in the workspace during a long run must not
     // change what is measured halfway through.
     let bin_dir = work.join("bin");

@@ -378,7 +378,6 @@ async fn measure(
 }
 
 fn tempdir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("meshid-ca-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
+    let d = meshid_runtime::process::private_temp_dir("meshid-ca-bench-")?;
     Ok(d)
 }

@@ -102,8 +102,8 @@ async fn main() -> Result<()> {
     }
     harness::clean_up_on_signal();
     let bin_dir = std::fs::canonicalize(&args.bin_dir)?;
-    let work = std::env::temp_dir().join(format!("meshid-chaos-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    // Some faults run a CA or a sidecar as another user (setpriv): they must reach its files.
+    let work = meshid_runtime::process::new_temp_dir("meshid-chaos-", 0o755)?;
     harness::remove_on_signal(&work);
     let settings = Settings {
         bin_dir: bin_dir.clone(),

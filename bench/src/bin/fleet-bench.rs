@@ -222,9 +222,7 @@ async fn main() -> Result<()> {
                 continue;
             }
             println!("\n[{n} sidecars]");
-            let work =
-                std::env::temp_dir().join(format!("meshid-fleet-bench-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&work)?;
+            let work = meshid_runtime::process::private_temp_dir("meshid-fleet-bench-")?;
             let r = one_size(&args, &ca_bin, &work, n, window, idle_window).await;
             let _ = std::fs::remove_dir_all(&work);
             match r {

@@ -185,8 +185,7 @@ async fn main() -> Result<()> {
     if !ca_bin.exists() {
         bail!("{} not found (run bench/rotation.sh)", ca_bin.display());
     }
-    let work = std::env::temp_dir().join(format!("meshid-rotation-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
+    let work = meshid_runtime::process::private_temp_dir("meshid-rotation-bench-")?;
     let result = run(&args, ttl, retry_every, &ca_bin, &work).await;
     let _ = std::fs::remove_dir_all(&work);
     result

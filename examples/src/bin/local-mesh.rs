@@ -670,29 +670,10 @@ async fn watch_renewals(mesh: &Mesh, mut stopping: tokio::sync::watch::Receiver<
     }
 }
 
-/// A new directory of ours alone (0700) under the temporary directory, with a name no one can
-/// guess: it holds the CA's keys and the join tokens, and another local user must neither read
-/// them nor have prepared the path (a directory or symlinks of theirs) before we write there.
-fn private_work_dir() -> std::io::Result<PathBuf> {
-    use std::hash::{BuildHasher, Hasher};
-    use std::os::unix::fs::DirBuilderExt;
-    // RandomState is seeded from the OS's randomness.
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let work = std::env::temp_dir().join(format!(
-        "meshid-local-mesh-{}-{random:016x}",
-        std::process::id()
-    ));
-    // Not `create_dir_all`: a path that exists already is refused.
-    std::fs::DirBuilder::new().mode(0o700).create(&work)?;
-    Ok(work)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let work = match private_work_dir() {
+    let work = match meshid_runtime::process::private_temp_dir("meshid-local-mesh-") {
         Ok(work) => work,
         Err(e) => {
             eprintln!("local-mesh: creating a working directory: {e}");
