@@ -75,7 +75,36 @@ pub fn versions(bin_dir: &std::path::Path) -> Value {
         ],
     )
     .is_empty();
+    // What the measured binaries were built with: the directory says the profile (`dist`: fat
+    // LTO with the recorded PGO profile and symbol order; `release`; a `MESHID_BIN_DIR`), and
+    // the two files' hashes say which profile and order (recorded on these benchmark loads).
+    let profile = bin_dir.file_name().map_or_else(
+        || bin_dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let hash = |file: &str| {
+        // The files of the tree this harness was built from.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(file);
+        let out = run("sha256sum", &[&path.to_string_lossy()]);
+        match out.split_whitespace().next() {
+            Some(h) if h.len() == 64 => h[..16].to_owned(),
+            _ => "none".to_owned(),
+        }
+    };
+    let (pgo, order) = if profile == "dist" {
+        (
+            hash("sidecar/pgo.profdata.gz"),
+            hash("sidecar/symbol-order.txt"),
+        )
+    } else {
+        ("not used".to_owned(), "not used".to_owned())
+    };
     json!({
+        "meshid_build": format!("{profile} ({})", bin_dir.display()),
+        "meshid_pgo_profile_sha256": pgo,
+        "meshid_symbol_order_sha256": order,
         "meshid_sidecar": first_line(run(&sidecar.to_string_lossy(), &["--version"])),
         "meshid_git_commit": run("git", &["rev-parse", "HEAD"]),
         "meshid_git_dirty": git_dirty,
@@ -85,4 +114,26 @@ pub fn versions(bin_dir: &std::path::Path) -> Value {
         "openssl": run("openssl", &["version"]),
         "tls_load_generator": "meshload (hyper 1 + rustls 0.23 with aws-lc-rs), one thread",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dist run names its build and the hashes of the PGO profile and symbol order it used; any
+    /// other build says they were not used.
+    #[test]
+    fn the_build_and_its_profile_are_recorded() {
+        let v = versions(std::path::Path::new("target/dist"));
+        assert!(v["meshid_build"].as_str().unwrap().starts_with("dist ("));
+        for k in ["meshid_pgo_profile_sha256", "meshid_symbol_order_sha256"] {
+            let h = v[k].as_str().unwrap();
+            assert!(
+                h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{k}: {h}"
+            );
+        }
+        let v = versions(std::path::Path::new("target/release"));
+        assert_eq!(v["meshid_pgo_profile_sha256"], "not used");
+    }
 }

@@ -230,6 +230,16 @@ impl Results {
         row(&mut md, "OS", &m["os"]);
         row(&mut md, "load average at start", &m["loadavg_at_start"]);
         for k in [
+            "meshid_build",
+            "meshid_pgo_profile_sha256",
+            "meshid_symbol_order_sha256",
+        ] {
+            // Recorded since session 39; a run before says nothing.
+            if !v[k].is_null() {
+                row(&mut md, k, &v[k]);
+            }
+        }
+        for k in [
             "meshid_sidecar",
             "meshid_git_commit",
             "meshid_git_dirty",
