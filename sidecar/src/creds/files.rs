@@ -158,12 +158,29 @@ fn watch_with_timing(
 /// The bytes of the three files as read at one moment, or why one could not be read.
 type Contents = [Result<Vec<u8>, String>; 3];
 
-/// Remembers the last contents seen, so that only a change is parsed, applied or logged.
+/// What is remembered of the files between two looks: each one's SHA-256, or why it could not be
+/// read. Not their bytes: the key's would stay in memory a second time for the sidecar's life.
+type Seen = [Result<[u8; 32], String>; 3];
+
+fn seen(contents: &Contents) -> Seen {
+    contents.each_ref().map(|c| {
+        c.as_ref().map_err(Clone::clone).map(|bytes| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref(),
+            );
+            d
+        })
+    })
+}
+
+/// Remembers what the files held at the last look, so that only a change is parsed, applied or
+/// logged.
 struct Tracker {
     files: FileCreds,
     store: Arc<CredentialStore>,
     metrics: Metrics,
-    last: Option<Contents>,
+    last: Option<Seen>,
 }
 
 impl Tracker {
@@ -188,12 +205,14 @@ impl Tracker {
     /// Re-reads the files and applies them if they changed.
     fn check(&mut self) {
         let contents = self.read();
-        if self.last.as_ref() == Some(&contents) {
+        let now = seen(&contents);
+        if self.last.as_ref() == Some(&now) {
             return;
         }
         let first = self.last.is_none();
         let parsed = self.parse(&contents);
-        self.last = Some(contents);
+        drop(contents);
+        self.last = Some(now);
         let creds = match parsed {
             Ok(creds) if first && self.held(&creds) => return,
             Ok(creds) => creds,
