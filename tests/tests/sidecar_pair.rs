@@ -706,6 +706,78 @@ async fn an_upstream_that_answers_and_takes_no_body_does_not_keep_the_outbound_c
     }
 }
 
+/// A bodiless request the upstream refused unprocessed (REFUSED_STREAM, as it refuses a stream
+/// above its GOAWAY's last stream ID when it goes away gracefully, such as on SIGTERM) is sent once
+/// more on a new connection, not answered 502: the app never sees the upstream's restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bodiless_request_the_upstream_refused_unprocessed_is_sent_again() {
+    let pki = TestPki::new();
+    let (upstream, connections) = refusing_first_upstream(pki.workload(B)).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            ..Default::default()
+        },
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    // A POST goes over h2 (the HTTP/1.1 pool takes idempotent requests only).
+    let req = hyper::Request::post("/orders")
+        .header("host", "backend")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, _, _) =
+        tokio::time::timeout(Duration::from_secs(10), http_request(tcp, false, req))
+            .await
+            .expect("an answer")
+            .expect("a response");
+    assert_eq!(status, 200, "sent again after the refusal");
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "on a new connection"
+    );
+}
+
+/// An h2 upstream presenting `workload` that refuses the first stream it ever gets
+/// (REFUSED_STREAM) and answers every other with an empty 200; counts its connections.
+async fn refusing_first_upstream(
+    workload: Workload,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.upstream_acceptor(&[b"h2"]);
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
+    let refused = std::sync::Arc::new(AtomicBool::new(false));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, refused) = (acceptor.clone(), refused.clone());
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if !refused.swap(true, Ordering::SeqCst) {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let _ = respond.send_response(hyper::Response::new(()), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
 /// An h2 upstream presenting `workload` that grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE
 /// 0), answers each request with an empty 200 at once and keeps the request's body stream (sent on
 /// the channel) without reading it or resetting it.

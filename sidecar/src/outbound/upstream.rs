@@ -245,10 +245,15 @@ impl H2Upstream {
     }
 
     /// Sends one request, dialing (or re-dialing) the upstream when needed. A request the
-    /// connection cannot take (it closed, or is going away) goes out once more on a new connection.
+    /// connection cannot take (it closed, or is going away) goes out once more on a new connection,
+    /// and so does a bodiless one the upstream refused unprocessed as it went away: a stream above
+    /// its GOAWAY's last stream ID (RFC 9113, 6.8). That happens to a request queued as the GOAWAY
+    /// crossed it: h2 writes the ping's answer that completes a graceful GOAWAY before the
+    /// request's HEADERS. A request with a body is not sent twice (its body is on its way).
     pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, String> {
         let (head, body) = req.into_parts();
         let end_of_stream = body.is_end_stream();
+        let mut head = Some(head);
         let mut failed = None;
         let (response, sending, stream) = loop {
             let mut conn = self
@@ -260,26 +265,59 @@ impl H2Upstream {
             }
             let last_try = failed.is_some();
             let stream = InStream::on(&conn);
-            match conn.send.clone().ready().await {
-                Ok(mut send) => {
-                    let (response, sending) = send
-                        .send_request(Request::from_parts(head, ()), end_of_stream)
-                        .map_err(|e| root_cause(&e))?;
-                    break (response, sending, stream);
-                }
+            let mut send = match conn.send.clone().ready().await {
+                Ok(send) => send,
                 Err(e) if last_try => return Err(root_cause(&e)),
                 Err(e) => {
                     tracing::debug!(error = %e, upstream = %self.spec.remote, "upstream connection closed before the request; on a new one");
                     failed = Some(conn);
+                    continue;
                 }
+            };
+            let Some(this) = head.take() else {
+                return Err("the request could not be sent".to_owned());
+            };
+            // Kept for a second try: only a bodiless request can be sent again.
+            if end_of_stream && !last_try {
+                head = Some(copy_head(&this));
+            }
+            let (response, sending) = match send
+                .send_request(Request::from_parts(this, ()), end_of_stream)
+            {
+                Ok(sent) => sent,
+                Err(e) if head.is_some() && refused_unprocessed(&e) => {
+                    tracing::debug!(error = %e, upstream = %self.spec.remote, "upstream going away before the request; on a new connection");
+                    failed = Some(conn);
+                    continue;
+                }
+                Err(e) => return Err(root_cause(&e)),
+            };
+            if !end_of_stream {
+                break (response, sending, stream);
+            }
+            match response.await {
+                Ok(resp) => {
+                    return Ok(resp.map(|recv| UpstreamBody {
+                        recv,
+                        data_done: false,
+                        _sending: None,
+                        _stream: stream,
+                    }));
+                }
+                Err(e) if head.is_some() && refused_unprocessed(&e) => {
+                    tracing::debug!(error = %e, upstream = %self.spec.remote, "upstream went away without processing the request; on a new connection");
+                    failed = Some(conn);
+                }
+                Err(e) => return Err(root_cause(&e)),
             }
         };
         // The copy of the request body lives no longer than the exchange: it ends with the
         // response (or when the app stops waiting for one, say at the request timeout). An
         // upstream that answers and never opens its flow-control window would otherwise keep the
         // copy, the app's body and the stream waiting for ever, one more per request.
-        let sending = (!end_of_stream)
-            .then(|| SendingBody(tokio::spawn(Box::pin(send_body(body, sending))).abort_handle()));
+        let sending = Some(SendingBody(
+            tokio::spawn(Box::pin(send_body(body, sending))).abort_handle(),
+        ));
         let resp = response.await.map_err(|e| root_cause(&e))?;
         Ok(resp.map(|recv| UpstreamBody {
             recv,
@@ -288,6 +326,25 @@ impl H2Upstream {
             _stream: stream,
         }))
     }
+}
+
+/// Whether `e` says the upstream did not process the request: it went away (a GOAWAY it sent,
+/// without an error) before the request, or above the GOAWAY's last stream ID; or it refused the
+/// stream (REFUSED_STREAM).
+fn refused_unprocessed(e: &h2::Error) -> bool {
+    (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
+        || e.reason() == Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// A copy of a request's head, to send it once more.
+fn copy_head(head: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = head.uri.clone();
+    *req.version_mut() = head.version;
+    *req.headers_mut() = head.headers.clone();
+    *req.extensions_mut() = head.extensions.clone();
+    req.into_parts().0
 }
 
 /// When a connection to an upstream takes no new requests: [`RETIRE_MARGIN`] before the earlier
