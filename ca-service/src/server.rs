@@ -122,12 +122,11 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     // directory's follower sees (at worst it reads the same files again), not one it takes as
     // already loaded.
     let loaded = stamps(&config.dir);
-    let mut authority = Authority::load(&crate::ca_dir::snapshot(&config.dir))?;
+    let files = crate::ca_dir::snapshot(&config.dir);
+    let mut authority = Authority::load(&files)?;
     serve_revocations_for(&mut authority, config.lifetimes.max, None);
     meshid_runtime::process::warn_about_readable_keys(
-        key_files(&crate::ca_dir::snapshot(&config.dir))
-            .iter()
-            .map(PathBuf::as_path),
+        key_files(&files).iter().map(PathBuf::as_path),
     );
     if crate::auth::join::is_secret_volume(&config.dir) {
         tracing::info!(
