@@ -658,16 +658,7 @@ async fn hostile_upstreams_are_refused_by_the_outbound_side() {
 async fn an_upstream_that_answers_and_takes_no_body_does_not_keep_the_outbound_copying() {
     let pki = TestPki::new();
     let (upstream, mut held) = windowless_upstream(pki.workload(B)).await;
-    let a = TestSidecar::start(
-        &pki,
-        &pki.workload(A),
-        A,
-        SidecarSpec {
-            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
-            ..Default::default()
-        },
-    )
-    .await;
+    let a = outbound_to(&pki, upstream).await;
     for i in 0..3 {
         let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
         let req = hyper::Request::post("/upload")
@@ -713,16 +704,7 @@ async fn an_upstream_that_answers_and_takes_no_body_does_not_keep_the_outbound_c
 async fn a_bodiless_request_the_upstream_refused_unprocessed_is_sent_again() {
     let pki = TestPki::new();
     let (upstream, connections) = refusing_first_upstream(pki.workload(B)).await;
-    let a = TestSidecar::start(
-        &pki,
-        &pki.workload(A),
-        A,
-        SidecarSpec {
-            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
-            ..Default::default()
-        },
-    )
-    .await;
+    let a = outbound_to(&pki, upstream).await;
     let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
     // A POST goes over h2 (the HTTP/1.1 pool takes idempotent requests only).
     let req = hyper::Request::post("/orders")
@@ -776,6 +758,20 @@ async fn refusing_first_upstream(
         }
     });
     (addr, connections)
+}
+
+/// A sidecar of A whose one HTTP outbound listener goes to B at `upstream`.
+async fn outbound_to(pki: &TestPki, upstream: SocketAddr) -> TestSidecar {
+    TestSidecar::start(
+        pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// An h2 upstream presenting `workload` that grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE
