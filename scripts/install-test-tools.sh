@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the outside tools the end-to-end tests check our work with, if missing:
+# Installs the test runner and the outside tools the end-to-end tests check our work with, if missing:
+# cargo-nextest (the test runner of the README's test command; `cargo install`),
 # openssl, curl, haproxy and libfaketime (Debian packages), Python's grpcio + grpcio-tools, prometheus-client and spiffe (py-spiffe) (PyPI),
 # and promtool (from
 # Debian's prometheus package, unpacked into the workspace's .tools/promtool/: only that binary, no
@@ -7,6 +8,8 @@
 # Idempotent; needs root (or sudo) only when a Debian package is missing.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# cargo-nextest: the README's and CI's test command is `cargo nextest run --workspace`.
+command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=()

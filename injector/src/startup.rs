@@ -86,8 +86,9 @@ pub struct InjectorArgs {
     /// dashboards can show who calls whom (one series per peer: mind the cardinality).
     #[arg(long, env = "MESHID_INJECTOR_SIDECAR_METRICS_PEER_IDENTITY")]
     pub sidecar_metrics_peer_identity: bool,
-    /// Most webhook connections open at once; more are closed at accept (counted in
-    /// meshid_injector_connections_refused_total).
+    /// Most webhook connections open at once; at the cap a connection with no request yet is
+    /// displaced, else the newcomer is closed at accept
+    /// (meshid_injector_connections_refused_total).
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
     /// Most webhook connections open at once from one source IP.
