@@ -540,6 +540,32 @@ fn pinned_intermediate(
     Ok(Some(der))
 }
 
+/// The bundle sidecars start with ([`bootstrap_bundle`]).
+#[derive(Debug)]
+pub struct BootstrapBundle {
+    /// The roots, then the pinned intermediates, as PEM.
+    pub pem: String,
+    pub roots: usize,
+    pub pinned: usize,
+}
+
+/// What a sidecar starts with to reach the CA of `dir`: the roots of bundle.pem, then the issuing
+/// intermediates trust under an imported root is pinned to (the same lists the CA serves).
+pub fn bootstrap_bundle(dir: &Path) -> Result<BootstrapBundle, AuthorityError> {
+    let authority = Authority::load(dir)?;
+    let pem = authority
+        .roots
+        .iter()
+        .chain(&authority.pinned)
+        .map(|c| meshid_identity::pem::pem_cert(c))
+        .collect();
+    Ok(BootstrapBundle {
+        pem,
+        roots: authority.roots.len(),
+        pinned: authority.pinned.len(),
+    })
+}
+
 /// The prefixes (`a<n>-`) of authority files in `dir` that `state` does not list: what `rotate
 /// prepare` writes before it lists the authority.
 fn unlisted_prefixes(dir: &Path, state: &RotationState) -> Vec<String> {

@@ -92,6 +92,12 @@ pub enum Command {
     Unrevoke(UnrevokeArgs),
     /// List the revocations of a CA directory.
     Revocations(RevocationsArgs),
+    /// Print the trust bundle sidecars start with, as PEM: the roots of bundle.pem, then the
+    /// issuing intermediates trust under an imported root is pinned to. With an imported root,
+    /// give sidecars this (`--ca-bundle`, the chart's `ca.trustBundle`) rather than bundle.pem:
+    /// they then refuse a CA certificate that a sibling CA under the shared root issued, before
+    /// their first token leaves the pod. Without one it is bundle.pem's roots.
+    Bundle(BundleArgs),
 }
 
 /// What a revocation names: exactly one of an identity and a certificate serial.
@@ -168,6 +174,13 @@ pub struct RevocationsArgs {
     /// Print the list as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// CA directory.
+    #[arg(long, env = "MESHID_CA_DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

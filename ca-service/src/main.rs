@@ -87,6 +87,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 "  trust bundle:            {}",
                 args.dir.join("bundle.pem").display()
             );
+            if args.root_cert.is_some() {
+                println!(
+                    "  the root is imported: give sidecars `meshid-ca bundle --dir {}` (the root and \
+                     the intermediate trust under it is pinned to) rather than bundle.pem",
+                    args.dir.display()
+                );
+            }
             Ok(())
         }
         Command::Token {
@@ -103,6 +110,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Revoke(args) => revoke(&args),
         Command::Unrevoke(args) => unrevoke(&args),
         Command::Revocations(args) => list_revocations(&args),
+        Command::Bundle(args) => {
+            let pem = authority::bootstrap_bundle(&args.dir)?;
+            print!("{}", pem.pem);
+            eprintln!(
+                "{} root(s), {} pinned intermediate(s){}",
+                pem.roots,
+                pem.pinned,
+                if pem.pinned == 0 {
+                    " (no imported root: the same roots as bundle.pem)"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
         Command::Check(args) => check(*args),
         Command::WebhookCert(args) => webhook_cert(&args),
         Command::Secret(args) => {

@@ -60,13 +60,21 @@ pub fn take_refused_claim() -> Option<String> {
 /// The trust bundle in the form webpki verifies against.
 #[derive(Clone)]
 pub struct Anchors {
+    chains: Chains,
+    /// Certificates and identities refused whatever their chain (`meshid-ca revoke`).
+    revoked: Arc<RevocationSet>,
+    pub trust_domain: TrustDomain,
+}
+
+/// Roots, the pins on them and the intermediates verified under them: what a chain is checked
+/// against, whatever its leaf names (a SPIFFE ID for [`Anchors`], a DNS name or an IP address for
+/// [`NamedServerVerifier`]).
+#[derive(Clone)]
+pub struct Chains {
     anchors: Arc<Vec<TrustAnchor<'static>>>,
     pins: Arc<Pins>,
     /// Issuing intermediates whose own path to an anchor verified (see [`IssuerCache`]).
     issuers: Arc<IssuerCache>,
-    /// Certificates and identities refused whatever their chain (`meshid-ca revoke`).
-    revoked: Arc<RevocationSet>,
-    pub trust_domain: TrustDomain,
 }
 
 /// Issuing intermediates already verified under these anchors, so that the next chain through the
@@ -152,30 +160,19 @@ struct Pins {
 impl fmt::Debug for Anchors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Anchors")
-            .field("roots", &self.anchors.len())
-            .field("pinned_roots", &self.pins.roots.len())
+            .field("roots", &self.chains.anchors.len())
+            .field("pinned_roots", &self.chains.pins.roots.len())
             .field("revoked", &self.revoked.len())
             .field("trust_domain", &self.trust_domain)
             .finish()
     }
 }
 
-impl Anchors {
-    /// Parses bundle roots into trust anchors for `trust_domain`.
+impl Chains {
+    /// Roots whose trust is pinned as [`Anchors::with_pins`] says.
     pub fn new(
         roots: &[CertificateDer<'static>],
-        trust_domain: TrustDomain,
-    ) -> Result<Self, webpki::Error> {
-        Self::with_pins(roots, &[], trust_domain)
-    }
-
-    /// Trust anchors whose roots are pinned to issuing intermediates: a root that issued one of
-    /// `pinned` (its subject is the intermediate's issuer) accepts only certificates that one of
-    /// `pinned` issued. Roots that issued none of them accept any path, as with [`Anchors::new`].
-    pub fn with_pins(
-        roots: &[CertificateDer<'static>],
         pinned: &[CertificateDer<'static>],
-        trust_domain: TrustDomain,
     ) -> Result<Self, webpki::Error> {
         let anchors = roots
             .iter()
@@ -202,91 +199,7 @@ impl Anchors {
             anchors: Arc::new(anchors),
             pins: Arc::new(pins),
             issuers: Arc::default(),
-            revoked: Arc::default(),
-            trust_domain,
         })
-    }
-
-    /// These anchors refusing, whatever their chain, the certificates and identities `revoked`
-    /// names (the failure label is `revoked`).
-    pub fn with_revocations(mut self, revoked: Arc<RevocationSet>) -> Self {
-        self.revoked = revoked;
-        self
-    }
-
-    /// The revocations these anchors apply.
-    pub fn revocations(&self) -> &RevocationSet {
-        &self.revoked
-    }
-
-    /// What revokes `peer`, if anything does: its identity or its own serial, or else its
-    /// lineage's.
-    pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<RevokedBy> {
-        if let Some(entry) = self.revoked.check(&peer.id, &peer.serial) {
-            return Some(RevokedBy {
-                entry,
-                through_lineage: false,
-            });
-        }
-        self.revoked
-            .check(&peer.id, &peer.lineage)
-            .map(|entry| RevokedBy {
-                entry,
-                through_lineage: true,
-            })
-    }
-
-    /// Refuses a revoked certificate or identity, or a certificate renewed from a revoked one (a
-    /// revoked serial of its `lineage`).
-    fn check_revoked(
-        &self,
-        id: &SpiffeId,
-        serial: &str,
-        lineage: &str,
-    ) -> Result<(), rustls::Error> {
-        match self
-            .revoked
-            .check(id, serial)
-            .or_else(|| self.revoked.check(id, lineage))
-        {
-            None => Ok(()),
-            Some(_) => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
-        }
-    }
-
-    /// How many verified intermediates are remembered.
-    #[cfg(test)]
-    fn cached_issuers(&self) -> usize {
-        self.issuers.0.read().map(|h| h.len()).unwrap_or(0)
-    }
-
-    /// How many roots are pinned to intermediates.
-    pub fn pinned_roots(&self) -> usize {
-        self.pins.roots.len()
-    }
-
-    /// Verifies a workload chain (leaf first) for `usage` at `now`: it chains to an anchor, and
-    /// under a pinned root one of the mesh's intermediates issued the leaf. The identity is not
-    /// read here (see the verifiers).
-    pub fn verify_workload_chain(
-        &self,
-        algs: &WebPkiSupportedAlgorithms,
-        chain: &[CertificateDer<'_>],
-        now: UnixTime,
-        usage: webpki::KeyUsage,
-    ) -> Result<(), rustls::Error> {
-        let (leaf, intermediates) = chain
-            .split_first()
-            .ok_or(rustls::Error::NoCertificatesPresented)?;
-        self.verify_chain(algs, leaf, intermediates, now, usage)
-    }
-
-    pub fn len(&self) -> usize {
-        self.anchors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.anchors.is_empty()
     }
 
     /// Verifies that `end_entity` chains to an anchor for `usage` (through a pinned intermediate
@@ -349,6 +262,132 @@ impl Anchors {
             self.issuers.insert(issuer, usage);
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    fn cached_issuers(&self) -> usize {
+        self.issuers.0.read().map(|h| h.len()).unwrap_or(0)
+    }
+}
+
+impl Anchors {
+    /// Parses bundle roots into trust anchors for `trust_domain`.
+    pub fn new(
+        roots: &[CertificateDer<'static>],
+        trust_domain: TrustDomain,
+    ) -> Result<Self, webpki::Error> {
+        Self::with_pins(roots, &[], trust_domain)
+    }
+
+    /// Trust anchors whose roots are pinned to issuing intermediates: a root that issued one of
+    /// `pinned` (its subject is the intermediate's issuer) accepts only certificates that one of
+    /// `pinned` issued. Roots that issued none of them accept any path, as with [`Anchors::new`].
+    pub fn with_pins(
+        roots: &[CertificateDer<'static>],
+        pinned: &[CertificateDer<'static>],
+        trust_domain: TrustDomain,
+    ) -> Result<Self, webpki::Error> {
+        Ok(Self {
+            chains: Chains::new(roots, pinned)?,
+            revoked: Arc::default(),
+            trust_domain,
+        })
+    }
+
+    /// These anchors refusing, whatever their chain, the certificates and identities `revoked`
+    /// names (the failure label is `revoked`).
+    pub fn with_revocations(mut self, revoked: Arc<RevocationSet>) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    /// The revocations these anchors apply.
+    pub fn revocations(&self) -> &RevocationSet {
+        &self.revoked
+    }
+
+    /// What revokes `peer`, if anything does: its identity or its own serial, or else its
+    /// lineage's.
+    pub fn revokes(&self, peer: &crate::peer::VerifiedPeer) -> Option<RevokedBy> {
+        if let Some(entry) = self.revoked.check(&peer.id, &peer.serial) {
+            return Some(RevokedBy {
+                entry,
+                through_lineage: false,
+            });
+        }
+        self.revoked
+            .check(&peer.id, &peer.lineage)
+            .map(|entry| RevokedBy {
+                entry,
+                through_lineage: true,
+            })
+    }
+
+    /// Refuses a revoked certificate or identity, or a certificate renewed from a revoked one (a
+    /// revoked serial of its `lineage`).
+    fn check_revoked(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+        lineage: &str,
+    ) -> Result<(), rustls::Error> {
+        match self
+            .revoked
+            .check(id, serial)
+            .or_else(|| self.revoked.check(id, lineage))
+        {
+            None => Ok(()),
+            Some(_) => Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)),
+        }
+    }
+
+    /// How many verified intermediates are remembered.
+    #[cfg(test)]
+    fn cached_issuers(&self) -> usize {
+        self.chains.cached_issuers()
+    }
+
+    /// How many roots are pinned to intermediates.
+    pub fn pinned_roots(&self) -> usize {
+        self.chains.pins.roots.len()
+    }
+
+    /// Verifies a workload chain (leaf first) for `usage` at `now`: it chains to an anchor, and
+    /// under a pinned root one of the mesh's intermediates issued the leaf. The identity is not
+    /// read here (see the verifiers).
+    pub fn verify_workload_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify_chain(algs, leaf, intermediates, now, usage)
+    }
+
+    pub fn len(&self) -> usize {
+        self.chains.anchors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.anchors.is_empty()
+    }
+
+    /// Verifies that `end_entity` chains to an anchor for `usage` (through a pinned intermediate
+    /// under a pinned root).
+    pub fn verify_chain(
+        &self,
+        algs: &WebPkiSupportedAlgorithms,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        self.chains
+            .verify_chain(algs, end_entity, intermediates, now, usage)
     }
 
     /// Refuses an identity outside our trust domain.
@@ -611,6 +650,167 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 .map_err(|e| identity_error(e.into()))?;
             self.anchors.check_revoked(&got, &serial, &lineage)?;
         }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Splits a trust bundle given as one list of certificates (a PEM file of roots, and of the
+/// issuing intermediates trust under a shared root is pinned to) into its roots and its pins. A
+/// pin is a CA certificate that is not self-issued and whose issuer is another certificate of the
+/// list; every other certificate is a root (an intermediate given alone stays an anchor, as
+/// before pins existed).
+pub fn split_pins(
+    certs: Vec<CertificateDer<'static>>,
+) -> (Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>) {
+    // Each certificate's subject, issuer and whether it is a CA (None: not X.509).
+    type Names = (Vec<u8>, Vec<u8>, bool);
+    let names: Vec<Option<Names>> = certs
+        .iter()
+        .map(|der| {
+            X509Certificate::from_der(der).ok().map(|(_, c)| {
+                (
+                    c.subject().as_raw().to_vec(),
+                    c.issuer().as_raw().to_vec(),
+                    c.is_ca(),
+                )
+            })
+        })
+        .collect();
+    let is_pin = |i: usize| {
+        let Some((subject, issuer, true)) = &names[i] else {
+            return false;
+        };
+        subject != issuer
+            && names
+                .iter()
+                .enumerate()
+                .any(|(j, n)| j != i && n.as_ref().is_some_and(|(s, _, _)| s == issuer))
+    };
+    let pins: Vec<bool> = (0..certs.len()).map(is_pin).collect();
+    let mut roots = Vec::new();
+    let mut pinned = Vec::new();
+    for (cert, pin) in certs.into_iter().zip(pins) {
+        if pin {
+            pinned.push(cert);
+        } else {
+            roots.push(cert);
+        }
+    }
+    (roots, pinned)
+}
+
+/// The trust anchors to hand a verifier that knows nothing of pins (an app, through the SPIFFE
+/// Workload API): every root, except that a root trust under which is pinned is replaced by the
+/// intermediates it is pinned to. An app given the shared root itself would accept a certificate
+/// with our SPIFFE IDs from any sibling CA under it; given the intermediates, it accepts what the
+/// sidecars accept. (An OpenSSL-based verifier needs partial-chain verification to take an
+/// intermediate as an anchor; Go's and Java's take it as it is.)
+pub fn anchors_without_pins(
+    roots: &[CertificateDer<'static>],
+    pinned: &[CertificateDer<'static>],
+) -> Vec<CertificateDer<'static>> {
+    let issuers: Vec<Option<Vec<u8>>> = pinned
+        .iter()
+        .map(|p| {
+            X509Certificate::from_der(p)
+                .ok()
+                .map(|(_, c)| c.issuer().as_raw().to_vec())
+        })
+        .collect();
+    let mut out = Vec::with_capacity(roots.len() + pinned.len());
+    for root in roots {
+        let subject = X509Certificate::from_der(root)
+            .ok()
+            .map(|(_, c)| c.subject().as_raw().to_vec());
+        let mine: Vec<&CertificateDer<'static>> = pinned
+            .iter()
+            .zip(&issuers)
+            .filter(|(_, issuer)| issuer.is_some() && *issuer == &subject)
+            .map(|(p, _)| p)
+            .collect();
+        if mine.is_empty() {
+            out.push(root.clone());
+        } else {
+            for p in mine {
+                if !out.contains(p) {
+                    out.push(p.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A server named by a DNS name or an IP address, as the meshid CA's TLS port is: its chain must
+/// verify for server auth under the roots (through one of the pinned intermediates under a pinned
+/// root, as for peers) and its certificate must be valid for the name dialled. Without the pins, a
+/// sibling CA under a shared enterprise root could serve a certificate for the CA's name, and a
+/// sidecar would hand it its service-account token.
+#[derive(Debug)]
+pub struct NamedServerVerifier {
+    chains: Chains,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for Chains {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chains")
+            .field("roots", &self.anchors.len())
+            .field("pinned_roots", &self.pins.roots.len())
+            .finish()
+    }
+}
+
+impl NamedServerVerifier {
+    pub fn new(chains: Chains, provider: &CryptoProvider) -> Self {
+        Self {
+            chains,
+            algs: provider.signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for NamedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.chains.verify_chain(
+            &self.algs,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        webpki::EndEntityCert::try_from(end_entity)
+            .and_then(|cert| cert.verify_is_valid_for_subject_name(server_name))
+            .map_err(pki_error)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -1026,6 +1226,105 @@ mod tests {
                 TrustDomain::new("cluster.local").unwrap()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_named_server_under_a_shared_root_must_come_from_a_pinned_intermediate() {
+        let ours = TestPki::new("enterprise");
+        let sibling = ours.sibling("another team's CA");
+        let own_root = TestPki::new("mesh-owned");
+        let named = |pki: &TestPki, name: &str| {
+            pki.leaf_shaped(
+                "",
+                &LeafShape {
+                    uris: Some(Vec::new()),
+                    dns: vec![name.to_owned()],
+                    ..LeafShape::default()
+                },
+            )
+        };
+        // One PEM list of roots and pins, in any order: the intermediate whose issuer is listed is
+        // the pin; an intermediate alone stays an anchor.
+        let (roots, pins) = split_pins(vec![
+            ours.intermediate.clone(),
+            ours.root.clone(),
+            own_root.root.clone(),
+        ]);
+        assert_eq!(roots, vec![ours.root.clone(), own_root.root.clone()]);
+        assert_eq!(pins, vec![ours.intermediate.clone()]);
+        let (alone, none) = split_pins(vec![ours.intermediate.clone()]);
+        assert_eq!((alone.len(), none.len()), (1, 0));
+        // An app (which knows no pins) is handed the pinned intermediate in place of its root.
+        assert_eq!(
+            anchors_without_pins(&roots, &pins),
+            vec![ours.intermediate.clone(), own_root.root.clone()]
+        );
+        assert_eq!(anchors_without_pins(&roots, &[]), roots);
+
+        const CA: &str = "meshid-ca.meshid.svc";
+        let provider = provider();
+        let pinned = NamedServerVerifier::new(Chains::new(&roots, &pins).unwrap(), &provider);
+        let unpinned = NamedServerVerifier::new(Chains::new(&roots, &[]).unwrap(), &provider);
+        let verdict = |v: &NamedServerVerifier, leaf: &TestLeaf, name: &str| {
+            v.verify_server_cert(
+                &leaf.chain[0],
+                &leaf.chain[1..],
+                &ServerName::try_from(name.to_owned()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| failure_label(&e))
+        };
+        // (leaf, name dialled, with pins, without pins)
+        type Verdict = Result<(), &'static str>;
+        let cases: [(&str, TestLeaf, &str, Verdict, Verdict); 4] = [
+            (
+                "the mesh's intermediate",
+                named(&ours, CA),
+                CA,
+                Ok(()),
+                Ok(()),
+            ),
+            (
+                "a sibling CA under the shared root, for the CA's name",
+                named(&sibling, CA),
+                CA,
+                Err("unpinned_issuer"),
+                Ok(()),
+            ),
+            (
+                "the mesh's intermediate, another name",
+                named(&ours, "elsewhere.example"),
+                CA,
+                Err("bad_certificate"),
+                Err("bad_certificate"),
+            ),
+            (
+                "a root that is not pinned",
+                named(&own_root, CA),
+                CA,
+                Ok(()),
+                Ok(()),
+            ),
+        ];
+        for (what, leaf, name, with_pins, without) in cases {
+            assert_eq!(verdict(&pinned, &leaf, name), with_pins, "pinned: {what}");
+            assert_eq!(verdict(&unpinned, &leaf, name), without, "unpinned: {what}");
+        }
+        let wrong_name = pinned
+            .verify_server_cert(
+                &named(&ours, "elsewhere.example").chain[0],
+                std::slice::from_ref(&ours.intermediate),
+                &ServerName::try_from(CA).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            wrong_name,
+            rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
         );
     }
 

@@ -164,7 +164,8 @@ pub struct CaEndpoint {
     pub addr: String,
     /// The name the CA's certificate must carry; defaults to the host of `addr`.
     pub server_name: Option<String>,
-    /// Roots the CA's serving certificate chains to.
+    /// Roots the CA's serving certificate chains to, and the issuing intermediates trust under a
+    /// shared root is pinned to, in one list (see [`meshid_identity::verify::split_pins`]).
     pub roots: Vec<CertificateDer<'static>>,
 }
 

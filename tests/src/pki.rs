@@ -203,6 +203,19 @@ impl EnterpriseRoot {
         &self,
         spiffe_id: &str,
     ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.sibling_leaf(SanType::URI(spiffe_id.try_into().expect("uri")))
+    }
+
+    /// Another team's issuing CA under this root, and a TLS server certificate it issues for the
+    /// DNS name `name` (as an impostor of the meshid CA would hold): the chain and the key.
+    pub fn sibling_server(
+        &self,
+        name: &str,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        self.sibling_leaf(SanType::DnsName(name.try_into().expect("dns name")))
+    }
+
+    fn sibling_leaf(&self, san: SanType) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let ca_key = KeyPair::generate().expect("keygen");
         let mut ca = CertificateParams::default();
         ca.distinguished_name
@@ -217,7 +230,7 @@ impl EnterpriseRoot {
         let key = KeyPair::generate().expect("keygen");
         let mut params = CertificateParams::default();
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
-        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().expect("uri"))];
+        params.subject_alt_names = vec![san];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,

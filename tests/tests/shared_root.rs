@@ -60,12 +60,28 @@ async fn echo_as(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
-    let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("ca");
+/// `meshid-ca bundle --dir DIR` written to a file beside `dir`.
+fn bootstrap_bundle(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = Command::new(workspace_bin("meshid-ca"))
+        .args(["bundle", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.with_file_name("bootstrap-bundle.pem");
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
+}
+
+/// An imported CA directory in `work`/ca, its enterprise root beside it.
+fn imported_ca(work: &std::path::Path) -> (std::path::PathBuf, EnterpriseRoot) {
+    let dir = work.join("ca");
     let enterprise = EnterpriseRoot::new();
-    let (root_cert, root_key) = (work.path().join("root.pem"), work.path().join("root.key"));
+    let (root_cert, root_key) = (work.join("root.pem"), work.join("root.key"));
     std::fs::write(&root_cert, &enterprise.cert_pem).unwrap();
     std::fs::write(&root_key, &enterprise.key_pem).unwrap();
     let (code, out) = meshid_ca(&[
@@ -78,6 +94,17 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
         &root_key.to_string_lossy(),
     ]);
     assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("meshid-ca bundle"),
+        "init names the bundle to give sidecars: {out}"
+    );
+    (dir, enterprise)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
+    let work = tempfile::tempdir().unwrap();
+    let (dir, enterprise) = imported_ca(work.path());
     assert!(
         !dir.join("root.key").exists(),
         "an imported root's key is not kept"
@@ -133,8 +160,14 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
     .unwrap();
     let token = work.path().join("backend.token");
     std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
+    // The bundle it starts with is `meshid-ca bundle`'s: the root and the pinned intermediate.
     let bundle_file = work.path().join("ca-bundle.pem");
-    std::fs::copy(dir.join("bundle.pem"), &bundle_file).unwrap();
+    let started_with = bootstrap_bundle(&dir);
+    assert_eq!(
+        read_roots(&started_with),
+        [roots.clone(), intermediate.clone()].concat()
+    );
+    std::fs::copy(&started_with, &bundle_file).unwrap();
     let _b = Proc::spawn(
         "meshid-sidecar",
         ca_mode_sidecar(grpc, &bundle_file, "--token-file", &token, b_admin)
@@ -239,4 +272,142 @@ async fn a_sibling_ca_under_an_imported_root_mints_nothing_the_mesh_accepts() {
             .any(|l| l.contains("handshake") && l.contains("unpinned_issuer")),
         "the CA counts the refused handshake: {ca_metrics}"
     );
+}
+
+/// What an impostor of the CA saw of one sidecar: TLS handshakes that completed, handshakes the
+/// sidecar broke off, and whether the sidecar's token reached it.
+#[derive(Debug, Default)]
+struct Impostor {
+    completed: usize,
+    refused: usize,
+    token_seen: bool,
+}
+
+/// Serves TLS on `listener` as `chain`/`key` (a sibling CA's certificate for the CA's name), reads
+/// whatever a client sends after the handshake, and records it in `seen`.
+async fn impostor_ca(
+    listener: tokio::net::TcpListener,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    token: String,
+    seen: Arc<std::sync::Mutex<Impostor>>,
+) {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
+        let (acceptor, token, seen) = (acceptor.clone(), token.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut tls = match acceptor.accept(tcp).await {
+                Ok(tls) => tls,
+                Err(_) => {
+                    seen.lock().unwrap().refused += 1;
+                    return;
+                }
+            };
+            seen.lock().unwrap().completed += 1;
+            // The h2 preface, SETTINGS, then the Issue call's HEADERS and DATA: its body holds
+            // the token as it is (gRPC messages are not compressed here).
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(token.len()).any(|w| w == token.as_bytes()) {
+                    seen.lock().unwrap().token_seen = true;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sibling_cas_certificate_for_the_cas_name_gets_no_token() {
+    let work = tempfile::tempdir().unwrap();
+    let (dir, enterprise) = imported_ca(work.path());
+    let cluster = FakeCluster::new();
+    let token = cluster.token("shop", "backend");
+    let token_file = work.path().join("backend.token");
+    std::fs::write(&token_file, &token).unwrap();
+    // Another team's CA under the shared root issued a server certificate for the CA's name.
+    let (chain, key) = enterprise.sibling_server("localhost");
+
+    // Two sidecars dial the impostor (as a poisoned DNS name or a hijacked Service would send
+    // them): one started with `meshid-ca bundle` (root and pinned intermediate), one with
+    // bundle.pem's root alone, as every sidecar was before pins reached the CA's channel.
+    let pinned = bootstrap_bundle(&dir);
+    let cases = [
+        ("the root and its pinned intermediate", pinned, false),
+        ("the root alone", dir.join("bundle.pem"), true),
+    ];
+    for (i, (what, bundle, token_expected)) in cases.into_iter().enumerate() {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.3{}:0", 3 + i))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Impostor::default()));
+        let server = tokio::spawn(impostor_ca(
+            listener,
+            chain.clone(),
+            key.clone_key(),
+            token.clone(),
+            seen.clone(),
+        ));
+        let sidecar_admin = free_addr(&format!("127.0.0.3{}", 3 + i));
+        let _sidecar = Proc::spawn(
+            "meshid-sidecar",
+            ca_mode_sidecar(addr, &bundle, "--token-file", &token_file, sidecar_admin).args([
+                "--outbound",
+                &format!("{}=127.0.0.1:9,{A}", free_addr("127.0.0.1")),
+            ]),
+        );
+        // Tried at least twice (the sidecar backs off and tries again), then judged.
+        let tried = eventually(Duration::from_secs(20), || {
+            let seen = seen.clone();
+            async move {
+                let s = seen.lock().unwrap();
+                s.token_seen || s.completed + s.refused >= 2
+            }
+        })
+        .await;
+        let s = seen
+            .lock()
+            .map(|s| (s.completed, s.refused, s.token_seen))
+            .unwrap();
+        server.abort();
+        assert!(
+            tried,
+            "{what}: the sidecar never dialled the impostor: {s:?}"
+        );
+        if token_expected {
+            assert!(
+                s.2,
+                "{what}: without the pin the impostor gets the token (the hole the pin closes): {s:?}"
+            );
+        } else {
+            assert_eq!(
+                s,
+                (0, s.1, false),
+                "{what}: every handshake refused, no token sent"
+            );
+            assert!(s.1 >= 2, "{what}: {s:?}");
+            // Refused, not ready: the sidecar has no certificate.
+            let ready = http_get(sidecar_admin, "/readyz").map(|(status, _)| status);
+            assert!(matches!(ready, Ok(s) if s != 200), "{what}: {ready:?}");
+        }
+    }
 }

@@ -2,11 +2,10 @@
 //! roots (and if not, why, in words an operator can act on), and how close is a certificate to its
 //! expiry.
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::CertificateError;
 use rustls::client::danger::ServerCertVerifier;
-use rustls::{CertificateError, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -86,20 +85,14 @@ pub fn verify_server(
     let Some((leaf, intermediates)) = chain.split_first() else {
         return Err(ChainProblem::Empty);
     };
-    let mut store = RootCertStore::empty();
-    for root in roots {
-        store
-            .add(root.clone())
-            .map_err(|e| ChainProblem::Other(format!("unusable root: {e}")))?;
-    }
+    // As a sidecar verifies it: under an imported root, through a pinned intermediate of the bundle.
+    let (roots, pinned) = meshid_identity::verify::split_pins(roots.to_vec());
+    let chains = meshid_identity::verify::Chains::new(&roots, &pinned)
+        .map_err(|e| ChainProblem::Other(format!("unusable trust bundle: {e:?}")))?;
     let server_name = ServerName::try_from(name.to_owned())
         .map_err(|_| ChainProblem::Other(format!("{name:?} is not a DNS name or IP")))?;
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(store),
-        crate::tls::provider(),
-    )
-    .build()
-    .map_err(|e| ChainProblem::Other(e.to_string()))?;
+    let verifier =
+        meshid_identity::verify::NamedServerVerifier::new(chains, &crate::tls::provider());
     let time = UnixTime::since_unix_epoch(Duration::from_secs(u64::try_from(now).unwrap_or(0)));
     match verifier.verify_server_cert(leaf, intermediates, &server_name, &[], time) {
         Ok(_) => Ok(()),

@@ -11,7 +11,8 @@
 //! received as well.
 //!
 //! The file holds only roots the sidecar received over its authenticated bundle stream (or an
-//! Issue response), written whole (a temporary file renamed over it). It is read once, at start;
+//! Issue response), followed by the issuing intermediates trust under a shared root is pinned to
+//! (see `creds::ca_client`), written whole (a temporary file renamed over it). It is read once, at start;
 //! what cannot be read or parsed is ignored with a warning: the configured roots still apply.
 
 use std::path::{Path, PathBuf};
@@ -93,7 +94,10 @@ pub async fn keep(path: PathBuf, store: Arc<CredentialStore>, mut shutdown: watc
     let mut changes = store.subscribe();
     let mut written: Vec<CertificateDer<'static>> = Vec::new();
     loop {
-        let roots = store.roots();
+        // The intermediates trust under a shared root is pinned to go with the roots: a restarted
+        // sidecar reaches the CA through them only.
+        let mut roots = store.roots();
+        roots.extend(store.pinned());
         if !roots.is_empty() && roots != written {
             let (p, r) = (path.clone(), roots.clone());
             match tokio::task::spawn_blocking(move || save(&p, &r)).await {

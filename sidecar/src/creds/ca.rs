@@ -364,9 +364,11 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// `endpoint` trusting, beside its own, the roots the sidecar has received and the intermediates
+/// trust under a shared root is pinned to.
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
     let mut endpoint = endpoint.clone();
-    for root in store.roots() {
+    for root in store.roots().into_iter().chain(store.pinned()) {
         if !endpoint.roots.contains(&root) {
             endpoint.roots.push(root);
         }

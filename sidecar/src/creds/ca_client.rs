@@ -1,11 +1,17 @@
 //! Talking to the meshid CA: a gRPC channel over our own rustls (aws-lc-rs) connection, verifying the
 //! CA's serving certificate against the CA bundle, optionally presenting our current certificate (the
 //! credential for renewal).
+//!
+//! The bundle may carry, beside its roots, the issuing intermediates trust under a shared root is
+//! pinned to (an imported enterprise root: `meshid-ca bundle` prints both, and the CA streams
+//! them). Under such a root the CA's certificate must come from one of those intermediates: a
+//! sibling CA's certificate for the CA's name is refused before the sidecar sends its token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
+use meshid_identity::verify::{Chains, NamedServerVerifier, split_pins};
 use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -30,6 +36,8 @@ pub enum CaClientError {
     Address(String),
     #[error("CA bundle: {0}")]
     Bundle(rustls::Error),
+    #[error("CA bundle: not usable as trust anchors: {0:?}")]
+    Anchors(webpki::Error),
     #[error("client certificate: {0}")]
     ClientCert(rustls::Error),
     #[error("connecting to the CA: {0}")]
@@ -60,14 +68,14 @@ pub async fn channel(
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| CaClientError::Address(name.clone()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut store = rustls::RootCertStore::empty();
-    for root in &endpoint.roots {
-        store.add(root.clone()).map_err(CaClientError::Bundle)?;
-    }
+    let (roots, pinned) = split_pins(endpoint.roots.clone());
+    let chains = Chains::new(&roots, &pinned).map_err(CaClientError::Anchors)?;
+    let verifier = NamedServerVerifier::new(chains, &provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(CaClientError::Bundle)?
-        .with_root_certificates(store);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match client_cert {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain, key)

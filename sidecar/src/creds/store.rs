@@ -275,6 +275,16 @@ impl CredentialStore {
         held.as_ref().map(|h| h.pinned.clone()).unwrap_or_default()
     }
 
+    /// The anchors an app is handed (the Workload API): the roots, with a root trust under which
+    /// is pinned replaced by its pinned intermediates (see
+    /// [`meshid_identity::verify::anchors_without_pins`]).
+    pub fn app_anchors(&self) -> Vec<CertificateDer<'static>> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref()
+            .map(|h| meshid_identity::verify::anchors_without_pins(&h.roots, &h.pinned))
+            .unwrap_or_default()
+    }
+
     /// The revocations as last accepted with the bundle.
     pub fn revocations(&self) -> Arc<RevocationSet> {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
@@ -691,6 +701,47 @@ mod tests {
             roots: vec![pki.root.clone()],
             pinned: Vec::new(),
         }
+    }
+
+    #[test]
+    fn apps_are_handed_the_pinned_intermediate_in_place_of_a_shared_root() {
+        let ours = TestPki::new("enterprise");
+        let sibling = ours.sibling("another team's CA");
+        let store = CredentialStore::new(Vec::new());
+        let mut creds = set(&ours, ours.leaf(ME));
+        creds.pinned = vec![ours.intermediate.clone()];
+        store.set_certificate(creds).unwrap();
+        assert_eq!(store.roots(), vec![ours.root.clone()]);
+        let anchors = store.app_anchors();
+        assert_eq!(anchors, vec![ours.intermediate.clone()]);
+        // An app verifying with what it is handed (webpki, as a Go or Java app would): our leaf
+        // passes, a sibling CA's leaf with our SPIFFE ID does not (it would under the root).
+        let provider = provider();
+        let verdict = |anchors: &[CertificateDer<'static>],
+                       leaf: &meshid_identity::testing::TestLeaf| {
+            let anchors: Vec<_> = anchors
+                .iter()
+                .map(|a| webpki::anchor_from_trusted_cert(a).unwrap().to_owned())
+                .collect();
+            webpki::EndEntityCert::try_from(&leaf.chain[0])
+                .unwrap()
+                .verify_for_usage(
+                    provider.signature_verification_algorithms.all,
+                    &anchors,
+                    &leaf.chain[1..],
+                    UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                    None,
+                    None,
+                )
+                .map(|_| ())
+        };
+        assert!(verdict(&anchors, &ours.leaf(ME)).is_ok());
+        assert!(verdict(&anchors, &sibling.leaf(ME)).is_err());
+        assert!(
+            verdict(&store.roots(), &sibling.leaf(ME)).is_ok(),
+            "the hole it closes"
+        );
     }
 
     #[test]

@@ -272,11 +272,12 @@ fn concat(certs: &[CertificateDer<'_>]) -> Vec<u8> {
         .collect()
 }
 
-/// The trust domain's SPIFFE ID and its roots, once the sidecar holds a certificate.
+/// The trust domain's SPIFFE ID and its anchors for apps (roots; under an imported root, the
+/// intermediates trust is pinned to instead), once the sidecar holds a certificate.
 fn bundle(store: &CredentialStore) -> Option<(String, Vec<u8>)> {
     let snapshot = store.current()?;
     let td = format!("spiffe://{}", snapshot.identity.id.trust_domain());
-    Some((td, concat(&store.roots())))
+    Some((td, concat(&store.app_anchors())))
 }
 
 fn x509_response(svid: &AppSvid, roots: Vec<u8>) -> X509svidResponse {
@@ -335,7 +336,7 @@ impl WorkloadApi {
                     let usable = current.filter(|s| s.valid_at(now));
                     match (usable, &sent) {
                         (Some(svid), _) => {
-                            let roots = concat(&store.roots());
+                            let roots = concat(&store.app_anchors());
                             let same = sent
                                 .as_ref()
                                 .is_some_and(|(s, r)| Arc::ptr_eq(s, &svid) && *r == roots);
