@@ -34,6 +34,11 @@ pub enum IdentityError {
     InvalidId(#[from] SpiffeIdError),
     #[error("certificate is a CA certificate, not a workload certificate")]
     IsCa,
+    #[error(
+        "certificate's key usage allows signing certificates or CRLs (keyCertSign or cRLSign): \
+         not a workload certificate"
+    )]
+    SigningKeyUsage,
     #[error("certificate's attested-at extension is malformed: {0}")]
     MalformedAttestedAt(&'static str),
     #[error("certificate's lineage extension is malformed: {0}")]
@@ -257,6 +262,13 @@ fn parse(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
 fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, IdentityError> {
     if cert.is_ca() {
         return Err(IdentityError::IsCa);
+    }
+    // X509-SVID 5.2: a leaf's key usage must not allow keyCertSign or cRLSign (webpki does not
+    // read key usage). A duplicated extension is refused too.
+    match cert.key_usage() {
+        Ok(None) => {}
+        Ok(Some(ku)) if !ku.value.key_cert_sign() && !ku.value.crl_sign() => {}
+        Ok(Some(_)) | Err(_) => return Err(IdentityError::SigningKeyUsage),
     }
     let san = match cert.subject_alternative_name() {
         Ok(Some(san)) => san,

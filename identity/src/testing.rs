@@ -32,6 +32,8 @@ pub struct LeafShape {
     pub valid: Option<(Duration, Duration)>,
     /// Carry the app-SVID mark, as the CA's answer to a sidecar asking for its app's SVID.
     pub app_svid: bool,
+    /// Key usages (default: digitalSignature; keyCertSign too for `is_ca`).
+    pub key_usages: Option<Vec<KeyUsagePurpose>>,
 }
 
 /// A workload certificate and its key.
@@ -109,6 +111,9 @@ impl TestPki {
         if shape.is_ca {
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.key_usages.push(KeyUsagePurpose::KeyCertSign);
+        }
+        if let Some(usages) = &shape.key_usages {
+            params.key_usages = usages.clone();
         }
         let now = OffsetDateTime::now_utc();
         let (from, to) = shape

@@ -994,6 +994,36 @@ mod tests {
                 inbound: Err("ca_as_leaf"),
                 outbound: Err("ca_as_leaf"),
             },
+            Case {
+                name: "a leaf (CA=false) whose key may sign certificates",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        key_usages: Some(vec![
+                            rcgen::KeyUsagePurpose::DigitalSignature,
+                            rcgen::KeyUsagePurpose::KeyCertSign,
+                        ]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("bad_identity"),
+                outbound: Err("bad_identity"),
+            },
+            Case {
+                name: "a leaf (CA=false) whose key may sign CRLs",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        key_usages: Some(vec![
+                            rcgen::KeyUsagePurpose::DigitalSignature,
+                            rcgen::KeyUsagePurpose::CrlSign,
+                        ]),
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("bad_identity"),
+                outbound: Err("bad_identity"),
+            },
         ];
         let provider = provider();
         // The same bundle for every case, its intermediate cache warmed by a good chain for both
