@@ -367,6 +367,15 @@ pub fn verify(
             "the header has critical extensions, none of which are understood",
         ));
     }
+    // JWT-SVID 2: the key comes from the trust domain's bundle alone, never from the token.
+    if let Some(named) = ["jku", "x5u", "jwk", "x5c"]
+        .into_iter()
+        .find(|k| header.contains_key(*k))
+    {
+        return Err(err(format!(
+            "the header carries {named:?}: a JWT-SVID names its key by kid only"
+        )));
+    }
     let kid = header
         .get("kid")
         .and_then(Value::as_str)
@@ -398,7 +407,13 @@ pub fn verify(
     }
     let auds: Vec<&str> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.as_str()],
-        Some(Value::Array(v)) => v.iter().filter_map(Value::as_str).collect(),
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .ok_or_else(|| err("an audience (aud) is not a string"))
+            })
+            .collect::<Result<_, _>>()?,
         _ => return Err(err("the token has no audience (aud)")),
     };
     if !auds.contains(&audience) {
@@ -530,6 +545,16 @@ mod tests {
             let t = raw(&s, header.clone(), good_claims.clone());
             assert!(verify(&t, "db", &keys, &td(), 1000).is_err(), "{header}");
         }
+        // A header naming a key of its own (JWT-SVID 2: MUST NOT), even beside our kid.
+        for named in ["jku", "x5u", "jwk", "x5c"] {
+            let t = raw(
+                &s,
+                json!({"alg": "ES256", "kid": s.kid, named: "https://evil.example/k"}),
+                good_claims.clone(),
+            );
+            let e = verify(&t, "db", &keys, &td(), 1000).unwrap_err();
+            assert!(e.0.contains(named), "{named}: {e}");
+        }
         // Claims: no sub, a non-SPIFFE sub, no aud, no exp, a string exp, iat far ahead.
         for claims in [
             json!({"aud": ["db"], "exp": 2000}),
@@ -538,6 +563,7 @@ mod tests {
             json!({"sub": id().as_str(), "aud": ["db"]}),
             json!({"sub": id().as_str(), "aud": ["db"], "exp": "2000"}),
             json!({"sub": id().as_str(), "aud": ["db"], "exp": 2000, "iat": 1500}),
+            json!({"sub": id().as_str(), "aud": ["db", 5], "exp": 2000}),
         ] {
             let t = raw(&s, h.clone(), claims.clone());
             assert!(verify(&t, "db", &keys, &td(), 1000).is_err(), "{claims}");
