@@ -16,7 +16,7 @@ use meshid_runtime::log_limit::LineBudget;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
-use crate::admin_token::AdminToken;
+use crate::admin_token::{AdminToken, MAX_SKEW_SECS, Proof, RESPONSE_MAC_HEADER, signed_nonce};
 
 /// Produces the `/rotation` JSON document. Blocking: it reads the CA directory and walks the
 /// whole fleet.
@@ -91,26 +91,81 @@ pub struct CaAdmin {
     pub refusal_log: Mutex<LineBudget>,
     /// The dates of the CA's TLS serving certificate: not ready once it has expired.
     pub serving: Arc<crate::tls::ServingDates>,
+    /// The nonces of the signed requests admitted within the last [`MAX_SKEW_SECS`] (twice: a
+    /// request's time may be that far either way): one replayed is refused.
+    pub seen_nonces: Mutex<SeenNonces>,
+}
+
+/// Nonces of admitted signed requests, with their times, oldest first.
+#[derive(Default)]
+pub struct SeenNonces(std::collections::VecDeque<(i64, String)>);
+
+/// The most nonces remembered: every one is of a request signed with the admin token.
+const MAX_SEEN_NONCES: usize = 4096;
+
+impl SeenNonces {
+    /// Records `nonce` of a request of time `t` at `now`; false when it was seen already (or
+    /// the window is full of requests: only holders of the token can fill it).
+    fn first_time(&mut self, nonce: &str, now: i64) -> bool {
+        while self
+            .0
+            .front()
+            .is_some_and(|(t, _)| t.saturating_add(2 * MAX_SKEW_SECS) < now)
+        {
+            self.0.pop_front();
+        }
+        if self.0.len() >= MAX_SEEN_NONCES || self.0.iter().any(|(_, n)| n == nonce) {
+            return false;
+        }
+        self.0.push_back((now, nonce.to_owned()));
+        true
+    }
 }
 
 /// Refusal lines: 5 at once, then one a second.
 const REFUSAL_LINES: (f64, f64) = (5.0, 1.0);
 
 impl CaAdmin {
-    /// Why a rotation report request with this `Authorization` header is refused, if it is.
-    fn unauthorized(&self, authorization: Option<&[u8]>) -> Option<(StatusCode, &'static str)> {
+    /// Why a rotation report request for `path` with this `Authorization` header is refused, if
+    /// it is.
+    fn unauthorized(
+        &self,
+        authorization: Option<&[u8]>,
+        path: &str,
+    ) -> Option<(StatusCode, &'static str)> {
+        let now = meshid_runtime::time::unix_now();
         match AdminToken::load(&crate::ca_dir::snapshot(&self.dir)) {
-            Ok(Some(token)) if token.admits(authorization) => None,
-            Ok(Some(_)) if authorization.is_none() => Some((
-                StatusCode::UNAUTHORIZED,
-                "the rotation report needs the CA directory's admin token: send \
-                 `Authorization: Bearer <token>` (meshid-ca rotate and check --dir send it)\n",
-            )),
-            Ok(Some(_)) => Some((
-                StatusCode::UNAUTHORIZED,
-                "wrong admin token: the rotation report needs `Authorization: Bearer <token>` with \
-                 the CA directory's admin token\n",
-            )),
+            Ok(Some(token)) => match token.admits_at(authorization, path, now) {
+                Some(Proof::Bearer) => None,
+                Some(Proof::Signed { nonce, .. }) => {
+                    if self
+                        .seen_nonces
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .first_time(&nonce, now)
+                    {
+                        None
+                    } else {
+                        Some((
+                            StatusCode::UNAUTHORIZED,
+                            "this signed request was answered already (a replay): sign a new \
+                             one\n",
+                        ))
+                    }
+                }
+                None if authorization.is_none() => Some((
+                    StatusCode::UNAUTHORIZED,
+                    "the rotation report needs the CA directory's admin token: meshid-ca rotate \
+                     and check --dir sign their requests with it (or send `Authorization: \
+                     Bearer <token>`)\n",
+                )),
+                None => Some((
+                    StatusCode::UNAUTHORIZED,
+                    "wrong admin token, or a signed request of another path or more than 5 \
+                     minutes off this CA's clock: the rotation report needs the CA directory's \
+                     admin token\n",
+                )),
+            },
             Ok(None) => Some((
                 StatusCode::UNAUTHORIZED,
                 "this CA directory has no admin token (no admin-token, no jwt.key): the rotation \
@@ -147,7 +202,7 @@ impl AdminRoutes for CaAdmin {
         let authorization = headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let (status, why) = self.unauthorized(authorization)?;
+        let (status, why) = self.unauthorized(authorization, path)?;
         self.unauthorized.inc();
         let budget = self
             .refusal_log
@@ -167,19 +222,47 @@ impl AdminRoutes for CaAdmin {
         Some(admin::text(status, why))
     }
 
-    fn route(&self, path: &str, _peer: std::net::SocketAddr) -> Option<AdminFuture> {
+    fn route(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        _peer: std::net::SocketAddr,
+    ) -> Option<AdminFuture> {
         match path {
             "/rotation" | "/rotation/fresh" => {
                 let cache = self.rotation.clone();
                 let fresh = path == "/rotation/fresh";
+                // A signed request (admitted by `refuse`) gets its answer signed for its nonce.
+                let nonce = signed_nonce(
+                    headers
+                        .get(http::header::AUTHORIZATION)
+                        .map(|v| v.as_bytes()),
+                );
+                let dir = self.dir.clone();
                 Some(Box::pin(async move {
-                    match cache.get(fresh).await {
-                        Ok(json) => admin::json(json),
-                        Err(_) => admin::text(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "rotation state unreadable\n",
-                        ),
+                    let (json, body) = match cache.get(fresh).await {
+                        Ok(json) => (true, json),
+                        Err(_) => (false, Bytes::from_static(b"rotation state unreadable\n")),
+                    };
+                    let status = if json {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    };
+                    let mac = nonce.and_then(|nonce| {
+                        let token = AdminToken::load(&crate::ca_dir::snapshot(&dir)).ok()??;
+                        let mac = token.sign_response(&nonce, status.as_u16(), &body);
+                        http::HeaderValue::from_str(&mac).ok()
+                    });
+                    let mut resp = if json {
+                        admin::json(body)
+                    } else {
+                        admin::text(status, body)
+                    };
+                    if let Some(mac) = mac {
+                        resp.headers_mut().insert(RESPONSE_MAC_HEADER, mac);
                     }
+                    resp
                 }))
             }
             "/jwks-status" => Some(admin::ready(match (self.jwks)() {
@@ -242,6 +325,7 @@ mod tests {
             unauthorized: unauthorized.clone(),
             refusal_log: Mutex::new(LineBudget::new()),
             serving: serving.clone(),
+            seen_nonces: Mutex::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -273,6 +357,35 @@ mod tests {
             assert_eq!(&reply.body[..], b"{\"report\":1}");
         }
         assert_eq!(unauthorized.get(), 4);
+        // A signed request (the token not sent): admitted, and its answer signed for its nonce;
+        // the same request again is a replay; one signed for another path is refused.
+        let (header, nonce) = token
+            .sign_request("/rotation/fresh", meshid_runtime::time::unix_now())
+            .unwrap();
+        let reply = get("/rotation/fresh", vec![header.clone()]).await;
+        assert_eq!(reply.status, 200);
+        let mac = reply.headers.get(RESPONSE_MAC_HEADER).map(|v| v.as_bytes());
+        assert!(token.verifies_response(&nonce, 200, &reply.body, mac));
+        assert!(!wrong.verifies_response(&nonce, 200, &reply.body, mac));
+        let replayed = get("/rotation/fresh", vec![header.clone()]).await;
+        assert_eq!(replayed.status, 401);
+        assert!(String::from_utf8_lossy(&replayed.body).contains("replay"));
+        assert_eq!(get("/rotation", vec![header]).await.status, 401);
+        // The client side: signed_get checks the answer.
+        let (status, body) = crate::admin_token::signed_get(
+            &token,
+            addr,
+            "/rotation",
+            Duration::from_secs(5),
+            1 << 20,
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, &body[..]), (200, &b"{\"report\":1}"[..]));
+        assert_eq!(unauthorized.get(), 6);
+        // A Bearer request's answer is not signed.
+        let bearer = get("/rotation", vec![token.header()]).await;
+        assert!(bearer.headers.get(RESPONSE_MAC_HEADER).is_none());
         for open in ["/metrics", "/healthz", "/readyz", "/jwks-status"] {
             assert_eq!(get(open, vec![]).await.status, 200, "{open}");
         }

@@ -12,6 +12,15 @@
 //!    during and after a rotation, and the token tells nothing of the key.
 //!
 //! A directory with neither has no token: the report is then refused to everyone.
+//!
+//! The token never crosses the network from our own commands: `rotate` and `check` sign each
+//! request with it (`Authorization: MeshidAdmin t=..,nonce=..,mac=..`, an HMAC-SHA256 over the
+//! path, the time and a fresh nonce) and the CA signs its answer to such a request the same way
+//! (`x-meshid-admin-mac`, over the nonce, the status and the body). So whoever sits between the
+//! command and the CA (a hijacked Service or DNS name, a tap on the pod network) learns no token
+//! and cannot hand the rotation gates a forged report: an answer without a valid signature is
+//! refused. `Authorization: Bearer <token>` is still admitted (curl, older commands); its answer
+//! is not signed.
 
 use std::fmt;
 use std::path::Path;
@@ -24,6 +33,53 @@ pub const TOKEN_FILE: &str = "admin-token";
 const MIN_LEN: usize = 32;
 /// What the derivation from `jwt.key` hashes before the key.
 const DERIVE_LABEL: &[u8] = b"meshid-ca admin token v1\0";
+/// The `Authorization` scheme of a signed request.
+const SIGNED_SCHEME: &[u8] = b"MeshidAdmin ";
+/// What a request's and an answer's signatures cover first (so one is never taken for the other).
+const REQUEST_LABEL: &[u8] = b"meshid-ca admin request v1\0";
+const RESPONSE_LABEL: &[u8] = b"meshid-ca admin response v1\0";
+/// The answer's signature (hex), to a signed request.
+pub const RESPONSE_MAC_HEADER: &str = "x-meshid-admin-mac";
+/// How far a signed request's time may be from the CA's clock, either way.
+pub const MAX_SKEW_SECS: i64 = 300;
+
+/// How an `Authorization` header proved the admin token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    /// `Bearer <token>`: the token itself.
+    Bearer,
+    /// A signed request: its time and nonce (the answer is signed for the nonce).
+    Signed { t: i64, nonce: String },
+}
+
+/// A signed request's parts, as the header carries them.
+fn parse_signed(value: &[u8]) -> Option<(i64, &str, &str)> {
+    let rest = std::str::from_utf8(value.strip_prefix(SIGNED_SCHEME)?).ok()?;
+    let (mut t, mut nonce, mut mac) = (None, None, None);
+    for part in rest.split(',') {
+        let (k, v) = part.trim().split_once('=')?;
+        let slot = match k {
+            "t" => &mut t,
+            "nonce" => &mut nonce,
+            "mac" => &mut mac,
+            _ => return None,
+        };
+        if slot.replace(v).is_some() {
+            return None;
+        }
+    }
+    let nonce = nonce?;
+    if nonce.len() != 32 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some((t?.parse().ok()?, nonce, mac?))
+}
+
+/// The nonce of a signed `Authorization` header, unverified (the route signs its answer for it once
+/// [`AdminToken::admits_at`] admitted the request).
+pub fn signed_nonce(authorization: Option<&[u8]>) -> Option<String> {
+    parse_signed(authorization?).map(|(_, nonce, _)| nonce.to_owned())
+}
 
 /// The rotation report's bearer token. `Debug` does not show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -93,10 +149,140 @@ impl AdminToken {
         aws_lc_rs::constant_time::verify_slices_are_equal(presented, self.0.as_bytes()).is_ok()
     }
 
+    /// How an `Authorization` header for `path` at `now` proves this token: the token itself, or
+    /// a request signed with it for this path within [`MAX_SKEW_SECS`] of `now`; `None` when it
+    /// does not.
+    pub fn admits_at(&self, authorization: Option<&[u8]>, path: &str, now: i64) -> Option<Proof> {
+        if self.admits(authorization) {
+            return Some(Proof::Bearer);
+        }
+        let (t, nonce, mac) = parse_signed(authorization?)?;
+        if t.abs_diff(now) > MAX_SKEW_SECS.unsigned_abs() {
+            return None;
+        }
+        let mac = hex_decode(mac)?;
+        let input = request_input(path, t, nonce);
+        aws_lc_rs::hmac::verify(&self.key(), &input, &mac).ok()?;
+        Some(Proof::Signed {
+            t,
+            nonce: nonce.to_owned(),
+        })
+    }
+
+    /// An `Authorization` header for `GET path` at `now`, signed with this token (the token is
+    /// not in it), and the nonce its answer is signed for.
+    pub fn sign_request(
+        &self,
+        path: &str,
+        now: i64,
+    ) -> Result<((String, String), String), AuthorityError> {
+        let mut bytes = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| AuthorityError::Invalid {
+            path: TOKEN_FILE.into(),
+            reason: "no randomness for a request nonce".into(),
+        })?;
+        let nonce = meshid_identity::identity::hex(&bytes);
+        let tag = aws_lc_rs::hmac::sign(&self.key(), &request_input(path, now, &nonce));
+        let value = format!(
+            "MeshidAdmin t={now},nonce={nonce},mac={}",
+            meshid_identity::identity::hex(tag.as_ref())
+        );
+        Ok((("authorization".to_owned(), value), nonce))
+    }
+
+    /// The signature of an answer (`status`, `body`) to the signed request of `nonce`, in hex.
+    pub fn sign_response(&self, nonce: &str, status: u16, body: &[u8]) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.key(), &response_input(nonce, status, body));
+        meshid_identity::identity::hex(tag.as_ref())
+    }
+
+    /// Whether `mac` (the answer's [`RESPONSE_MAC_HEADER`]) signs this answer to the request of
+    /// `nonce`, compared in constant time.
+    pub fn verifies_response(
+        &self,
+        nonce: &str,
+        status: u16,
+        body: &[u8],
+        mac: Option<&[u8]>,
+    ) -> bool {
+        let Some(mac) = mac
+            .and_then(|m| std::str::from_utf8(m).ok())
+            .and_then(hex_decode)
+        else {
+            return false;
+        };
+        aws_lc_rs::hmac::verify(&self.key(), &response_input(nonce, status, body), &mac).is_ok()
+    }
+
+    fn key(&self) -> aws_lc_rs::hmac::Key {
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, self.0.as_bytes())
+    }
+
     /// The `Authorization` header that carries this token.
     pub fn header(&self) -> (String, String) {
         ("authorization".to_owned(), format!("Bearer {}", self.0))
     }
+}
+
+/// `GET path` on a CA's admin port `addr`, signed with `token`; the answer's status and body once
+/// its signature is checked. An answer without a valid signature (a CA older than signed requests,
+/// or something between the command and the CA) is an error: its report must not reach a gate.
+pub async fn signed_get(
+    token: &AdminToken,
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+    max_body: usize,
+) -> Result<(u16, bytes::Bytes), String> {
+    let (header, nonce) = token
+        .sign_request(path, meshid_runtime::time::unix_now())
+        .map_err(|e| e.to_string())?;
+    let headers = [header];
+    let mut call = meshid_runtime::http_client::Call::get(addr, path);
+    call.headers = &headers;
+    call.host = Some("meshid-ca");
+    call.timeout = timeout;
+    call.max_body = max_body;
+    let reply = meshid_runtime::http_client::send(&call)
+        .await
+        .map_err(|e| e.to_string())?;
+    if matches!(reply.status, 401 | 404) {
+        // Refusals are not signed: they carry no report, and say why.
+        return Ok((reply.status, reply.body));
+    }
+    let mac = reply.headers.get(RESPONSE_MAC_HEADER).map(|v| v.as_bytes());
+    if !token.verifies_response(&nonce, reply.status, &reply.body, mac) {
+        return Err(format!(
+            "{path} answered HTTP {} without a valid {RESPONSE_MAC_HEADER} signature: not \
+             signed with the admin token, so not acted on (a meshid-ca older than signed admin \
+             requests, to be upgraded first; or something between this command and the CA)",
+            reply.status
+        ));
+    }
+    Ok((reply.status, reply.body))
+}
+
+fn request_input(path: &str, t: i64, nonce: &str) -> Vec<u8> {
+    let mut input = REQUEST_LABEL.to_vec();
+    input.extend_from_slice(format!("GET\0{path}\0{t}\0{nonce}").as_bytes());
+    input
+}
+
+fn response_input(nonce: &str, status: u16, body: &[u8]) -> Vec<u8> {
+    let mut input = RESPONSE_LABEL.to_vec();
+    input.extend_from_slice(format!("{nonce}\0{status}\0").as_bytes());
+    input.extend_from_slice(body);
+    input
+}
+
+fn hex_decode(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -127,6 +313,66 @@ mod tests {
         assert_eq!(AdminToken::load(dir.path()).unwrap().unwrap(), token);
         std::fs::write(dir.path().join(TOKEN_FILE), "short\n").unwrap();
         assert!(AdminToken::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_signed_request_proves_the_token_without_carrying_it() {
+        let token = AdminToken::generate().unwrap();
+        let other = AdminToken::generate().unwrap();
+        let now = 1_800_000_000;
+        let ((name, value), nonce) = token.sign_request("/rotation/fresh", now).unwrap();
+        assert_eq!(name, "authorization");
+        assert!(!value.contains(&token.0), "the token is not sent");
+        let header = Some(value.as_bytes());
+        assert_eq!(
+            token.admits_at(header, "/rotation/fresh", now + 10),
+            Some(Proof::Signed {
+                t: now,
+                nonce: nonce.clone()
+            })
+        );
+        assert_eq!(signed_nonce(header), Some(nonce.clone()));
+        // Another token, another path, out of time, a changed byte: refused.
+        assert_eq!(other.admits_at(header, "/rotation/fresh", now), None);
+        assert_eq!(token.admits_at(header, "/rotation", now), None);
+        assert_eq!(
+            token.admits_at(header, "/rotation/fresh", now + MAX_SKEW_SECS + 1),
+            None
+        );
+        assert_eq!(
+            token.admits_at(header, "/rotation/fresh", now - MAX_SKEW_SECS - 1),
+            None
+        );
+        let changed = value.replace(&format!("t={now}"), &format!("t={}", now + 1));
+        assert_eq!(
+            token.admits_at(Some(changed.as_bytes()), "/rotation/fresh", now),
+            None
+        );
+        for garbage in [
+            "MeshidAdmin ",
+            "MeshidAdmin t=1,t=1",
+            "MeshidAdmin t=x,nonce=00,mac=00",
+        ] {
+            assert_eq!(
+                token.admits_at(Some(garbage.as_bytes()), "/rotation", now),
+                None
+            );
+        }
+        // Bearer still opens it.
+        assert_eq!(
+            token.admits_at(Some(token.header().1.as_bytes()), "/rotation", now),
+            Some(Proof::Bearer)
+        );
+        // The answer: signed for that nonce, status and body only.
+        let body = br#"{"sidecars":[]}"#;
+        let mac = token.sign_response(&nonce, 200, body);
+        assert!(token.verifies_response(&nonce, 200, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&nonce, 200, b"{\"sidecars\":[1]}", Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&nonce, 500, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&"0".repeat(32), 200, body, Some(mac.as_bytes())));
+        assert!(!other.verifies_response(&nonce, 200, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&nonce, 200, body, None));
+        assert!(!token.verifies_response(&nonce, 200, body, Some(b"zz")));
     }
 
     #[test]

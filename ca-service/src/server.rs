@@ -337,6 +337,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         unauthorized: admin_unauthorized,
         refusal_log: std::sync::Mutex::new(meshid_runtime::log_limit::LineBudget::new()),
         serving: serving_dates,
+        seen_nonces: std::sync::Mutex::default(),
     });
     tokio::spawn(meshid_runtime::admin::serve(
         admin_listener,

@@ -60,10 +60,15 @@ pub trait AdminRoutes: Send + Sync + 'static {
         None
     }
 
-    /// Answers a path beyond `/healthz`, `/readyz` and `/metrics` asked by `peer`, or `None` for
-    /// 404.
-    fn route(&self, path: &str, peer: SocketAddr) -> Option<AdminFuture> {
-        let _ = (path, peer);
+    /// Answers a path beyond `/healthz`, `/readyz` and `/metrics` asked by `peer` with `headers`
+    /// (a route may sign its answer for the request), or `None` for 404.
+    fn route(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: SocketAddr,
+    ) -> Option<AdminFuture> {
+        let _ = (path, headers, peer);
         None
     }
 }
@@ -172,7 +177,7 @@ fn answer<B>(
         path => match routes
             .refuse(path, req.headers(), peer)
             .map(Answer::Now)
-            .or_else(|| routes.route(path, peer).map(Answer::Later))
+            .or_else(|| routes.route(path, req.headers(), peer).map(Answer::Later))
         {
             Some(answer) => return answer,
             None => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -245,7 +250,12 @@ mod tests {
             path == "/private"
         }
 
-        fn route(&self, path: &str, _peer: SocketAddr) -> Option<AdminFuture> {
+        fn route(
+            &self,
+            path: &str,
+            _headers: &http::HeaderMap,
+            _peer: SocketAddr,
+        ) -> Option<AdminFuture> {
             match path {
                 "/doc" => Some(ready(json("{\"a\":1}"))),
                 "/private" => Some(ready(json("{\"peers\":[]}"))),

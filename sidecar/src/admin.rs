@@ -71,7 +71,12 @@ impl AdminRoutes for SidecarAdmin {
         !self.remote_decisions && names_peers(path)
     }
 
-    fn route(&self, path: &str, peer: std::net::SocketAddr) -> Option<AdminFuture> {
+    fn route(
+        &self,
+        path: &str,
+        _headers: &http::HeaderMap,
+        peer: std::net::SocketAddr,
+    ) -> Option<AdminFuture> {
         if path == "/identity" && self.role != AdminRole::Probes {
             return Some(admin::ready(identity(&self.shared)));
         }

@@ -10,7 +10,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 
 use super::certs::{self, ChainProblem};
-use super::probe::{admin_get, admin_get_with, kube_get, peer_chain};
+use super::probe::{MAX_ADMIN_BODY, admin_get, kube_get, peer_chain};
 use super::prom::Scrape;
 use super::{BundleSource, CheckConfig, Finding, Report, Status};
 use crate::auth::JwksSummary;
@@ -49,7 +49,9 @@ impl Replica {
         let rotation = match &config.admin_token {
             None => None,
             Some(token) => Some(
-                match admin_get_with(addr, "/rotation", t, &[token.header()]).await {
+                match crate::admin_token::signed_get(token, addr, "/rotation", t, MAX_ADMIN_BODY)
+                    .await
+                {
                     Ok((200, body)) => serde_json::from_slice(&body)
                         .map_err(|e| format!("/rotation is not a rotation report: {e}")),
                     Ok((401, _)) => Err(

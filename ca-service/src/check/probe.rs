@@ -15,7 +15,7 @@ use super::KubeAccess;
 use crate::auth::jwks_remote::{self, RemoteJwks};
 
 /// The largest admin answer read (a `/rotation` report of a big fleet is a few MiB).
-const MAX_ADMIN_BODY: usize = 16 << 20;
+pub(crate) const MAX_ADMIN_BODY: usize = 16 << 20;
 
 /// `GET path` on an admin port: the status and body.
 pub async fn admin_get(

@@ -5,13 +5,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use meshid_runtime::http_client::{self, Call};
 use meshid_runtime::time::unix_now;
 
 use super::gates::{activate_blockers, retire_blockers, summarize};
 use super::report::RotationReport;
 use super::view::merged;
-use crate::admin_token::AdminToken;
+use crate::admin_token::{AdminToken, signed_get};
 use crate::authorities::{AuthorityRecord, AuthorityState, RotationState};
 use crate::authority::{self, AuthorityError, ImportedRoot};
 use crate::ca_dir::{AuthorityFiles, DirLock};
@@ -28,18 +27,25 @@ pub enum RotateError {
     Admin { addr: SocketAddr, reason: String },
 }
 
+/// How long one CA has to answer a report request.
+const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest report read (a fleet of 100,000 sidecars is tens of megabytes).
+const MAX_REPORT_BYTES: usize = 64 << 20;
+
 /// Fetches `/rotation/fresh` from running CAs (their admin ports) and parses each report: a
 /// report computed after the request, never the cached one `/rotation` may answer with, so the
 /// gates see every step taken before (this command's own included). A CA of an older version
-/// (404) is asked for `/rotation`, which it always computes anew. Each request carries the admin
-/// token of `ca_dir` ([`AdminToken`]), the directory every CA process serves from.
+/// (404) is asked for `/rotation`, which it always computes anew. Each request is signed with the
+/// admin token of `ca_dir` ([`AdminToken`]), the directory every CA process serves from, and each
+/// answer must be signed with it too ([`signed_get`]): a report nobody can vouch for never reaches
+/// a gate.
 pub async fn fetch_reports(
     ca_dir: &Path,
     admins: &[SocketAddr],
 ) -> Result<Vec<RotationReport>, RotateError> {
-    let headers = match AdminToken::load(ca_dir)? {
-        Some(token) => vec![token.header()],
-        None if admins.is_empty() => Vec::new(),
+    let token = match AdminToken::load(ca_dir)? {
+        Some(token) => Some(token),
+        None if admins.is_empty() => None,
         None => {
             return Err(RotateError::Refused(format!(
                 "{}: no admin token (neither admin-token nor jwt.key): the CAs' rotation \
@@ -49,40 +55,38 @@ pub async fn fetch_reports(
         }
     };
     let mut reports = Vec::with_capacity(admins.len());
-    for addr in admins {
+    for (addr, token) in admins.iter().zip(std::iter::repeat(token.as_ref())) {
         let admin = |reason: String| RotateError::Admin {
             addr: *addr,
             reason,
         };
+        let token = token.ok_or_else(|| admin("no admin token".into()))?;
         let mut reply = None;
         for path in ["/rotation/fresh", "/rotation"] {
-            let mut get = Call::get(*addr, path);
-            get.host = Some("meshid-ca");
-            get.headers = &headers;
-            let got = http_client::send(&get)
+            let got = signed_get(token, *addr, path, REPORT_TIMEOUT, MAX_REPORT_BYTES)
                 .await
-                .map_err(|e| admin(e.to_string()))?;
-            let not_found = got.status == 404;
+                .map_err(admin)?;
+            let not_found = got.0 == 404;
             reply = Some(got);
             if !not_found {
                 break;
             }
         }
-        let Some(reply) = reply else {
+        let Some((status, body)) = reply else {
             return Err(admin("no answer".into()));
         };
-        if reply.status == 401 {
+        if status == 401 {
             return Err(admin(format!(
                 "refused the admin token of {} (HTTP 401: {}); is --dir the directory this CA \
                  serves?",
                 ca_dir.display(),
-                String::from_utf8_lossy(&reply.body[..reply.body.len().min(200)]).trim()
+                String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
             )));
         }
-        if reply.status != 200 {
-            return Err(admin(format!("answered HTTP {}", reply.status)));
+        if status != 200 {
+            return Err(admin(format!("answered HTTP {status}")));
         }
-        reports.push(serde_json::from_slice(&reply.body).map_err(|e| admin(e.to_string()))?);
+        reports.push(serde_json::from_slice(&body).map_err(|e| admin(e.to_string()))?);
     }
     Ok(reports)
 }
@@ -424,6 +428,60 @@ mod tests {
     use meshid_identity::TrustDomain;
 
     const NOW: i64 = 1_000;
+
+    /// Something between the command and the CA (a hijacked Service name) answering every report
+    /// request with `body`, unsigned or signed with `token`'s signature of another request.
+    async fn impostor(body: &'static str, signed_by: Option<AdminToken>) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = [0u8; 4096];
+                let _ = tcp.read(&mut head).await;
+                let mac = match &signed_by {
+                    Some(t) => format!(
+                        "x-meshid-admin-mac: {}\r\n",
+                        t.sign_response(&"0".repeat(32), 200, body.as_bytes())
+                    ),
+                    None => String::new(),
+                };
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{mac}content-length: \
+                     {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    /// The gates decide on reports: one the admin token does not sign (a forged "every sidecar
+    /// has acknowledged") is refused before it is read, whatever it says.
+    #[tokio::test]
+    async fn a_report_not_signed_with_the_admin_token_reaches_no_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = AdminToken::generate().unwrap();
+        token.write(dir.path()).unwrap();
+        let forged = r#"{"sidecars":[],"acknowledged":true}"#;
+        for signed_by in [
+            None,
+            Some(token.clone()),
+            Some(AdminToken::generate().unwrap()),
+        ] {
+            let what = format!("{signed_by:?}");
+            let addr = impostor(forged, signed_by).await;
+            let err = fetch_reports(dir.path(), &[addr])
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("without a valid x-meshid-admin-mac signature"),
+                "{what}: {err}"
+            );
+        }
+    }
 
     /// A CA directory, the bundle a CA process serves from it, and one sidecar instance of
     /// that process with a stream open.
