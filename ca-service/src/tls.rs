@@ -200,11 +200,19 @@ pub fn server_config(
         .first()
         .ok_or_else(|| TlsSetupError::Dates("no certificate".into()))
         .and_then(|leaf| Validity::of(leaf).map_err(TlsSetupError::Dates))?;
+    // TLS 1.3 only: every client of the CA is ours (sidecars, the CLI), and under TLS 1.2 a
+    // client certificate (an identity, a serial, a lineage) would cross the network in the clear.
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session carries the client certificate of its first handshake
+    // without verifying it again (an expired or revoked one would hold a connection slot), and a
+    // sidecar reconnects rarely enough (every 30 minutes or so) that a full handshake costs
+    // nothing that matters.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok((Arc::new(config), validity))
 }
 
@@ -756,6 +764,67 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CA's port speaks TLS 1.3 only and resumes no session: a client offering only TLS 1.2
+    /// is refused, and a client that kept the first handshake's session gets a full handshake
+    /// (its certificate verified again) the second time.
+    #[tokio::test]
+    async fn tls_1_3_only_and_every_handshake_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = meshid_identity::TrustDomain::new("cluster.local").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        let authority = Authority::load(dir.path()).unwrap();
+        let (server, _) = server_config(&authority, &["localhost".to_owned()]).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let mut roots = rustls::RootCertStore::empty();
+        for r in &authority.roots {
+            roots.add(r.clone()).unwrap();
+        }
+        let client = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+            let mut c = rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            Arc::new(c)
+        };
+        let handshake = |config: Arc<rustls::ClientConfig>| {
+            let acceptor = acceptor.clone();
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (a, b) = tokio::io::duplex(64 * 1024);
+                let server = tokio::spawn(async move {
+                    // A byte after the handshake: the client reads any session ticket before it.
+                    let mut tls = acceptor.accept(b).await?;
+                    tls.write_all(b"x").await?;
+                    tls.flush().await?;
+                    let mut rest = Vec::new();
+                    tls.read_to_end(&mut rest).await.map(|_| ())
+                });
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let got = async {
+                    let mut tls = tokio_rustls::TlsConnector::from(config)
+                        .connect(name, a)
+                        .await?;
+                    let mut byte = [0u8; 1];
+                    tls.read_exact(&mut byte).await?;
+                    let kind = tls.get_ref().1.handshake_kind();
+                    tls.shutdown().await?;
+                    Ok::<_, std::io::Error>(kind)
+                }
+                .await;
+                let _ = server.await;
+                got
+            }
+        };
+        assert!(handshake(client(&[&rustls::version::TLS12])).await.is_err());
+        let resuming = client(&[&rustls::version::TLS13]);
+        for _ in 0..2 {
+            let kind = handshake(resuming.clone()).await.unwrap();
+            assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+        }
+    }
 
     #[tokio::test]
     async fn a_connection_is_idle_only_with_no_call_in_flight() {
