@@ -273,21 +273,69 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    // Waiting for data, a pump holds only this small buffer (in its future): an idle TCP stream
+    // or tunnel held two 16 KiB heap buffers for its whole life, 32 KiB a connection. A read that
+    // fills it means more is waiting: the pump then reads on with a large buffer for as long as
+    // data is ready, and frees it as soon as a read would wait.
+    let mut small = [0u8; SMALL_READ];
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = from.read(&mut small).await?;
         if n == 0 {
             // Half-close: the other side learns there is no more data, but may keep sending.
             to.shutdown().await?;
             return Ok(total);
         }
-        to.write_all(&buf[..n]).await?;
-        // Writers may buffer (TLS records, coalescing): what was read is sent now.
-        to.flush().await?;
-        total += n as u64;
-        activity.store(now_millis(start), Ordering::Relaxed);
+        send(&mut to, &small[..n], &mut total, &activity, start).await?;
+        if n < SMALL_READ {
+            continue;
+        }
+        let mut large = vec![0u8; LARGE_READ];
+        while let Some(read) = read_ready(&mut from, &mut large).await {
+            let n = read?;
+            if n == 0 {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            send(&mut to, &large[..n], &mut total, &activity, start).await?;
+        }
     }
+}
+
+/// What a pump reads while it waits for data (see [`pump`]).
+const SMALL_READ: usize = 2 * 1024;
+/// What it reads while data keeps coming.
+const LARGE_READ: usize = 16 * 1024;
+
+/// One read into `buf` if data is ready now; `None` if the read would wait (nothing is lost: a
+/// read that is not ready has read nothing).
+async fn read_ready<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buf: &mut [u8],
+) -> Option<io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut read = tokio::io::ReadBuf::new(buf);
+        match Pin::new(&mut *from).poll_read(cx, &mut read) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r.map(|()| read.filled().len()))),
+        }
+    })
+    .await
+}
+
+async fn send<W: AsyncWrite + Unpin>(
+    to: &mut W,
+    data: &[u8],
+    total: &mut u64,
+    activity: &AtomicU64,
+    start: Instant,
+) -> io::Result<()> {
+    to.write_all(data).await?;
+    // Writers may buffer (TLS records, coalescing): what was read is sent now.
+    to.flush().await?;
+    *total += data.len() as u64;
+    activity.store(now_millis(start), Ordering::Relaxed);
+    Ok(())
 }
 
 /// Whether a copy that ended in `error` ended in a way both ends may take as an ordinary close: the
@@ -355,6 +403,66 @@ mod tests {
         client.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
         assert_eq!(task.await.unwrap().unwrap(), (4, 4));
+    }
+
+    /// Bulk data both ways arrives whole and in order (the pump switches to its large buffer and
+    /// back), and a message that exactly fills the small buffer is passed on without waiting for
+    /// more.
+    #[tokio::test]
+    async fn bulk_and_buffer_sized_messages_arrive_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, proxy_a) = duplex(4096);
+        let (proxy_b, mut server) = duplex(4096);
+        let copy = tokio::spawn(copy_bidirectional_idle(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(30),
+        ));
+        // Exactly SMALL_READ bytes, then silence: the answer must come back without more input.
+        let message: Vec<u8> = (0..SMALL_READ).map(|i| (i % 251) as u8).collect();
+        client.write_all(&message).await.unwrap();
+        let mut got = vec![0u8; SMALL_READ];
+        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+            .await
+            .expect("a buffer-sized message is passed on at once")
+            .unwrap();
+        assert_eq!(got, message);
+        // A megabyte each way at once.
+        let up: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(7) % 253) as u8)
+            .collect();
+        let down: Vec<u8> = (0..1 << 20)
+            .map(|i: u32| (i.wrapping_mul(13) % 241) as u8)
+            .collect();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let (u, d) = (up.clone(), down.clone());
+        let writers = tokio::spawn(async move {
+            let a = async {
+                cw.write_all(&u).await.unwrap();
+                cw.shutdown().await.unwrap();
+            };
+            let b = async {
+                sw.write_all(&d).await.unwrap();
+                sw.shutdown().await.unwrap();
+            };
+            tokio::join!(a, b);
+        });
+        let (mut at_server, mut at_client) = (Vec::new(), Vec::new());
+        let (a, b) = tokio::join!(
+            sr.read_to_end(&mut at_server),
+            cr.read_to_end(&mut at_client)
+        );
+        a.unwrap();
+        b.unwrap();
+        writers.await.unwrap();
+        assert_eq!(at_server, up);
+        assert_eq!(at_client, down);
+        let (to_server, to_client) = copy.await.unwrap().unwrap();
+        assert_eq!(
+            (to_server, to_client),
+            ((SMALL_READ + (1 << 20)) as u64, 1 << 20)
+        );
     }
 
     #[tokio::test]
