@@ -91,7 +91,19 @@ pub struct Metrics {
     pub heap_trim_seconds: Counter<f64, AtomicU64>,
     /// `--metrics-peer-identity`: request, duration and byte series carry the verified peer's ID.
     pub peer_identity: bool,
+    /// The peers that have series of their own ([`MAX_PEER_LABELS`] at most; see
+    /// [`Metrics::peer_label`]).
+    pub peer_labels:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::sync::Arc<str>>>>,
 }
+
+/// The most peers that get series of their own with `--metrics-peer-identity`; later ones share
+/// `peer="other"`. Series are never removed (a counter that vanished would read as a reset), so
+/// over months of new callers (preview namespaces, join tokens) the label set grew without end.
+pub const MAX_PEER_LABELS: usize = 1_000;
+
+/// The `peer` label of the peers past [`MAX_PEER_LABELS`].
+pub const OTHER_PEERS: &str = "other";
 
 impl Metrics {
     /// Creates the metrics and registers them under `meshid_sidecar_`.
@@ -371,11 +383,51 @@ impl Metrics {
         drop(self.sent_bytes.get_or_create(&bytes));
     }
 
-    /// The `peer` label for `id`: the ID with `--metrics-peer-identity`, else none.
+    /// The `peer` label for `id`: with `--metrics-peer-identity` the ID, or `other` once
+    /// [`MAX_PEER_LABELS`] other peers have theirs; else none.
     pub fn peer_label(&self, id: &meshid_identity::SpiffeId) -> PeerLabel {
-        PeerLabel(
-            self.peer_identity
-                .then(|| std::sync::Arc::from(id.as_str())),
-        )
+        if !self.peer_identity {
+            return PeerLabel(None);
+        }
+        let mut labelled = self
+            .peer_labels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(known) = labelled.get(id.as_str()) {
+            return PeerLabel(Some(known.clone()));
+        }
+        if labelled.len() >= MAX_PEER_LABELS {
+            return PeerLabel(Some(std::sync::Arc::from(OTHER_PEERS)));
+        }
+        let label: std::sync::Arc<str> = std::sync::Arc::from(id.as_str());
+        labelled.insert(label.clone());
+        PeerLabel(Some(label))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_cap_new_peers_share_one_label() {
+        let mut metrics = Metrics {
+            peer_identity: true,
+            ..Metrics::default()
+        };
+        let id = |n: usize| {
+            meshid_identity::SpiffeId::parse(&format!("spiffe://cluster.local/ns/n{n}/sa/s"))
+                .unwrap()
+        };
+        let label = |m: &Metrics, n: usize| m.peer_label(&id(n)).0.unwrap().to_string();
+        for n in 0..MAX_PEER_LABELS {
+            assert_eq!(label(&metrics, n), id(n).as_str());
+        }
+        assert_eq!(label(&metrics, MAX_PEER_LABELS), OTHER_PEERS);
+        assert_eq!(label(&metrics, MAX_PEER_LABELS + 1), OTHER_PEERS);
+        // Those labelled before keep their own, in every clone of the metrics.
+        assert_eq!(label(&metrics.clone(), 7), id(7).as_str());
+        metrics.peer_identity = false;
+        assert_eq!(metrics.peer_label(&id(7)).0, None);
     }
 }
