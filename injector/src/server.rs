@@ -164,13 +164,12 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let (open_tx, stop) = (open_tx.clone(), stop.clone());
         tokio::spawn(async move {
-            shared.metrics.connections_open.inc();
+            let _open =
+                meshid_runtime::exposition::GaugeHeld::new(&shared.metrics.connections_open);
             let _ = tcp.set_nodelay(true);
             let tcp = Displaceable::new(tcp, admitted.displacement);
             let ticket = Arc::new(admitted.ticket);
-            let metrics = shared.metrics.clone();
             connection(tcp, peer, acceptor, shared, ticket, stop).await;
-            metrics.connections_open.dec();
             drop(open_tx);
         });
         if displaced {

@@ -524,3 +524,56 @@ c_info{v=\"1\"} 1
         }
     }
 }
+
+/// One unit of a gauge, held: counted up when made and down when dropped, whichever way the holder
+/// ends (returns, an error, a cancelled future, a panic unwinding its task). A gauge counted up and
+/// down by hand around an `.await` drifts up for good each time the code between is cut short.
+#[derive(Debug)]
+pub struct GaugeHeld(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeHeld {
+    pub fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeHeld {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod gauge_held_tests {
+    use super::GaugeHeld;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    #[tokio::test]
+    async fn a_held_unit_is_given_back_however_its_holder_ends() {
+        let gauge = Gauge::<i64>::default();
+        let held = GaugeHeld::new(&gauge);
+        assert_eq!(gauge.get(), 1);
+        drop(held);
+        assert_eq!(gauge.get(), 0);
+        // A task that panics while holding it.
+        let g = gauge.clone();
+        let task = tokio::spawn(async move {
+            let _held = GaugeHeld::new(&g);
+            panic!("the handler failed");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(gauge.get(), 0);
+        // A future dropped while waiting.
+        let g = gauge.clone();
+        let waiting = tokio::spawn(async move {
+            let _held = GaugeHeld::new(&g);
+            std::future::pending::<()>().await;
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(gauge.get(), 1);
+        waiting.abort();
+        assert!(waiting.await.is_err());
+        assert_eq!(gauge.get(), 0);
+    }
+}

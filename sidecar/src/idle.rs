@@ -586,7 +586,7 @@ pub async fn serve_h1<IO, S, F, R>(
         // hyper's buffers are gone: let their pages go back to the kernel.
         shared.heap.freed();
         let limit = head_timeout.saturating_sub(quiet_since.elapsed());
-        idle.inc();
+        let held = meshid_runtime::exposition::GaugeHeld::new(&idle);
         let mut byte = [0u8; 1];
         let woke = tokio::select! {
             r = tokio::time::timeout(limit, io.inner.read(&mut byte)) => match r {
@@ -599,7 +599,7 @@ pub async fn serve_h1<IO, S, F, R>(
             // A revoked peer's idle connection is closed now, not when it next sends a request.
             () = &mut revoked => false,
         };
-        idle.dec();
+        drop(held);
         if !woke {
             Box::pin(close(io.inner)).await;
             return;
