@@ -73,6 +73,17 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+/// A spawned task aborted when this handle is dropped: a connection task that must not outlive
+/// the exchange it serves, whichever way that exchange ends.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Sends one request and reads the whole answer.
 pub async fn send(req: &Call<'_>) -> Result<Reply, ClientError> {
     tokio::time::timeout(req.timeout, exchange(req))
@@ -112,7 +123,8 @@ async fn exchange(req: &Call<'_>) -> Result<Reply, ClientError> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
-    let conn = tokio::spawn(conn);
+    // Ended with the exchange however it ends (the caller's timeout drops this future).
+    let _conn = AbortOnDrop(tokio::spawn(conn));
     let resp = sender
         .send_request(request)
         .await
@@ -124,7 +136,6 @@ async fn exchange(req: &Call<'_>) -> Result<Reply, ClientError> {
         .await
         .map_err(|e| ClientError::Http(format!("reading the body: {e}")))?
         .to_bytes();
-    conn.abort();
     Ok(Reply {
         status,
         headers,

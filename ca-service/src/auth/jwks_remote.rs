@@ -246,8 +246,9 @@ async fn get(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| fail(format!("HTTP: {e}")))?;
-    let conn = tokio::spawn(conn);
-    let result = async {
+    // Ended with this fetch however it ends (the caller's timeout drops this future).
+    let _conn = meshid_runtime::http_client::AbortOnDrop(tokio::spawn(conn));
+    async {
         let request = http::Request::get(target.path.as_str())
             .header(HOST, target.authority.as_str())
             .header(AUTHORIZATION, token.clone())
@@ -275,9 +276,7 @@ async fn get(
             })?;
         Ok(body.to_bytes())
     }
-    .await;
-    conn.abort();
-    result
+    .await
 }
 
 #[cfg(test)]
