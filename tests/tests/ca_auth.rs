@@ -10,7 +10,9 @@ use meshid_proto::ca::v1::{IssueRequest, issue_request::Credential};
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::fake_apiserver::{Answer, FakeApiServer};
 use meshid_tests::fake_cluster::{FakeCluster, KeyKind, TokenSpec, unix_now};
+use meshid_tests::mesh::metric;
 use meshid_tests::pki::{ForeignCa, WorkloadKey};
+use meshid_tests::process::http_get;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::json;
@@ -26,8 +28,9 @@ enum Expect {
     Issued(&'static str),
     /// This gRPC status code.
     Status(Code),
-    /// The TLS layer refuses the client certificate: no answer at the gRPC level.
-    TlsRefused,
+    /// The TLS layer refuses the client certificate: no answer at the gRPC level, and the CA
+    /// counts a failed handshake for this reason (`meshid_ca_tls_handshake_failures_total`).
+    TlsRefused(&'static str),
 }
 
 enum Cred {
@@ -77,6 +80,25 @@ async fn issue(ca: &TestCa, cred: Cred) -> Result<String, Result<Code, String>> 
         }
         Err(s) => Err(Ok(s.code())),
     }
+}
+
+/// The CA's failed TLS handshakes (`meshid_ca_tls_handshake_failures_total`).
+const CA_HANDSHAKE_FAILURES: &str = "meshid_ca_tls_handshake_failures_total";
+
+/// The CA's failed TLS handshakes counted for `reason` (0 before the first, or when the admin
+/// port does not answer).
+async fn ca_handshake_failures(ca: &TestCa, reason: &'static str) -> u64 {
+    let admin = ca.admin_addr;
+    let metrics = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+        .await
+        .unwrap()
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    metric(
+        &metrics,
+        CA_HANDSHAKE_FAILURES,
+        &[&format!("reason=\"{reason}\"")],
+    )
 }
 
 /// Mints a certificate for `id` directly with the CA's key, valid from `start` for `lifetime`.
@@ -208,22 +230,22 @@ async fn authentication_cases() {
                 p.subject_alt_names = vec![uri(FRONTEND)];
                 p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
             }),
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("wrong_purpose"),
         },
         Case {
             name: "renewal with the intermediate CA certificate as the leaf",
             cred: Cred::Cert(vec![authority.intermediate_der.clone()], inter_key),
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("ca_as_leaf"),
         },
         Case {
             name: "renewal with a leaf signed by another leaf",
             cred: below_leaf,
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("bad_chain"),
         },
         Case {
             name: "renewal with a CA below the path-length-0 intermediate",
             cred: below_ca,
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("bad_chain"),
         },
     ];
 
@@ -429,12 +451,12 @@ async fn authentication_cases() {
         Case {
             name: "renewal with an expired certificate",
             cred: Cred::Cert(expired_chain, expired_key),
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("expired"),
         },
         Case {
             name: "renewal with a certificate from another CA",
             cred: Cred::Cert(foreign_chain, foreign_key),
-            expected: Expect::TlsRefused,
+            expected: Expect::TlsRefused("unknown_ca"),
         },
         Case {
             name: "no credential at all",
@@ -443,13 +465,53 @@ async fn authentication_cases() {
         },
     ];
 
+    // A renewal that must work after the hostile ones: the CA is still up and still renews.
+    let (control_chain, control_key) = direct_cert(
+        &ca,
+        FRONTEND,
+        OffsetDateTime::now_utc(),
+        Duration::from_secs(3600),
+    );
+    let control = Case {
+        name: "renewal with a valid certificate, after the hostile ones",
+        cred: Cred::Cert(control_chain, control_key),
+        expected: Expect::Issued(FRONTEND),
+    };
+
     let mut failures = Vec::new();
-    for case in cases.into_iter().chain(hostile_renewals) {
+    for case in cases.into_iter().chain(hostile_renewals).chain([control]) {
+        let refusals_before = match case.expected {
+            Expect::TlsRefused(reason) => ca_handshake_failures(&ca, reason).await,
+            _ => 0,
+        };
         let got = issue(&ca, case.cred).await;
         let ok = match (&case.expected, &got) {
             (Expect::Issued(id), Ok(got_id)) => got_id == id,
             (Expect::Status(code), Err(Ok(got_code))) => code == got_code,
-            (Expect::TlsRefused, Err(Err(_))) => true,
+            // The client sees the alert, maybe before the CA has counted its refusal (TLS 1.3).
+            (Expect::TlsRefused(reason), Err(Err(_))) => {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    if ca_handshake_failures(&ca, reason).await > refusals_before {
+                        break true;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        let admin = ca.admin_addr;
+                        let m = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+                            .await
+                            .unwrap()
+                            .map(|(_, m)| m)
+                            .unwrap_or_default();
+                        let counted: Vec<&str> = m
+                            .lines()
+                            .filter(|l| l.starts_with(CA_HANDSHAKE_FAILURES))
+                            .collect();
+                        eprintln!("{}: no {reason} refusal counted: {counted:?}", case.name);
+                        break false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             _ => false,
         };
         if !ok {
@@ -507,12 +569,39 @@ async fn jwks_rotation_is_picked_up_without_restart() {
             Err(e) => panic!("new JWKS never picked up: {e:?}"),
         }
     }
-    // A broken JWKS file keeps the last good keys.
+    // A broken JWKS file keeps the last good keys. The file is looked at again on the calls that
+    // follow; each is still served, until the CA has read the broken file and counted the error.
+    let jwks_errors = || async {
+        let admin = ca.admin_addr;
+        let metrics = tokio::task::spawn_blocking(move || http_get(admin, "/metrics"))
+            .await
+            .unwrap()
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        metric(
+            &metrics,
+            "meshid_ca_jwks_refreshes_total",
+            &["result=\"error\""],
+        )
+    };
+    let errors_before = jwks_errors().await;
     std::fs::write(ca.dir.path().join("jwks.json"), "{ not json").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while jwks_errors().await == errors_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken JWKS file was never read"
+        );
+        assert_eq!(
+            issue(&ca, Cred::Token(new_cluster.token("shop", "frontend"))).await,
+            Ok(FRONTEND.to_owned())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(
         issue(&ca, Cred::Token(new_cluster.token("shop", "frontend"))).await,
-        Ok(FRONTEND.to_owned())
+        Ok(FRONTEND.to_owned()),
+        "the last good keys are kept once the broken file was read"
     );
 }
 

@@ -373,10 +373,47 @@ async fn trust_bundle_is_served_and_streamed_on_change() {
     assert_eq!(resp.spiffe_id, FRONTEND);
     assert_eq!(resp.bundle_version, second.version);
 
-    // A broken bundle file is ignored; the stream stays quiet and open.
+    // A broken bundle file is ignored; the stream stays quiet and open. The CA has read it and
+    // refused it (the directory counts as rejected) before the stream is looked at.
+    let admin = ca.admin_addr;
+    let directory_rejected = move || {
+        tokio::task::spawn_blocking(move || {
+            let (_, metrics) = http_get(admin, "/metrics");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("meshid_ca_directory_rejected "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+    };
+    assert_eq!(directory_rejected().await.unwrap(), Some(0));
     std::fs::write(&path, "garbage").unwrap();
-    let quiet = tokio::time::timeout(Duration::from_millis(2500), stream.message()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        // The stream must stay quiet meanwhile too.
+        let quiet = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+        assert!(quiet.is_err(), "no update for a broken bundle: {quiet:?}");
+        if directory_rejected().await.unwrap() == Some(1) {
+            break true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            break false;
+        }
+    };
+    assert!(refused, "the broken bundle file is refused");
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), stream.message()).await;
     assert!(quiet.is_err(), "no update for a broken bundle: {quiet:?}");
+    // The bundle served is still the last good one.
+    let served = ca
+        .client()
+        .await
+        .get_trust_bundle(GetTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (served.version, served.roots),
+        (second.version, second.roots)
+    );
 }
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {

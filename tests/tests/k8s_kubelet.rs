@@ -16,6 +16,7 @@ use std::time::Duration;
 use meshid_injector::{InjectConfig, TrustBundle};
 use meshid_tests::fake_cluster::FakeCluster;
 use meshid_tests::kubelet::{inject, pod, run_sidecar};
+use meshid_tests::mesh::{handshake_failure_lines, handshake_failures, metric};
 use meshid_tests::process::{Proc, free_addr, http_get, wait_http_ok};
 use meshid_tests::tools::workspace_bin;
 use serde_json::json;
@@ -149,11 +150,21 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
     let (code, body) = http_get(via, "/orders").unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(&format!("caller={FRONTEND}")), "{body}");
-    // The backend's inbound port on the pod IP refuses plaintext: only the mesh gets in.
+    // The backend's inbound port on the pod IP refuses plaintext: only the mesh gets in. The
+    // port is there (the connection is accepted), the request gets no answer from the app, and the
+    // sidecar counts a failed handshake.
+    let b_metrics = || http_get(b_stats, "/metrics").unwrap().1;
+    let plaintext_refusals = || handshake_failures(&b_metrics(), "inbound", "protocol");
+    let refusals_before = plaintext_refusals();
+    let answer = plaintext_get(SocketAddr::from(([127, 0, 0, 3], port)), "/orders");
     assert!(
-        http_get(SocketAddr::from(([127, 0, 0, 3], port)), "/orders")
-            .map(|(c, _)| c != 200)
-            .unwrap_or(true)
+        !answer.contains("HTTP/1.1 200") && !answer.contains("caller="),
+        "a plaintext request reached the app: {answer:?}"
+    );
+    assert!(
+        eventually(|| plaintext_refusals() > refusals_before),
+        "the plaintext connection is counted as a failed handshake:\n{}",
+        handshake_failure_lines(&b_metrics()).join("\n")
     );
 
     // kubectl annotate pod backend meshid.io/allow-PORT=spiffe://.../sa/ops --overwrite
@@ -170,10 +181,20 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
     assert!(body.to_lowercase().contains("x-meshid-reason"), "{body}");
 
     // A broken annotation keeps the last good policy; fixing it applies at once.
+    let rejected_reloads = || metric(&b_metrics(), REJECTED_RELOADS, &[]);
+    let rejected_before = rejected_reloads();
+    assert_eq!(metric(&b_metrics(), POLICY_REJECTED, &[]), 0);
     let mut broken = backend_annotations(FRONTEND);
     broken[format!("meshid.io/allow-{port}")] = json!("spiffe://cluster.local/ns/shop/sa/fr*nt");
     b_files.write_annotations(&broken);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The sidecar has read the broken file and refused it before we look at what is in force.
+    assert!(
+        eventually(|| rejected_reloads() > rejected_before),
+        "the broken annotation is rejected:\n{}",
+        b_metrics()
+    );
+    let m = b_metrics();
+    assert_eq!(metric(&m, POLICY_REJECTED, &[]), 1, "{m}");
     assert_eq!(
         http_get(via, "/orders").unwrap().0,
         403,
@@ -188,10 +209,16 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
             .unwrap_or(false)),
         "allowed again without a restart"
     );
-    let (_, metrics) = http_get(b_stats, "/metrics").unwrap();
-    assert!(
-        metrics.contains("rejected"),
-        "the rejected reload is counted"
+    let metrics = b_metrics();
+    assert_eq!(
+        metric(&metrics, REJECTED_RELOADS, &[]),
+        rejected_before + 1,
+        "the rejected reload is counted once: {metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, POLICY_REJECTED, &[]),
+        0,
+        "the fixed annotation clears the rejection: {metrics}"
     );
 
     // An app that listens on all addresses leaves its sidecar no port: a clear startup error.
@@ -216,6 +243,28 @@ async fn injected_pods_run_allow_deny_and_follow_annotation_changes() {
         .wait_timeout(Duration::from_secs(10))
         .expect("sidecar exits");
     assert_eq!(status.code(), Some(64), "bad configuration");
+}
+
+/// Rejected policy reloads (the downward-API annotations file) of a sidecar.
+const REJECTED_RELOADS: &str = "meshid_sidecar_policy_reloads_total{result=\"rejected\"}";
+/// 1 while the newest policy file is rejected and the last good one is in force.
+const POLICY_REJECTED: &str = "meshid_sidecar_policy_rejected ";
+
+/// Connects to `addr` (which must accept), sends a plaintext `GET path`, and returns whatever comes
+/// back before the connection ends (lossily decoded: a TLS alert is binary).
+fn plaintext_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .expect("the inbound port accepts connections");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // The sidecar may close as soon as it sees the first bytes: a failed write is an answer too.
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: meshid\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn eventually(check: impl Fn() -> bool) -> bool {

@@ -110,6 +110,11 @@ async fn curl_with_our_certificates_allowed_and_denied() {
         .arg(&client.key_path)
         .arg(&url));
     assert!(!ok, "pinning must fail for another key: {out}");
+    // curl's own refusal (exit 90, CURLE_SSL_PINNEDPUBKEYNOTMATCH), not some other failure.
+    assert!(
+        out.contains("(90)") && out.contains("public key does not match pinned public key"),
+        "{out}"
+    );
 }
 
 fn s_client(addr: std::net::SocketAddr, extra: &[&str]) -> String {

@@ -243,6 +243,23 @@ fn metric(metrics: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// Writes `yaml` as the sidecar's policy and waits until the sidecar has applied it (its applied
+/// reloads rise): what follows runs under the new policy.
+async fn apply_policy(sidecar: &TestSidecar, yaml: &str) {
+    const APPLIED: &str = "meshid_sidecar_policy_reloads_total{result=\"applied\"}";
+    let before = metric(&sidecar.metrics().await, APPLIED);
+    sidecar.write_policy(yaml);
+    let applied = eventually(Duration::from_secs(10), || async {
+        metric(&sidecar.metrics().await, APPLIED) > before
+    })
+    .await;
+    assert!(
+        applied,
+        "the policy was not applied:\n{yaml}\n{}",
+        sidecar.metrics().await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_sidecar_says_who_called_in_any_spelling() {
     let e = http_sidecar("127.0.0.40", Limits::default(), http_policy(&[CLIENT])).await;
@@ -1123,10 +1140,13 @@ async fn a_policy_that_drops_the_peer_closes_its_tunnels() {
     let mut dropped = open_tunnel(&e.pki, &e.sidecar, &client).await;
     let mut kept = open_tunnel(&e.pki, &e.sidecar, &other).await;
     // A change that still allows both keeps both.
-    e.sidecar
-        .write_policy(&http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"));
+    apply_policy(
+        &e.sidecar,
+        &http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"),
+    )
+    .await;
     assert!(!tunnel_ends_within(&mut dropped, Duration::from_secs(2)).await);
-    e.sidecar.write_policy(&http_policy(&[OTHER]));
+    apply_policy(&e.sidecar, &http_policy(&[OTHER])).await;
     assert!(
         tunnel_ends_within(&mut dropped, Duration::from_secs(10)).await,
         "the dropped peer's tunnel stayed open"
@@ -1708,10 +1728,13 @@ async fn a_policy_that_drops_the_peer_ends_its_http_streams() {
     let mut dropped = open_stream(&e.pki, &e.sidecar, &client).await;
     let mut kept = open_stream(&e.pki, &e.sidecar, &other).await;
     // A change that still allows both keeps both.
-    e.sidecar
-        .write_policy(&http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"));
+    apply_policy(
+        &e.sidecar,
+        &http_policy(&[CLIENT, OTHER]).replace("/api/*]", "/api/*, /more]"),
+    )
+    .await;
     assert!(!stream_ends_within(&mut dropped, Duration::from_secs(2)).await);
-    e.sidecar.write_policy(&http_policy(&[OTHER]));
+    apply_policy(&e.sidecar, &http_policy(&[OTHER])).await;
     assert!(
         stream_ends_within(&mut dropped, Duration::from_secs(10)).await,
         "the dropped peer's stream went on"
@@ -1877,11 +1900,11 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     assert!(read_head(&mut h1).await.starts_with("HTTP/1.1 200"));
 
     // Audit mode would deny them, and ends nothing.
-    e.sidecar.write_policy(&get_policy("audit", "/other"));
+    apply_policy(&e.sidecar, &get_policy("audit", "/other")).await;
     assert!(!h2_body_ends_within(&mut streamed, Duration::from_secs(2)).await);
     assert!(!stream_ends_within(&mut h1, Duration::from_millis(500)).await);
 
-    e.sidecar.write_policy(&get_policy("enforce", "/other"));
+    apply_policy(&e.sidecar, &get_policy("enforce", "/other")).await;
     assert!(
         h2_body_ends_within(&mut streamed, Duration::from_secs(10)).await,
         "the h2 stream the policy no longer allows went on"

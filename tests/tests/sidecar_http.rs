@@ -566,6 +566,13 @@ async fn the_decision_log_names_a_well_formed_traceparent_only() {
     }))
     .is_err()
     {
+        // Skipping is for a local `cargo test` only: in CI (nextest, one test per process) a
+        // subscriber already set means this test would check nothing.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "a global tracing subscriber was already set: the decision log cannot be checked"
+        );
+        eprintln!("skipped: a global tracing subscriber was already set (run it with nextest)");
         return;
     }
     let app = http_echo().await;

@@ -340,16 +340,96 @@ async fn ca_outage_keeps_traffic_then_expiry_fails_closed() {
     task.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0);
 
-    // The CA goes away for good: past expiry the sidecar is not ready and refuses new connections.
+    // The CA goes away for good: past expiry both sidecars are not ready (but alive) and refuse
+    // new connections.
     ca.stop().await;
-    let not_ready = eventually(Duration::from_secs(20), || async { !ready(&b).await }).await;
-    assert!(not_ready, "not ready once the certificate expired");
+    let not_ready = eventually(Duration::from_secs(20), || async {
+        !ready(&a).await && !ready(&b).await
+    })
+    .await;
+    assert!(not_ready, "not ready once the certificates expired");
+    for (name, sidecar) in [("frontend", &a), ("backend", &b)] {
+        let admin = sidecar.admin;
+        let (health, readiness) = tokio::task::spawn_blocking(move || {
+            (
+                http_get(admin, "/healthz").unwrap_or_else(|e| (0, e.to_string())),
+                http_get(admin, "/readyz").unwrap_or_else(|e| (0, e.to_string())),
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(health.0, 200, "{name}: still alive: {}", health.1);
+        assert_eq!(readiness.0, 503, "{name}: {}", readiness.1);
+        assert!(
+            readiness
+                .1
+                .contains("not ready: certificate is not valid now"),
+            "{name}: {}",
+            readiness.1
+        );
+    }
+    // The frontend's outbound refuses to dial with its expired certificate, and says so.
     let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
     let got = http_request(tcp, false, get("/orders", &[])).await;
+    let (status, headers, body) = got.expect("the outbound answers");
+    assert_eq!(status, 502, "fails closed after expiry: {body}");
+    let reason = headers
+        .get("x-meshid-reason")
+        .and_then(|r| r.to_str().ok())
+        .unwrap_or_default();
     assert!(
-        !matches!(got, Ok((200, _, _))),
-        "fails closed after expiry: {got:?}"
+        reason.contains("our certificate is not valid now (failing closed)"),
+        "{reason:?}: {body}"
     );
+    // The backend's inbound refuses even a peer with a valid certificate, before any TLS, and
+    // counts why.
+    let expired_refusals = || async {
+        meshid_tests::mesh::metric(
+            &b.metrics().await,
+            "meshid_sidecar_connections_refused_total",
+            &["direction=\"inbound\"", "reason=\"certificate_expired\""],
+        )
+    };
+    let refusals_before = expired_refusals().await;
+    let peer = valid_workload(&ca, A);
+    let config = meshid_tests::mesh::client_config(
+        &ca.roots,
+        &ca.trust_domain,
+        Some(&peer),
+        &meshid_identity::SpiffeId::parse(B).unwrap(),
+        &[],
+    );
+    let echoed = meshid_tests::mesh::echo_roundtrip(b.inbound[0], config, b"hi").await;
+    assert!(echoed.is_err(), "served past expiry: {echoed:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            expired_refusals().await > refusals_before
+        })
+        .await,
+        "refused as expired: {}",
+        b.metrics().await
+    );
+}
+
+/// A certificate for `id` signed with `ca`'s key directly (the CA need not be running), valid now
+/// for an hour.
+fn valid_workload(ca: &TestCa, id: &str) -> meshid_tests::mesh::Workload {
+    let w = meshid_tests::pki::WorkloadKey::new();
+    let key = meshid_ca::csr::CsrPublicKey::from_csr_der(&w.csr).unwrap();
+    let issued = meshid_ca::signer::sign_leaf(
+        &ca.authority(),
+        &meshid_identity::SpiffeId::parse(id).unwrap(),
+        &key,
+        Duration::from_secs(3600),
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    meshid_tests::mesh::Workload {
+        chain: issued.chain,
+        key_der: w.key.serialize_der(),
+        cert_path: Default::default(),
+        key_path: Default::default(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,10 +621,24 @@ async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
     assert!(r.is_ok(), "closed by the outbound sidecar");
+    let lived = started.elapsed();
+    let closed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // Not before the upstream's certificate expired (the sidecar counts in whole seconds of the
+    // wall clock: up to one early), and not long after.
+    let not_after = meshid_identity::cert_identity_from_der(&short.chain[0])
+        .unwrap()
+        .not_after;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
+        closed_at >= not_after as f64 - 1.0,
+        "closed {:.1} s before the upstream certificate's expiry",
+        not_after as f64 - closed_at
+    );
+    assert!(
+        lived < Duration::from_secs(10),
+        "closed at the upstream certificate's expiry, after {lived:?}"
     );
 }
 

@@ -410,13 +410,42 @@ async fn upstream_with_the_wrong_identity_is_refused() {
     let m = a.metrics().await;
     assert!(m.contains(r#"reason="unexpected_identity""#), "{m}");
 
-    // TCP: the app's connection is closed without data.
-    let (a, _b) = pair(&pki, tcp_echo().await, Protocol::Tcp, expected).await;
+    // TCP: the app's connection is closed without data, and the outbound counts why.
+    let echo = tcp_echo().await;
+    let (a, b) = pair(&pki, echo, Protocol::Tcp, expected).await;
     let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
     let _ = s.write_all(b"secret").await;
     let mut back = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    assert!(ended.is_ok(), "the app's connection is closed");
     assert!(back.is_empty(), "no data from a wrong upstream");
+    let m = a.metrics().await;
+    assert_eq!(
+        handshake_failures(&m, "outbound", "unexpected_identity"),
+        1,
+        "{}",
+        handshake_failure_lines(&m).join("\n")
+    );
+    // The control: an outbound to the same backend expecting its real identity gets the echo.
+    let right = frontend(&pki, &b.inbound[0].to_string(), Protocol::Tcp, B, None).await;
+    let mut s = tokio::net::TcpStream::connect(right.outbound[0])
+        .await
+        .unwrap();
+    s.write_all(b"secret").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .expect("the echo ends")
+        .expect("the right upstream's connection ends cleanly");
+    assert_eq!(back, b"secret", "the right upstream echoes");
+    let m = right.metrics().await;
+    assert!(
+        handshake_failure_lines(&m)
+            .iter()
+            .all(|l| l.ends_with(" 0")),
+        "{m}"
+    );
 }
 
 /// A gRPC app: the standard health service over h2c on 127.0.0.1.
