@@ -1211,3 +1211,68 @@ async fn the_remote_inbound_ends_a_stalled_stream_alone_not_the_shared_connectio
     );
     drop(held);
 }
+
+/// An upstream port that takes the handshake without agreeing to h2 (a TCP listener: no ALPN)
+/// gets no h2 frames: the outbound answers 502 naming the mismatch, and the bytes the upstream's
+/// app would have seen hold no h2 connection preface.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_without_h2_alpn_gets_no_h2_frames() {
+    use tokio::io::AsyncReadExt;
+    let pki = TestPki::new();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = l.local_addr().unwrap();
+    let acceptor = pki.workload(B).upstream_acceptor(&[]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (record, counted) = (seen.clone(), handshakes.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, record, counted) = (acceptor.clone(), record.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 1024];
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let a = outbound_to(&pki, upstream).await;
+    let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    // A POST goes over h2 (the HTTP/1.1 pool takes idempotent requests only).
+    let req = hyper::Request::post("/orders")
+        .header("host", "backend")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let (status, headers, body) =
+        tokio::time::timeout(Duration::from_secs(10), http_request(tcp, false, req))
+            .await
+            .expect("an answer")
+            .expect("a response");
+    assert_eq!(status, 502, "{body}");
+    let reason = headers
+        .get("x-meshid-reason")
+        .and_then(|r| r.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.contains("did not agree to h2"), "{reason:?}: {body}");
+    assert!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the upstream's handshake completed (the mismatch is past TLS)"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        !seen.windows(3).any(|w| w == b"PRI"),
+        "h2 reached a TCP upstream: {:?}",
+        String::from_utf8_lossy(&seen)
+    );
+}
