@@ -194,14 +194,6 @@ impl H2Upstream {
     /// A new connection to the upstream, its task running.
     async fn dial(&self) -> io::Result<Arc<H2Conn>> {
         let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::H2).await?;
-        // An upstream port that took the handshake without agreeing to h2 (a TCP listener, no
-        // ALPN) would pass h2 frames on to its app as bytes.
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
-            return Err(io::Error::other(
-                "the upstream did not agree to h2 (ALPN): is its port a TCP listener rather than \
-                 an HTTP one?",
-            ));
-        }
         // A revoked upstream's connection closes at once, in-flight requests with it: its
         // certificate is no longer trusted at all. So does one whose certificate expired a grace
         // period ago (it takes no new request from shortly before the expiry: `retire_at`).
