@@ -110,8 +110,9 @@ pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
         .split(['&', ';'])
         .filter_map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            // `_method` is 7 bytes; encoded, each byte takes at most 3.
-            if !(7..=21).contains(&name.len()) {
+            // `_method` is 7 bytes; encoded, each byte takes at most 3; with spaces and brackets
+            // around it (which PHP and Rack drop) a name is longer, never this long.
+            if !(7..=MAX_OVERRIDE_NAME).contains(&name.len()) {
                 return None;
             }
             let name = percent_decode(name)?;
@@ -123,9 +124,19 @@ pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// Whether a form field's (decoded) name is `_method` as PHP and the frameworks read it: `.`, ` `
-/// and `[` folded into `_`, in any case.
+/// The longest field name (as sent, encoded) read as a possible `_method`.
+const MAX_OVERRIDE_NAME: usize = 96;
+
+/// Whether a form field's (decoded) name is `_method` as the most lenient framework reads it: cut
+/// at a NUL and stripped of surrounding whitespace (PHP), brackets dropped (Rack 2 takes
+/// `[_method]` and `_method]` as `_method`), `.`, ` ` and `[` folded into `_` (PHP), in any case.
+/// A peer that spells the name so that only some app would read it gets it decided all the same.
 fn names_method(name: &[u8]) -> bool {
+    let name = name.split(|&b| b == 0).next().unwrap_or_default();
+    let name = name.trim_ascii();
+    // `[_method]`, `_method]`: without their brackets (an inner `[` is PHP's `_`).
+    let name = name.strip_prefix(b"[").unwrap_or(name);
+    let name = name.strip_suffix(b"]").unwrap_or(name);
     name.len() == 7
         && name
             .iter()
@@ -157,24 +168,63 @@ pub(crate) enum Form {
 }
 
 impl Form {
-    /// The form a request's `Content-Type` says its body is, if any (media type in any case,
-    /// parameters after it); `Err` with the reason for a multipart boundary RFC 2046 does not
-    /// allow ([`check_boundary`]).
+    /// The form a request's `Content-Type` says its body is, if any, read as the most lenient
+    /// framework reads it: none is a form (Rack parses a `POST` without one), the media type ends
+    /// at `;`, `,` or a space (PHP), any `multipart/*` is multipart (Rack). (JSON bodies are not
+    /// read: Laravel takes a top-level `_method` member from one, see docs/policy.md.) `Err` with
+    /// the reason for what no check can follow: two `Content-Type`
+    /// headers, a second `boundary` (frameworks pick different ones), a boundary RFC 2046 does
+    /// not allow ([`check_boundary`]), or a `Content-Encoding` (the body's fields are not its
+    /// bytes). `headers` are those the app will get (hop-by-hop ones removed).
     pub(crate) fn of(headers: &HeaderMap) -> Option<Result<Self, String>> {
-        let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-        let mut params = value.split(';');
-        let media = params.next()?.trim();
-        if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+        let form = match (types.next(), types.next()) {
+            (None, _) => Some(Ok(Self::Urlencoded)),
+            (Some(_), Some(_)) => Some(Err("two Content-Type headers".to_owned())),
+            (Some(value), None) => match value.to_str() {
+                Ok(value) => Self::of_type(value),
+                Err(_) => Some(Err("a Content-Type that is not text".to_owned())),
+            },
+        }?;
+        let encoded = headers
+            .get_all(header::CONTENT_ENCODING)
+            .iter()
+            .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+        Some(match form {
+            Ok(_) if encoded => Err("a form body with a Content-Encoding".to_owned()),
+            form => form,
+        })
+    }
+
+    fn of_type(value: &str) -> Option<Result<Self, String>> {
+        let end = value.find([';', ',', ' ', '\t']).unwrap_or(value.len());
+        let media = value[..end].trim();
+        let lower = media.to_ascii_lowercase();
+        if lower == "application/x-www-form-urlencoded" {
             return Some(Ok(Self::Urlencoded));
         }
-        if !media.eq_ignore_ascii_case("multipart/form-data") {
+        if !lower.starts_with("multipart/") {
             return None;
         }
-        let boundary = params.find_map(|p| {
-            let (k, v) = p.split_once('=')?;
-            k.trim()
-                .eq_ignore_ascii_case("boundary")
-                .then(|| unquote(v.trim()))
+        // The one `boundary` anywhere in the value, as PHP (`strstr`) and Rack (a regex) find it,
+        // whatever parameter comes before: quoted, or up to `;` or `,`.
+        let lower_value = value.to_ascii_lowercase();
+        if lower_value.matches("boundary").count() > 1 {
+            return Some(Err(
+                "a multipart Content-Type naming more than one boundary".to_owned(),
+            ));
+        }
+        let boundary = lower_value.find("boundary").and_then(|at| {
+            let rest = value[at + "boundary".len()..].trim_start();
+            let rest = rest.strip_prefix('=')?.trim_start();
+            Some(if let Some(quoted) = rest.strip_prefix('"') {
+                let close = quoted.find('"').map_or(rest.len(), |i| i + 2);
+                unquote(&rest[..close])
+            } else {
+                rest[..rest.find([';', ',']).unwrap_or(rest.len())]
+                    .trim()
+                    .to_owned()
+            })
         });
         Some(match boundary.filter(|b| !b.is_empty()) {
             Some(b) => check_boundary(&b).map(|()| Self::Multipart(Some(b))),
@@ -252,8 +302,10 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
     let parts = split_on(body, &delimiter).skip(1);
     let mut found = Vec::new();
     for part in parts {
+        // The closing delimiter (`--boundary--`) ends the body for most parsers, not for PHP's,
+        // which reads on at the next `--boundary` line: parts after it are read too.
         if part.starts_with(b"--") {
-            break;
+            continue;
         }
         let (head, value) = match find(part, b"\r\n\r\n") {
             Some(at) => (&part[..at], &part[at + 4..]),
@@ -964,7 +1016,8 @@ mod tests {
             h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
             h
         };
-        assert_eq!(Form::of(&HeaderMap::new()), None);
+        // No Content-Type: Rack parses a POST's body as a form all the same.
+        assert_eq!(Form::of(&HeaderMap::new()), Some(Ok(Form::Urlencoded)));
         assert_eq!(Form::of(&headers("application/json")), None);
         let urlencoded = Form::of(&headers("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
         assert_eq!(urlencoded, Some(Ok(Form::Urlencoded)));
@@ -980,9 +1033,10 @@ mod tests {
                      --b-1\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nput\r\n\
                      --b-1\r\nContent-Disposition: form-data; name=\"payment_method\"\r\n\r\nx\r\n\
                      --b-1--\r\n--b-1\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nget";
+        // The part after the closing delimiter too: PHP reads on to it.
         assert_eq!(
             Form::Multipart(Some("b-1".into())).method_overrides(body),
-            ["DELETE", "PATCH", "PUT"]
+            ["DELETE", "PATCH", "PUT", "GET"]
         );
         // An unterminated last part is read too.
         assert_eq!(
@@ -995,6 +1049,84 @@ mod tests {
             Form::of(&headers("multipart/form-data")),
             Some(Ok(Form::Multipart(None)))
         );
+    }
+
+    /// Every spelling of `_method` some framework reads, and every Content-Type some framework
+    /// parses a form from, is decided (a peer picks the one its target app reads).
+    #[test]
+    fn lenient_spellings_of_method_fields_and_form_types_are_read() {
+        for query in [
+            "+_method=delete",
+            "%20_method=delete",
+            "_method%00=delete",
+            "_method%00x=delete",
+            "x=1&  _method=delete",
+            "[_method]=delete",
+            "_method]=delete",
+            "%5B_method%5D=delete",
+            ".method=delete",
+            "_METHOD=delete",
+        ] {
+            assert_eq!(query_method_overrides(Some(query)), ["DELETE"], "{query}");
+        }
+        for query in ["payment_method=x", "_methods=x", "x_method=x", "method=x"] {
+            assert!(query_method_overrides(Some(query)).is_empty(), "{query}");
+        }
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        let of = |pairs: &[(&str, &str)]| Form::of(&headers(pairs));
+        let ct = "content-type";
+        for value in [
+            "application/x-www-form-urlencoded, x",
+            "application/x-www-form-urlencoded x",
+            "APPLICATION/X-WWW-FORM-URLENCODED;charset=utf-8",
+        ] {
+            assert_eq!(of(&[(ct, value)]), Some(Ok(Form::Urlencoded)), "{value}");
+        }
+        for value in [
+            "multipart/form-data,boundary=B",
+            "multipart/mixed; boundary=B",
+            "multipart/related; boundary=\"B\"",
+            "multipart/form-data; charset=x, boundary=B",
+        ] {
+            assert_eq!(
+                of(&[(ct, value)]),
+                Some(Ok(Form::Multipart(Some("B".into())))),
+                "{value}"
+            );
+        }
+        // What no check can follow is refused.
+        for pairs in [
+            &[(ct, "multipart/form-data; boundary=A; boundary=B")][..],
+            &[(ct, "multipart/form-data; xboundary=A; boundary=B")],
+            &[
+                (ct, "application/x-www-form-urlencoded"),
+                (ct, "text/plain"),
+            ],
+            &[
+                (ct, "application/x-www-form-urlencoded"),
+                ("content-encoding", "gzip"),
+            ],
+            &[("content-encoding", "gzip")],
+        ] {
+            assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
+        }
+        assert_eq!(
+            of(&[
+                (ct, "application/x-www-form-urlencoded"),
+                ("content-encoding", "identity")
+            ]),
+            Some(Ok(Form::Urlencoded))
+        );
+        assert_eq!(of(&[(ct, "text/plain")]), None);
     }
 
     #[test]

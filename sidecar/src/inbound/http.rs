@@ -365,9 +365,15 @@ async fn inbound_request(
     };
     // And one a POST's form body names (`_method`, as Rails, Laravel, Symfony and Spring read it),
     // unless the peer may use any method there: the body is read whole first, then passed on.
+    // The form is judged by the headers the app will get: a `Connection` header naming
+    // `Content-Type` would have it removed on the way, and the app parse the body as untyped.
     if req.method() == http::Method::POST
-        && let Some(form) = crate::http::Form::of(req.headers())
         && !http.authz.allows_any_method(peer, req.uri().path())
+        && let Some(form) = crate::http::Form::of(&{
+            let mut forwarded = req.headers().clone();
+            strip_hop_by_hop(&mut forwarded, false);
+            forwarded
+        })
         && let Err(refused) = decide_form(&mut req, form, peer, http, shared, &mut overrides).await
     {
         return refused;
