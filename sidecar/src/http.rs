@@ -110,13 +110,7 @@ pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
         .split(['&', ';'])
         .filter_map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            // `_method` is 7 bytes; encoded, each byte takes at most 3; with spaces and brackets
-            // around it (which PHP and Rack drop) a name is longer, never this long.
-            if !(7..=MAX_OVERRIDE_NAME).contains(&name.len()) {
-                return None;
-            }
-            let name = percent_decode(name)?;
-            if !names_method(&name) {
+            if !names_method(lenient_decode(name)) {
                 return None;
             }
             override_named(percent_decode(value).as_deref())
@@ -124,27 +118,67 @@ pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
         .collect()
 }
 
-/// The longest field name (as sent, encoded) read as a possible `_method`.
-const MAX_OVERRIDE_NAME: usize = 96;
+/// The bytes of a form-encoded name as PHP decodes them: `%XX` escapes decoded, `+` a space, and a
+/// `%` that starts no escape kept as it is. Without allocating: every pair of every query is
+/// read.
+fn lenient_decode(s: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *bytes.get(i)?;
+        i += 1;
+        Some(match b {
+            b'%' => match (
+                bytes.get(i).and_then(|&h| hex(h)),
+                bytes.get(i + 1).and_then(|&l| hex(l)),
+            ) {
+                (Some(h), Some(l)) => {
+                    i += 2;
+                    (h << 4) | l
+                }
+                _ => b'%',
+            },
+            b'+' => b' ',
+            b => b,
+        })
+    })
+}
 
-/// Whether a form field's (decoded) name is `_method` as the most lenient framework reads it: cut
-/// at a NUL and stripped of surrounding whitespace (PHP), brackets dropped (Rack 2 takes
-/// `[_method]` and `_method]` as `_method`), `.`, ` ` and `[` folded into `_` (PHP), in any case.
-/// A peer that spells the name so that only some app would read it gets it decided all the same.
-fn names_method(name: &[u8]) -> bool {
-    let name = name.split(|&b| b == 0).next().unwrap_or_default();
-    let name = name.trim_ascii();
-    // `[_method]`, `_method]`: without their brackets (an inner `[` is PHP's `_`).
-    let name = name.strip_prefix(b"[").unwrap_or(name);
-    let name = name.strip_suffix(b"]").unwrap_or(name);
-    name.len() == 7
-        && name
-            .iter()
-            .map(|&b| match b {
-                b'.' | b' ' | b'[' => b'_',
-                b => b.to_ascii_lowercase(),
-            })
-            .eq(b"_method".iter().copied())
+/// Whether a form field's (decoded) name is `_method` as the most lenient framework reads it: any
+/// leading whitespace and brackets dropped (PHP drops leading spaces; Rack 2 drops leading `[` and
+/// `]`), cut at a NUL (PHP), trailing whitespace and `]` dropped (Rack 2), `.`, ` ` and `[` folded
+/// into `_` (PHP), in any case. A peer that spells the name so that only some app would read it
+/// gets it decided all the same; a few names no framework reads as `_method` are decided too.
+fn names_method(mut name: impl Iterator<Item = u8>) -> bool {
+    let fold = |b: u8| match b {
+        b'.' | b' ' | b'[' => b'_',
+        b => b.to_ascii_lowercase(),
+    };
+    let first = loop {
+        match name.next() {
+            None | Some(0) => return false,
+            Some(b) if b.is_ascii_whitespace() || b == b'[' || b == b']' => {}
+            Some(b) => break b,
+        }
+    };
+    if fold(first) != b'_' {
+        return false;
+    }
+    for want in b"method" {
+        match name.next() {
+            Some(b) if fold(b) == *want => {}
+            _ => return false,
+        }
+    }
+    for b in name {
+        match b {
+            0 => return true,
+            b if b.is_ascii_whitespace() || b == b']' => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// The method a `_method` field's (decoded) value names: trimmed and upper-cased; `?` (which no
@@ -208,13 +242,20 @@ impl Form {
         }
         // The one `boundary` anywhere in the value, as PHP (`strstr`) and Rack (a regex) find it,
         // whatever parameter comes before: quoted, or up to `;` or `,`.
+        // Only `boundary` followed by `=` counts: a browser's boundary value holds the word too
+        // (`----WebKitFormBoundary...`).
         let lower_value = value.to_ascii_lowercase();
-        if lower_value.matches("boundary").count() > 1 {
+        let named: Vec<usize> = lower_value
+            .match_indices("boundary")
+            .map(|(at, _)| at)
+            .filter(|&at| value[at + "boundary".len()..].trim_start().starts_with('='))
+            .collect();
+        if named.len() > 1 {
             return Some(Err(
                 "a multipart Content-Type naming more than one boundary".to_owned(),
             ));
         }
-        let boundary = lower_value.find("boundary").and_then(|at| {
+        let boundary = named.first().and_then(|&at| {
             let rest = value[at + "boundary".len()..].trim_start();
             let rest = rest.strip_prefix('=')?.trim_start();
             Some(if let Some(quoted) = rest.strip_prefix('"') {
@@ -338,7 +379,7 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
                     None
                 }
             })
-            .any(|name| names_method(&name));
+            .any(|name| names_method(name.iter().copied()));
         if named_method {
             let value = value.strip_suffix(b"\n").unwrap_or(value);
             let value = value.strip_suffix(b"\r").unwrap_or(value);
@@ -1066,9 +1107,17 @@ mod tests {
             "%5B_method%5D=delete",
             ".method=delete",
             "_METHOD=delete",
+            "]_method=delete",
+            "_method]]=delete",
+            "[[_method]]=delete",
+            "_method%00%=delete",
+            "%6dethod=x&_%6Dethod=delete",
         ] {
             assert_eq!(query_method_overrides(Some(query)), ["DELETE"], "{query}");
         }
+        // However many spaces come first.
+        let padded = format!("{}_method=delete", "+".repeat(500));
+        assert_eq!(query_method_overrides(Some(&padded)), ["DELETE"]);
         for query in ["payment_method=x", "_methods=x", "x_method=x", "method=x"] {
             assert!(query_method_overrides(Some(query)).is_empty(), "{query}");
         }
@@ -1127,6 +1176,18 @@ mod tests {
             Some(Ok(Form::Urlencoded))
         );
         assert_eq!(of(&[(ct, "text/plain")]), None);
+        // A browser's boundary holds the word itself: one boundary all the same.
+        for value in [
+            "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+            "multipart/form-data; boundary=----geckoformboundary4c5a0f0e",
+        ] {
+            let want = value.split_once('=').unwrap().1.to_owned();
+            assert_eq!(
+                of(&[(ct, value)]),
+                Some(Ok(Form::Multipart(Some(want)))),
+                "{value}"
+            );
+        }
     }
 
     #[test]
