@@ -16,7 +16,9 @@ use meshid_runtime::log_limit::LineBudget;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 
-use crate::admin_token::{AdminToken, MAX_SKEW_SECS, Proof, RESPONSE_MAC_HEADER, signed_nonce};
+use crate::admin_token::{
+    AdminToken, MAX_SKEW_SECS, Proof, RESPONSE_INSTANCE_HEADER, RESPONSE_MAC_HEADER, signed_nonce,
+};
 
 /// Produces the `/rotation` JSON document. Blocking: it reads the CA directory and walks the
 /// whole fleet.
@@ -94,6 +96,8 @@ pub struct CaAdmin {
     /// The nonces of the signed requests admitted within the last [`MAX_SKEW_SECS`] (twice: a
     /// request's time may be that far either way): one replayed is refused.
     pub seen_nonces: Mutex<SeenNonces>,
+    /// This process's instance ([`crate::admin_token::new_instance`]), in its signed answers.
+    pub instance: String,
 }
 
 /// Nonces of admitted signed requests, with their times, oldest first.
@@ -239,6 +243,7 @@ impl AdminRoutes for CaAdmin {
                         .map(|v| v.as_bytes()),
                 );
                 let dir = self.dir.clone();
+                let instance = self.instance.clone();
                 Some(Box::pin(async move {
                     let (json, body) = match cache.get(fresh).await {
                         Ok(json) => (true, json),
@@ -251,7 +256,7 @@ impl AdminRoutes for CaAdmin {
                     };
                     let mac = nonce.and_then(|nonce| {
                         let token = AdminToken::load(&crate::ca_dir::snapshot(&dir)).ok()??;
-                        let mac = token.sign_response(&nonce, status.as_u16(), &body);
+                        let mac = token.sign_response(&nonce, &instance, status.as_u16(), &body);
                         http::HeaderValue::from_str(&mac).ok()
                     });
                     let mut resp = if json {
@@ -261,6 +266,10 @@ impl AdminRoutes for CaAdmin {
                     };
                     if let Some(mac) = mac {
                         resp.headers_mut().insert(RESPONSE_MAC_HEADER, mac);
+                        if let Ok(instance) = http::HeaderValue::from_str(&instance) {
+                            resp.headers_mut()
+                                .insert(RESPONSE_INSTANCE_HEADER, instance);
+                        }
                     }
                     resp
                 }))
@@ -326,6 +335,7 @@ mod tests {
             refusal_log: Mutex::new(LineBudget::new()),
             serving: serving.clone(),
             seen_nonces: Mutex::default(),
+            instance: crate::admin_token::new_instance(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -365,14 +375,15 @@ mod tests {
         let reply = get("/rotation/fresh", vec![header.clone()]).await;
         assert_eq!(reply.status, 200);
         let mac = reply.headers.get(RESPONSE_MAC_HEADER).map(|v| v.as_bytes());
-        assert!(token.verifies_response(&nonce, 200, &reply.body, mac));
-        assert!(!wrong.verifies_response(&nonce, 200, &reply.body, mac));
+        let instance = reply.headers[RESPONSE_INSTANCE_HEADER].to_str().unwrap();
+        assert!(token.verifies_response(&nonce, instance, 200, &reply.body, mac));
+        assert!(!wrong.verifies_response(&nonce, instance, 200, &reply.body, mac));
         let replayed = get("/rotation/fresh", vec![header.clone()]).await;
         assert_eq!(replayed.status, 401);
         assert!(String::from_utf8_lossy(&replayed.body).contains("replay"));
         assert_eq!(get("/rotation", vec![header]).await.status, 401);
         // The client side: signed_get checks the answer.
-        let (status, body) = crate::admin_token::signed_get(
+        let signed = crate::admin_token::signed_get(
             &token,
             addr,
             "/rotation",
@@ -381,7 +392,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!((status, &body[..]), (200, &b"{\"report\":1}"[..]));
+        assert_eq!(
+            (signed.status, &signed.body[..], signed.instance.as_str()),
+            (200, &b"{\"report\":1}"[..], instance)
+        );
         assert_eq!(unauthorized.get(), 6);
         // A Bearer request's answer is not signed.
         let bearer = get("/rotation", vec![token.header()]).await;

@@ -40,6 +40,9 @@ const REQUEST_LABEL: &[u8] = b"meshid-ca admin request v1\0";
 const RESPONSE_LABEL: &[u8] = b"meshid-ca admin response v1\0";
 /// The answer's signature (hex), to a signed request.
 pub const RESPONSE_MAC_HEADER: &str = "x-meshid-admin-mac";
+/// The answering CA process (32 hex digits, random at its start), covered by the signature: one
+/// process's answer cannot be passed off as another's.
+pub const RESPONSE_INSTANCE_HEADER: &str = "x-meshid-admin-instance";
 /// How far a signed request's time may be from the CA's clock, either way.
 pub const MAX_SKEW_SECS: i64 = 300;
 
@@ -190,17 +193,19 @@ impl AdminToken {
         Ok((("authorization".to_owned(), value), nonce))
     }
 
-    /// The signature of an answer (`status`, `body`) to the signed request of `nonce`, in hex.
-    pub fn sign_response(&self, nonce: &str, status: u16, body: &[u8]) -> String {
-        let tag = aws_lc_rs::hmac::sign(&self.key(), &response_input(nonce, status, body));
-        meshid_identity::identity::hex(tag.as_ref())
+    /// The signature of an answer (`status`, `body`) of CA process `instance` to the signed
+    /// request of `nonce`, in hex.
+    pub fn sign_response(&self, nonce: &str, instance: &str, status: u16, body: &[u8]) -> String {
+        let input = response_input(nonce, instance, status, body);
+        meshid_identity::identity::hex(aws_lc_rs::hmac::sign(&self.key(), &input).as_ref())
     }
 
-    /// Whether `mac` (the answer's [`RESPONSE_MAC_HEADER`]) signs this answer to the request of
-    /// `nonce`, compared in constant time.
+    /// Whether `mac` (the answer's [`RESPONSE_MAC_HEADER`]) signs this answer of `instance` to
+    /// the request of `nonce`, compared in constant time.
     pub fn verifies_response(
         &self,
         nonce: &str,
+        instance: &str,
         status: u16,
         body: &[u8],
         mac: Option<&[u8]>,
@@ -211,7 +216,13 @@ impl AdminToken {
         else {
             return false;
         };
-        aws_lc_rs::hmac::verify(&self.key(), &response_input(nonce, status, body), &mac).is_ok()
+        is_instance(instance)
+            && aws_lc_rs::hmac::verify(
+                &self.key(),
+                &response_input(nonce, instance, status, body),
+                &mac,
+            )
+            .is_ok()
     }
 
     fn key(&self) -> aws_lc_rs::hmac::Key {
@@ -224,16 +235,39 @@ impl AdminToken {
     }
 }
 
-/// `GET path` on a CA's admin port `addr`, signed with `token`; the answer's status and body once
-/// its signature is checked. An answer without a valid signature (a CA older than signed requests,
-/// or something between the command and the CA) is an error: its report must not reach a gate.
+/// A new CA process's instance: 32 random hex digits.
+pub fn new_instance() -> String {
+    let mut bytes = [0u8; 16];
+    // Without randomness the instance is still unique enough per process for its purpose.
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        bytes[..4].copy_from_slice(&std::process::id().to_be_bytes());
+    }
+    meshid_identity::identity::hex(&bytes)
+}
+
+fn is_instance(instance: &str) -> bool {
+    instance.len() == 32 && instance.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A signed answer: its status and body, and the CA process that signed it (empty for a refusal,
+/// 401 or 404, which carries no report and is not signed).
+#[derive(Debug)]
+pub struct SignedReply {
+    pub status: u16,
+    pub body: bytes::Bytes,
+    pub instance: String,
+}
+
+/// `GET path` on a CA's admin port `addr`, signed with `token`; the answer once its signature is
+/// checked. An answer without a valid signature (something between the command and the CA) is an
+/// error: its report must not reach a gate.
 pub async fn signed_get(
     token: &AdminToken,
     addr: std::net::SocketAddr,
     path: &str,
     timeout: std::time::Duration,
     max_body: usize,
-) -> Result<(u16, bytes::Bytes), String> {
+) -> Result<SignedReply, String> {
     let (header, nonce) = token
         .sign_request(path, meshid_runtime::time::unix_now())
         .map_err(|e| e.to_string())?;
@@ -248,18 +282,32 @@ pub async fn signed_get(
         .map_err(|e| e.to_string())?;
     if matches!(reply.status, 401 | 404) {
         // Refusals are not signed: they carry no report, and say why.
-        return Ok((reply.status, reply.body));
+        return Ok(SignedReply {
+            status: reply.status,
+            body: reply.body,
+            instance: String::new(),
+        });
     }
     let mac = reply.headers.get(RESPONSE_MAC_HEADER).map(|v| v.as_bytes());
-    if !token.verifies_response(&nonce, reply.status, &reply.body, mac) {
+    let instance = reply
+        .headers
+        .get(RESPONSE_INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if !token.verifies_response(&nonce, &instance, reply.status, &reply.body, mac) {
         return Err(format!(
             "{path} answered HTTP {} without a valid {RESPONSE_MAC_HEADER} signature: not \
-             signed with the admin token, so not acted on (a meshid-ca older than signed admin \
-             requests, to be upgraded first; or something between this command and the CA)",
+             signed with the admin token, so not acted on (something between this command and \
+             the CA, or a CA that does not serve the directory given as --dir)",
             reply.status
         ));
     }
-    Ok((reply.status, reply.body))
+    Ok(SignedReply {
+        status: reply.status,
+        body: reply.body,
+        instance,
+    })
 }
 
 fn request_input(path: &str, t: i64, nonce: &str) -> Vec<u8> {
@@ -268,9 +316,9 @@ fn request_input(path: &str, t: i64, nonce: &str) -> Vec<u8> {
     input
 }
 
-fn response_input(nonce: &str, status: u16, body: &[u8]) -> Vec<u8> {
+fn response_input(nonce: &str, instance: &str, status: u16, body: &[u8]) -> Vec<u8> {
     let mut input = RESPONSE_LABEL.to_vec();
-    input.extend_from_slice(format!("{nonce}\0{status}\0").as_bytes());
+    input.extend_from_slice(format!("{nonce}\0{instance}\0{status}\0").as_bytes());
     input.extend_from_slice(body);
     input
 }
@@ -365,14 +413,25 @@ mod tests {
         );
         // The answer: signed for that nonce, status and body only.
         let body = br#"{"sidecars":[]}"#;
-        let mac = token.sign_response(&nonce, 200, body);
-        assert!(token.verifies_response(&nonce, 200, body, Some(mac.as_bytes())));
-        assert!(!token.verifies_response(&nonce, 200, b"{\"sidecars\":[1]}", Some(mac.as_bytes())));
-        assert!(!token.verifies_response(&nonce, 500, body, Some(mac.as_bytes())));
-        assert!(!token.verifies_response(&"0".repeat(32), 200, body, Some(mac.as_bytes())));
-        assert!(!other.verifies_response(&nonce, 200, body, Some(mac.as_bytes())));
-        assert!(!token.verifies_response(&nonce, 200, body, None));
-        assert!(!token.verifies_response(&nonce, 200, body, Some(b"zz")));
+        let me = new_instance();
+        let other_ca = new_instance();
+        let mac = token.sign_response(&nonce, &me, 200, body);
+        assert!(token.verifies_response(&nonce, &me, 200, body, Some(mac.as_bytes())));
+        // Not as another CA process's answer, nor under an instance that is no instance.
+        assert!(!token.verifies_response(&nonce, &other_ca, 200, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&nonce, "", 200, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(
+            &nonce,
+            &me,
+            200,
+            b"{\"sidecars\":[1]}",
+            Some(mac.as_bytes())
+        ));
+        assert!(!token.verifies_response(&nonce, &me, 500, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&"0".repeat(32), &me, 200, body, Some(mac.as_bytes())));
+        assert!(!other.verifies_response(&nonce, &me, 200, body, Some(mac.as_bytes())));
+        assert!(!token.verifies_response(&nonce, &me, 200, body, None));
+        assert!(!token.verifies_response(&nonce, &me, 200, body, Some(b"zz")));
     }
 
     #[test]

@@ -338,6 +338,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         refusal_log: std::sync::Mutex::new(meshid_runtime::log_limit::LineBudget::new()),
         serving: serving_dates,
         seen_nonces: std::sync::Mutex::default(),
+        instance: crate::admin_token::new_instance(),
     });
     tokio::spawn(meshid_runtime::admin::serve(
         admin_listener,

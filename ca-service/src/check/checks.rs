@@ -51,6 +51,7 @@ impl Replica {
             Some(token) => Some(
                 match crate::admin_token::signed_get(token, addr, "/rotation", t, MAX_ADMIN_BODY)
                     .await
+                    .map(|r| (r.status, r.body))
                 {
                     Ok((200, body)) => serde_json::from_slice(&body)
                         .map_err(|e| format!("/rotation is not a rotation report: {e}")),

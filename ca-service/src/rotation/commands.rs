@@ -34,8 +34,7 @@ const MAX_REPORT_BYTES: usize = 64 << 20;
 
 /// Fetches `/rotation/fresh` from running CAs (their admin ports) and parses each report: a
 /// report computed after the request, never the cached one `/rotation` may answer with, so the
-/// gates see every step taken before (this command's own included). A CA of an older version
-/// (404) is asked for `/rotation`, which it always computes anew. Each request is signed with the
+/// gates see every step taken before (this command's own included). Each request is signed with the
 /// admin token of `ca_dir` ([`AdminToken`]), the directory every CA process serves from, and each
 /// answer must be signed with it too ([`signed_get`]): a report nobody can vouch for never reaches
 /// a gate.
@@ -55,38 +54,49 @@ pub async fn fetch_reports(
         }
     };
     let mut reports = Vec::with_capacity(admins.len());
-    for (addr, token) in admins.iter().zip(std::iter::repeat(token.as_ref())) {
+    // Which CA process answered at each address: one process's answer must not stand for another
+    // (its sidecars would then be missing from the gates).
+    let mut answered_by: Vec<(String, SocketAddr)> = Vec::with_capacity(admins.len());
+    for addr in admins {
         let admin = |reason: String| RotateError::Admin {
             addr: *addr,
             reason,
         };
-        let token = token.ok_or_else(|| admin("no admin token".into()))?;
-        let mut reply = None;
-        for path in ["/rotation/fresh", "/rotation"] {
-            let got = signed_get(token, *addr, path, REPORT_TIMEOUT, MAX_REPORT_BYTES)
-                .await
-                .map_err(admin)?;
-            let not_found = got.0 == 404;
-            reply = Some(got);
-            if !not_found {
-                break;
-            }
-        }
-        let Some((status, body)) = reply else {
-            return Err(admin("no answer".into()));
-        };
-        if status == 401 {
+        let token = token
+            .as_ref()
+            .ok_or_else(|| admin("no admin token".into()))?;
+        // `/rotation/fresh` only: every CA that signs its answers serves it.
+        let reply = signed_get(
+            token,
+            *addr,
+            "/rotation/fresh",
+            REPORT_TIMEOUT,
+            MAX_REPORT_BYTES,
+        )
+        .await
+        .map_err(admin)?;
+        let body = &reply.body;
+        if reply.status == 401 {
             return Err(admin(format!(
-                "refused the admin token of {} (HTTP 401: {}); is --dir the directory this CA \
-                 serves?",
+                "refused the signed request of {} (HTTP 401: {}): is --dir the directory this \
+                 CA serves, and is the CA as new as this meshid-ca (upgrade the CAs first)?",
                 ca_dir.display(),
                 String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
             )));
         }
-        if status != 200 {
-            return Err(admin(format!("answered HTTP {status}")));
+        if reply.status != 200 {
+            return Err(admin(format!("answered HTTP {}", reply.status)));
         }
-        reports.push(serde_json::from_slice(&body).map_err(|e| admin(e.to_string()))?);
+        if let Some((_, first)) = answered_by.iter().find(|(i, _)| *i == reply.instance) {
+            return Err(admin(format!(
+                "answered as the same CA process as {first} (instance {}): two --admin \
+                 addresses reach one CA, or one CA's answer was passed off as another's; give \
+                 each CA replica once",
+                reply.instance
+            )));
+        }
+        answered_by.push((reply.instance.clone(), *addr));
+        reports.push(serde_json::from_slice(body).map_err(|e| admin(e.to_string()))?);
     }
     Ok(reports)
 }
@@ -439,10 +449,11 @@ mod tests {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 let mut head = [0u8; 4096];
                 let _ = tcp.read(&mut head).await;
+                let instance = crate::admin_token::new_instance();
                 let mac = match &signed_by {
                     Some(t) => format!(
-                        "x-meshid-admin-mac: {}\r\n",
-                        t.sign_response(&"0".repeat(32), 200, body.as_bytes())
+                        "x-meshid-admin-mac: {}\r\nx-meshid-admin-instance: {instance}\r\n",
+                        t.sign_response(&"0".repeat(32), &instance, 200, body.as_bytes())
                     ),
                     None => String::new(),
                 };
@@ -455,6 +466,53 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A CA process that signs its answers properly (it holds `token`) as `instance`.
+    async fn signing_ca(token: AdminToken, instance: String) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = tcp.read(&mut head).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&head[..n]).into_owned();
+                let auth = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: "))
+                    .unwrap_or_default();
+                let nonce = crate::admin_token::signed_nonce(Some(auth.as_bytes())).unwrap();
+                let body = r#"{"bundle_version":1,"authorities":[],"sidecars":[],"next_step":""}"#;
+                let mac = token.sign_response(&nonce, &instance, 200, body.as_bytes());
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nx-meshid-admin-mac: {mac}\r\nx-meshid-admin-instance: \
+                     {instance}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(reply.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    /// One CA process's signed answer at two addresses (a relay passing one replica's answers
+    /// off as another's) is refused: the other replica's sidecars would be missing from the gates.
+    #[tokio::test]
+    async fn one_ca_process_cannot_answer_for_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = AdminToken::generate().unwrap();
+        token.write(dir.path()).unwrap();
+        let same = crate::admin_token::new_instance();
+        let a = signing_ca(token.clone(), same.clone()).await;
+        let b = signing_ca(token.clone(), same).await;
+        let c = signing_ca(token.clone(), crate::admin_token::new_instance()).await;
+        assert_eq!(fetch_reports(dir.path(), &[a, c]).await.unwrap().len(), 2);
+        let err = fetch_reports(dir.path(), &[a, b])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("same CA process"), "{err}");
     }
 
     /// The gates decide on reports: one the admin token does not sign (a forged "every sidecar
