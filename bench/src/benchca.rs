@@ -76,6 +76,7 @@ pub fn start(ca_bin: &Path, work: &Path, cpu: usize, extra: &[&str]) -> Result<B
         addr: grpc.to_string(),
         server_name: Some("localhost".into()),
         roots,
+        pinned: Vec::new(),
     };
     Ok(BenchCa {
         proc,

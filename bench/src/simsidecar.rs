@@ -143,6 +143,7 @@ impl Sim {
     fn endpoint(&self) -> CaEndpoint {
         CaEndpoint {
             roots: self.roots.clone(),
+            pinned: Vec::new(),
             ..self.cfg.endpoint.clone()
         }
     }

@@ -588,7 +588,9 @@ impl RunArgs {
                     .into(),
             );
         }
-        let roots = self.ca_roots(problems);
+        // The bundle file may hold, beside its roots, the intermediates trust under a shared root
+        // is pinned to (`meshid-ca bundle`): told apart by who issued them.
+        let (roots, pinned) = meshid_identity::verify::split_pins(self.ca_roots(problems));
         let bootstrap = match (&self.token_file, &self.join_token_file) {
             (Some(t), None) => Some(Bootstrap::TokenFile(t.clone())),
             (None, Some(j)) => Some(Bootstrap::JoinTokenFile(j.clone())),
@@ -615,6 +617,7 @@ impl RunArgs {
                     addr: addr.to_owned(),
                     server_name: self.ca_server_name.clone(),
                     roots,
+                    pinned,
                 },
                 bootstrap,
                 ttl,
@@ -678,6 +681,7 @@ impl RunArgs {
                     addr: addr.clone(),
                     server_name: self.ca_server_name.clone(),
                     roots: Vec::new(),
+                    pinned: Vec::new(),
                 })
             }
         }

@@ -233,12 +233,17 @@ pub async fn start(
         if let Some(path) = mode.bundle_cache.clone() {
             // The roots last received, to reach a CA rotated since this pod was configured.
             let cached = crate::creds::bundle_cache::load(&path);
-            if !cached.is_empty() {
-                tracing::info!(path = %path.display(), roots = cached.len(), "trusting the CA's roots last received as well as the configured ones");
+            if !cached.roots.is_empty() {
+                tracing::info!(path = %path.display(), roots = cached.roots.len(), pinned = cached.pinned.len(), "trusting the CA's roots last received as well as the configured ones");
             }
-            for root in cached {
+            for root in cached.roots {
                 if !mode.endpoint.roots.contains(&root) {
                     mode.endpoint.roots.push(root);
+                }
+            }
+            for pin in cached.pinned {
+                if !mode.endpoint.pinned.contains(&pin) {
+                    mode.endpoint.pinned.push(pin);
                 }
             }
             tokio::spawn(crate::creds::bundle_cache::keep(

@@ -164,9 +164,11 @@ pub struct CaEndpoint {
     pub addr: String,
     /// The name the CA's certificate must carry; defaults to the host of `addr`.
     pub server_name: Option<String>,
-    /// Roots the CA's serving certificate chains to, and the issuing intermediates trust under a
-    /// shared root is pinned to, in one list (see [`meshid_identity::verify::split_pins`]).
+    /// Roots the CA's serving certificate chains to.
     pub roots: Vec<CertificateDer<'static>>,
+    /// The issuing intermediates trust under a shared root is pinned to (an imported enterprise
+    /// root): under such a root the CA's certificate must come from one of them.
+    pub pinned: Vec<CertificateDer<'static>>,
 }
 
 impl CaEndpoint {

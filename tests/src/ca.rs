@@ -223,6 +223,7 @@ impl TestCa {
             addr: self.addr.to_string(),
             server_name: Some("localhost".into()),
             roots: self.roots.clone(),
+            pinned: Vec::new(),
         }
     }
 
@@ -231,6 +232,7 @@ impl TestCa {
     pub fn report_endpoint(&self) -> CaEndpoint {
         CaEndpoint {
             roots: Vec::new(),
+            pinned: Vec::new(),
             ..self.endpoint()
         }
     }
@@ -291,6 +293,7 @@ pub async fn connect(
         addr: addr.to_string(),
         server_name: Some("localhost".into()),
         roots: roots.to_vec(),
+        pinned: Vec::new(),
     };
     meshid_sidecar::creds::ca_client::connect(&endpoint, client_cert).await
 }

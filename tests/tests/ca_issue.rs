@@ -517,6 +517,7 @@ async fn grpc_health_reports_serving() {
         addr: ca.addr.to_string(),
         server_name: Some("localhost".into()),
         roots: ca.roots.clone(),
+        pinned: Vec::new(),
     };
     let channel = meshid_sidecar::creds::ca_client::channel(&endpoint, None)
         .await

@@ -786,7 +786,10 @@ async fn a_sidecar_restarted_after_activate_reaches_the_ca_through_its_bundle_ca
     let new_name = rotation::prepare(&dir, None).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            meshid_sidecar::creds::bundle_cache::load(&cache).len() == 2
+            meshid_sidecar::creds::bundle_cache::load(&cache)
+                .roots
+                .len()
+                == 2
         })
         .await,
         "the bundle with both roots was kept in the cache"

@@ -741,6 +741,7 @@ async fn join_token_sidecars_need_a_new_token_once_their_lineage_reaches_the_age
                     addr: ca.addr.to_string(),
                     server_name: Some("localhost".into()),
                     roots: ca.roots.clone(),
+                    pinned: Vec::new(),
                 },
                 bootstrap: Bootstrap::JoinTokenFile(token_file.clone()),
                 ttl: Some(Duration::from_secs(8)),

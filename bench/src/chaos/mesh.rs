@@ -153,6 +153,7 @@ impl CaProc {
             addr: self.grpc.to_string(),
             server_name: Some("localhost".into()),
             roots,
+            pinned: Vec::new(),
         })
     }
 }

@@ -27,8 +27,20 @@ use super::CredentialStore;
 /// The largest cache file read: a bundle of a few roots is a few KiB.
 const MAX_BYTES: u64 = 1 << 20;
 
-/// The roots in the cache file at `path` (none if it is absent, too large or not PEM certificates).
-pub fn load(path: &Path) -> Vec<CertificateDer<'static>> {
+/// What a cache file holds: the roots, and the intermediates trust under a shared root is pinned
+/// to (written after a marker line, so that they are never taken for roots).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Cached {
+    pub roots: Vec<CertificateDer<'static>>,
+    pub pinned: Vec<CertificateDer<'static>>,
+}
+
+/// The line between the roots and the pinned intermediates in a cache file.
+const PINNED_MARKER: &str =
+    "# meshid: the certificates below are pinned intermediates, not roots\n";
+
+/// The cache file at `path` (nothing if it is absent, too large or not PEM certificates).
+pub fn load(path: &Path) -> Cached {
     let read = std::fs::metadata(path).and_then(|m| {
         if m.len() > MAX_BYTES {
             return Err(std::io::Error::other(format!(
@@ -40,17 +52,29 @@ pub fn load(path: &Path) -> Vec<CertificateDer<'static>> {
     });
     let pem = match read {
         Ok(pem) => pem,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Cached::default(),
         Err(error) => {
             tracing::warn!(%error, path = %path.display(), "trust bundle cache not read; using the configured CA roots alone");
-            return Vec::new();
+            return Cached::default();
         }
     };
-    match parse(&pem) {
-        Ok(roots) => roots,
+    let marker = PINNED_MARKER.as_bytes();
+    let (roots, pinned) = match memchr::memmem::find(&pem, marker) {
+        Some(at) => (&pem[..at], Some(&pem[at + marker.len()..])),
+        None => (&pem[..], None),
+    };
+    let read = parse(roots).and_then(|roots| match pinned {
+        None => Ok(Cached {
+            roots,
+            pinned: Vec::new(),
+        }),
+        Some(pinned) => parse(pinned).map(|pinned| Cached { roots, pinned }),
+    });
+    match read {
+        Ok(cached) => cached,
         Err(problem) => {
             tracing::warn!(path = %path.display(), "trust bundle cache {problem}; using the configured CA roots alone");
-            Vec::new()
+            Cached::default()
         }
     }
 }
@@ -66,17 +90,26 @@ fn parse(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     }
 }
 
-/// Writes `roots` to `path` whole and durably: a temporary file beside it, flushed to the disk,
-/// renamed over it, and the rename flushed too (a crash leaves the old file or the new one).
-pub fn save(path: &Path, roots: &[CertificateDer<'_>]) -> std::io::Result<()> {
+/// Writes `roots`, then `pinned` after the marker line, to `path` whole and durably: a temporary
+/// file beside it, flushed to the disk, renamed over it, and the rename flushed too (a crash
+/// leaves the old file or the new one).
+pub fn save(
+    path: &Path,
+    roots: &[CertificateDer<'_>],
+    pinned: &[CertificateDer<'_>],
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let pem: String = roots
+    let mut pem: String = roots
         .iter()
         .map(|r| meshid_identity::pem::pem_cert(r))
         .collect();
+    if !pinned.is_empty() {
+        pem.push_str(PINNED_MARKER);
+        pem.extend(pinned.iter().map(|p| meshid_identity::pem::pem_cert(p)));
+    }
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(pem.as_bytes())?;
     file.sync_all()?;
@@ -92,18 +125,20 @@ pub fn save(path: &Path, roots: &[CertificateDer<'_>]) -> std::io::Result<()> {
 /// until `shutdown`.
 pub async fn keep(path: PathBuf, store: Arc<CredentialStore>, mut shutdown: watch::Receiver<bool>) {
     let mut changes = store.subscribe();
-    let mut written: Vec<CertificateDer<'static>> = Vec::new();
+    let mut written = Cached::default();
     loop {
         // The intermediates trust under a shared root is pinned to go with the roots: a restarted
         // sidecar reaches the CA through them only.
-        let mut roots = store.roots();
-        roots.extend(store.pinned());
-        if !roots.is_empty() && roots != written {
-            let (p, r) = (path.clone(), roots.clone());
-            match tokio::task::spawn_blocking(move || save(&p, &r)).await {
+        let now = Cached {
+            roots: store.roots(),
+            pinned: store.pinned(),
+        };
+        if !now.roots.is_empty() && now != written {
+            let (p, r, q) = (path.clone(), now.roots.clone(), now.pinned.clone());
+            match tokio::task::spawn_blocking(move || save(&p, &r, &q)).await {
                 Ok(Ok(())) => {
-                    tracing::debug!(path = %path.display(), roots = roots.len(), "trust bundle cache written");
-                    written = roots;
+                    tracing::debug!(path = %path.display(), roots = now.roots.len(), pinned = now.pinned.len(), "trust bundle cache written");
+                    written = now;
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, path = %path.display(), "trust bundle cache not written; a restarted sidecar trusts the configured CA roots alone");
@@ -145,13 +180,23 @@ mod tests {
     fn roots_saved_are_the_roots_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bundle.pem");
-        assert!(load(&path).is_empty(), "no file: no roots");
+        assert_eq!(load(&path), Cached::default(), "no file: no roots");
         let roots = vec![root("old"), root("new")];
-        save(&path, &roots).unwrap();
-        assert_eq!(load(&path), roots);
+        save(&path, &roots, &[]).unwrap();
+        assert_eq!(load(&path).roots, roots);
         // Rewritten whole.
-        save(&path, &roots[1..]).unwrap();
-        assert_eq!(load(&path), roots[1..]);
+        save(&path, &roots[1..], &[]).unwrap();
+        assert_eq!(load(&path).roots, roots[1..]);
+        // Pins are kept apart from the roots, whoever issued what.
+        let pins = vec![root("pinned")];
+        save(&path, &roots, &pins).unwrap();
+        assert_eq!(
+            load(&path),
+            Cached {
+                roots: roots.clone(),
+                pinned: pins
+            }
+        );
         assert!(!dir.path().join("bundle.pem.tmp").exists());
     }
 
@@ -164,9 +209,9 @@ mod tests {
             "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        assert!(load(&path).is_empty());
+        assert_eq!(load(&path), Cached::default());
         std::fs::write(&path, vec![b'a'; (MAX_BYTES + 1) as usize]).unwrap();
-        assert!(load(&path).is_empty());
-        assert!(load(dir.path()).is_empty(), "a directory");
+        assert_eq!(load(&path), Cached::default());
+        assert_eq!(load(dir.path()), Cached::default(), "a directory");
     }
 }

@@ -368,9 +368,14 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// trust under a shared root is pinned to.
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
     let mut endpoint = endpoint.clone();
-    for root in store.roots().into_iter().chain(store.pinned()) {
+    for root in store.roots() {
         if !endpoint.roots.contains(&root) {
             endpoint.roots.push(root);
+        }
+    }
+    for pin in store.pinned() {
+        if !endpoint.pinned.contains(&pin) {
+            endpoint.pinned.push(pin);
         }
     }
     endpoint
@@ -1465,6 +1470,7 @@ mod tests {
                 addr: addr.to_string(),
                 server_name: Some("localhost".into()),
                 roots: vec![pki.root.clone()],
+                pinned: Vec::new(),
             },
             bootstrap: Bootstrap::TokenFile(PathBuf::from("/nonexistent")),
             ttl: None,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use meshid_identity::verify::{Chains, NamedServerVerifier, split_pins};
+use meshid_identity::verify::{Chains, NamedServerVerifier};
 use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -68,8 +68,7 @@ pub async fn channel(
     let server_name =
         ServerName::try_from(name.clone()).map_err(|_| CaClientError::Address(name.clone()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let (roots, pinned) = split_pins(endpoint.roots.clone());
-    let chains = Chains::new(&roots, &pinned).map_err(CaClientError::Anchors)?;
+    let chains = Chains::new(&endpoint.roots, &endpoint.pinned).map_err(CaClientError::Anchors)?;
     let verifier = NamedServerVerifier::new(chains, &provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
