@@ -104,7 +104,7 @@ imagePullSecrets:
 {{- fail "ca.existingSecret is required: create it with `meshid-ca secret --dir ./ca | kubectl apply --server-side -f -` (see the chart README)" -}}
 {{- end -}}
 {{- if not .Values.ca.trustBundle -}}
-{{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem" -}}
+{{- fail "ca.trustBundle is required: --set-file ca.trustBundle=<ca dir>/bundle.pem (with an imported root, the output of meshid-ca bundle --dir <ca dir>)" -}}
 {{- end -}}
 {{- if .Values.injector.enabled -}}
 {{- $max := include "meshid.durationSeconds" .Values.ca.maxTokenLifetime | int64 -}}
