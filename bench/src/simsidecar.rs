@@ -315,7 +315,7 @@ impl Sim {
                         &bundle.revoked,
                         meshid_runtime::time::unix_now(),
                     ) {
-                        Ok(set) => self
+                        Ok((set, _)) => self
                             .stats
                             .revocations
                             .store(set.len() as u64, Ordering::Relaxed),

@@ -205,14 +205,19 @@ fn apply_reported_revocations(
     metrics: &Metrics,
     entries: &[meshid_proto::ca::v1::Revocation],
 ) {
+    let held = store.revocations();
     let revoked = match revocations(entries, unix_now()) {
-        Ok(set) => set,
+        Ok((set, unreadable)) if unreadable.is_empty() => set,
+        // Entries that cannot be read: what can is added, nothing in force is lifted.
+        Ok((set, unreadable)) => {
+            say_unreadable(&unreadable);
+            held.union(&set).unwrap_or_else(|_| (*held).clone())
+        }
         Err(error) => {
             tracing::error!(%error, "the revocations of the CA's bundle are refused; keeping those in force");
             return;
         }
     };
-    let held = store.revocations();
     if revoked == *held {
         return;
     }
@@ -505,7 +510,10 @@ fn install(
 ) -> Result<(Arc<Snapshot>, u64), IssueError> {
     let version = resp.bundle_version;
     let revoked = match revocations(&resp.revoked, unix_now()) {
-        Ok(set) => set,
+        Ok((set, unreadable)) => {
+            say_unreadable(&unreadable);
+            set
+        }
         Err(error) => {
             tracing::error!(%error, "the revocations listed with the new certificate are refused; enforcing those of the trust bundle");
             RevocationSet::default()
@@ -927,25 +935,41 @@ pub async fn run_issuer(
 
 /// The revocations a trust bundle carries that are in force at `now` (an entry past its
 /// `expires_at_unix` names no live certificate; 0: no expiry), checked: each names exactly one
-/// identity or serial, and there are at most [`meshid_identity::revocation::MAX_REVOCATIONS`];
-/// one bad entry refuses them all (and the sidecar then keeps its current bundle).
+/// identity or serial. An entry that cannot be read (a CA newer than this sidecar, a corrupt
+/// answer) is left out and said (`.1`), and the caller adds what could be read to what is in
+/// force: refusing the whole list left a starting sidecar with no revocation at all, and a
+/// running one without any new entry. More than
+/// [`meshid_identity::revocation::MAX_REVOCATIONS`] entries refuse the list.
 pub fn revocations(
     entries: &[meshid_proto::ca::v1::Revocation],
     now: i64,
-) -> Result<RevocationSet, meshid_identity::revocation::RevocationError> {
+) -> Result<(RevocationSet, Vec<String>), meshid_identity::revocation::RevocationError> {
     if entries.len() > meshid_identity::revocation::MAX_REVOCATIONS {
         return Err(meshid_identity::revocation::RevocationError::TooMany(
             entries.len(),
         ));
     }
     let mut in_force = Vec::with_capacity(entries.len());
+    let mut unreadable = Vec::new();
     for e in entries {
-        let entry = RevocationSet::entry(&e.spiffe_id, &e.serial)?;
-        if e.expires_at_unix == 0 || now < e.expires_at_unix {
-            in_force.push(entry);
+        match RevocationSet::entry(&e.spiffe_id, &e.serial) {
+            Ok(entry) if e.expires_at_unix == 0 || now < e.expires_at_unix => in_force.push(entry),
+            Ok(_) => {}
+            Err(error) => unreadable.push(error.to_string()),
         }
     }
-    RevocationSet::new(in_force)
+    Ok((RevocationSet::new(in_force)?, unreadable))
+}
+
+/// Logs the entries of a revocation list that could not be read (at most three of them).
+fn say_unreadable(unreadable: &[String]) {
+    if let Some(first) = unreadable.first() {
+        tracing::error!(
+            count = unreadable.len(),
+            first = %first,
+            "revocations that cannot be read are left out; the others are added to those in force and none is lifted"
+        );
+    }
 }
 
 /// The entries of `entries` that `held` does not revoke yet, with their reasons (for the log).
@@ -1055,7 +1079,13 @@ pub async fn run_bundle_watch(
                     continue;
                 }
                 let revoked = match revocations(&bundle.revoked, unix_now()) {
-                    Ok(set) => Arc::new(set),
+                    Ok((set, unreadable)) if unreadable.is_empty() => Arc::new(set),
+                    // Entries that cannot be read: what can is added, nothing in force lifted.
+                    Ok((set, unreadable)) => {
+                        say_unreadable(&unreadable);
+                        let held = store.revocations();
+                        Arc::new(held.union(&set).unwrap_or_else(|_| (*held).clone()))
+                    }
                     Err(error) => {
                         metrics
                             .bundle_updates
@@ -1071,7 +1101,7 @@ pub async fn run_bundle_watch(
                         && *revoked == *store.revocations())
                 {
                     life.applied_version
-                        .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
+                        .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
                     unacked = conn.ack_or_retry(&life, bundle.version, None).await;
                     continue;
                 }
@@ -1086,7 +1116,7 @@ pub async fn run_bundle_watch(
                         metrics.record_snapshot(&snapshot);
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
                         life.applied_version
-                            .store(bundle.version, std::sync::atomic::Ordering::Relaxed);
+                            .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
                         unacked = conn.ack_or_retry(&life, bundle.version, None).await;
                     }
                     Err(error) => {
@@ -1239,14 +1269,14 @@ mod tests {
     }
 
     #[test]
-    fn a_bundle_s_revocations_are_taken_whole_or_not_at_all() {
+    fn a_bundle_s_revocations_are_read_entry_by_entry() {
         use meshid_proto::ca::v1::Revocation;
         let entry = |id: &str, serial: &str| Revocation {
             spiffe_id: id.into(),
             serial: serial.into(),
             ..Default::default()
         };
-        let set = revocations(
+        let (set, _) = revocations(
             &[
                 entry("spiffe://cluster.local/ns/a/sa/x", ""),
                 entry("", "0A:1B"),
@@ -1261,20 +1291,25 @@ mod tests {
         expired.expires_at_unix = 1000;
         let mut live = entry("", "0d");
         live.expires_at_unix = 1001;
-        let set = revocations(&[expired, live], 1000).unwrap();
+        let (set, unreadable) = revocations(&[expired, live], 1000).unwrap();
+        assert!(unreadable.is_empty());
         assert_eq!(set.counts(), (0, 1));
         assert!(set.contains(&Revoked::Serial("d".into())));
-        // One bad entry refuses the whole list (the bundle update is then rejected).
+        // A bad entry is left out and said; the others are read (a list refused whole left a
+        // starting sidecar with no revocation at all).
         for bad in [
-            vec![entry("spiffe://cluster.local/ns/a/sa/x", "01")],
-            vec![entry("", "")],
-            vec![entry("", "not hex")],
-            vec![
-                entry("spiffe://cluster.local/ns/a/sa/x", ""),
-                entry("x", ""),
-            ],
+            entry("spiffe://cluster.local/ns/a/sa/x", "01"),
+            entry("", ""),
+            entry("", "not hex"),
+            entry("x", ""),
         ] {
-            assert!(revocations(&bad, 1000).is_err(), "{bad:?}");
+            let (set, unreadable) = revocations(
+                &[bad.clone(), entry("spiffe://cluster.local/ns/a/sa/y", "")],
+                1000,
+            )
+            .unwrap();
+            assert_eq!(unreadable.len(), 1, "{bad:?}");
+            assert_eq!(set.counts(), (1, 0), "{bad:?}");
         }
         let many: Vec<Revocation> = (0..=meshid_identity::revocation::MAX_REVOCATIONS)
             .map(|i| entry("", &format!("{i:x}")))
@@ -1378,6 +1413,70 @@ mod tests {
         let (resp, key) = answer(6);
         assert!(install(&store, resp, key).is_err());
         assert_eq!(store.roots(), vec![other.root.clone()]);
+    }
+
+    /// An older bundle on the stream (a lagging replica, a CA restarted from a stale copy) lifts
+    /// nothing: the roots in force stay and its revocations are added; a newer one is taken.
+    #[test]
+    fn a_streamed_bundle_older_than_the_one_in_force_lifts_nothing() {
+        let pki = TestPki::new("stream-lag");
+        let other = TestPki::new("stream-lag-retired");
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let store = CredentialStore::new(Vec::new());
+        let leaf = pki.leaf(me);
+        let resp = IssueResponse {
+            cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_anchors: vec![pki.root.to_vec()],
+            spiffe_id: me.into(),
+            bundle_version: 3,
+            ..Default::default()
+        };
+        install(&store, resp, leaf.key).unwrap();
+        let r = Revoked::Id(
+            meshid_identity::SpiffeId::parse("spiffe://cluster.local/ns/x/sa/r").unwrap(),
+        );
+        let s = Revoked::Id(
+            meshid_identity::SpiffeId::parse("spiffe://cluster.local/ns/x/sa/s").unwrap(),
+        );
+        // Version 5 retires the other root and revokes R.
+        store
+            .set_bundle_at(
+                5,
+                vec![pki.root.clone()],
+                Vec::new(),
+                Arc::new(RevocationSet::new([r.clone()]).unwrap()),
+            )
+            .unwrap();
+        // Version 4, from a replica that has not read that yet: neither comes back.
+        store
+            .set_bundle_at(
+                4,
+                vec![pki.root.clone(), other.root.clone()],
+                Vec::new(),
+                Arc::default(),
+            )
+            .unwrap();
+        assert_eq!(
+            store.roots(),
+            vec![pki.root.clone()],
+            "the retired root stays out"
+        );
+        assert!(store.revocations().contains(&r), "R stays revoked");
+        // Its own revocations are added all the same.
+        store
+            .set_bundle_at(
+                4,
+                vec![pki.root.clone()],
+                Vec::new(),
+                Arc::new(RevocationSet::new([s.clone()]).unwrap()),
+            )
+            .unwrap();
+        assert!(store.revocations().contains(&r) && store.revocations().contains(&s));
+        // Version 6 lifts both, and is taken whole.
+        store
+            .set_bundle_at(6, vec![pki.root.clone()], Vec::new(), Arc::default())
+            .unwrap();
+        assert!(store.revocations().is_empty());
     }
 
     /// The app's SVID is handed over only for our own identity and with the app-SVID mark: an

@@ -321,6 +321,32 @@ impl CredentialStore {
             .as_ref()
             .map(|h| (h.chain.clone(), h.key.clone_key()))
             .ok_or(CredError::EmptyChain)?;
+        // An older bundle than the one in force (a replica that has not read the CA directory's
+        // last change yet, a CA restarted from a stale copy) lifts nothing: the roots and pins in
+        // force stay, its revocations are added to those in force. Taken as it came, it brought a
+        // retired root back and lifted a revocation until the stream moved to a newer replica.
+        let (roots, pinned, revoked, version) = match guard.as_ref() {
+            Some(h) if version != 0 && h.bundle_version > version => {
+                let union = match h.revoked.union(&revoked) {
+                    Ok(union) if union != *h.revoked => Arc::new(union),
+                    _ => {
+                        tracing::info!(
+                            offered = version,
+                            in_force = h.bundle_version,
+                            "trust bundle older than the one in force: nothing taken from it"
+                        );
+                        return self.current().ok_or(CredError::EmptyChain);
+                    }
+                };
+                tracing::info!(
+                    offered = version,
+                    in_force = h.bundle_version,
+                    "trust bundle older than the one in force: only its revocations taken"
+                );
+                (h.roots.clone(), h.pinned.clone(), union, h.bundle_version)
+            }
+            _ => (roots, pinned, revoked, version),
+        };
         let snapshot = Arc::new(self.build(
             Credentials {
                 chain: chain.clone(),
