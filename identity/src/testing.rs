@@ -34,6 +34,8 @@ pub struct LeafShape {
     pub app_svid: bool,
     /// Key usages (default: digitalSignature; keyCertSign too for `is_ca`).
     pub key_usages: Option<Vec<KeyUsagePurpose>>,
+    /// More extensions, as (OID arcs, DER content): e.g. a malformed lineage.
+    pub extensions: Vec<(Vec<u64>, Vec<u8>)>,
 }
 
 /// A workload certificate and its key.
@@ -126,6 +128,14 @@ impl TestPki {
                 crate::identity::APP_SVID_ARCS,
                 crate::identity::APP_SVID_VALUE.to_vec(),
             )];
+        }
+        for (arcs, content) in &shape.extensions {
+            params
+                .custom_extensions
+                .push(rcgen::CustomExtension::from_oid_content(
+                    arcs,
+                    content.clone(),
+                ));
         }
         let cert = params.signed_by(&key, &self.issuer).expect("leaf");
         TestLeaf {

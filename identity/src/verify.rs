@@ -647,15 +647,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
                 expected: self.expected.clone(),
             }));
         }
+        // Read whole every time, as the inbound reads a client's: a leaf whose lineage or
+        // attested-at extension cannot be read is refused here, not accepted while nothing is
+        // revoked (its connection could then never be matched against a later revocation).
+        let (serial, lineage) = crate::identity::cert_identity_from_der(end_entity)
+            .map(|c| {
+                let normalize =
+                    |s: &str| crate::revocation::normalize_serial(s).unwrap_or_default();
+                (normalize(&c.serial_hex), normalize(c.lineage_serial()))
+            })
+            .map_err(|e| identity_error(e.into()))?;
         if !self.anchors.revoked.is_empty() {
-            // Read only when something is revoked: the serial is all the chain check did not give.
-            let (serial, lineage) = crate::identity::cert_identity_from_der(end_entity)
-                .map(|c| {
-                    let normalize =
-                        |s: &str| crate::revocation::normalize_serial(s).unwrap_or_default();
-                    (normalize(&c.serial_hex), normalize(c.lineage_serial()))
-                })
-                .map_err(|e| identity_error(e.into()))?;
             self.anchors.check_revoked(&got, &serial, &lineage)?;
         }
         Ok(ServerCertVerified::assertion())
@@ -961,6 +963,21 @@ mod tests {
                 ),
                 inbound: Err("ca_as_leaf"),
                 outbound: Err("ca_as_leaf"),
+            },
+            Case {
+                name: "a lineage extension that cannot be read (nothing revoked)",
+                leaf: shaped(
+                    PEER,
+                    LeafShape {
+                        extensions: vec![(
+                            crate::identity::LINEAGE_ARCS.to_vec(),
+                            vec![0x05, 0x00],
+                        )],
+                        ..LeafShape::default()
+                    },
+                ),
+                inbound: Err("bad_identity"),
+                outbound: Err("bad_identity"),
             },
             Case {
                 name: "a leaf (CA=false) whose key may sign certificates",
