@@ -525,14 +525,26 @@ trust under it is pinned to this authority's intermediate. Keep this file with t
 fn pinned_intermediate(
     files: &AuthorityFiles,
 ) -> Result<Option<CertificateDer<'static>>, AuthorityError> {
-    if !files.path(IMPORTED_MARKER).exists() {
+    let marker = files.path(IMPORTED_MARKER);
+    if !marker.try_exists().map_err(io_err(&marker))? {
         return Ok(None);
     }
     let path = files.path("intermediate.pem");
+    // Missing, the root would be trusted unpinned: every sibling CA under it accepted. Refused
+    // (the CA keeps its last state and says why), not read as nothing to pin.
     let pem = match fs::read(&path) {
         Ok(pem) => pem,
-        // Not mounted (a CA given only the active authority's files): nothing to pin for it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(
+                &path,
+                format!(
+                    "missing, but {} says this authority's root was imported: trust under that \
+                     root is pinned to this intermediate, so the CA needs it (give the CA every \
+                     authority's intermediate.pem: meshid-ca secret ships them)",
+                    marker.display()
+                ),
+            ));
+        }
         Err(e) => return Err(io_err(&path)(e)),
     };
     let der = CertificateDer::from_pem_slice(&pem)
@@ -906,6 +918,13 @@ mod tests {
         let half = Authority::load(dir.path()).unwrap();
         assert!(half.roots.iter().any(|r| r.as_ref() == cert.der().as_ref()));
         assert_eq!(half.pinned, listed.pinned);
+        // The imported authority's intermediate missing: refused, not served unpinned.
+        fs::remove_file(dir.path().join("a2-intermediate.pem")).unwrap();
+        let refused = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            refused.contains("a2-intermediate.pem") && refused.contains("imported"),
+            "{refused}"
+        );
     }
 
     #[test]
