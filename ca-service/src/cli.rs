@@ -655,7 +655,17 @@ impl ServeArgs {
             p.0.push("--max-connection-age: must be at least 1s".into());
         }
         let mut namespaces = BTreeSet::new();
-        for ns in self.allowed_namespace.iter().filter(|n| !n.is_empty()) {
+        for ns in &self.allowed_namespace {
+            if ns.trim().is_empty() {
+                // Dropped, an empty value (a template that rendered nothing, a stray comma) left
+                // the list empty: every namespace allowed, without a word.
+                p.0.push(
+                    "--allowed-namespace: an empty namespace (an empty value or a stray comma); \
+                     give namespaces, or leave the flag out to allow every namespace"
+                        .into(),
+                );
+                continue;
+            }
             namespaces.insert(ns.clone());
         }
         let jwks_refresh = p.check("--jwks-refresh", parse_duration(&self.jwks_refresh));
@@ -1061,6 +1071,15 @@ mod tests {
             args.into_config()
         };
         let files = ["--jwks-token-file", &token, "--jwks-ca-file", &ca];
+        // An empty namespace would be read as no restriction: refused.
+        for empty in ["", "shop,", ",shop"] {
+            let refused = parse(&["--jwks", &jwks, "--allowed-namespace", empty]).unwrap_err();
+            assert!(
+                refused.iter().any(|p| p.contains("an empty namespace")),
+                "{empty:?}: {refused:?}"
+            );
+        }
+        assert!(parse(&["--jwks", &jwks, "--allowed-namespace", "shop,pay"]).is_ok());
         let source = |extra: &[&str]| parse(extra).map(|c| c.jwt.map(|j| j.jwks));
         assert_eq!(source(&[]), Ok(None));
         assert_eq!(

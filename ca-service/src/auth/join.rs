@@ -193,7 +193,11 @@ impl JoinTokenStore {
         let record: Record = serde_json::from_slice(&record).map_err(|_| {
             AuthError::unauthenticated(Reason::UnknownJoinToken, "join token record is corrupt")
         })?;
-        if unix(SystemTime::now()) >= record.expires_at_unix {
+        // A clock before the epoch (unreadable) counts every token as expired, not as fresh.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(u64::MAX, |d| d.as_secs());
+        if now >= record.expires_at_unix {
             return Err(AuthError::unauthenticated(
                 Reason::JoinTokenExpired,
                 "join token has expired",
@@ -257,7 +261,8 @@ impl JoinTokenStore {
                     .is_some_and(|r| {
                         unix(now) >= r.expires_at_unix.saturating_add(KEEP_USED.as_secs())
                     });
-            if old && path.extension().is_some_and(|e| e == "used") || expired_json {
+            let leftover = crate::ca_dir::is_leftover_temp(&path, now);
+            if old && path.extension().is_some_and(|e| e == "used") || expired_json || leftover {
                 let _ = fs::remove_file(&path);
             }
         }
