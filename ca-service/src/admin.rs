@@ -55,8 +55,20 @@ impl RotationCache {
 
     /// The report: the last one if it suits (`fresh`: started after this call; otherwise started
     /// within `max_age`), else a new one.
-    pub async fn get(&self, fresh: bool) -> Result<Bytes, String> {
+    pub async fn get(self: &Arc<Self>, fresh: bool) -> Result<Bytes, String> {
         let asked = Instant::now();
+        // In a task of its own: a caller that gives up (its connection's deadline) leaves the
+        // computation to finish and answer those queued behind it. Computed in the caller's
+        // future, a cancelled caller let go of the lock with its computation still running on
+        // the blocking pool, and the next caller started another beside it.
+        let this = self.clone();
+        match tokio::spawn(async move { this.get_after(asked, fresh).await }).await {
+            Ok(report) => report,
+            Err(e) => Err(format!("rotation report failed: {e}")),
+        }
+    }
+
+    async fn get_after(&self, asked: Instant, fresh: bool) -> Result<Bytes, String> {
         let mut last = self.last.lock().await;
         if let Some((started, result)) = &*last {
             let suits = if fresh {
@@ -463,6 +475,26 @@ mod tests {
             most_at_once.load(Ordering::SeqCst),
             1,
             "one report at a time"
+        );
+    }
+
+    /// Callers that give up (their connection's deadline) do not stack reports: each computation
+    /// finishes in its own task, holding the lock, before the next starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_that_give_up_leave_one_report_at_a_time() {
+        let (compute, computed, most_at_once) = counting();
+        let cache = Arc::new(RotationCache::new(compute, Duration::ZERO));
+        for _ in 0..6 {
+            let cache = cache.clone();
+            let _ = tokio::time::timeout(Duration::from_millis(5), cache.get(true)).await;
+        }
+        // Every report started has finished.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(computed.load(Ordering::SeqCst) >= 1);
+        assert_eq!(
+            most_at_once.load(Ordering::SeqCst),
+            1,
+            "one report at a time, given-up callers or not"
         );
     }
 }

@@ -200,6 +200,25 @@ pub(crate) mod synced_dirs {
 /// ([`rename_synced`]). On failure (a full or read-only directory) the file is as it was and no
 /// temporary file is left behind, unless the directory's sync failed after the rename: then the
 /// new content is in place but may not survive a power loss, and the error says so.
+/// How long a temporary file of a write may exist before it is taken for one a killed process
+/// left behind (writes are a few KiB, done in milliseconds).
+pub const LEFTOVER_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `path` is a temporary file of an atomic write (`NAME.tmpPID`, `.NAME.tmp`) older than
+/// [`LEFTOVER_AFTER`] at `now`: one a process killed mid-write left, which nothing else removes.
+pub fn is_leftover_temp(path: &Path, now: std::time::SystemTime) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let temp = name.ends_with(".tmp")
+        || name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+    temp && fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > LEFTOVER_AFTER)
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let io = |source| AuthorityError::Io {
@@ -220,6 +239,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuthorityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_old_temporary_files_are_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let old = now - LEFTOVER_AFTER - std::time::Duration::from_secs(1);
+        for (name, aged, leftover) in [
+            ("x.tmp42", true, true),
+            (".f00.tmp", true, true),
+            ("x.tmp42", false, false),
+            ("x.json", true, false),
+            ("x.tmpl", true, false),
+            ("tmp", true, false),
+        ] {
+            let path = dir.path().join(name);
+            fs::write(&path, "partial").unwrap();
+            if aged {
+                fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
+            }
+            assert_eq!(is_leftover_temp(&path, now), leftover, "{name} aged={aged}");
+            fs::remove_file(&path).unwrap();
+        }
+    }
 
     #[test]
     fn a_second_writer_waits_for_the_lock_and_is_refused_past_its_wait() {

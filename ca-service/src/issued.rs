@@ -180,9 +180,15 @@ fn forget_expired(dir: Option<&Path>, own: &[&Path], now: i64) {
     let Some(Ok(entries)) = dir.map(std::fs::read_dir) else {
         return;
     };
+    let wall = std::time::SystemTime::now();
     for entry in entries.flatten() {
         let path = entry.path();
         if own.contains(&path.as_path()) {
+            continue;
+        }
+        // A write a killed process left half done: nothing else would ever remove it.
+        if crate::ca_dir::is_leftover_temp(&path, wall) {
+            let _ = std::fs::remove_file(&path);
             continue;
         }
         let passed = if is_long(&path) {
@@ -308,6 +314,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_temporary_file_a_killed_writer_left_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(ISSUED_DIR)).unwrap();
+        let log = IssuanceLog::new(dir.path());
+        let temp = dir.path().join(ISSUED_DIR).join("x.tmp42");
+        std::fs::write(&temp, "partial").unwrap();
+        log.record("a", 1_000, 100);
+        assert!(temp.exists(), "a write in flight is left alone");
+        std::fs::File::options()
+            .write(true)
+            .open(&temp)
+            .unwrap()
+            .set_modified(
+                std::time::SystemTime::now()
+                    - crate::ca_dir::LEFTOVER_AFTER
+                    - std::time::Duration::from_secs(1),
+            )
+            .unwrap();
+        log.record("a", 2_000, 100);
+        assert!(
+            !temp.exists(),
+            "one a killed process left is removed at the next record"
+        );
+    }
+
+    #[test]
     fn marks_are_written_ahead_and_read_across_processes() {
         let dir = tempfile::tempdir().unwrap();
         let a = IssuanceLog::new(dir.path());
@@ -394,7 +426,8 @@ mod tests {
         b.record("1", 2_000, 100);
         assert!(unreadable_marks(dir.path()).is_empty());
         // A temporary file of a write in flight is not a mark.
-        std::fs::write(dir.path().join(ISSUED_DIR).join("x.tmp42"), "partial").unwrap();
+        let temp = dir.path().join(ISSUED_DIR).join("x.tmp42");
+        std::fs::write(&temp, "partial").unwrap();
         assert!(unreadable_marks(dir.path()).is_empty());
         let refused = |why: &str| {
             let blockers = unreadable_marks(dir.path());
