@@ -197,7 +197,8 @@ fn main() -> Result<()> {
     let mut report = markdown::Results::new(
         &ctx,
         machine::machine(),
-        machine::versions(&ctx.settings.bin_dir),
+        // Where the binaries were built (the copies' directory says nothing of their build).
+        machine::versions(&args.bin_dir),
     );
     for name in &args.scenarios {
         eprintln!("== {name}");
