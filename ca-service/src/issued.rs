@@ -217,14 +217,28 @@ fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// The largest mark file read: one is a few hundred bytes; anything large is not ours.
+const MAX_MARKS_BYTES: u64 = 64 * 1024;
+
+/// The largest per-identity mark file read: at most MAX_LONG_IDENTITIES identities (up to 2 KiB
+/// each) per authority.
+const MAX_LONG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The size past which a mark file is not read (and so is unreadable to the retire gate).
+fn max_bytes(path: &Path) -> u64 {
+    if is_long(path) {
+        MAX_LONG_BYTES
+    } else {
+        MAX_MARKS_BYTES
+    }
+}
+
 fn read_marks(path: &Path) -> Option<HashMap<String, i64>> {
-    // A mark file is a few hundred bytes; anything large is not ours.
-    serde_json::from_slice(&read_small(path, 64 * 1024)?).ok()
+    serde_json::from_slice(&read_small(path, max_bytes(path))?).ok()
 }
 
 fn read_long(path: &Path) -> Option<LongMarks> {
-    // At most MAX_LONG_IDENTITIES identities (up to 2 KiB each) per authority.
-    serde_json::from_slice(&read_small(path, 4 * 1024 * 1024)?).ok()
+    serde_json::from_slice(&read_small(path, max_bytes(path))?).ok()
 }
 
 /// The mark files of the CA directory, per-identity ones apart.
@@ -237,7 +251,8 @@ fn mark_files(ca_dir: &Path) -> impl Iterator<Item = PathBuf> {
 }
 
 /// The marks the retire gate cannot read, each naming the file and why: a mark file (`*.json` in
-/// `issued/`) that is not a readable mark (EACCES, EIO, garbage, a directory in its place), or an
+/// `issued/`) that is not a readable mark (EACCES, EIO, garbage, a directory in its place, larger
+/// than the mark readers read), or an
 /// `issued/` that cannot be listed. [`issued_until`] skips them, so a certificate they would
 /// account for may still be live: `rotate retire` refuses while there is one.
 pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
@@ -263,6 +278,12 @@ pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
         let why = match std::fs::metadata(&path) {
             Err(e) => Some(e.to_string()),
             Ok(m) if !m.is_file() => Some("not a regular file".to_owned()),
+            // The readers skip it, so whatever it holds is not counted.
+            Ok(m) if m.len() > max_bytes(&path) => Some(format!(
+                "{} bytes, larger than a mark file may be ({} bytes)",
+                m.len(),
+                max_bytes(&path)
+            )),
             Ok(_) => match std::fs::read(&path) {
                 Err(e) => Some(e.to_string()),
                 Ok(bytes) if is_long(&path) => serde_json::from_slice::<LongMarks>(&bytes)
@@ -447,6 +468,12 @@ mod tests {
             matches!(&err, RotateError::Refused(r) if r.contains(&b.file.display().to_string())),
             "{err}"
         );
+        // Well-formed, but past the size the readers read: what it holds is not counted either.
+        let mut padded = br#"{"1": 5000}"#.to_vec();
+        padded.resize(padded.len() + MAX_MARKS_BYTES as usize, b' ');
+        std::fs::write(&b.file, padded).unwrap();
+        assert_eq!(issued_until(dir.path(), "1"), 1_090);
+        refused("larger than a mark file may be");
         std::fs::remove_file(&b.file).unwrap();
         std::fs::create_dir(&b.file).unwrap();
         refused("not a regular file");
