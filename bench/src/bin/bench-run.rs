@@ -11,13 +11,14 @@ use meshid_bench::harness::pki::BenchPki;
 use meshid_bench::harness::report::ScenarioResult;
 use meshid_bench::harness::{Ctx, Settings, ca, machine, markdown, scenarios};
 
-const ALL: [&str; 9] = [
+const ALL: [&str; 10] = [
     "throughput",
     "throughput_tcp",
     "latency",
     "handshakes",
     "first_request",
     "memory",
+    "memory_tcp",
     "startup",
     "ca",
     "fleet",
@@ -209,6 +210,7 @@ fn main() -> Result<()> {
             "handshakes" => scenarios::handshakes(&ctx, &pki),
             "first_request" => scenarios::first_request(&ctx, &pki),
             "memory" => scenarios::memory(&ctx, &pki),
+            "memory_tcp" => scenarios::memory_tcp(&ctx, &pki),
             "startup" => ca::startup(&ctx, &pki),
             "fleet" => ca::fleet(&ctx),
             _ => ca::ca_issuance(&ctx),

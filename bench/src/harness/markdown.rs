@@ -108,7 +108,7 @@ impl Results {
     fn plots(&self, dir: &Path) -> Result<BTreeMap<String, Vec<String>>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         const P: &[&str] = &["meshid", "nginx", "haproxy"];
-        let specs: [(&str, &str, &str, &str, &[&str]); 9] = [
+        let specs: [(&str, &str, &str, &str, &[&str]); 10] = [
             (
                 "throughput",
                 "requests_per_second",
@@ -169,6 +169,13 @@ impl Results {
                 "memory",
                 "per_connection_rss_kib",
                 "Memory per idle mTLS connection",
+                "KiB",
+                P,
+            ),
+            (
+                "memory_tcp",
+                "per_connection_rss_kib",
+                "Memory per idle mTLS connection, TCP mode",
                 "KiB",
                 P,
             ),
@@ -390,7 +397,7 @@ fn columns(id: &str) -> &'static [(&'static str, &'static str)] {
             ("p50_us", "p50 us (connect+handshake+GET)"),
             ("loadgen_cpu_utilization", "load gen CPU"),
         ],
-        "memory" => &[
+        "memory" | "memory_tcp" => &[
             ("idle_rss_kib", "idle RSS KiB"),
             ("idle_anon_kib", "idle anonymous KiB"),
             ("idle_private_kib", "idle private KiB"),
@@ -587,7 +594,8 @@ ship; `--smoke` uses `release`; `MESHID_BIN_DIR=DIR` runs the binaries already i
 as CI's smoke run does with its test build's `target/debug`), runs `target/dist/bench-run` pinned to
 CPU 0 (at a raised priority when allowed, inherited by everything it starts), and rewrites
 `bench/results/latest.json`, the SVG plots beside it and this file. Scenarios: `throughput`,
-`throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `startup`, `ca`, `fleet`.
+`throughput_tcp`, `latency`, `handshakes`, `first_request`, `memory`, `memory_tcp`, `startup`, `ca`,
+`fleet`.
 ";
 
 /// What the profiles of meshid found, and what was tried: written by hand from the commands it

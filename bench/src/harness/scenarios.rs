@@ -328,7 +328,7 @@ pub fn ratio_figures(id: &str) -> &'static [&'static str] {
         ],
         "handshakes" => &["handshakes_per_second", "terminator_cpu_us_per_handshake"],
         "first_request" => &["p50_us", "p90_us"],
-        "memory" => &[
+        "memory" | "memory_tcp" => &[
             "idle_rss_kib",
             "idle_anon_kib",
             "per_connection_rss_kib",
@@ -680,6 +680,32 @@ pub fn memory(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
         v,
         format!("{:.1} KiB", v.unwrap_or(0.0)),
         |x| x <= 12.0,
+    );
+    res
+}
+
+/// Memory per idle mTLS connection with the proxies in TCP mode: each held connection is also a
+/// connection to the app and a byte pump each way (meshid: a task whose copy buffers are taken only
+/// while data keeps coming). No target in the benchmark issue; reported beside the HTTP figure.
+pub fn memory_tcp(ctx: &Ctx, pki: &BenchPki) -> ScenarioResult {
+    let n = ctx.settings.idle_connections;
+    let runs = rounds(ctx, "memory_tcp", &Contender::PROXIES, |c| {
+        let mut t = start_mode(ctx, pki, c, Mode::Tcp)?;
+        memory_run(ctx, pki, &mut t, n)
+    });
+    let mut res = ScenarioResult::new(
+        "memory_tcp",
+        "Memory per idle mTLS connection, proxies in TCP mode",
+        format!(
+            "as the memory scenario with both proxies of each pair in TCP mode (meshid `tcp` inbound and outbound, nginx `stream`, haproxy `mode tcp`): {n} mTLS connections opened to the terminator, one request each passed through to the app, then left idle, each holding its connection to the app; per connection = growth / {n}; {} run(s)",
+            ctx.settings.runs
+        ),
+        &runs,
+    );
+    res.add_meshid_ratios(ratio_figures("memory_tcp"));
+    res.notes.push(
+        "No target in the benchmark issue for TCP mode; the HTTP-mode figure above is the target's."
+            .into(),
     );
     res
 }
