@@ -318,16 +318,20 @@ impl Revocations {
         learned: Option<(&Self, i64)>,
     ) -> (Self, Vec<Entry>) {
         let mut raised = Vec::new();
+        // Looked up by key, not searched: 10,000 entries against 10,000 is 10^8 comparisons, and
+        // this runs every second while the CA directory is refused.
+        let mut before: std::collections::HashMap<(&Revoked, i64), &Entry> =
+            std::collections::HashMap::new();
+        if let Some((served, _)) = learned {
+            for b in &served.entries {
+                before.entry((&b.what, b.revoked_at)).or_insert(b);
+            }
+        }
         let entries = self
             .entries
             .iter()
             .map(|e| {
-                let served_before = learned.and_then(|(before, _)| {
-                    before
-                        .entries
-                        .iter()
-                        .find(|b| b.what == e.what && b.revoked_at == e.revoked_at)
-                });
+                let served_before = before.get(&(&e.what, e.revoked_at)).copied();
                 let since = match (served_before, learned) {
                     (None, Some((_, now))) => e.revoked_at.max(now),
                     _ => e.revoked_at,
@@ -358,14 +362,21 @@ impl Revocations {
     pub fn narrowed_by(&self, newer: &Self) -> Result<Option<Self>, usize> {
         let mut entries = self.entries.clone();
         let mut changed = false;
+        // Where each revoked thing is listed (its first entry), looked up rather than searched.
+        let mut at: std::collections::HashMap<Revoked, usize> =
+            std::collections::HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            at.entry(e.what.clone()).or_insert(i);
+        }
         for e in &newer.entries {
-            match entries.iter_mut().find(|have| have.what == e.what) {
-                Some(have) if have.revoked_at < e.revoked_at => {
-                    *have = e.clone();
+            match at.get(&e.what) {
+                Some(&i) if entries[i].revoked_at < e.revoked_at => {
+                    entries[i] = e.clone();
                     changed = true;
                 }
                 Some(_) => {}
                 None => {
+                    at.insert(e.what.clone(), entries.len());
                     entries.push(e.clone());
                     changed = true;
                 }

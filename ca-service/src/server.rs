@@ -652,8 +652,19 @@ fn audit_revocation_changes(
     before: &crate::revocations::Revocations,
     after: &crate::revocations::Revocations,
 ) {
+    // Looked up, not searched: two lists of up to 10,000 entries, every second while the CA
+    // directory is refused.
+    let was: std::collections::HashMap<&meshid_identity::revocation::Revoked, Vec<&_>> = before
+        .entries()
+        .iter()
+        .fold(std::collections::HashMap::new(), |mut m, e| {
+            m.entry(&e.what).or_insert_with(Vec::new).push(e);
+            m
+        });
+    let now: std::collections::HashSet<&meshid_identity::revocation::Revoked> =
+        after.entries().iter().map(|a| &a.what).collect();
     for e in after.entries() {
-        if !before.entries().contains(e) {
+        if !was.get(&e.what).is_some_and(|b| b.contains(&e)) {
             tracing::warn!(
                 target: "meshid_ca::audit",
                 revoked = %e.what,
@@ -665,7 +676,7 @@ fn audit_revocation_changes(
         }
     }
     for e in before.entries() {
-        if !after.entries().iter().any(|a| a.what == e.what) {
+        if !now.contains(&e.what) {
             tracing::warn!(
                 target: "meshid_ca::audit",
                 revoked = %e.what,
