@@ -481,7 +481,8 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHID_CA_MAX_TTL", default_value = "24h")]
     pub max_ttl: String,
     /// How long after its last attestation (a service-account token or a join token) an identity
-    /// keeps renewing on its certificate alone: no renewed certificate lives past it, a renewal
+    /// keeps renewing on its certificate alone: no certificate lives past it (the first of a
+    /// lineage, a token's or join token's, at most this long, whatever --max-ttl), a renewal
     /// with less than half its lifetime left before it is refused, and the workload must present
     /// its token (or a new join token) again.
     #[arg(long, env = "MESHID_CA_MAX_ATTESTATION_AGE", default_value = "24h")]
@@ -499,7 +500,7 @@ pub struct ServeArgs {
     /// Sustained certificates per second for all the identities of one namespace together
     /// (`ns/<ns>/sa/<sa>`), checked alongside each identity's --rate-limit, so that one namespace
     /// cannot take the CA from the others by creating service accounts (JWT-SVIDs are counted
-    /// apart, at the same rate). Default: 4 x --rate-limit.
+    /// apart, at the same rate). A positive number. Default: 4 x --rate-limit.
     #[arg(long, env = "MESHID_CA_NAMESPACE_RATE_LIMIT")]
     pub namespace_rate_limit: Option<String>,
     /// Certificates one namespace's identities together may get in a burst. Default: 4 x
@@ -631,13 +632,23 @@ impl ServeArgs {
                 ));
             }
         }
-        if let Some(rate) = rate
-            && !(rate.is_finite() && rate > 0.0)
-        {
-            p.0.push("--rate-limit: must be a positive number".into());
+        for (flag, rate) in [
+            ("--rate-limit", rate),
+            ("--namespace-rate-limit", ns_rate.flatten()),
+        ] {
+            if let Some(rate) = rate
+                && !(rate.is_finite() && rate > 0.0)
+            {
+                p.0.push(format!("{flag}: must be a positive number"));
+            }
         }
-        if burst == Some(0) {
-            p.0.push("--rate-burst: must be at least 1".into());
+        for (flag, burst) in [
+            ("--rate-burst", burst),
+            ("--namespace-rate-burst", ns_burst.flatten()),
+        ] {
+            if burst == Some(0) {
+                p.0.push(format!("{flag}: must be at least 1"));
+            }
         }
         if max_conns == Some(0) {
             p.0.push("--max-connections: must be at least 1".into());
@@ -1050,6 +1061,17 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
+        // Checked as --rate-limit and --rate-burst are: a rate of nothing is a usage error.
+        for bad in ["0", "-1", "NaN", "inf"] {
+            let problems = parse(&[&format!("--namespace-rate-limit={bad}")]).unwrap_err();
+            assert_eq!(
+                problems,
+                ["--namespace-rate-limit: must be a positive number"],
+                "{bad}"
+            );
+        }
+        let problems = parse(&["--namespace-rate-burst", "0"]).unwrap_err();
+        assert_eq!(problems, ["--namespace-rate-burst: must be at least 1"]);
     }
 
     #[test]

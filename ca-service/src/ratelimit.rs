@@ -16,6 +16,10 @@ use meshid_identity::SpiffeId;
 const PRUNE_ABOVE: usize = 10_000;
 /// The longest time between two prunings while the map is above [`PRUNE_ABOVE`].
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The longest wait a refusal names: a rate so low that a token is further off (or a wait that
+/// would not fit a `Duration`) is answered with this, and the caller is refused again when it
+/// comes back too early.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Rate and burst of each identity's bucket.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +69,10 @@ impl RateLimit {
 
     /// What renewals together may take of an identity's limit: three quarters (rounded up), so
     /// that service-account token and join-token issuances (new pods) always find at least a
-    /// quarter of it, however many of the identity's certificates renew.
+    /// quarter of it, however many of the identity's certificates renew. Those issuances in turn
+    /// leave in the identity's bucket what renewals may still take of their share (see
+    /// [`RateLimiter::check_leaving`] and [`RateLimiter::available`]): a pod asking again and
+    /// again with its token cannot starve the renewals of its identity's other replicas.
     pub fn renewal_share(self) -> Self {
         Self {
             per_second: self.per_second * 0.75,
@@ -119,14 +126,26 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             .scanned
     }
 
-    /// Takes one token for `id`, or says how long until one is available.
+    /// Takes one token for `id`, or says how long until one is available (at most [`MAX_WAIT`]).
     pub fn check<Q>(&self, id: &Q, now: Instant) -> Result<(), Duration>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        self.check_leaving(id, now, 0.0)
+    }
+
+    /// Takes one token for `id` only if at least `leave` tokens are left after it (at most the
+    /// burst less one, so that a full bucket always gives one), or says how long until then (at
+    /// most [`MAX_WAIT`]).
+    pub fn check_leaving<Q>(&self, id: &Q, now: Instant, leave: f64) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let burst = f64::from(self.limit.burst.max(1));
-        let rate = self.limit.per_second.max(f64::MIN_POSITIVE);
+        let rate = self.rate();
+        let needed = 1.0 + leave.max(0.0).min(burst - 1.0);
         let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let buckets = &mut *guard;
         let len = buckets.map.len();
@@ -150,12 +169,33 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
         bucket.updated = now;
-        if bucket.tokens >= 1.0 {
+        if bucket.tokens >= needed {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / rate))
+            let wait = Duration::try_from_secs_f64((needed - bucket.tokens) / rate);
+            Err(wait.map_or(MAX_WAIT, |w| w.min(MAX_WAIT)))
         }
+    }
+
+    /// The tokens `id`'s bucket holds at `now` (a full burst if it has none), taking none.
+    pub fn available<Q>(&self, id: &Q, now: Instant) -> f64
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let burst = f64::from(self.limit.burst.max(1));
+        let guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        guard.map.get(id).map_or(burst, |b| {
+            let elapsed = now.saturating_duration_since(b.updated).as_secs_f64();
+            (b.tokens + elapsed * self.rate()).min(burst)
+        })
+    }
+
+    /// The refill rate: a rate of zero, below or NaN (never accepted by `serve`'s flags) refills
+    /// nothing, in effect, and never divides by zero.
+    fn rate(&self) -> f64 {
+        self.limit.per_second.max(f64::MIN_POSITIVE)
     }
 }
 
@@ -182,6 +222,43 @@ mod tests {
         // Half a second later one token is back.
         rl.check(&a, t0 + Duration::from_millis(500)).unwrap();
         assert!(rl.check(&a, t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn a_rate_of_zero_or_less_refuses_without_panicking() {
+        for per_second in [0.0, -1.0, f64::NAN, 1e-300, f64::MIN_POSITIVE] {
+            let rl: RateLimiter<u32> = RateLimiter::new(RateLimit {
+                per_second,
+                burst: 1,
+            });
+            let t0 = Instant::now();
+            rl.check(&1, t0).unwrap();
+            // A token further off than a `Duration` holds: the longest wait, no panic.
+            assert_eq!(rl.check(&1, t0), Err(MAX_WAIT), "{per_second}");
+            assert_eq!(rl.check_leaving(&2, t0, 5.0), Ok(()), "{per_second}");
+            assert!(rl.available(&2, t0 + MAX_WAIT) < 1.0, "{per_second}");
+        }
+    }
+
+    #[test]
+    fn check_leaving_takes_only_above_what_it_leaves() {
+        let rl: RateLimiter<u32> = RateLimiter::new(RateLimit {
+            per_second: 1.0,
+            burst: 4,
+        });
+        let t0 = Instant::now();
+        assert_eq!(rl.available(&1, t0), 4.0, "no bucket yet: a full burst");
+        rl.check_leaving(&1, t0, 3.0).unwrap();
+        // Three left: another would leave two.
+        assert_eq!(rl.check_leaving(&1, t0, 3.0), Err(Duration::from_secs(1)));
+        assert_eq!(rl.available(&1, t0), 3.0);
+        // What is left is still taken by plain checks.
+        rl.check(&1, t0).unwrap();
+        assert_eq!(rl.check_leaving(&1, t0, 3.0), Err(Duration::from_secs(2)));
+        // Asked to leave the whole burst (or more), a full bucket still gives one.
+        rl.check_leaving(&2, t0, 4.0).unwrap();
+        assert!(rl.check_leaving(&2, t0, 4.0).is_err());
+        assert_eq!(rl.available(&1, t0 + Duration::from_millis(1500)), 3.5);
     }
 
     #[test]

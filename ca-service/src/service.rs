@@ -120,6 +120,7 @@ pub struct CaState {
     /// How long after its last attestation (token or join token) an identity still renews on its
     /// certificate alone (`--max-attestation-age`).
     pub max_attestation_age: std::time::Duration,
+    /// Certificates per identity (`--rate-limit`, `--rate-burst`), whatever the credential.
     pub limiter: RateLimiter,
     /// Lifetime of a JWT-SVID (`--jwt-svid-ttl`).
     pub jwt_svid_ttl: std::time::Duration,
@@ -132,7 +133,8 @@ pub struct CaState {
     pub namespaces: RateLimiter<String>,
     pub jwt_namespaces: RateLimiter<String>,
     /// Renewals per identity, before `limiter`: a share of it (`RateLimit::renewal_share`), so
-    /// that renewals cannot take the whole of it from token and join-token issuances.
+    /// that renewals cannot take the whole of it from token and join-token issuances; these, in
+    /// turn, leave in `limiter` what renewals may still take of this share.
     pub renewals: RateLimiter,
     /// Renewals and JWT-SVID requests per lineage of the presented certificate (the first serial
     /// of its lineage, the same across renewals whatever the keys; app SVIDs apart), a small share
@@ -431,22 +433,34 @@ impl CaState {
             let left = u64::try_from(cert.not_after.saturating_sub(now)).unwrap_or(0);
             lifetime = lifetime.min(std::time::Duration::from_secs(left));
         }
-        // A renewal's certificate ends when its lineage's attestation age does (refused, as an
-        // age already past is, when too little of it is left).
-        if let Some(at) = attested_at {
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            match auth::renewal_lifetime(&id, at, self.max_attestation_age, lifetime, now) {
-                Ok(cut) => lifetime = cut,
-                Err(e) => return (method, Some(id), Err(e.into())),
+        // No certificate of a lineage outlives its attestation age: a renewal's ends when its
+        // lineage's does (refused, as an age already past is, when too little of it is left);
+        // the first one, attested by this call, lives at most the age.
+        match attested_at {
+            Some(at) => {
+                let now = OffsetDateTime::now_utc().unix_timestamp();
+                match auth::renewal_lifetime(&id, at, self.max_attestation_age, lifetime, now) {
+                    Ok(cut) => lifetime = cut,
+                    Err(e) => return (method, Some(id), Err(e.into())),
+                }
             }
+            None => lifetime = lifetime.min(self.max_attestation_age),
         }
         // Renewals take from their share of the identity's limit first: what they leave of it
-        // is kept for tokens and join tokens.
-        let renewals = match method {
-            Method::Renewal => self.renewals.check(&id, Instant::now()),
-            _ => Ok(()),
+        // is kept for tokens and join tokens. These start lineages, and leave in the identity's
+        // bucket what renewals may still take of their share: a pod that asks with its token in
+        // a loop cannot starve its replicas' renewals.
+        let now = Instant::now();
+        let limited = match method {
+            Method::Renewal => self
+                .renewals
+                .check(&id, now)
+                .and_then(|()| self.limiter.check(&id, now)),
+            _ => self
+                .limiter
+                .check_leaving(&id, now, self.renewals.available(&id, now)),
         };
-        if let Err(wait) = renewals.and_then(|()| self.limiter.check(&id, Instant::now())) {
+        if let Err(wait) = limited {
             let refusal = rate_limited(&id, wait);
             return (method, Some(id), Err(refusal));
         }
@@ -2787,6 +2801,88 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_lineages_first_certificate_is_bounded_by_the_attestation_age() {
+        // `--max-attestation-age 30m` under a 1 h `--max-ttl`: a token or join token attests the
+        // identity now, and its certificate ends no later than the age does, as a renewal's.
+        const AGE: i64 = 1800;
+        struct Case {
+            name: &'static str,
+            credential: fn(&TestCa) -> Option<Credential>,
+            ttl_seconds: u32,
+            method: Method,
+            id: &'static str,
+            /// Seconds from the call to the certificate's end.
+            lives: i64,
+        }
+        let cases = [
+            Case {
+                name: "service-account token asking for the 1 h maximum: cut to the age",
+                credential: |ca| service_account(ca.sa.token("shop", "frontend")),
+                ttl_seconds: 3600,
+                method: Method::ServiceAccountToken,
+                id: FRONTEND,
+                lives: AGE,
+            },
+            Case {
+                name: "join token asking for the 1 h maximum: cut to the age",
+                credential: |ca| join(ca.join_token(VM, Duration::from_secs(600))),
+                ttl_seconds: 3600,
+                method: Method::JoinToken,
+                id: VM,
+                lives: AGE,
+            },
+            Case {
+                name: "service-account token asking for less than the age: what it asked for",
+                credential: |ca| service_account(ca.sa.token("shop", "frontend")),
+                ttl_seconds: 900,
+                method: Method::ServiceAccountToken,
+                id: FRONTEND,
+                lives: 900,
+            },
+            Case {
+                name: "join token with the default 10 min lifetime: unchanged",
+                credential: |ca| join(ca.join_token(VM, Duration::from_secs(600))),
+                ttl_seconds: 0,
+                method: Method::JoinToken,
+                id: VM,
+                lives: 600,
+            },
+        ];
+        for case in cases {
+            let name = case.name;
+            let ca = TestCa::with(Opts {
+                service_accounts: true,
+                max_attestation_age: Some(Duration::from_secs(AGE.unsigned_abs())),
+                ..Opts::default()
+            });
+            let req = IssueRequest {
+                ttl_seconds: case.ttl_seconds,
+                app_svid: false,
+                ..request(csr(), (case.credential)(&ca))
+            };
+            let before = OffsetDateTime::now_utc().unix_timestamp();
+            let decision = ca.state.issue(&req, None);
+            let after = OffsetDateTime::now_utc().unix_timestamp();
+            let resp = check(name, &req, decision, case.method, Expected::Issued(case.id))
+                .unwrap_or_else(|| panic!("{name}: not issued"));
+            let issued = meshid_identity::cert_identity_from_der(&resp.cert_chain[0]).unwrap();
+            let attested = issued.attested_at.unwrap_or_else(|| panic!("{name}"));
+            assert!(
+                (before..=after).contains(&attested),
+                "{name}: attested at {attested}"
+            );
+            assert!(
+                (before + case.lives..=after + case.lives).contains(&issued.not_after),
+                "{name}: ends {} s after the call, not {} s",
+                issued.not_after - before,
+                case.lives
+            );
+            assert!(issued.not_after <= attested + AGE, "{name}: past the age");
+            assert_eq!(resp.not_after_unix, issued.not_after, "{name}");
+        }
+    }
+
     #[tokio::test]
     async fn renewal_is_checked_against_the_roots_trusted_at_the_call() {
         use crate::rotation;
@@ -3116,13 +3212,84 @@ mod tests {
     }
 
     #[test]
-    fn the_identities_of_one_namespace_share_its_limit() {
-        // Each identity: a burst of 2, then one a minute; its namespace: four times that.
+    fn token_issuances_in_a_loop_leave_renewals_their_share() {
+        // A burst of 4, then one a minute: renewals' share is 3 of it.
         let ca = TestCa::with(Opts {
             rate: Some(RateLimit {
                 per_second: 1.0 / 60.0,
-                burst: 2,
+                burst: 4,
             }),
+            service_accounts: true,
+            ..Opts::default()
+        });
+        let result = |r: Result<IssueResponse, Refusal>| match r {
+            Ok(_) => "issued",
+            Err(refusal) => {
+                if refusal.result == "rate_limited" {
+                    let retry = refusal.status.metadata().get("retry-after-ms");
+                    assert!(retry.is_some(), "no retry-after-ms");
+                }
+                refusal.result
+            }
+        };
+        // One pod asks again and again with its token, each call a new lineage; a join token of
+        // the identity comes in between.
+        let mut fresh: Vec<&str> = (0..5)
+            .map(|_| {
+                let req = request(csr(), service_account(ca.sa.token("shop", "frontend")));
+                result(ca.state.issue(&req, None).2)
+            })
+            .collect();
+        let token = ca.join_token(FRONTEND, Duration::from_secs(600));
+        let req = request(csr(), join(token.clone()));
+        fresh.push(result(ca.state.issue(&req, None).2));
+        assert!(ca.state.join.lookup(&token).is_ok(), "join token spent");
+        // The identity's other replicas still renew, each on its own certificate, up to their
+        // share; past it they are refused as before.
+        for replica in 0..3 {
+            let req = request(csr(), None);
+            let decision = ca.state.issue(&req, Some(&peer(&ca.cert(FRONTEND))));
+            let name = format!("replica {replica}'s renewal");
+            check(
+                &name,
+                &req,
+                decision,
+                Method::Renewal,
+                Expected::Issued(FRONTEND),
+            );
+        }
+        let req = request(csr(), None);
+        let decision = ca.state.issue(&req, Some(&peer(&ca.cert(FRONTEND))));
+        assert_eq!(
+            result(decision.2),
+            "rate_limited",
+            "past the renewals' share"
+        );
+        assert_eq!(
+            fresh,
+            [
+                "issued",
+                "rate_limited",
+                "rate_limited",
+                "rate_limited",
+                "rate_limited",
+                "rate_limited"
+            ],
+            "token issuances get what renewals leave: one of the burst"
+        );
+    }
+
+    #[test]
+    fn the_identities_of_one_namespace_share_its_limit() {
+        // Each identity: a burst of 8, then one a minute, of which token issuances get the 2
+        // its renewals leave; its namespace: a burst of 8.
+        let slow = |burst| RateLimit {
+            per_second: 1.0 / 60.0,
+            burst,
+        };
+        let ca = TestCa::with(Opts {
+            rate: Some(slow(8)),
+            namespace_rate: Some(slow(8)),
             service_accounts: true,
             ..Opts::default()
         });
