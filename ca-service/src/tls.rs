@@ -1,13 +1,15 @@
 //! The CA's TLS listener: its own serving certificate, optional client certificates (for renewal), a
-//! handshake timeout, connection limits (overall and per source IP), an idle timeout and a maximum
-//! connection age. Accepted connections feed tonic as a stream.
+//! handshake timeout, connection limits (overall, per source IP, and proven ones per certificate
+//! lineage), an idle timeout and a maximum connection age. Accepted connections feed tonic as a
+//! stream.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -279,14 +281,15 @@ pub struct ConnActivity {
     /// Milliseconds from `opened` to the end of the last call (0: none ended yet).
     last_end_ms: AtomicU64,
     opened: Instant,
-    /// The connection's slot at the listener: proven by its first call when the connection
-    /// presented a client certificate (see [`meshid_runtime::admission`]), given back when the
-    /// last holder of this drops. A connection without one is never proven: any caller can make
-    /// a call (the bundle, health checks), so calls alone would let anonymous clients from many
-    /// addresses hold every slot against sidecars; such connections stay displaceable at the cap.
+    /// The connection's slot at the listener (see [`meshid_runtime::admission`]), given back when
+    /// the last holder of this drops; proven only through `lineage` ([`Self::prove`]).
     ticket: Option<Ticket>,
-    /// Whether a call proves the ticket (the connection presented a client certificate).
-    proven_by_calls: bool,
+    /// The lineage of the connection's client certificate, which proves the ticket by a call the
+    /// CA served for it. `None` (no certificate, an app SVID, an identity that cannot be read):
+    /// the connection is never proven. Any caller can make calls (the bundle, health checks), so
+    /// calls alone would let anonymous clients from many addresses hold every slot against
+    /// sidecars; such connections stay displaceable at the cap.
+    lineage: Option<LineageProof>,
 }
 
 impl Default for ConnActivity {
@@ -302,25 +305,33 @@ impl ConnActivity {
             last_end_ms: AtomicU64::new(0),
             opened: Instant::now(),
             ticket,
-            proven_by_calls: true,
+            lineage: None,
         }
     }
 
-    /// Whether calls prove the connection's ticket (see [`Self::call`]).
-    fn proven_by_calls(mut self, proven: bool) -> Self {
-        self.proven_by_calls = proven;
+    /// What proves the connection's ticket (see [`Self::prove`]).
+    fn proven_by(mut self, lineage: Option<LineageProof>) -> Self {
+        self.lineage = lineage;
         self
     }
 
-    /// A call starts; it is in flight until the guard drops. The first call proves a connection
-    /// that holds a ticket (one that presented a client certificate): it is no longer displaced at
-    /// the connection limit.
+    /// A call starts; it is in flight until the guard drops. It proves nothing by itself.
     pub fn call(self: &Arc<Self>) -> CallGuard {
-        if let Some(ticket) = self.ticket.as_ref().filter(|_| self.proven_by_calls) {
-            ticket.proven();
-        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         CallGuard(self.clone())
+    }
+
+    /// The CA served a call that takes the connection's certificate as its credential
+    /// ([`PROVING_METHODS`]): the connection is no longer displaced at the connection limit, if
+    /// its certificate's lineage holds fewer than [`MAX_PROVEN_CONNECTIONS_PER_LINEAGE`] proven
+    /// connections on this listener. Past that it stays displaceable, and a later call proves it
+    /// once one of them has closed. One atomic load once proven.
+    fn prove(&self) {
+        if let (Some(ticket), Some(lineage)) = (&self.ticket, &self.lineage)
+            && lineage.hold()
+        {
+            ticket.proven();
+        }
     }
 
     /// Calls in flight now.
@@ -335,6 +346,119 @@ impl ConnActivity {
         }
         let ms = self.last_end_ms.load(Ordering::Acquire);
         Some(self.opened + Duration::from_millis(ms))
+    }
+}
+
+/// The most connections of one certificate lineage that one CA listener holds proven (never
+/// displaced at `--max-connections`); the next ones of that lineage stay displaceable. A lineage
+/// is one sidecar's chain of certificates (its first, attested with a token, and every renewal
+/// of it, whatever their keys), which holds one or two connections to a CA process: its bundle
+/// stream's, and now and then one for a call while that one is reconnecting. Without a bound, one
+/// valid certificate could take every slot with connections that each made one renewal.
+pub const MAX_PROVEN_CONNECTIONS_PER_LINEAGE: usize = 8;
+
+/// The proven connections of each certificate lineage on one listener.
+#[derive(Debug)]
+struct ProvenLineages {
+    max: usize,
+    held: Mutex<HashMap<Arc<str>, Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    proven: usize,
+    /// Whether its reaching `max` was logged (once until it holds none).
+    warned: bool,
+}
+
+impl ProvenLineages {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            held: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One connection's claim to be counted among its certificate lineage's proven connections.
+#[derive(Debug)]
+struct LineageProof {
+    /// The certificate's SPIFFE ID and lineage serial (normalized).
+    lineage: Arc<str>,
+    lineages: Arc<ProvenLineages>,
+    peer: SocketAddr,
+    /// Whether it counts in `lineages` (then until it drops).
+    held: AtomicBool,
+}
+
+impl LineageProof {
+    /// For a connection from `peer` presenting `leaf`; `None` for an app SVID, which is never a
+    /// credential at the CA.
+    fn new(
+        lineages: &Arc<ProvenLineages>,
+        leaf: &meshid_identity::CertIdentity,
+        peer: SocketAddr,
+    ) -> Option<Self> {
+        if leaf.app_svid {
+            return None;
+        }
+        let serial = leaf.lineage_serial();
+        let serial = meshid_identity::revocation::normalize_serial(serial)
+            .unwrap_or_else(|_| serial.to_owned());
+        Some(Self {
+            lineage: format!("{} {serial}", leaf.id).into(),
+            lineages: lineages.clone(),
+            peer,
+            held: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the connection counts among its lineage's proven connections, taking a place if
+    /// one is free.
+    fn hold(&self) -> bool {
+        if self.held.load(Ordering::Acquire) {
+            return true;
+        }
+        let max = self.lineages.max;
+        let mut held = self.lineages.lock();
+        if self.held.load(Ordering::Acquire) {
+            return true;
+        }
+        let entry = held.entry(self.lineage.clone()).or_default();
+        if entry.proven >= max {
+            if !std::mem::replace(&mut entry.warned, true) {
+                tracing::warn!(
+                    lineage = %self.lineage,
+                    peer = %self.peer,
+                    max,
+                    "a certificate lineage holds the most proven connections to this CA process; \
+                     its further connections stay displaceable at --max-connections"
+                );
+            }
+            return false;
+        }
+        entry.proven += 1;
+        self.held.store(true, Ordering::Release);
+        true
+    }
+}
+
+impl Drop for LineageProof {
+    fn drop(&mut self) {
+        if !*self.held.get_mut() {
+            return;
+        }
+        let mut held = self.lineages.lock();
+        if let Some(entry) = held.get_mut(&self.lineage) {
+            entry.proven = entry.proven.saturating_sub(1);
+            if entry.proven == 0 {
+                held.remove(&self.lineage);
+            }
+        }
     }
 }
 
@@ -493,8 +617,9 @@ impl AsyncWrite for TlsConn {
 #[derive(Debug, Clone, Copy)]
 pub struct ListenerLimits {
     pub handshake_timeout: Duration,
-    /// Connections open at once. Past it a connection that has made no call yet is displaced
-    /// ([`meshid_runtime::admission`]); the newcomer is refused only when every one has.
+    /// Connections open at once. Past it a connection not proven yet is displaced
+    /// ([`meshid_runtime::admission`], [`ConnActivity::prove`]); the newcomer is refused only
+    /// when every one is proven.
     pub max_connections: usize,
     /// Most connections (handshaking or established) from one source IP; the one past it is closed
     /// at once, before any TLS work.
@@ -537,9 +662,32 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 /// any number of never-ending streams (`MAX_STREAMS_PER_CONNECTION` per connection).
 pub const MAX_HEALTH_WATCHES: usize = 256;
 
+/// The CA's calls that prove their connection ([`ConnActivity::prove`]) when the CA serves them:
+/// those that take the caller's certificate as its credential, checked at the call (revocation,
+/// the app-SVID mark, the trust domain), and `Issue` (a renewal, or a token's first certificate).
+/// Not `GetTrustBundle`, which answers anyone, nor health checks or reflection.
+const PROVING_METHODS: [&str; 4] = [
+    "/meshid.ca.v1.CertificateAuthority/Issue",
+    "/meshid.ca.v1.CertificateAuthority/IssueJwtSvid",
+    "/meshid.ca.v1.CertificateAuthority/WatchTrustBundle",
+    "/meshid.ca.v1.CertificateAuthority/AckTrustBundle",
+];
+
+/// Whether a response head shows its call served: HTTP 200 and no gRPC status but OK in the head.
+/// A call refused before its first message is answered Trailers-Only, its `grpc-status` in the
+/// head; a served one has its status in the trailers.
+fn served<B>(response: &http::Response<B>) -> bool {
+    response.status() == http::StatusCode::OK
+        && response
+            .headers()
+            .get("grpc-status")
+            .is_none_or(|status| status.as_bytes() == b"0")
+}
+
 /// Marks every call as in flight on its connection ([`PeerInfo::activity`]) until its response
 /// body has ended or is dropped, so a `WatchTrustBundle` stream keeps its connection busy for as
-/// long as it is open. The idle timeout reads the count. Also bounds the health `Watch` streams
+/// long as it is open. The idle timeout reads the count. A call of [`PROVING_METHODS`] whose
+/// response head shows it served proves its connection. Also bounds the health `Watch` streams
 /// open at once ([`MAX_HEALTH_WATCHES`]).
 #[derive(Debug, Clone)]
 pub struct TrackCallsLayer {
@@ -616,9 +764,18 @@ where
             .extensions()
             .get::<PeerInfo>()
             .map(|p| p.activity.call());
+        let proving = PROVING_METHODS.contains(&req.uri().path());
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
+            // Proven by what the CA made of the call, not by its arrival: a refused renewal (a
+            // revoked certificate, an app SVID) proves nothing.
+            if let Some(CallGuard(activity)) = &guard
+                && proving
+                && served(&response)
+            {
+                activity.prove();
+            }
             Ok(response.map(|inner| TrackedBody::new(inner, Some((guard, permit)))))
         })
     }
@@ -647,6 +804,7 @@ pub fn incoming(
         Some(limits.max_connections_per_source),
         64,
     );
+    let lineages = Arc::new(ProvenLineages::new(MAX_PROVEN_CONNECTIONS_PER_LINEAGE));
     tokio::spawn(async move {
         let refused = |reason: &'static str| {
             metrics
@@ -682,6 +840,7 @@ pub fn incoming(
             let acceptor = TlsAcceptor::from(config.load_full());
             let tx = tx.clone();
             let metrics = metrics.clone();
+            let lineages = lineages.clone();
             tokio::spawn(async move {
                 let handshake =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
@@ -724,11 +883,14 @@ pub fn incoming(
                     )
                 });
                 metrics.connections_open.inc();
-                // Only a connection with a client certificate (verified by the handshake) is proven
-                // by its calls; an anonymous one keeps its ticket unproven until it closes.
-                let activity = Arc::new(
-                    ConnActivity::new(Some(ticket)).proven_by_calls(certificates.is_some()),
-                );
+                // Only a connection with a client certificate (verified by the handshake) is proven,
+                // by a call the CA serves for it; an anonymous one keeps its ticket unproven until
+                // it closes, as does one presenting an app SVID.
+                let lineage = leaf_identity
+                    .as_deref()
+                    .and_then(|leaf| leaf.as_ref().ok())
+                    .and_then(|leaf| LineageProof::new(&lineages, leaf, remote_addr));
+                let activity = Arc::new(ConnActivity::new(Some(ticket)).proven_by(lineage));
                 let hard_deadline = later(
                     later(activity.opened, limits.max_connection_age),
                     limits.max_connection_age_grace,
@@ -824,6 +986,197 @@ mod tests {
             let kind = handshake(resuming.clone()).await.unwrap();
             assert_eq!(kind, Some(rustls::HandshakeKind::Full));
         }
+    }
+
+    fn source(last: u8) -> IpAddr {
+        IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last))
+    }
+
+    /// A connection from 127.0.0.`last` admitted by `admission`, whose certificate is of
+    /// `lineage` (`None`: anonymous).
+    fn connection(
+        admission: &Admission,
+        lineages: &Arc<ProvenLineages>,
+        last: u8,
+        lineage: Option<&str>,
+    ) -> Arc<ConnActivity> {
+        let ticket = admission.admit(source(last)).unwrap().ticket;
+        let proof = lineage.map(|l| LineageProof {
+            lineage: l.into(),
+            lineages: lineages.clone(),
+            peer: SocketAddr::new(source(last), 1),
+            held: AtomicBool::new(false),
+        });
+        Arc::new(ConnActivity::new(Some(ticket)).proven_by(proof))
+    }
+
+    /// Whether every slot of `admission` (full) is held by a proven connection: a newcomer is
+    /// refused rather than displacing one.
+    fn all_proven(admission: &Admission) -> bool {
+        admission.admit(source(250)).is_err()
+    }
+
+    struct Case {
+        name: &'static str,
+        path: &'static str,
+        /// The response head's `grpc-status`, if any.
+        status: Option<&'static str>,
+        certificate: bool,
+        proven: bool,
+    }
+
+    /// Only a call of the CA's credential-taking methods that the CA served, on a connection that
+    /// presented a certificate, proves it: not the anonymous bundle, not a health check, not a
+    /// refusal (a Trailers-Only answer), not a method that does not exist.
+    #[tokio::test]
+    async fn only_a_served_call_that_takes_the_certificate_proves_its_connection() {
+        const CA: &str = "/meshid.ca.v1.CertificateAuthority/";
+        let cases = [
+            Case {
+                name: "a renewal served",
+                path: "/meshid.ca.v1.CertificateAuthority/Issue",
+                status: None,
+                certificate: true,
+                proven: true,
+            },
+            Case {
+                name: "a JWT-SVID served",
+                path: "/meshid.ca.v1.CertificateAuthority/IssueJwtSvid",
+                status: None,
+                certificate: true,
+                proven: true,
+            },
+            Case {
+                name: "a bundle stream opened",
+                path: "/meshid.ca.v1.CertificateAuthority/WatchTrustBundle",
+                status: None,
+                certificate: true,
+                proven: true,
+            },
+            Case {
+                name: "an acknowledgement, answered OK in the head",
+                path: "/meshid.ca.v1.CertificateAuthority/AckTrustBundle",
+                status: Some("0"),
+                certificate: true,
+                proven: true,
+            },
+            Case {
+                name: "a renewal refused (revoked)",
+                path: "/meshid.ca.v1.CertificateAuthority/Issue",
+                status: Some("7"),
+                certificate: true,
+                proven: false,
+            },
+            Case {
+                name: "a bundle stream refused (an app SVID)",
+                path: "/meshid.ca.v1.CertificateAuthority/WatchTrustBundle",
+                status: Some("16"),
+                certificate: true,
+                proven: false,
+            },
+            Case {
+                name: "the bundle, answered to anyone",
+                path: "/meshid.ca.v1.CertificateAuthority/GetTrustBundle",
+                status: None,
+                certificate: true,
+                proven: false,
+            },
+            Case {
+                name: "a health check",
+                path: "/grpc.health.v1.Health/Check",
+                status: None,
+                certificate: true,
+                proven: false,
+            },
+            Case {
+                name: "a method that does not exist",
+                path: "/meshid.ca.v1.CertificateAuthority/IssueX",
+                status: Some("12"),
+                certificate: true,
+                proven: false,
+            },
+            Case {
+                name: "a bundle stream without a certificate",
+                path: "/meshid.ca.v1.CertificateAuthority/WatchTrustBundle",
+                status: None,
+                certificate: false,
+                proven: false,
+            },
+        ];
+        for case in cases {
+            let admission = Admission::new(1, None);
+            let lineages = Arc::new(ProvenLineages::new(MAX_PROVEN_CONNECTIONS_PER_LINEAGE));
+            let lineage = case.certificate.then_some("spiffe://td/a 1");
+            let activity = connection(&admission, &lineages, 1, lineage);
+            let status = case.status;
+            let inner = tower::service_fn(move |_: http::Request<()>| async move {
+                let mut response = http::Response::new(String::new());
+                if let Some(status) = status {
+                    response
+                        .headers_mut()
+                        .insert("grpc-status", http::HeaderValue::from_static(status));
+                }
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            let mut calls = tower::Layer::layer(&TrackCallsLayer::default(), inner);
+            let mut request = http::Request::post(case.path).body(()).unwrap();
+            request.extensions_mut().insert(PeerInfo {
+                remote_addr: SocketAddr::new(source(1), 1),
+                certificates: None,
+                leaf_identity: None,
+                activity: activity.clone(),
+            });
+            let response = tower::Service::call(&mut calls, request).await.unwrap();
+            drop(response);
+            assert_eq!(all_proven(&admission), case.proven, "{}", case.name);
+            drop(activity);
+        }
+        for path in PROVING_METHODS {
+            let method = path.strip_prefix(CA).unwrap();
+            let proto = include_str!("../../proto/meshid/ca/v1/ca.proto");
+            assert!(proto.contains(&format!("rpc {method}(")), "{path}");
+        }
+        use tonic::server::NamedService;
+        type Server =
+            meshid_proto::ca::v1::certificate_authority_server::CertificateAuthorityServer<
+                crate::service::CaService,
+            >;
+        assert_eq!(CA, format!("/{}/", Server::NAME));
+    }
+
+    /// One lineage holds at most its share of proven connections; the next of it stays
+    /// displaceable, other lineages are not affected, and a place given back is taken by the next
+    /// served call.
+    #[test]
+    fn a_lineage_holds_at_most_its_share_of_proven_connections() {
+        let admission = Admission::new(4, None);
+        let lineages = Arc::new(ProvenLineages::new(2));
+        let a = "spiffe://td/a 1";
+        let first = connection(&admission, &lineages, 1, Some(a));
+        let second = connection(&admission, &lineages, 2, Some(a));
+        let third = connection(&admission, &lineages, 3, Some(a));
+        let other = connection(&admission, &lineages, 4, Some("spiffe://td/a 2"));
+        for c in [&first, &second, &third, &other] {
+            c.prove();
+            c.prove();
+        }
+        assert_eq!(lineages.lock()[a].proven, 2);
+        // The third of lineage `a` is displaced by a newcomer, not the newcomer refused.
+        assert!(!all_proven(&admission), "the third of a lineage was proven");
+        // Once one of its proven connections closes, the lineage proves another by a call.
+        let fourth = connection(&admission, &lineages, 5, Some(a));
+        drop(first);
+        drop(third);
+        fourth.prove();
+        assert_eq!(lineages.lock()[a].proven, 2);
+        let fifth = connection(&admission, &lineages, 6, Some("spiffe://td/a 3"));
+        fifth.prove();
+        assert!(all_proven(&admission));
+        drop((second, fourth, fifth));
+        assert!(
+            !lineages.lock().contains_key(a),
+            "a lineage holding none is forgotten"
+        );
     }
 
     #[tokio::test]

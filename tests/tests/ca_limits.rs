@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient;
 use meshid_proto::ca::v1::{
-    GetTrustBundleRequest, IssueRequest, IssueResponse, WatchTrustBundleRequest,
-    issue_request::Credential,
+    GetTrustBundleRequest, IssueJwtSvidRequest, IssueRequest, IssueResponse,
+    WatchTrustBundleRequest, issue_request::Credential,
 };
 use meshid_tests::ca::{CaOptions, TestCa};
 use meshid_tests::pki::{ForeignCa, WorkloadKey, pem};
@@ -181,8 +181,8 @@ async fn certificate(ca: &TestCa, sa: &str) -> ClientCert {
 
 /// At `--max-connections`, connections that have made no call (silent TCP, or a finished TLS
 /// handshake and nothing after it) from many sources cannot keep a client out: each newcomer
-/// displaces the oldest of them from the busiest source. Only when every connection has made a
-/// call with a client certificate is a newcomer refused.
+/// displaces the oldest of them from the busiest source. Only when every connection is proven (a
+/// call the CA served for its client certificate: here a renewal) is a newcomer refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_at_the_cap_make_room_for_a_client() {
     const MAX: usize = 6;
@@ -230,8 +230,8 @@ async fn silent_connections_at_the_cap_make_room_for_a_client() {
             .expect("a client is served while silent connections fill the cap")
             .into_inner();
         assert_eq!(bundle.roots, vec![ca.roots[0].to_vec()]);
-        // Its connection made a call with a certificate: it is never displaced, and it keeps
-        // its slot.
+        // Its connection renewed its certificate: it is never displaced, and it keeps its slot.
+        renew(&mut client).await.expect("a renewal at the cap");
         clients.push(client);
         if i + 1 < MAX {
             flood_tcp.push(tcp_from(HERE, ca.addr).await.unwrap());
@@ -243,7 +243,7 @@ async fn silent_connections_at_the_cap_make_room_for_a_client() {
         "a newcomer was refused while silent connections held slots"
     );
     // The last client took the last slot from a silent connection: every slot is now held by a
-    // connection that made a call, so the next one is refused, and the clients are still served.
+    // proven connection, so the next one is refused, and the clients are still served.
     let refused = tls_from(&ca, &connector, HERE).await;
     assert!(refused.is_err(), "a connection past the cap was served");
     eventually("the newcomer refused at the cap", || {
@@ -328,6 +328,266 @@ async fn anonymous_callers_at_the_cap_make_room_for_a_sidecar() {
         .await
         .unwrap();
     assert_eq!(report.sidecars.len(), 1, "{:?}", report.sidecars);
+    drop(held);
+}
+
+/// An app SVID of `ca` (the sidecar's certificate `cert` asks for it), with its key.
+async fn app_svid(ca: &TestCa, cert: ClientCert) -> ClientCert {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut sidecar = client_from(ca, HERE, Some(cert), opened).await.unwrap();
+    let key = WorkloadKey::new();
+    let resp = sidecar
+        .issue(IssueRequest {
+            csr: key.csr.clone(),
+            credential: None,
+            ttl_seconds: 0,
+            app_svid: true,
+        })
+        .await
+        .expect("an app SVID")
+        .into_inner();
+    let chain = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    (chain, key.private_key_der())
+}
+
+/// Revokes the identity `id` in `ca`'s directory and waits until the CA serves the revocation.
+async fn revoke(ca: &TestCa, id: &str) {
+    let mut list = meshid_ca::revocations::Revocations::default();
+    list.revoke(
+        meshid_identity::revocation::Revoked::Id(meshid_identity::SpiffeId::parse(id).unwrap()),
+        meshid_runtime::time::unix_now(),
+        3600,
+        "test".into(),
+    )
+    .unwrap();
+    list.save(ca.dir.path()).unwrap();
+    eventually("the CA serves the revocation", || async {
+        let bundle = ca.served_bundle().await;
+        bundle.revoked.iter().any(|r| r.spiffe_id == id)
+    })
+    .await;
+}
+
+/// Connections presenting a certificate the CA no longer takes as a credential (a revoked one, an
+/// app SVID), each with calls the CA refused (and, on an app SVID, a token's first certificate),
+/// and connections of a valid certificate that made
+/// only calls anyone may make (the bundle, a health check), from many addresses, do not hold the
+/// CA's slots against sidecars: none is proven, so at the cap each arriving sidecar displaces one
+/// of them, as many sidecars as there are slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_anonymous_calls_over_a_certificate_hold_no_slot_against_sidecars() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    const MAX: usize = 6;
+    const LIAR: &str = "spiffe://cluster.local/ns/shop/sa/liar";
+    let ca = TestCa::start(CaOptions {
+        max_connections: MAX,
+        idle_timeout: Duration::from_secs(60),
+        ..CaOptions::default()
+    })
+    .await;
+    // Every certificate is had before the cap is held (`certificate` calls on a connection of
+    // its own, never proven).
+    let revoked = certificate(&ca, "liar").await;
+    let valid = certificate(&ca, "frontend").await;
+    let app = app_svid(&ca, (valid.0.clone(), valid.1.clone_key())).await;
+    let sidecar = certificate(&ca, "backend").await;
+    revoke(&ca, LIAR).await;
+
+    let mut held = Vec::new();
+    for i in 0..MAX {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 50 + i as u8));
+        let cert = match i % 3 {
+            0 => &revoked,
+            1 => &app,
+            _ => &valid,
+        };
+        let opened = Arc::new(AtomicUsize::new(0));
+        let channel = channel_from(
+            &ca,
+            from,
+            Some((cert.0.clone(), cert.1.clone_key())),
+            opened,
+        )
+        .await
+        .unwrap();
+        let mut client = CertificateAuthorityClient::new(channel.clone());
+        match i % 3 {
+            0 => {
+                let refused = renew(&mut client).await.expect_err("a revoked renewal");
+                assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+                let refused = client
+                    .watch_trust_bundle(WatchTrustBundleRequest::default())
+                    .await
+                    .expect_err("a revoked bundle stream");
+                assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+            }
+            1 => {
+                renew(&mut client)
+                    .await
+                    .expect_err("a renewal on an app SVID");
+                client
+                    .issue_jwt_svid(IssueJwtSvidRequest {
+                        audience: vec!["db".into()],
+                    })
+                    .await
+                    .expect_err("a JWT-SVID on an app SVID");
+                // A first certificate by a token is served, on a connection whose certificate is
+                // no credential at the CA: it proves nothing either.
+                client
+                    .issue(IssueRequest {
+                        csr: WorkloadKey::new().csr,
+                        credential: Some(Credential::ServiceAccountToken(
+                            ca.cluster.token("shop", "frontend"),
+                        )),
+                        ttl_seconds: 0,
+                        app_svid: false,
+                    })
+                    .await
+                    .expect("a token's certificate");
+            }
+            _ => {
+                client
+                    .get_trust_bundle(GetTrustBundleRequest {})
+                    .await
+                    .expect("the bundle");
+                HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .expect("a health check");
+            }
+        }
+        held.push(client);
+    }
+    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
+    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
+    let before = sample(&metrics(&ca).await, displaced);
+
+    // As many sidecars as there are slots arrive, one after another: each is served and renews.
+    let mut sidecars = Vec::new();
+    for i in 0..MAX {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let cert = (sidecar.0.clone(), sidecar.1.clone_key());
+        let mut client = client_from(&ca, ELSEWHERE, Some(cert), opened)
+            .await
+            .unwrap_or_else(|e| panic!("sidecar {i} refused at the cap: {e:?}"));
+        renew(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("sidecar {i} not served at the cap: {e:?}"));
+        sidecars.push(client);
+    }
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, full), 0.0, "a sidecar was refused: {m}");
+    assert!(
+        sample(&m, displaced) >= before + MAX as f64,
+        "not every held connection displaced: {m}"
+    );
+    drop(held);
+}
+
+/// One certificate lineage (a certificate and its renewal, two keys) cannot hold every slot of
+/// the CA with connections that each made a call the CA served (a renewal): past
+/// `MAX_PROVEN_CONNECTIONS_PER_LINEAGE` its connections stay displaceable, and a sidecar of
+/// another lineage arriving at the cap is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_lineage_cannot_hold_the_cap_with_served_calls() {
+    let per_lineage = meshid_ca::tls::MAX_PROVEN_CONNECTIONS_PER_LINEAGE;
+    let max = per_lineage + 4;
+    let ca = TestCa::start(CaOptions {
+        max_connections: max,
+        idle_timeout: Duration::from_secs(60),
+        // Every renewal below is served, none rate limited.
+        rate_limit: meshid_ca::ratelimit::RateLimit {
+            per_second: 1000.0,
+            burst: 10_000,
+        },
+        ..CaOptions::default()
+    })
+    .await;
+    let sidecar = certificate(&ca, "backend").await;
+    let first = certificate(&ca, "frontend").await;
+    let mut held = Vec::new();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 70));
+    let mut client = client_from(
+        &ca,
+        from,
+        Some((first.0.clone(), first.1.clone_key())),
+        opened,
+    )
+    .await
+    .unwrap();
+    // Its renewal: the same lineage, another key.
+    let key = WorkloadKey::new();
+    let renewed = client
+        .issue(IssueRequest {
+            csr: key.csr.clone(),
+            credential: None,
+            ttl_seconds: 0,
+            app_svid: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let second: ClientCert = (
+        renewed
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+        key.private_key_der(),
+    );
+    held.push(client);
+    for i in 1..max {
+        let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 70 + (i % 4) as u8));
+        let cert = if i % 2 == 0 { &first } else { &second };
+        let opened = Arc::new(AtomicUsize::new(0));
+        let mut client = client_from(
+            &ca,
+            from,
+            Some((cert.0.clone(), cert.1.clone_key())),
+            opened,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connection {i} below the cap: {e:?}"));
+        let issued = renew(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("renewal {i}: {e:?}"));
+        assert_eq!(issued.into_inner().spiffe_id, FRONTEND);
+        held.push(client);
+    }
+    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
+    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
+    let before = sample(&metrics(&ca).await, displaced);
+
+    // A sidecar of another lineage arrives at the cap: served, its stream registered.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut client = client_from(&ca, ELSEWHERE, Some(sidecar), opened)
+        .await
+        .expect("a sidecar at the cap is let in");
+    let mut stream = client
+        .watch_trust_bundle(WatchTrustBundleRequest {
+            instance_id: "pod".into(),
+            file_mode: false,
+        })
+        .await
+        .expect("a sidecar at the cap is served")
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    renew(&mut client).await.expect("and renews");
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, full), 0.0, "the sidecar was refused: {m}");
+    assert!(
+        sample(&m, displaced) > before,
+        "no connection of the lineage displaced: {m}"
+    );
     drop(held);
 }
 
