@@ -43,13 +43,14 @@ pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 /// before it rewrote the request (the host, port and prefix it was reached at, the URL before a
 /// rewrite: frameworks such as Spring and IIS act on them as the request's own). Only the inbound
 /// sidecar sets the first ones, and no peer is a front proxy of the app: every peer-sent header
-/// whose name matches one of these, ignoring ASCII case and treating `_` as `-`, is removed first
-/// (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and `X-Forwarded-Client-Cert` into
-/// one variable, so either spelling would reach the app as ours). The policy decides on the request
-/// line; a peer must not have the app serve another path than the one it was allowed. The
-/// client-IP headers that frameworks take as the caller's address (chi's `RealIP` prefers
-/// `True-Client-IP`, Rails reads `Client-Ip`) go too, and `Proxy`, which CGI and FastCGI apps turn
-/// into `HTTP_PROXY` for their own outgoing calls ("httpoxy").
+/// whose name matches one of these, ignoring ASCII case and treating `_` and `.` as `-`, is removed
+/// first (CGI, WSGI and PHP servers fold `X_Forwarded_Client_Cert` and `X-Forwarded-Client-Cert`
+/// into one variable, and PHP behind nginx folds `X.Forwarded.Client.Cert` into it too, so any of
+/// these spellings would reach the app as ours). The policy decides on the request line; a peer
+/// must not have the app serve another path than the one it was allowed. The client-IP headers
+/// that frameworks take as the caller's address (chi's `RealIP` prefers `True-Client-IP`, Rails
+/// reads `Client-Ip`) go too, and `Proxy`, which CGI and FastCGI apps turn into `HTTP_PROXY` for
+/// their own outgoing calls ("httpoxy").
 pub const PEER_HEADERS: [&str; 17] = [
     XFCC,
     "x-forwarded-for",
@@ -73,7 +74,8 @@ pub const PEER_HEADERS: [&str; 17] = [
 /// Request headers that ask the app to take the request as another method (Express's
 /// `method-override`, Spring's `HiddenHttpMethodFilter` variants, OData, Google's APIs): the inbound
 /// decides the methods they name as it decides the request's own, so that a peer allowed `POST`
-/// cannot have the app `DELETE`. Matched as [`PEER_HEADERS`] are.
+/// cannot have the app `DELETE`. Matched as [`PEER_HEADERS`] are (`X.HTTP.Method.Override` is
+/// one: PHP reads it as `X-HTTP-Method-Override`).
 pub const METHOD_OVERRIDES: [&str; 3] = [
     "x-http-method-override",
     "x-http-method",
@@ -206,10 +208,11 @@ impl Form {
     /// framework reads it: none is a form (Rack parses a `POST` without one), the media type ends
     /// at `;`, `,` or a space (PHP), any `multipart/*` is multipart (Rack). (JSON bodies are not
     /// read: Laravel takes a top-level `_method` member from one, see docs/policy.md.) `Err` with
-    /// the reason for what no check can follow: two `Content-Type`
-    /// headers, a second `boundary` (frameworks pick different ones), a boundary RFC 2046 does
-    /// not allow ([`check_boundary`]), or a `Content-Encoding` (the body's fields are not its
-    /// bytes). `headers` are those the app will get (hop-by-hop ones removed).
+    /// the reason for what no check can follow: two `Content-Type` headers, a second `boundary`
+    /// or one outside its `boundary=` parameter (frameworks pick different ones), a boundary
+    /// RFC 2046 does not allow ([`check_boundary`]), a `charset` other than [`FORM_CHARSETS`]
+    /// (Tomcat and ASP.NET Core decode the form by it), or a `Content-Encoding` (the body's
+    /// fields are not its bytes). `headers` are those the app will get (hop-by-hop ones removed).
     pub(crate) fn of(headers: &HeaderMap) -> Option<Result<Self, String>> {
         let mut types = headers.get_all(header::CONTENT_TYPE).iter();
         let form = match (types.next(), types.next()) {
@@ -231,56 +234,115 @@ impl Form {
     }
 
     fn of_type(value: &str) -> Option<Result<Self, String>> {
-        let end = value.find([';', ',', ' ', '\t']).unwrap_or(value.len());
-        let media = value[..end].trim();
-        let lower = media.to_ascii_lowercase();
-        if lower == "application/x-www-form-urlencoded" {
-            return Some(Ok(Self::Urlencoded));
-        }
-        if !lower.starts_with("multipart/") {
+        // ASCII lower case: every byte stays where it was, so offsets in it are offsets in `value`.
+        let lower = value.to_ascii_lowercase();
+        let end = lower.find([';', ',', ' ', '\t']).unwrap_or(lower.len());
+        let media = lower[..end].trim();
+        let urlencoded = media == "application/x-www-form-urlencoded";
+        if !urlencoded && !media.starts_with("multipart/") {
             return None;
         }
-        // The one `boundary` anywhere in the value, as PHP (`strstr`) and Rack (a regex) find it,
-        // whatever parameter comes before: quoted, or up to `;` or `,`.
-        // Only `boundary` followed by `=` counts: a browser's boundary value holds the word too
-        // (`----WebKitFormBoundary...`).
-        let lower_value = value.to_ascii_lowercase();
-        let named: Vec<usize> = lower_value
-            .match_indices("boundary")
-            .map(|(at, _)| at)
-            .filter(|&at| value[at + "boundary".len()..].trim_start().starts_with('='))
-            .collect();
-        if named.len() > 1 {
-            return Some(Err(
-                "a multipart Content-Type naming more than one boundary".to_owned(),
-            ));
+        if let Err(refused) = check_charset(&lower) {
+            return Some(Err(refused));
         }
-        let boundary = named.first().and_then(|&at| {
-            let rest = value[at + "boundary".len()..].trim_start();
-            let rest = rest.strip_prefix('=')?.trim_start();
-            Some(if let Some(quoted) = rest.strip_prefix('"') {
-                let close = quoted.find('"').map_or(rest.len(), |i| i + 2);
-                unquote(&rest[..close])
-            } else {
-                rest[..rest.find([';', ',']).unwrap_or(rest.len())]
-                    .trim()
-                    .to_owned()
-            })
-        });
-        Some(match boundary.filter(|b| !b.is_empty()) {
-            Some(b) => check_boundary(&b).map(|()| Self::Multipart(Some(b))),
-            None => Ok(Self::Multipart(None)),
-        })
+        if urlencoded {
+            return Some(Ok(Self::Urlencoded));
+        }
+        Some(multipart_boundary(value, &lower))
     }
 
     /// The methods the form's `_method` fields name (see [`query_method_overrides`] for how a
-    /// name and a value are read).
-    pub(crate) fn method_overrides(&self, body: &[u8]) -> Vec<String> {
+    /// name and a value are read). `Err` with the reason for a multipart body whose parts
+    /// frameworks would read differently ([`multipart_method_overrides`]).
+    pub(crate) fn method_overrides(&self, body: &[u8]) -> Result<Vec<String>, String> {
         match self {
-            Self::Urlencoded => query_method_overrides(Some(&String::from_utf8_lossy(body))),
-            Self::Multipart(None) => Vec::new(),
+            Self::Urlencoded => Ok(query_method_overrides(Some(&String::from_utf8_lossy(body)))),
+            Self::Multipart(None) => Ok(Vec::new()),
             Self::Multipart(Some(boundary)) => multipart_method_overrides(body, boundary),
         }
+    }
+}
+
+/// The boundary of a `multipart/*` Content-Type (`lower`: `value` in ASCII lower case), found as
+/// PHP (`strstr`) and Rack (a regex) find it, whatever parameter comes before: the `boundary`
+/// followed by `=`, its value quoted or up to `;` or `,`. Refused, as frameworks would read another
+/// boundary: a second `boundary=` (Rack takes the last, PHP the first), and any other `boundary`
+/// outside that one's value (older PHP takes the first `boundary` anywhere and the first `=` after
+/// it: `boundary-x; y=B` is `B` to it). The word inside the boundary's own value is fine: a
+/// browser's boundary holds it (`----WebKitFormBoundary...`).
+fn multipart_boundary(value: &str, lower: &str) -> Result<Form, String> {
+    const WORD: &str = "boundary";
+    let found: Vec<usize> = lower.match_indices(WORD).map(|(at, _)| at).collect();
+    let value_at = |at: usize| value[at + WORD.len()..].trim_start().strip_prefix('=');
+    let named: Vec<usize> = found
+        .iter()
+        .copied()
+        .filter(|&at| value_at(at).is_some())
+        .collect();
+    if named.len() > 1 {
+        return Err("a multipart Content-Type naming more than one boundary".to_owned());
+    }
+    let stray = || {
+        "a multipart Content-Type with `boundary` outside its one `boundary=` parameter (older \
+         PHP takes the first `=` after any `boundary`)"
+            .to_owned()
+    };
+    let Some(rest) = named.first().and_then(|&at| value_at(at)) else {
+        return if found.is_empty() {
+            Ok(Form::Multipart(None))
+        } else {
+            Err(stray())
+        };
+    };
+    let start = value.len() - rest.len();
+    let (boundary, len) = param_value(rest);
+    let within = start..start + len;
+    let inside = |at: usize| within.start <= at && at + WORD.len() <= within.end;
+    if found.iter().any(|&at| !named.contains(&at) && !inside(at)) {
+        return Err(stray());
+    }
+    if boundary.is_empty() {
+        return Ok(Form::Multipart(None));
+    }
+    check_boundary(&boundary).map(|()| Form::Multipart(Some(boundary)))
+}
+
+/// The charsets a form may declare: those in which the sidecar's bytes are the app's characters
+/// for every `_method=` field it reads.
+const FORM_CHARSETS: [&str; 3] = ["utf-8", "us-ascii", "iso-8859-1"];
+
+/// Refuses a form whose Content-Type (`lower`, in ASCII lower case) declares a charset other than
+/// [`FORM_CHARSETS`] (quoted or not): Tomcat and ASP.NET Core decode a form by it, and
+/// `_method=DELETE` in UTF-16LE is not the bytes the sidecar looks for. Every `charset=` counts,
+/// wherever it stands: Tomcat looks for the text `charset=` anywhere in the value.
+fn check_charset(lower: &str) -> Result<(), String> {
+    const WORD: &str = "charset";
+    for (at, _) in lower.match_indices(WORD) {
+        let Some(rest) = lower[at + WORD.len()..].trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let (charset, _) = param_value(rest);
+        if !FORM_CHARSETS.contains(&charset.as_str()) {
+            return Err(format!(
+                "a form in the charset {charset:?} (the sidecar reads forms in {} only)",
+                FORM_CHARSETS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A Content-Type parameter's value at the start of `rest` (what follows its `=`): quoted (without
+/// its quotes), or up to `;` or `,` (trimmed); with the length of `rest` it takes up.
+fn param_value(rest: &str) -> (String, usize) {
+    let lead = rest.len() - rest.trim_start().len();
+    let rest = &rest[lead..];
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let close = quoted.find('"').map_or(rest.len(), |i| i + 2);
+        (unquote(&rest[..close]), lead + close)
+    } else {
+        let end = rest.find([';', ',']).unwrap_or(rest.len());
+        (rest[..end].trim().to_owned(), lead + end)
     }
 }
 
@@ -332,67 +394,102 @@ fn unquote(v: &str) -> String {
     }
 }
 
-/// The `_method` parts of a `multipart/form-data` body: each part after a `--boundary` line, its
-/// headers up to the first empty line (CRLF or LF), its name from `Content-Disposition`'s `name`
-/// (or RFC 2231 `name*`), its value the rest of the part without the line break before the next
-/// boundary. Read leniently (any header case, LF alone, an unterminated last part), so that no
-/// part an app's parser would find is missed.
-fn multipart_method_overrides(body: &[u8], boundary: &str) -> Vec<String> {
+/// The `_method` parts of a `multipart/form-data` body: each part after a `--boundary` (wherever
+/// it stands, so that no part an app's parser would find is missed; after the closing delimiter
+/// too), its headers as [`part_head`] reads them, its name from `Content-Disposition`'s `name` (or
+/// RFC 2231 `name*`), its value the rest of the part without the line break before the next
+/// boundary (an unterminated last part too). `Err` with the reason for a part whose head
+/// frameworks would read differently ([`part_head`]).
+fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>, String> {
     let delimiter = [b"--", boundary.as_bytes()].concat();
     let delimiter = memchr::memmem::Finder::new(&delimiter);
     let parts = split_on(body, &delimiter).skip(1);
     let mut found = Vec::new();
+    let names_method_param = |param: &str| {
+        let Some((k, v)) = param.split_once('=') else {
+            return false;
+        };
+        let k = k.trim();
+        let name = if k.eq_ignore_ascii_case("name") {
+            Some(unquote(v.trim()).into_bytes())
+        } else if k.eq_ignore_ascii_case("name*") {
+            // charset'language'percent-encoded
+            let encoded = unquote(v.trim());
+            percent_decode(encoded.rsplit('\'').next().unwrap_or_default())
+        } else {
+            None
+        };
+        name.is_some_and(|name| names_method(name.into_iter()))
+    };
     for part in parts {
         // The closing delimiter (`--boundary--`) ends the body for most parsers, not for PHP's,
-        // which reads on at the next `--boundary` line: parts after it are read too.
-        if part.starts_with(b"--") {
+        // which reads on at the next `--boundary` line: parts after it are read too. Nothing but
+        // white space after a delimiter holds no field.
+        if part.starts_with(b"--") || part.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let (head, value) = match find(part, b"\r\n\r\n") {
-            Some(at) => (&part[..at], &part[at + 4..]),
-            None => match find(part, b"\n\n") {
-                Some(at) => (&part[..at], &part[at + 2..]),
-                None => continue,
-            },
-        };
-        let named_method = head
-            .split(|&b| b == b'\n')
-            .filter_map(|line| {
-                let line = std::str::from_utf8(line).ok()?;
-                let (name, params) = line.split_once(':')?;
-                name.trim()
-                    .eq_ignore_ascii_case("content-disposition")
-                    .then_some(params)
+        let (head, value) = part_head(part)?;
+        // Lossy: a byte that is not UTF-8 elsewhere in the line (PHP takes any) must not hide
+        // its `name`.
+        let named_method = head.iter().any(|line| {
+            let line = String::from_utf8_lossy(line);
+            line.split_once(':').is_some_and(|(name, params)| {
+                name.trim().eq_ignore_ascii_case("content-disposition")
+                    && params.split(';').any(names_method_param)
             })
-            .flat_map(|params| params.split(';'))
-            .filter_map(|param| {
-                let (k, v) = param.split_once('=')?;
-                let k = k.trim();
-                if k.eq_ignore_ascii_case("name") {
-                    Some(unquote(v.trim()).into_bytes())
-                } else if k.eq_ignore_ascii_case("name*") {
-                    // charset'language'percent-encoded
-                    let encoded = unquote(v.trim());
-                    let encoded = encoded.rsplit('\'').next().unwrap_or_default();
-                    percent_decode(encoded)
-                } else {
-                    None
-                }
-            })
-            .any(|name| names_method(name.iter().copied()));
+        });
         if named_method {
             let value = value.strip_suffix(b"\n").unwrap_or(value);
             let value = value.strip_suffix(b"\r").unwrap_or(value);
             found.extend(override_named(Some(value)));
         }
     }
-    found
+    Ok(found)
 }
 
-/// Where `needle` first occurs in `hay`, in time linear in both (`memchr`'s two-way search; a
-/// window-by-window compare costs `hay` times `needle` on a body and needle of one repeated byte).
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
+/// A multipart part's header lines and its value, `part` being what follows its `--boundary`: the
+/// rest of that line, then header lines up to an empty one. Read strictly, since frameworks read a
+/// malformed head each their own way, and a peer picks the way its target app reads: every line
+/// ends in CRLF (PHP ends a line at LF alone too, so `\n\r\n` ends its headers where Commons
+/// FileUpload reads on to the next CRLFCRLF, into the next part's), each header line has a colon
+/// and does not start with a space or tab (PHP and FileUpload append such a line to the header
+/// before it: a folded `; name="_method"`), and a header comes before the empty line (FileUpload
+/// and Rack look for CRLFCRLF only after the boundary line's CRLF: they read a part's first lines
+/// as its headers when it has none). `Err` with the reason otherwise.
+fn part_head(part: &[u8]) -> Result<(Vec<&[u8]>, &[u8]), String> {
+    let mut lines = Vec::new();
+    let mut rest = part;
+    let mut boundary_line = true;
+    loop {
+        let Some(lf) = memchr::memchr(b'\n', rest) else {
+            return Err("a multipart part whose headers do not end in an empty line".to_owned());
+        };
+        let Some(line) = rest[..lf].strip_suffix(b"\r") else {
+            return Err("a multipart part with a line ended by LF alone, not CRLF".to_owned());
+        };
+        rest = &rest[lf + 1..];
+        if std::mem::take(&mut boundary_line) {
+            // The rest of the boundary line: transport padding, or what follows a boundary that
+            // stands inside a value (no parser takes it for a header).
+            continue;
+        }
+        match line.first() {
+            None if lines.is_empty() => {
+                return Err("a multipart part without headers".to_owned());
+            }
+            None => return Ok((lines, rest)),
+            Some(b' ' | b'\t') => {
+                return Err(
+                    "a multipart part header line that starts with white space (a folded line)"
+                        .to_owned(),
+                );
+            }
+            Some(_) if !line.contains(&b':') => {
+                return Err("a multipart part header line without a colon".to_owned());
+            }
+            Some(_) => lines.push(line),
+        }
+    }
 }
 
 /// `hay` split at every occurrence of `sep` (not empty). Each search starts where the last one
@@ -447,13 +544,17 @@ pub(crate) fn strip_peer_trailers(trailers: &mut HeaderMap) {
     remove_spellings(trailers, &METHOD_OVERRIDES);
 }
 
-/// Whether `name` (a lowercase header name) spells one of `targets` with `_` for `-`.
+/// Whether `name` (a lowercase header name) spells one of `targets` with `_`, `.`, ` ` or `[` for
+/// `-`: CGI, WSGI and PHP servers turn `-` into `_`, and PHP turns `.`, ` ` and a first `[` of a
+/// variable name into `_` as well (nginx passes `X.Forwarded.Client.Cert` to PHP-FPM as
+/// `HTTP_X.FORWARDED.CLIENT.CERT`, which PHP stores as `HTTP_X_FORWARDED_CLIENT_CERT`). A header
+/// name cannot hold ` ` or `[`; `.` it can.
 fn names_one_of(name: &str, targets: &[&str]) -> bool {
     targets.iter().any(|t| {
         t.len() == name.len()
             && t.bytes()
                 .zip(name.bytes())
-                .all(|(t, n)| t == n || (t == b'-' && n == b'_'))
+                .all(|(t, n)| t == n || (t == b'-' && matches!(n, b'_' | b'.' | b' ' | b'[')))
     })
 }
 
@@ -796,6 +897,7 @@ async fn serve_h2<IO, S, F, R>(
             }
             () = revoked => None,
             ending = streams.watch(idle_timeout, &shared.metrics.stalled_responses) => Some(ending),
+            () = streams.flooded() => Some(crate::streams::Ending::ResetFlood),
         }
     });
     let ending = tokio::select! {
@@ -817,6 +919,18 @@ async fn serve_h2<IO, S, F, R>(
             idle_timeout_s = idle_timeout.as_secs(),
             "closing: the h2 peer has not taken a response for the idle timeout (its flow-control \
              window stays closed)"
+        );
+        return;
+    }
+    if ending == Some(crate::streams::Ending::ResetFlood) {
+        // Graceful would let it go on sending and resetting until the grace period ends.
+        shared.metrics.reset_flood_closes.inc();
+        tracing::warn!(
+            reset = streams.abandoned(),
+            "closing: the h2 peer reset more than {} of its requests before their answers, and \
+             more than half of all it sent (a rapid-reset flood: each reset frees its stream \
+             while the app works on)",
+            crate::streams::RESET_FLOOD
         );
         return;
     }
@@ -997,13 +1111,24 @@ mod tests {
             "cf-connecting-ip",
             "fastly_client_ip",
             "Proxy",
+            // PHP folds `.` into `_` too: one `$_SERVER` key with the sidecar's own header.
+            "x.forwarded.client.cert",
+            "X.Forwarded_Client-Cert",
+            "X.Real.IP",
+            "true.client.ip",
         ] {
             h.append(
                 HeaderName::from_bytes(name.as_bytes()).unwrap(),
                 HeaderValue::from_static("forged"),
             );
         }
-        for kept in ["x-forwarded-client-certs", "x-forwarded", "forwarded-x"] {
+        for kept in [
+            "x-forwarded-client-certs",
+            "x-forwarded",
+            "forwarded-x",
+            "x.forwarded",
+            "xforwarded-for",
+        ] {
             h.insert(kept, HeaderValue::from_static("app"));
         }
         strip_peer_headers(&mut h);
@@ -1011,8 +1136,18 @@ mod tests {
         left.sort_unstable();
         assert_eq!(
             left,
-            ["forwarded-x", "x-forwarded", "x-forwarded-client-certs"]
+            [
+                "forwarded-x",
+                "x-forwarded",
+                "x-forwarded-client-certs",
+                "x.forwarded",
+                "xforwarded-for"
+            ]
         );
+        // Space and `[`, which PHP folds into `_` as well, cannot be in a header name; matched
+        // all the same, should a name ever hold them.
+        assert!(names_one_of("x forwarded[client-cert", &PEER_HEADERS));
+        assert!(!names_one_of("x-forwarded-client-cer", &PEER_HEADERS));
     }
 
     /// `_` spellings of the framing names are dropped (a Mongrel-family server would frame the
@@ -1063,29 +1198,39 @@ mod tests {
         let urlencoded = Form::of(&headers("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
         assert_eq!(urlencoded, Some(Ok(Form::Urlencoded)));
         assert_eq!(
-            Form::Urlencoded.method_overrides(b"a=1&_method=delete&%5Fmethod=put&payment_method=x"),
+            Form::Urlencoded
+                .method_overrides(b"a=1&_method=delete&%5Fmethod=put&payment_method=x")
+                .unwrap(),
             ["DELETE", "PUT"]
         );
         let multipart = Form::of(&headers("multipart/form-data; boundary=\"b-1\""));
         assert_eq!(multipart, Some(Ok(Form::Multipart(Some("b-1".into())))));
         let body = b"preamble\r\n--b-1\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n\
                      _method\r\n--b-1\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\n\
-                     delete\r\n--b-1\nContent-Disposition: form-data; name=_METHOD\n\npatch\n\
+                     delete\r\n--b-1 \r\nContent-Disposition: form-data; name=_METHOD\r\n\r\n\
+                     patch\r\n\
                      --b-1\r\nContent-Disposition: form-data; name*=utf-8''%5Fmethod\r\n\r\nput\r\n\
                      --b-1\r\nContent-Disposition: form-data; name=\"payment_method\"\r\n\r\nx\r\n\
                      --b-1--\r\n--b-1\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nget";
         // The part after the closing delimiter too: PHP reads on to it.
         assert_eq!(
-            Form::Multipart(Some("b-1".into())).method_overrides(body),
+            Form::Multipart(Some("b-1".into()))
+                .method_overrides(body)
+                .unwrap(),
             ["DELETE", "PATCH", "PUT", "GET"]
         );
-        // An unterminated last part is read too.
-        assert_eq!(
-            Form::Multipart(Some("x".into())).method_overrides(
-                b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE"
-            ),
-            ["DELETE"]
-        );
+        // An unterminated last part is read too, and nothing after a last delimiter is no part.
+        for body in [
+            &b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE"[..],
+            b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--x\r\n",
+        ] {
+            assert_eq!(
+                Form::Multipart(Some("x".into()))
+                    .method_overrides(body)
+                    .unwrap(),
+                ["DELETE"]
+            );
+        }
         assert_eq!(
             Form::of(&headers("multipart/form-data")),
             Some(Ok(Form::Multipart(None)))
@@ -1137,6 +1282,10 @@ mod tests {
             "application/x-www-form-urlencoded, x",
             "application/x-www-form-urlencoded x",
             "APPLICATION/X-WWW-FORM-URLENCODED;charset=utf-8",
+            // The charsets in which the bytes read are the characters the app gets.
+            "application/x-www-form-urlencoded; charset=\"UTF-8\"",
+            "application/x-www-form-urlencoded; Charset = US-ASCII",
+            "application/x-www-form-urlencoded; charset=iso-8859-1",
         ] {
             assert_eq!(of(&[(ct, value)]), Some(Ok(Form::Urlencoded)), "{value}");
         }
@@ -1144,7 +1293,8 @@ mod tests {
             "multipart/form-data,boundary=B",
             "multipart/mixed; boundary=B",
             "multipart/related; boundary=\"B\"",
-            "multipart/form-data; charset=x, boundary=B",
+            "multipart/form-data; charset=utf-8, boundary=B",
+            "multipart/form-data; x-boundary=B",
         ] {
             assert_eq!(
                 of(&[(ct, value)]),
@@ -1165,9 +1315,55 @@ mod tests {
                 ("content-encoding", "gzip"),
             ],
             &[("content-encoding", "gzip")],
+            // Rack's regex takes the last `boundary=`, PHP the first.
+            &[(ct, "multipart/form-data; boundary=xboundary=B")],
+            // Older PHP takes the first `boundary` anywhere, then the first `=` after it: `B`.
+            &[(ct, "multipart/form-data; boundary-x; y=B")],
+            &[(ct, "multipart/form-data; boundary=A; x=boundary")],
+            &[(ct, "multipart/boundary; y=B")],
+            &[(ct, "multipart/form-data; boundary")],
+            // Tomcat and ASP.NET Core decode the form by its charset; Tomcat finds `charset=`
+            // anywhere in the value.
+            &[(ct, "application/x-www-form-urlencoded; charset=utf-16le")],
+            &[(ct, "application/x-www-form-urlencoded; charset=\"UTF-16\"")],
+            &[(ct, "application/x-www-form-urlencoded; xcharset=utf-16le")],
+            &[(ct, "application/x-www-form-urlencoded, charset=utf-7")],
+            &[(ct, "multipart/form-data; charset=utf-16; boundary=B")],
         ] {
             assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
         }
+        // A part head frameworks read each their own way is refused; `B` is the boundary.
+        let form = Form::Multipart(Some("B".into()));
+        let refused: [&[u8]; 8] = [
+            // Folded: PHP and Commons FileUpload append the line to the header before it.
+            b"--B\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
+            b"--B\r\nContent-Disposition: form-data\r\n\t; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
+            // A line without a colon: appended to the header before it as well.
+            b"--B\r\nContent-Disposition: form-data\r\n; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
+            // `\n\r\n` ends PHP's headers (it strips the CR), not FileUpload's.
+            b"--B\r\nContent-Disposition: form-data; name=\"_method\"\n\r\nDELETE\r\n--B--",
+            // LF alone: PHP reads it, FileUpload reads on to the next CRLFCRLF.
+            b"--B\nContent-Disposition: form-data; name=\"_method\"\n\nDELETE\n--B--",
+            // No headers: FileUpload and Rack take the part's first lines for them.
+            b"--B\r\n\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
+            // The boundary inside a header: no parser ends the part there.
+            b"--B\r\nContent-Disposition: form-data; x=\"--B\"; name=\"_method\"\r\n\r\nDELETE",
+            // Headers that never end.
+            b"--B\r\nContent-Disposition: form-data; name=\"_method\"",
+        ];
+        for body in refused {
+            let read = form.method_overrides(body);
+            let text = String::from_utf8_lossy(body);
+            assert!(read.is_err(), "{text:?}: {read:?}");
+        }
+        // A byte that is not UTF-8 elsewhere in the header does not hide the name (PHP reads it).
+        assert_eq!(
+            form.method_overrides(
+                b"--B\r\nContent-Disposition: form-data; x=\"\xff\"; name=\"_method\"\r\n\r\n\
+                  DELETE\r\n--B--"
+            ),
+            Ok(vec!["DELETE".to_owned()])
+        );
         assert_eq!(
             of(&[
                 (ct, "application/x-www-form-urlencoded"),
@@ -1230,6 +1426,7 @@ mod tests {
         assert!(
             Form::Multipart(Some(longest))
                 .method_overrides(&body)
+                .unwrap()
                 .is_empty()
         );
     }
@@ -1294,9 +1491,12 @@ mod tests {
             HeaderValue::from_bytes(b"\xff").unwrap(),
         );
         h.insert("x-http-method-overrides", HeaderValue::from_static("PATCH"));
+        // PHP reads `X.HTTP.Method.Override` as `X-HTTP-Method-Override` (`.` folded into `_`).
+        h.insert("x.http.method.override", HeaderValue::from_static("PURGE"));
+        h.insert("X.Method_Override", HeaderValue::from_static("TRACE"));
         let mut found = method_overrides(&h);
         found.sort_unstable();
-        assert_eq!(found, ["?", "DELETE", "PUT"]);
+        assert_eq!(found, ["?", "DELETE", "PURGE", "PUT", "TRACE"]);
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct Metrics {
     pub revoked_peer_closes: Family<ConnLabels, Counter>,
     pub requests_revoked: Family<ConnLabels, Counter>,
     pub stalled_responses: Counter,
+    /// h2 connections closed because their peer reset most of its requests before their answers.
+    pub reset_flood_closes: Counter,
     /// Inbound form bodies not read whole, by reason (`no_room`, `too_large`).
     pub form_bodies_refused: Family<ReasonLabels, Counter>,
     pub revocations: Gauge,
@@ -204,6 +206,11 @@ impl Metrics {
             "stalled_responses",
             "HTTP responses dropped because the client they went to took none of them for the idle timeout (its HTTP/1.1 connection closed; h2: its stream reset, or the connection that held it closed)",
             m.stalled_responses.clone(),
+        );
+        r.register(
+            "h2_reset_flood_connections_closed",
+            "h2 connections closed because their peer reset more than 200 of its requests before their answers, and more than half of all it sent (a rapid-reset flood)",
+            m.reset_flood_closes.clone(),
         );
         r.register(
             "form_bodies_refused",

@@ -55,7 +55,23 @@ pub struct Streams {
     taken: AtomicUsize,
     /// The tasks of the streams whose responses are on their way ([`Stream`]).
     tasks: Mutex<Tasks>,
+    /// Requests handed to the service, and those of them whose service call was dropped before it
+    /// answered (the peer reset the stream): [`Self::flooded`].
+    requests: AtomicUsize,
+    abandoned: AtomicUsize,
+    /// Woken once the peer has reset more than [`RESET_FLOOD`] requests it had sent, and more
+    /// than half of them.
+    flood: tokio::sync::Notify,
 }
+
+/// How many requests an h2 peer may reset before their answers (all of them, or any share) before
+/// it is watched for a rapid-reset flood; past it, the connection is closed once more than half of
+/// its requests were reset so. A stream the peer resets frees its place under the concurrent
+/// stream limit at once, while the app works on: a peer resetting every request it sends would
+/// have the app take requests as fast as it can send them, whatever the stream and app
+/// connection limits. Envoy closes such a connection likewise (more than half of at least 500
+/// streams reset before 1 s).
+pub const RESET_FLOOD: usize = 200;
 
 /// [`Streams::tasks`]: weak, and pruned of the streams that ended whenever the list has doubled.
 #[derive(Debug, Default)]
@@ -119,6 +135,8 @@ pub enum Ending {
     /// A response held for a whole idle period with nothing else moving, or for two whatever
     /// moved: the peer is not reading it.
     Stalled,
+    /// The peer resets most of its requests before their answers ([`Streams::flooded`]).
+    ResetFlood,
 }
 
 impl Streams {
@@ -132,6 +150,8 @@ impl Streams {
     /// Its [`Stream`] is listed, and given the task hyper spawns next ([`StreamExecutor`]).
     pub fn request(self: &Arc<Self>) -> Open {
         self.open.fetch_add(1, Relaxed);
+        self.requests
+            .store(self.requests.load(Relaxed).wrapping_add(1), Relaxed);
         self.bump();
         let stream = Arc::new(Stream::default());
         let mut tasks = self.tasks();
@@ -142,7 +162,29 @@ impl Streams {
         tasks.list.push(Arc::downgrade(&stream));
         tasks.next = Some(stream.clone());
         drop(tasks);
-        Open(self.clone(), stream)
+        Open(self.clone(), stream, false)
+    }
+
+    /// Resolves once the peer has reset more than [`RESET_FLOOD`] of its requests before their
+    /// answers, and more than half of all it sent: the connection is to be closed.
+    pub async fn flooded(&self) {
+        self.flood.notified().await;
+    }
+
+    /// A request's service call dropped before it answered.
+    fn abandon(&self) {
+        let abandoned = self.abandoned.fetch_add(1, Relaxed) + 1;
+        if abandoned == RESET_FLOOD + 1 || abandoned > RESET_FLOOD && abandoned.is_multiple_of(64) {
+            // Checked when it first passes the floor, then every 64 more.
+            if abandoned.saturating_mul(2) > self.requests.load(Relaxed) {
+                self.flood.notify_one();
+            }
+        }
+    }
+
+    /// Requests reset by the peer before their answers, so far.
+    pub fn abandoned(&self) -> usize {
+        self.abandoned.load(Relaxed)
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
@@ -245,12 +287,18 @@ impl Streams {
     }
 }
 
-/// A request in flight on an h2 connection ([`Streams::request`]), and its stream.
+/// A request in flight on an h2 connection ([`Streams::request`]), its stream, and whether it
+/// was answered (its response's body holds it: [`Sending::new`]).
 #[derive(Debug)]
-pub struct Open(Arc<Streams>, Arc<Stream>);
+pub struct Open(Arc<Streams>, Arc<Stream>, bool);
 
 impl Drop for Open {
     fn drop(&mut self) {
+        if !self.2 {
+            // Dropped with the service call: hyper drops it when the peer resets the stream (or
+            // when the connection ends, which then does not matter).
+            self.0.abandon();
+        }
         if self.0.open.fetch_sub(1, Relaxed) == 1 {
             self.0.forget_tasks();
         }
@@ -270,7 +318,8 @@ pub struct Sending<B> {
 
 impl<B: HttpBody> Sending<B> {
     /// A response's body, held until hyper first asks it for a frame (an empty one never is).
-    pub fn new(inner: B, open: Open) -> Self {
+    pub fn new(inner: B, mut open: Open) -> Self {
+        open.2 = true;
         let mut sending = Self {
             inner,
             open,
@@ -351,6 +400,46 @@ mod tests {
             .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
             .collect();
         http_body_util::StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    /// Requests whose service calls are dropped before they answer (hyper drops them when the
+    /// peer resets the stream) are counted; once more than [`RESET_FLOOD`] of them are more than
+    /// half of the connection's requests, the connection is told to close. Answered requests, and
+    /// a peer that resets less than half, are not.
+    #[tokio::test]
+    async fn a_peer_resetting_most_requests_before_their_answers_floods() {
+        let flooded = |streams: &Arc<Streams>| {
+            let streams = streams.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), streams.flooded())
+                    .await
+                    .is_ok()
+            }
+        };
+        // Answered, then the response dropped (sent, or its stream reset midway): not abandoned.
+        let streams = Arc::new(Streams::default());
+        for _ in 0..2 * RESET_FLOOD {
+            drop(Sending::new(body(&["a"]), streams.request()));
+        }
+        assert_eq!(streams.abandoned(), 0);
+        // As many resets as answers: never more than half.
+        for _ in 0..RESET_FLOOD + 64 {
+            drop(streams.request());
+        }
+        assert_eq!(streams.abandoned(), RESET_FLOOD + 64);
+        assert!(!flooded(&streams).await, "half or less");
+
+        // Every request reset: told once past the floor, not before.
+        let streams = Arc::new(Streams::default());
+        for _ in 0..RESET_FLOOD {
+            drop(streams.request());
+        }
+        assert!(!flooded(&streams).await, "at the floor");
+        drop(streams.request());
+        assert!(
+            flooded(&streams).await,
+            "past the floor, every request reset"
+        );
     }
 
     #[tokio::test]

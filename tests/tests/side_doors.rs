@@ -464,6 +464,8 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
         ("x-method-override: delete", "403"),
         ("X-HTTP-Method-Override: GET", "200"),
         ("X-HTTP-Method-Override: POST", "200"),
+        // PHP folds `.` into `_` as it does `-`: `HTTP_X_HTTP_METHOD_OVERRIDE`.
+        ("X.HTTP.Method.Override: DELETE", "403"),
         ("X-App-Header: none", "200"),
         // In the query (Laravel, Express's method-override, Spring), in any spelling.
         ("?_method=DELETE", "403"),
@@ -490,6 +492,11 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
             assert!(resp.contains("x-meshid-decision"), "{header}: {resp}");
         }
     }
+}
+
+/// `ascii` in UTF-16LE (each character, then a NUL).
+fn utf16le(ascii: &str) -> String {
+    ascii.chars().flat_map(|c| [c, '\0']).collect()
 }
 
 /// Rails' `Rack::MethodOverride`, Laravel, Symfony and Spring read `_method` from a POST's form
@@ -606,6 +613,34 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
             "/api/x",
             &format!("Content-Type: {urlencoded}\r\nContent-Encoding: gzip\r\n"),
             "x",
+            "400",
+        ),
+        // A folded part header (PHP and Commons FileUpload append it to the one before), a part
+        // head PHP ends at `\n\r\n`, a `boundary` older PHP reads past (`boundary-x; y=XyZ` is
+        // `XyZ` to it), a charset Tomcat and ASP.NET Core decode the form by: refused.
+        (
+            "/api/x",
+            &format!("Content-Type: {form_data}\r\n"),
+            "--XyZ\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE\r\n\
+             --XyZ--",
+            "400",
+        ),
+        (
+            "/api/x",
+            &format!("Content-Type: {form_data}\r\n"),
+            "--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\n\r\nDELETE\r\n--XyZ--",
+            "400",
+        ),
+        (
+            "/api/x",
+            "Content-Type: multipart/form-data; boundary-x; y=XyZ\r\n",
+            "--XyZ\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--XyZ--",
+            "400",
+        ),
+        (
+            "/api/x",
+            &format!("Content-Type: {urlencoded}; charset=utf-16le\r\n"),
+            &utf16le("_method=DELETE"),
             "400",
         ),
     ];
@@ -2009,6 +2044,99 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     );
 }
 
+/// An app that answers `ok` to every request (and closes), counting the request heads it got.
+async fn counting_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                if app_read_head(&mut s).await.is_some() {
+                    counted.fetch_add(1, Relaxed);
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+                    let _ = s.write_all(ok).await;
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A form `POST` is held until its whole body is read (up to `--request-timeout`), to decide its
+/// `_method` fields, before the app sees it. A policy applied meanwhile decides it again: one that
+/// no longer allows the peer's `POST` there has it refused (403), and the app never sees it; one
+/// that still allows it lets it through. Before, it went to the app as first decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_narrows_the_peer_while_its_form_is_read_refuses_the_request() {
+    use std::sync::atomic::Ordering::Relaxed;
+    const DECISIONS: &str = "meshid_sidecar_authz_decisions_total";
+    let policy = |methods: &str, paths: &str| {
+        format!(
+            "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: \
+             {CLIENT}\n        methods: [{methods}]\n        paths: [{paths}]\n"
+        )
+    };
+    let (app, seen) = counting_app().await;
+    let e = http_sidecar_for(
+        "127.0.0.95",
+        app,
+        Limits::default(),
+        policy("GET, POST", "/api/*"),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let body = "a=1&b=2";
+    let (first, rest) = body.split_at(4);
+    // (policy applied while the body is held, answer, requests the app has seen after it)
+    let cases = [
+        (policy("GET, POST", "/api/*, /other"), "200", 1),
+        (policy("GET", "/api/*"), "403", 1),
+    ];
+    for (then, status, seen_after) in cases {
+        let decided = metric(&e.sidecar.metrics().await, DECISIONS);
+        let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        tls.write_all(
+            format!(
+                "POST /api/x HTTP/1.1\r\nHost: app\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nConnection: close\r\n\
+                 Content-Length: {}\r\n\r\n{first}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // Decided, and held for the rest of its body.
+        let held = eventually(Duration::from_secs(10), || async {
+            metric(&e.sidecar.metrics().await, DECISIONS) > decided
+        })
+        .await;
+        assert!(held, "the request was not decided");
+        apply_policy(&e.sidecar, &then).await;
+        tls.write_all(rest.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        // Any request the app got came before the answer (or the end) the peer got.
+        assert_eq!(
+            seen.load(Relaxed),
+            seen_after,
+            "requests the app got, {then}: {resp}"
+        );
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}")),
+            "{then}: {resp}"
+        );
+        if status == "403" {
+            assert!(resp.contains("x-meshid-decision"), "{resp}");
+        }
+    }
+}
+
 /// An outbound TCP stream the upstream's side cut short (the inbound sidecar's app reset its
 /// connection: the inbound drops the mTLS stream without `close_notify`) reaches the app as a
 /// reset, never as an ordinary end; one the upstream closed cleanly ends with a FIN. Before, the
@@ -2062,4 +2190,95 @@ async fn an_outbound_tcp_stream_cut_short_reaches_the_app_as_a_reset() {
     };
     assert_eq!(ask(b"end").await, Ok(b"bye".to_vec()));
     assert_eq!(ask(b"cut").await, Err(std::io::ErrorKind::ConnectionReset));
+}
+
+/// An app that counts the request heads it receives and never answers them.
+async fn counting_silent_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                while app_read_head(&mut s).await.is_some() {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// h2 rapid reset: a peer that sends a request and resets its stream once the app has it, again
+/// and again, frees its place under the concurrent-stream limit each time while the app works
+/// on: the app would take requests as fast as the peer can send them. Past 200 such resets (more
+/// than half its requests) the connection is closed, and counted.
+#[tokio::test]
+async fn a_peer_resetting_its_requests_once_the_app_has_them_is_cut_off() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const SENT: usize = 320;
+    let (app, seen) = counting_silent_app().await;
+    let policy = format!(
+        "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+         - id: {CLIENT}\n        methods: [GET]\n        paths: [/api/*]\n"
+    );
+    let e = http_sidecar_for("127.0.0.187", app, Limits::default(), policy).await;
+    let client = e.pki.workload(CLIENT);
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&client),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    for i in 0..SENT {
+        let Ok(ready) = h2.clone().ready().await else {
+            break;
+        };
+        h2 = ready;
+        let req = http::Request::get(format!("https://app/api/{i}"))
+            .body(())
+            .unwrap();
+        let Ok((answer, mut stream)) = h2.send_request(req, true) else {
+            break;
+        };
+        sent += 1;
+        // Reset once the app has it (or the connection is gone).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen.load(SeqCst) <= i && !connection.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "request {i} never reached the app"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if connection.is_finished() {
+            break;
+        }
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(answer);
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the connection stayed open after {sent} requests reset (the app took {})",
+        seen.load(SeqCst)
+    );
+    assert!(
+        sent < SENT && seen.load(SeqCst) <= 260,
+        "{sent} requests sent, the app took {}",
+        seen.load(SeqCst)
+    );
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_h2_reset_flood_connections_closed_total"),
+        1.0,
+        "{m}"
+    );
 }

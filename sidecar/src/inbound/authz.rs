@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{Response, StatusCode};
 use meshid_identity::SpiffeId;
@@ -21,7 +22,7 @@ use crate::http::{Body, reply};
 use crate::metrics::AuthzLabels;
 
 /// Who is on the other end of an accepted inbound connection, as the verifier established it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
     pub verified: Arc<VerifiedPeer>,
     pub addr: SocketAddr,
@@ -30,9 +31,40 @@ pub struct Peer {
     pub chain: Arc<[CertificateDer<'static>]>,
     /// The trust the chain was verified against in the handshake ([`crate::creds::Snapshot::trust_key`]).
     pub trust_key: u64,
+    /// The trust the chain last verified against for a request ([`Authorizer::still_trusted`]):
+    /// verified again only once the trust in force is another.
+    trust_checked: AtomicU64,
+}
+
+impl Clone for Peer {
+    fn clone(&self) -> Self {
+        Self {
+            verified: self.verified.clone(),
+            addr: self.addr,
+            chain: self.chain.clone(),
+            trust_key: self.trust_key,
+            trust_checked: AtomicU64::new(self.trust_checked.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl Peer {
+    /// The peer a handshake verified: `chain` against the trust named `trust_key`.
+    pub fn new(
+        verified: Arc<VerifiedPeer>,
+        addr: SocketAddr,
+        chain: Arc<[CertificateDer<'static>]>,
+        trust_key: u64,
+    ) -> Self {
+        Self {
+            verified,
+            addr,
+            chain,
+            trust_key,
+            trust_checked: AtomicU64::new(trust_key),
+        }
+    }
+
     pub fn id(&self) -> &SpiffeId {
         &self.verified.id
     }
@@ -183,22 +215,64 @@ impl Authorizer {
         }
     }
 
-    /// Refuses a request of a peer the bundle in force revokes, whatever the policy says: the
-    /// connection's wait for the revocation may not have run yet when a request arrives with it.
-    /// A recorded decision like any denial ([`Self::revoked_decision`]): its ID is in the log line
-    /// and the 403's `x-meshid-decision`. The 403 also closes an HTTP/1.1 connection.
-    pub fn not_revoked<B>(
+    /// Refuses a request of a peer the bundle in force no longer trusts, whatever the policy says:
+    /// it revokes the peer, or the peer's chain no longer verifies against it (its root or
+    /// intermediate was removed), or (connections capped at the peer's expiry, the default) the
+    /// peer's certificate expired. The connection's own watch for these ends it gracefully, but
+    /// its requests must not wait for that: the watch may not have run yet when a request arrives,
+    /// and an h2 peer that never acknowledges the PING of the graceful GOAWAY may open streams
+    /// until the grace period ends. A recorded decision like any denial
+    /// ([`Self::untrusted_decision`]): its ID is in the log line and the 403's `x-meshid-decision`.
+    /// The 403 also closes an HTTP/1.1 connection. The chain is verified again only when the
+    /// trust in force changed since it last was.
+    pub fn still_trusted<B>(
         &self,
         peer: &Peer,
         req: &http::Request<B>,
     ) -> Result<(), Box<Response<Body>>> {
-        let Some(why) = self.shared.creds.revokes(&peer.verified) else {
+        use crate::creds::Distrusted;
+        let expiry = self.shared.limits.cap_connection_age.then_some(0);
+        let mut trust_key = peer.trust_checked.load(Ordering::Relaxed);
+        let Some(why) = self.shared.creds.distrusts(
+            &peer.verified,
+            &peer.chain,
+            webpki::KeyUsage::client_auth(),
+            &mut trust_key,
+            expiry,
+        ) else {
+            // Verified against the trust in force (or nothing changed since it last was).
+            peer.trust_checked.store(trust_key, Ordering::Relaxed);
             return Ok(());
         };
-        let id = self.revoked_decision(peer, req, &why);
+        let (rule, said, reason) = match &why {
+            Distrusted::Revoked(by) => (
+                "revoked",
+                "revoked".to_owned(),
+                format!(
+                    "deny: the trust bundle in force revokes the peer ({by}), whatever the \
+                     policy allows"
+                ),
+            ),
+            Distrusted::Unanchored => (
+                "untrusted",
+                "no longer trusted".to_owned(),
+                "deny: the peer's chain no longer verifies against the trust bundle in force \
+                 (its root or intermediate was removed), whatever the policy allows"
+                    .to_owned(),
+            ),
+            Distrusted::Expired { not_after } => (
+                "expired",
+                "its certificate expired".to_owned(),
+                format!(
+                    "deny: the peer's certificate expired at {not_after} (Unix seconds), \
+                     whatever the policy allows"
+                ),
+            ),
+        };
+        let id = self.untrusted_decision(peer, req, rule, reason);
         let mut resp = reply(
             StatusCode::FORBIDDEN,
-            format!("denied: {} on port {}: revoked", peer.id(), self.port),
+            format!("denied: {} on port {}: {said}", peer.id(), self.port),
         );
         if let Ok(v) = http::HeaderValue::from_str(&id) {
             resp.headers_mut().insert(DECISION_HEADER, v);
@@ -212,14 +286,16 @@ impl Authorizer {
         Err(Box::new(resp))
     }
 
-    /// Keeps the refusal of `req` because the trust bundle revokes its peer (`why`) under a new
-    /// decision ID (rule `revoked`), logs it (as limited per peer as every denial) and returns
-    /// the ID. Not counted in `authz_decisions_total`: the policy did not decide it.
-    fn revoked_decision<B>(
+    /// Keeps the refusal of `req` because the trust bundle or the clock no longer trusts its peer
+    /// under a new decision ID (`rule`: `revoked`, `untrusted` or `expired`; `reason` its
+    /// explanation), logs it (as limited per peer as every denial) and returns the ID. Not counted
+    /// in `authz_decisions_total`: the policy did not decide it.
+    fn untrusted_decision<B>(
         &self,
         peer: &Peer,
         req: &http::Request<B>,
-        why: &meshid_identity::revocation::RevokedBy,
+        rule: &'static str,
+        reason: String,
     ) -> String {
         let (port, id) = (self.port, peer.id());
         let (method, path) = (req.method().as_str(), req.uri().path());
@@ -227,15 +303,12 @@ impl Authorizer {
         let (decision_id, logged) = self.keep(
             peer,
             "deny",
-            "revoked".to_owned(),
+            rule.to_owned(),
             (method, path),
-            format!(
-                "deny: the trust bundle in force revokes the peer ({why}), whatever the policy \
-                 allows"
-            ),
+            reason.clone(),
         );
         if let Some(left_out) = logged {
-            tracing::warn!(peer = %id, port, rule = "revoked", revoked = %why, method, path, traceparent, decision = %decision_id, left_out, "denied");
+            tracing::warn!(peer = %id, port, rule, why = %reason, method, path, traceparent, decision = %decision_id, left_out, "denied");
         }
         decision_id
     }
@@ -682,12 +755,12 @@ mod tests {
     /// `PEER` as a handshake with a certificate of `pki` makes it.
     fn peer(pki: &TestPki) -> Peer {
         let leaf = pki.leaf(PEER);
-        Peer {
-            verified: Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
-            addr: "10.0.0.7:40000".parse().unwrap(),
-            chain: leaf.chain.clone().into(),
-            trust_key: 0,
-        }
+        Peer::new(
+            Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
+            "10.0.0.7:40000".parse().unwrap(),
+            leaf.chain.clone().into(),
+            0,
+        )
     }
 
     /// A policy applied after a connection was let in but before its watch first runs (while the
@@ -756,13 +829,13 @@ mod tests {
         let authz = Authorizer::new(8080, shared.clone());
         let peer = peer(&pki);
         let req = http::Request::get("/api/orders?x=1").body(()).unwrap();
-        assert!(authz.not_revoked(&peer, &req).is_ok(), "not revoked yet");
+        assert!(authz.still_trusted(&peer, &req).is_ok(), "not revoked yet");
 
         let revoked = RevocationSet::new([Revoked::Id(SpiffeId::parse(PEER).unwrap())]).unwrap();
         creds
             .set_bundle(vec![pki.root.clone()], Vec::new(), Arc::new(revoked))
             .unwrap();
-        let resp = authz.not_revoked(&peer, &req).unwrap_err();
+        let resp = authz.still_trusted(&peer, &req).unwrap_err();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         assert_eq!(resp.headers()[http::header::CONNECTION], "close");
         let id = resp.headers()[DECISION_HEADER].to_str().unwrap();
@@ -779,6 +852,63 @@ mod tests {
             told.contains(&format!("revokes the peer (identity {PEER})")),
             "{told}"
         );
+    }
+
+    /// A request on a connection whose peer the trust in force no longer anchors, or whose
+    /// certificate expired, is refused as a recorded decision, though the connection's own watch
+    /// (which ends it gracefully) has not run: an h2 peer that never acknowledges the graceful
+    /// GOAWAY's PING could otherwise open streams for the whole grace period.
+    #[tokio::test]
+    async fn a_request_of_a_peer_no_longer_trusted_or_expired_is_refused() {
+        let pki = TestPki::new("ours");
+        let (shared, _policy_tx, _shutdown) = shared(&pki);
+        let creds = shared.creds.clone();
+        let authz = Authorizer::new(8080, shared.clone());
+        let peer = peer(&pki);
+        let req = http::Request::get("/api/orders").body(()).unwrap();
+        // Handshake trust 0 is not the trust in force: verified again, and it holds.
+        assert!(authz.still_trusted(&peer, &req).is_ok());
+        assert!(authz.still_trusted(&peer, &req).is_ok());
+
+        let refused = |peer: &Peer, rule: &str, said: &str| {
+            let resp = authz.still_trusted(peer, &req).unwrap_err();
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            assert_eq!(resp.headers()[http::header::CONNECTION], "close");
+            let id = resp.headers()[DECISION_HEADER].to_str().unwrap();
+            let kept = shared.decisions.get(id).expect("the decision is kept");
+            assert_eq!((kept.decision.as_str(), kept.rule.as_str()), ("deny", rule));
+            assert!(kept.describe().contains(said), "{}", kept.describe());
+        };
+
+        // Expired: refused whatever the trust.
+        let leaf = pki.leaf_shaped(
+            PEER,
+            &meshid_identity::testing::LeafShape {
+                valid: Some((time::Duration::hours(-2), time::Duration::minutes(-1))),
+                ..Default::default()
+            },
+        );
+        let expired = Peer::new(
+            Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
+            "10.0.0.7:40001".parse().unwrap(),
+            leaf.chain.clone().into(),
+            0,
+        );
+        refused(&expired, "expired", "certificate expired");
+
+        // The root it chains to leaves the bundle: its chain no longer verifies.
+        let other = TestPki::new("other");
+        creds
+            .set_bundle(vec![other.root.clone()], Vec::new(), Arc::default())
+            .unwrap();
+        refused(&peer, "untrusted", "no longer verifies");
+        // Not remembered as checked: refused again.
+        refused(&peer, "untrusted", "no longer verifies");
+        // Back under a bundle that anchors it.
+        creds
+            .set_bundle(vec![pki.root.clone()], Vec::new(), Arc::default())
+            .unwrap();
+        assert!(authz.still_trusted(&peer, &req).is_ok());
     }
 
     #[test]

@@ -171,7 +171,15 @@ async fn decide_form(
             ));
         }
     };
-    for method in form.method_overrides(&body) {
+    // A multipart body whose parts frameworks would read differently: 400, as a Content-Type
+    // they would read differently is.
+    let methods = form.method_overrides(&body).map_err(|reason| {
+        reply(
+            StatusCode::BAD_REQUEST,
+            format!("{reason}: its _method fields cannot be checked"),
+        )
+    })?;
+    for method in methods {
         if method != req.method().as_str() {
             http.authz
                 .request(
@@ -185,6 +193,47 @@ async fn decide_form(
         }
     }
     Ok(())
+}
+
+/// Decides a request again once its form body has been read ([`decide_form`]), before the app
+/// sees any of it: the request was held meanwhile (up to `--request-timeout`), and a trust bundle
+/// or policy applied since it was decided under policy `version` must not be passed over, as it is
+/// not for a response in flight ([`super::revocable`]) or a tunnel. The peer's trust is looked at
+/// again ([`Authorizer::still_trusted`], cheap when the trust did not change); its method and
+/// every override (`overrides`) are decided again when the policy moved, each a recorded decision.
+/// `Ok(None)` when the policy did not move.
+fn decide_again(
+    req: &Request<ReqBody>,
+    peer: &Peer,
+    http: &InboundHttp,
+    version: u64,
+    overrides: &[String],
+) -> Result<Option<DecidedAgain>, Box<Response<Body>>> {
+    http.authz.still_trusted(peer, req)?;
+    // Read before the decisions, as `version` was.
+    let now = http.authz.policy_version();
+    if now == version {
+        return Ok(None);
+    }
+    let (path, traceparent) = (req.uri().path(), crate::trace::traceparent(req.headers()));
+    for method in overrides {
+        http.authz.request(peer, method, path, traceparent)?;
+    }
+    let audit_decision = http
+        .authz
+        .request(peer, req.method().as_str(), path, traceparent)?;
+    Ok(Some(DecidedAgain {
+        version: now,
+        audit_decision,
+    }))
+}
+
+/// What [`decide_again`] decided a held request under.
+struct DecidedAgain {
+    /// The policy version read before it was decided again.
+    version: u64,
+    /// The decision ID of an audit-mode would-deny of its method, for the response.
+    audit_decision: Option<String>,
 }
 
 /// `addr` as a URI authority (`IP:PORT`, IPv6 in brackets): always valid, so no error path.
@@ -310,7 +359,7 @@ async fn inbound_request(
     http: &Arc<InboundHttp>,
 ) -> Response<Body> {
     let (peer, shared) = (&conn.peer, http.authz.shared());
-    if let Err(denied) = http.authz.not_revoked(peer, &req) {
+    if let Err(denied) = http.authz.still_trusted(peer, &req) {
         return *denied;
     }
     if crate::http::has_several_hosts(req.headers()) {
@@ -321,7 +370,7 @@ async fn inbound_request(
     }
     // Read before the request is decided: a policy change after this is decided again while the
     // response is in flight (see `Revocable`).
-    let version = *shared.policy_changed.borrow();
+    let mut version = *shared.policy_changed.borrow();
     let mut overrides = Vec::new();
     // A method override is decided as the method it names (each recorded as a decision of its
     // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
@@ -354,7 +403,7 @@ async fn inbound_request(
             overrides.push(method);
         }
     }
-    let audit_decision = match http.authz.request(
+    let mut audit_decision = match http.authz.request(
         peer,
         req.method().as_str(),
         req.uri().path(),
@@ -374,9 +423,17 @@ async fn inbound_request(
             strip_hop_by_hop(&mut forwarded, false);
             forwarded
         })
-        && let Err(refused) = decide_form(&mut req, form, peer, http, shared, &mut overrides).await
     {
-        return refused;
+        if let Err(refused) = decide_form(&mut req, form, peer, http, shared, &mut overrides).await
+        {
+            return refused;
+        }
+        // Held while its body came: what was applied meanwhile decides it again.
+        match decide_again(&req, peer, http, version, &overrides) {
+            Ok(None) => {}
+            Ok(Some(again)) => (version, audit_decision) = (again.version, again.audit_decision),
+            Err(refused) => return *refused,
+        }
     }
     let decided = super::authz::Decided {
         version,

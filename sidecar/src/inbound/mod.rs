@@ -253,12 +253,7 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
     slot.hold_peer(share);
     // An authenticated peer of the trust domain: never displaced from now on.
     slot.proven();
-    let peer = Peer {
-        verified,
-        addr,
-        chain,
-        trust_key,
-    };
+    let peer = Peer::new(verified, addr, chain, trust_key);
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     let metrics = ConnMetrics::new(
         &shared.metrics,
