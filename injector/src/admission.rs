@@ -75,12 +75,51 @@ pub struct GroupVersionResource {
     pub resource: String,
 }
 
+impl AdmissionReview {
+    /// What makes this review one the API server never sends (another `apiVersion` than v1, a
+    /// top-level `kind` other than `AdmissionReview`, no request, a request without a `uid`), as
+    /// the message its answer carries; `None` for a well-formed review.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(version) = self.api_version.as_deref()
+            && version != API_VERSION
+        {
+            return Some(format!(
+                "AdmissionReview {version} is not supported (only {API_VERSION})"
+            ));
+        }
+        if self.kind.as_deref() != Some("AdmissionReview") {
+            return Some(format!(
+                "kind {} is not AdmissionReview",
+                self.kind
+                    .as_deref()
+                    .map_or("(none)".to_owned(), |k| format!("{k:?}"))
+            ));
+        }
+        match &self.request {
+            None => Some("the AdmissionReview has no request".to_owned()),
+            // The API server matches the answer to its request by the uid, and never sends one
+            // without.
+            Some(request) if request.uid.is_empty() => Some("the request has no uid".to_owned()),
+            Some(_) => None,
+        }
+    }
+}
+
 impl AdmissionRequest {
     /// A pod (core group), not one of its subresources (`status`, `ephemeralcontainers`, ...).
     pub fn is_pod(&self) -> bool {
+        self.is_pod_resource() && self.sub_resource.as_deref().is_none_or(str::is_empty)
+    }
+
+    /// A pod's `ephemeralcontainers` subresource (what `kubectl debug` updates); its `object` and
+    /// `oldObject` are the whole Pod.
+    pub fn is_pod_ephemeral_containers(&self) -> bool {
+        self.is_pod_resource() && self.sub_resource.as_deref() == Some("ephemeralcontainers")
+    }
+
+    fn is_pod_resource(&self) -> bool {
         self.kind.as_ref().is_some_and(|k| k.kind == "Pod")
             && self.resource.as_ref().is_some_and(|r| r.resource == "pods")
-            && self.sub_resource.as_deref().is_none_or(str::is_empty)
     }
 }
 

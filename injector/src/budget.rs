@@ -12,7 +12,16 @@
 //! in time), so bodies waiting for review room cannot starve each other. A waiting request takes
 //! room as soon as there is enough for it, whoever waited longer: a pod's review of a few KiB is
 //! never queued behind a megabyte body waiting for most of the budget.
+//!
+//! One source address holds at most its share of the body budget at once ([`SOURCE_SHARE`]: an
+//! eighth, and never less than the largest body taken): bodies are charged on their declared
+//! length before they arrive, so without it one client declaring large bodies and sending them a
+//! byte at a time held the whole budget for the request timeout, and the API server's reviews were
+//! answered 503. Its requests past its share wait for its own bodies to finish, as any wait,
+//! bounded.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -20,6 +29,9 @@ use tokio::sync::Notify;
 
 /// Default of `--review-memory`: what reviews in flight may use (bodies, parsed trees, answers).
 pub const DEFAULT_REVIEW_MEMORY: usize = 48 * 1024 * 1024;
+
+/// One source holds at most this fraction (1/N) of the body budget at once (see the module docs).
+pub const SOURCE_SHARE: usize = 8;
 
 /// The two budgets, shared by every connection.
 #[derive(Debug, Clone)]
@@ -35,27 +47,35 @@ pub enum NoRoom {
     TooCostly { cost: u64, budget: u64 },
     /// Other reviews held the budget for the whole wait.
     Busy,
+    /// This source's own bodies held its share of the body budget (`share` bytes) for the whole
+    /// wait.
+    SourceBusy { share: u64 },
 }
 
 impl ReviewBudget {
-    /// Budgets from `--review-memory`: a quarter for bodies, the rest for reviews.
-    pub fn new(total: usize) -> Self {
+    /// Budgets from `--review-memory`: a quarter for bodies, the rest for reviews. One source's
+    /// share of the body budget is [`SOURCE_SHARE`]'s fraction of it, but at least `largest_body`
+    /// (`--max-request-bytes`: any body taken must fit in one share) and at most all of it.
+    pub fn new(total: usize, largest_body: usize) -> Self {
         let bodies = total / 4;
+        let share = (bodies / SOURCE_SHARE).max(largest_body).min(bodies);
         Self {
-            bodies: Pool::new(bodies),
-            reviews: Pool::new(total - bodies),
+            bodies: Pool::new(bodies, share),
+            reviews: Pool::new(total - bodies, total - bodies),
         }
     }
 
-    /// Room for a body of `bytes`, waiting at most `wait`.
-    pub async fn body(&self, bytes: u64, wait: Duration) -> Result<Room, NoRoom> {
-        self.bodies.take(bytes, wait).await
+    /// Room for a body of `bytes` from `source`, waiting at most `wait`.
+    pub async fn body(&self, source: IpAddr, bytes: u64, wait: Duration) -> Result<Room, NoRoom> {
+        self.bodies
+            .take(bytes, Some(source.to_canonical()), wait)
+            .await
     }
 
     /// Room for a review costing `cost` (see [`super::cost::review_cost`]), waiting at most
     /// `wait`.
     pub async fn review(&self, cost: u64, wait: Duration) -> Result<Room, NoRoom> {
-        self.reviews.take(cost, wait).await
+        self.reviews.take(cost, None, wait).await
     }
 
     /// Bytes of the (body, review) budgets free now.
@@ -64,34 +84,61 @@ impl ReviewBudget {
     }
 }
 
-/// One budget: bytes free, and the requests waiting for some.
+/// One budget: bytes free, what each source holds, and the requests waiting for some.
 #[derive(Debug)]
 struct Pool {
     total: usize,
-    free: Mutex<usize>,
+    /// The most one source may hold at once.
+    share: usize,
+    state: Mutex<PoolState>,
     released: Notify,
 }
 
+#[derive(Debug)]
+struct PoolState {
+    free: usize,
+    /// Bytes held by each source that holds any (requests charged with a source).
+    held: HashMap<IpAddr, usize>,
+}
+
 impl Pool {
-    fn new(total: usize) -> Arc<Self> {
+    fn new(total: usize, share: usize) -> Arc<Self> {
         Arc::new(Self {
             total,
-            free: Mutex::new(total),
+            share,
+            state: Mutex::new(PoolState {
+                free: total,
+                held: HashMap::new(),
+            }),
             released: Notify::new(),
         })
     }
 
-    fn free(&self) -> usize {
-        *self.free.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn take(self: &Arc<Self>, bytes: u64, wait: Duration) -> Result<Room, NoRoom> {
+    fn free(&self) -> usize {
+        self.lock().free
+    }
+
+    async fn take(
+        self: &Arc<Self>,
+        bytes: u64,
+        source: Option<IpAddr>,
+        wait: Duration,
+    ) -> Result<Room, NoRoom> {
+        let limit = if source.is_some() {
+            self.share
+        } else {
+            self.total
+        };
         let too_costly = NoRoom::TooCostly {
             cost: bytes,
-            budget: self.total as u64,
+            budget: limit as u64,
         };
         let bytes = usize::try_from(bytes).map_err(|_| too_costly)?;
-        if bytes > self.total {
+        if bytes > limit {
             return Err(too_costly);
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -100,27 +147,52 @@ impl Pool {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            {
-                let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-                if *free >= bytes {
-                    *free -= bytes;
+            // What is missing, if the wait runs out.
+            let missing = {
+                let mut state = self.lock();
+                let own = source.map_or(0, |s| state.held.get(&s).copied().unwrap_or(0));
+                if own + bytes > self.share {
+                    NoRoom::SourceBusy {
+                        share: self.share as u64,
+                    }
+                } else if state.free >= bytes {
+                    state.free -= bytes;
+                    if let Some(s) = source
+                        && bytes > 0
+                    {
+                        *state.held.entry(s).or_default() += bytes;
+                    }
                     return Ok(Room {
                         pool: self.clone(),
                         bytes,
+                        source,
                     });
+                } else {
+                    NoRoom::Busy
                 }
-            }
+            };
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return Err(NoRoom::Busy);
+                return Err(missing);
             }
         }
     }
 
-    fn give_back(&self, bytes: usize) {
+    fn give_back(&self, bytes: usize, source: Option<IpAddr>) {
         if bytes == 0 {
             return;
         }
-        *self.free.lock().unwrap_or_else(PoisonError::into_inner) += bytes;
+        {
+            let mut state = self.lock();
+            state.free += bytes;
+            if let Some(s) = source
+                && let Some(held) = state.held.get_mut(&s)
+            {
+                *held = held.saturating_sub(bytes);
+                if *held == 0 {
+                    state.held.remove(&s);
+                }
+            }
+        }
         self.released.notify_waiters();
     }
 }
@@ -130,6 +202,8 @@ impl Pool {
 pub struct Room {
     pool: Arc<Pool>,
     bytes: usize,
+    /// The source charged, for the per-source share.
+    source: Option<IpAddr>,
 }
 
 impl Room {
@@ -141,7 +215,7 @@ impl Room {
     /// Gives back all but `keep` bytes (nothing when it holds no more).
     pub fn shrink_to(&mut self, keep: usize) {
         if keep < self.bytes {
-            self.pool.give_back(self.bytes - keep);
+            self.pool.give_back(self.bytes - keep, self.source);
             self.bytes = keep;
         }
     }
@@ -149,7 +223,7 @@ impl Room {
 
 impl Drop for Room {
     fn drop(&mut self) {
-        self.pool.give_back(self.bytes);
+        self.pool.give_back(self.bytes, self.source);
     }
 }
 
@@ -159,7 +233,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn small_requests_pass_a_large_one_waiting_and_every_wait_is_bounded() {
-        let budget = ReviewBudget::new(400);
+        let budget = ReviewBudget::new(400, 100);
         let wait = Duration::from_secs(3);
         let held = budget.review(250, wait).await.unwrap();
         // 300 bytes do not fit beside 250 of 300: this one waits...
@@ -189,7 +263,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            budget.body(101, wait).await,
+            budget.body(source(1), 101, wait).await,
             Err(NoRoom::TooCostly { .. })
         ));
         let mut large = large;
@@ -197,5 +271,54 @@ mod tests {
         assert_eq!(budget.free(), (100, 200));
         drop(large);
         assert_eq!(budget.free(), (100, 300));
+    }
+
+    fn source(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_source_holds_at_most_its_share_of_the_body_budget() {
+        // 64 000 bytes: bodies 16 000, a source's share an eighth of that (2 000, above the
+        // largest body of 1 000).
+        let budget = ReviewBudget::new(64_000, 1_000);
+        let wait = Duration::from_secs(3);
+        let slow = source(9);
+        // One source declaring large bodies it never finishes sending: two fit its share...
+        let first = budget.body(slow, 1_000, wait).await.unwrap();
+        let second = budget.body(slow, 1_000, wait).await.unwrap();
+        // ...the third waits for them, and is refused by name when they do not finish in time.
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            budget.body(slow, 1_000, wait).await.unwrap_err(),
+            NoRoom::SourceBusy { share: 2_000 }
+        );
+        assert_eq!(start.elapsed(), wait);
+        // The same address written as IPv4-mapped IPv6 is the same source.
+        let mapped = IpAddr::V6(std::net::Ipv4Addr::new(127, 0, 0, 9).to_ipv6_mapped());
+        assert_eq!(
+            budget.body(mapped, 1, wait).await.unwrap_err(),
+            NoRoom::SourceBusy { share: 2_000 }
+        );
+        // Every other source still gets room at once.
+        let start = tokio::time::Instant::now();
+        let other = budget.body(source(1), 1_000, wait).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(budget.free().0, 13_000);
+        // A body finishing gives its room back to its source's share too.
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.body(slow, 1_000, wait).await }
+        });
+        tokio::task::yield_now().await;
+        let mut first = first;
+        first.shrink_to(0);
+        assert_eq!(waiting.await.unwrap().unwrap().bytes(), 1_000);
+        drop((first, second, other));
+        assert_eq!(budget.free().0, 16_000);
+        assert!(budget.bodies.lock().held.is_empty());
+        // The share is never below the largest body, nor above the body budget.
+        assert_eq!(ReviewBudget::new(64_000, 3_000).bodies.share, 3_000);
+        assert_eq!(ReviewBudget::new(4_000, 3_000).bodies.share, 1_000);
     }
 }

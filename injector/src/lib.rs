@@ -8,14 +8,18 @@
 //! `restartPolicy: Always`), a projected service-account token for the CA, the trust bundle (as an
 //! environment variable, so no namespace needs a ConfigMap of its own), and a downward-API file of
 //! its annotations, from which the sidecar reads its listeners and its live allow-list.
-//! Pods already running the sidecar are left alone. The injector's own annotations ([`OWNED`])
-//! carry only what it wrote: a preset value is overwritten or removed at creation, and an update
-//! may not touch them.
+//! Only the injector adds the sidecar and its volumes: a pod asking for injection that declares a
+//! container named [`SIDECAR_NAME`] itself, or mounts one of the injector's volumes
+//! ([`RESERVED_VOLUMES`]) in a container of its own, is refused. The injector's own annotations
+//! ([`OWNED`]) carry only what it wrote: a preset value is overwritten or removed at creation, and
+//! an update may not touch them.
 //!
 //! On a pod UPDATE the webhook only validates: an update that changes the pod's `meshid.io/*`
 //! annotations into something the sidecar would refuse (`kubectl annotate` with a typo) is denied,
-//! naming every problem, instead of being accepted and then ignored by the sidecar. An UPDATE is
-//! never patched ([`validate_update`]).
+//! naming every problem, instead of being accepted and then ignored by the sidecar, and so is one
+//! that changes the sidecar's image (`kubectl set image`) or removes it. An UPDATE is never
+//! patched ([`validate_update`]). Ephemeral containers (`kubectl debug`) may not take the
+//! sidecar's name, target it, or mount its volumes ([`validate_ephemeral_containers`]).
 
 pub mod admission;
 pub mod budget;
@@ -40,8 +44,9 @@ use serde_json::{Value, json};
 pub use bundle::{BUNDLE_ENV, MAX_BUNDLE_BYTES, TrustBundle};
 pub use patch::apply_patch;
 pub use pod::{
-    ADMIN_PORT, APP_PROBES, MAX_APP_PROBES_BYTES, MAX_CONTAINERS, MAX_MOVED_HEADERS, SIDECAR_NAME,
-    SPIFFE_ENDPOINT_SOCKET, STATS_PORT, WORKLOAD_API_DIR, WORKLOAD_API_SOCKET, sidecar_args,
+    ADMIN_PORT, APP_PROBES, MAX_APP_PROBES_BYTES, MAX_CONTAINERS, MAX_MOVED_HEADERS,
+    RESERVED_VOLUMES, SIDECAR_NAME, SPIFFE_ENDPOINT_SOCKET, STATS_PORT, WORKLOAD_API_DIR,
+    WORKLOAD_API_SOCKET, sidecar_args,
 };
 
 /// What the injected sidecar is configured with.
@@ -123,11 +128,12 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     if !wanted {
         return Outcome::Skip("injection not requested");
     }
-    // Injected means running the sidecar (a copy of an injected pod, say): `meshid.io/injected`
-    // is the injector's to set, so a pod that arrives with it and no sidecar is injected anyway
-    // (the annotation overwritten).
-    if pod::has_sidecar(pod) {
-        return Outcome::Skip("already injected");
+    // Only the injector adds its sidecar: a pod that declares a container of its name (a copy of
+    // an injected pod, or a fake sidecar beside forged annotations) is refused, never admitted
+    // unchecked. `meshid.io/injected` is the injector's to set too, so a pod that arrives with it
+    // and no sidecar is injected anyway (the annotation overwritten).
+    if let Some(problem) = pod::declared_sidecar(pod) {
+        return Outcome::Deny(vec![problem]);
     }
     let mesh = match MeshAnnotations::from_map(&annotations) {
         Ok(mesh) => mesh,
@@ -162,6 +168,7 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     }
     problems.extend(reserved_port_problems(&mesh));
     problems.extend(pod::reserved_container_ports(pod));
+    problems.extend(pod::reserved_mounts(pod));
     let mut ops = Vec::new();
     match meta_annotations {
         Some(Value::Object(_)) => ops.push(json!({
@@ -189,7 +196,9 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
 }
 
 /// Decides for a pod UPDATE: `pod` is the AdmissionReview's `request.object`, `old` its
-/// `oldObject`. Only the `meshid.io/*` annotations are looked at, and only when this update changes
+/// `oldObject`. The injector's sidecar may not be removed, renamed or given another image
+/// (`kubectl set image pod/x meshid-sidecar=...`), nor a container of its name added. Otherwise
+/// only the `meshid.io/*` annotations are looked at, and only when this update changes
 /// them (added, changed or removed): other updates of the pod (labels, finalizers, another
 /// annotation) are admitted whatever the pod carries, so a pod admitted earlier without checks
 /// (created while the webhook was unreachable under `failurePolicy: Ignore`) is never stuck. The
@@ -199,25 +208,33 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
 /// uses), `meshid.io/inject` must be `enabled` or `disabled`, and no port may be one of the
 /// sidecar's own. Never [`Outcome::Patch`]: a running pod is not mutated.
 pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
+    let sidecar = old.map_or_else(Vec::new, |old| pod::sidecar_changes(pod, old));
     let new = meshid_annotations(pod);
     let old = old.map(meshid_annotations);
     if old.as_ref() == Some(&new) {
-        return Outcome::Skip("meshid annotations unchanged");
+        return if sidecar.is_empty() {
+            Outcome::Skip("meshid annotations unchanged")
+        } else {
+            Outcome::Deny(sidecar)
+        };
     }
     if let Some(problem) = annotations_too_large(pod) {
         return Outcome::Deny(vec![problem]);
     }
     let none = BTreeMap::new();
     let before = old.as_ref().unwrap_or(&none);
-    let mut problems: Vec<String> = OWNED
-        .iter()
-        .filter(|key| new.get(**key) != before.get(**key))
-        .map(|key| {
-            format!(
-                "annotation {key}: set by the injector; an update may not add, change or remove it"
-            )
-        })
-        .collect();
+    let mut problems = sidecar;
+    problems.extend(
+        OWNED
+            .iter()
+            .filter(|key| new.get(**key) != before.get(**key))
+            .map(|key| {
+                format!(
+                    "annotation {key}: set by the injector; an update may not add, change or \
+                     remove it"
+                )
+            }),
+    );
     if new.is_empty() && problems.is_empty() {
         return Outcome::Skip("no meshid annotations");
     }
@@ -228,6 +245,32 @@ pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
     }
     if problems.is_empty() {
         Outcome::Skip("meshid annotations valid")
+    } else {
+        Outcome::Deny(problems)
+    }
+}
+
+/// Decides for an UPDATE of a pod's `ephemeralcontainers` subresource (`kubectl debug`): `pod` is
+/// the pod with its ephemeral containers (`request.object`), `old` the pod before (`oldObject`).
+/// An ephemeral container added by this update (one whose name `old` does not list) may not be
+/// named [`SIDECAR_NAME`], target the sidecar's processes, or mount one of the volumes the
+/// injector adds ([`pod::RESERVED_VOLUMES`]); ephemeral containers cannot be changed once added,
+/// so those already there are not looked at again. Never [`Outcome::Patch`].
+pub fn validate_ephemeral_containers(pod: &Value, old: Option<&Value>) -> Outcome {
+    let list = |p: Option<&Value>| -> Vec<Value> {
+        p.and_then(|p| p.pointer("/spec/ephemeralContainers"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = list(old);
+    let problems: Vec<String> = list(Some(pod))
+        .iter()
+        .filter(|c| !before.iter().any(|b| b["name"] == c["name"]))
+        .flat_map(pod::ephemeral_container_problems)
+        .collect();
+    if problems.is_empty() {
+        Outcome::Skip("ephemeral containers valid")
     } else {
         Outcome::Deny(problems)
     }
@@ -319,8 +362,9 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
 }
 
 /// Answers an AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a pod UPDATE by
-/// [`validate_update`] (admitted or denied, never patched), anything else (other kinds, other
-/// operations, subresources such as `status` or `ephemeralcontainers`) is admitted unchanged. A
+/// [`validate_update`] and an UPDATE of its `ephemeralcontainers` subresource by
+/// [`validate_ephemeral_containers`] (admitted or denied, never patched), anything else (other
+/// kinds, other operations, other subresources such as `status`) is admitted unchanged. A
 /// review that is not one the API server sends (another `apiVersion` than v1, a top-level `kind`
 /// other than `AdmissionReview`, no request, a request without a `uid`, a pod CREATE or UPDATE
 /// without its object) is answered with an error status (and `allowed: false`, so a broken
@@ -329,35 +373,29 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
 pub fn answer(config: &InjectConfig, scope: Scope, review: &admission::AdmissionReview) -> Value {
     let uid = review.request.as_ref().map_or("", |r| r.uid.as_str());
     let answer = |response: Value| envelope(uid, response);
-    if let Some(version) = review.api_version.as_deref()
-        && version != admission::API_VERSION
-    {
-        return answer(denied(
-            400,
-            format!(
-                "AdmissionReview {version} is not supported (only {})",
-                admission::API_VERSION
-            ),
-        ));
-    }
-    if review.kind.as_deref() != Some("AdmissionReview") {
-        return answer(denied(
-            400,
-            format!(
-                "kind {} is not AdmissionReview",
-                review
-                    .kind
-                    .as_deref()
-                    .map_or("(none)".to_owned(), |k| format!("{k:?}"))
-            ),
-        ));
+    if let Some(problem) = review.problem() {
+        return answer(denied(400, problem));
     }
     let Some(request) = review.request.as_ref() else {
         return answer(denied(400, "the AdmissionReview has no request".to_owned()));
     };
-    if request.uid.is_empty() {
-        // The API server matches the answer to its request by the uid, and never sends one without.
-        return answer(denied(400, "the request has no uid".to_owned()));
+    if request.is_pod_ephemeral_containers() {
+        if request.operation.as_deref() != Some("UPDATE") {
+            return answer(json!({"allowed": true}));
+        }
+        let Some(pod) = request.object.as_ref() else {
+            return answer(denied(400, "the request has no pod object".to_owned()));
+        };
+        return match validate_ephemeral_containers(pod, request.old_object.as_ref()) {
+            Outcome::Deny(problems) => answer(denied(
+                400,
+                format!(
+                    "meshid: ephemeral container refused: {}",
+                    problems.join("; ")
+                ),
+            )),
+            Outcome::Skip(_) | Outcome::Patch(_) => answer(json!({"allowed": true})),
+        };
     }
     if !request.is_pod() {
         return answer(json!({"allowed": true}));
@@ -706,13 +744,268 @@ mod tests {
                 assert!(message.contains(needle), "{needle} not in {message}");
             }
         }
-        // Subresource updates (status, ephemeral containers) are not looked at.
+        // Other subresource updates (status) are not looked at.
         let mut r = update(
             pod_with(json!({"meshid.io/inject": "yes"})),
             pod_with(json!({})),
         );
         r["request"]["subResource"] = json!("status");
         assert_eq!(review(&config, Scope::Pod, &r)["response"]["allowed"], true);
+        // Nor the annotations in an ephemeral containers update (it cannot change them).
+        r["request"]["subResource"] = json!("ephemeralcontainers");
+        assert_eq!(review(&config, Scope::Pod, &r)["response"]["allowed"], true);
+    }
+
+    fn opted_in(spec: Value) -> Value {
+        json!({"metadata": {"name": "web", "annotations": {
+                "meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/injected": "v1"}},
+            "spec": spec})
+    }
+
+    /// A pod that asks for injection but brings the injector's own container, or mounts one of its
+    /// volumes in a container of its own, is refused naming it; never admitted unchecked.
+    #[test]
+    fn pods_may_not_bring_the_sidecar_or_mount_its_volumes() {
+        struct Case {
+            name: &'static str,
+            spec: Value,
+            expected: &'static [&'static str],
+        }
+        let app = json!({"name": "app", "image": "web:1"});
+        let fake = json!({"name": SIDECAR_NAME, "image": "evil:1", "restartPolicy": "Always"});
+        let mounting = |volume: &str| {
+            json!({"name": "app", "image": "web:1",
+                "volumeMounts": [{"name": volume, "mountPath": "/x"}]})
+        };
+        let cases = [
+            Case {
+                name: "a fake sidecar as an init container, with forged annotations",
+                spec: json!({"initContainers": [fake.clone()], "containers": [app.clone()]}),
+                expected: &[
+                    "init container meshid-sidecar",
+                    "remove it from the pod spec and let the injector add it",
+                ],
+            },
+            Case {
+                name: "a fake sidecar as an app container",
+                spec: json!({"containers": [app.clone(), fake.clone()]}),
+                expected: &["container meshid-sidecar", "injector's own container"],
+            },
+            Case {
+                name: "the sidecar's state mounted by an app container",
+                spec: json!({"containers": [mounting("meshid-state")]}),
+                expected: &["container app: mounts volume meshid-state", "reserved"],
+            },
+            Case {
+                name: "the token volume mounted by an init container",
+                spec: json!({"initContainers": [{"name": "init", "image": "i:1",
+                    "volumeMounts": [{"name": "meshid-token", "mountPath": "/t"}]}],
+                    "containers": [app.clone()]}),
+                expected: &["init container init: mounts volume meshid-token"],
+            },
+            Case {
+                name: "the annotations file and the Workload API volume",
+                spec: json!({"containers": [{"name": "app", "image": "web:1", "volumeMounts": [
+                    {"name": "meshid-pod", "mountPath": "/p"},
+                    {"name": "meshid-workload-api", "mountPath": "/w"}]}]}),
+                expected: &[
+                    "mounts volume meshid-pod",
+                    "mounts volume meshid-workload-api",
+                ],
+            },
+        ];
+        let config = config();
+        for case in cases {
+            let pod = opted_in(case.spec);
+            for scope in [Scope::Pod, Scope::Namespace] {
+                let Outcome::Deny(problems) = mutate_pod(&config, scope, &pod) else {
+                    panic!("{}: not refused", case.name);
+                };
+                let text = problems.join("; ");
+                for needle in case.expected {
+                    assert!(
+                        text.contains(needle),
+                        "{}: {needle:?} not in {text}",
+                        case.name
+                    );
+                }
+            }
+        }
+        // Not asked for: left alone, whatever it carries.
+        let mut pod = opted_in(json!({"containers": [app, fake]}));
+        pod["metadata"]["annotations"]["meshid.io/inject"] = json!("disabled");
+        assert_eq!(
+            mutate_pod(&config, Scope::Namespace, &pod),
+            Outcome::Skip("injection not requested")
+        );
+        // A volume of another name mounted anywhere is the pod's own business.
+        let pod = opted_in(json!({"containers": [mounting("meshid-data")]}));
+        assert!(matches!(
+            mutate_pod(&config, Scope::Pod, &pod),
+            Outcome::Patch(_)
+        ));
+    }
+
+    fn injected_pod() -> Value {
+        let mut pod = opted_in(json!({"containers": [{"name": "app", "image": "web:1"}]}));
+        let Outcome::Patch(ops) = mutate_pod(&config(), Scope::Pod, &pod) else {
+            panic!("not injected");
+        };
+        patch::apply_patch(&mut pod, &ops).unwrap();
+        pod
+    }
+
+    /// The injected pod's sidecar (its first init container).
+    fn sidecar_at(pod: &mut Value) -> &mut Value {
+        let sidecar = &mut pod["spec"]["initContainers"][0];
+        assert_eq!(sidecar["name"], SIDECAR_NAME);
+        sidecar
+    }
+
+    /// `kubectl set image pod/web meshid-sidecar=evil`: refused (the chart's matchCondition sends
+    /// UPDATEs that change an image); the app's image may change.
+    #[test]
+    fn updates_may_not_change_remove_or_add_the_sidecar() {
+        let config = config();
+        let old = injected_pod();
+        let mut evil = old.clone();
+        sidecar_at(&mut evil)["image"] = json!("registry.evil/sidecar:1");
+        let mut renamed = old.clone();
+        sidecar_at(&mut renamed)["name"] = json!("not-the-sidecar");
+        let mut removed = old.clone();
+        removed["spec"]["initContainers"] = json!([]);
+        let mut added = old.clone();
+        added["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": SIDECAR_NAME, "image": "x:1"}));
+        for (name, new, needle) in [
+            (
+                "image changed",
+                evil.clone(),
+                "init container meshid-sidecar: set by the injector; an update may not change \
+                 its image (from \"meshid/sidecar:latest\" to \"registry.evil/sidecar:1\")",
+            ),
+            ("renamed", renamed, "may not remove, rename or move it"),
+            ("removed", removed, "may not remove, rename or move it"),
+            (
+                "a second one added",
+                added,
+                "may not add a container of the injector's sidecar's name",
+            ),
+        ] {
+            let out = review(&config, Scope::Pod, &update(new, old.clone()));
+            assert_eq!(out["response"]["allowed"], false, "{name}: {out}");
+            let message = out["response"]["status"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(needle),
+                "{name}: {needle:?} not in {message}"
+            );
+        }
+        // Added to a pod that had none: refused too.
+        let plain = pod_with(json!({}));
+        let mut with_one = plain.clone();
+        with_one["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": SIDECAR_NAME, "image": "x:1"}));
+        let Outcome::Deny(problems) = validate_update(&with_one, Some(&plain)) else {
+            panic!("not refused");
+        };
+        assert!(problems[0].contains("may not add"), "{problems:?}");
+        // Together with an annotation change: both named.
+        let mut both = evil;
+        both["metadata"]["annotations"]["meshid.io/mode"] = json!("permisive");
+        let Outcome::Deny(problems) = validate_update(&both, Some(&old)) else {
+            panic!("not refused");
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        // The app's image: admitted, unpatched.
+        let mut app = old.clone();
+        app["spec"]["containers"][0]["image"] = json!("web:2");
+        let out = review(&config, Scope::Namespace, &update(app, old));
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+        assert!(out["response"].get("patch").is_none());
+    }
+
+    /// `kubectl debug` adds ephemeral containers through the pods/ephemeralcontainers subresource,
+    /// whose object is the whole pod: one that mounts the sidecar's volumes, takes its name or
+    /// targets it is refused; any other is admitted.
+    #[test]
+    fn ephemeral_containers_may_not_reach_into_the_sidecar() {
+        let config = config();
+        let old = injected_pod();
+        let debug = |container: Value| {
+            let mut pod = old.clone();
+            pod["spec"]["ephemeralContainers"] = json!([container]);
+            let mut r = update(pod, old.clone());
+            r["request"]["subResource"] = json!("ephemeralcontainers");
+            review(&config, Scope::Pod, &r)
+        };
+        for (container, needles) in [
+            (
+                json!({"name": "debugger", "image": "busybox",
+                    "volumeMounts": [{"name": "meshid-state", "mountPath": "/s"}]}),
+                &["ephemeral container debugger: mounts volume meshid-state"][..],
+            ),
+            (
+                json!({"name": "debugger", "image": "busybox",
+                    "volumeMounts": [{"name": "meshid-token", "mountPath": "/t",
+                        "readOnly": true}]}),
+                &["mounts volume meshid-token"][..],
+            ),
+            (
+                json!({"name": SIDECAR_NAME, "image": "busybox"}),
+                &["ephemeral container meshid-sidecar: the name is the injector's sidecar's"][..],
+            ),
+            (
+                json!({"name": "debugger", "image": "busybox",
+                    "targetContainerName": SIDECAR_NAME}),
+                &[
+                    "ephemeral container debugger: targets meshid-sidecar",
+                    "--copy-to",
+                ][..],
+            ),
+        ] {
+            let out = debug(container);
+            let response = &out["response"];
+            assert_eq!(response["allowed"], false, "{response}");
+            assert_eq!(response["status"]["code"], 400);
+            let message = response["status"]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with("meshid: ephemeral container refused: "),
+                "{message}"
+            );
+            for needle in needles {
+                assert!(message.contains(needle), "{needle:?} not in {message}");
+            }
+        }
+        // A debugger of the app, with its own volume: admitted, unpatched.
+        let out = debug(
+            json!({"name": "debugger", "image": "busybox", "targetContainerName": "app",
+            "volumeMounts": [{"name": "data", "mountPath": "/d"}]}),
+        );
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+        assert!(out["response"].get("patch").is_none());
+        // One already there (added while the webhook was down) does not block the next.
+        let mut had = old.clone();
+        had["spec"]["ephemeralContainers"] = json!([{"name": "old", "image": "b",
+            "volumeMounts": [{"name": "meshid-state", "mountPath": "/s"}]}]);
+        let mut now = had.clone();
+        now["spec"]["ephemeralContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "new", "image": "b"}));
+        assert_eq!(
+            validate_ephemeral_containers(&now, Some(&had)),
+            Outcome::Skip("ephemeral containers valid")
+        );
+        // Without an old object every ephemeral container is looked at.
+        assert!(matches!(
+            validate_ephemeral_containers(&now, None),
+            Outcome::Deny(_)
+        ));
     }
 
     #[test]

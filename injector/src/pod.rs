@@ -121,14 +121,126 @@ pub(super) fn reserved_container_ports(pod: &Value) -> Vec<String> {
     problems
 }
 
-pub(super) fn has_sidecar(pod: &Value) -> bool {
-    ["/spec/initContainers", "/spec/containers"]
-        .iter()
-        .any(|p| {
-            pod.pointer(p)
+/// The volumes the injector adds: a pod may neither declare a volume of one of these names
+/// ([`add_volumes`]) nor mount one in a container of its own ([`reserved_mounts`]); the only mounts
+/// of them are the ones the injector writes (the sidecar's, and the Workload API socket's,
+/// read-only, in app containers).
+pub const RESERVED_VOLUMES: [&str; 4] =
+    [TOKEN_VOLUME, POD_VOLUME, STATE_VOLUME, WORKLOAD_API_VOLUME];
+
+/// Every container list of a pod, with what messages call a container in it.
+const CONTAINER_LISTS: [(&str, &str); 3] = [
+    ("/spec/initContainers", "init container"),
+    ("/spec/containers", "container"),
+    ("/spec/ephemeralContainers", "ephemeral container"),
+];
+
+/// Every container of the pod, ephemeral ones included, with what messages call it.
+fn containers_of(pod: &Value) -> impl Iterator<Item = (&'static str, &Value)> {
+    CONTAINER_LISTS
+        .into_iter()
+        .flat_map(move |(pointer, what)| {
+            pod.pointer(pointer)
                 .and_then(Value::as_array)
-                .is_some_and(|cs| cs.iter().any(|c| c["name"] == SIDECAR_NAME))
+                .into_iter()
+                .flatten()
+                .map(move |c| (what, c))
         })
+}
+
+/// A pod that asks for the sidecar but declares a container of its name itself (a copy of an
+/// injected pod, or a fake sidecar with forged annotations that would look meshed): refused, since
+/// admitting it unchanged would skip every check, and injecting beside it would make two.
+pub(super) fn declared_sidecar(pod: &Value) -> Option<String> {
+    containers_of(pod)
+        .find(|(_, c)| c["name"] == SIDECAR_NAME)
+        .map(|(what, _)| {
+            format!(
+                "{what} {SIDECAR_NAME}: the pod declares the injector's own container (a copy of \
+                 an injected pod?); remove it from the pod spec and let the injector add it"
+            )
+        })
+}
+
+/// Containers (init, app and ephemeral) that mount one of [`RESERVED_VOLUMES`]: an app that
+/// mounted the sidecar's state could plant roots in its bundle cache, or read its token.
+pub(super) fn reserved_mounts(pod: &Value) -> Vec<String> {
+    containers_of(pod)
+        .flat_map(|(what, c)| reserved_mounts_of(what, c))
+        .collect()
+}
+
+fn reserved_mounts_of(what: &str, container: &Value) -> Vec<String> {
+    let name = container["name"].as_str().unwrap_or_default();
+    container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["name"].as_str())
+        .filter(|v| RESERVED_VOLUMES.contains(v))
+        .map(|v| {
+            format!(
+                "{what} {name}: mounts volume {v}, which is reserved for meshid's sidecar (only \
+                 the injector mounts it)"
+            )
+        })
+        .collect()
+}
+
+/// What an ephemeral container (added through `pods/ephemeralcontainers`, e.g. `kubectl debug`)
+/// may not do in a pod: take the sidecar's name, mount one of [`RESERVED_VOLUMES`], or target the
+/// sidecar's process (sharing its process namespace, it could read the sidecar's token and key
+/// through `/proc`).
+pub(super) fn ephemeral_container_problems(container: &Value) -> Vec<String> {
+    let name = container["name"].as_str().unwrap_or_default();
+    let mut problems = Vec::new();
+    if name == SIDECAR_NAME {
+        problems.push(format!(
+            "ephemeral container {SIDECAR_NAME}: the name is the injector's sidecar's"
+        ));
+    }
+    if container["targetContainerName"] == SIDECAR_NAME {
+        problems.push(format!(
+            "ephemeral container {name}: targets {SIDECAR_NAME}, whose processes hold the pod's \
+             token and private key; target an app container, or debug a copy of the pod \
+             (kubectl debug --copy-to)"
+        ));
+    }
+    problems.extend(reserved_mounts_of("ephemeral container", container));
+    problems
+}
+
+/// What a pod UPDATE (`pod`; `old` before it) changes of the injector's sidecar: removed or
+/// renamed, moved to another list, given another image (the only field of a container an update
+/// may change), or a container of its name added. Pods are compared by what every list holds
+/// under [`SIDECAR_NAME`].
+pub(super) fn sidecar_changes(pod: &Value, old: &Value) -> Vec<String> {
+    let sidecars = |p: &'_ Value| -> Vec<(&'static str, Value)> {
+        containers_of(p)
+            .filter(|(_, c)| c["name"] == SIDECAR_NAME)
+            .map(|(what, c)| (what, c["image"].clone()))
+            .collect()
+    };
+    let (before, after) = (sidecars(old), sidecars(pod));
+    if before == after {
+        return Vec::new();
+    }
+    let problem = match (before.as_slice(), after.as_slice()) {
+        ([(what, image)], [(now, new_image)]) if what == now => format!(
+            "{what} {SIDECAR_NAME}: set by the injector; an update may not change its image \
+             (from {image} to {new_image}): roll a new sidecar image out through the chart and \
+             recreate the pod"
+        ),
+        (before, after) if after.len() > before.len() => format!(
+            "container {SIDECAR_NAME}: an update may not add a container of the injector's \
+             sidecar's name"
+        ),
+        _ => format!(
+            "{} {SIDECAR_NAME}: set by the injector; an update may not remove, rename or move it",
+            before.first().map_or("container", |(what, _)| *what)
+        ),
+    };
+    vec![problem]
 }
 
 pub(super) fn add_volumes(

@@ -143,7 +143,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_gives_its_room_back_when_sent_or_when_its_time_is_up() {
-        let budget = ReviewBudget::new(4 * 100_000);
+        let budget = ReviewBudget::new(4 * 100_000, 1_000);
         let wait = Duration::from_secs(1);
         let text = Bytes::from(vec![b'x'; 40_000]);
 

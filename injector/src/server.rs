@@ -7,7 +7,8 @@
 //! The API server waits on this server for every pod it sends (with `failurePolicy: Fail`, a pod is
 //! not created while the injector cannot answer), so no client may hold it up ([`Limits`]):
 //! connections past the per-source cap are closed at accept, and at the overall cap a newcomer
-//! displaces the oldest connection that has sent no request yet, or is closed when every one has
+//! displaces the oldest connection that has not had a well-formed AdmissionReview answered yet
+//! (health checks, 404s and refused bodies do not count), or is closed when every one has
 //! ([`meshid_runtime::admission`]; counted in `meshid_injector_connections_refused_total`); the TLS handshake and each HTTP/1 request head
 //! must arrive within the header-read timeout (an idle keep-alive connection is closed after it
 //! too); a request's body must arrive within the request timeout; a body over the size cap is
@@ -18,7 +19,8 @@
 //! to go away (HTTP/2 GOAWAY, or closed after its current HTTP/1 request) at its maximum age.
 //!
 //! Memory: the reviews in flight share a byte budget ([`super::budget`]): a body is charged before
-//! it is read, its review what its JSON can cost once parsed and answered ([`super::cost`]), and
+//! it is read (within its source's share of the body budget), its review what its JSON can cost
+//! once parsed and answered ([`super::cost`]), and
 //! the answer keeps its share until it is sent ([`super::reply`]). A request that waits longer
 //! than `--review-wait` for room is answered 503, one that could never fit 413; so many large
 //! bodies at once make the injector answer some of them later or not at all, never run out of
@@ -132,7 +134,7 @@ pub async fn serve(
         limits.max_connections,
         Some(limits.max_connections_per_source),
     );
-    let budget = ReviewBudget::new(limits.review_memory);
+    let budget = ReviewBudget::new(limits.review_memory, limits.max_request_bytes);
     // Every connection task holds a sender: when they are all gone, `open.recv()` returns None.
     let (open_tx, mut open) = mpsc::channel::<()>(1);
     let (stop_tx, stop) = watch::channel(false);
@@ -228,11 +230,7 @@ async fn connection(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let service = service_fn(move |req| {
-        // A request arrived: the connection is no longer displaced at the connection limit.
-        ticket.proven();
-        handle(req, shared.clone(), peer)
-    });
+    let service = service_fn(move |req| handle(req, shared.clone(), peer, ticket.clone()));
     let io = TokioIo::new(tls);
     // Resolves once the connection should go away, and then stays pending.
     let go_away = async {
@@ -285,10 +283,15 @@ async fn connection(
     }
 }
 
+/// Answers one request. Only a well-formed AdmissionReview posted to a webhook path and answered
+/// proves the connection ([`Ticket::proven`]: never displaced at the connection limit from then
+/// on): a health check, a 404 or a refused body does not, so a client that holds connections open
+/// with cheap requests is displaced like a silent one.
 async fn handle(
     req: Request<Incoming>,
     shared: Shared,
     peer: SocketAddr,
+    ticket: Arc<Ticket>,
 ) -> Result<Response<Reply>, Infallible> {
     let Shared {
         config,
@@ -338,6 +341,18 @@ async fn handle(
             ),
         )
     };
+    let source_busy = |share: u64| {
+        refuse(
+            "source_busy",
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the injector is busy: bodies still arriving from {} held its share of the body \
+                 memory ({share} bytes) for {:?}; try again\n",
+                peer.ip().to_canonical(),
+                limits.review_wait
+            ),
+        )
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -346,11 +361,15 @@ async fn handle(
     if declared.is_some_and(|n| n > limits.max_request_bytes as u64) {
         return Ok(too_large());
     }
-    // Room for the body before a byte of it is read: its declared length, or the cap.
+    // Room for the body before a byte of it is read: its declared length, or the cap; within the
+    // source's share of the body budget.
     let waited_until = Instant::now() + limits.review_wait;
     let reserved = declared.unwrap_or(limits.max_request_bytes as u64);
-    let Ok(mut body_room) = budget.body(reserved, limits.review_wait).await else {
-        return Ok(busy());
+    let mut body_room = match budget.body(peer.ip(), reserved, limits.review_wait).await {
+        Ok(room) => room,
+        Err(NoRoom::SourceBusy { share }) => return Ok(source_busy(share)),
+        // Not past the size cap, so never more than a share: only busy.
+        Err(NoRoom::Busy | NoRoom::TooCostly { .. }) => return Ok(busy()),
     };
     let body = match tokio::time::timeout(
         limits.request_timeout,
@@ -385,7 +404,7 @@ async fn handle(
     let left = waited_until.saturating_duration_since(Instant::now());
     let review_room = match budget.review(cost, left).await {
         Ok(room) => room,
-        Err(NoRoom::Busy) => return Ok(busy()),
+        Err(NoRoom::Busy | NoRoom::SourceBusy { .. }) => return Ok(busy()),
         Err(NoRoom::TooCostly { cost, budget }) => {
             return Ok(refuse(
                 "too_costly",
@@ -410,6 +429,10 @@ async fn handle(
         }
     };
     let output = super::answer(&config, scope, &input);
+    if input.problem().is_none() {
+        // A well-formed review, answered: the connection is a real client's (the API server's).
+        ticket.proven();
+    }
     metrics.review(&output);
     let response = &output["response"];
     let request = input.request.as_ref();

@@ -116,10 +116,11 @@ pub struct InjectorArgs {
     #[arg(long, env = "MESHID_INJECTOR_MAX_CONNECTION_AGE", default_value = "5m")]
     pub max_connection_age: String,
     /// Memory, in bytes, that reviews in flight may use together: a quarter for request bodies
-    /// being received, the rest for parsing, answering and sending (each review charged what its
-    /// body's JSON can cost once parsed). A request waits for room up to --review-wait, then is
-    /// answered 503; one that could never fit is answered 413. At least 4 x --max-request-bytes;
-    /// keep it well under the container's memory limit.
+    /// being received (one source address at most an eighth of that, and at least
+    /// --max-request-bytes), the rest for parsing, answering and sending (each review charged
+    /// what its body's JSON can cost once parsed). A request waits for room up to --review-wait,
+    /// then is answered 503; one that could never fit is answered 413. At least 4 x
+    /// --max-request-bytes; keep it well under the container's memory limit.
     #[arg(long, env = "MESHID_INJECTOR_REVIEW_MEMORY", default_value_t = super::budget::DEFAULT_REVIEW_MEMORY)]
     pub review_memory: usize,
     /// The longest a request waits for room in --review-memory before it is answered 503 (keep it

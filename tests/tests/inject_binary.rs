@@ -1377,6 +1377,211 @@ async fn hostile_clients_cannot_hold_up_admission_reviews() {
     answered_in_time(addr, &roots, true).await;
 }
 
+/// Keeps a TLS connection from `from` busy with `GET /healthz` on one keep-alive HTTP/1.1
+/// connection, a request a second (within the header-read timeout), reconnecting whenever the
+/// injector closes it, until `until`; counts the health checks answered.
+async fn health_checker(
+    from: &'static str,
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    until: std::time::Instant,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    'connect: while std::time::Instant::now() < until {
+        let Ok(mut tls) = tls_from(from, addr, &roots, &[b"http/1.1"]).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while std::time::Instant::now() < until {
+            let request = format!("GET /healthz HTTP/1.1\r\nHost: {SAN}\r\n\r\n");
+            if tls.write_all(request.as_bytes()).await.is_err() {
+                continue 'connect;
+            }
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\nok\n") {
+                let mut buf = [0u8; 512];
+                match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => continue 'connect,
+                }
+            }
+            answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Connections kept open with health checks are not real clients: from two sources, as many
+/// connections as the overall cap, each sending `GET /healthz` every second (within the
+/// header-read timeout), cannot keep a review out. Only a well-formed AdmissionReview answered
+/// proves a connection (before, any request did: at the cap every newcomer, the API server's
+/// included, was closed at accept), so at the cap the API server's connection displaces one of
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()])
+        .args([
+            "--max-connections",
+            "32",
+            "--max-connections-per-source",
+            "16",
+        ])
+        .args(["--header-read-timeout", "3s"]),
+    );
+    wait_healthy(addr, &roots).await;
+    let refused = |reason: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut holders = Vec::new();
+    for from in ["127.0.0.6", "127.0.0.7"] {
+        for _ in 0..16 {
+            holders.push(tokio::spawn(health_checker(
+                from,
+                addr,
+                roots.clone(),
+                until,
+                answered.clone(),
+            )));
+        }
+    }
+    // Every slot taken by a connection that has had a health check answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(admin, "meshid_injector_connections_open") < 32.0
+        || answered.load(std::sync::atomic::Ordering::Relaxed) < 64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the health checkers did not fill the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
+    assert!(refused("displaced") >= 1.0, "no health checker displaced");
+    assert_eq!(
+        refused("max_connections"),
+        0.0,
+        "a newcomer was refused while health checkers held the slots"
+    );
+    for task in holders {
+        task.await.unwrap();
+    }
+}
+
+/// Bodies are charged on their declared length before they arrive, but one source holds at most
+/// its share of the body memory (an eighth of it, at least one largest body): one client
+/// declaring 1 MiB bodies on 16 connections and sending them a byte a second (before, twelve of
+/// them held the whole 12 MiB body budget for the request timeout) cannot make another source's
+/// review wait for room; its own requests past its share are answered 503 after `--review-wait`,
+/// naming the share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_large_bodies_from_one_source_cannot_take_the_body_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &tls.join("tls.crt"),
+            &tls.join("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()])
+        // The chart's review memory (48 MiB: 12 MiB for bodies) and body cap (1 MiB).
+        .args(["--request-timeout", "8s", "--review-wait", "2s"]),
+    );
+    wait_healthy(addr, &roots).await;
+
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        let roots = roots.clone();
+        slow.push(tokio::spawn(async move {
+            let tls = tls_from("127.0.0.5", addr, &roots, &[b"http/1.1"])
+                .await
+                .unwrap();
+            let (mut reader, mut writer) = tokio::io::split(tls);
+            let head = format!(
+                "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{{",
+                1024 * 1024
+            );
+            writer.write_all(head.as_bytes()).await.unwrap();
+            let trickle = tokio::spawn(async move {
+                while std::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if writer.write_all(b" ").await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut out = Vec::new();
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let _ = tokio::time::timeout(left, reader.read_to_end(&mut out)).await;
+            trickle.abort();
+            String::from_utf8_lossy(&out).into_owned()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Another source's reviews get room at once, over HTTP/1.1 and HTTP/2.
+    let start = std::time::Instant::now();
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the reviews waited for room: {:?}",
+        start.elapsed()
+    );
+    let mut refused_by_share = 0;
+    for task in slow {
+        let answer = task.await.unwrap();
+        if answer.starts_with("HTTP/1.1 503") {
+            assert!(
+                answer.contains("held its share of the body memory (1572864 bytes)"),
+                "{answer}"
+            );
+            refused_by_share += 1;
+        } else {
+            // The one body within the share: cut off when the request timeout passes.
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+                "{answer}"
+            );
+        }
+    }
+    assert!(refused_by_share >= 14, "{refused_by_share} refused");
+    assert!(
+        metric(
+            admin,
+            "meshid_injector_requests_refused_total{reason=\"source_busy\"}"
+        ) >= 14.0
+    );
+}
+
 /// The injector's peak resident memory (`VmHWM` of `pid`), in MiB.
 fn peak_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -707,18 +707,54 @@ fn bad_annotations_deny_the_pod_naming_each_problem() {
     }
 }
 
+/// Only the injector adds its sidecar: a pod that asks for injection and declares a container named
+/// `meshid-sidecar` itself (a copy of an injected pod, or a fake sidecar with forged annotations,
+/// which would look meshed while skipping every check) is refused, telling the user to drop it.
 #[test]
-fn already_injected_and_not_requested_pods_are_left_alone() {
+fn pods_declaring_the_sidecar_are_refused_and_those_not_asking_are_left_alone() {
     let (_, patched) = inject(Scope::Pod, &deployment_pod(mesh_annotations()));
     let (response, again) = inject(Scope::Pod, &patched.unwrap());
-    assert_eq!(response["allowed"], true);
-    assert!(again.is_none(), "idempotent");
+    assert_eq!(response["allowed"], false, "a copy of an injected pod");
+    assert!(again.is_none());
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(
+            "init container meshid-sidecar: the pod declares the injector's own container"
+        ),
+        "{message}"
+    );
 
-    // A pod that already runs a container named meshid-sidecar (without our annotation).
-    let mut pod = deployment_pod(mesh_annotations());
-    pod["spec"]["initContainers"] =
-        json!([{"name": "meshid-sidecar", "image": "x", "restartPolicy": "Always"}]);
-    assert!(inject(Scope::Pod, &pod).1.is_none());
+    // A fake sidecar (as an init container or an app container) beside forged annotations and a
+    // hostNetwork spec the injector would refuse: refused by name, never admitted unchecked.
+    for (list, what) in [
+        ("initContainers", "init container"),
+        ("containers", "container"),
+    ] {
+        let mut annotations = mesh_annotations();
+        annotations["meshid.io/injected"] = json!("v1");
+        annotations["meshid.io/app-probes"] = json!(r#"{"app/liveness":{"port":22}}"#);
+        let mut pod = deployment_pod(annotations);
+        pod["spec"]["hostNetwork"] = json!(true);
+        let fake = json!({"name": "meshid-sidecar", "image": "registry.evil/sidecar:1",
+            "restartPolicy": "Always"});
+        match pod["spec"][list].as_array_mut() {
+            Some(containers) => containers.push(fake),
+            None => pod["spec"][list] = json!([fake]),
+        }
+        for scope in [Scope::Pod, Scope::Namespace] {
+            let (response, patched) = inject(scope, &pod);
+            assert!(patched.is_none(), "{list}");
+            assert_eq!(response["allowed"], false, "{list}: {response}");
+            assert_eq!(response["status"]["code"], 400);
+            let message = response["status"]["message"].as_str().unwrap();
+            for needle in [
+                &format!("{what} meshid-sidecar"),
+                "remove it from the pod spec and let the injector add it",
+            ] {
+                assert!(message.contains(needle), "{needle:?} not in {message}");
+            }
+        }
+    }
 
     // No annotation at all: injected only when its namespace opted in.
     let mut pod = deployment_pod(json!({"meshid.io/inbound": "8080=http"}));
@@ -778,6 +814,90 @@ fn other_requests_pass_through() {
     assert_eq!(out["response"]["allowed"], false);
 }
 
+/// An UPDATE of an injected pod as the API server sends it for `kubectl set image` (the chart's
+/// matchCondition forwards image changes of pods that run the sidecar): the sidecar's image may
+/// not change, the app's may.
+#[test]
+fn set_image_may_not_replace_the_injected_sidecar() {
+    let (_, injected) = inject(Scope::Pod, &deployment_pod(mesh_annotations()));
+    let old = injected.unwrap();
+    let set_image = |container: &str, image: &str| {
+        let mut pod = old.clone();
+        for list in ["initContainers", "containers"] {
+            for c in pod["spec"][list].as_array_mut().unwrap() {
+                if c["name"] == container {
+                    c["image"] = json!(image);
+                }
+            }
+        }
+        let mut r = admission_review("shop", pod);
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["oldObject"] = old.clone();
+        r["request"]["options"] = json!({"apiVersion": "meta.k8s.io/v1", "kind": "UpdateOptions"});
+        r["request"]["userInfo"] =
+            json!({"username": "tenant", "groups": ["system:authenticated"]});
+        review(&config(), Scope::Pod, &r)["response"].clone()
+    };
+    let response = set_image("meshid-sidecar", "registry.evil/sidecar:1");
+    assert_eq!(response["allowed"], false, "{response}");
+    let message = response["status"]["message"].as_str().unwrap();
+    for needle in [
+        "init container meshid-sidecar",
+        "may not change its image",
+        "registry.evil/sidecar:1",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
+    let response = set_image("app", "registry.example/backend:1.4.3");
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response.get("patch").is_none());
+}
+
+/// `kubectl debug` as the API server sends it: an UPDATE of the `pods/ephemeralcontainers`
+/// subresource whose object is the whole pod. An ephemeral container that mounts one of the
+/// sidecar's volumes, takes its name or targets it is refused; a plain debugger is admitted.
+#[test]
+fn ephemeral_containers_may_not_mount_the_sidecars_volumes() {
+    let (_, injected) = inject(Scope::Pod, &deployment_pod(mesh_annotations()));
+    let old = injected.unwrap();
+    let debug = |container: Value| {
+        let mut pod = old.clone();
+        pod["spec"]["ephemeralContainers"] = json!([container]);
+        let mut r = admission_review("shop", pod);
+        let request = &mut r["request"];
+        request["name"] = json!("backend-7d4b9c8f6-x2x9q");
+        request["operation"] = json!("UPDATE");
+        request["subResource"] = json!("ephemeralcontainers");
+        request["requestSubResource"] = json!("ephemeralcontainers");
+        request["oldObject"] = old.clone();
+        request["options"] = json!({"apiVersion": "meta.k8s.io/v1", "kind": "UpdateOptions"});
+        review(&config(), Scope::Pod, &r)["response"].clone()
+    };
+    for volume in meshid_injector::RESERVED_VOLUMES {
+        let response = debug(json!({"name": "debugger-abc12", "image": "busybox:1.36",
+            "stdin": true, "tty": true, "terminationMessagePolicy": "File",
+            "volumeMounts": [{"name": volume, "mountPath": "/mnt"}]}));
+        assert_eq!(response["allowed"], false, "{volume}: {response}");
+        assert_eq!(response["status"]["code"], 400);
+        let message = response["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!(
+                "ephemeral container debugger-abc12: mounts volume {volume}"
+            )),
+            "{message}"
+        );
+    }
+    let response = debug(json!({"name": "meshid-sidecar", "image": "busybox:1.36"}));
+    assert_eq!(response["allowed"], false, "{response}");
+    let response = debug(json!({"name": "debugger-abc12", "image": "busybox:1.36",
+        "targetContainerName": "meshid-sidecar"}));
+    assert_eq!(response["allowed"], false, "{response}");
+    let response = debug(json!({"name": "debugger-abc12", "image": "busybox:1.36",
+        "targetContainerName": "app"}));
+    assert_eq!(response["allowed"], true, "{response}");
+    assert!(response.get("patch").is_none());
+}
+
 /// What the API server never sends is answered with an error naming what is wrong, never a patch:
 /// a request without a uid (its answer could not be matched to it), an envelope whose top-level
 /// kind is not AdmissionReview (or missing).
@@ -809,7 +929,9 @@ fn reviews_without_a_uid_or_of_another_kind_are_refused() {
 }
 
 /// The chart's MutatingWebhookConfiguration, rendered by helm: both entries (namespace-wide and
-/// per-pod) see pod CREATEs and UPDATEs, UPDATEs only when they touch a `meshid.io/*` annotation,
+/// per-pod) see pod CREATEs and UPDATEs, UPDATEs only when they touch a `meshid.io/*` annotation
+/// or change an image of a pod running the sidecar (`kubectl set image`), and ephemeral containers
+/// added to pods with meshid's volumes (`pods/ephemeralcontainers`, `kubectl debug`);
 /// the per-pod entry CREATEs only of pods whose `meshid.io/inject` annotation asks for injection
 /// (so an injector outage cannot block pods that never asked), with `injector.failurePolicy` as
 /// set; two injector replicas spread softly with a PodDisruptionBudget; the injector's own
@@ -819,7 +941,7 @@ fn reviews_without_a_uid_or_of_another_kind_are_refused() {
 /// so and checks nothing, except under `scripts/k8s/check.sh` (which sets `MESHID_INJECT_OUT` and
 /// installs them), where it fails.
 #[test]
-fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
+fn chart_webhook_sees_creates_meshid_updates_and_ephemeral_containers() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(
@@ -882,22 +1004,38 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
             assert_eq!(
                 entry["rules"],
                 json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""],
-                    "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}]),
+                    "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"},
+                    {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                    "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"}]),
                 "{name}"
             );
-            // Only UPDATEs that add, change or remove a meshid annotation are sent: other pod
-            // updates never depend on the injector (its failurePolicy does not apply to them).
+            // Only UPDATEs that add, change or remove a meshid annotation, or change an image of
+            // a pod running the sidecar, are sent: other pod updates never depend on the
+            // injector (its failurePolicy does not apply to them). scripts/k8s/check.sh
+            // evaluates these expressions on sample requests (scripts/k8s/match_conditions.py).
             let conditions = entry["matchConditions"].as_array().unwrap();
+            assert_eq!(conditions[0]["name"], "create-or-meshid-update", "{name}");
+            // Ephemeral containers only of pods with meshid's volumes.
             assert_eq!(
-                conditions[0]["name"], "create-or-meshid-annotations-changed",
+                conditions[1]["name"], "ephemeral-containers-of-meshid-pods",
                 "{name}"
             );
+            let expression = conditions[1]["expression"].as_str().unwrap();
+            for needle in [
+                "!has(request.subResource) || request.subResource != 'ephemeralcontainers' ||",
+                "object.spec.volumes.exists(v, v.name.startsWith('meshid-'))",
+            ] {
+                assert!(
+                    expression.contains(needle),
+                    "{name}: {needle:?} not in {expression}"
+                );
+            }
             if name == "pod.inject.meshid.io" {
                 // Outside opted-in namespaces, only pods that ask for injection are sent on
-                // CREATE (ANDed with the UPDATE condition, which lets every CREATE through).
-                assert_eq!(conditions.len(), 2, "{name}");
-                assert_eq!(conditions[1]["name"], "create-only-when-asked");
-                let expression = conditions[1]["expression"].as_str().unwrap();
+                // CREATE (ANDed with the UPDATE conditions, which let every CREATE through).
+                assert_eq!(conditions.len(), 3, "{name}");
+                assert_eq!(conditions[2]["name"], "create-only-when-asked");
+                let expression = conditions[2]["expression"].as_str().unwrap();
                 for needle in [
                     "request.operation != 'CREATE' ||",
                     "has(object.metadata.annotations)",
@@ -911,14 +1049,18 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
                 }
             } else {
                 // An opted-in namespace asked for every pod.
-                assert_eq!(conditions.len(), 1, "{name}");
+                assert_eq!(conditions.len(), 2, "{name}");
             }
             let expression = conditions[0]["expression"].as_str().unwrap();
             for needle in [
                 "request.operation != 'UPDATE' ||",
+                "(has(request.subResource) && request.subResource == 'ephemeralcontainers') ||",
                 "k.startsWith('meshid.io/')",
                 "oldObject.metadata.annotations[k] == object.metadata.annotations[k]",
                 "k in object.metadata.annotations",
+                "oldObject.spec.initContainers.exists(c, c.name == 'meshid-sidecar')",
+                "object.spec.containers.map(c, c.name + '=' + c.image) !=",
+                "object.spec.initContainers.map(c, c.name + '=' + c.image) !=",
             ] {
                 assert!(
                     expression.contains(needle),
@@ -938,6 +1080,18 @@ fn chart_webhook_sees_creates_and_meshid_annotation_updates() {
             args.contains(&format!("\"--sidecar-log-format={want}\"")),
             "{args}"
         );
+        // The CA takes tokens of at most an hour (a copied one gets certificates until it
+        // expires); the injected ones live 10 minutes.
+        assert!(
+            args.contains("\"--token-expiration-seconds=600\""),
+            "{args}"
+        );
+        let ca_args = docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "meshid-ca")
+            .map(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].to_string())
+            .unwrap();
+        assert!(ca_args.contains("\"--max-token-lifetime=1h\""), "{ca_args}");
         let rule = docs
             .iter()
             .filter(|d| d["kind"] == "PrometheusRule")
