@@ -8,7 +8,9 @@
 //! ones, and that connection is closed ([`Displaceable`]). Sources that hold a proven connection
 //! (a peer sidecar with its pooled connection, a sidecar with its bundle stream, the API server with
 //! its keep-alive connections) lose an unproven one only after every other source has lost all of
-//! theirs. A flood of silent or slow connections, from one host or from many, so cannot keep a real
+//! theirs, as long as they hold at most [`SHIELDED_UNPROVEN`] unproven ones: past that, a source is
+//! ranked as one without a proven connection (so a few valid credentials spread over many
+//! addresses cannot each shield a flood of unproven connections behind one proven one). A flood of silent or slow connections, from one host or from many, so cannot keep a real
 //! client out: the client's own connection is unproven only for the milliseconds its handshake
 //! takes, and its source holds the fewest unproven connections, or a proven one. Only when every
 //! open connection is proven is a newcomer refused.
@@ -76,9 +78,16 @@ struct State {
     displaced: HashSet<u64>,
 }
 
-/// A source's place in the ranking: (holds no proven connection, how many unproven ones, its oldest
-/// unproven one first, address).
+/// A source's place in the ranking: (not shielded by a proven connection, how many unproven ones,
+/// its oldest unproven one first, address).
 type Rank = (bool, usize, Reverse<u64>, IpAddr);
+
+/// The most unproven connections a source holding a proven one keeps shielded: ranked behind every
+/// source without one. A real client's source rarely has more handshakes under way at once (an
+/// outbound sidecar dialing pooled connections to a busy upstream, the API server opening
+/// connections); a source with more is ranked as one with no proven connection, and, holding the
+/// most, loses one first.
+pub const SHIELDED_UNPROVEN: usize = 16;
 
 #[derive(Debug, Default)]
 struct Source {
@@ -93,7 +102,8 @@ struct Source {
 impl Source {
     fn rank(&self, ip: IpAddr) -> Option<Rank> {
         let (&oldest, _) = self.unproven.first_key_value()?;
-        Some((self.proven == 0, self.unproven.len(), Reverse(oldest), ip))
+        let shielded = self.proven > 0 && self.unproven.len() <= SHIELDED_UNPROVEN;
+        Some((!shielded, self.unproven.len(), Reverse(oldest), ip))
     }
 }
 
@@ -517,6 +527,41 @@ mod tests {
         assert!(
             displaced(&mut client.displacement),
             "the oldest unproven goes"
+        );
+    }
+
+    #[test]
+    fn a_proven_connection_shields_only_a_few_unproven_ones() {
+        let a = Admission::new(SHIELDED_UNPROVEN + 5, None);
+        // A source with one proven connection floods unproven ones behind it, past the shield.
+        let liar = a.admit(ip(1)).unwrap();
+        liar.ticket.proven();
+        let mut flood: Vec<Admitted> = (0..=SHIELDED_UNPROVEN)
+            .map(|_| a.admit(ip(1)).unwrap())
+            .collect();
+        // A real client's source: one proven connection and one handshake under way.
+        let pooled = a.admit(ip(2)).unwrap();
+        pooled.ticket.proven();
+        let mut client = a.admit(ip(2)).unwrap();
+        // A new client's handshake, from an address holding nothing else.
+        let mut fresh = a.admit(ip(5)).unwrap();
+        // At the cap: the flood loses its oldest first, though its source holds a proven one.
+        let _newcomer = a.admit(ip(3)).unwrap();
+        assert!(
+            displaced(&mut flood[0].displacement),
+            "the flood is not shielded"
+        );
+        assert!(!displaced(&mut fresh.displacement));
+        assert!(!displaced(&mut client.displacement));
+        // Back within the shield (16 unproven), it is ranked behind the sources without a proven
+        // connection again: the oldest of those goes.
+        let _next = a.admit(ip(4)).unwrap();
+        assert!(displaced(&mut fresh.displacement));
+        assert!(
+            !flood[1..]
+                .iter_mut()
+                .any(|f| displaced(&mut f.displacement)),
+            "shielded again"
         );
     }
 
