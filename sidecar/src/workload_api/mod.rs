@@ -99,7 +99,8 @@ pub fn socket_path(value: &str) -> PathBuf {
 }
 
 /// Binds the Workload API socket at `path`: its directory is created (mode 0750) or must already
-/// belong to this process's user and be writable by no one else; a socket left by an earlier run is
+/// belong to this process's user and be writable by no one else (neither its group nor others); a
+/// socket left by an earlier run is
 /// replaced, anything else there is an error; the socket is mode 0660.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     let dir = path
@@ -116,7 +117,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
     let meta = std::fs::metadata(dir).map_err(io(dir))?;
     // Not `/proc/self`'s owner: root's once the process is not dumpable (`protect_memory`).
     let me = meshid_runtime::process::effective_uid();
-    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o002 != 0 {
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
         return Err(SocketError::Directory(dir.to_owned()));
     }
     match std::fs::symlink_metadata(path) {
@@ -718,6 +719,12 @@ mod tests {
         let open = tmp.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            bind(&open.join("api.sock")),
+            Err(SocketError::Directory(_))
+        ));
+        // So is one its group may write to: a member could put its own socket in our place.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o770)).unwrap();
         assert!(matches!(
             bind(&open.join("api.sock")),
             Err(SocketError::Directory(_))
