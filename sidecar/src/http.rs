@@ -816,14 +816,15 @@ fn h2_builder(
 
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown, at `deadline`, or
 /// when `revoked` resolves (it logs why itself). HTTP/1.x connections let go of hyper's buffers
-/// while idle ([`crate::idle`]); `idle` counts them.
+/// while idle ([`crate::idle`]); `idle` counts them. A peer's connection (`from_peer`: the
+/// inbound's) is watched for an h2 rapid-reset flood ([`crate::streams::RESET_FLOOD`]).
 pub(crate) async fn serve_connection<IO, S, F, R>(
     mut io: IO,
     shared: &Shared,
     deadline: Option<tokio::time::Instant>,
     revoked: R,
     svc: S,
-    idle: Gauge,
+    (idle, from_peer): (Gauge, bool),
 ) where
     R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -838,7 +839,10 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
         // task, HTTP/1.1 ones included (+0.4 KiB per idle connection, `bench-run --scenarios
         // memory`).
         Opening::H2(prefix) => {
-            Box::pin(serve_h2(io, prefix, shared, deadline, revoked, svc)).await;
+            Box::pin(serve_h2(
+                io, prefix, shared, deadline, revoked, svc, from_peer,
+            ))
+            .await;
         }
         Opening::Gone => {}
     }
@@ -852,6 +856,7 @@ async fn serve_h2<IO, S, F, R>(
     deadline: Option<tokio::time::Instant>,
     revoked: R,
     svc: S,
+    from_peer: bool,
 ) where
     R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -859,13 +864,22 @@ async fn serve_h2<IO, S, F, R>(
     F: crate::idle::Answer,
 {
     let io = crate::idle::replay(io, prefix);
-    let streams = std::sync::Arc::new(crate::streams::Streams::default());
+    let streams = std::sync::Arc::new(if from_peer {
+        crate::streams::Streams::guarding_resets()
+    } else {
+        crate::streams::Streams::default()
+    });
     let counted = streams.clone();
     let svc = move |req: Request<Incoming>| {
         let open = counted.request();
         let answer = svc(req.map(Tracked::untracked), None);
+        let counted = counted.clone();
         async move {
             let resp = answer.await?;
+            // The sidecar's own answers (a denial) carry its reason: not counted against resets.
+            if !resp.headers().contains_key("x-meshid-reason") {
+                counted.forwarded();
+            }
             Ok::<_, std::convert::Infallible>(
                 resp.map(|body| crate::streams::Sending::new(body, open)),
             )
@@ -926,10 +940,10 @@ async fn serve_h2<IO, S, F, R>(
         // Graceful would let it go on sending and resetting until the grace period ends.
         shared.metrics.reset_flood_closes.inc();
         tracing::warn!(
-            reset = streams.abandoned(),
-            "closing: the h2 peer reset more than {} of its requests before their answers, and \
-             more than half of all it sent (a rapid-reset flood: each reset frees its stream \
-             while the app works on)",
+            reset = streams.premature(),
+            "closing: the h2 peer reset more than {} of its requests within a second and before \
+             their answers, more than half of those the app answered or that were reset (a \
+             rapid-reset flood: each reset frees its stream while the app works on)",
             crate::streams::RESET_FLOOD
         );
         return;

@@ -209,7 +209,7 @@ impl Metrics {
         );
         r.register(
             "h2_reset_flood_connections_closed",
-            "h2 connections closed because their peer reset more than 200 of its requests before their answers, and more than half of all it sent (a rapid-reset flood)",
+            "Inbound h2 connections closed because their peer reset more than 200 of its requests within a second and before their answers, more than half of those the app answered or that were reset (a rapid-reset flood)",
             m.reset_flood_closes.clone(),
         );
         r.register(

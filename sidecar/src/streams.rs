@@ -55,21 +55,30 @@ pub struct Streams {
     taken: AtomicUsize,
     /// The tasks of the streams whose responses are on their way ([`Stream`]).
     tasks: Mutex<Tasks>,
-    /// Requests handed to the service, and those of them whose service call was dropped before it
-    /// answered (the peer reset the stream): [`Self::flooded`].
-    requests: AtomicUsize,
-    abandoned: AtomicUsize,
-    /// Woken once the peer has reset more than [`RESET_FLOOD`] requests it had sent, and more
-    /// than half of them.
+    /// Watch for a rapid-reset flood ([`Self::flooded`]): a peer's connection at the inbound,
+    /// not an app's at the outbound.
+    guard_resets: bool,
+    /// Requests the app answered or that were dropped unanswered (the sidecar's own answers, a
+    /// denial, are not counted: a peer could mix cheap denied requests among those it resets).
+    forwarded: AtomicUsize,
+    /// Requests dropped unanswered within [`PREMATURE`] of arriving: the peer reset them.
+    premature: AtomicUsize,
+    /// Woken once the peer has reset more than [`RESET_FLOOD`] requests prematurely, and more
+    /// than half of those counted in `forwarded`.
     flood: tokio::sync::Notify,
 }
 
-/// How many requests an h2 peer may reset before their answers (all of them, or any share) before
-/// it is watched for a rapid-reset flood; past it, the connection is closed once more than half of
-/// its requests were reset so. A stream the peer resets frees its place under the concurrent
-/// stream limit at once, while the app works on: a peer resetting every request it sends would
-/// have the app take requests as fast as it can send them, whatever the stream and app
-/// connection limits. Envoy closes such a connection likewise (more than half of at least 500
+/// A request reset by its peer before its answer and within this long of arriving is premature:
+/// what a rapid-reset flood is made of. A long poll, a stream, or a call whose deadline is longer
+/// than this, cancelled by its client, is not counted (Envoy draws the same line at 1 s).
+pub const PREMATURE: Duration = Duration::from_secs(1);
+
+/// How many requests an h2 peer may reset prematurely ([`PREMATURE`]) before it is watched for a
+/// rapid-reset flood; past it, the connection is closed once those are more than half of its
+/// requests (the sidecar's own answers left out). A stream the peer resets frees its place under
+/// the concurrent stream limit at once, while the app works on: a peer resetting every request it
+/// sends would have the app take requests as fast as it can send them, whatever the stream and
+/// app connection limits. Envoy closes such a connection likewise (more than half of at least 500
 /// streams reset before 1 s).
 pub const RESET_FLOOD: usize = 200;
 
@@ -150,8 +159,6 @@ impl Streams {
     /// Its [`Stream`] is listed, and given the task hyper spawns next ([`StreamExecutor`]).
     pub fn request(self: &Arc<Self>) -> Open {
         self.open.fetch_add(1, Relaxed);
-        self.requests
-            .store(self.requests.load(Relaxed).wrapping_add(1), Relaxed);
         self.bump();
         let stream = Arc::new(Stream::default());
         let mut tasks = self.tasks();
@@ -162,29 +169,48 @@ impl Streams {
         tasks.list.push(Arc::downgrade(&stream));
         tasks.next = Some(stream.clone());
         drop(tasks);
-        Open(self.clone(), stream, false)
+        Open(self.clone(), stream, false, std::time::Instant::now())
     }
 
-    /// Resolves once the peer has reset more than [`RESET_FLOOD`] of its requests before their
-    /// answers, and more than half of all it sent: the connection is to be closed.
+    /// The streams of a peer's connection at the inbound, watched for a rapid-reset flood.
+    pub fn guarding_resets() -> Self {
+        Self {
+            guard_resets: true,
+            ..Self::default()
+        }
+    }
+
+    /// A request the app answered (not the sidecar itself): counted against the premature resets.
+    pub fn forwarded(&self) {
+        self.forwarded
+            .store(self.forwarded.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+
+    /// Resolves once the peer has reset more than [`RESET_FLOOD`] of its requests prematurely,
+    /// and more than half of those the app answered or that were reset: the connection is to be
+    /// closed. Never for a connection not [`Self::guarding_resets`].
     pub async fn flooded(&self) {
         self.flood.notified().await;
     }
 
-    /// A request's service call dropped before it answered.
-    fn abandon(&self) {
-        let abandoned = self.abandoned.fetch_add(1, Relaxed) + 1;
-        if abandoned == RESET_FLOOD + 1 || abandoned > RESET_FLOOD && abandoned.is_multiple_of(64) {
+    /// A request's service call dropped before it answered, `age` after it arrived.
+    fn abandon(&self, age: Duration) {
+        self.forwarded();
+        if !self.guard_resets || age >= PREMATURE {
+            return;
+        }
+        let premature = self.premature.fetch_add(1, Relaxed) + 1;
+        if premature == RESET_FLOOD + 1 || premature > RESET_FLOOD && premature.is_multiple_of(64) {
             // Checked when it first passes the floor, then every 64 more.
-            if abandoned.saturating_mul(2) > self.requests.load(Relaxed) {
+            if premature.saturating_mul(2) > self.forwarded.load(Relaxed) {
                 self.flood.notify_one();
             }
         }
     }
 
-    /// Requests reset by the peer before their answers, so far.
-    pub fn abandoned(&self) -> usize {
-        self.abandoned.load(Relaxed)
+    /// Requests reset by the peer prematurely, so far (counted only when guarding resets).
+    pub fn premature(&self) -> usize {
+        self.premature.load(Relaxed)
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, Tasks> {
@@ -287,17 +313,17 @@ impl Streams {
     }
 }
 
-/// A request in flight on an h2 connection ([`Streams::request`]), its stream, and whether it
-/// was answered (its response's body holds it: [`Sending::new`]).
+/// A request in flight on an h2 connection ([`Streams::request`]), its stream, whether it was
+/// answered (its response's body holds it: [`Sending::new`]), and when it arrived.
 #[derive(Debug)]
-pub struct Open(Arc<Streams>, Arc<Stream>, bool);
+pub struct Open(Arc<Streams>, Arc<Stream>, bool, std::time::Instant);
 
 impl Drop for Open {
     fn drop(&mut self) {
         if !self.2 {
             // Dropped with the service call: hyper drops it when the peer resets the stream (or
             // when the connection ends, which then does not matter).
-            self.0.abandon();
+            self.0.abandon(self.3.elapsed());
         }
         if self.0.open.fetch_sub(1, Relaxed) == 1 {
             self.0.forget_tasks();
@@ -402,10 +428,12 @@ mod tests {
         http_body_util::StreamBody::new(tokio_stream::iter(frames))
     }
 
-    /// Requests whose service calls are dropped before they answer (hyper drops them when the
-    /// peer resets the stream) are counted; once more than [`RESET_FLOOD`] of them are more than
-    /// half of the connection's requests, the connection is told to close. Answered requests, and
-    /// a peer that resets less than half, are not.
+    /// Requests whose service calls are dropped before they answer, within [`PREMATURE`] of
+    /// arriving (hyper drops them when the peer resets the stream), are counted; once more than
+    /// [`RESET_FLOOD`] of them are more than half of the requests the app answered or that were
+    /// reset, the connection is told to close. Requests the app answered count against them; the
+    /// sidecar's own answers (denials) do not; resets after [`PREMATURE`] are not counted; and an
+    /// app's connection at the outbound is never watched.
     #[tokio::test]
     async fn a_peer_resetting_most_requests_before_their_answers_floods() {
         let flooded = |streams: &Arc<Streams>| {
@@ -416,22 +444,26 @@ mod tests {
                     .is_ok()
             }
         };
-        // Answered, then the response dropped (sent, or its stream reset midway): not abandoned.
-        let streams = Arc::new(Streams::default());
-        for _ in 0..2 * RESET_FLOOD {
+        let answered_by_app = |streams: &Arc<Streams>| {
+            streams.forwarded();
             drop(Sending::new(body(&["a"]), streams.request()));
+        };
+        // As many answered by the app as reset: never more than half.
+        let streams = Arc::new(Streams::guarding_resets());
+        for _ in 0..RESET_FLOOD + 64 {
+            answered_by_app(&streams);
         }
-        assert_eq!(streams.abandoned(), 0);
-        // As many resets as answers: never more than half.
         for _ in 0..RESET_FLOOD + 64 {
             drop(streams.request());
         }
-        assert_eq!(streams.abandoned(), RESET_FLOOD + 64);
+        assert_eq!(streams.premature(), RESET_FLOOD + 64);
         assert!(!flooded(&streams).await, "half or less");
 
-        // Every request reset: told once past the floor, not before.
-        let streams = Arc::new(Streams::default());
+        // Every request reset: told once past the floor, not before; the sidecar's own answers
+        // (a denied request for each reset one) do not dilute them.
+        let streams = Arc::new(Streams::guarding_resets());
         for _ in 0..RESET_FLOOD {
+            drop(Sending::new(body(&["denied"]), streams.request()));
             drop(streams.request());
         }
         assert!(!flooded(&streams).await, "at the floor");
@@ -440,6 +472,23 @@ mod tests {
             flooded(&streams).await,
             "past the floor, every request reset"
         );
+
+        // Reset after PREMATURE (a long poll, a stream cancelled by its client): not counted.
+        let streams = Arc::new(Streams::guarding_resets());
+        for _ in 0..=RESET_FLOOD {
+            let mut open = streams.request();
+            open.3 -= PREMATURE;
+            drop(open);
+        }
+        assert_eq!(streams.premature(), 0);
+        assert!(!flooded(&streams).await);
+
+        // An app's connection at the outbound: never watched.
+        let streams = Arc::new(Streams::default());
+        for _ in 0..=RESET_FLOOD {
+            drop(streams.request());
+        }
+        assert!(!flooded(&streams).await);
     }
 
     #[tokio::test]

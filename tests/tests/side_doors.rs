@@ -2214,7 +2214,8 @@ async fn counting_silent_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsiz
 /// h2 rapid reset: a peer that sends a request and resets its stream once the app has it, again
 /// and again, frees its place under the concurrent-stream limit each time while the app works
 /// on: the app would take requests as fast as the peer can send them. Past 200 such resets (more
-/// than half its requests) the connection is closed, and counted.
+/// than half its requests, the ones the sidecar denied itself left out: two denied requests between
+/// reset ones dilute nothing) the connection is closed, and counted.
 #[tokio::test]
 async fn a_peer_resetting_its_requests_once_the_app_has_them_is_cut_off() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -2263,6 +2264,24 @@ async fn a_peer_resetting_its_requests_once_the_app_has_them_is_cut_off() {
         }
         stream.send_reset(h2::Reason::CANCEL);
         drop(answer);
+        // Two requests the sidecar denies itself, between each: their answers do not dilute the
+        // resets.
+        for _ in 0..2 {
+            let Ok(ready) = h2.clone().ready().await else {
+                break;
+            };
+            h2 = ready;
+            let denied = http::Request::get(format!("https://app/other/{i}"))
+                .body(())
+                .unwrap();
+            let Ok((answer, _)) = h2.send_request(denied, true) else {
+                break;
+            };
+            match answer.await {
+                Ok(resp) => assert_eq!(resp.status(), 403),
+                Err(_) => break,
+            }
+        }
     }
     let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
     assert!(

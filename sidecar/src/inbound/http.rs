@@ -285,7 +285,7 @@ where
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, revoked, svc, idle)
+    serve_connection(io, shared, deadline, revoked, svc, (idle, true))
 }
 
 /// What every request of one connection shares.
