@@ -964,7 +964,7 @@ mod tests {
                     "targetContainerName": SIDECAR_NAME}),
                 &[
                     "ephemeral container debugger: targets meshid-sidecar",
-                    "--copy-to",
+                    "target an app container instead",
                 ][..],
             ),
         ] {

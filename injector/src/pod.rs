@@ -202,8 +202,7 @@ pub(super) fn ephemeral_container_problems(container: &Value) -> Vec<String> {
     if container["targetContainerName"] == SIDECAR_NAME {
         problems.push(format!(
             "ephemeral container {name}: targets {SIDECAR_NAME}, whose processes hold the pod's \
-             token and private key; target an app container, or debug a copy of the pod \
-             (kubectl debug --copy-to)"
+             token and private key; target an app container instead"
         ));
     }
     problems.extend(reserved_mounts_of("ephemeral container", container));
