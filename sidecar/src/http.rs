@@ -307,9 +307,37 @@ fn multipart_boundary(value: &str, lower: &str) -> Result<Form, String> {
     check_boundary(&boundary).map(|()| Form::Multipart(Some(boundary)))
 }
 
-/// The charsets a form may declare: those in which the sidecar's bytes are the app's characters
-/// for every `_method=` field it reads.
-const FORM_CHARSETS: [&str; 3] = ["utf-8", "us-ascii", "iso-8859-1"];
+/// The charsets a form may declare by name: those in which the sidecar's bytes are the app's
+/// characters for every `_method=` field it reads. Beside them, every single-byte charset whose
+/// first 128 codes are ASCII ([`single_byte_ascii`]).
+const FORM_CHARSETS: [&str; 6] = ["utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"];
+
+/// Whether `charset` (lower case) names a single-byte charset whose ASCII bytes are ASCII
+/// characters, as `_method=` and `&` are in UTF-8: the ISO 8859 parts (`iso-8859-2`,
+/// `iso8859-15`, `iso_8859-5`), `latin2`..`latin10`, `windows-1250`..`windows-1258` and their
+/// `cp125x` names, KOI8-R and KOI8-U. Multi-byte charsets other than UTF-8 (UTF-16 and -32, UTF-7,
+/// ISO-2022, the CJK ones) and EBCDIC are not.
+fn single_byte_ascii(charset: &str) -> bool {
+    let numbered = |rest: &str, range: std::ops::RangeInclusive<u32>| {
+        rest.parse::<u32>().is_ok_and(|n| range.contains(&n))
+    };
+    if let Some(part) = ["iso-8859-", "iso8859-", "iso_8859-"]
+        .iter()
+        .find_map(|p| charset.strip_prefix(p))
+    {
+        return numbered(part, 1..=16);
+    }
+    if let Some(n) = charset
+        .strip_prefix("windows-")
+        .or_else(|| charset.strip_prefix("cp"))
+    {
+        return numbered(n, 1250..=1258);
+    }
+    if let Some(n) = charset.strip_prefix("latin") {
+        return numbered(n, 1..=10);
+    }
+    matches!(charset, "koi8-r" | "koi8-u")
+}
 
 /// Refuses a form whose Content-Type (`lower`, in ASCII lower case) declares a charset other than
 /// [`FORM_CHARSETS`] (quoted or not): Tomcat and ASP.NET Core decode a form by it, and
@@ -322,9 +350,10 @@ fn check_charset(lower: &str) -> Result<(), String> {
             continue;
         };
         let (charset, _) = param_value(rest);
-        if !FORM_CHARSETS.contains(&charset.as_str()) {
+        if !FORM_CHARSETS.contains(&charset.as_str()) && !single_byte_ascii(&charset) {
             return Err(format!(
-                "a form in the charset {charset:?} (the sidecar reads forms in {} only)",
+                "a form in the charset {charset:?} (the sidecar reads forms in {}, or a \
+                 single-byte charset whose first 128 codes are ASCII, only)",
                 FORM_CHARSETS.join(", ")
             ));
         }
@@ -1300,6 +1329,14 @@ mod tests {
             "application/x-www-form-urlencoded; charset=\"UTF-8\"",
             "application/x-www-form-urlencoded; Charset = US-ASCII",
             "application/x-www-form-urlencoded; charset=iso-8859-1",
+            // Their aliases, and single-byte charsets whose first 128 codes are ASCII.
+            "application/x-www-form-urlencoded; charset=utf8",
+            "application/x-www-form-urlencoded; charset=latin1",
+            "application/x-www-form-urlencoded; charset=windows-1252",
+            "application/x-www-form-urlencoded; charset=cp1251",
+            "application/x-www-form-urlencoded; charset=ISO-8859-15",
+            "application/x-www-form-urlencoded; charset=iso8859-2",
+            "application/x-www-form-urlencoded; charset=KOI8-R",
         ] {
             assert_eq!(of(&[(ct, value)]), Some(Ok(Form::Urlencoded)), "{value}");
         }
@@ -1343,6 +1380,16 @@ mod tests {
             &[(ct, "application/x-www-form-urlencoded; xcharset=utf-16le")],
             &[(ct, "application/x-www-form-urlencoded, charset=utf-7")],
             &[(ct, "multipart/form-data; charset=utf-16; boundary=B")],
+            &[(ct, "application/x-www-form-urlencoded; charset=utf-32")],
+            &[(ct, "application/x-www-form-urlencoded; charset=iso-2022-jp")],
+            &[(ct, "application/x-www-form-urlencoded; charset=shift_jis")],
+            &[(ct, "application/x-www-form-urlencoded; charset=ibm037")],
+            &[(ct, "application/x-www-form-urlencoded; charset=iso-8859-17")],
+            &[(
+                ct,
+                "application/x-www-form-urlencoded; charset=windows-1259",
+            )],
+            &[(ct, "application/x-www-form-urlencoded; charset=cp037")],
         ] {
             assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
         }
