@@ -357,11 +357,20 @@ impl ConnActivity {
 /// valid certificate could take every slot with connections that each made one renewal.
 pub const MAX_PROVEN_CONNECTIONS_PER_LINEAGE: usize = 8;
 
-/// The proven connections of each certificate lineage on one listener.
+/// The most connections from one source (an IPv4 address, an IPv6 /64) that one CA listener holds
+/// proven; the next ones stay displaceable. Every token issuance starts a lineage, so one pod could
+/// otherwise hold [`MAX_PROVEN_CONNECTIONS_PER_LINEAGE`] proven connections for each lineage it
+/// mints; a pod's sidecar holds one or two.
+pub const MAX_PROVEN_CONNECTIONS_PER_SOURCE: usize = 32;
+
+/// The proven connections of each certificate lineage, and of each source, on one listener.
 #[derive(Debug)]
 struct ProvenLineages {
     max: usize,
     held: Mutex<HashMap<Arc<str>, Held>>,
+    max_per_source: usize,
+    /// Taken after `held`, never before.
+    sources: Mutex<HashMap<IpAddr, Held>>,
 }
 
 #[derive(Debug, Default)]
@@ -376,11 +385,26 @@ impl ProvenLineages {
         Self {
             max,
             held: Mutex::default(),
+            max_per_source: MAX_PROVEN_CONNECTIONS_PER_SOURCE,
+            sources: Mutex::default(),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Held>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_sources(&self) -> MutexGuard<'_, HashMap<IpAddr, Held>> {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The source `peer` counts under: its IPv4 address, or its IPv6 /64 (as
+/// `--max-connections-per-source` counts them).
+fn source_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip().to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+        v4 => v4,
     }
 }
 
@@ -441,6 +465,23 @@ impl LineageProof {
             }
             return false;
         }
+        let mut sources = self.lineages.lock_sources();
+        let source = sources.entry(source_of(self.peer)).or_default();
+        if source.proven >= self.lineages.max_per_source {
+            if !std::mem::replace(&mut source.warned, true) {
+                tracing::warn!(
+                    peer = %self.peer,
+                    max = self.lineages.max_per_source,
+                    "a source holds the most proven connections to this CA process; its further \
+                     connections stay displaceable at --max-connections"
+                );
+            }
+            if entry.proven == 0 {
+                held.remove(&self.lineage);
+            }
+            return false;
+        }
+        source.proven += 1;
         entry.proven += 1;
         self.held.store(true, Ordering::Release);
         true
@@ -457,6 +498,14 @@ impl Drop for LineageProof {
             entry.proven = entry.proven.saturating_sub(1);
             if entry.proven == 0 {
                 held.remove(&self.lineage);
+            }
+        }
+        let mut sources = self.lineages.lock_sources();
+        let source = source_of(self.peer);
+        if let Some(entry) = sources.get_mut(&source) {
+            entry.proven = entry.proven.saturating_sub(1);
+            if entry.proven == 0 {
+                sources.remove(&source);
             }
         }
     }
@@ -1177,6 +1226,38 @@ mod tests {
             !lineages.lock().contains_key(a),
             "a lineage holding none is forgotten"
         );
+    }
+
+    /// One source holds at most its share of proven connections, whatever lineages it shows
+    /// (each token issuance starts one); the next stays displaceable, and places are given back.
+    #[test]
+    fn a_source_holds_at_most_its_share_of_proven_connections() {
+        let admission = Admission::new(4, None);
+        let mut lineages = ProvenLineages::new(MAX_PROVEN_CONNECTIONS_PER_LINEAGE);
+        lineages.max_per_source = 2;
+        let lineages = Arc::new(lineages);
+        let names: Vec<String> = (0..3).map(|i| format!("spiffe://td/a {i}")).collect();
+        let minted: Vec<_> = names
+            .iter()
+            .map(|l| connection(&admission, &lineages, 7, Some(l)))
+            .collect();
+        for c in &minted {
+            c.prove();
+        }
+        assert_eq!(lineages.lock_sources()[&source(7)].proven, 2);
+        let other = connection(&admission, &lineages, 8, Some("spiffe://td/b 1"));
+        other.prove();
+        assert!(
+            !all_proven(&admission),
+            "the third of one source was proven"
+        );
+        assert!(
+            !lineages.lock().contains_key(names[2].as_str()),
+            "a lineage refused its place holds none"
+        );
+        drop((minted, other));
+        assert!(lineages.lock_sources().is_empty());
+        assert!(lineages.lock().is_empty());
     }
 
     #[tokio::test]
