@@ -17,8 +17,9 @@
 //! eighth, and never less than the largest body taken): bodies are charged on their declared
 //! length before they arrive, so without it one client declaring large bodies and sending them a
 //! byte at a time held the whole budget for the request timeout, and the API server's reviews were
-//! answered 503. Its requests past its share wait for its own bodies to finish, as any wait,
-//! bounded.
+//! answered 503. Its requests past its share wait for its own bodies to arrive, as any wait,
+//! bounded; a body that has arrived whole no longer counts against its source's share
+//! ([`Room::arrived`]), though its bytes stay taken until its review has room.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -65,11 +66,14 @@ impl ReviewBudget {
         }
     }
 
-    /// Room for a body of `bytes` from `source`, waiting at most `wait`.
+    /// Room for a body of `bytes` from `source` (an IPv6 source counted as its /64, as the
+    /// connection caps count it), waiting at most `wait`.
     pub async fn body(&self, source: IpAddr, bytes: u64, wait: Duration) -> Result<Room, NoRoom> {
-        self.bodies
-            .take(bytes, Some(source.to_canonical()), wait)
-            .await
+        let source = match source.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+            v4 => v4,
+        };
+        self.bodies.take(bytes, Some(source), wait).await
     }
 
     /// Room for a review costing `cost` (see [`super::cost::review_cost`]), waiting at most
@@ -184,16 +188,28 @@ impl Pool {
         {
             let mut state = self.lock();
             state.free += bytes;
-            if let Some(s) = source
-                && let Some(held) = state.held.get_mut(&s)
-            {
-                *held = held.saturating_sub(bytes);
-                if *held == 0 {
-                    state.held.remove(&s);
-                }
+            if let Some(s) = source {
+                state.unhold(s, bytes);
             }
         }
         self.released.notify_waiters();
+    }
+
+    /// `bytes` no longer count against `source`'s share (they stay taken from the pool).
+    fn release_source(&self, bytes: usize, source: IpAddr) {
+        self.lock().unhold(source, bytes);
+        self.released.notify_waiters();
+    }
+}
+
+impl PoolState {
+    fn unhold(&mut self, source: IpAddr, bytes: usize) {
+        if let Some(held) = self.held.get_mut(&source) {
+            *held = held.saturating_sub(bytes);
+            if *held == 0 {
+                self.held.remove(&source);
+            }
+        }
     }
 }
 
@@ -210,6 +226,16 @@ impl Room {
     /// The bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The body has arrived whole: its bytes stay taken until it is dropped, but no longer count
+    /// against its source's share. The share is against bodies that arrive slowly; a source whose
+    /// bodies have arrived (the API server, waiting for room to review them) is not held back by
+    /// them.
+    pub fn arrived(&mut self) {
+        if let Some(source) = self.source.take() {
+            self.pool.release_source(self.bytes, source);
+        }
     }
 
     /// Gives back all but `keep` bytes (nothing when it holds no more).
@@ -317,6 +343,28 @@ mod tests {
         drop((first, second, other));
         assert_eq!(budget.free().0, 16_000);
         assert!(budget.bodies.lock().held.is_empty());
+        // Bodies that have arrived whole (waiting for review room, as the API server's may) keep
+        // their bytes taken but no longer hold their source back.
+        let mut arrived: Vec<Room> = Vec::new();
+        for _ in 0..4 {
+            let mut room = budget.body(slow, 1_000, wait).await.unwrap();
+            room.arrived();
+            arrived.push(room);
+        }
+        assert_eq!(budget.free().0, 12_000);
+        assert!(budget.bodies.lock().held.is_empty());
+        drop(arrived);
+        assert_eq!(budget.free().0, 16_000);
+        // An IPv6 source is its /64.
+        let v6 =
+            |last: u16| IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, last));
+        let a = budget.body(v6(1), 1_000, wait).await.unwrap();
+        let b = budget.body(v6(2), 1_000, wait).await.unwrap();
+        assert_eq!(
+            budget.body(v6(3), 1, wait).await.unwrap_err(),
+            NoRoom::SourceBusy { share: 2_000 }
+        );
+        drop((a, b));
         // The share is never below the largest body, nor above the body budget.
         assert_eq!(ReviewBudget::new(64_000, 3_000).bodies.share, 3_000);
         assert_eq!(ReviewBudget::new(4_000, 3_000).bodies.share, 1_000);

@@ -397,8 +397,10 @@ async fn handle(
             ));
         }
     };
-    // A body shorter than reserved (no Content-Length) gives the rest back at once.
+    // A body shorter than reserved (no Content-Length) gives the rest back at once; one that has
+    // arrived no longer counts against its source's share.
     body_room.shrink_to(body.len());
+    body_room.arrived();
     let config = config.load_full();
     let cost = cost::review_cost(&body, config.trust_bundle.pem().len());
     let left = waited_until.saturating_duration_since(Instant::now());
