@@ -77,6 +77,43 @@ fn roots_of(ca_dir: &Path) -> Vec<CertificateDer<'static>> {
         .collect()
 }
 
+/// An injector started with a webhook certificate of a fresh test CA, listening (and its admin
+/// port) on 127.0.0.1, with whatever `configure` adds to its command; returned once healthy.
+struct Webhook {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    injector: Proc,
+    /// The CA and certificate files, read again at every reload.
+    _dir: tempfile::TempDir,
+}
+
+async fn webhook_with(configure: impl FnOnce(&mut Command)) -> Webhook {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let tls = dir.path().join("tls");
+    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let mut cmd = injector(
+        &tls.join("tls.crt"),
+        &tls.join("tls.key"),
+        &ca_dir.join("bundle.pem"),
+        &addr.to_string(),
+    );
+    cmd.args(["--admin-listen", &admin.to_string()]);
+    configure(&mut cmd);
+    let injector = Proc::spawn("meshid-injector", &mut cmd);
+    wait_healthy(addr, &roots).await;
+    Webhook {
+        addr,
+        admin,
+        roots,
+        injector,
+        _dir: dir,
+    }
+}
+
 /// `meshid-ca webhook-cert --dir CA --dns SAN --out-dir OUT EXTRA...`.
 fn webhook_cert(ca_dir: &Path, out_dir: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(workspace_bin("meshid-ca"))
@@ -452,23 +489,8 @@ async fn reviews_anyone_can_send_write_few_short_log_lines() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_updates_are_validated_never_patched() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let tls = dir.path().join("tls");
-    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &tls.join("tls.crt"),
-            &tls.join("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()]),
-    );
-    wait_healthy(addr, &roots).await;
+    let webhook = webhook_with(|_| {}).await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
 
     // The running pod: created through the webhook (CREATE injects, as before), then as the API
     // server stores it.
@@ -1171,30 +1193,17 @@ async fn silent(from: &'static str, addr: SocketAddr, until: std::time::Instant)
 /// connections drain, and the injector still serves afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_cannot_hold_up_admission_reviews() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let tls = dir.path().join("tls");
-    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &tls.join("tls.crt"),
-            &tls.join("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()])
-        .args([
+    let webhook = webhook_with(|c| {
+        c.args([
             "--max-connections",
             "48",
             "--max-connections-per-source",
             "16",
         ])
-        .args(["--header-read-timeout", "2s", "--request-timeout", "3s"]),
-    );
-    wait_healthy(addr, &roots).await;
+        .args(["--header-read-timeout", "2s", "--request-timeout", "3s"]);
+    })
+    .await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
     let refused = |reason: &str| {
         metric(
             admin,
@@ -1419,30 +1428,17 @@ async fn health_checker(
 /// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let tls = dir.path().join("tls");
-    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &tls.join("tls.crt"),
-            &tls.join("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()])
-        .args([
+    let webhook = webhook_with(|c| {
+        c.args([
             "--max-connections",
             "32",
             "--max-connections-per-source",
             "16",
         ])
-        .args(["--header-read-timeout", "3s"]),
-    );
-    wait_healthy(addr, &roots).await;
+        .args(["--header-read-timeout", "3s"]);
+    })
+    .await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
     let refused = |reason: &str| {
         metric(
             admin,
@@ -1496,25 +1492,12 @@ async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
 /// naming the share.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slow_large_bodies_from_one_source_cannot_take_the_body_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let tls = dir.path().join("tls");
-    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &tls.join("tls.crt"),
-            &tls.join("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()])
+    let webhook = webhook_with(|c| {
         // The chart's review memory (48 MiB: 12 MiB for bodies) and body cap (1 MiB).
-        .args(["--request-timeout", "8s", "--review-wait", "2s"]),
-    );
-    wait_healthy(addr, &roots).await;
+        c.args(["--request-timeout", "8s", "--review-wait", "2s"]);
+    })
+    .await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
 
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let mut slow = Vec::new();
@@ -1620,26 +1603,13 @@ fn amplifying_review(item: &str, bytes: usize) -> String {
 /// meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_large_bodies_stay_within_the_review_memory_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let tls = dir.path().join("tls");
-    assert!(webhook_cert(&ca_dir, &tls, &[]).status.success());
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &tls.join("tls.crt"),
-            &tls.join("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()])
+    let webhook = webhook_with(|c| {
         // As the chart runs it (glibc gives large blocks back to the kernel when freed).
-        .env("MALLOC_MMAP_THRESHOLD_", "131072"),
-    );
-    wait_healthy(addr, &roots).await;
-    let before = peak_mib(injector.pid());
+        c.env("MALLOC_MMAP_THRESHOLD_", "131072");
+    })
+    .await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
+    let before = peak_mib(webhook.injector.pid());
 
     let zeros = std::sync::Arc::new(amplifying_review("0", 1_000_000));
     let objects = std::sync::Arc::new(amplifying_review(r#"{"a":0}"#, 1_000_000));
@@ -1721,7 +1691,7 @@ async fn parallel_large_bodies_stay_within_the_review_memory_budget() {
         assert!(matches!(code, 200 | 503), "{code}: {body:.300}");
         *codes.entry(code).or_default() += 1;
     }
-    let peak = peak_mib(injector.pid());
+    let peak = peak_mib(webhook.injector.pid());
     eprintln!("answers by status: {codes:?}; peak memory {peak} MiB (at rest {before} MiB)");
     assert!(codes.get(&200).copied().unwrap_or(0) >= 1, "{codes:?}");
     assert!(codes.get(&503).copied().unwrap_or(0) >= 1, "{codes:?}");
