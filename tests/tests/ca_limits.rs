@@ -299,31 +299,8 @@ async fn anonymous_callers_at_the_cap_make_room_for_a_sidecar() {
             .into_inner();
         held.push((client, watch));
     }
-    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
-    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
-    let before = sample(&metrics(&ca).await, displaced);
-
     // A sidecar arrives at the cap: served, its stream registered.
-    let opened = Arc::new(AtomicUsize::new(0));
-    let mut sidecar = client_from(&ca, ELSEWHERE, Some(cert), opened)
-        .await
-        .unwrap();
-    let mut stream = sidecar
-        .watch_trust_bundle(WatchTrustBundleRequest {
-            instance_id: "pod".into(),
-            file_mode: false,
-        })
-        .await
-        .expect("a sidecar at the cap is served")
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some());
-    renew(&mut sidecar).await.expect("and renews");
-    let m = metrics(&ca).await;
-    assert_eq!(sample(&m, full), 0.0, "the sidecar was refused: {m}");
-    assert!(
-        sample(&m, displaced) > before,
-        "no anonymous connection displaced: {m}"
-    );
+    let _sidecar = served_at_the_cap(&ca, cert, "anonymous connection").await;
     let report = meshid_ca::rotation::status(ca.dir.path(), &[ca.admin_addr])
         .await
         .unwrap();
@@ -563,31 +540,8 @@ async fn one_certificate_lineage_cannot_hold_the_cap_with_served_calls() {
         assert_eq!(issued.into_inner().spiffe_id, FRONTEND);
         held.push(client);
     }
-    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
-    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
-    let before = sample(&metrics(&ca).await, displaced);
-
     // A sidecar of another lineage arrives at the cap: served, its stream registered.
-    let opened = Arc::new(AtomicUsize::new(0));
-    let mut client = client_from(&ca, ELSEWHERE, Some(sidecar), opened)
-        .await
-        .expect("a sidecar at the cap is let in");
-    let mut stream = client
-        .watch_trust_bundle(WatchTrustBundleRequest {
-            instance_id: "pod".into(),
-            file_mode: false,
-        })
-        .await
-        .expect("a sidecar at the cap is served")
-        .into_inner();
-    assert!(stream.message().await.unwrap().is_some());
-    renew(&mut client).await.expect("and renews");
-    let m = metrics(&ca).await;
-    assert_eq!(sample(&m, full), 0.0, "the sidecar was refused: {m}");
-    assert!(
-        sample(&m, displaced) > before,
-        "no connection of the lineage displaced: {m}"
-    );
+    let _sidecar = served_at_the_cap(&ca, sidecar, "connection of the lineage").await;
     drop(held);
 }
 
@@ -784,6 +738,37 @@ async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() 
 }
 
 /// A renewal over `client`'s connection (its certificate is the credential).
+/// A sidecar presenting `cert` arrives from ELSEWHERE at a CA whose every slot is held: let in
+/// and served (its bundle stream opens, it renews), nobody refused at the cap, and one held
+/// connection (a `held`, for the message) displaced. Returns the sidecar and its open stream.
+async fn served_at_the_cap(
+    ca: &TestCa,
+    cert: ClientCert,
+    held: &str,
+) -> (Client, tonic::Streaming<meshid_proto::ca::v1::TrustBundle>) {
+    let full = r#"meshid_ca_connections_refused_total{reason="max_connections"}"#;
+    let displaced = r#"meshid_ca_connections_refused_total{reason="displaced"}"#;
+    let before = sample(&metrics(ca).await, displaced);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut client = client_from(ca, ELSEWHERE, Some(cert), opened)
+        .await
+        .expect("a sidecar at the cap is let in");
+    let mut stream = client
+        .watch_trust_bundle(WatchTrustBundleRequest {
+            instance_id: "pod".into(),
+            file_mode: false,
+        })
+        .await
+        .expect("a sidecar at the cap is served")
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    renew(&mut client).await.expect("and renews");
+    let m = metrics(ca).await;
+    assert_eq!(sample(&m, full), 0.0, "the sidecar was refused: {m}");
+    assert!(sample(&m, displaced) > before, "no {held} displaced: {m}");
+    (client, stream)
+}
+
 async fn renew(client: &mut Client) -> Result<tonic::Response<IssueResponse>, tonic::Status> {
     client
         .issue(IssueRequest {
