@@ -192,6 +192,36 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         })
     }
 
+    /// How long until [`Self::check_leaving`] for `id` can pass when what it must leave is what
+    /// `leaving`'s bucket for `id` holds, which refills meanwhile too (at its rate, up to its
+    /// burst): the wait is until this bucket is a token ahead of it (at most [`MAX_WAIT`]). With
+    /// a plain [`Self::check`]'s wait the caller came back while the other bucket had grown, and
+    /// was refused again.
+    pub fn wait_leaving<Q>(&self, id: &Q, now: Instant, leaving: &Self) -> Duration
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let burst = f64::from(self.limit.burst.max(1));
+        let (rate, leave_rate) = (self.rate(), leaving.rate());
+        let top = (burst - 1.0).max(0.0);
+        let leave = leaving.available(id, now).min(top);
+        let need = 1.0 + leave - self.available(id, now);
+        if need <= 0.0 {
+            return Duration::ZERO;
+        }
+        // What it leaves grows until it reaches the other burst (or this one's less one).
+        let full_leave = f64::from(leaving.limit.burst.max(1)).min(top);
+        let growing = ((full_leave - leave).max(0.0)) / leave_rate;
+        let net = rate - leave_rate;
+        let secs = if net > 0.0 && need <= net * growing {
+            need / net
+        } else {
+            growing + (need - net * growing).max(0.0) / rate
+        };
+        Duration::try_from_secs_f64(secs).map_or(MAX_WAIT, |w| w.min(MAX_WAIT))
+    }
+
     /// The refill rate: a rate of zero, below or NaN (never accepted by `serve`'s flags) refills
     /// nothing, in effect, and never divides by zero.
     fn rate(&self) -> f64 {
@@ -238,6 +268,42 @@ mod tests {
             assert_eq!(rl.check_leaving(&2, t0, 5.0), Ok(()), "{per_second}");
             assert!(rl.available(&2, t0 + MAX_WAIT) < 1.0, "{per_second}");
         }
+    }
+
+    /// The wait a refused `check_leaving` names is long enough, though what it leaves refills
+    /// meanwhile: coming back then, the caller is served; a little earlier, it is not.
+    #[test]
+    fn the_wait_to_leave_a_refilling_bucket_is_long_enough() {
+        let identity: RateLimiter<u32> = RateLimiter::new(RateLimit {
+            per_second: 1.0,
+            burst: 4,
+        });
+        let renewals: RateLimiter<u32> = RateLimiter::new(
+            RateLimit {
+                per_second: 1.0,
+                burst: 4,
+            }
+            .renewal_share(),
+        );
+        let t0 = Instant::now();
+        // Renewals took two of both buckets; a token issuance took one of what they left.
+        for _ in 0..2 {
+            renewals.check(&1, t0).unwrap();
+            identity.check(&1, t0).unwrap();
+        }
+        assert_eq!(
+            identity.check_leaving(&1, t0, renewals.available(&1, t0)),
+            Ok(())
+        );
+        let refused = identity.check_leaving(&1, t0, renewals.available(&1, t0));
+        assert!(refused.is_err());
+        let wait = identity.wait_leaving(&1, t0, &renewals);
+        assert!(wait > refused.unwrap_err(), "{wait:?}");
+        let at = |d: Duration| identity.check_leaving(&1, t0 + d, renewals.available(&1, t0 + d));
+        assert!(at(wait.mul_f64(0.9)).is_err(), "{wait:?}");
+        assert_eq!(at(wait + Duration::from_millis(1)), Ok(()), "{wait:?}");
+        // Nothing to wait for when it would pass now.
+        assert_eq!(identity.wait_leaving(&2, t0, &renewals), Duration::ZERO);
     }
 
     #[test]

@@ -458,7 +458,8 @@ impl CaState {
                 .and_then(|()| self.limiter.check(&id, now)),
             _ => self
                 .limiter
-                .check_leaving(&id, now, self.renewals.available(&id, now)),
+                .check_leaving(&id, now, self.renewals.available(&id, now))
+                .map_err(|_| self.limiter.wait_leaving(&id, now, &self.renewals)),
         };
         if let Err(wait) = limited {
             let refusal = rate_limited(&id, wait);
