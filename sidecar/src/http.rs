@@ -318,14 +318,19 @@ const FORM_CHARSETS: [&str; 6] = ["utf-8", "utf8", "us-ascii", "ascii", "iso-885
 /// `cp125x` names, KOI8-R and KOI8-U. Multi-byte charsets other than UTF-8 (UTF-16 and -32, UTF-7,
 /// ISO-2022, the CJK ones) and EBCDIC are not.
 fn single_byte_ascii(charset: &str) -> bool {
+    // Digits only, no leading zero (`u32::from_str` also takes `+1` and `01`).
     let numbered = |rest: &str, range: std::ops::RangeInclusive<u32>| {
-        rest.parse::<u32>().is_ok_and(|n| range.contains(&n))
+        !rest.is_empty()
+            && rest.bytes().all(|b| b.is_ascii_digit())
+            && !rest.starts_with('0')
+            && rest.parse::<u32>().is_ok_and(|n| range.contains(&n))
     };
     if let Some(part) = ["iso-8859-", "iso8859-", "iso_8859-"]
         .iter()
         .find_map(|p| charset.strip_prefix(p))
     {
-        return numbered(part, 1..=16);
+        // There is no ISO 8859-12.
+        return numbered(part, 1..=16) && part != "12";
     }
     if let Some(n) = charset
         .strip_prefix("windows-")
@@ -1390,6 +1395,10 @@ mod tests {
                 "application/x-www-form-urlencoded; charset=windows-1259",
             )],
             &[(ct, "application/x-www-form-urlencoded; charset=cp037")],
+            &[(ct, "application/x-www-form-urlencoded; charset=iso-8859-+1")],
+            &[(ct, "application/x-www-form-urlencoded; charset=cp01252")],
+            &[(ct, "application/x-www-form-urlencoded; charset=latin01")],
+            &[(ct, "application/x-www-form-urlencoded; charset=iso-8859-12")],
         ] {
             assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
         }

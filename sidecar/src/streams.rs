@@ -169,7 +169,9 @@ impl Streams {
         tasks.list.push(Arc::downgrade(&stream));
         tasks.next = Some(stream.clone());
         drop(tasks);
-        Open(self.clone(), stream, false, std::time::Instant::now())
+        // The clock is read only where resets are watched.
+        let arrived = self.guard_resets.then(std::time::Instant::now);
+        Open(self.clone(), stream, false, arrived)
     }
 
     /// The streams of a peer's connection at the inbound, watched for a rapid-reset flood.
@@ -182,8 +184,9 @@ impl Streams {
 
     /// A request the app answered (not the sidecar itself): counted against the premature resets.
     pub fn forwarded(&self) {
-        self.forwarded
-            .store(self.forwarded.load(Relaxed).wrapping_add(1), Relaxed);
+        // Each stream's own task counts it, on any worker thread: an atomic add, not a load and
+        // a store (which lose counts between threads).
+        self.forwarded.fetch_add(1, Relaxed);
     }
 
     /// Resolves once the peer has reset more than [`RESET_FLOOD`] of its requests prematurely,
@@ -193,10 +196,11 @@ impl Streams {
         self.flood.notified().await;
     }
 
-    /// A request's service call dropped before it answered, `age` after it arrived.
-    fn abandon(&self, age: Duration) {
+    /// A request's service call dropped before it answered, `age` after it arrived (`None`: not
+    /// timed, resets not being watched).
+    fn abandon(&self, age: Option<Duration>) {
         self.forwarded();
-        if !self.guard_resets || age >= PREMATURE {
+        if !self.guard_resets || age.is_none_or(|age| age >= PREMATURE) {
             return;
         }
         let premature = self.premature.fetch_add(1, Relaxed) + 1;
@@ -316,14 +320,14 @@ impl Streams {
 /// A request in flight on an h2 connection ([`Streams::request`]), its stream, whether it was
 /// answered (its response's body holds it: [`Sending::new`]), and when it arrived.
 #[derive(Debug)]
-pub struct Open(Arc<Streams>, Arc<Stream>, bool, std::time::Instant);
+pub struct Open(Arc<Streams>, Arc<Stream>, bool, Option<std::time::Instant>);
 
 impl Drop for Open {
     fn drop(&mut self) {
         if !self.2 {
             // Dropped with the service call: hyper drops it when the peer resets the stream (or
             // when the connection ends, which then does not matter).
-            self.0.abandon(self.3.elapsed());
+            self.0.abandon(self.3.map(|at| at.elapsed()));
         }
         if self.0.open.fetch_sub(1, Relaxed) == 1 {
             self.0.forget_tasks();
@@ -477,7 +481,7 @@ mod tests {
         let streams = Arc::new(Streams::guarding_resets());
         for _ in 0..=RESET_FLOOD {
             let mut open = streams.request();
-            open.3 -= PREMATURE;
+            open.3 = open.3.map(|at| at - PREMATURE);
             drop(open);
         }
         assert_eq!(streams.premature(), 0);
