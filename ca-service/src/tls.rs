@@ -357,8 +357,7 @@ impl ConnActivity {
 /// valid certificate could take every slot with connections that each made one renewal.
 pub const MAX_PROVEN_CONNECTIONS_PER_LINEAGE: usize = 8;
 
-/// The most connections from one source (an IPv4 address, an IPv6 /64) that one CA listener holds
-/// proven; the next ones stay displaceable. Every token issuance starts a lineage, so one pod could
+/// The most connections from one address that one CA listener holds proven; the next ones stay displaceable. Every token issuance starts a lineage, so one pod could
 /// otherwise hold [`MAX_PROVEN_CONNECTIONS_PER_LINEAGE`] proven connections for each lineage it
 /// mints; a pod's sidecar holds one or two.
 pub const MAX_PROVEN_CONNECTIONS_PER_SOURCE: usize = 32;
@@ -399,13 +398,10 @@ impl ProvenLineages {
     }
 }
 
-/// The source `peer` counts under: its IPv4 address, or its IPv6 /64 (as
-/// `--max-connections-per-source` counts them).
+/// The source `peer` counts under: its address (an IPv6 /64 may be a whole node's pods: Kubernetes
+/// gives each node a /64 by default, where `--max-connections-per-source` groups them).
 fn source_of(peer: SocketAddr) -> IpAddr {
-    match peer.ip().to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
-        v4 => v4,
-    }
+    peer.ip().to_canonical()
 }
 
 /// One connection's claim to be counted among its certificate lineage's proven connections.

@@ -737,7 +737,6 @@ async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() 
     assert_eq!(unary_opened.load(Ordering::SeqCst), 2, "one reconnect");
 }
 
-/// A renewal over `client`'s connection (its certificate is the credential).
 /// A sidecar presenting `cert` arrives from ELSEWHERE at a CA whose every slot is held: let in
 /// and served (its bundle stream opens, it renews), nobody refused at the cap, and one held
 /// connection (a `held`, for the message) displaced. Returns the sidecar and its open stream.
@@ -769,6 +768,7 @@ async fn served_at_the_cap(
     (client, stream)
 }
 
+/// A renewal over `client`'s connection (its certificate is the credential).
 async fn renew(client: &mut Client) -> Result<tonic::Response<IssueResponse>, tonic::Status> {
     client
         .issue(IssueRequest {
