@@ -3197,11 +3197,12 @@ mod tests {
                     .unwrap()
                     .parse()
                     .unwrap();
-                // One token a minute, the bucket empty: about a minute; renewals wait on their
-                // share of it (three quarters of a token a minute: 80 s).
+                // One token a minute, the bucket empty: renewals wait on their share of it (three
+                // quarters of a token a minute: 80 s); a join token until the identity's bucket
+                // is a token ahead of what renewals may take, which refills too (120 s).
                 let full = match case.via {
                     Via::Renewal => 80_000,
-                    Via::JoinToken => 60_000,
+                    Via::JoinToken => 120_000,
                 };
                 assert!((full - 5_000..=full).contains(&retry), "{name}: {retry}");
                 if let Some(token) = &token {
