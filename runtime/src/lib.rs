@@ -11,6 +11,7 @@ pub mod admission;
 pub mod body;
 pub mod cli;
 pub mod exposition;
+pub mod file;
 pub mod h1;
 pub mod heap;
 pub mod http_client;
