@@ -188,7 +188,7 @@ pub enum PolicyError {
     #[error("the policy is empty")]
     Empty,
     /// Bad YAML, an unknown field, a wrong type or a bad value; `message` names the field.
-    #[error("{}{message}", LineColumn(.location))]
+    #[error("{}{}", LineColumn(.location), Printable(.message))]
     Yaml {
         /// 1-based `(line, column)`, when the YAML library knows it.
         location: Option<(usize, usize)>,
@@ -198,7 +198,7 @@ pub enum PolicyError {
     #[error("cannot watch the policy: {0}")]
     Watch(std::io::Error),
     /// A check across fields failed, e.g. a port disagrees with its listener; `field` says where.
-    #[error("{field}: {message}")]
+    #[error("{}: {}", Printable(.field), Printable(.message))]
     Invalid { field: String, message: String },
     /// Several problems (in file order); the policy is refused as a whole, as for one.
     #[error("{} problems: {}", .0.len(), Joined(.0))]
@@ -244,6 +244,25 @@ pub fn in_file(path: &Path, error: PolicyError) -> PolicyError {
     PolicyError::File {
         path: path.to_owned(),
         error: Box::new(error),
+    }
+}
+
+/// Text that quotes the policy (a key, a value, the YAML parser's excerpt) with its control
+/// characters escaped (`\n`, `\u{1b}`): a policy's author (an annotation on a pod) could
+/// otherwise forge lines of the sidecar's log and of `check-policy`'s output, or send a terminal
+/// escape sequences, through an error that quotes them.
+struct Printable<'a>(&'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(char::is_control) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(f, "{}", c.escape_default())?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
     }
 }
 

@@ -262,3 +262,25 @@ fn every_explanation_agrees_with_the_decision_and_names_what_missed() {
     assert!(explain(9000, FRONTEND, None).contains("allow list is empty"));
     assert!(explain(8080, FRONTEND, Some(("GET", "/a/../b"))).contains("whatever the rules say"));
 }
+
+/// A key, a value or a parser excerpt quoted by an error reaches the sidecar's log and
+/// `check-policy`'s terminal: its control characters are escaped, so a policy cannot forge a log
+/// line or send escape sequences.
+#[test]
+fn errors_quote_the_policy_without_its_control_characters() {
+    let forged = "\"x\\e[2J\\n2026-12-07T01:00:00Z  INFO policy applied\\r\"";
+    for (yaml, quoted) in [
+        (format!("inbound:\n  - port: 8080\n    {forged}: 1\n"), true),
+        (
+            format!("inbound:\n  - port: 8080\n    allow:\n      - id: {forged}\n"),
+            true,
+        ),
+        (format!("{forged}: [\n"), false),
+    ] {
+        let error = Policy::parse(&yaml).unwrap_err().to_string();
+        assert!(!error.contains(char::is_control), "{yaml}: {error:?}");
+        if quoted {
+            assert!(error.contains("\\u{1b}[2J\\n2026"), "{yaml}: {error:?}");
+        }
+    }
+}
