@@ -289,6 +289,16 @@ pub struct RunArgs {
         default_value = "1000"
     )]
     pub max_connections_per_peer: String,
+    /// Most of those connections one peer may hold speaking h2 (each holds up to 1 MiB of request
+    /// data ahead of the app and 64 KiB of answers per stream); past it the peer's new h2
+    /// connection is sent GOAWAY and closed. A meshid outbound opens at most
+    /// --max-upstream-h2-connections to an upstream per outbound listener.
+    #[arg(
+        long,
+        env = "MESHID_SIDECAR_MAX_H2_CONNECTIONS_PER_PEER",
+        default_value = "64"
+    )]
+    pub max_h2_connections_per_peer: String,
     /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
     #[arg(long, env = "MESHID_SIDECAR_MAX_HEADER_BYTES", default_value = "16384")]
     pub max_header_bytes: String,
@@ -470,6 +480,14 @@ impl RunArgs {
                 0
             }
         };
+        let max_h2_connections_per_peer = match self.max_h2_connections_per_peer.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                problems
+                    .push("--max-h2-connections-per-peer: must be a number of at least 1".into());
+                0
+            }
+        };
         let max_header_bytes = match self.max_header_bytes.parse::<usize>() {
             Ok(n) if n >= 8192 => n,
             _ => {
@@ -499,6 +517,7 @@ impl RunArgs {
             idle_timeout,
             max_connections,
             max_connections_per_peer,
+            max_h2_connections_per_peer,
             max_header_bytes,
             request_timeout,
             connect_timeout,
@@ -841,6 +860,59 @@ mod tests {
             p.contains(r#"--grace: invalid duration "1x": unknown unit "x""#),
             "{p}"
         );
+    }
+
+    #[test]
+    fn connection_caps_per_peer_are_numbers_of_at_least_one() {
+        let limits = |argv: &[&str]| {
+            let argv = [
+                &[
+                    "meshid-sidecar",
+                    "run",
+                    "--outbound",
+                    "127.0.0.1:9001=b:80,spiffe://td/b",
+                ],
+                argv,
+            ]
+            .concat();
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            let mut problems = Vec::new();
+            let limits = args.limits(&mut problems);
+            (limits, problems.join("\n"))
+        };
+        let (defaults, problems) = limits(&[]);
+        assert_eq!(problems, "");
+        assert_eq!(defaults, Limits::default());
+        assert_eq!(defaults.max_h2_connections_per_peer, 64);
+        let (set, problems) = limits(&[
+            "--max-connections-per-peer",
+            "10",
+            "--max-h2-connections-per-peer",
+            "3",
+        ]);
+        assert_eq!(problems, "");
+        assert_eq!(
+            (
+                set.max_connections_per_peer,
+                set.max_h2_connections_per_peer
+            ),
+            (10, 3)
+        );
+        for flag in [
+            "--max-connections-per-peer",
+            "--max-h2-connections-per-peer",
+        ] {
+            for bad in ["0", "-1", "many", ""] {
+                let (_, problems) = limits(&[&format!("{flag}={bad}")]);
+                assert_eq!(
+                    problems,
+                    format!("{flag}: must be a number of at least 1"),
+                    "{flag} {bad:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -71,7 +71,7 @@ impl ConnLimit {
     }
 }
 
-/// One accepted connection's place: its slot, its peer's share and its count in
+/// One accepted connection's place: its slot, its peer's share (h2 or not) and its count in
 /// `connections_open`, all given back when the last holder drops it. An upgraded HTTP connection
 /// (a WebSocket tunnel) holds a clone after hyper hands the socket over, so it keeps counting
 /// against `max_connections` and `max_connections_per_peer`.
@@ -97,6 +97,18 @@ impl ConnSlot {
         let _ = self.peer.set(share);
     }
 
+    /// The connection turned out to speak h2: counted among its peer's h2 connections
+    /// ([`PeerShare::speak_h2`]). A connection held by no peer (the outbound's app side) is
+    /// counted nowhere.
+    pub fn speak_h2(&self) -> Result<(), PeerOverCap> {
+        self.peer.get().map_or(Ok(()), PeerShare::speak_h2)
+    }
+
+    /// The identity of the peer whose share the connection holds.
+    pub fn peer_id(&self) -> Option<&str> {
+        self.peer.get().map(PeerShare::id)
+    }
+
     /// The connection has proved itself (an authenticated peer, or the app's first request): it is
     /// no longer displaced at the limit.
     pub fn proven(&self) {
@@ -112,12 +124,20 @@ impl Drop for ConnSlot {
 
 /// Inbound connections open per peer (an authenticated identity at one address: one pod; the
 /// replicas of a workload share its identity but not their addresses) on one listener
-/// (`--max-connections-per-peer`). Proven connections are never displaced at the listener's cap,
-/// so without this one workload holding a valid certificate could take every slot.
+/// (`--max-connections-per-peer`), and how many of them speak h2
+/// (`--max-h2-connections-per-peer`). Proven connections are never displaced at the listener's
+/// cap, so without this one workload holding a valid certificate could take every slot, or hold
+/// an h2 connection's buffers in every one of them.
 #[derive(Clone, Debug)]
 pub struct PeerCounts {
+    table: Arc<PeerTable>,
+}
+
+#[derive(Debug)]
+struct PeerTable {
     max: usize,
-    counts: Arc<std::sync::Mutex<std::collections::HashMap<PeerKey, PeerCount>>>,
+    max_h2: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<PeerKey, PeerCount>>,
 }
 
 type PeerKey = (String, std::net::IpAddr);
@@ -125,8 +145,12 @@ type PeerKey = (String, std::net::IpAddr);
 #[derive(Debug, Default)]
 struct PeerCount {
     open: usize,
+    /// How many of the `open` ones speak h2.
+    h2: usize,
     /// Told the log once that this peer reached its cap (until it drops below it).
     warned: bool,
+    /// The same for its h2 cap.
+    warned_h2: bool,
 }
 
 /// Why a peer's connection was refused: whether this is the first refusal since it reached its cap.
@@ -136,19 +160,27 @@ pub struct PeerOverCap {
 }
 
 impl PeerCounts {
-    pub fn new(max: usize) -> Self {
+    /// At most `max` connections per peer, `max_h2` of them speaking h2.
+    pub fn new(max: usize, max_h2: usize) -> Self {
         Self {
-            max,
-            counts: Arc::default(),
+            table: Arc::new(PeerTable {
+                max,
+                max_h2,
+                counts: std::sync::Mutex::default(),
+            }),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PeerKey, PeerCount>> {
+        self.table.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One more connection for `id` at `ip`, unless that peer holds `max` already.
     pub fn try_acquire(&self, id: &str, ip: std::net::IpAddr) -> Result<PeerShare, PeerOverCap> {
         let key = (id.to_owned(), ip.to_canonical());
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.lock();
         let count = counts.entry(key.clone()).or_default();
-        if count.open >= self.max {
+        if count.open >= self.table.max {
             let first = !count.warned;
             count.warned = true;
             return Err(PeerOverCap { first });
@@ -157,6 +189,7 @@ impl PeerCounts {
         Ok(PeerShare {
             counts: self.clone(),
             key,
+            h2: AtomicBool::new(false),
         })
     }
 }
@@ -166,14 +199,51 @@ impl PeerCounts {
 pub struct PeerShare {
     counts: PeerCounts,
     key: PeerKey,
+    /// Counted among its peer's h2 connections ([`PeerShare::speak_h2`]).
+    h2: AtomicBool,
+}
+
+impl PeerShare {
+    /// The connection turned out to speak h2: counted among its peer's h2 connections until it
+    /// ends, unless that peer holds `max_h2` already. Once per connection (when it opens), never
+    /// per request.
+    pub fn speak_h2(&self) -> Result<(), PeerOverCap> {
+        let mut counts = self.counts.lock();
+        // This share keeps its peer's entry (`open` counts it), so the entry is there; were it
+        // not, the connection would go uncounted: refuse it instead.
+        let Some(count) = counts.get_mut(&self.key) else {
+            return Err(PeerOverCap { first: false });
+        };
+        if self.h2.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if count.h2 >= self.counts.table.max_h2 {
+            let first = !count.warned_h2;
+            count.warned_h2 = true;
+            return Err(PeerOverCap { first });
+        }
+        count.h2 += 1;
+        self.h2.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The peer's identity.
+    pub fn id(&self) -> &str {
+        &self.key.0
+    }
 }
 
 impl Drop for PeerShare {
     fn drop(&mut self) {
-        let mut counts = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let h2 = *self.h2.get_mut();
+        let mut counts = self.counts.lock();
         if let Some(count) = counts.get_mut(&self.key) {
             count.open = count.open.saturating_sub(1);
             count.warned = false;
+            if h2 {
+                count.h2 = count.h2.saturating_sub(1);
+                count.warned_h2 = false;
+            }
             if count.open == 0 {
                 counts.remove(&self.key);
             }
@@ -505,7 +575,7 @@ mod tests {
 
     #[test]
     fn a_peer_is_held_to_its_share_and_warned_about_once() {
-        let peers = PeerCounts::new(2);
+        let peers = PeerCounts::new(2, 2);
         let (here, there) = (
             std::net::IpAddr::from([10, 0, 0, 1]),
             std::net::IpAddr::from([10, 0, 0, 2]),
@@ -531,10 +601,32 @@ mod tests {
             PeerOverCap { first: true }
         );
         drop((b, c, other, replica));
-        assert!(
-            peers.counts.lock().unwrap().is_empty(),
-            "no entry left behind"
-        );
+        assert!(peers.lock().is_empty(), "no entry left behind");
+    }
+
+    #[test]
+    fn a_peer_speaks_h2_on_its_h2_share_only() {
+        let peers = PeerCounts::new(4, 2);
+        let ip = std::net::IpAddr::from([10, 0, 0, 1]);
+        let share = || peers.try_acquire("spiffe://td/a", ip).unwrap();
+        let (a, b, c, d) = (share(), share(), share(), share());
+        a.speak_h2().unwrap();
+        a.speak_h2().unwrap();
+        b.speak_h2().unwrap();
+        assert_eq!(c.speak_h2().unwrap_err(), PeerOverCap { first: true });
+        assert_eq!(c.speak_h2().unwrap_err(), PeerOverCap { first: false });
+        // Another peer's h2 share is its own.
+        let other = peers.try_acquire("spiffe://td/b", ip).unwrap().speak_h2();
+        assert!(other.is_ok());
+        // A connection that never spoke h2 gives back no h2 share; an h2 one does.
+        drop(d);
+        assert_eq!(c.speak_h2().unwrap_err(), PeerOverCap { first: false });
+        drop(a);
+        c.speak_h2().unwrap();
+        let e = share();
+        assert_eq!(e.speak_h2().unwrap_err(), PeerOverCap { first: true });
+        drop((b, c, e));
+        assert!(peers.lock().is_empty(), "no entry left behind");
     }
 
     #[tokio::test]

@@ -830,6 +830,29 @@ pub(crate) fn http1_builder(shared: &Shared) -> http1::Builder {
     builder
 }
 
+/// The h2 server's flow-control windows: what a client may send ahead of what the app has read.
+/// The connection window bounds it in all (memory the sidecar holds for an app that does not read
+/// its request bodies); a stream may use the whole of it, so that one upload streams at full speed
+/// (1 MiB in flight: over 1 GB/s at a 1 ms round trip). hyper's defaults, set here so that the
+/// bound is ours.
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// Streams a client may have open at once on one connection. A meshid outbound sends all its
+/// app's requests to an upstream over at most `--max-upstream-h2-connections` connections, and
+/// opens another only when every stream we allow is in use: one outbound listener gets this many
+/// requests in flight per connection it may open (hyper's default, kept: fewer would have a busy
+/// outbound answer its app 503 sooner).
+const H2_MAX_STREAMS: u32 = 200;
+/// Bytes of an answer h2 buffers per stream ahead of the socket before the body is polled again
+/// (hyper's default is 400 KiB). The socket's own buffer lies below it, so 64 KiB (four frames)
+/// keeps a large answer streaming at full speed, and a client that advertises large windows and
+/// then stops reading holds at most 64 KiB per stream, 12.5 MiB per connection
+/// ([`H2_MAX_STREAMS`] streams), not 78 MiB.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// The h2 server of both directions: peers' connections at the inbound (a peer holds at most
+/// `--max-h2-connections-per-peer` of them), and the local app's at the outbound, whose bounds
+/// cost nothing on loopback.
 fn h2_builder(
     shared: &Shared,
     streams: std::sync::Arc<crate::streams::Streams>,
@@ -839,6 +862,10 @@ fn h2_builder(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUFFER)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     // No keep-alive PINGs: hyper's ping timer is reset on every frame it reads (2.3% of the
     // inbound's instructions per request), and each PING costs both ends a wake-up and an encrypted
@@ -848,17 +875,76 @@ fn h2_builder(
     builder
 }
 
+/// A peer's connection, as the inbound hands it to [`serve_connection`].
+pub(crate) struct FromPeer {
+    /// The connection's place, its peer's share among it: an h2 connection is counted among its
+    /// peer's h2 ones ([`crate::conn::ConnSlot::speak_h2`]).
+    pub slot: std::sync::Arc<crate::conn::ConnSlot>,
+    /// The listener's port (the refusal's metric).
+    pub port: u16,
+}
+
+/// What a peer's h2 connection past its `--max-h2-connections-per-peer` is sent before it is
+/// closed: the server preface (an empty SETTINGS frame), then a GOAWAY that refuses every stream
+/// (last stream ID 0) with `ENHANCE_YOUR_CALM` and the flag as its debug data (RFC 9113, 6.5 and
+/// 6.8).
+const H2_REFUSAL: &[u8] = b"\
+    \0\0\0\x04\0\0\0\0\0\
+    \0\0\x25\x07\0\0\0\0\0\
+    \0\0\0\0\
+    \0\0\0\x0b\
+    --max-h2-connections-per-peer";
+
+/// How long a refused h2 connection is given to take [`H2_REFUSAL`] and close.
+const H2_REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Counts a peer's connection that opened with the h2 preface among its peer's h2 ones; `false`
+/// (counted and logged) when the peer holds `--max-h2-connections-per-peer` already.
+fn admit_h2(peer: &FromPeer, shared: &Shared) -> bool {
+    let Err(over) = peer.slot.speak_h2() else {
+        return true;
+    };
+    shared
+        .metrics
+        .refused("inbound", peer.port, "max_h2_connections_per_peer");
+    if over.first {
+        tracing::warn!(
+            peer = peer.slot.peer_id().unwrap_or_default(),
+            "peer holds its --max-h2-connections-per-peer; closing its new h2 connections until it \
+             closes some"
+        );
+    }
+    false
+}
+
+/// Sends a refused h2 connection [`H2_REFUSAL`] and closes it, reading what the client sent
+/// meanwhile (closing with it unread would reset the connection, and the client might lose the
+/// GOAWAY), for at most [`H2_REFUSAL_LINGER`].
+async fn refuse_h2<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(H2_REFUSAL_LINGER, async {
+        io.write_all(H2_REFUSAL).await?;
+        io.shutdown().await?;
+        let mut unread = [0u8; 1024];
+        while io.read(&mut unread).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown, at `deadline`, or
 /// when `revoked` resolves (it logs why itself). HTTP/1.x connections let go of hyper's buffers
 /// while idle ([`crate::idle`]); `idle` counts them. A peer's connection (`from_peer`: the
-/// inbound's) is watched for an h2 rapid-reset flood ([`crate::streams::RESET_FLOOD`]).
+/// inbound's) that opens with the h2 preface (whatever ALPN said) is counted among its peer's h2
+/// connections, or refused past `--max-h2-connections-per-peer`, and is watched for an h2
+/// rapid-reset flood ([`crate::streams::RESET_FLOOD`]).
 pub(crate) async fn serve_connection<IO, S, F, R>(
     mut io: IO,
     shared: &Shared,
     deadline: Option<tokio::time::Instant>,
     revoked: R,
     svc: S,
-    (idle, from_peer): (Gauge, bool),
+    (idle, from_peer): (Gauge, Option<FromPeer>),
 ) where
     R: std::future::Future<Output = ()> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -873,6 +959,13 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
         // task, HTTP/1.1 ones included (+0.4 KiB per idle connection, `bench-run --scenarios
         // memory`).
         Opening::H2(prefix) => {
+            if let Some(peer) = &from_peer
+                && !admit_h2(peer, shared)
+            {
+                Box::pin(refuse_h2(io)).await;
+                return;
+            }
+            let from_peer = from_peer.is_some();
             Box::pin(serve_h2(
                 io, prefix, shared, deadline, revoked, svc, from_peer,
             ))
@@ -1070,6 +1163,35 @@ pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused h2 connection reads as a well-formed refusal to an h2 client: its request fails
+    /// with the GOAWAY's `ENHANCE_YOUR_CALM`, not with a protocol error or a reset.
+    #[tokio::test]
+    async fn a_refused_h2_client_is_told_to_go_away() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let refused = tokio::spawn(async move {
+            assert!(matches!(
+                crate::idle::opening(&mut server, Duration::from_secs(5)).await,
+                Opening::H2(_)
+            ));
+            refuse_h2(server).await;
+        });
+        let (mut send, conn) = h2::client::handshake(client).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("https://app/").body(()).unwrap();
+        let error = match send.send_request(req, true) {
+            Ok((answer, _)) => answer.await.unwrap_err(),
+            Err(error) => error,
+        };
+        assert!(error.is_go_away(), "{error}");
+        assert_eq!(error.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM));
+        // The client closes once told; the refusal ends with it, not at its linger.
+        drop((send, conn.await.unwrap()));
+        tokio::time::timeout(H2_REFUSAL_LINGER / 2, refused)
+            .await
+            .expect("the refusal ends when the client closes")
+            .unwrap();
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

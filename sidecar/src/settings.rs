@@ -51,6 +51,13 @@ pub struct Limits {
     /// listener (at most `max_connections`): a workload with a valid certificate cannot take every
     /// slot.
     pub max_connections_per_peer: usize,
+    /// Most of those connections one peer may hold speaking h2 (`--max-h2-connections-per-peer`;
+    /// HTTP/1.1 and TCP ones count only against `max_connections_per_peer`). An h2 connection
+    /// costs far more than an HTTP/1.1 one: what the peer sends ahead of the app (the connection
+    /// window) and the answers held for it on each of its streams (see `crate::http`). A meshid
+    /// outbound opens at most `max_upstream_h2_connections` (4) to an upstream per outbound
+    /// listener, twice that for a moment while renewed certificates replace them.
+    pub max_h2_connections_per_peer: usize,
     pub max_header_bytes: usize,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
@@ -89,6 +96,9 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             max_connections: 10_000,
             max_connections_per_peer: 1_000,
+            // Eight outbound listeners of one pod to this one inbound, each at its 4 h2
+            // connections and replacing all of them at once.
+            max_h2_connections_per_peer: 64,
             max_header_bytes: 16 * 1024,
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),

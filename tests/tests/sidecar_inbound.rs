@@ -6,8 +6,9 @@ use std::time::Duration;
 use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually,
-    handshake_failure_lines, handshake_failures, mtls_connect, tcp_echo,
+    SidecarSpec, TestPki, TestSidecar, Workload, client_config, echo_roundtrip, eventually, get,
+    handshake_failure_lines, handshake_failures, http_echo, http_request, metric, mtls_connect,
+    tcp_echo,
 };
 use meshid_tests::pki::ForeignCa;
 use rcgen::SanType;
@@ -601,4 +602,153 @@ async fn one_peer_identity_cannot_hold_every_inbound_connection() {
     })
     .await;
     assert!(back, "the peer's closed connection gave its share back");
+}
+
+/// An h2 connection held open as `client` asking for h2 with `alpn` (none, `h2`, or `http/1.1`
+/// and the preface all the same): its sender and driver once a first request was answered 200, or
+/// why it was not (a GOAWAY's reason and debug data among it).
+async fn h2_connection(
+    sidecar: &TestSidecar,
+    pki: &TestPki,
+    client: &Workload,
+    alpn: &[&[u8]],
+) -> Result<
+    (
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
+    let config = client_config(
+        &pki.roots(),
+        &pki.trust_domain,
+        Some(client),
+        &sidecar.id,
+        alpn,
+    );
+    let tls = mtls_connect(sidecar.inbound[0], config).await?;
+    let (send, conn) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let conn = tokio::spawn(async move { drop(conn.await) });
+    let status = tokio::time::timeout(Duration::from_secs(10), h2_get(&send))
+        .await
+        .map_err(|_| "timed out".to_owned())??;
+    match status {
+        200 => Ok((send, conn)),
+        status => Err(format!("answered {status}")),
+    }
+}
+
+/// The status of a `GET /api/x` on an h2 connection.
+async fn h2_get(send: &h2::client::SendRequest<bytes::Bytes>) -> Result<u16, String> {
+    let req = http::Request::get("https://app/api/x").body(()).unwrap();
+    let mut send = send.clone().ready().await.map_err(|e| format!("{e:?}"))?;
+    let (answer, _) = send.send_request(req, true).map_err(|e| format!("{e:?}"))?;
+    let answer = answer.await.map_err(|e| format!("{e:?}"))?;
+    Ok(answer.status().as_u16())
+}
+
+/// An h2 connection holds far more of the inbound than an HTTP/1.1 one (a connection window of
+/// request data ahead of the app, answers buffered on every stream): a peer holds at most
+/// `--max-h2-connections-per-peer` of them, however it asks for h2 (ALPN `h2`, no ALPN, or the
+/// preface after agreeing to `http/1.1`). Past them its new h2 connection is told to go away and
+/// counted, while its HTTP/1.1 connections are served, other peers' h2 ones too, and a closed h2
+/// connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_at_most_its_h2_connections() {
+    const MAX_H2: usize = 2;
+    const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+    const H2: &[&[u8]] = &[b"h2"];
+    const NO_ALPN: &[&[u8]] = &[];
+    const HTTP1: &[&[u8]] = &[b"http/1.1"];
+    let pki = TestPki::new();
+    let server_cert = pki.workload(SERVER);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server_cert,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.5", http_echo().await, Protocol::Http)],
+            policy: Some(format!(
+                "mode: enforce\ninbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+                 - id: {CLIENT}\n        paths: [/api/*]\n      - id: {OTHER}\n        paths: [/api/*]\n"
+            )),
+            limits: Some(Limits {
+                max_h2_connections_per_peer: MAX_H2,
+                ..Limits::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (client, other) = (pki.workload(CLIENT), pki.workload(OTHER));
+    let mut held = Vec::new();
+    for alpn in [H2, NO_ALPN] {
+        held.push(
+            h2_connection(&sidecar, &pki, &client, alpn)
+                .await
+                .expect("an h2 connection within the cap"),
+        );
+    }
+    // Past the cap, every way of asking for h2 is refused with a GOAWAY.
+    for alpn in [H2, NO_ALPN, HTTP1] {
+        let refused = h2_connection(&sidecar, &pki, &client, alpn)
+            .await
+            .map(drop)
+            .unwrap_err();
+        assert!(
+            refused.contains("GoAway")
+                && refused.contains("ENHANCE_YOUR_CALM")
+                && refused.contains("--max-h2-connections-per-peer"),
+            "{alpn:?}: {refused}"
+        );
+    }
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "meshid_sidecar_connections_refused_total{",
+            &[r#"reason="max_h2_connections_per_peer""#]
+        ),
+        3,
+        "{metrics}"
+    );
+    // The same peer's HTTP/1.1 connections are served, and so is another peer's h2.
+    for _ in 0..3 {
+        let config = client_config(
+            &pki.roots(),
+            &pki.trust_domain,
+            Some(&client),
+            &sidecar.id,
+            HTTP1,
+        );
+        let tls = mtls_connect(sidecar.inbound[0], config).await.unwrap();
+        let (status, _, body) = http_request(tls, false, get("/api/x", &[])).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let other_h2 = h2_connection(&sidecar, &pki, &other, H2).await;
+    assert!(other_h2.is_ok(), "another peer's h2: {:?}", other_h2.err());
+    // The held connections still work; closing one gives its place back.
+    for (send, _) in &held {
+        assert_eq!(h2_get(send).await, Ok(200));
+    }
+    let (send, conn) = held.remove(0);
+    drop(send);
+    conn.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let _again = loop {
+        match h2_connection(&sidecar, &pki, &client, H2).await {
+            Ok(again) => break again,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the peer's closed h2 connection did not give its place back: {e}"),
+        }
+    };
+    let refused = h2_connection(&sidecar, &pki, &client, H2)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert!(refused.contains("GoAway"), "at the cap again: {refused}");
 }

@@ -1,7 +1,7 @@
-//! Inbound HTTP: a hyper server (HTTP/1.1 or h2 by ALPN) asks the authorization point about every
-//! request (port, peer, method, path); allowed requests go to the app on localhost through a pooled
-//! client. Who called is said by us alone: every peer-sent spelling of the identity and forwarding
-//! headers is removed ([`crate::http::PEER_HEADERS`]), then `x-forwarded-client-cert` names the
+//! Inbound HTTP: a hyper server (HTTP/1.1 or h2, told apart by the h2 preface whatever ALPN said)
+//! asks the authorization point about every request (port, peer, method, path); allowed requests go
+//! to the app on localhost through a pooled client. Who called is said by us alone: every peer-sent
+//! spelling of the identity and forwarding headers is removed ([`crate::http::PEER_HEADERS`]), then `x-forwarded-client-cert` names the
 //! verified peer and `x-forwarded-for`/`forwarded` its address as this sidecar saw it (the address
 //! of the peer's sidecar, as Envoy's `use_remote_address` does; nothing a peer claims about hops
 //! before it passes), with `x-forwarded-proto: https` (the peer came over mTLS). Denied: 403
@@ -29,9 +29,9 @@ use super::authz::{Authorizer, Peer};
 use super::form_budget::NoRoom;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT_NAME, Body, BoxError, Call, ReqBody, Tunnel, XFCC_NAME, finish_response, is_grpc,
-    is_upgrade, protocol_of, reply, respond, root_cause, serve_connection, strip_hop_by_hop,
-    strip_peer_headers, upgrades_to_websocket,
+    APP_H2_HINT_NAME, Body, BoxError, Call, FromPeer, ReqBody, Tunnel, XFCC_NAME, finish_response,
+    is_grpc, is_upgrade, protocol_of, reply, respond, root_cause, serve_connection,
+    strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
 };
 use crate::idle::ReadWhole;
 use crate::metrics::ConnMetrics;
@@ -262,6 +262,10 @@ where
     // Boxed: passed down through the serving futures, it would take its size in each of them.
     let revoked = Box::pin(http.authz.http_connection_revoked(&peer));
     let idle = metrics.idle.clone();
+    let from_peer = FromPeer {
+        slot: slot.clone(),
+        port: http.authz.port(),
+    };
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
         said: PeerHeaders::new(&peer, shared),
@@ -285,7 +289,7 @@ where
     };
     // One TLS record per flush instead of one per h2 frame or h1 head/body write.
     let io = meshid_runtime::io::Coalesce::new(io);
-    serve_connection(io, shared, deadline, revoked, svc, (idle, true))
+    serve_connection(io, shared, deadline, revoked, svc, (idle, Some(from_peer)))
 }
 
 /// What every request of one connection shares.

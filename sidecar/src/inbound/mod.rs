@@ -39,6 +39,7 @@ pub async fn serve(listener: TcpListener, spec: Inbound, shared: Shared, limit: 
             .limits
             .max_connections_per_peer
             .min(shared.limits.max_connections),
+        shared.limits.max_h2_connections_per_peer,
     );
     shared.metrics.listener("inbound", port, None);
     // What every connection of the listener shares: one Arc clone per connection.
@@ -112,7 +113,9 @@ struct Listener {
     shared: Shared,
     authz: Authorizer,
     http: Arc<InboundHttp>,
-    /// Connections per authenticated peer (`--max-connections-per-peer`).
+    /// Connections per authenticated peer (`--max-connections-per-peer`), and h2 ones among them
+    /// (`--max-h2-connections-per-peer`, counted once a connection opens with the h2 preface:
+    /// `crate::http::serve_connection`).
     peers: PeerCounts,
 }
 

@@ -75,7 +75,7 @@ pub async fn serve_outbound<IO>(
             Ok::<_, Infallible>(respond(call, resp))
         }
     };
-    serve_connection(io, shared, None, std::future::pending(), svc, (idle, false)).await;
+    serve_connection(io, shared, None, std::future::pending(), svc, (idle, None)).await;
 }
 
 /// The authority the upstream sees: the request's `Host` (or its URI's authority, or the upstream's
