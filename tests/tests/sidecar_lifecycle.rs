@@ -16,7 +16,8 @@ use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, eventually, get, http_echo, http_request,
 };
 use meshid_tests::pki::{ForeignCa, pem};
-use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get};
+use meshid_tests::process::{Proc, ca_mode_sidecar, free_addr, http_get, wait_http_ok};
+use meshid_tests::tools::workspace_bin;
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const B: &str = "spiffe://cluster.local/ns/shop/sa/backend";
@@ -923,6 +924,83 @@ fn refusals_without_a_certificate_write_few_log_lines() {
         !lines.is_empty() && lines.len() as f64 <= 11.0 + elapsed,
         "{} lines in {elapsed:.1} s",
         lines.len()
+    );
+}
+
+/// Anyone who reaches an inbound port can time a handshake out, no certificate needed: connections
+/// that send nothing write their log lines within the refused handshakes' budget (a burst of 50,
+/// then 10 a second), while the metric counts every one.
+#[test]
+fn silent_connections_write_few_log_lines() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new();
+    let w = pki.workload("spiffe://cluster.local/ns/shop/sa/server");
+    let policy = dir.path().join("policy.yaml");
+    let (admin, inbound, app) = (
+        free_addr("127.0.0.1"),
+        free_addr("127.0.0.1"),
+        free_addr("127.0.0.1"),
+    );
+    std::fs::write(
+        &policy,
+        format!("inbound:\n  - port: {}\n    allow: []\n", inbound.port()),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(workspace_bin("meshid-sidecar"));
+    cmd.arg("run")
+        .arg("--cert")
+        .arg(&w.cert_path)
+        .arg("--key")
+        .arg(&w.key_path)
+        .arg("--bundle")
+        .arg(&pki.bundle_path)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--inbound", &format!("{inbound}={app},tcp")])
+        .args(["--handshake-timeout", "500ms"])
+        .env("MESHID_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped());
+    let mut sidecar = Proc::spawn("meshid-sidecar", &mut cmd);
+    let stderr = sidecar.take_stderr().unwrap();
+    let lines = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .filter(|v| v["message"] == "tls handshake timed out")
+            .count()
+    });
+    assert!(wait_http_ok(admin, "/readyz", Duration::from_secs(10)));
+    let timed_out = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("meshid_sidecar_tls_handshake_failures_total{"))
+            .filter(|l| l.contains("reason=\"timeout\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let started = std::time::Instant::now();
+    // Held open and silent until their handshakes time out.
+    let held: Vec<_> = (0..300)
+        .map(|_| std::net::TcpStream::connect(inbound).unwrap())
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let (_, metrics) = http_get(admin, "/metrics").unwrap();
+        if timed_out(&metrics) >= 300.0 || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    drop(held);
+    drop(sidecar);
+    let lines = lines.join().unwrap();
+    assert!(timed_out(&metrics) >= 300.0, "{metrics}");
+    assert!(
+        lines > 0 && lines as f64 <= 50.0 + 10.0 * elapsed + 1.0,
+        "{lines} lines in {elapsed:.1} s"
     );
 }
 

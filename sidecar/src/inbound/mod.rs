@@ -219,7 +219,31 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         Err(_) => {
             let _ = meshid_identity::verify::take_refused_claim();
             shared.metrics.handshake_failed("inbound", port, "timeout");
-            tracing::info!("tls handshake timed out");
+            // Anyone who reaches the port can time a handshake out (no certificate needed): its
+            // line shares the refused handshakes' budget, as a refusal's does.
+            let decision = crate::decisions::new_id();
+            let logged = shared.decisions.push_handshake_failure(
+                crate::decisions::Recorded {
+                    id: decision.clone(),
+                    at: unix_now(),
+                    decision: "handshake_failure".to_owned(),
+                    peer: String::new(),
+                    peer_addr: addr.to_string(),
+                    port,
+                    method: String::new(),
+                    path: String::new(),
+                    policy_version: *shared.policy_changed.borrow(),
+                    rule: "timeout".to_owned(),
+                    explanation: format!(
+                        "handshake not finished within --handshake-timeout ({:?})",
+                        shared.limits.handshake_timeout
+                    ),
+                },
+                std::time::Instant::now(),
+            );
+            if let Some(left_out) = logged {
+                tracing::info!(peer_addr = %addr, decision = %decision, left_out, "tls handshake timed out");
+            }
             return;
         }
     };
