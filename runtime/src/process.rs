@@ -73,12 +73,14 @@ where
 /// handshakes itself.
 pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    let filter = spec
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    if spec.is_some_and(|s| s.contains("rustls")) {
-        return filter;
-    }
+    let parsed = spec.and_then(|s| EnvFilter::try_new(s).ok().map(|f| (s, f)));
+    // Only a value that parsed can ask for rustls's lines: one that did not falls back to `info`,
+    // without them.
+    let filter = match parsed {
+        Some((s, filter)) if s.contains("rustls") => return filter,
+        Some((_, filter)) => filter,
+        None => EnvFilter::new("info"),
+    };
     match "rustls=error".parse() {
         Ok(quiet) => filter.add_directive(quiet),
         Err(_) => filter,
@@ -416,6 +418,11 @@ mod tests {
             assert!(filtered(spec, "meshid"), "MESHID_LOG={spec:?}");
         }
         assert!(filtered(Some("info,rustls=warn"), "rustls"));
+        // A value that does not parse falls back to `info`, rustls left out, even if it names it.
+        for spec in ["info,rustls=verbose", "rustls=loud", "[rustls"] {
+            assert!(!filtered(Some(spec), "rustls"), "MESHID_LOG={spec}");
+            assert!(filtered(Some(spec), "meshid"), "MESHID_LOG={spec}");
+        }
         assert!(!filtered(Some("error"), "meshid"));
     }
 
