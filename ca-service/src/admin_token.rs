@@ -109,7 +109,7 @@ impl AdminToken {
     /// neither `admin-token` nor the first authority's `jwt.key`.
     pub fn load(dir: &Path) -> Result<Option<Self>, AuthorityError> {
         let file = dir.join(TOKEN_FILE);
-        match std::fs::read(&file) {
+        match crate::ca_dir::read_file(&file, crate::ca_dir::MAX_CA_FILE) {
             Ok(bytes) => {
                 let text =
                     String::from_utf8(bytes).map_err(|_| invalid(&file, "not UTF-8 text"))?;
@@ -126,7 +126,7 @@ impl AdminToken {
             Err(e) => return Err(io_err(&file)(e)),
         }
         let key = dir.join(crate::authority::JWT_KEY);
-        match std::fs::read(&key) {
+        match crate::ca_dir::read_file(&key, crate::ca_dir::MAX_CA_FILE) {
             Ok(bytes) => {
                 let mut input = DERIVE_LABEL.to_vec();
                 input.extend_from_slice(&bytes);

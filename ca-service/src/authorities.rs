@@ -134,7 +134,7 @@ impl RotationState {
     /// Reads `authorities.json`, or the single-authority default when it does not exist.
     pub fn load(ca_dir: &Path) -> Result<Self, AuthorityError> {
         let path = ca_dir.join(STATE_FILE);
-        let bytes = match fs::read(&path) {
+        let bytes = match crate::ca_dir::read_file(&path, crate::ca_dir::MAX_CA_FILE) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Without the file the directory has one authority, its own unprefixed files;

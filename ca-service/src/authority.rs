@@ -39,7 +39,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use meshid_identity::verify::Anchors;
 
 use crate::authorities::{AuthorityState, RotationState};
-use crate::ca_dir::{AuthorityFiles, check_is_ca, invalid, io_err, write_atomic};
+use crate::ca_dir::{
+    AuthorityFiles, DirLock, MAX_CA_FILE, check_is_ca, invalid, io_err, read_file, write_atomic,
+};
 use crate::serial::random_serial;
 
 pub use crate::ca_dir::{AuthorityError, read_bundle};
@@ -79,14 +81,17 @@ pub fn init(
     import: Option<ImportedRoot>,
 ) -> Result<InitReport, AuthorityError> {
     let ca_file = dir.join("ca.json");
-    if ca_file.exists() || dir.join("intermediate.key").exists() {
+    if ca_file.exists() {
         return Err(AuthorityError::AlreadyExists(dir.to_owned()));
+    }
+    if let Some(incomplete) = cut_short_init(dir) {
+        return Err(incomplete);
     }
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let report = create_authority_files(&AuthorityFiles::plain(dir), trust_domain, import)?;
-    let root_pem =
-        fs::read_to_string(dir.join("root.pem")).map_err(io_err(&dir.join("root.pem")))?;
-    write_file(&dir.join("bundle.pem"), root_pem.as_bytes(), false)?;
+    let root_path = dir.join("root.pem");
+    let root_pem = read_file(&root_path, MAX_CA_FILE).map_err(io_err(&root_path))?;
+    write_file(&dir.join("bundle.pem"), &root_pem, false)?;
     let tokens = dir.join("join-tokens");
     fs::create_dir_all(&tokens).map_err(io_err(&tokens))?;
     let meta = CaFile {
@@ -101,6 +106,49 @@ pub fn init(
     // power loss.
     crate::ca_dir::sync_dir_of(&ca_file).map_err(io_err(dir))?;
     Ok(report)
+}
+
+/// The files `init` writes before `ca.json`, which it writes last.
+const INIT_FILES: [&str; 9] = [
+    "root.pem",
+    "root.key",
+    IMPORTED_MARKER,
+    "intermediate.pem",
+    "intermediate.key",
+    JWT_KEY,
+    JWT_PUB,
+    "bundle.pem",
+    crate::admin_token::TOKEN_FILE,
+];
+
+/// Files only a CA that was used has: a rotation's state, a revocation list, issuance records.
+const USED_FILES: [&str; 3] = [
+    crate::authorities::STATE_FILE,
+    crate::revocations::REVOCATIONS_FILE,
+    crate::issued::ISSUED_DIR,
+];
+
+/// What a `meshid-ca init` cut short (a crash before it wrote `ca.json`) left in `dir`, if it
+/// left anything: an error naming a file it wrote and telling the operator to start again (not
+/// "a CA exists", not "no CA": neither `init` nor `serve` could use the directory). Nothing is
+/// removed: the operator decides. A directory with signs of use (a CA that lost its `ca.json`,
+/// whose keys must not be thrown away) is not taken for one.
+pub fn cut_short_init(dir: &Path) -> Option<AuthorityError> {
+    let present = |name: &str| dir.join(name).symlink_metadata().is_ok();
+    if present("ca.json") || USED_FILES.iter().any(|name| present(name)) {
+        return None;
+    }
+    let found = INIT_FILES.iter().find(|name| present(name))?;
+    Some(AuthorityError::Incomplete {
+        dir: dir.to_owned(),
+        found: (*found).to_owned(),
+    })
+}
+
+/// The text of `path`, a CA file of at most [`MAX_CA_FILE`] bytes.
+fn read_text(path: &Path) -> Result<String, AuthorityError> {
+    let bytes = read_file(path, MAX_CA_FILE).map_err(io_err(path))?;
+    String::from_utf8(bytes).map_err(|_| invalid(path, "not UTF-8 text"))
 }
 
 /// Writes one authority into `dir`: a root (generated, or imported: its key is then not stored) and a
@@ -274,7 +322,7 @@ pub const JWT_PUB: &str = "jwt.pub";
 fn read_jwt_public(files: &AuthorityFiles) -> Result<Option<JwtKey>, AuthorityError> {
     use rustls_pki_types::SubjectPublicKeyInfoDer;
     let path = files.path(JWT_PUB);
-    let pem = match fs::read(&path) {
+    let pem = match read_file(&path, MAX_CA_FILE) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path)(e)),
@@ -293,7 +341,7 @@ fn read_jwt_signer(
 ) -> Result<Option<JwtSigner>, AuthorityError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
     let path = files.path(JWT_KEY);
-    let pem = match fs::read(&path) {
+    let pem = match read_file(&path, MAX_CA_FILE) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err(&path)(e)),
@@ -323,14 +371,18 @@ pub fn renew_intermediate(
     trust_domain: &TrustDomain,
 ) -> Result<(), AuthorityError> {
     let root_path = files.path("root.pem");
-    let root_pem = fs::read_to_string(&root_path).map_err(io_err(&root_path))?;
+    let root_pem = read_text(&root_path)?;
     let key_path = files.path("root.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(|_| {
-        invalid(
-            &key_path,
-            "the root key is needed to sign a new intermediate (imported roots keep theirs offline)",
-        )
-    })?;
+    let key_pem = match read_text(&key_path) {
+        Err(AuthorityError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(
+                &key_path,
+                "the root key is needed to sign a new intermediate (imported roots keep theirs \
+                 offline)",
+            ));
+        }
+        read => read?,
+    };
     let root_key = KeyPair::from_pem(&key_pem)
         .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
     let root_der = CertificateDer::from_pem_slice(root_pem.as_bytes())
@@ -359,19 +411,19 @@ fn pending_key(files: &AuthorityFiles) -> std::path::PathBuf {
 /// Replaces the intermediate's certificate and key as a pair. The new key is written in full (and
 /// synced) beside the old one first, then the certificate is replaced, then the key: a failure
 /// before the key's turn puts the old certificate back, and a crash in between leaves a pair that
-/// [`Authority::load`] completes (the pending key is the one the new certificate names). No step
-/// leaves a certificate beside a key that is not its own, and nothing half-written.
+/// [`Authority::load`] uses (the pending key is the one the new certificate names) and, with the
+/// directory's lock, completes. No step leaves a certificate beside a key that is not its own, and
+/// nothing half-written. The caller holds the directory's lock ([`DirLock`]).
 fn replace_intermediate(
     files: &AuthorityFiles,
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<(), AuthorityError> {
-    let (cert_path, key_path, pending) = (
-        files.path("intermediate.pem"),
-        files.path("intermediate.key"),
-        pending_key(files),
-    );
-    let old_cert = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+    let (cert_path, pending) = (files.path("intermediate.pem"), pending_key(files));
+    // A replacement cut short before: its key goes in place first, or the old certificate put
+    // back on a failure below would have none (the waiting key is removed next).
+    complete_cut_short(files)?;
+    let old_cert = read_file(&cert_path, MAX_CA_FILE).map_err(io_err(&cert_path))?;
     let _ = fs::remove_file(&pending);
     if let Err(e) = write_file(&pending, key_pem, true) {
         let _ = fs::remove_file(&pending);
@@ -381,8 +433,32 @@ fn replace_intermediate(
         let _ = fs::remove_file(&pending);
         return Err(e);
     }
+    put_key_in_place(files, &old_cert, cert_pem)
+}
+
+/// The last step of [`replace_intermediate`]: the waiting key replaces the old one, or, when it
+/// cannot, the old certificate goes back.
+fn put_key_in_place(
+    files: &AuthorityFiles,
+    old_cert: &[u8],
+    cert_pem: &[u8],
+) -> Result<(), AuthorityError> {
+    let (cert_path, key_path, pending) = (
+        files.path("intermediate.pem"),
+        files.path("intermediate.key"),
+        pending_key(files),
+    );
     if let Err(e) = fs::rename(&pending, &key_path) {
-        let restored = write_atomic(&cert_path, &old_cert);
+        // Gone: a CA that loaded the directory meanwhile put it in place itself (an older meshid
+        // did so without the directory's lock). Done, when the key in place is the new
+        // certificate's: putting the old certificate back would leave it beside the new key.
+        if e.kind() == std::io::ErrorKind::NotFound
+            && CertificateDer::from_pem_slice(cert_pem)
+                .is_ok_and(|der| read_key(&key_path).is_ok_and(|k| key_matches_cert(&k, &der)))
+        {
+            return crate::ca_dir::sync_dir_of(&key_path).map_err(io_err(&files.dir));
+        }
+        let restored = write_atomic(&cert_path, old_cert);
         let _ = fs::remove_file(&pending);
         if let Err(r) = restored {
             tracing::error!(error = %r, "putting the old intermediate certificate back failed");
@@ -394,40 +470,78 @@ fn replace_intermediate(
     crate::ca_dir::sync_dir_of(&key_path).map_err(io_err(&files.dir))
 }
 
+/// A private key file of the CA directory.
+fn read_key(path: &Path) -> Result<KeyPair, AuthorityError> {
+    KeyPair::from_pem(&read_text(path)?)
+        .map_err(|e| invalid(path, format!("not a PEM private key: {e}")))
+}
+
+/// Puts the key waiting beside the intermediate (a `rotate intermediate` cut short) in place when
+/// it is the key of `intermediate.pem` and the key in place is not. Only for a holder of the
+/// directory's lock ([`DirLock`]), which `rotate intermediate` holds from its first write to its
+/// last: then no replacement is under way, and a waiting key that fits is one a replacement cut
+/// short left.
+fn complete_cut_short(files: &AuthorityFiles) -> Result<(), AuthorityError> {
+    let (cert_path, key_path, pending) = (
+        files.path("intermediate.pem"),
+        files.path("intermediate.key"),
+        pending_key(files),
+    );
+    if !pending.try_exists().map_err(io_err(&pending))? {
+        return Ok(());
+    }
+    let cert_pem = read_file(&cert_path, MAX_CA_FILE).map_err(io_err(&cert_path))?;
+    let Ok(cert) = CertificateDer::from_pem_slice(&cert_pem) else {
+        return Ok(());
+    };
+    let fits = |path: &Path| read_key(path).is_ok_and(|k| key_matches_cert(&k, &cert));
+    if !fits(&key_path) && fits(&pending) {
+        crate::ca_dir::rename_synced(&pending, &key_path).map_err(io_err(&key_path))?;
+    }
+    Ok(())
+}
+
 /// The key of `cert` (an intermediate): `intermediate.key`, or, when a `rotate intermediate` was
 /// cut short between its certificate and its key, the complete new key waiting beside it (moved
-/// into place when the directory allows).
+/// into place when the directory's lock is free: see [`complete_cut_short`]).
 fn intermediate_key(
     files: &AuthorityFiles,
     cert: &CertificateDer<'_>,
 ) -> Result<KeyPair, AuthorityError> {
     let key_path = files.path("intermediate.key");
-    let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-    let key = KeyPair::from_pem(&key_pem)
-        .map_err(|e| invalid(&key_path, format!("not a PEM private key: {e}")))?;
+    let key = read_key(&key_path)?;
     if key_matches_cert(&key, cert) {
         return Ok(key);
     }
-    let pending = pending_key(files);
-    let waiting = fs::read_to_string(&pending)
+    let waiting = read_key(&pending_key(files))
         .ok()
-        .and_then(|pem| KeyPair::from_pem(&pem).ok())
         .filter(|k| key_matches_cert(k, cert));
-    match waiting {
-        Some(k) => {
-            tracing::warn!(
-                key = %key_path.display(),
-                "intermediate.pem is newer than intermediate.key (a `rotate intermediate` was cut \
-                 short): using the new key that was waiting beside it"
-            );
-            let _ = crate::ca_dir::rename_synced(&pending, &key_path);
-            Ok(k)
+    let Some(waiting) = waiting else {
+        // A `rotate intermediate` under way may have put its new key in place between the two
+        // reads above.
+        let again = read_key(&key_path)?;
+        if key_matches_cert(&again, cert) {
+            return Ok(again);
         }
-        None => Err(invalid(
+        return Err(invalid(
             &key_path,
             "the key does not belong to intermediate.pem",
-        )),
+        ));
+    };
+    tracing::warn!(
+        key = %key_path.display(),
+        "intermediate.pem is newer than intermediate.key (a `rotate intermediate` was cut short, \
+         or is under way): using the new key that is waiting beside it"
+    );
+    // Never without the lock: a `rotate intermediate` under way holds it, and its own rename of
+    // the waiting key must not find it gone. Held (or a read-only directory), the key serves from
+    // memory, and a later load or `rotate intermediate` puts it in place.
+    if let Ok(_lock) = DirLock::acquire_within(&files.dir, std::time::Duration::ZERO)
+        && let Err(error) = complete_cut_short(files)
+    {
+        tracing::warn!(%error, "putting the waiting intermediate key in place failed");
     }
+    Ok(waiting)
 }
 
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
@@ -499,7 +613,13 @@ impl std::fmt::Debug for Authority {
 /// Reads the trust domain from `ca.json`.
 pub fn read_trust_domain(dir: &Path) -> Result<TrustDomain, AuthorityError> {
     let path = dir.join("ca.json");
-    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let bytes = match read_file(&path, MAX_CA_FILE) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(cut_short_init(dir).unwrap_or_else(|| io_err(&path)(e)));
+        }
+        Err(e) => return Err(io_err(&path)(e)),
+    };
     let meta: CaFile = serde_json::from_slice(&bytes).map_err(|e| invalid(&path, e.to_string()))?;
     if meta.version != FORMAT_VERSION {
         return Err(invalid(
@@ -532,7 +652,7 @@ fn pinned_intermediate(
     let path = files.path("intermediate.pem");
     // Missing, the root would be trusted unpinned: every sibling CA under it accepted. Refused
     // (the CA keeps its last state and says why), not read as nothing to pin.
-    let pem = match fs::read(&path) {
+    let pem = match read_file(&path, MAX_CA_FILE) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(invalid(
@@ -605,7 +725,7 @@ impl Authority {
         let active = state.active().clone();
         let files = state.files_of(dir, &active);
         let inter_path = files.path("intermediate.pem");
-        let inter_pem = fs::read(&inter_path).map_err(io_err(&inter_path))?;
+        let inter_pem = read_file(&inter_path, MAX_CA_FILE).map_err(io_err(&inter_path))?;
         let intermediate_der = CertificateDer::from_pem_slice(&inter_pem)
             .map_err(|e| invalid(&inter_path, format!("not a PEM certificate: {e}")))?;
         check_is_ca(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
@@ -656,18 +776,17 @@ impl Authority {
                 jwt_signer = read_jwt_signer(&files, jwt.as_ref())?;
             }
             jwt_keys.extend(jwt);
-            let Some(root) = read_bundle(&files.path("root.pem"))
-                .ok()
-                .and_then(|r| r.into_iter().next())
-            else {
-                continue;
-            };
+            // Unreadable, the authority would have no anchors: a sidecar serving under it would
+            // be counted as serving under none, and the retire gate that waits for such sidecars
+            // would let it go. Refused (the CA keeps its last state and says why).
+            let root_path = files.path("root.pem");
+            let root = authority_root(&root_path)?;
             let bundled = roots.contains(&root);
-            if let Ok(anchors) = Anchors::with_pins(&[root], pin.as_slice(), trust_domain.clone()) {
-                authority_anchors.push((a.name.clone(), anchors));
-                if bundled {
-                    bundled_authorities.push(a.name.clone());
-                }
+            let anchors = Anchors::with_pins(&[root], pin.as_slice(), trust_domain.clone())
+                .map_err(|e| invalid(&root_path, format!("not usable as a trust anchor: {e:?}")))?;
+            authority_anchors.push((a.name.clone(), anchors));
+            if bundled {
+                bundled_authorities.push(a.name.clone());
             }
         }
         // An imported root `rotate prepare` has put into bundle.pem before authorities.json lists
@@ -679,10 +798,9 @@ impl Authority {
                 dir: dir.to_owned(),
                 prefix,
             };
-            let root = read_bundle(&files.path("root.pem"))
-                .ok()
-                .and_then(|r| r.into_iter().next());
-            if root.is_some_and(|root| roots.contains(&root))
+            // Unreadable, whether bundle.pem holds it is unknown: not taken for "no".
+            let root = authority_root(&files.path("root.pem"))?;
+            if roots.contains(&root)
                 && let Some(pin) = pinned_intermediate(&files)?
             {
                 pinned.push(pin);
@@ -740,6 +858,14 @@ impl Authority {
         }
         None
     }
+}
+
+/// An authority's root (`root.pem`, its first certificate).
+fn authority_root(path: &Path) -> Result<CertificateDer<'static>, AuthorityError> {
+    read_bundle(path)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(path, "the bundle holds no certificate"))
 }
 
 /// The root in `roots` that signed `intermediate`, if any.
@@ -881,6 +1007,187 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(names.is_empty(), "{names:?}");
+    }
+
+    /// A CA's reload (or any `Authority::load`) that falls between a `rotate intermediate`'s new
+    /// certificate and its key's rename never leaves the old certificate beside the new key.
+    #[test]
+    fn a_load_during_an_intermediate_rotation_leaves_the_pair_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let files = active_files(dir.path());
+        let (cert_path, key_path) = (
+            files.path("intermediate.pem"),
+            files.path("intermediate.key"),
+        );
+        let (old_cert, old_key) = (fs::read(&cert_path).unwrap(), fs::read(&key_path).unwrap());
+        renew_intermediate(&files, &td).unwrap();
+        let (new_cert, new_key) = (fs::read(&cert_path).unwrap(), fs::read(&key_path).unwrap());
+        // The rotation up to its last step: the new certificate in place, the new key waiting.
+        let midway = || {
+            fs::write(&cert_path, &new_cert).unwrap();
+            fs::write(&key_path, &old_key).unwrap();
+            fs::write(pending_key(&files), &new_key).unwrap();
+        };
+        let whole = || {
+            assert_eq!(fs::read(&cert_path).unwrap(), new_cert);
+            assert_eq!(fs::read(&key_path).unwrap(), new_key);
+            assert!(!pending_key(&files).exists());
+            Authority::load(dir.path()).unwrap();
+        };
+
+        // The rotation holds the directory's lock: a load signs with the waiting key and leaves
+        // it where the rotation's rename expects it.
+        midway();
+        let lock = DirLock::acquire(dir.path()).unwrap();
+        Authority::load(dir.path()).unwrap();
+        assert!(
+            pending_key(&files).exists(),
+            "a load moved the waiting key under a rotation"
+        );
+        assert_eq!(fs::read(&key_path).unwrap(), old_key);
+        put_key_in_place(&files, &old_cert, &new_cert).unwrap();
+        drop(lock);
+        whole();
+
+        // A load that did move it (an older meshid, which took no lock): the rotation's rename
+        // finds the key in place and is done, not undone.
+        midway();
+        crate::ca_dir::rename_synced(&pending_key(&files), &key_path).unwrap();
+        put_key_in_place(&files, &old_cert, &new_cert).unwrap();
+        whole();
+
+        // A rotation that finds one cut short puts the waiting key in place first: failing before
+        // its own key's turn (its certificate cannot be written), it leaves a pair.
+        midway();
+        let blocked = cert_path.with_extension(format!("tmp{}", std::process::id()));
+        fs::create_dir(&blocked).unwrap();
+        assert!(renew_intermediate(&files, &td).is_err());
+        fs::remove_dir(&blocked).unwrap();
+        whole();
+    }
+
+    /// An authority root that cannot be read is refused, not skipped: skipped, the authority had
+    /// no anchors, and the retire gate could not see the sidecars still serving under it.
+    #[test]
+    fn an_unreadable_authority_root_is_refused_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        crate::rotation::prepare(dir.path(), None).unwrap();
+        let loaded = Authority::load(dir.path()).unwrap();
+        assert!(loaded.authority_anchors.iter().any(|(name, _)| name == "2"));
+        let root = dir.path().join("a2-root.pem");
+        let good = fs::read(&root).unwrap();
+        let refused = |why: &str| {
+            let err = Authority::load(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("a2-root.pem"), "{why}: {err}");
+        };
+        fs::write(&root, b"not pem").unwrap();
+        refused("garbage");
+        fs::remove_file(&root).unwrap();
+        fs::create_dir(&root).unwrap();
+        refused("a directory");
+        fs::remove_dir(&root).unwrap();
+        refused("missing");
+        // Not listed yet (a `rotate prepare` between its two writes): whether bundle.pem holds
+        // it, and so whether it is pinned, is unknown.
+        fs::write(&root, &good).unwrap();
+        let state = dir.path().join("authorities.json");
+        let mut listed: serde_json::Value =
+            serde_json::from_slice(&fs::read(&state).unwrap()).unwrap();
+        listed["authorities"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|a| a["prefix"] != "a2-");
+        fs::write(&state, listed.to_string()).unwrap();
+        Authority::load(dir.path()).unwrap();
+        fs::write(&root, b"not pem").unwrap();
+        refused("unlisted, garbage");
+    }
+
+    /// A FIFO or an endless device in place of a file the CA reads is an error naming the file,
+    /// at once: not a load blocked for ever (a FIFO's open waits for a writer) or reading until
+    /// memory runs out.
+    #[test]
+    fn a_fifo_or_a_device_in_place_of_a_ca_file_is_refused_at_once() {
+        use crate::ca_dir::hostile_files::{endless, fifo, within};
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        crate::rotation::prepare(dir.path(), None).unwrap();
+        crate::revocations::Revocations::update(dir.path(), |list| {
+            let id = meshid_identity::SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+            list.revoke(
+                meshid_identity::revocation::Revoked::Id(id),
+                1,
+                60,
+                String::new(),
+            )
+        })
+        .unwrap();
+        Authority::load(dir.path()).unwrap();
+        for name in [
+            "ca.json",
+            "authorities.json",
+            "intermediate.pem",
+            "intermediate.key",
+            "bundle.pem",
+            "a2-root.pem",
+            "a2-jwt.pub",
+            JWT_KEY,
+            "revocations.json",
+        ] {
+            let path = dir.path().join(name);
+            let good = fs::read(&path).unwrap();
+            for (kind, hostile) in [("fifo", fifo as fn(&Path)), ("/dev/zero", endless)] {
+                fs::remove_file(&path).unwrap();
+                hostile(&path);
+                let at = dir.path().to_owned();
+                let err = within(&format!("{name} as {kind}"), move || {
+                    Authority::load(&at).map(|_| ()).unwrap_err().to_string()
+                });
+                assert!(
+                    err.contains(name) && err.contains("not a regular file"),
+                    "{name} as {kind}: {err}"
+                );
+                fs::remove_file(&path).unwrap();
+                fs::write(&path, &good).unwrap();
+            }
+        }
+        Authority::load(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn an_init_cut_short_is_named_as_such_and_nothing_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        // A crash before `init` wrote ca.json, its last file.
+        fs::remove_file(dir.path().join("ca.json")).unwrap();
+        let before = fs::read_dir(dir.path()).unwrap().count();
+        for err in [
+            init(dir.path(), &td, None).unwrap_err(),
+            read_trust_domain(dir.path()).unwrap_err(),
+            Authority::load(dir.path()).unwrap_err(),
+        ] {
+            assert!(matches!(err, AuthorityError::Incomplete { .. }), "{err}");
+            let err = err.to_string();
+            assert!(
+                err.contains("incomplete CA") && err.contains("remove the directory"),
+                "{err}"
+            );
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), before);
+        // A CA that was used and lost its ca.json is not one to remove.
+        fs::write(dir.path().join(crate::authorities::STATE_FILE), "{}").unwrap();
+        assert!(cut_short_init(dir.path()).is_none());
+        // An empty or missing directory is no CA at all, and `init` makes one there.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(cut_short_init(empty.path()).is_none());
+        assert!(cut_short_init(&empty.path().join("new")).is_none());
+        init(&empty.path().join("new"), &td, None).unwrap();
     }
 
     /// An imported root that `rotate prepare` has put into bundle.pem before authorities.json

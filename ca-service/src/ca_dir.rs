@@ -20,6 +20,12 @@ pub enum AuthorityError {
     },
     #[error("{0}: a CA already exists here; refusing to overwrite it")]
     AlreadyExists(PathBuf),
+    #[error(
+        "{dir}: an incomplete CA: {found} is here but not ca.json, which `meshid-ca init` \
+         writes last (an init cut short?): remove the directory and run `meshid-ca init` again \
+         (if this directory did serve, put its ca.json back from a copy instead)"
+    )]
+    Incomplete { dir: PathBuf, found: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("generating CA material: {0}")]
@@ -109,9 +115,27 @@ pub(crate) fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError 
     }
 }
 
+/// The largest file of the CA directory read (but `revocations.json`, which has its own bound): a
+/// PEM file, `ca.json` or `authorities.json` is a few KiB; a bundle of many roots stays far below.
+pub const MAX_CA_FILE: u64 = 1 << 20;
+
+/// The bytes of `path`, a regular file of at most `max` bytes: a FIFO, a device or a directory in
+/// its place is refused at once (never waited on, never read for ever), as is a larger file. The
+/// error keeps its kind (a missing file is `NotFound`) and names no path: the caller's
+/// [`io_err`] does.
+pub(crate) fn read_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    meshid_runtime::file::read_regular(path, max).map_err(|e| {
+        let named = e.to_string();
+        match named.strip_prefix(&format!("{}: ", path.display())) {
+            Some(why) => std::io::Error::new(e.kind(), why.to_owned()),
+            None => e,
+        }
+    })
+}
+
 /// Reads a PEM bundle of CA certificates (at least one).
 pub fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
-    let pem = fs::read(path).map_err(io_err(path))?;
+    let pem = read_file(path, MAX_CA_FILE).map_err(io_err(path))?;
     let roots = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(path, format!("not a PEM bundle: {e}")))?;
@@ -193,6 +217,40 @@ pub(crate) mod synced_dirs {
     /// Takes the list (so the next call sees only later syncs).
     pub(crate) fn take() -> Vec<PathBuf> {
         SYNCED.with(|s| std::mem::take(&mut *s.borrow_mut()))
+    }
+}
+
+/// What the tests of readers put in place of a file (tests only).
+#[cfg(test)]
+pub(crate) mod hostile_files {
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// A FIFO with no writer at `path`: a blocking `open` of it waits for ever.
+    pub(crate) fn fifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", path.display());
+    }
+
+    /// A symlink at `path` to `/dev/zero`, which a read to the end never finishes.
+    pub(crate) fn endless(path: &Path) {
+        std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+    }
+
+    /// `f`'s result, which must come within 10 s (on another thread, left blocked if it hangs).
+    pub(crate) fn within<T: Send + 'static>(
+        what: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{what}: no answer within 10 s (blocked on the file?)"))
     }
 }
 
@@ -364,6 +422,18 @@ mod tests {
         crate::rotation::prepare(dir.path(), None).unwrap();
         let synced = synced_dirs::take();
         assert!(!synced.is_empty() && synced.iter().all(|d| d == dir.path()));
+
+        // `webhook-cert --force`: one sync of its directory, after both renames.
+        let out = dir.path().join("webhook");
+        let pair = crate::webhook_cert::WebhookCert {
+            chain_pem: "cert".into(),
+            key_pem: "key".into(),
+            not_after: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        crate::webhook_cert::write_pair(&out, &pair, false).unwrap();
+        assert_eq!(synced_dirs::take(), vec![out.clone()]);
+        crate::webhook_cert::write_pair(&out, &pair, true).unwrap();
+        assert_eq!(synced_dirs::take(), vec![out.clone()]);
 
         // A rename that fails syncs nothing and says why; a directory that cannot be synced is an
         // error, not a success.

@@ -241,7 +241,7 @@ impl WebhookCertArgs {
             }
         }
         if !self.dir.join("ca.json").is_file() {
-            p.0.push(format!("--dir: {} holds no CA", self.dir.display()));
+            p.0.push(no_ca(&self.dir, ""));
         }
         match ttl {
             Some(ttl) if p.0.is_empty() => Ok((dns, ttl)),
@@ -308,6 +308,15 @@ pub struct RotateTarget {
     pub admins: Vec<String>,
 }
 
+/// The problem of a `--dir` without `ca.json`: an `init` cut short (remove the directory and start
+/// again), or no CA at all (`hint` says what to run).
+fn no_ca(dir: &std::path::Path, hint: &str) -> String {
+    match crate::authority::cut_short_init(dir) {
+        Some(incomplete) => format!("--dir: {incomplete}"),
+        None => format!("--dir: {} holds no CA{hint}", dir.display()),
+    }
+}
+
 /// `HOST:PORT` as every address it stands for: an IP address as itself, a name as every address it
 /// resolves to.
 pub fn resolve_admin(value: &str) -> Result<Vec<SocketAddr>, String> {
@@ -349,7 +358,7 @@ impl RotateTarget {
             }
         }
         if !self.dir.join("ca.json").is_file() {
-            problems.push(format!("--dir: {} holds no CA", self.dir.display()));
+            problems.push(no_ca(&self.dir, ""));
         }
         if problems.is_empty() {
             Ok(out)
@@ -743,11 +752,8 @@ impl ServeArgs {
             }
         }
         if !self.dir.join("ca.json").is_file() {
-            p.0.push(format!(
-                "--dir: {} holds no CA (run `meshid-ca init --dir {}` first)",
-                self.dir.display(),
-                self.dir.display()
-            ));
+            let hint = format!(" (run `meshid-ca init --dir {}` first)", self.dir.display());
+            p.0.push(no_ca(&self.dir, &hint));
         }
         let sans: Vec<String> = if self.san.iter().all(|s| s.is_empty()) {
             vec!["localhost".into(), "127.0.0.1".into()]

@@ -42,14 +42,15 @@ const FORMAT_VERSION: u32 = 1;
 /// in force stays), not read whole into memory every second while refused.
 pub const MAX_FILE_BYTES: u64 = 32 << 20;
 
-/// The bytes of `path`, `None` when it holds more than `max`.
+/// The bytes of `path`, a regular file (a FIFO or a device in its place is refused at once, not
+/// waited on), `None` when it holds more than `max`.
 fn read_at_most(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)?
-        .take(max + 1)
-        .read_to_end(&mut bytes)?;
-    Ok((bytes.len() as u64 <= max).then_some(bytes))
+    match crate::ca_dir::read_file(path, max) {
+        Ok(bytes) => Ok(Some(bytes)),
+        // The one `InvalidData` of a read of raw bytes: past the bound.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// One entry as the file holds it.

@@ -149,13 +149,17 @@ pub fn write_pair(
         let restored = match &old_crt {
             Some(old) => write_new(&crt_tmp, old).and_then(|()| std::fs::rename(&crt_tmp, &crt)),
             None => std::fs::remove_file(&crt),
-        };
+        }
+        .and_then(|()| crate::ca_dir::sync_dir_of(&crt));
         remove_temps();
         if let Err(error) = restored {
             tracing::error!(%error, path = %crt.display(), "putting the old certificate back failed");
         }
         return Err(io(&key)(e));
     }
+    // One sync of the directory for both renames (as `authority::install` does): until it, they
+    // may not survive a power loss. A failure leaves the new pair in place, and says so.
+    crate::ca_dir::sync_dir_of(&key).map_err(io(dir))?;
     Ok((crt, key))
 }
 

@@ -664,19 +664,25 @@ impl JwtAuthenticator {
                 return;
             }
         }
-        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        if keys.checked.elapsed() < RECHECK_EVERY {
-            return;
-        }
-        keys.checked = Instant::now();
+        // This caller checks the file (one a second does); the others go on with the keys held,
+        // as tokens are verified while the file is read: the lock is not held across the read.
+        let known = {
+            let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+            if keys.checked.elapsed() < RECHECK_EVERY {
+                return;
+            }
+            keys.checked = Instant::now();
+            keys.stamp
+        };
         let stamp = file_stamp(path);
-        if stamp.is_some() && stamp == keys.stamp {
+        if stamp.is_some() && stamp == known {
             return;
         }
         match load_jwks(path) {
             Ok((by_kid, stamp)) => {
                 tracing::info!(path = %path.display(), keys = by_kid.len(), "reloaded JWKS");
                 let n = by_kid.len();
+                let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
                 keys.by_kid = by_kid;
                 keys.stamp = stamp;
                 drop(keys);
@@ -689,8 +695,7 @@ impl JwtAuthenticator {
             }
             Err(error) => {
                 // Remember the stamp so a broken file is reported once, not on every request.
-                keys.stamp = stamp;
-                drop(keys);
+                self.keys.write().unwrap_or_else(|p| p.into_inner()).stamp = stamp;
                 tracing::error!(%error, "JWKS reload failed; keeping the previous keys");
                 self.record(false, None);
             }
@@ -707,7 +712,10 @@ type KeyMap = HashMap<String, (Algorithm, DecodingKey)>;
 
 fn load_jwks(path: &Path) -> Result<(KeyMap, Option<(SystemTime, u64)>), JwksError> {
     let stamp = file_stamp(path);
-    let bytes = std::fs::read(path).map_err(|source| JwksError::Io {
+    // A regular file of at most what a fetched JWKS may be: a FIFO or a device in its place is
+    // refused at once (this runs on a request's task), not waited on or read for ever.
+    let max = super::jwks_remote::MAX_BODY as u64;
+    let bytes = crate::ca_dir::read_file(path, max).map_err(|source| JwksError::Io {
         path: path.to_owned(),
         source,
     })?;
@@ -962,6 +970,46 @@ mod tests {
                 .sign(&aws_lc_rs::rand::SystemRandom::new(), message.as_bytes())
                 .unwrap();
             format!("{message}.{}", b64(sig.as_ref()))
+        }
+    }
+
+    /// A FIFO or an endless device in place of the JWKS file is refused at once, at start and on
+    /// a change (the keys held stay): never a request blocked on it, or one reading it for ever.
+    #[test]
+    fn a_jwks_file_replaced_by_a_fifo_or_a_device_is_refused_at_once() {
+        use crate::ca_dir::hostile_files::{endless, fifo, within};
+        let issuer = Issuer::new();
+        let auth = std::sync::Arc::new(issuer.authenticator());
+        let token = issuer.sign(r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+        let path = issuer.dir.path().join("jwks.json");
+        for (kind, hostile) in [("fifo", fifo as fn(&Path)), ("/dev/zero", endless)] {
+            std::fs::remove_file(&path).unwrap();
+            hostile(&path);
+            // Due for a check of the file.
+            auth.keys.write().unwrap().checked =
+                Instant::now().checked_sub(RECHECK_EVERY * 2).unwrap();
+            let (a, t) = (auth.clone(), token.clone());
+            let id = within(kind, move || a.authenticate(&t));
+            assert_eq!(
+                id.unwrap().as_str(),
+                "spiffe://cluster.local/ns/shop/sa/frontend",
+                "{kind}: the keys held stay"
+            );
+            let (p, config) = (path.clone(), auth.config.clone());
+            let err = within(kind, move || {
+                load_jwks(&p).map(|_| ()).unwrap_err().to_string()
+            });
+            assert!(
+                err.contains("jwks.json") && err.contains("not a regular file"),
+                "{kind}: {err}"
+            );
+            let err = within(kind, move || {
+                JwtAuthenticator::new(config, TrustDomain::new("cluster.local").unwrap())
+                    .map(|_| ())
+                    .unwrap_err()
+                    .to_string()
+            });
+            assert!(err.contains("not a regular file"), "{kind}: {err}");
         }
     }
 
