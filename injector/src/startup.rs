@@ -435,32 +435,37 @@ impl Startup {
             let pair_paths = vec![args.tls_cert.clone(), args.tls_key.clone()];
             let server_name = args.server_name.clone();
             let m = metrics.clone();
+            let counted = metrics.clone();
             tokio::spawn(reload::watch_files(
                 "serving certificate",
                 pair_paths,
                 pair_files,
                 interval,
                 move |files| {
-                    let loaded = load_pair(files, server_name.as_deref());
-                    m.reload("serving_certificate", loaded.is_ok());
-                    let pair = loaded.map_err(|e| e.to_string())?;
+                    let pair = load_pair(files, server_name.as_deref()).map_err(|e| match e {
+                        // The rotator's clock runs ahead of ours: valid in a moment.
+                        serving::ServingError::NotYetValid(_) => {
+                            reload::Refused::NotYet(e.to_string())
+                        }
+                        e => reload::Refused::Invalid(e.to_string()),
+                    })?;
                     let not_after = serving::not_after(&pair);
                     m.serving_cert(not_after);
                     cert.set(pair);
                     Ok(format!("not after {not_after:?}"))
                 },
+                move |ok| counted.reload("serving_certificate", ok),
             ));
             let swap = config.clone();
             let m = metrics.clone();
+            let counted = metrics.clone();
             tokio::spawn(reload::watch_files(
                 "trust bundle",
                 vec![args.trust_bundle.clone()],
                 bundle_file,
                 interval,
                 move |files| {
-                    let loaded = load_bundle(files);
-                    m.reload("trust_bundle", loaded.is_ok());
-                    let bundle = loaded?;
+                    let bundle = load_bundle(files).map_err(reload::Refused::Invalid)?;
                     m.bundle_roots(bundle.len());
                     let summary = format!("{} roots", bundle.len());
                     let mut next = InjectConfig::clone(&swap.load());
@@ -468,6 +473,7 @@ impl Startup {
                     swap.store(Arc::new(next));
                     Ok(summary)
                 },
+                move |ok| counted.reload("trust_bundle", ok),
             ));
             let no_signals = std::cell::Cell::new(false);
             let signal = async {
@@ -520,7 +526,7 @@ fn load_bundle(files: &[Vec<u8>]) -> Result<TrustBundle, String> {
 fn read_all(paths: &[&Path], flags: &[&str]) -> Result<Vec<Vec<u8>>, Vec<String>> {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    let read = meshid_runtime::volume::read_one_version(paths);
+    let read = meshid_runtime::volume::read_one_version(paths, reload::MAX_FILE_BYTES);
     for (read, flag) in read.into_iter().zip(flags) {
         match read {
             Ok(c) => out.push(c),

@@ -20,13 +20,24 @@ pub fn one_version(paths: &[&Path]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Reads `paths` as [`one_version`] resolves them, each to its bytes or the reason it could not
-/// be read (naming the path as given).
-pub fn read_one_version(paths: &[&Path]) -> Vec<Result<Vec<u8>, String>> {
+/// Reads `paths` as [`one_version`] resolves them, each one a regular file of at most `max` bytes
+/// ([`crate::file::read_regular`]: a FIFO, a device or a file that never ends is refused, never
+/// waited on or read whole), to its bytes or the reason it could not be read (naming the path as
+/// given, and the file inside the volume's version when that is another path).
+pub fn read_one_version(paths: &[&Path], max: u64) -> Vec<Result<Vec<u8>, String>> {
     one_version(paths)
         .iter()
         .zip(paths)
-        .map(|(file, given)| std::fs::read(file).map_err(|e| format!("{}: {e}", given.display())))
+        .map(|(file, given)| {
+            crate::file::read_regular(file, max).map_err(|e| {
+                // `e` names `file`.
+                if file == given {
+                    e.to_string()
+                } else {
+                    format!("{}: {e}", given.display())
+                }
+            })
+        })
         .collect()
 }
 
@@ -82,7 +93,7 @@ mod tests {
             (read(&resolved[0]), read(&resolved[1])),
             ("cert 1".to_owned(), "key 1".to_owned())
         );
-        let now = read_one_version(&[&cert, &key]);
+        let now = read_one_version(&[&cert, &key], 64);
         assert_eq!(now[0].as_deref(), Ok(&b"cert 2"[..]));
         assert_eq!(now[1].as_deref(), Ok(&b"key 2"[..]));
     }
@@ -99,10 +110,43 @@ mod tests {
             one_version(&[&plain, &elsewhere, &missing]),
             vec![plain.clone(), elsewhere.clone(), missing.clone()]
         );
-        let read = read_one_version(&[&missing]);
+        let read = read_one_version(&[&missing], 64);
         assert!(
             read[0].as_ref().unwrap_err().contains("missing.pem"),
             "{read:?}"
         );
+    }
+
+    #[test]
+    fn files_that_are_not_regular_or_too_large_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        publish(dir.path(), "1");
+        let key = dir.path().join("tls.key");
+        let zero = dir.path().join("zero.pem");
+        symlink("/dev/zero", &zero).unwrap();
+        let fifo = dir.path().join("fifo.pem");
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        // A blocking read would wait for a writer on the FIFO, and never end on /dev/zero.
+        let read = read_one_version(&[&key, &zero, &fifo], 64);
+        assert_eq!(read[0].as_deref(), Ok(&b"key 1"[..]));
+        for (result, name) in read[1..].iter().zip(["zero.pem", "fifo.pem"]) {
+            let error = result.as_ref().unwrap_err();
+            assert!(error.contains(name), "{error}");
+            assert!(error.contains("not a regular file"), "{error}");
+        }
+        // Read through `..data`: named as given, and as the file of the version read.
+        let read = read_one_version(&[&key], 4);
+        let error = read[0].as_ref().unwrap_err();
+        assert!(
+            error.starts_with(&format!("{}: ", key.display()))
+                && error.contains("..2026_12_06_10_00_00.1/tls.key"),
+            "{error}"
+        );
+        assert!(error.contains("larger than 4 bytes"), "{error}");
     }
 }

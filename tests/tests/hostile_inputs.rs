@@ -4,11 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
 use meshid_ca::csr::CsrPublicKey;
 use meshid_identity::policy::Policy;
 use meshid_identity::{SpiffeId, cert_identity_from_der, spiffe_id_from_der};
 use meshid_tests::mesh::TestPki;
 use meshid_tests::pki::WorkloadKey;
+use meshid_tests::process::{Proc, free_addr};
+use meshid_tests::tools::workspace_bin;
 
 /// xorshift64*: deterministic, so a failure reproduces.
 struct Rng(u64);
@@ -234,4 +241,118 @@ fn non_canonical_spelling(token: &str) -> Option<String> {
     let value = ALPHABET.iter().position(|c| *c == last)?;
     let other = ALPHABET[value ^ ((1 << spare) - 1)] as char;
     Some(format!("{}{other}", &token[..token.len() - 1]))
+}
+
+/// Credential paths that are not files: a FIFO in place of the key (a blocking `open` waits for a
+/// writer for ever, with nothing logged) and a link to /dev/zero in place of the bundle (a read
+/// that never ends, until memory runs out). The sidecar and the injector each refuse them at
+/// start, naming the file, and exit at once (the sidecar's flags are checked before its files are
+/// read; `sidecar_file_mode` covers its reads). Run with a memory limit, so that a regression
+/// fails instead of taking the machine's memory.
+#[test]
+fn credential_paths_that_are_not_regular_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo.key");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let zero = d.join("zero.pem");
+    symlink("/dev/zero", &zero).unwrap();
+
+    let pki = TestPki::new();
+    let w = pki.workload("spiffe://cluster.local/ns/shop/sa/server");
+    let san = "meshid-injector.meshid.svc";
+    let ca = d.join("ca");
+    let webhook = d.join("webhook");
+    for args in [
+        vec!["init", "--dir", ca.to_str().unwrap()],
+        vec![
+            "webhook-cert",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--dns",
+            san,
+            "--out-dir",
+            webhook.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(workspace_bin("meshid-ca"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+
+    let limited = |bin: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\""])
+            .arg(workspace_bin(bin));
+        cmd
+    };
+    let sidecar = |key: &Path, bundle: &Path| {
+        let mut cmd = limited("meshid-sidecar");
+        cmd.arg("run")
+            .arg("--cert")
+            .arg(&w.cert_path)
+            .arg("--key")
+            .arg(key)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--outbound")
+            .arg(format!(
+                "{}=b:80,spiffe://cluster.local/ns/shop/sa/b",
+                free_addr("127.0.0.1")
+            ))
+            .args(["--admin-listen", "127.0.0.1:0"]);
+        cmd
+    };
+    let injector = |key: &Path, bundle: &Path| {
+        let mut cmd = limited("meshid-injector");
+        cmd.arg("--tls-cert")
+            .arg(webhook.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(key)
+            .arg("--trust-bundle")
+            .arg(bundle)
+            .args(["--listen", "127.0.0.1:0", "--server-name", san])
+            .args(["--sidecar-image", "registry.example/meshid/sidecar:0.1.0"])
+            .args(["--ca-addr", "meshid-ca.meshid.svc:8443"]);
+        cmd
+    };
+    let fifo_says = format!("{}: not a regular file", fifo.display());
+    let zero_says = format!("{}: not a regular file", zero.display());
+    let cases = [
+        (
+            "sidecar, key a FIFO",
+            sidecar(&fifo, &pki.bundle_path),
+            format!("--key: {}", fifo.display()),
+        ),
+        (
+            "sidecar, bundle /dev/zero",
+            sidecar(&w.key_path, &zero),
+            format!("--bundle: {}", zero.display()),
+        ),
+        (
+            "injector, key a FIFO",
+            injector(&fifo, &ca.join("bundle.pem")),
+            format!("--tls-key: {fifo_says}"),
+        ),
+        (
+            "injector, bundle /dev/zero",
+            injector(&webhook.join("tls.key"), &zero),
+            format!("--trust-bundle: {zero_says}"),
+        ),
+    ];
+    for (name, mut cmd, says) in cases {
+        let log = d.join("stderr");
+        cmd.stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .env("NO_COLOR", "1");
+        let mut proc = Proc::spawn(name, &mut cmd);
+        let status = proc.wait_timeout(Duration::from_secs(10));
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        let status = status.unwrap_or_else(|| panic!("{name}: still running after 10 s: {stderr}"));
+        assert_eq!(status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(&says), "{name}: {says:?} not in {stderr}");
+    }
 }

@@ -1047,6 +1047,83 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
     );
 }
 
+/// A serving certificate from a rotator whose clock runs 3 s ahead of the node's: not valid yet
+/// when it lands, so refused for the moment (counted once) while the old one keeps serving; tried
+/// again at every poll and served as soon as it is valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injector_applies_a_certificate_not_valid_yet_once_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let first = dir.path().join("1");
+    assert!(webhook_cert(&ca_dir, &first, &[]).status.success());
+    let mut secret = SecretVolume::new(&dir.path().join("secret"), &pair_files(&first));
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &secret.path("tls.crt"),
+            &secret.path("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()]),
+    );
+    wait_healthy(addr, &roots).await;
+    let old = served_leaf(addr, &roots).await;
+
+    // Issued by the CA's intermediate, valid from 3 s from now.
+    let intermediate = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
+    let signing = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca_dir.join("intermediate.key")).unwrap(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&intermediate, signing).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now + time::Duration::seconds(3);
+    params.not_after = now + time::Duration::hours(1);
+    let early = params.signed_by(&key, &issuer).unwrap();
+    secret.update(&[
+        (
+            "tls.crt",
+            format!("{}{intermediate}", early.pem()).into_bytes(),
+        ),
+        ("tls.key", key.serialize_pem().into_bytes()),
+    ]);
+
+    let reloads = |result: &str| {
+        metric(
+            admin,
+            &format!(
+                "meshid_injector_reloads_total{{what=\"serving_certificate\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reloads("rejected") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(served_leaf(addr, &roots).await, old, "the old one serves");
+    while served_leaf(addr, &roots).await != *early.der() {
+        assert!(std::time::Instant::now() < deadline, "never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reloads("applied"), 1.0);
+    assert_eq!(reloads("rejected"), 1.0, "counted once, not at every poll");
+    let (_, parsed) = x509_parser::parse_x509_certificate(early.der()).unwrap();
+    assert_eq!(
+        metric(
+            admin,
+            "meshid_injector_serving_certificate_expiry_timestamp_seconds"
+        ),
+        parsed.validity().not_after.timestamp() as f64
+    );
+}
+
 /// TLS to the injector from the source address `from` (any 127.0.0.0/8 address: each is a source of
 /// its own for the per-source cap), offering `alpn`.
 async fn tls_from(

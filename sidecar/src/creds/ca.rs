@@ -3,7 +3,7 @@
 //!
 //! Keys are ECDSA P-256, generated in memory for every CSR; they never touch disk or logs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -244,7 +244,8 @@ pub enum IssueError {
         message: String,
         retry_after: Option<Duration>,
     },
-    #[error("reading {path}: {source}")]
+    // `source` names the path.
+    #[error("reading {source}")]
     Credential {
         path: PathBuf,
         source: std::io::Error,
@@ -777,12 +778,28 @@ fn connection_failed(s: &tonic::Status) -> bool {
     )
 }
 
-async fn read_secret(path: &PathBuf) -> Result<String, IssueError> {
-    tokio::fs::read_to_string(path)
-        .await
-        .map(|s| s.trim().to_owned())
+/// The most bytes read of a token file (a projected service-account token is about 1 KiB, a join
+/// token less): a file that never ends is refused rather than read.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// A token file's text, trimmed; only a regular file is read, never a FIFO or a device
+/// ([`meshid_runtime::file::read_regular`]).
+async fn read_secret(path: &Path) -> Result<String, IssueError> {
+    let file = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || {
+        let bytes = meshid_runtime::file::read_regular(&file, MAX_TOKEN_FILE_BYTES)?;
+        String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: not UTF-8 text", file.display()),
+            )
+        })
+    })
+    .await
+    .unwrap_or_else(|join| Err(std::io::Error::other(format!("{}: {join}", path.display()))));
+    read.map(|s| s.trim().to_owned())
         .map_err(|source| IssueError::Credential {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         })
 }
@@ -1618,5 +1635,43 @@ mod tests {
         );
         stop_tx.send_replace(true);
         watch.await.unwrap();
+    }
+
+    /// A token file that is a FIFO (no writer) or a link to a device is refused at once, naming
+    /// it; a real one is read and trimmed.
+    #[test]
+    fn token_files_are_read_only_when_regular() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "header.claims.signature\n").unwrap();
+        let fifo = dir.path().join("fifo-token");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let zero = dir.path().join("zero-token");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        // Never dropped: a read stuck in a FIFO's open (a regression) must not hold up the end of
+        // the test, as dropping the runtime would.
+        let runtime: &tokio::runtime::Runtime = Box::leak(Box::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap(),
+        ));
+        let read = |path: &Path| {
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), read_secret(path))
+                    .await
+                    .map_err(|_| format!("{}: still reading", path.display()))?
+                    .map_err(|e| e.to_string())
+            })
+        };
+        assert_eq!(read(&token).as_deref(), Ok("header.claims.signature"));
+        for (path, name) in [(&fifo, "fifo-token"), (&zero, "zero-token")] {
+            let error = read(path).unwrap_err();
+            assert!(
+                error.contains(&format!("{name}: not a regular file")),
+                "{error}"
+            );
+        }
     }
 }

@@ -9,10 +9,14 @@
 //! contents seen are parsed and handed
 //! to [`CredentialStore::set_certificate`], which publishes them only if the key matches the leaf
 //! and the chain verifies to the bundle. A half-written or inconsistent set is rejected and logged,
-//! and the last good one keeps serving; a later consistent set is applied. A periodic re-read covers
-//! whatever inotify misses.
+//! and the last good one keeps serving; a later consistent set is applied. A set refused only for
+//! the moment (a certificate not valid yet: the rotator's clock runs ahead of this node's) is
+//! tried again at every periodic re-read, logged once, and applied as soon as it is valid. A
+//! periodic re-read covers whatever inotify misses. Each file is read only if it is a regular
+//! file of at most [`MAX_FILE_BYTES`] ([`meshid_runtime::file::read_regular`]): a FIFO or a device
+//! in its place is refused at once, never waited on or read without end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,23 +28,22 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::settings::FileCreds;
 use crate::watch::{DirWatcher, Timing};
 
+/// The most bytes read of one credential file (a certificate chain, a key, a trust bundle): far
+/// above any real one, so that a file that never ends is refused rather than read.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
 /// Why the credential files could not be read. Names the file.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {reason}")]
-pub struct FileError {
-    pub path: String,
-    pub reason: String,
-}
+#[error("{0}")]
+pub struct FileError(String);
 
-fn err(path: &Path, reason: impl Into<String>) -> FileError {
-    FileError {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
+fn err(path: &Path, reason: impl std::fmt::Display) -> FileError {
+    FileError(format!("{}: {reason}", path.display()))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, FileError> {
-    std::fs::read(path).map_err(|e| err(path, e.to_string()))
+    // The error names the path.
+    meshid_runtime::file::read_regular(path, MAX_FILE_BYTES).map_err(|e| FileError(e.to_string()))
 }
 
 /// Reads every PEM certificate in a file (at least one).
@@ -64,27 +67,24 @@ pub fn load(files: &FileCreds) -> Result<Credentials, FileError> {
 }
 
 /// The three files' bytes as of one version of a Kubernetes volume they are in
-/// ([`meshid_runtime::volume`]: `..data` resolved once), or why one could not be read.
+/// ([`meshid_runtime::volume`]: `..data` resolved once), or why one could not be read (naming it).
 fn read_together(files: &FileCreds) -> Contents {
     let paths = [&files.cert, &files.key, &files.bundle].map(|p| p.as_path());
-    let resolved = meshid_runtime::volume::one_version(&paths);
-    let mut resolved = resolved.iter();
-    paths.map(|given| {
-        let path = resolved.next().map_or(given, PathBuf::as_path);
-        std::fs::read(path).map_err(|e| e.to_string())
+    let mut read = meshid_runtime::volume::read_one_version(&paths, MAX_FILE_BYTES).into_iter();
+    paths.map(|path| {
+        read.next()
+            .unwrap_or_else(|| Err(format!("{}: not read", path.display())))
     })
 }
 
 /// Parses the three files' bytes into one credential set (validated later by the store).
 fn parse(files: &FileCreds, contents: &Contents) -> Result<Credentials, FileError> {
     let [cert, key, bundle] = contents;
-    let bytes = |path: &Path, read: &Result<Vec<u8>, String>| match read {
-        Ok(bytes) => Ok(bytes.clone()),
-        Err(reason) => Err(err(path, reason.clone())),
-    };
-    let chain = certs_from_pem(&files.cert, &bytes(&files.cert, cert)?)?;
-    let key = key_from_pem(&files.key, &bytes(&files.key, key)?)?;
-    let roots = certs_from_pem(&files.bundle, &bytes(&files.bundle, bundle)?)?;
+    // A read error names its file.
+    let bytes = |read: &Result<Vec<u8>, String>| read.clone().map_err(FileError);
+    let chain = certs_from_pem(&files.cert, &bytes(cert)?)?;
+    let key = key_from_pem(&files.key, &bytes(key)?)?;
+    let roots = certs_from_pem(&files.bundle, &bytes(bundle)?)?;
     Ok(Credentials {
         chain,
         key,
@@ -136,6 +136,7 @@ fn watch_with_timing(
         store,
         metrics,
         last: None,
+        again: false,
     };
     // Watch first, then read: a change in between is seen either by the read or as an event.
     let paths = [
@@ -175,12 +176,16 @@ fn seen(contents: &Contents) -> Seen {
 }
 
 /// Remembers what the files held at the last look, so that only a change is parsed, applied or
-/// logged.
+/// logged (and a set refused only for the moment is tried again).
 struct Tracker {
     files: FileCreds,
     store: Arc<CredentialStore>,
     metrics: Metrics,
     last: Option<Seen>,
+    /// The files of the last look were refused only for the moment
+    /// ([`super::CredError::may_pass_later`]): they are tried again at every look until they pass
+    /// or change.
+    again: bool,
 }
 
 impl Tracker {
@@ -202,23 +207,40 @@ impl Tracker {
             && self.store.roots() == creds.roots
     }
 
-    /// Re-reads the files and applies them if they changed.
+    /// Re-reads the files and applies them if they changed, or if they were refused only for the
+    /// moment. A set is counted and logged once, however often it is tried.
     fn check(&mut self) {
         let contents = self.read();
         let now = seen(&contents);
-        if self.last.as_ref() == Some(&now) {
+        let changed = self.last.as_ref() != Some(&now);
+        if !changed && !self.again {
             return;
         }
         let first = self.last.is_none();
         let parsed = self.parse(&contents);
         drop(contents);
         self.last = Some(now);
+        self.again = false;
         let creds = match parsed {
             Ok(creds) if first && self.held(&creds) => return,
             Ok(creds) => creds,
-            Err(error) => return self.rejected(&error),
+            Err(error) => return self.rejected(&error, changed),
         };
         match self.store.set_certificate(creds) {
+            Err(error) if error.may_pass_later() => {
+                self.again = true;
+                if changed {
+                    self.count("rejected");
+                    self.metrics.credentials_rejected.set(1);
+                    tracing::warn!(
+                        %error,
+                        cert = %self.files.cert.display(),
+                        "certificate files not valid yet, keeping the last good certificate and \
+                         trying them again at every poll"
+                    );
+                }
+            }
+            Err(error) => self.rejected(&error, changed),
             Ok(snapshot) => {
                 self.count("applied");
                 self.metrics.credentials_rejected.set(0);
@@ -231,12 +253,14 @@ impl Tracker {
                     "certificate files applied"
                 );
             }
-            Err(error) => self.rejected(&error),
         }
     }
 
-    fn rejected(&self, error: &dyn std::error::Error) {
-        self.count("rejected");
+    /// Logs a refusal; counts it if the files changed (not when a set tried again is refused).
+    fn rejected(&self, error: &dyn std::error::Error, changed: bool) {
+        if changed {
+            self.count("rejected");
+        }
         self.metrics.credentials_rejected.set(1);
         tracing::error!(
             %error,
@@ -267,6 +291,10 @@ mod tests {
     use std::fs;
     use std::thread;
     use std::time::Instant;
+
+    use meshid_identity::cert_identity_from_der;
+    use meshid_identity::pem::{pem_block, pem_cert};
+    use meshid_identity::testing::{LeafShape, TestLeaf, TestPki};
 
     use super::*;
 
@@ -299,6 +327,137 @@ mod tests {
         poll: Duration::from_secs(3600),
     };
 
+    const ME: &str = "spiffe://cluster.local/ns/shop/sa/payments";
+
+    /// Writes `leaf` and its key into `files`, with `pki`'s root as the bundle.
+    fn write_set(files: &FileCreds, pki: &TestPki, leaf: &TestLeaf) {
+        let chain: String = leaf.chain.iter().map(|c| pem_cert(c)).collect();
+        fs::write(&files.cert, chain).unwrap();
+        fs::write(&files.key, pem_block("PRIVATE KEY", leaf.key.secret_der())).unwrap();
+        fs::write(&files.bundle, pem_cert(&pki.root)).unwrap();
+    }
+
+    /// A store serving the set in `files` (as `run` loads it), and a tracker of the files.
+    fn loaded(files: &FileCreds) -> (Arc<CredentialStore>, Metrics, Tracker) {
+        let store = Arc::new(CredentialStore::new(Vec::new()));
+        store.set_certificate(load(files).unwrap()).unwrap();
+        let metrics = Metrics::default();
+        let tracker = Tracker {
+            files: files.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            last: None,
+            again: false,
+        };
+        (store, metrics, tracker)
+    }
+
+    fn serial(store: &CredentialStore) -> String {
+        store.current().unwrap().identity.serial_hex.clone()
+    }
+
+    /// A rotator whose clock runs ahead of ours writes a set valid in two seconds: refused for
+    /// now, counted and logged once however often it is tried, applied once valid.
+    #[test]
+    fn file_mode_a_set_not_valid_yet_is_tried_again_and_applied_once_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        let pki = TestPki::new("ours");
+        let first = pki.leaf(ME);
+        write_set(&files, &pki, &first);
+        let (store, metrics, mut tracker) = loaded(&files);
+        tracker.check();
+        let old = serial(&store);
+
+        let soon = LeafShape {
+            valid: Some((time::Duration::seconds(2), time::Duration::hours(1))),
+            ..LeafShape::default()
+        };
+        let next = pki.leaf_shaped(ME, &soon);
+        let new = cert_identity_from_der(&next.chain[0]).unwrap().serial_hex;
+        write_set(&files, &pki, &next);
+        tracker.check();
+        assert_eq!(updates(&metrics, "rejected"), 1);
+        assert_eq!(metrics.credentials_rejected.get(), 1);
+        assert_eq!(serial(&store), old, "the last good set serves");
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while serial(&store) != new {
+            assert!(Instant::now() < deadline, "never applied");
+            assert_eq!(updates(&metrics, "rejected"), 1, "counted once");
+            thread::sleep(Duration::from_millis(100));
+            tracker.check();
+        }
+        assert_eq!(updates(&metrics, "applied"), 1);
+        assert_eq!(metrics.credentials_rejected.get(), 0);
+        // Applied: not tried again.
+        tracker.check();
+        assert_eq!(updates(&metrics, "applied"), 1);
+    }
+
+    /// A FIFO in place of the key (no writer: a blocking open would wait for ever, and dropping
+    /// the watcher would wait for its thread) and a link to /dev/zero in place of the bundle: each
+    /// is refused by name at once, and the last good set keeps serving.
+    #[test]
+    fn file_mode_a_fifo_or_a_device_in_place_of_a_file_is_refused_and_the_set_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files(dir.path());
+        let pki = TestPki::new("ours");
+        write_set(&files, &pki, &pki.leaf(ME));
+        let (store, metrics, _) = loaded(&files);
+        let old = serial(&store);
+        let watcher =
+            watch_with_timing(files.clone(), store.clone(), metrics.clone(), FAST).unwrap();
+        assert!(watcher.watcher.inotify(), "inotify is not available");
+        let key = fs::read(&files.key).unwrap();
+        let within = |done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !done() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            done()
+        };
+
+        fs::remove_file(&files.key).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&files.key)
+            .status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        if !within(&|| updates(&metrics, "rejected") == 1) {
+            // The watch thread is stuck in the FIFO: dropping the watcher would join it.
+            std::mem::forget(watcher);
+            panic!("the FIFO was never refused");
+        }
+        assert_eq!(metrics.credentials_rejected.get(), 1);
+        assert_eq!(serial(&store), old);
+        let error = parse(&files, &read_together(&files)).err().unwrap();
+        assert!(
+            error.to_string().ends_with("tls.key: not a regular file"),
+            "{error}"
+        );
+
+        // The key back: the watch went on.
+        fs::remove_file(&files.key).unwrap();
+        fs::write(&files.key, &key).unwrap();
+        wait_for("the set applied again", || {
+            updates(&metrics, "applied") == 1
+        });
+
+        std::os::unix::fs::symlink("/dev/zero", files.bundle.with_extension("zero")).unwrap();
+        fs::rename(files.bundle.with_extension("zero"), &files.bundle).unwrap();
+        if !within(&|| updates(&metrics, "rejected") == 2) {
+            std::mem::forget(watcher);
+            panic!("/dev/zero was never refused");
+        }
+        assert_eq!(serial(&store), old);
+        let error = parse(&files, &read_together(&files)).err().unwrap();
+        assert!(
+            error.to_string().ends_with("ca.crt: not a regular file"),
+            "{error}"
+        );
+        drop(watcher);
+    }
+
     #[test]
     fn file_mode_garbage_is_rejected_once_and_reported_by_path() {
         let dir = tempfile::tempdir().unwrap();
@@ -323,6 +482,7 @@ mod tests {
             store,
             metrics,
             last: None,
+            again: false,
         };
         let error = tracker.parse(&tracker.read()).err().unwrap().to_string();
         assert!(

@@ -124,6 +124,20 @@ pub enum CredError {
     },
 }
 
+impl CredError {
+    /// Whether the same set may pass at a later moment: its chain is not valid yet (a rotator
+    /// whose clock runs ahead of this node's). Any other refusal stands until the set changes: an
+    /// expired certificate does not become valid again, and the trust bundle a chain is checked
+    /// against comes with the set (the file mode's bundle file) or is the CA's, whose client
+    /// retries by itself.
+    pub fn may_pass_later(&self) -> bool {
+        matches!(
+            self,
+            Self::Chain(e) if meshid_identity::verify::failure_label(e) == "not_yet_valid"
+        )
+    }
+}
+
 /// One upstream's expectations, fixed at start.
 #[derive(Debug, Clone)]
 pub struct UpstreamSpec {
@@ -837,6 +851,40 @@ mod tests {
             store.current().unwrap().public_key_sha256,
             renewed.public_key_sha256
         );
+    }
+
+    #[test]
+    fn only_a_set_not_valid_yet_may_pass_later() {
+        let pki = TestPki::new("ours");
+        let other = TestPki::new("other");
+        let store = CredentialStore::new(Vec::new());
+        let valid = |from: i64, to: i64| LeafShape {
+            valid: Some((time::Duration::seconds(from), time::Duration::seconds(to))),
+            ..LeafShape::default()
+        };
+        let mut mismatched = set(&pki, pki.leaf(ME));
+        mismatched.key = pki.leaf(ME).key;
+        let mut foreign = set(&pki, other.leaf(ME));
+        foreign.roots = vec![pki.root.clone()];
+        let cases = [
+            (
+                "not valid yet",
+                set(&pki, pki.leaf_shaped(ME, &valid(60, 3600))),
+                true,
+            ),
+            (
+                "expired",
+                set(&pki, pki.leaf_shaped(ME, &valid(-7200, -3600))),
+                false,
+            ),
+            ("mismatched key", mismatched, false),
+            ("foreign chain", foreign, false),
+        ];
+        for (name, creds, later) in cases {
+            let err = store.set_certificate(creds).unwrap_err();
+            assert_eq!(err.may_pass_later(), later, "{name}: {err}");
+        }
+        assert!(store.current().is_none());
     }
 
     #[test]
