@@ -318,6 +318,15 @@ impl Metrics {
         self.heap_trim_seconds.inc_by(took.as_secs_f64());
     }
 
+    /// A certificate set read from files is in force: its not-before stands for when it was
+    /// issued (`last_renewal_timestamp_seconds`, which CA mode sets when a renewal arrives). Left
+    /// at 0, the chart's `MeshidSidecarCertificateNotRenewed` read a certificate's lifetime as
+    /// its whole not-after and fired for every file-mode sidecar.
+    pub fn record_file_certificate(&self, s: &crate::creds::Snapshot) {
+        self.last_renewal.set(s.identity.not_before);
+        self.record_snapshot(s);
+    }
+
     /// Publishes what a newly accepted credential set says.
     pub fn record_snapshot(&self, s: &crate::creds::Snapshot) {
         self.cert_expiry.set(s.identity.not_after);

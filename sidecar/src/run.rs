@@ -103,7 +103,7 @@ pub async fn start(
             .credential_updates
             .get_or_create(&ResultLabels { result: "applied" })
             .inc();
-        metrics.record_snapshot(&snapshot);
+        metrics.record_file_certificate(&snapshot);
         tracing::info!(id = %snapshot.identity.id, not_after = snapshot.identity.not_after, "certificate loaded");
         cred_watcher = Some(files::watch_credential_files(
             files.clone(),

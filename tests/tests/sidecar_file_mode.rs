@@ -88,6 +88,15 @@ impl Mesh {
             .map_or(0, |v| v.trim().parse().unwrap())
     }
 
+    /// `meshid_sidecar_last_renewal_timestamp_seconds`: the current certificate's not-before in
+    /// file mode (the chart's `MeshidSidecarCertificateNotRenewed` reads the lifetime from it).
+    async fn last_renewal(&self) -> i64 {
+        let text = self.sidecar.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix("meshid_sidecar_last_renewal_timestamp_seconds "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
     /// `meshid_sidecar_credentials_rejected`: 1 while the newest files were rejected.
     async fn rejected_now(&self) -> u64 {
         let text = self.sidecar.metrics().await;
@@ -335,6 +344,7 @@ async fn file_mode_a_certificate_not_valid_yet_is_applied_once_valid() {
     let old = pki.workload(SERVER);
     let files = plain_files(&pki, dir.path(), &old);
     let mesh = Mesh::start(pki, &old, files.clone()).await;
+    assert_eq!(mesh.last_renewal().await, not_before(&old));
 
     // The CA backdates not-before; this one starts 3 s from now all the same.
     let ahead = OffsetDateTime::now_utc() + BACKDATE + Duration::from_secs(3);
@@ -358,6 +368,13 @@ async fn file_mode_a_certificate_not_valid_yet_is_applied_once_valid() {
         "counted once, not at every poll"
     );
     assert_eq!(mesh.rejected_now().await, 0);
+    assert_eq!(mesh.last_renewal().await, not_before(&early));
+}
+
+/// The leaf's not-before, Unix seconds.
+fn not_before(w: &Workload) -> i64 {
+    let (_, leaf) = x509_parser::parse_x509_certificate(&w.chain[0]).unwrap();
+    leaf.validity().not_before.timestamp()
 }
 
 /// Why a file-mode sidecar started on a fresh workload's files, with `key` or `bundle` in their

@@ -41,16 +41,8 @@ const PINNED_MARKER: &str =
 
 /// The cache file at `path` (nothing if it is absent, too large or not PEM certificates).
 pub fn load(path: &Path) -> Cached {
-    let read = std::fs::metadata(path).and_then(|m| {
-        if m.len() > MAX_BYTES {
-            return Err(std::io::Error::other(format!(
-                "{} bytes, more than {MAX_BYTES}",
-                m.len()
-            )));
-        }
-        std::fs::read(path)
-    });
-    let pem = match read {
+    // A regular file only (a FIFO put there would block the start for ever), to the bound.
+    let pem = match meshid_runtime::file::read_regular(path, MAX_BYTES) {
         Ok(pem) => pem,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Cached::default(),
         Err(error) => {
@@ -213,5 +205,18 @@ mod tests {
         std::fs::write(&path, vec![b'a'; (MAX_BYTES + 1) as usize]).unwrap();
         assert_eq!(load(&path), Cached::default());
         assert_eq!(load(dir.path()), Cached::default(), "a directory");
+        // Refused at once, not read (a FIFO's open waits for a writer; /dev/zero never ends).
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((load(&fifo), load(Path::new("/dev/zero"))));
+        });
+        let (fifo, zero) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a FIFO or a device was read");
+        assert_eq!(fifo, Cached::default());
+        assert_eq!(zero, Cached::default());
     }
 }

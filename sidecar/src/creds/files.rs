@@ -244,7 +244,7 @@ impl Tracker {
             Ok(snapshot) => {
                 self.count("applied");
                 self.metrics.credentials_rejected.set(0);
-                self.metrics.record_snapshot(&snapshot);
+                self.metrics.record_file_certificate(&snapshot);
                 let identity = &snapshot.identity;
                 tracing::info!(
                     id = %identity.id,
