@@ -291,6 +291,13 @@ pub(super) fn add_volumes(
     }
 }
 
+/// How many failed `/readyz` startup probes (2 s apart) the kubelet allows the sidecar before it
+/// kills it: 10 minutes, as Istio's sidecar allows. The sidecar waits for its first certificate
+/// itself, retrying the CA with back-off; a kill helps nothing and, during a CA outage or a
+/// rate-limited mass restart longer than the threshold, puts the sidecar in CrashLoopBackOff
+/// (restarts up to 5 minutes apart) while its pod's apps wait unstarted after the CA is back.
+const STARTUP_PROBE_FAILURES: u32 = 300;
+
 pub(super) fn add_sidecar(
     config: &InjectConfig,
     mesh: &MeshAnnotations,
@@ -340,7 +347,7 @@ pub(super) fn add_sidecar(
             {"name": "meshid-stats", "containerPort": STATS_PORT, "protocol": "TCP"},
         ],
         // The app starts only once the sidecar has its certificate and policy.
-        "startupProbe": probe("/readyz", 60),
+        "startupProbe": probe("/readyz", STARTUP_PROBE_FAILURES),
         "readinessProbe": probe("/readyz", 3),
         "livenessProbe": probe("/healthz", 5),
         "resources": config.resources,

@@ -322,6 +322,12 @@ fn deployment_pod_gets_a_native_sidecar() {
     for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
         assert_eq!(c[probe]["httpGet"]["port"], 15021, "{probe}");
     }
+    // A CA outage of minutes while pods start does not get the sidecar killed (it retries the CA
+    // itself): the startup probe allows 10 minutes.
+    let startup = &c["startupProbe"];
+    let allowed =
+        startup["periodSeconds"].as_u64().unwrap() * startup["failureThreshold"].as_u64().unwrap();
+    assert!(allowed >= 600, "the startup probe allows {allowed} s");
     assert_eq!(c["securityContext"]["runAsNonRoot"], true);
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));

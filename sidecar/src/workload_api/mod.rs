@@ -184,8 +184,13 @@ pub async fn serve(
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(error) => {
-                        tracing::warn!(%error, "workload API accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        // As every accept loop (`meshid_runtime::net::accept_retrying`): out of
+                        // file descriptors, a line per attempt would flood the log.
+                        static LINES: LogLimit = LogLimit::new(5.0, 1.0);
+                        if let Some(left_out) = LINES.take() {
+                            tracing::warn!(%error, left_out, "workload API accept failed");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                         continue;
                     }
                 },
