@@ -82,9 +82,10 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
-/// The methods `headers` ask the app to take the request as ([`METHOD_OVERRIDES`]), each as sent
-/// (a value that is not text is given as `?`, which no method rule names).
-pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<&str> {
+/// The methods `headers` ask the app to take the request as ([`METHOD_OVERRIDES`]), each trimmed
+/// and upper-cased as frameworks take it (Rack and Symfony upper-case it; a value that is not text
+/// is given as `?`, which no method rule names).
+pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<String> {
     if !headers
         .keys()
         .any(|n| names_one_of(n.as_str(), &METHOD_OVERRIDES))
@@ -94,7 +95,10 @@ pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<&str> {
     headers
         .iter()
         .filter(|(n, _)| names_one_of(n.as_str(), &METHOD_OVERRIDES))
-        .map(|(_, v)| v.to_str().map_or("?", str::trim))
+        .map(|(_, v)| {
+            v.to_str()
+                .map_or_else(|_| "?".to_owned(), |v| v.trim().to_ascii_uppercase())
+        })
         .collect()
 }
 
@@ -199,20 +203,24 @@ fn override_named(value: Option<&[u8]>) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Form {
     Urlencoded,
-    /// With its boundary (`None`: the content type names none, and no parser finds a part).
-    Multipart(Option<String>),
+    /// With its boundary (one that names none is [`Form::Urlencoded`]).
+    Multipart(String),
 }
 
 impl Form {
     /// The form a request's `Content-Type` says its body is, if any, read as the most lenient
-    /// framework reads it: none is a form (Rack parses a `POST` without one), the media type ends
-    /// at `;`, `,` or a space (PHP), any `multipart/*` is multipart (Rack). (JSON bodies are not
-    /// read: Laravel takes a top-level `_method` member from one, see docs/policy.md.) `Err` with
-    /// the reason for what no check can follow: two `Content-Type` headers, a second `boundary`
-    /// or one outside its `boundary=` parameter (frameworks pick different ones), a boundary
-    /// RFC 2046 does not allow ([`check_boundary`]), a `charset` other than [`FORM_CHARSETS`]
-    /// (Tomcat and ASP.NET Core decode the form by it), or a `Content-Encoding` (the body's
-    /// fields are not its bytes). `headers` are those the app will get (hop-by-hop ones removed).
+    /// framework reads it: none is a form (Rack parses a `POST` without one), and so is a blank
+    /// one or one with an empty media type (Rack takes an empty `CONTENT_TYPE` for none), the
+    /// value is trimmed first (Puma trims what h2 may send with a leading space), the media type
+    /// ends at `;`, `,` or a space (PHP), any `multipart/*` is multipart (Rack), and a multipart
+    /// type without a usable boundary is urlencoded (Rack finds no part, then parses the body as
+    /// an urlencoded form). (JSON bodies are not read: Laravel takes a top-level `_method` member
+    /// from one, see docs/policy.md.) `Err` with the reason for what no check can follow: two
+    /// `Content-Type` headers, a second `boundary` or one outside its `boundary=` parameter
+    /// (frameworks pick different ones), a boundary RFC 2046 does not allow ([`check_boundary`])
+    /// or one holding `,`, a `charset` other than [`FORM_CHARSETS`] (Tomcat and ASP.NET Core
+    /// decode the form by it), or a `Content-Encoding` (the body's fields are not its bytes).
+    /// `headers` are those the app will get (hop-by-hop ones removed).
     pub(crate) fn of(headers: &HeaderMap) -> Option<Result<Self, String>> {
         let mut types = headers.get_all(header::CONTENT_TYPE).iter();
         let form = match (types.next(), types.next()) {
@@ -234,11 +242,12 @@ impl Form {
     }
 
     fn of_type(value: &str) -> Option<Result<Self, String>> {
+        let value = value.trim();
         // ASCII lower case: every byte stays where it was, so offsets in it are offsets in `value`.
         let lower = value.to_ascii_lowercase();
         let end = lower.find([';', ',', ' ', '\t']).unwrap_or(lower.len());
-        let media = lower[..end].trim();
-        let urlencoded = media == "application/x-www-form-urlencoded";
+        let media = &lower[..end];
+        let urlencoded = media.is_empty() || media == "application/x-www-form-urlencoded";
         if !urlencoded && !media.starts_with("multipart/") {
             return None;
         }
@@ -257,8 +266,7 @@ impl Form {
     pub(crate) fn method_overrides(&self, body: &[u8]) -> Result<Vec<String>, String> {
         match self {
             Self::Urlencoded => Ok(query_method_overrides(Some(&String::from_utf8_lossy(body)))),
-            Self::Multipart(None) => Ok(Vec::new()),
-            Self::Multipart(Some(boundary)) => multipart_method_overrides(body, boundary),
+            Self::Multipart(boundary) => multipart_method_overrides(body, boundary),
         }
     }
 }
@@ -268,8 +276,11 @@ impl Form {
 /// followed by `=`, its value quoted or up to `;` or `,`. Refused, as frameworks would read another
 /// boundary: a second `boundary=` (Rack takes the last, PHP the first), and any other `boundary`
 /// outside that one's value (older PHP takes the first `boundary` anywhere and the first `=` after
-/// it: `boundary-x; y=B` is `B` to it). The word inside the boundary's own value is fine: a
-/// browser's boundary holds it (`----WebKitFormBoundary...`).
+/// it: `boundary-x; y=B` is `B` to it), and a boundary holding `,` (only a quoted one can: PHP
+/// takes the whole quoted value, Rack's regex stops at the comma). The word inside the boundary's
+/// own value is fine: a browser's boundary holds it (`----WebKitFormBoundary...`). No boundary,
+/// or an empty one, is no multipart body to any parser: Rack then parses the body as an
+/// urlencoded form, and so it is read ([`Form::Urlencoded`]).
 fn multipart_boundary(value: &str, lower: &str) -> Result<Form, String> {
     const WORD: &str = "boundary";
     let found: Vec<usize> = lower.match_indices(WORD).map(|(at, _)| at).collect();
@@ -289,7 +300,7 @@ fn multipart_boundary(value: &str, lower: &str) -> Result<Form, String> {
     };
     let Some(rest) = named.first().and_then(|&at| value_at(at)) else {
         return if found.is_empty() {
-            Ok(Form::Multipart(None))
+            Ok(Form::Urlencoded)
         } else {
             Err(stray())
         };
@@ -302,9 +313,16 @@ fn multipart_boundary(value: &str, lower: &str) -> Result<Form, String> {
         return Err(stray());
     }
     if boundary.is_empty() {
-        return Ok(Form::Multipart(None));
+        return Ok(Form::Urlencoded);
     }
-    check_boundary(&boundary).map(|()| Form::Multipart(Some(boundary)))
+    if boundary.contains(',') {
+        return Err(
+            "a multipart boundary holding `,` (PHP takes the whole quoted value, Rack stops at \
+             the comma)"
+                .to_owned(),
+        );
+    }
+    check_boundary(&boundary).map(|()| Form::Multipart(boundary))
 }
 
 /// The charsets a form may declare by name: those in which the sidecar's bytes are the app's
@@ -430,31 +448,14 @@ fn unquote(v: &str) -> String {
 
 /// The `_method` parts of a `multipart/form-data` body: each part after a `--boundary` (wherever
 /// it stands, so that no part an app's parser would find is missed; after the closing delimiter
-/// too), its headers as [`part_head`] reads them, its name from `Content-Disposition`'s `name` (or
-/// RFC 2231 `name*`), its value the rest of the part without the line break before the next
-/// boundary (an unterminated last part too). `Err` with the reason for a part whose head
-/// frameworks would read differently ([`part_head`]).
+/// too), its head as [`part_head`] reads it, named as [`head_names_method`] reads a name, its value
+/// the rest of the part without the line break before the next boundary (an unterminated last part
+/// too). `Err` with the reason for a part whose head frameworks would read differently.
 fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>, String> {
     let delimiter = [b"--", boundary.as_bytes()].concat();
     let delimiter = memchr::memmem::Finder::new(&delimiter);
     let parts = split_on(body, &delimiter).skip(1);
     let mut found = Vec::new();
-    let names_method_param = |param: &str| {
-        let Some((k, v)) = param.split_once('=') else {
-            return false;
-        };
-        let k = k.trim();
-        let name = if k.eq_ignore_ascii_case("name") {
-            Some(unquote(v.trim()).into_bytes())
-        } else if k.eq_ignore_ascii_case("name*") {
-            // charset'language'percent-encoded
-            let encoded = unquote(v.trim());
-            percent_decode(encoded.rsplit('\'').next().unwrap_or_default())
-        } else {
-            None
-        };
-        name.is_some_and(|name| names_method(name.into_iter()))
-    };
     for part in parts {
         // The closing delimiter (`--boundary--`) ends the body for most parsers, not for PHP's,
         // which reads on at the next `--boundary` line: parts after it are read too. Nothing but
@@ -463,16 +464,7 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>
             continue;
         }
         let (head, value) = part_head(part)?;
-        // Lossy: a byte that is not UTF-8 elsewhere in the line (PHP takes any) must not hide
-        // its `name`.
-        let named_method = head.iter().any(|line| {
-            let line = String::from_utf8_lossy(line);
-            line.split_once(':').is_some_and(|(name, params)| {
-                name.trim().eq_ignore_ascii_case("content-disposition")
-                    && params.split(';').any(names_method_param)
-            })
-        });
-        if named_method {
+        if head_names_method(head)? {
             let value = value.strip_suffix(b"\n").unwrap_or(value);
             let value = value.strip_suffix(b"\r").unwrap_or(value);
             found.extend(override_named(Some(value)));
@@ -481,18 +473,172 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>
     Ok(found)
 }
 
-/// A multipart part's header lines and its value, `part` being what follows its `--boundary`: the
-/// rest of that line, then header lines up to an empty one. Read strictly, since frameworks read a
-/// malformed head each their own way, and a peer picks the way its target app reads: every line
-/// ends in CRLF (PHP ends a line at LF alone too, so `\n\r\n` ends its headers where Commons
-/// FileUpload reads on to the next CRLFCRLF, into the next part's), each header line has a colon
-/// and does not start with a space or tab (PHP and FileUpload append such a line to the header
-/// before it: a folded `; name="_method"`), and a header comes before the empty line (FileUpload
-/// and Rack look for CRLFCRLF only after the boundary line's CRLF: they read a part's first lines
-/// as its headers when it has none). `Err` with the reason otherwise.
-fn part_head(part: &[u8]) -> Result<(Vec<&[u8]>, &[u8]), String> {
-    let mut lines = Vec::new();
+/// Whether a part's head (its header lines) may name the part `_method` to some framework, each
+/// parser's way to a name followed (a peer picks the app it lies to), on bytes (PHP takes any):
+/// - `Content-Disposition` followed by a colon, found anywhere in the head in any case (Rack's
+///   regex is not anchored: in `X-A: Content-Disposition: form-data; name="_method"` it finds the
+///   name, before a real header after it); after the first one, to the end of the head, every
+///   `name` parameter counts (Rack 2 reads past the line end, and into quoted values: to it
+///   `filename="a;name=_method"` names `_method`), its value read each way a parser reads one
+///   ([`any_reading`]), `name*` decoded as RFC 2231;
+/// - `Content-ID` followed by a colon, found the same way: Rack names a part by its value (to the
+///   end of the line) when its `Content-Disposition` names none.
+///
+/// A name found so that no framework reads it as `_method` costs only the decision of its value.
+/// Linear in the head, however many labels and `name`s it holds: the values are read lazily, and
+/// [`names_method`] stops at the first byte that is not `_method`'s. `Err` for RFC 2231
+/// continuations (`name*0=`), which Go's parser joins into one name.
+fn head_names_method(head: &[u8]) -> Result<bool, String> {
+    let lower = head.to_ascii_lowercase();
+    let mut named = false;
+    // Every later label's parameters are within the first one's.
+    if let Some(from) = after_label(&lower, b"content-disposition").next() {
+        for at in memchr::memmem::find_iter(&lower[from..], b"name").map(|at| from + at) {
+            // Another parameter's name (`filename`, `x-name`); `from` follows a colon.
+            if matches!(lower[at - 1], b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_') {
+                continue;
+            }
+            let mut i = at + b"name".len();
+            let encoded = lower.get(i) == Some(&b'*');
+            if encoded {
+                i += 1;
+                if lower.get(i).is_some_and(u8::is_ascii_digit) {
+                    return Err(
+                        "a multipart part named in RFC 2231 continuations (`name*0=`), which \
+                         Go's parser joins into one name"
+                            .to_owned(),
+                    );
+                }
+            }
+            let Some(value) = after_equals(&head[i..]) else {
+                continue;
+            };
+            named |= if encoded {
+                // A token or a quoted string (Go), then charset'language'percent-encoded.
+                let token = &mut value.iter().copied().take_while(|b| !ends_token(*b));
+                names_method(rfc2231_value(token))
+                    || quoted(value).is_some_and(|v| names_method(rfc2231_value(v)))
+            } else {
+                any_reading(value)
+            };
+        }
+    }
+    for from in after_label(&lower, b"content-id") {
+        let value = &head[from..];
+        // Rack's `\s*` (past a line end too), then the rest of the line.
+        let value = &value[value
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(value.len())..];
+        named |= names_method(
+            value
+                .iter()
+                .copied()
+                .take_while(|b| !matches!(b, b'\r' | b'\n')),
+        ) || any_reading(value);
+    }
+    Ok(named)
+}
+
+/// Offsets in `lower` just past every `label` (lower case) that is followed by a colon (white
+/// space before it allowed).
+fn after_label<'a>(lower: &'a [u8], label: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    memchr::memmem::find_iter(lower, label).filter_map(move |at| {
+        let rest = &lower[at + label.len()..];
+        let colon = rest.iter().position(|b| !matches!(b, b' ' | b'\t'))?;
+        (rest[colon] == b':').then_some(lower.len() - rest.len() + colon + 1)
+    })
+}
+
+/// What follows `=` at the start of `rest` (spaces and tabs around it skipped), if it is there.
+fn after_equals(rest: &[u8]) -> Option<&[u8]> {
+    let skip = |v: &[u8]| {
+        v.iter()
+            .position(|b| !matches!(b, b' ' | b'\t'))
+            .unwrap_or(v.len())
+    };
+    let rest = &rest[skip(rest)..];
+    let rest = rest.strip_prefix(b"=")?;
+    Some(&rest[skip(rest)..])
+}
+
+/// Whether `b` ends a token (RFC 2045's `tspecials` and white space).
+fn ends_token(b: u8) -> bool {
+    b.is_ascii_whitespace() || b"()<>@,;:\\\"/[]?=".contains(&b)
+}
+
+/// Whether the parameter value at the start of `v` names `_method` as some parser reads it: an
+/// optional `"` then up to `"` or `;` (Rack 2.0), a token (Rack 2.2), up to white space or `;`
+/// (PHP's unquoted word), or quoted ([`quoted`]: RFC 7578, Rack 2.2, PHP). Each is read lazily.
+fn any_reading(v: &[u8]) -> bool {
+    let unquoted = v.strip_prefix(b"\"").unwrap_or(v);
+    names_method(
+        unquoted
+            .iter()
+            .copied()
+            .take_while(|b| !matches!(b, b'"' | b';')),
+    ) || names_method(v.iter().copied().take_while(|b| !ends_token(*b)))
+        || names_method(
+            v.iter()
+                .copied()
+                .take_while(|b| !b.is_ascii_whitespace() && *b != b';'),
+        )
+        || quoted(v).is_some_and(names_method)
+}
+
+/// The quoted string at the start of `v`, if it starts with one, without its quotes, lazily: in
+/// `"` with `\` escapes, or in `'` (PHP).
+fn quoted(v: &[u8]) -> Option<impl Iterator<Item = u8> + '_> {
+    let (&quote, rest) = v.split_first()?;
+    if quote != b'"' && quote != b'\'' {
+        return None;
+    }
+    let mut bytes = rest.iter().copied();
+    Some(
+        std::iter::from_fn(move || match bytes.next()? {
+            b if b == quote => None,
+            b'\\' if quote == b'"' => bytes.next(),
+            b => Some(b),
+        })
+        .fuse(),
+    )
+}
+
+/// An RFC 2231 value (`charset'language'percent-encoded`) decoded, lazily: the bytes after its
+/// second `'` (Go splits at the first two), each `%XX` decoded (a `%` that starts no escape is
+/// kept, which [`names_method`] never takes).
+fn rfc2231_value(mut encoded: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut quotes = 0;
+    std::iter::from_fn(move || {
+        while quotes < 2 {
+            if encoded.next()? == b'\'' {
+                quotes += 1;
+            }
+        }
+        Some(match encoded.next()? {
+            b'%' => match (encoded.next().and_then(hex), encoded.next().and_then(hex)) {
+                (Some(h), Some(l)) => (h << 4) | l,
+                _ => b'%',
+            },
+            b => b,
+        })
+    })
+    .fuse()
+}
+
+/// A multipart part's head (its header lines, each with its CRLF) and its value, `part` being
+/// what follows its `--boundary`: the rest of that line, then header lines up to an empty one. Read
+/// strictly, since frameworks read a malformed head each their own way, and a peer picks the way
+/// its target app reads: every line ends in CRLF (PHP ends a line at LF alone too, so `\n\r\n` ends
+/// its headers where Commons FileUpload reads on to the next CRLFCRLF, into the next part's), each
+/// header line has a colon and does not start with a space or tab (PHP and FileUpload append such
+/// a line to the header before it: a folded `; name="_method"`), and a header comes before the
+/// empty line (FileUpload and Rack look for CRLFCRLF only after the boundary line's CRLF: they
+/// read a part's first lines as its headers when it has none). `Err` with the reason otherwise.
+fn part_head(part: &[u8]) -> Result<(&[u8], &[u8]), String> {
     let mut rest = part;
+    let mut head_start = None;
     let mut boundary_line = true;
     loop {
         let Some(lf) = memchr::memchr(b'\n', rest) else {
@@ -501,6 +647,7 @@ fn part_head(part: &[u8]) -> Result<(Vec<&[u8]>, &[u8]), String> {
         let Some(line) = rest[..lf].strip_suffix(b"\r") else {
             return Err("a multipart part with a line ended by LF alone, not CRLF".to_owned());
         };
+        let line_start = part.len() - rest.len();
         rest = &rest[lf + 1..];
         if std::mem::take(&mut boundary_line) {
             // The rest of the boundary line: transport padding, or what follows a boundary that
@@ -508,10 +655,12 @@ fn part_head(part: &[u8]) -> Result<(Vec<&[u8]>, &[u8]), String> {
             continue;
         }
         match line.first() {
-            None if lines.is_empty() => {
-                return Err("a multipart part without headers".to_owned());
+            None => {
+                let Some(start) = head_start else {
+                    return Err("a multipart part without headers".to_owned());
+                };
+                return Ok((&part[start..line_start], rest));
             }
-            None => return Ok((lines, rest)),
             Some(b' ' | b'\t') => {
                 return Err(
                     "a multipart part header line that starts with white space (a folded line)"
@@ -521,7 +670,9 @@ fn part_head(part: &[u8]) -> Result<(Vec<&[u8]>, &[u8]), String> {
             Some(_) if !line.contains(&b':') => {
                 return Err("a multipart part header line without a colon".to_owned());
             }
-            Some(_) => lines.push(line),
+            Some(_) => {
+                head_start.get_or_insert(line_start);
+            }
         }
     }
 }
@@ -618,9 +769,13 @@ fn remove_spellings(headers: &mut HeaderMap, targets: &[&str]) {
 /// `Transfer-Encoding` alone and pass `Transfer_Encoding` on as any other header, but servers of
 /// the Mongrel family (Thin, Unicorn, Puma before 6.4.3) fold `-` into `_` and would read it as
 /// the framing of a body we framed otherwise: a request smuggled behind the one the policy saw.
-const FOLDED_FRAMING: [&str; 5] = [
+/// `Content_Type` too: they take it as `CONTENT_TYPE`, the type a `_method` form is read by, where
+/// the sidecar reads the body by `Content-Type` alone. (Only `_`: those servers fold nothing else,
+/// and PHP, which folds `.` too, takes `CONTENT_TYPE` from the real header alone.)
+const FOLDED_FRAMING: [&str; 6] = [
     "content-length",
     "transfer-encoding",
+    "content-type",
     "keep-alive",
     "proxy-connection",
     "proxy-authorization",
@@ -745,6 +900,28 @@ pub(crate) fn strip_sidecar_headers(headers: &mut http::HeaderMap) {
         for name in names {
             headers.remove(name);
         }
+    }
+}
+
+/// Joins a request's `cookie` fields into one, separated by `; `, as an h2 request must be before
+/// it goes on as HTTP/1.1 (RFC 9113, 8.2.3): h2 clients send each cookie in a field of its own,
+/// and an HTTP/1.1 server expects one `Cookie` line (RFC 6265, 5.4: many read only the first).
+/// Allocates only for a request with several.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Each part is a valid value, and `; ` joins them into one.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -1332,6 +1509,9 @@ mod tests {
             "Keep_Alive",
             "proxy_connection",
             "Proxy_Authorization",
+            // Taken as CONTENT_TYPE: the type a `_method` form is read by.
+            "Content_Type",
+            "content_type",
         ] {
             let mut h = HeaderMap::new();
             h.insert("content-length", HeaderValue::from_static("58"));
@@ -1374,7 +1554,7 @@ mod tests {
             ["DELETE", "PUT"]
         );
         let multipart = Form::of(&headers("multipart/form-data; boundary=\"b-1\""));
-        assert_eq!(multipart, Some(Ok(Form::Multipart(Some("b-1".into())))));
+        assert_eq!(multipart, Some(Ok(Form::Multipart("b-1".into()))));
         let body = b"preamble\r\n--b-1\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n\
                      _method\r\n--b-1\r\ncontent-disposition: form-data; name=\"_method\"\r\n\r\n\
                      delete\r\n--b-1 \r\nContent-Disposition: form-data; name=_METHOD\r\n\r\n\
@@ -1384,7 +1564,7 @@ mod tests {
                      --b-1--\r\n--b-1\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nget";
         // The part after the closing delimiter too: PHP reads on to it.
         assert_eq!(
-            Form::Multipart(Some("b-1".into()))
+            Form::Multipart("b-1".into())
                 .method_overrides(body)
                 .unwrap(),
             ["DELETE", "PATCH", "PUT", "GET"]
@@ -1395,16 +1575,23 @@ mod tests {
             b"--x\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--x\r\n",
         ] {
             assert_eq!(
-                Form::Multipart(Some("x".into()))
-                    .method_overrides(body)
-                    .unwrap(),
+                Form::Multipart("x".into()).method_overrides(body).unwrap(),
                 ["DELETE"]
             );
         }
-        assert_eq!(
-            Form::of(&headers("multipart/form-data")),
-            Some(Ok(Form::Multipart(None)))
-        );
+        // No usable boundary: Rack finds no part, and parses the body as an urlencoded form.
+        for value in [
+            "multipart/form-data",
+            "multipart/form-data; boundary=",
+            "multipart/form-data; boundary=\"\"",
+            "multipart/mixed",
+        ] {
+            assert_eq!(
+                Form::of(&headers(value)),
+                Some(Ok(Form::Urlencoded)),
+                "{value}"
+            );
+        }
     }
 
     /// Every spelling of `_method` some framework reads, and every Content-Type some framework
@@ -1464,6 +1651,16 @@ mod tests {
             "application/x-www-form-urlencoded; charset=ISO-8859-15",
             "application/x-www-form-urlencoded; charset=iso8859-2",
             "application/x-www-form-urlencoded; charset=KOI8-R",
+            // Blank, or no media type: Rack takes an empty CONTENT_TYPE for none, and parses.
+            "",
+            "  ",
+            "; charset=utf-8",
+            // Leading white space (h2 passes it; Puma trims it).
+            " application/x-www-form-urlencoded",
+            "\tapplication/x-www-form-urlencoded",
+            // Multipart without a usable boundary: Rack parses the body as urlencoded.
+            " multipart/form-data",
+            "multipart/related; boundary=\"\"; type=x",
         ] {
             assert_eq!(of(&[(ct, value)]), Some(Ok(Form::Urlencoded)), "{value}");
         }
@@ -1473,10 +1670,11 @@ mod tests {
             "multipart/related; boundary=\"B\"",
             "multipart/form-data; charset=utf-8, boundary=B",
             "multipart/form-data; x-boundary=B",
+            " multipart/form-data; boundary=B",
         ] {
             assert_eq!(
                 of(&[(ct, value)]),
-                Some(Ok(Form::Multipart(Some("B".into())))),
+                Some(Ok(Form::Multipart("B".into()))),
                 "{value}"
             );
         }
@@ -1500,6 +1698,8 @@ mod tests {
             &[(ct, "multipart/form-data; boundary=A; x=boundary")],
             &[(ct, "multipart/boundary; y=B")],
             &[(ct, "multipart/form-data; boundary")],
+            // PHP takes the whole quoted value, Rack's regex stops at the comma.
+            &[(ct, "multipart/form-data; boundary=\"A,XyZ\"")],
             // Tomcat and ASP.NET Core decode the form by its charset; Tomcat finds `charset=`
             // anywhere in the value.
             &[(ct, "application/x-www-form-urlencoded; charset=utf-16le")],
@@ -1525,7 +1725,7 @@ mod tests {
             assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
         }
         // A part head frameworks read each their own way is refused; `B` is the boundary.
-        let form = Form::Multipart(Some("B".into()));
+        let form = Form::Multipart("B".into());
         let refused: [&[u8]; 8] = [
             // Folded: PHP and Commons FileUpload append the line to the header before it.
             b"--B\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
@@ -1548,6 +1748,53 @@ mod tests {
             let text = String::from_utf8_lossy(body);
             assert!(read.is_err(), "{text:?}: {read:?}");
         }
+        // A part name as some framework finds it in a head: each is decided.
+        let named: [&[u8]; 11] = [
+            // Rack's regex finds `Content-Disposition:` anywhere, the first one first.
+            b"X-A: Content-Disposition: form-data; name=\"_method\"\r\n\
+              Content-Disposition: form-data; name=\"title\"",
+            b"X-A: x\r\nX-Content-Disposition: form-data; name=\"_method\"",
+            // Rack names a part by its Content-ID when no Content-Disposition names it.
+            b"Content-ID: _method",
+            b"X-A: 1\r\ncontent-id:\t_method ",
+            // Rack 2.2 reads past the line end, and into quoted values.
+            b"Content-Disposition: form-data\r\nX-B; name=\"_method\": y",
+            b"Content-Disposition: form-data; name=\"x\"; filename=\"a;name=_method\"",
+            // A token (Rack 2.2), single quotes (PHP), an escape, white space around `:` and `=`.
+            b"Content-Disposition: form-data; name=_method x",
+            b"content-disposition : form-data; name='_method'",
+            b"Content-Disposition: form-data; name=\"\\_method\"",
+            b"Content-Disposition: form-data; name = \"_method\"",
+            b"Content-Disposition: name=\"_method\"",
+        ];
+        for head in named {
+            let body = [b"--B\r\n", head, b"\r\n\r\ndelete\r\n--B--"].concat();
+            let text = String::from_utf8_lossy(head);
+            assert_eq!(
+                form.method_overrides(&body),
+                Ok(vec!["DELETE".to_owned()]),
+                "{text:?}"
+            );
+        }
+        // Other parameters and headers name no `_method` part.
+        for head in [
+            &b"Content-Disposition: form-data; filename=\"_method\""[..],
+            b"Content-Disposition: form-data; x-name=\"_method\"; name=\"a\"",
+            b"Content-Disposition: form-data; name=\"payment_method\"",
+            b"Content-Type: _method\r\nX-ID: _method",
+        ] {
+            let body = [b"--B\r\n", head, b"\r\n\r\ndelete\r\n--B--"].concat();
+            let text = String::from_utf8_lossy(head);
+            assert_eq!(form.method_overrides(&body), Ok(vec![]), "{text:?}");
+        }
+        // RFC 2231 continuations, which Go joins into one name: refused.
+        assert!(
+            form.method_overrides(
+                b"--B\r\nContent-Disposition: form-data; name*0=\"_me\"; name*1=\"thod\"\r\n\r\n\
+                  DELETE\r\n--B--"
+            )
+            .is_err()
+        );
         // A byte that is not UTF-8 elsewhere in the header does not hide the name (PHP reads it).
         assert_eq!(
             form.method_overrides(
@@ -1572,9 +1819,35 @@ mod tests {
             let want = value.split_once('=').unwrap().1.to_owned();
             assert_eq!(
                 of(&[(ct, value)]),
-                Some(Ok(Form::Multipart(Some(want)))),
+                Some(Ok(Form::Multipart(want))),
                 "{value}"
             );
+        }
+    }
+
+    /// A part head of 1 MiB packed with labels, `name`s and their values (each read from where it
+    /// starts) is read in linear time: read from each one to the end, it took minutes.
+    #[test]
+    fn a_part_head_full_of_names_is_read_in_linear_time() {
+        let form = Form::Multipart("B".into());
+        for unit in [
+            &b"content-disposition:"[..],
+            b" name=a",
+            b" name*=a",
+            b" name=\"a",
+            b"content-id:",
+            b"; name=[",
+        ] {
+            let mut body = b"--B\r\nX: content-disposition: form-data".to_vec();
+            while body.len() < 1 << 20 {
+                body.extend_from_slice(unit);
+            }
+            body.extend_from_slice(b"\r\n\r\nDELETE");
+            let start = std::time::Instant::now();
+            let _ = form.method_overrides(&body);
+            let took = start.elapsed();
+            let unit = String::from_utf8_lossy(unit);
+            assert!(took < Duration::from_secs(5), "{unit:?}: {took:?}");
         }
     }
 
@@ -1601,14 +1874,13 @@ mod tests {
         assert!(of(&"-".repeat(MAX_BOUNDARY + 1)).unwrap().is_err());
         // Quoted, the same.
         assert!(of(&format!("\"{long}\"")).unwrap().is_err());
-        // At the limit, and with every character RFC 2046 allows (a space inside quotes), accepted.
+        // At the limit, and with every character RFC 2046 allows (a space inside quotes), accepted;
+        // but `,`, where Rack's regex ends a boundary that PHP reads on (refused, see
+        // `lenient_spellings_of_method_fields_and_form_types_are_read`).
         let longest = "-".repeat(MAX_BOUNDARY);
-        assert_eq!(
-            of(&longest),
-            Some(Ok(Form::Multipart(Some(longest.clone()))))
-        );
-        let every = "\"aZ09'()+_,-./:=? x\"";
-        assert!(matches!(of(every), Some(Ok(Form::Multipart(Some(_))))));
+        assert_eq!(of(&longest), Some(Ok(Form::Multipart(longest.clone()))));
+        let every = "\"aZ09'()+_-./:=? x\"";
+        assert!(matches!(of(every), Some(Ok(Form::Multipart(_)))));
         // A byte outside them, or a trailing space: refused.
         assert!(of("a<b").unwrap().unwrap_err().contains("'<'"));
         assert!(of("\"ab \"").unwrap().unwrap_err().contains("space"));
@@ -1616,7 +1888,7 @@ mod tests {
         // search): nothing found, and the search is linear by construction (`memchr::memmem`).
         let body = vec![b'-'; 1 << 20];
         assert!(
-            Form::Multipart(Some(longest))
+            Form::Multipart(longest)
                 .method_overrides(&body)
                 .unwrap()
                 .is_empty()
@@ -1636,6 +1908,27 @@ mod tests {
         assert_eq!(query_method_overrides(Some("_method=%ff")), ["?"]);
         // A name that is not an escape is not `_method` (frameworks keep it as it is).
         assert!(query_method_overrides(Some("_method%=DELETE")).is_empty());
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1"]
+        );
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; c=3"]
+        );
+        let mut none = HeaderMap::new();
+        join_cookies(&mut none);
+        assert!(none.is_empty());
     }
 
     #[test]
@@ -1686,9 +1979,11 @@ mod tests {
         // PHP reads `X.HTTP.Method.Override` as `X-HTTP-Method-Override` (`.` folded into `_`).
         h.insert("x.http.method.override", HeaderValue::from_static("PURGE"));
         h.insert("X.Method_Override", HeaderValue::from_static("TRACE"));
+        // Upper-cased, as frameworks take it (and as query and form values are).
+        h.insert("x_method_override", HeaderValue::from_static(" get"));
         let mut found = method_overrides(&h);
         found.sort_unstable();
-        assert_eq!(found, ["?", "DELETE", "PURGE", "PUT", "TRACE"]);
+        assert_eq!(found, ["?", "DELETE", "GET", "PURGE", "PUT", "TRACE"]);
     }
 
     #[test]

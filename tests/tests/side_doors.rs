@@ -332,6 +332,29 @@ async fn only_websocket_upgrades_pass() {
     let _tunnel = open_tunnel(&e.pki, &e.sidecar, &client).await;
 }
 
+/// An h2 peer's `cookie` fields (h2 clients send one per cookie) reach an HTTP/1.1 app as one
+/// `Cookie` line, joined by `; ` (RFC 9113, 8.2.3): many servers read only the first line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookie_fields_reach_an_http1_app_as_one_line() {
+    use http_body_util::BodyExt;
+    let e = http_sidecar("127.0.0.115", Limits::default(), http_policy(&[CLIENT])).await;
+    let (mut h2, conn) = h2_as(&e, &e.pki.workload(CLIENT), 65_535).await;
+    let req = http::Request::get("https://app/api/x")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = resp.into_body().collect().await.unwrap().to_bytes();
+    let seen = String::from_utf8_lossy(&seen).to_lowercase();
+    assert_eq!(seen.matches("\r\ncookie:").count(), 1, "{seen}");
+    assert!(seen.contains("\r\ncookie: a=1; b=2; c=3\r\n"), "{seen}");
+    drop(h2);
+    conn.abort();
+}
+
 /// An app that answers every request with everything it received: the head, then a chunked body
 /// to its end (its trailers included).
 async fn raw_app() -> SocketAddr {
@@ -424,7 +447,8 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
 
 /// `Transfer_Encoding` and `Content_Length` never reach the app: a Mongrel-family server (Thin,
 /// Unicorn, older Puma) folds `_` into `-` and would end the body where hyper did not, leaving a
-/// request the policy never saw on a pooled app connection.
+/// request the policy never saw on a pooled app connection. Nor does `Content_Type`, which they
+/// take as the type of a body the sidecar read (or not) for `_method` by `Content-Type` alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
     let smuggled = "0\r\n\r\nGET /admin/delete-all HTTP/1.1\r\nHost: svc\r\nX-Pad: ";
@@ -433,6 +457,7 @@ async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
         format!(
             "POST /api/echo HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\n\
              Transfer_Encoding: chunked\r\nContent_Length: 5\r\nKeep_Alive: 1\r\n\
+             Content_Type: application/x-www-form-urlencoded\r\n\
              Connection: close\r\n\r\n{smuggled}",
             smuggled.len()
         )
@@ -441,7 +466,12 @@ async fn underscore_spellings_of_framing_headers_never_reach_the_app() {
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();
-    for folded in ["transfer_encoding", "content_length", "keep_alive"] {
+    for folded in [
+        "transfer_encoding",
+        "content_length",
+        "keep_alive",
+        "content_type",
+    ] {
         assert!(!seen.contains(folded), "{folded} reached the app: {resp}");
     }
     assert!(
@@ -464,6 +494,9 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
         ("x-method-override: delete", "403"),
         ("X-HTTP-Method-Override: GET", "200"),
         ("X-HTTP-Method-Override: POST", "200"),
+        // Upper-cased as frameworks take it, as a query's or a form's value is.
+        ("X-HTTP-Method-Override: get", "200"),
+        ("X_HTTP_Method:  post ", "200"),
         // PHP folds `.` into `_` as it does `-`: `HTTP_X_HTTP_METHOD_OVERRIDE`.
         ("X.HTTP.Method.Override: DELETE", "403"),
         ("X-App-Header: none", "200"),
@@ -583,6 +616,43 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
             "a=1&  _method=DELETE",
             "403",
         ),
+        // A blank Content-Type is none to Rack; a multipart one without a usable boundary has
+        // Rack parse the body as urlencoded.
+        ("/api/x", "Content-Type:\r\n", "_method=DELETE", "403"),
+        ("/api/x", "Content-Type: \r\n", "a=1", "200"),
+        (
+            "/api/x",
+            "Content-Type: multipart/form-data\r\n",
+            "_method=DELETE",
+            "403",
+        ),
+        (
+            "/api/x",
+            "Content-Type: multipart/form-data; boundary=\r\n",
+            "_method=DELETE",
+            "403",
+        ),
+        (
+            "/api/x",
+            "Content-Type: multipart/mixed\r\n",
+            "_method=DELETE",
+            "403",
+        ),
+        // Rack finds `Content-Disposition:` anywhere in a part head (the first one first), and
+        // names a part by its Content-ID when that names none.
+        (
+            "/api/x",
+            &format!("Content-Type: {form_data}\r\n"),
+            "--XyZ\r\nX-A: Content-Disposition: form-data; name=\"_method\"\r\n\
+             Content-Disposition: form-data; name=\"title\"\r\n\r\nDELETE\r\n--XyZ--",
+            "403",
+        ),
+        (
+            "/api/x",
+            &format!("Content-Type: {form_data}\r\n"),
+            "--XyZ\r\nContent-ID: _method\r\n\r\nDELETE\r\n--XyZ--",
+            "403",
+        ),
         // Names PHP and Rack read as _method.
         (
             "/api/x?+_method=DELETE",
@@ -662,6 +732,46 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
             "{target} {extra:?} {body:?}: {resp}"
         );
     }
+    // Over h2 a Content-Type may start with white space, which Puma trims: read all the same.
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&e.pki.workload(CLIENT)),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Full<bytes::Bytes>>(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move { drop(conn.await) });
+    for (content_type, body, status) in [
+        (" application/x-www-form-urlencoded", "_method=DELETE", 403),
+        (
+            "\tapplication/x-www-form-urlencoded",
+            "a=1&_method=put",
+            403,
+        ),
+        (
+            " multipart/form-data; boundary=XyZ",
+            &multipart("_method", "DELETE"),
+            403,
+        ),
+        (" application/x-www-form-urlencoded", "_method=GET", 200),
+    ] {
+        let req = http::Request::post("https://app/api/x")
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_owned(),
+            )))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), status, "{content_type:?} {body:?}");
+    }
+    drop(h2);
+    conn.abort();
     // Chunked, the field split across chunks, with a trailer: found all the same.
     let tls = connect_as(&e.pki, &e.sidecar, &e.pki.workload(CLIENT))
         .await
@@ -718,6 +828,85 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
         "{}",
         &resp[..resp.len().min(300)]
     );
+}
+
+/// Audit mode decides a form's `_method` as enforce mode does, and records what it would deny, but
+/// lets everything through: a form enforce mode refuses because it cannot check it passes on as
+/// it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_mode_records_the_form_method_overrides_it_would_deny() {
+    const AUDIT_DENY: &str = "decision=\"audit_deny\"";
+    let policy = format!(
+        "mode: audit\ninbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+         - id: {CLIENT}\n        methods: [GET, POST]\n        paths: [/api/*]\n"
+    );
+    // A budget smaller than one of the bodies below.
+    let limits = Limits {
+        form_body_memory: 4096,
+        ..Limits::default()
+    };
+    let e = http_sidecar_for("127.0.0.114", raw_app().await, limits, policy).await;
+    let would_deny = || async {
+        let metrics = e.sidecar.metrics().await;
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("meshid_sidecar_authz_decisions_total{"))
+            .filter(|l| l.contains(AUDIT_DENY))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let urlencoded = "application/x-www-form-urlencoded";
+    let big = format!("_method=DELETE&a={}", "x".repeat(8192));
+    // (extra headers, body, would-denies it adds)
+    let cases = [
+        (
+            format!("Content-Type: {urlencoded}\r\n"),
+            "a=1&_method=DELETE",
+            1.0,
+        ),
+        (
+            format!("Content-Type: {urlencoded}\r\n"),
+            "_method=GET",
+            0.0,
+        ),
+        // What enforce mode refuses (400) as it cannot check it.
+        (
+            format!("Content-Type: {urlencoded}\r\nContent-Encoding: gzip\r\n"),
+            "_method=DELETE",
+            0.0,
+        ),
+        (
+            "Content-Type: multipart/form-data; boundary=XyZ\r\n".to_owned(),
+            "--XyZ\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE",
+            0.0,
+        ),
+        // A declared length over the whole budget (413 before any of it is read).
+        (format!("Content-Type: {urlencoded}\r\n"), &big, 0.0),
+    ];
+    for (extra, body, adds) in cases {
+        let before = would_deny().await;
+        let tls = connect_as(&e.pki, &e.sidecar, &e.pki.workload(CLIENT))
+            .await
+            .unwrap();
+        let resp = exchange(
+            tls,
+            &format!(
+                "POST /api/x HTTP/1.1\r\nHost: app\r\n{extra}Connection: close\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        let head = &resp[..resp.len().min(300)];
+        assert!(resp.starts_with("HTTP/1.1 200"), "{extra:?}: {head}");
+        // The app answers with what it has at its first read: a short body is there whole.
+        assert!(
+            body.len() > 1024 || resp.ends_with(body),
+            "the app got the body: {resp}"
+        );
+        let after = would_deny().await;
+        assert_eq!(after - before, adds, "{extra:?} {body:?}");
+    }
 }
 
 /// Form bodies are read whole to find `_method`, and h2 flow control does not bound what that

@@ -201,7 +201,8 @@ impl Authorizer {
 
     /// Whether `peer` may use any method at all on `path` here (a rule that names no methods
     /// allows it), decided and recorded nowhere: then no method override it sends can take it
-    /// anywhere it may not go.
+    /// anywhere it may not go. What the rules say, in audit mode too (where every decision is
+    /// allowed): there the overrides are decided as well, and their would-denies recorded.
     pub fn allows_any_method(&self, peer: &Peer, path: &str) -> bool {
         // No rule names this method: only one that names none allows it.
         const NO_METHOD: &str = "\u{0}";
@@ -209,10 +210,19 @@ impl Authorizer {
         match guard.as_deref() {
             Some(p) => {
                 p.decide_request(self.port, peer.id(), NO_METHOD, path)
-                    .allowed
+                    .would_allow
             }
-            None => no_policy_decision().allowed,
+            None => no_policy_decision().would_allow,
         }
+    }
+
+    /// Whether the policy in force is in audit mode: its denials are only recorded.
+    pub fn audits(&self) -> bool {
+        self.shared
+            .policy
+            .load()
+            .as_deref()
+            .is_some_and(|p| p.mode() == meshid_identity::policy::Mode::Audit)
     }
 
     /// Refuses a request of a peer the bundle in force no longer trusts, whatever the policy says:

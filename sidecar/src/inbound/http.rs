@@ -101,6 +101,13 @@ pub const MAX_FORM_BODY: usize = 1 << 20;
 /// as read. What the body holds meanwhile is charged to the process's form budget
 /// ([`super::form_budget`]) until the request's body is dropped; a body that finds no room there is
 /// refused at once, as one over [`MAX_FORM_BODY`] is.
+///
+/// In audit mode (`audit`) the overrides are decided the same (their would-denies recorded), but
+/// what enforce mode refuses because it cannot check it passes on as it came, if none of it was
+/// lost: a form that cannot be checked, one whose declared length is over the limit or finds no
+/// room (charged before any of it is read), a multipart head frameworks read differently (read
+/// whole, and passed on as read). One without a declared length that grows past the limit, or
+/// fails or times out, is refused in audit mode too: what was read of it is gone.
 async fn decide_form(
     req: &mut Request<ReqBody>,
     form: Result<crate::http::Form, String>,
@@ -108,15 +115,21 @@ async fn decide_form(
     http: &InboundHttp,
     shared: &Shared,
     overrides: &mut Vec<String>,
+    audit: bool,
 ) -> Result<(), Response<Body>> {
+    let declared = hyper::body::Body::size_hint(req.body()).exact().is_some();
     // A boundary RFC 2046 does not allow (over 70 bytes, or bytes it has no place for) is refused
     // before any of the body is read or searched for it.
-    let form = form.map_err(|reason| {
-        reply(
-            StatusCode::BAD_REQUEST,
-            format!("{reason}: its _method fields cannot be checked"),
-        )
-    })?;
+    let form = match form {
+        Ok(form) => form,
+        Err(_) if audit => return Ok(()),
+        Err(reason) => {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                format!("{reason}: its _method fields cannot be checked"),
+            ));
+        }
+    };
     let read = tokio::time::timeout(
         shared.limits.request_timeout,
         req.body_mut()
@@ -125,6 +138,8 @@ async fn decide_form(
     let refused = |reason| shared.metrics.form_body_refused(http.authz.port(), reason);
     let body = match read.await {
         Ok(Ok(body)) => body,
+        // With a declared length, these come before any of the body is read.
+        Ok(Err(ReadWhole::NoRoom(_) | ReadWhole::TooLarge)) if audit && declared => return Ok(()),
         Ok(Err(ReadWhole::NoRoom(NoRoom::Busy))) => {
             refused("no_room");
             return Err(reply(
@@ -173,12 +188,16 @@ async fn decide_form(
     };
     // A multipart body whose parts frameworks would read differently: 400, as a Content-Type
     // they would read differently is.
-    let methods = form.method_overrides(&body).map_err(|reason| {
-        reply(
-            StatusCode::BAD_REQUEST,
-            format!("{reason}: its _method fields cannot be checked"),
-        )
-    })?;
+    let methods = match form.method_overrides(&body) {
+        Ok(methods) => methods,
+        Err(_) if audit => return Ok(()),
+        Err(reason) => {
+            return Err(reply(
+                StatusCode::BAD_REQUEST,
+                format!("{reason}: its _method fields cannot be checked"),
+            ));
+        }
+    };
     for method in methods {
         if method != req.method().as_str() {
             http.authz
@@ -379,18 +398,16 @@ async fn inbound_request(
     // A method override is decided as the method it names (each recorded as a decision of its
     // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
     for method in crate::http::method_overrides(req.headers()) {
-        if method != req.method().as_str()
-            && let Err(denied) = http.authz.request(
+        if method != req.method().as_str() {
+            if let Err(denied) = http.authz.request(
                 peer,
-                method,
+                &method,
                 req.uri().path(),
                 crate::trace::traceparent(req.headers()),
-            )
-        {
-            return *denied;
-        }
-        if method != req.method().as_str() {
-            overrides.push(method.to_owned());
+            ) {
+                return *denied;
+            }
+            overrides.push(method);
         }
     }
     // So is one the query names (`?_method=DELETE`).
@@ -428,7 +445,9 @@ async fn inbound_request(
             forwarded
         })
     {
-        if let Err(refused) = decide_form(&mut req, form, peer, http, shared, &mut overrides).await
+        let audit = http.authz.audits();
+        if let Err(refused) =
+            decide_form(&mut req, form, peer, http, shared, &mut overrides, audit).await
         {
             return refused;
         }
@@ -513,6 +532,9 @@ async fn inbound_request(
             }),
         }
     });
+    if !to_h2 && req.version() == Version::HTTP_2 {
+        crate::http::join_cookies(req.headers_mut());
+    }
     *req.version_mut() = if to_h2 {
         Version::HTTP_2
     } else {
