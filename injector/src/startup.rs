@@ -414,6 +414,7 @@ impl Startup {
             };
             // Dropped when this function returns; the admin server stops with it.
             let (_stop_admin, admin_shutdown) = tokio::sync::watch::channel(false);
+            let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
             if let Some(admin) = admin_listen {
                 let listener = match tokio::net::TcpListener::bind(admin).await {
                     Ok(l) => l,
@@ -427,7 +428,10 @@ impl Startup {
                 tokio::spawn(meshid_runtime::admin::serve(
                     listener,
                     registry,
-                    Arc::new(AlwaysReady),
+                    Arc::new(Readiness {
+                        cert: cert.clone(),
+                        draining: draining.clone(),
+                    }),
                     admin_shutdown,
                 ));
             }
@@ -478,10 +482,13 @@ impl Startup {
             let no_signals = std::cell::Cell::new(false);
             let signal = async {
                 match meshid_runtime::process::wait_for_signal().await {
-                    Ok(()) => tracing::info!(
-                        grace = ?limits.shutdown_grace,
-                        "signal received; answering the reviews in flight, then exiting"
-                    ),
+                    Ok(()) => {
+                        draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(
+                            grace = ?limits.shutdown_grace,
+                            "signal received; answering the reviews in flight, then exiting"
+                        );
+                    }
                     Err(error) => {
                         eprintln!("meshid-injector: cannot handle signals: {error}");
                         no_signals.set(true);
@@ -540,12 +547,27 @@ fn read_all(paths: &[&Path], flags: &[&str]) -> Result<Vec<Vec<u8>>, Vec<String>
     }
 }
 
-/// The injector is ready once it serves: its certificate was checked before the listener opened.
-struct AlwaysReady;
+/// The injector is ready while it can answer the API server: its certificate was checked before
+/// the listener opened, but it is not ready once that certificate (or a renewed one) has expired
+/// (the API server refuses the handshake until a valid pair is put in place), nor once it drains
+/// for shutdown (a Service then stops sending it reviews).
+struct Readiness {
+    cert: Arc<ServingCert>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
 
-impl meshid_runtime::admin::AdminRoutes for AlwaysReady {
+impl meshid_runtime::admin::AdminRoutes for Readiness {
     fn not_ready(&self) -> Option<String> {
-        None
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Some("shutting down: answering the reviews in flight".to_owned());
+        }
+        match serving::not_after(&self.cert.current()) {
+            Some(not_after) if not_after <= OffsetDateTime::now_utc() => Some(format!(
+                "the serving certificate expired at {not_after}; put a valid pair in --tls-cert \
+                 and --tls-key (no restart needed)"
+            )),
+            _ => None,
+        }
     }
 }
 

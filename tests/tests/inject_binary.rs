@@ -1124,6 +1124,69 @@ async fn injector_applies_a_certificate_not_valid_yet_once_valid() {
     );
 }
 
+/// Once its serving certificate has expired (the API server refuses the handshake), the injector
+/// is not ready, and says why; before, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injector_is_not_ready_once_its_serving_certificate_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = init_ca(dir.path());
+    let roots = roots_of(&ca_dir);
+    let first = dir.path().join("1");
+    assert!(webhook_cert(&ca_dir, &first, &[]).status.success());
+    let mut secret = SecretVolume::new(&dir.path().join("secret"), &pair_files(&first));
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let _injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &secret.path("tls.crt"),
+            &secret.path("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()]),
+    );
+    wait_healthy(addr, &roots).await;
+    assert_eq!(http_get(admin, "/readyz").unwrap().0, 200);
+
+    // A pair that lapses 3 s from now.
+    let intermediate = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
+    let signing = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca_dir.join("intermediate.key")).unwrap(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&intermediate, signing).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::seconds(3);
+    let brief = params.signed_by(&key, &issuer).unwrap();
+    secret.update(&[
+        (
+            "tls.crt",
+            format!("{}{intermediate}", brief.pem()).into_bytes(),
+        ),
+        ("tls.key", key.serialize_pem().into_bytes()),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while served_leaf(addr, &roots).await != *brief.der() {
+        assert!(std::time::Instant::now() < deadline, "never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = http_get(admin, "/readyz").unwrap();
+    assert_eq!(status, 200, "ready while the pair is valid");
+    loop {
+        let (status, body) = http_get(admin, "/readyz").unwrap();
+        if status == 503 {
+            assert!(body.contains("serving certificate expired"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// TLS to the injector from the source address `from` (any 127.0.0.0/8 address: each is a source of
 /// its own for the per-source cap), offering `alpn`.
 async fn tls_from(
