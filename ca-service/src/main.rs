@@ -464,7 +464,30 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                             "    revoked (serial {}): counts for no gate",
                             shown(&s.serial)
                         );
+                    } else {
+                        // What `meshid-ca revoke --serial` takes to release this instance alone.
+                        println!(
+                            "    serial {} lineage {}: {}",
+                            or_unknown(&shown(&s.serial)),
+                            or_unknown(&shown(&s.lineage)),
+                            shown(&rotation::gates::release(s))
+                        );
                     }
+                }
+                for p in &report.processes {
+                    println!(
+                        "  CA process started {} serving bundle v{}{}",
+                        p.started_unix,
+                        p.bundle_version,
+                        if p.reconnect_until > 0 {
+                            format!(
+                                " (the sidecars of a process it replaced may reconnect until {})",
+                                p.reconnect_until
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
                 }
                 for u in &report.unknown {
                     println!("unknown: {}", shown(u));
@@ -479,6 +502,11 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
 /// A string from the network as a terminal may show it: control characters and quotes escaped.
 fn shown(s: &str) -> String {
     s.escape_debug().to_string()
+}
+
+/// `s`, or "unknown" when empty (a field an older CA does not report).
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
 }
 
 /// Gates measure convergence through the running CAs; without one, only `--force` may proceed.

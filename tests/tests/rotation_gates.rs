@@ -549,3 +549,70 @@ async fn a_sidecar_gone_before_it_acknowledged_holds_activate_until_revoked() {
     .expect("activate runs once the gone sidecar is revoked");
     assert_eq!(activated, "2");
 }
+
+/// One pod of a service account that never acknowledges (a compromised one, starting a lineage
+/// with its token) is released by what the refusal names, `revoke --serial` of its own lineage,
+/// without revoking the identity the honest replicas share: they keep their place and their
+/// acknowledgements, and `activate` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holdout_is_released_alone_by_what_the_refusal_names() {
+    use std::time::Duration;
+
+    let ca = TestCa::start(CaOptions::default()).await;
+    let dir = ca.dir.path().to_owned();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let admins = [ca.admin_addr];
+    let mut honest = Workload::new(&ca, "web").await;
+    let mut holdout = Workload::new(&ca, "web").await;
+    let mut honest_stream = honest.watch(false).await.unwrap();
+    let _holdout_stream = holdout.watch(false).await.unwrap();
+    rotation::prepare(&dir, None).unwrap();
+    let version = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let b = honest_stream.message().await.unwrap().unwrap();
+            if b.roots.len() == 2 {
+                return b.version;
+            }
+        }
+    })
+    .await
+    .expect("the new root reaches the honest sidecar");
+    let ack = honest.ack_of(version);
+    honest.ack(ack).await.unwrap();
+
+    let why = match rotation::activate(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => why,
+        other => panic!("activate must wait for the holdout: {other:?}"),
+    };
+    let holdout_serial = meshid_identity::cert_identity_from_der(&holdout.chain[0])
+        .unwrap()
+        .serial_hex
+        .to_lowercase();
+    let command = why
+        .split_once("`meshid-ca revoke --serial ")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(serial, _)| serial.to_owned())
+        .unwrap_or_else(|| panic!("the refusal names what releases the holdout: {why}"));
+    assert_eq!(command, holdout_serial, "{why}");
+    let (code, out) = meshid_ca(&["revoke", "--dir", dir_arg.as_str(), "--serial", &command]);
+    assert_eq!(code, 0, "{out}");
+
+    let activated = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(name) = rotation::activate(&dir, &admins, false).await {
+                return name;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("activate runs once the holdout alone is revoked");
+    assert_eq!(activated, "2");
+    // The honest replica of the same identity is not revoked: the CA still takes its word.
+    let report = rotation::status(&dir, &admins).await.unwrap();
+    let mut revoked: Vec<bool> = report.sidecars.iter().map(|s| s.revoked).collect();
+    revoked.sort();
+    assert_eq!(revoked, [false, true], "{:?}", report.sidecars);
+    let ack = honest.ack_of(version);
+    honest.ack(ack).await.unwrap();
+}

@@ -35,6 +35,17 @@ struct Ca {
 }
 
 fn start_ca(dir: &Path, jwks: &Path, grpc: SocketAddr, admin: SocketAddr) -> Ca {
+    start_ca_issuing_for(dir, jwks, grpc, admin, TTL)
+}
+
+/// [`start_ca`], issuing certificates that live `ttl`.
+fn start_ca_issuing_for(
+    dir: &Path,
+    jwks: &Path,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    ttl: &str,
+) -> Ca {
     let proc = Proc::spawn(
         "meshid-ca",
         Command::new(workspace_bin("meshid-ca"))
@@ -42,7 +53,7 @@ fn start_ca(dir: &Path, jwks: &Path, grpc: SocketAddr, admin: SocketAddr) -> Ca 
             .arg(dir)
             .args(["--listen", &grpc.to_string()])
             .args(["--admin-listen", &admin.to_string()])
-            .args(["--san", "localhost", "--ttl", TTL, "--max-ttl", TTL])
+            .args(["--san", "localhost", "--ttl", ttl, "--max-ttl", ttl])
             .arg("--jwks")
             .arg(jwks)
             .env("MESHID_LOG", "warn"),
@@ -252,6 +263,17 @@ async fn root_rotation_by_real_processes_under_traffic() {
         out.contains("activate is waiting") && out.contains(LAGGING),
         "{out}"
     );
+    // Each sidecar line names what releases that instance alone, without --json.
+    let lagging_line = out
+        .lines()
+        .skip_while(|l| !l.contains(&format!("sidecar {LAGGING}")))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        lagging_line.contains("serial ")
+            && lagging_line.contains("release it alone with `meshid-ca revoke --serial "),
+        "{out}"
+    );
 
     // Thawed, it acknowledges v2 (still connected), and activate passes.
     lagging.signal("CONT");
@@ -412,4 +434,101 @@ async fn root_rotation_by_real_processes_under_traffic() {
     );
     assert!(ok > 100, "traffic flowed: {ok}");
     assert_eq!(failed, 0, "no request failed during the rotation");
+}
+
+/// A CA process killed (-9) between `prepare` and `activate` and restarted starts knowing none of
+/// the sidecars it served: with the one sidecar not back yet (frozen), no sidecar is listed at
+/// all. `activate` must not read that as "every sidecar trusts the new root": it waits, naming the
+/// restart, and passes once the sidecar is back and acknowledged the new root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_restarted_before_activate_holds_it_until_its_sidecars_could_have_reconnected() {
+    // Long enough that the frozen sidecar's certificate outlives the restart by seconds.
+    const LONGER_TTL: &str = "20s";
+    let work = tempfile::tempdir().unwrap();
+    let dir: PathBuf = work.path().join("ca");
+    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}");
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let (grpc, admin) = (free_addr("127.0.0.26"), free_addr("127.0.0.26"));
+    let mut ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONGER_TTL);
+    let ca_bundle = work.path().join("ca-bundle.pem");
+    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
+    let token = work.path().join("backend.token");
+    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
+    let sidecar_admin = free_addr("127.0.0.27");
+    let sidecar = Proc::spawn(
+        "meshid-sidecar",
+        ca_mode_sidecar(grpc, &ca_bundle, "--token-file", &token, sidecar_admin)
+            .args(["--ttl", LONGER_TTL])
+            .arg("--outbound")
+            .arg(format!(
+                "{}={},{B},http",
+                free_addr("127.0.0.1"),
+                sidecar_admin
+            )),
+    );
+    assert!(
+        poll(Duration::from_secs(15), || {
+            status(&dir, &[admin])
+                .sidecars
+                .iter()
+                .any(|s| s.identity == B && s.connected && s.acked_version == 1)
+        }),
+        "the sidecar acknowledged v1: {:?}",
+        status(&dir, &[admin])
+    );
+
+    // Frozen, it cannot come back; prepare, then the CA dies and starts again.
+    sidecar.signal("STOP");
+    let (code, out) = meshid_ca(&["rotate", "prepare", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "prepare: {out}");
+    ca.proc.signal("KILL");
+    assert!(
+        ca.proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "the CA died"
+    );
+    ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONGER_TTL);
+    let after = status(&dir, &[admin]);
+    assert!(after.sidecars.is_empty(), "{after:?}");
+    let (code, out) = rotate("activate", &dir, &[admin], &[]);
+    assert!(
+        code != 0
+            && out.contains("a CA process started")
+            && out.contains("its sidecars may not have reconnected yet")
+            && out.contains("activate waits until"),
+        "activate must wait for the sidecars of the restarted CA: {code}: {out}"
+    );
+    let (code, out) = rotate("status", &dir, &[admin], &[]);
+    assert!(
+        code == 0 && out.contains("may reconnect until") && out.contains("activate is waiting"),
+        "{out}"
+    );
+
+    // Thawed, it reconnects and acknowledges the new root; activate passes.
+    sidecar.signal("CONT");
+    let out = rotate_until_ok("activate", &dir, &[admin], Duration::from_secs(40));
+    assert!(out.contains("authority 2 now signs"), "{out}");
+    let r = status(&dir, &[admin]);
+    assert!(
+        r.sidecars
+            .iter()
+            .any(|s| s.identity == B && s.connected && s.acked_version >= 2),
+        "{r:?}"
+    );
+    drop(ca);
+}
+
+/// The CA's reconnect window counts on how fast a sidecar reopens a broken bundle stream.
+#[test]
+fn the_reconnect_window_covers_the_sidecars_retries() {
+    let cap = i64::try_from(meshid_sidecar::creds::ca::BUNDLE_RETRY_CAP.as_secs()).unwrap();
+    // Two full retry waits and a 5 s connect timeout each: what a sidecar takes to reach a CA
+    // process that came back, twice over.
+    assert!(
+        meshid_ca::rotation::gates::RECONNECT_WINDOW_SECONDS >= 2 * (cap + 5),
+        "{} s",
+        meshid_ca::rotation::gates::RECONNECT_WINDOW_SECONDS
+    );
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use meshid_runtime::time::unix_now;
 
-use super::gates::{activate_blockers, retire_blockers, summarize};
+use super::gates::{
+    activate_blockers, report_time, report_time_latest, retire_blockers, summarize,
+};
 use super::report::RotationReport;
 use super::view::merged;
 use crate::admin_token::{AdminToken, signed_get};
@@ -332,7 +334,9 @@ pub async fn activate(
     let _lock = DirLock::acquire(ca_dir)?;
     let mut state = RotationState::load(ca_dir)?;
     let report = merged(&state, fetch_reports(ca_dir, admins).await?);
-    let blockers = activate_blockers(&state, &report, unix_now());
+    // In the CAs' time: what the gates compare (expiries, starts) is theirs.
+    let now = report_time(&report, unix_now());
+    let blockers = activate_blockers(&state, &report, now);
     if state.find(AuthorityState::Prepared).is_none() {
         return Err(RotateError::Refused(summarize(&blockers)));
     }
@@ -351,11 +355,11 @@ pub async fn activate(
         match a.state {
             AuthorityState::Active => {
                 a.state = AuthorityState::Retiring;
-                a.signed_until = Some(unix_now());
+                a.signed_until = Some(report_time_latest(&report, unix_now()));
             }
             AuthorityState::Prepared => {
                 a.state = AuthorityState::Active;
-                a.signing_since = Some(unix_now());
+                a.signing_since = Some(now);
                 new_active = a.name.clone();
             }
             _ => {}
@@ -376,7 +380,7 @@ pub async fn retire(
     let reports = fetch_reports(ca_dir, admins).await?;
     let served = served_versions(&reports);
     let report = merged(&state, reports);
-    let mut blockers = retire_blockers(&state, &report, unix_now());
+    let mut blockers = retire_blockers(&state, &report, report_time(&report, unix_now()));
     // Marks the report could not count: the certificates they account for may be live.
     blockers.extend(
         crate::issued::unreadable_marks(ca_dir)

@@ -375,6 +375,27 @@ pub fn authority_of(
     })
 }
 
+/// The latest not-after the CA directory's issuance marks give, over every authority and every
+/// identity marked apart (0: none); `None` when that is not known (a mark or the state cannot be
+/// read).
+fn issued_before(ca_dir: &std::path::Path) -> Option<i64> {
+    if !crate::issued::unreadable_marks(ca_dir).is_empty() {
+        return None;
+    }
+    let state = crate::authorities::RotationState::load(ca_dir).ok()?;
+    Some(
+        state
+            .authorities
+            .iter()
+            .flat_map(|a| {
+                let long = crate::issued::long_issued_until(ca_dir, &a.name).into_values();
+                long.chain([crate::issued::issued_until(ca_dir, &a.name)])
+            })
+            .max()
+            .unwrap_or(0),
+    )
+}
+
 impl Fleet {
     pub fn new(process: CaProcess) -> Self {
         Self::with_limits(process, FleetLimits::default())
@@ -390,9 +411,19 @@ impl Fleet {
         }
     }
 
-    /// Records every issuance in `ca_dir` before the certificate is handed out.
+    /// Records every issuance in `ca_dir` before the certificate is handed out. Called as the
+    /// process starts: the marks every process wrote so far say until when certificates issued
+    /// before this start may be live, and so until when sidecars an earlier process served may
+    /// still be reconnecting ([`CaProcess::reconnect_until`]).
     pub fn recording_to(mut self, ca_dir: &std::path::Path) -> Self {
-        self.log = Some(crate::issued::IssuanceLog::new(ca_dir));
+        let log = crate::issued::IssuanceLog::new(ca_dir);
+        let recorded = log.writable().then(|| issued_before(ca_dir)).flatten();
+        self.process.reconnect_until = super::gates::reconnect_until(
+            self.process.started_unix,
+            self.process.max_ttl_seconds,
+            recorded,
+        );
+        self.log = Some(log);
         self
     }
 
@@ -1037,6 +1068,51 @@ mod tests {
         assert_eq!(sidecars.len(), 1);
         assert_eq!(sidecars[0].acked_version, 0);
         assert_eq!(sidecars[0].serving_not_after, 1_000);
+    }
+
+    /// A process started while certificates an earlier one issued may be live (the directory's
+    /// marks say so) holds `activate` for the reconnect window, or until they expire; one started
+    /// before anything was issued holds nothing; one that cannot tell holds the whole window.
+    #[test]
+    fn a_start_measures_how_long_the_sidecars_of_an_earlier_process_may_take_to_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = meshid_identity::TrustDomain::new("td").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        let now = 10_000;
+        let started = || {
+            Fleet::new(CaProcess {
+                started_unix: now,
+                max_ttl_seconds: 86_400,
+                ..Default::default()
+            })
+            .recording_to(dir.path())
+            .process_now()
+            .reconnect_until
+        };
+        assert_eq!(started(), 0, "a new CA: nothing issued before it");
+        let issued = dir.path().join(crate::issued::ISSUED_DIR);
+        std::fs::create_dir_all(&issued).unwrap();
+        std::fs::write(
+            issued.join("earlier.json"),
+            format!(r#"{{"1":{}}}"#, now + 30),
+        )
+        .unwrap();
+        assert_eq!(started(), now + 30, "until the earlier certificates expire");
+        std::fs::write(
+            issued.join("earlier.long.json"),
+            format!(r#"{{"1":{{"spiffe://td/batch":{}}}}}"#, now + 9_000),
+        )
+        .unwrap();
+        assert_eq!(started(), now + gates_window(), "the whole window");
+        std::fs::write(issued.join("earlier.long.json"), "garbage").unwrap();
+        assert_eq!(started(), now + gates_window(), "a mark it cannot read");
+        std::fs::remove_file(issued.join("earlier.long.json")).unwrap();
+        std::fs::write(issued.join("earlier.json"), format!(r#"{{"1":{now}}}"#)).unwrap();
+        assert_eq!(started(), 0, "expired by the start");
+    }
+
+    fn gates_window() -> i64 {
+        super::super::gates::RECONNECT_WINDOW_SECONDS
     }
 
     #[test]

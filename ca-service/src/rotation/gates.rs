@@ -25,6 +25,68 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
         .collect()
 }
 
+/// How long after a CA process starts the sidecars of a process it replaced may still be on their
+/// way back. A sidecar whose bundle stream breaks tries again at once, then at most every 10 s
+/// (its backoff's cap, jittered down to half), each try taking up to 5 s to connect; a restarted
+/// CA pod is reached once its readiness probe passed (every 5 s in the chart) and the Service's
+/// endpoints list it: about 25 s in all, doubled. Until then such a sidecar is on no process's
+/// list, and the gate would not know it exists.
+pub const RECONNECT_WINDOW_SECONDS: i64 = 60;
+
+/// Until when a CA process started at `started` holds `activate` (see
+/// [`super::report::CaProcess::reconnect_until`]): [`RECONNECT_WINDOW_SECONDS`] after its start,
+/// but never longer than the longest certificate lifetime (`max_ttl_seconds`) or past
+/// `recorded_until`, the latest expiry the CA directory's issuance marks gave for certificates
+/// issued before the start: a sidecar whose certificate expired serves nothing, and one that
+/// renewed reconnects with its new certificate. `recorded_until` at or before the start (nothing
+/// issued earlier can be live: a new CA) holds nothing; `None` (not known: the directory cannot be
+/// written, or a mark cannot be read) holds the whole window.
+pub fn reconnect_until(started: i64, max_ttl_seconds: u64, recorded_until: Option<i64>) -> i64 {
+    let longest = i64::try_from(max_ttl_seconds).unwrap_or(i64::MAX);
+    let window_end = started.saturating_add(RECONNECT_WINDOW_SECONDS.min(longest));
+    match recorded_until {
+        Some(until) if until <= started => 0,
+        Some(until) => window_end.min(until),
+        None => window_end,
+    }
+}
+
+/// The time the gates decide at: the earliest clock of the CA processes that reported it (their
+/// certificate expiries, starts and issuance are in their time; the earliest is the side that
+/// waits longer), or `fallback` (this machine's clock) when none did.
+pub fn report_time(r: &RotationReport, fallback: i64) -> i64 {
+    reported_times(r).min().unwrap_or(fallback)
+}
+
+/// The latest clock of the CA processes that reported it, or `fallback`: what a step records as
+/// the end of something (an authority's signing) in the CAs' time, on the side that waits longer.
+pub fn report_time_latest(r: &RotationReport, fallback: i64) -> i64 {
+    reported_times(r).max().unwrap_or(fallback)
+}
+
+fn reported_times(r: &RotationReport) -> impl Iterator<Item = i64> + '_ {
+    r.processes
+        .iter()
+        .map(|p| p.reported_unix)
+        .filter(|t| *t > 0)
+}
+
+/// What releases the instance `s` alone, leaving the other instances of its identity (the honest
+/// replicas of its service account) be: revoking the first serial of its lineage (every renewal
+/// of it too), or its certificate's serial when its lineage is not known.
+pub fn release(s: &super::report::SidecarReport) -> String {
+    match (s.lineage.as_str(), s.serial.as_str()) {
+        ("", "") => {
+            "no serial reported (an older CA): only `meshid-ca revoke --id` releases it".to_owned()
+        }
+        ("", serial) => format!("release it alone with `meshid-ca revoke --serial {serial}`"),
+        (lineage, _) => format!(
+            "release it alone with `meshid-ca revoke --serial {lineage}` (its lineage: its \
+             renewals too)"
+        ),
+    }
+}
+
 /// What `activate` is waiting for (empty: it may run) at `now`. An instance whose certificate has
 /// expired does not count: it can take part in no handshake (peers refuse the certificate, and the
 /// sidecar itself stops serving), and the certificate it renews to comes with the bundle the CA
@@ -66,33 +128,56 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
         .map(|s| {
             if s.connected {
                 format!(
-                    "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root)",
-                    s.identity, s.instance, s.acked_version, prepared.in_bundle_since
+                    "sidecar {} ({}) has acknowledged bundle v{}, needs v{} (with the new root); {}",
+                    s.identity,
+                    s.instance,
+                    s.acked_version,
+                    prepared.in_bundle_since,
+                    release(s)
                 )
             } else if s.turned_away.is_empty() {
                 format!(
                     "sidecar {} ({}) not seen since {} (its bundle stream closed having acknowledged \
                      bundle v{}, not v{}): it may still serve until its certificate expires ({}); \
                      `activate` waits until it reconnects and acknowledges, that expiry, or it is \
-                     revoked",
+                     revoked; {}",
                     s.identity,
                     s.instance,
                     s.last_seen,
                     s.acked_version,
                     prepared.in_bundle_since,
-                    s.serving_not_after
+                    s.serving_not_after,
+                    release(s)
                 )
             } else {
                 format!(
                     "sidecar {} ({}) was turned away by a CA ({}): what it trusts is unknown until \
                      a stream of its is registered (make room on the CA: more replicas or higher \
-                     limits), its certificate expires ({}), or it is revoked",
-                    s.identity, s.instance, s.turned_away, s.serving_not_after
+                     limits), its certificate expires ({}), or it is revoked; {}",
+                    s.identity,
+                    s.instance,
+                    s.turned_away,
+                    s.serving_not_after,
+                    release(s)
                 )
             }
         })
         .collect();
     for p in &r.processes {
+        // A process that replaced another knows none of the sidecars that one served until they
+        // reconnect: with none listed, the gate would say every sidecar trusts the new root.
+        if p.reconnect_until > now {
+            blockers.push(format!(
+                "a CA process started {}s ago (at {}); its sidecars may not have reconnected yet \
+                 (certificates issued before it started may be live, and what the process it \
+                 replaced knew of their sidecars is lost): activate waits until {} ({}s from \
+                 now)",
+                now.saturating_sub(p.started_unix).max(0),
+                p.started_unix,
+                p.reconnect_until,
+                p.reconnect_until - now
+            ));
+        }
         // An acknowledgement names a version of the process it was sent to. A process that served
         // a version at or above the prepared root's without that root (it numbered a change of
         // bundle.pem made by hand itself, and `rotate prepare` did not hear of it, or the root was
@@ -701,5 +786,134 @@ mod tests {
         // Another lineage's instance does not stand for it.
         r.sidecars[0].lineage = "bb".into();
         assert_eq!(activate_blockers(&st, &r, 100).len(), 1);
+    }
+
+    fn prepared() -> RotationState {
+        state(
+            &[
+                ("1", AuthorityState::Active, 1),
+                ("2", AuthorityState::Prepared, 2),
+            ],
+            2,
+        )
+    }
+
+    fn report_of(sidecars: Vec<SidecarReport>, processes: Vec<CaProcess>) -> RotationReport {
+        RotationReport {
+            bundle_version: 2,
+            authorities: vec![],
+            sidecars,
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes,
+            turned_away_unlisted: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_reconnect_window_ends_with_what_may_be_live() {
+        let day = 86_400;
+        // Nothing known about what may be live (a read-only directory): the whole window.
+        assert_eq!(reconnect_until(1_000, day, None), 1_060);
+        // Nothing issued before the start can be live (a new CA): no wait.
+        assert_eq!(reconnect_until(1_000, day, Some(0)), 0);
+        assert_eq!(reconnect_until(1_000, day, Some(1_000)), 0);
+        // Certificates issued before it expire before the window ends: until then.
+        assert_eq!(reconnect_until(1_000, day, Some(1_030)), 1_030);
+        assert_eq!(reconnect_until(1_000, day, Some(9_000)), 1_060);
+        // Never longer than the longest lifetime.
+        assert_eq!(reconnect_until(1_000, 8, None), 1_008);
+    }
+
+    /// A CA process that restarted (a crash, an OOM kill, an eviction) knows none of the sidecars
+    /// the process it replaced served: with none listed, `activate` would pass. It waits until
+    /// they could have reconnected.
+    #[test]
+    fn a_process_started_moments_ago_holds_activate_until_its_sidecars_could_have_reconnected() {
+        let st = prepared();
+        let now = 10_000;
+        let started = |ago: i64| {
+            let started_unix = now - ago;
+            CaProcess {
+                started_unix,
+                max_ttl_seconds: 86_400,
+                reconnect_until: reconnect_until(started_unix, 86_400, Some(now + 3_600)),
+                ..Default::default()
+            }
+        };
+        let b = activate_blockers(&st, &report_of(vec![], vec![started(5)]), now);
+        assert_eq!(b.len(), 1, "{b:?}");
+        assert!(
+            b[0].contains("a CA process started 5s ago")
+                && b[0].contains("may not have reconnected yet")
+                && b[0].contains(&format!("activate waits until {}", now + 55)),
+            "{b:?}"
+        );
+        // Started long ago: its sidecars are back (or listed as gone or turned away).
+        assert!(activate_blockers(&st, &report_of(vec![], vec![started(1_000)]), now).is_empty());
+        assert!(activate_blockers(&st, &report_of(vec![], vec![started(5)]), now + 55).is_empty());
+        // A process that started before anything was issued has no one to wait for.
+        let fresh = CaProcess {
+            reconnect_until: reconnect_until(now - 5, 86_400, Some(0)),
+            ..started(5)
+        };
+        assert!(activate_blockers(&st, &report_of(vec![], vec![fresh]), now).is_empty());
+    }
+
+    /// Every sidecar a refusal names comes with what releases it alone (`revoke --serial` of its
+    /// lineage, or of its certificate), so one holdout does not take revoking its identity, which
+    /// would cut off every honest replica of the service account.
+    #[test]
+    fn each_blocking_sidecar_is_named_with_what_releases_it_alone() {
+        let st = prepared();
+        let with = |instance: &str, serial: &str, lineage: &str| SidecarReport {
+            serial: serial.into(),
+            lineage: lineage.into(),
+            ..sidecar(instance, 1, "1", 0)
+        };
+        let gone = SidecarReport {
+            connected: false,
+            last_seen: 50,
+            ..with("gone", "0c", "0b")
+        };
+        let turned_away = SidecarReport {
+            connected: false,
+            turned_away: "no room".into(),
+            ..with("away", "0e", "")
+        };
+        let r = report_of(
+            vec![
+                with("renewed", "0a", "01"),
+                with("first", "02", ""),
+                gone,
+                turned_away,
+                with("old", "", ""),
+            ],
+            vec![],
+        );
+        let b = activate_blockers(&st, &r, 100);
+        assert_eq!(b.len(), 5, "{b:?}");
+        for (blocker, release) in b.iter().zip([
+            "`meshid-ca revoke --serial 01` (its lineage",
+            "`meshid-ca revoke --serial 02`",
+            "`meshid-ca revoke --serial 0b` (its lineage",
+            "`meshid-ca revoke --serial 0e`",
+            "only `meshid-ca revoke --id` releases it",
+        ]) {
+            assert!(blocker.contains(release), "{release}: {blocker}");
+        }
+    }
+
+    #[test]
+    fn the_gates_decide_at_the_earliest_clock_the_cas_reported() {
+        let at = |reported_unix: i64| CaProcess {
+            reported_unix,
+            ..Default::default()
+        };
+        let r = report_of(vec![], vec![at(0), at(1_300), at(1_000)]);
+        assert_eq!(report_time(&r, 5_000), 1_000);
+        assert_eq!(report_time_latest(&r, 5_000), 1_300);
+        // CAs before the field: this machine's clock.
+        assert_eq!(report_time(&report_of(vec![], vec![at(0)]), 5_000), 5_000);
     }
 }

@@ -127,4 +127,17 @@ pub struct CaProcess {
     /// [`super::gates::activate_blockers`]).
     #[serde(default)]
     pub served_without_prepared_root: u64,
+    /// Until when (Unix seconds, this process's clock) the sidecars an earlier CA process served
+    /// may still be reconnecting: a process that replaced one (a crash, an OOM kill, an eviction, a
+    /// rollout) starts knowing none of its sidecars, its gone or turned-away instances, or their
+    /// acknowledgements. Set at start from what may be live then
+    /// ([`super::gates::reconnect_until`]); 0 when nothing issued before the start can be live (or a
+    /// CA before this field). `activate` waits until then.
+    #[serde(default)]
+    pub reconnect_until: i64,
+    /// This process's clock when it computed the report (Unix seconds; 0: a CA before this
+    /// field). The gates compare the CAs' times (certificate expiries, starts, issuance) with the
+    /// earliest of these rather than with the clock of the machine that runs `rotate`.
+    #[serde(default)]
+    pub reported_unix: i64,
 }

@@ -94,8 +94,8 @@ pub fn report(
 
 /// A CA process as its report describes it: `process` (its fleet's view) with the version of the
 /// `bundle` it serves, and the highest version it served without the root of the authority
-/// `rotation` (read from the CA directory `files`) has prepared. A prepared root that cannot be
-/// read (its files not mounted here) is not measured (0).
+/// `rotation` (read from the CA directory `files`) has prepared, and its clock now. A prepared
+/// root that cannot be read (its files not mounted here) is not measured (0).
 pub fn process(
     process: CaProcess,
     bundle: &crate::service::Bundle,
@@ -110,6 +110,7 @@ pub fn process(
     CaProcess {
         bundle_version: bundle.version,
         served_without_prepared_root,
+        reported_unix: unix_now(),
         ..process
     }
 }
@@ -186,7 +187,8 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
         s.turned_away.clear();
     }
     base.sidecars.sort_by(|a, b| a.identity.cmp(&b.identity));
-    refresh(&mut base, state, unix_now());
+    let now = super::gates::report_time(&base, unix_now());
+    refresh(&mut base, state, now);
     base
 }
 

@@ -1021,6 +1021,12 @@ enum Reconnect {
     Stop,
 }
 
+/// The longest wait between two tries to reopen a broken bundle stream. A CA process that
+/// replaced another (a crash, an eviction) does not know the sidecars that one served until they
+/// reopen theirs, so `rotate activate` waits a while after such a start
+/// (`meshid_ca::rotation::gates::RECONNECT_WINDOW_SECONDS`, which counts on this cap).
+pub const BUNDLE_RETRY_CAP: Duration = Duration::from_secs(10);
+
 /// Follows the CA's trust bundle stream, reconnecting with backoff when it breaks, and at once with
 /// every new certificate.
 pub async fn run_bundle_watch(
@@ -1030,7 +1036,7 @@ pub async fn run_bundle_watch(
     life: Arc<Lifecycle>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut backoff = Backoff::new(Duration::from_millis(200), BUNDLE_RETRY_CAP);
     // The CA counts a stream as a connected sidecar (the one the rotation gates wait for) only when
     // it was opened with a certificate: open it once the first certificate is there.
     while store.chain_and_key().is_none() {
@@ -1071,7 +1077,24 @@ pub async fn run_bundle_watch(
                 if bundle.renew_now {
                     life.renew_now.notify_one();
                 }
-                match jwt_keys(std::mem::take(&mut bundle.jwt_keys)) {
+                // A version is acknowledged only once applied in full: a rotation's gate counts
+                // an acknowledgement as "trusts the new authority", JWT-SVIDs signed with its key
+                // included.
+                let rejected = |why: &str| {
+                    metrics
+                        .bundle_updates
+                        .get_or_create(&ResultLabels { result: "rejected" })
+                        .inc();
+                    tracing::error!(
+                        version = bundle.version,
+                        "{why}; this version is not acknowledged"
+                    );
+                };
+                if bundle.roots.is_empty() {
+                    rejected("trust bundle without roots rejected; keeping the current one");
+                    continue;
+                }
+                let jwt_keys_taken = match jwt_keys(std::mem::take(&mut bundle.jwt_keys)) {
                     Ok(keys) => {
                         life.jwt_keys.send_if_modified(|held| {
                             let changed = held.as_deref() != Some(&keys);
@@ -1080,11 +1103,15 @@ pub async fn run_bundle_watch(
                             }
                             changed
                         });
+                        true
                     }
                     Err(error) => {
-                        tracing::error!(%error, "JWT keys of the trust bundle rejected; keeping the current ones");
+                        rejected(&format!(
+                            "JWT keys of the trust bundle rejected ({error}); keeping the current ones"
+                        ));
+                        false
                     }
-                }
+                };
                 let roots: Vec<CertificateDer<'static>> =
                     bundle.roots.into_iter().map(CertificateDer::from).collect();
                 let pinned: Vec<CertificateDer<'static>> = bundle
@@ -1112,29 +1139,34 @@ pub async fn run_bundle_watch(
                         continue;
                     }
                 };
-                if roots.is_empty()
-                    || (roots == store.roots()
-                        && pinned == store.pinned()
-                        && *revoked == *store.revocations())
+                if roots == store.roots()
+                    && pinned == store.pinned()
+                    && *revoked == *store.revocations()
                 {
                     life.applied_version
                         .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                    unacked = conn.ack_or_retry(&life, bundle.version, None).await;
+                    if jwt_keys_taken {
+                        unacked = conn.ack_or_retry(&life, bundle.version, None).await;
+                    }
                     continue;
                 }
                 let newly_revoked = newly_revoked(&bundle.revoked, &store.revocations());
                 match store.set_bundle_at(bundle.version, roots, pinned, revoked) {
                     Ok(snapshot) => {
                         warn_in_force(&newly_revoked);
-                        metrics
-                            .bundle_updates
-                            .get_or_create(&ResultLabels { result: "applied" })
-                            .inc();
                         metrics.record_snapshot(&snapshot);
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
                         life.applied_version
                             .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
-                        unacked = conn.ack_or_retry(&life, bundle.version, None).await;
+                        // Its anchors and revocations are in force; its JWT keys maybe not
+                        // (counted as rejected above).
+                        if jwt_keys_taken {
+                            metrics
+                                .bundle_updates
+                                .get_or_create(&ResultLabels { result: "applied" })
+                                .inc();
+                            unacked = conn.ack_or_retry(&life, bundle.version, None).await;
+                        }
                     }
                     Err(error) => {
                         metrics
@@ -1547,60 +1579,179 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_acknowledgement_the_ca_refused_is_sent_again_until_taken() {
-        let pki = TestPki::new("ack-retry");
-        let bundle = TrustBundle {
+    /// A bundle watch of a sidecar holding a certificate of `pki`, against a fake CA serving
+    /// `bundle` and refusing the first `refuse` acknowledgements (each one sent, taken or not, is
+    /// on `acks`).
+    struct Watching {
+        acks: mpsc::UnboundedReceiver<(u64, bool)>,
+        life: Arc<Lifecycle>,
+        metrics: Metrics,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Watching {
+        async fn start(pki: &TestPki, bundle: TrustBundle, refuse: usize) -> Self {
+            let (acks_tx, acks) = mpsc::unbounded_channel();
+            let addr = serve(
+                pki,
+                FakeCa {
+                    bundle,
+                    refuse,
+                    calls: AtomicUsize::new(0),
+                    acks: acks_tx,
+                },
+            )
+            .await;
+            let store = Arc::new(CredentialStore::new(Vec::new()));
+            let me = pki.leaf("spiffe://cluster.local/ns/shop/sa/web");
+            store
+                .set_certificate(Credentials {
+                    chain: me.chain,
+                    key: me.key,
+                    roots: vec![pki.root.clone()],
+                    pinned: Vec::new(),
+                })
+                .unwrap();
+            let mode = CaMode {
+                endpoint: CaEndpoint {
+                    addr: addr.to_string(),
+                    server_name: Some("localhost".into()),
+                    roots: vec![pki.root.clone()],
+                    pinned: Vec::new(),
+                },
+                bootstrap: Bootstrap::TokenFile(PathBuf::from("/nonexistent")),
+                ttl: None,
+                bundle_cache: None,
+            };
+            let (stop, stopped) = watch::channel(false);
+            let life = Arc::new(Lifecycle::new());
+            let metrics = Metrics::default();
+            let task = tokio::spawn(run_bundle_watch(
+                mode,
+                store,
+                metrics.clone(),
+                life.clone(),
+                stopped,
+            ));
+            Self {
+                acks,
+                life,
+                metrics,
+                stop,
+                task,
+            }
+        }
+
+        fn bundle_updates(&self, result: &'static str) -> u64 {
+            self.metrics
+                .bundle_updates
+                .get_or_create(&ResultLabels { result })
+                .get()
+        }
+
+        async fn stop(self) {
+            self.stop.send_replace(true);
+            self.task.await.unwrap();
+        }
+    }
+
+    fn bundle_of(pki: &TestPki, version: u64) -> TrustBundle {
+        TrustBundle {
             trust_domain: "cluster.local".into(),
             roots: vec![pki.root.to_vec()],
-            version: 7,
+            version,
             renew_now: false,
             pinned_intermediates: Vec::new(),
             jwt_keys: Vec::new(),
             revoked: Vec::new(),
-        };
-        let (acks_tx, mut acks) = mpsc::unbounded_channel();
-        let addr = serve(
-            &pki,
-            FakeCa {
-                bundle,
-                refuse: 2,
-                calls: AtomicUsize::new(0),
-                acks: acks_tx,
-            },
-        )
-        .await;
+        }
+    }
 
-        let store = Arc::new(CredentialStore::new(Vec::new()));
-        let me = pki.leaf("spiffe://cluster.local/ns/shop/sa/web");
-        store
-            .set_certificate(Credentials {
-                chain: me.chain,
-                key: me.key,
-                roots: vec![pki.root.clone()],
-                pinned: Vec::new(),
-            })
-            .unwrap();
-        let mode = CaMode {
-            endpoint: CaEndpoint {
-                addr: addr.to_string(),
-                server_name: Some("localhost".into()),
-                roots: vec![pki.root.clone()],
-                pinned: Vec::new(),
+    /// A rotation's gate counts an acknowledgement as "trusts the new authority": a version the
+    /// sidecar did not apply in full (JWT keys it rejected, so JWT-SVIDs signed with the new key
+    /// would not verify here; no roots at all) is not acknowledged, and is counted as rejected.
+    #[tokio::test]
+    async fn a_bundle_not_applied_in_full_is_not_acknowledged() {
+        struct Case {
+            name: &'static str,
+            bundle: TrustBundle,
+            acknowledged: bool,
+        }
+        let pki = TestPki::new("partial");
+        let cases = [
+            Case {
+                name: "a JWT key that is no P-256 key",
+                bundle: TrustBundle {
+                    jwt_keys: vec![meshid_proto::ca::v1::JwtKey {
+                        key_id: "k2".into(),
+                        public_key: b"not a key".to_vec(),
+                    }],
+                    ..bundle_of(&pki, 7)
+                },
+                acknowledged: false,
             },
-            bootstrap: Bootstrap::TokenFile(PathBuf::from("/nonexistent")),
-            ttl: None,
-            bundle_cache: None,
-        };
-        let (stop_tx, stop) = watch::channel(false);
-        let life = Arc::new(Lifecycle::new());
-        let watch = tokio::spawn(run_bundle_watch(
-            mode,
-            store,
-            Metrics::default(),
-            life.clone(),
-            stop,
-        ));
+            Case {
+                name: "no roots",
+                bundle: TrustBundle {
+                    roots: Vec::new(),
+                    ..bundle_of(&pki, 7)
+                },
+                acknowledged: false,
+            },
+            Case {
+                name: "applied in full",
+                bundle: bundle_of(&pki, 7),
+                acknowledged: true,
+            },
+        ];
+        for case in cases {
+            let mut w = Watching::start(&pki, case.bundle, 0).await;
+            // The first of: an acknowledgement, or the bundle counted as rejected (then anything
+            // sent within a while after).
+            let first = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    tokio::select! {
+                        ack = w.acks.recv() => return ack,
+                        () = tokio::time::sleep(Duration::from_millis(20)) => {
+                            if w.bundle_updates("rejected") > 0 {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{}: the bundle was neither taken nor rejected", case.name));
+            let ack = match first {
+                Some(ack) => Some(ack),
+                None => tokio::time::timeout(Duration::from_millis(1_500), w.acks.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            if case.acknowledged {
+                assert_eq!(ack, Some((7, true)), "{}", case.name);
+                assert_eq!(w.bundle_updates("rejected"), 0, "{}", case.name);
+            } else {
+                assert_eq!(ack, None, "{}: acknowledged", case.name);
+                assert_eq!(w.bundle_updates("rejected"), 1, "{}", case.name);
+                assert!(w.life.jwt_keys.borrow().is_none(), "{}", case.name);
+            }
+            w.stop().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_the_ca_refused_is_sent_again_until_taken() {
+        let pki = TestPki::new("ack-retry");
+        let Watching {
+            mut acks,
+            life,
+            metrics: _,
+            stop: stop_tx,
+            task: watch,
+        } = Watching::start(&pki, bundle_of(&pki, 7), 2).await;
 
         // Refused twice, then taken: three calls for version 7, spaced by the backoff (0.5-1 s,
         // then 1-2 s), all on the one stream (no reconnect needed).
