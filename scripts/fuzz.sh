@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz: libFuzzer + AddressSanitizer) of every parser that faces
 # untrusted input: SPIFFE IDs, certificate identities, CSRs, policy files, pod annotations, revocation lists,
-# service-account tokens, the app's HTTP/1.1 responses and the injector's AdmissionReviews. Targets are in fuzz/fuzz_targets, seeds in fuzz/seeds; docs/fuzzing.md.
+# service-account tokens, the app's HTTP/1.1 responses, the injector's AdmissionReviews and the form bodies
+# and override headers the inbound reads `_method` from. Targets are in fuzz/fuzz_targets, seeds in fuzz/seeds; docs/fuzzing.md.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default: 60 s for every target
 #        scripts/fuzz.sh --smoke [TARGET...]                 50,000 runs each from a fixed seed
@@ -36,7 +37,7 @@ for arg in "$@"; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(spiffe_id cert_identity csr policy annotations sa_token jwt_svid metrics_accept check_scrape revocations h1_response admission_review)
+    targets=(spiffe_id cert_identity csr policy annotations sa_token jwt_svid metrics_accept check_scrape revocations h1_response admission_review form_overrides)
 fi
 
 if $smoke; then

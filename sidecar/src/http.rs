@@ -718,6 +718,48 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The form and method-override parsing above, for the `form_overrides` fuzz target
+/// (`fuzz/fuzz_targets/form_overrides.rs`) and nothing else: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use http::HeaderMap;
+
+    /// A request body's form; made only by [`form_of_type`] and [`form_of`], as the inbound gets
+    /// one (a multipart boundary is always one they checked).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Form(super::Form);
+
+    impl Form {
+        /// The multipart boundary; `None` for an urlencoded form.
+        pub fn boundary(&self) -> Option<&str> {
+            match &self.0 {
+                super::Form::Urlencoded => None,
+                super::Form::Multipart(boundary) => Some(boundary),
+            }
+        }
+
+        /// [`super::Form::method_overrides`].
+        pub fn method_overrides(&self, body: &[u8]) -> Result<Vec<String>, String> {
+            self.0.method_overrides(body)
+        }
+    }
+
+    /// [`super::Form::of_type`]: the form one `Content-Type` value says a body is.
+    pub fn form_of_type(value: &str) -> Option<Result<Form, String>> {
+        super::Form::of_type(value).map(|form| form.map(Form))
+    }
+
+    /// [`super::Form::of`]: the form a request's headers say its body is.
+    pub fn form_of(headers: &HeaderMap) -> Option<Result<Form, String>> {
+        super::Form::of(headers).map(|form| form.map(Form))
+    }
+
+    /// [`super::method_overrides`]: the methods a request's override headers name.
+    pub fn method_overrides(headers: &HeaderMap) -> Vec<String> {
+        super::method_overrides(headers)
+    }
+}
+
 /// What a peer's request trailers may not carry to the app: its trailers reach the app as its
 /// headers do (hyper's HTTP/1.1 client writes those that the request's `Trailer` header names; h2
 /// passes them all), and frameworks read them or merge them into the headers.
@@ -1233,23 +1275,35 @@ async fn serve_h2<IO, S, F, R>(
             .metrics
             .stalled_responses
             .inc_by(streams.held() as u64);
-        tracing::info!(
-            idle_timeout_s = idle_timeout.as_secs(),
-            "closing: the h2 peer has not taken a response for the idle timeout (its flow-control \
-             window stays closed)"
-        );
+        // A line per connection an authenticated peer chooses to stall: limited, as denials are.
+        static STALLED: meshid_runtime::log_limit::LogLimit =
+            meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
+        if let Some(left_out) = STALLED.take() {
+            tracing::info!(
+                idle_timeout_s = idle_timeout.as_secs(),
+                left_out,
+                "closing: the h2 peer has not taken a response for the idle timeout (its \
+                 flow-control window stays closed)"
+            );
+        }
         return;
     }
     if ending == Some(crate::streams::Ending::ResetFlood) {
         // Graceful would let it go on sending and resetting until the grace period ends.
         shared.metrics.reset_flood_closes.inc();
-        tracing::warn!(
-            reset = streams.premature(),
-            "closing: the h2 peer reset more than {} of its requests within a second and before \
-             their answers, more than half of those the app answered or that were reset (a \
-             rapid-reset flood: each reset frees its stream while the app works on)",
-            crate::streams::RESET_FLOOD
-        );
+        // A peer can flood on connection after connection: a line each, limited.
+        static FLOODS: meshid_runtime::log_limit::LogLimit =
+            meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
+        if let Some(left_out) = FLOODS.take() {
+            tracing::warn!(
+                reset = streams.premature(),
+                left_out,
+                "closing: the h2 peer reset more than {} of its requests within a second and \
+                 before their answers, more than half of those the app answered or that were \
+                 reset (a rapid-reset flood: each reset frees its stream while the app works on)",
+                crate::streams::RESET_FLOOD
+            );
+        }
         return;
     }
     if ending == Some(crate::streams::Ending::Idle) {
@@ -1262,10 +1316,15 @@ async fn serve_h2<IO, S, F, R>(
         .await
         .is_err()
     {
-        tracing::info!(
-            grace_s = shared.limits.grace.as_secs(),
-            "closing: the h2 peer did not take its responses within the grace period"
-        );
+        static LATE: meshid_runtime::log_limit::LogLimit =
+            meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
+        if let Some(left_out) = LATE.take() {
+            tracing::info!(
+                grace_s = shared.limits.grace.as_secs(),
+                left_out,
+                "closing: the h2 peer did not take its responses within the grace period"
+            );
+        }
     }
 }
 

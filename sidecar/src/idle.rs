@@ -716,10 +716,15 @@ where
                 .await
                 .is_err()
             {
-                tracing::info!(
-                    grace_s = shared.limits.grace.as_secs(),
-                    "closing: the response in flight did not finish within the grace period"
-                );
+                static LATE: meshid_runtime::log_limit::LogLimit =
+                    meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
+                if let Some(left_out) = LATE.take() {
+                    tracing::info!(
+                        grace_s = shared.limits.grace.as_secs(),
+                        left_out,
+                        "closing: the response in flight did not finish within the grace period"
+                    );
+                }
             }
             Served::Done
         }
@@ -727,10 +732,16 @@ where
             // Dropping the connection drops the response's body: an outbound's upstream stream is
             // reset and its flow-control window handed back to the connection the other clients
             // share; an inbound's app connection is let go.
-            tracing::info!(
-                idle_timeout_s = stall_limit.as_secs(),
-                "closing: the client has taken none of the response for the idle timeout"
-            );
+            // A line per connection a client chooses to stall: limited, as denials are.
+            static STALLED: meshid_runtime::log_limit::LogLimit =
+                meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
+            if let Some(left_out) = STALLED.take() {
+                tracing::info!(
+                    idle_timeout_s = stall_limit.as_secs(),
+                    left_out,
+                    "closing: the client has taken none of the response for the idle timeout"
+                );
+            }
             shared.metrics.stalled_responses.inc();
             Served::Done
         }
