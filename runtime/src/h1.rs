@@ -7,14 +7,15 @@
 //! other transfer coding reads to the close); then `Content-Length` (every value must agree);
 //! else the body ends when the server closes. Informational responses (`100`, `102`-`199`) are
 //! skipped; a `101` is an error, since the request asked for no upgrade. Limits are hyper's:
-//! [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields per head. Bad bytes are an [`Error`], never a
-//! panic.
+//! [`MAX_HEAD`] bytes (or fewer, the caller's: [`parse_response_head_within`]) and
+//! [`MAX_HEADERS`] fields per head. Bad bytes are an [`Error`], never a panic.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 
-/// The longest response head accepted (hyper's default read buffer limit).
+/// The longest response head accepted unless the caller says otherwise (hyper's default read
+/// buffer limit).
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// The most header fields accepted in a response head (hyper's default).
 pub const MAX_HEADERS: usize = 100;
@@ -29,8 +30,8 @@ pub const MAX_TRAILERS: usize = 16 * 1024;
 pub enum Error {
     #[error("malformed response head: {0}")]
     Head(httparse::Error),
-    #[error("response head longer than {MAX_HEAD} bytes")]
-    HeadTooLong,
+    #[error("response head longer than {0} bytes")]
+    HeadTooLong(usize),
     #[error("status code {0} out of range")]
     Status(u16),
     #[error("malformed or conflicting content-length")]
@@ -96,10 +97,21 @@ pub struct ResponseHead {
 
 /// Parses the response head at the start of `buf`, answering `method`, and removes it from `buf`
 /// (with any informational responses before it). `Ok(None)`: the head is not complete yet; read
-/// more and call again.
+/// more and call again. At most [`MAX_HEAD`] bytes.
 pub fn parse_response_head(
     buf: &mut BytesMut,
     method: &Method,
+) -> Result<Option<ResponseHead>, Error> {
+    parse_response_head_within(buf, method, MAX_HEAD)
+}
+
+/// [`parse_response_head`] with a head of at most `max_head` bytes (status line and fields, each
+/// informational response counted alone): a longer one is [`Error::HeadTooLong`], as soon as
+/// `buf` holds more than that without its end.
+pub fn parse_response_head_within(
+    buf: &mut BytesMut,
+    method: &Method,
+    max_head: usize,
 ) -> Result<Option<ResponseHead>, Error> {
     loop {
         let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -109,9 +121,9 @@ pub fn parse_response_head(
             buf,
             &mut slots,
         ) {
-            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
-            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
-            Ok(_) => return Err(Error::HeadTooLong),
+            Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+            Ok(httparse::Status::Partial) if buf.len() <= max_head => return Ok(None),
+            Ok(_) => return Err(Error::HeadTooLong(max_head)),
             Err(e) => return Err(Error::Head(e)),
         };
         let code = parsed.code.unwrap_or(0);
@@ -720,7 +732,43 @@ mod tests {
         let too_many = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
         assert!(head(&too_many, &Method::GET).is_err());
         let long = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
-        assert_eq!(head(&long, &Method::GET).unwrap_err(), Error::HeadTooLong);
+        assert_eq!(
+            head(&long, &Method::GET).unwrap_err(),
+            Error::HeadTooLong(MAX_HEAD)
+        );
+    }
+
+    /// A caller's lower limit holds for a complete head and for a partial one, not only
+    /// [`MAX_HEAD`]: the outbound's pooled HTTP/1.1 path enforces `--max-header-bytes` with it.
+    #[test]
+    fn a_head_over_the_callers_limit_is_an_error() {
+        let max = 16 * 1024;
+        let at = |value: usize| format!("HTTP/1.1 200 OK\r\nx: {}\r\n\r\n", "a".repeat(value));
+        // 20 bytes of status line and field name, 4 of line ends: exactly `max` bytes passes.
+        let fits = at(max - 24);
+        assert_eq!(fits.len(), max);
+        let mut buf = BytesMut::from(fits.as_str());
+        assert!(matches!(
+            parse_response_head_within(&mut buf, &Method::GET, max),
+            Ok(Some(_))
+        ));
+        for over in [at(max - 23), at(100 * 1024)] {
+            let mut buf = BytesMut::from(over.as_str());
+            assert_eq!(
+                parse_response_head_within(&mut buf, &Method::GET, max).unwrap_err(),
+                Error::HeadTooLong(max),
+                "{} bytes",
+                over.len()
+            );
+        }
+        // Incomplete and past the limit already: an error without waiting for the rest.
+        let mut partial = BytesMut::from(&at(100 * 1024).as_bytes()[..=max]);
+        assert_eq!(
+            parse_response_head_within(&mut partial, &Method::GET, max).unwrap_err(),
+            Error::HeadTooLong(max)
+        );
+        // The same 100 KiB head within the default limit.
+        assert!(head(&at(100 * 1024), &Method::GET).unwrap().is_some());
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //! after it, and while its dialer still finds it fresh ([`Dial::fresh`]). An idle connection the
 //! other end has closed (or sent anything on) is noticed when it is taken, and a request on a
 //! pooled connection that closes before a byte of answer is sent again on a new one when its
-//! method is idempotent (RFC 9110 §9.2.2); otherwise it fails, as with hyper.
+//! method is idempotent (RFC 9110 §9.2.2); otherwise it fails, as with hyper. The dialer bounds
+//! the response head ([`Dial::max_head`]) and may end a body that brings nothing for too long
+//! ([`Dial::body_silence`]); either failure closes the connection.
 
 use std::fmt;
 use std::future::{Future, poll_fn};
@@ -23,7 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -36,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::http::{Body, BoxError};
+use crate::outbound::silence::Silence;
 
 /// Read buffer growth: a read asks for at least this much room.
 const READ_SIZE: usize = 8 * 1024;
@@ -67,6 +70,17 @@ pub(crate) trait Dial: fmt::Display + Send + Sync + 'static {
     /// not idle for too long, which the pool checks itself).
     fn fresh(&self, _wire: &Self::Wire) -> bool {
         true
+    }
+
+    /// The longest response head taken; a longer one fails the exchange, its connection closed.
+    fn max_head(&self) -> usize {
+        h1::MAX_HEAD
+    }
+
+    /// How long a response body may bring nothing before it fails, its connection closed
+    /// ([`Silence`]); `None`: as long as it likes.
+    fn body_silence(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -230,7 +244,7 @@ impl<D: Dial> Bare<D> {
                 }
                 return Err(e.to_string());
             }
-            match read_head::<D>(&mut conn, &head.method).await? {
+            match read_head::<D>(&mut conn, &head.method, self.dialer.max_head()).await? {
                 Some(head) => return Ok(self.respond(conn, head, busy)),
                 None if pooled && head.method.is_idempotent() => {
                     tracing::debug!(peer = %self.dialer, "connection closed unanswered; the request again on another one");
@@ -257,6 +271,7 @@ impl<D: Dial> Bare<D> {
             keep_alive: head.keep_alive,
             pool: Arc::downgrade(self),
             busy,
+            silence: self.dialer.body_silence().map(Silence::new),
         };
         if body.decoder.is_end() {
             body.finish();
@@ -359,16 +374,18 @@ fn poll_fill<W: Wire>(
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
-/// The response head; `None` when the connection ended before a byte of it.
+/// The response head, of at most `max_head` bytes; `None` when the connection ended before a
+/// byte of it.
 async fn read_head<D: Dial>(
     conn: &mut Conn<D::Wire>,
     method: &Method,
+    max_head: usize,
 ) -> Result<Option<ResponseHead>, String> {
     let mut read_any = false;
     loop {
         if !conn.buf.is_empty()
-            && let Some(head) =
-                h1::parse_response_head(&mut conn.buf, method).map_err(|e| e.to_string())?
+            && let Some(head) = h1::parse_response_head_within(&mut conn.buf, method, max_head)
+                .map_err(|e| e.to_string())?
         {
             return Ok(Some(head));
         }
@@ -405,6 +422,8 @@ struct BareBody<D: Dial> {
     pool: Weak<Bare<D>>,
     /// Counts the connection as carrying an exchange (capped pools) until the body ends.
     busy: Option<Busy>,
+    /// Ends a body that brings nothing for too long ([`Dial::body_silence`]).
+    silence: Option<Silence>,
 }
 
 impl<D: Dial> BareBody<D> {
@@ -454,16 +473,28 @@ impl<D: Dial> HttpBody for BareBody<D> {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(Decoded::NeedMore) => match ready!(poll_fill(&mut conn.io, &mut conn.buf, cx)) {
-                    Ok(0) => match this.decoder.eof() {
+                Ok(Decoded::NeedMore) => match poll_fill(&mut conn.io, &mut conn.buf, cx) {
+                    Poll::Ready(Ok(0)) => match this.decoder.eof() {
                         Ok(_) => {
                             this.finish();
                             return Poll::Ready(None);
                         }
                         Err(e) => return this.fail(e),
                     },
-                    Ok(_) => {}
-                    Err(e) => return this.fail(e),
+                    Poll::Ready(Ok(_)) => {
+                        if let Some(silence) = &mut this.silence {
+                            silence.moved();
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return this.fail(e),
+                    Poll::Pending => {
+                        if let Some(silence) = &mut this.silence
+                            && let Poll::Ready(error) = silence.poll_ended(cx, || false)
+                        {
+                            return this.fail(error);
+                        }
+                        return Poll::Pending;
+                    }
                 },
                 Err(e) => return this.fail(e),
             }

@@ -311,8 +311,9 @@ pub struct RunArgs {
         default_value = "64"
     )]
     pub max_upstream_http1_connections: String,
-    /// Most h2 connections to one upstream: another is opened when every earlier one has all the
-    /// streams the upstream allows in use; past them a request is answered 503 at once.
+    /// Most h2 connections to one upstream: another is opened when every earlier one has all its
+    /// streams in use (200, or fewer if the upstream allows fewer); past them a request is
+    /// answered 503 at once.
     #[arg(
         long,
         env = "MESHID_SIDECAR_MAX_UPSTREAM_H2_CONNECTIONS",

@@ -75,8 +75,8 @@ pub struct Limits {
     /// `max_connections_per_peer`).
     pub max_upstream_http1_connections: usize,
     /// Most h2 connections to one upstream (`--max-upstream-h2-connections`): another is opened
-    /// when every earlier one has all the streams the upstream allows in use; past them a request
-    /// is answered 503 at once.
+    /// when every earlier one has all its streams in use (`outbound::upstream::MAX_STREAMS`, or
+    /// fewer if the upstream allows fewer); past them a request is answered 503 at once.
     pub max_upstream_h2_connections: usize,
     /// Most HTTP/1.1 connections to one inbound's app carrying a peer's request at once
     /// (`--max-app-connections`); past it a request is answered 503 at once. A response the peer

@@ -10,7 +10,8 @@ use std::time::Duration;
 use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
-    SidecarSpec, TestPki, TestSidecar, metric, read_request_body, read_request_head, read_response,
+    SidecarSpec, TestPki, TestSidecar, Workload, metric, read_request_body, read_request_head,
+    read_response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -260,4 +261,86 @@ async fn stalled_streams_filling_an_upstream_connection_do_not_hold_up_other_req
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// An upstream (holding the expected identity) that advertises the largest stream limit h2 allows
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS` 2^31-1) and answers nothing gets at most 200 of our streams
+/// on a connection: with `--max-upstream-h2-connections 1`, the request after the 200th is
+/// answered 503 at once. Before, the outbound went by the upstream's limit alone: it never opened
+/// another connection nor answered 503, and sent every further request there to wait for its
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_allowing_endless_streams_gets_no_more_than_ours_per_connection() {
+    let pki = TestPki::new();
+    let (upstream, streams, connections) = silent_upstream(pki.workload(B)).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            limits: Some(Limits {
+                request_timeout: Duration::from_secs(60),
+                max_upstream_h2_connections: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
+        s.write_all(POST).await.unwrap();
+        held.push(s);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while streams.load(Ordering::SeqCst) < 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream got {} of the requests",
+            streams.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = ask(a.outbound[0], POST).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--max-upstream-h2-connections"), "{body}");
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    drop(held);
+}
+
+/// An h2 upstream presenting `workload` that allows 2^31-1 streams at once and answers none of
+/// them (it keeps every request); counts the streams and connections it got.
+async fn silent_upstream(workload: Workload) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.upstream_acceptor(&[b"h2"]);
+    let streams = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (counted, dialed) = (streams.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams((1 << 31) - 1)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                let mut kept = Vec::new();
+                while let Some(Ok(exchange)) = conn.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    kept.push(exchange);
+                }
+            });
+            dialed.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (addr, streams, connections)
 }

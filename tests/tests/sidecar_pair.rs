@@ -1211,3 +1211,207 @@ async fn the_remote_inbound_ends_a_stalled_stream_alone_not_the_shared_connectio
     );
     drop(held);
 }
+
+/// A response head longer than `--max-header-bytes` (16 KiB) from an upstream holding the expected
+/// identity is a 502 to the app on the pooled HTTP/1.1 path (a bodiless GET on a quiet listener),
+/// as it is on h2 (a POST with a body; the limit is our `SETTINGS_MAX_HEADER_LIST_SIZE` there).
+/// Before, the pooled path took heads of up to 408 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_over_the_header_limit_is_a_502_on_both_paths() {
+    let pki = TestPki::new();
+    let (upstream, versions) = big_head_upstream(pki.workload(B), 100 * 1024).await;
+    let a = outbound_to(&pki, upstream).await;
+    for (name, req, version) in [
+        (
+            "GET (HTTP/1.1 pool)",
+            get("/", &[]),
+            hyper::Version::HTTP_11,
+        ),
+        (
+            "POST with a body (h2)",
+            hyper::Request::post("/")
+                .header("host", "backend")
+                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+                .unwrap(),
+            hyper::Version::HTTP_2,
+        ),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let (status, headers, _) =
+            tokio::time::timeout(Duration::from_secs(10), http_request(tcp, false, req))
+                .await
+                .expect("an answer")
+                .expect("a response");
+        let why = headers
+            .get("x-meshid-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(status, 502, "{name}: {why}");
+        let seen = versions.lock().unwrap().pop();
+        assert_eq!(seen, Some(version), "{name}: the path taken");
+    }
+}
+
+/// A TLS upstream presenting `workload` (h2 or HTTP/1.1 by ALPN) that answers every request with
+/// an empty 200 carrying a header field of `len` bytes; records each request's HTTP version.
+async fn big_head_upstream(
+    workload: Workload,
+    len: usize,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<hyper::Version>>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.upstream_acceptor(&[b"h2", b"http/1.1"]);
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = versions.clone();
+    let value = hyper::header::HeaderValue::try_from("v".repeat(len)).unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, seen, value) = (acceptor.clone(), seen.clone(), value.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    seen.lock().unwrap().push(req.version());
+                    let mut resp =
+                        hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    resp.headers_mut().insert("x-big", value.clone());
+                    async { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    (addr, versions)
+}
+
+/// An upstream (holding the expected identity) that answers a head and then sends nothing more has
+/// its response ended between one and two idle timeouts later, over the HTTP/1.1 pool (a GET) and
+/// over h2 (a POST with a body): the app's response is cut short. Before, nothing timed out after
+/// the head: the exchange, its stream and the request body's copy were held until the upstream's
+/// certificate expired, or the app gave up. A response that keeps streaming is not cut, however
+/// long it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_brings_nothing_for_the_idle_timeout_is_ended() {
+    use http_body_util::BodyExt;
+    let pki = TestPki::new();
+    let idle = Duration::from_secs(2);
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![
+                (
+                    mute_upstream(pki.workload(B)).await.to_string(),
+                    B.to_string(),
+                    Protocol::Http,
+                ),
+                (
+                    endless_upstream(pki.workload(B)).await.to_string(),
+                    B.to_string(),
+                    Protocol::Http,
+                ),
+            ],
+            limits: Some(meshid_sidecar::settings::Limits {
+                idle_timeout: idle,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut reads = Vec::new();
+    for (listener, upstream) in [(a.outbound[0], "mute"), (a.outbound[1], "streaming")] {
+        for (path, req) in [
+            ("GET (HTTP/1.1 pool)", get("/", &[])),
+            (
+                "POST with a body (h2)",
+                hyper::Request::post("/")
+                    .header("host", "backend")
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(b"x")))
+                    .unwrap(),
+            ),
+        ] {
+            let name = format!("{upstream} upstream, {path}");
+            let tcp = tokio::net::TcpStream::connect(listener).await.unwrap();
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+                .await
+                .expect("a response head")
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{name}");
+            let start = std::time::Instant::now();
+            reads.push(tokio::spawn(async move {
+                let mut body = resp.into_body();
+                let mut frames = 0;
+                // The end of the body, if it comes within three idle timeouts.
+                let end = tokio::time::timeout(idle * 3, async {
+                    while let Some(Ok(_)) = body.frame().await {
+                        frames += 1;
+                    }
+                })
+                .await;
+                (name, frames, end.is_ok().then(|| start.elapsed()))
+            }));
+            // Apart, as on a quiet listener, where the GET takes the pooled HTTP/1.1 path.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for read in reads {
+        let (name, frames, ended) = read.await.unwrap();
+        if name.starts_with("mute") {
+            let ended = ended.unwrap_or_else(|| panic!("{name}: not ended"));
+            assert!(
+                ended >= idle - Duration::from_millis(100) && ended <= idle * 2 + idle / 2,
+                "{name}: ended after {ended:?}"
+            );
+            assert_eq!(frames, 0, "{name}");
+        } else {
+            assert_eq!(ended, None, "{name}: cut after {frames} frames");
+            assert!(frames > 10, "{name}: {frames} frames");
+        }
+    }
+}
+
+/// A TLS upstream presenting `workload` (h2 or HTTP/1.1 by ALPN) that answers every request with
+/// a 200 head and then sends nothing, for ever.
+async fn mute_upstream(workload: Workload) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.upstream_acceptor(&[b"h2", b"http/1.1"]);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    let body = http_body_util::StreamBody::new(tokio_stream::pending::<
+                        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                    >());
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    addr
+}

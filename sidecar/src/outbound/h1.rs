@@ -271,6 +271,17 @@ impl Dial for H1Dial {
         wire.retire_at.is_none_or(|t| Instant::now() < t)
             && self.shared.creds.is_current(&wire.presented)
     }
+
+    /// `--max-header-bytes`, as on the h2 path (its `SETTINGS_MAX_HEADER_LIST_SIZE`): a longer
+    /// response head is a 502 to the app, its connection closed.
+    fn max_head(&self) -> usize {
+        self.shared.limits.max_header_bytes
+    }
+
+    /// `--idle-timeout`, as on the h2 path ([`super::silence`]).
+    fn body_silence(&self) -> Option<Duration> {
+        Some(self.shared.limits.idle_timeout)
+    }
 }
 
 impl Wire for UpstreamWire {

@@ -200,6 +200,7 @@ async fn outbound_request(
         let resp = upstream.request(req).await?;
         Ok(resp.map(|b| b.boxed()))
     };
+    // The head only: a body that then brings nothing is ended by its own watch (`super::silence`).
     let sent = tokio::time::timeout(shared.limits.request_timeout, sending).await;
     let resp = match sent {
         Err(_) => {

@@ -7,6 +7,7 @@
 pub mod dial;
 pub mod h1;
 pub mod http;
+pub(crate) mod silence;
 pub mod tcp;
 pub mod upstream;
 

@@ -34,6 +34,7 @@ use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
 use super::dial::{Alpn, dial_with, upstream_http_ended, upstream_not_after};
+use super::silence::Silence;
 use crate::conn::Shared;
 use crate::creds::Snapshot;
 use crate::http::{BoxError, ReqBody, root_cause};
@@ -53,12 +54,28 @@ const RETIRE_MARGIN: Duration = Duration::from_secs(2);
 /// window updates as the app takes each frame.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
-/// Bytes h2 buffers per stream ahead of the socket before a request body waits for capacity.
-const SEND_BUFFER: usize = 1024 * 1024;
+/// Bytes of request body h2 buffers per stream ahead of the socket before the body waits for
+/// capacity (h2's default is 400 KiB). The upstream decides how much of it is used: an upstream
+/// that advertises large windows and then stops reading the socket holds this much per stream,
+/// [`MAX_STREAMS`] streams a connection. The socket's own buffer lies below it, so 64 KiB (four
+/// frames) still streams a large upload at full speed, as on the inbound's h2 server: 2 GiB over
+/// plaintext loopback with h2 alone, 670-1,830 MiB/s against 1,370-1,960 with 1 MiB (a loaded
+/// two-core host). That is to a peer with `TCP_NODELAY` set, as a meshid inbound does; one that
+/// leaves Nagle on delays its window updates, which a short buffer no longer covers (50-110 MiB/s
+/// against 480-720).
+const SEND_BUFFER: usize = 64 * 1024;
+
+/// The most streams we have open at once on one connection to an upstream, whatever more it
+/// allows (its `SETTINGS_MAX_CONCURRENT_STREAMS`, which a lying upstream can set to 2^31-1): as
+/// many as a meshid inbound allows (hyper's default). Past it, requests go on another connection,
+/// up to `--max-upstream-h2-connections`, then are answered 503 ([`SATURATED`]): a client whose
+/// requests stall (or an upstream that answers none) holds at most this many streams, and what
+/// each buffers, per connection.
+pub const MAX_STREAMS: usize = 200;
 
 /// The error of [`H2Upstream::request`] when every connection it may open to the upstream has
-/// all the streams the upstream allows in use (answered 503: nothing was sent).
-pub const SATURATED: &str = "every stream the upstream allows is in use on each of our connections to it (--max-upstream-h2-connections)";
+/// all its streams in use (answered 503: nothing was sent).
+pub const SATURATED: &str = "every stream we may open is in use on each of our connections to the upstream (at most 200 each, fewer if it allows fewer; --max-upstream-h2-connections)";
 
 struct H2Conn {
     send: SendRequest<Bytes>,
@@ -81,11 +98,13 @@ struct H2Conn {
 const FEWEST_STREAMS_CHECKED: usize = 100;
 
 impl H2Conn {
-    /// Whether every stream the upstream allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`)
-    /// is in use: a request sent now would wait inside h2 for one to end.
+    /// Whether every stream we may open here is in use: [`MAX_STREAMS`], or every one the upstream
+    /// allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`) if fewer, when a request sent now
+    /// would wait inside h2 for one to end.
     fn saturated(&self) -> bool {
         let streams = self.streams.load(Ordering::Acquire);
-        streams >= FEWEST_STREAMS_CHECKED && streams >= self.send.current_max_send_streams()
+        streams >= FEWEST_STREAMS_CHECKED
+            && (streams >= MAX_STREAMS || streams >= self.send.current_max_send_streams())
     }
 }
 
@@ -199,14 +218,7 @@ impl H2Upstream {
         // period ago (it takes no new request from shortly before the expiry: `retire_at`).
         let ended = upstream_http_ended(&tls, &presented, self.spec.local.port(), &self.shared);
         let retire_at = retire_at(&tls, &presented, &self.shared);
-        let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .max_header_list_size(
-                u32::try_from(self.shared.limits.max_header_bytes).unwrap_or(u32::MAX),
-            )
-            .max_send_buffer_size(SEND_BUFFER)
-            .enable_push(false)
+        let (send, mut conn) = client_builder(self.shared.limits.max_header_bytes)
             .handshake::<_, Bytes>(meshid_runtime::io::Coalesce::new(tls))
             .await
             .map_err(io::Error::other)?;
@@ -300,7 +312,8 @@ impl H2Upstream {
                     return Ok(resp.map(|recv| UpstreamBody {
                         recv,
                         data_done: false,
-                        _sending: None,
+                        silence: Silence::new(self.shared.limits.idle_timeout),
+                        sending: None,
                         _stream: stream,
                     }));
                 }
@@ -315,17 +328,32 @@ impl H2Upstream {
         // response (or when the app stops waiting for one, say at the request timeout). An
         // upstream that answers and never opens its flow-control window would otherwise keep the
         // copy, the app's body and the stream waiting for ever, one more per request.
-        let sending = Some(SendingBody(
-            tokio::spawn(Box::pin(send_body(body, sending))).abort_handle(),
-        ));
+        let sent = Arc::new(AtomicBool::new(false));
+        let sending = Some(SendingBody {
+            task: tokio::spawn(Box::pin(send_body(body, sending, sent.clone()))).abort_handle(),
+            sent,
+        });
         let resp = response.await.map_err(|e| root_cause(&e))?;
         Ok(resp.map(|recv| UpstreamBody {
             recv,
             data_done: false,
-            _sending: sending,
+            silence: Silence::new(self.shared.limits.idle_timeout),
+            sending,
             _stream: stream,
         }))
     }
+}
+
+/// The h2 client of every upstream connection: our windows, buffers and header limit.
+fn client_builder(max_header_bytes: usize) -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_send_buffer_size(SEND_BUFFER)
+        .enable_push(false);
+    builder
 }
 
 /// Whether `e` says the upstream did not process the request: it went away (a GOAWAY it sent,
@@ -388,9 +416,14 @@ async fn keep_alive(pings: Option<PingPong>, every: Duration) -> PingsEnded {
 }
 
 /// Streams a request body into its h2 stream, frame by frame as the upstream's flow-control window
-/// allows, then its trailers. A body that fails resets the stream; a stream the upstream reset (it
-/// answered early, or gave up) ends the copy, also while the app is between frames.
-async fn send_body(mut body: ReqBody, mut out: SendStream<Bytes>) {
+/// allows, then its trailers; sets `sent` whenever it hands the stream some. A body that fails
+/// resets the stream; a stream the upstream reset (it answered early, or gave up) ends the copy,
+/// also while the app is between frames.
+async fn send_body<B>(mut body: B, mut out: SendStream<Bytes>, sent: Arc<AtomicBool>)
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let next = std::future::poll_fn(|cx| {
             if out.poll_reset(cx).is_ready() {
@@ -441,27 +474,35 @@ async fn send_body(mut body: ReqBody, mut out: SendStream<Bytes>) {
             if out.send_data(chunk, end).is_err() || end {
                 return;
             }
+            sent.store(true, Ordering::Relaxed);
         }
     }
 }
 
 /// The task copying a request body into its h2 stream ([`send_body`]), stopped when dropped (its
 /// `SendStream` with it, which resets the stream if it has not ended).
-struct SendingBody(tokio::task::AbortHandle);
+struct SendingBody {
+    task: tokio::task::AbortHandle,
+    /// Set by the copy when it hands the stream some of the body; taken by the response's
+    /// [`Silence`] watch.
+    sent: Arc<AtomicBool>,
+}
 
 impl Drop for SendingBody {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
 /// A response body from the upstream sidecar: its DATA frames, then its trailers. Each frame's
 /// bytes are handed back to the stream's flow-control window as they are passed on to the app.
-/// Dropped (passed on whole, or given up by the app), it stops the copy of the request body.
+/// Ended when nothing moves either way for the idle timeout ([`Silence`]). Dropped (passed on
+/// whole, given up by the app, or ended), it stops the copy of the request body.
 pub struct UpstreamBody {
     recv: RecvStream,
     data_done: bool,
-    _sending: Option<SendingBody>,
+    silence: Silence,
+    sending: Option<SendingBody>,
     /// Its stream counted in use on its connection.
     _stream: InStream,
 }
@@ -475,21 +516,19 @@ impl HttpBody for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
+        let polled = this.poll_upstream(cx);
+        if polled.is_ready() {
+            this.silence.moved();
+            return polled;
         }
-        Poll::Ready(match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
-            Ok(None) => None,
-            Err(e) => Some(Err(e.into())),
-        })
+        let sending = &this.sending;
+        this.silence
+            .poll_ended(cx, || {
+                sending
+                    .as_ref()
+                    .is_some_and(|s| s.sent.swap(false, Ordering::Relaxed))
+            })
+            .map(|error| Some(Err(error)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -502,6 +541,30 @@ impl HttpBody for UpstreamBody {
         } else {
             SizeHint::default()
         }
+    }
+}
+
+impl UpstreamBody {
+    /// The next frame from the upstream.
+    fn poll_upstream(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        Poll::Ready(match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Some(Ok(Frame::trailers(trailers))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.into())),
+        })
     }
 }
 
@@ -543,6 +606,90 @@ mod tests {
         assert!(!ping.is_finished(), "answered pings keep it going");
         stop.send(()).unwrap();
         assert_eq!(ping.await.unwrap(), PingsEnded::Unanswered);
+        server.abort();
+    }
+
+    /// A request body without end, counting the bytes taken from it.
+    struct Endless(Arc<AtomicUsize>);
+
+    impl HttpBody for Endless {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            static CHUNK: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+            self.0.fetch_add(CHUNK.len(), Ordering::SeqCst);
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&CHUNK)))))
+        }
+    }
+
+    /// An upstream that advertises the largest windows h2 allows and then stops reading the socket
+    /// has at most [`SEND_BUFFER`] of a request body buffered for it per stream (beside what the
+    /// socket holds, a frame being written and the chunk in hand): the rest waits in the app's
+    /// body. With 1 MiB (and h2's default, 400 KiB) it held that much of ours per stream.
+    #[tokio::test]
+    async fn an_upstream_that_stops_reading_holds_at_most_the_send_buffer_per_stream() {
+        const PIPE: usize = 16 * 1024;
+        const LARGEST_WINDOW: u32 = (1 << 31) - 1;
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        let (stopped, read) = tokio::sync::oneshot::channel::<usize>();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(LARGEST_WINDOW)
+                .initial_connection_window_size(LARGEST_WINDOW)
+                .handshake::<_, Bytes>(theirs)
+                .await
+                .unwrap();
+            let (req, _respond) = conn.accept().await.unwrap().unwrap();
+            let mut body = req.into_body();
+            let mut got = 0;
+            // Read well past h2's default windows, the connection driven meanwhile; then nothing.
+            while got < 256 * 1024 {
+                tokio::select! {
+                    data = body.data() => got += data.unwrap().unwrap().len(),
+                    _ = conn.accept() => panic!("the connection ended"),
+                }
+            }
+            stopped.send(got).unwrap();
+            std::future::pending::<()>().await;
+            drop((conn, body));
+        });
+        let (send, conn) = client_builder(16 * 1024)
+            .handshake::<_, Bytes>(ours)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut send = send.ready().await.unwrap();
+        let req = Request::post("http://upstream/").body(()).unwrap();
+        let (_response, out) = send.send_request(req, false).unwrap();
+        let taken = Arc::new(AtomicUsize::new(0));
+        let copy = tokio::spawn(send_body(Endless(taken.clone()), out, Default::default()));
+        let read = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the upstream read a quarter MiB")
+            .unwrap();
+        // Until the copy has stopped taking the body.
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = taken.load(Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        // 64 KiB buffered, and no more than a few frames besides.
+        let ahead = last - read;
+        assert!(
+            (64 * 1024..=64 * 1024 + 8 * PIPE).contains(&ahead),
+            "{ahead} bytes taken beyond what the upstream read"
+        );
+        copy.abort();
         server.abort();
     }
 
