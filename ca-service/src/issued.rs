@@ -210,11 +210,8 @@ fn is_long(path: &Path) -> bool {
 
 /// A mark file's bytes, if it is one (a regular file of a sane size).
 fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() > max {
-        return None;
-    }
-    std::fs::read(path).ok()
+    // Checked on the opened file: a swap between a `stat` and the read cannot slip a FIFO in.
+    meshid_runtime::file::read_regular(path, max).ok()
 }
 
 /// The largest mark file read: one is a few hundred bytes; anything large is not ours.
@@ -284,7 +281,7 @@ pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
                 m.len(),
                 max_bytes(&path)
             )),
-            Ok(_) => match std::fs::read(&path) {
+            Ok(_) => match meshid_runtime::file::read_regular(&path, max_bytes(&path)) {
                 Err(e) => Some(e.to_string()),
                 Ok(bytes) if is_long(&path) => serde_json::from_slice::<LongMarks>(&bytes)
                     .err()

@@ -167,7 +167,8 @@ impl JoinTokenStore {
         }
         let hash = sha256_hex(token.as_bytes());
         let path = self.dir.join(format!("{hash}.json"));
-        let record = match fs::read(&path) {
+        // A record is a few hundred bytes; a FIFO or a device in its place is refused unread.
+        let record = match meshid_runtime::file::read_regular(&path, 64 * 1024) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let used = self.dir.join(format!("{hash}.used"));

@@ -44,12 +44,17 @@ pub fn report(
             let root = read_bundle(&files.path("root.pem"))
                 .ok()
                 .and_then(|r| r.into_iter().next());
-            let inter = std::fs::read(files.path("intermediate.pem"))
-                .ok()
-                .and_then(|pem| {
-                    use rustls_pki_types::pem::PemObject;
-                    rustls_pki_types::CertificateDer::from_pem_slice(&pem).ok()
-                });
+            // Bounded and regular only (a FIFO or a device there would block the CA's directory
+            // follower, which reads this every second).
+            let inter = crate::ca_dir::read_file(
+                &files.path("intermediate.pem"),
+                crate::ca_dir::MAX_CA_FILE,
+            )
+            .ok()
+            .and_then(|pem| {
+                use rustls_pki_types::pem::PemObject;
+                rustls_pki_types::CertificateDer::from_pem_slice(&pem).ok()
+            });
             let i = issued.get(&a.name).cloned().unwrap_or_default();
             let (mut live, mut latest) = (i.live, i.latest_not_after);
             for (identity, (n, until)) in &i.long {
@@ -196,6 +201,40 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
 mod tests {
     use super::*;
     use crate::authorities::AuthorityRecord;
+
+    /// The directory follower builds this report every second: a FIFO or a device in place of a
+    /// prepared authority's intermediate (which `Authority::load` does not read) is skipped at
+    /// once, not waited on or read for ever.
+    #[test]
+    fn a_fifo_or_a_device_in_place_of_an_intermediate_does_not_hold_the_report() {
+        use crate::ca_dir::hostile_files::{endless, fifo, within};
+        let dir = tempfile::tempdir().unwrap();
+        let td = meshid_identity::TrustDomain::new("example.org").unwrap();
+        crate::authority::init(dir.path(), &td, None).unwrap();
+        crate::rotation::prepare(dir.path(), None).unwrap();
+        let path = dir.path().join("a2-intermediate.pem");
+        for (kind, hostile) in [("fifo", fifo as fn(&Path)), ("/dev/zero", endless)] {
+            std::fs::remove_file(&path).unwrap();
+            hostile(&path);
+            let at = dir.path().to_owned();
+            let authorities = within(kind, move || {
+                let state = RotationState::load(&at).unwrap();
+                let revocations = crate::revocations::Revocations::load(&at).unwrap();
+                report(
+                    &at,
+                    &state,
+                    Vec::new(),
+                    Vec::new(),
+                    &HashMap::new(),
+                    CaProcess::default(),
+                    &revocations,
+                )
+                .authorities
+                .len()
+            });
+            assert_eq!(authorities, 2, "{kind}");
+        }
+    }
 
     #[test]
     fn a_sidecar_turned_away_by_one_process_and_registered_on_another_is_measured() {
