@@ -909,6 +909,50 @@ async fn audit_mode_records_the_form_method_overrides_it_would_deny() {
     }
 }
 
+/// Audit mode passes on a form it cannot check, but only if the policy still audits once the
+/// body has come: one enforced while the body was arriving refuses it (400), as enforce mode
+/// would have from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_audit_mode_cannot_check_is_refused_if_enforced_before_it_came() {
+    let policy = |mode: &str| {
+        format!(
+            "mode: {mode}\ninbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+             - id: {CLIENT}\n        methods: [GET, POST]\n        paths: [/api/*]\n"
+        )
+    };
+    let e = http_sidecar_for(
+        "127.0.0.116",
+        raw_app().await,
+        Limits::default(),
+        policy("audit"),
+    )
+    .await;
+    // A part head frameworks read differently (a folded line): unchecked.
+    let body = "--XyZ\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE";
+    let (first, rest) = body.split_at(10);
+    let mut tls = connect_as(&e.pki, &e.sidecar, &e.pki.workload(CLIENT))
+        .await
+        .unwrap();
+    tls.write_all(
+        format!(
+            "POST /api/x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\
+             Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: {}\r\n\r\n{first}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    apply_policy(&e.sidecar, &policy("enforce")).await;
+    let resp = exchange(tls, rest).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 400"),
+        "{}",
+        &resp[..resp.len().min(300)]
+    );
+}
+
 /// Form bodies are read whole to find `_method`, and h2 flow control does not bound what that
 /// holds (each read gives the window back): one connection's streams, each sending all but the
 /// last byte of a form and never ending, held 1 MiB each, 200 MiB a connection. They are held

@@ -106,8 +106,9 @@ pub const MAX_FORM_BODY: usize = 1 << 20;
 /// what enforce mode refuses because it cannot check it passes on as it came, if none of it was
 /// lost: a form that cannot be checked, one whose declared length is over the limit or finds no
 /// room (charged before any of it is read), a multipart head frameworks read differently (read
-/// whole, and passed on as read). One without a declared length that grows past the limit, or
-/// fails or times out, is refused in audit mode too: what was read of it is gone.
+/// whole, and passed on as read, if the policy still audits once it has come). One without a
+/// declared length that grows past the limit or past the memory left, and any that fails or does
+/// not come within the request timeout, is refused in audit mode too: what was read of it is gone.
 async fn decide_form(
     req: &mut Request<ReqBody>,
     form: Result<crate::http::Form, String>,
@@ -190,7 +191,9 @@ async fn decide_form(
     // they would read differently is.
     let methods = match form.method_overrides(&body) {
         Ok(methods) => methods,
-        Err(_) if audit => return Ok(()),
+        // Asked again: the body took its time, and a policy enforced meanwhile refuses what it
+        // cannot check (`decide_again` decides only the overrides found).
+        Err(_) if audit && http.authz.audits() => return Ok(()),
         Err(reason) => {
             return Err(reply(
                 StatusCode::BAD_REQUEST,
