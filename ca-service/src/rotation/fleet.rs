@@ -396,6 +396,19 @@ fn issued_before(ca_dir: &std::path::Path) -> Option<i64> {
     )
 }
 
+/// Whether this process can write issuance marks in `ca_dir`, tried as its log writes them (the
+/// folder made, a file created in it). Where this process cannot write, earlier ones could not
+/// either (a read-only mount): that no mark is there then says nothing about what may be live. The
+/// probe is named as `write_atomic`'s temporary files are, which readers
+/// skip and any process removes if a kill left one behind.
+fn can_mark(ca_dir: &std::path::Path) -> bool {
+    let dir = ca_dir.join(crate::issued::ISSUED_DIR);
+    let probe = dir.join(format!("start-probe.tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&probe, b""));
+    let _ = std::fs::remove_file(&probe);
+    written.is_ok()
+}
+
 impl Fleet {
     pub fn new(process: CaProcess) -> Self {
         Self::with_limits(process, FleetLimits::default())
@@ -417,7 +430,9 @@ impl Fleet {
     /// still be reconnecting ([`CaProcess::reconnect_until`]).
     pub fn recording_to(mut self, ca_dir: &std::path::Path) -> Self {
         let log = crate::issued::IssuanceLog::new(ca_dir);
-        let recorded = log.writable().then(|| issued_before(ca_dir)).flatten();
+        let recorded = (log.writable() && can_mark(ca_dir))
+            .then(|| issued_before(ca_dir))
+            .flatten();
         self.process.reconnect_until = super::gates::reconnect_until(
             self.process.started_unix,
             self.process.max_ttl_seconds,
@@ -1109,6 +1124,16 @@ mod tests {
         std::fs::remove_file(issued.join("earlier.long.json")).unwrap();
         std::fs::write(issued.join("earlier.json"), format!(r#"{{"1":{now}}}"#)).unwrap();
         assert_eq!(started(), 0, "expired by the start");
+        // A directory where no mark can be written (a read-only mount; here `issued/` leads
+        // nowhere, which holds even for root) has no marks, and that says nothing.
+        std::fs::remove_dir_all(&issued).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &issued).unwrap();
+        assert!(crate::issued::unreadable_marks(dir.path()).is_empty());
+        assert_eq!(
+            started(),
+            now + gates_window(),
+            "a directory that cannot be written"
+        );
     }
 
     fn gates_window() -> i64 {

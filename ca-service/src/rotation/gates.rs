@@ -30,7 +30,9 @@ pub fn unknown_sidecars(r: &RotationReport) -> Vec<String> {
 /// (its backoff's cap, jittered down to half), each try taking up to 5 s to connect; a restarted
 /// CA pod is reached once its readiness probe passed (every 5 s in the chart) and the Service's
 /// endpoints list it: about 25 s in all, doubled. Until then such a sidecar is on no process's
-/// list, and the gate would not know it exists.
+/// list, and the gate would not know it exists. The window runs from the new process's start, not
+/// from when the sidecars lose their streams: those of a process that stops later (the old pod of
+/// a rolling update, stopped once the new one is ready) are not covered, and the refusal says so.
 pub const RECONNECT_WINDOW_SECONDS: i64 = 60;
 
 /// Until when a CA process started at `started` holds `activate` (see
@@ -171,7 +173,8 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
                 "a CA process started {}s ago (at {}); its sidecars may not have reconnected yet \
                  (certificates issued before it started may be live, and what the process it \
                  replaced knew of their sidecars is lost): activate waits until {} ({}s from \
-                 now)",
+                 now); this wait runs from that start only: after a rollout, or while another CA \
+                 process stops, wait a minute after the last old process stopped",
                 now.saturating_sub(p.started_unix).max(0),
                 p.started_unix,
                 p.reconnect_until,
@@ -846,7 +849,8 @@ mod tests {
         assert!(
             b[0].contains("a CA process started 5s ago")
                 && b[0].contains("may not have reconnected yet")
-                && b[0].contains(&format!("activate waits until {}", now + 55)),
+                && b[0].contains(&format!("activate waits until {}", now + 55))
+                && b[0].contains("runs from that start only: after a rollout"),
             "{b:?}"
         );
         // Started long ago: its sidecars are back (or listed as gone or turned away).
