@@ -1053,50 +1053,28 @@ async fn injector_picks_up_a_replaced_certificate_and_bundle_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injector_applies_a_certificate_not_valid_yet_once_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let first = dir.path().join("1");
-    assert!(webhook_cert(&ca_dir, &first, &[]).status.success());
-    let mut secret = SecretVolume::new(&dir.path().join("secret"), &pair_files(&first));
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &secret.path("tls.crt"),
-            &secret.path("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()]),
-    );
-    wait_healthy(addr, &roots).await;
+    let Served {
+        ca_dir,
+        roots,
+        mut secret,
+        addr,
+        admin,
+        _injector,
+    } = serving_from_a_secret(dir.path()).await;
     let old = served_leaf(addr, &roots).await;
 
     // Issued by the CA's intermediate, valid from 8 s from now (7 s at least once cut to whole
     // seconds): room for a loaded machine to see it refused first.
-    let intermediate = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
-    let signing = rcgen::KeyPair::from_pem(
-        &std::fs::read_to_string(ca_dir.join("intermediate.key")).unwrap(),
-    )
-    .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&intermediate, signing).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now + time::Duration::seconds(8);
-    params.not_after = now + time::Duration::hours(1);
-    let early = params.signed_by(&key, &issuer).unwrap();
+    let (early, files) = serving_pair(
+        &ca_dir,
+        now + time::Duration::seconds(8),
+        now + time::Duration::hours(1),
+    );
     let (_, parsed) = x509_parser::parse_x509_certificate(early.der()).unwrap();
     let valid_from = parsed.validity().not_before.timestamp();
     let unix_now = || time::OffsetDateTime::now_utc().unix_timestamp();
-    secret.update(&[
-        (
-            "tls.crt",
-            format!("{}{intermediate}", early.pem()).into_bytes(),
-        ),
-        ("tls.key", key.serialize_pem().into_bytes()),
-    ]);
+    secret.update(&files);
 
     let reloads = |result: &str| {
         metric(
@@ -1145,49 +1123,27 @@ async fn injector_applies_a_certificate_not_valid_yet_once_valid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injector_is_not_ready_once_its_serving_certificate_expired() {
     let dir = tempfile::tempdir().unwrap();
-    let ca_dir = init_ca(dir.path());
-    let roots = roots_of(&ca_dir);
-    let first = dir.path().join("1");
-    assert!(webhook_cert(&ca_dir, &first, &[]).status.success());
-    let mut secret = SecretVolume::new(&dir.path().join("secret"), &pair_files(&first));
-    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
-    let _injector = Proc::spawn(
-        "meshid-injector",
-        injector(
-            &secret.path("tls.crt"),
-            &secret.path("tls.key"),
-            &ca_dir.join("bundle.pem"),
-            &addr.to_string(),
-        )
-        .args(["--admin-listen", &admin.to_string()]),
-    );
-    wait_healthy(addr, &roots).await;
+    let Served {
+        ca_dir,
+        roots,
+        mut secret,
+        addr,
+        admin,
+        _injector,
+    } = serving_from_a_secret(dir.path()).await;
     assert_eq!(http_get(admin, "/readyz").unwrap().0, 200);
 
     // A pair that lapses 8 s from now (7 s at least once cut to whole seconds).
-    let intermediate = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
-    let signing = rcgen::KeyPair::from_pem(
-        &std::fs::read_to_string(ca_dir.join("intermediate.key")).unwrap(),
-    )
-    .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&intermediate, signing).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::seconds(8);
-    let brief = params.signed_by(&key, &issuer).unwrap();
+    let (brief, files) = serving_pair(
+        &ca_dir,
+        now - time::Duration::hours(1),
+        now + time::Duration::seconds(8),
+    );
     let (_, parsed) = x509_parser::parse_x509_certificate(brief.der()).unwrap();
     let expiry = parsed.validity().not_after.timestamp();
     let unix_now = || time::OffsetDateTime::now_utc().unix_timestamp();
-    secret.update(&[
-        (
-            "tls.crt",
-            format!("{}{intermediate}", brief.pem()).into_bytes(),
-        ),
-        ("tls.key", key.serialize_pem().into_bytes()),
-    ]);
+    secret.update(&files);
     // Served while valid. An expired pair is refused, so one not served by its expiry (a machine
     // stalled for seconds) leaves nothing to check: the test gives up rather than fail.
     while served_leaf(addr, &roots).await != *brief.der() {
@@ -1214,6 +1170,74 @@ async fn injector_is_not_ready_once_its_serving_certificate_expired() {
         assert!(unix_now() < expiry + 15, "still ready: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// An injector serving the pair `meshid-ca webhook-cert` issued, from a Secret volume laid out
+/// as the kubelet does, with its admin port.
+struct Served {
+    ca_dir: PathBuf,
+    roots: Vec<CertificateDer<'static>>,
+    secret: SecretVolume,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    _injector: Proc,
+}
+
+async fn serving_from_a_secret(dir: &Path) -> Served {
+    let ca_dir = init_ca(dir);
+    let roots = roots_of(&ca_dir);
+    let first = dir.join("1");
+    assert!(webhook_cert(&ca_dir, &first, &[]).status.success());
+    let secret = SecretVolume::new(&dir.join("secret"), &pair_files(&first));
+    let (addr, admin) = (free_addr("127.0.0.1"), free_addr("127.0.0.1"));
+    let injector = Proc::spawn(
+        "meshid-injector",
+        injector(
+            &secret.path("tls.crt"),
+            &secret.path("tls.key"),
+            &ca_dir.join("bundle.pem"),
+            &addr.to_string(),
+        )
+        .args(["--admin-listen", &admin.to_string()]),
+    );
+    wait_healthy(addr, &roots).await;
+    Served {
+        ca_dir,
+        roots,
+        secret,
+        addr,
+        admin,
+        _injector: injector,
+    }
+}
+
+/// A serving pair for [`SAN`] issued by the CA's intermediate for `not_before..not_after`, and
+/// its Secret files (`tls.crt` with the intermediate, `tls.key`).
+fn serving_pair(
+    ca_dir: &Path,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> (rcgen::Certificate, [(&'static str, Vec<u8>); 2]) {
+    let intermediate = std::fs::read_to_string(ca_dir.join("intermediate.pem")).unwrap();
+    let signing = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca_dir.join("intermediate.key")).unwrap(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&intermediate, signing).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![SAN.to_owned()]).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let files = [
+        (
+            "tls.crt",
+            format!("{}{intermediate}", cert.pem()).into_bytes(),
+        ),
+        ("tls.key", key.serialize_pem().into_bytes()),
+    ];
+    (cert, files)
 }
 
 /// TLS to the injector from the source address `from` (any 127.0.0.0/8 address: each is a source of
