@@ -1,4 +1,4 @@
-//! The inbound's reading of a POST's `_method` fields (`meshid_sidecar::http`): the data's first
+//! The inbound's reading of a POST's `_method` fields (`meshid_sidecar::form`): the data's first
 //! line is a `Content-Type` value, the rest the body. The value is classified (no form,
 //! urlencoded, or multipart with a boundary), the body's `_method` fields read by that form, and
 //! the body's first lines up to an empty one (`name: value`) are also taken as request headers
@@ -14,8 +14,8 @@
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use meshid_sidecar::http::METHOD_OVERRIDES;
-use meshid_sidecar::http::fuzzing::{Form, form_of, form_of_type, method_overrides};
+use meshid_sidecar::form::METHOD_OVERRIDES;
+use meshid_sidecar::form::fuzzing::{Form, form_of, form_of_type, method_overrides};
 
 /// Header lines taken from the body, at most.
 const MAX_HEADERS: usize = 64;

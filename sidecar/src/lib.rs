@@ -17,6 +17,7 @@ pub mod cli;
 pub mod conn;
 pub mod creds;
 pub mod decisions;
+pub mod form;
 pub mod http;
 pub mod idle;
 pub mod inbound;

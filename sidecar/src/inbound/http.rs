@@ -111,7 +111,7 @@ pub const MAX_FORM_BODY: usize = 1 << 20;
 /// not come within the request timeout, is refused in audit mode too: what was read of it is gone.
 async fn decide_form(
     req: &mut Request<ReqBody>,
-    form: Result<crate::http::Form, String>,
+    form: Result<crate::form::Form, String>,
     peer: &Peer,
     http: &InboundHttp,
     shared: &Shared,
@@ -400,7 +400,7 @@ async fn inbound_request(
     let mut overrides = Vec::new();
     // A method override is decided as the method it names (each recorded as a decision of its
     // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
-    for method in crate::http::method_overrides(req.headers()) {
+    for method in crate::form::method_overrides(req.headers()) {
         if method != req.method().as_str() {
             if let Err(denied) = http.authz.request(
                 peer,
@@ -414,7 +414,7 @@ async fn inbound_request(
         }
     }
     // So is one the query names (`?_method=DELETE`).
-    for method in crate::http::query_method_overrides(req.uri().query()) {
+    for method in crate::form::query_method_overrides(req.uri().query()) {
         if method != req.method().as_str() {
             if let Err(denied) = http.authz.request(
                 peer,
@@ -442,7 +442,7 @@ async fn inbound_request(
     // `Content-Type` would have it removed on the way, and the app parse the body as untyped.
     if req.method() == http::Method::POST
         && !http.authz.allows_any_method(peer, req.uri().path())
-        && let Some(form) = crate::http::Form::of(&{
+        && let Some(form) = crate::form::Form::of(&{
             let mut forwarded = req.headers().clone();
             strip_hop_by_hop(&mut forwarded, false);
             forwarded
