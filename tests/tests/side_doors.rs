@@ -6,7 +6,8 @@
 //! past its certificate's expiry or past a policy change, a flood of upgrades against
 //! `max_connections`, TCP connections of a peer the policy drops, a `Host` that is not an authority,
 //! hostile app-probe paths and probe floods on the admin port, the stats split, a rejected policy
-//! reload, an accept loop out of file descriptors, and handshakes made to be logged. Each ends
+//! reload, an accept loop out of file descriptors, handshakes made to be logged, and h2 rapid-reset
+//! floods and untaken responses on connection after connection (their lines limited). Each ends
 //! refused or closed with a clear
 //! reason while allowed traffic keeps flowing.
 
@@ -2532,5 +2533,328 @@ async fn a_peer_resetting_its_requests_once_the_app_has_them_is_cut_off() {
         metric(&m, "meshid_sidecar_h2_reset_flood_connections_closed_total"),
         1.0,
         "{m}"
+    );
+}
+
+/// A real sidecar (file mode, its log in JSON) whose HTTP inbound listener on `ip` is in front of
+/// `app`, allowing `CLIENT` `GET /api/*`, with the extra environment `env`.
+struct LoggedSidecar {
+    _sidecar: Proc,
+    /// Holds the certificate files the sidecar watches.
+    _pki: TestPki,
+    _work: tempfile::TempDir,
+    log: std::path::PathBuf,
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    /// An h2 client config as `CLIENT`.
+    cfg: Arc<rustls::ClientConfig>,
+}
+
+impl LoggedSidecar {
+    fn start(ip: &str, app: SocketAddr, env: &[(&str, Option<&str>)]) -> Self {
+        let pki = TestPki::new();
+        let me = pki.workload(SERVER);
+        let client = pki.workload(CLIENT);
+        let work = tempfile::tempdir().unwrap();
+        let log = work.path().join("sidecar.log");
+        let admin = free_addr(ip);
+        let inbound = free_addr(ip);
+        let policy = work.path().join("policy.yaml");
+        std::fs::write(
+            &policy,
+            format!(
+                "inbound:\n  - port: {}\n    protocol: http\n    allow:\n      \
+                 - id: {CLIENT}\n        methods: [GET]\n        paths: [/api/*]\n",
+                inbound.port()
+            ),
+        )
+        .unwrap();
+        let mut env = env.to_vec();
+        env.extend([
+            ("MESHID_LOG", None),
+            ("MESHID_LOG_FORMAT", Some("json")),
+            ("MESHID_SIDECAR_POLICY", policy.to_str()),
+        ]);
+        let sidecar = file_mode_sidecar(
+            &pki,
+            &me,
+            None,
+            ["--inbound", &format!("{inbound}={app},http")],
+            admin,
+            &env,
+            &log,
+        );
+        let cfg = client_config(
+            &pki.roots(),
+            &pki.trust_domain,
+            Some(&client),
+            &meshid_identity::SpiffeId::parse(SERVER).unwrap(),
+            &[b"h2"],
+        );
+        Self {
+            _sidecar: sidecar,
+            _pki: pki,
+            _work: work,
+            log,
+            inbound,
+            admin,
+            cfg,
+        }
+    }
+
+    /// Checks the log lines whose message holds `needle`, one for each of `closes` connections
+    /// closed, limited to a burst of 10 then one a second: every close is written or counted as
+    /// left out (`left_out` of the next line written), and those but the last (which came a second
+    /// after the others) wrote at most the burst and a line a second of `window`, the time within
+    /// which they all came.
+    fn check_limited_lines(&self, needle: &str, closes: usize, window: Duration) {
+        let text = std::fs::read_to_string(&self.log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter(|v: &serde_json::Value| {
+                v["message"].as_str().is_some_and(|m| m.contains(needle))
+            })
+            .collect();
+        let left_out: Vec<u64> = lines
+            .iter()
+            .map(|v| v["left_out"].as_u64().expect("a left_out count"))
+            .collect();
+        assert_eq!(
+            lines.len() as u64 + left_out.iter().sum::<u64>(),
+            closes as u64,
+            "every close is written or counted as left out (left_out of each line: {left_out:?})"
+        );
+        // 10 at once, then one a second (and one for a second's fraction), and the last close's.
+        let allowed = 10 + window.as_secs() as usize + 1 + 1;
+        assert!(
+            lines.len() <= allowed,
+            "{} lines for {closes} closes, {} of them within {window:?} (left_out of each line: \
+             {left_out:?})",
+            lines.len(),
+            closes - 1
+        );
+    }
+}
+
+/// The targets an app saw requests for.
+type Seen = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// An app that reads request heads and never answers, recording each request's target.
+async fn recording_silent_app() -> (SocketAddr, Seen) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Seen::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                while let Some(head) = app_read_head(&mut s).await {
+                    let head = String::from_utf8_lossy(&head);
+                    if let Some(target) = head.split(' ').nth(1) {
+                        record.lock().unwrap().insert(target.to_owned());
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A peer's h2 connection that resets each request it sends once the app has it (each one is
+/// premature to the sidecar, `meshid_sidecar::streams::PREMATURE`).
+struct Resetter {
+    h2: h2::client::SendRequest<bytes::Bytes>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    /// In the path of each request, to tell this connection's requests apart at the app.
+    tag: usize,
+    sent: usize,
+}
+
+impl Resetter {
+    async fn connect(inbound: SocketAddr, cfg: Arc<rustls::ClientConfig>, tag: usize) -> Self {
+        let tls = mtls_connect(inbound, cfg).await.unwrap();
+        let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+        Self {
+            h2,
+            connection: tokio::spawn(connection),
+            tag,
+            sent: 0,
+        }
+    }
+
+    /// Sends up to `count` requests, one at a time, each reset once `seen` shows the app has it;
+    /// whether the connection is still open.
+    async fn reset(&mut self, count: usize, seen: &Seen) -> bool {
+        for _ in 0..count {
+            let Ok(ready) = self.h2.clone().ready().await else {
+                return false;
+            };
+            self.h2 = ready;
+            let path = format!("/api/{}/{}", self.tag, self.sent);
+            let req = http::Request::get(format!("https://app{path}"))
+                .body(())
+                .unwrap();
+            let Ok((answer, mut stream)) = self.h2.send_request(req, true) else {
+                return false;
+            };
+            self.sent += 1;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !seen.lock().unwrap().contains(&path) {
+                if self.connection.is_finished() {
+                    return false;
+                }
+                assert!(Instant::now() < deadline, "{path} never reached the app");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            stream.send_reset(h2::Reason::CANCEL);
+            drop(answer);
+        }
+        !self.connection.is_finished()
+    }
+
+    /// Resets requests until the sidecar closes the connection as a rapid-reset flood (at most 64
+    /// more: a request that took over a second to reach the app was not premature); when the
+    /// close was seen.
+    async fn flood_until_closed(mut self, seen: &Seen) -> Instant {
+        let mut more = 0;
+        while self.reset(1, seen).await {
+            more += 1;
+            assert!(
+                more < 64,
+                "connection {} still open after {} requests reset",
+                self.tag,
+                self.sent
+            );
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(10), self.connection).await;
+        assert!(closed.is_ok(), "connection {} did not close", self.tag);
+        Instant::now()
+    }
+}
+
+/// The line for an h2 connection closed as a rapid-reset flood is limited (a burst of 10, then
+/// one a second, each counting those left out): a peer with a valid certificate can flood on
+/// connection after connection. Twenty connections brought to the edge of a flood (200 requests
+/// each reset once the app had them), then tipped over together, write at most the burst and a
+/// line a second while they close; one more, a second later, writes a line counting those left
+/// out. Every close is counted in the metric. A real sidecar. Before, each close wrote a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_floods_on_many_connections_write_few_log_lines() {
+    use meshid_sidecar::streams::RESET_FLOOD;
+    const FLOODS: usize = 20;
+    let (app, seen) = recording_silent_app().await;
+    let s = LoggedSidecar::start("127.0.0.213", app, &[]);
+    // Every connection is brought to the edge (200 premature resets: one more tips it over);
+    // FLOODS of them then go over at once, the last one after the others have closed.
+    let edge = Arc::new(tokio::sync::Barrier::new(FLOODS + 1));
+    let mut floods = Vec::new();
+    for tag in 0..FLOODS {
+        let mut r = Resetter::connect(s.inbound, s.cfg.clone(), tag).await;
+        let (seen, edge) = (seen.clone(), edge.clone());
+        floods.push(tokio::spawn(async move {
+            assert!(
+                r.reset(RESET_FLOOD, &seen).await,
+                "connection {tag} closed early"
+            );
+            edge.wait().await;
+            r.flood_until_closed(&seen).await
+        }));
+    }
+    let mut last = Resetter::connect(s.inbound, s.cfg.clone(), FLOODS).await;
+    let last_seen = seen.clone();
+    let last = tokio::spawn(async move {
+        assert!(
+            last.reset(RESET_FLOOD, &last_seen).await,
+            "last connection closed early"
+        );
+        last
+    });
+    edge.wait().await;
+    let released = Instant::now();
+    let mut window = Duration::ZERO;
+    for f in floods {
+        window = window.max(f.await.unwrap().duration_since(released));
+    }
+    // A second later, the limit has room for a line again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    last.await.unwrap().flood_until_closed(&seen).await;
+
+    let (_, metrics) = http_get(s.admin, "/metrics").unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "meshid_sidecar_h2_reset_flood_connections_closed_total"
+        ),
+        (FLOODS + 1) as f64,
+        "{metrics}"
+    );
+    s.check_limited_lines("rapid-reset flood", FLOODS + 1, window);
+}
+
+/// An h2 connection to `inbound` with a stream window of zero, and one response on it whose head
+/// came and whose body cannot: its request sender and the response (to keep: the client neither
+/// resets nor closes anything), and the connection's driver (ends when the connection does).
+async fn untaken_response(
+    inbound: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> (
+    (
+        hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+        http::Response<hyper::body::Incoming>,
+    ),
+    tokio::task::JoinHandle<()>,
+) {
+    let tls = mtls_connect(inbound, cfg).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(async move { drop(conn.await) });
+    let resp = sender.send_request(h2_get()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    ((sender, resp), conn)
+}
+
+/// The line for an h2 connection closed because its peer takes no response for the idle timeout
+/// is limited as the rapid-reset one is: a peer with a valid certificate can stall connection
+/// after connection. Twenty connections that each leave a 1 MiB response untaken (a window of
+/// zero), asked for at once, write at most the burst and a line a second as they close at the
+/// idle timeout (1 s); one more, a second later, writes a line counting those left out. A real
+/// sidecar. Before, each close wrote a line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_connections_write_few_log_lines() {
+    const STALLS: usize = 20;
+    let (app, _) = big_app().await;
+    let s = LoggedSidecar::start(
+        "127.0.0.214",
+        app,
+        &[("MESHID_SIDECAR_IDLE_TIMEOUT", Some("1s"))],
+    );
+    let started = Instant::now();
+    let stalls: Vec<_> = (0..STALLS)
+        .map(|_| tokio::spawn(untaken_response(s.inbound, s.cfg.clone())))
+        .collect();
+    let mut window = Duration::ZERO;
+    for stall in stalls {
+        let (kept, conn) = stall.await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+        assert!(closed.is_ok(), "a stalled connection stayed open");
+        window = window.max(started.elapsed());
+        drop(kept);
+    }
+    // A second later, the limit has room for a line again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (kept, conn) = untaken_response(s.inbound, s.cfg.clone()).await;
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(closed.is_ok(), "the last stalled connection stayed open");
+    drop(kept);
+    s.check_limited_lines(
+        "has not taken a response for the idle timeout",
+        STALLS + 1,
+        window,
     );
 }
