@@ -88,6 +88,8 @@ pub(crate) trait Dial: fmt::Display + Send + Sync + 'static {
 pub(crate) struct TcpDial {
     pub(crate) target: SocketAddr,
     pub(crate) connect_timeout: Duration,
+    /// The longest response head taken ([`Dial::max_head`]): `--max-header-bytes`.
+    pub(crate) max_head: usize,
 }
 
 impl fmt::Display for TcpDial {
@@ -102,6 +104,13 @@ impl Dial for TcpDial {
 
     fn dial(&self) -> impl Future<Output = Result<TcpStream, String>> + Send {
         connect(self.target, self.connect_timeout)
+    }
+
+    /// `--max-header-bytes`, as on the inbound's other paths to the app (hyper's HTTP/1.1 and
+    /// h2 clients, `crate::inbound::app`): a longer head is a 502 to the peer, its connection
+    /// closed.
+    fn max_head(&self) -> usize {
+        self.max_head
     }
 }
 
@@ -615,6 +624,7 @@ mod tests {
         let dial = TcpDial {
             target: addr,
             connect_timeout: Duration::from_secs(5),
+            max_head: h1::MAX_HEAD,
         };
         Bare::new(dial, Duration::from_secs(60))
     }
@@ -918,6 +928,7 @@ mod tests {
         let dial = TcpDial {
             target: addr,
             connect_timeout: Duration::from_secs(5),
+            max_head: h1::MAX_HEAD,
         };
         let bare = Bare::capped(dial, Duration::from_secs(60), 2);
         // Two responses whose client reads none of their bodies hold both connections.

@@ -299,7 +299,8 @@ pub struct RunArgs {
         default_value = "64"
     )]
     pub max_h2_connections_per_peer: String,
-    /// Largest request head (HTTP/1.1 headers; HTTP/2 header list) accepted, in bytes.
+    /// Largest request or response head (HTTP/1.1 headers; HTTP/2 header list) accepted, in
+    /// bytes: a peer's or the app's request, the app's or an upstream's response.
     #[arg(long, env = "MESHID_SIDECAR_MAX_HEADER_BYTES", default_value = "16384")]
     pub max_header_bytes: String,
     /// Most pooled HTTP/1.1 connections to one upstream carrying a request at once (a response

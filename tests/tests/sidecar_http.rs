@@ -846,3 +846,119 @@ async fn idle_and_half_sent_heads_are_closed_at_the_idle_limit() {
             });
     }
 }
+
+/// An app (HTTP/1.1 and h2c) that answers `/api/head?pad=N` with an `x-pad` field of N bytes and
+/// the body `ok`. It counts the HTTP/1.1 requests that arrived on a connection after it had
+/// answered one with a pad of at least `over` (the sidecar refused that head: the connection must
+/// not have gone back to its pool).
+async fn padding_app(over: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    use hyper::service::service_fn;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let reused = Arc::new(AtomicUsize::new(0));
+    let count = reused.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let count = count.clone();
+            let refused_here = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (count, refused_here) = (count.clone(), refused_here.clone());
+                async move {
+                    let http1 = req.version() != hyper::Version::HTTP_2;
+                    if http1 && refused_here.load(Ordering::SeqCst) {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let pad: usize = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("pad="))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(1);
+                    // The request body is read whole before the answer.
+                    let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                    if http1 && pad >= over {
+                        refused_here.store(true, Ordering::SeqCst);
+                    }
+                    hyper::Response::builder()
+                        .header("x-pad", "p".repeat(pad))
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+            });
+        }
+    });
+    (addr, reused)
+}
+
+/// A response head from the app over `--max-header-bytes` (32 KiB here: over hyper's 16 KiB h2
+/// default, far under its 408 KiB HTTP/1.1 one) is a 502 to the peer on every path to the app: a
+/// bodiless GET (the bare pool), a PUT with a body (hyper's HTTP/1.1 client), h2c (a request whose
+/// originating app spoke h2); the next request is answered, on another connection; a head under
+/// the limit passes on each path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_head_from_the_app_over_max_header_bytes_is_a_502_on_every_path() {
+    const OVER: usize = 40_000;
+    const UNDER: usize = 24_000;
+    let (app, reused) = padding_app(OVER).await;
+    let e = env(
+        Limits {
+            max_header_bytes: 32 * 1024,
+            ..Limits::default()
+        },
+        app,
+    )
+    .await;
+    let client = client_of(&e);
+    let request = |method: &str, pad: usize, h2_app: bool| {
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(format!("/api/head?pad={pad}"))
+            .header("host", "app.example");
+        if h2_app {
+            b = b.header("x-meshid-app-h2", "1");
+        }
+        let body = if method == "PUT" { "a body" } else { "" };
+        b.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    };
+    for (path, method, h2_app) in [
+        ("bare", "GET", false),
+        ("hyper http/1.1", "PUT", false),
+        ("h2c", "GET", true),
+    ] {
+        let (status, headers, body) = e
+            .call(&client, false, request(method, OVER, h2_app))
+            .await
+            .unwrap();
+        assert_eq!(status, 502, "{path}: {body}");
+        let reason = headers
+            .get("x-meshid-reason")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !h2_app {
+            assert!(
+                reason.contains("longer than 32768 bytes"),
+                "{path}: {reason}"
+            );
+        }
+        for pad in [1, UNDER] {
+            let (status, headers, body) = e
+                .call(&client, false, request(method, pad, h2_app))
+                .await
+                .unwrap();
+            assert_eq!((status, body.as_str()), (200, "ok"), "{path}, pad {pad}");
+            assert_eq!(headers.get("x-pad").map(|v| v.len()), Some(pad), "{path}");
+        }
+    }
+    assert_eq!(
+        reused.load(Ordering::SeqCst),
+        0,
+        "a connection whose head was refused took another request"
+    );
+}

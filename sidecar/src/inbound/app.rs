@@ -14,6 +14,11 @@
 //! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept in each pool.
 //! At most `--max-app-connections` connections of both pools carry a request at once (a response a
 //! peer does not take holds its connection); past it a request is refused without dialing.
+//!
+//! A response head longer than `--max-header-bytes` fails its request (a 502 to the peer) and
+//! closes its connection, on both pools: the bare one counts the raw head's bytes; hyper's client
+//! is bounded by its read buffer, which can overshoot by up to one read, so its parsed head is
+//! measured again ([`head_len`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -28,6 +33,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use meshid_runtime::h1::Error as HeadError;
 use tokio::time::Instant;
 
 pub use crate::bare::MAX_IDLE;
@@ -55,7 +61,13 @@ pub struct AppH1<B = ReqBody> {
     bare: Arc<Bare<TcpDial>>,
     /// Connections of both pools carrying a request at once (`--max-app-connections`).
     cap: BusyCap,
+    /// The longest response head taken (`--max-header-bytes`).
+    max_head: usize,
 }
+
+/// The smallest read buffer hyper's HTTP/1.1 client takes (it panics below it); `--max-header-bytes`
+/// is at least this, a [`AppH1::new`] from a test may not be.
+const HYPER_MIN_BUF: usize = 8192;
 
 impl<B> AppH1<B>
 where
@@ -64,9 +76,15 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// A pool for `target` with at most `max_busy` connections (of both kinds) carrying a request
-    /// at once ([`crate::bare::BUSY`] past it; `usize::MAX`: no cap); a task closes connections idle
-    /// for longer than [`IDLE_TIMEOUT`] while the pool lives. Must be called within the runtime.
-    pub fn new(target: SocketAddr, connect_timeout: Duration, max_busy: usize) -> Arc<Self> {
+    /// at once ([`crate::bare::BUSY`] past it; `usize::MAX`: no cap), taking response heads of at
+    /// most `max_head` bytes; a task closes connections idle for longer than [`IDLE_TIMEOUT`] while
+    /// the pool lives. Must be called within the runtime.
+    pub fn new(
+        target: SocketAddr,
+        connect_timeout: Duration,
+        max_busy: usize,
+        max_head: usize,
+    ) -> Arc<Self> {
         let cap = BusyCap::new(max_busy);
         let pool = Arc::new(Self {
             target,
@@ -76,11 +94,13 @@ where
                 TcpDial {
                     target,
                     connect_timeout,
+                    max_head,
                 },
                 IDLE_TIMEOUT,
                 cap.clone(),
             ),
             cap,
+            max_head,
         });
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
@@ -97,7 +117,10 @@ where
 
     async fn connect(&self) -> Result<Sender<B>, String> {
         let tcp = crate::bare::connect(self.target, self.connect_timeout).await?;
+        // hyper reads a response head into a buffer of at most this much (408 KiB unless told):
+        // a head it cannot complete within it fails as too large.
         let (send, conn) = http1::Builder::new()
+            .max_buf_size(self.max_head.max(HYPER_MIN_BUF))
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| root_cause(&e))?;
@@ -135,6 +158,11 @@ where
                 return Err(root_cause(&e));
             }
             match send.try_send_request(req).await {
+                Ok(resp) if head_len(&resp) > self.max_head => {
+                    // Past hyper's buffer by the last read: the response and its sender are
+                    // dropped, and the connection with them.
+                    return Err(self.head_too_long());
+                }
                 Ok(resp) => {
                     let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (send, Arc::downgrade(self)));
@@ -154,6 +182,7 @@ where
                         tracing::debug!(error = %e.error(), target = %self.target, "app connection closed with the request unsent; on another one");
                         req = unsent;
                     }
+                    _ if e.error().is_parse_too_large() => return Err(self.head_too_long()),
                     _ => return Err(root_cause(&e.into_error())),
                 },
             }
@@ -162,6 +191,16 @@ where
 }
 
 impl<B> AppH1<B> {
+    /// The longest response head taken (`--max-header-bytes`).
+    pub fn max_head(&self) -> usize {
+        self.max_head
+    }
+
+    /// The error of a response head over [`Self::max_head`], as the bare pool words it.
+    fn head_too_long(&self) -> String {
+        HeadError::HeadTooLong(self.max_head).to_string()
+    }
+
     /// Idle connections held now, in both pools.
     pub fn idle_count(&self) -> usize {
         self.lock().len() + self.bare.idle_count()
@@ -201,6 +240,17 @@ impl<B> AppH1<B> {
             });
         }
     }
+}
+
+/// The length of `resp`'s head as the app wrote it at the least: status line, fields with one
+/// space after the colon, the empty line (the reason phrase and any other spaces not counted).
+fn head_len<T>(resp: &Response<T>) -> usize {
+    let fields: usize = resp
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    "HTTP/1.1 200 \r\n".len() + fields + 2
 }
 
 /// A request body on its way to the app, which says (in `ended`) when it has been sent to its end.
@@ -325,6 +375,9 @@ mod tests {
 
     type Pool = Arc<AppH1<Full<Bytes>>>;
 
+    /// The response head limit of tests about something else: the bare pool's own.
+    const MAX_HEAD: usize = meshid_runtime::h1::MAX_HEAD;
+
     /// Which pool a request goes to.
     #[derive(Debug, Clone, Copy)]
     enum Kind {
@@ -401,7 +454,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_response_is_read() {
         for kind in BOTH {
             let (addr, accepted) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             for _ in 0..5 {
                 let resp = pool.request(req(kind)).await.unwrap();
                 assert_eq!(text(resp).await, "hi");
@@ -415,7 +468,7 @@ mod tests {
     async fn a_response_still_being_read_holds_its_connection() {
         for kind in BOTH {
             let (addr, accepted) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             let first = pool.request(req(kind)).await.unwrap();
             let second = pool.request(req(kind)).await.unwrap();
             assert_eq!(*accepted.lock().unwrap(), 2);
@@ -432,7 +485,7 @@ mod tests {
     async fn held_responses_of_both_pools_count_against_one_cap() {
         for (held, next) in [(Kind::Bare, Kind::Hyper), (Kind::Hyper, Kind::Bare)] {
             let (addr, accepted) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), 2);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), 2, MAX_HEAD);
             let first = pool.request(req(held)).await.unwrap();
             let second = pool.request(req(next)).await.unwrap();
             let refused = pool.request(req(held)).await.unwrap_err();
@@ -456,7 +509,7 @@ mod tests {
     async fn a_body_dropped_unread_does_not_return_its_connection() {
         for kind in BOTH {
             let (addr, _) = app("a longer body", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             drop(pool.request(req(kind)).await.unwrap());
             assert_eq!(pool.idle_count(), 0);
         }
@@ -467,7 +520,7 @@ mod tests {
         for kind in BOTH {
             // The app closes every connection after one response, without saying so.
             let (addr, accepted) = app("hi", Some(1)).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             for _ in 0..4 {
                 let resp = pool.request(req(kind)).await.unwrap();
                 assert_eq!(text(resp).await, "hi");
@@ -484,9 +537,120 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = listener.local_addr().unwrap();
             drop(listener);
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             let error = pool.request(req(kind)).await.unwrap_err();
             assert!(error.contains("refused"), "{error}");
+        }
+    }
+
+    /// A response whose head is `len` bytes long (an `x-pad` field fills it out), with the body `ok`.
+    fn padded(len: usize) -> Vec<u8> {
+        let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-pad: ".to_vec();
+        out.resize(len - 4, b'a');
+        out.extend_from_slice(b"\r\n\r\nok");
+        out
+    }
+
+    /// An app that answers the requests it reads, on whichever connection, with `replies` in
+    /// order, each written in pieces cut at the offsets given, 300 ms apart (the pool reads each
+    /// piece alone); after a reply that ends no head it holds the connection open. Counts
+    /// connections.
+    async fn piecewise_app(replies: Vec<(Vec<u8>, Vec<usize>)>) -> (SocketAddr, Arc<Mutex<usize>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(Mutex::new(0));
+        let count = accepted.clone();
+        let replies = Arc::new(Mutex::new(std::collections::VecDeque::from(replies)));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                *count.lock().unwrap() += 1;
+                let replies = replies.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        // A request body (one byte here) is dropped with the next head's search.
+                        buf.clear();
+                        let Some((reply, cuts)) = replies.lock().unwrap().pop_front() else {
+                            return;
+                        };
+                        let mut from = 0;
+                        for to in cuts.into_iter().chain([reply.len()]) {
+                            if from > 0 {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                            if s.write_all(&reply[from..to]).await.is_err() {
+                                return;
+                            }
+                            from = to;
+                        }
+                        if !reply.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let _ = s.read(&mut chunk).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// A head over the limit fails its request, on both pools, and its connection is not used
+    /// again; one at the limit passes.
+    #[tokio::test]
+    async fn a_response_head_over_the_limit_fails_and_its_connection_is_not_reused() {
+        for kind in BOTH {
+            let (addr, accepted) = piecewise_app(vec![
+                (padded(20_000), vec![]),
+                (padded(16_384), vec![]),
+                (padded(16_384), vec![]),
+            ])
+            .await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, 16_384);
+            let error = pool.request(req(kind)).await.unwrap_err();
+            assert_eq!(error, "response head longer than 16384 bytes", "{kind:?}");
+            assert_eq!(pool.idle_count(), 0, "{kind:?}");
+            for _ in 0..2 {
+                let resp = pool.request(req(kind)).await.unwrap();
+                assert_eq!(text(resp).await, "ok", "{kind:?}");
+            }
+            assert_eq!(*accepted.lock().unwrap(), 2, "{kind:?}");
+            assert_eq!(pool.idle_count(), 1, "{kind:?}");
+        }
+    }
+
+    /// A head that goes on past the limit fails there, without waiting for its end (hyper's client
+    /// would read on to 408 KiB).
+    #[tokio::test]
+    async fn a_response_head_that_runs_past_the_limit_fails_without_waiting_for_its_end() {
+        for kind in BOTH {
+            let mut unended = padded(20_000);
+            unended.truncate(19_000);
+            let (addr, _) = piecewise_app(vec![(unended, vec![])]).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, 16_384);
+            let error = tokio::time::timeout(Duration::from_secs(10), pool.request(req(kind)))
+                .await
+                .expect("the head past the limit ended the wait")
+                .unwrap_err();
+            assert_eq!(error, "response head longer than 16384 bytes", "{kind:?}");
+        }
+    }
+
+    /// A head read in pieces can overshoot hyper's read buffer by a read (its buffer grows by
+    /// doubling: 5000, then 11000 bytes, then the rest, fit into 32 KiB): still refused.
+    #[tokio::test]
+    async fn a_response_head_over_the_limit_read_in_pieces_fails() {
+        for kind in BOTH {
+            let (addr, _) = piecewise_app(vec![(padded(25_000), vec![5_000, 16_000])]).await;
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, 20_000);
+            let error = pool.request(req(kind)).await.unwrap_err();
+            assert_eq!(error, "response head longer than 20000 bytes", "{kind:?}");
         }
     }
 
@@ -536,7 +700,8 @@ mod tests {
             // Keep the connection open for the next request's check.
             let _ = s.read(&mut chunk).await;
         });
-        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+        let pool: Arc<AppH1<ChannelBody>> =
+            AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let req = Request::post("/")
             .header("host", "app")
@@ -589,7 +754,8 @@ mod tests {
                 });
             }
         });
-        let pool: Arc<AppH1<ChannelBody>> = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+        let pool: Arc<AppH1<ChannelBody>> =
+            AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
         let post = |rx| {
             Request::post("/")
                 .header("host", "app")
@@ -624,7 +790,7 @@ mod tests {
     async fn a_connection_the_app_closed_while_idle_is_let_go_at_the_next_prune() {
         for kind in BOTH {
             let (addr, _) = app("hi", Some(1)).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             assert_eq!(text(pool.request(req(kind)).await.unwrap()).await, "hi");
             // The app closes its side after one response; pruning sees it with no request coming.
             for _ in 0..500 {
@@ -642,7 +808,7 @@ mod tests {
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         for kind in BOTH {
             let (addr, _) = app("hi", None).await;
-            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX);
+            let pool: Pool = AppH1::new(addr, Duration::from_secs(5), usize::MAX, MAX_HEAD);
             text(pool.request(req(kind)).await.unwrap()).await;
             assert_eq!(pool.idle_count(), 1);
             tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;

@@ -61,6 +61,7 @@ impl InboundHttp {
             spec.target,
             shared.limits.connect_timeout,
             shared.limits.max_app_connections,
+            shared.limits.max_header_bytes,
         );
         Self {
             target: spec.target,
@@ -84,6 +85,9 @@ impl InboundHttp {
             .http2_only(true)
             .http2_initial_stream_window_size(APP_H2_STREAM_WINDOW)
             .http2_initial_connection_window_size(APP_H2_CONNECTION_WINDOW)
+            // `--max-header-bytes`, as on the HTTP/1.1 paths (hyper's default is 16 KiB whatever
+            // the flag says): a larger response header list fails its request, a 502.
+            .http2_max_header_list_size(u32::try_from(self.h1.max_head()).unwrap_or(u32::MAX))
             .pool_idle_timeout(super::app::IDLE_TIMEOUT)
             .build(self.connector.clone())
     }
