@@ -1,6 +1,7 @@
 //! What one local client of an outbound HTTP listener can take from the others: the upstream's
 //! connections (it caps how many of ours it admits) and the streams of the shared h2 connection
-//! (the upstream caps how many are open at once on each).
+//! (the upstream caps how many are open at once on each); and of a TCP listener: its dials in
+//! progress.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use meshid_identity::policy::Protocol;
+use meshid_sidecar::outbound::dial::MAX_DIALS_IN_PROGRESS;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, metric, read_request_body, read_request_head,
@@ -343,4 +345,155 @@ async fn silent_upstream(workload: Workload) -> (SocketAddr, Arc<AtomicUsize>, A
         }
     });
     (addr, streams, connections)
+}
+
+/// An upstream that accepts TCP connections and reads what comes (a ClientHello) but never
+/// answers, until told to answer: then it drops those connections and serves new ones as a TLS
+/// echo server presenting `workload`. Counts the silent connections open, and their peak.
+struct BlackHole {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    answer: tokio::sync::watch::Sender<bool>,
+}
+
+impl BlackHole {
+    async fn start(workload: Workload) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = workload.upstream_acceptor(&[]);
+        let (answer, answering) = tokio::sync::watch::channel(false);
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (counted, highest) = (open.clone(), peak.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = l.accept().await {
+                if *answering.borrow() {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let (mut r, mut w) = tokio::io::split(tls);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                    continue;
+                }
+                let now = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                highest.fetch_max(now, Ordering::SeqCst);
+                let (counted, mut answering) = (counted.clone(), answering.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        tokio::select! {
+                            r = tcp.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) {
+                                break;
+                            },
+                            _ = answering.wait_for(|a| *a) => break,
+                        }
+                    }
+                    counted.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            peak,
+            answer,
+        }
+    }
+}
+
+/// An app that opens connection after connection to a TCP outbound whose upstream never answers
+/// the TLS handshake gets at most `MAX_DIALS_IN_PROGRESS` dials to it in progress at once: each
+/// further connection waits the connect timeout for one to end, then is closed, counted as a
+/// handshake failure (`too_many_dials`). Once the upstream answers, connections get through again.
+/// Before, every app connection dialled at once, each dial left half-open with its handshake
+/// state until the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_tcp_upstream_gets_no_more_dials_at_once_than_the_cap() {
+    let pki = TestPki::new();
+    let hole = BlackHole::start(pki.workload(B)).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(hole.addr.to_string(), B.to_string(), Protocol::Tcp)],
+            limits: Some(Limits {
+                connect_timeout: Duration::from_secs(2),
+                // The dials that got through stay in their handshakes for the whole test.
+                handshake_timeout: Duration::from_secs(300),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let extra = 36;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut apps = Vec::new();
+    for _ in 0..MAX_DIALS_IN_PROGRESS + extra {
+        let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
+        let closed = closed.clone();
+        apps.push(tokio::spawn(async move {
+            // Returns when the sidecar closes the app's connection.
+            let _ = s.read(&mut [0u8; 16]).await;
+            closed.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (open, peak) = (
+            hole.open.load(Ordering::SeqCst),
+            hole.peak.load(Ordering::SeqCst),
+        );
+        assert!(
+            peak <= MAX_DIALS_IN_PROGRESS,
+            "{peak} dials reached the upstream at once"
+        );
+        let gone = closed.load(Ordering::SeqCst);
+        if open == MAX_DIALS_IN_PROGRESS && gone >= extra {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 30 s: {open} dials at the upstream, {gone} app connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), extra);
+    let m = a.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "meshid_sidecar_tls_handshake_failures_total{",
+            &[r#"reason="too_many_dials""#]
+        ),
+        extra as u64,
+        "{m}"
+    );
+
+    // The upstream answers: the dials it held fail, and new connections get through.
+    hole.answer.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        let got = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut echoed)).await;
+        if matches!(got, Ok(Ok(_))) && &echoed == b"ping" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no echo through the outbound 30 s after the upstream began answering"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(hole.peak.load(Ordering::SeqCst) <= MAX_DIALS_IN_PROGRESS);
+    for app in apps {
+        app.abort();
+    }
 }

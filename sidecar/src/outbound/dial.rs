@@ -1,13 +1,22 @@
 //! Dialling an upstream: TCP, then mTLS with the current credentials, refusing a server whose
 //! SPIFFE ID is not the expected one; and when such a connection must end.
+//!
+//! A TCP listener's dials in progress are capped ([`DialPermits`]): each app connection dials
+//! once, so without a cap an app opening connections in a loop towards a black-holed upstream (or
+//! one whose name resolves slowly) piled up half-open dials with their handshake state, and filled
+//! tokio's blocking pool (shared with the CA client and file reads) with name lookups. The HTTP
+//! pools cap their own dials (`--max-upstream-http1-connections`, one h2 dial at a time).
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use meshid_identity::verify::{describe, failure_label};
 use meshid_runtime::time::{expiry_instant, unix_now};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::Shared;
 use crate::creds::Snapshot;
@@ -28,14 +37,70 @@ pub enum Alpn {
     Http11,
 }
 
+/// Dials one TCP outbound listener may have in progress at once (TCP connect, name lookup
+/// included, and TLS handshake). A dial in a healthy mesh takes a round trip and a handshake, so
+/// this still allows thousands of new connections a second.
+pub const MAX_DIALS_IN_PROGRESS: usize = 64;
+
+/// One outbound listener's dials in progress: a dial holds a permit from before its TCP connect
+/// until its handshake ends, and a name lookup holds it until the lookup returns (a lookup left
+/// running on the blocking pool after its dial timed out still counts).
+#[derive(Clone, Debug)]
+pub struct DialPermits {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl DialPermits {
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A permit, waiting at most `wait` for one (`None` then).
+    async fn acquire(&self, wait: Duration) -> Option<OwnedSemaphorePermit> {
+        // The semaphore is never closed, so an error cannot happen; treated as no permit anyway.
+        tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
 /// Dials the upstream and completes mTLS with the current credentials, verifying its identity;
 /// returns the connection and the credential snapshot it presents (the one the upstream was
 /// verified against: its [`Snapshot::trust_key`] is what [`upstream_revoked`] starts from).
+/// For the HTTP pools, which cap their dials themselves; a TCP listener uses [`dial_capped`].
 pub async fn dial_with(
     spec: &Outbound,
     index: usize,
     shared: &Shared,
     alpn: Alpn,
+) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
+    dial(spec, index, shared, alpn, None).await
+}
+
+/// [`dial_with`] holding one of the listener's `permits` throughout. A dial that gets none within
+/// the connect timeout fails ("too many dials in progress"), counted as a handshake failure
+/// (`too_many_dials`).
+pub async fn dial_capped(
+    spec: &Outbound,
+    index: usize,
+    shared: &Shared,
+    alpn: Alpn,
+    permits: &DialPermits,
+) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
+    dial(spec, index, shared, alpn, Some(permits)).await
+}
+
+async fn dial(
+    spec: &Outbound,
+    index: usize,
+    shared: &Shared,
+    alpn: Alpn,
+    permits: Option<&DialPermits>,
 ) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
     let port = spec.local.port();
     let snapshot = shared
@@ -63,9 +128,28 @@ pub async fn dial_with(
     // The name only feeds SNI; the verifier checks the SPIFFE ID, not this name.
     let name = ServerName::try_from(host.to_owned())
         .map_err(|_| io::Error::other(format!("bad upstream host {host:?}")))?;
+    // Dropped when the dial ends, whichever way (a lookup still running holds a clone).
+    let permit = match permits {
+        Some(permits) => match permits.acquire(shared.limits.connect_timeout).await {
+            Some(permit) => Some(Arc::new(permit)),
+            None => {
+                shared
+                    .metrics
+                    .handshake_failed("outbound", port, "too_many_dials");
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "too many dials in progress to {} ({} at once)",
+                        spec.remote, permits.max
+                    ),
+                ));
+            }
+        },
+        None => None,
+    };
     let tcp = tokio::time::timeout(
         shared.limits.connect_timeout,
-        TcpStream::connect(spec.remote.as_str()),
+        connect(&spec.remote, permit.clone(), system_lookup),
     )
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -95,6 +179,44 @@ pub async fn dial_with(
             ))
         }
     }
+}
+
+/// Connects to `remote` (`host:port`): at once when the host is an IP address; a name is looked up
+/// by `lookup` on the blocking pool first, which holds `permit` until the lookup returns (the
+/// caller's timeout cannot stop a blocking lookup, only stop waiting for it).
+async fn connect(
+    remote: &str,
+    permit: Option<Arc<OwnedSemaphorePermit>>,
+    lookup: impl FnOnce(&str) -> io::Result<Vec<SocketAddr>> + Send + 'static,
+) -> io::Result<TcpStream> {
+    if let Ok(addr) = remote.parse::<SocketAddr>() {
+        return TcpStream::connect(addr).await;
+    }
+    let name = remote.to_owned();
+    let addrs = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        lookup(&name)
+    })
+    .await
+    .map_err(|_| io::Error::other(format!("looking up {remote} failed")))??;
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{remote} resolves to no address"),
+        )
+    }))
+}
+
+/// The system resolver (`getaddrinfo`), which blocks.
+fn system_lookup(remote: &str) -> io::Result<Vec<SocketAddr>> {
+    std::net::ToSocketAddrs::to_socket_addrs(remote).map(Iterator::collect)
 }
 
 /// When a connection to an upstream must end (its certificate's expiry), if ages are capped.
@@ -203,4 +325,70 @@ pub fn upstream_not_after(tls: &TlsStream<TcpStream>) -> i64 {
         .and_then(|c| c.first())
         .and_then(|leaf| meshid_identity::cert_identity_from_der(leaf).ok())
         .map_or(0, |i| i.not_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lookup that must not happen.
+    fn no_lookup(remote: &str) -> io::Result<Vec<SocketAddr>> {
+        panic!("{remote} was looked up")
+    }
+
+    #[tokio::test]
+    async fn an_ip_address_is_connected_to_without_a_lookup() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        connect(&addr.to_string(), None, no_lookup).await.unwrap();
+        let v6 = tokio::net::TcpListener::bind("[::1]:0").await;
+        if let Ok(v6) = v6 {
+            let addr = v6.local_addr().unwrap();
+            connect(&addr.to_string(), None, no_lookup).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_then_connected_to() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let remote = format!("upstream.test:{}", addr.port());
+        let expected = remote.clone();
+        let lookup = move |name: &str| {
+            assert_eq!(name, expected);
+            Ok(vec![addr])
+        };
+        connect(&remote, None, lookup).await.unwrap();
+        let error = connect(&remote, None, |_: &str| Ok(Vec::new()))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("no address"), "{error}");
+    }
+
+    /// The dial's timeout stops waiting for a lookup, not the lookup (a blocking `getaddrinfo`):
+    /// the listener's permit stays taken until the lookup returns, so lookups stuck on a slow
+    /// resolver cannot pile up on the blocking pool past the cap.
+    #[tokio::test]
+    async fn a_lookup_outliving_its_dial_holds_the_permit_until_it_returns() {
+        let permits = DialPermits::new(1);
+        let permit = Arc::new(permits.acquire(Duration::from_secs(5)).await.unwrap());
+        let (answer, asked) = std::sync::mpsc::channel::<()>();
+        let lookup = move |_: &str| {
+            let _ = asked.recv();
+            Ok(Vec::new())
+        };
+        let dial = connect("slow.test:443", Some(permit.clone()), lookup);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), dial)
+                .await
+                .is_err()
+        );
+        drop(permit);
+        assert!(
+            permits.acquire(Duration::from_millis(50)).await.is_none(),
+            "the permit came back while the lookup was still running"
+        );
+        answer.send(()).unwrap();
+        assert!(permits.acquire(Duration::from_secs(30)).await.is_some());
+    }
 }

@@ -47,6 +47,8 @@ pub async fn serve(
     // The upstream's verified identity is the expected one (the handshake refuses any other), so
     // the peer label is known before the first connection.
     let peer = shared.metrics.peer_label(&spec.expected);
+    // TCP mode dials once per app connection; the HTTP pools cap their own dials.
+    let dials = dial::DialPermits::new(dial::MAX_DIALS_IN_PROGRESS);
     shared.metrics.listener("outbound", port, Some(&peer));
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) =
@@ -68,6 +70,7 @@ pub async fn serve(
         let spec = spec.clone();
         let http = http.clone();
         let peer = peer.clone();
+        let dials = dials.clone();
         let span = tracing::info_span!("outbound", port, upstream = %spec.remote, app_addr = %addr);
         tokio::spawn(
             async move {
@@ -92,7 +95,7 @@ pub async fn serve(
                         // The stream holds the byte counters.
                         drop(metrics);
                         // Boxed: an HTTP connection's task need not be as large as this future.
-                        Box::pin(tcp::proxy(app, &spec, index, &shared, &slot)).await
+                        Box::pin(tcp::proxy(app, &spec, index, &shared, &slot, &dials)).await
                     }
                 }
                 shared.heap.freed();
