@@ -544,6 +544,79 @@ fn intermediate_key(
     Ok(waiting)
 }
 
+/// How many times a load reads the signing intermediate and its key when the pair it read does
+/// not match while `intermediate.pem` changed meanwhile ([`signing_pair`]).
+const PAIR_READS: usize = 5;
+
+/// The active authority's intermediate and its key, read as a pair. A `rotate intermediate` in
+/// another process replaces the certificate and then the key ([`replace_intermediate`]): a read
+/// of the old certificate before it and of the key after it sees a pair that does not match,
+/// although the directory holds a whole one before and after. So when the key does not fit and
+/// `intermediate.pem` changed since it was read, the pair is read again (up to [`PAIR_READS`]
+/// times: each retry follows a change another process made); a pair that does not match while
+/// the certificate stays the same is refused at once.
+fn signing_pair(
+    files: &AuthorityFiles,
+) -> Result<(CertificateDer<'static>, KeyPair), AuthorityError> {
+    let path = files.path("intermediate.pem");
+    let mut reads = 1;
+    loop {
+        let pem = read_file(&path, MAX_CA_FILE).map_err(io_err(&path))?;
+        let der = CertificateDer::from_pem_slice(&pem)
+            .map_err(|e| invalid(&path, format!("not a PEM certificate: {e}")))?;
+        #[cfg(test)]
+        between_pair_reads::run();
+        let error = match intermediate_key(files, &der) {
+            Ok(key) => return Ok((der, key)),
+            Err(error) => error,
+        };
+        let changed = read_file(&path, MAX_CA_FILE).is_ok_and(|now| now != pem);
+        if !changed || reads >= PAIR_READS {
+            return Err(error);
+        }
+        tracing::info!(
+            cert = %path.display(),
+            %error,
+            "the intermediate changed while it was read with its key (a `rotate intermediate` \
+             under way): reading the pair again"
+        );
+        reads += 1;
+    }
+}
+
+/// What a test does between a load's read of `intermediate.pem` and of its key (tests only): the
+/// steps of a `rotate intermediate` in another process, at the moment that splits the pair.
+#[cfg(test)]
+mod between_pair_reads {
+    use std::cell::RefCell;
+
+    type Step = Box<dyn FnMut()>;
+
+    thread_local!(static STEP: RefCell<Option<Step>> = const { RefCell::new(None) });
+
+    /// Runs `step` between the two reads of every load on this thread, until [`clear`].
+    pub(super) fn set(step: impl FnMut() + 'static) {
+        STEP.with(|s| *s.borrow_mut() = Some(Box::new(step)));
+    }
+
+    pub(super) fn clear() {
+        STEP.with(|s| *s.borrow_mut() = None);
+    }
+
+    pub(super) fn run() {
+        let step = STEP.with(|s| s.borrow_mut().take());
+        if let Some(mut step) = step {
+            step();
+            STEP.with(|s| {
+                let mut slot = s.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(step);
+                }
+            });
+        }
+    }
+}
+
 fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -725,14 +798,11 @@ impl Authority {
         let active = state.active().clone();
         let files = state.files_of(dir, &active);
         let inter_path = files.path("intermediate.pem");
-        let inter_pem = read_file(&inter_path, MAX_CA_FILE).map_err(io_err(&inter_path))?;
-        let intermediate_der = CertificateDer::from_pem_slice(&inter_pem)
-            .map_err(|e| invalid(&inter_path, format!("not a PEM certificate: {e}")))?;
+        let (intermediate_der, key) = signing_pair(&files)?;
         check_is_ca(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
         let intermediate_not_after =
             not_after_of(&intermediate_der).map_err(|r| invalid(&inter_path, r))?;
 
-        let key = intermediate_key(&files, &intermediate_der)?;
         let issuer = Issuer::from_ca_cert_der(&intermediate_der, key)?;
 
         // bundle.pem is what is served (rotation commands write it from the state, keeping roots
@@ -763,6 +833,7 @@ impl Authority {
         let mut bundled_authorities = Vec::new();
         let mut jwt_keys = Vec::new();
         let mut jwt_signer = None;
+        let mut listed_roots = Vec::new();
         for a in state
             .authorities
             .iter()
@@ -782,6 +853,7 @@ impl Authority {
             let root_path = files.path("root.pem");
             let root = authority_root(&root_path)?;
             let bundled = roots.contains(&root);
+            listed_roots.push(root.clone());
             let anchors = Anchors::with_pins(&[root], pin.as_slice(), trust_domain.clone())
                 .map_err(|e| invalid(&root_path, format!("not usable as a trust anchor: {e:?}")))?;
             authority_anchors.push((a.name.clone(), anchors));
@@ -798,8 +870,14 @@ impl Authority {
                 dir: dir.to_owned(),
                 prefix,
             };
-            // Unreadable, whether bundle.pem holds it is unknown: not taken for "no".
-            let root = authority_root(&files.path("root.pem"))?;
+            let root_path = files.path("root.pem");
+            let root = match authority_root(&root_path) {
+                Ok(root) => root,
+                Err(error) => {
+                    unreadable_unlisted_root(&files, &roots, &listed_roots, error)?;
+                    continue;
+                }
+            };
             if roots.contains(&root)
                 && let Some(pin) = pinned_intermediate(&files)?
             {
@@ -857,6 +935,56 @@ impl Authority {
             ));
         }
         None
+    }
+}
+
+/// Whether a load may go on without the root of an authority `authorities.json` does not list
+/// (`files`, what a `rotate prepare` cut short left), which cannot be read (`error`): such an
+/// authority is no part of the trust, and all a load takes from it is the pin of an imported root
+/// that `bundle.pem` already holds. That pin cannot matter when its root was not imported, or
+/// when `bundle.pem` holds only roots of listed authorities (`listed_roots`): the trust is then
+/// theirs, with their pins. The load goes on, with a warning naming the file. Otherwise the
+/// unreadable file may be a root `bundle.pem` serves, which would be trusted unpinned: refused,
+/// as a listed authority's unreadable root is (see [`Authority::load`]).
+fn unreadable_unlisted_root(
+    files: &AuthorityFiles,
+    roots: &[CertificateDer<'static>],
+    listed_roots: &[CertificateDer<'static>],
+    error: AuthorityError,
+) -> Result<(), AuthorityError> {
+    let marker = files.path(IMPORTED_MARKER);
+    let imported = marker.try_exists().map_err(io_err(&marker))?;
+    let root_path = files.path("root.pem");
+    if imported && roots.iter().any(|r| !listed_roots.contains(r)) {
+        return Err(invalid(
+            &root_path,
+            format!(
+                "{}; authorities.json does not list this authority, but {} says its root was \
+                 imported and bundle.pem holds a root no listed authority has, which may be this \
+                 one (trust under it is pinned to this authority's intermediate): remove the \
+                 {}* files, or run `meshid-ca rotate prepare` again, which replaces them",
+                why(&error),
+                marker.display(),
+                files.prefix
+            ),
+        ));
+    }
+    tracing::warn!(
+        file = %root_path.display(),
+        error = %why(&error),
+        "a root of an authority authorities.json does not list cannot be read (a `meshid-ca \
+         rotate prepare` cut short?): it is no part of the trust and is ignored; remove it, or \
+         run `meshid-ca rotate prepare` again, which replaces it"
+    );
+    Ok(())
+}
+
+/// What is wrong with a file, without its path (the caller names it).
+fn why(error: &AuthorityError) -> String {
+    match error {
+        AuthorityError::Io { source, .. } => source.to_string(),
+        AuthorityError::Invalid { reason, .. } => reason.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -1068,6 +1196,73 @@ mod tests {
         whole();
     }
 
+    /// A load that reads `intermediate.pem` just before a `rotate intermediate` in another process
+    /// replaces the pair, and `intermediate.key` just after, has read a certificate and a key
+    /// that do not match: it reads the pair again, so a CA starting (or reloading) during the
+    /// rotation loads the new pair instead of failing. A rotation between every read of it is
+    /// given up on after `PAIR_READS` reads.
+    #[test]
+    fn a_load_that_reads_the_old_intermediate_and_then_the_new_key_reads_the_pair_again() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        let files = active_files(dir.path());
+        let old_cert = Authority::load(dir.path()).unwrap().intermediate_der;
+        let rotations = Rc::new(Cell::new(0));
+        let (f, t, n) = (files.clone(), td.clone(), rotations.clone());
+        between_pair_reads::set(move || {
+            if n.get() == 0 {
+                renew_intermediate(&f, &t).unwrap();
+                n.set(1);
+            }
+        });
+        let loaded = Authority::load(dir.path());
+        between_pair_reads::clear();
+        let loaded = loaded.unwrap();
+        assert_eq!(rotations.get(), 1, "the rotation ran between the reads");
+        let on_disk =
+            CertificateDer::from_pem_slice(&fs::read(files.path("intermediate.pem")).unwrap())
+                .unwrap();
+        assert_ne!(loaded.intermediate_der, old_cert);
+        assert_eq!(loaded.intermediate_der, on_disk);
+        let key = read_key(&files.path("intermediate.key")).unwrap();
+        assert!(key_matches_cert(&key, &loaded.intermediate_der));
+
+        // A rotation after every read of the certificate: the pair never matches; refused after
+        // a bounded number of reads, naming the key.
+        let (f, t, n) = (files.clone(), td.clone(), rotations.clone());
+        rotations.set(0);
+        between_pair_reads::set(move || {
+            renew_intermediate(&f, &t).unwrap();
+            n.set(n.get() + 1);
+        });
+        let err = Authority::load(dir.path()).map(|_| ()).unwrap_err();
+        between_pair_reads::clear();
+        assert_eq!(rotations.get(), PAIR_READS);
+        let err = err.to_string();
+        assert!(
+            err.contains("intermediate.key") && err.contains("does not belong"),
+            "{err}"
+        );
+        // A key that is not the certificate's while the certificate stays as it is: refused at
+        // once (no rotation is under way).
+        Authority::load(dir.path()).unwrap();
+        fs::write(
+            files.path("intermediate.key"),
+            KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let reads = Rc::new(Cell::new(0));
+        let r = reads.clone();
+        between_pair_reads::set(move || r.set(r.get() + 1));
+        let err = Authority::load(dir.path()).map(|_| ()).unwrap_err();
+        between_pair_reads::clear();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        assert_eq!(reads.get(), 1);
+    }
+
     /// An authority root that cannot be read is refused, not skipped: skipped, the authority had
     /// no anchors, and the retire gate could not see the sidecars still serving under it.
     #[test]
@@ -1091,8 +1286,8 @@ mod tests {
         refused("a directory");
         fs::remove_dir(&root).unwrap();
         refused("missing");
-        // Not listed yet (a `rotate prepare` between its two writes): whether bundle.pem holds
-        // it, and so whether it is pinned, is unknown.
+        // Not listed (a `rotate prepare` between its two writes, or cut short): no part of the
+        // trust. See `an_unreadable_unlisted_root_is_ignored_and_prepare_replaces_it`.
         fs::write(&root, &good).unwrap();
         let state = dir.path().join("authorities.json");
         let mut listed: serde_json::Value =
@@ -1103,8 +1298,82 @@ mod tests {
             .retain(|a| a["prefix"] != "a2-");
         fs::write(&state, listed.to_string()).unwrap();
         Authority::load(dir.path()).unwrap();
-        fs::write(&root, b"not pem").unwrap();
-        refused("unlisted, garbage");
+    }
+
+    /// A `rotate prepare` cut short while writing a new authority's files leaves files
+    /// `authorities.json` does not list, whose root may not be readable: no part of the trust.
+    /// The CA loads (and so starts) all the same, and `rotate prepare` makes the authority anew
+    /// over them. Only what cannot be told apart from trust `bundle.pem` serves is refused (an
+    /// imported root: `an_imported_root_is_pinned_before_its_authority_is_listed`).
+    #[test]
+    fn an_unreadable_unlisted_root_is_ignored_and_prepare_replaces_it() {
+        use crate::ca_dir::hostile_files::{fifo, within};
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        init(dir.path(), &td, None).unwrap();
+        // What `rotate prepare` writes before any file of the new authority.
+        RotationState::load(dir.path())
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
+        let before: Vec<(std::path::PathBuf, Vec<u8>)> = ["authorities.json", "bundle.pem"]
+            .iter()
+            .map(|n| (dir.path().join(n), fs::read(dir.path().join(n)).unwrap()))
+            .collect();
+        let root = dir.path().join("a2-root.pem");
+        let garbage = |p: &Path| fs::write(p, "-----BEGIN CERTIFICATE-----\nMII").unwrap();
+        let empty_dir = |p: &Path| fs::create_dir(p).unwrap();
+        for (what, leave) in [
+            ("garbage", &garbage as &dyn Fn(&Path)),
+            ("a FIFO", &fifo),
+            ("an empty directory", &empty_dir),
+        ] {
+            leave(&root);
+            fs::write(dir.path().join("a2-intermediate.key"), "").unwrap();
+            let at = dir.path().to_owned();
+            let loaded = within(what, move || {
+                Authority::load(&at).map_err(|e| e.to_string())
+            })
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let names: Vec<&str> = loaded
+                .authority_anchors
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            assert_eq!(names, ["1"], "{what}");
+            assert_eq!(loaded.roots.len(), 1, "{what}");
+
+            assert_eq!(crate::rotation::prepare(dir.path(), None).unwrap(), "2");
+            let prepared = Authority::load(dir.path()).unwrap();
+            assert!(
+                prepared.authority_anchors.iter().any(|(n, _)| n == "2"),
+                "{what}"
+            );
+            assert_eq!(prepared.roots.len(), 2, "{what}");
+            assert!(prepared.roots.contains(&authority_root(&root).unwrap()));
+
+            // Back to before that prepare.
+            for entry in fs::read_dir(dir.path()).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_name().to_string_lossy().starts_with("a2-") {
+                    fs::remove_file(entry.path()).unwrap();
+                }
+            }
+            for (path, bytes) in &before {
+                fs::write(path, bytes).unwrap();
+            }
+        }
+        // A directory with files in it: the CA loads, and prepare leaves it to the operator.
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("something"), "x").unwrap();
+        Authority::load(dir.path()).unwrap();
+        let err = crate::rotation::prepare(dir.path(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a2-root.pem") && err.contains("remove it by hand"),
+            "{err}"
+        );
     }
 
     /// A FIFO or an endless device in place of a file the CA reads is an error naming the file,
@@ -1225,6 +1494,27 @@ mod tests {
         let half = Authority::load(dir.path()).unwrap();
         assert!(half.roots.iter().any(|r| r.as_ref() == cert.der().as_ref()));
         assert_eq!(half.pinned, listed.pinned);
+        // Its root unreadable: bundle.pem holds a root no listed authority has, which may be this
+        // one; ignored, it would be trusted unpinned. Refused, naming the file.
+        let root = dir.path().join("a2-root.pem");
+        let good_root = fs::read(&root).unwrap();
+        fs::write(&root, b"not pem").unwrap();
+        let refused = Authority::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            refused.contains("a2-root.pem")
+                && refused.contains("imported")
+                && refused.contains("rotate prepare"),
+            "{refused}"
+        );
+        // With bundle.pem holding only the listed authorities' roots (a prepare cut short before
+        // it wrote the bundle), nothing of it is served: ignored.
+        let bundle = dir.path().join("bundle.pem");
+        let good_bundle = fs::read(&bundle).unwrap();
+        fs::copy(dir.path().join("root.pem"), &bundle).unwrap();
+        let ignored = Authority::load(dir.path()).unwrap();
+        assert!(ignored.pinned.is_empty() && ignored.roots.len() == 1);
+        fs::write(&bundle, good_bundle).unwrap();
+        fs::write(&root, good_root).unwrap();
         // The imported authority's intermediate missing: refused, not served unpinned.
         fs::remove_file(dir.path().join("a2-intermediate.pem")).unwrap();
         let refused = Authority::load(dir.path()).unwrap_err().to_string();

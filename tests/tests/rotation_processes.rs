@@ -548,3 +548,74 @@ fn the_reconnect_window_covers_the_sidecars_retries() {
         meshid_ca::rotation::gates::RECONNECT_WINDOW_SECONDS
     );
 }
+
+/// A `rotate prepare` cut short while it wrote the new authority's files leaves a root that
+/// `authorities.json` does not list, maybe unreadable (here a FIFO, which the CA refuses to open):
+/// no part of the trust. `meshid-ca serve` starts all the same, warning about the file, and
+/// `rotate prepare` run again makes the authority anew over it; the running CA serves its root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_starts_beside_an_unreadable_unlisted_root_and_prepare_replaces_it() {
+    let work = tempfile::tempdir().unwrap();
+    let dir: PathBuf = work.path().join("ca");
+    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}");
+    // What `rotate prepare` writes before any file of the new authority, then its root.
+    let state = r#"{"bundle_version":1,"authorities":[{"name":"1","prefix":"","state":"active","in_bundle_since":1}]}"#;
+    std::fs::write(dir.join("authorities.json"), state).unwrap();
+    let root = dir.join("a2-root.pem");
+    let made = Command::new("mkfifo").arg(&root).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let (grpc, admin) = (free_addr("127.0.0.28"), free_addr("127.0.0.28"));
+    let log = work.path().join("ca.log");
+    let proc = Proc::spawn(
+        "meshid-ca",
+        Command::new(workspace_bin("meshid-ca"))
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .args(["--listen", &grpc.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--san", "localhost", "--ttl", TTL, "--max-ttl", TTL])
+            .arg("--jwks")
+            .arg(&jwks)
+            .env("MESHID_LOG", "warn")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let ready = wait_http_ok(admin, "/readyz", Duration::from_secs(30));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        ready,
+        "the CA started beside an unlisted FIFO root: {logged}"
+    );
+    assert!(
+        logged.contains("a2-root.pem")
+            && logged.contains("authorities.json does not list")
+            && logged.contains("rotate prepare"),
+        "the warning names the file and what to do: {logged}"
+    );
+    let roots = read_roots(&dir.join("bundle.pem"));
+    assert_eq!(served_bundle(grpc, &roots).await.1.len(), 1);
+
+    let (code, out) = rotate("prepare", &dir, &[admin], &[]);
+    assert_eq!(code, 0, "prepare over the leftover: {out}");
+    assert!(std::fs::symlink_metadata(&root).unwrap().is_file());
+    let new_root = read_roots(&root);
+    let mut served = Vec::new();
+    let follows = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            served = served_bundle(grpc, &roots).await.1;
+            if served.contains(&new_root[0]) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        follows.is_ok(),
+        "the CA serves the prepared root: {served:?}"
+    );
+    drop(proc);
+}

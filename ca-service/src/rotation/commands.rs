@@ -215,6 +215,27 @@ fn kept_roots(
     Ok(disk.added)
 }
 
+/// Removes `path`, a file of an authority `authorities.json` does not list, whatever it holds
+/// (garbage, a FIFO: a CA ignores such a root, see [`crate::authority::Authority::load`]), so
+/// `rotate prepare` makes that authority anew. An empty directory in its place goes too; one with
+/// files in it is the operator's to remove (they may be anything).
+fn remove_leftover(path: &Path) -> Result<(), RotateError> {
+    let io = |source| AuthorityError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if !std::fs::symlink_metadata(path).map_err(io)?.is_dir() {
+        return Ok(std::fs::remove_file(path).map_err(io)?);
+    }
+    std::fs::remove_dir(path).map_err(|e| {
+        RotateError::Refused(format!(
+            "{}: a directory where rotate prepare writes a file of the new authority, and it \
+             cannot be removed ({e}): remove it by hand, then run rotate prepare again",
+            path.display()
+        ))
+    })
+}
+
 /// `rotate prepare`: a new authority whose root joins the bundle; signing continues as before.
 /// The CA processes named by `admins` are asked which bundle version each serves: the new root
 /// joins at a version above all of them (and above the directory's), so no acknowledgement of a
@@ -276,8 +297,7 @@ pub fn prepare_above(
         .into_iter()
         .filter(|f| f.starts_with(&prefix))
     {
-        let path = ca_dir.join(&leftover);
-        std::fs::remove_file(&path).map_err(|source| AuthorityError::Io { path, source })?;
+        remove_leftover(&ca_dir.join(&leftover))?;
         tracing::warn!(
             target: "meshid_ca::audit",
             file = %leftover,
