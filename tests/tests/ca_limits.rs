@@ -1098,21 +1098,78 @@ async fn raw_h2_from(
     (h2, tokio::spawn(connection))
 }
 
-/// Whether a whole `GetTrustBundle` from `from` (a new connection) is refused because too many
-/// requests are arriving; panics on any other failure.
-async fn bundle_refused_from(ca: &TestCa, from: IpAddr) -> bool {
+/// Why a whole `GetTrustBundle` from `from` (a new connection) is refused because too many
+/// requests are arriving (the limit, as the CA names it), or `None` when it is served; panics on
+/// any other failure.
+async fn bundle_refused_from(ca: &TestCa, from: IpAddr) -> Option<&'static str> {
     let opened = Arc::new(AtomicUsize::new(0));
     let mut client = client_from(ca, from, None, opened).await.unwrap();
     match client.get_trust_bundle(GetTrustBundleRequest {}).await {
-        Ok(_) => false,
+        Ok(_) => None,
         Err(status)
             if status.code() == Code::ResourceExhausted
                 && status.message().contains("arriving") =>
         {
-            true
+            Some(arrivals_limit(status.message()))
         }
         Err(status) => panic!("{status:?}"),
     }
+}
+
+/// The limit an arrivals refusal names (the per-source one names the overall one too).
+fn arrivals_limit(message: &str) -> &'static str {
+    if message.contains("max_arriving_requests_per_source") {
+        "max_arriving_requests_per_source"
+    } else if message.contains("max_arriving_requests") {
+        "max_arriving_requests"
+    } else {
+        panic!("not an arrivals refusal: {message}")
+    }
+}
+
+/// An unfinished request on a connection of its own, and that connection.
+type Held = (
+    (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>),
+    (
+        h2::client::SendRequest<bytes::Bytes>,
+        tokio::task::JoinHandle<Result<(), h2::Error>>,
+    ),
+);
+
+/// An unfinished request from `from` on a connection of its own (on one connection h2's client
+/// sometimes held a later stream's head back behind an earlier stream that never ends).
+async fn held_from(ca: &TestCa, from: IpAddr) -> Held {
+    let (h2, conn) = raw_h2_from(ca, from).await;
+    (unfinished_request(&h2).await, (h2, conn))
+}
+
+/// The first of `held` the CA answered (an unfinished request is answered only when refused), and
+/// the limit that refused it.
+async fn first_refused(held: &mut [Held]) -> (usize, &'static str) {
+    let (i, answer) = tokio::time::timeout(
+        Duration::from_secs(30),
+        std::future::poll_fn(|cx| {
+            for (i, ((response, _), _)) in held.iter_mut().enumerate() {
+                if let std::task::Poll::Ready(r) = std::pin::Pin::new(response).poll(cx) {
+                    return std::task::Poll::Ready((i, r));
+                }
+            }
+            std::task::Poll::Pending
+        }),
+    )
+    .await
+    .expect("the CA answered none of the unfinished requests");
+    let answer = answer.unwrap();
+    let header = |name: &str| {
+        answer
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(header("grpc-status"), "8", "{answer:?}");
+    (i, arrivals_limit(&header("grpc-message")))
 }
 
 /// Unfinished requests are bounded: a connection takes `MAX_STREAMS_PER_CONNECTION` streams at
@@ -1120,6 +1177,11 @@ async fn bundle_refused_from(ca: &TestCa, from: IpAddr) -> bool {
 /// `max_arriving_requests` places on the CA, an eighth of them per source. Past a source's share
 /// its next call is `RESOURCE_EXHAUSTED` while other sources are served; past the whole, every
 /// newcomer is, until a place is given back.
+///
+/// Each step waits for what the CA answers, not for time to pass: a probe that can take a place
+/// (its own request arrives too) is only sent when no unfinished request of the test can still
+/// be arriving, or from a source whose share is full (refused before it takes one), so no probe
+/// takes a place an unfinished request of the test was meant to hold, however slow the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_are_bounded_per_connection_per_source_and_overall() {
     let ca = TestCa::start(CaOptions {
@@ -1151,34 +1213,44 @@ async fn unfinished_requests_are_bounded_per_connection_per_source_and_overall()
     assert_eq!(connection.max_concurrent_send_streams(), 16);
     let here_conn = tokio::spawn(connection);
 
-    // Each on a connection of its own: on one connection h2's client sometimes held a later
-    // stream's head back behind an earlier stream that never ends.
+    // One more than a source's share: whichever arrives last is refused, and once it is, the
+    // others hold the source's share.
     let mut held = Vec::new();
-    for _ in 0..per_source {
-        let (h2, conn) = raw_h2_from(&ca, HERE).await;
-        held.push((unfinished_request(&h2).await, (h2, conn)));
+    for _ in 0..=per_source {
+        held.push(held_from(&ca, HERE).await);
     }
-    eventually("a source's unfinished requests take its share", || {
-        bundle_refused_from(&ca, HERE)
-    })
-    .await;
-    assert!(
-        !bundle_refused_from(&ca, ELSEWHERE).await,
+    let (refused, limit) = first_refused(&mut held).await;
+    assert_eq!(limit, "max_arriving_requests_per_source");
+    drop(held.remove(refused));
+    assert_eq!(
+        bundle_refused_from(&ca, HERE).await,
+        Some("max_arriving_requests_per_source"),
+        "a source's unfinished requests take its share"
+    );
+    assert_eq!(
+        bundle_refused_from(&ca, ELSEWHERE).await,
+        None,
         "another source is served"
     );
 
-    // Seven more sources take their share each: all 16 places.
+    // Seven more sources take their share each: all 16 places. Probed from the first source,
+    // whose share is full: refused for its share until every place is taken, and for the whole
+    // from then on, never taking a place itself.
     for host in 3..10u8 {
         for _ in 0..per_source {
-            let (h2, conn) = raw_h2_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, host))).await;
-            held.push((unfinished_request(&h2).await, (h2, conn)));
+            held.push(held_from(&ca, IpAddr::V4(Ipv4Addr::new(127, 0, 0, host))).await);
         }
     }
-    let newcomer = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
-    eventually("every place is taken", || {
-        bundle_refused_from(&ca, newcomer)
+    eventually("every place is taken", || async {
+        bundle_refused_from(&ca, HERE).await == Some("max_arriving_requests")
     })
     .await;
+    let newcomer = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
+    assert_eq!(
+        bundle_refused_from(&ca, newcomer).await,
+        Some("max_arriving_requests"),
+        "a newcomer is refused once every place is taken"
+    );
 
     // The first source goes away: its places come back.
     for (_, (_, conn)) in held.drain(..per_source) {
@@ -1187,7 +1259,7 @@ async fn unfinished_requests_are_bounded_per_connection_per_source_and_overall()
     drop(h2);
     here_conn.abort();
     eventually("a place given back serves the newcomer", || async {
-        !bundle_refused_from(&ca, newcomer).await
+        bundle_refused_from(&ca, newcomer).await.is_none()
     })
     .await;
     drop(held);
