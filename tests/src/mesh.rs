@@ -217,10 +217,21 @@ pub fn free_port(ip: &str) -> u16 {
 
 impl TestSidecar {
     /// Starts a sidecar with `workload`'s credentials.
+    /// The listen ports are picked free and released before the sidecar binds them, so another
+    /// test's socket can take one meanwhile: a port found taken is picked again (a few times).
     pub async fn start(pki: &TestPki, workload: &Workload, id: &str, spec: SidecarSpec) -> Self {
-        Self::try_start(pki, workload, id, spec)
-            .await
-            .expect("start sidecar")
+        let mut tries = 0;
+        loop {
+            match Self::try_start(pki, workload, id, spec.clone()).await {
+                Ok(sidecar) => return sidecar,
+                Err(meshid_sidecar::run::StartError::Bind { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse && tries < 5 =>
+                {
+                    tries += 1;
+                }
+                Err(error) => panic!("start sidecar: {error}"),
+            }
+        }
     }
 
     /// [`TestSidecar::start`], returning why it did not start.
