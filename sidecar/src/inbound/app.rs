@@ -402,6 +402,18 @@ mod tests {
             .unwrap()
     }
 
+    /// Reads from `s` into `buf` until `buf` holds the end of a head (`false`: closed first).
+    async fn read_to_head_end(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    }
+
     /// An app that answers every request on a connection with `body`, and counts connections.
     async fn app(
         body: &'static str,
@@ -417,13 +429,9 @@ mod tests {
                 tokio::spawn(async move {
                     let mut served = 0;
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
                     loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if !read_to_head_end(&mut s, &mut buf).await {
+                            return;
                         }
                         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                         buf.drain(..end);
@@ -567,13 +575,9 @@ mod tests {
                 let replies = replies.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
                     loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if !read_to_head_end(&mut s, &mut buf).await {
+                            return;
                         }
                         // A request body (one byte here) is dropped with the next head's search.
                         buf.clear();
@@ -591,7 +595,7 @@ mod tests {
                             from = to;
                         }
                         if !reply.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let _ = s.read(&mut chunk).await;
+                            let _ = s.read(&mut [0u8; 1]).await;
                             return;
                         }
                     }
@@ -734,13 +738,9 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
                     loop {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        if !read_to_head_end(&mut s, &mut buf).await {
+                            return;
                         }
                         // The body that follows is read and dropped with the next head's search.
                         buf.clear();
