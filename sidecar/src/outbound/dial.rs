@@ -1,11 +1,12 @@
 //! Dialling an upstream: TCP, then mTLS with the current credentials, refusing a server whose
 //! SPIFFE ID is not the expected one; and when such a connection must end.
 //!
-//! A TCP listener's dials in progress are capped ([`DialPermits`]): each app connection dials
-//! once, so without a cap an app opening connections in a loop towards a black-holed upstream (or
-//! one whose name resolves slowly) piled up half-open dials with their handshake state, and filled
-//! tokio's blocking pool (shared with the CA client and file reads) with name lookups. The HTTP
-//! pools cap their own dials (`--max-upstream-http1-connections`, one h2 dial at a time).
+//! A listener's dials in progress are capped ([`DialPermits`]): a TCP listener dials once per app
+//! connection, so without a cap an app opening connections in a loop towards a black-holed
+//! upstream (or one whose name resolves slowly) piled up half-open dials with their handshake
+//! state, and filled tokio's blocking pool (shared with the CA client and file reads) with name
+//! lookups. An HTTP listener's pools share its cap: their own limits (busy HTTP/1.1 connections,
+//! one h2 dial at a time) free a slot when a dial times out, while its lookup may run on.
 
 use std::io;
 use std::net::SocketAddr;
@@ -37,7 +38,7 @@ pub enum Alpn {
     Http11,
 }
 
-/// Dials one TCP outbound listener may have in progress at once (TCP connect, name lookup
+/// Dials one outbound listener (TCP or HTTP) may have in progress at once (TCP connect, name lookup
 /// included, and TLS handshake). A dial in a healthy mesh takes a round trip and a handshake, so
 /// this still allows thousands of new connections a second.
 pub const MAX_DIALS_IN_PROGRESS: usize = 64;
@@ -72,35 +73,16 @@ impl DialPermits {
 /// Dials the upstream and completes mTLS with the current credentials, verifying its identity;
 /// returns the connection and the credential snapshot it presents (the one the upstream was
 /// verified against: its [`Snapshot::trust_key`] is what [`upstream_revoked`] starts from).
-/// For the HTTP pools, which cap their dials themselves; a TCP listener uses [`dial_capped`].
+///
+/// Holds one of the listener's `permits` throughout: a dial that gets none within the connect
+/// timeout fails ("too many dials in progress"), counted as a handshake failure
+/// (`too_many_dials`).
 pub async fn dial_with(
     spec: &Outbound,
     index: usize,
     shared: &Shared,
     alpn: Alpn,
-) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
-    dial(spec, index, shared, alpn, None).await
-}
-
-/// [`dial_with`] holding one of the listener's `permits` throughout. A dial that gets none within
-/// the connect timeout fails ("too many dials in progress"), counted as a handshake failure
-/// (`too_many_dials`).
-pub async fn dial_capped(
-    spec: &Outbound,
-    index: usize,
-    shared: &Shared,
-    alpn: Alpn,
     permits: &DialPermits,
-) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
-    dial(spec, index, shared, alpn, Some(permits)).await
-}
-
-async fn dial(
-    spec: &Outbound,
-    index: usize,
-    shared: &Shared,
-    alpn: Alpn,
-    permits: Option<&DialPermits>,
 ) -> io::Result<(TlsStream<TcpStream>, Arc<Snapshot>)> {
     let port = spec.local.port();
     let snapshot = shared
@@ -129,27 +111,22 @@ async fn dial(
     let name = ServerName::try_from(host.to_owned())
         .map_err(|_| io::Error::other(format!("bad upstream host {host:?}")))?;
     // Dropped when the dial ends, whichever way (a lookup still running holds a clone).
-    let permit = match permits {
-        Some(permits) => match permits.acquire(shared.limits.connect_timeout).await {
-            Some(permit) => Some(Arc::new(permit)),
-            None => {
-                shared
-                    .metrics
-                    .handshake_failed("outbound", port, "too_many_dials");
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "too many dials in progress to {} ({} at once)",
-                        spec.remote, permits.max
-                    ),
-                ));
-            }
-        },
-        None => None,
+    let Some(permit) = permits.acquire(shared.limits.connect_timeout).await else {
+        shared
+            .metrics
+            .handshake_failed("outbound", port, "too_many_dials");
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "too many dials in progress to {} ({} at once)",
+                spec.remote, permits.max
+            ),
+        ));
     };
+    let permit = Arc::new(permit);
     let tcp = tokio::time::timeout(
         shared.limits.connect_timeout,
-        connect(&spec.remote, permit.clone(), system_lookup),
+        connect(&spec.remote, Some(permit.clone()), system_lookup),
     )
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;

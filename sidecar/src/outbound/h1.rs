@@ -45,7 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::dial::{Alpn, dial_with, upstream_http_ended};
+use super::dial::{Alpn, DialPermits, dial_with, upstream_http_ended};
 use super::upstream::retire_at;
 use crate::bare::{Bare, Dial, Wire};
 use crate::conn::Shared;
@@ -169,6 +169,8 @@ pub(crate) struct H1Dial {
     shared: Shared,
     /// The upstream did not agree to ALPN `http/1.1`: its requests all go over h2 for a while.
     declined: Declined,
+    /// The listener's dials in progress ([`DialPermits`]), shared with its h2 upstream.
+    dials: DialPermits,
 }
 
 impl H1Dial {
@@ -182,7 +184,12 @@ impl H1Dial {
 
 /// The pool of one outbound HTTP listener, closing idle connections in the background while it
 /// lives. Must be called within the runtime.
-pub(crate) fn pool(spec: Arc<Outbound>, index: usize, shared: Shared) -> Arc<Bare<H1Dial>> {
+pub(crate) fn pool(
+    spec: Arc<Outbound>,
+    index: usize,
+    shared: Shared,
+    dials: DialPermits,
+) -> Arc<Bare<H1Dial>> {
     let idle_timeout = IDLE_TIMEOUT
         .min(shared.limits.upstream_ping)
         .max(Duration::from_millis(100));
@@ -193,6 +200,7 @@ pub(crate) fn pool(spec: Arc<Outbound>, index: usize, shared: Shared) -> Arc<Bar
             index,
             shared,
             declined: Declined::new(),
+            dials,
         },
         idle_timeout,
         max_busy,
@@ -236,9 +244,15 @@ impl Dial for H1Dial {
     const WHO: &'static str = "the upstream";
 
     async fn dial(&self) -> Result<UpstreamWire, String> {
-        let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::Http11)
-            .await
-            .map_err(|e| root_cause(&e))?;
+        let (tls, presented) = dial_with(
+            &self.spec,
+            self.index,
+            &self.shared,
+            Alpn::Http11,
+            &self.dials,
+        )
+        .await
+        .map_err(|e| root_cause(&e))?;
         if tls.get_ref().1.alpn_protocol() != Some(b"http/1.1") {
             if self.declined.seen_at(self.declined.now()) {
                 tracing::info!(

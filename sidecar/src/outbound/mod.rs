@@ -33,12 +33,15 @@ pub async fn serve(
     limit: ConnLimit,
 ) {
     let port = spec.local.port();
+    // Every dial of this listener (one per app connection in TCP mode, the HTTP pools' dials)
+    // holds one of these from its name lookup to the end of its handshake.
+    let dials = dial::DialPermits::new(dial::MAX_DIALS_IN_PROGRESS);
     let http = (spec.protocol == Protocol::Http).then(|| {
         Arc::new(OutboundHttp {
             port,
             remote: spec.remote.clone(),
-            upstream: H2Upstream::new(spec.clone(), index, shared.clone()),
-            h1: h1::pool(Arc::new(spec.clone()), index, shared.clone()),
+            upstream: H2Upstream::new(spec.clone(), index, shared.clone(), dials.clone()),
+            h1: h1::pool(Arc::new(spec.clone()), index, shared.clone(), dials.clone()),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             pace: h1::Pace::new(),
             last_host: std::sync::Mutex::new(None),
@@ -47,8 +50,6 @@ pub async fn serve(
     // The upstream's verified identity is the expected one (the handshake refuses any other), so
     // the peer label is known before the first connection.
     let peer = shared.metrics.peer_label(&spec.expected);
-    // TCP mode dials once per app connection; the HTTP pools cap their own dials.
-    let dials = dial::DialPermits::new(dial::MAX_DIALS_IN_PROGRESS);
     shared.metrics.listener("outbound", port, Some(&peer));
     let mut shutdown = shared.shutdown.clone();
     while let Some((tcp, addr)) =

@@ -6,7 +6,7 @@
 use meshid_runtime::admission::Displaceable;
 use tokio::net::TcpStream;
 
-use super::dial::{Alpn, DialPermits, dial_capped, upstream_deadline, upstream_revoked};
+use super::dial::{Alpn, DialPermits, dial_with, upstream_deadline, upstream_revoked};
 use crate::conn::{ConnSlot, Metered, Shared, copy_bidirectional_idle};
 use crate::http::root_cause;
 use crate::settings::Outbound;
@@ -21,7 +21,7 @@ pub async fn proxy(
     slot: &ConnSlot,
     dials: &DialPermits,
 ) {
-    let (tls, presented) = match dial_capped(spec, index, shared, Alpn::H2, dials).await {
+    let (tls, presented) = match dial_with(spec, index, shared, Alpn::H2, dials).await {
         Ok(dialled) => {
             // A TCP client may stay silent (the server speaks first): the upstream took it, so it
             // is no longer displaced at the limit.

@@ -33,7 +33,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use meshid_runtime::time::expiry_instant;
 use tokio::time::Instant;
 
-use super::dial::{Alpn, dial_with, upstream_http_ended, upstream_not_after};
+use super::dial::{Alpn, DialPermits, dial_with, upstream_http_ended, upstream_not_after};
 use super::silence::Silence;
 use crate::conn::Shared;
 use crate::creds::Snapshot;
@@ -141,10 +141,12 @@ pub struct H2Upstream {
     /// whose requests stall (a body it never finishes sending) cannot make everyone else's wait
     /// behind its streams. Looked at only when `current` is saturated.
     spares: tokio::sync::Mutex<Vec<Arc<H2Conn>>>,
+    /// The listener's dials in progress ([`DialPermits`]), shared with its HTTP/1.1 pool.
+    dials: DialPermits,
 }
 
 impl H2Upstream {
-    pub fn new(spec: Outbound, index: usize, shared: Shared) -> Self {
+    pub fn new(spec: Outbound, index: usize, shared: Shared, dials: DialPermits) -> Self {
         Self {
             spec: Arc::new(spec),
             index,
@@ -152,6 +154,7 @@ impl H2Upstream {
             current: ArcSwapOption::empty(),
             dialing: tokio::sync::Mutex::new(()),
             spares: tokio::sync::Mutex::new(Vec::new()),
+            dials,
         }
     }
 
@@ -212,7 +215,8 @@ impl H2Upstream {
 
     /// A new connection to the upstream, its task running.
     async fn dial(&self) -> io::Result<Arc<H2Conn>> {
-        let (tls, presented) = dial_with(&self.spec, self.index, &self.shared, Alpn::H2).await?;
+        let (tls, presented) =
+            dial_with(&self.spec, self.index, &self.shared, Alpn::H2, &self.dials).await?;
         // A revoked upstream's connection closes at once, in-flight requests with it: its
         // certificate is no longer trusted at all. So does one whose certificate expired a grace
         // period ago (it takes no new request from shortly before the expiry: `retire_at`).
