@@ -417,30 +417,42 @@ pub fn ended_quietly(error: &io::Error) -> bool {
 
 /// Copies both ways until both directions finish, propagating half-close; gives up when neither side
 /// has sent anything for `idle`.
-pub async fn copy_bidirectional_idle<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>
+///
+/// A plain function that splits both streams before its future is made: an `async fn` keeps its
+/// arguments in its future for its whole life, a TLS stream's state (over 1 KiB) among them after
+/// it had been moved into its halves.
+pub fn copy_bidirectional_idle<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+) -> impl std::future::Future<Output = io::Result<(u64, u64)>>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let start = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
-    let a_to_b = pump(ar, bw, activity.clone(), start);
-    let b_to_a = pump(br, aw, activity.clone(), start);
-    let both = async { tokio::try_join!(a_to_b, b_to_a) };
-    tokio::pin!(both);
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        let last = activity.load(Ordering::Relaxed);
-        let elapsed = now_millis(start).saturating_sub(last);
-        let wait = Duration::from_millis(idle_ms.saturating_sub(elapsed).max(1));
-        tokio::select! {
-            r = &mut both => return r,
-            () = tokio::time::sleep(wait) => {
-                let last = activity.load(Ordering::Relaxed);
-                if now_millis(start).saturating_sub(last) >= idle_ms {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+    async move {
+        let start = Instant::now();
+        let activity = Arc::new(AtomicU64::new(0));
+        let (a_act, b_act) = (activity.clone(), activity.clone());
+        // The pumps' futures are made inside this one: made outside and moved in, each would be
+        // held twice (its 2 KiB buffer too), once where it was made and once where it is awaited.
+        let both =
+            async move { tokio::try_join!(pump(ar, bw, a_act, start), pump(br, aw, b_act, start)) };
+        tokio::pin!(both);
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let last = activity.load(Ordering::Relaxed);
+            let elapsed = now_millis(start).saturating_sub(last);
+            let wait = Duration::from_millis(idle_ms.saturating_sub(elapsed).max(1));
+            tokio::select! {
+                r = &mut both => return r,
+                () = tokio::time::sleep(wait) => {
+                    let last = activity.load(Ordering::Relaxed);
+                    if now_millis(start).saturating_sub(last) >= idle_ms {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                    }
                 }
             }
         }

@@ -530,12 +530,16 @@ async fn serve_h2<IO, S, F, R>(
         crate::streams::Streams::default()
     });
     let counted = streams.clone();
+    let handler = std::sync::Arc::new(svc);
     let svc = move |req: Request<Incoming>| {
         let open = counted.request();
-        let answer = svc(req.map(Tracked::untracked), None);
         let counted = counted.clone();
+        let handler = handler.clone();
         async move {
-            let resp = answer.await?;
+            // The handler's future is made here, not outside and captured: a captured future
+            // would take its size twice in this one (once captured, once awaited), and hyper
+            // moves this one whole as it spawns the stream's task.
+            let resp = handler(req.map(Tracked::untracked), None).await?;
             // The sidecar's own answers (a denial) carry its reason: not counted against resets.
             if !resp.headers().contains_key("x-meshid-reason") {
                 counted.forwarded();

@@ -142,6 +142,16 @@ where
             let (head, _empty) = req.into_parts();
             return self.bare.request(&head).await;
         }
+        // Boxed: hyper's client futures (a connection's handshake, the exchange) are several KiB,
+        // and inline they would size every request's future, bodiless ones too.
+        Box::pin(self.request_with_body(req)).await
+    }
+
+    /// [`Self::request`] on hyper's pool: requests with a body, and upgrades.
+    async fn request_with_body(
+        self: &Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<Body>, String> {
         let busy = self.cap.reserve()?;
         let sent = Arc::new(AtomicBool::new(false));
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));

@@ -453,8 +453,18 @@ async fn inbound_request(
         })
     {
         let audit = http.authz.audits();
-        if let Err(refused) =
-            decide_form(&mut req, form, peer, http, shared, &mut overrides, audit).await
+        // Boxed: only form posts read a body here, and inline its future would size every
+        // request's.
+        if let Err(refused) = Box::pin(decide_form(
+            &mut req,
+            form,
+            peer,
+            http,
+            shared,
+            &mut overrides,
+            audit,
+        ))
+        .await
         {
             return refused;
         }

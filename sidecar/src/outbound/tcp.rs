@@ -21,40 +21,50 @@ pub async fn proxy(
     slot: &ConnSlot,
     dials: &DialPermits,
 ) {
-    let (tls, presented) = match dial_with(spec, index, shared, Alpn::H2, dials).await {
-        Ok(dialled) => {
-            // A TCP client may stay silent (the server speaks first): the upstream took it, so it
-            // is no longer displaced at the limit.
-            slot.proven();
-            dialled
-        }
-        Err(error) => {
-            if let Some(left_out) = super::dial::UPSTREAM_FAILED.take() {
-                tracing::warn!(reason = %root_cause(&error), left_out, "closing the app's connection: upstream unavailable");
+    // Made in a block of their own, so that nothing of the dial is kept beside the copy: a local
+    // that was borrowed stays in the future until its scope ends (the TLS stream's state, over
+    // 1 KiB, with it), and so does one named at the function's level even once moved.
+    let (copy, ended) = {
+        let (tls, presented) = match dial_with(spec, index, shared, Alpn::H2, dials).await {
+            Ok(dialled) => {
+                // A TCP client may stay silent (the server speaks first): the upstream took it,
+                // so it is no longer displaced at the limit.
+                slot.proven();
+                dialled
             }
-            return;
-        }
+            Err(error) => {
+                if let Some(left_out) = super::dial::UPSTREAM_FAILED.take() {
+                    tracing::warn!(reason = %root_cause(&error), left_out, "closing the app's connection: upstream unavailable");
+                }
+                return;
+            }
+        };
+        // No connection outlives the upstream identity that opened it.
+        let deadline = upstream_deadline(&tls, shared.limits.cap_connection_age);
+        let expired = async move {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let expiry = shared.limits.cap_connection_age.then_some(0);
+        let revoked = upstream_revoked(&tls, &presented, spec.local.port(), shared, expiry);
+        drop(presented);
+        let ended = async move {
+            tokio::select! {
+                () = expired => tracing::info!("closing: the upstream's certificate expired"),
+                _ = revoked => {}
+            }
+        };
+        (
+            copy_bidirectional_idle(&mut app, tls, shared.limits.idle_timeout),
+            ended,
+        )
     };
-    // No connection outlives the upstream identity that opened it.
-    let deadline = upstream_deadline(&tls, shared.limits.cap_connection_age);
-    let expired = async {
-        match deadline {
-            Some(d) => tokio::time::sleep_until(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    let expiry = shared.limits.cap_connection_age.then_some(0);
-    let revoked = upstream_revoked(&tls, &presented, spec.local.port(), shared, expiry);
-    drop(presented);
     // Polled when one of them was woken, not at every wake of the copy (each chunk of data).
-    let ended = std::pin::pin!(async {
-        tokio::select! {
-            () = expired => tracing::info!("closing: the upstream's certificate expired"),
-            _ = revoked => {}
-        }
-    });
+    let ended = std::pin::pin!(ended);
     let clean = tokio::select! {
-        r = copy_bidirectional_idle(&mut app, tls, shared.limits.idle_timeout) => match r {
+        r = copy => match r {
             Ok(_) => true,
             Err(error) => {
                 tracing::debug!(%error, "tcp connection ended");

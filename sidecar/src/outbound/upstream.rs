@@ -182,7 +182,9 @@ impl H2Upstream {
         if spares.len() + 1 >= self.shared.limits.max_upstream_h2_connections {
             return Err(SATURATED.to_owned());
         }
-        let c = self.dial().await.map_err(|e| root_cause(&e))?;
+        // Boxed here and in `sender`: a dial's future (the TLS and h2 handshakes) is several KiB,
+        // and inline it would size every request's future, which is moved and copied whole.
+        let c = Box::pin(self.dial()).await.map_err(|e| root_cause(&e))?;
         tracing::debug!(upstream = %self.spec.remote, open = spares.len() + 2, "every stream of the upstream connections in use; another connection opened");
         spares.push(c.clone());
         Ok(c)
@@ -204,7 +206,7 @@ impl H2Upstream {
         }
         // Dropping our handle to the old connection lets it close once its streams are done.
         self.current.store(None);
-        let c = self.dial().await?;
+        let c = Box::pin(self.dial()).await?;
         self.current.store(Some(c.clone()));
         // Spare connections presenting the credentials just retired are let go too.
         if let Ok(mut spares) = self.spares.try_lock() {
