@@ -28,6 +28,7 @@ pub mod cost;
 pub mod metrics;
 mod patch;
 mod pod;
+pub mod proof;
 pub mod reload;
 pub mod reply;
 pub mod server;

@@ -38,7 +38,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use meshid_runtime::admission::{Admission, Displaceable, Ticket};
+use meshid_runtime::admission::{Admission, Displaceable};
 use meshid_runtime::log_limit::LogLimit;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
@@ -49,6 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use super::budget::{NoRoom, ReviewBudget};
 use super::cost;
 use super::metrics::InjectorMetrics;
+use super::proof::{Proof, ProvenSources};
 use super::reply::Reply;
 use super::{InjectConfig, Scope, admission};
 
@@ -135,6 +136,7 @@ pub async fn serve(
         Some(limits.max_connections_per_source),
     );
     let budget = ReviewBudget::new(limits.review_memory, limits.max_request_bytes);
+    let proven = ProvenSources::default();
     // Every connection task holds a sender: when they are all gone, `open.recv()` returns None.
     let (open_tx, mut open) = mpsc::channel::<()>(1);
     let (stop_tx, stop) = watch::channel(false);
@@ -164,14 +166,14 @@ pub async fn serve(
             limits,
         };
         let acceptor = acceptor.clone();
-        let (open_tx, stop) = (open_tx.clone(), stop.clone());
+        let (open_tx, stop, proven) = (open_tx.clone(), stop.clone(), proven.clone());
         tokio::spawn(async move {
             let _open =
                 meshid_runtime::exposition::GaugeHeld::new(&shared.metrics.connections_open);
             let _ = tcp.set_nodelay(true);
             let tcp = Displaceable::new(tcp, admitted.displacement);
-            let ticket = Arc::new(admitted.ticket);
-            connection(tcp, peer, acceptor, shared, ticket, stop).await;
+            let proof = Arc::new(Proof::new(admitted.ticket, peer.ip(), proven));
+            connection(tcp, peer, acceptor, shared, proof, stop).await;
             drop(open_tx);
         });
         if displaced {
@@ -214,7 +216,7 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Shared,
-    ticket: Arc<Ticket>,
+    proof: Arc<Proof>,
     mut stop: watch::Receiver<bool>,
 ) {
     let limits = shared.limits;
@@ -230,7 +232,7 @@ async fn connection(
         }
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let service = service_fn(move |req| handle(req, shared.clone(), peer, ticket.clone()));
+    let service = service_fn(move |req| handle(req, shared.clone(), peer, proof.clone()));
     let io = TokioIo::new(tls);
     // Resolves once the connection should go away, and then stays pending.
     let go_away = async {
@@ -284,14 +286,15 @@ async fn connection(
 }
 
 /// Answers one request. Only a well-formed AdmissionReview posted to a webhook path and answered
-/// proves the connection ([`Ticket::proven`]: never displaced at the connection limit from then
-/// on): a health check, a 404 or a refused body does not, so a client that holds connections open
-/// with cheap requests is displaced like a silent one.
+/// proves the connection ([`Proof::prove`]: never displaced at the connection limit from then on,
+/// up to [`super::proof::MAX_PROVEN_PER_SOURCE`] connections per address): a health check, a 404
+/// or a refused body does not, so a client that holds connections open with cheap requests is
+/// displaced like a silent one.
 async fn handle(
     req: Request<Incoming>,
     shared: Shared,
     peer: SocketAddr,
-    ticket: Arc<Ticket>,
+    proof: Arc<Proof>,
 ) -> Result<Response<Reply>, Infallible> {
     let Shared {
         config,
@@ -432,8 +435,9 @@ async fn handle(
     };
     let output = super::answer(&config, scope, &input);
     if input.problem().is_none() {
-        // A well-formed review, answered: the connection is a real client's (the API server's).
-        ticket.proven();
+        // A well-formed review, answered: the connection may be a real client's (the API
+        // server's), or a pod's that wrote the review itself: proven within its address's share.
+        proof.prove();
     }
     metrics.review(&output);
     let response = &output["response"];

@@ -1589,23 +1589,77 @@ async fn health_checker(
     until: std::time::Instant,
     answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {SAN}\r\n\r\n");
+    hold_with(from, addr, roots, until, answered, request, 200).await;
+}
+
+/// The same with a review a pod wrote itself, well-formed and answered (an AdmissionReview of
+/// something other than a pod: allowed as it is), as any pod that reaches the port can send.
+async fn review_forger(
+    from: &'static str,
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    until: std::time::Instant,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let body =
+        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#;
+    let request = format!(
+        "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    hold_with(from, addr, roots, until, answered, request, 200).await;
+}
+
+/// Sends `request` on one keep-alive HTTP/1.1 connection from `from` every second until `until`,
+/// reconnecting whenever the injector closes it; counts the answers with status `status`.
+async fn hold_with(
+    from: &'static str,
+    addr: SocketAddr,
+    roots: Vec<CertificateDer<'static>>,
+    until: std::time::Instant,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    request: String,
+    status: u16,
+) {
     'connect: while std::time::Instant::now() < until {
         let Ok(mut tls) = tls_from(from, addr, &roots, &[b"http/1.1"]).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
         while std::time::Instant::now() < until {
-            let request = format!("GET /healthz HTTP/1.1\r\nHost: {SAN}\r\n\r\n");
             if tls.write_all(request.as_bytes()).await.is_err() {
                 continue 'connect;
             }
+            // The head, then a body of its Content-Length.
             let mut got = Vec::new();
-            while !got.ends_with(b"\r\n\r\nok\n") {
-                let mut buf = [0u8; 512];
+            let complete = |got: &[u8]| -> Option<u16> {
+                let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+                let head = std::str::from_utf8(&got[..end]).ok()?;
+                let code = head.get(9..12)?.parse().ok()?;
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                (got.len() >= end + length).then_some(code)
+            };
+            let code = loop {
+                if let Some(code) = complete(&got) {
+                    break code;
+                }
+                let mut buf = [0u8; 4096];
                 match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await {
                     Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
                     _ => continue 'connect,
                 }
+            };
+            if code != status {
+                continue 'connect;
             }
             answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1671,6 +1725,71 @@ async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
         refused("max_connections"),
         0.0,
         "a newcomer was refused while health checkers held the slots"
+    );
+    for task in holders {
+        task.await.unwrap();
+    }
+}
+
+/// Nor can connections kept open with reviews a pod wrote itself: the webhook cannot tell them
+/// from the API server's, and an answered review proves a connection (never displaced at the
+/// cap), so before, a few pods proved every slot and every newcomer, the API server's
+/// reconnections included, was refused at accept. One address proves at most eight connections
+/// now (`meshid_injector::proof`): from two sources, as many connections as the overall cap, each
+/// sending a well-formed review every second, leave 16 slots displaceable, and the API server's
+/// connections (HTTP/1.1 and h2) take their places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_held_with_forged_reviews_cannot_keep_reviews_out() {
+    let webhook = webhook_with(|c| {
+        c.args([
+            "--max-connections",
+            "32",
+            "--max-connections-per-source",
+            "16",
+        ])
+        .args(["--header-read-timeout", "3s"]);
+    })
+    .await;
+    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
+    let refused = |reason: &str| {
+        metric(
+            admin,
+            &format!("meshid_injector_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut holders = Vec::new();
+    for from in ["127.0.0.6", "127.0.0.7"] {
+        for _ in 0..16 {
+            holders.push(tokio::spawn(review_forger(
+                from,
+                addr,
+                roots.clone(),
+                until,
+                answered.clone(),
+            )));
+        }
+    }
+    // Every slot taken by a connection that has had a review answered, twice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(admin, "meshid_injector_connections_open") < 32.0
+        || answered.load(std::sync::atomic::Ordering::Relaxed) < 64
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the review forgers did not fill the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answered_in_time(addr, &roots, false).await;
+    answered_in_time(addr, &roots, true).await;
+    assert!(refused("displaced") >= 1.0, "no forger displaced");
+    assert_eq!(
+        refused("max_connections"),
+        0.0,
+        "a newcomer was refused while review forgers held the slots"
     );
     for task in holders {
         task.await.unwrap();
