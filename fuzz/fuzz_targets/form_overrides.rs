@@ -1,6 +1,7 @@
 //! The inbound's reading of a POST's `_method` fields (`meshid_sidecar::form`): the data's first
 //! line is a `Content-Type` value, the rest the body. The value is classified (no form,
-//! urlencoded, or multipart with a boundary), the body's `_method` fields read by that form, and
+//! urlencoded, multipart with a boundary, JSON, or a form type that also says JSON), the body's
+//! `_method` fields (or top-level JSON members) read by that form, and
 //! the body's first lines up to an empty one (`name: value`) are also taken as request headers
 //! beside that `Content-Type`, for the form the headers say and their override headers
 //! (`X-HTTP-Method-Override`...). Never panics; a multipart boundary is one RFC 2046 allows

@@ -1,6 +1,6 @@
 //! The methods a request asks the app to take it as, beside its own: override headers
-//! (`X-HTTP-Method-Override`...), a query's `_method`, and the `_method` fields of a form body
-//! (urlencoded or multipart), each read as the most lenient framework reads it, since a peer picks
+//! (`X-HTTP-Method-Override`...), a query's `_method`, the `_method` fields of a form body
+//! (urlencoded or multipart) and the top-level `_method` members of a JSON one ([`json`]), each read as the most lenient framework reads it, since a peer picks
 //! the app it lies to. This module parses and reports: the methods it finds, or the reason a form
 //! cannot be checked. The inbound ([`crate::inbound::http`]) decides each method found as it
 //! decides the request's own, and what to answer for a form that cannot be checked.
@@ -8,6 +8,8 @@
 use http::header::{self, HeaderMap};
 
 use crate::http::names_one_of;
+
+mod json;
 
 /// Request headers that ask the app to take the request as another method (Express's
 /// `method-override`, Spring's `HiddenHttpMethodFilter` variants, OData, Google's APIs): the inbound
@@ -137,12 +139,18 @@ fn override_named(value: Option<&[u8]>) -> Option<String> {
 
 /// A request body a framework reads form fields from, `_method` among them: Rails'
 /// `Rack::MethodOverride`, Laravel, Symfony and Spring's `HiddenHttpMethodFilter` take a `POST`'s
-/// `_method` field from an `application/x-www-form-urlencoded` or `multipart/form-data` body.
+/// `_method` field from an `application/x-www-form-urlencoded` or `multipart/form-data` body, and
+/// Laravel a top-level `_method` member from a JSON one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Form {
     Urlencoded,
     /// With its boundary (one that names none is [`Form::Urlencoded`]).
     Multipart(String),
+    /// A `Content-Type` holding `/json` or `+json` anywhere (Laravel's test), no form type.
+    Json,
+    /// A form type whose `Content-Type` value also holds `/json` or `+json` (`multipart/form-data;
+    /// x=/json`): Rack reads the body as the form, Laravel as JSON, so it is read both ways.
+    AlsoJson(Box<Form>),
 }
 
 impl Form {
@@ -152,8 +160,8 @@ impl Form {
     /// value is trimmed first (Puma trims what h2 may send with a leading space), the media type
     /// ends at `;`, `,` or a space (PHP), any `multipart/*` is multipart (Rack), and a multipart
     /// type without a usable boundary is urlencoded (Rack finds no part, then parses the body as
-    /// an urlencoded form). (JSON bodies are not read: Laravel takes a top-level `_method` member
-    /// from one, see docs/policy.md.) `Err` with the reason for what no check can follow: two
+    /// an urlencoded form), and one holding `/json` or `+json` anywhere is JSON to Laravel
+    /// ([`Form::Json`], or [`Form::AlsoJson`] beside a form type). `Err` with the reason for what no check can follow: two
     /// `Content-Type` headers, a second `boundary` or one outside its `boundary=` parameter
     /// (frameworks pick different ones), a boundary RFC 2046 does not allow ([`check_boundary`])
     /// or one holding `,`, a `charset` other than [`FORM_CHARSETS`] (Tomcat and ASP.NET Core
@@ -174,6 +182,7 @@ impl Form {
             .iter()
             .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
         Some(match form {
+            Ok(Self::Json) if encoded => Err("a JSON body with a Content-Encoding".to_owned()),
             Ok(_) if encoded => Err("a form body with a Content-Encoding".to_owned()),
             form => form,
         })
@@ -186,16 +195,24 @@ impl Form {
         let end = lower.find([';', ',', ' ', '\t']).unwrap_or(lower.len());
         let media = &lower[..end];
         let urlencoded = media.is_empty() || media == "application/x-www-form-urlencoded";
+        // Laravel's `isJson()`: the whole value, parameters too, in any case here.
+        let json = lower.contains("/json") || lower.contains("+json");
         if !urlencoded && !media.starts_with("multipart/") {
-            return None;
+            // `json_decode` reads UTF-8 only: no charset makes a JSON body another one to it.
+            return json.then_some(Ok(Self::Json));
         }
         if let Err(refused) = check_charset(&lower) {
             return Some(Err(refused));
         }
-        if urlencoded {
-            return Some(Ok(Self::Urlencoded));
-        }
-        Some(multipart_boundary(value, &lower))
+        let form = if urlencoded {
+            Ok(Self::Urlencoded)
+        } else {
+            multipart_boundary(value, &lower)
+        };
+        Some(match form {
+            Ok(form) if json => Ok(Self::AlsoJson(Box::new(form))),
+            form => form,
+        })
     }
 
     /// The methods the form's `_method` fields name (see [`query_method_overrides`] for how a
@@ -205,6 +222,12 @@ impl Form {
         match self {
             Self::Urlencoded => Ok(query_method_overrides(Some(&String::from_utf8_lossy(body)))),
             Self::Multipart(boundary) => multipart_method_overrides(body, boundary),
+            Self::Json => Ok(json::method_overrides(body)),
+            Self::AlsoJson(form) => {
+                let mut found = form.method_overrides(body)?;
+                found.extend(json::method_overrides(body));
+                Ok(found)
+            }
         }
     }
 }
@@ -668,12 +691,16 @@ pub mod fuzzing {
     pub struct Form(super::Form);
 
     impl Form {
-        /// The multipart boundary; `None` for an urlencoded form.
+        /// The multipart boundary; `None` for an urlencoded form or a JSON body.
         pub fn boundary(&self) -> Option<&str> {
-            match &self.0 {
-                super::Form::Urlencoded => None,
-                super::Form::Multipart(boundary) => Some(boundary),
+            fn of(form: &super::Form) -> Option<&str> {
+                match form {
+                    super::Form::Urlencoded | super::Form::Json => None,
+                    super::Form::Multipart(boundary) => Some(boundary),
+                    super::Form::AlsoJson(form) => of(form),
+                }
             }
+            of(&self.0)
         }
 
         /// [`super::Form::method_overrides`].
@@ -715,7 +742,43 @@ mod tests {
         };
         // No Content-Type: Rack parses a POST's body as a form all the same.
         assert_eq!(Form::of(&HeaderMap::new()), Some(Ok(Form::Urlencoded)));
-        assert_eq!(Form::of(&headers("application/json")), None);
+        assert_eq!(Form::of(&headers("text/plain")), None);
+        // JSON, as Laravel's `isJson()` finds it: `/json` or `+json` anywhere in the value.
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-16",
+            "application/vnd.api+json",
+            "text/plain; x=/json",
+        ] {
+            assert_eq!(Form::of(&headers(json)), Some(Ok(Form::Json)), "{json}");
+        }
+        assert_eq!(
+            Form::Json
+                .method_overrides(br#"{"a":{"_method":"get"},"_method":"delete"}"#)
+                .unwrap(),
+            ["DELETE"]
+        );
+        // A form type that says JSON too is read both ways.
+        let both = Form::of(&headers("multipart/form-data; boundary=b; x=/json"));
+        assert_eq!(
+            both,
+            Some(Ok(Form::AlsoJson(Box::new(Form::Multipart("b".into())))))
+        );
+        let both = Form::of(&headers("application/x-www-form-urlencoded; x=a+json"));
+        assert_eq!(both, Some(Ok(Form::AlsoJson(Box::new(Form::Urlencoded)))));
+        assert_eq!(
+            Form::AlsoJson(Box::new(Form::Urlencoded))
+                .method_overrides(br#"{"_method":"DELETE","x":"&_method=put&"}"#)
+                .unwrap(),
+            ["PUT", "DELETE"]
+        );
+        // A JSON body with a Content-Encoding cannot be read either.
+        let mut encoded = headers("application/json");
+        encoded.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(
+            Form::of(&encoded),
+            Some(Err("a JSON body with a Content-Encoding".to_owned()))
+        );
         let urlencoded = Form::of(&headers("Application/X-WWW-Form-Urlencoded; charset=utf-8"));
         assert_eq!(urlencoded, Some(Ok(Form::Urlencoded)));
         assert_eq!(

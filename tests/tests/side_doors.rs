@@ -534,8 +534,9 @@ fn utf16le(ascii: &str) -> String {
 }
 
 /// Rails' `Rack::MethodOverride`, Laravel, Symfony and Spring read `_method` from a POST's form
-/// body: for a peer that may not use every method on the path, the body is read whole, each method
-/// its `_method` fields name decided, and the body passed on as it came.
+/// body, and Laravel from a JSON one: for a peer that may not use every method on the path, the
+/// body is read whole, each method its `_method` fields (or top-level members) name decided, and
+/// the body passed on as it came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
     let policy = format!(
@@ -570,8 +571,34 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
             multipart("note", "_method=DELETE"),
             "200",
         ),
+        // Laravel reads a top-level `_method` member of a JSON body (`/json` or `+json` anywhere
+        // in the Content-Type) as the method.
+        (
+            CLIENT,
+            "application/json",
+            r#"{"title":"x","_method":"DELETE"}"#.to_owned(),
+            "403",
+        ),
+        (
+            CLIENT,
+            "application/vnd.api+json; charset=utf-8",
+            r#"{"\u005fmethod" : "delete"}"#.to_owned(),
+            "403",
+        ),
+        (
+            CLIENT,
+            "application/json",
+            r#"{"title":{"_method":"DELETE"},"_method":"post"}"#.to_owned(),
+            "200",
+        ),
         // A peer that may use any method there: nothing to decide.
         (OTHER, urlencoded, "_method=DELETE".to_owned(), "200"),
+        (
+            OTHER,
+            "application/json",
+            r#"{"_method":"DELETE"}"#.to_owned(),
+            "200",
+        ),
     ];
     for (who, content_type, body, status) in cases {
         let tls = connect_as(&e.pki, &e.sidecar, &e.pki.workload(who))
