@@ -87,6 +87,24 @@ async fn raw_client(
         impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
     >,
 > {
+    try_raw_client(socket, header)
+        .await
+        .expect("connect to the socket")
+}
+
+/// [`raw_client`], or the error of a connection the socket closed.
+async fn try_raw_client(
+    socket: &Path,
+    header: bool,
+) -> Result<
+    SpiffeWorkloadApiClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+        >,
+    >,
+    tonic::transport::Error,
+> {
     let path = socket.to_owned();
     let channel = tonic::transport::Endpoint::from_static("http://workload.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -97,15 +115,17 @@ async fn raw_client(
                     .map(hyper_util::rt::TokioIo::new)
             }
         }))
-        .await
-        .expect("connect to the socket");
-    SpiffeWorkloadApiClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if header {
-            req.metadata_mut()
-                .insert("workload.spiffe.io", "true".parse().unwrap());
-        }
-        Ok(req)
-    })
+        .await?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            if header {
+                req.metadata_mut()
+                    .insert("workload.spiffe.io", "true".parse().unwrap());
+            }
+            Ok(req)
+        },
+    ))
 }
 
 fn key_matches(chain: &[CertificateDer<'static>], key: &[u8]) -> bool {
@@ -1195,6 +1215,87 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
     let mut again = raw_call(&watching, "FetchX509Bundles").await;
     assert!(again.data().await.is_some(), "it still takes calls");
     drop(bundles);
+}
+
+/// A call whose request never ends (its HEADERS sent, its message never finished) is no call for
+/// the idle timeout: a local process that stalled one on every connection the socket takes (each
+/// connection proven by its call's headers, so never displaced) held every slot for ever, and the
+/// app's next connection was closed at accept. Now those connections are idle, closed after the
+/// sidecar's `--idle-timeout`, and the app gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_request_never_ends_cannot_keep_the_app_out() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api").join("workload.sock");
+    let _s = TestSidecar::start(
+        &pki,
+        &pki.workload(ID),
+        ID,
+        SidecarSpec {
+            workload_api: Some(socket.clone()),
+            limits: Some(meshid_sidecar::settings::Limits {
+                idle_timeout: Duration::from_secs(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let mut stalled = Vec::new();
+    for _ in 0..meshid_sidecar::workload_api::MAX_CONNECTIONS {
+        let (h2, conn) = raw_h2(&socket).await;
+        let request = http::Request::post("http://localhost/SpiffeWorkloadAPI/FetchJWTSVID")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("workload.spiffe.io", "true")
+            .body(())
+            .unwrap();
+        let (response, mut body) = h2
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(request, false)
+            .unwrap();
+        // Half a message header, then nothing: the request never ends.
+        body.send_data(bytes::Bytes::from_static(&[0, 0]), false)
+            .unwrap();
+        stalled.push((h2, conn, response, body));
+    }
+    // Every stalled call's headers passed on (each connection proven) before the app comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bundles = async {
+        loop {
+            let answered = async {
+                let Ok(mut client) = try_raw_client(&socket, true).await else {
+                    // Closed at accept: every connection the socket takes is held.
+                    return Ok(None);
+                };
+                let mut bundles = client
+                    .fetch_x509_bundles(X509BundlesRequest {})
+                    .await?
+                    .into_inner();
+                bundles.message().await
+            };
+            match tokio::time::timeout(Duration::from_secs(2), answered).await {
+                Ok(Ok(Some(first))) => return first,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(15), bundles)
+        .await
+        .expect("the app answered within 15 s while stalled calls held every connection");
+    assert!(first.bundles.contains_key("spiffe://cluster.local"));
+    // The stalled connections were closed as idle.
+    for (_, conn, _, _) in stalled {
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("a connection with a stalled call is closed as idle")
+            .unwrap()
+            .ok();
+    }
 }
 
 /// As at the CA: a connection whose streams h2 keeps resetting for the client's own protocol

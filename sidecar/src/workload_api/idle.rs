@@ -78,7 +78,12 @@ impl Drop for CallGuard {
     }
 }
 
-/// Counts every call as open on its connection until its response body has ended or is dropped.
+/// Counts every call as open on its connection from when its request has arrived whole (the
+/// request body ended) until its response body has ended or is dropped. A call whose request never
+/// ends (HEADERS sent, the message never finished) is no call for the idle timeout: a local process
+/// that stalled one such call on each of the [`super::MAX_CONNECTIONS`] connections would
+/// otherwise have held every slot for ever (each connection proven by its call's headers, so never
+/// displaced), and the app's next connection been closed at accept.
 #[derive(Debug, Clone, Default)]
 pub(super) struct TrackCallsLayer;
 
@@ -97,9 +102,13 @@ pub(super) struct TrackCalls<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TrackCalls<S>
+/// Where a call's [`CallGuard`] is kept once its request has ended: shared by the request body
+/// that takes it and the response body that keeps it.
+type CallSlot = Arc<std::sync::Mutex<Option<CallGuard>>>;
+
+impl<S, ResBody> tower::Service<http::Request<tonic::body::Body>> for TrackCalls<S>
 where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<TrackedBody<ResBody>>;
@@ -110,18 +119,82 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let guard = req.extensions().get::<Activity>().map(Activity::call);
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let slot = CallSlot::default();
+        let req = match req.extensions().get::<Activity>().cloned() {
+            Some(activity) if hyper::body::Body::is_end_stream(req.body()) => {
+                *lock(&slot) = Some(activity.call());
+                req
+            }
+            Some(activity) => {
+                let slot = slot.clone();
+                req.map(|inner| {
+                    tonic::body::Body::new(UntilEnd {
+                        inner,
+                        activity: Some(activity),
+                        slot,
+                    })
+                })
+            }
+            None => req,
+        };
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
-            Ok(response.map(|inner| TrackedBody::new(inner, guard)))
+            Ok(response.map(|inner| TrackedBody::new(inner, Some(slot))))
         })
     }
 }
 
-/// A response body that keeps its call open until it ends or is dropped.
-pub(super) type TrackedBody<B> = meshid_runtime::body::HoldUntilEnd<B, CallGuard>;
+fn lock(slot: &CallSlot) -> std::sync::MutexGuard<'_, Option<CallGuard>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A call's request body: its end opens the call ([`Activity::call`], kept in the slot).
+struct UntilEnd {
+    inner: tonic::body::Body,
+    /// Taken when the body ends.
+    activity: Option<Activity>,
+    slot: CallSlot,
+}
+
+impl UntilEnd {
+    fn ended(&mut self) {
+        if let Some(activity) = self.activity.take() {
+            *lock(&self.slot) = Some(activity.call());
+        }
+    }
+}
+
+impl hyper::body::Body for UntilEnd {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that keeps its call open (once its request has ended) until it ends or is
+/// dropped.
+pub(super) type TrackedBody<B> = meshid_runtime::body::HoldUntilEnd<B, CallSlot>;
 
 #[cfg(test)]
 mod tests {
