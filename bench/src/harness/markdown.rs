@@ -720,7 +720,7 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   363-388 us, 164-172 us of proxy CPU per request in every round, and nginx disturbed in two of
   its three (p90 4.5-4.7 ms): read neither run's 1,000 req/s ratios as this code's; start-to-ready
   7.9 ms there (34.0 ms in that run).
-- **Sessions 42-43, and this run** (718d701, dist; the PGO profile and both symbol orders
+- **Sessions 42-43, and their run** (718d701, dist; the PGO profile and both symbol orders
   recorded again on this code first: 21,414 profiled functions, 3,279 of 3,279 ordered sidecar
   functions in place). Since session 41's run the request path gained an idle watch on every
   outbound response body, a 200-stream check per outbound h2 connection, cookie joining per
@@ -738,6 +738,26 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   KiB of CA memory per connected sidecar at 19,000, the push to every acknowledgement 4.6 s; 50,000
   still needs a hard RLIMIT_NOFILE above this host's 20,000, which no command here can raise (no
   CAP_SYS_RESOURCE).
+- **Session 44, and this run** (cd11ef9, dist; the PGO profile and both symbol orders recorded
+  again on this code first: 21,421 profiled functions, 3,291 of 3,300 ordered sidecar functions
+  in place). `scripts/future-sizes.sh` (rustc's layout of the sidecar's futures) showed every
+  outbound request's future at 7,712 bytes, most of it the h2 dial it rarely takes, and the
+  inbound's h2 stream future holding its handler's future twice; each is moved whole several
+  times per request. With the rare paths boxed and nothing held twice: the outbound's request
+  future 2,328 bytes, the h2 stream futures 3,440 / 2,656 (6,280 / 4,712), and
+  `CONNECTIONS=8 scripts/request-instructions.sh outbound` on release builds of the two trees
+  4,366 -> 3,860 `memcpy` instructions per request (39.9k-40.3k -> 39.2k-39.8k in all).
+  Alternating `--scenarios throughput --runs 1` rounds could not tell the two apart on this host.
+  A TCP connection's task (the pumps made inside the copy's future, the TLS stream not kept beside
+  its halves): 13,832 -> 6,872 bytes at the outbound, 11,120 -> 6,496 at the inbound, and memory
+  per idle mTLS connection in TCP mode 20.8 -> 16.2 KiB here (19.9 -> 15.3 in alternating release
+  runs). This host was faster than session 43's (the direct path 109k -> 146k req/s, the nginx
+  pair 15.2k -> 22.4k): both sidecars' CPU per request at saturation 11.7 / 10.6 us, pair
+  throughput 1.58x nginx's, proxies/app 0.63x -> 0.59x (target 0.5x, not met). At 1,000 req/s
+  proxy CPU per request 0.75x nginx's (rounds 0.72x-0.85x; met in this run, 0.82x in the last);
+  p50 / p90 0.84x / 0.77x (not met; the direct path alone is 0.49x / 0.47x). Idle RSS 5.10 ->
+  5.75 MiB (9 ordered functions changed after the order was recorded), 11.5 KiB per idle HTTP
+  connection.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
