@@ -76,7 +76,7 @@ impl Proof {
         let count = held.entry(self.source).or_insert(0);
         if *count >= MAX_PROVEN_PER_SOURCE {
             drop(held);
-            static FULL: LogLimit = LogLimit::new(1.0, 5.0);
+            static FULL: LogLimit = LogLimit::new(5.0, 1.0);
             if let Some(left_out) = FULL.take() {
                 tracing::warn!(
                     source = %self.source,

@@ -1579,41 +1579,26 @@ async fn hostile_clients_cannot_hold_up_admission_reviews() {
     answered_in_time(addr, &roots, true).await;
 }
 
-/// Keeps a TLS connection from `from` busy with `GET /healthz` on one keep-alive HTTP/1.1
-/// connection, a request a second (within the header-read timeout), reconnecting whenever the
-/// injector closes it, until `until`; counts the health checks answered.
-async fn health_checker(
-    from: &'static str,
-    addr: SocketAddr,
-    roots: Vec<CertificateDer<'static>>,
-    until: std::time::Instant,
-    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    let request = format!("GET /healthz HTTP/1.1\r\nHost: {SAN}\r\n\r\n");
-    hold_with(from, addr, roots, until, answered, request, 200).await;
+/// `GET /healthz`: what a health checker sends.
+fn health_check() -> String {
+    format!("GET /healthz HTTP/1.1\r\nHost: {SAN}\r\n\r\n")
 }
 
-/// The same with a review a pod wrote itself, well-formed and answered (an AdmissionReview of
-/// something other than a pod: allowed as it is), as any pod that reaches the port can send.
-async fn review_forger(
-    from: &'static str,
-    addr: SocketAddr,
-    roots: Vec<CertificateDer<'static>>,
-    until: std::time::Instant,
-    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+/// A review a pod wrote itself, well-formed and answered (an AdmissionReview of something other
+/// than a pod: allowed as it is), as any pod that reaches the port can send.
+fn forged_review() -> String {
     let body =
         r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#;
-    let request = format!(
+    format!(
         "POST /inject HTTP/1.1\r\nHost: {SAN}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{body}",
         body.len()
-    );
-    hold_with(from, addr, roots, until, answered, request, 200).await;
+    )
 }
 
-/// Sends `request` on one keep-alive HTTP/1.1 connection from `from` every second until `until`,
-/// reconnecting whenever the injector closes it; counts the answers with status `status`.
+/// Sends `request` on one keep-alive HTTP/1.1 connection from `from` every second (within the
+/// header-read timeout) until `until`, reconnecting whenever the injector closes it; counts the
+/// answers with status `status`.
 async fn hold_with(
     from: &'static str,
     addr: SocketAddr,
@@ -1667,14 +1652,11 @@ async fn hold_with(
     }
 }
 
-/// Connections kept open with health checks are not real clients: from two sources, as many
-/// connections as the overall cap, each sending `GET /healthz` every second (within the
-/// header-read timeout), cannot keep a review out. Only a well-formed AdmissionReview answered
-/// proves a connection (before, any request did: at the cap every newcomer, the API server's
-/// included, was closed at accept), so at the cap the API server's connection displaces one of
-/// them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
+/// From two sources, as many connections as the overall cap (32, 16 per source), each sending
+/// `request` every second: once every slot is held by a connection with two answers, a review
+/// from the API server (HTTP/1.1 and h2) is still answered in time, by displacing one of them,
+/// and no newcomer is refused at accept.
+async fn holders_cannot_keep_reviews_out(request: String, holders_are: &str) {
     let webhook = webhook_with(|c| {
         c.args([
             "--max-connections",
@@ -1698,102 +1680,62 @@ async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
     let mut holders = Vec::new();
     for from in ["127.0.0.6", "127.0.0.7"] {
         for _ in 0..16 {
-            holders.push(tokio::spawn(health_checker(
+            holders.push(tokio::spawn(hold_with(
                 from,
                 addr,
                 roots.clone(),
                 until,
                 answered.clone(),
+                request.clone(),
+                200,
             )));
         }
     }
-    // Every slot taken by a connection that has had a health check answered.
+    // Every slot taken by a connection that has had its request answered, twice.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while metric(admin, "meshid_injector_connections_open") < 32.0
         || answered.load(std::sync::atomic::Ordering::Relaxed) < 64
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the health checkers did not fill the slots"
+            "the {holders_are} did not fill the slots"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     answered_in_time(addr, &roots, false).await;
     answered_in_time(addr, &roots, true).await;
-    assert!(refused("displaced") >= 1.0, "no health checker displaced");
+    assert!(
+        refused("displaced") >= 1.0,
+        "none of the {holders_are} displaced"
+    );
     assert_eq!(
         refused("max_connections"),
         0.0,
-        "a newcomer was refused while health checkers held the slots"
+        "a newcomer was refused while {holders_are} held the slots"
     );
     for task in holders {
         task.await.unwrap();
     }
 }
 
+/// Connections kept open with health checks are not real clients and cannot keep a review out.
+/// Only a well-formed AdmissionReview answered proves a connection (before, any request did: at
+/// the cap every newcomer, the API server's included, was closed at accept), so at the cap the
+/// API server's connection displaces one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_held_with_health_checks_cannot_keep_reviews_out() {
+    holders_cannot_keep_reviews_out(health_check(), "health checkers").await;
+}
+
 /// Nor can connections kept open with reviews a pod wrote itself: the webhook cannot tell them
 /// from the API server's, and an answered review proves a connection (never displaced at the
 /// cap), so before, a few pods proved every slot and every newcomer, the API server's
 /// reconnections included, was refused at accept. One address proves at most eight connections
-/// now (`meshid_injector::proof`): from two sources, as many connections as the overall cap, each
-/// sending a well-formed review every second, leave 16 slots displaceable, and the API server's
-/// connections (HTTP/1.1 and h2) take their places.
+/// now (`meshid_injector::proof`): the two sources' 32 connections leave 16 slots displaceable,
+/// and the API server's connections take their places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_held_with_forged_reviews_cannot_keep_reviews_out() {
-    let webhook = webhook_with(|c| {
-        c.args([
-            "--max-connections",
-            "32",
-            "--max-connections-per-source",
-            "16",
-        ])
-        .args(["--header-read-timeout", "3s"]);
-    })
-    .await;
-    let (addr, admin, roots) = (webhook.addr, webhook.admin, webhook.roots.clone());
-    let refused = |reason: &str| {
-        metric(
-            admin,
-            &format!("meshid_injector_connections_refused_total{{reason=\"{reason}\"}}"),
-        )
-    };
-
-    let until = std::time::Instant::now() + Duration::from_secs(12);
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut holders = Vec::new();
-    for from in ["127.0.0.6", "127.0.0.7"] {
-        for _ in 0..16 {
-            holders.push(tokio::spawn(review_forger(
-                from,
-                addr,
-                roots.clone(),
-                until,
-                answered.clone(),
-            )));
-        }
-    }
-    // Every slot taken by a connection that has had a review answered, twice.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while metric(admin, "meshid_injector_connections_open") < 32.0
-        || answered.load(std::sync::atomic::Ordering::Relaxed) < 64
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the review forgers did not fill the slots"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    answered_in_time(addr, &roots, false).await;
-    answered_in_time(addr, &roots, true).await;
-    assert!(refused("displaced") >= 1.0, "no forger displaced");
-    assert_eq!(
-        refused("max_connections"),
-        0.0,
-        "a newcomer was refused while review forgers held the slots"
-    );
-    for task in holders {
-        task.await.unwrap();
-    }
+    holders_cannot_keep_reviews_out(forged_review(), "review forgers").await;
 }
 
 /// Bodies are charged on their declared length before they arrive, but one source holds at most

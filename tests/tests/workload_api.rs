@@ -1144,21 +1144,28 @@ async fn raw_h2(
     (h2, tokio::spawn(connection))
 }
 
-/// Calls `method` with an empty message over `h2`; returns the response body once its head is in.
-async fn raw_call(h2: &h2::client::SendRequest<bytes::Bytes>, method: &str) -> h2::RecvStream {
+/// Starts a call of `method` over `h2` (its headers sent, its message not yet).
+async fn raw_request(
+    h2: &h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
     let request = http::Request::post(format!("http://localhost/SpiffeWorkloadAPI/{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("workload.spiffe.io", "true")
         .body(())
         .unwrap();
-    let (response, mut body) = h2
-        .clone()
+    h2.clone()
         .ready()
         .await
         .unwrap()
         .send_request(request, false)
-        .unwrap();
+        .unwrap()
+}
+
+/// Calls `method` with an empty message over `h2`; returns the response body once its head is in.
+async fn raw_call(h2: &h2::client::SendRequest<bytes::Bytes>, method: &str) -> h2::RecvStream {
+    let (response, mut body) = raw_request(h2, method).await;
     body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
         .unwrap();
     let response = response.await.unwrap();
@@ -1245,19 +1252,7 @@ async fn calls_whose_request_never_ends_cannot_keep_the_app_out() {
     let mut stalled = Vec::new();
     for _ in 0..meshid_sidecar::workload_api::MAX_CONNECTIONS {
         let (h2, conn) = raw_h2(&socket).await;
-        let request = http::Request::post("http://localhost/SpiffeWorkloadAPI/FetchJWTSVID")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("workload.spiffe.io", "true")
-            .body(())
-            .unwrap();
-        let (response, mut body) = h2
-            .clone()
-            .ready()
-            .await
-            .unwrap()
-            .send_request(request, false)
-            .unwrap();
+        let (response, mut body) = raw_request(&h2, "FetchJWTSVID").await;
         // Half a message header, then nothing: the request never ends.
         body.send_data(bytes::Bytes::from_static(&[0, 0]), false)
             .unwrap();
