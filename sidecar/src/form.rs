@@ -119,7 +119,9 @@ fn names_method(mut name: impl Iterator<Item = u8>) -> bool {
     }
     for b in name {
         match b {
-            0 => return true,
+            // `_method[]` and `_method[0]` are an array to `qs` (Express, Koa), whose
+            // method-override takes its first element.
+            0 | b'[' => return true,
             b if b.is_ascii_whitespace() || b == b']' => {}
             _ => return false,
         }
@@ -848,6 +850,11 @@ mod tests {
             "[[_method]]=delete",
             "_method%00%=delete",
             "%6dethod=x&_%6Dethod=delete",
+            "_method[]=delete",
+            "_method[0]=delete",
+            "_method%5B%5D=delete",
+            "_method%5b0%5d=delete",
+            "_method ][]=delete",
         ] {
             assert_eq!(query_method_overrides(Some(query)), ["DELETE"], "{query}");
         }

@@ -506,6 +506,7 @@ async fn a_method_override_is_decided_as_the_method_it_names() {
         ("?a=1&%5Fmethod=put", "403"),
         ("?.method=Delete", "403"),
         ("?_method=get", "200"),
+        ("?_method[]=DELETE", "403"),
         ("?payment_method=DELETE&method=DELETE", "200"),
     ] {
         let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
@@ -565,6 +566,11 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
         ),
         (CLIENT, form_data, multipart("_method", "DELETE"), "403"),
         (CLIENT, form_data, multipart("_method", "post"), "200"),
+        // An array to `qs` (Express, Koa; multer too), whose method-override takes its first
+        // element.
+        (CLIENT, urlencoded, "_method[]=DELETE".to_owned(), "403"),
+        (CLIENT, urlencoded, "_method%5B0%5D=delete".to_owned(), "403"),
+        (CLIENT, form_data, multipart("_method[]", "DELETE"), "403"),
         (
             CLIENT,
             form_data,
