@@ -1355,6 +1355,7 @@ impl CertificateAuthority for CaService {
                 file_mode: req.file_mode,
                 not_after: id.not_after,
                 serial: normalized_serial(&id.serial_hex),
+                lineage: normalized_serial(id.lineage_serial()),
             })
         });
         let authenticated = presented.is_some();
@@ -1379,12 +1380,7 @@ impl CertificateAuthority for CaService {
             }
         };
         if let Some(c) = &caller {
-            let lineage =
-                presented.map_or(String::new(), |id| normalized_serial(id.lineage_serial()));
-            state
-                .fleet
-                .stream_opened_in(c, &lineage, now)
-                .map_err(fleet_status)?;
+            state.fleet.stream_opened(c, now).map_err(fleet_status)?;
         }
         let bundles = tokio_stream::wrappers::WatchStream::new(state.bundle.subscribe());
         let stopped = tokio_stream::wrappers::WatchStream::new(state.shutdown.clone());
@@ -3554,6 +3550,7 @@ mod tests {
                         file_mode: req.file_mode,
                         not_after: info.not_after,
                         serial: normalized_serial(&info.serial_hex),
+                        lineage: normalized_serial(info.lineage_serial()),
                     };
                     ca.state
                         .fleet
@@ -3625,6 +3622,7 @@ mod tests {
             file_mode: false,
             not_after: info.not_after,
             serial: normalized_serial(&info.serial_hex),
+            lineage: normalized_serial(info.lineage_serial()),
         }
     }
 

@@ -569,7 +569,12 @@ async fn a_method_override_in_a_form_body_is_decided_as_the_method_it_names() {
         // An array to `qs` (Express, Koa; multer too), whose method-override takes its first
         // element.
         (CLIENT, urlencoded, "_method[]=DELETE".to_owned(), "403"),
-        (CLIENT, urlencoded, "_method%5B0%5D=delete".to_owned(), "403"),
+        (
+            CLIENT,
+            urlencoded,
+            "_method%5B0%5D=delete".to_owned(),
+            "403",
+        ),
         (CLIENT, form_data, multipart("_method[]", "DELETE"), "403"),
         (
             CLIENT,

@@ -585,6 +585,7 @@ mod tests {
                 file_mode: false,
                 not_after: i64::MAX,
                 serial: "01".into(),
+                lineage: "01".into(),
             };
             fleet.stream_opened(&caller, NOW).unwrap();
             Self {

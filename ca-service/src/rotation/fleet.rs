@@ -53,6 +53,9 @@ pub struct Caller {
     pub not_after: i64,
     /// Its serial (lowercase hex, as revocations name it).
     pub serial: String,
+    /// The first serial of its lineage of renewals (lowercase hex; empty: not known). A renewed
+    /// sidecar is a new instance (a new key) of the same lineage.
+    pub lineage: String,
 }
 
 /// What one acknowledgement says (about the caller's own certificate).
@@ -182,6 +185,7 @@ impl TurnedAway {
     fn view(&self, key: &str) -> SidecarReport {
         SidecarReport {
             turned_away: self.reason.clone(),
+            lineage: self.lineage.clone(),
             ..report(
                 key,
                 &self.identity,
@@ -285,12 +289,15 @@ struct Departed {
 }
 
 /// A sidecar whose bundle stream could not be registered, as long as its certificate lives.
+/// Forgotten when its certificate expires, when it (its key) or an instance of its lineage
+/// registers.
 #[derive(Debug)]
 struct TurnedAway {
     identity: String,
     file_mode: bool,
     not_after: i64,
     serial: String,
+    lineage: String,
     reason: String,
 }
 
@@ -491,6 +498,7 @@ impl Fleet {
                 file_mode: caller.file_mode,
                 not_after: caller.not_after,
                 serial: caller.serial.clone(),
+                lineage: caller.lineage.clone(),
                 reason: reason.to_owned(),
             },
         );
@@ -501,21 +509,10 @@ impl Fleet {
     }
 
     /// A bundle stream opened by `caller`: registers its instance, or counts one more stream of it.
-    /// Its lineage is not known (see [`Self::stream_opened_in`]).
+    /// An instance of its lineage (when known) that is gone ([`Self::stream_closed`]) or was
+    /// turned away is forgotten once this one registers (a renewed sidecar reconnecting).
     pub fn stream_opened(&self, caller: &Caller, now: i64) -> Result<(), FleetError> {
-        self.stream_opened_in(caller, "", now)
-    }
-
-    /// [`Self::stream_opened`] by a certificate of `lineage` (the first serial of its lineage of
-    /// renewals; empty: not known): an instance of the lineage that is gone
-    /// ([`Self::stream_closed`]) is forgotten once this one registers (a renewed sidecar
-    /// reconnecting).
-    pub fn stream_opened_in(
-        &self,
-        caller: &Caller,
-        lineage: &str,
-        now: i64,
-    ) -> Result<(), FleetError> {
+        let lineage = caller.lineage.as_str();
         let mut inner = self.lock();
         let inner = &mut *inner;
         if let Some(s) = inner.sidecars.get_mut(&caller.key) {
@@ -569,6 +566,9 @@ impl Fleet {
         if !lineage.is_empty() {
             if !inner.departed.is_empty() {
                 inner.departed.retain(|_, d| d.lineage != lineage);
+            }
+            if !inner.turned_away.is_empty() {
+                inner.turned_away.retain(|_, t| t.lineage != lineage);
             }
             *inner.lineages.entry(lineage.to_owned()).or_default() += 1;
         }
@@ -916,6 +916,7 @@ mod tests {
             file_mode,
             not_after: 0,
             serial: String::new(),
+            lineage: String::new(),
         }
     }
 
@@ -1192,9 +1193,10 @@ mod tests {
             let c = Caller {
                 not_after: far,
                 serial: serial.into(),
+                lineage: lineage.into(),
                 ..caller(key, "spiffe://td/ns/x/sa/a", false)
             };
-            f.stream_opened_in(&c, lineage, 0).unwrap();
+            f.stream_opened(&c, 0).unwrap();
         }
         let mut list = crate::revocations::Revocations::default();
         list.revoke(Revoked::Serial("01".into()), 0, 100, String::new())
@@ -1215,18 +1217,20 @@ mod tests {
         let renewed = Caller {
             not_after: far,
             serial: "07".into(),
+            lineage: "06".into(),
             ..caller("k3", "spiffe://td/ns/x/sa/a", false)
         };
-        f.stream_opened_in(&renewed, "06", 0).unwrap();
+        f.stream_opened(&renewed, 0).unwrap();
         let (s, _) = f.report(0);
         assert!(s.iter().all(|s| s.connected), "{s:?}");
         // A renewed sidecar whose new stream opened first: its old instance is not remembered.
         let next = Caller {
             not_after: far,
             serial: "08".into(),
+            lineage: "06".into(),
             ..caller("k4", "spiffe://td/ns/x/sa/a", false)
         };
-        f.stream_opened_in(&next, "06", 0).unwrap();
+        f.stream_opened(&next, 0).unwrap();
         f.stream_closed("k3");
         let (s, _) = f.report(0);
         assert!(s.iter().all(|s| s.connected), "{s:?}");
@@ -1325,6 +1329,51 @@ mod tests {
         list.revoke(Revoked::Id(id), now, 3_600, String::new())
             .unwrap();
         assert!(f.unlisted_turned_away(now, &list)[0].revoked);
+    }
+
+    /// A workload renewing from one certificate to fresh keys, each turned away for lack of room:
+    /// every entry is listed with its lineage, so revoking the lineage's first serial (what the
+    /// gate's refusal names to release one pod) marks them all, and an instance of the lineage
+    /// that registers stands for them. (Before, they were listed without it: only their own
+    /// serials or the whole identity released `activate` from them.)
+    #[test]
+    fn sidecars_turned_away_go_with_their_lineage() {
+        use meshid_identity::revocation::Revoked;
+        let f = Fleet::with_limits(
+            CaProcess::default(),
+            FleetLimits {
+                max_instances: 100,
+                max_per_identity: 1,
+                max_streams_per_instance: 1,
+            },
+        );
+        let of = |key: &str, serial: &str, lineage: &str| Caller {
+            not_after: 1_000,
+            serial: serial.into(),
+            lineage: lineage.into(),
+            ..caller(key, "spiffe://td/a", false)
+        };
+        f.stream_opened(&of("k1", "01", "01"), 100).unwrap();
+        for (key, serial) in [("l1", "0a"), ("l2", "0b"), ("l3", "0c")] {
+            assert!(f.stream_opened(&of(key, serial, "09"), 100).is_err());
+        }
+        let mut list = crate::revocations::Revocations::default();
+        list.revoke(Revoked::Serial("09".into()), 0, 100, String::new())
+            .unwrap();
+        let (mut s, _) = f.report(100);
+        mark_revoked(&mut s, &list);
+        let turned: Vec<_> = s.iter().filter(|s| !s.turned_away.is_empty()).collect();
+        assert_eq!(turned.len(), 3, "{s:?}");
+        assert!(
+            turned.iter().all(|s| s.lineage == "09" && s.revoked),
+            "{turned:?}"
+        );
+        assert!(s.iter().any(|s| s.connected && !s.revoked), "{s:?}");
+        // Room made; an instance of the lineage registers: none of them is listed any more.
+        f.stream_closed("k1");
+        f.stream_opened(&of("l4", "0d", "09"), 100).unwrap();
+        let (s, _) = f.report(100);
+        assert!(s.iter().all(|s| s.turned_away.is_empty()), "{s:?}");
     }
 
     #[test]

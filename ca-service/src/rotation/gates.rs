@@ -101,8 +101,9 @@ pub fn release(s: &super::report::SidecarReport) -> String {
 /// A sidecar a CA process turned away for lack of room (its bundle stream could not be
 /// registered) counts as one that has not acknowledged: the CA cannot see what it trusts. So
 /// filling the room cannot hide sidecars from the gate. So does one gone (its stream closed, its
-/// certificate live: pushed out of the CA's connections, or its pod gone) before it acknowledged,
-/// unless a connected instance of its lineage (the same sidecar, renewed) stands for it.
+/// certificate live: pushed out of the CA's connections, or its pod gone) before it acknowledged.
+/// Neither counts while a connected instance of its lineage (the same sidecar, renewed) stands
+/// for it; and revoking the lineage's first serial releases all of them.
 pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) -> Vec<String> {
     let Some(prepared) = state.find(AuthorityState::Prepared) else {
         return vec!["no prepared authority: run `meshid-ca rotate prepare` first".into()];
@@ -115,16 +116,20 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
         .filter(|s| s.connected && !s.lineage.is_empty())
         .map(|s| s.lineage.as_str())
         .collect();
+    let stood_for = |s: &super::report::SidecarReport| {
+        !s.lineage.is_empty() && connected_lineages.contains(s.lineage.as_str())
+    };
     let gone = |s: &super::report::SidecarReport| {
-        !s.connected
-            && s.turned_away.is_empty()
-            && s.last_seen > 0
-            && !connected_lineages.contains(s.lineage.as_str())
+        !s.connected && s.turned_away.is_empty() && s.last_seen > 0 && !stood_for(s)
+    };
+    // Likewise a sidecar turned away (on some CA process) whose lineage has an instance connected.
+    let turned_away = |s: &super::report::SidecarReport| {
+        !s.connected && !s.turned_away.is_empty() && !stood_for(s)
     };
     let mut blockers: Vec<String> = r
         .sidecars
         .iter()
-        .filter(|s| (s.connected || !s.turned_away.is_empty() || gone(s)) && !s.file_mode && !s.revoked)
+        .filter(|s| (s.connected || turned_away(s) || gone(s)) && !s.file_mode && !s.revoked)
         .filter(|s| s.acked_version < prepared.in_bundle_since)
         .filter(|s| s.serving_not_after == 0 || s.serving_not_after > now)
         .map(|s| {
@@ -585,6 +590,15 @@ mod tests {
         assert!(activate_blockers(&st, &r, 500).is_empty());
         r.sidecars[1].revoked = true;
         assert!(activate_blockers(&st, &r, 100).is_empty());
+        // Or an instance of its lineage (the same sidecar renewed, on this CA process or another)
+        // is connected and stands for it; one of another lineage does not.
+        r.sidecars[1].revoked = false;
+        r.sidecars[1].lineage = "0c".into();
+        r.sidecars[0].lineage = "0b".into();
+        assert_eq!(activate_blockers(&st, &r, 100).len(), 1);
+        r.sidecars[0].lineage = "0c".into();
+        assert!(activate_blockers(&st, &r, 100).is_empty());
+        r.sidecars[0].lineage = String::new();
         // A disconnected instance (its stream closed) is not one that was turned away.
         r.sidecars[1] = SidecarReport {
             connected: false,
@@ -638,6 +652,7 @@ mod tests {
                 file_mode: false,
                 not_after: 5_000,
                 serial: format!("{:x}", i + 1),
+                lineage: String::new(),
             };
             let _ = fleet.stream_opened(&caller, 100);
         }
