@@ -22,24 +22,46 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
     "x-method-override",
 ];
 
+/// The most distinct methods one request may name in method overrides (its headers, query and
+/// body together, its own method aside): each is a decision, and a form of thousands of `_method`
+/// fields was thousands of decisions and strings held for the response's life. Beyond, 400 (in
+/// audit mode, the rest go undecided).
+pub(crate) const MAX_OVERRIDES: usize = 8;
+
+/// Adds `method` to `found` unless it is there already; `false` once `found` holds
+/// `MAX_OVERRIDES + 2` methods, to stop reading: one of them may be the request's own, and the
+/// others are then one more than a request may name, so it is refused whatever came after.
+/// Every list of methods below is made this way: each method once, at most `MAX_OVERRIDES + 2`.
+fn add_distinct(found: &mut Vec<String>, method: String) -> bool {
+    if !found.contains(&method) {
+        found.push(method);
+    }
+    found.len() < MAX_OVERRIDES + 2
+}
+
 /// The methods `headers` ask the app to take the request as ([`METHOD_OVERRIDES`]), each trimmed
 /// and upper-cased as frameworks take it (Rack and Symfony upper-case it; a value that is not text
 /// is given as `?`, which no method rule names).
 pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<String> {
+    let mut found = Vec::new();
     if !headers
         .keys()
         .any(|n| names_one_of(n.as_str(), &METHOD_OVERRIDES))
     {
-        return Vec::new();
+        return found;
     }
-    headers
+    for (_, v) in headers
         .iter()
         .filter(|(n, _)| names_one_of(n.as_str(), &METHOD_OVERRIDES))
-        .map(|(_, v)| {
-            v.to_str()
-                .map_or_else(|_| "?".to_owned(), |v| v.trim().to_ascii_uppercase())
-        })
-        .collect()
+    {
+        let method = v
+            .to_str()
+            .map_or_else(|_| "?".to_owned(), |v| v.trim().to_ascii_uppercase());
+        if !add_distinct(&mut found, method) {
+            break;
+        }
+    }
+    found
 }
 
 /// The methods a request's query asks the app to take it as: `_method=...`, which Laravel and
@@ -49,19 +71,22 @@ pub(crate) fn method_overrides(headers: &HeaderMap) -> Vec<String> {
 /// case; a value is percent-decoded, trimmed and upper-cased, as those frameworks take it (one
 /// that is not UTF-8 is given as `?`, which no method rule names; an empty one is none).
 pub(crate) fn query_method_overrides(query: Option<&str>) -> Vec<String> {
+    let mut found = Vec::new();
     let Some(query) = query else {
-        return Vec::new();
+        return found;
     };
-    query
-        .split(['&', ';'])
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if !names_method(lenient_decode(name)) {
-                return None;
-            }
-            override_named(percent_decode(value).as_deref())
-        })
-        .collect()
+    for pair in query.split(['&', ';']) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !names_method(lenient_decode(name)) {
+            continue;
+        }
+        if let Some(method) = override_named(percent_decode(value).as_deref())
+            && !add_distinct(&mut found, method)
+        {
+            break;
+        }
+    }
+    found
 }
 
 /// The bytes of a form-encoded name as PHP decodes them: `%XX` escapes decoded, `+` a space, and a
@@ -227,7 +252,11 @@ impl Form {
             Self::Json => Ok(json::method_overrides(body)),
             Self::AlsoJson(form) => {
                 let mut found = form.method_overrides(body)?;
-                found.extend(json::method_overrides(body));
+                for method in json::method_overrides(body) {
+                    if !add_distinct(&mut found, method) {
+                        break;
+                    }
+                }
                 Ok(found)
             }
         }
@@ -430,7 +459,11 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>
         if head_names_method(head)? {
             let value = value.strip_suffix(b"\n").unwrap_or(value);
             let value = value.strip_suffix(b"\r").unwrap_or(value);
-            found.extend(override_named(Some(value)));
+            if let Some(method) = override_named(Some(value))
+                && !add_distinct(&mut found, method)
+            {
+                break;
+            }
         }
     }
     Ok(found)
@@ -1134,6 +1167,62 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// Each method once, and reading stops at `MAX_OVERRIDES + 2` of them (one may be the
+    /// request's own; the rest are then too many, so the request is refused whatever follows).
+    #[test]
+    fn methods_are_listed_once_each_and_reading_stops_past_the_most_a_request_may_name() {
+        let names = |n: u8| -> Vec<String> {
+            (b'A'..b'A' + n)
+                .map(|c| format!("M{}", c as char))
+                .collect()
+        };
+        let fields = |n: u8, sep: &str| -> String {
+            names(n)
+                .iter()
+                .map(|m| format!("_method={m}{sep}"))
+                .collect::<String>()
+                .repeat(50)
+        };
+        let most = MAX_OVERRIDES + 2;
+        assert_eq!(
+            query_method_overrides(Some(&"_method=get&".repeat(1_000))),
+            ["GET"]
+        );
+        assert_eq!(query_method_overrides(Some(&fields(9, "&"))), names(9));
+        assert_eq!(query_method_overrides(Some(&fields(20, "&"))).len(), most);
+        let form = Form::Urlencoded
+            .method_overrides(fields(20, "&").as_bytes())
+            .unwrap();
+        assert_eq!(form.len(), most);
+        let multipart: String = names(20)
+            .iter()
+            .map(|m| {
+                format!("--B\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\n{m}\r\n")
+            })
+            .collect::<String>()
+            .repeat(3);
+        let found = Form::Multipart("B".into())
+            .method_overrides(multipart.as_bytes())
+            .unwrap();
+        assert_eq!(found.len(), most);
+        let json: String = format!(
+            "{{{}\"a\":1}}",
+            names(20)
+                .iter()
+                .map(|m| format!("\"_method\":\"{m}\","))
+                .collect::<String>()
+                .repeat(3)
+        );
+        assert_eq!(json::method_overrides(json.as_bytes()).len(), most);
+        let also = Form::AlsoJson(Box::new(Form::Urlencoded));
+        assert_eq!(also.method_overrides(json.as_bytes()).unwrap().len(), most);
+        let mut headers = HeaderMap::new();
+        for m in names(20).iter().cycle().take(60) {
+            headers.append("x-http-method-override", HeaderValue::from_str(m).unwrap());
+        }
+        assert_eq!(method_overrides(&headers).len(), most);
     }
 
     #[test]

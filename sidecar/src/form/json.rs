@@ -45,16 +45,19 @@ pub(crate) fn method_overrides(body: &[u8]) -> Vec<String> {
             let Some(value) = at.string() else {
                 if named {
                     // Cut short inside the value: decided as one no rule names.
-                    found.push("?".to_owned());
+                    super::add_distinct(&mut found, "?".to_owned());
                 }
                 return found;
             };
-            if named && let Some(method) = super::override_named(Some(&value)) {
-                found.push(method);
+            if named
+                && let Some(method) = super::override_named(Some(&value))
+                && !super::add_distinct(&mut found, method)
+            {
+                return found;
             }
         } else {
-            if named {
-                found.push("?".to_owned());
+            if named && !super::add_distinct(&mut found, "?".to_owned()) {
+                return found;
             }
             if !at.skip_value() {
                 return found;

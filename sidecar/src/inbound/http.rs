@@ -205,18 +205,44 @@ async fn decide_form(
             ));
         }
     };
+    decide_overrides(req, peer, http, methods, overrides).map_err(|refused| *refused)
+}
+
+/// Decides each method override in `methods` (each a recorded decision) that is not the
+/// request's own method and not decided yet, adding it to `overrides`: a peer allowed `POST` on a
+/// path cannot have the app take it as `DELETE`. Past [`crate::form::MAX_OVERRIDES`] distinct
+/// ones, 400: a peer's thousand `_method` fields are not a thousand decisions (in audit mode, the
+/// rest go undecided, as a malformed form does).
+fn decide_overrides(
+    req: &Request<ReqBody>,
+    peer: &Peer,
+    http: &InboundHttp,
+    methods: Vec<String>,
+    overrides: &mut Vec<String>,
+) -> Result<(), Box<Response<Body>>> {
     for method in methods {
-        if method != req.method().as_str() {
-            http.authz
-                .request(
-                    peer,
-                    &method,
-                    req.uri().path(),
-                    crate::trace::traceparent(req.headers()),
-                )
-                .map_err(|denied| *denied)?;
-            overrides.push(method);
+        if method == req.method().as_str() || overrides.contains(&method) {
+            continue;
         }
+        if overrides.len() >= crate::form::MAX_OVERRIDES {
+            if http.authz.audits() {
+                return Ok(());
+            }
+            return Err(Box::new(reply(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "more than {} methods named by _method fields and method-override headers",
+                    crate::form::MAX_OVERRIDES
+                ),
+            )));
+        }
+        http.authz.request(
+            peer,
+            &method,
+            req.uri().path(),
+            crate::trace::traceparent(req.headers()),
+        )?;
+        overrides.push(method);
     }
     Ok(())
 }
@@ -403,32 +429,13 @@ async fn inbound_request(
     let mut version = *shared.policy_changed.borrow();
     let mut overrides = Vec::new();
     // A method override is decided as the method it names (each recorded as a decision of its
-    // own): a peer allowed `POST` on a path cannot have the app take it as `DELETE`.
-    for method in crate::form::method_overrides(req.headers()) {
-        if method != req.method().as_str() {
-            if let Err(denied) = http.authz.request(
-                peer,
-                &method,
-                req.uri().path(),
-                crate::trace::traceparent(req.headers()),
-            ) {
-                return *denied;
-            }
-            overrides.push(method);
-        }
-    }
-    // So is one the query names (`?_method=DELETE`).
-    for method in crate::form::query_method_overrides(req.uri().query()) {
-        if method != req.method().as_str() {
-            if let Err(denied) = http.authz.request(
-                peer,
-                &method,
-                req.uri().path(),
-                crate::trace::traceparent(req.headers()),
-            ) {
-                return *denied;
-            }
-            overrides.push(method);
+    // own), in a header or in the query (`?_method=DELETE`).
+    for methods in [
+        crate::form::method_overrides(req.headers()),
+        crate::form::query_method_overrides(req.uri().query()),
+    ] {
+        if let Err(refused) = decide_overrides(&req, peer, http, methods, &mut overrides) {
+            return *refused;
         }
     }
     let mut audit_decision = match http.authz.request(
