@@ -602,7 +602,7 @@ async fn inbound_request(
             }
             return reply(
                 StatusCode::BAD_GATEWAY,
-                format!("the app is unreachable: {error}"),
+                format!("the request to the app failed: {error}"),
             );
         }
         Ok(Ok(mut resp)) => {
