@@ -142,8 +142,19 @@ fn policy_files_that_attack_the_yaml_parser() {
         "inbound:\n{}",
         "  - port: 8080\n    protocol: http\n    allow: []\n".repeat(200_000)
     );
+    // One long string, repeated by aliases (each node cheap, each string whole).
+    let long_laughs = format!(
+        "a: &a {}\ninbound: [{}]\n",
+        "x".repeat(512 * 1024),
+        "*a,".repeat(170_000)
+    );
     for (name, text, says) in [
         ("billion laughs", laughs, "repetition limit exceeded"),
+        (
+            "aliases of a long string",
+            long_laughs,
+            "strings, aliases repeated",
+        ),
         ("deep nesting", deep, "nested deeper"),
         ("huge", huge, "larger than the limit"),
     ] {

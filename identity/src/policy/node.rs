@@ -25,6 +25,18 @@ pub(super) type At = Option<(usize, usize)>;
 /// what they can make the reader build.
 pub(super) const MAX_NODES: usize = 600_000;
 
+/// The most bytes of strings a document may make. Without aliases its strings are within its
+/// [`super::MAX_POLICY_BYTES`]; an alias repeats a string whole, and the node budget counts it
+/// as one node, so a file of one 512 KiB string and 170,000 aliases of it (under 1 MiB, well
+/// within the node budget) made the reader build 87 GB.
+pub(super) const MAX_STRING_BYTES: usize = 2 * super::MAX_POLICY_BYTES;
+
+/// What is left for the reader to build: nodes, and bytes of strings.
+struct Budget {
+    nodes: Cell<usize>,
+    string_bytes: Cell<usize>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Node {
     pub(super) at: At,
@@ -64,7 +76,10 @@ impl Value {
 /// Parses one YAML document into a tree. An error here is YAML-level (syntax, more than one
 /// document, too deep, too many aliases or nodes) and ends the reading.
 pub(super) fn parse(yaml: &str) -> Result<Node, serde_yaml_ng::Error> {
-    let budget = Cell::new(MAX_NODES);
+    let budget = Budget {
+        nodes: Cell::new(MAX_NODES),
+        string_bytes: Cell::new(MAX_STRING_BYTES),
+    };
     NodeSeed { budget: &budget }.deserialize(serde_yaml_ng::Deserializer::from_str(yaml))
 }
 
@@ -74,20 +89,20 @@ const PROBE: &str = "\u{0}meshid-policy-position\u{0}";
 
 #[derive(Clone, Copy)]
 struct NodeSeed<'b> {
-    budget: &'b Cell<usize>,
+    budget: &'b Budget,
 }
 
 impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
     type Value = Node;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Node, D::Error> {
-        let left = self.budget.get();
+        let left = self.budget.nodes.get();
         if left == 0 {
             return Err(de::Error::custom(format_args!(
                 "the policy has more than {MAX_NODES} yaml nodes"
             )));
         }
-        self.budget.set(left - 1);
+        self.budget.nodes.set(left - 1);
         let mut scalar = None;
         let visitor = NodeVisitor {
             seed: self,
@@ -183,6 +198,13 @@ impl<'de> Visitor<'de> for NodeVisitor<'_, '_> {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        let left = self.seed.budget.string_bytes.get();
+        let Some(left) = left.checked_sub(v.len()) else {
+            return Err(E::custom(format_args!(
+                "the policy's strings, aliases repeated, are more than {MAX_STRING_BYTES} bytes"
+            )));
+        };
+        self.seed.budget.string_bytes.set(left);
         self.aside(Value::Str(v.to_owned()))
     }
 
@@ -277,6 +299,14 @@ mod tests {
         let many = format!("[{}]", "x,".repeat(MAX_NODES));
         let error = parse(&many).unwrap_err().to_string();
         assert!(error.contains("yaml nodes"), "{error}");
+        // Aliases of one large string: each repeats it whole.
+        let long = "x".repeat(512 * 1024);
+        let aliased = format!("a: &a {long}\nb: [{}]\n", "*a,".repeat(100));
+        let error = parse(&aliased).unwrap_err().to_string();
+        assert!(error.contains("strings, aliases repeated"), "{error}");
+        // The same string once, and a few aliases of it, are read.
+        let few = format!("a: &a {long}\nb: [*a, *a]\n");
+        assert!(parse(&few).is_ok());
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The policy's types, the file's limits (size, nesting) and the parse from text: YAML to a tree
 //! ([`super::node`]), the tree to ports and rules ([`super::document`]).
 
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
@@ -169,12 +168,18 @@ pub(super) fn parse_document(yaml: &str) -> Result<(Mode, Vec<PortPolicy>), Poli
 /// Reads a policy file (following symlinks), refusing anything but a regular file of at most
 /// [`MAX_POLICY_BYTES`].
 pub fn read_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
-    // Checked before opening: opening a FIFO would block until someone writes to it.
-    let metadata = std::fs::metadata(path).map_err(PolicyError::Read)?;
-    if !metadata.is_file() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without blocking, then checked: opening a FIFO would block until someone writes to
+    // it, and a check of the path before opening it could be answered by a regular file that a
+    // FIFO then replaced (reloads would have stopped for good, and shutdown waited on them).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(PolicyError::Read)?;
+    if !file.metadata().map_err(PolicyError::Read)?.is_file() {
         return Err(PolicyError::NotAFile);
     }
-    let file = File::open(path).map_err(PolicyError::Read)?;
     let mut bytes = Vec::new();
     let limit = MAX_POLICY_BYTES as u64 + 1;
     file.take(limit)
@@ -464,6 +469,17 @@ inbound:
         assert!(matches!(read_file(&big), Err(PolicyError::TooLarge)));
         std::fs::write(&big, vec![b'#'; MAX_POLICY_BYTES]).unwrap();
         assert_eq!(read_file(&big).unwrap().len(), MAX_POLICY_BYTES);
+        // A FIFO (no writer) is refused without waiting for one.
+        let fifo = dir.path().join("fifo.yaml");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        assert!(matches!(read_file(&fifo), Err(PolicyError::NotAFile)));
     }
 
     #[test]
