@@ -202,9 +202,17 @@ impl Chains {
         roots: &[CertificateDer<'static>],
         pinned: &[CertificateDer<'static>],
     ) -> Result<Self, webpki::Error> {
+        // webpki takes any certificate as an anchor, basicConstraints unread: a workload's own
+        // certificate pasted into a bundle would make its key a root of the trust domain.
         let anchors = roots
             .iter()
-            .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
+            .map(|r| {
+                let (_, cert) = X509Certificate::from_der(r).map_err(|_| webpki::Error::BadDer)?;
+                if !cert.is_ca() {
+                    return Err(webpki::Error::EndEntityUsedAsCa);
+                }
+                webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut pins = Pins::default();
         let mut pin_issuers = Vec::with_capacity(pinned.len());
@@ -1279,6 +1287,12 @@ mod tests {
 
         const CA: &str = "meshid-ca.meshid.svc";
         let provider = provider();
+        // A certificate that is no CA is no anchor (webpki would take it as one).
+        let leaf = named(&ours, CA).chain[0].clone();
+        assert_eq!(
+            Chains::new(&[ours.root.clone(), leaf], &[]).unwrap_err(),
+            webpki::Error::EndEntityUsedAsCa
+        );
         let pinned = NamedServerVerifier::new(Chains::new(&roots, &pins).unwrap(), &provider);
         let unpinned = NamedServerVerifier::new(Chains::new(&roots, &[]).unwrap(), &provider);
         let verdict = |v: &NamedServerVerifier, leaf: &TestLeaf, name: &str| {

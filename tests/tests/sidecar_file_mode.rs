@@ -342,6 +342,27 @@ async fn file_mode_mismatched_key_and_foreign_cert_keep_the_last_good_set() {
     assert_eq!(mesh.updates("applied").await, 1, "only the first load");
 }
 
+/// A bundle file that also holds a certificate that is no CA (a workload's own, pasted in by
+/// mistake) is refused whole, the last good set serving on: webpki takes any certificate as an
+/// anchor, so before, that workload's key was a root of the trust domain, able to sign any of its
+/// identities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_a_bundle_holding_a_workload_certificate_is_refused() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let old = pki.workload(SERVER);
+    let files = plain_files(&pki, dir.path(), &old);
+    let mesh = Mesh::start(pki, &old, files.clone()).await;
+    let pasted = mesh.pki.workload(CLIENT);
+    let mut bundle = fs::read(&mesh.pki.bundle_path).unwrap();
+    bundle.extend(cert_pem(&pasted.chain[..1]));
+    install(&files.bundle, &bundle);
+    mesh.wait_for_updates("rejected", 1).await;
+    assert_eq!(mesh.serial().await, Some(serial_of(&old)));
+    mesh.serves(&old.chain[0]).await;
+    assert_eq!(mesh.updates("applied").await, 1, "only the first load");
+}
+
 /// (e) A renewal from a rotator whose clock runs 8 s ahead of this node's: not valid yet when it
 /// lands, so refused for the moment (counted and logged once) while the old certificate serves;
 /// tried again at every poll and served as soon as it is valid.
