@@ -102,6 +102,12 @@ impl fmt::Debug for Credentials {
 pub enum CredError {
     #[error("certificate chain is empty")]
     EmptyChain,
+    #[error(
+        "certificate chain of {certs} certificates is {bytes} bytes in a TLS Certificate message, \
+         over the {MAX_CHAIN_MESSAGE} it may be: peers would refuse every handshake (a bundle \
+         appended to the certificate file?)"
+    )]
+    ChainTooLarge { certs: usize, bytes: usize },
     #[error("trust bundle is empty")]
     EmptyBundle,
     #[error("certificate identity: {0}")]
@@ -136,6 +142,18 @@ impl CredError {
             Self::Chain(e) if meshid_identity::verify::failure_label(e) == "not_yet_valid"
         )
     }
+}
+
+/// The longest Certificate message a chain may make: rustls (every meshid peer) takes handshake
+/// messages of up to 64 KiB and buffers at most that much of a flight while joining one, so a
+/// chain whose message is longer passes every check of ours and then fails every handshake; 4 KiB
+/// of it are left for the records' overhead and the rest of the flight. (A mesh chain is 1-3 KiB.)
+pub const MAX_CHAIN_MESSAGE: usize = 0xffff - 4096;
+
+/// The length of a TLS 1.3 Certificate message's body carrying `chain`: the request context's
+/// length (1), the list's length (3), and per certificate its length (3) and its extensions' (2).
+fn chain_message_len(chain: &[CertificateDer<'_>]) -> usize {
+    chain.iter().map(|c| c.len() + 5).sum::<usize>() + 4
 }
 
 /// One upstream's expectations, fixed at start.
@@ -602,6 +620,13 @@ impl CredentialStore {
         revoked: Arc<RevocationSet>,
     ) -> Result<Snapshot, CredError> {
         let leaf = creds.chain.first().ok_or(CredError::EmptyChain)?.clone();
+        let bytes = chain_message_len(&creds.chain);
+        if bytes > MAX_CHAIN_MESSAGE {
+            return Err(CredError::ChainTooLarge {
+                certs: creds.chain.len(),
+                bytes,
+            });
+        }
         if creds.roots.is_empty() {
             return Err(CredError::EmptyBundle);
         }
@@ -817,6 +842,21 @@ mod tests {
             store.set_certificate(set(&pki, expired)),
             Err(CredError::Chain(_))
         ));
+        // A chain no peer would take in a handshake: a bundle appended to the certificate file.
+        // Its path verifies (the extra certificates are not needed), so only its size tells.
+        let mut appended = set(&pki, pki.leaf(ME));
+        let extra = appended.chain.last().unwrap().clone();
+        while chain_message_len(&appended.chain) <= MAX_CHAIN_MESSAGE {
+            appended.chain.push(extra.clone());
+        }
+        let error = store.set_certificate(appended).unwrap_err();
+        assert!(matches!(error, CredError::ChainTooLarge { .. }), "{error}");
+        let mut fits = set(&pki, pki.leaf(ME));
+        while chain_message_len(&fits.chain) + extra.len() + 5 <= MAX_CHAIN_MESSAGE {
+            fits.chain.push(extra.clone());
+        }
+        assert!(store.set_certificate(fits).is_ok());
+        let store = CredentialStore::new(Vec::new());
         // No bundle, no chain.
         let mut no_roots = set(&pki, pki.leaf(ME));
         no_roots.roots.clear();
