@@ -265,9 +265,12 @@ pub fn validate_ephemeral_containers(pod: &Value, old: Option<&Value>) -> Outcom
             .unwrap_or_default()
     };
     let before = list(old);
+    // One look-up per container (comparing each with every one before was quadratic in a list
+    // a pod writes).
+    let before: std::collections::HashSet<&Value> = before.iter().map(|b| &b["name"]).collect();
     let problems: Vec<String> = list(Some(pod))
         .iter()
-        .filter(|c| !before.iter().any(|b| b["name"] == c["name"]))
+        .filter(|c| !before.contains(&c["name"]))
         .flat_map(pod::ephemeral_container_problems)
         .collect();
     if problems.is_empty() {

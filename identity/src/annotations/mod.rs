@@ -134,7 +134,10 @@ impl MeshAnnotations {
             None => Vec::new(),
         };
         if let Some(v) = annotations.get(PROXY_PROTOCOL) {
-            for item in split_list(v) {
+            if split_list(v).nth(MAX_LIST_ITEMS).is_some() {
+                problems.push(problem(PROXY_PROTOCOL, too_many(PROXY_PROTOCOL)));
+            }
+            for item in split_list(v).take(MAX_LIST_ITEMS) {
                 let port = match parse_port(item) {
                     Ok(port) => port,
                     Err(e) => {
@@ -189,8 +192,10 @@ impl MeshAnnotations {
             let Some(port) = key.strip_prefix(ALLOW_PREFIX) else {
                 break;
             };
+            // Written as a port is (`allow-08080` is refused: beside `allow-8080`, one of the two
+            // lists would silently be lost).
             let port = match port.parse::<u16>() {
-                Ok(p) if p != 0 => p,
+                Ok(p) if p != 0 && p.to_string() == port => p,
                 _ => {
                     problems.push(problem(key, format!("{port:?} is not a port number")));
                     continue;
@@ -364,10 +369,22 @@ fn split_list(s: &str) -> impl Iterator<Item = &str> {
         .filter(|s| !s.is_empty())
 }
 
+/// The most items one list annotation may hold (inbound ports, upstreams, PROXY-header ports): a
+/// pod serves a handful, and each item is checked against those before it (a list of 45,000
+/// ports was 10^9 comparisons in the webhook before the pod was denied).
+pub const MAX_LIST_ITEMS: usize = 256;
+
+fn too_many(annotation: &str) -> String {
+    format!("more than {MAX_LIST_ITEMS} items in {annotation}")
+}
+
 /// `8080=http,9000=tcp` (`=PROTOCOL` may be left out: tcp).
 fn parse_inbound_ports(value: &str) -> Result<Vec<InboundPort>, String> {
     let mut ports: Vec<InboundPort> = Vec::new();
     for item in split_list(value) {
+        if ports.len() == MAX_LIST_ITEMS {
+            return Err(too_many(INBOUND));
+        }
         let (port, protocol) = match item.split_once('=') {
             Some((port, protocol)) => (parse_port(port)?, parse_protocol(protocol)?),
             None => (parse_port(item)?, Protocol::Tcp),
@@ -392,6 +409,9 @@ fn parse_upstreams(value: &str) -> Result<Vec<Upstream>, String> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
+        if upstreams.len() == MAX_LIST_ITEMS {
+            return Err(too_many(OUTBOUND));
+        }
         let (local, rest) = item
             .split_once('=')
             .ok_or_else(|| format!("{item:?} is not LOCAL_PORT=HOST:PORT,SPIFFE_ID[,tcp|http]"))?;
@@ -544,6 +564,16 @@ mod tests {
             (PROXY_PROTOCOL, "9000", "not declared"),
             (PROXY_PROTOCOL, "x", "not a port"),
             (WORKLOAD_API, "yes", "enabled or disabled"),
+            (
+                "meshid.io/allow-08080",
+                "spiffe://td/a",
+                "not a port number",
+            ),
+            (
+                "meshid.io/allow-+8080",
+                "spiffe://td/a",
+                "not a port number",
+            ),
         ];
         for (key, value, needle) in cases {
             let mut m = map(&[(INBOUND, "8080=http")]);
@@ -562,6 +592,31 @@ mod tests {
             text.starts_with("annotation meshid.io/allow-8080:"),
             "{text}"
         );
+        // Lists of at most MAX_LIST_ITEMS items: a longer one is refused at its first extra item
+        // (each item is compared with those before it).
+        let ports = |n: usize| (1..=n).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        let upstreams = |n: usize| {
+            (1..=n)
+                .map(|p| format!("{p}=svc:80,spiffe://td/a"))
+                .collect::<Vec<_>>()
+                .join(";")
+        };
+        assert!(MeshAnnotations::from_map(&map(&[(INBOUND, &ports(MAX_LIST_ITEMS))])).is_ok());
+        for (key, value) in [
+            (INBOUND, ports(45_000)),
+            (OUTBOUND, upstreams(MAX_LIST_ITEMS + 1)),
+            (PROXY_PROTOCOL, ports(45_000)),
+        ] {
+            let mut m = map(&[(INBOUND, "1")]);
+            m.insert(key.to_owned(), value);
+            let errors = MeshAnnotations::from_map(&m).unwrap_err();
+            assert!(
+                errors.iter().any(|e| e
+                    .to_string()
+                    .contains(&format!("more than {MAX_LIST_ITEMS} items in {key}"))),
+                "{key}: {errors:?}"
+            );
+        }
     }
 
     /// Every problem of a downward-API file, each with its annotation and line; every bad pattern
