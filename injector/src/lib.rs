@@ -136,6 +136,10 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
     if let Some(problem) = pod::declared_sidecar(pod) {
         return Outcome::Deny(vec![problem]);
     }
+    let unknown = unknown_name_problems(annotations.keys());
+    if !unknown.is_empty() {
+        return Outcome::Deny(unknown);
+    }
     let mesh = match MeshAnnotations::from_map(&annotations) {
         Ok(mesh) => mesh,
         Err(problems) => return Outcome::Deny(problems.iter().map(ToString::to_string).collect()),
@@ -240,6 +244,10 @@ pub fn validate_update(pod: &Value, old: Option<&Value>) -> Outcome {
         return Outcome::Skip("no meshid annotations");
     }
     problems.extend(inject_value_problem(&new));
+    // Only names this update adds: one a pod already carried stays its own business.
+    problems.extend(unknown_name_problems(
+        new.keys().filter(|name| !before.contains_key(*name)),
+    ));
     match MeshAnnotations::from_map(&new) {
         Ok(mesh) => problems.extend(reserved_port_problems(&mesh)),
         Err(errors) => problems.extend(errors.iter().map(ToString::to_string)),
@@ -319,6 +327,38 @@ fn annotations_too_large(pod: &Value) -> Option<String> {
 }
 
 /// `meshid.io/inject` is absent, `enabled` or `disabled`.
+/// The `meshid.io/*` names among `names` that no meshid annotation has: a misspelt one would
+/// otherwise be passed over (a pod in an opted-in namespace with `meshid.io/inbond` admitted
+/// without a sidecar, say, and no word said).
+/// At most eight are named (a pod may carry thousands), then how many more there are.
+fn unknown_name_problems<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    const NAMED: usize = 8;
+    let unknown: Vec<&String> = names
+        .into_iter()
+        .filter(|name| annotations::is_unknown(name))
+        .collect();
+    let mut problems: Vec<String> = unknown
+        .iter()
+        .take(NAMED)
+        .map(|name| {
+            format!(
+                "annotation {name}: no meshid annotation has this name (the names: {}, and \
+                 {}<port>)",
+                annotations::NAMES.join(", "),
+                annotations::ALLOW_PREFIX
+            )
+        })
+        .collect();
+    if unknown.len() > NAMED {
+        problems.push(format!(
+            "{} more {}* annotations no meshid annotation has the name of",
+            unknown.len() - NAMED,
+            annotations::PREFIX
+        ));
+    }
+    problems
+}
+
 fn inject_value_problem(annotations: &BTreeMap<String, String>) -> Option<String> {
     match annotations.get(annotations::INJECT).map(String::as_str) {
         None | Some("enabled" | "disabled") => None,

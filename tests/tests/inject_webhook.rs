@@ -696,6 +696,12 @@ fn bad_annotations_deny_the_pod_naming_each_problem() {
             annotations: json!({"meshid.io/inject": "enabled"}),
             expected: &["meshid.io/inject", "nothing to do"],
         },
+        Case {
+            name: "a misspelt name",
+            annotations: json!({"meshid.io/inject": "enabled", "meshid.io/inbound": "8080=http",
+                "meshid.io/alow-8080": FRONTEND}),
+            expected: &["meshid.io/alow-8080", "no meshid annotation has this name"],
+        },
     ];
     for case in cases {
         let (response, patched) = inject(Scope::Pod, &deployment_pod(case.annotations));
@@ -711,6 +717,50 @@ fn bad_annotations_deny_the_pod_naming_each_problem() {
             );
         }
     }
+}
+
+/// A misspelt `meshid.io/*` name is refused, not passed over: in an opted-in namespace a pod whose
+/// only port annotation is misspelt was admitted without a sidecar, and no word said. An update
+/// that adds one is refused too; one a running pod already carried does not hold up its updates.
+#[test]
+fn misspelt_meshid_annotations_are_named() {
+    let typo = json!({"meshid.io/inbond": "8080=http"});
+    let (response, patched) = inject(Scope::Namespace, &deployment_pod(typo.clone()));
+    assert!(patched.is_none());
+    assert_eq!(response["allowed"], false);
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("annotation meshid.io/inbond: no meshid annotation has this name")
+            && message.contains("meshid.io/inbound"),
+        "{message}"
+    );
+    // Thousands of them: eight named, the rest counted.
+    let mut many = serde_json::Map::new();
+    for i in 0..1_000 {
+        many.insert(format!("meshid.io/x{i}"), json!("1"));
+    }
+    let (response, _) = inject(Scope::Namespace, &deployment_pod(Value::Object(many)));
+    let message = response["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("992 more meshid.io/* annotations"),
+        "{message}"
+    );
+    assert!(message.len() < 4_000, "{}", message.len());
+    let update = |old: Value, new: Value| {
+        let mut r = admission_review("shop", deployment_pod(new));
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["oldObject"] = deployment_pod(old);
+        review(&config(), Scope::Pod, &r)["response"].clone()
+    };
+    let mut with_typo = mesh_annotations();
+    with_typo["meshid.io/inbond"] = json!("9000");
+    assert_eq!(
+        update(mesh_annotations(), with_typo.clone())["allowed"],
+        false
+    );
+    let mut changed = with_typo.clone();
+    changed["meshid.io/mode"] = json!("audit");
+    assert_eq!(update(with_typo, changed)["allowed"], true);
 }
 
 /// Only the injector adds its sidecar: a pod that asks for injection and declares a container named

@@ -72,6 +72,24 @@ pub const INJECTED: &str = "meshid.io/injected";
 /// `{"CONTAINER/KIND": {"port": 8080, "path": "/ready", "scheme": "HTTP", "httpHeaders": [...]}}`.
 pub const APP_PROBES: &str = "meshid.io/app-probes";
 
+/// Every `meshid.io/*` name there is, `meshid.io/allow-<port>` aside.
+pub const NAMES: [&str; 8] = [
+    INJECT,
+    INBOUND,
+    OUTBOUND,
+    MODE,
+    PROXY_PROTOCOL,
+    WORKLOAD_API,
+    INJECTED,
+    APP_PROBES,
+];
+
+/// Whether `name` (any annotation's) is under [`PREFIX`] but no meshid annotation: a misspelt one
+/// (`meshid.io/inbond`), which the readers would pass over as if it were not there.
+pub fn is_unknown(name: &str) -> bool {
+    name.starts_with(PREFIX) && !name.starts_with(ALLOW_PREFIX) && !NAMES.contains(&name)
+}
+
 /// One problem with one annotation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}annotation {annotation}: {problem}", line.map(|n| format!("line {n}: ")).unwrap_or_default())]
