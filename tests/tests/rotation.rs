@@ -354,6 +354,21 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
         eventually(Duration::from_secs(10), works).await,
         "traffic under the new root"
     );
+    // Renewed once each: every message of the retired version says "renew now", the first of
+    // each new stream too, and a renewal opens a new stream (before, each sidecar renewed in a
+    // loop, as fast as the CA's rate limit let it, until the bundle version moved on).
+    let before = (renewals(a).await, renewals(b).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!((renewals(a).await, renewals(b).await), before);
+}
+
+/// Successful certificate requests of `sidecar`.
+async fn renewals(sidecar: &TestSidecar) -> u64 {
+    let m = sidecar.metrics().await;
+    m.lines()
+        .find_map(|l| l.strip_prefix(r#"meshid_sidecar_renewals_total{result="success"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn bundle_of(addr: std::net::SocketAddr, roots: &[CertificateDer<'static>]) -> (u64, usize) {

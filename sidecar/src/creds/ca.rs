@@ -32,6 +32,10 @@ pub struct Lifecycle {
     pub applied_version: std::sync::atomic::AtomicU64,
     /// Signalled by the bundle stream when the CA asks everyone to renew now.
     pub renew_now: tokio::sync::Notify,
+    /// The bundle version whose "renew now" was last taken (0: none): the CA marks every message
+    /// of that version so, the first of each new stream too, and the renewal itself opens a new
+    /// stream, so taking each one renewed in a loop until the version moved on.
+    pub renew_now_version: std::sync::atomic::AtomicU64,
     /// Signalled by the issuer after each new certificate (so it is acknowledged).
     pub renewed: tokio::sync::Notify,
     /// The bundle stream's connection while it is open, for renewals to share.
@@ -87,6 +91,7 @@ impl Lifecycle {
             instance_id: meshid_identity::identity::hex(&b),
             applied_version: Default::default(),
             renew_now: Default::default(),
+            renew_now_version: Default::default(),
             renewed: Default::default(),
             stream_conn: StreamConn::default(),
             jwt_keys: watch::Sender::new(None),
@@ -943,7 +948,18 @@ pub async fn run_issuer(
         tokio::select! {
             () = sleep_wall(wait) => {}
             () = life.renew_now.notified() => {
-                tracing::warn!("the CA asked for an immediate renewal");
+                // Spread over a second: every sidecar is told at once.
+                let mut b = [0u8; 2];
+                let _ = aws_lc_rs::rand::fill(&mut b);
+                let spread = Duration::from_millis(u64::from(u16::from_le_bytes(b)) % 1_000);
+                tracing::warn!(
+                    in_ms = spread.as_millis(),
+                    "the CA asked for an immediate renewal"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(spread) => {}
+                    () = stopped(&mut shutdown) => return,
+                }
             }
             () = stopped(&mut shutdown) => return,
         }
@@ -1074,7 +1090,13 @@ pub async fn run_bundle_watch(
                     Err(s) => return Err(IssueError::Response(s.message().to_owned())),
                 };
                 backoff.reset();
-                if bundle.renew_now {
+                // Once per version.
+                if bundle.renew_now
+                    && life
+                        .renew_now_version
+                        .fetch_max(bundle.version, std::sync::atomic::Ordering::AcqRel)
+                        < bundle.version
+                {
                     life.renew_now.notify_one();
                 }
                 // A version is acknowledged only once applied in full: a rotation's gate counts
