@@ -9,7 +9,11 @@
 //! times per lifetime per authority (every six minutes for one-hour certificates), and the retire
 //! gate waits at most that much longer than the last certificate lives. A
 //! directory that cannot be written (a read-only Secret mount) disables the record; the process
-//! then says so in its report, and the retire gate falls back to start + `--max-ttl`.
+//! then says so in its report, and the retire gate falls back to start + `--max-ttl`. A write that
+//! fails (a full disk) does the same only until a later one succeeds: every issuance tries again
+//! with the marks kept in memory meanwhile (those of the certificates issued unrecorded included),
+//! so once the disk has room the file covers them. A process that stops before then leaves them
+//! unrecorded: free the space while it runs.
 //!
 //! Certificates asked to live longer than the CA's default lifetime are marked per identity
 //! instead, in `issued/<process>.long.json` (authority -> identity -> mark), for up to
@@ -48,7 +52,12 @@ pub struct IssuanceLog {
     /// `issued/<process>.long.json`: authority -> identity -> mark.
     long_file: PathBuf,
     long: Mutex<LongMarks>,
-    writable: AtomicBool,
+    /// Whether a mark of each file is not yet on the disk (its last write failed: a later one that
+    /// succeeds clears it).
+    marks_behind: AtomicBool,
+    long_behind: AtomicBool,
+    /// A Kubernetes Secret volume: never written.
+    secret_volume: bool,
 }
 
 type LongMarks = HashMap<String, HashMap<String, i64>>;
@@ -74,32 +83,40 @@ impl IssuanceLog {
             marks: Mutex::new(HashMap::new()),
             long_file: ca_dir.join(ISSUED_DIR).join(format!("{name}{LONG_SUFFIX}")),
             long: Mutex::new(HashMap::new()),
-            writable: AtomicBool::new(!secret_volume),
+            marks_behind: AtomicBool::new(false),
+            long_behind: AtomicBool::new(false),
+            secret_volume,
         }
     }
 
     /// Whether every mark so far reached the disk.
     pub fn writable(&self) -> bool {
-        self.writable.load(Ordering::Relaxed)
+        !self.secret_volume
+            && !self.marks_behind.load(Ordering::Relaxed)
+            && !self.long_behind.load(Ordering::Relaxed)
     }
 
     /// Called before a certificate with `not_after` under `authority` is handed out: makes sure the
-    /// directory says it may live that long. A failed write is logged once and disables the record
-    /// (issuance goes on; the retire gate then waits the long way).
+    /// directory says it may live that long. A failed write is logged and clears
+    /// [`Self::writable`] until a later write succeeds (issuance goes on; the retire gate then
+    /// waits the long way for this process while it runs); until then, every call writes again.
     pub fn record(&self, authority: &str, not_after: i64, now: i64) {
-        if !self.writable() {
+        if self.secret_volume {
             return;
         }
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        if marks.get(authority).is_some_and(|m| *m >= not_after) {
+        let covered = marks.get(authority).is_some_and(|m| *m >= not_after);
+        if covered && !self.marks_behind.load(Ordering::Relaxed) {
             return;
         }
-        marks.insert(
-            authority.to_owned(),
-            not_after.saturating_add(ahead(not_after, now)),
-        );
+        if !covered {
+            marks.insert(
+                authority.to_owned(),
+                not_after.saturating_add(ahead(not_after, now)),
+            );
+        }
         marks.retain(|_, m| *m > now);
-        if self.write(&self.file, &*marks) {
+        if self.write(&self.file, &*marks, &self.marks_behind) {
             drop(marks);
             forget_expired(self.file.parent(), &[&self.file, &self.long_file], now);
         }
@@ -108,7 +125,7 @@ impl IssuanceLog {
     /// Whether [`Self::record_long`] would mark `identity` apart under `authority` at `now` (it
     /// has a mark, or there is room for one); always when nothing is recorded.
     pub fn long_room(&self, authority: &str, identity: &str, now: i64) -> bool {
-        if !self.writable() {
+        if self.secret_volume {
             return true;
         }
         let long = self.long.lock().unwrap_or_else(|p| p.into_inner());
@@ -124,7 +141,7 @@ impl IssuanceLog {
     /// authority's mark instead (the service asks [`Self::long_room`] first, through
     /// `Fleet::reserve_long`, and gives such a certificate the default lifetime).
     pub fn record_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) {
-        if !self.writable() {
+        if self.secret_volume {
             return;
         }
         let mut long = self.long.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,7 +151,8 @@ impl IssuanceLog {
         long.retain(|_, marks| !marks.is_empty());
         let marks = long.entry(authority.to_owned()).or_default();
         match marks.get(identity) {
-            Some(m) if *m >= not_after => return,
+            Some(m) if *m >= not_after && !self.long_behind.load(Ordering::Relaxed) => return,
+            Some(m) if *m >= not_after => {}
             None if marks.len() >= MAX_LONG_IDENTITIES => {
                 drop(long);
                 self.record(authority, not_after, now);
@@ -142,18 +160,28 @@ impl IssuanceLog {
             }
             _ => {}
         }
-        marks.insert(
-            identity.to_owned(),
-            not_after.saturating_add(ahead(not_after, now)),
-        );
-        if self.write(&self.long_file, &*long) {
+        let mark = not_after.saturating_add(ahead(not_after, now));
+        let held = marks.entry(identity.to_owned()).or_insert(mark);
+        *held = (*held).max(mark);
+        if self.write(&self.long_file, &*long, &self.long_behind) {
             drop(long);
             forget_expired(self.file.parent(), &[&self.file, &self.long_file], now);
         }
     }
 
-    /// Writes `marks` to `file`; a failure is logged and disables the record.
-    fn write(&self, file: &Path, marks: &impl serde::Serialize) -> bool {
+    /// Writes `marks` to `file`, recording in `behind` whether it failed; a failure is logged.
+    fn write(&self, file: &Path, marks: &impl serde::Serialize, behind: &AtomicBool) -> bool {
+        let ok = self.write_one(file, marks);
+        if behind.swap(!ok, Ordering::Relaxed) && ok {
+            tracing::info!(
+                file = %file.display(),
+                "issuance is recorded in the CA directory again"
+            );
+        }
+        ok
+    }
+
+    fn write_one(&self, file: &Path, marks: &impl serde::Serialize) -> bool {
         let result = serde_json::to_vec(marks)
             .map_err(|e| e.to_string())
             .and_then(|json| {
@@ -163,12 +191,19 @@ impl IssuanceLog {
                 write_atomic(file, &json).map_err(|e| e.to_string())
             });
         if let Err(error) = result {
-            self.writable.store(false, Ordering::Relaxed);
-            tracing::warn!(
-                %error,
-                file = %file.display(),
-                "cannot record issuance in the CA directory; `rotate retire` will wait start + --max-ttl after restarts"
-            );
+            static FAILED: meshid_runtime::log_limit::LogLimit =
+                meshid_runtime::log_limit::LogLimit::new(5.0, 0.1);
+            if let Some(left_out) = FAILED.take() {
+                tracing::warn!(
+                    %error,
+                    file = %file.display(),
+                    left_out,
+                    "cannot record issuance in the CA directory (tried again at each issuance): \
+                     while it fails, this process reports so and `rotate retire` waits its start \
+                     + --max-ttl; if it stops before a write succeeds, what it issued meanwhile is \
+                     recorded nowhere, so free the space while it runs"
+                );
+            }
             return false;
         }
         true
@@ -492,5 +527,39 @@ mod tests {
         log.record("1", 1_000, 100);
         assert!(!log.writable());
         assert_eq!(issued_until(&blocked, "1"), 0);
+    }
+
+    /// A write that fails (a full disk) clears `writable` only until one succeeds: each issuance
+    /// tries again, and the marks of what was issued meanwhile reach the file. (Before, one failure
+    /// stopped the record for the process's life: after a restart, `retire` no longer waited for
+    /// what it had issued unrecorded.)
+    #[test]
+    fn a_failed_write_is_tried_again_and_the_record_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = dir.path().join(ISSUED_DIR);
+        // A file where the folder of the marks should be: no mark can be written.
+        std::fs::write(&issued, "in the way").unwrap();
+        let log = IssuanceLog::new(dir.path());
+        log.record("1", 5_000, 100);
+        log.record_long("1", "spiffe://td/ns/a/sa/long", 9_000, 100);
+        assert!(!log.writable());
+        // Still failing: an issuance the memory already covers writes again all the same.
+        log.record("1", 4_000, 200);
+        assert!(!log.writable());
+        std::fs::remove_file(&issued).unwrap();
+        // Room again: the next issuance writes what was issued meanwhile (a mark at least as
+        // late as 5,000 for a certificate that lives to 3,000 now).
+        log.record("1", 3_000, 300);
+        assert!(issued_until(dir.path(), "1") >= 5_000);
+        // The long file is behind until an issuance of its kind writes it.
+        assert!(!log.writable());
+        log.record_long("1", "spiffe://td/ns/a/sa/long", 1_000, 300);
+        assert!(log.writable());
+        let long = long_issued_until(dir.path(), "1");
+        assert!(
+            long.get("spiffe://td/ns/a/sa/long")
+                .is_some_and(|m| *m >= 9_000),
+            "{long:?}"
+        );
     }
 }
