@@ -24,8 +24,11 @@ pub struct Call<'a> {
     pub headers: &'a [(String, String)],
     /// The whole exchange: connect, request, response head and body.
     pub timeout: Duration,
-    /// The largest body read; a longer one is an error.
+    /// The largest body read; a longer one is an error, unless `cut_body`.
     pub max_body: usize,
+    /// A body longer than `max_body` is cut there instead (what a prober wants: the status; the
+    /// kubelet reads 10 KiB of a probe's answer and takes the rest for a harmless truncation).
+    pub cut_body: bool,
 }
 
 impl<'a> Call<'a> {
@@ -44,6 +47,7 @@ impl<'a> Call<'a> {
             headers: &[],
             timeout: Duration::from_secs(10),
             max_body: 64 << 20,
+            cut_body: false,
         }
     }
 }
@@ -131,11 +135,29 @@ async fn exchange(req: &Call<'_>) -> Result<Reply, ClientError> {
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = Limited::new(resp.into_body(), req.max_body)
-        .collect()
-        .await
-        .map_err(|e| ClientError::Http(format!("reading the body: {e}")))?
-        .to_bytes();
+    let body = if req.cut_body {
+        let mut body = resp.into_body();
+        let mut read = Vec::new();
+        while read.len() < req.max_body {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let room = req.max_body - read.len();
+                        read.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                Some(Err(e)) => return Err(ClientError::Http(format!("reading the body: {e}"))),
+            }
+        }
+        Bytes::from(read)
+    } else {
+        Limited::new(resp.into_body(), req.max_body)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(format!("reading the body: {e}")))?
+            .to_bytes()
+    };
     Ok(Reply {
         status,
         headers,

@@ -320,14 +320,8 @@ async fn app_health(probe: meshid_identity::annotations::AppProbe) -> AdminRespo
             "only HTTP app probes are forwarded\n",
         );
     }
-    let host = format!("127.0.0.1:{}", probe.port);
-    let mut get = Call::get(
-        std::net::SocketAddr::from(([127, 0, 0, 1], probe.port)),
-        &probe.path,
-    );
-    get.host = Some(&host);
     // Headers that are not valid HTTP (a CR or LF in them, say) are not forwarded.
-    let headers: Vec<(String, String)> = probe
+    let mut headers: Vec<(String, String)> = probe
         .headers
         .iter()
         .filter(|(k, v)| {
@@ -336,9 +330,24 @@ async fn app_health(probe: meshid_identity::annotations::AppProbe) -> AdminRespo
         })
         .cloned()
         .collect();
+    // A probe's own `Host` (its first) is the request's Host, as the kubelet sends it (added as one more
+    // header, the app got two and answered 400 to every probe).
+    let named_host = headers
+        .iter()
+        .position(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map(|i| headers.remove(i).1);
+    headers.retain(|(k, _)| !k.eq_ignore_ascii_case("host"));
+    let host = named_host.unwrap_or_else(|| format!("127.0.0.1:{}", probe.port));
+    let mut get = Call::get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], probe.port)),
+        &probe.path,
+    );
+    get.host = Some(&host);
     get.headers = &headers;
     get.timeout = Duration::from_secs(5);
+    // The status is the answer: a longer body is cut, as the kubelet cuts it.
     get.max_body = 64 * 1024;
+    get.cut_body = true;
     match http_client::send(&get).await {
         Ok(reply) => admin::text(
             StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY),

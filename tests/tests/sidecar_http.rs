@@ -537,6 +537,88 @@ async fn kubelet_probes_moved_to_the_admin_port_reach_the_app() {
     assert_eq!(unknown, 404);
 }
 
+/// A probe's own `Host` header is the request's one Host, as the kubelet sends it (it was added as
+/// a second Host, which an app must answer 400), and a long answer is cut, not a failure (the
+/// kubelet reads 10 KiB of it; the sidecar failed every probe whose answer was over 64 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_keep_their_host_header_and_long_answers() {
+    // Answers 200 to a request with exactly one `Host: app.example` (400 otherwise), with a
+    // 100 KiB body for `/big`.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let hosts: Vec<&str> = head.lines().filter(|l| l.starts_with("host:")).collect();
+                let ok = hosts == ["host: app.example"];
+                let body = if head.starts_with("get /big ") {
+                    "x".repeat(100 * 1024)
+                } else {
+                    String::new()
+                };
+                let status = if ok { "200 OK" } else { "400 Bad Request" };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let host =
+        r#""httpHeaders":[{"name":"Host","value":"app.example"},{"name":"X-Probe","value":"1"}]"#;
+    let probes = format!(
+        r#"{{"app/readiness":{{"port":{port},"path":"/ready",{host}}},"app/liveness":{{"port":{port},"path":"/big",{host}}},"app/startup":{{"port":{port},"path":"/ready"}}}}"#,
+        port = app.port()
+    );
+    let quoted = format!("{probes:?}");
+    let annotations = format!(
+        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
+    );
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![("127.0.0.15", app, Protocol::Http)],
+            policy: Some(annotations),
+            ..Default::default()
+        },
+    )
+    .await;
+    let admin = sidecar.admin;
+    let got = tokio::task::spawn_blocking(move || {
+        ["readiness", "liveness", "startup"].map(|kind| {
+            meshid_tests::process::http_get(admin, &format!("/app-health/app/{kind}"))
+                .unwrap()
+                .0
+        })
+    })
+    .await
+    .unwrap();
+    // The startup probe names no Host: the app gets the sidecar's `127.0.0.1:PORT`, and refuses.
+    assert_eq!(got, [200, 200, 400]);
+}
+
 /// Log lines written while a test runs, as the binaries write them (JSON).
 #[derive(Clone, Default)]
 struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
