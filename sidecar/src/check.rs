@@ -147,11 +147,32 @@ pub fn check_policy(args: &CheckPolicyArgs) -> Result<(String, Outcome), CheckEr
     // The running sidecar's explanation of the same decision (`meshid-sidecar explain`).
     let explained = policy.explain(port, &peer, request);
     let _ = writeln!(report, "{peer} -> port {port} {asked}: {explained}");
-    let outcome = if explained.decision.would_allow {
+    let mut outcome = if explained.decision.would_allow {
         Outcome::Allowed
     } else {
         Outcome::Denied
     };
+    // The sidecar decides each method a `?_method=` in the query names (on the path without the
+    // query), each a decision of its own: so does this, each on a line as `explain` prints it.
+    if let Some((method, path)) = request {
+        let (bare, query) = path
+            .split_once('?')
+            .map_or((path, None), |(p, q)| (p, Some(q)));
+        for named in crate::form::query_method_overrides(query) {
+            if named == method {
+                continue;
+            }
+            let explained = policy.explain(port, &peer, Some((named.as_str(), bare)));
+            let _ = writeln!(
+                report,
+                "  and the query's _method={named}, decided as the sidecar does:"
+            );
+            let _ = writeln!(report, "{peer} -> port {port} {named} {bare}: {explained}");
+            if !explained.decision.would_allow {
+                outcome = Outcome::Denied;
+            }
+        }
+    }
     Ok((report, outcome))
 }
 

@@ -121,6 +121,62 @@ fn check_policy(file: &std::path::Path, peer: &str, port: u16, method: &str, pat
     line.split_once(&marker).unwrap().1.to_owned()
 }
 
+/// A `?_method=` override is decided by the sidecar as the method it names: check-policy decides it
+/// too, printing the verdict `explain` prints for the sidecar's denial, and exits 2 (it printed
+/// "allow" and exited 0 for a request the sidecar refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_policy_decides_a_query_method_override_as_the_sidecar_does() {
+    let pki = TestPki::new();
+    let app = http_echo().await;
+    let s = sidecar(&pki, app, Protocol::Http, policy("enforce", "http")).await;
+    let port = s.inbound[0].port();
+    let client = pki.workload(CLIENT);
+    let path = "/api/orders?_method=delete";
+    let (status, id) = call(&pki, &s, &client, "GET", path).await;
+    assert_eq!(status, 403);
+    let id = id.expect("a deny carries x-meshid-decision");
+    let (code, out) = tokio::task::spawn_blocking({
+        let admin = s.admin;
+        move || explain(admin, &id)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("-> port {port} DELETE /api/orders\n")),
+        "{out}"
+    );
+    let checked = Command::new(workspace_bin("meshid-sidecar"))
+        .arg("check-policy")
+        .arg(&s.policy_path)
+        .args(["--peer", CLIENT, "--port", &port.to_string()])
+        .args(["--method", "GET", "--path", path])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(2), "{text}");
+    let marker = format!("-> port {port} DELETE /api/orders: ");
+    let verdict = text
+        .lines()
+        .find_map(|l| l.split_once(&marker).map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("no verdict on the override in {text}"));
+    assert!(
+        out.lines().any(|l| l == verdict),
+        "explain and check-policy disagree:\nexplain:\n{out}\ncheck-policy:\n{text}"
+    );
+    // An override naming the request's own method, or an allowed one, changes nothing.
+    for path in ["/api/orders?_method=get", "/api/orders"] {
+        let checked = Command::new(workspace_bin("meshid-sidecar"))
+            .arg("check-policy")
+            .arg(&s.policy_path)
+            .args(["--peer", CLIENT, "--port", &port.to_string()])
+            .args(["--method", "GET", "--path", path])
+            .output()
+            .unwrap();
+        assert_eq!(checked.status.code(), Some(0), "{path}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_denial_has_an_id_that_explain_and_check_policy_agree_on() {
     let pki = TestPki::new();
