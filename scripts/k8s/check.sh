@@ -101,6 +101,8 @@ expect_fail "Kubernetes-extended tokens (3607 s) under the default limit" "sidec
 expect_fail "injected tokens outliving a lowered limit" "exceeds ca.maxTokenLifetime (30m, 1800 s)" "${REQUIRED[@]}" --set sidecar.tokenExpirationSeconds=3600 --set ca.maxTokenLifetime=30m
 expect_fail "HPA min above max" "minReplicas must not exceed" "${REQUIRED[@]}" --set ca.autoscaling.enabled=true --set ca.autoscaling.minReplicas=5 --set ca.autoscaling.maxReplicas=3
 expect_fail "unknown prometheus key" "servicemonitors\|prometheus" "${REQUIRED[@]}" --set prometheus.servicemonitors.enabled=true
+expect_fail "helm test's namespace is the release's" "must be one of its own" "${REQUIRED[@]}" --namespace meshid --set test.mesh.namespace=meshid
+expect_fail "helm test's namespace is kube-system" "must be one of its own" "${REQUIRED[@]}" --set test.mesh.namespace=kube-system
 
 echo "== injector: own TLS Secret, no CA key, one bundle ConfigMap"
 "$VENV/python" - "$OUT/render/defaults/all.yaml" <<'PY' || fail "injector wiring"
