@@ -210,6 +210,16 @@ pub struct SidecarSpec {
     pub workload_api: Option<PathBuf>,
 }
 
+/// A pod's downward-API annotations file as the injector writes it (values in Go's %q quoting):
+/// one HTTP inbound port (`{port0}`, which the test sidecar fills in) allowing `client`, and the
+/// app probes `probes` (the `meshid.io/app-probes` JSON).
+pub fn probe_annotations(client: &str, probes: &str) -> String {
+    let quoted = format!("{probes:?}");
+    format!(
+        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{client}\"\nmeshid.io/app-probes={quoted}\n"
+    )
+}
+
 /// Binds a free port on `ip` and returns it (released; tests tolerate the small race).
 pub fn free_port(ip: &str) -> u16 {
     crate::process::free_addr(ip).port()

@@ -105,6 +105,23 @@ fn explain(admin: SocketAddr, id: &str) -> (Option<i32>, String) {
 /// `meshid-sidecar check-policy FILE --peer P --port N --method M --path X`: the verdict line's
 /// explanation (after `-> port N METHOD PATH: `).
 fn check_policy(file: &std::path::Path, peer: &str, port: u16, method: &str, path: &str) -> String {
+    let (_, text) = run_check_policy(file, peer, port, method, path);
+    let marker = format!("-> port {port} {method} {path}: ");
+    let line = text
+        .lines()
+        .find(|l| l.contains(&marker))
+        .unwrap_or_else(|| panic!("no verdict line in {text}"));
+    line.split_once(&marker).unwrap().1.to_owned()
+}
+
+/// The same command: its exit code and what it printed on stdout.
+fn run_check_policy(
+    file: &std::path::Path,
+    peer: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+) -> (Option<i32>, String) {
     let out = Command::new(workspace_bin("meshid-sidecar"))
         .arg("check-policy")
         .arg(file)
@@ -113,12 +130,7 @@ fn check_policy(file: &std::path::Path, peer: &str, port: u16, method: &str, pat
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let marker = format!("-> port {port} {method} {path}: ");
-    let line = text
-        .lines()
-        .find(|l| l.contains(&marker))
-        .unwrap_or_else(|| panic!("no verdict line in {text}"));
-    line.split_once(&marker).unwrap().1.to_owned()
+    (out.status.code(), text)
 }
 
 /// A `?_method=` override is decided by the sidecar as the method it names: check-policy decides it
@@ -146,15 +158,8 @@ async fn check_policy_decides_a_query_method_override_as_the_sidecar_does() {
         out.contains(&format!("-> port {port} DELETE /api/orders\n")),
         "{out}"
     );
-    let checked = Command::new(workspace_bin("meshid-sidecar"))
-        .arg("check-policy")
-        .arg(&s.policy_path)
-        .args(["--peer", CLIENT, "--port", &port.to_string()])
-        .args(["--method", "GET", "--path", path])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&checked.stdout);
-    assert_eq!(checked.status.code(), Some(2), "{text}");
+    let (code, text) = run_check_policy(&s.policy_path, CLIENT, port, "GET", path);
+    assert_eq!(code, Some(2), "{text}");
     let marker = format!("-> port {port} DELETE /api/orders: ");
     let verdict = text
         .lines()
@@ -166,14 +171,8 @@ async fn check_policy_decides_a_query_method_override_as_the_sidecar_does() {
     );
     // An override naming the request's own method, or an allowed one, changes nothing.
     for path in ["/api/orders?_method=get", "/api/orders"] {
-        let checked = Command::new(workspace_bin("meshid-sidecar"))
-            .arg("check-policy")
-            .arg(&s.policy_path)
-            .args(["--peer", CLIENT, "--port", &port.to_string()])
-            .args(["--method", "GET", "--path", path])
-            .output()
-            .unwrap();
-        assert_eq!(checked.status.code(), Some(0), "{path}");
+        let (code, text) = run_check_policy(&s.policy_path, CLIENT, port, "GET", path);
+        assert_eq!(code, Some(0), "{path}: {text}");
     }
 }
 

@@ -1754,10 +1754,7 @@ async fn the_admin_port_forwards_only_valid_probes_at_a_bounded_rate() {
         r#"{{"app/readiness":{{"port":{p},"path":"/ready"}},"app/evil":{{"port":{p},"path":"/x HTTP/1.1\r\nHost: evil\r\nX-Injected: 1\r\n\r\nGET /y"}},"app/lf":{{"port":{p},"path":"/x\nX-Injected: 1"}},"app/relative":{{"port":{p},"path":"ready"}}}}"#,
         p = app.port()
     );
-    let quoted = format!("{probes:?}");
-    let annotations = format!(
-        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
-    );
+    let annotations = meshid_tests::mesh::probe_annotations(CLIENT, &probes);
     let sidecar = TestSidecar::start(
         &pki,
         &server,

@@ -494,28 +494,11 @@ async fn audit_mode_lets_denials_through_and_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_probes_moved_to_the_admin_port_reach_the_app() {
     let app = http_echo().await;
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
-    // The downward-API annotations file, as the injector writes it (values in Go's %q quoting).
     let probes = format!(
         r#"{{"app/readiness":{{"port":{},"path":"/ready"}},"app/liveness":{{"port":1,"path":"/"}}}}"#,
         app.port()
     );
-    let quoted = format!("{probes:?}");
-    let annotations = format!(
-        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
-    );
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.14", app, Protocol::Http)],
-            policy: Some(annotations),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (_pki, sidecar) = sidecar_with_probes("127.0.0.14", app, &probes).await;
     let admin = sidecar.admin;
     let (ready, live, unknown) = tokio::task::spawn_blocking(move || {
         (
@@ -535,6 +518,30 @@ async fn kubelet_probes_moved_to_the_admin_port_reach_the_app() {
     assert_eq!(ready, 200, "forwarded to the app");
     assert_eq!(live, 503, "nothing listens on the app's liveness port");
     assert_eq!(unknown, 404);
+}
+
+/// A sidecar whose policy is an annotations file with one HTTP inbound port on `ip` to `app` and
+/// the app probes `probes` ([`meshid_tests::mesh::probe_annotations`]).
+async fn sidecar_with_probes(
+    ip: &'static str,
+    app: std::net::SocketAddr,
+    probes: &str,
+) -> (TestPki, TestSidecar) {
+    let pki = TestPki::new();
+    let server = pki.workload(SERVER);
+    let annotations = meshid_tests::mesh::probe_annotations(CLIENT, probes);
+    let sidecar = TestSidecar::start(
+        &pki,
+        &server,
+        SERVER,
+        SidecarSpec {
+            inbound: vec![(ip, app, Protocol::Http)],
+            policy: Some(annotations),
+            ..Default::default()
+        },
+    )
+    .await;
+    (pki, sidecar)
 }
 
 /// A probe's own `Host` header is the request's one Host, as the kubelet sends it (it was added as
@@ -582,29 +589,13 @@ async fn probes_keep_their_host_header_and_long_answers() {
             });
         }
     });
-    let pki = TestPki::new();
-    let server = pki.workload(SERVER);
     let host =
         r#""httpHeaders":[{"name":"Host","value":"app.example"},{"name":"X-Probe","value":"1"}]"#;
     let probes = format!(
         r#"{{"app/readiness":{{"port":{port},"path":"/ready",{host}}},"app/liveness":{{"port":{port},"path":"/big",{host}}},"app/startup":{{"port":{port},"path":"/ready"}}}}"#,
         port = app.port()
     );
-    let quoted = format!("{probes:?}");
-    let annotations = format!(
-        "meshid.io/inject=\"enabled\"\nmeshid.io/inbound=\"{{port0}}=http\"\nmeshid.io/allow-{{port0}}=\"{CLIENT}\"\nmeshid.io/app-probes={quoted}\n"
-    );
-    let sidecar = TestSidecar::start(
-        &pki,
-        &server,
-        SERVER,
-        SidecarSpec {
-            inbound: vec![("127.0.0.15", app, Protocol::Http)],
-            policy: Some(annotations),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (_pki, sidecar) = sidecar_with_probes("127.0.0.15", app, &probes).await;
     let admin = sidecar.admin;
     let got = tokio::task::spawn_blocking(move || {
         ["readiness", "liveness", "startup"].map(|kind| {
