@@ -377,11 +377,13 @@ const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// outbound answer its app 503 sooner).
 const H2_MAX_STREAMS: u32 = 200;
 /// Bytes of an answer h2 buffers per stream ahead of the socket before the body is polled again
-/// (hyper's default is 400 KiB). The socket's own buffer lies below it, so 64 KiB (four frames)
-/// keeps a large answer streaming at full speed, and a client that advertises large windows and
-/// then stops reading holds at most 64 KiB per stream, 12.5 MiB per connection
-/// ([`H2_MAX_STREAMS`] streams), not 78 MiB.
-const H2_SEND_BUFFER: usize = 64 * 1024;
+/// (hyper's default is 400 KiB). The socket's own buffer lies below it and keeps a large answer
+/// streaming; what this bounds is what a client that advertises large windows and then stops
+/// reading makes the sidecar hold: 16 KiB (one frame) per stream, 3.1 MiB per connection
+/// ([`H2_MAX_STREAMS`] streams), a peer's `--max-h2-connections-per-peer` (64) of them 200 MiB.
+/// (At 64 KiB that was 12.5 MiB per connection, 800 MiB per peer: past an injected sidecar's
+/// memory limit with eight connections of small answers it never read.)
+const H2_SEND_BUFFER: usize = 16 * 1024;
 
 /// The h2 server of both directions: peers' connections at the inbound (a peer holds at most
 /// `--max-h2-connections-per-peer` of them), and the local app's at the outbound, whose bounds
