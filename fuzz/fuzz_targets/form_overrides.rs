@@ -7,15 +7,16 @@
 //! (`X-HTTP-Method-Override`...). Never panics; a multipart boundary is one RFC 2046 allows
 //! (1 to 70 `bchars`, no `,`, not ending in a space); a blank `Content-Type` is an urlencoded
 //! form; every method a form names is non-empty, trimmed and has no ASCII lower case; every
-//! method an override header names is ASCII, trimmed, with no lower case, at least one for each
-//! header spelled exactly as `METHOD_OVERRIDES`; the headers, with that one `Content-Type` and no
+//! method an override header names is ASCII, trimmed, with no lower case, each named once, and
+//! every value of a header spelled exactly as `METHOD_OVERRIDES` is named (unless the list stopped
+//! at its most, `MAX_OVERRIDES + 2`); the headers, with that one `Content-Type` and no
 //! `Content-Encoding`, give the form the value gives.
 #![no_main]
 
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use meshid_sidecar::form::METHOD_OVERRIDES;
+use meshid_sidecar::form::{MAX_OVERRIDES, METHOD_OVERRIDES};
 use meshid_sidecar::form::fuzzing::{Form, form_of, form_of_type, method_overrides};
 
 /// Header lines taken from the body, at most.
@@ -71,11 +72,27 @@ fuzz_target!(|data: &[u8]| {
             "{method:?}"
         );
     }
-    let exact: usize = METHOD_OVERRIDES
-        .iter()
-        .map(|name| headers.get_all(*name).iter().count())
-        .sum();
-    assert!(overrides.len() >= exact, "{overrides:?} for {headers:?}");
+    // Each method once, and at most MAX_OVERRIDES + 2 of them; short of that, every value of a
+    // header spelled exactly as METHOD_OVERRIDES is among them (trimmed, upper-cased; `?` for one
+    // that is not text).
+    let most = MAX_OVERRIDES + 2;
+    assert!(overrides.len() <= most, "{overrides:?}");
+    for (i, method) in overrides.iter().enumerate() {
+        assert!(!overrides[..i].contains(method), "{overrides:?} repeats {method:?}");
+    }
+    if overrides.len() < most {
+        for name in METHOD_OVERRIDES {
+            for value in headers.get_all(name) {
+                let method = value
+                    .to_str()
+                    .map_or_else(|_| "?".to_owned(), |v| v.trim().to_ascii_uppercase());
+                assert!(
+                    overrides.contains(&method),
+                    "{method:?} not in {overrides:?} for {headers:?}"
+                );
+            }
+        }
+    }
 
     let form = form_of(&headers);
     // The first line's value, alone, as text (a body line may have added another, or the only one).

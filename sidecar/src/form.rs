@@ -26,7 +26,7 @@ pub const METHOD_OVERRIDES: [&str; 3] = [
 /// body together, its own method aside): each is a decision, and a form of thousands of `_method`
 /// fields was thousands of decisions and strings held for the response's life. Beyond, 400 (in
 /// audit mode, the rest go undecided).
-pub(crate) const MAX_OVERRIDES: usize = 8;
+pub const MAX_OVERRIDES: usize = 8;
 
 /// Adds `method` to `found` unless it is there already; `false` once `found` holds
 /// `MAX_OVERRIDES + 2` methods, to stop reading: one of them may be the request's own, and the
