@@ -1177,20 +1177,17 @@ async fn raw_call(h2: &h2::client::SendRequest<bytes::Bytes>, method: &str) -> h
     response.into_body()
 }
 
-/// A connection with no call open for the sidecar's `--idle-timeout` is closed (one left open
-/// after a call would otherwise hold one of the socket's connections for good); one holding a
-/// watching stream (`FetchX509Bundles`) is never idle and stays, and still takes calls.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
+/// A sidecar serving the Workload API at `api/workload.sock` in the returned directory, with an
+/// `--idle-timeout` of one second.
+async fn sidecar_idle_after_a_second() -> (TestPki, tempfile::TempDir, TestSidecar) {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("api").join("workload.sock");
-    let _s = TestSidecar::start(
+    let sidecar = TestSidecar::start(
         &pki,
         &pki.workload(ID),
         ID,
         SidecarSpec {
-            workload_api: Some(socket.clone()),
+            workload_api: Some(dir.path().join("api").join("workload.sock")),
             limits: Some(meshid_sidecar::settings::Limits {
                 idle_timeout: Duration::from_secs(1),
                 ..Default::default()
@@ -1199,6 +1196,16 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
         },
     )
     .await;
+    (pki, dir, sidecar)
+}
+
+/// A connection with no call open for the sidecar's `--idle-timeout` is closed (one left open
+/// after a call would otherwise hold one of the socket's connections for good); one holding a
+/// watching stream (`FetchX509Bundles`) is never idle and stays, and still takes calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
+    let (_pki, dir, _s) = sidecar_idle_after_a_second().await;
+    let socket = dir.path().join("api").join("workload.sock");
 
     let (watching, watching_conn) = raw_h2(&socket).await;
     let mut bundles = raw_call(&watching, "FetchX509Bundles").await;
@@ -1231,23 +1238,8 @@ async fn idle_connections_are_closed_but_not_those_with_a_watching_stream() {
 /// sidecar's `--idle-timeout`, and the app gets in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_request_never_ends_cannot_keep_the_app_out() {
-    let pki = TestPki::new();
-    let dir = tempfile::tempdir().unwrap();
+    let (_pki, dir, _s) = sidecar_idle_after_a_second().await;
     let socket = dir.path().join("api").join("workload.sock");
-    let _s = TestSidecar::start(
-        &pki,
-        &pki.workload(ID),
-        ID,
-        SidecarSpec {
-            workload_api: Some(socket.clone()),
-            limits: Some(meshid_sidecar::settings::Limits {
-                idle_timeout: Duration::from_secs(1),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
 
     let mut stalled = Vec::new();
     for _ in 0..meshid_sidecar::workload_api::MAX_CONNECTIONS {
