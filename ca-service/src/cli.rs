@@ -539,6 +539,11 @@ pub struct ServeArgs {
     /// stream is a call in flight).
     #[arg(long, env = "MESHID_CA_IDLE_TIMEOUT", default_value = "5m")]
     pub idle_timeout: String,
+    /// Close a connection with a call (every one but a stream: WatchTrustBundle, health Watch)
+    /// still unfinished this long after it began: its client is not taking its response. Noticed
+    /// within twice this, or an --idle-timeout and twice this on a connection that had been quiet.
+    #[arg(long, env = "MESHID_CA_CALL_TIMEOUT", default_value = "1m")]
+    pub call_timeout: String,
     /// Tell connections this old to go away (HTTP/2 GOAWAY): calls in flight finish, clients
     /// reconnect for the next; what is still open --grace later (bundle streams) is cut.
     #[arg(long, env = "MESHID_CA_MAX_CONNECTION_AGE", default_value = "30m")]
@@ -623,6 +628,7 @@ impl ServeArgs {
             self.max_arriving_requests.parse::<usize>(),
         );
         let idle = p.check("--idle-timeout", parse_duration(&self.idle_timeout));
+        let call = p.check("--call-timeout", parse_duration(&self.call_timeout));
         let max_age = p.check(
             "--max-connection-age",
             parse_duration(&self.max_connection_age),
@@ -670,6 +676,10 @@ impl ServeArgs {
         }
         if idle.is_some_and(|d| d < Duration::from_secs(1)) {
             p.0.push("--idle-timeout: must be at least 1s".into());
+        }
+        // Above the 30 s tonic gives a handler: a call still working is not a client not reading.
+        if call.is_some_and(|d| d <= Duration::from_secs(30)) {
+            p.0.push("--call-timeout: must be longer than 30s (the time a call may take)".into());
         }
         if max_age.is_some_and(|d| d < Duration::from_secs(1)) {
             p.0.push("--max-connection-age: must be at least 1s".into());
@@ -775,10 +785,11 @@ impl ServeArgs {
             Some(max_conns),
             Some(per_source),
             Some(idle),
+            Some(call),
             Some(max_age),
             Some(grace),
         ) = (
-            listen, admin, ttl, max_ttl, rate, burst, handshake, max_conns, per_source, idle,
+            listen, admin, ttl, max_ttl, rate, burst, handshake, max_conns, per_source, idle, call,
             max_age, grace,
         )
         else {
@@ -848,6 +859,7 @@ impl ServeArgs {
                 max_connections: max_conns,
                 max_connections_per_source: per_source,
                 idle_timeout: idle,
+                call_timeout: call,
                 max_connection_age: max_age,
                 max_connection_age_grace: grace,
                 max_arriving_requests: arriving,
@@ -1178,6 +1190,7 @@ mod tests {
         let limits = parse(&[]).unwrap().limits;
         assert_eq!(limits.max_connections_per_source, 256);
         assert_eq!(limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(limits.call_timeout, Duration::from_secs(60));
         assert_eq!(limits.max_connection_age, Duration::from_secs(1800));
         assert_eq!(limits.max_connection_age_grace, Duration::from_secs(30));
         assert_eq!(limits.max_arriving_requests, 448);
@@ -1189,6 +1202,8 @@ mod tests {
             "3",
             "--idle-timeout",
             "90s",
+            "--call-timeout",
+            "45s",
             "--max-connection-age",
             "1h",
             "--grace",
@@ -1198,6 +1213,7 @@ mod tests {
         .limits;
         assert_eq!(limits.max_connections_per_source, 3);
         assert_eq!(limits.idle_timeout, Duration::from_secs(90));
+        assert_eq!(limits.call_timeout, Duration::from_secs(45));
         assert_eq!(limits.max_connection_age, Duration::from_secs(3600));
         assert_eq!(limits.max_connection_age_grace, Duration::from_secs(5));
         assert_eq!(limits.max_arriving_requests, 64);
@@ -1209,6 +1225,8 @@ mod tests {
             "0",
             "--idle-timeout",
             "0s",
+            "--call-timeout",
+            "30s",
             "--max-connection-age",
             "forever",
         ])
@@ -1218,6 +1236,7 @@ mod tests {
             "--max-arriving-requests",
             "--max-connections-per-source",
             "--idle-timeout",
+            "--call-timeout",
             "--max-connection-age",
         ] {
             assert!(problems.contains(flag), "{flag} missing from {problems}");

@@ -1,7 +1,7 @@
 //! The CA's TLS listener: its own serving certificate, optional client certificates (for renewal), a
 //! handshake timeout, connection limits (overall, per source IP, and proven ones per certificate
-//! lineage), an idle timeout and a maximum connection age. Accepted connections feed tonic as a
-//! stream.
+//! lineage), an idle timeout, a time limit on calls that are not streams, and a maximum connection
+//! age. Accepted connections feed tonic as a stream.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -274,10 +274,16 @@ pub struct PeerInfo {
 }
 
 /// Calls in flight on one connection, and when the last one ended: all the idle timeout reads.
-/// Two atomics per call, no lock and no timer work on the call path.
+/// Also the unary calls (every call but a stream) in flight by the period they began in, for the
+/// call timeout ([`ListenerLimits::call_timeout`]). Two or three atomics per call, no lock and no
+/// timer work on the call path.
 #[derive(Debug)]
 pub struct ConnActivity {
     in_flight: AtomicUsize,
+    /// Unary calls in flight by the period they began in, modulo 3 ([`Self::next_period`]).
+    unary: [AtomicUsize; 3],
+    /// The current period, advanced by the connection's timer at least a call timeout apart.
+    period: AtomicUsize,
     /// Milliseconds from `opened` to the end of the last call (0: none ended yet).
     last_end_ms: AtomicU64,
     opened: Instant,
@@ -302,6 +308,8 @@ impl ConnActivity {
     fn new(ticket: Option<Ticket>) -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
+            unary: Default::default(),
+            period: AtomicUsize::new(0),
             last_end_ms: AtomicU64::new(0),
             opened: Instant::now(),
             ticket,
@@ -315,10 +323,38 @@ impl ConnActivity {
         self
     }
 
-    /// A call starts; it is in flight until the guard drops. It proves nothing by itself.
-    pub fn call(self: &Arc<Self>) -> CallGuard {
+    /// A call starts; it is in flight until the guard drops. It proves nothing by itself. A unary
+    /// call (`stream`: false) must end within the call timeout, or its connection is closed.
+    pub fn call(self: &Arc<Self>, stream: bool) -> CallGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        CallGuard(self.clone())
+        let period = (!stream).then(|| {
+            let period = self.period.load(Ordering::Acquire) % 3;
+            self.unary[period].fetch_add(1, Ordering::AcqRel);
+            period
+        });
+        CallGuard {
+            activity: self.clone(),
+            period,
+        }
+    }
+
+    /// Unary calls in flight now.
+    fn unary_in_flight(&self) -> bool {
+        self.unary.iter().any(|n| n.load(Ordering::Acquire) > 0)
+    }
+
+    /// Starts the next period, at least a call timeout after the current one began (the
+    /// connection's timer is the only caller). `Err` when a unary call that began in the period
+    /// before the current one is still in flight: it began before the current period, so it is
+    /// older than a call timeout. Calls that begin in the new period take the counter of the one
+    /// before the previous, found empty when the current period began.
+    fn next_period(&self) -> Result<(), ()> {
+        let period = self.period.load(Ordering::Acquire);
+        if self.unary[(period + 2) % 3].load(Ordering::Acquire) > 0 {
+            return Err(());
+        }
+        self.period.store(period.wrapping_add(1), Ordering::Release);
+        Ok(())
     }
 
     /// The CA served a call that takes the connection's certificate as its credential
@@ -509,12 +545,19 @@ impl Drop for LineageProof {
 
 /// One call in flight on a connection; dropping it ends the call.
 #[derive(Debug)]
-pub struct CallGuard(Arc<ConnActivity>);
+pub struct CallGuard {
+    activity: Arc<ConnActivity>,
+    /// The period a unary call began in (`None`: a stream).
+    period: Option<usize>,
+}
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let a = &self.0;
+        let a = &self.activity;
         let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(period) = self.period {
+            a.unary[period].fetch_sub(1, Ordering::AcqRel);
+        }
         // The end time first, then the count: whoever sees no call in flight sees this end.
         a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -525,6 +568,7 @@ impl Drop for CallGuard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closed {
     IdleTimeout,
+    CallTimeout,
     MaxConnectionAge,
 }
 
@@ -532,6 +576,7 @@ impl Closed {
     fn as_str(self) -> &'static str {
         match self {
             Self::IdleTimeout => "idle_timeout",
+            Self::CallTimeout => "call_timeout",
             Self::MaxConnectionAge => "max_connection_age",
         }
     }
@@ -543,11 +588,15 @@ pub struct TlsConn {
     stream: Coalesce<TlsStream<Displaceable<TcpStream>>>,
     info: PeerInfo,
     idle_timeout: Duration,
+    call_timeout: Duration,
+    /// When the current period of unary calls began ([`ConnActivity::next_period`]).
+    period_began: Instant,
     /// When the connection is cut whatever it is doing: its maximum age (tonic sends GOAWAY then)
     /// plus the grace for calls and streams still running.
     hard_deadline: Instant,
     /// The next time the limits are checked: the idle deadline or the hard deadline, whichever
-    /// comes first. Polled only when a read would block, so busy connections pay nothing.
+    /// comes first, and with a unary call in flight the end of the current period. Polled only
+    /// when a read would block, so busy connections pay nothing.
     timer: Pin<Box<Sleep>>,
     /// Set once the listener ended the connection: every later read is end-of-file.
     closed: Option<Closed>,
@@ -569,7 +618,18 @@ impl TlsConn {
             if now >= self.hard_deadline {
                 return Some(Closed::MaxConnectionAge);
             }
-            let next = match self.info.activity.idle_since() {
+            let activity = &self.info.activity;
+            // A unary call's response not taken (a client that stopped reading, or left its h2
+            // window at zero) keeps its call, and the message tonic encoded for it, in flight:
+            // without this the connection would hold them until its maximum age.
+            let period_ends = later(self.period_began, self.call_timeout);
+            if now >= period_ends {
+                if activity.next_period().is_err() {
+                    return Some(Closed::CallTimeout);
+                }
+                self.period_began = now;
+            }
+            let mut next = match activity.idle_since() {
                 // A call (or a bundle stream) is in flight: look again an idle period from now.
                 None => later(now, self.idle_timeout),
                 Some(since) => {
@@ -580,6 +640,9 @@ impl TlsConn {
                     idle_at
                 }
             };
+            if activity.unary_in_flight() {
+                next = next.min(later(self.period_began, self.call_timeout));
+            }
             self.timer.as_mut().reset(next.min(self.hard_deadline));
         }
         None
@@ -672,6 +735,12 @@ pub struct ListenerLimits {
     /// A connection with no call in flight for this long is closed (an open bundle stream is a
     /// call in flight).
     pub idle_timeout: Duration,
+    /// A connection with a unary call (every call but a stream: `WatchTrustBundle`, health
+    /// `Watch`) still in flight this long after it began is closed: its client is not taking its
+    /// response. Noticed between one and two of these after the call began, once the connection's
+    /// timer is on it: that is at its first check (a call timeout after it opened), or with a
+    /// call already in flight at the next check, which may be up to an idle timeout away.
+    pub call_timeout: Duration,
     /// A connection this old is told to go away (HTTP/2 GOAWAY): it takes no new calls, those in
     /// flight finish, and the client opens a new connection for the next one.
     pub max_connection_age: Duration,
@@ -691,6 +760,7 @@ impl Default for ListenerLimits {
             max_connections: 10_000,
             max_connections_per_source: 256,
             idle_timeout: Duration::from_secs(5 * 60),
+            call_timeout: Duration::from_secs(60),
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(30),
             max_arriving_requests: 448,
@@ -706,6 +776,13 @@ const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 /// (probes use `Check`, which is not bounded here). Without a bound, anonymous clients could hold
 /// any number of never-ending streams (`MAX_STREAMS_PER_CONNECTION` per connection).
 pub const MAX_HEALTH_WATCHES: usize = 256;
+
+/// The CA's streaming methods: calls that last as long as their client likes. Every other call is
+/// unary, bound by [`ListenerLimits::call_timeout`].
+const STREAMING_METHODS: [&str; 2] = [
+    "/meshid.ca.v1.CertificateAuthority/WatchTrustBundle",
+    HEALTH_WATCH,
+];
 
 /// The CA's calls that prove their connection ([`ConnActivity::prove`]) when the CA serves them:
 /// those that take the caller's certificate as its credential, checked at the call (revocation,
@@ -805,17 +882,18 @@ where
         } else {
             None
         };
+        let stream = STREAMING_METHODS.contains(&req.uri().path());
         let guard = req
             .extensions()
             .get::<PeerInfo>()
-            .map(|p| p.activity.call());
+            .map(|p| p.activity.call(stream));
         let proving = PROVING_METHODS.contains(&req.uri().path());
         let response = self.inner.call(req);
         Box::pin(async move {
             let response = response.await?;
             // Proven by what the CA made of the call, not by its arrival: a refused renewal (a
             // revoked certificate, an app SVID) proves nothing.
-            if let Some(CallGuard(activity)) = &guard
+            if let Some(CallGuard { activity, .. }) = &guard
                 && proving
                 && served(&response)
             {
@@ -936,11 +1014,16 @@ pub fn incoming(
                     .and_then(|leaf| leaf.as_ref().ok())
                     .and_then(|leaf| LineageProof::new(&lineages, leaf, remote_addr));
                 let activity = Arc::new(ConnActivity::new(Some(ticket)).proven_by(lineage));
+                let opened = activity.opened;
                 let hard_deadline = later(
                     later(activity.opened, limits.max_connection_age),
                     limits.max_connection_age_grace,
                 );
-                let first_check = later(activity.opened, limits.idle_timeout).min(hard_deadline);
+                let first_check = later(
+                    activity.opened,
+                    limits.idle_timeout.min(limits.call_timeout),
+                )
+                .min(hard_deadline);
                 let conn = TlsConn {
                     stream: Coalesce::new(stream),
                     info: PeerInfo {
@@ -950,6 +1033,8 @@ pub fn incoming(
                         activity,
                     },
                     idle_timeout: limits.idle_timeout,
+                    call_timeout: limits.call_timeout,
+                    period_began: opened,
                     hard_deadline,
                     timer: Box::pin(tokio::time::sleep_until(first_check)),
                     closed: None,
@@ -1260,8 +1345,8 @@ mod tests {
     async fn a_connection_is_idle_only_with_no_call_in_flight() {
         let activity = Arc::new(ConnActivity::default());
         assert_eq!(activity.idle_since(), Some(activity.opened));
-        let first = activity.call();
-        let second = activity.call();
+        let first = activity.call(false);
+        let second = activity.call(true);
         assert_eq!(activity.in_flight(), 2);
         assert_eq!(activity.idle_since(), None);
         drop(first);
@@ -1270,5 +1355,38 @@ mod tests {
         assert_eq!(activity.in_flight(), 0);
         let since = activity.idle_since().unwrap();
         assert!(since >= activity.opened && since <= Instant::now());
+    }
+
+    /// A unary call is found out at the second period that starts after it began, not before (its
+    /// age is then at least one period); a stream never is; a call that ended is forgotten.
+    #[test]
+    fn a_unary_call_is_found_out_two_periods_after_it_began() {
+        let activity = Arc::new(ConnActivity::default());
+        let stream = activity.call(true);
+        let stuck = activity.call(false);
+        assert!(activity.unary_in_flight());
+        // Each period a unary call comes and goes: it never trips the check.
+        for _ in 0..4 {
+            drop(activity.call(false));
+        }
+        assert_eq!(activity.next_period(), Ok(()), "began in this period");
+        let quick = activity.call(false);
+        assert_eq!(activity.next_period(), Err(()), "began a whole period ago");
+        drop(stuck);
+        assert_eq!(activity.next_period(), Ok(()));
+        drop(quick);
+        for _ in 0..6 {
+            let call = activity.call(false);
+            assert_eq!(activity.next_period(), Ok(()));
+            drop(call);
+        }
+        assert!(!activity.unary_in_flight());
+        assert_eq!(activity.in_flight(), 1, "the stream is still open");
+        assert_eq!(
+            activity.next_period(),
+            Ok(()),
+            "a stream is never timed out"
+        );
+        drop(stream);
     }
 }

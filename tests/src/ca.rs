@@ -35,6 +35,7 @@ pub struct CaOptions {
     pub max_connections: usize,
     pub max_connections_per_source: usize,
     pub idle_timeout: Duration,
+    pub call_timeout: Duration,
     pub max_connection_age: Duration,
     pub max_connection_age_grace: Duration,
     /// Calls whose request is still arriving, at once (an eighth from one source).
@@ -56,6 +57,7 @@ impl Default for CaOptions {
             max_connections: 1000,
             max_connections_per_source: ListenerLimits::default().max_connections_per_source,
             idle_timeout: ListenerLimits::default().idle_timeout,
+            call_timeout: ListenerLimits::default().call_timeout,
             max_connection_age: ListenerLimits::default().max_connection_age,
             max_connection_age_grace: ListenerLimits::default().max_connection_age_grace,
             max_arriving_requests: ListenerLimits::default().max_arriving_requests,
@@ -108,6 +110,7 @@ impl TestCa {
                 max_connections: opts.max_connections,
                 max_connections_per_source: opts.max_connections_per_source,
                 idle_timeout: opts.idle_timeout,
+                call_timeout: opts.call_timeout,
                 max_connection_age: opts.max_connection_age,
                 max_connection_age_grace: opts.max_connection_age_grace,
                 max_arriving_requests: opts.max_arriving_requests,

@@ -737,6 +737,82 @@ async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() 
     assert_eq!(unary_opened.load(Ordering::SeqCst), 2, "one reconnect");
 }
 
+/// A client that stops taking its responses (its h2 window left at zero) cannot keep a unary
+/// call, and the message the CA encoded for it, in flight until the connection's maximum age: the
+/// connection is closed once the call is older than `--call-timeout`. A bundle stream open as long
+/// on another connection is not a call that timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_response_is_not_taken_ends_its_connection() {
+    let call_timeout = Duration::from_secs(1);
+    let ca = TestCa::start(CaOptions {
+        call_timeout,
+        ..CaOptions::default()
+    })
+    .await;
+    let watcher_opened = Arc::new(AtomicUsize::new(0));
+    let mut watcher = client_from(&ca, HERE, None, watcher_opened.clone())
+        .await
+        .unwrap();
+    let mut stream = watcher
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the bundle at once");
+
+    let tls = tls_from(&ca, &tls_connector(&ca, None), HERE)
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake(tls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let (response, mut body) = h2.send_request(raw_request(Some(5)), false).unwrap();
+    // The whole message: an empty GetTrustBundleRequest.
+    body.send_data(bytes::Bytes::from_static(&[0; 5]), true)
+        .unwrap();
+    let started = Instant::now();
+    let response = response
+        .await
+        .expect("the response head, which needs no window");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the connection of a call whose response was never taken is still open 10 s later"
+    );
+    assert!(
+        started.elapsed() >= call_timeout,
+        "closed before the call timed out"
+    );
+    let closed = r#"meshid_ca_connections_closed_total{reason="call_timeout"}"#;
+    eventually("the close counted", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, closed) == 1.0 }
+    })
+    .await;
+
+    // The bundle stream, open all along, is still open and was never counted.
+    tokio::time::sleep(call_timeout * 2).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+    assert!(quiet.is_err(), "the bundle stream ended: {quiet:?}");
+    assert_eq!(watcher_opened.load(Ordering::SeqCst), 1);
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, closed), 1.0, "{m}");
+    // A unary call on the watcher's connection, answered and taken, closes nothing either.
+    watcher
+        .get_trust_bundle(GetTrustBundleRequest {})
+        .await
+        .unwrap();
+    tokio::time::sleep(call_timeout * 3).await;
+    let m = metrics(&ca).await;
+    assert_eq!(sample(&m, closed), 1.0, "{m}");
+    assert_eq!(watcher_opened.load(Ordering::SeqCst), 1);
+}
+
 /// A sidecar presenting `cert` arrives from ELSEWHERE at a CA whose every slot is held: let in
 /// and served (its bundle stream opens, it renews), nobody refused at the cap, and one held
 /// connection (a `held`, for the message) displaced. Returns the sidecar and its open stream.
