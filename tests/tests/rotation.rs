@@ -958,3 +958,136 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
         "{active:?}"
     );
 }
+
+/// Once a sidecar holds the CA's bundle it trusts that bundle alone to reach the CA: a root the CA
+/// retired since (`retire --force`, its key lost) no longer vouches for whoever answers at the
+/// CA's address, though the pod was configured with it (`--ca-bundle`). A client configured with
+/// that root alone would take the impostor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_root_no_longer_vouches_for_the_ca() {
+    let mut ca = ca_issuing_for_ttl().await;
+    let dir = ca.dir.path().to_owned();
+    let old = ca.authority();
+    let old_roots = ca.roots.clone();
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let spec = SidecarSpec {
+        outbound: vec![("127.0.0.1:9".into(), B.into(), Protocol::Tcp)],
+        creds: Some(ca_mode(&ca, "frontend")),
+        ..Default::default()
+    };
+    let sidecar = TestSidecar::start(&pki, &dummy, A, spec).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            holds_a_certificate(&sidecar)
+        })
+        .await,
+        "a certificate at first"
+    );
+
+    // The emergency path: a new root, signing at once, the old root out of the bundle.
+    rotation::prepare(&dir, None).unwrap();
+    rotation::activate(&dir, &[], true).await.unwrap();
+    rotation::retire(&dir, &[], true).await.unwrap();
+    let store = sidecar.running.as_ref().unwrap().shared.creds.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let roots = store.roots();
+            !roots.is_empty() && roots.iter().all(|r| !old_roots.contains(r))
+        })
+        .await,
+        "the sidecar took the bundle without the retired root"
+    );
+
+    // The CA's address taken over by whoever holds the retired intermediate's key.
+    ca.stop().await;
+    let (chain, key) = meshid_ca::tls::issue_serving_cert(
+        &old,
+        &["localhost".into(), "127.0.0.1".into()],
+        "impostor",
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(meshid_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(ca.addr).await {
+                Ok(l) => break l,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("bind {}: {e}; retrying", ca.addr);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("bind {}: {e}", ca.addr),
+            }
+        }
+    };
+    // Handshakes the impostor completed, of the connections it was offered.
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (accepted, taken) = (accepted.clone(), taken.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (acceptor, taken) = (acceptor.clone(), taken.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        // Held open as a CA that never answers would be.
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        drop(tls);
+                    }
+                });
+            }
+        });
+    }
+    // The sidecar reconnects (its bundle stream ended with the CA) a few times.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3
+        })
+        .await,
+        "the sidecar did not come back to the CA's address"
+    );
+    assert_eq!(
+        taken.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the sidecar took a certificate of the retired root for the CA's"
+    );
+    // The impostor is one the old trust alone takes: a client configured with that root
+    // completes its handshake.
+    let mut roots = rustls::RootCertStore::empty();
+    for root in &old_roots {
+        roots.add(root.clone()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder_with_provider(meshid_ca::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(ca.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the old root alone takes the impostor");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            taken.load(std::sync::atomic::Ordering::SeqCst) == 1
+        })
+        .await
+    );
+}

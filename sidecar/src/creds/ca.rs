@@ -375,21 +375,23 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// `endpoint` trusting, beside its own, the roots the sidecar has received and the intermediates
-/// trust under a shared root is pinned to.
+/// `endpoint` trusting the bundle the sidecar holds (its roots, and the intermediates trust under
+/// a shared root is pinned to) in place of its own roots once there is one: the configured roots
+/// (`--ca-bundle`, and those of `--bundle-cache` read at start) only reach the CA for the first
+/// certificate. Kept beside the bundle, a root the CA has since retired (`rotate retire --force`,
+/// its key lost) would go on vouching for whoever serves a certificate of it at the CA's address,
+/// for as long as the pod lives. The CA's own certificate always chains to its bundle: a new root
+/// is in the bundle before the CA serves from it.
 fn endpoint_with_bundle(endpoint: &CaEndpoint, store: &CredentialStore) -> CaEndpoint {
-    let mut endpoint = endpoint.clone();
-    for root in store.roots() {
-        if !endpoint.roots.contains(&root) {
-            endpoint.roots.push(root);
-        }
+    let roots = store.roots();
+    if roots.is_empty() {
+        return endpoint.clone();
     }
-    for pin in store.pinned() {
-        if !endpoint.pinned.contains(&pin) {
-            endpoint.pinned.push(pin);
-        }
+    CaEndpoint {
+        roots,
+        pinned: store.pinned(),
+        ..endpoint.clone()
     }
-    endpoint
 }
 
 /// The credential an issuance presented.
