@@ -183,13 +183,19 @@ impl Drop for Busy {
 /// A connection as it is held and moved.
 type Held<W> = Box<Conn<W>>;
 
-/// Whether `req` can be sent on a bare connection: no body, no transfer coding, no upgrade, not
-/// `CONNECT`.
+/// Whether `req` can be sent on a bare connection: no body, no length but 0 (an h2 stream its peer
+/// reset before its end reads as ended, whatever its `content-length` said, and the head alone
+/// would leave the app waiting for a body), no transfer coding, no upgrade, not `CONNECT`.
 pub(crate) fn suits<B: HttpBody>(req: &Request<B>) -> bool {
     req.body().is_end_stream()
         && req.method() != Method::CONNECT
         && !req.headers().contains_key(header::UPGRADE)
         && !req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req
+            .headers()
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|len| len == "0")
 }
 
 impl<D: Dial> Bare<D> {
@@ -913,6 +919,16 @@ mod tests {
             .headers_mut()
             .insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         assert!(!suits(&chunked));
+        // A length with no body to go with it (a stream reset before its end).
+        let mut promised = get("").unwrap();
+        promised
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        assert!(!suits(&promised));
+        let mut zero = get("").unwrap();
+        zero.headers_mut()
+            .insert(header::CONTENT_LENGTH, "0".parse().unwrap());
+        assert!(suits(&zero));
     }
 
     #[tokio::test]
