@@ -171,7 +171,7 @@ impl IssuanceLog {
 
     /// Writes `marks` to `file`, recording in `behind` whether it failed; a failure is logged.
     fn write(&self, file: &Path, marks: &impl serde::Serialize, behind: &AtomicBool) -> bool {
-        let ok = self.write_one(file, marks);
+        let ok = Self::write_one(file, marks);
         if behind.swap(!ok, Ordering::Relaxed) && ok {
             tracing::info!(
                 file = %file.display(),
@@ -181,7 +181,7 @@ impl IssuanceLog {
         ok
     }
 
-    fn write_one(&self, file: &Path, marks: &impl serde::Serialize) -> bool {
+    fn write_one(file: &Path, marks: &impl serde::Serialize) -> bool {
         let result = serde_json::to_vec(marks)
             .map_err(|e| e.to_string())
             .and_then(|json| {

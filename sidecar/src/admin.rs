@@ -334,8 +334,8 @@ async fn app_health(probe: meshid_identity::annotations::AppProbe) -> AdminRespo
     // header, the app got two and answered 400 to every probe).
     let named_host = headers
         .iter()
-        .position(|(k, _)| k.eq_ignore_ascii_case("host"))
-        .map(|i| headers.remove(i).1);
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.clone());
     headers.retain(|(k, _)| !k.eq_ignore_ascii_case("host"));
     let host = named_host.unwrap_or_else(|| format!("127.0.0.1:{}", probe.port));
     let mut get = Call::get(
