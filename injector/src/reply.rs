@@ -15,8 +15,11 @@ use tokio::task::AbortHandle;
 
 use super::budget::Room;
 
-/// The largest piece handed to the connection at once.
-pub const PIECE: usize = 16 * 1024;
+/// The largest piece handed to the connection at once. A client that opens its window by a byte
+/// and stops is handed one piece, which h2 keeps after the answer's send timeout released its
+/// budget, until the connection ends (at its maximum age): 4 KiB x 64 streams x 64 connections, 16
+/// MiB from one source at most (16 KiB pieces made it 64 MiB).
+pub const PIECE: usize = 4 * 1024;
 
 /// A response body: a whole text, sent in pieces.
 #[derive(Debug)]
