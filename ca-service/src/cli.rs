@@ -483,6 +483,13 @@ pub struct ServeArgs {
     /// projected, pod-bound tokens.
     #[arg(long, env = "MESHID_CA_DANGEROUS_ACCEPT_UNBOUND_TOKENS")]
     pub dangerous_accept_unbound_tokens: bool,
+    /// Also ask the API server whether it still takes each service-account token before the
+    /// certificate it attests (a TokenReview at the host of --jwks-url or --jwks-discovery, with
+    /// --jwks-token-file and --jwks-ca-file): a token whose pod was deleted stops attesting at
+    /// once, not at its expiry. Needs RBAC to create tokenreviews (the chart's ClusterRole).
+    /// When the API server cannot answer, callers are answered Unavailable and try again.
+    #[arg(long, env = "MESHID_CA_TOKEN_REVIEW")]
+    pub token_review: bool,
     /// Default certificate lifetime.
     #[arg(long, env = "MESHID_CA_TTL", default_value = "1h")]
     pub ttl: String,
@@ -733,6 +740,13 @@ impl ServeArgs {
                     .into(),
             );
         }
+        if self.token_review && jwks_url.is_none() {
+            p.0.push(
+                "--token-review: needs --jwks-url or --jwks-discovery (the review goes to the \
+                 API server the keys come from)"
+                    .into(),
+            );
+        }
         if let Some(jwks) = &self.jwks
             && !jwks.is_file()
         {
@@ -841,6 +855,7 @@ impl ServeArgs {
                 allowed_namespaces: (!namespaces.is_empty()).then_some(namespaces),
                 max_token_lifetime,
                 dangerous_accept_unbound_tokens: self.dangerous_accept_unbound_tokens,
+                token_review: self.token_review,
             }),
             lifetimes: LifetimePolicy {
                 default: ttl,
@@ -1142,8 +1157,28 @@ mod tests {
             panic!("url")
         };
         assert_eq!(remote.url, url);
+        let reviewed = |extra: &[&str]| parse(extra).map(|c| c.jwt.map(|j| j.token_review));
+        assert_eq!(
+            reviewed(&[&["--jwks-discovery", "--token-review"], &files[..]].concat()),
+            Ok(Some(true))
+        );
+        assert_eq!(
+            reviewed(&[&["--jwks-discovery"], &files[..]].concat()),
+            Ok(Some(false))
+        );
 
         let problems = |extra: &[&str]| parse(extra).unwrap_err().join("\n");
+        // A review needs the API server the keys come from.
+        for without in [
+            &["--token-review"][..],
+            &["--jwks", &jwks, "--token-review"],
+        ] {
+            let p = problems(without);
+            assert!(
+                p.contains("--token-review: needs --jwks-url or --jwks-discovery"),
+                "{p}"
+            );
+        }
         let both = problems(&[&["--jwks", &jwks, "--jwks-discovery"], &files[..]].concat());
         assert!(
             both.contains("--jwks, --jwks-url, --jwks-discovery"),

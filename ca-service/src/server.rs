@@ -148,6 +148,27 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         }
         None => None,
     };
+    let token_review = match &config.jwt {
+        Some(jwt) if jwt.token_review => match &jwt.jwks {
+            crate::auth::JwksSource::Remote(remote) => {
+                let reviewer =
+                    crate::auth::token_review::TokenReviewer::new(remote.clone(), &jwt.audience)
+                        .map_err(crate::auth::JwksError::TokenReview)?;
+                tracing::info!(
+                    url = reviewer.url(),
+                    "service-account tokens are reviewed at the API server before they attest"
+                );
+                Some(reviewer)
+            }
+            crate::auth::JwksSource::File(_) => {
+                return Err(crate::auth::JwksError::TokenReview(
+                    "needs the keys from the API server (--jwks-url or --jwks-discovery)".into(),
+                )
+                .into());
+            }
+        },
+        _ => None,
+    };
     let (tls_config, serving) = tls::server_config(&authority, &config.sans)?;
     let tls_config = Arc::new(ArcSwap::new(tls_config));
     let serving_dates = Arc::new(tls::ServingDates::new(metrics.serving_cert_expiry.clone()));
@@ -179,6 +200,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         authority: ArcSwap::from_pointee(authority),
         bundle: bundle_tx,
         jwt,
+        token_review,
         join: JoinTokenStore::new(&config.dir, trust_domain),
         lifetimes: config.lifetimes,
         max_attestation_age: config.max_attestation_age,

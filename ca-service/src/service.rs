@@ -115,6 +115,8 @@ pub struct CaState {
     pub authority: ArcSwap<Authority>,
     pub bundle: watch::Sender<Arc<Bundle>>,
     pub jwt: Option<JwtAuthenticator>,
+    /// Reviews service-account tokens at the API server before they attest (`--token-review`).
+    pub token_review: Option<crate::auth::token_review::TokenReviewer>,
     pub join: JoinTokenStore,
     pub lifetimes: LifetimePolicy,
     /// How long after its last attestation (token or join token) an identity still renews on its
@@ -365,10 +367,22 @@ impl CaState {
         }
     }
 
+    #[cfg(test)]
     fn issue(
         &self,
         req: &IssueRequest,
         peer: Option<&PeerInfo>,
+    ) -> (Method, Option<SpiffeId>, Result<IssueResponse, Refusal>) {
+        self.issue_reviewed(req, peer, None)
+    }
+
+    /// An issuance; `review` is what the API server said of the request's service-account token
+    /// (`--token-review`: [`CertificateAuthority::issue`] asks before this).
+    fn issue_reviewed(
+        &self,
+        req: &IssueRequest,
+        peer: Option<&PeerInfo>,
+        review: Option<Result<(), AuthError>>,
     ) -> (Method, Option<SpiffeId>, Result<IssueResponse, Refusal>) {
         // The CSR first: a bad CSR must not consume a join token.
         let key = match CsrPublicKey::from_csr_der(&req.csr) {
@@ -402,6 +416,18 @@ impl CaState {
             Ok(a) => a,
             Err(e) => return (method, None, Err(e.into())),
         };
+        // A token the CA took, with the API server's word on it when it is asked.
+        if method == Method::ServiceAccountToken && self.token_review.is_some() {
+            let reviewed = review.unwrap_or_else(|| {
+                Err(AuthError::unavailable(
+                    Reason::TokenReviewUnavailable,
+                    "the token was not reviewed at the API server; try again",
+                ))
+            });
+            if let Err(e) = reviewed {
+                return (method, None, Err(e.into()));
+            }
+        }
         let (id, attested_at) = match &authenticated {
             Authenticated::Ready { id, attested_at } => (id.clone(), *attested_at),
             Authenticated::Join(p) => (p.id.clone(), None),
@@ -1167,7 +1193,20 @@ impl CertificateAuthority for CaService {
         {
             jwt.refresh_for_token(token).await;
         }
-        let (method, id, result) = self.state.issue(&req, peer.as_ref());
+        // With --token-review, a token the CA takes is then asked about at the API server (only
+        // then: a forged token costs the API server nothing).
+        let review = match (&self.state.token_review, &self.state.jwt, &req.credential) {
+            (Some(reviewer), Some(jwt), Some(Credential::ServiceAccountToken(token)))
+                if CsrPublicKey::from_csr_der(&req.csr).is_ok() =>
+            {
+                match jwt.authenticate(token) {
+                    Ok(id) => Some(reviewer.review(token, &id).await),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let (method, id, result) = self.state.issue_reviewed(&req, peer.as_ref(), review);
         let identity = id.as_ref().map(|i| i.as_str()).unwrap_or("");
         // The audit line links a renewal to the certificate it renewed and to its lineage.
         let renewed = match method {
@@ -1493,6 +1532,7 @@ mod tests {
                         .map(|ns| ns.iter().map(|n| (*n).to_owned()).collect::<BTreeSet<_>>()),
                     max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
                     dangerous_accept_unbound_tokens: false,
+                    token_review: false,
                 };
                 JwtAuthenticator::new(config, td.clone()).unwrap()
             });
@@ -1505,6 +1545,7 @@ mod tests {
                 authority: ArcSwap::from_pointee(authority),
                 bundle: bundle_tx,
                 jwt,
+                token_review: None,
                 join: JoinTokenStore::new(dir.path(), td),
                 lifetimes: LIFETIMES,
                 max_attestation_age: opts.max_attestation_age.unwrap_or(MAX_ATTESTATION_AGE),

@@ -145,18 +145,26 @@ for name, discovery in (("defaults", True), ("all-options", True), ("minimal-off
         srcs = vol["projected"]["sources"]
         assert any("serviceAccountToken" in s and s["serviceAccountToken"]["path"] == "token" for s in srcs), srcs
         assert any(s.get("configMap", {}).get("name") == "kube-root-ca.crt" for s in srcs), srcs
-        assert len(bindings) == 1 and bindings[0]["kind"] == "ClusterRoleBinding", bindings
-        b = bindings[0]
-        assert b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                "name": "system:service-account-issuer-discovery"}, b
-        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "meshid"}], b
+        # Two bindings: the issuer's keys (a built-in role) and token reviews (the chart's role,
+        # which may create TokenReviews and nothing else).
+        crbs = [d for d in bindings if d["kind"] == "ClusterRoleBinding"]
+        roles = [d for d in bindings if d["kind"] == "ClusterRole"]
+        assert len(crbs) == 2 and len(roles) == 1 and len(bindings) == 3, bindings
+        for b in crbs:
+            assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "meshid"}], b
+        assert sorted(b["roleRef"]["name"] for b in crbs) == sorted(
+            ["system:service-account-issuer-discovery", roles[0]["metadata"]["name"]]), crbs
+        assert roles[0]["rules"] == [{"apiGroups": ["authentication.k8s.io"],
+                                      "resources": ["tokenreviews"], "verbs": ["create"]}], roles
+        assert "--token-review" in args, (name, args)
         assert not any(d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-jwks") for d in docs)
     else:
         assert "--jwks=/etc/meshid/jwks/jwks.json" in args, (name, args)
         assert not any(a.startswith(("--jwks-discovery", "--jwks-url")) for a in args), (name, args)
         assert "/var/run/secrets/kubernetes.io/serviceaccount" not in mounts, mounts
         assert not bindings, bindings
-    print(f"{name}: CA {'discovers its JWKS (issuer-discovery ClusterRoleBinding only, projected token)' if discovery else 'reads a JWKS file (no token, no RBAC)'}")
+        assert "--token-review" not in args, (name, args)
+    print(f"{name}: CA {'discovers its JWKS and reviews tokens (issuer-discovery and tokenreviews create only, projected token)' if discovery else 'reads a JWKS file (no token, no RBAC, no token review)'}")
 PY
 
 echo "== webhook certificate sources, knobs, HPA, probes, dashboard"

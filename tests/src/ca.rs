@@ -43,6 +43,8 @@ pub struct CaOptions {
     /// Where the service-account issuer's keys come from (default: a JWKS file of
     /// [`TestCa::cluster`] in the CA directory).
     pub jwks: Option<JwksSource>,
+    /// `--token-review` (with a remote `jwks`).
+    pub token_review: bool,
 }
 
 impl Default for CaOptions {
@@ -62,6 +64,7 @@ impl Default for CaOptions {
             max_connection_age_grace: ListenerLimits::default().max_connection_age_grace,
             max_arriving_requests: ListenerLimits::default().max_arriving_requests,
             jwks: None,
+            token_review: false,
         }
     }
 }
@@ -99,6 +102,7 @@ impl TestCa {
                 allowed_namespaces: opts.allowed_namespaces.map(|v| v.into_iter().collect()),
                 max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
                 dangerous_accept_unbound_tokens: false,
+                token_review: opts.token_review,
             }),
             lifetimes: opts.lifetimes,
             max_attestation_age: opts.max_attestation_age,

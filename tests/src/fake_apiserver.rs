@@ -1,8 +1,10 @@
 //! A fake Kubernetes API server: HTTPS (rustls, its own CA made with rcgen) on 127.0.0.1, serving
 //! `/openid/v1/jwks` and `/.well-known/openid-configuration` as kube-apiserver does, and any other
 //! object a test puts at a path ([`FakeApiServer::serve`]: a MutatingWebhookConfiguration, a
-//! ConfigMap), to callers presenting `Authorization: Bearer <token>` (401 otherwise). Tests change
-//! what it answers ([`Answer`]) and count the requests it gets.
+//! ConfigMap), to callers presenting `Authorization: Bearer <token>` (401 otherwise). It reviews
+//! tokens as kube-apiserver does (`POST /apis/authentication.k8s.io/v1/tokenreviews`): every token
+//! is taken for its `sub`, but those whose pod a test deleted ([`FakeApiServer::delete_pod_of`]).
+//! Tests change what it answers ([`Answer`]) and count the requests it gets.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +43,8 @@ pub struct Counts {
     pub discovery: usize,
     /// Requests refused with 401 (no or wrong token).
     pub unauthorized: usize,
+    /// TokenReviews with the right token.
+    pub token_reviews: usize,
 }
 
 struct State {
@@ -49,6 +53,10 @@ struct State {
     objects: std::collections::HashMap<String, Answer>,
     token: String,
     counts: Counts,
+    /// Tokens whose pod is gone: their review says so.
+    gone: std::collections::HashSet<String>,
+    /// What a TokenReview answers instead of reviewing, when set.
+    review_answer: Option<Answer>,
 }
 
 /// A running fake API server; stops when dropped.
@@ -107,6 +115,8 @@ impl FakeApiServer {
             objects: Default::default(),
             token,
             counts: Counts::default(),
+            gone: Default::default(),
+            review_answer: None,
         }));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let served = state.clone();
@@ -125,9 +135,19 @@ impl FakeApiServer {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let service = hyper::service::service_fn(move |req| {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let state = state.clone();
-                        async move { Ok::<_, std::convert::Infallible>(respond(&state, addr, &req)) }
+                        async move {
+                            let (head, body) = req.into_parts();
+                            let body = http_body_util::BodyExt::collect(
+                                http_body_util::Limited::new(body, 1 << 20),
+                            )
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                            let req = Request::from_parts(head, body);
+                            Ok::<_, std::convert::Infallible>(respond(&state, addr, &req))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -179,6 +199,20 @@ impl FakeApiServer {
         self.state.lock().expect("state").token = token.to_owned();
     }
 
+    /// The pod `token` is bound to is deleted: its reviews say it is not found.
+    pub fn delete_pod_of(&self, token: &str) {
+        self.state
+            .lock()
+            .expect("state")
+            .gone
+            .insert(token.to_owned());
+    }
+
+    /// TokenReviews answer `answer` instead of reviewing (`None`: review again).
+    pub fn answer_reviews(&self, answer: Option<Answer>) {
+        self.state.lock().expect("state").review_answer = answer;
+    }
+
     pub fn counts(&self) -> Counts {
         self.state.lock().expect("state").counts
     }
@@ -190,11 +224,54 @@ impl Drop for FakeApiServer {
     }
 }
 
-fn respond(
-    state: &Mutex<State>,
-    addr: SocketAddr,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
+/// What kube-apiserver's TokenReview answers for the review request `body`.
+fn review(state: &State, body: &[u8]) -> Value {
+    let token = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["spec"]["token"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let claims = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
+        .unwrap_or_default();
+    let pod = claims["kubernetes.io"]["pod"]["name"]
+        .as_str()
+        .unwrap_or_default();
+    let status = if state.gone.contains(&token) {
+        json!({
+            "authenticated": false,
+            "error": format!("[invalid bearer token, pod \"{pod}\" not found]"),
+        })
+    } else {
+        json!({
+            "authenticated": true,
+            "user": {
+                "username": claims["sub"],
+                "extra": {
+                    "authentication.kubernetes.io/pod-name": [pod],
+                    "authentication.kubernetes.io/pod-uid": [claims["kubernetes.io"]["pod"]["uid"]],
+                },
+            },
+            "audiences": claims["aud"],
+        })
+    };
+    json!({
+        "kind": "TokenReview",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": { "creationTimestamp": null },
+        "spec": {},
+        "status": status,
+    })
+}
+
+fn respond(state: &Mutex<State>, addr: SocketAddr, req: &Request<Bytes>) -> Response<Full<Bytes>> {
     let reply = |status: u16, body: Vec<u8>| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -217,6 +294,15 @@ fn respond(
         );
     }
     match req.uri().path() {
+        "/apis/authentication.k8s.io/v1/tokenreviews" if req.method() == http::Method::POST => {
+            state.counts.token_reviews += 1;
+            match &state.review_answer {
+                Some(Answer::Json(v)) => reply(201, v.to_string().into_bytes()),
+                Some(Answer::Raw(status, body)) => reply(*status, body.clone()),
+                Some(Answer::Down) => reply(503, Vec::new()),
+                None => reply(201, review(&state, req.body()).to_string().into_bytes()),
+            }
+        }
         "/.well-known/openid-configuration" => {
             state.counts.discovery += 1;
             let doc = json!({

@@ -179,6 +179,7 @@ fn service_account_tokens() {
             allowed_namespaces: None,
             max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
             dangerous_accept_unbound_tokens: false,
+            token_review: false,
         },
         meshid_identity::TrustDomain::new("cluster.local").unwrap(),
     )

@@ -350,3 +350,66 @@ async fn a_ca_that_cannot_fetch_at_start_serves_and_fetches_later() {
         Ok(FRONTEND.to_owned())
     );
 }
+
+/// With `--token-review`, a token the CA takes is then asked about at the API server before it
+/// attests (a TokenReview on the host the keys come from, with the CA's own token): once its pod is
+/// deleted the token attests no more, though it verifies and has not expired. A forged token never
+/// reaches the API server. When the API server cannot answer nothing is decided: `Unavailable`,
+/// and the same token is taken once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_token_review_a_token_whose_pod_is_deleted_attests_no_more() {
+    let cluster = FakeCluster::new();
+    let server = FakeApiServer::start(Answer::Json(cluster.jwks())).await;
+    let ca = TestCa::start(CaOptions {
+        jwks: Some(JwksSource::Remote(RemoteJwks {
+            token_file: server.token_file.clone(),
+            ca_file: server.ca_file.clone(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            ..RemoteJwks::new(server.jwks_url())
+        })),
+        token_review: true,
+        ..CaOptions::default()
+    })
+    .await;
+    // Tokens of one service account told apart by their `jti`, as the kubelet's are.
+    let token = |jti: &str| {
+        let mut spec = cluster.spec("shop", "frontend", KeyKind::Rsa);
+        spec.claims["jti"] = json!(jti);
+        cluster.sign(&spec)
+    };
+    let reviews = || server.counts().token_reviews;
+
+    let live = token("live");
+    assert_eq!(issue(&ca, live.clone()).await, Ok(FRONTEND.to_owned()));
+    assert_eq!(reviews(), 1, "the token was reviewed");
+    assert_eq!(
+        server.counts().unauthorized,
+        0,
+        "the CA reviews with its own token"
+    );
+
+    // Another issuer's token: refused by the CA alone, the API server never asked.
+    let forged = next_cluster("forged").token("shop", "frontend");
+    assert_eq!(issue(&ca, forged).await, Err(Code::Unauthenticated));
+    assert_eq!(reviews(), 1);
+
+    // A token whose pod was deleted: valid by its signature and dates, refused by the review.
+    let orphan = token("orphan");
+    server.delete_pod_of(&orphan);
+    assert_eq!(issue(&ca, orphan.clone()).await, Err(Code::Unauthenticated));
+    assert_eq!(reviews(), 2);
+    let m = metrics(&ca).await;
+    assert!(m.contains("token_review_refused"), "{m}");
+    // Asked again at once: the answer is remembered, the API server not asked again.
+    assert_eq!(issue(&ca, orphan).await, Err(Code::Unauthenticated));
+    assert_eq!(reviews(), 2);
+
+    // The API server cannot answer: nothing decided, and nothing remembered.
+    let later = token("later");
+    server.answer_reviews(Some(Answer::Raw(500, b"{}".to_vec())));
+    assert_eq!(issue(&ca, later.clone()).await, Err(Code::Unavailable));
+    server.answer_reviews(None);
+    assert_eq!(issue(&ca, later).await, Ok(FRONTEND.to_owned()));
+    assert_eq!(reviews(), 4);
+}

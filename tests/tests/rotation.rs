@@ -489,6 +489,7 @@ async fn an_expired_root_can_still_be_replaced() {
             allowed_namespaces: None,
             max_token_lifetime: meshid_ca::auth::JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
             dangerous_accept_unbound_tokens: false,
+            token_review: false,
         }),
         lifetimes: Default::default(),
         max_attestation_age: Duration::from_secs(24 * 3600),

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, HOST, HeaderValue};
-use http_body_util::{BodyExt, Empty, Limited};
+use http::header::{ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HOST, HeaderValue};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
@@ -144,6 +144,24 @@ pub async fn fetch_document(config: &RemoteJwks) -> Result<Bytes, FetchError> {
     })?
 }
 
+/// POSTs the JSON `body` to `config.url` (the token review): the same token, CA bundle, timeouts
+/// and body cap as [`fetch`]; the answer's body when the server answered 200 or 201.
+pub async fn post_json(config: &RemoteJwks, body: Bytes) -> Result<Bytes, FetchError> {
+    tokio::time::timeout(config.request_timeout, async {
+        let target = Target::parse(&config.url).map_err(FetchError)?;
+        let tls = Arc::new(client_config(config)?);
+        let token = read_token(config)?;
+        exchange(&target, &tls, &token, config, Some(body)).await
+    })
+    .await
+    .map_err(|_| {
+        FetchError(format!(
+            "{}: no complete answer within {:?}",
+            config.url, config.request_timeout
+        ))
+    })?
+}
+
 async fn fetch_inner(config: &RemoteJwks) -> Result<Bytes, FetchError> {
     let target = Target::parse(&config.url).map_err(FetchError)?;
     let tls = Arc::new(client_config(config)?);
@@ -227,6 +245,18 @@ async fn get(
     token: &HeaderValue,
     config: &RemoteJwks,
 ) -> Result<Bytes, FetchError> {
+    exchange(target, tls, token, config, None).await
+}
+
+/// A GET (`body`: `None`) or a JSON POST of `body` to `target`: the answer's body when its status
+/// is 200 (or, for a POST, 201).
+async fn exchange(
+    target: &Target,
+    tls: &Arc<rustls::ClientConfig>,
+    token: &HeaderValue,
+    config: &RemoteJwks,
+    body: Option<Bytes>,
+) -> Result<Bytes, FetchError> {
     let url = format!("https://{}{}", target.authority, target.path);
     let fail = |what: String| FetchError(format!("{url}: {what}"));
     let tcp = tokio::time::timeout(
@@ -249,19 +279,30 @@ async fn get(
     // Ended with this fetch however it ends (the caller's timeout drops this future).
     let _conn = meshid_runtime::http_client::AbortOnDrop(tokio::spawn(conn));
     async {
-        let request = http::Request::get(target.path.as_str())
+        let posting = body.is_some();
+        let mut request = http::Request::builder()
+            .method(if posting {
+                http::Method::POST
+            } else {
+                http::Method::GET
+            })
+            .uri(target.path.as_str())
             .header(HOST, target.authority.as_str())
             .header(AUTHORIZATION, token.clone())
             .header(ACCEPT, "application/json")
-            .header(CONNECTION, "close")
-            .body(Empty::<Bytes>::new())
+            .header(CONNECTION, "close");
+        if posting {
+            request = request.header(CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| fail(format!("request: {e}")))?;
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| fail(format!("HTTP: {e}")))?;
         let status = response.status();
-        if status != http::StatusCode::OK {
+        if status != http::StatusCode::OK && !(posting && status == http::StatusCode::CREATED) {
             return Err(fail(format!("answered {status}")));
         }
         let body = Limited::new(response.into_body(), MAX_BODY)

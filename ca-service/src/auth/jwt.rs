@@ -55,6 +55,9 @@ pub struct JwtConfig {
     /// mints them: such a token outlives any pod, and anyone holding it gets the identity until it
     /// expires (`--dangerous-accept-unbound-tokens`).
     pub dangerous_accept_unbound_tokens: bool,
+    /// Also ask the API server whether it still takes each token (a `TokenReview` at the host the
+    /// keys come from: [`super::token_review`]); needs a remote source (`--token-review`).
+    pub token_review: bool,
 }
 
 impl JwtConfig {
@@ -88,6 +91,8 @@ pub enum JwksError {
     Invalid { path: PathBuf, reason: String },
     #[error("--jwks-url: {0}")]
     Url(String),
+    #[error("--token-review: {0}")]
+    TokenReview(String),
 }
 
 struct Keys {
@@ -930,6 +935,7 @@ mod tests {
                     allowed_namespaces: None,
                     max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
                     dangerous_accept_unbound_tokens,
+                    token_review: false,
                 },
                 TrustDomain::new("cluster.local").unwrap(),
             )

@@ -4,6 +4,7 @@
 pub mod join;
 pub mod jwks_remote;
 pub mod jwt;
+pub mod token_review;
 
 use std::time::Duration;
 
@@ -54,6 +55,11 @@ pub enum Reason {
     TokenLifetime,
     /// The token has no `kubernetes.io.pod` binding (and unbound tokens are not accepted).
     TokenNotPodBound,
+    /// The API server no longer takes the token (`--token-review`): its pod was deleted, or the
+    /// token invalidated; or it takes it for another service account.
+    TokenReviewRefused,
+    /// The API server could not be asked about the token (`--token-review`): nothing decided.
+    TokenReviewUnavailable,
     WrongAudience,
     WrongIssuer,
     MalformedSubject,
@@ -94,6 +100,8 @@ impl Reason {
             Self::TokenNotYetValid => "token_not_yet_valid",
             Self::TokenLifetime => "token_lifetime",
             Self::TokenNotPodBound => "token_not_pod_bound",
+            Self::TokenReviewRefused => "token_review_refused",
+            Self::TokenReviewUnavailable => "token_review_unavailable",
             Self::WrongAudience => "wrong_audience",
             Self::WrongIssuer => "wrong_issuer",
             Self::MalformedSubject => "malformed_subject",

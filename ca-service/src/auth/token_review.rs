@@ -1,0 +1,273 @@
+//! Asking the API server whether it still takes a service-account token (`--token-review`): a
+//! `TokenReview` (`POST /apis/authentication.k8s.io/v1/tokenreviews`) on the host the issuer's keys
+//! come from, with the CA's own token and the cluster CA bundle of the JWKS fetch. The signature
+//! and claims are checked by the CA first ([`super::jwt`]); the review adds what only the API server
+//! knows: that the pod the token is bound to still exists (a deleted pod's token stops verifying
+//! there at once, not at its `exp`), and that the token was not otherwise invalidated. The same
+//! check SPIRE's `k8s_psat` attestor and Istio's CA make.
+//!
+//! An answer is remembered for a few seconds per token ([`REMEMBERED`]), and few reviews run at once
+//! ([`MAX_IN_FLIGHT`]): a holder of a valid token that retries cannot turn the CA into a flood of
+//! requests at the API server. When the API server cannot answer, nothing is decided: the caller is
+//! answered `Unavailable` and tries again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use meshid_identity::SpiffeId;
+use serde::Deserialize;
+
+use super::jwks_remote::{self, RemoteJwks, Target};
+use super::{AuthError, Reason};
+
+/// The path of the `TokenReview` API.
+pub const PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+/// How long one review may take, connection included.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an answer (taken or refused) is remembered for a token.
+pub const REMEMBERED: Duration = Duration::from_secs(5);
+/// The most answers remembered; past it the expired ones are dropped, then all.
+const REMEMBERED_MAX: usize = 4_096;
+/// The most reviews in flight at once; past it a caller is answered `Unavailable`.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// The most of the API server's `status.error` repeated to the caller.
+const MAX_ERROR_CHARS: usize = 200;
+
+/// An answer about a token (by its SHA-256), and when it came.
+type Remembered = (Result<(), AuthError>, Instant);
+
+/// Reviews tokens at the API server.
+pub struct TokenReviewer {
+    /// Where and how: the JWKS fetch's URL (its host), token and CA bundle.
+    remote: RemoteJwks,
+    /// The audience the CA takes tokens for: the review asks for it.
+    audience: String,
+    remembered: Mutex<HashMap<[u8; 32], Remembered>>,
+    in_flight: tokio::sync::Semaphore,
+}
+
+impl TokenReviewer {
+    /// Reviews at the host of `remote.url`, for tokens of `audience`.
+    pub fn new(remote: RemoteJwks, audience: impl Into<String>) -> Result<Self, String> {
+        let target = Target::parse(&remote.url)?;
+        let remote = RemoteJwks {
+            url: format!("https://{}{PATH}", target.authority),
+            ..remote
+        };
+        Ok(Self {
+            remote,
+            audience: audience.into(),
+            remembered: Mutex::default(),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+        })
+    }
+
+    /// The review's URL.
+    pub fn url(&self) -> &str {
+        &self.remote.url
+    }
+
+    /// `Ok` when the API server takes `token` (already verified by the CA as `id`'s) as the
+    /// service account `id` names. A refusal is `Unauthenticated`; no answer is `Unavailable`.
+    pub async fn review(&self, token: &str, id: &SpiffeId) -> Result<(), AuthError> {
+        let digest = digest(token);
+        if let Some(answer) = self.recall(&digest) {
+            return answer;
+        }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(AuthError::unavailable(
+                Reason::TokenReviewUnavailable,
+                format!(
+                    "the CA is asking the API server about {MAX_IN_FLIGHT} tokens already; try again"
+                ),
+            ));
+        };
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": { "token": token, "audiences": [self.audience] },
+        });
+        let remote = RemoteJwks {
+            request_timeout: TIMEOUT.min(self.remote.request_timeout),
+            ..self.remote.clone()
+        };
+        let answer = match jwks_remote::post_json(&remote, body.to_string().into()).await {
+            Ok(text) => judge(&text, id),
+            Err(e) => Err(AuthError::unavailable(
+                Reason::TokenReviewUnavailable,
+                format!("cannot ask the API server whether it takes the token (TokenReview): {e}"),
+            )),
+        };
+        // Not knowing is not remembered: the next call asks again.
+        if answer.as_ref().is_ok() || answer.as_ref().is_err_and(|e| !e.unavailable) {
+            self.remember(digest, answer.clone());
+        }
+        answer
+    }
+
+    fn recall(&self, digest: &[u8; 32]) -> Option<Result<(), AuthError>> {
+        let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        remembered
+            .get(digest)
+            .filter(|(_, at)| at.elapsed() < REMEMBERED)
+            .map(|(answer, _)| answer.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], answer: Result<(), AuthError>) {
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.len() >= REMEMBERED_MAX {
+            remembered.retain(|_, (_, at)| at.elapsed() < REMEMBERED);
+            if remembered.len() >= REMEMBERED_MAX {
+                remembered.clear();
+            }
+        }
+        remembered.insert(digest, (answer, Instant::now()));
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+#[derive(Deserialize)]
+struct Review {
+    kind: Option<String>,
+    status: Option<ReviewStatus>,
+}
+
+#[derive(Deserialize)]
+struct ReviewStatus {
+    #[serde(default)]
+    authenticated: bool,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    user: Option<ReviewUser>,
+}
+
+#[derive(Deserialize)]
+struct ReviewUser {
+    #[serde(default)]
+    username: Option<String>,
+}
+
+/// What the API server's answer `text` says of a token the CA verified as `id`'s.
+fn judge(text: &[u8], id: &SpiffeId) -> Result<(), AuthError> {
+    let unreadable = |what: &str| {
+        AuthError::unavailable(
+            Reason::TokenReviewUnavailable,
+            format!("the API server's TokenReview answer {what}"),
+        )
+    };
+    let review: Review =
+        serde_json::from_slice(text).map_err(|_| unreadable("is not a TokenReview"))?;
+    if review.kind.as_deref() != Some("TokenReview") {
+        return Err(unreadable("is not a TokenReview"));
+    }
+    let status = review.status.ok_or_else(|| unreadable("has no status"))?;
+    if !status.authenticated {
+        let why: String = status
+            .error
+            .as_deref()
+            .unwrap_or("no reason given")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_ERROR_CHARS)
+            .collect();
+        return Err(AuthError::unauthenticated(
+            Reason::TokenReviewRefused,
+            format!(
+                "token rejected: the API server no longer takes it (its pod deleted, or the token \
+                 invalidated): {why}"
+            ),
+        ));
+    }
+    // The API server speaks of the token's service account: it must be the one the CA read.
+    let (ns, sa) = id
+        .service_account()
+        .ok_or_else(|| unreadable("is about an identity that names no service account"))?;
+    let expected = format!("system:serviceaccount:{ns}:{sa}");
+    let username = status.user.and_then(|u| u.username).unwrap_or_default();
+    if username != expected {
+        return Err(AuthError::unauthenticated(
+            Reason::TokenReviewRefused,
+            format!(
+                "token rejected: the API server takes it as {:?}, not {expected:?}",
+                username.chars().take(MAX_ERROR_CHARS).collect::<String>()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshid_identity::TrustDomain;
+
+    fn id() -> SpiffeId {
+        SpiffeId::for_service_account(&TrustDomain::new("cluster.local").unwrap(), "shop", "web")
+            .unwrap()
+    }
+
+    #[test]
+    fn answers_are_judged() {
+        let taken = br#"{"kind":"TokenReview","apiVersion":"authentication.k8s.io/v1","status":{"authenticated":true,"user":{"username":"system:serviceaccount:shop:web","extra":{"authentication.kubernetes.io/pod-uid":["9a8b"]}},"audiences":["meshid-ca"]}}"#;
+        assert_eq!(judge(taken, &id()), Ok(()));
+
+        let gone = br#"{"kind":"TokenReview","status":{"authenticated":false,"error":"[invalid bearer token, pod \"web-1\" not found]\n"}}"#;
+        let e = judge(gone, &id()).unwrap_err();
+        assert_eq!(e.reason, Reason::TokenReviewRefused);
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message.contains("not found"), "{}", e.message);
+        assert!(!e.message.contains('\n'));
+
+        let other = br#"{"kind":"TokenReview","status":{"authenticated":true,"user":{"username":"system:serviceaccount:shop:admin"}}}"#;
+        let e = judge(other, &id()).unwrap_err();
+        assert_eq!(e.reason, Reason::TokenReviewRefused);
+
+        // Not an answer: nothing decided, the caller tries again.
+        for text in [
+            &b"<html>"[..],
+            br#"{"kind":"Status","status":"Failure","code":403}"#,
+            br#"{"kind":"TokenReview"}"#,
+            br#"{"kind":"TokenReview","status":"yes"}"#,
+        ] {
+            let e = judge(text, &id()).unwrap_err();
+            assert!(e.unavailable, "{}", String::from_utf8_lossy(text));
+            assert_eq!(e.code(), tonic::Code::Unavailable);
+        }
+        // No username at all is not the service account's.
+        let anonymous = br#"{"kind":"TokenReview","status":{"authenticated":true}}"#;
+        assert_eq!(
+            judge(anonymous, &id()).unwrap_err().reason,
+            Reason::TokenReviewRefused
+        );
+    }
+
+    #[test]
+    fn the_review_goes_to_the_host_of_the_keys() {
+        let r = TokenReviewer::new(
+            RemoteJwks::new("https://kubernetes.default.svc/openid/v1/jwks"),
+            "meshid-ca",
+        )
+        .unwrap();
+        assert_eq!(
+            r.url(),
+            "https://kubernetes.default.svc/apis/authentication.k8s.io/v1/tokenreviews"
+        );
+        let r = TokenReviewer::new(
+            RemoteJwks::new("https://10.0.0.1:6443/.well-known/openid-configuration"),
+            "meshid-ca",
+        )
+        .unwrap();
+        assert_eq!(
+            r.url(),
+            "https://10.0.0.1:6443/apis/authentication.k8s.io/v1/tokenreviews"
+        );
+    }
+}
