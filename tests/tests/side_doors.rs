@@ -446,6 +446,29 @@ async fn a_peer_cannot_say_who_called_in_its_trailers() {
     );
 }
 
+/// An HTTP/1.1 request never goes to the app over h2, whatever it says (gRPC's content type, the
+/// sidecars' h2 hint): each HTTP/1.1 peer connection asking for it got an h2 connection to the app
+/// of its own, outside the caps on h2 peer connections. The app here speaks HTTP/1.1 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_request_never_goes_to_the_app_over_h2() {
+    for (ip, hint) in [
+        ("127.0.0.61", "x-meshid-app-h2: 1"),
+        ("127.0.0.62", "content-type: application/grpc"),
+    ] {
+        let resp = to_raw_app(
+            ip,
+            format!("GET /api/x HTTP/1.1\r\nHost: app\r\n{hint}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{hint}: {resp}");
+        assert!(
+            resp.contains("GET /api/x HTTP/1.1\r\n"),
+            "{hint}: the app got an HTTP/1.1 request: {resp}"
+        );
+    }
+}
+
 /// `Transfer_Encoding` and `Content_Length` never reach the app: a Mongrel-family server (Thin,
 /// Unicorn, older Puma) folds `_` into `-` and would end the body where hyper did not, leaving a
 /// request the policy never saw on a pooled app connection. Nor does `Content_Type`, which they

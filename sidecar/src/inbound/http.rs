@@ -498,7 +498,11 @@ async fn inbound_request(
             req.uri().path().to_owned(),
         )
     });
-    let to_h2 = is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME);
+    // Only an h2 request goes to the app over h2 (gRPC, or the sidecars' hint): an HTTP/1.1 peer
+    // connection asking for it would get an h2 connection to the app of its own, outside the
+    // caps on h2 peer connections that bound those (each holding up to a 256 KiB window).
+    let to_h2 = req.version() == Version::HTTP_2
+        && (is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME));
     // Only we say who the peer is: not in its trailers either.
     req.body_mut().strip_peer_trailers();
     let headers = req.headers_mut();
