@@ -26,9 +26,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const STACK_READ: usize = 16 * 1024 + 256 + 5;
 /// Room beyond what is held when a half-read record is kept (grown to the whole record).
 const READ_CHUNK: usize = 4096;
-/// The most TLS bytes held unprocessed: a handshake message may span records up to 64 KiB (as
-/// rustls's buffered connection allows), plus one whole record.
+/// The most TLS bytes held unprocessed during the handshake: a handshake message may span records
+/// up to 64 KiB (as rustls's buffered connection allows), plus one whole record.
 const MAX_UNPROCESSED: usize = 0xffff + 16 * 1024 + 2048 + 5;
+/// The most held once the handshake is done: one record. What handshake messages come then (a
+/// key update, a session ticket) fit in one; a message spread over records is refused rather
+/// than held, or a peer could keep 80 KiB of any connection by sending part of one and stopping.
+const MAX_UNPROCESSED_AFTER_HANDSHAKE: usize = STACK_READ + READ_CHUNK;
 /// Plaintext taken per `poll_write` (about four full records), and the encrypted bytes a writer
 /// may leave unsent before it waits for the socket.
 const MAX_WRITE: usize = 64 * 1024;
@@ -345,13 +349,22 @@ where
         let result = self.advance_on(incoming, &mut len, &[], false, out);
         if len > 0 {
             // A record (or a handshake message) not complete yet: keep what arrived of it.
-            self.rbuf = vec![0; (len + READ_CHUNK).min(MAX_UNPROCESSED)];
+            self.rbuf = vec![0; (len + READ_CHUNK).min(self.max_unprocessed())];
             let held = len.min(self.rbuf.len());
             self.rbuf[..held].copy_from_slice(&incoming[..held]);
             self.rlen = held;
         }
         result?;
         Poll::Ready(Ok(true))
+    }
+
+    /// The most TLS bytes held unprocessed now.
+    fn max_unprocessed(&self) -> usize {
+        if self.conn.is_handshaking() {
+            MAX_UNPROCESSED
+        } else {
+            MAX_UNPROCESSED_AFTER_HANDSHAKE
+        }
     }
 
     /// Reads more of a record that is half-read into `rbuf` (processed by the caller).
@@ -362,7 +375,7 @@ where
                 Some(h) => 5 + usize::from(u16::from_be_bytes([h[3], h[4]])),
                 None => READ_CHUNK,
             };
-            let size = want.max(self.rlen + READ_CHUNK).min(MAX_UNPROCESSED);
+            let size = want.max(self.rlen + READ_CHUNK).min(self.max_unprocessed());
             if size <= self.rlen {
                 return Poll::Ready(Err(tls_error(rustls::Error::General(
                     "tls: message buffer full".into(),
@@ -976,6 +989,32 @@ mod tests {
             );
             assert!(got.is_empty(), "case {case}: junk delivered as plaintext");
         }
+    }
+
+    /// Once the handshake is done, what is held of a message not complete yet stops at one
+    /// record: the part of a handshake message spread over records (which rustls leaves in our
+    /// buffer until it is whole) ends the connection instead of growing to 80 KiB. The held bytes
+    /// are put in place here: the peer would have to encrypt a handshake fragment itself.
+    #[tokio::test]
+    async fn after_the_handshake_no_more_than_a_record_is_held() {
+        let c = configs();
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(c.client.clone());
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            accept(c.server.clone(), server_tcp)
+        );
+        let (_client, mut server) = (client.unwrap(), server.unwrap());
+        let full = MAX_UNPROCESSED_AFTER_HANDSHAKE;
+        server.rbuf = vec![0; full];
+        server.rbuf[..5].copy_from_slice(&[22, 3, 3, 0xff, 0xff]);
+        server.rlen = full;
+        let grown = std::future::poll_fn(|cx| Poll::Ready(server.poll_fill_held(cx))).await;
+        match grown {
+            Poll::Ready(Err(e)) => assert!(e.to_string().contains("buffer full"), "{e}"),
+            other => panic!("held more than a record: {other:?}"),
+        }
+        assert_eq!(server.rbuf.len(), full);
     }
 
     #[tokio::test]
