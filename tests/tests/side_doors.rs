@@ -1244,6 +1244,76 @@ async fn unfinished_h2_form_bodies_are_held_within_the_form_budget() {
     }
 }
 
+/// One peer holds at most a quarter of `--form-body-memory` (never less than one largest form):
+/// its unfinished form bodies past that are answered 503 at once, naming its share, while another
+/// peer's form is still read and served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_the_whole_form_budget() {
+    const BUDGET: usize = 4 << 20;
+    const DECLARED: usize = 300 * 1024;
+    let policy = format!(
+        "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      \
+         - id: {CLIENT}\n        methods: [GET, POST]\n        paths: [/api/*]\n      \
+         - id: {OTHER}\n        methods: [GET, POST]\n        paths: [/api/*]\n"
+    );
+    let limits = Limits {
+        form_body_memory: BUDGET,
+        ..Limits::default()
+    };
+    let e = http_sidecar_for("127.0.0.74", raw_app().await, limits, policy).await;
+    let head = |len: usize| {
+        format!(
+            "POST /api/x HTTP/1.1\r\nHost: app\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {len}\r\nConnection: close\r\n\r\na="
+        )
+    };
+    // Three unfinished forms of one peer: its whole share (1 MiB of the 4).
+    let client = e.pki.workload(CLIENT);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        tls.write_all(head(DECLARED).as_bytes()).await.unwrap();
+        held.push(tls);
+    }
+    // Its fourth is refused at once, though three quarters of the budget are free.
+    let fourth = {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        tls.write_all(head(DECLARED).as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out))
+            .await
+            .expect("refused at once")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(fourth.starts_with("HTTP/1.1 503"), "{fourth}");
+    assert!(fourth.contains("share"), "{fourth}");
+    // Another peer's form is read whole and served meanwhile.
+    let form = format!("a=1&_method=post&b={}", "x".repeat(DECLARED));
+    let other = connect_as(&e.pki, &e.sidecar, &e.pki.workload(OTHER))
+        .await
+        .unwrap();
+    let resp = exchange(
+        other,
+        &format!(
+            "POST /api/x HTTP/1.1\r\nHost: app\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "{}",
+        &resp[..resp.len().min(300)]
+    );
+    let m = e.sidecar.metrics().await;
+    assert!(m.contains("reason=\"peer_share\""), "{m}");
+    drop(held);
+}
+
 /// Writes a whole request (head and body) and reads the answer to its end.
 async fn exchange(mut tls: Tls, request: &str) -> String {
     // Written beside the read: a refusal may come before the whole request is taken.

@@ -137,8 +137,10 @@ async fn decide_form(
     };
     let read = tokio::time::timeout(
         shared.limits.request_timeout,
-        req.body_mut()
-            .read_whole(MAX_FORM_BODY, shared.form_bodies.room()),
+        req.body_mut().read_whole(
+            MAX_FORM_BODY,
+            shared.form_bodies.room(peer.verified.id.as_str()),
+        ),
     );
     let refused = |reason| shared.metrics.form_body_refused(http.authz.port(), reason);
     let body = match read.await {
@@ -153,6 +155,19 @@ async fn decide_form(
                     "the sidecar's memory for form bodies being checked for _method fields \
                      ({} bytes, --form-body-memory) is held by other requests: try again",
                     shared.form_bodies.total()
+                ),
+            ));
+        }
+        Ok(Err(ReadWhole::NoRoom(NoRoom::PeerBusy))) => {
+            refused("peer_share");
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{}'s share of the sidecar's memory for form bodies being checked for \
+                     _method fields ({} bytes, a quarter of --form-body-memory) is held by its \
+                     other requests: try again",
+                    peer.verified.id,
+                    shared.form_bodies.share()
                 ),
             ));
         }
