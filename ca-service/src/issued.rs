@@ -21,7 +21,10 @@
 //! (beyond, the CA gives the default lifetime instead: `Fleet::reserve_long`, so the mark above
 //! holds only certificates of the default lifetime). Revoking such an identity then releases the
 //! retire gate from its long certificates: no peer accepts them any more. Without this, a workload
-//! that asked for `--max-ttl` before `activate` would hold `retire` that long, revoked or not.
+//! that asked for `--max-ttl` before `activate` would hold `retire` that long, revoked or not. A
+//! renewal's is marked under its identity and the lineage it carries on ([`long_key`]), so that
+//! revoking that lineage (`revoke --serial`, what releases one instance at the gates) releases it
+//! too, without revoking every instance of the identity.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,25 @@ pub const MAX_AHEAD: i64 = 300;
 pub const MAX_LONG_IDENTITIES: usize = 256;
 /// The file name ending of the per-identity marks.
 const LONG_SUFFIX: &str = ".long.json";
+
+/// What a longer-than-default certificate is marked under: its identity, and for a renewal the
+/// serial of the first certificate of its lineage (normalized as revocations name it), after a
+/// space (which no SPIFFE ID holds).
+pub fn long_key(identity: &str, lineage: Option<&str>) -> String {
+    match lineage {
+        Some(lineage) => format!("{identity} {lineage}"),
+        None => identity.to_owned(),
+    }
+}
+
+/// The identity and lineage of a [`long_key`] (a key written before lineages were: the identity
+/// alone).
+pub fn split_long_key(key: &str) -> (&str, Option<&str>) {
+    match key.split_once(' ') {
+        Some((identity, lineage)) => (identity, Some(lineage)),
+        None => (key, None),
+    }
+}
 
 /// How far past `not_after` the mark for a certificate issued at `now` is written.
 fn ahead(not_after: i64, now: i64) -> i64 {

@@ -423,6 +423,14 @@ impl Revocations {
         })
     }
 
+    /// Whether the certificate `serial` (normalized), and so every certificate renewed from it when
+    /// it is a lineage's first, is revoked by an entry in force at `now`.
+    pub fn revokes_serial(&self, serial: &str, now: i64) -> bool {
+        self.entries
+            .iter()
+            .any(|e| matches!(&e.what, Revoked::Serial(s) if s == serial) && e.in_force(now))
+    }
+
     /// Whether `identity` is revoked by an entry in force at `now`.
     pub fn revokes_identity(&self, identity: &str, now: i64) -> bool {
         self.entries.iter().any(|e| {

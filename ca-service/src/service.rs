@@ -507,12 +507,17 @@ impl CaState {
             return (method, Some(id), Err(e.into()));
         }
         let now = OffsetDateTime::now_utc();
-        // Longer than the default: counted per identity before it is signed, so that revoking
-        // the identity releases `retire` from it; without room to count it apart, it gets the
-        // default lifetime (see `Fleet::reserve_long`).
+        // Longer than the default: counted per identity (a renewal's per identity and lineage)
+        // before it is signed, so that revoking the identity (or the lineage) releases `retire`
+        // from it; without room to count it apart, it gets the default lifetime (see
+        // `Fleet::reserve_long`).
         let default = self.lifetimes.default.min(self.lifetimes.max);
         let mut long = lifetime > default;
         if long {
+            let lineage = presented.and_then(|c| {
+                meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok()
+            });
+            let key = crate::issued::long_key(id.as_str(), lineage.as_deref());
             let not_after = now
                 .checked_add(crate::signer::to_time(lifetime))
                 .map_or(authority.intermediate_not_after, |t| {
@@ -520,7 +525,7 @@ impl CaState {
                 });
             let counted = self.fleet.reserve_long(
                 &authority.name,
-                id.as_str(),
+                &key,
                 not_after.unix_timestamp(),
                 now.unix_timestamp(),
             );

@@ -489,6 +489,73 @@ async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
     assert!(retired.is_ok(), "retire still refused after the revocation");
 }
 
+/// A long certificate taken by a renewal is counted under its identity and lineage: `retire`
+/// names that lineage, and revoking it (`revoke --serial`, as the gates offer for one instance)
+/// releases the gate, without revoking every instance of the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_its_lineage_releases_retire_from_a_renewed_long_certificate() {
+    use std::time::Duration;
+    let ca = TestCa::start(CaOptions {
+        lifetimes: meshid_ca::signer::LifetimePolicy {
+            default: Duration::from_secs(3),
+            max: Duration::from_secs(3600),
+        },
+        ..Default::default()
+    })
+    .await;
+    let dir = ca.dir.path().to_owned();
+    let dir_arg = dir.to_string_lossy().into_owned();
+    let admins = [ca.admin_addr];
+    // A default certificate, then a renewal on it asking for the longest lifetime.
+    let mut liar = Workload::new(&ca, "liar").await;
+    let lineage = meshid_identity::cert_identity_from_der(&liar.chain[0])
+        .unwrap()
+        .serial_hex;
+    let lineage = meshid_identity::revocation::normalize_serial(&lineage).unwrap();
+    let renewed = liar
+        .client
+        .issue(IssueRequest {
+            csr: WorkloadKey::new().csr,
+            credential: None,
+            ttl_seconds: 3600,
+            app_svid: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let long = meshid_identity::cert_identity_from_der(&renewed.cert_chain[0]).unwrap();
+    assert!(long.not_after - long.not_before > 3000);
+    rotation::prepare(&dir, None).unwrap();
+    assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    match rotation::retire(&dir, &admins, false).await {
+        Err(RotateError::Refused(why)) => assert!(
+            why.contains(&format!("revoke --serial {lineage}"))
+                && why.contains("spiffe://cluster.local/ns/shop/sa/liar"),
+            "{why}"
+        ),
+        other => panic!("retire must wait for the long certificate: {other:?}"),
+    }
+    let (code, out) = meshid_ca(&["revoke", "--dir", dir_arg.as_str(), "--serial", &lineage]);
+    assert_eq!(code, 0, "{out}");
+    let retired = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match rotation::retire(&dir, &admins, false).await {
+                Ok(name) => return name,
+                Err(RotateError::Refused(_)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        retired.is_ok(),
+        "retire still refused after the lineage's revocation"
+    );
+}
+
 /// A sidecar whose bundle stream closed (pushed out of the CA's connections, or its pod gone)
 /// before it acknowledged the new root is not forgotten: `activate` waits for it ("not seen
 /// since"), until it is revoked (or its certificate expires, or it reconnects and acknowledges).

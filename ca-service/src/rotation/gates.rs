@@ -261,6 +261,27 @@ pub fn retire_blockers(state: &RotationState, r: &RotationReport, now: i64) -> V
             a.issued_until - now
         ));
     }
+    // Certificates asked to live longer than the default: who holds them, and what releases
+    // the gate from each (no peer accepts a revoked one).
+    if let Some(a) = r.authorities.iter().find(|a| a.name == retiring.name)
+        && !a.long_held_by.is_empty()
+    {
+        let holders: Vec<String> = a
+            .long_held_by
+            .iter()
+            .map(|key| match crate::issued::split_long_key(key) {
+                (identity, Some(lineage)) => {
+                    format!("{identity}, lineage {lineage} (`meshid-ca revoke --serial {lineage}`)")
+                }
+                (identity, None) => format!("{identity} (`meshid-ca revoke --id {identity}`)"),
+            })
+            .collect();
+        blockers.push(format!(
+            "of them, certificates longer than the default lifetime are held by: {}; revoking \
+             one releases this gate from its certificates",
+            holders.join("; ")
+        ));
+    }
     // A process that cannot record (a read-only CA directory) counts only what it issued since it
     // started: what an earlier process issued under the retiring authority may be live until
     // min(start, end of signing) + the longest lifetime.
@@ -498,6 +519,7 @@ mod tests {
                 live_certificates: 2,
                 latest_certificate_expiry: 1500,
                 issued_until: 0,
+                long_held_by: Vec::new(),
             }],
             sidecars: vec![sidecar("a", 2, "1", 1200), sidecar("b", 2, "2", 5000)],
             next_step: String::new(),
@@ -729,6 +751,7 @@ mod tests {
                 latest_certificate_expiry: 0,
                 // An earlier process issued under authority 1 until 1300 (recorded).
                 issued_until: 1_300,
+                long_held_by: Vec::new(),
             }],
             sidecars: Vec::new(),
             next_step: String::new(),

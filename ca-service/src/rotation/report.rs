@@ -19,6 +19,12 @@ pub struct AuthorityView {
     /// none recorded).
     #[serde(default)]
     pub issued_until: i64,
+    /// Who holds live certificates longer than the default lifetime under this authority (what
+    /// revocation releases the retire gate from): `identity` (a first certificate), or `identity
+    /// lineage` (a renewal, the serial of its lineage's first certificate); at most
+    /// [`super::view::MAX_LONG_HELD_BY`].
+    #[serde(default)]
+    pub long_held_by: Vec<String>,
 }
 
 /// Everything a rotation step decides on; served as JSON at the CA's admin `/rotation`.

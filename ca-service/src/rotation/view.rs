@@ -13,6 +13,9 @@ use super::report::{AuthorityView, CaProcess, RotationReport, SidecarReport, Unl
 use crate::authorities::{AuthorityState, RotationState};
 use crate::ca_dir::read_bundle;
 
+/// The most holders of long certificates a report names per authority.
+pub const MAX_LONG_HELD_BY: usize = 16;
+
 fn not_after(der: &[u8]) -> i64 {
     X509Certificate::from_der(der)
         .map(|(_, c)| c.validity().not_after.timestamp())
@@ -20,10 +23,11 @@ fn not_after(der: &[u8]) -> i64 {
 }
 
 /// Builds the report from the directory state and this CA's fleet view. Certificates marked per
-/// identity (asked to live longer than the default) count for an authority unless `revocations`
-/// revokes their identity: no peer accepts them, and once the authority is retired nothing does,
-/// revoked or not (so an entry that lapses, or an `unrevoke`, after the retirement brings none
-/// of them back).
+/// identity (asked to live longer than the default; a renewal's per identity and lineage:
+/// [`crate::issued::long_key`]) count for an authority unless `revocations` revokes their
+/// identity, or their lineage: no peer accepts them, and once the authority is retired nothing
+/// does, revoked or not (so an entry that lapses, or an `unrevoke`, after the retirement brings
+/// none of them back).
 pub fn report(
     ca_dir: &Path,
     state: &RotationState,
@@ -34,7 +38,11 @@ pub fn report(
     revocations: &crate::revocations::Revocations,
 ) -> RotationReport {
     let now = unix_now();
-    let held = |identity: &str| !revocations.revokes_identity(identity, now);
+    let held = |key: &str| {
+        let (identity, lineage) = crate::issued::split_long_key(key);
+        !revocations.revokes_identity(identity, now)
+            && !lineage.is_some_and(|l| revocations.revokes_serial(l, now))
+    };
     let authorities = state
         .authorities
         .iter()
@@ -63,11 +71,24 @@ pub fn report(
                     latest = latest.max(*until);
                 }
             }
-            let issued_until = crate::issued::long_issued_until(ca_dir, &a.name)
+            let long_marks: Vec<(String, i64)> = crate::issued::long_issued_until(ca_dir, &a.name)
                 .into_iter()
-                .filter(|(identity, _)| held(identity))
-                .map(|(_, until)| until)
+                .filter(|(key, until)| held(key) && *until > now)
+                .collect();
+            let issued_until = long_marks
+                .iter()
+                .map(|(_, until)| *until)
                 .fold(crate::issued::issued_until(ca_dir, &a.name), i64::max);
+            let mut long_held_by: Vec<String> = i
+                .long
+                .iter()
+                .filter(|(key, _)| held(key))
+                .map(|(key, _)| key.clone())
+                .chain(long_marks.into_iter().map(|(key, _)| key))
+                .collect();
+            long_held_by.sort();
+            long_held_by.dedup();
+            long_held_by.truncate(MAX_LONG_HELD_BY);
             AuthorityView {
                 name: a.name.clone(),
                 state: a.state.as_str().into(),
@@ -81,6 +102,7 @@ pub fn report(
                 live_certificates: live,
                 latest_certificate_expiry: latest,
                 issued_until,
+                long_held_by,
             }
         })
         .collect();
@@ -126,6 +148,7 @@ pub fn process(
 pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationReport {
     let mut sidecars: HashMap<String, SidecarReport> = HashMap::new();
     let mut live: HashMap<String, (usize, i64, i64)> = HashMap::new();
+    let mut held_by: HashMap<String, Vec<String>> = HashMap::new();
     for r in &reports {
         for s in &r.sidecars {
             // Older CAs report the label alone.
@@ -161,6 +184,10 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
             e.0 = e.0.saturating_add(a.live_certificates);
             e.1 = e.1.max(a.latest_certificate_expiry);
             e.2 = e.2.max(a.issued_until);
+            held_by
+                .entry(a.name.clone())
+                .or_default()
+                .extend(a.long_held_by.iter().cloned());
         }
     }
     let processes: Vec<CaProcess> = reports.iter().flat_map(|r| r.processes.clone()).collect();
@@ -184,6 +211,12 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
             a.live_certificates = *n;
             a.latest_certificate_expiry = *t;
             a.issued_until = *until;
+        }
+        if let Some(keys) = held_by.get_mut(&a.name) {
+            keys.sort();
+            keys.dedup();
+            keys.truncate(MAX_LONG_HELD_BY);
+            a.long_held_by = std::mem::take(keys);
         }
     }
     base.sidecars = sidecars.into_values().collect();
