@@ -517,15 +517,16 @@ impl CaState {
             let lineage = presented.and_then(|c| {
                 meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok()
             });
-            let key = crate::issued::long_key(id.as_str(), lineage.as_deref());
+
             let not_after = now
                 .checked_add(crate::signer::to_time(lifetime))
                 .map_or(authority.intermediate_not_after, |t| {
                     t.min(authority.intermediate_not_after)
                 });
-            let counted = self.fleet.reserve_long(
+            let counted = self.fleet.reserve_long_of(
                 &authority.name,
-                &key,
+                id.as_str(),
+                lineage.as_deref(),
                 not_after.unix_timestamp(),
                 now.unix_timestamp(),
             );

@@ -258,19 +258,42 @@ pub const MAX_UNLISTED_IDENTITIES: usize = 1_024;
 
 /// The most instances gone from one process (their streams closed, their certificates live,
 /// no connected instance of their lineage here) that it lists, at most
-/// [`MAX_DEPARTED_PER_IDENTITY`] of one identity; beyond, they are counted with the turned-away
+/// [`MAX_DEPARTED_PER_NAMESPACE`] of one namespace; beyond, they are counted with the turned-away
 /// ones beyond their list (per identity, then together), and `activate` waits until their
 /// certificates have expired or (per identity) their identity is revoked.
 pub const MAX_DEPARTED: usize = 4_096;
 
-/// The most of the [`MAX_DEPARTED`] listed that one identity may take: beyond, its departures are
-/// counted per identity with its turned-away sidecars beyond their list, which revoking it
-/// releases. Without this one workload (one service-account token: a few thousand fresh keys, each
-/// opening a bundle stream and hanging up) filled the list, every other sidecar's departure (a
-/// routine renewal closes the old stream before opening the new one) went into the count that
-/// holds `activate` whoever it is, and its own entries held the list until they expired, revoked or
-/// not.
-pub const MAX_DEPARTED_PER_IDENTITY: usize = MAX_DEPARTED / 16;
+/// The most lineages of one identity whose longer-than-default certificates are counted apart
+/// per authority ([`Fleet::reserve_long_of`]); the others of that identity are counted under it.
+pub const MAX_LONG_LINEAGES: usize = 4;
+
+/// The most of the [`MAX_DEPARTED`] listed that the identities of one namespace
+/// (`spiffe://td/ns/<ns>/...`; another identity is a namespace of its own) may take: beyond, their
+/// departures are counted per identity with their turned-away sidecars beyond their list, which
+/// revoking the identity releases. Without this one workload (one service-account token: a few
+/// thousand fresh keys, each opening a bundle stream and hanging up) filled the list, every other
+/// sidecar's departure (a routine renewal closes the old stream before opening the new one) went
+/// into the count that holds `activate` whoever it is, and its own entries held the list until
+/// they expired, revoked or not. Per namespace, not per identity: sixteen service accounts of one
+/// namespace filled it as well.
+pub const MAX_DEPARTED_PER_NAMESPACE: usize = MAX_DEPARTED / 8;
+
+/// The namespace part of an identity `spiffe://td/ns/<ns>/...` (`spiffe://td/ns/<ns>`), or the
+/// whole identity when it names no namespace.
+fn namespace_of(identity: &str) -> &str {
+    let scheme = "spiffe://";
+    let Some(rest) = identity.strip_prefix(scheme) else {
+        return identity;
+    };
+    let Some(slash) = rest.find('/') else {
+        return identity;
+    };
+    let Some(after) = rest[slash..].strip_prefix("/ns/") else {
+        return identity;
+    };
+    let end = after.find('/').unwrap_or(after.len());
+    &identity[..scheme.len() + slash + "/ns/".len() + end]
+}
 
 /// An instance whose last bundle stream closed while its certificate lives: a sidecar pushed out
 /// (or gone) before it acknowledged the version an `activate` waits for must not drop out of the
@@ -652,15 +675,16 @@ impl Fleet {
     }
 
     fn remember_departed(inner: &mut Inner, key: &str, s: Sidecar, now: i64) {
+        let namespace = namespace_of(&s.identity);
         let full = |inner: &Inner| {
             inner.departed.len() >= MAX_DEPARTED
-                || (inner.departed.len() >= MAX_DEPARTED_PER_IDENTITY
+                || (inner.departed.len() >= MAX_DEPARTED_PER_NAMESPACE
                     && inner
                         .departed
                         .values()
-                        .filter(|d| d.identity == s.identity)
+                        .filter(|d| namespace_of(&d.identity) == namespace)
                         .count()
-                        >= MAX_DEPARTED_PER_IDENTITY)
+                        >= MAX_DEPARTED_PER_NAMESPACE)
         };
         if full(inner) {
             inner.forget_expired_turned_away(now);
@@ -733,6 +757,45 @@ impl Fleet {
     /// `authority` on this process. The caller then gives the default lifetime instead, and the
     /// certificate is counted as any other ([`Self::issued`]): no certificate that revocation
     /// could not release outlives the default lifetime.
+    /// As [`Self::reserve_long`], for a certificate of `identity` carrying on `lineage` (a
+    /// renewal's; `None`: a first certificate): counted under the lineage
+    /// ([`crate::issued::long_key`]), so that revoking the lineage releases it, for at most
+    /// [`MAX_LONG_LINEAGES`] lineages of one identity; the others of that identity are counted
+    /// under the identity alone, so that one identity renewing many lineages cannot take the room
+    /// of the others.
+    pub fn reserve_long_of(
+        &self,
+        authority: &str,
+        identity: &str,
+        lineage: Option<&str>,
+        not_after: i64,
+        now: i64,
+    ) -> bool {
+        let key = match lineage {
+            Some(lineage) => {
+                let key = crate::issued::long_key(identity, Some(lineage));
+                let inner = self.lock();
+                let marked = inner.long.get(authority);
+                let known = marked.is_some_and(|m| m.contains_key(&key));
+                let lineages = marked.map_or(0, |m| {
+                    m.iter()
+                        .filter(|(k, e)| {
+                            e.live > 0
+                                && matches!(crate::issued::split_long_key(k), (i, Some(_)) if i == identity)
+                        })
+                        .count()
+                });
+                if known || lineages < MAX_LONG_LINEAGES {
+                    key
+                } else {
+                    identity.to_owned()
+                }
+            }
+            None => identity.to_owned(),
+        };
+        self.reserve_long(authority, &key, not_after, now)
+    }
+
     pub fn reserve_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) -> bool {
         let _one_at_a_time = self.long_gate.lock().unwrap_or_else(|p| p.into_inner());
         {
@@ -1280,11 +1343,11 @@ mod tests {
     }
 
     /// One identity opening and closing more streams (fresh keys) than the list of departed
-    /// instances holds takes at most its share of it: another sidecar's departure (a renewal) is
-    /// still listed by name, nothing is counted in the process-wide count that holds `activate`
-    /// revoked or not, and the liar's departures beyond its share are counted per identity, which
-    /// revoking it releases. Before, it filled the list and every later departure, anyone's, went
-    /// into the process-wide count.
+    /// instances holds takes at most its namespace's share of it: another namespace's sidecar's
+    /// departure (a renewal) is still listed by name, nothing is counted in the process-wide count
+    /// that holds `activate` revoked or not, and the liar's departures beyond its share are counted
+    /// per identity, which revoking it releases. Before, it filled the list and every later
+    /// departure, anyone's, went into the process-wide count.
     #[test]
     fn one_identity_cannot_fill_the_list_of_departed_instances() {
         let f = Fleet::with_limits(
@@ -1307,21 +1370,30 @@ mod tests {
             f.stream_opened(&live(&key, EVIL), now).unwrap();
             f.stream_closed(&key);
         }
-        f.stream_opened(&live("honest", "spiffe://td/ns/x/sa/web"), now)
+        f.stream_opened(&live("honest", "spiffe://td/ns/y/sa/web"), now)
             .unwrap();
         f.stream_closed("honest");
+        // Another service account of the liar's namespace has no more room than it.
+        f.stream_opened(&live("sibling", "spiffe://td/ns/x/sa/evil2"), now)
+            .unwrap();
+        f.stream_closed("sibling");
         let (listed, _) = f.report(now);
         assert!(listed.iter().any(|s| s.instance == "honest"));
+        assert!(!listed.iter().any(|s| s.instance == "sibling"));
         let evil_listed = listed.iter().filter(|s| s.identity == EVIL).count();
-        assert_eq!(evil_listed, MAX_DEPARTED_PER_IDENTITY);
+        assert_eq!(evil_listed, MAX_DEPARTED_PER_NAMESPACE);
         assert_eq!(f.process_now().turned_away_unlisted, 0);
         let mut list = crate::revocations::Revocations::default();
         let unlisted = f.unlisted_turned_away(now, &list);
-        assert_eq!(unlisted.len(), 1, "{unlisted:?}");
-        assert_eq!(unlisted[0].identity, EVIL);
+        let identities: Vec<&str> = unlisted.iter().map(|u| u.identity.as_str()).collect();
+        assert_eq!(
+            identities,
+            [EVIL, "spiffe://td/ns/x/sa/evil2"],
+            "{unlisted:?}"
+        );
         assert_eq!(
             unlisted[0].refusals,
-            u64::try_from(MAX_DEPARTED + 10 - MAX_DEPARTED_PER_IDENTITY).unwrap()
+            u64::try_from(MAX_DEPARTED + 10 - MAX_DEPARTED_PER_NAMESPACE).unwrap()
         );
         assert!(!unlisted[0].revoked);
         let id = meshid_identity::SpiffeId::parse(EVIL).unwrap();
@@ -1520,6 +1592,46 @@ mod tests {
         let (_, issued) = f.report(100);
         assert_eq!(issued["2"].long.len(), crate::issued::MAX_LONG_IDENTITIES);
         assert_eq!((issued["2"].live, issued["2"].latest_not_after), (1, 7_000));
+    }
+
+    #[test]
+    fn namespaces_of_identities() {
+        assert_eq!(
+            namespace_of("spiffe://td/ns/shop/sa/web"),
+            "spiffe://td/ns/shop"
+        );
+        assert_eq!(namespace_of("spiffe://td/ns/shop"), "spiffe://td/ns/shop");
+        assert_eq!(
+            namespace_of("spiffe://td/vm/build-1"),
+            "spiffe://td/vm/build-1"
+        );
+        assert_eq!(namespace_of("spiffe://td"), "spiffe://td");
+        assert_ne!(
+            namespace_of("spiffe://td/ns/shop/sa/web"),
+            namespace_of("spiffe://td/ns/shopping/sa/web")
+        );
+    }
+
+    /// A renewal's long certificate is counted under its identity and lineage, for at most
+    /// `MAX_LONG_LINEAGES` lineages of one identity: the next ones of that identity go under the
+    /// identity alone, and the room of the others is not theirs to take.
+    #[test]
+    fn long_certificates_of_renewals_are_counted_per_lineage_a_few_per_identity() {
+        let f = Fleet::default();
+        let id = "spiffe://td/ns/shop/sa/liar";
+        for lineage in 0..10 {
+            assert!(f.reserve_long_of("1", id, Some(&format!("{lineage:02x}")), 9_000, 100));
+        }
+        assert!(f.reserve_long_of("1", id, None, 9_000, 100));
+        // Again on one of the lineages counted apart: under it still.
+        assert!(f.reserve_long_of("1", id, Some("00"), 9_500, 100));
+        let (_, issued) = f.report(100);
+        let long = &issued["1"].long;
+        assert_eq!(long.len(), MAX_LONG_LINEAGES + 1, "{long:?}");
+        assert_eq!(long[&crate::issued::long_key(id, Some("00"))], (2, 9_500));
+        assert_eq!(long[id], (10 - MAX_LONG_LINEAGES + 1, 9_000));
+        // Others still have room.
+        assert!(f.reserve_long_of("1", "spiffe://td/ns/shop/sa/web", Some("aa"), 9_000, 100));
     }
 
     #[test]

@@ -221,11 +221,12 @@ pub fn activate_blockers(state: &RotationState, r: &RotationReport, now: i64) ->
         if !u.revoked && u.until > now {
             blockers.push(format!(
                 "a CA process turned away (or lost the streams of) sidecars of {} beyond those \
-                 it lists ({} turned away, {} gone; {} beyond): what they trust is unknown until \
+                 it lists ({} turned away, {} gone of its namespace; {} beyond): what they trust \
+                 is unknown until \
                  their certificates expire ({}) or the identity is revoked",
                 u.identity,
                 super::fleet::MAX_TURNED_AWAY,
-                super::fleet::MAX_DEPARTED_PER_IDENTITY,
+                super::fleet::MAX_DEPARTED_PER_NAMESPACE,
                 u.refusals,
                 u.until
             ));
