@@ -290,7 +290,7 @@ pub struct RunArgs {
     )]
     pub max_connections_per_peer: String,
     /// Most of those connections one peer may hold speaking h2 (each holds up to 1 MiB of request
-    /// data ahead of the app and 64 KiB of answers per stream); past it the peer's new h2
+    /// data ahead of the app and 16 KiB of answers per stream); past it the peer's new h2
     /// connection is sent GOAWAY and closed. A meshid outbound opens at most
     /// --max-upstream-h2-connections to an upstream per outbound listener.
     #[arg(
