@@ -66,6 +66,11 @@ struct Scan {
     array_objects: u64,
 }
 
+/// Whether a JSON string's raw text holds an escape (it decodes to other bytes than it shows).
+fn escapes(raw: &[u8]) -> bool {
+    raw.contains(&b'\\')
+}
+
 fn scan(json: &[u8]) -> Scan {
     let mut scan = Scan::default();
     let mut stack: Vec<Open> = Vec::new();
@@ -87,7 +92,9 @@ fn scan(json: &[u8]) -> Scan {
                 if len > 0 {
                     scan.tree += (len + 8).next_multiple_of(16).max(32);
                 }
-                if key.is_some_and(|k| k.starts_with(b"meshid.io/")) {
+                // A key with an escape may read as anything once decoded (`meshid.io\/inbound`,
+                // `http\u0047et`): charged as ours and as a probe's, the dearest it could be.
+                if key.is_some_and(|k| k.starts_with(b"meshid.io/") || escapes(k)) {
                     scan.meshid += key.map_or(0, |k| k.len() as u64) + len + 16;
                 }
                 if stack.last().is_some_and(|open| open.probe) {
@@ -127,7 +134,8 @@ fn scan(json: &[u8]) -> Scan {
                 if b == b'{' && parent.is_some_and(|open| !open.object) {
                     scan.array_objects += 1;
                 }
-                let probe = parent.is_some_and(|open| open.probe) || key == Some(b"httpGet");
+                let probe = parent.is_some_and(|open| open.probe)
+                    || key.is_some_and(|k| k == b"httpGet" || escapes(k));
                 stack.push(Open {
                     object: b == b'{',
                     probe,

@@ -149,6 +149,25 @@ fn every_review_costs_less_than_it_is_charged() {
             ),
         ),
         (
+            // serde_json reads `\/` as `/`: the key is meshid.io/allow-8080 all the same.
+            "a 250 KB allow list under an escaped key",
+            annotation(
+                r"meshid.io\/allow-8080",
+                std::iter::repeat_n("spiffe://a/b".to_owned(), 19_000),
+            ),
+        ),
+        (
+            "1 MiB of probe headers under an escaped httpGet",
+            repeated(
+                &format!(
+                    r#"{HEAD}{ASKING}{{"name":"app","readinessProbe":{{"http\u0047et":{{"port":8080,"httpHeaders":["#
+                ),
+                r#"{"name":"","value":""}"#,
+                "]}}}]}}}}",
+                mib,
+            ),
+        ),
+        (
             "a 250 KB inbound list",
             annotation(
                 "meshid.io/inbound",
