@@ -117,6 +117,12 @@ impl AdmissionRequest {
         self.is_pod_resource() && self.sub_resource.as_deref() == Some("ephemeralcontainers")
     }
 
+    /// A pod's `status` subresource: the API server keeps the spec of the update, but not the
+    /// metadata, so its annotations change as a pod update's do.
+    pub fn is_pod_status(&self) -> bool {
+        self.is_pod_resource() && self.sub_resource.as_deref() == Some("status")
+    }
+
     fn is_pod_resource(&self) -> bool {
         self.kind.as_ref().is_some_and(|k| k.kind == "Pod")
             && self.resource.as_ref().is_some_and(|r| r.resource == "pods")

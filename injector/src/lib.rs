@@ -441,10 +441,25 @@ pub fn answer(config: &InjectConfig, scope: Scope, review: &admission::Admission
             Outcome::Skip(_) | Outcome::Patch(_) => answer(json!({"allowed": true})),
         };
     }
+    let operation = request.operation.as_deref();
+    // A status update may change the pod's annotations (the API server keeps only the spec of
+    // the old pod): decided as a pod update is, or `kubectl patch --subresource=status` would
+    // change meshid.io/* annotations unchecked.
+    if request.is_pod_status() && operation == Some("UPDATE") {
+        let Some(pod) = request.object.as_ref() else {
+            return answer(denied(400, "the request has no pod object".to_owned()));
+        };
+        return match validate_update(pod, request.old_object.as_ref()) {
+            Outcome::Deny(problems) => answer(denied(
+                400,
+                format!("meshid annotations refused: {}", problems.join("; ")),
+            )),
+            Outcome::Skip(_) | Outcome::Patch(_) => answer(json!({"allowed": true})),
+        };
+    }
     if !request.is_pod() {
         return answer(json!({"allowed": true}));
     }
-    let operation = request.operation.as_deref();
     if !matches!(operation, Some("CREATE" | "UPDATE")) {
         return answer(json!({"allowed": true}));
     }
@@ -788,12 +803,38 @@ mod tests {
                 assert!(message.contains(needle), "{needle} not in {message}");
             }
         }
-        // Other subresource updates (status) are not looked at.
+        // A status update changes annotations too (the API server keeps only the spec): decided
+        // as a pod update is.
         let mut r = update(
             pod_with(json!({"meshid.io/inject": "yes"})),
             pod_with(json!({})),
         );
         r["request"]["subResource"] = json!("status");
+        assert_eq!(
+            review(&config, Scope::Pod, &r)["response"]["allowed"],
+            false
+        );
+        let mut owned = update(
+            pod_with(
+                json!({"meshid.io/app-probes": r#"{"app/ready":{"port":9901,"path":"/quitquitquit"}}"#}),
+            ),
+            pod_with(json!({})),
+        );
+        owned["request"]["subResource"] = json!("status");
+        let out = review(&config, Scope::Pod, &owned);
+        assert_eq!(out["response"]["allowed"], false, "{out}");
+        // One that leaves the annotations as they were (the kubelet's) is admitted.
+        let mut kubelet = update(
+            pod_with(json!({"meshid.io/inject": "enabled"})),
+            pod_with(json!({"meshid.io/inject": "enabled"})),
+        );
+        kubelet["request"]["subResource"] = json!("status");
+        assert_eq!(
+            review(&config, Scope::Pod, &kubelet)["response"]["allowed"],
+            true
+        );
+        // Other subresources are not looked at.
+        r["request"]["subResource"] = json!("binding");
         assert_eq!(review(&config, Scope::Pod, &r)["response"]["allowed"], true);
         // Nor the annotations in an ephemeral containers update (it cannot change them).
         r["request"]["subResource"] = json!("ephemeralcontainers");

@@ -120,6 +120,13 @@ CASES = [
      True, True),
     ("kubectl debug of a pod without meshid volumes",
      update(PLAIN, lambda p: p.update(debugged(p)), sub="ephemeralcontainers"), False, False),
+    # A status update keeps the old spec but takes the new metadata.
+    ("a meshid annotation changed through pods/status",
+     update(MESHED, lambda p: p["metadata"]["annotations"].update({"meshid.io/mode": "permissive"}),
+            sub="status"), True, True),
+    ("the kubelet's status write (no annotation changed)",
+     update(MESHED, lambda p: p.setdefault("status", {}).update(phase="Running"), sub="status"),
+     False, False),
 ]
 
 env = celpy.Environment()

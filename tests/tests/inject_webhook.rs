@@ -1062,7 +1062,8 @@ fn chart_webhook_sees_creates_meshid_updates_and_ephemeral_containers() {
                 json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""],
                     "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"},
                     {"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                    "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"}]),
+                    "resources": ["pods/ephemeralcontainers", "pods/status"],
+                    "scope": "Namespaced"}]),
                 "{name}"
             );
             // Only UPDATEs that add, change or remove a meshid annotation, or change an image of
