@@ -1415,3 +1415,118 @@ async fn mute_upstream(workload: Workload) -> SocketAddr {
     });
     addr
 }
+
+/// An app that holds `POST /slow` until `release` turns true, then answers it, and never answers
+/// anything else; `seen` counts the request heads it read.
+async fn holding_app(
+    release: tokio::sync::watch::Receiver<bool>,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (count, mut release) = (count.clone(), release.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if head.starts_with(b"POST /slow ") {
+                    let _ = release.wait_for(|r| *r).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+                // Held until the sidecar lets it go.
+                let _ = s.read(&mut b).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A local client that sends requests and hangs up on each before its answer cannot have the
+/// upstream connection every client of the listener shares cut under the others: a meshid inbound
+/// closes an h2 connection, with every request on it, once over 200 of its requests were reset
+/// within a second of arriving. The outbound sends new requests on a new connection after 100
+/// such requests, and the first one drains: another client's request in flight on it is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_on_its_requests_does_not_cut_the_others_off() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let pki = TestPki::new();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (app, seen) = holding_app(released).await;
+    let b = TestSidecar::start(
+        &pki,
+        &pki.workload(B),
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.81", app, Protocol::Http)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {A}\n"
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = frontend(&pki, &b.inbound[0].to_string(), Protocol::Http, B, None).await;
+    // A request with a body (the POST goes over h2): on the shared connection, held by the app.
+    let mut victim = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    victim
+        .write_all(b"POST /slow HTTP/1.1\r\nHost: backend\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let wait_seen = |n: usize| {
+        let seen = seen.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while seen.load(SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the app saw {} of {n} requests (the upstream connection cut, the peer \
+                     refused for its resets)",
+                    seen.load(SeqCst)
+                )
+            });
+        }
+    };
+    wait_seen(1).await;
+    // 300 requests, each given up once the app has it.
+    for i in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        s.write_all(
+            format!("POST /hang/{i} HTTP/1.1\r\nHost: backend\r\nContent-Length: 2\r\n\r\nhi")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        wait_seen(i + 2).await;
+        drop(s);
+    }
+    release.send(true).unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut b = [0u8; 1024];
+        while !answer.ends_with("ok") {
+            match victim.read(&mut b).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.push_str(&String::from_utf8_lossy(&b[..n])),
+            }
+        }
+    })
+    .await
+    .expect("the held request is answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+}

@@ -89,7 +89,20 @@ struct H2Conn {
     presented: Arc<Snapshot>,
     /// Requests sent (or being sent) here whose exchange has not ended: its streams in use.
     streams: AtomicUsize,
+    /// Requests sent here and dropped before their response head came (their client gave up,
+    /// or the connection failed): each one a stream reset the upstream may count against us.
+    abandoned: AtomicUsize,
+    /// Set past [`ABANDONED_RETIRE`] of those: no new request goes here (it drains).
+    retired: AtomicBool,
 }
+
+/// How many requests abandoned before their response head retire a connection. A meshid inbound
+/// closes a connection at once, with every request on it, when over 200 of its requests were reset
+/// within a second of arriving and they are over half of those its app answered
+/// (`crate::streams::RESET_FLOOD`): all of a listener's clients share a connection, and one that
+/// sends requests and hangs up on each would otherwise have the others' requests cut with it.
+/// Retired earlier, the connection drains gracefully and a new one takes the new requests.
+pub const ABANDONED_RETIRE: usize = crate::streams::RESET_FLOOD / 2;
 
 /// Below this many streams in use a connection is not asked for the upstream's limit (which
 /// takes the `h2` connection's lock): RFC 9113 §6.5.2 recommends a limit of no fewer than 100, and
@@ -109,19 +122,38 @@ impl H2Conn {
 }
 
 /// A request's stream counted among its connection's [`H2Conn::streams`] until dropped (with the
-/// response body, or when the request fails).
-struct InStream(Arc<H2Conn>);
+/// response body, or when the request fails); dropped while it waits for the response head, it
+/// counts among the connection's [`H2Conn::abandoned`].
+struct InStream {
+    conn: Arc<H2Conn>,
+    awaiting_head: bool,
+}
 
 impl InStream {
     fn on(conn: &Arc<H2Conn>) -> Self {
         conn.streams.fetch_add(1, Ordering::AcqRel);
-        Self(conn.clone())
+        Self {
+            conn: conn.clone(),
+            awaiting_head: false,
+        }
     }
 }
 
 impl Drop for InStream {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        let conn = &self.conn;
+        conn.streams.fetch_sub(1, Ordering::AcqRel);
+        if self.awaiting_head {
+            let abandoned = conn.abandoned.fetch_add(1, Ordering::AcqRel) + 1;
+            if abandoned == ABANDONED_RETIRE + 1 {
+                conn.retired.store(true, Ordering::Release);
+                tracing::debug!(
+                    abandoned,
+                    "requests abandoned before their answer on an upstream connection; new \
+                     requests go to a new one"
+                );
+            }
+        }
     }
 }
 
@@ -169,6 +201,7 @@ impl H2Upstream {
         c.retire_at.is_none_or(|t| Instant::now() < t)
             && self.shared.creds.is_current(&c.presented)
             && !c.closed.load(Ordering::Acquire)
+            && !c.retired.load(Ordering::Acquire)
     }
 
     /// A connection with a stream to spare when `current` has none: a spare one that has, or a
@@ -259,6 +292,8 @@ impl H2Upstream {
             retire_at,
             presented,
             streams: AtomicUsize::new(0),
+            abandoned: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
         }))
     }
 
@@ -273,7 +308,7 @@ impl H2Upstream {
         let end_of_stream = body.is_end_stream();
         let mut head = Some(head);
         let mut failed = None;
-        let (response, sending, stream) = loop {
+        let (response, sending, mut stream) = loop {
             let mut conn = self
                 .sender(failed.as_ref())
                 .await
@@ -282,7 +317,7 @@ impl H2Upstream {
                 conn = self.spare(failed.as_ref()).await?;
             }
             let last_try = failed.is_some();
-            let stream = InStream::on(&conn);
+            let mut stream = InStream::on(&conn);
             let mut send = match conn.send.clone().ready().await {
                 Ok(send) => send,
                 Err(e) if last_try => return Err(root_cause(&e)),
@@ -310,10 +345,13 @@ impl H2Upstream {
                 }
                 Err(e) => return Err(root_cause(&e)),
             };
+            stream.awaiting_head = true;
             if !end_of_stream {
                 break (response, sending, stream);
             }
-            match response.await {
+            let response = response.await;
+            stream.awaiting_head = false;
+            match response {
                 Ok(resp) => {
                     return Ok(resp.map(|recv| UpstreamBody {
                         recv,
@@ -339,7 +377,9 @@ impl H2Upstream {
             task: tokio::spawn(Box::pin(send_body(body, sending, sent.clone()))).abort_handle(),
             sent,
         });
-        let resp = response.await.map_err(|e| root_cause(&e))?;
+        let resp = response.await;
+        stream.awaiting_head = false;
+        let resp = resp.map_err(|e| root_cause(&e))?;
         Ok(resp.map(|recv| UpstreamBody {
             recv,
             data_done: false,
