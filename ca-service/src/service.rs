@@ -517,7 +517,6 @@ impl CaState {
             let lineage = presented.and_then(|c| {
                 meshid_identity::revocation::normalize_serial(c.lineage_serial()).ok()
             });
-
             let not_after = now
                 .checked_add(crate::signer::to_time(lifetime))
                 .map_or(authority.intermediate_not_after, |t| {
