@@ -143,8 +143,9 @@ pub struct CheckPolicyArgs {
     /// The inbound port the caller connects to.
     #[arg(long, requires = "peer")]
     pub port: Option<u16>,
-    /// The request's method, on an HTTP port.
-    #[arg(long, default_value = "GET")]
+    /// The request's method, on an HTTP port (with --path: without it only the connection is
+    /// decided, and a method alone is refused rather than ignored).
+    #[arg(long, default_value = "GET", requires = "path")]
     pub method: String,
     /// The request's path, on an HTTP port; without it only the connection is decided.
     #[arg(long)]

@@ -133,6 +133,40 @@ fn run_check_policy(
     (out.status.code(), text)
 }
 
+/// `check-policy --method` without `--path` is refused (exit 64, naming `--path`): it decided the
+/// connection alone, said allow and exited 0 for a method the sidecar denies on every path.
+#[test]
+fn check_policy_refuses_a_method_without_a_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "inbound:\n  - port: 8080\n    protocol: http\n    allow:\n      - id: {CLIENT}\n        \
+             methods: [GET]\n        paths: [/api/*]\n"
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(workspace_bin("meshid-sidecar"))
+            .arg("check-policy")
+            .arg(&file)
+            .args(["--peer", CLIENT, "--port", "8080"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&["--method", "DELETE"]);
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("--path"), "{text}");
+    // The connection alone, and the method with a path, as before.
+    assert_eq!(run(&[]).0, Some(0));
+    assert_eq!(run(&["--method", "DELETE", "--path", "/api/x"]).0, Some(2));
+}
+
 /// A `?_method=` override is decided by the sidecar as the method it names: check-policy decides it
 /// too, printing the verdict `explain` prints for the sidecar's denial, and exits 2 (it printed
 /// "allow" and exited 0 for a request the sidecar refused).
