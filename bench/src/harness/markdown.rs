@@ -738,7 +738,7 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   KiB of CA memory per connected sidecar at 19,000, the push to every acknowledgement 4.6 s; 50,000
   still needs a hard RLIMIT_NOFILE above this host's 20,000, which no command here can raise (no
   CAP_SYS_RESOURCE).
-- **Session 44, and this run** (cd11ef9, dist; the PGO profile and both symbol orders recorded
+- **Session 44, and its run** (cd11ef9, dist; the PGO profile and both symbol orders recorded
   again on this code first: 21,421 profiled functions, 3,291 of 3,300 ordered sidecar functions
   in place). `scripts/future-sizes.sh` (rustc's layout of the sidecar's futures) showed every
   outbound request's future at 7,712 bytes, most of it the h2 dial it rarely takes, and the
@@ -758,6 +758,22 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   p50 / p90 0.84x / 0.77x (not met; the direct path alone is 0.49x / 0.47x). Idle RSS 5.10 ->
   5.75 MiB (9 ordered functions changed after the order was recorded), 11.5 KiB per idle HTTP
   connection.
+- **Sessions 45-46, and this run** (0753fc4, dist; the PGO profile and both symbol orders
+  recorded again on this code first: 21,460 profiled functions, all 3,298 ordered sidecar and
+  2,139 CA functions in place). Those sessions hardened the request path against peers that lie:
+  16 KiB of h2 answer buffered per stream (was 64), each method override decided once, one TLS
+  record held once the handshake is done, a per-peer share of the form budget, a count of
+  requests abandoned on the outbound's h2 connections. Session 45 measured the buffer change at
+  no cost (inbound 47.5k-47.8k instructions per request before and after); the others are off the
+  common path and were not measured one by one. This host was faster than session 44's (the direct
+  path 146k -> 178k req/s; the nginx pair 22.4k -> 29.6k req/s, its halves 38.6 -> 29.2 us per
+  request): both sidecars 11.7 / 10.6 -> 10.2 / 8.0 us per request at saturation, pair
+  throughput 1.54x nginx's, proxies/app 0.59x -> 0.68x (target 0.5x, not met). nginx gained more
+  from this host (-24% CPU per request) than meshid (-18%), and the app took less CPU per request
+  beside meshid (3.82 us) than beside nginx (4.16). At 1,000 req/s: proxy CPU 0.78x nginx's
+  (met); p50 / p90 0.91x / 0.85x (not met), where the direct path alone is 0.67x / 0.57x of
+  nginx's: a pair at 0.7x p50 would add 5 us, and meshid added 34 us to nginx's 59. Idle RSS 5.05
+  MiB, 11.4 KiB per idle mTLS connection, start-to-ready 7.2 ms.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
