@@ -31,6 +31,7 @@ fn authenticator() -> &'static JwtAuthenticator {
                 allowed_namespaces: None,
                 max_token_lifetime: JwtConfig::DEFAULT_MAX_TOKEN_LIFETIME,
                 dangerous_accept_unbound_tokens: false,
+                token_review: false,
             };
             let td = TrustDomain::new("cluster.local").expect("td");
             (
