@@ -16,8 +16,8 @@
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use meshid_sidecar::form::{MAX_OVERRIDES, METHOD_OVERRIDES};
 use meshid_sidecar::form::fuzzing::{Form, form_of, form_of_type, method_overrides};
+use meshid_sidecar::form::{MAX_OVERRIDES, METHOD_OVERRIDES};
 
 /// Header lines taken from the body, at most.
 const MAX_HEADERS: usize = 64;
@@ -78,7 +78,10 @@ fuzz_target!(|data: &[u8]| {
     let most = MAX_OVERRIDES + 2;
     assert!(overrides.len() <= most, "{overrides:?}");
     for (i, method) in overrides.iter().enumerate() {
-        assert!(!overrides[..i].contains(method), "{overrides:?} repeats {method:?}");
+        assert!(
+            !overrides[..i].contains(method),
+            "{overrides:?} repeats {method:?}"
+        );
     }
     if overrides.len() < most {
         for name in METHOD_OVERRIDES {

@@ -12,5 +12,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let converted = to_prometheus_text(text);
-    assert!(!converted.lines().any(|l| l == "# EOF" || l.starts_with("# UNIT ")));
+    assert!(
+        !converted
+            .lines()
+            .any(|l| l == "# EOF" || l.starts_with("# UNIT "))
+    );
 });
