@@ -660,6 +660,32 @@ async fn connections_past_the_per_source_cap_are_refused_and_other_sources_still
     }
 }
 
+/// A client from HERE with a bundle stream open, and the bundle it got at once.
+struct Watching {
+    client: Client,
+    stream: tonic::Streaming<meshid_proto::ca::v1::TrustBundle>,
+    /// The connections it opened (every reconnect one more).
+    opened: Arc<AtomicUsize>,
+    first: meshid_proto::ca::v1::TrustBundle,
+}
+
+async fn watching(ca: &TestCa) -> Watching {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let mut client = client_from(ca, HERE, None, opened.clone()).await.unwrap();
+    let mut stream = client
+        .watch_trust_bundle(WatchTrustBundleRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("the bundle at once");
+    Watching {
+        client,
+        stream,
+        opened,
+        first,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() {
     let idle = Duration::from_secs(1);
@@ -681,16 +707,12 @@ async fn idle_connections_are_closed_but_not_those_with_an_open_bundle_stream() 
         .await
         .unwrap();
     // A client with a bundle stream open.
-    let stream_opened = Arc::new(AtomicUsize::new(0));
-    let mut watcher = client_from(&ca, HERE, None, stream_opened.clone())
-        .await
-        .unwrap();
-    let mut stream = watcher
-        .watch_trust_bundle(WatchTrustBundleRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let first = stream.message().await.unwrap().expect("the bundle at once");
+    let Watching {
+        client: _watcher,
+        mut stream,
+        opened: stream_opened,
+        first,
+    } = watching(&ca).await;
 
     assert!(
         closed_by_server(&mut silent).await,
@@ -749,16 +771,12 @@ async fn a_call_whose_response_is_not_taken_ends_its_connection() {
         ..CaOptions::default()
     })
     .await;
-    let watcher_opened = Arc::new(AtomicUsize::new(0));
-    let mut watcher = client_from(&ca, HERE, None, watcher_opened.clone())
-        .await
-        .unwrap();
-    let mut stream = watcher
-        .watch_trust_bundle(WatchTrustBundleRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().expect("the bundle at once");
+    let Watching {
+        client: mut watcher,
+        mut stream,
+        opened: watcher_opened,
+        ..
+    } = watching(&ca).await;
 
     let tls = tls_from(&ca, &tls_connector(&ca, None), HERE)
         .await

@@ -435,18 +435,42 @@ async fn a_revoked_instance_that_never_acknowledges_does_not_hold_the_rotation()
     assert_eq!(rotation::activate(&dir, &admins, false).await.unwrap(), "2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
-    use std::time::Duration;
-    // Certificates live 3 s unless asked for longer (up to an hour).
-    let ca = TestCa::start(CaOptions {
+/// A CA whose certificates live 3 s unless asked for longer (up to an hour).
+async fn ca_of_short_certificates() -> TestCa {
+    TestCa::start(CaOptions {
         lifetimes: meshid_ca::signer::LifetimePolicy {
-            default: Duration::from_secs(3),
-            max: Duration::from_secs(3600),
+            default: std::time::Duration::from_secs(3),
+            max: std::time::Duration::from_secs(3600),
         },
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+/// `rotate retire`, tried every 200 ms while it is refused, for up to 15 s: the retired
+/// authority's name, or the timeout.
+async fn retire_within_15s(
+    dir: &std::path::Path,
+    admins: &[std::net::SocketAddr],
+) -> Result<String, tokio::time::error::Elapsed> {
+    tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match rotation::retire(dir, admins, false).await {
+                Ok(name) => return name,
+                Err(RotateError::Refused(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
+    use std::time::Duration;
+    let ca = ca_of_short_certificates().await;
     let dir = ca.dir.path().to_owned();
     let dir_arg = dir.to_string_lossy().into_owned();
     let admins = [ca.admin_addr];
@@ -474,18 +498,7 @@ async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
         "spiffe://cluster.local/ns/shop/sa/liar",
     ]);
     assert_eq!(code, 0, "{out}");
-    let retired = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match rotation::retire(&dir, &admins, false).await {
-                Ok(name) => return name,
-                Err(RotateError::Refused(_)) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let retired = retire_within_15s(&dir, &admins).await;
     assert!(retired.is_ok(), "retire still refused after the revocation");
 }
 
@@ -495,14 +508,7 @@ async fn a_revoked_workload_does_not_hold_retire_with_a_long_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_its_lineage_releases_retire_from_a_renewed_long_certificate() {
     use std::time::Duration;
-    let ca = TestCa::start(CaOptions {
-        lifetimes: meshid_ca::signer::LifetimePolicy {
-            default: Duration::from_secs(3),
-            max: Duration::from_secs(3600),
-        },
-        ..Default::default()
-    })
-    .await;
+    let ca = ca_of_short_certificates().await;
     let dir = ca.dir.path().to_owned();
     let dir_arg = dir.to_string_lossy().into_owned();
     let admins = [ca.admin_addr];
@@ -538,18 +544,7 @@ async fn revoking_its_lineage_releases_retire_from_a_renewed_long_certificate() 
     }
     let (code, out) = meshid_ca(&["revoke", "--dir", dir_arg.as_str(), "--serial", &lineage]);
     assert_eq!(code, 0, "{out}");
-    let retired = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match rotation::retire(&dir, &admins, false).await {
-                Ok(name) => return name,
-                Err(RotateError::Refused(_)) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await;
+    let retired = retire_within_15s(&dir, &admins).await;
     assert!(
         retired.is_ok(),
         "retire still refused after the lineage's revocation"

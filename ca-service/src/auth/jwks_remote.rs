@@ -129,29 +129,22 @@ pub async fn fetch(config: &RemoteJwks) -> Result<Bytes, FetchError> {
 /// same token, CA bundle, timeouts and body cap as [`fetch`]. `meshid-ca check` reads the API
 /// server's objects with it.
 pub async fn fetch_document(config: &RemoteJwks) -> Result<Bytes, FetchError> {
-    tokio::time::timeout(config.request_timeout, async {
-        let target = Target::parse(&config.url).map_err(FetchError)?;
-        let tls = Arc::new(client_config(config)?);
-        let token = read_token(config)?;
-        get(&target, &tls, &token, config).await
-    })
-    .await
-    .map_err(|_| {
-        FetchError(format!(
-            "{}: no complete answer within {:?}",
-            config.url, config.request_timeout
-        ))
-    })?
+    one_exchange(config, None).await
 }
 
 /// POSTs the JSON `body` to `config.url` (the token review): the same token, CA bundle, timeouts
 /// and body cap as [`fetch`]; the answer's body when the server answered 200 or 201.
 pub async fn post_json(config: &RemoteJwks, body: Bytes) -> Result<Bytes, FetchError> {
+    one_exchange(config, Some(body)).await
+}
+
+/// One GET (`body`: `None`) or JSON POST to `config.url`, within its request timeout.
+async fn one_exchange(config: &RemoteJwks, body: Option<Bytes>) -> Result<Bytes, FetchError> {
     tokio::time::timeout(config.request_timeout, async {
         let target = Target::parse(&config.url).map_err(FetchError)?;
         let tls = Arc::new(client_config(config)?);
         let token = read_token(config)?;
-        exchange(&target, &tls, &token, config, Some(body)).await
+        exchange(&target, &tls, &token, config, body).await
     })
     .await
     .map_err(|_| {
