@@ -18,13 +18,14 @@
 //! the response head ([`Dial::max_head`]) and may end a body that brings nothing for too long
 //! ([`Dial::body_silence`]); either failure closes the connection.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -47,6 +48,10 @@ pub const MAX_IDLE: usize = 512;
 /// The error of [`Bare::request`] when the pool's cap on connections carrying an exchange
 /// ([`Bare::capped`]) is reached: nothing was sent, the request can go another way.
 pub(crate) const BUSY: &str = "every connection the pool may use is carrying an exchange";
+/// The error of [`Bare::request_for`] when the peer's share of the cap ([`BusyCap::share`]) is
+/// reached: nothing was sent.
+pub(crate) const PEER_BUSY: &str =
+    "the peer's share of the pool's connections is carrying its exchanges";
 
 /// A connection a pool can carry exchanges on.
 pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
@@ -135,33 +140,85 @@ pub(crate) struct Bare<D: Dial> {
 }
 
 /// A cap on connections carrying an exchange at once, which pools can share (the inbound's two
-/// pools to one app): clones count together.
+/// pools to one app): clones count together. One peer identity carries at most a quarter of them
+/// ([`BusyCap::share`]): a peer that takes none of its responses holds one connection per request,
+/// and without a share of its own it could hold every one and have every other peer answered 503.
 #[derive(Clone)]
 pub(crate) struct BusyCap {
     busy: Arc<AtomicUsize>,
     max: usize,
+    /// The most one peer identity carries.
+    share: usize,
+    /// What each peer identity carries, while one of its connections holds its counter.
+    by_peer: Arc<Mutex<HashMap<Arc<str>, Weak<AtomicUsize>>>>,
 }
 
+/// One peer identity's count of connections carrying its exchanges ([`BusyCap::peer`]), held by
+/// each of its connections: looked up once per connection, not per request.
+#[derive(Clone)]
+pub(crate) struct PeerBusy(Arc<AtomicUsize>);
+
 impl BusyCap {
-    /// At most `max` at once; `usize::MAX`: no cap, nothing counted.
+    /// At most `max` at once, a quarter of them (at least one) for one peer; `usize::MAX`: no
+    /// cap, nothing counted.
     pub(crate) fn new(max: usize) -> Self {
         Self {
             busy: Arc::new(AtomicUsize::new(0)),
             max,
+            share: (max / 4).max(1),
+            by_peer: Arc::default(),
         }
     }
 
-    /// Counts one more connection carrying an exchange, until the guard is dropped (`None` when
-    /// uncapped); [`BUSY`] when the cap is reached.
-    pub(crate) fn reserve(&self) -> Result<Option<Busy>, String> {
+    /// The most one peer identity carries.
+    pub(crate) fn share(&self) -> usize {
+        self.share
+    }
+
+    /// The counter of peer `id`'s connections carrying an exchange, shared by every connection of
+    /// that identity that asks while another holds it (`None` when uncapped).
+    pub(crate) fn peer(&self, id: &str) -> Option<PeerBusy> {
+        if self.max == usize::MAX {
+            return None;
+        }
+        let mut by_peer = self.by_peer.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = by_peer.get(id).and_then(Weak::upgrade) {
+            return Some(PeerBusy(count));
+        }
+        // Counters no connection holds any more go when the table has doubled since the last
+        // sweep: a table as large as the peers connected now, twice over at most.
+        if by_peer.len() >= 64 && by_peer.len().is_power_of_two() {
+            by_peer.retain(|_, count| count.strong_count() > 0);
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        by_peer.insert(id.into(), Arc::downgrade(&count));
+        Some(PeerBusy(count))
+    }
+
+    /// Counts one more connection carrying an exchange (of `peer`'s, when given), until the guard
+    /// is dropped (`None` when uncapped); [`BUSY`] when the cap is reached, [`PEER_BUSY`] when the
+    /// peer carries its share.
+    pub(crate) fn reserve(&self, peer: Option<&PeerBusy>) -> Result<Option<Busy>, String> {
         if self.max == usize::MAX {
             return Ok(None);
         }
+        if let Some(PeerBusy(count)) = peer
+            && count.fetch_add(1, Ordering::AcqRel) >= self.share
+        {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return Err(PEER_BUSY.to_owned());
+        }
         if self.busy.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.busy.fetch_sub(1, Ordering::AcqRel);
+            if let Some(PeerBusy(count)) = peer {
+                count.fetch_sub(1, Ordering::AcqRel);
+            }
             return Err(BUSY.to_owned());
         }
-        Ok(Some(Busy(self.busy.clone())))
+        Ok(Some(Busy {
+            all: self.busy.clone(),
+            peer: peer.map(|p| p.0.clone()),
+        }))
     }
 
     /// Connections counted now.
@@ -171,12 +228,18 @@ impl BusyCap {
     }
 }
 
-/// One connection counted as carrying an exchange, until dropped.
-pub(crate) struct Busy(Arc<AtomicUsize>);
+/// One connection counted as carrying an exchange (and its peer's, if counted), until dropped.
+pub(crate) struct Busy {
+    all: Arc<AtomicUsize>,
+    peer: Option<Arc<AtomicUsize>>,
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.all.fetch_sub(1, Ordering::AcqRel);
+        if let Some(peer) = &self.peer {
+            peer.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -239,7 +302,16 @@ impl<D: Dial> Bare<D> {
         self: &Arc<Self>,
         head: &http::request::Parts,
     ) -> Result<Response<Body>, String> {
-        let busy = self.cap.reserve()?;
+        self.request_for(head, None).await
+    }
+
+    /// [`Bare::request`] counted against `peer`'s share of the cap too ([`PEER_BUSY`] past it).
+    pub(crate) async fn request_for(
+        self: &Arc<Self>,
+        head: &http::request::Parts,
+        peer: Option<&PeerBusy>,
+    ) -> Result<Response<Body>, String> {
+        let busy = self.cap.reserve(peer)?;
         let target = head.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut wire = Vec::new();
         h1::write_request_head(&mut wire, &head.method, target, &head.headers);
@@ -968,5 +1040,55 @@ mod tests {
         assert_eq!(bare.idle_count(), 1);
         drop(second);
         assert_eq!(bare.busy_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_peer_carries_at_most_its_share_of_a_capped_pool() {
+        const UNFINISHED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello";
+        const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let (addr, seen) = app(vec![
+            vec![Step::Reply(UNFINISHED)],
+            vec![Step::Reply(UNFINISHED)],
+            vec![Step::Reply(OK)],
+            vec![Step::Reply(OK)],
+        ])
+        .await;
+        let dial = TcpDial {
+            target: addr,
+            connect_timeout: Duration::from_secs(5),
+            max_head: h1::MAX_HEAD,
+        };
+        let cap = BusyCap::new(8);
+        assert_eq!(cap.share(), 2);
+        let bare = Bare::sharing(dial, Duration::from_secs(60), cap.clone());
+        let greedy = cap.peer("spiffe://d/ns/a/sa/greedy").unwrap();
+        // Asked again while held, the same counter: another connection of that identity.
+        let again = cap.peer("spiffe://d/ns/a/sa/greedy").unwrap();
+        let other = cap.peer("spiffe://d/ns/a/sa/other").unwrap();
+        let get = head(Method::GET, "/");
+        let first = bare.request_for(&get, Some(&greedy)).await.unwrap();
+        let second = bare.request_for(&get, Some(&again)).await.unwrap();
+        let third = bare.request_for(&get, Some(&greedy)).await;
+        assert_eq!(third.err().as_deref(), Some(PEER_BUSY));
+        assert_eq!(seen.lock().unwrap().connections, 2, "no connection dialed");
+        assert_eq!(bare.busy_count(), 2, "the refused request is not counted");
+        // Another peer is not held back by it.
+        let theirs = bare.request_for(&get, Some(&other)).await.unwrap();
+        assert_eq!(read(theirs).await.unwrap().0, "ok");
+        // One of the greedy peer's responses given up: room for one more of its own.
+        drop(first);
+        let fourth = bare.request_for(&get, Some(&greedy)).await.unwrap();
+        assert_eq!(read(fourth).await.unwrap().0, "ok");
+        drop(second);
+        assert_eq!(bare.busy_count(), 0);
+        // Once no connection holds a counter, the identity starts again from a new one.
+        drop((greedy, again));
+        assert_eq!(
+            cap.peer("spiffe://d/ns/a/sa/greedy")
+                .unwrap()
+                .0
+                .load(Ordering::Acquire),
+            0
+        );
     }
 }

@@ -2311,9 +2311,12 @@ async fn a_policy_that_drops_the_peer_ends_its_http_streams() {
 /// it a request is answered 503 at once, and once a held response goes its connection is free for
 /// the next request. Before, every such response held one more app connection (a peer with an h2
 /// window of zero and 200 streams on each of its connections could use up loopback's ephemeral
-/// ports, and every other peer got 502).
+/// ports, and every other peer got 502). One peer identity holds at most a quarter of them (one,
+/// of two): before, one peer's untaken responses could hold every app connection, and every other
+/// peer was answered 503 until the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_left_untaken_hold_no_more_app_connections_than_the_cap() {
+    const THIRD: &str = "spiffe://cluster.local/ns/shop/sa/third";
     let limits = Limits {
         max_app_connections: 2,
         ..Limits::default()
@@ -2322,26 +2325,36 @@ async fn responses_left_untaken_hold_no_more_app_connections_than_the_cap() {
         "127.0.0.94",
         streaming_app().await,
         limits,
-        http_policy(&[CLIENT, OTHER]),
+        http_policy(&[CLIENT, OTHER, THIRD]),
     )
     .await;
     let client = e.pki.workload(CLIENT);
     let other = e.pki.workload(OTHER);
+    let third = e.pki.workload(THIRD);
+    /// The 503's head and the start of its body, for `who`'s request of a stream.
+    async fn refused(e: &Http, who: &Workload) -> String {
+        let mut tls = connect_as(&e.pki, &e.sidecar, who).await.unwrap();
+        tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        let mut body = [0u8; 512];
+        let n = tls.read(&mut body).await.unwrap();
+        String::from_utf8_lossy(&body[..n]).into_owned()
+    }
     let first = open_stream(&e.pki, &e.sidecar, &client).await;
-    let _second = open_stream(&e.pki, &e.sidecar, &client).await;
-    let mut tls = connect_as(&e.pki, &e.sidecar, &other).await.unwrap();
-    tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
-        .await
-        .unwrap();
-    let head = read_head(&mut tls).await;
-    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
-    let mut body = [0u8; 512];
-    let n = tls.read(&mut body).await.unwrap();
-    let body = String::from_utf8_lossy(&body[..n]);
+    // The client's share is one: its second request waits on no app connection.
+    let body = refused(&e, &client).await;
+    assert!(body.contains("its share"), "{body}");
+    // Another peer's is its own.
+    let _second = open_stream(&e.pki, &e.sidecar, &other).await;
+    let body = refused(&e, &third).await;
     assert!(body.contains("--max-app-connections"), "{body}");
+    assert!(!body.contains("its share"), "{body}");
     drop(first);
     let freed = eventually(Duration::from_secs(10), || async {
-        let mut tls = connect_as(&e.pki, &e.sidecar, &other).await.unwrap();
+        let mut tls = connect_as(&e.pki, &e.sidecar, &third).await.unwrap();
         tls.write_all(b"GET /api/stream HTTP/1.1\r\nHost: app\r\n\r\n")
             .await
             .unwrap();

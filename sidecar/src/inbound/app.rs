@@ -13,7 +13,8 @@
 //! again on another one; a request that a new connection fails is answered with the error. Idle
 //! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept in each pool.
 //! At most `--max-app-connections` connections of both pools carry a request at once (a response a
-//! peer does not take holds its connection); past it a request is refused without dialing.
+//! peer does not take holds its connection), and one peer identity's requests at most a quarter of
+//! them; past either a request is refused without dialing.
 //!
 //! A response head longer than `--max-header-bytes` fails its request (a 502 to the peer) and
 //! closes its connection, on both pools: the bare one counts the raw head's bytes; hyper's client
@@ -37,7 +38,7 @@ use meshid_runtime::h1::Error as HeadError;
 use tokio::time::Instant;
 
 pub use crate::bare::MAX_IDLE;
-use crate::bare::{Bare, Busy, BusyCap, TcpDial};
+use crate::bare::{Bare, Busy, BusyCap, PeerBusy, TcpDial};
 use crate::http::{Body, BoxError, ReqBody, root_cause};
 
 /// How long an idle app connection is kept for the next request.
@@ -138,21 +139,43 @@ where
     /// back into its pool once read to the end; a `101 Switching Protocols` response keeps it (it
     /// becomes the upgraded stream).
     pub async fn request(self: &Arc<Self>, req: Request<B>) -> Result<Response<Body>, String> {
+        self.request_for(req, None).await
+    }
+
+    /// [`Self::request`] counted against `peer`'s share of `--max-app-connections` too
+    /// ([`crate::bare::PEER_BUSY`] past it).
+    pub(crate) async fn request_for(
+        self: &Arc<Self>,
+        req: Request<B>,
+        peer: Option<&PeerBusy>,
+    ) -> Result<Response<Body>, String> {
         if crate::bare::suits(&req) {
             let (head, _empty) = req.into_parts();
-            return self.bare.request(&head).await;
+            return self.bare.request_for(&head, peer).await;
         }
         // Boxed: hyper's client futures (a connection's handshake, the exchange) are several KiB,
         // and inline they would size every request's future, bodiless ones too.
-        Box::pin(self.request_with_body(req)).await
+        Box::pin(self.request_with_body(req, peer)).await
+    }
+
+    /// The counter of peer `id`'s app connections carrying a request, for [`Self::request_for`]
+    /// (one per peer connection).
+    pub(crate) fn peer(&self, id: &str) -> Option<PeerBusy> {
+        self.cap.peer(id)
+    }
+
+    /// The most app connections one peer identity's requests hold at once.
+    pub fn peer_share(&self) -> usize {
+        self.cap.share()
     }
 
     /// [`Self::request`] on hyper's pool: requests with a body, and upgrades.
     async fn request_with_body(
         self: &Arc<Self>,
         req: Request<B>,
+        peer: Option<&PeerBusy>,
     ) -> Result<Response<Body>, String> {
-        let busy = self.cap.reserve()?;
+        let busy = self.cap.reserve(peer)?;
         let sent = Arc::new(AtomicBool::new(false));
         let mut req = req.map(|inner| Sent::new(inner, sent.clone()));
         loop {

@@ -336,6 +336,7 @@ where
     // Shared per connection, so a request clones one Arc, not every store and metric handle.
     let ctx = Arc::new(Conn {
         said: PeerHeaders::new(&peer, shared),
+        app_share: http.h1.peer(peer.id().as_str()),
         peer,
         slot,
         metrics,
@@ -370,6 +371,9 @@ struct Conn {
     /// This connection's h2 client to the app ([`InboundHttp::app_h2`]), made at its first h2
     /// call (boxed: most connections never make one, and every connection holds this).
     app_h2: std::sync::OnceLock<Box<Client<HttpConnector, ReqBody>>>,
+    /// The peer identity's count of app connections carrying its requests (a quarter of
+    /// `--max-app-connections` at most), shared with its other connections.
+    app_share: Option<crate::bare::PeerBusy>,
 }
 
 /// The values of the headers that say who called: fixed for a connection (one peer certificate,
@@ -592,7 +596,7 @@ async fn inbound_request(
                 Err(error) => Err(root_cause(&error)),
             }
         } else {
-            http.h1.request(req).await
+            http.h1.request_for(req, conn.app_share.as_ref()).await
         }
     };
     let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
@@ -602,6 +606,16 @@ async fn inbound_request(
                 format!(
                     "the app did not answer within {:?}",
                     shared.limits.request_timeout
+                ),
+            );
+        }
+        Ok(Err(error)) if error == crate::bare::PEER_BUSY => {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "this caller's requests are holding {} connections to the app, its share \
+                     (a quarter of --max-app-connections); try again later",
+                    http.h1.peer_share()
                 ),
             );
         }
