@@ -406,9 +406,10 @@ pub fn review(config: &InjectConfig, scope: Scope, review: &Value) -> Value {
 }
 
 /// Answers an AdmissionReview: a pod CREATE is decided by [`mutate_pod`], a pod UPDATE by
-/// [`validate_update`] and an UPDATE of its `ephemeralcontainers` subresource by
-/// [`validate_ephemeral_containers`] (admitted or denied, never patched), anything else (other
-/// kinds, other operations, other subresources such as `status`) is admitted unchanged. A
+/// [`validate_update`] (its `status` subresource too: a status update carries metadata) and an
+/// UPDATE of its `ephemeralcontainers` subresource by [`validate_ephemeral_containers`]
+/// (admitted or denied, never patched), anything else (other kinds, other operations) is
+/// admitted unchanged. A
 /// review that is not one the API server sends (another `apiVersion` than v1, a top-level `kind`
 /// other than `AdmissionReview`, no request, a request without a `uid`, a pod CREATE or UPDATE
 /// without its object) is answered with an error status (and `allowed: false`, so a broken

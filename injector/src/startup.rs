@@ -45,8 +45,9 @@ pub struct InjectorArgs {
     /// HTTPS listener for the API server.
     #[arg(long, env = "MESHID_INJECTOR_LISTEN", default_value = "0.0.0.0:9443")]
     pub listen: String,
-    /// Plain-HTTP admin listener: `/healthz`, `/readyz` and `/metrics` (Prometheus text, including
-    /// the serving certificate's expiry). None unless set.
+    /// Plain-HTTP admin listener: `/healthz`, `/readyz` and `/metrics` (OpenMetrics text, or
+    /// Prometheus text when asked for; including the serving certificate's expiry). None unless
+    /// set.
     #[arg(long, env = "MESHID_INJECTOR_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// Sidecar image.

@@ -94,7 +94,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Check a policy file as the sidecar would load it (every problem, each with its line), warn
     /// about rules that never decide anything, and, with --peer and --port, say what it decides for
-    /// that caller. Exit 0: valid (and allowed), warnings or not; 1: invalid file; 2: denied.
+    /// that caller. Exit 0: valid (and allowed), warnings or not; 1: invalid file; 2: denied; 64:
+    /// a usage error (such as --method without --path).
     CheckPolicy(CheckPolicyArgs),
     /// Explain a denial: the peer, port, method, path, policy version, and the rule that decided
     /// or the closest rule and what in it did not match, for a decision ID from a deny's log line
@@ -333,9 +334,10 @@ pub struct RunArgs {
     )]
     pub max_app_connections: String,
     /// Memory, in bytes, that the POST form bodies being read whole to check their `_method`
-    /// fields may hold together, across every connection (each body is at most 1 MiB). A request
-    /// whose body finds no room is answered 503 at once (413 if it alone needs more than this);
-    /// keep it well under the container's memory limit.
+    /// fields may hold together, across every connection (each body is at most 1 MiB), one peer
+    /// identity's at most a quarter of it (never less than 1 MiB). A request whose body finds no
+    /// room is answered 503 at once (413 if it alone needs more than this); keep it well under the
+    /// container's memory limit.
     #[arg(
         long,
         env = "MESHID_SIDECAR_FORM_BODY_MEMORY",
