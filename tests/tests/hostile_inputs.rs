@@ -76,6 +76,12 @@ fn certificates_and_identities() {
     let mut rng = Rng(0x5eed_0001);
     let mut inputs = mutations(&leaf, &mut rng, 3000);
     inputs.extend(random_bytes(&mut rng, 500));
+    // The seed itself reads: the mutations start from a certificate that gets past every check.
+    assert_eq!(
+        spiffe_id_from_der(&leaf).unwrap().as_str(),
+        "spiffe://cluster.local/ns/shop/sa/frontend"
+    );
+    assert!(cert_identity_from_der(&leaf).is_ok());
     for input in inputs {
         let _ = spiffe_id_from_der(&input);
         let _ = cert_identity_from_der(&input);
@@ -102,15 +108,35 @@ fn spiffe_ids() {
 fn certification_requests() {
     let csr = WorkloadKey::new().csr;
     let mut rng = Rng(0x5eed_0003);
+    use x509_parser::prelude::FromDer;
+    /// The bytes a CSR's signature covers, and the signature.
+    fn signed(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(der)
+            .expect("an accepted CSR parses");
+        (
+            csr.certification_request_info.raw.to_vec(),
+            csr.signature_value.data.to_vec(),
+        )
+    }
+    assert!(
+        CsrPublicKey::from_csr_der(&csr).is_ok(),
+        "the seed is accepted"
+    );
+    let seed = signed(&csr);
     let mut accepted = 0;
     let mut inputs = mutations(&csr, &mut rng, 3000);
     inputs.extend(random_bytes(&mut rng, 500));
     for input in inputs {
         if CsrPublicKey::from_csr_der(&input).is_ok() {
             accepted += 1;
+            // A mutated CSR only passes when the mutation left the signed part and its signature
+            // as they were (a change to the outer framing or the algorithm's encoding may pass).
+            assert!(
+                signed(&input) == seed,
+                "a changed CSR accepted: {input:02x?}"
+            );
         }
     }
-    // A mutated CSR only passes when the mutation left the signed part and signature intact.
     assert!(accepted < 300, "{accepted} mutated CSRs accepted");
 }
 
@@ -118,6 +144,10 @@ fn certification_requests() {
 fn policy_files() {
     let seed = b"mode: audit\ninbound:\n  - port: 8080\n    protocol: http\n    allow:\n      - id: spiffe://cluster.local/ns/ops/sa/*\n        methods: [GET]\n        paths: [/metrics, /api/*]\n";
     let mut rng = Rng(0x5eed_0004);
+    assert!(
+        Policy::parse(std::str::from_utf8(seed).unwrap()).is_ok(),
+        "the seed is a valid policy"
+    );
     for input in mutations(seed, &mut rng, 3000) {
         let text = String::from_utf8_lossy(&input);
         let _ = Policy::parse(&text);

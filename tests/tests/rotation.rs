@@ -136,16 +136,22 @@ async fn root_rotation_under_traffic_with_gates() {
         })
         .await
         .unwrap();
-        // An ack for a certificate the caller does not hold is refused.
+        // An ack for a certificate the caller does not hold is refused, for that reason (the
+        // version is one published: only the certificate is wrong).
         let forged = c
             .ack_trust_bundle(AckTrustBundleRequest {
                 instance_id: "lagging-1".into(),
-                bundle_version: 99,
+                bundle_version: 1,
                 serving_chain: vec![ca.roots[0].to_vec()],
                 file_mode: false,
             })
-            .await;
-        assert!(forged.is_err());
+            .await
+            .unwrap_err();
+        assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+        assert!(
+            forged.message().contains("not the one presented"),
+            "{forged:?}"
+        );
         stream
     };
 
@@ -201,6 +207,10 @@ async fn root_rotation_under_traffic_with_gates() {
     assert!(
         report.authorities.iter().all(|x| x.name == new_name),
         "{report:?}"
+    );
+    assert!(
+        report.sidecars.iter().filter(|s| s.connected).count() >= 2,
+        "both sidecars connected: {report:?}"
     );
     assert!(
         report
@@ -342,6 +352,7 @@ async fn intermediate_rotation_and_forced_retire_renew_at_once() {
         let report = rotation::status(&dir, &admins).await.unwrap();
         anchors(a).await == Some(1)
             && anchors(b).await == Some(1)
+            && report.sidecars.iter().filter(|s| s.connected).count() >= 2
             && report
                 .sidecars
                 .iter()
