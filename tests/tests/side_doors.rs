@@ -3087,3 +3087,47 @@ async fn stalled_h2_connections_write_few_log_lines() {
         window,
     );
 }
+
+/// A denied request's log line quotes its method and path cut to 512 bytes each, as `/decisions`
+/// keeps them: a `_method` form field names a method of up to a form's 1 MiB, and the line quoted
+/// it whole (escaped, up to six times that) at every denial, 10 lines a second per peer. A long path
+/// shows it here (the same cut applies to both). A real sidecar, its JSON log read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_request_is_logged_with_its_method_and_path_cut() {
+    let (app, _) = big_app().await;
+    let s = LoggedSidecar::start("127.0.0.215", app, &[]);
+    // Past the cut, within what a request line may hold.
+    let long = "x".repeat(4_000);
+    let mut tls = mtls_connect(s.inbound, s.cfg.clone()).await.unwrap();
+    tls.write_all(format!("GET /nope/{long} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let line = eventually_some(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "denied")
+    })
+    .await
+    .expect("a denied line");
+    let path = line["path"].as_str().expect("a path field");
+    assert!(path.starts_with("/nope/xxx"), "{line}");
+    assert!(path.len() <= 512, "a path of {} bytes logged", path.len());
+    assert_eq!(line["method"], "GET", "{line}");
+}
+
+/// Calls `f` every 50 ms until it gives something or `within` has passed.
+async fn eventually_some<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = Instant::now() + within;
+    loop {
+        if let Some(t) = f() {
+            return Some(t);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

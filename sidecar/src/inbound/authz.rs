@@ -318,6 +318,7 @@ impl Authorizer {
             reason.clone(),
         );
         if let Some(left_out) = logged {
+            let (method, path) = logged_request(method, path);
             tracing::warn!(peer = %id, port, rule, why = %reason, method, path, traceparent, decision = %decision_id, left_out, "denied");
         }
         decision_id
@@ -546,6 +547,7 @@ impl Authorizer {
                             })
                             .find(|(_, d)| !d.allowed);
                         if let Some((method, decision)) = denied {
+                            let (method, path) = logged_request(method, path);
                             ended
                                 .get_or_create(&crate::metrics::ConnLabels {
                                     direction: "inbound",
@@ -637,6 +639,7 @@ impl Authorizer {
         );
         // Lines are limited per peer (see `decisions`); `left_out` counts the peer's lines not
         // written since its last one.
+        let (method, path) = logged_request(method, path);
         match logged {
             None => {}
             Some(left_out) if kind == "deny" => {
@@ -679,6 +682,15 @@ impl Authorizer {
         );
         (id, logged)
     }
+}
+
+/// A request's method and path as its log lines name them: at most
+/// [`crate::decisions::MAX_FIELD`] bytes each, as `/decisions` keeps them. A `_method` form field
+/// names a method of up to a form's 1 MiB, which its line would have quoted whole (escaped, five
+/// times that) for every denial.
+fn logged_request<'a>(method: &'a str, path: &'a str) -> (&'a str, &'a str) {
+    use crate::decisions::{MAX_FIELD, cut_str};
+    (cut_str(method, MAX_FIELD), cut_str(path, MAX_FIELD))
 }
 
 /// Counts and logs the end of an inbound connection whose peer the trust bundle no longer trusts.
