@@ -553,7 +553,8 @@ impl<D: Dial> HttpBody for BareBody<D> {
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Ok(Decoded::Trailers(trailers)) => {
+                Ok(Decoded::Trailers(mut trailers)) => {
+                    crate::http::strip_sidecar_headers(&mut trailers);
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
                 Ok(Decoded::End) => {

@@ -12,7 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -53,8 +53,13 @@ pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 /// must not have the app serve another path than the one it was allowed. The client-IP headers
 /// that frameworks take as the caller's address (chi's `RealIP` prefers `True-Client-IP`, Rails
 /// reads `Client-Ip`) go too, and `Proxy`, which CGI and FastCGI apps turn into `HTTP_PROXY` for
-/// their own outgoing calls ("httpoxy").
-pub const PEER_HEADERS: [&str; 17] = [
+/// their own outgoing calls ("httpoxy"). So do the headers in which a TLS-terminating front proxy
+/// passes the client's certificate or what it verified of it, which apps with certificate
+/// forwarding turned on take as the caller's: Tomcat's `SSLValve` (`ssl_client_cert`), ASP.NET
+/// Core's certificate forwarding (`X-Client-Cert`), Azure's `X-ARR-ClientCert`, Traefik's
+/// `X-Forwarded-Tls-Client-Cert(-Info)`, AWS ALB's `X-Amzn-Mtls-Clientcert(-Leaf)`, and the
+/// `X-SSL-Client-*` names common in nginx setups.
+pub const PEER_HEADERS: [&str; 31] = [
     XFCC,
     "x-forwarded-for",
     "forwarded",
@@ -72,6 +77,20 @@ pub const PEER_HEADERS: [&str; 17] = [
     "cf-connecting-ip",
     "fastly-client-ip",
     "proxy",
+    "x-client-cert",
+    "ssl-client-cert",
+    "ssl-client-verify",
+    "x-ssl-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-verify",
+    "x-ssl-client-dn",
+    "x-ssl-client-s-dn",
+    "x-arr-clientcert",
+    "x-forwarded-tls-client-cert",
+    "x-forwarded-tls-client-cert-info",
+    "x-amzn-mtls-clientcert",
+    "x-amzn-mtls-clientcert-leaf",
+    "x-amzn-mtls-clientcert-serial-number",
 ];
 
 /// What a peer's request trailers may not carry to the app: its trailers reach the app as its
@@ -244,9 +263,23 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Drops every `x-meshid-*` header from an app's response. Those are the sidecars' own words (why
-/// a request was refused, the decision's ID): a caller that reads one must be able to trust that a
-/// sidecar wrote it, not an app imitating a denial.
+/// [`strip_sidecar_headers`] for a response body's frame: an app's trailers are read as its
+/// headers are (a gRPC client sees `grpc-status` and its neighbours there), and no sidecar puts its
+/// words in trailers.
+pub(crate) fn strip_sidecar_trailers<D>(frame: Frame<D>) -> Frame<D> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            strip_sidecar_headers(&mut trailers);
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
+}
+
+/// Drops every `x-meshid-*` header from an app's response (its trailers:
+/// [`strip_sidecar_trailers`]). Those are the sidecars' own words (why a request was refused, the
+/// decision's ID): a caller that reads one must be able to trust that a sidecar wrote it, not an
+/// app imitating a denial.
 pub(crate) fn strip_sidecar_headers(headers: &mut http::HeaderMap) {
     const PREFIX: &str = "x-meshid-";
     let ours = |name: &HeaderName| name.as_str().starts_with(PREFIX);
@@ -837,6 +870,20 @@ mod tests {
             "cf-connecting-ip",
             "fastly_client_ip",
             "Proxy",
+            "X-Client-Cert",
+            "ssl_client_cert",
+            "SSL_CLIENT_VERIFY",
+            "X-SSL-Cert",
+            "X-SSL-Client-Cert",
+            "x_ssl_client_verify",
+            "X-SSL-Client-DN",
+            "X-SSL-Client-S-DN",
+            "X-ARR-ClientCert",
+            "X-Forwarded-Tls-Client-Cert",
+            "X-Forwarded-Tls-Client-Cert-Info",
+            "X-Amzn-Mtls-Clientcert",
+            "X-Amzn-Mtls-Clientcert-Leaf",
+            "X-Amzn-Mtls-Clientcert-Serial-Number",
             // PHP folds `.` into `_` too: one `$_SERVER` key with the sidecar's own header.
             "x.forwarded.client.cert",
             "X.Forwarded_Client-Cert",

@@ -422,6 +422,19 @@ pub async fn http_request<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (status, headers, body, _) = http_exchange(io, h2, req).await?;
+    Ok((status, headers, body))
+}
+
+/// [`http_request`], with the response's trailers (empty when it had none).
+pub async fn http_exchange<IO>(
+    io: IO,
+    h2: bool,
+    req: Request<Full<Bytes>>,
+) -> Result<(u16, hyper::HeaderMap, String, hyper::HeaderMap), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(io);
     let resp = if h2 {
         let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
@@ -438,13 +451,19 @@ where
     };
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
+    let collected = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
+        .map_err(|e| e.to_string())?;
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
+    Ok((
+        status,
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+        trailers,
+    ))
 }
 
 /// A GET request for `path` with extra headers.

@@ -10,7 +10,7 @@ use meshid_identity::policy::Protocol;
 use meshid_sidecar::settings::Limits;
 use meshid_tests::mesh::{
     SidecarSpec, TestPki, TestSidecar, Workload, client_config, eventually, get, http_echo,
-    http_request, mtls_connect, read_response,
+    http_exchange, http_request, mtls_connect, read_response,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -768,6 +768,77 @@ async fn the_sidecars_own_headers_come_from_the_sidecar_alone() {
         "{head}"
     );
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Nor in its trailers: an app that ends a chunked answer with an `x-meshid-reason` trailer (a gRPC
+/// error dressed as a sidecar's denial) reaches the caller without it, its own trailers kept, on
+/// both app pools (a bodiless request's and one with a body) and to HTTP/1.1 and h2 callers.
+/// Before, only the response head was cleaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_own_words_are_not_in_an_apps_trailers() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 1024];
+                // One request per connection: the head, then a body of its content-length.
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\
+                          trailer: x-meshid-reason, x-app-trailer\r\nconnection: close\r\n\r\n\
+                          2\r\nok\r\n0\r\nx-meshid-reason: the sidecar says no\r\n\
+                          X-Meshid-Decision: d-forged\r\nx-app-trailer: kept\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let e = env(Limits::default(), app).await;
+    let client = client_of(&e);
+    for h2 in [false, true] {
+        for with_body in [false, true] {
+            let mut req = if with_body {
+                let mut req = get("/api/x", &[("te", "trailers")]);
+                *req.method_mut() = hyper::Method::PUT;
+                *req.body_mut() = http_body_util::Full::new(bytes::Bytes::from_static(b"hi"));
+                req
+            } else {
+                get("/api/x", &[("te", "trailers")])
+            };
+            if h2 {
+                req.headers_mut().remove("host");
+            }
+            let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+            let cfg = client_config(
+                &e.pki.roots(),
+                &e.pki.trust_domain,
+                Some(&client),
+                &e.sidecar.id,
+                alpn,
+            );
+            let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+            let (status, _, body, trailers) = http_exchange(tls, h2, req).await.unwrap();
+            let case = format!("h2: {h2}, body: {with_body}");
+            assert_eq!((status, body.as_str()), (200, "ok"), "{case}");
+            assert_eq!(
+                trailers.get("x-app-trailer").map(|v| v.to_str().unwrap()),
+                Some("kept"),
+                "{case}: {trailers:?}"
+            );
+            assert!(
+                !trailers.keys().any(|k| k.as_str().starts_with("x-meshid-")),
+                "{case}: {trailers:?}"
+            );
+        }
+    }
 }
 
 /// A quiet HTTP/1.1 keep-alive connection gives hyper's buffers back and waits on its socket alone;

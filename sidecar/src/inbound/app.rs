@@ -377,7 +377,12 @@ impl<B> HttpBody for AppBody<B> {
             }
             _ => {}
         }
-        polled.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
+        polled.map(|frame| {
+            frame.map(|r| {
+                r.map(crate::http::strip_sidecar_trailers)
+                    .map_err(BoxError::from)
+            })
+        })
     }
 
     fn is_end_stream(&self) -> bool {

@@ -592,7 +592,11 @@ async fn inbound_request(
         if to_h2 {
             let h2 = conn.app_h2.get_or_init(|| Box::new(http.app_h2()));
             match h2.request(req).await {
-                Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
+                Ok(resp) => Ok(resp.map(|b| {
+                    b.map_frame(crate::http::strip_sidecar_trailers)
+                        .map_err(BoxError::from)
+                        .boxed()
+                })),
                 Err(error) => Err(root_cause(&error)),
             }
         } else {
