@@ -302,7 +302,7 @@ fn unrevoke(args: &UnrevokeArgs) -> Result<(), Failure> {
     let what = args.target.parse(&td).map_err(Failure::Usage)?;
     let lifted = Revocations::update(&args.dir, |list| {
         list.prune(unix_now());
-        list.unrevoke(&what)
+        list.unrevoke(&what, unix_now())
             .ok_or_else(|| format!("{what} is not revoked"))
     })?;
     tracing::warn!(

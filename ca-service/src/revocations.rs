@@ -14,6 +14,11 @@
 //! The bundle carries the list as the file holds it, so every CA on the directory serves the same
 //! bundle under the same version: each command that writes the list also moves the directory's
 //! bundle version on (`authorities.json`).
+//!
+//! `unrevoke` records what it lifted, and when, for a day (`lifted`): a running CA takes a list
+//! that no longer holds an entry it enforces only with such a record
+//! ([`Revocations::dropped_from`]), so an older copy of the directory applied over a newer one
+//! lifts nothing.
 
 use std::path::Path;
 
@@ -67,11 +72,27 @@ struct FileEntry {
     reason: String,
 }
 
+/// One lifted revocation as the file holds it (`meshid-ca unrevoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLifted {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    lifted_at: i64,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileContents {
     version: u32,
     entries: Vec<FileEntry>,
+    /// Revocations `unrevoke` lifted in the last day ([`PRUNE_AFTER_SECS`]): what tells a lifted
+    /// entry from one an older copy of the directory never had. Absent when none (a file an older
+    /// CA reads).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    lifted: Vec<FileLifted>,
 }
 
 /// One revocation, checked.
@@ -107,10 +128,20 @@ impl Entry {
     }
 }
 
+/// A revocation `meshid-ca unrevoke` lifted, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifted {
+    pub what: Revoked,
+    /// Unix seconds.
+    pub lifted_at: i64,
+}
+
 /// The checked list of a CA directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revocations {
     entries: Vec<Entry>,
+    /// What `unrevoke` lifted lately ([`PRUNE_AFTER_SECS`]), for [`Revocations::dropped_from`].
+    lifted: Vec<Lifted>,
 }
 
 /// Why [`Revocations::update`] changed nothing.
@@ -199,18 +230,39 @@ impl Revocations {
                 format!("{} entries; at most {MAX_REVOCATIONS}", file.entries.len()),
             ));
         }
+        if file.lifted.len() > MAX_REVOCATIONS {
+            return Err(invalid(
+                &path,
+                format!(
+                    "{} lifted entries; at most {MAX_REVOCATIONS}",
+                    file.lifted.len()
+                ),
+            ));
+        }
+        let revoked = |id: Option<String>, serial: Option<String>| -> Result<Revoked, String> {
+            match (id, serial) {
+                (Some(id), None) => Ok(Revoked::Id(
+                    SpiffeId::parse(&id).map_err(|err| err.to_string())?,
+                )),
+                (None, Some(serial)) => Ok(Revoked::Serial(
+                    normalize_serial(&serial).map_err(|err| err.to_string())?,
+                )),
+                _ => Err("names neither or both of `id` and `serial`".into()),
+            }
+        };
+        let mut lifted = Vec::with_capacity(file.lifted.len());
+        for (i, l) in file.lifted.into_iter().enumerate() {
+            let what = revoked(l.id, l.serial)
+                .map_err(|why| invalid(&path, format!("lifted entry {}: {why}", i + 1)))?;
+            lifted.push(Lifted {
+                what,
+                lifted_at: l.lifted_at,
+            });
+        }
         let mut entries = Vec::with_capacity(file.entries.len());
         for (i, e) in file.entries.into_iter().enumerate() {
             let bad = |why: String| invalid(&path, format!("entry {}: {why}", i + 1));
-            let what = match (e.id, e.serial) {
-                (Some(id), None) => {
-                    Revoked::Id(SpiffeId::parse(&id).map_err(|err| bad(err.to_string()))?)
-                }
-                (None, Some(serial)) => {
-                    Revoked::Serial(normalize_serial(&serial).map_err(|err| bad(err.to_string()))?)
-                }
-                _ => return Err(bad("names neither or both of `id` and `serial`".into())),
-            };
+            let what = revoked(e.id, e.serial).map_err(bad)?;
             check_reason(&e.reason).map_err(bad)?;
             if e.expires_at < e.revoked_at {
                 return Err(bad("expires before it was revoked".into()));
@@ -222,7 +274,7 @@ impl Revocations {
                 reason: e.reason,
             });
         }
-        Ok(Self { entries })
+        Ok(Self { entries, lifted })
     }
 
     /// Reads the list in `dir`, lets `change` edit it, and writes it back with the bundle
@@ -263,6 +315,21 @@ impl Revocations {
                         revoked_at: e.revoked_at,
                         expires_at: e.expires_at,
                         reason: e.reason.clone(),
+                    }
+                })
+                .collect(),
+            lifted: self
+                .lifted
+                .iter()
+                .map(|l| {
+                    let (id, serial) = match &l.what {
+                        Revoked::Id(id) => (Some(id.to_string()), None),
+                        Revoked::Serial(s) => (None, Some(s.clone())),
+                    };
+                    FileLifted {
+                        id,
+                        serial,
+                        lifted_at: l.lifted_at,
                     }
                 })
                 .collect(),
@@ -352,7 +419,13 @@ impl Revocations {
                 served
             })
             .collect();
-        (Self { entries }, raised)
+        (
+            Self {
+                entries,
+                lifted: self.lifted.clone(),
+            },
+            raised,
+        )
     }
 
     /// `self` with every entry of `newer` that narrows trust: one for a certificate or identity
@@ -386,23 +459,67 @@ impl Revocations {
         if entries.len() > MAX_REVOCATIONS {
             return Err(entries.len());
         }
-        Ok(changed.then_some(Self { entries }))
+        Ok(changed.then_some(Self {
+            entries,
+            lifted: self.lifted.clone(),
+        }))
     }
 
-    /// Removes the revocation of `what`; returns it if there was one.
-    pub fn unrevoke(&mut self, what: &Revoked) -> Option<Entry> {
+    /// Removes the revocation of `what`, recording that it was lifted at `now` (so a CA that
+    /// enforces it tells this from an older copy of the list: [`Self::dropped_from`]); returns it
+    /// if there was one.
+    pub fn unrevoke(&mut self, what: &Revoked, now: i64) -> Option<Entry> {
         let i = self.entries.iter().position(|e| &e.what == what)?;
+        self.lifted.retain(|l| &l.what != what);
+        if self.lifted.len() >= MAX_REVOCATIONS {
+            // The oldest record goes: the list is bounded as its entries are.
+            if let Some(oldest) = (0..self.lifted.len()).min_by_key(|&j| self.lifted[j].lifted_at) {
+                self.lifted.remove(oldest);
+            }
+        }
+        self.lifted.push(Lifted {
+            what: what.clone(),
+            lifted_at: now,
+        });
         Some(self.entries.remove(i))
     }
 
+    /// What `unrevoke` lifted lately.
+    pub fn lifted(&self) -> &[Lifted] {
+        &self.lifted
+    }
+
     /// Drops serial entries whose certificate has expired, a day ([`PRUNE_AFTER_SECS`]) past the
-    /// file's expiry (an identity stays revoked until `unrevoke`); returns how many went.
+    /// file's expiry (an identity stays revoked until `unrevoke`), and records of lifted entries
+    /// older than a day; returns how many entries went.
     pub fn prune(&mut self, now: i64) -> usize {
         let before = self.entries.len();
         self.entries.retain(|e| {
             matches!(e.what, Revoked::Id(_)) || now < e.expires_at.saturating_add(PRUNE_AFTER_SECS)
         });
+        self.lifted
+            .retain(|l| now < l.lifted_at.saturating_add(PRUNE_AFTER_SECS));
         before - self.entries.len()
+    }
+
+    /// The entries of `self` (the list a CA enforces) that `next` (a newer load of the directory)
+    /// no longer lists although nothing lifted them: `next` records no `unrevoke` of it since it
+    /// was revoked, and it is an identity (revoked until lifted) or a serial still in force at
+    /// `now` (one past its expiry names no live certificate, and `prune` drops it). A list applied
+    /// from an older copy of the CA directory (two operators, each with a copy, revoking one thing
+    /// each and applying it to the cluster as a Secret) would otherwise lift what the other
+    /// revoked, with nothing but an audit line to say so.
+    pub fn dropped_from<'a>(&'a self, next: &Self, now: i64) -> Vec<&'a Entry> {
+        let listed: std::collections::HashSet<&Revoked> =
+            next.entries.iter().map(|e| &e.what).collect();
+        let lifted: std::collections::HashMap<&Revoked, i64> =
+            next.lifted.iter().map(|l| (&l.what, l.lifted_at)).collect();
+        self.entries
+            .iter()
+            .filter(|e| !listed.contains(&e.what))
+            .filter(|e| lifted.get(&e.what).is_none_or(|&at| at < e.revoked_at))
+            .filter(|e| matches!(e.what, Revoked::Id(_)) || e.in_force(now))
+            .collect()
     }
 
     /// Why the CA must not issue for `id` (presenting, for a renewal, the certificate with
@@ -704,9 +821,65 @@ mod tests {
         assert_eq!(pruned.prune(1070 + PRUNE_AFTER_SECS - 1), 0);
         assert_eq!(pruned.prune(1070 + PRUNE_AFTER_SECS), 1);
         assert!(pruned.refuses(&a, None).is_some());
-        assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_some());
-        assert!(pruned.unrevoke(&Revoked::Id(a.clone())).is_none());
+        assert!(pruned.unrevoke(&Revoked::Id(a.clone()), 2000).is_some());
+        assert!(pruned.unrevoke(&Revoked::Id(a.clone()), 2000).is_none());
         assert!(pruned.refuses(&a, None).is_none());
+    }
+
+    #[test]
+    fn an_entry_gone_from_a_newer_list_was_dropped_unless_unrevoke_lifted_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (x, y) = (id("spiffe://td/ns/a/sa/x"), id("spiffe://td/ns/a/sa/y"));
+        let mut enforced = Revocations::default();
+        enforced
+            .revoke(Revoked::Id(x.clone()), 100, 60, String::new())
+            .unwrap();
+        enforced
+            .revoke(Revoked::Serial("ab".into()), 100, 60, String::new())
+            .unwrap();
+        // A copy from before either was revoked, with a revocation of its own.
+        let mut stale = Revocations::default();
+        stale
+            .revoke(Revoked::Id(y.clone()), 120, 60, String::new())
+            .unwrap();
+        let dropped: Vec<_> = enforced
+            .dropped_from(&stale, 130)
+            .into_iter()
+            .cloned()
+            .collect();
+        assert_eq!(dropped, enforced.entries().to_vec());
+        // Past its expiry a serial names no live certificate: its going lifts nothing.
+        let dropped = enforced.dropped_from(&stale, 160);
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].what, Revoked::Id(x.clone()));
+        // Lifted by unrevoke (and read back from the file): not dropped.
+        let mut newer = enforced.clone();
+        assert!(newer.unrevoke(&Revoked::Id(x.clone()), 140).is_some());
+        newer.save(dir.path()).unwrap();
+        let newer = Revocations::load(dir.path()).unwrap();
+        assert_eq!(newer.lifted().len(), 1);
+        let dropped = enforced.dropped_from(&newer, 150);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        // A lift from before the revocation in force does not lift it (revoked again since).
+        let mut again = enforced.clone();
+        again
+            .revoke(Revoked::Id(x.clone()), 145, 60, String::new())
+            .unwrap();
+        let dropped = again.dropped_from(&newer, 150);
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        // The record of a lift goes a day after it, with the serials prune drops.
+        let mut pruned = newer.clone();
+        pruned.prune(140 + PRUNE_AFTER_SECS - 1);
+        assert_eq!(pruned.lifted().len(), 1);
+        pruned.prune(140 + PRUNE_AFTER_SECS);
+        assert!(pruned.lifted().is_empty());
+        // A file without the field reads as before (what older CLIs write).
+        std::fs::write(
+            dir.path().join(REVOCATIONS_FILE),
+            r#"{"version":1,"entries":[]}"#,
+        )
+        .unwrap();
+        assert!(Revocations::load(dir.path()).unwrap().lifted().is_empty());
     }
 
     #[test]
@@ -775,7 +948,7 @@ mod tests {
         );
         let before = std::fs::read(dir.path().join(REVOCATIONS_FILE)).unwrap();
         let refused = Revocations::update(dir.path(), |list| {
-            list.unrevoke(&Revoked::Serial("ff".into()));
+            list.unrevoke(&Revoked::Serial("ff".into()), 0);
             Err::<(), _>("not revoked".to_owned())
         });
         assert!(matches!(refused, Err(UpdateError::Refused(_))));

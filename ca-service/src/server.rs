@@ -533,6 +533,9 @@ fn reload(
     if let Some(reason) = lost_revocations(files, &previous.revocations) {
         return Err(reason);
     }
+    if let Some(reason) = dropped_revocations(&previous.revocations, &authority.revocations) {
+        return Err(reason);
+    }
     serve_revocations_for(&mut authority, max_ttl, Some(&previous.revocations));
     if let Some(reason) = previous.refuses_successor(&authority) {
         return Err(format!(
@@ -621,6 +624,26 @@ fn lost_revocations(files: &Path, previous: &crate::revocations::Revocations) ->
             previous.entries().len()
         )
     })
+}
+
+/// Why a CA that enforces `previous` must refuse a directory whose list (`next`) no longer holds
+/// some of it although nothing lifted it ([`crate::revocations::Revocations::dropped_from`]): an
+/// older copy of the CA directory applied over a newer one (two operators with a copy each, each
+/// applying their own as the CA's Secret) would lift what the other revoked. The revocations the
+/// list adds are still applied (`apply_revocations_alone`).
+fn dropped_revocations(
+    previous: &crate::revocations::Revocations,
+    next: &crate::revocations::Revocations,
+) -> Option<String> {
+    let dropped = previous.dropped_from(next, meshid_runtime::time::unix_now());
+    let first = dropped.first()?;
+    Some(format!(
+        "revocations.json no longer lists {} revocation(s) this CA enforces ({} revoked at {}{}),          and records no `meshid-ca unrevoke` of them: an older copy of the CA directory? Apply          the newest copy, or revoke them again in this one; to lift one, run `meshid-ca unrevoke`          in a copy that lists it",
+        dropped.len(),
+        first.what,
+        first.revoked_at,
+        if dropped.len() > 1 { ", ..." } else { "" }
+    ))
 }
 
 /// The private key files at the top of the CA directory `dir` (`*.key`).

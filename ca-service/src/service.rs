@@ -2212,9 +2212,10 @@ mod tests {
             "the token is still unused"
         );
         // Lifted: the same token works.
-        list.unrevoke(&meshid_identity::revocation::Revoked::Id(
-            SpiffeId::parse(VM).unwrap(),
-        ));
+        list.unrevoke(
+            &meshid_identity::revocation::Revoked::Id(SpiffeId::parse(VM).unwrap()),
+            0,
+        );
         list.save(ca.dir.path()).unwrap();
         ca.state
             .authority

@@ -1179,3 +1179,86 @@ async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
         "the connection still streams {GRACE:?} after the revocation ({rest} bytes read)"
     );
 }
+
+/// The top-level files of `dir` copied into a new directory (what an operator's copy of the CA
+/// directory holds for `revoke`).
+fn copy_of(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
+
+/// Two operators with a copy of the CA directory each: one revokes A and applies it, the other,
+/// from a copy taken before, revokes B and applies that (as `meshid-ca secret | kubectl apply`
+/// swaps the files). The running CA does not lift A: it refuses the directory (measured, the
+/// reason names the revocation it would drop) and still applies B, the revocation the older copy
+/// adds. Once a copy that lifts A with `unrevoke` is applied, A is lifted. Before, the older
+/// copy's list replaced the newer one and A was lifted with an audit line alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_of_the_directory_lifts_no_revocation() {
+    let ca = ca().await;
+    let rejected = || {
+        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1;
+        metric(&m, "meshid_ca_directory_rejected", &[])
+    };
+    let lists = |id: &'static str| {
+        let ca = &ca;
+        async move {
+            ca.served_bundle()
+                .await
+                .revoked
+                .iter()
+                .any(|r| r.spiffe_id == id)
+        }
+    };
+    let older = copy_of(ca.dir.path());
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(eventually(ENFORCED_WITHIN, || lists(A)).await);
+    let newer = copy_of(ca.dir.path());
+    // The other operator revokes B in the older copy and applies it.
+    let older_dir = older.path().to_string_lossy().into_owned();
+    let (code, out) = meshid_ca(&["revoke", "--dir", older_dir.as_str(), "--id", B]);
+    assert_eq!(code, 0, "{out}");
+    let apply = |from: &std::path::Path| {
+        for name in ["revocations.json", meshid_ca::authorities::STATE_FILE] {
+            std::fs::write(
+                ca.dir.path().join(name),
+                std::fs::read(from.join(name)).unwrap(),
+            )
+            .unwrap();
+        }
+    };
+    apply(older.path());
+    assert!(eventually(ENFORCED_WITHIN, || async { rejected() == 1 }).await);
+    assert!(
+        eventually(ENFORCED_WITHIN, || lists(B)).await,
+        "the older copy's own revocation is applied"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(lists(A).await, "the newer revocation is kept");
+    let (code, message) = issue_with_token(&ca, "frontend").await.unwrap_err();
+    assert_eq!(code, tonic::Code::PermissionDenied, "{message}");
+
+    // The newer copy, with B revoked too and A lifted by unrevoke: applied, A lifted.
+    let newer_dir = newer.path().to_string_lossy().into_owned();
+    for args in [["revoke", "--id", B], ["unrevoke", "--id", A]] {
+        let (code, out) = meshid_ca(&[args[0], "--dir", newer_dir.as_str(), args[1], args[2]]);
+        assert_eq!(code, 0, "{out}");
+    }
+    apply(newer.path());
+    assert!(
+        eventually(ENFORCED_WITHIN, || async {
+            rejected() == 0 && issue_with_token(&ca, "frontend").await.is_ok()
+        })
+        .await,
+        "the copy that lifts A is applied"
+    );
+    assert!(!lists(A).await && lists(B).await);
+}
