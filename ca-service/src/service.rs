@@ -384,7 +384,16 @@ impl CaState {
         peer: Option<&PeerInfo>,
         review: Option<Result<(), AuthError>>,
     ) -> (Method, Option<SpiffeId>, Result<IssueResponse, Refusal>) {
-        // The CSR first: a bad CSR must not consume a join token.
+        // A call that presents nothing (no token, no certificate) is refused before its CSR's
+        // signature is checked: anyone who reaches the port could otherwise have the CA verify
+        // an RSA-8192 signature per call, with no rate that applies to them.
+        if req.credential.is_none() && peer.is_none_or(|p| p.leaf_identity.is_none()) {
+            let (method, authenticated) = self.authenticate(None, peer);
+            if let Err(e) = authenticated {
+                return (method, None, Err(e.into()));
+            }
+        }
+        // Then the CSR: a bad CSR must not consume a join token.
         let key = match CsrPublicKey::from_csr_der(&req.csr) {
             Ok(key) => key,
             Err(e) => {
@@ -1914,6 +1923,18 @@ mod tests {
                 expected: Refused(Code::Unauthenticated, "no_credential"),
             },
             Case {
+                name: "no credential, and a CSR whose signature is broken: refused for the \
+                       credential, the signature never checked",
+                call: |_| {
+                    let mut broken = csr();
+                    let last = broken.len() - 1;
+                    broken[last] ^= 1;
+                    (request(broken, None), Some(anonymous_peer()))
+                },
+                method: Method::None,
+                expected: Refused(Code::Unauthenticated, "no_credential"),
+            },
+            Case {
                 name: "service-account token but the CA has no JWKS",
                 call: |ca| {
                     let token = ca.sa.token("shop", "frontend");
@@ -2088,12 +2109,11 @@ mod tests {
                 expected: Refused(Code::InvalidArgument, "invalid_csr"),
             },
             Case {
-                // The CSR is checked first, so the method label falls back to "renewal" even
-                // though nothing was presented.
+                // Nothing presented is refused before the CSR is read.
                 name: "empty CSR, no credential at all",
                 call: |_| (request(Vec::new(), None), None),
-                method: Method::Renewal,
-                expected: Refused(Code::InvalidArgument, "invalid_csr"),
+                method: Method::None,
+                expected: Refused(Code::Unauthenticated, "no_credential"),
             },
             Case {
                 name: "empty CSR with a service-account token",
