@@ -239,7 +239,8 @@ impl Chains {
     }
 
     /// Verifies that `end_entity` chains to an anchor for `usage` (through a pinned intermediate
-    /// under a pinned root).
+    /// under a pinned root). A chain with more than [`MAX_INTERMEDIATES`] intermediates is
+    /// refused unread.
     pub fn verify_chain(
         &self,
         algs: &WebPkiSupportedAlgorithms,
@@ -248,6 +249,9 @@ impl Chains {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
+        if intermediates.len() > MAX_INTERMEDIATES {
+            return Err(pki_error(webpki::Error::MaximumPathDepthExceeded));
+        }
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         // The one intermediate meshid chains carry, already verified: only the leaf is left.
         if let [issuer] = intermediates
@@ -458,6 +462,14 @@ fn identity_error(e: PeerIdentityError) -> rustls::Error {
 }
 
 /// webpki's errors in rustls's terms (as rustls's own verifier maps them).
+/// The most certificates a peer's chain may carry past its leaf: meshid chains carry one (the
+/// CA's intermediate), a client that sends the root as well two. Every other one is work: webpki
+/// tries each path through what it is given, up to 100 signature checks, and a client with no
+/// key at all can send a handful of certificates named as the mesh's root (its name is public)
+/// that fan out into that many P-256 verifications per handshake, before its CertificateVerify.
+/// With two the worst is a few.
+pub const MAX_INTERMEDIATES: usize = 2;
+
 fn pki_error(error: webpki::Error) -> rustls::Error {
     use webpki::Error::*;
     let e = match error {
@@ -1018,6 +1030,33 @@ mod tests {
                 outbound: Err("bad_identity"),
             },
         ];
+        // A client that sends the root with its chain is taken; one that sends more certificates
+        // than that is refused before any is verified.
+        let with_root = {
+            let mut leaf = ours.leaf(PEER);
+            leaf.chain.push(ours.root.clone());
+            leaf
+        };
+        let padded = {
+            let mut leaf = ours.leaf(PEER);
+            leaf.chain.push(ours.intermediate.clone());
+            leaf.chain.push(ours.root.clone());
+            leaf
+        };
+        let cases = cases.into_iter().chain([
+            Case {
+                name: "the chain and its root",
+                leaf: with_root,
+                inbound: Ok(()),
+                outbound: Ok(()),
+            },
+            Case {
+                name: "more certificates than a chain and its root",
+                leaf: padded,
+                inbound: Err("bad_chain"),
+                outbound: Err("bad_chain"),
+            },
+        ]);
         let provider = provider();
         // The same bundle for every case, its intermediate cache warmed by a good chain for both
         // usages: each verdict must be the same with a cold cache and a warm one.
