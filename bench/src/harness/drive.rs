@@ -29,10 +29,17 @@ struct Snapshot {
     cores: Vec<(u64, u64)>,
 }
 
+/// The CPU each role has used so far: its processes and their descendants as they are now, not as
+/// they were when the roles were listed (nginx's worker may not exist yet when its master listens,
+/// and a worker missed at both ends of the window counts nothing).
 fn snapshot(roles: &[(&'static str, Vec<u32>)]) -> Snapshot {
     let mut cpu = BTreeMap::new();
     for (name, pids) in roles {
-        let total: f64 = pids.iter().filter_map(|p| cpu_seconds(*p).ok()).sum();
+        let all: std::collections::BTreeSet<u32> = pids
+            .iter()
+            .flat_map(|p| crate::procfs::tree(*p))
+            .collect();
+        let total: f64 = all.iter().filter_map(|p| cpu_seconds(*p).ok()).sum();
         cpu.insert((*name).to_owned(), total);
     }
     Snapshot {
