@@ -316,6 +316,13 @@ pub(super) fn add_sidecar(
         json!({"name": "MESHID_LOG_FORMAT", "value": config.log_format}),
         json!({"name": super::BUNDLE_ENV, "value": config.trust_bundle.pem()}),
         json!({"name": "MESHID_SIDECAR_BUNDLE_CACHE", "value": BUNDLE_CACHE}),
+        // One runtime worker per CPU of the sidecar's limit, rounded up (the downward API rounds
+        // `limits.cpu` up to whole cores with a divisor of 1; with no limit it gives the node's
+        // allocatable CPUs, as tokio would count them): 500m, the chart's default, is one, and
+        // one is tokio's current-thread scheduler. Without it every sidecar started as many
+        // workers as the node has cores, each with its stack and scheduler state, however little
+        // CPU it may use.
+        json!({"name": "TOKIO_WORKER_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}}),
     ];
     if config.metrics_peer_identity {
         env.push(json!({"name": "MESHID_SIDECAR_METRICS_PEER_IDENTITY", "value": "true"}));

@@ -220,6 +220,15 @@ fn check_sidecar_config(pod: &Value) -> meshid_sidecar::settings::RunConfig {
         .find(|e| e["name"] == "MESHID_SIDECAR_POD_IP")
         .unwrap();
     assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    // Runtime workers from the sidecar's CPU limit, whole cores rounded up (500m: one).
+    let workers = env
+        .iter()
+        .find(|e| e["name"] == "TOKIO_WORKER_THREADS")
+        .expect("TOKIO_WORKER_THREADS");
+    assert_eq!(
+        workers["valueFrom"]["resourceFieldRef"],
+        serde_json::json!({"resource": "limits.cpu", "divisor": "1"})
+    );
     argv.extend(["--pod-ip".to_owned(), "10.244.1.17".to_owned()]);
     // The trust bundle travels in MESHID_SIDECAR_CA_BUNDLE_PEM (no volume, so no ConfigMap in the pod's
     // namespace); passed here as its flag twin.
