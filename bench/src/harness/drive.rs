@@ -35,10 +35,8 @@ struct Snapshot {
 fn snapshot(roles: &[(&'static str, Vec<u32>)]) -> Snapshot {
     let mut cpu = BTreeMap::new();
     for (name, pids) in roles {
-        let all: std::collections::BTreeSet<u32> = pids
-            .iter()
-            .flat_map(|p| crate::procfs::tree(*p))
-            .collect();
+        let all: std::collections::BTreeSet<u32> =
+            pids.iter().flat_map(|p| crate::procfs::tree(*p)).collect();
         let total: f64 = all.iter().filter_map(|p| cpu_seconds(*p).ok()).sum();
         cpu.insert((*name).to_owned(), total);
     }
