@@ -248,7 +248,7 @@ impl CaState {
                     .and_then(|l| l.as_ref().ok()),
                 _ => None,
             };
-            self.refuse_revoked(id, presented)?;
+            self.refuse_revoked(id, presented).map_err(|e| e.of(id))?;
             Ok(authenticated)
         });
         (method, result)
@@ -347,7 +347,8 @@ impl CaState {
                                 if let (Some(jwt), Some((ns, _))) =
                                     (&self.jwt, renewal.id.service_account())
                                 {
-                                    jwt.check_namespace(ns)?;
+                                    // Proven (its chain verified now): the audit names it.
+                                    jwt.check_namespace(ns).map_err(|e| e.of(&renewal.id))?;
                                 }
                                 Ok(Authenticated::Ready {
                                     id: renewal.id,
@@ -423,7 +424,7 @@ impl CaState {
         let (method, authenticated) = self.authenticate(req.credential.as_ref(), peer);
         let authenticated = match authenticated {
             Ok(a) => a,
-            Err(e) => return (method, None, Err(e.into())),
+            Err(e) => return (method, e.identity.clone(), Err(e.into())),
         };
         // A token the CA took, with the API server's word on it when it is asked.
         if method == Method::ServiceAccountToken && self.token_review.is_some() {
@@ -699,7 +700,7 @@ impl CaState {
                 let status = Status::unauthenticated("present your certificate");
                 return (None, Err(refuse(status, "no_credential")));
             }
-            (_, Err(e)) => return (None, Err(e.into())),
+            (_, Err(e)) => return (e.identity.clone(), Err(e.into())),
         };
         if let Err(e) = meshid_identity::jwt_svid::check_audiences(&req.audience) {
             let status = Status::invalid_argument(format!("audience: {e}"));
@@ -2225,7 +2226,8 @@ mod tests {
             &req,
             decision,
             Method::JoinToken,
-            Expected::Refused(Code::PermissionDenied, "revoked"),
+            // The token is proven; its identity is what is revoked, and the audit names it.
+            Expected::RefusedFor(Code::PermissionDenied, "revoked", VM),
         );
         assert!(
             ca.state.join.lookup(&token).is_ok(),
@@ -2643,7 +2645,7 @@ mod tests {
             attested: Attested,
             ends: Ends,
         }
-        use Expected::{Issued, Refused, RefusedFor};
+        use Expected::{Issued, RefusedFor};
         let cases = [
             Case {
                 name: "attested 30 min ago: renews, the new certificate keeps that time",
@@ -2722,7 +2724,7 @@ mod tests {
                     )
                 },
                 method: Method::Renewal,
-                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                expected: RefusedFor(Code::Unauthenticated, "attestation_expired", FRONTEND),
                 attested: Attested::Kept,
                 ends: Ends::After(600),
             },
@@ -2735,7 +2737,7 @@ mod tests {
                     )
                 },
                 method: Method::Renewal,
-                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                expected: RefusedFor(Code::Unauthenticated, "attestation_expired", VM),
                 attested: Attested::Kept,
                 ends: Ends::After(600),
             },
@@ -2761,7 +2763,7 @@ mod tests {
                     )
                 },
                 method: Method::Renewal,
-                expected: Refused(Code::Unauthenticated, "attestation_expired"),
+                expected: RefusedFor(Code::Unauthenticated, "attestation_expired", FRONTEND),
                 attested: Attested::Kept,
                 ends: Ends::After(600),
             },
@@ -3144,7 +3146,11 @@ mod tests {
                     (request(csr(), None), Some(peer(&cert)))
                 },
                 method: Method::Renewal,
-                expected: Refused(Code::PermissionDenied, "namespace_not_allowed"),
+                expected: Expected::RefusedFor(
+                    Code::PermissionDenied,
+                    "namespace_not_allowed",
+                    "spiffe://cluster.local/ns/kube-system/sa/default",
+                ),
             },
             Case {
                 name: "renewal of an identity outside ns/<ns>/sa/<sa>: not subject to the list",

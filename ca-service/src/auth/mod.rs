@@ -133,6 +133,10 @@ pub struct AuthError {
     pub reason: Reason,
     /// Safe to show the caller: never contains the credential.
     pub message: String,
+    /// The identity the refused call was proven to be, when it was (a certificate verified at its
+    /// handshake, a token refused for its identity's revocation): what the audit line names.
+    /// Never one a refused credential merely claims.
+    pub identity: Option<SpiffeId>,
 }
 
 impl AuthError {
@@ -142,6 +146,7 @@ impl AuthError {
             unavailable: false,
             reason,
             message: message.into(),
+            identity: None,
         }
     }
 
@@ -151,6 +156,7 @@ impl AuthError {
             unavailable: false,
             reason,
             message: message.into(),
+            identity: None,
         }
     }
 
@@ -165,6 +171,12 @@ impl AuthError {
         }
     }
 
+    /// The refusal of a call proven to be `id`'s.
+    pub fn of(mut self, id: &SpiffeId) -> Self {
+        self.identity = Some(id.clone());
+        self
+    }
+
     /// The CA could not check the credential (not the caller's fault): nothing was decided.
     pub fn unavailable(reason: Reason, message: impl Into<String>) -> Self {
         Self {
@@ -172,6 +184,7 @@ impl AuthError {
             unavailable: true,
             reason,
             message: message.into(),
+            identity: None,
         }
     }
 }
@@ -283,7 +296,8 @@ pub fn authenticate_renewal(
                  present your service-account token, or a new join token",
                 info.id
             ),
-        ));
+        )
+        .of(&info.id));
     }
     Ok(Renewal {
         id: info.id.clone(),
