@@ -1403,6 +1403,16 @@ impl CertificateAuthority for CaService {
             None => None,
         };
         let caller = presented.and_then(|id| {
+            let chain = peer
+                .as_ref()
+                .and_then(|p| p.certificates.as_deref())
+                .map_or(&[][..], Vec::as_slice);
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let authority = crate::rotation::fleet::authority_of(
+                chain,
+                &self.state.authority.load().authority_anchors,
+                now,
+            );
             Some(crate::rotation::fleet::Caller {
                 key: key?,
                 identity: id.id.to_string(),
@@ -1410,6 +1420,7 @@ impl CertificateAuthority for CaService {
                 not_after: id.not_after,
                 serial: normalized_serial(&id.serial_hex),
                 lineage: normalized_serial(id.lineage_serial()),
+                authority,
             })
         });
         let authenticated = presented.is_some();
@@ -3624,6 +3635,7 @@ mod tests {
                         not_after: info.not_after,
                         serial: normalized_serial(&info.serial_hex),
                         lineage: normalized_serial(info.lineage_serial()),
+                        authority: None,
                     };
                     ca.state
                         .fleet
@@ -3696,6 +3708,7 @@ mod tests {
             not_after: info.not_after,
             serial: normalized_serial(&info.serial_hex),
             lineage: normalized_serial(info.lineage_serial()),
+            authority: None,
         }
     }
 

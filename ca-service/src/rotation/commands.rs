@@ -586,6 +586,7 @@ mod tests {
                 not_after: i64::MAX,
                 serial: "01".into(),
                 lineage: "01".into(),
+                authority: None,
             };
             fleet.stream_opened(&caller, NOW).unwrap();
             Self {

@@ -56,6 +56,9 @@ pub struct Caller {
     /// The first serial of its lineage of renewals (lowercase hex; empty: not known). A renewed
     /// sidecar is a new instance (a new key) of the same lineage.
     pub lineage: String,
+    /// The authority the connection's chain verifies under (read off the chain the handshake
+    /// verified, as an acknowledgement's is; `None`: none this CA holds).
+    pub authority: Option<String>,
 }
 
 /// What one acknowledgement says (about the caller's own certificate).
@@ -562,10 +565,28 @@ impl Fleet {
             }
             s.streams += 1;
             // The same key on a later certificate (a renewal that kept its key): the instance
-            // is as alive as its latest one.
+            // is as alive as its latest one, and serves that one: its authority and lineage too.
+            // Before, the authority an earlier acknowledgement named stayed: a workload that
+            // renewed its key under the new authority, opened a stream with it and never
+            // acknowledged held `retire` for as long as it kept renewing.
             if caller.not_after > s.serving_not_after {
                 s.serving_not_after = caller.not_after;
                 s.serial.clone_from(&caller.serial);
+                s.serving_authority.clone_from(&caller.authority);
+                if s.lineage != caller.lineage {
+                    if !s.lineage.is_empty()
+                        && let Some(n) = inner.lineages.get_mut(&s.lineage)
+                    {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            inner.lineages.remove(&s.lineage);
+                        }
+                    }
+                    if !caller.lineage.is_empty() {
+                        *inner.lineages.entry(caller.lineage.clone()).or_default() += 1;
+                    }
+                    s.lineage.clone_from(&caller.lineage);
+                }
             }
             return Ok(());
         }
@@ -980,6 +1001,7 @@ mod tests {
             not_after: 0,
             serial: String::new(),
             lineage: String::new(),
+            authority: None,
         }
     }
 
@@ -1244,6 +1266,43 @@ mod tests {
         let summary = f.summary(0, &list);
         assert_eq!(summary.revoked, 2);
         assert_eq!(summary.by_version.values().sum::<usize>(), 1);
+    }
+
+    /// A workload that renews under the new authority keeping its key, opens a stream with the new
+    /// certificate and never acknowledges it serves that certificate, under that authority and in
+    /// its lineage: before, the authority its last acknowledgement named stayed, and `retire` saw
+    /// it serve the old authority for as long as it kept renewing.
+    #[test]
+    fn a_later_certificate_on_the_same_key_is_served_under_its_own_authority_and_lineage() {
+        let f = Fleet::default();
+        let id = "spiffe://td/ns/x/sa/a";
+        let first = Caller {
+            not_after: 500,
+            serial: "0a".into(),
+            lineage: "0a".into(),
+            authority: Some("1".into()),
+            ..caller("k", id, false)
+        };
+        f.stream_opened(&first, 0).unwrap();
+        f.ack("k", ack(1), 1).unwrap();
+        let (s, _) = f.report(0);
+        assert_eq!(s[0].serving_authority.as_deref(), Some("1"));
+        // Renewed under authority 2 on the same key, after re-attesting (a new lineage).
+        let renewed = Caller {
+            not_after: 900,
+            serial: "0b".into(),
+            lineage: "0b".into(),
+            authority: Some("2".into()),
+            ..caller("k", id, false)
+        };
+        f.stream_opened(&renewed, 0).unwrap();
+        let (s, _) = f.report(0);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].serving_authority.as_deref(), Some("2"));
+        assert_eq!((s[0].serial.as_str(), s[0].serving_not_after), ("0b", 900));
+        let lineages = &f.lock().lineages;
+        assert_eq!(lineages.get("0b"), Some(&1));
+        assert_eq!(lineages.get("0a"), None, "{lineages:?}");
     }
 
     #[test]

@@ -676,6 +676,7 @@ mod tests {
                 not_after: 5_000,
                 serial: format!("{:x}", i + 1),
                 lineage: String::new(),
+                authority: None,
             };
             let _ = fleet.stream_opened(&caller, 100);
         }
