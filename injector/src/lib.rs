@@ -171,6 +171,26 @@ pub fn mutate_pod(config: &InjectConfig, scope: Scope, pod: &Value) -> Outcome {
             annotations::INJECT
         ));
     }
+    // A process the app's containers can signal is one they can stop: a sidecar killed while
+    // the app holds its admin port cannot start again (the pod crash-loops), and one it can trace
+    // gives up its key. Both fields are immutable: a pod is checked once, when it is created.
+    for (field, why) in [
+        (
+            "shareProcessNamespace",
+            "its containers would see and signal the sidecar's process",
+        ),
+        (
+            "hostPID",
+            "its containers would see and signal every process on the node, the sidecar's too",
+        ),
+    ] {
+        if pod.pointer(&format!("/spec/{field}")) == Some(&Value::Bool(true)) {
+            problems.push(format!(
+                "annotation {}: a pod with {field} cannot be injected ({why})",
+                annotations::INJECT
+            ));
+        }
+    }
     problems.extend(reserved_port_problems(&mesh));
     problems.extend(pod::reserved_container_ports(pod));
     problems.extend(pod::reserved_mounts(pod));

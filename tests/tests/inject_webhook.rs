@@ -829,16 +829,25 @@ fn pods_declaring_the_sidecar_are_refused_and_those_not_asking_are_left_alone() 
     pod["metadata"]["annotations"]["meshid.io/inject"] = json!("disabled");
     assert!(inject(Scope::Namespace, &pod).1.is_none());
 
-    // hostNetwork pods share the node's ports: refused.
-    let mut pod = deployment_pod(mesh_annotations());
-    pod["spec"]["hostNetwork"] = json!(true);
-    let (response, _) = inject(Scope::Pod, &pod);
-    assert!(
-        response["status"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("hostNetwork")
-    );
+    // hostNetwork pods share the node's ports, and pods whose containers see the sidecar's
+    // process (a shared process namespace, the node's) could stop it: refused, by name.
+    for field in ["hostNetwork", "shareProcessNamespace", "hostPID"] {
+        let mut pod = deployment_pod(mesh_annotations());
+        pod["spec"][field] = json!(true);
+        let (response, patched) = inject(Scope::Pod, &pod);
+        assert_eq!(response["allowed"], false, "{field}");
+        assert!(patched.is_none(), "{field}");
+        assert!(
+            response["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(field),
+            "{field}: {response}"
+        );
+        // Set to false, the same pod is injected.
+        pod["spec"][field] = json!(false);
+        assert!(inject(Scope::Pod, &pod).1.is_some(), "{field}: false");
+    }
 
     // In an opted-in namespace, a pod that declares no ports (here: no annotations at all) is
     // admitted unchanged; asked for explicitly, it is refused (see the bad-annotations cases).
