@@ -228,6 +228,16 @@ impl JoinTokenStore {
                 let _ = fs::rename(&to, &from);
             })
         });
+        if recorded.is_ok() {
+            // The mark is kept a day from its use, not from the token's creation (a rename keeps
+            // the record's time): a token made to live past a day and used late would otherwise
+            // lose its mark at the next prune, and a second use be answered "not known" rather
+            // than "used". Best effort: without it the token still cannot be used again.
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .open(&to)
+                .and_then(|f| f.set_modified(SystemTime::now()));
+        }
         recorded.map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => RedeemError::Used(AuthError::unauthenticated(
                 Reason::JoinTokenUsed,
@@ -411,6 +421,30 @@ mod tests {
         assert!(
             matches!(s.redeem(b), Err(RedeemError::Used(e)) if e.reason == Reason::JoinTokenUsed)
         );
+    }
+
+    /// A token made long ago and used now keeps its mark a day from its use: a second use is
+    /// answered "used" after a prune, not "unknown".
+    #[test]
+    fn a_late_use_is_remembered_a_day_from_the_use() {
+        let (_dir, s) = store();
+        let id = SpiffeId::parse("spiffe://td/vm/db").unwrap();
+        let token = s.create(&id, Duration::from_secs(3 * 24 * 3600)).unwrap();
+        // The record written two days ago.
+        let record = std::fs::read_dir(&s.dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "json"))
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&record)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(2 * 24 * 3600))
+            .unwrap();
+        s.redeem(s.lookup(&token).unwrap()).unwrap();
+        s.prune();
+        assert_eq!(s.lookup(&token).unwrap_err().reason, Reason::JoinTokenUsed);
     }
 
     #[test]
