@@ -293,6 +293,16 @@ fn revoke(args: &RevokeArgs) -> Result<(), Failure> {
             format!(" ({})", shown(&args.reason))
         }
     );
+    if matches!(what, meshid_identity::revocation::Revoked::Serial(_)) {
+        // The CLI cannot tell a lineage's first certificate from a later one: say what each
+        // revokes, since a stolen key renewed from a later one goes on under the lineage.
+        println!(
+            "note: if this is the first certificate of its lineage, every certificate renewed \
+             from it is revoked too; if it is a later one, only it is, and renewals made from it \
+             go on under their lineage: for a stolen key, revoke the lineage (the `lineage` of \
+             this certificate's `certificate issued` audit line) or the identity (--id)"
+        );
+    }
     after_change(&args.dir);
     Ok(())
 }

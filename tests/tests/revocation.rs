@@ -408,6 +408,7 @@ async fn a_revoked_serial_refuses_that_certificate_and_no_other() {
     let refusals_before = revoked_refusals().await;
     let out = cli(&ca, "revoke", &["--serial", &format!("serial={serial}")]);
     assert!(out.contains("revoked certificate serial"), "{out}");
+    assert!(out.contains("revoke the lineage"), "{out}");
     // Refused, and refused as revoked (TLS 1.3: the client may see the alert before the sidecar
     // has counted it).
     assert!(
