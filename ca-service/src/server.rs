@@ -379,14 +379,21 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     })
 }
 
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// A file as the reload watches it: its modification time, length and inode. Every write to the
+/// CA directory renames a new file into place (a new inode), so two writes of the same length
+/// within one tick of a coarse filesystem clock (an `unrevoke` then a `revoke` in the same second)
+/// still differ from what a poll between them saw.
+type Stamp = (SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 /// What makes the CA reload: the version of a Secret volume (its `..data` target), the bundle, the
 /// rotation state, and the active authority's intermediate (a `rotate intermediate` replaces it).
-fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
+fn stamps(dir: &Path) -> (PathBuf, Vec<Option<Stamp>>) {
     let files = crate::ca_dir::snapshot(dir);
     let active = crate::authorities::RotationState::load(&files)
         .map(|s| s.files_of(&files, s.active()))
@@ -409,7 +416,7 @@ fn stamps(dir: &Path) -> (PathBuf, Vec<Option<(SystemTime, u64)>>) {
 #[allow(clippy::too_many_arguments)] // the server's parts, each passed once at start
 async fn follow_bundle(
     dir: PathBuf,
-    loaded: (PathBuf, Vec<Option<(SystemTime, u64)>>),
+    loaded: (PathBuf, Vec<Option<Stamp>>),
     sans: Vec<String>,
     max_ttl: Duration,
     state: Arc<CaState>,

@@ -1263,3 +1263,49 @@ async fn an_older_copy_of_the_directory_lifts_no_revocation() {
     );
     assert!(!lists(A).await && lists(B).await);
 }
+
+/// A change to `revocations.json` is seen even when the new file has the old one's length and
+/// modification time (two writes within one tick of a coarse filesystem clock): every write
+/// renames a new file into place, and the CA watches the inode too. Before, it compared time and
+/// length alone, and missed such a change for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_replaced_within_one_clock_tick_is_seen() {
+    const TWIN: &str = "spiffe://cluster.local/ns/shop/sa/frontenx";
+    let ca = ca().await;
+    let lists = |id: &'static str| {
+        let ca = &ca;
+        async move {
+            ca.served_bundle()
+                .await
+                .revoked
+                .iter()
+                .any(|r| r.spiffe_id == id)
+        }
+    };
+    cli(&ca, "revoke", &["--id", A]);
+    assert!(eventually(ENFORCED_WITHIN, || lists(A)).await);
+    let path = ca.dir.path().join("revocations.json");
+    let before = std::fs::read_to_string(&path).unwrap();
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let after = before.replace(A, TWIN);
+    assert_eq!(after.len(), before.len());
+    let next = ca.dir.path().join(".revocations.json.next");
+    std::fs::write(&next, &after).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&next)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    std::fs::rename(&next, &path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().modified().unwrap(),
+        modified
+    );
+    // Read: the twin's revocation is applied (and A kept: nothing lifted it).
+    assert!(
+        eventually(ENFORCED_WITHIN, || lists(TWIN)).await,
+        "the replaced list was never read"
+    );
+    assert!(lists(A).await);
+}
