@@ -248,15 +248,26 @@ fn forget_expired(dir: Option<&Path>, own: &[&Path], now: i64) {
             let _ = std::fs::remove_file(&path);
             continue;
         }
+        // The file as read, to remove only that one: its process may write a fresh one (a new
+        // inode, renamed into place) between this read and the removal, and removing that would
+        // forget what it just issued until its next write.
+        let seen = identity_of(&path);
         let passed = if is_long(&path) {
             read_long(&path).is_some_and(|l| l.values().flat_map(|m| m.values()).all(|t| *t <= now))
         } else {
             read_marks(&path).is_some_and(|m| m.values().all(|t| *t <= now))
         };
-        if passed {
+        if passed && seen.is_some() && identity_of(&path) == seen {
             let _ = std::fs::remove_file(&path);
         }
     }
+}
+
+/// Which file `path` names now: its inode and modification time.
+fn identity_of(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).ok()?;
+    Some((m.ino(), m.modified().ok()?))
 }
 
 fn is_long(path: &Path) -> bool {
