@@ -236,6 +236,16 @@ impl Recorded {
             format!("{} {}", shown(&self.method), shown(&self.path))
         };
         let explanation: Vec<String> = self.explanation.lines().map(shown).collect();
+        // A refused handshake's peer is what its certificate claimed, which nothing verified
+        // (anyone can make a certificate naming any workload): said so, never shown as who called.
+        let who = match (self.decision.as_str(), self.peer.is_empty()) {
+            ("handshake_failure", true) => "a peer with no identity".to_owned(),
+            ("handshake_failure", false) => format!(
+                "{} (claimed by the refused certificate, not verified)",
+                shown(&self.peer)
+            ),
+            _ => shown(&self.peer),
+        };
         format!(
             "decision {} ({}, {} s since the epoch, policy version {})\n\
              {} from {} -> port {} {asked}\n\
@@ -244,7 +254,7 @@ impl Recorded {
             shown(&self.decision),
             self.at,
             self.policy_version,
-            shown(&self.peer),
+            who,
             shown(&self.peer_addr),
             self.port,
             explanation.join("\n")

@@ -486,4 +486,11 @@ async fn a_refused_handshake_is_recorded_with_the_identity_it_claimed() {
         out.contains(&format!("handshake refused ({reason})")),
         "{out}"
     );
+    // The claim is said to be one: anyone can make a certificate that names a workload.
+    assert!(
+        out.contains(&format!(
+            "{CLIENT} (claimed by the refused certificate, not verified)"
+        )),
+        "{out}"
+    );
 }
