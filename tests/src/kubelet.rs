@@ -238,14 +238,33 @@ pub fn run_sidecar(
         "the trust bundle is in the sidecar's environment: {env:?}"
     );
     for e in c["env"].as_array().unwrap() {
-        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            Some("status.podIP") => pod_ip.to_owned(),
-            Some(other) => panic!("unexpected fieldRef {other}"),
-            None => e["value"].as_str().unwrap().to_owned(),
+        let value = match (
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+            &e["valueFrom"]["resourceFieldRef"],
+        ) {
+            (Some("status.podIP"), _) => pod_ip.to_owned(),
+            (Some(other), _) => panic!("unexpected fieldRef {other}"),
+            (None, serde_json::Value::Object(r)) => resource_field(c, r),
+            (None, _) => e["value"].as_str().unwrap().to_owned(),
         };
         cmd.env(e["name"].as_str().unwrap(), value);
     }
     // The CA serves a certificate for "localhost" in this test (in a cluster: its Service name).
     cmd.env("MESHID_SIDECAR_CA_SERVER_NAME", "localhost");
     (Proc::spawn(&format!("sidecar {sa}"), &mut cmd), files)
+}
+
+/// A `resourceFieldRef` as the kubelet resolves it for container `c`: `limits.cpu` with a divisor
+/// of 1, in whole cores rounded up (`500m` is 1). The only one the injector uses.
+fn resource_field(c: &serde_json::Value, r: &serde_json::Map<String, serde_json::Value>) -> String {
+    assert_eq!(r["resource"], "limits.cpu", "{r:?}");
+    assert_eq!(r["divisor"], "1", "{r:?}");
+    let limit = c["resources"]["limits"]["cpu"]
+        .as_str()
+        .expect("the sidecar has a CPU limit");
+    let millis: u64 = match limit.strip_suffix('m') {
+        Some(m) => m.parse().unwrap(),
+        None => limit.parse::<u64>().unwrap() * 1000,
+    };
+    millis.div_ceil(1000).max(1).to_string()
 }
