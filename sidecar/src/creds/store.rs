@@ -108,6 +108,12 @@ pub enum CredError {
          appended to the certificate file?)"
     )]
     ChainTooLarge { certs: usize, bytes: usize },
+    #[error(
+        "certificate chain holds {0} certificates past its leaf; peers take at most {max} (its \
+         intermediate, and the root if it is sent): a bundle appended to the certificate file?",
+        max = meshid_identity::verify::MAX_INTERMEDIATES
+    )]
+    ChainTooLong(usize),
     #[error("trust bundle is empty")]
     EmptyBundle,
     #[error("certificate identity: {0}")]
@@ -627,6 +633,10 @@ impl CredentialStore {
                 bytes,
             });
         }
+        let past_leaf = creds.chain.len() - 1;
+        if past_leaf > meshid_identity::verify::MAX_INTERMEDIATES {
+            return Err(CredError::ChainTooLong(past_leaf));
+        }
         if creds.roots.is_empty() {
             return Err(CredError::EmptyBundle);
         }
@@ -851,10 +861,14 @@ mod tests {
         }
         let error = store.set_certificate(appended).unwrap_err();
         assert!(matches!(error, CredError::ChainTooLarge { .. }), "{error}");
+        // Small enough, but more certificates than a peer takes: refused, saying so.
+        let mut long = set(&pki, pki.leaf(ME));
+        long.chain.extend([extra.clone(), extra.clone()]);
+        let error = store.set_certificate(long).unwrap_err();
+        assert!(matches!(error, CredError::ChainTooLong(3)), "{error}");
+        // The chain and its root: taken.
         let mut fits = set(&pki, pki.leaf(ME));
-        while chain_message_len(&fits.chain) + extra.len() + 5 <= MAX_CHAIN_MESSAGE {
-            fits.chain.push(extra.clone());
-        }
+        fits.chain.push(pki.root.clone());
         assert!(store.set_certificate(fits).is_ok());
         let store = CredentialStore::new(Vec::new());
         // No bundle, no chain.
