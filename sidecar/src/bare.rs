@@ -140,9 +140,11 @@ pub(crate) struct Bare<D: Dial> {
 }
 
 /// A cap on connections carrying an exchange at once, which pools can share (the inbound's two
-/// pools to one app): clones count together. One peer identity carries at most a quarter of them
-/// ([`BusyCap::share`]): a peer that takes none of its responses holds one connection per request,
-/// and without a share of its own it could hold every one and have every other peer answered 503.
+/// pools to one app): clones count together. Once half of them are carrying exchanges, a peer
+/// identity that carries a quarter of them ([`BusyCap::share`]) or more gets no more: a peer that
+/// takes none of its responses holds one connection per request, and without a share of its own
+/// it could hold every one and have every other peer answered 503. Below half, a peer may use
+/// what no one else does (one busy caller's long polls), so it holds at most half of them.
 #[derive(Clone)]
 pub(crate) struct BusyCap {
     busy: Arc<AtomicUsize>,
@@ -197,13 +199,14 @@ impl BusyCap {
 
     /// Counts one more connection carrying an exchange (of `peer`'s, when given), until the guard
     /// is dropped (`None` when uncapped); [`BUSY`] when the cap is reached, [`PEER_BUSY`] when the
-    /// peer carries its share.
+    /// peer carries its share and half the cap is in use.
     pub(crate) fn reserve(&self, peer: Option<&PeerBusy>) -> Result<Option<Busy>, String> {
         if self.max == usize::MAX {
             return Ok(None);
         }
         if let Some(PeerBusy(count)) = peer
             && count.fetch_add(1, Ordering::AcqRel) >= self.share
+            && self.busy.load(Ordering::Acquire) >= self.max / 2
         {
             count.fetch_sub(1, Ordering::AcqRel);
             return Err(PEER_BUSY.to_owned());
@@ -1044,7 +1047,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_peer_carries_at_most_its_share_of_a_capped_pool() {
+    async fn one_peer_carries_at_most_its_share_of_a_capped_pool_once_half_is_in_use() {
         const UNFINISHED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello";
         const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
         let (addr, seen) = app(vec![
@@ -1059,8 +1062,8 @@ mod tests {
             connect_timeout: Duration::from_secs(5),
             max_head: h1::MAX_HEAD,
         };
-        let cap = BusyCap::new(8);
-        assert_eq!(cap.share(), 2);
+        let cap = BusyCap::new(4);
+        assert_eq!(cap.share(), 1);
         let bare = Bare::sharing(dial, Duration::from_secs(60), cap.clone());
         let greedy = cap.peer("spiffe://d/ns/a/sa/greedy").unwrap();
         // Asked again while held, the same counter: another connection of that identity.
@@ -1068,7 +1071,9 @@ mod tests {
         let other = cap.peer("spiffe://d/ns/a/sa/other").unwrap();
         let get = head(Method::GET, "/");
         let first = bare.request_for(&get, Some(&greedy)).await.unwrap();
+        // Past its share while less than half is in use: what no one else uses.
         let second = bare.request_for(&get, Some(&again)).await.unwrap();
+        // Half in use: past its share, refused, with nothing dialed.
         let third = bare.request_for(&get, Some(&greedy)).await;
         assert_eq!(third.err().as_deref(), Some(PEER_BUSY));
         assert_eq!(seen.lock().unwrap().connections, 2, "no connection dialed");

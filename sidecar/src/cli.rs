@@ -324,8 +324,9 @@ pub struct RunArgs {
     )]
     pub max_upstream_h2_connections: String,
     /// Most HTTP/1.1 connections to one inbound's app carrying a peer's request at once (a
-    /// response the peer does not take holds its connection), a quarter of them (at least one) by
-    /// one peer identity's requests; past either a request is answered 503 at once. Upgraded
+    /// response the peer does not take holds its connection), and once half of them do, a quarter
+    /// of them (at least one) by one peer identity's requests; past either a request is answered
+    /// 503 at once. Upgraded
     /// connections (WebSocket) are not counted: each holds a peer connection.
     #[arg(
         long,

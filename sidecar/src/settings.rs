@@ -82,7 +82,8 @@ pub struct Limits {
     /// (`--max-app-connections`); past it a request is answered 503 at once. A response the peer
     /// does not take (an h2 stream window of zero) holds its app connection, and without a cap a
     /// peer could make the sidecar open app connections until loopback's ephemeral ports ran out.
-    /// One peer identity's requests hold at most a quarter of them (at least one).
+    /// Once half of them carry requests, one peer identity's requests hold at most a quarter of
+    /// them (at least one).
     pub max_app_connections: usize,
     /// Bytes the form bodies read whole to find their `_method` fields may hold together, across
     /// every connection (`--form-body-memory`, 16 MiB): past it such a request is answered 503 at

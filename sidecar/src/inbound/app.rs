@@ -13,8 +13,8 @@
 //! again on another one; a request that a new connection fails is answered with the error. Idle
 //! connections are closed after [`IDLE_TIMEOUT`], and at most [`MAX_IDLE`] are kept in each pool.
 //! At most `--max-app-connections` connections of both pools carry a request at once (a response a
-//! peer does not take holds its connection), and one peer identity's requests at most a quarter of
-//! them; past either a request is refused without dialing.
+//! peer does not take holds its connection), and once half of them do, one peer identity's
+//! requests at most a quarter of them; past either a request is refused without dialing.
 //!
 //! A response head longer than `--max-header-bytes` fails its request (a 502 to the peer) and
 //! closes its connection, on both pools: the bare one counts the raw head's bytes; hyper's client

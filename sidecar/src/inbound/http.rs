@@ -618,7 +618,8 @@ async fn inbound_request(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "this caller's requests are holding {} connections to the app, its share \
-                     (a quarter of --max-app-connections); try again later",
+                     (a quarter of --max-app-connections, once half of them are in use); try \
+                     again later",
                     http.h1.peer_share()
                 ),
             );
