@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz: libFuzzer + AddressSanitizer) of every parser that faces
 # untrusted input: SPIFFE IDs, certificate identities, CSRs, policy files, pod annotations, revocation lists,
-# service-account tokens, the app's HTTP/1.1 responses, the injector's AdmissionReviews and the form bodies
-# and override headers the inbound reads `_method` from. Targets are in fuzz/fuzz_targets, seeds in fuzz/seeds; docs/fuzzing.md.
+# service-account tokens, the app's HTTP/1.1 responses, the injector's AdmissionReviews, the form bodies
+# and override headers the inbound reads `_method` from, and the HTTP/2 frames a local client sends the
+# Workload API (seeds of that one: scripts/fuzz-seeds/gen_workload_api_frames.py). Targets are in fuzz/fuzz_targets, seeds in fuzz/seeds; docs/fuzzing.md.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default: 60 s for every target
 #        scripts/fuzz.sh --smoke [TARGET...]                 50,000 runs each from a fixed seed
@@ -37,7 +38,7 @@ for arg in "$@"; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(spiffe_id cert_identity csr policy annotations sa_token jwt_svid metrics_accept check_scrape revocations h1_response admission_review form_overrides)
+    targets=(spiffe_id cert_identity csr policy annotations sa_token jwt_svid metrics_accept check_scrape revocations h1_response admission_review form_overrides workload_api_frames)
 fi
 
 if $smoke; then
@@ -60,7 +61,10 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     cp -n "seeds/$t"/* "corpus/$t/" 2>/dev/null || true
     echo "== fuzz $t (${budget[*]})"
-    if cargo fuzz run -O -a "$t" "corpus/$t" -- "${budget[@]}" -rss_limit_mb=2048 -max_len=65536 \
+    # The Workload API's header-block bound (64 KiB) is reached only by inputs past 65,536 bytes.
+    max_len=65536
+    [ "$t" = workload_api_frames ] && max_len=70000
+    if cargo fuzz run -O -a "$t" "corpus/$t" -- "${budget[@]}" -rss_limit_mb=2048 -max_len="$max_len" \
         -print_final_stats=1 >"corpus/$t.log" 2>&1; then
         grep -E '^(Done|stat::number_of_executed_units)' "corpus/$t.log" || true
     else

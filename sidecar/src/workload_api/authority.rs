@@ -302,6 +302,52 @@ async fn frame<W: AsyncWrite + Unpin>(
     to.write_all(payload).await
 }
 
+/// [`rewrite`] over a buffer, for the `workload_api_frames` fuzz target
+/// (`fuzz/fuzz_targets/workload_api_frames.rs`) and nothing else: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::future::Future;
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll, Waker};
+
+    /// [`super::MAX_FRAME`].
+    pub const MAX_FRAME: usize = super::MAX_FRAME;
+    /// [`super::MAX_HEADER_BLOCK`].
+    pub const MAX_HEADER_BLOCK: usize = super::MAX_HEADER_BLOCK;
+    /// [`super::MAX_HEADER_LIST`].
+    pub const MAX_HEADER_LIST: u32 = super::MAX_HEADER_LIST;
+    /// [`super::TABLE_SIZE`].
+    pub const TABLE_SIZE: usize = super::TABLE_SIZE;
+
+    /// [`super::rewrite`] of `client`, everything a client sent on one connection: its result,
+    /// the bytes it passed on to the server, and how many times it called `on_call`. Driven
+    /// without a runtime: a slice and a `Vec` are always ready, and outside a runtime tokio's
+    /// cooperative budget never runs out, so the first poll finishes it.
+    pub fn rewrite(client: &[u8]) -> (io::Result<()>, Vec<u8>, usize) {
+        let calls = AtomicUsize::new(0);
+        let on_call = || {
+            calls.fetch_add(1, Ordering::Relaxed);
+        };
+        let mut server = Vec::new();
+        let result = {
+            let mut future = std::pin::pin!(super::rewrite(client, &mut server, &on_call));
+            let mut cx = Context::from_waker(Waker::noop());
+            let mut polls = 0u32;
+            loop {
+                if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+                    break result;
+                }
+                polls += 1;
+                // Should tokio ever yield here (it wakes the task first), poll again; anything
+                // else would wait for ever on bytes that are all there.
+                assert!(polls < 1000, "the rewriter waits on in-memory I/O");
+            }
+        };
+        (result, server, calls.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

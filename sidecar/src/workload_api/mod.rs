@@ -53,6 +53,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 mod authority;
+/// The socket's HTTP/2 rewriter, for the `workload_api_frames` fuzz target: not an API.
+#[doc(hidden)]
+pub use authority::fuzzing;
 mod idle;
 
 use crate::creds::CredentialStore;
