@@ -271,7 +271,7 @@ impl Results {
             let met = match c.met {
                 Some(true) => "yes",
                 Some(false) => "**no**",
-                None => "**failed**",
+                None => "**not evaluated**",
             };
             let _ = writeln!(
                 md,

@@ -157,6 +157,9 @@ impl ScenarioResult {
     }
 
     /// Records a target check: `met(value)` decides it; no value means it could not be evaluated.
+    /// Nor can it when a contender of the scenario failed some of its runs but not all: a median
+    /// of the rounds left is not the figure the target names (it would read "met" on one round of
+    /// three). A contender that failed every run gives no value to a check that needs it.
     pub fn check(
         &mut self,
         target: &str,
@@ -164,16 +167,23 @@ impl ScenarioResult {
         measured: String,
         met: impl Fn(f64) -> bool,
     ) {
+        let partly = self.contenders.values().filter(|c| !c.failed);
+        let runs: usize = partly.clone().map(|c| c.runs.len()).sum();
+        let failed: usize = partly.map(|c| c.failed_runs).sum();
+        let (measured, met) = match value {
+            None => ("not measured (a contender failed)".to_owned(), None),
+            Some(_) if failed > 0 => (
+                format!("{measured}; not evaluated: {failed} of {runs} runs failed"),
+                None,
+            ),
+            Some(v) => (measured, Some(met(v))),
+        };
         self.checks.push(Check {
             scenario: self.id.clone(),
             target: target.into(),
-            measured: if value.is_some() {
-                measured
-            } else {
-                "not measured (a contender failed)".into()
-            },
+            measured,
             value,
-            met: value.map(met),
+            met,
         });
     }
 }
@@ -241,5 +251,16 @@ mod tests {
         s.check("y", none.map(|r| r.median), String::new(), |x| x >= 1.0);
         assert_eq!(s.checks[0].met, Some(true));
         assert_eq!(s.checks[1].met, None, "reported as failed, not dropped");
+        // One round of three failed for a contender: its medians are two rounds', not evaluated.
+        let mut partly = rounds();
+        partly[1].get_mut("nginx").unwrap().error = Some("boom".into());
+        let mut p = ScenarioResult::new("t", "T", "setup".into(), &partly);
+        p.check("x >= 1.3", Some(1.55), "1.55x".into(), |x| x >= 1.3);
+        assert_eq!(p.checks[0].met, None);
+        assert!(
+            p.checks[0].measured.contains("1 of 6 runs failed"),
+            "{}",
+            p.checks[0].measured
+        );
     }
 }
