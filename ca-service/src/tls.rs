@@ -678,19 +678,47 @@ impl AsyncRead for TlsConn {
         }
         // Nothing to read: the moment to look at the limits. End-of-file ends the h2 connection
         // (and with it any stream still open); the client reconnects when it needs to.
-        match this.poll_limits(cx) {
-            Some(why) => {
-                this.closed = Some(why);
-                this.metrics
-                    .connections_closed
-                    .get_or_create(&ReasonLabels {
-                        reason: why.as_str(),
-                    })
-                    .inc();
-                tracing::debug!(peer = %this.info.remote_addr, reason = why.as_str(), "closing connection");
-                Poll::Ready(Ok(()))
-            }
-            None => Poll::Pending,
+        if this.limits_reached(cx) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl TlsConn {
+    /// Looks at the limits (when nothing can be read or written: the timer wakes the connection's
+    /// task); `true` once the connection must close, counted and logged once.
+    fn limits_reached(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.closed.is_some() {
+            return true;
+        }
+        let Some(why) = self.poll_limits(cx) else {
+            return false;
+        };
+        self.closed = Some(why);
+        self.metrics
+            .connections_closed
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str(),
+            })
+            .inc();
+        tracing::debug!(peer = %self.info.remote_addr, reason = why.as_str(), "closing connection");
+        true
+    }
+
+    /// A write that cannot go on (the client does not read): h2 then reads nothing either (it
+    /// will not take the next frame while a PONG waits to be written), so the limits are looked at
+    /// here too. Before, a client that sent PINGs and read one segment a minute kept its
+    /// connection past every limit, its maximum age and a revoked certificate's included.
+    fn stuck<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if self.limits_reached(cx) {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection reached a limit while its writes were stuck",
+            )))
+        } else {
+            Poll::Pending
         }
     }
 }
@@ -701,10 +729,18 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write(cx, buf) {
+            Poll::Pending => this.stuck(cx),
+            ready => ready,
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_flush(cx) {
+            Poll::Pending => this.stuck(cx),
+            ready => ready,
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
@@ -714,7 +750,11 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.stuck(cx),
+            ready => ready,
+        }
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
