@@ -23,6 +23,8 @@ use crate::tls::{self, ListenerLimits};
 
 /// The largest gRPC message accepted (a CSR plus a token fit in a few KiB).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// The largest health request taken (a service name, a few dozen bytes).
+pub const MAX_HEALTH_MESSAGE_BYTES: usize = 1024;
 /// Streams (calls) open at once on one connection. A sidecar holds one bundle stream and now and
 /// then an `Issue` (its own certificate, its app's), an `IssueJwtSvid` for its app or an
 /// `AckTrustBundle`; its client waits for a free stream past this. tonic sets aside room for a
@@ -266,6 +268,10 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // A health request is a service name: tonic's default bound (4 MiB) let each call declare
+    // 4 MiB, which tonic reserves as soon as the length arrives, past what the arrivals bound
+    // (`max_arriving_requests`) was sized for.
+    let health_service = health_service.max_decoding_message_size(MAX_HEALTH_MESSAGE_BYTES);
     health_reporter
         .set_serving::<CertificateAuthorityServer<CaService>>()
         .await;

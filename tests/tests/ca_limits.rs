@@ -831,6 +831,102 @@ async fn a_call_whose_response_is_not_taken_ends_its_connection() {
     assert_eq!(watcher_opened.load(Ordering::SeqCst), 1);
 }
 
+/// A health request that says it is 4 MiB long is refused as soon as its length arrives (the
+/// health service takes 1 KiB): before, tonic's default let each such call reserve 4 MiB for up
+/// to its 30 s, past what `max_arriving_requests` bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_request_longer_than_a_name_is_refused_at_once() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let tls = tls_from(&ca, &tls_connector(&ca, None), HERE)
+        .await
+        .unwrap();
+    let (h2, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::post("https://localhost/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap();
+    // A message of 4 MiB announced, and its first bytes: the rest never comes.
+    body.send_data(
+        bytes::Bytes::from_static(&[0, 0, 0x40, 0, 0, 1, 2, 3]),
+        false,
+    )
+    .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("no answer within 5 s: the CA waits for the 4 MiB")
+        .unwrap();
+    let status = match response.headers().get("grpc-status") {
+        Some(s) => s.clone(),
+        None => {
+            let mut body = response.into_body();
+            while body.data().await.is_some() {}
+            body.trailers().await.unwrap().unwrap()["grpc-status"].clone()
+        }
+    };
+    assert_eq!(status, (Code::OutOfRange as i32).to_string().as_str());
+}
+
+/// A client that sends PINGs and reads nothing is closed at its idle timeout. h2 takes no next
+/// frame while a PONG waits to be written, so once the CA's writes are stuck the connection never
+/// waits on a read, where the limits used to be looked at: such a connection outlived its idle
+/// timeout, its maximum age and its certificate (a proven one is never displaced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_pings_and_reads_nothing_is_closed_at_its_idle_timeout() {
+    let idle = Duration::from_secs(2);
+    let ca = TestCa::start(CaOptions {
+        idle_timeout: idle,
+        ..CaOptions::default()
+    })
+    .await;
+    let tls = tls_from(&ca, &tls_connector(&ca, None), HERE)
+        .await
+        .unwrap();
+    let (_unread, mut write) = tokio::io::split(tls);
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        // The preface, an empty SETTINGS frame, then PINGs for as long as the CA takes them.
+        let mut frames = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        frames.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        write.write_all(&frames).await?;
+        let ping = [0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let burst: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 1024)
+            .collect();
+        let mut sent = 0usize;
+        loop {
+            write.write_all(&burst).await?;
+            sent += 1024;
+            if sent > 10_000_000 {
+                return Ok::<usize, std::io::Error>(sent);
+            }
+        }
+    });
+    let closed = r#"meshid_ca_connections_closed_total{reason="idle_timeout"}"#;
+    eventually("the connection closed at its idle timeout", || {
+        let ca = &ca;
+        async move { sample(&metrics(ca).await, closed) >= 1.0 }
+    })
+    .await;
+    assert!(started.elapsed() >= idle, "closed before its idle timeout");
+    // Its writes then fail: the CA is gone from the other end.
+    let ended = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the client's writes still go somewhere 10 s after the close")
+        .unwrap();
+    assert!(ended.is_err(), "{ended:?}");
+}
+
 /// A sidecar presenting `cert` arrives from ELSEWHERE at a CA whose every slot is held: let in
 /// and served (its bundle stream opens, it renews), nobody refused at the cap, and one held
 /// connection (a `held`, for the message) displaced. Returns the sidecar and its open stream.
