@@ -15,7 +15,11 @@ SUDO=""
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-pip)
+if ! command -v python3 >/dev/null 2>&1; then
+  missing+=(python3 python3-pip)
+elif ! python3 -m pip --version >/dev/null 2>&1; then
+  missing+=(python3-pip)
+fi
 # libfaketime: the chaos suite's clock-steps scenario moves one sidecar's wall clock with it.
 ls /usr/lib/*/faketime/libfaketimeMT.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
 # haproxy: reads the sidecar's PROXY protocol v2 header (`accept-proxy`) in tests/tests/proxy_protocol.rs.
@@ -25,6 +29,9 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Debian 12 and later mark the system Python "externally managed" and pip refuses to install into
+# it; these test-only packages go there anyway (pip ignores the variable before 23.0).
+export PIP_BREAK_SYSTEM_PACKAGES=1
 if ! python3 -c 'import grpc, grpc_tools' >/dev/null 2>&1; then
   echo "installing: grpcio grpcio-tools (pip)"
   python3 -m pip install -q --disable-pip-version-check grpcio grpcio-tools 2>&1 | grep -v "Running pip as the 'root' user" || true

