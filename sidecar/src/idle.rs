@@ -498,6 +498,26 @@ enum Stop {
     Release,
 }
 
+/// What a connection with no byte moved since the last tick and no request head awaited comes to:
+/// a write the reader has not let through (its socket full) for `stall_limit` is a response not
+/// being taken ([`Stop::Stalled`]), whether or not a body is still open: with keep-alive off,
+/// hyper takes a response's last bytes into its buffer, drops the body and waits for ever to flush
+/// before it closes, never reading again (before, only a write with a body open counted, and such
+/// a connection outlived the idle timeout; on the outbound's app side it lived until shutdown).
+/// Nothing unflushed and nothing open: quiet ([`Stop::Release`]).
+fn quiet_verdict(
+    unflushed: bool,
+    open: usize,
+    quiet_for: Duration,
+    stall_limit: Duration,
+) -> Option<Stop> {
+    if unflushed {
+        (quiet_for >= stall_limit).then_some(Stop::Stalled)
+    } else {
+        (open == 0).then_some(Stop::Release)
+    }
+}
+
 /// How a stretch of serving by hyper ended.
 enum Served<IO> {
     /// The connection is finished (closed, drained or failed).
@@ -691,16 +711,13 @@ where
                     if now.duration_since(since) >= head_timeout {
                         break Stop::Close;
                     }
-                } else if activity.unflushed.load(Relaxed) {
-                    // A write the reader has not let through (its socket full) with no byte moving
-                    // either way for the idle timeout: the response is not being taken.
-                    if activity.open.load(Relaxed) > 0
-                        && now.duration_since(quiet_since) >= stall_limit
-                    {
-                        break Stop::Stalled;
-                    }
-                } else if activity.open.load(Relaxed) == 0 {
-                    break Stop::Release;
+                } else if let Some(stop) = quiet_verdict(
+                    activity.unflushed.load(Relaxed),
+                    activity.open.load(Relaxed),
+                    now.duration_since(quiet_since),
+                    stall_limit,
+                ) {
+                    break stop;
                 }
                 tick.as_mut().reset(now + every);
             }
@@ -876,6 +893,25 @@ mod tests {
         assert_eq!(activity.open.load(Relaxed), 0);
         drop(Call::new(&activity));
         assert_eq!(activity.open.load(Relaxed), 0, "a call dropped unanswered");
+    }
+
+    #[test]
+    fn a_write_stuck_for_the_idle_timeout_is_stalled_with_or_without_a_body_open() {
+        let limit = Duration::from_secs(300);
+        let stalled =
+            |open, quiet| matches!(quiet_verdict(true, open, quiet, limit), Some(Stop::Stalled));
+        // A body still streaming, or none (the response's last bytes in hyper's buffer, its body
+        // dropped, keep-alive off): both stalled at the limit, neither before.
+        assert!(stalled(1, limit));
+        assert!(stalled(0, limit));
+        assert!(!stalled(0, limit - Duration::from_millis(1)));
+        assert!(quiet_verdict(true, 0, Duration::ZERO, limit).is_none());
+        // Flushed: quiet once nothing is open, busy while a body is.
+        assert!(matches!(
+            quiet_verdict(false, 0, Duration::ZERO, limit),
+            Some(Stop::Release)
+        ));
+        assert!(quiet_verdict(false, 1, limit * 2, limit).is_none());
     }
 
     #[test]
