@@ -774,6 +774,24 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   (met); p50 / p90 0.91x / 0.85x (not met), where the direct path alone is 0.67x / 0.57x of
   nginx's: a pair at 0.7x p50 would add 5 us, and meshid added 34 us to nginx's 59. Idle RSS 5.05
   MiB, 11.4 KiB per idle mTLS connection, start-to-ready 7.2 ms.
+- **Session 47, and this run** (c7b98c9, dist, with the PGO profile and symbol orders of 0753fc4:
+  not recorded again, so the functions this session changed lost their profile and their place).
+  The session hardened more of the request path against lying peers (a per-identity share of
+  the app connections once half are in use, the apps' trailers cleaned, client-certificate
+  headers stripped, stuck writes looked at, chains of more than two certificates refused before
+  any is verified) and fixed the harness: nginx's worker, started after its master listens, could
+  be missed by the CPU count (round 0 of the run before: nginx outbound 0.00 us per request);
+  the process tree is now read at each end of the window. This host was faster again (direct
+  path 178k -> 194k req/s). meshid's own figures improved: pair 44.8k -> 50.3k req/s, sidecars
+  10.2 / 8.0 -> 9.0 / 7.3 us per request at saturation, proxies 77 us per request at 1,000 req/s
+  (81-89 before). nginx's improved more: its halves 29.2 -> 26.1 us at saturation, 82 us at
+  1,000 req/s (94-119 before, one round with its worker missed). So the ratios moved against
+  meshid: pair throughput 1.48x (1.54x), proxies/app 0.70x (0.68x), CPU per request at 1,000
+  req/s 0.93x (0.78x), p50 / p90 0.96x / 1.05x (the direct path alone is 0.68x / 0.65x of
+  nginx's pair). Idle RSS 5.05 -> 5.56 MiB with certificate files (the symbol order no longer
+  covers the changed functions, whose pages the sidecar now touches apart); the new row judges
+  the CA-mode sidecar as injected: 7.39 MiB, not met. Record the profile and orders again
+  (`scripts/pgo-profile.sh`, `scripts/symbol-order.sh`) before reading these as the code's.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
