@@ -497,3 +497,113 @@ async fn a_black_holed_tcp_upstream_gets_no_more_dials_at_once_than_the_cap() {
         app.abort();
     }
 }
+
+/// An upstream that answers each request's head, trickles nothing more of its body, and sends
+/// GOAWAY after every 10 streams gets no more streams from us than the connections we may open
+/// hold (`--max-upstream-h2-connections` of 200): past that, 503. Before, each GOAWAY had the
+/// outbound open a new connection while the old one drained, its streams outside every cap: the
+/// streams held, their connections and file descriptors grew without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_keeps_sending_goaway_gets_no_more_streams_than_the_cap() {
+    let pki = TestPki::new();
+    let (upstream, streams, connections) = goaway_upstream(pki.workload(B), 10).await;
+    let a = TestSidecar::start(
+        &pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
+            limits: Some(Limits {
+                request_timeout: Duration::from_secs(60),
+                max_upstream_h2_connections: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..230 {
+        let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
+        s.write_all(POST).await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+                .await
+                .expect("no response head within 10 s")
+                .unwrap();
+            assert_eq!(n, 1, "closed: {}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if head.starts_with("HTTP/1.1 503") {
+            refused += 1;
+        } else {
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        held.push(s);
+    }
+    assert_eq!(
+        streams.load(Ordering::SeqCst),
+        200,
+        "streams the upstream got"
+    );
+    assert_eq!(refused, 30);
+    assert!(
+        connections.load(Ordering::SeqCst) >= 20,
+        "a GOAWAY every 10 streams"
+    );
+    drop(held);
+}
+
+/// An h2 upstream presenting `workload` that answers every request's head with a body it never
+/// ends and sends GOAWAY after every `every` streams of a connection (keeping their exchanges);
+/// counts the streams and connections it got.
+async fn goaway_upstream(
+    workload: Workload,
+    every: usize,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = workload.upstream_acceptor(&[b"h2"]);
+    let streams = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (counted, dialed) = (streams.clone(), connections.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            dialed.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams((1 << 31) - 1)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                else {
+                    return;
+                };
+                let mut kept = Vec::new();
+                let mut here = 0;
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    here += 1;
+                    let response = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut body) = respond.send_response(response, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"x"), false);
+                        kept.push(body);
+                    }
+                    if here == every {
+                        conn.graceful_shutdown();
+                    }
+                }
+                // Keep the streams (and the connection) open.
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    (addr, streams, connections)
+}

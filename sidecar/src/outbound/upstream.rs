@@ -94,6 +94,9 @@ struct H2Conn {
     abandoned: AtomicUsize,
     /// Set past [`ABANDONED_RETIRE`] of those: no new request goes here (it drains).
     retired: AtomicBool,
+    /// Streams in use on every connection to this upstream ([`H2Upstream::streams`]), draining
+    /// ones included.
+    upstream_streams: Arc<AtomicUsize>,
 }
 
 /// How many requests abandoned before their response head retire a connection. A meshid inbound
@@ -132,6 +135,7 @@ struct InStream {
 impl InStream {
     fn on(conn: &Arc<H2Conn>) -> Self {
         conn.streams.fetch_add(1, Ordering::AcqRel);
+        conn.upstream_streams.fetch_add(1, Ordering::AcqRel);
         Self {
             conn: conn.clone(),
             awaiting_head: false,
@@ -143,6 +147,7 @@ impl Drop for InStream {
     fn drop(&mut self) {
         let conn = &self.conn;
         conn.streams.fetch_sub(1, Ordering::AcqRel);
+        conn.upstream_streams.fetch_sub(1, Ordering::AcqRel);
         if self.awaiting_head {
             let abandoned = conn.abandoned.fetch_add(1, Ordering::AcqRel) + 1;
             if abandoned == ABANDONED_RETIRE + 1 {
@@ -175,6 +180,12 @@ pub struct H2Upstream {
     spares: tokio::sync::Mutex<Vec<Arc<H2Conn>>>,
     /// The listener's dials in progress ([`DialPermits`]), shared with its HTTP/1.1 pool.
     dials: DialPermits,
+    /// Streams in use on every connection to the upstream, those no longer `current` or spare
+    /// included (a connection the upstream sent GOAWAY, or retired, drains its streams): at most
+    /// [`MAX_STREAMS`] per connection we may open, then [`SATURATED`]. Without it an upstream
+    /// that answered heads, trickled bodies and sent GOAWAY had a new connection opened each time,
+    /// the old one's streams held outside every cap, without bound.
+    streams: Arc<AtomicUsize>,
 }
 
 impl H2Upstream {
@@ -187,7 +198,15 @@ impl H2Upstream {
             dialing: tokio::sync::Mutex::new(()),
             spares: tokio::sync::Mutex::new(Vec::new()),
             dials,
+            streams: Arc::default(),
         }
+    }
+
+    /// Whether the streams in use on every connection to the upstream, draining ones included,
+    /// are as many as all the connections we may open hold.
+    fn all_streams_in_use(&self) -> bool {
+        self.streams.load(Ordering::Acquire)
+            >= MAX_STREAMS.saturating_mul(self.shared.limits.max_upstream_h2_connections)
     }
 
     fn usable(&self) -> Option<Arc<H2Conn>> {
@@ -294,6 +313,7 @@ impl H2Upstream {
             streams: AtomicUsize::new(0),
             abandoned: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
+            upstream_streams: self.streams.clone(),
         }))
     }
 
@@ -315,6 +335,9 @@ impl H2Upstream {
                 .map_err(|e| root_cause(&e))?;
             if conn.saturated() {
                 conn = self.spare(failed.as_ref()).await?;
+            }
+            if self.all_streams_in_use() {
+                return Err(SATURATED.to_owned());
             }
             let last_try = failed.is_some();
             let mut stream = InStream::on(&conn);
