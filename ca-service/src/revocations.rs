@@ -72,6 +72,14 @@ struct FileEntry {
     reason: String,
 }
 
+/// What the file's `id` and `serial` fields say of `what` (exactly one of them set).
+fn file_names(what: &Revoked) -> (Option<String>, Option<String>) {
+    match what {
+        Revoked::Id(id) => (Some(id.to_string()), None),
+        Revoked::Serial(s) => (None, Some(s.clone())),
+    }
+}
+
 /// One lifted revocation as the file holds it (`meshid-ca unrevoke`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,10 +313,7 @@ impl Revocations {
                 .entries
                 .iter()
                 .map(|e| {
-                    let (id, serial) = match &e.what {
-                        Revoked::Id(id) => (Some(id.to_string()), None),
-                        Revoked::Serial(s) => (None, Some(s.clone())),
-                    };
+                    let (id, serial) = file_names(&e.what);
                     FileEntry {
                         id,
                         serial,
@@ -322,10 +327,7 @@ impl Revocations {
                 .lifted
                 .iter()
                 .map(|l| {
-                    let (id, serial) = match &l.what {
-                        Revoked::Id(id) => (Some(id.to_string()), None),
-                        Revoked::Serial(s) => (None, Some(s.clone())),
-                    };
+                    let (id, serial) = file_names(&l.what);
                     FileLifted {
                         id,
                         serial,

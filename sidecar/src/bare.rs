@@ -702,13 +702,17 @@ mod tests {
         Ok((String::from_utf8(bytes.to_vec()).unwrap(), trailers))
     }
 
-    fn pool(addr: SocketAddr) -> Arc<Bare<TcpDial>> {
-        let dial = TcpDial {
+    /// Plain TCP to the test app at `addr`, with the default head bound.
+    fn dial(addr: SocketAddr) -> TcpDial {
+        TcpDial {
             target: addr,
             connect_timeout: Duration::from_secs(5),
             max_head: h1::MAX_HEAD,
-        };
-        Bare::new(dial, Duration::from_secs(60))
+        }
+    }
+
+    fn pool(addr: SocketAddr) -> Arc<Bare<TcpDial>> {
+        Bare::new(dial(addr), Duration::from_secs(60))
     }
 
     #[tokio::test]
@@ -1017,11 +1021,7 @@ mod tests {
             vec![Step::Reply(OK)],
         ])
         .await;
-        let dial = TcpDial {
-            target: addr,
-            connect_timeout: Duration::from_secs(5),
-            max_head: h1::MAX_HEAD,
-        };
+        let dial = dial(addr);
         let bare = Bare::capped(dial, Duration::from_secs(60), 2);
         // Two responses whose client reads none of their bodies hold both connections.
         let first = bare.request(&head(Method::GET, "/")).await.unwrap();
@@ -1057,11 +1057,7 @@ mod tests {
             vec![Step::Reply(OK)],
         ])
         .await;
-        let dial = TcpDial {
-            target: addr,
-            connect_timeout: Duration::from_secs(5),
-            max_head: h1::MAX_HEAD,
-        };
+        let dial = dial(addr);
         let cap = BusyCap::new(4);
         assert_eq!(cap.share(), 1);
         let bare = Bare::sharing(dial, Duration::from_secs(60), cap.clone());

@@ -315,6 +315,25 @@ async fn an_upstream_allowing_endless_streams_gets_no_more_than_ours_per_connect
 /// An h2 upstream presenting `workload` that allows 2^31-1 streams at once and answers none of
 /// them (it keeps every request); counts the streams and connections it got.
 async fn silent_upstream(workload: Workload) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    counting_upstream(workload, Answer::None).await
+}
+
+/// What a [`counting_upstream`] does with each request.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// Keeps it unanswered.
+    None,
+    /// Answers its head and one byte of a body it never ends, and sends GOAWAY after every so
+    /// many streams of a connection (keeping their exchanges).
+    HeadsThenGoaway(usize),
+}
+
+/// An h2 upstream presenting `workload` that allows 2^31-1 streams at once and treats each as
+/// `answer` says; counts the streams and connections it got.
+async fn counting_upstream(
+    workload: Workload,
+    answer: Answer,
+) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let acceptor = workload.upstream_acceptor(&[b"h2"]);
@@ -324,6 +343,7 @@ async fn silent_upstream(workload: Workload) -> (SocketAddr, Arc<AtomicUsize>, A
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            dialed.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -335,13 +355,30 @@ async fn silent_upstream(workload: Workload) -> (SocketAddr, Arc<AtomicUsize>, A
                 else {
                     return;
                 };
-                let mut kept = Vec::new();
-                while let Some(Ok(exchange)) = conn.accept().await {
+                let (mut kept, mut bodies, mut here) = (Vec::new(), Vec::new(), 0);
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
                     counted.fetch_add(1, Ordering::SeqCst);
-                    kept.push(exchange);
+                    here += 1;
+                    match answer {
+                        Answer::None => kept.push((req, respond)),
+                        Answer::HeadsThenGoaway(every) => {
+                            let head = http::Response::builder().status(200).body(()).unwrap();
+                            if let Ok(mut body) = respond.send_response(head, false) {
+                                let _ = body.send_data(bytes::Bytes::from_static(b"x"), false);
+                                bodies.push(body);
+                            }
+                            if here == every {
+                                conn.graceful_shutdown();
+                            }
+                        }
+                    }
                 }
+                if matches!(answer, Answer::HeadsThenGoaway(_)) {
+                    // The bodies stay open, and their streams with them.
+                    std::future::pending::<()>().await;
+                }
+                drop((kept, bodies));
             });
-            dialed.fetch_add(1, Ordering::SeqCst);
         }
     });
     (addr, streams, connections)
@@ -506,7 +543,8 @@ async fn a_black_holed_tcp_upstream_gets_no_more_dials_at_once_than_the_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_keeps_sending_goaway_gets_no_more_streams_than_the_cap() {
     let pki = TestPki::new();
-    let (upstream, streams, connections) = goaway_upstream(pki.workload(B), 10).await;
+    let (upstream, streams, connections) =
+        counting_upstream(pki.workload(B), Answer::HeadsThenGoaway(10)).await;
     let a = TestSidecar::start(
         &pki,
         &pki.workload(A),
@@ -556,54 +594,4 @@ async fn an_upstream_that_keeps_sending_goaway_gets_no_more_streams_than_the_cap
         "a GOAWAY every 10 streams"
     );
     drop(held);
-}
-
-/// An h2 upstream presenting `workload` that answers every request's head with a body it never
-/// ends and sends GOAWAY after every `every` streams of a connection (keeping their exchanges);
-/// counts the streams and connections it got.
-async fn goaway_upstream(
-    workload: Workload,
-    every: usize,
-) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let acceptor = workload.upstream_acceptor(&[b"h2"]);
-    let streams = Arc::new(AtomicUsize::new(0));
-    let connections = Arc::new(AtomicUsize::new(0));
-    let (counted, dialed) = (streams.clone(), connections.clone());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, counted) = (acceptor.clone(), counted.clone());
-            dialed.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .max_concurrent_streams((1 << 31) - 1)
-                    .handshake::<_, bytes::Bytes>(tls)
-                    .await
-                else {
-                    return;
-                };
-                let mut kept = Vec::new();
-                let mut here = 0;
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    here += 1;
-                    let response = http::Response::builder().status(200).body(()).unwrap();
-                    if let Ok(mut body) = respond.send_response(response, false) {
-                        let _ = body.send_data(bytes::Bytes::from_static(b"x"), false);
-                        kept.push(body);
-                    }
-                    if here == every {
-                        conn.graceful_shutdown();
-                    }
-                }
-                // Keep the streams (and the connection) open.
-                std::future::pending::<()>().await;
-            });
-        }
-    });
-    (addr, streams, connections)
 }

@@ -45,6 +45,23 @@ fn dir_of(ca: &TestCa) -> String {
     ca.dir.path().to_string_lossy().into_owned()
 }
 
+/// `meshid_ca_directory_rejected` of `ca`: 1 while it refuses its directory's newest files.
+fn directory_rejected(ca: &TestCa) -> u64 {
+    let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+        .unwrap()
+        .1;
+    metric(&m, "meshid_ca_directory_rejected", &[])
+}
+
+/// Whether the bundle `ca` serves lists the revocation of identity `id`.
+async fn served_lists(ca: &TestCa, id: &str) -> bool {
+    ca.served_bundle()
+        .await
+        .revoked
+        .iter()
+        .any(|r| r.spiffe_id == id)
+}
+
 /// `meshid-ca revoke|unrevoke --dir DIR ARGS...`, which must succeed.
 fn cli(ca: &TestCa, command: &str, args: &[&str]) -> String {
     let dir = dir_of(ca);
@@ -493,12 +510,7 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
         "the prepared root is served under a version of its own"
     );
     // A broken list: the CA keeps enforcing what it had, and the command refuses to write over it.
-    let rejected = || {
-        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
-            .unwrap()
-            .1;
-        metric(&m, "meshid_ca_directory_rejected", &[])
-    };
+    let rejected = || directory_rejected(&ca);
     assert_eq!(rejected(), 0);
     let path = ca.dir.path().join("revocations.json");
     std::fs::write(&path, "{ not json").unwrap();
@@ -522,12 +534,7 @@ async fn bad_revocations_are_refused_and_a_broken_list_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_revocation_list_lifts_nothing() {
     let ca = ca().await;
-    let rejected = || {
-        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
-            .unwrap()
-            .1;
-        metric(&m, "meshid_ca_directory_rejected", &[])
-    };
+    let rejected = || directory_rejected(&ca);
     let served = || async { ca.served_bundle().await };
     cli(&ca, "revoke", &["--id", A]);
     assert!(
@@ -1203,22 +1210,8 @@ fn copy_of(dir: &std::path::Path) -> tempfile::TempDir {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_copy_of_the_directory_lifts_no_revocation() {
     let ca = ca().await;
-    let rejected = || {
-        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
-            .unwrap()
-            .1;
-        metric(&m, "meshid_ca_directory_rejected", &[])
-    };
-    let lists = |id: &'static str| {
-        let ca = &ca;
-        async move {
-            ca.served_bundle()
-                .await
-                .revoked
-                .iter()
-                .any(|r| r.spiffe_id == id)
-        }
-    };
+    let rejected = || directory_rejected(&ca);
+    let lists = |id: &'static str| served_lists(&ca, id);
     let older = copy_of(ca.dir.path());
     cli(&ca, "revoke", &["--id", A]);
     assert!(eventually(ENFORCED_WITHIN, || lists(A)).await);
@@ -1272,16 +1265,7 @@ async fn an_older_copy_of_the_directory_lifts_no_revocation() {
 async fn a_list_replaced_within_one_clock_tick_is_seen() {
     const TWIN: &str = "spiffe://cluster.local/ns/shop/sa/frontenx";
     let ca = ca().await;
-    let lists = |id: &'static str| {
-        let ca = &ca;
-        async move {
-            ca.served_bundle()
-                .await
-                .revoked
-                .iter()
-                .any(|r| r.spiffe_id == id)
-        }
-    };
+    let lists = |id: &'static str| served_lists(&ca, id);
     cli(&ca, "revoke", &["--id", A]);
     assert!(eventually(ENFORCED_WITHIN, || lists(A)).await);
     let path = ca.dir.path().join("revocations.json");
