@@ -11,7 +11,10 @@
 //! peer ([`DENIAL_LOG_LINES`]). Refused TLS handshakes (anyone who can reach a port can cause them,
 //! no certificate needed) are kept apart, the newest [`MAX_HANDSHAKE_FAILURES`], so that a flood
 //! of them never pushes out the decisions on authenticated peers; and their log lines are limited
-//! ([`HANDSHAKE_LOG_LINES`]).
+//! ([`HANDSHAKE_LOG_LINES`]). Those refused after their chain verified (a revoked certificate,
+//! another trust domain's, another identity than the one dialed: [`chain_verified`]) have a ring
+//! and a line budget of their own: only a holder of a certificate of the mesh can cause them, and
+//! junk ClientHellos from anyone must not hide them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -82,11 +85,26 @@ struct PeerDecisions {
     lines: LineBudget,
 }
 
-/// Refused handshakes: their own ring, and the budget of their log lines.
+/// Refused handshakes: their own ring, and the budget of their log lines; those whose chain
+/// verified apart ([`chain_verified`]).
 #[derive(Debug, Default)]
 struct Handshakes {
     ring: VecDeque<Arc<Recorded>>,
     lines: LineBudget,
+    verified_ring: VecDeque<Arc<Recorded>>,
+    verified_lines: LineBudget,
+}
+
+/// How many refused handshakes whose chain verified are kept, apart from the others.
+pub const MAX_VERIFIED_HANDSHAKE_FAILURES: usize = 64;
+
+/// Whether a handshake refused for `reason` (its metrics label) had a chain that verified to the
+/// mesh's roots: no one without a certificate of the mesh can cause such a refusal.
+pub fn chain_verified(reason: &str) -> bool {
+    matches!(
+        reason,
+        "revoked" | "wrong_trust_domain" | "unexpected_identity" | "unpinned_issuer"
+    )
 }
 
 impl Decisions {
@@ -170,11 +188,21 @@ impl DecisionLog {
     /// since the last one), `None` when it must be left out.
     pub fn push_handshake_failure(&self, r: Recorded, now: std::time::Instant) -> Option<u64> {
         let mut h = self.handshakes();
-        if h.ring.len() >= MAX_HANDSHAKE_FAILURES {
-            h.ring.pop_front();
+        let h = &mut *h;
+        let (ring, lines, max) = if chain_verified(&r.rule) {
+            (
+                &mut h.verified_ring,
+                &mut h.verified_lines,
+                MAX_VERIFIED_HANDSHAKE_FAILURES,
+            )
+        } else {
+            (&mut h.ring, &mut h.lines, MAX_HANDSHAKE_FAILURES)
+        };
+        if ring.len() >= max {
+            ring.pop_front();
         }
-        h.ring.push_back(Arc::new(r));
-        h.lines.take(HANDSHAKE_LOG_LINES, now)
+        ring.push_back(Arc::new(r));
+        lines.take(HANDSHAKE_LOG_LINES, now)
     }
 
     /// The decision with this ID, while it is kept.
@@ -187,10 +215,10 @@ impl DecisionLog {
             .find(|(_, r)| r.id == id)
             .map(|(_, r)| r.clone());
         found.or_else(|| {
-            self.handshakes()
-                .ring
+            let h = self.handshakes();
+            h.ring
                 .iter()
-                .rev()
+                .chain(h.verified_ring.iter())
                 .find(|r| r.id == id)
                 .cloned()
         })
@@ -206,7 +234,13 @@ impl DecisionLog {
             .collect();
         decisions.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         let mut all: Vec<Arc<Recorded>> = decisions.into_iter().take(n).map(|(_, r)| r).collect();
-        all.extend(self.handshakes().ring.iter().rev().take(n).cloned());
+        {
+            // The refusals of verified chains before the others of the same second: a flood of
+            // junk must not push them off the list either.
+            let h = self.handshakes();
+            all.extend(h.verified_ring.iter().rev().take(n).cloned());
+            all.extend(h.ring.iter().rev().take(n).cloned());
+        }
         // Stable: within one second, each kind stays newest first.
         all.sort_by_key(|r| std::cmp::Reverse(r.at));
         all.truncate(n);
@@ -215,7 +249,10 @@ impl DecisionLog {
 
     /// Decisions and refused handshakes kept.
     pub fn len(&self) -> usize {
-        self.lock().total + self.handshakes().ring.len()
+        let h = self.handshakes();
+        let handshakes = h.ring.len() + h.verified_ring.len();
+        drop(h);
+        self.lock().total + handshakes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -477,6 +514,40 @@ mod tests {
         let newest = log.newest(LISTED);
         assert_eq!(newest.len(), LISTED);
         assert!(newest.iter().any(|r| r.id == "denied"));
+    }
+
+    /// A handshake refused after its chain verified (a revoked certificate) is kept and logged
+    /// whatever flood of other refusals came first: those anyone can cause share their own ring
+    /// and budget.
+    #[test]
+    fn a_flood_of_junk_handshakes_hides_no_refusal_of_a_verified_chain() {
+        let log = DecisionLog::default();
+        let now = std::time::Instant::now();
+        let refused = |id: &str, rule: &str| Recorded {
+            decision: "handshake_failure".into(),
+            rule: rule.into(),
+            ..recorded(id)
+        };
+        for i in 0..10_000 {
+            log.push_handshake_failure(refused(&format!("junk{i}"), "unknown_ca"), now);
+        }
+        assert_eq!(
+            log.push_handshake_failure(refused("junk-more", "protocol"), now),
+            None,
+            "the junk's budget is spent"
+        );
+        assert_eq!(
+            log.push_handshake_failure(refused("revoked-1", "revoked"), now),
+            Some(0),
+            "its line is written"
+        );
+        for i in 0..MAX_HANDSHAKE_FAILURES {
+            log.push_handshake_failure(refused(&format!("later{i}"), "unknown_ca"), now);
+        }
+        assert!(log.get("revoked-1").is_some(), "kept past the junk's ring");
+        assert!(log.newest(LISTED).iter().any(|r| r.id == "revoked-1"));
+        assert_eq!(log.len(), MAX_HANDSHAKE_FAILURES + 1);
+        assert!(chain_verified("wrong_trust_domain") && !chain_verified("bad_signature"));
     }
 
     #[test]
