@@ -1385,11 +1385,33 @@ impl CertificateAuthority for CaService {
         if let Some(key) = &key {
             self.state.limit_bundle_calls(key, "bundle streams")?;
         }
+        // The authority the handshake's chain verifies under (what the instance serves, as an
+        // acknowledgement reads it); a chain an authority of the bundle verified just now is not
+        // verified again below.
+        let chain = peer
+            .as_ref()
+            .and_then(|p| p.certificates.as_deref())
+            .map_or(&[][..], Vec::as_slice);
+        let (authority, chain_verified) = if chain.is_empty() {
+            (None, false)
+        } else {
+            let trust = self.state.authority.load();
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let authority =
+                crate::rotation::fleet::authority_of(chain, &trust.authority_anchors, now);
+            let verified = authority
+                .as_ref()
+                .is_some_and(|a| trust.bundled_authorities.contains(a));
+            (authority, verified)
+        };
         // The certificate is checked now, not only at the handshake: a kept-alive connection may
         // outlive it, the root it chains to (`rotate retire`) or a revocation, and such a
         // certificate must not take an instance's room nor count for the rotation gates. Without
         // a certificate the stream is anonymous.
-        let presented = match self.state.authenticate_presented(peer.as_ref(), false) {
+        let presented = match self
+            .state
+            .authenticate_presented(peer.as_ref(), chain_verified)
+        {
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => {
                 return Err(refused_certificate(
@@ -1403,16 +1425,6 @@ impl CertificateAuthority for CaService {
             None => None,
         };
         let caller = presented.and_then(|id| {
-            let chain = peer
-                .as_ref()
-                .and_then(|p| p.certificates.as_deref())
-                .map_or(&[][..], Vec::as_slice);
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            let authority = crate::rotation::fleet::authority_of(
-                chain,
-                &self.state.authority.load().authority_anchors,
-                now,
-            );
             Some(crate::rotation::fleet::Caller {
                 key: key?,
                 identity: id.id.to_string(),
