@@ -500,8 +500,22 @@ async fn refuse_h2<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
     .await;
 }
 
+/// How a connection that something outside ends is closed: what `revoked` in
+/// [`serve_connection`] resolves to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// Its requests in flight finish, within the grace period: a policy change, a peer certificate
+    /// no longer under the trust bundle (a retired root: a rotation's pooled connections carry
+    /// requests that must not fail), shutdown, expiry.
+    Drain,
+    /// At once, with its requests in flight: the peer's certificate, lineage or identity was
+    /// revoked (its key may be in other hands: a stream or upload in flight must not go on for
+    /// the grace period), as outbound, TCP and upgraded connections are.
+    Cut,
+}
+
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown, at `deadline`, or
-/// when `revoked` resolves (it logs why itself). HTTP/1.x connections let go of hyper's buffers
+/// when `revoked` resolves (it logs why itself; [`Closing::Cut`] closes it at once). HTTP/1.x connections let go of hyper's buffers
 /// while idle ([`crate::idle`]); `idle` counts them. A peer's connection (`from_peer`: the
 /// inbound's) that opens with the h2 preface (whatever ALPN said) is counted among its peer's h2
 /// connections, or refused past `--max-h2-connections-per-peer`, and is watched for an h2
@@ -514,7 +528,7 @@ pub(crate) async fn serve_connection<IO, S, F, R>(
     svc: S,
     (idle, from_peer): (Gauge, Option<FromPeer>),
 ) where
-    R: std::future::Future<Output = ()> + Send + Unpin,
+    R: std::future::Future<Output = Closing> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: crate::idle::Handler<F>,
     F: crate::idle::Answer,
@@ -553,7 +567,7 @@ async fn serve_h2<IO, S, F, R>(
     svc: S,
     from_peer: bool,
 ) where
-    R: std::future::Future<Output = ()> + Send + Unpin,
+    R: std::future::Future<Output = Closing> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: crate::idle::Handler<F>,
     F: crate::idle::Answer,
@@ -603,25 +617,33 @@ async fn serve_h2<IO, S, F, R>(
     let idle_timeout = shared.limits.idle_timeout;
     let ended = std::pin::pin!(async {
         tokio::select! {
-            () = meshid_runtime::net::stopped(&mut shutdown) => None,
+            () = meshid_runtime::net::stopped(&mut shutdown) => (Closing::Drain, None),
             () = expired => {
                 tracing::info!("closing gracefully: the peer's certificate expired");
-                None
+                (Closing::Drain, None)
             }
-            () = revoked => None,
-            ending = streams.watch(idle_timeout, &shared.metrics.stalled_responses) => Some(ending),
-            () = streams.flooded() => Some(crate::streams::Ending::ResetFlood),
+            closing = revoked => (closing, None),
+            ending = streams.watch(idle_timeout, &shared.metrics.stalled_responses) => {
+                (Closing::Drain, Some(ending))
+            }
+            () = streams.flooded() => {
+                (Closing::Drain, Some(crate::streams::Ending::ResetFlood))
+            }
         }
     });
-    let ending = tokio::select! {
+    let (closing, ending) = tokio::select! {
         r = conn.as_mut() => {
             if let Err(error) = r {
                 tracing::debug!(%error, "http connection ended");
             }
             return;
         }
-        ending = meshid_runtime::wake::WhenWoken::new(ended) => ending,
+        ended = meshid_runtime::wake::WhenWoken::new(ended) => ended,
     };
+    if closing == Closing::Cut {
+        // Dropped: its streams are reset, the app's requests for them let go (why was logged).
+        return;
+    }
     if ending == Some(crate::streams::Ending::Stalled) {
         // Graceful would wait for the very responses the peer does not take.
         shared

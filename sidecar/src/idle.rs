@@ -45,7 +45,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::conn::Shared;
-use crate::http::Body;
+use crate::http::{Body, Closing};
 
 /// A new connection's hold: when a serving connection first checks whether it has gone quiet (see
 /// the module docs).
@@ -488,8 +488,10 @@ where
 
 /// Why the loop stopped serving a hyper connection.
 enum Stop {
-    /// Shutdown or the peer certificate's expiry: drain gracefully.
+    /// Shutdown, the peer certificate's expiry, a policy change: drain gracefully.
     Drain,
+    /// The peer was revoked ([`Closing::Cut`]): close at once, a response in flight with it.
+    Cut,
     /// A partial request head outlived the idle limit.
     Close,
     /// A response's write has been blocked, nothing moving, for the idle timeout: close.
@@ -546,7 +548,7 @@ pub async fn serve_h1<IO, S, F, R>(
     svc: S,
     idle: Gauge,
 ) where
-    R: std::future::Future<Output = ()> + Send + Unpin,
+    R: std::future::Future<Output = Closing> + Send + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Handler<F>,
     F: Answer,
@@ -617,7 +619,7 @@ pub async fn serve_h1<IO, S, F, R>(
             () = meshid_runtime::net::stopped(&mut shutdown) => false,
             () = &mut expired => false,
             // A revoked peer's idle connection is closed now, not when it next sends a request.
-            () = &mut revoked => false,
+            _ = &mut revoked => false,
         };
         drop(held);
         if !woke {
@@ -646,7 +648,7 @@ async fn serve_until_quiet<IO, S, F, E, R>(
 ) -> Served<IO>
 where
     E: std::future::Future<Output = ()> + Unpin,
-    R: std::future::Future<Output = ()> + Unpin,
+    R: std::future::Future<Output = Closing> + Unpin,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Handler<F>,
     F: Answer,
@@ -677,11 +679,15 @@ where
     // wake of this task (several per request).
     let ended = std::pin::pin!(async {
         tokio::select! {
-            () = meshid_runtime::net::stopped(shutdown) => {}
+            () = meshid_runtime::net::stopped(shutdown) => Stop::Drain,
             () = &mut *expired => {
                 tracing::info!("closing gracefully: the peer's certificate expired");
+                Stop::Drain
             }
-            () = &mut *revoked => {}
+            closing = &mut *revoked => match closing {
+                Closing::Drain => Stop::Drain,
+                Closing::Cut => Stop::Cut,
+            },
         }
     });
     let mut ended = WhenWoken::new(ended);
@@ -690,7 +696,7 @@ where
             // The end signals first: were `conn` polled first after a revocation, a request that
             // arrived with it would go on to the app.
             biased;
-            () = &mut ended => break Stop::Drain,
+            stop = &mut ended => break stop,
             r = &mut conn => {
                 if let Err(error) = r {
                     tracing::debug!(%error, "http connection ended");
@@ -762,6 +768,9 @@ where
             shared.metrics.stalled_responses.inc();
             Served::Done
         }
+        // Dropped: a response in flight ends with it, its app connection let go (the revocation
+        // was logged where it was seen).
+        Stop::Cut => Served::Done,
         Stop::Close => {
             tracing::debug!("closing: no complete request head within the idle limit");
             if let Some(parts) = conn.into_parts() {

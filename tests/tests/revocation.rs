@@ -1096,12 +1096,23 @@ async fn endless_app() -> std::net::SocketAddr {
     addr
 }
 
-/// A revoked peer whose response never ends (and which does not read it) loses its HTTP/1.1
-/// connection within the grace period: the graceful end waits for the response in flight only that
-/// long. Before, it waited for good.
+/// A revoked peer's response in flight (one that never ends, and that the peer has stopped
+/// reading) ends at once, over HTTP/1.1 and h2: its key may be in other hands, so nothing of the
+/// connection waits for the grace period (a minute here), as outbound, TCP and upgraded
+/// connections do not. Before, a revocation drained it as a policy change does: a stream or an
+/// upload in flight went on for the grace period (20 s by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
-    const GRACE: Duration = Duration::from_secs(2);
+async fn a_revoked_peers_response_in_flight_ends_at_once_over_http1() {
+    revoked_while_streaming(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peers_response_in_flight_ends_at_once_over_h2() {
+    revoked_while_streaming(true).await;
+}
+
+async fn revoked_while_streaming(h2: bool) {
+    const GRACE: Duration = Duration::from_secs(60);
     let ca = ca().await;
     let pki = TestPki::new();
     let dummy = pki.workload(A);
@@ -1130,29 +1141,72 @@ async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
         cert_path: Default::default(),
         key_path: Default::default(),
     };
+    let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
     let config = meshid_tests::mesh::client_config(
         &ca.roots,
         &ca.trust_domain,
         Some(&frontend),
         &SpiffeId::parse(B).unwrap(),
-        &[b"http/1.1"],
+        alpn,
     );
-    // The response has started (the policy may still be loading: tried until it does).
+    // The response has started (the policy may still be loading: tried until it does). What is
+    // left of it, read to its end.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let mut tls = loop {
+    let rest: std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>> = loop {
         assert!(Instant::now() < deadline, "no streaming response");
-        if let Ok(mut tls) = meshid_tests::mesh::mtls_connect(b.inbound[0], config.clone()).await
-            && tls
-                .write_all(b"GET /stream HTTP/1.1\r\nhost: app\r\n\r\n")
-                .await
-                .is_ok()
+        let Ok(mut tls) = meshid_tests::mesh::mtls_connect(b.inbound[0], config.clone()).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if h2 {
+            let Ok((mut client, conn)) = h2::client::handshake(tls).await else {
+                continue;
+            };
+            tokio::spawn(conn);
+            let req = http::Request::get("https://app/stream").body(()).unwrap();
+            let Ok((resp, _)) = client.send_request(req, true) else {
+                continue;
+            };
+            let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(5), resp).await else {
+                continue;
+            };
+            if resp.status() != 200 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let mut body = resp.into_body();
+            // The first bytes came; the rest is left unread (its window stays closed).
+            if !matches!(body.data().await, Some(Ok(_))) {
+                continue;
+            }
+            break Box::pin(async move {
+                let mut n = 0;
+                while let Some(Ok(data)) = body.data().await {
+                    n += data.len();
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                n
+            });
+        }
+        if tls
+            .write_all(b"GET /stream HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .is_ok()
         {
             let mut first = [0u8; 12];
             if let Ok(Ok(_)) =
                 tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut first)).await
                 && &first == b"HTTP/1.1 200"
             {
-                break tls;
+                break Box::pin(async move {
+                    let mut n = 0;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(k @ 1..) = tls.read(&mut buf).await {
+                        n += k;
+                    }
+                    n
+                });
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1172,19 +1226,12 @@ async fn a_revoked_peers_endless_http1_response_ends_within_the_grace_period() {
         "the connection learns of the revocation:\n{}",
         b.metrics().await
     );
-    tokio::time::sleep(GRACE + Duration::from_secs(2)).await;
-    // Closed by now: reading what is left ends (EOF, or the reset of a dropped connection).
-    let mut rest = 0usize;
-    let drained = async {
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n @ 1..) = tls.read(&mut buf).await {
-            rest += n;
-        }
-    };
-    let read = tokio::time::timeout(Duration::from_secs(10), drained).await;
+    // Closed by now, far within the grace period: reading what is left ends (EOF, or the reset of
+    // a dropped connection) instead of streaming on.
+    let read = tokio::time::timeout(Duration::from_secs(10), rest).await;
     assert!(
         read.is_ok(),
-        "the connection still streams {GRACE:?} after the revocation ({rest} bytes read)"
+        "the response still streams after the revocation (grace period {GRACE:?})"
     );
 }
 

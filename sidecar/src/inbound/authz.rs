@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use rustls::pki_types::CertificateDer;
 
 use crate::conn::Shared;
-use crate::http::{Body, reply};
+use crate::http::{Body, Closing, reply};
 use crate::metrics::AuthzLabels;
 
 /// Who is on the other end of an accepted inbound connection, as the verifier established it.
@@ -328,7 +328,8 @@ impl Authorizer {
     /// peer (as [`Self::peer_revoked`] decides), or a policy change leaves no rule that could allow
     /// the peer on this port (its requests would all be denied: a stream, long poll or download in
     /// flight must not outlive that; audit mode never closes). The closing is logged and counted;
-    /// the connection then ends gracefully within the grace period.
+    /// the connection then ends gracefully within the grace period ([`Closing::Drain`]), but for a
+    /// revoked peer: at once, its requests in flight with it ([`Closing::Cut`]).
     ///
     /// One future watching both changes, holding one copy of what it needs (not the whole
     /// listener state): every idle connection keeps one, and two futures side by side each held
@@ -336,7 +337,7 @@ impl Authorizer {
     pub fn http_connection_revoked(
         &self,
         peer: &Peer,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+    ) -> impl std::future::Future<Output = Closing> + Send + 'static + use<> {
         let creds = self.shared.creds.clone();
         let mut trust = creds.subscribe();
         let policy = self.shared.policy.clone();
@@ -362,7 +363,10 @@ impl Authorizer {
                     expiry,
                 ) {
                     closed_untrusted(&metrics.0, &peer, port, &why);
-                    return;
+                    return match why {
+                        crate::creds::Distrusted::Revoked(_) => Closing::Cut,
+                        _ => Closing::Drain,
+                    };
                 }
                 tokio::select! {
                     biased;
@@ -390,7 +394,7 @@ impl Authorizer {
                                 rule = %decision.rule,
                                 "closing: the new policy has no rule for this peer on this port"
                             );
-                            return;
+                            return Closing::Drain;
                         }
                     }
                     // Both senders are gone (shutdown): nothing will revoke this connection any more.
