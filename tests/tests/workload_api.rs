@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshid_ca::signer::LifetimePolicy;
+use meshid_identity::SpiffeId;
 use meshid_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use meshid_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
@@ -867,6 +868,82 @@ async fn a_jwt_svid_is_refused_once_its_certificate_lineage_is_revoked() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("revoked"), "{refused:?}");
     assert!(refused.message().contains(&serial), "{refused:?}");
+}
+
+/// The serial of `leaf` as revocations name it.
+fn serial_of(leaf: &[u8]) -> String {
+    let cert = x509_parser::parse_x509_certificate(leaf).unwrap().1;
+    let hex: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    meshid_identity::revocation::normalize_serial(&hex).unwrap()
+}
+
+/// Writes `entry` into the CA directory's revocation list, as `meshid-ca revoke` does.
+fn revoke(ca: &TestCa, entry: meshid_identity::revocation::Revoked) {
+    let dir = ca.dir.path();
+    let mut list = meshid_ca::revocations::Revocations::load(dir).unwrap();
+    list.revoke(entry, meshid_runtime::time::unix_now(), 3600, "test".into())
+        .unwrap();
+    list.save(dir).unwrap();
+}
+
+/// The app's SVID is the key most likely to leak (the app holds it in the clear). Once its serial
+/// is revoked, every meshid peer refuses it: the sidecar streams the app a new one (a new serial
+/// and key) instead of handing out the revoked one until its own renewal, half its life away (an
+/// hour here). Once the identity itself is revoked, no new one comes: the stream tells the app to
+/// stop using the one it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_app_svid_is_replaced_and_a_revoked_identity_gets_none() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", api.socket.display()))
+        .await
+        .expect("rust-spiffe connects");
+    let mut stream = client.stream_x509_svids().await.expect("stream");
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an SVID within 10 s")
+        .unwrap()
+        .unwrap();
+    let serial = serial_of(first.leaf().as_bytes());
+    revoke(
+        &ca,
+        meshid_identity::revocation::Revoked::Serial(serial.clone()),
+    );
+    let next = tokio::time::timeout(Duration::from_secs(15), stream.next())
+        .await
+        .expect("a new SVID once the old one's serial is revoked")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.spiffe_id().to_string(), ID);
+    assert_ne!(
+        serial_of(next.leaf().as_bytes()),
+        serial,
+        "a new certificate"
+    );
+    assert_ne!(
+        first.private_key().as_bytes(),
+        next.private_key().as_bytes(),
+        "a new key"
+    );
+    // A new call is handed the new one too.
+    let (chain, _) = fetch_app_svid(&api.socket).await;
+    assert_ne!(serial_of(chain[0].as_ref()), serial);
+
+    revoke(
+        &ca,
+        meshid_identity::revocation::Revoked::Id(SpiffeId::parse(ID).unwrap()),
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(15), stream.next())
+        .await
+        .expect("the stream says something once the identity is revoked");
+    assert!(
+        !matches!(ended, Some(Ok(_))),
+        "no SVID of a revoked identity is handed out: {ended:?}"
+    );
 }
 
 /// py-spiffe's JWT side: a JWT-SVID for the audience asked for, the JWT bundle, the token verified

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshid_identity::SpiffeId;
+use meshid_identity::revocation::RevocationSet;
 use meshid_identity::timing::{Backoff, random_unit, refresh_in, retry_wait};
 use meshid_runtime::net::stopped;
 use meshid_runtime::time::unix_now;
@@ -29,6 +30,10 @@ pub struct AppSvid {
     pub key: Vec<u8>,
     pub not_before: i64,
     pub not_after: i64,
+    /// Its serial (lowercase hex, as revocations name serials) and its lineage's, when the CA
+    /// marked one: a revocation of either (or of the identity) ends it.
+    pub serial: String,
+    pub lineage: Option<String>,
     /// SHA-256 (hex) of the sidecar leaf it was issued on: a new sidecar certificate means a new
     /// app SVID.
     pub issued_on: String,
@@ -49,6 +54,23 @@ impl AppSvid {
     /// Whether it may be handed out at `now` (seconds since the epoch).
     pub fn valid_at(&self, now: i64) -> bool {
         self.not_before <= now && now < self.not_after
+    }
+
+    /// Whether `revoked` revokes it: its serial, its lineage or its identity. Every meshid peer
+    /// refuses it then, so it is neither handed out nor kept: a new one is asked for.
+    pub fn revoked_in(&self, revoked: &RevocationSet) -> bool {
+        meshid_identity::jwt_svid::revoked_by(
+            revoked,
+            &self.id,
+            self.lineage.as_deref(),
+            Some(&self.serial),
+        )
+        .is_some()
+    }
+
+    /// Whether it may be handed to the app at `now`: valid, and not revoked.
+    pub fn usable(&self, now: i64, revoked: &RevocationSet) -> bool {
+        self.valid_at(now) && !self.revoked_in(revoked)
     }
 }
 
@@ -75,7 +97,9 @@ pub async fn run_app_svids(
             (_, None) => false,
             (None, Some(_)) => true,
             (Some(svid), Some(leaf)) => {
-                svid.issued_on != *leaf || due.is_some_and(|d| tokio::time::Instant::now() >= d)
+                svid.issued_on != *leaf
+                    || due.is_some_and(|d| tokio::time::Instant::now() >= d)
+                    || svid.revoked_in(&store.revocations())
             }
         };
         if stale {

@@ -731,6 +731,8 @@ pub async fn issue_for_app(
         key: key.serialize_der(),
         not_before: identity.not_before,
         not_after: identity.not_after,
+        serial: identity.serial_hex,
+        lineage: identity.lineage,
         issued_on: own.leaf_sha256.clone(),
     })
 }

@@ -144,6 +144,10 @@ const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// connections and never called would otherwise keep the app from its SVIDs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// How long an X.509-SVID stream waits for the replacement of an app SVID that was revoked
+/// before it tells the app to stop using the one it holds (a revoked identity gets none).
+const REPLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The largest request message taken (tonic's default is 4 MiB): the largest request is a
 /// `ValidateJWTSVID`'s token with its audience, a few KiB (audiences are at most 8 x 256 bytes). A
 /// larger one is answered `OUT_OF_RANGE` without being read in. With it, what the connections'
@@ -339,10 +343,13 @@ impl WorkloadApi {
                 let mut bundle_changes = store.subscribe();
                 // What was sent last: the SVID (by leaf) and the roots.
                 let mut sent: Option<(Arc<AppSvid>, Vec<u8>)> = None;
+                // Until when a revoked SVID's replacement is waited for (the sidecar asks the CA
+                // for one as soon as the revocation arrives, as this stream learns of it).
+                let mut replaced_by: Option<tokio::time::Instant> = None;
                 loop {
                     let current = svids.borrow_and_update().clone();
                     let now = unix_now();
-                    let usable = current.filter(|s| s.valid_at(now));
+                    let usable = current.filter(|s| s.usable(now, &store.revocations()));
                     match (usable, &sent) {
                         (Some(svid), _) => {
                             let roots = concat(&store.app_anchors());
@@ -359,13 +366,23 @@ impl WorkloadApi {
                                 }
                                 sent = Some((svid, roots));
                             }
+                            replaced_by = None;
+                        }
+                        (None, Some((held, _)))
+                            if held.valid_at(now)
+                                && replaced_by.is_none_or(|t| tokio::time::Instant::now() < t) =>
+                        {
+                            // Revoked, not expired: its replacement is on its way.
+                            replaced_by
+                                .get_or_insert(tokio::time::Instant::now() + REPLACEMENT_WAIT);
                         }
                         (None, Some(_)) => {
-                            // The SVID the app holds has expired and no new one came: tell it
-                            // to stop using it.
+                            // The SVID the app holds has expired, or was revoked and no new one
+                            // came: tell it to stop using it.
                             let _ = tx
                                 .send(Err(Status::unavailable(
-                                    "the app's SVID expired and the CA has not issued a new one yet",
+                                    "the app's SVID expired or was revoked, and the CA has not \
+                                     issued a new one",
                                 )))
                                 .await;
                             return;
@@ -385,10 +402,17 @@ impl WorkloadApi {
                             None => std::future::pending().await,
                         }
                     };
+                    let waited = async {
+                        match replaced_by {
+                            Some(t) => tokio::time::sleep_until(t).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         r = svids.changed() => if r.is_err() { return },
                         r = bundle_changes.changed() => if r.is_err() { return },
                         () = expired => {}
+                        () = waited => {}
                         () = tx.closed() => return,
                     }
                 }
