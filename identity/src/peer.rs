@@ -71,6 +71,21 @@ impl VerifiedPeer {
     }
 }
 
+/// The earliest not-after (seconds since the epoch) of the certificates of `presented` (a
+/// verified chain, leaf first): when the chain stops verifying by the clock. An issuer outside
+/// meshid may issue a leaf that outlives its intermediate; a connection must not. `None` when
+/// none can be read.
+pub fn chain_not_after(presented: &[CertificateDer<'_>]) -> Option<i64> {
+    presented
+        .iter()
+        .filter_map(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+        })
+        .min()
+}
+
 /// Identities established by one verifier, by leaf certificate.
 #[derive(Debug)]
 pub struct VerifiedPeers {

@@ -92,7 +92,8 @@ impl TestPki {
         self.authority.roots.clone()
     }
 
-    fn write(&self, chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Workload {
+    /// `chain` and its key written as PEM files under this PKI's directory.
+    pub fn write(&self, chain: Vec<CertificateDer<'static>>, key_der: Vec<u8>) -> Workload {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

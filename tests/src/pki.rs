@@ -54,6 +54,8 @@ impl Default for WorkloadKey {
 pub struct ForeignCa {
     pub root_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    /// What its workload chains carry after the leaf (an intermediate's certificate).
+    below_leaf: Vec<CertificateDer<'static>>,
 }
 
 impl ForeignCa {
@@ -71,6 +73,30 @@ impl ForeignCa {
         let cert = params.self_signed(&key).expect("self-signed");
         Self {
             root_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            below_leaf: Vec::new(),
+        }
+    }
+
+    /// An intermediate of this CA that expires at `not_after` (an issuer outside meshid may let
+    /// the leaves it signs outlive it): its workload chains are leaf, intermediate.
+    pub fn intermediate_until(&self, not_after: time::OffsetDateTime) -> Self {
+        let key = KeyPair::generate().expect("keygen");
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "foreign intermediate");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Self {
+            root_der: self.root_der.clone(),
+            below_leaf: vec![cert.der().clone()],
             issuer: Issuer::new(params, key),
         }
     }
@@ -91,7 +117,9 @@ impl ForeignCa {
         ];
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         (
-            vec![cert.der().clone()],
+            std::iter::once(cert.der().clone())
+                .chain(self.below_leaf.iter().cloned())
+                .collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
     }

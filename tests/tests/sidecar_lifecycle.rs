@@ -575,6 +575,131 @@ async fn connections_close_at_the_peer_certificate_expiry() {
     );
 }
 
+/// A peer whose intermediate ends before its leaf (an issuer outside meshid, under a root in the
+/// bundle, may sign such leaves: the chain stops verifying with the intermediate) loses its open
+/// connections when the intermediate expires, not an hour later with its leaf. Before, the
+/// connection deadline was the leaf's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_close_when_the_peers_intermediate_expires() {
+    let pki = TestPki::new();
+    let outside = meshid_tests::pki::ForeignCa::new();
+    let short =
+        outside.intermediate_until(time::OffsetDateTime::now_utc() + time::Duration::seconds(4));
+    let (chain, key) = short.workload(A);
+    assert_eq!(chain.len(), 2, "leaf and intermediate");
+    let peer = pki.write(chain, key.secret_der().to_vec());
+    let own = pki.workload(B);
+    let bundle = bundle_with(&pki, &outside);
+    let app = meshid_tests::mesh::tcp_echo().await;
+    let b = TestSidecar::start(
+        &pki,
+        &own,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.14", app, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(meshid_sidecar::settings::CredSource::Files(
+                meshid_sidecar::settings::FileCreds {
+                    cert: own.cert_path.clone(),
+                    key: own.key_path.clone(),
+                    bundle,
+                },
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut roots = pki.roots();
+    roots.push(outside.root_der.clone());
+    let cfg = meshid_tests::mesh::client_config(&roots, &pki.trust_domain, Some(&peer), &b.id, &[]);
+    let mut tls = meshid_tests::mesh::mtls_connect(b.inbound[0], cfg)
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"alive").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut rest)).await;
+    assert!(
+        r.is_ok(),
+        "the connection is closed when the peer's intermediate expires"
+    );
+}
+
+/// `pki`'s bundle with the root of `outside` added, as a file.
+fn bundle_with(pki: &TestPki, outside: &meshid_tests::pki::ForeignCa) -> std::path::PathBuf {
+    let bundle = pki.dir.path().join("bundle-with-outside-root.pem");
+    let mut pem = std::fs::read_to_string(&pki.bundle_path).unwrap();
+    pem.push_str(&meshid_tests::pki::pem(&outside.root_der));
+    std::fs::write(&bundle, pem).unwrap();
+    bundle
+}
+
+/// The outbound side of the above: an upstream whose intermediate ends before its certificate
+/// loses the outbound's connection when the intermediate expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_connections_close_when_the_upstreams_intermediate_expires() {
+    let pki = TestPki::new();
+    let outside = meshid_tests::pki::ForeignCa::new();
+    let short =
+        outside.intermediate_until(time::OffsetDateTime::now_utc() + time::Duration::seconds(4));
+    let (chain, key) = short.workload(B);
+    let upstream = pki.write(chain, key.secret_der().to_vec());
+    let files = |w: &meshid_tests::mesh::Workload| {
+        meshid_sidecar::settings::CredSource::Files(meshid_sidecar::settings::FileCreds {
+            cert: w.cert_path.clone(),
+            key: w.key_path.clone(),
+            bundle: bundle_with(&pki, &outside),
+        })
+    };
+    let app = meshid_tests::mesh::tcp_echo().await;
+    let b = TestSidecar::start(
+        &pki,
+        &upstream,
+        B,
+        SidecarSpec {
+            inbound: vec![("127.0.0.15", app, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(files(&upstream)),
+            limits: Some(meshid_sidecar::settings::Limits {
+                // Only the outbound side's cap is under test here.
+                cap_connection_age: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let own = pki.workload(A);
+    let a = TestSidecar::start(
+        &pki,
+        &own,
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Tcp)],
+            creds: Some(files(&own)),
+            ..Default::default()
+        },
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    s.write_all(b"alive").await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    assert!(
+        r.is_ok(),
+        "the outbound closes its connection when the upstream's intermediate expires"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
     let pki = TestPki::new();

@@ -37,6 +37,16 @@ fn trust_key(roots: &[CertificateDer<'_>], pinned: &[CertificateDer<'_>]) -> u64
     h.finish()
 }
 
+/// When a connection's peer is no longer trusted by the clock ([`CredentialStore::distrusts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    /// The earliest not-after of the chain the peer presented (its leaf's, or an intermediate's
+    /// that ends first: [`meshid_identity::peer::chain_not_after`]).
+    pub not_after: i64,
+    /// Seconds past it the connection may still live.
+    pub grace: i64,
+}
+
 /// Why an open connection's peer is no longer trusted: the connection must end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Distrusted {
@@ -476,7 +486,7 @@ impl CredentialStore {
         chain: &[CertificateDer<'_>],
         usage: webpki::KeyUsage,
         mut trust_key: u64,
-        expiry: Option<i64>,
+        expiry: Option<Expiry>,
     ) -> Distrusted {
         let mut changes = self.generation.subscribe();
         loop {
@@ -497,8 +507,9 @@ impl CredentialStore {
     /// ([`Self::subscribe`]) along with other things in one future: mark the change seen first,
     /// then look.
     ///
-    /// `expiry`: when the connection's age is capped, the seconds after the peer's not-after it
-    /// may still live (its grace); the peer is then distrusted once the wall clock is past that.
+    /// `expiry`: when the connection's age is capped, the peer chain's earliest not-after and the
+    /// seconds after it the connection may still live (its grace); the peer is then distrusted
+    /// once the wall clock is past that.
     /// The connection's own deadline is a monotonic timer set at the handshake, which a wall clock
     /// stepped forward (an NTP correction, a resumed VM) leaves behind: this look, made again
     /// whenever [`Self::clock_moved`] says so, catches up with it.
@@ -508,14 +519,12 @@ impl CredentialStore {
         chain: &[CertificateDer<'_>],
         usage: webpki::KeyUsage,
         trust_key: &mut u64,
-        expiry: Option<i64>,
+        expiry: Option<Expiry>,
     ) -> Option<Distrusted> {
-        if let Some(grace) = expiry
-            && meshid_runtime::time::unix_now() > peer.not_after.saturating_add(grace)
+        if let Some(Expiry { not_after, grace }) = expiry
+            && meshid_runtime::time::unix_now() > not_after.saturating_add(grace)
         {
-            return Some(Distrusted::Expired {
-                not_after: peer.not_after,
-            });
+            return Some(Distrusted::Expired { not_after });
         }
         let current = self.current.load();
         let s = current.as_deref()?;
@@ -994,7 +1003,11 @@ mod tests {
                 expiry,
             )
         };
-        let (capped, uncapped) = (watch(Some(0)), watch(None));
+        let capped = watch(Some(Expiry {
+            not_after: peer.not_after,
+            grace: 0,
+        }));
+        let uncapped = watch(None);
         tokio::pin!(capped, uncapped);
         let soon = std::time::Duration::from_millis(50);
         assert!(tokio::time::timeout(soon, &mut capped).await.is_err());

@@ -31,6 +31,9 @@ pub struct Peer {
     pub chain: Arc<[CertificateDer<'static>]>,
     /// The trust the chain was verified against in the handshake ([`crate::creds::Snapshot::trust_key`]).
     pub trust_key: u64,
+    /// The earliest not-after of the chain this connection's peer presented: its leaf's, or an
+    /// intermediate's that ends first (an issuer outside meshid may let a leaf outlive it).
+    pub not_after: i64,
     /// The trust the chain last verified against for a request ([`Authorizer::still_trusted`]):
     /// verified again only once the trust in force is another.
     trust_checked: AtomicU64,
@@ -43,35 +46,48 @@ impl Clone for Peer {
             addr: self.addr,
             chain: self.chain.clone(),
             trust_key: self.trust_key,
+            not_after: self.not_after,
             trust_checked: AtomicU64::new(self.trust_checked.load(Ordering::Relaxed)),
         }
     }
 }
 
 impl Peer {
-    /// The peer a handshake verified: `chain` against the trust named `trust_key`.
+    /// The peer a handshake verified: `presented` (this connection's chain, leaf first; `chain`
+    /// is the copy its leaf keeps) against the trust named `trust_key`.
     pub fn new(
         verified: Arc<VerifiedPeer>,
         addr: SocketAddr,
-        chain: Arc<[CertificateDer<'static>]>,
+        (chain, presented): (Arc<[CertificateDer<'static>]>, &[CertificateDer<'_>]),
         trust_key: u64,
     ) -> Self {
+        let not_after = meshid_identity::peer::chain_not_after(presented)
+            .map_or(verified.not_after, |t| t.min(verified.not_after));
         Self {
             verified,
             addr,
             chain,
             trust_key,
+            not_after,
             trust_checked: AtomicU64::new(trust_key),
         }
+    }
+
+    /// When the peer is no longer trusted by the clock, if connection ages are capped (`cap`).
+    pub fn expiry(&self, cap: bool) -> Option<crate::creds::Expiry> {
+        cap.then_some(crate::creds::Expiry {
+            not_after: self.not_after,
+            grace: 0,
+        })
     }
 
     pub fn id(&self) -> &SpiffeId {
         &self.verified.id
     }
 
-    /// When this connection must end: the peer certificate's expiry, unless the cap is off.
+    /// When this connection must end: the peer chain's expiry, unless the cap is off.
     pub fn deadline(&self, cap: bool) -> Option<tokio::time::Instant> {
-        cap.then(|| meshid_runtime::time::expiry_instant(self.verified.not_after))
+        cap.then(|| meshid_runtime::time::expiry_instant(self.not_after))
     }
 }
 
@@ -241,7 +257,7 @@ impl Authorizer {
         req: &http::Request<B>,
     ) -> Result<(), Box<Response<Body>>> {
         use crate::creds::Distrusted;
-        let expiry = self.shared.limits.cap_connection_age.then_some(0);
+        let expiry = peer.expiry(self.shared.limits.cap_connection_age);
         let mut trust_key = peer.trust_checked.load(Ordering::Relaxed);
         let Some(why) = self.shared.creds.distrusts(
             &peer.verified,
@@ -349,7 +365,7 @@ impl Authorizer {
             self.shared.metrics.revoked_peer_closes.clone(),
             self.shared.metrics.connections_revoked.clone(),
         );
-        let expiry = self.shared.limits.cap_connection_age.then_some(0);
+        let expiry = peer.expiry(self.shared.limits.cap_connection_age);
         async move {
             let mut trust_key = peer.trust_key;
             let (mut trust_open, mut policies_open) = (true, true);
@@ -435,7 +451,7 @@ impl Authorizer {
         let (chain, trust_key) = (peer.chain.clone(), peer.trust_key);
         let addr = peer.addr;
         let port = self.port;
-        let expiry = self.shared.limits.cap_connection_age.then_some(0);
+        let expiry = peer.expiry(self.shared.limits.cap_connection_age);
         let closed = self
             .shared
             .metrics
@@ -784,7 +800,7 @@ mod tests {
         Peer::new(
             Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
             "10.0.0.7:40000".parse().unwrap(),
-            leaf.chain.clone().into(),
+            (leaf.chain.clone().into(), &leaf.chain),
             0,
         )
     }
@@ -917,7 +933,7 @@ mod tests {
         let expired = Peer::new(
             Arc::new(VerifiedPeer::from_leaf(&leaf.chain[0]).unwrap()),
             "10.0.0.7:40001".parse().unwrap(),
-            leaf.chain.clone().into(),
+            (leaf.chain.clone().into(), &leaf.chain),
             0,
         );
         refused(&expired, "expired", "certificate expired");

@@ -264,7 +264,8 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
             .handshake_failed("inbound", port, "bad_identity");
         return;
     };
-    let chain = verified.chain_or_init(tls.get_ref().1.peer_certificates().unwrap_or_default());
+    let presented = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    let chain = verified.chain_or_init(presented);
     let share = match peers.try_acquire(verified.id.as_str(), addr.ip()) {
         Ok(share) => share,
         Err(over) => {
@@ -280,7 +281,7 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
     slot.hold_peer(share);
     // An authenticated peer of the trust domain: never displaced from now on.
     slot.proven();
-    let peer = Peer::new(verified, addr, chain, trust_key);
+    let peer = Peer::new(verified, addr, (chain, presented), trust_key);
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     let metrics = ConnMetrics::new(
         &shared.metrics,

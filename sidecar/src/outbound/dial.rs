@@ -206,7 +206,7 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
 /// read (the connection is over anyway). `presented` is the snapshot the handshake verified the
 /// upstream against ([`dial_with`]): a bundle change during the handshake is then looked at too.
 ///
-/// `expiry`: the seconds past the upstream's not-after its connection may live, when its age is
+/// `expiry`: the seconds past the upstream chain's earliest not-after its connection may live, when its age is
 /// capped; once the wall clock is past that it resolves too (looked at again when the wall clock
 /// moves apart from the monotonic one: [`crate::creds::CredentialStore::clock_moved`]).
 pub fn upstream_revoked(
@@ -225,6 +225,10 @@ pub fn upstream_revoked(
     let peer = chain
         .first()
         .and_then(|leaf| meshid_identity::peer::VerifiedPeer::from_leaf(leaf).ok());
+    let expiry = expiry.map(|grace| crate::creds::Expiry {
+        not_after: meshid_identity::peer::chain_not_after(&chain).unwrap_or(0),
+        grace,
+    });
     let creds = shared.creds.clone();
     // The trust the handshake verified the upstream against, which a change during a handshake
     // the upstream drew out may have replaced already (then its chain is verified again at once).
@@ -294,14 +298,14 @@ pub fn upstream_http_ended(
     }
 }
 
-/// The upstream certificate's not-after (0 when it cannot be read: the connection is over).
+/// The earliest not-after of the upstream's chain: its certificate's, or an intermediate's that
+/// ends first (0 when none can be read: the connection is over).
 pub fn upstream_not_after(tls: &TlsStream<TcpStream>) -> i64 {
     tls.get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|leaf| meshid_identity::cert_identity_from_der(leaf).ok())
-        .map_or(0, |i| i.not_after)
+        .and_then(meshid_identity::peer::chain_not_after)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
