@@ -792,6 +792,10 @@ impl Fleet {
         not_after: i64,
         now: i64,
     ) -> bool {
+        // Counted and reserved under one hold of the gate: calls of one identity on several
+        // lineages at once each counted the same lineages, then each added its own (one identity
+        // held as many lineages as calls came together, past MAX_LONG_LINEAGES).
+        let _one_at_a_time = self.long_gate.lock().unwrap_or_else(|p| p.into_inner());
         let key = match lineage {
             Some(lineage) => {
                 let key = crate::issued::long_key(identity, Some(lineage));
@@ -814,11 +818,22 @@ impl Fleet {
             }
             None => identity.to_owned(),
         };
-        self.reserve_long(authority, &key, not_after, now)
+        self.reserve_long_gated(authority, &key, not_after, now)
     }
 
     pub fn reserve_long(&self, authority: &str, identity: &str, not_after: i64, now: i64) -> bool {
         let _one_at_a_time = self.long_gate.lock().unwrap_or_else(|p| p.into_inner());
+        self.reserve_long_gated(authority, identity, not_after, now)
+    }
+
+    /// [`Self::reserve_long`], the gate held by the caller.
+    fn reserve_long_gated(
+        &self,
+        authority: &str,
+        identity: &str,
+        not_after: i64,
+        now: i64,
+    ) -> bool {
         {
             let mut inner = self.lock();
             let by_identity = inner.long.entry(authority.to_owned()).or_default();
@@ -1669,6 +1684,38 @@ mod tests {
             namespace_of("spiffe://td/ns/shop/sa/web"),
             namespace_of("spiffe://td/ns/shopping/sa/web")
         );
+    }
+
+    /// Renewals of one identity on many lineages at once (a workload holding several of its
+    /// certificates sends them together) are counted as if they came one by one: at most
+    /// `MAX_LONG_LINEAGES` lineages apart, the rest under the identity.
+    #[test]
+    fn long_certificates_of_lineages_renewed_at_once_are_counted_as_one_by_one() {
+        const CALLS: usize = 16;
+        for round in 0..300 {
+            let f = Fleet::default();
+            let id = format!("spiffe://td/ns/shop/sa/liar-{round}");
+            let start = std::sync::Barrier::new(CALLS);
+            std::thread::scope(|s| {
+                for lineage in 0..CALLS {
+                    let (f, id, start) = (&f, &id, &start);
+                    s.spawn(move || {
+                        start.wait();
+                        assert!(f.reserve_long_of(
+                            "1",
+                            id,
+                            Some(&format!("{lineage:02x}")),
+                            9_000,
+                            100
+                        ));
+                    });
+                }
+            });
+            let (_, issued) = f.report(100);
+            let long = &issued["1"].long;
+            assert_eq!(long.len(), MAX_LONG_LINEAGES + 1, "round {round}: {long:?}");
+            assert_eq!(long[id.as_str()].0, CALLS - MAX_LONG_LINEAGES, "{long:?}");
+        }
     }
 
     /// A renewal's long certificate is counted under its identity and lineage, for at most
