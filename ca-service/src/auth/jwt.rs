@@ -101,6 +101,10 @@ struct Keys {
     checked: Instant,
     /// SHA-256 of the last JWKS fetched (remote source): an unchanged document changes nothing.
     digest: Option<[u8; 32]>,
+    /// Counts the key sets installed: a token verified with a key of an earlier set is not
+    /// remembered as verified (the set may have been replaced, and the cache emptied, while its
+    /// signature was checked).
+    generation: u64,
 }
 
 /// The state of fetching (remote source): one fetch at a time.
@@ -190,6 +194,7 @@ impl JwtAuthenticator {
                 stamp,
                 checked: Instant::now(),
                 digest: None,
+                generation: 0,
             }),
             fetch: Default::default(),
             metrics: None,
@@ -274,6 +279,7 @@ impl JwtAuthenticator {
         }
         keys.by_kid = by_kid;
         keys.digest = digest;
+        keys.generation += 1;
         drop(keys);
         self.verified
             .lock()
@@ -487,6 +493,37 @@ impl JwtAuthenticator {
             }
             return Ok(id);
         }
+        let (id, end, generation) = self.verify_token(token)?;
+        self.remember(digest, &id, end, generation);
+        Ok(id)
+    }
+
+    /// Remembers a token (by `digest`) as verified for `id` until `end`, unless the key set was
+    /// replaced since its key was read (`generation`): the replacement emptied the cache, and a
+    /// key it removed must verify nothing more.
+    fn remember(&self, digest: [u8; 32], id: &SpiffeId, end: i64, generation: u64) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+            != generation
+        {
+            return;
+        }
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, (_, at, _)| at.elapsed() < CACHE_TTL);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(digest, (id.clone(), Instant::now(), end));
+    }
+
+    /// Verifies a token the cache does not hold: its SPIFFE ID, until when it may be remembered,
+    /// and the key set generation its key was read from.
+    fn verify_token(&self, token: &str) -> Result<(SpiffeId, i64, u64), AuthError> {
         // Fixed messages here and below: jsonwebtoken's own quote the caller's text (an unknown
         // `alg` of 12 KiB, a claim of the wrong type) into the status and the audit line.
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
@@ -511,11 +548,12 @@ impl JwtAuthenticator {
         let kid = header.kid.ok_or_else(|| {
             AuthError::unauthenticated(Reason::UnknownKey, "token header has no kid")
         })?;
-        let (alg, key) = {
+        let (alg, key, generation) = {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-            keys.by_kid.get(&kid).cloned().ok_or_else(|| {
+            let (alg, key) = keys.by_kid.get(&kid).cloned().ok_or_else(|| {
                 AuthError::unauthenticated(Reason::UnknownKey, "token kid is not in the JWKS")
-            })?
+            })?;
+            (alg, key, keys.generation)
         };
         if alg != header.alg {
             return Err(AuthError::unauthenticated(
@@ -637,15 +675,7 @@ impl JwtAuthenticator {
             )
         })?;
         self.check_namespace(ns)?;
-        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            cache.retain(|_, (_, at, _)| at.elapsed() < CACHE_TTL);
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(digest, (id.clone(), Instant::now(), end));
-        Ok(id)
+        Ok((id, end, generation))
     }
 
     /// Fails with `PermissionDenied` when a namespace allow-list is set and `ns` is not on it.
@@ -690,6 +720,7 @@ impl JwtAuthenticator {
                 let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
                 keys.by_kid = by_kid;
                 keys.stamp = stamp;
+                keys.generation += 1;
                 drop(keys);
                 // Tokens verified with the old keys must be verified again.
                 self.verified
@@ -977,6 +1008,25 @@ mod tests {
                 .unwrap();
             format!("{message}.{}", b64(sig.as_ref()))
         }
+    }
+
+    /// A token whose signature was checked with a key of a set replaced meanwhile (a JWKS refresh
+    /// between reading the key and remembering the token) is not remembered: the replacement
+    /// emptied the cache, and the token is verified again, under the new set, at its next use.
+    #[test]
+    fn a_token_verified_with_a_key_replaced_meanwhile_is_not_remembered() {
+        let issuer = Issuer::new();
+        let auth = issuer.authenticator();
+        let token = issuer.sign(r#"{"alg":"ES256","kid":"k1"}"#);
+        let (id, end, generation) = auth.verify_token(&token).unwrap();
+        // The set is replaced by one without `k1` before the token is remembered.
+        assert!(auth.install(KeyMap::new(), Some([7; 32])));
+        auth.remember([1; 32], &id, end, generation);
+        assert!(auth.verified.lock().unwrap().is_empty());
+        // Remembered when nothing changed in between.
+        let (id, end, generation) = (id, end, auth.keys.read().unwrap().generation);
+        auth.remember([1; 32], &id, end, generation);
+        assert_eq!(auth.verified.lock().unwrap().len(), 1);
     }
 
     /// A FIFO or an endless device in place of the JWKS file is refused at once, at start and on
