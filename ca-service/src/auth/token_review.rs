@@ -92,6 +92,7 @@ impl TokenReviewer {
             request_timeout: TIMEOUT.min(self.remote.request_timeout),
             ..self.remote.clone()
         };
+        let asked = Instant::now();
         let answer = match jwks_remote::post_json(&remote, body.to_string().into()).await {
             Ok(text) => judge(&text, id),
             Err(e) => Err(AuthError::unavailable(
@@ -101,7 +102,7 @@ impl TokenReviewer {
         };
         // Not knowing is not remembered: the next call asks again.
         if answer.as_ref().is_ok() || answer.as_ref().is_err_and(|e| !e.unavailable) {
-            self.remember(digest, answer.clone());
+            self.remember(digest, answer.clone(), asked);
         }
         answer
     }
@@ -114,15 +115,22 @@ impl TokenReviewer {
             .map(|(answer, _)| answer.clone())
     }
 
-    fn remember(&self, digest: [u8; 32], answer: Result<(), AuthError>) {
+    /// Remembers the answer to a review asked at `asked`, for [`REMEMBERED`] from then (not
+    /// from when it came: a slow answer is as old as the question), unless an answer to a later
+    /// question is remembered already: a slow "accepted" asked before the pod was deleted must not
+    /// replace the refusal asked after.
+    fn remember(&self, digest: [u8; 32], answer: Result<(), AuthError>, asked: Instant) {
         let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.get(&digest).is_some_and(|(_, at)| *at > asked) {
+            return;
+        }
         if remembered.len() >= REMEMBERED_MAX {
             remembered.retain(|_, (_, at)| at.elapsed() < REMEMBERED);
             if remembered.len() >= REMEMBERED_MAX {
                 remembered.clear();
             }
         }
-        remembered.insert(digest, (answer, Instant::now()));
+        remembered.insert(digest, (answer, asked));
     }
 }
 
@@ -212,6 +220,33 @@ mod tests {
     fn id() -> SpiffeId {
         SpiffeId::for_service_account(&TrustDomain::new("cluster.local").unwrap(), "shop", "web")
             .unwrap()
+    }
+
+    /// An answer is remembered from when it was asked, and a slow answer to an earlier
+    /// question (the token taken, asked before the pod was deleted) does not replace the answer
+    /// to a later one (refused, asked after).
+    #[test]
+    fn a_slow_answer_to_an_earlier_question_does_not_replace_a_later_one() {
+        let r = TokenReviewer::new(
+            RemoteJwks::new("https://kubernetes.default.svc/openid/v1/jwks"),
+            "meshid-ca",
+        )
+        .unwrap();
+        let refused = AuthError::unauthenticated(Reason::TokenReviewRefused, "pod not found");
+        let early = Instant::now();
+        let later = early + Duration::from_millis(10);
+        r.remember([1; 32], Err(refused.clone()), later);
+        r.remember([1; 32], Ok(()), early);
+        assert_eq!(r.recall(&[1; 32]), Some(Err(refused.clone())));
+        // A later answer does replace it.
+        r.remember([1; 32], Ok(()), later + Duration::from_millis(10));
+        assert_eq!(r.recall(&[1; 32]), Some(Ok(())));
+        // Remembered from when it was asked: one asked REMEMBERED ago is not recalled.
+        let Some(long_ago) = Instant::now().checked_sub(REMEMBERED) else {
+            return;
+        };
+        r.remember([2; 32], Ok(()), long_ago);
+        assert_eq!(r.recall(&[2; 32]), None);
     }
 
     #[test]
