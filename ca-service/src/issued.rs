@@ -340,7 +340,14 @@ pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
+        // A mark gone between the listing and the look was removed by a process's cleanup of
+        // expired marks: nothing unreadable (`retire` refused once for it).
+        // (A dangling link in its place is no removal: it is reported.)
+        let gone = |e: &std::io::Error| {
+            e.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&path).is_err()
+        };
         let why = match std::fs::metadata(&path) {
+            Err(e) if gone(&e) => None,
             Err(e) => Some(e.to_string()),
             Ok(m) if !m.is_file() => Some("not a regular file".to_owned()),
             // The readers skip it, so whatever it holds is not counted.
@@ -350,6 +357,7 @@ pub fn unreadable_marks(ca_dir: &Path) -> Vec<String> {
                 max_bytes(&path)
             )),
             Ok(_) => match meshid_runtime::file::read_regular(&path, max_bytes(&path)) {
+                Err(e) if gone(&e) => None,
                 Err(e) => Some(e.to_string()),
                 Ok(bytes) if is_long(&path) => serde_json::from_slice::<LongMarks>(&bytes)
                     .err()
@@ -539,6 +547,11 @@ mod tests {
         std::fs::write(&b.file, padded).unwrap();
         assert_eq!(issued_until(dir.path(), "1"), 1_090);
         refused("larger than a mark file may be");
+        // A dangling link in its place is reported (a mark removed meanwhile is not: another
+        // process's cleanup of expired marks).
+        std::fs::remove_file(&b.file).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &b.file).unwrap();
+        refused("No such file");
         std::fs::remove_file(&b.file).unwrap();
         std::fs::create_dir(&b.file).unwrap();
         refused("not a regular file");
