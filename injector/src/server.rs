@@ -99,6 +99,8 @@ pub struct Limits {
     pub review_wait: Duration,
     /// At shutdown, how long reviews in flight get to finish.
     pub shutdown_grace: Duration,
+    /// At shutdown, how long new reviews are still taken (not ready meanwhile) before the drain.
+    pub shutdown_delay: Duration,
 }
 
 impl Default for Limits {
@@ -113,6 +115,7 @@ impl Default for Limits {
             review_memory: super::budget::DEFAULT_REVIEW_MEMORY,
             review_wait: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
+            shutdown_delay: Duration::from_secs(5),
         }
     }
 }

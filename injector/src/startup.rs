@@ -128,8 +128,16 @@ pub struct InjectorArgs {
     /// under the webhook's timeoutSeconds, so the API server gets that answer).
     #[arg(long, env = "MESHID_INJECTOR_REVIEW_WAIT", default_value = "3s")]
     pub review_wait: String,
-    /// On SIGTERM or Ctrl-C the injector stops accepting connections and answers the reviews in
-    /// flight for at most this long, then exits (keep it under terminationGracePeriodSeconds).
+    /// On SIGTERM or Ctrl-C /readyz answers 503 at once, and the injector goes on accepting and
+    /// answering reviews for this long: the API server (through the Service, kube-proxy's rules or
+    /// its own endpoint watch) goes on sending reviews to a terminating pod for a moment, and a
+    /// refused connection fails the pod's creation under `failurePolicy: Fail`. Then it drains
+    /// (--shutdown-grace). 0s: drain at once.
+    #[arg(long, env = "MESHID_INJECTOR_SHUTDOWN_DELAY", default_value = "5s")]
+    pub shutdown_delay: String,
+    /// Once draining, the injector stops accepting connections and answers the reviews in flight
+    /// for at most this long, then exits (keep --shutdown-delay plus this under
+    /// terminationGracePeriodSeconds).
     #[arg(long, env = "MESHID_INJECTOR_SHUTDOWN_GRACE", default_value = "5s")]
     pub shutdown_grace: String,
 }
@@ -335,6 +343,14 @@ impl InjectorArgs {
         let max_connection_age = duration("--max-connection-age", &self.max_connection_age);
         let review_wait = duration("--review-wait", &self.review_wait);
         let shutdown_grace = duration("--shutdown-grace", &self.shutdown_grace);
+        // 0s is a choice here (drain at once), not a mistake.
+        let shutdown_delay = match parse_duration_at_least(&self.shutdown_delay, Duration::ZERO) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("--shutdown-delay: {e}"));
+                Duration::ZERO
+            }
+        };
         if self.max_connections == 0 {
             problems.push("--max-connections: must be at least 1".to_owned());
         }
@@ -364,6 +380,7 @@ impl InjectorArgs {
             review_memory: self.review_memory,
             review_wait,
             shutdown_grace,
+            shutdown_delay,
         })
     }
 }
@@ -486,9 +503,13 @@ impl Startup {
                     Ok(()) => {
                         draining.store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::info!(
+                            delay = ?limits.shutdown_delay,
                             grace = ?limits.shutdown_grace,
-                            "signal received; answering the reviews in flight, then exiting"
+                            "signal received; not ready, still answering reviews for the delay, \
+                             then answering the reviews in flight and exiting"
                         );
+                        tokio::time::sleep(limits.shutdown_delay).await;
+                        tracing::info!("draining: no new connections");
                     }
                     Err(error) => {
                         eprintln!("meshid-injector: cannot handle signals: {error}");

@@ -654,7 +654,7 @@ fn bad_flags_exit_64_naming_each() {
             "0s",
         ])
         .args(["--review-memory", "65536", "--review-wait", "never"])
-        .args(["--shutdown-grace", "0s"])
+        .args(["--shutdown-grace", "0s", "--shutdown-delay", "soon"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{out:?}");
@@ -673,6 +673,7 @@ fn bad_flags_exit_64_naming_each() {
         "--review-memory: must be between 4 x --max-request-bytes",
         "--review-wait:",
         "--shutdown-grace:",
+        "--shutdown-delay:",
         "--tls-cert",
         "--tls-key",
         "--trust-bundle",
@@ -1965,6 +1966,58 @@ async fn parallel_large_bodies_stay_within_the_review_memory_budget() {
     answered_in_time(addr, &roots, false).await;
 }
 
+/// For `--shutdown-delay` after SIGTERM the injector is not ready (`/readyz` 503: the Service stops
+/// sending to it) but goes on accepting and answering reviews, which the API server still sends
+/// to a terminating pod for a moment (a refused connection fails a pod's creation under
+/// `failurePolicy: Fail`); then it drains and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_answering_new_reviews_for_the_shutdown_delay_while_not_ready() {
+    let mut w = webhook_with(|cmd| {
+        cmd.args(["--shutdown-delay", "3s", "--shutdown-grace", "2s"]);
+    })
+    .await;
+    assert_eq!(http_get(w.admin, "/readyz").unwrap().0, 200);
+    let signalled = std::time::Instant::now();
+    w.injector.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        http_get(w.admin, "/readyz").unwrap().0,
+        503,
+        "not ready once signalled"
+    );
+    // A review on a new connection is still answered.
+    let (status, body) = https(
+        w.addr,
+        &w.roots,
+        "POST",
+        "/inject",
+        &review(&annotated_pod()),
+    )
+    .await
+    .expect("a new connection during the delay is accepted");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""patch":"#), "{body}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "the review came within the delay: {:?}",
+        signalled.elapsed()
+    );
+    // After the delay: no new connections, and it exits.
+    tokio::time::sleep(
+        Duration::from_secs(3).saturating_sub(signalled.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    assert!(
+        tcp_from("127.0.0.1", w.addr).await.is_err(),
+        "accepted a connection after the delay"
+    );
+    let status = w
+        .injector
+        .wait_timeout(Duration::from_secs(5))
+        .expect("exited after the delay");
+    assert!(status.success(), "{status:?}");
+}
+
 /// A rollout sends the old injector SIGTERM while the API server waits on it (with
 /// `failurePolicy: Fail` a review lost then is a pod that is not created): the injector stops
 /// accepting connections, answers the reviews in flight (here one whose body is still arriving,
@@ -1986,7 +2039,7 @@ async fn sigterm_answers_the_reviews_in_flight_before_exiting() {
             &ca_dir.join("bundle.pem"),
             &addr.to_string(),
         )
-        .args(["--shutdown-grace", "5s"]),
+        .args(["--shutdown-grace", "5s", "--shutdown-delay", "0s"]),
     );
     wait_healthy(addr, &roots).await;
 

@@ -1250,6 +1250,7 @@ fn check_injector_availability_and_network(docs: &[Value], narrowed: bool) {
         "--max-request-bytes=1048576",
         "--review-memory=50331648",
         "--review-wait=3s",
+        "--shutdown-delay=5s",
         "--shutdown-grace=5s",
     ] {
         assert!(args.contains(flag), "{flag} not in {args}");
