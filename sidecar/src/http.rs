@@ -58,8 +58,12 @@ pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 /// forwarding turned on take as the caller's: Tomcat's `SSLValve` (`ssl_client_cert`), ASP.NET
 /// Core's certificate forwarding (`X-Client-Cert`), Azure's `X-ARR-ClientCert`, Traefik's
 /// `X-Forwarded-Tls-Client-Cert(-Info)`, AWS ALB's `X-Amzn-Mtls-Clientcert(-Leaf)`, and the
-/// `X-SSL-Client-*` names common in nginx setups.
-pub const PEER_HEADERS: [&str; 31] = [
+/// `X-SSL-Client-*` names common in nginx setups. And the CGI variables a WSGI server takes from
+/// a trusted front proxy's headers (gunicorn's `forwarder_headers`, trusted from 127.0.0.1, where
+/// the sidecar connects from): `SCRIPT_NAME` is cut off the front of the path the app routes (a
+/// peer allowed `/public/*` sending `SCRIPT_NAME: /public` with `/public/admin` reached the app's
+/// `/admin`), `PATH_INFO` replaces it, `REMOTE_USER` names the authenticated user.
+pub const PEER_HEADERS: [&str; 34] = [
     XFCC,
     "x-forwarded-for",
     "forwarded",
@@ -91,6 +95,9 @@ pub const PEER_HEADERS: [&str; 31] = [
     "x-amzn-mtls-clientcert",
     "x-amzn-mtls-clientcert-leaf",
     "x-amzn-mtls-clientcert-serial-number",
+    "script-name",
+    "path-info",
+    "remote-user",
 ];
 
 /// What a peer's request trailers may not carry to the app: its trailers reach the app as its
@@ -906,6 +913,9 @@ mod tests {
             "X-Amzn-Mtls-Clientcert",
             "X-Amzn-Mtls-Clientcert-Leaf",
             "X-Amzn-Mtls-Clientcert-Serial-Number",
+            "SCRIPT_NAME",
+            "path-info",
+            "Remote_User",
             // PHP folds `.` into `_` too: one `$_SERVER` key with the sidecar's own header.
             "x.forwarded.client.cert",
             "X.Forwarded_Client-Cert",
