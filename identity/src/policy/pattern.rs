@@ -235,8 +235,20 @@ fn is_safe_path_in_full(path: &str) -> bool {
     if !safe_escapes(bytes) || has_look_alike(bytes) {
         return false;
     }
+    // A segment's name ends at its first ';' (path parameters: Tomcat and Jetty strip them), or at
+    // a `%3b`, which a front proxy that decodes before it forwards (nginx with a URI in
+    // `proxy_pass`) turns into one: `..%3b` is `..;`, which such a stack resolves to `..`.
     !path.split('/').any(|segment| {
-        let name = segment.split(';').next().unwrap_or(segment);
+        let b = segment.as_bytes();
+        let end = (0..b.len())
+            .find(|&i| {
+                b[i] == b';'
+                    || (b[i] == b'%'
+                        && b.get(i + 1) == Some(&b'3')
+                        && matches!(b.get(i + 2), Some(b'b' | b'B')))
+            })
+            .unwrap_or(b.len());
+        let name = &segment[..end];
         name == "." || name == ".."
     })
 }
@@ -270,8 +282,9 @@ fn is_plain_path(bytes: &[u8]) -> bool {
 /// segment would become a dot segment or two segments in such an app.
 #[rustfmt::skip]
 const LOOK_ALIKES: &[char] = &[
-    // '.', "..", "..." (one and two dot leaders, ellipsis, small and fullwidth full stops)
-    '\u{2024}', '\u{2025}', '\u{2026}', '\u{FE52}', '\u{FF0E}',
+    // '.', "..", "..." (one and two dot leaders, ellipsis, small and fullwidth full stops, and
+    // the vertical presentation forms of the two dot leader and the ellipsis)
+    '\u{2024}', '\u{2025}', '\u{2026}', '\u{FE52}', '\u{FF0E}', '\u{FE30}', '\u{FE19}',
     // '/' (fullwidth solidus, division slash, fraction slash, big solidus)
     '\u{FF0F}', '\u{2215}', '\u{2044}', '\u{29F8}',
     // '\\' (fullwidth and small reverse solidus, set minus, reverse solidus operator, big one)
@@ -548,6 +561,7 @@ mod tests {
             // UTF-8 that is not overlong, and Latin-1, stay: no decoder makes ASCII of them.
             "/caf%c3%a9", "/caf%C3%A9", "/%e2%82%ac", "/%e0%a0%80", "/%f0%9f%98%80", "/%f0%90%80%80",
             "/caf%e9", "/%c2%a0", "/%df%bf", "/%ef%bf%bd", "/%f4%8f%bf%bf", "/%80", "/a%7e",
+            "/a%3bb", "/a..%3b", "/...%3b/x",
         ];
         for ok in safe {
             assert!(is_safe_path(ok), "{ok:?}");
@@ -570,7 +584,10 @@ mod tests {
             "/%ef%bc%8e%ef%bc%8e/admin", "/%EF%BC%8E", "/a%ef%bc%8fb", "/a%ef%bc%bcb", "/%e2%80%a5",
             "/%e2%80%a4%e2%80%a4", "/x%e2%80%a6", "/%ef%b9%92", "/%ef%b9%a8", "/a%e2%88%95b",
             "/a%e2%81%84b", "/a%e2%88%96b", "/%e2%84%80", "/%e2%84%85", "/a\u{ff0e}\u{ff0e}/b",
-            "/a\u{2215}b", "/caf%c3%a9/%ef%bc%8f",
+            "/a\u{2215}b", "/caf%c3%a9/%ef%bc%8f", "/public/%ef%b8%b0/admin", "/a/\u{fe30}/b",
+            "/a/%EF%B8%99/b",
+            // `%3b` is a ';' to a proxy that decodes before it forwards: `..%3b` is `..;`.
+            "/public/..%3b/admin", "/a/..%3Bx/b", "/a/.%3b/b",
         ];
         for bad in not_safe {
             assert!(!is_safe_path(bad), "{bad:?}");
