@@ -95,6 +95,9 @@ pub struct RunningCa {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// Ends the admin server when dropped: with the CA, after the drain, so that probes and
+    /// scrapes get `/readyz` 503 while it lasts, not a refused connection.
+    _admin_stop: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     grace: Duration,
 }
@@ -368,11 +371,12 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         seen_nonces: std::sync::Mutex::default(),
         instance: crate::admin_token::new_instance(),
     });
+    let (admin_stop, admin_stopped) = watch::channel(false);
     tokio::spawn(meshid_runtime::admin::serve(
         admin_listener,
         registry,
         routes,
-        shutdown_rx,
+        admin_stopped,
     ));
 
     tracing::info!(%addr, %admin_addr, "CA serving");
@@ -380,6 +384,7 @@ pub async fn start(config: ServeConfig, registry: &mut Registry) -> Result<Runni
         addr,
         admin_addr,
         shutdown: shutdown_tx,
+        _admin_stop: admin_stop,
         grpc,
         grace: config.grace,
     })

@@ -53,6 +53,10 @@ pub struct RunningSidecar {
     pub outbound_addrs: Vec<SocketAddr>,
     pub shared: Shared,
     shutdown: watch::Sender<bool>,
+    /// Ends the admin (and stats) server when dropped: with the sidecar, after the drain, so that
+    /// probes and scrapes get `/readyz` 503 and the drain's metrics while it lasts, not a refused
+    /// connection (which looks like a crash).
+    _admin_stop: watch::Sender<bool>,
     limits: Vec<ConnLimit>,
     grace: Duration,
     _policy: Option<PolicyWatcher>,
@@ -339,6 +343,7 @@ pub async fn start(
             probes: probes.clone(),
         })
     };
+    let (admin_stop, admin_stopped) = watch::channel(false);
     let mut stats_addr = None;
     let admin_role = match stats {
         Some((listener, addr)) => {
@@ -347,7 +352,7 @@ pub async fn start(
                 listener,
                 registry.clone(),
                 admin_routes(crate::admin::AdminRole::Stats),
-                shared.shutdown.clone(),
+                admin_stopped.clone(),
             ));
             crate::admin::AdminRole::Probes
         }
@@ -357,7 +362,7 @@ pub async fn start(
         admin,
         registry,
         admin_routes(admin_role),
-        shared.shutdown.clone(),
+        admin_stopped,
     ));
     tracing::info!(%admin_addr, stats = ?stats_addr, inbound = ?inbound_addrs, outbound = ?outbound_addrs, "sidecar serving");
     Ok(RunningSidecar {
@@ -367,6 +372,7 @@ pub async fn start(
         outbound_addrs,
         shared,
         shutdown: shutdown_tx,
+        _admin_stop: admin_stop,
         limits,
         grace: config.limits.grace,
         _policy: watcher,

@@ -933,6 +933,55 @@ async fn quiet_http1_connections_let_go_of_their_buffers_and_serve_on() {
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
 
+/// While a shutdown drains, the admin port still answers: `/readyz` 503 "shutting down" (probes
+/// and load balancers see a draining sidecar, not a crashed one) and `/metrics`; it closes once the
+/// drain is over. Before, it closed with the listeners: a refused probe for the whole drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_answers_not_ready_while_the_shutdown_drains() {
+    let app = http_echo().await;
+    let mut e = env(Limits::default(), app).await;
+    let admin = e.sidecar.admin;
+    let get = |path: &'static str| {
+        tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, path))
+    };
+    assert_eq!(get("/readyz").await.unwrap().unwrap().0, 200);
+    let mut tls = http1_connection(&e).await;
+    tls.write_all(b"GET /slow?ms=2000 HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = e.sidecar.running.take().unwrap();
+    let drain = tokio::spawn(running.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = get("/readyz")
+        .await
+        .unwrap()
+        .expect("the admin port answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let (status, _) = get("/metrics")
+        .await
+        .unwrap()
+        .expect("metrics while draining");
+    assert_eq!(status, 200);
+    // The request in flight is answered, then the drain ends and the admin port with it.
+    let mut pending = Vec::new();
+    let (status, _, _) = read_response(&mut tls, &mut pending).await.unwrap();
+    assert_eq!(status, 200);
+    drop(tls);
+    tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain ends")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get("/healthz").await.unwrap().is_err()
+        })
+        .await,
+        "the admin port closes with the sidecar"
+    );
+}
+
 /// The idle limit holds whether a connection waits in hyper or with its buffers released, and a
 /// head sent in pieces does not restart it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
