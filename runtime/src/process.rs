@@ -104,7 +104,9 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Resolves at the first SIGTERM or SIGINT; an error when the handlers cannot be installed.
+/// Resolves at the first SIGTERM or SIGINT; an error when the handlers cannot be installed. A
+/// second one, while the process drains, ends it at once (exit status 1): an operator's second
+/// Ctrl-C, or a second `kill`, is not ignored (the handlers replace the default action for good).
 pub async fn wait_for_signal() -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -113,6 +115,14 @@ pub async fn wait_for_signal() -> std::io::Result<()> {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now, without waiting for the drain to end");
+        std::process::exit(1);
+    });
     Ok(())
 }
 

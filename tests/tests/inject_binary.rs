@@ -1966,6 +1966,25 @@ async fn parallel_large_bodies_stay_within_the_review_memory_budget() {
     answered_in_time(addr, &roots, false).await;
 }
 
+/// A second SIGTERM while the injector waits out its shutdown delay (or drains) ends it at once,
+/// exit status 1: not ignored until the delay and the grace have passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_shutdown_at_once() {
+    let mut w = webhook_with(|cmd| {
+        cmd.args(["--shutdown-delay", "30s"]);
+    })
+    .await;
+    w.injector.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.injector.running(), "still in its shutdown delay");
+    w.injector.signal("TERM");
+    let status = w
+        .injector
+        .wait_timeout(Duration::from_secs(5))
+        .expect("a second SIGTERM ends it at once");
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
 /// For `--shutdown-delay` after SIGTERM the injector is not ready (`/readyz` 503: the Service stops
 /// sending to it) but goes on accepting and answering reviews, which the API server still sends
 /// to a terminating pod for a moment (a refused connection fails a pod's creation under
