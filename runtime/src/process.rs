@@ -108,13 +108,7 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// second one, while the process drains, ends it at once (exit status 1): an operator's second
 /// Ctrl-C, or a second `kill`, is not ignored (the handlers replace the default action for good).
 pub async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let (mut term, mut int) = wait_for_first_signal().await?;
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -124,6 +118,21 @@ pub async fn wait_for_signal() -> std::io::Result<()> {
         std::process::exit(1);
     });
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT, and leaves later ones to the caller (the handlers it
+/// returns; dropped, later signals are ignored): for a process whose own cleanup must run
+/// whatever comes (the local-mesh demo stopping its children and removing its directory).
+pub async fn wait_for_first_signal()
+-> std::io::Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok((term, int))
 }
 
 /// This process's limit on open files, after [`raise_open_files_limit`].

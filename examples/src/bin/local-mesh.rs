@@ -122,9 +122,10 @@ impl Drop for Guard {
 /// to stop everything in order; before that (a step may be blocking), stops the children and
 /// removes the working directory itself, then exits.
 async fn stop_on_signal(work: PathBuf, stopping: tokio::sync::watch::Sender<bool>) {
-    if meshid_runtime::process::wait_for_signal().await.is_err() {
+    // A second signal must not cut the cleanup short (children left running, the directory left).
+    let Ok(_later) = meshid_runtime::process::wait_for_first_signal().await else {
         return;
-    }
+    };
     let _ = stopping.send(true);
     if RUNNING.load(std::sync::atomic::Ordering::SeqCst) {
         return;
