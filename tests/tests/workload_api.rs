@@ -592,6 +592,46 @@ async fn a_bundle_change_is_streamed_to_the_app() {
 /// ValidateJWTSVID; the same audiences get the cached token; bad requests and tampered tokens are
 /// refused; a prepared authority's key is streamed before it signs, and once it is active new
 /// tokens carry its key and still verify.
+/// An app whose 16 workers each ask for a token for the same audience at once gets 16 tokens
+/// from one request to the CA: the callers that missed the cache together wait for the first
+/// one's token. Before, each asked the CA, whose per-lineage rate (a burst of 8) refused half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_missing_the_cache_at_once_share_one_request_to_the_ca() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let api = api_sidecar(Some(ca_mode(&ca, Duration::from_secs(3600))), "spiffe").await;
+    // The sidecar has its certificate (the first call waits for it otherwise).
+    let client = WorkloadApiClient::connect_to(format!("unix:{}", api.socket.display()))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_svid())
+        .await
+        .expect("an SVID within 10 s")
+        .expect("a valid X509-SVID");
+    let calls = (0..16).map(|_| {
+        let socket = api.socket.clone();
+        tokio::spawn(async move {
+            let mut raw = raw_client(&socket, true).await;
+            raw.fetch_jwtsvid(JwtsvidRequest {
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().svids[0].svid.clone())
+        })
+    });
+    let mut tokens = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        tokens.push(call.await.unwrap().expect("every caller gets a token"));
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "one token, shared");
+    let metrics = api.sidecar.metrics().await;
+    assert!(
+        metrics.contains("meshid_sidecar_jwt_svid_requests_total{result=\"issued\"} 1\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_gets_jwt_svids_that_verify_through_a_rotation() {
     let ca = TestCa::start(CaOptions::default()).await;

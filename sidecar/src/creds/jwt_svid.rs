@@ -125,6 +125,10 @@ pub struct JwtSvids {
     life: Arc<Lifecycle>,
     metrics: Metrics,
     cache: Mutex<HashMap<Vec<String>, JwtSvid>>,
+    /// Held while a token is asked of the CA: callers that missed the cache together wait for
+    /// the first one's token instead of each asking (the CA allows one lineage a burst of 8, then
+    /// 2 a second: an app starting 16 workers that each asked for one audience got 8 refusals).
+    asking: tokio::sync::Mutex<()>,
 }
 
 impl JwtSvids {
@@ -140,6 +144,7 @@ impl JwtSvids {
             life,
             metrics,
             cache: Mutex::new(HashMap::new()),
+            asking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -162,24 +167,37 @@ impl JwtSvids {
         self.life.jwt_keys.subscribe()
     }
 
+    /// The cached token for the audiences `key`, if it may be handed out again.
+    fn cached(&self, key: &[String]) -> Option<JwtSvid> {
+        let own = self.store.current().map(|s| s.identity.id.clone());
+        let held = self.life.jwt_keys.borrow().clone();
+        let revoked = self.store.revocations();
+        self.cache()
+            .get(key)
+            .filter(|hit| {
+                hit.reusable_at(
+                    unix_now(),
+                    own.as_ref(),
+                    held.as_deref().map(Vec::as_slice),
+                    &revoked,
+                )
+            })
+            .cloned()
+    }
+
     /// A JWT-SVID for `audience`: from the cache while fresh, else from the CA.
     pub async fn fetch(&self, audience: &[String]) -> Result<JwtSvid, JwtSvidError> {
         check_audiences(audience).map_err(|e| JwtSvidError::Audience(e.to_string()))?;
         let mut key: Vec<String> = audience.to_vec();
         key.sort();
         key.dedup();
-        let own = self.store.current().map(|s| s.identity.id.clone());
-        let held = self.life.jwt_keys.borrow().clone();
-        let revoked = self.store.revocations();
-        if let Some(hit) = self.cache().get(&key)
-            && hit.reusable_at(
-                unix_now(),
-                own.as_ref(),
-                held.as_deref().map(Vec::as_slice),
-                &revoked,
-            )
-        {
-            return Ok(hit.clone());
+        if let Some(hit) = self.cached(&key) {
+            return Ok(hit);
+        }
+        // One caller asks the CA at a time; the others then find its token in the cache.
+        let _asking = self.asking.lock().await;
+        if let Some(hit) = self.cached(&key) {
+            return Ok(hit);
         }
         let keys = self.keys().await.ok_or(JwtSvidError::NoKeys)?;
         let result = issue_jwt_svid(
