@@ -71,19 +71,31 @@ impl VerifiedPeer {
     }
 }
 
-/// The earliest not-after (seconds since the epoch) of the certificates of `presented` (a
-/// verified chain, leaf first): when the chain stops verifying by the clock. An issuer outside
-/// meshid may issue a leaf that outlives its intermediate; a connection must not. `None` when
-/// none can be read.
-pub fn chain_not_after(presented: &[CertificateDer<'_>]) -> Option<i64> {
-    presented
-        .iter()
-        .filter_map(|der| {
-            x509_parser::parse_x509_certificate(der)
-                .ok()
-                .map(|(_, cert)| cert.validity().not_after.timestamp())
-        })
-        .min()
+/// The earliest not-after (seconds since the epoch) of the certificates of `presented` (a chain
+/// verified just now, leaf first) that its verification can have used: when the chain stops
+/// verifying by the clock. An issuer outside meshid may issue a leaf that outlives its
+/// intermediate; a connection must not. Beside the leaf's, an intermediate's counts unless it is
+/// self-signed (a root sent along: a trust anchor's own dates are never checked) or was not valid
+/// at `now` (a verified path uses none such: an old cross-sign or intermediate left in a chain
+/// file must not end every connection at once). `None` when the leaf cannot be read.
+pub fn chain_not_after(presented: &[CertificateDer<'_>], now: i64) -> Option<i64> {
+    let (leaf, rest) = presented.split_first()?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let leaf_end = leaf.validity().not_after.timestamp();
+    Some(
+        rest.iter()
+            .filter_map(|der| {
+                let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+                let validity = cert.validity();
+                let (start, end) = (
+                    validity.not_before.timestamp(),
+                    validity.not_after.timestamp(),
+                );
+                let self_signed = cert.subject().as_raw() == cert.issuer().as_raw();
+                (!self_signed && start <= now && now <= end).then_some(end)
+            })
+            .fold(leaf_end, i64::min),
+    )
 }
 
 /// Identities established by one verifier, by leaf certificate.
@@ -142,5 +154,66 @@ impl VerifiedPeers {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+
+    fn ca(name: &str, from: OffsetDateTime, until: OffsetDateTime) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = from;
+        params.not_after = until;
+        params
+    }
+
+    /// The earliest end among the certificates a verification can have used: the leaf's, an
+    /// intermediate's valid now; not an expired one sent along, nor a root's.
+    #[test]
+    fn a_chain_ends_with_its_first_certificate_to_expire_that_verified_it() {
+        let now = OffsetDateTime::now_utc();
+        let at = |d: Duration| (now + d).unix_timestamp();
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca("root", now - Duration::days(1), now - Duration::minutes(1));
+        let root = root_params.self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::new(root_params, root_key);
+        let issue = |name: &str, until: Duration| {
+            let key = KeyPair::generate().unwrap();
+            let params = ca(name, now - Duration::hours(1), now + until);
+            let cert = params.signed_by(&key, &root_issuer).unwrap();
+            (cert.der().clone(), Issuer::new(params, key))
+        };
+        let (short, short_issuer) = issue("short", Duration::minutes(5));
+        let (expired, _) = issue("expired", Duration::minutes(-5));
+        let mut leaf_params = CertificateParams::default();
+        leaf_params.not_before = now - Duration::minutes(1);
+        leaf_params.not_after = now + Duration::hours(1);
+        let leaf = leaf_params
+            .signed_by(&KeyPair::generate().unwrap(), &short_issuer)
+            .unwrap()
+            .der()
+            .clone();
+        let end = |chain: &[CertificateDer<'_>]| chain_not_after(chain, now.unix_timestamp());
+        assert_eq!(
+            end(std::slice::from_ref(&leaf)),
+            Some(at(Duration::hours(1)))
+        );
+        assert_eq!(
+            end(&[leaf.clone(), short.clone()]),
+            Some(at(Duration::minutes(5)))
+        );
+        // An expired certificate sent along, and a root (expired here: its dates are never
+        // checked), change nothing.
+        assert_eq!(
+            end(&[leaf.clone(), short.clone(), expired, root.der().clone()]),
+            Some(at(Duration::minutes(5)))
+        );
+        assert_eq!(end(&[]), None);
     }
 }

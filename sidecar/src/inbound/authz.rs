@@ -61,8 +61,9 @@ impl Peer {
         (chain, presented): (Arc<[CertificateDer<'static>]>, &[CertificateDer<'_>]),
         trust_key: u64,
     ) -> Self {
-        let not_after = meshid_identity::peer::chain_not_after(presented)
-            .map_or(verified.not_after, |t| t.min(verified.not_after));
+        let not_after =
+            meshid_identity::peer::chain_not_after(presented, meshid_runtime::time::unix_now())
+                .map_or(verified.not_after, |t| t.min(verified.not_after));
         Self {
             verified,
             addr,

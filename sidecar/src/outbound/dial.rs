@@ -226,7 +226,7 @@ pub fn upstream_revoked(
         .first()
         .and_then(|leaf| meshid_identity::peer::VerifiedPeer::from_leaf(leaf).ok());
     let expiry = expiry.map(|grace| crate::creds::Expiry {
-        not_after: meshid_identity::peer::chain_not_after(&chain).unwrap_or(0),
+        not_after: meshid_identity::peer::chain_not_after(&chain, unix_now()).unwrap_or(0),
         grace,
     });
     let creds = shared.creds.clone();
@@ -304,7 +304,7 @@ pub fn upstream_not_after(tls: &TlsStream<TcpStream>) -> i64 {
     tls.get_ref()
         .1
         .peer_certificates()
-        .and_then(meshid_identity::peer::chain_not_after)
+        .and_then(|chain| meshid_identity::peer::chain_not_after(chain, unix_now()))
         .unwrap_or(0)
 }
 
