@@ -62,8 +62,9 @@ pub static XFCC_NAME: HeaderName = HeaderName::from_static(XFCC);
 /// a trusted front proxy's headers (gunicorn's `forwarder_headers`, trusted from 127.0.0.1, where
 /// the sidecar connects from): `SCRIPT_NAME` is cut off the front of the path the app routes (a
 /// peer allowed `/public/*` sending `SCRIPT_NAME: /public` with `/public/admin` reached the app's
-/// `/admin`), `PATH_INFO` replaces it, `REMOTE_USER` names the authenticated user.
-pub const PEER_HEADERS: [&str; 34] = [
+/// `/admin`), `PATH_INFO` replaces it, `REMOTE_USER` names the authenticated user; and
+/// `X-Script-Name`, from which Flask's common "ReverseProxied" recipe sets `SCRIPT_NAME`.
+pub const PEER_HEADERS: [&str; 35] = [
     XFCC,
     "x-forwarded-for",
     "forwarded",
@@ -96,6 +97,7 @@ pub const PEER_HEADERS: [&str; 34] = [
     "x-amzn-mtls-clientcert-leaf",
     "x-amzn-mtls-clientcert-serial-number",
     "script-name",
+    "x-script-name",
     "path-info",
     "remote-user",
 ];
@@ -914,6 +916,7 @@ mod tests {
             "X-Amzn-Mtls-Clientcert-Leaf",
             "X-Amzn-Mtls-Clientcert-Serial-Number",
             "SCRIPT_NAME",
+            "X-Script-Name",
             "path-info",
             "Remote_User",
             // PHP folds `.` into `_` too: one `$_SERVER` key with the sidecar's own header.

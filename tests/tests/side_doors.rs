@@ -281,7 +281,7 @@ async fn only_the_sidecar_says_who_called_in_any_spelling() {
         X-Client-Cert: forged\r\nssl_client_cert: forged\r\nX-SSL-Client-Cert: forged\r\n\
         X-ARR-ClientCert: forged\r\nX-Forwarded-Tls-Client-Cert: forged\r\n\
         X-Amzn-Mtls-Clientcert-Leaf: forged\r\nSSL-Client-Verify: forged\r\n\
-        SCRIPT_NAME: /evil\r\nPath-Info: /evil\r\nREMOTE_USER: forged\r\n";
+        SCRIPT_NAME: /evil\r\nPath-Info: /evil\r\nREMOTE_USER: forged\r\nX-Script-Name: /evil\r\n";
     let resp = raw_request(tls, forged).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = resp.to_lowercase();

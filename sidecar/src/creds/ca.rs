@@ -731,7 +731,9 @@ pub async fn issue_for_app(
         key: key.serialize_der(),
         not_before: identity.not_before,
         not_after: identity.not_after,
-        serial: identity.serial_hex,
+        // As revocations name serials (no leading zeros), whatever the CA's serials look like.
+        serial: meshid_identity::revocation::normalize_serial(&identity.serial_hex)
+            .unwrap_or(identity.serial_hex),
         lineage: identity.lineage,
         issued_on: own.leaf_sha256.clone(),
     })
