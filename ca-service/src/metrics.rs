@@ -280,7 +280,6 @@ impl Metrics {
         self.authority_root_expiry.clear();
         self.authority_intermediate_expiry.clear();
         self.authority_live_certificates.clear();
-        self.sidecars_by_version.clear();
         for a in &report.authorities {
             let state = match a.state.as_str() {
                 "prepared" => "prepared",
@@ -302,6 +301,13 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(a.live_certificates as i64);
         }
+        self.record_fleet(fleet);
+    }
+
+    /// The fleet gauges (sidecars by acknowledged version, revoked, turned away): from the
+    /// connected fleet alone, so they move whatever the CA directory's state.
+    pub fn record_fleet(&self, fleet: &crate::rotation::fleet::Summary) {
+        self.sidecars_by_version.clear();
         self.revoked_sidecars
             .set(i64::try_from(fleet.revoked).unwrap_or(i64::MAX));
         self.turned_away_sidecars

@@ -458,8 +458,15 @@ async fn follow_bundle(
         }
         // The per-authority gauges from the rotation state of the directory, while this process
         // follows it: not from files it refuses (they may name an authority it does not sign with).
+        // The fleet's gauges whatever the directory (they froze with the authorities' before).
         if refused.is_none() {
             record_rotation(&last.0, &state);
+        } else {
+            let authority = state.authority.load();
+            let t = time::OffsetDateTime::now_utc().unix_timestamp();
+            state
+                .metrics
+                .record_fleet(&state.fleet.summary(t, &authority.revocations));
         }
     }
 }

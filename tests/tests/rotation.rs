@@ -969,6 +969,23 @@ async fn a_copy_of_the_directory_from_before_the_rotation_is_refused_by_the_runn
         active[0].contains(&format!("authority=\"{new_name}\"")),
         "{active:?}"
     );
+    // The fleet's gauges still follow the fleet: both sidecars gone, none counted.
+    let counted = || {
+        let m = meshid_tests::process::http_get(ca.admin_addr, "/metrics")
+            .unwrap()
+            .1;
+        m.lines()
+            .filter(|l| l.starts_with("meshid_ca_sidecars{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(counted(), 2, "both sidecars counted");
+    drop(pair);
+    assert!(
+        eventually(Duration::from_secs(15), || async { counted() == 0 }).await,
+        "the fleet gauges froze with the refused directory: {} counted",
+        counted()
+    );
 }
 
 /// Once a sidecar holds the CA's bundle it trusts that bundle alone to reach the CA: a root the CA
