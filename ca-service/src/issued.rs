@@ -111,6 +111,12 @@ impl IssuanceLog {
         }
     }
 
+    /// Whether the last write of marks failed (a full or read-only disk) and none has succeeded
+    /// since. Not on a Secret volume, where none is tried: it is read-only by design.
+    pub fn failing(&self) -> bool {
+        self.marks_behind.load(Ordering::Relaxed) || self.long_behind.load(Ordering::Relaxed)
+    }
+
     /// Whether every mark so far reached the disk.
     pub fn writable(&self) -> bool {
         !self.secret_volume

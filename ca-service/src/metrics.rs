@@ -68,6 +68,8 @@ pub struct Metrics {
     pub revocations: Family<KindLabels, Gauge>,
     pub audit_refusals_suppressed: Counter,
     pub directory_rejected: Gauge,
+    /// 1 while this process cannot record what it issues in the CA directory.
+    pub issuance_unrecorded: Gauge,
     pub directory_reloads: Family<ResultLabels, Counter>,
     pub admin_unauthorized: Counter,
 }
@@ -107,6 +109,7 @@ impl Metrics {
             revocations: Family::default(),
             audit_refusals_suppressed: Counter::default(),
             directory_rejected: Gauge::default(),
+            issuance_unrecorded: Gauge::default(),
             directory_reloads: Family::default(),
             admin_unauthorized: Counter::default(),
         };
@@ -245,6 +248,11 @@ impl Metrics {
             "1 while the CA directory's newest files are refused (broken, or a state that goes \
              backwards) and the CA serves the material it loaded before; retried every second",
             m.directory_rejected.clone(),
+        );
+        r.register(
+            "issuance_unrecorded",
+            "1 while this CA process cannot record what it issues in the CA directory (a full or read-only disk): rotate retire then waits its start + --max-ttl, and a restart before a write succeeds loses the record",
+            m.issuance_unrecorded.clone(),
         );
         r.register(
             "directory_reloads",

@@ -456,6 +456,10 @@ async fn follow_bundle(
             refused = note_reload(result, refused, &state.metrics);
             publish_bundle(&state);
         }
+        state
+            .metrics
+            .issuance_unrecorded
+            .set(i64::from(state.fleet.issuance_unrecorded()));
         // The per-authority gauges from the rotation state of the directory, while this process
         // follows it: not from files it refuses (they may name an authority it does not sign with).
         // The fleet's gauges whatever the directory (they froze with the authorities' before).

@@ -535,3 +535,47 @@ async fn grpc_health_reports_serving() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
 }
+
+/// A CA that cannot record what it issues (its `issued/` marks: a full or read-only disk; here a
+/// file in the folder's place) says so on its metrics, for an alert (`MeshidCaIssuanceUnrecorded`),
+/// until a write succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_cannot_record_its_issuance_says_so_until_it_can() {
+    let ca = TestCa::start(CaOptions::default()).await;
+    let unrecorded = || {
+        let (_, m) = http_get(ca.admin_addr, "/metrics");
+        m.lines()
+            .find(|l| l.starts_with("meshid_ca_issuance_unrecorded "))
+            .map(|l| l.ends_with(" 1"))
+            .unwrap_or_else(|| panic!("no meshid_ca_issuance_unrecorded in\n{m}"))
+    };
+    // A short certificate first: the next one (the default lifetime) is not covered by its mark,
+    // so issuing it writes the marks again.
+    let token = ca.cluster.token("shop", "frontend");
+    ca.client()
+        .await
+        .issue(IssueRequest {
+            ttl_seconds: 60,
+            ..req(
+                WorkloadKey::new().csr,
+                Credential::ServiceAccountToken(token),
+            )
+        })
+        .await
+        .unwrap();
+    assert!(!unrecorded(), "recorded at first");
+    let issued = ca.dir.path().join("issued");
+    std::fs::remove_dir_all(&issued).unwrap();
+    std::fs::write(&issued, "in the way").unwrap();
+    issue_with_token(&ca, WorkloadKey::new().csr).await.unwrap();
+    assert!(
+        meshid_tests::mesh::eventually(Duration::from_secs(5), || async { unrecorded() }).await,
+        "a failed record is on the metrics"
+    );
+    std::fs::remove_file(&issued).unwrap();
+    issue_with_token(&ca, WorkloadKey::new().csr).await.unwrap();
+    assert!(
+        meshid_tests::mesh::eventually(Duration::from_secs(5), || async { !unrecorded() }).await,
+        "recorded again"
+    );
+}

@@ -475,6 +475,14 @@ impl Fleet {
         self
     }
 
+    /// Whether this process's writes of what it issues to the CA directory fail now (never on a
+    /// Secret volume, where none is tried, nor without a directory).
+    pub fn issuance_unrecorded(&self) -> bool {
+        self.log
+            .as_ref()
+            .is_some_and(crate::issued::IssuanceLog::failing)
+    }
+
     /// This process as its report describes it now.
     pub fn process_now(&self) -> CaProcess {
         let (unlisted, until) = self.lock().unlisted;
