@@ -792,6 +792,27 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   covers the changed functions, whose pages the sidecar now touches apart); the new row judges
   the CA-mode sidecar as injected: 7.39 MiB, not met. Record the profile and orders again
   (`scripts/pgo-profile.sh`, `scripts/symbol-order.sh`) before reading these as the code's.
+- **Session 48, and this run** (9a0ad68, dist, with the PGO profile and symbol orders recorded
+  again on 7a74fdf, and aws-lc without its AVX-512 code). This host was slower than the last
+  run's (direct path 194k -> 170k req/s): pair 44.3k req/s against nginx's 30.6k, 1.47x (median of
+  the rounds' ratios); sidecars 10.1 / 8.0 us per request at saturation; proxies/app 0.69x; at
+  1,000 req/s proxy CPU 80 us per request against nginx's 102 (0.85x; 0.78x in the first
+  round), p50 / p90 0.89x / 0.84x; handshakes 3.60x, CPU per handshake 3.67x (ML-KEM 3.30x);
+  11.6 KiB per idle mTLS connection. Idle RSS rose: 6.03 MiB with certificate files, 7.71 MiB in
+  CA mode. Read from `/proc/PID/pagemap` against `nm` (a CA-mode sidecar 0.5 s after ready): the
+  AVX-512 AES-GCM windows are gone (0.5 MiB), but 1.1-1.3 MiB of `.text` is resident outside
+  the ordered region, in about 30 windows of 64 KiB around functions this session changed after
+  the order was recorded (the connection-serving futures took a new output type, which renames
+  their monomorphised copies: `serve_h1`, `serve_outbound`, `run::start` among them), and 2.1 MiB
+  inside it. Tried and not kept: `madvise(MADV_RANDOM)` on the binary's mappings (an
+  `LD_PRELOAD` constructor, two starts each way) changed nothing: the kernel maps 64 KiB around a
+  faulted page whatever the advice (it only turns readahead off). The orders were recorded again
+  on 5c055e6 after this run (`scripts/symbol-order.sh`), not measured by a full run: the same
+  CA-mode sidecar (one inbound listener, 0.5 s after ready, three starts) then had 2.5 MiB of
+  `.text` resident (0.3 MiB outside the ordered region: aws-lc's ML-KEM, X25519 and P-521
+  assembly) and an RSS of 6.5-6.6 MiB, against 3.2-3.3 MiB and 7.1-7.3 MiB with the orders of
+  7a74fdf. Still over the 6 MiB target: the rest is 1.2 MiB of the binary's read-only data, 1.5
+  MiB of libc, libm and the loader, and 0.8 MiB anonymous.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
@@ -976,8 +997,16 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   `meshid-ca serve` itself (`ca-service/symbol-order.txt`): a CA-mode sidecar with an inbound and
   an outbound listener went from 10.5 to 6.9-7.1 MiB idle, an idle CA from 9.3-9.8 to 5.8-6.0 MiB
   (7.2 MiB with one sidecar joined, was 10.8). CA mode keeps more code resident: the gRPC client,
-  key generation, the TLS client, and aws-lc's AES-GCM for AVX-512, which valgrind cannot record (it
-  offers no AVX-512) and which stays where it is. The list goes stale with a toolchain or dependency update (its names carry crate
+  key generation, the TLS client, and (until session 48) aws-lc's AES-GCM for AVX-512: two
+  functions of 340 KiB each, unrolled for bulk data, of which one TLS record on the CA connection
+  left about 0.5 MiB resident (valgrind cannot record it, offering no AVX-512, so no order placed
+  it). Read from `/proc/PID/pagemap` against `nm` (which 64 KiB windows of `.text` a CA-mode
+  sidecar has resident 0.5 s after ready, three starts each way): 3.4-3.8 MiB of `.text` with that
+  code, 2.8-3.2 MiB with aws-lc's AVX-512 masked (`OPENSSL_ia32cap=:~0x10000`), RSS 7.3-7.9 ->
+  6.7-7.3 MiB; a `bench-run --serve meshid` pair moved the same requests either way (49.7k, 49.7k,
+  50.8k req/s with it, 50.7k, 49.4k, 49.3k without; p50 at 1,000 req/s 157-166 us and 161 us).
+  aws-lc is built without its AVX-512 code since (`.cargo/config.toml`, as its size-optimised
+  builds are; the AVX2 and AES-NI code takes over). The list goes stale with a toolchain or dependency update (its names carry crate
   hashes; a name the linker no longer finds leaves its function where it was, nothing breaks): rerun
   the script. The rest: 1.5 MiB of read-only data and relocations, 0.2 MiB of relocated data, and
   1.6 MiB of libc, libm and the loader. Not taken: `panic = \"abort\"` (smaller code, but one
