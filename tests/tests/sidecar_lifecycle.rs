@@ -638,6 +638,55 @@ fn bundle_with(pki: &TestPki, outside: &meshid_tests::pki::ForeignCa) -> std::pa
     bundle
 }
 
+/// An upstream sidecar B (with `upstream`'s certificate, or `b_creds`) in front of a TCP echo
+/// app on `ip`, its own connection age not capped, and an outbound sidecar A (with `a_creds`)
+/// to it; a connection through A whose echo came back, with both sidecars.
+async fn outbound_echo(
+    pki: &TestPki,
+    ip: &'static str,
+    upstream: &meshid_tests::mesh::Workload,
+    b_creds: Option<meshid_sidecar::settings::CredSource>,
+    a_creds: Option<meshid_sidecar::settings::CredSource>,
+) -> (tokio::net::TcpStream, TestSidecar, TestSidecar) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = meshid_tests::mesh::tcp_echo().await;
+    let b = TestSidecar::start(
+        pki,
+        upstream,
+        B,
+        SidecarSpec {
+            inbound: vec![(ip, app, Protocol::Tcp)],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
+            )),
+            creds: b_creds,
+            limits: Some(meshid_sidecar::settings::Limits {
+                // Only the outbound side's cap is under test here.
+                cap_connection_age: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = TestSidecar::start(
+        pki,
+        &pki.workload(A),
+        A,
+        SidecarSpec {
+            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Tcp)],
+            creds: a_creds,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+    s.write_all(b"alive").await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    (s, a, b)
+}
+
 /// The outbound side of the above: an upstream whose intermediate ends before its certificate
 /// loses the outbound's connection when the intermediate expires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,43 +704,16 @@ async fn outbound_connections_close_when_the_upstreams_intermediate_expires() {
             bundle: bundle_with(&pki, &outside),
         })
     };
-    let app = meshid_tests::mesh::tcp_echo().await;
-    let b = TestSidecar::start(
-        &pki,
-        &upstream,
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.15", app, Protocol::Tcp)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
-            )),
-            creds: Some(files(&upstream)),
-            limits: Some(meshid_sidecar::settings::Limits {
-                // Only the outbound side's cap is under test here.
-                cap_connection_age: false,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
     let own = pki.workload(A);
-    let a = TestSidecar::start(
+    let (mut s, _a, _b) = outbound_echo(
         &pki,
-        &own,
-        A,
-        SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Tcp)],
-            creds: Some(files(&own)),
-            ..Default::default()
-        },
+        "127.0.0.15",
+        &upstream,
+        Some(files(&upstream)),
+        Some(files(&own)),
     )
     .await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
-    s.write_all(b"alive").await.unwrap();
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.unwrap();
+    use tokio::io::AsyncReadExt;
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
     assert!(
@@ -703,46 +725,14 @@ async fn outbound_connections_close_when_the_upstreams_intermediate_expires() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_connections_close_at_the_upstream_certificate_expiry() {
     let pki = TestPki::new();
-    let app = meshid_tests::mesh::tcp_echo().await;
     // The upstream's certificate has 3 seconds left.
     let short = pki.workload_at(
         B,
         time::OffsetDateTime::now_utc() - time::Duration::seconds(57),
         Duration::from_secs(60),
     );
-    let b = TestSidecar::start(
-        &pki,
-        &short,
-        B,
-        SidecarSpec {
-            inbound: vec![("127.0.0.13", app, Protocol::Tcp)],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    allow:\n      - id: {A}\n"
-            )),
-            limits: Some(meshid_sidecar::settings::Limits {
-                // Only the outbound side's cap is under test here.
-                cap_connection_age: false,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
-    let a = TestSidecar::start(
-        &pki,
-        &pki.workload(A),
-        A,
-        SidecarSpec {
-            outbound: vec![(b.inbound[0].to_string(), B.into(), Protocol::Tcp)],
-            ..Default::default()
-        },
-    )
-    .await;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
-    s.write_all(b"alive").await.unwrap();
-    let mut buf = [0u8; 5];
-    s.read_exact(&mut buf).await.unwrap();
+    let (mut s, _a, _b) = outbound_echo(&pki, "127.0.0.13", &short, None, None).await;
+    use tokio::io::AsyncReadExt;
     let started = tokio::time::Instant::now();
     let mut rest = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
