@@ -799,7 +799,8 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   1,000 req/s proxy CPU 80 us per request against nginx's 102 (0.85x; 0.78x in the first
   round), p50 / p90 0.89x / 0.84x; handshakes 3.60x, CPU per handshake 3.67x (ML-KEM 3.30x);
   11.6 KiB per idle mTLS connection. Idle RSS rose: 6.03 MiB with certificate files, 7.71 MiB in
-  CA mode. Read from `/proc/PID/pagemap` against `nm` (a CA-mode sidecar 0.5 s after ready): the
+  CA mode. Read from `/proc/PID/pagemap` against `nm` (`scripts/resident-text.py PID
+  sidecar/symbol-order.txt` on a CA-mode sidecar 0.5 s after ready): the
   AVX-512 AES-GCM windows are gone (0.5 MiB), but 1.1-1.3 MiB of `.text` is resident outside
   the ordered region, in about 30 windows of 64 KiB around functions this session changed after
   the order was recorded (the connection-serving futures took a new output type, which renames
@@ -1006,7 +1007,8 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   6.7-7.3 MiB; a `bench-run --serve meshid` pair moved the same requests either way (49.7k, 49.7k,
   50.8k req/s with it, 50.7k, 49.4k, 49.3k without; p50 at 1,000 req/s 157-166 us and 161 us).
   aws-lc is built without its AVX-512 code since (`.cargo/config.toml`, as its size-optimised
-  builds are; the AVX2 and AES-NI code takes over). The list goes stale with a toolchain or dependency update (its names carry crate
+  builds are; the AVX2 and AES-NI code takes over; `scripts/resident-text.py` names the windows).
+  The list goes stale with a toolchain or dependency update (its names carry crate
   hashes; a name the linker no longer finds leaves its function where it was, nothing breaks): rerun
   the script. The rest: 1.5 MiB of read-only data and relocations, 0.2 MiB of relocated data, and
   1.6 MiB of libc, libm and the loader. Not taken: `panic = \"abort\"` (smaller code, but one
