@@ -265,18 +265,11 @@ async fn stalled_streams_filling_an_upstream_connection_do_not_hold_up_other_req
     }
 }
 
-/// An upstream (holding the expected identity) that advertises the largest stream limit h2 allows
-/// (`SETTINGS_MAX_CONCURRENT_STREAMS` 2^31-1) and answers nothing gets at most 200 of our streams
-/// on a connection: with `--max-upstream-h2-connections 1`, the request after the 200th is
-/// answered 503 at once. Before, the outbound went by the upstream's limit alone: it never opened
-/// another connection nor answered 503, and sent every further request there to wait for its
-/// timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_allowing_endless_streams_gets_no_more_than_ours_per_connection() {
-    let pki = TestPki::new();
-    let (upstream, streams, connections) = silent_upstream(pki.workload(B)).await;
-    let a = TestSidecar::start(
-        &pki,
+/// Sidecar A with an HTTP outbound to `upstream` (as B) that may open one h2 connection to it,
+/// waiting up to a minute for each answer.
+async fn one_connection_outbound(pki: &TestPki, upstream: std::net::SocketAddr) -> TestSidecar {
+    TestSidecar::start(
+        pki,
         &pki.workload(A),
         A,
         SidecarSpec {
@@ -289,7 +282,20 @@ async fn an_upstream_allowing_endless_streams_gets_no_more_than_ours_per_connect
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
+
+/// An upstream (holding the expected identity) that advertises the largest stream limit h2 allows
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS` 2^31-1) and answers nothing gets at most 200 of our streams
+/// on a connection: with `--max-upstream-h2-connections 1`, the request after the 200th is
+/// answered 503 at once. Before, the outbound went by the upstream's limit alone: it never opened
+/// another connection nor answered 503, and sent every further request there to wait for its
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_allowing_endless_streams_gets_no_more_than_ours_per_connection() {
+    let pki = TestPki::new();
+    let (upstream, streams, connections) = silent_upstream(pki.workload(B)).await;
+    let a = one_connection_outbound(&pki, upstream).await;
     let mut held = Vec::with_capacity(200);
     for _ in 0..200 {
         let mut s = TcpStream::connect(a.outbound[0]).await.unwrap();
@@ -545,21 +551,7 @@ async fn an_upstream_that_keeps_sending_goaway_gets_no_more_streams_than_the_cap
     let pki = TestPki::new();
     let (upstream, streams, connections) =
         counting_upstream(pki.workload(B), Answer::HeadsThenGoaway(10)).await;
-    let a = TestSidecar::start(
-        &pki,
-        &pki.workload(A),
-        A,
-        SidecarSpec {
-            outbound: vec![(upstream.to_string(), B.to_string(), Protocol::Http)],
-            limits: Some(Limits {
-                request_timeout: Duration::from_secs(60),
-                max_upstream_h2_connections: 1,
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    let a = one_connection_outbound(&pki, upstream).await;
     let mut held = Vec::new();
     let mut refused = 0;
     for _ in 0..230 {
