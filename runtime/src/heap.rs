@@ -39,7 +39,8 @@ pub fn release_free_pages() -> bool {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 mod glibc {
-    // The one foreign call in meshid (the workspace denies `unsafe` everywhere else).
+    // One of the two places with `unsafe` in meshid (the other is `crate::math`; the workspace
+    // denies it everywhere else).
     unsafe extern "C" {
         // SAFETY: `malloc_trim` takes no pointer and touches only glibc's own free lists, under
         // the arenas' locks, like every other allocator call; any `pad` is valid.

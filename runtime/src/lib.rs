@@ -17,6 +17,7 @@ pub mod heap;
 pub mod http_client;
 pub mod io;
 pub mod log_limit;
+pub mod math;
 pub mod net;
 pub mod process;
 pub mod time;
