@@ -334,6 +334,47 @@ async fn only_websocket_upgrades_pass() {
             "{asked}: the app was asked to upgrade: {resp}"
         );
     }
+    // Only a WebSocket handshake as RFC 6455 has it (a bodiless GET, its method not overridden)
+    // is passed on as an upgrade: with a body, the app's 101 would leave the body flowing to it as
+    // a tunnel outside the tunnel's watch.
+    let ws = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+    for (why, request) in [
+        (
+            "a body",
+            format!(
+                "GET /api/ws HTTP/1.1\r\nHost: app\r\n{ws}Content-Length: 4\r\nConnection: close\r\n\r\nping"
+            ),
+        ),
+        (
+            "a chunked body",
+            format!(
+                "GET /api/ws HTTP/1.1\r\nHost: app\r\n{ws}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\nping\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "POST",
+            format!(
+                "POST /api/ws HTTP/1.1\r\nHost: app\r\n{ws}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+        (
+            "a method override",
+            format!(
+                "GET /api/ws HTTP/1.1\r\nHost: app\r\n{ws}X-HTTP-Method-Override: PUT\r\nConnection: close\r\n\r\n"
+            ),
+        ),
+    ] {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut out)).await;
+        let resp = String::from_utf8_lossy(&out);
+        assert!(resp.starts_with("HTTP/1.1 200"), "{why}: {resp}");
+        assert!(
+            !resp.to_lowercase().contains("\r\nupgrade:"),
+            "{why}: the app was asked to upgrade: {resp}"
+        );
+    }
     let _tunnel = open_tunnel(&e.pki, &e.sidecar, &client).await;
 }
 

@@ -508,9 +508,17 @@ async fn inbound_request(
         uri: req.uri().clone(),
     };
 
-    // WebSocket is the one upgrade passed on; any other `Upgrade` is dropped below with the other
-    // hop-by-hop headers, and the request is served as a plain one.
-    let upgrade = is_upgrade(&req) && upgrades_to_websocket(req.headers());
+    // WebSocket is the one upgrade passed on, and only its handshake as RFC 6455 has it: a `GET`
+    // without a body, whose method nothing overrides. Any other `Upgrade` is dropped below with the
+    // other hop-by-hop headers, and the request is served as a plain one. (An upgrade with a body
+    // would have the app answer 101 while the body, a tunnel in all but name, went on flowing to
+    // it past the tunnel's watch; one whose method an override changes would be decided again as
+    // its own method only.)
+    let upgrade = is_upgrade(&req)
+        && upgrades_to_websocket(req.headers())
+        && req.method() == http::Method::GET
+        && hyper::body::Body::is_end_stream(req.body())
+        && decided.overrides.is_empty();
     let opened_by = upgrade.then(|| {
         (
             req.method().as_str().to_owned(),
