@@ -152,6 +152,9 @@ pub async fn run_file_mode_report(
 ) {
     let life = Lifecycle::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    // The version of the last bundle whose revocations replaced those in force, across
+    // reconnections: the next stream may reach a replica that has not read the last change yet.
+    let mut applied = 0u64;
     loop {
         let result = async {
             let endpoint = endpoint_with_bundle(&endpoint, &store);
@@ -162,7 +165,12 @@ pub async fn run_file_mode_report(
                 tokio::select! {
                     m = conn.stream.message() => match m {
                         Ok(Some(bundle)) => {
-                            apply_reported_revocations(&store, &metrics, &bundle.revoked);
+                            apply_reported_revocations(
+                                &store,
+                                &metrics,
+                                (bundle.version, &mut applied),
+                                &bundle.revoked,
+                            );
                             reported = None;
                         }
                         Ok(None) => return Err(IssueError::Response("bundle stream ended".into())),
@@ -202,17 +210,34 @@ pub async fn run_file_mode_report(
     }
 }
 
-/// File mode: the revocations of the CA's bundle on the report stream (`entries`) replace those in
-/// force, as a CA-mode sidecar takes them, so a revoked peer is refused here too and its
-/// connections closed. A list that cannot be read changes nothing.
+/// File mode: the revocations of the CA's bundle on the report stream (`entries`, of bundle
+/// `version`) replace those in force, as a CA-mode sidecar takes them, so a revoked peer is refused
+/// here too and its connections closed. A bundle older than the last one applied (`applied`: a
+/// replica that has not read the CA directory's last change yet, reached after a reconnection)
+/// lifts nothing: its revocations are added to those in force. A list that cannot be read
+/// changes nothing.
 fn apply_reported_revocations(
     store: &CredentialStore,
     metrics: &Metrics,
+    (version, applied): (u64, &mut u64),
     entries: &[meshid_proto::ca::v1::Revocation],
 ) {
     let held = store.revocations();
+    let older = version < *applied;
     let revoked = match revocations(entries, unix_now()) {
-        Ok((set, unreadable)) if unreadable.is_empty() => set,
+        Ok((set, unreadable)) if unreadable.is_empty() && !older => {
+            *applied = version;
+            set
+        }
+        Ok((set, unreadable)) if older => {
+            say_unreadable(&unreadable);
+            tracing::info!(
+                offered = version,
+                in_force = *applied,
+                "the CA's bundle is older than the one in force: only its revocations added"
+            );
+            held.union(&set).unwrap_or_else(|_| (*held).clone())
+        }
         // Entries that cannot be read: what can is added, nothing in force is lifted.
         Ok((set, unreadable)) => {
             say_unreadable(&unreadable);
@@ -1554,6 +1579,53 @@ mod tests {
             .set_bundle_at(6, vec![pki.root.clone()], Vec::new(), Arc::default())
             .unwrap();
         assert!(store.revocations().is_empty());
+    }
+
+    /// File mode, reporting to the CA: a bundle on the report stream older than the last one
+    /// applied (the stream reconnected to a replica that has not read the last change yet) lifts
+    /// no revocation and adds its own; a newer one is taken whole, an unversioned one as before.
+    #[test]
+    fn a_reported_bundle_older_than_the_one_applied_lifts_nothing() {
+        use meshid_proto::ca::v1::Revocation;
+        let pki = TestPki::new("report-lag");
+        let me = "spiffe://cluster.local/ns/shop/sa/web";
+        let store = CredentialStore::new(Vec::new());
+        let leaf = pki.leaf(me);
+        let resp = IssueResponse {
+            cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
+            trust_anchors: vec![pki.root.to_vec()],
+            spiffe_id: me.into(),
+            ..Default::default()
+        };
+        install(&store, resp, leaf.key).unwrap();
+        let metrics = Metrics::default();
+        let revocation = |id: &str| Revocation {
+            spiffe_id: id.into(),
+            ..Default::default()
+        };
+        let (r, s) = (
+            "spiffe://cluster.local/ns/x/sa/r",
+            "spiffe://cluster.local/ns/x/sa/s",
+        );
+        let revoked = |id: &str| {
+            store
+                .revocations()
+                .contains(&Revoked::Id(SpiffeId::parse(id).unwrap()))
+        };
+        let mut applied = 0;
+        apply_reported_revocations(&store, &metrics, (5, &mut applied), &[revocation(r)]);
+        assert!(revoked(r));
+        assert_eq!(applied, 5);
+        // Version 4, after a reconnection to a lagging replica: R stays, S is added.
+        apply_reported_revocations(&store, &metrics, (4, &mut applied), &[]);
+        assert!(revoked(r), "an older bundle lifted a revocation");
+        apply_reported_revocations(&store, &metrics, (4, &mut applied), &[revocation(s)]);
+        assert!(revoked(r) && revoked(s));
+        assert_eq!(applied, 5);
+        // Version 6 lifts both.
+        apply_reported_revocations(&store, &metrics, (6, &mut applied), &[]);
+        assert!(store.revocations().is_empty());
+        assert_eq!(applied, 6);
     }
 
     /// The app's SVID is handed over only for our own identity and with the app-SVID mark: an
