@@ -384,11 +384,17 @@ pub(crate) fn protocol_of<B>(req: &Request<B>) -> crate::metrics::HttpProtocol {
     }
 }
 
+/// Whether a request is gRPC: its content type is `application/grpc`, alone or with a `+` suffix
+/// or `;` parameters (media types compare without case). gRPC-Web (`application/grpc-web...`) is
+/// not: it is HTTP/1.1 traffic, and goes to the app as such.
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+    const GRPC: &[u8] = b"application/grpc";
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= GRPC.len()
+            && v[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+            && matches!(v.get(GRPC.len()), None | Some(b'+' | b';' | b' ' | b'\t'))
+    })
 }
 
 /// How long a connection may wait for a request head (idle keep-alive included).

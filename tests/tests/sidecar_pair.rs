@@ -448,6 +448,39 @@ async fn upstream_with_the_wrong_identity_is_refused() {
     );
 }
 
+/// gRPC-Web is HTTP/1.1 traffic whose content type begins with `application/grpc`: it reaches an
+/// HTTP/1.1 app over HTTP/1.1 (a gRPC-Web app often speaks nothing else), while gRPC itself
+/// (`application/grpc`, `+proto`, `;` parameters) goes to the app over h2, which it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_reaches_the_app_over_http1() {
+    let pki = TestPki::new();
+    let (a, _b) = pair(&pki, http_echo().await, Protocol::Http, B).await;
+    for (content_type, version) in [
+        ("application/grpc-web", "HTTP/1.1"),
+        ("application/grpc-web+proto", "HTTP/1.1"),
+        ("application/grpc-web-text", "HTTP/1.1"),
+        ("application/grpcfoo", "HTTP/1.1"),
+        ("application/grpc", "HTTP/2.0"),
+        ("application/grpc+proto", "HTTP/2.0"),
+        ("Application/GRPC; charset=utf-8", "HTTP/2.0"),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(a.outbound[0]).await.unwrap();
+        let req = hyper::Request::post("/api/rpc")
+            .header("host", "app.example")
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"\0\0\0\0\0",
+            )))
+            .unwrap();
+        let (status, _, body) = http_request(tcp, false, req).await.unwrap();
+        assert_eq!(status, 200, "{content_type}: {body}");
+        assert!(
+            body.contains(&format!("version={version}")),
+            "{content_type}: the app should see {version}: {body}"
+        );
+    }
+}
+
 /// A gRPC app: the standard health service over h2c on 127.0.0.1.
 async fn grpc_app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
