@@ -839,6 +839,7 @@ impl CaState {
             ));
         }
         let ack = crate::rotation::fleet::Ack {
+            identity: info.id.to_string(),
             version: req.bundle_version,
             authority,
             not_after: info.not_after,
@@ -956,6 +957,7 @@ fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
         | FleetError::TooManyStreams { .. } => Status::resource_exhausted(e.to_string()),
         FleetError::NotRegistered => Status::failed_precondition(e.to_string()),
         FleetError::ModeChanged { .. }
+        | FleetError::IdentityChanged { .. }
         | FleetError::FutureVersion { .. }
         | FleetError::OlderCertificate { .. } => Status::invalid_argument(e.to_string()),
     }

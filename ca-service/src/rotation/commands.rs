@@ -607,6 +607,7 @@ mod tests {
         /// The sidecar applies the bundle served now and acknowledges it.
         fn sidecar_acks(&self) {
             let ack = Ack {
+                identity: "spiffe://td/ns/a/sa/b".into(),
                 version: self.bundle.version,
                 authority: Some("1".into()),
                 not_after: i64::MAX,

@@ -64,6 +64,8 @@ pub struct Caller {
 /// What one acknowledgement says (about the caller's own certificate).
 #[derive(Debug, Clone)]
 pub struct Ack {
+    /// The identity of the acknowledged certificate.
+    pub identity: String,
     pub version: u64,
     /// The authority the serving chain verifies under (`None`: none this CA holds).
     pub authority: Option<String>,
@@ -92,6 +94,11 @@ pub enum FleetError {
         registered: &'static str,
         claimed: &'static str,
     },
+    #[error(
+        "this key was registered by {registered}, not {claimed}: one instance, one identity \
+         (a sidecar generates a new key for every certificate of a new identity)"
+    )]
+    IdentityChanged { registered: String, claimed: String },
     #[error("bundle version {claimed} was never published (the current one is {published})")]
     FutureVersion { claimed: u64, published: u64 },
     #[error(
@@ -556,6 +563,16 @@ impl Fleet {
                     claimed: mode(caller.file_mode),
                 });
             }
+            // The same key certified for another identity (a workload that can attest as two):
+            // taken, its streams and acknowledgements would move the first identity's instance
+            // (serial, lineage, authority) while the fleet lists it, and `revoke --id` matches it,
+            // under the first.
+            if s.identity != caller.identity {
+                return Err(FleetError::IdentityChanged {
+                    registered: s.identity.clone(),
+                    claimed: caller.identity.clone(),
+                });
+            }
             if s.streams >= self.limits.max_streams_per_instance {
                 return Err(FleetError::TooManyStreams {
                     max: self.limits.max_streams_per_instance,
@@ -750,6 +767,12 @@ impl Fleet {
             return Err(FleetError::ModeChanged {
                 registered: mode(s.file_mode),
                 claimed: mode(ack.file_mode),
+            });
+        }
+        if s.identity != ack.identity {
+            return Err(FleetError::IdentityChanged {
+                registered: s.identity.clone(),
+                claimed: ack.identity,
             });
         }
         if ack.version > published {
@@ -1028,8 +1051,10 @@ mod tests {
         }
     }
 
+    /// An acknowledgement of `version` by a certificate of `spiffe://td/a`.
     fn ack(version: u64) -> Ack {
         Ack {
+            identity: "spiffe://td/a".into(),
             version,
             authority: Some("1".into()),
             not_after: 500,
@@ -1090,6 +1115,14 @@ mod tests {
         f.stream_opened(&honest, 0).unwrap();
         f.stream_opened(&caller("files", "spiffe://td/b", true), 0)
             .unwrap();
+        // A stream of the same key under another identity is refused: the instance stays A's.
+        assert_eq!(
+            f.stream_opened(&caller("honest", "spiffe://td/b", false), 0),
+            Err(FleetError::IdentityChanged {
+                registered: "spiffe://td/a".into(),
+                claimed: "spiffe://td/b".into(),
+            })
+        );
         let cases = [
             Case {
                 name: "a key with no stream (an invented or another process's instance)",
@@ -1136,6 +1169,19 @@ mod tests {
                 }),
             },
             Case {
+                name: "a certificate of another identity on the same key",
+                key: "honest",
+                ack: Ack {
+                    identity: "spiffe://td/b".into(),
+                    ..ack(5)
+                },
+                published: 5,
+                expected: Err(FleetError::IdentityChanged {
+                    registered: "spiffe://td/a".into(),
+                    claimed: "spiffe://td/b".into(),
+                }),
+            },
+            Case {
                 name: "the honest acknowledgement",
                 key: "honest",
                 ack: ack(5),
@@ -1147,6 +1193,7 @@ mod tests {
                 key: "files",
                 ack: Ack {
                     file_mode: true,
+                    identity: "spiffe://td/b".into(),
                     ..ack(4)
                 },
                 published: 5,
@@ -1307,7 +1354,15 @@ mod tests {
             ..caller("k", id, false)
         };
         f.stream_opened(&first, 0).unwrap();
-        f.ack("k", ack(1), 1).unwrap();
+        f.ack(
+            "k",
+            Ack {
+                identity: id.into(),
+                ..ack(1)
+            },
+            1,
+        )
+        .unwrap();
         let (s, _) = f.report(0);
         assert_eq!(s[0].serving_authority.as_deref(), Some("1"));
         // Renewed under authority 2 on the same key, after re-attesting (a new lineage).
@@ -1758,7 +1813,11 @@ mod tests {
                 false,
             );
             f.stream_opened(&c, 0).unwrap();
-            f.ack(&c.key, ack(1), 1).unwrap();
+            let a = Ack {
+                identity: c.identity.clone(),
+                ..ack(1)
+            };
+            f.ack(&c.key, a, 1).unwrap();
         }
         let summary = f.summary(2, &crate::revocations::Revocations::default());
         assert_eq!(summary.by_version.get(&1), Some(&50_000));
