@@ -57,6 +57,8 @@ struct State {
     gone: std::collections::HashSet<String>,
     /// What a TokenReview answers instead of reviewing, when set.
     review_answer: Option<Answer>,
+    /// How long a TokenReview takes to answer.
+    review_delay: std::time::Duration,
 }
 
 /// A running fake API server; stops when dropped.
@@ -117,6 +119,7 @@ impl FakeApiServer {
             counts: Counts::default(),
             gone: Default::default(),
             review_answer: None,
+            review_delay: std::time::Duration::ZERO,
         }));
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let served = state.clone();
@@ -146,6 +149,10 @@ impl FakeApiServer {
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
                             let req = Request::from_parts(head, body);
+                            let delay = state.lock().expect("state").review_delay;
+                            if req.uri().path().ends_with("/tokenreviews") && !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             Ok::<_, std::convert::Infallible>(respond(&state, addr, &req))
                         }
                     });
@@ -211,6 +218,11 @@ impl FakeApiServer {
     /// TokenReviews answer `answer` instead of reviewing (`None`: review again).
     pub fn answer_reviews(&self, answer: Option<Answer>) {
         self.state.lock().expect("state").review_answer = answer;
+    }
+
+    /// TokenReviews take `delay` to answer (as a busy API server's).
+    pub fn delay_reviews(&self, delay: std::time::Duration) {
+        self.state.lock().expect("state").review_delay = delay;
     }
 
     pub fn counts(&self) -> Counts {

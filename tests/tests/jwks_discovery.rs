@@ -39,7 +39,29 @@ async fn ca_for(server: &FakeApiServer, url: String, refresh_every: Duration) ->
 
 /// Issue with a service-account token: the identity issued, or the status code.
 async fn issue(ca: &TestCa, token: String) -> Result<String, Code> {
-    let mut client = ca.client().await;
+    issue_with(ca.client().await, token).await
+}
+
+/// Issue calls with `tokens`, all at once (each on a connection of its own), in their order.
+async fn issue_all(ca: &TestCa, tokens: Vec<String>) -> Vec<Result<String, Code>> {
+    let mut calls = Vec::new();
+    for token in tokens {
+        let client = ca.client().await;
+        calls.push(tokio::spawn(issue_with(client, token)));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.expect("the call's task"));
+    }
+    answers
+}
+
+async fn issue_with(
+    mut client: meshid_proto::ca::v1::certificate_authority_client::CertificateAuthorityClient<
+        tonic::transport::Channel,
+    >,
+    token: String,
+) -> Result<String, Code> {
     client
         .issue(IssueRequest {
             csr: WorkloadKey::new().csr,
@@ -356,6 +378,86 @@ async fn a_ca_that_cannot_fetch_at_start_serves_and_fetches_later() {
 /// deleted the token attests no more, though it verifies and has not expired. A forged token never
 /// reaches the API server. When the API server cannot answer nothing is decided: `Unavailable`,
 /// and the same token is taken once it answers again.
+/// Calls that arrive together with one token ask the API server once (the others wait for that
+/// answer), and one identity's tokens hold at most two reviews in flight: a holder of a valid
+/// token cannot take every review slot from other workloads with a burst of calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_token_review_a_burst_of_calls_asks_once_per_token_and_twice_per_identity() {
+    let cluster = FakeCluster::new();
+    let server = FakeApiServer::start(Answer::Json(cluster.jwks())).await;
+    let ca = TestCa::start(CaOptions {
+        jwks: Some(JwksSource::Remote(RemoteJwks {
+            token_file: server.token_file.clone(),
+            ca_file: server.ca_file.clone(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(4),
+            ..RemoteJwks::new(server.jwks_url())
+        })),
+        token_review: true,
+        ..CaOptions::default()
+    })
+    .await;
+    let token = |sa: &str, jti: &str| {
+        let mut spec = cluster.spec("shop", sa, KeyKind::Rsa);
+        spec.claims["jti"] = json!(jti);
+        cluster.sign(&spec)
+    };
+    // The JWKS fetched first, so that the calls below meet at the review.
+    assert_eq!(
+        issue(&ca, token("frontend", "warm")).await,
+        Ok(FRONTEND.to_owned())
+    );
+    let before = server.counts().token_reviews;
+    server.delay_reviews(Duration::from_millis(800));
+
+    // Ten calls with one token: one review, ten certificates.
+    let one = token("frontend", "one");
+    let answers = issue_all(&ca, vec![one; 10]).await;
+    assert!(
+        answers.iter().all(|a| a.as_deref() == Ok(FRONTEND)),
+        "{answers:?}"
+    );
+    assert_eq!(
+        server.counts().token_reviews - before,
+        1,
+        "one review per token"
+    );
+
+    // Three tokens of one identity at once: two reviewed, the third told to try again; another
+    // identity's token is reviewed all the same.
+    let before = server.counts().token_reviews;
+    let tokens = vec![
+        token("frontend", "a"),
+        token("frontend", "b"),
+        token("frontend", "c"),
+        token("cart", "d"),
+    ];
+    let answers = issue_all(&ca, tokens).await;
+    let frontend = &answers[..3];
+    assert_eq!(
+        frontend
+            .iter()
+            .filter(|a| a.as_deref() == Ok(FRONTEND))
+            .count(),
+        2,
+        "{answers:?}"
+    );
+    assert_eq!(
+        frontend
+            .iter()
+            .filter(|a| **a == Err(Code::Unavailable))
+            .count(),
+        1,
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers[3].as_deref(),
+        Ok("spiffe://cluster.local/ns/shop/sa/cart"),
+        "{answers:?}"
+    );
+    assert_eq!(server.counts().token_reviews - before, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_token_review_a_token_whose_pod_is_deleted_attests_no_more() {
     let cluster = FakeCluster::new();

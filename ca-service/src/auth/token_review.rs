@@ -6,10 +6,13 @@
 //! there at once, not at its `exp`), and that the token was not otherwise invalidated. The same
 //! check SPIRE's `k8s_psat` attestor and Istio's CA make.
 //!
-//! An answer is remembered for a few seconds per token ([`REMEMBERED`]), and few reviews run at once
-//! ([`MAX_IN_FLIGHT`]): a holder of a valid token that retries cannot turn the CA into a flood of
-//! requests at the API server. When the API server cannot answer, nothing is decided: the caller is
-//! answered `Unavailable` and tries again.
+//! An answer is remembered for a few seconds per token ([`REMEMBERED`]), a token is asked about once
+//! at a time (concurrent calls with it wait for that answer), an identity has at most
+//! [`MAX_IN_FLIGHT_PER_IDENTITY`] reviews in flight, and few run at once ([`MAX_IN_FLIGHT`]): a
+//! holder of a valid token that retries, or sends many calls at once, cannot turn the CA into a
+//! flood of requests at the API server, nor take every review slot from other workloads. When the
+//! API server cannot answer, nothing is decided: the caller is answered `Unavailable` and tries
+//! again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +34,11 @@ pub const REMEMBERED: Duration = Duration::from_secs(5);
 const REMEMBERED_MAX: usize = 4_096;
 /// The most reviews in flight at once; past it a caller is answered `Unavailable`.
 pub const MAX_IN_FLIGHT: usize = 16;
+/// The most reviews in flight at once for one identity (of different tokens: one token is asked
+/// about once at a time); past it a caller is answered `Unavailable`. A pod holds one or two
+/// valid tokens at a time (kubelet rotates them); a namespace's many pods of one service account
+/// share this, and wait at most one review for it.
+pub const MAX_IN_FLIGHT_PER_IDENTITY: usize = 2;
 /// The most of the API server's `status.error` repeated to the caller.
 const MAX_ERROR_CHARS: usize = 200;
 
@@ -45,6 +53,48 @@ pub struct TokenReviewer {
     audience: String,
     remembered: Mutex<HashMap<[u8; 32], Remembered>>,
     in_flight: tokio::sync::Semaphore,
+    /// The tokens under review now, each with the channel its answer comes on, and the reviews in
+    /// flight per identity.
+    asking: Mutex<Asking>,
+}
+
+/// Reviews under way.
+#[derive(Default)]
+struct Asking {
+    tokens: HashMap<[u8; 32], Answered>,
+    identities: HashMap<String, usize>,
+}
+
+/// Where the answer to a review under way comes: `None` until it does (the sender dropped
+/// unanswered, if the asking call was cancelled).
+type Answered = tokio::sync::watch::Receiver<Option<Result<(), AuthError>>>;
+
+/// A review this call asks: on drop, no longer under way (answered or not).
+struct Asked<'a> {
+    reviewer: &'a TokenReviewer,
+    digest: [u8; 32],
+    identity: String,
+    answer: tokio::sync::watch::Sender<Option<Result<(), AuthError>>>,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        let mut asking = self.reviewer.lock_asking();
+        asking.tokens.remove(&self.digest);
+        if let Some(n) = asking.identities.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                asking.identities.remove(&self.identity);
+            }
+        }
+    }
+}
+
+/// What a call about a token does: ask, wait for the review under way, or neither.
+enum Turn<'a> {
+    Ask(Asked<'a>),
+    Wait(Answered),
+    Busy(String),
 }
 
 impl TokenReviewer {
@@ -60,6 +110,38 @@ impl TokenReviewer {
             audience: audience.into(),
             remembered: Mutex::default(),
             in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            asking: Mutex::default(),
+        })
+    }
+
+    fn lock_asking(&self) -> std::sync::MutexGuard<'_, Asking> {
+        self.asking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this call asks about the token (`digest`, of `id`), waits for the review of it
+    /// under way, or is turned away: its identity has [`MAX_IN_FLIGHT_PER_IDENTITY`] reviews in
+    /// flight already.
+    fn turn(&self, digest: [u8; 32], id: &SpiffeId) -> Turn<'_> {
+        let mut asking = self.lock_asking();
+        if let Some(answer) = asking.tokens.get(&digest) {
+            return Turn::Wait(answer.clone());
+        }
+        let identity = id.to_string();
+        let n = asking.identities.entry(identity.clone()).or_default();
+        if *n >= MAX_IN_FLIGHT_PER_IDENTITY {
+            return Turn::Busy(format!(
+                "the CA is asking the API server about {MAX_IN_FLIGHT_PER_IDENTITY} tokens of \
+                 {identity} already; try again"
+            ));
+        }
+        *n += 1;
+        let (answer, answered) = tokio::sync::watch::channel(None);
+        asking.tokens.insert(digest, answered);
+        Turn::Ask(Asked {
+            reviewer: self,
+            digest,
+            identity,
+            answer,
         })
     }
 
@@ -75,6 +157,31 @@ impl TokenReviewer {
         if let Some(answer) = self.recall(&digest) {
             return answer;
         }
+        let asked = match self.turn(digest, id) {
+            Turn::Ask(asked) => asked,
+            Turn::Wait(mut answered) => {
+                // The same token's review, asked by another call: its answer is this one's. (A
+                // token is one identity's: the CA verified it as `id`'s before asking.)
+                let answer = answered.wait_for(Option::is_some).await;
+                return match answer.as_deref() {
+                    Ok(Some(answer)) => answer.clone(),
+                    _ => Err(AuthError::unavailable(
+                        Reason::TokenReviewUnavailable,
+                        "the review of this token under way ended without an answer; try again",
+                    )),
+                };
+            }
+            Turn::Busy(why) => {
+                return Err(AuthError::unavailable(Reason::TokenReviewUnavailable, why));
+            }
+        };
+        let answer = self.ask(token, id, digest).await;
+        asked.answer.send_replace(Some(answer.clone()));
+        answer
+    }
+
+    /// [`Self::review`]'s question to the API server, for this call alone.
+    async fn ask(&self, token: &str, id: &SpiffeId, digest: [u8; 32]) -> Result<(), AuthError> {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return Err(AuthError::unavailable(
                 Reason::TokenReviewUnavailable,
