@@ -345,7 +345,8 @@ pub struct RunArgs {
         default_value = "16777216"
     )]
     pub form_body_memory: String,
-    /// Time the app (or upstream) has to answer with response headers.
+    /// Time the app (or upstream) has to answer with response headers. A gRPC call is timed by
+    /// its own deadline (`grpc-timeout`) instead, or not at all without one.
     #[arg(long, env = "MESHID_SIDECAR_REQUEST_TIMEOUT", default_value = "30s")]
     pub request_timeout: String,
     /// Time allowed to connect to the app or an upstream.

@@ -292,6 +292,70 @@ async fn app_down_slow_and_oversized_headers() {
     assert_eq!(status, 200);
 }
 
+/// A gRPC call is timed by its own deadline (`grpc-timeout`), not by `--request-timeout`: a gRPC
+/// server sends its response headers when the call's handler returns, so a long call would be cut
+/// and reach its client as `UNAVAILABLE`. Past its deadline the call is answered
+/// `DEADLINE_EXCEEDED`, in gRPC's own form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_is_timed_by_its_own_deadline() {
+    let e = env(
+        Limits {
+            request_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        },
+        http_echo().await,
+    )
+    .await;
+    let grpc = ("content-type", "application/grpc");
+    // Longer than --request-timeout, no deadline: answered by the app.
+    let (status, headers, body) = e
+        .call(&client_of(&e), true, get("/slow?ms=1200", &[grpc]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("grpc-status").is_none(), "{headers:?}");
+    assert!(body.starts_with("GET /slow"), "{body}");
+    // The same with a deadline shorter than the app takes: DEADLINE_EXCEEDED, at the deadline.
+    let started = std::time::Instant::now();
+    let (status, headers, body) = e
+        .call(
+            &client_of(&e),
+            true,
+            get("/slow?ms=5000", &[grpc, ("grpc-timeout", "700m")]),
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers.get("grpc-status").unwrap(), "4", "{headers:?}");
+    assert_eq!(headers.get("content-type").unwrap(), "application/grpc");
+    let message = headers.get("grpc-message").unwrap().to_str().unwrap();
+    assert!(message.contains("deadline"), "{message}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_millis(4500),
+        "{took:?}"
+    );
+    // A deadline longer than --request-timeout: answered.
+    let (status, headers, _) = e
+        .call(
+            &client_of(&e),
+            true,
+            get("/slow?ms=1200", &[grpc, ("grpc-timeout", "10S")]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(headers.get("grpc-status").is_none(), "{headers:?}");
+    // Not gRPC (gRPC-Web, or none): --request-timeout.
+    for headers in [&[][..], &[("content-type", "application/grpc-web")][..]] {
+        let (status, _, _) = e
+            .call(&client_of(&e), true, get("/slow?ms=3000", headers))
+            .await
+            .unwrap();
+        assert_eq!(status, 504, "{headers:?}");
+    }
+}
+
 fn client_of(e: &Env) -> Workload {
     e.pki.workload(CLIENT)
 }

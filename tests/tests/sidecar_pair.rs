@@ -481,6 +481,42 @@ async fn grpc_web_reaches_the_app_over_http1() {
     }
 }
 
+/// The outbound times a gRPC call by its own deadline too, not by `--request-timeout` (see
+/// `sidecar_http::a_grpc_call_is_timed_by_its_own_deadline` for the inbound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbound_times_a_grpc_call_by_its_own_deadline() {
+    let pki = TestPki::new();
+    let b = backend(&pki, http_echo().await, Protocol::Http).await;
+    let limits = meshid_sidecar::settings::Limits {
+        request_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let a = frontend(
+        &pki,
+        &b.inbound[0].to_string(),
+        Protocol::Http,
+        B,
+        Some(limits),
+    )
+    .await;
+    let call = |h2: bool, path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let outbound = a.outbound[0];
+        async move {
+            let tcp = tokio::net::TcpStream::connect(outbound).await.unwrap();
+            http_request(tcp, h2, get(path, headers)).await.unwrap()
+        }
+    };
+    const GRPC: (&str, &str) = ("content-type", "application/grpc");
+    let (status, headers, body) = call(true, "/slow?ms=1200", &[GRPC]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.get("grpc-status").is_none(), "{headers:?}");
+    let (status, headers, _) = call(true, "/slow?ms=5000", &[GRPC, ("grpc-timeout", "600m")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("grpc-status").unwrap(), "4", "{headers:?}");
+    let (status, _, body) = call(false, "/slow?ms=1500", &[]).await;
+    assert_eq!(status, 504, "{body}");
+}
+
 /// A gRPC app: the standard health service over h2c on 127.0.0.1.
 async fn grpc_app() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

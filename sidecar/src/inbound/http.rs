@@ -29,9 +29,9 @@ use super::authz::{Authorizer, Peer};
 use super::form_budget::NoRoom;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT_NAME, Body, BoxError, Call, FromPeer, ReqBody, Tunnel, XFCC_NAME, finish_response,
-    is_grpc, is_upgrade, protocol_of, reply, respond, root_cause, serve_connection,
-    strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
+    APP_H2_HINT_NAME, Body, BoxError, Call, FromPeer, HeadWait, ReqBody, Tunnel, XFCC_NAME,
+    finish_response, is_grpc, is_upgrade, protocol_of, reply, respond, root_cause,
+    serve_connection, strip_hop_by_hop, strip_peer_headers, upgrades_to_websocket,
 };
 use crate::idle::ReadWhole;
 use crate::metrics::ConnMetrics;
@@ -530,6 +530,7 @@ async fn inbound_request(
     // caps on h2 peer connections that bound those (each holding up to a 256 KiB window).
     let to_h2 = req.version() == Version::HTTP_2
         && (is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME));
+    let head_wait = HeadWait::of(req.headers(), shared.limits.request_timeout);
     // Only we say who the peer is: not in its trailers either.
     req.body_mut().strip_peer_trailers();
     let headers = req.headers_mut();
@@ -611,16 +612,14 @@ async fn inbound_request(
             http.h1.request_for(req, conn.app_share.as_ref()).await
         }
     };
-    let resp = match tokio::time::timeout(shared.limits.request_timeout, sent).await {
-        Err(_) => {
-            return reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "the app did not answer within {:?}",
-                    shared.limits.request_timeout
-                ),
-            );
-        }
+    let timed_out = |wait| {
+        reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the app did not answer within {wait:?}"),
+        )
+    };
+    let resp = match head_wait.run(sent, timed_out).await {
+        Err(timed_out) => return timed_out,
         Ok(Err(error)) if error == crate::bare::PEER_BUSY => {
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -19,8 +19,8 @@ use super::upstream::H2Upstream;
 use crate::bare::Bare;
 use crate::conn::{ConnSlot, Shared};
 use crate::http::{
-    APP_H2_HINT_NAME, Body, Call, ReqBody, finish_response, is_upgrade, protocol_of, reply,
-    respond, serve_connection, strip_hop_by_hop,
+    APP_H2_HINT_NAME, Body, Call, HeadWait, ReqBody, finish_response, is_upgrade, protocol_of,
+    reply, respond, serve_connection, strip_hop_by_hop,
 };
 use crate::metrics::ConnMetrics;
 
@@ -135,6 +135,7 @@ async fn outbound_request(
         );
     }
     let app_h2 = req.version() == Version::HTTP_2;
+    let head_wait = HeadWait::of(req.headers(), shared.limits.request_timeout);
     // Alone, a request goes fastest on an HTTP/1.1 connection of its own (no h2 codec, no hand-over
     // to the connection's task). Among others, h2 carries them together: one TLS record and one
     // write for several, which is what keeps up under load (`super::h1`).
@@ -201,17 +202,14 @@ async fn outbound_request(
         Ok(resp.map(|b| b.boxed()))
     };
     // The head only: a body that then brings nothing is ended by its own watch (`super::silence`).
-    let sent = tokio::time::timeout(shared.limits.request_timeout, sending).await;
-    let resp = match sent {
-        Err(_) => {
-            return reply(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "upstream {} did not answer within {:?}",
-                    out.remote, shared.limits.request_timeout
-                ),
-            );
-        }
+    let timed_out = |wait| {
+        reply(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("upstream {} did not answer within {wait:?}", out.remote),
+        )
+    };
+    let resp = match head_wait.run(sending, timed_out).await {
+        Err(timed_out) => return timed_out,
         Ok(Err(reason)) if reason == super::upstream::SATURATED => {
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
