@@ -394,6 +394,14 @@ impl CaState {
                 return (method, None, Err(e.into()));
             }
         }
+        // So is a service-account token the CA does not take (its check changes nothing, unlike
+        // a join token's): a junk token cost the CA that verification too.
+        if let Some(Credential::ServiceAccountToken(_)) = req.credential {
+            let (method, authenticated) = self.authenticate(req.credential.as_ref(), peer);
+            if let Err(e) = authenticated {
+                return (method, e.identity.clone(), Err(e.into()));
+            }
+        }
         // Then the CSR: a bad CSR must not consume a join token.
         let key = match CsrPublicKey::from_csr_der(&req.csr) {
             Ok(key) => key,
@@ -1213,12 +1221,13 @@ impl CertificateAuthority for CaService {
         // With --token-review, a token the CA takes is then asked about at the API server (only
         // then: a forged token costs the API server nothing).
         let review = match (&self.state.token_review, &self.state.jwt, &req.credential) {
-            (Some(reviewer), Some(jwt), Some(Credential::ServiceAccountToken(token)))
-                if CsrPublicKey::from_csr_der(&req.csr).is_ok() =>
-            {
+            // The token first: a junk one must not cost a CSR signature check.
+            (Some(reviewer), Some(jwt), Some(Credential::ServiceAccountToken(token))) => {
                 match jwt.authenticate(token) {
-                    Ok(id) => Some(reviewer.review(token, &id).await),
-                    Err(_) => None,
+                    Ok(id) if CsrPublicKey::from_csr_der(&req.csr).is_ok() => {
+                        Some(reviewer.review(token, &id).await)
+                    }
+                    _ => None,
                 }
             }
             _ => None,
@@ -2142,13 +2151,15 @@ mod tests {
                 expected: Refused(Code::Unauthenticated, "no_credential"),
             },
             Case {
-                name: "empty CSR with a service-account token",
+                // The token is refused before the CSR is read (see
+                // `service_account_decisions_with_a_namespace_allow_list` for a CA that takes it).
+                name: "empty CSR with a service-account token, on a CA that takes none",
                 call: |ca| {
                     let token = ca.sa.token("shop", "frontend");
                     (request(Vec::new(), service_account(token)), None)
                 },
                 method: Method::ServiceAccountToken,
-                expected: Refused(Code::InvalidArgument, "invalid_csr"),
+                expected: Refused(Code::Unauthenticated, "service_account_tokens_disabled"),
             },
         ];
         for case in cases {
@@ -3157,6 +3168,28 @@ mod tests {
                 call: |_| (request(csr(), service_account("hello")), None),
                 method: sa,
                 expected: Refused(Code::Unauthenticated, "malformed_token"),
+            },
+            Case {
+                // A junk token is refused before the CSR's signature is checked (RSA up to 8,192
+                // bits): it must cost the CA no more than a call that presents nothing.
+                name: "not a JWT, with a CSR whose signature is broken",
+                call: |_| {
+                    let mut broken = csr();
+                    let last = broken.len() - 1;
+                    broken[last] ^= 1;
+                    (request(broken, service_account("hello")), None)
+                },
+                method: sa,
+                expected: Refused(Code::Unauthenticated, "malformed_token"),
+            },
+            Case {
+                name: "valid token, empty CSR",
+                call: |ca| {
+                    let token = ca.sa.token("shop", "frontend");
+                    (request(Vec::new(), service_account(token)), None)
+                },
+                method: sa,
+                expected: Refused(Code::InvalidArgument, "invalid_csr"),
             },
             Case {
                 name: "renewal of an allowed namespace",
