@@ -1088,7 +1088,12 @@ async fn injector_applies_a_certificate_not_valid_yet_once_valid() {
     // Refused while not valid yet. Each look is checked only if the clock is still before
     // not-before once it is done: past it (a machine stalled for seconds), applying it at once is
     // right, and there is no refusal to see.
-    while reloads("rejected") < 1.0 && unix_now() < valid_from {
+    // Served at once (an injector that took a certificate not valid yet) ends the wait too, and
+    // then fails the checks below while the clock is still before not-before.
+    while reloads("rejected") < 1.0
+        && unix_now() < valid_from
+        && served_leaf(addr, &roots).await == old
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let refused = reloads("rejected") >= 1.0;
@@ -1149,6 +1154,13 @@ async fn injector_is_not_ready_once_its_serving_certificate_expired() {
     // stalled for seconds) leaves nothing to check: the test gives up rather than fail.
     while served_leaf(addr, &roots).await != *brief.der() {
         if unix_now() >= expiry {
+            // Only a stalled machine may excuse it: the injector then saw the pair, expired, and
+            // refused it. Nothing seen at all is reloading broken.
+            let refused = metric(
+                admin,
+                "meshid_injector_reloads_total{what=\"serving_certificate\",result=\"rejected\"}",
+            );
+            assert!(refused >= 1.0, "the pair was never served nor refused");
             eprintln!("the pair expired before it was served: nothing to check");
             return;
         }

@@ -1142,7 +1142,7 @@ async fn a_form_audit_mode_cannot_check_is_refused_if_enforced_before_it_came() 
     apply_policy(&e.sidecar, &policy("enforce")).await;
     let resp = exchange(tls, rest).await;
     assert!(
-        resp.starts_with("HTTP/1.1 400"),
+        resp.starts_with("HTTP/1.1 400") && resp.contains("cannot be checked"),
         "{}",
         &resp[..resp.len().min(300)]
     );
@@ -3161,6 +3161,33 @@ async fn a_denied_request_is_logged_with_its_method_and_path_cut() {
     assert!(path.starts_with("/nope/xxx"), "{line}");
     assert!(path.len() <= 512, "a path of {} bytes logged", path.len());
     assert_eq!(line["method"], "GET", "{line}");
+
+    // A long method: an override the policy denies (GET is allowed on /api/*, this is not).
+    let method = "M".repeat(4_000);
+    let mut tls = mtls_connect(s.inbound, s.cfg.clone()).await.unwrap();
+    tls.write_all(
+        format!("GET /api/x HTTP/1.1\r\nHost: app\r\nX-HTTP-Method-Override: {method}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let line = eventually_some(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&s.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "denied" && v["path"] == "/api/x")
+    })
+    .await
+    .expect("a denied line for the override");
+    let logged = line["method"].as_str().expect("a method field");
+    assert!(logged.starts_with("MMM"), "{line}");
+    assert!(
+        logged.len() <= 512,
+        "a method of {} bytes logged",
+        logged.len()
+    );
 }
 
 /// Calls `f` every 50 ms until it gives something or `within` has passed.

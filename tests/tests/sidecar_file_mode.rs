@@ -386,8 +386,12 @@ async fn file_mode_a_certificate_not_valid_yet_is_applied_once_valid() {
     // Refused while not valid yet. What is seen is checked only if the clock is still before
     // not-before once it has been seen: past it (a machine stalled for seconds), applying it at
     // once is right, and there is no refusal to see.
+    // Applied at once (a sidecar that took a certificate not valid yet) ends the wait too, and
+    // then fails the checks below while the clock is still before not-before.
     let before = eventually(PATIENCE, || async {
-        mesh.updates("rejected").await >= 1 || unix_now() >= valid_from
+        mesh.updates("rejected").await >= 1
+            || unix_now() >= valid_from
+            || mesh.serial().await != Some(serial_of(&old))
     })
     .await;
     assert!(before, "neither refused nor past not-before");
