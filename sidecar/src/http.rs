@@ -413,9 +413,11 @@ pub(crate) enum HeadWait {
 }
 
 impl HeadWait {
-    /// The wait for a request with `headers`, under `--request-timeout`.
-    pub(crate) fn of(headers: &HeaderMap, request_timeout: Duration) -> Self {
-        if !is_grpc(headers) {
+    /// The wait for a request of `version` with `headers`, under `--request-timeout`. gRPC is h2
+    /// only: an HTTP/1.1 request with a gRPC content type is timed as any other (it reaches an
+    /// app over HTTP/1.1, which no gRPC server speaks).
+    pub(crate) fn of(version: Version, headers: &HeaderMap, request_timeout: Duration) -> Self {
+        if version != Version::HTTP_2 || !is_grpc(headers) {
             return Self::Timeout(request_timeout);
         }
         match headers
@@ -449,6 +451,8 @@ impl HeadWait {
 }
 
 const GRPC_TIMEOUT: &str = "grpc-timeout";
+/// gRPC's status code `PERMISSION_DENIED`.
+pub(crate) const GRPC_PERMISSION_DENIED: u8 = 7;
 /// gRPC's status code `DEADLINE_EXCEEDED`.
 pub(crate) const GRPC_DEADLINE_EXCEEDED: u8 = 4;
 
@@ -616,16 +620,40 @@ async fn refuse_h2<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
 
 /// How a connection that something outside ends is closed: what `revoked` in
 /// [`serve_connection`] resolves to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Closing {
     /// Its requests in flight finish, within the grace period: a policy change, a peer certificate
     /// no longer under the trust bundle (a retired root: a rotation's pooled connections carry
-    /// requests that must not fail), shutdown, expiry.
-    Drain,
+    /// requests that must not fail), shutdown, expiry. With a watch that resolves if the peer is
+    /// revoked while the connection drains: it is then cut at once, as if revoked before.
+    Drain(Option<CutWatch>),
     /// At once, with its requests in flight: the peer's certificate, lineage or identity was
     /// revoked (its key may be in other hands: a stream or upload in flight must not go on for
     /// the grace period), as outbound, TCP and upgraded connections are.
     Cut,
+}
+
+/// Resolves when a draining connection's peer is revoked ([`Closing::Drain`]).
+pub type CutWatch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A draining connection (`drained`: its graceful end within the grace period), cut at once if
+/// `cut` resolves first (its peer revoked meanwhile). `true` if it ended within the grace period.
+pub(crate) async fn drain_unless_cut<F: std::future::Future>(
+    drained: F,
+    grace: std::time::Duration,
+    cut: Option<CutWatch>,
+) -> bool {
+    let mut drained = std::pin::pin!(tokio::time::timeout(grace, drained));
+    let mut cut = cut;
+    std::future::poll_fn(move |cx| {
+        // Cut: `drained` is dropped, its streams reset and the app's requests let go.
+        if let Some(cut) = cut.as_mut()
+            && cut.as_mut().poll(cx).is_ready()
+        {
+            return std::task::Poll::Ready(true);
+        }
+        drained.as_mut().poll(cx).map(|ended| ended.is_ok())
+    })
+    .await
 }
 
 /// Serves one HTTP connection with `svc`, draining it gracefully on shutdown, at `deadline`, or
@@ -731,17 +759,17 @@ async fn serve_h2<IO, S, F, R>(
     let idle_timeout = shared.limits.idle_timeout;
     let ended = std::pin::pin!(async {
         tokio::select! {
-            () = meshid_runtime::net::stopped(&mut shutdown) => (Closing::Drain, None),
+            () = meshid_runtime::net::stopped(&mut shutdown) => (Closing::Drain(None), None),
             () = expired => {
                 tracing::info!("closing gracefully: the peer's certificate expired");
-                (Closing::Drain, None)
+                (Closing::Drain(None), None)
             }
             closing = revoked => (closing, None),
             ending = streams.watch(idle_timeout, &shared.metrics.stalled_responses) => {
-                (Closing::Drain, Some(ending))
+                (Closing::Drain(None), Some(ending))
             }
             () = streams.flooded() => {
-                (Closing::Drain, Some(crate::streams::Ending::ResetFlood))
+                (Closing::Drain(None), Some(crate::streams::Ending::ResetFlood))
             }
         }
     });
@@ -754,10 +782,11 @@ async fn serve_h2<IO, S, F, R>(
         }
         ended = meshid_runtime::wake::WhenWoken::new(ended) => ended,
     };
-    if closing == Closing::Cut {
+    let cut = match closing {
         // Dropped: its streams are reset, the app's requests for them let go (why was logged).
-        return;
-    }
+        Closing::Cut => return,
+        Closing::Drain(cut) => cut,
+    };
     if ending == Some(crate::streams::Ending::Stalled) {
         // Graceful would wait for the very responses the peer does not take.
         shared
@@ -801,10 +830,7 @@ async fn serve_h2<IO, S, F, R>(
     // Finish in-flight requests; h2 peers get GOAWAY. Within the grace period: a response the peer
     // does not take (even one whose body h2 holds whole, the app's side done) would keep it open.
     conn.as_mut().graceful_shutdown();
-    if tokio::time::timeout(shared.limits.grace, conn)
-        .await
-        .is_err()
-    {
+    if !drain_unless_cut(conn, shared.limits.grace, cut).await {
         static LATE: meshid_runtime::log_limit::LogLimit =
             meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
         if let Some(left_out) = LATE.take() {
@@ -914,7 +940,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc+proto"),
         );
-        let wait = |h: &HeaderMap| HeadWait::of(h, Duration::from_secs(30));
+        let wait = |h: &HeaderMap| HeadWait::of(Version::HTTP_2, h, Duration::from_secs(30));
         assert_eq!(wait(&grpc), HeadWait::Unbounded);
         grpc.insert(GRPC_TIMEOUT, HeaderValue::from_static("100m"));
         assert_eq!(wait(&grpc), HeadWait::Deadline(Duration::from_millis(100)));
@@ -923,6 +949,11 @@ mod tests {
             wait(&grpc),
             HeadWait::Unbounded,
             "an unreadable deadline is none"
+        );
+        assert_eq!(
+            HeadWait::of(Version::HTTP_11, &grpc, Duration::from_secs(30)),
+            HeadWait::Timeout(Duration::from_secs(30)),
+            "gRPC is h2"
         );
         grpc.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         assert_eq!(wait(&grpc), HeadWait::Timeout(Duration::from_secs(30)));

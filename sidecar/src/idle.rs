@@ -488,8 +488,9 @@ where
 
 /// Why the loop stopped serving a hyper connection.
 enum Stop {
-    /// Shutdown, the peer certificate's expiry, a policy change: drain gracefully.
-    Drain,
+    /// Shutdown, the peer certificate's expiry, a policy change: drain gracefully (cut at once if
+    /// the watch resolves: the peer revoked meanwhile).
+    Drain(Option<crate::http::CutWatch>),
     /// The peer was revoked ([`Closing::Cut`]): close at once, a response in flight with it.
     Cut,
     /// A partial request head outlived the idle limit.
@@ -679,13 +680,13 @@ where
     // wake of this task (several per request).
     let ended = std::pin::pin!(async {
         tokio::select! {
-            () = meshid_runtime::net::stopped(shutdown) => Stop::Drain,
+            () = meshid_runtime::net::stopped(shutdown) => Stop::Drain(None),
             () = &mut *expired => {
                 tracing::info!("closing gracefully: the peer's certificate expired");
-                Stop::Drain
+                Stop::Drain(None)
             }
             closing = &mut *revoked => match closing {
-                Closing::Drain => Stop::Drain,
+                Closing::Drain(cut) => Stop::Drain(cut),
                 Closing::Cut => Stop::Cut,
             },
         }
@@ -730,15 +731,12 @@ where
         }
     };
     match stop {
-        Stop::Drain => {
+        Stop::Drain(cut) => {
             // Finish in-flight requests; HTTP/1.1 closes after the current response. Within the
             // grace period, as h2 does: a streaming response, or one the peer does not read, would
             // keep a revoked or expired peer's connection open for good.
             Pin::new(&mut conn).graceful_shutdown();
-            if tokio::time::timeout(shared.limits.grace, conn)
-                .await
-                .is_err()
-            {
+            if !crate::http::drain_unless_cut(conn, shared.limits.grace, cut).await {
                 static LATE: meshid_runtime::log_limit::LogLimit =
                     meshid_runtime::log_limit::LogLimit::new(10.0, 1.0);
                 if let Some(left_out) = LATE.take() {

@@ -373,11 +373,6 @@ async fn a_ca_that_cannot_fetch_at_start_serves_and_fetches_later() {
     );
 }
 
-/// With `--token-review`, a token the CA takes is then asked about at the API server before it
-/// attests (a TokenReview on the host the keys come from, with the CA's own token): once its pod is
-/// deleted the token attests no more, though it verifies and has not expired. A forged token never
-/// reaches the API server. When the API server cannot answer nothing is decided: `Unavailable`,
-/// and the same token is taken once it answers again.
 /// Calls that arrive together with one token ask the API server once (the others wait for that
 /// answer), and one identity's tokens hold at most two reviews in flight: a holder of a valid
 /// token cannot take every review slot from other workloads with a burst of calls.
@@ -458,6 +453,11 @@ async fn with_token_review_a_burst_of_calls_asks_once_per_token_and_twice_per_id
     assert_eq!(server.counts().token_reviews - before, 3);
 }
 
+/// With `--token-review`, a token the CA takes is then asked about at the API server before it
+/// attests (a TokenReview on the host the keys come from, with the CA's own token): once its pod is
+/// deleted the token attests no more, though it verifies and has not expired. A forged token never
+/// reaches the API server. When the API server cannot answer nothing is decided: `Unavailable`,
+/// and the same token is taken once it answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_token_review_a_token_whose_pod_is_deleted_attests_no_more() {
     let cluster = FakeCluster::new();

@@ -1103,15 +1103,28 @@ async fn endless_app() -> std::net::SocketAddr {
 /// upload in flight went on for the grace period (20 s by default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peers_response_in_flight_ends_at_once_over_http1() {
-    revoked_while_streaming(false).await;
+    revoked_while_streaming(false, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_peers_response_in_flight_ends_at_once_over_h2() {
-    revoked_while_streaming(true).await;
+    revoked_while_streaming(true, false).await;
 }
 
-async fn revoked_while_streaming(h2: bool) {
+/// The same when the revocation comes while the connection drains (a policy change that no
+/// longer allows the peer: its requests in flight may finish within the grace period): the
+/// revocation cuts it at once, as if it had come first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_cuts_a_draining_connection_over_http1() {
+    revoked_while_streaming(false, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_cuts_a_draining_connection_over_h2() {
+    revoked_while_streaming(true, true).await;
+}
+
+async fn revoked_while_streaming(h2: bool, draining: bool) {
     const GRACE: Duration = Duration::from_secs(60);
     let ca = ca().await;
     let pki = TestPki::new();
@@ -1213,6 +1226,25 @@ async fn revoked_while_streaming(h2: bool) {
     };
     // The peer reads no more of it.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    if draining {
+        b.write_policy(&format!(
+            "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: {C}\n"
+        ));
+        assert!(
+            eventually(ENFORCED_WITHIN, || async {
+                metric(
+                    &b.metrics().await,
+                    "meshid_sidecar_connections_revoked_total",
+                    &[],
+                ) >= 1
+            })
+            .await,
+            "the policy change drains the connection:\n{}",
+            b.metrics().await
+        );
+        // Draining, not closed: the grace period is a minute.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     cli(&ca, "revoke", &["--id", A]);
     assert!(
         eventually(ENFORCED_WITHIN, || async {

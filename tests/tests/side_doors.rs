@@ -2552,6 +2552,57 @@ async fn a_policy_that_narrows_the_peer_ends_its_requests_it_denies() {
     );
 }
 
+/// A gRPC call waits for its response head as long as its deadline says (none here): a policy
+/// change that no longer allows it ends it meanwhile (PERMISSION_DENIED, in gRPC's form), as it
+/// ends a response in flight; a call still allowed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_narrows_the_peer_ends_a_grpc_call_waiting_for_its_answer() {
+    let e = http_sidecar_for(
+        "127.0.0.96",
+        http_echo().await,
+        Limits {
+            request_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        get_policy("enforce", "/slow, /other"),
+    )
+    .await;
+    let client = e.pki.workload(CLIENT);
+    let (mut h2, _conn) = h2_as(&e, &client, 65_535).await;
+    let call = |path: &str| {
+        http::Request::get(format!("https://app{path}"))
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Empty::new())
+            .unwrap()
+    };
+    let waiting = tokio::spawn(h2.send_request(call("/slow?ms=30000")));
+    let allowed = tokio::spawn(h2.send_request(call("/other")));
+    // Past --request-timeout: both still wait.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!waiting.is_finished());
+    apply_policy(&e.sidecar, &get_policy("enforce", "/other")).await;
+    let resp = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the call the policy no longer allows went on waiting")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "7", "{:?}", resp.headers());
+    let resp = allowed.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().get("grpc-status").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_requests_revoked_total"),
+        1.0,
+        "{m}"
+    );
+}
+
 /// An app that answers `ok` to every request (and closes), counting the request heads it got.
 async fn counting_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::Ordering::Relaxed;

@@ -346,13 +346,18 @@ async fn a_grpc_call_is_timed_by_its_own_deadline() {
         .unwrap();
     assert_eq!(status, 200);
     assert!(headers.get("grpc-status").is_none(), "{headers:?}");
-    // Not gRPC (gRPC-Web, or none): --request-timeout.
-    for headers in [&[][..], &[("content-type", "application/grpc-web")][..]] {
+    // Not gRPC (gRPC-Web, or none): --request-timeout. Nor is HTTP/1.1 with gRPC's content type
+    // (gRPC is h2 only; such a request reaches the app over HTTP/1.1).
+    for (h2, headers) in [
+        (true, &[][..]),
+        (true, &[("content-type", "application/grpc-web")][..]),
+        (false, &[grpc][..]),
+    ] {
         let (status, _, _) = e
-            .call(&client_of(&e), true, get("/slow?ms=3000", headers))
+            .call(&client_of(&e), h2, get("/slow?ms=3000", headers))
             .await
             .unwrap();
-        assert_eq!(status, 504, "{headers:?}");
+        assert_eq!(status, 504, "h2 {h2}: {headers:?}");
     }
 }
 

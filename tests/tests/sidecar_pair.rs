@@ -482,7 +482,9 @@ async fn grpc_web_reaches_the_app_over_http1() {
 }
 
 /// The outbound times a gRPC call by its own deadline too, not by `--request-timeout` (see
-/// `sidecar_http::a_grpc_call_is_timed_by_its_own_deadline` for the inbound).
+/// `sidecar_http::a_grpc_call_is_timed_by_its_own_deadline` for the inbound): a call without one
+/// outlives the outbound's timeout. (The deadline itself is enforced by both sidecars here, so
+/// its case checks the pair, not the outbound alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbound_times_a_grpc_call_by_its_own_deadline() {
     let pki = TestPki::new();

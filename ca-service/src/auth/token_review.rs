@@ -37,7 +37,8 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// The most reviews in flight at once for one identity (of different tokens: one token is asked
 /// about once at a time); past it a caller is answered `Unavailable`. A pod holds one or two
 /// valid tokens at a time (kubelet rotates them); a namespace's many pods of one service account
-/// share this, and wait at most one review for it.
+/// share this: past it a pod is answered `Unavailable` and tries again (its sidecar backs off), and
+/// a token reviewed once is remembered for [`REMEMBERED`].
 pub const MAX_IN_FLIGHT_PER_IDENTITY: usize = 2;
 /// The most of the API server's `status.error` repeated to the caller.
 const MAX_ERROR_CHARS: usize = 200;

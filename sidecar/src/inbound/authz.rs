@@ -382,7 +382,10 @@ impl Authorizer {
                     closed_untrusted(&metrics.0, &peer, port, &why);
                     return match why {
                         crate::creds::Distrusted::Revoked(_) => Closing::Cut,
-                        _ => Closing::Drain,
+                        // Counted already, by the bundle or not: a revocation then is not.
+                        _ => Closing::Drain(Some(cut_if_revoked(
+                            creds, trust, peer, trust_key, None, port,
+                        ))),
                     };
                 }
                 tokio::select! {
@@ -411,7 +414,10 @@ impl Authorizer {
                                 rule = %decision.rule,
                                 "closing: the new policy has no rule for this peer on this port"
                             );
-                            return Closing::Drain;
+                            let closes = Some(metrics.0.clone());
+                            return Closing::Drain(Some(cut_if_revoked(
+                                creds, trust, peer, trust_key, closes, port,
+                            )));
                         }
                     }
                     // Both senders are gone (shutdown): nothing will revoke this connection any more.
@@ -715,6 +721,41 @@ fn logged_request<'a>(method: &'a str, path: &'a str) -> (&'a str, &'a str) {
 }
 
 /// Counts and logs the end of an inbound connection whose peer the trust bundle no longer trusts.
+/// While `peer`'s connection drains (a policy change, a certificate no longer anchored):
+/// resolves if the bundle revokes the peer meanwhile, and the connection is then cut at once, as
+/// a revoked peer's is (its key may be in other hands: a stream in flight must not go on for the
+/// rest of the grace period). Counted in `closes` when given (a drain the bundle did not start).
+fn cut_if_revoked(
+    creds: Arc<crate::creds::CredentialStore>,
+    mut trust: tokio::sync::watch::Receiver<u64>,
+    peer: Peer,
+    mut trust_key: u64,
+    closes: Option<prometheus_client::metrics::family::Family<crate::metrics::ConnLabels, Counter>>,
+    port: u16,
+) -> crate::http::CutWatch {
+    Box::pin(async move {
+        loop {
+            if let Some(why @ crate::creds::Distrusted::Revoked(_)) = creds.distrusts(
+                &peer.verified,
+                &peer.chain,
+                webpki::KeyUsage::client_auth(),
+                &mut trust_key,
+                None,
+            ) {
+                match &closes {
+                    Some(closes) => closed_untrusted(closes, &peer, port, &why),
+                    None => log_untrusted(&peer.verified.id, peer.addr, port, &why),
+                }
+                return;
+            }
+            if trust.changed().await.is_err() {
+                // Shutdown: nothing will revoke it any more.
+                return std::future::pending().await;
+            }
+        }
+    })
+}
+
 fn closed_untrusted(
     closes: &prometheus_client::metrics::family::Family<crate::metrics::ConnLabels, Counter>,
     peer: &Peer,

@@ -530,7 +530,7 @@ async fn inbound_request(
     // caps on h2 peer connections that bound those (each holding up to a 256 KiB window).
     let to_h2 = req.version() == Version::HTTP_2
         && (is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME));
-    let head_wait = HeadWait::of(req.headers(), shared.limits.request_timeout);
+    let head_wait = HeadWait::of(req.version(), req.headers(), shared.limits.request_timeout);
     // Only we say who the peer is: not in its trailers either.
     req.body_mut().strip_peer_trailers();
     let headers = req.headers_mut();
@@ -618,7 +618,25 @@ async fn inbound_request(
             format!("the app did not answer within {wait:?}"),
         )
     };
-    let resp = match head_wait.run(sent, timed_out).await {
+    let answered = head_wait.run(sent, timed_out);
+    let answered = if let HeadWait::Timeout(_) = head_wait {
+        answered.await
+    } else {
+        // A gRPC call waits for its head as long as its deadline says (a client stream still
+        // sending, say): a policy change that no longer allows it ends it meanwhile, as it ends
+        // a response in flight (`Revocable`).
+        let revoked = http
+            .authz()
+            .request_revoked(peer.verified.clone(), decided.clone());
+        tokio::select! {
+            answered = answered => answered,
+            () = revoked => Err(crate::http::grpc_reply(
+                crate::http::GRPC_PERMISSION_DENIED,
+                "the policy no longer allows this call",
+            )),
+        }
+    };
+    let resp = match answered {
         Err(timed_out) => return timed_out,
         Ok(Err(error)) if error == crate::bare::PEER_BUSY => {
             return reply(

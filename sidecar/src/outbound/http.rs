@@ -135,7 +135,7 @@ async fn outbound_request(
         );
     }
     let app_h2 = req.version() == Version::HTTP_2;
-    let head_wait = HeadWait::of(req.headers(), shared.limits.request_timeout);
+    let head_wait = HeadWait::of(req.version(), req.headers(), shared.limits.request_timeout);
     // Alone, a request goes fastest on an HTTP/1.1 connection of its own (no h2 codec, no hand-over
     // to the connection's task). Among others, h2 carries them together: one TLS record and one
     // write for several, which is what keeps up under load (`super::h1`).
