@@ -40,7 +40,9 @@ if [ -n "${MESHID_BIN_DIR:-}" ]; then
     bin_dir="$MESHID_BIN_DIR"
 elif [ "$profile" = dist ]; then
     # As the Dockerfiles build them, each on its own: what else is built in the same command changes
-    # a crate's features, and so its code (and the names sidecar/symbol-order.txt lays out).
+    # a crate's features, and so its code (and the names sidecar/symbol-order.txt lays out). With
+    # packed relocations, as the Dockerfiles set (scripts/symbol-order-build.rs).
+    export MESHID_PACKED_RELOCS=on
     scripts/dist-build.sh -q -p meshid-sidecar
     scripts/dist-build.sh -q -p meshid-ca
     scripts/dist-build.sh -q -p meshid-bench

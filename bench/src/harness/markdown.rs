@@ -1010,11 +1010,17 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   builds are; the AVX2 and AES-NI code takes over; `scripts/resident-text.py` names the windows).
   The list goes stale with a toolchain or dependency update (its names carry crate
   hashes; a name the linker no longer finds leaves its function where it was, nothing breaks): rerun
-  the script. The rest: 1.5 MiB of read-only data and relocations, 0.2 MiB of relocated data, and
-  1.6 MiB of libc, libm and the loader. Not taken: `panic = \"abort\"` (smaller code, but one
-  panicking connection would end the whole sidecar instead of its own task); packed relative
-  relocations (`-z pack-relative-relocs`, -0.3 MiB, but the binary would then need glibc 2.36 to
-  run: not RHEL 9 or Debian 11 hosts running the sidecar beside a VM workload).
+  the script. The rest (before session 49): 1.5 MiB of read-only data and relocations, 0.2 MiB of
+  relocated data, and 1.6 MiB of libc, libm and the loader. Session 49 took two of them (a CA-mode
+  sidecar, `/proc/PID/smaps` against its sections, five starts each way): packed relative
+  relocations (`-z pack-relative-relocs`, `MESHID_PACKED_RELOCS=on`: the loader read all of
+  `.rela.dyn`, 15,000 relocations in 368 KiB, at every start; 6.28-6.47 -> 6.03-6.17 MiB), in the
+  images' builds only (the Dockerfiles and `bench/run.sh` set it: such a binary needs glibc 2.36,
+  and a sidecar built for a VM may run on RHEL 9's 2.34); and libm, which the loader mapped for one
+  function (`pow`, in tokio's scheduler statistics; 0.3 MiB): `meshid_runtime::math` defines it
+  (the `libm` crate's), and libm is no longer a needed library. Not taken: `panic = \"abort\"`
+  (smaller code, but one panicking connection would end the whole sidecar instead of its own
+  task).
 - **Memory per idle connection** (the terminating sidecar, 2,000 idle HTTP/1.1 mTLS connections,
   release build, `heaptrack` for the heap in use and `/proc/PID/smaps_rollup` for RSS): it was
   26.9 KiB of RSS with 15.9 KiB of heap in use; it is 17.3 KiB with 12.7 KiB in use since f3c1e2a.
