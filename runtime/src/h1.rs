@@ -433,11 +433,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     Ok(size)
 }
 
-/// Trailer fields, without those that only framing or the connection may carry.
+/// Trailer fields, without those that only framing or the connection may carry. `section` ends at
+/// the first CRLF CRLF; the fields must end exactly there (a bare LF, which the parser takes as a
+/// line end, would have them end earlier, and the bytes between taken as part of this message).
 fn trailers(section: &[u8]) -> Result<HeaderMap, Error> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let fields = match httparse::parse_headers(section, &mut slots) {
-        Ok(httparse::Status::Complete((_, fields))) => fields,
+        Ok(httparse::Status::Complete((used, fields))) if used == section.len() => fields,
         _ => return Err(Error::Trailers),
     };
     let mut map = HeaderMap::new();
@@ -818,6 +820,11 @@ mod tests {
             (b"3 x\r\nabc\r\n0\r\n\r\n", Chunk("bad chunk extension")),
             (b"3;a\rb\r\nabc\r\n0\r\n\r\n", Chunk("bad chunk extension")),
             (b"0\r\nbad trailer\r\n\r\n", Trailers),
+            // Fields ended by bare LFs before the CRLF CRLF: what lies between is not trailers.
+            (
+                b"0\r\nx: y\n\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Trailers,
+            ),
             (too_many.as_bytes(), Trailers),
             (too_long.as_bytes(), Trailers),
             (long_line.as_bytes(), Chunk("chunk-size line too long")),

@@ -60,9 +60,31 @@ pub(crate) trait Wire: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static {
     fn poll_abort(&mut self, _cx: &mut Context<'_>) -> Poll<String> {
         Poll::Pending
     }
+
+    /// Whether bytes, or the end of the stream, wait in the kernel's receive buffer of the
+    /// connection's socket: an idle connection with any is not used again.
+    fn unread_in_kernel(&self) -> bool;
 }
 
-impl Wire for TcpStream {}
+impl Wire for TcpStream {
+    fn unread_in_kernel(&self) -> bool {
+        unread_in_kernel(self)
+    }
+}
+
+/// [`Wire::unread_in_kernel`] of a TCP socket: a non-blocking peek, a real look at the socket.
+/// (A read through tokio is not: it answers "would wait" without asking the kernel until its
+/// reactor has seen the socket readable, so bytes that arrived since its last wake-up, a late
+/// second write of the last response, passed as nothing unread, and were read as the next
+/// request's answer: on the inbound's pool, another peer's.)
+pub(crate) fn unread_in_kernel(tcp: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match socket2::SockRef::from(tcp).peek(&mut byte) {
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        // Data, or the end of the stream.
+        Ok(_) => true,
+    }
+}
 
 /// How a pool gets new connections, and which of its connections may take another exchange.
 pub(crate) trait Dial: fmt::Display + Send + Sync + 'static {
@@ -390,6 +412,7 @@ impl<D: Dial> Bare<D> {
         now.duration_since(since) < self.idle_timeout
             && self.dialer.fresh(&conn.io)
             && open(&mut conn.io)
+            && !conn.io.unread_in_kernel()
     }
 
     /// Drops connections that were closed, idled too long, or are no longer fresh.
@@ -785,6 +808,55 @@ mod tests {
         assert_eq!(seen.lock().unwrap().connections, 4);
     }
 
+    /// Bytes an app writes after a response ended (a body after a HEAD response's head, in a
+    /// write of its own) make its connection unusable, however soon the next request comes: were
+    /// they read as the next request's answer, they would answer another peer's request.
+    #[tokio::test]
+    async fn a_connection_with_bytes_written_after_its_response_is_not_reused() {
+        use std::io::{Read, Write};
+        // The app on a thread of its own (blocking sockets), so that it writes while the test's
+        // runtime is held up below.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = std::thread::spawn(move || {
+            let read_head = |s: &mut std::net::TcpStream| {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+            };
+            let (mut first, _) = listener.accept().unwrap();
+            read_head(&mut first);
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nLATE!")
+                .unwrap();
+            let (mut second, _) = listener.accept().unwrap();
+            read_head(&mut second);
+            second
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .unwrap();
+            // Held until the pool lets go.
+            let _ = second.read(&mut [0u8; 1]);
+            drop(first);
+        });
+        let bare = pool(addr);
+        let resp = bare.request(&head(Method::HEAD, "/")).await.unwrap();
+        assert_eq!(read(resp).await.unwrap().0, "");
+        assert_eq!(bare.idle_count(), 1);
+        // The late bytes arrive while this thread does not return to the runtime (as under load):
+        // the runtime has not seen the socket readable when the next request checks it out.
+        std::thread::sleep(Duration::from_millis(200));
+        let resp = bare.request(&head(Method::GET, "/")).await.unwrap();
+        assert_eq!(read(resp).await.unwrap().0, "ok");
+        drop(bare);
+        app.join().unwrap();
+    }
+
     #[tokio::test]
     async fn bad_responses_are_errors_and_their_connections_are_dropped() {
         for (reply, want) in [
@@ -890,6 +962,10 @@ mod tests {
     }
 
     impl Wire for Abortable {
+        fn unread_in_kernel(&self) -> bool {
+            self.tcp.unread_in_kernel()
+        }
+
         fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<String> {
             Pin::new(&mut self.abort)
                 .poll(cx)

@@ -302,6 +302,12 @@ impl Wire for UpstreamWire {
     fn poll_abort(&mut self, cx: &mut Context<'_>) -> Poll<String> {
         Pin::new(&mut self.revoked).poll(cx).map(str::to_owned)
     }
+
+    /// Any TLS record waiting on the socket (an idle upstream sends none: a close_notify, or bytes
+    /// of a response past its end).
+    fn unread_in_kernel(&self) -> bool {
+        crate::bare::unread_in_kernel(self.tls.get_ref().0)
+    }
 }
 
 impl AsyncRead for UpstreamWire {
