@@ -2603,6 +2603,72 @@ async fn a_policy_that_narrows_the_peer_ends_a_grpc_call_waiting_for_its_answer(
     );
 }
 
+/// An upload in flight (its body still streaming to the app, no answer yet) is ended by a policy
+/// change that no longer allows it: 403, and the body stops there. Before, it went on to the app
+/// until the app answered or `--request-timeout` (30 s) passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_that_narrows_the_peer_ends_its_upload_in_flight() {
+    let policy = |paths: &str| {
+        format!(
+            "inbound:\n  - port: {{port0}}\n    protocol: http\n    allow:\n      - id: \
+             {CLIENT}\n        methods: [POST]\n        paths: [{paths}]\n"
+        )
+    };
+    let e = http_sidecar_for(
+        "127.0.0.97",
+        http_echo().await,
+        Limits::default(),
+        policy("/up, /other"),
+    )
+    .await;
+    let cfg = client_config(
+        &e.pki.roots(),
+        &e.pki.trust_domain,
+        Some(&e.pki.workload(CLIENT)),
+        &e.sidecar.id,
+        &[b"h2"],
+    );
+    let tls = mtls_connect(e.sidecar.inbound[0], cfg).await.unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    // Not a form (whose body is read whole before it is decided: see
+    // `a_policy_that_narrows_the_peer_while_its_form_is_read_refuses_the_request`).
+    let req = http::Request::post("https://app/up")
+        .header("content-type", "application/octet-stream")
+        .body(())
+        .unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(bytes::Bytes::from_static(b"part one"), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    apply_policy(&e.sidecar, &policy("/other")).await;
+    let resp = match tokio::time::timeout(Duration::from_secs(10), resp).await {
+        Ok(resp) => resp.unwrap(),
+        Err(_) => panic!(
+            "the upload the policy no longer allows went on:\n{}",
+            e.sidecar.metrics().await
+        ),
+    };
+    assert_eq!(resp.status(), 403);
+    let m = e.sidecar.metrics().await;
+    assert_eq!(
+        metric(&m, "meshid_sidecar_requests_revoked_total"),
+        1.0,
+        "{m}"
+    );
+    // A request the new policy allows is served on the same connection, body and all.
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post("https://app/other").body(()).unwrap();
+    let (resp, mut upload) = client.send_request(req, false).unwrap();
+    upload
+        .send_data(bytes::Bytes::from_static(b"whole"), true)
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
 /// An app that answers `ok` to every request (and closes), counting the request heads it got.
 async fn counting_app() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::Ordering::Relaxed;

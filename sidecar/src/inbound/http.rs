@@ -531,6 +531,7 @@ async fn inbound_request(
     let to_h2 = req.version() == Version::HTTP_2
         && (is_grpc(req.headers()) || req.headers().contains_key(&APP_H2_HINT_NAME));
     let head_wait = HeadWait::of(req.version(), req.headers(), shared.limits.request_timeout);
+    let bodiless = hyper::body::Body::is_end_stream(req.body());
     // Only we say who the peer is: not in its trailers either.
     req.body_mut().strip_peer_trailers();
     let headers = req.headers_mut();
@@ -619,21 +620,31 @@ async fn inbound_request(
         )
     };
     let answered = head_wait.run(sent, timed_out);
-    let answered = if let HeadWait::Timeout(_) = head_wait {
+    let grpc = !matches!(head_wait, HeadWait::Timeout(_));
+    let answered = if bodiless && !grpc {
         answered.await
     } else {
-        // A gRPC call waits for its head as long as its deadline says (a client stream still
-        // sending, say): a policy change that no longer allows it ends it meanwhile, as it ends
-        // a response in flight (`Revocable`).
+        // While its body streams to the app (an upload), or a gRPC call waits for its head as
+        // long as its deadline says (a client stream still sending, say), a policy change that no
+        // longer allows the request ends it, as it ends a response in flight (`Revocable`): the
+        // body stops there.
         let revoked = http
             .authz()
             .request_revoked(peer.verified.clone(), decided.clone());
         tokio::select! {
             answered = answered => answered,
-            () = revoked => Err(crate::http::grpc_reply(
-                crate::http::GRPC_PERMISSION_DENIED,
-                "the policy no longer allows this call",
-            )),
+            () = revoked => Err(if grpc {
+                crate::http::grpc_reply(
+                    crate::http::GRPC_PERMISSION_DENIED,
+                    "the policy no longer allows this call",
+                )
+            } else {
+                reply(
+                    StatusCode::FORBIDDEN,
+                    "the policy no longer allows this request; its body was not passed on whole"
+                        .into(),
+                )
+            }),
         }
     };
     let resp = match answered {
