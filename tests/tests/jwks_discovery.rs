@@ -373,6 +373,23 @@ async fn a_ca_that_cannot_fetch_at_start_serves_and_fetches_later() {
     );
 }
 
+/// A CA that fetches its keys from `server` and reviews the tokens it takes there
+/// (`--token-review`), each request given `request_timeout`.
+async fn token_review_ca(server: &FakeApiServer, request_timeout: Duration) -> TestCa {
+    TestCa::start(CaOptions {
+        jwks: Some(JwksSource::Remote(RemoteJwks {
+            token_file: server.token_file.clone(),
+            ca_file: server.ca_file.clone(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout,
+            ..RemoteJwks::new(server.jwks_url())
+        })),
+        token_review: true,
+        ..CaOptions::default()
+    })
+    .await
+}
+
 /// Calls that arrive together with one token ask the API server once (the others wait for that
 /// answer), and one identity's tokens hold at most two reviews in flight: a holder of a valid
 /// token cannot take every review slot from other workloads with a burst of calls.
@@ -380,18 +397,7 @@ async fn a_ca_that_cannot_fetch_at_start_serves_and_fetches_later() {
 async fn with_token_review_a_burst_of_calls_asks_once_per_token_and_twice_per_identity() {
     let cluster = FakeCluster::new();
     let server = FakeApiServer::start(Answer::Json(cluster.jwks())).await;
-    let ca = TestCa::start(CaOptions {
-        jwks: Some(JwksSource::Remote(RemoteJwks {
-            token_file: server.token_file.clone(),
-            ca_file: server.ca_file.clone(),
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(4),
-            ..RemoteJwks::new(server.jwks_url())
-        })),
-        token_review: true,
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = token_review_ca(&server, Duration::from_secs(4)).await;
     let token = |sa: &str, jti: &str| {
         let mut spec = cluster.spec("shop", sa, KeyKind::Rsa);
         spec.claims["jti"] = json!(jti);
@@ -462,18 +468,7 @@ async fn with_token_review_a_burst_of_calls_asks_once_per_token_and_twice_per_id
 async fn with_token_review_a_token_whose_pod_is_deleted_attests_no_more() {
     let cluster = FakeCluster::new();
     let server = FakeApiServer::start(Answer::Json(cluster.jwks())).await;
-    let ca = TestCa::start(CaOptions {
-        jwks: Some(JwksSource::Remote(RemoteJwks {
-            token_file: server.token_file.clone(),
-            ca_file: server.ca_file.clone(),
-            connect_timeout: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(3),
-            ..RemoteJwks::new(server.jwks_url())
-        })),
-        token_review: true,
-        ..CaOptions::default()
-    })
-    .await;
+    let ca = token_review_ca(&server, Duration::from_secs(3)).await;
     // Tokens of one service account told apart by their `jti`, as the kubelet's are.
     let token = |jti: &str| {
         let mut spec = cluster.spec("shop", "frontend", KeyKind::Rsa);

@@ -1517,12 +1517,9 @@ mod tests {
         assert_eq!(store.roots(), vec![other.root.clone()]);
     }
 
-    /// An older bundle on the stream (a lagging replica, a CA restarted from a stale copy) lifts
-    /// nothing: the roots in force stay and its revocations are added; a newer one is taken.
-    #[test]
-    fn a_streamed_bundle_older_than_the_one_in_force_lifts_nothing() {
-        let pki = TestPki::new("stream-lag");
-        let other = TestPki::new("stream-lag-retired");
+    /// A store holding a leaf of `pki` for `spiffe://cluster.local/ns/shop/sa/web`, as the CA
+    /// answered it with bundle `version` (0: none).
+    fn store_with_a_leaf(pki: &TestPki, version: u64) -> CredentialStore {
         let me = "spiffe://cluster.local/ns/shop/sa/web";
         let store = CredentialStore::new(Vec::new());
         let leaf = pki.leaf(me);
@@ -1530,10 +1527,20 @@ mod tests {
             cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
             trust_anchors: vec![pki.root.to_vec()],
             spiffe_id: me.into(),
-            bundle_version: 3,
+            bundle_version: version,
             ..Default::default()
         };
         install(&store, resp, leaf.key).unwrap();
+        store
+    }
+
+    /// An older bundle on the stream (a lagging replica, a CA restarted from a stale copy) lifts
+    /// nothing: the roots in force stay and its revocations are added; a newer one is taken.
+    #[test]
+    fn a_streamed_bundle_older_than_the_one_in_force_lifts_nothing() {
+        let pki = TestPki::new("stream-lag");
+        let other = TestPki::new("stream-lag-retired");
+        let store = store_with_a_leaf(&pki, 3);
         let r = Revoked::Id(
             meshid_identity::SpiffeId::parse("spiffe://cluster.local/ns/x/sa/r").unwrap(),
         );
@@ -1588,16 +1595,7 @@ mod tests {
     fn a_reported_bundle_older_than_the_one_applied_lifts_nothing() {
         use meshid_proto::ca::v1::Revocation;
         let pki = TestPki::new("report-lag");
-        let me = "spiffe://cluster.local/ns/shop/sa/web";
-        let store = CredentialStore::new(Vec::new());
-        let leaf = pki.leaf(me);
-        let resp = IssueResponse {
-            cert_chain: leaf.chain.iter().map(|c| c.to_vec()).collect(),
-            trust_anchors: vec![pki.root.to_vec()],
-            spiffe_id: me.into(),
-            ..Default::default()
-        };
-        install(&store, resp, leaf.key).unwrap();
+        let store = store_with_a_leaf(&pki, 0);
         let metrics = Metrics::default();
         let revocation = |id: &str| Revocation {
             spiffe_id: id.into(),
