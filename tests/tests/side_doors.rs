@@ -2603,6 +2603,65 @@ async fn a_policy_that_narrows_the_peer_ends_a_grpc_call_waiting_for_its_answer(
     );
 }
 
+/// A peer the policy has no rule for on an HTTP port is answered 403 request by request, and its
+/// connections stay displaceable: it cannot hold every place of the listener (a request every few
+/// minutes on each keeps them open) and turn away the callers the policy allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_rule_cannot_hold_an_http_listeners_places() {
+    const MAX: usize = 4;
+    let limits = Limits {
+        max_connections: MAX,
+        ..Limits::default()
+    };
+    let e = http_sidecar("127.0.0.98", limits, http_policy(&[CLIENT])).await;
+    let other = e.pki.workload(OTHER);
+    let mut held = Vec::new();
+    for _ in 0..MAX {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &other).await.unwrap();
+        tls.write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+        held.push(tls);
+    }
+    // Every place is taken by the peer without a rule: the allowed caller still gets in.
+    let tls = connect_as(&e.pki, &e.sidecar, &e.pki.workload(CLIENT))
+        .await
+        .expect("the allowed caller was refused at the limit");
+    let resp = raw_request(tls, "GET /api/x HTTP/1.1\r\nHost: app\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // While allowed callers hold every place, a peer without a rule is refused.
+    let client = e.pki.workload(CLIENT);
+    let mut allowed = Vec::new();
+    for _ in 0..MAX {
+        let mut tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+        tls.write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_head(&mut tls).await.starts_with("HTTP/1.1 200"));
+        allowed.push(tls);
+    }
+    let refused = match connect_as(&e.pki, &e.sidecar, &other).await {
+        Err(_) => true,
+        Ok(mut tls) => {
+            let _ = tls
+                .write_all(b"GET /api/x HTTP/1.1\r\nHost: app\r\n\r\n")
+                .await;
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), tls.read(&mut b)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        }
+    };
+    assert!(
+        refused,
+        "a peer without a rule took an allowed caller's place"
+    );
+    drop(held);
+}
+
 /// An upload in flight (its body still streaming to the app, no answer yet) is ended by a policy
 /// change that no longer allows it: 403, and the body stops there. Before, it went on to the app
 /// until the app answered or `--request-timeout` (30 s) passed.

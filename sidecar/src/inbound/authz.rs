@@ -233,6 +233,17 @@ impl Authorizer {
         }
     }
 
+    /// Whether the policy in force has a rule for `id` on this port (in audit mode: whether it
+    /// lets it in, as it lets everyone), decided silently: a connection of a peer without one may
+    /// only be refused, request after request, and is not worth holding against newcomers.
+    pub fn has_a_rule_for(&self, id: &SpiffeId) -> bool {
+        self.shared
+            .policy
+            .load()
+            .as_deref()
+            .is_some_and(|p| p.decide_connection(self.port, id).allowed)
+    }
+
     /// Whether the policy in force is in audit mode: its denials are only recorded.
     pub fn audits(&self) -> bool {
         self.shared

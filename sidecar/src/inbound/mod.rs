@@ -279,8 +279,13 @@ async fn handle(tcp: Displaceable<TcpStream>, addr: SocketAddr, l: &Listener, sl
         }
     };
     slot.hold_peer(share);
-    // An authenticated peer of the trust domain: never displaced from now on.
-    slot.proven();
+    // An authenticated peer the policy has a rule for on this port: never displaced from now on.
+    // One without (on an HTTP port it is answered 403 request by request; a TCP port closes it
+    // below) stays displaceable: any workload of the trust domain could otherwise hold the
+    // listener's every place, a request every few minutes on each, and turn its callers away.
+    if authz.has_a_rule_for(&verified.id) {
+        slot.proven();
+    }
     let peer = Peer::new(verified, addr, (chain, presented), trust_key);
     tracing::debug!(peer = %peer.id(), "peer authenticated");
     let metrics = ConnMetrics::new(
