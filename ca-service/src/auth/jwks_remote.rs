@@ -108,8 +108,12 @@ impl Target {
         })
     }
 
+    /// Whether the URL is an OpenID discovery document: its path (the query aside) ends in
+    /// `/.well-known/openid-configuration`, at the root or under an issuer's own path (EKS-style
+    /// issuers have one), as the README and the chart say.
     fn is_discovery(&self) -> bool {
-        self.path == DISCOVERY_PATH
+        let path = self.path.split('?').next().unwrap_or_default();
+        path.ends_with(DISCOVERY_PATH)
     }
 }
 
@@ -330,6 +334,22 @@ mod tests {
             ("::1", 6443, "[::1]:6443")
         );
         assert!(t.is_discovery());
+        for discovery in [
+            "https://host/id/ABC123/.well-known/openid-configuration",
+            "https://host/.well-known/openid-configuration?x=1",
+        ] {
+            assert!(
+                Target::parse(discovery).unwrap().is_discovery(),
+                "{discovery}"
+            );
+        }
+        for jwks in [
+            "https://host/openid/v1/jwks",
+            "https://host/.well-known/openid-configuration/keys",
+            "https://host/jwks?next=/.well-known/openid-configuration",
+        ] {
+            assert!(!Target::parse(jwks).unwrap().is_discovery(), "{jwks}");
+        }
         for bad in [
             "http://kubernetes.default.svc/openid/v1/jwks",
             "kubernetes.default.svc",
