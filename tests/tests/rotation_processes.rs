@@ -619,3 +619,104 @@ async fn a_ca_starts_beside_an_unreadable_unlisted_root_and_prepare_replaces_it(
     );
     drop(proc);
 }
+
+/// Writes `text` to `path` as one rename, as an operator's tool would.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A CA process numbers changes of `bundle.pem` made by hand itself, above the directory's version;
+/// restarted, it serves the directory's lower version again, and `rotate prepare` numbers the new
+/// root below the version its sidecars hold. Such a sidecar keeps its roots (an older version must
+/// not roll trust back), so it must not acknowledge the prepared version: the activate gate reads
+/// an acknowledgement as trust in the new root, and would sign with it while this sidecar refuses
+/// its certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_does_not_acknowledge_an_older_bundle_whose_roots_it_did_not_take() {
+    const LONG_TTL: &str = "60s";
+    let work = tempfile::tempdir().unwrap();
+    let dir: PathBuf = work.path().join("ca");
+    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}");
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let (grpc, admin) = (free_addr("127.0.0.28"), free_addr("127.0.0.28"));
+    let mut ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONG_TTL);
+    let ca_bundle = work.path().join("ca-bundle.pem");
+    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
+    let token = work.path().join("backend.token");
+    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
+    let sidecar_admin = free_addr("127.0.0.29");
+    let _sidecar = Proc::spawn(
+        "meshid-sidecar",
+        ca_mode_sidecar(grpc, &ca_bundle, "--token-file", &token, sidecar_admin)
+            .args(["--ttl", LONG_TTL])
+            .arg("--outbound")
+            .arg(format!(
+                "{}={},{B},http",
+                free_addr("127.0.0.1"),
+                sidecar_admin
+            )),
+    );
+    let acked = |version: u64| {
+        poll(Duration::from_secs(15), || {
+            status(&dir, &[admin])
+                .sidecars
+                .iter()
+                .any(|s| s.identity == B && s.connected && s.acked_version == version)
+        })
+    };
+    assert!(acked(1), "v1 acknowledged: {:?}", status(&dir, &[admin]));
+
+    // Two changes by hand: this process serves them as v2 and v3; the directory stays at v1.
+    let bundle = dir.join("bundle.pem");
+    let original = std::fs::read_to_string(&bundle).unwrap();
+    let foreign = meshid_tests::pki::ForeignCa::new();
+    replace_file(
+        &bundle,
+        &format!("{original}{}", meshid_tests::pki::pem(&foreign.root_der)),
+    );
+    assert!(acked(2), "v2 acknowledged: {:?}", status(&dir, &[admin]));
+    replace_file(&bundle, &original);
+    assert!(acked(3), "v3 acknowledged: {:?}", status(&dir, &[admin]));
+
+    // Restarted, the CA serves the directory's v1: the roots the sidecar holds, so acknowledged.
+    ca.proc.signal("KILL");
+    assert!(
+        ca.proc.wait_timeout(Duration::from_secs(5)).is_some(),
+        "the CA died"
+    );
+    ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONG_TTL);
+    assert!(
+        acked(1),
+        "v1 of the restarted CA acknowledged: {:?}",
+        status(&dir, &[admin])
+    );
+
+    // The new root comes as v2, below the sidecar's v3: its roots are not taken, and v2 must not
+    // be acknowledged.
+    let (code, out) = meshid_ca(&["rotate", "prepare", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "prepare: {out}");
+    let older_counted = poll(Duration::from_secs(15), || {
+        meshid_tests::process::http_get(sidecar_admin, "/metrics").is_ok_and(|(_, m)| {
+            m.contains("meshid_sidecar_bundle_updates_total{result=\"older\"} 1")
+        })
+    });
+    assert!(older_counted, "the sidecar saw the older v2");
+    // Time for an acknowledgement to arrive, had one been sent with the count.
+    std::thread::sleep(Duration::from_secs(2));
+    let r = status(&dir, &[admin]);
+    let s = r
+        .sidecars
+        .iter()
+        .find(|s| s.identity == B && s.connected)
+        .unwrap_or_else(|| panic!("the sidecar is connected: {r:?}"));
+    assert_eq!(
+        s.acked_version, 1,
+        "the sidecar acknowledged a version whose roots it did not take: {r:?}"
+    );
+    drop(ca);
+}

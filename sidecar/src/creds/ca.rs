@@ -392,6 +392,23 @@ impl UnackedBundle {
     }
 }
 
+/// Counts and logs a bundle older than the one in force that is not acknowledged
+/// (`bundle_updates_total{result="older"}`).
+fn not_acknowledged_older(metrics: &Metrics, version: u64, in_force: u64) {
+    metrics
+        .bundle_updates
+        .get_or_create(&ResultLabels { result: "older" })
+        .inc();
+    tracing::warn!(
+        offered = version,
+        in_force,
+        "trust bundle older than the one in force: only its revocations are taken, and it is not \
+         acknowledged (a rotation would count this sidecar as trusting roots it does not hold). \
+         A CA process restarted after numbering bundle changes of its own serves lower versions: \
+         restart this sidecar to take the CA's bundle as it is now"
+    );
+}
+
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -1147,7 +1164,15 @@ pub async fn run_bundle_watch(
                     rejected("trust bundle without roots rejected; keeping the current one");
                     continue;
                 }
+                // A version older than the one in force (a replica behind the CA directory, or a
+                // CA process restarted after numbering changes of its own above the directory's):
+                // only its revocations are taken (`set_bundle_at`), and it is acknowledged only
+                // if it carries the trust in force: a rotation's gates read an acknowledgement
+                // as "trusts this version's roots".
+                let older = bundle.version != 0 && store.bundle_version() > bundle.version;
                 let jwt_keys_taken = match jwt_keys(std::mem::take(&mut bundle.jwt_keys)) {
+                    // Not taken from an older version: the same keys, or not acknowledged.
+                    Ok(keys) if older => life.jwt_keys.borrow().as_deref() == Some(&keys),
                     Ok(keys) => {
                         life.jwt_keys.send_if_modified(|held| {
                             let changed = held.as_deref() != Some(&keys);
@@ -1200,6 +1225,8 @@ pub async fn run_bundle_watch(
                         .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
                     if jwt_keys_taken {
                         unacked = conn.ack_or_retry(&life, bundle.version, None).await;
+                    } else if older {
+                        not_acknowledged_older(&metrics, bundle.version, store.bundle_version());
                     }
                     continue;
                 }
@@ -1208,6 +1235,10 @@ pub async fn run_bundle_watch(
                     Ok(snapshot) => {
                         warn_in_force(&newly_revoked);
                         metrics.record_snapshot(&snapshot);
+                        if older {
+                            not_acknowledged_older(&metrics, bundle.version, store.bundle_version());
+                            continue;
+                        }
                         tracing::info!(version = bundle.version, anchors = snapshot.anchors.len(), "trust bundle updated");
                         life.applied_version
                             .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);

@@ -317,6 +317,12 @@ impl CredentialStore {
         held.as_ref().map(|h| h.roots.clone()).unwrap_or_default()
     }
 
+    /// The CA's bundle version the roots and pins in force are from (0: none yet, or files).
+    pub fn bundle_version(&self) -> u64 {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().map_or(0, |h| h.bundle_version)
+    }
+
     /// The pinned intermediates as last accepted with the bundle.
     pub fn pinned(&self) -> Vec<CertificateDer<'static>> {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
