@@ -219,14 +219,28 @@ impl Form {
         let value = value.trim();
         // ASCII lower case: every byte stays where it was, so offsets in it are offsets in `value`.
         let lower = value.to_ascii_lowercase();
+        // ASP.NET Core skips white space on both sides of the `/` (`application /json`): cut at
+        // the first space, the type would be `application`, and the body read by no one here.
+        let region = &lower[..lower.find([';', ',']).unwrap_or(lower.len())];
+        if let Some(slash) = region.find('/')
+            && (region[..slash].ends_with([' ', '\t'])
+                || region[slash + 1..].starts_with([' ', '\t']))
+        {
+            return Some(Err(
+                "a Content-Type with white space beside its `/` (ASP.NET Core reads the type \
+                 without it)"
+                    .to_owned(),
+            ));
+        }
         let end = lower.find([';', ',', ' ', '\t']).unwrap_or(lower.len());
         let media = &lower[..end];
         let urlencoded = media.is_empty() || media == "application/x-www-form-urlencoded";
         // Laravel's `isJson()`: the whole value, parameters too, in any case here.
         let json = lower.contains("/json") || lower.contains("+json");
         if !urlencoded && !media.starts_with("multipart/") {
-            // `json_decode` reads UTF-8 only: no charset makes a JSON body another one to it.
-            return json.then_some(Ok(Self::Json));
+            // Express's JSON parser decodes the body by any `utf-*` charset (UTF-16, UTF-7): its
+            // `{"_method":"DELETE"}` is not the bytes the sidecar looks for.
+            return json.then(|| check_charset(&lower).map(|()| Self::Json));
         }
         if let Err(refused) = check_charset(&lower) {
             return Some(Err(refused));
@@ -487,6 +501,8 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>
 fn head_names_method(head: &[u8]) -> Result<bool, String> {
     let lower = head.to_ascii_lowercase();
     let mut named = false;
+    let encoded_words: Vec<usize> = memchr::memmem::find_iter(head, b"=?").collect();
+    let line_ends: Vec<usize> = memchr::memchr2_iter(b'\r', b'\n', head).collect();
     // Every later label's parameters are within the first one's.
     if let Some(from) = after_label(&lower, b"content-disposition").next() {
         for at in memchr::memmem::find_iter(&lower[from..], b"name").map(|at| from + at) {
@@ -509,6 +525,40 @@ fn head_names_method(head: &[u8]) -> Result<bool, String> {
             let Some(value) = after_equals(&head[i..]) else {
                 continue;
             };
+            // Where the value starts in `head` (it is a suffix of it), and its line ends: looked
+            // up in offsets found once, so that a head of many names on one line stays linear.
+            let at = head.len() - value.len();
+            let line_end = line_ends
+                .get(line_ends.partition_point(|&e| e < at))
+                .copied()
+                .unwrap_or(head.len());
+            if encoded_words
+                .get(encoded_words.partition_point(|&w| w < at))
+                .is_some_and(|&w| w < line_end)
+            {
+                return Err(
+                    "a multipart part named with an RFC 2047 encoded word (`=?charset?B?...?=`), \
+                     which Tomcat's FileUpload decodes"
+                        .to_owned(),
+                );
+            }
+            if encoded {
+                // The charset: up to the first `'`, among the first bytes (no charset's name is
+                // longer; with no `'` there, nothing decodes the value as RFC 2231).
+                let value = value.strip_prefix(b"\"").unwrap_or(value);
+                let value = &value[..value.len().min(MAX_CHARSET_NAME)];
+                let charset = &value[..memchr::memchr(b'\'', value).unwrap_or(0)];
+                let charset = String::from_utf8_lossy(charset).to_ascii_lowercase();
+                if !charset.is_empty()
+                    && !FORM_CHARSETS.contains(&charset.as_str())
+                    && !single_byte_ascii(&charset)
+                {
+                    return Err(format!(
+                        "a multipart part named in the charset {charset:?} (Tomcat decodes an \
+                         RFC 2231 name by its charset)"
+                    ));
+                }
+            }
             named |= if encoded {
                 // A token or a quoted string (Go), then charset'language'percent-encoded.
                 let token = &mut value.iter().copied().take_while(|b| !ends_token(*b));
@@ -535,6 +585,9 @@ fn head_names_method(head: &[u8]) -> Result<bool, String> {
     }
     Ok(named)
 }
+
+/// The longest charset name read in an RFC 2231 value (IANA's longest is 45 characters).
+const MAX_CHARSET_NAME: usize = 64;
 
 /// Offsets in `lower` just past every `label` (lower case) that is followed by a colon (white
 /// space before it allowed).
@@ -781,7 +834,7 @@ mod tests {
         // JSON, as Laravel's `isJson()` finds it: `/json` or `+json` anywhere in the value.
         for json in [
             "application/json",
-            "Application/JSON; charset=utf-16",
+            "Application/JSON; charset=UTF-8",
             "application/vnd.api+json",
             "text/plain; x=/json",
         ] {
@@ -995,12 +1048,25 @@ mod tests {
             &[(ct, "application/x-www-form-urlencoded; charset=cp01252")],
             &[(ct, "application/x-www-form-urlencoded; charset=latin01")],
             &[(ct, "application/x-www-form-urlencoded; charset=iso-8859-12")],
+            // Express decodes JSON by any `utf-*` charset.
+            &[(ct, "application/json; charset=utf-16le")],
+            &[(ct, "application/json; charset=utf-7")],
+            &[(ct, "text/plain; charset=utf-32; x=/json")],
+            // ASP.NET Core skips white space beside the `/`.
+            &[(ct, "application /x-www-form-urlencoded")],
+            &[(ct, "multipart/\tform-data; boundary=B")],
+            &[(ct, "application/ json")],
         ] {
             assert!(matches!(of(pairs), Some(Err(_))), "{pairs:?}");
         }
         // A part head frameworks read each their own way is refused; `B` is the boundary.
         let form = Form::Multipart("B".into());
-        let refused: [&[u8]; 8] = [
+        let refused: [&[u8]; 11] = [
+            // An RFC 2047 encoded word (`_method` in Base64), which Tomcat's FileUpload decodes.
+            b"--B\r\nContent-Disposition: form-data; name=\"=?UTF-8?B?X21ldGhvZA==?=\"\r\n\r\nDELETE\r\n--B--",
+            b"--B\r\nContent-Disposition: form-data; name==?utf-8?q?=5Fmethod?=\r\n\r\nDELETE\r\n--B--",
+            // An RFC 2231 name in UTF-16LE, which Tomcat decodes by its charset.
+            b"--B\r\nContent-Disposition: form-data; name*=UTF-16LE''%5F%00m%00e%00t%00h%00o%00d%00\r\n\r\nDELETE\r\n--B--",
             // Folded: PHP and Commons FileUpload append the line to the header before it.
             b"--B\r\nContent-Disposition: form-data\r\n ; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
             b"--B\r\nContent-Disposition: form-data\r\n\t; name=\"_method\"\r\n\r\nDELETE\r\n--B--",
