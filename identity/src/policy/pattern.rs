@@ -291,11 +291,14 @@ const LOOK_ALIKES: &[char] = &[
     '\u{FF3C}', '\u{FE68}', '\u{2216}', '\u{29F5}', '\u{29F9}',
     // "a/c", "a/s", "c/o", "c/u"
     '\u{2100}', '\u{2101}', '\u{2105}', '\u{2106}',
+    // '\\' in the Japanese and Korean code pages (cp932's yen sign, cp949's won sign), and so to
+    // Windows' best-fit conversion into them
+    '\u{00A5}', '\u{20A9}',
 ];
 
 /// Whether the path, raw or percent-decoded (its escapes already checked by [`safe_escapes`]),
-/// holds one of the [`LOOK_ALIKES`]. Every one is three bytes of UTF-8, so an ASCII path with no
-/// escape of a byte from 0x80 on is passed over without decoding.
+/// holds one of the [`LOOK_ALIKES`]. None is ASCII, so an ASCII path with no escape of a byte
+/// from 0x80 on is passed over without decoding.
 fn has_look_alike(bytes: &[u8]) -> bool {
     let high_escape = |s: &[u8]| matches!(escaped(s), Some(0x80..=0xff));
     if bytes.is_ascii() && !bytes.windows(3).any(high_escape) {
@@ -585,7 +588,7 @@ mod tests {
             "/%e2%80%a4%e2%80%a4", "/x%e2%80%a6", "/%ef%b9%92", "/%ef%b9%a8", "/a%e2%88%95b",
             "/a%e2%81%84b", "/a%e2%88%96b", "/%e2%84%80", "/%e2%84%85", "/a\u{ff0e}\u{ff0e}/b",
             "/a\u{2215}b", "/caf%c3%a9/%ef%bc%8f", "/public/%ef%b8%b0/admin", "/a/\u{fe30}/b",
-            "/a/%EF%B8%99/b",
+            "/a/%EF%B8%99/b", "/public/..%C2%A5admin", "/a/..\u{a5}b", "/a/..%e2%82%a9b",
             // `%3b` is a ';' to a proxy that decodes before it forwards: `..%3b` is `..;`.
             "/public/..%3b/admin", "/a/..%3Bx/b", "/a/.%3b/b",
         ];
