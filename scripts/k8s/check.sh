@@ -79,6 +79,24 @@ done
 grep -q 'path: /inject-namespace' "$OUT/render/defaults/all.yaml" || fail "webhook entries missing"
 ! grep -q 'kind: MutatingWebhookConfiguration' "$OUT/render/minimal-off/all.yaml" || fail "injector.enabled=false still renders the webhook"
 
+echo "== install notes: the webhook port warning"
+notes() { # helm args...: the NOTES an install prints
+  "$HELM" install meshid "$CHART" --dry-run=client --namespace meshid "${REQUIRED[@]}" "$@" >"$OUT/install.txt"
+  sed -n '/^NOTES:/,$p' "$OUT/install.txt" >"$OUT/notes.txt"
+  grep -q "is installed in namespace meshid" "$OUT/notes.txt" || { cat "$OUT/install.txt"; fail "NOTES not rendered ($*)"; }
+}
+WARNING="any pod can reach the injector's webhook port"
+notes
+grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: no webhook port warning with the defaults"
+notes --set-json 'injector.networkPolicy.webhookFrom=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]'
+! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning with webhookFrom narrowed"
+notes --set networkPolicy.enabled=false --set-json 'injector.networkPolicy.webhookFrom=[{"ipBlock":{"cidr":"10.0.0.0/24"}}]'
+grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: no webhook port warning without network policies"
+notes --set injector.failurePolicy=Ignore
+! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning with failurePolicy Ignore"
+notes --set injector.enabled=false
+echo "NOTES warn about an open webhook port only with failurePolicy Fail and no webhookFrom"
+
 echo "== required values and schema"
 expect_fail() { # description, expected message, helm args...
   local what="$1" needle="$2"; shift 2
