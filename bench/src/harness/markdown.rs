@@ -814,6 +814,18 @@ allocations. This VM exposes no hardware counters, so these are cpu-clock sample
   assembly) and an RSS of 6.5-6.6 MiB, against 3.2-3.3 MiB and 7.1-7.3 MiB with the orders of
   7a74fdf. Still over the 6 MiB target: the rest is 1.2 MiB of the binary's read-only data, 1.5
   MiB of libc, libm and the loader, and 0.8 MiB anonymous.
+- **Session 50, and this run** (f570c4f, dist, packed relative relocations on, the PGO profile
+  of 75f3522 and the symbol orders of 12ab221: session 49's code). Pair throughput 46.0k req/s
+  against nginx's 31.0k, 1.55x (median of the rounds' ratios; 1.46x-1.56x), met; sidecars 9.7 /
+  7.8 us per request at saturation; proxies/app 0.68x (target 0.5x, not met). At 1,000 req/s
+  proxy CPU 86 us per request against nginx's 102 (0.82x; 0.78x-0.91x over the rounds; target
+  0.8x, not met), p50 / p90 0.93x / 0.88x, where the direct path alone is 0.69x / 0.70x of
+  nginx's pair (meshid added 43 us at p50 to nginx's 57). Idle RSS 4.52 MiB with certificate
+  files and 5.81 MiB in CA mode (7.71 MiB in session 48's run): both under the 6 MiB target,
+  from session 49's packed relocations, libm gone and the orders recorded again. 11.1 KiB per
+  idle mTLS connection. Fleet: 41.6 KiB of CA memory per connected sidecar at 19,000, the push
+  to every acknowledgement 3.0 s; 50,000 still needs a hard RLIMIT_NOFILE above this host's
+  20,000.
 - **Profile-guided optimisation** (`scripts/dist-build.sh`, which the Dockerfiles and
   `bench/run.sh` build with): rustc builds the shipped binaries with `sidecar/pgo.profdata.gz`,
   the branch and call counts of an instrumented sidecar pair under the benchmark's kinds of traffic
