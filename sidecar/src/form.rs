@@ -501,8 +501,6 @@ fn multipart_method_overrides(body: &[u8], boundary: &str) -> Result<Vec<String>
 fn head_names_method(head: &[u8]) -> Result<bool, String> {
     let lower = head.to_ascii_lowercase();
     let mut named = false;
-    let encoded_words: Vec<usize> = memchr::memmem::find_iter(head, b"=?").collect();
-    let line_ends: Vec<usize> = memchr::memchr2_iter(b'\r', b'\n', head).collect();
     // Every later label's parameters are within the first one's.
     if let Some(from) = after_label(&lower, b"content-disposition").next() {
         for at in memchr::memmem::find_iter(&lower[from..], b"name").map(|at| from + at) {
@@ -525,16 +523,14 @@ fn head_names_method(head: &[u8]) -> Result<bool, String> {
             let Some(value) = after_equals(&head[i..]) else {
                 continue;
             };
-            // Where the value starts in `head` (it is a suffix of it), and its line ends: looked
-            // up in offsets found once, so that a head of many names on one line stays linear.
-            let at = head.len() - value.len();
-            let line_end = line_ends
-                .get(line_ends.partition_point(|&e| e < at))
-                .copied()
-                .unwrap_or(head.len());
-            if encoded_words
-                .get(encoded_words.partition_point(|&w| w < at))
-                .is_some_and(|&w| w < line_end)
+            // An RFC 2047 encoded word: Tomcat's FileUpload decodes a value that starts with `=?`
+            // (white space before it is kept, and words after others stay apart), so only such a
+            // value can turn into `_method`. A `filename` after it may hold one (.NET's
+            // `MultipartFormDataContent` encodes non-ASCII file names so).
+            if value
+                .strip_prefix(b"\"")
+                .unwrap_or(value)
+                .starts_with(b"=?")
             {
                 return Err(
                     "a multipart part named with an RFC 2047 encoded word (`=?charset?B?...?=`), \
@@ -1116,9 +1112,11 @@ mod tests {
                 "{text:?}"
             );
         }
-        // Other parameters and headers name no `_method` part.
+        // Other parameters and headers name no `_method` part; an encoded word in another
+        // parameter (.NET's non-ASCII file names) is no name.
         for head in [
-            &b"Content-Disposition: form-data; filename=\"_method\""[..],
+            &b"Content-Disposition: form-data; name=\"files\"; filename=\"=?utf-8?B?w6kucG5n?=\""[..],
+            b"Content-Disposition: form-data; filename=\"_method\"",
             b"Content-Disposition: form-data; x-name=\"_method\"; name=\"a\"",
             b"Content-Disposition: form-data; name=\"payment_method\"",
             b"Content-Type: _method\r\nX-ID: _method",
