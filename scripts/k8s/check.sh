@@ -95,6 +95,7 @@ grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: no webhook port warning with
 notes --set injector.failurePolicy=Ignore
 ! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning with failurePolicy Ignore"
 notes --set injector.enabled=false
+! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning without an injector"
 echo "NOTES warn about an open webhook port only with failurePolicy Fail and no webhookFrom"
 
 echo "== required values and schema"
