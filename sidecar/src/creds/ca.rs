@@ -1171,8 +1171,12 @@ pub async fn run_bundle_watch(
                 // as "trusts this version's roots".
                 let older = bundle.version != 0 && store.bundle_version() > bundle.version;
                 let jwt_keys_taken = match jwt_keys(std::mem::take(&mut bundle.jwt_keys)) {
-                    // Not taken from an older version: the same keys, or not acknowledged.
-                    Ok(keys) if older => life.jwt_keys.borrow().as_deref() == Some(&keys),
+                    // Not taken from an older version (the same keys, or not acknowledged),
+                    // unless none are held yet (the first bundle after a certificate from a
+                    // replica ahead of this one).
+                    Ok(keys) if older && life.jwt_keys.borrow().is_some() => {
+                        life.jwt_keys.borrow().as_deref() == Some(&keys)
+                    }
                     Ok(keys) => {
                         life.jwt_keys.send_if_modified(|held| {
                             let changed = held.as_deref() != Some(&keys);
@@ -1217,10 +1221,8 @@ pub async fn run_bundle_watch(
                         continue;
                     }
                 };
-                if roots == store.roots()
-                    && pinned == store.pinned()
-                    && *revoked == *store.revocations()
-                {
+                let same_roots = roots == store.roots() && pinned == store.pinned();
+                if same_roots && *revoked == *store.revocations() {
                     life.applied_version
                         .fetch_max(bundle.version, std::sync::atomic::Ordering::Relaxed);
                     if jwt_keys_taken {
@@ -1235,7 +1237,9 @@ pub async fn run_bundle_watch(
                     Ok(snapshot) => {
                         warn_in_force(&newly_revoked);
                         metrics.record_snapshot(&snapshot);
-                        if older {
+                        // Of an older version, only its revocations were taken: acknowledged
+                        // only if its roots, pins and JWT keys are those in force.
+                        if older && !(same_roots && jwt_keys_taken) {
                             not_acknowledged_older(&metrics, bundle.version, store.bundle_version());
                             continue;
                         }
