@@ -853,6 +853,7 @@ impl CaState {
             not_after: info.not_after,
             serial: normalized_serial(&info.serial_hex),
             file_mode: req.file_mode,
+            held_version: req.held_version,
         };
         let published = self.bundle.borrow().version;
         self.fleet.ack(&key, ack, published).map_err(fleet_status)
@@ -967,6 +968,7 @@ fn fleet_status(e: crate::rotation::fleet::FleetError) -> Status {
         FleetError::ModeChanged { .. }
         | FleetError::IdentityChanged { .. }
         | FleetError::FutureVersion { .. }
+        | FleetError::HeldTooFarAhead { .. }
         | FleetError::OlderCertificate { .. } => Status::invalid_argument(e.to_string()),
     }
 }
@@ -3487,6 +3489,7 @@ mod tests {
                 bundle_version: 3,
                 serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
                 file_mode: false,
+                held_version: 0,
             }
         }
         /// Reports the chain it presented.
@@ -3891,6 +3894,7 @@ mod tests {
             bundle_version: version,
             serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
             file_mode: false,
+            held_version: 0,
         };
         state.ack(&req, Some(&peer(&chain))).unwrap();
         assert_eq!(state.fleet.report(now()).0[0].acked_version, version);
@@ -3976,6 +3980,7 @@ mod tests {
             bundle_version: 1,
             serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
             file_mode: false,
+            held_version: 0,
         };
         let refused = state.ack(&req, Some(&peer(&chain))).unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
@@ -4000,6 +4005,7 @@ mod tests {
             bundle_version: version,
             serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
             file_mode: false,
+            held_version: 0,
         };
         // The stream opened took one call; the rest of the burst goes through, then it is refused
         // with a wait the sidecar's backoff honours.
@@ -4156,6 +4162,7 @@ mod tests {
                 bundle_version: state.bundle.borrow().version,
                 serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
                 file_mode: false,
+                held_version: 0,
             };
             let refused = state.ack(&req, Some(&peer(&chain))).unwrap_err();
             says(&refused);
@@ -4622,6 +4629,7 @@ mod tests {
             bundle_version: state.bundle.borrow().version,
             serving_chain: app.iter().map(|c| c.to_vec()).collect(),
             file_mode: false,
+            held_version: 0,
         };
         refused_as_app_svid("ack", &state.ack(&ack, Some(&peer(&app))).unwrap_err());
         // The sidecar's own certificate still renews.

@@ -133,6 +133,7 @@ async fn root_rotation_under_traffic_with_gates() {
             bundle_version: 1,
             serving_chain: resp.cert_chain.clone(),
             file_mode: false,
+            held_version: 0,
         })
         .await
         .unwrap();
@@ -144,6 +145,7 @@ async fn root_rotation_under_traffic_with_gates() {
                 bundle_version: 1,
                 serving_chain: vec![ca.roots[0].to_vec()],
                 file_mode: false,
+                held_version: 0,
             })
             .await
             .unwrap_err();
@@ -675,6 +677,7 @@ async fn a_kept_alive_connection_cannot_renew_after_its_root_was_retired() {
         bundle_version,
         serving_chain: serving_chain.clone(),
         file_mode: false,
+        held_version: 0,
     };
     let mut first_stream = channel
         .watch_trust_bundle(watch())

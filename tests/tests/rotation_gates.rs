@@ -84,6 +84,7 @@ impl Workload {
             bundle_version: version,
             serving_chain: self.chain.clone(),
             file_mode: false,
+            held_version: 0,
         }
     }
 }
@@ -140,6 +141,7 @@ async fn a_workload_with_a_valid_certificate_cannot_fool_the_gates() {
                 bundle_version: 2,
                 serving_chain: honest.chain.clone(),
                 file_mode: false,
+                held_version: 0,
             }),
             expected: Code::PermissionDenied,
         },
@@ -173,6 +175,7 @@ async fn a_workload_with_a_valid_certificate_cannot_fool_the_gates() {
                 bundle_version: 2,
                 serving_chain: honest.chain.clone(),
                 file_mode: false,
+                held_version: 0,
             }),
             expected: Code::PermissionDenied,
         },

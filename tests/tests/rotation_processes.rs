@@ -628,13 +628,23 @@ fn replace_file(path: &Path, text: &str) {
 }
 
 /// A CA process numbers changes of `bundle.pem` made by hand itself, above the directory's version;
-/// restarted, it serves the directory's lower version again, and `rotate prepare` numbers the new
-/// root below the version its sidecars hold. Such a sidecar keeps its roots (an older version must
-/// not roll trust back), so it must not acknowledge the prepared version: the activate gate reads
-/// an acknowledgement as trust in the new root, and would sign with it while this sidecar refuses
-/// its certificates.
+/// restarted, it serves the directory's lower version again. Its sidecars keep the higher version
+/// they took (an older version must not roll trust back): `rotate prepare` without `--admin`
+/// numbers the new root below it, and such a sidecar must not acknowledge that version (the
+/// activate gate reads an acknowledgement as trust in the new root, and would sign with it while
+/// this sidecar refuses its certificates). With `--admin`, the CA reports the version its sidecars
+/// hold (their acknowledgements say it), and the new root is numbered above it: taken at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_does_not_acknowledge_an_older_bundle_whose_roots_it_did_not_take() {
+    sidecar_ahead_of_a_restarted_ca(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_numbers_the_new_root_above_what_a_restarted_cas_sidecars_hold() {
+    sidecar_ahead_of_a_restarted_ca(true).await;
+}
+
+async fn sidecar_ahead_of_a_restarted_ca(prepare_with_admin: bool) {
     const LONG_TTL: &str = "60s";
     let work = tempfile::tempdir().unwrap();
     let dir: PathBuf = work.path().join("ca");
@@ -696,8 +706,24 @@ async fn a_sidecar_does_not_acknowledge_an_older_bundle_whose_roots_it_did_not_t
         status(&dir, &[admin])
     );
 
-    // The new root comes as v2, below the sidecar's v3: its roots are not taken, and v2 must not
-    // be acknowledged.
+    if prepare_with_admin {
+        // The restarted process serves v1, and reports its sidecar holding v3: the new root
+        // comes as v4, which the sidecar takes and acknowledges.
+        let (code, out) = rotate("prepare", &dir, &[admin], &[]);
+        assert_eq!(code, 0, "prepare: {out}");
+        let r = status(&dir, &[admin]);
+        let prepared = r
+            .authorities
+            .iter()
+            .find(|a| a.state == "prepared")
+            .unwrap_or_else(|| panic!("{r:?}"));
+        assert_eq!(prepared.in_bundle_since, 4, "{r:?}");
+        assert!(acked(4), "v4 acknowledged: {:?}", status(&dir, &[admin]));
+        drop(ca);
+        return;
+    }
+    // Without --admin the new root comes as v2, below the sidecar's v3: its roots are not taken,
+    // and v2 must not be acknowledged.
     let (code, out) = meshid_ca(&["rotate", "prepare", "--dir", &dir.to_string_lossy()]);
     assert_eq!(code, 0, "prepare: {out}");
     let older_counted = poll(Duration::from_secs(15), || {

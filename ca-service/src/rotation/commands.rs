@@ -109,13 +109,15 @@ pub async fn status(ca_dir: &Path, admins: &[SocketAddr]) -> Result<RotationRepo
     Ok(merged(&state, fetch_reports(ca_dir, admins).await?))
 }
 
-/// The highest bundle version the CA processes in `reports` serve (0: none reported). A process
-/// numbers a change of `bundle.pem` made by hand one past its own version, above the directory's.
+/// The highest bundle version the CA processes in `reports` serve, or their connected sidecars
+/// have applied (0: none reported). A process numbers a change of `bundle.pem` made by hand one
+/// past its own version, above the directory's, and forgets it when it restarts: its sidecars
+/// keep such a version, and their roots for every lower one.
 fn served_versions(reports: &[RotationReport]) -> u64 {
     reports
         .iter()
         .flat_map(|r| &r.processes)
-        .map(|p| p.bundle_version)
+        .map(|p| p.bundle_version.max(p.sidecars_hold_version))
         .max()
         .unwrap_or(0)
 }
@@ -613,6 +615,7 @@ mod tests {
                 not_after: i64::MAX,
                 serial: "01".into(),
                 file_mode: false,
+                held_version: 0,
             };
             self.fleet.ack("k", ack, self.bundle.version).unwrap();
         }
@@ -700,6 +703,27 @@ mod tests {
         );
         p.sidecar_acks();
         assert!(p.activate_blockers().is_empty());
+    }
+
+    #[test]
+    fn the_next_bundle_is_numbered_above_what_the_processes_sidecars_hold() {
+        let report = |bundle_version, sidecars_hold_version| RotationReport {
+            bundle_version: 1,
+            authorities: Vec::new(),
+            sidecars: Vec::new(),
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess {
+                bundle_version,
+                sidecars_hold_version,
+                ..CaProcess::default()
+            }],
+            turned_away_unlisted: Vec::new(),
+        };
+        assert_eq!(served_versions(&[report(2, 0)]), 2);
+        // A restarted process serves v2; a sidecar it serves took v4 from it before.
+        assert_eq!(served_versions(&[report(2, 4), report(3, 0)]), 4);
+        assert_eq!(served_versions(&[]), 0);
     }
 
     #[test]

@@ -73,7 +73,14 @@ pub struct Ack {
     /// The serial of the acknowledged certificate (lowercase hex).
     pub serial: String,
     pub file_mode: bool,
+    /// The highest bundle version the sidecar says it has applied (0: not said).
+    pub held_version: u64,
 }
+
+/// How far above the version a CA publishes an acknowledgement's `held_version` may be: a sidecar
+/// holds such a version after a CA process numbered hand edits of bundle.pem itself and restarted
+/// (a few); a claim beyond is a lie that would push the numbering of every later bundle up.
+pub const MAX_HELD_AHEAD: u64 = 1_000;
 
 /// Why a stream or an acknowledgement was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +109,11 @@ pub enum FleetError {
     #[error("bundle version {claimed} was never published (the current one is {published})")]
     FutureVersion { claimed: u64, published: u64 },
     #[error(
+        "held version {claimed} is more than {MAX_HELD_AHEAD} above the version this CA publishes \
+         ({published})"
+    )]
+    HeldTooFarAhead { claimed: u64, published: u64 },
+    #[error(
         "this instance (this key) reported a certificate that lives longer (serial {recorded}, \
          expiring at {recorded_not_after}); acknowledge with the latest certificate of the key"
     )]
@@ -121,6 +133,8 @@ struct Sidecar {
     file_mode: bool,
     streams: u32,
     acked_version: u64,
+    /// The highest bundle version it said it has applied ([`Ack::held_version`]).
+    held_version: u64,
     serving_authority: Option<String>,
     serving_not_after: i64,
     /// The serial of the certificate with that expiry.
@@ -492,9 +506,20 @@ impl Fleet {
 
     /// This process as its report describes it now.
     pub fn process_now(&self) -> CaProcess {
-        let (unlisted, until) = self.lock().unlisted;
+        let inner = self.lock();
+        let (unlisted, until) = inner.unlisted;
+        // Of the sidecars connected now: one that left may never come back.
+        let sidecars_hold_version = inner
+            .sidecars
+            .values()
+            .filter(|s| s.streams > 0)
+            .map(|s| s.held_version)
+            .max()
+            .unwrap_or(0);
+        drop(inner);
         CaProcess {
             records_issuance: self.log.as_ref().is_some_and(|l| l.writable()),
+            sidecars_hold_version,
             turned_away_unlisted: unlisted,
             turned_away_unlisted_until: until,
             ..self.process
@@ -649,6 +674,7 @@ impl Fleet {
                 file_mode: caller.file_mode,
                 streams: 1,
                 acked_version: 0,
+                held_version: 0,
                 serving_authority: None,
                 // Known from the connection's certificate before any acknowledgement: an
                 // instance stops counting for the gates once it has expired, acknowledged or not.
@@ -781,6 +807,12 @@ impl Fleet {
                 published,
             });
         }
+        if ack.held_version > published.saturating_add(MAX_HELD_AHEAD) {
+            return Err(FleetError::HeldTooFarAhead {
+                claimed: ack.held_version,
+                published,
+            });
+        }
         // Two certificates of one key: the instance is what its latest one says. An older one
         // (still valid, presented on another connection) would move the serial and expiry back:
         // the instance would count again after a revocation of the newer serial, or stop counting
@@ -794,6 +826,7 @@ impl Fleet {
         // A file-mode sidecar's version means nothing: its anchors come from files.
         if !s.file_mode {
             s.acked_version = s.acked_version.max(ack.version);
+            s.held_version = s.held_version.max(ack.held_version);
         }
         s.serving_authority = ack.authority;
         s.serving_not_after = ack.not_after;
@@ -1060,6 +1093,7 @@ mod tests {
             not_after: 500,
             serial: "0a".into(),
             file_mode: false,
+            held_version: 0,
         }
     }
 
@@ -1094,6 +1128,34 @@ mod tests {
         );
         let (s, _) = f.report(200);
         assert!(s.is_empty(), "an instance without a stream is forgotten");
+    }
+
+    #[test]
+    fn the_process_reports_the_highest_version_its_connected_sidecars_hold() {
+        let f = Fleet::default();
+        let a = caller("aaaaaaaaaaaaaaaaaaaa", "spiffe://td/a", false);
+        let b = caller("bbbbbbbbbbbbbbbbbbbb", "spiffe://td/b", false);
+        f.stream_opened(&a, 0).unwrap();
+        f.stream_opened(&b, 0).unwrap();
+        assert_eq!(f.process_now().sidecars_hold_version, 0);
+        // A sidecar that took v4 from this process before a restart, acknowledging v1.
+        let held = |identity: &str, version, held_version| Ack {
+            identity: identity.into(),
+            held_version,
+            ..ack(version)
+        };
+        f.ack(&a.key, held("spiffe://td/a", 1, 4), 1).unwrap();
+        f.ack(&b.key, held("spiffe://td/b", 1, 1), 1).unwrap();
+        assert_eq!(f.process_now().sidecars_hold_version, 4);
+        // A claim far above anything published is a lie that would push every later version up.
+        let err = f
+            .ack(&b.key, held("spiffe://td/b", 1, 1 + MAX_HELD_AHEAD + 1), 1)
+            .unwrap_err();
+        assert!(matches!(err, FleetError::HeldTooFarAhead { .. }), "{err}");
+        assert_eq!(f.process_now().sidecars_hold_version, 4);
+        // Only connected sidecars count.
+        f.stream_closed(&a.key);
+        assert_eq!(f.process_now().sidecars_hold_version, 1);
     }
 
     struct Case {

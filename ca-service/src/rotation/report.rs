@@ -146,4 +146,10 @@ pub struct CaProcess {
     /// earliest of these rather than with the clock of the machine that runs `rotate`.
     #[serde(default)]
     pub reported_unix: i64,
+    /// The highest bundle version a sidecar connected here says it has applied (0: none said, or
+    /// a CA before this field): versions another process numbered (a hand edit of bundle.pem, or
+    /// this process before a restart). Such a sidecar keeps its roots for every lower version, so
+    /// `rotate prepare` and `retire` number the next bundle above it too.
+    #[serde(default)]
+    pub sidecars_hold_version: u64,
 }

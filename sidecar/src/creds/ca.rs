@@ -134,6 +134,9 @@ async fn send_ack(
             bundle_version: version,
             serving_chain: chain.iter().map(|c| c.to_vec()).collect(),
             file_mode,
+            held_version: life
+                .applied_version
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
         .await
         .map_err(|s| IssueError::Response(s.message().to_owned()))?;
