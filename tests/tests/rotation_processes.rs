@@ -447,31 +447,15 @@ async fn a_ca_restarted_before_activate_holds_it_until_its_sidecars_could_have_r
     // tens of seconds before that on a loaded machine too, short enough not to wait the whole
     // reconnect window (60 s) after it.
     const LONGER_TTL: &str = "40s";
-    let work = tempfile::tempdir().unwrap();
-    let dir: PathBuf = work.path().join("ca");
-    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
-    assert_eq!(code, 0, "{out}");
-    let cluster = FakeCluster::new();
-    let jwks = work.path().join("jwks.json");
-    cluster.write_jwks(&jwks);
-    let (grpc, admin) = (free_addr("127.0.0.26"), free_addr("127.0.0.26"));
-    let mut ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONGER_TTL);
-    let ca_bundle = work.path().join("ca-bundle.pem");
-    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
-    let token = work.path().join("backend.token");
-    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
-    let sidecar_admin = free_addr("127.0.0.27");
-    let sidecar = Proc::spawn(
-        "meshid-sidecar",
-        ca_mode_sidecar(grpc, &ca_bundle, "--token-file", &token, sidecar_admin)
-            .args(["--ttl", LONGER_TTL])
-            .arg("--outbound")
-            .arg(format!(
-                "{}={},{B},http",
-                free_addr("127.0.0.1"),
-                sidecar_admin
-            )),
-    );
+    let OneSidecar {
+        work: _work,
+        dir,
+        jwks,
+        mut ca,
+        sidecar,
+        sidecar_admin: _,
+    } = one_ca_one_sidecar("127.0.0.26", "127.0.0.27", LONGER_TTL);
+    let (grpc, admin) = (ca.grpc, ca.admin);
     assert!(
         poll(Duration::from_secs(15), || {
             status(&dir, &[admin])
@@ -534,6 +518,53 @@ async fn a_ca_restarted_before_activate_holds_it_until_its_sidecars_could_have_r
         "{r:?}"
     );
     drop(ca);
+}
+
+/// A CA directory, one `meshid-ca serve` on it (on `ca_ip`, certificates living `ttl`), and one
+/// CA-mode sidecar of `B` (its admin port on `sidecar_ip`, an outbound listener).
+struct OneSidecar {
+    work: tempfile::TempDir,
+    dir: PathBuf,
+    jwks: PathBuf,
+    ca: Ca,
+    sidecar: Proc,
+    sidecar_admin: SocketAddr,
+}
+
+fn one_ca_one_sidecar(ca_ip: &str, sidecar_ip: &str, ttl: &str) -> OneSidecar {
+    let work = tempfile::tempdir().unwrap();
+    let dir: PathBuf = work.path().join("ca");
+    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
+    assert_eq!(code, 0, "{out}");
+    let cluster = FakeCluster::new();
+    let jwks = work.path().join("jwks.json");
+    cluster.write_jwks(&jwks);
+    let (grpc, admin) = (free_addr(ca_ip), free_addr(ca_ip));
+    let ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, ttl);
+    let ca_bundle = work.path().join("ca-bundle.pem");
+    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
+    let token = work.path().join("backend.token");
+    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
+    let sidecar_admin = free_addr(sidecar_ip);
+    let sidecar = Proc::spawn(
+        "meshid-sidecar",
+        ca_mode_sidecar(grpc, &ca_bundle, "--token-file", &token, sidecar_admin)
+            .args(["--ttl", ttl])
+            .arg("--outbound")
+            .arg(format!(
+                "{}={},{B},http",
+                free_addr("127.0.0.1"),
+                sidecar_admin
+            )),
+    );
+    OneSidecar {
+        work,
+        dir,
+        jwks,
+        ca,
+        sidecar,
+        sidecar_admin,
+    }
 }
 
 /// The CA's reconnect window counts on how fast a sidecar reopens a broken bundle stream.
@@ -646,31 +677,15 @@ async fn prepare_numbers_the_new_root_above_what_a_restarted_cas_sidecars_hold()
 
 async fn sidecar_ahead_of_a_restarted_ca(prepare_with_admin: bool) {
     const LONG_TTL: &str = "60s";
-    let work = tempfile::tempdir().unwrap();
-    let dir: PathBuf = work.path().join("ca");
-    let (code, out) = meshid_ca(&["init", "--dir", &dir.to_string_lossy()]);
-    assert_eq!(code, 0, "{out}");
-    let cluster = FakeCluster::new();
-    let jwks = work.path().join("jwks.json");
-    cluster.write_jwks(&jwks);
-    let (grpc, admin) = (free_addr("127.0.0.28"), free_addr("127.0.0.28"));
-    let mut ca = start_ca_issuing_for(&dir, &jwks, grpc, admin, LONG_TTL);
-    let ca_bundle = work.path().join("ca-bundle.pem");
-    std::fs::copy(dir.join("bundle.pem"), &ca_bundle).unwrap();
-    let token = work.path().join("backend.token");
-    std::fs::write(&token, cluster.token("shop", "backend")).unwrap();
-    let sidecar_admin = free_addr("127.0.0.29");
-    let _sidecar = Proc::spawn(
-        "meshid-sidecar",
-        ca_mode_sidecar(grpc, &ca_bundle, "--token-file", &token, sidecar_admin)
-            .args(["--ttl", LONG_TTL])
-            .arg("--outbound")
-            .arg(format!(
-                "{}={},{B},http",
-                free_addr("127.0.0.1"),
-                sidecar_admin
-            )),
-    );
+    let OneSidecar {
+        work: _work,
+        dir,
+        jwks,
+        mut ca,
+        sidecar: _sidecar,
+        sidecar_admin,
+    } = one_ca_one_sidecar("127.0.0.28", "127.0.0.29", LONG_TTL);
+    let (grpc, admin) = (ca.grpc, ca.admin);
     let acked = |version: u64| {
         poll(Duration::from_secs(15), || {
             status(&dir, &[admin])
