@@ -96,7 +96,7 @@ notes --set injector.failurePolicy=Ignore
 ! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning with failurePolicy Ignore"
 notes --set injector.enabled=false
 ! grep -q "$WARNING" "$OUT/notes.txt" || fail "NOTES: webhook port warning without an injector"
-echo "NOTES warn about an open webhook port only with failurePolicy Fail and no webhookFrom"
+echo "NOTES warn about the webhook port exactly when failurePolicy is Fail and any pod can reach it"
 
 echo "== required values and schema"
 expect_fail() { # description, expected message, helm args...
