@@ -449,6 +449,9 @@ fn rotate(command: RotateCommand) -> Result<(), Failure> {
                 for s in &report.sidecars {
                     let acked = if s.file_mode {
                         "file mode, trust unknown".to_owned()
+                    } else if s.held_version > s.acked_version {
+                        // Numbers the next bundle (`rotate prepare` / `retire` with --admin).
+                        format!("acked v{} holds v{}", s.acked_version, s.held_version)
                     } else {
                         format!("acked v{}", s.acked_version)
                     };

@@ -180,6 +180,7 @@ mod tests {
             identity: identity.into(),
             connected: true,
             acked_version,
+            held_version: 0,
             serving_authority: Some("1".into()),
             serving_not_after: 0,
             file_mode: false,

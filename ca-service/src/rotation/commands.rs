@@ -122,6 +122,47 @@ fn served_versions(reports: &[RotationReport]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sidecars whose reported held version decides [`served_versions`]: above every version a
+/// CA process serves. An honest one holds a version a restarted process numbered before; a lying
+/// one can push the number up by at most [`super::fleet::MAX_HELD_AHEAD`] per command. Logged in
+/// the audit log by the commands that number a bundle, so that the instance can be found.
+fn numbered_by_sidecars(reports: &[RotationReport], served: u64) -> Vec<String> {
+    let processes = reports
+        .iter()
+        .flat_map(|r| &r.processes)
+        .map(|p| p.bundle_version)
+        .max()
+        .unwrap_or(0);
+    if served <= processes {
+        return Vec::new();
+    }
+    let mut named: Vec<String> = reports
+        .iter()
+        .flat_map(|r| &r.sidecars)
+        .filter(|s| s.held_version == served)
+        .map(|s| format!("{} ({})", s.instance, s.identity))
+        .collect();
+    named.sort();
+    named.dedup();
+    named
+}
+
+/// Writes the audit line of [`numbered_by_sidecars`] for `command`.
+fn audit_numbering(command: &str, reports: &[RotationReport], served: u64) {
+    let sidecars = numbered_by_sidecars(reports, served);
+    if !sidecars.is_empty() {
+        tracing::warn!(
+            target: "meshid_ca::audit",
+            command,
+            held_version = served,
+            sidecars = %sidecars.join(", "),
+            "rotate: the new bundle is numbered above the version these connected sidecars \
+             report holding, higher than any CA process serves (a CA restarted after numbering a \
+             hand edit; or a sidecar lying, which can raise it by at most 1,000)"
+        );
+    }
+}
+
 /// The files of `ca_dir` named like an authority's (`a<n>-...`) whose prefix no authority of
 /// `state` has: what an interrupted `rotate prepare` left.
 fn unlisted_files(ca_dir: &Path, state: &RotationState) -> Result<Vec<String>, RotateError> {
@@ -247,7 +288,9 @@ pub async fn prepare_measured(
     admins: &[SocketAddr],
     import: Option<ImportedRoot>,
 ) -> Result<String, RotateError> {
-    let served = served_versions(&fetch_reports(ca_dir, admins).await?);
+    let reports = fetch_reports(ca_dir, admins).await?;
+    let served = served_versions(&reports);
+    audit_numbering("prepare", &reports, served);
     prepare_above(ca_dir, import, served)
 }
 
@@ -401,6 +444,7 @@ pub async fn retire(
     let mut state = RotationState::load(ca_dir)?;
     let reports = fetch_reports(ca_dir, admins).await?;
     let served = served_versions(&reports);
+    audit_numbering("retire", &reports, served);
     let report = merged(&state, reports);
     let mut blockers = retire_blockers(&state, &report, report_time(&report, unix_now()));
     // Marks the report could not count: the certificates they account for may be live.
@@ -724,6 +768,54 @@ mod tests {
         // A restarted process serves v2; a sidecar it serves took v4 from it before.
         assert_eq!(served_versions(&[report(2, 4), report(3, 0)]), 4);
         assert_eq!(served_versions(&[]), 0);
+    }
+
+    /// The instances whose held version numbered the bundle are named (for the audit log), and
+    /// none when a process's own version did.
+    #[test]
+    fn the_sidecars_that_numbered_the_next_bundle_are_named() {
+        let sidecar = |instance: &str, held_version| crate::rotation::report::SidecarReport {
+            instance: instance.into(),
+            key: String::new(),
+            identity: format!("spiffe://td/ns/a/sa/{instance}"),
+            connected: true,
+            acked_version: 2,
+            held_version,
+            serving_authority: None,
+            serving_not_after: 0,
+            file_mode: false,
+            serial: String::new(),
+            revoked: false,
+            turned_away: String::new(),
+            last_seen: 0,
+            lineage: String::new(),
+        };
+        let report = |bundle_version, sidecars| RotationReport {
+            bundle_version: 1,
+            authorities: Vec::new(),
+            sidecars,
+            next_step: String::new(),
+            unknown: Vec::new(),
+            processes: vec![CaProcess {
+                bundle_version,
+                sidecars_hold_version: 900,
+                ..CaProcess::default()
+            }],
+            turned_away_unlisted: Vec::new(),
+        };
+        let reports = [
+            report(2, vec![sidecar("liar", 900), sidecar("honest", 2)]),
+            report(3, vec![sidecar("liar", 900)]),
+        ];
+        let served = served_versions(&reports);
+        assert_eq!(served, 900);
+        assert_eq!(
+            numbered_by_sidecars(&reports, served),
+            vec!["liar (spiffe://td/ns/a/sa/liar)".to_owned()]
+        );
+        // A process serving the highest version: no sidecar decided it.
+        let reports = [report(900, vec![sidecar("a", 900)])];
+        assert!(numbered_by_sidecars(&reports, served_versions(&reports)).is_empty());
     }
 
     #[test]

@@ -158,6 +158,7 @@ fn report(
         identity: identity.to_owned(),
         connected: false,
         acked_version: 0,
+        held_version: 0,
         serving_authority: None,
         serving_not_after: not_after,
         file_mode,
@@ -174,6 +175,11 @@ impl Sidecar {
         SidecarReport {
             connected: self.streams > 0,
             acked_version: self.acked_version,
+            held_version: if self.streams > 0 {
+                self.held_version
+            } else {
+                0
+            },
             serving_authority: self.serving_authority.clone(),
             lineage: self.lineage.clone(),
             ..report(
@@ -1147,6 +1153,17 @@ mod tests {
         f.ack(&a.key, held("spiffe://td/a", 1, 4), 1).unwrap();
         f.ack(&b.key, held("spiffe://td/b", 1, 1), 1).unwrap();
         assert_eq!(f.process_now().sidecars_hold_version, 4);
+        // Each instance's claim is in the report, so the one that numbers the next bundle can be
+        // found.
+        let (sidecars, _) = f.report(0);
+        let held_by = |label: &str| {
+            sidecars
+                .iter()
+                .find(|s| s.identity == label)
+                .map(|s| s.held_version)
+        };
+        assert_eq!(held_by("spiffe://td/a"), Some(4));
+        assert_eq!(held_by("spiffe://td/b"), Some(1));
         // A claim far above anything published is a lie that would push every later version up.
         let err = f
             .ack(&b.key, held("spiffe://td/b", 1, 1 + MAX_HELD_AHEAD + 1), 1)

@@ -389,6 +389,7 @@ mod tests {
             identity: format!("spiffe://td/{instance}"),
             connected: true,
             acked_version: acked,
+            held_version: 0,
             serving_authority: Some(authority.into()),
             serving_not_after: not_after,
             file_mode: false,
@@ -589,6 +590,7 @@ mod tests {
         let turned_away = |instance: &str, not_after: i64| SidecarReport {
             connected: false,
             acked_version: 0,
+            held_version: 0,
             serving_authority: None,
             turned_away: "this CA tracks 100000 sidecar instances already; retry later".into(),
             ..sidecar(instance, 0, "1", not_after)

@@ -71,6 +71,12 @@ pub struct SidecarReport {
     pub identity: String,
     pub connected: bool,
     pub acked_version: u64,
+    /// The bundle version it said it holds with its last acknowledgement while connected (0: it
+    /// said none, or it is gone). A CA process numbers the next bundle above the highest of its
+    /// connected sidecars' (`CaProcess::sidecars_hold_version`): shown so that an operator can
+    /// see which instance raised the number.
+    #[serde(default)]
+    pub held_version: u64,
     pub serving_authority: Option<String>,
     pub serving_not_after: i64,
     /// Certificate and trust anchors from files: the CA cannot tell which roots it trusts.

@@ -173,6 +173,7 @@ pub fn merged(state: &RotationState, reports: Vec<RotationReport>) -> RotationRe
                 e.turned_away.clone_from(&s.turned_away);
             }
             e.acked_version = e.acked_version.max(s.acked_version);
+            e.held_version = e.held_version.max(s.held_version);
             e.file_mode |= s.file_mode;
             e.last_seen = e.last_seen.max(s.last_seen);
             if e.lineage.is_empty() {
@@ -290,6 +291,7 @@ mod tests {
             identity: "spiffe://td/a".into(),
             connected,
             acked_version: if connected { 2 } else { 0 },
+            held_version: 0,
             serving_authority: None,
             serving_not_after: i64::MAX,
             file_mode: false,
@@ -339,6 +341,7 @@ mod tests {
             identity: identity.into(),
             connected: true,
             acked_version,
+            held_version: 0,
             serving_authority: None,
             serving_not_after: 0,
             file_mode: false,
