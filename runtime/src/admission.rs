@@ -59,6 +59,9 @@ pub struct Admission {
 struct Inner {
     max: usize,
     max_per_source: usize,
+    /// At the per-source cap, a newcomer takes the place of its own source's oldest unproven
+    /// connection, if it has one ([`Admission::displacing_within_source`]).
+    displace_own: bool,
     /// How many leading bits of an IPv6 address name its source (128: the address itself).
     ipv6_prefix: u8,
     state: Mutex<State>,
@@ -150,11 +153,25 @@ impl Admission {
             inner: Arc::new(Inner {
                 max,
                 max_per_source: max_per_source.unwrap_or(usize::MAX),
+                displace_own: false,
                 ipv6_prefix: prefix.min(128),
                 state: Mutex::new(State::default()),
                 empty: Notify::new(),
             }),
         }
+    }
+
+    /// [`Self::new`], but a source at `max_per_source` is not refused while it holds an unproven
+    /// connection: the newcomer takes the place of its source's oldest one. For a listener whose
+    /// sources are few and each stands for many clients (the users of the processes on a unix
+    /// socket): a source's silent connections then cannot keep its own real clients out, and its
+    /// cap still leaves the other sources their room.
+    pub fn displacing_within_source(max: usize, max_per_source: usize) -> Self {
+        let mut admission = Self::new(max, Some(max_per_source));
+        if let Some(inner) = Arc::get_mut(&mut admission.inner) {
+            inner.displace_own = true;
+        }
+        admission
     }
 
     /// A slot for a connection from `source`, displacing an unproven connection at the cap.
@@ -170,10 +187,30 @@ impl Admission {
             ip => ip,
         };
         let mut state = self.inner.lock();
-        if state.sources.get(&ip).map_or(0, |s| s.open) >= self.inner.max_per_source {
-            return Err(Refused::PerSource);
-        }
-        let displaced_another = if state.taken < self.inner.max {
+        let at_source_cap =
+            state.sources.get(&ip).map_or(0, |s| s.open) >= self.inner.max_per_source;
+        let own_victim = if at_source_cap {
+            let oldest = state
+                .sources
+                .get(&ip)
+                .and_then(|s| s.unproven.keys().next().copied());
+            match oldest {
+                Some(victim) if self.inner.displace_own => Some(victim),
+                _ => return Err(Refused::PerSource),
+            }
+        } else {
+            None
+        };
+        let displaced_another = if let Some(victim) = own_victim {
+            // Its slot passes to the newcomer; its source's count goes down when it is dropped.
+            state.source(ip, |s| {
+                if let Some(close) = s.unproven.remove(&victim) {
+                    let _ = close.send(());
+                }
+            });
+            state.displaced.insert(victim);
+            true
+        } else if state.taken < self.inner.max {
             state.taken += 1;
             false
         } else {
@@ -456,6 +493,33 @@ mod tests {
         let b = Admission::new(10, Some(1));
         let _one = b.admit(v6("2001:db8:0:1::1")).unwrap();
         let _two = b.admit(v6("2001:db8:0:1::2")).unwrap();
+    }
+
+    #[test]
+    fn displacing_within_source_a_source_at_its_cap_loses_its_own_oldest_unproven() {
+        let a = Admission::displacing_within_source(4, 2);
+        let mut own1 = a.admit(ip(1)).unwrap();
+        let mut own2 = a.admit(ip(1)).unwrap();
+        // At its cap, a newcomer of the source takes its oldest unproven connection's place.
+        let mut n = a.admit(ip(1)).unwrap();
+        assert!(n.displaced_another);
+        assert!(displaced(&mut own1.displacement));
+        assert!(!displaced(&mut own2.displacement));
+        assert_eq!(a.open(), 2, "the slot passed on");
+        drop(own1);
+        assert_eq!(a.open(), 2);
+        assert_eq!(a.inner.lock().sources[&ip(1)].open, 2);
+        // Both proven: the source is refused, and the others keep their room.
+        own2.ticket.proven();
+        n.ticket.proven();
+        assert_eq!(a.admit(ip(1)).unwrap_err(), Refused::PerSource);
+        let _other = a.admit(ip(2)).expect("another source");
+        let _other2 = a.admit(ip(2)).expect("another source");
+        assert!(!displaced(&mut n.displacement));
+        // Without the option, a source at its cap is refused whatever it holds.
+        let b = Admission::new(4, Some(1));
+        let _one = b.admit(ip(1)).unwrap();
+        assert_eq!(b.admit(ip(1)).unwrap_err(), Refused::PerSource);
     }
 
     #[test]

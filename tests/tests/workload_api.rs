@@ -480,6 +480,72 @@ async fn connections_that_make_no_call_cannot_keep_the_app_out() {
     drop(held);
 }
 
+/// A process of another user than the app's (a container of the pod that is not the app) that
+/// holds a watching stream on every connection it can open gets at most
+/// `MAX_CONNECTIONS_PER_USER` of them, and the app still gets in: a connection that has made a
+/// call is never displaced and a watching stream is never idle, so it held all 64 before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_holding_watching_streams_cannot_keep_the_app_out() {
+    use meshid_sidecar::workload_api::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_USER};
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncBufReadExt;
+    if meshid_runtime::process::effective_uid() != 0 {
+        // Starting a process as another user takes root (CI runs as root).
+        eprintln!("not run: starting a process as another user takes root");
+        return;
+    }
+    let api = api_sidecar(None, "api").await;
+    // The hog runs as `nobody` in root's group: the socket's group may connect, as in a pod.
+    std::fs::set_permissions(api.dir.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let mut hog = tokio::process::Command::new(env!("CARGO_BIN_EXE_workload-api-hog"))
+        .arg(&api.socket)
+        .arg(MAX_CONNECTIONS.to_string())
+        .uid(65534)
+        .gid(0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(hog.stdout.take().unwrap()).lines();
+    let held = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+        .await
+        .expect("the hog reports within 120 s")
+        .unwrap()
+        .expect("the hog reports what it holds");
+    assert_eq!(
+        held,
+        format!("held {MAX_CONNECTIONS_PER_USER}"),
+        "connections another user holds with watching streams"
+    );
+    // The app (this process, root) gets the rest: every one of them serves.
+    let mut clients = Vec::new();
+    for _ in 0..MAX_CONNECTIONS - MAX_CONNECTIONS_PER_USER {
+        let bundles = async {
+            let mut client = raw_client(&api.socket, true).await;
+            let mut bundles = client
+                .fetch_x509_bundles(X509BundlesRequest {})
+                .await?
+                .into_inner();
+            let first = bundles.message().await?;
+            Ok::<_, tonic::Status>((client, bundles, first))
+        };
+        let (client, stream, first) = tokio::time::timeout(Duration::from_secs(10), bundles)
+            .await
+            .expect("the app answered within 10 s")
+            .expect("a bundle");
+        assert!(
+            first
+                .expect("a bundle")
+                .bundles
+                .contains_key("spiffe://cluster.local")
+        );
+        clients.push((client, stream));
+    }
+    drop(hog.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), hog.wait()).await;
+}
+
 /// Runs a py-spiffe script (written into `dir`) that finds the socket through
 /// `SPIFFE_ENDPOINT_SOCKET`, as apps do; gRPC's HTTP trace goes to its output.
 async fn run_python(dir: &Path, script: &str, socket: &Path) -> (bool, String) {
@@ -1359,7 +1425,8 @@ async fn calls_whose_request_never_ends_cannot_keep_the_app_out() {
     let socket = dir.path().join("api").join("workload.sock");
 
     let mut stalled = Vec::new();
-    for _ in 0..meshid_sidecar::workload_api::MAX_CONNECTIONS {
+    // Every connection the app's user may hold (the test runs as the app's user).
+    for _ in 0..meshid_sidecar::workload_api::MAX_CONNECTIONS_PER_USER {
         let (h2, conn) = raw_h2(&socket).await;
         let (response, mut body) = raw_request(&h2, "FetchJWTSVID").await;
         // Half a message header, then nothing: the request never ends.

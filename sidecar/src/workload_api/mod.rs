@@ -46,7 +46,7 @@ use meshid_proto::workload::{
 use meshid_runtime::log_limit::LogLimit;
 use meshid_runtime::time::unix_now;
 use rustls::pki_types::CertificateDer;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -144,6 +144,22 @@ const IDENTITY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// connections and never called would otherwise keep the app from its SVIDs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// At most this many of the [`MAX_CONNECTIONS`] from the processes of one user (the socket's peer
+/// credentials): a container of the pod running as another user than the app's, that holds a
+/// watching stream on every connection it can open (each has made a call, so none is displaced,
+/// and a watching stream is never idle), leaves the app the rest. Processes of one user share
+/// this: the socket cannot tell the app from another container running as the app's user.
+pub const MAX_CONNECTIONS_PER_USER: usize = 48;
+
+/// The admission source of a connection to the socket: its peer's user, by the kernel's
+/// credentials of the connecting process (one source for a peer the kernel names none for).
+fn source_of(client: &UnixStream) -> std::net::IpAddr {
+    match client.peer_cred() {
+        Ok(cred) => std::net::Ipv4Addr::from(cred.uid()).into(),
+        Err(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
 /// How long an X.509-SVID stream waits for the replacement of an app SVID that was revoked
 /// before it tells the app to stop using the one it holds (a revoked identity gets none).
 const REPLACEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -183,9 +199,11 @@ pub async fn serve(
     let (conns, incoming) = mpsc::channel::<std::io::Result<authority::Piped>>(8);
     let mut accept_shutdown = shutdown.clone();
     tokio::spawn(async move {
-        // One source: the socket's clients all share this host's loopback, as far as the slots
-        // are concerned.
-        let slots = meshid_runtime::admission::Admission::new(MAX_CONNECTIONS, None);
+        // A source per user of the connecting processes (`source_of`).
+        let slots = meshid_runtime::admission::Admission::displacing_within_source(
+            MAX_CONNECTIONS,
+            MAX_CONNECTIONS_PER_USER,
+        );
         loop {
             let (client, _) = tokio::select! {
                 r = listener.accept() => match r {
@@ -203,18 +221,26 @@ pub async fn serve(
                 },
                 () = meshid_runtime::net::stopped(&mut accept_shutdown) => return,
             };
-            let Ok(admitted) = slots.admit(std::net::Ipv4Addr::LOCALHOST.into()) else {
-                // One line per connection attempt a local process makes: a burst, then one a second.
-                static FULL: LogLimit = LogLimit::new(10.0, 1.0);
-                if let Some(left_out) = FULL.take() {
-                    tracing::warn!(
-                        MAX_CONNECTIONS,
-                        left_out,
-                        "workload API connection limit reached, every connection in a call; \
-                         closing a new connection"
-                    );
+            let admitted = match slots.admit(source_of(&client)) {
+                Ok(admitted) => admitted,
+                Err(refused) => {
+                    // One line per connection attempt a local process makes: a burst, then one
+                    // a second.
+                    static FULL: LogLimit = LogLimit::new(10.0, 1.0);
+                    if let Some(left_out) = FULL.take() {
+                        let uid = client.peer_cred().map(|c| c.uid()).ok();
+                        tracing::warn!(
+                            MAX_CONNECTIONS,
+                            MAX_CONNECTIONS_PER_USER,
+                            ?uid,
+                            reason = refused.reason(),
+                            left_out,
+                            "workload API connection limit reached, every connection in a call; \
+                             closing a new connection"
+                        );
+                    }
+                    continue;
                 }
-                continue;
             };
             let (server, ours) = tokio::io::duplex(64 * 1024);
             let activity = idle::Activity::new();
