@@ -1347,7 +1347,7 @@ mod tests {
         };
         // (leaf, name dialled, with pins, without pins)
         type Verdict = Result<(), &'static str>;
-        let cases: [(&str, TestLeaf, &str, Verdict, Verdict); 4] = [
+        let cases: [(&str, TestLeaf, &str, Verdict, Verdict); 7] = [
             (
                 "the mesh's intermediate",
                 named(&ours, CA),
@@ -1375,6 +1375,30 @@ mod tests {
                 CA,
                 Ok(()),
                 Ok(()),
+            ),
+            // A workload's certificate from the mesh's own intermediate (its only name a SPIFFE
+            // URI, as the CA issues them) is no CA's, whatever it is dialled as: a workload that
+            // receives a sidecar's connection to the CA cannot answer for it.
+            (
+                "a workload's certificate, for the CA's name",
+                ours.leaf("spiffe://enterprise/ns/shop/sa/orders"),
+                CA,
+                Err("bad_certificate"),
+                Err("bad_certificate"),
+            ),
+            (
+                "a workload's certificate whose trust domain is the CA's name",
+                ours.leaf(&format!("spiffe://{CA}/ns/shop/sa/orders")),
+                CA,
+                Err("bad_certificate"),
+                Err("bad_certificate"),
+            ),
+            (
+                "a workload's certificate, for an IP address",
+                ours.leaf("spiffe://enterprise/ns/shop/sa/orders"),
+                "127.0.0.1",
+                Err("bad_certificate"),
+                Err("bad_certificate"),
             ),
         ];
         for (what, leaf, name, with_pins, without) in cases {
