@@ -236,6 +236,9 @@ pub fn not_ready_reason(shared: &Shared, needs_policy: bool) -> Option<&'static 
     match shared.creds.current() {
         None => return Some("no certificate loaded"),
         Some(s) if !s.valid_at(unix_now()) => return Some("certificate is not valid now"),
+        // Peers of the same trust refuse it (its root retired by `rotate retire --force`, or it
+        // was revoked): serving traffic is impossible until the next certificate.
+        Some(s) if s.own_refused.is_some() => return s.own_refused,
         Some(_) => {}
     }
     if needs_policy && shared.policy.load().is_none() {

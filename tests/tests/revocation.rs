@@ -1372,3 +1372,67 @@ async fn a_list_replaced_within_one_clock_tick_is_seen() {
     );
     assert!(lists(A).await);
 }
+
+/// A sidecar whose own certificate is revoked is not ready: every peer of the same trust refuses
+/// it, so the pod must leave its Service's endpoints. A join-token sidecar cannot attest again by
+/// itself (its token is spent, and the CA refuses to renew a revoked lineage), so it stays unready
+/// until it gets a new token; `/readyz` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_whose_own_certificate_is_revoked_is_not_ready() {
+    use meshid_sidecar::settings::{Bootstrap, CaMode};
+    let ca = ca().await;
+    let token_file = ca.dir.path().join("cart.join");
+    std::fs::write(&token_file, ca.join_token(C, Duration::from_secs(600))).unwrap();
+    let pki = TestPki::new();
+    let sidecar = TestSidecar::start(
+        &pki,
+        &pki.workload(C),
+        C,
+        SidecarSpec {
+            outbound: vec![("127.0.0.1:9".into(), B.into(), Protocol::Tcp)],
+            creds: Some(meshid_sidecar::settings::CredSource::Ca(CaMode {
+                endpoint: ca.endpoint(),
+                bootstrap: Bootstrap::JoinTokenFile(token_file),
+                ttl: Some(TTL),
+                bundle_cache: None,
+            })),
+            ..Default::default()
+        },
+    )
+    .await;
+    let readyz = || {
+        let admin = sidecar.admin;
+        async move {
+            tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, "/readyz"))
+                .await
+                .unwrap()
+                .unwrap_or((0, String::new()))
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            readyz().await.0 == 200
+        })
+        .await,
+        "ready with its join token"
+    );
+    let admin = sidecar.admin;
+    let (_, identity) =
+        tokio::task::spawn_blocking(move || meshid_tests::process::http_get(admin, "/identity"))
+            .await
+            .unwrap()
+            .unwrap();
+    let serial = identity
+        .split("\"serial\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a serial in /identity")
+        .to_owned();
+    cli(&ca, "revoke", &["--serial", &format!("serial={serial}")]);
+    let unready = eventually(ENFORCED_WITHIN, || async {
+        let (code, body) = readyz().await;
+        code == 503 && body.contains("revoked")
+    })
+    .await;
+    assert!(unready, "not ready once revoked: {:?}", readyz().await);
+}

@@ -206,6 +206,10 @@ pub struct Snapshot {
     /// snapshots of the same trust (a renewal), so open connections re-verify their peer's chain
     /// only when the trust itself changed ([`CredentialStore::until_distrusted`]).
     pub trust_key: u64,
+    /// Why peers that share this snapshot's trust would refuse our own certificate, if they would
+    /// (its chain does not verify against the roots and pins in force, or the revocations in force
+    /// name it, its lineage or its identity): `/readyz` is not ready then.
+    pub own_refused: Option<&'static str>,
 }
 
 impl fmt::Debug for Snapshot {
@@ -215,6 +219,38 @@ impl fmt::Debug for Snapshot {
             .field("anchors", &self.anchors)
             .finish_non_exhaustive()
     }
+}
+
+/// Why peers verifying against `anchors` (and their revocations) would refuse our own `chain`, if
+/// they would. Its chain is verified at a time within its life: expiry is the readiness check's
+/// own (`Snapshot::valid_at`).
+fn own_refusal(
+    anchors: &Anchors,
+    identity: &CertIdentity,
+    leaf: &CertificateDer<'_>,
+    chain: &[CertificateDer<'static>],
+    provider: &CryptoProvider,
+) -> Option<&'static str> {
+    let within = meshid_runtime::time::unix_now()
+        .min(identity.not_after.saturating_sub(1))
+        .max(identity.not_before)
+        .max(0);
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(within as u64));
+    if anchors
+        .verify_workload_chain(
+            &provider.signature_verification_algorithms,
+            chain,
+            time,
+            webpki::KeyUsage::client_auth(),
+        )
+        .is_err()
+    {
+        return Some("certificate is not trusted by the trust bundle in force (its root retired?)");
+    }
+    let own = VerifiedPeer::from_leaf(leaf).ok()?;
+    anchors
+        .revokes(&own)
+        .map(|_| "certificate is revoked by the trust bundle in force")
 }
 
 impl Snapshot {
@@ -739,6 +775,7 @@ impl CredentialStore {
             }
         }
 
+        let own_refused = own_refusal(&anchors, &identity, &leaf, &creds.chain, &self.provider);
         let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
         let anchor_not_after = creds
             .roots
@@ -769,6 +806,7 @@ impl CredentialStore {
             leaf_sha256: sha256_hex(&leaf),
             issuer_sha256: creds.chain.get(1).map(|c| sha256_hex(c)),
             trust_key: trust_key(&creds.roots, &creds.pinned),
+            own_refused,
         })
     }
 }
@@ -977,11 +1015,20 @@ mod tests {
         );
         assert_eq!(both.anchors.len(), 2);
         assert!(store.own_chain_trusted(unix_now()));
-        // After the old root leaves (a forced retirement), our own chain is no longer trusted.
-        store
+        assert_eq!(both.own_refused, None);
+        // After the old root leaves (a forced retirement), our own chain is no longer trusted,
+        // and the snapshot says peers refuse it (`/readyz`).
+        let orphaned = store
             .set_bundle(vec![next.root.clone()], Vec::new(), Arc::default())
             .unwrap();
         assert!(!store.own_chain_trusted(unix_now()));
+        assert!(
+            orphaned
+                .own_refused
+                .is_some_and(|why| why.contains("not trusted")),
+            "{:?}",
+            orphaned.own_refused
+        );
         assert!(matches!(
             store.set_bundle(Vec::new(), Vec::new(), Arc::default()),
             Err(CredError::EmptyBundle)
