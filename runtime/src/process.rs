@@ -393,6 +393,70 @@ mod tests {
         assert!(v.get("fields").is_none(), "{line}");
     }
 
+    /// The JSON format writes an event's own fields first and then its `timestamp`, `level`,
+    /// `message` and `target` keys: an event field of one of those names made a line with two
+    /// such keys (Elasticsearch refuses it, `jq` keeps the last), as the inbound's "app
+    /// unreachable" lines did with `target` for the app's address. No crate of the workspace
+    /// names a field so.
+    #[test]
+    fn no_log_field_is_named_like_a_key_of_the_json_format() {
+        fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    sources(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for krate in ["runtime", "identity", "sidecar", "ca-service", "injector"] {
+            sources(&root.join(krate).join("src"), &mut files);
+        }
+        assert!(files.len() > 20, "found the workspace's sources");
+        let reserved = [
+            "target",
+            "timestamp",
+            "level",
+            "message",
+            "fields",
+            "span",
+            "spans",
+        ];
+        let mut found = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                if !(line.contains("tracing::") || line.contains("_span!")) {
+                    continue;
+                }
+                for name in reserved {
+                    // `name = %x`, `name = ?x`, `name = x`, and the shorthands `%name`, `?name`.
+                    let named = [
+                        format!("({name} ="),
+                        format!(", {name} ="),
+                        format!("(%{name},"),
+                        format!(", %{name},"),
+                        format!(", %{name})"),
+                        format!("(?{name},"),
+                        format!(", ?{name},"),
+                        format!(", ?{name})"),
+                    ];
+                    if named.iter().any(|p| line.contains(p.as_str())) {
+                        found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "log fields named like JSON keys:\n{}",
+            found.join("\n")
+        );
+    }
+
     #[test]
     fn text_lines_are_coloured_only_when_asked() {
         assert!(!logged(LogFormat::Text, false).contains('\x1b'));

@@ -128,7 +128,7 @@ where
         let target = self.target;
         tokio::spawn(async move {
             if let Err(error) = conn.with_upgrades().await {
-                tracing::debug!(%error, %target, "app connection ended");
+                tracing::debug!(%error, app_addr = %target, "app connection ended");
             }
         });
         Ok(send)
@@ -212,7 +212,7 @@ where
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => {
-                        tracing::debug!(error = %e.error(), target = %self.target, "app connection closed with the request unsent; on another one");
+                        tracing::debug!(error = %e.error(), app_addr = %self.target, "app connection closed with the request unsent; on another one");
                         req = unsent;
                     }
                     _ if e.error().is_parse_too_large() => return Err(self.head_too_long()),

@@ -672,7 +672,7 @@ async fn inbound_request(
         }
         Ok(Err(error)) => {
             if let Some(left_out) = super::APP_FAILED.take() {
-                tracing::warn!(%error, target = %http.target, left_out, "app request failed");
+                tracing::warn!(%error, app_addr = %http.target, left_out, "app request failed");
             }
             return reply(
                 StatusCode::BAD_GATEWAY,

@@ -37,13 +37,13 @@ pub async fn proxy(
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
             if let Some(left_out) = super::APP_FAILED.take() {
-                tracing::warn!(%error, target = %spec.target, left_out, "app unreachable");
+                tracing::warn!(%error, app_addr = %spec.target, left_out, "app unreachable");
             }
             return;
         }
         Err(_) => {
             if let Some(left_out) = super::APP_FAILED.take() {
-                tracing::warn!(target = %spec.target, left_out, "app connect timed out");
+                tracing::warn!(app_addr = %spec.target, left_out, "app connect timed out");
             }
             return;
         }
@@ -54,7 +54,7 @@ pub async fn proxy(
         let header = super::proxy_header::encode(peer.addr, local, peer.id().as_str());
         if let Err(error) = app.write_all(&header).await {
             if let Some(left_out) = super::APP_FAILED.take() {
-                tracing::warn!(%error, target = %spec.target, left_out, "app closed before the PROXY header");
+                tracing::warn!(%error, app_addr = %spec.target, left_out, "app closed before the PROXY header");
             }
             return;
         }
