@@ -531,7 +531,8 @@ impl Authorizer {
                     port: self.port,
                 })
                 .inc();
-            let (method, path) = request.unwrap_or(("", ""));
+            // Cut as every logged request is: a path can be as long as the header limit.
+            let (method, path) = request.map_or(("", ""), |(m, p)| logged_request(m, p));
             tracing::warn!(
                 peer = %peer.id(),
                 port = self.port,
@@ -661,6 +662,7 @@ impl Authorizer {
             }
         }
         if kind == "allow" {
+            let (method, path) = logged_request(method, path);
             tracing::debug!(peer = %id, port, rule = %decision.rule, method, path, traceparent, "allowed");
             return None;
         }
