@@ -375,6 +375,15 @@ async fn only_websocket_upgrades_pass() {
             "{why}: the app was asked to upgrade: {resp}"
         );
     }
+    // CONNECT is no upgrade the inbound passes on either: the app would open a tunnel wherever
+    // it names, decided by the policy on an empty path.
+    let tls = connect_as(&e.pki, &e.sidecar, &client).await.unwrap();
+    let resp = raw_request(
+        tls,
+        "CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 501"), "CONNECT: {resp}");
     let _tunnel = open_tunnel(&e.pki, &e.sidecar, &client).await;
 }
 
@@ -1871,6 +1880,18 @@ async fn outbound_refuses_a_host_that_is_not_an_authority() {
             .contains("x-meshid-reason: more than one host header"),
         "{out}"
     );
+    // CONNECT is refused as upgrades are (it went to the upstream as an h2 CONNECT).
+    let mut tcp = TcpStream::connect(local).await.unwrap();
+    tcp.write_all(b"CONNECT backend:443 HTTP/1.1\r\nHost: backend:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out[..n]);
+    assert!(out.starts_with("HTTP/1.1 501"), "CONNECT: {out}");
     // A valid Host gets past the check (and fails only at the unreachable upstream). The listener
     // keeps the last valid Host it checked: one that differs is checked afresh.
     for (host, want) in [

@@ -443,6 +443,13 @@ async fn inbound_request(
             "more than one Host header: the app could read another one than the next hop".into(),
         );
     }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel to wherever the app would open one, decided on an empty path: not passed on.
+        return reply(
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not passed on by HTTP listeners; a tunnel takes a tcp listener".into(),
+        );
+    }
     // Read before the request is decided: a policy change after this is decided again while the
     // response is in flight (see `Revocable`).
     let mut version = *shared.policy_changed.borrow();

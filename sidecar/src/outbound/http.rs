@@ -127,10 +127,11 @@ async fn outbound_request(
     out: &OutboundHttp,
     shared: &Shared,
 ) -> Response<Body> {
-    if is_upgrade(&req) {
+    if is_upgrade(&req) || req.method() == http::Method::CONNECT {
         return reply(
             StatusCode::NOT_IMPLEMENTED,
-            "protocol upgrades are not supported on outbound HTTP listeners; use a tcp upstream"
+            "protocol upgrades and CONNECT are not supported on outbound HTTP listeners; use a \
+             tcp upstream"
                 .into(),
         );
     }
