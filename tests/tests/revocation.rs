@@ -1436,3 +1436,127 @@ async fn a_sidecar_whose_own_certificate_is_revoked_is_not_ready() {
     .await;
     assert!(unready, "not ready once revoked: {:?}", readyz().await);
 }
+
+/// A TCP relay to `to` whose connections accepted while `hold` is set pass nothing from `to`
+/// back until `release` is notified: an upstream that draws its handshake out.
+async fn stalling_relay(
+    to: std::net::SocketAddr,
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let held = hold.load(std::sync::atomic::Ordering::SeqCst);
+            let release = release.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                });
+                if held {
+                    release.notified().await;
+                }
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                let _ = cw.shutdown().await;
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// A revocation that comes while an outbound handshake is under way (the upstream drawing it
+/// out) is applied to that connection before any byte goes to the upstream: the handshake was
+/// verified against the trust of when it started, and the app's bytes written meanwhile went to
+/// the revoked upstream before the connection's revocation watch first looked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_an_outbound_handshake_stops_the_bytes_written_meanwhile() {
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![(
+                "127.0.0.23",
+                counting_app(count.clone()).await,
+                Protocol::Tcp,
+            )],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = stalling_relay(b.inbound[0], hold.clone(), release.clone()).await;
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![(relay.to_string(), B.into(), Protocol::Tcp)],
+            creds: Some(ca.sidecar_creds("shop", "frontend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = a.outbound[0];
+    let ask = |mut tcp: tokio::net::TcpStream| async move {
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").await?;
+        let mut answer = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
+            .await
+            .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer[..n]).into_owned())
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let Ok(tcp) = tokio::net::TcpStream::connect(out).await else {
+                return false;
+            };
+            ask(tcp).await.is_ok_and(|a| a.ends_with("ok"))
+        })
+        .await,
+        "the pair serves traffic"
+    );
+    let served = count.load(std::sync::atomic::Ordering::SeqCst);
+
+    // The next dial stalls at the backend's answer; the app writes its request meanwhile.
+    hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let tcp = tokio::net::TcpStream::connect(out).await.unwrap();
+    let asked = tokio::spawn(ask(tcp));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli(&ca, "revoke", &["--id", B, "--reason", "mid-handshake"]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || served_lists(&ca, B)).await,
+        "the CA serves the revocation"
+    );
+    // The frontend takes the bundle within moments of the CA serving it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    release.notify_waiters();
+    let answer = asked.await.unwrap();
+    assert!(
+        !answer.as_ref().is_ok_and(|a| a.ends_with("ok")),
+        "the revoked backend answered: {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        served,
+        "a request reached the revoked backend's app"
+    );
+}

@@ -133,7 +133,26 @@ pub async fn dial_with(
     let _ = tcp.set_nodelay(true);
     let handshake = crate::tls::connect(config, name, tcp);
     match tokio::time::timeout(shared.limits.handshake_timeout, handshake).await {
-        Ok(Ok(tls)) => Ok((tls, snapshot)),
+        Ok(Ok(tls)) => {
+            // The trust changed during the dial (which the upstream can draw out): the upstream
+            // is looked at against the trust in force now, before any byte goes to it.
+            if !shared.creds.is_current(&snapshot)
+                && let Some(why) = distrusted_now(&tls, &snapshot, shared)
+            {
+                let reason = match why {
+                    crate::creds::Distrusted::Revoked(_) => "revoked",
+                    _ => "untrusted",
+                };
+                shared.metrics.handshake_failed("outbound", port, reason);
+                if let Some(left_out) = UPSTREAM_FAILED.take() {
+                    tracing::warn!(upstream = %spec.remote, expected = %spec.expected, reason = %why, left_out, "upstream distrusted by a bundle change during the handshake");
+                }
+                return Err(io::Error::other(format!(
+                    "the upstream is no longer trusted: {why}"
+                )));
+            }
+            Ok((tls, snapshot))
+        }
         Ok(Err(error)) => {
             let tls_error = error
                 .get_ref()
@@ -206,6 +225,29 @@ pub fn upstream_deadline(tls: &TlsStream<TcpStream>, cap: bool) -> Option<tokio:
 /// read (the connection is over anyway). `presented` is the snapshot the handshake verified the
 /// upstream against ([`dial_with`]): a bundle change during the handshake is then looked at too.
 ///
+/// Whether the trust in force now distrusts the upstream of `tls`, verified against `presented`'s.
+fn distrusted_now(
+    tls: &TlsStream<TcpStream>,
+    presented: &Snapshot,
+    shared: &Shared,
+) -> Option<crate::creds::Distrusted> {
+    let chain: Vec<_> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let peer = meshid_identity::peer::VerifiedPeer::from_leaf(chain.first()?).ok()?;
+    let mut trust_key = presented.trust_key;
+    shared.creds.distrusts(
+        &peer,
+        &chain,
+        webpki::KeyUsage::server_auth(),
+        &mut trust_key,
+        None,
+    )
+}
+
 /// `expiry`: the seconds past the upstream chain's earliest not-after its connection may live, when its age is
 /// capped; once the wall clock is past that it resolves too (looked at again when the wall clock
 /// moves apart from the monotonic one: [`crate::creds::CredentialStore::clock_moved`]).
