@@ -1560,3 +1560,128 @@ async fn a_revocation_during_an_outbound_handshake_stops_the_bytes_written_meanw
         "a request reached the revoked backend's app"
     );
 }
+
+/// A TCP relay to `to` whose connections pass the client's first write (its ClientHello) and
+/// then nothing more from the client until `release` is notified: a peer that draws its
+/// handshake out.
+async fn relay_holding_the_client(
+    to: std::net::SocketAddr,
+    release: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                });
+                let mut first = vec![0u8; 16 * 1024];
+                let Ok(n) = cr.read(&mut first).await else {
+                    return;
+                };
+                if sw.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                release.notified().await;
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                let _ = sw.shutdown().await;
+                down.abort();
+            });
+        }
+    });
+    addr
+}
+
+/// The inbound side of the same: a peer revoked while it draws out its handshake (verified
+/// against the trust of when the handshake began) gets none of its bytes to a TCP listener's
+/// app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_revoked_during_its_handshake_gets_no_byte_to_a_tcp_app() {
+    let ca = ca().await;
+    let pki = TestPki::new();
+    let dummy = pki.workload(A);
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let b = TestSidecar::start(
+        &pki,
+        &dummy,
+        B,
+        SidecarSpec {
+            inbound: vec![(
+                "127.0.0.24",
+                counting_app(count.clone()).await,
+                Protocol::Tcp,
+            )],
+            policy: Some(format!(
+                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {A}\n"
+            )),
+            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let relay = relay_holding_the_client(b.inbound[0], release.clone()).await;
+    let a = TestSidecar::start(
+        &pki,
+        &dummy,
+        A,
+        SidecarSpec {
+            outbound: vec![
+                (b.inbound[0].to_string(), B.into(), Protocol::Tcp),
+                (relay.to_string(), B.into(), Protocol::Tcp),
+            ],
+            creds: Some(ca.sidecar_creds("shop", "frontend", TTL)),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ask = |out: std::net::SocketAddr| async move {
+        let mut tcp = tokio::net::TcpStream::connect(out).await?;
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").await?;
+        let mut answer = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
+            .await
+            .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer[..n]).into_owned())
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            ask(a.outbound[0]).await.is_ok_and(|a| a.ends_with("ok"))
+        })
+        .await,
+        "the pair serves traffic"
+    );
+    let served = count.load(std::sync::atomic::Ordering::SeqCst);
+
+    // Through the relay: the frontend's handshake stops after its ClientHello; the app writes its
+    // request meanwhile, and the frontend is revoked before the rest of its handshake arrives.
+    let asked = tokio::spawn(ask(a.outbound[1]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cli(&ca, "revoke", &["--id", A, "--reason", "mid-handshake"]);
+    assert!(
+        eventually(ENFORCED_WITHIN, || served_lists(&ca, A)).await,
+        "the CA serves the revocation"
+    );
+    // The backend takes the bundle within moments of the CA serving it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    release.notify_waiters();
+    let answer = asked.await.unwrap();
+    assert!(
+        !answer.as_ref().is_ok_and(|a| a.ends_with("ok")),
+        "the revoked frontend was answered: {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        served,
+        "a revoked peer's request reached the app"
+    );
+}

@@ -59,6 +59,21 @@ pub async fn proxy(
             return;
         }
     }
+    // The trust may have changed since the handshake was verified (a peer can draw its handshake
+    // out, and the app's connection takes a moment): looked at again before the first byte goes
+    // to the app. From here on the connection's watch (`closing`) ends it.
+    let mut trust_key = peer.trust_key;
+    if let Some(why) = shared.creds.distrusts(
+        &peer.verified,
+        &peer.chain,
+        webpki::KeyUsage::client_auth(),
+        &mut trust_key,
+        peer.expiry(shared.limits.cap_connection_age),
+    ) {
+        tracing::info!(peer = %peer.id(), reason = %why, "closing: the trust in force no longer trusts the peer");
+        let _ = app.set_zero_linger();
+        return;
+    }
     let copy = copy_bidirectional_idle(tls, &mut app, shared.limits.idle_timeout);
     let deadline = peer.deadline(shared.limits.cap_connection_age);
     let ended = async {
