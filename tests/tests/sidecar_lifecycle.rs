@@ -1258,8 +1258,10 @@ async fn outbound_connections_close_when_the_upstreams_root_leaves_the_bundle() 
 /// A bundle change that lands while a handshake with the upstream is under way (an upstream can
 /// hold back its answer for up to the handshake timeout) is looked at once the handshake is done:
 /// the handshake verified the upstream against the bundle it started with, which still held the
-/// upstream's root, so the connection is closed at once. Before, its revocation watch started
-/// from the bundle in force after the handshake, and never verified the chain against it.
+/// upstream's root, so the dial fails there, before any byte goes to the upstream (counted as a
+/// handshake failure, `unknown_ca`). Before, its revocation watch started from the bundle in force
+/// after the handshake, and never verified the chain against it; then the watch closed the
+/// connection, racing the app's bytes to the upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1333,13 +1335,17 @@ async fn a_root_removed_during_the_upstream_handshake_closes_the_connection() {
         ended.is_ok(),
         "the connection verified against the old bundle stays open: {rest:?}"
     );
+    assert!(
+        rest.is_empty(),
+        "the app's bytes reached the upstream: {rest:?}"
+    );
     let m = us.metrics().await;
     let port = format!("port=\"{}\"", us.outbound[0].port());
     assert_eq!(
         meshid_tests::mesh::metric(
             &m,
-            "meshid_sidecar_revoked_peer_connections_closed_total{",
-            &["direction=\"outbound\"", &port],
+            "meshid_sidecar_tls_handshake_failures_total{",
+            &["direction=\"outbound\"", &port, "reason=\"unknown_ca\""],
         ),
         1,
         "{m}"

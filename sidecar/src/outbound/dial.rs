@@ -141,7 +141,7 @@ pub async fn dial_with(
             {
                 let reason = match why {
                     crate::creds::Distrusted::Revoked(_) => "revoked",
-                    _ => "untrusted",
+                    _ => "unknown_ca",
                 };
                 shared.metrics.handshake_failed("outbound", port, reason);
                 if let Some(left_out) = UPSTREAM_FAILED.take() {
