@@ -1437,135 +1437,20 @@ async fn a_sidecar_whose_own_certificate_is_revoked_is_not_ready() {
     assert!(unready, "not ready once revoked: {:?}", readyz().await);
 }
 
-/// A TCP relay to `to` whose connections accepted while `hold` is set pass nothing from `to`
-/// back until `release` is notified: an upstream that draws its handshake out.
-async fn stalling_relay(
-    to: std::net::SocketAddr,
-    hold: Arc<std::sync::atomic::AtomicBool>,
-    release: Arc<tokio::sync::Notify>,
-) -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = l.accept().await {
-            let held = hold.load(std::sync::atomic::Ordering::SeqCst);
-            let release = release.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(to).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let up = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                    let _ = sw.shutdown().await;
-                });
-                if held {
-                    release.notified().await;
-                }
-                let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                let _ = cw.shutdown().await;
-                up.abort();
-            });
-        }
-    });
-    addr
+/// What a [`holding_relay`] holds back until released.
+#[derive(Clone, Copy)]
+enum Held {
+    /// Everything from the server: an upstream that draws its handshake out.
+    UpstreamsAnswer,
+    /// Everything from the client after its first write (its ClientHello): a peer that draws its
+    /// handshake out.
+    ClientsRest,
 }
 
-/// A revocation that comes while an outbound handshake is under way (the upstream drawing it
-/// out) is applied to that connection before any byte goes to the upstream: the handshake was
-/// verified against the trust of when it started, and the app's bytes written meanwhile went to
-/// the revoked upstream before the connection's revocation watch first looked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_during_an_outbound_handshake_stops_the_bytes_written_meanwhile() {
-    let ca = ca().await;
-    let pki = TestPki::new();
-    let dummy = pki.workload(A);
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let b = TestSidecar::start(
-        &pki,
-        &dummy,
-        B,
-        SidecarSpec {
-            inbound: vec![(
-                "127.0.0.23",
-                counting_app(count.clone()).await,
-                Protocol::Tcp,
-            )],
-            policy: Some(format!(
-                "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {A}\n"
-            )),
-            creds: Some(ca.sidecar_creds("shop", "backend", TTL)),
-            ..Default::default()
-        },
-    )
-    .await;
-    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let relay = stalling_relay(b.inbound[0], hold.clone(), release.clone()).await;
-    let a = TestSidecar::start(
-        &pki,
-        &dummy,
-        A,
-        SidecarSpec {
-            outbound: vec![(relay.to_string(), B.into(), Protocol::Tcp)],
-            creds: Some(ca.sidecar_creds("shop", "frontend", TTL)),
-            ..Default::default()
-        },
-    )
-    .await;
-    let out = a.outbound[0];
-    let ask = |mut tcp: tokio::net::TcpStream| async move {
-        tcp.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n").await?;
-        let mut answer = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut answer))
-            .await
-            .map_err(|_| std::io::Error::other("no answer within 5 s"))??;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer[..n]).into_owned())
-    };
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            let Ok(tcp) = tokio::net::TcpStream::connect(out).await else {
-                return false;
-            };
-            ask(tcp).await.is_ok_and(|a| a.ends_with("ok"))
-        })
-        .await,
-        "the pair serves traffic"
-    );
-    let served = count.load(std::sync::atomic::Ordering::SeqCst);
-
-    // The next dial stalls at the backend's answer; the app writes its request meanwhile.
-    hold.store(true, std::sync::atomic::Ordering::SeqCst);
-    let tcp = tokio::net::TcpStream::connect(out).await.unwrap();
-    let asked = tokio::spawn(ask(tcp));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    cli(&ca, "revoke", &["--id", B, "--reason", "mid-handshake"]);
-    assert!(
-        eventually(ENFORCED_WITHIN, || served_lists(&ca, B)).await,
-        "the CA serves the revocation"
-    );
-    // The frontend takes the bundle within moments of the CA serving it.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    release.notify_waiters();
-    let answer = asked.await.unwrap();
-    assert!(
-        !answer.as_ref().is_ok_and(|a| a.ends_with("ok")),
-        "the revoked backend answered: {answer:?}"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        count.load(std::sync::atomic::Ordering::SeqCst),
-        served,
-        "a request reached the revoked backend's app"
-    );
-}
-
-/// A TCP relay to `to` whose connections pass the client's first write (its ClientHello) and
-/// then nothing more from the client until `release` is notified: a peer that draws its
-/// handshake out.
-async fn relay_holding_the_client(
+/// A TCP relay to `to` that holds back what `held` says until `release` is notified.
+async fn holding_relay(
     to: std::net::SocketAddr,
+    held: Held,
     release: Arc<tokio::sync::Notify>,
 ) -> std::net::SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1579,46 +1464,57 @@ async fn relay_holding_the_client(
                 };
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
+                let (hold_down, hold_up) = match held {
+                    Held::UpstreamsAnswer => (Some(release.clone()), None),
+                    Held::ClientsRest => (None, Some(release)),
+                };
                 let down = tokio::spawn(async move {
+                    if let Some(release) = hold_down {
+                        release.notified().await;
+                    }
                     let _ = tokio::io::copy(&mut sr, &mut cw).await;
                     let _ = cw.shutdown().await;
                 });
-                let mut first = vec![0u8; 16 * 1024];
-                let Ok(n) = cr.read(&mut first).await else {
-                    return;
-                };
-                if sw.write_all(&first[..n]).await.is_err() {
-                    return;
+                if let Some(release) = hold_up {
+                    let mut first = vec![0u8; 16 * 1024];
+                    let Ok(n) = cr.read(&mut first).await else {
+                        return;
+                    };
+                    if sw.write_all(&first[..n]).await.is_err() {
+                        return;
+                    }
+                    release.notified().await;
                 }
-                release.notified().await;
                 let _ = tokio::io::copy(&mut cr, &mut sw).await;
                 let _ = sw.shutdown().await;
-                down.abort();
+                let _ = down.await;
             });
         }
     });
     addr
 }
 
-/// The inbound side of the same: a peer revoked while it draws out its handshake (verified
-/// against the trust of when the handshake began) gets none of its bytes to a TCP listener's
-/// app.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_revoked_during_its_handshake_gets_no_byte_to_a_tcp_app() {
+/// A frontend (A) with two TCP upstreams to a backend (B, in front of an app that counts
+/// requests), one of them through a [`holding_relay`]: a request through the relay is asked while
+/// the handshake is held, `revoked` is revoked meanwhile, and once the sidecars have the bundle
+/// the handshake is let go. The request must not reach the app: the handshake was verified against
+/// the trust of when it began, and the bytes the app wrote meanwhile went out before the
+/// connection's revocation watch first looked.
+async fn revoked_while_a_handshake_is_held(held: Held, revoked: &str) {
     let ca = ca().await;
     let pki = TestPki::new();
     let dummy = pki.workload(A);
     let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ip = match held {
+        Held::UpstreamsAnswer => "127.0.0.23",
+        Held::ClientsRest => "127.0.0.24",
+    };
     let b = TestSidecar::start(
         &pki,
         &dummy,
         B,
         SidecarSpec {
-            inbound: vec![(
-                "127.0.0.24",
-                counting_app(count.clone()).await,
-                Protocol::Tcp,
-            )],
+            inbound: vec![(ip, counting_app(count.clone()).await, Protocol::Tcp)],
             policy: Some(format!(
                 "inbound:\n  - port: {{port0}}\n    protocol: tcp\n    allow:\n      - id: {A}\n"
             )),
@@ -1628,7 +1524,7 @@ async fn a_peer_revoked_during_its_handshake_gets_no_byte_to_a_tcp_app() {
     )
     .await;
     let release = Arc::new(tokio::sync::Notify::new());
-    let relay = relay_holding_the_client(b.inbound[0], release.clone()).await;
+    let relay = holding_relay(b.inbound[0], held, release.clone()).await;
     let a = TestSidecar::start(
         &pki,
         &dummy,
@@ -1661,27 +1557,43 @@ async fn a_peer_revoked_during_its_handshake_gets_no_byte_to_a_tcp_app() {
     );
     let served = count.load(std::sync::atomic::Ordering::SeqCst);
 
-    // Through the relay: the frontend's handshake stops after its ClientHello; the app writes its
-    // request meanwhile, and the frontend is revoked before the rest of its handshake arrives.
     let asked = tokio::spawn(ask(a.outbound[1]));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    cli(&ca, "revoke", &["--id", A, "--reason", "mid-handshake"]);
+    cli(
+        &ca,
+        "revoke",
+        &["--id", revoked, "--reason", "mid-handshake"],
+    );
     assert!(
-        eventually(ENFORCED_WITHIN, || served_lists(&ca, A)).await,
+        eventually(ENFORCED_WITHIN, || served_lists(&ca, revoked)).await,
         "the CA serves the revocation"
     );
-    // The backend takes the bundle within moments of the CA serving it.
+    // The sidecars take the bundle within moments of the CA serving it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     release.notify_waiters();
     let answer = asked.await.unwrap();
     assert!(
         !answer.as_ref().is_ok_and(|a| a.ends_with("ok")),
-        "the revoked frontend was answered: {answer:?}"
+        "answered through a revoked party: {answer:?}"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         count.load(std::sync::atomic::Ordering::SeqCst),
         served,
-        "a revoked peer's request reached the app"
+        "a request reached the app through a revoked party"
     );
+}
+
+/// The upstream revoked while it holds back its answer: the outbound checks it against the trust
+/// in force once the handshake is done, before any byte goes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_during_an_outbound_handshake_stops_the_bytes_written_meanwhile() {
+    revoked_while_a_handshake_is_held(Held::UpstreamsAnswer, B).await;
+}
+
+/// The peer revoked while it holds back the rest of its handshake: the inbound TCP listener
+/// checks it against the trust in force before the first byte goes to the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_revoked_during_its_handshake_gets_no_byte_to_a_tcp_app() {
+    revoked_while_a_handshake_is_held(Held::ClientsRest, A).await;
 }

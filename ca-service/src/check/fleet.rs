@@ -175,20 +175,8 @@ mod tests {
 
     fn sidecar(identity: &str, acked_version: u64) -> SidecarReport {
         SidecarReport {
-            instance: "0123456789abcdef".into(),
-            key: String::new(),
-            identity: identity.into(),
-            connected: true,
-            acked_version,
-            held_version: 0,
             serving_authority: Some("1".into()),
-            serving_not_after: 0,
-            file_mode: false,
-            serial: String::new(),
-            revoked: false,
-            turned_away: String::new(),
-            last_seen: 0,
-            lineage: String::new(),
+            ..SidecarReport::connected("0123456789abcdef", identity, acked_version)
         }
     }
 

@@ -775,20 +775,12 @@ mod tests {
     #[test]
     fn the_sidecars_that_numbered_the_next_bundle_are_named() {
         let sidecar = |instance: &str, held_version| crate::rotation::report::SidecarReport {
-            instance: instance.into(),
-            key: String::new(),
-            identity: format!("spiffe://td/ns/a/sa/{instance}"),
-            connected: true,
-            acked_version: 2,
             held_version,
-            serving_authority: None,
-            serving_not_after: 0,
-            file_mode: false,
-            serial: String::new(),
-            revoked: false,
-            turned_away: String::new(),
-            last_seen: 0,
-            lineage: String::new(),
+            ..crate::rotation::report::SidecarReport::connected(
+                instance,
+                &format!("spiffe://td/ns/a/sa/{instance}"),
+                2,
+            )
         };
         let report = |bundle_version, sidecars| RotationReport {
             bundle_version: 1,

@@ -384,20 +384,9 @@ mod tests {
 
     fn sidecar(instance: &str, acked: u64, authority: &str, not_after: i64) -> SidecarReport {
         SidecarReport {
-            instance: instance.into(),
-            key: String::new(),
-            identity: format!("spiffe://td/{instance}"),
-            connected: true,
-            acked_version: acked,
-            held_version: 0,
             serving_authority: Some(authority.into()),
             serving_not_after: not_after,
-            file_mode: false,
-            serial: String::new(),
-            revoked: false,
-            turned_away: String::new(),
-            last_seen: 0,
-            lineage: String::new(),
+            ..SidecarReport::connected(instance, &format!("spiffe://td/{instance}"), acked)
         }
     }
 

@@ -106,6 +106,30 @@ pub struct SidecarReport {
     pub lineage: String,
 }
 
+#[cfg(test)]
+impl SidecarReport {
+    /// A connected sidecar labelled `instance` of `identity` that acknowledged `acked_version`,
+    /// everything else empty: for tests to bend with struct update syntax.
+    pub(crate) fn connected(instance: &str, identity: &str, acked_version: u64) -> Self {
+        Self {
+            instance: instance.into(),
+            key: String::new(),
+            identity: identity.into(),
+            connected: true,
+            acked_version,
+            held_version: 0,
+            serving_authority: None,
+            serving_not_after: 0,
+            file_mode: false,
+            serial: String::new(),
+            revoked: false,
+            turned_away: String::new(),
+            last_seen: 0,
+            lineage: String::new(),
+        }
+    }
+}
+
 /// One CA process as its report describes it: its live-certificate counts cover only what it issued
 /// since it started, so certificates an earlier process issued may be live until `started_unix` plus
 /// `max_ttl_seconds`.

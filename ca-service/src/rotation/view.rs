@@ -336,20 +336,8 @@ mod tests {
         };
         let label = "0123456789abcdef";
         let sidecar = |key: &str, identity: &str, acked_version: u64| SidecarReport {
-            instance: label.into(),
             key: key.into(),
-            identity: identity.into(),
-            connected: true,
-            acked_version,
-            held_version: 0,
-            serving_authority: None,
-            serving_not_after: 0,
-            file_mode: false,
-            serial: String::new(),
-            revoked: false,
-            turned_away: String::new(),
-            last_seen: 0,
-            lineage: String::new(),
+            ..SidecarReport::connected(label, identity, acked_version)
         };
         let process = |sidecars: Vec<SidecarReport>| RotationReport {
             bundle_version: 1,
