@@ -6,6 +6,11 @@
 //! every one), and when the window ends one line per source says how many of its refusals were
 //! left out ("N more refusals from ADDR suppressed"), up to [`RefusalLimits::summaries`] sources,
 //! then one line for the rest.
+//!
+//! Refusals of a proven identity (a certificate verified at the handshake, a token refused for
+//! its identity's revocation: never one a credential merely claims) have a budget of their own,
+//! the same size: junk refusals from an address, which need no credential, cannot use up the
+//! lines that would name a revoked identity trying again from there.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -85,7 +90,8 @@ struct Window {
 #[derive(Debug)]
 pub struct RefusalLog {
     limits: RefusalLimits,
-    window: Mutex<Window>,
+    /// Refusals of no proven identity, then those of one.
+    windows: [Mutex<Window>; 2],
     suppressed: Counter,
 }
 
@@ -97,28 +103,36 @@ pub struct Suppressed {
     /// How many sources this line stands for.
     pub sources: usize,
     pub refusals: u64,
+    /// Refusals of proven identities (their own budget).
+    pub proven: bool,
+}
+
+fn new_window(now: Instant) -> Mutex<Window> {
+    Mutex::new(Window {
+        started: now,
+        written: 0,
+        by_source: HashMap::new(),
+        untracked: 0,
+    })
 }
 
 impl RefusalLog {
     pub fn new(limits: RefusalLimits, suppressed: Counter) -> Self {
+        let now = Instant::now();
         Self {
             limits,
-            window: Mutex::new(Window {
-                started: Instant::now(),
-                written: 0,
-                by_source: HashMap::new(),
-                untracked: 0,
-            }),
+            windows: [new_window(now), new_window(now)],
             suppressed,
         }
     }
 
-    /// Whether a refusal from `source` at `now` gets its audit line. One that does not is counted;
-    /// a window that ended is summarised first ([`Self::flush`]).
-    pub fn admit(&self, source: Source, now: Instant) -> bool {
+    /// Whether a refusal from `source` at `now` gets its audit line; `proven`: the refused call's
+    /// identity was proven (its budget is its own). One that does not is counted; a window that
+    /// ended is summarised first ([`Self::flush`]).
+    pub fn admit(&self, source: Source, proven: bool, now: Instant) -> bool {
         let ended = self.rotate(now);
         write_summaries(&ended);
-        let mut w = self.lock();
+        let mut w = self.lock(proven);
         let tracked = w.by_source.len() < self.limits.sources || w.by_source.contains_key(&source);
         let admitted = if tracked {
             let under_overall = w.written < self.limits.overall;
@@ -150,9 +164,15 @@ impl RefusalLog {
         ended
     }
 
-    /// Starts a new window if the current one is over; the old one's summary.
+    /// Starts new windows where the current ones are over; the old ones' summaries.
     fn rotate(&self, now: Instant) -> Vec<Suppressed> {
-        let mut w = self.lock();
+        let mut lines = self.rotate_one(false, now);
+        lines.extend(self.rotate_one(true, now));
+        lines
+    }
+
+    fn rotate_one(&self, proven: bool, now: Instant) -> Vec<Suppressed> {
+        let mut w = self.lock(proven);
         if now.saturating_duration_since(w.started) < self.limits.window {
             return Vec::new();
         }
@@ -180,6 +200,7 @@ impl RefusalLog {
                 source: Some(*s),
                 sources: 1,
                 refusals: *n,
+                proven,
             })
             .collect();
         let rest = left_out.get(self.limits.summaries..).unwrap_or(&[]);
@@ -189,30 +210,40 @@ impl RefusalLog {
                 source: None,
                 sources: rest.len() + usize::from(old.untracked > 0),
                 refusals: rest_refusals,
+                proven,
             });
         }
         lines
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, proven: bool) -> std::sync::MutexGuard<'_, Window> {
+        self.windows[usize::from(proven)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
 fn write_summaries(lines: &[Suppressed]) {
     for line in lines {
+        let of = if line.proven {
+            " of proven identities"
+        } else {
+            ""
+        };
         match line.source {
             Some(source) => tracing::warn!(
                 target: "meshid_ca::audit",
                 source = %source,
                 suppressed = line.refusals,
-                "{} more refusals from {source} suppressed",
+                proven = line.proven,
+                "{} more refusals{of} from {source} suppressed",
                 line.refusals
             ),
             None => tracing::warn!(
                 target: "meshid_ca::audit",
                 suppressed = line.refusals,
-                "{} more refusals from other sources suppressed",
+                proven = line.proven,
+                "{} more refusals{of} from other sources suppressed",
                 line.refusals
             ),
         }
@@ -234,11 +265,16 @@ mod tests {
         let t0 = Instant::now();
         let a = Source::of(Some("192.0.2.7:40000".parse().unwrap()));
         let b = Source::of(Some("192.0.2.8:40000".parse().unwrap()));
-        let written = (0..10_000).filter(|_| log.admit(a, t0)).count();
+        let written = (0..10_000).filter(|_| log.admit(a, false, t0)).count();
         assert_eq!(written, 20);
         assert_eq!(suppressed.get(), 9_980);
         // Another source has its own budget.
-        assert!(log.admit(b, t0));
+        assert!(log.admit(b, false, t0));
+        // So do refusals of proven identities from the same source: its junk did not use them up.
+        assert!(
+            log.admit(a, true, t0),
+            "a proven identity's refusal is written"
+        );
         assert!(
             log.flush(t0 + Duration::from_secs(1)).is_empty(),
             "mid-window"
@@ -249,11 +285,16 @@ mod tests {
             vec![Suppressed {
                 source: Some(a),
                 sources: 1,
-                refusals: 9_980
+                refusals: 9_980,
+                proven: false,
             }]
         );
         // A new window: the budget again.
-        assert!(log.admit(a, t0 + Duration::from_secs(61)));
+        assert!(log.admit(a, false, t0 + Duration::from_secs(61)));
+        // The proven budget is as small per source.
+        let t1 = t0 + Duration::from_secs(61);
+        let proven = (0..100).filter(|_| log.admit(a, true, t1)).count();
+        assert_eq!(proven, 20);
     }
 
     #[test]
@@ -273,7 +314,7 @@ mod tests {
             let ip = std::net::Ipv6Addr::from_bits(u128::from(i) << 64 | 1);
             let source = Source::of(Some(SocketAddr::new(ip.into(), 1)));
             for _ in 0..3 {
-                written += usize::from(log.admit(source, t0));
+                written += usize::from(log.admit(source, false, t0));
             }
         }
         assert_eq!(written, 50);

@@ -190,7 +190,8 @@ impl Refusal {
         what: &str,
     ) -> Status {
         let source = crate::audit::Source::of(remote);
-        if !log.admit(source, Instant::now()) {
+        // `identity` is empty unless the call's identity was proven (see `AuthError::identity`).
+        if !log.admit(source, !identity.is_empty(), Instant::now()) {
             return self.status;
         }
         let remote = remote.map(|r| r.to_string()).unwrap_or_default();
