@@ -137,6 +137,9 @@ struct FileStamp {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// It was answered 429 (it asked for more than the kubelet does): let go first when the
+    /// table is full.
+    throttled: bool,
 }
 
 /// Forwarded probes allowed at once from one source address, and per second over time. The
@@ -146,8 +149,10 @@ struct Bucket {
 /// probe failing restarts the app).
 const PROBE_BURST: f64 = 20.0;
 const PROBE_RATE: f64 = 10.0;
-/// Sources whose buckets are kept; past it, full buckets (sources quiet for a while) are let go,
-/// and when none is full the newcomer shares the bucket of every source past the cap.
+/// Sources whose buckets are kept; past it, a source that was answered 429 is let go for the
+/// newcomer, else full buckets (sources quiet for a while), and when none is either the newcomer
+/// shares the bucket of every source past the cap. The kubelet, which probes within the rate and
+/// is quiet between its probes, so keeps its bucket while sources that flood are about.
 const PROBE_SOURCES: usize = 1024;
 /// The largest annotations file read (the kubelet writes a few KiB).
 const MAX_ANNOTATIONS_BYTES: u64 = 256 * 1024;
@@ -170,7 +175,13 @@ impl ProbeTable {
         };
         let mut source = source.to_canonical();
         if !buckets.contains_key(&source) && buckets.len() >= PROBE_SOURCES {
-            buckets.retain(|_, b| refilled(b) < PROBE_BURST);
+            let flooder = buckets.iter().find(|(_, b)| b.throttled).map(|(ip, _)| *ip);
+            match flooder {
+                Some(ip) => {
+                    buckets.remove(&ip);
+                }
+                None => buckets.retain(|_, b| refilled(b) < PROBE_BURST),
+            }
             if buckets.len() >= PROBE_SOURCES {
                 // Every kept source probed within the last two seconds: newcomers share one.
                 source = IpAddr::from([0, 0, 0, 0]);
@@ -179,6 +190,7 @@ impl ProbeTable {
         let b = buckets.entry(source).or_insert(Bucket {
             tokens: PROBE_BURST,
             at: now,
+            throttled: false,
         });
         b.tokens = refilled(b);
         b.at = now;
@@ -186,6 +198,7 @@ impl ProbeTable {
             b.tokens -= 1.0;
             true
         } else {
+            b.throttled = true;
             false
         }
     }
@@ -363,5 +376,45 @@ async fn app_health(probe: meshid_identity::annotations::AppProbe) -> AdminRespo
             StatusCode::SERVICE_UNAVAILABLE,
             format!("app unreachable: {e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u32) -> IpAddr {
+        IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n))
+    }
+
+    /// More flooding sources than the table keeps: the kubelet, which probed within the rate and
+    /// is quiet between its probes (its bucket full again), keeps its own bucket; the flooders
+    /// answered 429 are let go for newcomers instead. Before, full buckets went first: the
+    /// kubelet's, which then shared one bucket with every flooder past the table.
+    #[test]
+    fn the_kubelet_keeps_its_bucket_while_more_sources_than_the_table_flood() {
+        let table = ProbeTable::new(None);
+        let kubelet = addr(0);
+        assert!(table.admit(kubelet));
+        // Its bucket is full again (quiet since).
+        table
+            .buckets
+            .lock()
+            .unwrap()
+            .get_mut(&kubelet)
+            .unwrap()
+            .tokens = PROBE_BURST;
+        for n in 1..=(2 * PROBE_SOURCES as u32) {
+            let source = addr(n);
+            while table.admit(source) {}
+        }
+        assert!(
+            table.buckets.lock().unwrap().contains_key(&kubelet),
+            "the kubelet's bucket was let go"
+        );
+        for _ in 0..PROBE_BURST as usize {
+            assert!(table.admit(kubelet), "the kubelet was answered 429");
+        }
+        assert!(table.buckets.lock().unwrap().len() <= PROBE_SOURCES);
     }
 }
