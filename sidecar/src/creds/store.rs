@@ -775,7 +775,13 @@ impl CredentialStore {
             }
         }
 
-        let own_refused = own_refusal(&anchors, &identity, &leaf, &creds.chain, &self.provider);
+        // A set checked above verified our chain as peers do (revocations included): no need to
+        // verify it a second time.
+        let own_refused = if check_own_chain {
+            None
+        } else {
+            own_refusal(&anchors, &identity, &leaf, &creds.chain, &self.provider)
+        };
         let anchor_fingerprints = creds.roots.iter().map(|r| sha256_hex(r)).collect();
         let anchor_not_after = creds
             .roots
